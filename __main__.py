@@ -1,0 +1,7 @@
+"""``python -m comfyui_diffsr COMMAND ...``"""
+
+import sys
+
+from .cli.main import main
+
+sys.exit(main())

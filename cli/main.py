@@ -1,0 +1,33 @@
+"""``diffsr`` / ``python -m comfyui_diffsr``: one entry for every command."""
+
+import sys
+
+COMMANDS = {
+    "osediff": "OSEDiff one-step super-resolution",
+    "dape": "DAPE prompts (tags) for images",
+    "dossr": "DoSSR domain-shift SDE super-resolution",
+    "convert": "convert official weight files to safetensors",
+}
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: diffsr COMMAND [args]\n\ncommands:")
+        for name, text in COMMANDS.items():
+            print(f"  {name:10s} {text}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    name, rest = argv[0], argv[1:]
+    if name == "osediff":
+        from .osediff import main as run
+    elif name == "dape":
+        from .dape import main as run
+    elif name == "dossr":
+        from .dossr import main as run
+    else:
+        from .convert import main as run
+    return run(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""``osediff``: one-step super-resolution of image files with OSEDiff."""
+
+import argparse
+import sys
+
+import torch
+from tqdm import tqdm
+
+from ..osediff_core.pipeline import Options, build_osediff, osediff_upscale
+from ..osediff_core.weights import read_osediff
+from ..sr_common.color_fix import COLOR_FIXES
+from ..sr_common.errors import DiffSRError
+from ..sr_common.sd21 import load_sd21
+from .common import (add_device_args, find_images, load_image, pick_device, plan_outputs, resolve_dtype, run_main,
+                     save_png)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="osediff", description="OSEDiff one-step diffusion super-resolution.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    p.add_argument("-o", "--output", required=True, help="output folder (PNG named after each input)")
+    p.add_argument("--base", required=True,
+                   help="SD 2.1-base: diffusers folder or v2-1_512-ema-pruned .safetensors/.ckpt")
+    p.add_argument("--base-config", default=None,
+                   help="diffusers-style config folder for a single-file base of non-standard size")
+    p.add_argument("--weights", required=True, help="osediff.pkl or its converted .safetensors")
+    p.add_argument("--prompt", default=None, help="prompt text, encoded verbatim (skips DAPE); default ''")
+    p.add_argument("--dape", default=None, help="DAPE.pth LoRA (with --ram), or the converted DAPE .safetensors")
+    p.add_argument("--ram", default=None, help="ram_swin_large_14m.pth (with --dape)")
+    p.add_argument("--user-prompt", default="", help="with DAPE: text appended as '{tags}, {user prompt},'")
+    p.add_argument("--upscale", type=float, default=4, help="scale factor, 1 to 8 (default 4)")
+    p.add_argument("--process-size", type=int, default=512,
+                   help="inputs with a side below process_size/upscale are enlarged first (default 512)")
+    p.add_argument("--official-sizing", action="store_true",
+                   help="the official size rules (raise small inputs, shrink to a multiple of 8, no crop back)")
+    p.add_argument("--color-fix", choices=COLOR_FIXES, default="adain")
+    p.add_argument("--sample-mode", choices=["mean", "sample"], default="mean",
+                   help="VAE posterior mean (deterministic) or a seeded sample (the official samples)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --sample-mode sample")
+    p.add_argument("--tile-latent", type=int, default=96, help="latent tile size (latent px; 0 = never tile)")
+    p.add_argument("--tile-overlap", type=int, default=32, help="latent tile overlap (latent px)")
+    p.add_argument("--vae-tile-encode", type=int, default=1024, help="VAE encoder tile size (image px; 0 = off)")
+    p.add_argument("--vae-tile-decode", type=int, default=224, help="VAE decoder tile size (latent px; 0 = off)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    add_device_args(p)
+    return p
+
+
+def check_args(args):
+    if not 1 <= args.upscale <= 8:
+        raise DiffSRError(f"--upscale must be between 1 and 8, got {args.upscale}")
+    if args.official_sizing and args.upscale != int(args.upscale):
+        raise DiffSRError("--official-sizing takes an integer --upscale (the official code does).")
+    if args.tile_latent and args.tile_overlap >= args.tile_latent:
+        raise DiffSRError(f"--tile-overlap must be smaller than --tile-latent, got {args.tile_overlap} >= "
+                          f"{args.tile_latent}")
+    if args.ram and not args.dape:
+        raise DiffSRError("--ram needs --dape (the DAPE LoRA); or pass a converted DAPE file as --dape alone.")
+
+
+def make_prompt_fn(args, device, dtype):
+    """DAPE tags on the upscaled LQ → '{tags}, {user prompt},' when DAPE files are given and no --prompt."""
+    if args.prompt is not None or not args.dape:
+        return None
+    from ..osediff_core.dape import dape_prompt, load_dape_tagger
+
+    if args.ram:
+        tagger = load_dape_tagger(ram_path=args.ram, dape_path=args.dape, device=device, dtype=dtype)
+    else:
+        tagger = load_dape_tagger(converted_path=args.dape, device=device, dtype=dtype)
+    return lambda lq: dape_prompt(tagger.tags(lq.to(device))[0], args.user_prompt)
+
+
+def main_impl(argv=None):
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    images = find_images(args.inputs)
+    outputs = plan_outputs(images, args.output, args.overwrite)
+    device = pick_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    ckpt = read_osediff(args.weights)
+    model = build_osediff(load_sd21(args.base, args.base_config), ckpt, copy_unet=False).to(device, dtype)
+    prompt_fn = make_prompt_fn(args, device, dtype)
+    options = Options(upscale=args.upscale, process_size=args.process_size, official_sizing=args.official_sizing,
+                      color_fix=args.color_fix, sample_mode=args.sample_mode, seed=args.seed,
+                      tile_latent=args.tile_latent, tile_overlap=args.tile_overlap,
+                      vae_tile_encode=args.vae_tile_encode, vae_tile_decode=args.vae_tile_decode)
+    for path, out in tqdm(list(zip(images, outputs)), desc="osediff", unit="image", file=sys.stderr):
+        result = osediff_upscale(model, load_image(path), prompt=args.prompt or "", prompt_fn=prompt_fn,
+                                 options=options)
+        save_png(result, out)
+    return 0
+
+
+def main(argv=None):
+    with torch.inference_mode():
+        return run_main(main_impl, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""DoSSR domain-shift SDE super-resolution (plain torch/diffusers, no ComfyUI)."""

@@ -1,0 +1,209 @@
+"""OSEDiff one-step super-resolution, step by step (Wu et al., NeurIPS 2024; upstream cswry/OSEDiff).
+
+LQ image → bicubic ×scale → VAE encoder with LoRA → one UNet step at t = 999 →
+x0 = (z − √(1−ᾱ)·ε)/√ᾱ → VAE decoder → colour fix.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..sr_common import image as img
+from ..sr_common.color_fix import apply_color_fix
+from ..sr_common.sd21 import SCALING_FACTOR, encode_prompt
+from ..sr_common.tiled_vae import tiled_forward
+from ..sr_common.tiling import blend_tiles, needs_tiling
+from .weights import apply_osediff_unet, lq_encoder
+
+TIMESTEP = 999
+
+
+def alpha_bar(t, num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012):
+    """ᾱ_t of SD's scaled-linear schedule, float32 as diffusers' DDPMScheduler computes it."""
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)[t]
+
+
+@dataclass
+class OSEDiffModel:
+    """SD 2.1-base with the OSEDiff LoRA merged: ``unet`` (LoRA + new conv_in), ``lq_encoder``
+    (VAE encoder + quant_conv with LoRA), and the frozen ``vae`` whose decoder turns x0 into pixels."""
+
+    unet: torch.nn.Module
+    lq_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    prompt_cache: dict = field(default_factory=dict)
+
+    @property
+    def device(self):
+        return self.unet.conv_in.weight.device
+
+    @property
+    def dtype(self):
+        return self.unet.conv_in.weight.dtype
+
+    def to(self, device=None, dtype=None):
+        for module in (self.unet, self.lq_encoder, self.vae, self.text_encoder):
+            module.to(device=device, dtype=dtype)
+        self.prompt_cache.clear()
+        return self
+
+
+def build_osediff(sd21, ckpt, *, copy_unet=True):
+    """OSEDiff from loaded SD 2.1-base parts and an OSEDiff checkpoint dict (see ``weights.read_osediff``).
+
+    ``copy_unet=False`` merges into the given UNet in place (saves memory when nothing else uses it).
+    """
+    import copy
+
+    unet = copy.deepcopy(sd21.unet) if copy_unet else sd21.unet
+    return OSEDiffModel(apply_osediff_unet(unet, ckpt), lq_encoder(sd21.vae, ckpt), sd21.vae,
+                        sd21.text_encoder, sd21.tokenizer)
+
+
+@dataclass
+class Plan:
+    """Sizes of one run: the LQ fed to the networks and how to get the output back from it."""
+
+    process_size: tuple  # (W, H) of the upscaled LQ before padding
+    crop: tuple          # (H, W) to crop the decoded output to
+    output_size: tuple   # (W, H) of the final output
+
+
+def preprocess(image, *, upscale=4, process_size=512, official_sizing=False):
+    """The upscaled LQ (1, 3, H, W) in [0, 1] and the size plan.
+
+    1. If a side is below process_size // upscale, enlarge so the short side reaches it
+       (``int()`` truncation, PIL bicubic), as the official code.
+    2. PIL bicubic ×upscale.
+    3. official_sizing: shrink to a multiple of 8 with LANCZOS and keep that size.
+       Otherwise the networks see the image padded to a multiple of 8 and the output is cropped
+       back and, if step 1 enlarged it, resized to exactly round(upscale × input).
+    """
+    img.check_image(image)
+    height, width = image.shape[-2:]
+    target = img.scaled_size(width, height, upscale)
+    lq = image
+    minimum = process_size // upscale
+    if width < minimum or height < minimum:
+        factor = minimum / min(width, height)
+        lq = img.resize(lq, (int(factor * width), int(factor * height)))
+    lq = img.resize(lq, img.scaled_size(lq.shape[-1], lq.shape[-2], upscale) if not official_sizing
+                    else (lq.shape[-1] * int(upscale), lq.shape[-2] * int(upscale)))
+    if official_sizing:
+        h8, w8 = lq.shape[-2] - lq.shape[-2] % 8, lq.shape[-1] - lq.shape[-1] % 8
+        if h8 < 8 or w8 < 8:
+            raise img.ImageInputError(f"Image too small for --official-sizing: {width}x{height} at x{upscale}.")
+        lq = img.resize(lq, (w8, h8), "lanczos")
+        return lq, Plan((w8, h8), (h8, w8), (w8, h8))
+    return lq, Plan((lq.shape[-1], lq.shape[-2]), (lq.shape[-2], lq.shape[-1]), target)
+
+
+def posterior_latent(moments, sample_mode="mean", seed=0):
+    """z = 0.18215 · (μ or μ + exp(½·clamp(logvar, −30, 20))·n), n ~ N(0, I) from a CPU generator seeded with ``seed``."""
+    mean, logvar = moments.float().chunk(2, dim=1)
+    if sample_mode == "mean":
+        return mean * SCALING_FACTOR
+    if sample_mode != "sample":
+        raise ValueError(f"`sample_mode` must be 'mean' or 'sample', got {sample_mode!r}")
+    noise = torch.randn(mean.shape, generator=torch.Generator("cpu").manual_seed(int(seed)), dtype=torch.float32)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    return (mean + std * noise.to(mean.device)) * SCALING_FACTOR
+
+
+def encode_lq(encoder, lq, *, sample_mode="mean", seed=0, tile=None, callback=None):
+    """Scaled latent of the LQ: LoRA VAE encoder (tiled above ``tile`` px) → quant_conv → posterior."""
+    x = (lq * 2 - 1).to(encoder["quant_conv"].weight)
+    h = tiled_forward(encoder["encoder"], x, tile, is_decoder=False, callback=callback)
+    moments = encoder["quant_conv"](h.to(encoder["quant_conv"].weight.dtype))
+    return posterior_latent(moments, sample_mode, seed)
+
+
+def predict_eps(unet, z, prompt_embeds, *, tile=96, overlap=32, tile_batch=1, callback=None):
+    """ε̂ = UNet(z, t=999, prompt); tiled with Gaussian blending when the latent area exceeds tile²."""
+    dtype = unet.conv_in.weight.dtype
+    timestep = torch.tensor([TIMESTEP], device=z.device, dtype=torch.long)
+    embeds = prompt_embeds.to(device=z.device, dtype=dtype)
+
+    def eps_fn(tiles):
+        return unet(tiles.to(dtype), timestep, encoder_hidden_states=embeds.expand(tiles.shape[0], -1, -1)).sample
+
+    if not needs_tiling(z.shape[-2], z.shape[-1], tile):
+        return eps_fn(z).float()
+    return blend_tiles(eps_fn, z, tile, overlap, batch=tile_batch, callback=callback)
+
+
+def one_step_x0(z, eps, t=TIMESTEP):
+    """x0 = (z − √(1 − ᾱ_t)·ε) / √ᾱ_t, in float32."""
+    a = alpha_bar(t)
+    return (z.float() - (1 - a) ** 0.5 * eps.float()) / a ** 0.5
+
+
+def decode_latent(vae, x0, *, tile=None, callback=None):
+    """VAE decode of x0 / 0.18215 (decoder tiled above ``tile`` latent px), clamped to [−1, 1]."""
+    z = vae.post_quant_conv((x0 / SCALING_FACTOR).to(vae.post_quant_conv.weight.dtype))
+    return tiled_forward(vae.decoder, z, tile, is_decoder=True, callback=callback).float().clamp(-1, 1)
+
+
+@dataclass
+class Options:
+    upscale: float = 4
+    process_size: int = 512
+    official_sizing: bool = False
+    color_fix: str = "adain"
+    sample_mode: str = "mean"
+    seed: int = 0
+    tile_latent: int = 96
+    tile_overlap: int = 32
+    vae_tile_encode: int = 1024
+    vae_tile_decode: int = 224
+    tile_batch: int = 1
+
+
+def prompt_embedding(model, prompt):
+    """CLIP embedding of ``prompt`` (cached per prompt)."""
+    if prompt not in model.prompt_cache:
+        with torch.no_grad():
+            model.prompt_cache[prompt] = encode_prompt(model.text_encoder, model.tokenizer, [prompt])
+    return model.prompt_cache[prompt]
+
+
+@torch.no_grad()
+def osediff_upscale(model, image, *, prompt="", prompt_embeds=None, prompt_fn=None, options=None, callback=None):
+    """Super-resolve one image (1, 3, H, W) in [0, 1] → (1, 3, H', W') float in [0, 1].
+
+    The prompt is ``prompt_embeds`` (1, 77, D) if given, else ``prompt_fn(lq)`` (e.g. DAPE on the
+    upscaled LQ) if given, else ``prompt``. ``callback(stage, done, total)`` reports progress.
+    """
+    o = options or Options()
+    stage = (lambda name: (lambda done, total: callback(name, done, total))) if callback else (lambda name: None)
+    device = model.device
+    # 1. pre-process: raise small inputs, bicubic ×scale, /8 (pad, or shrink with --official-sizing)
+    lq, plan = preprocess(image.float().cpu(), upscale=o.upscale, process_size=o.process_size,
+                          official_sizing=o.official_sizing)
+    padded, _ = img.pad_to_multiple(lq, 8)
+    # 2. encode with the LoRA VAE encoder
+    z = encode_lq(model.lq_encoder, padded.to(device), sample_mode=o.sample_mode, seed=o.seed,
+                  tile=o.vae_tile_encode, callback=stage("encode"))
+    # 3. ε at t = 999
+    if prompt_embeds is None:
+        prompt_embeds = prompt_embedding(model, prompt_fn(lq) if prompt_fn is not None else prompt)
+    eps = predict_eps(model.unet, z, prompt_embeds, tile=o.tile_latent, overlap=o.tile_overlap, tile_batch=o.tile_batch,
+                      callback=stage("unet"))
+    # 4. x0 in closed form
+    x0 = one_step_x0(z, eps)
+    # 5. decode
+    decoded = decode_latent(model.vae, x0, tile=o.vae_tile_decode, callback=stage("decode")).cpu()
+    out = (decoded * 0.5 + 0.5)[..., :plan.crop[0], :plan.crop[1]]
+    # 6. colour fix against the upscaled LQ, then back to the requested size
+    if o.official_sizing:
+        # the official code quantises (truncating) before and after the colour fix
+        out = torch.floor(out.clamp(0, 1) * 255) / 255
+        out = apply_color_fix(out, lq, o.color_fix)
+        return torch.floor(out.clamp(0, 1) * 255) / 255
+    out = apply_color_fix(out, lq, o.color_fix)
+    if (out.shape[-1], out.shape[-2]) != plan.output_size:
+        out = img.resize(out, plan.output_size, "bicubic").clamp(0, 1)
+    return out

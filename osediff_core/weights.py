@@ -1,0 +1,148 @@
+"""OSEDiff weights: the official ``osediff.pkl`` layout, its safetensors conversion, and the LoRA merge.
+
+``osediff.pkl`` (a ``torch.save`` dict) holds PEFT LoRA pairs for the UNet (three adapters) and
+the VAE encoder, the ranks, the target-module lists, and the fully trained UNet ``conv_in``.
+"""
+
+import copy
+import json
+import os
+
+import torch
+
+from ..sr_common.errors import WeightFileError
+from ..sr_common.weights import read_state_dict, write_safetensors
+
+REQUIRED_KEYS = ("state_dict_unet", "state_dict_vae", "rank_unet", "rank_vae")
+MODULE_LIST_KEYS = ("unet_lora_encoder_modules", "unet_lora_decoder_modules", "unet_lora_others_modules",
+                    "vae_lora_encoder_modules")
+# Cannot be deduced from the file: the official LoraConfig passes no lora_alpha, so PEFT's
+# default lora_alpha = 8 applies and every LoRA is scaled by 8 / rank.
+PEFT_DEFAULT_ALPHA = 8
+
+
+def _what_is(obj):
+    if not isinstance(obj, dict):
+        return f"a {type(obj).__name__}, not a dict of tensors"
+    keys = set(obj)
+    if "model" in keys and isinstance(obj["model"], dict) and any(k.startswith("visual_encoder.") for k in obj["model"]):
+        return "a RAM (recognize-anything) checkpoint; pass it as the RAM weights for DAPE"
+    if any(".lora_A" in k and k.startswith(("visual_encoder.", "tagging_head.", "tag_encoder.")) for k in keys):
+        return "a DAPE LoRA file; pass it as the DAPE weights"
+    if any(k.startswith("control_model.") for k in keys) or (
+            "state_dict" in keys and isinstance(obj["state_dict"], dict)
+            and any(k.startswith("control_model.") for k in obj["state_dict"])):
+        return "a DoSSR checkpoint; use it with the DoSSR loader"
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return "a Stable Diffusion checkpoint; pass it as the base model"
+    return f"an unknown file (top-level keys: {sorted(keys)[:6]})"
+
+
+def osediff_from_safetensors(flat, metadata):
+    """Rebuild the official dict from our converted safetensors (``unet.``/``vae.`` prefixes + metadata)."""
+    if not metadata or metadata.get("format") != "osediff":
+        return flat
+    out = {"rank_unet": int(metadata["rank_unet"]), "rank_vae": int(metadata["rank_vae"]),
+           "state_dict_unet": {k[5:]: v for k, v in flat.items() if k.startswith("unet.")},
+           "state_dict_vae": {k[4:]: v for k, v in flat.items() if k.startswith("vae.")}}
+    for key in MODULE_LIST_KEYS:
+        if key in metadata:
+            out[key] = json.loads(metadata[key])
+    return out
+
+
+def read_osediff(path):
+    """Read and validate an OSEDiff weight file (official ``.pkl`` or our ``.safetensors``)."""
+    path = os.fspath(path)
+    name = os.path.basename(path)
+    obj = read_state_dict(path)
+    if path.lower().endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            obj = osediff_from_safetensors(obj, f.metadata())
+    if not isinstance(obj, dict) or any(k not in obj for k in REQUIRED_KEYS):
+        raise WeightFileError(f"{name!r} is not an OSEDiff checkpoint: it is {_what_is(obj)}. "
+                              f"Expected osediff.pkl with keys {list(REQUIRED_KEYS)}.")
+    for part in ("unet", "vae"):
+        rank = int(obj[f"rank_{part}"])
+        for key, tensor in obj[f"state_dict_{part}"].items():
+            if ".lora_A." in key and tensor.shape[0] != rank:
+                raise WeightFileError(f"{name!r} is inconsistent: rank_{part} = {rank} but {key} has rank "
+                                      f"{tensor.shape[0]}. The file is damaged; download osediff.pkl again.")
+    return obj
+
+
+def lora_pairs(state, rank, alpha=PEFT_DEFAULT_ALPHA):
+    """{module name: (A, B, scale)} from PEFT keys ``<module>.lora_A.<adapter>.weight``."""
+    pairs = {}
+    for key, a in state.items():
+        if ".lora_A." not in key:
+            continue
+        module = key.split(".lora_A.")[0]
+        b_key = key.replace(".lora_A.", ".lora_B.")
+        if b_key not in state:
+            raise WeightFileError(f"LoRA pair incomplete: {b_key} is missing.")
+        pairs[module] = (a, state[b_key], alpha / rank)
+    return pairs
+
+
+def lora_delta(a, b, scale):
+    """ΔW = scale · B @ A, for Linear (A: r×in, B: out×r) and Conv (A: r×in×k×k, B: out×r×1×1), in float32."""
+    a32, b32 = a.float(), b.float()
+    delta = b32.reshape(b32.shape[0], -1) @ a32.reshape(a32.shape[0], -1)
+    return scale * delta.reshape((b32.shape[0],) + tuple(a32.shape[1:]))
+
+
+def merge_lora(module_root, pairs, what):
+    """W ← W + ΔW for every pair, in float32, then cast back to the weight's dtype."""
+    modules = dict(module_root.named_modules())
+    for name, (a, b, scale) in pairs.items():
+        target = modules.get(name)
+        if target is None or not hasattr(target, "weight"):
+            raise WeightFileError(f"The OSEDiff {what} LoRA targets {name!r}, which the base model does not have: "
+                                  "the base is not SD 2.1-base.")
+        delta = lora_delta(a, b, scale)
+        if tuple(delta.shape) != tuple(target.weight.shape):
+            raise WeightFileError(f"The OSEDiff {what} LoRA for {name!r} has shape {tuple(delta.shape)}, the base "
+                                  f"weight {tuple(target.weight.shape)}: the base is not SD 2.1-base.")
+        with torch.no_grad():
+            target.weight.copy_((target.weight.float() + delta.to(target.weight.device)).to(target.weight.dtype))
+
+
+def apply_osediff_unet(unet, ckpt):
+    """Replace ``conv_in`` with the trained one, then merge every UNet LoRA (``conv_in``'s LoRA included)."""
+    state = ckpt["state_dict_unet"]
+    with torch.no_grad():
+        for part in ("weight", "bias"):
+            new = state.get(f"conv_in.base_layer.{part}")
+            if new is None:
+                raise WeightFileError("The OSEDiff checkpoint has no conv_in.base_layer weights.")
+            old = getattr(unet.conv_in, part)
+            if new.shape != old.shape:
+                raise WeightFileError(f"OSEDiff conv_in.{part} has shape {tuple(new.shape)}, the base UNet "
+                                      f"{tuple(old.shape)}: the base is not SD 2.1-base.")
+            old.copy_(new.to(old.dtype))
+    merge_lora(unet, lora_pairs(state, int(ckpt["rank_unet"])), "UNet")
+    return unet
+
+
+def lq_encoder(vae, ckpt):
+    """A copy of the VAE encoder + ``quant_conv`` with the OSEDiff LoRA merged; the VAE itself is untouched."""
+    parts = torch.nn.ModuleDict({"encoder": copy.deepcopy(vae.encoder), "quant_conv": copy.deepcopy(vae.quant_conv)})
+    merge_lora(parts, lora_pairs(ckpt["state_dict_vae"], int(ckpt["rank_vae"])), "VAE encoder")
+    return parts
+
+
+def convert_osediff(src, dst):
+    """Write the official ``osediff.pkl`` as a safetensors file that loads to the same weights."""
+    ckpt = read_osediff(src)
+    tensors = {f"unet.{k}": v for k, v in ckpt["state_dict_unet"].items()}
+    tensors.update({f"vae.{k}": v for k, v in ckpt["state_dict_vae"].items()})
+    metadata = {"format": "osediff", "rank_unet": str(int(ckpt["rank_unet"])), "rank_vae": str(int(ckpt["rank_vae"])),
+                "lora_alpha": str(PEFT_DEFAULT_ALPHA)}
+    for key in MODULE_LIST_KEYS:
+        if key in ckpt:
+            metadata[key] = json.dumps(list(ckpt[key]))
+    write_safetensors(tensors, dst, metadata)
+    return dst

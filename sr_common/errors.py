@@ -1,0 +1,13 @@
+"""Error types the pack raises for user mistakes: each message names the problem and the fix."""
+
+
+class DiffSRError(Exception):
+    """Base class of every error this pack raises on purpose."""
+
+
+class WeightFileError(DiffSRError, ValueError):
+    """A weight file is missing, unreadable, unsafe, or not the kind that was asked for."""
+
+
+class ImageInputError(DiffSRError, ValueError):
+    """An input image cannot be processed as given."""

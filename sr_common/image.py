@@ -1,0 +1,94 @@
+"""Image conversions and resizes with PIL semantics, shared by both methods.
+
+Images inside the pack are float32 tensors (B, C, H, W) in [0, 1]. A tensor whose values are
+all multiples of 1/255 is treated as 8-bit: it is resized through PIL's 8-bit RGB path, which is
+what the official code does to the PNG it reads. Any other float image is resized with PIL's
+float ("F") mode, the same filter without the 8-bit rounding.
+"""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .errors import ImageInputError
+
+RESAMPLE = {"bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS, "bilinear": Image.BILINEAR}
+
+
+def pil_to_tensor(image):
+    """PIL image → (1, 3, H, W) float32 in [0, 1] (RGB; ``convert('RGB')`` as the official)."""
+    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)[None].float() / 255.0
+
+
+def tensor_to_uint8(image, rounding="round"):
+    """(1, 3, H, W) in [0, 1] → (H, W, 3) uint8. ``rounding='truncate'`` matches torchvision's ToPILImage."""
+    x = image[0].clamp(0, 1).mul(255).permute(1, 2, 0).cpu().float()
+    x = x.round() if rounding == "round" else x.floor()
+    return x.to(torch.uint8).numpy()
+
+
+def is_8bit(image, tol=1e-4):
+    """True when every value is k/255 for an integer k (the image came from an 8-bit file)."""
+    scaled = image.detach().float() * 255.0
+    return bool(((scaled - scaled.round()).abs() <= tol).all())
+
+
+def check_image(image):
+    """Validate a (B, C, H, W) float image; raise ``ImageInputError`` naming the problem."""
+    if not torch.is_tensor(image) or image.dim() != 4:
+        raise ImageInputError(f"Expected an image tensor of shape (B, C, H, W), got {getattr(image, 'shape', type(image))}.")
+    if image.shape[1] != 3:
+        raise ImageInputError(f"Expected 3 colour channels, got {image.shape[1]}; convert grayscale/RGBA to RGB first.")
+    if image.shape[2] < 1 or image.shape[3] < 1:
+        raise ImageInputError(f"Image has no pixels: {tuple(image.shape)}.")
+    if not torch.isfinite(image).all():
+        raise ImageInputError("Image contains NaN or Inf values; fix the node or file that produced it.")
+
+
+def resize(image, size, method="bicubic"):
+    """Resize (B, 3, H, W) in [0, 1] to ``size`` = (W, H) exactly as ``PIL.Image.resize`` would.
+
+    8-bit images go through PIL's RGB path (rounded to 8 bits, as the official code); other
+    float images through PIL's float path per channel.
+    """
+    width, height = size
+    if (image.shape[-1], image.shape[-2]) == (width, height):
+        return image.clone()
+    resample = RESAMPLE[method]
+    out = []
+    eight_bit = is_8bit(image)
+    for b in range(image.shape[0]):
+        if eight_bit:
+            array = (image[b].permute(1, 2, 0).cpu().float() * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+            resized = Image.fromarray(array, "RGB").resize((width, height), resample)
+            out.append(torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).float() / 255.0)
+        else:
+            channels = []
+            for c in range(image.shape[1]):
+                plane = Image.fromarray(image[b, c].cpu().float().numpy(), "F")
+                channels.append(torch.from_numpy(np.asarray(plane.resize((width, height), resample)).copy()))
+            out.append(torch.stack(channels))
+    return torch.stack(out).to(image.device)
+
+
+def pad_to_multiple(image, multiple):
+    """Pad right/bottom to a multiple of ``multiple`` (reflect; replicate where a side is too small).
+
+    Returns the padded image and the original (H, W) for ``crop``.
+    """
+    height, width = image.shape[-2:]
+    pad_h = (-height) % multiple
+    pad_w = (-width) % multiple
+    if pad_h == 0 and pad_w == 0:
+        return image, (height, width)
+    mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+    return F.pad(image, (0, pad_w, 0, pad_h), mode=mode), (height, width)
+
+
+def scaled_size(width, height, scale):
+    """round(scale·W) × round(scale·H), at least 1 pixel each (round half up)."""
+    return max(1, int(math.floor(width * scale + 0.5))), max(1, int(math.floor(height * scale + 0.5)))

@@ -1,0 +1,227 @@
+"""Stable Diffusion 2.1-base as diffusers modules, fully offline, from the files users have.
+
+Two layouts are read: a diffusers folder like ``stabilityai/stable-diffusion-2-1-base`` and a
+single-file checkpoint like ``v2-1_512-ema-pruned.safetensors`` (original LDM key layout). The
+single-file path needs the SD 2.1-base configs and tokenizer, which ship in ``configs/sd21_base``.
+Other model families are recognised and refused with a message naming what was found.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+
+import torch
+
+from .errors import WeightFileError
+from .weights import read_state_dict
+
+SCALING_FACTOR = 0.18215
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
+
+
+def shipped_config_dir():
+    """The folder holding the SD 2.1-base diffusers configs and CLIP tokenizer shipped in the pack."""
+    return str(resources.files(__package__).joinpath("configs", "sd21_base"))
+
+
+@dataclass
+class SD21:
+    """The SD 2.1-base parts both methods use."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    source: str = ""
+
+
+def _read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def describe_checkpoint(sd):
+    """Name the model family of an LDM-layout state dict: 'sd2', 'sd2-v', 'sd1', 'sdxl', or a reason it is not SD."""
+    keys = sd.keys()
+    if any(k.startswith("conditioner.embedders.") for k in keys) or f"{UNET_PREFIX}label_emb.0.0.weight" in sd:
+        return "sdxl"
+    if any(k.startswith("state_dict_unet") or k == "rank_unet" for k in keys):
+        return "osediff"
+    if not any(k.startswith(UNET_PREFIX) for k in keys):
+        return "not-sd"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1"
+    if not any(k.startswith(OPEN_CLIP_PREFIX) for k in keys):
+        return "no-text-encoder"
+    norm_biases = sorted(
+        (k for k in keys if k.startswith(UNET_PREFIX + "output_blocks.") and k.endswith(".1.transformer_blocks.0.norm1.bias")),
+        key=lambda k: int(k[len(UNET_PREFIX + "output_blocks."):].split(".")[0]))
+    # ComfyUI's rule (comfy/supported_models.py SD20): a v-prediction SD2 model has a large spread
+    # in the last output block's first transformer norm bias.
+    if norm_biases and sd[norm_biases[-1]].float().std() > 0.09:
+        return "sd2-v"
+    return "sd2"
+
+
+REFUSALS = {
+    "sdxl": "an SDXL checkpoint. OSEDiff and DoSSR are built on Stable Diffusion 2.1-base (512 px, epsilon)",
+    "sd1": "a Stable Diffusion 1.x checkpoint (CLIP-L text encoder). OSEDiff and DoSSR need Stable Diffusion 2.1-base",
+    "sd2-v": "a Stable Diffusion 2.x 768 v-prediction checkpoint. OSEDiff and DoSSR need the 512 px epsilon model "
+             "'stable-diffusion-2-1-base' (v2-1_512-ema-pruned)",
+    "osediff": "an OSEDiff weight file, not a base model. Pass it as the OSEDiff weights and give "
+               "Stable Diffusion 2.1-base as the base",
+    "not-sd": "not a Stable Diffusion checkpoint (no 'model.diffusion_model.*' UNet keys)",
+    "no-text-encoder": "a Stable Diffusion UNet/VAE without the OpenCLIP text encoder ('cond_stage_model.model.*'); "
+                       "use the full v2-1_512-ema-pruned checkpoint or the diffusers folder",
+}
+
+
+def _refuse(path, kind):
+    raise WeightFileError(f"{os.path.basename(os.fspath(path))!r} is {REFUSALS[kind]}. "
+                          "Download stabilityai/stable-diffusion-2-1-base (diffusers folder) or "
+                          "v2-1_512-ema-pruned.safetensors.")
+
+
+def open_clip_to_hf(sd, num_layers, prefix=OPEN_CLIP_PREFIX):
+    """OpenCLIP text tower keys → transformers ``CLIPTextModel`` keys, keeping the first ``num_layers`` blocks.
+
+    SD 2.x uses the penultimate layer, so the HF encoder has one block fewer than the checkpoint;
+    its ``final_layer_norm`` is OpenCLIP's ``ln_final``.
+    """
+    out = {
+        "text_model.embeddings.token_embedding.weight": sd[prefix + "token_embedding.weight"],
+        "text_model.embeddings.position_embedding.weight": sd[prefix + "positional_embedding"],
+        "text_model.final_layer_norm.weight": sd[prefix + "ln_final.weight"],
+        "text_model.final_layer_norm.bias": sd[prefix + "ln_final.bias"],
+    }
+    names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+             "attn.out_proj": "self_attn.out_proj"}
+    for i in range(num_layers):
+        src = f"{prefix}transformer.resblocks.{i}."
+        dst = f"text_model.encoder.layers.{i}."
+        if src + "attn.in_proj_weight" not in sd:
+            raise WeightFileError(f"The text encoder in the checkpoint has fewer than {num_layers + 1} blocks; "
+                                  "it is not an SD 2.1 OpenCLIP-H text encoder.")
+        for part in ("weight", "bias"):
+            q, k, v = sd[src + f"attn.in_proj_{part}"].chunk(3, dim=0)
+            out[dst + f"self_attn.q_proj.{part}"] = q
+            out[dst + f"self_attn.k_proj.{part}"] = k
+            out[dst + f"self_attn.v_proj.{part}"] = v
+            for old, new in names.items():
+                out[dst + f"{new}.{part}"] = sd[src + f"{old}.{part}"]
+    return out
+
+
+def _load_into(model, state, what, path):
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or wrong:
+        detail = (f"missing {len(missing)} keys (e.g. {missing[:2]})" if missing else "") + \
+                 (f"; {len(wrong)} shapes differ (e.g. {wrong[0]}: file {tuple(state[wrong[0]].shape)} vs "
+                  f"model {tuple(expected[wrong[0]].shape)})" if wrong else "")
+        raise WeightFileError(f"The {what} in {os.path.basename(os.fspath(path))!r} does not match the SD 2.1-base "
+                              f"architecture: {detail}. If it is a non-standard size, pass a matching config folder.")
+    model.load_state_dict({k: state[k] for k in expected}, strict=True)
+
+
+def _models_from_config(config_dir):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = UNet2DConditionModel.from_config(_read_json(os.path.join(config_dir, "unet", "config.json")))
+    vae = AutoencoderKL.from_config(_read_json(os.path.join(config_dir, "vae", "config.json")))
+    text_cfg = CLIPTextConfig(**{k: v for k, v in _read_json(os.path.join(config_dir, "text_encoder", "config.json")).items()
+                                 if not k.startswith("_") and k not in ("architectures", "model_type", "torch_dtype")})
+    text_encoder = CLIPTextModel(text_cfg)
+    return unet, vae, text_encoder
+
+
+def load_tokenizer(folder):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def load_single_file(path, config_dir=None):
+    """SD 2.1-base from one LDM-layout checkpoint (``.safetensors`` or ``.ckpt``)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    config_dir = config_dir or shipped_config_dir()
+    sd = read_state_dict(path)
+    if "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    kind = describe_checkpoint(sd)
+    if kind != "sd2":
+        _refuse(path, kind)
+    unet, vae, text_encoder = _models_from_config(config_dir)
+    try:
+        unet_sd = convert_ldm_unet_checkpoint(sd, unet.config)
+        vae_sd = convert_ldm_vae_checkpoint(sd, vae.config)
+    except (KeyError, IndexError, RuntimeError) as e:
+        raise WeightFileError(f"{os.path.basename(path)!r}: cannot convert the SD 2.1 UNet/VAE keys ({e}). "
+                              "The file is damaged or not SD 2.1-base.") from e
+    _load_into(unet, unet_sd, "UNet", path)
+    _load_into(vae, vae_sd, "VAE", path)
+    _load_into(text_encoder, open_clip_to_hf(sd, text_encoder.config.num_hidden_layers), "text encoder", path)
+    del sd
+    return SD21(unet.eval(), vae.eval(), text_encoder.eval(), load_tokenizer(os.path.join(config_dir, "tokenizer")),
+                source=os.fspath(path))
+
+
+def check_diffusers_folder(folder):
+    """Refuse diffusers folders that are not SD 2.x-base (SD 1.x, SDXL, 768 v-prediction)."""
+    name = os.path.basename(os.path.normpath(folder))
+    needed = [os.path.join(folder, sub) for sub in ("unet", "vae", "text_encoder", "tokenizer")]
+    absent = [os.path.basename(p) for p in needed if not os.path.isdir(p)]
+    if absent:
+        raise WeightFileError(f"{name!r} is not a diffusers Stable Diffusion folder: missing {absent}. "
+                              "Expected the layout of stabilityai/stable-diffusion-2-1-base.")
+    unet_cfg = _read_json(os.path.join(folder, "unet", "config.json"))
+    sched_path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    sched = _read_json(sched_path) if os.path.exists(sched_path) else {}
+    if unet_cfg.get("addition_embed_type") == "text_time" or os.path.isdir(os.path.join(folder, "text_encoder_2")):
+        _refuse(folder, "sdxl")
+    if unet_cfg.get("cross_attention_dim") == 768 and not unet_cfg.get("use_linear_projection", False):
+        _refuse(folder, "sd1")
+    if sched.get("prediction_type") == "v_prediction":
+        _refuse(folder, "sd2-v")
+
+
+def load_diffusers_folder(folder):
+    """SD 2.1-base from a diffusers folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    check_diffusers_folder(folder)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True,
+                                                    torch_dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"), local_files_only=True,
+                                                     torch_dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise WeightFileError(f"Cannot load the diffusers folder {folder!r}: {e}") from e
+    return SD21(unet.eval(), vae.eval(), text_encoder.eval(), load_tokenizer(os.path.join(folder, "tokenizer")),
+                source=os.fspath(folder))
+
+
+def load_sd21(path, config_dir=None):
+    """SD 2.1-base from a diffusers folder or a single-file checkpoint."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise WeightFileError(f"Base model not found: {path!r}. Pass the stable-diffusion-2-1-base folder or "
+                              "v2-1_512-ema-pruned.safetensors.")
+    if os.path.isdir(path):
+        return load_diffusers_folder(path)
+    return load_single_file(path, config_dir)
+
+
+def encode_prompt(text_encoder, tokenizer, prompts):
+    """CLIP last hidden state (B, 77, D) for a list of prompts: max-length padding, truncation, no mask."""
+    ids = tokenizer(list(prompts), max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]

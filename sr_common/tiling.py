@@ -1,0 +1,80 @@
+"""Latent tiling with Gaussian blending (mixture-of-diffusers style), shared by both methods."""
+
+import math
+
+import numpy as np
+import torch
+
+
+def gaussian_tile_weights(tile_h, tile_w, var=0.01):
+    """w(y, x) = g_h(y)·g_w(x), g_n(i) = exp(−(i − m)² / (n² · 2·var)) / sqrt(2π·var).
+
+    As the official code: m = (n − 1)/2 along the width but m = n/2 along the height. float64.
+    """
+    def gauss(n, mid):
+        i = np.arange(n, dtype=np.float64)
+        return np.exp(-(i - mid) ** 2 / (n * n) / (2 * var)) / math.sqrt(2 * math.pi * var)
+
+    return torch.from_numpy(np.outer(gauss(tile_h, tile_h / 2), gauss(tile_w, (tile_w - 1) / 2)))
+
+
+def tile_offsets(size, tile, overlap):
+    """Start offsets along one axis: i·(tile − overlap) for all but the last tile, which ends flush at ``size``.
+
+    The count is the smallest n with (n − 1)(tile − overlap) + tile ≥ size.
+    """
+    if tile >= size:
+        return [0]
+    stride = tile - overlap
+    if stride <= 0:
+        raise ValueError(f"`tile_overlap` must be smaller than the tile size, got {overlap} >= {tile}")
+    count = 1
+    while (count - 1) * stride + tile < size:
+        count += 1
+    return [i * stride for i in range(count - 1)] + [size - tile]
+
+
+def latent_tiles(height, width, tile, overlap):
+    """Square tiles of side T = min(tile, h, w) as (y0, x0, T) over the latent, row-major by height.
+
+    On a thin latent T can fall below the overlap (the official loop never ends there); the
+    overlap is then reduced to T // 2.
+    """
+    side = min(tile, height, width)
+    overlap = min(overlap, side // 2) if overlap >= side else overlap
+    return [(y, x, side) for y in tile_offsets(height, side, overlap) for x in tile_offsets(width, side, overlap)]
+
+
+def needs_tiling(height, width, tile):
+    """The official rule: tile only when the latent area exceeds tile² (tile as requested)."""
+    return tile is not None and tile > 0 and height * width > tile * tile
+
+
+def blend_tiles(fn, latent, tile, overlap, *, batch=1, callback=None):
+    """Apply ``fn`` (B, C, T, T) → (B, C', T, T) tile by tile and blend with Gaussian weights.
+
+    Tiles are cut from ``latent`` (B, C, H, W); ``batch`` tiles go through ``fn`` in one call.
+    ``callback(done, total)`` runs after every call (progress and cancellation). The weighted sums
+    are accumulated in float32 from float64 weights, as the official code does.
+    """
+    _, _, height, width = latent.shape
+    tiles = latent_tiles(height, width, tile, overlap)
+    side = tiles[0][2]
+    weights = gaussian_tile_weights(side, side).to(latent.device)
+    out = None
+    contributors = torch.zeros((1, 1, height, width), dtype=torch.float32, device=latent.device)
+    for start in range(0, len(tiles), batch):
+        group = tiles[start:start + batch]
+        inputs = torch.cat([latent[:, :, y:y + s, x:x + s] for y, x, s in group], dim=0)
+        outputs = fn(inputs).float().split(latent.shape[0], dim=0)
+        if out is None:
+            out = torch.zeros((latent.shape[0], outputs[0].shape[1], height, width), dtype=torch.float32,
+                              device=latent.device)
+        for (y, x, s), result in zip(group, outputs):
+            region = out[:, :, y:y + s, x:x + s]
+            region.copy_((region.double() + result.double() * weights).float())
+            weights_region = contributors[:, :, y:y + s, x:x + s]
+            weights_region.copy_((weights_region.double() + weights).float())
+        if callback is not None:
+            callback(min(start + batch, len(tiles)), len(tiles))
+    return out / contributors

@@ -1,0 +1,119 @@
+"""Shared pieces: tiling grid and weights, colour fix, resize, safe loading."""
+
+import math
+import os
+import pickle
+
+import pytest
+import torch
+from PIL import Image
+
+from comfyui_diffsr.sr_common import color_fix, image, tiling
+from comfyui_diffsr.sr_common.errors import WeightFileError
+from comfyui_diffsr.sr_common.weights import read_state_dict, write_safetensors
+
+
+def test_tile_offsets_official_rule():
+    # smallest n with (n-1)(T-O)+T >= size; last tile flush with the border
+    assert tiling.tile_offsets(128, 96, 32) == [0, 32]
+    assert tiling.tile_offsets(256, 96, 32) == [0, 64, 128, 160]
+    assert tiling.tile_offsets(96, 96, 32) == [0]
+    assert tiling.latent_tiles(20, 50, 96, 32) == [(0, 0, 20), (0, 10, 20), (0, 20, 20), (0, 30, 20)]
+    with pytest.raises(ValueError, match="tile_overlap"):
+        tiling.tile_offsets(100, 8, 8)
+
+
+def test_gaussian_tile_weights_formula():
+    w = tiling.gaussian_tile_weights(96, 96)
+    g = lambda i, m: math.exp(-((i - m) ** 2) / 96**2 / 0.02) / math.sqrt(2 * math.pi * 0.01)
+    assert w.dtype == torch.float64
+    assert w[10, 20].item() == pytest.approx(g(10, 48) * g(20, 47.5), rel=1e-12)
+    assert w[0, 0].item() / w[48, 47].item() == pytest.approx(g(0, 48) * g(0, 47.5) / (g(48, 48) * g(47, 47.5)))
+
+
+def test_blend_tiles_reproduces_a_pointwise_function():
+    latent = torch.randn(1, 4, 40, 52)
+    out = tiling.blend_tiles(lambda t: t * 2 + 1, latent, 16, 8)
+    torch.testing.assert_close(out, latent * 2 + 1, atol=1e-5, rtol=1e-5)
+
+
+def test_adain_matches_formula():
+    t, s = torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16) * 0.5
+    out = color_fix.adain_color_fix(t, s)
+    ref = (t - t.mean((2, 3), keepdim=True)) / (t.var((2, 3), keepdim=True) + 1e-5).sqrt() \
+        * (s.var((2, 3), keepdim=True) + 1e-5).sqrt() + s.mean((2, 3), keepdim=True)
+    torch.testing.assert_close(out, ref.clamp(0, 1))
+
+
+def test_wavelet_keeps_target_detail_and_source_colour():
+    target = torch.rand(1, 3, 64, 64)
+    flat_source = torch.full((1, 3, 64, 64), 0.25)
+    out = color_fix.wavelet_color_fix(target, flat_source)
+    high, low = color_fix.wavelet_decomposition(target)
+    torch.testing.assert_close(high + low, target, atol=1e-5, rtol=0)  # perfect reconstruction
+    torch.testing.assert_close(out, (high + 0.25).clamp(0, 1), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="color_fix"):
+        color_fix.apply_color_fix(target, target, "bogus")
+
+
+def test_resize_matches_pil_for_8bit_and_float():
+    rgb = (torch.rand(1, 3, 13, 17) * 255).round() / 255
+    ref = Image.fromarray(image.tensor_to_uint8(rgb)).resize((52, 68), Image.BICUBIC)
+    out = image.resize(rgb, (52, 68))
+    torch.testing.assert_close(out, image.pil_to_tensor(ref))
+    smooth = torch.rand(1, 3, 13, 17) * 0.5 + 0.001  # not 8-bit: float path, no rounding
+    out = image.resize(smooth, (52, 68))
+    assert not image.is_8bit(out)
+    assert out.shape == (1, 3, 68, 52)
+
+
+def test_pad_and_scaled_size():
+    x = torch.rand(1, 3, 13, 21)
+    padded, (h, w) = image.pad_to_multiple(x, 8)
+    assert padded.shape[-2:] == (16, 24) and (h, w) == (13, 21)
+    torch.testing.assert_close(padded[..., :13, :21], x)
+    tiny, _ = image.pad_to_multiple(torch.rand(1, 3, 1, 1), 8)
+    assert tiny.shape[-2:] == (8, 8)
+    assert image.scaled_size(7, 13, 2.5) == (18, 33)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/_diffsr_pwned",))
+
+
+def test_pickle_with_code_is_refused_and_never_runs(tmp_path):
+    marker = "/tmp/_diffsr_pwned"
+    if os.path.exists(marker):
+        os.remove(marker)
+    path = tmp_path / "evil.pkl"
+    torch.save({"x": _Boom()}, path)
+    with pytest.raises(WeightFileError, match="could run code"):
+        read_state_dict(path)
+    assert not os.path.exists(marker)
+    legacy = tmp_path / "evil_legacy.pth"
+    with open(legacy, "wb") as f:
+        pickle.dump({"x": _Boom()}, f)
+    with pytest.raises(WeightFileError):
+        read_state_dict(legacy)
+    assert not os.path.exists(marker)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 10, b"not a model at all"])
+def test_broken_files_are_refused(tmp_path, content):
+    for name in ("x.safetensors", "x.pth"):
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(WeightFileError, match="x\\."):
+            read_state_dict(path)
+
+
+def test_truncated_safetensors_is_refused(tmp_path):
+    path = tmp_path / "w.safetensors"
+    write_safetensors({"a": torch.randn(64, 64)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightFileError, match="truncated"):
+        read_state_dict(path)
+    with pytest.raises(FileExistsError):
+        write_safetensors({"a": torch.zeros(1)}, tmp_path / "w.safetensors")

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up a fresh virtual environment (CPU torch) and run the test suite.
+# Usage: bash tools/run_tests.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${DIFFSR_VENV:-.venv}"
+TORCH_SPEC="${DIFFSR_TORCH:-torch==2.13.0}"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+# torch first, pinned, so the pack's own requirements keep it.
+"$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
+echo "$TORCH_SPEC" > "$VENV/constraints.txt"
+"$VENV/bin/python" -m pip install -q ".[test]" -c "$VENV/constraints.txt"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+exec "$VENV/bin/python" -m pytest -q "$@"
