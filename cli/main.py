@@ -7,6 +7,7 @@ COMMANDS = {
     "dape": "DAPE prompts (tags) for images",
     "dossr": "DoSSR domain-shift SDE super-resolution",
     "convert": "convert official weight files to safetensors",
+    "download": "download the official weights (opt-in, resumable, verified)",
 }
 
 
@@ -24,6 +25,8 @@ def main(argv=None):
         from .dape import main as run
     elif name == "dossr":
         from .dossr import main as run
+    elif name == "download":
+        from .download import main as run
     else:
         from .convert import main as run
     return run(rest)

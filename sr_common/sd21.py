@@ -128,7 +128,7 @@ def _load_into(model, state, what, path):
     model.load_state_dict({k: state[k] for k in expected}, strict=True)
 
 
-def _models_from_config(config_dir):
+def models_from_config(config_dir):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -146,30 +146,34 @@ def load_tokenizer(folder):
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
 
-def load_single_file(path, config_dir=None):
-    """SD 2.1-base from one LDM-layout checkpoint (``.safetensors`` or ``.ckpt``)."""
+def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint"):
+    """SD 2.1-base from an LDM-layout state dict (a single-file checkpoint, or what ComfyUI's
+    ``state_dict_for_saving`` returns for the MODEL/CLIP/VAE of its checkpoint loader)."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
     config_dir = config_dir or shipped_config_dir()
-    sd = read_state_dict(path)
     if "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     kind = describe_checkpoint(sd)
     if kind != "sd2":
-        _refuse(path, kind)
-    unet, vae, text_encoder = _models_from_config(config_dir)
+        _refuse(name, kind)
+    unet, vae, text_encoder = models_from_config(config_dir)
     try:
         unet_sd = convert_ldm_unet_checkpoint(sd, unet.config)
         vae_sd = convert_ldm_vae_checkpoint(sd, vae.config)
     except (KeyError, IndexError, RuntimeError) as e:
-        raise WeightFileError(f"{os.path.basename(path)!r}: cannot convert the SD 2.1 UNet/VAE keys ({e}). "
+        raise WeightFileError(f"{os.path.basename(os.fspath(name))!r}: cannot convert the SD 2.1 UNet/VAE keys ({e}). "
                               "The file is damaged or not SD 2.1-base.") from e
-    _load_into(unet, unet_sd, "UNet", path)
-    _load_into(vae, vae_sd, "VAE", path)
-    _load_into(text_encoder, open_clip_to_hf(sd, text_encoder.config.num_hidden_layers), "text encoder", path)
-    del sd
+    _load_into(unet, unet_sd, "UNet", name)
+    _load_into(vae, vae_sd, "VAE", name)
+    _load_into(text_encoder, open_clip_to_hf(sd, text_encoder.config.num_hidden_layers), "text encoder", name)
     return SD21(unet.eval(), vae.eval(), text_encoder.eval(), load_tokenizer(os.path.join(config_dir, "tokenizer")),
-                source=os.fspath(path))
+                source=os.fspath(name))
+
+
+def load_single_file(path, config_dir=None):
+    """SD 2.1-base from one LDM-layout checkpoint (``.safetensors`` or ``.ckpt``)."""
+    return sd21_from_ldm_state_dict(read_state_dict(path), config_dir, name=path)
 
 
 def check_diffusers_folder(folder):

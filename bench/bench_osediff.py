@@ -1,0 +1,106 @@
+"""OSEDiff end-to-end latency and peak memory, full-size SD 2.1-base architecture with random weights.
+
+    python bench/bench_osediff.py --sizes 128 512 --device cpu --dtype fp32 --out bench/results/osediff_cpu.json
+    python bench/bench_osediff.py --sizes 128 --compare-official /path/to/OSEDiff --official-python /venv/bin/python
+
+Each size runs in a fresh process so the peak memory is per case. ``--compare-official`` saves the
+same random weights as a diffusers folder + ``osediff.pkl``, times the official ``OSEDiff_test``
+forward from a local checkout (its own venv) on the same input, and reports the ratio.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from common import environment, random_sd21, rss_peak_mb, summary, timed, write_json
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_case(size, repeats, device, dtype, tile_batch):
+    from comfyui_diffsr.osediff_core.pipeline import Options, build_osediff, osediff_upscale
+    from comfyui_diffsr.osediff_core.weights import random_osediff_checkpoint
+
+    sd = random_sd21()
+    model = build_osediff(sd, random_osediff_checkpoint(sd.unet, sd.vae), copy_unet=False).to(device, dtype)
+    image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    options = Options(upscale=4, tile_batch=tile_batch)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        times = timed(lambda: osediff_upscale(model, image, prompt="", options=options), repeats, sync)
+    result = {"case": f"{size}->{size * 4}", **summary(times), "peak_rss_mb": rss_peak_mb()}
+    if device.type == "cuda":
+        result["peak_cuda_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def save_for_official(folder):
+    """The random weights the official code will load: diffusers folder + osediff.pkl."""
+    from comfyui_diffsr.osediff_core.weights import random_osediff_checkpoint
+    from comfyui_diffsr.sr_common.sd21 import shipped_config_dir
+
+    sd = random_sd21()
+    base = os.path.join(folder, "sd21")
+    sd.unet.save_pretrained(os.path.join(base, "unet"))
+    sd.vae.save_pretrained(os.path.join(base, "vae"))
+    sd.text_encoder.save_pretrained(os.path.join(base, "text_encoder"))
+    sd.tokenizer.save_pretrained(os.path.join(base, "tokenizer"))
+    os.makedirs(os.path.join(base, "scheduler"), exist_ok=True)
+    with open(os.path.join(shipped_config_dir(), "scheduler", "scheduler_config.json")) as f:
+        sched = f.read()
+    with open(os.path.join(base, "scheduler", "scheduler_config.json"), "w") as f:
+        f.write(sched)
+    torch.save(random_osediff_checkpoint(sd.unet, sd.vae), os.path.join(folder, "osediff.pkl"))
+    return base, os.path.join(folder, "osediff.pkl")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[128, 512], help="LQ sizes (output ×4)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--tile-batch", type=int, default=1)
+    p.add_argument("--compare-official", default=None, help="local checkout of cswry/OSEDiff")
+    p.add_argument("--official-python", default=sys.executable, help="python of the official code's venv")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "osediff.json"))
+    p.add_argument("--_case", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    device = torch.device(args.device)
+    if args._case is not None:
+        print(json.dumps(run_case(args._case, args.repeats, device, dtype, args.tile_batch)))
+        return
+    cases = []
+    for size in args.sizes:
+        cmd = [sys.executable, __file__, "--_case", str(size), "--repeats", str(args.repeats), "--device", args.device,
+               "--dtype", args.dtype, "--tile-batch", str(args.tile_batch)]
+        cases.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+                                .splitlines()[-1]))
+    result = {"method": "osediff", **environment(device, dtype), "cases": cases}
+    if args.compare_official:
+        with tempfile.TemporaryDirectory() as tmp:
+            base, pkl = save_for_official(tmp)
+            official = []
+            for size in args.sizes:
+                cmd = [args.official_python, os.path.join(HERE, "official_osediff.py"), "--upstream",
+                       args.compare_official, "--base", base, "--weights", pkl, "--size", str(size),
+                       "--repeats", str(args.repeats), "--device", args.device, "--dtype", args.dtype]
+                env = dict(os.environ, PYTHONPATH=args.compare_official)
+                official.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+                                           .stdout.strip().splitlines()[-1]))
+        result["official"] = official
+        result["ratio_ours_to_official"] = {c["case"]: c["median_s"] / o["median_s"]
+                                            for c, o in zip(cases, official)}
+    write_json(result, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Benchmark helpers: full-size SD 2.1-base built from the shipped configs with random weights."""
+
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+
+import torch
+
+
+def rss_peak_mb():
+    """Peak resident set size of this process so far (MiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def random_sd21(seed=0):
+    """SD 2.1-base architecture from the pack's configs, random weights (no download)."""
+    from comfyui_diffsr.sr_common.sd21 import SD21, models_from_config, load_tokenizer, shipped_config_dir
+
+    torch.manual_seed(seed)
+    unet, vae, text_encoder = models_from_config(shipped_config_dir())
+    return SD21(unet.eval(), vae.eval(), text_encoder.eval(),
+                load_tokenizer(os.path.join(shipped_config_dir(), "tokenizer")), source="random")
+
+
+def timed(fn, repeats, sync=None):
+    """Run ``fn`` once to warm up, then ``repeats`` times; seconds per run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if sync:
+            sync()
+        start = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summary(times):
+    ordered = sorted(times)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return {"median_s": statistics.median(times), "p10_s": pick(0.1), "p90_s": pick(0.9), "min_s": ordered[0],
+            "runs": len(times)}
+
+
+def environment(device, dtype):
+    return {"device": str(device), "device_name": torch.cuda.get_device_name() if device.type == "cuda" else
+            platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "dtype": str(dtype).replace("torch.", ""),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def write_json(result, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))

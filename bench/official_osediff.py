@@ -1,0 +1,64 @@
+"""Times the official OSEDiff forward (run with the official code's own venv; our code is not imported).
+
+Same protocol as bench_osediff.py: an LQ of --size px upscaled ×4 with PIL bicubic, then
+``OSEDiff_test.forward`` (prompt encoding, VAE encode, UNet, decode), median over --repeats after
+one warm-up, peak RSS of the process.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import time
+
+import torch
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--upstream", required=True)
+    p.add_argument("--base", required=True)
+    p.add_argument("--weights", required=True)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32")
+    a = p.parse_args()
+    os.chdir(a.upstream)  # run with PYTHONPATH=<upstream>: the official code imports its modules by top-level name
+    if a.device == "cpu":
+        torch.Tensor.cuda = lambda self, *args, **kw: self
+        torch.nn.Module.cuda = lambda self, *args, **kw: self
+        _to = torch.nn.Module.to
+        torch.nn.Module.to = lambda self, *args, **kw: _to(self, *[("cpu" if x == "cuda" else x) for x in args],
+                                                           **{k: ("cpu" if v == "cuda" else v) for k, v in kw.items()})
+        _tensor = torch.tensor
+        torch.tensor = lambda *args, **kw: _tensor(*args, **{k: ("cpu" if v == "cuda" else v) for k, v in kw.items()})
+    from osediff import OSEDiff_test
+    import diffusers
+
+    _set = diffusers.DDPMScheduler.set_timesteps
+    diffusers.DDPMScheduler.set_timesteps = lambda self, n, device=None: _set(self, n, device="cpu")
+    args = argparse.Namespace(pretrained_model_name_or_path=a.base, osediff_path=a.weights, merge_and_unload_lora=False,
+                              mixed_precision="fp16" if a.dtype == "fp16" else "fp32", vae_decoder_tiled_size=224,
+                              vae_encoder_tiled_size=1024, latent_tiled_size=96, latent_tiled_overlap=32)
+    model = OSEDiff_test(args)
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    lr = (torch.rand(a.size, a.size, 3, generator=g) * 255).byte().numpy()
+    img = Image.fromarray(lr).resize((a.size * 4, a.size * 4))
+    lq = torch.from_numpy(__import__("numpy").asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
+    times = []
+    with torch.no_grad():
+        for i in range(a.repeats + 1):
+            t = time.perf_counter()
+            model(lq * 2 - 1, prompt=", ,")
+            if i:
+                times.append(time.perf_counter() - t)
+    print(json.dumps({"case": f"{a.size}->{a.size * 4}", "median_s": statistics.median(times), "runs": len(times),
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""``diffsr download``: fetch the official weight files into a ComfyUI-style models folder (opt-in)."""
+
+import argparse
+import os
+import sys
+
+from tqdm import tqdm
+
+from ..sr_common.download import OFFICIAL, download
+from .common import run_main
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="diffsr download", description="Download official weights (resumable, verified).")
+    p.add_argument("which", nargs="+", choices=list(OFFICIAL) + ["all"], help="files to fetch")
+    p.add_argument("--models-dir", default="models", help="models folder; files go to <models-dir>/<kind>/ (default ./models)")
+    return p
+
+
+def fetch(key, models_dir):
+    """Download one official file (a progress bar on stderr) and return its path."""
+    source = OFFICIAL[key]
+    dest = os.path.join(models_dir, source.folder, source.filename)
+    if os.path.exists(dest):
+        return dest
+    bar = tqdm(desc=source.filename, unit="B", unit_scale=True, file=sys.stderr)
+
+    def progress(done, total):
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        return download(source.url, dest, sha256=source.sha256, progress=progress)
+    finally:
+        bar.close()
+
+
+def main_impl(argv=None):
+    args = build_parser().parse_args(argv)
+    keys = list(OFFICIAL) if "all" in args.which else args.which
+    for key in keys:
+        print(fetch(key, args.models_dir))
+    return 0
+
+
+def main(argv=None):
+    return run_main(main_impl, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

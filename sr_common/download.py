@@ -1,0 +1,112 @@
+"""Opt-in downloads of the official weight files: resumable, verified, moved into place atomically.
+
+Nothing here runs unless a user asks for a download (the ``download`` command, ``--download``,
+or a loader option). A file is written as ``<name>.partial`` and renamed only once it is
+complete and verified, so an interrupted download never leaves a file that looks complete.
+"""
+
+import hashlib
+import os
+import urllib.request
+from dataclasses import dataclass
+
+from .errors import DiffSRError
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    url: str
+    filename: str
+    folder: str          # ComfyUI model folder name (models/<folder>)
+    sha256: str = ""     # pinned hash when known; else the server's declared hash is checked
+
+
+OFFICIAL = {
+    "sd21-base": Source("Stable Diffusion 2.1-base (single file)",
+                        "https://huggingface.co/stabilityai/stable-diffusion-2-1-base/resolve/main/"
+                        "v2-1_512-ema-pruned.safetensors", "v2-1_512-ema-pruned.safetensors", "checkpoints"),
+    "osediff": Source("OSEDiff weights", "https://github.com/cswry/OSEDiff/raw/main/preset/models/osediff.pkl",
+                      "osediff.pkl", "osediff"),
+    "dape": Source("DAPE LoRA", "https://github.com/cswry/OSEDiff/raw/main/preset/models/DAPE.pth", "DAPE.pth", "dape"),
+    "ram": Source("RAM Swin-L tagger", "https://huggingface.co/spaces/xinyu1205/recognize-anything/resolve/main/"
+                  "ram_swin_large_14m.pth", "ram_swin_large_14m.pth", "dape"),
+}
+
+
+class DownloadError(DiffSRError):
+    """A download failed or did not verify; nothing was put in place."""
+
+
+def _declared_sha256(headers):
+    """Hugging Face declares the SHA-256 of large files in ``X-Linked-Etag``."""
+    etag = headers.get("X-Linked-Etag") or ""
+    etag = etag.strip('"').removeprefix("W/").strip('"')
+    return etag if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag.lower()) else ""
+
+
+def download(url, dest, *, sha256="", progress=None, timeout=60):
+    """Fetch ``url`` to ``dest``; resume a ``dest.partial``; verify size and SHA-256; rename into place.
+
+    ``progress(done_bytes, total_bytes)`` is called as data arrives. Returns ``dest``. An existing
+    ``dest`` is left alone and returned.
+    """
+    if os.path.exists(dest):
+        return dest
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    partial = dest + ".partial"
+    have = os.path.getsize(partial) if os.path.exists(partial) else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # the partial file is already complete
+            response = None
+        else:
+            raise DownloadError(f"Download of {url} failed: HTTP {e.code}. Nothing was written to {dest!r}.") from e
+    except (urllib.error.URLError, OSError) as e:
+        raise DownloadError(f"Download of {url} failed: {e}. Run the command again to resume.") from e
+    expected = sha256
+    if response is not None:
+        with response:
+            expected = expected or _declared_sha256(response.headers)
+            resumed = response.status == 206
+            if not resumed:
+                have = 0
+            length = response.headers.get("Content-Length")
+            total = have + int(length) if length else None
+            with open(partial, "ab" if resumed else "wb") as f:
+                done = have
+                while True:
+                    try:
+                        chunk = response.read(CHUNK)
+                    except OSError as e:
+                        raise DownloadError(f"Download of {url} was interrupted ({e}); run again to resume.") from e
+                    if not chunk:
+                        break
+                    f.write(chunk)
+                    done += len(chunk)
+                    if progress:
+                        progress(done, total)
+            if total is not None and os.path.getsize(partial) != total:
+                raise DownloadError(f"Download of {url} ended early ({os.path.getsize(partial)} of {total} bytes); "
+                                    "run again to resume.")
+    digest = file_sha256(partial)
+    if expected and digest != expected.lower():
+        os.remove(partial)
+        raise DownloadError(f"{os.path.basename(dest)}: SHA-256 {digest} does not match the expected {expected}; "
+                            "the file was deleted. Try again later or fetch it by hand.")
+    os.replace(partial, dest)
+    with open(dest + ".sha256", "w", encoding="utf-8") as f:
+        f.write(f"{digest}  {os.path.basename(dest)}\n")
+    return dest
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()

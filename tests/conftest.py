@@ -1,0 +1,26 @@
+import os
+
+import pytest
+import torch
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+def psnr(a, b, peak=1.0):
+    mse = torch.mean((a.double() - b.double()) ** 2).item()
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(peak**2 / mse)).item()
+
+
+@pytest.fixture(scope="session")
+def tiny_unet_vae():
+    """A small SD 2.1-shaped UNet and VAE with random weights, built in the test (no files)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(32, 32, 64, 64), layers_per_block=1, cross_attention_dim=16,
+                                attention_head_dim=[1, 1, 1, 1], use_linear_projection=True,
+                                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3).eval()
+    vae = AutoencoderKL(block_out_channels=(32, 32, 64, 64), layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4).eval()
+    return unet, vae

@@ -1,0 +1,97 @@
+"""Opt-in downloads against a local HTTP server on 127.0.0.1: resume, verification, atomic move."""
+
+import hashlib
+import http.server
+import os
+import threading
+
+import pytest
+
+from comfyui_diffsr.sr_common.download import DownloadError, download
+
+PAYLOAD = os.urandom(300_000)
+SHA = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    cut_after = None  # bytes to send before dropping the connection (simulated interruption)
+    requests = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        Handler.requests.append(self.headers.get("Range"))
+        if self.path == "/missing":
+            self.send_error(404)
+            return
+        data, start = PAYLOAD, 0
+        rng = self.headers.get("Range")
+        if rng:
+            start = int(rng.split("=")[1].split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        if self.path == "/hashed":
+            self.send_header("X-Linked-Etag", f'"{SHA}"')
+        if self.path == "/badhash":
+            self.send_header("X-Linked-Etag", '"' + "0" * 64 + '"')
+        self.end_headers()
+        if Handler.cut_after is not None:
+            self.wfile.write(body[:Handler.cut_after])
+            self.wfile.flush()
+            self.connection.shutdown(2)
+            return
+        self.wfile.write(body)
+
+
+@pytest.fixture()
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    Handler.cut_after, Handler.requests = None, []
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_download_verifies_declared_hash_and_writes_atomically(server, tmp_path):
+    dest = str(tmp_path / "models" / "osediff" / "w.pkl")
+    seen = []
+    assert download(f"{server}/hashed", dest, progress=lambda d, t: seen.append((d, t))) == dest
+    assert open(dest, "rb").read() == PAYLOAD and not os.path.exists(dest + ".partial")
+    assert seen[-1] == (len(PAYLOAD), len(PAYLOAD))
+    assert open(dest + ".sha256").read().startswith(SHA)
+
+
+def test_interrupted_download_leaves_only_a_partial_and_resumes(server, tmp_path):
+    dest = str(tmp_path / "w.pkl")
+    Handler.cut_after = 100_000
+    with pytest.raises(DownloadError, match="run again to resume"):
+        download(f"{server}/hashed", dest)
+    assert not os.path.exists(dest) and os.path.getsize(dest + ".partial") == 100_000
+    Handler.cut_after = None
+    download(f"{server}/hashed", dest)
+    assert Handler.requests[-1] == "bytes=100000-"
+    assert open(dest, "rb").read() == PAYLOAD
+
+
+def test_hash_mismatch_is_deleted_and_reported(server, tmp_path):
+    dest = str(tmp_path / "w.pkl")
+    with pytest.raises(DownloadError, match="does not match"):
+        download(f"{server}/badhash", dest)
+    assert not os.path.exists(dest) and not os.path.exists(dest + ".partial")
+    with pytest.raises(DownloadError, match="does not match"):
+        download(f"{server}/plain", dest, sha256="1" * 64)
+
+
+def test_http_error_and_existing_file(server, tmp_path):
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        download(f"{server}/missing", str(tmp_path / "x"))
+    existing = tmp_path / "keep.pkl"
+    existing.write_bytes(b"user file")
+    download(f"{server}/plain", str(existing))
+    assert existing.read_bytes() == b"user file"  # never overwritten

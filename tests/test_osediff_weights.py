@@ -1,0 +1,104 @@
+"""OSEDiff weight files: detection, LoRA merge with scale 8/rank, conv_in replacement, conversion."""
+
+import copy
+
+import pytest
+import torch
+
+from comfyui_diffsr.osediff_core import weights as W
+from comfyui_diffsr.sr_common.errors import WeightFileError
+
+
+@pytest.fixture()
+def ckpt(tiny_unet_vae):
+    unet, vae = tiny_unet_vae
+    return W.random_osediff_checkpoint(unet, vae, rank=4, std=0.1, seed=1)
+
+
+def test_official_module_lists(tiny_unet_vae, ckpt):
+    unet, vae = tiny_unet_vae
+    t = W.official_lora_targets(unet, vae)
+    assert "conv_in" in t["unet_lora_encoder_modules"] and "conv_out" in t["unet_lora_decoder_modules"]
+    assert all(m.startswith("mid_block") for m in t["unet_lora_others_modules"])
+    assert not any("time_emb" in m for m in sum((t[k] for k in t if k.startswith("unet")), []))
+    assert "quant_conv" in t["vae_lora_encoder_modules"] and "post_quant_conv" not in t["vae_lora_encoder_modules"]
+    assert len(set(t["vae_lora_encoder_modules"])) < len(t["vae_lora_encoder_modules"])  # the official duplicates
+
+
+def test_merge_equals_lora_forward(tiny_unet_vae, ckpt):
+    unet, _ = tiny_unet_vae
+    merged = W.apply_osediff_unet(copy.deepcopy(unet), ckpt)
+    sd = ckpt["state_dict_unet"]
+    scale = 8 / 4  # PEFT's default lora_alpha = 8 over rank 4
+    # a Linear: y = W x + s·B(A x)
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    a, b = sd[f"{name}.lora_A.default_encoder.weight"], sd[f"{name}.lora_B.default_encoder.weight"]
+    x = torch.randn(3, a.shape[1])
+    base = dict(unet.named_modules())[name]
+    ref = base(x) + scale * (x @ a.T @ b.T)
+    torch.testing.assert_close(dict(merged.named_modules())[name](x), ref, atol=1e-5, rtol=1e-5)
+    # a 3×3 conv: y = conv(x, W) + s·conv1x1(conv(x, A), B)
+    name = "up_blocks.1.resnets.0.conv1"
+    a, b = sd[f"{name}.lora_A.default_decoder.weight"], sd[f"{name}.lora_B.default_decoder.weight"]
+    conv = dict(unet.named_modules())[name]
+    x = torch.randn(1, conv.in_channels, 8, 8)
+    ref = conv(x) + scale * torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, a, padding=1), b)
+    torch.testing.assert_close(dict(merged.named_modules())[name](x), ref, atol=1e-4, rtol=1e-4)
+    # conv_in: trained base replaced, then its LoRA merged on top
+    a, b = sd["conv_in.lora_A.default_encoder.weight"], sd["conv_in.lora_B.default_encoder.weight"]
+    expected = sd["conv_in.base_layer.weight"] + scale * W.lora_delta(a, b, 1.0)
+    torch.testing.assert_close(merged.conv_in.weight, expected)
+    torch.testing.assert_close(merged.conv_in.bias, sd["conv_in.base_layer.bias"])
+    # untouched: time embedding
+    torch.testing.assert_close(merged.time_embedding.linear_1.weight, unet.time_embedding.linear_1.weight)
+
+
+def test_vae_lora_only_on_a_copy_of_the_encoder(tiny_unet_vae, ckpt):
+    _, vae = tiny_unet_vae
+    before = copy.deepcopy(vae.state_dict())
+    enc = W.lq_encoder(vae, ckpt)
+    for k, v in vae.state_dict().items():
+        torch.testing.assert_close(v, before[k])  # the shared VAE is untouched
+    assert not torch.equal(enc["quant_conv"].weight, vae.quant_conv.weight)
+    assert not torch.equal(enc["encoder"].conv_in.weight, vae.encoder.conv_in.weight)
+
+
+def test_pkl_and_converted_safetensors_load_the_same(tmp_path, ckpt):
+    pkl = tmp_path / "osediff.pkl"
+    torch.save(ckpt, pkl)
+    official = W.read_osediff(pkl)
+    out = W.convert_osediff(pkl, tmp_path / "osediff.safetensors")
+    converted = W.read_osediff(out)
+    assert converted["rank_unet"] == official["rank_unet"] == 4
+    for part in ("state_dict_unet", "state_dict_vae"):
+        assert converted[part].keys() == official[part].keys()
+        for k in official[part]:
+            assert torch.equal(converted[part][k], official[part][k])
+    assert converted["vae_lora_encoder_modules"] == official["vae_lora_encoder_modules"]
+
+
+def test_wrong_files_are_refused_by_name(tmp_path, ckpt):
+    cases = {
+        "ram.pth": ({"model": {"visual_encoder.patch_embed.proj.weight": torch.zeros(1)}}, "RAM"),
+        "dape.pth": ({"visual_encoder.layers.0.blocks.0.attn.qkv.lora_A": torch.zeros(1)}, "DAPE"),
+        "sd.ckpt": ({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}}, "base model"),
+        "dossr.ckpt": ({"state_dict": {"control_model.zero_convs.0.0.weight": torch.zeros(1)}}, "DoSSR"),
+        "junk.pth": ({"foo": torch.zeros(1)}, "unknown"),
+    }
+    for name, (obj, word) in cases.items():
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(WeightFileError, match=f"not an OSEDiff checkpoint.*{word}"):
+            W.read_osediff(tmp_path / name)
+    bad = dict(ckpt, rank_unet=8)
+    torch.save(bad, tmp_path / "rank.pkl")
+    with pytest.raises(WeightFileError, match="rank_unet = 8"):
+        W.read_osediff(tmp_path / "rank.pkl")
+
+
+def test_lora_for_another_architecture_is_refused(tiny_unet_vae, ckpt):
+    unet, _ = tiny_unet_vae
+    bad = copy.deepcopy(ckpt)
+    bad["state_dict_unet"]["nonexistent.block.lora_A.default_encoder.weight"] = torch.zeros(4, 3)
+    bad["state_dict_unet"]["nonexistent.block.lora_B.default_encoder.weight"] = torch.zeros(3, 4)
+    with pytest.raises(WeightFileError, match="not SD 2.1-base"):
+        W.apply_osediff_unet(copy.deepcopy(unet), bad)
