@@ -9,6 +9,8 @@ import time
 
 import torch
 
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the CLI does (cli/common.py run_main)
+
 
 def rss_peak_mb():
     """Peak resident set size of this process so far (MiB)."""
