@@ -12,6 +12,14 @@ def build_parser():
     o = sub.add_parser("osediff", help="osediff.pkl → .safetensors")
     o.add_argument("src")
     o.add_argument("dst")
+    from .dape import build_convert_parser
+
+    build_convert_parser(sub.add_parser("dape", help="RAM + DAPE .pth → one compact tagging .safetensors"))
+    d = sub.add_parser("dossr", help="DoSSR .ckpt → .safetensors of its own parts (ControlNet, cond encoder, RRDB)")
+    d.add_argument("src")
+    d.add_argument("dst")
+    d.add_argument("--config", default=None, help="official-style model yaml (default: SD 2.1 cldm_v21)")
+    d.add_argument("--fp16", action="store_true", help="store fp16 weights")
     return p
 
 
@@ -21,7 +29,15 @@ def main_impl(argv=None):
         from ..osediff_core.weights import convert_osediff
 
         convert_osediff(args.src, args.dst)
-    print(f"wrote {args.dst}")
+        print(f"wrote {args.dst}")
+    elif args.kind == "dape":
+        from .dape import convert_impl
+
+        return convert_impl(args)
+    else:
+        from .dossr import main_convert
+
+        main_convert(args.src, args.dst, args.config, args.fp16)
     return 0
 
 

@@ -113,10 +113,10 @@ def posterior_latent(moments, sample_mode="mean", seed=0):
     return (mean + std * noise.to(mean.device)) * SCALING_FACTOR
 
 
-def encode_lq(encoder, lq, *, sample_mode="mean", seed=0, tile=None, callback=None):
+def encode_lq(encoder, lq, *, sample_mode="mean", seed=0, tile=None, tile_mode="exact", callback=None):
     """Scaled latent of the LQ: LoRA VAE encoder (tiled above ``tile`` px) → quant_conv → posterior."""
     x = (lq * 2 - 1).to(encoder["quant_conv"].weight)
-    h = tiled_forward(encoder["encoder"], x, tile, is_decoder=False, callback=callback)
+    h = tiled_forward(encoder["encoder"], x, tile, is_decoder=False, callback=callback, mode=tile_mode)
     moments = encoder["quant_conv"](h.to(encoder["quant_conv"].weight.dtype))
     return posterior_latent(moments, sample_mode, seed)
 
@@ -141,10 +141,10 @@ def one_step_x0(z, eps, t=TIMESTEP):
     return (z.float() - (1 - a) ** 0.5 * eps.float()) / a ** 0.5
 
 
-def decode_latent(vae, x0, *, tile=None, callback=None):
+def decode_latent(vae, x0, *, tile=None, tile_mode="exact", callback=None):
     """VAE decode of x0 / 0.18215 (decoder tiled above ``tile`` latent px), clamped to [−1, 1]."""
     z = vae.post_quant_conv((x0 / SCALING_FACTOR).to(vae.post_quant_conv.weight.dtype))
-    return tiled_forward(vae.decoder, z, tile, is_decoder=True, callback=callback).float().clamp(-1, 1)
+    return tiled_forward(vae.decoder, z, tile, is_decoder=True, callback=callback, mode=tile_mode).float().clamp(-1, 1)
 
 
 @dataclass
@@ -185,8 +185,10 @@ def osediff_upscale(model, image, *, prompt="", prompt_embeds=None, prompt_fn=No
                           official_sizing=o.official_sizing)
     padded, _ = img.pad_to_multiple(lq, 8)
     # 2. encode with the LoRA VAE encoder
+    # the official tiled VAE with --official-sizing; otherwise tiles that exchange margins (see tiled_vae)
+    tile_mode = "official" if o.official_sizing else "exact"
     z = encode_lq(model.lq_encoder, padded.to(device), sample_mode=o.sample_mode, seed=o.seed,
-                  tile=o.vae_tile_encode, callback=stage("encode"))
+                  tile=o.vae_tile_encode, tile_mode=tile_mode, callback=stage("encode"))
     # 3. ε at t = 999
     if prompt_embeds is None:
         prompt_embeds = prompt_embedding(model, prompt_fn(lq) if prompt_fn is not None else prompt)
@@ -195,7 +197,7 @@ def osediff_upscale(model, image, *, prompt="", prompt_embeds=None, prompt_fn=No
     # 4. x0 in closed form
     x0 = one_step_x0(z, eps)
     # 5. decode
-    decoded = decode_latent(model.vae, x0, tile=o.vae_tile_decode, callback=stage("decode")).cpu()
+    decoded = decode_latent(model.vae, x0, tile=o.vae_tile_decode, tile_mode=tile_mode, callback=stage("decode")).cpu()
     out = (decoded * 0.5 + 0.5)[..., :plan.crop[0], :plan.crop[1]]
     # 6. colour fix against the upscaled LQ, then back to the requested size
     if o.official_sizing:

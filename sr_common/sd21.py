@@ -117,6 +117,8 @@ def open_clip_to_hf(sd, num_layers, prefix=OPEN_CLIP_PREFIX):
 
 def _load_into(model, state, what, path):
     expected = model.state_dict()
+    if not any(k.startswith("text_model.") for k in expected):  # transformers >= 5 drops the prefix
+        state = {k.removeprefix("text_model."): v for k, v in state.items()}
     missing = [k for k in expected if k not in state]
     wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or wrong:

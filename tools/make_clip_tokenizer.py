@@ -29,9 +29,17 @@ def bytes_to_unicode():
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--bpe", required=True, help="bpe_simple_vocab_16e6.txt.gz from the open_clip package")
+    p.add_argument("--bpe", help="bpe_simple_vocab_16e6.txt.gz (default: the one inside the installed open_clip)")
     p.add_argument("--out", required=True)
+    p.add_argument("--verify", action="store_true", help="compare HF CLIPTokenizer (slow, fast) with open_clip")
     a = p.parse_args()
+    if a.bpe is None:
+        import importlib.util
+
+        spec = importlib.util.find_spec("open_clip")
+        if spec is None:
+            p.error("--bpe not given and open_clip is not installed")
+        a.bpe = os.path.join(os.path.dirname(spec.origin), "bpe_simple_vocab_16e6.txt.gz")
     merges = gzip.open(a.bpe).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
     vocab = list(bytes_to_unicode().values())
     vocab += [v + "</w>" for v in vocab]
@@ -50,6 +58,30 @@ def main():
         json.dump(dict(special, model_max_length=77, do_lower_case=True, tokenizer_class="CLIPTokenizer",
                        add_prefix_space=False, errors="replace"), f, indent=2)
     print(f"{len(vocab)} tokens written to {a.out}")
+    if a.verify:
+        verify(a.out)
+
+
+PROMPTS = ["a cat, grass, ,", "", "A photo of a Dog sitting on the beach at sunset, 8k, high-resolution",
+           "clean, high-resolution, 8k", "baseball glove, nebula, ,", "tree, building, sky, cloud, road, car, person",
+           "Hello   World.  (test) -- 1234 x 5678; don't stop?", "word " * 100]
+
+
+def verify(folder):
+    """HF CLIPTokenizer (slow and fast) ids == open_clip.tokenize ids, SD 2 style (77, pad "!" = 0)."""
+    import open_clip
+    from transformers import CLIPTokenizer, CLIPTokenizerFast
+
+    slow, fast = CLIPTokenizer.from_pretrained(folder), CLIPTokenizerFast.from_pretrained(folder)
+    for text in PROMPTS:
+        ref = open_clip.tokenize([text])[0].tolist()
+        for tok in (slow, fast):
+            ids = tok(text, max_length=77, padding="max_length", truncation=True).input_ids
+            assert ids == ref, (type(tok).__name__, text, ids, ref)
+    # known divergence, not a bug of these files: "!" is the pad token, and HF splits the text on special
+    # tokens first, so "!!" becomes two "!" (0, 0) where open_clip gives the merged "!!</w>" (748)
+    assert slow("!!").input_ids[1:3] == [0, 0] and open_clip.tokenize(["!!"])[0, 1].item() == 748
+    print(f"verified: {len(PROMPTS)} prompts, slow and fast HF tokenizers == open_clip.tokenize")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,99 @@
+"""DoSSR end-to-end latency and peak memory, full-size architecture with random weights (no download).
+
+    python bench/bench_dossr.py --sizes 128 --repeats 1 --device cpu --dtype fp32 --out bench/results/dossr_cpu.json
+
+Full size = SD 2.1-base UNet/VAE from the shipped configs + DoSSR ControlNet (cldm_v21.yaml, 8-channel
+input conv split, 13 zero convs) + condition encoder + RRDBNet ×4 with 23 blocks. The prompt
+embedding is a fixed random (1, 77, 1024) tensor (the text encoder runs once per prompt and is cached
+in real use). Each size runs in a fresh process so the peak RSS is per case; the warm-up run is
+included in the process (peak RSS covers it), the timing covers ``repeats`` runs after it.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from common import environment, random_sd21, rss_peak_mb, summary, timed, write_json
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def random_dossr(seed=0):
+    from comfyui_diffsr.dossr_core.model import DoSSRModel
+    from comfyui_diffsr.dossr_core.rrdb import RRDBNet
+    from comfyui_diffsr.dossr_core.weights import diffusers_configs, load_ldm_params
+
+    sd = random_sd21(seed)
+    _, controlnet_config, vae_config = diffusers_configs(load_ldm_params())
+    from diffusers import ControlNetModel
+    from diffusers.models.autoencoders.vae import Encoder
+
+    controlnet = ControlNetModel(**controlnet_config, conditioning_embedding_out_channels=(16,))
+    width = controlnet_config["block_out_channels"][0]
+    controlnet.conv_in = torch.nn.Conv2d(controlnet_config["in_channels"], width, 3, padding=1)
+    controlnet.controlnet_cond_embedding = torch.nn.Conv2d(4, width, 3, padding=1, bias=False)
+    cond_encoder = torch.nn.ModuleDict({
+        "encoder": Encoder(in_channels=3, out_channels=4, down_block_types=vae_config["down_block_types"],
+                           block_out_channels=vae_config["block_out_channels"],
+                           layers_per_block=vae_config["layers_per_block"], double_z=True),
+        "quant_conv": torch.nn.Conv2d(8, 8, 1)})
+    rrdb = RRDBNet(num_block=23)
+    # random RRDB weights blow up over 23 blocks; scale them so the image stays in range
+    with torch.no_grad():
+        for p in rrdb.parameters():
+            p.mul_(0.1)
+    params = sum(p.numel() for m in (sd.unet, controlnet, sd.vae, cond_encoder, rrdb) for p in m.parameters())
+    model = DoSSRModel(sd.unet, controlnet.eval(), sd.vae, cond_encoder.eval(), rrdb.eval())
+    return model, params
+
+
+def run_case(size, repeats, steps, device, dtype):
+    from comfyui_diffsr.dossr_core.pipeline import Options, dossr_upscale
+
+    model, params = random_dossr()
+    model.to(device, dtype)
+    image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    embeds = torch.randn(1, 77, 1024, generator=torch.Generator().manual_seed(1))
+    options = Options(steps=steps)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        times = timed(lambda: dossr_upscale(model, image, prompt_embeds=embeds, options=options), repeats, sync)
+    result = {"case": f"{size}->{size * 4}", "steps": steps, "params_without_text_encoder": params,
+              **summary(times), "peak_rss_mb": rss_peak_mb()}
+    if device.type == "cuda":
+        result["peak_cuda_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[128], help="LR sizes (output ×4)")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "dossr_cpu.json"))
+    p.add_argument("--_case", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    device = torch.device(args.device)
+    if args._case is not None:
+        print(json.dumps(run_case(args._case, args.repeats, args.steps, device, dtype)))
+        return
+    cases = []
+    for size in args.sizes:
+        cmd = [sys.executable, __file__, "--_case", str(size), "--repeats", str(args.repeats), "--steps",
+               str(args.steps), "--device", args.device, "--dtype", args.dtype]
+        cases.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+                                .splitlines()[-1]))
+    write_json({"method": "dossr", **environment(device, dtype), "cases": cases}, args.out)
+
+
+if __name__ == "__main__":
+    main()

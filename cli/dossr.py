@@ -1,0 +1,123 @@
+"""``dossr``: super-resolution ×4 of image files with DoSSR (domain-shift SDE, 5 steps by default)."""
+
+import argparse
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+from ..sr_common.color_fix import COLOR_FIXES
+from ..sr_common.errors import DiffSRError
+from .common import (add_device_args, find_images, load_image, pick_device, plan_outputs, resolve_dtype, run_main,
+                     save_png)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="dossr", description="DoSSR diffusion super-resolution (x4; other scales by "
+                                "resizing the x4 result).")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    p.add_argument("-o", "--output", required=True, help="output folder (PNG named after each input)")
+    p.add_argument("--weights", required=True,
+                   help="dossr_default.ckpt / dossr_onestep.ckpt, or its converted .safetensors (needs --base)")
+    p.add_argument("--base", default=None, help="SD 2.1-base (diffusers folder or v2-1_512-ema-pruned file); "
+                   "default: the SD 2.1 parts inside the official .ckpt")
+    p.add_argument("--base-config", default=None, help="diffusers config folder for a single-file base of "
+                   "non-standard size")
+    p.add_argument("--config", default=None, help="official-style ControlLDM yaml for the .ckpt (default: SD 2.1 "
+                   "cldm_v21.yaml shipped in the pack)")
+    p.add_argument("--steps", type=int, default=5, help="sampling steps (5 for dossr_default, 1 for dossr_onestep)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--prompt", default="clean, high-resolution, 8k", help="prompt (default: the official one)")
+    p.add_argument("--prompt-embeds", default=None, help="safetensors with a precomputed (1, 77, 1024) "
+                   "'prompt_embeds' tensor (skips the text encoder)")
+    p.add_argument("--color-fix", choices=COLOR_FIXES, default="wavelet")
+    p.add_argument("--upscale", type=float, default=4, help="output scale (model works at x4; others resize)")
+    p.add_argument("--tile-latent", type=int, default=96, help="latent tile size (latent px; 0 = never tile)")
+    p.add_argument("--tile-overlap", type=int, default=32, help="latent tile overlap (latent px)")
+    p.add_argument("--vae-tile-encode", type=int, default=1024, help="VAE encoder tile size (image px; 0 = off)")
+    p.add_argument("--vae-tile-decode", type=int, default=224, help="VAE decoder tile size (latent px; 0 = off)")
+    p.add_argument("--noise-file", default=None, help="safetensors with 'posterior', 'init', 'step_0'... "
+                   "replacing every random draw (one input image only)")
+    p.add_argument("--save-noise", action="store_true", help="also write <name>.noise.safetensors per output")
+    p.add_argument("--gamma", type=float, default=1.0, help="EXPERIMENTAL, not the paper: < 1 moves the sampler "
+                   "towards the deterministic ODE (0 = no fresh noise); 1 = official")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    add_device_args(p)
+    return p
+
+
+def check_args(args):
+    if args.steps < 1:
+        raise DiffSRError(f"--steps must be at least 1, got {args.steps}")
+    if not 0 < args.upscale <= 16:
+        raise DiffSRError(f"--upscale must be in (0, 16], got {args.upscale}")
+    if args.tile_latent and args.tile_overlap >= args.tile_latent:
+        raise DiffSRError(f"--tile-overlap must be smaller than --tile-latent, got {args.tile_overlap} >= "
+                          f"{args.tile_latent}")
+    if not 0 <= args.gamma <= 1:
+        raise DiffSRError(f"--gamma must be in [0, 1], got {args.gamma}")
+
+
+def read_prompt_embeds(path):
+    from ..sr_common.weights import read_state_dict
+
+    tensors = read_state_dict(path)
+    if "prompt_embeds" not in tensors:
+        raise DiffSRError(f"{path!r} has no 'prompt_embeds' tensor (found {sorted(tensors)[:5]}).")
+    embeds = tensors["prompt_embeds"].float()
+    return embeds[None] if embeds.dim() == 2 else embeds
+
+
+def main_impl(argv=None):
+    from ..dossr_core.model import load_dossr
+    from ..dossr_core.pipeline import Options, dossr_upscale, load_noise, save_noise
+
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    images = find_images(args.inputs)
+    outputs = plan_outputs(images, args.output, args.overwrite)
+    if args.noise_file and len(images) != 1:
+        raise DiffSRError("--noise-file fixes the draws of one image size; give exactly one input image.")
+    device = pick_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    noise = load_noise(args.noise_file) if args.noise_file else None
+    embeds = read_prompt_embeds(args.prompt_embeds) if args.prompt_embeds else None
+    model = load_dossr(args.weights, args.base, config=args.config, base_config=args.base_config).to(device, dtype)
+    options = Options(steps=args.steps, color_fix=args.color_fix, upscale=args.upscale, seed=args.seed,
+                      gamma=args.gamma, tile_latent=args.tile_latent, tile_overlap=args.tile_overlap,
+                      vae_tile_encode=args.vae_tile_encode, vae_tile_decode=args.vae_tile_decode)
+    for path, out in tqdm(list(zip(images, outputs)), desc="dossr", unit="image", file=sys.stderr):
+        trace = {} if args.save_noise else None
+        try:
+            result = dossr_upscale(model, load_image(path), prompt=args.prompt, prompt_embeds=embeds, options=options,
+                                   noise=noise, trace=trace)
+        except ValueError as e:
+            raise DiffSRError(f"{os.path.basename(path)}: {e}") from e
+        save_png(result, out)
+        if args.save_noise:
+            noise_path = os.path.splitext(out)[0] + ".noise.safetensors"
+            if os.path.exists(noise_path) and args.overwrite:
+                os.remove(noise_path)
+            save_noise(trace["noise"], noise_path)
+    return 0
+
+
+def main_convert(src, dst, config=None, fp16=False):
+    """``diffsr convert dossr SRC DST [--config YAML] [--fp16]``: the DoSSR parts of the official ckpt → safetensors."""
+    from ..dossr_core.weights import convert_dossr
+
+    info = convert_dossr(src, dst, config=config, dtype=torch.float16 if fp16 else None)
+    if "cond_encoder_equals_vae_encoder" in info:
+        print("condition encoder " + ("equals" if info["cond_encoder_equals_vae_encoder"] else "differs from")
+              + " the SD VAE encoder (always loaded from the DoSSR file)", file=sys.stderr)
+    return 0
+
+
+def main(argv=None):
+    with torch.inference_mode():
+        return run_main(main_impl, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The DoSSR ``ControlLDM`` on diffusers modules, and loading it from weight files (dossr.md §1).
+
+    RRDBNet ×4 ─► start ─┬─► condition encoder (mode) ─► c ─────────────┐
+                         └─► SD VAE encoder (sample)  ─► x̂₀           ▼
+    x_t ─► ControlNet(x_t, c, τ, ctx) ─► 12 skip + 1 mid residuals ─► SD UNet(x_t, τ, ctx) ─► ε̂
+"""
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..sr_common.errors import WeightFileError
+from ..sr_common.sd21 import encode_prompt, load_sd21, load_tokenizer, shipped_config_dir
+from .rrdb import rrdb_from_state_dict
+from .weights import (base_from_official, build_cond_encoder, build_controlnet, load_ldm_params, parts_from_converted,
+                      parts_from_official, read_weights)
+
+DEFAULT_PROMPT = "clean, high-resolution, 8k"
+
+
+@dataclass
+class DoSSRModel:
+    """All networks of one DoSSR model. Call contract of the parts:
+
+    - ``rrdb``: (B, 3, h, w) RGB in [0, 1] → (B, 3, 4h, 4w) (unclamped);
+    - ``cond_encoder["encoder"]`` → ``["quant_conv"]``: image in [−1, 1] → 8 moment channels;
+    - ``controlnet`` / ``unet``: diffusers modules, see ``predict_eps``;
+    - ``vae``: SD 2.1 ``AutoencoderKL``; ``text_encoder``/``tokenizer`` may be None when the prompt
+      embedding is given precomputed.
+    """
+
+    unet: torch.nn.Module
+    controlnet: torch.nn.Module
+    vae: torch.nn.Module
+    cond_encoder: torch.nn.Module
+    rrdb: torch.nn.Module
+    text_encoder: torch.nn.Module = None
+    tokenizer: object = None
+    info: dict = field(default_factory=dict)
+    prompt_cache: dict = field(default_factory=dict)
+
+    def modules(self):
+        return [m for m in (self.unet, self.controlnet, self.vae, self.cond_encoder, self.rrdb, self.text_encoder)
+                if m is not None]
+
+    @property
+    def device(self):
+        return self.unet.conv_in.weight.device
+
+    @property
+    def dtype(self):
+        return self.unet.conv_in.weight.dtype
+
+    def to(self, device=None, dtype=None):
+        if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"`dtype` must be torch.float32, float16 or bfloat16, got {dtype}")
+        for module in self.modules():
+            current = next(module.parameters()).dtype
+            module.to(device=device, dtype=None if dtype == current else dtype)
+        self.prompt_cache.clear()
+        return self
+
+    def prompt_embedding(self, prompt=DEFAULT_PROMPT):
+        """Text context (1, 77, D) of ``prompt``: SD 2.1 text encoder, penultimate layer + final norm (cached)."""
+        if prompt not in self.prompt_cache:
+            if self.text_encoder is None or self.tokenizer is None:
+                raise ValueError("This DoSSR model has no text encoder; pass `prompt_embeds` (e.g. --prompt-embeds).")
+            with torch.no_grad():
+                self.prompt_cache[prompt] = encode_prompt(self.text_encoder, self.tokenizer, [prompt]).float()
+        return self.prompt_cache[prompt]
+
+
+def predict_eps(model, x, tau, c_latent, context):
+    """ε̂ = UNet(x, τ, ctx; + ControlNet(x, c, τ, ctx) residuals at strength 1.0), returned as float32.
+
+    ``x`` and ``c_latent`` are (B, 4, h, w); ``context`` (1 or B, 77, D). The networks run in the
+    model's dtype; everything around them stays float32.
+    """
+    dtype = model.dtype
+    batch = x.shape[0]
+    timestep = torch.full((batch,), int(tau), dtype=torch.long, device=x.device)
+    context = context.to(device=x.device, dtype=dtype).expand(batch, -1, -1)
+    sample = x.to(dtype)
+    down, mid = model.controlnet(sample, timestep, encoder_hidden_states=context,
+                                 controlnet_cond=c_latent.to(device=x.device, dtype=dtype), conditioning_scale=1.0,
+                                 return_dict=False)
+    eps = model.unet(sample, timestep, encoder_hidden_states=context, down_block_additional_residuals=down,
+                     mid_block_additional_residual=mid, return_dict=False)[0]
+    return eps.float()
+
+
+def load_dossr(weights, base=None, *, config=None, base_config=None, text_heads=None):
+    """A ``DoSSRModel`` (float32, CPU, eval) from DoSSR weights and, where needed, an SD 2.1-base.
+
+    ``weights``: the official ``.ckpt`` (whose own SD 2.1 parts serve as base when ``base`` is None)
+    or a ``convert_dossr`` safetensors file (then ``base`` is required). ``base``: diffusers folder
+    or single-file SD 2.1-base (``base_config``: its diffusers config folder, for non-standard sizes).
+    ``config``: official-style yaml giving the ControlNet/UNet/VAE architecture of an official ckpt
+    (default: the shipped SD 2.1 ``cldm_v21.yaml``). ``text_heads``: attention heads of the ckpt's
+    OpenCLIP text tower when it is not width/64.
+    """
+    sd, kind, metadata = read_weights(weights)
+    name = os.path.basename(os.fspath(weights))
+    if kind == "official":
+        params = load_ldm_params(config)
+        parts = parts_from_official(sd, params)
+    else:
+        if base is None:
+            raise WeightFileError(f"{name!r} is a converted DoSSR file (ControlNet, condition encoder, RRDB only); "
+                                  "pass the SD 2.1-base with --base (stable-diffusion-2-1-base folder or "
+                                  "v2-1_512-ema-pruned.safetensors), or use the official .ckpt.")
+        parts = parts_from_converted(sd, metadata)
+    controlnet = build_controlnet(parts.controlnet_config, parts.controlnet)
+    cond_encoder = build_cond_encoder(parts.vae_config, parts.cond_encoder)
+    rrdb = rrdb_from_state_dict(parts.rrdb)
+    if base is not None:
+        sd21 = load_sd21(base, base_config)
+        unet, vae, text_encoder, tokenizer = sd21.unet, sd21.vae, sd21.text_encoder, sd21.tokenizer
+    else:
+        unet, vae, text_encoder = base_from_official(sd, params, text_heads)
+        tokenizer = load_tokenizer(os.path.join(shipped_config_dir(), "tokenizer")) if text_encoder is not None else None
+    del sd
+    if unet.config.cross_attention_dim != controlnet.config.cross_attention_dim:
+        raise WeightFileError(f"The base UNet (context {unet.config.cross_attention_dim}) does not match the DoSSR "
+                              f"ControlNet (context {controlnet.config.cross_attention_dim}); DoSSR needs SD 2.1-base.")
+    return DoSSRModel(unet.eval(), controlnet, vae.eval(), cond_encoder, rrdb, text_encoder, tokenizer, info=parts.info)

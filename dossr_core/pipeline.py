@@ -1,0 +1,203 @@
+"""DoSSR super-resolution of one image, step by step (Cui et al., NeurIPS 2024; upstream AMD-AIG-AIMA/DoSSR).
+
+LR → RRDBNet ×4 → start ─► c = 0.18215·mode(E_cond(2·start − 1)),  x̂₀ = 0.18215·sample(E_vae(2·start − 1))
+→ DoS-SDE from τ = 499 (x_N = α_N x̂₀ + σ_N z) to τ = 0 → VAE decode of the final state → colour fix
+against start → (other scales) LANCZOS resize.
+
+Differences from the official script, all opt-in or invisible at official sizes: any LR size
+(start is padded to a multiple of 64 px and cropped back; the official needs LR sides that are
+multiples of 16, where no padding happens), tiled network evaluation and tiled VAE for large
+images, fp16/bf16 networks (sampler arithmetic stays float32/float64).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..sr_common import image as img
+from ..sr_common.color_fix import COLOR_FIXES, apply_color_fix
+from ..sr_common.sd21 import SCALING_FACTOR
+from ..sr_common.tiled_vae import tiled_forward
+from ..sr_common.tiling import blend_tiles, needs_tiling
+from .model import DEFAULT_PROMPT, predict_eps
+from .sampling import sample_dossr
+from .schedule import make_grid
+
+LATENT_MULTIPLE = 8   # the UNet's three downsamples
+PIXEL_MULTIPLE = 64   # = LATENT_MULTIPLE × the VAE's 8
+
+
+class NoiseSource:
+    """Every random draw of a run, by name: "posterior", "init", "step_0", "step_1", ….
+
+    Draws come from a CPU ``torch.Generator`` seeded with ``seed`` in the order they are asked for
+    (the official order: posterior sample, initial noise, one per step), or from ``noise`` (a dict
+    of tensors, e.g. a noise file) which then must hold every name. ``drawn`` keeps what was used.
+    """
+
+    def __init__(self, seed=0, noise=None):
+        self.generator = torch.Generator("cpu").manual_seed(int(seed))
+        self.noise = noise
+        self.drawn = {}
+
+    def __call__(self, name, shape):
+        shape = tuple(shape)
+        if self.noise is not None:
+            if name not in self.noise:
+                raise ValueError(f"The noise file has no `{name}` tensor (it needs 'posterior', 'init' and "
+                                 f"'step_0' … one per step); it has {sorted(self.noise)}.")
+            value = self.noise[name].float()
+            if tuple(value.shape) != shape:
+                raise ValueError(f"Noise `{name}` has shape {tuple(value.shape)} but this run needs {shape} "
+                                 "(a different image size or padding).")
+        else:
+            value = torch.randn(shape, generator=self.generator, dtype=torch.float32)
+        self.drawn[name] = value
+        return value
+
+
+@dataclass
+class Options:
+    steps: int = 5
+    color_fix: str = "wavelet"
+    upscale: float = 4
+    seed: int = 42
+    order: int = 3
+    gamma: float = 1.0          # experimental: < 1 moves towards the deterministic ODE (1 = official)
+    tile_latent: int = 96       # latent tile for the network (0 = never tile; tiles only above tile²)
+    tile_overlap: int = 32
+    tile_batch: int = 1
+    vae_tile_encode: int = 1024  # image px (0 = off)
+    vae_tile_decode: int = 224   # latent px (0 = off)
+
+
+def check_options(o):
+    if o.color_fix not in COLOR_FIXES and o.color_fix != "nofix":
+        raise ValueError(f"`color_fix` must be one of {COLOR_FIXES}, got {o.color_fix!r}")
+    if not 0 < o.upscale <= 16:
+        raise ValueError(f"`upscale` must be in (0, 16], got {o.upscale}")
+    if o.tile_latent and (o.tile_latent < LATENT_MULTIPLE or o.tile_latent % LATENT_MULTIPLE):
+        raise ValueError(f"`tile_latent` must be 0 (off) or a multiple of {LATENT_MULTIPLE}, got {o.tile_latent}")
+    if o.tile_latent and o.tile_overlap >= o.tile_latent:
+        raise ValueError(f"`tile_overlap` must be smaller than `tile_latent`, got {o.tile_overlap} >= {o.tile_latent}")
+
+
+def encode_moments(encoder, image01, tile=None, callback=None):
+    """The 8 moment channels of an ``Encoder`` + ``quant_conv`` pair for an image in [0, 1] (as 2x − 1)."""
+    weight = encoder["quant_conv"].weight
+    h = tiled_forward(encoder["encoder"], (image01 * 2 - 1).to(weight), tile, is_decoder=False, callback=callback)
+    return encoder["quant_conv"](h.to(weight.dtype)).float()
+
+
+def condition_latent(model, start, tile=None, callback=None):
+    """c = 0.18215 · mode(E_cond(2·start − 1)): the mean half of the moments."""
+    mean, _ = encode_moments(model.cond_encoder, start, tile, callback).chunk(2, dim=1)
+    return mean * SCALING_FACTOR
+
+
+def lr_latent(model, start, noise, tile=None, callback=None):
+    """x̂₀ = 0.18215 · (μ + exp(½·clamp(logvar, −30, 20))·n): a posterior sample of the SD VAE encoder."""
+    vae_encoder = {"encoder": model.vae.encoder, "quant_conv": model.vae.quant_conv}
+    mean, logvar = encode_moments(vae_encoder, start, tile, callback).chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    return (mean + std * noise("posterior", mean.shape).to(mean.device)) * SCALING_FACTOR
+
+
+def make_eps_model(model, c_latent, context, o, callback=None):
+    """``eps(x, tau)`` for the sampler: one ControlNet + UNet call, or Gaussian-blended latent tiles
+    (the condition latent is cut with the same tiles; the update itself stays global and exact)."""
+    height, width = c_latent.shape[-2:]
+    if not needs_tiling(height, width, o.tile_latent):
+        return lambda x, tau: predict_eps(model, x, tau, c_latent, context)
+
+    def eps(x, tau):
+        both = torch.cat([x, c_latent], dim=1)
+        return blend_tiles(lambda t: predict_eps(model, t[:, :4], tau, t[:, 4:], context), both, o.tile_latent,
+                           o.tile_overlap, batch=o.tile_batch, callback=callback)
+    return eps
+
+
+def decode(model, x, tile=None, callback=None):
+    """(VAE_dec(x / 0.18215) + 1) / 2 in float32 (not clamped)."""
+    z = model.vae.post_quant_conv((x / SCALING_FACTOR).to(model.vae.post_quant_conv.weight.dtype))
+    return (tiled_forward(model.vae.decoder, z, tile, is_decoder=True, callback=callback).float() + 1) / 2
+
+
+@torch.no_grad()
+def dossr_upscale(model, image, *, prompt=DEFAULT_PROMPT, prompt_embeds=None, options=None, noise=None,
+                  callback=None, trace=None):
+    """Super-resolve one LR image (1, 3, h, w) in [0, 1] → (1, 3, H, W) float in [0, 1].
+
+    H × W = 4h × 4w for ``upscale`` 4, else ceil(upscale·h) × ceil(upscale·w) by LANCZOS from the 4×
+    result (quantised to 8 bits first, as the official). ``noise``: dict with "posterior", "init",
+    "step_0", … overriding every random draw (else drawn from ``options.seed``).
+    ``callback(stage, done, total)`` reports progress; raising from it cancels. ``trace``, a dict,
+    receives the intermediates (start, c_latent, x_hat0, context, states, decoded, noise).
+    """
+    o = options or Options()
+    check_options(o)
+    img.check_image(image)
+    if image.shape[0] != 1:
+        raise ValueError(f"`image` must be a single image (batch 1), got batch {image.shape[0]}")
+    grid = make_grid(o.steps)
+    def stage(name):
+        return (lambda done, total: callback(name, done, total)) if callback else None
+
+    device, dtype = model.device, model.dtype
+    noise_source = NoiseSource(o.seed, noise)
+    lr_h, lr_w = image.shape[-2:]
+    # 1. pre-process: RRDB ×4 on the LR in [0, 1], clamped ("start": condition and colour reference)
+    start = model.rrdb(image.to(device=device, dtype=dtype)).float().clamp(0, 1)
+    if callback:
+        callback("rrdb", 1, 1)
+    # 2. pad start to a multiple of 64 px (latent multiple of 8); cropped back after decoding
+    padded, (out_h, out_w) = img.pad_to_multiple(start, PIXEL_MULTIPLE)
+    # 3. condition latent c (mode) and LR latent x̂₀ (posterior sample: the first random draw)
+    c_latent = condition_latent(model, padded, o.vae_tile_encode, stage("cond_encoder"))
+    x_hat0 = lr_latent(model, padded, noise_source, o.vae_tile_encode, stage("vae_encoder"))
+    # 4. text context: given, or the SD 2.1 text encoder on the prompt (cached)
+    context = prompt_embeds.float() if prompt_embeds is not None else model.prompt_embedding(prompt)
+    if context.shape[-1] != model.unet.config.cross_attention_dim:
+        raise ValueError(f"`prompt_embeds` has width {context.shape[-1]}, the UNet needs "
+                         f"{model.unet.config.cross_attention_dim} (SD 2.1 text encoder output, (1, 77, 1024)).")
+    # 5. DoS-SDE sampling from τ = 499 to 0; the final state is decoded
+    states = []
+
+    def on_step(info):
+        states.append(info["x"])
+        if callback:
+            callback("sample", info["i"] + 1, grid.num_steps)
+
+    eps_model = make_eps_model(model, c_latent, context.to(device), o, stage("tile"))
+    x = sample_dossr(eps_model, x_hat0, grid, lambda name, shape: noise_source(name, shape).to(device),
+                     order=o.order, gamma=o.gamma, callback=on_step)
+    # 6. decode and crop the padding away
+    decoded = decode(model, x, o.vae_tile_decode, stage("decode"))[..., :out_h, :out_w].cpu()
+    # 7. colour fix against start (wavelet: high frequencies of the result + low frequencies of start)
+    out = apply_color_fix(decoded, start.cpu(), o.color_fix)
+    if trace is not None:
+        trace.update(start=start.cpu(), c_latent=c_latent.cpu(), x_hat0=x_hat0.cpu(), context=context.cpu(),
+                     states=[s.cpu() for s in states], decoded=decoded, noise=dict(noise_source.drawn))
+    # 8. other scales: 8-bit quantisation (truncating) and LANCZOS resize of the ×4 result, as the official
+    if o.upscale != 4:
+        size = (math.ceil(o.upscale * lr_w), math.ceil(o.upscale * lr_h))
+        out = img.resize(torch.floor(out * 255) / 255, size, "lanczos")
+    return out
+
+
+def save_noise(noise, path, metadata=None):
+    """Write the draws of a run (``trace['noise']``) as a safetensors noise file for ``--noise-file``."""
+    from ..sr_common.weights import write_safetensors
+
+    write_safetensors({k: v.float().cpu() for k, v in noise.items()}, path, metadata)
+
+
+def load_noise(path):
+    """A noise file ({'posterior', 'init', 'step_0', …} → tensor); refuses files without those names."""
+    from ..sr_common.weights import read_state_dict
+
+    noise = read_state_dict(path)
+    if not isinstance(noise, dict) or "init" not in noise or "posterior" not in noise:
+        raise ValueError(f"{path!r} is not a DoSSR noise file: it needs tensors 'posterior', 'init', 'step_0', ….")
+    return noise

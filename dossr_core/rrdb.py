@@ -1,0 +1,86 @@
+"""RRDBNet ×4 (ESRGAN / Real-ESRGAN generator) with BasicSR parameter names, sized from a state dict.
+
+DoSSR's pre-processor is RealESRNet_x4plus (multi-step model) or RealESRGAN_x4plus (one-step model):
+conv_first → 23 RRDBs (3 residual dense blocks of 5 convs each) → conv_body (+ skip) →
+2 × (nearest ×2, conv_up, LeakyReLU) → conv_hr → conv_last. Input and output are RGB in [0, 1].
+"""
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..sr_common.errors import WeightFileError
+
+
+class ResidualDenseBlock(nn.Module):
+    """x_k = lrelu(conv_k([x, x_1, …, x_{k−1}])), k = 1..4; out = x + 0.2·conv5([x, x_1, …, x_4])."""
+
+    def __init__(self, num_feat, num_grow_ch):
+        super().__init__()
+        for k in range(1, 6):
+            setattr(self, f"conv{k}", nn.Conv2d(num_feat + (k - 1) * num_grow_ch,
+                                                num_feat if k == 5 else num_grow_ch, 3, 1, 1))
+
+    def forward(self, x):
+        features = [x]
+        for k in range(1, 5):
+            features.append(F.leaky_relu(getattr(self, f"conv{k}")(torch.cat(features, 1)), 0.2))
+        return self.conv5(torch.cat(features, 1)) * 0.2 + x
+
+
+class RRDB(nn.Module):
+    """Three dense blocks in a residual: out = x + 0.2·rdb3(rdb2(rdb1(x)))."""
+
+    def __init__(self, num_feat, num_grow_ch):
+        super().__init__()
+        self.rdb1 = ResidualDenseBlock(num_feat, num_grow_ch)
+        self.rdb2 = ResidualDenseBlock(num_feat, num_grow_ch)
+        self.rdb3 = ResidualDenseBlock(num_feat, num_grow_ch)
+
+    def forward(self, x):
+        return self.rdb3(self.rdb2(self.rdb1(x))) * 0.2 + x
+
+
+class RRDBNet(nn.Module):
+    """ESRGAN ×4 generator (``num_feat`` 64, ``num_block`` 23, ``num_grow_ch`` 32 for Real-ESRGAN)."""
+
+    scale = 4
+
+    def __init__(self, num_in_ch=3, num_out_ch=3, num_feat=64, num_block=23, num_grow_ch=32):
+        super().__init__()
+        self.conv_first = nn.Conv2d(num_in_ch, num_feat, 3, 1, 1)
+        self.body = nn.Sequential(*[RRDB(num_feat, num_grow_ch) for _ in range(num_block)])
+        self.conv_body = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv_up1 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv_up2 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv_last = nn.Conv2d(num_feat, num_out_ch, 3, 1, 1)
+
+    def forward(self, x):
+        feat = self.conv_first(x)
+        feat = feat + self.conv_body(self.body(feat))
+        feat = F.leaky_relu(self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2)
+        feat = F.leaky_relu(self.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2)
+        return self.conv_last(F.leaky_relu(self.conv_hr(feat), 0.2))
+
+
+RRDB_KEYS = ("conv_first.weight", "body.0.rdb1.conv1.weight", "conv_body.weight", "conv_up1.weight",
+             "conv_up2.weight", "conv_hr.weight", "conv_last.weight")
+
+
+def rrdb_from_state_dict(sd):
+    """An ``RRDBNet`` sized from the tensors of a BasicSR-named ×4 state dict, weights loaded."""
+    missing = [k for k in RRDB_KEYS if k not in sd]
+    if missing:
+        raise WeightFileError(f"Not an RRDBNet ×4 (BasicSR names) state dict: missing {missing}.")
+    num_feat, num_in_ch = sd["conv_first.weight"].shape[:2]
+    num_grow_ch = sd["body.0.rdb1.conv1.weight"].shape[0]
+    num_block = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"body\.(\d+)\.", k)))
+    num_out_ch = sd["conv_last.weight"].shape[0]
+    if any(k.startswith(("conv_up3", "upconv")) for k in sd) or sd["conv_first.weight"].shape[1] != 3:
+        raise WeightFileError("Only the ×4 RRDBNet (RealESRNet/RealESRGAN_x4plus layout) is supported.")
+    net = RRDBNet(num_in_ch, num_out_ch, num_feat, num_block, num_grow_ch)
+    net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    return net.eval()

@@ -1,0 +1,339 @@
+"""DoSSR weight files: recognise, split and convert the official checkpoint (dossr.md §1.3–1.6).
+
+The official ``dossr_default.ckpt`` / ``dossr_onestep.ckpt`` is a full pickled ``ControlLDM`` state
+dict (maybe under ``state_dict``, maybe with ``module.`` prefixes). It is recognised by its keys:
+
+    control_model.zero_convs.*   the latent-concat ControlNet (the only trained part)
+    cond_encoder.encoder.*       the condition encoder (VAE encoder + quant_conv, own weights)
+    preprocess_model.*           RRDBNet ×4 (BasicSR names)
+    model.diffusion_model.*, first_stage_model.*, cond_stage_model.model.*   SD 2.1-base
+
+plus DDPM buffers (``betas`` … and ``lambdas``, which holds η), all dropped here.
+``convert_dossr`` writes only the DoSSR-specific parts as safetensors (diffusers key names), so
+users pair it with their own SD 2.1-base.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+
+import torch
+from torch import nn
+
+from ..sr_common.errors import WeightFileError
+from ..sr_common.sd21 import describe_checkpoint, open_clip_to_hf
+from ..sr_common.weights import read_state_dict, write_safetensors
+
+CONTROL_PREFIX = "control_model."
+COND_ENCODER_PREFIX = "cond_encoder."
+RRDB_PREFIX = "preprocess_model."
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.model."
+CONVERTED_FORMAT = "dossr-diffusers-v1"
+OFFICIAL_MARKERS = ("control_model.zero_convs.", "cond_encoder.encoder.")
+CONVERTED_MARKERS = ("controlnet.controlnet_down_blocks.", "cond_encoder.encoder.", "rrdb.conv_first.")
+
+
+def shipped_config_path():
+    """The SD 2.1-base DoSSR config (``cldm_v21.yaml`` equivalent) shipped in the pack."""
+    return str(resources.files(__package__).joinpath("configs", "cldm_v21.yaml"))
+
+
+# ---------------------------------------------------------------- architecture from the official-style yaml
+
+def load_ldm_params(path=None):
+    """The ``params`` of an official-style ControlLDM yaml (``model.params`` also accepted)."""
+    import yaml
+
+    path = path or shipped_config_path()
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise WeightFileError(f"Cannot read the DoSSR config {path!r}: {e}") from e
+    params = (config.get("model", config) or {}).get("params") if isinstance(config, dict) else None
+    needed = ("control_stage_config", "unet_config", "first_stage_config")
+    if not isinstance(params, dict) or any(k not in params for k in needed):
+        raise WeightFileError(f"{path!r} is not a DoSSR/ControlLDM config: expected `params` with {list(needed)}.")
+    return params
+
+
+def _unet_like_config(p):
+    """diffusers UNet keyword arguments shared by the UNet and the ControlNet, from ldm ``openaimodel`` params."""
+    block_out = [p["model_channels"] * m for m in p["channel_mult"]]
+    attention = [2 ** i in p["attention_resolutions"] for i in range(len(block_out))]
+    if p.get("num_head_channels", -1) not in (-1, None):
+        heads = [c // p["num_head_channels"] for c in block_out]
+    else:
+        heads = p["num_heads"]
+    return {
+        "in_channels": p["in_channels"],
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
+        "block_out_channels": block_out,
+        "layers_per_block": p["num_res_blocks"],
+        "cross_attention_dim": p["context_dim"],
+        "attention_head_dim": heads,
+        "use_linear_projection": bool(p.get("use_linear_in_transformer", False)),
+        "transformer_layers_per_block": p.get("transformer_depth", 1),
+    }
+
+
+def diffusers_configs(params):
+    """(unet, controlnet, vae) diffusers config dicts for the ldm params of a ControlLDM yaml."""
+    unet_params = params["unet_config"]["params"]
+    control_params = params["control_stage_config"]["params"]
+    unet = _unet_like_config(unet_params)
+    attention = [t == "CrossAttnDownBlock2D" for t in unet["down_block_types"]]
+    unet.update(out_channels=unet_params.get("out_channels", unet_params["in_channels"]),
+                up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)])
+    controlnet = _unet_like_config(control_params)
+    controlnet["conditioning_channels"] = control_params["hint_channels"]
+    dd = params["first_stage_config"]["params"]["ddconfig"]
+    block_out = [dd["ch"] * m for m in dd["ch_mult"]]
+    vae = {"in_channels": dd["in_channels"], "out_channels": dd["out_ch"], "latent_channels": dd["z_channels"],
+           "down_block_types": ["DownEncoderBlock2D"] * len(block_out),
+           "up_block_types": ["UpDecoderBlock2D"] * len(block_out),
+           "block_out_channels": block_out, "layers_per_block": dd["num_res_blocks"],
+           "scaling_factor": params.get("scale_factor", 0.18215)}
+    return unet, controlnet, vae
+
+
+# ---------------------------------------------------------------- recognising files
+
+def unwrap(sd):
+    """The plain state dict: unwrap a ``state_dict`` container, strip a ``module.`` prefix."""
+    if isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def detect(sd):
+    """'official' (full ControlLDM ckpt) or 'converted' (``convert_dossr`` output); else raise naming what it is."""
+    keys = list(sd.keys())
+
+    def has(prefix):
+        return any(k.startswith(prefix) for k in keys)
+
+    if all(has(p) for p in OFFICIAL_MARKERS):
+        return "official"
+    if all(has(p) for p in CONVERTED_MARKERS):
+        return "converted"
+    looked_for = (f"looked for {' + '.join(p + '*' for p in OFFICIAL_MARKERS)} (official .ckpt) or "
+                  f"{' + '.join(p + '*' for p in CONVERTED_MARKERS)} (converted .safetensors)")
+    if has(CONTROL_PREFIX + "input_hint_block."):
+        what = "a standard image-hint ControlNet checkpoint (it has `input_hint_block`), not DoSSR's latent-concat ControlNet"
+    elif has(COND_ENCODER_PREFIX + "encoder.") and not has(CONTROL_PREFIX):
+        what = "a DoSSR-like checkpoint without the ControlNet (`control_model.*` missing), so it cannot restore images"
+    elif has(CONTROL_PREFIX) and not has(COND_ENCODER_PREFIX):
+        what = "a ControlLDM checkpoint without DoSSR's condition encoder (`cond_encoder.*` missing)"
+    elif has(CONTROL_PREFIX):
+        what = "an incomplete DoSSR checkpoint (no zero convolutions `control_model.zero_convs.*`)"
+    else:
+        kind = describe_checkpoint(sd)
+        what = {"osediff": "an OSEDiff weight file (use the osediff command)",
+                "sd2": "a Stable Diffusion 2.x checkpoint, not DoSSR weights (pass it as --base)",
+                "sd2-v": "a Stable Diffusion 2.x checkpoint, not DoSSR weights",
+                "sd1": "a Stable Diffusion 1.x checkpoint, not DoSSR weights",
+                "sdxl": "an SDXL checkpoint, not DoSSR weights",
+                "no-text-encoder": "a Stable Diffusion UNet/VAE checkpoint, not DoSSR weights"}.get(
+                    kind, "not a DoSSR weight file")
+    raise WeightFileError(f"{what}; {looked_for}. Use dossr_default.ckpt / dossr_onestep.ckpt from the DoSSR release "
+                          "or a file made by `diffsr convert dossr`.")
+
+
+def read_weights(path):
+    """(state dict, kind, safetensors metadata) of a DoSSR weight file, refusing other files clearly."""
+    sd = read_state_dict(path)
+    if not isinstance(sd, dict):
+        raise WeightFileError(f"{os.path.basename(os.fspath(path))!r} holds a {type(sd).__name__}, not a state dict.")
+    sd = unwrap(sd)
+    try:
+        kind = detect(sd)
+    except WeightFileError as e:
+        raise WeightFileError(f"{os.path.basename(os.fspath(path))!r} is {e}") from None
+    metadata = {}
+    if os.fspath(path).lower().endswith((".safetensors", ".sft")):
+        from safetensors import safe_open
+
+        with safe_open(os.fspath(path), "pt") as f:
+            metadata = f.metadata() or {}
+    return sd, kind, metadata
+
+
+# ---------------------------------------------------------------- the DoSSR-specific parts
+
+@dataclass
+class DoSSRParts:
+    """ControlNet (diffusers keys, input conv split), condition encoder (diffusers ``Encoder`` +
+    ``quant_conv`` keys), RRDB (BasicSR keys) and the configs needed to build them."""
+
+    controlnet: dict
+    cond_encoder: dict
+    rrdb: dict
+    controlnet_config: dict
+    vae_config: dict
+    info: dict = field(default_factory=dict)
+
+
+def _with_prefix(sd, prefix, new=""):
+    return {new + k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def split_controlnet_conv_in(state, in_channels):
+    """The 8-channel input conv on cat([x, c]) → ``conv_in`` on x (keeps the bias) plus a bias-free
+    ``controlnet_cond_embedding`` on c; conv_in(x) + cond(c) equals the original conv on the concatenation."""
+    weight = state.pop("conv_in.weight")
+    state["conv_in.weight"] = weight[:, :in_channels].contiguous()
+    state["controlnet_cond_embedding.weight"] = weight[:, in_channels:].contiguous()
+    return state
+
+
+def parts_from_official(sd, params):
+    """Split the official ckpt's DoSSR parts into diffusers layout (ldm → diffusers via diffusers' converters)."""
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint, convert_ldm_vae_checkpoint
+
+    _, controlnet_config, vae_config = diffusers_configs(params)
+    control = _with_prefix(sd, CONTROL_PREFIX)
+    width = control.get("input_blocks.0.0.weight")
+    expected_in = controlnet_config["in_channels"] + controlnet_config["conditioning_channels"]
+    if width is None or width.shape[1] != expected_in:
+        raise WeightFileError(f"The ControlNet input conv has shape {None if width is None else tuple(width.shape)}; "
+                              f"DoSSR's takes {expected_in} channels (noisy latent + condition latent).")
+    controlnet = convert_controlnet_checkpoint(control, {"layers_per_block": controlnet_config["layers_per_block"]})
+    controlnet = split_controlnet_conv_in({k: v for k, v in controlnet.items() if v is not None},
+                                          controlnet_config["in_channels"])
+    cond = _with_prefix(sd, COND_ENCODER_PREFIX)  # already "encoder.*" + "quant_conv.*" in ldm names
+    cond_encoder = {k: v for k, v in convert_ldm_vae_checkpoint(cond, vae_config).items()
+                    if k.startswith(("encoder.", "quant_conv."))}
+    rrdb = _with_prefix(sd, RRDB_PREFIX)
+    if not rrdb:
+        raise WeightFileError("The DoSSR checkpoint has no RRDB pre-processor (`preprocess_model.*`).")
+    info = {}
+    vae_encoder = {k: v for k, v in convert_ldm_vae_checkpoint(_with_prefix(sd, VAE_PREFIX, VAE_PREFIX), vae_config).items()
+                   if k.startswith(("encoder.", "quant_conv."))} if any(k.startswith(VAE_PREFIX) for k in sd) else {}
+    if vae_encoder:
+        info["cond_encoder_equals_vae_encoder"] = all(
+            k in vae_encoder and torch.equal(v, vae_encoder[k]) for k, v in cond_encoder.items())
+    return DoSSRParts(controlnet, cond_encoder, rrdb, controlnet_config, vae_config, info)
+
+
+def parts_from_converted(sd, metadata):
+    """The parts of a ``convert_dossr`` file (configs from its metadata)."""
+    if metadata.get("format") != CONVERTED_FORMAT:
+        raise WeightFileError(f"Converted DoSSR file without the expected metadata (format {CONVERTED_FORMAT!r}); "
+                              "convert the official .ckpt again with `diffsr convert dossr`.")
+    return DoSSRParts(_with_prefix(sd, "controlnet."), _with_prefix(sd, "cond_encoder."), _with_prefix(sd, "rrdb."),
+                      json.loads(metadata["controlnet_config"]), json.loads(metadata["vae_config"]),
+                      json.loads(metadata.get("info", "{}")))
+
+
+def convert_dossr(src, dst, config=None, dtype=None):
+    """Write the DoSSR-specific parts of an official ckpt (ControlNet, condition encoder, RRDB) as safetensors.
+
+    The SD 2.1-base parts are left out (the user's own SD 2.1-base is used with the converted file).
+    Returns the ``info`` dict (e.g. whether the condition encoder equals the VAE encoder).
+    """
+    sd, kind, _ = read_weights(src)
+    if kind != "official":
+        raise WeightFileError(f"{os.path.basename(os.fspath(src))!r} is already a converted DoSSR file.")
+    parts = parts_from_official(sd, load_ldm_params(config))
+    tensors = {}
+    for prefix, state in (("controlnet.", parts.controlnet), ("cond_encoder.", parts.cond_encoder),
+                          ("rrdb.", parts.rrdb)):
+        for k, v in state.items():
+            tensors[prefix + k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+    write_safetensors(tensors, dst, metadata={
+        "format": CONVERTED_FORMAT, "controlnet_config": json.dumps(parts.controlnet_config),
+        "vae_config": json.dumps(parts.vae_config), "info": json.dumps(parts.info),
+        "source": os.path.basename(os.fspath(src))})
+    return parts.info
+
+
+# ---------------------------------------------------------------- building modules
+
+def _load_strict(module, state, what):
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        detail = "; ".join(filter(None, [
+            f"missing {len(missing)} keys (e.g. {missing[:2]})" if missing else "",
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]})" if unexpected else "",
+            f"{len(wrong)} shapes differ (e.g. {wrong[0]}: file {tuple(state[wrong[0]].shape)} vs model "
+            f"{tuple(expected[wrong[0]].shape)})" if wrong else ""]))
+        raise WeightFileError(f"The {what} weights do not match the architecture: {detail}. "
+                              "For a non-SD-2.1 model pass its official yaml with --config.")
+    module.load_state_dict({k: state[k].float() for k in expected}, strict=True)
+    return module.eval()
+
+
+def build_controlnet(config, state):
+    """diffusers ``ControlNetModel`` whose ``conv_in`` sees the noisy latent and whose
+    ``controlnet_cond_embedding`` is a bias-free 3×3 conv on the 4-channel condition latent."""
+    from diffusers import ControlNetModel
+
+    net = ControlNetModel(**config, conditioning_embedding_out_channels=(16,))
+    width = config["block_out_channels"][0]
+    net.conv_in = nn.Conv2d(config["in_channels"], width, 3, padding=1)
+    net.controlnet_cond_embedding = nn.Conv2d(config["conditioning_channels"], width, 3, padding=1, bias=False)
+    return _load_strict(net, state, "ControlNet")
+
+
+def build_cond_encoder(vae_config, state):
+    """Condition encoder: diffusers VAE ``Encoder`` + 1×1 ``quant_conv`` (2z → 2z), as a ModuleDict."""
+    from diffusers.models.autoencoders.vae import Encoder
+
+    z2 = 2 * vae_config["latent_channels"]
+    net = nn.ModuleDict({
+        "encoder": Encoder(in_channels=vae_config["in_channels"], out_channels=vae_config["latent_channels"],
+                           down_block_types=vae_config["down_block_types"],
+                           block_out_channels=vae_config["block_out_channels"],
+                           layers_per_block=vae_config["layers_per_block"], double_z=True),
+        "quant_conv": nn.Conv2d(z2, z2, 1)})
+    return _load_strict(net, state, "condition encoder")
+
+
+def text_encoder_from_open_clip(sd, num_heads=None, prefix=TEXT_PREFIX):
+    """transformers ``CLIPTextModel`` (penultimate layer + ln_final) from an OpenCLIP text tower, sized from
+    its tensors. ``num_heads`` cannot be read from the tensors: OpenCLIP uses width // 64 (16 for ViT-H)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    width = sd[prefix + "token_embedding.weight"].shape[1]
+    blocks = 1 + max(int(k[len(prefix + "transformer.resblocks."):].split(".")[0]) for k in sd
+                     if k.startswith(prefix + "transformer.resblocks."))
+    config = CLIPTextConfig(vocab_size=sd[prefix + "token_embedding.weight"].shape[0], hidden_size=width,
+                            intermediate_size=sd[prefix + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                            num_hidden_layers=blocks - 1, num_attention_heads=num_heads or max(1, width // 64),
+                            max_position_embeddings=sd[prefix + "positional_embedding"].shape[0], hidden_act="gelu",
+                            layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+                            projection_dim=width)
+    model = CLIPTextModel(config)
+    state = open_clip_to_hf(sd, blocks - 1, prefix)
+    if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers ≥ 5 drops the prefix
+        state = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in state.items()}
+    return _load_strict(model, state, "text encoder")
+
+
+def base_from_official(sd, params, text_heads=None):
+    """SD 2.1-base UNet, VAE and text encoder from the base parts inside an official DoSSR ckpt."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    missing = [p for p in (UNET_PREFIX, VAE_PREFIX) if not any(k.startswith(p) for k in sd)]
+    if missing:
+        raise WeightFileError(f"The DoSSR checkpoint lacks the SD 2.1 parts {missing}; pass --base "
+                              "(stable-diffusion-2-1-base folder or v2-1_512-ema-pruned.safetensors).")
+    unet_config, _, vae_config = diffusers_configs(params)
+    unet = UNet2DConditionModel(**unet_config)
+    unet = _load_strict(unet, convert_ldm_unet_checkpoint(sd, unet.config), "UNet")
+    vae = AutoencoderKL(**vae_config)
+    vae = _load_strict(vae, convert_ldm_vae_checkpoint(_with_prefix(sd, VAE_PREFIX, VAE_PREFIX), vae.config), "VAE")
+    text_encoder = None
+    if any(k.startswith(TEXT_PREFIX) for k in sd):
+        text_encoder = text_encoder_from_open_clip(sd, text_heads)
+    return unet, vae, text_encoder

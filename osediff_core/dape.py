@@ -1,0 +1,451 @@
+"""DAPE prompt extractor: the RAM (Swin-L) image tagger with SeeSR's DAPE LoRA merged in.
+
+Only the tagging path is built: Swin image encoder → ``image_proj`` → a 2-layer cross-attention
+head (label queries ``relu(wordvec_proj(label_embed))`` attend to the image tokens; no
+self-attention, no embeddings) → ``fc`` → one logit per tag of the 4585-tag RAM list. No text
+BERTs, captioner or tokenizer.
+
+Weights: the official ``ram_swin_large_14m.pth`` (``{'model': state_dict}``) plus ``DAPE.pth``
+(a flat dict of loralib ``lora_A``/``lora_B`` tensors, rank 8, alpha 1 ⇒ scale 1/8), merged at
+load; or our converted safetensors (:func:`convert_dape`), which holds only the tagging tensors
+with DAPE merged. Both are read without running code (``torch.load(weights_only=True)``).
+
+Pre-processing and tag selection follow OSEDiff's ``test_osediff.py``: the [0, 1] LQ tensor
+(already ×upscale) is resized to 384×384 bilinear without antialias, ImageNet-normalised; a tag
+is chosen when ``sigmoid(logit) > threshold`` (per-tag thresholds, strict), tags are listed in
+tag-list order and joined with ``", "``.
+"""
+
+import json
+import math
+import os
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..sr_common.errors import WeightFileError
+from ..sr_common.weights import read_state_dict, write_safetensors
+from .swin import SwinEncoder, swin_config
+
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+TAG_LIST = os.path.join(DATA_DIR, "ram_tag_list.txt")
+THRESHOLDS = os.path.join(DATA_DIR, "ram_tag_list_threshold.txt")
+
+IMAGE_SIZE = 384
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+HEAD_HEADS = 4            # q2l_config.json: num_attention_heads (cannot be read from the weights)
+HEAD_LN_EPS = 1e-12       # q2l_config.json: layer_norm_eps
+LORA_ALPHA = 1.0          # loralib default; scale = alpha / r
+CONVERTED_FORMAT = "diffsr-dape-tagger"
+
+# Keys of the tagging path (official names, after ``vision_multi`` → ``tagging_head``).
+TAGGING_PREFIXES = ("visual_encoder.", "image_proj.", "wordvec_proj.", "tagging_head.", "fc.")
+TAGGING_KEYS = ("label_embed",)
+_DROPPED = ("relative_position_index", "attn_mask")
+
+
+# ----------------------------------------------------------------------------------------- model
+class _QKV(nn.Module):
+    def __init__(self, hidden, context):
+        super().__init__()
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(context, hidden)
+        self.value = nn.Linear(context, hidden)
+
+
+class _AddNorm(nn.Module):
+    def __init__(self, n_in, hidden):
+        super().__init__()
+        self.dense = nn.Linear(n_in, hidden)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=HEAD_LN_EPS)
+
+    def forward(self, x, residual):
+        return self.LayerNorm(self.dense(x) + residual)
+
+
+class _CrossAttention(nn.Module):
+    def __init__(self, hidden, context, heads):
+        super().__init__()
+        self.heads = heads
+        setattr(self, "self", _QKV(hidden, context))  # official name: crossattention.self.query …
+        self.output = _AddNorm(hidden, hidden)
+
+    def forward(self, queries, context):
+        proj = getattr(self, "self")
+        b, n, hidden = queries.shape
+        d = hidden // self.heads
+
+        def split(x):
+            return x.reshape(x.shape[0], x.shape[1], self.heads, d).transpose(1, 2)
+
+        q, k, v = split(proj.query(queries)), split(proj.key(context)), split(proj.value(context))
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)
+        out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, hidden)
+        return self.output(out, queries)
+
+
+class _Dense(nn.Module):
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.dense = nn.Linear(n_in, n_out)
+
+
+class _HeadLayer(nn.Module):
+    """One Query2Label layer as RAM runs it (``mode='tagging'``): cross-attention, then the FFN."""
+
+    def __init__(self, hidden, context, intermediate, heads):
+        super().__init__()
+        self.crossattention = _CrossAttention(hidden, context, heads)
+        self.intermediate = _Dense(hidden, intermediate)
+        self.output = _AddNorm(intermediate, hidden)
+
+    def forward(self, queries, context):
+        x = self.crossattention(queries, context)
+        return self.output(F.gelu(self.intermediate.dense(x)), x)
+
+
+class _Layers(nn.Module):
+    def __init__(self, n, *args):
+        super().__init__()
+        self.layer = nn.ModuleList(_HeadLayer(*args) for _ in range(n))
+
+
+class _TaggingHead(nn.Module):
+    def __init__(self, n_layers, hidden, context, intermediate, heads):
+        super().__init__()
+        self.encoder = _Layers(n_layers, hidden, context, intermediate, heads)
+
+    def forward(self, queries, context):
+        for layer in self.encoder.layer:
+            queries = layer(queries, context)
+        return queries
+
+
+class DAPETagger(nn.Module):
+    """RAM tagging path. ``logits(image01)`` → (B, num_tags); ``tags(image01)`` → one string per image."""
+
+    def __init__(self, config, tag_names=None, thresholds=None):
+        super().__init__()
+        self.config = dict(config)
+        sw = config["swin"]
+        self.visual_encoder = SwinEncoder(**sw)
+        width = self.visual_encoder.num_features
+        label_dim, hidden = config["label_dim"], config["hidden"]
+        self.image_proj = nn.Linear(width, label_dim)
+        self.label_embed = nn.Parameter(torch.zeros(config["num_tags"], label_dim))
+        self.wordvec_proj = nn.Linear(label_dim, hidden)
+        self.tagging_head = _TaggingHead(config["layers"], hidden, label_dim, config["intermediate"],
+                                         config.get("heads", HEAD_HEADS))
+        self.fc = nn.Linear(hidden, 1)
+        self.tag_names = list(tag_names) if tag_names is not None else None
+        # plain attribute (not a buffer) so that .to(fp16) keeps the thresholds fp32, as the official
+        self.thresholds = None if thresholds is None else torch.tensor(thresholds, dtype=torch.float32, device="cpu")
+
+    @property
+    def num_tags(self):
+        return self.label_embed.shape[0]
+
+    def preprocess(self, image01):
+        """(B, 3, H, W) in [0, 1] → (B, 3, 384, 384) normalised, in the model's dtype and device."""
+        if image01.dim() != 4 or image01.shape[1] != 3:
+            raise ValueError(f"Expected an image batch (B, 3, H, W), got {tuple(image01.shape)}.")
+        p = self.label_embed
+        x = image01.to(device=p.device, dtype=torch.float32)
+        size = self.visual_encoder.image_size
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+        mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+        return ((x - mean) / std).to(p.dtype)
+
+    @torch.no_grad()
+    def logits(self, image01):
+        """Tag logits (B, num_tags), float32, before the sigmoid."""
+        image_embeds = self.image_proj(self.visual_encoder(self.preprocess(image01)))
+        queries = F.relu(self.wordvec_proj(self.label_embed))
+        queries = queries.unsqueeze(0).expand(image_embeds.shape[0], -1, -1)
+        return self.fc(self.tagging_head(queries, image_embeds)).squeeze(-1).float()
+
+    def select(self, logits, *, exclude=(), max_tags=None):
+        """Logits (B, num_tags) → one ``", "``-joined tag string per image."""
+        if self.tag_names is None or self.thresholds is None:
+            raise RuntimeError("This DAPETagger has no tag list/thresholds; load it with load_dape_tagger().")
+        probs = torch.sigmoid(logits.float().cpu())
+        chosen = probs > self.thresholds
+        drop = {str(t).strip().lower() for t in exclude if str(t).strip()}
+        if drop:
+            keep = torch.tensor([name.lower() not in drop for name in self.tag_names])
+            chosen &= keep
+        out = []
+        for b in range(probs.shape[0]):
+            idx = torch.nonzero(chosen[b]).flatten()
+            if max_tags is not None and len(idx) > max_tags:
+                best = torch.argsort(probs[b, idx], descending=True, stable=True)[: max(0, int(max_tags))]
+                idx = torch.sort(idx[best]).values
+            out.append(", ".join(self.tag_names[i] for i in idx.tolist()))
+        return out
+
+    def tags(self, image01, *, exclude=(), max_tags=None):
+        return self.select(self.logits(image01), exclude=exclude, max_tags=max_tags)
+
+    def forward(self, image01):
+        return self.logits(image01)
+
+
+def dape_prompt(tags, user_prompt="", tags_only=False):
+    """The OSEDiff prompt: ``f"{tags}, {user_prompt},"`` (``", ,"`` when both are empty)."""
+    return tags if tags_only else f"{tags}, {user_prompt},"
+
+
+def read_tag_data():
+    with open(TAG_LIST, encoding="utf-8") as f:
+        names = f.read().splitlines()
+    with open(THRESHOLDS, encoding="utf-8") as f:
+        thresholds = [float(s.strip()) for s in f if s.strip()]
+    if len(names) != len(thresholds):
+        raise RuntimeError(f"Tag list ({len(names)}) and thresholds ({len(thresholds)}) differ in length.")
+    return names, thresholds
+
+
+# ------------------------------------------------------------------------------- weight files
+def _lora_keys(d):
+    return [k for k in d if k.endswith((".lora_A", ".lora_B"))]
+
+
+def _unwrap_ram(obj):
+    """The RAM state dict inside ``obj`` or None."""
+    if not isinstance(obj, dict):
+        return None
+    inner = obj.get("model") if isinstance(obj.get("model"), dict) else obj
+    if any(isinstance(k, str) and k.startswith("visual_encoder.") for k in inner) and "label_embed" in inner:
+        return inner
+    return None
+
+
+def _describe(obj):
+    """What a loaded file looks like, for error messages."""
+    if not isinstance(obj, dict):
+        return f"a {type(obj).__name__}, not a dict of tensors"
+    if _unwrap_ram(obj) is not None:
+        return "the RAM checkpoint (ram_swin_large_14m.pth)"
+    keys = [k for k in obj if isinstance(k, str)]
+    if keys and len(_lora_keys(obj)) == len(keys):
+        return f"a DAPE LoRA file ({len(keys)} lora_A/lora_B tensors)"
+    if any(k in obj for k in ("state_dict_unet", "state_dict_vae")):
+        return "an OSEDiff checkpoint (osediff.pkl)"
+    if any(k.startswith(("model.diffusion_model.", "control_model.")) for k in keys):
+        return "a Stable Diffusion / ControlNet checkpoint"
+    return f"an unknown file (keys: {sorted(map(str, obj))[:5]}{' …' if len(obj) > 5 else ''})"
+
+
+def _tagging_subset(ram):
+    """Official load-time renames, then only the tagging tensors (still lazy/mmap'd)."""
+    out = {}
+    for key, value in ram.items():
+        if not isinstance(key, str) or key.endswith(_DROPPED):
+            continue
+        key = key.replace("vision_multi", "tagging_head")
+        if key.startswith(TAGGING_PREFIXES) or key in TAGGING_KEYS:
+            out[key] = value
+    return out
+
+
+def model_config(state, image_size=IMAGE_SIZE):
+    """The architecture stored in a tagging state dict (official names)."""
+    layers = sorted({int(m.group(1)) for k in state for m in [re.match(r"tagging_head\.encoder\.layer\.(\d+)\.crossattention\.", k)] if m})
+    if not layers or layers != list(range(len(layers))):
+        raise WeightFileError("The RAM weights have no tagging head (tagging_head/vision_multi …crossattention…).")
+    for key in ("label_embed", "wordvec_proj.weight", "fc.weight", "image_proj.weight"):
+        if key not in state:
+            raise WeightFileError(f"The RAM weights lack {key!r}; the file is not a RAM tagging checkpoint.")
+    label_dim = int(state["label_embed"].shape[1])
+    hidden = int(state["wordvec_proj.weight"].shape[0])
+    n_layers = 0
+    while f"tagging_head.encoder.layer.{n_layers}.crossattention.self.query.weight" in state:
+        n_layers += 1
+    return {
+        "swin": swin_config(state, "visual_encoder.", image_size),
+        "label_dim": label_dim,
+        "hidden": hidden,
+        "layers": n_layers,
+        "intermediate": int(state["tagging_head.encoder.layer.0.intermediate.dense.weight"].shape[0]),
+        "heads": HEAD_HEADS,
+        "num_tags": int(state["label_embed"].shape[0]),
+    }
+
+
+def _lora_delta(a, b, parts, enabled, name):
+    """loralib delta W (before scaling) for Linear (parts=1) or MergedLinear (enable_lora flags)."""
+    a, b = a.float(), b.float()
+    groups = sum(enabled)
+    if a.shape[0] % groups or b.shape[0] % groups:
+        raise WeightFileError(f"DAPE LoRA {name}: shapes {tuple(a.shape)} / {tuple(b.shape)} do not fit {groups} groups.")
+    r = a.shape[0] // groups
+    if b.shape[1] != r:
+        raise WeightFileError(f"DAPE LoRA {name}: lora_B has rank {b.shape[1]}, lora_A rank {r}.")
+    rows = b.shape[0] // groups
+    blocks, g = [], 0
+    for on in enabled:
+        if on:
+            blocks.append(b[g * rows:(g + 1) * rows] @ a[g * r:(g + 1) * r])
+            g += 1
+        else:
+            blocks.append(torch.zeros(rows, a.shape[1]))
+    delta = torch.cat(blocks, 0) if parts > 1 else blocks[0]
+    return delta, LORA_ALPHA / r
+
+
+def merge_dape(state, dape, n_layers):
+    """Add the DAPE LoRAs of the tagging path to ``state`` (fp32, in place), as loralib's eval() merge.
+
+    Swin ``attn.qkv``: MergedLinear, LoRA on the q and v rows. Tagging-head cross-attention
+    ``query``/``key``: Linear LoRA. The official model ties the head's weights to the lowest
+    ``tag_encoder`` layers, so their LoRAs merge into the same weights: those are added too.
+    Everything else (tag_encoder above the head, text_decoder) is not on the tagging path.
+    """
+    modules = sorted({k[: -len(".lora_A")] for k in dape if k.endswith(".lora_A")})
+    used, ignored = 0, 0
+    for mod in modules:
+        if mod + ".lora_B" not in dape:
+            raise WeightFileError(f"DAPE file has {mod}.lora_A but no {mod}.lora_B; the file is damaged.")
+        target = mod.replace("vision_multi", "tagging_head")
+        m = re.match(r"tag_encoder\.encoder\.layer\.(\d+)\.crossattention\.self\.(query|key)$", target)
+        if m and int(m.group(1)) < n_layers:
+            target = "tagging_head." + target[len("tag_encoder."):]
+        if target.startswith("visual_encoder.") and target.endswith(".attn.qkv"):
+            parts, enabled = 3, (True, False, True)
+        elif re.match(r"tagging_head\.encoder\.layer\.\d+\.crossattention\.self\.(query|key)$", target):
+            parts, enabled = 1, (True,)
+        else:
+            ignored += 1
+            continue
+        wkey = target + ".weight"
+        if wkey not in state:
+            raise WeightFileError(f"DAPE LoRA {mod} has no matching weight {wkey} in the RAM checkpoint: "
+                                  "the DAPE and RAM files do not belong together.")
+        delta, scale = _lora_delta(dape[mod + ".lora_A"], dape[mod + ".lora_B"], parts, enabled, mod)
+        if delta.shape != state[wkey].shape:
+            raise WeightFileError(f"DAPE LoRA {mod} gives {tuple(delta.shape)} but {wkey} is "
+                                  f"{tuple(state[wkey].shape)}: the DAPE and RAM files do not belong together.")
+        state[wkey] = state[wkey].float() + delta * scale
+        used += 1
+    if used == 0:
+        raise WeightFileError("The DAPE file has no LoRA on the tagging path (visual_encoder …attn.qkv, "
+                              "tagging_head …crossattention.self.query/key).")
+    return used, ignored
+
+
+def _read_ram(path):
+    obj = read_state_dict(path, mmap=True)
+    ram = _unwrap_ram(obj)
+    if ram is None:
+        raise WeightFileError(f"{os.path.basename(os.fspath(path))!r} was given as the RAM weights but it is "
+                              f"{_describe(obj)}. Expected ram_swin_large_14m.pth (a dict with 'model': "
+                              "visual_encoder.*, tagging_head/vision_multi.*, label_embed, …).")
+    return ram
+
+
+def _read_dape(path):
+    obj = read_state_dict(path, mmap=True)
+    name = os.path.basename(os.fspath(path))
+    keys = [k for k in obj if isinstance(k, str)] if isinstance(obj, dict) else []
+    if not keys or len(_lora_keys(obj)) != len(keys):
+        raise WeightFileError(f"{name!r} was given as the DAPE weights but it is {_describe(obj)}. Expected "
+                              "DAPE.pth: a flat dict of loralib tensors (…attn.qkv.lora_A, …lora_B).")
+    return obj
+
+
+def _state_from_official(ram_path, dape_path):
+    """Tagging tensors (fp32 copies, DAPE merged) and the config, from the two official files."""
+    ram = _read_ram(ram_path)
+    dape = _read_dape(dape_path)
+    lazy = _tagging_subset(ram)
+    config = model_config(lazy)
+    wanted = _expected_keys(config)
+    missing = [k for k in wanted if k not in lazy]
+    if missing:
+        raise WeightFileError(f"The RAM checkpoint lacks {len(missing)} tagging tensors (e.g. {missing[:3]}); "
+                              "the file is incomplete or a different RAM variant.")
+    state = {k: lazy[k].to(torch.float32, copy=True) for k in wanted}  # copy only what tagging needs
+    del lazy, ram
+    merge_dape(state, dape, config["layers"])
+    return state, config
+
+
+def _expected_keys(config):
+    with torch.device("meta"):
+        return list(DAPETagger(config).state_dict().keys())
+
+
+def _state_from_converted(path):
+    name = os.path.basename(os.fspath(path))
+    meta = None
+    if os.fspath(path).lower().endswith((".safetensors", ".sft")):
+        obj = read_state_dict(path)
+        from safetensors import safe_open
+
+        with safe_open(os.fspath(path), "pt") as f:
+            meta = f.metadata() or {}
+    else:
+        obj = read_state_dict(path)
+    if not meta or meta.get("format") != CONVERTED_FORMAT:
+        raise WeightFileError(f"{name!r} was given as a converted DAPE file but it is {_describe(obj)}. Expected "
+                              "a .safetensors written by convert_dape / `diffsr convert dape` (pass the official "
+                              "files as the RAM and DAPE weights instead).")
+    config = json.loads(meta["config"])
+    return {k: v.float() for k, v in obj.items()}, config
+
+
+def _build(state, config, device, dtype):
+    names, thresholds = read_tag_data()
+    if config["num_tags"] != len(names):
+        raise WeightFileError(f"The weights have {config['num_tags']} tags but the shipped RAM tag list has "
+                              f"{len(names)}: not the RAM 4585-tag model.")
+    with torch.device("meta"):
+        model = DAPETagger(config, names, thresholds)
+    wanted = set(model.state_dict())
+    extra = sorted(set(state) - wanted)
+    missing = sorted(wanted - set(state))
+    if missing or extra:
+        raise WeightFileError(f"Weights do not fit the tagger: missing {missing[:3]}, unexpected {extra[:3]}.")
+    for key, value in state.items():
+        shape = model.state_dict()[key].shape
+        if value.shape != shape:
+            raise WeightFileError(f"{key}: shape {tuple(value.shape)} in the file, {tuple(shape)} expected.")
+    model.load_state_dict(state, assign=True)  # the Swin index/mask buffers are built on the CPU already
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def load_dape_tagger(ram_path=None, dape_path=None, converted_path=None, device="cpu", dtype=torch.float32):
+    """The DAPE tagger from (``ram_path`` + ``dape_path``) or from ``converted_path``.
+
+    The RAM file (~5.6 GB) is memory-mapped and only the tagging tensors (~0.85 GB fp32) are
+    copied; LoRAs are merged in fp32 before the cast to ``dtype``.
+    """
+    if converted_path is not None:
+        if ram_path is not None or dape_path is not None:
+            raise WeightFileError("Give either the converted DAPE file or the RAM + DAPE files, not both.")
+        state, config = _state_from_converted(converted_path)
+    else:
+        if ram_path is None or dape_path is None:
+            raise WeightFileError("DAPE needs both ram_swin_large_14m.pth (RAM) and DAPE.pth (LoRA), "
+                                  "or one converted file.")
+        state, config = _state_from_official(ram_path, dape_path)
+    return _build(state, config, device, dtype)
+
+
+def convert_dape(ram_path, dape_path, out_path, half=False):
+    """Write the tagging tensors with DAPE merged to ``out_path`` (.safetensors; fp16 if ``half``)."""
+    if not os.fspath(out_path).lower().endswith(".safetensors"):
+        raise WeightFileError(f"Output {out_path!r} must end in .safetensors.")
+    state, config = _state_from_official(ram_path, dape_path)
+    dtype = torch.float16 if half else torch.float32
+    tensors = {k: v.to(dtype).contiguous() for k, v in state.items()}
+    meta = {"format": CONVERTED_FORMAT, "version": "1", "config": json.dumps(config), "dape_merged": "true",
+            "dtype": "fp16" if half else "fp32", "source": f"{os.path.basename(os.fspath(ram_path))} + "
+            f"{os.path.basename(os.fspath(dape_path))}"}
+    write_safetensors(tensors, out_path, metadata=meta)
+    return out_path

@@ -1,0 +1,217 @@
+"""DAPE tagger: parity with the official OSEDiff/RAM code (tiny random model, tests/data/dape)."""
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from comfyui_diffsr.osediff_core import dape
+from comfyui_diffsr.osediff_core.dape import convert_dape, dape_prompt, load_dape_tagger
+from comfyui_diffsr.sr_common.errors import WeightFileError
+
+from conftest import DATA
+
+D = os.path.join(DATA, "dape")
+RAM = os.path.join(D, "ram_tiny.pth")
+DAPE = os.path.join(D, "dape_tiny.pth")
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    arrays = np.load(os.path.join(D, "dape_fixture.npz"))
+    with open(os.path.join(D, "dape_fixture.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    ups = [torch.from_numpy(arrays[f"up_{i}"]).permute(2, 0, 1)[None].float() / 255 for i in range(4)]
+    smalls = [arrays[f"small_{i}"] for i in range(4)]
+    return ups, smalls, torch.from_numpy(arrays["logits"]), meta["tags"]
+
+
+@pytest.fixture(scope="module")
+def tagger():
+    return load_dape_tagger(RAM, DAPE)
+
+
+def test_fixture_is_meaningful(fixture):
+    _, _, _, tags = fixture
+    counts = [len(t.split(", ")) if t else 0 for t in tags]
+    assert all(0 < c < 300 for c in counts), counts
+
+
+def test_logits_and_tags_match_official(tagger, fixture):
+    ups, _, logits, tags = fixture
+    for i, up in enumerate(ups):
+        ours = tagger.logits(up)
+        assert ours.shape == (1, 4585)
+        assert (ours[0] - logits[i]).abs().max().item() < 1e-4
+        assert tagger.tags(up) == [tags[i]]
+
+
+def test_batch_matches_single(tagger, fixture):
+    ups, _, logits, tags = fixture
+    batch = torch.cat([ups[1], ups[1].flip(-1)])
+    out = tagger.logits(batch)
+    assert (out[0] - logits[1]).abs().max().item() < 1e-4
+    assert tagger.tags(batch)[0] == tags[1]
+
+
+def test_tag_encoder_lora_is_merged_through_the_tie(fixture, tmp_path):
+    """The official head shares weights with tag_encoder layers 0-1, so their LoRAs count too."""
+    ups, _, logits, _ = fixture
+    lora = torch.load(DAPE, weights_only=True)
+    for k in lora:
+        if k.startswith("tag_encoder.") and ".crossattention." in k and k.endswith("lora_B"):
+            lora[k] = torch.zeros_like(lora[k])
+    path = tmp_path / "dape_no_te.pth"
+    torch.save(lora, path)
+    other = load_dape_tagger(RAM, str(path))
+    assert (other.logits(ups[0])[0] - logits[0]).abs().max().item() > 1e-3
+
+
+def test_prompt_format():
+    assert dape_prompt("cat, dog") == "cat, dog, ,"
+    assert dape_prompt("cat, dog", "sharp photo") == "cat, dog, sharp photo,"
+    assert dape_prompt("", "") == ", ,"
+    assert dape_prompt("cat, dog", "x", tags_only=True) == "cat, dog"
+
+
+def test_exclude_and_max_tags(tagger, fixture):
+    ups, _, logits, tags = fixture
+    full = tags[1].split(", ")
+    assert len(full) > 5
+    out = tagger.tags(ups[1], exclude=[full[0], full[2].upper()])[0].split(", ")
+    assert out == [t for t in full if t not in (full[0], full[2])]
+    top = tagger.tags(ups[1], max_tags=3)[0].split(", ")
+    assert len(top) == 3 and top == [t for t in full if t in top]  # tag-list order kept
+    probs = torch.sigmoid(logits[1])
+    index = {name: i for i, name in enumerate(tagger.tag_names)}
+    chosen = sorted(probs[[index[t] for t in full]].tolist(), reverse=True)
+    assert sorted((probs[index[t]].item() for t in top), reverse=True) == chosen[:3]
+    assert tagger.tags(ups[1], max_tags=0) == [""]
+    assert tagger.tags(ups[1], max_tags=1000) == [tags[1]]
+
+
+def test_converted_fp32_identical_and_fp16_close(tagger, fixture, tmp_path):
+    ups, _, logits, tags = fixture
+    out32, out16 = str(tmp_path / "dape.safetensors"), str(tmp_path / "dape16.safetensors")
+    convert_dape(RAM, DAPE, out32)
+    convert_dape(RAM, DAPE, out16, half=True)
+    assert os.path.getsize(out16) < 0.6 * os.path.getsize(out32)
+    t32 = load_dape_tagger(converted_path=out32)
+    t16 = load_dape_tagger(converted_path=out16)
+    for (k, a), b in zip(tagger.state_dict().items(), t32.state_dict().values()):
+        assert torch.equal(a, b), k
+    for i, up in enumerate(ups):
+        assert (t32.logits(up) - tagger.logits(up)).abs().max().item() < 1e-6
+        assert t32.tags(up) == [tags[i]]
+        assert (t16.logits(up)[0] - logits[i]).abs().max().item() < 0.05
+    with pytest.raises(FileExistsError):
+        convert_dape(RAM, DAPE, out32)
+
+
+def test_vision_multi_name_and_bare_state_dict(fixture, tmp_path):
+    ups, _, logits, _ = fixture
+    sd = torch.load(RAM, weights_only=True)["model"]
+    renamed = {k.replace("tagging_head", "vision_multi"): v for k, v in sd.items()}
+    torch.save({"model": renamed}, tmp_path / "vm.pth")
+    torch.save(sd, tmp_path / "bare.pth")
+    for name in ("vm.pth", "bare.pth"):
+        t = load_dape_tagger(str(tmp_path / name), DAPE)
+        assert (t.logits(ups[2])[0] - logits[2]).abs().max().item() < 1e-4
+
+
+def test_only_tagging_tensors_are_copied():
+    """Load-time memory: the RAM file is memory-mapped and only the tagging tensors are copied
+    (for the real file ~0.85 GB of ~5.6 GB; bench/bench_dape.py measures the peak)."""
+    state, config = dape._state_from_official(RAM, DAPE)
+    assert all(k.startswith(dape.TAGGING_PREFIXES) or k in dape.TAGGING_KEYS for k in state)
+    assert not any(k.endswith(("relative_position_index", "attn_mask")) for k in state)
+    assert set(state) == set(dape._expected_keys(config))
+    assert config["layers"] == 2 and config["swin"]["depths"] == [2, 2, 2, 2]
+
+
+def test_wrong_kind_files_are_refused(tmp_path):
+    with pytest.raises(WeightFileError, match="given as the DAPE weights but it is the RAM checkpoint"):
+        load_dape_tagger(RAM, RAM)
+    with pytest.raises(WeightFileError, match="given as the RAM weights but it is a DAPE LoRA file"):
+        load_dape_tagger(DAPE, DAPE)
+    with pytest.raises(WeightFileError, match="given as the RAM weights but it is a DAPE LoRA file"):
+        load_dape_tagger(DAPE, RAM)
+    osediff = tmp_path / "osediff.pkl"
+    torch.save({"state_dict_unet": {"a": torch.zeros(1)}, "state_dict_vae": {}, "rank_unet": 4, "rank_vae": 4},
+               osediff)
+    with pytest.raises(WeightFileError, match="OSEDiff checkpoint"):
+        load_dape_tagger(str(osediff), DAPE)
+    with pytest.raises(WeightFileError, match="OSEDiff checkpoint"):
+        load_dape_tagger(RAM, str(osediff))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(os.urandom(4096))
+    with pytest.raises(WeightFileError):
+        load_dape_tagger(str(junk), DAPE)
+    with pytest.raises(WeightFileError, match="converted DAPE file"):
+        load_dape_tagger(converted_path=RAM)
+    with pytest.raises(WeightFileError, match="either"):
+        load_dape_tagger(RAM, DAPE, converted_path=RAM)
+    with pytest.raises(WeightFileError, match="both"):
+        load_dape_tagger(RAM)
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_code_running_pickle_is_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {"visual_encoder.x": _Evil(str(marker))}}, evil, pickle_protocol=2)
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump({"a.lora_A": _Evil(str(marker))}, f)
+    for ram, lora in ((str(evil), DAPE), (RAM, str(evil)), (str(tmp_path / "evil.pkl"), DAPE),
+                      (RAM, str(tmp_path / "evil.pkl"))):
+        with pytest.raises(WeightFileError, match="Refusing|Cannot read"):
+            load_dape_tagger(ram, lora)
+    with pytest.raises(WeightFileError):
+        load_dape_tagger(converted_path=str(evil))
+    assert not marker.exists()
+
+
+def test_cli_prints_prompts_and_converts(fixture, tmp_path, capsys):
+    from comfyui_diffsr.cli.dape import main
+
+    _, smalls, _, tags = fixture
+    paths = []
+    for i in (0, 1):
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(smalls[i]).save(p)
+        paths.append(str(p))
+    # --process-size 0: no short-side enlargement, so DAPE sees exactly the ×4 bicubic LQ of the fixture
+    assert main(paths + ["--ram", RAM, "--dape", DAPE, "--process-size", "0", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"{paths[0]}\t{tags[0]}, ,", f"{paths[1]}\t{tags[1]}, ,"]
+    out = str(tmp_path / "dape.safetensors")
+    assert main(["convert", "--ram", RAM, "--dape", DAPE, "-o", out]) == 0
+    capsys.readouterr()
+    first = tags[1].split(", ")[0]
+    assert main([paths[1], "--weights", out, "--process-size", "0", "--no-names", "--tags-only",
+                 "--exclude", first, "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip() == ", ".join(tags[1].split(", ")[1:])
+    assert main([paths[1], "--dape", out, "--process-size", "0", "--no-names", "--prompt", "hi",
+                 "--max-tags", "2", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip().endswith(", hi,")
+    assert main([paths[1], "--ram", DAPE, "--dape", RAM, "--device", "cpu"]) == 2
+    assert "RAM weights" in capsys.readouterr().err
+
+
+def test_low_precision_runs(fixture):
+    ups, _, logits, _ = fixture
+    t = load_dape_tagger(RAM, DAPE, dtype=torch.bfloat16)
+    assert t.label_embed.dtype == torch.bfloat16 and t.thresholds.dtype == torch.float32
+    out = t.logits(ups[0])
+    assert out.dtype == torch.float32 and (out[0] - logits[0]).abs().max().item() < 0.5

@@ -1,0 +1,127 @@
+"""The DoS-SDE sampler: bit parity with the official per-step states, and a closed-form toy model."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from comfyui_diffsr.dossr_core.sampling import dossr_step, dossr_step_gamma, gamma_kernel_moments, sample_dossr
+from comfyui_diffsr.dossr_core.schedule import make_grid
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+FIX = os.path.join(DATA, "dossr")
+CASES = json.load(open(os.path.join(FIX, "cases.json"), encoding="utf-8"))["cases"] if os.path.exists(
+    os.path.join(FIX, "cases.json")) else []
+
+
+def fixture_noise(d, steps):
+    return {"posterior": d["noise_posterior"], "init": d["noise_init"],
+            **{f"step_{k}": d[f"noise_step_{k}"] for k in range(steps)}}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_sampler_bit_parity_with_official_eps(case):
+    """Fed the official ε̂ and noises, every state equals the official one (same float order)."""
+    from safetensors.torch import load_file
+
+    d = load_file(os.path.join(FIX, case["tensors"]))
+    noise = fixture_noise(d, case["steps"])
+    calls, states = [], []
+
+    def model(x, tau):
+        calls.append(tau)
+        return d[f"eps_{len(calls) - 1}"]
+
+    sample_dossr(model, d["x_hat0"], make_grid(case["steps"]), lambda name, shape: noise[name],
+                 callback=lambda info: states.append(info["x"]))
+    assert calls == case["timesteps_called"]
+    for ours, ref in zip(states, d["x_steps"]):
+        assert torch.allclose(ours, ref, atol=1e-6, rtol=0)
+
+
+def oracle(x0, grid):
+    """ε̂ of a model that knows x₀: x_θ = x₀ exactly (up to float32)."""
+    def model(x, tau):
+        k = int(list(grid.tau).index(tau))
+        return (x - float(grid.alpha[k]) * x0) / float(grid.sigma[k])
+    return model
+
+
+def test_toy_oracle_keeps_the_domain_shift_marginal():
+    """With x_θ = x₀ the steps are exact: x_0 ~ N(α_0[(1−η_0)x₀ + η_0 x̂₀], σ_0²)."""
+    torch.manual_seed(0)
+    grid = make_grid(5)
+    x0 = torch.full((1, 4, 256, 256), 0.7)
+    x_hat0 = torch.full_like(x0, -0.4)
+    gen = torch.Generator().manual_seed(1)
+    out = sample_dossr(oracle(x0, grid), x_hat0, grid, lambda name, shape: torch.randn(shape, generator=gen))
+    mean = grid.alpha[0] * ((1 - grid.eta[0]) * 0.7 + grid.eta[0] * -0.4)
+    assert out.mean().item() == pytest.approx(mean, abs=2e-3)
+    assert out.std().item() == pytest.approx(grid.sigma[0], rel=1e-2)
+
+
+def test_orders_agree_when_x_theta_is_constant():
+    grid = make_grid(5)
+    x0 = torch.randn(1, 4, 16, 16)
+    x_hat0 = torch.randn(1, 4, 16, 16)
+    outs = []
+    for order in (1, 2, 3):
+        gen = torch.Generator().manual_seed(3)
+        outs.append(sample_dossr(oracle(x0, grid), x_hat0, grid, lambda n, s: torch.randn(s, generator=gen),
+                                 order=order))
+    assert torch.allclose(outs[0], outs[2], atol=1e-4) and torch.allclose(outs[1], outs[2], atol=1e-4)
+
+
+def test_first_step_is_the_x_hat0_x_theta_mix():
+    """λ_N ≈ 6.5e5: the first step is α_s η_s x̂₀ + α_s(1−η_s) x_θ + σ_s z (float64 keeps it finite)."""
+    grid = make_grid(5)
+    x, x0, xh, z = (torch.randn(1, 4, 8, 8) for _ in range(4))
+    out = dossr_step(x, x0, xh, z, grid, 5)
+    s = 4
+    ref = grid.alpha[s] * grid.eta[s] * xh + grid.alpha[s] * (1 - grid.eta[s]) * x0 + grid.sigma[s] * z
+    assert torch.isfinite(out).all() and torch.allclose(out, ref.float(), atol=1e-4)  # (a_s/a_t)r² ≈ 1.6e-5
+
+
+def test_gamma_family_at_one_is_the_official_step():
+    grid = make_grid(5)
+    x, x0, xh, z, d1, d2 = (torch.randn(1, 4, 8, 8) for _ in range(6))
+    for t in (3, 2, 1):
+        a = dossr_step(x, x0, xh, z, grid, t, d1, d2)
+        b = dossr_step_gamma(x, x0, xh, z, grid, t, 1.0, d1, d2)
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-5)
+    k0, k1, k2 = gamma_kernel_moments(grid.lam[2], grid.lam[1], 1.0)
+    lam_t, lam_s = grid.lam[2], grid.lam[1]
+    assert k1 == pytest.approx(-(lam_s - lam_t) ** 2 / lam_t, rel=1e-9)
+
+
+def test_gamma_zero_is_deterministic():
+    grid = make_grid(5)
+    x0 = torch.randn(1, 4, 8, 8)
+    x_hat0 = torch.randn(1, 4, 8, 8)
+    init = torch.randn(1, 4, 8, 8)
+    outs = []
+    for seed in (0, 1):
+        gen = torch.Generator().manual_seed(seed)
+        outs.append(sample_dossr(oracle(x0, grid), x_hat0, grid,
+                                 lambda n, s: init if n == "init" else torch.randn(s, generator=gen), gamma=0.0))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_callback_can_cancel():
+    grid = make_grid(3)
+
+    def stop(info):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sample_dossr(lambda x, t: torch.zeros_like(x), torch.zeros(1, 4, 8, 8), grid,
+                     lambda n, s: torch.zeros(s), callback=stop)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="order"):
+        sample_dossr(None, torch.zeros(1, 4, 8, 8), make_grid(2), None, order=4)
+    with pytest.raises(ValueError, match="gamma"):
+        sample_dossr(None, torch.zeros(1, 4, 8, 8), make_grid(2), None, gamma=2.0)

@@ -1,0 +1,125 @@
+"""DoSSR weight files: recognition, clear refusals, conversion, and the CLI."""
+
+import os
+
+import pytest
+import torch
+
+from comfyui_diffsr.dossr_core.weights import detect, read_weights, split_controlnet_conv_in, unwrap
+from comfyui_diffsr.sr_common.errors import WeightFileError
+
+FIX = os.path.join(os.path.dirname(__file__), "data", "dossr")
+CKPT = os.path.join(FIX, "dossr_tiny.ckpt")
+pytestmark = pytest.mark.skipif(not os.path.exists(CKPT), reason="no DoSSR fixtures")
+
+
+@pytest.fixture(scope="module")
+def official_sd():
+    return unwrap(torch.load(CKPT, map_location="cpu", weights_only=True))
+
+
+def save(tmp_path, name, sd):
+    path = tmp_path / name
+    torch.save(sd, path)
+    return path
+
+
+def test_official_recognised_with_wrappers(official_sd, tmp_path):
+    assert detect(official_sd) == "official"
+    wrapped = save(tmp_path, "m.ckpt", {"state_dict": {"module." + k: v for k, v in official_sd.items()}})
+    _, kind, _ = read_weights(wrapped)
+    assert kind == "official"
+
+
+@pytest.mark.parametrize("drop, message", [
+    ("control_model.", "without the ControlNet"),
+    ("cond_encoder.", "without DoSSR's condition encoder"),
+])
+def test_incomplete_dossr_refused(official_sd, tmp_path, drop, message):
+    sd = {k: v for k, v in official_sd.items() if not k.startswith(drop)}
+    with pytest.raises(WeightFileError, match=message):
+        read_weights(save(tmp_path, "x.ckpt", sd))
+
+
+def test_sd_checkpoint_refused(official_sd, tmp_path):
+    sd = {k: v for k, v in official_sd.items()
+          if k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))}
+    with pytest.raises(WeightFileError, match="not DoSSR weights"):
+        read_weights(save(tmp_path, "sd.ckpt", sd))
+
+
+def test_hint_controlnet_and_osediff_refused(tmp_path):
+    hint = {"control_model.input_hint_block.0.weight": torch.zeros(1), "control_model.zero_convs.0.0.weight":
+            torch.zeros(1)}
+    with pytest.raises(WeightFileError, match="input_hint_block"):
+        read_weights(save(tmp_path, "cn.pth", hint))
+    osediff = {"rank_unet": torch.tensor(4), "state_dict_unet": {"a": torch.zeros(1)}}
+    with pytest.raises(WeightFileError, match="OSEDiff"):
+        read_weights(save(tmp_path, "osediff.pkl", osediff))
+
+
+def test_pickled_objects_refused_not_executed(tmp_path):
+    import collections
+
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "obj": collections.Counter()}, path)
+    with pytest.raises(WeightFileError, match="weights_only|Refusing|convert"):
+        read_weights(path)
+
+
+def test_conv_in_split_is_exact():
+    torch.manual_seed(0)
+    full = torch.nn.Conv2d(8, 6, 3, padding=1)
+    state = split_controlnet_conv_in({"conv_in.weight": full.weight.detach().clone()}, 4)
+    x, c = torch.randn(1, 4, 5, 5), torch.randn(1, 4, 5, 5)
+    a = torch.nn.functional.conv2d(x, state["conv_in.weight"], full.bias, padding=1)
+    b = torch.nn.functional.conv2d(c, state["controlnet_cond_embedding.weight"], padding=1)
+    assert torch.allclose(a + b, full(torch.cat([x, c], 1)), atol=1e-6)
+
+
+def test_converted_file_refuses_reconversion_and_is_recognised(tmp_path):
+    from comfyui_diffsr.dossr_core.weights import convert_dossr
+
+    out = tmp_path / "parts.safetensors"
+    convert_dossr(CKPT, out, config=os.path.join(FIX, "tiny_cldm.yaml"))
+    sd, kind, meta = read_weights(out)
+    assert kind == "converted" and meta["format"] == "dossr-diffusers-v1"
+    assert not any(k.startswith(("unet.", "model.diffusion_model.")) for k in sd)
+    with pytest.raises(WeightFileError, match="already"):
+        convert_dossr(out, tmp_path / "again.safetensors")
+    with pytest.raises(FileExistsError):
+        convert_dossr(CKPT, out, config=os.path.join(FIX, "tiny_cldm.yaml"))
+
+
+def test_cli_runs_and_refuses_overwrite(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from comfyui_diffsr.cli.dossr import main
+
+    context = load_file(os.path.join(FIX, "n1_w32h16_wavelet.safetensors"))["context"]
+    embeds = tmp_path / "embeds.safetensors"
+    save_file({"prompt_embeds": context}, embeds)
+    args = [os.path.join(FIX, "lr_w32h16.png"), "-o", str(tmp_path / "out"), "--weights", CKPT, "--config",
+            os.path.join(FIX, "tiny_cldm.yaml"), "--prompt-embeds", str(embeds), "--steps", "1", "--device", "cpu",
+            "--save-noise"]
+    assert main(args) == 0
+    assert (tmp_path / "out" / "lr_w32h16.png").exists()
+    assert (tmp_path / "out" / "lr_w32h16.noise.safetensors").exists()
+    assert main(args) == 2  # exists, no --overwrite
+    noise = str(tmp_path / "out" / "lr_w32h16.noise.safetensors")
+    args2 = args[:2] + [str(tmp_path / "out2")] + args[3:-1] + ["--noise-file", noise, "--seed", "99"]
+    assert main(args2) == 0
+    from PIL import Image
+    import numpy as np
+    a = np.asarray(Image.open(tmp_path / "out" / "lr_w32h16.png"))
+    b = np.asarray(Image.open(tmp_path / "out2" / "lr_w32h16.png"))
+    assert (a == b).all()
+
+
+def test_cli_wrong_weights_message(tmp_path, capsys):
+    from comfyui_diffsr.cli.dossr import main
+
+    bad = save(tmp_path, "sd.ckpt", {"model.diffusion_model.x": torch.zeros(1)})
+    assert main([os.path.join(FIX, "lr_w32h16.png"), "-o", str(tmp_path / "o"), "--weights", str(bad),
+                 "--device", "cpu"]) == 2
+    assert "DoSSR" in capsys.readouterr().err
