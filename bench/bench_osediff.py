@@ -11,6 +11,7 @@ forward from a local checkout (its own venv) on the same input, and reports the 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,7 +52,7 @@ def save_for_official(folder):
     sd.unet.save_pretrained(os.path.join(base, "unet"))
     sd.vae.save_pretrained(os.path.join(base, "vae"))
     sd.text_encoder.save_pretrained(os.path.join(base, "text_encoder"))
-    sd.tokenizer.save_pretrained(os.path.join(base, "tokenizer"))
+    shutil.copytree(os.path.join(shipped_config_dir(), "tokenizer"), os.path.join(base, "tokenizer"))
     os.makedirs(os.path.join(base, "scheduler"), exist_ok=True)
     with open(os.path.join(shipped_config_dir(), "scheduler", "scheduler_config.json")) as f:
         sched = f.read()

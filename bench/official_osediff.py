@@ -25,6 +25,7 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32")
     a = p.parse_args()
+    a.base, a.weights = os.path.abspath(a.base), os.path.abspath(a.weights)
     os.chdir(a.upstream)  # run with PYTHONPATH=<upstream>: the official code imports its modules by top-level name
     if a.device == "cpu":
         torch.Tensor.cuda = lambda self, *args, **kw: self

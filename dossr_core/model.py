@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..sr_common.errors import WeightFileError
-from ..sr_common.sd21 import encode_prompt, load_sd21, load_tokenizer, shipped_config_dir
+from ..sr_common.sd21 import SD21, encode_prompt, load_sd21, load_tokenizer, shipped_config_dir
 from .rrdb import rrdb_from_state_dict
 from .weights import (base_from_official, build_cond_encoder, build_controlnet, load_ldm_params, parts_from_converted,
                       parts_from_official, read_weights)
@@ -94,8 +94,8 @@ def load_dossr(weights, base=None, *, config=None, base_config=None, text_heads=
     """A ``DoSSRModel`` (float32, CPU, eval) from DoSSR weights and, where needed, an SD 2.1-base.
 
     ``weights``: the official ``.ckpt`` (whose own SD 2.1 parts serve as base when ``base`` is None)
-    or a ``convert_dossr`` safetensors file (then ``base`` is required). ``base``: diffusers folder
-    or single-file SD 2.1-base (``base_config``: its diffusers config folder, for non-standard sizes).
+    or a ``convert_dossr`` safetensors file (then ``base`` is required). ``base``: an already loaded
+    ``SD21`` (shared, not modified), a diffusers folder or a single-file SD 2.1-base (``base_config``: its diffusers config folder, for non-standard sizes).
     ``config``: official-style yaml giving the ControlNet/UNet/VAE architecture of an official ckpt
     (default: the shipped SD 2.1 ``cldm_v21.yaml``). ``text_heads``: attention heads of the ckpt's
     OpenCLIP text tower when it is not width/64.
@@ -115,7 +115,7 @@ def load_dossr(weights, base=None, *, config=None, base_config=None, text_heads=
     cond_encoder = build_cond_encoder(parts.vae_config, parts.cond_encoder)
     rrdb = rrdb_from_state_dict(parts.rrdb)
     if base is not None:
-        sd21 = load_sd21(base, base_config)
+        sd21 = base if isinstance(base, SD21) else load_sd21(base, base_config)
         unet, vae, text_encoder, tokenizer = sd21.unet, sd21.vae, sd21.text_encoder, sd21.tokenizer
     else:
         unet, vae, text_encoder = base_from_official(sd, params, text_heads)

@@ -1,0 +1,133 @@
+"""The few ComfyUI host APIs the pack uses, in one place: model folders, progress/cancel, devices, OOM.
+
+The only module besides the node files that imports ComfyUI (``folder_paths``, ``comfy.*``).
+"""
+
+import os
+
+import torch
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+
+from ..sr_common.sd21 import load_sd21
+
+WEIGHT_EXTENSIONS = {".pkl", ".pth", ".pt", ".ckpt", ".safetensors", ".sft", ".bin"}
+MODEL_FOLDERS = ("osediff", "dossr", "dape")
+_cache = {}
+
+
+def register_model_folders():
+    """models/osediff, models/dossr, models/dape; paths from extra_model_paths.yaml are kept."""
+    for name in MODEL_FOLDERS:
+        default = os.path.join(folder_paths.models_dir, name)
+        if name in folder_paths.folder_names_and_paths:
+            paths, exts = folder_paths.folder_names_and_paths[name]
+            if default not in paths:
+                paths.append(default)
+            folder_paths.folder_names_and_paths[name] = (paths, set(exts) | WEIGHT_EXTENSIONS)
+        else:
+            folder_paths.folder_names_and_paths[name] = ([default], set(WEIGHT_EXTENSIONS))
+
+
+def files(folder):
+    return folder_paths.get_filename_list(folder)
+
+
+def diffusers_folders():
+    """Sub-folders of models/diffusers that look like a diffusers SD pipeline."""
+    found = []
+    for root in folder_paths.get_folder_paths("diffusers"):
+        if os.path.isdir(root):
+            found += sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d, "unet")))
+    return found
+
+
+def base_choices():
+    return [f"checkpoints/{n}" for n in files("checkpoints")] + [f"diffusers/{n}" for n in diffusers_folders()]
+
+
+def base_path(choice):
+    kind, _, name = choice.partition("/")
+    if kind == "diffusers":
+        for root in folder_paths.get_folder_paths("diffusers"):
+            if os.path.isdir(os.path.join(root, name)):
+                return os.path.join(root, name)
+        raise FileNotFoundError(f"Diffusers folder {name!r} not found in models/diffusers.")
+    return folder_paths.get_full_path_or_raise("checkpoints", name)
+
+
+def weight_path(folder, name):
+    return folder_paths.get_full_path_or_raise(folder, name)
+
+
+def cached(key, load):
+    """One instance per file: one SD 2.1-base in memory serves both methods."""
+    if key not in _cache:
+        _cache[key] = load()
+    return _cache[key]
+
+
+def load_base(choice):
+    path = base_path(choice)
+    return cached(("sd21", path), lambda: load_sd21(path))
+
+
+def device():
+    return mm.get_torch_device()
+
+
+def offload_device():
+    return mm.unet_offload_device()
+
+
+class Progress:
+    """A ComfyUI progress bar over ``total`` units that also lets the user cancel between units."""
+
+    def __init__(self, total):
+        self.bar = comfy.utils.ProgressBar(total)
+
+    def __call__(self, *_):
+        mm.throw_exception_if_processing_interrupted()
+        self.bar.update(1)
+
+
+def with_oom_retry(run, tile, floor=16):
+    """``run(tile)``; on out-of-memory halve the latent tile and retry down to ``floor``, then re-raise."""
+    while True:
+        try:
+            return run(tile)
+        except mm.OOM_EXCEPTION:
+            mm.soft_empty_cache()
+            if not tile or tile // 2 < floor:
+                raise
+            tile //= 2
+            print(f"[DiffSR] out of memory: retrying with latent tiles of {tile}")
+
+
+def image_to_bchw(image):
+    """ComfyUI IMAGE [B, H, W, C] → list of (1, 3, H, W) and the alpha planes (or None); never mutates."""
+    x = image.movedim(-1, 1).float()
+    alpha = None
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    elif x.shape[1] == 4:
+        alpha = x[:, 3:4]
+        x = x[:, :3]
+    return [x[i:i + 1].cpu() for i in range(x.shape[0])], alpha
+
+
+def bchw_to_image(images, alpha=None):
+    """List of (1, 3, H, W) → IMAGE [B, H, W, C]; alpha (B, 1, h, w) is upscaled bicubically and appended."""
+    out = torch.cat(images).clamp(0, 1)
+    if alpha is not None:
+        scaled = torch.nn.functional.interpolate(alpha, size=out.shape[-2:], mode="bicubic", align_corners=False)
+        out = torch.cat([out, scaled.clamp(0, 1)], dim=1)
+    return out.movedim(1, -1).cpu()
+
+
+def move(modules, dev, dtype=None):
+    for m in modules:
+        if m is not None:
+            m.to(device=dev, dtype=dtype)

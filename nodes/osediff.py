@@ -1,0 +1,309 @@
+"""OSEDiff and DAPE nodes: loaders, the modular LQ encoder → one-step UNet → VAE decode, and an all-in-one upscaler."""
+
+import torch
+from comfy_api.latest import io
+
+from ..osediff_core.pipeline import (Options, build_osediff, decode_latent, encode_lq, one_step_x0, osediff_upscale,
+                                     predict_eps, preprocess, prompt_embedding)
+from ..osediff_core.weights import read_osediff
+from ..sr_common import image as img
+from ..sr_common.color_fix import COLOR_FIXES, apply_color_fix
+from ..sr_common.sd21 import SCALING_FACTOR
+from . import host
+
+CATEGORY = "image/upscaling/DiffSR"
+SD21 = io.Custom("SD21_BASE")
+OSEDIFF = io.Custom("OSEDIFF_MODEL")
+DAPE = io.Custom("DAPE_MODEL")
+DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def pick_dtype(name, dev):
+    if DTYPES[name] is not None:
+        return DTYPES[name]
+    return torch.float16 if dev.type == "cuda" else torch.float32
+
+
+def upscale_input(default=4.0):
+    return io.Float.Input("upscale", default=default, min=1.0, max=8.0, step=0.5,
+                          tooltip="Scale factor; the output is exactly round(upscale × input) pixels.")
+
+
+def process_size_input():
+    return io.Int.Input("process_size", default=512, min=8, max=4096, step=8,
+                        tooltip="Inputs with a side below process_size / upscale are enlarged first and the result "
+                                "is resized back (the official default 512).")
+
+
+def tile_inputs():
+    return [io.Int.Input("tile_latent", default=96, min=0, max=512, step=8,
+                         tooltip="Latent tile size for the UNet (96 = 768 px, the official default; 0 = never tile). "
+                                 "Halved automatically on out-of-memory."),
+            io.Int.Input("tile_overlap", default=32, min=0, max=256, step=8, tooltip="Latent tile overlap.")]
+
+
+class SD21Loader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffSR_SD21Loader", display_name="Load SD 2.1-base (DiffSR)", category=CATEGORY,
+            description="Stable Diffusion 2.1-base for OSEDiff and DoSSR, from models/checkpoints or models/diffusers.",
+            inputs=[io.Combo.Input("base", options=host.base_choices(),
+                                   tooltip="v2-1_512-ema-pruned (single file) or a stable-diffusion-2-1-base "
+                                           "diffusers folder. SD 1.x, SDXL and 768-v models are refused.")],
+            outputs=[SD21.Output(display_name="SD21_BASE")])
+
+    @classmethod
+    def execute(cls, base):
+        return io.NodeOutput(host.load_base(base))
+
+
+class OSEDiffLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="OSEDiff_Loader", display_name="Load OSEDiff", category=CATEGORY,
+            description="OSEDiff LoRA weights (osediff.pkl or converted .safetensors) merged into SD 2.1-base.",
+            inputs=[SD21.Input("sd21", tooltip="From 'Load SD 2.1-base (DiffSR)'. Left untouched (shared with DoSSR)."),
+                    io.Combo.Input("weights", options=host.files("osediff"),
+                                   tooltip="osediff.pkl (or its converted .safetensors) in models/osediff.")],
+            outputs=[OSEDIFF.Output(display_name="OSEDIFF_MODEL")])
+
+    @classmethod
+    def execute(cls, sd21, weights):
+        path = host.weight_path("osediff", weights)
+        model = host.cached(("osediff", id(sd21), path), lambda: build_osediff(sd21, read_osediff(path)))
+        return io.NodeOutput(model)
+
+
+def _prepare(model, dtype_name):
+    dev = host.device()
+    model.to(dev, pick_dtype(dtype_name, dev))
+    return dev
+
+
+def _release(model):
+    model.to(host.offload_device())
+
+
+class OSEDiffUpscale(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="OSEDiff_Upscale", display_name="OSEDiff Upscale (all-in-one)", category=CATEGORY,
+            description="One-step diffusion super-resolution (OSEDiff, NeurIPS 2024).",
+            inputs=[OSEDIFF.Input("model", tooltip="From 'Load OSEDiff'."),
+                    io.Image.Input("image", tooltip="Low-quality image(s); RGBA keeps its alpha, grayscale works."),
+                    io.String.Input("prompt", default="", multiline=True,
+                                    tooltip="Prompt, encoded verbatim. Ignored when a DAPE model is connected."),
+                    upscale_input(),
+                    process_size_input(),
+                    io.Combo.Input("color_fix", options=list(COLOR_FIXES), default="adain",
+                                   tooltip="Colour correction against the upscaled input (official default: adain)."),
+                    *tile_inputs(),
+                    io.Combo.Input("dtype", options=list(DTYPES), default="auto",
+                                   tooltip="Network precision (auto: fp16 on GPU, fp32 on CPU)."),
+                    DAPE.Input("dape", optional=True,
+                               tooltip="Optional DAPE tagger: the prompt becomes '{tags}, {prompt},' as the official.")],
+            outputs=[io.Image.Output()])
+
+    @classmethod
+    def execute(cls, model, image, prompt, upscale, process_size, color_fix, tile_latent, tile_overlap, dtype,
+                dape=None):
+        images, alpha = host.image_to_bchw(image)
+        dev = _prepare(model, dtype)
+        prompt_fn = None
+        if dape is not None:
+            from ..osediff_core.dape import dape_prompt
+
+            dape.to(dev)
+            prompt_fn = lambda lq: dape_prompt(dape.tags(lq.to(dev))[0], prompt)
+        progress = host.Progress(len(images))
+        cancel = lambda *_: host.mm.throw_exception_if_processing_interrupted()
+        try:
+            outs = []
+            for one in images:
+                def run(tile):
+                    options = Options(upscale=upscale, process_size=process_size, color_fix=color_fix, tile_latent=tile,
+                                      tile_overlap=min(tile_overlap, max(tile - 8, 0)))
+                    return osediff_upscale(model, one, prompt=prompt, prompt_fn=prompt_fn, options=options,
+                                           callback=cancel)
+                outs.append(host.with_oom_retry(run, tile_latent))
+                progress()
+        finally:
+            _release(model)
+            if dape is not None:
+                dape.to(host.offload_device())
+        return io.NodeOutput(host.bchw_to_image(outs, alpha))
+
+
+class OSEDiffLQEncoder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="OSEDiff_LQEncoder", display_name="OSEDiff LQ Encoder", category=CATEGORY,
+            description="Bicubic ×upscale, then the OSEDiff LoRA VAE encoder: a standard (unscaled) SD latent.",
+            inputs=[OSEDIFF.Input("model", tooltip="From 'Load OSEDiff'."),
+                    io.Image.Input("image", tooltip="Low-quality image(s)."),
+                    upscale_input(),
+                    process_size_input(),
+                    io.Int.Input("vae_tile", default=1024, min=0, max=4096, step=64,
+                                 tooltip="Encoder tile size in pixels (0 = never tile)."),
+                    io.Combo.Input("dtype", options=list(DTYPES), default="auto", tooltip="Network precision.")],
+            outputs=[io.Latent.Output()])
+
+    @classmethod
+    def execute(cls, model, image, upscale, process_size, vae_tile, dtype):
+        images, _ = host.image_to_bchw(image)
+        dev = _prepare(model, dtype)
+        progress = host.Progress(len(images))
+        try:
+            latents = []
+            for one in images:
+                lq, _ = preprocess(one, upscale=upscale, process_size=process_size)
+                padded, _ = img.pad_to_multiple(lq, 8)
+                latents.append(encode_lq(model.lq_encoder, padded.to(dev), tile=vae_tile).cpu() / SCALING_FACTOR)
+                progress()
+        finally:
+            _release(model)
+        return io.NodeOutput({"samples": torch.cat(latents)})
+
+
+class OSEDiffOneStep(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="OSEDiff_OneStepUNet", display_name="OSEDiff One-Step UNet", category=CATEGORY,
+            description="ε = UNet(z, t=999, prompt); x0 = (z − √(1−ᾱ)ε)/√ᾱ. Latent in, latent out (unscaled).",
+            inputs=[OSEDIFF.Input("model", tooltip="From 'Load OSEDiff'."),
+                    io.Latent.Input("latent", tooltip="From 'OSEDiff LQ Encoder'."),
+                    io.Conditioning.Input("conditioning", optional=True,
+                                          tooltip="From a standard CLIP Text Encode with the SD 2.1 CLIP; "
+                                                  "overrides the prompt text."),
+                    io.String.Input("prompt", default="", multiline=True,
+                                    tooltip="Prompt text when no conditioning is connected (e.g. from DAPE)."),
+                    *tile_inputs(),
+                    io.Combo.Input("dtype", options=list(DTYPES), default="auto", tooltip="Network precision.")],
+            outputs=[io.Latent.Output()])
+
+    @classmethod
+    def execute(cls, model, latent, prompt, tile_latent, tile_overlap, dtype, conditioning=None):
+        dev = _prepare(model, dtype)
+        z_all = latent["samples"].float() * SCALING_FACTOR
+        progress = host.Progress(z_all.shape[0])
+        try:
+            if conditioning is not None:
+                embeds = conditioning[0][0][:1].to(dev)
+            else:
+                embeds = prompt_embedding(model, prompt)
+            outs = []
+            for z in z_all.split(1):
+                def run(tile):
+                    eps = predict_eps(model.unet, z.to(dev), embeds, tile=tile,
+                                      overlap=min(tile_overlap, max(tile - 8, 0)),
+                                      callback=lambda *_: host.mm.throw_exception_if_processing_interrupted())
+                    return one_step_x0(z.to(dev), eps)
+                outs.append(host.with_oom_retry(run, tile_latent).cpu() / SCALING_FACTOR)
+                progress()
+        finally:
+            _release(model)
+        return io.NodeOutput(dict(latent, samples=torch.cat(outs)))
+
+
+class OSEDiffDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="OSEDiff_VAEDecode", display_name="OSEDiff VAE Decode", category=CATEGORY,
+            description="Tiled VAE decode, colour fix against the upscaled reference, crop to exactly round(upscale × input).",
+            inputs=[OSEDIFF.Input("model", tooltip="From 'Load OSEDiff' (its VAE decoder is the frozen SD one)."),
+                    io.Latent.Input("latent", tooltip="From 'OSEDiff One-Step UNet'."),
+                    io.Image.Input("reference", tooltip="The low-quality input image (for colour fix and size)."),
+                    upscale_input(),
+                    process_size_input(),
+                    io.Combo.Input("color_fix", options=list(COLOR_FIXES), default="adain", tooltip="Colour correction."),
+                    io.Int.Input("vae_tile", default=224, min=0, max=1024, step=8,
+                                 tooltip="Decoder tile size in latent pixels (0 = never tile).")],
+            outputs=[io.Image.Output()])
+
+    @classmethod
+    def execute(cls, model, latent, reference, upscale, process_size, color_fix, vae_tile):
+        images, alpha = host.image_to_bchw(reference)
+        dev = host.device()
+        model.vae.to(dev)
+        progress = host.Progress(len(images))
+        try:
+            outs = []
+            for one, x0 in zip(images, latent["samples"].float().split(1)):
+                lq, plan = preprocess(one, upscale=upscale, process_size=process_size)
+                decoded = decode_latent(model.vae, x0.to(dev) * SCALING_FACTOR, tile=vae_tile).cpu()
+                out = apply_color_fix((decoded * 0.5 + 0.5)[..., :plan.crop[0], :plan.crop[1]], lq, color_fix)
+                if (out.shape[-1], out.shape[-2]) != plan.output_size:
+                    out = img.resize(out, plan.output_size, "bicubic").clamp(0, 1)
+                outs.append(out)
+                progress()
+        finally:
+            model.vae.to(host.offload_device())
+        return io.NodeOutput(host.bchw_to_image(outs, alpha))
+
+
+class DAPELoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        options = host.files("dape")
+        return io.Schema(
+            node_id="DAPE_Loader", display_name="Load DAPE (RAM + LoRA)", category=CATEGORY,
+            description="The DAPE prompt extractor: RAM Swin-L tagger with the DAPE LoRA merged.",
+            inputs=[io.Combo.Input("ram_or_converted", options=options,
+                                   tooltip="ram_swin_large_14m.pth, or a converted DAPE .safetensors (then dape = none)."),
+                    io.Combo.Input("dape", options=["none"] + options, default="none",
+                                   tooltip="DAPE.pth (LoRA); 'none' when the first file is a converted one.")],
+            outputs=[DAPE.Output(display_name="DAPE_MODEL")])
+
+    @classmethod
+    def execute(cls, ram_or_converted, dape):
+        from ..osediff_core.dape import load_dape_tagger
+
+        first = host.weight_path("dape", ram_or_converted)
+        if dape == "none":
+            return io.NodeOutput(host.cached(("dape", first), lambda: load_dape_tagger(converted_path=first)))
+        second = host.weight_path("dape", dape)
+        return io.NodeOutput(host.cached(("dape", first, second),
+                                         lambda: load_dape_tagger(ram_path=first, dape_path=second)))
+
+
+class DAPEPrompt(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DAPE_PromptExtractor", display_name="DAPE Prompt Extractor", category=CATEGORY,
+            description="Tags of the (×upscale bicubic) input as the OSEDiff prompt '{tags}, {user prompt},'.",
+            inputs=[DAPE.Input("dape", tooltip="From 'Load DAPE'."),
+                    io.Image.Input("image", tooltip="The low-quality image (first image of a batch is used)."),
+                    upscale_input(),
+                    process_size_input(),
+                    io.String.Input("user_prompt", default="", tooltip="Appended after the tags."),
+                    io.Boolean.Input("tags_only", default=False, tooltip="Output only the tags."),
+                    io.String.Input("exclude", default="", tooltip="Comma-separated tags never to output."),
+                    io.Int.Input("max_tags", default=0, min=0, max=4585,
+                                 tooltip="Keep at most this many (most probable) tags; 0 = all.")],
+            outputs=[io.String.Output()])
+
+    @classmethod
+    def execute(cls, dape, image, upscale, process_size, user_prompt, tags_only, exclude, max_tags):
+        from ..osediff_core.dape import dape_prompt
+
+        images, _ = host.image_to_bchw(image)
+        dev = host.device()
+        dape.to(dev)
+        try:
+            lq, _ = preprocess(images[0], upscale=upscale, process_size=process_size)
+            tags = dape.tags(lq.to(dev), exclude=[t.strip() for t in exclude.split(",") if t.strip()],
+                             max_tags=max_tags or None)[0]
+        finally:
+            dape.to(host.offload_device())
+        return io.NodeOutput(dape_prompt(tags, user_prompt, tags_only))
+
+
+NODES = [SD21Loader, OSEDiffLoader, OSEDiffUpscale, OSEDiffLQEncoder, OSEDiffOneStep, OSEDiffDecode, DAPELoader,
+         DAPEPrompt]

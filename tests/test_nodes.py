@@ -1,0 +1,148 @@
+"""The ComfyUI nodes, run without ComfyUI against stand-ins of the host APIs (tests/comfy_stubs)."""
+
+import asyncio
+import importlib.util
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from conftest import DATA, psnr
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STUBS = os.path.join(os.path.dirname(__file__), "comfy_stubs")
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory):
+    """Import the pack as ComfyUI does: from its folder, under a module name of the host's choosing."""
+    models = tmp_path_factory.mktemp("models")
+    folder = models / "diffusers" / "tiny_sd21"
+    shutil.copytree(os.path.join(DATA, "osediff", "tiny_sd21"), folder)
+    if not (folder / "tokenizer").exists():
+        shutil.copytree(os.path.join(ROOT, "sr_common", "configs", "sd21_base", "tokenizer"), folder / "tokenizer")
+    (models / "osediff").mkdir()
+    shutil.copy(os.path.join(DATA, "osediff", "osediff_tiny.pkl"), models / "osediff")
+    (models / "dossr").mkdir()
+    shutil.copy(os.path.join(DATA, "dossr", "dossr_tiny.ckpt"), models / "dossr")
+    (models / "configs").mkdir()
+    shutil.copy(os.path.join(DATA, "dossr", "tiny_cldm.yaml"), models / "configs")
+    os.environ["DIFFSR_TEST_MODELS"] = str(models)
+    sys.path.insert(0, STUBS)
+    try:
+        spec = importlib.util.spec_from_file_location("custom_nodes_x_diffsr_pack", os.path.join(ROOT, "__init__.py"),
+                                                      submodule_search_locations=[ROOT])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        extension = asyncio.run(module.comfy_entrypoint())
+        nodes = {n.define_schema().node_id: n for n in asyncio.run(extension.get_node_list())}
+        yield module, nodes
+    finally:
+        sys.path.remove(STUBS)
+        for name in [n for n in sys.modules if n.startswith(("custom_nodes_x_diffsr_pack", "comfy", "folder_paths"))
+                     and not n.startswith("comfyui_diffsr")]:
+            del sys.modules[name]
+
+
+def run(node, **inputs):
+    return node.execute(**inputs).args
+
+
+def test_schemas(pack):
+    _, nodes = pack
+    assert {"DiffSR_SD21Loader", "OSEDiff_Loader", "OSEDiff_Upscale", "OSEDiff_LQEncoder", "OSEDiff_OneStepUNet",
+            "OSEDiff_VAEDecode", "DAPE_Loader", "DAPE_PromptExtractor", "DoSSR_Loader", "DoSSR_Upscale"} <= set(nodes)
+    for node_id, node in nodes.items():
+        schema = node.define_schema()
+        assert schema.category == "image/upscaling/DiffSR" and schema.display_name
+        assert all(i.tooltip for i in schema.inputs), node_id
+    loader = nodes["DiffSR_SD21Loader"].define_schema().inputs[0]
+    assert loader.choices == ["diffusers/tiny_sd21"]
+
+
+@pytest.fixture(scope="module")
+def osediff_model(pack):
+    _, nodes = pack
+    (sd21,) = run(nodes["DiffSR_SD21Loader"], base="diffusers/tiny_sd21")
+    (model,) = run(nodes["OSEDiff_Loader"], sd21=sd21, weights="osediff_tiny.pkl")
+    (again,) = run(nodes["OSEDiff_Loader"], sd21=sd21, weights="osediff_tiny.pkl")
+    assert again is model  # loaded once
+    return sd21, model
+
+
+def test_all_in_one_equals_the_core_and_modular_graph(pack, osediff_model):
+    _, nodes = pack
+    sd21, model = osediff_model
+    image = torch.rand(2, 27, 21, 3, generator=torch.Generator().manual_seed(0))
+    original = image.clone()
+    (out,) = run(nodes["OSEDiff_Upscale"], model=model, image=image, prompt="a cat", upscale=4.0, process_size=64,
+                 color_fix="adain", tile_latent=96, tile_overlap=32, dtype="fp32")
+    assert out.shape == (2, 108, 84, 3) and torch.equal(image, original)
+    (latent,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=image, upscale=4.0, process_size=64, vae_tile=1024,
+                    dtype="fp32")
+    assert latent["samples"].shape == (2, 4, 14, 11)
+    (x0,) = run(nodes["OSEDiff_OneStepUNet"], model=model, latent=latent, prompt="a cat", tile_latent=96,
+                tile_overlap=32, dtype="fp32")
+    (decoded,) = run(nodes["OSEDiff_VAEDecode"], model=model, latent=x0, reference=image, upscale=4.0,
+                     process_size=64, color_fix="adain", vae_tile=224)
+    assert decoded.shape == out.shape
+    assert psnr(decoded, out) > 60
+    # CONDITIONING (as CLIP Text Encode gives it) instead of the text: the same output
+    from comfyui_diffsr.sr_common.sd21 import encode_prompt
+
+    with torch.no_grad():
+        embeds = encode_prompt(sd21.text_encoder, sd21.tokenizer, ["a cat"])
+    (x0c,) = run(nodes["OSEDiff_OneStepUNet"], model=model, latent=latent, prompt="ignored", tile_latent=96,
+                 tile_overlap=32, dtype="fp32", conditioning=[[embeds, {"pooled_output": None}]])
+    assert torch.allclose(x0c["samples"], x0["samples"], atol=1e-5)
+
+
+def test_rgba_grayscale_and_cancel(pack, osediff_model):
+    _, nodes = pack
+    _, model = osediff_model
+    mm = sys.modules["comfy.model_management"]
+    args = dict(model=model, prompt="", upscale=2.0, process_size=32, color_fix="wavelet", tile_latent=96, tile_overlap=32,
+                dtype="fp32")
+    rgba = torch.rand(1, 20, 24, 4)
+    (out,) = run(nodes["OSEDiff_Upscale"], image=rgba, **args)
+    assert out.shape == (1, 40, 48, 4)
+    (gray,) = run(nodes["OSEDiff_Upscale"], image=torch.rand(1, 20, 24, 1), **args)
+    assert gray.shape == (1, 40, 48, 3)
+    image = torch.rand(1, 20, 24, 3)
+    mm.interrupt_current_processing(True)
+    with pytest.raises(mm.InterruptProcessingException):
+        run(nodes["OSEDiff_Upscale"], image=image, **dict(args, tile_latent=8, tile_overlap=4))
+    (a,) = run(nodes["OSEDiff_Upscale"], image=image, **dict(args, tile_latent=8, tile_overlap=4))
+    (b,) = run(nodes["OSEDiff_Upscale"], image=image, **dict(args, tile_latent=8, tile_overlap=4))
+    assert torch.equal(a, b)
+
+
+def test_oom_halves_the_tile(pack, osediff_model, monkeypatch):
+    module, _ = pack
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    tried = []
+
+    def run_tile(tile):
+        tried.append(tile)
+        if tile > 24:
+            raise host.mm.OOM_EXCEPTION("out of memory")
+        return tile
+
+    assert host.with_oom_retry(run_tile, 96) == 24 and tried == [96, 48, 24]
+    with pytest.raises(host.mm.OOM_EXCEPTION):
+        host.with_oom_retry(lambda t: (_ for _ in ()).throw(host.mm.OOM_EXCEPTION("oom")), 32)
+
+
+def test_dossr_nodes(pack, osediff_model):
+    _, nodes = pack
+    (model,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+    image = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(1))
+    embeds = torch.randn(1, 77, model.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+    args = dict(model=model, image=image, steps=2, seed=3, prompt="", upscale=4.0, color_fix="wavelet",
+                tile_latent=96, tile_overlap=32, dtype="fp32", conditioning=[[embeds, {}]])
+    (a,) = run(nodes["DoSSR_Upscale"], **args)
+    (b,) = run(nodes["DoSSR_Upscale"], **args)
+    assert a.shape == (1, 128, 128, 3) and torch.equal(a, b)

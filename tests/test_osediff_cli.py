@@ -1,0 +1,133 @@
+"""The osediff command end to end on the tiny model: diffusers folder, single file, conversion, refusals."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from comfyui_diffsr.cli.osediff import main
+from comfyui_diffsr.osediff_core.weights import convert_osediff
+from comfyui_diffsr.sr_common.errors import WeightFileError
+from comfyui_diffsr.sr_common.sd21 import load_sd21, shipped_config_dir
+from comfyui_diffsr.sr_common.weights import write_safetensors
+
+from conftest import DATA, psnr
+
+FIX = os.path.join(DATA, "osediff")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("base") / "tiny_sd21"
+    shutil.copytree(os.path.join(FIX, "tiny_sd21"), folder)
+    if not (folder / "tokenizer").exists():
+        shutil.copytree(os.path.join(shipped_config_dir(), "tokenizer"), folder / "tokenizer")
+    return str(folder)
+
+
+def run(args):
+    return main([str(a) for a in args])
+
+
+def read(path):
+    return torch.from_numpy(__import__("numpy").asarray(Image.open(path)).copy()).float() / 255
+
+
+def test_folder_and_single_file_give_the_same_image(base, tmp_path):
+    inp = os.path.join(FIX, "in_21x27.png")
+    assert run([inp, "-o", tmp_path / "a", "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
+                "--process-size", "64", "--prompt", "a cat"]) == 0
+    single = os.path.join(FIX, "tiny_sd21_single.safetensors")
+    assert run([inp, "-o", tmp_path / "b", "--base", single, "--base-config", base, "--weights",
+                os.path.join(FIX, "osediff_tiny.pkl"), "--process-size", "64", "--prompt", "a cat"]) == 0
+    a, b = read(tmp_path / "a" / "in_21x27.png"), read(tmp_path / "b" / "in_21x27.png")
+    assert a.shape == (108, 84, 3)  # exactly 4 × (21 × 27)
+    assert psnr(a, b) > 60
+
+
+def test_single_file_weights_equal_folder_weights(base):
+    a = load_sd21(base)
+    b = load_sd21(os.path.join(FIX, "tiny_sd21_single.safetensors"), config_dir=base)
+    for part in ("unet", "vae", "text_encoder"):
+        sa, sb = getattr(a, part).state_dict(), getattr(b, part).state_dict()
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), part
+
+
+def test_converted_weights_and_python_m(base, tmp_path):
+    converted = convert_osediff(os.path.join(FIX, "osediff_tiny.pkl"), str(tmp_path / "osediff.safetensors"))
+    inp = os.path.join(FIX, "in_32x32.png")
+    assert run([inp, "-o", tmp_path / "a", "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
+                "--process-size", "64", "--upscale", "2.5"]) == 0
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    subprocess.run([sys.executable, "-m", "comfyui_diffsr", "osediff", inp, "-o", str(tmp_path / "b"), "--base", base,
+                    "--weights", converted, "--process-size", "64", "--upscale", "2.5"], check=True, env=env)
+    a, b = read(tmp_path / "a" / "in_32x32.png"), read(tmp_path / "b" / "in_32x32.png")
+    assert a.shape == (80, 80, 3)
+    assert torch.equal(a, b)
+
+
+def test_never_overwrites_without_flag(base, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "in_32x32.png").write_bytes(b"user file")
+    args = [os.path.join(FIX, "in_32x32.png"), "-o", out, "--base", base, "--weights",
+            os.path.join(FIX, "osediff_tiny.pkl"), "--process-size", "64"]
+    assert run(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "in_32x32.png").read_bytes() == b"user file"
+    assert run(args + ["--overwrite"]) == 0
+    assert Image.open(out / "in_32x32.png").size == (128, 128)
+
+
+def make_ldm_variant(tmp_path, name, mutate):
+    from safetensors.torch import load_file
+
+    sd = load_file(os.path.join(FIX, "tiny_sd21_single.safetensors"))
+    mutate(sd)
+    path = tmp_path / name
+    write_safetensors(sd, path)
+    return str(path)
+
+
+def test_wrong_base_models_are_refused(base, tmp_path):
+    def sd1(sd):
+        for k in [k for k in sd if k.startswith("cond_stage_model.model.")]:
+            sd[k.replace("cond_stage_model.model.", "cond_stage_model.transformer.text_model.")] = sd.pop(k)
+
+    def sdxl(sd):
+        sd["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"] = torch.zeros(1)
+
+    def v_pred(sd):
+        key = max((k for k in sd if k.startswith("model.diffusion_model.output_blocks.")
+                   and k.endswith(".1.transformer_blocks.0.norm1.bias")),
+                  key=lambda k: int(k.split(".")[3]))
+        sd[key] = torch.randn_like(sd[key].float()) * 0.5
+
+    def not_sd(sd):
+        for k in [k for k in sd if k.startswith("model.diffusion_model.")]:
+            del sd[k]
+
+    for name, mutate, words in (("sd15.safetensors", sd1, "1.x"), ("sdxl.safetensors", sdxl, "SDXL"),
+                                ("v2-1_768.safetensors", v_pred, "768 v-prediction"),
+                                ("lora.safetensors", not_sd, "not a Stable Diffusion checkpoint")):
+        with pytest.raises(WeightFileError, match=words):
+            load_sd21(make_ldm_variant(tmp_path, name, mutate), config_dir=base)
+    with pytest.raises(WeightFileError, match="OSEDiff weight file"):
+        torch.save(torch.load(os.path.join(FIX, "osediff_tiny.pkl"), weights_only=True), tmp_path / "o.ckpt")
+        load_sd21(str(tmp_path / "o.ckpt"))
+
+
+def test_cli_reports_clear_errors(base, tmp_path, capsys):
+    assert run([os.path.join(FIX, "in_32x32.png"), "-o", tmp_path, "--base", base, "--weights",
+                os.path.join(FIX, "tiny_sd21_single.safetensors")]) == 2
+    assert "not an OSEDiff checkpoint" in capsys.readouterr().err
+    assert run([str(tmp_path / "missing.png"), "-o", tmp_path, "--base", base, "--weights", "x"]) == 2
+    assert "Input not found" in capsys.readouterr().err
+    assert run([os.path.join(FIX, "in_32x32.png"), "-o", tmp_path, "--base", base, "--weights", "x",
+                "--upscale", "9"]) == 2
+    assert "--upscale must be between 1 and 8" in capsys.readouterr().err
