@@ -131,3 +131,26 @@ def test_cli_reports_clear_errors(base, tmp_path, capsys):
     assert run([os.path.join(FIX, "in_32x32.png"), "-o", tmp_path, "--base", base, "--weights", "x",
                 "--upscale", "9"]) == 2
     assert "--upscale must be between 1 and 8" in capsys.readouterr().err
+
+
+def test_osediff_with_dape_prompts(base, tmp_path):
+    """`osediff --ram --dape` tags the upscaled LQ and uses '{tags}, {user prompt},' as the prompt."""
+    from comfyui_diffsr.osediff_core.dape import dape_prompt, load_dape_tagger
+    from comfyui_diffsr.osediff_core.pipeline import Options, build_osediff, osediff_upscale, preprocess
+    from comfyui_diffsr.osediff_core.weights import read_osediff
+    from comfyui_diffsr.sr_common.image import pil_to_tensor
+
+    ram, dape = os.path.join(DATA, "dape", "ram_tiny.pth"), os.path.join(DATA, "dape", "dape_tiny.pth")
+    inp = os.path.join(FIX, "in_32x32.png")
+    assert run([inp, "-o", tmp_path, "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
+                "--process-size", "64", "--ram", ram, "--dape", dape, "--user-prompt", "sharp"]) == 0
+    image = pil_to_tensor(Image.open(inp))
+    lq, _ = preprocess(image, upscale=4, process_size=64)
+    prompt = dape_prompt(load_dape_tagger(ram_path=ram, dape_path=dape).tags(lq)[0], "sharp")
+    assert prompt.endswith(", sharp,") and len(prompt) > len(", sharp,")
+    model = build_osediff(load_sd21(base), read_osediff(os.path.join(FIX, "osediff_tiny.pkl")))
+    expected = osediff_upscale(model, image, prompt=prompt, options=Options(process_size=64))
+    got = read(tmp_path / "in_32x32.png")
+    assert psnr(got, expected[0].permute(1, 2, 0)) > 45
+    plain = osediff_upscale(model, image, prompt="", options=Options(process_size=64))
+    assert psnr(got, plain[0].permute(1, 2, 0)) < psnr(got, expected[0].permute(1, 2, 0))

@@ -383,8 +383,8 @@ CPU. Regenerate (1.5-3 min on 2 CPU cores):
 | `osediff_tiny.pkl` | `torch.save` dict exactly as `OSEDiff_gen.save_model` writes it (fp32): module lists from the official `initialize_unet`/`initialize_vae` on the tiny model (UNet 49/100/16 modules, VAE list 63 entries with duplicates, 31 unique), `rank_unet = rank_vae = 4`, PEFT default alpha 8 (scale 2). Every `lora_A` ~ N(0, 1/r), every `lora_B` random and scaled so that `|2 B@A| / |W|` is 0.10..0.30 per layer; `conv_in.base_layer.{{weight,bias}}` differs from the base `conv_in` (must replace it, then add its LoRA). Loads with `weights_only=True`. |
 | `in_WxH.png` | inputs (smooth gradients + shapes + noise, RGB) |
 | `<case>.png` | the official output PNG (official cases: `ToPILImage` truncation after the official PIL colour fix; exact cases: `round(out_float*255)`) |
-| `<case>.safetensors` | `lq` model input in [-1,1] (fp16; for exact cases the *padded* input), `z` latent after encode x0.18215, `eps` UNet output (stitched when latent-tiled), `x0` latent (fp32), `decoded` = `vae.decode(x0/0.18215).sample.clamp(-1,1)` (fp16, padded size for exact cases), `out_float` = float image in [0,1] right before the final quantisation (after colour fix; fp32) |
-| `prompt.safetensors` | `input_ids` (1,77) and `prompt_embeds` (1,77,16) of the prompt |
+| `<case>.safetensors` | `out_float` = float image in [0,1] right before the final quantisation (after colour fix and, for exact sizing with a min-size raise, after the bicubic resize back to exactly upscale x input; fp16). `a32_adain` also keeps `eps` (UNet output) and `x0` (fp16). |
+| `prompt.safetensors` | `input_ids` (1,77) and `prompt_embeds` (1,77,8) of the prompt |
 | `cases.json` | all parameters per case, expected files, sizes, which tilings are active, `input_ids` |
 
 ## Common settings
@@ -397,19 +397,20 @@ CPU. Regenerate (1.5-3 min on 2 CPU cores):
   over the whole latent (after the tiled encoder), seed {seed}. For exact cases h, w are the *padded* latent sizes.
 * official sizing = `test_osediff.py __main__`: raise when a side < process_size//upscale (`int()` truncation),
   PIL BICUBIC x upscale, then LANCZOS squash to a multiple of 8; colour fix on PIL images against that LQ.
-* **exact sizing (ours)**: (every exact case has `min(W, H) >= process_size // upscale`, so no min-size raise
-  applies) `PIL.resize((upscale*W, upscale*H), BICUBIC)` of the 8-bit input (no raise, no squash) ->
+* **exact sizing (ours)**: the official min-size raise when a side < process_size//upscale (only `h13x19_exact_raise`),
+  then `PIL.resize((upscale*W, upscale*H), BICUBIC)` of the 8-bit input (no squash) ->
   `ToTensor` ([0,1]) -> pad right/bottom to a multiple of 8 with `torch.nn.functional.pad(lq, (0, pw, 0, ph),
   mode="reflect")` on the [0,1] tensor, or `mode="replicate"` if `ph >= H` or `pw >= W` (reflect impossible; not hit
   by these cases) -> `*2-1` -> official networks -> crop `decoded[..., :H*upscale, :W*upscale]` -> `*0.5+0.5`, clamp
   [0,1] -> float colour fix (official `adaptive_instance_normalization` / `wavelet_reconstruction`) against the
-  unpadded upscaled LQ tensor -> clamp [0,1] = `out_float` (no 8-bit round trip before the colour fix).
+  unpadded upscaled LQ tensor -> clamp [0,1] -> (raised only) PIL float ("F") BICUBIC resize per channel to
+  exactly upscale x input, clamp = `out_float` (no 8-bit round trip before the colour fix).
 * Tiling thresholds (my_utils/vaehook.py): the VAE encoder is tiled when `max(H, W) > vae_encoder_tiled_size + 64`
   (image px, pad 32), the decoder when `max(h, w) > vae_decoder_tiled_size + 22` (latent px, pad 11). Latent tiling
   when `h*w > latent_tiled_size**2`.
 * Sanity: `a32_adain` with every `lora_B` zeroed is {lora_psnr:.2f} dB from the real output: the LoRA is not blind.
-* `g37x29_exact_tiled` runs the official `VAEHook` encoder tiling (cross-tile GroupNorm statistics, per-tile mid
-  attention) on our padded input; `g37x29_exact_latent_tiled` is the same without VAE tiling.
+* Exact sizing uses our own tiled VAE (margins exchanged, exact statistics), which is not the official algorithm,
+  so no exact case tiles the VAE; `g37x29_exact_latent_tiled` tiles the latent (official Gaussian blend).
 * Tiled vs untiled differ a lot with random weights (e40x32 13 dB, f64x48 15 dB; global attention in a random net
   and 8-latent tiles): compare each tiled case with its own official output, not with the untiled one.
 
