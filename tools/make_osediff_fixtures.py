@@ -221,6 +221,7 @@ def open_clip_text(text, gen):
     """CLIPTextModel -> OpenCLIP ``cond_stage_model.model.*``, plus one more (random, unused) resblock: SD 2
     takes the penultimate layer, which is why the HF encoder has one layer less."""
     sd, cfg = text.state_dict(), text.config
+    sd = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in sd.items()}  # transformers >= 5
     p, out = "cond_stage_model.model.", {}
     out[p + "token_embedding.weight"] = sd["text_model.embeddings.token_embedding.weight"]
     out[p + "positional_embedding"] = sd["text_model.embeddings.position_embedding.weight"]
