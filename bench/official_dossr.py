@@ -1,0 +1,76 @@
+"""Times the official DoSSR inference (run with the official code's own venv and PYTHONPATH=<checkout>).
+
+Builds the official ControlLDM from its SD 2.1 yaml with random weights (OpenCLIP ViT-H text tower
+built without pretrained weights), saves it as an official-layout ``.ckpt`` at --save-ckpt (so our side
+loads the very same weights), then runs the official ``scripts/inference.py`` main() on --repeats + 1
+copies of the LR image (5 steps, sr_scale 4, CPU) and times each ``process()`` call; the first is a warm-up.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--upstream", required=True)
+    p.add_argument("--lr", required=True)
+    p.add_argument("--save-ckpt", required=True)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=1)
+    a = p.parse_args()
+    a.lr, a.save_ckpt = os.path.abspath(a.lr), os.path.abspath(a.save_ckpt)
+    os.chdir(a.upstream)
+    import open_clip
+
+    create = open_clip.create_model_and_transforms
+    open_clip.create_model_and_transforms = lambda arch, device=None, pretrained=None, **kw: create(arch, device=device)
+    if not hasattr(torch, "get_autocast_gpu_dtype"):
+        torch.get_autocast_gpu_dtype = lambda: torch.get_autocast_dtype("cuda")
+    torch.Tensor.cuda = lambda self, *x, **k: self
+    torch.nn.Module.cuda = lambda self, *x, **k: self
+    from omegaconf import OmegaConf
+    from utils.common import instantiate_from_config
+
+    config = os.path.join(a.upstream, "configs", "model", "cldm_v21.yaml")
+    torch.manual_seed(0)
+    model = instantiate_from_config(OmegaConf.load(config))
+    torch.save({"state_dict": model.state_dict()}, a.save_ckpt)
+    del model
+    spec = importlib.util.spec_from_file_location("dossr_inference", os.path.join(a.upstream, "scripts", "inference.py"))
+    inference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(inference)
+    times = []
+    process = inference.process
+
+    def timed_process(*args, **kw):
+        start = time.perf_counter()
+        out = process(*args, **kw)
+        times.append(time.perf_counter() - start)
+        return out
+
+    inference.process = timed_process
+    work = tempfile.mkdtemp()
+    os.makedirs(os.path.join(work, "in"))
+    for i in range(a.repeats + 1):
+        shutil.copy(a.lr, os.path.join(work, "in", f"lr{i}.png"))
+    sys.argv = ["inference.py", "--ckpt", a.save_ckpt, "--config", config, "--input", os.path.join(work, "in"),
+                "--steps", str(a.steps), "--sr_scale", "4", "--output", os.path.join(work, "out"), "--device", "cpu"]
+    inference.main()
+    shutil.rmtree(work)
+    runs = times[1:] or times
+    print(json.dumps({"case": "128->512", "steps": a.steps, "median_s": statistics.median(runs), "runs": len(runs),
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+if __name__ == "__main__":
+    main()
