@@ -51,13 +51,24 @@ def random_dossr(seed=0):
     return model, params
 
 
-def run_case(size, repeats, steps, device, dtype):
+def lr_image(size):
+    """The seeded 8-bit LR test image both sides use."""
+    return (torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 255).round() / 255
+
+
+def run_case(size, repeats, steps, device, dtype, weights=None):
+    from comfyui_diffsr.dossr_core.model import load_dossr
     from comfyui_diffsr.dossr_core.pipeline import Options, dossr_upscale
 
-    model, params = random_dossr()
+    if weights:  # the official-layout checkpoint the official side saved: identical weights, text encoder included
+        model = load_dossr(weights)
+        params = sum(p.numel() for m in model.modules() for p in m.parameters())
+        embeds = None
+    else:
+        model, params = random_dossr()
+        embeds = torch.randn(1, 77, 1024, generator=torch.Generator().manual_seed(1))
     model.to(device, dtype)
-    image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    embeds = torch.randn(1, 77, 1024, generator=torch.Generator().manual_seed(1))
+    image = lr_image(size)
     options = Options(steps=steps)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     if device.type == "cuda":
@@ -79,12 +90,18 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--out", default=os.path.join(HERE, "results", "dossr_cpu.json"))
+    p.add_argument("--compare-official", default=None, help="local checkout of AMD-AIG-AIMA/DoSSR (128 px only)")
+    p.add_argument("--official-python", default=sys.executable, help="python of the official code's venv")
     p.add_argument("--_case", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_weights", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     device = torch.device(args.device)
     if args._case is not None:
-        print(json.dumps(run_case(args._case, args.repeats, args.steps, device, dtype)))
+        print(json.dumps(run_case(args._case, args.repeats, args.steps, device, dtype, args._weights)))
+        return
+    if args.compare_official:
+        compare_official(args, device, dtype)
         return
     cases = []
     for size in args.sizes:
@@ -93,6 +110,31 @@ def main():
         cases.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
                                 .splitlines()[-1]))
     write_json({"method": "dossr", **environment(device, dtype), "cases": cases}, args.out)
+
+
+def compare_official(args, device, dtype):
+    """Official first (it builds and saves the random weights), then ours on the same .ckpt and LR image."""
+    import tempfile
+
+    from PIL import Image
+
+    from comfyui_diffsr.sr_common.image import tensor_to_uint8
+
+    with tempfile.TemporaryDirectory() as tmp:
+        lr = os.path.join(tmp, "lr.png")
+        Image.fromarray(tensor_to_uint8(lr_image(128))).save(lr)
+        ckpt = os.path.join(tmp, "dossr_random.ckpt")
+        env = dict(os.environ, PYTHONPATH=args.compare_official, THP_MEM_ALLOC_ENABLE="1")
+        cmd = [args.official_python, os.path.join(HERE, "official_dossr.py"), "--upstream", args.compare_official,
+               "--lr", lr, "--save-ckpt", ckpt, "--steps", str(args.steps), "--repeats", str(args.repeats)]
+        official = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+                              .stdout.strip().splitlines()[-1])
+        cmd = [sys.executable, __file__, "--_case", "128", "--_weights", ckpt, "--repeats", str(args.repeats),
+               "--steps", str(args.steps), "--device", args.device, "--dtype", args.dtype]
+        ours = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+                          .splitlines()[-1])
+    write_json({"method": "dossr", **environment(device, dtype), "cases": [ours], "official": [official],
+                "ratio_ours_to_official": {"128->512": ours["median_s"] / official["median_s"]}}, args.out)
 
 
 if __name__ == "__main__":
