@@ -1,10 +1,18 @@
 """DoSSR nodes: loader and upscaler (RRDB ×4 → ControlNet-guided domain-shift SDE → VAE decode)."""
 
+import math
+
+import torch
 from comfy_api.latest import io
 
 from ..dossr_core.model import DEFAULT_PROMPT, load_dossr
-from ..dossr_core.pipeline import Options, dossr_upscale
-from ..sr_common.color_fix import COLOR_FIXES
+from ..dossr_core.pipeline import (PIXEL_MULTIPLE, NoiseSource, Options, check_options, condition_latent, decode,
+                                   dossr_upscale, lr_latent, make_eps_model)
+from ..dossr_core.sampling import sample_dossr
+from ..dossr_core.schedule import make_grid
+from ..sr_common import image as img
+from ..sr_common.color_fix import COLOR_FIXES, apply_color_fix
+from ..sr_common.sd21 import SCALING_FACTOR
 from . import host
 from .osediff import CATEGORY, DTYPES, SD21, pick_dtype, tile_inputs
 
@@ -83,4 +91,111 @@ class DoSSRUpscale(io.ComfyNode):
         return io.NodeOutput(host.bchw_to_image(outs, alpha))
 
 
-NODES = [DoSSRLoader, DoSSRUpscale]
+def sample_one(model, image, o, prompt, embeds, cancel, step):
+    """Steps 1–5 of ``dossr_core.pipeline.dossr_upscale`` for one LR image: (final scaled latent, RRDB start)."""
+    check_options(o)
+    device, dtype = model.device, model.dtype
+    noise = NoiseSource(o.seed)
+    start = model.rrdb(image.to(device=device, dtype=dtype)).float().clamp(0, 1)
+    padded, _ = img.pad_to_multiple(start, PIXEL_MULTIPLE)
+    c_latent = condition_latent(model, padded, o.vae_tile_encode, cancel)
+    x_hat0 = lr_latent(model, padded, noise, o.vae_tile_encode, cancel)
+    context = embeds.float() if embeds is not None else model.prompt_embedding(prompt)
+    if context.shape[-1] != model.unet.config.cross_attention_dim:
+        raise ValueError(f"The conditioning has width {context.shape[-1]}; DoSSR needs the SD 2.1 text encoder's "
+                         f"{model.unet.config.cross_attention_dim} (CLIP Text Encode with the SD 2.1 CLIP).")
+    eps = make_eps_model(model, c_latent, context.to(device), o, cancel)
+    x = sample_dossr(eps, x_hat0, make_grid(o.steps), lambda name, shape: noise(name, shape).to(device),
+                     order=o.order, gamma=o.gamma, callback=lambda info: step())
+    return x, start
+
+
+class DoSSRSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DoSSR_Sampler", display_name="DoSSR Sampler", category=CATEGORY,
+            description="RRDB ×4 → condition/LR latents → DoS-SDE sampling. Outputs the final latent (a standard, "
+                        "unscaled SD latent at ×4, padded to 64 px) and the RRDB image (colour reference).",
+            inputs=[DOSSR.Input("model", tooltip="From 'Load DoSSR'."),
+                    io.Image.Input("image", tooltip="Low-resolution image(s)."),
+                    io.Int.Input("steps", default=5, min=1, max=10,
+                                 tooltip="Solver steps (5 for dossr_default, 1 for dossr_onestep)."),
+                    io.Int.Input("seed", default=42, min=0, max=2**63 - 1, control_after_generate=True,
+                                 tooltip="Seed of every random draw (posterior sample, start noise, step noises)."),
+                    io.String.Input("prompt", default=DEFAULT_PROMPT, tooltip="Ignored when conditioning is connected."),
+                    *tile_inputs(),
+                    io.Combo.Input("dtype", options=list(DTYPES), default="auto", tooltip="Network precision."),
+                    io.Conditioning.Input("conditioning", optional=True,
+                                          tooltip="From a standard CLIP Text Encode with the SD 2.1 CLIP.")],
+            outputs=[io.Latent.Output(display_name="LATENT"), io.Image.Output(display_name="RRDB_IMAGE")])
+
+    @classmethod
+    def execute(cls, model, image, steps, seed, prompt, tile_latent, tile_overlap, dtype, conditioning=None):
+        images, _ = host.image_to_bchw(image)
+        dev = host.device()
+        host.move(model.modules(), dev, pick_dtype(dtype, dev))
+        model.prompt_cache.clear()
+        progress = host.Progress(len(images) * steps)
+        cancel = lambda *_: host.mm.throw_exception_if_processing_interrupted()
+        embeds = conditioning[0][0][:1] if conditioning is not None else None
+        try:
+            latents, starts = [], []
+            for one in images:
+                def run(tile):
+                    o = Options(steps=steps, seed=seed, tile_latent=tile,
+                                tile_overlap=min(tile_overlap, max(tile - 8, 0)))
+                    with torch.no_grad():
+                        return sample_one(model, one, o, prompt, embeds, cancel, progress)
+                x, start = host.with_oom_retry(run, tile_latent)
+                latents.append(x.float().cpu() / SCALING_FACTOR)
+                starts.append(start.cpu())
+        finally:
+            host.move(model.modules(), host.offload_device())
+        return io.NodeOutput({"samples": torch.cat(latents)}, host.bchw_to_image(starts))
+
+
+class DoSSRDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DoSSR_VAEDecode", display_name="DoSSR VAE Decode", category=CATEGORY,
+            description="Tiled VAE decode, crop to the RRDB image, colour fix against it, resize for scales other "
+                        "than ×4 (8-bit quantised LANCZOS, as the official).",
+            inputs=[DOSSR.Input("model", tooltip="From 'Load DoSSR' (its VAE is the SD 2.1 one)."),
+                    io.Latent.Input("latent", tooltip="From 'DoSSR Sampler'."),
+                    io.Image.Input("rrdb_image", tooltip="RRDB_IMAGE of 'DoSSR Sampler' (size and colour reference)."),
+                    io.Float.Input("upscale", default=4.0, min=1.0, max=8.0, step=0.5,
+                                   tooltip="Output scale of the original LR image (the model works at ×4)."),
+                    io.Combo.Input("color_fix", options=list(COLOR_FIXES), default="wavelet",
+                                   tooltip="Colour correction against the RRDB image (official default: wavelet)."),
+                    io.Int.Input("vae_tile", default=224, min=0, max=1024, step=8,
+                                 tooltip="Decoder tile size in latent pixels (0 = never tile).")],
+            outputs=[io.Image.Output()])
+
+    @classmethod
+    def execute(cls, model, latent, rrdb_image, upscale, color_fix, vae_tile):
+        starts, alpha = host.image_to_bchw(rrdb_image)
+        dev = host.device()
+        model.vae.to(dev)
+        progress = host.Progress(len(starts))
+        cancel = lambda *_: host.mm.throw_exception_if_processing_interrupted()
+        try:
+            outs = []
+            for start, x in zip(starts, latent["samples"].float().split(1)):
+                h, w = start.shape[-2:]
+                with torch.no_grad():
+                    x = x.to(dev, model.vae.post_quant_conv.weight.dtype) * SCALING_FACTOR
+                    decoded = decode(model, x, vae_tile, cancel)[..., :h, :w].cpu()
+                out = apply_color_fix(decoded, start, color_fix)
+                if upscale != 4:
+                    size = (math.ceil(upscale * w / 4), math.ceil(upscale * h / 4))
+                    out = img.resize(torch.floor(out * 255) / 255, size, "lanczos")
+                outs.append(out.clamp(0, 1))
+                progress()
+        finally:
+            model.vae.to(host.offload_device())
+        return io.NodeOutput(host.bchw_to_image(outs, alpha))
+
+
+NODES = [DoSSRLoader, DoSSRUpscale, DoSSRSampler, DoSSRDecode]

@@ -11,7 +11,8 @@ import comfy.model_management as mm
 import comfy.utils
 import folder_paths
 
-from ..sr_common.sd21 import load_sd21
+from ..sr_common.errors import WeightFileError
+from ..sr_common.sd21 import load_sd21, sd21_from_ldm_state_dict
 
 WEIGHT_EXTENSIONS = {".pkl", ".pth", ".pt", ".ckpt", ".safetensors", ".sft", ".bin"}
 MODEL_FOLDERS = ("osediff", "dossr", "dape")
@@ -72,6 +73,44 @@ def cached(key, load):
 def load_base(choice):
     path = base_path(choice)
     return cached(("sd21", path), lambda: load_sd21(path))
+
+
+def check_comfy_sd2(model, clip):
+    """Refuse what is not SD 2.x-base (epsilon, OpenCLIP-H, 4-channel UNet) from ComfyUI's own model description."""
+    base = model.model
+    config = base.model_config
+    unet = getattr(config, "unet_config", {})
+    family = type(config).__name__
+    sampling = model.get_model_object("model_sampling")
+    kinds = {c.__name__ for c in type(sampling).__mro__} | {getattr(base.model_type, "name", str(base.model_type))}
+    if kinds & {"V_PREDICTION", "V_PREDICTION_EDM", "V_PREDICTION_CONTINUOUS"}:
+        raise WeightFileError("The checkpoint from Load Checkpoint is a v-prediction model (SD 2.x 768-v, or "
+                              "sampling overridden to v_prediction). OSEDiff and DoSSR need the 512 px epsilon "
+                              "'stable-diffusion-2-1-base' (v2-1_512-ema-pruned).")
+    if (unet.get("context_dim") != 1024 or unet.get("in_channels", 4) != 4 or unet.get("adm_in_channels")
+            or not family.startswith("SD2")):
+        raise WeightFileError(f"The checkpoint from Load Checkpoint is {family} (UNet context_dim "
+                              f"{unet.get('context_dim')}, in_channels {unet.get('in_channels', 4)}), not "
+                              "Stable Diffusion 2.1-base. OSEDiff and DoSSR are built on v2-1_512-ema-pruned.")
+    if clip is None:
+        raise WeightFileError("Load Checkpoint gave no CLIP (the checkpoint has no text encoder); the SD 2.1 "
+                              "OpenCLIP-H text encoder is needed.")
+
+
+def sd21_from_comfy(model, clip, vae):
+    """Our SD 2.1-base (diffusers modules) from the MODEL/CLIP/VAE of ComfyUI's Load Checkpoint.
+
+    As ``comfy.sd.save_checkpoint`` (comfy/sd.py L1359): load with patches applied (so LoRAs on the MODEL/CLIP
+    are kept), then ``BaseModel.state_dict_for_saving`` (comfy/model_base.py L315) gives the original LDM layout.
+    """
+    check_comfy_sd2(model, clip)
+    mm.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
+    sd = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd())
+    if "v_pred" in sd:
+        raise WeightFileError("The checkpoint from Load Checkpoint is a v-prediction model; OSEDiff and DoSSR "
+                              "need stable-diffusion-2-1-base (epsilon).")
+    sd = {k: v for k, v in sd.items() if torch.is_tensor(v)}
+    return sd21_from_ldm_state_dict(sd, name="the Load Checkpoint model")
 
 
 def device():

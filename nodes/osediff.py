@@ -58,6 +58,25 @@ class SD21Loader(io.ComfyNode):
         return io.NodeOutput(host.load_base(base))
 
 
+class SD21FromCheckpoint(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffSR_SD21FromCheckpoint", display_name="SD 2.1-base from Load Checkpoint (DiffSR)",
+            category=CATEGORY,
+            description="Share the standard Load Checkpoint's SD 2.1-base (MODEL, CLIP, VAE) with OSEDiff and DoSSR. "
+                        "Refuses 768-v (v-prediction) and non-SD2 models.",
+            inputs=[io.Model.Input("model", tooltip="MODEL of Load Checkpoint with v2-1_512-ema-pruned "
+                                                   "(LoRAs applied to it are kept)."),
+                    io.Clip.Input("clip", tooltip="CLIP of the same Load Checkpoint (SD 2.1 OpenCLIP-H)."),
+                    io.Vae.Input("vae", tooltip="VAE of the same Load Checkpoint.")],
+            outputs=[SD21.Output(display_name="SD21_BASE")])
+
+    @classmethod
+    def execute(cls, model, clip, vae):
+        return io.NodeOutput(host.sd21_from_comfy(model, clip, vae))
+
+
 class OSEDiffLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -305,5 +324,5 @@ class DAPEPrompt(io.ComfyNode):
         return io.NodeOutput(dape_prompt(tags, user_prompt, tags_only))
 
 
-NODES = [SD21Loader, OSEDiffLoader, OSEDiffUpscale, OSEDiffLQEncoder, OSEDiffOneStep, OSEDiffDecode, DAPELoader,
+NODES = [SD21Loader, SD21FromCheckpoint, OSEDiffLoader, OSEDiffUpscale, OSEDiffLQEncoder, OSEDiffOneStep, OSEDiffDecode, DAPELoader,
          DAPEPrompt]

@@ -146,3 +146,142 @@ def test_dossr_nodes(pack, osediff_model):
     (a,) = run(nodes["DoSSR_Upscale"], **args)
     (b,) = run(nodes["DoSSR_Upscale"], **args)
     assert a.shape == (1, 128, 128, 3) and torch.equal(a, b)
+
+
+class _EPS:  # comfy/model_sampling.py: the prediction type is a mixin class of the model_sampling object
+    pass
+
+
+class V_PREDICTION:
+    pass
+
+
+class SD20:  # comfy/supported_models.py SD20: the model_config class Load Checkpoint picks for SD 2.x
+    def __init__(self, context_dim=1024):
+        self.unet_config = {"context_dim": context_dim, "in_channels": 4, "model_channels": 320, "adm_in_channels": None}
+
+
+class _Kind:
+    def __init__(self, name):
+        self.name = name
+
+
+class FakeBaseModel:
+    """comfy/model_base.py BaseModel: model_config, model_type and state_dict_for_saving (L315)."""
+
+    def __init__(self, sd, config, model_type="EPS"):
+        self.sd, self.model_config, self.model_type = sd, config, _Kind(model_type)
+
+    def state_dict_for_saving(self, clip_state_dict=None, vae_state_dict=None, clip_vision_state_dict=None):
+        out = {k: v for k, v in self.sd.items() if k.startswith("model.diffusion_model.")}
+        # SD20.process_clip_state_dict_for_saving: clip_h → cond_stage_model.model; VAE gets first_stage_model.
+        out.update({"cond_stage_model.model." + k[len("clip_h."):]: v for k, v in clip_state_dict.items()})
+        out.update({"first_stage_model." + k: v for k, v in vae_state_dict.items()})
+        if self.model_type.name == "V_PREDICTION":
+            out["v_pred"] = torch.tensor([])
+        return out
+
+
+class FakePatcher:  # comfy/model_patcher.py ModelPatcher: .model and get_model_object (L466)
+    def __init__(self, base, sampling=_EPS):
+        self.model, self.sampling = base, sampling()
+
+    def get_model_object(self, name):
+        assert name == "model_sampling"
+        return self.sampling
+
+
+class FakeClip:  # comfy/sd.py CLIP: get_sd (L260), load_model (L267)
+    def __init__(self, sd):
+        self.sd = {"clip_h." + k[len("cond_stage_model.model."):]: v for k, v in sd.items()
+                   if k.startswith("cond_stage_model.model.")}
+
+    def get_sd(self):
+        return dict(self.sd)
+
+    def load_model(self):
+        return "clip-patcher"
+
+
+class FakeVae:  # comfy/sd.py VAE.get_sd (L833)
+    def __init__(self, sd):
+        self.sd = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
+
+    def get_sd(self):
+        return dict(self.sd)
+
+
+def test_sd21_from_load_checkpoint(pack, osediff_model, monkeypatch):
+    """MODEL/CLIP/VAE of the standard Load Checkpoint → the same SD 2.1-base as our own loader; 768-v, SD1 refused."""
+    from safetensors.torch import load_file
+
+    _, nodes = pack
+    sd21, model = osediff_model
+    tiny = os.path.join(os.environ["DIFFSR_TEST_MODELS"], "diffusers", "tiny_sd21")
+    monkeypatch.setattr(sys.modules["custom_nodes_x_diffsr_pack.sr_common.sd21"], "shipped_config_dir", lambda: tiny)
+    sd = load_file(os.path.join(DATA, "osediff", "tiny_sd21_single.safetensors"))
+    node = nodes["DiffSR_SD21FromCheckpoint"]
+    (base,) = run(node, model=FakePatcher(FakeBaseModel(sd, SD20())), clip=FakeClip(sd), vae=FakeVae(sd))
+    mm = sys.modules["comfy.model_management"]
+    assert mm.LOADED[-1][1] is True  # loaded with patches applied, as comfy.sd.save_checkpoint
+    for ours, theirs in ((base.unet, sd21.unet), (base.vae, sd21.vae), (base.text_encoder, sd21.text_encoder)):
+        a, b = ours.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    (model2,) = run(nodes["OSEDiff_Loader"], sd21=base, weights="osediff_tiny.pkl")
+    image = torch.rand(1, 20, 24, 3, generator=torch.Generator().manual_seed(5))
+    args = dict(image=image, prompt="a dog", upscale=2.0, process_size=32, color_fix="adain", tile_latent=96,
+                tile_overlap=32, dtype="fp32")
+    assert torch.equal(run(nodes["OSEDiff_Upscale"], model=model2, **args)[0],
+                       run(nodes["OSEDiff_Upscale"], model=model, **args)[0])
+    refusals = [(FakePatcher(FakeBaseModel(sd, SD20()), sampling=V_PREDICTION), "v-prediction"),
+                (FakePatcher(FakeBaseModel(sd, SD20(), model_type="V_PREDICTION")), "v-prediction"),
+                (FakePatcher(FakeBaseModel(sd, type("SD15", (SD20,), {})(context_dim=768))), "SD15")]
+    for patcher, message in refusals:
+        with pytest.raises(Exception, match=message):
+            run(node, model=patcher, clip=FakeClip(sd), vae=FakeVae(sd))
+
+
+def test_dossr_modular_equals_all_in_one(pack):
+    """DoSSR Sampler → DoSSR VAE Decode gives the all-in-one output; the LATENT decodes like ComfyUI's VAE Decode."""
+    _, nodes = pack
+    (model,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+    image = torch.rand(2, 20, 24, 3, generator=torch.Generator().manual_seed(4))
+    original = image.clone()
+    embeds = torch.randn(1, 77, model.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+    cond = [[embeds, {}]]
+    common = dict(model=model, image=image, steps=2, seed=7, prompt="", tile_latent=96, tile_overlap=32, dtype="fp32",
+                  conditioning=cond)
+    for scale in (4.0, 2.0):
+        (whole,) = run(nodes["DoSSR_Upscale"], upscale=scale, color_fix="wavelet", **common)
+        latent, rrdb = run(nodes["DoSSR_Sampler"], **common)
+        assert latent["samples"].shape == (2, 4, 16, 16) and rrdb.shape == (2, 80, 96, 3)
+        (parts,) = run(nodes["DoSSR_VAEDecode"], model=model, latent=latent, rrdb_image=rrdb, upscale=scale,
+                       color_fix="wavelet", vae_tile=224)
+        assert parts.shape == whole.shape == (2, int(20 * scale), int(24 * scale), 3)
+        assert psnr(parts, whole) > 50, scale
+    assert torch.equal(image, original)
+    # ComfyUI's VAE Decode on an SD latent: (first_stage_model.decode(samples) + 1) / 2, clamped (comfy/sd.py VAE.decode)
+    with torch.no_grad():
+        standard = ((model.vae.decode(latent["samples"][:1]).sample + 1) / 2).clamp(0, 1)[..., :80, :96]
+    (nofix,) = run(nodes["DoSSR_VAEDecode"], model=model, latent={"samples": latent["samples"][:1]},
+                   rrdb_image=rrdb[:1], upscale=4.0, color_fix="none", vae_tile=0)
+    assert psnr(nofix.movedim(-1, 1), standard) > 60
+
+
+def test_osediff_latent_is_a_standard_sd_latent(pack, osediff_model):
+    """OSEDiff LATENT through ComfyUI's VAE Decode ((decode(samples) + 1) / 2, clamped) = OSEDiff VAE Decode
+    without colour fix; the LQ encoder's latent round-trips through the standard decode too."""
+    _, nodes = pack
+    _, model = osediff_model
+    image = torch.rand(1, 20, 24, 3, generator=torch.Generator().manual_seed(6))
+    (latent,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=image, upscale=4.0, process_size=32, vae_tile=0,
+                    dtype="fp32")
+    (x0,) = run(nodes["OSEDiff_OneStepUNet"], model=model, latent=latent, prompt="", tile_latent=0, tile_overlap=0,
+                dtype="fp32")
+    with torch.no_grad():
+        standard = ((model.vae.decode(x0["samples"]).sample + 1) / 2).clamp(0, 1)
+    (ours,) = run(nodes["OSEDiff_VAEDecode"], model=model, latent=x0, reference=image, upscale=4.0, process_size=32,
+                  color_fix="none", vae_tile=0)
+    value = psnr(ours.movedim(-1, 1), standard)
+    print(f"interop: OSEDiff LATENT, standard VAE decode vs OSEDiff VAE Decode: PSNR {value:.1f} dB")
+    assert value > 60

@@ -2,7 +2,7 @@
 
 import torch
 
-OOM_EXCEPTION = torch.cuda.OutOfMemoryError  # L~300: torch.cuda.OutOfMemoryError
+OOM_EXCEPTION = torch.cuda.OutOfMemoryError  # L250 (L252: Exception where torch has no cuda.OutOfMemoryError)
 interrupt_processing = False
 EMPTIED = []
 
@@ -37,3 +37,11 @@ def throw_exception_if_processing_interrupted():  # L1423
     if interrupt_processing:
         interrupt_processing = False
         raise InterruptProcessingException()
+
+
+LOADED = []
+
+
+def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
+                    force_full_load=False):  # L606
+    LOADED.append((list(models), force_patch_weights))
