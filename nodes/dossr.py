@@ -71,35 +71,43 @@ class DoSSRUpscale(io.ComfyNode):
     def execute(cls, model, image, steps, seed, prompt, upscale, color_fix, tile_latent, tile_overlap, dtype,
                 conditioning=None):
         images, alpha = host.image_to_bchw(image)
-        dev = host.device()
-        host.move(model.modules(), dev, pick_dtype(dtype, dev))
-        model.prompt_cache.clear()
+        host.load_on_device(model, pick_dtype(dtype, host.device()))
         progress = host.Progress(len(images) * steps)
         embeds = conditioning[0][0][:1] if conditioning is not None else None
-        try:
-            outs = []
-            for one in images:
-                def run(tile):
-                    options = Options(steps=steps, seed=seed, upscale=upscale, color_fix=color_fix, tile_latent=tile,
-                                      tile_overlap=min(tile_overlap, max(tile - 8, 0)))
-                    return dossr_upscale(model, one, prompt=prompt, prompt_embeds=embeds, options=options,
-                                         callback=lambda stage, done, total: progress() if stage == "sample"
-                                         else host.mm.throw_exception_if_processing_interrupted())
-                outs.append(host.with_oom_retry(run, tile_latent))
-        finally:
-            host.move(model.modules(), host.offload_device())
+        outs = []
+        for one in images:
+            def run(tile):
+                options = Options(steps=steps, seed=seed, upscale=upscale, color_fix=color_fix, tile_latent=tile,
+                                  tile_overlap=min(tile_overlap, max(tile - 8, 0)))
+                return dossr_upscale(model, one, prompt=prompt, prompt_embeds=embeds, options=options,
+                                     callback=lambda stage, done, total: progress() if stage == "sample"
+                                     else host.mm.throw_exception_if_processing_interrupted())
+            outs.append(host.with_oom_retry(run, tile_latent))
         return io.NodeOutput(host.bchw_to_image(outs, alpha))
 
 
-def sample_one(model, image, o, prompt, embeds, cancel, step):
-    """Steps 1–5 of ``dossr_core.pipeline.dossr_upscale`` for one LR image: (final scaled latent, RRDB start)."""
+def sample_one(model, image, latent, o, prompt, embeds, cancel, step):
+    """Steps 1–5 of ``dossr_core.pipeline.dossr_upscale`` for one input: (final scaled latent, colour reference).
+
+    From an LR ``image``: RRDB ×4, c = E_cond(RRDB), x̂₀ = posterior sample of E_vae(RRDB), as the official.
+    From a ``latent`` (a standard unscaled SD latent at the output size, e.g. the standard VAE Encode of an image
+    upscaled by another model): x̂₀ = 0.18215 · latent, and c = E_cond(VAE_dec(latent)).
+    """
     check_options(o)
     device, dtype = model.device, model.dtype
     noise = NoiseSource(o.seed)
-    start = model.rrdb(image.to(device=device, dtype=dtype)).float().clamp(0, 1)
-    padded, _ = img.pad_to_multiple(start, PIXEL_MULTIPLE)
+    if latent is None:
+        start = model.rrdb(image.to(device=device, dtype=dtype)).float().clamp(0, 1)
+        padded, _ = img.pad_to_multiple(start, PIXEL_MULTIPLE)
+        x_hat0 = lr_latent(model, padded, noise, o.vae_tile_encode, cancel)
+    else:
+        multiple = PIXEL_MULTIPLE // 8
+        h, w = latent.shape[-2:]
+        x_hat0 = torch.nn.functional.pad(latent.to(device=device, dtype=torch.float32) * SCALING_FACTOR,
+                                         (0, -w % multiple, 0, -h % multiple), mode="replicate")
+        padded = decode(model, x_hat0, o.vae_tile_decode, cancel).clamp(0, 1)
+        start = padded[..., :8 * h, :8 * w]
     c_latent = condition_latent(model, padded, o.vae_tile_encode, cancel)
-    x_hat0 = lr_latent(model, padded, noise, o.vae_tile_encode, cancel)
     context = embeds.float() if embeds is not None else model.prompt_embedding(prompt)
     if context.shape[-1] != model.unet.config.cross_attention_dim:
         raise ValueError(f"The conditioning has width {context.shape[-1]}; DoSSR needs the SD 2.1 text encoder's "
@@ -107,6 +115,8 @@ def sample_one(model, image, o, prompt, embeds, cancel, step):
     eps = make_eps_model(model, c_latent, context.to(device), o, cancel)
     x = sample_dossr(eps, x_hat0, make_grid(o.steps), lambda name, shape: noise(name, shape).to(device),
                      order=o.order, gamma=o.gamma, callback=lambda info: step())
+    if latent is not None:
+        x = x[..., :latent.shape[-2], :latent.shape[-1]]
     return x, start
 
 
@@ -115,10 +125,16 @@ class DoSSRSampler(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="DoSSR_Sampler", display_name="DoSSR Sampler", category=CATEGORY,
-            description="RRDB ×4 → condition/LR latents → DoS-SDE sampling. Outputs the final latent (a standard, "
-                        "unscaled SD latent at ×4, padded to 64 px) and the RRDB image (colour reference).",
+            description="RRDB ×4 → condition/LR latents → DoS-SDE sampling (or start from a LATENT at the output "
+                        "size). Outputs the final latent (a standard, unscaled SD latent) and the colour reference.",
             inputs=[DOSSR.Input("model", tooltip="From 'Load DoSSR'."),
-                    io.Image.Input("image", tooltip="Low-resolution image(s)."),
+                    io.Image.Input("image", optional=True,
+                                   tooltip="Low-resolution image(s): RRDB ×4 first, as the official. Connect this "
+                                           "or 'latent'."),
+                    io.Latent.Input("latent", optional=True,
+                                    tooltip="Instead of 'image': a standard SD latent at the output size (e.g. VAE "
+                                            "Encode of an image another model upscaled). It is the LR latent x̂₀; "
+                                            "the condition comes from its decode."),
                     io.Int.Input("steps", default=5, min=1, max=10,
                                  tooltip="Solver steps (5 for dossr_default, 1 for dossr_onestep)."),
                     io.Int.Input("seed", default=42, min=0, max=2**63 - 1, control_after_generate=True,
@@ -128,30 +144,31 @@ class DoSSRSampler(io.ComfyNode):
                     io.Combo.Input("dtype", options=list(DTYPES), default="auto", tooltip="Network precision."),
                     io.Conditioning.Input("conditioning", optional=True,
                                           tooltip="From a standard CLIP Text Encode with the SD 2.1 CLIP.")],
-            outputs=[io.Latent.Output(display_name="LATENT"), io.Image.Output(display_name="RRDB_IMAGE")])
+            outputs=[io.Latent.Output(display_name="LATENT"),
+                     io.Image.Output(display_name="REFERENCE", tooltip="The RRDB ×4 image (or the decoded input "
+                                                                       "latent): size and colour reference.")])
 
     @classmethod
-    def execute(cls, model, image, steps, seed, prompt, tile_latent, tile_overlap, dtype, conditioning=None):
-        images, _ = host.image_to_bchw(image)
-        dev = host.device()
-        host.move(model.modules(), dev, pick_dtype(dtype, dev))
-        model.prompt_cache.clear()
-        progress = host.Progress(len(images) * steps)
+    def execute(cls, model, steps, seed, prompt, tile_latent, tile_overlap, dtype, image=None, latent=None,
+                conditioning=None):
+        if (image is None) == (latent is None):
+            raise ValueError("DoSSR Sampler: connect exactly one of 'image' (LR image) and 'latent' "
+                             "(SD latent at the output size).")
+        inputs = host.image_to_bchw(image)[0] if latent is None else latent["samples"].float().split(1)
+        host.load_on_device(model, pick_dtype(dtype, host.device()))
+        progress = host.Progress(len(inputs) * steps)
         cancel = lambda *_: host.mm.throw_exception_if_processing_interrupted()
         embeds = conditioning[0][0][:1] if conditioning is not None else None
-        try:
-            latents, starts = [], []
-            for one in images:
-                def run(tile):
-                    o = Options(steps=steps, seed=seed, tile_latent=tile,
-                                tile_overlap=min(tile_overlap, max(tile - 8, 0)))
-                    with torch.no_grad():
-                        return sample_one(model, one, o, prompt, embeds, cancel, progress)
-                x, start = host.with_oom_retry(run, tile_latent)
-                latents.append(x.float().cpu() / SCALING_FACTOR)
-                starts.append(start.cpu())
-        finally:
-            host.move(model.modules(), host.offload_device())
+        latents, starts = [], []
+        for one in inputs:
+            def run(tile):
+                o = Options(steps=steps, seed=seed, tile_latent=tile, tile_overlap=min(tile_overlap, max(tile - 8, 0)))
+                with torch.no_grad():
+                    return sample_one(model, None if latent is not None else one, one if latent is not None else None,
+                                      o, prompt, embeds, cancel, progress)
+            x, start = host.with_oom_retry(run, tile_latent)
+            latents.append(x.float().cpu() / SCALING_FACTOR)
+            starts.append(start.cpu())
         return io.NodeOutput({"samples": torch.cat(latents)}, host.bchw_to_image(starts))
 
 
@@ -164,7 +181,7 @@ class DoSSRDecode(io.ComfyNode):
                         "than ×4 (8-bit quantised LANCZOS, as the official).",
             inputs=[DOSSR.Input("model", tooltip="From 'Load DoSSR' (its VAE is the SD 2.1 one)."),
                     io.Latent.Input("latent", tooltip="From 'DoSSR Sampler'."),
-                    io.Image.Input("rrdb_image", tooltip="RRDB_IMAGE of 'DoSSR Sampler' (size and colour reference)."),
+                    io.Image.Input("reference", tooltip="REFERENCE of 'DoSSR Sampler' (size and colour reference)."),
                     io.Float.Input("upscale", default=4.0, min=1.0, max=8.0, step=0.5,
                                    tooltip="Output scale of the original LR image (the model works at ×4)."),
                     io.Combo.Input("color_fix", options=list(COLOR_FIXES), default="wavelet",
@@ -174,27 +191,22 @@ class DoSSRDecode(io.ComfyNode):
             outputs=[io.Image.Output()])
 
     @classmethod
-    def execute(cls, model, latent, rrdb_image, upscale, color_fix, vae_tile):
-        starts, alpha = host.image_to_bchw(rrdb_image)
-        dev = host.device()
-        model.vae.to(dev)
+    def execute(cls, model, latent, reference, upscale, color_fix, vae_tile):
+        starts, alpha = host.image_to_bchw(reference)
+        dev = host.load_on_device(model.vae)
         progress = host.Progress(len(starts))
         cancel = lambda *_: host.mm.throw_exception_if_processing_interrupted()
-        try:
-            outs = []
-            for start, x in zip(starts, latent["samples"].float().split(1)):
-                h, w = start.shape[-2:]
-                with torch.no_grad():
-                    x = x.to(dev, model.vae.post_quant_conv.weight.dtype) * SCALING_FACTOR
-                    decoded = decode(model, x, vae_tile, cancel)[..., :h, :w].cpu()
-                out = apply_color_fix(decoded, start, color_fix)
-                if upscale != 4:
-                    size = (math.ceil(upscale * w / 4), math.ceil(upscale * h / 4))
-                    out = img.resize(torch.floor(out * 255) / 255, size, "lanczos")
-                outs.append(out.clamp(0, 1))
-                progress()
-        finally:
-            model.vae.to(host.offload_device())
+        outs = []
+        for start, x in zip(starts, latent["samples"].float().split(1)):
+            h, w = start.shape[-2:]
+            with torch.no_grad():
+                decoded = decode(model, x.to(dev) * SCALING_FACTOR, vae_tile, cancel)[..., :h, :w].cpu()
+            out = apply_color_fix(decoded, start, color_fix)
+            if upscale != 4:
+                size = (math.ceil(upscale * w / 4), math.ceil(upscale * h / 4))
+                out = img.resize(torch.floor(out * 255) / 255, size, "lanczos")
+            outs.append(out.clamp(0, 1))
+            progress()
         return io.NodeOutput(host.bchw_to_image(outs, alpha))
 
 

@@ -8,6 +8,7 @@ import os
 import torch
 
 import comfy.model_management as mm
+import comfy.model_patcher
 import comfy.utils
 import folder_paths
 
@@ -121,6 +122,45 @@ def offload_device():
     return mm.unet_offload_device()
 
 
+class HeldModules(torch.nn.Module):
+    """The torch modules of one pack model as one module, so a ComfyUI ModelPatcher can load and unload them."""
+
+    def __init__(self, parts):
+        super().__init__()
+        self.parts = torch.nn.ModuleList(parts)
+
+
+_patchers = {}
+
+
+def _parts(model):
+    return [model] if isinstance(model, torch.nn.Module) else list(model.modules())
+
+
+def load_on_device(model, dtype=None):
+    """Put ``model`` on ComfyUI's torch device through its memory manager and return that device.
+
+    The model's modules are wrapped once in a ``comfy.model_patcher.ModelPatcher`` and loaded with
+    ``comfy.model_management.load_models_gpu`` (fully: plain torch layers cannot be partially loaded), so
+    ComfyUI unloads other models to make room and unloads ours when it needs the memory; the model stays
+    on the device between runs until then. ``dtype`` casts the weights first (None keeps them).
+    """
+    dev = device()
+    key = id(model)
+    if key not in _patchers:
+        _patchers[key] = (model, comfy.model_patcher.ModelPatcher(HeldModules(_parts(model)), load_device=dev,
+                                                                  offload_device=offload_device()))
+    patcher = _patchers[key][1]
+    if dtype is not None and any(p.dtype != dtype for m in _parts(model) for p in m.parameters()):
+        model.to(dtype=dtype)
+        patcher.size = 0
+        patcher.model_size()
+    mm.load_models_gpu([patcher], force_full_load=True)
+    if any(p.device != dev for m in _parts(model) for p in m.parameters()):  # a part shared with a model ComfyUI
+        model.to(dev)                                                         # has unloaded since
+    return dev
+
+
 class Progress:
     """A ComfyUI progress bar over ``total`` units that also lets the user cancel between units."""
 
@@ -164,9 +204,3 @@ def bchw_to_image(images, alpha=None):
         scaled = torch.nn.functional.interpolate(alpha, size=out.shape[-2:], mode="bicubic", align_corners=False)
         out = torch.cat([out, scaled.clamp(0, 1)], dim=1)
     return out.movedim(1, -1).cpu()
-
-
-def move(modules, dev, dtype=None):
-    for m in modules:
-        if m is not None:
-            m.to(device=dev, dtype=dtype)

@@ -96,13 +96,7 @@ class OSEDiffLoader(io.ComfyNode):
 
 
 def _prepare(model, dtype_name):
-    dev = host.device()
-    model.to(dev, pick_dtype(dtype_name, dev))
-    return dev
-
-
-def _release(model):
-    model.to(host.offload_device())
+    return host.load_on_device(model, pick_dtype(dtype_name, host.device()))
 
 
 class OSEDiffUpscale(io.ComfyNode):
@@ -135,24 +129,19 @@ class OSEDiffUpscale(io.ComfyNode):
         if dape is not None:
             from ..osediff_core.dape import dape_prompt
 
-            dape.to(dev)
+            host.load_on_device(dape)
             prompt_fn = lambda lq: dape_prompt(dape.tags(lq.to(dev))[0], prompt)
         progress = host.Progress(len(images))
         cancel = lambda *_: host.mm.throw_exception_if_processing_interrupted()
-        try:
-            outs = []
-            for one in images:
-                def run(tile):
-                    options = Options(upscale=upscale, process_size=process_size, color_fix=color_fix, tile_latent=tile,
-                                      tile_overlap=min(tile_overlap, max(tile - 8, 0)))
-                    return osediff_upscale(model, one, prompt=prompt, prompt_fn=prompt_fn, options=options,
-                                           callback=cancel)
-                outs.append(host.with_oom_retry(run, tile_latent))
-                progress()
-        finally:
-            _release(model)
-            if dape is not None:
-                dape.to(host.offload_device())
+        outs = []
+        for one in images:
+            def run(tile):
+                options = Options(upscale=upscale, process_size=process_size, color_fix=color_fix, tile_latent=tile,
+                                  tile_overlap=min(tile_overlap, max(tile - 8, 0)))
+                return osediff_upscale(model, one, prompt=prompt, prompt_fn=prompt_fn, options=options,
+                                       callback=cancel)
+            outs.append(host.with_oom_retry(run, tile_latent))
+            progress()
         return io.NodeOutput(host.bchw_to_image(outs, alpha))
 
 
@@ -176,15 +165,12 @@ class OSEDiffLQEncoder(io.ComfyNode):
         images, _ = host.image_to_bchw(image)
         dev = _prepare(model, dtype)
         progress = host.Progress(len(images))
-        try:
-            latents = []
-            for one in images:
-                lq, _ = preprocess(one, upscale=upscale, process_size=process_size)
-                padded, _ = img.pad_to_multiple(lq, 8)
-                latents.append(encode_lq(model.lq_encoder, padded.to(dev), tile=vae_tile).cpu() / SCALING_FACTOR)
-                progress()
-        finally:
-            _release(model)
+        latents = []
+        for one in images:
+            lq, _ = preprocess(one, upscale=upscale, process_size=process_size)
+            padded, _ = img.pad_to_multiple(lq, 8)
+            latents.append(encode_lq(model.lq_encoder, padded.to(dev), tile=vae_tile).cpu() / SCALING_FACTOR)
+            progress()
         return io.NodeOutput({"samples": torch.cat(latents)})
 
 
@@ -210,22 +196,19 @@ class OSEDiffOneStep(io.ComfyNode):
         dev = _prepare(model, dtype)
         z_all = latent["samples"].float() * SCALING_FACTOR
         progress = host.Progress(z_all.shape[0])
-        try:
-            if conditioning is not None:
-                embeds = conditioning[0][0][:1].to(dev)
-            else:
-                embeds = prompt_embedding(model, prompt)
-            outs = []
-            for z in z_all.split(1):
-                def run(tile):
-                    eps = predict_eps(model.unet, z.to(dev), embeds, tile=tile,
-                                      overlap=min(tile_overlap, max(tile - 8, 0)),
-                                      callback=lambda *_: host.mm.throw_exception_if_processing_interrupted())
-                    return one_step_x0(z.to(dev), eps)
-                outs.append(host.with_oom_retry(run, tile_latent).cpu() / SCALING_FACTOR)
-                progress()
-        finally:
-            _release(model)
+        if conditioning is not None:
+            embeds = conditioning[0][0][:1].to(dev)
+        else:
+            embeds = prompt_embedding(model, prompt)
+        outs = []
+        for z in z_all.split(1):
+            def run(tile):
+                eps = predict_eps(model.unet, z.to(dev), embeds, tile=tile,
+                                  overlap=min(tile_overlap, max(tile - 8, 0)),
+                                  callback=lambda *_: host.mm.throw_exception_if_processing_interrupted())
+                return one_step_x0(z.to(dev), eps)
+            outs.append(host.with_oom_retry(run, tile_latent).cpu() / SCALING_FACTOR)
+            progress()
         return io.NodeOutput(dict(latent, samples=torch.cat(outs)))
 
 
@@ -248,21 +231,18 @@ class OSEDiffDecode(io.ComfyNode):
     @classmethod
     def execute(cls, model, latent, reference, upscale, process_size, color_fix, vae_tile):
         images, alpha = host.image_to_bchw(reference)
-        dev = host.device()
-        model.vae.to(dev)
+        dev = host.load_on_device(model.vae)
         progress = host.Progress(len(images))
-        try:
-            outs = []
-            for one, x0 in zip(images, latent["samples"].float().split(1)):
-                lq, plan = preprocess(one, upscale=upscale, process_size=process_size)
-                decoded = decode_latent(model.vae, x0.to(dev) * SCALING_FACTOR, tile=vae_tile).cpu()
-                out = apply_color_fix((decoded * 0.5 + 0.5)[..., :plan.crop[0], :plan.crop[1]], lq, color_fix)
-                if (out.shape[-1], out.shape[-2]) != plan.output_size:
-                    out = img.resize(out, plan.output_size, "bicubic").clamp(0, 1)
-                outs.append(out)
-                progress()
-        finally:
-            model.vae.to(host.offload_device())
+        outs = []
+        for one, x0 in zip(images, latent["samples"].float().split(1)):
+            lq, plan = preprocess(one, upscale=upscale, process_size=process_size)
+            x0 = x0.to(dev, model.vae.post_quant_conv.weight.dtype) * SCALING_FACTOR
+            decoded = decode_latent(model.vae, x0, tile=vae_tile).float().cpu()
+            out = apply_color_fix((decoded * 0.5 + 0.5)[..., :plan.crop[0], :plan.crop[1]], lq, color_fix)
+            if (out.shape[-1], out.shape[-2]) != plan.output_size:
+                out = img.resize(out, plan.output_size, "bicubic").clamp(0, 1)
+            outs.append(out)
+            progress()
         return io.NodeOutput(host.bchw_to_image(outs, alpha))
 
 
@@ -313,16 +293,12 @@ class DAPEPrompt(io.ComfyNode):
         from ..osediff_core.dape import dape_prompt
 
         images, _ = host.image_to_bchw(image)
-        dev = host.device()
-        dape.to(dev)
-        try:
-            lq, _ = preprocess(images[0], upscale=upscale, process_size=process_size)
-            tags = dape.tags(lq.to(dev), exclude=[t.strip() for t in exclude.split(",") if t.strip()],
-                             max_tags=max_tags or None)[0]
-        finally:
-            dape.to(host.offload_device())
+        dev = host.load_on_device(dape)
+        lq, _ = preprocess(images[0], upscale=upscale, process_size=process_size)
+        tags = dape.tags(lq.to(dev), exclude=[t.strip() for t in exclude.split(",") if t.strip()],
+                         max_tags=max_tags or None)[0]
         return io.NodeOutput(dape_prompt(tags, user_prompt, tags_only))
 
 
-NODES = [SD21Loader, SD21FromCheckpoint, OSEDiffLoader, OSEDiffUpscale, OSEDiffLQEncoder, OSEDiffOneStep, OSEDiffDecode, DAPELoader,
-         DAPEPrompt]
+NODES = [SD21Loader, SD21FromCheckpoint, OSEDiffLoader, OSEDiffUpscale, OSEDiffLQEncoder, OSEDiffOneStep,
+         OSEDiffDecode, DAPELoader, DAPEPrompt]

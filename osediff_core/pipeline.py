@@ -44,8 +44,11 @@ class OSEDiffModel:
     def dtype(self):
         return self.unet.conv_in.weight.dtype
 
+    def modules(self):
+        return [self.unet, self.lq_encoder, self.vae, self.text_encoder]
+
     def to(self, device=None, dtype=None):
-        for module in (self.unet, self.lq_encoder, self.vae, self.text_encoder):
+        for module in self.modules():
             module.to(device=device, dtype=dtype)
         self.prompt_cache.clear()
         return self

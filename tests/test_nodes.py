@@ -182,9 +182,19 @@ class FakeBaseModel:
         return out
 
 
-class FakePatcher:  # comfy/model_patcher.py ModelPatcher: .model and get_model_object (L466)
+class FakePatcher:  # comfy/model_patcher.py ModelPatcher: .model, get_model_object (L466), what load_models_gpu uses
     def __init__(self, base, sampling=_EPS):
         self.model, self.sampling = base, sampling()
+        self.load_device = self.offload_device = torch.device("cpu")
+
+    def model_patches_models(self):
+        return []
+
+    def patch_model(self, device_to=None, lowvram_model_memory=0, load_weights=True, force_patch_weights=False):
+        return self.model
+
+    def detach(self, unpatch_all=True):
+        return self.model
 
     def get_model_object(self, name):
         assert name == "model_sampling"
@@ -199,8 +209,10 @@ class FakeClip:  # comfy/sd.py CLIP: get_sd (L260), load_model (L267)
     def get_sd(self):
         return dict(self.sd)
 
-    def load_model(self):
-        return "clip-patcher"
+    def load_model(self):  # returns the CLIP's ModelPatcher
+        import comfy.model_patcher
+
+        return comfy.model_patcher.ModelPatcher(torch.nn.Linear(1, 1), torch.device("cpu"), torch.device("cpu"))
 
 
 class FakeVae:  # comfy/sd.py VAE.get_sd (L833)
@@ -255,7 +267,7 @@ def test_dossr_modular_equals_all_in_one(pack):
         (whole,) = run(nodes["DoSSR_Upscale"], upscale=scale, color_fix="wavelet", **common)
         latent, rrdb = run(nodes["DoSSR_Sampler"], **common)
         assert latent["samples"].shape == (2, 4, 16, 16) and rrdb.shape == (2, 80, 96, 3)
-        (parts,) = run(nodes["DoSSR_VAEDecode"], model=model, latent=latent, rrdb_image=rrdb, upscale=scale,
+        (parts,) = run(nodes["DoSSR_VAEDecode"], model=model, latent=latent, reference=rrdb, upscale=scale,
                        color_fix="wavelet", vae_tile=224)
         assert parts.shape == whole.shape == (2, int(20 * scale), int(24 * scale), 3)
         assert psnr(parts, whole) > 50, scale
@@ -264,7 +276,7 @@ def test_dossr_modular_equals_all_in_one(pack):
     with torch.no_grad():
         standard = ((model.vae.decode(latent["samples"][:1]).sample + 1) / 2).clamp(0, 1)[..., :80, :96]
     (nofix,) = run(nodes["DoSSR_VAEDecode"], model=model, latent={"samples": latent["samples"][:1]},
-                   rrdb_image=rrdb[:1], upscale=4.0, color_fix="none", vae_tile=0)
+                   reference=rrdb[:1], upscale=4.0, color_fix="none", vae_tile=0)
     assert psnr(nofix.movedim(-1, 1), standard) > 60
 
 
@@ -285,3 +297,44 @@ def test_osediff_latent_is_a_standard_sd_latent(pack, osediff_model):
     value = psnr(ours.movedim(-1, 1), standard)
     print(f"interop: OSEDiff LATENT, standard VAE decode vs OSEDiff VAE Decode: PSNR {value:.1f} dB")
     assert value > 60
+
+
+def test_models_are_loaded_and_unloaded_by_comfy_model_management(pack, osediff_model):
+    """Our models go to the device through load_models_gpu (fully) and leave it when ComfyUI frees memory."""
+    _, nodes = pack
+    _, model = osediff_model
+    mm = sys.modules["comfy.model_management"]
+    image = torch.rand(1, 20, 24, 3, generator=torch.Generator().manual_seed(8))
+    args = dict(model=model, image=image, prompt="", upscale=2.0, process_size=32, color_fix="adain", tile_latent=96,
+                tile_overlap=32, dtype="fp32")
+    (first,) = run(nodes["OSEDiff_Upscale"], **args)
+    patcher = mm.current_loaded_models[0]
+    held = {id(p) for p in patcher.model.parameters()}
+    assert {id(p) for p in model.unet.parameters()} <= held and {id(p) for p in model.vae.parameters()} <= held
+    assert mm.LOADED[-1][0] == [patcher] and mm.LOADED[-1][2] is True  # force_full_load
+    mm.unload_all_models()  # ComfyUI needs the memory: detach() moves the weights to the offload device
+    assert patcher not in mm.current_loaded_models and patcher.model.device == mm.unet_offload_device()
+    (again,) = run(nodes["OSEDiff_Upscale"], **args)
+    assert mm.current_loaded_models[0] is patcher  # the same patcher is loaded again, not a second copy
+    assert torch.equal(first, again)
+
+
+def test_dossr_sampler_from_a_latent(pack):
+    """DoSSR Sampler takes a standard SD latent at the output size instead of an LR image."""
+    _, nodes = pack
+    (model,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+    embeds = torch.randn(1, 77, model.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+    common = dict(model=model, steps=2, seed=7, prompt="", tile_latent=96, tile_overlap=32, dtype="fp32",
+                  conditioning=[[embeds, {}]])
+    latent = {"samples": torch.randn(2, 4, 12, 10, generator=torch.Generator().manual_seed(9))}
+    out, reference = run(nodes["DoSSR_Sampler"], latent=latent, **common)
+    assert out["samples"].shape == (2, 4, 12, 10) and torch.isfinite(out["samples"]).all()
+    assert reference.shape == (2, 96, 80, 3)
+    again, _ = run(nodes["DoSSR_Sampler"], latent=latent, **common)
+    assert torch.equal(out["samples"], again["samples"])
+    (image,) = run(nodes["DoSSR_VAEDecode"], model=model, latent=out, reference=reference, upscale=4.0,
+                   color_fix="wavelet", vae_tile=224)
+    assert image.shape == (2, 96, 80, 3)
+    for both in ({}, {"latent": latent, "image": torch.rand(1, 8, 8, 3)}):
+        with pytest.raises(ValueError, match="exactly one"):
+            run(nodes["DoSSR_Sampler"], **both, **common)

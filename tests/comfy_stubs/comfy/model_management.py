@@ -39,9 +39,33 @@ def throw_exception_if_processing_interrupted():  # L1423
         raise InterruptProcessingException()
 
 
-LOADED = []
+LOADED = []  # (models, force_patch_weights, force_full_load) of every load_models_gpu call, for the tests
+current_loaded_models = []  # L438: the ModelPatchers ComfyUI holds on their load device (most recent first)
+
+
+def module_size(module):  # L440
+    return sum(t.nelement() * t.element_size() for t in module.state_dict().values())
 
 
 def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
-                    force_full_load=False):  # L606
-    LOADED.append((list(models), force_patch_weights))
+                    force_full_load=False):  # L606: (re)load every patcher fully, most recent first
+    LOADED.append((list(models), force_patch_weights, force_full_load))
+    for m in models:
+        if m in current_loaded_models:
+            current_loaded_models.remove(m)
+        m.patch_model(m.load_device, force_patch_weights=force_patch_weights)
+        current_loaded_models.insert(0, m)
+
+
+def free_memory(memory_required, device, keep_loaded=[]):  # L569: unloads the least recently used models first
+    unloaded = []
+    for m in reversed(list(current_loaded_models)):
+        if m not in keep_loaded:
+            m.detach(unpatch_all=True)
+            current_loaded_models.remove(m)
+            unloaded.append(m)
+    return unloaded
+
+
+def unload_all_models():  # L1398
+    free_memory(1e30, get_torch_device())
