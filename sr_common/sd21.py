@@ -14,7 +14,7 @@ from importlib import resources
 import torch
 
 from .errors import WeightFileError
-from .weights import read_state_dict
+from .weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_state_dict
 
 SCALING_FACTOR = 0.18215
 UNET_PREFIX = "model.diffusion_model."
@@ -197,12 +197,30 @@ def check_diffusers_folder(folder):
         _refuse(folder, "sd2-v")
 
 
+def check_pickled_weights(folder):
+    """Open every pickled weight file the folder would be loaded from (a part without safetensors) with
+    ``read_state_dict`` first, so that a file holding code is refused by name before diffusers or
+    transformers unpickle it."""
+    for sub in ("unet", "vae", "text_encoder"):
+        part = os.path.join(folder, sub)
+        names = sorted(os.listdir(part))
+        if any(n.endswith(SAFETENSORS_SUFFIXES) for n in names):
+            continue
+        for n in names:
+            if n.endswith(PICKLE_SUFFIXES):
+                try:
+                    read_state_dict(os.path.join(part, n))
+                except WeightFileError as e:
+                    raise WeightFileError(f"{sub}/{n} in the diffusers folder {folder!r}: {e}") from e
+
+
 def load_diffusers_folder(folder):
     """SD 2.1-base from a diffusers folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     check_diffusers_folder(folder)
+    check_pickled_weights(folder)
     try:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True,
                                                     torch_dtype=torch.float32)

@@ -6,7 +6,6 @@ message that says how to convert it, never loaded with ``weights_only=False``.
 
 import os
 import pickle
-import zipfile
 
 import torch
 from safetensors import SafetensorError
@@ -16,6 +15,9 @@ from .errors import WeightFileError
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".pkl", ".pth", ".pt", ".ckpt", ".bin")
+CONVERT_HINT = ("If you trust the file, convert it once in a separate Python with `torch.load(path, "
+                "weights_only=False)` and `safetensors.torch.save_file(...)`, then load the .safetensors file.")
+DOWNLOAD_HINT = "Download it again (`diffsr download` resumes and only installs complete files)."
 
 
 def _check_file(path):
@@ -30,6 +32,41 @@ def _check_file(path):
     return path
 
 
+def sniff(path):
+    """What the first bytes of a file say it is: 'zip', 'pickle', 'safetensors', or a description of another kind."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head.startswith(b"\x80"):
+        return "pickle"
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        return "safetensors"
+    if head.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer (the weights were never downloaded: run `git lfs pull` or download the file)"
+    if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        return "an HTML page (a failed download or a login page), not weights"
+    if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF")):
+        return "an image, not weights"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "not a weight file (unknown binary format)"
+    if any(b < 9 or 13 < b < 32 for b in head):
+        return "not a weight file (unknown binary format)"
+    return "a text file, not weights"
+
+
+def _unpickling_detail(error):
+    """The informative line of torch's weights-only refusal (e.g. 'unsupported GLOBAL posix.system')."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for words in ("GLOBAL", "Unsupported", "WeightsUnpickler"):
+        found = [line for line in lines if words in line]
+        if found:
+            return found[0]
+    return lines[0] if lines else type(error).__name__
+
+
 def read_state_dict(path, *, mmap=True):
     """Read a weight file into a dict without running any code from it.
 
@@ -39,24 +76,37 @@ def read_state_dict(path, *, mmap=True):
     """
     path = _check_file(path)
     name = os.path.basename(path)
-    if path.lower().endswith(SAFETENSORS_SUFFIXES):
+    kind = sniff(path)
+    if kind not in ("zip", "pickle", "safetensors"):
+        raise WeightFileError(f"Cannot read {name!r}: it is {kind}. {DOWNLOAD_HINT}")
+    named_safetensors = path.lower().endswith(SAFETENSORS_SUFFIXES)
+    if named_safetensors and kind != "safetensors":
+        raise WeightFileError(f"{name!r} is named .safetensors but is a PyTorch pickle, which could run code "
+                              f"when loaded. {CONVERT_HINT}")
+    if kind == "safetensors":
+        if not named_safetensors:
+            raise WeightFileError(f"{name!r} is a safetensors file with a {os.path.splitext(name)[1]!r} name; "
+                                  "rename it to .safetensors.")
         try:
             return load_file(path)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise WeightFileError(f"Cannot read {name!r} as safetensors ({e}). The file is truncated or "
-                                  "not a safetensors file: download it again.") from e
+        except MemoryError:
+            raise
+        except Exception as e:  # safetensors raises several types on damaged headers
+            raise WeightFileError(f"Cannot read {name!r} as safetensors ({e}). The file is truncated or damaged. "
+                                  f"{DOWNLOAD_HINT}") from e
     try:
-        use_mmap = mmap and zipfile.is_zipfile(path)
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and kind == "zip")
     except pickle.UnpicklingError as e:
         raise WeightFileError(
-            f"Refusing to open {name!r}: it contains Python objects that could run code when loaded "
-            f"({str(e).splitlines()[0]}). This pack only loads plain tensors. If you trust the file, convert it "
-            "once in a separate Python with `torch.load(path, weights_only=False)` and "
-            "`safetensors.torch.save_file(...)`, then load the .safetensors file.") from e
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError) as e:
-        raise WeightFileError(f"Cannot read {name!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-                              "The file is truncated or not a PyTorch/safetensors weight file: download it again.") from e
+            f"Refusing to open {name!r}: it contains Python objects that could run code when loaded, or it is "
+            f"damaged ({_unpickling_detail(e)}). This pack only loads plain tensors. {CONVERT_HINT} If the file "
+            "came from the official release, it may be damaged: download it again.") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # a damaged zip or pickle can fail in many ways inside torch.load
+        first = str(e).splitlines()[0][:160] if str(e) else ""
+        raise WeightFileError(f"Cannot read {name!r} ({type(e).__name__}: {first}). The file is truncated, damaged "
+                              f"or not a PyTorch weight file. {DOWNLOAD_HINT}") from e
 
 
 def write_safetensors(tensors, path, metadata=None):
