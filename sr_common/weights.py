@@ -36,12 +36,12 @@ def sniff(path):
     """What the first bytes of a file say it is: 'zip', 'pickle', 'safetensors', or a description of another kind."""
     with open(path, "rb") as f:
         head = f.read(64)
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        return "safetensors"  # 8-byte little-endian header size, then the JSON header
     if head.startswith(b"PK\x03\x04"):
         return "zip"
     if head.startswith(b"\x80"):
         return "pickle"
-    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
-        return "safetensors"
     if head.startswith(b"version https://git-lfs"):
         return "a Git LFS pointer (the weights were never downloaded: run `git lfs pull` or download the file)"
     if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
