@@ -1,0 +1,103 @@
+"""Interop numbers against the real ComfyUI: its Load Checkpoint objects vs our own SD 2.1-base loading.
+
+Runs in the ComfyUI venv with a ComfyUI checkout (never committed) on PYTHONPATH, on a full SD 2.1-base single file
+and an OSEDiff weight file:
+
+    PYTHONPATH=$COMFYUI_DIR $COMFY_VENV/bin/python tools/host_interop_check.py \
+        --ckpt v2-1_512-ema-pruned.safetensors --osediff osediff.pkl [--out interop.json]
+
+Measures (CPU, fp32):
+1. "SD 2.1-base from Load Checkpoint" (state_dict_for_saving of ComfyUI's MODEL/CLIP/VAE) vs our file loader:
+   the number of differing tensors (0 expected).
+2. CONDITIONING of the standard CLIP Text Encode vs our CLIP encoding: max |Δ| per prompt; and the OSEDiff x0
+   latent from each (PSNR of the decoded images).
+3. Our OSEDiff LATENT through ComfyUI's VAE.decode (the standard VAE Decode) vs our decoder: PSNR.
+"""
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def psnr(a, b):
+    import torch
+
+    return float(10 * torch.log10(1 / ((a.float() - b.float()) ** 2).mean().clamp_min(1e-20)))
+
+
+def import_pack():
+    """The pack as ComfyUI imports it: from its folder, under a name of the host's choosing."""
+    spec = importlib.util.spec_from_file_location("diffsr_pack_under_test", os.path.join(ROOT, "__init__.py"),
+                                                  submodule_search_locations=[ROOT])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    asyncio.run(module.comfy_entrypoint())
+    return module
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--osediff", required=True)
+    parser.add_argument("--size", type=int, default=32, help="LR image side (×4 output)")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+
+    from comfy.cli_args import args as comfy_args
+
+    comfy_args.cpu = True
+    import torch
+    import comfy.sd
+
+    pack = import_pack()
+    host = sys.modules["diffsr_pack_under_test.nodes.host"]
+    sd21_mod = sys.modules["diffsr_pack_under_test.sr_common.sd21"]
+    pipeline = sys.modules["diffsr_pack_under_test.osediff_core.pipeline"]
+    weights = sys.modules["diffsr_pack_under_test.osediff_core.weights"]
+    del pack
+
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(args.ckpt, output_vae=True, output_clip=True)[:3]
+    ours = sd21_mod.load_sd21(args.ckpt)
+    shared = host.sd21_from_comfy(model, clip, vae)
+    differing = []
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(ours, name).state_dict(), getattr(shared, name).state_dict()
+        differing += [f"{name}.{k}" for k in a if k not in b or not torch.equal(a[k], b[k])]
+    result = {"load_checkpoint_vs_file": {"differing_tensors": len(differing), "examples": differing[:5]}}
+
+    osediff = pipeline.build_osediff(ours, weights.read_osediff(args.osediff))
+    image = torch.rand(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    lq, _ = pipeline.preprocess(image, upscale=4, process_size=4 * args.size)
+    with torch.no_grad():
+        z = pipeline.encode_lq(osediff.lq_encoder, lq, tile=0)
+        conditioning = {}
+        for prompt in ("", "a photo of a cat", "clean, high-resolution, 8k, sharp"):
+            cond = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))[0][0].float()
+            own = sd21_mod.encode_prompt(osediff.text_encoder, osediff.tokenizer, [prompt]).float()
+            x0_comfy = pipeline.one_step_x0(z, pipeline.predict_eps(osediff.unet, z, cond, tile=0))
+            x0_ours = pipeline.one_step_x0(z, pipeline.predict_eps(osediff.unet, z, own, tile=0))
+            img_comfy = pipeline.decode_latent(osediff.vae, x0_comfy, tile=0) * 0.5 + 0.5
+            img_ours = pipeline.decode_latent(osediff.vae, x0_ours, tile=0) * 0.5 + 0.5
+            conditioning[prompt or "(empty)"] = {"max_abs_diff": float((cond - own).abs().max()),
+                                                 "osediff_output_psnr_db": psnr(img_comfy.clamp(0, 1),
+                                                                                img_ours.clamp(0, 1))}
+        result["clip_text_encode_vs_ours"] = conditioning
+        latent = x0_ours / sd21_mod.SCALING_FACTOR  # the LATENT our One-Step UNet node outputs
+        standard = vae.decode(latent).movedim(-1, 1)  # the standard VAE Decode node: IMAGE [B, H, W, C]
+        own = (pipeline.decode_latent(osediff.vae, x0_ours, tile=0) * 0.5 + 0.5).clamp(0, 1)
+        result["standard_vae_decode_vs_ours_psnr_db"] = psnr(standard, own)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
