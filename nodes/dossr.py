@@ -41,7 +41,8 @@ class DoSSRLoader(io.ComfyNode):
     def execute(cls, weights, config, sd21=None):
         path = host.weight_path("dossr", weights)
         yaml = None if config == DEFAULT_CONFIG else host.weight_path("configs", config)
-        return io.NodeOutput(host.cached(("dossr", path, yaml, id(sd21)), lambda: load_dossr(path, sd21, config=yaml)))
+        model = host.cached(("dossr", path, yaml), lambda: load_dossr(path, sd21, config=yaml), owner=sd21)
+        return io.NodeOutput(model)
 
 
 class DoSSRUpscale(io.ComfyNode):

@@ -4,6 +4,7 @@ The only module besides the node files that imports ComfyUI (``folder_paths``, `
 """
 
 import os
+import weakref
 
 import torch
 
@@ -17,7 +18,8 @@ from ..sr_common.sd21 import load_sd21, sd21_from_ldm_state_dict
 
 WEIGHT_EXTENSIONS = {".pkl", ".pth", ".pt", ".ckpt", ".safetensors", ".sft", ".bin"}
 MODEL_FOLDERS = ("osediff", "dossr", "dape")
-_cache = {}
+_cache = weakref.WeakValueDictionary()
+_patchers = {}
 
 
 def register_model_folders():
@@ -64,11 +66,21 @@ def weight_path(folder, name):
     return folder_paths.get_full_path_or_raise(folder, name)
 
 
-def cached(key, load):
-    """One instance per file: one SD 2.1-base in memory serves both methods."""
-    if key not in _cache:
-        _cache[key] = load()
-    return _cache[key]
+def cached(key, load, owner=None):
+    """One instance per key while anything still uses it (ComfyUI's output cache, another node's model): one
+    SD 2.1-base in memory serves both methods, and nothing stays in memory after ComfyUI lets go of it.
+
+    ``owner``: the object the result is built from (e.g. the SD21_BASE); the entry goes with it.
+    """
+    if owner is not None:
+        key = (id(owner),) + key
+    model = _cache.get(key)
+    if model is None:
+        model = load()
+        _cache[key] = model
+        if owner is not None:
+            weakref.finalize(owner, _cache.pop, key, None)
+    return model
 
 
 def load_base(choice):
@@ -130,9 +142,6 @@ class HeldModules(torch.nn.Module):
         self.parts = torch.nn.ModuleList(parts)
 
 
-_patchers = {}
-
-
 def _parts(model):
     return [model] if isinstance(model, torch.nn.Module) else list(model.modules())
 
@@ -148,9 +157,10 @@ def load_on_device(model, dtype=None):
     dev = device()
     key = id(model)
     if key not in _patchers:
-        _patchers[key] = (model, comfy.model_patcher.ModelPatcher(HeldModules(_parts(model)), load_device=dev,
-                                                                  offload_device=offload_device()))
-    patcher = _patchers[key][1]
+        _patchers[key] = comfy.model_patcher.ModelPatcher(HeldModules(_parts(model)), load_device=dev,
+                                                          offload_device=offload_device())
+        weakref.finalize(model, _patchers.pop, key, None)  # ComfyUI holds its patchers by weak reference only
+    patcher = _patchers[key]
     if dtype is not None and any(p.dtype != dtype for m in _parts(model) for p in m.parameters()):
         model.to(dtype=dtype)
         patcher.size = 0

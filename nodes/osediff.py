@@ -91,7 +91,7 @@ class OSEDiffLoader(io.ComfyNode):
     @classmethod
     def execute(cls, sd21, weights):
         path = host.weight_path("osediff", weights)
-        model = host.cached(("osediff", id(sd21), path), lambda: build_osediff(sd21, read_osediff(path)))
+        model = host.cached(("osediff", path), lambda: build_osediff(sd21, read_osediff(path)), owner=sd21)
         return io.NodeOutput(model)
 
 

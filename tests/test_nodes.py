@@ -338,3 +338,27 @@ def test_dossr_sampler_from_a_latent(pack):
     for both in ({}, {"latent": latent, "image": torch.rand(1, 8, 8, 3)}):
         with pytest.raises(ValueError, match="exactly one"):
             run(nodes["DoSSR_Sampler"], **both, **common)
+
+
+def test_models_are_freed_when_comfyui_lets_go(pack):
+    """Loaders share one instance per file while it is used, and keep nothing alive on their own."""
+    import gc
+    import weakref
+
+    _, nodes = pack
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    (model,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+    (same,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+    assert same is model
+    host.load_on_device(model)
+    patcher = host._patchers[id(model)]
+    gone, patcher_gone = weakref.ref(model), weakref.ref(patcher)
+    del model, same, patcher
+    mm = sys.modules["comfy.model_management"]
+    # the real current_loaded_models holds patchers by weak reference (LoadedModel._model); the stand-in's
+    # lists hold them strongly, so drop ours from them as ComfyUI's cleanup_models_gc would
+    mm.current_loaded_models[:] = [m for m in mm.current_loaded_models if not hasattr(m.model, "parts")]
+    mm.LOADED.clear()
+    gc.collect()
+    assert gone() is None and patcher_gone() is None
+    assert not any(k[0] == "dossr" for k in host._cache.keys())
