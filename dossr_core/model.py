@@ -12,6 +12,7 @@ import torch
 
 from ..sr_common.errors import WeightFileError
 from ..sr_common.sd21 import SD21, encode_prompt, load_sd21, load_tokenizer, shipped_config_dir
+from ..sr_common.weights import require_float
 from .rrdb import rrdb_from_state_dict
 from .weights import (base_from_official, build_cond_encoder, build_controlnet, load_ldm_params, parts_from_converted,
                       parts_from_official, read_weights)
@@ -102,26 +103,29 @@ def load_dossr(weights, base=None, *, config=None, base_config=None, text_heads=
     """
     sd, kind, metadata = read_weights(weights)
     name = os.path.basename(os.fspath(weights))
-    if kind == "official":
-        params = load_ldm_params(config)
-        parts = parts_from_official(sd, params)
-    else:
-        if base is None:
-            raise WeightFileError(f"{name!r} is a converted DoSSR file (ControlNet, condition encoder, RRDB only); "
-                                  "pass the SD 2.1-base with --base (stable-diffusion-2-1-base folder or "
-                                  "v2-1_512-ema-pruned.safetensors), or use the official .ckpt.")
-        parts = parts_from_converted(sd, metadata)
-    controlnet = build_controlnet(parts.controlnet_config, parts.controlnet)
-    cond_encoder = build_cond_encoder(parts.vae_config, parts.cond_encoder)
-    rrdb = rrdb_from_state_dict(parts.rrdb)
+    if kind != "official" and base is None:
+        raise WeightFileError(f"{name!r} is a converted DoSSR file (ControlNet, condition encoder, RRDB only); "
+                              "pass the SD 2.1-base with --base (stable-diffusion-2-1-base folder or "
+                              "v2-1_512-ema-pruned.safetensors), or use the official .ckpt.")
+    params = load_ldm_params(config) if kind == "official" else None
+    try:
+        parts = parts_from_official(sd, params) if kind == "official" else parts_from_converted(sd, metadata)
+        require_float(parts.rrdb, "RRDB")
+        controlnet = build_controlnet(parts.controlnet_config, parts.controlnet)
+        cond_encoder = build_cond_encoder(parts.vae_config, parts.cond_encoder)
+        rrdb = rrdb_from_state_dict(parts.rrdb)
+        own_base = base_from_official(sd, params, text_heads) if base is None else None
+    except WeightFileError as e:
+        raise WeightFileError(f"{name!r}: {e}") from e
     if base is not None:
         sd21 = base if isinstance(base, SD21) else load_sd21(base, base_config)
         unet, vae, text_encoder, tokenizer = sd21.unet, sd21.vae, sd21.text_encoder, sd21.tokenizer
     else:
-        unet, vae, text_encoder = base_from_official(sd, params, text_heads)
+        unet, vae, text_encoder = own_base
         tokenizer = load_tokenizer(os.path.join(shipped_config_dir(), "tokenizer")) if text_encoder is not None else None
     del sd
     if unet.config.cross_attention_dim != controlnet.config.cross_attention_dim:
         raise WeightFileError(f"The base UNet (context {unet.config.cross_attention_dim}) does not match the DoSSR "
-                              f"ControlNet (context {controlnet.config.cross_attention_dim}); DoSSR needs SD 2.1-base.")
+                              f"ControlNet of {name!r} (context {controlnet.config.cross_attention_dim}); DoSSR needs "
+                              "SD 2.1-base.")
     return DoSSRModel(unet.eval(), controlnet, vae.eval(), cond_encoder, rrdb, text_encoder, tokenizer, info=parts.info)

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..sr_common.errors import WeightFileError
 from ..sr_common.sd21 import describe_checkpoint, open_clip_to_hf
-from ..sr_common.weights import read_state_dict, write_safetensors
+from ..sr_common.weights import read_state_dict, require_float, write_safetensors
 
 CONTROL_PREFIX = "control_model."
 COND_ENCODER_PREFIX = "cond_encoder."
@@ -211,7 +211,8 @@ def parts_from_official(sd, params):
                     if k.startswith(("encoder.", "quant_conv."))}
     rrdb = _with_prefix(sd, RRDB_PREFIX)
     if not rrdb:
-        raise WeightFileError("The DoSSR checkpoint has no RRDB pre-processor (`preprocess_model.*`).")
+        raise WeightFileError("The DoSSR checkpoint has no RRDB pre-processor (`preprocess_model.*`): it is "
+                              "incomplete. Use dossr_default.ckpt / dossr_onestep.ckpt from the DoSSR release.")
     info = {}
     vae_encoder = {k: v for k, v in convert_ldm_vae_checkpoint(_with_prefix(sd, VAE_PREFIX, VAE_PREFIX), vae_config).items()
                    if k.startswith(("encoder.", "quant_conv."))} if any(k.startswith(VAE_PREFIX) for k in sd) else {}
@@ -226,9 +227,14 @@ def parts_from_converted(sd, metadata):
     if metadata.get("format") != CONVERTED_FORMAT:
         raise WeightFileError(f"Converted DoSSR file without the expected metadata (format {CONVERTED_FORMAT!r}); "
                               "convert the official .ckpt again with `diffsr convert dossr`.")
+    try:
+        configs = [json.loads(metadata[key]) for key in ("controlnet_config", "vae_config")]
+        info = json.loads(metadata.get("info", "{}"))
+    except (KeyError, ValueError) as e:
+        raise WeightFileError(f"Converted DoSSR file with damaged metadata ({type(e).__name__}: {e}); convert the "
+                              "official .ckpt again with `diffsr convert dossr`.") from e
     return DoSSRParts(_with_prefix(sd, "controlnet."), _with_prefix(sd, "cond_encoder."), _with_prefix(sd, "rrdb."),
-                      json.loads(metadata["controlnet_config"]), json.loads(metadata["vae_config"]),
-                      json.loads(metadata.get("info", "{}")))
+                      *configs, info)
 
 
 def convert_dossr(src, dst, config=None, dtype=None):
@@ -257,6 +263,7 @@ def convert_dossr(src, dst, config=None, dtype=None):
 
 def _load_strict(module, state, what):
     expected = module.state_dict()
+    require_float({k: state[k] for k in expected if k in state}, what)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..sr_common.errors import WeightFileError
-from ..sr_common.weights import read_state_dict, write_safetensors
+from ..sr_common.weights import read_state_dict, require_float, write_safetensors
 from .swin import SwinEncoder, swin_config
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -360,18 +360,27 @@ def _read_dape(path):
 
 def _state_from_official(ram_path, dape_path):
     """Tagging tensors (fp32 copies, DAPE merged) and the config, from the two official files."""
+    ram_name, dape_name = os.path.basename(os.fspath(ram_path)), os.path.basename(os.fspath(dape_path))
     ram = _read_ram(ram_path)
     dape = _read_dape(dape_path)
+    require_float(dape, "DAPE LoRA", dape_name)
     lazy = _tagging_subset(ram)
-    config = model_config(lazy)
+    try:
+        config = model_config(lazy)
+    except WeightFileError as e:
+        raise WeightFileError(f"{ram_name!r}: {e}") from e
     wanted = _expected_keys(config)
     missing = [k for k in wanted if k not in lazy]
     if missing:
-        raise WeightFileError(f"The RAM checkpoint lacks {len(missing)} tagging tensors (e.g. {missing[:3]}); "
-                              "the file is incomplete or a different RAM variant.")
+        raise WeightFileError(f"The RAM checkpoint {ram_name!r} lacks {len(missing)} tagging tensors (e.g. "
+                              f"{missing[:3]}); the file is incomplete or a different RAM variant.")
+    require_float({k: lazy[k] for k in wanted}, "RAM", ram_name)
     state = {k: lazy[k].to(torch.float32, copy=True) for k in wanted}  # copy only what tagging needs
     del lazy, ram
-    merge_dape(state, dape, config["layers"])
+    try:
+        merge_dape(state, dape, config["layers"])
+    except WeightFileError as e:
+        raise WeightFileError(f"{ram_name!r} + {dape_name!r}: {e}") from e
     return state, config
 
 
@@ -395,26 +404,38 @@ def _state_from_converted(path):
         raise WeightFileError(f"{name!r} was given as a converted DAPE file but it is {_describe(obj)}. Expected "
                               "a .safetensors written by convert_dape / `diffsr convert dape` (pass the official "
                               "files as the RAM and DAPE weights instead).")
-    config = json.loads(meta["config"])
+    try:
+        config = json.loads(meta["config"])
+    except (KeyError, ValueError) as e:
+        raise WeightFileError(f"{name!r} has damaged DAPE metadata (config: {type(e).__name__}: {e}); convert the "
+                              "RAM and DAPE files again with `diffsr convert dape`.") from e
+    require_float(obj, "DAPE", name)
     return {k: v.float() for k, v in obj.items()}, config
 
 
-def _build(state, config, device, dtype):
+def _build(state, config, device, dtype, source):
+    """The tagger from checked weights; ``source`` names the file(s) in error messages."""
+    fix = "Use the official ram_swin_large_14m.pth + DAPE.pth, or convert them again with `diffsr convert dape`."
     names, thresholds = read_tag_data()
-    if config["num_tags"] != len(names):
-        raise WeightFileError(f"The weights have {config['num_tags']} tags but the shipped RAM tag list has "
-                              f"{len(names)}: not the RAM 4585-tag model.")
-    with torch.device("meta"):
-        model = DAPETagger(config, names, thresholds)
-    wanted = set(model.state_dict())
-    extra = sorted(set(state) - wanted)
-    missing = sorted(wanted - set(state))
+    try:
+        if config["num_tags"] != len(names):
+            raise WeightFileError(f"{source}: the weights have {config['num_tags']} tags but the shipped RAM tag "
+                                  f"list has {len(names)}: not the RAM 4585-tag model. {fix}")
+        with torch.device("meta"):
+            model = DAPETagger(config, names, thresholds)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise WeightFileError(f"{source}: the stored architecture is not a RAM tagger ({type(e).__name__}: {e}). "
+                              f"{fix}") from e
+    expected = model.state_dict()
+    extra = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(state))
     if missing or extra:
-        raise WeightFileError(f"Weights do not fit the tagger: missing {missing[:3]}, unexpected {extra[:3]}.")
+        raise WeightFileError(f"{source}: the weights do not fit the tagger: missing {missing[:3]}, unexpected "
+                              f"{extra[:3]}. {fix}")
     for key, value in state.items():
-        shape = model.state_dict()[key].shape
-        if value.shape != shape:
-            raise WeightFileError(f"{key}: shape {tuple(value.shape)} in the file, {tuple(shape)} expected.")
+        if value.shape != expected[key].shape:
+            raise WeightFileError(f"{source}: {key} has shape {tuple(value.shape)} in the file, "
+                                  f"{tuple(expected[key].shape)} expected. {fix}")
     model.load_state_dict(state, assign=True)  # the Swin index/mask buffers are built on the CPU already
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
@@ -429,12 +450,14 @@ def load_dape_tagger(ram_path=None, dape_path=None, converted_path=None, device=
         if ram_path is not None or dape_path is not None:
             raise WeightFileError("Give either the converted DAPE file or the RAM + DAPE files, not both.")
         state, config = _state_from_converted(converted_path)
+        source = repr(os.path.basename(os.fspath(converted_path)))
     else:
         if ram_path is None or dape_path is None:
             raise WeightFileError("DAPE needs both ram_swin_large_14m.pth (RAM) and DAPE.pth (LoRA), "
                                   "or one converted file.")
         state, config = _state_from_official(ram_path, dape_path)
-    return _build(state, config, device, dtype)
+        source = f"{os.path.basename(os.fspath(ram_path))!r} + {os.path.basename(os.fspath(dape_path))!r}"
+    return _build(state, config, device, dtype, source)
 
 
 def convert_dape(ram_path, dape_path, out_path, half=False):

@@ -11,7 +11,7 @@ import os
 import torch
 
 from ..sr_common.errors import WeightFileError
-from ..sr_common.weights import read_state_dict, write_safetensors
+from ..sr_common.weights import read_state_dict, require_float, write_safetensors
 
 REQUIRED_KEYS = ("state_dict_unet", "state_dict_vae", "rank_unet", "rank_vae")
 MODULE_LIST_KEYS = ("unet_lora_encoder_modules", "unet_lora_decoder_modules", "unet_lora_others_modules",
@@ -26,8 +26,9 @@ def _what_is(obj):
         return f"a {type(obj).__name__}, not a dict of tensors"
     if isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
-    keys = set(obj)
-    if "model" in keys and isinstance(obj["model"], dict) and any(k.startswith("visual_encoder.") for k in obj["model"]):
+    keys = {k for k in obj if isinstance(k, str)}
+    if "model" in keys and isinstance(obj["model"], dict) and any(
+            isinstance(k, str) and k.startswith("visual_encoder.") for k in obj["model"]):
         return "a RAM (recognize-anything) checkpoint; pass it as the RAM weights for DAPE"
     if any(".lora_A" in k and k.startswith(("visual_encoder.", "tagging_head.", "tag_encoder.")) for k in keys):
         return "a DAPE LoRA file; pass it as the DAPE weights"
@@ -35,7 +36,7 @@ def _what_is(obj):
         return "a DoSSR checkpoint; use it with the DoSSR loader"
     if any(k.startswith("model.diffusion_model.") for k in keys):
         return "a Stable Diffusion checkpoint; pass it as the base model"
-    return f"an unknown file (top-level keys: {sorted(keys)[:6]})"
+    return f"an unknown file (top-level keys: {sorted(map(str, obj))[:6]})"
 
 
 def osediff_from_safetensors(flat, metadata):
@@ -60,17 +61,45 @@ def read_osediff(path):
         from safetensors import safe_open
 
         with safe_open(path, "pt") as f:
-            obj = osediff_from_safetensors(obj, f.metadata())
+            metadata = f.metadata()
+        try:
+            obj = osediff_from_safetensors(obj, metadata)
+        except (KeyError, TypeError, ValueError) as e:
+            raise WeightFileError(f"{name!r} has damaged OSEDiff metadata ({type(e).__name__}: {e}); convert "
+                                  "osediff.pkl again with `diffsr convert osediff`.") from e
     if not isinstance(obj, dict) or any(k not in obj for k in REQUIRED_KEYS):
         raise WeightFileError(f"{name!r} is not an OSEDiff checkpoint: it is {_what_is(obj)}. "
                               f"Expected osediff.pkl with keys {list(REQUIRED_KEYS)}.")
     for part in ("unet", "vae"):
-        rank = int(obj[f"rank_{part}"])
-        for key, tensor in obj[f"state_dict_{part}"].items():
-            if ".lora_A." in key and tensor.shape[0] != rank:
-                raise WeightFileError(f"{name!r} is inconsistent: rank_{part} = {rank} but {key} has rank "
-                                      f"{tensor.shape[0]}. The file is damaged; download osediff.pkl again.")
+        _check_part(obj, part, name)
     return obj
+
+
+def _check_part(ckpt, part, name):
+    """Refuse a damaged ``state_dict_<part>``: non-tensors, non-float weights, LoRA pairs that miss a half
+    or do not have the stored rank."""
+    damaged = "The file is damaged; download osediff.pkl again."
+    state = ckpt[f"state_dict_{part}"]
+    try:
+        rank = int(ckpt[f"rank_{part}"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise WeightFileError(f"{name!r} has no usable rank_{part} ({e}). {damaged}") from e
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise WeightFileError(f"{name!r}: state_dict_{part} is not a dict of named tensors. {damaged}")
+    require_float(state, f"OSEDiff {part}", name)
+    for key, a in state.items():
+        if ".lora_A." not in key:
+            continue
+        b_key = key.replace(".lora_A.", ".lora_B.")
+        b = state.get(b_key)
+        if b is None:
+            raise WeightFileError(f"{name!r} is incomplete: {b_key} is missing (its lora_A is there). {damaged}")
+        if a.dim() not in (2, 4) or a.shape[0] != rank:
+            raise WeightFileError(f"{name!r} is inconsistent: rank_{part} = {rank} but {key} has shape "
+                                  f"{tuple(a.shape)} (rank {a.shape[0] if a.dim() else '?'}). {damaged}")
+        if b.dim() != a.dim() or b.shape[1] != rank or b.shape[2:] not in ((), (1, 1)):
+            raise WeightFileError(f"{name!r} is inconsistent: rank_{part} = {rank} but {b_key} has shape "
+                                  f"{tuple(b.shape)} (rank {b.shape[1] if b.dim() > 1 else '?'}). {damaged}")
 
 
 def lora_pairs(state, rank, alpha=PEFT_DEFAULT_ALPHA):

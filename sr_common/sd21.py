@@ -14,7 +14,7 @@ from importlib import resources
 import torch
 
 from .errors import WeightFileError
-from .weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_state_dict
+from .weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_weight_file, read_state_dict, require_float
 
 SCALING_FACTOR = 0.18215
 UNET_PREFIX = "model.diffusion_model."
@@ -120,6 +120,7 @@ def _load_into(model, state, what, path):
     if not any(k.startswith("text_model.") for k in expected):  # transformers >= 5 drops the prefix
         state = {k.removeprefix("text_model."): v for k, v in state.items()}
     missing = [k for k in expected if k not in state]
+    require_float({k: state[k] for k in expected if k in state}, what, os.path.basename(os.fspath(path)))
     wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or wrong:
         detail = (f"missing {len(missing)} keys (e.g. {missing[:2]})" if missing else "") + \
@@ -197,21 +198,18 @@ def check_diffusers_folder(folder):
         _refuse(folder, "sd2-v")
 
 
-def check_pickled_weights(folder):
-    """Open every pickled weight file the folder would be loaded from (a part without safetensors) with
-    ``read_state_dict`` first, so that a file holding code is refused by name before diffusers or
-    transformers unpickle it."""
+def check_weight_files(folder):
+    """Check the weight files each part will be loaded from (its safetensors, else its pickles) before
+    diffusers or transformers open them: a damaged file or a pickle holding code is refused by name."""
     for sub in ("unet", "vae", "text_encoder"):
         part = os.path.join(folder, sub)
         names = sorted(os.listdir(part))
-        if any(n.endswith(SAFETENSORS_SUFFIXES) for n in names):
-            continue
-        for n in names:
-            if n.endswith(PICKLE_SUFFIXES):
-                try:
-                    read_state_dict(os.path.join(part, n))
-                except WeightFileError as e:
-                    raise WeightFileError(f"{sub}/{n} in the diffusers folder {folder!r}: {e}") from e
+        safetensors = [n for n in names if n.endswith(SAFETENSORS_SUFFIXES)]
+        for n in safetensors or [n for n in names if n.endswith(PICKLE_SUFFIXES)]:
+            try:
+                check_weight_file(os.path.join(part, n))
+            except WeightFileError as e:
+                raise WeightFileError(f"{sub}/{n} in the diffusers folder {folder!r}: {e}") from e
 
 
 def load_diffusers_folder(folder):
@@ -220,7 +218,7 @@ def load_diffusers_folder(folder):
     from transformers import CLIPTextModel
 
     check_diffusers_folder(folder)
-    check_pickled_weights(folder)
+    check_weight_files(folder)
     try:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True,
                                                     torch_dtype=torch.float32)
@@ -228,7 +226,8 @@ def load_diffusers_folder(folder):
         text_encoder = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"), local_files_only=True,
                                                      torch_dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as e:
-        raise WeightFileError(f"Cannot load the diffusers folder {folder!r}: {e}") from e
+        raise WeightFileError(f"Cannot load the diffusers folder {folder!r}: {e} Its files are incomplete or "
+                              "damaged: download stabilityai/stable-diffusion-2-1-base again.") from e
     return SD21(unet.eval(), vae.eval(), text_encoder.eval(), load_tokenizer(os.path.join(folder, "tokenizer")),
                 source=os.fspath(folder))
 

@@ -8,7 +8,7 @@ import os
 import pickle
 
 import torch
-from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import WeightFileError
@@ -67,6 +67,34 @@ def _unpickling_detail(error):
     return lines[0] if lines else type(error).__name__
 
 
+def _damaged_safetensors(name, error):
+    return WeightFileError(f"Cannot read {name!r} as safetensors ({error}). The file is truncated or damaged. "
+                           f"{DOWNLOAD_HINT}")
+
+
+def check_weight_file(path):
+    """Refuse a damaged or unsafe weight file without loading its tensors (safetensors: header and size only)."""
+    path = _check_file(path)
+    if not (path.lower().endswith(SAFETENSORS_SUFFIXES) and sniff(path) == "safetensors"):
+        read_state_dict(path)
+        return
+    try:
+        with safe_open(path, "pt"):
+            pass
+    except Exception as e:
+        raise _damaged_safetensors(os.path.basename(path), e) from e
+
+
+def require_float(tensors, what, name=None):
+    """Refuse entries that are not floating-point tensors where weights are expected (``name``: the file)."""
+    for key, value in tensors.items():
+        if not (torch.is_tensor(value) and value.is_floating_point()):
+            kind = str(value.dtype).removeprefix("torch.") if torch.is_tensor(value) else type(value).__name__
+            where = f"{name!r}: the" if name else "The"
+            raise WeightFileError(f"{where} {what} tensor {key!r} is {kind}, but weights must be floating-point "
+                                  "tensors. The file is damaged or was written wrongly: download or convert it again.")
+
+
 def read_state_dict(path, *, mmap=True):
     """Read a weight file into a dict without running any code from it.
 
@@ -92,8 +120,7 @@ def read_state_dict(path, *, mmap=True):
         except MemoryError:
             raise
         except Exception as e:  # safetensors raises several types on damaged headers
-            raise WeightFileError(f"Cannot read {name!r} as safetensors ({e}). The file is truncated or damaged. "
-                                  f"{DOWNLOAD_HINT}") from e
+            raise _damaged_safetensors(name, e) from e
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and kind == "zip")
     except pickle.UnpicklingError as e:

@@ -1,0 +1,333 @@
+"""Broken and wrong weight files, table-driven: each is refused with a ``WeightFileError`` that names the
+file and the fix, and no model built on the way is left alive.
+
+The wrong files are made in ``tmp_path`` by mutating the tiny fixtures of tests/data.
+"""
+
+import gc
+import json
+import os
+import random
+import re
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from comfyui_diffsr.dossr_core.model import load_dossr
+from comfyui_diffsr.dossr_core.weights import convert_dossr
+from comfyui_diffsr.osediff_core.dape import convert_dape, load_dape_tagger
+from comfyui_diffsr.osediff_core.weights import convert_osediff, read_osediff
+from comfyui_diffsr.sr_common.errors import WeightFileError
+from comfyui_diffsr.sr_common.sd21 import SD21, load_sd21, shipped_config_dir
+
+from conftest import DATA
+
+SINGLE = os.path.join(DATA, "osediff", "tiny_sd21_single.safetensors")
+TINY_SD21 = os.path.join(DATA, "osediff", "tiny_sd21")
+OSEDIFF = os.path.join(DATA, "osediff", "osediff_tiny.pkl")
+RAM = os.path.join(DATA, "dape", "ram_tiny.pth")
+DAPE = os.path.join(DATA, "dape", "dape_tiny.pth")
+DOSSR = os.path.join(DATA, "dossr", "dossr_tiny.ckpt")
+DOSSR_CONFIG = os.path.join(DATA, "dossr", "tiny_cldm.yaml")
+PNG = os.path.join(DATA, "osediff", "in_13x19.png")
+UNET = "model.diffusion_model."
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The tiny SD 2.1 diffusers folder (with its tokenizer) and the fixtures read once."""
+    root = tmp_path_factory.mktemp("env")
+    folder = str(root / "tiny_sd21")
+    shutil.copytree(TINY_SD21, folder)
+    if not os.path.isdir(os.path.join(folder, "tokenizer")):
+        shutil.copytree(os.path.join(shipped_config_dir(), "tokenizer"), os.path.join(folder, "tokenizer"))
+    converted_dape = str(root / "dape.safetensors")
+    convert_dape(RAM, DAPE, converted_dape)
+    converted_dossr = str(root / "dossr.safetensors")
+    convert_dossr(DOSSR, converted_dossr, config=DOSSR_CONFIG)
+    own = load_dossr(DOSSR, config=DOSSR_CONFIG)  # a base of the DoSSR fixture's size, for its converted file
+    return {"folder": folder, "single": load_file(SINGLE), "osediff": torch.load(OSEDIFF, weights_only=True),
+            "dossr_base": SD21(own.unet, own.vae, own.text_encoder, own.tokenizer),
+            "dossr": torch.load(DOSSR, weights_only=True)["state_dict"], "dape": converted_dape,
+            "dossr_converted": converted_dossr}
+
+
+# ------------------------------------------------------------------------------------------ file makers
+def _bytes(data):
+    def make(path, env):
+        path.write_bytes(data(env) if callable(data) else data)
+    return make
+
+
+def _truncated(src, fraction=0.6):
+    return _bytes(lambda env: open(src, "rb").read()[: int(os.path.getsize(src) * fraction)])
+
+
+def _random_bytes(n=4096):
+    data = bytes(random.Random(0).randrange(256) for _ in range(n))
+    return _bytes(b"\x01" + data)  # not 0x80 (pickle) nor "PK" (zip)
+
+
+def _sd(mutate):
+    def make(path, env):
+        save_file(mutate(dict(env["single"])), str(path))
+    return make
+
+
+def _sd15(sd):
+    return {k.replace("cond_stage_model.model.", "cond_stage_model.transformer.text_model."): v for k, v in sd.items()}
+
+
+def _sdxl(sd):
+    return dict(sd, **{"conditioner.embedders.0.transformer.text_model.final_layer_norm.bias": torch.zeros(4)})
+
+
+def _v_prediction(sd):
+    key = UNET + "output_blocks.7.1.transformer_blocks.0.norm1.bias"
+    return dict(sd, **{key: torch.randn(sd[key].shape, generator=torch.Generator().manual_seed(0)).half() * 0.5})
+
+
+def _to_dtype(prefix, dtype):
+    def mutate(sd):
+        return {k: (v.to(dtype) if k.startswith(prefix) else v) for k, v in sd.items()}
+    return mutate
+
+
+def _wrong_shape(sd):
+    key = UNET + "input_blocks.1.0.in_layers.2.weight"
+    return dict(sd, **{key: torch.zeros(sd[key].shape[0], sd[key].shape[1], 1, 1, dtype=sd[key].dtype)})
+
+
+def _no_text_encoder(sd):
+    return {k: v for k, v in sd.items() if not k.startswith("cond_stage_model.")}
+
+
+def _folder(mutate):
+    def make(path, env):
+        shutil.copytree(env["folder"], path)
+        mutate(str(path))
+    return make
+
+
+def _edit_json(relative, **changes):
+    def mutate(folder):
+        name = os.path.join(folder, relative)
+        with open(name, encoding="utf-8") as f:
+            config = json.load(f)
+        config.update(changes)
+        with open(name, "w", encoding="utf-8") as f:
+            json.dump(config, f)
+    return mutate
+
+
+def _truncate_in_folder(relative):
+    def mutate(folder):
+        name = os.path.join(folder, relative)
+        data = open(name, "rb").read()
+        open(name, "wb").write(data[: len(data) // 2])
+    return mutate
+
+
+def _osediff(mutate):
+    def make(path, env):
+        ckpt = {k: (dict(v) if isinstance(v, dict) else v) for k, v in env["osediff"].items()}
+        torch.save(mutate(ckpt), path)
+    return make
+
+
+def _other_rank(ckpt):
+    return dict(ckpt, rank_unet=8)
+
+
+def _b_of_other_rank(ckpt):
+    key = "conv_in.lora_B.default_encoder.weight"
+    b = ckpt["state_dict_unet"][key]
+    ckpt["state_dict_unet"][key] = b[:, :3].clone()
+    return ckpt
+
+
+def _missing_b(ckpt):
+    del ckpt["state_dict_unet"]["conv_in.lora_B.default_encoder.weight"]
+    return ckpt
+
+
+def _osediff_converted(change_tensors=None, change_meta=None):
+    def make(path, env):
+        tmp = path.with_name("tmp_" + path.name)
+        torch.save(env["osediff"], tmp.with_suffix(".pkl"))
+        convert_osediff(tmp.with_suffix(".pkl"), tmp)
+        _rewrite(tmp, path, change_tensors, change_meta)
+    return make
+
+
+def _rewrite(src, dst, change_tensors=None, change_meta=None):
+    with safe_open(str(src), "pt") as f:
+        meta = dict(f.metadata() or {})
+    tensors = load_file(str(src))
+    tensors = change_tensors(tensors) if change_tensors else tensors
+    meta = change_meta(meta) if change_meta else meta
+    save_file(tensors, str(dst), metadata=meta)
+
+
+def _meta(**changes):
+    return lambda meta: dict(meta, **changes)
+
+
+def _first(prefix, dtype=None, shape=None):
+    """Change the first tensor whose key starts with ``prefix`` (after sorting) to ``dtype`` or ``shape``."""
+    def change(tensors):
+        key = sorted(k for k in tensors if k.startswith(prefix))[0]
+        value = tensors[key]
+        tensors[key] = value.to(dtype) if dtype is not None else torch.zeros(shape, dtype=value.dtype)
+        return tensors
+    return change
+
+
+def _converted_copy(which, change_tensors=None, change_meta=None):
+    def make(path, env):
+        _rewrite(env[which], path, change_tensors, change_meta)
+    return make
+
+
+def _copy(src):
+    def make(path, env):
+        shutil.copy(src, path)
+    return make
+
+
+def _dossr(mutate):
+    def make(path, env):
+        torch.save({"state_dict": mutate(dict(env["dossr"]))}, path)
+    return make
+
+
+def _drop(prefix):
+    return lambda sd: {k: v for k, v in sd.items() if not k.startswith(prefix)}
+
+
+def _dossr_wrong_shape(sd):
+    key = "control_model.input_blocks.1.0.in_layers.2.weight"
+    return dict(sd, **{key: torch.zeros(sd[key].shape[0], sd[key].shape[1], 1, 1)})
+
+
+# ------------------------------------------------------------------------------------------ loaders
+def sd21(path, env):
+    return load_sd21(path, config_dir=env["folder"])
+
+
+def osediff(path, env):
+    return read_osediff(path)
+
+
+def ram(path, env):
+    return load_dape_tagger(path, DAPE)
+
+
+def dape(path, env):
+    return load_dape_tagger(RAM, path)
+
+
+def dape_converted(path, env):
+    return load_dape_tagger(converted_path=path)
+
+
+def dossr(path, env):
+    return load_dossr(path, config=DOSSR_CONFIG)
+
+
+def dossr_converted(path, env):
+    return load_dossr(path, base=env["dossr_base"])
+
+
+DOWNLOAD = "[Dd]ownload .*again"
+NOT_FLOAT = "floating-point.*(download|convert)"
+# id: (file name, how it is made, loader, what the message must say: the cause and the fix)
+CASES = {
+    "sd-truncated": ("v2-1_512.safetensors", _truncated(SINGLE), sd21, "truncated.*" + DOWNLOAD),
+    "sd-zero-bytes": ("v2-1_512.ckpt", _bytes(b""), sd21, r"empty \(0 bytes\).*" + DOWNLOAD),
+    "sd-random-bytes": ("v2-1_512.ckpt", _random_bytes(), sd21, "not a weight file.*" + DOWNLOAD),
+    "sd-text-file": ("v2-1_512.safetensors", _bytes(b"404: Not Found\n"), sd21, "text file.*" + DOWNLOAD),
+    "sd-html-page": ("v2-1_512.ckpt", _bytes(b"<!DOCTYPE html><html><body>Sign in</body></html>"), sd21,
+                     "HTML page.*" + DOWNLOAD),
+    "sd-git-lfs-pointer": ("v2-1_512.safetensors", _bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:"
+                                                          b"0123\nsize 5214865159\n"), sd21, "Git LFS pointer.*lfs pull"),
+    "sd-png": ("v2-1_512.ckpt", _copy(PNG), sd21, "an image.*" + DOWNLOAD),
+    "sd-1.5": ("sd15.safetensors", _sd(_sd15), sd21, r"Stable Diffusion 1\.x.*stable-diffusion-2-1-base"),
+    "sdxl": ("sdxl.safetensors", _sd(_sdxl), sd21, "SDXL.*stable-diffusion-2-1-base"),
+    "sd2-768-v": ("v2-1_768.safetensors", _sd(_v_prediction), sd21, "768 v-prediction.*v2-1_512-ema-pruned"),
+    "sd-no-text-encoder": ("unet_vae.safetensors", _sd(_no_text_encoder), sd21, "OpenCLIP text encoder.*full"),
+    "sd-int64-unet": ("int.safetensors", _sd(_to_dtype(UNET, torch.int64)), sd21, "int64.*" + NOT_FLOAT),
+    "sd-bool-vae": ("bool.safetensors", _sd(_to_dtype("first_stage_model.", torch.bool)), sd21, "bool.*" + NOT_FLOAT),
+    "sd-wrong-shape": ("other_size.safetensors", _sd(_wrong_shape), sd21, "shapes differ.*config folder"),
+    "osediff-as-base": ("osediff.pkl", _copy(OSEDIFF), sd21, "OSEDiff weight file, not a base model.*as the OSEDiff"),
+    "diffusers-missing-vae": ("sd21_folder", _folder(lambda f: shutil.rmtree(os.path.join(f, "vae"))),
+                              lambda p, e: load_sd21(p), r"missing \['vae'\].*stable-diffusion-2-1-base"),
+    "diffusers-sd-1.5": ("sd15_folder", _folder(_edit_json("unet/config.json", cross_attention_dim=768,
+                                                           use_linear_projection=False)),
+                         lambda p, e: load_sd21(p), r"Stable Diffusion 1\.x.*stable-diffusion-2-1-base"),
+    "diffusers-768-v": ("sd21_768_folder", _folder(_edit_json("scheduler/scheduler_config.json",
+                                                              prediction_type="v_prediction")),
+                        lambda p, e: load_sd21(p), "768 v-prediction.*v2-1_512-ema-pruned"),
+    "diffusers-truncated-unet": ("sd21_folder", _folder(_truncate_in_folder(
+        "unet/diffusion_pytorch_model.safetensors")), lambda p, e: load_sd21(p), "truncated.*" + DOWNLOAD),
+    "osediff-truncated": ("osediff.pkl", _truncated(OSEDIFF), osediff, "truncated.*" + DOWNLOAD),
+    "osediff-other-rank": ("osediff.pkl", _osediff(_other_rank), osediff, "rank_unet = 8.*download osediff.pkl again"),
+    "osediff-converted-other-rank": ("osediff.safetensors", _osediff_converted(change_meta=_meta(rank_unet="2")),
+                                     osediff, "rank_unet = 2.*download osediff.pkl again"),
+    "osediff-lora-b-other-rank": ("osediff.pkl", _osediff(_b_of_other_rank), osediff,
+                                  "conv_in.lora_B.*rank 3.*download osediff.pkl again"),
+    "osediff-missing-lora-b": ("osediff.pkl", _osediff(_missing_b), osediff,
+                               "conv_in.lora_B.default_encoder.weight.*missing.*download osediff.pkl again"),
+    "osediff-converted-int64": ("osediff.safetensors", _osediff_converted(_first("unet.", torch.int64)), osediff,
+                                "int64.*" + NOT_FLOAT),
+    "osediff-converted-bool": ("osediff.safetensors", _osediff_converted(_first("vae.", torch.bool)), osediff,
+                               "bool.*" + NOT_FLOAT),
+    "osediff-converted-bad-metadata": ("osediff.safetensors", _osediff_converted(change_meta=_meta(rank_unet="four")),
+                                       osediff, "metadata.*convert.*again"),
+    "osediff-plain-safetensors": ("osediff.safetensors", _sd(_no_text_encoder), osediff,
+                                  "not an OSEDiff checkpoint.*Stable Diffusion.*Expected osediff.pkl"),
+    "dossr-as-osediff": ("dossr.ckpt", _copy(DOSSR), osediff, "not an OSEDiff checkpoint.*DoSSR"),
+    "ram-as-dape": ("ram_copy.pth", _copy(RAM), dape, "given as the DAPE weights but it is the RAM.*Expected DAPE.pth"),
+    "dape-as-ram": ("dape_copy.pth", _copy(DAPE), ram,
+                    "given as the RAM weights but it is a DAPE LoRA.*Expected ram_swin_large_14m.pth"),
+    "ram-truncated": ("ram.pth", _truncated(RAM), ram, "truncated.*" + DOWNLOAD),
+    "dape-converted-bool": ("dape.safetensors", _converted_copy("dape", _first("fc.", torch.bool)), dape_converted,
+                            "bool.*" + NOT_FLOAT),
+    "dape-converted-wrong-shape": ("dape.safetensors", _converted_copy("dape", _first("fc.weight", shape=(1, 3))),
+                                   dape_converted, r"fc.weight.*\(1, 3\).*convert.*again"),
+    "dape-converted-bad-config": ("dape.safetensors", _converted_copy("dape", change_meta=_meta(config="{oops")),
+                                  dape_converted, "metadata.*convert.*again"),
+    "dossr-no-controlnet": ("dossr.ckpt", _dossr(_drop("control_model.")), dossr,
+                            "without the ControlNet.*dossr_default.ckpt"),
+    "dossr-no-rrdb": ("dossr.ckpt", _dossr(_drop("preprocess_model.")), dossr, "RRDB.*dossr_default.ckpt"),
+    "dossr-truncated": ("dossr.ckpt", _truncated(DOSSR), dossr, "truncated.*" + DOWNLOAD),
+    "dossr-wrong-shape": ("dossr.ckpt", _dossr(_dossr_wrong_shape), dossr, "ControlNet.*shapes differ.*--config"),
+    "osediff-as-dossr": ("osediff.pkl", _copy(OSEDIFF), dossr, "OSEDiff weight file.*osediff command"),
+    "dossr-converted-no-metadata": ("dossr.safetensors", _converted_copy("dossr_converted", change_meta=lambda m: {}),
+                                    dossr_converted, "metadata.*diffsr convert dossr"),
+    "dossr-converted-int64": ("dossr.safetensors", _converted_copy("dossr_converted", _first("controlnet.", torch.int64)),
+                              dossr_converted, "int64.*" + NOT_FLOAT),
+}
+
+
+def _live_modules():
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.nn.Module))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_broken_file_is_refused_clearly(tmp_path, env, case):
+    filename, make, load, expected = CASES[case]
+    path = tmp_path / filename
+    make(path, env)
+    before = _live_modules()
+    with pytest.raises(WeightFileError) as info:
+        load(str(path), env)
+    message = str(info.value)
+    del info
+    assert filename in message, message
+    assert re.search(expected, message, re.S), message
+    assert _live_modules() == before, "a partly built model was left alive"
