@@ -55,23 +55,26 @@ def main():
     import torch
     import comfy.sd
 
-    pack = import_pack()
-    host = sys.modules["diffsr_pack_under_test.nodes.host"]
-    sd21_mod = sys.modules["diffsr_pack_under_test.sr_common.sd21"]
-    pipeline = sys.modules["diffsr_pack_under_test.osediff_core.pipeline"]
-    weights = sys.modules["diffsr_pack_under_test.osediff_core.weights"]
-    del pack
+    pack = import_pack().__name__
+    host, sd21_mod, pipeline, weights = (importlib.import_module(f"{pack}.{name}") for name in (
+        "nodes.host", "sr_common.sd21", "osediff_core.pipeline", "osediff_core.weights"))
+
+    import gc
 
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(args.ckpt, output_vae=True, output_clip=True)[:3]
-    ours = sd21_mod.load_sd21(args.ckpt)
     shared = host.sd21_from_comfy(model, clip, vae)
+    del model  # keep the peak memory down: one SD 2.1 copy at a time besides ComfyUI's CLIP and VAE
+    gc.collect()
+    ours = sd21_mod.load_sd21(args.ckpt)
     differing = []
     for name in ("unet", "vae", "text_encoder"):
         a, b = getattr(ours, name).state_dict(), getattr(shared, name).state_dict()
         differing += [f"{name}.{k}" for k in a if k not in b or not torch.equal(a[k], b[k])]
+    del ours, a, b
+    gc.collect()
     result = {"load_checkpoint_vs_file": {"differing_tensors": len(differing), "examples": differing[:5]}}
 
-    osediff = pipeline.build_osediff(ours, weights.read_osediff(args.osediff))
+    osediff = pipeline.build_osediff(shared, weights.read_osediff(args.osediff), copy_unet=False)
     image = torch.rand(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
     lq, _ = pipeline.preprocess(image, upscale=4, process_size=4 * args.size)
     with torch.no_grad():
