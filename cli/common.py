@@ -5,10 +5,11 @@ import sys
 
 import torch
 
-from ..sr_common.errors import DiffSRError
+from ..sr_common.errors import DiffSRError, ImageInputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+HIGH_DEPTH_PEAK = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "F": 1.0}  # PIL mode → white
 
 
 def find_images(inputs):
@@ -55,15 +56,26 @@ def save_png(image01, path):
 
 
 def load_image(path):
+    """An image file → (1, 3, H, W) float in [0, 1] (RGB as the official code converts it).
+
+    16-bit and float grayscale keep their values (PIL's RGB conversion would clip them at 255).
+    """
+    import numpy as np
     from PIL import Image, UnidentifiedImageError
 
     from ..sr_common.image import pil_to_tensor
 
     try:
         with Image.open(path) as im:
+            if im.mode in HIGH_DEPTH_PEAK:
+                plane = np.asarray(im, dtype=np.float32) / HIGH_DEPTH_PEAK[im.mode]
+                return torch.from_numpy(plane).clamp(0, 1)[None, None].repeat(1, 3, 1, 1)
             return pil_to_tensor(im)
-    except (UnidentifiedImageError, OSError) as e:
-        raise DiffSRError(f"Cannot read image {path!r}: {e}") from e
+    except Image.DecompressionBombError as e:
+        raise ImageInputError(f"Image {path!r} is too large to open safely ({e}). Downscale it or cut it into "
+                              "parts first.") from e
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ImageInputError(f"Cannot read image {path!r}: {e}") from e
 
 
 def pick_device(name):

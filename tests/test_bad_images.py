@@ -1,0 +1,331 @@
+"""Bad images through the library, the commands and the OSEDiff node (tiny models): each gives a correct
+output (right size, finite, in [0, 1]) or a clear ``ImageInputError``; nothing crashes."""
+
+import asyncio
+import copy
+import importlib.util
+import os
+import shutil
+import struct
+import sys
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from comfyui_diffsr.cli.common import load_image
+from comfyui_diffsr.dossr_core.model import load_dossr
+from comfyui_diffsr.dossr_core.pipeline import Options as DoSSROptions
+from comfyui_diffsr.dossr_core.pipeline import dossr_upscale
+from comfyui_diffsr.osediff_core.pipeline import Options, build_osediff, osediff_upscale
+from comfyui_diffsr.osediff_core.weights import read_osediff
+from comfyui_diffsr.sr_common import image as img
+from comfyui_diffsr.sr_common.errors import ImageInputError
+from comfyui_diffsr.sr_common.sd21 import load_sd21, shipped_config_dir
+
+from conftest import DATA
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STUBS = os.path.join(os.path.dirname(__file__), "comfy_stubs")
+OSEDIFF = os.path.join(DATA, "osediff", "osediff_tiny.pkl")
+DOSSR = os.path.join(DATA, "dossr", "dossr_tiny.ckpt")
+DOSSR_CONFIG = os.path.join(DATA, "dossr", "tiny_cldm.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("base") / "tiny_sd21"
+    shutil.copytree(os.path.join(DATA, "osediff", "tiny_sd21"), folder)
+    if not (folder / "tokenizer").exists():
+        shutil.copytree(os.path.join(shipped_config_dir(), "tokenizer"), folder / "tokenizer")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def osediff_model(tiny_folder):
+    return build_osediff(load_sd21(tiny_folder), read_osediff(OSEDIFF))
+
+
+@pytest.fixture(scope="module")
+def dossr_model():
+    """The tiny DoSSR model, with two channels per GroupNorm group where the fixture has one.
+
+    The fixture's UNet/ControlNet are 32 channels wide with 32 groups, so a 1×1 map at their
+    deepest level (any input padded to a single 64 px block) cannot be normalised; SD 2.1 has
+    10 channels per group and never meets this. Halving the groups keeps the check meaningful.
+    """
+    model = load_dossr(DOSSR, config=DOSSR_CONFIG)
+    for net in (model.unet, model.controlnet):
+        for module in net.modules():
+            if isinstance(module, torch.nn.GroupNorm) and module.num_groups == module.num_channels:
+                module.num_groups //= 2
+    return model
+
+
+def assert_good(out, size):
+    """(1, 3, H, W) of ``size`` = (H, W), finite, in [0, 1]."""
+    assert tuple(out.shape) == (1, 3) + size
+    assert torch.isfinite(out).all()
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def _nan(image):
+    image[..., 0, 0] = float("nan")
+    return image
+
+
+def _inf(sign):
+    def make(image):
+        image[..., -1, -1] = sign * float("inf")
+        return image
+    return make
+
+
+# id: (B, C, H, W), a change applied to the random image, expected: output (H, W) or an error message
+LIBRARY_CASES = {
+    "1x1": ((1, 3, 1, 1), None, (4, 4)),
+    "7x13": ((1, 3, 13, 7), None, (52, 28)),
+    "16-bit values": ((1, 3, 13, 7), lambda x: (x * 65535).round() / 65535, (52, 28)),
+    "out of range": ((1, 3, 13, 7), lambda x: x * 2 - 0.5, (52, 28)),
+    "RGBA": ((1, 4, 13, 7), None, "3 colour channels.*RGBA"),
+    "grayscale": ((1, 1, 13, 7), None, "3 colour channels.*grayscale"),
+    "NaN": ((1, 3, 13, 7), _nan, "NaN or Inf"),
+    "+Inf": ((1, 3, 13, 7), _inf(1), "NaN or Inf"),
+    "-Inf": ((1, 3, 13, 7), _inf(-1), "NaN or Inf"),
+    "no pixels": ((1, 3, 0, 7), None, "no pixels"),
+    "not a batch": ((3, 13, 7), None, r"\(B, C, H, W\)"),
+}
+
+
+def _image(shape, change, seed=0):
+    image = torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+    return change(image) if change else image
+
+
+def _check(run, case):
+    shape, change, expected = LIBRARY_CASES[case]
+    image = _image(shape, change)
+    if isinstance(expected, str):
+        with pytest.raises(ImageInputError, match=expected):
+            run(image)
+    else:
+        assert_good(run(image), expected)
+
+
+@pytest.mark.parametrize("case", LIBRARY_CASES)
+def test_osediff_library(osediff_model, case):
+    _check(lambda x: osediff_upscale(osediff_model, x, options=Options(process_size=64)), case)
+
+
+@pytest.mark.parametrize("case", [c for c in LIBRARY_CASES if c not in ("16-bit values", "out of range")])
+def test_dossr_library(dossr_model, case):
+    embeds = torch.randn(1, 77, 16, generator=torch.Generator().manual_seed(1))
+    _check(lambda x: dossr_upscale(dossr_model, x, prompt_embeds=embeds, options=DoSSROptions(steps=1)), case)
+
+
+def test_very_thin_images(osediff_model, dossr_model):
+    """2×2000 (OSEDiff, no short-side enlargement) and 2×100 (DoSSR, whose ×4 result is padded to 64 px wide)."""
+    thin = torch.rand(1, 3, 2000, 2, generator=torch.Generator().manual_seed(2))
+    assert_good(osediff_upscale(osediff_model, thin, options=Options(process_size=0)), (8000, 8))
+    embeds = torch.randn(1, 77, 16, generator=torch.Generator().manual_seed(1))
+    out = dossr_upscale(dossr_model, thin[..., :100, :], prompt_embeds=embeds, options=DoSSROptions(steps=1))
+    assert_good(out, (400, 8))
+
+
+@pytest.mark.xfail(strict=True, reason="preprocess enlarges the short side of a 2×2000 image to process_size/upscale "
+                   "(x64), asking for a 512×512000 px LQ: it should refuse or cap the enlargement")
+def test_thin_image_with_default_process_size_is_bounded(osediff_model, monkeypatch):
+    resize = img.resize
+
+    def guarded(image, size, method="bicubic"):
+        assert size[0] * size[1] <= 4096 * 4096, f"asked for a {size[0]}×{size[1]} px resize"
+        return resize(image, size, method)
+
+    monkeypatch.setattr(img, "resize", guarded)
+    thin = torch.rand(1, 3, 2000, 2, generator=torch.Generator().manual_seed(2))
+    try:
+        out = osediff_upscale(osediff_model, thin, options=Options(process_size=512))
+    except ImageInputError:
+        return
+    assert_good(out, (8000, 8))
+
+
+def test_large_image_is_tiled(osediff_model):
+    """A large image (simulated with small tile sizes): latent, VAE encoder and decoder tiles are used."""
+    calls = {}
+
+    def callback(stage, done, total):
+        calls[stage] = max(total, calls.get(stage, 0))
+
+    image = torch.rand(1, 3, 48, 64, generator=torch.Generator().manual_seed(3))
+    options = Options(process_size=0, tile_latent=16, tile_overlap=8, vae_tile_encode=96, vae_tile_decode=8)
+    out = osediff_upscale(osediff_model, image, options=options, callback=callback)
+    assert_good(out, (192, 256))
+    assert calls["unet"] == 6, calls  # latent 24×32 in 16-tiles with overlap 8: 2 × 3
+    assert "encode" in calls and "decode" in calls, calls  # reported only when the VAE runs tiled
+
+
+# ------------------------------------------------------------------------------------------ files
+def _png(path, width, height, depth, colour, rows):
+    """A PNG written byte by byte (PIL cannot write 16-bit RGB)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = b"".join(b"\x00" + row for row in rows)
+    header = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+def _gradient16(height, width):
+    return (np.arange(height * width).reshape(height, width) * 997 % 65536).astype(np.uint16)
+
+
+def test_16bit_grayscale_keeps_its_values(tmp_path):
+    values = _gradient16(13, 7)
+    Image.fromarray(values).save(tmp_path / "g16.png")
+    loaded = load_image(str(tmp_path / "g16.png"))
+    assert loaded.shape == (1, 3, 13, 7)
+    torch.testing.assert_close(loaded[0, 1], torch.from_numpy(values / 65535.0).float())
+
+
+def test_16bit_rgb_png_is_read(tmp_path):
+    values = np.stack([_gradient16(13, 7), _gradient16(13, 7)[::-1], np.full((13, 7), 40000, np.uint16)], -1)
+    _png(tmp_path / "rgb16.png", 7, 13, 16, 2, [row.astype(">u2").tobytes() for row in values])
+    loaded = load_image(str(tmp_path / "rgb16.png"))
+    assert loaded.shape == (1, 3, 13, 7)
+    assert (loaded * 255 - torch.from_numpy(values >> 8).permute(2, 0, 1).float()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("content, message", [
+    (lambda: b"not an image", "Cannot read image"),
+    (lambda: open(os.path.join(DATA, "osediff", "in_32x32.png"), "rb").read()[:300], "Cannot read image"),
+    (None, "too large"),
+])
+def test_unreadable_image_files(tmp_path, content, message):
+    path = tmp_path / "bad.png"
+    if content is None:  # a 30000×30000 header with almost no data: PIL's decompression-bomb guard
+        _png(path, 30000, 30000, 8, 2, [b"\x00" * 3])
+    else:
+        path.write_bytes(content())
+    with pytest.raises(ImageInputError, match=f"{message}.*bad.png|bad.png.*{message}"):
+        load_image(str(path))
+
+
+def test_osediff_command_on_odd_files(tiny_folder, tmp_path, capsys):
+    from comfyui_diffsr.cli.osediff import main
+
+    images = tmp_path / "in"
+    images.mkdir()
+    rgb = np.random.default_rng(0).integers(0, 256, (13, 7, 3), dtype=np.uint8)
+    Image.fromarray(rgb[:1, :1]).save(images / "one.png")
+    Image.fromarray(rgb).save(images / "rgb7x13.png")
+    Image.fromarray(np.dstack([rgb, rgb[..., :1]]), "RGBA").save(images / "rgba.png")
+    Image.fromarray(rgb[..., 0]).save(images / "gray.png")
+    Image.fromarray(_gradient16(13, 7)).save(images / "gray16.png")
+    Image.fromarray(rgb).convert("P").save(images / "palette.png")
+    args = [str(images), "-o", str(tmp_path / "out"), "--base", tiny_folder, "--weights", OSEDIFF,
+            "--process-size", "64", "--device", "cpu"]
+    assert main(args) == 0
+    for name in ("rgb7x13", "rgba", "gray", "gray16", "palette"):
+        out = np.asarray(Image.open(tmp_path / "out" / f"{name}.png"))
+        assert out.shape == (52, 28, 3), name
+    assert np.asarray(Image.open(tmp_path / "out" / "one.png")).shape == (4, 4, 3)
+    _png(images / "zbomb.png", 30000, 30000, 8, 2, [b"\x00" * 3])
+    assert main(args + ["--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "zbomb.png" in err and "too large" in err, err
+
+
+# ------------------------------------------------------------------------------------------ the node
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory, tiny_folder):
+    """The pack imported as ComfyUI does, against the host stand-ins, with the tiny models in its folders."""
+    models = tmp_path_factory.mktemp("models")
+    shutil.copytree(tiny_folder, models / "diffusers" / "tiny_sd21")
+    (models / "osediff").mkdir()
+    shutil.copy(OSEDIFF, models / "osediff")
+    old = os.environ.get("DIFFSR_TEST_MODELS")
+    os.environ["DIFFSR_TEST_MODELS"] = str(models)
+    sys.path.insert(0, STUBS)
+    name = "custom_nodes_x_diffsr_bad_inputs"
+    try:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "__init__.py"),
+                                                      submodule_search_locations=[ROOT])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        extension = asyncio.run(module.comfy_entrypoint())
+        nodes = {n.define_schema().node_id: n for n in asyncio.run(extension.get_node_list())}
+        (sd21,) = nodes["DiffSR_SD21Loader"].execute(base="diffusers/tiny_sd21").args
+        (model,) = nodes["OSEDiff_Loader"].execute(sd21=sd21, weights="osediff_tiny.pkl").args
+        yield nodes, model, sys.modules[f"{name}.sr_common.errors"].ImageInputError
+    finally:
+        sys.path.remove(STUBS)
+        if old is None:
+            os.environ.pop("DIFFSR_TEST_MODELS", None)
+        else:
+            os.environ["DIFFSR_TEST_MODELS"] = old
+        for key in [n for n in sys.modules if n.startswith((name, "comfy", "folder_paths"))
+                    and not n.startswith("comfyui_diffsr")]:
+            del sys.modules[key]
+
+
+def upscale_node(pack, image, **changes):
+    nodes, model, _ = pack
+    inputs = dict(model=model, image=image, prompt="", upscale=4.0, process_size=64, color_fix="adain", tile_latent=96,
+                  tile_overlap=32, dtype="fp32")
+    inputs.update(changes)
+    return nodes["OSEDiff_Upscale"].execute(**inputs).args[0]
+
+
+def test_node_batch_of_one_hundred(pack):
+    images = torch.rand(100, 8, 8, 3, generator=torch.Generator().manual_seed(4))
+    out = upscale_node(pack, images)
+    assert out.shape == (100, 32, 32, 3)
+    assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+
+
+def test_node_refuses_nan(pack):
+    image = torch.rand(1, 8, 8, 3)
+    image[0, 3, 3, 1] = float("nan")
+    with pytest.raises(pack[2], match="NaN or Inf"):  # the pack's own class: it is imported under the host's name
+        upscale_node(pack, image)
+
+
+def test_node_out_of_memory_retries_with_smaller_tiles(pack, monkeypatch, capsys):
+    """The UNet 'runs out of memory' on latents wider than 16: the node halves its tile and says so."""
+    _, model, _ = pack
+    oom = sys.modules["comfy.model_management"].OOM_EXCEPTION
+    forward = model.unet.forward
+    sizes = []
+
+    def limited(sample, *args, **kwargs):
+        sizes.append(tuple(sample.shape[-2:]))
+        if max(sample.shape[-2:]) > 16:
+            raise oom("CUDA out of memory (simulated)")
+        return forward(sample, *args, **kwargs)
+
+    monkeypatch.setattr(model.unet, "forward", limited)
+    image = torch.rand(1, 48, 48, 3, generator=torch.Generator().manual_seed(5))
+    out = upscale_node(pack, image, tile_latent=32, tile_overlap=16)
+    assert out.shape == (1, 192, 192, 3) and torch.isfinite(out).all()
+    assert sizes[0] == (24, 24) and all(max(s) <= 16 for s in sizes[1:]) and len(sizes) > 2, sizes
+    printed = capsys.readouterr().out
+    assert "out of memory" in printed and "16" in printed, printed
+
+
+def test_node_keeps_alpha_and_grayscale_sizes(pack):
+    rgba = upscale_node(pack, torch.rand(2, 7, 13, 4, generator=torch.Generator().manual_seed(6)))
+    gray = upscale_node(pack, torch.rand(1, 7, 13, 1, generator=torch.Generator().manual_seed(7)))
+    assert rgba.shape == (2, 28, 52, 4) and gray.shape == (1, 28, 52, 3)
+    assert rgba.min() >= 0 and rgba.max() <= 1 and torch.isfinite(gray).all()
+
+
+def test_dossr_batch_is_refused_clearly(dossr_model):
+    embeds = torch.randn(1, 77, 16)
+    with pytest.raises(ValueError, match="single image"):
+        dossr_upscale(copy.copy(dossr_model), torch.rand(2, 3, 8, 8), prompt_embeds=embeds,
+                      options=DoSSROptions(steps=1))
