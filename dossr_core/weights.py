@@ -203,19 +203,25 @@ def parts_from_official(sd, params):
     if width is None or width.shape[1] != expected_in:
         raise WeightFileError(f"The ControlNet input conv has shape {None if width is None else tuple(width.shape)}; "
                               f"DoSSR's takes {expected_in} channels (noisy latent + condition latent).")
-    controlnet = convert_controlnet_checkpoint(control, {"layers_per_block": controlnet_config["layers_per_block"]})
-    controlnet = split_controlnet_conv_in({k: v for k, v in controlnet.items() if v is not None},
-                                          controlnet_config["in_channels"])
-    cond = _with_prefix(sd, COND_ENCODER_PREFIX)  # already "encoder.*" + "quant_conv.*" in ldm names
-    cond_encoder = {k: v for k, v in convert_ldm_vae_checkpoint(cond, vae_config).items()
-                    if k.startswith(("encoder.", "quant_conv."))}
     rrdb = _with_prefix(sd, RRDB_PREFIX)
     if not rrdb:
         raise WeightFileError("The DoSSR checkpoint has no RRDB pre-processor (`preprocess_model.*`): it is "
                               "incomplete. Use dossr_default.ckpt / dossr_onestep.ckpt from the DoSSR release.")
+    try:
+        controlnet = convert_controlnet_checkpoint(control, {"layers_per_block": controlnet_config["layers_per_block"]})
+        controlnet = split_controlnet_conv_in({k: v for k, v in controlnet.items() if v is not None},
+                                              controlnet_config["in_channels"])
+        cond = _with_prefix(sd, COND_ENCODER_PREFIX)  # already "encoder.*" + "quant_conv.*" in ldm names
+        cond_encoder = {k: v for k, v in convert_ldm_vae_checkpoint(cond, vae_config).items()
+                        if k.startswith(("encoder.", "quant_conv."))}
+        vae_encoder = {k: v for k, v in convert_ldm_vae_checkpoint(_with_prefix(sd, VAE_PREFIX, VAE_PREFIX),
+                                                                   vae_config).items()
+                       if k.startswith(("encoder.", "quant_conv."))} if any(k.startswith(VAE_PREFIX) for k in sd) else {}
+    except (KeyError, IndexError, ValueError, RuntimeError) as e:
+        raise WeightFileError(f"Cannot convert the DoSSR ControlNet / condition encoder keys ({type(e).__name__}: "
+                              f"{e}): the checkpoint is damaged or incomplete. Use dossr_default.ckpt / "
+                              "dossr_onestep.ckpt from the DoSSR release.") from e
     info = {}
-    vae_encoder = {k: v for k, v in convert_ldm_vae_checkpoint(_with_prefix(sd, VAE_PREFIX, VAE_PREFIX), vae_config).items()
-                   if k.startswith(("encoder.", "quant_conv."))} if any(k.startswith(VAE_PREFIX) for k in sd) else {}
     if vae_encoder:
         info["cond_encoder_equals_vae_encoder"] = all(
             k in vae_encoder and torch.equal(v, vae_encoder[k]) for k, v in cond_encoder.items())
@@ -279,15 +285,23 @@ def _load_strict(module, state, what):
     return module.eval()
 
 
+def _stored_architecture_error(what, error):
+    return WeightFileError(f"The stored {what} architecture cannot be built ({type(error).__name__}: {error}): the "
+                           "file is damaged. Convert the official .ckpt again with `diffsr convert dossr`.")
+
+
 def build_controlnet(config, state):
     """diffusers ``ControlNetModel`` whose ``conv_in`` sees the noisy latent and whose
     ``controlnet_cond_embedding`` is a bias-free 3×3 conv on the 4-channel condition latent."""
     from diffusers import ControlNetModel
 
-    net = ControlNetModel(**config, conditioning_embedding_out_channels=(16,))
-    width = config["block_out_channels"][0]
-    net.conv_in = nn.Conv2d(config["in_channels"], width, 3, padding=1)
-    net.controlnet_cond_embedding = nn.Conv2d(config["conditioning_channels"], width, 3, padding=1, bias=False)
+    try:
+        net = ControlNetModel(**config, conditioning_embedding_out_channels=(16,))
+        width = config["block_out_channels"][0]
+        net.conv_in = nn.Conv2d(config["in_channels"], width, 3, padding=1)
+        net.controlnet_cond_embedding = nn.Conv2d(config["conditioning_channels"], width, 3, padding=1, bias=False)
+    except (TypeError, KeyError, IndexError, ValueError, ZeroDivisionError) as e:
+        raise _stored_architecture_error("ControlNet", e) from e
     return _load_strict(net, state, "ControlNet")
 
 
@@ -295,13 +309,16 @@ def build_cond_encoder(vae_config, state):
     """Condition encoder: diffusers VAE ``Encoder`` + 1×1 ``quant_conv`` (2z → 2z), as a ModuleDict."""
     from diffusers.models.autoencoders.vae import Encoder
 
-    z2 = 2 * vae_config["latent_channels"]
-    net = nn.ModuleDict({
-        "encoder": Encoder(in_channels=vae_config["in_channels"], out_channels=vae_config["latent_channels"],
-                           down_block_types=vae_config["down_block_types"],
-                           block_out_channels=vae_config["block_out_channels"],
-                           layers_per_block=vae_config["layers_per_block"], double_z=True),
-        "quant_conv": nn.Conv2d(z2, z2, 1)})
+    try:
+        z2 = 2 * vae_config["latent_channels"]
+        net = nn.ModuleDict({
+            "encoder": Encoder(in_channels=vae_config["in_channels"], out_channels=vae_config["latent_channels"],
+                               down_block_types=vae_config["down_block_types"],
+                               block_out_channels=vae_config["block_out_channels"],
+                               layers_per_block=vae_config["layers_per_block"], double_z=True),
+            "quant_conv": nn.Conv2d(z2, z2, 1)})
+    except (TypeError, KeyError, IndexError, ValueError, ZeroDivisionError) as e:
+        raise _stored_architecture_error("condition encoder", e) from e
     return _load_strict(net, state, "condition encoder")
 
 
