@@ -75,11 +75,16 @@ class Plan:
     output_size: tuple   # (W, H) of the final output
 
 
+MAX_ASPECT_ENLARGED = 4  # small inputs are enlarged to a long side of at most 4 · process_size / upscale
+
+
 def preprocess(image, *, upscale=4, process_size=512, official_sizing=False):
     """The upscaled LQ (1, 3, H, W) in [0, 1] and the size plan.
 
     1. If a side is below process_size // upscale, enlarge so the short side reaches it
-       (``int()`` truncation, PIL bicubic), as the official code.
+       (``int()`` truncation, PIL bicubic), as the official code, but never so far that the long side
+       passes 4 · process_size // upscale (very thin images would otherwise ask for gigapixels; with
+       ``official_sizing`` such an image is refused instead).
     2. PIL bicubic ×upscale.
     3. official_sizing: shrink to a multiple of 8 with LANCZOS and keep that size.
        Otherwise the networks see the image padded to a multiple of 8 and the output is cropped
@@ -92,7 +97,16 @@ def preprocess(image, *, upscale=4, process_size=512, official_sizing=False):
     minimum = process_size // upscale
     if width < minimum or height < minimum:
         factor = minimum / min(width, height)
-        lq = img.resize(lq, (int(factor * width), int(factor * height)))
+        longest = MAX_ASPECT_ENLARGED * minimum
+        if factor * max(width, height) > longest:
+            if official_sizing:
+                raise img.ImageInputError(
+                    f"A {width}x{height} image is too thin for --official-sizing at process size {process_size}: "
+                    f"raising its short side to {minimum} px would make it {int(factor * max(width, height))} px "
+                    "long. Drop --official-sizing (the exact sizing enlarges it less), or lower --process-size.")
+            factor = max(1.0, longest / max(width, height))
+        if factor > 1:
+            lq = img.resize(lq, (int(factor * width), int(factor * height)))
     lq = img.resize(lq, img.scaled_size(lq.shape[-1], lq.shape[-2], upscale) if not official_sizing
                     else (lq.shape[-1] * int(upscale), lq.shape[-2] * int(upscale)))
     if official_sizing:

@@ -134,9 +134,9 @@ def test_very_thin_images(osediff_model, dossr_model):
     assert_good(out, (400, 8))
 
 
-@pytest.mark.xfail(strict=True, reason="preprocess enlarges the short side of a 2×2000 image to process_size/upscale "
-                   "(x64), asking for a 512×512000 px LQ: it should refuse or cap the enlargement")
 def test_thin_image_with_default_process_size_is_bounded(osediff_model, monkeypatch):
+    """Raising the short side of a 2×2000 image to process_size/upscale would ask for 512×512000 px: the
+    enlargement is capped (exact sizing) or the image refused (official sizing)."""
     resize = img.resize
 
     def guarded(image, size, method="bicubic"):
@@ -145,11 +145,9 @@ def test_thin_image_with_default_process_size_is_bounded(osediff_model, monkeypa
 
     monkeypatch.setattr(img, "resize", guarded)
     thin = torch.rand(1, 3, 2000, 2, generator=torch.Generator().manual_seed(2))
-    try:
-        out = osediff_upscale(osediff_model, thin, options=Options(process_size=512))
-    except ImageInputError:
-        return
-    assert_good(out, (8000, 8))
+    assert_good(osediff_upscale(osediff_model, thin, options=Options(process_size=512)), (8000, 8))
+    with pytest.raises(ImageInputError, match="too thin for --official-sizing"):
+        osediff_upscale(osediff_model, thin, options=Options(process_size=512, official_sizing=True))
 
 
 def test_large_image_is_tiled(osediff_model):
