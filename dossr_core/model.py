@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from ..sr_common.errors import WeightFileError
 from ..sr_common.sd21 import SD21, encode_prompt, load_sd21, load_tokenizer, shipped_config_dir
@@ -25,7 +26,8 @@ class DoSSRModel:
     """All networks of one DoSSR model. Call contract of the parts:
 
     - ``rrdb``: (B, 3, h, w) RGB in [0, 1] → (B, 3, 4h, 4w) (unclamped);
-    - ``cond_encoder["encoder"]`` → ``["quant_conv"]``: image in [−1, 1] → 8 moment channels;
+    - ``cond_encoder["encoder"]`` → ``["quant_conv"]``: image in [−1, 1] → 8 moment channels; the VAE's own
+      ``encoder`` and ``quant_conv`` modules when the weights are the same (see ``share_vae_encoder``);
     - ``controlnet`` / ``unet``: diffusers modules, see ``predict_eps``;
     - ``vae``: SD 2.1 ``AutoencoderKL``; ``text_encoder``/``tokenizer`` may be None when the prompt
       embedding is given precomputed.
@@ -70,6 +72,20 @@ class DoSSRModel:
             with torch.no_grad():
                 self.prompt_cache[prompt] = encode_prompt(self.text_encoder, self.tokenizer, [prompt]).float()
         return self.prompt_cache[prompt]
+
+
+def share_vae_encoder(cond_encoder, vae):
+    """The VAE's own ``encoder`` + ``quant_conv`` as the condition encoder when ``cond_encoder`` has exactly
+    their weights (the official condition encoder is a frozen copy of the VAE encoder), else ``cond_encoder``.
+
+    Sharing the modules lets the pipeline encode the image once for both c and x̂₀ (same output, bit for bit).
+    """
+    vae_encoder = nn.ModuleDict({"encoder": vae.encoder, "quant_conv": vae.quant_conv})
+    own, theirs = cond_encoder.state_dict(), vae_encoder.state_dict()
+    same = own.keys() == theirs.keys() and all(
+        v.shape == theirs[k].shape and v.dtype == theirs[k].dtype and v.device == theirs[k].device
+        and torch.equal(v, theirs[k]) for k, v in own.items())
+    return vae_encoder if same else cond_encoder
 
 
 def predict_eps(model, x, tau, c_latent, context):
@@ -128,4 +144,5 @@ def load_dossr(weights, base=None, *, config=None, base_config=None, text_heads=
         raise WeightFileError(f"The base UNet (context {unet.config.cross_attention_dim}) does not match the DoSSR "
                               f"ControlNet of {name!r} (context {controlnet.config.cross_attention_dim}); DoSSR needs "
                               "SD 2.1-base.")
-    return DoSSRModel(unet.eval(), controlnet, vae.eval(), cond_encoder, rrdb, text_encoder, tokenizer, info=parts.info)
+    return DoSSRModel(unet.eval(), controlnet, vae.eval(), share_vae_encoder(cond_encoder, vae), rrdb, text_encoder,
+                      tokenizer, info=parts.info)

@@ -90,18 +90,37 @@ def encode_moments(encoder, image01, tile=None, callback=None):
     return encoder["quant_conv"](h.to(weight.dtype)).float()
 
 
+def vae_moments(model, start, tile=None, callback=None):
+    """The moments of the SD VAE encoder for ``start`` in [0, 1]."""
+    return encode_moments({"encoder": model.vae.encoder, "quant_conv": model.vae.quant_conv}, start, tile, callback)
+
+
+def condition_from_moments(moments):
+    """c = 0.18215 · mode: the mean half of the moments."""
+    return moments.chunk(2, dim=1)[0] * SCALING_FACTOR
+
+
+def posterior_sample(moments, noise):
+    """0.18215 · (μ + exp(½·clamp(logvar, −30, 20))·n), n = ``noise("posterior", …)``."""
+    mean, logvar = moments.chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    return (mean + std * noise("posterior", mean.shape).to(mean.device)) * SCALING_FACTOR
+
+
 def condition_latent(model, start, tile=None, callback=None):
-    """c = 0.18215 · mode(E_cond(2·start − 1)): the mean half of the moments."""
-    mean, _ = encode_moments(model.cond_encoder, start, tile, callback).chunk(2, dim=1)
-    return mean * SCALING_FACTOR
+    """c = 0.18215 · mode(E_cond(2·start − 1))."""
+    return condition_from_moments(encode_moments(model.cond_encoder, start, tile, callback))
 
 
 def lr_latent(model, start, noise, tile=None, callback=None):
-    """x̂₀ = 0.18215 · (μ + exp(½·clamp(logvar, −30, 20))·n): a posterior sample of the SD VAE encoder."""
-    vae_encoder = {"encoder": model.vae.encoder, "quant_conv": model.vae.quant_conv}
-    mean, logvar = encode_moments(vae_encoder, start, tile, callback).chunk(2, dim=1)
-    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    return (mean + std * noise("posterior", mean.shape).to(mean.device)) * SCALING_FACTOR
+    """x̂₀ = a posterior sample of the SD VAE encoder (``posterior_sample``)."""
+    return posterior_sample(vae_moments(model, start, tile, callback), noise)
+
+
+def shares_vae_encoder(model):
+    """True when the condition encoder is the VAE encoder itself (``dossr_core.model.share_vae_encoder``)."""
+    return (model.cond_encoder["encoder"] is model.vae.encoder
+            and model.cond_encoder["quant_conv"] is model.vae.quant_conv)
 
 
 def make_eps_model(model, c_latent, context, o, callback=None):
@@ -154,8 +173,11 @@ def dossr_upscale(model, image, *, prompt=DEFAULT_PROMPT, prompt_embeds=None, op
     # 2. pad start to a multiple of 64 px (latent multiple of 8); cropped back after decoding
     padded, (out_h, out_w) = img.pad_to_multiple(start, PIXEL_MULTIPLE)
     # 3. condition latent c (mode) and LR latent x̂₀ (posterior sample: the first random draw)
-    c_latent = condition_latent(model, padded, o.vae_tile_encode, stage("cond_encoder"))
-    x_hat0 = lr_latent(model, padded, noise_source, o.vae_tile_encode, stage("vae_encoder"))
+    #    (one encoder pass for both when the condition encoder is the VAE encoder)
+    moments = vae_moments(model, padded, o.vae_tile_encode, stage("vae_encoder"))
+    c_latent = (condition_from_moments(moments) if shares_vae_encoder(model)
+                else condition_latent(model, padded, o.vae_tile_encode, stage("cond_encoder")))
+    x_hat0 = posterior_sample(moments, noise_source)
     # 4. text context: given, or the SD 2.1 text encoder on the prompt (cached)
     context = prompt_embeds.float() if prompt_embeds is not None else model.prompt_embedding(prompt)
     if context.shape[-1] != model.unet.config.cross_attention_dim:

@@ -165,3 +165,24 @@ def test_bf16_networks_stay_close():
     assert psnr(a, b) >= 30  # measured 41.2 dB
     with pytest.raises(ValueError, match="dtype"):
         model.to(dtype=torch.float64)
+
+
+def test_condition_encoder_with_the_vae_weights_is_shared(model):
+    """A condition encoder holding the VAE encoder's weights (the official one is a frozen copy of it) is
+    replaced by the VAE encoder itself; the one-pass result equals the two-pass one bit for bit."""
+    import copy
+    import dataclasses
+
+    from comfyui_diffsr.dossr_core.model import share_vae_encoder
+    from comfyui_diffsr.dossr_core.pipeline import shares_vae_encoder
+
+    assert share_vae_encoder(model.cond_encoder, model.vae) is model.cond_encoder  # the fixture's differs
+    twin = torch.nn.ModuleDict({"encoder": copy.deepcopy(model.vae.encoder),
+                                "quant_conv": copy.deepcopy(model.vae.quant_conv)})
+    separate = dataclasses.replace(model, cond_encoder=twin)
+    shared = dataclasses.replace(model, cond_encoder=share_vae_encoder(twin, model.vae))
+    assert shares_vae_encoder(shared) and not shares_vae_encoder(separate)
+    lr = lr_image("lr_w32h16.png")
+    a = dossr_upscale(separate, lr, options=Options(steps=2, seed=3))
+    b = dossr_upscale(shared, lr, options=Options(steps=2, seed=3))
+    assert torch.equal(a, b)
