@@ -3,6 +3,8 @@
 DoSSR's pre-processor is RealESRNet_x4plus (multi-step model) or RealESRGAN_x4plus (one-step model):
 conv_first → 23 RRDBs (3 residual dense blocks of 5 convs each) → conv_body (+ skip) →
 2 × (nearest ×2, conv_up, LeakyReLU) → conv_hr → conv_last. Input and output are RGB in [0, 1].
+It runs channels-last (weights and activations): its many thin convolutions on concatenated features
+are about 1.4× faster on CPU that way than in the contiguous layout.
 """
 
 import re
@@ -57,13 +59,14 @@ class RRDBNet(nn.Module):
         self.conv_up2 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
         self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
         self.conv_last = nn.Conv2d(num_feat, num_out_ch, 3, 1, 1)
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, x):
-        feat = self.conv_first(x)
+        feat = self.conv_first(x.contiguous(memory_format=torch.channels_last))
         feat = feat + self.conv_body(self.body(feat))
         feat = F.leaky_relu(self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2)
         feat = F.leaky_relu(self.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2)
-        return self.conv_last(F.leaky_relu(self.conv_hr(feat), 0.2))
+        return self.conv_last(F.leaky_relu(self.conv_hr(feat), 0.2)).contiguous()
 
 
 RRDB_KEYS = ("conv_first.weight", "body.0.rdb1.conv1.weight", "conv_body.weight", "conv_up1.weight",
