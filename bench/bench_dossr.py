@@ -3,9 +3,9 @@
     python bench/bench_dossr.py --sizes 128 --repeats 1 --device cpu --dtype fp32 --out bench/results/dossr_cpu.json
 
 Full size = SD 2.1-base UNet/VAE from the shipped configs + DoSSR ControlNet (cldm_v21.yaml, 8-channel
-input conv split, 13 zero convs) + condition encoder + RRDBNet ×4 with 23 blocks. The prompt
-embedding is a fixed random (1, 77, 1024) tensor (the text encoder runs once per prompt and is cached
-in real use). Each size runs in a fresh process so the peak RSS is per case; the warm-up run is
+input conv split, 13 zero convs) + condition encoder (the VAE encoder, as in the official weights) + RRDBNet ×4
+with 23 blocks. The prompt embedding is a fixed random (1, 77, 1024) tensor (the text encoder runs once per
+prompt and is cached in real use). Each size runs in a fresh process so the peak RSS is per case; the warm-up run is
 included in the process (peak RSS covers it), the timing covers ``repeats`` runs after it.
 """
 
@@ -28,25 +28,21 @@ def random_dossr(seed=0):
     from comfyui_diffsr.dossr_core.weights import diffusers_configs, load_ldm_params
 
     sd = random_sd21(seed)
-    _, controlnet_config, vae_config = diffusers_configs(load_ldm_params())
+    _, controlnet_config, _ = diffusers_configs(load_ldm_params())
     from diffusers import ControlNetModel
-    from diffusers.models.autoencoders.vae import Encoder
 
     controlnet = ControlNetModel(**controlnet_config, conditioning_embedding_out_channels=(16,))
     width = controlnet_config["block_out_channels"][0]
     controlnet.conv_in = torch.nn.Conv2d(controlnet_config["in_channels"], width, 3, padding=1)
     controlnet.controlnet_cond_embedding = torch.nn.Conv2d(4, width, 3, padding=1, bias=False)
-    cond_encoder = torch.nn.ModuleDict({
-        "encoder": Encoder(in_channels=3, out_channels=4, down_block_types=vae_config["down_block_types"],
-                           block_out_channels=vae_config["block_out_channels"],
-                           layers_per_block=vae_config["layers_per_block"], double_z=True),
-        "quant_conv": torch.nn.Conv2d(8, 8, 1)})
+    # the official condition encoder is a frozen copy of the VAE encoder; load_dossr shares the VAE's own
+    cond_encoder = torch.nn.ModuleDict({"encoder": sd.vae.encoder, "quant_conv": sd.vae.quant_conv})
     rrdb = RRDBNet(num_block=23)
     # random RRDB weights blow up over 23 blocks; scale them so the image stays in range
     with torch.no_grad():
         for p in rrdb.parameters():
             p.mul_(0.1)
-    params = sum(p.numel() for m in (sd.unet, controlnet, sd.vae, cond_encoder, rrdb) for p in m.parameters())
+    params = sum(p.numel() for m in (sd.unet, controlnet, sd.vae, rrdb) for p in m.parameters())
     model = DoSSRModel(sd.unet, controlnet.eval(), sd.vae, cond_encoder.eval(), rrdb.eval())
     return model, params
 
@@ -120,6 +116,7 @@ def compare_official(args, device, dtype):
 
     from comfyui_diffsr.sr_common.image import tensor_to_uint8
 
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         lr = os.path.join(tmp, "lr.png")
         Image.fromarray(tensor_to_uint8(lr_image(128))).save(lr)
@@ -134,7 +131,8 @@ def compare_official(args, device, dtype):
         ours = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
                           .splitlines()[-1])
     write_json({"method": "dossr", **environment(device, dtype), "cases": [ours], "official": [official],
-                "ratio_ours_to_official": {"128->512": ours["median_s"] / official["median_s"]}}, args.out)
+                "ratio_ours_to_official": {"128->512": ours["median_s"] / official["median_s"]},
+                "load_avg_1_5_15min": {"before": load_before, "after": os.getloadavg()}}, args.out)
 
 
 if __name__ == "__main__":
