@@ -124,19 +124,26 @@ def lora_delta(a, b, scale):
 
 
 def merge_lora(module_root, pairs, what):
-    """W ← W + ΔW for every pair, in float32, then cast back to the weight's dtype."""
+    """W ← W + scale · B @ A for every pair: in place for float32 weights (one fused addmm, no temporaries the size
+    of W), otherwise in float32 and cast back to the weight's dtype."""
     modules = dict(module_root.named_modules())
     for name, (a, b, scale) in pairs.items():
         target = modules.get(name)
         if target is None or not hasattr(target, "weight"):
             raise WeightFileError(f"The OSEDiff {what} LoRA targets {name!r}, which the base model does not have: "
                                   "the base is not SD 2.1-base.")
-        delta = lora_delta(a, b, scale)
-        if tuple(delta.shape) != tuple(target.weight.shape):
-            raise WeightFileError(f"The OSEDiff {what} LoRA for {name!r} has shape {tuple(delta.shape)}, the base "
-                                  f"weight {tuple(target.weight.shape)}: the base is not SD 2.1-base.")
+        weight = target.weight
+        shape = (b.shape[0],) + tuple(a.shape[1:])
+        if shape != tuple(weight.shape):
+            raise WeightFileError(f"The OSEDiff {what} LoRA for {name!r} has shape {shape}, the base "
+                                  f"weight {tuple(weight.shape)}: the base is not SD 2.1-base.")
         with torch.no_grad():
-            target.weight.copy_((target.weight.float() + delta.to(target.weight.device)).to(target.weight.dtype))
+            if weight.dtype == torch.float32 and weight.is_contiguous():
+                rank = a.shape[0]
+                weight.view(shape[0], -1).addmm_(b.float().reshape(shape[0], rank).to(weight.device),
+                                                 a.float().reshape(rank, -1).to(weight.device), alpha=scale)
+            else:
+                weight.copy_((weight.float() + lora_delta(a, b, scale).to(weight.device)).to(weight.dtype))
 
 
 def apply_osediff_unet(unet, ckpt):

@@ -128,18 +128,38 @@ def _load_into(model, state, what, path):
                   f"model {tuple(expected[wrong[0]].shape)})" if wrong else "")
         raise WeightFileError(f"The {what} in {os.path.basename(os.fspath(path))!r} does not match the SD 2.1-base "
                               f"architecture: {detail}. If it is a non-standard size, pass a matching config folder.")
-    model.load_state_dict({k: state[k] for k in expected}, strict=True)
+    # float32 CPU tensors are taken as they are (no copy), others converted once (e.g. what ComfyUI's
+    # state_dict_for_saving gives on a GPU); the model's own (meta) tensors are replaced, so building it cost nothing
+    model.load_state_dict({k: state[k].to(device="cpu", dtype=torch.float32) for k in expected}, strict=True,
+                          assign=True)
+    _materialise_position_ids(model)
 
 
-def models_from_config(config_dir):
+def _materialise_position_ids(model):
+    """CLIP's non-persistent ``position_ids`` buffer, the one buffer no state dict carries, for a model built on
+    the meta device."""
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta:
+            if not name.endswith("position_ids"):
+                raise RuntimeError(f"{type(model).__name__}.{name} is not in the state dict and was built on the "
+                                   "meta device")
+            owner = model.get_submodule(name.rpartition(".")[0])
+            owner.register_buffer("position_ids", torch.arange(buffer.shape[-1]).expand(buffer.shape).clone(),
+                                  persistent=False)
+
+
+def models_from_config(config_dir, *, random_init=True):
+    """UNet, VAE and CLIP text encoder from a diffusers config folder. ``random_init=False`` builds them on the
+    meta device (no memory, no initialisation: 17 s less at full size on 2 cores) for ``_load_into`` to fill."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    unet = UNet2DConditionModel.from_config(_read_json(os.path.join(config_dir, "unet", "config.json")))
-    vae = AutoencoderKL.from_config(_read_json(os.path.join(config_dir, "vae", "config.json")))
     text_cfg = CLIPTextConfig(**{k: v for k, v in _read_json(os.path.join(config_dir, "text_encoder", "config.json")).items()
                                  if not k.startswith("_") and k not in ("architectures", "model_type", "torch_dtype")})
-    text_encoder = CLIPTextModel(text_cfg)
+    with torch.device("cpu" if random_init else "meta"):
+        unet = UNet2DConditionModel.from_config(_read_json(os.path.join(config_dir, "unet", "config.json")))
+        vae = AutoencoderKL.from_config(_read_json(os.path.join(config_dir, "vae", "config.json")))
+        text_encoder = CLIPTextModel(text_cfg)
     return unet, vae, text_encoder
 
 
@@ -160,7 +180,7 @@ def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint"):
     kind = describe_checkpoint(sd)
     if kind != "sd2":
         _refuse(name, kind)
-    unet, vae, text_encoder = models_from_config(config_dir)
+    unet, vae, text_encoder = models_from_config(config_dir, random_init=False)
     try:
         unet_sd = convert_ldm_unet_checkpoint(sd, unet.config)
         vae_sd = convert_ldm_vae_checkpoint(sd, vae.config)

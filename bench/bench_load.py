@@ -1,0 +1,120 @@
+"""OSEDiff load time against the time to read its files from disk (issue target: load ≤ 2 × read).
+
+    python bench/bench_load.py --base v2-1_512-ema-pruned.safetensors --weights osediff.pkl \
+        --out bench/results/load_cpu.json
+
+Each measurement runs in a fresh process after the page cache of both files is dropped (needs root; otherwise
+the files are read from the cache in both cases and the JSON says so):
+- ``read_s``: reading every byte of both files;
+- ``import_s``: importing torch, diffusers and transformers (not part of the load);
+- ``load_s``: ``load_sd21`` + ``read_osediff`` + ``build_osediff`` (LoRA merged into the base UNet, as the
+  ``osediff`` command does), ready to run;
+- ``reload_s``: the same loader call again in that process through a per-file cache (the ComfyUI nodes'
+  ``nodes.host.cached`` semantics: one instance per file while in use), which must not reload anything.
+The ComfyUI loader also copies the UNet first (the SD 2.1-base stays usable by other nodes): ``copy_s``.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from common import environment, rss_peak_mb, write_json
+
+
+def drop_page_cache(paths):
+    """Evict the files from the page cache; False when not permitted."""
+    try:
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        return True
+    except OSError:
+        return False
+
+
+def read_all(paths):
+    start = time.perf_counter()
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.read(64 << 20):
+                pass
+    return time.perf_counter() - start
+
+
+def load_case(base, weights):
+    start = time.perf_counter()
+    import copy
+
+    import torch
+    import diffusers.loaders.single_file_utils  # noqa: F401  (imported by the loader)
+    import transformers  # noqa: F401
+
+    from comfyui_diffsr.osediff_core.pipeline import build_osediff
+    from comfyui_diffsr.osediff_core.weights import read_osediff
+    from comfyui_diffsr.sr_common.sd21 import load_sd21
+
+    import_s = time.perf_counter() - start
+    cache = {}
+
+    def loader():
+        if weights not in cache:
+            cache[weights] = build_osediff(load_sd21(base), read_osediff(weights), copy_unet=False)
+        return cache[weights]
+
+    start = time.perf_counter()
+    model = loader()
+    load_s = time.perf_counter() - start
+    start = time.perf_counter()
+    again = loader()
+    reload_s = time.perf_counter() - start
+    assert again is model
+    start = time.perf_counter()
+    copy.deepcopy(model.unet)
+    copy_s = time.perf_counter() - start
+    params = sum(p.numel() for m in model.modules() for p in m.parameters())
+    return {"import_s": import_s, "load_s": load_s, "reload_s": reload_s, "copy_s": copy_s, "params": params,
+            "peak_rss_mb": rss_peak_mb(), "torch_threads": torch.get_num_threads()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True, help="SD 2.1-base single file or diffusers folder")
+    p.add_argument("--weights", required=True, help="osediff.pkl")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "load.json"))
+    p.add_argument("--_case", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._case:
+        print(json.dumps(load_case(args.base, args.weights)))
+        return
+    files = [args.weights] + ([args.base] if os.path.isfile(args.base) else
+                              [os.path.join(r, f) for r, _, fs in os.walk(args.base) for f in fs])
+    reads, loads = [], []
+    cold = True
+    for _ in range(args.repeats):
+        cold &= drop_page_cache(files)
+        reads.append(read_all(files))
+        cold &= drop_page_cache(files)
+        out = subprocess.run([sys.executable, __file__, "--base", args.base, "--weights", args.weights, "--_case"],
+                             check=True, capture_output=True, text=True).stdout
+        loads.append(json.loads(out.strip().splitlines()[-1]))
+    import torch
+
+    result = {"method": "osediff_load", **environment(torch.device("cpu"), torch.float32),
+              "bytes": sum(os.path.getsize(f) for f in files), "page_cache_dropped": cold,
+              "read_s": min(reads), "load_s": min(x["load_s"] for x in loads),
+              "reload_s": max(x["reload_s"] for x in loads), "runs": loads}
+    result["load_over_read"] = result["load_s"] / result["read_s"]
+    write_json(result, args.out)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
