@@ -13,6 +13,7 @@ import comfy.model_patcher
 import comfy.utils
 import folder_paths
 
+from ..sr_common.download import OFFICIAL, download
 from ..sr_common.errors import WeightFileError
 from ..sr_common.sd21 import load_sd21, sd21_from_ldm_state_dict
 
@@ -35,8 +36,17 @@ def register_model_folders():
             folder_paths.folder_names_and_paths[name] = ([default], set(WEIGHT_EXTENSIONS))
 
 
-def files(folder):
-    return folder_paths.get_filename_list(folder)
+DOWNLOAD = "download: "
+
+
+def official_files(folder):
+    """Loader choices that fetch an official file into ``models/<folder>`` when picked (the opt-in)."""
+    return [DOWNLOAD + src.filename for src in OFFICIAL.values() if src.folder == folder]
+
+
+def files(folder, *, downloadable=False):
+    names = folder_paths.get_filename_list(folder)
+    return names + (official_files(folder) if downloadable else [])
 
 
 def diffusers_folders():
@@ -49,7 +59,8 @@ def diffusers_folders():
 
 
 def base_choices():
-    return [f"checkpoints/{n}" for n in files("checkpoints")] + [f"diffusers/{n}" for n in diffusers_folders()]
+    return ([f"checkpoints/{n}" for n in files("checkpoints", downloadable=True)]
+            + [f"diffusers/{n}" for n in diffusers_folders()])
 
 
 def base_path(choice):
@@ -59,11 +70,30 @@ def base_path(choice):
             if os.path.isdir(os.path.join(root, name)):
                 return os.path.join(root, name)
         raise FileNotFoundError(f"Diffusers folder {name!r} not found in models/diffusers.")
-    return folder_paths.get_full_path_or_raise("checkpoints", name)
+    return weight_path("checkpoints", name)
 
 
 def weight_path(folder, name):
-    return folder_paths.get_full_path_or_raise(folder, name)
+    """Full path of a loader choice; a ``download: <file>`` choice fetches the official file first (resumable,
+    verified, moved into place only when complete) into the first ``models/<folder>`` path, once."""
+    if not name.startswith(DOWNLOAD):
+        return folder_paths.get_full_path_or_raise(folder, name)
+    filename = name[len(DOWNLOAD):]
+    source = next((s for s in OFFICIAL.values() if s.folder == folder and s.filename == filename), None)
+    if source is None:
+        raise FileNotFoundError(f"No official download for {filename!r} in models/{folder}.")
+    for root in folder_paths.get_folder_paths(folder):
+        if os.path.isfile(os.path.join(root, filename)):
+            return os.path.join(root, filename)
+    dest = os.path.join(folder_paths.get_folder_paths(folder)[0], filename)
+    bar = comfy.utils.ProgressBar(1)
+    print(f"[DiffSR] downloading {source.name} from {source.url} to {dest}")
+
+    def progress(done, total):
+        mm.throw_exception_if_processing_interrupted()
+        bar.update_absolute(done, max(total, 1))
+
+    return download(source.url, dest, sha256=source.sha256, progress=progress)
 
 
 def cached(key, load, owner=None):

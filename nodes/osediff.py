@@ -50,7 +50,9 @@ class SD21Loader(io.ComfyNode):
             description="Stable Diffusion 2.1-base for OSEDiff and DoSSR, from models/checkpoints or models/diffusers.",
             inputs=[io.Combo.Input("base", options=host.base_choices(),
                                    tooltip="v2-1_512-ema-pruned (single file) or a stable-diffusion-2-1-base "
-                                           "diffusers folder. SD 1.x, SDXL and 768-v models are refused.")],
+                                           "diffusers folder. SD 1.x, SDXL and 768-v models are refused. "
+                                           "'download: ...' fetches the official file (5.2 GB) into "
+                                           "models/checkpoints first.")],
             outputs=[SD21.Output(display_name="SD21_BASE")])
 
     @classmethod
@@ -84,8 +86,9 @@ class OSEDiffLoader(io.ComfyNode):
             node_id="OSEDiff_Loader", display_name="Load OSEDiff", category=CATEGORY,
             description="OSEDiff LoRA weights (osediff.pkl or converted .safetensors) merged into SD 2.1-base.",
             inputs=[SD21.Input("sd21", tooltip="From 'Load SD 2.1-base (DiffSR)'. Left untouched (shared with DoSSR)."),
-                    io.Combo.Input("weights", options=host.files("osediff"),
-                                   tooltip="osediff.pkl (or its converted .safetensors) in models/osediff.")],
+                    io.Combo.Input("weights", options=host.files("osediff", downloadable=True),
+                                   tooltip="osediff.pkl (or its converted .safetensors) in models/osediff. "
+                                           "'download: osediff.pkl' fetches the official file there first (once).")],
             outputs=[OSEDIFF.Output(display_name="OSEDIFF_MODEL")])
 
     @classmethod
@@ -249,12 +252,13 @@ class OSEDiffDecode(io.ComfyNode):
 class DAPELoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        options = host.files("dape")
+        options = host.files("dape", downloadable=True)
         return io.Schema(
             node_id="DAPE_Loader", display_name="Load DAPE (RAM + LoRA)", category=CATEGORY,
             description="The DAPE prompt extractor: RAM Swin-L tagger with the DAPE LoRA merged.",
             inputs=[io.Combo.Input("ram_or_converted", options=options,
-                                   tooltip="ram_swin_large_14m.pth, or a converted DAPE .safetensors (then dape = none)."),
+                                   tooltip="ram_swin_large_14m.pth, or a converted DAPE .safetensors (then dape = none). "
+                                           "'download: ...' fetches the official file into models/dape first."),
                     io.Combo.Input("dape", options=["none"] + options, default="none",
                                    tooltip="DAPE.pth (LoRA); 'none' when the first file is a converted one.")],
             outputs=[DAPE.Output(display_name="DAPE_MODEL")])

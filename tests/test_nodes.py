@@ -60,7 +60,7 @@ def test_schemas(pack):
         assert schema.category == "image/upscaling/DiffSR" and schema.display_name
         assert all(i.tooltip for i in schema.inputs), node_id
     loader = nodes["DiffSR_SD21Loader"].define_schema().inputs[0]
-    assert loader.choices == ["diffusers/tiny_sd21"]
+    assert loader.choices == ["checkpoints/download: v2-1_512-ema-pruned.safetensors", "diffusers/tiny_sd21"]
 
 
 @pytest.fixture(scope="module")
@@ -362,3 +362,43 @@ def test_models_are_freed_when_comfyui_lets_go(pack):
     gc.collect()
     assert gone() is None and patcher_gone() is None
     assert not any(k[0] == "dossr" for k in host._cache.keys())
+
+
+def test_loader_download_option(pack, monkeypatch, tmp_path):
+    """'download: osediff.pkl' in the OSEDiff loader fetches the official file (here from 127.0.0.1) into
+    models/osediff with a progress bar, verified, then loads it; nothing is fetched for a plain choice."""
+    import dataclasses
+    import functools
+    import http.server
+    import threading
+
+    _, nodes = pack
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    folder_paths = sys.modules["folder_paths"]
+    served = tmp_path / "served"
+    served.mkdir()
+    shutil.copy(os.path.join(DATA, "osediff", "osediff_tiny.pkl"), served / "osediff.pkl")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        source = host.OFFICIAL["osediff"]
+        monkeypatch.setitem(host.OFFICIAL, "osediff", dataclasses.replace(
+            source, url=f"http://127.0.0.1:{server.server_address[1]}/osediff.pkl"))
+        target = tmp_path / "models_osediff"
+        monkeypatch.setitem(folder_paths.folder_names_and_paths, "osediff", ([str(target)], {".pkl"}))
+        schema = nodes["OSEDiff_Loader"].define_schema()
+        assert "download: osediff.pkl" in schema.inputs[1].choices
+        (sd21,) = run(nodes["DiffSR_SD21Loader"], base="diffusers/tiny_sd21")
+        bars = len(sys.modules["comfy.utils"].BARS)
+        (model,) = run(nodes["OSEDiff_Loader"], sd21=sd21, weights="download: osediff.pkl")
+        assert (target / "osediff.pkl").read_bytes() == (served / "osediff.pkl").read_bytes()
+        assert not (target / "osediff.pkl.partial").exists()
+        bar = sys.modules["comfy.utils"].BARS[bars]
+        assert bar.current == bar.total == (served / "osediff.pkl").stat().st_size
+        (served / "osediff.pkl").unlink()  # the second time the local file is used, nothing is fetched
+        assert host.weight_path("osediff", "download: osediff.pkl") == str(target / "osediff.pkl")
+        assert model.unet is not None
+    finally:
+        server.shutdown()
