@@ -23,7 +23,7 @@ from common import environment, random_sd21, rss_peak_mb, summary, timed, write_
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_case(size, repeats, device, dtype, tile_batch):
+def run_case(size, repeats, device, dtype, tile_batch, warmup=1):
     from comfyui_diffsr.osediff_core.pipeline import Options, build_osediff, osediff_upscale
     from comfyui_diffsr.osediff_core.weights import random_osediff_checkpoint
 
@@ -35,7 +35,7 @@ def run_case(size, repeats, device, dtype, tile_batch):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():
-        times = timed(lambda: osediff_upscale(model, image, prompt="", options=options), repeats, sync)
+        times = timed(lambda: osediff_upscale(model, image, prompt="", options=options), repeats, sync, warmup)
     result = {"case": f"{size}->{size * 4}", **summary(times), "peak_rss_mb": rss_peak_mb()}
     if device.type == "cuda":
         result["peak_cuda_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -66,6 +66,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[128, 512], help="LQ sizes (output ×4)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (0 for the large cases)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--tile-batch", type=int, default=1)
@@ -77,12 +78,12 @@ def main():
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     device = torch.device(args.device)
     if args._case is not None:
-        print(json.dumps(run_case(args._case, args.repeats, device, dtype, args.tile_batch)))
+        print(json.dumps(run_case(args._case, args.repeats, device, dtype, args.tile_batch, args.warmup)))
         return
     cases = []
     for size in args.sizes:
         cmd = [sys.executable, __file__, "--_case", str(size), "--repeats", str(args.repeats), "--device", args.device,
-               "--dtype", args.dtype, "--tile-batch", str(args.tile_batch)]
+               "--dtype", args.dtype, "--tile-batch", str(args.tile_batch), "--warmup", str(args.warmup)]
         cases.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
                                 .splitlines()[-1]))
     result = {"method": "osediff", **environment(device, dtype), "cases": cases}
@@ -93,7 +94,8 @@ def main():
             for size in args.sizes:
                 cmd = [args.official_python, os.path.join(HERE, "official_osediff.py"), "--upstream",
                        args.compare_official, "--base", base, "--weights", pkl, "--size", str(size),
-                       "--repeats", str(args.repeats), "--device", args.device, "--dtype", args.dtype]
+                       "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--device", args.device,
+                       "--dtype", args.dtype]
                 env = dict(os.environ, PYTHONPATH=args.compare_official)
                 official.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
                                            .stdout.strip().splitlines()[-1]))

@@ -27,9 +27,10 @@ def random_sd21(seed=0):
                 load_tokenizer(os.path.join(shipped_config_dir(), "tokenizer")), source="random")
 
 
-def timed(fn, repeats, sync=None):
-    """Run ``fn`` once to warm up, then ``repeats`` times; seconds per run."""
-    fn()
+def timed(fn, repeats, sync=None, warmup=1):
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times; seconds per run."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         if sync:

@@ -1,9 +1,21 @@
 import os
+import shutil
 
 import pytest
 import torch
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
+TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sr_common", "configs",
+                         "sd21_base", "tokenizer")
+
+
+def copy_tiny_sd21(dest):
+    """The stored tiny SD 2.1 diffusers folder copied to ``dest`` with the tokenizer the pack ships (identical
+    files, stored once). Returns ``dest`` as a string."""
+    shutil.copytree(os.path.join(DATA, "osediff", "tiny_sd21"), dest)
+    if not os.path.isdir(os.path.join(dest, "tokenizer")):
+        shutil.copytree(TOKENIZER, os.path.join(dest, "tokenizer"))
+    return str(dest)
 
 
 def psnr(a, b, peak=1.0):

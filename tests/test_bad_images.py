@@ -23,9 +23,9 @@ from comfyui_diffsr.osediff_core.pipeline import Options, build_osediff, osediff
 from comfyui_diffsr.osediff_core.weights import read_osediff
 from comfyui_diffsr.sr_common import image as img
 from comfyui_diffsr.sr_common.errors import ImageInputError
-from comfyui_diffsr.sr_common.sd21 import load_sd21, shipped_config_dir
+from comfyui_diffsr.sr_common.sd21 import load_sd21
 
-from conftest import DATA
+from conftest import DATA, copy_tiny_sd21
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUBS = os.path.join(os.path.dirname(__file__), "comfy_stubs")
@@ -36,11 +36,7 @@ DOSSR_CONFIG = os.path.join(DATA, "dossr", "tiny_cldm.yaml")
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("base") / "tiny_sd21"
-    shutil.copytree(os.path.join(DATA, "osediff", "tiny_sd21"), folder)
-    if not (folder / "tokenizer").exists():
-        shutil.copytree(os.path.join(shipped_config_dir(), "tokenizer"), folder / "tokenizer")
-    return str(folder)
+    return copy_tiny_sd21(tmp_path_factory.mktemp("base") / "tiny_sd21")
 
 
 @pytest.fixture(scope="module")

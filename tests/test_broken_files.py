@@ -21,9 +21,9 @@ from comfyui_diffsr.dossr_core.weights import convert_dossr
 from comfyui_diffsr.osediff_core.dape import convert_dape, load_dape_tagger
 from comfyui_diffsr.osediff_core.weights import convert_osediff, read_osediff
 from comfyui_diffsr.sr_common.errors import WeightFileError
-from comfyui_diffsr.sr_common.sd21 import SD21, load_sd21, shipped_config_dir
+from comfyui_diffsr.sr_common.sd21 import SD21, load_sd21
 
-from conftest import DATA
+from conftest import DATA, copy_tiny_sd21
 
 SINGLE = os.path.join(DATA, "osediff", "tiny_sd21_single.safetensors")
 TINY_SD21 = os.path.join(DATA, "osediff", "tiny_sd21")
@@ -40,10 +40,7 @@ UNET = "model.diffusion_model."
 def env(tmp_path_factory):
     """The tiny SD 2.1 diffusers folder (with its tokenizer) and the fixtures read once."""
     root = tmp_path_factory.mktemp("env")
-    folder = str(root / "tiny_sd21")
-    shutil.copytree(TINY_SD21, folder)
-    if not os.path.isdir(os.path.join(folder, "tokenizer")):
-        shutil.copytree(os.path.join(shipped_config_dir(), "tokenizer"), os.path.join(folder, "tokenizer"))
+    folder = copy_tiny_sd21(root / "tiny_sd21")
     converted_dape = str(root / "dape.safetensors")
     convert_dape(RAM, DAPE, converted_dape)
     converted_dossr = str(root / "dossr.safetensors")

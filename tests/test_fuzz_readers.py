@@ -3,7 +3,6 @@ truncations, insertions and overwrites. Every reader and recogniser may only rai
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -17,10 +16,10 @@ from comfyui_diffsr.dossr_core.weights import read_weights
 from comfyui_diffsr.osediff_core import dape
 from comfyui_diffsr.osediff_core.weights import read_osediff
 from comfyui_diffsr.sr_common.errors import DiffSRError
-from comfyui_diffsr.sr_common.sd21 import describe_checkpoint, load_sd21, shipped_config_dir
+from comfyui_diffsr.sr_common.sd21 import describe_checkpoint, load_sd21
 from comfyui_diffsr.sr_common.weights import read_state_dict
 
-from conftest import DATA
+from conftest import DATA, copy_tiny_sd21
 
 RAM = os.path.join(DATA, "dape", "ram_tiny.pth")
 DAPE = os.path.join(DATA, "dape", "dape_tiny.pth")
@@ -102,11 +101,7 @@ def _dossr_converted():
 
 @pytest.fixture(scope="module")
 def base_config(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("base") / "tiny_sd21"
-    shutil.copytree(os.path.join(DATA, "osediff", "tiny_sd21"), folder)
-    if not (folder / "tokenizer").exists():
-        shutil.copytree(os.path.join(shipped_config_dir(), "tokenizer"), folder / "tokenizer")
-    return str(folder)
+    return copy_tiny_sd21(tmp_path_factory.mktemp("base") / "tiny_sd21")
 
 
 # seed: (file name, writer, the readers and loaders it goes through)

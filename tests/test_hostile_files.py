@@ -7,7 +7,6 @@ folder, OSEDiff, RAM, DAPE, DoSSR, their converted safetensors, and the commands
 
 import os
 import pickle
-import shutil
 
 import pytest
 import torch
@@ -16,9 +15,9 @@ from comfyui_diffsr.dossr_core.model import load_dossr
 from comfyui_diffsr.osediff_core.dape import load_dape_tagger
 from comfyui_diffsr.osediff_core.weights import read_osediff
 from comfyui_diffsr.sr_common.errors import WeightFileError
-from comfyui_diffsr.sr_common.sd21 import load_sd21, shipped_config_dir
+from comfyui_diffsr.sr_common.sd21 import load_sd21
 
-from conftest import DATA
+from conftest import DATA, copy_tiny_sd21
 
 TINY_SD21 = os.path.join(DATA, "osediff", "tiny_sd21")
 RAM = os.path.join(DATA, "dape", "ram_tiny.pth")
@@ -97,11 +96,7 @@ def _dossr_like(evil):
 
 
 def _tiny_folder(root):
-    folder = os.path.join(root, "tiny_sd21")
-    shutil.copytree(TINY_SD21, folder)
-    if not os.path.isdir(os.path.join(folder, "tokenizer")):
-        shutil.copytree(os.path.join(shipped_config_dir(), "tokenizer"), os.path.join(folder, "tokenizer"))
-    return folder
+    return copy_tiny_sd21(os.path.join(root, "tiny_sd21"))
 
 
 def _diffusers_with_bin(part, filename):

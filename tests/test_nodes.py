@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import DATA, psnr
+from conftest import DATA, copy_tiny_sd21, psnr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUBS = os.path.join(os.path.dirname(__file__), "comfy_stubs")
@@ -19,10 +19,7 @@ STUBS = os.path.join(os.path.dirname(__file__), "comfy_stubs")
 def pack(tmp_path_factory):
     """Import the pack as ComfyUI does: from its folder, under a module name of the host's choosing."""
     models = tmp_path_factory.mktemp("models")
-    folder = models / "diffusers" / "tiny_sd21"
-    shutil.copytree(os.path.join(DATA, "osediff", "tiny_sd21"), folder)
-    if not (folder / "tokenizer").exists():
-        shutil.copytree(os.path.join(ROOT, "sr_common", "configs", "sd21_base", "tokenizer"), folder / "tokenizer")
+    copy_tiny_sd21(models / "diffusers" / "tiny_sd21")
     (models / "osediff").mkdir()
     shutil.copy(os.path.join(DATA, "osediff", "osediff_tiny.pkl"), models / "osediff")
     (models / "dossr").mkdir()

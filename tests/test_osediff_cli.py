@@ -1,7 +1,6 @@
 """The osediff command end to end on the tiny model: diffusers folder, single file, conversion, refusals."""
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -12,21 +11,17 @@ from PIL import Image
 from comfyui_diffsr.cli.osediff import main
 from comfyui_diffsr.osediff_core.weights import convert_osediff
 from comfyui_diffsr.sr_common.errors import WeightFileError
-from comfyui_diffsr.sr_common.sd21 import load_sd21, shipped_config_dir
+from comfyui_diffsr.sr_common.sd21 import load_sd21
 from comfyui_diffsr.sr_common.weights import write_safetensors
 
-from conftest import DATA, psnr
+from conftest import DATA, copy_tiny_sd21, psnr
 
 FIX = os.path.join(DATA, "osediff")
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("base") / "tiny_sd21"
-    shutil.copytree(os.path.join(FIX, "tiny_sd21"), folder)
-    if not (folder / "tokenizer").exists():
-        shutil.copytree(os.path.join(shipped_config_dir(), "tokenizer"), folder / "tokenizer")
-    return str(folder)
+    return copy_tiny_sd21(tmp_path_factory.mktemp("base") / "tiny_sd21")
 
 
 def run(args):

@@ -2,19 +2,17 @@
 
 import json
 import os
-import shutil
 
 import pytest
-import torch
 from PIL import Image
 from safetensors.torch import load_file
 
 from comfyui_diffsr.osediff_core.pipeline import Options, build_osediff, osediff_upscale
 from comfyui_diffsr.osediff_core.weights import read_osediff
 from comfyui_diffsr.sr_common.image import pil_to_tensor
-from comfyui_diffsr.sr_common.sd21 import load_sd21, shipped_config_dir
+from comfyui_diffsr.sr_common.sd21 import load_sd21
 
-from conftest import DATA, psnr
+from conftest import DATA, copy_tiny_sd21, psnr
 
 FIX = os.path.join(DATA, "osediff")
 CASES = json.load(open(os.path.join(FIX, "cases.json")))["cases"]
@@ -22,11 +20,7 @@ CASES = json.load(open(os.path.join(FIX, "cases.json")))["cases"]
 
 def tiny_folder(tmp):
     """The stored tiny diffusers folder plus the tokenizer the pack ships (identical files, stored once)."""
-    folder = os.path.join(tmp, "tiny_sd21")
-    shutil.copytree(os.path.join(FIX, "tiny_sd21"), folder)
-    if not os.path.exists(os.path.join(folder, "tokenizer")):
-        shutil.copytree(os.path.join(shipped_config_dir(), "tokenizer"), os.path.join(folder, "tokenizer"))
-    return folder
+    return copy_tiny_sd21(os.path.join(tmp, "tiny_sd21"))
 
 
 @pytest.fixture(scope="module")

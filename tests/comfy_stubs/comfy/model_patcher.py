@@ -1,6 +1,5 @@
 """Stand-in for comfy/model_patcher.py (a125cd8): the ModelPatcher fields and methods the memory manager uses."""
 
-import torch
 
 import comfy.model_management
 
