@@ -58,7 +58,8 @@ def run_case(size, repeats, steps, device, dtype, weights=None):
 
     if weights:  # the official-layout checkpoint the official side saved: identical weights, text encoder included
         model = load_dossr(weights)
-        params = sum(p.numel() for m in model.modules() for p in m.parameters())
+        unique = {id(p): p for m in model.modules() if m is not model.text_encoder for p in m.parameters()}
+        params = sum(p.numel() for p in unique.values())
         embeds = None
     else:
         model, params = random_dossr()
