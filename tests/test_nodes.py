@@ -399,3 +399,40 @@ def test_loader_download_option(pack, monkeypatch, tmp_path):
         assert model.unet is not None
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("method", ["osediff_tiles", "dossr_steps"])
+def test_cancel_mid_run_stops_within_one_unit_and_rerun_is_identical(pack, osediff_model, monkeypatch, method):
+    """The user presses Cancel after the 2nd tile / step: the node raises at the very next check, and the next
+    run gives exactly the output of a run that was never interrupted."""
+    _, nodes = pack
+    mm = sys.modules["comfy.model_management"]
+    if method == "osediff_tiles":
+        node = nodes["OSEDiff_Upscale"]
+        args = dict(model=osediff_model[1], image=torch.rand(1, 40, 48, 3, generator=torch.Generator().manual_seed(3)),
+                    prompt="", upscale=2.0, process_size=32, color_fix="adain", tile_latent=8, tile_overlap=4,
+                    dtype="fp32")
+    else:
+        (model,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+        embeds = torch.randn(1, 77, model.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+        node = nodes["DoSSR_Upscale"]
+        args = dict(model=model, image=torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(1)), steps=5,
+                    seed=3, prompt="", upscale=4.0, color_fix="wavelet", tile_latent=96, tile_overlap=32, dtype="fp32",
+                    conditioning=[[embeds, {}]])
+    (uninterrupted,) = run(node, **args)
+    checks = []  # one entry per cancel check: was Cancel pressed before it?
+    real_check = mm.throw_exception_if_processing_interrupted
+
+    def check():  # OSEDiff checks between tiles, DoSSR between steps (and stages)
+        checks.append(mm.processing_interrupted())
+        real_check()
+        if len(checks) == 2:
+            mm.interrupt_current_processing(True)  # Cancel pressed during the unit after the 2nd check
+
+    monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", check)
+    with pytest.raises(mm.InterruptProcessingException):
+        run(node, **args)
+    assert checks == [False, False, True]  # stopped at the first check after Cancel: within one tile / step
+    monkeypatch.undo()
+    (again,) = run(node, **args)
+    assert torch.equal(again, uninterrupted)
