@@ -87,6 +87,7 @@ def main():
         cases.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
                                 .splitlines()[-1]))
     result = {"method": "osediff", **environment(device, dtype), "cases": cases}
+    write_json(result, args.out)  # ours is kept even if the official side fails
     if args.compare_official:
         with tempfile.TemporaryDirectory() as tmp:
             base, pkl = save_for_official(tmp)
@@ -97,8 +98,10 @@ def main():
                        "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--device", args.device,
                        "--dtype", args.dtype]
                 env = dict(os.environ, PYTHONPATH=args.compare_official)
-                official.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-                                           .stdout.strip().splitlines()[-1]))
+                done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if done.returncode:
+                    raise SystemExit(f"the official code failed at size {size}:\n{done.stderr[-3000:]}")
+                official.append(json.loads(done.stdout.strip().splitlines()[-1]))
         result["official"] = official
         result["ratio_ours_to_official"] = {c["case"]: c["median_s"] / o["median_s"]
                                             for c, o in zip(cases, official)}

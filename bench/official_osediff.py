@@ -35,7 +35,11 @@ def main():
         torch.nn.Module.to = lambda self, *args, **kw: _to(self, *[("cpu" if x == "cuda" else x) for x in args],
                                                            **{k: ("cpu" if v == "cuda" else v) for k, v in kw.items()})
         _tensor = torch.tensor
-        torch.tensor = lambda *args, **kw: _tensor(*args, **{k: ("cpu" if v == "cuda" else v) for k, v in kw.items()})
+        torch.tensor = lambda *args, **kw: _tensor(*args, **{k: ("cpu" if str(v) == "cuda" else v)
+                                                             for k, v in kw.items()})
+        from my_utils import devices  # the official tiled VAE creates its tensors on devices.device
+
+        devices.device = torch.device("cpu")
     from osediff import OSEDiff_test
     import diffusers
 
