@@ -123,6 +123,25 @@ def shares_vae_encoder(model):
             and model.cond_encoder["quant_conv"] is model.vae.quant_conv)
 
 
+def start_latents(model, padded, noise, tile=None, stage=lambda name: None):
+    """(c, x̂₀) of the padded ×4 image: c = 0.18215 · mode(E_cond), x̂₀ a posterior sample of E_vae (the first
+    random draw); one encoder pass for both when the condition encoder is the VAE encoder."""
+    moments = vae_moments(model, padded, tile, stage("vae_encoder"))
+    c_latent = (condition_from_moments(moments) if shares_vae_encoder(model)
+                else condition_latent(model, padded, tile, stage("cond_encoder")))
+    return c_latent, posterior_sample(moments, noise)
+
+
+def text_context(model, prompt=DEFAULT_PROMPT, prompt_embeds=None):
+    """The (1, 77, 1024) text context: given, or the SD 2.1 text encoder on the prompt (cached)."""
+    context = prompt_embeds.float() if prompt_embeds is not None else model.prompt_embedding(prompt)
+    if context.shape[-1] != model.unet.config.cross_attention_dim:
+        raise ValueError(f"The prompt embedding has width {context.shape[-1]}; the UNet needs "
+                         f"{model.unet.config.cross_attention_dim} (SD 2.1 text encoder output, (1, 77, 1024): "
+                         "CLIP Text Encode with the SD 2.1 CLIP).")
+    return context
+
+
 def make_eps_model(model, c_latent, context, o, callback=None):
     """``eps(x, tau)`` for the sampler: one ControlNet + UNet call, or Gaussian-blended latent tiles
     (the condition latent is cut with the same tiles; the update itself stays global and exact)."""
@@ -173,16 +192,9 @@ def dossr_upscale(model, image, *, prompt=DEFAULT_PROMPT, prompt_embeds=None, op
     # 2. pad start to a multiple of 64 px (latent multiple of 8); cropped back after decoding
     padded, (out_h, out_w) = img.pad_to_multiple(start, PIXEL_MULTIPLE)
     # 3. condition latent c (mode) and LR latent x̂₀ (posterior sample: the first random draw)
-    #    (one encoder pass for both when the condition encoder is the VAE encoder)
-    moments = vae_moments(model, padded, o.vae_tile_encode, stage("vae_encoder"))
-    c_latent = (condition_from_moments(moments) if shares_vae_encoder(model)
-                else condition_latent(model, padded, o.vae_tile_encode, stage("cond_encoder")))
-    x_hat0 = posterior_sample(moments, noise_source)
+    c_latent, x_hat0 = start_latents(model, padded, noise_source, o.vae_tile_encode, stage)
     # 4. text context: given, or the SD 2.1 text encoder on the prompt (cached)
-    context = prompt_embeds.float() if prompt_embeds is not None else model.prompt_embedding(prompt)
-    if context.shape[-1] != model.unet.config.cross_attention_dim:
-        raise ValueError(f"`prompt_embeds` has width {context.shape[-1]}, the UNet needs "
-                         f"{model.unet.config.cross_attention_dim} (SD 2.1 text encoder output, (1, 77, 1024)).")
+    context = text_context(model, prompt, prompt_embeds)
     # 5. DoS-SDE sampling from τ = 499 to 0; the final state is decoded
     states = []
 

@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 from ..dossr_core.model import DEFAULT_PROMPT, load_dossr
 from ..dossr_core.pipeline import (PIXEL_MULTIPLE, NoiseSource, Options, check_options, condition_latent, decode,
-                                   dossr_upscale, lr_latent, make_eps_model)
+                                   dossr_upscale, make_eps_model, start_latents, text_context)
 from ..dossr_core.sampling import sample_dossr
 from ..dossr_core.schedule import make_grid
 from ..sr_common import image as img
@@ -100,7 +100,7 @@ def sample_one(model, image, latent, o, prompt, embeds, cancel, step):
     if latent is None:
         start = model.rrdb(image.to(device=device, dtype=dtype)).float().clamp(0, 1)
         padded, _ = img.pad_to_multiple(start, PIXEL_MULTIPLE)
-        x_hat0 = lr_latent(model, padded, noise, o.vae_tile_encode, cancel)
+        c_latent, x_hat0 = start_latents(model, padded, noise, o.vae_tile_encode, lambda name: cancel)
     else:
         multiple = PIXEL_MULTIPLE // 8
         h, w = latent.shape[-2:]
@@ -108,11 +108,8 @@ def sample_one(model, image, latent, o, prompt, embeds, cancel, step):
                                          (0, -w % multiple, 0, -h % multiple), mode="replicate")
         padded = decode(model, x_hat0, o.vae_tile_decode, cancel).clamp(0, 1)
         start = padded[..., :8 * h, :8 * w]
-    c_latent = condition_latent(model, padded, o.vae_tile_encode, cancel)
-    context = embeds.float() if embeds is not None else model.prompt_embedding(prompt)
-    if context.shape[-1] != model.unet.config.cross_attention_dim:
-        raise ValueError(f"The conditioning has width {context.shape[-1]}; DoSSR needs the SD 2.1 text encoder's "
-                         f"{model.unet.config.cross_attention_dim} (CLIP Text Encode with the SD 2.1 CLIP).")
+        c_latent = condition_latent(model, padded, o.vae_tile_encode, cancel)
+    context = text_context(model, prompt, embeds)
     eps = make_eps_model(model, c_latent, context.to(device), o, cancel)
     x = sample_dossr(eps, x_hat0, make_grid(o.steps), lambda name, shape: noise(name, shape).to(device),
                      order=o.order, gamma=o.gamma, callback=lambda info: step())
