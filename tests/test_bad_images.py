@@ -1,9 +1,7 @@
 """Bad images through the library, the commands and the OSEDiff node (tiny models): each gives a correct
 output (right size, finite, in [0, 1]) or a clear ``ImageInputError``; nothing crashes."""
 
-import asyncio
 import copy
-import importlib.util
 import os
 import shutil
 import struct
@@ -26,6 +24,7 @@ from comfyui_diffsr.sr_common.errors import ImageInputError
 from comfyui_diffsr.sr_common.sd21 import load_sd21
 
 from conftest import DATA, copy_tiny_sd21
+from workflow_schema import import_pack
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUBS = os.path.join(os.path.dirname(__file__), "comfy_stubs")
@@ -246,13 +245,7 @@ def pack(tmp_path_factory, tiny_folder):
     sys.path.insert(0, STUBS)
     name = "custom_nodes_x_diffsr_bad_inputs"
     try:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        extension = asyncio.run(module.comfy_entrypoint())
-        nodes = {n.define_schema().node_id: n for n in asyncio.run(extension.get_node_list())}
+        nodes = {n.define_schema().node_id: n for n in import_pack(ROOT, name)}
         (sd21,) = nodes["DiffSR_SD21Loader"].execute(base="diffusers/tiny_sd21").args
         (model,) = nodes["OSEDiff_Loader"].execute(sd21=sd21, weights="osediff_tiny.pkl").args
         yield nodes, model, sys.modules[f"{name}.sr_common.errors"].ImageInputError
