@@ -152,18 +152,20 @@ class DoSSRSampler(io.ComfyNode):
         if (image is None) == (latent is None):
             raise ValueError("DoSSR Sampler: connect exactly one of 'image' (LR image) and 'latent' "
                              "(SD latent at the output size).")
-        inputs = host.image_to_bchw(image)[0] if latent is None else latent["samples"].float().split(1)
+        if latent is None:
+            inputs = [(lr, None) for lr in host.image_to_bchw(image)[0]]
+        else:
+            inputs = [(None, one) for one in latent["samples"].float().split(1)]
         host.load_on_device(model, pick_dtype(dtype, host.device()))
         progress = host.Progress(len(inputs) * steps)
         cancel = lambda *_: host.mm.throw_exception_if_processing_interrupted()
         embeds = conditioning[0][0][:1] if conditioning is not None else None
         latents, starts = [], []
-        for one in inputs:
+        for lr, start_latent in inputs:
             def run(tile):
                 o = Options(steps=steps, seed=seed, tile_latent=tile, tile_overlap=min(tile_overlap, max(tile - 8, 0)))
                 with torch.no_grad():
-                    return sample_one(model, None if latent is not None else one, one if latent is not None else None,
-                                      o, prompt, embeds, cancel, progress)
+                    return sample_one(model, lr, start_latent, o, prompt, embeds, cancel, progress)
             x, start = host.with_oom_retry(run, tile_latent)
             latents.append(x.float().cpu() / SCALING_FACTOR)
             starts.append(start.cpu())

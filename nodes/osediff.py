@@ -239,8 +239,7 @@ class OSEDiffDecode(io.ComfyNode):
         outs = []
         for one, x0 in zip(images, latent["samples"].float().split(1)):
             lq, plan = preprocess(one, upscale=upscale, process_size=process_size)
-            x0 = x0.to(dev, model.vae.post_quant_conv.weight.dtype) * SCALING_FACTOR
-            decoded = decode_latent(model.vae, x0, tile=vae_tile).float().cpu()
+            decoded = decode_latent(model.vae, x0.to(dev) * SCALING_FACTOR, tile=vae_tile).cpu()
             out = apply_color_fix((decoded * 0.5 + 0.5)[..., :plan.crop[0], :plan.crop[1]], lq, color_fix)
             if (out.shape[-1], out.shape[-2]) != plan.output_size:
                 out = img.resize(out, plan.output_size, "bicubic").clamp(0, 1)
