@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..sr_common.errors import WeightFileError
+from ..sr_common.fused_upsample import fast_vae_decoder, fuse_upsamplers
 from ..sr_common.sd21 import SD21, encode_prompt, load_sd21, load_tokenizer, shipped_config_dir
 from ..sr_common.weights import require_float
 from .rrdb import rrdb_from_state_dict
@@ -42,6 +43,10 @@ class DoSSRModel:
     tokenizer: object = None
     info: dict = field(default_factory=dict)
     prompt_cache: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        fuse_upsamplers(self.unet)
+        fast_vae_decoder(self.vae.decoder)
 
     def modules(self):
         return [m for m in (self.unet, self.controlnet, self.vae, self.cond_encoder, self.rrdb, self.text_encoder)

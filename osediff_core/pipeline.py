@@ -10,6 +10,7 @@ import torch
 
 from ..sr_common import image as img
 from ..sr_common.color_fix import apply_color_fix
+from ..sr_common.fused_upsample import fast_vae_decoder, fuse_upsamplers
 from ..sr_common.sd21 import SCALING_FACTOR, encode_prompt
 from ..sr_common.tiled_vae import tiled_forward
 from ..sr_common.tiling import blend_tiles, needs_tiling
@@ -35,6 +36,10 @@ class OSEDiffModel:
     text_encoder: torch.nn.Module
     tokenizer: object
     prompt_cache: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        fuse_upsamplers(self.unet)
+        fast_vae_decoder(self.vae.decoder)
 
     @property
     def device(self):
