@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+import interleave
 from common import environment, random_sd21, rss_peak_mb, summary, timed, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -52,7 +53,7 @@ def lr_image(size):
     return (torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 255).round() / 255
 
 
-def run_case(size, repeats, steps, device, dtype, weights=None):
+def run_case(size, repeats, steps, device, dtype, weights=None, serve=False):
     from comfyui_diffsr.dossr_core.model import load_dossr
     from comfyui_diffsr.dossr_core.pipeline import Options, dossr_upscale
 
@@ -70,6 +71,10 @@ def run_case(size, repeats, steps, device, dtype, weights=None):
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    if serve:
+        with torch.inference_mode():
+            interleave.serve(lambda: dossr_upscale(model, image, prompt_embeds=embeds, options=options))
+        return None
     with torch.inference_mode():
         times = timed(lambda: dossr_upscale(model, image, prompt_embeds=embeds, options=options), repeats, sync)
     result = {"case": f"{size}->{size * 4}", "steps": steps, "params_without_text_encoder": params,
@@ -90,12 +95,18 @@ def main():
     p.add_argument("--compare-official", default=None, help="local checkout of AMD-AIG-AIMA/DoSSR (128 px only)")
     p.add_argument("--official-python", default=sys.executable, help="python of the official code's venv")
     p.add_argument("--_case", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--sequential", action="store_true",
+                   help="with --compare-official: the official, then ours (one process at a time). Default: both "
+                        "loaded, interleaved run by run (bench/interleave.py)")
     p.add_argument("--_weights", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_serve", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     device = torch.device(args.device)
     if args._case is not None:
-        print(json.dumps(run_case(args._case, args.repeats, args.steps, device, dtype, args._weights)))
+        result = run_case(args._case, args.repeats, args.steps, device, dtype, args._weights, args._serve)
+        if result is not None:
+            print(json.dumps(result))
         return
     if args.compare_official:
         compare_official(args, device, dtype)
@@ -110,7 +121,8 @@ def main():
 
 
 def compare_official(args, device, dtype):
-    """Official first (it builds and saves the random weights), then ours on the same .ckpt and LR image."""
+    """The official code builds and saves the random weights; both sides then run on that .ckpt and LR image,
+    interleaved run by run (or one after the other with --sequential)."""
     import tempfile
 
     from PIL import Image
@@ -123,14 +135,23 @@ def compare_official(args, device, dtype):
         Image.fromarray(tensor_to_uint8(lr_image(128))).save(lr)
         ckpt = os.path.join(tmp, "dossr_random.ckpt")
         env = dict(os.environ, PYTHONPATH=args.compare_official, THP_MEM_ALLOC_ENABLE="1")
-        cmd = [args.official_python, os.path.join(HERE, "official_dossr.py"), "--upstream", args.compare_official,
-               "--lr", lr, "--save-ckpt", ckpt, "--steps", str(args.steps), "--repeats", str(args.repeats)]
-        official = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-                              .stdout.strip().splitlines()[-1])
-        cmd = [sys.executable, __file__, "--_case", "128", "--_weights", ckpt, "--repeats", str(args.repeats),
-               "--steps", str(args.steps), "--device", args.device, "--dtype", args.dtype]
-        ours = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
-                          .splitlines()[-1])
+        official_cmd = [args.official_python, os.path.join(HERE, "official_dossr.py"), "--upstream",
+                        args.compare_official, "--lr", lr, "--save-ckpt", ckpt, "--steps", str(args.steps),
+                        "--repeats", str(args.repeats)]
+        ours_cmd = [sys.executable, __file__, "--_case", "128", "--_weights", ckpt, "--repeats", str(args.repeats),
+                    "--steps", str(args.steps), "--device", args.device, "--dtype", args.dtype]
+        if args.sequential:
+            official = json.loads(subprocess.run(official_cmd, check=True, capture_output=True, text=True, env=env)
+                                  .stdout.strip().splitlines()[-1])
+            ours = json.loads(subprocess.run(ours_cmd, check=True, capture_output=True, text=True).stdout.strip()
+                              .splitlines()[-1])
+        else:
+            subprocess.run(official_cmd + ["--only-save"], check=True, capture_output=True, text=True, env=env)
+            workers = [interleave.Worker("ours", ours_cmd + ["--_serve"]),
+                       interleave.Worker("official", official_cmd + ["--reuse-ckpt", "--serve"], env=env)]
+            timed_runs = interleave.interleaved(workers, args.repeats)
+            ours, official = ({"case": "128->512", "steps": args.steps, "interleaved": True, **timed_runs[name]}
+                              for name in ("ours", "official"))
     write_json({"method": "dossr", **environment(device, dtype), "cases": [ours], "official": [official],
                 "ratio_ours_to_official": {"128->512": ours["median_s"] / official["median_s"]},
                 "load_avg_1_5_15min": {"before": load_before, "after": os.getloadavg()}}, args.out)

@@ -5,7 +5,9 @@
 
 Each size runs in a fresh process so the peak memory is per case. ``--compare-official`` saves the
 same random weights as a diffusers folder + ``osediff.pkl``, times the official ``OSEDiff_test``
-forward from a local checkout (its own venv) on the same input, and reports the ratio.
+forward from a local checkout (its own venv) on the same input, and reports the ratio. Both stay
+loaded and take turns run by run (bench/interleave.py); ``--sequential`` runs one after the other
+instead, for sizes where the two do not fit in memory together.
 """
 
 import argparse
@@ -18,12 +20,13 @@ import tempfile
 
 import torch
 
+import interleave
 from common import environment, random_sd21, rss_peak_mb, summary, timed, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_case(size, repeats, device, dtype, tile_batch, warmup=1):
+def run_case(size, repeats, device, dtype, tile_batch, warmup=1, serve=False):
     from comfyui_diffsr.osediff_core.pipeline import Options, build_osediff, osediff_upscale
     from comfyui_diffsr.osediff_core.weights import random_osediff_checkpoint
 
@@ -34,6 +37,10 @@ def run_case(size, repeats, device, dtype, tile_batch, warmup=1):
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    if serve:
+        with torch.inference_mode():
+            interleave.serve(lambda: osediff_upscale(model, image, prompt="", options=options))
+        return None
     with torch.inference_mode():
         times = timed(lambda: osediff_upscale(model, image, prompt="", options=options), repeats, sync, warmup)
     result = {"case": f"{size}->{size * 4}", **summary(times), "peak_rss_mb": rss_peak_mb()}
@@ -72,40 +79,71 @@ def main():
     p.add_argument("--tile-batch", type=int, default=1)
     p.add_argument("--compare-official", default=None, help="local checkout of cswry/OSEDiff")
     p.add_argument("--official-python", default=sys.executable, help="python of the official code's venv")
+    p.add_argument("--sequential", action="store_true",
+                   help="with --compare-official: ours, then the official (one process at a time; for the sizes "
+                        "where both models do not fit in memory together). Default: interleaved run by run")
     p.add_argument("--out", default=os.path.join(HERE, "results", "osediff.json"))
     p.add_argument("--_case", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_serve", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     device = torch.device(args.device)
     if args._case is not None:
-        print(json.dumps(run_case(args._case, args.repeats, device, dtype, args.tile_batch, args.warmup)))
+        result = run_case(args._case, args.repeats, device, dtype, args.tile_batch, args.warmup, args._serve)
+        if result is not None:
+            print(json.dumps(result))
         return
-    cases = []
-    for size in args.sizes:
-        cmd = [sys.executable, __file__, "--_case", str(size), "--repeats", str(args.repeats), "--device", args.device,
-               "--dtype", args.dtype, "--tile-batch", str(args.tile_batch), "--warmup", str(args.warmup)]
-        cases.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
-                                .splitlines()[-1]))
-    result = {"method": "osediff", **environment(device, dtype), "cases": cases}
-    write_json(result, args.out)  # ours is kept even if the official side fails
+    ours_cmd = lambda size: [sys.executable, __file__, "--_case", str(size), "--repeats", str(args.repeats),
+                             "--device", args.device, "--dtype", args.dtype, "--tile-batch", str(args.tile_batch),
+                             "--warmup", str(args.warmup)]
+    result = {"method": "osediff", **environment(device, dtype)}
+    if args.compare_official and not args.sequential:
+        result["cases"], result["official"] = compare_interleaved(args, ours_cmd)
+    else:
+        result["cases"] = [json.loads(subprocess.run(ours_cmd(size), check=True, capture_output=True, text=True)
+                                      .stdout.strip().splitlines()[-1]) for size in args.sizes]
+        write_json(result, args.out)  # ours is kept even if the official side fails
+        if args.compare_official:
+            result["official"] = compare_sequential(args)
     if args.compare_official:
-        with tempfile.TemporaryDirectory() as tmp:
-            base, pkl = save_for_official(tmp)
-            official = []
-            for size in args.sizes:
-                cmd = [args.official_python, os.path.join(HERE, "official_osediff.py"), "--upstream",
-                       args.compare_official, "--base", base, "--weights", pkl, "--size", str(size),
-                       "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--device", args.device,
-                       "--dtype", args.dtype]
-                env = dict(os.environ, PYTHONPATH=args.compare_official)
-                done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                if done.returncode:
-                    raise SystemExit(f"the official code failed at size {size}:\n{done.stderr[-3000:]}")
-                official.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        result["official"] = official
         result["ratio_ours_to_official"] = {c["case"]: c["median_s"] / o["median_s"]
-                                            for c, o in zip(cases, official)}
+                                            for c, o in zip(result["cases"], result["official"])}
+        result["load_avg_1_5_15min_after"] = os.getloadavg()
     write_json(result, args.out)
+
+
+def official_cmd(args, base, pkl, size):
+    return [args.official_python, os.path.join(HERE, "official_osediff.py"), "--upstream", args.compare_official,
+            "--base", base, "--weights", pkl, "--size", str(size), "--repeats", str(args.repeats), "--warmup",
+            str(args.warmup), "--device", args.device, "--dtype", args.dtype]
+
+
+def compare_interleaved(args, ours_cmd):
+    """Both loaded at once, runs taken in turn (bench/interleave.py); per size: ours, official."""
+    cases, official = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        base, pkl = save_for_official(tmp)
+        env = dict(os.environ, PYTHONPATH=args.compare_official)
+        for size in args.sizes:
+            workers = [interleave.Worker("ours", ours_cmd(size) + ["--_serve"]),
+                       interleave.Worker("official", official_cmd(args, base, pkl, size) + ["--serve"], env=env)]
+            timed_runs = interleave.interleaved(workers, args.repeats, args.warmup)
+            for name, out in (("ours", cases), ("official", official)):
+                out.append({"case": f"{size}->{size * 4}", "interleaved": True, **timed_runs[name]})
+    return cases, official
+
+
+def compare_sequential(args):
+    official = []
+    with tempfile.TemporaryDirectory() as tmp:
+        base, pkl = save_for_official(tmp)
+        env = dict(os.environ, PYTHONPATH=args.compare_official)
+        for size in args.sizes:
+            done = subprocess.run(official_cmd(args, base, pkl, size), capture_output=True, text=True, env=env)
+            if done.returncode:
+                raise SystemExit(f"the official code failed at size {size}:\n{done.stderr[-3000:]}")
+            official.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return official
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ def main():
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (0 for the large cases)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32")
+    p.add_argument("--serve", action="store_true", help="take runs from a driver (bench/interleave.py)")
     a = p.parse_args()
     a.base, a.weights = os.path.abspath(a.base), os.path.abspath(a.weights)
     os.chdir(a.upstream)  # run with PYTHONPATH=<upstream>: the official code imports its modules by top-level name
@@ -55,6 +56,12 @@ def main():
     lr = (torch.rand(a.size, a.size, 3, generator=g) * 255).byte().numpy()
     img = Image.fromarray(lr).resize((a.size * 4, a.size * 4))
     lq = torch.from_numpy(__import__("numpy").asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
+    if a.serve:
+        from interleave import serve  # bench/, beside this script
+
+        with torch.no_grad():
+            serve(lambda: model(lq * 2 - 1, prompt=", ,"))
+        return
     times = []
     with torch.no_grad():
         for i in range(a.warmup + a.repeats):
