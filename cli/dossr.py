@@ -37,6 +37,9 @@ def build_parser():
     p.add_argument("--tile-overlap", type=int, default=32, help="latent tile overlap (latent px)")
     p.add_argument("--vae-tile-encode", type=int, default=1024, help="VAE encoder tile size (image px; 0 = off)")
     p.add_argument("--vae-tile-decode", type=int, default=224, help="VAE decoder tile size (latent px; 0 = off)")
+    p.add_argument("--vae-tile-mode", choices=["bounded", "exact"], default="bounded",
+                   help="bounded: one tile at a time, memory stays flat as images grow (default); exact: the "
+                        "untiled result, memory grows with the image")
     p.add_argument("--noise-file", default=None, help="safetensors with 'posterior', 'init', 'step_0'... "
                    "replacing every random draw (one input image only)")
     p.add_argument("--save-noise", action="store_true", help="also write <name>.noise.safetensors per output")
@@ -86,7 +89,8 @@ def main_impl(argv=None):
     model = load_dossr(args.weights, args.base, config=args.config, base_config=args.base_config).to(device, dtype)
     options = Options(steps=args.steps, color_fix=args.color_fix, upscale=args.upscale, seed=args.seed,
                       gamma=args.gamma, tile_latent=args.tile_latent, tile_overlap=args.tile_overlap,
-                      vae_tile_encode=args.vae_tile_encode, vae_tile_decode=args.vae_tile_decode)
+                      vae_tile_encode=args.vae_tile_encode, vae_tile_decode=args.vae_tile_decode,
+                      vae_tile_mode=args.vae_tile_mode)
     for path, out in tqdm(list(zip(images, outputs)), desc="dossr", unit="image", file=sys.stderr):
         trace = {} if args.save_noise else None
         try:

@@ -41,6 +41,9 @@ def build_parser():
     p.add_argument("--tile-overlap", type=int, default=32, help="latent tile overlap (latent px)")
     p.add_argument("--vae-tile-encode", type=int, default=1024, help="VAE encoder tile size (image px; 0 = off)")
     p.add_argument("--vae-tile-decode", type=int, default=224, help="VAE decoder tile size (latent px; 0 = off)")
+    p.add_argument("--vae-tile-mode", choices=["bounded", "exact"], default="bounded",
+                   help="bounded: one tile at a time, memory stays flat as images grow (default); exact: the "
+                        "untiled result, memory grows with the image (--official-sizing uses the official tiled VAE)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     add_device_args(p)
     return p
@@ -84,7 +87,8 @@ def main_impl(argv=None):
     options = Options(upscale=args.upscale, process_size=args.process_size, official_sizing=args.official_sizing,
                       color_fix=args.color_fix, sample_mode=args.sample_mode, seed=args.seed,
                       tile_latent=args.tile_latent, tile_overlap=args.tile_overlap,
-                      vae_tile_encode=args.vae_tile_encode, vae_tile_decode=args.vae_tile_decode)
+                      vae_tile_encode=args.vae_tile_encode, vae_tile_decode=args.vae_tile_decode,
+                      vae_tile_mode=args.vae_tile_mode)
     for path, out in tqdm(list(zip(images, outputs)), desc="osediff", unit="image", file=sys.stderr):
         result = osediff_upscale(model, load_image(path), prompt=args.prompt or "", prompt_fn=prompt_fn,
                                  options=options)

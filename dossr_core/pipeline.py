@@ -70,6 +70,7 @@ class Options:
     tile_batch: int = 1
     vae_tile_encode: int = 1024  # image px (0 = off)
     vae_tile_decode: int = 224   # latent px (0 = off)
+    vae_tile_mode: str = "bounded"  # see sr_common.tiled_vae: bounded (memory) | exact (= untiled, memory grows)
 
 
 def check_options(o):
@@ -83,16 +84,18 @@ def check_options(o):
         raise ValueError(f"`tile_overlap` must be smaller than `tile_latent`, got {o.tile_overlap} >= {o.tile_latent}")
 
 
-def encode_moments(encoder, image01, tile=None, callback=None):
+def encode_moments(encoder, image01, tile=None, callback=None, mode="bounded"):
     """The 8 moment channels of an ``Encoder`` + ``quant_conv`` pair for an image in [0, 1] (as 2x − 1)."""
     weight = encoder["quant_conv"].weight
-    h = tiled_forward(encoder["encoder"], (image01 * 2 - 1).to(weight), tile, is_decoder=False, callback=callback)
+    h = tiled_forward(encoder["encoder"], (image01 * 2 - 1).to(weight), tile, is_decoder=False, callback=callback,
+                      mode=mode)
     return encoder["quant_conv"](h.to(weight.dtype)).float()
 
 
-def vae_moments(model, start, tile=None, callback=None):
+def vae_moments(model, start, tile=None, callback=None, mode="bounded"):
     """The moments of the SD VAE encoder for ``start`` in [0, 1]."""
-    return encode_moments({"encoder": model.vae.encoder, "quant_conv": model.vae.quant_conv}, start, tile, callback)
+    return encode_moments({"encoder": model.vae.encoder, "quant_conv": model.vae.quant_conv}, start, tile, callback,
+                          mode)
 
 
 def condition_from_moments(moments):
@@ -107,14 +110,14 @@ def posterior_sample(moments, noise):
     return (mean + std * noise("posterior", mean.shape).to(mean.device)) * SCALING_FACTOR
 
 
-def condition_latent(model, start, tile=None, callback=None):
+def condition_latent(model, start, tile=None, callback=None, mode="bounded"):
     """c = 0.18215 · mode(E_cond(2·start − 1))."""
-    return condition_from_moments(encode_moments(model.cond_encoder, start, tile, callback))
+    return condition_from_moments(encode_moments(model.cond_encoder, start, tile, callback, mode))
 
 
-def lr_latent(model, start, noise, tile=None, callback=None):
+def lr_latent(model, start, noise, tile=None, callback=None, mode="bounded"):
     """x̂₀ = a posterior sample of the SD VAE encoder (``posterior_sample``)."""
-    return posterior_sample(vae_moments(model, start, tile, callback), noise)
+    return posterior_sample(vae_moments(model, start, tile, callback, mode), noise)
 
 
 def shares_vae_encoder(model):
@@ -123,12 +126,12 @@ def shares_vae_encoder(model):
             and model.cond_encoder["quant_conv"] is model.vae.quant_conv)
 
 
-def start_latents(model, padded, noise, tile=None, stage=lambda name: None):
+def start_latents(model, padded, noise, tile=None, stage=lambda name: None, mode="bounded"):
     """(c, x̂₀) of the padded ×4 image: c = 0.18215 · mode(E_cond), x̂₀ a posterior sample of E_vae (the first
     random draw); one encoder pass for both when the condition encoder is the VAE encoder."""
-    moments = vae_moments(model, padded, tile, stage("vae_encoder"))
+    moments = vae_moments(model, padded, tile, stage("vae_encoder"), mode)
     c_latent = (condition_from_moments(moments) if shares_vae_encoder(model)
-                else condition_latent(model, padded, tile, stage("cond_encoder")))
+                else condition_latent(model, padded, tile, stage("cond_encoder"), mode))
     return c_latent, posterior_sample(moments, noise)
 
 
@@ -156,10 +159,10 @@ def make_eps_model(model, c_latent, context, o, callback=None):
     return eps
 
 
-def decode(model, x, tile=None, callback=None):
+def decode(model, x, tile=None, callback=None, mode="bounded"):
     """(VAE_dec(x / 0.18215) + 1) / 2 in float32 (not clamped)."""
     z = model.vae.post_quant_conv((x / SCALING_FACTOR).to(model.vae.post_quant_conv.weight.dtype))
-    return (tiled_forward(model.vae.decoder, z, tile, is_decoder=True, callback=callback).float() + 1) / 2
+    return (tiled_forward(model.vae.decoder, z, tile, is_decoder=True, callback=callback, mode=mode).float() + 1) / 2
 
 
 @torch.no_grad()
@@ -192,7 +195,7 @@ def dossr_upscale(model, image, *, prompt=DEFAULT_PROMPT, prompt_embeds=None, op
     # 2. pad start to a multiple of 64 px (latent multiple of 8); cropped back after decoding
     padded, (out_h, out_w) = img.pad_to_multiple(start, PIXEL_MULTIPLE)
     # 3. condition latent c (mode) and LR latent x̂₀ (posterior sample: the first random draw)
-    c_latent, x_hat0 = start_latents(model, padded, noise_source, o.vae_tile_encode, stage)
+    c_latent, x_hat0 = start_latents(model, padded, noise_source, o.vae_tile_encode, stage, o.vae_tile_mode)
     # 4. text context: given, or the SD 2.1 text encoder on the prompt (cached)
     context = text_context(model, prompt, prompt_embeds)
     # 5. DoS-SDE sampling from τ = 499 to 0; the final state is decoded
@@ -207,7 +210,7 @@ def dossr_upscale(model, image, *, prompt=DEFAULT_PROMPT, prompt_embeds=None, op
     x = sample_dossr(eps_model, x_hat0, grid, lambda name, shape: noise_source(name, shape).to(device),
                      order=o.order, gamma=o.gamma, callback=on_step)
     # 6. decode and crop the padding away
-    decoded = decode(model, x, o.vae_tile_decode, stage("decode"))[..., :out_h, :out_w].cpu()
+    decoded = decode(model, x, o.vae_tile_decode, stage("decode"), o.vae_tile_mode)[..., :out_h, :out_w].cpu()
     # 7. colour fix against start (wavelet: high frequencies of the result + low frequencies of start)
     out = apply_color_fix(decoded, start.cpu(), o.color_fix)
     if trace is not None:

@@ -135,7 +135,7 @@ def posterior_latent(moments, sample_mode="mean", seed=0):
     return (mean + std * noise.to(mean.device)) * SCALING_FACTOR
 
 
-def encode_lq(encoder, lq, *, sample_mode="mean", seed=0, tile=None, tile_mode="exact", callback=None):
+def encode_lq(encoder, lq, *, sample_mode="mean", seed=0, tile=None, tile_mode="bounded", callback=None):
     """Scaled latent of the LQ: LoRA VAE encoder (tiled above ``tile`` px) → quant_conv → posterior."""
     x = (lq * 2 - 1).to(encoder["quant_conv"].weight)
     h = tiled_forward(encoder["encoder"], x, tile, is_decoder=False, callback=callback, mode=tile_mode)
@@ -163,7 +163,7 @@ def one_step_x0(z, eps, t=TIMESTEP):
     return (z.float() - (1 - a) ** 0.5 * eps.float()) / a ** 0.5
 
 
-def decode_latent(vae, x0, *, tile=None, tile_mode="exact", callback=None):
+def decode_latent(vae, x0, *, tile=None, tile_mode="bounded", callback=None):
     """VAE decode of x0 / 0.18215 (decoder tiled above ``tile`` latent px), clamped to [−1, 1]."""
     z = vae.post_quant_conv((x0 / SCALING_FACTOR).to(vae.post_quant_conv.weight.dtype))
     return tiled_forward(vae.decoder, z, tile, is_decoder=True, callback=callback, mode=tile_mode).float().clamp(-1, 1)
@@ -181,6 +181,7 @@ class Options:
     tile_overlap: int = 32
     vae_tile_encode: int = 1024
     vae_tile_decode: int = 224
+    vae_tile_mode: str = "bounded"  # see sr_common.tiled_vae; "official" is used with official_sizing
     tile_batch: int = 1
 
 
@@ -207,8 +208,8 @@ def osediff_upscale(model, image, *, prompt="", prompt_embeds=None, prompt_fn=No
                           official_sizing=o.official_sizing)
     padded, _ = img.pad_to_multiple(lq, 8)
     # 2. encode with the LoRA VAE encoder
-    # the official tiled VAE with --official-sizing; otherwise tiles that exchange margins (see tiled_vae)
-    tile_mode = "official" if o.official_sizing else "exact"
+    # the official tiled VAE with --official-sizing; otherwise bounded or exact tiles (see tiled_vae)
+    tile_mode = "official" if o.official_sizing else o.vae_tile_mode
     z = encode_lq(model.lq_encoder, padded.to(device), sample_mode=o.sample_mode, seed=o.seed,
                   tile=o.vae_tile_encode, tile_mode=tile_mode, callback=stage("encode"))
     # 3. ε at t = 999

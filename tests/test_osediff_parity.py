@@ -35,7 +35,7 @@ def run_case(model, case):
                       official_sizing=case["sizing"] == "official", color_fix=case["color_fix"],
                       sample_mode=case["sample_mode"], seed=case["seed"], tile_latent=case["tile_latent"],
                       tile_overlap=case["tile_overlap"], vae_tile_encode=case["vae_tile_encode"],
-                      vae_tile_decode=case["vae_tile_decode"])
+                      vae_tile_decode=case["vae_tile_decode"], vae_tile_mode=case.get("vae_tile_mode", "bounded"))
     return osediff_upscale(model, image, prompt=case["prompt"], options=options)
 
 
@@ -70,8 +70,8 @@ def test_tiled_vae_close_to_untiled(model):
     """
     case = dict(next(c for c in CASES if c["name"] == "f64x48_untiled"), sizing="exact")
     untiled = run_case(model, case)
-    tiled = run_case(model, dict(case, vae_tile_encode=64, vae_tile_decode=8))
-    assert psnr(tiled, untiled) >= 35, f"{psnr(tiled, untiled):.2f} dB"
+    tiled = run_case(model, dict(case, vae_tile_encode=64, vae_tile_decode=8, vae_tile_mode="exact"))
+    assert psnr(tiled, untiled) >= 35, f"{psnr(tiled, untiled):.2f} dB"  # measured 115.5 dB
 
 
 def test_lora_matters(model, tmp_path):
