@@ -21,19 +21,20 @@ import tempfile
 import torch
 
 import interleave
+from comfyui_diffsr.osediff_core.pipeline import Options
 from common import environment, random_sd21, rss_peak_mb, summary, timed, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_case(size, repeats, device, dtype, tile_batch, warmup=1, serve=False):
+def run_case(size, repeats, device, dtype, tile_batch, warmup=1, serve=False, vae_tiles=None):
     from comfyui_diffsr.osediff_core.pipeline import Options, build_osediff, osediff_upscale
     from comfyui_diffsr.osediff_core.weights import random_osediff_checkpoint
 
     sd = random_sd21()
     model = build_osediff(sd, random_osediff_checkpoint(sd.unet, sd.vae), copy_unet=False).to(device, dtype)
     image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    options = Options(upscale=4, tile_batch=tile_batch)
+    options = Options(upscale=4, tile_batch=tile_batch, **(vae_tiles or {}))
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -43,7 +44,7 @@ def run_case(size, repeats, device, dtype, tile_batch, warmup=1, serve=False):
         return None
     with torch.inference_mode():
         times = timed(lambda: osediff_upscale(model, image, prompt="", options=options), repeats, sync, warmup)
-    result = {"case": f"{size}->{size * 4}", **summary(times), "peak_rss_mb": rss_peak_mb()}
+    result = {"case": f"{size}->{size * 4}", **(vae_tiles or {}), **summary(times), "peak_rss_mb": rss_peak_mb()}
     if device.type == "cuda":
         result["peak_cuda_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return result
@@ -77,6 +78,9 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--tile-batch", type=int, default=1)
+    p.add_argument("--vae-tile-encode", type=int, default=Options.vae_tile_encode, help="image px (0 = off)")
+    p.add_argument("--vae-tile-decode", type=int, default=Options.vae_tile_decode, help="latent px (0 = off)")
+    p.add_argument("--vae-tile-mode", choices=["bounded", "exact"], default=Options.vae_tile_mode)
     p.add_argument("--compare-official", default=None, help="local checkout of cswry/OSEDiff")
     p.add_argument("--official-python", default=sys.executable, help="python of the official code's venv")
     p.add_argument("--sequential", action="store_true",
@@ -89,13 +93,16 @@ def main():
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     device = torch.device(args.device)
     if args._case is not None:
-        result = run_case(args._case, args.repeats, device, dtype, args.tile_batch, args.warmup, args._serve)
+        vae_tiles = {"vae_tile_encode": args.vae_tile_encode, "vae_tile_decode": args.vae_tile_decode,
+                     "vae_tile_mode": args.vae_tile_mode}
+        result = run_case(args._case, args.repeats, device, dtype, args.tile_batch, args.warmup, args._serve, vae_tiles)
         if result is not None:
             print(json.dumps(result))
         return
     ours_cmd = lambda size: [sys.executable, __file__, "--_case", str(size), "--repeats", str(args.repeats),
                              "--device", args.device, "--dtype", args.dtype, "--tile-batch", str(args.tile_batch),
-                             "--warmup", str(args.warmup)]
+                             "--warmup", str(args.warmup), "--vae-tile-encode", str(args.vae_tile_encode),
+                             "--vae-tile-decode", str(args.vae_tile_decode), "--vae-tile-mode", args.vae_tile_mode]
     result = {"method": "osediff", **environment(device, dtype)}
     if args.compare_official and not args.sequential:
         result["cases"], result["official"] = compare_interleaved(args, ours_cmd)
