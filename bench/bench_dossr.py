@@ -18,7 +18,7 @@ import sys
 import torch
 
 import interleave
-from common import environment, random_sd21, rss_peak_mb, summary, timed, write_json
+from common import environment, official_env, random_sd21, rss_peak_mb, summary, timed, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -94,6 +94,9 @@ def main():
     p.add_argument("--out", default=os.path.join(HERE, "results", "dossr_cpu.json"))
     p.add_argument("--compare-official", default=None, help="local checkout of AMD-AIG-AIMA/DoSSR (128 px only)")
     p.add_argument("--official-python", default=sys.executable, help="python of the official code's venv")
+    p.add_argument("--official-thp", action="store_true",
+                   help="give the official code the transparent huge pages our commands use (like-for-like); "
+                        "default: the official code as it ships")
     p.add_argument("--_case", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--sequential", action="store_true",
                    help="with --compare-official: the official, then ours (one process at a time). Default: both "
@@ -134,7 +137,7 @@ def compare_official(args, device, dtype):
         lr = os.path.join(tmp, "lr.png")
         Image.fromarray(tensor_to_uint8(lr_image(128))).save(lr)
         ckpt = os.path.join(tmp, "dossr_random.ckpt")
-        env = dict(os.environ, PYTHONPATH=args.compare_official, THP_MEM_ALLOC_ENABLE="1")
+        env = official_env(args.compare_official, args.official_thp)
         official_cmd = [args.official_python, os.path.join(HERE, "official_dossr.py"), "--upstream",
                         args.compare_official, "--lr", lr, "--save-ckpt", ckpt, "--steps", str(args.steps),
                         "--repeats", str(args.repeats)]
@@ -153,6 +156,7 @@ def compare_official(args, device, dtype):
             ours, official = ({"case": "128->512", "steps": args.steps, "interleaved": True, **timed_runs[name]}
                               for name in ("ours", "official"))
     write_json({"method": "dossr", **environment(device, dtype), "cases": [ours], "official": [official],
+                "official_thp": args.official_thp,
                 "ratio_ours_to_official": {"128->512": ours["median_s"] / official["median_s"]},
                 "load_avg_1_5_15min": {"before": load_before, "after": os.getloadavg()}}, args.out)
 

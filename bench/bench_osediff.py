@@ -22,7 +22,7 @@ import torch
 
 import interleave
 from comfyui_diffsr.osediff_core.pipeline import Options
-from common import environment, random_sd21, rss_peak_mb, summary, timed, write_json
+from common import environment, official_env, random_sd21, rss_peak_mb, summary, timed, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -83,6 +83,9 @@ def main():
     p.add_argument("--vae-tile-mode", choices=["bounded", "exact"], default=Options.vae_tile_mode)
     p.add_argument("--compare-official", default=None, help="local checkout of cswry/OSEDiff")
     p.add_argument("--official-python", default=sys.executable, help="python of the official code's venv")
+    p.add_argument("--official-thp", action="store_true",
+                   help="give the official code the transparent huge pages our commands use (like-for-like); "
+                        "default: the official code as it ships")
     p.add_argument("--sequential", action="store_true",
                    help="with --compare-official: ours, then the official (one process at a time; for the sizes "
                         "where both models do not fit in memory together). Default: interleaved run by run")
@@ -113,6 +116,7 @@ def main():
         if args.compare_official:
             result["official"] = compare_sequential(args)
     if args.compare_official:
+        result["official_thp"] = args.official_thp
         result["ratio_ours_to_official"] = {c["case"]: c["median_s"] / o["median_s"]
                                             for c, o in zip(result["cases"], result["official"])}
         result["load_avg_1_5_15min_after"] = os.getloadavg()
@@ -130,7 +134,7 @@ def compare_interleaved(args, ours_cmd):
     cases, official = [], []
     with tempfile.TemporaryDirectory() as tmp:
         base, pkl = save_for_official(tmp)
-        env = dict(os.environ, PYTHONPATH=args.compare_official)
+        env = official_env(args.compare_official, args.official_thp)
         for size in args.sizes:
             workers = [interleave.Worker("ours", ours_cmd(size) + ["--_serve"]),
                        interleave.Worker("official", official_cmd(args, base, pkl, size) + ["--serve"], env=env)]
@@ -144,7 +148,7 @@ def compare_sequential(args):
     official = []
     with tempfile.TemporaryDirectory() as tmp:
         base, pkl = save_for_official(tmp)
-        env = dict(os.environ, PYTHONPATH=args.compare_official)
+        env = official_env(args.compare_official, args.official_thp)
         for size in args.sizes:
             done = subprocess.run(official_cmd(args, base, pkl, size), capture_output=True, text=True, env=env)
             if done.returncode:

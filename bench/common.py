@@ -12,6 +12,16 @@ import torch
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the CLI does (cli/common.py run_main)
 
 
+def official_env(checkout, thp=False):
+    """The environment the official code runs in: its checkout importable; as it ships (PyTorch's default
+    allocator), or with the transparent huge pages our commands use when ``thp`` (a like-for-like run)."""
+    env = dict(os.environ, PYTHONPATH=checkout)
+    env.pop("THP_MEM_ALLOC_ENABLE", None)
+    if thp:
+        env["THP_MEM_ALLOC_ENABLE"] = "1"
+    return env
+
+
 def rss_peak_mb():
     """Peak resident set size of this process so far (MiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
