@@ -36,7 +36,7 @@ def upsample2x_conv3x3(x, weight, bias=None):
     c_out = weight.shape[0]
     y = F.conv2d(F.pad(x, (1, 1, 1, 1)), phase_kernels(weight))
     y = y.unflatten(1, (2, 2, c_out))
-    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     out = torch.empty((n, c_out, 2 * h, 2 * w), dtype=y.dtype, device=y.device,
                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     phases = out.unflatten(3, (w, 2)).unflatten(2, (h, 2))  # (n, c, h, a, w, b)

@@ -148,10 +148,10 @@ def tiled_forward(net, x, tile, is_decoder, callback=None, mode="exact"):
         if kind == "norm":
             if exact:
                 tiles = grid.exchange(tiles)
-                mean, var = grid.exact_stats(tiles, module.num_groups)
+                mean, denom = grid.exact_stats(tiles, module)
             else:
-                mean, var = _official_stats(tiles, module.num_groups, x.device)
-            tiles = [_apply_group_norm(t, module, mean, var) for t in tiles]
+                mean, denom = _official_stats(tiles, module, x.device)
+            tiles = [_normalise(t, module, mean, denom) for t in tiles]
         elif kind == "silu":
             tiles = [F.silu(t) for t in tiles]
         elif kind == "call":
@@ -191,15 +191,16 @@ def _paste(result, tile_out, in_box, out_box, factor):
         tile_out[:, :, ys:ys + out_box[3] - out_box[2], xs:xs + out_box[1] - out_box[0]]
 
 
-def _official_stats(tiles, groups, device):
-    """Per-tile biased var/mean averaged with weights ∝ padded tile area (the official approximation)."""
-    stats = [_group_var_mean(t.float() if t.dtype == torch.float16 else t, groups) for t in tiles]
+def _official_stats(tiles, norm, device):
+    """Per-tile biased var/mean averaged with weights ∝ padded tile area (the official approximation);
+    returns (μ, σ² + ε)."""
+    stats = [_group_var_mean(t.float() if t.dtype == torch.float16 else t, norm.num_groups) for t in tiles]
     pixels = torch.tensor([t.shape[2] * t.shape[3] for t in tiles], dtype=torch.float32, device=device)
     pixels = pixels / pixels.max()
     share = (pixels / pixels.sum()).view(-1, 1, 1)
     var = (torch.stack([s[0] for s in stats]) * share).sum(0)
     mean = (torch.stack([s[1] for s in stats]) * share).sum(0)
-    return mean, var
+    return mean, var + norm.eps
 
 
 class _Grid:
@@ -217,8 +218,7 @@ class _Grid:
         full = tiles[0].new_zeros(tiles[0].shape[:2] + (round(self.height * s), round(self.width * s)))
         for t, ib, core in zip(tiles, self.in_boxes, self.cores):
             y0, y1, x0, x1 = (round(v * s) for v in (core[2], core[3], core[0], core[1]))
-            oy, ox = round(ib[2] * s), round(ib[0] * s)
-            full[:, :, y0:y1, x0:x1] = t[:, :, y0 - oy:y1 - oy, x0 - ox:x1 - ox]
+            full[:, :, y0:y1, x0:x1] = _core(t, ib, core, s)
         return full
 
     def cut(self, full, like):
@@ -229,32 +229,13 @@ class _Grid:
         """Refill every tile's margin from the neighbouring cores."""
         return self.cut(self.assemble(tiles), tiles)
 
-    def exact_stats(self, tiles, groups):
-        """Mean and biased variance per (batch, group) over the whole image (the cores), in float64."""
+    def exact_stats(self, tiles, norm):
+        """(μ, σ² + ε) per (batch, group) over the whole image (the cores), from float64 moments."""
         s = self._scale(tiles[0], self.in_boxes[0])
-        total = total_sq = count = 0
+        moments = _GroupMoments.zero()
         for t, ib, core in zip(tiles, self.in_boxes, self.cores):
-            y0, y1, x0, x1 = (round(v * s) for v in (core[2], core[3], core[0], core[1]))
-            oy, ox = round(ib[2] * s), round(ib[0] * s)
-            part = t[:, :, y0 - oy:y1 - oy, x0 - ox:x1 - ox].double()
-            part = part.reshape(part.shape[0], groups, -1)
-            total = total + part.sum(-1)
-            total_sq = total_sq + (part * part).sum(-1)
-            count += part.shape[-1]
-        mean = total / count
-        return mean.float(), (total_sq / count - mean * mean).clamp_min(0).float()
-
-
-def _apply_group_norm(x, norm, mean, var):
-    b, c = x.shape[:2]
-    groups = norm.num_groups
-    shape = (b, groups) + (1,) * (x.dim() - 1)
-    xg = x.reshape(b, groups, -1, *x.shape[2:])
-    out = (xg - mean.reshape(shape).to(x.dtype)) / torch.sqrt(var.reshape(shape) + norm.eps).to(x.dtype)
-    out = out.reshape(x.shape)
-    if norm.weight is not None:
-        out = out * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
-    return out
+            moments = moments + _GroupMoments.of(_core(t, ib, core, s), norm.num_groups)
+        return moments.stats(norm.eps)
 
 
 def _bounded_forward(ops, x, extent, in_boxes, out_boxes, cores, factor, callback):
@@ -354,9 +335,10 @@ def _normalise(x, norm, mean, denom):
     return torch.addcmul(shift.to(x.dtype).view(b, c, 1, 1), x, scale.to(x.dtype).view(b, c, 1, 1))
 
 
-def _core(t, in_box, core):
-    """The part of ``t`` (a tile cut at ``in_box`` of the input, at any resolution) inside ``core``."""
-    s = t.shape[-1] / (in_box[1] - in_box[0])
+def _core(t, in_box, core, s=None):
+    """The part of ``t`` (a tile cut at ``in_box`` of the input, at resolution ``s``: by default the tile's own
+    width over the box's) inside ``core``."""
+    s = t.shape[-1] / (in_box[1] - in_box[0]) if s is None else s
     y0, y1, x0, x1 = (round(v * s) for v in (core[2], core[3], core[0], core[1]))
     oy, ox = round(in_box[2] * s), round(in_box[0] * s)
     return t[:, :, y0 - oy:y1 - oy, x0 - ox:x1 - ox]
