@@ -18,7 +18,7 @@ import torch
 from ..sr_common import image as img
 from ..sr_common.color_fix import COLOR_FIXES, apply_color_fix
 from ..sr_common.sd21 import SCALING_FACTOR
-from ..sr_common.tiled_vae import tiled_forward
+from ..sr_common.tiled_vae import DEFAULT_MODE, tiled_forward
 from ..sr_common.tiling import blend_tiles, needs_tiling
 from .model import DEFAULT_PROMPT, predict_eps
 from .sampling import sample_dossr
@@ -70,7 +70,7 @@ class Options:
     tile_batch: int = 1
     vae_tile_encode: int = 1024  # image px (0 = off)
     vae_tile_decode: int = 224   # latent px (0 = off)
-    vae_tile_mode: str = "bounded"  # see sr_common.tiled_vae: bounded (memory) | exact (= untiled, memory grows)
+    vae_tile_mode: str = DEFAULT_MODE  # see sr_common.tiled_vae: bounded (memory) | exact (= untiled, memory grows)
 
 
 def check_options(o):
@@ -84,7 +84,7 @@ def check_options(o):
         raise ValueError(f"`tile_overlap` must be smaller than `tile_latent`, got {o.tile_overlap} >= {o.tile_latent}")
 
 
-def encode_moments(encoder, image01, tile=None, callback=None, mode="bounded"):
+def encode_moments(encoder, image01, tile=None, callback=None, mode=DEFAULT_MODE):
     """The 8 moment channels of an ``Encoder`` + ``quant_conv`` pair for an image in [0, 1] (as 2x − 1)."""
     weight = encoder["quant_conv"].weight
     h = tiled_forward(encoder["encoder"], (image01 * 2 - 1).to(weight), tile, is_decoder=False, callback=callback,
@@ -92,7 +92,7 @@ def encode_moments(encoder, image01, tile=None, callback=None, mode="bounded"):
     return encoder["quant_conv"](h.to(weight.dtype)).float()
 
 
-def vae_moments(model, start, tile=None, callback=None, mode="bounded"):
+def vae_moments(model, start, tile=None, callback=None, mode=DEFAULT_MODE):
     """The moments of the SD VAE encoder for ``start`` in [0, 1]."""
     return encode_moments({"encoder": model.vae.encoder, "quant_conv": model.vae.quant_conv}, start, tile, callback,
                           mode)
@@ -110,12 +110,12 @@ def posterior_sample(moments, noise):
     return (mean + std * noise("posterior", mean.shape).to(mean.device)) * SCALING_FACTOR
 
 
-def condition_latent(model, start, tile=None, callback=None, mode="bounded"):
+def condition_latent(model, start, tile=None, callback=None, mode=DEFAULT_MODE):
     """c = 0.18215 · mode(E_cond(2·start − 1))."""
     return condition_from_moments(encode_moments(model.cond_encoder, start, tile, callback, mode))
 
 
-def lr_latent(model, start, noise, tile=None, callback=None, mode="bounded"):
+def lr_latent(model, start, noise, tile=None, callback=None, mode=DEFAULT_MODE):
     """x̂₀ = a posterior sample of the SD VAE encoder (``posterior_sample``)."""
     return posterior_sample(vae_moments(model, start, tile, callback, mode), noise)
 
@@ -126,7 +126,7 @@ def shares_vae_encoder(model):
             and model.cond_encoder["quant_conv"] is model.vae.quant_conv)
 
 
-def start_latents(model, padded, noise, tile=None, stage=lambda name: None, mode="bounded"):
+def start_latents(model, padded, noise, tile=None, stage=lambda name: None, mode=DEFAULT_MODE):
     """(c, x̂₀) of the padded ×4 image: c = 0.18215 · mode(E_cond), x̂₀ a posterior sample of E_vae (the first
     random draw); one encoder pass for both when the condition encoder is the VAE encoder."""
     moments = vae_moments(model, padded, tile, stage("vae_encoder"), mode)
@@ -159,7 +159,7 @@ def make_eps_model(model, c_latent, context, o, callback=None):
     return eps
 
 
-def decode(model, x, tile=None, callback=None, mode="bounded"):
+def decode(model, x, tile=None, callback=None, mode=DEFAULT_MODE):
     """(VAE_dec(x / 0.18215) + 1) / 2 in float32 (not clamped)."""
     z = model.vae.post_quant_conv((x / SCALING_FACTOR).to(model.vae.post_quant_conv.weight.dtype))
     return (tiled_forward(model.vae.decoder, z, tile, is_decoder=True, callback=callback, mode=mode).float() + 1) / 2

@@ -12,7 +12,7 @@ from ..sr_common import image as img
 from ..sr_common.color_fix import apply_color_fix
 from ..sr_common.fused_upsample import fast_vae_decoder, fuse_upsamplers
 from ..sr_common.sd21 import SCALING_FACTOR, encode_prompt
-from ..sr_common.tiled_vae import tiled_forward
+from ..sr_common.tiled_vae import DEFAULT_MODE, tiled_forward
 from ..sr_common.tiling import blend_tiles, needs_tiling
 from .weights import apply_osediff_unet, lq_encoder
 
@@ -135,7 +135,7 @@ def posterior_latent(moments, sample_mode="mean", seed=0):
     return (mean + std * noise.to(mean.device)) * SCALING_FACTOR
 
 
-def encode_lq(encoder, lq, *, sample_mode="mean", seed=0, tile=None, tile_mode="bounded", callback=None):
+def encode_lq(encoder, lq, *, sample_mode="mean", seed=0, tile=None, tile_mode=DEFAULT_MODE, callback=None):
     """Scaled latent of the LQ: LoRA VAE encoder (tiled above ``tile`` px) → quant_conv → posterior."""
     x = (lq * 2 - 1).to(encoder["quant_conv"].weight)
     h = tiled_forward(encoder["encoder"], x, tile, is_decoder=False, callback=callback, mode=tile_mode)
@@ -163,7 +163,7 @@ def one_step_x0(z, eps, t=TIMESTEP):
     return (z.float() - (1 - a) ** 0.5 * eps.float()) / a ** 0.5
 
 
-def decode_latent(vae, x0, *, tile=None, tile_mode="bounded", callback=None):
+def decode_latent(vae, x0, *, tile=None, tile_mode=DEFAULT_MODE, callback=None):
     """VAE decode of x0 / 0.18215 (decoder tiled above ``tile`` latent px), clamped to [−1, 1]."""
     z = vae.post_quant_conv((x0 / SCALING_FACTOR).to(vae.post_quant_conv.weight.dtype))
     return tiled_forward(vae.decoder, z, tile, is_decoder=True, callback=callback, mode=tile_mode).float().clamp(-1, 1)
@@ -181,7 +181,7 @@ class Options:
     tile_overlap: int = 32
     vae_tile_encode: int = 1024
     vae_tile_decode: int = 224
-    vae_tile_mode: str = "bounded"  # see sr_common.tiled_vae; "official" is used with official_sizing
+    vae_tile_mode: str = DEFAULT_MODE  # see sr_common.tiled_vae; "official" is used with official_sizing
     tile_batch: int = 1
 
 

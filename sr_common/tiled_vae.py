@@ -3,7 +3,7 @@
 The image (or latent) is cut into tiles with a margin (32 px for the encoder, 11 latent px for
 the decoder). Three modes:
 
-- ``exact`` (default): at every GroupNorm the tiles exchange their margins (each tile's margin is
+- ``exact``: at every GroupNorm the tiles exchange their margins (each tile's margin is
   refilled from the neighbouring tiles' cores) and normalise with the exact statistics of the whole
   image; the mid-block attention runs over the whole image. Only the 1–2 convolutions between two
   exchanges see a tile border, and their error stays inside the margin, so the result matches the
@@ -13,12 +13,12 @@ the decoder). Three modes:
   every GroupNorm uses mean/var averaged over the tiles weighted by padded tile area, margins are
   never exchanged, and the attention runs per tile. Used for parity with published results.
   All tiles advance together, as in ``exact``.
-- ``bounded``: one tile at a time to the end of the network, so peak memory is set by the tile
-  size, not the image size (plus the input and output tensors). Margins are never exchanged and
-  the mid-block attention runs per tile (whole-image attention would need the whole image's
-  activations at 1/8 resolution). The GroupNorm statistics come from a pass over the input
-  subsampled to one tile's size and two passes over the tiles (see ``_bounded_forward``): about
-  1.5–2× the time of ``exact`` on the full-size SD VAE, and further from the untiled network.
+- ``bounded`` (the default, ``DEFAULT_MODE``): one tile at a time to the end of the network, so
+  peak memory is set by the tile size, not the image size (plus the input and output tensors).
+  Margins are never exchanged and the mid-block attention runs per tile (whole-image attention
+  would need the whole image's activations at 1/8 resolution). The GroupNorm statistics come from
+  a pass over the input subsampled to one tile's size and two passes over the tiles (see
+  ``_bounded_forward``): about 1.5–2× the time of ``exact``, and further from the untiled network.
 
 Works on diffusers ``Encoder``/``Decoder`` modules of any depth.
 """
@@ -28,6 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+DEFAULT_MODE = "bounded"
 ENCODER_PAD = 32
 DECODER_PAD = 11
 
@@ -119,7 +120,7 @@ def split_tiles(height, width, tile, pad, factor):
     return inputs, outputs
 
 
-def tiled_forward(net, x, tile, is_decoder, callback=None, mode="exact"):
+def tiled_forward(net, x, tile, is_decoder, callback=None, mode=DEFAULT_MODE):
     """Run a VAE ``Encoder`` (image → moments, /8) or ``Decoder`` (latent → image, ×8) in tiles.
 
     Untiled (plain ``net(x)``) when max(H, W) ≤ tile + 2·pad, as the official hook.
