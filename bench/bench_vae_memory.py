@@ -29,7 +29,7 @@ def random_vae(seed=0):
 
     from comfyui_diffsr.sr_common.sd21 import shipped_config_dir
 
-    from comfyui_diffsr.sr_common.fused_upsample import fast_vae_decoder
+    from comfyui_diffsr.sr_common.fast_modules import fast_vae_decoder
 
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(shipped_config_dir(), "vae"))).eval()

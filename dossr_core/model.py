@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..sr_common.errors import WeightFileError
-from ..sr_common.fused_upsample import fast_vae_decoder, fuse_upsamplers
+from ..sr_common.fast_modules import fast_modules, fast_vae_decoder
 from ..sr_common.sd21 import SD21, encode_prompt, load_sd21, load_tokenizer, shipped_config_dir
 from ..sr_common.weights import require_float
 from .rrdb import rrdb_from_state_dict
@@ -45,7 +45,8 @@ class DoSSRModel:
     prompt_cache: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        fuse_upsamplers(self.unet)
+        for module in self.modules():
+            fast_modules(module)
         fast_vae_decoder(self.vae.decoder)
 
     def modules(self):

@@ -10,7 +10,7 @@ import torch
 
 from ..sr_common import image as img
 from ..sr_common.color_fix import apply_color_fix
-from ..sr_common.fused_upsample import fast_vae_decoder, fuse_upsamplers
+from ..sr_common.fast_modules import fast_modules, fast_vae_decoder
 from ..sr_common.sd21 import SCALING_FACTOR, encode_prompt
 from ..sr_common.tiled_vae import DEFAULT_MODE, tiled_forward
 from ..sr_common.tiling import blend_tiles, needs_tiling
@@ -38,7 +38,8 @@ class OSEDiffModel:
     prompt_cache: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        fuse_upsamplers(self.unet)
+        for module in self.modules():
+            fast_modules(module)
         fast_vae_decoder(self.vae.decoder)
 
     @property

@@ -1,0 +1,157 @@
+"""Faster drop-ins for diffusers blocks at inference: same function, same state-dict keys.
+
+``FusedUpsample2D``: nearest ×2 upsampling followed by a 3×3 convolution, computed without the
+upsampled tensor. With u = nearest×2(x), every output pixel of conv3×3(u) at row 2i + a (a ∈ {0, 1}) sees only two
+rows of x: a = 0 sees x[i−1] with w[0] and x[i] with w[1] + w[2]; a = 1 sees x[i] with w[0] + w[1]
+and x[i+1] with w[2] (zero padding of u is zero padding of x). The same holds for columns, so each
+of the four output phases (a, b) is a 2×2 convolution of x: 16 multiply-adds per input pixel and
+channel pair instead of 36 (2.25× fewer in the VAE decoder's three upsamplers, about a third of its
+work), and the 4× larger upsampled input is never written. Equal to the plain modules up to float
+rounding (the folded kernel sums are formed in float64, once per weight).
+
+``LeanResnetBlock2D``: a diffusers ``ResnetBlock2D`` whose SiLUs run in place on the fresh GroupNorm
+output, whose time embedding and skip are added in place to the fresh convolution outputs, and that
+skips the division by an ``output_scale_factor`` of 1. Bit-identical; on CPU the VAE at 512² spends
+about a second per image on those extra full-size passes.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _fold(w, dim):
+    """Taps of a 3-tap kernel along ``dim`` as seen by the two phases: (w0, w1 + w2) and (w0 + w1, w2)."""
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)
+
+
+def phase_kernels(weight):
+    """(C_out, C_in, 3, 3) → (4·C_out, C_in, 2, 2): the 2×2 kernel of each output phase (a, b), a-major."""
+    rows = _fold(weight.double(), 2)
+    return torch.cat([k for r in rows for k in _fold(r, 3)], 0).to(weight.dtype)
+
+
+def upsample2x_conv3x3(x, kernels, bias=None):
+    """conv3×3(nearest×2(x), weight, bias, padding=1) as four 2×2 convolutions of x, given the
+    ``phase_kernels(weight)``.
+
+    y = conv2×2(pad₁(x), phase kernels) has (H+1)×(W+1) positions; phase (a, b) of the output is
+    y_ab[a:a+H, b:b+W], so out[2i+a, 2j+b] = y_ab[i+a, j+b].
+    """
+    n, _, h, w = x.shape
+    c_out = kernels.shape[0] // 4
+    y = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernels)
+    y = y.unflatten(1, (2, 2, c_out))
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    out = torch.empty((n, c_out, 2 * h, 2 * w), dtype=y.dtype, device=y.device,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    phases = out.unflatten(3, (w, 2)).unflatten(2, (h, 2))  # (n, c, h, a, w, b)
+    for a in (0, 1):
+        for b in (0, 1):
+            phases[:, :, :, a, :, b] = y[:, a, b, :, a:a + h, b:b + w]
+    if bias is not None:
+        out += bias.view(1, -1, 1, 1)
+    return out
+
+
+class FusedUpsample2D(nn.Module):
+    """Drop-in for a diffusers ``Upsample2D`` (nearest ×2, 3×3 conv); keeps its ``conv`` (same state-dict keys).
+    The phase kernels are folded once and kept until the weight is written to, moved or cast."""
+
+    def __init__(self, upsample):
+        super().__init__()
+        self.channels = upsample.channels
+        self.conv = upsample.conv
+        self._kernels = (None, None)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._kernels = (None, None)  # .to(), .half(), .cuda() … give the weight new data
+        return super()._apply(fn, *args, **kwargs)
+
+    def phase_kernels(self):
+        weight = self.conv.weight
+        try:
+            version = weight._version  # bumped by every in-place write (load_state_dict, a LoRA merge)
+        except RuntimeError:  # an inference tensor has no version counter
+            version = None
+        key = (weight.data_ptr(), version)
+        if self._kernels[0] != key:
+            with torch.no_grad():
+                self._kernels = (key, phase_kernels(weight))
+        return self._kernels[1]
+
+    def forward(self, hidden_states, output_size=None, *args, **kwargs):
+        h, w = hidden_states.shape[-2:]
+        if output_size is not None and tuple(output_size) != (2 * h, 2 * w):
+            hidden_states = F.interpolate(hidden_states, size=output_size, mode="nearest")
+            return self.conv(hidden_states)
+        return upsample2x_conv3x3(hidden_states, self.phase_kernels(), self.conv.bias)
+
+
+class LeanResnetBlock2D(nn.Module):
+    """Drop-in for a diffusers ``ResnetBlock2D`` without up/down-sampling or scale-shift time embedding, with
+    SiLU; keeps its submodules (same state-dict keys):
+
+        h = conv1(silu(norm1(x))) + time_emb_proj(silu(temb));  out = (shortcut(x) + conv2(silu(norm2(h)))) / s
+
+    (the time embedding only with the "default" norm, as the VAE's "group" blocks ignore it).
+
+    Every pointwise step writes into a tensor nothing else holds (the SiLUs only without autograd, which
+    needs their inputs), and there is no division when s = 1."""
+
+    def __init__(self, resnet):
+        super().__init__()
+        for name in ("norm1", "conv1", "time_emb_proj", "norm2", "dropout", "conv2", "conv_shortcut"):
+            setattr(self, name, getattr(resnet, name))
+        self.in_channels, self.out_channels = resnet.in_channels, resnet.out_channels
+        self.output_scale_factor, self.skip_time_act = resnet.output_scale_factor, resnet.skip_time_act
+        self.time_embedding_norm = resnet.time_embedding_norm
+
+    def forward(self, input_tensor, temb=None, *args, **kwargs):
+        inplace = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(input_tensor), inplace=inplace))
+        if self.time_emb_proj is not None:
+            temb = self.time_emb_proj(temb if self.skip_time_act else F.silu(temb))[:, :, None, None]
+        if temb is not None and self.time_embedding_norm == "default":
+            h += temb
+        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=inplace)))
+        h += input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
+        if self.output_scale_factor != 1:
+            h /= self.output_scale_factor
+        return h
+
+
+def _upsample_fusable(module):
+    from diffusers.models.upsampling import Upsample2D
+
+    conv = getattr(module, "conv", None)
+    return (isinstance(module, Upsample2D) and module.use_conv and not module.use_conv_transpose
+            and module.interpolate and module.norm is None and isinstance(conv, nn.Conv2d)
+            and conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.stride == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1)
+
+
+def _resnet_leanable(module):
+    from diffusers.models.resnet import ResnetBlock2D
+
+    return (isinstance(module, ResnetBlock2D) and module.upsample is None and module.downsample is None
+            and module.time_embedding_norm != "scale_shift" and isinstance(module.nonlinearity, nn.SiLU))
+
+
+def fast_modules(model):
+    """Replace, in place, every fusable diffusers ``Upsample2D`` in ``model`` by ``FusedUpsample2D`` and every
+    plain ``ResnetBlock2D`` by ``LeanResnetBlock2D``."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if _upsample_fusable(child):
+                setattr(parent, name, FusedUpsample2D(child))
+            elif _resnet_leanable(child):
+                setattr(parent, name, LeanResnetBlock2D(child))
+    return model
+
+
+def fast_vae_decoder(decoder):
+    """``fast_modules(decoder)`` with channels-last weights (its large-image convolutions run about 15–25 %
+    faster channels-last on CPU; same function)."""
+    return fast_modules(decoder).to(memory_format=torch.channels_last)

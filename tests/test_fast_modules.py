@@ -1,0 +1,126 @@
+"""The fast drop-ins (fused nearest ×2 + 3×3 convolution, lean resnet block) equal the plain diffusers modules."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from comfyui_diffsr.sr_common.fast_modules import (FusedUpsample2D, LeanResnetBlock2D, fast_modules,
+                                                     fast_vae_decoder, phase_kernels, upsample2x_conv3x3)
+
+
+def plain(x, conv):
+    return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 5, 7), (3, 4, 1, 1), (2, 16, 12, 9)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_equals_nearest_then_conv(shape, channels_last):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(shape[1], 6, 3, padding=1)
+    x = torch.randn(shape)
+    if channels_last:
+        x, conv = x.contiguous(memory_format=torch.channels_last), conv.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out, ref = upsample2x_conv3x3(x, phase_kernels(conv.weight), conv.bias), plain(x, conv)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last and shape[-1] > 1 else
+                             torch.contiguous_format)
+
+
+def test_bfloat16_close():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1).to(torch.bfloat16)
+    x = torch.randn(1, 8, 6, 6, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out, ref = upsample2x_conv3x3(x, phase_kernels(conv.weight), conv.bias).float(), plain(x.float(), conv.float())
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_decoder_and_unet_same_function(tiny_unet_vae):
+    """Swapping the blocks keeps the state dict and the outputs (VAE decoder, UNet with odd skip sizes)."""
+    unet, vae = tiny_unet_vae
+    fast_dec, fast_unet = fast_vae_decoder(copy.deepcopy(vae.decoder)), fast_modules(copy.deepcopy(unet))
+    for fast in (fast_dec, fast_unet):
+        assert any(isinstance(m, FusedUpsample2D) for m in fast.modules())
+        assert any(isinstance(m, LeanResnetBlock2D) for m in fast.modules())
+        assert not any(type(m).__name__ in ("ResnetBlock2D", "Upsample2D") for m in fast.modules())
+    assert fast_dec.state_dict().keys() == vae.decoder.state_dict().keys()
+    assert fast_unet.state_dict().keys() == unet.state_dict().keys()
+    torch.manual_seed(0)
+    z = torch.randn(1, vae.config.latent_channels, 9, 13)
+    zu = torch.randn(1, unet.config.in_channels, 12, 20)
+    emb = torch.randn(1, 77, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(fast_dec(z), vae.decoder(z), rtol=1e-4, atol=1e-4)
+        t = torch.tensor([999])
+        torch.testing.assert_close(fast_unet(zu, t, encoder_hidden_states=emb).sample,
+                                   unet(zu, t, encoder_hidden_states=emb).sample, rtol=1e-4, atol=1e-4)
+
+
+def test_other_output_size_falls_back():
+    torch.manual_seed(0)
+    from diffusers.models.upsampling import Upsample2D
+
+    up = Upsample2D(4, use_conv=True)
+    fused = FusedUpsample2D(up)
+    x = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x, output_size=(11, 9)), up(x, output_size=(11, 9)))
+
+
+def _resnet(**kwargs):
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    resnet = ResnetBlock2D(groups=4, eps=1e-6, **kwargs).eval()
+    for p in resnet.parameters():  # non-trivial norms and biases
+        p.data.normal_(0, 0.3)
+    return resnet
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(in_channels=8, out_channels=8, temb_channels=None),  # VAE mid block
+    dict(in_channels=8, out_channels=12, temb_channels=None, time_embedding_norm="group"),  # VAE, 1×1 shortcut
+    dict(in_channels=8, out_channels=12, temb_channels=16),  # UNet
+    dict(in_channels=8, out_channels=8, temb_channels=16, output_scale_factor=2.0, skip_time_act=True),
+])
+def test_lean_resnet_bit_identical(kwargs):
+    resnet = _resnet(**kwargs)
+    lean = LeanResnetBlock2D(resnet)
+    assert lean.state_dict().keys() == resnet.state_dict().keys()
+    x = torch.randn(2, 8, 6, 5)
+    temb = torch.randn(2, 16) if kwargs["temb_channels"] else None
+    if kwargs.get("time_embedding_norm") == "group":
+        temb = torch.randn(2, 12, 1, 1)  # ignored, as in the VAE's up and down blocks
+    with torch.inference_mode():
+        out = lean(x, temb)
+        assert torch.equal(out, resnet(x, temb))
+    x_grad, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    weight = out.clone()
+    (lean(x_grad, temb) * weight).sum().backward()  # with autograd the SiLUs stay out of place
+    (resnet(x_ref, temb) * weight).sum().backward()
+    torch.testing.assert_close(x_grad.grad, x_ref.grad)
+
+
+def test_upsampler_refolds_after_the_weight_changes():
+    from diffusers.models.upsampling import Upsample2D
+
+    torch.manual_seed(0)
+    up = Upsample2D(4, use_conv=True)
+    fused = FusedUpsample2D(copy.deepcopy(up))
+    x = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), up(x))
+        kernels = fused.phase_kernels()
+        assert fused.phase_kernels() is kernels  # folded once
+        up.conv.weight.mul_(-2.0)
+        fused.load_state_dict(up.state_dict())  # an in-place write
+        torch.testing.assert_close(fused(x), up(x))
+        up.conv.weight.add_(1.0)
+        fused.conv.weight.add_(1.0)
+        torch.testing.assert_close(fused(x), up(x))
+        fused.double()  # a cast
+        torch.testing.assert_close(fused(x.double()), up.double()(x.double()))
