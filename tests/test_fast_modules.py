@@ -5,8 +5,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.upsampling import Upsample2D
 
-from comfyui_diffsr.sr_common.fast_modules import (FusedUpsample2D, LeanResnetBlock2D, fast_modules,
+from comfyui_diffsr.sr_common.fast_modules import (FusedUpsample2D, GemmConv2d, LeanResnetBlock2D, fast_modules,
                                                      fast_vae_decoder, phase_kernels, upsample2x_conv3x3)
 
 
@@ -46,7 +48,9 @@ def test_decoder_and_unet_same_function(tiny_unet_vae):
     for fast in (fast_dec, fast_unet):
         assert any(isinstance(m, FusedUpsample2D) for m in fast.modules())
         assert any(isinstance(m, LeanResnetBlock2D) for m in fast.modules())
-        assert not any(type(m).__name__ in ("ResnetBlock2D", "Upsample2D") for m in fast.modules())
+        assert not any(type(m) in (ResnetBlock2D, Upsample2D) for m in fast.modules())
+        assert not any(type(m) is torch.nn.Conv2d and m.kernel_size == (3, 3) and m.stride == (1, 1)
+                       for m in fast.modules())
     assert fast_dec.state_dict().keys() == vae.decoder.state_dict().keys()
     assert fast_unet.state_dict().keys() == unet.state_dict().keys()
     torch.manual_seed(0)
@@ -124,3 +128,18 @@ def test_upsampler_refolds_after_the_weight_changes():
         torch.testing.assert_close(fused(x), up(x))
         fused.double()  # a cast
         torch.testing.assert_close(fused(x.double()), up.double()(x.double()))
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 4, 4), (2, 64, 3, 5), (1, 8, 6, 6)])  # matrix product, twice, conv
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemm_conv_equals_conv(shape, dtype):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(shape[1], 12, 3, padding=1).to(dtype)
+    gemm = GemmConv2d.of(conv)
+    assert gemm.state_dict().keys() == conv.state_dict().keys() and gemm.weight is conv.weight
+    x = torch.randn(shape, dtype=dtype)
+    with torch.no_grad():
+        out, ref = gemm(x), conv(x)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
