@@ -14,7 +14,8 @@ from importlib import resources
 import torch
 
 from .errors import WeightFileError
-from .weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_weight_file, read_state_dict, require_float
+from .weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, as_float32_cpu, check_weight_file, read_state_dict,
+                      require_float)
 
 SCALING_FACTOR = 0.18215
 UNET_PREFIX = "model.diffusion_model."
@@ -128,10 +129,9 @@ def _load_into(model, state, what, path):
                   f"model {tuple(expected[wrong[0]].shape)})" if wrong else "")
         raise WeightFileError(f"The {what} in {os.path.basename(os.fspath(path))!r} does not match the SD 2.1-base "
                               f"architecture: {detail}. If it is a non-standard size, pass a matching config folder.")
-    # float32 CPU tensors are taken as they are (no copy), others converted once (e.g. what ComfyUI's
+    # float32 CPU tensors are taken as they are (no copy), others converted once (an fp16 file, or what ComfyUI's
     # state_dict_for_saving gives on a GPU); the model's own (meta) tensors are replaced, so building it cost nothing
-    model.load_state_dict({k: state[k].to(device="cpu", dtype=torch.float32) for k in expected}, strict=True,
-                          assign=True)
+    model.load_state_dict(as_float32_cpu({k: state[k] for k in expected}), strict=True, assign=True)
     _materialise_position_ids(model)
 
 

@@ -7,6 +7,7 @@ message that says how to convert it, never loaded with ``weights_only=False``.
 import os
 import pickle
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -134,6 +135,23 @@ def read_state_dict(path, *, mmap=True):
         first = str(e).splitlines()[0][:160] if str(e) else ""
         raise WeightFileError(f"Cannot read {name!r} ({type(e).__name__}: {first}). The file is truncated, damaged "
                               f"or not a PyTorch weight file. {DOWNLOAD_HINT}") from e
+
+
+def as_float32_cpu(tensors):
+    """``tensors`` as float32 CPU tensors: float32 CPU ones as they are, the others (an fp16 checkpoint, tensors
+    on a GPU) converted into slices of one new buffer. One allocation rather than one per tensor: each fresh
+    allocation is written page by page, and converting a 2.6 GB fp16 SD 2.1 tensor by tensor took 11 s on
+    2 cores against about 1 s into one buffer."""
+    convert = [k for k, v in tensors.items() if v.dtype != torch.float32 or v.device.type != "cpu"]
+    # numpy's allocation, not torch's: with THP_MEM_ALLOC_ENABLE (our commands) torch asks for huge pages, and the
+    # kernel's compaction for them stalled the first write of a 5.2 GB buffer for 5 s (4 KB pages: 1.2 s)
+    buffer = torch.from_numpy(np.empty(sum(tensors[k].numel() for k in convert), dtype=np.float32))
+    out, offset = dict(tensors), 0
+    for k in convert:
+        size = tensors[k].numel()
+        out[k] = buffer[offset:offset + size].view(tensors[k].shape).copy_(tensors[k])
+        offset += size
+    return out
 
 
 def write_safetensors(tensors, path, metadata=None):

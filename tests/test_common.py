@@ -10,7 +10,7 @@ from PIL import Image
 
 from comfyui_diffsr.sr_common import color_fix, image, tiling
 from comfyui_diffsr.sr_common.errors import WeightFileError
-from comfyui_diffsr.sr_common.weights import read_state_dict, write_safetensors
+from comfyui_diffsr.sr_common.weights import as_float32_cpu, read_state_dict, write_safetensors
 
 
 def test_tile_offsets_official_rule():
@@ -117,3 +117,14 @@ def test_truncated_safetensors_is_refused(tmp_path):
         read_state_dict(path)
     with pytest.raises(FileExistsError):
         write_safetensors({"a": torch.zeros(1)}, tmp_path / "w.safetensors")
+
+
+def test_as_float32_cpu_converts_into_one_buffer_and_keeps_float32():
+    keep = torch.randn(3, 4)
+    tensors = {"a": torch.randn(5, 2).half(), "keep": keep, "b": torch.randn(7).bfloat16(), "s": torch.tensor(2.5).half()}
+    out = as_float32_cpu(tensors)
+    assert out["keep"] is keep
+    for k in ("a", "b", "s"):
+        assert out[k].dtype == torch.float32 and out[k].shape == tensors[k].shape and out[k].is_contiguous()
+        assert torch.equal(out[k], tensors[k].float())
+    assert out["a"].untyped_storage().data_ptr() == out["b"].untyped_storage().data_ptr()  # one buffer
