@@ -13,12 +13,13 @@ the decoder). Three modes:
   every GroupNorm uses mean/var averaged over the tiles weighted by padded tile area, margins are
   never exchanged, and the attention runs per tile. Used for parity with published results.
   All tiles advance together, as in ``exact``.
-- ``bounded`` (the default, ``DEFAULT_MODE``): one tile at a time to the end of the network, so
-  peak memory is set by the tile size, not the image size (plus the input and output tensors).
-  Margins are never exchanged and the mid-block attention runs per tile (whole-image attention
-  would need the whole image's activations at 1/8 resolution). The GroupNorm statistics come from
-  a pass over the input subsampled to one tile's size and two passes over the tiles (see
-  ``_bounded_forward``): about 1.5–2× the time of ``exact``, and further from the untiled network.
+- ``bounded`` (the default, ``DEFAULT_MODE``): the latent stage (the decoder's conv_in and mid block, the
+  encoder's mid block and output convs) runs whole on the latent, so its GroupNorms and its attention are
+  exact; above it, one tile at a time to the end of the network (decoder) or to the latent (encoder), so peak
+  memory is set by the tile size plus a few 512-channel tensors at 1/8 resolution (8 floats per image pixel
+  each), not by the full-resolution activations. Margins are never exchanged. The GroupNorm statistics above
+  the latent stage come from a pass over its input subsampled to one tile's size and two passes over the
+  tiles (see ``_bounded_forward``): about 1.5–2× the time of ``exact``.
 
 Works on diffusers ``Encoder``/``Decoder`` modules of any depth.
 """
@@ -49,25 +50,33 @@ def _mid_ops(mid):
     return ops
 
 
-def network_ops(net, is_decoder):
-    """The forward pass of a diffusers VAE ``Encoder`` or ``Decoder`` as a flat list of ops."""
-    ops = [("call", net.conv_in)]
+def latent_and_pixel_ops(net, is_decoder):
+    """A diffusers VAE ``Encoder`` or ``Decoder`` as two flat op lists: the ops at latent resolution (the
+    decoder's conv_in and mid block; the encoder's mid block and output) and the ops above it."""
     if is_decoder:
-        ops += _mid_ops(net.mid_block)
+        latent = [("call", net.conv_in)] + _mid_ops(net.mid_block)
+        pixel = []
         for block in net.up_blocks:
             for resnet in block.resnets:
-                ops += _resnet_ops(resnet)
+                pixel += _resnet_ops(resnet)
             for up in block.upsamplers or []:
-                ops.append(("call", up))
-    else:
-        for block in net.down_blocks:
-            for resnet in block.resnets:
-                ops += _resnet_ops(resnet)
-            for down in block.downsamplers or []:
-                ops.append(("call", down))
-        ops += _mid_ops(net.mid_block)
-    ops += [("norm", net.conv_norm_out), ("silu", None), ("call", net.conv_out)]
-    return ops
+                pixel.append(("call", up))
+        pixel += [("norm", net.conv_norm_out), ("silu", None), ("call", net.conv_out)]
+        return latent, pixel
+    pixel = [("call", net.conv_in)]
+    for block in net.down_blocks:
+        for resnet in block.resnets:
+            pixel += _resnet_ops(resnet)
+        for down in block.downsamplers or []:
+            pixel.append(("call", down))
+    latent = _mid_ops(net.mid_block) + [("norm", net.conv_norm_out), ("silu", None), ("call", net.conv_out)]
+    return latent, pixel
+
+
+def network_ops(net, is_decoder):
+    """The forward pass of a diffusers VAE ``Encoder`` or ``Decoder`` as a flat list of ops."""
+    latent, pixel = latent_and_pixel_ops(net, is_decoder)
+    return latent + pixel if is_decoder else pixel + latent
 
 
 def _group_var_mean(x, groups):
@@ -138,8 +147,11 @@ def tiled_forward(net, x, tile, is_decoder, callback=None, mode=DEFAULT_MODE):
     # cores: a partition of the input, in input coordinates
     cores = [[int(round(v / factor)) for v in ob] for ob in out_boxes]
     if mode == "bounded":
-        return _bounded_forward(network_ops(net, is_decoder), x, tile + 2 * pad, in_boxes, out_boxes, cores, factor,
-                                callback)
+        latent_ops, pixel_ops = latent_and_pixel_ops(net, is_decoder)
+        if is_decoder:
+            x = _run_ops(latent_ops, x, _own_stats)
+        out = _bounded_forward(pixel_ops, x, tile + 2 * pad, in_boxes, out_boxes, cores, factor, callback)
+        return out if is_decoder else _run_ops(latent_ops, out, _own_stats)
     tiles = [x[:, :, b[2]:b[3], b[0]:b[1]] for b in in_boxes]
     residuals = [None] * len(tiles)
     ops = network_ops(net, is_decoder)
@@ -263,9 +275,6 @@ def _bounded_forward(ops, x, extent, in_boxes, out_boxes, cores, factor, callbac
         if callback is not None:
             callback(done, total)
 
-    def own_stats(norm, t):
-        return _GroupMoments.of(t, norm.num_groups).stats(norm.eps)
-
     def tile_of(box):
         return x[:, :, box[2]:box[3], box[0]:box[1]]
 
@@ -273,7 +282,7 @@ def _bounded_forward(ops, x, extent, in_boxes, out_boxes, cores, factor, callbac
     shrunk = []
 
     def pass0(k, norm, t):
-        shrunk.append(own_stats(norm, t))
+        shrunk.append(_own_stats(k, norm, t))
         return shrunk[k]
     _run_ops(ops, x[:, :, step_h // 2::step_h, step_w // 2::step_w], pass0)
     report()
@@ -282,7 +291,7 @@ def _bounded_forward(ops, x, extent, in_boxes, out_boxes, cores, factor, callbac
     own = {}
     for i, (ib, core) in enumerate(zip(in_boxes, cores)):
         def pass1(k, norm, t, i=i, ib=ib, core=core):
-            own[i, k] = own_stats(norm, t)
+            own[i, k] = _own_stats(k, norm, t)
             part = _core(t, ib, core)
             if part.numel():  # a core can round to nothing deep in the encoder when the tile is tiny
                 whole[k] = whole[k] + _GroupMoments.of(part, norm.num_groups)
@@ -294,7 +303,7 @@ def _bounded_forward(ops, x, extent, in_boxes, out_boxes, cores, factor, callbac
     result = None
     for i, (ib, ob) in enumerate(zip(in_boxes, out_boxes)):
         def pass2(k, norm, t, i=i):
-            mean, denom = own_stats(norm, t)
+            mean, denom = _own_stats(k, norm, t)
             return mean + whole[k][0] - own[i, k][0], denom * whole[k][1] / own[i, k][1]
         out = _run_ops(ops, tile_of(ib), pass2)
         if result is None:
@@ -302,6 +311,11 @@ def _bounded_forward(ops, x, extent, in_boxes, out_boxes, cores, factor, callbac
         _paste(result, out, ib, ob, factor)
         report()
     return result
+
+
+def _own_stats(k, norm, t):
+    """(μ, σ² + ε) of the tensor being normalised, as a plain GroupNorm."""
+    return _GroupMoments.of(t, norm.num_groups).stats(norm.eps)
 
 
 def _run_ops(ops, t, norm_stats):
