@@ -32,7 +32,7 @@ def run_case(size, repeats, device, dtype, tile_batch, warmup=1, serve=False, va
     from comfyui_diffsr.osediff_core.weights import random_osediff_checkpoint
 
     sd = random_sd21()
-    model = build_osediff(sd, random_osediff_checkpoint(sd.unet, sd.vae), copy_unet=False).to(device, dtype)
+    model = build_osediff(sd, random_osediff_checkpoint(sd.unet, sd.vae), consume=True).to(device, dtype)
     image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     options = Options(upscale=4, tile_batch=tile_batch, **(vae_tiles or {}))
     sync = torch.cuda.synchronize if device.type == "cuda" else None

@@ -162,7 +162,7 @@ def make_eps_model(model, c_latent, context, o, callback=None):
 def decode(model, x, tile=None, callback=None, mode=DEFAULT_MODE):
     """(VAE_dec(x / 0.18215) + 1) / 2 in float32 (not clamped)."""
     z = model.vae.post_quant_conv((x / SCALING_FACTOR).to(model.vae.post_quant_conv.weight.dtype))
-    return (tiled_forward(model.vae.decoder, z, tile, is_decoder=True, callback=callback, mode=mode).float() + 1) / 2
+    return tiled_forward(model.vae.decoder, z, tile, is_decoder=True, callback=callback, mode=mode).float().add_(1).div_(2)
 
 
 @torch.no_grad()

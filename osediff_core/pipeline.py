@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..sr_common import image as img
-from ..sr_common.color_fix import apply_color_fix
+from ..sr_common.color_fix import color_reference, fix_colors
 from ..sr_common.fast_modules import fast_modules, fast_vae_decoder
 from ..sr_common.sd21 import SCALING_FACTOR, encode_prompt
 from ..sr_common.tiled_vae import DEFAULT_MODE, tiled_forward
@@ -60,15 +60,15 @@ class OSEDiffModel:
         return self
 
 
-def build_osediff(sd21, ckpt, *, copy_unet=True):
+def build_osediff(sd21, ckpt, *, consume=False):
     """OSEDiff from loaded SD 2.1-base parts and an OSEDiff checkpoint dict (see ``weights.read_osediff``).
 
-    ``copy_unet=False`` merges into the given UNet in place (saves memory when nothing else uses it).
-    """
-    import copy
-
-    unet = copy.deepcopy(sd21.unet) if copy_unet else sd21.unet
-    return OSEDiffModel(apply_osediff_unet(unet, ckpt), lq_encoder(sd21.vae, ckpt), sd21.vae,
+    The LoRA is merged into copies of the UNet and the VAE encoder, and ``sd21`` is not modified. With ``consume``
+    the caller hands ``sd21`` over: where its UNet is this process's own memory (``sd21.unet_owned``: an fp16 file
+    converted at load), the LoRA goes into it in place, which saves a 3.5 GB copy at full size. A UNet memory-mapped
+    from its file is still merged into a copy (faster than writing into the mapping, and ``sd21`` can be dropped)."""
+    in_place = consume and sd21.unet_owned
+    return OSEDiffModel(apply_osediff_unet(sd21.unet, ckpt, in_place=in_place), lq_encoder(sd21.vae, ckpt), sd21.vae,
                         sd21.text_encoder, sd21.tokenizer)
 
 
@@ -138,7 +138,7 @@ def posterior_latent(moments, sample_mode="mean", seed=0):
 
 def encode_lq(encoder, lq, *, sample_mode="mean", seed=0, tile=None, tile_mode=DEFAULT_MODE, callback=None):
     """Scaled latent of the LQ: LoRA VAE encoder (tiled above ``tile`` px) → quant_conv → posterior."""
-    x = (lq * 2 - 1).to(encoder["quant_conv"].weight)
+    x = lq.mul(2).sub_(1).to(encoder["quant_conv"].weight)
     h = tiled_forward(encoder["encoder"], x, tile, is_decoder=False, callback=callback, mode=tile_mode)
     moments = encoder["quant_conv"](h.to(encoder["quant_conv"].weight.dtype))
     return posterior_latent(moments, sample_mode, seed)
@@ -167,7 +167,7 @@ def one_step_x0(z, eps, t=TIMESTEP):
 def decode_latent(vae, x0, *, tile=None, tile_mode=DEFAULT_MODE, callback=None):
     """VAE decode of x0 / 0.18215 (decoder tiled above ``tile`` latent px), clamped to [−1, 1]."""
     z = vae.post_quant_conv((x0 / SCALING_FACTOR).to(vae.post_quant_conv.weight.dtype))
-    return tiled_forward(vae.decoder, z, tile, is_decoder=True, callback=callback, mode=tile_mode).float().clamp(-1, 1)
+    return tiled_forward(vae.decoder, z, tile, is_decoder=True, callback=callback, mode=tile_mode).float().clamp_(-1, 1)
 
 
 @dataclass
@@ -207,29 +207,33 @@ def osediff_upscale(model, image, *, prompt="", prompt_embeds=None, prompt_fn=No
     # 1. pre-process: raise small inputs, bicubic ×scale, /8 (pad, or shrink with --official-sizing)
     lq, plan = preprocess(image.float().cpu(), upscale=o.upscale, process_size=o.process_size,
                           official_sizing=o.official_sizing)
+    # what the colour fix needs of the upscaled LQ, and the prompt; then the LQ image is no longer kept
+    reference = color_reference(lq, o.color_fix)
+    if prompt_embeds is None:
+        prompt_embeds = prompt_embedding(model, prompt_fn(lq) if prompt_fn is not None else prompt)
     padded, _ = img.pad_to_multiple(lq, 8)
+    del lq
     # 2. encode with the LoRA VAE encoder
     # the official tiled VAE with --official-sizing; otherwise bounded or exact tiles (see tiled_vae)
     tile_mode = "official" if o.official_sizing else o.vae_tile_mode
     z = encode_lq(model.lq_encoder, padded.to(device), sample_mode=o.sample_mode, seed=o.seed,
                   tile=o.vae_tile_encode, tile_mode=tile_mode, callback=stage("encode"))
-    # 3. ε at t = 999
-    if prompt_embeds is None:
-        prompt_embeds = prompt_embedding(model, prompt_fn(lq) if prompt_fn is not None else prompt)
+    del padded
+    # 3. ε at t = 999 with the prompt embedding
     eps = predict_eps(model.unet, z, prompt_embeds, tile=o.tile_latent, overlap=o.tile_overlap, tile_batch=o.tile_batch,
                       callback=stage("unet"))
     # 4. x0 in closed form
     x0 = one_step_x0(z, eps)
     # 5. decode
     decoded = decode_latent(model.vae, x0, tile=o.vae_tile_decode, tile_mode=tile_mode, callback=stage("decode")).cpu()
-    out = (decoded * 0.5 + 0.5)[..., :plan.crop[0], :plan.crop[1]]
+    out = decoded.mul_(0.5).add_(0.5)[..., :plan.crop[0], :plan.crop[1]]
     # 6. colour fix against the upscaled LQ, then back to the requested size
     if o.official_sizing:
         # the official code quantises (truncating) before and after the colour fix
         out = torch.floor(out.clamp(0, 1) * 255) / 255
-        out = apply_color_fix(out, lq, o.color_fix)
+        out = fix_colors(out, reference, o.color_fix)
         return torch.floor(out.clamp(0, 1) * 255) / 255
-    out = apply_color_fix(out, lq, o.color_fix)
+    out = fix_colors(out, reference, o.color_fix)
     if (out.shape[-1], out.shape[-2]) != plan.output_size:
         out = img.resize(out, plan.output_size, "bicubic").clamp(0, 1)
     return out

@@ -10,15 +10,14 @@ import torch.nn.functional as F
 COLOR_FIXES = ("adain", "wavelet", "none")
 
 
+def _mean_std(x, eps):
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    return flat.mean(dim=2)[..., None, None], (flat.var(dim=2) + eps).sqrt()[..., None, None]
+
+
 def adain_color_fix(target, source, eps=1e-5):
     """out = (t − μ_t)/σ_t · σ_s + μ_s per channel, σ = sqrt(var_unbiased + eps)."""
-    def mean_std(x):
-        flat = x.reshape(x.shape[0], x.shape[1], -1)
-        return flat.mean(dim=2)[..., None, None], (flat.var(dim=2) + eps).sqrt()[..., None, None]
-
-    mean_t, std_t = mean_std(target)
-    mean_s, std_s = mean_std(source)
-    return ((target - mean_t) / std_t * std_s + mean_s).clamp(0.0, 1.0)
+    return fix_colors(target, color_reference(source, "adain", eps), "adain", eps)
 
 
 def wavelet_blur(image, radius):
@@ -43,17 +42,39 @@ def wavelet_decomposition(image, levels=5):
 
 def wavelet_color_fix(target, source):
     """out = high(target) + low(source), clamped."""
-    high, _ = wavelet_decomposition(target)
-    _, low = wavelet_decomposition(source)
-    return (high + low).clamp(0.0, 1.0)
+    return fix_colors(target, color_reference(source, "wavelet"), "wavelet")
+
+
+def color_reference(source, method, eps=1e-5):
+    """What the colour fix ``method`` keeps of ``source``: its per-channel (μ, σ) for adain, its low
+    frequencies for wavelet, nothing for none. Taken early, it lets a pipeline free the source image."""
+    _check_method(method)
+    if method == "adain":
+        return _mean_std(source, eps)
+    if method == "wavelet":
+        return wavelet_decomposition(source)[1]
+    return None
+
+
+def fix_colors(target, reference, method, eps=1e-5):
+    """The colour fix ``method`` of ``target`` against ``reference = color_reference(source, method)``; in place
+    on one new image (the formulas above, same operations in the same order)."""
+    _check_method(method)
+    if method == "adain":
+        mean_t, std_t = _mean_std(target, eps)
+        mean_s, std_s = reference
+        return (target - mean_t).div_(std_t).mul_(std_s).add_(mean_s).clamp_(0.0, 1.0)
+    if method == "wavelet":
+        high, _ = wavelet_decomposition(target)
+        return high.add_(reference).clamp_(0.0, 1.0)
+    return target.clamp(0.0, 1.0)
 
 
 def apply_color_fix(target, source, method):
     """Dispatch on ``method`` in ``COLOR_FIXES`` ("nofix" is accepted as the official name of "none")."""
-    if method == "adain":
-        return adain_color_fix(target, source)
-    if method == "wavelet":
-        return wavelet_color_fix(target, source)
-    if method in ("none", "nofix"):
-        return target.clamp(0.0, 1.0)
-    raise ValueError(f"`color_fix` must be one of {COLOR_FIXES}, got {method!r}")
+    return fix_colors(target, color_reference(source, method), method)
+
+
+def _check_method(method):
+    if method not in COLOR_FIXES + ("nofix",):
+        raise ValueError(f"`color_fix` must be one of {COLOR_FIXES}, got {method!r}")

@@ -37,6 +37,7 @@ class SD21:
     text_encoder: torch.nn.Module
     tokenizer: object
     source: str = ""
+    unet_owned: bool = False  # the UNet's tensors are new memory of this process (converted at load), not views of a file
 
 
 def _read_json(path):
@@ -131,8 +132,10 @@ def _load_into(model, state, what, path):
                               f"architecture: {detail}. If it is a non-standard size, pass a matching config folder.")
     # float32 CPU tensors are taken as they are (no copy), others converted once (an fp16 file, or what ComfyUI's
     # state_dict_for_saving gives on a GPU); the model's own (meta) tensors are replaced, so building it cost nothing
-    model.load_state_dict(as_float32_cpu({k: state[k] for k in expected}), strict=True, assign=True)
+    tensors = as_float32_cpu({k: state[k] for k in expected})
+    model.load_state_dict(tensors, strict=True, assign=True)
     _materialise_position_ids(model)
+    return not any(tensors[k] is state[k] for k in expected)  # True: every tensor is a new one of ours
 
 
 def _materialise_position_ids(model):
@@ -187,11 +190,11 @@ def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint"):
     except (KeyError, IndexError, RuntimeError) as e:
         raise WeightFileError(f"{os.path.basename(os.fspath(name))!r}: cannot convert the SD 2.1 UNet/VAE keys ({e}). "
                               "The file is damaged or not SD 2.1-base.") from e
-    _load_into(unet, unet_sd, "UNet", name)
+    unet_owned = _load_into(unet, unet_sd, "UNet", name)
     _load_into(vae, vae_sd, "VAE", name)
     _load_into(text_encoder, open_clip_to_hf(sd, text_encoder.config.num_hidden_layers), "text encoder", name)
     return SD21(unet.eval(), vae.eval(), text_encoder.eval(), load_tokenizer(os.path.join(config_dir, "tokenizer")),
-                source=os.fspath(name))
+                source=os.fspath(name), unet_owned=unet_owned)
 
 
 def load_single_file(path, config_dir=None):

@@ -10,7 +10,7 @@ from PIL import Image
 
 from comfyui_diffsr.sr_common import color_fix, image, tiling
 from comfyui_diffsr.sr_common.errors import WeightFileError
-from comfyui_diffsr.sr_common.weights import as_float32_cpu, read_state_dict, write_safetensors
+from comfyui_diffsr.sr_common.weights import as_float32_cpu, fresh_float32_cpu, read_state_dict, write_safetensors
 
 
 def test_tile_offsets_official_rule():
@@ -54,6 +54,24 @@ def test_wavelet_keeps_target_detail_and_source_colour():
     torch.testing.assert_close(out, (high + 0.25).clamp(0, 1), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="color_fix"):
         color_fix.apply_color_fix(target, target, "bogus")
+
+
+@pytest.mark.parametrize("method", ["adain", "wavelet", "none"])
+def test_color_fix_from_an_early_reference_equals_the_formula_and_keeps_the_target(method):
+    target, source = torch.rand(1, 3, 40, 48) * 1.2 - 0.1, torch.rand(1, 3, 40, 48) * 0.6
+    kept = target.clone()
+    out = color_fix.fix_colors(target, color_fix.color_reference(source, method), method)
+    assert torch.equal(target, kept)
+    if method == "adain":
+        flat_t, flat_s = target.reshape(1, 3, -1), source.reshape(1, 3, -1)
+        mt, st = flat_t.mean(2)[..., None, None], (flat_t.var(2) + 1e-5).sqrt()[..., None, None]
+        ms, ss = flat_s.mean(2)[..., None, None], (flat_s.var(2) + 1e-5).sqrt()[..., None, None]
+        expected = ((target - mt) / st * ss + ms).clamp(0, 1)
+    elif method == "wavelet":
+        expected = (color_fix.wavelet_decomposition(target)[0] + color_fix.wavelet_decomposition(source)[1]).clamp(0, 1)
+    else:
+        expected = target.clamp(0, 1)
+    assert torch.equal(out, expected)
 
 
 def test_resize_matches_pil_for_8bit_and_float():
@@ -128,3 +146,16 @@ def test_as_float32_cpu_converts_into_one_buffer_and_keeps_float32():
         assert out[k].dtype == torch.float32 and out[k].shape == tensors[k].shape and out[k].is_contiguous()
         assert torch.equal(out[k], tensors[k].float())
     assert out["a"].untyped_storage().data_ptr() == out["b"].untyped_storage().data_ptr()  # one buffer
+    assert as_float32_cpu({"keep": keep})["keep"] is keep  # nothing to convert: no buffer
+
+
+def test_fresh_float32_cpu_outlives_its_maker_and_is_writable():
+    import gc
+
+    views = [fresh_float32_cpu(1 << 20)[5:9] for _ in range(3)]  # only views survive
+    gc.collect()
+    for i, v in enumerate(views):
+        v.fill_(i + 0.5)
+    gc.collect()
+    assert [v.tolist() for v in views] == [[i + 0.5] * 4 for i in range(3)]
+    assert fresh_float32_cpu(0).shape == (0,) and fresh_float32_cpu(3).dtype == torch.float32

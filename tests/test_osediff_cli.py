@@ -53,6 +53,17 @@ def test_single_file_weights_equal_folder_weights(base):
         assert all(torch.equal(sa[k], sb[k]) for k in sa), part
 
 
+def test_an_fp16_single_file_gives_an_owned_unet_and_a_float32_one_a_mapped_unet(base, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(os.path.join(FIX, "tiny_sd21_single.safetensors"))  # fp16
+    for dtype, owned in ((torch.float32, False), (torch.float16, True)):  # fp32: the file's tensors, uncopied
+        path = tmp_path / f"{dtype}.safetensors"
+        save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, path)
+        loaded = load_sd21(str(path), config_dir=base)
+        assert loaded.unet_owned == owned and all(p.dtype == torch.float32 for p in loaded.unet.parameters())
+
+
 def test_converted_weights_and_python_m(base, tmp_path):
     converted = convert_osediff(os.path.join(FIX, "osediff_tiny.pkl"), str(tmp_path / "osediff.safetensors"))
     inp = os.path.join(FIX, "in_32x32.png")

@@ -53,6 +53,38 @@ def test_merge_equals_lora_forward(tiny_unet_vae, ckpt):
     torch.testing.assert_close(merged.time_embedding.linear_1.weight, unet.time_embedding.linear_1.weight)
 
 
+def test_merge_writes_only_new_tensors(tiny_unet_vae, ckpt):
+    unet, _ = tiny_unet_vae
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    versions = {k: v._version for k, v in unet.state_dict().items()}
+    merged = W.apply_osediff_unet(unet, ckpt)
+    for k, v in unet.state_dict().items():  # the given UNet is untouched, not even written back
+        assert torch.equal(v, before[k]) and v._version == versions[k], k
+    storages = {p.untyped_storage().data_ptr() for p in merged.parameters()}
+    assert len(storages) == 1  # one new buffer, nothing shared with the original
+    assert storages.isdisjoint(p.untyped_storage().data_ptr() for p in unet.parameters())
+    assert merged.conv_in is not unet.conv_in and not torch.equal(merged.conv_in.weight, unet.conv_in.weight)
+    torch.testing.assert_close(merged.time_embedding.linear_1.weight, unet.time_embedding.linear_1.weight)
+
+
+def test_in_place_merge_equals_the_merged_copy(tiny_unet_vae, ckpt):
+    unet, _ = tiny_unet_vae
+    merged = W.apply_osediff_unet(unet, ckpt)
+    own = copy.deepcopy(unet)
+    assert W.apply_osediff_unet(own, ckpt, in_place=True) is own
+    for (name, a), b in zip(merged.state_dict().items(), own.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_merge_of_bf16_weights_matches_float32_merge(tiny_unet_vae, ckpt):
+    unet, _ = tiny_unet_vae
+    merged32 = W.apply_osediff_unet(unet, ckpt)
+    merged16 = W.apply_osediff_unet(copy.deepcopy(unet).to(torch.bfloat16), ckpt)
+    for (name, p32), p16 in zip(merged32.named_parameters(), merged16.parameters()):
+        assert p16.dtype == torch.bfloat16, name
+        torch.testing.assert_close(p16.float(), p32.to(torch.bfloat16).float(), atol=0.02, rtol=0.02)
+
+
 def test_vae_lora_only_on_a_copy_of_the_encoder(tiny_unet_vae, ckpt):
     _, vae = tiny_unet_vae
     before = copy.deepcopy(vae.state_dict())
@@ -102,3 +134,16 @@ def test_lora_for_another_architecture_is_refused(tiny_unet_vae, ckpt):
     bad["state_dict_unet"]["nonexistent.block.lora_B.default_encoder.weight"] = torch.zeros(3, 4)
     with pytest.raises(WeightFileError, match="not SD 2.1-base"):
         W.apply_osediff_unet(copy.deepcopy(unet), bad)
+
+
+def test_build_consumes_only_a_unet_it_owns(tiny_unet_vae, ckpt):
+    from comfyui_diffsr.osediff_core.pipeline import build_osediff
+    from comfyui_diffsr.sr_common.sd21 import SD21
+
+    unet, vae = tiny_unet_vae
+    text = torch.nn.Linear(1, 1)
+    mapped = SD21(unet, vae, text, None)  # as a file mapping: unet_owned False
+    assert build_osediff(mapped, ckpt, consume=True).unet is not unet
+    own = copy.deepcopy(unet)
+    assert build_osediff(SD21(own, vae, text, None, unet_owned=True), ckpt).unet is not own  # not handed over
+    assert build_osediff(SD21(own, vae, text, None, unet_owned=True), ckpt, consume=True).unet is own

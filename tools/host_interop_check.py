@@ -74,7 +74,7 @@ def main():
     gc.collect()
     result = {"load_checkpoint_vs_file": {"differing_tensors": len(differing), "examples": differing[:5]}}
 
-    osediff = pipeline.build_osediff(shared, weights.read_osediff(args.osediff), copy_unet=False)
+    osediff = pipeline.build_osediff(shared, weights.read_osediff(args.osediff), consume=True)
     image = torch.rand(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
     lq, _ = pipeline.preprocess(image, upscale=4, process_size=4 * args.size)
     with torch.no_grad():
