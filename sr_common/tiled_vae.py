@@ -19,7 +19,9 @@ the decoder). Three modes:
   memory is set by the tile size plus a few 512-channel tensors at 1/8 resolution (8 floats per image pixel
   each), not by the full-resolution activations. Margins are never exchanged. The GroupNorm statistics above
   the latent stage come from a pass over its input subsampled to one tile's size and two passes over the
-  tiles (see ``_bounded_forward``): about 1.5–2× the time of ``exact``.
+  tiles (see ``_bounded_forward``): about 1.5–2× the time of ``exact``. A latent larger than
+  ``whole_latent_stage`` allows (past 2048² px at the default tiles, 7168² px) runs its latent stage one tile at
+  a time too, with the same statistics and the attention per tile, so memory stays bounded at any size.
 
 Works on diffusers ``Encoder``/``Decoder`` modules of any depth.
 """
@@ -32,6 +34,15 @@ import torch.nn.functional as F
 DEFAULT_MODE = "bounded"
 ENCODER_PAD = 32
 DECODER_PAD = 11
+LATENT_STAGE_TILES = 16
+LATENT_STAGE_MIN_AREA = 256 * 256
+
+
+def whole_latent_stage(latent_area, tile_latent):
+    """Whether ``bounded`` runs the latent stage whole: up to 16 tiles' area, where its 512-channel tensors hold no
+    more than one pixel tile's 128-channel ones (512·L² ≤ 128·(8T)²), and always up to a 256² latent (2048² px,
+    128 MB per float32 tensor). Beyond it, the whole-latent attention would also cost O(L⁴)."""
+    return latent_area <= max(LATENT_STAGE_MIN_AREA, LATENT_STAGE_TILES * tile_latent ** 2)
 
 
 def _resnet_ops(block):
@@ -147,6 +158,10 @@ def tiled_forward(net, x, tile, is_decoder, callback=None, mode=DEFAULT_MODE):
     # cores: a partition of the input, in input coordinates
     cores = [[int(round(v / factor)) for v in ob] for ob in out_boxes]
     if mode == "bounded":
+        latent_area = height * width if is_decoder else (height // 8) * (width // 8)
+        if not whole_latent_stage(latent_area, tile if is_decoder else tile / 8):
+            return _bounded_forward(network_ops(net, is_decoder), x, tile + 2 * pad, in_boxes, out_boxes, cores,
+                                    factor, callback)
         latent_ops, pixel_ops = latent_and_pixel_ops(net, is_decoder)
         if is_decoder:
             x = _run_ops(latent_ops, x, _own_stats)
