@@ -77,13 +77,15 @@ class DoSSRUpscale(io.ComfyNode):
         embeds = conditioning[0][0][:1] if conditioning is not None else None
         outs = []
         for one in images:
-            def run(tile):
-                options = Options(steps=steps, seed=seed, upscale=upscale, color_fix=color_fix, tile_latent=tile,
-                                  tile_overlap=min(tile_overlap, max(tile - 8, 0)))
+            def run(tile_latent, vae_tile_encode, vae_tile_decode):
+                options = Options(steps=steps, seed=seed, upscale=upscale, color_fix=color_fix, tile_latent=tile_latent,
+                                  tile_overlap=min(tile_overlap, max(tile_latent - 8, 0)),
+                                  vae_tile_encode=vae_tile_encode, vae_tile_decode=vae_tile_decode)
                 return dossr_upscale(model, one, prompt=prompt, prompt_embeds=embeds, options=options,
                                      callback=lambda stage, done, total: progress() if stage == "sample"
                                      else host.mm.throw_exception_if_processing_interrupted())
-            outs.append(host.with_oom_retry(run, tile_latent))
+            outs.append(host.with_oom_retry(run, tile_latent=tile_latent, vae_tile_encode=Options.vae_tile_encode,
+                                            vae_tile_decode=Options.vae_tile_decode))
         return io.NodeOutput(host.bchw_to_image(outs, alpha))
 
 
@@ -162,11 +164,14 @@ class DoSSRSampler(io.ComfyNode):
         embeds = conditioning[0][0][:1] if conditioning is not None else None
         latents, starts = [], []
         for lr, start_latent in inputs:
-            def run(tile):
-                o = Options(steps=steps, seed=seed, tile_latent=tile, tile_overlap=min(tile_overlap, max(tile - 8, 0)))
+            def run(tile_latent, vae_tile_encode, vae_tile_decode):
+                o = Options(steps=steps, seed=seed, tile_latent=tile_latent,
+                            tile_overlap=min(tile_overlap, max(tile_latent - 8, 0)),
+                            vae_tile_encode=vae_tile_encode, vae_tile_decode=vae_tile_decode)
                 with torch.no_grad():
                     return sample_one(model, lr, start_latent, o, prompt, embeds, cancel, progress)
-            x, start = host.with_oom_retry(run, tile_latent)
+            x, start = host.with_oom_retry(run, tile_latent=tile_latent, vae_tile_encode=Options.vae_tile_encode,
+                                           vae_tile_decode=Options.vae_tile_decode)
             latents.append(x.float().cpu() / SCALING_FACTOR)
             starts.append(start.cpu())
         return io.NodeOutput({"samples": torch.cat(latents)}, host.bchw_to_image(starts))
@@ -200,7 +205,9 @@ class DoSSRDecode(io.ComfyNode):
         for start, x in zip(starts, latent["samples"].float().split(1)):
             h, w = start.shape[-2:]
             with torch.no_grad():
-                decoded = decode(model, x.to(dev) * SCALING_FACTOR, vae_tile, cancel)[..., :h, :w].cpu()
+                decoded = host.with_oom_retry(lambda vae_tile_decode: decode(
+                    model, x.to(dev) * SCALING_FACTOR, vae_tile_decode, cancel), vae_tile_decode=vae_tile)
+            decoded = decoded[..., :h, :w].cpu()
             out = apply_color_fix(decoded, start, color_fix)
             if upscale != 4:
                 size = (math.ceil(upscale * w / 4), math.ceil(upscale * h / 4))

@@ -212,17 +212,31 @@ class Progress:
         self.bar.update(1)
 
 
-def with_oom_retry(run, tile, floor=16):
-    """``run(tile)``; on out-of-memory halve the latent tile and retry down to ``floor``, then re-raise."""
+# what each tile size falls back to on out-of-memory: a 0 (never tile) starts at the default, then halves to the floor
+FIRST_TILES = {"tile_latent": 96, "vae_tile_encode": 1024, "vae_tile_decode": 224}
+TILE_FLOORS = {"tile_latent": 16, "vae_tile_encode": 128, "vae_tile_decode": 16}
+
+
+def smaller_tiles(tiles):
+    """Every tile size halved (to a multiple of 8, not below its floor; a 0 becomes its default); None when none
+    can shrink any more."""
+    out = {k: FIRST_TILES[k] if v <= 0 else max(TILE_FLOORS[k], v // 16 * 8) for k, v in tiles.items()}
+    return None if out == tiles else out
+
+
+def with_oom_retry(run, **tiles):
+    """``run(**tiles)`` with latent and VAE tile sizes; on out-of-memory retry with ``smaller_tiles`` until none can
+    shrink, then re-raise."""
     while True:
         try:
-            return run(tile)
+            return run(**tiles)
         except mm.OOM_EXCEPTION:
             mm.soft_empty_cache()
-            if not tile or tile // 2 < floor:
+            smaller = smaller_tiles(tiles)
+            if smaller is None:
                 raise
-            tile //= 2
-            print(f"[DiffSR] out of memory: retrying with latent tiles of {tile}")
+            print(f"[DiffSR] out of memory: retrying with smaller tiles {smaller}")
+            tiles = smaller
 
 
 def image_to_bchw(image):

@@ -38,7 +38,7 @@ def process_size_input():
 def tile_inputs():
     return [io.Int.Input("tile_latent", default=96, min=0, max=512, step=8,
                          tooltip="Latent tile size for the UNet (96 = 768 px, the official default; 0 = never tile). "
-                                 "Halved automatically on out-of-memory."),
+                                 "Halved automatically on out-of-memory, with the VAE tiles."),
             io.Int.Input("tile_overlap", default=32, min=0, max=256, step=8, tooltip="Latent tile overlap.")]
 
 
@@ -138,12 +138,14 @@ class OSEDiffUpscale(io.ComfyNode):
         cancel = lambda *_: host.mm.throw_exception_if_processing_interrupted()
         outs = []
         for one in images:
-            def run(tile):
-                options = Options(upscale=upscale, process_size=process_size, color_fix=color_fix, tile_latent=tile,
-                                  tile_overlap=min(tile_overlap, max(tile - 8, 0)))
+            def run(tile_latent, vae_tile_encode, vae_tile_decode):
+                options = Options(upscale=upscale, process_size=process_size, color_fix=color_fix,
+                                  tile_latent=tile_latent, tile_overlap=min(tile_overlap, max(tile_latent - 8, 0)),
+                                  vae_tile_encode=vae_tile_encode, vae_tile_decode=vae_tile_decode)
                 return osediff_upscale(model, one, prompt=prompt, prompt_fn=prompt_fn, options=options,
                                        callback=cancel)
-            outs.append(host.with_oom_retry(run, tile_latent))
+            outs.append(host.with_oom_retry(run, tile_latent=tile_latent, vae_tile_encode=Options.vae_tile_encode,
+                                            vae_tile_decode=Options.vae_tile_decode))
             progress()
         return io.NodeOutput(host.bchw_to_image(outs, alpha))
 
@@ -172,7 +174,9 @@ class OSEDiffLQEncoder(io.ComfyNode):
         for one in images:
             lq, _ = preprocess(one, upscale=upscale, process_size=process_size)
             padded, _ = img.pad_to_multiple(lq, 8)
-            latents.append(encode_lq(model.lq_encoder, padded.to(dev), tile=vae_tile).cpu() / SCALING_FACTOR)
+            z = host.with_oom_retry(lambda vae_tile_encode: encode_lq(model.lq_encoder, padded.to(dev),
+                                                                      tile=vae_tile_encode), vae_tile_encode=vae_tile)
+            latents.append(z.cpu() / SCALING_FACTOR)
             progress()
         return io.NodeOutput({"samples": torch.cat(latents)})
 
@@ -205,12 +209,12 @@ class OSEDiffOneStep(io.ComfyNode):
             embeds = prompt_embedding(model, prompt)
         outs = []
         for z in z_all.split(1):
-            def run(tile):
-                eps = predict_eps(model.unet, z.to(dev), embeds, tile=tile,
-                                  overlap=min(tile_overlap, max(tile - 8, 0)),
+            def run(tile_latent):
+                eps = predict_eps(model.unet, z.to(dev), embeds, tile=tile_latent,
+                                  overlap=min(tile_overlap, max(tile_latent - 8, 0)),
                                   callback=lambda *_: host.mm.throw_exception_if_processing_interrupted())
                 return one_step_x0(z.to(dev), eps)
-            outs.append(host.with_oom_retry(run, tile_latent).cpu() / SCALING_FACTOR)
+            outs.append(host.with_oom_retry(run, tile_latent=tile_latent).cpu() / SCALING_FACTOR)
             progress()
         return io.NodeOutput(dict(latent, samples=torch.cat(outs)))
 
@@ -239,7 +243,8 @@ class OSEDiffDecode(io.ComfyNode):
         outs = []
         for one, x0 in zip(images, latent["samples"].float().split(1)):
             lq, plan = preprocess(one, upscale=upscale, process_size=process_size)
-            decoded = decode_latent(model.vae, x0.to(dev) * SCALING_FACTOR, tile=vae_tile).cpu()
+            decoded = host.with_oom_retry(lambda vae_tile_decode: decode_latent(
+                model.vae, x0.to(dev) * SCALING_FACTOR, tile=vae_tile_decode), vae_tile_decode=vae_tile).cpu()
             out = apply_color_fix((decoded * 0.5 + 0.5)[..., :plan.crop[0], :plan.crop[1]], lq, color_fix)
             if (out.shape[-1], out.shape[-2]) != plan.output_size:
                 out = img.resize(out, plan.output_size, "bicubic").clamp(0, 1)

@@ -117,20 +117,46 @@ def test_rgba_grayscale_and_cancel(pack, osediff_model):
     assert torch.equal(a, b)
 
 
-def test_oom_halves_the_tile(pack, osediff_model, monkeypatch):
+def test_oom_halves_every_tile(pack, osediff_model, monkeypatch):
     module, _ = pack
     host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
     tried = []
 
-    def run_tile(tile):
-        tried.append(tile)
-        if tile > 24:
+    def run(tile_latent, vae_tile_decode):
+        tried.append((tile_latent, vae_tile_decode))
+        if vae_tile_decode > 60:
             raise host.mm.OOM_EXCEPTION("out of memory")
-        return tile
+        return tile_latent
 
-    assert host.with_oom_retry(run_tile, 96) == 24 and tried == [96, 48, 24]
+    # 0 (never tile) starts at the default; halving keeps multiples of 8 (DoSSR needs them) down to the floor
+    assert host.with_oom_retry(run, tile_latent=0, vae_tile_decode=224) == 48
+    assert tried == [(0, 224), (96, 112), (48, 56)]
+    assert host.smaller_tiles({"tile_latent": 104, "vae_tile_encode": 1024}) == {"tile_latent": 48,
+                                                                                  "vae_tile_encode": 512}
+    assert host.smaller_tiles({"tile_latent": 16, "vae_tile_encode": 128, "vae_tile_decode": 16}) is None
+    calls = []
     with pytest.raises(host.mm.OOM_EXCEPTION):
-        host.with_oom_retry(lambda t: (_ for _ in ()).throw(host.mm.OOM_EXCEPTION("oom")), 32)
+        host.with_oom_retry(lambda tile_latent: calls.append(tile_latent) or (_ for _ in ()).throw(
+            host.mm.OOM_EXCEPTION("oom")), tile_latent=32)
+    assert calls == [32, 16]
+
+
+def test_oom_in_the_upscale_node_retries_with_smaller_vae_tiles(pack, osediff_model, monkeypatch):
+    _, nodes = pack
+    pipeline = sys.modules["custom_nodes_x_diffsr_pack.nodes.osediff"]
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    seen, real = [], pipeline.osediff_upscale
+
+    def flaky(model, image, options, **kw):
+        seen.append((options.tile_latent, options.vae_tile_encode, options.vae_tile_decode))
+        if len(seen) == 1:
+            raise host.mm.OOM_EXCEPTION("out of memory")
+        return real(model, image, options=options, **kw)
+
+    monkeypatch.setattr(pipeline, "osediff_upscale", flaky)
+    (out,) = run(nodes["OSEDiff_Upscale"], model=osediff_model[1], image=torch.rand(1, 20, 24, 3), prompt="",
+                 upscale=2.0, process_size=32, color_fix="adain", tile_latent=96, tile_overlap=32, dtype="fp32")
+    assert seen == [(96, 1024, 224), (48, 512, 112)] and out.shape == (1, 40, 48, 3)
 
 
 def test_dossr_nodes(pack, osediff_model):
