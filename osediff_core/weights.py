@@ -135,61 +135,64 @@ def _check_lora_targets(modules, pairs, what):
                                   f"weight {tuple(target.weight.shape)}: the base is not SD 2.1-base.")
 
 
+def _merge_into(out, weight, lora):
+    """out ← W + scale · B @ A (``out`` may be ``weight`` itself): one fused addmm in float32 (no temporaries the
+    size of W), otherwise computed in float32 and cast to ``out``'s dtype."""
+    a, b, scale = lora
+    if out.dtype != torch.float32 or not out.is_contiguous():
+        out.copy_((weight.float() + lora_delta(a, b, scale).to(weight.device)).to(out.dtype))
+        return
+    rows, rank = out.shape[0], a.shape[0]
+    factors = b.float().reshape(rows, rank).to(out.device), a.float().reshape(rank, -1).to(out.device)
+    if out is weight:
+        out.view(rows, -1).addmm_(*factors, alpha=scale)
+    else:
+        torch.addmm(weight.reshape(rows, -1), *factors, alpha=scale, out=out.view(rows, -1))
+
+
 def merged_copy(module_root, pairs, what, replace=None):
     """A copy of ``module_root`` with every LoRA merged, W' = W + scale · B @ A (W from ``replace`` where it names
     the parameter); the other parameters copied. The original is never written to.
 
     Float32 CPU parameters all land in one new buffer (``fresh_float32_cpu``), the merged ones computed straight
-    into it by one addmm each: writing into the weights in place instead faults every page twice when they are
-    memory-mapped from the file (13 s against 6–7 s for the SD 2.1 UNet on 2 cores), and a copy first (ComfyUI's
-    model stays usable) costs a full copy more. Other dtypes and devices are merged in float32 and cast back."""
+    into it: writing into the weights in place instead faults every page twice when they are memory-mapped from
+    the file (13 s against 6–7 s for the SD 2.1 UNet on 2 cores), and a copy first (ComfyUI's model stays usable)
+    costs a full copy more."""
     replace = replace or {}
-    modules = dict(module_root.named_modules())
-    _check_lora_targets(modules, pairs, what)
+    _check_lora_targets(dict(module_root.named_modules()), pairs, what)
     tensors = dict(module_root.named_parameters()) | dict(module_root.named_buffers())
     copy_ = copy.deepcopy(module_root, memo={id(t): t for t in tensors.values()})  # modules only
     params = {name: replace.get(name, p) for name, p in module_root.named_parameters()}
-    on_cpu = [n for n, p in params.items() if p.dtype == torch.float32 and p.device.type == "cpu"]
+    on_cpu = {n for n, p in params.items() if p.dtype == torch.float32 and p.device.type == "cpu"}
     buffer, offset = fresh_float32_cpu(sum(params[n].numel() for n in on_cpu)), 0
     with torch.no_grad():
         for name, weight in params.items():
-            module_name, _, part = name.rpartition(".")
-            lora = pairs.get(module_name) if part == "weight" else None
             if name in on_cpu:
                 new = buffer[offset:offset + weight.numel()].view(weight.shape)
                 offset += weight.numel()
-                if lora is None:
-                    new.copy_(weight)
-                else:
-                    a, b, scale = lora
-                    rank = a.shape[0]
-                    torch.addmm(weight.reshape(weight.shape[0], -1), b.float().reshape(weight.shape[0], rank),
-                                a.float().reshape(rank, -1), alpha=scale, out=new.view(weight.shape[0], -1))
-            elif lora is None:
-                new = weight.clone()
             else:
-                new = (weight.float() + lora_delta(*lora).to(weight.device)).to(weight.dtype)
+                new = torch.empty_like(weight, memory_format=torch.contiguous_format)
+            module_name, _, part = name.rpartition(".")
+            lora = pairs.get(module_name) if part == "weight" else None
+            if lora is None:
+                new.copy_(weight)
+            else:
+                _merge_into(new, weight, lora)
             owner = copy_.get_submodule(module_name) if module_name else copy_
             setattr(owner, part, torch.nn.Parameter(new, requires_grad=weight.requires_grad))
     return copy_
 
 
 def merge_lora_in_place(module_root, pairs, what, replace=None):
-    """``merged_copy`` into ``module_root`` itself: W ← W + scale · B @ A by one fused addmm each (no temporaries
-    the size of W), the ``replace`` tensors copied in first. For weights this process owns and nothing else uses
-    (an fp16 file converted at load): no second copy of the model."""
+    """``merged_copy`` into ``module_root`` itself, the ``replace`` tensors copied in first. For weights this process
+    owns and nothing else uses (an fp16 file converted at load): no second copy of the model."""
     _check_lora_targets(dict(module_root.named_modules()), pairs, what)
     with torch.no_grad():
         for name, new in (replace or {}).items():
             module_root.get_parameter(name).copy_(new)
-        for name, (a, b, scale) in pairs.items():
+        for name, lora in pairs.items():
             weight = module_root.get_submodule(name).weight
-            if weight.dtype == torch.float32 and weight.is_contiguous():
-                rank = a.shape[0]
-                weight.view(weight.shape[0], -1).addmm_(b.float().reshape(weight.shape[0], rank).to(weight.device),
-                                                        a.float().reshape(rank, -1).to(weight.device), alpha=scale)
-            else:
-                weight.copy_((weight.float() + lora_delta(a, b, scale).to(weight.device)).to(weight.dtype))
+            _merge_into(weight, weight, lora)
     return module_root
 
 
