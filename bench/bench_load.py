@@ -7,9 +7,9 @@ Each measurement runs in a fresh process after the page cache of both files is d
 the files are read from the cache in both cases and the JSON says so):
 - ``read_s``: reading every byte of both files;
 - ``import_s``: importing torch, diffusers and transformers (not part of the load);
-- ``load_s``: ``load_sd21`` + ``read_osediff`` + ``build_osediff(consume=True)``, as the ``osediff`` command does
-  (the LoRA merged in place into a UNet converted at load, into new tensors where the UNet is mapped from the
-  file; the ComfyUI loader always merges into new tensors, so its SD 2.1-base stays usable, uncopied), ready to run;
+- ``load_s``: ``load_sd21(in_memory=True)`` + ``read_osediff`` + ``build_osediff(consume=True)``, as the ``osediff``
+  command does (a single file read into memory, the LoRA merged into its UNet in place; the ComfyUI loader maps the
+  file and merges into new tensors, so its SD 2.1-base stays usable, uncopied), ready to run;
 - ``reload_s``: the same loader call again in that process through a per-file cache (the ComfyUI nodes'
   ``nodes.host.cached`` semantics: one instance per file while in use), which must not reload anything.
 """
@@ -63,7 +63,7 @@ def load_case(base, weights):
 
     def loader():
         if weights not in cache:
-            cache[weights] = build_osediff(load_sd21(base), read_osediff(weights), consume=True)
+            cache[weights] = build_osediff(load_sd21(base, in_memory=True), read_osediff(weights), consume=True)
         return cache[weights]
 
     start = time.perf_counter()

@@ -82,7 +82,7 @@ def main_impl(argv=None):
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     ckpt = read_osediff(args.weights)
-    model = build_osediff(load_sd21(args.base, args.base_config), ckpt, consume=True).to(device, dtype)
+    model = build_osediff(load_sd21(args.base, args.base_config, in_memory=True), ckpt, consume=True).to(device, dtype)
     prompt_fn = make_prompt_fn(args, device, dtype)
     options = Options(upscale=args.upscale, process_size=args.process_size, official_sizing=args.official_sizing,
                       color_fix=args.color_fix, sample_mode=args.sample_mode, seed=args.seed,

@@ -37,7 +37,7 @@ class SD21:
     text_encoder: torch.nn.Module
     tokenizer: object
     source: str = ""
-    unet_owned: bool = False  # the UNet's tensors are new memory of this process (converted at load), not views of a file
+    unet_owned: bool = False  # the UNet's tensors are this process's own memory (read or converted at load), no one else's
 
 
 def _read_json(path):
@@ -172,9 +172,10 @@ def load_tokenizer(folder):
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
 
-def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint"):
+def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint", owned=False):
     """SD 2.1-base from an LDM-layout state dict (a single-file checkpoint, or what ComfyUI's
-    ``state_dict_for_saving`` returns for the MODEL/CLIP/VAE of its checkpoint loader)."""
+    ``state_dict_for_saving`` returns for the MODEL/CLIP/VAE of its checkpoint loader). ``owned``: the tensors
+    were read into this process's memory for this call alone (see ``SD21.unet_owned``)."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
     config_dir = config_dir or shipped_config_dir()
@@ -190,16 +191,18 @@ def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint"):
     except (KeyError, IndexError, RuntimeError) as e:
         raise WeightFileError(f"{os.path.basename(os.fspath(name))!r}: cannot convert the SD 2.1 UNet/VAE keys ({e}). "
                               "The file is damaged or not SD 2.1-base.") from e
-    unet_owned = _load_into(unet, unet_sd, "UNet", name)
+    unet_owned = _load_into(unet, unet_sd, "UNet", name) or owned
     _load_into(vae, vae_sd, "VAE", name)
     _load_into(text_encoder, open_clip_to_hf(sd, text_encoder.config.num_hidden_layers), "text encoder", name)
     return SD21(unet.eval(), vae.eval(), text_encoder.eval(), load_tokenizer(os.path.join(config_dir, "tokenizer")),
                 source=os.fspath(name), unet_owned=unet_owned)
 
 
-def load_single_file(path, config_dir=None):
-    """SD 2.1-base from one LDM-layout checkpoint (``.safetensors`` or ``.ckpt``)."""
-    return sd21_from_ldm_state_dict(read_state_dict(path), config_dir, name=path)
+def load_single_file(path, config_dir=None, in_memory=False):
+    """SD 2.1-base from one LDM-layout checkpoint (``.safetensors`` or ``.ckpt``): memory-mapped (the kernel can drop
+    pages nothing writes), or ``in_memory``, read into this process's memory (``unet_owned``), for a caller that
+    merges into the UNet in place: written pages of a mapping are copied one by one, and replaced ones stay mapped."""
+    return sd21_from_ldm_state_dict(read_state_dict(path, mmap=not in_memory), config_dir, name=path, owned=in_memory)
 
 
 def check_diffusers_folder(folder):
@@ -255,15 +258,15 @@ def load_diffusers_folder(folder):
                 source=os.fspath(folder))
 
 
-def load_sd21(path, config_dir=None):
-    """SD 2.1-base from a diffusers folder or a single-file checkpoint."""
+def load_sd21(path, config_dir=None, *, in_memory=False):
+    """SD 2.1-base from a diffusers folder or a single-file checkpoint (``in_memory``: see ``load_single_file``)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise WeightFileError(f"Base model not found: {path!r}. Pass the stable-diffusion-2-1-base folder or "
                               "v2-1_512-ema-pruned.safetensors.")
     if os.path.isdir(path):
         return load_diffusers_folder(path)
-    return load_single_file(path, config_dir)
+    return load_single_file(path, config_dir, in_memory)
 
 
 def encode_prompt(text_encoder, tokenizer, prompts):

@@ -149,6 +149,23 @@ def test_as_float32_cpu_converts_into_one_buffer_and_keeps_float32():
     assert as_float32_cpu({"keep": keep})["keep"] is keep  # nothing to convert: no buffer
 
 
+def test_safetensors_read_into_memory_equals_the_mapped_read(tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = {"f32": torch.randn(3, 5), "f16": torch.randn(7).half(), "bf16": torch.randn(2, 2).bfloat16(),
+               "i64": torch.arange(5), "flag": torch.tensor([True, False]), "scalar": torch.tensor(1.5),
+               "empty": torch.zeros(0, 4)}
+    path = tmp_path / "mix.safetensors"
+    save_file(tensors, path, metadata={"a": "b"})
+    mapped, owned = read_state_dict(path), read_state_dict(path, mmap=False)
+    assert owned.keys() == mapped.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert owned[k].dtype == v.dtype and owned[k].shape == v.shape and torch.equal(owned[k], v), k
+    path.write_bytes(b"\0" * path.stat().st_size)  # the file changes: what was read does not
+    assert torch.equal(owned["f32"], tensors["f32"])
+    owned["f32"] += 1  # and it is ours to write
+
+
 def test_fresh_float32_cpu_outlives_its_maker_and_is_writable():
     import gc
 

@@ -110,8 +110,10 @@ SEEDS = {
     "osediff-legacy": ("osediff.pkl", _save_torch(_osediff(), legacy=True), [read_osediff]),
     "osediff-safetensors": ("osediff.safetensors", _osediff_safetensors(), [read_osediff]),
     "sd-safetensors": ("sd.safetensors", _save_safetensors(_sd(), None),
-                       [lambda p: describe_checkpoint(read_state_dict(p)), "load_sd21"]),
-    "sd-legacy": ("sd.ckpt", _save_torch({"state_dict": _sd()}, legacy=True), ["load_sd21"]),
+                       [lambda p: describe_checkpoint(read_state_dict(p)),
+                        lambda p: describe_checkpoint(read_state_dict(p, mmap=False)), "load_sd21",
+                        "load_sd21_in_memory"]),
+    "sd-legacy": ("sd.ckpt", _save_torch({"state_dict": _sd()}, legacy=True), ["load_sd21", "load_sd21_in_memory"]),
     "dossr-zip": ("dossr.ckpt", _save_torch(_dossr()), [read_weights, lambda p: load_dossr(p, config=DOSSR_CONFIG)]),
     "dossr-safetensors": ("dossr.safetensors", _dossr_converted(), [read_weights, "load_dossr_converted"]),
     "ram-zip": ("ram.pth", _save_torch(_ram()), [dape._read_ram, lambda p: dape.load_dape_tagger(p, DAPE)]),
@@ -158,6 +160,7 @@ def test_mutated_files_raise_only_our_errors(seed, tmp_path_factory, base_config
     write(str(original))
     data = original.read_bytes()
     named = {"load_sd21": lambda p: load_sd21(p, config_dir=base_config),
+             "load_sd21_in_memory": lambda p: load_sd21(p, config_dir=base_config, in_memory=True),
              "load_dossr_converted": lambda p: load_dossr(p, base=base_config)}
     calls = [read_state_dict] + [named.get(r, r) for r in readers]
 

@@ -53,7 +53,7 @@ def test_single_file_weights_equal_folder_weights(base):
         assert all(torch.equal(sa[k], sb[k]) for k in sa), part
 
 
-def test_an_fp16_single_file_gives_an_owned_unet_and_a_float32_one_a_mapped_unet(base, tmp_path):
+def test_which_single_file_loads_give_an_owned_unet(base, tmp_path):
     from safetensors.torch import load_file, save_file
 
     sd = load_file(os.path.join(FIX, "tiny_sd21_single.safetensors"))  # fp16
@@ -62,6 +62,9 @@ def test_an_fp16_single_file_gives_an_owned_unet_and_a_float32_one_a_mapped_unet
         save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, path)
         loaded = load_sd21(str(path), config_dir=base)
         assert loaded.unet_owned == owned and all(p.dtype == torch.float32 for p in loaded.unet.parameters())
+        read = load_sd21(str(path), config_dir=base, in_memory=True)  # as the osediff command loads it
+        assert read.unet_owned and all(torch.equal(a, b) for a, b in zip(read.unet.parameters(),
+                                                                          loaded.unet.parameters()))
 
 
 def test_converted_weights_and_python_m(base, tmp_path):
