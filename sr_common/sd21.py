@@ -15,7 +15,7 @@ import torch
 
 from .errors import WeightFileError
 from .weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, as_float32_cpu, check_weight_file, read_state_dict,
-                      require_float)
+                      require_float, stored_as_float32)
 
 SCALING_FACTOR = 0.18215
 UNET_PREFIX = "model.diffusion_model."
@@ -200,9 +200,11 @@ def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint", owned=False
 
 def load_single_file(path, config_dir=None, in_memory=False):
     """SD 2.1-base from one LDM-layout checkpoint (``.safetensors`` or ``.ckpt``): memory-mapped (the kernel can drop
-    pages nothing writes), or ``in_memory``, read into this process's memory (``unet_owned``), for a caller that
-    merges into the UNet in place: written pages of a mapping are copied one by one, and replaced ones stay mapped."""
-    return sd21_from_ldm_state_dict(read_state_dict(path, mmap=not in_memory), config_dir, name=path, owned=in_memory)
+    pages nothing writes), or ``in_memory``, with the UNet in this process's own memory (``unet_owned``), for a
+    caller that merges into it in place: written pages of a mapping are copied one by one, and replaced ones stay
+    mapped. A float32 file is then read into memory; an fp16 one is mapped, since its conversion is new memory."""
+    read_in = in_memory and stored_as_float32(path)
+    return sd21_from_ldm_state_dict(read_state_dict(path, mmap=not read_in), config_dir, name=path, owned=read_in)
 
 
 def check_diffusers_folder(folder):

@@ -139,6 +139,18 @@ def read_state_dict(path, *, mmap=True):
                               f"or not a PyTorch weight file. {DOWNLOAD_HINT}") from e
 
 
+def stored_as_float32(path):
+    """Whether a weight file holds its floating-point tensors as float32: read from the safetensors header (the official
+    SD 2.1 files do; fp16 copies do not); assumed for pickles, whose dtypes are only known once loaded."""
+    try:
+        if sniff(path) != "safetensors":
+            return True
+        with safe_open(path, framework="pt") as f:
+            return all(f.get_slice(k).get_dtype() not in ("F16", "BF16", "F64") for k in f.keys())
+    except Exception:  # unreadable or damaged: read_state_dict says what is wrong
+        return True
+
+
 def _fresh_memory(nbytes):
     """``nbytes`` of new, writable memory in small pages (never transparent huge pages).
 

@@ -10,7 +10,8 @@ from PIL import Image
 
 from comfyui_diffsr.sr_common import color_fix, image, tiling
 from comfyui_diffsr.sr_common.errors import WeightFileError
-from comfyui_diffsr.sr_common.weights import as_float32_cpu, fresh_float32_cpu, read_state_dict, write_safetensors
+from comfyui_diffsr.sr_common.weights import (as_float32_cpu, fresh_float32_cpu, read_state_dict, stored_as_float32,
+                                             write_safetensors)
 
 
 def test_tile_offsets_official_rule():
@@ -164,6 +165,17 @@ def test_safetensors_read_into_memory_equals_the_mapped_read(tmp_path):
     path.write_bytes(b"\0" * path.stat().st_size)  # the file changes: what was read does not
     assert torch.equal(owned["f32"], tensors["f32"])
     owned["f32"] += 1  # and it is ours to write
+
+
+def test_stored_as_float32_reads_the_header(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2), "step": torch.tensor(3)}, tmp_path / "fp32.safetensors")
+    save_file({"w": torch.zeros(2).half(), "b": torch.zeros(2)}, tmp_path / "mixed.safetensors")
+    torch.save({"w": torch.zeros(2).half()}, tmp_path / "w.ckpt")
+    assert stored_as_float32(tmp_path / "fp32.safetensors")
+    assert not stored_as_float32(tmp_path / "mixed.safetensors")
+    assert stored_as_float32(tmp_path / "w.ckpt")  # pickles: unknown until loaded, read as float32 files are
 
 
 def test_fresh_float32_cpu_outlives_its_maker_and_is_writable():
