@@ -13,6 +13,7 @@ import comfy.model_patcher
 import comfy.utils
 import folder_paths
 
+from ..osediff_core.pipeline import Options as DEFAULT_TILES  # the same tile defaults as DoSSR's Options
 from ..sr_common.download import OFFICIAL, download
 from ..sr_common.errors import WeightFileError
 from ..sr_common.sd21 import load_sd21, sd21_from_ldm_state_dict
@@ -212,15 +213,14 @@ class Progress:
         self.bar.update(1)
 
 
-# what each tile size falls back to on out-of-memory: a 0 (never tile) starts at the default, then halves to the floor
-FIRST_TILES = {"tile_latent": 96, "vae_tile_encode": 1024, "vae_tile_decode": 224}
+# on out-of-memory a tile of 0 (never tile) starts at its default, then every tile halves down to its floor
 TILE_FLOORS = {"tile_latent": 16, "vae_tile_encode": 128, "vae_tile_decode": 16}
 
 
 def smaller_tiles(tiles):
     """Every tile size halved (to a multiple of 8, not below its floor; a 0 becomes its default); None when none
     can shrink any more."""
-    out = {k: FIRST_TILES[k] if v <= 0 else max(TILE_FLOORS[k], v // 16 * 8) for k, v in tiles.items()}
+    out = {k: getattr(DEFAULT_TILES, k) if v <= 0 else max(TILE_FLOORS[k], v // 16 * 8) for k, v in tiles.items()}
     return None if out == tiles else out
 
 

@@ -64,9 +64,9 @@ def build_osediff(sd21, ckpt, *, consume=False):
     """OSEDiff from loaded SD 2.1-base parts and an OSEDiff checkpoint dict (see ``weights.read_osediff``).
 
     The LoRA is merged into copies of the UNet and the VAE encoder, and ``sd21`` is not modified. With ``consume``
-    the caller hands ``sd21`` over: where its UNet is this process's own memory (``sd21.unet_owned``: an fp16 file
-    converted at load), the LoRA goes into it in place, which saves a 3.5 GB copy at full size. A UNet memory-mapped
-    from its file is still merged into a copy (faster than writing into the mapping, and ``sd21`` can be dropped)."""
+    the caller hands ``sd21`` over: where its UNet is this process's own memory (``sd21.unet_owned``: a file read into
+    memory or converted at load), the LoRA goes into it in place, which saves a 3.5 GB copy at full size. A UNet
+    memory-mapped from its file is still merged into a copy (faster than writing into the mapping)."""
     in_place = consume and sd21.unet_owned
     return OSEDiffModel(apply_osediff_unet(sd21.unet, ckpt, in_place=in_place), lq_encoder(sd21.vae, ckpt), sd21.vae,
                         sd21.text_encoder, sd21.tokenizer)

@@ -185,7 +185,7 @@ def merged_copy(module_root, pairs, what, replace=None):
 
 def merge_lora_in_place(module_root, pairs, what, replace=None):
     """``merged_copy`` into ``module_root`` itself, the ``replace`` tensors copied in first. For weights this process
-    owns and nothing else uses (an fp16 file converted at load): no second copy of the model."""
+    owns and nothing else uses (a file read into memory or converted at load): no second copy of the model."""
     _check_lora_targets(dict(module_root.named_modules()), pairs, what)
     with torch.no_grad():
         for name, new in (replace or {}).items():

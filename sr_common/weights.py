@@ -204,7 +204,7 @@ def _read_safetensors_into_memory(path):
         dtype = SAFETENSORS_DTYPES.get(info["dtype"])
         if dtype is None:
             raise WeightFileError(f"{os.path.basename(path)!r}: tensor {name!r} has dtype {info['dtype']}, which "
-                                  "this pack does not read.")
+                                  "this pack does not read: use a float32 or float16 copy of the file.")
         begin, end = info["data_offsets"]
         part = raw[begin:end]
         if begin % dtype.itemsize:  # an unaligned tensor (not written by safetensors' own writers): copied

@@ -134,6 +134,10 @@ def test_oom_halves_every_tile(pack, osediff_model, monkeypatch):
     assert host.smaller_tiles({"tile_latent": 104, "vae_tile_encode": 1024}) == {"tile_latent": 48,
                                                                                   "vae_tile_encode": 512}
     assert host.smaller_tiles({"tile_latent": 16, "vae_tile_encode": 128, "vae_tile_decode": 16}) is None
+    from comfyui_diffsr.dossr_core.pipeline import Options as DoSSROptions
+
+    for name in ("tile_latent", "vae_tile_encode", "vae_tile_decode"):  # one set of defaults serves both methods
+        assert getattr(DoSSROptions, name) == getattr(host.DEFAULT_TILES, name)
     calls = []
     with pytest.raises(host.mm.OOM_EXCEPTION):
         host.with_oom_retry(lambda tile_latent: calls.append(tile_latent) or (_ for _ in ()).throw(
