@@ -150,7 +150,7 @@ def test_as_float32_cpu_converts_into_one_buffer_and_keeps_float32():
     assert as_float32_cpu({"keep": keep})["keep"] is keep  # nothing to convert: no buffer
 
 
-def test_safetensors_read_into_memory_equals_the_mapped_read(tmp_path):
+def test_safetensors_mapped_and_in_memory_reads_give_the_tensors(tmp_path):
     from safetensors.torch import save_file
 
     tensors = {"f32": torch.randn(3, 5), "f16": torch.randn(7).half(), "bf16": torch.randn(2, 2).bfloat16(),
@@ -161,7 +161,11 @@ def test_safetensors_read_into_memory_equals_the_mapped_read(tmp_path):
     mapped, owned = read_state_dict(path), read_state_dict(path, mmap=False)
     assert owned.keys() == mapped.keys() == tensors.keys()
     for k, v in tensors.items():
-        assert owned[k].dtype == v.dtype and owned[k].shape == v.shape and torch.equal(owned[k], v), k
+        for read in (owned, mapped):
+            assert read[k].dtype == v.dtype and read[k].shape == v.shape and torch.equal(read[k], v), k
+    before = path.read_bytes()
+    mapped["f32"] += 1  # copy-on-write: the file is never written
+    assert path.read_bytes() == before and torch.equal(read_state_dict(path)["f32"], tensors["f32"])
     path.write_bytes(b"\0" * path.stat().st_size)  # the file changes: what was read does not
     assert torch.equal(owned["f32"], tensors["f32"])
     owned["f32"] += 1  # and it is ours to write
@@ -188,3 +192,20 @@ def test_fresh_float32_cpu_outlives_its_maker_and_is_writable():
     gc.collect()
     assert [v.tolist() for v in views] == [[i + 0.5] * 4 for i in range(3)]
     assert fresh_float32_cpu(0).shape == (0,) and fresh_float32_cpu(3).dtype == torch.float32
+
+
+def test_safetensors_reads_unaligned_tensors(tmp_path):
+    """A header whose length is not a multiple of 8, and a float32 tensor at an odd offset (other writers than
+    safetensors' own may produce both): read by value, mapped and in memory."""
+    import json
+    import struct
+
+    a, b = torch.arange(3, dtype=torch.uint8), torch.tensor([1.5, -2.0])
+    header = json.dumps({"a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+                         "b": {"dtype": "F32", "shape": [2], "data_offsets": [3, 11]}}).encode()
+    header += b" " * ((2 - 8 - len(header)) % 8)  # data starts at 2 mod 8: b at 5 mod 8 in the file, 3 in the data
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + a.numpy().tobytes() + b.numpy().tobytes())
+    for mmap in (True, False):
+        read = read_state_dict(path, mmap=mmap)
+        assert torch.equal(read["a"], a) and torch.equal(read["b"], b)
