@@ -13,6 +13,9 @@ then waits for the kernel to reclaim them: on this 24 GB VM with 5 GB of another
 - ``load_s``: ``load_sd21(in_memory=True)`` + ``read_osediff`` + ``build_osediff(consume=True)``, as the ``osediff``
   command does (a single file read into memory, the LoRA merged into its UNet in place; the ComfyUI loader maps the
   file and merges into new tensors, so its SD 2.1-base stays usable, uncopied), ready to run;
+- ``touch_s``: in a fresh process, the first write of as much new memory as the loaded model's float32 weights
+  (the floor of any load that must produce them; on this VM the cost of new memory varied 1.2–6.3 s for 5.2 GB
+  from one run to the next, which moves ``load_s`` with it);
 - ``reload_s``: the same loader call again in that process through a per-file cache (the ComfyUI nodes'
   ``nodes.host.cached`` semantics: one instance per file while in use), which must not reload anything.
 """
@@ -60,6 +63,16 @@ def read_all(paths):
     return time.perf_counter() - start
 
 
+def touch_case(nbytes):
+    """Seconds to first write ``nbytes`` of new memory, as the loader gets it (``fresh_float32_cpu``)."""
+    from comfyui_diffsr.sr_common.weights import fresh_float32_cpu
+
+    buffer = fresh_float32_cpu(nbytes // 4)
+    start = time.perf_counter()
+    buffer.fill_(0)
+    return {"touch_s": time.perf_counter() - start}
+
+
 def load_case(base, weights):
     start = time.perf_counter()
     import torch
@@ -85,8 +98,9 @@ def load_case(base, weights):
     again = loader()
     reload_s = time.perf_counter() - start
     assert again is model
-    params = sum(p.numel() for m in model.modules() for p in m.parameters())
+    params = sum(p.numel() for m in model.modules() for p in m.parameters())  # OSEDiffModel.modules(): its networks
     return {"import_s": import_s, "load_s": load_s, "reload_s": reload_s, "params": params,
+            "float32_bytes": params * 4,
             "peak_rss_mb": rss_peak_mb(), "torch_threads": torch.get_num_threads()}
 
 
@@ -99,27 +113,34 @@ def main():
                    help="drop only the two files from the page cache (the load then competes with other cached files)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "load.json"))
     p.add_argument("--_case", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_touch", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args._case:
-        print(json.dumps(load_case(args.base, args.weights)))
+    if args._case or args._touch is not None:
+        print(json.dumps(load_case(args.base, args.weights) if args._case else touch_case(args._touch)))
         return
     files = [args.weights] + ([args.base] if os.path.isfile(args.base) else
                               [os.path.join(r, f) for r, _, fs in os.walk(args.base) for f in fs])
-    reads, loads, dropped = [], [], set()
+    def case(*flags):
+        out = subprocess.run([sys.executable, __file__, "--base", args.base, "--weights", args.weights, *flags],
+                             check=True, capture_output=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    reads, loads, touches, dropped = [], [], [], set()
     for _ in range(args.repeats):
         dropped.add(drop_page_cache(files, not args.keep_other_cache))
         reads.append(read_all(files))
         dropped.add(drop_page_cache(files, not args.keep_other_cache))
-        out = subprocess.run([sys.executable, __file__, "--base", args.base, "--weights", args.weights, "--_case"],
-                             check=True, capture_output=True, text=True).stdout
-        loads.append(json.loads(out.strip().splitlines()[-1]))
+        loads.append(case("--_case"))
+        dropped.add(drop_page_cache(files, not args.keep_other_cache))
+        touches.append(case("--_touch", str(loads[-1]["float32_bytes"]))["touch_s"])
     import torch
 
     result = {"method": "osediff_load", **environment(torch.device("cpu"), torch.float32),
               "bytes": sum(os.path.getsize(f) for f in files), "page_cache": "/".join(sorted(dropped)),
               "read_s": min(reads), "load_s": min(x["load_s"] for x in loads),
-              "reload_s": max(x["reload_s"] for x in loads), "runs": loads}
+              "reload_s": max(x["reload_s"] for x in loads), "touch_s": touches, "runs": loads}
     result["load_over_read"] = result["load_s"] / result["read_s"]
+    result["load_over_read_plus_touch"] = result["load_s"] / (result["read_s"] + min(touches))
     write_json(result, args.out)
     print(json.dumps(result, indent=1))
 

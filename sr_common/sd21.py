@@ -15,7 +15,7 @@ import torch
 
 from .errors import WeightFileError
 from .weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, as_float32_cpu, check_weight_file, read_state_dict,
-                      require_float, stored_as_float32)
+                      require_float)
 
 SCALING_FACTOR = 0.18215
 UNET_PREFIX = "model.diffusion_model."
@@ -202,9 +202,9 @@ def load_single_file(path, config_dir=None, in_memory=False):
     """SD 2.1-base from one LDM-layout checkpoint (``.safetensors`` or ``.ckpt``): memory-mapped (the kernel can drop
     pages nothing writes), or ``in_memory``, with the UNet in this process's own memory (``unet_owned``), for a
     caller that merges into it in place: written pages of a mapping are copied one by one, and replaced ones stay
-    mapped. A float32 file is then read into memory; an fp16 one is mapped, since its conversion is new memory."""
-    read_in = in_memory and stored_as_float32(path)
-    return sd21_from_ldm_state_dict(read_state_dict(path, mmap=not read_in), config_dir, name=path, owned=read_in)
+    mapped. Read into memory, an fp16 safetensors file is converted to float32 as it is read."""
+    sd = read_state_dict(path, mmap=not in_memory, float32=in_memory)
+    return sd21_from_ldm_state_dict(sd, config_dir, name=path, owned=in_memory)
 
 
 def check_diffusers_folder(folder):

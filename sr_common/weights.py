@@ -98,12 +98,13 @@ def require_float(tensors, what, name=None):
                                   "tensors. The file is damaged or was written wrongly: download or convert it again.")
 
 
-def read_state_dict(path, *, mmap=True):
+def read_state_dict(path, *, mmap=True, float32=False):
     """Read a weight file into a dict without running any code from it.
 
-    ``.safetensors`` is validated by safetensors and memory-mapped (with ``mmap=False`` read into this process's
-    memory instead: ``_read_safetensors``); anything else with ``torch.load(weights_only=True)`` (memory-mapped where the file is a zip pickle and
-    ``mmap``). Raises ``WeightFileError`` naming the file and the fix on any failure.
+    ``.safetensors`` is validated by safetensors and memory-mapped, or with ``mmap=False`` read into this process's
+    memory (``float32``: its floating-point tensors converted to float32 as they are read); anything else with
+    ``torch.load(weights_only=True)`` (memory-mapped where the file is a zip pickle and ``mmap``). Raises
+    ``WeightFileError`` naming the file and the fix on any failure.
     """
     path = _check_file(path)
     name = os.path.basename(path)
@@ -119,7 +120,7 @@ def read_state_dict(path, *, mmap=True):
             raise WeightFileError(f"{name!r} is a safetensors file with a {os.path.splitext(name)[1]!r} name; "
                                   "rename it to .safetensors.")
         try:
-            return _read_safetensors(path, in_memory=not mmap)
+            return _map_safetensors(path) if mmap else _read_safetensors_into_memory(path, float32)
         except (MemoryError, WeightFileError):
             raise
         except Exception as e:  # safetensors raises several types on damaged headers
@@ -137,18 +138,6 @@ def read_state_dict(path, *, mmap=True):
         first = str(e).splitlines()[0][:160] if str(e) else ""
         raise WeightFileError(f"Cannot read {name!r} ({type(e).__name__}: {first}). The file is truncated, damaged "
                               f"or not a PyTorch weight file. {DOWNLOAD_HINT}") from e
-
-
-def stored_as_float32(path):
-    """Whether a weight file holds its floating-point tensors as float32: read from the safetensors header (the official
-    SD 2.1 files do; fp16 copies do not); assumed for pickles, whose dtypes are only known once loaded."""
-    try:
-        if sniff(path) != "safetensors":
-            return True
-        with safe_open(path, framework="pt") as f:
-            return all(f.get_slice(k).get_dtype() not in ("F16", "BF16", "F64") for k in f.keys())
-    except Exception:  # unreadable or damaged: read_state_dict says what is wrong
-        return True
 
 
 def _fresh_memory(nbytes):
@@ -177,49 +166,85 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 READ_CHUNK = 64 << 20
 
 
-def _read_safetensors(path, in_memory):
-    """The tensors of a safetensors file as views of one buffer: the file memory-mapped (copy-on-write), or
-    ``in_memory``, a buffer of this process's own filled by plain sequential reads. safetensors validates the header
-    first (offsets, sizes, dtypes).
-
-    Mapped: the kernel can drop pages nothing wrote, but every page stays mapped while any tensor of the file lives,
-    so a model that replaces some of its weights (the OSEDiff LoRA merge) would keep the old ones resident (3.8 GB
-    for SD 2.1's UNet); that is what ``in_memory`` is for. safetensors' own ``load_file`` maps the file too, but
-    cuts its tensors out of the mapping with one storage slice each, which reads them from disk one by one
-    (1.3 s for SD 2.1 on 2 cores, cold cache) before anything can use them; here nothing is read until used."""
+def _safetensors_layout(path):
+    """{name: (dtype, shape, begin, end)} and the offset of the data, from a header safetensors has validated
+    (offsets, sizes, dtypes)."""
     with safe_open(path, framework="pt"):
         pass
     with open(path, "rb", buffering=0) as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
-        header.pop("__metadata__", None)
-        start = 8 + length
-        size = os.fstat(f.fileno()).st_size - start
-        if not in_memory and size:
-            memory = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        else:
-            memory, start = _fresh_memory(size), 0
-            view, done = memoryview(memory), 0
-            while done < size:
-                got = f.readinto(view[done:done + READ_CHUNK])
-                if not got:
-                    raise OSError(f"the file ended {size - done} bytes early")
-                done += got
-            view.release()
-    raw = torch.frombuffer(memory, dtype=torch.uint8)[start:] if size else torch.empty(0, dtype=torch.uint8)
-    tensors = {}
+    header.pop("__metadata__", None)
+    layout = {}
     for name, info in header.items():
         dtype = SAFETENSORS_DTYPES.get(info["dtype"])
         if dtype is None:
             raise WeightFileError(f"{os.path.basename(path)!r}: tensor {name!r} has dtype {info['dtype']}, which "
                                   "this pack does not read: use a float32 or float16 copy of the file.")
-        begin, end = info["data_offsets"]
-        part = raw[begin:end]
+        layout[name] = (dtype, info["shape"], *info["data_offsets"])
+    return layout, 8 + length
+
+
+def _map_safetensors(path):
+    """The tensors of a safetensors file as views of the file memory-mapped (copy-on-write: the file is never
+    written). The kernel can drop pages nothing wrote, but every page stays mapped while any tensor of the file
+    lives. safetensors' own ``load_file`` maps the file too, but cuts its tensors out of the mapping with one storage
+    slice each, which read them from disk one by one (1.3 s for SD 2.1 on 2 cores, cold cache) before anything
+    could use them; here nothing is read until used."""
+    layout, start = _safetensors_layout(path)
+    with open(path, "rb") as f:
+        raw = torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)
+    tensors = {}
+    for name, (dtype, shape, begin, end) in layout.items():
+        part = raw[start + begin:start + end]
         if (start + begin) % dtype.itemsize:  # an unaligned tensor (not written by safetensors' own writers): copied
             part = part.clone()
-        tensors[name] = part.view(dtype).reshape(info["shape"]) if end > begin else torch.empty(info["shape"],
-                                                                                             dtype=dtype)
+        tensors[name] = part.view(dtype).reshape(shape) if end > begin else torch.empty(shape, dtype=dtype)
     return tensors
+
+
+def _read_exactly(f, offset, view):
+    f.seek(offset)
+    done = 0
+    while done < len(view):
+        got = f.readinto(view[done:done + READ_CHUNK])
+        if not got:
+            raise OSError(f"the file ended {len(view) - done} bytes early")
+        done += got
+
+
+def _read_safetensors_into_memory(path, float32=False):
+    """The tensors of a safetensors file in one buffer of this process's own (``_fresh_memory``), read tensor by
+    tensor in file order, with ``float32`` the floating-point ones converted to float32 on the way.
+
+    For a model that replaces some of its weights (the OSEDiff LoRA merge): in a mapping the old ones would stay
+    resident (3.8 GB for SD 2.1's UNet). Converting as it reads, an fp16 file costs its float32 size in memory, not
+    that plus a mapped or read fp16 copy."""
+    layout, start = _safetensors_layout(path)
+    out_dtype = {n: torch.float32 if float32 and d.is_floating_point else d for n, (d, *_) in layout.items()}
+    offsets, total = {}, 0
+    for name, (dtype, shape, begin, end) in layout.items():
+        offsets[name] = total
+        total += ((end - begin) // dtype.itemsize * out_dtype[name].itemsize + 7) // 8 * 8  # 8-byte aligned slots
+    memory = _fresh_memory(total)
+    raw = torch.frombuffer(memory, dtype=torch.uint8) if total else torch.empty(0, dtype=torch.uint8)
+    converted = [end - begin for n, (d, _, begin, end) in layout.items() if out_dtype[n] != d]
+    staging = _fresh_memory(max(converted, default=0))
+    tensors = {}
+    with open(path, "rb", buffering=0) as f, memoryview(memory) as out, memoryview(staging) as stage:
+        for name, (dtype, shape, begin, end) in sorted(layout.items(), key=lambda item: item[1][2]):
+            size, at = end - begin, offsets[name]
+            if not size:
+                tensors[name] = torch.empty(shape, dtype=out_dtype[name])
+            elif out_dtype[name] == dtype:
+                _read_exactly(f, start + begin, out[at:at + size])
+                tensors[name] = raw[at:at + size].view(dtype).reshape(shape)
+            else:
+                _read_exactly(f, start + begin, stage[:size])
+                numel = size // dtype.itemsize
+                source = torch.frombuffer(staging, dtype=dtype, count=numel)
+                tensors[name] = raw[at:at + 4 * numel].view(torch.float32).copy_(source).reshape(shape)
+    return {name: tensors[name] for name in layout}
 
 
 def as_float32_cpu(tensors):
