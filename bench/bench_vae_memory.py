@@ -6,7 +6,8 @@
 For every size S, mode and direction, a fresh process builds the VAE alone (seeded; the UNet and text
 encoder would dominate the peak) and runs ``tiled_forward`` once: the decoder on a random S/8 latent
 (through ``post_quant_conv``), the encoder on a random S×S image in [−1, 1]. It reports the peak RSS
-(``ru_maxrss``), the RSS once the VAE and the input are built, and the time.
+(``ru_maxrss``), the RSS once the VAE and the input are built, the size of the input and output tensors (which grow
+with the image whatever the tiling), and the time.
 """
 
 import argparse
@@ -53,9 +54,16 @@ def run_case(direction, size, mode, tile, repeats, warmup, device, dtype):
         sync = torch.cuda.synchronize if device.type == "cuda" else None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        times = timed(lambda: tiled_forward(net, x, tile, is_decoder, mode=mode), repeats, sync, warmup)
+        last = {}
+
+        def run():
+            last.clear()  # the previous output is freed first
+            last["out"] = tiled_forward(net, x, tile, is_decoder, mode=mode)
+
+        times = timed(run, repeats, sync, warmup)
+    io_mb = sum(t.numel() * t.element_size() for t in (x, last["out"])) / 2**20
     result = {"direction": direction, "size": size, "mode": mode, "tile": tile, **summary(times),
-              "peak_rss_mb": rss_peak_mb(), "rss_after_build_mb": built_mb}
+              "peak_rss_mb": rss_peak_mb(), "rss_after_build_mb": built_mb, "input_output_mb": io_mb}
     if device.type == "cuda":
         result["peak_cuda_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return result

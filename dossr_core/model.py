@@ -14,7 +14,6 @@ from torch import nn
 from ..sr_common.errors import WeightFileError
 from ..sr_common.fast_modules import fast_modules, fast_vae_decoder
 from ..sr_common.sd21 import SD21, encode_prompt, load_sd21, load_tokenizer, shipped_config_dir
-from ..sr_common.weights import require_float
 from .rrdb import rrdb_from_state_dict
 from .weights import (base_from_official, build_cond_encoder, build_controlnet, load_ldm_params, parts_from_converted,
                       parts_from_official, read_weights)
@@ -132,7 +131,6 @@ def load_dossr(weights, base=None, *, config=None, base_config=None, text_heads=
     params = load_ldm_params(config) if kind == "official" else None
     try:
         parts = parts_from_official(sd, params) if kind == "official" else parts_from_converted(sd, metadata)
-        require_float(parts.rrdb, "RRDB")
         controlnet = build_controlnet(parts.controlnet_config, parts.controlnet)
         cond_encoder = build_cond_encoder(parts.vae_config, parts.cond_encoder)
         rrdb = rrdb_from_state_dict(parts.rrdb)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..sr_common.errors import WeightFileError
+from ..sr_common.weights import load_module_weights
 
 
 class ResidualDenseBlock(nn.Module):
@@ -84,6 +85,7 @@ def rrdb_from_state_dict(sd):
     num_out_ch = sd["conv_last.weight"].shape[0]
     if any(k.startswith(("conv_up3", "upconv")) for k in sd) or sd["conv_first.weight"].shape[1] != 3:
         raise WeightFileError("Only the ×4 RRDBNet (RealESRNet/RealESRGAN_x4plus layout) is supported.")
-    net = RRDBNet(num_in_ch, num_out_ch, num_feat, num_block, num_grow_ch)
-    net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    with torch.device("meta"):
+        net = RRDBNet(num_in_ch, num_out_ch, num_feat, num_block, num_grow_ch)
+    load_module_weights(net, sd, "RRDB", fix="Use the RRDB of the official DoSSR checkpoint")
     return net.eval()

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..sr_common.errors import WeightFileError
 from ..sr_common.sd21 import describe_checkpoint, open_clip_to_hf
-from ..sr_common.weights import read_state_dict, require_float, write_safetensors
+from ..sr_common.weights import load_module_weights, read_state_dict, write_safetensors
 
 CONTROL_PREFIX = "control_model."
 COND_ENCODER_PREFIX = "cond_encoder."
@@ -267,21 +267,12 @@ def convert_dossr(src, dst, config=None, dtype=None):
 
 # ---------------------------------------------------------------- building modules
 
-def _load_strict(module, state, what):
-    expected = module.state_dict()
-    require_float({k: state[k] for k in expected if k in state}, what)
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        detail = "; ".join(filter(None, [
-            f"missing {len(missing)} keys (e.g. {missing[:2]})" if missing else "",
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]})" if unexpected else "",
-            f"{len(wrong)} shapes differ (e.g. {wrong[0]}: file {tuple(state[wrong[0]].shape)} vs model "
-            f"{tuple(expected[wrong[0]].shape)})" if wrong else ""]))
-        raise WeightFileError(f"The {what} weights do not match the architecture: {detail}. "
-                              "For a non-SD-2.1 model pass its official yaml with --config.")
-    module.load_state_dict({k: state[k].float() for k in expected}, strict=True)
+CONFIG_FIX = "For a non-SD-2.1 model pass its official yaml with --config"
+
+
+def _load(module, state, what):
+    """``module`` (built on the meta device) filled with ``state`` (``load_module_weights``), in eval mode."""
+    load_module_weights(module, state, what, fix=CONFIG_FIX)
     return module.eval()
 
 
@@ -296,13 +287,14 @@ def build_controlnet(config, state):
     from diffusers import ControlNetModel
 
     try:
-        net = ControlNetModel(**config, conditioning_embedding_out_channels=(16,))
-        width = config["block_out_channels"][0]
-        net.conv_in = nn.Conv2d(config["in_channels"], width, 3, padding=1)
-        net.controlnet_cond_embedding = nn.Conv2d(config["conditioning_channels"], width, 3, padding=1, bias=False)
+        with torch.device("meta"):
+            net = ControlNetModel(**config, conditioning_embedding_out_channels=(16,))
+            width = config["block_out_channels"][0]
+            net.conv_in = nn.Conv2d(config["in_channels"], width, 3, padding=1)
+            net.controlnet_cond_embedding = nn.Conv2d(config["conditioning_channels"], width, 3, padding=1, bias=False)
     except (TypeError, KeyError, IndexError, ValueError, ZeroDivisionError) as e:
         raise _stored_architecture_error("ControlNet", e) from e
-    return _load_strict(net, state, "ControlNet")
+    return _load(net, state, "ControlNet")
 
 
 def build_cond_encoder(vae_config, state):
@@ -311,15 +303,16 @@ def build_cond_encoder(vae_config, state):
 
     try:
         z2 = 2 * vae_config["latent_channels"]
-        net = nn.ModuleDict({
-            "encoder": Encoder(in_channels=vae_config["in_channels"], out_channels=vae_config["latent_channels"],
-                               down_block_types=vae_config["down_block_types"],
-                               block_out_channels=vae_config["block_out_channels"],
-                               layers_per_block=vae_config["layers_per_block"], double_z=True),
-            "quant_conv": nn.Conv2d(z2, z2, 1)})
+        with torch.device("meta"):
+            net = nn.ModuleDict({
+                "encoder": Encoder(in_channels=vae_config["in_channels"], out_channels=vae_config["latent_channels"],
+                                   down_block_types=vae_config["down_block_types"],
+                                   block_out_channels=vae_config["block_out_channels"],
+                                   layers_per_block=vae_config["layers_per_block"], double_z=True),
+                "quant_conv": nn.Conv2d(z2, z2, 1)})
     except (TypeError, KeyError, IndexError, ValueError, ZeroDivisionError) as e:
         raise _stored_architecture_error("condition encoder", e) from e
-    return _load_strict(net, state, "condition encoder")
+    return _load(net, state, "condition encoder")
 
 
 def text_encoder_from_open_clip(sd, num_heads=None, prefix=TEXT_PREFIX):
@@ -336,11 +329,9 @@ def text_encoder_from_open_clip(sd, num_heads=None, prefix=TEXT_PREFIX):
                             max_position_embeddings=sd[prefix + "positional_embedding"].shape[0], hidden_act="gelu",
                             layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
                             projection_dim=width)
-    model = CLIPTextModel(config)
-    state = open_clip_to_hf(sd, blocks - 1, prefix)
-    if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers ≥ 5 drops the prefix
-        state = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in state.items()}
-    return _load_strict(model, state, "text encoder")
+    with torch.device("meta"):
+        model = CLIPTextModel(config)
+    return _load(model, open_clip_to_hf(sd, blocks - 1, prefix), "text encoder")
 
 
 def base_from_official(sd, params, text_heads=None):
@@ -353,10 +344,10 @@ def base_from_official(sd, params, text_heads=None):
         raise WeightFileError(f"The DoSSR checkpoint lacks the SD 2.1 parts {missing}; pass --base "
                               "(stable-diffusion-2-1-base folder or v2-1_512-ema-pruned.safetensors).")
     unet_config, _, vae_config = diffusers_configs(params)
-    unet = UNet2DConditionModel(**unet_config)
-    unet = _load_strict(unet, convert_ldm_unet_checkpoint(sd, unet.config), "UNet")
-    vae = AutoencoderKL(**vae_config)
-    vae = _load_strict(vae, convert_ldm_vae_checkpoint(_with_prefix(sd, VAE_PREFIX, VAE_PREFIX), vae.config), "VAE")
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel(**unet_config), AutoencoderKL(**vae_config)
+    unet = _load(unet, convert_ldm_unet_checkpoint(sd, unet.config), "UNet")
+    vae = _load(vae, convert_ldm_vae_checkpoint(_with_prefix(sd, VAE_PREFIX, VAE_PREFIX), vae.config), "VAE")
     text_encoder = None
     if any(k.startswith(TEXT_PREFIX) for k in sd):
         text_encoder = text_encoder_from_open_clip(sd, text_heads)

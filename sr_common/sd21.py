@@ -14,8 +14,7 @@ from importlib import resources
 import torch
 
 from .errors import WeightFileError
-from .weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, as_float32_cpu, check_weight_file, read_state_dict,
-                      require_float)
+from .weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_weight_file, load_module_weights, read_state_dict
 
 SCALING_FACTOR = 0.18215
 UNET_PREFIX = "model.diffusion_model."
@@ -118,37 +117,9 @@ def open_clip_to_hf(sd, num_layers, prefix=OPEN_CLIP_PREFIX):
 
 
 def _load_into(model, state, what, path):
-    expected = model.state_dict()
-    if not any(k.startswith("text_model.") for k in expected):  # transformers >= 5 drops the prefix
-        state = {k.removeprefix("text_model."): v for k, v in state.items()}
-    missing = [k for k in expected if k not in state]
-    require_float({k: state[k] for k in expected if k in state}, what, os.path.basename(os.fspath(path)))
-    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or wrong:
-        detail = (f"missing {len(missing)} keys (e.g. {missing[:2]})" if missing else "") + \
-                 (f"; {len(wrong)} shapes differ (e.g. {wrong[0]}: file {tuple(state[wrong[0]].shape)} vs "
-                  f"model {tuple(expected[wrong[0]].shape)})" if wrong else "")
-        raise WeightFileError(f"The {what} in {os.path.basename(os.fspath(path))!r} does not match the SD 2.1-base "
-                              f"architecture: {detail}. If it is a non-standard size, pass a matching config folder.")
-    # float32 CPU tensors are taken as they are (no copy), others converted once (an fp16 file, or what ComfyUI's
-    # state_dict_for_saving gives on a GPU); the model's own (meta) tensors are replaced, so building it cost nothing
-    tensors = as_float32_cpu({k: state[k] for k in expected})
-    model.load_state_dict(tensors, strict=True, assign=True)
-    _materialise_position_ids(model)
-    return not any(tensors[k] is state[k] for k in expected)  # True: every tensor is a new one of ours
-
-
-def _materialise_position_ids(model):
-    """CLIP's non-persistent ``position_ids`` buffer, the one buffer no state dict carries, for a model built on
-    the meta device."""
-    for name, buffer in list(model.named_buffers()):
-        if buffer.is_meta:
-            if not name.endswith("position_ids"):
-                raise RuntimeError(f"{type(model).__name__}.{name} is not in the state dict and was built on the "
-                                   "meta device")
-            owner = model.get_submodule(name.rpartition(".")[0])
-            owner.register_buffer("position_ids", torch.arange(buffer.shape[-1]).expand(buffer.shape).clone(),
-                                  persistent=False)
+    """``load_module_weights`` for the SD 2.1-base parts (see ``SD21.unet_owned`` for what it returns)."""
+    return load_module_weights(model, state, what, path, "It is not SD 2.1-base; if it is a non-standard size, "
+                               "pass a matching config folder")
 
 
 def models_from_config(config_dir, *, random_init=True):

@@ -261,6 +261,45 @@ def as_float32_cpu(tensors):
     return out
 
 
+def load_module_weights(module, state, what, name=None, fix="pass a config matching the file"):
+    """Fill ``module`` with ``state``: every key it expects, floating point, of its shape, no others (else a
+    ``WeightFileError`` saying what differs and ``fix``). float32 CPU tensors are taken as they are (no copy), others
+    converted once (``as_float32_cpu``: an fp16 file, or tensors on a GPU); the module's own tensors are replaced,
+    so a module built on the meta device costs nothing to build. Returns True when every tensor is a new one."""
+    expected = module.state_dict()
+    if not any(k.startswith("text_model.") for k in expected):  # transformers >= 5 drops CLIP's prefix
+        state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    where = f" in {os.path.basename(os.fspath(name))!r}" if name else ""
+    require_float({k: state[k] for k in expected if k in state}, what, name and os.path.basename(os.fspath(name)))
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        detail = "; ".join(filter(None, [
+            f"missing {len(missing)} keys (e.g. {missing[:2]})" if missing else "",
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]})" if unexpected else "",
+            f"{len(wrong)} shapes differ (e.g. {wrong[0]}: file {tuple(state[wrong[0]].shape)} vs model "
+            f"{tuple(expected[wrong[0]].shape)})" if wrong else ""]))
+        raise WeightFileError(f"The {what}{where} does not match the architecture: {detail}. {fix}.")
+    tensors = as_float32_cpu({k: state[k] for k in expected})
+    module.load_state_dict(tensors, strict=True, assign=True)
+    _materialise_position_ids(module)
+    return not any(tensors[k] is state[k] for k in expected)
+
+
+def _materialise_position_ids(module):
+    """CLIP's non-persistent ``position_ids`` buffer, the one buffer no state dict carries, for a model built on
+    the meta device."""
+    for name, buffer in list(module.named_buffers()):
+        if buffer.is_meta:
+            if not name.endswith("position_ids"):
+                raise RuntimeError(f"{type(module).__name__}.{name} is not in the state dict and was built on the "
+                                   "meta device")
+            owner = module.get_submodule(name.rpartition(".")[0])
+            owner.register_buffer("position_ids", torch.arange(buffer.shape[-1]).expand(buffer.shape).clone(),
+                                  persistent=False)
+
+
 def write_safetensors(tensors, path, metadata=None):
     """Write ``tensors`` (contiguous copies) to ``path`` atomically, never replacing an existing file."""
     path = os.fspath(path)
