@@ -8,7 +8,9 @@ import json
 import mmap
 import os
 import pickle
+import queue
 import struct
+import threading
 
 import torch
 from safetensors import safe_open
@@ -213,13 +215,17 @@ def _read_exactly(f, offset, view):
         done += got
 
 
+PIECE = 16 << 20  # bytes converted at a time
+
+
 def _read_safetensors_into_memory(path, float32=False):
-    """The tensors of a safetensors file in one buffer of this process's own (``_fresh_memory``), read tensor by
-    tensor in file order, with ``float32`` the floating-point ones converted to float32 on the way.
+    """The tensors of a safetensors file in one buffer of this process's own (``_fresh_memory``), read in file order,
+    with ``float32`` the floating-point ones converted to float32 on the way.
 
     For a model that replaces some of its weights (the OSEDiff LoRA merge): in a mapping the old ones would stay
     resident (3.8 GB for SD 2.1's UNet). Converting as it reads, an fp16 file costs its float32 size in memory, not
-    that plus a mapped or read fp16 copy."""
+    that plus a mapped or read fp16 copy. A second thread reads, a piece ahead of the conversion, so disk and
+    conversion overlap (reading and converting SD 2.1 took 1.7 s + 1.5 s one after the other on 2 cores)."""
     layout, start = _safetensors_layout(path)
     out_dtype = {n: torch.float32 if float32 and d.is_floating_point else d for n, (d, *_) in layout.items()}
     offsets, total = {}, 0
@@ -228,22 +234,50 @@ def _read_safetensors_into_memory(path, float32=False):
         total += ((end - begin) // dtype.itemsize * out_dtype[name].itemsize + 7) // 8 * 8  # 8-byte aligned slots
     memory = _fresh_memory(total)
     raw = torch.frombuffer(memory, dtype=torch.uint8) if total else torch.empty(0, dtype=torch.uint8)
-    converted = [end - begin for n, (d, _, begin, end) in layout.items() if out_dtype[n] != d]
-    staging = _fresh_memory(max(converted, default=0))
-    tensors = {}
-    with open(path, "rb", buffering=0) as f, memoryview(memory) as out, memoryview(staging) as stage:
-        for name, (dtype, shape, begin, end) in sorted(layout.items(), key=lambda item: item[1][2]):
-            size, at = end - begin, offsets[name]
-            if not size:
-                tensors[name] = torch.empty(shape, dtype=out_dtype[name])
-            elif out_dtype[name] == dtype:
-                _read_exactly(f, start + begin, out[at:at + size])
-                tensors[name] = raw[at:at + size].view(dtype).reshape(shape)
-            else:
-                _read_exactly(f, start + begin, stage[:size])
-                numel = size // dtype.itemsize
-                source = torch.frombuffer(staging, dtype=dtype, count=numel)
-                tensors[name] = raw[at:at + 4 * numel].view(torch.float32).copy_(source).reshape(shape)
+    tensors, pieces = {}, []  # (file offset, bytes, destination offset, dtype to convert from or None)
+    for name, (dtype, shape, begin, end) in sorted(layout.items(), key=lambda item: item[1][2]):
+        size, at, kept = end - begin, offsets[name], out_dtype[name] == dtype
+        step = size if kept else PIECE
+        pieces += [(start + begin + done, min(step, size - done), at + done // dtype.itemsize * out_dtype[name].itemsize,
+                    None if kept else dtype) for done in range(0, size, step or 1)]
+        nbytes = size // dtype.itemsize * out_dtype[name].itemsize
+        tensors[name] = (raw[at:at + nbytes].view(out_dtype[name]).reshape(shape) if size
+                         else torch.empty(shape, dtype=out_dtype[name]))
+    free, ready, stop = queue.Queue(), queue.Queue(), threading.Event()
+    for _ in range(2):
+        free.put(_fresh_memory(PIECE))
+
+    def read_pieces():
+        try:
+            with open(path, "rb", buffering=0) as f, memoryview(memory) as out:
+                for offset, size, at, dtype in pieces:
+                    if dtype is None:
+                        _read_exactly(f, offset, out[at:at + size])
+                        continue
+                    slot = free.get()
+                    if stop.is_set():
+                        return
+                    with memoryview(slot) as view:
+                        _read_exactly(f, offset, view[:size])
+                    ready.put((slot, size, at, dtype))
+            ready.put(None)
+        except BaseException as e:  # raised in the caller's thread
+            ready.put(e)
+
+    reader = threading.Thread(target=read_pieces, name="safetensors-reader", daemon=True)
+    reader.start()
+    try:
+        while (item := ready.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            slot, size, at, dtype = item
+            numel = size // dtype.itemsize
+            raw[at:at + 4 * numel].view(torch.float32).copy_(torch.frombuffer(slot, dtype=dtype, count=numel))
+            free.put(slot)
+    finally:
+        stop.set()
+        free.put(None)  # wakes the reader if it waits for a slot
+        reader.join()
     return {name: tensors[name] for name in layout}
 
 

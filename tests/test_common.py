@@ -212,3 +212,25 @@ def test_safetensors_reads_unaligned_tensors(tmp_path):
     for mmap in (True, False):
         read = read_state_dict(path, mmap=mmap)
         assert torch.equal(read["a"], a) and torch.equal(read["b"], b)
+
+
+def test_safetensors_conversion_in_pieces_and_reader_errors(tmp_path, monkeypatch):
+    """Tensors larger than a piece are converted piece by piece; an error in the reading thread reaches the caller."""
+    from safetensors.torch import save_file
+
+    from comfyui_diffsr.sr_common import weights
+
+    monkeypatch.setattr(weights, "PIECE", 64)  # bytes: 32 fp16 values per piece
+    tensors = {"big": torch.randn(7, 33).half(), "mid": torch.randn(32).bfloat16(), "keep": torch.randn(50),
+               "small": torch.randn(3).half()}
+    save_file(tensors, tmp_path / "t.safetensors")
+    read = read_state_dict(tmp_path / "t.safetensors", mmap=False, float32=True)
+    for k, v in tensors.items():
+        assert read[k].dtype == torch.float32 and torch.equal(read[k], v.float()), k
+
+    def fail(f, offset, view):
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(weights, "_read_exactly", fail)
+    with pytest.raises(WeightFileError, match="disk went away"):
+        read_state_dict(tmp_path / "t.safetensors", mmap=False, float32=True)
