@@ -14,7 +14,8 @@ from importlib import resources
 import torch
 
 from .errors import WeightFileError
-from .weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_weight_file, load_module_weights, read_state_dict
+from .weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_weight_file, load_module_weights, read_state_dict,
+                      stored_as_float32)
 
 SCALING_FACTOR = 0.18215
 UNET_PREFIX = "model.diffusion_model."
@@ -170,12 +171,14 @@ def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint", owned=False
 
 
 def load_single_file(path, config_dir=None, in_memory=False):
-    """SD 2.1-base from one LDM-layout checkpoint (``.safetensors`` or ``.ckpt``): memory-mapped (the kernel can drop
-    pages nothing writes), or ``in_memory``, with the UNet in this process's own memory (``unet_owned``), for a
-    caller that merges into it in place: written pages of a mapping are copied one by one, and replaced ones stay
-    mapped. Read into memory, an fp16 safetensors file is converted to float32 as it is read."""
-    sd = read_state_dict(path, mmap=not in_memory, float32=in_memory)
-    return sd21_from_ldm_state_dict(sd, config_dir, name=path, owned=in_memory)
+    """SD 2.1-base from one LDM-layout checkpoint (``.safetensors`` or ``.ckpt``). A float32 file is memory-mapped
+    (the kernel can drop pages nothing writes), or with ``in_memory`` read into this process's own memory, for a
+    caller that merges into the UNet in place (``unet_owned``): written pages of a mapping are copied one by one, and
+    replaced ones stay mapped. An fp16 safetensors file is always read and converted to float32 in one pass: its
+    float32 copy is new memory anyway, and a mapping would hold the fp16 file beside it."""
+    read_in = in_memory or not stored_as_float32(path)
+    sd = read_state_dict(path, mmap=not read_in, float32=read_in)
+    return sd21_from_ldm_state_dict(sd, config_dir, name=path, owned=read_in)
 
 
 def check_diffusers_folder(folder):

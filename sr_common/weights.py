@@ -142,6 +142,18 @@ def read_state_dict(path, *, mmap=True, float32=False):
                               f"or not a PyTorch weight file. {DOWNLOAD_HINT}") from e
 
 
+def stored_as_float32(path):
+    """Whether a weight file holds its floating-point tensors as float32, from the safetensors header (the official
+    SD 2.1 files do, fp16 copies do not); assumed for pickles, whose dtypes are only known once loaded."""
+    try:
+        if sniff(path) != "safetensors":
+            return True
+        layout, _ = _safetensors_layout(path)
+    except Exception:  # unreadable or damaged: read_state_dict says what is wrong
+        return True
+    return all(dtype == torch.float32 for dtype, *_ in layout.values() if dtype.is_floating_point)
+
+
 def _fresh_memory(nbytes):
     """``nbytes`` of new, writable memory in small pages (never transparent huge pages).
 

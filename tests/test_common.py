@@ -10,7 +10,7 @@ from PIL import Image
 
 from comfyui_diffsr.sr_common import color_fix, image, tiling
 from comfyui_diffsr.sr_common.errors import WeightFileError
-from comfyui_diffsr.sr_common.weights import (as_float32_cpu, fresh_float32_cpu, read_state_dict,
+from comfyui_diffsr.sr_common.weights import (as_float32_cpu, fresh_float32_cpu, read_state_dict, stored_as_float32,
                                              write_safetensors)
 
 
@@ -183,6 +183,19 @@ def test_safetensors_read_into_memory_as_float32_converts_only_floats(tmp_path):
         want = v.float() if v.is_floating_point() else v
         assert read[k].dtype == want.dtype and read[k].shape == want.shape and torch.equal(read[k], want), k
     assert read["f16"].untyped_storage().data_ptr() == read["i64"].untyped_storage().data_ptr()  # one buffer
+
+
+def test_stored_as_float32_reads_the_header(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2), "step": torch.tensor(3)}, tmp_path / "fp32.safetensors")
+    save_file({"w": torch.zeros(2).half(), "b": torch.zeros(2)}, tmp_path / "mixed.safetensors")
+    torch.save({"w": torch.zeros(2).half()}, tmp_path / "w.ckpt")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0{not json")
+    assert stored_as_float32(tmp_path / "fp32.safetensors")
+    assert not stored_as_float32(tmp_path / "mixed.safetensors")
+    assert stored_as_float32(tmp_path / "w.ckpt")  # pickles: unknown until loaded, read as float32 files are
+    assert stored_as_float32(tmp_path / "bad.safetensors")  # damaged: left to read_state_dict's error
 
 
 def test_fresh_float32_cpu_outlives_its_maker_and_is_writable():

@@ -53,15 +53,20 @@ def test_single_file_weights_equal_folder_weights(base):
         assert all(torch.equal(sa[k], sb[k]) for k in sa), part
 
 
-def test_which_single_file_loads_give_an_owned_unet(base, tmp_path):
+def test_which_single_file_loads_give_an_owned_unet(base, tmp_path, monkeypatch):
     from safetensors.torch import load_file, save_file
 
+    from comfyui_diffsr.sr_common import sd21
+
+    reads, read_state_dict = [], sd21.read_state_dict
+    monkeypatch.setattr(sd21, "read_state_dict", lambda *a, **k: reads.append(k) or read_state_dict(*a, **k))
     sd = load_file(os.path.join(FIX, "tiny_sd21_single.safetensors"))  # fp16
     for dtype, owned in ((torch.float32, False), (torch.float16, True)):  # fp32: the file's tensors, uncopied
         path = tmp_path / f"{dtype}.safetensors"
         save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, path)
         loaded = load_sd21(str(path), config_dir=base)
         assert loaded.unet_owned == owned and all(p.dtype == torch.float32 for p in loaded.unet.parameters())
+        assert reads[-1] == {"mmap": not owned, "float32": owned}  # fp16: read and converted in one pass
         read = load_sd21(str(path), config_dir=base, in_memory=True)  # as the osediff command loads it
         assert read.unet_owned and all(torch.equal(a, b) for a, b in zip(read.unet.parameters(),
                                                                           loaded.unet.parameters()))
