@@ -84,8 +84,7 @@ class DoSSRUpscale(io.ComfyNode):
                 return dossr_upscale(model, one, prompt=prompt, prompt_embeds=embeds, options=options,
                                      callback=lambda stage, done, total: progress() if stage == "sample"
                                      else host.mm.throw_exception_if_processing_interrupted())
-            outs.append(host.with_oom_retry(run, tile_latent=tile_latent, vae_tile_encode=host.DEFAULT_TILES.vae_tile_encode,
-                                            vae_tile_decode=host.DEFAULT_TILES.vae_tile_decode))
+            outs.append(host.with_oom_retry(run, tile_latent=tile_latent, **host.DEFAULT_VAE_TILES))
         return io.NodeOutput(host.bchw_to_image(outs, alpha))
 
 
@@ -170,8 +169,7 @@ class DoSSRSampler(io.ComfyNode):
                             vae_tile_encode=vae_tile_encode, vae_tile_decode=vae_tile_decode)
                 with torch.no_grad():
                     return sample_one(model, lr, start_latent, o, prompt, embeds, cancel, progress)
-            x, start = host.with_oom_retry(run, tile_latent=tile_latent, vae_tile_encode=host.DEFAULT_TILES.vae_tile_encode,
-                                           vae_tile_decode=host.DEFAULT_TILES.vae_tile_decode)
+            x, start = host.with_oom_retry(run, tile_latent=tile_latent, **host.DEFAULT_VAE_TILES)
             latents.append(x.float().cpu() / SCALING_FACTOR)
             starts.append(start.cpu())
         return io.NodeOutput({"samples": torch.cat(latents)}, host.bchw_to_image(starts))

@@ -213,7 +213,10 @@ class Progress:
         self.bar.update(1)
 
 
-# on out-of-memory a tile of 0 (never tile) starts at its default, then every tile halves down to its floor
+# the upscale nodes' VAE tiles (their inputs set only the latent tile); on out-of-memory a tile of 0 (never tile)
+# starts at its default, then every tile halves down to its floor
+DEFAULT_VAE_TILES = {"vae_tile_encode": DEFAULT_TILES.vae_tile_encode,
+                     "vae_tile_decode": DEFAULT_TILES.vae_tile_decode}
 TILE_FLOORS = {"tile_latent": 16, "vae_tile_encode": 128, "vae_tile_decode": 16}
 
 

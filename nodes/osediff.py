@@ -144,8 +144,7 @@ class OSEDiffUpscale(io.ComfyNode):
                                   vae_tile_encode=vae_tile_encode, vae_tile_decode=vae_tile_decode)
                 return osediff_upscale(model, one, prompt=prompt, prompt_fn=prompt_fn, options=options,
                                        callback=cancel)
-            outs.append(host.with_oom_retry(run, tile_latent=tile_latent, vae_tile_encode=host.DEFAULT_TILES.vae_tile_encode,
-                                            vae_tile_decode=host.DEFAULT_TILES.vae_tile_decode))
+            outs.append(host.with_oom_retry(run, tile_latent=tile_latent, **host.DEFAULT_VAE_TILES))
             progress()
         return io.NodeOutput(host.bchw_to_image(outs, alpha))
 

@@ -37,7 +37,7 @@ class SD21:
     text_encoder: torch.nn.Module
     tokenizer: object
     source: str = ""
-    unet_owned: bool = False  # the UNet's tensors are this process's own memory (read or converted at load), no one else's
+    unet_owned: bool = False  # the UNet's tensors are this process's own memory (read or converted at load)
 
 
 def _read_json(path):

@@ -21,7 +21,8 @@ the decoder). Three modes:
   the latent stage come from a pass over its input subsampled to one tile's size and two passes over the
   tiles (see ``_bounded_forward``): about 1.5–2× the time of ``exact``. A latent larger than
   ``whole_latent_stage`` allows (at the default tiles: past 4096² px for the encoder, 7168² px for the
-  decoder) runs its latent stage one tile at a time too, with the same statistics and the attention per tile, so memory stays bounded at any size.
+  decoder) runs its latent stage one tile at a time too, with the same statistics and the attention per tile,
+  so memory stays bounded at any size.
 
 Works on diffusers ``Encoder``/``Decoder`` modules of any depth.
 """

@@ -248,10 +248,12 @@ def _read_safetensors_into_memory(path, float32=False):
     raw = torch.frombuffer(memory, dtype=torch.uint8) if total else torch.empty(0, dtype=torch.uint8)
     tensors, pieces = {}, []  # (file offset, bytes, destination offset, dtype to convert from or None)
     for name, (dtype, shape, begin, end) in sorted(layout.items(), key=lambda item: item[1][2]):
-        size, at, kept = end - begin, offsets[name], out_dtype[name] == dtype
-        step = size if kept else PIECE
-        pieces += [(start + begin + done, min(step, size - done), at + done // dtype.itemsize * out_dtype[name].itemsize,
-                    None if kept else dtype) for done in range(0, size, step or 1)]
+        size, at = end - begin, offsets[name]
+        if out_dtype[name] == dtype:  # read straight into place
+            pieces += [(start + begin, size, at, None)] if size else []
+        else:  # converted to float32 piece by piece
+            pieces += [(start + begin + done, min(PIECE, size - done), at + done // dtype.itemsize * 4, dtype)
+                       for done in range(0, size, PIECE)]
         nbytes = size // dtype.itemsize * out_dtype[name].itemsize
         tensors[name] = (raw[at:at + nbytes].view(out_dtype[name]).reshape(shape) if size
                          else torch.empty(shape, dtype=out_dtype[name]))
