@@ -4,6 +4,8 @@ Nothing here ever unpickles code. A file that cannot be opened safely is refused
 message that says how to convert it, never loaded with ``weights_only=False``.
 """
 
+import contextlib
+import ctypes
 import json
 import mmap
 import os
@@ -167,6 +169,46 @@ def _fresh_memory(nbytes):
     return bytearray(nbytes)
 
 
+MADV_POPULATE_WRITE = 23  # Linux >= 5.14
+PREFAULT_STEP = 32 << 20
+
+
+def _prefault_in_order(address, nbytes, stop):
+    """Fault in the pages of ``nbytes`` of memory at ``address`` for writing, front to back, without writing them
+    (``madvise(MADV_POPULATE_WRITE)``: pages already present are left as they are). Does nothing where the kernel
+    lacks it or the memory is not whole pages of a private mapping."""
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise  # ctypes releases the interpreter lock for the call
+        madvise.argtypes, madvise.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
+    except (OSError, AttributeError, TypeError):
+        return
+    skip = -address % mmap.PAGESIZE  # madvise takes whole pages
+    address, nbytes = address + skip, nbytes - skip
+    for done in range(0, nbytes, PREFAULT_STEP):
+        if stop.is_set() or madvise(address + done, min(PREFAULT_STEP, nbytes - done), MADV_POPULATE_WRITE) != 0:
+            return
+
+
+@contextlib.contextmanager
+def prefaulting(tensor):
+    """While the body fills ``tensor`` (new memory, ``fresh_float32_cpu``) front to back, a second thread faults its
+    pages in ahead of it, so the kernel's work for new memory (5.2 GB: 1.6–3.5 s on this 2-core VM, writing the same
+    memory again 0.3 s) runs on the other core instead of in the filling thread: reading and converting the fp16
+    SD 2.1 file took 3.3–5.2 s instead of 5.6–6.7 s."""
+    if tensor.numel() == 0:
+        yield tensor
+        return
+    stop = threading.Event()
+    thread = threading.Thread(target=_prefault_in_order, name="prefault", daemon=True,
+                              args=(tensor.data_ptr(), tensor.numel() * tensor.element_size(), stop))
+    thread.start()
+    try:
+        yield tensor
+    finally:
+        stop.set()
+        thread.join()
+
+
 def fresh_float32_cpu(numel):
     """An uninitialised float32 CPU tensor of ``numel`` elements in small pages (see ``_fresh_memory``)."""
     if numel == 0:
@@ -241,13 +283,14 @@ def _read_safetensors_into_memory(path, float32=False):
     layout, start = _safetensors_layout(path)
     out_dtype = {n: torch.float32 if float32 and d.is_floating_point else d for n, (d, *_) in layout.items()}
     offsets, total = {}, 0
-    for name, (dtype, shape, begin, end) in layout.items():
+    in_file_order = sorted(layout.items(), key=lambda item: item[1][2])
+    for name, (dtype, shape, begin, end) in in_file_order:  # the buffer filled front to back
         offsets[name] = total
         total += ((end - begin) // dtype.itemsize * out_dtype[name].itemsize + 7) // 8 * 8  # 8-byte aligned slots
     memory = _fresh_memory(total)
     raw = torch.frombuffer(memory, dtype=torch.uint8) if total else torch.empty(0, dtype=torch.uint8)
     tensors, pieces = {}, []  # (file offset, bytes, destination offset, dtype to convert from or None)
-    for name, (dtype, shape, begin, end) in sorted(layout.items(), key=lambda item: item[1][2]):
+    for name, (dtype, shape, begin, end) in in_file_order:
         size, at = end - begin, offsets[name]
         if out_dtype[name] == dtype:  # read straight into place
             pieces += [(start + begin, size, at, None)] if size else []
@@ -279,19 +322,20 @@ def _read_safetensors_into_memory(path, float32=False):
             ready.put(e)
 
     reader = threading.Thread(target=read_pieces, name="safetensors-reader", daemon=True)
-    reader.start()
-    try:
-        while (item := ready.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            slot, size, at, dtype = item
-            numel = size // dtype.itemsize
-            raw[at:at + 4 * numel].view(torch.float32).copy_(torch.frombuffer(slot, dtype=dtype, count=numel))
-            free.put(slot)
-    finally:
-        stop.set()
-        free.put(None)  # wakes the reader if it waits for a slot
-        reader.join()
+    with prefaulting(raw):
+        reader.start()
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                slot, size, at, dtype = item
+                numel = size // dtype.itemsize
+                raw[at:at + 4 * numel].view(torch.float32).copy_(torch.frombuffer(slot, dtype=dtype, count=numel))
+                free.put(slot)
+        finally:
+            stop.set()
+            free.put(None)  # wakes the reader if it waits for a slot
+            reader.join()
     return {name: tensors[name] for name in layout}
 
 
@@ -302,10 +346,11 @@ def as_float32_cpu(tensors):
     convert = [k for k, v in tensors.items() if v.dtype != torch.float32 or v.device.type != "cpu"]
     buffer = fresh_float32_cpu(sum(tensors[k].numel() for k in convert))
     out, offset = dict(tensors), 0
-    for k in convert:
-        size = tensors[k].numel()
-        out[k] = buffer[offset:offset + size].view(tensors[k].shape).copy_(tensors[k])
-        offset += size
+    with prefaulting(buffer):
+        for k in convert:
+            size = tensors[k].numel()
+            out[k] = buffer[offset:offset + size].view(tensors[k].shape).copy_(tensors[k])
+            offset += size
     return out
 
 

@@ -247,3 +247,37 @@ def test_safetensors_conversion_in_pieces_and_reader_errors(tmp_path, monkeypatc
     monkeypatch.setattr(weights, "_read_exactly", fail)
     with pytest.raises(WeightFileError, match="disk went away"):
         read_state_dict(tmp_path / "t.safetensors", mmap=False, float32=True)
+
+
+def test_prefaulting_faults_pages_in_ahead_and_keeps_what_is_written(monkeypatch):
+    """The pages of new memory are faulted in by the second thread (writing them afterwards faults almost none), and
+    what the body writes meanwhile stays written (the kernel leaves present pages alone)."""
+    import ctypes
+    import resource
+    import threading
+
+    from comfyui_diffsr.sr_common import weights
+
+    def faults_while_filling(buffer):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        buffer.fill_(1.5)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    numel = 16 << 20  # 64 MB, 16384 pages of 4 KB
+    plain, ahead = weights.fresh_float32_cpu(numel), weights.fresh_float32_cpu(numel)
+    weights._prefault_in_order(ahead.data_ptr(), numel * 4, threading.Event())
+    plain_faults, ahead_faults = faults_while_filling(plain), faults_while_filling(ahead)
+    libc, page = ctypes.CDLL(None, use_errno=True), weights.fresh_float32_cpu(1024)
+    if libc.madvise(ctypes.c_void_p(page.data_ptr()), ctypes.c_size_t(4096), weights.MADV_POPULATE_WRITE) != 0:
+        pytest.skip(f"this kernel lacks MADV_POPULATE_WRITE (errno {ctypes.get_errno()})")
+    assert plain_faults > 8000 and ahead_faults < 500, (plain_faults, ahead_faults)
+
+    monkeypatch.setattr(weights, "PREFAULT_STEP", 1 << 16)  # many small steps, interleaved with the writes
+    buffer = weights.fresh_float32_cpu(numel)
+    with weights.prefaulting(buffer):
+        for start in range(0, numel, 1 << 18):
+            buffer[start:start + (1 << 18)] = start
+    assert torch.equal(buffer.view(-1, 1 << 18)[:, 0], torch.arange(0, numel, 1 << 18, dtype=torch.float32))
+    assert torch.equal(buffer.view(-1, 1 << 18).amin(1), buffer.view(-1, 1 << 18).amax(1))
+    with weights.prefaulting(torch.empty(0)):  # nothing to fault in
+        pass
