@@ -98,7 +98,8 @@ def load_case(base, weights):
     again = loader()
     reload_s = time.perf_counter() - start
     assert again is model
-    params = sum(p.numel() for m in model.modules() for p in m.parameters())  # OSEDiffModel.modules(): its networks
+    unique = {id(p): p for m in model.modules() for p in m.parameters()}  # OSEDiffModel.modules(): its networks,
+    params = sum(p.numel() for p in unique.values())  # which share the VAE encoder when merged in place
     return {"import_s": import_s, "load_s": load_s, "reload_s": reload_s, "params": params,
             "float32_bytes": params * 4,
             "peak_rss_mb": rss_peak_mb(), "torch_threads": torch.get_num_threads()}

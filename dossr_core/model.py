@@ -6,7 +6,7 @@
 """
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ class DoSSRModel:
       ``encoder`` and ``quant_conv`` modules when the weights are the same (see ``share_vae_encoder``);
     - ``controlnet`` / ``unet``: diffusers modules, see ``predict_eps``;
     - ``vae``: SD 2.1 ``AutoencoderKL``; ``text_encoder``/``tokenizer`` may be None when the prompt
-      embedding is given precomputed.
+      embedding is given precomputed (``decoder_owned``: see ``fast_vae_decoder``'s ``in_place``).
     """
 
     unet: torch.nn.Module
@@ -42,11 +42,12 @@ class DoSSRModel:
     tokenizer: object = None
     info: dict = field(default_factory=dict)
     prompt_cache: dict = field(default_factory=dict)
+    decoder_owned: InitVar[bool] = False
 
-    def __post_init__(self):
+    def __post_init__(self, decoder_owned):
         for module in self.modules():
             fast_modules(module)
-        fast_vae_decoder(self.vae.decoder)
+        fast_vae_decoder(self.vae.decoder, in_place=decoder_owned)
 
     def modules(self):
         return [m for m in (self.unet, self.controlnet, self.vae, self.cond_encoder, self.rrdb, self.text_encoder)
@@ -140,7 +141,9 @@ def load_dossr(weights, base=None, *, config=None, base_config=None, text_heads=
     if base is not None:
         sd21 = base if isinstance(base, SD21) else load_sd21(base, base_config)
         unet, vae, text_encoder, tokenizer = sd21.unet, sd21.vae, sd21.text_encoder, sd21.tokenizer
+        vae_owned = sd21.vae_owned
     else:
+        vae_owned = False
         unet, vae, text_encoder = own_base
         tokenizer = load_tokenizer(os.path.join(shipped_config_dir(), "tokenizer")) if text_encoder is not None else None
     del sd
@@ -149,4 +152,4 @@ def load_dossr(weights, base=None, *, config=None, base_config=None, text_heads=
                               f"ControlNet of {name!r} (context {controlnet.config.cross_attention_dim}); DoSSR needs "
                               "SD 2.1-base.")
     return DoSSRModel(unet.eval(), controlnet, vae.eval(), share_vae_encoder(cond_encoder, vae), rrdb, text_encoder,
-                      tokenizer, info=parts.info)
+                      tokenizer, info=parts.info, decoder_owned=vae_owned)

@@ -4,7 +4,7 @@ LQ image → bicubic ×scale → VAE encoder with LoRA → one UNet step at t = 
 x0 = (z − √(1−ᾱ)·ε)/√ᾱ → VAE decoder → colour fix.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 import torch
 
@@ -28,7 +28,8 @@ def alpha_bar(t, num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012):
 @dataclass
 class OSEDiffModel:
     """SD 2.1-base with the OSEDiff LoRA merged: ``unet`` (LoRA + new conv_in), ``lq_encoder``
-    (VAE encoder + quant_conv with LoRA), and the frozen ``vae`` whose decoder turns x0 into pixels."""
+    (VAE encoder + quant_conv with LoRA), and the frozen ``vae`` whose decoder turns x0 into pixels
+    (``decoder_owned``: see ``fast_vae_decoder``'s ``in_place``)."""
 
     unet: torch.nn.Module
     lq_encoder: torch.nn.Module
@@ -36,11 +37,12 @@ class OSEDiffModel:
     text_encoder: torch.nn.Module
     tokenizer: object
     prompt_cache: dict = field(default_factory=dict)
+    decoder_owned: InitVar[bool] = False
 
-    def __post_init__(self):
+    def __post_init__(self, decoder_owned):
         for module in self.modules():
             fast_modules(module)
-        fast_vae_decoder(self.vae.decoder)
+        fast_vae_decoder(self.vae.decoder, in_place=decoder_owned)
 
     @property
     def device(self):
@@ -63,13 +65,15 @@ class OSEDiffModel:
 def build_osediff(sd21, ckpt, *, consume=False):
     """OSEDiff from loaded SD 2.1-base parts and an OSEDiff checkpoint dict (see ``weights.read_osediff``).
 
-    The LoRA is merged into copies of the UNet and the VAE encoder, and ``sd21`` is not modified. With ``consume``
-    the caller hands ``sd21`` over: where its UNet is this process's own memory (``sd21.unet_owned``: a file read into
-    memory or converted at load), the LoRA goes into it in place, which saves a 3.5 GB copy at full size. A UNet
-    memory-mapped from its file is still merged into a copy (faster than writing into the mapping)."""
-    in_place = consume and sd21.unet_owned
-    return OSEDiffModel(apply_osediff_unet(sd21.unet, ckpt, in_place=in_place), lq_encoder(sd21.vae, ckpt), sd21.vae,
-                        sd21.text_encoder, sd21.tokenizer)
+    The LoRA is merged into copies of the UNet and the VAE encoder, and ``sd21`` keeps its weights (its VAE decoder
+    gets channels-last ones: same function). With ``consume`` the caller hands ``sd21`` over: where its UNet is this
+    process's own memory (``sd21.unet_owned``: a file read into memory or converted at load), the LoRA goes into it
+    in place, which saves a 3.5 GB copy at full size; likewise the VAE encoder (``sd21.vae_owned``; the frozen one
+    is not needed, so ``vae.encoder`` becomes the LQ encoder). Weights memory-mapped from their file are still
+    merged into a copy (faster than writing into the mapping)."""
+    unet = apply_osediff_unet(sd21.unet, ckpt, in_place=consume and sd21.unet_owned)
+    encoder = lq_encoder(sd21.vae, ckpt, in_place=consume and sd21.vae_owned)
+    return OSEDiffModel(unet, encoder, sd21.vae, sd21.text_encoder, sd21.tokenizer, decoder_owned=sd21.vae_owned)
 
 
 @dataclass

@@ -11,7 +11,7 @@ import os
 import torch
 
 from ..sr_common.errors import WeightFileError
-from ..sr_common.weights import fresh_float32_cpu, read_state_dict, require_float, write_safetensors
+from ..sr_common.weights import fresh_float32_cpu, prefaulting, read_state_dict, require_float, write_safetensors
 
 REQUIRED_KEYS = ("state_dict_unet", "state_dict_vae", "rank_unet", "rank_vae")
 MODULE_LIST_KEYS = ("unet_lora_encoder_modules", "unet_lora_decoder_modules", "unet_lora_others_modules",
@@ -165,7 +165,7 @@ def merged_copy(module_root, pairs, what, replace=None):
     params = {name: replace.get(name, p) for name, p in module_root.named_parameters()}
     on_cpu = {n for n, p in params.items() if p.dtype == torch.float32 and p.device.type == "cpu"}
     buffer, offset = fresh_float32_cpu(sum(params[n].numel() for n in on_cpu)), 0
-    with torch.no_grad():
+    with torch.no_grad(), prefaulting(buffer):
         for name, weight in params.items():
             if name in on_cpu:
                 new = buffer[offset:offset + weight.numel()].view(weight.shape)
@@ -214,10 +214,12 @@ def apply_osediff_unet(unet, ckpt, in_place=False):
     return merge(unet, lora_pairs(state, int(ckpt["rank_unet"])), "UNet", replace)
 
 
-def lq_encoder(vae, ckpt):
-    """The VAE encoder + ``quant_conv`` with the OSEDiff LoRA merged, as a copy; the VAE itself is untouched."""
+def lq_encoder(vae, ckpt, in_place=False):
+    """The VAE encoder + ``quant_conv`` with the OSEDiff LoRA merged, as a copy (the VAE untouched), or into the
+    VAE's own modules with ``in_place``."""
     parts = torch.nn.ModuleDict({"encoder": vae.encoder, "quant_conv": vae.quant_conv})
-    return merged_copy(parts, lora_pairs(ckpt["state_dict_vae"], int(ckpt["rank_vae"])), "VAE encoder")
+    merge = merge_lora_in_place if in_place else merged_copy
+    return merge(parts, lora_pairs(ckpt["state_dict_vae"], int(ckpt["rank_vae"])), "VAE encoder")
 
 
 def convert_osediff(src, dst):

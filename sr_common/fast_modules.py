@@ -184,7 +184,25 @@ def fast_modules(model):
     return model
 
 
-def fast_vae_decoder(decoder):
+def fast_vae_decoder(decoder, in_place=False):
     """``fast_modules(decoder)`` with channels-last weights (its large-image convolutions run about 15–25 %
-    faster channels-last on CPU; same function)."""
-    return fast_modules(decoder).to(memory_format=torch.channels_last)
+    faster channels-last on CPU; same function). ``in_place``: each weight is reordered inside its own memory
+    instead of copied to new memory (0.6 s less at full size on this VM, and the old copy is not left behind in a
+    loader's buffer), for weights this process owns and nothing else reads (``SD21.vae_owned``)."""
+    fast_modules(decoder)
+    if not in_place:
+        return decoder.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for param in decoder.parameters():
+            if param.dim() == 4 and param.is_contiguous() and not param.is_contiguous(memory_format=torch.channels_last):
+                reorder_channels_last_in_place(param)
+    return decoder
+
+
+def reorder_channels_last_in_place(param):
+    """Rewrite a contiguous (O, I, H, W) parameter's memory in (O, H, W, I) order and give it channels-last strides:
+    same values, same memory (one weight-sized temporary)."""
+    out_ch, in_ch, height, width = param.shape
+    nhwc = param.data.view(out_ch, height, width, in_ch)
+    nhwc.copy_(param.data.permute(0, 2, 3, 1).contiguous())
+    param.data = nhwc.permute(0, 3, 1, 2)

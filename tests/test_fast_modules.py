@@ -143,3 +143,23 @@ def test_gemm_conv_equals_conv(shape, dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
     assert out.shape == ref.shape and out.dtype == ref.dtype
+
+
+def test_decoder_reordered_in_place_keeps_its_memory_and_values(tiny_unet_vae):
+    """``in_place``: each 3×3 weight keeps its memory (a loader's buffer), gets channels-last strides and the same
+    values; the decoder computes what the copied channels-last one does."""
+    _, vae = tiny_unet_vae
+    copied, reordered = copy.deepcopy(vae.decoder), copy.deepcopy(vae.decoder)
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in reordered.named_parameters()}
+    fast_vae_decoder(copied)
+    fast_vae_decoder(reordered, in_place=True)
+    weights = [(n, p) for n, p in reordered.named_parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    assert weights
+    for name, param in weights:
+        assert param.is_contiguous(memory_format=torch.channels_last) and not param.is_contiguous()
+        assert param.data_ptr() == before[name][0] and torch.equal(param, before[name][1])
+    z = torch.randn(1, vae.config.latent_channels, 9, 13)
+    with torch.no_grad():
+        assert torch.equal(reordered(z), copied(z))
+    fast_vae_decoder(reordered, in_place=True)  # again (a second model on the same base): nothing changes
+    assert all(p.data_ptr() == before[n][0] and torch.equal(p, before[n][1]) for n, p in reordered.named_parameters())

@@ -147,3 +147,24 @@ def test_build_consumes_only_a_unet_it_owns(tiny_unet_vae, ckpt):
     own = copy.deepcopy(unet)
     assert build_osediff(SD21(own, vae, text, None, unet_owned=True), ckpt).unet is not own  # not handed over
     assert build_osediff(SD21(own, vae, text, None, unet_owned=True), ckpt, consume=True).unet is own
+
+
+def test_build_merges_into_a_vae_encoder_it_owns(tiny_unet_vae, ckpt):
+    """With ``consume`` and ``vae_owned`` the LoRA goes into the VAE's own encoder (the frozen one is not needed):
+    the same LQ encoder as the copy, and no second copy of the encoder."""
+    from comfyui_diffsr.osediff_core.pipeline import build_osediff
+    from comfyui_diffsr.sr_common.sd21 import SD21
+
+    unet, vae = tiny_unet_vae
+    text = torch.nn.Linear(1, 1)
+    copied = build_osediff(SD21(unet, copy.deepcopy(vae), text, None, vae_owned=True), ckpt)  # not handed over
+    own = copy.deepcopy(vae)
+    frozen = {k: v.clone() for k, v in own.encoder.state_dict().items()}
+    merged = build_osediff(SD21(unet, own, text, None, vae_owned=True), ckpt, consume=True)
+    assert merged.lq_encoder["encoder"] is own.encoder and merged.lq_encoder["quant_conv"] is own.quant_conv
+    assert not all(torch.equal(v, own.encoder.state_dict()[k]) for k, v in frozen.items())
+    assert copied.lq_encoder["encoder"] is not copied.vae.encoder
+    image = torch.rand(1, 3, 32, 24) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(merged.lq_encoder["quant_conv"](merged.lq_encoder["encoder"](image)),
+                                   copied.lq_encoder["quant_conv"](copied.lq_encoder["encoder"](image)))
