@@ -8,7 +8,6 @@ Other model families are recognised and refused with a message naming what was f
 
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 
@@ -146,25 +145,19 @@ def load_tokenizer(folder):
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
 
-def empty_sd21_parts(config_dir=None):
-    """UNet, VAE and text encoder on the meta device, and the tokenizer, for ``sd21_from_ldm_state_dict``."""
-    config_dir = config_dir or shipped_config_dir()
-    return (*models_from_config(config_dir, random_init=False), load_tokenizer(os.path.join(config_dir, "tokenizer")))
-
-
-def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint", owned=False, parts=None):
+def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint", owned=False):
     """SD 2.1-base from an LDM-layout state dict (a single-file checkpoint, or what ComfyUI's
     ``state_dict_for_saving`` returns for the MODEL/CLIP/VAE of its checkpoint loader). ``owned``: the tensors
-    were read into this process's memory for this call alone (see ``SD21.unet_owned``). ``parts``: what
-    ``empty_sd21_parts(config_dir)`` returns, when the caller built it already."""
+    were read into this process's memory for this call alone (see ``SD21.unet_owned``)."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
+    config_dir = config_dir or shipped_config_dir()
     if "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     kind = describe_checkpoint(sd)
     if kind != "sd2":
         _refuse(name, kind)
-    unet, vae, text_encoder, tokenizer = parts or empty_sd21_parts(config_dir)
+    unet, vae, text_encoder = models_from_config(config_dir, random_init=False)
     try:
         unet_sd = convert_ldm_unet_checkpoint(sd, unet.config)
         vae_sd = convert_ldm_vae_checkpoint(sd, vae.config)
@@ -174,8 +167,8 @@ def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint", owned=False
     unet_owned = _load_into(unet, unet_sd, "UNet", name) or owned
     vae_owned = _load_into(vae, vae_sd, "VAE", name) or owned
     _load_into(text_encoder, open_clip_to_hf(sd, text_encoder.config.num_hidden_layers), "text encoder", name)
-    return SD21(unet.eval(), vae.eval(), text_encoder.eval(), tokenizer, source=os.fspath(name), unet_owned=unet_owned,
-                vae_owned=vae_owned)
+    return SD21(unet.eval(), vae.eval(), text_encoder.eval(), load_tokenizer(os.path.join(config_dir, "tokenizer")),
+                source=os.fspath(name), unet_owned=unet_owned, vae_owned=vae_owned)
 
 
 def load_single_file(path, config_dir=None, in_memory=False):
@@ -183,14 +176,10 @@ def load_single_file(path, config_dir=None, in_memory=False):
     (the kernel can drop pages nothing writes), or with ``in_memory`` read into this process's own memory, for a
     caller that merges into the UNet in place (``unet_owned``): written pages of a mapping are copied one by one, and
     replaced ones stay mapped. An fp16 safetensors file is always read and converted to float32 in one pass: its
-    float32 copy is new memory anyway, and a mapping would hold the fp16 file beside it. The empty modules are built
-    in a second thread while the file is read (0.3–0.9 s, mostly diffusers' first imports; the read waits on the
-    disk and the conversion runs outside the interpreter lock)."""
+    float32 copy is new memory anyway, and a mapping would hold the fp16 file beside it."""
     read_in = in_memory or not stored_as_float32(path)
-    with ThreadPoolExecutor(1, thread_name_prefix="sd21-modules") as pool:
-        parts = pool.submit(empty_sd21_parts, config_dir)
-        sd = read_state_dict(path, mmap=not read_in, float32=read_in)
-        return sd21_from_ldm_state_dict(sd, config_dir, name=path, owned=read_in, parts=parts.result())
+    sd = read_state_dict(path, mmap=not read_in, float32=read_in)
+    return sd21_from_ldm_state_dict(sd, config_dir, name=path, owned=read_in)
 
 
 def check_diffusers_folder(folder):

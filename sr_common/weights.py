@@ -170,7 +170,7 @@ def _fresh_memory(nbytes):
 
 
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14
-PREFAULT_STEP = 32 << 20
+PREFAULT_STEP = 128 << 20  # bytes per madvise call (after each, the thread waits for the interpreter lock)
 
 
 def _prefault_in_order(address, nbytes, stop):
@@ -292,9 +292,13 @@ def _read_safetensors_into_memory(path, float32=False):
     tensors, pieces = {}, []  # (file offset, bytes, destination offset, dtype to convert from or None)
     for name, (dtype, shape, begin, end) in in_file_order:
         size, at = end - begin, offsets[name]
-        if out_dtype[name] == dtype:  # read straight into place
-            pieces += [(start + begin, size, at, None)] if size else []
-        else:  # converted to float32 piece by piece
+        if out_dtype[name] == dtype and size:  # read straight into place, with the previous piece if both follow on
+            last = pieces[-1] if pieces else None
+            if last and last[3] is None and last[0] + last[1] == start + begin and last[2] + last[1] == at:
+                pieces[-1] = (last[0], last[1] + size, last[2], None)
+            else:
+                pieces.append((start + begin, size, at, None))
+        elif out_dtype[name] != dtype:  # converted to float32 piece by piece
             pieces += [(start + begin + done, min(PIECE, size - done), at + done // dtype.itemsize * 4, dtype)
                        for done in range(0, size, PIECE)]
         nbytes = size // dtype.itemsize * out_dtype[name].itemsize

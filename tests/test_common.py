@@ -281,3 +281,22 @@ def test_prefaulting_faults_pages_in_ahead_and_keeps_what_is_written(monkeypatch
     assert torch.equal(buffer.view(-1, 1 << 18).amin(1), buffer.view(-1, 1 << 18).amax(1))
     with weights.prefaulting(torch.empty(0)):  # nothing to fault in
         pass
+
+
+def test_safetensors_in_memory_reads_consecutive_tensors_at_once(tmp_path, monkeypatch):
+    """Tensors that follow on in the file and in memory are read in one call (the reading thread then rarely waits
+    for the interpreter lock); an odd-sized one (padded in memory) starts a new read. Values as written."""
+    from safetensors.torch import save_file
+
+    from comfyui_diffsr.sr_common import weights
+
+    tensors = {"a": torch.randn(4, 6), "b": torch.randn(10), "c": torch.randn(3), "d": torch.randn(2, 2),
+               "e": torch.randn(5).half()}  # file order a b c d e; c is 12 bytes, padded to 16 in memory
+    save_file(tensors, tmp_path / "t.safetensors")
+    reads = []
+    read_exactly = weights._read_exactly
+    monkeypatch.setattr(weights, "_read_exactly", lambda f, offset, view: (reads.append(len(view)),
+                                                                          read_exactly(f, offset, view)))
+    read = read_state_dict(tmp_path / "t.safetensors", mmap=False)
+    assert all(torch.equal(read[k], v) for k, v in tensors.items())
+    assert reads == [4 * (24 + 10 + 3), 4 * 4 + 2 * 5]  # a b c, then d e (e read in place: not converted)
