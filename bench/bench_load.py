@@ -11,8 +11,8 @@ then waits for the kernel to reclaim them: on this 24 GB VM with 5 GB of another
 - ``read_s``: reading every byte of both files;
 - ``import_s``: importing torch, diffusers and transformers (not part of the load);
 - ``load_s``: ``load_sd21(in_memory=True)`` + ``read_osediff`` + ``build_osediff(consume=True)``, as the ``osediff``
-  command does (a single file read into memory, the LoRA merged into its UNet in place; the ComfyUI loader maps the
-  file and merges into new tensors, so its SD 2.1-base stays usable, uncopied), ready to run;
+  command does (a single file read into memory, the LoRA merged into its UNet and VAE encoder in place; the ComfyUI
+  loader maps the file and merges into new tensors, so its SD 2.1-base stays usable, uncopied), ready to run;
 - ``touch_s``: in a fresh process, the first write of as much new memory as the loaded model's float32 weights
   (the floor of any load that must produce them; on this VM the cost of new memory varied 1.2–6.3 s for 5.2 GB
   from one run to the next, which moves ``load_s`` with it);
