@@ -215,13 +215,60 @@ def check_weight_files(folder):
                 raise WeightFileError(f"{sub}/{n} in the diffusers folder {folder!r}: {e}") from e
 
 
-def load_diffusers_folder(folder):
-    """SD 2.1-base from a diffusers folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``)."""
+FOLDER_WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+                       "text_encoder": "model.safetensors"}
+DEPRECATED_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def _folder_part_state(module, state):
+    """A diffusers-folder part's state dict in the module's names: the VAE attention of diffusers before 0.14
+    (``query``/``key``/``value``/``proj_attn``), and CLIP's ``position_ids``, which transformers before 4.31 saved."""
+    expected = module.state_dict()
+    fixed = {}
+    for key, value in state.items():
+        if key.endswith("position_ids") and key not in expected:
+            continue
+        path, _, part = key.rpartition(".")
+        owner, _, name = path.rpartition(".")
+        if name in DEPRECATED_ATTENTION_NAMES and f"{owner}.{DEPRECATED_ATTENTION_NAMES[name]}.{part}" in expected:
+            key = f"{owner}.{DEPRECATED_ATTENTION_NAMES[name]}.{part}"
+        fixed[key] = value
+    return fixed
+
+
+def _load_folder_parts(folder, in_memory):
+    """UNet, VAE, text encoder and whether each was read into memory, built on the meta device and filled from the
+    folder's single safetensors file per part (``FOLDER_WEIGHT_FILES``) with this pack's readers, as a single file is
+    (see ``load_single_file``); None when a part is stored otherwise (sharded, pickled, under another name) or its
+    keys are not the module's, which ``load_diffusers_folder`` leaves to diffusers and transformers."""
+    paths = {sub: os.path.join(folder, sub, name) for sub, name in FOLDER_WEIGHT_FILES.items()}
+    if not all(os.path.isfile(p) for p in paths.values()):
+        return None
+    parts, owned = models_from_config(folder, random_init=False), []
+    for (sub, path), module in zip(paths.items(), parts):
+        read_in = in_memory or not stored_as_float32(path)
+        state = _folder_part_state(module, read_state_dict(path, mmap=not read_in, float32=read_in))
+        try:
+            owned.append(_load_into(module, state, sub, path) or read_in)
+        except WeightFileError:
+            return None
+    return parts, owned
+
+
+def load_diffusers_folder(folder, in_memory=False):
+    """SD 2.1-base from a diffusers folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``). Its standard
+    layout is read like a single file (``in_memory``: see ``load_single_file``); other layouts through diffusers'
+    and transformers' own loaders, memory-mapped."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     check_diffusers_folder(folder)
     check_weight_files(folder)
+    loaded = _load_folder_parts(folder, in_memory)
+    if loaded is not None:
+        (unet, vae, text_encoder), (unet_owned, vae_owned, _) = loaded
+        return SD21(unet.eval(), vae.eval(), text_encoder.eval(), load_tokenizer(os.path.join(folder, "tokenizer")),
+                    source=os.fspath(folder), unet_owned=unet_owned, vae_owned=vae_owned)
     try:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True,
                                                     torch_dtype=torch.float32)
@@ -242,7 +289,7 @@ def load_sd21(path, config_dir=None, *, in_memory=False):
         raise WeightFileError(f"Base model not found: {path!r}. Pass the stable-diffusion-2-1-base folder or "
                               "v2-1_512-ema-pruned.safetensors.")
     if os.path.isdir(path):
-        return load_diffusers_folder(path)
+        return load_diffusers_folder(path, in_memory)
     return load_single_file(path, config_dir, in_memory)
 
 

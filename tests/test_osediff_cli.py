@@ -1,5 +1,6 @@
 """The osediff command end to end on the tiny model: diffusers folder, single file, conversion, refusals."""
 
+import json
 import os
 import subprocess
 import sys
@@ -70,6 +71,67 @@ def test_which_single_file_loads_give_an_owned_unet(base, tmp_path, monkeypatch)
         read = load_sd21(str(path), config_dir=base, in_memory=True)  # as the osediff command loads it
         assert read.unet_owned and all(torch.equal(a, b) for a, b in zip(read.unet.parameters(),
                                                                           loaded.unet.parameters()))
+
+
+def _diffusers_loaded(folder):
+    """The folder through diffusers' and transformers' own loaders (the fallback of ``load_diffusers_folder``)."""
+    from comfyui_diffsr.sr_common import sd21
+
+    real = sd21._load_folder_parts
+    try:
+        sd21._load_folder_parts = lambda *a: None
+        return load_sd21(folder)
+    finally:
+        sd21._load_folder_parts = real
+
+
+def _same_weights(a, b):
+    for part in ("unet", "vae", "text_encoder"):
+        sa, sb = getattr(a, part).state_dict(), getattr(b, part).state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), part
+
+
+def test_folder_read_like_a_single_file_equals_diffusers_loading(base, tmp_path):
+    """The standard folder layout is read by the pack's readers (fp16: converted, owned; fp32: mapped unless read
+    into memory), to the weights diffusers and transformers load; old key names too (VAE attention before
+    diffusers 0.14, CLIP ``position_ids``); another layout (a sharded UNet) goes to diffusers."""
+    from safetensors.torch import load_file, save_file
+
+    reference = _diffusers_loaded(base)
+    fp16 = load_sd21(base)
+    _same_weights(fp16, reference)
+    assert fp16.unet_owned and fp16.vae_owned
+    fp32 = copy_tiny_sd21(tmp_path / "fp32")
+    for sub, name in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                      ("text_encoder", "model")):
+        path = os.path.join(fp32, sub, name + ".safetensors")
+        tensors = {k: v.float() for k, v in load_file(path).items()}
+        if sub == "vae":  # as diffusers < 0.14 wrote it
+            old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+            tensors = {next((k.replace(f".{n}.", f".{o}.") for n, o in old.items() if f"attentions.0.{n}." in k), k): v
+                       for k, v in tensors.items()}
+            assert any(".query." in k for k in tensors)
+        if sub == "text_encoder":  # as transformers < 4.31 wrote it
+            tensors["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+        os.remove(path)
+        save_file(tensors, path)
+    mapped, read = load_sd21(fp32), load_sd21(fp32, in_memory=True)
+    for loaded in (mapped, read):
+        _same_weights(loaded, reference)
+    assert not mapped.unet_owned and not mapped.vae_owned and read.unet_owned and read.vae_owned
+
+    sharded = copy_tiny_sd21(tmp_path / "sharded")
+    unet_file = os.path.join(sharded, "unet", "diffusion_pytorch_model.safetensors")
+    tensors = load_file(unet_file)
+    keys = sorted(tensors)
+    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[:len(keys) // 2],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for shard, names in shards.items():
+        save_file({k: tensors[k] for k in names}, os.path.join(sharded, "unet", shard))
+    with open(os.path.join(sharded, "unet", "diffusion_pytorch_model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": {k: shard for shard, names in shards.items() for k in names}}, f)
+    os.remove(unet_file)
+    _same_weights(load_sd21(sharded), reference)
 
 
 def test_converted_weights_and_python_m(base, tmp_path):
