@@ -13,7 +13,7 @@ from torch import nn
 
 from ..sr_common.errors import WeightFileError
 from ..sr_common.fast_modules import fast_modules, fast_vae_decoder
-from ..sr_common.sd21 import SD21, encode_prompt, load_sd21, load_tokenizer, shipped_config_dir
+from ..sr_common.sd21 import SD21, encode_prompt, load_sd21, load_tokenizer, move_module, shipped_config_dir
 from .rrdb import rrdb_from_state_dict
 from .weights import (base_from_official, build_cond_encoder, build_controlnet, load_ldm_params, parts_from_converted,
                       parts_from_official, read_weights)
@@ -65,8 +65,7 @@ class DoSSRModel:
         if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"`dtype` must be torch.float32, float16 or bfloat16, got {dtype}")
         for module in self.modules():
-            current = next(module.parameters()).dtype
-            module.to(device=device, dtype=None if dtype == current else dtype)
+            move_module(module, device, dtype)
         self.prompt_cache.clear()
         return self
 

@@ -11,7 +11,7 @@ import torch
 from ..sr_common import image as img
 from ..sr_common.color_fix import color_reference, fix_colors
 from ..sr_common.fast_modules import fast_modules, fast_vae_decoder
-from ..sr_common.sd21 import SCALING_FACTOR, encode_prompt
+from ..sr_common.sd21 import SCALING_FACTOR, encode_prompt, move_module
 from ..sr_common.tiled_vae import DEFAULT_MODE, tiled_forward
 from ..sr_common.tiling import blend_tiles, needs_tiling
 from .weights import apply_osediff_unet, lq_encoder
@@ -57,7 +57,7 @@ class OSEDiffModel:
 
     def to(self, device=None, dtype=None):
         for module in self.modules():
-            module.to(device=device, dtype=dtype)
+            move_module(module, device, dtype)
         self.prompt_cache.clear()
         return self
 

@@ -293,6 +293,13 @@ def load_sd21(path, config_dir=None, *, in_memory=False):
     return load_single_file(path, config_dir, in_memory)
 
 
+def move_module(module, device=None, dtype=None):
+    """``module.to(device, dtype)``, with no dtype argument at all where it is the module's own: diffusers' ``to``
+    warns about any cast it is given ("modules ... that should be kept in float32: []")."""
+    cast = {} if dtype is None or dtype == getattr(next(module.parameters(), None), "dtype", None) else {"dtype": dtype}
+    return module.to(device=device, **cast)
+
+
 def encode_prompt(text_encoder, tokenizer, prompts):
     """CLIP last hidden state (B, 77, D) for a list of prompts: max-length padding, truncation, no mask."""
     ids = tokenizer(list(prompts), max_length=tokenizer.model_max_length, padding="max_length", truncation=True,

@@ -300,3 +300,16 @@ def test_safetensors_in_memory_reads_consecutive_tensors_at_once(tmp_path, monke
     read = read_state_dict(tmp_path / "t.safetensors", mmap=False)
     assert all(torch.equal(read[k], v) for k, v in tensors.items())
     assert reads == [4 * (24 + 10 + 3), 4 * 4 + 2 * 5]  # a b c, then d e (e read in place: not converted)
+
+
+def test_move_module_gives_a_dtype_only_to_cast():
+    """diffusers' ``to`` warns about any dtype argument, even the module's own: give one only to cast."""
+    from comfyui_diffsr.sr_common.sd21 import move_module
+
+    module, calls = torch.nn.Linear(2, 2), []
+    to = module.to
+    module.to = lambda *a, **k: calls.append(k) or to(*a, **k)
+    move_module(module, "cpu", torch.float32)
+    move_module(module, None, torch.float64)
+    assert calls == [{"device": "cpu"}, {"device": None, "dtype": torch.float64}]
+    assert module.weight.dtype == torch.float64
