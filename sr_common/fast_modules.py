@@ -194,7 +194,8 @@ def fast_vae_decoder(decoder, in_place=False):
         return decoder.to(memory_format=torch.channels_last)
     with torch.no_grad():
         for param in decoder.parameters():
-            if param.dim() == 4 and param.is_contiguous() and not param.is_contiguous(memory_format=torch.channels_last):
+            if param.dim() == 4 and param.is_contiguous() and not param.is_contiguous(
+                    memory_format=torch.channels_last):
                 reorder_channels_last_in_place(param)
     return decoder
 
