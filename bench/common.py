@@ -28,14 +28,15 @@ def rss_peak_mb():
 
 
 def random_sd21(seed=0):
-    """SD 2.1-base architecture from the pack's configs, random weights (no download)."""
+    """SD 2.1-base architecture from the pack's configs, random weights (no download), owned by this process as a
+    file the ``osediff`` command reads is (the LoRA merged in place, the decoder reordered in place)."""
     from comfyui_diffsr.sr_common.sd21 import SD21, models_from_config, load_tokenizer, shipped_config_dir
 
     torch.manual_seed(seed)
     unet, vae, text_encoder = models_from_config(shipped_config_dir())
     return SD21(unet.eval(), vae.eval(), text_encoder.eval(),
                 load_tokenizer(os.path.join(shipped_config_dir(), "tokenizer")), source="random",
-                unet_owned=True)
+                unet_owned=True, vae_owned=True)
 
 
 def timed(fn, repeats, sync=None, warmup=1):
