@@ -177,9 +177,16 @@ def load_single_file(path, config_dir=None, in_memory=False):
     caller that merges into the UNet in place (``unet_owned``): written pages of a mapping are copied one by one, and
     replaced ones stay mapped. An fp16 safetensors file is always read and converted to float32 in one pass: its
     float32 copy is new memory anyway, and a mapping would hold the fp16 file beside it."""
-    read_in = in_memory or not stored_as_float32(path)
-    sd = read_state_dict(path, mmap=not read_in, float32=read_in)
+    sd, read_in = _read_base_file(path, in_memory)
     return sd21_from_ldm_state_dict(sd, config_dir, name=path, owned=read_in)
+
+
+def _read_base_file(path, in_memory):
+    """The state dict of one SD 2.1-base weight file (a single file, or a part of a diffusers folder), and whether it
+    was read into this process's memory: with ``in_memory``, or always for an fp16 safetensors file (converted to
+    float32 as it is read); otherwise a float32 file is memory-mapped. See ``load_single_file``."""
+    read_in = in_memory or not stored_as_float32(path)
+    return read_state_dict(path, mmap=not read_in, float32=read_in), read_in
 
 
 def check_diffusers_folder(folder):
@@ -246,8 +253,8 @@ def _load_folder_parts(folder, in_memory):
         return None
     parts, owned = models_from_config(folder, random_init=False), []
     for (sub, path), module in zip(paths.items(), parts):
-        read_in = in_memory or not stored_as_float32(path)
-        state = _folder_part_state(module, read_state_dict(path, mmap=not read_in, float32=read_in))
+        state, read_in = _read_base_file(path, in_memory)
+        state = _folder_part_state(module, state)
         try:
             owned.append(_load_into(module, state, sub, path) or read_in)
         except WeightFileError:
