@@ -82,3 +82,16 @@ def test_lora_matters(model, tmp_path):
     plain = build_osediff(load_sd21(tiny_folder(str(tmp_path))), ckpt)
     case = next(c for c in CASES if c["name"] == "a32_adain")
     assert psnr(run_case(plain, case), expected(case)) < 40
+
+
+@pytest.mark.parametrize("name", ["a32_adain", "c21x27_exact_sample", "f64x48_vae_tiled"])
+def test_command_build_matches_official(tmp_path, name):
+    """The model as the ``osediff`` command builds it (the base read into memory, the LoRA merged into the UNet and
+    the VAE encoder in place, the decoder reordered to channels-last in its own memory) against the official output."""
+    sd = load_sd21(tiny_folder(str(tmp_path)), in_memory=True)
+    assert sd.unet_owned and sd.vae_owned
+    model = build_osediff(sd, read_osediff(os.path.join(FIX, "osediff_tiny.pkl")), consume=True)
+    assert model.unet is sd.unet and model.lq_encoder["encoder"] is sd.vae.encoder
+    case = next(c for c in CASES if c["name"] == name)
+    out = run_case(model, case)
+    assert psnr(out, expected(case)) >= 50, f"{name}: {psnr(out, expected(case)):.2f} dB"
