@@ -301,10 +301,10 @@ def load_sd21(path, config_dir=None, *, in_memory=False):
 
 
 def move_module(module, device=None, dtype=None):
-    """``module.to(device, dtype)``, with no dtype argument at all where it is the module's own: diffusers' ``to``
-    warns about any cast it is given ("modules ... that should be kept in float32: []")."""
-    cast = {} if dtype is None or dtype == getattr(next(module.parameters(), None), "dtype", None) else {"dtype": dtype}
-    return module.to(device=device, **cast)
+    """``module.to(device, dtype)`` as ``torch.nn.Module`` does it: diffusers' own ``to`` warns about every cast it
+    is given ("There are modules in AutoencoderKL that should be kept in float32: []"), though these modules keep
+    nothing in float32 and are never quantised."""
+    return torch.nn.Module.to(module, device=device, dtype=dtype)
 
 
 def encode_prompt(text_encoder, tokenizer, prompts):

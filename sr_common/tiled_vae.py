@@ -24,10 +24,14 @@ the decoder). Three modes:
   decoder) runs its latent stage one tile at a time too, with the same statistics and the attention per tile,
   so memory stays bounded at any size.
 
+An fp16 network whose output overflows (``inf``/``NaN``) is run again in float32 (``tiled_forward``).
+
 Works on diffusers ``Encoder``/``Decoder`` modules of any depth.
 """
 
+import copy
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -147,7 +151,19 @@ def tiled_forward(net, x, tile, is_decoder, callback=None, mode=DEFAULT_MODE):
     Untiled (plain ``net(x)``) when max(H, W) ≤ tile + 2·pad, as the official hook.
     ``callback(done, total)`` is called after each op over all tiles (``exact``, ``official``) or
     after each tile of each pass (``bounded``).
+
+    An fp16 network whose output is not finite (its activations passed fp16's ±65504 somewhere: a black or
+    speckled image) is run again on a float32 copy of itself, which returns float32; ``net`` is left as it is.
     """
+    out = _tiled_forward(net, x, tile, is_decoder, callback, mode)
+    if out.dtype != torch.float16 or torch.isfinite(out).all():
+        return out
+    warnings.warn(f"The fp16 VAE {'decoder' if is_decoder else 'encoder'} overflowed on this input; running it again "
+                  "in float32.", RuntimeWarning, stacklevel=2)
+    return _tiled_forward(copy.deepcopy(net).float(), x.float(), tile, is_decoder, callback, mode)
+
+
+def _tiled_forward(net, x, tile, is_decoder, callback, mode):
     if mode not in ("exact", "official", "bounded"):
         raise ValueError(f"`mode` must be 'exact', 'official' or 'bounded', got {mode!r}")
     pad = DECODER_PAD if is_decoder else ENCODER_PAD

@@ -302,14 +302,19 @@ def test_safetensors_in_memory_reads_consecutive_tensors_at_once(tmp_path, monke
     assert reads == [4 * (24 + 10 + 3), 4 * 4 + 2 * 5]  # a b c, then d e (e read in place: not converted)
 
 
-def test_move_module_gives_a_dtype_only_to_cast():
-    """diffusers' ``to`` warns about any dtype argument, even the module's own: give one only to cast."""
+def test_move_module_casts_without_diffusers_warning(tiny_unet_vae, caplog):
+    """diffusers' ``to`` warns about any cast ("should be kept in float32: []"); ``move_module`` casts and moves
+    silently, as ``torch.nn.Module.to``."""
+    import copy
+    import logging
+
     from comfyui_diffsr.sr_common.sd21 import move_module
 
-    module, calls = torch.nn.Linear(2, 2), []
-    to = module.to
-    module.to = lambda *a, **k: calls.append(k) or to(*a, **k)
-    move_module(module, "cpu", torch.float32)
-    move_module(module, None, torch.float64)
-    assert calls == [{"device": "cpu"}, {"device": None, "dtype": torch.float64}]
-    assert module.weight.dtype == torch.float64
+    vae = copy.deepcopy(tiny_unet_vae[1])
+    with caplog.at_level(logging.WARNING):
+        assert move_module(vae, "cpu", torch.float16) is vae
+        move_module(vae, None, None)
+    assert {p.dtype for p in vae.parameters()} == {torch.float16} and not caplog.records
+    with caplog.at_level(logging.WARNING):
+        vae.to(dtype=torch.float32)
+    assert "kept in float32" in caplog.text  # the warning this avoids

@@ -154,15 +154,16 @@ def test_noise_source_order():
     assert torch.equal(b, torch.randn((1, 4, 2, 2), generator=gen))
 
 
-def test_bf16_networks_stay_close():
-    """Networks in bf16, sampler arithmetic in float32/float64."""
+@pytest.mark.parametrize("dtype, min_db", [(torch.bfloat16, 38), (torch.float16, 54)])
+def test_reduced_precision_networks_stay_close(dtype, min_db):
+    """Networks in bf16 or fp16 (the CUDA default), sampler arithmetic in float32/float64."""
     lr = lr_image("lr_w32h32.png")
     model = load_dossr(CKPT, config=YAML, text_heads=TEXT_HEADS)
     a = dossr_upscale(model, lr, options=Options(steps=5, seed=1))
-    model.to(dtype=torch.bfloat16)
+    model.to(dtype=dtype)
     b = dossr_upscale(model, lr, options=Options(steps=5, seed=1))
     assert b.dtype == torch.float32 and torch.isfinite(b).all()
-    assert psnr(a, b) >= 30  # measured 41.2 dB
+    assert min_db <= psnr(a, b) < 80  # measured: bf16 41.2 dB, fp16 59.1 dB
     with pytest.raises(ValueError, match="dtype"):
         model.to(dtype=torch.float64)
 

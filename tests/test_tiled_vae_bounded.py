@@ -1,6 +1,8 @@
 """``tiled_forward(mode="bounded")``: one tile at a time, close to the untiled VAE, memory set by the tile."""
 
+import copy
 import os
+import warnings
 
 import pytest
 import torch
@@ -173,3 +175,41 @@ def test_callback_reaches_total(vaes):
 def test_unknown_mode():
     with pytest.raises(ValueError, match="bounded"):
         tiled_forward(torch.nn.Identity(), torch.zeros(1, 3, 8, 8), 8, is_decoder=False, mode="bogus")
+
+
+@pytest.mark.parametrize("mode", ["bounded", "exact", "official"])
+def test_fp16_overflow_runs_again_in_float32(tiny_unet_vae, mode):
+    """An fp16 VAE whose activations pass fp16's ±65504 gives the float32 result instead of inf/NaN, with a warning,
+    and is left as it was (fp16, the same tensors)."""
+    vae = copy.deepcopy(tiny_unet_vae[1])
+    with torch.no_grad():
+        for conv in (vae.decoder.conv_in, vae.encoder.conv_in):
+            conv.weight.mul_(1e5)
+            conv.bias.mul_(1e5)
+    g = torch.Generator().manual_seed(0)
+    cases = [(vae.decoder, torch.randn(1, 4, 24, 24, generator=g), DECODE_TILE, True),
+             (vae.encoder, torch.rand(1, 3, 160, 144, generator=g) * 2 - 1, ENCODE_TILE, False)]
+    with torch.no_grad():
+        for net, x, tile, is_decoder in cases:
+            half = copy.deepcopy(net).half()
+            weights = [p.data_ptr() for p in half.parameters()]
+            reference = tiled_forward(copy.deepcopy(half).float(), x.half().float(), tile, is_decoder, mode=mode)
+            assert not torch.isfinite(tiled_vae._tiled_forward(half, x.half(), tile, is_decoder, None, mode)).all()
+            with pytest.warns(RuntimeWarning, match="overflowed"):
+                out = tiled_forward(half, x.half(), tile, is_decoder, mode=mode)
+            assert out.dtype == torch.float32 and torch.equal(out, reference)
+            assert [p.data_ptr() for p in half.parameters()] == weights
+            assert all(p.dtype == torch.float16 for p in half.parameters())
+
+
+def test_finite_fp16_output_is_not_run_again(tiny_unet_vae):
+    """No overflow: the fp16 result as it is, once."""
+    half = copy.deepcopy(tiny_unet_vae[1].decoder).half()
+    z = torch.randn(1, 4, 40, 40, generator=torch.Generator().manual_seed(1)).half()
+    calls, once = [], []
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = tiled_forward(half, z, DECODE_TILE, True, callback=lambda *progress: calls.append(progress))
+        tiled_vae._tiled_forward(half, z, DECODE_TILE, True, lambda *progress: once.append(progress), "bounded")
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert len(once) > 1 and calls == once
