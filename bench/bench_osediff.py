@@ -50,6 +50,18 @@ def run_case(size, repeats, device, dtype, tile_batch, warmup=1, serve=False, va
     return result
 
 
+def save_text_encoder(text_encoder, folder):
+    """``save_pretrained``, with the ``text_model.`` key prefix that published SD 2.1 folders have: transformers >= 5
+    saves CLIPTextModel without it, and the official code's transformers 4 would then leave its text encoder random."""
+    from safetensors.torch import load_file, save_file
+
+    text_encoder.save_pretrained(folder)
+    path = os.path.join(folder, "model.safetensors")
+    state = load_file(path)
+    save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}, path,
+              metadata={"format": "pt"})
+
+
 def save_for_official(folder):
     """The random weights the official code will load: diffusers folder + osediff.pkl."""
     from comfyui_diffsr.osediff_core.weights import random_osediff_checkpoint
@@ -59,7 +71,7 @@ def save_for_official(folder):
     base = os.path.join(folder, "sd21")
     sd.unet.save_pretrained(os.path.join(base, "unet"))
     sd.vae.save_pretrained(os.path.join(base, "vae"))
-    sd.text_encoder.save_pretrained(os.path.join(base, "text_encoder"))
+    save_text_encoder(sd.text_encoder, os.path.join(base, "text_encoder"))
     shutil.copytree(os.path.join(shipped_config_dir(), "tokenizer"), os.path.join(base, "tokenizer"))
     os.makedirs(os.path.join(base, "scheduler"), exist_ok=True)
     with open(os.path.join(shipped_config_dir(), "scheduler", "scheduler_config.json")) as f:

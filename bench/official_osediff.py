@@ -55,7 +55,7 @@ def main():
     g = torch.Generator().manual_seed(0)
     lr = (torch.rand(a.size, a.size, 3, generator=g) * 255).byte().numpy()
     img = Image.fromarray(lr).resize((a.size * 4, a.size * 4))
-    lq = torch.from_numpy(__import__("numpy").asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
+    lq = (torch.from_numpy(__import__("numpy").asarray(img).copy()).permute(2, 0, 1)[None].float() / 255).to(a.device)
     if a.serve:
         from interleave import serve  # bench/, beside this script
 

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The GPU checks of issue #7 on a CUDA machine (the `device` tool), after tools/device_prepare.sh here:
+#   run(command="bash bench/device_check.sh", carry=[".device"], timeout_s=590)
+#   bash bench/device_check.sh [STEP ...]   steps: tests precision osediff official dossr (default: all, ~8 min)
+# Writes to $OUT (default /tmp/device_check): env.txt, log.txt, tests.log and one JSON per measurement. A failing
+# step does not stop the next. DEVICE=cpu QUICK=1 runs the same steps on the CPU at the smallest sizes (a dry run).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/device_check}
+DEVICE=${DEVICE:-cuda}
+QUICK=${QUICK:-0}
+PY=${PYTHON:-python3}
+steps=${*:-tests precision osediff official dossr}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+step() { echo "== $(date +%T) $*"; }
+quick() { [ "$QUICK" = 1 ] && echo "$1" || echo "$2"; }
+
+step install
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/diffsr-site .device/ours/*.whl
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/diffsr-official \
+  .device/official/*.whl
+mkdir -p /tmp/diffsr-pkg && ln -sfn "$PWD" /tmp/diffsr-pkg/comfyui_diffsr  # the package's import name
+export PYTHONPATH=/tmp/diffsr-site:/tmp/diffsr-pkg HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+official_python=/tmp/diffsr-official-python  # the official code's packages first, then the machine's
+printf '#!/bin/sh\nPYTHONPATH=/tmp/diffsr-official:$PYTHONPATH exec %s "$@"\n' "$(command -v "$PY")" > $official_python
+chmod +x $official_python
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+  "$PY" -c "import torch, diffusers, transformers
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__,
+      'transformers', transformers.__version__)"
+  echo "cpus $(nproc)"; } > "$OUT/env.txt"
+cat "$OUT/env.txt"
+
+osediff() {  # dtype sizes repeats warmup name
+  "$PY" bench/bench_osediff.py --device "$DEVICE" --dtype "$1" --sizes $2 --repeats "$3" --warmup "$4" \
+    --out "$OUT/osediff_${DEVICE}_$5.json" > /dev/null
+}
+dossr() {
+  "$PY" bench/bench_dossr.py --device "$DEVICE" --dtype "$1" --sizes $2 --repeats "$3" \
+    --out "$OUT/dossr_${DEVICE}_$4.json" > /dev/null
+}
+small=$(quick 32 128)
+for s in $steps; do
+  step "$s"
+  case $s in
+    tests)
+      DIFFSR_TEST_DEVICE=$DEVICE "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+        tests/test_osediff_parity.py tests/test_dossr_pipeline.py > "$OUT/tests.log" 2>&1
+      tail -n 5 "$OUT/tests.log";;
+    precision)
+      "$PY" bench/precision.py --device "$DEVICE" --size "$small" --dtypes $(quick bf16 "fp16 bf16") \
+        --out "$OUT/precision_$DEVICE.json" > /dev/null;;
+    osediff)
+      osediff fp16 "$small" "$(quick 2 20)" 1 fp16_128
+      osediff bf16 "$small" "$(quick 2 20)" 1 bf16_128
+      osediff fp32 "$small" "$(quick 2 10)" 1 fp32_128
+      osediff fp16 "$(quick 48 "512 1024")" 2 0 fp16_large
+      osediff bf16 "$(quick 48 512)" 2 0 bf16_512;;
+    official)
+      "$PY" bench/bench_osediff.py --device "$DEVICE" --dtype fp16 --sizes "$small" --repeats "$(quick 2 10)" \
+        --compare-official "$PWD/.device/OSEDiff" --official-python $official_python \
+        --out "$OUT/osediff_${DEVICE}_fp16_vs_official.json" > /dev/null;;
+    dossr)
+      dossr fp16 "$small" "$(quick 1 5)" fp16_128
+      dossr bf16 "$small" "$(quick 1 5)" bf16_128
+      dossr fp16 "$(quick 48 512)" 1 fp16_512;;
+    *) echo "unknown step $s";;
+  esac
+done
+step done
+ls -l "$OUT"

@@ -1,0 +1,93 @@
+"""Each reduced-precision path against our float32 output (issue target on the GPU: ≥ 40 dB PSNR), with full-size
+architectures and random weights, 128→512.
+
+    python bench/precision.py --device cuda --out bench/results/precision_cuda.json
+    python bench/precision.py --device cpu --dtypes bf16 --methods osediff --out bench/results/precision_cpu.json
+
+One float32 model per method is built on the CPU and kept there. Its float32 output on ``--device`` is the
+reference, and each ``--dtypes`` entry runs on a copy cast to that dtype (seconds after one warm-up run). Random
+weights amplify rounding (a tiny model's fp16 output is 46–49 dB from its float32 one, bf16 31–41 dB, in
+tests/test_osediff_parity.py), so trained weights should do better than these figures.
+"""
+
+import argparse
+import copy
+import os
+import time
+
+import torch
+
+from bench_dossr import lr_image, random_dossr
+from common import environment, random_sd21, write_json
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def psnr_db(a, b):
+    mse = torch.mean((a.double().cpu() - b.double().cpu()) ** 2).item()
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
+
+
+def osediff_runner(size):
+    from comfyui_diffsr.osediff_core.pipeline import build_osediff, osediff_upscale
+    from comfyui_diffsr.osediff_core.weights import random_osediff_checkpoint
+
+    sd = random_sd21()
+    model = build_osediff(sd, random_osediff_checkpoint(sd.unet, sd.vae), consume=True)
+    image = lr_image(size)
+    return model, lambda m: osediff_upscale(m, image, prompt="")
+
+
+def dossr_runner(size):
+    from comfyui_diffsr.dossr_core.pipeline import Options, dossr_upscale
+
+    model, _ = random_dossr()
+    image = lr_image(size)
+    embeds = torch.randn(1, 77, 1024, generator=torch.Generator().manual_seed(1))
+    return model, lambda m: dossr_upscale(m, image, prompt_embeds=embeds, options=Options(steps=5, seed=0))
+
+
+def timed_output(run, model, device):
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = run(model)
+    sync()
+    return out.float().cpu(), time.perf_counter() - start
+
+
+def measure(method, size, device, dtypes):
+    """{"fp32_s": ..., dtype: {"psnr_db", "seconds", "finite"}, ...} for one method."""
+    master, run = {"osediff": osediff_runner, "dossr": dossr_runner}[method](size)
+    on_device = master if device.type == "cpu" else copy.deepcopy(master).to(device, torch.float32)
+    reference, seconds = timed_output(run, on_device, device)
+    del on_device
+    result = {"case": f"{size}->{size * 4}", "fp32_s": seconds}
+    for name in dtypes:
+        low = copy.deepcopy(master).to(device, DTYPES[name])
+        timed_output(run, low, device)  # warm-up (kernel selection)
+        out, seconds = timed_output(run, low, device)
+        del low
+        result[name] = {"psnr_db": psnr_db(reference, out), "seconds": seconds, "finite": bool(torch.isfinite(out).all())}
+        print(method, name, result[name], flush=True)
+    return result
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtypes", nargs="+", choices=["fp16", "bf16"], default=["fp16", "bf16"])
+    p.add_argument("--methods", nargs="+", choices=["osediff", "dossr"], default=["osediff", "dossr"])
+    p.add_argument("--size", type=int, default=128, help="LQ size (output ×4)")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "precision.json"))
+    args = p.parse_args()
+    device = torch.device(args.device)
+    result = {"bench": "precision", **environment(device, torch.float32),
+              **{m: measure(m, args.size, device, args.dtypes) for m in args.methods}}
+    write_json(result, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The official fixtures on a CUDA device, in float32 and in the reduced precisions the nodes and commands offer there
+(fp16 is their default on CUDA). Skipped without CUDA: run by bench/device_check.sh on a GPU machine.
+``DIFFSR_TEST_DEVICE=cpu`` runs them on the CPU instead (a dry run of this file)."""
+
+import copy
+import os
+
+import pytest
+import torch
+
+from comfyui_diffsr.dossr_core.model import load_dossr
+from comfyui_diffsr.dossr_core.pipeline import Options as DoSSROptions, dossr_upscale
+from comfyui_diffsr.osediff_core.pipeline import build_osediff
+from comfyui_diffsr.osediff_core.weights import read_osediff
+from comfyui_diffsr.sr_common.sd21 import load_sd21
+from comfyui_diffsr.sr_common.tiled_vae import tiled_forward
+
+from conftest import psnr
+from test_dossr_pipeline import CASES as DOSSR_CASES, CKPT, TEXT_HEADS, YAML, fixture_noise, lr_image
+from test_osediff_parity import CASES as OSEDIFF_CASES, FIX as OSEDIFF_FIX, expected, run_case, tiny_folder
+
+CUDA = torch.device(os.environ.get("DIFFSR_TEST_DEVICE", "cuda"))
+pytestmark = pytest.mark.skipif(CUDA.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
+OSEDIFF_NAMES = ["a32_adain", "c21x27_exact_sample", "e40x32_latent_tiled", "f64x48_vae_tiled",
+                 "g37x29_exact_latent_tiled"]
+
+
+@pytest.fixture(scope="module")
+def osediff_cpu(tmp_path_factory):
+    sd = load_sd21(tiny_folder(str(tmp_path_factory.mktemp("cuda_osediff"))))
+    return build_osediff(sd, read_osediff(os.path.join(OSEDIFF_FIX, "osediff_tiny.pkl")))
+
+
+@pytest.mark.parametrize("name", OSEDIFF_NAMES)
+def test_osediff_float32_on_cuda_matches_official(osediff_cpu, name):
+    model = copy.deepcopy(osediff_cpu).to(CUDA)
+    case = next(c for c in OSEDIFF_CASES if c["name"] == name)
+    out = run_case(model, case)
+    assert out.device.type == "cpu" and out.dtype == torch.float32
+    assert psnr(out, expected(case)) >= 50, f"{name}: {psnr(out, expected(case)):.2f} dB"
+
+
+@pytest.mark.parametrize("dtype, min_db", [(torch.float16, 42), (torch.bfloat16, 28)])
+def test_osediff_reduced_precision_on_cuda(osediff_cpu, dtype, min_db):
+    """Thresholds as on the CPU (tests/test_osediff_parity.py): random tiny weights amplify rounding."""
+    model = copy.deepcopy(osediff_cpu).to(CUDA, dtype)
+    for name in ("a32_adain", "f64x48_vae_tiled", "g37x29_exact_latent_tiled"):
+        case = next(c for c in OSEDIFF_CASES if c["name"] == name)
+        reference, out = run_case(osediff_cpu, case), run_case(model, case)
+        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+        assert min_db <= psnr(out, reference) < 80, f"{name}: {psnr(out, reference):.2f} dB"
+
+
+@pytest.mark.parametrize("case", DOSSR_CASES, ids=[c["name"] for c in DOSSR_CASES])
+def test_dossr_float32_on_cuda_matches_official(case):
+    from safetensors.torch import load_file
+
+    d = load_file(os.path.join(os.path.dirname(CKPT), case["tensors"]))
+    model = load_dossr(CKPT, config=YAML, text_heads=TEXT_HEADS).to(CUDA)
+    out = dossr_upscale(model, lr_image(case["input"]), noise=fixture_noise(d, case["steps"]),
+                        options=DoSSROptions(steps=case["steps"], color_fix=case["color_fix_type"],
+                                             upscale=case["sr_scale"]))
+    assert out.device.type == "cpu"
+    official = lr_image(case["output_png"])
+    assert psnr(torch.floor(out.clamp(0, 1) * 255) / 255, official) >= 50
+
+
+@pytest.mark.parametrize("dtype, min_db", [(torch.bfloat16, 38), (torch.float16, 54)])
+def test_dossr_reduced_precision_on_cuda(dtype, min_db):
+    lr = lr_image("lr_w32h32.png")
+    reference = dossr_upscale(load_dossr(CKPT, config=YAML, text_heads=TEXT_HEADS), lr,
+                              options=DoSSROptions(steps=5, seed=1))
+    model = load_dossr(CKPT, config=YAML, text_heads=TEXT_HEADS).to(CUDA, dtype)
+    out = dossr_upscale(model, lr, options=DoSSROptions(steps=5, seed=1))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert min_db <= psnr(out, reference) < 80
+
+
+def test_fp16_vae_overflow_on_cuda(tiny_unet_vae):
+    """The float32 rerun of an overflowing fp16 VAE (tests/test_tiled_vae_bounded.py) with CUDA kernels."""
+    decoder = copy.deepcopy(tiny_unet_vae[1].decoder)
+    with torch.no_grad():
+        decoder.conv_in.weight.mul_(1e5)
+        decoder.conv_in.bias.mul_(1e5)
+        half = decoder.to(CUDA, torch.float16)
+        z = torch.randn(1, 4, 40, 40, generator=torch.Generator().manual_seed(0)).to(CUDA, torch.float16)
+        reference = tiled_forward(copy.deepcopy(half).float(), z.float(), 8, True)
+        with pytest.warns(RuntimeWarning, match="overflowed"):
+            out = tiled_forward(half, z, 8, True)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert torch.allclose(out, reference, atol=1e-4)
