@@ -140,7 +140,7 @@ def compare_official(args, device, dtype):
         env = official_env(args.compare_official, args.official_thp)
         official_cmd = [args.official_python, os.path.join(HERE, "official_dossr.py"), "--upstream",
                         args.compare_official, "--lr", lr, "--save-ckpt", ckpt, "--steps", str(args.steps),
-                        "--repeats", str(args.repeats)]
+                        "--repeats", str(args.repeats), "--device", args.device]
         ours_cmd = [sys.executable, __file__, "--_case", "128", "--_weights", ckpt, "--repeats", str(args.repeats),
                     "--steps", str(args.steps), "--device", args.device, "--dtype", args.dtype]
         if args.sequential:

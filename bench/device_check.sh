@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of issue #7 on a CUDA machine (the `device` tool), after tools/device_prepare.sh here:
 #   run(command="bash bench/device_check.sh", carry=[".device"], timeout_s=590)
-#   bash bench/device_check.sh [STEP ...]   steps: tests precision osediff official dossr (default: all, ~8 min)
+#   bash bench/device_check.sh [STEP ...]   steps: tests precision osediff official_osediff dossr official_dossr
+#   (default: all, about 9 minutes on an H200; two calls of three steps each fit the 10-minute limit with room)
 # Writes to $OUT (default /tmp/device_check): env.txt, log.txt, tests.log and one JSON per measurement. A failing
 # step does not stop the next. DEVICE=cpu QUICK=1 runs the same steps on the CPU at the smallest sizes (a dry run).
 set -uo pipefail
@@ -10,7 +11,7 @@ OUT=${OUT:-/tmp/device_check}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
 PY=${PYTHON:-python3}
-steps=${*:-tests precision osediff official dossr}
+steps=${*:-tests precision osediff official_osediff dossr official_dossr}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 step() { echo "== $(date +%T) $*"; }
@@ -22,9 +23,13 @@ step install
   .device/official/*.whl
 mkdir -p /tmp/diffsr-pkg && ln -sfn "$PWD" /tmp/diffsr-pkg/comfyui_diffsr  # the package's import name
 export PYTHONPATH=/tmp/diffsr-site:/tmp/diffsr-pkg HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
-official_python=/tmp/diffsr-official-python  # the official code's packages first, then the machine's
-printf '#!/bin/sh\nPYTHONPATH=/tmp/diffsr-official:$PYTHONPATH exec %s "$@"\n' "$(command -v "$PY")" > $official_python
-chmod +x $official_python
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/diffsr-official-dossr \
+  .device/official_dossr/*.whl
+for official in official official-dossr; do  # the official code's packages first, then the machine's
+  printf '#!/bin/sh\nPYTHONPATH=/tmp/diffsr-%s:$PYTHONPATH exec %s "$@"\n' $official "$(command -v "$PY")" \
+    > /tmp/diffsr-$official-python
+  chmod +x /tmp/diffsr-$official-python
+done
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
   "$PY" -c "import torch, diffusers, transformers
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__,
@@ -57,13 +62,18 @@ for s in $steps; do
       osediff fp32 "$small" "$(quick 2 10)" 1 fp32_128
       osediff fp16 "$(quick 48 "512 1024")" 2 0 fp16_large
       osediff bf16 "$(quick 48 512)" 2 0 bf16_512;;
-    official)
+    official_osediff)  # the official code at its fp16 (mixed_precision fp16), ours at its CUDA default, fp16
       "$PY" bench/bench_osediff.py --device "$DEVICE" --dtype fp16 --sizes "$small" --repeats "$(quick 2 10)" \
-        --compare-official "$PWD/.device/OSEDiff" --official-python $official_python \
+        --compare-official "$PWD/.device/OSEDiff" --official-python /tmp/diffsr-official-python \
         --out "$OUT/osediff_${DEVICE}_fp16_vs_official.json" > /dev/null;;
+    official_dossr)  # the official code in float32 (its only precision), ours at its CUDA default, fp16; 128 px
+      "$PY" bench/bench_dossr.py --device "$DEVICE" --dtype fp16 --repeats "$(quick 1 5)" \
+        --compare-official "$PWD/.device/DoSSR" --official-python /tmp/diffsr-official-dossr-python \
+        --out "$OUT/dossr_${DEVICE}_fp16_vs_official.json" > /dev/null;;
     dossr)
       dossr fp16 "$small" "$(quick 1 5)" fp16_128
       dossr bf16 "$small" "$(quick 1 5)" bf16_128
+      dossr fp32 "$small" "$(quick 1 5)" fp32_128
       dossr fp16 "$(quick 48 512)" 1 fp16_512;;
     *) echo "unknown step $s";;
   esac

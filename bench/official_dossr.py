@@ -3,7 +3,7 @@
 Builds the official ControlLDM from its SD 2.1 yaml with random weights (OpenCLIP ViT-H text tower
 built without pretrained weights), saves it as an official-layout ``.ckpt`` at --save-ckpt (so our side
 loads the very same weights), then runs the official ``scripts/inference.py`` main() on --warmup + --repeats
-copies of the LR image (5 steps, sr_scale 4, CPU) and times each ``process()`` call after the warm-up ones.
+copies of the LR image (5 steps, sr_scale 4, on --device) and times each ``process()`` call after the warm-up ones.
 With --serve each call waits for its turn from a driver (bench/interleave.py).
 """
 
@@ -32,19 +32,22 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--serve", action="store_true",
                    help="take runs from a driver (bench/interleave.py): each process() call waits for its turn")
     a = p.parse_args()
     a.lr, a.save_ckpt = os.path.abspath(a.lr), os.path.abspath(a.save_ckpt)
     os.chdir(a.upstream)
+    import setuptools  # noqa: F401  (Python >= 3.12 has no distutils, which the official RRDB imports: setuptools' own)
     import open_clip
 
     create = open_clip.create_model_and_transforms
     open_clip.create_model_and_transforms = lambda arch, device=None, pretrained=None, **kw: create(arch, device=device)
     if not hasattr(torch, "get_autocast_gpu_dtype"):
         torch.get_autocast_gpu_dtype = lambda: torch.get_autocast_dtype("cuda")
-    torch.Tensor.cuda = lambda self, *x, **k: self
-    torch.nn.Module.cuda = lambda self, *x, **k: self
+    if a.device == "cpu":
+        torch.Tensor.cuda = lambda self, *x, **k: self
+        torch.nn.Module.cuda = lambda self, *x, **k: self
     from omegaconf import OmegaConf
     from utils.common import instantiate_from_config
 
@@ -90,7 +93,7 @@ def main():
     for i in range(a.warmup + a.repeats):
         shutil.copy(a.lr, os.path.join(work, "in", f"lr{i}.png"))
     sys.argv = ["inference.py", "--ckpt", a.save_ckpt, "--config", config, "--input", os.path.join(work, "in"),
-                "--steps", str(a.steps), "--sr_scale", "4", "--output", os.path.join(work, "out"), "--device", "cpu"]
+                "--steps", str(a.steps), "--sr_scale", "4", "--output", os.path.join(work, "out"), "--device", a.device]
     inference.main()
     shutil.rmtree(work)
     if a.serve:
