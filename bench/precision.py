@@ -5,7 +5,8 @@ architectures and random weights, 128→512.
     python bench/precision.py --device cpu --dtypes bf16 --methods osediff --out bench/results/precision_cpu.json
 
 One float32 model per method is built on the CPU and kept there. Its float32 output on ``--device`` is the
-reference, and each ``--dtypes`` entry runs on a copy cast to that dtype (seconds after one warm-up run). Random
+reference (``fp32_s``: that first, cold run), and each ``--dtypes`` entry runs on a copy cast to that dtype
+(``seconds``: after one warm-up run; bench_osediff.py and bench_dossr.py give the latency figures). Random
 weights amplify rounding (a tiny model's fp16 output is 46–49 dB from its float32 one, bf16 31–41 dB, in
 tests/test_osediff_parity.py), so trained weights should do better than these figures.
 """
