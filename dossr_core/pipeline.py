@@ -210,12 +210,13 @@ def dossr_upscale(model, image, *, prompt=DEFAULT_PROMPT, prompt_embeds=None, op
     x = sample_dossr(eps_model, x_hat0, grid, lambda name, shape: noise_source(name, shape).to(device),
                      order=o.order, gamma=o.gamma, callback=on_step)
     # 6. decode and crop the padding away
-    decoded = decode(model, x, o.vae_tile_decode, stage("decode"), o.vae_tile_mode)[..., :out_h, :out_w].cpu()
-    # 7. colour fix against start (wavelet: high frequencies of the result + low frequencies of start)
-    out = apply_color_fix(decoded, start.cpu(), o.color_fix)
+    decoded = decode(model, x, o.vae_tile_decode, stage("decode"), o.vae_tile_mode)[..., :out_h, :out_w]
     if trace is not None:
         trace.update(start=start.cpu(), c_latent=c_latent.cpu(), x_hat0=x_hat0.cpu(), context=context.cpu(),
-                     states=[s.cpu() for s in states], decoded=decoded, noise=dict(noise_source.drawn))
+                     states=[s.cpu() for s in states], decoded=decoded.cpu(), noise=dict(noise_source.drawn))
+    # 7. colour fix against start on the device (wavelet: high frequencies of the result + low frequencies of
+    # start), then back to the host
+    out = apply_color_fix(decoded, start, o.color_fix).cpu()
     # 8. other scales: 8-bit quantisation (truncating) and LANCZOS resize of the ×4 result, as the official
     if o.upscale != 4:
         size = (math.ceil(o.upscale * lr_w), math.ceil(o.upscale * lr_h))

@@ -205,8 +205,7 @@ class DoSSRDecode(io.ComfyNode):
             with torch.no_grad():
                 decoded = host.with_oom_retry(lambda vae_tile_decode: decode(
                     model, x.to(dev) * SCALING_FACTOR, vae_tile_decode, cancel), vae_tile_decode=vae_tile)
-            decoded = decoded[..., :h, :w].cpu()
-            out = apply_color_fix(decoded, start, color_fix)
+            out = apply_color_fix(decoded[..., :h, :w], start.to(dev), color_fix).cpu()  # on the device
             if upscale != 4:
                 size = (math.ceil(upscale * w / 4), math.ceil(upscale * h / 4))
                 out = img.resize(torch.floor(out * 255) / 255, size, "lanczos")

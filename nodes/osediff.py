@@ -243,8 +243,9 @@ class OSEDiffDecode(io.ComfyNode):
         for one, x0 in zip(images, latent["samples"].float().split(1)):
             lq, plan = preprocess(one, upscale=upscale, process_size=process_size)
             decoded = host.with_oom_retry(lambda vae_tile_decode: decode_latent(
-                model.vae, x0.to(dev) * SCALING_FACTOR, tile=vae_tile_decode), vae_tile_decode=vae_tile).cpu()
-            out = apply_color_fix((decoded * 0.5 + 0.5)[..., :plan.crop[0], :plan.crop[1]], lq, color_fix)
+                model.vae, x0.to(dev) * SCALING_FACTOR, tile=vae_tile_decode), vae_tile_decode=vae_tile)
+            out = apply_color_fix((decoded * 0.5 + 0.5)[..., :plan.crop[0], :plan.crop[1]], lq.to(dev),
+                                  color_fix).cpu()  # on the device
             if (out.shape[-1], out.shape[-2]) != plan.output_size:
                 out = img.resize(out, plan.output_size, "bicubic").clamp(0, 1)
             outs.append(out)

@@ -211,6 +211,7 @@ def osediff_upscale(model, image, *, prompt="", prompt_embeds=None, prompt_fn=No
     # 1. pre-process: raise small inputs, bicubic ×scale, /8 (pad, or shrink with --official-sizing)
     lq, plan = preprocess(image.float().cpu(), upscale=o.upscale, process_size=o.process_size,
                           official_sizing=o.official_sizing)
+    lq = lq.to(device)  # from here to the colour fix on the device, no round trip to the host
     # what the colour fix needs of the upscaled LQ, and the prompt; then the LQ image is no longer kept
     reference = color_reference(lq, o.color_fix)
     if prompt_embeds is None:
@@ -220,7 +221,7 @@ def osediff_upscale(model, image, *, prompt="", prompt_embeds=None, prompt_fn=No
     # 2. encode with the LoRA VAE encoder
     # the official tiled VAE with --official-sizing; otherwise bounded or exact tiles (see tiled_vae)
     tile_mode = "official" if o.official_sizing else o.vae_tile_mode
-    z = encode_lq(model.lq_encoder, padded.to(device), sample_mode=o.sample_mode, seed=o.seed,
+    z = encode_lq(model.lq_encoder, padded, sample_mode=o.sample_mode, seed=o.seed,
                   tile=o.vae_tile_encode, tile_mode=tile_mode, callback=stage("encode"))
     del padded
     # 3. ε at t = 999 with the prompt embedding
@@ -229,15 +230,15 @@ def osediff_upscale(model, image, *, prompt="", prompt_embeds=None, prompt_fn=No
     # 4. x0 in closed form
     x0 = one_step_x0(z, eps)
     # 5. decode
-    decoded = decode_latent(model.vae, x0, tile=o.vae_tile_decode, tile_mode=tile_mode, callback=stage("decode")).cpu()
+    decoded = decode_latent(model.vae, x0, tile=o.vae_tile_decode, tile_mode=tile_mode, callback=stage("decode"))
     out = decoded.mul_(0.5).add_(0.5)[..., :plan.crop[0], :plan.crop[1]]
-    # 6. colour fix against the upscaled LQ, then back to the requested size
+    # 6. colour fix against the upscaled LQ, then back to the host and the requested size
     if o.official_sizing:
         # the official code quantises (truncating) before and after the colour fix
         out = torch.floor(out.clamp(0, 1) * 255) / 255
         out = fix_colors(out, reference, o.color_fix)
-        return torch.floor(out.clamp(0, 1) * 255) / 255
-    out = fix_colors(out, reference, o.color_fix)
+        return (torch.floor(out.clamp(0, 1) * 255) / 255).cpu()
+    out = fix_colors(out, reference, o.color_fix).cpu()
     if (out.shape[-1], out.shape[-2]) != plan.output_size:
         out = img.resize(out, plan.output_size, "bicubic").clamp(0, 1)
     return out
