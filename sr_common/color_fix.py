@@ -45,9 +45,24 @@ def wavelet_color_fix(target, source):
     return fix_colors(target, color_reference(source, "wavelet"), "wavelet")
 
 
+def on_host_if_out_of_memory(fn, *args):
+    """``fn(*args)`` on the device of its tensors; again with every tensor on the CPU when the device runs out of
+    memory (the wavelet fix of a large image needs a few image-sized tensors at once)."""
+    try:
+        return fn(*args)
+    except torch.cuda.OutOfMemoryError:
+        host = lambda a: tuple(host(x) for x in a) if isinstance(a, tuple) else a.cpu() if torch.is_tensor(a) else a
+        return fn(*host(args))
+
+
 def color_reference(source, method, eps=1e-5):
     """What the colour fix ``method`` keeps of ``source``: its per-channel (μ, σ) for adain, its low
-    frequencies for wavelet, nothing for none. Taken early, it lets a pipeline free the source image."""
+    frequencies for wavelet, nothing for none. Taken early, it lets a pipeline free the source image. On the
+    device of ``source``, or the CPU if that runs out of memory."""
+    return on_host_if_out_of_memory(_color_reference, source, method, eps)
+
+
+def _color_reference(source, method, eps):
     _check_method(method)
     if method == "adain":
         return _mean_std(source, eps)
@@ -58,7 +73,12 @@ def color_reference(source, method, eps=1e-5):
 
 def fix_colors(target, reference, method, eps=1e-5):
     """The colour fix ``method`` of ``target`` against ``reference = color_reference(source, method)``; in place
-    on one new image (the formulas above, same operations in the same order)."""
+    on one new image (the formulas above, same operations in the same order). On the device of ``target``, or the
+    CPU if that runs out of memory (``target`` is left as it is either way)."""
+    return on_host_if_out_of_memory(_fix_colors, target, reference, method, eps)
+
+
+def _fix_colors(target, reference, method, eps):
     _check_method(method)
     if method == "adain":
         mean_t, std_t = _mean_std(target, eps)

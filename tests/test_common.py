@@ -318,3 +318,26 @@ def test_move_module_casts_without_diffusers_warning(tiny_unet_vae, caplog):
     with caplog.at_level(logging.WARNING):
         vae.to(dtype=torch.float32)
     assert "kept in float32" in caplog.text  # the warning this avoids
+
+@pytest.mark.parametrize("method", ["adain", "wavelet", "none"])
+def test_colour_fix_moves_to_the_cpu_when_the_device_is_out_of_memory(monkeypatch, method):
+    """Out of device memory, the reference and the fix run again on the CPU tensors, with the same result; the
+    target is left as it was."""
+    g = torch.Generator().manual_seed(0)
+    target, source = torch.rand(1, 3, 40, 48, generator=g), torch.rand(1, 3, 40, 48, generator=g)
+    expected = color_fix.fix_colors(target, color_fix.color_reference(source, method), method)
+    kept = target.clone()
+    for name in ("_color_reference", "_fix_colors"):
+        real, calls = getattr(color_fix, name), []
+
+        def first_out_of_memory(*args, real=real, calls=calls):
+            calls.append([a for a in args if torch.is_tensor(a)])
+            if len(calls) == 1:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+            return real(*args)
+
+        monkeypatch.setattr(color_fix, name, first_out_of_memory)
+    out = color_fix.fix_colors(target, color_fix.color_reference(source, method), method)
+    assert torch.equal(out, expected) and torch.equal(target, kept)
+    with pytest.raises(ValueError, match="color_fix"):
+        color_fix.fix_colors(target, None, "bogus")
