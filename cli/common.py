@@ -1,11 +1,15 @@
-"""What every command shares: input discovery, output naming without overwriting, devices, progress."""
+"""What every command shares: input discovery, output naming without overwriting, devices, progress, a folder run
+that goes on past a bad image."""
 
+import dataclasses
 import os
 import sys
 
 import torch
+from tqdm import tqdm
 
 from ..sr_common.errors import DiffSRError, ImageInputError
+from ..sr_common.tiling import TILE_FLOORS, with_oom_retry
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -27,32 +31,101 @@ def find_images(inputs):
     return found
 
 
-def plan_outputs(images, outdir, overwrite, suffix=".png"):
-    """OUTDIR/<input stem>.png per input; refuses name clashes and, without ``overwrite``, existing files."""
-    outputs, seen = [], {}
+def plan_outputs(images, outdir, overwrite=False, skip_existing=False):
+    """(input, OUTDIR/<input stem>.png) pairs; refuses name clashes and, unless ``overwrite``, existing files.
+    ``skip_existing`` leaves out the inputs whose output exists (to resume a folder run)."""
+    pairs, seen = [], {}
     for path in images:
-        out = os.path.join(outdir, os.path.splitext(os.path.basename(path))[0] + suffix)
+        out = os.path.join(outdir, os.path.splitext(os.path.basename(path))[0] + ".png")
         if out in seen:
             raise DiffSRError(f"{path!r} and {seen[out]!r} would both be written to {out!r}; rename one of them.")
         seen[out] = path
-        outputs.append(out)
-    existing = [o for o in outputs if os.path.exists(o)]
-    if existing and not overwrite:
-        raise DiffSRError(f"{len(existing)} output file(s) exist already (e.g. {existing[0]!r}). "
-                          "Choose another --output folder or pass --overwrite.")
-    return outputs
+        pairs.append((path, out))
+    existing = [out for _, out in pairs if os.path.exists(out)]
+    if skip_existing:
+        if existing:
+            print(f"skipping {len(existing)} of {len(pairs)} image(s): their output exists (--skip-existing)",
+                  file=sys.stderr)
+        pairs = [(path, out) for path, out in pairs if out not in existing]
+    elif existing and not overwrite:
+        raise DiffSRError(f"{len(existing)} output file(s) exist already (e.g. {existing[0]!r}). Choose another "
+                          "--output folder, pass --skip-existing to upscale only the others, or --overwrite.")
+    # an output folder that cannot be made is found before the models are loaded (and nothing is made yet)
+    nearest = os.path.abspath(outdir)
+    while not os.path.exists(nearest):
+        nearest = os.path.dirname(nearest)
+    if not (os.path.isdir(nearest) and os.access(nearest, os.W_OK | os.X_OK)):
+        raise DiffSRError(f"Cannot write the output folder {outdir!r}: {nearest!r} is not a writable folder. "
+                          "Choose another --output folder.")
+    return pairs
+
+
+def add_output_args(parser):
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    group.add_argument("--skip-existing", action="store_true",
+                       help="leave out inputs whose output exists (resume an interrupted folder run)")
+
+
+def upscale_all(pairs, upscale_one, desc):
+    """``save_png(upscale_one(load_image(path), out), out)`` for each (path, out) pair, in order.
+
+    An image that fails on its own (unreadable or unusable: ``DiffSRError``/``ValueError``; out of memory even at
+    the smallest tiles) is reported and skipped, and the others go on; an output that cannot be written stops the
+    run. Returns the exit status: 0, or 2 when any
+    failed (listed again at the end).
+    """
+    failed = []
+    for path, out in tqdm(pairs, desc=desc, unit="image", file=sys.stderr):
+        try:
+            result = upscale_one(load_image(path), out)
+        except (DiffSRError, ValueError, torch.OutOfMemoryError) as e:
+            reason = f"out of memory even at the smallest tiles ({e})" if isinstance(e, torch.OutOfMemoryError) else e
+            tqdm.write(f"error: {path}: {reason}", file=sys.stderr)
+            failed.append(path)
+            continue
+        save_png(result, out)  # a file that cannot be written stops the run: the next ones could not be either
+    if failed:
+        print(f"error: {len(failed)} of {len(pairs)} image(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def with_smaller_tiles_on_oom(run, options):
+    """``run(options)``; on out-of-memory again with every tile halved (``tiling.with_oom_retry``), the overlap
+    kept below the latent tile, as the nodes do."""
+    defaults = type(options)()
+
+    def attempt(**tiles):
+        if tiles == {k: getattr(options, k) for k in TILE_FLOORS}:
+            return run(options)
+        overlap = min(options.tile_overlap, max(tiles["tile_latent"] - 8, 0))
+        return run(dataclasses.replace(options, tile_overlap=overlap, **tiles))
+
+    return with_oom_retry(attempt, {k: getattr(options, k) for k in TILE_FLOORS},
+                          {k: getattr(defaults, k) for k in TILE_FLOORS},
+                          notify=lambda smaller: tqdm.write(f"out of memory: retrying with smaller tiles {smaller}",
+                                                            file=sys.stderr))
 
 
 def save_png(image01, path):
-    """(1, 3, H, W) in [0, 1] → 8-bit PNG, written atomically (temporary file, then rename)."""
+    """(1, 3, H, W) in [0, 1] → 8-bit PNG, written atomically (temporary file, then rename): a failed write
+    leaves an earlier file at ``path`` as it was."""
     from PIL import Image
 
     from ..sr_common.image import tensor_to_uint8
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".partial"
-    Image.fromarray(tensor_to_uint8(image01, "round")).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        Image.fromarray(tensor_to_uint8(image01, "round")).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise DiffSRError(f"Cannot write {path!r}: {e}. Check that its folder is writable and has "
+                          "space, or choose another --output folder.") from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_image(path):

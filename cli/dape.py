@@ -82,12 +82,21 @@ def main_impl(argv=None):
     device = pick_device(args.device)
     tagger = load_tagger(args, device, resolve_dtype(args.dtype, device))
     exclude = [t.strip() for t in args.exclude.split(",") if t.strip()]
+    failed = []
     for path in images:
-        lq, _ = preprocess(load_image(path), upscale=args.upscale, process_size=args.process_size,
-                           official_sizing=args.official_sizing)
+        try:
+            lq, _ = preprocess(load_image(path), upscale=args.upscale, process_size=args.process_size,
+                               official_sizing=args.official_sizing)
+        except (DiffSRError, ValueError) as e:  # this image only: the others go on
+            print(f"error: {path}: {e}", file=sys.stderr)
+            failed.append(path)
+            continue
         tags = tagger.tags(lq, exclude=exclude, max_tags=args.max_tags)[0]
         prompt = dape_prompt(tags, args.prompt, tags_only=args.tags_only)
         print(prompt if args.no_names else f"{path}\t{prompt}", flush=True)
+    if failed:
+        print(f"error: {len(failed)} of {len(images)} image(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 2
     return 0
 
 

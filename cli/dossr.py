@@ -5,12 +5,11 @@ import os
 import sys
 
 import torch
-from tqdm import tqdm
 
 from ..sr_common.color_fix import COLOR_FIXES
 from ..sr_common.errors import DiffSRError
-from .common import (add_device_args, find_images, load_image, pick_device, plan_outputs, resolve_dtype, run_main,
-                     save_png)
+from .common import (add_device_args, add_output_args, find_images, pick_device, plan_outputs, resolve_dtype, run_main,
+                     upscale_all, with_smaller_tiles_on_oom)
 
 
 def build_parser():
@@ -45,7 +44,7 @@ def build_parser():
     p.add_argument("--save-noise", action="store_true", help="also write <name>.noise.safetensors per output")
     p.add_argument("--gamma", type=float, default=1.0, help="EXPERIMENTAL, not the paper: < 1 moves the sampler "
                    "towards the deterministic ODE (0 = no fresh noise); 1 = official")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    add_output_args(p)
     add_device_args(p)
     return p
 
@@ -79,9 +78,11 @@ def main_impl(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
     images = find_images(args.inputs)
-    outputs = plan_outputs(images, args.output, args.overwrite)
     if args.noise_file and len(images) != 1:
         raise DiffSRError("--noise-file fixes the draws of one image size; give exactly one input image.")
+    pairs = plan_outputs(images, args.output, args.overwrite, args.skip_existing)
+    if not pairs:
+        return 0
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     noise = load_noise(args.noise_file) if args.noise_file else None
@@ -91,20 +92,23 @@ def main_impl(argv=None):
                       gamma=args.gamma, tile_latent=args.tile_latent, tile_overlap=args.tile_overlap,
                       vae_tile_encode=args.vae_tile_encode, vae_tile_decode=args.vae_tile_decode,
                       vae_tile_mode=args.vae_tile_mode)
-    for path, out in tqdm(list(zip(images, outputs)), desc="dossr", unit="image", file=sys.stderr):
-        trace = {} if args.save_noise else None
-        try:
-            result = dossr_upscale(model, load_image(path), prompt=args.prompt, prompt_embeds=embeds, options=options,
-                                   noise=noise, trace=trace)
-        except ValueError as e:
-            raise DiffSRError(f"{os.path.basename(path)}: {e}") from e
-        save_png(result, out)
+
+    def upscale_one(image, out):
+        trace = {} if args.save_noise else None  # each attempt fills it anew: its draws restart from the seed
+        result = with_smaller_tiles_on_oom(lambda o: dossr_upscale(model, image, prompt=args.prompt,
+                                                                   prompt_embeds=embeds, options=o, noise=noise,
+                                                                   trace=trace), options)
         if args.save_noise:
             noise_path = os.path.splitext(out)[0] + ".noise.safetensors"
-            if os.path.exists(noise_path) and args.overwrite:
+            if os.path.exists(noise_path):
+                if not args.overwrite:
+                    raise DiffSRError(f"{noise_path!r} exists; pass --overwrite to replace it, or delete it.")
                 os.remove(noise_path)
+            os.makedirs(os.path.dirname(os.path.abspath(noise_path)), exist_ok=True)
             save_noise(trace["noise"], noise_path)
-    return 0
+        return result
+
+    return upscale_all(pairs, upscale_one, "dossr")
 
 
 def main_convert(src, dst, config=None, fp16=False):

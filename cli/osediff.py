@@ -4,15 +4,14 @@ import argparse
 import sys
 
 import torch
-from tqdm import tqdm
 
 from ..osediff_core.pipeline import Options, build_osediff, osediff_upscale
 from ..osediff_core.weights import read_osediff
 from ..sr_common.color_fix import COLOR_FIXES
 from ..sr_common.errors import DiffSRError
 from ..sr_common.sd21 import load_sd21
-from .common import (add_device_args, find_images, load_image, pick_device, plan_outputs, resolve_dtype, run_main,
-                     save_png)
+from .common import (add_device_args, add_output_args, find_images, pick_device, plan_outputs, resolve_dtype, run_main,
+                     upscale_all, with_smaller_tiles_on_oom)
 
 
 def build_parser():
@@ -44,7 +43,7 @@ def build_parser():
     p.add_argument("--vae-tile-mode", choices=["bounded", "exact"], default="bounded",
                    help="bounded: one tile at a time, memory stays flat as images grow (default); exact: the "
                         "untiled result, memory grows with the image (--official-sizing uses the official tiled VAE)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    add_output_args(p)
     add_device_args(p)
     return p
 
@@ -78,7 +77,9 @@ def main_impl(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
     images = find_images(args.inputs)
-    outputs = plan_outputs(images, args.output, args.overwrite)
+    pairs = plan_outputs(images, args.output, args.overwrite, args.skip_existing)
+    if not pairs:
+        return 0
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     ckpt = read_osediff(args.weights)
@@ -89,11 +90,12 @@ def main_impl(argv=None):
                       tile_latent=args.tile_latent, tile_overlap=args.tile_overlap,
                       vae_tile_encode=args.vae_tile_encode, vae_tile_decode=args.vae_tile_decode,
                       vae_tile_mode=args.vae_tile_mode)
-    for path, out in tqdm(list(zip(images, outputs)), desc="osediff", unit="image", file=sys.stderr):
-        result = osediff_upscale(model, load_image(path), prompt=args.prompt or "", prompt_fn=prompt_fn,
-                                 options=options)
-        save_png(result, out)
-    return 0
+
+    def upscale_one(image, out):
+        return with_smaller_tiles_on_oom(lambda o: osediff_upscale(model, image, prompt=args.prompt or "",
+                                                                   prompt_fn=prompt_fn, options=o), options)
+
+    return upscale_all(pairs, upscale_one, "osediff")
 
 
 def main(argv=None):

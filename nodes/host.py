@@ -14,6 +14,7 @@ import comfy.utils
 import folder_paths
 
 from ..osediff_core.pipeline import Options as DEFAULT_TILES  # the same tile defaults as DoSSR's Options
+from ..sr_common import tiling
 from ..sr_common.download import OFFICIAL, download
 from ..sr_common.errors import WeightFileError
 from ..sr_common.sd21 import load_sd21, sd21_from_ldm_state_dict
@@ -213,33 +214,18 @@ class Progress:
         self.bar.update(1)
 
 
-# the upscale nodes' VAE tiles (their inputs set only the latent tile); on out-of-memory a tile of 0 (never tile)
-# starts at its default, then every tile halves down to its floor
+# the upscale nodes' VAE tiles (their inputs set only the latent tile)
 DEFAULT_VAE_TILES = {"vae_tile_encode": DEFAULT_TILES.vae_tile_encode,
                      "vae_tile_decode": DEFAULT_TILES.vae_tile_decode}
-TILE_FLOORS = {"tile_latent": 16, "vae_tile_encode": 128, "vae_tile_decode": 16}
-
-
-def smaller_tiles(tiles):
-    """Every tile size halved (to a multiple of 8, not below its floor; a 0 becomes its default); None when none
-    can shrink any more."""
-    out = {k: getattr(DEFAULT_TILES, k) if v <= 0 else max(TILE_FLOORS[k], v // 16 * 8) for k, v in tiles.items()}
-    return None if out == tiles else out
+TILE_DEFAULTS = {"tile_latent": DEFAULT_TILES.tile_latent, **DEFAULT_VAE_TILES}
 
 
 def with_oom_retry(run, **tiles):
-    """``run(**tiles)`` with latent and VAE tile sizes; on out-of-memory retry with ``smaller_tiles`` until none can
-    shrink, then re-raise."""
-    while True:
-        try:
-            return run(**tiles)
-        except mm.OOM_EXCEPTION:
-            mm.soft_empty_cache()
-            smaller = smaller_tiles(tiles)
-            if smaller is None:
-                raise
-            print(f"[DiffSR] out of memory: retrying with smaller tiles {smaller}")
-            tiles = smaller
+    """``run(**tiles)``; on ComfyUI's out-of-memory exception, again with every tile halved (``tiling.with_oom_retry``)
+    after ComfyUI frees its cache."""
+    return tiling.with_oom_retry(
+        run, tiles, TILE_DEFAULTS, oom=mm.OOM_EXCEPTION, free=mm.soft_empty_cache,
+        notify=lambda smaller: print(f"[DiffSR] out of memory: retrying with smaller tiles {smaller}"))
 
 
 def image_to_bchw(image):

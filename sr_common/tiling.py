@@ -78,3 +78,30 @@ def blend_tiles(fn, latent, tile, overlap, *, batch=1, callback=None):
         if callback is not None:
             callback(min(start + batch, len(tiles)), len(tiles))
     return out / contributors
+
+
+# on out-of-memory: a tile of 0 (never tile) starts at its default, then every tile halves down to its floor
+TILE_FLOORS = {"tile_latent": 16, "vae_tile_encode": 128, "vae_tile_decode": 16}
+
+
+def smaller_tiles(tiles, defaults):
+    """Every tile size halved (to a multiple of 8, not below its floor; a 0 becomes ``defaults[name]``); None when
+    none can shrink any more."""
+    out = {k: defaults[k] if v <= 0 else max(TILE_FLOORS[k], v // 16 * 8) for k, v in tiles.items()}
+    return None if out == tiles else out
+
+
+def with_oom_retry(run, tiles, defaults, *, oom=torch.OutOfMemoryError, free=torch.cuda.empty_cache, notify=None):
+    """``run(**tiles)``; on ``oom`` run again with ``smaller_tiles`` (after ``free()`` and ``notify(smaller)``) until
+    none can shrink, then re-raise."""
+    while True:
+        try:
+            return run(**tiles)
+        except oom:
+            smaller = smaller_tiles(tiles, defaults)
+            if smaller is None:
+                raise
+        free()  # out of the except block: its traceback held the failed attempt's tensors
+        if notify is not None:
+            notify(smaller)
+        tiles = smaller

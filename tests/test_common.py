@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from comfyui_diffsr.sr_common import color_fix, image, tiling
-from comfyui_diffsr.sr_common.errors import WeightFileError
+from comfyui_diffsr.sr_common.errors import DiffSRError, WeightFileError
 from comfyui_diffsr.sr_common.weights import (as_float32_cpu, fresh_float32_cpu, read_state_dict, stored_as_float32,
                                              write_safetensors)
 
@@ -341,3 +341,22 @@ def test_colour_fix_moves_to_the_cpu_when_the_device_is_out_of_memory(monkeypatc
     assert torch.equal(out, expected) and torch.equal(target, kept)
     with pytest.raises(ValueError, match="color_fix"):
         color_fix.fix_colors(target, None, "bogus")
+
+
+def test_save_png_failing_keeps_the_old_file_and_leaves_no_partial(tmp_path, monkeypatch):
+    from comfyui_diffsr.cli.common import save_png
+
+    out = tmp_path / "x.png"
+    out.write_bytes(b"earlier output")
+
+    def disk_full(self, fp, *args, **kwargs):
+        open(fp, "wb").write(b"half a PNG")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    with pytest.raises(DiffSRError, match="Cannot write .*x.png.*No space left"):
+        save_png(torch.rand(1, 3, 4, 4), str(out))
+    assert os.listdir(tmp_path) == ["x.png"] and out.read_bytes() == b"earlier output"
+    monkeypatch.undo()
+    save_png(torch.ones(1, 3, 4, 5), str(out))
+    assert Image.open(out).size == (5, 4) and os.listdir(tmp_path) == ["x.png"]

@@ -207,6 +207,13 @@ def test_cli_prints_prompts_and_converts(fixture, tmp_path, capsys):
     assert capsys.readouterr().out.strip().endswith(", hi,")
     assert main([paths[1], "--ram", DAPE, "--dape", RAM, "--device", "cpu"]) == 2
     assert "RAM weights" in capsys.readouterr().err
+    bad = tmp_path / "img0b.png"  # between the two: named on stderr, the others still printed, exit 2
+    bad.write_bytes(b"not an image")
+    assert main([paths[0], str(bad), paths[1], "--dape", out, "--process-size", "0", "--no-names", "--device",
+                 "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 2
+    assert "img0b.png: Cannot read image" in captured.err and "1 of 3 image(s) failed" in captured.err
 
 
 def test_low_precision_runs(fixture):

@@ -116,6 +116,37 @@ def test_cli_runs_and_refuses_overwrite(tmp_path):
     assert (a == b).all()
 
 
+def test_cli_out_of_memory_retry_keeps_the_draws(tmp_path, monkeypatch, capsys):
+    """An out-of-memory attempt (after it drew noise) is retried with smaller tiles; the saved draws are the
+    successful attempt's, the same as a run that never ran out of memory."""
+    from safetensors.torch import load_file, save_file
+
+    import comfyui_diffsr.dossr_core.pipeline as pipeline
+    from comfyui_diffsr.cli.dossr import main
+
+    context = load_file(os.path.join(FIX, "n1_w32h16_wavelet.safetensors"))["context"]
+    embeds = tmp_path / "embeds.safetensors"
+    save_file({"prompt_embeds": context}, embeds)
+    args = [os.path.join(FIX, "lr_w32h16.png"), "--weights", CKPT, "--config", os.path.join(FIX, "tiny_cldm.yaml"),
+            "--prompt-embeds", str(embeds), "--steps", "2", "--device", "cpu", "--save-noise", "--tile-latent", "0"]
+    assert main(args + ["-o", str(tmp_path / "plain")]) == 0
+    real, tiles = pipeline.dossr_upscale, []
+
+    def flaky(model, image, options, trace=None, **kwargs):
+        tiles.append(options.tile_latent)
+        if len(tiles) == 1:
+            real(model, image, options=options, trace=trace, **kwargs)  # drew its noise, then "ran out"
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, image, options=options, trace=trace, **kwargs)
+
+    monkeypatch.setattr(pipeline, "dossr_upscale", flaky)
+    assert main(args + ["-o", str(tmp_path / "retried")]) == 0
+    assert tiles == [0, 96] and "retrying with smaller tiles" in capsys.readouterr().err
+    a, b = (load_file(tmp_path / d / "lr_w32h16.noise.safetensors") for d in ("plain", "retried"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "plain" / "lr_w32h16.png").read_bytes() == (tmp_path / "retried" / "lr_w32h16.png").read_bytes()
+
+
 def test_cli_wrong_weights_message(tmp_path, capsys):
     from comfyui_diffsr.cli.dossr import main
 

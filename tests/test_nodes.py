@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import DATA, copy_tiny_sd21, psnr
+from comfyui_diffsr.sr_common.tiling import smaller_tiles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUBS = os.path.join(os.path.dirname(__file__), "comfy_stubs")
@@ -131,9 +132,9 @@ def test_oom_halves_every_tile(pack, osediff_model, monkeypatch):
     # 0 (never tile) starts at the default; halving keeps multiples of 8 (DoSSR needs them) down to the floor
     assert host.with_oom_retry(run, tile_latent=0, vae_tile_decode=224) == 48
     assert tried == [(0, 224), (96, 112), (48, 56)]
-    assert host.smaller_tiles({"tile_latent": 104, "vae_tile_encode": 1024}) == {"tile_latent": 48,
-                                                                                  "vae_tile_encode": 512}
-    assert host.smaller_tiles({"tile_latent": 16, "vae_tile_encode": 128, "vae_tile_decode": 16}) is None
+    smaller = lambda tiles: smaller_tiles(tiles, host.TILE_DEFAULTS)
+    assert smaller({"tile_latent": 104, "vae_tile_encode": 1024}) == {"tile_latent": 48, "vae_tile_encode": 512}
+    assert smaller({"tile_latent": 16, "vae_tile_encode": 128, "vae_tile_decode": 16}) is None
     from comfyui_diffsr.dossr_core.pipeline import Options as DoSSROptions
 
     for name in ("tile_latent", "vae_tile_encode", "vae_tile_decode"):  # one set of defaults serves both methods

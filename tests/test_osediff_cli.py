@@ -160,6 +160,63 @@ def test_never_overwrites_without_flag(base, tmp_path, capsys):
     assert Image.open(out / "in_32x32.png").size == (128, 128)
 
 
+def test_folder_run_goes_on_past_a_bad_image_and_resumes(base, tmp_path, capsys):
+    """A folder with an unreadable file in the middle: the others are written, the bad one is named, exit 2;
+    ``--skip-existing`` then leaves the written ones alone and tries only the rest."""
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    for name in ("a.png", "c.png"):
+        (folder / name).write_bytes(open(os.path.join(FIX, "in_32x32.png"), "rb").read())
+    (folder / "b.png").write_bytes(b"not an image")
+    args = [folder, "-o", out, "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
+            "--process-size", "64"]
+    assert run(args) == 2
+    err = capsys.readouterr().err
+    assert "b.png" in err and "Cannot read image" in err and "1 of 3 image(s) failed" in err, err
+    assert sorted(os.listdir(out)) == ["a.png", "c.png"]  # no .partial left behind
+    a = (out / "a.png").read_bytes()
+    (out / "c.png").unlink()
+    (folder / "b.png").write_bytes(open(os.path.join(FIX, "in_32x32.png"), "rb").read())
+    assert run(args + ["--skip-existing"]) == 0
+    assert "skipping 1 of 3" in capsys.readouterr().err
+    assert (out / "a.png").read_bytes() == a and (out / "b.png").read_bytes() == a == (out / "c.png").read_bytes()
+    assert run(args + ["--skip-existing"]) == 0  # nothing left to do
+    assert "skipping 3 of 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(args + ["--skip-existing", "--overwrite"])
+
+
+def test_out_of_memory_retries_with_smaller_tiles(base, tmp_path, monkeypatch, capsys):
+    """The command halves its tiles on out-of-memory as the nodes do; an image still out of memory at the
+    smallest tiles fails alone."""
+    import comfyui_diffsr.cli.osediff as command
+
+    real, seen = command.osediff_upscale, []
+
+    def limited(model, image, options, **kwargs):
+        seen.append((image.shape[-1], options.tile_latent, options.tile_overlap, options.vae_tile_decode))
+        if image.shape[-1] > 40 or options.vae_tile_decode > 56:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, image, options=options, **kwargs)
+
+    monkeypatch.setattr(command, "osediff_upscale", limited)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.open(os.path.join(FIX, "in_32x32.png")).save(folder / "small.png")
+    Image.open(os.path.join(FIX, "in_32x32.png")).resize((48, 48)).save(folder / "wide.png")
+    args = [folder, "-o", tmp_path / "out", "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
+            "--process-size", "64", "--tile-latent", "40", "--tile-overlap", "36"]
+    assert run(args) == 2
+    err = capsys.readouterr().err
+    assert seen[:3] == [(32, 40, 36, 224), (32, 16, 8, 112), (32, 16, 8, 56)], seen
+    assert "retrying with smaller tiles" in err and "wide.png: out of memory even at the smallest tiles" in err, err
+    assert os.listdir(tmp_path / "out") == ["small.png"]
+    direct = tmp_path / "direct"
+    assert run([folder / "small.png", "-o", direct, "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
+                "--process-size", "64", "--tile-latent", "16", "--tile-overlap", "8", "--vae-tile-decode", "56"]) == 0
+    assert (direct / "small.png").read_bytes() == (tmp_path / "out" / "small.png").read_bytes()
+
+
 def make_ldm_variant(tmp_path, name, mutate):
     from safetensors.torch import load_file
 
@@ -207,6 +264,10 @@ def test_cli_reports_clear_errors(base, tmp_path, capsys):
     assert run([os.path.join(FIX, "in_32x32.png"), "-o", tmp_path, "--base", base, "--weights", "x",
                 "--upscale", "9"]) == 2
     assert "--upscale must be between 1 and 8" in capsys.readouterr().err
+    (tmp_path / "a_file").write_bytes(b"")
+    assert run([os.path.join(FIX, "in_32x32.png"), "-o", tmp_path / "a_file" / "out", "--base", base, "--weights",
+                "x"]) == 2  # found before the (missing) weights are read
+    assert "Cannot write the output folder" in capsys.readouterr().err
 
 
 def test_osediff_with_dape_prompts(base, tmp_path):
