@@ -18,7 +18,7 @@ import sys
 import torch
 
 import interleave
-from common import environment, official_env, random_sd21, rss_peak_mb, summary, timed, write_json
+from common import compiled_first_run, environment, official_env, random_sd21, rss_peak_mb, summary, timed, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -53,7 +53,7 @@ def lr_image(size):
     return (torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 255).round() / 255
 
 
-def run_case(size, repeats, steps, device, dtype, weights=None, serve=False):
+def run_case(size, repeats, steps, device, dtype, weights=None, serve=False, compile=False):
     from comfyui_diffsr.dossr_core.model import load_dossr
     from comfyui_diffsr.dossr_core.pipeline import Options, dossr_upscale
 
@@ -69,6 +69,8 @@ def run_case(size, repeats, steps, device, dtype, weights=None, serve=False):
     image = lr_image(size)
     options = Options(steps=steps)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
+    first_run_s = compiled_first_run(model, lambda: dossr_upscale(model, image, prompt_embeds=embeds, options=options),
+                                     sync) if compile else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if serve:
@@ -78,7 +80,7 @@ def run_case(size, repeats, steps, device, dtype, weights=None, serve=False):
     with torch.inference_mode():
         times = timed(lambda: dossr_upscale(model, image, prompt_embeds=embeds, options=options), repeats, sync)
     result = {"case": f"{size}->{size * 4}", "steps": steps, "params_without_text_encoder": params,
-              **summary(times), "peak_rss_mb": rss_peak_mb()}
+              **summary(times), "peak_rss_mb": rss_peak_mb(), "compile": compile, "first_run_s": first_run_s}
     if device.type == "cuda":
         result["peak_cuda_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return result
@@ -91,6 +93,8 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--compile", action="store_true", help="model.compile() (torch.compile of the ControlNet and "
+                   "UNet); the first run, compilation included, is reported as first_run_s")
     p.add_argument("--out", default=os.path.join(HERE, "results", "dossr_cpu.json"))
     p.add_argument("--compare-official", default=None, help="local checkout of AMD-AIG-AIMA/DoSSR (128 px only)")
     p.add_argument("--official-python", default=sys.executable, help="python of the official code's venv")
@@ -107,7 +111,7 @@ def main():
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     device = torch.device(args.device)
     if args._case is not None:
-        result = run_case(args._case, args.repeats, args.steps, device, dtype, args._weights, args._serve)
+        result = run_case(args._case, args.repeats, args.steps, device, dtype, args._weights, args._serve, args.compile)
         if result is not None:
             print(json.dumps(result))
         return
@@ -117,7 +121,7 @@ def main():
     cases = []
     for size in args.sizes:
         cmd = [sys.executable, __file__, "--_case", str(size), "--repeats", str(args.repeats), "--steps",
-               str(args.steps), "--device", args.device, "--dtype", args.dtype]
+               str(args.steps), "--device", args.device, "--dtype", args.dtype, *(["--compile"] if args.compile else [])]
         cases.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
                                 .splitlines()[-1]))
     write_json({"method": "dossr", **environment(device, dtype), "cases": cases}, args.out)
@@ -142,7 +146,8 @@ def compare_official(args, device, dtype):
                         args.compare_official, "--lr", lr, "--save-ckpt", ckpt, "--steps", str(args.steps),
                         "--repeats", str(args.repeats), "--device", args.device]
         ours_cmd = [sys.executable, __file__, "--_case", "128", "--_weights", ckpt, "--repeats", str(args.repeats),
-                    "--steps", str(args.steps), "--device", args.device, "--dtype", args.dtype]
+                    "--steps", str(args.steps), "--device", args.device, "--dtype", args.dtype,
+                    *(["--compile"] if args.compile else [])]
         if args.sequential:
             official = json.loads(subprocess.run(official_cmd, check=True, capture_output=True, text=True, env=env)
                                   .stdout.strip().splitlines()[-1])

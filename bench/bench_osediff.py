@@ -22,12 +22,12 @@ import torch
 
 import interleave
 from comfyui_diffsr.osediff_core.pipeline import Options
-from common import environment, official_env, random_sd21, rss_peak_mb, summary, timed, write_json
+from common import compiled_first_run, environment, official_env, random_sd21, rss_peak_mb, summary, timed, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_case(size, repeats, device, dtype, tile_batch, warmup=1, serve=False, vae_tiles=None):
+def run_case(size, repeats, device, dtype, tile_batch, warmup=1, serve=False, vae_tiles=None, compile=False):
     from comfyui_diffsr.osediff_core.pipeline import Options, build_osediff, osediff_upscale
     from comfyui_diffsr.osediff_core.weights import random_osediff_checkpoint
 
@@ -36,6 +36,8 @@ def run_case(size, repeats, device, dtype, tile_batch, warmup=1, serve=False, va
     image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     options = Options(upscale=4, tile_batch=tile_batch, **(vae_tiles or {}))
     sync = torch.cuda.synchronize if device.type == "cuda" else None
+    first_run_s = compiled_first_run(model, lambda: osediff_upscale(model, image, prompt="", options=options),
+                                     sync) if compile else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if serve:
@@ -44,7 +46,8 @@ def run_case(size, repeats, device, dtype, tile_batch, warmup=1, serve=False, va
         return None
     with torch.inference_mode():
         times = timed(lambda: osediff_upscale(model, image, prompt="", options=options), repeats, sync, warmup)
-    result = {"case": f"{size}->{size * 4}", **(vae_tiles or {}), **summary(times), "peak_rss_mb": rss_peak_mb()}
+    result = {"case": f"{size}->{size * 4}", **(vae_tiles or {}), **summary(times), "peak_rss_mb": rss_peak_mb(),
+              "compile": compile, "first_run_s": first_run_s}
     if device.type == "cuda":
         result["peak_cuda_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return result
@@ -90,6 +93,8 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--tile-batch", type=int, default=1)
+    p.add_argument("--compile", action="store_true", help="model.compile() (torch.compile of the UNet); the first "
+                   "run, compilation included, is reported as first_run_s")
     p.add_argument("--vae-tile-encode", type=int, default=Options.vae_tile_encode, help="image px (0 = off)")
     p.add_argument("--vae-tile-decode", type=int, default=Options.vae_tile_decode, help="latent px (0 = off)")
     p.add_argument("--vae-tile-mode", choices=["bounded", "exact"], default=Options.vae_tile_mode)
@@ -110,14 +115,16 @@ def main():
     if args._case is not None:
         vae_tiles = {"vae_tile_encode": args.vae_tile_encode, "vae_tile_decode": args.vae_tile_decode,
                      "vae_tile_mode": args.vae_tile_mode}
-        result = run_case(args._case, args.repeats, device, dtype, args.tile_batch, args.warmup, args._serve, vae_tiles)
+        result = run_case(args._case, args.repeats, device, dtype, args.tile_batch, args.warmup, args._serve, vae_tiles,
+                          args.compile)
         if result is not None:
             print(json.dumps(result))
         return
     ours_cmd = lambda size: [sys.executable, __file__, "--_case", str(size), "--repeats", str(args.repeats),
                              "--device", args.device, "--dtype", args.dtype, "--tile-batch", str(args.tile_batch),
                              "--warmup", str(args.warmup), "--vae-tile-encode", str(args.vae_tile_encode),
-                             "--vae-tile-decode", str(args.vae_tile_decode), "--vae-tile-mode", args.vae_tile_mode]
+                             "--vae-tile-decode", str(args.vae_tile_decode), "--vae-tile-mode", args.vae_tile_mode,
+                             *(["--compile"] if args.compile else [])]
     result = {"method": "osediff", **environment(device, dtype)}
     if args.compare_official and not args.sequential:
         result["cases"], result["official"] = compare_interleaved(args, ours_cmd)

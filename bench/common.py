@@ -55,6 +55,13 @@ def timed(fn, repeats, sync=None, warmup=1):
     return times
 
 
+def compiled_first_run(model, run, sync=None):
+    """``model.compile()``, then seconds of the first ``run()`` (compilation included), under inference mode."""
+    model.compile()
+    with torch.inference_mode():
+        return timed(run, 1, sync, warmup=0)[0]
+
+
 def summary(times):
     ordered = sorted(times)
     pick = lambda q: ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]

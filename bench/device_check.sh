@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks of issue #7 on a CUDA machine (the `device` tool), after tools/device_prepare.sh here:
 #   run(command="bash bench/device_check.sh", carry=[".device"], timeout_s=590)
-#   bash bench/device_check.sh [STEP ...]   steps: tests precision osediff official_osediff dossr official_dossr
-#   (default: all, about 9 minutes on an H200; two calls of three steps each fit the 10-minute limit with room)
+#   bash bench/device_check.sh [STEP ...]
+#   steps: tests precision osediff official_osediff dossr official_dossr decoder compile
+#   (default: all, 10-12 minutes on an H200 (a guess); two calls, "tests precision osediff official_osediff" and
+#   "dossr official_dossr decoder compile", each fit the 10-minute limit)
 # Writes to $OUT (default /tmp/device_check): env.txt, log.txt, tests.log and one JSON per measurement. A failing
 # step does not stop the next. DEVICE=cpu QUICK=1 runs the same steps on the CPU at the smallest sizes (a dry run).
 set -uo pipefail
@@ -11,7 +13,7 @@ OUT=${OUT:-/tmp/device_check}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
 PY=${PYTHON:-python3}
-steps=${*:-tests precision osediff official_osediff dossr official_dossr}
+steps=${*:-tests precision osediff official_osediff dossr official_dossr decoder compile}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 step() { echo "== $(date +%T) $*"; }
@@ -37,13 +39,13 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffu
   echo "cpus $(nproc)"; } > "$OUT/env.txt"
 cat "$OUT/env.txt"
 
-osediff() {  # dtype sizes repeats warmup name
+osediff() {  # dtype sizes repeats warmup name [flags]
   "$PY" bench/bench_osediff.py --device "$DEVICE" --dtype "$1" --sizes $2 --repeats "$3" --warmup "$4" \
-    --out "$OUT/osediff_${DEVICE}_$5.json" > /dev/null
+    --out "$OUT/osediff_${DEVICE}_$5.json" "${@:6}" > /dev/null
 }
-dossr() {
+dossr() {  # dtype sizes repeats name [flags]
   "$PY" bench/bench_dossr.py --device "$DEVICE" --dtype "$1" --sizes $2 --repeats "$3" \
-    --out "$OUT/dossr_${DEVICE}_$4.json" > /dev/null
+    --out "$OUT/dossr_${DEVICE}_$4.json" "${@:5}" > /dev/null
 }
 small=$(quick 32 128)
 for s in $steps; do
@@ -75,6 +77,15 @@ for s in $steps; do
       dossr bf16 "$small" "$(quick 1 5)" bf16_128
       dossr fp32 "$small" "$(quick 1 5)" fp32_128
       dossr fp16 "$(quick 48 512)" 1 fp16_512;;
+    compile)  # torch.compile of the diffusion networks (--compile): first_run_s includes the compilation
+      "$PY" bench/precision.py --device "$DEVICE" --size "$small" --dtypes $(quick fp32+compile fp16+compile) \
+        --methods osediff --out "$OUT/precision_${DEVICE}_compile.json" > /dev/null
+      osediff fp16 "$small" "$(quick 2 20)" 1 fp16_128_compile --compile
+      osediff bf16 "$small" "$(quick 2 20)" 1 bf16_128_compile --compile
+      dossr fp16 "$small" "$(quick 1 5)" fp16_128_compile --compile;;
+    decoder)  # do fast_modules (four 2×2 convolutions per ×2 upsampler, channels-last) pay on this device?
+      "$PY" bench/bench_decoder_modules.py --device "$DEVICE" --dtype fp16 --latents $(quick 8 "64 128") \
+        --repeats "$(quick 1 20)" --warmup "$(quick 0 3)" --out "$OUT/decoder_modules_${DEVICE}_fp16.json" > /dev/null;;
     *) echo "unknown step $s";;
   esac
 done

@@ -5,10 +5,11 @@ architectures and random weights, 128→512.
     python bench/precision.py --device cpu --dtypes bf16 --methods osediff --out bench/results/precision_cpu.json
 
 One float32 model per method is built on the CPU and kept there. Its float32 output on ``--device`` is the
-reference (``fp32_s``: that first, cold run), and each ``--dtypes`` entry runs on a copy cast to that dtype
-(``seconds``: after one warm-up run; bench_osediff.py and bench_dossr.py give the latency figures). Random
-weights amplify rounding (a tiny model's fp16 output is 46–49 dB from its float32 one, bf16 31–41 dB, in
-tests/test_osediff_parity.py), so trained weights should do better than these figures.
+reference (``fp32_s``: that first, cold run), and each ``--dtypes`` entry runs on a copy cast to that dtype, with
+``+compile`` also ``torch.compile``d (``seconds``: after one warm-up run, which compiles; bench_osediff.py and
+bench_dossr.py give the latency figures). Random weights amplify rounding (a tiny model's fp16 output is 46–49 dB
+from its float32 one, bf16 31–41 dB, in tests/test_osediff_parity.py), so trained weights should do better than
+these figures.
 """
 
 import argparse
@@ -67,8 +68,12 @@ def measure(method, size, device, dtypes):
     del on_device
     result = {"case": f"{size}->{size * 4}", "fp32_s": seconds}
     for name in dtypes:
-        low = copy.deepcopy(master).to(device, DTYPES[name])
-        timed_output(run, low, device)  # warm-up (kernel selection)
+        dtype, _, compiled = name.partition("+")
+        low = copy.deepcopy(master).to(device, DTYPES[dtype])
+        if compiled:
+            torch._dynamo.reset()  # a fresh cache for each copy (their forwards share code objects)
+            low.compile()
+        timed_output(run, low, device)  # warm-up (kernel selection; compilation)
         out, seconds = timed_output(run, low, device)
         del low
         result[name] = {"psnr_db": psnr_db(reference, out), "seconds": seconds, "finite": bool(torch.isfinite(out).all())}
@@ -79,7 +84,8 @@ def measure(method, size, device, dtypes):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtypes", nargs="+", choices=["fp16", "bf16"], default=["fp16", "bf16"])
+    p.add_argument("--dtypes", nargs="+", choices=["fp16", "bf16", "fp32+compile", "fp16+compile", "bf16+compile"],
+                   default=["fp16", "bf16"], help="+compile: model.compile() (torch.compile of the diffusion networks)")
     p.add_argument("--methods", nargs="+", choices=["osediff", "dossr"], default=["osediff", "dossr"])
     p.add_argument("--size", type=int, default=128, help="LQ size (output ×4)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "precision.json"))

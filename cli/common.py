@@ -78,7 +78,8 @@ def upscale_all(pairs, upscale_one, desc):
     failed = []
     for path, out in tqdm(pairs, desc=desc, unit="image", file=sys.stderr):
         try:
-            result = upscale_one(load_image(path), out)
+            with torch.inference_mode():
+                result = upscale_one(load_image(path), out)
         except (DiffSRError, ValueError, torch.OutOfMemoryError) as e:
             reason = f"out of memory even at the smallest tiles ({e})" if isinstance(e, torch.OutOfMemoryError) else e
             tqdm.write(f"error: {path}: {reason}", file=sys.stderr)
@@ -163,6 +164,12 @@ def add_device_args(parser):
                         help="network precision; default fp32 on CPU, fp16 on CUDA")
 
 
+def add_compile_arg(parser):
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the diffusion networks: the first image (and each new size) compiles "
+                             "first, minutes on a CPU; needs a C++ compiler (CPU) or Triton (GPU)")
+
+
 def resolve_dtype(name, device):
     if name is None:
         return torch.float16 if device.type == "cuda" else torch.float32
@@ -181,6 +188,15 @@ def run_main(main_fn, argv):
         return main_fn(argv)
     except DiffSRError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        from torch._dynamo.exc import BackendCompilerFailed
+
+        if not isinstance(e, BackendCompilerFailed):
+            raise
+        cause = e.inner_exception
+        print(f"error: torch.compile failed ({e.backend_name}: {type(cause).__name__}: {cause}). "
+              "Run again without --compile.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -8,8 +8,8 @@ import torch
 
 from ..sr_common.color_fix import COLOR_FIXES
 from ..sr_common.errors import DiffSRError
-from .common import (add_device_args, add_output_args, find_images, pick_device, plan_outputs, resolve_dtype, run_main,
-                     upscale_all, with_smaller_tiles_on_oom)
+from .common import (add_compile_arg, add_device_args, add_output_args, find_images, pick_device, plan_outputs,
+                     resolve_dtype, run_main, upscale_all, with_smaller_tiles_on_oom)
 
 
 def build_parser():
@@ -46,6 +46,7 @@ def build_parser():
                    "towards the deterministic ODE (0 = no fresh noise); 1 = official")
     add_output_args(p)
     add_device_args(p)
+    add_compile_arg(p)
     return p
 
 
@@ -88,6 +89,8 @@ def main_impl(argv=None):
     noise = load_noise(args.noise_file) if args.noise_file else None
     embeds = read_prompt_embeds(args.prompt_embeds) if args.prompt_embeds else None
     model = load_dossr(args.weights, args.base, config=args.config, base_config=args.base_config).to(device, dtype)
+    if args.compile:
+        model.compile()
     options = Options(steps=args.steps, color_fix=args.color_fix, upscale=args.upscale, seed=args.seed,
                       gamma=args.gamma, tile_latent=args.tile_latent, tile_overlap=args.tile_overlap,
                       vae_tile_encode=args.vae_tile_encode, vae_tile_decode=args.vae_tile_decode,
@@ -123,7 +126,7 @@ def main_convert(src, dst, config=None, fp16=False):
 
 
 def main(argv=None):
-    with torch.inference_mode():
+    with torch.no_grad():  # the weights are plain tensors (torch.compile cannot trace inference tensors as weights)
         return run_main(main_impl, argv)
 
 

@@ -10,8 +10,8 @@ from ..osediff_core.weights import read_osediff
 from ..sr_common.color_fix import COLOR_FIXES
 from ..sr_common.errors import DiffSRError
 from ..sr_common.sd21 import load_sd21
-from .common import (add_device_args, add_output_args, find_images, pick_device, plan_outputs, resolve_dtype, run_main,
-                     upscale_all, with_smaller_tiles_on_oom)
+from .common import (add_compile_arg, add_device_args, add_output_args, find_images, pick_device, plan_outputs,
+                     resolve_dtype, run_main, upscale_all, with_smaller_tiles_on_oom)
 
 
 def build_parser():
@@ -45,6 +45,7 @@ def build_parser():
                         "untiled result, memory grows with the image (--official-sizing uses the official tiled VAE)")
     add_output_args(p)
     add_device_args(p)
+    add_compile_arg(p)
     return p
 
 
@@ -84,6 +85,8 @@ def main_impl(argv=None):
     dtype = resolve_dtype(args.dtype, device)
     ckpt = read_osediff(args.weights)
     model = build_osediff(load_sd21(args.base, args.base_config, in_memory=True), ckpt, consume=True).to(device, dtype)
+    if args.compile:
+        model.compile()
     prompt_fn = make_prompt_fn(args, device, dtype)
     options = Options(upscale=args.upscale, process_size=args.process_size, official_sizing=args.official_sizing,
                       color_fix=args.color_fix, sample_mode=args.sample_mode, seed=args.seed,
@@ -99,7 +102,7 @@ def main_impl(argv=None):
 
 
 def main(argv=None):
-    with torch.inference_mode():
+    with torch.no_grad():  # the weights are plain tensors (torch.compile cannot trace inference tensors as weights)
         return run_main(main_impl, argv)
 
 

@@ -69,6 +69,14 @@ class DoSSRModel:
         self.prompt_cache.clear()
         return self
 
+    def compile(self, **options):
+        """``torch.compile`` (``options``) the ControlNet and the UNet in place, the networks of every step (the VAE
+        runs tile by tile in stages of varying shape, and the RRDB once): the same function; each new input shape
+        compiles first."""
+        self.controlnet.compile(**options)
+        self.unet.compile(**options)
+        return self
+
     def prompt_embedding(self, prompt=DEFAULT_PROMPT):
         """Text context (1, 77, D) of ``prompt``: SD 2.1 text encoder, penultimate layer + final norm (cached)."""
         if prompt not in self.prompt_cache:

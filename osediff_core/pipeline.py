@@ -61,6 +61,12 @@ class OSEDiffModel:
         self.prompt_cache.clear()
         return self
 
+    def compile(self, **options):
+        """``torch.compile`` (``options``) the UNet in place, the one network step (the VAE runs tile by tile in
+        stages of varying shape): the same function; each new input shape compiles first."""
+        self.unet.compile(**options)
+        return self
+
 
 def build_osediff(sd21, ckpt, *, consume=False):
     """OSEDiff from loaded SD 2.1-base parts and an OSEDiff checkpoint dict (see ``weights.read_osediff``).

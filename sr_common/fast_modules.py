@@ -61,7 +61,8 @@ def upsample2x_conv3x3(x, kernels, bias=None):
 
 class FusedUpsample2D(nn.Module):
     """Drop-in for a diffusers ``Upsample2D`` (nearest ×2, 3×3 conv); keeps its ``conv`` (same state-dict keys).
-    The phase kernels are folded once and kept until the weight is written to, moved or cast."""
+    The phase kernels are folded once and kept until the weight is written to, moved or cast (under
+    ``torch.compile``, folded in every call of the compiled graph instead)."""
 
     def __init__(self, upsample):
         super().__init__()
@@ -75,6 +76,8 @@ class FusedUpsample2D(nn.Module):
 
     def phase_kernels(self):
         weight = self.conv.weight
+        if torch.compiler.is_compiling():  # inside torch.compile: folded in the graph, no Python-side cache
+            return phase_kernels(weight)
         try:
             version = weight._version  # bumped by every in-place write (load_state_dict, a LoRA merge)
         except RuntimeError:  # an inference tensor has no version counter

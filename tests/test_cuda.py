@@ -51,6 +51,21 @@ def test_osediff_reduced_precision_on_cuda(osediff_cpu, dtype, min_db):
         assert min_db <= psnr(out, reference) < 80, f"{name}: {psnr(out, reference):.2f} dB"
 
 
+@pytest.mark.skipif(CUDA.type == "cpu", reason="inductor on the CPU compiles for minutes (tests/test_compile.py "
+                    "covers the capture there)")
+@pytest.mark.parametrize("dtype, min_db", [(torch.float32, 60), (torch.float16, 42)])
+def test_osediff_compiled_with_inductor_on_cuda(osediff_cpu, dtype, min_db):
+    """``model.compile()`` as ``--compile`` does (inductor, Triton kernels) against the eager float32 output."""
+    torch._dynamo.reset()
+    model = copy.deepcopy(osediff_cpu).to(CUDA, dtype).compile()
+    for name in ("a32_adain", "g37x29_exact_latent_tiled"):
+        case = next(c for c in OSEDIFF_CASES if c["name"] == name)
+        with torch.inference_mode():
+            reference, out = run_case(osediff_cpu, case), run_case(model, case)
+        assert torch.isfinite(out).all() and psnr(out, reference) >= min_db, f"{name}: {psnr(out, reference):.2f} dB"
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("case", DOSSR_CASES, ids=[c["name"] for c in DOSSR_CASES])
 def test_dossr_float32_on_cuda_matches_official(case):
     from safetensors.torch import load_file
