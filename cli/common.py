@@ -72,8 +72,7 @@ def upscale_all(pairs, upscale_one, desc):
 
     An image that fails on its own (unreadable or unusable: ``DiffSRError``/``ValueError``; out of memory even at
     the smallest tiles) is reported and skipped, and the others go on; an output that cannot be written stops the
-    run. Returns the exit status: 0, or 2 when any
-    failed (listed again at the end).
+    run. Returns the exit status: 0, or 2 when any failed (listed again at the end).
     """
     failed = []
     for path, out in tqdm(pairs, desc=desc, unit="image", file=sys.stderr):

@@ -97,15 +97,15 @@ def main_impl(argv=None):
                       vae_tile_mode=args.vae_tile_mode)
 
     def upscale_one(image, out):
+        noise_path = os.path.splitext(out)[0] + ".noise.safetensors"
+        if args.save_noise and os.path.exists(noise_path) and not args.overwrite:
+            raise DiffSRError(f"{noise_path!r} exists; pass --overwrite to replace it, or delete it.")
         trace = {} if args.save_noise else None  # each attempt fills it anew: its draws restart from the seed
         result = with_smaller_tiles_on_oom(lambda o: dossr_upscale(model, image, prompt=args.prompt,
                                                                    prompt_embeds=embeds, options=o, noise=noise,
                                                                    trace=trace), options)
         if args.save_noise:
-            noise_path = os.path.splitext(out)[0] + ".noise.safetensors"
             if os.path.exists(noise_path):
-                if not args.overwrite:
-                    raise DiffSRError(f"{noise_path!r} exists; pass --overwrite to replace it, or delete it.")
                 os.remove(noise_path)
             os.makedirs(os.path.dirname(os.path.abspath(noise_path)), exist_ok=True)
             save_noise(trace["noise"], noise_path)

@@ -114,6 +114,9 @@ def test_cli_runs_and_refuses_overwrite(tmp_path):
     a = np.asarray(Image.open(tmp_path / "out" / "lr_w32h16.png"))
     b = np.asarray(Image.open(tmp_path / "out2" / "lr_w32h16.png"))
     assert (a == b).all()
+    (tmp_path / "out" / "lr_w32h16.png").unlink()  # the noise file alone is refused too, before any work
+    assert main(args) == 2
+    assert not (tmp_path / "out" / "lr_w32h16.png").exists()
 
 
 def test_cli_out_of_memory_retry_keeps_the_draws(tmp_path, monkeypatch, capsys):
