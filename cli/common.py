@@ -4,6 +4,7 @@ that goes on past a bad image."""
 import dataclasses
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from tqdm import tqdm
@@ -73,18 +74,32 @@ def upscale_all(pairs, upscale_one, desc):
     An image that fails on its own (unreadable or unusable: ``DiffSRError``/``ValueError``; out of memory even at
     the smallest tiles) is reported and skipped, and the others go on; an output that cannot be written stops the
     run. Returns the exit status: 0, or 2 when any failed (listed again at the end).
+
+    While an image is upscaled, the next one is read and the previous output written on two helper threads (PIL
+    releases the interpreter lock while it decodes and encodes; a 2048² PNG takes about a second to write, as long
+    as a GPU upscale). At most one output waits to be written.
     """
     failed = []
-    for path, out in tqdm(pairs, desc=desc, unit="image", file=sys.stderr):
-        try:
-            with torch.inference_mode():
-                result = upscale_one(load_image(path), out)
-        except (DiffSRError, ValueError, torch.OutOfMemoryError) as e:
-            reason = f"out of memory even at the smallest tiles ({e})" if isinstance(e, torch.OutOfMemoryError) else e
-            tqdm.write(f"error: {path}: {reason}", file=sys.stderr)
-            failed.append(path)
-            continue
-        save_png(result, out)  # a file that cannot be written stops the run: the next ones could not be either
+    with ThreadPoolExecutor(1, "diffsr-read") as reader, ThreadPoolExecutor(1, "diffsr-write") as writer:
+        reading = [reader.submit(load_image, path) for path, _ in pairs[:1]]
+        writing = None
+        for i, (path, out) in enumerate(tqdm(pairs, desc=desc, unit="image", file=sys.stderr)):
+            image = reading.pop()
+            reading += [reader.submit(load_image, later) for later, _ in pairs[i + 1:i + 2]]
+            try:
+                with torch.inference_mode():
+                    result = upscale_one(image.result(), out)
+            except (DiffSRError, ValueError, torch.OutOfMemoryError) as e:
+                reason = (f"out of memory even at the smallest tiles ({e})" if isinstance(e, torch.OutOfMemoryError)
+                          else e)
+                tqdm.write(f"error: {path}: {reason}", file=sys.stderr)
+                failed.append(path)
+                continue
+            if writing is not None:
+                writing.result()  # a file that cannot be written stops the run: the next ones could not be either
+            writing = writer.submit(save_png, result, out)
+        if writing is not None:
+            writing.result()
     if failed:
         print(f"error: {len(failed)} of {len(pairs)} image(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 2

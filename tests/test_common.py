@@ -360,3 +360,57 @@ def test_save_png_failing_keeps_the_old_file_and_leaves_no_partial(tmp_path, mon
     monkeypatch.undo()
     save_png(torch.ones(1, 3, 4, 5), str(out))
     assert Image.open(out).size == (5, 4) and os.listdir(tmp_path) == ["x.png"]
+
+
+def _folder(tmp_path, count):
+    from PIL import Image
+
+    pairs = []
+    for i in range(count):
+        path = tmp_path / f"in{i}.png"
+        Image.fromarray(torch.full((4, 6, 3), 40 * i + 10, dtype=torch.uint8).numpy()).save(path)
+        pairs.append((str(path), str(tmp_path / "out" / f"in{i}.png")))
+    return pairs
+
+
+def test_folder_run_writes_an_output_beside_the_next_upscale(tmp_path, monkeypatch):
+    """The first output is written while the second image is upscaled: its writer waits for that upscale to start,
+    which would never happen if the two ran one after the other."""
+    import threading
+
+    from comfyui_diffsr.cli import common
+
+    pairs = _folder(tmp_path, 3)
+    second_started, real_save = threading.Event(), common.save_png
+
+    def save_after_second_started(image01, path):
+        if path.endswith("in0.png"):
+            assert second_started.wait(60), "the first output was not written beside the second upscale"
+        real_save(image01, path)
+
+    def upscale_one(image, out):
+        if out.endswith("in1.png"):
+            second_started.set()
+        return 1 - image
+
+    monkeypatch.setattr(common, "save_png", save_after_second_started)
+    assert common.upscale_all(pairs, upscale_one, "test") == 0
+    for path, out in pairs:
+        assert torch.equal(common.load_image(out), 1 - common.load_image(path))
+
+
+def test_folder_run_stops_when_an_output_cannot_be_written(tmp_path, monkeypatch):
+    from comfyui_diffsr.cli import common
+
+    pairs = _folder(tmp_path, 3)
+    real_save = common.save_png
+
+    def full_after_first(image01, path):
+        if not path.endswith("in0.png"):
+            raise DiffSRError(f"Cannot write {path!r}: No space left on device.")
+        real_save(image01, path)
+
+    monkeypatch.setattr(common, "save_png", full_after_first)
+    with pytest.raises(DiffSRError, match="in1.png.*No space"):
+        common.upscale_all(pairs, lambda image, out: image, "test")
+    assert os.listdir(tmp_path / "out") == ["in0.png"]
