@@ -69,7 +69,8 @@ def add_output_args(parser):
 
 
 def upscale_all(pairs, upscale_one, desc):
-    """``save_png(upscale_one(load_image(path), out), out)`` for each (path, out) pair, in order.
+    """``save_png(upscale_one(image, out), out, icc_profile)`` with ``read_image(path)`` for each (path, out) pair, in
+    order.
 
     An image that fails on its own (unreadable or unusable: ``DiffSRError``/``ValueError``; out of memory even at
     the smallest tiles) is reported and skipped, and the others go on; an output that cannot be written stops the
@@ -81,14 +82,15 @@ def upscale_all(pairs, upscale_one, desc):
     """
     failed = []
     with ThreadPoolExecutor(1, "diffsr-read") as reader, ThreadPoolExecutor(1, "diffsr-write") as writer:
-        reading = [reader.submit(load_image, path) for path, _ in pairs[:1]]
+        reading = [reader.submit(read_image, path) for path, _ in pairs[:1]]
         writing = None
         for i, (path, out) in enumerate(tqdm(pairs, desc=desc, unit="image", file=sys.stderr)):
             image = reading.pop()
-            reading += [reader.submit(load_image, later) for later, _ in pairs[i + 1:i + 2]]
+            reading += [reader.submit(read_image, later) for later, _ in pairs[i + 1:i + 2]]
             try:
+                image, icc_profile = image.result()
                 with torch.inference_mode():
-                    result = upscale_one(image.result(), out)
+                    result = upscale_one(image, out)
             except (DiffSRError, ValueError, torch.OutOfMemoryError) as e:
                 reason = (f"out of memory even at the smallest tiles ({e})" if isinstance(e, torch.OutOfMemoryError)
                           else e)
@@ -97,7 +99,7 @@ def upscale_all(pairs, upscale_one, desc):
                 continue
             if writing is not None:
                 writing.result()  # a file that cannot be written stops the run: the next ones could not be either
-            writing = writer.submit(save_png, result, out)
+            writing = writer.submit(save_png, result, out, icc_profile)
         if writing is not None:
             writing.result()
     if failed:
@@ -123,9 +125,10 @@ def with_smaller_tiles_on_oom(run, options):
                                                             file=sys.stderr))
 
 
-def save_png(image01, path):
-    """(1, 3, H, W) in [0, 1] → 8-bit PNG, written atomically (temporary file, then rename): a failed write
-    leaves an earlier file at ``path`` as it was."""
+def save_png(image01, path, icc_profile=None):
+    """(1, 3, H, W) in [0, 1] → 8-bit PNG (with the input's ICC colour profile, so its colours mean what the input's
+    did), written atomically (temporary file, then rename): a failed write leaves an earlier file at ``path`` as it
+    was."""
     from PIL import Image
 
     from ..sr_common.image import tensor_to_uint8
@@ -133,7 +136,7 @@ def save_png(image01, path):
     tmp = path + ".partial"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        Image.fromarray(tensor_to_uint8(image01, "round")).save(tmp, format="PNG")
+        Image.fromarray(tensor_to_uint8(image01, "round")).save(tmp, format="PNG", icc_profile=icc_profile)
         os.replace(tmp, path)
     except OSError as e:
         raise DiffSRError(f"Cannot write {path!r}: {e}. Check that its folder is writable and has "
@@ -143,27 +146,35 @@ def save_png(image01, path):
             os.remove(tmp)
 
 
-def load_image(path):
-    """An image file → (1, 3, H, W) float in [0, 1] (RGB as the official code converts it).
+def read_image(path):
+    """An image file → ((1, 3, H, W) float in [0, 1], its ICC colour profile or None).
 
-    16-bit and float grayscale keep their values (PIL's RGB conversion would clip them at 255).
+    RGB as the official code converts it, turned upright by the file's EXIF orientation as a viewer (and ComfyUI's
+    Load Image) shows it; 16-bit and float grayscale keep their values (PIL's RGB conversion would clip them at 255).
     """
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     from ..sr_common.image import pil_to_tensor
 
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as opened:
+            icc_profile = opened.info.get("icc_profile")
+            im = ImageOps.exif_transpose(opened)
             if im.mode in HIGH_DEPTH_PEAK:
                 plane = np.asarray(im, dtype=np.float32) / HIGH_DEPTH_PEAK[im.mode]
-                return torch.from_numpy(plane).clamp(0, 1)[None, None].repeat(1, 3, 1, 1)
-            return pil_to_tensor(im)
+                return torch.from_numpy(plane).clamp(0, 1)[None, None].repeat(1, 3, 1, 1), icc_profile
+            return pil_to_tensor(im), icc_profile
     except Image.DecompressionBombError as e:
         raise ImageInputError(f"Image {path!r} is too large to open safely ({e}). Downscale it or cut it into "
                               "parts first.") from e
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ImageInputError(f"Cannot read image {path!r}: {e}") from e
+
+
+def load_image(path):
+    """``read_image`` without the colour profile."""
+    return read_image(path)[0]
 
 
 def pick_device(name):

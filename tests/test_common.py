@@ -383,10 +383,10 @@ def test_folder_run_writes_an_output_beside_the_next_upscale(tmp_path, monkeypat
     pairs = _folder(tmp_path, 3)
     second_started, real_save = threading.Event(), common.save_png
 
-    def save_after_second_started(image01, path):
+    def save_after_second_started(image01, path, *profile):
         if path.endswith("in0.png"):
             assert second_started.wait(60), "the first output was not written beside the second upscale"
-        real_save(image01, path)
+        real_save(image01, path, *profile)
 
     def upscale_one(image, out):
         if out.endswith("in1.png"):
@@ -405,10 +405,10 @@ def test_folder_run_stops_when_an_output_cannot_be_written(tmp_path, monkeypatch
     pairs = _folder(tmp_path, 3)
     real_save = common.save_png
 
-    def full_after_first(image01, path):
+    def full_after_first(image01, path, *profile):
         if not path.endswith("in0.png"):
             raise DiffSRError(f"Cannot write {path!r}: No space left on device.")
-        real_save(image01, path)
+        real_save(image01, path, *profile)
 
     monkeypatch.setattr(common, "save_png", full_after_first)
     with pytest.raises(DiffSRError, match="in1.png.*No space"):

@@ -217,6 +217,29 @@ def test_out_of_memory_retries_with_smaller_tiles(base, tmp_path, monkeypatch, c
     assert (direct / "small.png").read_bytes() == (tmp_path / "out" / "small.png").read_bytes()
 
 
+def test_photo_orientation_and_colour_profile_are_kept(base, tmp_path):
+    """A photo stored sideways with an EXIF orientation is upscaled upright, as viewers and ComfyUI's Load Image show
+    it, and the output carries the input's ICC profile (its colours keep their meaning)."""
+    from PIL import ImageCms
+
+    from comfyui_diffsr.cli.common import load_image
+
+    upright = Image.open(os.path.join(FIX, "in_32x32.png")).convert("RGB").crop((0, 0, 32, 20))
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: shown after a 90° clockwise turn
+    folder = tmp_path / "in"
+    folder.mkdir()
+    upright.transpose(Image.Transpose.ROTATE_90).save(folder / "photo.png", exif=exif, icc_profile=profile)
+    upright.save(folder / "plain.png")
+    assert torch.equal(load_image(folder / "photo.png"), load_image(folder / "plain.png"))
+    assert run([folder, "-o", tmp_path / "out", "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
+                "--process-size", "64"]) == 0
+    photo, plain = (Image.open(tmp_path / "out" / name) for name in ("photo.png", "plain.png"))
+    assert photo.size == (128, 80) and photo.tobytes() == plain.tobytes()
+    assert photo.info.get("icc_profile") == profile and "icc_profile" not in plain.info
+
+
 def make_ldm_variant(tmp_path, name, mutate):
     from safetensors.torch import load_file
 
