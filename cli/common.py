@@ -1,6 +1,7 @@
 """What every command shares: input discovery, output naming without overwriting, devices, progress, a folder run
 that goes on past a bad image."""
 
+import argparse
 import dataclasses
 import os
 import sys
@@ -32,12 +33,12 @@ def find_images(inputs):
     return found
 
 
-def plan_outputs(images, outdir, overwrite=False, skip_existing=False):
-    """(input, OUTDIR/<input stem>.png) pairs; refuses name clashes and, unless ``overwrite``, existing files.
+def plan_outputs(images, outdir, overwrite=False, skip_existing=False, suffix=".png"):
+    """(input, OUTDIR/<input stem><suffix>) pairs; refuses name clashes and, unless ``overwrite``, existing files.
     ``skip_existing`` leaves out the inputs whose output exists (to resume a folder run)."""
     pairs, seen = [], {}
     for path in images:
-        out = os.path.join(outdir, os.path.splitext(os.path.basename(path))[0] + ".png")
+        out = os.path.join(outdir, os.path.splitext(os.path.basename(path))[0] + suffix)
         if out in seen:
             raise DiffSRError(f"{path!r} and {seen[out]!r} would both be written to {out!r}; rename one of them.")
         seen[out] = path
@@ -61,16 +62,29 @@ def plan_outputs(images, outdir, overwrite=False, skip_existing=False):
     return pairs
 
 
+OUTPUT_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+
+
+def _quality(text):
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be 1 to 100, got {value}")
+    return value
+
+
 def add_output_args(parser):
+    parser.add_argument("--format", choices=list(OUTPUT_FORMATS), default="png",
+                        help="output file format (default png, lossless)")
+    parser.add_argument("--quality", type=_quality, default=95, help="jpg/webp quality, 1 to 100 (default 95)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--overwrite", action="store_true", help="replace existing output files")
     group.add_argument("--skip-existing", action="store_true",
                        help="leave out inputs whose output exists (resume an interrupted folder run)")
 
 
-def upscale_all(pairs, upscale_one, desc):
-    """``save_png(upscale_one(image, out), out, icc_profile)`` with ``read_image(path)`` for each (path, out) pair, in
-    order.
+def upscale_all(pairs, upscale_one, desc, quality=95):
+    """``save_image(upscale_one(image, out), out, icc_profile, quality)`` with ``read_image(path)`` for each (path,
+    out) pair, in order.
 
     An image that fails on its own (unreadable or unusable: ``DiffSRError``/``ValueError``; out of memory even at
     the smallest tiles) is reported and skipped, and the others go on; an output that cannot be written stops the
@@ -99,7 +113,7 @@ def upscale_all(pairs, upscale_one, desc):
                 continue
             if writing is not None:
                 writing.result()  # a file that cannot be written stops the run: the next ones could not be either
-            writing = writer.submit(save_png, result, out, icc_profile)
+            writing = writer.submit(save_image, result, out, icc_profile, quality)
         if writing is not None:
             writing.result()
     if failed:
@@ -125,10 +139,10 @@ def with_smaller_tiles_on_oom(run, options):
                                                             file=sys.stderr))
 
 
-def save_png(image01, path, icc_profile=None):
-    """(1, 3, H, W) in [0, 1] → 8-bit PNG (with the input's ICC colour profile, so its colours mean what the input's
-    did), written atomically (temporary file, then rename): a failed write leaves an earlier file at ``path`` as it
-    was."""
+def save_image(image01, path, icc_profile=None, quality=95):
+    """(1, 3, H, W) in [0, 1] → an 8-bit PNG, JPEG or WebP by the name's suffix (``quality`` for the last two), with
+    the input's ICC colour profile (so its colours mean what the input's did), written atomically (temporary file,
+    then rename): a failed write leaves an earlier file at ``path`` as it was."""
     from PIL import Image
 
     from ..sr_common.image import tensor_to_uint8
@@ -136,7 +150,10 @@ def save_png(image01, path, icc_profile=None):
     tmp = path + ".partial"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        Image.fromarray(tensor_to_uint8(image01, "round")).save(tmp, format="PNG", icc_profile=icc_profile)
+        image = Image.fromarray(tensor_to_uint8(image01, "round"))
+        kind = OUTPUT_FORMATS[os.path.splitext(path)[1].lower().lstrip(".")]
+        lossy = {"JPEG": {"quality": quality, "subsampling": 0}, "WEBP": {"quality": quality}}  # JPEG: full colour
+        image.save(tmp, format=kind, icc_profile=icc_profile, **lossy.get(kind, {}))  # resolution, not 4:2:0
         os.replace(tmp, path)
     except OSError as e:
         raise DiffSRError(f"Cannot write {path!r}: {e}. Check that its folder is writable and has "

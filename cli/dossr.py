@@ -81,7 +81,7 @@ def main_impl(argv=None):
     images = find_images(args.inputs)
     if args.noise_file and len(images) != 1:
         raise DiffSRError("--noise-file fixes the draws of one image size; give exactly one input image.")
-    pairs = plan_outputs(images, args.output, args.overwrite, args.skip_existing)
+    pairs = plan_outputs(images, args.output, args.overwrite, args.skip_existing, suffix=f".{args.format}")
     if not pairs:
         return 0
     device = pick_device(args.device)
@@ -111,7 +111,7 @@ def main_impl(argv=None):
             save_noise(trace["noise"], noise_path)
         return result
 
-    return upscale_all(pairs, upscale_one, "dossr")
+    return upscale_all(pairs, upscale_one, "dossr", args.quality)
 
 
 def main_convert(src, dst, config=None, fp16=False):

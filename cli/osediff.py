@@ -78,7 +78,7 @@ def main_impl(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
     images = find_images(args.inputs)
-    pairs = plan_outputs(images, args.output, args.overwrite, args.skip_existing)
+    pairs = plan_outputs(images, args.output, args.overwrite, args.skip_existing, suffix=f".{args.format}")
     if not pairs:
         return 0
     device = pick_device(args.device)
@@ -98,7 +98,7 @@ def main_impl(argv=None):
         return with_smaller_tiles_on_oom(lambda o: osediff_upscale(model, image, prompt=args.prompt or "",
                                                                    prompt_fn=prompt_fn, options=o), options)
 
-    return upscale_all(pairs, upscale_one, "osediff")
+    return upscale_all(pairs, upscale_one, "osediff", args.quality)
 
 
 def main(argv=None):

@@ -343,8 +343,8 @@ def test_colour_fix_moves_to_the_cpu_when_the_device_is_out_of_memory(monkeypatc
         color_fix.fix_colors(target, None, "bogus")
 
 
-def test_save_png_failing_keeps_the_old_file_and_leaves_no_partial(tmp_path, monkeypatch):
-    from comfyui_diffsr.cli.common import save_png
+def test_save_image_failing_keeps_the_old_file_and_leaves_no_partial(tmp_path, monkeypatch):
+    from comfyui_diffsr.cli.common import save_image
 
     out = tmp_path / "x.png"
     out.write_bytes(b"earlier output")
@@ -355,10 +355,10 @@ def test_save_png_failing_keeps_the_old_file_and_leaves_no_partial(tmp_path, mon
 
     monkeypatch.setattr(Image.Image, "save", disk_full)
     with pytest.raises(DiffSRError, match="Cannot write .*x.png.*No space left"):
-        save_png(torch.rand(1, 3, 4, 4), str(out))
+        save_image(torch.rand(1, 3, 4, 4), str(out))
     assert os.listdir(tmp_path) == ["x.png"] and out.read_bytes() == b"earlier output"
     monkeypatch.undo()
-    save_png(torch.ones(1, 3, 4, 5), str(out))
+    save_image(torch.ones(1, 3, 4, 5), str(out))
     assert Image.open(out).size == (5, 4) and os.listdir(tmp_path) == ["x.png"]
 
 
@@ -381,7 +381,7 @@ def test_folder_run_writes_an_output_beside_the_next_upscale(tmp_path, monkeypat
     from comfyui_diffsr.cli import common
 
     pairs = _folder(tmp_path, 3)
-    second_started, real_save = threading.Event(), common.save_png
+    second_started, real_save = threading.Event(), common.save_image
 
     def save_after_second_started(image01, path, *profile):
         if path.endswith("in0.png"):
@@ -393,7 +393,7 @@ def test_folder_run_writes_an_output_beside_the_next_upscale(tmp_path, monkeypat
             second_started.set()
         return 1 - image
 
-    monkeypatch.setattr(common, "save_png", save_after_second_started)
+    monkeypatch.setattr(common, "save_image", save_after_second_started)
     assert common.upscale_all(pairs, upscale_one, "test") == 0
     for path, out in pairs:
         assert torch.equal(common.load_image(out), 1 - common.load_image(path))
@@ -403,14 +403,14 @@ def test_folder_run_stops_when_an_output_cannot_be_written(tmp_path, monkeypatch
     from comfyui_diffsr.cli import common
 
     pairs = _folder(tmp_path, 3)
-    real_save = common.save_png
+    real_save = common.save_image
 
     def full_after_first(image01, path, *profile):
         if not path.endswith("in0.png"):
             raise DiffSRError(f"Cannot write {path!r}: No space left on device.")
         real_save(image01, path, *profile)
 
-    monkeypatch.setattr(common, "save_png", full_after_first)
+    monkeypatch.setattr(common, "save_image", full_after_first)
     with pytest.raises(DiffSRError, match="in1.png.*No space"):
         common.upscale_all(pairs, lambda image, out: image, "test")
     assert os.listdir(tmp_path / "out") == ["in0.png"]
