@@ -350,7 +350,8 @@ def test_save_image_failing_keeps_the_old_file_and_leaves_no_partial(tmp_path, m
     out.write_bytes(b"earlier output")
 
     def disk_full(self, fp, *args, **kwargs):
-        open(fp, "wb").write(b"half a PNG")
+        with open(fp, "wb") as f:
+            f.write(b"half a PNG")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Image.Image, "save", disk_full)

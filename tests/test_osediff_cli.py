@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -166,7 +167,7 @@ def test_folder_run_goes_on_past_a_bad_image_and_resumes(base, tmp_path, capsys)
     folder, out = tmp_path / "in", tmp_path / "out"
     folder.mkdir()
     for name in ("a.png", "c.png"):
-        (folder / name).write_bytes(open(os.path.join(FIX, "in_32x32.png"), "rb").read())
+        shutil.copy(os.path.join(FIX, "in_32x32.png"), folder / name)
     (folder / "b.png").write_bytes(b"not an image")
     args = [folder, "-o", out, "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
             "--process-size", "64"]
@@ -176,7 +177,7 @@ def test_folder_run_goes_on_past_a_bad_image_and_resumes(base, tmp_path, capsys)
     assert sorted(os.listdir(out)) == ["a.png", "c.png"]  # no .partial left behind
     a = (out / "a.png").read_bytes()
     (out / "c.png").unlink()
-    (folder / "b.png").write_bytes(open(os.path.join(FIX, "in_32x32.png"), "rb").read())
+    shutil.copy(os.path.join(FIX, "in_32x32.png"), folder / "b.png")
     assert run(args + ["--skip-existing"]) == 0
     assert "skipping 1 of 3" in capsys.readouterr().err
     assert (out / "a.png").read_bytes() == a and (out / "b.png").read_bytes() == a == (out / "c.png").read_bytes()
