@@ -52,7 +52,7 @@ for s in $steps; do
   step "$s"
   case $s in
     tests)
-      DIFFSR_TEST_DEVICE=$DEVICE "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+      DIFFSR_TEST_DEVICE=$DEVICE "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "not compiled" \
         tests/test_osediff_parity.py tests/test_dossr_pipeline.py > "$OUT/tests.log" 2>&1
       tail -n 5 "$OUT/tests.log";;
     precision)
@@ -78,6 +78,9 @@ for s in $steps; do
       dossr fp32 "$small" "$(quick 1 5)" fp32_128
       dossr fp16 "$(quick 48 512)" 1 fp16_512;;
     compile)  # torch.compile of the diffusion networks (--compile): first_run_s includes the compilation
+      DIFFSR_TEST_DEVICE=$DEVICE "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py -k compiled \
+        > "$OUT/tests_compile.log" 2>&1
+      tail -n 3 "$OUT/tests_compile.log"
       "$PY" bench/precision.py --device "$DEVICE" --size "$small" --dtypes $(quick fp32+compile fp16+compile) \
         --methods osediff --out "$OUT/precision_${DEVICE}_compile.json" > /dev/null
       osediff fp16 "$small" "$(quick 2 20)" 1 fp16_128_compile --compile

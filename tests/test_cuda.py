@@ -58,7 +58,7 @@ def test_osediff_compiled_with_inductor_on_cuda(osediff_cpu, dtype, min_db):
     """``model.compile()`` as ``--compile`` does (inductor, Triton kernels) against the eager float32 output."""
     torch._dynamo.reset()
     model = copy.deepcopy(osediff_cpu).to(CUDA, dtype).compile()
-    for name in ("a32_adain", "g37x29_exact_latent_tiled"):
+    for name in ("a32_adain",):  # one shape: one compilation
         case = next(c for c in OSEDIFF_CASES if c["name"] == name)
         with torch.inference_mode():
             reference, out = run_case(osediff_cpu, case), run_case(model, case)
