@@ -99,10 +99,10 @@ def upscale_all(pairs, upscale_one, desc, quality=95):
         reading = [reader.submit(read_image, path) for path, _ in pairs[:1]]
         writing = None
         for i, (path, out) in enumerate(tqdm(pairs, desc=desc, unit="image", file=sys.stderr)):
-            image = reading.pop()
+            read = reading.pop()
             reading += [reader.submit(read_image, later) for later, _ in pairs[i + 1:i + 2]]
             try:
-                image, icc_profile = image.result()
+                image, icc_profile = read.result()
                 with torch.inference_mode():
                     result = upscale_one(image, out)
             except (DiffSRError, ValueError, torch.OutOfMemoryError) as e:
