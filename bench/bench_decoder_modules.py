@@ -15,12 +15,11 @@ peak 2, and the largest difference), so a variant that is faster only because it
 
 import argparse
 import copy
-import math
 import os
 
 import torch
 
-from common import environment, summary, timed, write_json
+from common import environment, psnr_db, summary, timed, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -40,11 +39,6 @@ def decoder_variants(seed=0):
             "channels_last": copy.deepcopy(plain).to(memory_format=torch.channels_last),
             "fast": torch.nn.Sequential(copy.deepcopy(vae.post_quant_conv),
                                         fast_vae_decoder(copy.deepcopy(vae.decoder)))}
-
-
-def psnr(a, b, peak=2.0):
-    mse = (a.float() - b.float()).pow(2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
 
 
 def main():
@@ -78,7 +72,7 @@ def main():
                     reference = out["x"].float().clamp(-1, 1).cpu()
                 else:
                     result = out["x"].float().clamp(-1, 1).cpu()
-                    case.update(psnr_vs_diffusers_db=psnr(result, reference),
+                    case.update(psnr_vs_diffusers_db=psnr_db(result, reference, peak=2.0),
                                 max_abs_vs_diffusers=(result - reference).abs().max().item())
                 cases.append(case)
                 print(case, flush=True)

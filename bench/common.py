@@ -1,6 +1,7 @@
 """Benchmark helpers: full-size SD 2.1-base built from the shipped configs with random weights."""
 
 import json
+import math
 import os
 import platform
 import resource
@@ -60,6 +61,12 @@ def compiled_first_run(model, run, sync=None):
     model.compile()
     with torch.inference_mode():
         return timed(run, 1, sync, warmup=0)[0]
+
+
+def psnr_db(a, b, peak=1.0):
+    """10·log10(peak² / MSE) in float64 on the CPU; inf for equal tensors."""
+    mse = torch.mean((a.double().cpu() - b.double().cpu()) ** 2).item()
+    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
 
 
 def summary(times):

@@ -20,15 +20,10 @@ import time
 import torch
 
 from bench_dossr import lr_image, random_dossr
-from common import environment, random_sd21, write_json
+from common import environment, psnr_db, random_sd21, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def psnr_db(a, b):
-    mse = torch.mean((a.double().cpu() - b.double().cpu()) ** 2).item()
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
 
 
 def osediff_runner(size):

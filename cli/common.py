@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from ..sr_common.errors import DiffSRError, ImageInputError
-from ..sr_common.tiling import TILE_FLOORS, with_oom_retry
+from ..sr_common.tiling import TILE_FLOORS, overlap_within, with_oom_retry
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -130,7 +130,7 @@ def with_smaller_tiles_on_oom(run, options):
     def attempt(**tiles):
         if tiles == {k: getattr(options, k) for k in TILE_FLOORS}:
             return run(options)
-        overlap = min(options.tile_overlap, max(tiles["tile_latent"] - 8, 0))
+        overlap = overlap_within(tiles["tile_latent"], options.tile_overlap)
         return run(dataclasses.replace(options, tile_overlap=overlap, **tiles))
 
     return with_oom_retry(attempt, {k: getattr(options, k) for k in TILE_FLOORS},

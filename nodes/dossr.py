@@ -13,6 +13,7 @@ from ..dossr_core.schedule import make_grid
 from ..sr_common import image as img
 from ..sr_common.color_fix import COLOR_FIXES, apply_color_fix
 from ..sr_common.sd21 import SCALING_FACTOR
+from ..sr_common.tiling import overlap_within
 from . import host
 from .osediff import CATEGORY, DTYPES, SD21, pick_dtype, tile_inputs
 
@@ -79,7 +80,7 @@ class DoSSRUpscale(io.ComfyNode):
         for one in images:
             def run(tile_latent, vae_tile_encode, vae_tile_decode):
                 options = Options(steps=steps, seed=seed, upscale=upscale, color_fix=color_fix, tile_latent=tile_latent,
-                                  tile_overlap=min(tile_overlap, max(tile_latent - 8, 0)),
+                                  tile_overlap=overlap_within(tile_latent, tile_overlap),
                                   vae_tile_encode=vae_tile_encode, vae_tile_decode=vae_tile_decode)
                 return dossr_upscale(model, one, prompt=prompt, prompt_embeds=embeds, options=options,
                                      callback=lambda stage, done, total: progress() if stage == "sample"
@@ -165,7 +166,7 @@ class DoSSRSampler(io.ComfyNode):
         for lr, start_latent in inputs:
             def run(tile_latent, vae_tile_encode, vae_tile_decode):
                 o = Options(steps=steps, seed=seed, tile_latent=tile_latent,
-                            tile_overlap=min(tile_overlap, max(tile_latent - 8, 0)),
+                            tile_overlap=overlap_within(tile_latent, tile_overlap),
                             vae_tile_encode=vae_tile_encode, vae_tile_decode=vae_tile_decode)
                 with torch.no_grad():
                     return sample_one(model, lr, start_latent, o, prompt, embeds, cancel, progress)

@@ -9,6 +9,7 @@ from ..osediff_core.weights import read_osediff
 from ..sr_common import image as img
 from ..sr_common.color_fix import COLOR_FIXES, apply_color_fix
 from ..sr_common.sd21 import SCALING_FACTOR
+from ..sr_common.tiling import overlap_within
 from . import host
 
 CATEGORY = "image/upscaling/DiffSR"
@@ -140,7 +141,7 @@ class OSEDiffUpscale(io.ComfyNode):
         for one in images:
             def run(tile_latent, vae_tile_encode, vae_tile_decode):
                 options = Options(upscale=upscale, process_size=process_size, color_fix=color_fix,
-                                  tile_latent=tile_latent, tile_overlap=min(tile_overlap, max(tile_latent - 8, 0)),
+                                  tile_latent=tile_latent, tile_overlap=overlap_within(tile_latent, tile_overlap),
                                   vae_tile_encode=vae_tile_encode, vae_tile_decode=vae_tile_decode)
                 return osediff_upscale(model, one, prompt=prompt, prompt_fn=prompt_fn, options=options,
                                        callback=cancel)
@@ -210,7 +211,7 @@ class OSEDiffOneStep(io.ComfyNode):
         for z in z_all.split(1):
             def run(tile_latent):
                 eps = predict_eps(model.unet, z.to(dev), embeds, tile=tile_latent,
-                                  overlap=min(tile_overlap, max(tile_latent - 8, 0)),
+                                  overlap=overlap_within(tile_latent, tile_overlap),
                                   callback=lambda *_: host.mm.throw_exception_if_processing_interrupted())
                 return one_step_x0(z.to(dev), eps)
             outs.append(host.with_oom_retry(run, tile_latent=tile_latent).cpu() / SCALING_FACTOR)

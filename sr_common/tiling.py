@@ -91,6 +91,12 @@ def smaller_tiles(tiles, defaults):
     return None if out == tiles else out
 
 
+def overlap_within(tile, overlap):
+    """The latent tile overlap kept at least 8 below ``tile`` (0 without tiling): what a tile halved on
+    out-of-memory can take."""
+    return min(overlap, max(tile - 8, 0))
+
+
 def with_oom_retry(run, tiles, defaults, *, oom=torch.OutOfMemoryError, free=torch.cuda.empty_cache, notify=None):
     """``run(**tiles)``; on ``oom`` run again with ``smaller_tiles`` (after ``free()`` and ``notify(smaller)``) until
     none can shrink, then re-raise."""
