@@ -119,6 +119,34 @@ def test_cli_runs_and_refuses_overwrite(tmp_path):
     assert not (tmp_path / "out" / "lr_w32h16.png").exists()
 
 
+def test_cli_output_matches_the_official_code(tmp_path):
+    """The ``dossr`` command end to end on an official fixture, given its random draws (``--noise-file``) and its
+    text context (``--prompt-embeds``); the official PNG truncates to 8 bits where the command rounds."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from comfyui_diffsr.cli.common import load_image
+    from comfyui_diffsr.cli.dossr import main
+    from comfyui_diffsr.dossr_core.pipeline import save_noise
+
+    with open(os.path.join(FIX, "cases.json")) as f:
+        case = next(c for c in json.load(f)["cases"] if c["name"] == "n2_w16h32_wavelet")
+    d = load_file(os.path.join(FIX, case["tensors"]))
+    noise, embeds = tmp_path / "noise.safetensors", tmp_path / "embeds.safetensors"
+    save_noise({"posterior": d["noise_posterior"], "init": d["noise_init"],
+                **{f"step_{k}": d[f"noise_step_{k}"] for k in range(case["steps"])}}, noise)
+    save_file({"prompt_embeds": d["context"]}, embeds)
+    assert main([os.path.join(FIX, case["input"]), "-o", str(tmp_path / "out"), "--weights", CKPT, "--config",
+                 os.path.join(FIX, "tiny_cldm.yaml"), "--steps", str(case["steps"]), "--noise-file", str(noise),
+                 "--prompt-embeds", str(embeds), "--color-fix", case["color_fix_type"], "--device", "cpu"]) == 0
+    ours = load_image(str(tmp_path / "out" / case["input"]))
+    official = load_image(os.path.join(FIX, case["output_png"]))
+    assert ours.shape == official.shape
+    mse = torch.mean((ours.double() - official.double()) ** 2).item()
+    assert 10 * torch.log10(torch.tensor(1 / mse)).item() >= 48 and (ours - official).abs().max() <= 1.5 / 255
+
+
 def test_cli_out_of_memory_retry_keeps_the_draws(tmp_path, monkeypatch, capsys):
     """An out-of-memory attempt (after it drew noise) is retried with smaller tiles; the saved draws are the
     successful attempt's, the same as a run that never ran out of memory."""
