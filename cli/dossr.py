@@ -16,7 +16,7 @@ def build_parser():
     p = argparse.ArgumentParser(prog="dossr", description="DoSSR diffusion super-resolution (x4; other scales by "
                                 "resizing the x4 result).")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    p.add_argument("-o", "--output", required=True, help="output folder (PNG named after each input)")
+    p.add_argument("-o", "--output", required=True, help="output folder (one file named after each input, .png unless --format)")
     p.add_argument("--weights", required=True,
                    help="dossr_default.ckpt / dossr_onestep.ckpt, or its converted .safetensors (needs --base)")
     p.add_argument("--base", default=None, help="SD 2.1-base (diffusers folder or v2-1_512-ema-pruned file); "

@@ -17,7 +17,7 @@ from .common import (add_compile_arg, add_device_args, add_output_args, find_ima
 def build_parser():
     p = argparse.ArgumentParser(prog="osediff", description="OSEDiff one-step diffusion super-resolution.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    p.add_argument("-o", "--output", required=True, help="output folder (PNG named after each input)")
+    p.add_argument("-o", "--output", required=True, help="output folder (one file named after each input, .png unless --format)")
     p.add_argument("--base", required=True,
                    help="SD 2.1-base: diffusers folder or v2-1_512-ema-pruned .safetensors/.ckpt")
     p.add_argument("--base-config", default=None,

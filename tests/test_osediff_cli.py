@@ -187,9 +187,13 @@ def test_folder_run_goes_on_past_a_bad_image_and_resumes(base, tmp_path, capsys)
         run(args + ["--skip-existing", "--overwrite"])
 
 
-def test_out_of_memory_retries_with_smaller_tiles(base, tmp_path, monkeypatch, capsys):
-    """The command halves its tiles on out-of-memory as the nodes do; an image still out of memory at the
-    smallest tiles fails alone."""
+@pytest.mark.parametrize("failure", [
+    torch.OutOfMemoryError("CUDA out of memory (simulated)"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                 "tried to allocate 140737488355328 bytes. Error code 12 (Cannot allocate memory)")])
+def test_out_of_memory_retries_with_smaller_tiles(base, tmp_path, monkeypatch, capsys, failure):
+    """The command halves its tiles on out-of-memory, on the GPU or in the CPU allocator, as the nodes do; an image
+    still out of memory at the smallest tiles fails alone."""
     import comfyui_diffsr.cli.osediff as command
 
     real, seen = command.osediff_upscale, []
@@ -197,7 +201,7 @@ def test_out_of_memory_retries_with_smaller_tiles(base, tmp_path, monkeypatch, c
     def limited(model, image, options, **kwargs):
         seen.append((image.shape[-1], options.tile_latent, options.tile_overlap, options.vae_tile_decode))
         if image.shape[-1] > 40 or options.vae_tile_decode > 56:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise failure
         return real(model, image, options=options, **kwargs)
 
     monkeypatch.setattr(command, "osediff_upscale", limited)
