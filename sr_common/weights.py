@@ -398,10 +398,15 @@ def _materialise_position_ids(module):
 
 
 def write_safetensors(tensors, path, metadata=None):
-    """Write ``tensors`` (contiguous copies) to ``path`` atomically, never replacing an existing file."""
+    """Write ``tensors`` (contiguous copies) to ``path`` atomically, never replacing an existing file, readable by
+    whoever may read the user's new files (safetensors 0.8 writes owner-only files: a ComfyUI server run as
+    another user could not load them)."""
     path = os.fspath(path)
     if os.path.exists(path):
         raise FileExistsError(f"{path!r} exists; choose another output name or delete it first.")
     tmp = path + ".partial"
+    with open(tmp, "wb"):
+        mode = os.stat(tmp).st_mode & 0o777  # what the user's umask gives a new file
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.chmod(tmp, mode)
     os.replace(tmp, path)

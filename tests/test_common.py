@@ -138,6 +138,19 @@ def test_truncated_safetensors_is_refused(tmp_path):
         write_safetensors({"a": torch.zeros(1)}, tmp_path / "w.safetensors")
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_weight_file_has_the_users_default_permissions(tmp_path, umask):
+    """A converted file is as readable as any new file of the user's (a ComfyUI server run as another user can load
+    it), and no ``.partial`` is left."""
+    old = os.umask(umask)
+    try:
+        write_safetensors({"a": torch.ones(3)}, tmp_path / "w.safetensors")
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "w.safetensors").st_mode & 0o777 == 0o666 & ~umask
+    assert os.listdir(tmp_path) == ["w.safetensors"]
+
+
 def test_as_float32_cpu_converts_into_one_buffer_and_keeps_float32():
     keep = torch.randn(3, 4)
     tensors = {"a": torch.randn(5, 2).half(), "keep": keep, "b": torch.randn(7).bfloat16(), "s": torch.tensor(2.5).half()}
