@@ -22,7 +22,6 @@ from ..sr_common.sd21 import load_sd21, sd21_from_ldm_state_dict
 WEIGHT_EXTENSIONS = {".pkl", ".pth", ".pt", ".ckpt", ".safetensors", ".sft", ".bin"}
 MODEL_FOLDERS = ("osediff", "dossr", "dape")
 _cache = weakref.WeakValueDictionary()
-_patchers = {}
 
 
 def register_model_folders():
@@ -93,7 +92,7 @@ def weight_path(folder, name):
 
     def progress(done, total):
         mm.throw_exception_if_processing_interrupted()
-        bar.update_absolute(done, max(total, 1))
+        bar.update_absolute(done, total or max(done, 1))  # a server that does not say the size: done of done
 
     return download(source.url, dest, sha256=source.sha256, progress=progress)
 
@@ -178,28 +177,69 @@ def _parts(model):
     return [model] if isinstance(model, torch.nn.Module) else list(model.modules())
 
 
-def load_on_device(model, dtype=None):
-    """Put ``model`` on ComfyUI's torch device through its memory manager and return that device.
+_exact = weakref.WeakKeyDictionary()  # torch module → {tensor name: its exact value on the offload device}
 
-    The model's modules are wrapped once in a ``comfy.model_patcher.ModelPatcher`` and loaded with
-    ``comfy.model_management.load_models_gpu`` (fully: plain torch layers cannot be partially loaded), so
-    ComfyUI unloads other models to make room and unloads ours when it needs the memory; the model stays
-    on the device between runs until then. ``dtype`` casts the weights first (None keeps them).
+
+def set_precision(model, dtype):
+    """Every floating-point weight of ``model`` in ``dtype``, cast from its exact value, never from an earlier cast.
+
+    The first cast of a tensor keeps its exact value on the offload device (the CPU, where the loaders put it), so
+    a later float32 run, or another model sharing the module (the SD 2.1 VAE and text encoder), never computes
+    with rounded weights; that copy stays in CPU memory from then on. Returns whether anything was cast."""
+    modules = {id(m): m for part in _parts(model) for m in part.modules()}.values()  # shared modules once
+    cast_any = False
+    for module in modules:
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if tensor is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+                    continue
+                exact = _exact.setdefault(module, {})
+                if name not in exact:  # never cast before: the tensor holds the exact value
+                    exact[name] = tensor.detach().to(offload_device())
+                cast = exact[name].to(device=tensor.device, dtype=dtype)
+                if isinstance(tensor, torch.nn.Parameter):
+                    tensor.data = cast
+                else:
+                    store[name] = cast
+                cast_any = True
+    if cast_any and hasattr(model, "prompt_cache"):
+        model.prompt_cache.clear()  # embeddings of the earlier precision
+    return cast_any
+
+
+def _patcher(model):
+    """The ``comfy.model_patcher.ModelPatcher`` of ``model``'s modules, made once and kept on the model itself:
+    ComfyUI holds patchers by weak reference only, and it lives and dies with the model (a map from models to
+    patchers would keep a model that is a torch module alive through the patcher's hold on its modules)."""
+    patcher = getattr(model, "_comfy_patcher", None)
+    if patcher is None:
+        patcher = comfy.model_patcher.ModelPatcher(HeldModules(_parts(model)), load_device=device(),
+                                                   offload_device=offload_device())
+        model._comfy_patcher = patcher
+    return patcher
+
+
+def load_on_device(model, dtype=None, *, with_models=()):
+    """Put ``model`` (cast to ``dtype`` by ``set_precision``; None keeps it) and ``with_models`` (as they are) on
+    ComfyUI's torch device through its memory manager and return that device.
+
+    Each model's modules are wrapped once in a ModelPatcher (``_patcher``) and all are loaded in one
+    ``comfy.model_management.load_models_gpu`` call, fully (plain torch layers cannot be partially loaded): ComfyUI
+    unloads other models to make room, never one loaded in the same call, and unloads ours when it needs the
+    memory; a model stays on the device between runs until then.
     """
     dev = device()
-    key = id(model)
-    if key not in _patchers:
-        _patchers[key] = comfy.model_patcher.ModelPatcher(HeldModules(_parts(model)), load_device=dev,
-                                                          offload_device=offload_device())
-        weakref.finalize(model, _patchers.pop, key, None)  # ComfyUI holds its patchers by weak reference only
-    patcher = _patchers[key]
-    if dtype is not None and any(p.dtype != dtype for m in _parts(model) for p in m.parameters()):
-        model.to(dtype=dtype)
+    if dtype is not None:
+        set_precision(model, dtype)
+    models = [model, *with_models]
+    patchers = [_patcher(m) for m in models]
+    for patcher in patchers:  # sizes as they are now (a cast here or by a model sharing modules changes them)
         patcher.size = 0
         patcher.model_size()
-    mm.load_models_gpu([patcher], force_full_load=True)
-    if any(p.device != dev for m in _parts(model) for p in m.parameters()):  # a part shared with a model ComfyUI
-        model.to(dev)                                                         # has unloaded since
+    mm.load_models_gpu(patchers, force_full_load=True)
+    for m in models:
+        if any(p.device != dev for part in _parts(m) for p in part.parameters()):  # a part shared with a model
+            m.to(dev)                                                             # ComfyUI has unloaded since
     return dev
 
 

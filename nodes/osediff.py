@@ -112,7 +112,7 @@ class OSEDiffUpscale(io.ComfyNode):
             inputs=[OSEDIFF.Input("model", tooltip="From 'Load OSEDiff'."),
                     io.Image.Input("image", tooltip="Low-quality image(s); RGBA keeps its alpha, grayscale works."),
                     io.String.Input("prompt", default="", multiline=True,
-                                    tooltip="Prompt, encoded verbatim. Ignored when a DAPE model is connected."),
+                                    tooltip="Prompt, encoded verbatim; with DAPE connected, added after the tags."),
                     upscale_input(),
                     process_size_input(),
                     io.Combo.Input("color_fix", options=list(COLOR_FIXES), default="adain",
@@ -128,12 +128,11 @@ class OSEDiffUpscale(io.ComfyNode):
     def execute(cls, model, image, prompt, upscale, process_size, color_fix, tile_latent, tile_overlap, dtype,
                 dape=None):
         images, alpha = host.image_to_bchw(image)
-        dev = _prepare(model, dtype)
+        dev = host.load_on_device(model, pick_dtype(dtype, host.device()), with_models=[] if dape is None else [dape])
         prompt_fn = None
         if dape is not None:
             from ..osediff_core.dape import dape_prompt
 
-            host.load_on_device(dape)
             prompt_fn = lambda lq: dape_prompt(dape.tags(lq.to(dev))[0], prompt)
         progress = host.Progress(len(images))
         cancel = lambda *_: host.mm.throw_exception_if_processing_interrupted()

@@ -25,6 +25,9 @@ def pack(tmp_path_factory):
     shutil.copy(os.path.join(DATA, "osediff", "osediff_tiny.pkl"), models / "osediff")
     (models / "dossr").mkdir()
     shutil.copy(os.path.join(DATA, "dossr", "dossr_tiny.ckpt"), models / "dossr")
+    (models / "dape").mkdir()
+    for name in ("ram_tiny.pth", "dape_tiny.pth"):
+        shutil.copy(os.path.join(DATA, "dape", name), models / "dape")
     (models / "configs").mkdir()
     shutil.copy(os.path.join(DATA, "dossr", "tiny_cldm.yaml"), models / "configs")
     os.environ["DIFFSR_TEST_MODELS"] = str(models)
@@ -218,6 +221,9 @@ class FakePatcher:  # comfy/model_patcher.py ModelPatcher: .model, get_model_obj
     def model_patches_models(self):
         return []
 
+    def model_size(self):
+        return 0
+
     def patch_model(self, device_to=None, lowvram_model_memory=0, load_weights=True, force_patch_weights=False):
         return self.model
 
@@ -336,15 +342,55 @@ def test_models_are_loaded_and_unloaded_by_comfy_model_management(pack, osediff_
     args = dict(model=model, image=image, prompt="", upscale=2.0, process_size=32, color_fix="adain", tile_latent=96,
                 tile_overlap=32, dtype="fp32")
     (first,) = run(nodes["OSEDiff_Upscale"], **args)
-    patcher = mm.current_loaded_models[0]
+    patcher = mm.loaded_models()[0]
     held = {id(p) for p in patcher.model.parameters()}
     assert {id(p) for p in model.unet.parameters()} <= held and {id(p) for p in model.vae.parameters()} <= held
     assert mm.LOADED[-1][0] == [patcher] and mm.LOADED[-1][2] is True  # force_full_load
     mm.unload_all_models()  # ComfyUI needs the memory: detach() moves the weights to the offload device
-    assert patcher not in mm.current_loaded_models and patcher.model.device == mm.unet_offload_device()
+    assert patcher not in mm.loaded_models() and patcher.model.device == mm.unet_offload_device()
     (again,) = run(nodes["OSEDiff_Upscale"], **args)
-    assert mm.current_loaded_models[0] is patcher  # the same patcher is loaded again, not a second copy
+    assert mm.loaded_models()[0] is patcher  # the same patcher is loaded again, not a second copy
     assert torch.equal(first, again)
+
+
+def test_osediff_and_dape_are_loaded_together(pack, osediff_model, monkeypatch):
+    """With DAPE connected, the OSEDiff model and the tagger go to the device in one load_models_gpu call: loading
+    the tagger alone would let ComfyUI unload the OSEDiff model it had just loaded when memory is short."""
+    _, nodes = pack
+    _, model = osediff_model
+    mm = sys.modules["comfy.model_management"]
+    (dape,) = run(nodes["DAPE_Loader"], ram_or_converted="ram_tiny.pth", dape="dape_tiny.pth")
+    mm.unload_all_models()
+    args = dict(model=model, image=torch.rand(1, 20, 24, 3, generator=torch.Generator().manual_seed(8)), prompt="",
+                upscale=2.0, process_size=32, color_fix="adain", tile_latent=96, tile_overlap=32, dtype="fp32")
+    (alone,) = run(nodes["OSEDiff_Upscale"], **args)
+    osediff_patcher = mm.loaded_models()[0]
+    monkeypatch.setattr(mm, "TOTAL_MEMORY", osediff_patcher.model_size() + mm.module_size(dape))  # room for both
+    seen = []
+    real_tags = type(dape).tags
+    monkeypatch.setattr(type(dape), "tags", lambda self, x: (seen.append(mm.loaded_models()), real_tags(self, x))[1])
+    mm.unload_all_models()
+    (with_dape,) = run(nodes["OSEDiff_Upscale"], **args, dape=dape)
+    assert seen and all(osediff_patcher in loaded and dape._comfy_patcher in loaded for loaded in seen)
+    assert mm.LOADED[-1][0] == [osediff_patcher, dape._comfy_patcher]
+    assert with_dape.shape == alone.shape and not torch.equal(with_dape, alone)  # the tags became the prompt
+
+
+def test_precision_switch_casts_from_the_exact_weights(pack, osediff_model):
+    """An fp16 run, then an fp32 run, computes with the loaded float32 weights, not with their fp16 rounding, also
+    through modules shared between models (the SD 2.1 VAE of the OSEDiff and the VAE Decode patchers)."""
+    _, nodes = pack
+    _, model = osediff_model
+    image = torch.rand(1, 20, 24, 3, generator=torch.Generator().manual_seed(8))
+    args = dict(model=model, image=image, prompt="", upscale=2.0, process_size=32, color_fix="adain", tile_latent=96,
+                tile_overlap=32)
+    exact = {k: v.clone() for k, v in model.vae.state_dict().items()}
+    (fp32,) = run(nodes["OSEDiff_Upscale"], **args, dtype="fp32")
+    (fp16,) = run(nodes["OSEDiff_Upscale"], **args, dtype="fp16")
+    assert model.dtype == torch.float16 and not torch.equal(fp16, fp32)  # the cast happened
+    (again,) = run(nodes["OSEDiff_Upscale"], **args, dtype="fp32")
+    assert model.dtype == torch.float32 and torch.equal(again, fp32)
+    assert all(torch.equal(v, exact[k]) for k, v in model.vae.state_dict().items())
 
 
 def test_dossr_sampler_from_a_latent(pack):
@@ -378,21 +424,24 @@ def test_models_are_freed_when_comfyui_lets_go(pack):
     (model,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
     (same,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
     assert same is model
-    host.load_on_device(model)
-    patcher = host._patchers[id(model)]
-    gone, patcher_gone = weakref.ref(model), weakref.ref(patcher)
-    del model, same, patcher
+    (dape,) = run(nodes["DAPE_Loader"], ram_or_converted="ram_tiny.pth", dape="dape_tiny.pth")
+    assert isinstance(dape, torch.nn.Module)  # a model that is one module, as the VAE the decode nodes load
     mm = sys.modules["comfy.model_management"]
-    # the real current_loaded_models holds patchers by weak reference (LoadedModel._model); the stand-in's
-    # lists hold them strongly, so drop ours from them as ComfyUI's cleanup_models_gc would
-    mm.current_loaded_models[:] = [m for m in mm.current_loaded_models if not hasattr(m.model, "parts")]
+    gone, kept_aside = [], len(host._exact)
+    for one in (model, dape):
+        host.load_on_device(one, torch.float16)  # cast: its exact weights are kept aside
+        assert one._comfy_patcher in mm.loaded_models()
+        gone += [weakref.ref(one), weakref.ref(one._comfy_patcher)]
+    del model, same, dape, one
     mm.LOADED.clear()
     gc.collect()
-    assert gone() is None and patcher_gone() is None
-    assert not any(k[0] == "dossr" for k in host._cache.keys())
+    assert [ref() for ref in gone] == [None] * 4
+    assert None not in mm.loaded_models() and len(host._exact) == kept_aside
+    assert not any(k[0] in ("dossr", "dape") for k in host._cache.keys())
 
 
-def test_loader_download_option(pack, monkeypatch, tmp_path):
+@pytest.mark.parametrize("with_length", [True, False], ids=["content-length", "no-content-length"])
+def test_loader_download_option(pack, monkeypatch, tmp_path, with_length):
     """'download: osediff.pkl' in the OSEDiff loader fetches the official file (here from 127.0.0.1) into
     models/osediff with a progress bar, verified, then loads it; nothing is fetched for a plain choice."""
     import dataclasses
@@ -406,9 +455,15 @@ def test_loader_download_option(pack, monkeypatch, tmp_path):
     served = tmp_path / "served"
     served.mkdir()
     shutil.copy(os.path.join(DATA, "osediff", "osediff_tiny.pkl"), served / "osediff.pkl")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def send_header(self, keyword, value):  # a server that does not say the size: HTTP/1.0, ends at close
+            if with_length or keyword.lower() != "content-length":
+                super().send_header(keyword, value)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(served)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         source = host.OFFICIAL["osediff"]
@@ -424,7 +479,7 @@ def test_loader_download_option(pack, monkeypatch, tmp_path):
         assert (target / "osediff.pkl").read_bytes() == (served / "osediff.pkl").read_bytes()
         assert not (target / "osediff.pkl.partial").exists()
         bar = sys.modules["comfy.utils"].BARS[bars]
-        assert bar.current == bar.total == (served / "osediff.pkl").stat().st_size
+        assert bar.current == bar.total == (served / "osediff.pkl").stat().st_size  # unknown size: done of done
         (served / "osediff.pkl").unlink()  # the second time the local file is used, nothing is fetched
         assert host.weight_path("osediff", "download: osediff.pkl") == str(target / "osediff.pkl")
         assert model.unet is not None

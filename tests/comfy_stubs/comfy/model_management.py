@@ -1,5 +1,7 @@
 """Stand-in for comfy/model_management.py (a125cd8): devices, interrupts, OOM."""
 
+import weakref
+
 import torch
 
 OOM_EXCEPTION = torch.cuda.OutOfMemoryError  # L250 (L252: Exception where torch has no cuda.OutOfMemoryError)
@@ -19,7 +21,7 @@ def soft_empty_cache(force=False):  # L1384
     EMPTIED.append(force)
 
 
-class InterruptProcessingException(Exception):  # L1408
+class InterruptProcessingException(Exception):  # L1405
     pass
 
 
@@ -40,31 +42,86 @@ def throw_exception_if_processing_interrupted():  # L1423
 
 
 LOADED = []  # (models, force_patch_weights, force_full_load) of every load_models_gpu call, for the tests
-current_loaded_models = []  # L438: the ModelPatchers ComfyUI holds on their load device (most recent first)
+TOTAL_MEMORY = 1e20  # bytes on the load device, for the tests (the real one asks the driver)
+current_loaded_models = []  # L438: LoadedModel entries, most recent first
 
 
 def module_size(module):  # L440
     return sum(t.nelement() * t.element_size() for t in module.state_dict().values())
 
 
-def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
-                    force_full_load=False):  # L606: (re)load every patcher fully, most recent first
-    LOADED.append((list(models), force_patch_weights, force_full_load))
-    for m in models:
-        if m in current_loaded_models:
-            current_loaded_models.remove(m)
-        m.patch_model(m.load_device, force_patch_weights=force_patch_weights)
-        current_loaded_models.insert(0, m)
+class LoadedModel:  # L448: holds its ModelPatcher by weak reference only
+    def __init__(self, model):
+        self._model = weakref.ref(model)
+        self.device = model.load_device
+
+    @property
+    def model(self):  # L469
+        return self._model()
+
+    def model_memory(self):  # L472
+        return self.model.model_size()
+
+    def model_load(self, lowvram_model_memory=0, force_patch_weights=False):  # L487: full loads only here
+        self.model.patch_model(self.device, force_patch_weights=force_patch_weights)
+        if hasattr(self.model.model, "__weakref__"):  # L505: the entry goes when the loaded module is freed
+            self.model_finalizer = weakref.finalize(self.model.model, _drop_dead)
+        return self.model.model
+
+    def model_unload(self, memory_to_free=None, unpatch_weights=True):  # L511 (no partial unloads here)
+        self.model.detach(unpatch_weights)
+        return True
+
+    def __eq__(self, other):  # L526
+        return self.model is other.model
+
+    def is_dead(self):  # L533 (its patcher gone)
+        return self.model is None
 
 
-def free_memory(memory_required, device, keep_loaded=[]):  # L569: unloads the least recently used models first
+def loaded_models(only_currently_used=False):  # L693: the loaded ModelPatchers
+    return [m.model for m in current_loaded_models]
+
+
+def get_free_memory(dev=None, torch_free_too=False):  # L1148
+    return TOTAL_MEMORY - sum(m.model_memory() for m in current_loaded_models if not m.is_dead())
+
+
+def _drop_dead():  # what LoadedModel's finalizer (cleanup_models, L724) does when a loaded model is freed
+    current_loaded_models[:] = [m for m in current_loaded_models if not m.is_dead()]
+
+
+def free_memory(memory_required, device, keep_loaded=[]):  # L569: least recently used first, until enough is free
+    _drop_dead()
     unloaded = []
     for m in reversed(list(current_loaded_models)):
+        if get_free_memory(device) > memory_required:
+            break
         if m not in keep_loaded:
-            m.detach(unpatch_all=True)
+            m.model_unload()
             current_loaded_models.remove(m)
             unloaded.append(m)
     return unloaded
+
+
+def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
+                    force_full_load=False):
+    """L606: frees the memory all of ``models`` need (keeping none of the loaded ones, those of this call included),
+    then loads every one of them fully, most recent first."""
+    LOADED.append((list(models), force_patch_weights, force_full_load))
+    _drop_dead()
+    to_load = []
+    for x in models:
+        loaded = LoadedModel(x)
+        to_load.append(current_loaded_models[current_loaded_models.index(loaded)] if loaded in current_loaded_models
+                       else loaded)
+    required = sum(m.model_memory() for m in to_load if m not in current_loaded_models)
+    free_memory(required, get_torch_device())
+    for m in to_load:
+        if m in current_loaded_models:
+            current_loaded_models.remove(m)
+        m.model_load(force_patch_weights=force_patch_weights)
+        current_loaded_models.insert(0, m)
 
 
 def unload_all_models():  # L1398
