@@ -35,6 +35,16 @@ def test_at_least_four_workflows_with_thumbnails():
         assert os.path.exists(os.path.join(ROOT, "workflows", f"{name}.jpg")), name
 
 
+def test_template_browser_serves_the_workflows_folder():
+    """ComfyUI serves a pack's templates from the first of these folders that exists and lists every ``*.json`` of
+    each (app/custom_node_manager.py L96-139, a125cd8): ``workflows/`` must be the first, and hold only the
+    workflows."""
+    folders = ["example_workflows", "example", "examples", "workflow", "workflows"]
+    assert [f for f in folders if os.path.isdir(os.path.join(ROOT, f))][0] == "workflows"
+    listed = sorted(n[:-5] for n in os.listdir(os.path.join(ROOT, "workflows")) if n.endswith(".json"))
+    assert listed == NAMES
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_api_workflow_matches_schemas(name, signatures):
     graph = load(API, f"{name}.json")

@@ -1,5 +1,5 @@
 """Node signatures for the workflow checks: our nodes' V3 schemas (read through tests/comfy_stubs) plus the
-ComfyUI core nodes listed in workflows/standard_nodes.json."""
+ComfyUI core nodes listed in tests/data/standard_nodes.json."""
 
 import asyncio
 import importlib.util
@@ -20,7 +20,7 @@ def import_pack(root, name="custom_nodes_x_diffsr_schema"):
 
 
 def load_signatures(root):
-    with open(os.path.join(root, "workflows", "standard_nodes.json")) as f:
+    with open(os.path.join(root, "tests", "data", "standard_nodes.json")) as f:
         signatures = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
     for node in import_pack(root):
         schema = node.define_schema()

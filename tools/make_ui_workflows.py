@@ -1,7 +1,7 @@
 """Write the UI-format twin (workflows/<name>.json) of every API-format workflow in workflows/api/.
 
 The node signatures come from ``nodes/`` (read through the host stand-ins in tests/comfy_stubs) and, for
-ComfyUI core nodes, from workflows/standard_nodes.json. Run from the repo root with PYTHONPATH=tests/comfy_stubs:
+ComfyUI core nodes, from tests/data/standard_nodes.json. Run from the repo root with PYTHONPATH=tests/comfy_stubs:
 
     PYTHONPATH=tests/comfy_stubs python tools/make_ui_workflows.py
 """
