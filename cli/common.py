@@ -43,6 +43,11 @@ def plan_outputs(images, outdir, overwrite=False, skip_existing=False, suffix=".
             raise DiffSRError(f"{path!r} and {seen[out]!r} would both be written to {out!r}; rename one of them.")
         seen[out] = path
         pairs.append((path, out))
+    inputs = {os.path.realpath(path) for path in images}
+    for path, out in pairs:
+        if os.path.realpath(out) in inputs:
+            raise DiffSRError(f"The output {out!r} (for {path!r}) is one of the input images; choose another "
+                              "--output folder (inputs are never overwritten, not even with --overwrite).")
     existing = [out for _, out in pairs if os.path.exists(out)]
     if skip_existing:
         if existing:
@@ -63,6 +68,15 @@ def plan_outputs(images, outdir, overwrite=False, skip_existing=False, suffix=".
 
 
 OUTPUT_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+MAX_SIDE = {".jpg": 65500, ".webp": 16383}  # pixels per side the format can store
+
+
+def check_output_size(out, height, width):
+    """Refuse an output the format cannot store, before any work is done on it."""
+    limit = MAX_SIDE.get(os.path.splitext(out)[1].lower())
+    if limit and max(height, width) > limit:
+        raise ImageInputError(f"The output would be {width}×{height} px, but {os.path.splitext(out)[1]} stores at "
+                              f"most {limit} px a side: use --format png, a smaller --upscale, or cut the image.")
 
 
 def _quality(text):
@@ -82,12 +96,13 @@ def add_output_args(parser):
                        help="leave out inputs whose output exists (resume an interrupted folder run)")
 
 
-def upscale_all(pairs, upscale_one, desc, quality=95):
+def upscale_all(pairs, upscale_one, desc, quality=95, upscale=1.0):
     """``save_image(upscale_one(image, out), out, icc_profile, quality)`` with ``read_image(path)`` for each (path,
     out) pair, in order.
 
-    An image that fails on its own (unreadable or unusable: ``DiffSRError``/``ValueError``; out of memory even at
-    the smallest tiles) is reported and skipped, and the others go on; an output that cannot be written stops the
+    An image that fails on its own (unreadable or unusable: ``DiffSRError``/``ValueError``; an output of
+    ``upscale`` × its size that the format cannot store; out of memory even at the smallest tiles) is reported and
+    skipped, and the others go on; an output that cannot be written stops the
     run. Returns the exit status: 0, or 2 when any failed (listed again at the end).
 
     While an image is upscaled, the next one is read and the previous output written on two helper threads (PIL
@@ -103,6 +118,7 @@ def upscale_all(pairs, upscale_one, desc, quality=95):
             reading += [reader.submit(read_image, later) for later, _ in pairs[i + 1:i + 2]]
             try:
                 image, icc_profile = read.result()
+                check_output_size(out, *(round(upscale * side) for side in image.shape[-2:]))
                 with torch.inference_mode():
                     result = upscale_one(image, out)
             except (DiffSRError, ValueError, torch.OutOfMemoryError) as e:
@@ -123,6 +139,16 @@ def upscale_all(pairs, upscale_one, desc, quality=95):
 
 
 CPU_ALLOCATION_FAILED = "DefaultCPUAllocator: can't allocate memory"  # a RuntimeError, not torch.OutOfMemoryError
+
+
+def check_tile_args(args):
+    """Tile sizes and overlap the commands share: not negative (0 = off), the overlap below the latent tile."""
+    for name in ("tile_latent", "tile_overlap", "vae_tile_encode", "vae_tile_decode"):
+        if getattr(args, name) < 0:
+            raise DiffSRError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    if args.tile_latent and args.tile_overlap >= args.tile_latent:
+        raise DiffSRError(f"--tile-overlap must be smaller than --tile-latent, got {args.tile_overlap} >= "
+                          f"{args.tile_latent}")
 
 
 def with_smaller_tiles_on_oom(run, options):
@@ -169,13 +195,15 @@ def save_image(image01, path, icc_profile=None, quality=95):
     except OSError as e:
         raise DiffSRError(f"Cannot write {path!r}: {e}. Check that its folder is writable and has "
                           "space, or choose another --output folder.") from e
+    except ValueError as e:  # the encoder refused the image
+        raise DiffSRError(f"Cannot write {path!r}: {e}. Try --format png.") from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
 def read_image(path):
-    """An image file → ((1, 3, H, W) float in [0, 1], its ICC colour profile or None).
+    """An image file → ((1, 3, H, W) float in [0, 1], its ICC colour profile if an RGB one, else None).
 
     RGB as the official code converts it, turned upright by the file's EXIF orientation as a viewer (and ComfyUI's
     Load Image) shows it; 16-bit and float grayscale keep their values (PIL's RGB conversion would clip them at 255).
@@ -188,6 +216,8 @@ def read_image(path):
     try:
         with Image.open(path) as opened:
             icc_profile = opened.info.get("icc_profile")
+            if icc_profile and icc_profile[16:20] != b"RGB ":  # a CMYK, gray or Lab profile does not describe the
+                icc_profile = None                             # RGB output (its colour space: header bytes 16-19)
             im = ImageOps.exif_transpose(opened)
             if im.mode in HIGH_DEPTH_PEAK:
                 plane = np.asarray(im, dtype=np.float32) / HIGH_DEPTH_PEAK[im.mode]
@@ -196,7 +226,7 @@ def read_image(path):
     except Image.DecompressionBombError as e:
         raise ImageInputError(f"Image {path!r} is too large to open safely ({e}). Downscale it or cut it into "
                               "parts first.") from e
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:  # SyntaxError: PIL's broken PNG chunk
         raise ImageInputError(f"Cannot read image {path!r}: {e}") from e
 
 

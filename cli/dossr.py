@@ -8,15 +8,16 @@ import torch
 
 from ..sr_common.color_fix import COLOR_FIXES
 from ..sr_common.errors import DiffSRError
-from .common import (add_compile_arg, add_device_args, add_output_args, find_images, pick_device, plan_outputs,
-                     resolve_dtype, run_main, upscale_all, with_smaller_tiles_on_oom)
+from .common import (add_compile_arg, add_device_args, add_output_args, check_tile_args, find_images, pick_device,
+                     plan_outputs, resolve_dtype, run_main, upscale_all, with_smaller_tiles_on_oom)
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="dossr", description="DoSSR diffusion super-resolution (x4; other scales by "
                                 "resizing the x4 result).")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    p.add_argument("-o", "--output", required=True, help="output folder (one file named after each input, .png unless --format)")
+    p.add_argument("-o", "--output", required=True,
+                   help="output folder (one file named after each input, .png unless --format)")
     p.add_argument("--weights", required=True,
                    help="dossr_default.ckpt / dossr_onestep.ckpt, or its converted .safetensors (needs --base)")
     p.add_argument("--base", default=None, help="SD 2.1-base (diffusers folder or v2-1_512-ema-pruned file); "
@@ -51,13 +52,11 @@ def build_parser():
 
 
 def check_args(args):
-    if args.steps < 1:
-        raise DiffSRError(f"--steps must be at least 1, got {args.steps}")
+    if not 1 <= args.steps <= 499:
+        raise DiffSRError(f"--steps must be 1 to 499, got {args.steps} (the paper uses 1 to 5)")
     if not 0 < args.upscale <= 16:
         raise DiffSRError(f"--upscale must be in (0, 16], got {args.upscale}")
-    if args.tile_latent and args.tile_overlap >= args.tile_latent:
-        raise DiffSRError(f"--tile-overlap must be smaller than --tile-latent, got {args.tile_overlap} >= "
-                          f"{args.tile_latent}")
+    check_tile_args(args)
     if not 0 <= args.gamma <= 1:
         raise DiffSRError(f"--gamma must be in [0, 1], got {args.gamma}")
 
@@ -111,7 +110,7 @@ def main_impl(argv=None):
             save_noise(trace["noise"], noise_path)
         return result
 
-    return upscale_all(pairs, upscale_one, "dossr", args.quality)
+    return upscale_all(pairs, upscale_one, "dossr", args.quality, args.upscale)
 
 
 def main_convert(src, dst, config=None, fp16=False):

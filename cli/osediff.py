@@ -10,14 +10,15 @@ from ..osediff_core.weights import read_osediff
 from ..sr_common.color_fix import COLOR_FIXES
 from ..sr_common.errors import DiffSRError
 from ..sr_common.sd21 import load_sd21
-from .common import (add_compile_arg, add_device_args, add_output_args, find_images, pick_device, plan_outputs,
-                     resolve_dtype, run_main, upscale_all, with_smaller_tiles_on_oom)
+from .common import (add_compile_arg, add_device_args, add_output_args, check_tile_args, find_images, pick_device,
+                     plan_outputs, resolve_dtype, run_main, upscale_all, with_smaller_tiles_on_oom)
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="osediff", description="OSEDiff one-step diffusion super-resolution.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    p.add_argument("-o", "--output", required=True, help="output folder (one file named after each input, .png unless --format)")
+    p.add_argument("-o", "--output", required=True,
+                   help="output folder (one file named after each input, .png unless --format)")
     p.add_argument("--base", required=True,
                    help="SD 2.1-base: diffusers folder or v2-1_512-ema-pruned .safetensors/.ckpt")
     p.add_argument("--base-config", default=None,
@@ -54,9 +55,7 @@ def check_args(args):
         raise DiffSRError(f"--upscale must be between 1 and 8, got {args.upscale}")
     if args.official_sizing and args.upscale != int(args.upscale):
         raise DiffSRError("--official-sizing takes an integer --upscale (the official code does).")
-    if args.tile_latent and args.tile_overlap >= args.tile_latent:
-        raise DiffSRError(f"--tile-overlap must be smaller than --tile-latent, got {args.tile_overlap} >= "
-                          f"{args.tile_latent}")
+    check_tile_args(args)
     if args.ram and not args.dape:
         raise DiffSRError("--ram needs --dape (the DAPE LoRA); or pass a converted DAPE file as --dape alone.")
 
@@ -98,7 +97,7 @@ def main_impl(argv=None):
         return with_smaller_tiles_on_oom(lambda o: osediff_upscale(model, image, prompt=args.prompt or "",
                                                                    prompt_fn=prompt_fn, options=o), options)
 
-    return upscale_all(pairs, upscale_one, "osediff", args.quality)
+    return upscale_all(pairs, upscale_one, "osediff", args.quality, args.upscale)
 
 
 def main(argv=None):

@@ -171,6 +171,8 @@ def _tiled_forward(net, x, tile, is_decoder, callback, mode):
     if tile is None or tile <= 0 or max(height, width) <= tile + 2 * pad:
         return net(x)
     factor = 8 if is_decoder else 1 / 8
+    if not is_decoder:  # encoder tiles of whole latent pixels (the official sizes are multiples of 8 already)
+        tile = max(8, tile // 8 * 8)
     in_boxes, out_boxes = split_tiles(height, width, tile, pad, factor)
     # cores: a partition of the input, in input coordinates
     cores = [[int(round(v / factor)) for v in ob] for ob in out_boxes]

@@ -185,3 +185,13 @@ def test_cli_wrong_weights_message(tmp_path, capsys):
     assert main([os.path.join(FIX, "lr_w32h16.png"), "-o", str(tmp_path / "o"), "--weights", str(bad),
                  "--device", "cpu"]) == 2
     assert "DoSSR" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("steps", ["0", "500"])
+def test_cli_steps_out_of_range_are_refused_before_loading(tmp_path, capsys, steps):
+    """Outside 1-499 the schedule cannot be built; said once, before any model is read, not once per image."""
+    from comfyui_diffsr.cli.dossr import main
+
+    assert main([os.path.join(FIX, "lr_w32h16.png"), "-o", str(tmp_path / "o"), "--weights",
+                 str(tmp_path / "missing.ckpt"), "--steps", steps]) == 2
+    assert "--steps must be 1 to 499" in capsys.readouterr().err

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,6 +160,55 @@ def test_never_overwrites_without_flag(base, tmp_path, capsys):
     assert (out / "in_32x32.png").read_bytes() == b"user file"
     assert run(args + ["--overwrite"]) == 0
     assert Image.open(out / "in_32x32.png").size == (128, 128)
+
+
+def test_inputs_are_never_outputs(base, tmp_path, capsys):
+    """An output folder that is the input folder would replace the photos by their upscales (and a second run
+    would upscale the upscales): refused whatever the flags, before anything is loaded."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(os.path.join(FIX, "in_32x32.png"), folder / "photo.png")
+    original = (folder / "photo.png").read_bytes()
+    for flags in ([], ["--overwrite"], ["--skip-existing"]):
+        for inputs in ([folder], [folder / "photo.png"]):
+            assert run([*inputs, "-o", folder, "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
+                        "--process-size", "64", *flags]) == 2
+            assert "is one of the input images" in capsys.readouterr().err
+    assert (folder / "photo.png").read_bytes() == original and os.listdir(folder) == ["photo.png"]
+
+
+@pytest.mark.parametrize("bad", ["negative overlap", "negative tile", "negative vae tile"])
+def test_negative_tile_arguments_are_refused(base, tmp_path, capsys, bad):
+    """A negative overlap left gaps between latent tiles, whose zero blend weights made a black image."""
+    flags = {"negative overlap": ["--tile-latent", "16", "--tile-overlap", "-1"],
+             "negative tile": ["--tile-latent", "-16"], "negative vae tile": ["--vae-tile-decode", "-8"]}[bad]
+    assert run([os.path.join(FIX, "in_32x32.png"), "-o", tmp_path / "o", "--base", base, "--weights",
+                os.path.join(FIX, "osediff_tiny.pkl"), *flags]) == 2
+    assert "must be 0 or more" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_broken_png_and_unstorable_output_fail_alone(base, tmp_path, capsys):
+    """A PNG with a damaged chunk (PIL raises SyntaxError) and an image whose output is wider than WebP can store
+    fail on their own; the folder run goes on; an input's non-RGB (CMYK) colour profile is not given to the RGB
+    output."""
+    from PIL import ImageCms
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    data = bytearray((Path(FIX) / "in_32x32.png").read_bytes())
+    at = data.index(b"IDAT") - 4
+    data[at:at + 4] = (int.from_bytes(data[at:at + 4], "big") - 10).to_bytes(4, "big")  # IDAT length off by 10
+    (folder / "a_broken.png").write_bytes(bytes(data))
+    Image.new("RGB", (4100, 2)).save(folder / "b_wide.png")
+    cmyk = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    cmyk = cmyk[:16] + b"CMYK" + cmyk[20:]
+    Image.open(os.path.join(FIX, "in_32x32.png")).convert("RGB").save(folder / "c_good.png", icc_profile=cmyk)
+    assert run([folder, "-o", tmp_path / "out", "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
+                "--process-size", "64", "--format", "webp"]) == 2
+    err = capsys.readouterr().err
+    assert "a_broken.png: Cannot read image" in err and "b_wide.png: The output would be 16400×8 px" in err, err
+    assert os.listdir(tmp_path / "out") == ["c_good.webp"]
+    assert "icc_profile" not in Image.open(tmp_path / "out" / "c_good.webp").info
 
 
 def test_folder_run_goes_on_past_a_bad_image_and_resumes(base, tmp_path, capsys):

@@ -213,3 +213,15 @@ def test_finite_fp16_output_is_not_run_again(tiny_unet_vae):
         tiled_vae._tiled_forward(half, z, DECODE_TILE, True, lambda *progress: once.append(progress), "bounded")
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
     assert len(once) > 1 and calls == once
+
+
+@pytest.mark.parametrize("mode", ["bounded", "exact", "official"])
+def test_encoder_tile_not_a_multiple_of_8(vaes, mode):
+    """An encoder tile that is not a multiple of 8 (150 px on a 512 × 16 image) works as the multiple of 8 below
+    it; before, the tiles and their latent boxes disagreed by a pixel and the paste failed."""
+    encoder = vaes["osediff"][0]
+    x = torch.rand(1, 3, 16, 512, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        out = tiled_forward(encoder, x, 150, is_decoder=False, mode=mode)
+        assert out.shape[-2:] == (2, 64)
+        assert torch.equal(out, tiled_forward(encoder, x, 144, is_decoder=False, mode=mode))
