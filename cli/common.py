@@ -132,6 +132,8 @@ def upscale_all(pairs, upscale_one, desc, quality=95, upscale=1.0):
             writing = writer.submit(save_image, result, out, icc_profile, quality)
         if writing is not None:
             writing.result()
+    if len(failed) < len(pairs):
+        print(f"wrote {len(pairs) - len(failed)} image(s) to {os.path.dirname(pairs[0][1]) or '.'}", file=sys.stderr)
     if failed:
         print(f"error: {len(failed)} of {len(pairs)} image(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 2

@@ -224,6 +224,7 @@ def test_folder_run_goes_on_past_a_bad_image_and_resumes(base, tmp_path, capsys)
     assert run(args) == 2
     err = capsys.readouterr().err
     assert "b.png" in err and "Cannot read image" in err and "1 of 3 image(s) failed" in err, err
+    assert f"wrote 2 image(s) to {out}" in err
     assert sorted(os.listdir(out)) == ["a.png", "c.png"]  # no .partial left behind
     a = (out / "a.png").read_bytes()
     (out / "c.png").unlink()
