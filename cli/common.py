@@ -97,8 +97,8 @@ def add_output_args(parser):
 
 
 def upscale_all(pairs, upscale_one, desc, quality=95, upscale=1.0):
-    """``save_image(upscale_one(image, out), out, icc_profile, quality)`` with ``read_image(path)`` for each (path,
-    out) pair, in order.
+    """``save_image(upscale_one(image, out), out, icc_profile, quality, alpha)`` with ``read_image(path)`` for each
+    (path, out) pair, in order (a transparent image's alpha upscaled bicubically; dropped, with a note, for jpg).
 
     An image that fails on its own (unreadable or unusable: ``DiffSRError``/``ValueError``; an output of
     ``upscale`` × its size that the format cannot store; out of memory even at the smallest tiles) is reported and
@@ -117,7 +117,7 @@ def upscale_all(pairs, upscale_one, desc, quality=95, upscale=1.0):
             read = reading.pop()
             reading += [reader.submit(read_image, later) for later, _ in pairs[i + 1:i + 2]]
             try:
-                image, icc_profile = read.result()
+                image, icc_profile, alpha = read.result()
                 check_output_size(out, *(round(upscale * side) for side in image.shape[-2:]))
                 with torch.inference_mode():
                     result = upscale_one(image, out)
@@ -129,7 +129,11 @@ def upscale_all(pairs, upscale_one, desc, quality=95, upscale=1.0):
                 continue
             if writing is not None:
                 writing.result()  # a file that cannot be written stops the run: the next ones could not be either
-            writing = writer.submit(save_image, result, out, icc_profile, quality)
+            if alpha is not None and out.lower().endswith(".jpg"):
+                tqdm.write(f"note: {path}: jpg has no transparency, the alpha is dropped (--format png or webp "
+                           "keeps it)", file=sys.stderr)
+                alpha = None
+            writing = writer.submit(save_image, result, out, icc_profile, quality, alpha)
         if writing is not None:
             writing.result()
     if len(failed) < len(pairs):
@@ -178,17 +182,20 @@ def with_smaller_tiles_on_oom(run, options):
                                                             file=sys.stderr))
 
 
-def save_image(image01, path, icc_profile=None, quality=95):
+def save_image(image01, path, icc_profile=None, quality=95, alpha=None):
     """(1, 3, H, W) in [0, 1] → an 8-bit PNG, JPEG or WebP by the name's suffix (``quality`` for the last two), with
-    the input's ICC colour profile (so its colours mean what the input's did), written atomically (temporary file,
-    then rename): a failed write leaves an earlier file at ``path`` as it was."""
+    the input's ICC colour profile (so its colours mean what the input's did) and ``alpha`` (1, 1, h, w) upscaled
+    (``with_upscaled_alpha``) when given, written atomically (temporary file, then rename): a failed write leaves an
+    earlier file at ``path`` as it was."""
     from PIL import Image
 
-    from ..sr_common.image import tensor_to_uint8
+    from ..sr_common.image import tensor_to_uint8, with_upscaled_alpha
 
     tmp = path + ".partial"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if alpha is not None:
+            image01 = with_upscaled_alpha(image01.clamp(0, 1), alpha)
         image = Image.fromarray(tensor_to_uint8(image01, "round"))
         kind = OUTPUT_FORMATS[os.path.splitext(path)[1].lower().lstrip(".")]
         lossy = {"JPEG": {"quality": quality, "subsampling": 0}, "WEBP": {"quality": quality}}  # JPEG: full colour
@@ -205,7 +212,8 @@ def save_image(image01, path, icc_profile=None, quality=95):
 
 
 def read_image(path):
-    """An image file → ((1, 3, H, W) float in [0, 1], its ICC colour profile if an RGB one, else None).
+    """An image file → ((1, 3, H, W) float in [0, 1], its ICC colour profile if an RGB one, else None, its alpha
+    (1, 1, H, W) if it has transparency, else None).
 
     RGB as the official code converts it, turned upright by the file's EXIF orientation as a viewer (and ComfyUI's
     Load Image) shows it; 16-bit and float grayscale keep their values (PIL's RGB conversion would clip them at 255).
@@ -223,8 +231,12 @@ def read_image(path):
             im = ImageOps.exif_transpose(opened)
             if im.mode in HIGH_DEPTH_PEAK:
                 plane = np.asarray(im, dtype=np.float32) / HIGH_DEPTH_PEAK[im.mode]
-                return torch.from_numpy(plane).clamp(0, 1)[None, None].repeat(1, 3, 1, 1), icc_profile
-            return pil_to_tensor(im), icc_profile
+                return torch.from_numpy(plane).clamp(0, 1)[None, None].repeat(1, 3, 1, 1), icc_profile, None
+            alpha = None
+            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+                plane = np.asarray(im.convert("RGBA").getchannel("A"))
+                alpha = None if plane.min() == 255 else torch.from_numpy(plane / np.float32(255))[None, None]
+            return pil_to_tensor(im), icc_profile, alpha
     except Image.DecompressionBombError as e:
         raise ImageInputError(f"Image {path!r} is too large to open safely ({e}). Downscale it or cut it into "
                               "parts first.") from e
@@ -233,7 +245,7 @@ def read_image(path):
 
 
 def load_image(path):
-    """``read_image`` without the colour profile."""
+    """``read_image``'s RGB image alone."""
     return read_image(path)[0]
 
 

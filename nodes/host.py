@@ -17,6 +17,7 @@ from ..osediff_core.pipeline import Options as DEFAULT_TILES  # the same tile de
 from ..sr_common import tiling
 from ..sr_common.download import OFFICIAL, download
 from ..sr_common.errors import WeightFileError
+from ..sr_common.image import with_upscaled_alpha
 from ..sr_common.sd21 import load_sd21, sd21_from_ldm_state_dict
 
 WEIGHT_EXTENSIONS = {".pkl", ".pth", ".pt", ".ckpt", ".safetensors", ".sft", ".bin"}
@@ -284,6 +285,5 @@ def bchw_to_image(images, alpha=None):
     """List of (1, 3, H, W) → IMAGE [B, H, W, C]; alpha (B, 1, h, w) is upscaled bicubically and appended."""
     out = torch.cat(images).clamp(0, 1)
     if alpha is not None:
-        scaled = torch.nn.functional.interpolate(alpha, size=out.shape[-2:], mode="bicubic", align_corners=False)
-        out = torch.cat([out, scaled.clamp(0, 1)], dim=1)
+        out = with_upscaled_alpha(out, alpha)
     return out.movedim(1, -1).cpu()

@@ -24,8 +24,16 @@ def pil_to_tensor(image):
     return torch.from_numpy(array.copy()).permute(2, 0, 1)[None].float() / 255.0
 
 
+def with_upscaled_alpha(image, alpha):
+    """(B, 3, H, W) and an alpha (B, 1, h, w) in [0, 1] → (B, 4, H, W): the alpha resized bicubically to the image's
+    size and clamped (the networks see only the RGB)."""
+    scaled = F.interpolate(alpha.to(image.device, torch.float32), size=image.shape[-2:], mode="bicubic",
+                           align_corners=False)
+    return torch.cat([image, scaled.clamp(0, 1).to(image.dtype)], dim=1)
+
+
 def tensor_to_uint8(image, rounding="round"):
-    """(1, 3, H, W) in [0, 1] → (H, W, 3) uint8. ``rounding='truncate'`` matches torchvision's ToPILImage."""
+    """(1, C, H, W) in [0, 1] → (H, W, C) uint8. ``rounding='truncate'`` matches torchvision's ToPILImage."""
     x = image[0].clamp(0, 1).mul(255).permute(1, 2, 0).cpu().float()
     x = x.round() if rounding == "round" else x.floor()
     return x.to(torch.uint8).numpy()

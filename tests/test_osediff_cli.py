@@ -211,6 +211,38 @@ def test_broken_png_and_unstorable_output_fail_alone(base, tmp_path, capsys):
     assert "icc_profile" not in Image.open(tmp_path / "out" / "c_good.webp").info
 
 
+def test_transparency_is_kept(base, tmp_path, capsys):
+    """A logo on a transparent background keeps its alpha, upscaled bicubically as the nodes do; the RGB is what an
+    opaque copy gives; an opaque RGBA file stays RGB; jpg cannot store alpha and says so."""
+    import numpy as np
+
+    from comfyui_diffsr.sr_common.image import with_upscaled_alpha
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rgb = Image.open(os.path.join(FIX, "in_32x32.png")).convert("RGB")
+    disc = Image.new("L", (32, 32), 0)
+    disc.paste(255, (8, 8, 24, 24))
+    logo = rgb.copy()
+    logo.putalpha(disc)
+    logo.save(folder / "logo.png")
+    rgb.save(folder / "opaque.png")
+    opaque_rgba = rgb.copy()
+    opaque_rgba.putalpha(255)
+    opaque_rgba.save(folder / "opaque_rgba.png")
+    args = [folder, "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"), "--process-size", "64"]
+    assert run(args + ["-o", tmp_path / "out"]) == 0
+    out = {n: Image.open(tmp_path / "out" / f"{n}.png") for n in ("logo", "opaque", "opaque_rgba")}
+    assert out["logo"].mode == "RGBA" and out["opaque"].mode == out["opaque_rgba"].mode == "RGB"
+    assert out["logo"].convert("RGB").tobytes() == out["opaque"].tobytes() == out["opaque_rgba"].tobytes()
+    alpha = torch.from_numpy(np.asarray(disc) / np.float32(255))[None, None]
+    expected = with_upscaled_alpha(torch.zeros(1, 3, 128, 128), alpha)[0, 3].mul(255).round().to(torch.uint8)
+    assert torch.equal(torch.from_numpy(np.asarray(out["logo"].getchannel("A")).copy()), expected)
+    assert run(args + ["-o", tmp_path / "jpg", "--format", "jpg"]) == 0
+    assert "logo.png: jpg has no transparency" in capsys.readouterr().err
+    assert Image.open(tmp_path / "jpg" / "logo.jpg").mode == "RGB"
+
+
 def test_folder_run_goes_on_past_a_bad_image_and_resumes(base, tmp_path, capsys):
     """A folder with an unreadable file in the middle: the others are written, the bad one is named, exit 2;
     ``--skip-existing`` then leaves the written ones alone and tries only the rest."""
