@@ -40,6 +40,15 @@ def run_case(model, case):
     return osediff_upscale(model, image, prompt=case["prompt"], options=options)
 
 
+def min_psnr(case):
+    """What each case must reach: measured 79.4-80.3 dB against the official float output ("exact" sizing), 73.4-92.0
+    dB against the official 8-bit PNGs, 64.0 dB for the latent-tiled PNG (its tiles carry the PNG chain's rounding).
+    A timestep off by one, ε off by 1 % or the latent scale 0.18 give 53-67 dB."""
+    if case["sizing"] == "exact":
+        return 75
+    return 60 if case["tile_latent"] < 96 else 70
+
+
 def expected(case):
     if case["sizing"] == "exact":
         return load_file(os.path.join(FIX, case["tensors"]))["out_float"].float()
@@ -51,7 +60,9 @@ def test_matches_official(model, case):
     out = run_case(model, case)
     ref = expected(case)
     assert tuple(out.shape[-2:]) == (case["output_size"][1], case["output_size"][0])
-    assert psnr(out, ref) >= 50, f"{case['name']}: {psnr(out, ref):.2f} dB"
+    assert psnr(out, ref) >= min_psnr(case), f"{case['name']}: {psnr(out, ref):.2f} dB"
+    if case["sizing"] == "official":  # the official PNG: at most 2 of 255 levels apart (8-bit rounding chains)
+        assert (out - ref).abs().max() * 255 <= 2.01
 
 
 def test_modes_agree_where_sizes_allow(model):
@@ -95,7 +106,7 @@ def test_command_build_matches_official(tmp_path, name):
     assert model.unet is sd.unet and model.lq_encoder["encoder"] is sd.vae.encoder
     case = next(c for c in CASES if c["name"] == name)
     out = run_case(model, case)
-    assert psnr(out, expected(case)) >= 50, f"{name}: {psnr(out, expected(case)):.2f} dB"
+    assert psnr(out, expected(case)) >= min_psnr(case), f"{name}: {psnr(out, expected(case)):.2f} dB"
 
 
 @pytest.mark.parametrize("dtype, min_db", [(torch.float16, 42), (torch.bfloat16, 28)])
