@@ -154,8 +154,10 @@ class DoSSRSampler(io.ComfyNode):
         if (image is None) == (latent is None):
             raise ValueError("DoSSR Sampler: connect exactly one of 'image' (LR image) and 'latent' "
                              "(SD latent at the output size).")
+        alpha = None
         if latent is None:
-            inputs = [(lr, None) for lr in host.image_to_bchw(image)[0]]
+            images, alpha = host.image_to_bchw(image)
+            inputs = [(lr, None) for lr in images]
         else:
             inputs = [(None, one) for one in latent["samples"].float().split(1)]
         host.load_on_device(model, pick_dtype(dtype, host.device()))
@@ -173,7 +175,7 @@ class DoSSRSampler(io.ComfyNode):
             x, start = host.with_oom_retry(run, tile_latent=tile_latent, **host.DEFAULT_VAE_TILES)
             latents.append(x.float().cpu() / SCALING_FACTOR)
             starts.append(start.cpu())
-        return io.NodeOutput({"samples": torch.cat(latents)}, host.bchw_to_image(starts))
+        return io.NodeOutput({"samples": torch.cat(latents)}, host.bchw_to_image(starts, alpha))  # alpha: to decode
 
 
 class DoSSRDecode(io.ComfyNode):
@@ -201,7 +203,7 @@ class DoSSRDecode(io.ComfyNode):
         progress = host.Progress(len(starts))
         cancel = lambda *_: host.mm.throw_exception_if_processing_interrupted()
         outs = []
-        for start, x in zip(starts, latent["samples"].float().split(1)):
+        for start, x in host.latent_with_references(latent, starts, "DoSSR VAE Decode"):
             h, w = start.shape[-2:]
             with torch.no_grad():
                 decoded = host.with_oom_retry(lambda vae_tile_decode: decode(

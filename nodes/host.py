@@ -281,6 +281,15 @@ def image_to_bchw(image):
     return [x[i:i + 1].cpu() for i in range(x.shape[0])], alpha
 
 
+def latent_with_references(latent, references, node):
+    """The (1, 4, h, w) latents of a LATENT paired with the reference images they were made from (one each)."""
+    latents = latent["samples"].float().split(1)
+    if len(latents) != len(references):
+        raise ValueError(f"{node}: the LATENT holds {len(latents)} image(s) but the reference {len(references)}; "
+                         "connect the image batch the latent was made from.")
+    return list(zip(references, latents))
+
+
 def bchw_to_image(images, alpha=None):
     """List of (1, 3, H, W) → IMAGE [B, H, W, C]; alpha (B, 1, h, w) is upscaled bicubically and appended."""
     out = torch.cat(images).clamp(0, 1)

@@ -240,7 +240,7 @@ class OSEDiffDecode(io.ComfyNode):
         dev = host.load_on_device(model.vae)
         progress = host.Progress(len(images))
         outs = []
-        for one, x0 in zip(images, latent["samples"].float().split(1)):
+        for one, x0 in host.latent_with_references(latent, images, "OSEDiff VAE Decode"):
             lq, plan = preprocess(one, upscale=upscale, process_size=process_size)
             decoded = host.with_oom_retry(lambda vae_tile_decode: decode_latent(
                 model.vae, x0.to(dev) * SCALING_FACTOR, tile=vae_tile_decode), vae_tile_decode=vae_tile)

@@ -80,15 +80,22 @@ def test_all_in_one_equals_the_core_and_modular_graph(pack, osediff_model):
     image = torch.rand(2, 27, 21, 3, generator=torch.Generator().manual_seed(0))
     original = image.clone()
     (out,) = run(nodes["OSEDiff_Upscale"], model=model, image=image, prompt="a cat", upscale=4.0, process_size=64,
-                 color_fix="adain", tile_latent=96, tile_overlap=32, dtype="fp32")
+                 color_fix="wavelet", tile_latent=96, tile_overlap=32, dtype="fp32")
     assert out.shape == (2, 108, 84, 3) and torch.equal(image, original)
+    from comfyui_diffsr.osediff_core.pipeline import Options, osediff_upscale
+
+    with torch.no_grad():  # the node is the core function, image by image, with the node's inputs
+        core = torch.cat([osediff_upscale(model, one.movedim(-1, 0)[None], prompt="a cat",
+                                          options=Options(upscale=4.0, process_size=64, color_fix="wavelet"))
+                          for one in image])
+    assert torch.equal(out, core.clamp(0, 1).movedim(1, -1))
     (latent,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=image, upscale=4.0, process_size=64, vae_tile=1024,
                     dtype="fp32")
     assert latent["samples"].shape == (2, 4, 14, 11)
     (x0,) = run(nodes["OSEDiff_OneStepUNet"], model=model, latent=latent, prompt="a cat", tile_latent=96,
                 tile_overlap=32, dtype="fp32")
     (decoded,) = run(nodes["OSEDiff_VAEDecode"], model=model, latent=x0, reference=image, upscale=4.0,
-                     process_size=64, color_fix="adain", vae_tile=224)
+                     process_size=64, color_fix="wavelet", vae_tile=224)
     assert decoded.shape == out.shape
     assert psnr(decoded, out) > 60
     # CONDITIONING (as CLIP Text Encode gives it) instead of the text: the same output
@@ -107,11 +114,17 @@ def test_rgba_grayscale_and_cancel(pack, osediff_model):
     mm = sys.modules["comfy.model_management"]
     args = dict(model=model, prompt="", upscale=2.0, process_size=32, color_fix="wavelet", tile_latent=96, tile_overlap=32,
                 dtype="fp32")
+    from comfyui_diffsr.sr_common.image import with_upscaled_alpha
+
     rgba = torch.rand(1, 20, 24, 4)
     (out,) = run(nodes["OSEDiff_Upscale"], image=rgba, **args)
-    assert out.shape == (1, 40, 48, 4)
-    (gray,) = run(nodes["OSEDiff_Upscale"], image=torch.rand(1, 20, 24, 1), **args)
-    assert gray.shape == (1, 40, 48, 3)
+    (rgb,) = run(nodes["OSEDiff_Upscale"], image=rgba[..., :3], **args)
+    alpha = with_upscaled_alpha(torch.zeros(1, 3, 40, 48), rgba[..., 3:].movedim(-1, 1))[:, 3]
+    assert out.shape == (1, 40, 48, 4) and torch.equal(out[..., :3], rgb) and torch.equal(out[..., 3], alpha)
+    plane = torch.rand(1, 20, 24, 1)
+    (gray,) = run(nodes["OSEDiff_Upscale"], image=plane, **args)
+    (as_rgb,) = run(nodes["OSEDiff_Upscale"], image=plane.repeat(1, 1, 1, 3), **args)
+    assert gray.shape == (1, 40, 48, 3) and torch.equal(gray, as_rgb)
     image = torch.rand(1, 20, 24, 3)
     mm.interrupt_current_processing(True)
     with pytest.raises(mm.InterruptProcessingException):
@@ -312,6 +325,26 @@ def test_dossr_modular_equals_all_in_one(pack):
     (nofix,) = run(nodes["DoSSR_VAEDecode"], model=model, latent={"samples": latent["samples"][:1]},
                    reference=rrdb[:1], upscale=4.0, color_fix="none", vae_tile=0)
     assert psnr(nofix.movedim(-1, 1), standard) > 60
+
+
+def test_dossr_modular_keeps_alpha_and_pairs_batches(pack):
+    """An RGBA image through DoSSR Sampler → DoSSR VAE Decode keeps its alpha as the all-in-one does (the REFERENCE
+    carries it); a LATENT and a reference of different batch sizes are refused, not silently truncated."""
+    _, nodes = pack
+    (model,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+    image = torch.rand(2, 20, 24, 4, generator=torch.Generator().manual_seed(4))
+    embeds = torch.randn(1, 77, model.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+    common = dict(model=model, image=image, steps=1, seed=7, prompt="", tile_latent=96, tile_overlap=32, dtype="fp32",
+                  conditioning=[[embeds, {}]])
+    (whole,) = run(nodes["DoSSR_Upscale"], upscale=4.0, color_fix="wavelet", **common)
+    latent, reference = run(nodes["DoSSR_Sampler"], **common)
+    assert reference.shape == (2, 80, 96, 4)
+    (parts,) = run(nodes["DoSSR_VAEDecode"], model=model, latent=latent, reference=reference, upscale=4.0,
+                   color_fix="wavelet", vae_tile=224)
+    assert parts.shape == whole.shape == (2, 80, 96, 4) and torch.equal(parts[..., 3], whole[..., 3])
+    with pytest.raises(ValueError, match="LATENT holds 2 image"):
+        run(nodes["DoSSR_VAEDecode"], model=model, latent=latent, reference=reference[:1], upscale=4.0,
+            color_fix="wavelet", vae_tile=224)
 
 
 def test_osediff_latent_is_a_standard_sd_latent(pack, osediff_model):
