@@ -256,14 +256,15 @@ class OSEDiffDecode(io.ComfyNode):
 class DAPELoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        options = host.files("dape", downloadable=True)
+        local = host.files("dape")
+        ram, lora = (host.DOWNLOAD + host.OFFICIAL[k].filename for k in ("ram", "dape"))
         return io.Schema(
             node_id="DAPE_Loader", display_name="Load DAPE (RAM + LoRA)", category=CATEGORY,
             description="The DAPE prompt extractor: RAM Swin-L tagger with the DAPE LoRA merged.",
-            inputs=[io.Combo.Input("ram_or_converted", options=options,
+            inputs=[io.Combo.Input("ram_or_converted", options=local + [ram],
                                    tooltip="ram_swin_large_14m.pth, or a converted DAPE .safetensors (then dape = none). "
                                            "'download: ...' fetches the official file into models/dape first."),
-                    io.Combo.Input("dape", options=["none"] + options, default="none",
+                    io.Combo.Input("dape", options=["none"] + local + [lora], default="none",
                                    tooltip="DAPE.pth (LoRA); 'none' when the first file is a converted one.")],
             outputs=[DAPE.Output(display_name="DAPE_MODEL")])
 

@@ -62,6 +62,9 @@ def test_schemas(pack):
         assert all(i.tooltip for i in schema.inputs), node_id
     loader = nodes["DiffSR_SD21Loader"].define_schema().inputs[0]
     assert loader.choices == ["checkpoints/download: v2-1_512-ema-pruned.safetensors", "diffusers/tiny_sd21"]
+    ram, lora = nodes["DAPE_Loader"].define_schema().inputs  # each offers only its own official download
+    assert ram.choices == ["dape_tiny.pth", "ram_tiny.pth", "download: ram_swin_large_14m.pth"]
+    assert lora.choices == ["none", "dape_tiny.pth", "ram_tiny.pth", "download: DAPE.pth"]
 
 
 @pytest.fixture(scope="module")
