@@ -19,15 +19,21 @@ HIGH_DEPTH_PEAK = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 655
 
 
 def find_images(inputs):
-    """Files as given; folders contribute their image files (sorted, not recursive)."""
-    found = []
+    """Files as given; folders contribute their image files (sorted, not recursive); a file given twice (also as a
+    folder's file, or through a link) counts once."""
+    found, seen = [], set()
     for item in inputs:
         if os.path.isdir(item):
-            found += sorted(os.path.join(item, n) for n in os.listdir(item) if n.lower().endswith(IMAGE_SUFFIXES))
+            names = sorted(n for n in os.listdir(item) if n.lower().endswith(IMAGE_SUFFIXES))
+            paths = [os.path.join(item, n) for n in names if os.path.isfile(os.path.join(item, n))]
         elif os.path.isfile(item):
-            found.append(item)
+            paths = [item]
         else:
             raise DiffSRError(f"Input not found: {item!r}")
+        for path in paths:
+            if os.path.realpath(path) not in seen:
+                seen.add(os.path.realpath(path))
+                found.append(path)
     if not found:
         raise DiffSRError(f"No images found in {list(inputs)} (looked for {', '.join(IMAGE_SUFFIXES)}).")
     return found
@@ -36,6 +42,8 @@ def find_images(inputs):
 def plan_outputs(images, outdir, overwrite=False, skip_existing=False, suffix=".png"):
     """(input, OUTDIR/<input stem><suffix>) pairs; refuses name clashes and, unless ``overwrite``, existing files.
     ``skip_existing`` leaves out the inputs whose output exists (to resume a folder run)."""
+    if not outdir:
+        raise DiffSRError("--output is empty; give the folder to write to.")
     pairs, seen = [], {}
     for path in images:
         out = os.path.join(outdir, os.path.splitext(os.path.basename(path))[0] + suffix)

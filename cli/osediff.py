@@ -51,6 +51,8 @@ def build_parser():
 
 
 def check_args(args):
+    if args.process_size < 0:
+        raise DiffSRError(f"--process-size must be 0 or more, got {args.process_size}")
     if not 1 <= args.upscale <= 8:
         raise DiffSRError(f"--upscale must be between 1 and 8, got {args.upscale}")
     if args.official_sizing and args.upscale != int(args.upscale):

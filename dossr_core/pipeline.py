@@ -233,9 +233,15 @@ def save_noise(noise, path, metadata=None):
 
 def load_noise(path):
     """A noise file ({'posterior', 'init', 'step_0', …} → tensor); refuses files without those names."""
+    from ..sr_common.errors import ImageInputError, WeightFileError
     from ..sr_common.weights import read_state_dict
 
-    noise = read_state_dict(path)
+    try:
+        noise = read_state_dict(path)
+    except WeightFileError as e:  # its advice is about weights
+        raise ImageInputError(f"Cannot read the noise file {path!r} ({str(e).split('. ')[0]}); give a file that "
+                              "--save-noise wrote.") from e
     if not isinstance(noise, dict) or "init" not in noise or "posterior" not in noise:
-        raise ValueError(f"{path!r} is not a DoSSR noise file: it needs tensors 'posterior', 'init', 'step_0', ….")
+        raise ImageInputError(f"{path!r} is not a DoSSR noise file: it needs tensors 'posterior', 'init', "
+                              "'step_0', …; give a file that --save-noise wrote.")
     return noise

@@ -10,4 +10,4 @@ class WeightFileError(DiffSRError, ValueError):
 
 
 class ImageInputError(DiffSRError, ValueError):
-    """An input image cannot be processed as given."""
+    """An input image, or the noise file replayed for it, cannot be processed as given."""
