@@ -17,8 +17,8 @@ import torch
 
 from ..sr_common import image as img
 from ..sr_common.color_fix import COLOR_FIXES, apply_color_fix
-from ..sr_common.sd21 import SCALING_FACTOR
-from ..sr_common.tiled_vae import DEFAULT_MODE, tiled_forward
+from ..sr_common.latents import encode_moments, posterior_mean, posterior_sample, vae_decode
+from ..sr_common.tiled_vae import DEFAULT_MODE
 from ..sr_common.tiling import blend_tiles, needs_tiling
 from .model import DEFAULT_PROMPT, predict_eps
 from .sampling import sample_dossr
@@ -84,40 +84,15 @@ def check_options(o):
         raise ValueError(f"`tile_overlap` must be smaller than `tile_latent`, got {o.tile_overlap} >= {o.tile_latent}")
 
 
-def encode_moments(encoder, image01, tile=None, callback=None, mode=DEFAULT_MODE):
-    """The 8 moment channels of an ``Encoder`` + ``quant_conv`` pair for an image in [0, 1] (as 2x − 1)."""
-    weight = encoder["quant_conv"].weight
-    h = tiled_forward(encoder["encoder"], (image01 * 2 - 1).to(weight), tile, is_decoder=False, callback=callback,
-                      mode=mode)
-    return encoder["quant_conv"](h.to(weight.dtype)).float()
-
-
 def vae_moments(model, start, tile=None, callback=None, mode=DEFAULT_MODE):
     """The moments of the SD VAE encoder for ``start`` in [0, 1]."""
     return encode_moments({"encoder": model.vae.encoder, "quant_conv": model.vae.quant_conv}, start, tile, callback,
                           mode)
 
 
-def condition_from_moments(moments):
-    """c = 0.18215 · mode: the mean half of the moments."""
-    return moments.chunk(2, dim=1)[0] * SCALING_FACTOR
-
-
-def posterior_sample(moments, noise):
-    """0.18215 · (μ + exp(½·clamp(logvar, −30, 20))·n), n = ``noise("posterior", …)``."""
-    mean, logvar = moments.chunk(2, dim=1)
-    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    return (mean + std * noise("posterior", mean.shape).to(mean.device)) * SCALING_FACTOR
-
-
 def condition_latent(model, start, tile=None, callback=None, mode=DEFAULT_MODE):
     """c = 0.18215 · mode(E_cond(2·start − 1))."""
-    return condition_from_moments(encode_moments(model.cond_encoder, start, tile, callback, mode))
-
-
-def lr_latent(model, start, noise, tile=None, callback=None, mode=DEFAULT_MODE):
-    """x̂₀ = a posterior sample of the SD VAE encoder (``posterior_sample``)."""
-    return posterior_sample(vae_moments(model, start, tile, callback, mode), noise)
+    return posterior_mean(encode_moments(model.cond_encoder, start, tile, callback, mode))
 
 
 def shares_vae_encoder(model):
@@ -130,9 +105,10 @@ def start_latents(model, padded, noise, tile=None, stage=lambda name: None, mode
     """(c, x̂₀) of the padded ×4 image: c = 0.18215 · mode(E_cond), x̂₀ a posterior sample of E_vae (the first
     random draw); one encoder pass for both when the condition encoder is the VAE encoder."""
     moments = vae_moments(model, padded, tile, stage("vae_encoder"), mode)
-    c_latent = (condition_from_moments(moments) if shares_vae_encoder(model)
+    c_latent = (posterior_mean(moments) if shares_vae_encoder(model)
                 else condition_latent(model, padded, tile, stage("cond_encoder"), mode))
-    return c_latent, posterior_sample(moments, noise)
+    mean_shape = (moments.shape[0], moments.shape[1] // 2, *moments.shape[2:])
+    return c_latent, posterior_sample(moments, noise("posterior", mean_shape))
 
 
 def text_context(model, prompt=DEFAULT_PROMPT, prompt_embeds=None):
@@ -161,8 +137,7 @@ def make_eps_model(model, c_latent, context, o, callback=None):
 
 def decode(model, x, tile=None, callback=None, mode=DEFAULT_MODE):
     """(VAE_dec(x / 0.18215) + 1) / 2 in float32 (not clamped)."""
-    z = model.vae.post_quant_conv((x / SCALING_FACTOR).to(model.vae.post_quant_conv.weight.dtype))
-    return tiled_forward(model.vae.decoder, z, tile, is_decoder=True, callback=callback, mode=mode).float().add_(1).div_(2)
+    return vae_decode(model.vae, x, tile, callback, mode).add_(1).div_(2)
 
 
 @torch.no_grad()

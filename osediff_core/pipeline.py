@@ -12,7 +12,8 @@ from ..sr_common import image as img
 from ..sr_common.color_fix import color_reference, fix_colors
 from ..sr_common.fast_modules import fast_modules, fast_vae_decoder
 from ..sr_common.sd21 import SCALING_FACTOR, encode_prompt, move_module
-from ..sr_common.tiled_vae import DEFAULT_MODE, tiled_forward
+from ..sr_common.latents import encode_moments, posterior_mean, posterior_sample, vae_decode
+from ..sr_common.tiled_vae import DEFAULT_MODE
 from ..sr_common.tiling import blend_tiles, needs_tiling
 from .weights import apply_osediff_unet, lq_encoder
 
@@ -135,23 +136,20 @@ def preprocess(image, *, upscale=4, process_size=512, official_sizing=False):
 
 
 def posterior_latent(moments, sample_mode="mean", seed=0):
-    """z = 0.18215 · (μ or μ + exp(½·clamp(logvar, −30, 20))·n), n ~ N(0, I) from a CPU generator seeded with ``seed``."""
-    mean, logvar = moments.float().chunk(2, dim=1)
+    """z = 0.18215 · μ, or with ``sample_mode="sample"`` a posterior sample whose n ~ N(0, I) comes from a CPU
+    generator seeded with ``seed``."""
     if sample_mode == "mean":
-        return mean * SCALING_FACTOR
+        return posterior_mean(moments)
     if sample_mode != "sample":
         raise ValueError(f"`sample_mode` must be 'mean' or 'sample', got {sample_mode!r}")
-    noise = torch.randn(mean.shape, generator=torch.Generator("cpu").manual_seed(int(seed)), dtype=torch.float32)
-    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    return (mean + std * noise.to(mean.device)) * SCALING_FACTOR
+    noise = torch.randn((moments.shape[0], moments.shape[1] // 2, *moments.shape[2:]),
+                        generator=torch.Generator("cpu").manual_seed(int(seed)), dtype=torch.float32)
+    return posterior_sample(moments, noise)
 
 
 def encode_lq(encoder, lq, *, sample_mode="mean", seed=0, tile=None, tile_mode=DEFAULT_MODE, callback=None):
     """Scaled latent of the LQ: LoRA VAE encoder (tiled above ``tile`` px) → quant_conv → posterior."""
-    x = lq.mul(2).sub_(1).to(encoder["quant_conv"].weight)
-    h = tiled_forward(encoder["encoder"], x, tile, is_decoder=False, callback=callback, mode=tile_mode)
-    moments = encoder["quant_conv"](h.to(encoder["quant_conv"].weight.dtype))
-    return posterior_latent(moments, sample_mode, seed)
+    return posterior_latent(encode_moments(encoder, lq, tile, callback, tile_mode), sample_mode, seed)
 
 
 def predict_eps(unet, z, prompt_embeds, *, tile=96, overlap=32, tile_batch=1, callback=None):
@@ -176,8 +174,7 @@ def one_step_x0(z, eps, t=TIMESTEP):
 
 def decode_latent(vae, x0, *, tile=None, tile_mode=DEFAULT_MODE, callback=None):
     """VAE decode of x0 / 0.18215 (decoder tiled above ``tile`` latent px), clamped to [−1, 1]."""
-    z = vae.post_quant_conv((x0 / SCALING_FACTOR).to(vae.post_quant_conv.weight.dtype))
-    return tiled_forward(vae.decoder, z, tile, is_decoder=True, callback=callback, mode=tile_mode).float().clamp_(-1, 1)
+    return vae_decode(vae, x0, tile, callback, tile_mode).clamp_(-1, 1)
 
 
 @dataclass

@@ -1,0 +1,34 @@
+"""SD latents both methods share: image → VAE moments, the posterior sample, latent → image (tiled VAE)."""
+
+import torch
+
+from .sd21 import SCALING_FACTOR
+from .tiled_vae import DEFAULT_MODE, tiled_forward
+
+
+def encode_moments(encoder, image01, tile=None, callback=None, mode=DEFAULT_MODE):
+    """The 8 moment channels (μ, log σ²) of an ``{"encoder", "quant_conv"}`` pair for an image in [0, 1], as 2x − 1;
+    the encoder tiled above ``tile`` px; float32."""
+    weight = encoder["quant_conv"].weight
+    h = tiled_forward(encoder["encoder"], (image01 * 2 - 1).to(weight), tile, is_decoder=False, callback=callback,
+                      mode=mode)
+    return encoder["quant_conv"](h.to(weight.dtype)).float()
+
+
+def posterior_mean(moments):
+    """z = 0.18215 · μ (the posterior's mode)."""
+    return moments.float().chunk(2, dim=1)[0] * SCALING_FACTOR
+
+
+def posterior_sample(moments, noise):
+    """z = 0.18215 · (μ + exp(½·clamp(log σ², −30, 20))·n) for a standard normal ``noise`` of μ's shape."""
+    mean, logvar = moments.float().chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    return (mean + std * noise.to(mean.device)) * SCALING_FACTOR
+
+
+def vae_decode(vae, z, tile=None, callback=None, mode=DEFAULT_MODE):
+    """VAE_dec(z / 0.18215), nominally in [−1, 1] (not clamped), the decoder tiled above ``tile`` latent px;
+    float32."""
+    h = vae.post_quant_conv((z / SCALING_FACTOR).to(vae.post_quant_conv.weight.dtype))
+    return tiled_forward(vae.decoder, h, tile, is_decoder=True, callback=callback, mode=mode).float()
