@@ -162,7 +162,6 @@ def dossr_upscale(model, image, *, prompt=DEFAULT_PROMPT, prompt_embeds=None, op
 
     device, dtype = model.device, model.dtype
     noise_source = NoiseSource(o.seed, noise)
-    lr_h, lr_w = image.shape[-2:]
     # 1. pre-process: RRDB ×4 on the LR in [0, 1], clamped ("start": condition and colour reference)
     start = model.rrdb(image.to(device=device, dtype=dtype)).float().clamp(0, 1)
     if callback:
@@ -189,14 +188,20 @@ def dossr_upscale(model, image, *, prompt=DEFAULT_PROMPT, prompt_embeds=None, op
     if trace is not None:
         trace.update(start=start.cpu(), c_latent=c_latent.cpu(), x_hat0=x_hat0.cpu(), context=context.cpu(),
                      states=[s.cpu() for s in states], decoded=decoded.cpu(), noise=dict(noise_source.drawn))
-    # 7. colour fix against start on the device (wavelet: high frequencies of the result + low frequencies of
-    # start), then back to the host
-    out = apply_color_fix(decoded, start, o.color_fix).cpu()
-    # 8. other scales: 8-bit quantisation (truncating) and LANCZOS resize of the ×4 result, as the official
-    if o.upscale != 4:
-        size = (math.ceil(o.upscale * lr_w), math.ceil(o.upscale * lr_h))
-        out = img.resize(torch.floor(out * 255) / 255, size, "lanczos")
-    return out
+    # 7.-8. colour fix, other scales
+    return fixed_and_resized(decoded, start, o.upscale, o.color_fix)
+
+
+def fixed_and_resized(decoded, start, upscale, color_fix):
+    """Steps 7-8 of ``dossr_upscale``: the decoded ×4 image colour-fixed against ``start`` on the device (wavelet:
+    high frequencies of the result + low frequencies of start), then on the host for scales other than 4 quantised
+    to 8 bits (truncating) and LANCZOS-resized to ceil(upscale/4 · size), as the official; clamped to [0, 1]."""
+    out = apply_color_fix(decoded, start, color_fix).cpu()
+    if upscale != 4:
+        h, w = start.shape[-2:]
+        out = img.resize(torch.floor(out * 255) / 255, (math.ceil(upscale * w / 4), math.ceil(upscale * h / 4)),
+                         "lanczos")
+    return out.clamp(0, 1)
 
 
 def save_noise(noise, path, metadata=None):

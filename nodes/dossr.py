@@ -1,17 +1,16 @@
 """DoSSR nodes: loader and upscaler (RRDB ×4 → ControlNet-guided domain-shift SDE → VAE decode)."""
 
-import math
 
 import torch
 from comfy_api.latest import io
 
 from ..dossr_core.model import DEFAULT_PROMPT, load_dossr
 from ..dossr_core.pipeline import (PIXEL_MULTIPLE, NoiseSource, Options, check_options, condition_latent, decode,
-                                   dossr_upscale, make_eps_model, start_latents, text_context)
+                                   dossr_upscale, fixed_and_resized, make_eps_model, start_latents, text_context)
 from ..dossr_core.sampling import sample_dossr
 from ..dossr_core.schedule import make_grid
 from ..sr_common import image as img
-from ..sr_common.color_fix import COLOR_FIXES, apply_color_fix
+from ..sr_common.color_fix import COLOR_FIXES
 from ..sr_common.sd21 import SCALING_FACTOR
 from ..sr_common.tiling import overlap_within
 from . import host
@@ -208,11 +207,7 @@ class DoSSRDecode(io.ComfyNode):
             with torch.no_grad():
                 decoded = host.with_oom_retry(lambda vae_tile_decode: decode(
                     model, x.to(dev) * SCALING_FACTOR, vae_tile_decode, cancel), vae_tile_decode=vae_tile)
-            out = apply_color_fix(decoded[..., :h, :w], start.to(dev), color_fix).cpu()  # on the device
-            if upscale != 4:
-                size = (math.ceil(upscale * w / 4), math.ceil(upscale * h / 4))
-                out = img.resize(torch.floor(out * 255) / 255, size, "lanczos")
-            outs.append(out.clamp(0, 1))
+            outs.append(fixed_and_resized(decoded[..., :h, :w], start.to(dev), upscale, color_fix))
             progress()
         return io.NodeOutput(host.bchw_to_image(outs, alpha))
 
