@@ -19,10 +19,10 @@ import os
 
 import torch
 
+from comfyui_diffsr.sr_common.sd21 import PRECISIONS
 from common import environment, psnr_db, summary, timed, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def decoder_variants(seed=0):
@@ -47,10 +47,10 @@ def main():
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp16" if torch.cuda.is_available() else "fp32")
+    p.add_argument("--dtype", choices=list(PRECISIONS), default="fp16" if torch.cuda.is_available() else "fp32")
     p.add_argument("--out", default=os.path.join(HERE, "results", "decoder_modules.json"))
     args = p.parse_args()
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device, dtype = torch.device(args.device), PRECISIONS[args.dtype]
     cuda = device.type == "cuda"
     variants = {name: net.to(device, dtype) for name, net in decoder_variants().items()}
     cases = []

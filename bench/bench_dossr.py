@@ -108,7 +108,9 @@ def main():
     p.add_argument("--_weights", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_serve", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    from comfyui_diffsr.sr_common.sd21 import PRECISIONS
+
+    dtype = PRECISIONS[args.dtype]
     device = torch.device(args.device)
     if args._case is not None:
         result = run_case(args._case, args.repeats, args.steps, device, dtype, args._weights, args._serve, args.compile)

@@ -110,7 +110,9 @@ def main():
     p.add_argument("--_case", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_serve", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    from comfyui_diffsr.sr_common.sd21 import PRECISIONS
+
+    dtype = PRECISIONS[args.dtype]
     device = torch.device(args.device)
     if args._case is not None:
         vae_tiles = {"vae_tile_encode": args.vae_tile_encode, "vae_tile_decode": args.vae_tile_decode,

@@ -83,7 +83,9 @@ def main():
     p.add_argument("--out", default=os.path.join(HERE, "results", "vae_memory.json"))
     p.add_argument("--_case", nargs=3, default=None, metavar=("DIRECTION", "SIZE", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args()
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    from comfyui_diffsr.sr_common.sd21 import PRECISIONS
+
+    dtype = PRECISIONS[args.dtype]
     device = torch.device(args.device)
     tiles = {"decode": args.decode_tile, "encode": args.encode_tile}
     if args._case is not None:

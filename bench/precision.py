@@ -20,10 +20,10 @@ import time
 import torch
 
 from bench_dossr import lr_image, random_dossr
+from comfyui_diffsr.sr_common.sd21 import PRECISIONS
 from common import environment, psnr_db, random_sd21, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def osediff_runner(size):
@@ -64,7 +64,7 @@ def measure(method, size, device, dtypes):
     result = {"case": f"{size}->{size * 4}", "fp32_s": seconds}
     for name in dtypes:
         dtype, _, compiled = name.partition("+")
-        low = copy.deepcopy(master).to(device, DTYPES[dtype])
+        low = copy.deepcopy(master).to(device, PRECISIONS[dtype])
         if compiled:
             torch._dynamo.reset()  # a fresh cache for each copy (their forwards share code objects)
             low.compile()

@@ -11,10 +11,10 @@ import torch
 from tqdm import tqdm
 
 from ..sr_common.errors import DiffSRError, ImageInputError
+from ..sr_common.sd21 import PRECISIONS
 from ..sr_common.tiling import TILE_FLOORS, overlap_within, with_oom_retry
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HIGH_DEPTH_PEAK = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "F": 1.0}  # PIL mode → white
 
 
@@ -265,7 +265,7 @@ def pick_device(name):
 
 def add_device_args(parser):
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+    parser.add_argument("--dtype", choices=list(PRECISIONS), default=None,
                         help="network precision; default fp32 on CPU, fp16 on CUDA")
 
 
@@ -273,12 +273,6 @@ def add_compile_arg(parser):
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the diffusion networks: the first image (and each new size) compiles "
                              "first, minutes on a CPU; needs a C++ compiler (CPU) or Triton (GPU)")
-
-
-def resolve_dtype(name, device):
-    if name is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
 
 
 def run_main(main_fn, argv):

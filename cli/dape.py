@@ -15,7 +15,8 @@ import argparse
 import sys
 
 from ..sr_common.errors import DiffSRError
-from .common import add_device_args, find_images, load_image, pick_device, resolve_dtype, run_main
+from ..sr_common.sd21 import network_dtype
+from .common import add_device_args, find_images, load_image, pick_device, run_main
 
 
 def build_parser():
@@ -80,7 +81,7 @@ def main_impl(argv=None):
 
     images = find_images(args.inputs)
     device = pick_device(args.device)
-    tagger = load_tagger(args, device, resolve_dtype(args.dtype, device))
+    tagger = load_tagger(args, device, network_dtype(args.dtype, device))
     exclude = [t.strip() for t in args.exclude.split(",") if t.strip()]
     failed = []
     for path in images:

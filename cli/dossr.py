@@ -8,8 +8,9 @@ import torch
 
 from ..sr_common.color_fix import COLOR_FIXES
 from ..sr_common.errors import DiffSRError
+from ..sr_common.sd21 import network_dtype
 from .common import (add_compile_arg, add_device_args, add_output_args, check_tile_args, find_images, pick_device,
-                     plan_outputs, resolve_dtype, run_main, upscale_all, with_smaller_tiles_on_oom)
+                     plan_outputs, run_main, upscale_all, with_smaller_tiles_on_oom)
 
 
 def build_parser():
@@ -84,7 +85,7 @@ def main_impl(argv=None):
     if not pairs:
         return 0
     device = pick_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = network_dtype(args.dtype, device)
     noise = load_noise(args.noise_file) if args.noise_file else None
     embeds = read_prompt_embeds(args.prompt_embeds) if args.prompt_embeds else None
     model = load_dossr(args.weights, args.base, config=args.config, base_config=args.base_config).to(device, dtype)

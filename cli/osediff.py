@@ -9,9 +9,9 @@ from ..osediff_core.pipeline import Options, build_osediff, osediff_upscale
 from ..osediff_core.weights import read_osediff
 from ..sr_common.color_fix import COLOR_FIXES
 from ..sr_common.errors import DiffSRError
-from ..sr_common.sd21 import load_sd21
+from ..sr_common.sd21 import load_sd21, network_dtype
 from .common import (add_compile_arg, add_device_args, add_output_args, check_tile_args, find_images, pick_device,
-                     plan_outputs, resolve_dtype, run_main, upscale_all, with_smaller_tiles_on_oom)
+                     plan_outputs, run_main, upscale_all, with_smaller_tiles_on_oom)
 
 
 def build_parser():
@@ -83,7 +83,7 @@ def main_impl(argv=None):
     if not pairs:
         return 0
     device = pick_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = network_dtype(args.dtype, device)
     ckpt = read_osediff(args.weights)
     model = build_osediff(load_sd21(args.base, args.base_config, in_memory=True), ckpt, consume=True).to(device, dtype)
     if args.compile:

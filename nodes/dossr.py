@@ -11,10 +11,10 @@ from ..dossr_core.sampling import sample_dossr
 from ..dossr_core.schedule import make_grid
 from ..sr_common import image as img
 from ..sr_common.color_fix import COLOR_FIXES
-from ..sr_common.sd21 import SCALING_FACTOR
+from ..sr_common.sd21 import SCALING_FACTOR, network_dtype
 from ..sr_common.tiling import overlap_within
 from . import host
-from .osediff import CATEGORY, DTYPES, SD21, pick_dtype, tile_inputs
+from .osediff import CATEGORY, DTYPES, SD21, tile_inputs
 
 DOSSR = io.Custom("DOSSR_MODEL")
 DEFAULT_CONFIG = "SD 2.1 (built in)"
@@ -72,7 +72,7 @@ class DoSSRUpscale(io.ComfyNode):
     def execute(cls, model, image, steps, seed, prompt, upscale, color_fix, tile_latent, tile_overlap, dtype,
                 conditioning=None):
         images, alpha = host.image_to_bchw(image)
-        host.load_on_device(model, pick_dtype(dtype, host.device()))
+        host.load_on_device(model, network_dtype(dtype, host.device()))
         progress = host.Progress(len(images) * steps)
         embeds = conditioning[0][0][:1] if conditioning is not None else None
         outs = []
@@ -159,7 +159,7 @@ class DoSSRSampler(io.ComfyNode):
             inputs = [(lr, None) for lr in images]
         else:
             inputs = [(None, one) for one in latent["samples"].float().split(1)]
-        host.load_on_device(model, pick_dtype(dtype, host.device()))
+        host.load_on_device(model, network_dtype(dtype, host.device()))
         progress = host.Progress(len(inputs) * steps)
         cancel = lambda *_: host.mm.throw_exception_if_processing_interrupted()
         embeds = conditioning[0][0][:1] if conditioning is not None else None

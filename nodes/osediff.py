@@ -8,7 +8,7 @@ from ..osediff_core.pipeline import (Options, build_osediff, decode_latent, enco
 from ..osediff_core.weights import read_osediff
 from ..sr_common import image as img
 from ..sr_common.color_fix import COLOR_FIXES, apply_color_fix
-from ..sr_common.sd21 import SCALING_FACTOR
+from ..sr_common.sd21 import PRECISIONS, SCALING_FACTOR, network_dtype
 from ..sr_common.tiling import overlap_within
 from . import host
 
@@ -16,13 +16,7 @@ CATEGORY = "image/upscaling/DiffSR"
 SD21 = io.Custom("SD21_BASE")
 OSEDIFF = io.Custom("OSEDIFF_MODEL")
 DAPE = io.Custom("DAPE_MODEL")
-DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def pick_dtype(name, dev):
-    if DTYPES[name] is not None:
-        return DTYPES[name]
-    return torch.float16 if dev.type == "cuda" else torch.float32
+DTYPES = ["auto", *PRECISIONS]  # auto: fp16 on CUDA, fp32 elsewhere (sr_common.sd21.network_dtype)
 
 
 def upscale_input(default=4.0):
@@ -100,7 +94,7 @@ class OSEDiffLoader(io.ComfyNode):
 
 
 def _prepare(model, dtype_name):
-    return host.load_on_device(model, pick_dtype(dtype_name, host.device()))
+    return host.load_on_device(model, network_dtype(dtype_name, host.device()))
 
 
 class OSEDiffUpscale(io.ComfyNode):
@@ -128,7 +122,7 @@ class OSEDiffUpscale(io.ComfyNode):
     def execute(cls, model, image, prompt, upscale, process_size, color_fix, tile_latent, tile_overlap, dtype,
                 dape=None):
         images, alpha = host.image_to_bchw(image)
-        dev = host.load_on_device(model, pick_dtype(dtype, host.device()), with_models=[] if dape is None else [dape])
+        dev = host.load_on_device(model, network_dtype(dtype, host.device()), with_models=[] if dape is None else [dape])
         prompt_fn = None
         if dape is not None:
             from ..osediff_core.dape import dape_prompt

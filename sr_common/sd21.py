@@ -300,6 +300,17 @@ def load_sd21(path, config_dir=None, *, in_memory=False):
     return load_single_file(path, config_dir, in_memory)
 
 
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def network_dtype(name, device):
+    """The networks' dtype for a precision name of ``PRECISIONS``; None or "auto": fp16 on CUDA (as the official
+    code), float32 elsewhere."""
+    if name in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return PRECISIONS[name]
+
+
 def move_module(module, device=None, dtype=None):
     """``module.to(device, dtype)`` as ``torch.nn.Module`` does it: diffusers' own ``to`` warns about every cast it
     is given ("There are modules in AutoencoderKL that should be kept in float32: []"), though these modules keep
