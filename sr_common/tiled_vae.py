@@ -213,7 +213,7 @@ def _tiled_forward(net, x, tile, is_decoder, callback, mode):
         elif kind == "attn":
             if exact:
                 full = _attention(module, grid.assemble(tiles))
-                tiles = grid.cut(full, tiles)
+                tiles = grid.cut(full)
             else:
                 tiles = [_attention(module, t) for t in tiles]
         if callback is not None:
@@ -268,13 +268,14 @@ class _Grid:
             full[:, :, y0:y1, x0:x1] = _core(t, ib, core, s)
         return full
 
-    def cut(self, full, like):
+    def cut(self, full):
+        """The tiles (input boxes, margins included) of a whole-image tensor at any scale of the grid."""
         s = full.shape[-1] / self.width
         return [full[:, :, round(ib[2] * s):round(ib[3] * s), round(ib[0] * s):round(ib[1] * s)] for ib in self.in_boxes]
 
     def exchange(self, tiles):
         """Refill every tile's margin from the neighbouring cores."""
-        return self.cut(self.assemble(tiles), tiles)
+        return self.cut(self.assemble(tiles))
 
     def exact_stats(self, tiles, norm):
         """(μ, σ² + ε) per (batch, group) over the whole image (the cores), from float64 moments."""

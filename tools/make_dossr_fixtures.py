@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -421,7 +422,6 @@ def main():
     inference = importlib.import_module("scripts.inference") if os.path.exists(
         os.path.join(up, "scripts", "__init__.py")) else None
     if inference is None:
-        import importlib.util
         spec = importlib.util.spec_from_file_location("dossr_inference", os.path.join(up, "scripts", "inference.py"))
         inference = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(inference)

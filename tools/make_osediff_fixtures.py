@@ -423,7 +423,7 @@ CPU. Regenerate (1.5-3 min on 2 CPU cores):
 """
 
 
-def write_readme(out, listing, lora_psnr, seconds):
+def write_readme(out, listing, lora_psnr):
     import diffusers
     import peft
     import transformers
@@ -617,7 +617,7 @@ def main():
     with open(os.path.join(a.out, "cases.json"), "w") as f:
         json.dump({"upstream_commit": "fcc4f09", "prompt": PROMPT, "input_ids": tok, "seed": SEED,
                    "lora_zeroed_psnr_db": round(lora_psnr, 2), "cases": listing}, f, indent=1)
-    write_readme(a.out, listing, lora_psnr, time.time() - t_start)
+    write_readme(a.out, listing, lora_psnr)
     print(f"done in {time.time() - t_start:.0f}s", flush=True)
 
 
