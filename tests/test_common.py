@@ -38,6 +38,24 @@ def test_blend_tiles_reproduces_a_pointwise_function():
     torch.testing.assert_close(out, latent * 2 + 1, atol=1e-5, rtol=1e-5)
 
 
+def test_blend_tiles_weights_overlapping_tiles_with_the_gaussian():
+    """A non-pointwise fn (each tile → its top-left value everywhere) makes overlapping tiles disagree, so the
+    blend shows its weights: out = Σ_k w_k·c_k / Σ_k w_k with w the Gaussian of the official code (m = T/2 down,
+    (T − 1)/2 across, var 0.01), written out here in float64. Uniform weights (any normalised weights reproduce
+    a pointwise fn) are off by up to 2.0 here; measured ≤ 3.9e-7."""
+    latent = torch.randn(1, 2, 24, 40, generator=torch.Generator().manual_seed(4))
+    out = tiling.blend_tiles(lambda t: t[:, :, :1, :1].expand_as(t), latent, 16, 8)
+    g = lambda n, mid: torch.exp(-((torch.arange(n, dtype=torch.float64) - mid) ** 2) / n**2 / 0.02)
+    w = torch.outer(g(16, 8.0), g(16, 7.5))
+    num, den = torch.zeros(1, 2, 24, 40, dtype=torch.float64), torch.zeros(24, 40, dtype=torch.float64)
+    for y in (0, 8):  # tile_offsets(24, 16, 8) and (40, 16, 8): a 2 × 4 grid of 16 × 16 tiles
+        for x in (0, 8, 16, 24):
+            num[:, :, y:y + 16, x:x + 16] += w * latent[:, :, y:y + 1, x:x + 1].double()
+            den[y:y + 16, x:x + 16] += w
+    assert tiling.latent_tiles(24, 40, 16, 8) == [(y, x, 16) for y in (0, 8) for x in (0, 8, 16, 24)]
+    assert (out.double() - num / den).abs().max().item() < 2e-6
+
+
 def test_adain_matches_formula():
     t, s = torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16) * 0.5
     out = color_fix.adain_color_fix(t, s)
@@ -55,6 +73,42 @@ def test_wavelet_keeps_target_detail_and_source_colour():
     torch.testing.assert_close(out, (high + 0.25).clamp(0, 1), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="color_fix"):
         color_fix.apply_color_fix(target, target, "bogus")
+
+
+def a_trous_blur(x, r):
+    """StableSR's wavelet_blur written out in float64: the 3×3 kernel [1,2,1]ᵀ[1,2,1]/16 with taps ``r`` apart,
+    borders replicated (indices clamped)."""
+    x = x.double()
+    height, width = x.shape[-2:]
+    k = (0.25, 0.5, 0.25)
+    rows = [torch.arange(height).add(d * r).clamp(0, height - 1) for d in (-1, 0, 1)]
+    cols = [torch.arange(width).add(d * r).clamp(0, width - 1) for d in (-1, 0, 1)]
+    return sum(k[a] * k[b] * x[:, :, rows[a]][:, :, :, cols[b]] for a in range(3) for b in range(3))
+
+
+def a_trous_low(x):
+    """The low band of the official wavelet_decomposition: 5 blurs with dilation 1, 2, 4, 8, 16."""
+    for i in range(5):
+        x = a_trous_blur(x, 2**i)
+    return x
+
+
+def test_wavelet_decomposition_is_the_five_level_replicate_padded_a_trous_blur():
+    """high + low = x holds for any blur, so the blur itself is checked against the kernel written out: 5 levels,
+    dilation 2^i, replicate padding (the official wavelet_blur / wavelet_decomposition), then the whole fix
+    high(target) + low(source). Measured ≤ 1.7e-7 off (float32); reflect or zero padding, 4 levels, dilation i + 1
+    or a box kernel are 0.03–0.4 off."""
+    gen = torch.Generator().manual_seed(5)
+    target, source = torch.rand(1, 3, 40, 48, generator=gen), torch.rand(1, 3, 40, 48, generator=gen)
+    for r in (1, 2, 4, 8, 16):
+        assert (color_fix.wavelet_blur(target, r).double() - a_trous_blur(target, r)).abs().max().item() < 1e-6
+    high, low = color_fix.wavelet_decomposition(target)
+    ref_low = a_trous_low(target)
+    assert (low.double() - ref_low).abs().max().item() < 1e-6
+    assert (high.double() - (target.double() - ref_low)).abs().max().item() < 2e-6
+    fixed = color_fix.apply_color_fix(target, source, "wavelet")
+    expected = (target.double() - ref_low + a_trous_low(source)).clamp(0, 1)
+    assert (fixed.double() - expected).abs().max().item() < 2e-6
 
 
 @pytest.mark.parametrize("method", ["adain", "wavelet", "none"])

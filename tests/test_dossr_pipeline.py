@@ -1,7 +1,9 @@
 """DoSSR end to end on the tiny official-layout fixture (tests/data/dossr, made by running the upstream code).
 
-Parity: every intermediate and the output ≥ 50 dB PSNR against the official fp32 CPU run
-(measured: > 120 dB for tensors; PNGs differ by at most 1 LSB where truncation hits a boundary).
+Parity against the official fp32 CPU run, held close to what it measures (float32 rounding, not bit-exact):
+start ≥ 134.8 dB, x̂₀ ≥ 123.4, c ≥ 124.4, context 145.7, states ≥ 113.7 (the 1-step case; else ≥ 118.7),
+decoded ≥ 120.8, float output ≥ 121.3; the 8-bit PNGs ≥ 83.0 dB, differing by at most 1 LSB (1–6 values) where
+truncation hits a boundary. At 50 dB a condition latent scaled by 0.18 for 0.18215 passed 5 of 7 cases.
 """
 
 import json
@@ -19,9 +21,8 @@ from comfyui_diffsr.sr_common.image import pil_to_tensor
 FIX = os.path.join(os.path.dirname(__file__), "data", "dossr")
 CKPT = os.path.join(FIX, "dossr_tiny.ckpt")
 YAML = os.path.join(FIX, "tiny_cldm.yaml")
-pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(FIX, "cases.json")), reason="no DoSSR fixtures")
-CASES = json.load(open(os.path.join(FIX, "cases.json"), encoding="utf-8"))["cases"] if os.path.exists(
-    os.path.join(FIX, "cases.json")) else []
+# the fixtures are committed: a checkout without them fails loudly instead of skipping
+CASES = json.load(open(os.path.join(FIX, "cases.json"), encoding="utf-8"))["cases"]
 TEXT_HEADS = 2  # the tiny OpenCLIP tower has 2 heads of 16 (cannot be read from its tensors)
 
 
@@ -53,20 +54,21 @@ def test_parity_with_official(model, case):
     out = dossr_upscale(model, lr_image(case["input"]), noise=fixture_noise(d, case["steps"]), trace=trace,
                         options=Options(steps=case["steps"], color_fix=case["color_fix_type"],
                                         upscale=case["sr_scale"]))
-    assert psnr(trace["start"], d["start"]) >= 50
-    assert psnr(trace["x_hat0"], d["x_hat0"], peak=4) >= 50
-    assert psnr(trace["c_latent"], d["c_latent"], peak=4) >= 50
-    assert psnr(trace["context"], d["context"], peak=4) >= 50
-    assert len(trace["states"]) == case["steps"]
+    # thresholds ~10 dB under the lowest measured value over the 7 cases (module docstring)
+    assert psnr(trace["start"], d["start"]) >= 125
+    assert psnr(trace["x_hat0"], d["x_hat0"], peak=4) >= 113
+    assert psnr(trace["c_latent"], d["c_latent"], peak=4) >= 114
+    assert psnr(trace["context"], d["context"], peak=4) >= 135
+    assert len(trace["states"]) == len(d["x_steps"]) == case["steps"]
     for ours, ref in zip(trace["states"], d["x_steps"]):
-        assert psnr(ours, ref, peak=4) >= 50
-    assert psnr(trace["decoded"], d["decoded"]) >= 50
+        assert psnr(ours, ref, peak=4) >= 103
+    assert psnr(trace["decoded"], d["decoded"]) >= 110
     if case["sr_scale"] == 4:
-        assert psnr(out, d["out_float"].clamp(0, 1)) >= 50
+        assert psnr(out, d["out_float"].clamp(0, 1)) >= 110
     official = lr_image(case["output_png"])
     assert tuple(out.shape[-2:]) == tuple(official.shape[-2:]) == tuple(case["output_size_wh"][::-1])
     ours_u8 = torch.floor(out.clamp(0, 1) * 255) / 255  # the official truncates to uint8
-    assert psnr(ours_u8, official) >= 50
+    assert psnr(ours_u8, official) >= 70  # measured ≥ 83.0 dB; 70 dB allows dozens of values 1 LSB off
     assert (ours_u8 - official).abs().max() <= 1.5 / 255
 
 

@@ -10,7 +10,6 @@ from comfyui_diffsr.sr_common.errors import WeightFileError
 
 FIX = os.path.join(os.path.dirname(__file__), "data", "dossr")
 CKPT = os.path.join(FIX, "dossr_tiny.ckpt")
-pytestmark = pytest.mark.skipif(not os.path.exists(CKPT), reason="no DoSSR fixtures")
 
 
 @pytest.fixture(scope="module")
