@@ -18,9 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-NUM_TRAIN_TIMESTEPS = 1000
-BETA_START = 0.00085
-BETA_END = 0.012
+from ..sr_common.sd21 import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS
+
 T1 = NUM_TRAIN_TIMESTEPS // 2  # start of η = 1 ("trunc_12"); the trained model needs exactly this value
 
 

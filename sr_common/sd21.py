@@ -18,6 +18,8 @@ from .weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_weight_file, 
                       stored_as_float32)
 
 SCALING_FACTOR = 0.18215
+# SD's training noise schedule: β = linspace(√BETA_START, √BETA_END, NUM_TRAIN_TIMESTEPS)² ("scaled linear")
+NUM_TRAIN_TIMESTEPS, BETA_START, BETA_END = 1000, 0.00085, 0.012
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."

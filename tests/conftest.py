@@ -23,6 +23,12 @@ def psnr(a, b, peak=1.0):
     return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(peak**2 / mse)).item()
 
 
+def fixture_noise(d, steps):
+    """The random draws stored in a DoSSR fixture, as a ``noise`` dict for the sampler and the pipeline."""
+    return {"posterior": d["noise_posterior"], "init": d["noise_init"],
+            **{f"step_{k}": d[f"noise_step_{k}"] for k in range(steps)}}
+
+
 @pytest.fixture(scope="session")
 def tiny_unet_vae():
     """A small SD 2.1-shaped UNet and VAE with random weights, built in the test (no files)."""

@@ -9,7 +9,6 @@ truncation hits a boundary. At 50 dB a condition latent scaled by 0.18 for 0.182
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -17,6 +16,8 @@ from PIL import Image
 from comfyui_diffsr.dossr_core.model import load_dossr
 from comfyui_diffsr.dossr_core.pipeline import NoiseSource, Options, dossr_upscale, load_noise, save_noise
 from comfyui_diffsr.sr_common.image import pil_to_tensor
+
+from conftest import fixture_noise, psnr
 
 FIX = os.path.join(os.path.dirname(__file__), "data", "dossr")
 CKPT = os.path.join(FIX, "dossr_tiny.ckpt")
@@ -26,11 +27,6 @@ CASES = json.load(open(os.path.join(FIX, "cases.json"), encoding="utf-8"))["case
 TEXT_HEADS = 2  # the tiny OpenCLIP tower has 2 heads of 16 (cannot be read from its tensors)
 
 
-def psnr(a, b, peak=1.0):
-    mse = torch.mean((a.double() - b.double()) ** 2).item()
-    return float("inf") if mse == 0 else 10 * np.log10(peak ** 2 / mse)
-
-
 @pytest.fixture(scope="module")
 def model():
     return load_dossr(CKPT, config=YAML, text_heads=TEXT_HEADS)
@@ -38,11 +34,6 @@ def model():
 
 def lr_image(name):
     return pil_to_tensor(Image.open(os.path.join(FIX, name)))
-
-
-def fixture_noise(d, steps):
-    return {"posterior": d["noise_posterior"], "init": d["noise_init"],
-            **{f"step_{k}": d[f"noise_step_{k}"] for k in range(steps)}}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])

@@ -10,16 +10,13 @@ import torch
 from comfyui_diffsr.dossr_core.sampling import dossr_step, dossr_step_gamma, gamma_kernel_moments, sample_dossr
 from comfyui_diffsr.dossr_core.schedule import make_grid
 
+from conftest import fixture_noise
+
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
 FIX = os.path.join(DATA, "dossr")
 # the fixtures are committed: a checkout without them fails here instead of collecting no parity case
 CASES = json.load(open(os.path.join(FIX, "cases.json"), encoding="utf-8"))["cases"]
-
-
-def fixture_noise(d, steps):
-    return {"posterior": d["noise_posterior"], "init": d["noise_init"],
-            **{f"step_{k}": d[f"noise_step_{k}"] for k in range(steps)}}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
