@@ -5,8 +5,40 @@ import pytest
 import torch
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
-TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sr_common", "configs",
-                         "sd21_base", "tokenizer")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER = os.path.join(ROOT, "sr_common", "configs", "sd21_base", "tokenizer")
+PACKAGED = ("__init__.py", "__main__.py", "cli", "dossr_core", "nodes", "osediff_core", "sr_common")
+
+
+def packaged_sources():
+    """The Python files of the package, relative to the checkout."""
+    for top in PACKAGED:
+        if top.endswith(".py"):
+            yield top
+        for folder, _, names in os.walk(os.path.join(ROOT, top)):
+            yield from (os.path.relpath(os.path.join(folder, n), ROOT) for n in sorted(names) if n.endswith(".py"))
+
+
+def same_bytes(a, b):
+    if not os.path.exists(a):
+        return False
+    with open(a, "rb") as f, open(b, "rb") as g:
+        return f.read() == g.read()
+
+
+def pytest_sessionstart(session):
+    """Stop when the installed ``comfyui_diffsr`` is an older copy of this checkout (``tools/run_tests.sh`` installs
+    it, not editable, so that packaging is tested too): the tests would pass or fail on code that is not here."""
+    import comfyui_diffsr
+
+    installed = os.path.dirname(os.path.abspath(comfyui_diffsr.__file__))
+    if os.path.realpath(installed) == os.path.realpath(ROOT):
+        return
+    differing = [rel for rel in packaged_sources()
+                 if not same_bytes(os.path.join(installed, rel), os.path.join(ROOT, rel))]
+    if differing:
+        pytest.exit(f"The installed comfyui_diffsr ({installed}) is not this checkout: {len(differing)} file(s) differ "
+                    f"(e.g. {differing[0]}). Run `bash tools/run_tests.sh`, which reinstalls it.", returncode=2)
 
 
 def copy_tiny_sd21(dest):
