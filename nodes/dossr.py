@@ -29,7 +29,7 @@ class DoSSRLoader(io.ComfyNode):
             inputs=[io.Combo.Input("weights", options=host.files("dossr"),
                                    tooltip="dossr_default.ckpt / dossr_onestep.ckpt or a converted .safetensors "
                                            "in models/dossr."),
-                    io.Combo.Input("config", options=[DEFAULT_CONFIG] + host.files("configs"), default=DEFAULT_CONFIG,
+                    io.Combo.Input("config", options=[DEFAULT_CONFIG] + host.controlldm_configs(), default=DEFAULT_CONFIG,
                                    tooltip="Official-style ControlLDM yaml (models/configs) for checkpoints of "
                                            "non-standard size; the SD 2.1 one is built in."),
                     SD21.Input("sd21", optional=True,

@@ -51,6 +51,20 @@ def files(folder, *, downloadable=False):
     return names + (official_files(folder) if downloadable else [])
 
 
+def controlldm_configs():
+    """The yamls of models/configs that describe a ControlLDM (DoSSR's config has a ``control_stage_config``),
+    not ComfyUI's stock SD configs that share the folder."""
+    found = []
+    for name in folder_paths.get_filename_list("configs"):
+        try:
+            with open(folder_paths.get_full_path_or_raise("configs", name), encoding="utf-8", errors="replace") as f:
+                if "control_stage_config" in f.read(1 << 20):
+                    found.append(name)
+        except OSError:
+            pass
+    return found
+
+
 def diffusers_folders():
     """Sub-folders of models/diffusers that look like a diffusers SD pipeline."""
     found = []

@@ -30,6 +30,7 @@ def pack(tmp_path_factory):
         shutil.copy(os.path.join(DATA, "dape", name), models / "dape")
     (models / "configs").mkdir()
     shutil.copy(os.path.join(DATA, "dossr", "tiny_cldm.yaml"), models / "configs")
+    (models / "configs" / "v2-inference.yaml").write_text("model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n")
     os.environ["DIFFSR_TEST_MODELS"] = str(models)
     sys.path.insert(0, STUBS)
     try:
@@ -62,6 +63,8 @@ def test_schemas(pack):
         assert all(i.tooltip for i in schema.inputs), node_id
     loader = nodes["DiffSR_SD21Loader"].define_schema().inputs[0]
     assert loader.choices == ["checkpoints/download: v2-1_512-ema-pruned.safetensors", "diffusers/tiny_sd21"]
+    config = nodes["DoSSR_Loader"].define_schema().inputs[1]  # not ComfyUI's stock SD yamls of models/configs
+    assert config.choices == ["SD 2.1 (built in)", "tiny_cldm.yaml"]
     ram, lora = nodes["DAPE_Loader"].define_schema().inputs  # each offers only its own official download
     assert ram.choices == ["dape_tiny.pth", "ram_tiny.pth", "download: ram_swin_large_14m.pth"]
     assert lora.choices == ["none", "dape_tiny.pth", "ram_tiny.pth", "download: DAPE.pth"]
