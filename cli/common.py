@@ -110,8 +110,8 @@ def upscale_all(pairs, upscale_one, desc, quality=95, upscale=1.0):
 
     An image that fails on its own (unreadable or unusable: ``DiffSRError``/``ValueError``; an output of
     ``upscale`` × its size that the format cannot store; out of memory even at the smallest tiles) is reported and
-    skipped, and the others go on; an output that cannot be written stops the
-    run. Returns the exit status: 0, or 2 when any failed (listed again at the end).
+    skipped, and the others go on; an output that cannot be written stops the run. Returns the exit status: 0, or
+    2 when any failed (listed again at the end).
 
     While an image is upscaled, the next one is read and the previous output written on two helper threads (PIL
     releases the interpreter lock while it decodes and encodes; a 2048² PNG takes about a second to write, as long
