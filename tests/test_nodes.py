@@ -424,10 +424,11 @@ def test_precision_switch_casts_from_the_exact_weights(pack, osediff_model):
     args = dict(model=model, image=image, prompt="", upscale=2.0, process_size=32, color_fix="adain", tile_latent=96,
                 tile_overlap=32)
     exact = {k: v.clone() for k, v in model.vae.state_dict().items()}
-    (fp32,) = run(nodes["OSEDiff_Upscale"], **args, dtype="fp32")
-    (fp16,) = run(nodes["OSEDiff_Upscale"], **args, dtype="fp16")
-    assert model.dtype == torch.float16 and not torch.equal(fp16, fp32)  # the cast happened
-    (again,) = run(nodes["OSEDiff_Upscale"], **args, dtype="fp32")
+    with torch.inference_mode():  # as ComfyUI runs nodes (execution.py)
+        (fp32,) = run(nodes["OSEDiff_Upscale"], **args, dtype="fp32")
+        (fp16,) = run(nodes["OSEDiff_Upscale"], **args, dtype="fp16")
+        assert model.dtype == torch.float16 and not torch.equal(fp16, fp32)  # the cast happened
+        (again,) = run(nodes["OSEDiff_Upscale"], **args, dtype="fp32")
     assert model.dtype == torch.float32 and torch.equal(again, fp32)
     assert all(torch.equal(v, exact[k]) for k, v in model.vae.state_dict().items())
 
