@@ -194,3 +194,34 @@ def test_cli_steps_out_of_range_are_refused_before_loading(tmp_path, capsys, ste
     assert main([os.path.join(FIX, "lr_w32h16.png"), "-o", str(tmp_path / "o"), "--weights",
                  str(tmp_path / "missing.ckpt"), "--steps", steps]) == 2
     assert "--steps must be 1 to 499" in capsys.readouterr().err
+
+
+def test_cli_gamma_and_noise_errors_reach_the_run(tmp_path, capsys):
+    """``--gamma`` reaches the sampler (the command's PNG is the core's output at that γ, rounded to 8 bits, and
+    differs from γ = 1); a noise file that cannot be read is refused in its own words."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+
+    from comfyui_diffsr.cli.dossr import main
+    from comfyui_diffsr.dossr_core.model import load_dossr
+    from comfyui_diffsr.dossr_core.pipeline import Options, dossr_upscale
+    from comfyui_diffsr.sr_common.image import pil_to_tensor
+
+    context = load_file(os.path.join(FIX, "n1_w32h16_wavelet.safetensors"))["context"]
+    embeds = tmp_path / "embeds.safetensors"
+    save_file({"prompt_embeds": context}, embeds)
+    lr = os.path.join(FIX, "lr_w32h16.png")
+    common = [lr, "--weights", CKPT, "--config", os.path.join(FIX, "tiny_cldm.yaml"), "--prompt-embeds", str(embeds),
+              "--steps", "3", "--seed", "5", "--device", "cpu"]
+    for gamma in ("0.5", "1"):
+        assert main(common + ["-o", str(tmp_path / gamma), "--gamma", gamma]) == 0
+    half, one = (np.asarray(Image.open(tmp_path / g / "lr_w32h16.png")).astype(int) for g in ("0.5", "1"))
+    model = load_dossr(CKPT, config=os.path.join(FIX, "tiny_cldm.yaml"))
+    core = dossr_upscale(model, pil_to_tensor(Image.open(lr)), prompt_embeds=context,
+                         options=Options(steps=3, seed=5, gamma=0.5))
+    core8 = (core[0].permute(1, 2, 0).clamp(0, 1) * 255).round().numpy().astype(int)
+    assert np.abs(half - core8).max() <= 1 and np.abs(half - one).max() > 2
+    (tmp_path / "bad.safetensors").write_bytes(b"not a noise file")
+    assert main(common + ["-o", str(tmp_path / "bad"), "--noise-file", str(tmp_path / "bad.safetensors")]) == 2
+    assert "Cannot read the noise file" in capsys.readouterr().err and not (tmp_path / "bad").exists()
