@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..sr_common.errors import WeightFileError
-from ..sr_common.weights import read_state_dict, require_float, write_safetensors
+from ..sr_common.weights import CONVERTED, converted_kind, read_state_dict, require_float, write_safetensors
 from .swin import SwinEncoder, swin_config
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -339,6 +339,9 @@ def merge_dape(state, dape, n_layers):
 
 
 def _read_ram(path):
+    name = os.path.basename(os.fspath(path))
+    if converted_kind(path):  # a converted tagger has the RAM keys with the LoRA merged: it would be merged twice
+        raise WeightFileError(f"{name!r} was given as the RAM weights but it is {CONVERTED[converted_kind(path)]}.")
     obj = read_state_dict(path, mmap=True)
     ram = _unwrap_ram(obj)
     if ram is None:
@@ -349,8 +352,11 @@ def _read_ram(path):
 
 
 def _read_dape(path):
-    obj = read_state_dict(path, mmap=True)
     name = os.path.basename(os.fspath(path))
+    if converted_kind(path):
+        raise WeightFileError(f"{name!r} was given as the DAPE LoRA (with --ram) but it is "
+                              f"{CONVERTED[converted_kind(path)]}.")
+    obj = read_state_dict(path, mmap=True)
     keys = [k for k in obj if isinstance(k, str)] if isinstance(obj, dict) else []
     if not keys or len(_lora_keys(obj)) != len(keys):
         raise WeightFileError(f"{name!r} was given as the DAPE weights but it is {_describe(obj)}. Expected "
@@ -401,7 +407,9 @@ def _state_from_converted(path):
     else:
         obj = read_state_dict(path)
     if not meta or meta.get("format") != CONVERTED_FORMAT:
-        raise WeightFileError(f"{name!r} was given as a converted DAPE file but it is {_describe(obj)}. Expected "
+        what = CONVERTED.get(meta.get("format")) if meta else None
+        raise WeightFileError(f"{name!r} was given as a converted DAPE file but it is {what or _describe(obj)}. "
+                              "Expected "
                               "a .safetensors written by convert_dape / `diffsr convert dape` (pass the official "
                               "files as the RAM and DAPE weights instead).")
     try:

@@ -11,7 +11,8 @@ import os
 import torch
 
 from ..sr_common.errors import WeightFileError
-from ..sr_common.weights import fresh_float32_cpu, prefaulting, read_state_dict, require_float, write_safetensors
+from ..sr_common.weights import (CONVERTED, converted_kind, fresh_float32_cpu, prefaulting, read_state_dict,
+                                 require_float, write_safetensors)
 
 REQUIRED_KEYS = ("state_dict_unet", "state_dict_vae", "rank_unet", "rank_vae")
 MODULE_LIST_KEYS = ("unet_lora_encoder_modules", "unet_lora_decoder_modules", "unet_lora_others_modules",
@@ -68,7 +69,8 @@ def read_osediff(path):
             raise WeightFileError(f"{name!r} has damaged OSEDiff metadata ({type(e).__name__}: {e}); convert "
                                   "osediff.pkl again with `diffsr convert osediff`.") from e
     if not isinstance(obj, dict) or any(k not in obj for k in REQUIRED_KEYS):
-        raise WeightFileError(f"{name!r} is not an OSEDiff checkpoint: it is {_what_is(obj)}. "
+        what = CONVERTED.get(converted_kind(path)) or _what_is(obj)
+        raise WeightFileError(f"{name!r} is not an OSEDiff checkpoint: it is {what}. "
                               f"Expected osediff.pkl with keys {list(REQUIRED_KEYS)}.")
     for part in ("unet", "vae"):
         _check_part(obj, part, name)

@@ -15,7 +15,7 @@ import struct
 import threading
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import WeightFileError
@@ -397,16 +397,49 @@ def _materialise_position_ids(module):
                                   persistent=False)
 
 
-def write_safetensors(tensors, path, metadata=None):
-    """Write ``tensors`` (contiguous copies) to ``path`` atomically, never replacing an existing file, readable by
-    whoever may read the user's new files (safetensors 0.8 writes owner-only files: a ComfyUI server run as
-    another user could not load them)."""
+# the ``format`` metadata of the pack's converted files, and what to do with each
+CONVERTED = {
+    "osediff": "a converted OSEDiff file (`diffsr convert osediff`); pass it as the OSEDiff weights",
+    "diffsr-dape-tagger": "a converted DAPE tagger (RAM with the DAPE LoRA already merged, `diffsr convert dape`); "
+                          "pass it alone as the DAPE weights (--dape or --weights, no --ram)",
+    "dossr-diffusers-v1": "a converted DoSSR file (`diffsr convert dossr`); use it with the DoSSR command or loader",
+}
+
+
+def converted_kind(path):
+    """The ``format`` metadata of a safetensors file the pack converted (a key of ``CONVERTED``), else None."""
     path = os.fspath(path)
+    if not path.lower().endswith((".safetensors", ".sft")):
+        return None
+    try:
+        with safe_open(path, framework="pt") as f:
+            kind = (f.metadata() or {}).get("format")
+    except Exception:  # not readable as safetensors: the readers say why
+        return None
+    return kind if kind in CONVERTED else None
+
+
+def write_safetensors(tensors, path, metadata=None):
+    """Write ``tensors`` (contiguous copies) to ``path`` (a ``.safetensors`` name; its folder made if missing)
+    atomically: never replacing an existing file, nothing left behind on failure, and readable by whoever may read
+    the user's new files (safetensors 0.8 writes owner-only files: a ComfyUI server run as another user could not
+    load them)."""
+    path = os.fspath(path)
+    if not path.lower().endswith(".safetensors"):
+        raise WeightFileError(f"The output {path!r} must end in .safetensors (the loaders read files by their kind).")
     if os.path.exists(path):
-        raise FileExistsError(f"{path!r} exists; choose another output name or delete it first.")
+        raise WeightFileError(f"{path!r} exists; choose another output name or delete it first.")
     tmp = path + ".partial"
-    with open(tmp, "wb"):
-        mode = os.stat(tmp).st_mode & 0o777  # what the user's umask gives a new file
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(tmp, "wb"):
+            mode = os.stat(tmp).st_mode & 0o777  # what the user's umask gives a new file
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        raise WeightFileError(f"Cannot write {path!r} ({type(e).__name__}: {e}); check that its folder is "
+                              "writable and has space.") from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -108,7 +108,7 @@ def test_converted_fp32_identical_and_fp16_close(tagger, fixture, tmp_path):
         assert (t32.logits(up) - tagger.logits(up)).abs().max().item() < 1e-6
         assert t32.tags(up) == [tags[i]]
         assert (t16.logits(up)[0] - logits[i]).abs().max().item() < 0.05
-    with pytest.raises(FileExistsError):
+    with pytest.raises(WeightFileError, match="exists"):
         convert_dape(RAM, DAPE, out32)
 
 
@@ -131,6 +131,42 @@ def test_only_tagging_tensors_are_copied():
     assert not any(k.endswith(("relative_position_index", "attn_mask")) for k in state)
     assert set(state) == set(dape._expected_keys(config))
     assert config["layers"] == 2 and config["swin"]["depths"] == [2, 2, 2, 2]
+
+
+def test_converted_files_in_the_wrong_option_are_named(tmp_path):
+    """A converted tagger given as the RAM file would have its LoRA merged a second time (tags silently wrong): it is
+    refused, and every converted file given to the wrong option is called by its kind and where it belongs."""
+    from comfyui_diffsr.osediff_core.weights import convert_osediff, read_osediff
+
+    tagger_file, osediff_file = str(tmp_path / "dape.safetensors"), str(tmp_path / "osediff.safetensors")
+    convert_dape(RAM, DAPE, tagger_file)
+    convert_osediff(os.path.join(os.path.dirname(D), "osediff", "osediff_tiny.pkl"), osediff_file)
+    with pytest.raises(WeightFileError, match="given as the RAM weights but it is a converted DAPE tagger"):
+        load_dape_tagger(tagger_file, DAPE)
+    with pytest.raises(WeightFileError, match="given as the DAPE LoRA .* but it is a converted DAPE tagger"):
+        load_dape_tagger(RAM, tagger_file)
+    with pytest.raises(WeightFileError, match="given as a converted DAPE file but it is a converted OSEDiff file"):
+        load_dape_tagger(converted_path=osediff_file)
+    with pytest.raises(WeightFileError, match="not an OSEDiff checkpoint: it is a converted DAPE tagger"):
+        read_osediff(tagger_file)
+
+
+def test_convert_output_problems_are_one_line_errors(tmp_path):
+    """A missing output folder is made; an existing output, a wrong suffix or a failed write is a WeightFileError
+    (one line in the commands) and leaves no ``.partial``."""
+    from comfyui_diffsr.osediff_core.weights import convert_osediff
+
+    pkl = os.path.join(os.path.dirname(D), "osediff", "osediff_tiny.pkl")
+    convert_osediff(pkl, str(tmp_path / "new" / "folder" / "o.safetensors"))
+    assert os.listdir(tmp_path / "new" / "folder") == ["o.safetensors"]
+    with pytest.raises(WeightFileError, match="exists"):
+        convert_osediff(pkl, str(tmp_path / "new" / "folder" / "o.safetensors"))
+    with pytest.raises(WeightFileError, match="must end in .safetensors"):
+        convert_osediff(pkl, str(tmp_path / "o.pkl"))
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(WeightFileError, match="Cannot write"):
+        convert_osediff(pkl, str(tmp_path / "file" / "o.safetensors"))  # its "folder" is a file
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".partial")]
 
 
 def test_wrong_kind_files_are_refused(tmp_path):

@@ -86,7 +86,7 @@ def test_converted_file_refuses_reconversion_and_is_recognised(tmp_path):
     assert not any(k.startswith(("unet.", "model.diffusion_model.")) for k in sd)
     with pytest.raises(WeightFileError, match="already"):
         convert_dossr(out, tmp_path / "again.safetensors")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(WeightFileError, match="exists"):
         convert_dossr(CKPT, out, config=os.path.join(FIX, "tiny_cldm.yaml"))
 
 
