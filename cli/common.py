@@ -155,6 +155,17 @@ def upscale_all(pairs, upscale_one, desc, quality=95, upscale=1.0):
 CPU_ALLOCATION_FAILED = "DefaultCPUAllocator: can't allocate memory"  # a RuntimeError, not torch.OutOfMemoryError
 
 
+def check_sizing_args(args):
+    """--upscale, --process-size and --official-sizing as OSEDiff (and DAPE, which tags what OSEDiff sees) take
+    them."""
+    if args.process_size < 0:
+        raise DiffSRError(f"--process-size must be 0 or more, got {args.process_size}")
+    if not 1 <= args.upscale <= 8:
+        raise DiffSRError(f"--upscale must be between 1 and 8, got {args.upscale}")
+    if args.official_sizing and args.upscale != int(args.upscale):
+        raise DiffSRError("--official-sizing takes an integer --upscale (the official code does).")
+
+
 def check_tile_args(args):
     """Tile sizes and overlap the commands share: not negative (0 = off), the overlap below the latent tile."""
     for name in ("tile_latent", "tile_overlap", "vae_tile_encode", "vae_tile_decode"):

@@ -16,7 +16,7 @@ import sys
 
 from ..sr_common.errors import DiffSRError
 from ..sr_common.sd21 import network_dtype
-from .common import add_device_args, find_images, load_image, pick_device, run_main
+from .common import add_device_args, check_sizing_args, find_images, load_image, pick_device, run_main
 
 
 def build_parser():
@@ -24,7 +24,7 @@ def build_parser():
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     p.add_argument("--ram", default=None, help="ram_swin_large_14m.pth (with --dape)")
     p.add_argument("--dape", default=None, help="DAPE.pth (with --ram), or a converted DAPE .safetensors alone")
-    p.add_argument("--weights", default=None, help="converted DAPE .safetensors (diffsr dape convert)")
+    p.add_argument("--weights", default=None, help="converted DAPE .safetensors (diffsr convert dape)")
     p.add_argument("--upscale", type=float, default=4, help="OSEDiff scale factor (default 4)")
     p.add_argument("--process-size", type=int, default=512, help="as diffsr osediff (default 512)")
     p.add_argument("--official-sizing", action="store_true", help="as diffsr osediff")
@@ -74,6 +74,7 @@ def main_impl(argv=None):
     if argv and argv[0] == "convert":
         return convert_impl(build_convert_parser().parse_args(argv[1:]))
     args = build_parser().parse_args(argv)
+    check_sizing_args(args)
     if args.max_tags is not None and args.max_tags < 0:
         raise DiffSRError("--max-tags must be 0 or more.")
     from ..osediff_core.dape import dape_prompt

@@ -10,8 +10,8 @@ from ..osediff_core.weights import read_osediff
 from ..sr_common.color_fix import COLOR_FIXES
 from ..sr_common.errors import DiffSRError
 from ..sr_common.sd21 import load_sd21, network_dtype
-from .common import (add_compile_arg, add_device_args, add_output_args, check_tile_args, find_images, pick_device,
-                     plan_outputs, run_main, upscale_all, with_smaller_tiles_on_oom)
+from .common import (add_compile_arg, add_device_args, add_output_args, check_sizing_args, check_tile_args,
+                     find_images, pick_device, plan_outputs, run_main, upscale_all, with_smaller_tiles_on_oom)
 
 
 def build_parser():
@@ -51,12 +51,7 @@ def build_parser():
 
 
 def check_args(args):
-    if args.process_size < 0:
-        raise DiffSRError(f"--process-size must be 0 or more, got {args.process_size}")
-    if not 1 <= args.upscale <= 8:
-        raise DiffSRError(f"--upscale must be between 1 and 8, got {args.upscale}")
-    if args.official_sizing and args.upscale != int(args.upscale):
-        raise DiffSRError("--official-sizing takes an integer --upscale (the official code does).")
+    check_sizing_args(args)
     check_tile_args(args)
     if args.ram and not args.dape:
         raise DiffSRError("--ram needs --dape (the DAPE LoRA); or pass a converted DAPE file as --dape alone.")

@@ -258,3 +258,16 @@ def test_low_precision_runs(fixture):
     assert t.label_embed.dtype == torch.bfloat16 and t.thresholds.dtype == torch.float32
     out = t.logits(ups[0])
     assert out.dtype == torch.float32 and (out[0] - logits[0]).abs().max().item() < 0.5
+
+
+@pytest.mark.parametrize("flags", [["--upscale", "0"], ["--upscale", "9"], ["--upscale", "1.5", "--official-sizing"],
+                                   ["--process-size", "-1"]])
+def test_cli_refuses_sizes_osediff_refuses(tmp_path, capsys, flags):
+    """DAPE tags the LQ that OSEDiff sees, so it takes the sizes OSEDiff takes (--upscale 0 divided by zero)."""
+    from comfyui_diffsr.cli.dape import main
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (16, 16)).save(image)
+    assert main([str(image), "--ram", RAM, "--dape", DAPE, "--device", "cpu", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "must be" in err or "integer --upscale" in err, err
