@@ -8,6 +8,7 @@ Other model families are recognised and refused with a message naming what was f
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 
@@ -142,8 +143,17 @@ def models_from_config(config_dir, *, random_init=True):
 
 
 def load_tokenizer(folder):
+    """The CLIP tokenizer of ``folder``, or the SD 2.1 one the pack ships where ``folder`` lacks the vocabulary
+    (``vocab.json``, ``merges.txt``): a missing or empty tokenizer folder gives transformers' tokenizer without a
+    vocabulary, which fails only when the prompt is encoded."""
     from transformers import CLIPTokenizer
 
+    shipped = os.path.join(shipped_config_dir(), "tokenizer")
+    if not all(os.path.isfile(p) and os.path.getsize(p) for p in
+               (os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))):
+        warnings.warn(f"{folder!r} has no CLIP vocabulary (vocab.json, merges.txt); using the SD 2.1 tokenizer this "
+                      "pack ships, which is the one of stable-diffusion-2-1-base.", UserWarning, stacklevel=2)
+        folder = shipped
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
 
@@ -194,7 +204,7 @@ def _read_base_file(path, in_memory):
 def check_diffusers_folder(folder):
     """Refuse diffusers folders that are not SD 2.x-base (SD 1.x, SDXL, 768 v-prediction)."""
     name = os.path.basename(os.path.normpath(folder))
-    needed = [os.path.join(folder, sub) for sub in ("unet", "vae", "text_encoder", "tokenizer")]
+    needed = [os.path.join(folder, sub) for sub in ("unet", "vae", "text_encoder")]  # a tokenizer: load_tokenizer
     absent = [os.path.basename(p) for p in needed if not os.path.isdir(p)]
     if absent:
         raise WeightFileError(f"{name!r} is not a diffusers Stable Diffusion folder: missing {absent}. "

@@ -1,6 +1,7 @@
 """OSEDiff weight files: detection, LoRA merge with scale 8/rank, conv_in replacement, conversion."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -168,3 +169,25 @@ def test_build_merges_into_a_vae_encoder_it_owns(tiny_unet_vae, ckpt):
     with torch.no_grad():
         torch.testing.assert_close(merged.lq_encoder["quant_conv"](merged.lq_encoder["encoder"](image)),
                                    copied.lq_encoder["quant_conv"](copied.lq_encoder["encoder"](image)))
+
+
+@pytest.mark.parametrize("tokenizer", ["missing", "empty"])
+def test_base_folder_without_a_tokenizer_uses_the_shipped_one(tmp_path, tokenizer):
+    """A diffusers folder whose tokenizer is missing or empty (transformers then builds one without a vocabulary,
+    which failed only when the prompt was encoded) gets the SD 2.1 tokenizer the pack ships, with a warning."""
+    import shutil
+
+    from comfyui_diffsr.sr_common.sd21 import encode_prompt, load_sd21
+
+    from conftest import copy_tiny_sd21
+
+    folder = copy_tiny_sd21(str(tmp_path / "tiny"))
+    reference = load_sd21(folder)
+    shutil.rmtree(os.path.join(folder, "tokenizer"))
+    if tokenizer == "empty":
+        os.mkdir(os.path.join(folder, "tokenizer"))
+    with pytest.warns(UserWarning, match="no CLIP vocabulary"):
+        sd = load_sd21(folder)
+    with torch.no_grad():
+        assert torch.equal(encode_prompt(sd.text_encoder, sd.tokenizer, ["a cat"]),
+                           encode_prompt(reference.text_encoder, reference.tokenizer, ["a cat"]))
