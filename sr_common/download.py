@@ -51,11 +51,17 @@ def download(url, dest, *, sha256="", progress=None, timeout=60):
     """Fetch ``url`` to ``dest``; resume a ``dest.partial``; verify size and SHA-256; rename into place.
 
     ``progress(done_bytes, total_bytes)`` is called as data arrives. Returns ``dest``. An existing
-    ``dest`` is left alone and returned.
+    ``dest`` file is left alone and returned; a folder or an empty file there is refused.
     """
     if os.path.exists(dest):
-        return dest
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+        if os.path.isfile(dest) and os.path.getsize(dest):
+            return dest
+        raise DownloadError(f"{dest!r} exists but is not a downloaded file (a folder, or empty): delete it, then run "
+                            "again.")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    except OSError as e:
+        raise DownloadError(f"Cannot make the folder of {dest!r} ({e}); choose another models folder.") from e
     partial = dest + ".partial"
     have = os.path.getsize(partial) if os.path.exists(partial) else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})

@@ -95,3 +95,17 @@ def test_http_error_and_existing_file(server, tmp_path):
     existing.write_bytes(b"user file")
     download(f"{server}/plain", str(existing))
     assert existing.read_bytes() == b"user file"  # never overwritten
+
+
+def test_a_folder_or_empty_file_at_the_destination_is_refused(server, tmp_path):
+    """Something at the destination that cannot be the download (a folder, an empty file) is reported, not returned
+    as the file; a models folder that cannot be made is one clear error; none of them is touched."""
+    (tmp_path / "DAPE.pth").mkdir()
+    (tmp_path / "osediff.pkl").write_bytes(b"")
+    for name in ("DAPE.pth", "osediff.pkl"):
+        with pytest.raises(DownloadError, match="exists but is not a downloaded file"):
+            download(f"{server}/plain", str(tmp_path / name))
+    (tmp_path / "afile").write_bytes(b"x")
+    with pytest.raises(DownloadError, match="Cannot make the folder"):
+        download(f"{server}/plain", str(tmp_path / "afile" / "osediff" / "osediff.pkl"))
+    assert (tmp_path / "DAPE.pth").is_dir() and (tmp_path / "osediff.pkl").read_bytes() == b""
