@@ -38,6 +38,7 @@ def main_impl(argv=None):
         from .dossr import main_convert
 
         main_convert(args.src, args.dst, args.config, args.fp16)
+        print(f"wrote {args.dst}")
     return 0
 
 

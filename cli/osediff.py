@@ -53,6 +53,9 @@ def build_parser():
 def check_args(args):
     check_sizing_args(args)
     check_tile_args(args)
+    if args.user_prompt and (args.prompt is not None or not args.dape):
+        print("note: --user-prompt goes with the DAPE tags only; it is not used with --prompt or without --dape",
+              file=sys.stderr)
     if args.ram and not args.dape:
         raise DiffSRError("--ram needs --dape (the DAPE LoRA); or pass a converted DAPE file as --dape alone.")
 

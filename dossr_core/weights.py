@@ -253,6 +253,8 @@ def convert_dossr(src, dst, config=None, dtype=None):
     if kind != "official":
         raise WeightFileError(f"{os.path.basename(os.fspath(src))!r} is already a converted DoSSR file.")
     parts = parts_from_official(sd, load_ldm_params(config))
+    build_controlnet(parts.controlnet_config, parts.controlnet)  # written only if it loads: a yaml of another size
+    build_cond_encoder(parts.vae_config, parts.cond_encoder)     # must be passed now (the file stores its configs)
     tensors = {}
     for prefix, state in (("controlnet.", parts.controlnet), ("cond_encoder.", parts.cond_encoder),
                           ("rrdb.", parts.rrdb)):

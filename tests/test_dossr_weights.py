@@ -76,6 +76,16 @@ def test_conv_in_split_is_exact():
     assert torch.allclose(a + b, full(torch.cat([x, c], 1)), atol=1e-6)
 
 
+def test_convert_without_the_matching_config_writes_nothing(tmp_path):
+    """Converting with the built-in SD 2.1 config a checkpoint of another size wrote a file no loader could use (its
+    stored config is the wrong one): now the mismatch is reported, naming --config, and nothing is written."""
+    from comfyui_diffsr.dossr_core.weights import convert_dossr
+
+    with pytest.raises(WeightFileError, match="ControlNet.*--config"):
+        convert_dossr(CKPT, tmp_path / "x.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
 def test_converted_file_refuses_reconversion_and_is_recognised(tmp_path):
     from comfyui_diffsr.dossr_core.weights import convert_dossr
 
