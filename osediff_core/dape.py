@@ -340,8 +340,9 @@ def merge_dape(state, dape, n_layers):
 
 def _read_ram(path):
     name = os.path.basename(os.fspath(path))
-    if converted_kind(path):  # a converted tagger has the RAM keys with the LoRA merged: it would be merged twice
-        raise WeightFileError(f"{name!r} was given as the RAM weights but it is {CONVERTED[converted_kind(path)]}.")
+    kind = converted_kind(path)
+    if kind:  # a converted tagger has the RAM keys with the LoRA merged: it would be merged twice
+        raise WeightFileError(f"{name!r} was given as the RAM weights but it is {CONVERTED[kind]}.")
     obj = read_state_dict(path, mmap=True)
     ram = _unwrap_ram(obj)
     if ram is None:
@@ -353,9 +354,9 @@ def _read_ram(path):
 
 def _read_dape(path):
     name = os.path.basename(os.fspath(path))
-    if converted_kind(path):
-        raise WeightFileError(f"{name!r} was given as the DAPE LoRA (with --ram) but it is "
-                              f"{CONVERTED[converted_kind(path)]}.")
+    kind = converted_kind(path)
+    if kind:
+        raise WeightFileError(f"{name!r} was given as the DAPE LoRA (with --ram) but it is {CONVERTED[kind]}.")
     obj = read_state_dict(path, mmap=True)
     keys = [k for k in obj if isinstance(k, str)] if isinstance(obj, dict) else []
     if not keys or len(_lora_keys(obj)) != len(keys):

@@ -414,7 +414,7 @@ def converted_kind(path):
     try:
         with safe_open(path, framework="pt") as f:
             kind = (f.metadata() or {}).get("format")
-    except Exception:  # not readable as safetensors: the readers say why
+    except (OSError, SafetensorError):  # not readable as safetensors: the readers say why
         return None
     return kind if kind in CONVERTED else None
 
