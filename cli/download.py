@@ -6,7 +6,7 @@ import sys
 
 from tqdm import tqdm
 
-from ..sr_common.download import OFFICIAL, download
+from ..sr_common.download import OFFICIAL, download, downloaded
 from .common import run_main
 
 
@@ -21,7 +21,7 @@ def fetch(key, models_dir):
     """Download one official file (a progress bar on stderr) and return its path."""
     source = OFFICIAL[key]
     dest = os.path.join(models_dir, source.folder, source.filename)
-    if os.path.isfile(dest) and os.path.getsize(dest):  # anything else there: download() says what is wrong
+    if downloaded(dest):  # anything else there: download() says what is wrong
         return dest
     bar = tqdm(desc=source.filename, unit="B", unit_scale=True, file=sys.stderr)
 

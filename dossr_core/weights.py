@@ -23,7 +23,7 @@ from torch import nn
 
 from ..sr_common.errors import WeightFileError
 from ..sr_common.sd21 import describe_checkpoint, open_clip_to_hf
-from ..sr_common.weights import load_module_weights, read_state_dict, write_safetensors
+from ..sr_common.weights import DOSSR_FORMAT, load_module_weights, read_state_dict, write_safetensors
 
 CONTROL_PREFIX = "control_model."
 COND_ENCODER_PREFIX = "cond_encoder."
@@ -31,7 +31,7 @@ RRDB_PREFIX = "preprocess_model."
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.model."
-CONVERTED_FORMAT = "dossr-diffusers-v1"
+CONVERTED_FORMAT = DOSSR_FORMAT
 OFFICIAL_MARKERS = ("control_model.zero_convs.", "cond_encoder.encoder.")
 CONVERTED_MARKERS = ("controlnet.controlnet_down_blocks.", "cond_encoder.encoder.", "rrdb.conv_first.")
 

@@ -15,7 +15,7 @@ import folder_paths
 
 from ..osediff_core.pipeline import Options as DEFAULT_TILES  # the same tile defaults as DoSSR's Options
 from ..sr_common import tiling
-from ..sr_common.download import OFFICIAL, download
+from ..sr_common.download import OFFICIAL, download, downloaded
 from ..sr_common.errors import WeightFileError
 from ..sr_common.image import with_upscaled_alpha
 from ..sr_common.sd21 import load_sd21, sd21_from_ldm_state_dict
@@ -99,7 +99,7 @@ def weight_path(folder, name):
     if source is None:
         raise FileNotFoundError(f"No official download for {filename!r} in models/{folder}.")
     for root in folder_paths.get_folder_paths(folder):
-        if os.path.isfile(os.path.join(root, filename)):
+        if downloaded(os.path.join(root, filename)):
             return os.path.join(root, filename)
     dest = os.path.join(folder_paths.get_folder_paths(folder)[0], filename)
     bar = comfy.utils.ProgressBar(1)

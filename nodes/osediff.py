@@ -93,8 +93,8 @@ class OSEDiffLoader(io.ComfyNode):
         return io.NodeOutput(model)
 
 
-def _prepare(model, dtype_name):
-    return host.load_on_device(model, network_dtype(dtype_name, host.device()))
+def _prepare(model, dtype_name, with_models=()):
+    return host.load_on_device(model, network_dtype(dtype_name, host.device()), with_models=with_models)
 
 
 class OSEDiffUpscale(io.ComfyNode):
@@ -122,7 +122,7 @@ class OSEDiffUpscale(io.ComfyNode):
     def execute(cls, model, image, prompt, upscale, process_size, color_fix, tile_latent, tile_overlap, dtype,
                 dape=None):
         images, alpha = host.image_to_bchw(image)
-        dev = host.load_on_device(model, network_dtype(dtype, host.device()), with_models=[] if dape is None else [dape])
+        dev = _prepare(model, dtype, with_models=[] if dape is None else [dape])
         prompt_fn = None
         if dape is not None:
             from ..osediff_core.dape import dape_prompt

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..sr_common.errors import WeightFileError
-from ..sr_common.weights import CONVERTED, converted_kind, read_state_dict, require_float, write_safetensors
+from ..sr_common.weights import (CONVERTED, DAPE_FORMAT, converted_kind, read_state_dict, require_float,
+                                 write_safetensors)
 from .swin import SwinEncoder, swin_config
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -39,7 +40,7 @@ STD = (0.229, 0.224, 0.225)
 HEAD_HEADS = 4            # q2l_config.json: num_attention_heads (cannot be read from the weights)
 HEAD_LN_EPS = 1e-12       # q2l_config.json: layer_norm_eps
 LORA_ALPHA = 1.0          # loralib default; scale = alpha / r
-CONVERTED_FORMAT = "diffsr-dape-tagger"
+CONVERTED_FORMAT = DAPE_FORMAT
 
 # Keys of the tagging path (official names, after ``vision_multi`` → ``tagging_head``).
 TAGGING_PREFIXES = ("visual_encoder.", "image_proj.", "wordvec_proj.", "tagging_head.", "fc.")
@@ -338,11 +339,17 @@ def merge_dape(state, dape, n_layers):
     return used, ignored
 
 
-def _read_ram(path):
-    name = os.path.basename(os.fspath(path))
+def _refuse_converted(path, given_as):
+    """A converted file given as one of the official ones (a converted tagger as the RAM file would have its LoRA
+    merged a second time)."""
     kind = converted_kind(path)
-    if kind:  # a converted tagger has the RAM keys with the LoRA merged: it would be merged twice
-        raise WeightFileError(f"{name!r} was given as the RAM weights but it is {CONVERTED[kind]}.")
+    if kind:
+        raise WeightFileError(f"{os.path.basename(os.fspath(path))!r} was given as {given_as} but it is "
+                              f"{CONVERTED[kind]}.")
+
+
+def _read_ram(path):
+    _refuse_converted(path, "the RAM weights")
     obj = read_state_dict(path, mmap=True)
     ram = _unwrap_ram(obj)
     if ram is None:
@@ -353,11 +360,9 @@ def _read_ram(path):
 
 
 def _read_dape(path):
-    name = os.path.basename(os.fspath(path))
-    kind = converted_kind(path)
-    if kind:
-        raise WeightFileError(f"{name!r} was given as the DAPE LoRA (with --ram) but it is {CONVERTED[kind]}.")
+    _refuse_converted(path, "the DAPE LoRA (with --ram)")
     obj = read_state_dict(path, mmap=True)
+    name = os.path.basename(os.fspath(path))
     keys = [k for k in obj if isinstance(k, str)] if isinstance(obj, dict) else []
     if not keys or len(_lora_keys(obj)) != len(keys):
         raise WeightFileError(f"{name!r} was given as the DAPE weights but it is {_describe(obj)}. Expected "

@@ -11,8 +11,8 @@ import os
 import torch
 
 from ..sr_common.errors import WeightFileError
-from ..sr_common.weights import (CONVERTED, converted_kind, fresh_float32_cpu, prefaulting, read_state_dict,
-                                 require_float, write_safetensors)
+from ..sr_common.weights import (CONVERTED, OSEDIFF_FORMAT, converted_kind, fresh_float32_cpu, prefaulting,
+                                 read_state_dict, require_float, write_safetensors)
 
 REQUIRED_KEYS = ("state_dict_unet", "state_dict_vae", "rank_unet", "rank_vae")
 MODULE_LIST_KEYS = ("unet_lora_encoder_modules", "unet_lora_decoder_modules", "unet_lora_others_modules",
@@ -42,7 +42,7 @@ def _what_is(obj):
 
 def osediff_from_safetensors(flat, metadata):
     """Rebuild the official dict from our converted safetensors (``unet.``/``vae.`` prefixes + metadata)."""
-    if not metadata or metadata.get("format") != "osediff":
+    if not metadata or metadata.get("format") != OSEDIFF_FORMAT:
         return flat
     out = {"rank_unet": int(metadata["rank_unet"]), "rank_vae": int(metadata["rank_vae"]),
            "state_dict_unet": {k[5:]: v for k, v in flat.items() if k.startswith("unet.")},
@@ -229,7 +229,7 @@ def convert_osediff(src, dst):
     ckpt = read_osediff(src)
     tensors = {f"unet.{k}": v for k, v in ckpt["state_dict_unet"].items()}
     tensors.update({f"vae.{k}": v for k, v in ckpt["state_dict_vae"].items()})
-    metadata = {"format": "osediff", "rank_unet": str(int(ckpt["rank_unet"])), "rank_vae": str(int(ckpt["rank_vae"])),
+    metadata = {"format": OSEDIFF_FORMAT, "rank_unet": str(int(ckpt["rank_unet"])), "rank_vae": str(int(ckpt["rank_vae"])),
                 "lora_alpha": str(PEFT_DEFAULT_ALPHA)}
     for key in MODULE_LIST_KEYS:
         if key in ckpt:

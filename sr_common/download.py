@@ -47,15 +47,20 @@ def _declared_sha256(headers):
     return etag if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag.lower()) else ""
 
 
+def downloaded(path):
+    """Whether a finished download can be at ``path``: a file that is not empty."""
+    return os.path.isfile(path) and os.path.getsize(path) > 0
+
+
 def download(url, dest, *, sha256="", progress=None, timeout=60):
     """Fetch ``url`` to ``dest``; resume a ``dest.partial``; verify size and SHA-256; rename into place.
 
     ``progress(done_bytes, total_bytes)`` is called as data arrives. Returns ``dest``. An existing
     ``dest`` file is left alone and returned; a folder or an empty file there is refused.
     """
+    if downloaded(dest):
+        return dest
     if os.path.exists(dest):
-        if os.path.isfile(dest) and os.path.getsize(dest):
-            return dest
         raise DownloadError(f"{dest!r} exists but is not a downloaded file (a folder, or empty): delete it, then run "
                             "again.")
     try:

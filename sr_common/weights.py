@@ -398,11 +398,12 @@ def _materialise_position_ids(module):
 
 
 # the ``format`` metadata of the pack's converted files, and what to do with each
+OSEDIFF_FORMAT, DAPE_FORMAT, DOSSR_FORMAT = "osediff", "diffsr-dape-tagger", "dossr-diffusers-v1"
 CONVERTED = {
-    "osediff": "a converted OSEDiff file (`diffsr convert osediff`); pass it as the OSEDiff weights",
-    "diffsr-dape-tagger": "a converted DAPE tagger (RAM with the DAPE LoRA already merged, `diffsr convert dape`); "
-                          "pass it alone as the DAPE weights (--dape or --weights, no --ram)",
-    "dossr-diffusers-v1": "a converted DoSSR file (`diffsr convert dossr`); use it with the DoSSR command or loader",
+    OSEDIFF_FORMAT: "a converted OSEDiff file (`diffsr convert osediff`); pass it as the OSEDiff weights",
+    DAPE_FORMAT: "a converted DAPE tagger (RAM with the DAPE LoRA already merged, `diffsr convert dape`); pass it "
+                 "alone as the DAPE weights (--dape or --weights, no --ram)",
+    DOSSR_FORMAT: "a converted DoSSR file (`diffsr convert dossr`); use it with the DoSSR command or loader",
 }
 
 
