@@ -8,15 +8,17 @@ import torch.nn.functional as F
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
 
-from comfyui_diffsr.sr_common.fast_modules import (FusedUpsample2D, GemmConv2d, LeanResnetBlock2D, fast_modules,
-                                                     fast_vae_decoder, phase_kernels, upsample2x_conv3x3)
+from comfyui_diffsr.sr_common import fast_modules as fm
+from comfyui_diffsr.sr_common.fast_modules import (FusedUpsample2D, GemmConv2d, LeanResnetBlock2D, OneDNNLinear,
+                                                     SplitGEGLU, fast_modules, fast_vae_decoder, phase_kernels,
+                                                     upsample2x_conv3x3)
 
 
 def plain(x, conv):
     return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-@pytest.mark.parametrize("shape", [(1, 8, 5, 7), (3, 4, 1, 1), (2, 16, 12, 9)])
+@pytest.mark.parametrize("shape", [(1, 8, 5, 7), (3, 4, 1, 1), (2, 16, 12, 9), (1, 64, 3, 4)])  # last: a product
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_equals_nearest_then_conv(shape, channels_last):
     torch.manual_seed(0)
@@ -49,8 +51,13 @@ def test_decoder_and_unet_same_function(tiny_unet_vae):
         assert any(isinstance(m, FusedUpsample2D) for m in fast.modules())
         assert any(isinstance(m, LeanResnetBlock2D) for m in fast.modules())
         assert not any(type(m) in (ResnetBlock2D, Upsample2D) for m in fast.modules())
-        assert not any(type(m) is torch.nn.Conv2d and m.kernel_size == (3, 3) and m.stride == (1, 1)
+        assert not any(type(m) is torch.nn.Conv2d and m.kernel_size == (3, 3) and m.padding == (1, 1)
                        for m in fast.modules())
+    from diffusers.models.activations import GEGLU
+
+    assert any(isinstance(m, SplitGEGLU) for m in fast_unet.modules())
+    assert not any(type(m) in (GEGLU, torch.nn.Linear) for m in fast_unet.modules())
+    assert any(isinstance(m, GemmConv2d) and m.stride == (2, 2) for m in fast_unet.modules())
     assert fast_dec.state_dict().keys() == vae.decoder.state_dict().keys()
     assert fast_unet.state_dict().keys() == unet.state_dict().keys()
     torch.manual_seed(0)
@@ -132,9 +139,10 @@ def test_upsampler_refolds_after_the_weight_changes():
 
 @pytest.mark.parametrize("shape", [(1, 64, 4, 4), (2, 64, 3, 5), (1, 8, 6, 6)])  # matrix product, twice, conv
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gemm_conv_equals_conv(shape, dtype):
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gemm_conv_equals_conv(shape, dtype, stride):
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(shape[1], 12, 3, padding=1).to(dtype)
+    conv = torch.nn.Conv2d(shape[1], 12, 3, stride=stride, padding=1).to(dtype)
     gemm = GemmConv2d.of(conv)
     assert gemm.state_dict().keys() == conv.state_dict().keys() and gemm.weight is conv.weight
     x = torch.randn(shape, dtype=dtype)
@@ -163,3 +171,62 @@ def test_decoder_reordered_in_place_keeps_its_memory_and_values(tiny_unet_vae):
         assert torch.equal(reordered(z), copied(z))
     fast_vae_decoder(reordered, in_place=True)  # again (a second model on the same base): nothing changes
     assert all(p.data_ptr() == before[n][0] and torch.equal(p, before[n][1]) for n, p in reordered.named_parameters())
+
+
+def test_gemm_conv_takes_the_product_for_few_pixels(monkeypatch):
+    """The rule: output positions (whole batch) ≤ C_in / 2 → matrix product, else the convolution."""
+    calls = []
+    monkeypatch.setattr(fm, "conv_as_matmul", lambda *a: calls.append(a[0].shape) or torch.zeros(1))
+    conv = GemmConv2d.of(torch.nn.Conv2d(64, 8, 3, stride=2, padding=1))
+    with torch.no_grad():
+        conv(torch.randn(2, 64, 8, 8))  # 2·4·4 = 32 ≤ 32
+        assert calls == [(2, 64, 10, 10)]
+        conv(torch.randn(2, 64, 9, 8))  # 2·5·4 = 40 > 32
+        assert len(calls) == 1
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+def test_onednn_linear_is_used_on_cpu(monkeypatch):
+    """On a oneDNN build the CPU float32 products go through oneDNN's matmul (the probe passes), else F.linear."""
+    assert fm._onednn_linear_op() is not None
+    calls = []
+    monkeypatch.setattr(fm.F, "linear", lambda *a: calls.append("F.linear") or torch.zeros(1))
+    with torch.no_grad():
+        fm.linear(torch.randn(3, 4), torch.randn(5, 4))
+        assert calls == []
+        fm.linear(torch.randn(3, 4, dtype=torch.bfloat16), torch.randn(5, 4, dtype=torch.bfloat16))
+        assert calls == ["F.linear"]
+    fm.linear(torch.randn(3, 4), torch.randn(5, 4))  # autograd on: F.linear
+    assert calls == ["F.linear"] * 2
+
+
+@pytest.mark.parametrize("shape", [(7, 16), (2, 9, 16), "transposed"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_equals_linear(shape, bias):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 24, bias=bias)
+    fast = OneDNNLinear.of(layer)
+    assert fast.state_dict().keys() == layer.state_dict().keys() and fast.weight is layer.weight
+    x = torch.randn(3, 16, 5).transpose(1, 2) if shape == "transposed" else torch.randn(shape)
+    with torch.no_grad():
+        out, ref = fast(x), layer(x)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    x_grad = x.clone().requires_grad_()
+    fast(x_grad).sum().backward()  # autograd: F.linear, gradients flow
+    assert x_grad.grad is not None and layer.weight.grad is not None
+
+
+def test_split_geglu_equals_geglu():
+    from diffusers.models.activations import GEGLU
+
+    torch.manual_seed(0)
+    geglu = GEGLU(16, 12)
+    split = SplitGEGLU(geglu)
+    assert split.state_dict().keys() == geglu.state_dict().keys() and split.proj is geglu.proj
+    x = torch.randn(2, 9, 16)
+    with torch.no_grad():
+        out, ref = split(x), geglu(x)
+    assert out.shape == ref.shape and out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(split(x), geglu(x))  # autograd on: the original computation
