@@ -230,3 +230,57 @@ def test_split_geglu_equals_geglu():
     assert out.shape == ref.shape and out.is_contiguous()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(split(x), geglu(x))  # autograd on: the original computation
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 8, 8), (2, 8, 7, 5), (1, 24, 1, 1), (1, 32, 9, 16)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_winograd_equals_conv_to_rounding(shape, bias):
+    """F(2×2, 3×3) is the convolution: its distance from a float64 reference is float32 rounding, of the size of the
+    direct convolution's own (odd sizes, batch 2, a 1×1 image, with and without bias)."""
+    torch.manual_seed(0)
+    x, w = torch.randn(shape), torch.randn(24, shape[1], 3, 3) * 0.2
+    b = torch.randn(24) if bias else None
+    ref = F.conv2d(x.double(), w.double(), None if b is None else b.double(), padding=1)
+    with torch.no_grad():
+        out = fm.winograd_conv3x3(x, fm.winograd_kernels(w), b)
+    direct = F.conv2d(x, w, b, padding=1)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    scale = ref.abs().max().item()
+    assert (out.double() - ref).abs().max() <= max(4 * (direct.double() - ref).abs().max().item(), 1e-6 * scale)
+
+
+def test_winograd_kernels_are_g_g_gt():
+    """U[4i + j] = (G g Gᵀ)[i, j] with G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]], for one 3×3 kernel."""
+    g = torch.arange(9.0).reshape(1, 1, 3, 3)
+    G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+    assert torch.equal(fm.winograd_kernels(g).reshape(4, 4), G @ g[0, 0] @ G.T)
+
+
+def test_winograd_rule():
+    assert fm.winograd_pays(320, 320) and fm.winograd_pays(512, 256) and fm.winograd_pays(1280, 640)
+    assert not fm.winograd_pays(256, 256) and not fm.winograd_pays(128, 128) and not fm.winograd_pays(1280, 3)
+
+
+def test_gemm_conv_takes_winograd_for_wide_channels(monkeypatch):
+    """Many pixels, wide channels, stride 1, CPU float32 without autograd → Winograd (kernels kept until the weight
+    changes); stride 2, bfloat16 or autograd → the convolution."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(320, 320, 3, padding=1)
+    gemm = GemmConv2d.of(conv)
+    x = torch.randn(1, 320, 24, 24)
+    calls = []
+    real = fm.winograd_conv3x3
+    monkeypatch.setattr(fm, "winograd_conv3x3", lambda *a: calls.append(a[1]) or real(*a))
+    with torch.no_grad():
+        torch.testing.assert_close(gemm(x), conv(x), rtol=1e-4, atol=1e-4)
+        gemm(x)
+        assert len(calls) == 2 and calls[0] is calls[1]  # folded once
+        conv.weight.mul_(-1.0)  # an in-place write: folded again
+        torch.testing.assert_close(gemm(x), conv(x), rtol=1e-4, atol=1e-4)
+        assert len(calls) == 3 and calls[2] is not calls[0]
+        strided = GemmConv2d.of(torch.nn.Conv2d(320, 320, 3, stride=2, padding=1))
+        strided(x)
+        gemm.to(torch.bfloat16)(x.bfloat16())
+    gemm.float()(x)  # autograd on
+    assert len(calls) == 3
