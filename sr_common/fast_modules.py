@@ -18,17 +18,19 @@ about a second per image on those extra full-size passes.
 (the UNet's and ControlNet's 1280-channel levels) as one product, out = unfold(x)ᵀ · W[C_out, C_in·9]ᵀ + b, where
 oneDNN's direct convolution is 1.5–3× slower (measured on 2 cores at 8²–16² with 1280–2560 input channels; 4× for
 the stride-2 downsampler); the upsampler's 2×2 phase convolutions likewise. Over many pixels with wide channels
-(stride 1, C_in·C_out / (C_in + C_out) ≥ 150: the UNet's 320- and 640-channel levels, the VAE's 512-channel ones) by
-Winograd's F(2×2, 3×3) (Lavin & Gray 2016): each 2×2 output tile is Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A of its 4×4 input
-tile d, i.e. 16 products of (pixels/4, C_in)·(C_in, C_out) instead of 9 of (pixels, C_in)·(C_in, C_out): 2.25× fewer
-multiply-adds, 1.4–1.9× faster than oneDNN's direct convolution on 2 cores (slower below the channel rule, where the
-tile transforms' memory traffic outweighs it). The transforms' coefficients are 0, ±½, ±1 and the kernel transform
-is formed in float64: the result differs from the direct convolution by float rounding only (about as much as two
-direct algorithms differ).
+(stride 1, C_in·C_out / (C_in + C_out) ≥ 150, activations up to 16 MB: the UNet's and ControlNet's 320- and
+640-channel levels, the VAE's 512-channel ones at 64²) by Winograd's F(2×2, 3×3) (Lavin & Gray 2016): each 2×2
+output tile is Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A of its 4×4 input tile d, i.e. 16 products of (pixels/4, C_in)·(C_in, C_out)
+instead of 9 of (pixels, C_in)·(C_in, C_out): 2.25× fewer multiply-adds, 1.5–1.7× faster than oneDNN's direct
+convolution on 2 cores in isolation at those widths, 3–6 % on a whole ControlNet + UNet step (narrower, the tile
+transforms' memory traffic outweighs it; on larger activations it ate the gain). The transforms' coefficients are
+0, ±½, ±1: the result differs from the direct convolution by float rounding only (about as much as two direct
+algorithms differ). The kernels are formed in every call (a few ms), not kept: kept, those of a whole UNet and VAE
+would take a gigabyte.
 
 ``OneDNNLinear`` and ``SplitGEGLU``: on CPU in float32, every matrix product above and every linear layer goes
 through oneDNN's matmul (``linear``) instead of the default BLAS (MKL), 10–40 % faster on an AMD EPYC (Zen 4, where
-MKL does not use its best kernels) and as fast on Intel Xeons; the GEGLU's projection as two products (value and
+MKL does not use its best kernels; not measured against MKL on an Intel CPU since); the GEGLU's projection as two products (value and
 gate, each written contiguous) with the GELU and the product in place, so no half-width copies are made.
 """
 
@@ -122,15 +124,18 @@ def upsample2x_conv3x3(x, kernels, bias=None):
 
 
 WINOGRAD_MIN_WIDTH = 150  # C_in·C_out / (C_in + C_out) from which F(2×2, 3×3) was faster (break-even ≈ 140)
+WINOGRAD_MAX_ELEMENTS = 4 * 2**20  # activations (16 MB in float32) up to which it was
 
 _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
 
 def winograd_kernels(weight):
-    """(C_out, C_in, 3, 3) → (16, C_out, C_in): U[4i + j] = (G g Gᵀ)[i, j], formed in float64."""
-    g = torch.tensor(_WINOGRAD_G, dtype=torch.float64, device=weight.device)
-    u = torch.einsum("ik,ockl,jl->ijoc", g, weight.double(), g)
-    return u.reshape(16, *weight.shape[:2]).to(weight.dtype).contiguous()
+    """(C_out, C_in, 3, 3) → (16, C_out, C_in): U[4i + j] = (G g Gᵀ)[i, j] = (G ⊗ G)[4i + j] · vec(g), one product
+    of the (16, 9) matrix G ⊗ G with all kernels; formed per call (a few ms: kept, the kernels of a whole UNet and
+    VAE would take a gigabyte)."""
+    g = torch.tensor(_WINOGRAD_G, dtype=weight.dtype, device=weight.device)
+    c_out, c_in = weight.shape[:2]
+    return torch.mm(torch.kron(g, g), weight.reshape(c_out * c_in, 9).t()).view(16, c_out, c_in)
 
 
 def _input_transform(d0, d1, d2, d3, out):
@@ -169,9 +174,13 @@ def winograd_conv3x3(x, kernels, bias=None):
     return out.contiguous(memory_format=torch.channels_last)
 
 
-def winograd_pays(in_channels, out_channels):
-    """Whether F(2×2, 3×3) beats the direct convolution: C_in·C_out / (C_in + C_out) ≥ ``WINOGRAD_MIN_WIDTH``."""
-    return in_channels * out_channels >= WINOGRAD_MIN_WIDTH * (in_channels + out_channels)
+def winograd_pays(x, out_channels):
+    """Whether F(2×2, 3×3) beats the direct convolution on ``x``: wide channels, C_in·C_out / (C_in + C_out) ≥
+    ``WINOGRAD_MIN_WIDTH``, and input and output of at most ``WINOGRAD_MAX_ELEMENTS`` each (past the CPU's cache the
+    tile transforms' memory traffic ate the gain: none on the VAE decoder's 128²×512 levels)."""
+    in_channels, pixels = x.shape[1], x.shape[0] * x.shape[2] * x.shape[3]
+    return (in_channels * out_channels >= WINOGRAD_MIN_WIDTH * (in_channels + out_channels)
+            and max(in_channels, out_channels) * pixels <= WINOGRAD_MAX_ELEMENTS)
 
 
 class _CachedKernels:
@@ -260,8 +269,7 @@ class LeanResnetBlock2D(nn.Module):
 class GemmConv2d(nn.Conv2d):
     """Drop-in for a 3×3, padding-1, stride-1 or -2 ``nn.Conv2d`` (same parameters, same state-dict keys). On CPU:
     ``conv_as_matmul`` of the padded input when the output has N·H·W ≤ C_in / 2 positions; else, in float32 without
-    autograd, at stride 1 and where ``winograd_pays``, ``winograd_conv3x3`` (its kernels kept, 16/9 of the weight's
-    size); else the convolution."""
+    autograd, at stride 1 and where ``winograd_pays``, ``winograd_conv3x3``; else the convolution."""
 
     @classmethod
     def of(cls, conv):
@@ -270,14 +278,6 @@ class GemmConv2d(nn.Conv2d):
         new.weight, new.bias = conv.weight, conv.bias
         return new
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._winograd = _CachedKernels(winograd_kernels)
-
-    def _apply(self, fn, *args, **kwargs):
-        self._winograd.clear()
-        return super()._apply(fn, *args, **kwargs)
-
     def forward(self, x):
         stride = self.stride[0]
         if x.dim() == 4 and few_pixels_many_channels(
@@ -285,8 +285,8 @@ class GemmConv2d(nn.Conv2d):
             return conv_as_matmul(F.pad(x, (1, 1, 1, 1)), self.weight, 3, stride, self.bias)
         if (stride == 1 and x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
                 and self.weight.dtype == torch.float32 and not torch.is_grad_enabled()
-                and winograd_pays(self.in_channels, self.out_channels)):
-            return winograd_conv3x3(x, self._winograd.get(self.weight), self.bias)
+                and winograd_pays(x, self.out_channels)):
+            return winograd_conv3x3(x, winograd_kernels(self.weight), self.bias)
         return super().forward(x)
 
 
