@@ -30,8 +30,9 @@ would take a gigabyte.
 
 ``OneDNNLinear`` and ``SplitGEGLU``: on CPU in float32, every matrix product above and every linear layer goes
 through oneDNN's matmul (``linear``) instead of the default BLAS (MKL), 10–40 % faster on an AMD EPYC (Zen 4, where
-MKL does not use its best kernels; not measured against MKL on an Intel CPU since); the GEGLU's projection as two products (value and
-gate, each written contiguous) with the GELU and the product in place, so no half-width copies are made.
+MKL does not use its best kernels; not measured against MKL on an Intel CPU since); the GEGLU's projection as two
+products (value and gate, each written contiguous) with the GELU and the product in place, so no half-width copies
+are made.
 """
 
 import torch
@@ -61,7 +62,8 @@ def _onednn_linear_op():
 def linear(x, weight, bias=None):
     """x · Wᵀ + b: oneDNN's matmul for float32 on CPU without autograd (faster than the default BLAS there, see
     the module docstring), else ``F.linear``. Same function; the sums may be rounded in another order."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32 and not torch.is_grad_enabled():
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not torch.is_grad_enabled()):
         op = _onednn_linear_op()
         if op is not None:
             return op(x, weight.contiguous(), bias, "none", [], "")
@@ -124,7 +126,7 @@ def upsample2x_conv3x3(x, kernels, bias=None):
 
 
 WINOGRAD_MIN_WIDTH = 150  # C_in·C_out / (C_in + C_out) from which F(2×2, 3×3) was faster (break-even ≈ 140)
-WINOGRAD_MAX_ELEMENTS = 4 * 2**20  # activations (16 MB in float32) up to which it was
+WINOGRAD_MAX_ELEMENTS = 4 * 2**20  # elements per activation (16 MB in float32) up to which it paid
 
 _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
