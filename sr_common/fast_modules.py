@@ -185,30 +185,6 @@ def winograd_pays(x, out_channels):
             and max(in_channels, out_channels) * pixels <= WINOGRAD_MAX_ELEMENTS)
 
 
-class _CachedKernels:
-    """A transform of a module's weight (folded kernels), computed once and kept until the weight is written to,
-    moved or cast; under ``torch.compile`` computed in the graph instead."""
-
-    def __init__(self, transform):
-        self.transform, self.key, self.value = transform, None, None
-
-    def get(self, weight):
-        if torch.compiler.is_compiling():
-            return self.transform(weight)
-        try:
-            version = weight._version  # bumped by every in-place write (load_state_dict, a LoRA merge)
-        except RuntimeError:  # an inference tensor has no version counter
-            version = None
-        key = (weight.data_ptr(), version)
-        if self.key != key:
-            with torch.no_grad():
-                self.key, self.value = key, self.transform(weight)
-        return self.value
-
-    def clear(self):
-        self.key = self.value = None
-
-
 class FusedUpsample2D(nn.Module):
     """Drop-in for a diffusers ``Upsample2D`` (nearest ×2, 3×3 conv); keeps its ``conv`` (same state-dict keys).
     The phase kernels are folded once and kept until the weight is written to, moved or cast (under
@@ -218,14 +194,25 @@ class FusedUpsample2D(nn.Module):
         super().__init__()
         self.channels = upsample.channels
         self.conv = upsample.conv
-        self._kernels = _CachedKernels(phase_kernels)
+        self._kernels = (None, None)
 
     def _apply(self, fn, *args, **kwargs):
-        self._kernels.clear()  # .to(), .half(), .cuda() … give the weight new data
+        self._kernels = (None, None)  # .to(), .half(), .cuda() … give the weight new data
         return super()._apply(fn, *args, **kwargs)
 
     def phase_kernels(self):
-        return self._kernels.get(self.conv.weight)
+        weight = self.conv.weight
+        if torch.compiler.is_compiling():  # inside torch.compile: folded in the graph, no Python-side cache
+            return phase_kernels(weight)
+        try:
+            version = weight._version  # bumped by every in-place write (load_state_dict, a LoRA merge)
+        except RuntimeError:  # an inference tensor has no version counter
+            version = None
+        key = (weight.data_ptr(), version)
+        if self._kernels[0] != key:
+            with torch.no_grad():
+                self._kernels = (key, phase_kernels(weight))
+        return self._kernels[1]
 
     def forward(self, hidden_states, output_size=None, *args, **kwargs):
         h, w = hidden_states.shape[-2:]
