@@ -5,7 +5,9 @@
                 [--exclude a,b] [--max-tags N] [--no-names] [--device cpu|cuda] [--dtype fp32|fp16|bf16]
     diffsr dape convert --ram RAM.pth --dape DAPE.pth -o OUT.safetensors [--fp16]
 
-Output: ``<file>\\t<prompt>`` per image (``--no-names``: just the prompt). The prompt is what
+Output: ``<file>\\t<prompt>`` per image (``--no-names``: just the prompt); a file name holding a backslash, tab or
+line break is written escaped (``\\\\``, ``\\t``, ``\\n``, ``\\r``) on a line that starts with a backslash, as
+``sha256sum`` does, so every image stays one line with one tab. The prompt is what
 ``diffsr osediff`` would encode: ``"{tags}, {prompt},"`` (``--tags-only``: the tags alone). DAPE
 sees the image after OSEDiff's pre-processing (PIL bicubic ×upscale of the 8-bit image, and the
 short-side enlargement of very small images), so the tags are those of the OSEDiff run.
@@ -69,6 +71,14 @@ def load_tagger(args, device, dtype):
     raise DiffSRError("DAPE weights missing: pass --ram RAM.pth --dape DAPE.pth, or --weights CONVERTED.safetensors.")
 
 
+def escaped_name(path):
+    """``path`` as the first field of an output line: unchanged, or, where it holds a backslash, tab or line break,
+    "\\" + the name with those written as \\\\, \\t, \\n, \\r (the ``sha256sum`` convention)."""
+    if not any(c in path for c in "\\\t\n\r"):
+        return path
+    return "\\" + path.translate({ord("\\"): "\\\\", ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"})
+
+
 def main_impl(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "convert":
@@ -95,7 +105,7 @@ def main_impl(argv=None):
             continue
         tags = tagger.tags(lq, exclude=exclude, max_tags=args.max_tags)[0]
         prompt = dape_prompt(tags, args.prompt, tags_only=args.tags_only)
-        print(prompt if args.no_names else f"{path}\t{prompt}", flush=True)
+        print(prompt if args.no_names else f"{escaped_name(path)}\t{prompt}", flush=True)
     if failed:
         print(f"error: {len(failed)} of {len(images)} image(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 2

@@ -252,6 +252,23 @@ def test_cli_prints_prompts_and_converts(fixture, tmp_path, capsys):
     assert "img0b.png: Cannot read image" in captured.err and "1 of 3 image(s) failed" in captured.err
 
 
+def test_cli_names_with_tabs_and_line_breaks_stay_one_line(fixture, tmp_path, capsys):
+    from comfyui_diffsr.cli.dape import escaped_name, main
+
+    _, smalls, _, tags = fixture
+    odd = tmp_path / "a\tb\nc\\d\re.png"
+    Image.fromarray(smalls[0]).save(odd)
+    plain = tmp_path / "plain.png"
+    Image.fromarray(smalls[1]).save(plain)
+    assert main([str(odd), str(plain), "--ram", RAM, "--dape", DAPE, "--process-size", "0", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.split("\n")
+    assert lines[-1] == "" and len(lines) == 3  # two lines, each ended by its line break
+    assert lines[0] == "\\" + str(tmp_path).replace("\\", "\\\\") + "/a\\tb\\nc\\\\d\\re.png\t" + f"{tags[0]}, ,"
+    assert lines[1] == f"{plain}\t{tags[1]}, ,"
+    assert escaped_name("x/y.png") == "x/y.png"
+    assert escaped_name("back\\slash.png") == "\\back\\\\slash.png"
+
+
 def test_low_precision_runs(fixture):
     ups, _, logits, _ = fixture
     t = load_dape_tagger(RAM, DAPE, dtype=torch.bfloat16)
