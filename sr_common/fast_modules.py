@@ -28,26 +28,45 @@ transforms' memory traffic outweighs it; on larger activations it ate the gain).
 algorithms differ). The kernels are formed in every call (a few ms), not kept: kept, those of a whole UNet and VAE
 would take a gigabyte.
 
-``OneDNNLinear`` and ``SplitGEGLU``: on CPU in float32, every matrix product above and every linear layer goes
-through oneDNN's matmul (``linear``) instead of the default BLAS (MKL), 10–40 % faster on an AMD EPYC (Zen 4, where
-MKL does not use its best kernels; not measured against MKL on an Intel CPU since); the GEGLU's projection as two
-products (value and gate, each written contiguous) with the GELU and the product in place, so no half-width copies
-are made.
+``OneDNNLinear`` and ``SplitGEGLU``: on a CPU other than Intel's, in float32, every matrix product above and every
+linear layer goes through oneDNN's matmul (``linear``) instead of the default BLAS (MKL), 10–40 % faster on an AMD
+EPYC (Zen 4, where MKL does not use its best kernels); on an Intel Xeon MKL ran this network's products with ≥ 1024
+rows 3–8 % faster and a whole ControlNet + UNet step about 4 % faster (oneDNN won only at ≤ 256 rows, within the
+step's noise), so there the products stay MKL's. The GEGLU's projection runs as two products (value and gate, each
+written contiguous) with the GELU and the product in place, so no half-width copies are made.
 """
+
+import platform
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
-_ONEDNN_LINEAR = []  # [True/False] once probed: does this PyTorch have a working oneDNN linear op?
+_ONEDNN_LINEAR = []  # [True/False] once decided: do the CPU float32 products go through oneDNN's linear op?
+
+
+def cpu_vendor():
+    """The CPU vendor's string ('GenuineIntel', 'AuthenticAMD', …): from /proc/cpuinfo on Linux, else the last word
+    of ``platform.processor()`` (Windows ends it with the vendor); '' when unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    words = platform.processor().replace(",", " ").split()
+    return words[-1] if words else ""
 
 
 def _onednn_linear_op():
-    """``torch.ops.mkldnn._linear_pointwise`` (the op Inductor uses for CPU linear layers) where this build has it
-    and it computes F.linear (probed once, on first use), else None."""
+    """``torch.ops.mkldnn._linear_pointwise`` (the op Inductor uses for CPU linear layers) where this build has it,
+    it computes F.linear and the CPU is not Intel's (there MKL is as fast or faster; decided once, on first use),
+    else None."""
     if not _ONEDNN_LINEAR:
-        op = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+        op = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+              if torch.backends.mkldnn.is_available() and cpu_vendor() != "GenuineIntel" else None)
         works = False
         if op is not None:
             x, w, b = (torch.linspace(-1, 1, n).reshape(shape) for n, shape in ((6, (2, 3)), (12, (4, 3)), (4, (4,))))
@@ -60,8 +79,9 @@ def _onednn_linear_op():
 
 
 def linear(x, weight, bias=None):
-    """x · Wᵀ + b: oneDNN's matmul for float32 on CPU without autograd (faster than the default BLAS there, see
-    the module docstring), else ``F.linear``. Same function; the sums may be rounded in another order."""
+    """x · Wᵀ + b: oneDNN's matmul for float32 on a CPU other than Intel's, without autograd (faster than the default
+    BLAS there, see the module docstring), else ``F.linear``. Same function; the sums may be rounded in another
+    order."""
     if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and not torch.is_grad_enabled()):
         op = _onednn_linear_op()
@@ -346,7 +366,7 @@ def fast_modules(model):
     ``ResnetBlock2D`` by ``LeanResnetBlock2D``, every plain 3×3 ``Conv2d`` (stride 1 or 2) by ``GemmConv2d``, every
     ``GEGLU`` by ``SplitGEGLU`` and every plain ``Linear`` by ``OneDNNLinear``. Children are replaced before their
     parents, so a replaced block holds the replaced layers."""
-    _onednn_linear_op()  # probed here, outside any torch.compile trace
+    _onednn_linear_op()  # decided here (probe and CPU vendor), outside any torch.compile trace
     for parent in reversed(list(model.modules())):
         for name, child in list(parent.named_children()):
             if _upsample_fusable(child):

@@ -1,6 +1,7 @@
 """The fast drop-ins (fused nearest ×2 + 3×3 convolution, lean resnet block) equal the plain diffusers modules."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -187,7 +188,10 @@ def test_gemm_conv_takes_the_product_for_few_pixels(monkeypatch):
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 def test_onednn_linear_is_used_on_cpu(monkeypatch):
-    """On a oneDNN build the CPU float32 products go through oneDNN's matmul (the probe passes), else F.linear."""
+    """On a oneDNN build and a CPU other than Intel's, the CPU float32 products go through oneDNN's matmul (the probe
+    passes), else F.linear."""
+    monkeypatch.setattr(fm, "cpu_vendor", lambda: "AuthenticAMD")
+    monkeypatch.setattr(fm, "_ONEDNN_LINEAR", [])
     assert fm._onednn_linear_op() is not None
     calls = []
     monkeypatch.setattr(fm.F, "linear", lambda *a: calls.append("F.linear") or torch.zeros(1))
@@ -198,6 +202,39 @@ def test_onednn_linear_is_used_on_cpu(monkeypatch):
         assert calls == ["F.linear"]
     fm.linear(torch.randn(3, 4), torch.randn(5, 4))  # autograd on: F.linear
     assert calls == ["F.linear"] * 2
+
+
+def test_intel_cpus_keep_mkl(monkeypatch):
+    """On an Intel CPU MKL ran this network's products as fast or faster: F.linear there, decided once."""
+    monkeypatch.setattr(fm, "cpu_vendor", lambda: "GenuineIntel")
+    monkeypatch.setattr(fm, "_ONEDNN_LINEAR", [])
+    assert fm._onednn_linear_op() is None and fm._ONEDNN_LINEAR == [False]
+    calls = []
+    monkeypatch.setattr(fm.F, "linear", lambda *a: calls.append("F.linear") or torch.zeros(1))
+    with torch.no_grad():
+        fm.linear(torch.randn(3, 4), torch.randn(5, 4))
+    assert calls == ["F.linear"]
+
+
+def test_cpu_vendor(monkeypatch):
+    """/proc/cpuinfo's vendor_id on Linux; else the last word of platform.processor() (Windows: '…, GenuineIntel')."""
+    import builtins
+
+    vendor = fm.cpu_vendor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            assert f"vendor_id\t: {vendor}\n" in f.read() or not vendor
+    real_open = builtins.open
+
+    def no_cpuinfo(path, *args, **kwargs):
+        if path == "/proc/cpuinfo":
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", no_cpuinfo)
+    monkeypatch.setattr(fm.platform, "processor", lambda: "AMD64 Family 25 Model 33 Stepping 0, AuthenticAMD")
+    assert fm.cpu_vendor() == "AuthenticAMD"
+    monkeypatch.setattr(fm.platform, "processor", lambda: "")
+    assert fm.cpu_vendor() == ""
 
 
 @pytest.mark.parametrize("shape", [(7, 16), (2, 9, 16), "transposed"])
