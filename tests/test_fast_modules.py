@@ -186,12 +186,17 @@ def test_gemm_conv_takes_the_product_for_few_pixels(monkeypatch):
         assert len(calls) == 1
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
-def test_onednn_linear_is_used_on_cpu(monkeypatch):
-    """On a oneDNN build and a CPU other than Intel's, the CPU float32 products go through oneDNN's matmul (the probe
-    passes), else F.linear."""
+@pytest.fixture
+def non_intel_cpu(monkeypatch):
+    """The decision of ``linear`` made afresh as on a CPU other than Intel's (oneDNN's matmul where the build has it)."""
     monkeypatch.setattr(fm, "cpu_vendor", lambda: "AuthenticAMD")
     monkeypatch.setattr(fm, "_ONEDNN_LINEAR", [])
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+def test_onednn_linear_is_used_on_cpu(non_intel_cpu, monkeypatch):
+    """On a oneDNN build and a CPU other than Intel's, the CPU float32 products go through oneDNN's matmul (the probe
+    passes), else F.linear."""
     assert fm._onednn_linear_op() is not None
     calls = []
     monkeypatch.setattr(fm.F, "linear", lambda *a: calls.append("F.linear") or torch.zeros(1))
@@ -239,8 +244,9 @@ def test_cpu_vendor(monkeypatch):
 
 @pytest.mark.parametrize("shape", [(7, 16), (2, 9, 16), "transposed"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_onednn_linear_equals_linear(shape, bias):
+def test_onednn_linear_equals_linear(non_intel_cpu, shape, bias):
     torch.manual_seed(0)
+    assert fm._onednn_linear_op() is not None or not torch.backends.mkldnn.is_available()
     layer = torch.nn.Linear(16, 24, bias=bias)
     fast = OneDNNLinear.of(layer)
     assert fast.state_dict().keys() == layer.state_dict().keys() and fast.weight is layer.weight
@@ -254,7 +260,7 @@ def test_onednn_linear_equals_linear(shape, bias):
     assert x_grad.grad is not None and layer.weight.grad is not None
 
 
-def test_split_geglu_equals_geglu():
+def test_split_geglu_equals_geglu(non_intel_cpu):
     from diffusers.models.activations import GEGLU
 
     torch.manual_seed(0)
