@@ -61,6 +61,23 @@ def fixture_noise(d, steps):
             **{f"step_{k}": d[f"noise_step_{k}"] for k in range(steps)}}
 
 
+@pytest.fixture
+def every_fast_path(monkeypatch):
+    """Lifts the Winograd rule (every stride-1 3×3 convolution not taken as one product runs by F(2×2, 3×3)) and sends
+    every product through oneDNN's matmul whatever this CPU's vendor (Intel's keep MKL by default). Returns the calls
+    of each: {"winograd": [...], "products": [...]}."""
+    from comfyui_diffsr.sr_common import fast_modules
+
+    calls = {"winograd": [], "products": []}
+    winograd, onednn = fast_modules.winograd_conv3x3, torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(fast_modules, "WINOGRAD_MIN_WIDTH", 0)
+    monkeypatch.setattr(fast_modules, "WINOGRAD_MAX_ELEMENTS", 2**40)
+    monkeypatch.setattr(fast_modules, "winograd_conv3x3", lambda *a: calls["winograd"].append(1) or winograd(*a))
+    monkeypatch.setattr(fast_modules, "_onednn_linear_op",
+                        lambda: lambda *a: calls["products"].append(1) or onednn(*a))
+    return calls
+
+
 @pytest.fixture(scope="session")
 def tiny_unet_vae():
     """A small SD 2.1-shaped UNet and VAE with random weights, built in the test (no files)."""

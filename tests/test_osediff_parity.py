@@ -63,27 +63,17 @@ def test_matches_official(model, case):
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
-def test_matches_official_with_winograd_and_onednn_everywhere(model, monkeypatch):
+def test_matches_official_with_winograd_and_onednn_everywhere(model, every_fast_path):
     """The tiny networks are too narrow for the Winograd rule; with it lifted, every stride-1 3×3 convolution not
     taken as one product runs by F(2×2, 3×3) (LoRA-merged encoder and UNet, decoder), every product by oneDNN's
     matmul, and the float cases still match the official output."""
-    from comfyui_diffsr.sr_common import fast_modules
-
-    calls = []
-    real = fast_modules.winograd_conv3x3
-    monkeypatch.setattr(fast_modules, "WINOGRAD_MIN_WIDTH", 0)
-    monkeypatch.setattr(fast_modules, "WINOGRAD_MAX_ELEMENTS", 2**40)
-    monkeypatch.setattr(fast_modules, "winograd_conv3x3", lambda *a: calls.append(1) or real(*a))
-    products = []  # oneDNN's matmul for every product, whatever this CPU's vendor (Intel's keep MKL by default)
-    onednn = torch.ops.mkldnn._linear_pointwise
-    monkeypatch.setattr(fast_modules, "_onednn_linear_op", lambda: lambda *a: products.append(1) or onednn(*a))
     exact = [c for c in CASES if c["sizing"] == "exact"]
     assert exact
     with torch.inference_mode():
         for case in exact:
             out = run_case(model, case)
             assert psnr(out, expected(case)) >= min_psnr(case), f"{case['name']}: {psnr(out, expected(case)):.2f} dB"
-    assert len(calls) > 50 and len(products) > 5000
+    assert len(every_fast_path["winograd"]) > 50 and len(every_fast_path["products"]) > 5000
 
 
 def test_modes_agree_where_sizes_allow(model):
