@@ -1,11 +1,14 @@
 """Benchmark helpers: full-size SD 2.1-base built from the shipped configs with random weights."""
 
+import asyncio
+import importlib.util
 import json
 import math
 import os
 import platform
 import resource
 import statistics
+import sys
 import time
 
 import torch
@@ -21,6 +24,19 @@ def official_env(checkout, thp=False):
     if thp:
         env["THP_MEM_ALLOC_ENABLE"] = "1"
     return env
+
+
+def import_pack_as_comfyui():
+    """The pack as ComfyUI imports it (a checkout of ComfyUI on PYTHONPATH): from its folder, under a name of the
+    host's choosing, its entry point awaited."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("diffsr_pack_under_test", os.path.join(root, "__init__.py"),
+                                                  submodule_search_locations=[root])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    asyncio.run(module.comfy_entrypoint())
+    return module
 
 
 def rss_peak_mb():

@@ -3,7 +3,7 @@
 Runs in the ComfyUI venv with a ComfyUI checkout (never committed) on PYTHONPATH, on a full SD 2.1-base single file
 and an OSEDiff weight file:
 
-    PYTHONPATH=$COMFYUI_DIR $COMFY_VENV/bin/python tools/host_interop_check.py \
+    PYTHONPATH=$COMFYUI_DIR $COMFY_VENV/bin/python bench/host_interop.py \
         --ckpt v2-1_512-ema-pruned.safetensors --osediff osediff.pkl [--out interop.json]
 
 Measures (CPU, fp32):
@@ -15,30 +15,10 @@ Measures (CPU, fp32):
 """
 
 import argparse
-import asyncio
-import importlib.util
+import importlib
 import json
-import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def psnr(a, b):
-    import torch
-
-    return float(10 * torch.log10(1 / ((a.float() - b.float()) ** 2).mean().clamp_min(1e-20)))
-
-
-def import_pack():
-    """The pack as ComfyUI imports it: from its folder, under a name of the host's choosing."""
-    spec = importlib.util.spec_from_file_location("diffsr_pack_under_test", os.path.join(ROOT, "__init__.py"),
-                                                  submodule_search_locations=[ROOT])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    asyncio.run(module.comfy_entrypoint())
-    return module
+from common import import_pack_as_comfyui, psnr_db
 
 
 def main():
@@ -55,7 +35,7 @@ def main():
     import torch
     import comfy.sd
 
-    pack = import_pack().__name__
+    pack = import_pack_as_comfyui().__name__
     host, sd21_mod, pipeline, weights = (importlib.import_module(f"{pack}.{name}") for name in (
         "nodes.host", "sr_common.sd21", "osediff_core.pipeline", "osediff_core.weights"))
 
@@ -88,13 +68,13 @@ def main():
             img_comfy = pipeline.decode_latent(osediff.vae, x0_comfy, tile=0) * 0.5 + 0.5
             img_ours = pipeline.decode_latent(osediff.vae, x0_ours, tile=0) * 0.5 + 0.5
             conditioning[prompt or "(empty)"] = {"max_abs_diff": float((cond - own).abs().max()),
-                                                 "osediff_output_psnr_db": psnr(img_comfy.clamp(0, 1),
+                                                 "osediff_output_psnr_db": psnr_db(img_comfy.clamp(0, 1),
                                                                                 img_ours.clamp(0, 1))}
         result["clip_text_encode_vs_ours"] = conditioning
         latent = x0_ours / sd21_mod.SCALING_FACTOR  # the LATENT our One-Step UNet node outputs
         standard = vae.decode(latent).movedim(-1, 1)  # the standard VAE Decode node: IMAGE [B, H, W, C]
         own = (pipeline.decode_latent(osediff.vae, x0_ours, tile=0) * 0.5 + 0.5).clamp(0, 1)
-        result["standard_vae_decode_vs_ours_psnr_db"] = psnr(standard, own)
+        result["standard_vae_decode_vs_ours_psnr_db"] = psnr_db(standard, own)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
