@@ -41,8 +41,17 @@ class DoSSRLoader(io.ComfyNode):
     def execute(cls, weights, config, sd21=None):
         path = host.weight_path("dossr", weights)
         yaml = None if config == DEFAULT_CONFIG else host.weight_path("configs", config)
-        model = host.cached(("dossr", path, yaml), lambda: load_dossr(path, sd21, config=yaml), owner=sd21)
+        model = host.cached(("dossr", path, yaml), lambda: _load_dossr(path, sd21, yaml), owner=sd21)
         return io.NodeOutput(model)
+
+
+def _load_dossr(path, sd21, yaml):
+    """``load_dossr`` on the shared ``sd21`` (if any) as loaded: its VAE encoder serves as the condition encoder
+    when the weights match, also after another model has cast it (``host.exact_weights``)."""
+    if sd21 is None:
+        return load_dossr(path, config=yaml)
+    with host.exact_weights(sd21.vae.encoder, sd21.vae.quant_conv):
+        return load_dossr(path, sd21, config=yaml)
 
 
 class DoSSRUpscale(io.ComfyNode):

@@ -3,6 +3,7 @@
 The only module besides the node files that imports ComfyUI (``folder_paths``, ``comfy.*``).
 """
 
+import contextlib
 import os
 import weakref
 
@@ -192,7 +193,68 @@ def _parts(model):
     return [model] if isinstance(model, torch.nn.Module) else list(model.modules())
 
 
-_exact = weakref.WeakKeyDictionary()  # torch module → {tensor name: its exact value on the offload device}
+_exact = weakref.WeakKeyDictionary()  # torch module → {tensor name: its exact value on the offload device, or Recomputed}
+
+
+class Recomputed:
+    """A tensor's exact value as a function of other weights (``compute()``: e.g. the base weight + a LoRA) instead
+    of a kept copy; ``held``: the module's tensor holds that value now (as built, or after a cast to its dtype)."""
+
+    def __init__(self, compute):
+        self.compute, self.held = compute, True
+
+
+def recompute_exact(root, value_of):
+    """Let ``set_precision`` recompute every floating-point tensor of ``root`` as ``value_of(name)`` (``name`` as
+    in ``root.named_parameters()``) instead of keeping its float32 value aside: the module's tensors must hold those
+    values now. Saves a float32 copy of a derived model (OSEDiff's merged UNet: 3.5 GB) once it runs in 16 bits.
+    ``value_of`` must not refer to ``root``, whose entries it would keep alive."""
+    for module_name, module in root.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if tensor is not None and tensor.is_floating_point():
+                    entry = Recomputed(lambda full=prefix + name: value_of(full))
+                    _exact.setdefault(module, {})[name] = entry
+
+
+def exact_value(root, name):
+    """The exact value of ``root``'s tensor ``name`` (a parameter or buffer name): as loaded, whatever casts
+    ``set_precision`` made since."""
+    module_name, _, part = name.rpartition(".")
+    module = root.get_submodule(module_name)
+    entry = _exact.get(module, {}).get(part)
+    if isinstance(entry, Recomputed):
+        return getattr(module, part).detach() if entry.held else entry.compute()
+    return getattr(module, part).detach() if entry is None else entry
+
+
+@contextlib.contextmanager
+def exact_weights(*modules):
+    """Within the block, every tensor of ``modules`` that ``set_precision`` has cast holds its exact value, so a
+    model built there from them (OSEDiff's LoRA merged into the shared SD 2.1 UNet) starts from the loaded weights,
+    not from another model's fp16 rounding of them; the casts are put back after."""
+    swapped = []
+    for module in {id(m): m for root in modules for m in root.modules()}.values():
+        for name in _exact.get(module, {}):
+            store = module._parameters if name in module._parameters else module._buffers
+            held, exact = store[name], exact_value(module, name)
+            if (held.dtype, held.device, held.data_ptr()) != (exact.dtype, exact.device, exact.data_ptr()):
+                swapped.append((store, name, held.data))
+                _put(store, name, exact)
+    try:
+        yield
+    finally:
+        for store, name, held in reversed(swapped):
+            _put(store, name, held)
+
+
+def _put(store, name, value):
+    """``value`` into a module's parameter (keeping the Parameter object) or buffer ``name``."""
+    if isinstance(store[name], torch.nn.Parameter):
+        store[name].data = value
+    else:
+        store[name] = value
 
 
 def set_precision(model, dtype):
@@ -200,7 +262,8 @@ def set_precision(model, dtype):
 
     The first cast of a tensor keeps its exact value on the offload device (the CPU, where the loaders put it), so
     a later float32 run, or another model sharing the module (the SD 2.1 VAE and text encoder), never computes
-    with rounded weights; that copy stays in CPU memory from then on. Returns whether anything was cast."""
+    with rounded weights; that copy stays in CPU memory from then on. A ``recompute_exact`` tensor keeps no copy:
+    its value is computed again when a cast needs it. Returns whether anything was cast."""
     modules = {id(m): m for part in _parts(model) for m in part.modules()}.values()  # shared modules once
     cast_any = False
     for module in modules:
@@ -209,13 +272,16 @@ def set_precision(model, dtype):
                 if tensor is None or not tensor.is_floating_point() or tensor.dtype == dtype:
                     continue
                 exact = _exact.setdefault(module, {})
-                if name not in exact:  # never cast before: the tensor holds the exact value
-                    exact[name] = tensor.detach().to(offload_device())
-                cast = exact[name].to(device=tensor.device, dtype=dtype)
-                if isinstance(tensor, torch.nn.Parameter):
-                    tensor.data = cast
+                entry = exact.get(name)
+                if isinstance(entry, Recomputed):
+                    value = tensor.detach() if entry.held else entry.compute()
+                    cast = value.to(device=tensor.device, dtype=dtype)
+                    entry.held = cast.dtype == value.dtype
                 else:
-                    store[name] = cast
+                    if entry is None:  # never cast before: the tensor holds the exact value
+                        entry = exact[name] = tensor.detach().to(offload_device())
+                    cast = entry.to(device=tensor.device, dtype=dtype)
+                _put(store, name, cast)
                 cast_any = True
     if cast_any and hasattr(model, "prompt_cache"):
         model.prompt_cache.clear()  # embeddings of the earlier precision

@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from ..osediff_core.pipeline import (Options, build_osediff, decode_latent, encode_lq, one_step_x0, osediff_upscale,
                                      predict_eps, preprocess, prompt_embedding)
-from ..osediff_core.weights import read_osediff
+from ..osediff_core.weights import lq_encoder_pairs, merged_value, osediff_unet_changes, read_osediff
 from ..sr_common import image as img
 from ..sr_common.color_fix import COLOR_FIXES, apply_color_fix
 from ..sr_common.sd21 import PRECISIONS, SCALING_FACTOR, network_dtype
@@ -89,8 +89,24 @@ class OSEDiffLoader(io.ComfyNode):
     @classmethod
     def execute(cls, sd21, weights):
         path = host.weight_path("osediff", weights)
-        model = host.cached(("osediff", path), lambda: build_osediff(sd21, read_osediff(path)), owner=sd21)
+        model = host.cached(("osediff", path), lambda: load_osediff(sd21, path), owner=sd21)
         return io.NodeOutput(model)
+
+
+def load_osediff(sd21, path):
+    """OSEDiff on the shared ``sd21``, merged from its loaded weights even where another model has cast them, with
+    the merged UNet and LQ encoder recomputed from ``sd21`` and the LoRA when a run needs them again in float32
+    (``host.recompute_exact``): no float32 copy of them stays in memory while they run in fp16/bf16."""
+    ckpt = read_osediff(path)
+    unet, vae = sd21.unet, sd21.vae
+    with host.exact_weights(unet, vae.encoder, vae.quant_conv):
+        model = build_osediff(sd21, ckpt)
+        replace, pairs = osediff_unet_changes(unet, ckpt)
+    vae_pairs = lq_encoder_pairs(ckpt)
+    host.recompute_exact(model.unet, lambda name: merged_value(
+        name, replace[name] if name in replace else host.exact_value(unet, name), pairs))
+    host.recompute_exact(model.lq_encoder, lambda name: merged_value(name, host.exact_value(vae, name), vae_pairs))
+    return model
 
 
 def _prepare(model, dtype_name, with_models=()):

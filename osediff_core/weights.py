@@ -152,6 +152,12 @@ def _merge_into(out, weight, lora):
         torch.addmm(weight.reshape(rows, -1), *factors, alpha=scale, out=out.view(rows, -1))
 
 
+def _lora_of(name, pairs):
+    """The LoRA of ``pairs`` that targets parameter ``name`` (a module's ``weight``), or None."""
+    module_name, _, part = name.rpartition(".")
+    return pairs.get(module_name) if part == "weight" else None
+
+
 def merged_copy(module_root, pairs, what, replace=None):
     """A copy of ``module_root`` with every LoRA merged, W' = W + scale · B @ A (W from ``replace`` where it names
     the parameter); the other parameters copied. The original is never written to.
@@ -174,12 +180,12 @@ def merged_copy(module_root, pairs, what, replace=None):
                 offset += weight.numel()
             else:
                 new = torch.empty_like(weight, memory_format=torch.contiguous_format)
-            module_name, _, part = name.rpartition(".")
-            lora = pairs.get(module_name) if part == "weight" else None
+            lora = _lora_of(name, pairs)
             if lora is None:
                 new.copy_(weight)
             else:
                 _merge_into(new, weight, lora)
+            module_name, _, part = name.rpartition(".")
             owner = copy_.get_submodule(module_name) if module_name else copy_
             setattr(owner, part, torch.nn.Parameter(new, requires_grad=weight.requires_grad))
     return copy_
@@ -198,9 +204,20 @@ def merge_lora_in_place(module_root, pairs, what, replace=None):
     return module_root
 
 
-def apply_osediff_unet(unet, ckpt, in_place=False):
-    """The OSEDiff UNet: the trained ``conv_in`` and every UNet LoRA merged (``conv_in``'s LoRA on top of the trained
-    one), into a copy of ``unet`` (left untouched), or into ``unet`` itself with ``in_place``."""
+def merged_value(name, weight, pairs):
+    """Parameter ``name`` of a ``merged_copy``: W + scale · B @ A from ``weight`` (W) where a LoRA of ``pairs``
+    targets it (a new tensor), else ``weight`` itself."""
+    lora = _lora_of(name, pairs)
+    if lora is None:
+        return weight
+    out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    _merge_into(out, weight, lora)
+    return out
+
+
+def osediff_unet_changes(unet, ckpt):
+    """(replace, pairs) of the OSEDiff UNet: the trained ``conv_in`` tensors (as ``unet``'s dtype and device) and
+    the UNet LoRA pairs."""
     state = ckpt["state_dict_unet"]
     replace = {}
     for part in ("weight", "bias"):
@@ -212,8 +229,20 @@ def apply_osediff_unet(unet, ckpt, in_place=False):
             raise WeightFileError(f"OSEDiff conv_in.{part} has shape {tuple(new.shape)}, the base UNet "
                                   f"{tuple(old.shape)}: the base is not SD 2.1-base.")
         replace[f"conv_in.{part}"] = new.to(old)
+    return replace, lora_pairs(state, int(ckpt["rank_unet"]))
+
+
+def lq_encoder_pairs(ckpt):
+    """The LoRA pairs of OSEDiff's VAE encoder + ``quant_conv`` (names as in the VAE)."""
+    return lora_pairs(ckpt["state_dict_vae"], int(ckpt["rank_vae"]))
+
+
+def apply_osediff_unet(unet, ckpt, in_place=False):
+    """The OSEDiff UNet: the trained ``conv_in`` and every UNet LoRA merged (``conv_in``'s LoRA on top of the trained
+    one), into a copy of ``unet`` (left untouched), or into ``unet`` itself with ``in_place``."""
+    replace, pairs = osediff_unet_changes(unet, ckpt)
     merge = merge_lora_in_place if in_place else merged_copy
-    return merge(unet, lora_pairs(state, int(ckpt["rank_unet"])), "UNet", replace)
+    return merge(unet, pairs, "UNet", replace)
 
 
 def lq_encoder(vae, ckpt, in_place=False):
@@ -221,7 +250,7 @@ def lq_encoder(vae, ckpt, in_place=False):
     VAE's own modules with ``in_place``."""
     parts = torch.nn.ModuleDict({"encoder": vae.encoder, "quant_conv": vae.quant_conv})
     merge = merge_lora_in_place if in_place else merged_copy
-    return merge(parts, lora_pairs(ckpt["state_dict_vae"], int(ckpt["rank_vae"])), "VAE encoder")
+    return merge(parts, lq_encoder_pairs(ckpt), "VAE encoder")
 
 
 def convert_osediff(src, dst):

@@ -433,6 +433,87 @@ def test_precision_switch_casts_from_the_exact_weights(pack, osediff_model):
     assert all(torch.equal(v, exact[k]) for k, v in model.vae.state_dict().items())
 
 
+def test_16bit_runs_keep_no_float32_copy_of_the_merged_osediff_weights(pack):
+    """Once OSEDiff runs in fp16, nothing keeps the float32 values of its merged UNet and LQ encoder (3.5 GB at full
+    size): a later fp32 run recomputes them from the SD 2.1 weights and the LoRA, bit for bit."""
+    _, nodes = pack
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    sd21_module = sys.modules["custom_nodes_x_diffsr_pack.sr_common.sd21"]
+    sd21 = sd21_module.load_sd21(os.path.join(os.environ["DIFFSR_TEST_MODELS"], "diffusers", "tiny_sd21"))
+    (model,) = run(nodes["OSEDiff_Loader"], sd21=sd21, weights="osediff_tiny.pkl")
+    merged = [{k: v.clone() for k, v in part.state_dict().items()} for part in (model.unet, model.lq_encoder)]
+    args = dict(model=model, image=torch.rand(1, 20, 24, 3, generator=torch.Generator().manual_seed(8)), prompt="",
+                upscale=2.0, process_size=32, color_fix="adain", tile_latent=96, tile_overlap=32)
+    with torch.inference_mode():
+        (fp32,) = run(nodes["OSEDiff_Upscale"], **args, dtype="fp32")
+        (fp16,) = run(nodes["OSEDiff_Upscale"], **args, dtype="fp16")
+        for part in (model.unet, model.lq_encoder):
+            assert {p.dtype for p in part.parameters()} == {torch.float16}
+            kept = [e for m in part.modules() for e in host._exact.get(m, {}).values()]
+            assert kept and all(isinstance(e, host.Recomputed) and not e.held for e in kept)
+        (again,) = run(nodes["OSEDiff_Upscale"], **args, dtype="fp32")
+        assert torch.equal(again, fp32)
+        for part, values in zip((model.unet, model.lq_encoder), merged):
+            assert all(torch.equal(v, values[k]) for k, v in part.state_dict().items())
+        (fp16_again,) = run(nodes["OSEDiff_Upscale"], **args, dtype="fp16")
+        assert torch.equal(fp16_again, fp16)
+
+
+def test_osediff_merged_into_a_base_another_model_has_cast(pack, osediff_model):
+    """A DoSSR run in fp16 casts the shared SD 2.1 UNet and VAE; an OSEDiff loaded on that base afterwards still
+    merges its LoRA into the loaded float32 weights (same output as on a fresh base), and the cast stays."""
+    _, nodes = pack
+    _, reference = osediff_model
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    sd21_module = sys.modules["custom_nodes_x_diffsr_pack.sr_common.sd21"]
+    sd21 = sd21_module.load_sd21(os.path.join(os.environ["DIFFSR_TEST_MODELS"], "diffusers", "tiny_sd21"))
+    loaded = [{k: v.clone() for k, v in m.state_dict().items()} for m in (sd21.unet, sd21.vae)]
+    other = host.HeldModules([sd21.unet, sd21.vae, sd21.text_encoder])  # what a DoSSR model shares of the base
+    assert host.set_precision(other, torch.float16)
+    with host.exact_weights(sd21.unet, sd21.vae):
+        assert all(torch.equal(v, values[k]) for m, values in zip((sd21.unet, sd21.vae), loaded)
+                   for k, v in m.state_dict().items())
+    assert {p.dtype for p in other.parameters()} == {torch.float16}
+    (model,) = run(nodes["OSEDiff_Loader"], sd21=sd21, weights="osediff_tiny.pkl")
+    assert {p.dtype for p in other.parameters()} == {torch.float16}
+    args = dict(image=torch.rand(1, 20, 24, 3, generator=torch.Generator().manual_seed(8)), prompt="", upscale=2.0,
+                process_size=32, color_fix="adain", tile_latent=96, tile_overlap=32, dtype="fp32")
+    with torch.inference_mode():
+        (out,) = run(nodes["OSEDiff_Upscale"], model=model, **args)
+        (expected,) = run(nodes["OSEDiff_Upscale"], model=reference, **args)
+    assert torch.equal(out, expected)
+
+
+def test_dossr_shares_the_vae_encoder_of_a_base_another_model_has_cast(pack):
+    """DoSSR's condition encoder is the shared VAE encoder when their loaded weights match, also after an OSEDiff
+    run in fp16 has cast that VAE."""
+    from safetensors.torch import load_file, safe_open, save_file
+
+    _, nodes = pack
+    pkg = "custom_nodes_x_diffsr_pack"
+    host, sd21_module = sys.modules[f"{pkg}.nodes.host"], sys.modules[f"{pkg}.sr_common.sd21"]
+    dossr_model, dossr_weights = sys.modules[f"{pkg}.dossr_core.model"], sys.modules[f"{pkg}.dossr_core.weights"]
+    models = os.environ["DIFFSR_TEST_MODELS"]
+    ckpt, config = os.path.join(models, "dossr", "dossr_tiny.ckpt"), os.path.join(models, "configs", "tiny_cldm.yaml")
+    own = dossr_model.load_dossr(ckpt, config=config)
+    base = sd21_module.SD21(own.unet, own.vae, own.text_encoder, own.tokenizer)
+    converted = os.path.join(models, "dossr", "dossr_vae_condition.safetensors")
+    dossr_weights.convert_dossr(ckpt, converted, config=config)
+    with safe_open(converted, "pt") as f:
+        metadata = f.metadata()
+    vae_encoder = {"encoder": base.vae.encoder, "quant_conv": base.vae.quant_conv}
+    tensors = load_file(converted) | {f"cond_encoder.{part}.{k}": v.clone() for part, module in vae_encoder.items()
+                                      for k, v in module.state_dict().items()}
+    save_file(tensors, converted, metadata=metadata)
+    try:
+        assert host.set_precision(host.HeldModules([base.vae, base.text_encoder]), torch.float16)
+        (model,) = run(nodes["DoSSR_Loader"], weights="dossr_vae_condition.safetensors", config="SD 2.1 (built in)",
+                       sd21=base)
+        assert model.cond_encoder.encoder is base.vae.encoder and base.vae.encoder.conv_in.weight.dtype == torch.float16
+    finally:
+        os.remove(converted)
+
+
 def test_dossr_sampler_from_a_latent(pack):
     """DoSSR Sampler takes a standard SD latent at the output size instead of an LR image."""
     _, nodes = pack
@@ -467,6 +548,8 @@ def test_models_are_freed_when_comfyui_lets_go(pack):
     (dape,) = run(nodes["DAPE_Loader"], ram_or_converted="ram_tiny.pth", dape="dape_tiny.pth")
     assert isinstance(dape, torch.nn.Module)  # a model that is one module, as the VAE the decode nodes load
     mm = sys.modules["comfy.model_management"]
+    mm.LOADED.clear()
+    gc.collect()  # models of earlier tests that only ComfyUI still held
     gone, kept_aside = [], len(host._exact)
     for one in (model, dape):
         host.load_on_device(one, torch.float16)  # cast: its exact weights are kept aside
