@@ -193,7 +193,7 @@ def _parts(model):
     return [model] if isinstance(model, torch.nn.Module) else list(model.modules())
 
 
-_exact = weakref.WeakKeyDictionary()  # torch module → {tensor name: its exact value on the offload device, or Recomputed}
+_exact = weakref.WeakKeyDictionary()  # torch module → {tensor name: exact value on the offload device | Recomputed}
 
 
 class Recomputed:
