@@ -7,14 +7,13 @@ OSEDiff weight file, on the device ComfyUI picks (``--cpu``: the CPU):
         --ckpt v2-1_512-ema-pruned.safetensors --osediff osediff.pkl [--dtypes fp32,bf16,fp32,bf16] [--out F.json]
 
 Loads the base and OSEDiff as the loader nodes do, then runs OSEDiff Upscale (64→256 px) once per entry of
-``--dtypes``; after each run it records the resident memory of the process (``/proc/self/statm``), the bytes of
-float32 weights kept aside for exact casts (``nodes.host``), the device memory in use and the output's distance to
-the first run.
+``--dtypes``; after each run it records the resident memory of the process (all, its own, mapped files' pages),
+the bytes of float32 weights kept aside for exact casts (``nodes.host``), the device memory in use and the output's
+distance to the first run.
 """
 
 import argparse
 import importlib
-import os
 import time
 
 import torch
@@ -24,9 +23,12 @@ from common import environment, import_pack_as_comfyui, psnr_db, rss_peak_mb, wr
 GIB = 1024 ** 3
 
 
-def resident_gib():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GIB
+def memory_gib():
+    """Resident memory of this process: all, its own (anonymous) and mapped files' pages (reclaimable), GiB."""
+    names = {"VmRSS": "resident_gib", "RssAnon": "anon_gib", "RssFile": "file_gib"}
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return {name: int(fields[key].split()[0]) / 2**20 for key, name in names.items()}
 
 
 def kept_aside_gib(host):
@@ -53,13 +55,13 @@ def main():
     host, sd21_mod, nodes = (importlib.import_module(f"{pack}.{name}") for name in (
         "nodes.host", "sr_common.sd21", "nodes.osediff"))
     device = mm.get_torch_device()
-    steps = [{"step": "start", "resident_gib": resident_gib()}]
+    steps = [{"step": "start", **memory_gib()}]
     start = time.perf_counter()
     sd21 = sd21_mod.load_sd21(args.ckpt)
-    steps.append({"step": "SD 2.1-base loaded", "resident_gib": resident_gib(), "s": time.perf_counter() - start})
+    steps.append({"step": "SD 2.1-base loaded", **memory_gib(), "s": time.perf_counter() - start})
     start = time.perf_counter()
     model = nodes.load_osediff(sd21, args.osediff)
-    steps.append({"step": "OSEDiff loaded", "resident_gib": resident_gib(), "s": time.perf_counter() - start})
+    steps.append({"step": "OSEDiff loaded", **memory_gib(), "s": time.perf_counter() - start})
     image = torch.rand(1, args.size, args.size, 3, generator=torch.Generator().manual_seed(0))
     first = None
     for dtype in args.dtypes.split(","):
@@ -70,7 +72,7 @@ def main():
                                                   tile_overlap=32, dtype=dtype).args
         first = out if first is None else first
         steps.append({"step": f"OSEDiff Upscale {dtype}", "s": time.perf_counter() - start,
-                      "resident_gib": resident_gib(), "kept_aside_gib": kept_aside_gib(host),
+                      **memory_gib(), "kept_aside_gib": kept_aside_gib(host),
                       "device_allocated_gib": torch.cuda.memory_allocated() / GIB if device.type == "cuda" else 0.0,
                       "psnr_to_first_db": psnr_db(out, first)})
         print(steps[-1], flush=True)
