@@ -3,7 +3,8 @@
 Run in the upstream environment (torch 2.14.1, torchvision 0.29.1, transformers 4.28.1,
 timm 0.6.13, loralib 0.1.2, scipy), not in the pack's:
 
-    python tools/make_dape_fixtures.py --upstream /work/upstream/OSEDiff-dape --out tests/data/dape
+    PYTHONPATH=/work/upstream/OSEDiff python tools/make_dape_fixtures.py --upstream /work/upstream/OSEDiff \
+        --out tests/data/dape
 
 What it does:
 - Builds the official ``RAMLora`` (``ram.models.ram_lora.ram(..., image_size=384, vit='swin_l')``)
@@ -28,11 +29,12 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import types
 
 import numpy as np
 import torch
+
+from upstream import require_on_pythonpath
 
 LABEL_DIM = 24
 SWIN = {"vision_width": 64, "image_res": 384, "window_size": 12, "embed_dim": 8, "depths": [2, 2, 2, 2],
@@ -44,7 +46,7 @@ UPSCALE = 4
 
 
 def patch_upstream(upstream):
-    sys.path.insert(0, upstream)
+    require_on_pythonpath(upstream)
     from ram.models import ram_lora, utils
 
     class TinyBertConfig(ram_lora.BertConfig):

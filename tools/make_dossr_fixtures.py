@@ -4,7 +4,7 @@
 
 Run with the upstream venv (see tests/data/dossr/README.md):
 
-    /work/venvs/dossr-up/bin/python tools/make_dossr_fixtures.py \
+    PYTHONPATH=/work/upstream/DoSSR /work/venvs/dossr-up/bin/python tools/make_dossr_fixtures.py \
         --upstream /work/upstream/DoSSR --out tests/data/dossr
 
 This script contains no upstream code: it builds the upstream ``ControlLDM``
@@ -31,6 +31,8 @@ import time
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
+
+from upstream import require_on_pythonpath
 
 SEED = 42          # upstream default --seed
 WEIGHT_SEED = 1234
@@ -412,10 +414,9 @@ def main():
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     t0 = time.time()
-    up = os.path.abspath(args.upstream)
+    up = require_on_pythonpath(args.upstream)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    sys.path.insert(0, up)
     os.chdir(up)
 
     install_patches()

@@ -3,7 +3,7 @@
 Run with the official code's environment (diffusers 0.25.0, transformers 4.28.1, peft 0.9.0; see
 tests/data/osediff/README.md) and a checkout of cswry/OSEDiff (commit fcc4f09):
 
-    python tools/make_osediff_fixtures.py --upstream /path/to/OSEDiff --out tests/data/osediff
+    PYTHONPATH=/path/to/OSEDiff python tools/make_osediff_fixtures.py --upstream /path/to/OSEDiff --out tests/data/osediff
 
 It writes a tiny SD 2.1-base-architecture diffusers folder (``tiny_sd21/``, fp16 weights; the tokenizer is
 the one the pack ships, sr_common/configs/sd21_base/tokenizer, and is not stored again), the same weights as
@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 
 import numpy as np
@@ -27,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 from safetensors.torch import save_file
+
+from upstream import require_on_pythonpath
 
 PROMPT = "a cat, grass, ,"  # what f"{tags}, {args.prompt}," gives for DAPE tags "a cat, grass" and prompt ""
 SEED = 7
@@ -370,8 +371,8 @@ CPU. Regenerate (1.5-3 min on 2 CPU cores):
     /work/venvs/osediff-up/bin/pip install torch==2.14.1 torchvision==0.29.1 diffusers==0.25.0 transformers==4.28.1 \\
         peft==0.9.0 accelerate safetensors pillow numpy "huggingface_hub<0.26" einops open_clip_torch
     git clone https://github.com/cswry/OSEDiff /work/upstream/OSEDiff && git -C /work/upstream/OSEDiff checkout fcc4f09
-    /work/venvs/osediff-up/bin/python tools/make_osediff_fixtures.py --upstream /work/upstream/OSEDiff \\
-        --out tests/data/osediff
+    PYTHONPATH=/work/upstream/OSEDiff /work/venvs/osediff-up/bin/python tools/make_osediff_fixtures.py \\
+        --upstream /work/upstream/OSEDiff --out tests/data/osediff
 
 (versions used: {versions}.) The output is deterministic (seeded weights, seeded posterior noise).
 
@@ -451,8 +452,7 @@ def main():
     p.add_argument("--keep-tokenizer", action="store_true", help="also store tiny_sd21/tokenizer (1.5 MB)")
     a = p.parse_args()
     t_start = time.time()
-    a.upstream, a.out = os.path.abspath(a.upstream), os.path.abspath(a.out)
-    sys.path.insert(0, a.upstream)
+    a.upstream, a.out = require_on_pythonpath(a.upstream), os.path.abspath(a.out)
     cpu_patches()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     os.makedirs(a.out, exist_ok=True)
