@@ -4,6 +4,7 @@
 
 import copy
 import os
+import sys
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from comfyui_diffsr.sr_common.sd21 import load_sd21
 from comfyui_diffsr.sr_common.tiled_vae import tiled_forward
 
 from conftest import psnr
+from test_nodes import pack, run  # noqa: F401 (the pack fixture: the nodes against the host stand-ins)
 from test_dossr_pipeline import CASES as DOSSR_CASES, CKPT, TEXT_HEADS, YAML, fixture_noise, lr_image
 from test_osediff_parity import CASES as OSEDIFF_CASES, FIX as OSEDIFF_FIX, expected, run_case, tiny_folder
 
@@ -104,3 +106,23 @@ def test_fp16_vae_overflow_on_cuda(tiny_unet_vae):
             out = tiled_forward(half, z, 8, True)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert torch.allclose(out, reference, atol=1e-4)
+
+
+def test_node_dtype_switches_on_cuda(pack, monkeypatch):  # noqa: F811
+    """The nodes on a CUDA device (ComfyUI's torch device): OSEDiff Upscale in fp32, fp16, fp32, fp16. Each fp32 run
+    equals the first (the merged UNet recomputed on the CPU from the SD 2.1 weights and the LoRA, the shared VAE and
+    text encoder cast from their kept float32 weights), each fp16 run the first fp16 run."""
+    _, nodes = pack
+    monkeypatch.setattr(sys.modules["comfy.model_management"], "get_torch_device", lambda: CUDA)
+    sd21_module = sys.modules["custom_nodes_x_diffsr_pack.sr_common.sd21"]
+    sd21 = sd21_module.load_sd21(os.path.join(os.environ["DIFFSR_TEST_MODELS"], "diffusers", "tiny_sd21"))
+    (model,) = run(nodes["OSEDiff_Loader"], sd21=sd21, weights="osediff_tiny.pkl")
+    args = dict(model=model, image=torch.rand(1, 20, 24, 3, generator=torch.Generator().manual_seed(8)), prompt="",
+                upscale=2.0, process_size=32, color_fix="adain", tile_latent=96, tile_overlap=32)
+    outs = []
+    with torch.inference_mode():
+        for dtype in ("fp32", "fp16", "fp32", "fp16"):
+            outs += run(nodes["OSEDiff_Upscale"], **args, dtype=dtype)
+            assert {p.device.type for p in model.unet.parameters()} == {CUDA.type}
+    assert torch.equal(outs[2], outs[0]) and torch.equal(outs[3], outs[1])
+    assert 42 <= psnr(outs[1], outs[0]) < 80
