@@ -205,9 +205,9 @@ class Recomputed:
 
 
 def recompute_exact(root, value_of):
-    """Let ``set_precision`` recompute every floating-point tensor of ``root`` as ``value_of(name)`` (``name`` as
-    in ``root.named_parameters()``) instead of keeping its float32 value aside: the module's tensors must hold those
-    values now. Saves a float32 copy of a derived model (OSEDiff's merged UNet: 3.5 GB) once it runs in 16 bits.
+    """Let ``set_precision`` recompute every floating-point tensor of ``root`` as ``value_of(name)`` (``name``: its
+    parameter or buffer name in ``root``) instead of keeping its float32 value aside: the module's tensors must hold
+    those values now. Saves a float32 copy of a derived model (OSEDiff's merged UNet: 3.5 GB) once it runs in 16 bits.
     ``value_of`` must not refer to ``root``, whose entries it would keep alive."""
     for module_name, module in root.named_modules():
         prefix = f"{module_name}." if module_name else ""

@@ -17,7 +17,7 @@ from comfyui_diffsr.sr_common.sd21 import load_sd21
 from comfyui_diffsr.sr_common.tiled_vae import tiled_forward
 
 from conftest import psnr
-from test_nodes import pack, run  # noqa: F401 (the pack fixture: the nodes against the host stand-ins)
+from test_nodes import own_tiny_sd21, pack, run  # noqa: F401 (the pack fixture: the nodes against the host stand-ins)
 from test_dossr_pipeline import CASES as DOSSR_CASES, CKPT, TEXT_HEADS, YAML, fixture_noise, lr_image
 from test_osediff_parity import CASES as OSEDIFF_CASES, FIX as OSEDIFF_FIX, expected, run_case, tiny_folder
 
@@ -114,9 +114,7 @@ def test_node_dtype_switches_on_cuda(pack, monkeypatch):  # noqa: F811
     text encoder cast from their kept float32 weights), each fp16 run the first fp16 run."""
     _, nodes = pack
     monkeypatch.setattr(sys.modules["comfy.model_management"], "get_torch_device", lambda: CUDA)
-    sd21_module = sys.modules["custom_nodes_x_diffsr_pack.sr_common.sd21"]
-    sd21 = sd21_module.load_sd21(os.path.join(os.environ["DIFFSR_TEST_MODELS"], "diffusers", "tiny_sd21"))
-    (model,) = run(nodes["OSEDiff_Loader"], sd21=sd21, weights="osediff_tiny.pkl")
+    (model,) = run(nodes["OSEDiff_Loader"], sd21=own_tiny_sd21(), weights="osediff_tiny.pkl")
     args = dict(model=model, image=torch.rand(1, 20, 24, 3, generator=torch.Generator().manual_seed(8)), prompt="",
                 upscale=2.0, process_size=32, color_fix="adain", tile_latent=96, tile_overlap=32)
     outs = []

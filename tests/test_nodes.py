@@ -53,6 +53,12 @@ def run(node, **inputs):
     return node.execute(**inputs).args
 
 
+def own_tiny_sd21():
+    """The tiny SD 2.1-base as the pack loads it, a copy of its own (not the one the loader node shares)."""
+    sd21 = sys.modules["custom_nodes_x_diffsr_pack.sr_common.sd21"]
+    return sd21.load_sd21(os.path.join(os.environ["DIFFSR_TEST_MODELS"], "diffusers", "tiny_sd21"))
+
+
 def test_schemas(pack):
     _, nodes = pack
     assert {"DiffSR_SD21Loader", "OSEDiff_Loader", "OSEDiff_Upscale", "OSEDiff_LQEncoder", "OSEDiff_OneStepUNet",
@@ -438,8 +444,7 @@ def test_16bit_runs_keep_no_float32_copy_of_the_merged_osediff_weights(pack):
     size): a later fp32 run recomputes them from the SD 2.1 weights and the LoRA, bit for bit."""
     _, nodes = pack
     host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
-    sd21_module = sys.modules["custom_nodes_x_diffsr_pack.sr_common.sd21"]
-    sd21 = sd21_module.load_sd21(os.path.join(os.environ["DIFFSR_TEST_MODELS"], "diffusers", "tiny_sd21"))
+    sd21 = own_tiny_sd21()
     (model,) = run(nodes["OSEDiff_Loader"], sd21=sd21, weights="osediff_tiny.pkl")
     merged = [{k: v.clone() for k, v in part.state_dict().items()} for part in (model.unet, model.lq_encoder)]
     args = dict(model=model, image=torch.rand(1, 20, 24, 3, generator=torch.Generator().manual_seed(8)), prompt="",
@@ -465,8 +470,7 @@ def test_osediff_merged_into_a_base_another_model_has_cast(pack, osediff_model):
     _, nodes = pack
     _, reference = osediff_model
     host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
-    sd21_module = sys.modules["custom_nodes_x_diffsr_pack.sr_common.sd21"]
-    sd21 = sd21_module.load_sd21(os.path.join(os.environ["DIFFSR_TEST_MODELS"], "diffusers", "tiny_sd21"))
+    sd21 = own_tiny_sd21()
     loaded = [{k: v.clone() for k, v in m.state_dict().items()} for m in (sd21.unet, sd21.vae)]
     other = host.HeldModules([sd21.unet, sd21.vae, sd21.text_encoder])  # what a DoSSR model shares of the base
     assert host.set_precision(other, torch.float16)
