@@ -145,10 +145,6 @@ class DAPETagger(nn.Module):
         # plain attribute (not a buffer) so that .to(fp16) keeps the thresholds fp32, as the official
         self.thresholds = None if thresholds is None else torch.tensor(thresholds, dtype=torch.float32, device="cpu")
 
-    @property
-    def num_tags(self):
-        return self.label_embed.shape[0]
-
     def preprocess(self, image01):
         """(B, 3, H, W) in [0, 1] → (B, 3, 384, 384) normalised, in the model's dtype and device."""
         if image01.dim() != 4 or image01.shape[1] != 3:

@@ -1,5 +1,7 @@
+import contextlib
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -7,6 +9,7 @@ import torch
 DATA = os.path.join(os.path.dirname(__file__), "data")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(ROOT, "sr_common", "configs", "sd21_base", "tokenizer")
+STUBS = os.path.join(os.path.dirname(__file__), "comfy_stubs")
 PACKAGED = ("__init__.py", "__main__.py", "cli", "dossr_core", "nodes", "osediff_core", "sr_common")
 
 
@@ -39,6 +42,23 @@ def pytest_sessionstart(session):
     if differing:
         pytest.exit(f"The installed comfyui_diffsr ({installed}) is not this checkout: {len(differing)} file(s) differ "
                     f"(e.g. {differing[0]}). Run `bash tools/run_tests.sh`, which reinstalls it.", returncode=2)
+
+
+@contextlib.contextmanager
+def host_stand_ins(pack_module, models=None):
+    """Within the block, ``comfy``, ``comfy_api`` and ``folder_paths`` import the stand-ins of tests/comfy_stubs, as
+    ComfyUI's root on its ``sys.path`` gives the real ones, and models/ is ``models``; after it, the stand-ins and
+    the pack imported under the module name ``pack_module`` are forgotten."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(STUBS)
+        if models is not None:
+            patch.setenv("DIFFSR_TEST_MODELS", str(models))
+        try:
+            yield
+        finally:
+            for name in [n for n in sys.modules if n.startswith((pack_module, "comfy", "folder_paths"))
+                         and not n.startswith("comfyui_diffsr")]:
+                del sys.modules[name]
 
 
 def copy_tiny_sd21(dest):

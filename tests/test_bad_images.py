@@ -23,11 +23,10 @@ from comfyui_diffsr.sr_common import image as img
 from comfyui_diffsr.sr_common.errors import ImageInputError
 from comfyui_diffsr.sr_common.sd21 import load_sd21
 
-from conftest import DATA, copy_tiny_sd21
+from conftest import DATA, copy_tiny_sd21, host_stand_ins
 from workflow_schema import import_pack
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STUBS = os.path.join(os.path.dirname(__file__), "comfy_stubs")
 OSEDIFF = os.path.join(DATA, "osediff", "osediff_tiny.pkl")
 DOSSR = os.path.join(DATA, "dossr", "dossr_tiny.ckpt")
 DOSSR_CONFIG = os.path.join(DATA, "dossr", "tiny_cldm.yaml")
@@ -240,24 +239,12 @@ def pack(tmp_path_factory, tiny_folder):
     shutil.copytree(tiny_folder, models / "diffusers" / "tiny_sd21")
     (models / "osediff").mkdir()
     shutil.copy(OSEDIFF, models / "osediff")
-    old = os.environ.get("DIFFSR_TEST_MODELS")
-    os.environ["DIFFSR_TEST_MODELS"] = str(models)
-    sys.path.insert(0, STUBS)
     name = "custom_nodes_x_diffsr_bad_inputs"
-    try:
+    with host_stand_ins(name, models):
         nodes = {n.define_schema().node_id: n for n in import_pack(ROOT, name)}
         (sd21,) = nodes["DiffSR_SD21Loader"].execute(base="diffusers/tiny_sd21").args
         (model,) = nodes["OSEDiff_Loader"].execute(sd21=sd21, weights="osediff_tiny.pkl").args
         yield nodes, model, sys.modules[f"{name}.sr_common.errors"].ImageInputError
-    finally:
-        sys.path.remove(STUBS)
-        if old is None:
-            os.environ.pop("DIFFSR_TEST_MODELS", None)
-        else:
-            os.environ["DIFFSR_TEST_MODELS"] = old
-        for key in [n for n in sys.modules if n.startswith((name, "comfy", "folder_paths"))
-                    and not n.startswith("comfyui_diffsr")]:
-            del sys.modules[key]
 
 
 def upscale_node(pack, image, **changes):

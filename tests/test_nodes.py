@@ -1,7 +1,5 @@
 """The ComfyUI nodes, run without ComfyUI against stand-ins of the host APIs (tests/comfy_stubs)."""
 
-import asyncio
-import importlib.util
 import os
 import shutil
 import sys
@@ -9,11 +7,11 @@ import sys
 import pytest
 import torch
 
-from conftest import DATA, copy_tiny_sd21, psnr
+from conftest import DATA, copy_tiny_sd21, host_stand_ins, psnr
+from workflow_schema import import_pack
 from comfyui_diffsr.sr_common.tiling import smaller_tiles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STUBS = os.path.join(os.path.dirname(__file__), "comfy_stubs")
 
 
 @pytest.fixture(scope="module")
@@ -31,22 +29,10 @@ def pack(tmp_path_factory):
     (models / "configs").mkdir()
     shutil.copy(os.path.join(DATA, "dossr", "tiny_cldm.yaml"), models / "configs")
     (models / "configs" / "v2-inference.yaml").write_text("model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n")
-    os.environ["DIFFSR_TEST_MODELS"] = str(models)
-    sys.path.insert(0, STUBS)
-    try:
-        spec = importlib.util.spec_from_file_location("custom_nodes_x_diffsr_pack", os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        extension = asyncio.run(module.comfy_entrypoint())
-        nodes = {n.define_schema().node_id: n for n in asyncio.run(extension.get_node_list())}
-        yield module, nodes
-    finally:
-        sys.path.remove(STUBS)
-        for name in [n for n in sys.modules if n.startswith(("custom_nodes_x_diffsr_pack", "comfy", "folder_paths"))
-                     and not n.startswith("comfyui_diffsr")]:
-            del sys.modules[name]
+    name = "custom_nodes_x_diffsr_pack"
+    with host_stand_ins(name, models):
+        nodes = {n.define_schema().node_id: n for n in import_pack(ROOT, name)}
+        yield sys.modules[name], nodes
 
 
 def run(node, **inputs):

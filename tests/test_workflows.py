@@ -2,25 +2,21 @@
 
 import json
 import os
-import sys
 
 import pytest
 
+from conftest import host_stand_ins
+from workflow_schema import load_signatures
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STUBS = os.path.join(os.path.dirname(__file__), "comfy_stubs")
 API = os.path.join(ROOT, "workflows", "api")
 NAMES = sorted(n[:-5] for n in os.listdir(API) if n.endswith(".json"))
 
 
 @pytest.fixture(scope="module")
 def signatures():
-    sys.path.insert(0, STUBS)
-    try:
-        from workflow_schema import load_signatures
-
+    with host_stand_ins("custom_nodes_x_diffsr_schema"):
         yield load_signatures(ROOT)
-    finally:
-        sys.path.remove(STUBS)
 
 
 def load(*parts):
