@@ -11,7 +11,7 @@ from ..dossr_core.sampling import sample_dossr
 from ..dossr_core.schedule import make_grid
 from ..sr_common import image as img
 from ..sr_common.color_fix import COLOR_FIXES
-from ..sr_common.sd21 import SCALING_FACTOR, network_dtype
+from ..sr_common.sd21 import SCALING_FACTOR
 from ..sr_common.tiling import overlap_within
 from . import host
 from .osediff import CATEGORY, DTYPES, SD21, tile_inputs
@@ -81,9 +81,9 @@ class DoSSRUpscale(io.ComfyNode):
     def execute(cls, model, image, steps, seed, prompt, upscale, color_fix, tile_latent, tile_overlap, dtype,
                 conditioning=None):
         images, alpha = host.image_to_bchw(image)
-        host.load_on_device(model, network_dtype(dtype, host.device()))
+        embeds = _prompt_context(model, dtype, prompt, conditioning)
+        host.load_on_device(model)
         progress = host.Progress(len(images) * steps)
-        embeds = conditioning[0][0][:1] if conditioning is not None else None
         outs = []
         for one in images:
             def run(tile_latent, vae_tile_encode, vae_tile_decode):
@@ -95,6 +95,16 @@ class DoSSRUpscale(io.ComfyNode):
                                      else host.mm.throw_exception_if_processing_interrupted())
             outs.append(host.with_oom_retry(run, tile_latent=tile_latent, **host.DEFAULT_VAE_TILES))
         return io.NodeOutput(host.bchw_to_image(outs, alpha))
+
+
+def _prompt_context(model, dtype, prompt, conditioning):
+    """``model`` cast for the run, and the text context: the CONDITIONING's, or the prompt's (the text encoder on the
+    device only for a prompt not encoded yet)."""
+    host.cast_for_run(model, dtype)
+    if conditioning is not None:
+        return conditioning[0][0][:1]
+    (embeds,) = host.prompt_embeddings(model, [prompt], model.prompt_embedding)
+    return embeds
 
 
 def sample_one(model, image, latent, o, prompt, embeds, cancel, step):
@@ -168,10 +178,10 @@ class DoSSRSampler(io.ComfyNode):
             inputs = [(lr, None) for lr in images]
         else:
             inputs = [(None, one) for one in latent["samples"].float().split(1)]
-        host.load_on_device(model, network_dtype(dtype, host.device()))
+        embeds = _prompt_context(model, dtype, prompt, conditioning)
+        host.load_on_device(model)
         progress = host.Progress(len(inputs) * steps)
         cancel = lambda *_: host.mm.throw_exception_if_processing_interrupted()
-        embeds = conditioning[0][0][:1] if conditioning is not None else None
         latents, starts = [], []
         for lr, start_latent in inputs:
             def run(tile_latent, vae_tile_encode, vae_tile_decode):
@@ -207,7 +217,7 @@ class DoSSRDecode(io.ComfyNode):
     @classmethod
     def execute(cls, model, latent, reference, upscale, color_fix, vae_tile):
         starts, alpha = host.image_to_bchw(reference)
-        dev = host.load_on_device(model.vae)
+        dev = host.load_on_device(model, model.vae)
         progress = host.Progress(len(starts))
         cancel = lambda *_: host.mm.throw_exception_if_processing_interrupted()
         outs = []

@@ -19,7 +19,7 @@ from ..sr_common import tiling
 from ..sr_common.download import OFFICIAL, download, downloaded
 from ..sr_common.errors import WeightFileError
 from ..sr_common.image import with_upscaled_alpha
-from ..sr_common.sd21 import load_sd21, sd21_from_ldm_state_dict
+from ..sr_common.sd21 import load_sd21, network_dtype, sd21_from_ldm_state_dict
 
 WEIGHT_EXTENSIONS = {".pkl", ".pth", ".pt", ".ckpt", ".safetensors", ".sft", ".bin"}
 MODEL_FOLDERS = ("osediff", "dossr", "dape")
@@ -288,40 +288,61 @@ def set_precision(model, dtype):
     return cast_any
 
 
-def _patcher(model):
-    """The ``comfy.model_patcher.ModelPatcher`` of ``model``'s modules, made once and kept on the model itself:
-    ComfyUI holds patchers by weak reference only, and it lives and dies with the model (a map from models to
-    patchers would keep a model that is a torch module alive through the patcher's hold on its modules)."""
-    patcher = getattr(model, "_comfy_patcher", None)
+def cast_for_run(model, dtype_widget):
+    """``model`` in the precision a node's ``dtype`` widget asks for (auto: fp16 on CUDA, fp32 elsewhere), where it
+    is now: the loading that follows moves only what the run needs."""
+    set_precision(model, network_dtype(dtype_widget, device()))
+
+
+def _patcher(model, module):
+    """The ``comfy.model_patcher.ModelPatcher`` of ``model``'s ``module`` (one of its networks, or ``model`` itself
+    when it is one module), made once and kept on ``model``: ComfyUI holds patchers by weak reference only, and they
+    live and die with the model. Kept on the modules instead, they would put each in a reference cycle of its own,
+    and a module the model shares with others (the SD 2.1 VAE) would outlive it by a garbage collection."""
+    patchers = getattr(model, "_comfy_patchers", None)
+    if patchers is None:
+        patchers = model._comfy_patchers = {}
+    patcher = patchers.get(id(module))
     if patcher is None:
-        patcher = comfy.model_patcher.ModelPatcher(HeldModules(_parts(model)), load_device=device(),
-                                                   offload_device=offload_device())
-        model._comfy_patcher = patcher
+        patcher = patchers[id(module)] = comfy.model_patcher.ModelPatcher(
+            HeldModules([module]), load_device=device(), offload_device=offload_device())
     return patcher
 
 
-def load_on_device(model, dtype=None, *, with_models=()):
-    """Put ``model`` (cast to ``dtype`` by ``set_precision``; None keeps it) and ``with_models`` (as they are) on
-    ComfyUI's torch device through its memory manager and return that device.
+def load_on_device(model, *modules):
+    """Put ``modules`` of ``model`` (default: ``networks(model)``; as they are) on ComfyUI's torch device through
+    its memory manager and return that device.
 
-    Each model's modules are wrapped once in a ModelPatcher (``_patcher``) and all are loaded in one
-    ``comfy.model_management.load_models_gpu`` call, fully (plain torch layers cannot be partially loaded): ComfyUI
-    unloads other models to make room, never one loaded in the same call, and unloads ours when it needs the
-    memory; a model stays on the device between runs until then.
+    All go in one ``comfy.model_management.load_models_gpu`` call, fully (plain torch layers cannot be partially
+    loaded), each through a ModelPatcher of its own (``_patcher``): ComfyUI unloads other models to make room,
+    never one loaded in the same call, and unloads ours when it needs the memory; a module stays on the device
+    between runs until then.
     """
     dev = device()
-    if dtype is not None:
-        set_precision(model, dtype)
-    models = [model, *with_models]
-    patchers = [_patcher(m) for m in models]
-    for patcher in patchers:  # sizes as they are now (a cast here or by a model sharing modules changes them)
+    modules = modules or networks(model)
+    patchers = [_patcher(model, m) for m in modules]
+    for patcher in patchers:  # sizes as they are now (a cast since changes them)
         patcher.size = 0
         patcher.model_size()
     mm.load_models_gpu(patchers, force_full_load=True)
-    for m in models:
-        if any(p.device != dev for part in _parts(m) for p in part.parameters()):  # a part shared with a model
-            m.to(dev)                                                             # ComfyUI has unloaded since
+    for m in modules:
+        if any(p.device != dev for p in m.parameters()):  # a module shared with a model whose patcher ComfyUI
+            m.to(dev)                                     # has unloaded since (the SD 2.1 VAE, text encoder)
     return dev
+
+
+def networks(model):
+    """The modules of a pack model that run for every image: all but its text encoder, which runs only for a prompt
+    not encoded yet (``prompt_embeddings``), so it need not take device memory from the tiles."""
+    return [m for m in _parts(model) if m is not getattr(model, "text_encoder", None)]
+
+
+def prompt_embeddings(model, prompts, encode):
+    """``encode(prompt)`` (the model's cached text encoding) of each prompt; the text encoder goes to the device,
+    on its own, only when one of them is not in ``model.prompt_cache`` yet."""
+    if model.text_encoder is not None and any(p not in model.prompt_cache for p in prompts):
+        load_on_device(model, model.text_encoder)
+    return [encode(p) for p in prompts]
 
 
 class Progress:

@@ -8,7 +8,7 @@ from ..osediff_core.pipeline import (Options, build_osediff, decode_latent, enco
 from ..osediff_core.weights import lq_encoder_pairs, merged_value, osediff_unet_changes, read_osediff
 from ..sr_common import image as img
 from ..sr_common.color_fix import COLOR_FIXES, apply_color_fix
-from ..sr_common.sd21 import PRECISIONS, SCALING_FACTOR, network_dtype
+from ..sr_common.sd21 import PRECISIONS, SCALING_FACTOR
 from ..sr_common.tiling import overlap_within
 from . import host
 
@@ -109,8 +109,20 @@ def load_osediff(sd21, path):
     return model
 
 
-def _prepare(model, dtype_name, with_models=()):
-    return host.load_on_device(model, network_dtype(dtype_name, host.device()), with_models=with_models)
+def _embeddings(model, prompts):
+    return host.prompt_embeddings(model, prompts, lambda prompt: prompt_embedding(model, prompt))
+
+
+def _dape_tags(dape, images, upscale, process_size, **select):
+    """The DAPE tags of each image, from its bicubic ×upscale LQ as the official; the tagger on the device on its
+    own, before the OSEDiff networks, so neither pushes the other out mid-run."""
+    dev = host.load_on_device(dape)
+    tags = []
+    for one in images:
+        host.mm.throw_exception_if_processing_interrupted()
+        lq, _ = preprocess(one, upscale=upscale, process_size=process_size)
+        tags += dape.tags(lq.to(dev), **select)
+    return tags
 
 
 class OSEDiffUpscale(io.ComfyNode):
@@ -137,23 +149,24 @@ class OSEDiffUpscale(io.ComfyNode):
     @classmethod
     def execute(cls, model, image, prompt, upscale, process_size, color_fix, tile_latent, tile_overlap, dtype,
                 dape=None):
-        images, alpha = host.image_to_bchw(image)
-        dev = _prepare(model, dtype, with_models=[] if dape is None else [dape])
-        prompt_fn = None
-        if dape is not None:
-            from ..osediff_core.dape import dape_prompt
+        from ..osediff_core.dape import dape_prompt
 
-            prompt_fn = lambda lq: dape_prompt(dape.tags(lq.to(dev))[0], prompt)
+        images, alpha = host.image_to_bchw(image)
+        prompts = [prompt] * len(images)
+        if dape is not None:
+            prompts = [dape_prompt(tags, prompt) for tags in _dape_tags(dape, images, upscale, process_size)]
+        host.cast_for_run(model, dtype)
+        embeds = _embeddings(model, prompts)
+        host.load_on_device(model)
         progress = host.Progress(len(images))
         cancel = lambda *_: host.mm.throw_exception_if_processing_interrupted()
         outs = []
-        for one in images:
+        for one, prompt_embeds in zip(images, embeds):
             def run(tile_latent, vae_tile_encode, vae_tile_decode):
                 options = Options(upscale=upscale, process_size=process_size, color_fix=color_fix,
                                   tile_latent=tile_latent, tile_overlap=overlap_within(tile_latent, tile_overlap),
                                   vae_tile_encode=vae_tile_encode, vae_tile_decode=vae_tile_decode)
-                return osediff_upscale(model, one, prompt=prompt, prompt_fn=prompt_fn, options=options,
-                                       callback=cancel)
+                return osediff_upscale(model, one, prompt_embeds=prompt_embeds, options=options, callback=cancel)
             outs.append(host.with_oom_retry(run, tile_latent=tile_latent, **host.DEFAULT_VAE_TILES))
             progress()
         return io.NodeOutput(host.bchw_to_image(outs, alpha))
@@ -177,7 +190,8 @@ class OSEDiffLQEncoder(io.ComfyNode):
     @classmethod
     def execute(cls, model, image, upscale, process_size, vae_tile, dtype):
         images, _ = host.image_to_bchw(image)
-        dev = _prepare(model, dtype)
+        host.cast_for_run(model, dtype)
+        dev = host.load_on_device(model, model.lq_encoder)
         progress = host.Progress(len(images))
         latents = []
         for one in images:
@@ -209,13 +223,14 @@ class OSEDiffOneStep(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, latent, prompt, tile_latent, tile_overlap, dtype, conditioning=None):
-        dev = _prepare(model, dtype)
+        host.cast_for_run(model, dtype)
+        if conditioning is not None:
+            embeds = conditioning[0][0][:1]
+        else:
+            (embeds,) = _embeddings(model, [prompt])
+        dev = host.load_on_device(model, model.unet)
         z_all = latent["samples"].float() * SCALING_FACTOR
         progress = host.Progress(z_all.shape[0])
-        if conditioning is not None:
-            embeds = conditioning[0][0][:1].to(dev)
-        else:
-            embeds = prompt_embedding(model, prompt)
         outs = []
         for z in z_all.split(1):
             def run(tile_latent):
@@ -247,7 +262,7 @@ class OSEDiffDecode(io.ComfyNode):
     @classmethod
     def execute(cls, model, latent, reference, upscale, process_size, color_fix, vae_tile):
         images, alpha = host.image_to_bchw(reference)
-        dev = host.load_on_device(model.vae)
+        dev = host.load_on_device(model, model.vae)
         progress = host.Progress(len(images))
         outs = []
         for one, x0 in host.latent_with_references(latent, images, "OSEDiff VAE Decode"):
@@ -312,10 +327,8 @@ class DAPEPrompt(io.ComfyNode):
         from ..osediff_core.dape import dape_prompt
 
         images, _ = host.image_to_bchw(image)
-        dev = host.load_on_device(dape)
-        lq, _ = preprocess(images[0], upscale=upscale, process_size=process_size)
-        tags = dape.tags(lq.to(dev), exclude=[t.strip() for t in exclude.split(",") if t.strip()],
-                         max_tags=max_tags or None)[0]
+        (tags,) = _dape_tags(dape, images[:1], upscale, process_size, max_tags=max_tags or None,
+                             exclude=[t.strip() for t in exclude.split(",") if t.strip()])
         return io.NodeOutput(dape_prompt(tags, user_prompt, tags_only))
 
 

@@ -39,6 +39,11 @@ def run(node, **inputs):
     return node.execute(**inputs).args
 
 
+def patcher_of(model, module):
+    """The ComfyUI ModelPatcher that ``nodes.host`` made for ``model``'s ``module``."""
+    return model._comfy_patchers[id(module)]
+
+
 def own_tiny_sd21():
     """The tiny SD 2.1-base as the pack loads it, a copy of its own (not the one the loader node shares)."""
     sd21 = sys.modules["custom_nodes_x_diffsr_pack.sr_common.sd21"]
@@ -365,46 +370,84 @@ def test_osediff_latent_is_a_standard_sd_latent(pack, osediff_model):
 
 
 def test_models_are_loaded_and_unloaded_by_comfy_model_management(pack, osediff_model):
-    """Our models go to the device through load_models_gpu (fully) and leave it when ComfyUI frees memory."""
+    """Each network goes to the device through load_models_gpu, fully, with a patcher of its own, and leaves it when
+    ComfyUI frees memory; the networks of a run go in one call, the text encoder only for a prompt not encoded yet."""
     _, nodes = pack
     _, model = osediff_model
     mm = sys.modules["comfy.model_management"]
     image = torch.rand(1, 20, 24, 3, generator=torch.Generator().manual_seed(8))
-    args = dict(model=model, image=image, prompt="", upscale=2.0, process_size=32, color_fix="adain", tile_latent=96,
-                tile_overlap=32, dtype="fp32")
+    args = dict(model=model, image=image, prompt="a prompt of this test", upscale=2.0, process_size=32,
+                color_fix="adain", tile_latent=96, tile_overlap=32, dtype="fp32")
+    mm.LOADED.clear()
     (first,) = run(nodes["OSEDiff_Upscale"], **args)
-    patcher = mm.loaded_models()[0]
-    held = {id(p) for p in patcher.model.parameters()}
-    assert {id(p) for p in model.unet.parameters()} <= held and {id(p) for p in model.vae.parameters()} <= held
-    assert mm.LOADED[-1][0] == [patcher] and mm.LOADED[-1][2] is True  # force_full_load
+    networks = [model.unet, model.lq_encoder, model.vae]
+    patchers = [patcher_of(model, m) for m in networks]
+    text = patcher_of(model, model.text_encoder)
+    assert mm.LOADED == [([text], False, True), (patchers, False, True)]  # force_full_load
+    assert [p.model.parts[0] for p in patchers + [text]] == networks + [model.text_encoder]
+    assert set(mm.loaded_models()) >= {text, *patchers}
     mm.unload_all_models()  # ComfyUI needs the memory: detach() moves the weights to the offload device
-    assert patcher not in mm.loaded_models() and patcher.model.device == mm.unet_offload_device()
+    assert not mm.loaded_models() and all(p.model.device == mm.unet_offload_device() for p in patchers)
+    mm.LOADED.clear()
     (again,) = run(nodes["OSEDiff_Upscale"], **args)
-    assert mm.loaded_models()[0] is patcher  # the same patcher is loaded again, not a second copy
+    assert mm.LOADED == [(patchers, False, True)]  # the same patchers again, and no text encoder: prompt cached
     assert torch.equal(first, again)
+    mm.LOADED.clear()  # the modular nodes: each loads its own network only
+    (latent,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=image, upscale=2.0, process_size=32, vae_tile=0,
+                    dtype="fp32")
+    (x0,) = run(nodes["OSEDiff_OneStepUNet"], model=model, latent=latent, prompt="", tile_latent=0, tile_overlap=0,
+                dtype="fp32", conditioning=[[torch.randn(1, 77, model.unet.config.cross_attention_dim), {}]])
+    run(nodes["OSEDiff_VAEDecode"], model=model, latent=x0, reference=image, upscale=2.0, process_size=32,
+        color_fix="none", vae_tile=0)
+    assert mm.LOADED == [([patchers[1]], False, True), ([patchers[0]], False, True), ([patchers[2]], False, True)]
 
 
-def test_osediff_and_dape_are_loaded_together(pack, osediff_model, monkeypatch):
-    """With DAPE connected, the OSEDiff model and the tagger go to the device in one load_models_gpu call: loading
-    the tagger alone would let ComfyUI unload the OSEDiff model it had just loaded when memory is short."""
+def test_dape_and_text_encoder_leave_the_device_to_the_networks(pack, osediff_model, monkeypatch):
+    """With DAPE connected, the tagger tags every image first, the text encoder then encodes the new prompts, and
+    the networks run last, each step in a load_models_gpu call of its own: where the device has room for the
+    networks only, ComfyUI unloads the tagger and the text encoder for them, and nothing is loaded twice in a run."""
     _, nodes = pack
     _, model = osediff_model
     mm = sys.modules["comfy.model_management"]
     (dape,) = run(nodes["DAPE_Loader"], ram_or_converted="ram_tiny.pth", dape="dape_tiny.pth")
-    mm.unload_all_models()
-    args = dict(model=model, image=torch.rand(1, 20, 24, 3, generator=torch.Generator().manual_seed(8)), prompt="",
+    args = dict(model=model, image=torch.rand(2, 20, 24, 3, generator=torch.Generator().manual_seed(9)), prompt="",
                 upscale=2.0, process_size=32, color_fix="adain", tile_latent=96, tile_overlap=32, dtype="fp32")
+    (roomy,) = run(nodes["OSEDiff_Upscale"], **args, dape=dape)
     (alone,) = run(nodes["OSEDiff_Upscale"], **args)
-    osediff_patcher = mm.loaded_models()[0]
-    monkeypatch.setattr(mm, "TOTAL_MEMORY", osediff_patcher.model_size() + mm.module_size(dape))  # room for both
-    seen = []
-    real_tags = type(dape).tags
-    monkeypatch.setattr(type(dape), "tags", lambda self, x: (seen.append(mm.loaded_models()), real_tags(self, x))[1])
+    patchers = [patcher_of(model, m) for m in (model.unet, model.lq_encoder, model.vae)]
+    tagger, text = patcher_of(dape, dape), patcher_of(model, model.text_encoder)
+    monkeypatch.setattr(mm, "TOTAL_MEMORY", sum(p.model_size() for p in patchers) + 1)  # the networks fit, no more
+    model.prompt_cache.clear()
     mm.unload_all_models()
-    (with_dape,) = run(nodes["OSEDiff_Upscale"], **args, dape=dape)
-    assert seen and all(osediff_patcher in loaded and dape._comfy_patcher in loaded for loaded in seen)
-    assert mm.LOADED[-1][0] == [osediff_patcher, dape._comfy_patcher]
-    assert with_dape.shape == alone.shape and not torch.equal(with_dape, alone)  # the tags became the prompt
+    mm.LOADED.clear()
+    during_unet = []
+    hook = model.unet.register_forward_pre_hook(lambda *_: during_unet.append(set(mm.loaded_models())))
+    try:
+        (tight,) = run(nodes["OSEDiff_Upscale"], **args, dape=dape)
+    finally:
+        hook.remove()
+    assert [call[0] for call in mm.LOADED] == [[tagger], [text], patchers]
+    assert during_unet and all(loaded == set(patchers) for loaded in during_unet)
+    assert torch.equal(tight, roomy) and tight.shape == alone.shape and not torch.equal(tight, alone)  # tags used
+
+
+def test_dossr_loads_its_text_encoder_only_for_a_new_prompt(pack):
+    """DoSSR's networks go to the device in one call; its text encoder only to encode a prompt not encoded yet,
+    never for a CONDITIONING input."""
+    _, nodes = pack
+    mm = sys.modules["comfy.model_management"]
+    (model,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+    args = dict(model=model, image=torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(1)), steps=1,
+                seed=3, upscale=4.0, color_fix="wavelet", tile_latent=96, tile_overlap=32, dtype="fp32")
+    calls = []
+    for prompt, conditioning in (("a new prompt", None), ("a new prompt", None), ("another prompt", [[
+            torch.randn(1, 77, model.unet.config.cross_attention_dim), {}]])):
+        mm.LOADED.clear()
+        run(nodes["DoSSR_Upscale"], **args, prompt=prompt, conditioning=conditioning)
+        calls.append([[p.model.parts[0] for p in call[0]] for call in mm.LOADED])
+    networks = [m for m in model.modules() if m is not model.text_encoder]
+    assert calls == [[[model.text_encoder], networks], [networks], [networks]]
+    assert "another prompt" not in model.prompt_cache
 
 
 def test_precision_switch_casts_from_the_exact_weights(pack, osediff_model):
@@ -526,31 +569,41 @@ def test_dossr_sampler_from_a_latent(pack):
 
 
 def test_models_are_freed_when_comfyui_lets_go(pack):
-    """Loaders share one instance per file while it is used, and keep nothing alive on their own."""
+    """Loaders share one instance per file while it is used and keep nothing alive on their own: once ComfyUI lets
+    go of the models, one garbage collection (ComfyUI runs one after a prompt) frees them with their patchers, the
+    float32 values kept for their casts and the SD 2.1-base they were built on."""
     import gc
     import weakref
 
     _, nodes = pack
     host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
-    (model,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
-    (same,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
-    assert same is model
-    (dape,) = run(nodes["DAPE_Loader"], ram_or_converted="ram_tiny.pth", dape="dape_tiny.pth")
-    assert isinstance(dape, torch.nn.Module)  # a model that is one module, as the VAE the decode nodes load
     mm = sys.modules["comfy.model_management"]
     mm.LOADED.clear()
-    gc.collect()  # models of earlier tests that only ComfyUI still held
-    gone, kept_aside = [], len(host._exact)
-    for one in (model, dape):
-        host.load_on_device(one, torch.float16)  # cast: its exact weights are kept aside
-        assert one._comfy_patcher in mm.loaded_models()
-        gone += [weakref.ref(one), weakref.ref(one._comfy_patcher)]
-    del model, same, dape, one
+    gc.collect()  # models of earlier tests that only ComfyUI still held: the loaders below load afresh
+    kept_aside, cached_before = len(host._exact), set(host._cache.keys())
+    sd21 = own_tiny_sd21()
+    (osediff,) = run(nodes["OSEDiff_Loader"], sd21=sd21, weights="osediff_tiny.pkl")
+    (dossr,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+    (same,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+    assert same is dossr
+    (dape,) = run(nodes["DAPE_Loader"], ram_or_converted="ram_tiny.pth", dape="dape_tiny.pth")
+    assert isinstance(dape, torch.nn.Module)  # a model that is one module
+    image = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():  # fp16: exact values kept aside (DoSSR, the SD 2.1 VAE) or recomputable (OSEDiff)
+        run(nodes["OSEDiff_Upscale"], model=osediff, image=image, prompt="freed", upscale=2.0, process_size=32,
+            color_fix="adain", tile_latent=96, tile_overlap=32, dtype="fp16", dape=dape)
+        run(nodes["DoSSR_Upscale"], model=dossr, image=image, steps=1, seed=0, prompt="freed", upscale=4.0,
+            color_fix="wavelet", tile_latent=96, tile_overlap=32, dtype="fp16")
+    patchers = [p for m in (osediff, dossr, dape) for p in m._comfy_patchers.values()]
+    assert len(patchers) == 4 + 6 + 1 and set(patchers) <= set(mm.loaded_models())
+    assert len(host._exact) > kept_aside
+    gone = [weakref.ref(x) for x in (osediff, dossr, dape, sd21.unet, sd21.vae, sd21.text_encoder, *patchers)]
+    del sd21, osediff, dossr, same, dape, patchers
     mm.LOADED.clear()
     gc.collect()
-    assert [ref() for ref in gone] == [None] * 4
+    assert [ref() for ref in gone] == [None] * len(gone)
     assert None not in mm.loaded_models() and len(host._exact) == kept_aside
-    assert not any(k[0] in ("dossr", "dape") for k in host._cache.keys())
+    assert set(host._cache.keys()) <= cached_before
 
 
 @pytest.mark.parametrize("with_length", [True, False], ids=["content-length", "no-content-length"])
