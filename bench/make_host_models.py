@@ -1,0 +1,63 @@
+"""Random-weight models of the real sizes for running the example workflows in the real ComfyUI (never published).
+
+Given a full SD 2.1-base single file (the harness's ``make_tiny_sd2.py --vae kl --clip full --channel-mult 1,2,4,4
+--res-blocks 2 --attn-levels 0,1,2 --middle attn``, which Load Checkpoint detects as SD2), writes into a ComfyUI
+``models`` folder, under the official names the workflows use:
+
+- ``osediff/osediff.pkl``: a random OSEDiff LoRA checkpoint in the official layout for that base
+  (``random_osediff_checkpoint``: every LoRA B non-zero);
+- ``dossr/dossr_default.safetensors``: the random DoSSR parts of ``bench_dossr.random_dossr`` (full-size ControlNet,
+  condition encoder, 23-block RRDB) in the ``diffsr convert dossr`` layout;
+  the DoSSR workflows name ``dossr_default.ckpt``: point them at this file for the run;
+- ``dape/ram_swin_large_14m.pth`` and ``dape/DAPE.pth``: the tiny DAPE test files.
+
+    python bench/make_host_models.py --base MODELS/checkpoints/v2-1_512-ema-pruned.safetensors --models MODELS
+"""
+
+import argparse
+import json
+import os
+import shutil
+
+import torch
+
+from bench_dossr import random_dossr
+
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data")
+
+
+def converted_dossr(model):
+    """{key: tensor} and metadata of ``model``'s DoSSR parts in the ``diffsr convert dossr`` layout."""
+    from comfyui_diffsr.dossr_core.weights import CONVERTED_FORMAT, diffusers_configs, load_ldm_params
+
+    _, controlnet_config, vae_config = diffusers_configs(load_ldm_params())
+    tensors = {f"{prefix}.{k}": v.contiguous() for prefix, part in (
+        ("controlnet", model.controlnet), ("cond_encoder", model.cond_encoder), ("rrdb", model.rrdb))
+        for k, v in part.state_dict().items()}
+    return tensors, {"format": CONVERTED_FORMAT, "controlnet_config": json.dumps(controlnet_config),
+                     "vae_config": json.dumps(vae_config), "info": "{}", "source": "random"}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True, help="full SD 2.1-base single file")
+    parser.add_argument("--models", required=True, help="ComfyUI models folder to fill")
+    args = parser.parse_args()
+    from comfyui_diffsr.osediff_core.weights import random_osediff_checkpoint
+    from comfyui_diffsr.sr_common.sd21 import load_sd21
+    from comfyui_diffsr.sr_common.weights import write_safetensors
+
+    sd21 = load_sd21(args.base)
+    for folder in ("osediff", "dossr", "dape"):
+        os.makedirs(os.path.join(args.models, folder), exist_ok=True)
+    torch.save(random_osediff_checkpoint(sd21.unet, sd21.vae), os.path.join(args.models, "osediff", "osediff.pkl"))
+    del sd21
+    tensors, metadata = converted_dossr(random_dossr()[0])
+    write_safetensors(tensors, os.path.join(args.models, "dossr", "dossr_default.safetensors"), metadata=metadata)
+    for source, name in (("ram_tiny.pth", "ram_swin_large_14m.pth"), ("dape_tiny.pth", "DAPE.pth")):
+        shutil.copy(os.path.join(DATA, "dape", source), os.path.join(args.models, "dape", name))
+    print(f"wrote {args.models}/osediff/osediff.pkl, dossr/dossr_default.safetensors, dape/")
+
+
+if __name__ == "__main__":
+    main()
