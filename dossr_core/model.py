@@ -13,7 +13,8 @@ from torch import nn
 
 from ..sr_common.errors import WeightFileError
 from ..sr_common.fast_modules import fast_modules, fast_vae_decoder
-from ..sr_common.sd21 import SD21, encode_prompt, load_sd21, load_tokenizer, move_module, shipped_config_dir
+from ..sr_common.sd21 import (SD21, PromptCache, encode_prompt, load_sd21, load_tokenizer, move_module,
+                              shipped_config_dir)
 from .rrdb import rrdb_from_state_dict
 from .weights import (base_from_official, build_cond_encoder, build_controlnet, load_ldm_params, parts_from_converted,
                       parts_from_official, read_weights)
@@ -41,7 +42,7 @@ class DoSSRModel:
     text_encoder: torch.nn.Module = None
     tokenizer: object = None
     info: dict = field(default_factory=dict)
-    prompt_cache: dict = field(default_factory=dict)
+    prompt_cache: PromptCache = field(default_factory=PromptCache)
     decoder_owned: InitVar[bool] = False
 
     def __post_init__(self, decoder_owned):

@@ -12,7 +12,7 @@ from ..sr_common import image as img
 from ..sr_common.color_fix import color_reference, fix_colors
 from ..sr_common.fast_modules import fast_modules, fast_vae_decoder
 from ..sr_common.latents import encode_moments, posterior_mean, posterior_sample, vae_decode
-from ..sr_common.sd21 import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, encode_prompt, move_module
+from ..sr_common.sd21 import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, PromptCache, encode_prompt, move_module
 from ..sr_common.tiled_vae import DEFAULT_MODE
 from ..sr_common.tiling import blend_tiles, needs_tiling
 from .weights import apply_osediff_unet, lq_encoder
@@ -37,7 +37,7 @@ class OSEDiffModel:
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
     tokenizer: object
-    prompt_cache: dict = field(default_factory=dict)
+    prompt_cache: PromptCache = field(default_factory=PromptCache)
     decoder_owned: InitVar[bool] = False
 
     def __post_init__(self, decoder_owned):

@@ -9,6 +9,7 @@ Other model families are recognised and refused with a message naming what was f
 import json
 import os
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from importlib import resources
 
@@ -328,6 +329,25 @@ def move_module(module, device=None, dtype=None):
     is given ("There are modules in AutoencoderKL that should be kept in float32: []"), though these modules keep
     nothing in float32 and are never quantised."""
     return torch.nn.Module.to(module, device=device, dtype=dtype)
+
+
+class PromptCache(OrderedDict):
+    """Prompt → text embedding for the ``size`` most recently used prompts. Unbounded, a folder run with DAPE (a
+    prompt per image) would keep every embedding (158 KB each in fp16) on the device for as long as the model."""
+
+    def __init__(self, size=32):
+        super().__init__()
+        self.size = size
+
+    def __getitem__(self, prompt):
+        self.move_to_end(prompt)
+        return super().__getitem__(prompt)
+
+    def __setitem__(self, prompt, embedding):
+        super().__setitem__(prompt, embedding)
+        self.move_to_end(prompt)
+        while len(self) > self.size:
+            self.popitem(last=False)
 
 
 def encode_prompt(text_encoder, tokenizer, prompts):

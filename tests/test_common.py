@@ -482,3 +482,17 @@ def test_folder_run_stops_when_an_output_cannot_be_written(tmp_path, monkeypatch
     with pytest.raises(DiffSRError, match="in1.png.*No space"):
         common.upscale_all(pairs, lambda image, out: image, "test")
     assert os.listdir(tmp_path / "out") == ["in0.png"]
+
+
+def test_prompt_cache_keeps_the_most_recently_used_prompts():
+    from comfyui_diffsr.sr_common.sd21 import PromptCache
+
+    cache = PromptCache(size=3)
+    for prompt in "abcd":
+        cache[prompt] = prompt.upper()
+    assert list(cache) == ["b", "c", "d"] and "a" not in cache
+    assert cache["b"] == "B"  # a use makes it the most recent
+    cache["e"] = "E"
+    assert list(cache.items()) == [("d", "D"), ("b", "B"), ("e", "E")]
+    with pytest.raises(KeyError):
+        cache["a"]

@@ -402,6 +402,23 @@ def test_models_are_loaded_and_unloaded_by_comfy_model_management(pack, osediff_
     assert mm.LOADED == [([patchers[1]], False, True), ([patchers[0]], False, True), ([patchers[2]], False, True)]
 
 
+def test_prompt_embeddings_kept_for_recent_prompts_only(pack, osediff_model):
+    """A run over many prompts (DAPE over a folder: one per image) keeps the embeddings of the last 32 only, for
+    OSEDiff and DoSSR alike; a prompt used again is not encoded again."""
+    _, nodes = pack
+    _, model = osediff_model
+    pipeline = sys.modules["custom_nodes_x_diffsr_pack.osediff_core.pipeline"]
+    (dossr,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+    for encode, cache in ((lambda p: pipeline.prompt_embedding(model, p), model.prompt_cache),
+                          (dossr.prompt_embedding, dossr.prompt_cache)):
+        first = encode("prompt 0")
+        assert encode("prompt 0") is first
+        for i in range(1, 40):
+            encode(f"prompt {i}")
+        assert len(cache) == 32 and "prompt 0" not in cache and "prompt 39" in cache
+        assert torch.equal(encode("prompt 0"), first) and len(cache) == 32
+
+
 def test_dape_and_text_encoder_leave_the_device_to_the_networks(pack, osediff_model, monkeypatch):
     """With DAPE connected, the tagger tags every image first, the text encoder then encodes the new prompts, and
     the networks run last, each step in a load_models_gpu call of its own: where the device has room for the
