@@ -5,11 +5,11 @@ import sys
 
 import torch
 
-from ..osediff_core.pipeline import Options, build_osediff, osediff_upscale
+from ..osediff_core.pipeline import Options, build_osediff, osediff_upscale, prompt_embedding
 from ..osediff_core.weights import read_osediff
 from ..sr_common.color_fix import COLOR_FIXES
 from ..sr_common.errors import DiffSRError
-from ..sr_common.sd21 import load_sd21, network_dtype
+from ..sr_common.sd21 import load_sd21, move_module, network_dtype
 from .common import (add_compile_arg, add_device_args, add_output_args, check_sizing_args, check_tile_args,
                      find_images, pick_device, plan_outputs, run_main, upscale_all, with_smaller_tiles_on_oom)
 
@@ -87,6 +87,10 @@ def main_impl(argv=None):
     if args.compile:
         model.compile()
     prompt_fn = make_prompt_fn(args, device, dtype)
+    prompt_embeds = None
+    if prompt_fn is None:  # one prompt for every image: encoded once, then the text encoder leaves the device
+        prompt_embeds = prompt_embedding(model, args.prompt or "")
+        move_module(model.text_encoder, "cpu")
     options = Options(upscale=args.upscale, process_size=args.process_size, official_sizing=args.official_sizing,
                       color_fix=args.color_fix, sample_mode=args.sample_mode, seed=args.seed,
                       tile_latent=args.tile_latent, tile_overlap=args.tile_overlap,
@@ -94,7 +98,7 @@ def main_impl(argv=None):
                       vae_tile_mode=args.vae_tile_mode)
 
     def upscale_one(image, out):
-        return with_smaller_tiles_on_oom(lambda o: osediff_upscale(model, image, prompt=args.prompt or "",
+        return with_smaller_tiles_on_oom(lambda o: osediff_upscale(model, image, prompt_embeds=prompt_embeds,
                                                                    prompt_fn=prompt_fn, options=o), options)
 
     return upscale_all(pairs, upscale_one, "osediff", args.quality, args.upscale)

@@ -124,3 +124,37 @@ def test_node_dtype_switches_on_cuda(pack, monkeypatch):  # noqa: F811
             assert {p.device.type for p in model.unet.parameters()} == {CUDA.type}
     assert torch.equal(outs[2], outs[0]) and torch.equal(outs[3], outs[1])
     assert 42 <= psnr(outs[1], outs[0]) < 80
+
+
+@pytest.mark.parametrize("method", ["osediff", "dossr"])
+def test_commands_take_the_text_encoder_off_the_device_after_the_one_prompt(monkeypatch, tmp_path, method):
+    """With one prompt for every image, the osediff and dossr commands encode it once, then move the text encoder
+    to the CPU: its device memory (0.68 GB in fp16 at full size) goes to the tiles. With DAPE (a prompt per image)
+    it stays on the device."""
+    import comfyui_diffsr.cli.osediff as osediff_cli
+    import comfyui_diffsr.dossr_core.pipeline as dossr_pipeline
+    from comfyui_diffsr.cli.dossr import main as dossr_main
+    from test_dossr_pipeline import FIX as DOSSR_FIX
+
+    seen = []
+    owner, name = (osediff_cli, "osediff_upscale") if method == "osediff" else (dossr_pipeline, "dossr_upscale")
+    upscale = getattr(owner, name)
+
+    def spy(model, *args, **kwargs):
+        seen.append((model.unet.conv_in.weight.device.type, next(model.text_encoder.parameters()).device.type))
+        return upscale(model, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, spy)  # the dossr command imports it from there when it runs
+    out = ["-o", str(tmp_path / "out"), "--device", CUDA.type]
+    if method == "osediff":
+        common = [os.path.join(OSEDIFF_FIX, "in_21x27.png"), *out, "--base", tiny_folder(str(tmp_path / "base")),
+                  "--weights", os.path.join(OSEDIFF_FIX, "osediff_tiny.pkl"), "--process-size", "64"]
+        assert osediff_cli.main(common + ["--prompt", "a cat"]) == 0
+        dape = os.path.join(os.path.dirname(OSEDIFF_FIX), "dape")
+        assert osediff_cli.main(common + ["--overwrite", "--ram", os.path.join(dape, "ram_tiny.pth"), "--dape",
+                                          os.path.join(dape, "dape_tiny.pth")]) == 0
+        assert seen == [(CUDA.type, "cpu"), (CUDA.type, CUDA.type)]
+    else:
+        assert dossr_main([os.path.join(DOSSR_FIX, "lr_w32h16.png"), *out, "--weights", CKPT, "--config", YAML,
+                           "--steps", "1"]) == 0
+        assert seen == [(CUDA.type, "cpu")]
