@@ -15,7 +15,6 @@ Given a full SD 2.1-base single file (the harness's ``make_tiny_sd2.py --vae kl 
 """
 
 import argparse
-import json
 import os
 import shutil
 
@@ -26,16 +25,13 @@ from bench_dossr import random_dossr
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data")
 
 
-def converted_dossr(model):
-    """{key: tensor} and metadata of ``model``'s DoSSR parts in the ``diffsr convert dossr`` layout."""
-    from comfyui_diffsr.dossr_core.weights import CONVERTED_FORMAT, diffusers_configs, load_ldm_params
+def dossr_parts(model):
+    """``model``'s DoSSR parts (ControlNet, condition encoder, RRDB) with the shipped SD 2.1 configs."""
+    from comfyui_diffsr.dossr_core.weights import DoSSRParts, diffusers_configs, load_ldm_params
 
     _, controlnet_config, vae_config = diffusers_configs(load_ldm_params())
-    tensors = {f"{prefix}.{k}": v.contiguous() for prefix, part in (
-        ("controlnet", model.controlnet), ("cond_encoder", model.cond_encoder), ("rrdb", model.rrdb))
-        for k, v in part.state_dict().items()}
-    return tensors, {"format": CONVERTED_FORMAT, "controlnet_config": json.dumps(controlnet_config),
-                     "vae_config": json.dumps(vae_config), "info": "{}", "source": "random"}
+    return DoSSRParts(model.controlnet.state_dict(), model.cond_encoder.state_dict(), model.rrdb.state_dict(),
+                      controlnet_config, vae_config)
 
 
 def main():
@@ -43,17 +39,17 @@ def main():
     parser.add_argument("--base", required=True, help="full SD 2.1-base single file")
     parser.add_argument("--models", required=True, help="ComfyUI models folder to fill")
     args = parser.parse_args()
+    from comfyui_diffsr.dossr_core.weights import write_converted
     from comfyui_diffsr.osediff_core.weights import random_osediff_checkpoint
     from comfyui_diffsr.sr_common.sd21 import load_sd21
-    from comfyui_diffsr.sr_common.weights import write_safetensors
 
     sd21 = load_sd21(args.base)
     for folder in ("osediff", "dossr", "dape"):
         os.makedirs(os.path.join(args.models, folder), exist_ok=True)
     torch.save(random_osediff_checkpoint(sd21.unet, sd21.vae), os.path.join(args.models, "osediff", "osediff.pkl"))
     del sd21
-    tensors, metadata = converted_dossr(random_dossr()[0])
-    write_safetensors(tensors, os.path.join(args.models, "dossr", "dossr_default.safetensors"), metadata=metadata)
+    write_converted(dossr_parts(random_dossr()[0]), os.path.join(args.models, "dossr", "dossr_default.safetensors"),
+                    source="random")
     for source, name in (("ram_tiny.pth", "ram_swin_large_14m.pth"), ("dape_tiny.pth", "DAPE.pth")):
         shutil.copy(os.path.join(DATA, "dape", source), os.path.join(args.models, "dape", name))
     print(f"wrote {args.models}/osediff/osediff.pkl, dossr/dossr_default.safetensors, dape/")

@@ -255,6 +255,13 @@ def convert_dossr(src, dst, config=None, dtype=None):
     parts = parts_from_official(sd, load_ldm_params(config))
     build_controlnet(parts.controlnet_config, parts.controlnet)  # written only if it loads: a yaml of another size
     build_cond_encoder(parts.vae_config, parts.cond_encoder)     # must be passed now (the file stores its configs)
+    write_converted(parts, dst, source=os.path.basename(os.fspath(src)), dtype=dtype)
+    return parts.info
+
+
+def write_converted(parts, dst, source, dtype=None):
+    """``parts`` as a converted DoSSR safetensors file (``controlnet.``/``cond_encoder.``/``rrdb.`` keys, the
+    configs and ``info`` in its metadata, read back by ``parts_from_converted``)."""
     tensors = {}
     for prefix, state in (("controlnet.", parts.controlnet), ("cond_encoder.", parts.cond_encoder),
                           ("rrdb.", parts.rrdb)):
@@ -262,9 +269,7 @@ def convert_dossr(src, dst, config=None, dtype=None):
             tensors[prefix + k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
     write_safetensors(tensors, dst, metadata={
         "format": CONVERTED_FORMAT, "controlnet_config": json.dumps(parts.controlnet_config),
-        "vae_config": json.dumps(parts.vae_config), "info": json.dumps(parts.info),
-        "source": os.path.basename(os.fspath(src))})
-    return parts.info
+        "vae_config": json.dumps(parts.vae_config), "info": json.dumps(parts.info), "source": source})
 
 
 # ---------------------------------------------------------------- building modules

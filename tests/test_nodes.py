@@ -430,6 +430,12 @@ def test_dape_and_text_encoder_leave_the_device_to_the_networks(pack, osediff_mo
     args = dict(model=model, image=torch.rand(2, 20, 24, 3, generator=torch.Generator().manual_seed(9)), prompt="",
                 upscale=2.0, process_size=32, color_fix="adain", tile_latent=96, tile_overlap=32, dtype="fp32")
     (roomy,) = run(nodes["OSEDiff_Upscale"], **args, dape=dape)
+    pipeline, dape_core = (sys.modules[f"custom_nodes_x_diffsr_pack.osediff_core.{m}"] for m in ("pipeline", "dape"))
+    with torch.no_grad():  # the core's DAPE path, as the osediff command runs it: the tags asked for mid-run
+        core = [pipeline.osediff_upscale(model, one, options=pipeline.Options(upscale=2.0, process_size=32),
+                                         prompt_fn=lambda lq: dape_core.dape_prompt(dape.tags(lq)[0], ""))
+                for one in args["image"].movedim(-1, 1).split(1)]
+    assert torch.equal(roomy, torch.cat(core).clamp(0, 1).movedim(1, -1))
     (alone,) = run(nodes["OSEDiff_Upscale"], **args)
     patchers = [patcher_of(model, m) for m in (model.unet, model.lq_encoder, model.vae)]
     tagger, text = patcher_of(dape, dape), patcher_of(model, model.text_encoder)
