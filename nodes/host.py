@@ -182,7 +182,7 @@ def offload_device():
 
 
 class HeldModules(torch.nn.Module):
-    """The torch modules of one pack model as one module, so a ComfyUI ModelPatcher can load and unload them."""
+    """Torch modules as one module, the ``model`` of a ComfyUI ModelPatcher, which loads and unloads them."""
 
     def __init__(self, parts):
         super().__init__()
@@ -294,18 +294,27 @@ def cast_for_run(model, dtype_widget):
     set_precision(model, network_dtype(dtype_widget, device()))
 
 
+_patchers = weakref.WeakValueDictionary()  # id(torch module) → its ModelPatcher, while a model keeps that patcher
+
+
 def _patcher(model, module):
-    """The ``comfy.model_patcher.ModelPatcher`` of ``model``'s ``module`` (one of its networks, or ``model`` itself
-    when it is one module), made once and kept on ``model``: ComfyUI holds patchers by weak reference only, and they
-    live and die with the model. Kept on the modules instead, they would put each in a reference cycle of its own,
-    and a module the model shares with others (the SD 2.1 VAE) would outlive it by a garbage collection."""
+    """The ``comfy.model_patcher.ModelPatcher`` of ``module`` (one of ``model``'s networks, or ``model`` itself when
+    it is one module): one per module, shared by every model that holds the module (the SD 2.1 VAE and text encoder
+    of an OSEDiff and a DoSSR model on one base), so ComfyUI counts it, loads it and unloads it once.
+
+    ComfyUI holds patchers by weak reference only: each model keeps its own in ``model._comfy_patchers``, and a
+    patcher goes with the last model that keeps it. Kept on the modules instead, they would put each in a reference
+    cycle of its own, and a shared module would outlive its models by a garbage collection."""
     patchers = getattr(model, "_comfy_patchers", None)
     if patchers is None:
         patchers = model._comfy_patchers = {}
     patcher = patchers.get(id(module))
     if patcher is None:
-        patcher = patchers[id(module)] = comfy.model_patcher.ModelPatcher(
+        patcher = _patchers.get(id(module))  # a live patcher holds its module, so the id is this module's
+    if patcher is None:
+        patcher = _patchers[id(module)] = comfy.model_patcher.ModelPatcher(
             HeldModules([module]), load_device=device(), offload_device=offload_device())
+    patchers[id(module)] = patcher
     return patcher
 
 
@@ -314,27 +323,32 @@ def load_on_device(model, *modules):
     its memory manager and return that device.
 
     All go in one ``comfy.model_management.load_models_gpu`` call, fully (plain torch layers cannot be partially
-    loaded), each through a ModelPatcher of its own (``_patcher``): ComfyUI unloads other models to make room,
-    never one loaded in the same call, and unloads ours when it needs the memory; a module stays on the device
-    between runs until then.
+    loaded), each through its ModelPatcher (``_patcher``): ComfyUI unloads other models to make room, never one
+    loaded in the same call, and unloads ours when it needs the memory; a module stays on the device between runs
+    until then.
     """
-    dev = device()
     modules = modules or networks(model)
     patchers = [_patcher(model, m) for m in modules]
     for patcher in patchers:  # sizes as they are now (a cast since changes them)
         patcher.size = 0
         patcher.model_size()
     mm.load_models_gpu(patchers, force_full_load=True)
-    for m in modules:
-        if any(p.device != dev for p in m.parameters()):  # a module shared with a model whose patcher ComfyUI
-            m.to(dev)                                     # has unloaded since (the SD 2.1 VAE, text encoder)
-    return dev
+    return device()
+
+
+def _tensors(module):
+    return {id(t) for t in module.parameters()} | {id(t) for t in module.buffers()}
 
 
 def networks(model):
     """The modules of a pack model that run for every image: all but its text encoder, which runs only for a prompt
-    not encoded yet (``prompt_embeddings``), so it need not take device memory from the tiles."""
-    return [m for m in _parts(model) if m is not getattr(model, "text_encoder", None)]
+    not encoded yet (``prompt_embeddings``), so it need not take device memory from the tiles; and but a module made
+    only of another network's tensors (DoSSR's condition encoder when it is the VAE's encoder), which goes with that
+    network, so that no tensor has two patchers."""
+    parts = [m for m in _parts(model) if m is not getattr(model, "text_encoder", None)]
+    held = [_tensors(m) for m in parts]
+    within = lambda i, j: held[i] < held[j] or (held[i] == held[j] and j < i)  # the first of equals stays
+    return [m for i, m in enumerate(parts) if not any(within(i, j) for j in range(len(parts)) if j != i)]
 
 
 def prompt_embeddings(model, prompts, encode):

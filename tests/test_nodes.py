@@ -570,6 +570,59 @@ def test_dossr_shares_the_vae_encoder_of_a_base_another_model_has_cast(pack):
         os.remove(converted)
 
 
+def test_models_sharing_a_network_share_its_patcher(pack):
+    """Two models on one SD 2.1-base share its UNet, VAE and text encoder, and with them one ModelPatcher each, so
+    ComfyUI counts, loads and unloads each network once; DoSSR's condition encoder, when it is the VAE's encoder,
+    goes with the VAE instead of in a patcher of its own: no tensor on the device is in two loaded patchers."""
+    import shutil
+
+    from safetensors.torch import load_file, safe_open, save_file
+
+    _, nodes = pack
+    pkg = "custom_nodes_x_diffsr_pack"
+    host, sd21_module = sys.modules[f"{pkg}.nodes.host"], sys.modules[f"{pkg}.sr_common.sd21"]
+    dossr_model, dossr_weights = sys.modules[f"{pkg}.dossr_core.model"], sys.modules[f"{pkg}.dossr_core.weights"]
+    mm = sys.modules["comfy.model_management"]
+    models = os.environ["DIFFSR_TEST_MODELS"]
+    ckpt, config = os.path.join(models, "dossr", "dossr_tiny.ckpt"), os.path.join(models, "configs", "tiny_cldm.yaml")
+    own = dossr_model.load_dossr(ckpt, config=config)
+    base = sd21_module.SD21(own.unet, own.vae, own.text_encoder, own.tokenizer)
+    files = [os.path.join(models, "dossr", f"dossr_shared_{i}.safetensors") for i in (1, 2)]
+    dossr_weights.convert_dossr(ckpt, files[0], config=config)
+    with safe_open(files[0], "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(files[0]) | {f"cond_encoder.{part}.{k}": v.clone()
+                                     for part, module in (("encoder", base.vae.encoder),
+                                                          ("quant_conv", base.vae.quant_conv))
+                                     for k, v in module.state_dict().items()}
+    save_file(tensors, files[0], metadata=metadata)
+    shutil.copyfile(files[0], files[1])
+    try:
+        first, second = (run(nodes["DoSSR_Loader"], weights=os.path.basename(f), config="SD 2.1 (built in)",
+                             sd21=base)[0] for f in files)
+        assert first is not second and first.vae is second.vae is base.vae
+        assert first.cond_encoder.encoder is base.vae.encoder
+        assert first.cond_encoder not in host.networks(first) and first.vae in host.networks(first)
+        args = dict(image=torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(1)), steps=1, seed=3,
+                    prompt="shared", upscale=4.0, color_fix="wavelet", tile_latent=96, tile_overlap=32, dtype="fp32")
+        mm.unload_all_models()
+        mm.LOADED.clear()
+        for model in (first, second):
+            run(nodes["DoSSR_Upscale"], model=model, **args)
+        for module in (base.unet, base.vae, base.text_encoder):
+            assert patcher_of(first, module) is patcher_of(second, module)
+        assert [call[0] for call in mm.LOADED[2:]] == [[patcher_of(first, base.text_encoder)],
+                                                        [patcher_of(second, m) for m in host.networks(second)]]
+        loaded = mm.loaded_models()
+        held = [{id(t): t for t in p.model.state_dict().values()} for p in loaded]
+        assert all(a.keys().isdisjoint(b.keys()) for i, a in enumerate(held) for b in held[i + 1:])
+        distinct = {k: t for h in held for k, t in h.items()}
+        assert sum(p.model_size() for p in loaded) == sum(t.nelement() * t.element_size() for t in distinct.values())
+    finally:
+        for f in files:
+            os.remove(f)
+
+
 def test_dossr_sampler_from_a_latent(pack):
     """DoSSR Sampler takes a standard SD latent at the output size instead of an LR image."""
     _, nodes = pack
