@@ -18,40 +18,64 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 HIGH_DEPTH_PEAK = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "F": 1.0}  # PIL mode → white
 
 
-def find_images(inputs):
-    """Files as given; folders contribute their image files (sorted, not recursive); a file given twice (also as a
-    folder's file, or through a link) counts once."""
+def add_input_args(parser):
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    parser.add_argument("-r", "--recursive", action="store_true",
+                        help="also the images in the sub-folders of a folder INPUT; the outputs mirror the sub-folders "
+                             "(hidden folders, links to folders and the output folder are left out)")
+
+
+def find_images(inputs, recursive=False, output=None):
+    """(image path, output name) pairs. Files as given; folders contribute their image files (sorted), and with
+    ``recursive`` those of their sub-folders too, whose output name keeps the path below the folder given
+    (``2019/beach/img``), so the outputs mirror the sub-folders; hidden folders, links to folders and ``output``
+    (the output folder, which may lie inside an input folder) are not searched. The output name is the path without
+    its suffix. A file given twice (also as a folder's file, or through a link) counts once."""
     found, seen = [], set()
+    skip = os.path.realpath(output) if output else None
     for item in inputs:
         if os.path.isdir(item):
-            names = sorted(n for n in os.listdir(item) if n.lower().endswith(IMAGE_SUFFIXES))
-            paths = [os.path.join(item, n) for n in names if os.path.isfile(os.path.join(item, n))]
+            paths = []
+            for folder, subfolders, names in os.walk(item, onerror=_unreadable_folder):
+                subfolders[:] = sorted(d for d in subfolders if recursive and not d.startswith(".")
+                                       and os.path.realpath(os.path.join(folder, d)) != skip)
+                paths += [os.path.join(folder, n) for n in sorted(names) if n.lower().endswith(IMAGE_SUFFIXES)
+                          and os.path.isfile(os.path.join(folder, n))]
+            named = [(path, os.path.relpath(path, item)) for path in paths]
         elif os.path.isfile(item):
-            paths = [item]
+            named = [(item, os.path.basename(item))]
         else:
             raise DiffSRError(f"Input not found: {item!r}")
-        for path in paths:
+        for path, name in named:
             if os.path.realpath(path) not in seen:
                 seen.add(os.path.realpath(path))
-                found.append(path)
+                found.append((path, os.path.splitext(name)[0]))
     if not found:
-        raise DiffSRError(f"No images found in {list(inputs)} (looked for {', '.join(IMAGE_SUFFIXES)}).")
+        nested = not recursive and any(os.path.isdir(item) and any(e.is_dir() for e in os.scandir(item))
+                                       for item in inputs)
+        raise DiffSRError(f"No images found in {list(inputs)} (looked for {', '.join(IMAGE_SUFFIXES)})"
+                          + ("; their sub-folders are searched with --recursive." if nested else "."))
     return found
 
 
+def _unreadable_folder(error):
+    print(f"warning: cannot search {error.filename!r}: {error.strerror}; its images are left out", file=sys.stderr)
+
+
 def plan_outputs(images, outdir, overwrite=False, skip_existing=False, suffix=".png"):
-    """(input, OUTDIR/<input stem><suffix>) pairs; refuses name clashes and, unless ``overwrite``, existing files.
-    ``skip_existing`` leaves out the inputs whose output exists (to resume a folder run)."""
+    """(input, OUTDIR/<output name><suffix>) pairs for ``find_images``' (input, output name) pairs; refuses name
+    clashes and, unless ``overwrite``, existing files. ``skip_existing`` leaves out the inputs whose output exists
+    (to resume a folder run)."""
     if not outdir:
         raise DiffSRError("--output is empty; give the folder to write to.")
     pairs, seen = [], {}
-    for path in images:
-        out = os.path.join(outdir, os.path.splitext(os.path.basename(path))[0] + suffix)
+    for path, name in images:
+        out = os.path.join(outdir, name + suffix)
         if out in seen:
             raise DiffSRError(f"{path!r} and {seen[out]!r} would both be written to {out!r}; rename one of them.")
         seen[out] = path
         pairs.append((path, out))
-    inputs = {os.path.realpath(path) for path in images}
+    inputs = {os.path.realpath(path) for path, _ in images}
     for path, out in pairs:
         if os.path.realpath(out) in inputs:
             raise DiffSRError(f"The output {out!r} (for {path!r}) is one of the input images; choose another "
@@ -145,7 +169,8 @@ def upscale_all(pairs, upscale_one, desc, quality=95, upscale=1.0):
         if writing is not None:
             writing.result()
     if len(failed) < len(pairs):
-        print(f"wrote {len(pairs) - len(failed)} image(s) to {os.path.dirname(pairs[0][1]) or '.'}", file=sys.stderr)
+        folder = os.path.commonpath([os.path.dirname(os.path.abspath(out)) for _, out in pairs])
+        print(f"wrote {len(pairs) - len(failed)} image(s) to {folder}", file=sys.stderr)
     if failed:
         print(f"error: {len(failed)} of {len(pairs)} image(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 2

@@ -18,12 +18,13 @@ import sys
 
 from ..sr_common.errors import DiffSRError
 from ..sr_common.sd21 import network_dtype
-from .common import add_device_args, check_sizing_args, find_images, load_image, pick_device, run_main
+from .common import (add_device_args, add_input_args, check_sizing_args, find_images, load_image, pick_device,
+                     run_main)
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="diffsr dape", description="DAPE (RAM + LoRA) prompts for OSEDiff.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    add_input_args(p)
     p.add_argument("--ram", default=None, help="ram_swin_large_14m.pth (with --dape)")
     p.add_argument("--dape", default=None, help="DAPE.pth (with --ram), or a converted DAPE .safetensors alone")
     p.add_argument("--weights", default=None, help="converted DAPE .safetensors (diffsr convert dape)")
@@ -90,12 +91,12 @@ def main_impl(argv=None):
     from ..osediff_core.dape import dape_prompt
     from ..osediff_core.pipeline import preprocess
 
-    images = find_images(args.inputs)
+    images = find_images(args.inputs, args.recursive)
     device = pick_device(args.device)
     tagger = load_tagger(args, device, network_dtype(args.dtype, device))
     exclude = [t.strip() for t in args.exclude.split(",") if t.strip()]
     failed = []
-    for path in images:
+    for path, _ in images:
         try:
             lq, _ = preprocess(load_image(path), upscale=args.upscale, process_size=args.process_size,
                                official_sizing=args.official_sizing)

@@ -9,14 +9,14 @@ import torch
 from ..sr_common.color_fix import COLOR_FIXES
 from ..sr_common.errors import DiffSRError
 from ..sr_common.sd21 import move_module, network_dtype
-from .common import (add_compile_arg, add_device_args, add_output_args, check_tile_args, find_images, pick_device,
-                     plan_outputs, run_main, upscale_all, with_smaller_tiles_on_oom)
+from .common import (add_compile_arg, add_device_args, add_input_args, add_output_args, check_tile_args, find_images,
+                     pick_device, plan_outputs, run_main, upscale_all, with_smaller_tiles_on_oom)
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="dossr", description="DoSSR diffusion super-resolution (x4; other scales by "
                                 "resizing the x4 result).")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    add_input_args(p)
     p.add_argument("-o", "--output", required=True,
                    help="output folder (one file named after each input, .png unless --format)")
     p.add_argument("--weights", required=True,
@@ -78,7 +78,7 @@ def main_impl(argv=None):
 
     args = build_parser().parse_args(argv)
     check_args(args)
-    images = find_images(args.inputs)
+    images = find_images(args.inputs, args.recursive, args.output)
     if args.noise_file and len(images) != 1:
         raise DiffSRError("--noise-file fixes the draws of one image size; give exactly one input image.")
     pairs = plan_outputs(images, args.output, args.overwrite, args.skip_existing, suffix=f".{args.format}")

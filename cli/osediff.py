@@ -10,13 +10,14 @@ from ..osediff_core.weights import read_osediff
 from ..sr_common.color_fix import COLOR_FIXES
 from ..sr_common.errors import DiffSRError
 from ..sr_common.sd21 import load_sd21, move_module, network_dtype
-from .common import (add_compile_arg, add_device_args, add_output_args, check_sizing_args, check_tile_args,
-                     find_images, pick_device, plan_outputs, run_main, upscale_all, with_smaller_tiles_on_oom)
+from .common import (add_compile_arg, add_device_args, add_input_args, add_output_args, check_sizing_args,
+                     check_tile_args, find_images, pick_device, plan_outputs, run_main, upscale_all,
+                     with_smaller_tiles_on_oom)
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="osediff", description="OSEDiff one-step diffusion super-resolution.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    add_input_args(p)
     p.add_argument("-o", "--output", required=True,
                    help="output folder (one file named after each input, .png unless --format)")
     p.add_argument("--base", required=True,
@@ -76,7 +77,7 @@ def make_prompt_fn(args, device, dtype):
 def main_impl(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
-    images = find_images(args.inputs)
+    images = find_images(args.inputs, args.recursive, args.output)
     pairs = plan_outputs(images, args.output, args.overwrite, args.skip_existing, suffix=f".{args.format}")
     if not pairs:
         return 0

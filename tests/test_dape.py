@@ -251,6 +251,13 @@ def test_cli_prints_prompts_and_converts(fixture, tmp_path, capsys):
     captured = capsys.readouterr()
     assert len(captured.out.splitlines()) == 2
     assert "img0b.png: Cannot read image" in captured.err and "1 of 3 image(s) failed" in captured.err
+    nested = tmp_path / "album" / "2019" / "img1.png"  # --recursive: the sub-folders' images too
+    nested.parent.mkdir(parents=True)
+    Image.fromarray(smalls[1]).save(nested)
+    Image.fromarray(smalls[0]).save(tmp_path / "album" / "img0.png")
+    assert main([str(tmp_path / "album"), "-r", "--dape", out, "--process-size", "0", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{tmp_path / 'album' / 'img0.png'}\t{tags[0]}, ,",
+                                                    f"{nested}\t{tags[1]}, ,"]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="Windows file names cannot hold tabs or line breaks")

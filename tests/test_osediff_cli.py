@@ -270,6 +270,36 @@ def test_folder_run_goes_on_past_a_bad_image_and_resumes(base, tmp_path, capsys)
         run(args + ["--skip-existing", "--overwrite"])
 
 
+def test_recursive_folder_run_mirrors_the_sub_folders(base, tmp_path, capsys):
+    """``--recursive`` upscales the images of the sub-folders too, into the same sub-folders of the output; hidden
+    folders, links to folders and an output folder inside the input folder are not searched, so a second run finds
+    the same inputs. Without it only the folder's own images are taken, and a folder whose images are all in
+    sub-folders says to use it."""
+    folder, out = tmp_path / "photos", tmp_path / "photos" / "upscaled"
+    image = os.path.join(FIX, "in_32x32.png")
+    for name in ("a.png", "2019/c.png", "2019/beach/b.png", ".thumbnails/d.png"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    os.symlink(folder, folder / "2019" / "loop")
+    args = [folder, "-o", out, "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
+            "--process-size", "64"]
+    assert run(args) == 0
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == ["a.png"]
+    assert run(args + ["--recursive", "--skip-existing"]) == 0
+    err = capsys.readouterr().err
+    assert "skipping 1 of 3" in err and f"wrote 2 image(s) to {out}" in err, err
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert written == ["2019/beach/b.png", "2019/c.png", "a.png"]
+    assert len({(out / name).read_bytes() for name in written}) == 1  # the same input everywhere
+    assert run(args + ["-r", "--skip-existing"]) == 0  # the outputs inside photos/ are not taken as inputs
+    assert "skipping 3 of 3" in capsys.readouterr().err
+    (folder / "2019" / "c.png").unlink()
+    assert run([folder / "2019", "-o", tmp_path / "o", "--base", base, "--weights",
+                os.path.join(FIX, "osediff_tiny.pkl")]) == 2
+    assert "sub-folders are searched with --recursive" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("failure", [
     torch.OutOfMemoryError("CUDA out of memory (simulated)"),
     RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
