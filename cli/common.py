@@ -302,7 +302,8 @@ def pick_device(name):
 def add_device_args(parser):
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", choices=list(PRECISIONS), default=None,
-                        help="network precision; default fp32 on CPU, fp16 on CUDA")
+                        help="network precision; default fp16 on CUDA GPUs that run it well (compute capability 7 "
+                             "or more, not GTX 16xx / T-series), else fp32")
 
 
 def add_compile_arg(parser):

@@ -14,7 +14,7 @@ from ..sr_common.color_fix import COLOR_FIXES
 from ..sr_common.sd21 import SCALING_FACTOR
 from ..sr_common.tiling import overlap_within
 from . import host
-from .osediff import CATEGORY, DTYPES, SD21, tile_inputs
+from .osediff import CATEGORY, SD21, dtype_input, tile_inputs
 
 DOSSR = io.Custom("DOSSR_MODEL")
 DEFAULT_CONFIG = "SD 2.1 (built in)"
@@ -72,7 +72,7 @@ class DoSSRUpscale(io.ComfyNode):
                     io.Combo.Input("color_fix", options=list(COLOR_FIXES), default="wavelet",
                                    tooltip="Colour correction against the RRDB image (official default: wavelet)."),
                     *tile_inputs(),
-                    io.Combo.Input("dtype", options=list(DTYPES), default="auto", tooltip="Network precision."),
+                    dtype_input(),
                     io.Conditioning.Input("conditioning", optional=True,
                                           tooltip="From a standard CLIP Text Encode with the SD 2.1 CLIP.")],
             outputs=[io.Image.Output()])
@@ -159,7 +159,7 @@ class DoSSRSampler(io.ComfyNode):
                                  tooltip="Seed of every random draw (posterior sample, start noise, step noises)."),
                     io.String.Input("prompt", default=DEFAULT_PROMPT, tooltip="Ignored when conditioning is connected."),
                     *tile_inputs(),
-                    io.Combo.Input("dtype", options=list(DTYPES), default="auto", tooltip="Network precision."),
+                    dtype_input(),
                     io.Conditioning.Input("conditioning", optional=True,
                                           tooltip="From a standard CLIP Text Encode with the SD 2.1 CLIP.")],
             outputs=[io.Latent.Output(display_name="LATENT"),

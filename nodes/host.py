@@ -19,7 +19,7 @@ from ..sr_common import tiling
 from ..sr_common.download import OFFICIAL, download, downloaded
 from ..sr_common.errors import WeightFileError
 from ..sr_common.image import with_upscaled_alpha
-from ..sr_common.sd21 import load_sd21, network_dtype, sd21_from_ldm_state_dict
+from ..sr_common.sd21 import PRECISIONS, load_sd21, sd21_from_ldm_state_dict
 
 WEIGHT_EXTENSIONS = {".pkl", ".pth", ".pt", ".ckpt", ".safetensors", ".sft", ".bin"}
 MODEL_FOLDERS = ("osediff", "dossr", "dape")
@@ -288,10 +288,25 @@ def set_precision(model, dtype):
     return cast_any
 
 
+NETWORK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def auto_dtype(model):
+    """ComfyUI's own precision for a diffusion model of this size on its device (``comfy.model_management.unet_dtype``):
+    it honours --force-fp32, --force-fp16, --fp32-unet, --bf16-unet…, and runs fp16 only where the GPU computes it
+    well (not on the CPU, not on GTX 16xx cards, whose fp16 gives NaN, nor on 10xx cards under Linux, where float32 is
+    faster). A store-only precision (--fp8_e4m3fn-unet, --fp64-unet) computes as ComfyUI's manual cast would."""
+    params = sum(p.numel() for m in networks(model) for p in m.parameters())
+    dtype = mm.unet_dtype(device(), model_params=params, supported_dtypes=list(NETWORK_DTYPES))
+    if dtype not in NETWORK_DTYPES:
+        dtype = mm.unet_manual_cast(dtype, device(), supported_dtypes=list(NETWORK_DTYPES)) or torch.float32
+    return dtype
+
+
 def cast_for_run(model, dtype_widget):
-    """``model`` in the precision a node's ``dtype`` widget asks for (auto: fp16 on CUDA, fp32 elsewhere), where it
-    is now: the loading that follows moves only what the run needs."""
-    set_precision(model, network_dtype(dtype_widget, device()))
+    """``model`` in the precision a node's ``dtype`` widget asks for (auto: ``auto_dtype``), where it is now: the
+    loading that follows moves only what the run needs."""
+    set_precision(model, auto_dtype(model) if dtype_widget == "auto" else PRECISIONS[dtype_widget])
 
 
 _patchers = weakref.WeakValueDictionary()  # id(torch module) → its ModelPatcher, while a model keeps that patcher

@@ -16,7 +16,6 @@ CATEGORY = "image/upscaling/DiffSR"
 SD21 = io.Custom("SD21_BASE")
 OSEDIFF = io.Custom("OSEDIFF_MODEL")
 DAPE = io.Custom("DAPE_MODEL")
-DTYPES = ["auto", *PRECISIONS]  # auto: fp16 on CUDA, fp32 elsewhere (sr_common.sd21.network_dtype)
 
 
 def upscale_input(default=4.0):
@@ -35,6 +34,13 @@ def tile_inputs():
                          tooltip="Latent tile size for the UNet (96 = 768 px, the official default; 0 = never tile). "
                                  "Halved automatically on out-of-memory, with the VAE tiles."),
             io.Int.Input("tile_overlap", default=32, min=0, max=256, step=8, tooltip="Latent tile overlap.")]
+
+
+def dtype_input():
+    return io.Combo.Input("dtype", options=["auto", *PRECISIONS], default="auto",
+                          tooltip="Network precision. auto: ComfyUI's choice for the device (as for its own models: "
+                                  "fp16 on most GPUs, fp32 on the CPU and where fp16 is broken or slow; "
+                                  "--force-fp32 and --force-fp16 apply).")
 
 
 class SD21Loader(io.ComfyNode):
@@ -140,8 +146,7 @@ class OSEDiffUpscale(io.ComfyNode):
                     io.Combo.Input("color_fix", options=list(COLOR_FIXES), default="adain",
                                    tooltip="Colour correction against the upscaled input (official default: adain)."),
                     *tile_inputs(),
-                    io.Combo.Input("dtype", options=list(DTYPES), default="auto",
-                                   tooltip="Network precision (auto: fp16 on GPU, fp32 on CPU)."),
+                    dtype_input(),
                     DAPE.Input("dape", optional=True,
                                tooltip="Optional DAPE tagger: the prompt becomes '{tags}, {prompt},' as the official.")],
             outputs=[io.Image.Output()])
@@ -184,7 +189,7 @@ class OSEDiffLQEncoder(io.ComfyNode):
                     process_size_input(),
                     io.Int.Input("vae_tile", default=1024, min=0, max=4096, step=64,
                                  tooltip="Encoder tile size in pixels (0 = never tile)."),
-                    io.Combo.Input("dtype", options=list(DTYPES), default="auto", tooltip="Network precision.")],
+                    dtype_input()],
             outputs=[io.Latent.Output()])
 
     @classmethod
@@ -218,7 +223,7 @@ class OSEDiffOneStep(io.ComfyNode):
                     io.String.Input("prompt", default="", multiline=True,
                                     tooltip="Prompt text when no conditioning is connected (e.g. from DAPE)."),
                     *tile_inputs(),
-                    io.Combo.Input("dtype", options=list(DTYPES), default="auto", tooltip="Network precision.")],
+                    dtype_input()],
             outputs=[io.Latent.Output()])
 
     @classmethod

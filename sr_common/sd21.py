@@ -317,11 +317,26 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 
 
 def network_dtype(name, device):
-    """The networks' dtype for a precision name of ``PRECISIONS``; None or "auto": fp16 on CUDA (as the official
-    code), float32 elsewhere."""
+    """The networks' dtype for a precision name of ``PRECISIONS``; None or "auto": fp16 on a CUDA GPU that computes
+    it well (as the official code; ``fp16_works``), float32 elsewhere."""
     if name in (None, "auto"):
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return torch.float16 if device.type == "cuda" and fp16_works(device) else torch.float32
     return PRECISIONS[name]
+
+
+FP16_BROKEN = ("1660", "1650", "1630", "T500", "T550", "T600", "MX550", "MX450", "CMP 30HX", "T2000", "T1000",
+               "T1200")  # GPU names
+
+
+def fp16_works(device):
+    """Whether a CUDA GPU runs the networks well in fp16: from compute capability 7 on (before it, fp16 is no faster
+    than float32, or far slower), but not the Turing cards without tensor cores (GTX 16xx, T-series, MX450/550),
+    whose fp16 gives NaN in Stable Diffusion. ComfyUI's ``should_use_fp16`` rule (comfy/model_management.py L1227,
+    as on Linux); the nodes ask ComfyUI itself (``nodes.host.auto_dtype``)."""
+    if torch.version.hip:  # AMD GPUs (ROCm): fp16 throughout, as ComfyUI
+        return True
+    props = torch.cuda.get_device_properties(device)
+    return props.major >= 7 and not any(name in props.name for name in FP16_BROKEN)
 
 
 def move_module(module, device=None, dtype=None):

@@ -496,3 +496,27 @@ def test_prompt_cache_keeps_the_most_recently_used_prompts():
     assert list(cache.items()) == [("d", "D"), ("b", "B"), ("e", "E")]
     with pytest.raises(KeyError):
         cache["a"]
+
+
+def test_auto_precision_skips_fp16_where_the_gpu_runs_it_badly(monkeypatch):
+    """The commands' default precision on CUDA is fp16 (as the official code) on GPUs from compute capability 7 on,
+    but float32 on older ones (fp16 no faster) and on the Turing cards without tensor cores, whose fp16 gives NaN;
+    a precision asked for is kept."""
+    from types import SimpleNamespace
+
+    from comfyui_diffsr.sr_common.sd21 import network_dtype
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.version, "hip", None)
+    for name, major, expected in (("NVIDIA H100 80GB HBM3", 9, torch.float16), ("NVIDIA GeForce RTX 3060", 8,
+                                   torch.float16), ("Tesla V100-SXM2-16GB", 7, torch.float16),
+                                  ("NVIDIA GeForce GTX 1660 SUPER", 7, torch.float32),
+                                  ("NVIDIA T1000", 7, torch.float32), ("NVIDIA GeForce GTX 1080 Ti", 6, torch.float32),
+                                  ("Tesla P100-PCIE-16GB", 6, torch.float32)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _, n=name, m=major: SimpleNamespace(
+            name=n, major=m))
+        assert network_dtype(None, cuda) == network_dtype("auto", cuda) == expected, name
+        assert network_dtype("fp16", cuda) == torch.float16
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm: fp16, as ComfyUI
+    assert network_dtype(None, cuda) == torch.float16
+    assert network_dtype(None, torch.device("cpu")) == torch.float32

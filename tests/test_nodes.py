@@ -473,6 +473,39 @@ def test_dossr_loads_its_text_encoder_only_for_a_new_prompt(pack):
     assert "another prompt" not in model.prompt_cache
 
 
+def test_auto_dtype_is_comfyuis_choice_for_the_device(pack, osediff_model, monkeypatch):
+    """dtype "auto" runs the networks in the precision ComfyUI picks for its own diffusion models on the device
+    (comfy.model_management.unet_dtype: fp16 where the GPU computes it well, else bf16 or fp32; its precision flags
+    first), and a store-only precision flag (fp8, fp64) computes as ComfyUI's manual cast would."""
+    _, nodes = pack
+    _, model = osediff_model
+    host, mm = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"], sys.modules["comfy.model_management"]
+    asked = []
+    unet_dtype = mm.unet_dtype
+    monkeypatch.setattr(mm, "unet_dtype", lambda *a, **k: asked.append(k["model_params"]) or unet_dtype(*a, **k))
+    cases = [(False, False, None, torch.float32), (True, True, None, torch.float16), (False, True, None, torch.bfloat16),
+             (True, True, torch.float32, torch.float32), (False, True, torch.float8_e4m3fn, torch.bfloat16),
+             (True, False, torch.float64, torch.float32)]
+    for fp16, bf16, flag, expected in cases:
+        monkeypatch.setattr(mm, "FP16_WORKS", fp16)
+        monkeypatch.setattr(mm, "BF16_WORKS", bf16)
+        monkeypatch.setattr(mm, "UNET_FLAG", flag)
+        assert host.auto_dtype(model) == expected, (fp16, bf16, flag)
+    assert set(asked) == {sum(p.numel() for m in (model.unet, model.lq_encoder, model.vae) for p in m.parameters())}
+    monkeypatch.setattr(mm, "UNET_FLAG", None)
+    image = torch.rand(1, 20, 24, 3, generator=torch.Generator().manual_seed(8))
+    args = dict(model=model, image=image, prompt="", upscale=2.0, process_size=32, color_fix="adain", tile_latent=96,
+                tile_overlap=32)
+    with torch.inference_mode():
+        for fp16, expected in ((True, torch.float16), (False, torch.float32)):
+            monkeypatch.setattr(mm, "FP16_WORKS", fp16)
+            run(nodes["OSEDiff_Upscale"], **args, dtype="auto")
+            assert model.dtype == expected
+        monkeypatch.setattr(mm, "FP16_WORKS", True)
+        run(nodes["OSEDiff_Upscale"], **args, dtype="fp32")  # a chosen precision stays the user's choice
+        assert model.dtype == torch.float32
+
+
 def test_precision_switch_casts_from_the_exact_weights(pack, osediff_model):
     """An fp16 run, then an fp32 run, computes with the loaded float32 weights, not with their fp16 rounding, also
     through modules shared between models (the SD 2.1 VAE of the OSEDiff and the VAE Decode patchers)."""

@@ -21,6 +21,42 @@ def soft_empty_cache(force=False):  # L1384
     EMPTIED.append(force)
 
 
+UNET_FLAG = None  # for the tests: the dtype of a --fp32-unet / --bf16-unet / --fp8_e4m3fn-unet … flag
+FP16_WORKS = BF16_WORKS = False  # for the tests: what should_use_fp16 / should_use_bf16 say of the device
+
+
+def should_use_fp16(device=None, model_params=0, prioritize_performance=True, manual_cast=False):  # L1227
+    return FP16_WORKS  # (the real one: False on the CPU, per GPU model, --force-fp16 / --force-fp32)
+
+
+def should_use_bf16(device=None, model_params=0, prioritize_performance=True, manual_cast=False):  # L1297
+    return BF16_WORKS
+
+
+def unet_dtype(device=None, model_params=0, supported_dtypes=[torch.float16, torch.bfloat16, torch.float32],
+               weight_dtype=None):  # L774: a precision flag first, else the first supported dtype the device runs well
+    if UNET_FLAG is not None:
+        return UNET_FLAG
+    for dt in supported_dtypes:
+        if dt == torch.float16 and should_use_fp16(device, model_params=model_params):
+            return torch.float16
+        if dt == torch.bfloat16 and should_use_bf16(device, model_params=model_params):
+            return torch.bfloat16
+    return torch.float32
+
+
+def unet_manual_cast(weight_dtype, inference_device, supported_dtypes=[torch.float16, torch.bfloat16,
+                                                                       torch.float32]):  # L827
+    if weight_dtype in (torch.float32, torch.float64):
+        return None
+    for dt in supported_dtypes:
+        if dt == torch.float16 and should_use_fp16(inference_device):
+            return torch.float16
+        if dt == torch.bfloat16 and should_use_bf16(inference_device):
+            return torch.bfloat16
+    return torch.float32
+
+
 class InterruptProcessingException(Exception):  # L1405
     pass
 
