@@ -19,7 +19,7 @@ from ..sr_common import tiling
 from ..sr_common.download import OFFICIAL, download, downloaded
 from ..sr_common.errors import WeightFileError
 from ..sr_common.image import with_upscaled_alpha
-from ..sr_common.sd21 import PRECISIONS, load_sd21, sd21_from_ldm_state_dict
+from ..sr_common.sd21 import PRECISIONS, load_sd21, move_module, sd21_from_ldm_state_dict
 
 WEIGHT_EXTENSIONS = {".pkl", ".pth", ".pt", ".ckpt", ".safetensors", ".sft", ".bin"}
 MODEL_FOLDERS = ("osediff", "dossr", "dape")
@@ -301,6 +301,12 @@ def auto_dtype(model):
     if dtype not in NETWORK_DTYPES:
         dtype = mm.unet_manual_cast(dtype, device(), supported_dtypes=list(NETWORK_DTYPES)) or torch.float32
     return dtype
+
+
+def in_precision(module, dtype_widget):
+    """A module just loaded (float32) cast once to the precision a ``dtype`` widget asks for (auto: ``auto_dtype``);
+    nothing of its float32 weights is kept."""
+    return move_module(module, dtype=auto_dtype(module) if dtype_widget == "auto" else PRECISIONS[dtype_widget])
 
 
 def cast_for_run(model, dtype_widget):

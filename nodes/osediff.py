@@ -295,19 +295,21 @@ class DAPELoader(io.ComfyNode):
                                    tooltip="ram_swin_large_14m.pth, or a converted DAPE .safetensors (then dape = none). "
                                            "'download: ...' fetches the official file into models/dape first."),
                     io.Combo.Input("dape", options=["none"] + local + [lora], default="none",
-                                   tooltip="DAPE.pth (LoRA); 'none' when the first file is a converted one.")],
+                                   tooltip="DAPE.pth (LoRA); 'none' when the first file is a converted one."),
+                    io.Combo.Input("dtype", options=["auto", *PRECISIONS], default="auto", optional=True,
+                                   tooltip="The tagger's precision. auto: ComfyUI's choice for the device (fp16 on "
+                                           "most GPUs, as the official code; fp32 on the CPU).")],
             outputs=[DAPE.Output(display_name="DAPE_MODEL")])
 
     @classmethod
-    def execute(cls, ram_or_converted, dape):
+    def execute(cls, ram_or_converted, dape, dtype="auto"):
         from ..osediff_core.dape import load_dape_tagger
 
         first = host.weight_path("dape", ram_or_converted)
-        if dape == "none":
-            return io.NodeOutput(host.cached(("dape", first), lambda: load_dape_tagger(converted_path=first)))
-        second = host.weight_path("dape", dape)
-        return io.NodeOutput(host.cached(("dape", first, second),
-                                         lambda: load_dape_tagger(ram_path=first, dape_path=second)))
+        second = None if dape == "none" else host.weight_path("dape", dape)
+        files = dict(converted_path=first) if second is None else dict(ram_path=first, dape_path=second)
+        return io.NodeOutput(host.cached(("dape", first, second, dtype),
+                                         lambda: host.in_precision(load_dape_tagger(**files), dtype)))
 
 
 class DAPEPrompt(io.ComfyNode):

@@ -62,7 +62,7 @@ def test_schemas(pack):
     assert loader.choices == ["checkpoints/download: v2-1_512-ema-pruned.safetensors", "diffusers/tiny_sd21"]
     config = nodes["DoSSR_Loader"].define_schema().inputs[1]  # not ComfyUI's stock SD yamls of models/configs
     assert config.choices == ["SD 2.1 (built in)", "tiny_cldm.yaml"]
-    ram, lora = nodes["DAPE_Loader"].define_schema().inputs  # each offers only its own official download
+    ram, lora, _ = nodes["DAPE_Loader"].define_schema().inputs  # each offers only its own official download
     assert ram.choices == ["dape_tiny.pth", "ram_tiny.pth", "download: ram_swin_large_14m.pth"]
     assert lora.choices == ["none", "dape_tiny.pth", "ram_tiny.pth", "download: DAPE.pth"]
 
@@ -504,6 +504,26 @@ def test_auto_dtype_is_comfyuis_choice_for_the_device(pack, osediff_model, monke
         monkeypatch.setattr(mm, "FP16_WORKS", True)
         run(nodes["OSEDiff_Upscale"], **args, dtype="fp32")  # a chosen precision stays the user's choice
         assert model.dtype == torch.float32
+
+
+def test_dape_loader_precision(pack, monkeypatch):
+    """Load DAPE casts the tagger once, after the LoRA merge, to its optional dtype (auto: ComfyUI's choice for the
+    device, as for the other models; a workflow made before the input has none), and keeps no float32 copy."""
+    _, nodes = pack
+    mm = sys.modules["comfy.model_management"]
+    files = dict(ram_or_converted="ram_tiny.pth", dape="dape_tiny.pth")
+    (exact,) = run(nodes["DAPE_Loader"], **files, dtype="fp32")
+    monkeypatch.setattr(mm, "BF16_WORKS", True)
+    (auto,) = run(nodes["DAPE_Loader"], **files)
+    assert {p.dtype for p in exact.parameters()} == {torch.float32} and auto is not exact
+    assert {p.dtype for p in auto.parameters()} == {torch.bfloat16}
+    pairs = list(zip(auto.state_dict().values(), exact.state_dict().values()))
+    assert all(torch.equal(a, e.to(a.dtype)) and a.dtype == (torch.bfloat16 if e.is_floating_point() else e.dtype)
+               for a, e in pairs)
+    image = torch.rand(1, 24, 24, 3, generator=torch.Generator().manual_seed(4))
+    prompts = [run(nodes["DAPE_PromptExtractor"], dape=tagger, image=image, upscale=4.0, process_size=0,
+                   user_prompt="", tags_only=True, exclude="", max_tags=0)[0] for tagger in (exact, auto)]
+    assert all(isinstance(p, str) and p for p in prompts)
 
 
 def test_precision_switch_casts_from_the_exact_weights(pack, osediff_model):
