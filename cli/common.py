@@ -51,11 +51,15 @@ def find_images(inputs, recursive=False, output=None):
                 seen.add(os.path.realpath(path))
                 found.append((path, os.path.splitext(name)[0]))
     if not found:
-        nested = not recursive and any(os.path.isdir(item) and any(e.is_dir() for e in os.scandir(item))
-                                       for item in inputs)
+        nested = not recursive and any(os.path.isdir(item) and _has_sub_folder(item) for item in inputs)
         raise DiffSRError(f"No images found in {list(inputs)} (looked for {', '.join(IMAGE_SUFFIXES)})"
                           + ("; their sub-folders are searched with --recursive." if nested else "."))
     return found
+
+
+def _has_sub_folder(folder):
+    with os.scandir(folder) as entries:
+        return any(entry.is_dir() for entry in entries)
 
 
 def _unreadable_folder(error):
