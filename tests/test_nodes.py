@@ -509,12 +509,20 @@ def test_auto_dtype_is_comfyuis_choice_for_the_device(pack, osediff_model, monke
 def test_dape_loader_precision(pack, monkeypatch):
     """Load DAPE casts the tagger once, after the LoRA merge, to its optional dtype (auto: ComfyUI's choice for the
     device, as for the other models; a workflow made before the input has none), and keeps no float32 copy."""
+    import shutil
+
     _, nodes = pack
     mm = sys.modules["comfy.model_management"]
-    files = dict(ram_or_converted="ram_tiny.pth", dape="dape_tiny.pth")
-    (exact,) = run(nodes["DAPE_Loader"], **files, dtype="fp32")
-    monkeypatch.setattr(mm, "BF16_WORKS", True)
-    (auto,) = run(nodes["DAPE_Loader"], **files)
+    folder = os.path.join(os.environ["DIFFSR_TEST_MODELS"], "dape")
+    ram = os.path.join(folder, "ram_tiny_precision.pth")  # a name of its own: no tagger of other tests from cache
+    shutil.copyfile(os.path.join(folder, "ram_tiny.pth"), ram)
+    files = dict(ram_or_converted=os.path.basename(ram), dape="dape_tiny.pth")
+    try:
+        (exact,) = run(nodes["DAPE_Loader"], **files, dtype="fp32")
+        monkeypatch.setattr(mm, "BF16_WORKS", True)
+        (auto,) = run(nodes["DAPE_Loader"], **files)
+    finally:
+        os.remove(ram)
     assert {p.dtype for p in exact.parameters()} == {torch.float32} and auto is not exact
     assert {p.dtype for p in auto.parameters()} == {torch.bfloat16}
     pairs = list(zip(auto.state_dict().values(), exact.state_dict().values()))
