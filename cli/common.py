@@ -133,7 +133,7 @@ def add_output_args(parser):
 
 
 def upscale_all(pairs, upscale_one, desc, quality=95, upscale=1.0):
-    """``save_image(upscale_one(image, out), out, icc_profile, quality, alpha)`` with ``read_image(path)`` for each
+    """``save_image(upscale_one(image, out), out, metadata, quality, alpha)`` with ``read_image(path)`` for each
     (path, out) pair, in order (a transparent image's alpha upscaled bicubically; dropped, with a note, for jpg).
 
     An image that fails on its own (unreadable or unusable: ``DiffSRError``/``ValueError``; an output of
@@ -153,7 +153,7 @@ def upscale_all(pairs, upscale_one, desc, quality=95, upscale=1.0):
             read = reading.pop()
             reading += [reader.submit(read_image, later) for later, _ in pairs[i + 1:i + 2]]
             try:
-                image, icc_profile, alpha = read.result()
+                image, metadata, alpha = read.result()
                 check_output_size(out, *(round(upscale * side) for side in image.shape[-2:]))
                 with torch.inference_mode():
                     result = upscale_one(image, out)
@@ -169,7 +169,7 @@ def upscale_all(pairs, upscale_one, desc, quality=95, upscale=1.0):
                 tqdm.write(f"note: {path}: jpg has no transparency, the alpha is dropped (--format png or webp "
                            "keeps it)", file=sys.stderr)
                 alpha = None
-            writing = writer.submit(save_image, result, out, icc_profile, quality, alpha)
+            writing = writer.submit(save_image, result, out, metadata, quality, alpha)
         if writing is not None:
             writing.result()
     if len(failed) < len(pairs):
@@ -230,11 +230,53 @@ def with_smaller_tiles_on_oom(run, options):
                                                             file=sys.stderr))
 
 
-def save_image(image01, path, icc_profile=None, quality=95, alpha=None):
+EXIF_IFD, MAKER_NOTE, PIXEL_WIDTH, PIXEL_HEIGHT = 0x8769, 0x927C, 0xA002, 0xA003
+JPEG_EXIF_LIMIT = 65533 - 8  # bytes in a JPEG APP1 segment, less its length field and "Exif\0\0"
+
+
+@dataclasses.dataclass(frozen=True)
+class PhotoMetadata:
+    """What an output keeps of its input: the ICC colour profile (an RGB one) and the EXIF tags (camera, date taken,
+    exposure, GPS…), less what the upscale makes wrong: the orientation (the pixels are upright now), the pixel size
+    (set to the output's), the embedded thumbnail and the maker note (a camera's own block, whose offsets break when
+    the EXIF is written again)."""
+
+    icc_profile: bytes | None = None
+    exif: bytes | None = None  # as read, orientation already taken out by ``ImageOps.exif_transpose``
+
+    def save_options(self, width, height, kind):
+        """Keyword arguments for PIL's ``Image.save`` of a ``width`` × ``height`` output in format ``kind``."""
+        from PIL import Image
+
+        options = {"icc_profile": self.icc_profile}
+        if not self.exif:
+            return options
+        try:  # PIL reads more EXIF than it can write again: such a photo is upscaled without its EXIF
+            exif = Image.Exif()
+            exif.load(self.exif)
+            sub = exif.get_ifd(EXIF_IFD)
+            sub.pop(MAKER_NOTE, None)
+            for tag, value in ((PIXEL_WIDTH, width), (PIXEL_HEIGHT, height)):
+                if tag in sub:
+                    sub[tag] = value
+            data = exif.tobytes()  # IFD0 and its sub-IFDs: no thumbnail (IFD1)
+        except Exception as e:  # noqa: BLE001 (whatever PIL raises, the image matters more than its tags)
+            print(f"note: the EXIF cannot be written again ({type(e).__name__}: {e}) and is left out",
+                  file=sys.stderr)
+            return options
+        if kind == "JPEG" and len(data) > JPEG_EXIF_LIMIT:
+            print(f"note: the EXIF ({len(data)} bytes) does not fit a JPEG and is left out (--format png or webp "
+                  "keeps it)", file=sys.stderr)
+        else:
+            options["exif"] = data
+        return options
+
+
+def save_image(image01, path, metadata=PhotoMetadata(), quality=95, alpha=None):
     """(1, 3, H, W) in [0, 1] → an 8-bit PNG, JPEG or WebP by the name's suffix (``quality`` for the last two), with
-    the input's ICC colour profile (so its colours mean what the input's did) and ``alpha`` (1, 1, h, w) upscaled
-    (``with_upscaled_alpha``) when given, written atomically (temporary file, then rename): a failed write leaves an
-    earlier file at ``path`` as it was."""
+    the input's ``metadata`` (``PhotoMetadata``: its colour profile, so its colours mean what the input's did, and its
+    EXIF) and ``alpha`` (1, 1, h, w) upscaled (``with_upscaled_alpha``) when given, written atomically (temporary
+    file, then rename): a failed write leaves an earlier file at ``path`` as it was."""
     from PIL import Image
 
     from ..sr_common.image import tensor_to_uint8, with_upscaled_alpha
@@ -247,7 +289,8 @@ def save_image(image01, path, icc_profile=None, quality=95, alpha=None):
         image = Image.fromarray(tensor_to_uint8(image01, "round"))
         kind = OUTPUT_FORMATS[os.path.splitext(path)[1].lower().lstrip(".")]
         lossy = {"JPEG": {"quality": quality, "subsampling": 0}, "WEBP": {"quality": quality}}  # JPEG: full colour
-        image.save(tmp, format=kind, icc_profile=icc_profile, **lossy.get(kind, {}))  # resolution, not 4:2:0
+        image.save(tmp, format=kind, **metadata.save_options(*image.size, kind),  # resolution, not 4:2:0
+                   **lossy.get(kind, {}))
         os.replace(tmp, path)
     except OSError as e:
         raise DiffSRError(f"Cannot write {path!r}: {e}. Check that its folder is writable and has "
@@ -260,8 +303,8 @@ def save_image(image01, path, icc_profile=None, quality=95, alpha=None):
 
 
 def read_image(path):
-    """An image file → ((1, 3, H, W) float in [0, 1], its ICC colour profile if an RGB one, else None, its alpha
-    (1, 1, H, W) if it has transparency, else None).
+    """An image file → ((1, 3, H, W) float in [0, 1], its ``PhotoMetadata``, its alpha (1, 1, H, W) if it has
+    transparency, else None).
 
     RGB as the official code converts it, turned upright by the file's EXIF orientation as a viewer (and ComfyUI's
     Load Image) shows it; 16-bit and float grayscale keep their values (PIL's RGB conversion would clip them at 255).
@@ -277,19 +320,29 @@ def read_image(path):
             if icc_profile and icc_profile[16:20] != b"RGB ":  # a CMYK, gray or Lab profile does not describe the
                 icc_profile = None                             # RGB output (its colour space: header bytes 16-19)
             im = ImageOps.exif_transpose(opened)
+            metadata = PhotoMetadata(icc_profile, _exif_of(im))
             if im.mode in HIGH_DEPTH_PEAK:
                 plane = np.asarray(im, dtype=np.float32) / HIGH_DEPTH_PEAK[im.mode]
-                return torch.from_numpy(plane).clamp(0, 1)[None, None].repeat(1, 3, 1, 1), icc_profile, None
+                return torch.from_numpy(plane).clamp(0, 1)[None, None].repeat(1, 3, 1, 1), metadata, None
             alpha = None
             if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
                 plane = np.asarray(im.convert("RGBA").getchannel("A"))
                 alpha = None if plane.min() == 255 else torch.from_numpy(plane / np.float32(255))[None, None]
-            return pil_to_tensor(im), icc_profile, alpha
+            return pil_to_tensor(im), metadata, alpha
     except Image.DecompressionBombError as e:
         raise ImageInputError(f"Image {path!r} is too large to open safely ({e}). Downscale it or cut it into "
                               "parts first.") from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:  # SyntaxError: PIL's broken PNG chunk
         raise ImageInputError(f"Cannot read image {path!r}: {e}") from e
+
+
+def _exif_of(image):
+    """The EXIF of an opened image as bytes, or None where it has none or PIL cannot read it (the pixels still can)."""
+    try:
+        exif = image.getexif()
+        return exif.tobytes() if len(exif) else None
+    except Exception:  # noqa: BLE001 (a damaged EXIF costs the tags, not the image)
+        return None
 
 
 def load_image(path):

@@ -430,6 +430,28 @@ def test_save_image_failing_keeps_the_old_file_and_leaves_no_partial(tmp_path, m
     assert Image.open(out).size == (5, 4) and os.listdir(tmp_path) == ["x.png"]
 
 
+def test_exif_that_cannot_be_kept_costs_the_tags_not_the_image(tmp_path, capsys, monkeypatch):
+    """An EXIF too long for a JPEG segment, or one PIL cannot write again, is left out with a note; the image is
+    written all the same (and a PNG keeps the long EXIF)."""
+    from comfyui_diffsr.cli.common import PhotoMetadata, save_image
+
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 70000  # ImageDescription
+    long = PhotoMetadata(exif=exif.tobytes())
+    save_image(torch.rand(1, 3, 4, 4), str(tmp_path / "a.jpg"), long)
+    assert "does not fit a JPEG" in capsys.readouterr().err and not Image.open(tmp_path / "a.jpg").getexif()
+    save_image(torch.rand(1, 3, 4, 4), str(tmp_path / "a.png"), long)
+    assert Image.open(tmp_path / "a.png").getexif()[0x010E] == "x" * 70000
+    def unwritable(self):
+        raise ValueError("a tag type PIL cannot write")
+
+    monkeypatch.setattr(Image.Exif, "tobytes", unwritable)
+    save_image(torch.rand(1, 3, 4, 4), str(tmp_path / "b.png"), long)
+    assert "EXIF cannot be written again (ValueError: a tag type" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert Image.open(tmp_path / "b.png").size == (4, 4) and not Image.open(tmp_path / "b.png").getexif()
+
+
 def _folder(tmp_path, count):
     from PIL import Image
 

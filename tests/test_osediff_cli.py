@@ -376,8 +376,9 @@ def test_command_sampling_options_reach_the_pipeline(base, tmp_path):
 
 def test_photo_orientation_and_colour_profile_are_kept(base, tmp_path):
     """A photo stored sideways with an EXIF orientation is upscaled upright, as viewers and ComfyUI's Load Image show
-    it, and the output carries the input's ICC profile (its colours keep their meaning)."""
-    from PIL import ImageCms
+    it, and the output carries the input's ICC profile (its colours keep their meaning) and its EXIF tags (camera,
+    date taken), less the orientation, the maker note and the old pixel size, which is set to the output's."""
+    from PIL import ExifTags, ImageCms
 
     from comfyui_diffsr.cli.common import load_image
 
@@ -385,6 +386,16 @@ def test_photo_orientation_and_colour_profile_are_kept(base, tmp_path):
     profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     exif = Image.Exif()
     exif[0x0112] = 6  # stored rotated: shown after a 90° clockwise turn
+    exif[0x010F], exif[0x0110] = "Camera maker", "Model 1"
+    taken = exif.get_ifd(ExifTags.IFD.Exif)
+    taken[0x9003], taken[0xA002], taken[0xA003], taken[0x927C] = "2019:07:01 10:00:00", 20, 32, b"vendor" * 50
+
+    def kept_exif(image):
+        exif = image.getexif()
+        sub = exif.get_ifd(ExifTags.IFD.Exif)
+        assert 0x0112 not in exif and 0x927C not in sub
+        assert (sub[0xA002], sub[0xA003]) == image.size
+        return exif[0x010F], exif[0x0110], sub[0x9003]
     folder = tmp_path / "in"
     folder.mkdir()
     upright.transpose(Image.Transpose.ROTATE_90).save(folder / "photo.png", exif=exif, icc_profile=profile)
@@ -395,6 +406,7 @@ def test_photo_orientation_and_colour_profile_are_kept(base, tmp_path):
     photo, plain = (Image.open(tmp_path / "out" / name) for name in ("photo.png", "plain.png"))
     assert photo.size == (128, 80) and photo.tobytes() == plain.tobytes()
     assert photo.info.get("icc_profile") == profile and "icc_profile" not in plain.info
+    assert kept_exif(photo) == ("Camera maker", "Model 1", "2019:07:01 10:00:00") and not plain.getexif()
     # lossy formats: the same image, named and encoded so; the random model's output is noise-like, which WebP's
     # half-resolution colour loses much of (JPEG is written with full-resolution colour: 36 dB, 23 dB with 4:2:0)
     for fmt, kind, min_db in (("jpg", "JPEG", 33), ("webp", "WEBP", 20)):
@@ -402,6 +414,7 @@ def test_photo_orientation_and_colour_profile_are_kept(base, tmp_path):
                     os.path.join(FIX, "osediff_tiny.pkl"), "--process-size", "64", "--format", fmt]) == 0
         lossy = Image.open(tmp_path / "out" / f"photo.{fmt}")
         assert lossy.format == kind and lossy.size == (128, 80) and lossy.info.get("icc_profile") == profile
+        assert kept_exif(lossy) == kept_exif(photo)
         assert psnr(read(tmp_path / "out" / f"photo.{fmt}"), read(tmp_path / "out" / "photo.png")) > min_db
     with pytest.raises(SystemExit):
         run([folder, "-o", tmp_path / "q", "--base", base, "--weights", "x", "--format", "jpg", "--quality", "0"])
