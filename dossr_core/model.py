@@ -51,7 +51,10 @@ class DoSSRModel:
         fast_vae_decoder(self.vae.decoder, in_place=decoder_owned)
 
     def modules(self):
-        return [m for m in (self.unet, self.controlnet, self.vae, self.cond_encoder, self.rrdb, self.text_encoder)
+        """The distinct networks: the condition encoder only when it is not the VAE's own encoder (then it comes
+        with the VAE)."""
+        cond_encoder = None if self.cond_encoder["encoder"] is self.vae.encoder else self.cond_encoder
+        return [m for m in (self.unet, self.controlnet, self.vae, cond_encoder, self.rrdb, self.text_encoder)
                 if m is not None]
 
     @property

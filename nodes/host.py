@@ -303,16 +303,19 @@ def auto_dtype(model):
     return dtype
 
 
+def widget_dtype(model, dtype_widget):
+    """The precision a node's ``dtype`` widget asks for ``model`` (auto: ``auto_dtype``)."""
+    return auto_dtype(model) if dtype_widget == "auto" else PRECISIONS[dtype_widget]
+
+
 def in_precision(module, dtype_widget):
-    """A module just loaded (float32) cast once to the precision a ``dtype`` widget asks for (auto: ``auto_dtype``);
-    nothing of its float32 weights is kept."""
-    return move_module(module, dtype=auto_dtype(module) if dtype_widget == "auto" else PRECISIONS[dtype_widget])
+    """A module just loaded (float32) cast once to ``widget_dtype``; nothing of its float32 weights is kept."""
+    return move_module(module, dtype=widget_dtype(module, dtype_widget))
 
 
 def cast_for_run(model, dtype_widget):
-    """``model`` in the precision a node's ``dtype`` widget asks for (auto: ``auto_dtype``), where it is now: the
-    loading that follows moves only what the run needs."""
-    set_precision(model, auto_dtype(model) if dtype_widget == "auto" else PRECISIONS[dtype_widget])
+    """``model`` in ``widget_dtype``, where it is now: the loading that follows moves only what the run needs."""
+    set_precision(model, widget_dtype(model, dtype_widget))
 
 
 _patchers = weakref.WeakValueDictionary()  # id(torch module) → its ModelPatcher, while a model keeps that patcher
@@ -357,19 +360,10 @@ def load_on_device(model, *modules):
     return device()
 
 
-def _tensors(module):
-    return {id(t) for t in module.parameters()} | {id(t) for t in module.buffers()}
-
-
 def networks(model):
     """The modules of a pack model that run for every image: all but its text encoder, which runs only for a prompt
-    not encoded yet (``prompt_embeddings``), so it need not take device memory from the tiles; and but a module made
-    only of another network's tensors (DoSSR's condition encoder when it is the VAE's encoder), which goes with that
-    network, so that no tensor has two patchers."""
-    parts = [m for m in _parts(model) if m is not getattr(model, "text_encoder", None)]
-    held = [_tensors(m) for m in parts]
-    within = lambda i, j: held[i] < held[j] or (held[i] == held[j] and j < i)  # the first of equals stays
-    return [m for i, m in enumerate(parts) if not any(within(i, j) for j in range(len(parts)) if j != i)]
+    not encoded yet (``prompt_embeddings``), so it need not take device memory from the tiles."""
+    return [m for m in _parts(model) if m is not getattr(model, "text_encoder", None)]
 
 
 def prompt_embeddings(model, prompts, encode):

@@ -36,11 +36,11 @@ def tile_inputs():
             io.Int.Input("tile_overlap", default=32, min=0, max=256, step=8, tooltip="Latent tile overlap.")]
 
 
-def dtype_input():
-    return io.Combo.Input("dtype", options=["auto", *PRECISIONS], default="auto",
-                          tooltip="Network precision. auto: ComfyUI's choice for the device (as for its own models: "
-                                  "fp16 on most GPUs, fp32 on the CPU and where fp16 is broken or slow; "
-                                  "--force-fp32 and --force-fp16 apply).")
+def dtype_input(what="Network precision.", optional=False):
+    return io.Combo.Input("dtype", options=["auto", *PRECISIONS], default="auto", optional=optional,
+                          tooltip=f"{what} auto: ComfyUI's choice for the device (as for its own models: fp16 on "
+                                  "most GPUs, fp32 on the CPU and where fp16 is broken or slow; --force-fp32 and "
+                                  "--force-fp16 apply).")
 
 
 class SD21Loader(io.ComfyNode):
@@ -296,9 +296,7 @@ class DAPELoader(io.ComfyNode):
                                            "'download: ...' fetches the official file into models/dape first."),
                     io.Combo.Input("dape", options=["none"] + local + [lora], default="none",
                                    tooltip="DAPE.pth (LoRA); 'none' when the first file is a converted one."),
-                    io.Combo.Input("dtype", options=["auto", *PRECISIONS], default="auto", optional=True,
-                                   tooltip="The tagger's precision. auto: ComfyUI's choice for the device (fp16 on "
-                                           "most GPUs, as the official code; fp32 on the CPU).")],
+                    dtype_input("The tagger's precision (the official code runs it in fp16).", optional=True)],
             outputs=[DAPE.Output(display_name="DAPE_MODEL")])
 
     @classmethod
