@@ -30,7 +30,7 @@ def fetch(key, models_dir):
         bar.update(done - bar.n)
 
     try:
-        return download(source.url, dest, sha256=source.sha256, progress=progress)
+        return source.fetch(dest, progress)
     finally:
         bar.close()
 

@@ -110,7 +110,7 @@ def weight_path(folder, name):
         mm.throw_exception_if_processing_interrupted()
         bar.update_absolute(done, total or max(done, 1))  # a server that does not say the size: done of done
 
-    return download(source.url, dest, sha256=source.sha256, progress=progress)
+    return source.fetch(dest, progress)
 
 
 def cached(key, load, owner=None):

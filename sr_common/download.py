@@ -22,14 +22,21 @@ class Source:
     filename: str
     folder: str          # ComfyUI model folder name (models/<folder>)
     sha256: str = ""     # pinned hash when known; else the server's declared hash is checked
+    git_blob: str = ""   # the file's git blob id in its repository, where the url is a commit's file
+
+    def fetch(self, dest, progress=None):
+        """``download`` of this file to ``dest``, checked against what is pinned here or declared by the server."""
+        return download(self.url, dest, sha256=self.sha256, git_blob=self.git_blob, progress=progress)
 
 
 OFFICIAL = {
     "sd21-base": Source("Stable Diffusion 2.1-base (single file)",
                         "https://huggingface.co/stabilityai/stable-diffusion-2-1-base/resolve/main/"
                         "v2-1_512-ema-pruned.safetensors", "v2-1_512-ema-pruned.safetensors", "checkpoints"),
-    "osediff": Source("OSEDiff weights", "https://github.com/cswry/OSEDiff/raw/main/preset/models/osediff.pkl",
-                      "osediff.pkl", "osediff"),
+    # the commit that added osediff.pkl (2024-06-30; unchanged since): its file, checked by its git blob id
+    "osediff": Source("OSEDiff weights", "https://github.com/cswry/OSEDiff/raw/e1f6a7c74c880b4f8a68e9a13c869fbe37a93292/"
+                      "preset/models/osediff.pkl", "osediff.pkl", "osediff",
+                      git_blob="bc84dc9729aa6173e8b1087977025a4fc566a5db"),
     "dape": Source("DAPE LoRA", "https://github.com/cswry/OSEDiff/raw/main/preset/models/DAPE.pth", "DAPE.pth", "dape"),
     "ram": Source("RAM Swin-L tagger", "https://huggingface.co/spaces/xinyu1205/recognize-anything/resolve/main/"
                   "ram_swin_large_14m.pth", "ram_swin_large_14m.pth", "dape"),
@@ -52,8 +59,8 @@ def downloaded(path):
     return os.path.isfile(path) and os.path.getsize(path) > 0
 
 
-def download(url, dest, *, sha256="", progress=None, timeout=60):
-    """Fetch ``url`` to ``dest``; resume a ``dest.partial``; verify size and SHA-256; rename into place.
+def download(url, dest, *, sha256="", git_blob="", progress=None, timeout=60):
+    """Fetch ``url`` to ``dest``; resume a ``dest.partial``; verify size, SHA-256 and git blob id; rename into place.
 
     ``progress(done_bytes, total_bytes)`` is called as data arrives. Returns ``dest``. An existing
     ``dest`` file is left alone and returned; a folder or an empty file there is refused.
@@ -104,20 +111,23 @@ def download(url, dest, *, sha256="", progress=None, timeout=60):
             if total is not None and os.path.getsize(partial) != total:
                 raise DownloadError(f"Download of {url} ended early ({os.path.getsize(partial)} of {total} bytes); "
                                     "run again to resume.")
-    digest = file_sha256(partial)
-    if expected and digest != expected.lower():
-        os.remove(partial)
-        raise DownloadError(f"{os.path.basename(dest)}: SHA-256 {digest} does not match the expected {expected}; "
-                            "the file was deleted. Try again later or fetch it by hand.")
+    digest, blob = file_digests(partial)
+    for kind, got, want in (("SHA-256", digest, expected), ("git blob id", blob, git_blob)):
+        if want and got != want.lower():
+            os.remove(partial)
+            raise DownloadError(f"{os.path.basename(dest)}: {kind} {got} does not match the expected {want}; the "
+                                "file was deleted. Try again later or fetch it by hand.")
     os.replace(partial, dest)
     with open(dest + ".sha256", "w", encoding="utf-8") as f:
         f.write(f"{digest}  {os.path.basename(dest)}\n")
     return dest
 
 
-def file_sha256(path):
-    h = hashlib.sha256()
+def file_digests(path):
+    """The file's SHA-256 and its git blob id, SHA-1(b"blob <size>\\0" + content) (what ``git hash-object`` prints)."""
+    sha256, blob = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % os.path.getsize(path))
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
+            sha256.update(block)
+            blob.update(block)
+    return sha256.hexdigest(), blob.hexdigest()

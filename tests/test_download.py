@@ -3,6 +3,7 @@
 import hashlib
 import http.server
 import os
+import subprocess
 import threading
 
 import pytest
@@ -109,3 +110,15 @@ def test_a_folder_or_empty_file_at_the_destination_is_refused(server, tmp_path):
     with pytest.raises(DownloadError, match="Cannot make the folder"):
         download(f"{server}/plain", str(tmp_path / "afile" / "osediff" / "osediff.pkl"))
     assert (tmp_path / "DAPE.pth").is_dir() and (tmp_path / "osediff.pkl").read_bytes() == b""
+
+
+def test_a_pinned_git_blob_id_is_what_git_prints_and_is_checked(server, tmp_path):
+    """osediff.pkl is fetched from a commit of its repository and checked by its git blob id, SHA-1 of
+    b"blob <size>\\0" + content, the id ``git hash-object`` prints; a file that does not match is deleted."""
+    blob = subprocess.run(["git", "hash-object", "--stdin"], input=PAYLOAD, capture_output=True,
+                          check=True).stdout.decode().strip()
+    dest = tmp_path / "osediff.pkl"
+    assert download(f"{server}/plain", str(dest), git_blob=blob) == str(dest) and dest.read_bytes() == PAYLOAD
+    with pytest.raises(DownloadError, match="git blob id [0-9a-f]{40} does not match the expected 0{40}"):
+        download(f"{server}/plain", str(tmp_path / "other.pkl"), git_blob="0" * 40)
+    assert not os.path.exists(tmp_path / "other.pkl") and not os.path.exists(tmp_path / "other.pkl.partial")

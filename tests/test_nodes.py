@@ -749,6 +749,7 @@ def test_loader_download_option(pack, monkeypatch, tmp_path, with_length):
     models/osediff with a progress bar, verified, then loads it; nothing is fetched for a plain choice."""
     import dataclasses
     import functools
+    import hashlib
     import http.server
     import threading
 
@@ -770,8 +771,10 @@ def test_loader_download_option(pack, monkeypatch, tmp_path, with_length):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         source = host.OFFICIAL["osediff"]
+        data = (served / "osediff.pkl").read_bytes()
         monkeypatch.setitem(host.OFFICIAL, "osediff", dataclasses.replace(
-            source, url=f"http://127.0.0.1:{server.server_address[1]}/osediff.pkl"))
+            source, url=f"http://127.0.0.1:{server.server_address[1]}/osediff.pkl",
+            git_blob=hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()))
         target = tmp_path / "models_osediff"
         monkeypatch.setitem(folder_paths.folder_names_and_paths, "osediff", ([str(target)], {".pkl"}))
         schema = nodes["OSEDiff_Loader"].define_schema()

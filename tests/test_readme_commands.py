@@ -1,0 +1,99 @@
+"""The README's sample command as ``tools/upscale_sample.sh`` runs it (less its pip installs), against a server on
+127.0.0.1 that serves the official file names: ``python -m comfyui_diffsr download sd21-base osediff --models-dir
+models``, then ``python -m comfyui_diffsr osediff sample/astronaut_128.png -o output --base … --weights …
+--skip-existing``; run again, nothing is fetched and the output is kept."""
+
+import dataclasses
+import functools
+import hashlib
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+from PIL import Image
+
+from comfyui_diffsr.cli.main import main
+from comfyui_diffsr.sr_common import download
+
+from conftest import DATA, copy_tiny_sd21
+
+SAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample", "astronaut_128.png")
+SD21_FILE = "v2-1_512-ema-pruned.safetensors"
+
+
+@pytest.fixture()
+def official_server(tmp_path, monkeypatch):
+    """The tiny SD 2.1 single file and the tiny osediff.pkl under their official names; the SD 2.1 file with the
+    SHA-256 Hugging Face declares (``X-Linked-Etag``), osediff.pkl pinned by its git blob id as in ``OFFICIAL``."""
+    served = tmp_path / "served"
+    served.mkdir()
+    shutil.copy(os.path.join(DATA, "osediff", "tiny_sd21_single.safetensors"), served / SD21_FILE)
+    shutil.copy(os.path.join(DATA, "osediff", "osediff_tiny.pkl"), served / "osediff.pkl")
+    sd21_sha = hashlib.sha256((served / SD21_FILE).read_bytes()).hexdigest()
+    pkl = (served / "osediff.pkl").read_bytes()
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def end_headers(self):
+            requests.append(self.path)
+            if self.path.endswith(".safetensors"):
+                self.send_header("X-Linked-Etag", f'"{sd21_sha}"')
+            super().end_headers()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    official = download.OFFICIAL
+    monkeypatch.setitem(official, "sd21-base", dataclasses.replace(official["sd21-base"], url=f"{url}/{SD21_FILE}"))
+    monkeypatch.setitem(official, "osediff", dataclasses.replace(
+        official["osediff"], url=f"{url}/osediff.pkl", git_blob=hashlib.sha1(b"blob %d\0" % len(pkl) + pkl).hexdigest()))
+    yield served, requests
+    server.shutdown()
+
+
+def test_sample_command_fetches_once_then_upscales_and_keeps_its_output(official_server, tmp_path, capsys):
+    served, requests = official_server
+    models, output = tmp_path / "models", tmp_path / "output"
+    base_config = copy_tiny_sd21(tmp_path / "tiny_config")  # the real file needs none: its config is shipped
+    fetch = ["download", "sd21-base", "osediff", "--models-dir", str(models)]
+    upscale = ["osediff", SAMPLE, "-o", str(output), "--base", str(models / "checkpoints" / SD21_FILE),
+               "--weights", str(models / "osediff" / "osediff.pkl"), "--skip-existing", "--base-config", base_config]
+
+    assert main(fetch) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(models / "checkpoints" / SD21_FILE), str(models / "osediff" / "osediff.pkl")]
+    for path in printed:
+        assert open(path, "rb").read() == (served / os.path.basename(path)).read_bytes()
+        assert os.path.isfile(path + ".sha256") and not os.path.exists(path + ".partial")
+    assert main(upscale) == 0
+    result = output / "astronaut_128.png"
+    assert Image.open(result).size == (512, 512)
+    written, stamp = result.read_bytes(), result.stat().st_mtime_ns
+
+    fetched = len(requests)
+    assert main(fetch) == 0 and main(upscale) == 0
+    assert len(requests) == fetched == 2  # nothing fetched the second time
+    assert result.read_bytes() == written and result.stat().st_mtime_ns == stamp
+
+
+def test_a_download_that_does_not_verify_puts_nothing_in_place(official_server, tmp_path, capsys):
+    served, _ = official_server
+    (served / "osediff.pkl").write_bytes(b"not the official file")
+    models = tmp_path / "models"
+    assert main(["download", "osediff", "--models-dir", str(models)]) == 2
+    assert "git blob id" in capsys.readouterr().err
+    assert not os.listdir(models / "osediff")
+
+
+def test_the_diffsr_entry_lists_its_commands():
+    assert main(["--help"]) == 0 and main([]) == 2 and main(["upscale"]) == 2
+    shown = subprocess.run([sys.executable, "-m", "comfyui_diffsr", "--help"], capture_output=True, text=True,
+                           check=True).stdout
+    assert all(name in shown for name in ("osediff", "dape", "dossr", "convert", "download"))
