@@ -8,6 +8,7 @@ truncation hits a boundary. At 50 dB a condition latent scaled by 0.18 for 0.182
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -77,18 +78,24 @@ def check_parity(model, case):
     assert (ours_u8 - official).abs().max() <= 1.5 / 255
 
 
-def test_converted_plus_base_equals_full_ckpt(model, tmp_path):
-    """convert_dossr + an SD 2.1-base (here the tiny base saved as a diffusers folder) = the full ckpt."""
+def converted_and_base(model, folder):
+    """The tiny ckpt as ``diffsr convert dossr`` makes it, and its SD 2.1 parts as a diffusers folder."""
     from comfyui_diffsr.dossr_core.weights import convert_dossr
 
-    converted = tmp_path / "dossr_parts.safetensors"
+    converted = folder / "dossr_parts.safetensors"
     info = convert_dossr(CKPT, converted, config=YAML)
     assert info == {"cond_encoder_equals_vae_encoder": False}
-    base = tmp_path / "sd21_tiny"
+    base = folder / "sd21_tiny"
     model.unet.save_pretrained(base / "unet")
     model.vae.save_pretrained(base / "vae")
     model.text_encoder.save_pretrained(base / "text_encoder")
     model.tokenizer.save_pretrained(base / "tokenizer")
+    return converted, base
+
+
+def test_converted_plus_base_equals_full_ckpt(model, tmp_path):
+    """convert_dossr + an SD 2.1-base (here the tiny base saved as a diffusers folder) = the full ckpt."""
+    converted, base = converted_and_base(model, tmp_path)
     split = load_dossr(converted, base=str(base))
     lr = lr_image("lr_w32h16.png")
     a = dossr_upscale(model, lr, options=Options(steps=2, seed=3))
@@ -96,6 +103,32 @@ def test_converted_plus_base_equals_full_ckpt(model, tmp_path):
     assert psnr(a, b) >= 80
     with pytest.raises(Exception, match="--base"):
         load_dossr(converted)
+
+
+def test_command_encodes_its_prompt_once_for_every_image(model, tmp_path, monkeypatch):
+    """``dossr DIR --weights CONVERTED --base SD21 --prompt TEXT``: the base's text encoder encodes the prompt once
+    for the folder; each PNG is the core's output for that prompt, rounded to 8 bits."""
+    from comfyui_diffsr.cli.common import load_image
+    from comfyui_diffsr.cli.dossr import main
+    from comfyui_diffsr.dossr_core.model import DoSSRModel
+
+    converted, base = converted_and_base(model, tmp_path)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    names = ["lr_w32h16.png", "lr_w16h32.png"]
+    for name in names:
+        shutil.copy(os.path.join(FIX, name), photos / name)
+    encoded, encode = [], DoSSRModel.prompt_embedding
+    monkeypatch.setattr(DoSSRModel, "prompt_embedding", lambda self, prompt: encoded.append(prompt) or encode(self,
+                                                                                                            prompt))
+    assert main([str(photos), "-o", str(tmp_path / "out"), "--weights", str(converted), "--base", str(base),
+                 "--prompt", "a red car", "--steps", "2", "--seed", "3", "--device", "cpu"]) == 0
+    assert encoded == ["a red car"]
+    split = load_dossr(converted, base=str(base))
+    for name in names:
+        expected = dossr_upscale(split, lr_image(name), prompt="a red car", options=Options(steps=2, seed=3))
+        written = load_image(str(tmp_path / "out" / name))
+        assert written.shape == expected.shape and (written - expected.clamp(0, 1)).abs().max() <= 0.5 / 255 + 1e-6
 
 
 def test_seed_determinism_and_noise_file_round_trip(model, tmp_path):
