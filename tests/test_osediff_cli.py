@@ -474,8 +474,9 @@ def test_cli_reports_clear_errors(base, tmp_path, capsys):
 
 
 def test_osediff_with_dape_prompts(base, tmp_path):
-    """`osediff --ram --dape` tags the upscaled LQ and uses '{tags}, {user prompt},' as the prompt."""
-    from comfyui_diffsr.osediff_core.dape import dape_prompt, load_dape_tagger
+    """`osediff --ram --dape` tags the upscaled LQ and uses '{tags}, {user prompt},' as the prompt; a converted DAPE
+    file as --dape alone gives the same."""
+    from comfyui_diffsr.osediff_core.dape import convert_dape, dape_prompt, load_dape_tagger
     from comfyui_diffsr.osediff_core.pipeline import Options, build_osediff, osediff_upscale, preprocess
     from comfyui_diffsr.osediff_core.weights import read_osediff
     from comfyui_diffsr.sr_common.image import pil_to_tensor
@@ -494,3 +495,8 @@ def test_osediff_with_dape_prompts(base, tmp_path):
     assert psnr(got, expected[0].permute(1, 2, 0)) > 45
     plain = osediff_upscale(model, image, prompt="", options=Options(process_size=64))
     assert psnr(got, plain[0].permute(1, 2, 0)) < psnr(got, expected[0].permute(1, 2, 0))
+    converted = tmp_path / "dape.safetensors"  # `diffsr convert dape`: --dape alone then gives the same prompts
+    convert_dape(ram, dape, converted)
+    assert run([inp, "-o", tmp_path / "converted", "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
+                "--process-size", "64", "--dape", converted, "--user-prompt", "sharp"]) == 0
+    assert (tmp_path / "converted" / "in_32x32.png").read_bytes() == (tmp_path / "in_32x32.png").read_bytes()
