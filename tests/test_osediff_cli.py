@@ -300,6 +300,19 @@ def test_recursive_folder_run_mirrors_the_sub_folders(base, tmp_path, capsys):
     assert "sub-folders are searched with --recursive" in capsys.readouterr().err
 
 
+def test_two_inputs_for_one_output_are_refused_before_loading(base, tmp_path, capsys):
+    """photo.jpg and photo.png of one folder would both become photo.png: said with both names, before the
+    (here missing) weights are read, and nothing is written."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.open(os.path.join(FIX, "in_32x32.png")).save(folder / "photo.png")
+    Image.open(os.path.join(FIX, "in_32x32.png")).save(folder / "photo.jpg")
+    assert run([folder, "-o", tmp_path / "out", "--base", base, "--weights", tmp_path / "missing.pkl"]) == 2
+    err = capsys.readouterr().err
+    assert "would both be written to" in err and "photo.jpg" in err and "rename one of them" in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("failure", [
     torch.OutOfMemoryError("CUDA out of memory (simulated)"),
     RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
