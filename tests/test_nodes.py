@@ -743,6 +743,25 @@ def test_models_are_freed_when_comfyui_lets_go(pack):
     assert set(host._cache.keys()) <= cached_before
 
 
+def test_model_folders_from_extra_model_paths_are_kept(pack, monkeypatch, tmp_path):
+    """An ``osediff:`` entry of extra_model_paths.yaml (ComfyUI registers it before the packs, with no extensions,
+    folder_paths.add_model_folder_path L230) keeps its folder first; models/osediff is added after it, and the
+    loader lists the weight files of both."""
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    folder_paths = sys.modules["folder_paths"]
+    extra = tmp_path / "shared_models" / "osediff"
+    extra.mkdir(parents=True)
+    shutil.copy(os.path.join(DATA, "osediff", "osediff_tiny.pkl"), extra / "osediff_shared.pkl")
+    (extra / "readme.txt").write_text("not weights")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "osediff", ([str(extra)], set()))
+    host.register_model_folders()
+    host.register_model_folders()  # ComfyUI may ask for the node list again
+    paths, extensions = folder_paths.folder_names_and_paths["osediff"]
+    assert paths == [str(extra), os.path.join(folder_paths.models_dir, "osediff")]
+    assert {".pkl", ".safetensors"} <= extensions
+    assert host.files("osediff") == ["osediff_shared.pkl", "osediff_tiny.pkl"]
+
+
 @pytest.mark.parametrize("with_length", [True, False], ids=["content-length", "no-content-length"])
 def test_loader_download_option(pack, monkeypatch, tmp_path, with_length):
     """'download: osediff.pkl' in the OSEDiff loader fetches the official file (here from 127.0.0.1) into
