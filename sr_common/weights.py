@@ -32,7 +32,7 @@ def _check_file(path):
     if not os.path.exists(path):
         raise WeightFileError(f"Weight file not found: {path!r}. Check the path or the model folder.")
     if os.path.isdir(path):
-        raise WeightFileError(f"Expected a weight file but {path!r} is a folder.")
+        raise WeightFileError(f"Expected a weight file but {path!r} is a folder; give the file itself.")
     if os.path.getsize(path) == 0:
         raise WeightFileError(f"Weight file {path!r} is empty (0 bytes): the download or copy did not finish. "
                               "Download it again.")
