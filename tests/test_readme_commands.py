@@ -27,8 +27,8 @@ SD21_FILE = "v2-1_512-ema-pruned.safetensors"
 
 @pytest.fixture()
 def official_server(tmp_path, monkeypatch):
-    """The tiny SD 2.1 single file and the tiny osediff.pkl under their official names; the SD 2.1 file with the
-    SHA-256 Hugging Face declares (``X-Linked-Etag``), osediff.pkl pinned by its git blob id as in ``OFFICIAL``."""
+    """The tiny SD 2.1 single file and the tiny osediff.pkl under their official names, each pinned as in
+    ``OFFICIAL``: the SD 2.1 file by its SHA-256, osediff.pkl by its git blob id."""
     served = tmp_path / "served"
     served.mkdir()
     shutil.copy(os.path.join(DATA, "osediff", "tiny_sd21_single.safetensors"), served / SD21_FILE)
@@ -43,15 +43,14 @@ def official_server(tmp_path, monkeypatch):
 
         def end_headers(self):
             requests.append(self.path)
-            if self.path.endswith(".safetensors"):
-                self.send_header("X-Linked-Etag", f'"{sd21_sha}"')
             super().end_headers()
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(served)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
     official = download.OFFICIAL
-    monkeypatch.setitem(official, "sd21-base", dataclasses.replace(official["sd21-base"], url=f"{url}/{SD21_FILE}"))
+    monkeypatch.setitem(official, "sd21-base", dataclasses.replace(official["sd21-base"], url=f"{url}/{SD21_FILE}",
+                                                                    sha256=sd21_sha))
     monkeypatch.setitem(official, "osediff", dataclasses.replace(
         official["osediff"], url=f"{url}/osediff.pkl", git_blob=hashlib.sha1(b"blob %d\0" % len(pkl) + pkl).hexdigest()))
     yield served, requests
@@ -85,11 +84,14 @@ def test_sample_command_fetches_once_then_upscales_and_keeps_its_output(official
 
 def test_a_download_that_does_not_verify_puts_nothing_in_place(official_server, tmp_path, capsys):
     served, _ = official_server
-    (served / "osediff.pkl").write_bytes(b"not the official file")
+    for name in ("osediff.pkl", SD21_FILE):
+        (served / name).write_bytes(b"not the official file")
     models = tmp_path / "models"
     assert main(["download", "osediff", "--models-dir", str(models)]) == 2
     assert "git blob id" in capsys.readouterr().err
-    assert not os.listdir(models / "osediff")
+    assert main(["download", "sd21-base", "--models-dir", str(models)]) == 2
+    assert "SHA-256" in capsys.readouterr().err
+    assert not os.listdir(models / "osediff") and not os.listdir(models / "checkpoints")
 
 
 def test_the_diffsr_entry_lists_its_commands():
