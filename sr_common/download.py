@@ -41,9 +41,11 @@ OFFICIAL = {
     "osediff": Source("OSEDiff weights", "https://github.com/cswry/OSEDiff/raw/e1f6a7c74c880b4f8a68e9a13c869fbe37a93292/"
                       "preset/models/osediff.pkl", "osediff.pkl", "osediff",
                       git_blob="bc84dc9729aa6173e8b1087977025a4fc566a5db"),
+    # added to the repository in 2025, after the snapshot read here: no hash to pin; its tensors are checked on loading
     "dape": Source("DAPE LoRA", "https://github.com/cswry/OSEDiff/raw/main/preset/models/DAPE.pth", "DAPE.pth", "dape"),
     "ram": Source("RAM Swin-L tagger", "https://huggingface.co/spaces/xinyu1205/recognize-anything/resolve/main/"
-                  "ram_swin_large_14m.pth", "ram_swin_large_14m.pth", "dape"),
+                  "ram_swin_large_14m.pth", "ram_swin_large_14m.pth", "dape",
+                  sha256="15c729c793af28b9d107c69f85836a1356d76ea830d4714699fb62e55fcc08ed"),
 }
 
 
