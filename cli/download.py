@@ -6,7 +6,7 @@ import sys
 
 from tqdm import tqdm
 
-from ..sr_common.download import OFFICIAL, download, downloaded
+from ..sr_common.download import OFFICIAL, downloaded
 from .common import run_main
 
 

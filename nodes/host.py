@@ -16,7 +16,7 @@ import folder_paths
 
 from ..osediff_core.pipeline import Options as DEFAULT_TILES  # the same tile defaults as DoSSR's Options
 from ..sr_common import tiling
-from ..sr_common.download import OFFICIAL, download, downloaded
+from ..sr_common.download import OFFICIAL, downloaded
 from ..sr_common.errors import WeightFileError
 from ..sr_common.image import with_upscaled_alpha
 from ..sr_common.sd21 import PRECISIONS, load_sd21, move_module, sd21_from_ldm_state_dict
