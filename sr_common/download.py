@@ -89,7 +89,10 @@ def download(url, dest, *, sha256="", git_blob="", progress=None, timeout=60):
         if e.code == 416 and have:  # the partial file is already complete
             response = None
         else:
-            raise DownloadError(f"Download of {url} failed: HTTP {e.code}. Nothing was written to {dest!r}.") from e
+            moved = (f" The file may have moved (as SD 2.1-base did in 2025): get {os.path.basename(dest)} by hand "
+                     f"and put it at {dest!r}.") if e.code in (401, 403, 404, 410) else ""
+            raise DownloadError(
+                f"Download of {url} failed: HTTP {e.code}. Nothing was written to {dest!r}.{moved}") from e
     except (urllib.error.URLError, OSError) as e:
         raise DownloadError(f"Download of {url} failed: {e}. Run the command again to resume.") from e
     expected = sha256
