@@ -332,9 +332,7 @@ def _patcher(model, module):
     patchers = getattr(model, "_comfy_patchers", None)
     if patchers is None:
         patchers = model._comfy_patchers = {}
-    patcher = patchers.get(id(module))
-    if patcher is None:
-        patcher = _patchers.get(id(module))  # a live patcher holds its module, so the id is this module's
+    patcher = _patchers.get(id(module))  # a live patcher holds its module, so the id is this module's
     if patcher is None:
         patcher = _patchers[id(module)] = comfy.model_patcher.ModelPatcher(
             HeldModules([module]), load_device=device(), offload_device=offload_device())

@@ -1,7 +1,12 @@
 import contextlib
+import dataclasses
+import functools
+import hashlib
+import http.server
 import os
 import shutil
 import sys
+import threading
 
 import pytest
 import torch
@@ -59,6 +64,45 @@ def host_stand_ins(pack_module, models=None):
             for name in [n for n in sys.modules if n.startswith((pack_module, "comfy", "folder_paths"))
                          and not n.startswith("comfyui_diffsr")]:
                 del sys.modules[name]
+
+
+@contextlib.contextmanager
+def official_files_served(files, official, served, *, with_length=True):
+    """Within the block, 127.0.0.1 serves ``files`` ({``official`` key: local file}) from the folder ``served`` under
+    their official names, and ``official`` (``sr_common.download.OFFICIAL`` as the caller imported it) points at
+    them, each pinned by the hash its real source is pinned by (SHA-256 or git blob id) but of the served file.
+    ``with_length=False``: a server that does not say the size (HTTP/1.0, ends at close). Yields the list of the
+    paths requested."""
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def send_header(self, keyword, value):
+            if with_length or keyword.lower() != "content-length":
+                super().send_header(keyword, value)
+
+        def end_headers(self):
+            requests.append(self.path)
+            super().end_headers()
+
+    served.mkdir(exist_ok=True)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with pytest.MonkeyPatch.context() as patch:
+        for key, path in files.items():
+            source = official[key]
+            data = open(path, "rb").read()
+            shutil.copy(path, served / source.filename)
+            pins = {"sha256": hashlib.sha256(data).hexdigest() if source.sha256 else "",
+                    "git_blob": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() if source.git_blob else ""}
+            patch.setitem(official, key, dataclasses.replace(
+                source, url=f"http://127.0.0.1:{server.server_address[1]}/{source.filename}", **pins))
+        try:
+            yield requests
+        finally:
+            server.shutdown()
 
 
 def copy_tiny_sd21(dest):

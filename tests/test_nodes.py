@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import DATA, copy_tiny_sd21, host_stand_ins, psnr
+from conftest import DATA, copy_tiny_sd21, host_stand_ins, official_files_served, psnr
 from workflow_schema import import_pack
 from comfyui_diffsr.sr_common.tiling import smaller_tiles
 
@@ -766,34 +766,12 @@ def test_model_folders_from_extra_model_paths_are_kept(pack, monkeypatch, tmp_pa
 def test_loader_download_option(pack, monkeypatch, tmp_path, with_length):
     """'download: osediff.pkl' in the OSEDiff loader fetches the official file (here from 127.0.0.1) into
     models/osediff with a progress bar, verified, then loads it; nothing is fetched for a plain choice."""
-    import dataclasses
-    import functools
-    import hashlib
-    import http.server
-    import threading
-
     _, nodes = pack
     host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
     folder_paths = sys.modules["folder_paths"]
     served = tmp_path / "served"
-    served.mkdir()
-    shutil.copy(os.path.join(DATA, "osediff", "osediff_tiny.pkl"), served / "osediff.pkl")
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def send_header(self, keyword, value):  # a server that does not say the size: HTTP/1.0, ends at close
-            if with_length or keyword.lower() != "content-length":
-                super().send_header(keyword, value)
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(served)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        source = host.OFFICIAL["osediff"]
-        data = (served / "osediff.pkl").read_bytes()
-        monkeypatch.setitem(host.OFFICIAL, "osediff", dataclasses.replace(
-            source, url=f"http://127.0.0.1:{server.server_address[1]}/osediff.pkl",
-            git_blob=hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()))
+    with official_files_served({"osediff": os.path.join(DATA, "osediff", "osediff_tiny.pkl")}, host.OFFICIAL, served,
+                               with_length=with_length):
         target = tmp_path / "models_osediff"
         monkeypatch.setitem(folder_paths.folder_names_and_paths, "osediff", ([str(target)], {".pkl"}))
         schema = nodes["OSEDiff_Loader"].define_schema()
@@ -808,8 +786,6 @@ def test_loader_download_option(pack, monkeypatch, tmp_path, with_length):
         (served / "osediff.pkl").unlink()  # the second time the local file is used, nothing is fetched
         assert host.weight_path("osediff", "download: osediff.pkl") == str(target / "osediff.pkl")
         assert model.unet is not None
-    finally:
-        server.shutdown()
 
 
 @pytest.mark.parametrize("method", ["osediff_tiles", "dossr_steps"])

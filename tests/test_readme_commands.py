@@ -3,15 +3,9 @@
 models``, then ``python -m comfyui_diffsr osediff sample/astronaut_128.png -o output --base … --weights …
 --skip-existing``; run again, nothing is fetched and the output is kept."""
 
-import dataclasses
-import functools
-import hashlib
-import http.server
 import os
-import shutil
 import subprocess
 import sys
-import threading
 
 import pytest
 from PIL import Image
@@ -19,42 +13,21 @@ from PIL import Image
 from comfyui_diffsr.cli.main import main
 from comfyui_diffsr.sr_common import download
 
-from conftest import DATA, copy_tiny_sd21
+from conftest import DATA, copy_tiny_sd21, official_files_served
 
 SAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample", "astronaut_128.png")
 SD21_FILE = "v2-1_512-ema-pruned.safetensors"
 
 
 @pytest.fixture()
-def official_server(tmp_path, monkeypatch):
-    """The tiny SD 2.1 single file and the tiny osediff.pkl under their official names, each pinned as in
-    ``OFFICIAL``: the SD 2.1 file by its SHA-256, osediff.pkl by its git blob id."""
+def official_server(tmp_path):
+    """The tiny SD 2.1 single file and the tiny osediff.pkl under their official names, each pinned by the hash kind
+    of its real source: the SD 2.1 file by its SHA-256, osediff.pkl by its git blob id."""
     served = tmp_path / "served"
-    served.mkdir()
-    shutil.copy(os.path.join(DATA, "osediff", "tiny_sd21_single.safetensors"), served / SD21_FILE)
-    shutil.copy(os.path.join(DATA, "osediff", "osediff_tiny.pkl"), served / "osediff.pkl")
-    sd21_sha = hashlib.sha256((served / SD21_FILE).read_bytes()).hexdigest()
-    pkl = (served / "osediff.pkl").read_bytes()
-    requests = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def end_headers(self):
-            requests.append(self.path)
-            super().end_headers()
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(served)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    official = download.OFFICIAL
-    monkeypatch.setitem(official, "sd21-base", dataclasses.replace(official["sd21-base"], url=f"{url}/{SD21_FILE}",
-                                                                    sha256=sd21_sha))
-    monkeypatch.setitem(official, "osediff", dataclasses.replace(
-        official["osediff"], url=f"{url}/osediff.pkl", git_blob=hashlib.sha1(b"blob %d\0" % len(pkl) + pkl).hexdigest()))
-    yield served, requests
-    server.shutdown()
+    with official_files_served({"sd21-base": os.path.join(DATA, "osediff", "tiny_sd21_single.safetensors"),
+                                "osediff": os.path.join(DATA, "osediff", "osediff_tiny.pkl")},
+                               download.OFFICIAL, served) as requests:
+        yield served, requests
 
 
 def test_sample_command_fetches_once_then_upscales_and_keeps_its_output(official_server, tmp_path, capsys):
