@@ -88,8 +88,10 @@ class OSEDiffLoader(io.ComfyNode):
             description="OSEDiff LoRA weights (osediff.pkl or converted .safetensors) merged into SD 2.1-base.",
             inputs=[SD21.Input("sd21", tooltip="From 'Load SD 2.1-base (DiffSR)'. Left untouched (shared with DoSSR)."),
                     io.Combo.Input("weights", options=host.files("osediff", downloadable=True),
-                                   tooltip="osediff.pkl (or its converted .safetensors) in models/osediff. "
-                                           "'download: osediff.pkl' fetches the official file there first (once).")],
+                                   tooltip="osediff.pkl (or its converted .safetensors) in models/osediff; "
+                                           "osediff_face.pkl restores faces (upscale 1, color_fix none, as "
+                                           "the official code runs it). 'download: ...' fetches the official "
+                                           "file there first (once).")],
             outputs=[OSEDIFF.Output(display_name="OSEDIFF_MODEL")])
 
     @classmethod

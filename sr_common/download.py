@@ -41,6 +41,12 @@ OFFICIAL = {
     "osediff": Source("OSEDiff weights", "https://github.com/cswry/OSEDiff/raw/e1f6a7c74c880b4f8a68e9a13c869fbe37a93292/"
                       "preset/models/osediff.pkl", "osediff.pkl", "osediff",
                       git_blob="bc84dc9729aa6173e8b1087977025a4fc566a5db"),
+    # OSEDiff-SD21base-face (the same layout, trained on FFHQ for face restoration; the official command runs it at
+    # --upscale 1 with no colour fix): the commit that added it (2024-12-06; unchanged since), checked by its blob id
+    "osediff-face": Source("OSEDiff face-restoration weights",
+                           "https://github.com/cswry/OSEDiff/raw/f79a9db645bfb69e29c0b5e810cce2c74034bc11/"
+                           "preset/models/osediff_face.pkl", "osediff_face.pkl", "osediff",
+                           git_blob="4465e04da247be8f9af700f8cafbbd906439430c"),
     # added to the repository in 2025, after the snapshot read here: no hash to pin; its tensors are checked on loading
     "dape": Source("DAPE LoRA", "https://github.com/cswry/OSEDiff/raw/main/preset/models/DAPE.pth", "DAPE.pth", "dape"),
     "ram": Source("RAM Swin-L tagger", "https://huggingface.co/spaces/xinyu1205/recognize-anything/resolve/main/"

@@ -775,7 +775,7 @@ def test_loader_download_option(pack, monkeypatch, tmp_path, with_length):
         target = tmp_path / "models_osediff"
         monkeypatch.setitem(folder_paths.folder_names_and_paths, "osediff", ([str(target)], {".pkl"}))
         schema = nodes["OSEDiff_Loader"].define_schema()
-        assert "download: osediff.pkl" in schema.inputs[1].choices
+        assert {"download: osediff.pkl", "download: osediff_face.pkl"} <= set(schema.inputs[1].choices)
         (sd21,) = run(nodes["DiffSR_SD21Loader"], base="diffusers/tiny_sd21")
         bars = len(sys.modules["comfy.utils"].BARS)
         (model,) = run(nodes["OSEDiff_Loader"], sd21=sd21, weights="download: osediff.pkl")

@@ -3,6 +3,7 @@
 models``, then ``python -m comfyui_diffsr osediff sample/astronaut_128.png -o output --base … --weights …
 --skip-existing``; run again, nothing is fetched and the output is kept."""
 
+import json
 import os
 import subprocess
 import sys
@@ -12,8 +13,9 @@ from PIL import Image
 
 from comfyui_diffsr.cli.main import main
 from comfyui_diffsr.sr_common import download
+from comfyui_diffsr.sr_common.image import pil_to_tensor
 
-from conftest import DATA, copy_tiny_sd21, official_files_served
+from conftest import DATA, copy_tiny_sd21, official_files_served, psnr
 
 SAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample", "astronaut_128.png")
 SD21_FILE = "v2-1_512-ema-pruned.safetensors"
@@ -72,3 +74,25 @@ def test_the_diffsr_entry_lists_its_commands():
     shown = subprocess.run([sys.executable, "-m", "comfyui_diffsr", "--help"], capture_output=True, text=True,
                            check=True).stdout
     assert all(name in shown for name in ("osediff", "dape", "dossr", "convert", "download"))
+
+
+def test_face_command_fetches_the_face_weights_and_restores_at_the_input_size(tmp_path, capsys):
+    """The README's face restoration: ``diffsr download osediff-face``, then ``osediff … --weights osediff_face.pkl
+    --upscale 1 --color-fix none`` (the official README's ``--upscale 1 --align_method nofix``). The served file is
+    the tiny OSEDiff file, so the output is the official code's at x1 with no colour fix (``i40x48_x1_nofix``)."""
+    fixtures = os.path.join(DATA, "osediff")
+    with open(os.path.join(fixtures, "cases.json")) as f:
+        case = next(c for c in json.load(f)["cases"] if c["name"] == "i40x48_x1_nofix")
+    models, output = tmp_path / "models", tmp_path / "output"
+    with official_files_served({"osediff-face": os.path.join(fixtures, "osediff_tiny.pkl")}, download.OFFICIAL,
+                               tmp_path / "served") as requests:
+        assert main(["download", "osediff-face", "--models-dir", str(models)]) == 0
+    weights = models / "osediff" / "osediff_face.pkl"
+    assert capsys.readouterr().out.split() == [str(weights)] and requests == ["/osediff_face.pkl"]
+    assert main(["osediff", os.path.join(fixtures, case["input"]), "-o", str(output),
+                 "--base", copy_tiny_sd21(tmp_path / "tiny_sd21"), "--weights", str(weights),
+                 "--upscale", "1", "--color-fix", "none", "--prompt", case["prompt"],
+                 "--process-size", str(case["process_size"]), "--official-sizing"]) == 0
+    out = pil_to_tensor(Image.open(output / case["input"]))
+    assert tuple(out.shape[-2:]) == (48, 40)
+    assert psnr(out, pil_to_tensor(Image.open(os.path.join(fixtures, case["output"])))) >= 60
