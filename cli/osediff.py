@@ -24,7 +24,9 @@ def build_parser():
                    help="SD 2.1-base: diffusers folder or v2-1_512-ema-pruned .safetensors/.ckpt")
     p.add_argument("--base-config", default=None,
                    help="diffusers-style config folder for a single-file base of non-standard size")
-    p.add_argument("--weights", required=True, help="osediff.pkl or its converted .safetensors")
+    p.add_argument("--weights", required=True,
+                   help="osediff.pkl (osediff_face.pkl for faces, with --upscale 1 --color-fix none) or its "
+                        "converted .safetensors")
     p.add_argument("--prompt", default=None, help="prompt text, encoded verbatim (skips DAPE); default ''")
     p.add_argument("--dape", default=None, help="DAPE.pth LoRA (with --ram), or the converted DAPE .safetensors")
     p.add_argument("--ram", default=None, help="ram_swin_large_14m.pth (with --dape)")
