@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from ..sr_common.errors import DiffSRError, ImageInputError
 from ..sr_common.sd21 import PRECISIONS
-from ..sr_common.tiling import TILE_FLOORS, overlap_within, with_oom_retry
+from ..sr_common.tiling import TILE_FLOORS, OutOfMemory, overlap_within, with_oom_retry
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 HIGH_DEPTH_PEAK = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "F": 1.0}  # PIL mode → white
@@ -157,8 +157,8 @@ def upscale_all(pairs, upscale_one, desc, quality=95, upscale=1.0):
                 check_output_size(out, *(round(upscale * side) for side in image.shape[-2:]))
                 with torch.inference_mode():
                     result = upscale_one(image, out)
-            except (DiffSRError, ValueError, torch.OutOfMemoryError) as e:
-                reason = (f"out of memory even at the smallest tiles ({e})" if isinstance(e, torch.OutOfMemoryError)
+            except (DiffSRError, ValueError, OutOfMemory) as e:
+                reason = (f"out of memory even at the smallest tiles ({e})" if isinstance(e, OutOfMemory)
                           else e)
                 tqdm.write(f"error: {path}: {reason}", file=sys.stderr)
                 failed.append(path)
@@ -181,7 +181,7 @@ def upscale_all(pairs, upscale_one, desc, quality=95, upscale=1.0):
     return 0
 
 
-CPU_ALLOCATION_FAILED = "DefaultCPUAllocator: can't allocate memory"  # a RuntimeError, not torch.OutOfMemoryError
+CPU_ALLOCATION_FAILED = "DefaultCPUAllocator: can't allocate memory"  # a RuntimeError, not an OutOfMemoryError
 
 
 def check_sizing_args(args):
@@ -220,9 +220,9 @@ def with_smaller_tiles_on_oom(run, options):
         try:
             return run(options_now)
         except RuntimeError as e:
-            if isinstance(e, torch.OutOfMemoryError) or CPU_ALLOCATION_FAILED not in str(e):
+            if isinstance(e, OutOfMemory) or CPU_ALLOCATION_FAILED not in str(e):
                 raise
-            raise torch.OutOfMemoryError(str(e)) from None  # the CPU allocator's failure, as PyTorch reports it
+            raise OutOfMemory(str(e)) from None  # the CPU allocator's failure, as PyTorch reports it
 
     return with_oom_retry(attempt, {k: getattr(options, k) for k in TILE_FLOORS},
                           {k: getattr(defaults, k) for k in TILE_FLOORS},

@@ -205,6 +205,14 @@ def winograd_pays(x, out_channels):
             and max(in_channels, out_channels) * pixels <= WINOGRAD_MAX_ELEMENTS)
 
 
+
+def is_compiling():
+    """Whether ``torch.compile`` is tracing the call: ``torch.compiler.is_compiling`` (PyTorch 2.3 on), else the
+    ``torch._dynamo`` function it replaced."""
+    check = getattr(torch.compiler, "is_compiling", None)
+    return check() if check is not None else torch._dynamo.is_compiling()
+
+
 class FusedUpsample2D(nn.Module):
     """Drop-in for a diffusers ``Upsample2D`` (nearest ×2, 3×3 conv); keeps its ``conv`` (same state-dict keys).
     The phase kernels are folded once and kept until the weight is written to, moved or cast (under
@@ -222,7 +230,7 @@ class FusedUpsample2D(nn.Module):
 
     def phase_kernels(self):
         weight = self.conv.weight
-        if torch.compiler.is_compiling():  # inside torch.compile: folded in the graph, no Python-side cache
+        if is_compiling():  # inside torch.compile: folded in the graph, no Python-side cache
             return phase_kernels(weight)
         try:
             version = weight._version  # bumped by every in-place write (load_state_dict, a LoRA merge)

@@ -91,13 +91,18 @@ def smaller_tiles(tiles, defaults):
     return None if out == tiles else out
 
 
+# what running out of device memory raises: torch.OutOfMemoryError from PyTorch 2.5 on (any device), which
+# torch.cuda.OutOfMemoryError names there too; before 2.5 only the CUDA allocator raised it (since 1.13)
+OutOfMemory = torch.cuda.OutOfMemoryError
+
+
 def overlap_within(tile, overlap):
     """The latent tile overlap kept at least 8 below ``tile`` (0 without tiling): what a tile halved on
     out-of-memory can take."""
     return min(overlap, max(tile - 8, 0))
 
 
-def with_oom_retry(run, tiles, defaults, *, oom=torch.OutOfMemoryError, free=torch.cuda.empty_cache, notify=None):
+def with_oom_retry(run, tiles, defaults, *, oom=OutOfMemory, free=torch.cuda.empty_cache, notify=None):
     """``run(**tiles)``; on ``oom`` run again with ``smaller_tiles`` (after ``free()`` and ``notify(smaller)``) until
     none can shrink, then re-raise."""
     while True:

@@ -176,7 +176,7 @@ def test_cli_out_of_memory_retry_keeps_the_draws(tmp_path, monkeypatch, capsys):
         tiles.append(options.tile_latent)
         if len(tiles) == 1:
             real(model, image, options=options, trace=trace, **kwargs)  # drew its noise, then "ran out"
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(model, image, options=options, trace=trace, **kwargs)
 
     monkeypatch.setattr(pipeline, "dossr_upscale", flaky)
