@@ -258,20 +258,41 @@ def _folder_part_state(module, state):
     return fixed
 
 
+def _folder_part_files(folder, sub, name):
+    """The safetensors files of one folder part: ``name``, or the shards that ``name.index.json`` maps its keys to
+    (as diffusers and transformers write a large part); None when neither is complete."""
+    single = os.path.join(folder, sub, name)
+    if os.path.isfile(single):
+        return [single]
+    index = single + ".index.json"
+    if not os.path.isfile(index):
+        return None
+    try:
+        shards = sorted(set(_read_json(index)["weight_map"].values()))
+    except (ValueError, KeyError, AttributeError, TypeError):  # not the JSON of an index: diffusers says what
+        return None
+    paths = [os.path.join(folder, sub, shard) for shard in shards]
+    return paths if paths and all(os.path.isfile(p) for p in paths) else None
+
+
 def _load_folder_parts(folder, in_memory):
     """UNet, VAE, text encoder and whether each was read into memory, built on the meta device and filled from the
-    folder's single safetensors file per part (``FOLDER_WEIGHT_FILES``) with this pack's readers, as a single file is
-    (see ``load_single_file``); None when a part is stored otherwise (sharded, pickled, under another name) or its
+    folder's safetensors file per part (``FOLDER_WEIGHT_FILES``, or its shards) with this pack's readers, as a single
+    file is (see ``load_single_file``); None when a part is stored otherwise (pickled, under another name) or its
     keys are not the module's, which ``load_diffusers_folder`` leaves to diffusers and transformers."""
-    paths = {sub: os.path.join(folder, sub, name) for sub, name in FOLDER_WEIGHT_FILES.items()}
-    if not all(os.path.isfile(p) for p in paths.values()):
+    files = {sub: _folder_part_files(folder, sub, name) for sub, name in FOLDER_WEIGHT_FILES.items()}
+    if None in files.values():
         return None
     parts, owned = models_from_config(folder, random_init=False), []
-    for (sub, path), module in zip(paths.items(), parts):
-        state, read_in = _read_base_file(path, in_memory)
+    for (sub, paths), module in zip(files.items(), parts):
+        state, read_in = {}, True
+        for path in paths:
+            shard, shard_read_in = _read_base_file(path, in_memory)
+            state.update(shard)
+            read_in = read_in and shard_read_in
         state = _folder_part_state(module, state)
         try:
-            owned.append(_load_into(module, state, sub, path) or read_in)
+            owned.append(_load_into(module, state, sub, paths[0]) or read_in)
         except WeightFileError:
             return None
     return parts, owned
