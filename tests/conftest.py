@@ -114,6 +114,21 @@ def copy_tiny_sd21(dest):
     return str(dest)
 
 
+def _cpu_computes_float16():
+    """Whether this PyTorch has float16 convolution and layer norm kernels on the CPU (2.1 has neither)."""
+    try:
+        torch.nn.functional.conv2d(torch.ones(1, 1, 3, 3, dtype=torch.float16), torch.ones(1, 1, 3, 3, dtype=torch.float16))
+        torch.nn.functional.layer_norm(torch.ones(2, dtype=torch.float16), (2,))
+    except RuntimeError:
+        return False
+    return True
+
+
+# for the tests that run float16 on the CPU (they stand in for a GPU's float16 there)
+cpu_float16 = pytest.mark.skipif(not _cpu_computes_float16(),
+                                 reason="this PyTorch computes no float16 convolution or layer norm on the CPU")
+
+
 def psnr(a, b, peak=1.0):
     mse = torch.mean((a.double() - b.double()) ** 2).item()
     return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(peak**2 / mse)).item()

@@ -188,7 +188,7 @@ def test_16bit_rgb_png_is_read(tmp_path):
     _png(tmp_path / "rgb16.png", 7, 13, 16, 2, [row.astype(">u2").tobytes() for row in values])
     loaded = load_image(str(tmp_path / "rgb16.png"))
     assert loaded.shape == (1, 3, 13, 7)
-    assert (loaded * 255 - torch.from_numpy(values >> 8).permute(2, 0, 1).float()).abs().max() <= 1
+    assert (loaded * 255 - torch.from_numpy((values >> 8).astype(np.int32)).permute(2, 0, 1).float()).abs().max() <= 1
 
 
 @pytest.mark.parametrize("content, message", [

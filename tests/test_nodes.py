@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import DATA, copy_tiny_sd21, host_stand_ins, official_files_served, psnr
+from conftest import DATA, copy_tiny_sd21, cpu_float16, host_stand_ins, official_files_served, psnr
 from workflow_schema import import_pack
 from comfyui_diffsr.sr_common.tiling import smaller_tiles
 
@@ -473,6 +473,7 @@ def test_dossr_loads_its_text_encoder_only_for_a_new_prompt(pack):
     assert "another prompt" not in model.prompt_cache
 
 
+@cpu_float16
 def test_auto_dtype_is_comfyuis_choice_for_the_device(pack, osediff_model, monkeypatch):
     """dtype "auto" runs the networks in the precision ComfyUI picks for its own diffusion models on the device
     (comfy.model_management.unet_dtype: fp16 where the GPU computes it well, else bf16 or fp32; its precision flags
@@ -534,6 +535,7 @@ def test_dape_loader_precision(pack, monkeypatch):
     assert all(isinstance(p, str) and p for p in prompts)
 
 
+@cpu_float16
 def test_precision_switch_casts_from_the_exact_weights(pack, osediff_model):
     """An fp16 run, then an fp32 run, computes with the loaded float32 weights, not with their fp16 rounding, also
     through modules shared between models (the SD 2.1 VAE of the OSEDiff and the VAE Decode patchers)."""
@@ -552,6 +554,7 @@ def test_precision_switch_casts_from_the_exact_weights(pack, osediff_model):
     assert all(torch.equal(v, exact[k]) for k, v in model.vae.state_dict().items())
 
 
+@cpu_float16
 def test_16bit_runs_keep_no_float32_copy_of_the_merged_osediff_weights(pack):
     """Once OSEDiff runs in fp16, nothing keeps the float32 values of its merged UNet and LQ encoder (3.5 GB at full
     size): a later fp32 run recomputes them from the SD 2.1 weights and the LoRA, bit for bit."""
@@ -705,6 +708,7 @@ def test_dossr_sampler_from_a_latent(pack):
             run(nodes["DoSSR_Sampler"], **both, **common)
 
 
+@cpu_float16
 def test_models_are_freed_when_comfyui_lets_go(pack):
     """Loaders share one instance per file while it is used and keep nothing alive on their own: once ComfyUI lets
     go of the models, one garbage collection (ComfyUI runs one after a prompt) frees them with their patchers, the

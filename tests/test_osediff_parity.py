@@ -3,6 +3,7 @@
 import json
 import os
 
+import PIL
 import pytest
 import torch
 from PIL import Image
@@ -13,7 +14,7 @@ from comfyui_diffsr.osediff_core.weights import read_osediff
 from comfyui_diffsr.sr_common.image import pil_to_tensor
 from comfyui_diffsr.sr_common.sd21 import load_sd21
 
-from conftest import DATA, copy_tiny_sd21, psnr
+from conftest import DATA, copy_tiny_sd21, cpu_float16, psnr
 
 FIX = os.path.join(DATA, "osediff")
 CASES = json.load(open(os.path.join(FIX, "cases.json")))["cases"]
@@ -54,8 +55,20 @@ def expected(case):
     return pil_to_tensor(Image.open(os.path.join(FIX, case["output"])))
 
 
+def squashed_by_lanczos(case):
+    """Whether official sizing shrinks this case's LQ to a multiple of 8 (PIL LANCZOS) after the bicubic x upscale."""
+    (w, h), up, ps = case["input_size"], case["upscale"], case["process_size"]
+    if w < ps // up or h < ps // up:  # the official min-size raise
+        scale = (ps // up) / min(w, h)
+        w, h = int(scale * w), int(scale * h)
+    return case["sizing"] == "official" and [w * up, h * up] != case["model_input_size"]
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_matches_official(model, case):
+    if squashed_by_lanczos(case) and int(PIL.__version__.split(".")[0]) < 13:
+        pytest.skip("the fixtures were made with Pillow 13, whose LANCZOS differs from older Pillow's by up to 2 "
+                    "levels (c21x27_x2: 30 dB after the random model), as the official code's output does")
     out = run_case(model, case)
     ref = expected(case)
     assert tuple(out.shape[-2:]) == (case["output_size"][1], case["output_size"][0])
@@ -120,7 +133,7 @@ def test_command_build_matches_official(tmp_path, name):
     assert psnr(out, expected(case)) >= min_psnr(case), f"{name}: {psnr(out, expected(case)):.2f} dB"
 
 
-@pytest.mark.parametrize("dtype, min_db", [(torch.float16, 42), (torch.bfloat16, 28)])
+@pytest.mark.parametrize("dtype, min_db", [pytest.param(torch.float16, 42, marks=cpu_float16), (torch.bfloat16, 28)])
 def test_reduced_precision_close_to_float32(model, tmp_path, dtype, min_db):
     """The networks in fp16 (the CUDA default) or bf16 against float32, on an untiled, a tiled-VAE and a latent-tiled
     case; the output stays float32. Measured on these random tiny weights: fp16 47.5 / 49.1 / 46.0 dB, bf16 30.6 /

@@ -17,7 +17,7 @@ from comfyui_diffsr.sr_common.sd21 import load_sd21
 from comfyui_diffsr.sr_common import tiled_vae
 from comfyui_diffsr.sr_common.tiled_vae import DECODER_PAD, ENCODER_PAD, split_tiles, tiled_forward
 
-from conftest import DATA, copy_tiny_sd21, psnr
+from conftest import DATA, copy_tiny_sd21, cpu_float16, psnr
 
 ENCODE_TILE, DECODE_TILE = 64, 8  # as test_osediff_parity / test_dossr_pipeline: several tiles on these sizes
 
@@ -177,6 +177,7 @@ def test_unknown_mode():
         tiled_forward(torch.nn.Identity(), torch.zeros(1, 3, 8, 8), 8, is_decoder=False, mode="bogus")
 
 
+@cpu_float16
 @pytest.mark.parametrize("mode", ["bounded", "exact", "official"])
 def test_fp16_overflow_runs_again_in_float32(tiny_unet_vae, mode):
     """An fp16 VAE whose activations pass fp16's ±65504 gives the float32 result instead of inf/NaN, with a warning,
@@ -202,6 +203,7 @@ def test_fp16_overflow_runs_again_in_float32(tiny_unet_vae, mode):
             assert all(p.dtype == torch.float16 for p in half.parameters())
 
 
+@cpu_float16
 def test_finite_fp16_output_is_not_run_again(tiny_unet_vae):
     """No overflow: the fp16 result as it is, once."""
     half = copy.deepcopy(tiny_unet_vae[1].decoder).half()
