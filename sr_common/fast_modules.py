@@ -205,7 +205,6 @@ def winograd_pays(x, out_channels):
             and max(in_channels, out_channels) * pixels <= WINOGRAD_MAX_ELEMENTS)
 
 
-
 def is_compiling():
     """Whether ``torch.compile`` is tracing the call: ``torch.compiler.is_compiling`` (PyTorch 2.3 on), else the
     ``torch._dynamo`` function it replaced."""

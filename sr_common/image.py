@@ -72,12 +72,12 @@ def resize(image, size, method="bicubic"):
     for b in range(image.shape[0]):
         if eight_bit:
             array = (image[b].permute(1, 2, 0).cpu().float() * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
-            resized = Image.fromarray(array, "RGB").resize((width, height), resample)
+            resized = Image.fromarray(array).resize((width, height), resample)
             out.append(torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).float() / 255.0)
         else:
             channels = []
             for c in range(image.shape[1]):
-                plane = Image.fromarray(image[b, c].cpu().float().numpy(), "F")
+                plane = Image.fromarray(image[b, c].cpu().float().numpy())  # mode F
                 channels.append(torch.from_numpy(np.asarray(plane.resize((width, height), resample)).copy()))
             out.append(torch.stack(channels))
     return torch.stack(out).to(image.device)

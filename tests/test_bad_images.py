@@ -214,7 +214,7 @@ def test_osediff_command_on_odd_files(tiny_folder, tmp_path, capsys):
     rgb = np.random.default_rng(0).integers(0, 256, (13, 7, 3), dtype=np.uint8)
     Image.fromarray(rgb[:1, :1]).save(images / "one.png")
     Image.fromarray(rgb).save(images / "rgb7x13.png")
-    Image.fromarray(np.dstack([rgb, rgb[..., :1]]), "RGBA").save(images / "rgba.png")
+    Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(images / "rgba.png")
     Image.fromarray(rgb[..., 0]).save(images / "gray.png")
     Image.fromarray(_gradient16(13, 7)).save(images / "gray16.png")
     Image.fromarray(rgb).convert("P").save(images / "palette.png")
