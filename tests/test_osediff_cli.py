@@ -134,9 +134,12 @@ def test_folder_read_like_a_single_file_equals_diffusers_loading(base, tmp_path)
     with open(os.path.join(sharded, "unet", "diffusion_pytorch_model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": {k: shard for shard, names in shards.items() for k in names}}, f)
     os.remove(unet_file)
-    sharded = load_sd21(sharded)
-    _same_weights(sharded, reference)
-    assert sharded.unet_owned  # read by the pack's readers (fp16 shards converted as read), not by diffusers
+    loaded = load_sd21(sharded)
+    _same_weights(loaded, reference)
+    assert loaded.unet_owned  # read by the pack's readers (fp16 shards converted as read), not by diffusers
+    os.remove(os.path.join(sharded, "unet", "diffusion_pytorch_model-00002-of-00002.safetensors"))
+    with pytest.raises(WeightFileError, match="00002-of-00002.*incomplete or damaged"):
+        load_sd21(sharded)
 
 
 def test_converted_weights_and_python_m(base, tmp_path):
