@@ -19,7 +19,7 @@ from ..sr_common import tiling
 from ..sr_common.download import OFFICIAL, downloaded
 from ..sr_common.errors import WeightFileError
 from ..sr_common.image import with_upscaled_alpha
-from ..sr_common.sd21 import PRECISIONS, load_sd21, move_module, sd21_from_ldm_state_dict
+from ..sr_common.sd21 import PRECISIONS, check_precision, load_sd21, move_module, sd21_from_ldm_state_dict
 
 WEIGHT_EXTENSIONS = {".pkl", ".pth", ".pt", ".ckpt", ".safetensors", ".sft", ".bin"}
 MODEL_FOLDERS = ("osediff", "dossr", "dape")
@@ -304,8 +304,8 @@ def auto_dtype(model):
 
 
 def widget_dtype(model, dtype_widget):
-    """The precision a node's ``dtype`` widget asks for ``model`` (auto: ``auto_dtype``)."""
-    return auto_dtype(model) if dtype_widget == "auto" else PRECISIONS[dtype_widget]
+    """The precision a node's ``dtype`` widget asks for ``model`` (auto: ``auto_dtype``), if the device computes it."""
+    return check_precision(auto_dtype(model) if dtype_widget == "auto" else PRECISIONS[dtype_widget], device())
 
 
 def in_precision(module, dtype_widget):

@@ -6,6 +6,7 @@ single-file path needs the SD 2.1-base configs and tokenizer, which ship in ``co
 Other model families are recognised and refused with a message naming what was found.
 """
 
+import functools
 import json
 import os
 import warnings
@@ -15,7 +16,7 @@ from importlib import resources
 
 import torch
 
-from .errors import WeightFileError
+from .errors import DiffSRError, WeightFileError
 from .weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_weight_file, load_module_weights, read_state_dict,
                       stored_as_float32)
 
@@ -345,7 +346,28 @@ def network_dtype(name, device):
     it well (as the official code; ``fp16_works``), float32 elsewhere."""
     if name in (None, "auto"):
         return torch.float16 if device.type == "cuda" and fp16_works(device) else torch.float32
-    return PRECISIONS[name]
+    return check_precision(PRECISIONS[name], device)
+
+
+@functools.cache
+def cpu_computes_float16():
+    """Whether this PyTorch has float16 convolution and layer norm kernels on the CPU (2.1 has neither)."""
+    try:
+        half = torch.ones(1, 1, 3, 3, dtype=torch.float16)
+        torch.nn.functional.conv2d(half, half)
+        torch.nn.functional.layer_norm(half, (3,))
+    except RuntimeError:
+        return False
+    return True
+
+
+def check_precision(dtype, device):
+    """``dtype``, unless it is float16 on a CPU whose PyTorch cannot compute it: refused by name then, before a network
+    fails inside ("LayerNormKernelImpl" not implemented for 'Half')."""
+    if dtype == torch.float16 and device.type == "cpu" and not cpu_computes_float16():
+        raise DiffSRError(f"PyTorch {torch.__version__} has no float16 kernels on the CPU: run fp32 or bf16 there "
+                          "(--dtype, or the node's dtype), or update PyTorch.")
+    return dtype
 
 
 FP16_BROKEN = ("1660", "1650", "1630", "T500", "T550", "T600", "MX550", "MX450", "CMP 30HX", "T2000", "T1000",

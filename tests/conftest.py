@@ -11,6 +11,8 @@ import threading
 import pytest
 import torch
 
+from comfyui_diffsr.sr_common.sd21 import cpu_computes_float16
+
 DATA = os.path.join(os.path.dirname(__file__), "data")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(ROOT, "sr_common", "configs", "sd21_base", "tokenizer")
@@ -114,18 +116,8 @@ def copy_tiny_sd21(dest):
     return str(dest)
 
 
-def _cpu_computes_float16():
-    """Whether this PyTorch has float16 convolution and layer norm kernels on the CPU (2.1 has neither)."""
-    try:
-        torch.nn.functional.conv2d(torch.ones(1, 1, 3, 3, dtype=torch.float16), torch.ones(1, 1, 3, 3, dtype=torch.float16))
-        torch.nn.functional.layer_norm(torch.ones(2, dtype=torch.float16), (2,))
-    except RuntimeError:
-        return False
-    return True
-
-
 # for the tests that run float16 on the CPU (they stand in for a GPU's float16 there)
-cpu_float16 = pytest.mark.skipif(not _cpu_computes_float16(),
+cpu_float16 = pytest.mark.skipif(not cpu_computes_float16(),
                                  reason="this PyTorch computes no float16 convolution or layer norm on the CPU")
 
 

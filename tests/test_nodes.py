@@ -473,6 +473,26 @@ def test_dossr_loads_its_text_encoder_only_for_a_new_prompt(pack):
     assert "another prompt" not in model.prompt_cache
 
 
+def test_float16_on_a_cpu_that_cannot_compute_it_is_refused_by_name(pack, osediff_model, monkeypatch):
+    """On a PyTorch without CPU float16 kernels (2.1), fp16 asked of a node on the CPU, or picked by "auto" under
+    ComfyUI's --force-fp16, is refused with what to pick instead; bf16 runs."""
+    _, nodes = pack
+    _, model = osediff_model
+    mm = sys.modules["comfy.model_management"]
+    refused = sys.modules["custom_nodes_x_diffsr_pack.sr_common.errors"].DiffSRError
+    monkeypatch.setattr(sys.modules["custom_nodes_x_diffsr_pack.sr_common.sd21"], "cpu_computes_float16", lambda: False)
+    args = dict(model=model, image=torch.rand(1, 20, 24, 3), prompt="", upscale=2.0, process_size=32,
+                color_fix="adain", tile_latent=96, tile_overlap=32)
+    with torch.inference_mode():
+        with pytest.raises(refused, match="no float16 kernels on the CPU: run fp32 or bf16"):
+            run(nodes["OSEDiff_Upscale"], **args, dtype="fp16")
+        monkeypatch.setattr(mm, "FP16_WORKS", True)  # as under --force-fp16
+        with pytest.raises(refused, match="no float16 kernels on the CPU"):
+            run(nodes["OSEDiff_Upscale"], **args, dtype="auto")
+        (out,) = run(nodes["OSEDiff_Upscale"], **args, dtype="bf16")
+    assert out.shape == (1, 40, 48, 3)
+
+
 @cpu_float16
 def test_auto_dtype_is_comfyuis_choice_for_the_device(pack, osediff_model, monkeypatch):
     """dtype "auto" runs the networks in the precision ComfyUI picks for its own diffusion models on the device

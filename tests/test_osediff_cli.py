@@ -518,3 +518,17 @@ def test_osediff_with_dape_prompts(base, tmp_path):
     assert run([inp, "-o", tmp_path / "converted", "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
                 "--process-size", "64", "--dape", converted, "--user-prompt", "sharp"]) == 0
     assert (tmp_path / "converted" / "in_32x32.png").read_bytes() == (tmp_path / "in_32x32.png").read_bytes()
+
+
+def test_float16_on_a_cpu_that_cannot_compute_it_is_refused_by_name(base, tmp_path, monkeypatch, capsys):
+    """PyTorch 2.1 has no float16 convolution or layer norm on the CPU: ``--dtype fp16 --device cpu`` says so and
+    what to pick instead, before loading anything, rather than failing inside a network."""
+    from comfyui_diffsr.sr_common import sd21
+
+    monkeypatch.setattr(sd21, "cpu_computes_float16", lambda: False)
+    args = [os.path.join(FIX, "in_32x32.png"), "-o", tmp_path / "out", "--base", base,
+            "--weights", os.path.join(FIX, "osediff_tiny.pkl"), "--device", "cpu"]
+    assert run(args + ["--dtype", "fp16"]) == 2
+    assert "no float16 kernels on the CPU: run fp32 or bf16" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert run(args + ["--dtype", "bf16", "--process-size", "64"]) == 0
