@@ -1,7 +1,6 @@
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import http.server
 import os
 import shutil
@@ -11,6 +10,7 @@ import threading
 import pytest
 import torch
 
+from comfyui_diffsr.sr_common.download import file_digests
 from comfyui_diffsr.sr_common.sd21 import cpu_computes_float16
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -95,10 +95,9 @@ def official_files_served(files, official, served, *, with_length=True):
     with pytest.MonkeyPatch.context() as patch:
         for key, path in files.items():
             source = official[key]
-            data = open(path, "rb").read()
             shutil.copy(path, served / source.filename)
-            pins = {"sha256": hashlib.sha256(data).hexdigest() if source.sha256 else "",
-                    "git_blob": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() if source.git_blob else ""}
+            sha256, blob = file_digests(path)
+            pins = {"sha256": sha256 if source.sha256 else "", "git_blob": blob if source.git_blob else ""}
             patch.setitem(official, key, dataclasses.replace(
                 source, url=f"http://127.0.0.1:{server.server_address[1]}/{source.filename}", **pins))
         try:
