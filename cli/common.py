@@ -181,9 +181,6 @@ def upscale_all(pairs, upscale_one, desc, quality=95, upscale=1.0):
     return 0
 
 
-CPU_ALLOCATION_FAILED = "DefaultCPUAllocator: can't allocate memory"  # a RuntimeError, not an OutOfMemoryError
-
-
 def check_sizing_args(args):
     """--upscale, --process-size and --official-sizing as OSEDiff (and DAPE, which tags what OSEDiff sees) take
     them."""
@@ -206,23 +203,15 @@ def check_tile_args(args):
 
 
 def with_smaller_tiles_on_oom(run, options):
-    """``run(options)``; on out-of-memory again with every tile halved (``tiling.with_oom_retry``), the overlap
-    kept below the latent tile, as the nodes do. A CPU allocation that fails counts as out-of-memory too (the
-    kernel refuses one that could never fit, e.g. an untiled stage of a large image)."""
+    """``run(options)``; on out-of-memory (a CPU allocation that fails counts too) again with every tile halved
+    (``tiling.with_oom_retry``), the overlap kept below the latent tile, as the nodes do."""
     defaults = type(options)()
 
     def attempt(**tiles):
         if tiles != {k: getattr(options, k) for k in TILE_FLOORS}:
             overlap = overlap_within(tiles["tile_latent"], options.tile_overlap)
-            options_now = dataclasses.replace(options, tile_overlap=overlap, **tiles)
-        else:
-            options_now = options
-        try:
-            return run(options_now)
-        except RuntimeError as e:
-            if isinstance(e, OutOfMemory) or CPU_ALLOCATION_FAILED not in str(e):
-                raise
-            raise OutOfMemory(str(e)) from None  # the CPU allocator's failure, as PyTorch reports it
+            return run(dataclasses.replace(options, tile_overlap=overlap, **tiles))
+        return run(options)
 
     return with_oom_retry(attempt, {k: getattr(options, k) for k in TILE_FLOORS},
                           {k: getattr(defaults, k) for k in TILE_FLOORS},

@@ -18,6 +18,7 @@ import torch
 from ..sr_common import image as img
 from ..sr_common.color_fix import COLOR_FIXES, apply_color_fix
 from ..sr_common.latents import encode_moments, posterior_mean, posterior_sample, vae_decode
+from ..sr_common.sd21 import checked_context
 from ..sr_common.tiled_vae import DEFAULT_MODE
 from ..sr_common.tiling import blend_tiles, needs_tiling
 from .model import DEFAULT_PROMPT, predict_eps
@@ -114,11 +115,7 @@ def start_latents(model, padded, noise, tile=None, stage=lambda name: None, mode
 def text_context(model, prompt=DEFAULT_PROMPT, prompt_embeds=None):
     """The (1, 77, 1024) text context: given, or the SD 2.1 text encoder on the prompt (cached)."""
     context = prompt_embeds.float() if prompt_embeds is not None else model.prompt_embedding(prompt)
-    if context.shape[-1] != model.unet.config.cross_attention_dim:
-        raise ValueError(f"The prompt embedding has width {context.shape[-1]}; the UNet needs "
-                         f"{model.unet.config.cross_attention_dim} (SD 2.1 text encoder output, (1, 77, 1024): "
-                         "CLIP Text Encode with the SD 2.1 CLIP).")
-    return context
+    return checked_context(context, model.unet)
 
 
 def make_eps_model(model, c_latent, context, o, callback=None):

@@ -11,7 +11,7 @@ from ..dossr_core.sampling import sample_dossr
 from ..dossr_core.schedule import make_grid
 from ..sr_common import image as img
 from ..sr_common.color_fix import COLOR_FIXES
-from ..sr_common.sd21 import SCALING_FACTOR
+from ..sr_common.sd21 import SCALING_FACTOR, checked_context
 from ..sr_common.tiling import overlap_within
 from . import host
 from .osediff import CATEGORY, SD21, dtype_input, tile_inputs
@@ -102,7 +102,7 @@ def _prompt_context(model, dtype, prompt, conditioning):
     device only for a prompt not encoded yet)."""
     host.cast_for_run(model, dtype)
     if conditioning is not None:
-        return conditioning[0][0][:1]
+        return checked_context(conditioning[0][0][:1], model.unet)
     (embeds,) = host.prompt_embeddings(model, [prompt], model.prompt_embedding)
     return embeds
 
@@ -177,7 +177,7 @@ class DoSSRSampler(io.ComfyNode):
             images, alpha = host.image_to_bchw(image)
             inputs = [(lr, None) for lr in images]
         else:
-            inputs = [(None, one) for one in latent["samples"].float().split(1)]
+            inputs = [(None, one) for one in host.latent_samples(latent, "DoSSR Sampler").split(1)]
         embeds = _prompt_context(model, dtype, prompt, conditioning)
         host.load_on_device(model)
         progress = host.Progress(len(inputs) * steps)
@@ -223,12 +223,24 @@ class DoSSRDecode(io.ComfyNode):
         outs = []
         for start, x in host.latent_with_references(latent, starts, "DoSSR VAE Decode"):
             h, w = start.shape[-2:]
+            _check_latent_covers(x, h, w)
             with torch.no_grad():
                 decoded = host.with_oom_retry(lambda vae_tile_decode: decode(
                     model, x.to(dev) * SCALING_FACTOR, vae_tile_decode, cancel), vae_tile_decode=vae_tile)
             outs.append(fixed_and_resized(decoded[..., :h, :w], start.to(dev), upscale, color_fix))
             progress()
         return io.NodeOutput(host.bchw_to_image(outs, alpha))
+
+
+def _check_latent_covers(latent, height, width):
+    """Refuse a latent that does not cover the reference as the sampler makes it: the reference's size in latent
+    pixels, padded by less than 64 px (the sampler pads its ×4 image to a multiple of 64). Otherwise the decode would
+    be cropped to a corner (the LR image given as the reference) or be smaller than the reference."""
+    h, w = latent.shape[-2:]
+    if not (height <= 8 * h < height + PIXEL_MULTIPLE and width <= 8 * w < width + PIXEL_MULTIPLE):
+        raise ValueError(f"DoSSR VAE Decode: the LATENT decodes to {8 * w}×{8 * h} px, which does not match the "
+                         f"{width}×{height} reference. Connect the REFERENCE output of the DoSSR Sampler that made "
+                         "the latent (the ×4 image, not the LR input).")
 
 
 NODES = [DoSSRLoader, DoSSRUpscale, DoSSRSampler, DoSSRDecode]

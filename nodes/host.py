@@ -390,28 +390,39 @@ TILE_DEFAULTS = {"tile_latent": DEFAULT_TILES.tile_latent, **DEFAULT_VAE_TILES}
 
 
 def with_oom_retry(run, **tiles):
-    """``run(**tiles)``; on ComfyUI's out-of-memory exception, again with every tile halved (``tiling.with_oom_retry``)
-    after ComfyUI frees its cache."""
+    """``run(**tiles)``; on ComfyUI's out-of-memory exception, or a CPU allocation refused, again with every tile
+    halved (``tiling.with_oom_retry``) after ComfyUI frees its cache."""
     return tiling.with_oom_retry(
         run, tiles, TILE_DEFAULTS, oom=mm.OOM_EXCEPTION, free=mm.soft_empty_cache,
         notify=lambda smaller: print(f"[DiffSR] out of memory: retrying with smaller tiles {smaller}"))
 
 
 def image_to_bchw(image):
-    """ComfyUI IMAGE [B, H, W, C] → list of (1, 3, H, W) and the alpha planes (or None); never mutates."""
+    """ComfyUI IMAGE [B, H, W, C] → list of (1, 3, H, W) and the alpha planes (or None); never mutates. Gray (C = 1)
+    becomes RGB; the alpha of gray + alpha (C = 2) or RGBA (C = 4) is kept aside."""
     x = image.movedim(-1, 1).float()
     alpha = None
+    if x.shape[1] in (2, 4):  # gray + alpha, RGBA
+        alpha = x[:, -1:]
+        x = x[:, :-1]
     if x.shape[1] == 1:
         x = x.repeat(1, 3, 1, 1)
-    elif x.shape[1] == 4:
-        alpha = x[:, 3:4]
-        x = x[:, :3]
     return [x[i:i + 1].cpu() for i in range(x.shape[0])], alpha
+
+
+def latent_samples(latent, node):
+    """The (B, 4, h, w) samples of a LATENT in float32; another family's latent refused by name."""
+    samples = latent["samples"]
+    if samples.dim() != 4 or samples.shape[1] != 4:
+        raise ValueError(f"{node}: the LATENT has shape {tuple(samples.shape)}; OSEDiff and DoSSR take the 4-channel "
+                         "latent of Stable Diffusion 1.x/2.x, (B, 4, h, w) (VAE Encode with the SD 2.1 VAE, Empty "
+                         "Latent Image, or this pack's nodes), not an SD3, Flux or video latent.")
+    return samples.float()
 
 
 def latent_with_references(latent, references, node):
     """The (1, 4, h, w) latents of a LATENT paired with the reference images they were made from (one each)."""
-    latents = latent["samples"].float().split(1)
+    latents = latent_samples(latent, node).split(1)
     if len(latents) != len(references):
         raise ValueError(f"{node}: the LATENT holds {len(latents)} image(s) but the reference {len(references)}; "
                          "connect the image batch the latent was made from.")

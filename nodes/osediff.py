@@ -8,7 +8,7 @@ from ..osediff_core.pipeline import (Options, build_osediff, decode_latent, enco
 from ..osediff_core.weights import lq_encoder_pairs, merged_value, osediff_unet_changes, read_osediff
 from ..sr_common import image as img
 from ..sr_common.color_fix import COLOR_FIXES, apply_color_fix
-from ..sr_common.sd21 import PRECISIONS, SCALING_FACTOR
+from ..sr_common.sd21 import PRECISIONS, SCALING_FACTOR, checked_context
 from ..sr_common.tiling import overlap_within
 from . import host
 
@@ -230,13 +230,13 @@ class OSEDiffOneStep(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, latent, prompt, tile_latent, tile_overlap, dtype, conditioning=None):
+        z_all = host.latent_samples(latent, "OSEDiff One-Step UNet") * SCALING_FACTOR
         host.cast_for_run(model, dtype)
         if conditioning is not None:
-            embeds = conditioning[0][0][:1]
+            embeds = checked_context(conditioning[0][0][:1], model.unet)
         else:
             (embeds,) = _embeddings(model, [prompt])
         dev = host.load_on_device(model, model.unet)
-        z_all = latent["samples"].float() * SCALING_FACTOR
         progress = host.Progress(z_all.shape[0])
         outs = []
         for z in z_all.split(1):
@@ -274,6 +274,7 @@ class OSEDiffDecode(io.ComfyNode):
         outs = []
         for one, x0 in host.latent_with_references(latent, images, "OSEDiff VAE Decode"):
             lq, plan = preprocess(one, upscale=upscale, process_size=process_size)
+            _check_latent_size(x0, lq, upscale, process_size)
             decoded = host.with_oom_retry(lambda vae_tile_decode: decode_latent(
                 model.vae, x0.to(dev) * SCALING_FACTOR, tile=vae_tile_decode), vae_tile_decode=vae_tile)
             out = apply_color_fix((decoded * 0.5 + 0.5)[..., :plan.crop[0], :plan.crop[1]], lq.to(dev),
@@ -283,6 +284,18 @@ class OSEDiffDecode(io.ComfyNode):
             outs.append(out)
             progress()
         return io.NodeOutput(host.bchw_to_image(outs, alpha))
+
+
+def _check_latent_size(latent, lq, upscale, process_size):
+    """Refuse a latent that was not made from ``lq`` (the reference at this upscale and process_size, padded to a
+    multiple of 8, as the LQ Encoder makes it), which would otherwise be cropped or stretched to the wrong image."""
+    height, width = lq.shape[-2:]
+    expected = (-(-height // 8), -(-width // 8))
+    if tuple(latent.shape[-2:]) != expected:
+        raise ValueError(f"OSEDiff VAE Decode: the LATENT is {latent.shape[-1]}×{latent.shape[-2]} (latent px), but "
+                         f"the reference at upscale {upscale:g} and process_size {process_size} needs "
+                         f"{expected[1]}×{expected[0]} ({width}×{height} px). Connect the image the OSEDiff LQ Encoder "
+                         "encoded, and give both nodes the same upscale and process_size.")
 
 
 class DAPELoader(io.ComfyNode):

@@ -411,6 +411,17 @@ class PromptCache(OrderedDict):
             self.popitem(last=False)
 
 
+def checked_context(context, unet):
+    """``context`` (B, 77, D), if D is the width ``unet`` cross-attends to (SD 2.1: 1024, its OpenCLIP-H text
+    encoder); refused by name otherwise (a CONDITIONING of another model's CLIP: SD 1.x 768, SDXL 2048)."""
+    width = unet.config.cross_attention_dim
+    if context.dim() != 3 or context.shape[-1] != width:
+        raise ValueError(f"The prompt embedding has shape {tuple(context.shape)}; the UNet needs (1, 77, {width}), "
+                         "the SD 2.1 text encoder's output: CLIP Text Encode with the CLIP of an SD 2.1 checkpoint, "
+                         "or the prompt text.")
+    return context
+
+
 def encode_prompt(text_encoder, tokenizer, prompts):
     """CLIP last hidden state (B, 77, D) for a list of prompts: max-length padding, truncation, no mask."""
     ids = tokenizer(list(prompts), max_length=tokenizer.model_max_length, padding="max_length", truncation=True,

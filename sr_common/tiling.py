@@ -94,6 +94,13 @@ def smaller_tiles(tiles, defaults):
 # what running out of device memory raises: torch.OutOfMemoryError from PyTorch 2.5 on (any device), which
 # torch.cuda.OutOfMemoryError names there too; before 2.5 only the CUDA allocator raised it (since 1.13)
 OutOfMemory = torch.cuda.OutOfMemoryError
+CPU_ALLOCATION_FAILED = "DefaultCPUAllocator: can't allocate memory"  # a RuntimeError, not an OutOfMemoryError
+
+
+def is_out_of_memory(error, oom=OutOfMemory):
+    """Whether ``error`` is ``oom``, or an allocation the CPU allocator refused (the kernel refuses one that could
+    never fit, e.g. an untiled stage of a large image: PyTorch raises a plain RuntimeError naming the allocator)."""
+    return isinstance(error, oom) or (isinstance(error, RuntimeError) and CPU_ALLOCATION_FAILED in str(error))
 
 
 def overlap_within(tile, overlap):
@@ -103,15 +110,19 @@ def overlap_within(tile, overlap):
 
 
 def with_oom_retry(run, tiles, defaults, *, oom=OutOfMemory, free=torch.cuda.empty_cache, notify=None):
-    """``run(**tiles)``; on ``oom`` run again with ``smaller_tiles`` (after ``free()`` and ``notify(smaller)``) until
-    none can shrink, then re-raise."""
+    """``run(**tiles)``; on out-of-memory (``is_out_of_memory``) run again with ``smaller_tiles`` (after ``free()``
+    and ``notify(smaller)``) until none can shrink, then raise it (the CPU allocator's as ``OutOfMemory``)."""
     while True:
         try:
             return run(**tiles)
-        except oom:
+        except Exception as error:
+            if not is_out_of_memory(error, oom):
+                raise
             smaller = smaller_tiles(tiles, defaults)
             if smaller is None:
-                raise
+                if isinstance(error, oom):
+                    raise
+                raise OutOfMemory(str(error)) from None
         free()  # out of the except block: its traceback held the failed attempt's tensors
         if notify is not None:
             notify(smaller)

@@ -128,6 +128,9 @@ def test_rgba_grayscale_and_cancel(pack, osediff_model):
     (gray,) = run(nodes["OSEDiff_Upscale"], image=plane, **args)
     (as_rgb,) = run(nodes["OSEDiff_Upscale"], image=plane.repeat(1, 1, 1, 3), **args)
     assert gray.shape == (1, 40, 48, 3) and torch.equal(gray, as_rgb)
+    gray_alpha = torch.cat([plane, rgba[..., 3:]], dim=-1)  # gray + alpha: the gray as RGB, the alpha kept aside
+    (out,) = run(nodes["OSEDiff_Upscale"], image=gray_alpha, **args)
+    assert out.shape == (1, 40, 48, 4) and torch.equal(out[..., :3], gray) and torch.equal(out[..., 3], alpha)
     image = torch.rand(1, 20, 24, 3)
     mm.interrupt_current_processing(True)
     with pytest.raises(mm.InterruptProcessingException):
@@ -163,6 +166,19 @@ def test_oom_halves_every_tile(pack, osediff_model, monkeypatch):
         host.with_oom_retry(lambda tile_latent: calls.append(tile_latent) or (_ for _ in ()).throw(
             host.mm.OOM_EXCEPTION("oom")), tile_latent=32)
     assert calls == [32, 16]
+    # an allocation the CPU allocator refuses (ComfyUI --cpu) is out-of-memory too, as PyTorch reports it
+    refused = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 70368744177664 bytes. Error code 12 (Cannot allocate memory)")
+    calls.clear()
+    with pytest.raises(host.mm.OOM_EXCEPTION, match="DefaultCPUAllocator"):
+        host.with_oom_retry(lambda tile_latent: calls.append(tile_latent) or (_ for _ in ()).throw(refused),
+                            tile_latent=32)
+    assert calls == [32, 16]
+    calls.clear()
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # any other error: no retry
+        host.with_oom_retry(lambda tile_latent: calls.append(tile_latent) or (_ for _ in ()).throw(
+            RuntimeError("mat1 and mat2 shapes cannot be multiplied")), tile_latent=32)
+    assert calls == [32]
 
 
 def test_oom_in_the_upscale_node_retries_with_smaller_vae_tiles(pack, osediff_model, monkeypatch):
@@ -348,6 +364,48 @@ def test_dossr_modular_keeps_alpha_and_pairs_batches(pack):
     with pytest.raises(ValueError, match="LATENT holds 2 image"):
         run(nodes["DoSSR_VAEDecode"], model=model, latent=latent, reference=reference[:1], upscale=4.0,
             color_fix="wavelet", vae_tile=224)
+
+
+def test_inputs_that_do_not_fit_are_refused_by_name(pack, osediff_model):
+    """What a graph can wire but the models cannot take is refused with what to connect instead: a CONDITIONING of
+    another CLIP, a latent of another model family, a LATENT decoded against a reference it was not made from
+    (which would otherwise give a corner of the image, or a stretched one)."""
+    _, nodes = pack
+    _, model = osediff_model
+    (dossr,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+    image = torch.rand(1, 20, 24, 3, generator=torch.Generator().manual_seed(6))
+    sd15 = [[torch.randn(1, 77, 768), {"pooled_output": None}]]  # CLIP Text Encode with an SD 1.x CLIP
+    with pytest.raises(ValueError, match=r"prompt embedding has shape \(1, 77, 768\).*CLIP of an SD 2.1"):
+        run(nodes["OSEDiff_OneStepUNet"], model=model, latent={"samples": torch.zeros(1, 4, 8, 8)}, prompt="",
+            tile_latent=0, tile_overlap=0, dtype="fp32", conditioning=sd15)
+    with pytest.raises(ValueError, match=r"prompt embedding has shape \(1, 77, 768\)"):
+        run(nodes["DoSSR_Upscale"], model=dossr, image=image, steps=1, seed=0, prompt="", upscale=4.0,
+            color_fix="none", tile_latent=0, tile_overlap=0, dtype="fp32", conditioning=sd15)
+    flux = {"samples": torch.zeros(1, 16, 8, 8)}  # SD3 / Flux: 16 channels
+    for node, inputs in (("OSEDiff_OneStepUNet", dict(model=model, prompt="", tile_latent=0, tile_overlap=0,
+                                                      dtype="fp32")),
+                         ("OSEDiff_VAEDecode", dict(model=model, reference=image, upscale=4.0, process_size=32,
+                                                    color_fix="none", vae_tile=0)),
+                         ("DoSSR_Sampler", dict(model=dossr, steps=1, seed=0, prompt="", tile_latent=0,
+                                                tile_overlap=0, dtype="fp32")),
+                         ("DoSSR_VAEDecode", dict(model=dossr, reference=image, upscale=4.0, color_fix="none",
+                                                  vae_tile=0))):
+        with pytest.raises(ValueError, match=r"LATENT has shape \(1, 16, 8, 8\).*4-channel"):
+            run(nodes[node], latent=flux, **inputs)
+    (latent,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=image, upscale=4.0, process_size=32, vae_tile=0,
+                    dtype="fp32")
+    assert latent["samples"].shape == (1, 4, 10, 12)
+    for upscale, process_size in ((2.0, 32), (4.0, 128)):  # ×2, or the reference raised to 128 first: not this latent
+        with pytest.raises(ValueError, match="the LATENT is 12×10 .*same upscale and process_size"):
+            run(nodes["OSEDiff_VAEDecode"], model=model, latent=latent, reference=image, upscale=upscale,
+                process_size=process_size, color_fix="none", vae_tile=0)
+    embeds = torch.randn(1, 77, dossr.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+    sampled, reference = run(nodes["DoSSR_Sampler"], model=dossr, image=image, steps=1, seed=0, prompt="",
+                             tile_latent=0, tile_overlap=0, dtype="fp32", conditioning=[[embeds, {}]])
+    for wrong in (image, reference[:, :40, :40]):  # the LR input as the reference; a reference smaller than it
+        with pytest.raises(ValueError, match="Connect the REFERENCE output of the DoSSR Sampler"):
+            run(nodes["DoSSR_VAEDecode"], model=dossr, latent=sampled, reference=wrong, upscale=4.0,
+                color_fix="none", vae_tile=0)
 
 
 def test_osediff_latent_is_a_standard_sd_latent(pack, osediff_model):
