@@ -30,10 +30,16 @@ def find_images(inputs, recursive=False, output=None):
     ``recursive`` those of their sub-folders too, whose output name keeps the path below the folder given
     (``2019/beach/img``), so the outputs mirror the sub-folders; hidden folders, links to folders and ``output``
     (the output folder, which may lie inside an input folder) are not searched. The output name is the path without
-    its suffix. A file given twice (also as a folder's file, or through a link) counts once."""
+    its suffix. A file given twice (also as a folder's file, or through a link) counts once. An input folder that is
+    the output folder is refused: the outputs would be inputs of the next run (``--skip-existing`` could not resume)."""
     found, seen = [], set()
     skip = os.path.realpath(output) if output else None
     for item in inputs:
+        if os.path.isdir(item) and os.path.realpath(item) == skip:
+            raise DiffSRError(f"--output {output!r} is the input folder {item!r}: its outputs would be read as inputs "
+                              "by the next run. Write them to another folder, e.g. "
+                              f"{os.path.join(item, 'upscaled')!r} (an output folder inside an input folder is "
+                              "left out of the search).")
         if os.path.isdir(item):
             paths = []
             for folder, subfolders, names in os.walk(item, onerror=_unreadable_folder):

@@ -169,18 +169,26 @@ def test_never_overwrites_without_flag(base, tmp_path, capsys):
 
 
 def test_inputs_are_never_outputs(base, tmp_path, capsys):
-    """An output folder that is the input folder would replace the photos by their upscales (and a second run
-    would upscale the upscales): refused whatever the flags, before anything is loaded."""
+    """An output folder that is the input folder would replace the photos by their upscales, or put the upscales
+    of its JPEGs among the inputs of the next run (a resume with --skip-existing would find two inputs for one
+    output): refused whatever the flags, before anything is loaded."""
     folder = tmp_path / "photos"
     folder.mkdir()
     shutil.copy(os.path.join(FIX, "in_32x32.png"), folder / "photo.png")
     original = (folder / "photo.png").read_bytes()
+    Image.open(folder / "photo.png").save(folder / "scan.jpg")  # its output, scan.png, would be an input next time
     for flags in ([], ["--overwrite"], ["--skip-existing"]):
-        for inputs in ([folder], [folder / "photo.png"]):
+        for inputs, says in (([folder], "is the input folder"), ([folder / "photo.png"], "is one of the input images"),
+                             ([tmp_path / "." / "photos"], "is the input folder")):
             assert run([*inputs, "-o", folder, "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
                         "--process-size", "64", *flags]) == 2
-            assert "is one of the input images" in capsys.readouterr().err
-    assert (folder / "photo.png").read_bytes() == original and os.listdir(folder) == ["photo.png"]
+            assert says in capsys.readouterr().err
+    assert (folder / "photo.png").read_bytes() == original and sorted(os.listdir(folder)) == ["photo.png", "scan.jpg"]
+    upscaled = folder / "upscaled"  # the way out the message gives: a sub-folder, left out of the search
+    args = [folder, "-r", "-o", upscaled, "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
+            "--process-size", "64"]
+    assert run(args) == 0 and sorted(os.listdir(upscaled)) == ["photo.png", "scan.png"]
+    assert run(args + ["--skip-existing"]) == 0 and "skipping 2 of 2" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bad", ["negative overlap", "negative tile", "negative vae tile"])
