@@ -389,4 +389,7 @@ def run_main(main_fn, argv):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout stopped (``dape … | head -1``): quietly, as a Unix tool's SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more for Python's flush at exit
+        return 128 + 13
 

@@ -95,6 +95,8 @@ def main_impl(argv=None):
     device = pick_device(args.device)
     tagger = load_tagger(args, device, network_dtype(args.dtype, device))
     exclude = [t.strip() for t in args.exclude.split(",") if t.strip()]
+    if hasattr(sys.stdout, "reconfigure"):  # a name that is not UTF-8 is printed as its bytes, as sha256sum does
+        sys.stdout.reconfigure(errors="surrogateescape")
     failed = []
     for path, _ in images:
         try:

@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import subprocess
 import sys
 
 import numpy as np
@@ -276,6 +277,26 @@ def test_cli_names_with_tabs_and_line_breaks_stay_one_line(fixture, tmp_path, ca
     assert lines[1] == f"{plain}\t{tags[1]}, ,"
     assert escaped_name("x/y.png") == "x/y.png"
     assert escaped_name("back\\slash.png") == "\\back\\\\slash.png"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a file name of bytes that are not UTF-8: Linux file systems")
+def test_cli_names_not_utf8_and_a_closed_pipe(fixture, tmp_path):
+    """A name whose bytes are not UTF-8 is printed as those bytes (as sha256sum does), even where stdout is strict
+    UTF-8; a reader that stops (``dape … | head -1``) ends the command quietly with SIGPIPE's status."""
+    _, smalls, _, tags = fixture
+    odd = os.path.join(os.fsencode(tmp_path), b"bad\xffname.png")
+    Image.fromarray(smalls[0]).save(odd)
+    command = [sys.executable, "-m", "comfyui_diffsr", "dape", str(tmp_path), "--ram", RAM, "--dape", DAPE,
+               "--process-size", "0", "--device", "cpu"]
+    env = dict(os.environ, PYTHONIOENCODING="utf-8:strict")
+    done = subprocess.run(command, capture_output=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert done.stdout == odd + b"\t" + f"{tags[0]}, ,".encode() + b"\n"
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    with os.fdopen(write, "wb") as closed:
+        stopped = subprocess.run(command, stdout=closed, stderr=subprocess.PIPE, env=env, timeout=300)
+    assert stopped.returncode == 141 and b"Traceback" not in stopped.stderr and b"Broken" not in stopped.stderr
 
 
 def test_low_precision_runs(fixture):
