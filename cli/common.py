@@ -138,12 +138,12 @@ def add_output_args(parser):
                        help="leave out inputs whose output exists (resume an interrupted folder run)")
 
 
-def upscale_all(pairs, upscale_one, desc, quality=95, upscale=1.0):
+def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height, width: (height, width)):
     """``save_image(upscale_one(image, out), out, metadata, quality, alpha)`` with ``read_image(path)`` for each
     (path, out) pair, in order (a transparent image's alpha upscaled bicubically; dropped, with a note, for jpg).
 
-    An image that fails on its own (unreadable or unusable: ``DiffSRError``/``ValueError``; an output of
-    ``upscale`` × its size that the format cannot store; out of memory even at the smallest tiles) is reported and
+    An image that fails on its own (unreadable or unusable: ``DiffSRError``/``ValueError``; an output, of
+    ``output_size(height, width)``, that the format cannot store; out of memory even at the smallest tiles) is reported and
     skipped, and the others go on; an output that cannot be written stops the run. Returns the exit status: 0, or
     2 when any failed (listed again at the end).
 
@@ -160,7 +160,7 @@ def upscale_all(pairs, upscale_one, desc, quality=95, upscale=1.0):
             reading += [reader.submit(read_image, later) for later, _ in pairs[i + 1:i + 2]]
             try:
                 image, metadata, alpha = read.result()
-                check_output_size(out, *(round(upscale * side) for side in image.shape[-2:]))
+                check_output_size(out, *output_size(*image.shape[-2:]))
                 with torch.inference_mode():
                     result = upscale_one(image, out)
             except (DiffSRError, ValueError, OutOfMemory) as e:

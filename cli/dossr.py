@@ -43,7 +43,9 @@ def build_parser():
                         "untiled result, memory grows with the image")
     p.add_argument("--noise-file", default=None, help="safetensors with 'posterior', 'init', 'step_0'... "
                    "replacing every random draw (one input image only)")
-    p.add_argument("--save-noise", action="store_true", help="also write <name>.noise.safetensors per output")
+    p.add_argument("--save-noise", action="store_true",
+                   help="also write <name>.noise.safetensors per output (made again with --skip-existing where its "
+                        "image is missing)")
     p.add_argument("--gamma", type=float, default=1.0, help="EXPERIMENTAL, not the paper: < 1 moves the sampler "
                    "towards the deterministic ODE (0 = no fresh noise); 1 = official")
     add_output_args(p)
@@ -74,7 +76,7 @@ def read_prompt_embeds(path):
 
 def main_impl(argv=None):
     from ..dossr_core.model import load_dossr
-    from ..dossr_core.pipeline import Options, dossr_upscale, load_noise, save_noise
+    from ..dossr_core.pipeline import Options, dossr_upscale, load_noise, output_size, save_noise
 
     args = build_parser().parse_args(argv)
     check_args(args)
@@ -102,8 +104,10 @@ def main_impl(argv=None):
 
     def upscale_one(image, out):
         noise_path = os.path.splitext(out)[0] + ".noise.safetensors"
-        if args.save_noise and os.path.exists(noise_path) and not args.overwrite:
-            raise DiffSRError(f"{noise_path!r} exists; pass --overwrite to replace it, or delete it.")
+        # --skip-existing resumes: a noise file whose image was never written is replaced
+        if args.save_noise and os.path.exists(noise_path) and not (args.overwrite or args.skip_existing):
+            raise DiffSRError(f"{noise_path!r} exists; pass --overwrite to replace it (--skip-existing: only where "
+                              "its image is missing), or delete it.")
         trace = {} if args.save_noise else None  # each attempt fills it anew: its draws restart from the seed
         result = with_smaller_tiles_on_oom(lambda o: dossr_upscale(model, image, prompt=args.prompt,
                                                                    prompt_embeds=embeds, options=o, noise=noise,
@@ -115,7 +119,8 @@ def main_impl(argv=None):
             save_noise(trace["noise"], noise_path)
         return result
 
-    return upscale_all(pairs, upscale_one, "dossr", args.quality, args.upscale)
+    return upscale_all(pairs, upscale_one, "dossr", args.quality,
+                       lambda height, width: output_size(4 * height, 4 * width, args.upscale))
 
 
 def main_convert(src, dst, config=None, fp16=False):

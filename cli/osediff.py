@@ -9,6 +9,7 @@ from ..osediff_core.pipeline import Options, build_osediff, osediff_upscale, pro
 from ..osediff_core.weights import read_osediff
 from ..sr_common.color_fix import COLOR_FIXES
 from ..sr_common.errors import DiffSRError
+from ..sr_common.image import scaled_size
 from ..sr_common.sd21 import load_sd21, move_module, network_dtype
 from .common import (add_compile_arg, add_device_args, add_input_args, add_output_args, check_sizing_args,
                      check_tile_args, find_images, pick_device, plan_outputs, run_main, upscale_all,
@@ -104,7 +105,8 @@ def main_impl(argv=None):
         return with_smaller_tiles_on_oom(lambda o: osediff_upscale(model, image, prompt_embeds=prompt_embeds,
                                                                    prompt_fn=prompt_fn, options=o), options)
 
-    return upscale_all(pairs, upscale_one, "osediff", args.quality, args.upscale)
+    return upscale_all(pairs, upscale_one, "osediff", args.quality,
+                       lambda height, width: scaled_size(width, height, args.upscale)[::-1])
 
 
 def main(argv=None):

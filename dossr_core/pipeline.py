@@ -195,10 +195,15 @@ def fixed_and_resized(decoded, start, upscale, color_fix):
     to 8 bits (truncating) and LANCZOS-resized to ceil(upscale/4 · size), as the official; clamped to [0, 1]."""
     out = apply_color_fix(decoded, start, color_fix).cpu()
     if upscale != 4:
-        h, w = start.shape[-2:]
-        out = img.resize(torch.floor(out * 255) / 255, (math.ceil(upscale * w / 4), math.ceil(upscale * h / 4)),
-                         "lanczos")
+        height, width = output_size(*start.shape[-2:], upscale)
+        out = img.resize(torch.floor(out * 255) / 255, (width, height), "lanczos")
     return out.clamp(0, 1)
+
+
+def output_size(height, width, upscale):
+    """(H', W') of the output from the ×4 image's (H, W): ceil(upscale/4 · size), as the official resize (for an LR
+    input of h × w: ceil(upscale · h) × ceil(upscale · w))."""
+    return math.ceil(upscale * height / 4), math.ceil(upscale * width / 4)
 
 
 def save_noise(noise, path, metadata=None):

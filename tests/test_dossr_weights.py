@@ -1,5 +1,6 @@
 """DoSSR weight files: recognition, clear refusals, conversion, and the CLI."""
 
+import math
 import os
 
 import pytest
@@ -116,6 +117,7 @@ def test_cli_runs_and_refuses_overwrite(tmp_path):
     assert (tmp_path / "out" / "lr_w32h16.noise.safetensors").exists()
     assert main(args) == 2  # exists, no --overwrite
     noise = str(tmp_path / "out" / "lr_w32h16.noise.safetensors")
+    drawn = load_file(noise)
     args2 = args[:2] + [str(tmp_path / "out2")] + args[3:-1] + ["--noise-file", noise, "--seed", "99"]
     assert main(args2) == 0
     from PIL import Image
@@ -126,6 +128,35 @@ def test_cli_runs_and_refuses_overwrite(tmp_path):
     (tmp_path / "out" / "lr_w32h16.png").unlink()  # the noise file alone is refused too, before any work
     assert main(args) == 2
     assert not (tmp_path / "out" / "lr_w32h16.png").exists()
+    # a run stopped between the noise file and its image resumes with --skip-existing: the noise file is made again
+    assert main(args + ["--skip-existing"]) == 0
+    assert (np.asarray(Image.open(tmp_path / "out" / "lr_w32h16.png")) == a).all()
+    assert all(torch.equal(drawn[k], load_file(noise)[k]) for k in drawn)
+
+
+def test_cli_checks_the_format_limit_at_dossrs_output_size(tmp_path, capsys):
+    """DoSSR's output is ceil(upscale/4 · 4·size) (the official resize): a WebP past 16383 px at that size is
+    refused for its image alone, before any work, and the folder run goes on."""
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+
+    from comfyui_diffsr.cli.dossr import main
+    from comfyui_diffsr.dossr_core.pipeline import output_size
+
+    assert output_size(4 * 1100, 8, 14.8937) == (16383 + 1, 30)  # round(14.8937 · 1100) would be 16383
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.new("RGB", (1100, 2), "gray").save(folder / "a_wide.png")
+    Image.open(os.path.join(FIX, "lr_w32h16.png")).save(folder / "b_ok.png")
+    embeds = tmp_path / "embeds.safetensors"
+    save_file({"prompt_embeds": load_file(os.path.join(FIX, "n1_w32h16_wavelet.safetensors"))["context"]}, embeds)
+    assert main([str(folder), "-o", str(tmp_path / "out"), "--weights", CKPT, "--config",
+                 os.path.join(FIX, "tiny_cldm.yaml"), "--steps", "1", "--device", "cpu", "--prompt-embeds", str(embeds),
+                 "--upscale", "14.8937", "--format", "webp", "--tile-latent", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "a_wide.png: The output would be 16384×30 px" in err and "1 of 2 image(s) failed" in err
+    assert os.listdir(tmp_path / "out") == ["b_ok.webp"]
+    assert Image.open(tmp_path / "out" / "b_ok.webp").size == (math.ceil(14.8937 * 32), math.ceil(14.8937 * 16))
 
 
 def test_cli_output_matches_the_official_code(tmp_path):
