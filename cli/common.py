@@ -314,6 +314,10 @@ def read_image(path):
             icc_profile = opened.info.get("icc_profile")
             if icc_profile and icc_profile[16:20] != b"RGB ":  # a CMYK, gray or Lab profile does not describe the
                 icc_profile = None                             # RGB output (its colour space: header bytes 16-19)
+            frames = getattr(opened, "n_frames", 1)
+            if frames > 1:
+                tqdm.write(f"note: {path}: {frames} frames (an animation or a multi-page file); the first is upscaled",
+                           file=sys.stderr)
             im = ImageOps.exif_transpose(opened)
             metadata = PhotoMetadata(icc_profile, _exif_of(im))
             if im.mode in HIGH_DEPTH_PEAK:

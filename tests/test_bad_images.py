@@ -191,6 +191,17 @@ def test_16bit_rgb_png_is_read(tmp_path):
     assert (loaded * 255 - torch.from_numpy((values >> 8).astype(np.int32)).permute(2, 0, 1).float()).abs().max() <= 1
 
 
+def test_an_animation_gives_its_first_frame_with_a_note(tmp_path, capsys):
+    frames = [Image.new("RGB", (9, 5), colour) for colour in ("red", "green", "blue")]
+    frames[0].save(tmp_path / "anim.webp", save_all=True, append_images=frames[1:], lossless=True)
+    loaded = load_image(str(tmp_path / "anim.webp"))
+    assert loaded.shape == (1, 3, 5, 9) and torch.equal(loaded[0, :, 0, 0], torch.tensor([1.0, 0.0, 0.0]))
+    assert "3 frames (an animation or a multi-page file); the first is upscaled" in capsys.readouterr().err
+    frames[0].save(tmp_path / "still.png")
+    load_image(str(tmp_path / "still.png"))
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("content, message", [
     (lambda: b"not an image", "Cannot read image"),
     (lambda: open(os.path.join(DATA, "osediff", "in_32x32.png"), "rb").read()[:300], "Cannot read image"),
