@@ -162,7 +162,10 @@ class DoSSRSampler(io.ComfyNode):
                     dtype_input(),
                     io.Conditioning.Input("conditioning", optional=True,
                                           tooltip="From a standard CLIP Text Encode with the SD 2.1 CLIP.")],
-            outputs=[io.Latent.Output(display_name="LATENT"),
+            outputs=[io.Latent.Output(display_name="LATENT",
+                                      tooltip="From an image: the whole latent the model ran on, the ×4 image padded "
+                                              "right and bottom to a multiple of 64 px (DoSSR VAE Decode crops it to "
+                                              "the REFERENCE; after a standard VAE Decode, crop to that size)."),
                      io.Image.Output(display_name="REFERENCE", tooltip="The RRDB ×4 image (or the decoded input "
                                                                        "latent): size and colour reference.")])
 
