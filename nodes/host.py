@@ -400,6 +400,8 @@ def with_oom_retry(run, **tiles):
 def image_to_bchw(image):
     """ComfyUI IMAGE [B, H, W, C] → list of (1, 3, H, W) and the alpha planes (or None); never mutates. Gray (C = 1)
     becomes RGB; the alpha of gray + alpha (C = 2) or RGBA (C = 4) is kept aside."""
+    if image.shape[0] == 0:
+        raise ValueError("The IMAGE batch is empty (0 images); connect a node that gives at least one image.")
     x = image.movedim(-1, 1).float()
     alpha = None
     if x.shape[1] in (2, 4):  # gray + alpha, RGBA
@@ -417,6 +419,8 @@ def latent_samples(latent, node):
         raise ValueError(f"{node}: the LATENT has shape {tuple(samples.shape)}; OSEDiff and DoSSR take the 4-channel "
                          "latent of Stable Diffusion 1.x/2.x, (B, 4, h, w) (VAE Encode with the SD 2.1 VAE, Empty "
                          "Latent Image, or this pack's nodes), not an SD3, Flux or video latent.")
+    if samples.shape[0] == 0:
+        raise ValueError(f"{node}: the LATENT batch is empty (0 latents); connect a node that gives at least one.")
     return samples.float()
 
 

@@ -392,6 +392,12 @@ def test_inputs_that_do_not_fit_are_refused_by_name(pack, osediff_model):
                                                   vae_tile=0))):
         with pytest.raises(ValueError, match=r"LATENT has shape \(1, 16, 8, 8\).*4-channel"):
             run(nodes[node], latent=flux, **inputs)
+    with pytest.raises(ValueError, match=r"IMAGE batch is empty \(0 images\)"):
+        run(nodes["OSEDiff_Upscale"], model=model, image=image[:0], prompt="", upscale=4.0, process_size=32,
+            color_fix="none", tile_latent=0, tile_overlap=0, dtype="fp32")
+    with pytest.raises(ValueError, match="LATENT batch is empty"):
+        run(nodes["OSEDiff_OneStepUNet"], model=model, latent={"samples": torch.zeros(0, 4, 8, 8)}, prompt="",
+            tile_latent=0, tile_overlap=0, dtype="fp32")
     (latent,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=image, upscale=4.0, process_size=32, vae_tile=0,
                     dtype="fp32")
     assert latent["samples"].shape == (1, 4, 10, 12)
