@@ -81,13 +81,16 @@ def plan_outputs(images, outdir, overwrite=False, skip_existing=False, suffix=".
     pairs, seen = [], {}
     for path, name in images:
         out = os.path.join(outdir, name + suffix)
-        if out in seen:
-            raise DiffSRError(f"{path!r} and {seen[out]!r} would both be written to {out!r}; rename one of them.")
-        seen[out] = path
+        key = os.path.normcase(out).casefold()  # IMG.png and img.png: one file where names ignore case (Windows, macOS)
+        if key in seen:
+            first, written = seen[key]
+            where = repr(out) if written == out else f"{written!r} and {out!r}, one file where names ignore case"
+            raise DiffSRError(f"{first!r} and {path!r} would both be written to {where}; rename one of them.")
+        seen[key] = path, out
         pairs.append((path, out))
-    inputs = {os.path.realpath(path) for path, _ in images}
-    for path, out in pairs:
-        if os.path.realpath(out) in inputs:
+    inputs = {_file_id(path) for path, _ in images}
+    for path, out in pairs:  # the same file under another name too (a link; another case where names ignore it)
+        if os.path.exists(out) and _file_id(out) in inputs:
             raise DiffSRError(f"The output {out!r} (for {path!r}) is one of the input images; choose another "
                               "--output folder (inputs are never overwritten, not even with --overwrite).")
     existing = [out for _, out in pairs if os.path.exists(out)]
@@ -107,6 +110,12 @@ def plan_outputs(images, outdir, overwrite=False, skip_existing=False, suffix=".
         raise DiffSRError(f"Cannot write the output folder {outdir!r}: {nearest!r} is not a writable folder. "
                           "Choose another --output folder.")
     return pairs
+
+
+def _file_id(path):
+    """(device, inode) of the file ``path`` names, links followed: one file under any of its names."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 OUTPUT_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}

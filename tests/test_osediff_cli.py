@@ -325,6 +325,25 @@ def test_two_inputs_for_one_output_are_refused_before_loading(base, tmp_path, ca
     err = capsys.readouterr().err
     assert "would both be written to" in err and "photo.jpg" in err and "rename one of them" in err
     assert not (tmp_path / "out").exists()
+    (folder / "photo.jpg").rename(folder / "PHOTO.jpg")  # PHOTO.png and photo.png: one file on Windows and macOS
+    assert run([folder, "-o", tmp_path / "out", "--base", base, "--weights", tmp_path / "missing.pkl"]) == 2
+    assert "one file where names ignore case" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_an_output_that_is_an_input_under_another_name_is_refused(base, tmp_path, capsys):
+    """An output name that is an input file under another name (a hard link here; on Windows and macOS also the
+    input's name in another case, e.g. photo.PNG for photo.png) is refused even with --overwrite: the input would
+    be replaced."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(os.path.join(FIX, "in_32x32.png"), folder / "photo.jpg")
+    (tmp_path / "out").mkdir()
+    os.link(folder / "photo.jpg", tmp_path / "out" / "photo.png")
+    original = (folder / "photo.jpg").read_bytes()
+    assert run([folder / "photo.jpg", "-o", tmp_path / "out", "--base", base, "--weights",
+                os.path.join(FIX, "osediff_tiny.pkl"), "--process-size", "64", "--overwrite"]) == 2
+    assert "is one of the input images" in capsys.readouterr().err
+    assert (folder / "photo.jpg").read_bytes() == original
 
 
 @pytest.mark.parametrize("failure", [
