@@ -67,6 +67,39 @@ def test_schemas(pack):
     assert lora.choices == ["none", "dape_tiny.pth", "ram_tiny.pth", "download: DAPE.pth"]
 
 
+def test_a_missing_requirement_is_named_with_its_install_command(tmp_path, monkeypatch):
+    """ComfyUI logs what comfy_entrypoint raises and starts without the pack: a package the pack needs that is
+    missing, or too old or too new, is named with the command that installs the requirements."""
+    import asyncio
+    import importlib.util
+    from importlib import metadata
+
+    import comfyui_diffsr
+
+    assert comfyui_diffsr.unmet_requirements() == []  # this environment meets requirements.txt
+    installed = {"diffusers": "0.25.0", "safetensors": "0.4.1", "numpy": "1.24.4", "pillow": "11.0.0.dev0",
+                 "transformers": "5.0.0+local"}
+
+    def version(name):
+        if name not in installed:
+            raise metadata.PackageNotFoundError(name)
+        return installed[name]
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(metadata, "version", version)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name in ("yaml", "tqdm") else find_spec(name))
+    assert comfyui_diffsr.unmet_requirements() == [
+        "diffusers>=0.30,<1.0 (0.25.0 installed)", "pyyaml>=6.0 (not installed)", "tqdm>=4.60 (not installed)"]
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)  # yaml importable, its metadata not found: accepted
+    installed.update(diffusers="1.2.0", tqdm="4.67.1")
+    assert comfyui_diffsr.unmet_requirements() == ["diffusers>=0.30,<1.0 (1.2.0 installed)"]
+    with pytest.raises(ImportError, match=r"^DiffSR needs diffusers>=0.30,<1.0 \(1.2.0 installed\)\. Install its "
+                                          r"requirements into ComfyUI's Python: python -m pip install -r "
+                                          r"\".*requirements.txt\"$"):
+        asyncio.run(comfyui_diffsr.comfy_entrypoint())
+    assert comfyui_diffsr.unmet_requirements(str(tmp_path / "absent.txt")) is None  # installed as a wheel
+
+
 @pytest.fixture(scope="module")
 def osediff_model(pack):
     _, nodes = pack
