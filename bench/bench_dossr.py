@@ -18,6 +18,7 @@ import sys
 import torch
 
 import interleave
+from comfyui_diffsr.sr_common.sd21 import ieee_float32
 from common import compiled_first_run, environment, official_env, random_sd21, rss_peak_mb, summary, timed, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -169,4 +170,5 @@ def compare_official(args, device, dtype):
 
 
 if __name__ == "__main__":
-    main()
+    with ieee_float32():  # float32 as the commands and nodes compute it on a GPU
+        main()

@@ -22,6 +22,7 @@ import torch
 
 import interleave
 from comfyui_diffsr.osediff_core.pipeline import Options
+from comfyui_diffsr.sr_common.sd21 import ieee_float32
 from common import compiled_first_run, environment, official_env, random_sd21, rss_peak_mb, summary, timed, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -182,4 +183,5 @@ def compare_sequential(args):
 
 
 if __name__ == "__main__":
-    main()
+    with ieee_float32():  # float32 as the commands and nodes compute it on a GPU
+        main()

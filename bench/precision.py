@@ -20,7 +20,7 @@ import time
 import torch
 
 from bench_dossr import lr_image, random_dossr
-from comfyui_diffsr.sr_common.sd21 import PRECISIONS
+from comfyui_diffsr.sr_common.sd21 import PRECISIONS, ieee_float32
 from common import environment, psnr_db, random_sd21, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -92,4 +92,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with ieee_float32():  # float32 as the commands and nodes compute it on a GPU
+        main()

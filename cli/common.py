@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from ..sr_common.errors import DiffSRError, ImageInputError
-from ..sr_common.sd21 import PRECISIONS
+from ..sr_common.sd21 import PRECISIONS, ieee_float32
 from ..sr_common.tiling import TILE_FLOORS, OutOfMemory, overlap_within, with_oom_retry
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -386,7 +386,8 @@ def run_main(main_fn, argv):
     """
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     try:
-        return main_fn(argv)
+        with ieee_float32():  # --dtype fp32 is float32 on every GPU, not TF32
+            return main_fn(argv)
     except DiffSRError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -78,6 +78,7 @@ class DoSSRUpscale(io.ComfyNode):
             outputs=[io.Image.Output()])
 
     @classmethod
+    @host.computes_ieee_float32
     def execute(cls, model, image, steps, seed, prompt, upscale, color_fix, tile_latent, tile_overlap, dtype,
                 conditioning=None):
         images, alpha = host.image_to_bchw(image)
@@ -170,6 +171,7 @@ class DoSSRSampler(io.ComfyNode):
                                                                        "latent): size and colour reference.")])
 
     @classmethod
+    @host.computes_ieee_float32
     def execute(cls, model, steps, seed, prompt, tile_latent, tile_overlap, dtype, image=None, latent=None,
                 conditioning=None):
         if (image is None) == (latent is None):
@@ -218,6 +220,7 @@ class DoSSRDecode(io.ComfyNode):
             outputs=[io.Image.Output()])
 
     @classmethod
+    @host.computes_ieee_float32
     def execute(cls, model, latent, reference, upscale, color_fix, vae_tile):
         starts, alpha = host.image_to_bchw(reference)
         dev = host.load_on_device(model, model.vae)

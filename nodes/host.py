@@ -4,6 +4,7 @@ The only module besides the node files that imports ComfyUI (``folder_paths``, `
 """
 
 import contextlib
+import functools
 import os
 import weakref
 
@@ -19,7 +20,8 @@ from ..sr_common import tiling
 from ..sr_common.download import OFFICIAL, downloaded
 from ..sr_common.errors import WeightFileError
 from ..sr_common.image import with_upscaled_alpha
-from ..sr_common.sd21 import PRECISIONS, check_precision, load_sd21, move_module, sd21_from_ldm_state_dict
+from ..sr_common.sd21 import (PRECISIONS, check_precision, ieee_float32, load_sd21, move_module,
+                               sd21_from_ldm_state_dict)
 
 WEIGHT_EXTENSIONS = {".pkl", ".pth", ".pt", ".ckpt", ".safetensors", ".sft", ".bin"}
 MODEL_FOLDERS = ("osediff", "dossr", "dape")
@@ -370,6 +372,16 @@ def prompt_embeddings(model, prompts, encode):
     if model.text_encoder is not None and any(p not in model.prompt_cache for p in prompts):
         load_on_device(model, model.text_encoder)
     return [encode(p) for p in prompts]
+
+
+def computes_ieee_float32(execute):
+    """A node's ``execute`` with its float32 computed as IEEE float32 on the GPU, not TF32 (``sd21.ieee_float32``):
+    dtype fp32 means float32 there too; ComfyUI's flags are put back after."""
+    @functools.wraps(execute)
+    def run(*args, **kwargs):
+        with ieee_float32():
+            return execute(*args, **kwargs)
+    return run
 
 
 class Progress:

@@ -154,6 +154,7 @@ class OSEDiffUpscale(io.ComfyNode):
             outputs=[io.Image.Output()])
 
     @classmethod
+    @host.computes_ieee_float32
     def execute(cls, model, image, prompt, upscale, process_size, color_fix, tile_latent, tile_overlap, dtype,
                 dape=None):
         from ..osediff_core.dape import dape_prompt
@@ -195,6 +196,7 @@ class OSEDiffLQEncoder(io.ComfyNode):
             outputs=[io.Latent.Output()])
 
     @classmethod
+    @host.computes_ieee_float32
     def execute(cls, model, image, upscale, process_size, vae_tile, dtype):
         images, _ = host.image_to_bchw(image)
         host.cast_for_run(model, dtype)
@@ -229,6 +231,7 @@ class OSEDiffOneStep(io.ComfyNode):
             outputs=[io.Latent.Output()])
 
     @classmethod
+    @host.computes_ieee_float32
     def execute(cls, model, latent, prompt, tile_latent, tile_overlap, dtype, conditioning=None):
         z_all = host.latent_samples(latent, "OSEDiff One-Step UNet") * SCALING_FACTOR
         host.cast_for_run(model, dtype)
@@ -267,6 +270,7 @@ class OSEDiffDecode(io.ComfyNode):
             outputs=[io.Image.Output()])
 
     @classmethod
+    @host.computes_ieee_float32
     def execute(cls, model, latent, reference, upscale, process_size, color_fix, vae_tile):
         images, alpha = host.image_to_bchw(reference)
         dev = host.load_on_device(model, model.vae)
@@ -343,6 +347,7 @@ class DAPEPrompt(io.ComfyNode):
             outputs=[io.String.Output()])
 
     @classmethod
+    @host.computes_ieee_float32
     def execute(cls, dape, image, upscale, process_size, user_prompt, tags_only, exclude, max_tags):
         from ..osediff_core.dape import dape_prompt
 

@@ -68,6 +68,17 @@ def host_stand_ins(pack_module, models=None):
                 del sys.modules[name]
 
 
+def tf32_flags():
+    """PyTorch's TF32 flags for cuDNN convolutions and CUDA matrix products, through the API it has."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    if hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
+        return cudnn.conv.fp32_precision, matmul.fp32_precision
+    return cudnn.allow_tf32, matmul.allow_tf32
+
+
+IEEE_FLOAT32 = (("ieee", "ieee"), (False, False))  # tf32_flags() where float32 is computed as IEEE float32
+
+
 @contextlib.contextmanager
 def official_files_served(files, official, served, *, with_length=True):
     """Within the block, 127.0.0.1 serves ``files`` ({``official`` key: local file}) from the folder ``served`` under

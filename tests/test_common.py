@@ -545,3 +545,17 @@ def test_auto_precision_skips_fp16_where_the_gpu_runs_it_badly(monkeypatch):
     monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm: fp16, as ComfyUI
     assert network_dtype(None, cuda) == torch.float16
     assert network_dtype(None, torch.device("cpu")) == torch.float32
+
+
+def test_ieee_float32_sets_and_puts_back_the_tf32_flags():
+    from comfyui_diffsr.sr_common.sd21 import ieee_float32
+
+    from conftest import IEEE_FLOAT32, tf32_flags
+
+    before = tf32_flags()
+    with ieee_float32():
+        assert tf32_flags() in IEEE_FLOAT32
+    assert tf32_flags() == before
+    with pytest.raises(KeyError), ieee_float32():  # put back on an error too
+        raise KeyError
+    assert tf32_flags() == before

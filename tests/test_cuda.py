@@ -13,7 +13,7 @@ from comfyui_diffsr.dossr_core.model import load_dossr
 from comfyui_diffsr.dossr_core.pipeline import Options as DoSSROptions, dossr_upscale
 from comfyui_diffsr.osediff_core.pipeline import build_osediff
 from comfyui_diffsr.osediff_core.weights import read_osediff
-from comfyui_diffsr.sr_common.sd21 import load_sd21
+from comfyui_diffsr.sr_common.sd21 import ieee_float32, load_sd21
 from comfyui_diffsr.sr_common.tiled_vae import tiled_forward
 
 from conftest import psnr
@@ -25,6 +25,13 @@ CUDA = torch.device(os.environ.get("DIFFSR_TEST_DEVICE", "cuda"))
 pytestmark = pytest.mark.skipif(CUDA.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
 OSEDIFF_NAMES = ["a32_adain", "c21x27_exact_sample", "e40x32_latent_tiled", "f64x48_vae_tiled",
                  "g37x29_exact_latent_tiled"]
+
+
+@pytest.fixture(autouse=True)
+def float32_as_the_commands_and_nodes_compute_it():
+    """IEEE float32 (TF32 off on Ampere and later GPUs), as the commands and nodes run."""
+    with ieee_float32():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from conftest import DATA, copy_tiny_sd21, cpu_float16, host_stand_ins, official_files_served, psnr
+from conftest import (DATA, IEEE_FLOAT32, copy_tiny_sd21, cpu_float16, host_stand_ins, official_files_served, psnr,
+                      tf32_flags)
 from workflow_schema import import_pack
 from comfyui_diffsr.sr_common.tiling import smaller_tiles
 
@@ -230,6 +231,22 @@ def test_oom_in_the_upscale_node_retries_with_smaller_vae_tiles(pack, osediff_mo
     (out,) = run(nodes["OSEDiff_Upscale"], model=osediff_model[1], image=torch.rand(1, 20, 24, 3), prompt="",
                  upscale=2.0, process_size=32, color_fix="adain", tile_latent=96, tile_overlap=32, dtype="fp32")
     assert seen == [(96, 1024, 224), (48, 512, 112)] and out.shape == (1, 40, 48, 3)
+
+
+def test_nodes_compute_float32_as_ieee_float32(pack, osediff_model, monkeypatch):
+    """On Ampere and later GPUs PyTorch computes float32 convolutions in TF32 unless told not to: every node that
+    computes runs with it off (dtype fp32 is float32), and ComfyUI's flags are as they were after."""
+    _, nodes = pack
+    pipeline = sys.modules["custom_nodes_x_diffsr_pack.nodes.osediff"]
+    seen, real, outside = [], pipeline.osediff_upscale, tf32_flags()
+    monkeypatch.setattr(pipeline, "osediff_upscale", lambda *a, **kw: seen.append(tf32_flags()) or real(*a, **kw))
+    run(nodes["OSEDiff_Upscale"], model=osediff_model[1], image=torch.rand(1, 20, 24, 3), prompt="", upscale=2.0,
+        process_size=32, color_fix="none", tile_latent=0, tile_overlap=0, dtype="fp32")
+    assert seen and seen[0] in IEEE_FLOAT32 and tf32_flags() == outside
+    computing = {"OSEDiff_Upscale", "OSEDiff_LQEncoder", "OSEDiff_OneStepUNet", "OSEDiff_VAEDecode",
+                 "DAPE_PromptExtractor", "DoSSR_Upscale", "DoSSR_Sampler", "DoSSR_VAEDecode"}
+    for node_id, node in nodes.items():  # the loaders compute nothing on the device
+        assert hasattr(node.execute, "__wrapped__") == (node_id in computing), node_id
 
 
 def test_dossr_nodes(pack, osediff_model):

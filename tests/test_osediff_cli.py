@@ -17,7 +17,7 @@ from comfyui_diffsr.sr_common.errors import WeightFileError
 from comfyui_diffsr.sr_common.sd21 import load_sd21
 from comfyui_diffsr.sr_common.weights import write_safetensors
 
-from conftest import DATA, copy_tiny_sd21, psnr
+from conftest import DATA, IEEE_FLOAT32, copy_tiny_sd21, psnr, tf32_flags
 
 FIX = os.path.join(DATA, "osediff")
 
@@ -355,10 +355,11 @@ def test_out_of_memory_retries_with_smaller_tiles(base, tmp_path, monkeypatch, c
     still out of memory at the smallest tiles fails alone."""
     import comfyui_diffsr.cli.osediff as command
 
-    real, seen = command.osediff_upscale, []
+    real, seen, flags, outside = command.osediff_upscale, [], set(), tf32_flags()
 
     def limited(model, image, options, **kwargs):
         seen.append((image.shape[-1], options.tile_latent, options.tile_overlap, options.vae_tile_decode))
+        flags.add(tf32_flags())  # float32 as IEEE float32 (TF32 off on a GPU), in every attempt
         if image.shape[-1] > 40 or options.vae_tile_decode > 56:
             raise failure
         return real(model, image, options=options, **kwargs)
@@ -375,6 +376,7 @@ def test_out_of_memory_retries_with_smaller_tiles(base, tmp_path, monkeypatch, c
     assert seen[:3] == [(32, 40, 36, 224), (32, 16, 8, 112), (32, 16, 8, 56)], seen
     assert "retrying with smaller tiles" in err and "wide.png: out of memory even at the smallest tiles" in err, err
     assert os.listdir(tmp_path / "out") == ["small.png"]
+    assert len(flags) == 1 and flags <= set(IEEE_FLOAT32) and tf32_flags() == outside
     direct = tmp_path / "direct"
     assert run([folder / "small.png", "-o", direct, "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
                 "--process-size", "64", "--tile-latent", "16", "--tile-overlap", "8", "--vae-tile-decode", "56"]) == 0
