@@ -233,17 +233,21 @@ def exact_value(root, name):
 
 @contextlib.contextmanager
 def exact_weights(*modules):
-    """Within the block, every tensor of ``modules`` that ``set_precision`` has cast holds its exact value, so a
-    model built there from them (OSEDiff's LoRA merged into the shared SD 2.1 UNet) starts from the loaded weights,
-    not from another model's fp16 rounding of them; the casts are put back after."""
+    """Within the block, every tensor of ``modules`` holds its value as loaded, on the CPU where the loaders put it:
+    the exact value of one ``set_precision`` has cast, a CPU copy of one a run has left on the GPU. So a model built
+    there from them (OSEDiff's LoRA merged into the shared SD 2.1 UNet) starts from the loaded weights, not from
+    another model's fp16 rounding of them, and is built in CPU memory, where ComfyUI's memory manager expects it
+    (not in GPU memory it does not count); the weights are put back after."""
     swapped = []
     for module in {id(m): m for root in modules for m in root.modules()}.values():
-        for name in _exact.get(module, {}):
-            store = module._parameters if name in module._parameters else module._buffers
-            held, exact = store[name], exact_value(module, name)
-            if (held.dtype, held.device, held.data_ptr()) != (exact.dtype, exact.device, exact.data_ptr()):
-                swapped.append((store, name, held.data))
-                _put(store, name, exact)
+        for store in (module._parameters, module._buffers):
+            for name, held in store.items():
+                if held is None:
+                    continue
+                exact = exact_value(module, name).to("cpu")
+                if (held.dtype, held.device, held.data_ptr()) != (exact.dtype, exact.device, exact.data_ptr()):
+                    swapped.append((store, name, held.data))
+                    _put(store, name, exact)
     try:
         yield
     finally:
@@ -262,9 +266,9 @@ def _put(store, name, value):
 def set_precision(model, dtype):
     """Every floating-point weight of ``model`` in ``dtype``, cast from its exact value, never from an earlier cast.
 
-    The first cast of a tensor keeps its exact value on the offload device (the CPU, where the loaders put it), so
-    a later float32 run, or another model sharing the module (the SD 2.1 VAE and text encoder), never computes
-    with rounded weights; that copy stays in CPU memory from then on. A ``recompute_exact`` tensor keeps no copy:
+    The first cast of a tensor keeps its exact value in CPU memory (also under --highvram / --gpu-only, where
+    ComfyUI's offload device is the GPU), so a later float32 run, or another model sharing the module (the SD 2.1
+    VAE and text encoder), never computes with rounded weights; that copy stays there from then on. A ``recompute_exact`` tensor keeps no copy:
     its value is computed again when a cast needs it. Returns whether anything was cast."""
     modules = {id(m): m for part in _parts(model) for m in part.modules()}.values()  # shared modules once
     cast_any = False
@@ -281,7 +285,7 @@ def set_precision(model, dtype):
                     entry.held = cast.dtype == value.dtype
                 else:
                     if entry is None:  # never cast before: the tensor holds the exact value
-                        entry = exact[name] = tensor.detach().to(offload_device())
+                        entry = exact[name] = tensor.detach().to("cpu")
                     cast = entry.to(device=tensor.device, dtype=dtype)
                 _put(store, name, cast)
                 cast_any = True

@@ -82,11 +82,11 @@ def _fix_colors(target, reference, method, eps):
     _check_method(method)
     if method == "adain":
         mean_t, std_t = _mean_std(target, eps)
-        mean_s, std_s = reference
+        mean_s, std_s = (r.to(target.device) for r in reference)
         return (target - mean_t).div_(std_t).mul_(std_s).add_(mean_s).clamp_(0.0, 1.0)
-    if method == "wavelet":
+    if method == "wavelet":  # a reference taken on the CPU (the device ran out of memory) joins the target
         high, _ = wavelet_decomposition(target)
-        return high.add_(reference).clamp_(0.0, 1.0)
+        return high.add_(reference.to(target.device)).clamp_(0.0, 1.0)
     return target.clamp(0.0, 1.0)
 
 

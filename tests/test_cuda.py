@@ -133,6 +133,41 @@ def test_node_dtype_switches_on_cuda(pack, monkeypatch):  # noqa: F811
     assert 42 <= psnr(outs[1], outs[0]) < 80
 
 
+def test_osediff_loaded_on_a_base_a_run_left_on_the_device_is_built_in_cpu_memory(pack):  # noqa: F811
+    """An fp32 run (ComfyUI's choice on GTX 10xx/16xx cards) leaves the shared SD 2.1 UNet and VAE on the GPU; an
+    OSEDiff loaded on that base afterwards is merged in CPU memory, where ComfyUI's memory manager expects a new
+    model, not in GPU memory it does not count, with the same weights as on a base in CPU memory."""
+    _, nodes = pack
+    (reference,) = run(nodes["OSEDiff_Loader"], sd21=own_tiny_sd21(), weights="osediff_tiny.pkl")
+    sd21 = own_tiny_sd21()
+    sd21.unet.to(CUDA), sd21.vae.to(CUDA)
+    (model,) = run(nodes["OSEDiff_Loader"], sd21=sd21, weights="osediff_tiny.pkl")
+    for ours, theirs in ((model.unet, reference.unet), (model.lq_encoder, reference.lq_encoder)):
+        assert {p.device.type for p in ours.parameters()} == {"cpu"}
+        assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+    assert {p.device for p in sd21.unet.parameters()} == {sd21.vae.encoder.conv_in.weight.device}  # left as it was
+    assert sd21.unet.conv_in.weight.device.type == CUDA.type
+
+
+def test_colour_fix_takes_a_reference_that_fell_back_to_the_cpu(monkeypatch):
+    """Out of device memory, the colour reference is taken on the CPU; the fix on the device then takes it."""
+    from comfyui_diffsr.sr_common import color_fix
+
+    target, source = (torch.rand(1, 3, 40, 48, generator=torch.Generator().manual_seed(i)).to(CUDA) for i in (0, 1))
+    expected = {m: color_fix.apply_color_fix(target, source, m).cpu() for m in ("adain", "wavelet")}
+    real = color_fix._color_reference
+
+    def out_of_memory_on_the_device(image, *args):
+        if image.device.type != "cpu":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(image, *args)
+
+    monkeypatch.setattr(color_fix, "_color_reference", out_of_memory_on_the_device)
+    for method, reference in expected.items():
+        out = color_fix.apply_color_fix(target, source, method)
+        assert out.device == target.device and torch.allclose(out.cpu(), reference, atol=1e-5), method
+
+
 @pytest.mark.parametrize("method", ["osediff", "dossr"])
 def test_commands_take_the_text_encoder_off_the_device_after_the_one_prompt(monkeypatch, tmp_path, method):
     """With one prompt for every image, the osediff and dossr commands encode it once, then move the text encoder
