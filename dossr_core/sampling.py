@@ -25,9 +25,10 @@ import torch
 
 
 def predict_x0(x, eps, grid, k):
-    """x_θ = x/α_k − (σ_k/α_k)·ε̂ with both factors cast to float32 first, as the official (no clipping)."""
-    c1 = torch.tensor(grid.sqrt_recip_alpha_bar[k], dtype=torch.float32, device=x.device)
-    c2 = torch.tensor(grid.sqrt_recipm1_alpha_bar[k], dtype=torch.float32, device=x.device)
+    """x_θ = x/α_k − (σ_k/α_k)·ε̂ with both factors cast to float32 first, as the official (no clipping). The
+    factors are 0-dim CPU tensors, which a GPU kernel takes as scalars (no copy to the device, no wait)."""
+    c1 = torch.tensor(grid.sqrt_recip_alpha_bar[k], dtype=torch.float32)
+    c2 = torch.tensor(grid.sqrt_recipm1_alpha_bar[k], dtype=torch.float32)
     return c1 * x - c2 * eps.float()
 
 
