@@ -17,7 +17,7 @@ def _version(text):
     return tuple(int(n) for n in re.findall(r"\d+", text.split("+")[0]))
 
 
-def unmet_requirements(path=REQUIREMENTS):
+def unmet_requirements(path):
     """The lines of a requirements file (``name>=low[,<high]``) that the installed packages do not meet, each with
     what is installed: a module that cannot be found, or a version (from the distribution's metadata, where it has
     any) out of range. Nothing is imported. None where the file is absent (the pack installed as a wheel)."""
@@ -51,7 +51,7 @@ async def comfy_entrypoint():
     """V3 entry point (ComfyUI >= 0.3.48): the pack's ``ComfyExtension``. Where ComfyUI's Python lacks a package the
     pack needs, or has a version it cannot run with, this raises with the command that installs them (ComfyUI logs
     it and starts without the pack), rather than nodes that fail when run."""
-    unmet = unmet_requirements()
+    unmet = unmet_requirements(REQUIREMENTS)
     if unmet:
         raise ImportError(f"DiffSR needs {'; '.join(unmet)}. Install its requirements into ComfyUI's Python: "
                           f'python -m pip install -r "{REQUIREMENTS}"')

@@ -77,7 +77,9 @@ def test_a_missing_requirement_is_named_with_its_install_command(tmp_path, monke
 
     import comfyui_diffsr
 
-    assert comfyui_diffsr.unmet_requirements() == []  # this environment meets requirements.txt
+    requirements = os.path.join(ROOT, "requirements.txt")  # the pack's, also where it is installed as a wheel
+    monkeypatch.setattr(comfyui_diffsr, "REQUIREMENTS", requirements)
+    assert comfyui_diffsr.unmet_requirements(requirements) == []  # this environment meets them
     installed = {"diffusers": "0.25.0", "safetensors": "0.4.1", "numpy": "1.24.4", "pillow": "11.0.0.dev0",
                  "transformers": "5.0.0+local"}
 
@@ -89,11 +91,11 @@ def test_a_missing_requirement_is_named_with_its_install_command(tmp_path, monke
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(metadata, "version", version)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name in ("yaml", "tqdm") else find_spec(name))
-    assert comfyui_diffsr.unmet_requirements() == [
+    assert comfyui_diffsr.unmet_requirements(requirements) == [
         "diffusers>=0.30,<1.0 (0.25.0 installed)", "pyyaml>=6.0 (not installed)", "tqdm>=4.60 (not installed)"]
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)  # yaml importable, its metadata not found: accepted
     installed.update(diffusers="1.2.0", tqdm="4.67.1")
-    assert comfyui_diffsr.unmet_requirements() == ["diffusers>=0.30,<1.0 (1.2.0 installed)"]
+    assert comfyui_diffsr.unmet_requirements(requirements) == ["diffusers>=0.30,<1.0 (1.2.0 installed)"]
     with pytest.raises(ImportError, match=r"^DiffSR needs diffusers>=0.30,<1.0 \(1.2.0 installed\)\. Install its "
                                           r"requirements into ComfyUI's Python: python -m pip install -r "
                                           r"\".*requirements.txt\"$"):
