@@ -285,7 +285,7 @@ def test_cli_names_not_utf8_and_a_closed_pipe(fixture, tmp_path):
     UTF-8; a reader that stops (``dape … | head -1``) ends the command quietly with SIGPIPE's status."""
     _, smalls, _, tags = fixture
     odd = os.path.join(os.fsencode(tmp_path), b"bad\xffname.png")
-    Image.fromarray(smalls[0]).save(odd)
+    Image.fromarray(smalls[0]).save(os.fsdecode(odd))  # a str path: Pillow < 10.1 takes no bytes one
     command = [sys.executable, "-m", "comfyui_diffsr", "dape", str(tmp_path), "--ram", RAM, "--dape", DAPE,
                "--process-size", "0", "--device", "cpu"]
     env = dict(os.environ, PYTHONIOENCODING="utf-8:strict")
