@@ -13,8 +13,12 @@ MODULES = {"pillow": "PIL", "pyyaml": "yaml"}  # distribution → the module it 
 
 
 def _version(text):
-    """The leading numbers of a version string: '2.13.0+cpu' → (2, 13, 0), '4.40.0.dev0' → (4, 40, 0, 0)."""
-    return tuple(int(n) for n in re.findall(r"\d+", text.split("+")[0]))
+    """The numbers of a version string less trailing zeros, so that 10 == 10.0: '2.13.0+cpu' → (2, 13),
+    '4.40.1.dev0' → (4, 40, 1)."""
+    numbers = [int(n) for n in re.findall(r"\d+", text.split("+")[0])]
+    while numbers and numbers[-1] == 0:
+        numbers.pop()
+    return tuple(numbers)
 
 
 def unmet_requirements(path):

@@ -80,8 +80,8 @@ def test_a_missing_requirement_is_named_with_its_install_command(tmp_path, monke
     requirements = os.path.join(ROOT, "requirements.txt")  # the pack's, also where it is installed as a wheel
     monkeypatch.setattr(comfyui_diffsr, "REQUIREMENTS", requirements)
     assert comfyui_diffsr.unmet_requirements(requirements) == []  # this environment meets them
-    installed = {"diffusers": "0.25.0", "safetensors": "0.4.1", "numpy": "1.24.4", "pillow": "11.0.0.dev0",
-                 "transformers": "5.0.0+local"}
+    installed = {"diffusers": "0.25.0", "safetensors": "0.4.1", "numpy": "1.24.4", "pillow": "10",
+                 "transformers": "5.0.0+local"}  # Pillow 10 meets >=10.0
 
     def version(name):
         if name not in installed:
