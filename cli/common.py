@@ -152,8 +152,8 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
     (path, out) pair, in order (a transparent image's alpha upscaled bicubically; dropped, with a note, for jpg).
 
     An image that fails on its own (unreadable or unusable: ``DiffSRError``/``ValueError``; an output, of
-    ``output_size(height, width)``, that the format cannot store; out of memory even at the smallest tiles) is reported and
-    skipped, and the others go on; an output that cannot be written stops the run. Returns the exit status: 0, or
+    ``output_size(height, width)``, that the format cannot store; out of memory even at the smallest tiles) is
+    reported and skipped, and the others go on; an output that cannot be written stops the run. Returns the exit status: 0, or
     2 when any failed (listed again at the end).
 
     While an image is upscaled, the next one is read and the previous output written on two helper threads (PIL

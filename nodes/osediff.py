@@ -298,8 +298,8 @@ def _check_latent_size(latent, lq, upscale, process_size):
     if tuple(latent.shape[-2:]) != expected:
         raise ValueError(f"OSEDiff VAE Decode: the LATENT is {latent.shape[-1]}×{latent.shape[-2]} (latent px), but "
                          f"the reference at upscale {upscale:g} and process_size {process_size} needs "
-                         f"{expected[1]}×{expected[0]} ({width}×{height} px). Connect the image the OSEDiff LQ Encoder "
-                         "encoded, and give both nodes the same upscale and process_size.")
+                         f"{expected[1]}×{expected[0]} ({width}×{height} px). Connect the image the OSEDiff LQ "
+                         "Encoder encoded, and give both nodes the same upscale and process_size.")
 
 
 class DAPELoader(io.ComfyNode):
