@@ -19,6 +19,7 @@ from ..osediff_core.pipeline import Options as DEFAULT_TILES  # the same tile de
 from ..sr_common import tiling
 from ..sr_common.download import OFFICIAL, downloaded
 from ..sr_common.errors import WeightFileError
+from ..sr_common.fast_modules import FusedUpsample2D
 from ..sr_common.image import with_upscaled_alpha
 from ..sr_common.sd21 import (PRECISIONS, check_precision, ieee_float32, load_sd21, move_module,
                                sd21_from_ldm_state_dict)
@@ -324,6 +325,20 @@ def cast_for_run(model, dtype_widget):
     set_precision(model, widget_dtype(model, dtype_widget))
 
 
+class HeldModulesPatcher(comfy.model_patcher.ModelPatcher):
+    """ComfyUI's ModelPatcher, whose partial unload (``model_management.LoadedModel.model_unload``: to free part of
+    a model, it moves single layers with ``m.to``) also drops what ``FusedUpsample2D`` folded from a layer it moved,
+    which ComfyUI does not see and would leave in device memory it counts as freed."""
+
+    def partially_unload(self, *args, **kwargs):
+        try:
+            return super().partially_unload(*args, **kwargs)
+        finally:
+            for module in self.model.modules():
+                if isinstance(module, FusedUpsample2D):
+                    module.forget_kernels()
+
+
 _patchers = weakref.WeakValueDictionary()  # id(torch module) → its ModelPatcher, while a model keeps that patcher
 
 
@@ -340,7 +355,7 @@ def _patcher(model, module):
         patchers = model._comfy_patchers = {}
     patcher = _patchers.get(id(module))  # a live patcher holds its module, so the id is this module's
     if patcher is None:
-        patcher = _patchers[id(module)] = comfy.model_patcher.ModelPatcher(
+        patcher = _patchers[id(module)] = HeldModulesPatcher(
             HeldModules([module]), load_device=device(), offload_device=offload_device())
     patchers[id(module)] = patcher
     return patcher

@@ -224,8 +224,13 @@ class FusedUpsample2D(nn.Module):
         self._kernels = (None, None)
 
     def _apply(self, fn, *args, **kwargs):
-        self._kernels = (None, None)  # .to(), .half(), .cuda() … give the weight new data
+        self.forget_kernels()  # .to(), .half(), .cuda() … give the weight new data
         return super()._apply(fn, *args, **kwargs)
+
+    def forget_kernels(self):
+        """Drop the folded kernels (folded again at the next call): for a host that moved ``conv`` alone, as
+        ComfyUI's partial unload does layer by layer, so that they do not stay in memory it counts as freed."""
+        self._kernels = (None, None)
 
     def phase_kernels(self):
         weight = self.conv.weight

@@ -518,6 +518,25 @@ def test_models_are_loaded_and_unloaded_by_comfy_model_management(pack, osediff_
     assert mm.LOADED == [([patchers[1]], False, True), ([patchers[0]], False, True), ([patchers[2]], False, True)]
 
 
+def test_partial_unload_drops_the_folded_upsampler_kernels(pack, osediff_model):
+    """ComfyUI frees part of a model by moving single layers (``ModelPatcher.partially_unload``): the kernels that
+    ``FusedUpsample2D`` folded from them, which ComfyUI does not see, go with them; the next run folds them again
+    and gives the same image."""
+    _, nodes = pack
+    _, model = osediff_model
+    mm = sys.modules["comfy.model_management"]
+    fused_type = sys.modules["custom_nodes_x_diffsr_pack.sr_common.fast_modules"].FusedUpsample2D
+    args = dict(model=model, image=torch.rand(1, 20, 24, 3, generator=torch.Generator().manual_seed(3)), prompt="",
+                upscale=2.0, process_size=32, color_fix="adain", tile_latent=0, tile_overlap=0, dtype="fp32")
+    (first,) = run(nodes["OSEDiff_Upscale"], **args)
+    fused = [m for m in model.vae.modules() if isinstance(m, fused_type)]
+    assert fused and all(m._kernels[0] is not None for m in fused)
+    assert patcher_of(model, model.vae).partially_unload(mm.unet_offload_device(), 1) > 0
+    assert all(m._kernels == (None, None) for m in fused)
+    (again,) = run(nodes["OSEDiff_Upscale"], **args)
+    assert all(m._kernels[0] is not None for m in fused) and torch.equal(first, again)
+
+
 def test_prompt_embeddings_kept_for_recent_prompts_only(pack, osediff_model):
     """A run over many prompts (DAPE over a folder: one per image) keeps the embeddings of the last 32 only, for
     OSEDiff and DoSSR alike; a prompt used again is not encoded again."""

@@ -37,3 +37,20 @@ class ModelPatcher:
         self.model.to(self.offload_device)
         self.model.device = self.offload_device
         return self.model
+
+    def _load_list(self):  # L621: (size, name, module, its own parameter names) of every module holding weights
+        loading = []
+        for n, m in self.model.named_modules():
+            params = [name for name, _ in m.named_parameters(recurse=False)]
+            if params and all(name in params for name, _ in m.named_parameters(recurse=True)):
+                loading.append((comfy.model_management.module_size(m), n, m, params))
+        return loading
+
+    def partially_unload(self, device_to, memory_to_free=0):  # L800: smallest layers first, each moved alone
+        memory_freed = 0
+        for module_mem, _, m, _ in sorted(self._load_list(), key=lambda entry: entry[:2]):
+            if memory_to_free < memory_freed:
+                break
+            m.to(device_to)
+            memory_freed += module_mem
+        return memory_freed
