@@ -6,7 +6,7 @@ import os
 import pytest
 
 from conftest import host_stand_ins
-from workflow_schema import load_signatures
+from workflow_schema import WIDGET_TYPES, frontend_inputs, load_signatures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 API = os.path.join(ROOT, "workflows", "api")
@@ -83,22 +83,50 @@ def test_api_workflow_matches_schemas(name, signatures):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_twin_is_the_same_graph(name, signatures):
+    """The UI file as frontend 1.27 reads and saves one: every input listed (sockets, then widgets), a link's
+    target slot its index there, a value for every widget (a widget left out of the API file at its default), outputs
+    by their display names; read back, the same graph as its API twin."""
     api = load(API, f"{name}.json")
     ui = load(ROOT, "workflows", f"{name}.json")
     links = {link[0]: link for link in ui["links"]}
     rebuilt = {}
     for node in ui["nodes"]:
         sig = signatures[node["type"]]
-        linked = {i["name"]: [str(links[i["link"]][1]), links[i["link"]][2]] for i in node["inputs"] if i["link"]}
-        widgets = list(node["widgets_values"])
-        inputs = {}
-        for input_name, _ in sig["inputs"]:
+        sockets, widgets = frontend_inputs(sig)
+        assert [i["name"] for i in node["inputs"]] == [n for n, _ in sockets + widgets], (name, node["id"])
+        assert [o["name"] for o in node["outputs"]] == sig.get("output_names", sig["outputs"]), (name, node["id"])
+        linked = {}
+        for slot, entry in enumerate(node["inputs"]):
+            assert ("widget" in entry) == (entry["type"] in WIDGET_TYPES), (name, node["id"], entry)
+            if entry["link"] is not None:
+                _, source, source_slot, target, target_slot, kind = links[entry["link"]]
+                assert (target, target_slot) == (node["id"], slot), (name, node["id"], entry)
+                source_type = next(n["type"] for n in ui["nodes"] if n["id"] == source)
+                assert kind == signatures[source_type]["outputs"][source_slot], (name, entry)
+                linked[entry["name"]] = [str(source), source_slot]
+        values = list(node["widgets_values"])
+        inputs = {n: linked[n] for n, _ in sockets if n in linked}
+        for input_name, _ in widgets:
+            value = values.pop(0)
+            if input_name in sig.get("seed_widgets", []):
+                assert values.pop(0) == "fixed"  # control_after_generate
             if input_name in linked:
                 inputs[input_name] = linked[input_name]
-            elif widgets and input_name in api[str(node["id"])]["inputs"]:
-                inputs[input_name] = widgets.pop(0)
-                if input_name in sig.get("seed_widgets", []):
-                    widgets.pop(0)  # control_after_generate
-        assert not widgets, (name, node["id"], widgets)
+            elif input_name in api[str(node["id"])]["inputs"]:
+                inputs[input_name] = value
+            else:
+                assert value == sig["defaults"][input_name], (name, node["id"], input_name)
+        assert not values, (name, node["id"], values)
         rebuilt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     assert rebuilt == api
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_nodes_do_not_overlap(name):
+    """No node covers another (the frontend draws a later node over an earlier one, hiding its widgets); a node's
+    title bar (30 px) is drawn above its ``pos``."""
+    boxes = [(n["id"], n["pos"][0], n["pos"][1] - 30, n["size"][0], n["size"][1] + 30)
+             for n in load(ROOT, "workflows", f"{name}.json")["nodes"]]
+    for i, (a, ax, ay, aw, ah) in enumerate(boxes):
+        for b, bx, by, bw, bh in boxes[i + 1:]:
+            assert ax + aw <= bx or bx + bw <= ax or ay + ah <= by or by + bh <= ay, (name, a, b)

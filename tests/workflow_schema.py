@@ -27,8 +27,22 @@ def load_signatures(root):
         signatures[schema.node_id] = {
             "inputs": [[i.id, i.io_type] for i in schema.inputs],
             "outputs": [o.io_type for o in schema.outputs],
+            "output_names": [o.display_name or o.io_type for o in schema.outputs],  # /object_info's output_name
             "optional": [i.id for i in schema.inputs if i.optional],
             "seed_widgets": [i.id for i in schema.inputs if i.options.get("control_after_generate")],
+            "multiline": [i.id for i in schema.inputs if i.options.get("multiline")],
+            "defaults": {i.id: i.default for i in schema.inputs if i.default is not None},
             "widgets": {i.id: i for i in schema.inputs},
         }
     return signatures
+
+
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+def frontend_inputs(sig):
+    """A node's inputs as ComfyUI's frontend lists them in a saved graph (1.27): its sockets, then its widgets, each
+    in the order of /object_info's input_order (required, then optional)."""
+    optional = set(sig.get("optional", []))
+    ordered = [i for i in sig["inputs"] if i[0] not in optional] + [i for i in sig["inputs"] if i[0] in optional]
+    return ([(n, k) for n, k in ordered if k not in WIDGET_TYPES], [(n, k) for n, k in ordered if k in WIDGET_TYPES])
