@@ -93,11 +93,27 @@ def base_path(choice):
     return weight_path("checkpoints", name)
 
 
+def missing_file_message(folder, name):
+    """What to do about a loader choice that is not on disk, as in a workflow shared by someone who has the file
+    (ComfyUI checks a V3 combo's value only when the node runs)."""
+    where = " or ".join(folder_paths.get_folder_paths(folder))
+    fix = f"put it in {where} and refresh the node lists (R)"
+    if any(src.folder == folder and src.filename == name for src in OFFICIAL.values()):
+        fix += f", or choose '{DOWNLOAD}{name}' in this loader to fetch the official file"
+    elif folder == "dossr":
+        fix += (" (dossr_default.ckpt and dossr_onestep.ckpt are linked from the README of "
+                "https://github.com/AMD-AIG-AIMA/DoSSR)")
+    return f"{name!r} is not in models/{folder}: {fix}."
+
+
 def weight_path(folder, name):
     """Full path of a loader choice; a ``download: <file>`` choice fetches the official file first (resumable,
     verified, moved into place only when complete) into the first ``models/<folder>`` path, once."""
     if not name.startswith(DOWNLOAD):
-        return folder_paths.get_full_path_or_raise(folder, name)
+        path = folder_paths.get_full_path(folder, name)
+        if path is None:
+            raise FileNotFoundError(missing_file_message(folder, name))
+        return path
     filename = name[len(DOWNLOAD):]
     source = next((s for s in OFFICIAL.values() if s.folder == folder and s.filename == filename), None)
     if source is None:

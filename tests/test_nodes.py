@@ -947,6 +947,27 @@ def test_loader_download_option(pack, monkeypatch, tmp_path, with_length):
         assert model.unet is not None
 
 
+def test_loader_file_missing_names_where_to_get_it(pack):
+    """A shared workflow names files by their official names; one not on disk is refused (when the loader runs:
+    ComfyUI does not check a V3 combo's value before) with where to put it and, for an official file, the download
+    choice of that loader; nothing is fetched."""
+    _, nodes = pack
+    (sd21,) = run(nodes["DiffSR_SD21Loader"], base="diffusers/tiny_sd21")
+    with pytest.raises(FileNotFoundError, match=r"'osediff\.pkl' is not in models/osediff: put it in .*osediff and "
+                                                r"refresh the node lists \(R\), or choose 'download: osediff\.pkl' in "
+                                                r"this loader"):
+        run(nodes["OSEDiff_Loader"], sd21=sd21, weights="osediff.pkl")
+    with pytest.raises(FileNotFoundError, match=r"'DAPE\.pth' is not in models/dape: .*'download: DAPE\.pth'"):
+        run(nodes["DAPE_Loader"], ram_or_converted="ram_tiny.pth", dape="DAPE.pth")
+    with pytest.raises(FileNotFoundError, match=r"'dossr_default\.ckpt' is not in models/dossr: put it in .*dossr and "
+                                                r"refresh the node lists \(R\) \(dossr_default\.ckpt and dossr_onestep\.ckpt are linked from the "
+                                                r"README of https://github\.com/AMD-AIG-AIMA/DoSSR\)"):
+        run(nodes["DoSSR_Loader"], weights="dossr_default.ckpt", config="tiny_cldm.yaml")
+    with pytest.raises(FileNotFoundError, match=r"'v2-1_512-ema-pruned\.safetensors' is not in models/checkpoints: "
+                                                r".*'download: v2-1_512-ema-pruned\.safetensors'"):
+        run(nodes["DiffSR_SD21Loader"], base="checkpoints/v2-1_512-ema-pruned.safetensors")
+
+
 @pytest.mark.parametrize("method", ["osediff_tiles", "dossr_steps"])
 def test_cancel_mid_run_stops_within_one_unit_and_rerun_is_identical(pack, osediff_model, monkeypatch, method):
     """The user presses Cancel after the 2nd tile / step: the node raises at the very next check, and the next

@@ -26,9 +26,17 @@ def get_filename_list(folder_name):  # L351: relative file names with an allowed
     return sorted(out)
 
 
-def get_full_path_or_raise(folder_name, filename):  # L302
+def get_full_path(folder_name, filename):  # L282: None when no folder has the file
+    filename = os.path.relpath(os.path.join("/", filename), "/")
     for root in get_folder_paths(folder_name):
         path = os.path.join(root, filename)
         if os.path.isfile(path):
             return path
-    raise FileNotFoundError(f"Model in folder '{folder_name}' with filename '{filename}' not found.")
+    return None
+
+
+def get_full_path_or_raise(folder_name, filename):  # L302
+    full_path = get_full_path(folder_name, filename)
+    if full_path is None:
+        raise FileNotFoundError(f"Model in folder '{folder_name}' with filename '{filename}' not found.")
+    return full_path
