@@ -960,8 +960,9 @@ def test_loader_file_missing_names_where_to_get_it(pack):
     with pytest.raises(FileNotFoundError, match=r"'DAPE\.pth' is not in models/dape: .*'download: DAPE\.pth'"):
         run(nodes["DAPE_Loader"], ram_or_converted="ram_tiny.pth", dape="DAPE.pth")
     with pytest.raises(FileNotFoundError, match=r"'dossr_default\.ckpt' is not in models/dossr: put it in .*dossr and "
-                                                r"refresh the node lists \(R\) \(dossr_default\.ckpt and dossr_onestep\.ckpt are linked from the "
-                                                r"README of https://github\.com/AMD-AIG-AIMA/DoSSR\)"):
+                                                r"refresh the node lists \(R\) \(dossr_default\.ckpt and "
+                                                r"dossr_onestep\.ckpt are linked from the README of "
+                                                r"https://github\.com/AMD-AIG-AIMA/DoSSR\)"):
         run(nodes["DoSSR_Loader"], weights="dossr_default.ckpt", config="tiny_cldm.yaml")
     with pytest.raises(FileNotFoundError, match=r"'v2-1_512-ema-pruned\.safetensors' is not in models/checkpoints: "
                                                 r".*'download: v2-1_512-ema-pruned\.safetensors'"):

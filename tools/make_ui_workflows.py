@@ -15,11 +15,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLUMN, NODE_WIDTH, GAP = 380, 320, 50
 
 
-def node_height(sig, sockets, widgets):
+PREVIEW_HEIGHT = {"LoadImage": 220}  # room for the image the node shows
+
+
+def node_height(class_type, sig, sockets, widgets):
     """Room for a node as the frontend draws it (it enlarges a node given less: title, slot rows, widget rows, a
-    taller box for each multiline text, LoadImage's preview), rounded up so that nodes placed by it never overlap."""
+    taller box for each multiline text, an image preview), rounded up so that nodes placed by it never overlap."""
     rows = len(widgets) + len(sig.get("seed_widgets", []))
-    extra = 80 * len(sig.get("multiline", [])) + (220 if "IMAGE" in sig["outputs"] and not sockets else 0)
+    extra = 80 * len(sig.get("multiline", [])) + PREVIEW_HEIGHT.get(class_type, 0)
     return 50 + 22 * max(len(sockets), len(sig["outputs"])) + 28 * rows + extra
 
 
@@ -66,7 +69,7 @@ def to_ui(api, signatures):
             values.append(sig["defaults"][name] if value is None or isinstance(value, list) else value)
             if name in sig.get("seed_widgets", []):
                 values.append("fixed")  # the frontend's control_after_generate widget
-        height = node_height(sig, sockets, widgets)
+        height = node_height(node["class_type"], sig, sockets, widgets)
         x, y = 40 + COLUMN * depth[node_id], next_y.get(depth[node_id], 40)
         next_y[depth[node_id]] = y + height + GAP
         nodes.append({"id": int(node_id), "type": node["class_type"], "pos": [x, y], "size": [NODE_WIDTH, height],
