@@ -23,7 +23,8 @@ from torch import nn
 
 from ..sr_common.errors import WeightFileError
 from ..sr_common.sd21 import describe_checkpoint, open_clip_to_hf
-from ..sr_common.weights import DOSSR_FORMAT, load_module_weights, read_state_dict, write_safetensors
+from ..sr_common.weights import (DOSSR_FORMAT, load_module_weights, read_state_dict, safetensors_metadata,
+                                 write_safetensors)
 
 CONTROL_PREFIX = "control_model."
 COND_ENCODER_PREFIX = "cond_encoder."
@@ -155,13 +156,7 @@ def read_weights(path):
         kind = detect(sd)
     except WeightFileError as e:
         raise WeightFileError(f"{os.path.basename(os.fspath(path))!r} is {e}") from None
-    metadata = {}
-    if os.fspath(path).lower().endswith((".safetensors", ".sft")):
-        from safetensors import safe_open
-
-        with safe_open(os.fspath(path), "pt") as f:
-            metadata = f.metadata() or {}
-    return sd, kind, metadata
+    return sd, kind, safetensors_metadata(path) or {}
 
 
 # ---------------------------------------------------------------- the DoSSR-specific parts

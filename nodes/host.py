@@ -23,8 +23,9 @@ from ..sr_common.fast_modules import FusedUpsample2D
 from ..sr_common.image import with_upscaled_alpha
 from ..sr_common.sd21 import (PRECISIONS, check_precision, ieee_float32, load_sd21, move_module,
                                sd21_from_ldm_state_dict)
+from ..sr_common.weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 
-WEIGHT_EXTENSIONS = {".pkl", ".pth", ".pt", ".ckpt", ".safetensors", ".sft", ".bin"}
+WEIGHT_EXTENSIONS = set(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)
 MODEL_FOLDERS = ("osediff", "dossr", "dape")
 _cache = weakref.WeakValueDictionary()
 

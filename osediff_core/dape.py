@@ -27,7 +27,7 @@ from torch import nn
 
 from ..sr_common.errors import WeightFileError
 from ..sr_common.weights import (CONVERTED, DAPE_FORMAT, converted_kind, read_state_dict, require_float,
-                                 write_safetensors)
+                                 safetensors_metadata, write_safetensors)
 from .swin import SwinEncoder, swin_config
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -399,15 +399,8 @@ def _expected_keys(config):
 
 def _state_from_converted(path):
     name = os.path.basename(os.fspath(path))
-    meta = None
-    if os.fspath(path).lower().endswith((".safetensors", ".sft")):
-        obj = read_state_dict(path)
-        from safetensors import safe_open
-
-        with safe_open(os.fspath(path), "pt") as f:
-            meta = f.metadata() or {}
-    else:
-        obj = read_state_dict(path)
+    obj = read_state_dict(path)
+    meta = safetensors_metadata(path)
     if not meta or meta.get("format") != CONVERTED_FORMAT:
         what = CONVERTED.get(meta.get("format")) if meta else None
         raise WeightFileError(f"{name!r} was given as a converted DAPE file but it is {what or _describe(obj)}. "

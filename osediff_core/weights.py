@@ -12,7 +12,7 @@ import torch
 
 from ..sr_common.errors import WeightFileError
 from ..sr_common.weights import (CONVERTED, OSEDIFF_FORMAT, converted_kind, fresh_float32_cpu, prefaulting,
-                                 read_state_dict, require_float, write_safetensors)
+                                 read_state_dict, require_float, safetensors_metadata, write_safetensors)
 
 REQUIRED_KEYS = ("state_dict_unet", "state_dict_vae", "rank_unet", "rank_vae")
 MODULE_LIST_KEYS = ("unet_lora_encoder_modules", "unet_lora_decoder_modules", "unet_lora_others_modules",
@@ -58,11 +58,8 @@ def read_osediff(path):
     path = os.fspath(path)
     name = os.path.basename(path)
     obj = read_state_dict(path)
-    if path.lower().endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(path, "pt") as f:
-            metadata = f.metadata()
+    metadata = safetensors_metadata(path)
+    if metadata is not None:
         try:
             obj = osediff_from_safetensors(obj, metadata)
         except (KeyError, TypeError, ValueError) as e:

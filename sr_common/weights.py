@@ -407,14 +407,19 @@ CONVERTED = {
 }
 
 
+def safetensors_metadata(path):
+    """The metadata of a safetensors file (``SAFETENSORS_SUFFIXES``; {} when it has none), None for another kind."""
+    path = os.fspath(path)
+    if not path.lower().endswith(SAFETENSORS_SUFFIXES):
+        return None
+    with safe_open(path, framework="pt") as f:
+        return f.metadata() or {}
+
+
 def converted_kind(path):
     """The ``format`` metadata of a safetensors file the pack converted (a key of ``CONVERTED``), else None."""
-    path = os.fspath(path)
-    if not path.lower().endswith((".safetensors", ".sft")):
-        return None
     try:
-        with safe_open(path, framework="pt") as f:
-            kind = (f.metadata() or {}).get("format")
+        kind = (safetensors_metadata(path) or {}).get("format")
     except (OSError, SafetensorError):  # not readable as safetensors: the readers say why
         return None
     return kind if kind in CONVERTED else None

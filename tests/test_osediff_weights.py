@@ -108,6 +108,9 @@ def test_pkl_and_converted_safetensors_load_the_same(tmp_path, ckpt):
         for k in official[part]:
             assert torch.equal(converted[part][k], official[part][k])
     assert converted["vae_lora_encoder_modules"] == official["vae_lora_encoder_modules"]
+    sft = out.rename(tmp_path / "osediff.sft")  # the other safetensors suffix ComfyUI lists
+    renamed = W.read_osediff(sft)
+    assert all(torch.equal(renamed["state_dict_unet"][k], v) for k, v in official["state_dict_unet"].items())
 
 
 def test_wrong_files_are_refused_by_name(tmp_path, ckpt):
