@@ -14,11 +14,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..sr_common import image as img
 from ..sr_common.color_fix import COLOR_FIXES, apply_color_fix
 from ..sr_common.latents import encode_moments, posterior_mean, posterior_sample, vae_decode
-from ..sr_common.sd21 import checked_context
+from ..sr_common.sd21 import SCALING_FACTOR, checked_context
 from ..sr_common.tiled_vae import DEFAULT_MODE
 from ..sr_common.tiling import blend_tiles, needs_tiling
 from .model import DEFAULT_PROMPT, predict_eps
@@ -149,44 +150,80 @@ def dossr_upscale(model, image, *, prompt=DEFAULT_PROMPT, prompt_embeds=None, op
     receives the intermediates (start, c_latent, x_hat0, context, states, decoded, noise).
     """
     o = options or Options()
-    check_options(o)
     img.check_image(image)
     if image.shape[0] != 1:
         raise ValueError(f"`image` must be a single image (batch 1), got batch {image.shape[0]}")
-    grid = make_grid(o.steps)
-    def stage(name):
-        return (lambda done, total: callback(name, done, total)) if callback else None
-
-    device, dtype = model.device, model.dtype
-    noise_source = NoiseSource(o.seed, noise)
-    # 1. pre-process: RRDB ×4 on the LR in [0, 1], clamped ("start": condition and colour reference)
-    start = model.rrdb(image.to(device=device, dtype=dtype)).float().clamp(0, 1)
-    if callback:
-        callback("rrdb", 1, 1)
-    # 2. pad start to a multiple of 64 px (latent multiple of 8); cropped back after decoding
-    padded, (out_h, out_w) = img.pad_to_multiple(start, PIXEL_MULTIPLE)
-    # 3. condition latent c (mode) and LR latent x̂₀ (posterior sample: the first random draw)
-    c_latent, x_hat0 = start_latents(model, padded, noise_source, o.vae_tile_encode, stage, o.vae_tile_mode)
     # 4. text context: given, or the SD 2.1 text encoder on the prompt (cached)
     context = text_context(model, prompt, prompt_embeds)
+    # 1.-5. (see dossr_sample)
+    x, start = dossr_sample(model, context, image=image, options=o, noise=noise, callback=callback, trace=trace)
+    # 6. decode and crop the padding away
+    decoded = decode(model, x, o.vae_tile_decode, _stage(callback, "decode"), o.vae_tile_mode)
+    decoded = decoded[..., :start.shape[-2], :start.shape[-1]]
+    if trace is not None:
+        trace["decoded"] = decoded.cpu()
+    # 7.-8. colour fix, other scales
+    return fixed_and_resized(decoded, start, o.upscale, o.color_fix)
+
+
+def _stage(callback, name):
+    """``callback(name, done, total)`` as the ``(done, total)`` callback of one stage (None without a callback)."""
+    return (lambda done, total: callback(name, done, total)) if callback else None
+
+
+def dossr_sample(model, context, *, image=None, latent=None, options=None, noise=None, callback=None, trace=None):
+    """Steps 1–5 for one input and its text ``context``: (x, start), x the final state of the sampler (a scaled
+    latent), start the colour reference (and its size the output's, before other scales).
+
+    From an LR ``image`` (1, 3, h, w), as the official: start = clamp(RRDB ×4); padded to a multiple of 64 px,
+    c = 0.18215 · mode(E_cond) and x̂₀ a posterior sample of E_vae; x covers the padded image.
+    From ``latent`` instead (a standard unscaled SD latent at the output size, e.g. VAE Encode of an image another
+    model upscaled): x̂₀ = 0.18215 · latent (replicate-padded to a multiple of 8), start = VAE_dec(x̂₀) cropped,
+    c = 0.18215 · mode(E_cond(VAE_dec(x̂₀))); x cropped back to the latent's size.
+    ``noise``, ``callback`` and ``trace`` as in ``dossr_upscale``.
+    """
+    o = options or Options()
+    check_options(o)
+    grid = make_grid(o.steps)
+    device, dtype = model.device, model.dtype
+    noise_source = NoiseSource(o.seed, noise)
+    if latent is None:
+        # 1. pre-process: RRDB ×4 on the LR in [0, 1], clamped ("start": condition and colour reference)
+        start = model.rrdb(image.to(device=device, dtype=dtype)).float().clamp(0, 1)
+        if callback:
+            callback("rrdb", 1, 1)
+        # 2. pad start to a multiple of 64 px (latent multiple of 8); cropped back after decoding
+        padded, _ = img.pad_to_multiple(start, PIXEL_MULTIPLE)
+        # 3. condition latent c (mode) and LR latent x̂₀ (posterior sample: the first random draw)
+        c_latent, x_hat0 = start_latents(model, padded, noise_source, o.vae_tile_encode,
+                                         lambda name: _stage(callback, name), o.vae_tile_mode)
+    else:
+        # 1.-3. from a latent: x̂₀ given; start and c from its decode
+        height, width = latent.shape[-2:]
+        x_hat0 = F.pad(latent.to(device=device, dtype=torch.float32) * SCALING_FACTOR,
+                       (0, -width % LATENT_MULTIPLE, 0, -height % LATENT_MULTIPLE), mode="replicate")
+        padded = decode(model, x_hat0, o.vae_tile_decode, _stage(callback, "decode"), o.vae_tile_mode).clamp(0, 1)
+        start = padded[..., :8 * height, :8 * width]
+        c_latent = condition_latent(model, padded, o.vae_tile_encode, _stage(callback, "cond_encoder"),
+                                    o.vae_tile_mode)
     # 5. DoS-SDE sampling from τ = 499 to 0; the final state is decoded
     states = []
 
     def on_step(info):
-        states.append(info["x"])
+        if trace is not None:
+            states.append(info["x"])
         if callback:
             callback("sample", info["i"] + 1, grid.num_steps)
 
-    eps_model = make_eps_model(model, c_latent, context.to(device), o, stage("tile"))
+    eps_model = make_eps_model(model, c_latent, context.to(device), o, _stage(callback, "tile"))
     x = sample_dossr(eps_model, x_hat0, grid, lambda name, shape: noise_source(name, shape).to(device),
                      order=o.order, gamma=o.gamma, callback=on_step)
-    # 6. decode and crop the padding away
-    decoded = decode(model, x, o.vae_tile_decode, stage("decode"), o.vae_tile_mode)[..., :out_h, :out_w]
+    if latent is not None:
+        x = x[..., :latent.shape[-2], :latent.shape[-1]]
     if trace is not None:
         trace.update(start=start.cpu(), c_latent=c_latent.cpu(), x_hat0=x_hat0.cpu(), context=context.cpu(),
-                     states=[s.cpu() for s in states], decoded=decoded.cpu(), noise=dict(noise_source.drawn))
-    # 7.-8. colour fix, other scales
-    return fixed_and_resized(decoded, start, o.upscale, o.color_fix)
+                     states=[s.cpu() for s in states], noise=dict(noise_source.drawn))
+    return x, start
 
 
 def fixed_and_resized(decoded, start, upscale, color_fix):

@@ -5,11 +5,8 @@ import torch
 from comfy_api.latest import io
 
 from ..dossr_core.model import DEFAULT_PROMPT, load_dossr
-from ..dossr_core.pipeline import (PIXEL_MULTIPLE, NoiseSource, Options, check_options, condition_latent, decode,
-                                   dossr_upscale, fixed_and_resized, make_eps_model, start_latents, text_context)
-from ..dossr_core.sampling import sample_dossr
-from ..dossr_core.schedule import make_grid
-from ..sr_common import image as img
+from ..dossr_core.pipeline import (PIXEL_MULTIPLE, Options, decode, dossr_sample, dossr_upscale, fixed_and_resized,
+                                   text_context)
 from ..sr_common.color_fix import COLOR_FIXES
 from ..sr_common.sd21 import SCALING_FACTOR, checked_context
 from ..sr_common.tiling import overlap_within
@@ -108,37 +105,6 @@ def _prompt_context(model, dtype, prompt, conditioning):
     return embeds
 
 
-def sample_one(model, image, latent, o, prompt, embeds, cancel, step):
-    """Steps 1–5 of ``dossr_core.pipeline.dossr_upscale`` for one input: (final scaled latent, colour reference).
-
-    From an LR ``image``: RRDB ×4, c = E_cond(RRDB), x̂₀ = posterior sample of E_vae(RRDB), as the official.
-    From a ``latent`` (a standard unscaled SD latent at the output size, e.g. the standard VAE Encode of an image
-    upscaled by another model): x̂₀ = 0.18215 · latent, and c = E_cond(VAE_dec(latent)).
-    """
-    check_options(o)
-    device, dtype = model.device, model.dtype
-    noise = NoiseSource(o.seed)
-    if latent is None:
-        start = model.rrdb(image.to(device=device, dtype=dtype)).float().clamp(0, 1)
-        padded, _ = img.pad_to_multiple(start, PIXEL_MULTIPLE)
-        c_latent, x_hat0 = start_latents(model, padded, noise, o.vae_tile_encode, lambda name: cancel)
-    else:
-        multiple = PIXEL_MULTIPLE // 8
-        h, w = latent.shape[-2:]
-        x_hat0 = torch.nn.functional.pad(latent.to(device=device, dtype=torch.float32) * SCALING_FACTOR,
-                                         (0, -w % multiple, 0, -h % multiple), mode="replicate")
-        padded = decode(model, x_hat0, o.vae_tile_decode, cancel).clamp(0, 1)
-        start = padded[..., :8 * h, :8 * w]
-        c_latent = condition_latent(model, padded, o.vae_tile_encode, cancel)
-    context = text_context(model, prompt, embeds)
-    eps = make_eps_model(model, c_latent, context.to(device), o, cancel)
-    x = sample_dossr(eps, x_hat0, make_grid(o.steps), lambda name, shape: noise(name, shape).to(device),
-                     order=o.order, gamma=o.gamma, callback=lambda info: step())
-    if latent is not None:
-        x = x[..., :latent.shape[-2], :latent.shape[-1]]
-    return x, start
-
-
 class DoSSRSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -186,7 +152,10 @@ class DoSSRSampler(io.ComfyNode):
         embeds = _prompt_context(model, dtype, prompt, conditioning)
         host.load_on_device(model)
         progress = host.Progress(len(inputs) * steps)
-        cancel = lambda *_: host.mm.throw_exception_if_processing_interrupted()
+
+        def on_stage(stage, *_):  # a step done: the progress bar (which also cancels); else a cancel check
+            return progress() if stage == "sample" else host.mm.throw_exception_if_processing_interrupted()
+
         latents, starts = [], []
         for lr, start_latent in inputs:
             def run(tile_latent, vae_tile_encode, vae_tile_decode):
@@ -194,7 +163,8 @@ class DoSSRSampler(io.ComfyNode):
                             tile_overlap=overlap_within(tile_latent, tile_overlap),
                             vae_tile_encode=vae_tile_encode, vae_tile_decode=vae_tile_decode)
                 with torch.no_grad():
-                    return sample_one(model, lr, start_latent, o, prompt, embeds, cancel, progress)
+                    return dossr_sample(model, text_context(model, prompt, embeds), image=lr, latent=start_latent,
+                                        options=o, callback=on_stage)
             x, start = host.with_oom_retry(run, tile_latent=tile_latent, **host.DEFAULT_VAE_TILES)
             latents.append(x.float().cpu() / SCALING_FACTOR)
             starts.append(start.cpu())

@@ -3,11 +3,11 @@
 import torch
 from comfy_api.latest import io
 
-from ..osediff_core.pipeline import (Options, build_osediff, decode_latent, encode_lq, one_step_x0, osediff_upscale,
-                                     predict_eps, preprocess, prompt_embedding)
+from ..osediff_core.pipeline import (Options, build_osediff, decode_latent, encode_lq, fixed_and_resized, one_step_x0,
+                                     osediff_upscale, predict_eps, preprocess, prompt_embedding)
 from ..osediff_core.weights import lq_encoder_pairs, merged_value, osediff_unet_changes, read_osediff
 from ..sr_common import image as img
-from ..sr_common.color_fix import COLOR_FIXES, apply_color_fix
+from ..sr_common.color_fix import COLOR_FIXES, color_reference
 from ..sr_common.sd21 import PRECISIONS, SCALING_FACTOR, checked_context
 from ..sr_common.tiling import overlap_within
 from . import host
@@ -281,11 +281,8 @@ class OSEDiffDecode(io.ComfyNode):
             _check_latent_size(x0, lq, upscale, process_size)
             decoded = host.with_oom_retry(lambda vae_tile_decode: decode_latent(
                 model.vae, x0.to(dev) * SCALING_FACTOR, tile=vae_tile_decode), vae_tile_decode=vae_tile)
-            out = apply_color_fix((decoded * 0.5 + 0.5)[..., :plan.crop[0], :plan.crop[1]], lq.to(dev),
-                                  color_fix).cpu()  # on the device
-            if (out.shape[-1], out.shape[-2]) != plan.output_size:
-                out = img.resize(out, plan.output_size, "bicubic").clamp(0, 1)
-            outs.append(out)
+            out = decoded.mul_(0.5).add_(0.5)[..., :plan.crop[0], :plan.crop[1]]
+            outs.append(fixed_and_resized(out, color_reference(lq.to(dev), color_fix), plan, color_fix))
             progress()
         return io.NodeOutput(host.bchw_to_image(outs, alpha))
 

@@ -241,7 +241,13 @@ def osediff_upscale(model, image, *, prompt="", prompt_embeds=None, prompt_fn=No
         out = torch.floor(out.clamp(0, 1) * 255) / 255
         out = fix_colors(out, reference, o.color_fix)
         return (torch.floor(out.clamp(0, 1) * 255) / 255).cpu()
-    out = fix_colors(out, reference, o.color_fix).cpu()
+    return fixed_and_resized(out, reference, plan, o.color_fix)
+
+
+def fixed_and_resized(image, reference, plan, color_fix):
+    """Step 6 (but with official sizing): ``image`` (the decoded, cropped output) colour-fixed against ``reference``
+    (``color_reference`` of the upscaled LQ), on the host, at ``plan.output_size`` (bicubic when it differs)."""
+    out = fix_colors(image, reference, color_fix).cpu()
     if (out.shape[-1], out.shape[-2]) != plan.output_size:
         out = img.resize(out, plan.output_size, "bicubic").clamp(0, 1)
     return out
