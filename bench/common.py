@@ -52,7 +52,7 @@ def random_sd21(seed=0):
     torch.manual_seed(seed)
     unet, vae, text_encoder = models_from_config(shipped_config_dir())
     return SD21(unet.eval(), vae.eval(), text_encoder.eval(),
-                load_tokenizer(os.path.join(shipped_config_dir(), "tokenizer")), source="random",
+                load_tokenizer(os.path.join(shipped_config_dir(), "tokenizer")),
                 unet_owned=True, vae_owned=True)
 
 

@@ -290,7 +290,7 @@ def save_image(image01, path, metadata=PhotoMetadata(), quality=95, alpha=None):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         if alpha is not None:
             image01 = with_upscaled_alpha(image01.clamp(0, 1), alpha)
-        image = Image.fromarray(tensor_to_uint8(image01, "round"))
+        image = Image.fromarray(tensor_to_uint8(image01))
         kind = OUTPUT_FORMATS[os.path.splitext(path)[1].lower().lstrip(".")]
         lossy = {"JPEG": {"quality": quality, "subsampling": 0}, "WEBP": {"quality": quality}}  # JPEG: full colour
         image.save(tmp, format=kind, **metadata.save_options(*image.size, kind),  # resolution, not 4:2:0

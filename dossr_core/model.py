@@ -1,4 +1,4 @@
-"""The DoSSR ``ControlLDM`` on diffusers modules, and loading it from weight files (dossr.md §1).
+"""The DoSSR ``ControlLDM`` on diffusers modules, and loading it from weight files (upstream `model/cldm.py`).
 
     RRDBNet ×4 ─► start ─┬─► condition encoder (mode) ─► c ─────────────┐
                          └─► SD VAE encoder (sample)  ─► x̂₀           ▼
@@ -41,7 +41,6 @@ class DoSSRModel:
     rrdb: torch.nn.Module
     text_encoder: torch.nn.Module = None
     tokenizer: object = None
-    info: dict = field(default_factory=dict)
     prompt_cache: PromptCache = field(default_factory=PromptCache)
     decoder_owned: InitVar[bool] = False
 
@@ -163,4 +162,4 @@ def load_dossr(weights, base=None, *, config=None, base_config=None, text_heads=
                               f"ControlNet of {name!r} (context {controlnet.config.cross_attention_dim}); DoSSR needs "
                               "SD 2.1-base.")
     return DoSSRModel(unet.eval(), controlnet, vae.eval(), share_vae_encoder(cond_encoder, vae), rrdb, text_encoder,
-                      tokenizer, info=parts.info, decoder_owned=vae_owned)
+                      tokenizer, decoder_owned=vae_owned)

@@ -49,8 +49,6 @@ class RRDB(nn.Module):
 class RRDBNet(nn.Module):
     """ESRGAN ×4 generator (``num_feat`` 64, ``num_block`` 23, ``num_grow_ch`` 32 for Real-ESRGAN)."""
 
-    scale = 4
-
     def __init__(self, num_in_ch=3, num_out_ch=3, num_feat=64, num_block=23, num_grow_ch=32):
         super().__init__()
         self.conv_first = nn.Conv2d(num_in_ch, num_feat, 3, 1, 1)

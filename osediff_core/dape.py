@@ -250,7 +250,7 @@ def _tagging_subset(ram):
     return out
 
 
-def model_config(state, image_size=IMAGE_SIZE):
+def model_config(state):
     """The architecture stored in a tagging state dict (official names)."""
     layers = sorted({int(m.group(1)) for k in state for m in [re.match(r"tagging_head\.encoder\.layer\.(\d+)\.crossattention\.", k)] if m})
     if not layers or layers != list(range(len(layers))):
@@ -260,14 +260,11 @@ def model_config(state, image_size=IMAGE_SIZE):
             raise WeightFileError(f"The RAM weights lack {key!r}; the file is not a RAM tagging checkpoint.")
     label_dim = int(state["label_embed"].shape[1])
     hidden = int(state["wordvec_proj.weight"].shape[0])
-    n_layers = 0
-    while f"tagging_head.encoder.layer.{n_layers}.crossattention.self.query.weight" in state:
-        n_layers += 1
     return {
-        "swin": swin_config(state, "visual_encoder.", image_size),
+        "swin": swin_config(state, "visual_encoder.", IMAGE_SIZE),
         "label_dim": label_dim,
         "hidden": hidden,
-        "layers": n_layers,
+        "layers": len(layers),
         "intermediate": int(state["tagging_head.encoder.layer.0.intermediate.dense.weight"].shape[0]),
         "heads": HEAD_HEADS,
         "num_tags": int(state["label_embed"].shape[0]),

@@ -87,7 +87,6 @@ def build_osediff(sd21, ckpt, *, consume=False):
 class Plan:
     """Sizes of one run: the LQ fed to the networks and how to get the output back from it."""
 
-    process_size: tuple  # (W, H) of the upscaled LQ before padding
     crop: tuple          # (H, W) to crop the decoded output to
     output_size: tuple   # (W, H) of the final output
 
@@ -131,8 +130,8 @@ def preprocess(image, *, upscale=4, process_size=512, official_sizing=False):
         if h8 < 8 or w8 < 8:
             raise img.ImageInputError(f"Image too small for --official-sizing: {width}x{height} at x{upscale}.")
         lq = img.resize(lq, (w8, h8), "lanczos")
-        return lq, Plan((w8, h8), (h8, w8), (w8, h8))
-    return lq, Plan((lq.shape[-1], lq.shape[-2]), (lq.shape[-2], lq.shape[-1]), target)
+        return lq, Plan((h8, w8), (w8, h8))
+    return lq, Plan((lq.shape[-2], lq.shape[-1]), target)
 
 
 def posterior_latent(moments, sample_mode="mean", seed=0):
@@ -166,9 +165,9 @@ def predict_eps(unet, z, prompt_embeds, *, tile=96, overlap=32, tile_batch=1, ca
     return blend_tiles(eps_fn, z, tile, overlap, batch=tile_batch, callback=callback)
 
 
-def one_step_x0(z, eps, t=TIMESTEP):
-    """x0 = (z − √(1 − ᾱ_t)·ε) / √ᾱ_t, in float32."""
-    a = alpha_bar(t)
+def one_step_x0(z, eps):
+    """x0 = (z − √(1 − ᾱ_t)·ε) / √ᾱ_t at t = TIMESTEP (999), in float32."""
+    a = alpha_bar(TIMESTEP)
     return (z.float() - (1 - a) ** 0.5 * eps.float()) / a ** 0.5
 
 

@@ -32,11 +32,9 @@ def with_upscaled_alpha(image, alpha):
     return torch.cat([image, scaled.clamp(0, 1).to(image.dtype)], dim=1)
 
 
-def tensor_to_uint8(image, rounding="round"):
-    """(1, C, H, W) in [0, 1] → (H, W, C) uint8. ``rounding='truncate'`` matches torchvision's ToPILImage."""
-    x = image[0].clamp(0, 1).mul(255).permute(1, 2, 0).cpu().float()
-    x = x.round() if rounding == "round" else x.floor()
-    return x.to(torch.uint8).numpy()
+def tensor_to_uint8(image):
+    """(1, C, H, W) in [0, 1] → (H, W, C) uint8, rounded."""
+    return image[0].clamp(0, 1).mul(255).permute(1, 2, 0).cpu().float().round().to(torch.uint8).numpy()
 
 
 def is_8bit(image, tol=1e-4):
@@ -86,7 +84,7 @@ def resize(image, size, method="bicubic"):
 def pad_to_multiple(image, multiple):
     """Pad right/bottom to a multiple of ``multiple`` (reflect; replicate where a side is too small).
 
-    Returns the padded image and the original (H, W) for ``crop``.
+    Returns the padded image and the original (H, W), to crop the result back to.
     """
     height, width = image.shape[-2:]
     pad_h = (-height) % multiple

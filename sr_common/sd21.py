@@ -42,7 +42,6 @@ class SD21:
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
     tokenizer: object
-    source: str = ""
     unet_owned: bool = False  # the UNet's tensors are this process's own memory (read or converted at load)
     vae_owned: bool = False  # the same for the VAE's
 
@@ -185,7 +184,7 @@ def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint", owned=False
     vae_owned = _load_into(vae, vae_sd, "VAE", name) or owned
     _load_into(text_encoder, open_clip_to_hf(sd, text_encoder.config.num_hidden_layers), "text encoder", name)
     return SD21(unet.eval(), vae.eval(), text_encoder.eval(), load_tokenizer(os.path.join(config_dir, "tokenizer")),
-                source=os.fspath(name), unet_owned=unet_owned, vae_owned=vae_owned)
+                unet_owned=unet_owned, vae_owned=vae_owned)
 
 
 def load_single_file(path, config_dir=None, in_memory=False):
@@ -313,7 +312,7 @@ def load_diffusers_folder(folder, in_memory=False):
     if loaded is not None:
         (unet, vae, text_encoder), (unet_owned, vae_owned, _) = loaded
         return SD21(unet.eval(), vae.eval(), text_encoder.eval(), load_tokenizer(os.path.join(folder, "tokenizer")),
-                    source=os.fspath(folder), unet_owned=unet_owned, vae_owned=vae_owned)
+                    unet_owned=unet_owned, vae_owned=vae_owned)
     try:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True,
                                                     torch_dtype=torch.float32)
@@ -324,8 +323,7 @@ def load_diffusers_folder(folder, in_memory=False):
         raise WeightFileError(f"Cannot load the diffusers folder {folder!r}: {e} Its files are incomplete or "
                               f"damaged: download the stable-diffusion-2-1-base folder again, or use "
                               f"v2-1_512-ema-pruned.safetensors ({FETCH_SD21}).") from e
-    return SD21(unet.eval(), vae.eval(), text_encoder.eval(), load_tokenizer(os.path.join(folder, "tokenizer")),
-                source=os.fspath(folder))
+    return SD21(unet.eval(), vae.eval(), text_encoder.eval(), load_tokenizer(os.path.join(folder, "tokenizer")))
 
 
 def load_sd21(path, config_dir=None, *, in_memory=False):

@@ -284,7 +284,7 @@ def _read_safetensors_into_memory(path, float32=False):
     out_dtype = {n: torch.float32 if float32 and d.is_floating_point else d for n, (d, *_) in layout.items()}
     offsets, total = {}, 0
     in_file_order = sorted(layout.items(), key=lambda item: item[1][2])
-    for name, (dtype, shape, begin, end) in in_file_order:  # the buffer filled front to back
+    for name, (dtype, _, begin, end) in in_file_order:  # the buffer filled front to back
         offsets[name] = total
         total += ((end - begin) // dtype.itemsize * out_dtype[name].itemsize + 7) // 8 * 8  # 8-byte aligned slots
     memory = _fresh_memory(total)
