@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..sr_common import image as img
-from ..sr_common.color_fix import COLOR_FIXES, apply_color_fix
+from ..sr_common.color_fix import apply_color_fix, check_color_fix
 from ..sr_common.latents import encode_moments, posterior_mean, posterior_sample, vae_decode
 from ..sr_common.sd21 import SCALING_FACTOR, checked_context
 from ..sr_common.tiled_vae import DEFAULT_MODE
@@ -76,8 +76,7 @@ class Options:
 
 
 def check_options(o):
-    if o.color_fix not in COLOR_FIXES and o.color_fix != "nofix":
-        raise ValueError(f"`color_fix` must be one of {COLOR_FIXES}, got {o.color_fix!r}")
+    check_color_fix(o.color_fix)
     if not 0 < o.upscale <= 16:
         raise ValueError(f"`upscale` must be in (0, 16], got {o.upscale}")
     if o.tile_latent and (o.tile_latent < LATENT_MULTIPLE or o.tile_latent % LATENT_MULTIPLE):

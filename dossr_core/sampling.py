@@ -1,4 +1,4 @@
-"""The DoS-SDE sampler (Cui et al., NeurIPS 2024, §3.3; dossr.md §2.6–2.8, §2.11).
+"""The DoS-SDE sampler (Cui et al., NeurIPS 2024, §3.3; upstream `model/shift_sampler.py`).
 
 With a_k = α_k(1 − η_k), λ_k = σ_k/a_k and r = λ_s/λ_t for one step t → s (s = t − 1 on the grid):
 

@@ -1,4 +1,5 @@
-"""DoSSR noise schedule, shifting sequence and timestep grid (Cui et al., NeurIPS 2024, §3; dossr.md §2.1–2.5).
+"""DoSSR noise schedule, shifting sequence and timestep grid (Cui et al., NeurIPS 2024, §3; upstream
+`ldm/modules/diffusionmodules/util.py`, `model/shift_sampler.py`).
 
 The domain-shift forward process mixes the HR latent x₀ with the LR latent x̂₀:
 
@@ -84,7 +85,7 @@ class DoSSRGrid:
 
 
 def make_grid(num_steps, t1=T1):
-    """The float64 tables of an N-step DoSSR run (dossr.md §2.5)."""
+    """The float64 tables of an N-step DoSSR run."""
     tau = grid_timesteps(num_steps, t1)
     alpha_bar_full = alpha_bar_schedule()
     eta_full = eta_schedule(t1)

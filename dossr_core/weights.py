@@ -1,4 +1,4 @@
-"""DoSSR weight files: recognise, split and convert the official checkpoint (dossr.md §1.3–1.6).
+"""DoSSR weight files: recognise, split and convert the official checkpoint (upstream `model/cldm.py` layout).
 
 The official ``dossr_default.ckpt`` / ``dossr_onestep.ckpt`` is a full pickled ``ControlLDM`` state
 dict (maybe under ``state_dict``, maybe with ``module.`` prefixes). It is recognised by its keys:
@@ -22,16 +22,14 @@ import torch
 from torch import nn
 
 from ..sr_common.errors import WeightFileError
-from ..sr_common.sd21 import describe_checkpoint, open_clip_to_hf
+from ..sr_common.sd21 import (OPEN_CLIP_PREFIX, SCALING_FACTOR, UNET_PREFIX, VAE_PREFIX, describe_checkpoint,
+                              open_clip_to_hf)
 from ..sr_common.weights import (DOSSR_FORMAT, load_module_weights, read_state_dict, safetensors_metadata,
                                  write_safetensors)
 
 CONTROL_PREFIX = "control_model."
 COND_ENCODER_PREFIX = "cond_encoder."
 RRDB_PREFIX = "preprocess_model."
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = "cond_stage_model.model."
 CONVERTED_FORMAT = DOSSR_FORMAT
 OFFICIAL_MARKERS = ("control_model.zero_convs.", "cond_encoder.encoder.")
 CONVERTED_MARKERS = ("controlnet.controlnet_down_blocks.", "cond_encoder.encoder.", "rrdb.conv_first.")
@@ -97,7 +95,7 @@ def diffusers_configs(params):
            "down_block_types": ["DownEncoderBlock2D"] * len(block_out),
            "up_block_types": ["UpDecoderBlock2D"] * len(block_out),
            "block_out_channels": block_out, "layers_per_block": dd["num_res_blocks"],
-           "scaling_factor": params.get("scale_factor", 0.18215)}
+           "scaling_factor": params.get("scale_factor", SCALING_FACTOR)}
     return unet, controlnet, vae
 
 
@@ -317,7 +315,7 @@ def build_cond_encoder(vae_config, state):
     return _load(net, state, "condition encoder")
 
 
-def text_encoder_from_open_clip(sd, num_heads=None, prefix=TEXT_PREFIX):
+def text_encoder_from_open_clip(sd, num_heads=None, prefix=OPEN_CLIP_PREFIX):
     """transformers ``CLIPTextModel`` (penultimate layer + ln_final) from an OpenCLIP text tower, sized from
     its tensors. ``num_heads`` cannot be read from the tensors: OpenCLIP uses width // 64 (16 for ViT-H)."""
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -351,6 +349,6 @@ def base_from_official(sd, params, text_heads=None):
     unet = _load(unet, convert_ldm_unet_checkpoint(sd, unet.config), "UNet")
     vae = _load(vae, convert_ldm_vae_checkpoint(_with_prefix(sd, VAE_PREFIX, VAE_PREFIX), vae.config), "VAE")
     text_encoder = None
-    if any(k.startswith(TEXT_PREFIX) for k in sd):
+    if any(k.startswith(OPEN_CLIP_PREFIX) for k in sd):
         text_encoder = text_encoder_from_open_clip(sd, text_heads)
     return unet, vae, text_encoder

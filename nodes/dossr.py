@@ -90,7 +90,7 @@ class DoSSRUpscale(io.ComfyNode):
                                   vae_tile_encode=vae_tile_encode, vae_tile_decode=vae_tile_decode)
                 return dossr_upscale(model, one, prompt=prompt, prompt_embeds=embeds, options=options,
                                      callback=lambda stage, done, total: progress() if stage == "sample"
-                                     else host.mm.throw_exception_if_processing_interrupted())
+                                     else host.check_interrupted())
             outs.append(host.with_oom_retry(run, tile_latent=tile_latent, **host.DEFAULT_VAE_TILES))
         return io.NodeOutput(host.bchw_to_image(outs, alpha))
 
@@ -154,7 +154,7 @@ class DoSSRSampler(io.ComfyNode):
         progress = host.Progress(len(inputs) * steps)
 
         def on_stage(stage, *_):  # a step done: the progress bar (which also cancels); else a cancel check
-            return progress() if stage == "sample" else host.mm.throw_exception_if_processing_interrupted()
+            return progress() if stage == "sample" else host.check_interrupted()
 
         latents, starts = [], []
         for lr, start_latent in inputs:
@@ -185,7 +185,7 @@ class DoSSRDecode(io.ComfyNode):
                                    tooltip="Output scale of the original LR image (the model works at ×4)."),
                     io.Combo.Input("color_fix", options=list(COLOR_FIXES), default="wavelet",
                                    tooltip="Colour correction against the RRDB image (official default: wavelet)."),
-                    io.Int.Input("vae_tile", default=224, min=0, max=1024, step=8,
+                    io.Int.Input("vae_tile", default=host.DEFAULT_TILES.vae_tile_decode, min=0, max=1024, step=8,
                                  tooltip="Decoder tile size in latent pixels (0 = never tile).")],
             outputs=[io.Image.Output()])
 
@@ -195,14 +195,14 @@ class DoSSRDecode(io.ComfyNode):
         starts, alpha = host.image_to_bchw(reference)
         dev = host.load_on_device(model, model.vae)
         progress = host.Progress(len(starts))
-        cancel = lambda *_: host.mm.throw_exception_if_processing_interrupted()
         outs = []
         for start, x in host.latent_with_references(latent, starts, "DoSSR VAE Decode"):
             h, w = start.shape[-2:]
             _check_latent_covers(x, h, w)
             with torch.no_grad():
-                decoded = host.with_oom_retry(lambda vae_tile_decode: decode(
-                    model, x.to(dev) * SCALING_FACTOR, vae_tile_decode, cancel), vae_tile_decode=vae_tile)
+                decoded = host.with_oom_retry(
+                    lambda vae_tile_decode: decode(model, x.to(dev) * SCALING_FACTOR, vae_tile_decode,
+                                                   host.check_interrupted), vae_tile_decode=vae_tile)
             outs.append(fixed_and_resized(decoded[..., :h, :w], start.to(dev), upscale, color_fix))
             progress()
         return io.NodeOutput(host.bchw_to_image(outs, alpha))

@@ -421,6 +421,11 @@ def computes_ieee_float32(execute):
     return run
 
 
+def check_interrupted(*_):
+    """Raise ComfyUI's interruption when the user pressed Cancel (takes any arguments: a stage's callback)."""
+    mm.throw_exception_if_processing_interrupted()
+
+
 class Progress:
     """A ComfyUI progress bar over ``total`` units that also lets the user cancel between units."""
 
@@ -428,7 +433,7 @@ class Progress:
         self.bar = comfy.utils.ProgressBar(total)
 
     def __call__(self, *_):
-        mm.throw_exception_if_processing_interrupted()
+        check_interrupted()
         self.bar.update(1)
 
 

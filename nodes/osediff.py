@@ -30,10 +30,11 @@ def process_size_input():
 
 
 def tile_inputs():
-    return [io.Int.Input("tile_latent", default=96, min=0, max=512, step=8,
+    return [io.Int.Input("tile_latent", default=host.DEFAULT_TILES.tile_latent, min=0, max=512, step=8,
                          tooltip="Latent tile size for the UNet (96 = 768 px, the official default; 0 = never tile). "
                                  "Halved automatically on out-of-memory, with the VAE tiles."),
-            io.Int.Input("tile_overlap", default=32, min=0, max=256, step=8, tooltip="Latent tile overlap.")]
+            io.Int.Input("tile_overlap", default=host.DEFAULT_TILES.tile_overlap, min=0, max=256, step=8,
+                         tooltip="Latent tile overlap.")]
 
 
 def dtype_input(what="Network precision.", optional=False):
@@ -127,7 +128,7 @@ def _dape_tags(dape, images, upscale, process_size, **select):
     dev = host.load_on_device(dape)
     tags = []
     for one in images:
-        host.mm.throw_exception_if_processing_interrupted()
+        host.check_interrupted()
         lq, _ = preprocess(one, upscale=upscale, process_size=process_size)
         tags += dape.tags(lq.to(dev), **select)
     return tags
@@ -167,14 +168,13 @@ class OSEDiffUpscale(io.ComfyNode):
         embeds = _embeddings(model, prompts)
         host.load_on_device(model)
         progress = host.Progress(len(images))
-        cancel = lambda *_: host.mm.throw_exception_if_processing_interrupted()
         outs = []
         for one, prompt_embeds in zip(images, embeds):
             def run(tile_latent, vae_tile_encode, vae_tile_decode):
                 options = Options(upscale=upscale, process_size=process_size, color_fix=color_fix,
                                   tile_latent=tile_latent, tile_overlap=overlap_within(tile_latent, tile_overlap),
                                   vae_tile_encode=vae_tile_encode, vae_tile_decode=vae_tile_decode)
-                return osediff_upscale(model, one, prompt_embeds=prompt_embeds, options=options, callback=cancel)
+                return osediff_upscale(model, one, prompt_embeds=prompt_embeds, options=options, callback=host.check_interrupted)
             outs.append(host.with_oom_retry(run, tile_latent=tile_latent, **host.DEFAULT_VAE_TILES))
             progress()
         return io.NodeOutput(host.bchw_to_image(outs, alpha))
@@ -190,7 +190,7 @@ class OSEDiffLQEncoder(io.ComfyNode):
                     io.Image.Input("image", tooltip="Low-quality image(s)."),
                     upscale_input(),
                     process_size_input(),
-                    io.Int.Input("vae_tile", default=1024, min=0, max=4096, step=64,
+                    io.Int.Input("vae_tile", default=host.DEFAULT_TILES.vae_tile_encode, min=0, max=4096, step=64,
                                  tooltip="Encoder tile size in pixels (0 = never tile)."),
                     dtype_input()],
             outputs=[io.Latent.Output()])
@@ -246,7 +246,7 @@ class OSEDiffOneStep(io.ComfyNode):
             def run(tile_latent):
                 eps = predict_eps(model.unet, z.to(dev), embeds, tile=tile_latent,
                                   overlap=overlap_within(tile_latent, tile_overlap),
-                                  callback=lambda *_: host.mm.throw_exception_if_processing_interrupted())
+                                  callback=host.check_interrupted)
                 return one_step_x0(z.to(dev), eps)
             outs.append(host.with_oom_retry(run, tile_latent=tile_latent).cpu() / SCALING_FACTOR)
             progress()
@@ -265,7 +265,7 @@ class OSEDiffDecode(io.ComfyNode):
                     upscale_input(),
                     process_size_input(),
                     io.Combo.Input("color_fix", options=list(COLOR_FIXES), default="adain", tooltip="Colour correction."),
-                    io.Int.Input("vae_tile", default=224, min=0, max=1024, step=8,
+                    io.Int.Input("vae_tile", default=host.DEFAULT_TILES.vae_tile_decode, min=0, max=1024, step=8,
                                  tooltip="Decoder tile size in latent pixels (0 = never tile).")],
             outputs=[io.Image.Output()])
 

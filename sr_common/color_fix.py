@@ -63,7 +63,7 @@ def color_reference(source, method, eps=1e-5):
 
 
 def _color_reference(source, method, eps):
-    _check_method(method)
+    check_color_fix(method)
     if method == "adain":
         return _mean_std(source, eps)
     if method == "wavelet":
@@ -79,7 +79,7 @@ def fix_colors(target, reference, method, eps=1e-5):
 
 
 def _fix_colors(target, reference, method, eps):
-    _check_method(method)
+    check_color_fix(method)
     if method == "adain":
         mean_t, std_t = _mean_std(target, eps)
         mean_s, std_s = (r.to(target.device) for r in reference)
@@ -95,6 +95,6 @@ def apply_color_fix(target, source, method):
     return fix_colors(target, color_reference(source, method), method)
 
 
-def _check_method(method):
+def check_color_fix(method):
     if method not in COLOR_FIXES + ("nofix",):
         raise ValueError(f"`color_fix` must be one of {COLOR_FIXES}, got {method!r}")

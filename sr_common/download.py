@@ -7,6 +7,7 @@ complete and verified, so an interrupted download never leaves a file that looks
 
 import hashlib
 import os
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 

@@ -1,4 +1,4 @@
-"""DoSSR schedule tables: pinned values of dossr.md §2.4–2.5 and the fixture's float64 arrays."""
+"""DoSSR schedule tables: values pinned from the official code's run, and the fixture's float64 arrays."""
 
 import os
 
@@ -9,7 +9,7 @@ from comfyui_diffsr.dossr_core.schedule import eta_schedule, grid_timesteps, mak
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
-# dossr.md §2.5, N = 5: τ, ᾱ, α, σ, η, λ, a
+# the official run's tables, N = 5: τ, ᾱ, α, σ, η, λ, a
 TABLE_N5 = [
     (0, 0.999150, 0.999575, 0.029155, 2.47e-6, 0.0291672, 0.999572),
     (100, 0.894223, 0.945634, 0.325233, 0.0964168, 0.380630, 0.854459),

@@ -199,7 +199,7 @@ def main():
     official = ram_lora.RAMLora(image_size=384, vit="swin_l")
     shrink_label_width(official)
     ram_lora.load_checkpoint_swinlarge(official, ram_file, {"image_size": 384, "vit": "swin_l"})
-    official.load_state_dict(torch.load(dape_file), strict=False)
+    official.load_state_dict(torch.load(dape_file, weights_only=True), strict=False)
     official.eval()
     logits, tags = run_official(official, ups)
     probs = torch.sigmoid(logits)
