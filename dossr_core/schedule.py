@@ -19,14 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..sr_common.sd21 import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS
+from ..sr_common.sd21 import NUM_TRAIN_TIMESTEPS, scaled_linear_betas
 
 T1 = NUM_TRAIN_TIMESTEPS // 2  # start of η = 1 ("trunc_12"); the trained model needs exactly this value
 
 
 def beta_schedule():
     """β_i = linspace(√0.00085, √0.012, 1000)_i², i = 0..999 (torch float64 linspace, as SD)."""
-    return (torch.linspace(BETA_START ** 0.5, BETA_END ** 0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float64) ** 2).numpy()
+    return scaled_linear_betas(torch.float64).numpy()
 
 
 def alpha_bar_schedule():

@@ -12,7 +12,7 @@ from ..sr_common import image as img
 from ..sr_common.color_fix import color_reference, fix_colors
 from ..sr_common.fast_modules import fast_modules, fast_vae_decoder
 from ..sr_common.latents import encode_moments, posterior_mean, posterior_sample, vae_decode
-from ..sr_common.sd21 import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, PromptCache, encode_prompt, move_module
+from ..sr_common.sd21 import PromptCache, encode_prompt, move_module, scaled_linear_betas
 from ..sr_common.tiled_vae import DEFAULT_MODE
 from ..sr_common.tiling import blend_tiles, needs_tiling
 from .weights import apply_osediff_unet, lq_encoder
@@ -22,8 +22,7 @@ TIMESTEP = 999
 
 def alpha_bar(t):
     """ᾱ_t of SD's scaled-linear schedule, float32 as diffusers' DDPMScheduler computes it."""
-    betas = torch.linspace(BETA_START ** 0.5, BETA_END ** 0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float32) ** 2
-    return torch.cumprod(1.0 - betas, dim=0)[t]
+    return torch.cumprod(1.0 - scaled_linear_betas(torch.float32), dim=0)[t]
 
 
 @dataclass

@@ -24,6 +24,14 @@ from .weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_weight_file, 
 SCALING_FACTOR = 0.18215
 # SD's training noise schedule: β = linspace(√BETA_START, √BETA_END, NUM_TRAIN_TIMESTEPS)² ("scaled linear")
 NUM_TRAIN_TIMESTEPS, BETA_START, BETA_END = 1000, 0.00085, 0.012
+
+
+def scaled_linear_betas(dtype):
+    """β_i = linspace(√BETA_START, √BETA_END, 1000)_i², i = 0..999, computed in ``dtype`` (ᾱ = ∏(1 − β) depends
+    on it: float32 as diffusers' schedulers, float64 as the DoSSR code)."""
+    return torch.linspace(BETA_START ** 0.5, BETA_END ** 0.5, NUM_TRAIN_TIMESTEPS, dtype=dtype) ** 2
+
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
