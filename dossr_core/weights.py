@@ -23,7 +23,7 @@ from torch import nn
 
 from ..sr_common.errors import WeightFileError
 from ..sr_common.sd21 import (OPEN_CLIP_PREFIX, SCALING_FACTOR, UNET_PREFIX, VAE_PREFIX, describe_checkpoint,
-                              open_clip_to_hf)
+                              load_ldm_unet_vae, open_clip_to_hf)
 from ..sr_common.weights import (DOSSR_FORMAT, load_module_weights, read_state_dict, safetensors_metadata,
                                  write_safetensors)
 
@@ -337,7 +337,6 @@ def text_encoder_from_open_clip(sd, num_heads=None, prefix=OPEN_CLIP_PREFIX):
 def base_from_official(sd, params, text_heads=None):
     """SD 2.1-base UNet, VAE and text encoder from the base parts inside an official DoSSR ckpt."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
     missing = [p for p in (UNET_PREFIX, VAE_PREFIX) if not any(k.startswith(p) for k in sd)]
     if missing:
@@ -346,9 +345,8 @@ def base_from_official(sd, params, text_heads=None):
     unet_config, _, vae_config = diffusers_configs(params)
     with torch.device("meta"):
         unet, vae = UNet2DConditionModel(**unet_config), AutoencoderKL(**vae_config)
-    unet = _load(unet, convert_ldm_unet_checkpoint(sd, unet.config), "UNet")
-    vae = _load(vae, convert_ldm_vae_checkpoint(_with_prefix(sd, VAE_PREFIX, VAE_PREFIX), vae.config), "VAE")
+    load_ldm_unet_vae(sd, unet, vae, fix=CONFIG_FIX)
     text_encoder = None
     if any(k.startswith(OPEN_CLIP_PREFIX) for k in sd):
         text_encoder = text_encoder_from_open_clip(sd, text_heads)
-    return unet, vae, text_encoder
+    return unet.eval(), vae.eval(), text_encoder

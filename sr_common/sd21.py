@@ -133,15 +133,28 @@ def open_clip_to_hf(sd, num_layers, prefix=OPEN_CLIP_PREFIX):
     return out
 
 
-def _load_into(model, state, what, path):
-    """``load_module_weights`` for the SD 2.1-base parts (see ``SD21.unet_owned`` for what it returns)."""
-    return load_module_weights(model, state, what, path, "It is not SD 2.1-base; if it is a non-standard size, "
-                               "pass a matching config folder")
+SD21_SIZE_FIX = "It is not SD 2.1-base; if it is a non-standard size, pass a matching config folder"
+
+
+def load_ldm_unet_vae(sd, unet, vae, name=None, fix=SD21_SIZE_FIX):
+    """Fill ``unet`` and ``vae`` (built on the meta device) from an LDM-layout state dict (``model.diffusion_model.``,
+    ``first_stage_model.``) with diffusers' converters and ``load_module_weights`` (``fix`` ends a mismatch's
+    message); returns whether each got tensors of its own (see ``SD21.unet_owned``)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    try:
+        unet_sd = convert_ldm_unet_checkpoint(sd, unet.config)
+        vae_sd = convert_ldm_vae_checkpoint(sd, vae.config)
+    except (KeyError, IndexError, RuntimeError) as e:
+        what = repr(os.path.basename(os.fspath(name))) if name else "The checkpoint"
+        raise WeightFileError(f"{what}: cannot convert the SD 2.1 UNet/VAE keys ({e}). The file is damaged or not "
+                              "SD 2.1-base.") from e
+    return load_module_weights(unet, unet_sd, "UNet", name, fix), load_module_weights(vae, vae_sd, "VAE", name, fix)
 
 
 def models_from_config(config_dir, *, random_init=True):
     """UNet, VAE and CLIP text encoder from a diffusers config folder. ``random_init=False`` builds them on the
-    meta device (no memory, no initialisation: 17 s less at full size on 2 cores) for ``_load_into`` to fill."""
+    meta device (no memory, no initialisation: 17 s less at full size on 2 cores) for ``load_module_weights`` to fill."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -173,8 +186,6 @@ def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint", owned=False
     """SD 2.1-base from an LDM-layout state dict (a single-file checkpoint, or what ComfyUI's
     ``state_dict_for_saving`` returns for the MODEL/CLIP/VAE of its checkpoint loader). ``owned``: the tensors
     were read into this process's memory for this call alone (see ``SD21.unet_owned``)."""
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
-
     config_dir = config_dir or shipped_config_dir()
     if "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
@@ -182,17 +193,11 @@ def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint", owned=False
     if kind != "sd2":
         _refuse(name, kind)
     unet, vae, text_encoder = models_from_config(config_dir, random_init=False)
-    try:
-        unet_sd = convert_ldm_unet_checkpoint(sd, unet.config)
-        vae_sd = convert_ldm_vae_checkpoint(sd, vae.config)
-    except (KeyError, IndexError, RuntimeError) as e:
-        raise WeightFileError(f"{os.path.basename(os.fspath(name))!r}: cannot convert the SD 2.1 UNet/VAE keys ({e}). "
-                              "The file is damaged or not SD 2.1-base.") from e
-    unet_owned = _load_into(unet, unet_sd, "UNet", name) or owned
-    vae_owned = _load_into(vae, vae_sd, "VAE", name) or owned
-    _load_into(text_encoder, open_clip_to_hf(sd, text_encoder.config.num_hidden_layers), "text encoder", name)
+    unet_owned, vae_owned = load_ldm_unet_vae(sd, unet, vae, name)
+    load_module_weights(text_encoder, open_clip_to_hf(sd, text_encoder.config.num_hidden_layers), "text encoder", name,
+                        SD21_SIZE_FIX)
     return SD21(unet.eval(), vae.eval(), text_encoder.eval(), load_tokenizer(os.path.join(config_dir, "tokenizer")),
-                unet_owned=unet_owned, vae_owned=vae_owned)
+                unet_owned=unet_owned or owned, vae_owned=vae_owned or owned)
 
 
 def load_single_file(path, config_dir=None, in_memory=False):
@@ -301,7 +306,7 @@ def _load_folder_parts(folder, in_memory):
             read_in = read_in and shard_read_in
         state = _folder_part_state(module, state)
         try:
-            owned.append(_load_into(module, state, sub, paths[0]) or read_in)
+            owned.append(load_module_weights(module, state, sub, paths[0], SD21_SIZE_FIX) or read_in)
         except WeightFileError:
             return None
     return parts, owned
