@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from ..sr_common.errors import WeightFileError
-from ..sr_common.fast_modules import fast_modules, fast_vae_decoder
-from ..sr_common.sd21 import (SD21, PromptCache, encode_prompt, load_sd21, load_tokenizer, move_module,
+from ..sr_common.sd21 import (SD21, NetworksOnSD21, PromptCache, encode_prompt, load_sd21, load_tokenizer,
                               shipped_config_dir)
 from .rrdb import rrdb_from_state_dict
 from .weights import (base_from_official, build_cond_encoder, build_controlnet, load_ldm_params, parts_from_converted,
@@ -23,7 +22,7 @@ DEFAULT_PROMPT = "clean, high-resolution, 8k"
 
 
 @dataclass
-class DoSSRModel:
+class DoSSRModel(NetworksOnSD21):
     """All networks of one DoSSR model. Call contract of the parts:
 
     - ``rrdb``: (B, 3, h, w) RGB in [0, 1] → (B, 3, 4h, 4w) (unclamped);
@@ -44,33 +43,12 @@ class DoSSRModel:
     prompt_cache: PromptCache = field(default_factory=PromptCache)
     decoder_owned: InitVar[bool] = False
 
-    def __post_init__(self, decoder_owned):
-        for module in self.modules():
-            fast_modules(module)
-        fast_vae_decoder(self.vae.decoder, in_place=decoder_owned)
-
     def modules(self):
         """The distinct networks: the condition encoder only when it is not the VAE's own encoder (then it comes
         with the VAE)."""
         cond_encoder = None if self.cond_encoder["encoder"] is self.vae.encoder else self.cond_encoder
         return [m for m in (self.unet, self.controlnet, self.vae, cond_encoder, self.rrdb, self.text_encoder)
                 if m is not None]
-
-    @property
-    def device(self):
-        return self.unet.conv_in.weight.device
-
-    @property
-    def dtype(self):
-        return self.unet.conv_in.weight.dtype
-
-    def to(self, device=None, dtype=None):
-        if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"`dtype` must be torch.float32, float16 or bfloat16, got {dtype}")
-        for module in self.modules():
-            move_module(module, device, dtype)
-        self.prompt_cache.clear()
-        return self
 
     def compile(self, **options):
         """``torch.compile`` (``options``) the ControlNet and the UNet in place, the networks of every step (the VAE

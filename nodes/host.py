@@ -21,7 +21,7 @@ from ..sr_common.download import OFFICIAL, downloaded
 from ..sr_common.errors import WeightFileError
 from ..sr_common.fast_modules import FusedUpsample2D
 from ..sr_common.image import with_upscaled_alpha
-from ..sr_common.sd21 import (PRECISIONS, check_precision, ieee_float32, load_sd21, move_module,
+from ..sr_common.sd21 import (NETWORK_DTYPES, PRECISIONS, check_precision, ieee_float32, load_sd21, move_module,
                                sd21_from_ldm_state_dict)
 from ..sr_common.weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 
@@ -313,7 +313,6 @@ def set_precision(model, dtype):
     return cast_any
 
 
-NETWORK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def auto_dtype(model):

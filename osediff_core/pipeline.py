@@ -10,9 +10,8 @@ import torch
 
 from ..sr_common import image as img
 from ..sr_common.color_fix import color_reference, fix_colors
-from ..sr_common.fast_modules import fast_modules, fast_vae_decoder
 from ..sr_common.latents import encode_moments, posterior_mean, posterior_sample, vae_decode
-from ..sr_common.sd21 import PromptCache, encode_prompt, move_module, scaled_linear_betas
+from ..sr_common.sd21 import NetworksOnSD21, PromptCache, encode_prompt, scaled_linear_betas
 from ..sr_common.tiled_vae import DEFAULT_MODE
 from ..sr_common.tiling import blend_tiles, needs_tiling
 from .weights import apply_osediff_unet, lq_encoder
@@ -26,7 +25,7 @@ def alpha_bar(t):
 
 
 @dataclass
-class OSEDiffModel:
+class OSEDiffModel(NetworksOnSD21):
     """SD 2.1-base with the OSEDiff LoRA merged: ``unet`` (LoRA + new conv_in), ``lq_encoder``
     (VAE encoder + quant_conv with LoRA), and the frozen ``vae`` whose decoder turns x0 into pixels
     (``decoder_owned``: see ``fast_vae_decoder``'s ``in_place``)."""
@@ -39,27 +38,8 @@ class OSEDiffModel:
     prompt_cache: PromptCache = field(default_factory=PromptCache)
     decoder_owned: InitVar[bool] = False
 
-    def __post_init__(self, decoder_owned):
-        for module in self.modules():
-            fast_modules(module)
-        fast_vae_decoder(self.vae.decoder, in_place=decoder_owned)
-
-    @property
-    def device(self):
-        return self.unet.conv_in.weight.device
-
-    @property
-    def dtype(self):
-        return self.unet.conv_in.weight.dtype
-
     def modules(self):
         return [self.unet, self.lq_encoder, self.vae, self.text_encoder]
-
-    def to(self, device=None, dtype=None):
-        for module in self.modules():
-            move_module(module, device, dtype)
-        self.prompt_cache.clear()
-        return self
 
     def compile(self, **options):
         """``torch.compile`` (``options``) the UNet in place, the one network step (the VAE runs tile by tile in

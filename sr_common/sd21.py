@@ -18,6 +18,7 @@ from importlib import resources
 import torch
 
 from .errors import DiffSRError, WeightFileError
+from .fast_modules import fast_modules, fast_vae_decoder
 from .weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_weight_file, load_module_weights, read_state_dict,
                       stored_as_float32)
 
@@ -423,6 +424,37 @@ def move_module(module, device=None, dtype=None):
     is given ("There are modules in AutoencoderKL that should be kept in float32: []"), though these modules keep
     nothing in float32 and are never quantised."""
     return torch.nn.Module.to(module, device=device, dtype=dtype)
+
+
+NETWORK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the networks' precisions, most preferred first
+
+
+class NetworksOnSD21:
+    """What OSEDiff's and DoSSR's models (dataclasses of networks on SD 2.1-base, listed by ``modules()``, with a
+    ``prompt_cache`` and a ``decoder_owned`` init flag) share: the fast modules, built once; the device and dtype of
+    the UNet; moving and casting every network."""
+
+    def __post_init__(self, decoder_owned):
+        for module in self.modules():
+            fast_modules(module)
+        fast_vae_decoder(self.vae.decoder, in_place=decoder_owned)
+
+    @property
+    def device(self):
+        return self.unet.conv_in.weight.device
+
+    @property
+    def dtype(self):
+        return self.unet.conv_in.weight.dtype
+
+    def to(self, device=None, dtype=None):
+        """Every network moved / cast (``move_module``); the cached prompt embeddings are of the old ones."""
+        if dtype is not None and dtype not in NETWORK_DTYPES:
+            raise ValueError(f"`dtype` must be torch.float32, float16 or bfloat16, got {dtype}")
+        for module in self.modules():
+            move_module(module, device, dtype)
+        self.prompt_cache.clear()
+        return self
 
 
 class PromptCache(OrderedDict):
