@@ -174,7 +174,8 @@ class OSEDiffUpscale(io.ComfyNode):
                 options = Options(upscale=upscale, process_size=process_size, color_fix=color_fix,
                                   tile_latent=tile_latent, tile_overlap=overlap_within(tile_latent, tile_overlap),
                                   vae_tile_encode=vae_tile_encode, vae_tile_decode=vae_tile_decode)
-                return osediff_upscale(model, one, prompt_embeds=prompt_embeds, options=options, callback=host.check_interrupted)
+                return osediff_upscale(model, one, prompt_embeds=prompt_embeds, options=options,
+                                       callback=host.check_interrupted)
             outs.append(host.with_oom_retry(run, tile_latent=tile_latent, **host.DEFAULT_VAE_TILES))
             progress()
         return io.NodeOutput(host.bchw_to_image(outs, alpha))

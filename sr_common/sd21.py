@@ -155,7 +155,8 @@ def load_ldm_unet_vae(sd, unet, vae, name=None, fix=SD21_SIZE_FIX):
 
 def models_from_config(config_dir, *, random_init=True):
     """UNet, VAE and CLIP text encoder from a diffusers config folder. ``random_init=False`` builds them on the
-    meta device (no memory, no initialisation: 17 s less at full size on 2 cores) for ``load_module_weights`` to fill."""
+    meta device (no memory, no initialisation: 17 s less at full size on 2 cores) for ``load_module_weights`` to
+    fill."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
