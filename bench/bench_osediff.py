@@ -29,13 +29,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def run_case(size, repeats, device, dtype, tile_batch, warmup=1, serve=False, vae_tiles=None, compile=False):
-    from comfyui_diffsr.osediff_core.pipeline import Options, build_osediff, osediff_upscale, prompt_embedding
+    from comfyui_diffsr.osediff_core.pipeline import Options, build_osediff, osediff_upscale
     from comfyui_diffsr.osediff_core.weights import random_osediff_checkpoint
     from comfyui_diffsr.sr_common.sd21 import move_module
 
     sd = random_sd21()
     model = build_osediff(sd, random_osediff_checkpoint(sd.unet, sd.vae), consume=True).to(device, dtype)
-    embeds = prompt_embedding(model, "")  # as the osediff command: the one prompt encoded once, then the text
+    embeds = model.prompt_embedding("")  # as the osediff command: the one prompt encoded once, then the text
     move_module(model.text_encoder, "cpu")  # encoder leaves the device
     image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     options = Options(upscale=4, tile_batch=tile_batch, **(vae_tiles or {}))

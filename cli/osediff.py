@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from ..osediff_core.pipeline import Options, build_osediff, osediff_upscale, prompt_embedding
+from ..osediff_core.pipeline import Options, build_osediff, osediff_upscale
 from ..osediff_core.weights import read_osediff
 from ..sr_common.color_fix import COLOR_FIXES
 from ..sr_common.errors import DiffSRError
@@ -93,7 +93,7 @@ def main_impl(argv=None):
     prompt_fn = make_prompt_fn(args, device, dtype)
     prompt_embeds = None
     if prompt_fn is None:  # one prompt for every image: encoded once, then the text encoder leaves the device
-        prompt_embeds = prompt_embedding(model, args.prompt or "")
+        prompt_embeds = model.prompt_embedding(args.prompt or "")
         move_module(model.text_encoder, "cpu")
     options = Options(upscale=args.upscale, process_size=args.process_size, official_sizing=args.official_sizing,
                       color_fix=args.color_fix, sample_mode=args.sample_mode, seed=args.seed,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..sr_common.errors import WeightFileError
-from ..sr_common.sd21 import (SD21, NetworksOnSD21, PromptCache, encode_prompt, load_sd21, load_tokenizer,
+from ..sr_common.sd21 import (SD21, NetworksOnSD21, PromptCache, load_sd21, load_tokenizer,
                               shipped_config_dir)
 from .rrdb import rrdb_from_state_dict
 from .weights import (base_from_official, build_cond_encoder, build_controlnet, load_ldm_params, parts_from_converted,
@@ -57,15 +57,6 @@ class DoSSRModel(NetworksOnSD21):
         self.controlnet.compile(**options)
         self.unet.compile(**options)
         return self
-
-    def prompt_embedding(self, prompt=DEFAULT_PROMPT):
-        """Text context (1, 77, D) of ``prompt``: SD 2.1 text encoder, penultimate layer + final norm (cached)."""
-        if prompt not in self.prompt_cache:
-            if self.text_encoder is None or self.tokenizer is None:
-                raise ValueError("This DoSSR model has no text encoder; pass `prompt_embeds` (e.g. --prompt-embeds).")
-            with torch.no_grad():
-                self.prompt_cache[prompt] = encode_prompt(self.text_encoder, self.tokenizer, [prompt]).float()
-        return self.prompt_cache[prompt]
 
 
 def share_vae_encoder(cond_encoder, vae):

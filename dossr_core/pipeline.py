@@ -114,7 +114,7 @@ def start_latents(model, padded, noise, tile=None, stage=lambda name: None, mode
 
 def text_context(model, prompt=DEFAULT_PROMPT, prompt_embeds=None):
     """The (1, 77, 1024) text context: given, or the SD 2.1 text encoder on the prompt (cached)."""
-    context = prompt_embeds.float() if prompt_embeds is not None else model.prompt_embedding(prompt)
+    context = (prompt_embeds if prompt_embeds is not None else model.prompt_embedding(prompt)).float()
     return checked_context(context, model.unet)
 
 

@@ -4,7 +4,7 @@ import torch
 from comfy_api.latest import io
 
 from ..osediff_core.pipeline import (Options, build_osediff, decode_latent, encode_lq, fixed_and_resized, one_step_x0,
-                                     osediff_upscale, predict_eps, preprocess, prompt_embedding)
+                                     osediff_upscale, predict_eps, preprocess)
 from ..osediff_core.weights import lq_encoder_pairs, merged_value, osediff_unet_changes, read_osediff
 from ..sr_common import image as img
 from ..sr_common.color_fix import COLOR_FIXES, color_reference
@@ -119,7 +119,7 @@ def load_osediff(sd21, path):
 
 
 def _embeddings(model, prompts):
-    return host.prompt_embeddings(model, prompts, lambda prompt: prompt_embedding(model, prompt))
+    return host.prompt_embeddings(model, prompts, model.prompt_embedding)
 
 
 def _dape_tags(dape, images, upscale, process_size, **select):

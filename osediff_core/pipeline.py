@@ -11,7 +11,7 @@ import torch
 from ..sr_common import image as img
 from ..sr_common.color_fix import color_reference, fix_colors
 from ..sr_common.latents import encode_moments, posterior_mean, posterior_sample, vae_decode
-from ..sr_common.sd21 import NetworksOnSD21, PromptCache, encode_prompt, scaled_linear_betas
+from ..sr_common.sd21 import NetworksOnSD21, PromptCache, scaled_linear_betas
 from ..sr_common.tiled_vae import DEFAULT_MODE
 from ..sr_common.tiling import blend_tiles, needs_tiling
 from .weights import apply_osediff_unet, lq_encoder
@@ -171,14 +171,6 @@ class Options:
     tile_batch: int = 1
 
 
-def prompt_embedding(model, prompt):
-    """CLIP embedding of ``prompt`` (cached per prompt)."""
-    if prompt not in model.prompt_cache:
-        with torch.no_grad():
-            model.prompt_cache[prompt] = encode_prompt(model.text_encoder, model.tokenizer, [prompt])
-    return model.prompt_cache[prompt]
-
-
 @torch.no_grad()
 def osediff_upscale(model, image, *, prompt="", prompt_embeds=None, prompt_fn=None, options=None, callback=None):
     """Super-resolve one image (1, 3, H, W) in [0, 1] → (1, 3, H', W') float in [0, 1].
@@ -196,7 +188,7 @@ def osediff_upscale(model, image, *, prompt="", prompt_embeds=None, prompt_fn=No
     # what the colour fix needs of the upscaled LQ, and the prompt; then the LQ image is no longer kept
     reference = color_reference(lq, o.color_fix)
     if prompt_embeds is None:
-        prompt_embeds = prompt_embedding(model, prompt_fn(lq) if prompt_fn is not None else prompt)
+        prompt_embeds = model.prompt_embedding(prompt_fn(lq) if prompt_fn is not None else prompt)
     padded, _ = img.pad_to_multiple(lq, 8)
     del lq
     # 2. encode with the LoRA VAE encoder

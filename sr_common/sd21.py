@@ -432,8 +432,8 @@ NETWORK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the networks'
 
 class NetworksOnSD21:
     """What OSEDiff's and DoSSR's models (dataclasses of networks on SD 2.1-base, listed by ``modules()``, with a
-    ``prompt_cache`` and a ``decoder_owned`` init flag) share: the fast modules, built once; the device and dtype of
-    the UNet; moving and casting every network."""
+    ``text_encoder``, ``tokenizer``, ``prompt_cache`` and a ``decoder_owned`` init flag) share: the fast modules,
+    built once; the device and dtype of the UNet; moving and casting every network; the cached prompt embeddings."""
 
     def __post_init__(self, decoder_owned):
         for module in self.modules():
@@ -456,6 +456,17 @@ class NetworksOnSD21:
             move_module(module, device, dtype)
         self.prompt_cache.clear()
         return self
+
+    def prompt_embedding(self, prompt):
+        """Text embedding (1, 77, D) of ``prompt`` by the SD 2.1 text encoder (``encode_prompt``), cached per
+        prompt."""
+        if prompt not in self.prompt_cache:
+            if self.text_encoder is None or self.tokenizer is None:
+                raise ValueError(f"This {type(self).__name__} has no text encoder; pass `prompt_embeds` "
+                                 "(e.g. --prompt-embeds).")
+            with torch.no_grad():
+                self.prompt_cache[prompt] = encode_prompt(self.text_encoder, self.tokenizer, [prompt])
+        return self.prompt_cache[prompt]
 
 
 class PromptCache(OrderedDict):

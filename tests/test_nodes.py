@@ -542,9 +542,8 @@ def test_prompt_embeddings_kept_for_recent_prompts_only(pack, osediff_model):
     OSEDiff and DoSSR alike; a prompt used again is not encoded again."""
     _, nodes = pack
     _, model = osediff_model
-    pipeline = sys.modules["custom_nodes_x_diffsr_pack.osediff_core.pipeline"]
     (dossr,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
-    for encode, cache in ((lambda p: pipeline.prompt_embedding(model, p), model.prompt_cache),
+    for encode, cache in ((model.prompt_embedding, model.prompt_cache),
                           (dossr.prompt_embedding, dossr.prompt_cache)):
         first = encode("prompt 0")
         assert encode("prompt 0") is first
