@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from ..sr_common.errors import WeightFileError
-from ..sr_common.sd21 import (SD21, NetworksOnSD21, PromptCache, load_sd21, load_tokenizer,
-                              shipped_config_dir)
+from ..sr_common.sd21 import SD21, NetworksOnSD21, PromptCache, load_sd21, load_tokenizer, shipped_config_dir
 from .rrdb import rrdb_from_state_dict
 from .weights import (base_from_official, build_cond_encoder, build_controlnet, load_ldm_params, parts_from_converted,
                       parts_from_official, read_weights)

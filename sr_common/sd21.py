@@ -462,8 +462,9 @@ class NetworksOnSD21:
         prompt."""
         if prompt not in self.prompt_cache:
             if self.text_encoder is None or self.tokenizer is None:
-                raise ValueError(f"This {type(self).__name__} has no text encoder; pass `prompt_embeds` "
-                                 "(e.g. --prompt-embeds).")
+                raise ValueError(f"This {type(self).__name__} has no text encoder, so it cannot encode a prompt: pass "
+                                 "the prompt's embedding instead (--prompt-embeds on the command line, a CONDITIONING "
+                                 "in ComfyUI), or load the model with an SD 2.1-base (--base).")
             with torch.no_grad():
                 self.prompt_cache[prompt] = encode_prompt(self.text_encoder, self.tokenizer, [prompt])
         return self.prompt_cache[prompt]

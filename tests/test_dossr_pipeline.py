@@ -133,6 +133,21 @@ def test_command_encodes_its_prompt_once_for_every_image(model, tmp_path, monkey
         assert written.shape == expected.shape and (written - expected.clamp(0, 1)).abs().max() <= 0.5 / 255 + 1e-6
 
 
+def test_model_without_text_encoder_takes_the_embedding(model):
+    """A DoSSR model without a text encoder (an official ckpt without its OpenCLIP tower, no --base) refuses a prompt
+    by name and gives, from the prompt's embedding, the output of the model that has one."""
+    from comfyui_diffsr.sr_common.sd21 import PromptCache
+
+    textless = copy.copy(model)
+    textless.text_encoder, textless.prompt_cache = None, PromptCache()
+    with pytest.raises(ValueError, match="has no text encoder.*--prompt-embeds.*CONDITIONING"):
+        textless.prompt_embedding("a red car")
+    image, options = lr_image("lr_w32h16.png"), Options(steps=2, seed=3)
+    expected = dossr_upscale(model, image, prompt="a red car", options=options)
+    out = dossr_upscale(textless, image, prompt_embeds=model.prompt_embedding("a red car"), options=options)
+    assert torch.equal(out, expected)
+
+
 def test_seed_determinism_and_noise_file_round_trip(model, tmp_path):
     lr = lr_image("lr_w32h16.png")
     trace = {}
