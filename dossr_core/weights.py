@@ -30,7 +30,6 @@ from ..sr_common.weights import (DOSSR_FORMAT, load_module_weights, read_state_d
 CONTROL_PREFIX = "control_model."
 COND_ENCODER_PREFIX = "cond_encoder."
 RRDB_PREFIX = "preprocess_model."
-CONVERTED_FORMAT = DOSSR_FORMAT
 OFFICIAL_MARKERS = ("control_model.zero_convs.", "cond_encoder.encoder.")
 CONVERTED_MARKERS = ("controlnet.controlnet_down_blocks.", "cond_encoder.encoder.", "rrdb.conv_first.")
 
@@ -223,8 +222,8 @@ def parts_from_official(sd, params):
 
 def parts_from_converted(sd, metadata):
     """The parts of a ``convert_dossr`` file (configs from its metadata)."""
-    if metadata.get("format") != CONVERTED_FORMAT:
-        raise WeightFileError(f"Converted DoSSR file without the expected metadata (format {CONVERTED_FORMAT!r}); "
+    if metadata.get("format") != DOSSR_FORMAT:
+        raise WeightFileError(f"Converted DoSSR file without the expected metadata (format {DOSSR_FORMAT!r}); "
                               "convert the official .ckpt again with `diffsr convert dossr`.")
     try:
         configs = [json.loads(metadata[key]) for key in ("controlnet_config", "vae_config")]
@@ -261,7 +260,7 @@ def write_converted(parts, dst, source, dtype=None):
         for k, v in state.items():
             tensors[prefix + k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
     write_safetensors(tensors, dst, metadata={
-        "format": CONVERTED_FORMAT, "controlnet_config": json.dumps(parts.controlnet_config),
+        "format": DOSSR_FORMAT, "controlnet_config": json.dumps(parts.controlnet_config),
         "vae_config": json.dumps(parts.vae_config), "info": json.dumps(parts.info), "source": source})
 
 

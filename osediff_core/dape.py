@@ -40,7 +40,6 @@ STD = (0.229, 0.224, 0.225)
 HEAD_HEADS = 4            # q2l_config.json: num_attention_heads (cannot be read from the weights)
 HEAD_LN_EPS = 1e-12       # q2l_config.json: layer_norm_eps
 LORA_ALPHA = 1.0          # loralib default; scale = alpha / r
-CONVERTED_FORMAT = DAPE_FORMAT
 
 # Keys of the tagging path (official names, after ``vision_multi`` → ``tagging_head``).
 TAGGING_PREFIXES = ("visual_encoder.", "image_proj.", "wordvec_proj.", "tagging_head.", "fc.")
@@ -398,7 +397,7 @@ def _state_from_converted(path):
     name = os.path.basename(os.fspath(path))
     obj = read_state_dict(path)
     meta = safetensors_metadata(path)
-    if not meta or meta.get("format") != CONVERTED_FORMAT:
+    if not meta or meta.get("format") != DAPE_FORMAT:
         what = CONVERTED.get(meta.get("format")) if meta else None
         raise WeightFileError(f"{name!r} was given as a converted DAPE file but it is {what or _describe(obj)}. "
                               "Expected "
@@ -467,7 +466,7 @@ def convert_dape(ram_path, dape_path, out_path, half=False):
     state, config = _state_from_official(ram_path, dape_path)
     dtype = torch.float16 if half else torch.float32
     tensors = {k: v.to(dtype).contiguous() for k, v in state.items()}
-    meta = {"format": CONVERTED_FORMAT, "version": "1", "config": json.dumps(config), "dape_merged": "true",
+    meta = {"format": DAPE_FORMAT, "version": "1", "config": json.dumps(config), "dape_merged": "true",
             "dtype": "fp16" if half else "fp32", "source": f"{os.path.basename(os.fspath(ram_path))} + "
             f"{os.path.basename(os.fspath(dape_path))}"}
     write_safetensors(tensors, out_path, metadata=meta)

@@ -15,11 +15,6 @@ def _mean_std(x, eps):
     return flat.mean(dim=2)[..., None, None], (flat.var(dim=2) + eps).sqrt()[..., None, None]
 
 
-def adain_color_fix(target, source, eps=1e-5):
-    """out = (t − μ_t)/σ_t · σ_s + μ_s per channel, σ = sqrt(var_unbiased + eps)."""
-    return fix_colors(target, color_reference(source, "adain", eps), "adain", eps)
-
-
 def wavelet_blur(image, radius):
     """3×3 kernel [1,2,1]ᵀ[1,2,1]/16 with dilation = radius and replicate padding (à trous)."""
     kernel = torch.tensor([[0.0625, 0.125, 0.0625], [0.125, 0.25, 0.125], [0.0625, 0.125, 0.0625]],
@@ -38,11 +33,6 @@ def wavelet_decomposition(image, levels=5):
         high += image - low
         image = low
     return high, low
-
-
-def wavelet_color_fix(target, source):
-    """out = high(target) + low(source), clamped."""
-    return fix_colors(target, color_reference(source, "wavelet"), "wavelet")
 
 
 def on_host_if_out_of_memory(fn, *args):
@@ -80,11 +70,11 @@ def fix_colors(target, reference, method, eps=1e-5):
 
 def _fix_colors(target, reference, method, eps):
     check_color_fix(method)
-    if method == "adain":
+    if method == "adain":  # (t − μ_t)/σ_t · σ_s + μ_s per channel, σ = sqrt(var_unbiased + eps)
         mean_t, std_t = _mean_std(target, eps)
         mean_s, std_s = (r.to(target.device) for r in reference)
         return (target - mean_t).div_(std_t).mul_(std_s).add_(mean_s).clamp_(0.0, 1.0)
-    if method == "wavelet":  # a reference taken on the CPU (the device ran out of memory) joins the target
+    if method == "wavelet":  # high(target) + low(source); a low(source) taken on the CPU (out of memory) joins it
         high, _ = wavelet_decomposition(target)
         return high.add_(reference.to(target.device)).clamp_(0.0, 1.0)
     return target.clamp(0.0, 1.0)

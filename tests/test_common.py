@@ -60,7 +60,7 @@ def test_blend_tiles_weights_overlapping_tiles_with_the_gaussian():
 
 def test_adain_matches_formula():
     t, s = torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16) * 0.5
-    out = color_fix.adain_color_fix(t, s)
+    out = color_fix.apply_color_fix(t, s, "adain")
     ref = (t - t.mean((2, 3), keepdim=True)) / (t.var((2, 3), keepdim=True) + 1e-5).sqrt() \
         * (s.var((2, 3), keepdim=True) + 1e-5).sqrt() + s.mean((2, 3), keepdim=True)
     torch.testing.assert_close(out, ref.clamp(0, 1))
@@ -69,7 +69,7 @@ def test_adain_matches_formula():
 def test_wavelet_keeps_target_detail_and_source_colour():
     target = torch.rand(1, 3, 64, 64)
     flat_source = torch.full((1, 3, 64, 64), 0.25)
-    out = color_fix.wavelet_color_fix(target, flat_source)
+    out = color_fix.apply_color_fix(target, flat_source, "wavelet")
     high, low = color_fix.wavelet_decomposition(target)
     torch.testing.assert_close(high + low, target, atol=1e-5, rtol=0)  # perfect reconstruction
     torch.testing.assert_close(out, (high + 0.25).clamp(0, 1), atol=1e-5, rtol=0)

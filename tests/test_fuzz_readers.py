@@ -11,13 +11,12 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from comfyui_diffsr.dossr_core.model import load_dossr
-from comfyui_diffsr.dossr_core.weights import CONVERTED_FORMAT as DOSSR_FORMAT
 from comfyui_diffsr.dossr_core.weights import read_weights
 from comfyui_diffsr.osediff_core import dape
 from comfyui_diffsr.osediff_core.weights import read_osediff
 from comfyui_diffsr.sr_common.errors import DiffSRError
 from comfyui_diffsr.sr_common.sd21 import describe_checkpoint, load_sd21
-from comfyui_diffsr.sr_common.weights import read_state_dict
+from comfyui_diffsr.sr_common.weights import DAPE_FORMAT, DOSSR_FORMAT, read_state_dict
 
 from conftest import DATA, copy_tiny_sd21
 
@@ -89,7 +88,7 @@ def _dape_converted():
                        "window_size": 2}, "label_dim": 4, "hidden": 4, "layers": 1, "intermediate": 8, "heads": 1,
               "num_tags": 4585}
     return _save_safetensors({"label_embed": _t(3, 4), "fc.weight": _t(1, 4)},
-                             {"format": dape.CONVERTED_FORMAT, "config": json.dumps(config)})
+                             {"format": DAPE_FORMAT, "config": json.dumps(config)})
 
 
 def _dossr_converted():
