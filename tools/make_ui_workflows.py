@@ -12,7 +12,7 @@ import os
 from workflow_schema import WIDGET_TYPES, frontend_inputs, load_signatures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COLUMN, NODE_WIDTH, GAP = 380, 320, 50
+COLUMN, NODE_WIDTH, GAP = 380, 340, 50  # 340: room for the longest title (frontend 1.58 draws 325 px)
 
 
 PREVIEW_HEIGHT = {"LoadImage": 220}  # room for the image the node shows
