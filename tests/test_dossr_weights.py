@@ -101,6 +101,22 @@ def test_converted_file_refuses_reconversion_and_is_recognised(tmp_path):
         convert_dossr(CKPT, out, config=os.path.join(FIX, "tiny_cldm.yaml"))
 
 
+def test_converted_file_without_its_metadata_names_the_reconversion(tmp_path):
+    """A converted file whose metadata was lost (re-saved by another tool) is refused by name, with the fix."""
+    from safetensors.torch import load_file, save_file
+
+    from comfyui_diffsr.dossr_core.model import load_dossr
+    from comfyui_diffsr.dossr_core.weights import convert_dossr
+
+    out = tmp_path / "parts.safetensors"
+    convert_dossr(CKPT, out, config=os.path.join(FIX, "tiny_cldm.yaml"))
+    save_file(load_file(out), tmp_path / "resaved.safetensors")
+    assert read_weights(tmp_path / "resaved.safetensors")[1] == "converted"
+    with pytest.raises(WeightFileError, match=r"'resaved.safetensors': Converted DoSSR file without the expected "
+                                              r"metadata \(format 'dossr-diffusers-v1'\).*`diffsr convert dossr`"):
+        load_dossr(tmp_path / "resaved.safetensors", base=os.path.join(os.path.dirname(FIX), "osediff", "tiny_sd21"))
+
+
 def test_cli_runs_and_refuses_overwrite(tmp_path):
     from safetensors.torch import load_file, save_file
 
