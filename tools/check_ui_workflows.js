@@ -33,7 +33,7 @@ const fs = require('fs'), path = require('path');
       await app.loadGraphData(ui, true, true, name);
       const p = await app.graphToPrompt();
       const sizes = {};
-      for (const n of app.graph._nodes) sizes[n.id] = [n.size[0], n.size[1]];
+      for (const n of (app.rootGraph || app.graph)._nodes) sizes[n.id] = [n.size[0], n.size[1]];
       const dialogs = [...document.querySelectorAll('.p-dialog')].map(d => d.innerText.slice(0, 300));
       return { output: p.output, sizes, dialogs };
     }, [ui, f]);
