@@ -2,21 +2,26 @@
 # The GPU checks of issue #7 on a CUDA machine (the `device` tool), after tools/device_prepare.sh here:
 #   run(command="bash bench/device_check.sh", carry=[".device"], timeout_s=590)
 #   bash bench/device_check.sh [STEP ...]
-#   steps: tests precision osediff official_osediff dossr official_dossr decoder compile
-#   (default: all, 10-12 minutes on an H200 (a guess); two calls, "tests precision osediff official_osediff" and
-#   "dossr official_dossr decoder compile", each fit the 10-minute limit)
-# Writes to $OUT (default /tmp/device_check): env.txt, log.txt, tests.log and one JSON per measurement. A failing
-# step does not stop the next. DEVICE=cpu QUICK=1 runs the same steps on the CPU at the smallest sizes (a dry run).
+#   steps: osediff official_osediff dossr official_dossr precision tests decoder compile
+#   (default: all, in that order: the issue's figures first, so a run stopped at its time limit has them)
+# Writes env.txt, log.txt, tests.log and one JSON per measurement to $RESULTS (default /tmp/device_check), and after
+# each step packs them into $OUT/device_check.tgz (the device tool brings back at most 8 files), beside log.txt.
+# A failing step does not stop the next. DEVICE=cpu QUICK=1 runs the same steps on the CPU at the smallest sizes (a
+# dry run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_check}
+RESULTS=${RESULTS:-/tmp/device_check}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
 PY=${PYTHON:-python3}
-steps=${*:-tests precision osediff official_osediff dossr official_dossr decoder compile}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/log.txt") 2>&1
-step() { echo "== $(date +%T) $*"; }
+steps=${*:-osediff official_osediff dossr official_dossr precision tests decoder compile}
+mkdir -p "$OUT" "$RESULTS"
+exec > >(tee -a "$RESULTS/log.txt") 2>&1
+step() {  # the results so far into $OUT, then the next step
+  [ "$RESULTS" -ef "$OUT" ] || { tar -czf "$OUT/device_check.tgz" -C "$RESULTS" . && cp "$RESULTS/log.txt" "$OUT/"; }
+  echo "== $(date +%T) $*"
+}
 quick() { [ "$QUICK" = 1 ] && echo "$1" || echo "$2"; }
 
 step install
@@ -36,16 +41,16 @@ done
   "$PY" -c "import torch, diffusers, transformers
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__,
       'transformers', transformers.__version__)"
-  echo "cpus $(nproc)"; } > "$OUT/env.txt"
-cat "$OUT/env.txt"
+  echo "cpus $(nproc)"; } > "$RESULTS/env.txt"
+cat "$RESULTS/env.txt"
 
 osediff() {  # dtype sizes repeats warmup name [flags]
   "$PY" bench/bench_osediff.py --device "$DEVICE" --dtype "$1" --sizes $2 --repeats "$3" --warmup "$4" \
-    --out "$OUT/osediff_${DEVICE}_$5.json" "${@:6}" > /dev/null
+    --out "$RESULTS/osediff_${DEVICE}_$5.json" "${@:6}" > /dev/null
 }
 dossr() {  # dtype sizes repeats name [flags]
   "$PY" bench/bench_dossr.py --device "$DEVICE" --dtype "$1" --sizes $2 --repeats "$3" \
-    --out "$OUT/dossr_${DEVICE}_$4.json" "${@:5}" > /dev/null
+    --out "$RESULTS/dossr_${DEVICE}_$4.json" "${@:5}" > /dev/null
 }
 small=$(quick 32 128)
 for s in $steps; do
@@ -53,11 +58,11 @@ for s in $steps; do
   case $s in
     tests)
       DIFFSR_TEST_DEVICE=$DEVICE "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "not compiled" \
-        tests/test_osediff_parity.py tests/test_dossr_pipeline.py > "$OUT/tests.log" 2>&1
-      tail -n 5 "$OUT/tests.log";;
+        > "$RESULTS/tests.log" 2>&1
+      tail -n 5 "$RESULTS/tests.log";;
     precision)
       "$PY" bench/precision.py --device "$DEVICE" --size "$small" --dtypes $(quick bf16 "fp16 bf16") \
-        --out "$OUT/precision_$DEVICE.json" > /dev/null;;
+        --out "$RESULTS/precision_$DEVICE.json" > /dev/null;;
     osediff)
       osediff fp16 "$small" "$(quick 2 20)" 1 fp16_128
       osediff bf16 "$small" "$(quick 2 20)" 1 bf16_128
@@ -67,11 +72,11 @@ for s in $steps; do
     official_osediff)  # the official code at its fp16 (mixed_precision fp16), ours at its CUDA default, fp16
       "$PY" bench/bench_osediff.py --device "$DEVICE" --dtype fp16 --sizes "$small" --repeats "$(quick 2 10)" \
         --compare-official "$PWD/.device/OSEDiff" --official-python /tmp/diffsr-official-python \
-        --out "$OUT/osediff_${DEVICE}_fp16_vs_official.json" > /dev/null;;
+        --out "$RESULTS/osediff_${DEVICE}_fp16_vs_official.json" > /dev/null;;
     official_dossr)  # the official code in float32 (its only precision), ours at its CUDA default, fp16; 128 px
       "$PY" bench/bench_dossr.py --device "$DEVICE" --dtype fp16 --repeats "$(quick 1 5)" \
         --compare-official "$PWD/.device/DoSSR" --official-python /tmp/diffsr-official-dossr-python \
-        --out "$OUT/dossr_${DEVICE}_fp16_vs_official.json" > /dev/null;;
+        --out "$RESULTS/dossr_${DEVICE}_fp16_vs_official.json" > /dev/null;;
     dossr)
       dossr fp16 "$small" "$(quick 1 5)" fp16_128
       dossr bf16 "$small" "$(quick 1 5)" bf16_128
@@ -79,16 +84,16 @@ for s in $steps; do
       dossr fp16 "$(quick 48 512)" 1 fp16_512;;
     compile)  # torch.compile of the diffusion networks (--compile): first_run_s includes the compilation
       DIFFSR_TEST_DEVICE=$DEVICE "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py -k compiled \
-        > "$OUT/tests_compile.log" 2>&1
-      tail -n 3 "$OUT/tests_compile.log"
+        > "$RESULTS/tests_compile.log" 2>&1
+      tail -n 3 "$RESULTS/tests_compile.log"
       "$PY" bench/precision.py --device "$DEVICE" --size "$small" --dtypes $(quick fp32+compile fp16+compile) \
-        --methods osediff --out "$OUT/precision_${DEVICE}_compile.json" > /dev/null
+        --methods osediff --out "$RESULTS/precision_${DEVICE}_compile.json" > /dev/null
       osediff fp16 "$small" "$(quick 2 20)" 1 fp16_128_compile --compile
       osediff bf16 "$small" "$(quick 2 20)" 1 bf16_128_compile --compile
       dossr fp16 "$small" "$(quick 1 5)" fp16_128_compile --compile;;
     decoder)  # do fast_modules (four 2×2 convolutions per ×2 upsampler, channels-last) pay on this device?
       "$PY" bench/bench_decoder_modules.py --device "$DEVICE" --dtype fp16 --latents $(quick 8 "64 128") \
-        --repeats "$(quick 1 20)" --warmup "$(quick 0 3)" --out "$OUT/decoder_modules_${DEVICE}_fp16.json" > /dev/null;;
+        --repeats "$(quick 1 20)" --warmup "$(quick 0 3)" --out "$RESULTS/decoder_modules_${DEVICE}_fp16.json" > /dev/null;;
     *) echo "unknown step $s";;
   esac
 done
