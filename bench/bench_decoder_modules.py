@@ -6,7 +6,8 @@
 - ``diffusers``: diffusers' decoder as it is (nearest ×2 then 3×3 convolution in every ``Upsample2D``);
 - ``channels_last``: the same modules with channels-last weights;
 - ``fast``: ``fast_vae_decoder``, as the pipelines run it (``FusedUpsample2D``: the ×2 upsampler as four 2×2
-  convolutions and an interleave, ``LeanResnetBlock2D``, ``GemmConv2d`` on the CPU; channels-last weights).
+  convolutions and an interleave, ``LeanResnetBlock2D``, ``GemmConv2d`` on the CPU; the weights in
+  ``decoder_weights_for`` the device's layout: channels-last on the CPU, contiguous on a GPU).
 
 Each variant decodes the same random latent, untiled, ``--repeats`` times after a warm-up; the JSON gives the time
 percentiles, the peak CUDA memory and the distance of each output from the ``diffusers`` one (PSNR on [−1, 1],
@@ -19,6 +20,7 @@ import os
 
 import torch
 
+from comfyui_diffsr.sr_common.fast_modules import decoder_weights_for
 from comfyui_diffsr.sr_common.sd21 import PRECISIONS
 from common import environment, psnr_db, summary, timed, write_json
 
@@ -53,6 +55,7 @@ def main():
     device, dtype = torch.device(args.device), PRECISIONS[args.dtype]
     cuda = device.type == "cuda"
     variants = {name: net.to(device, dtype) for name, net in decoder_variants().items()}
+    decoder_weights_for(variants["fast"][1], device)
     cases = []
     with torch.inference_mode():
         for side in args.latents:

@@ -2,6 +2,7 @@
 
 import torch
 
+from .fast_modules import decoder_weights_for
 from .sd21 import SCALING_FACTOR
 from .tiled_vae import DEFAULT_MODE, tiled_forward
 
@@ -29,6 +30,8 @@ def posterior_sample(moments, noise):
 
 def vae_decode(vae, z, tile=None, callback=None, mode=DEFAULT_MODE):
     """VAE_dec(z / 0.18215), nominally in [−1, 1] (not clamped), the decoder tiled above ``tile`` latent px;
-    float32."""
-    h = vae.post_quant_conv((z / SCALING_FACTOR).to(vae.post_quant_conv.weight.dtype))
-    return tiled_forward(vae.decoder, h, tile, is_decoder=True, callback=callback, mode=mode).float()
+    float32. The decoder's weights are in the layout that is faster on their device (``decoder_weights_for``)."""
+    weight = vae.post_quant_conv.weight
+    h = vae.post_quant_conv((z / SCALING_FACTOR).to(weight.dtype))
+    decoder = decoder_weights_for(vae.decoder, weight.device)
+    return tiled_forward(decoder, h, tile, is_decoder=True, callback=callback, mode=mode).float()

@@ -11,8 +11,9 @@ from diffusers.models.upsampling import Upsample2D
 
 from comfyui_diffsr.sr_common import fast_modules as fm
 from comfyui_diffsr.sr_common.fast_modules import (FusedUpsample2D, GemmConv2d, LeanResnetBlock2D, OneDNNLinear,
-                                                     SplitGEGLU, fast_modules, fast_vae_decoder, phase_kernels,
-                                                     upsample2x_conv3x3)
+                                                     SplitGEGLU, decoder_weights_for, fast_modules, fast_vae_decoder,
+                                                     phase_kernels, upsample2x_conv3x3)
+from comfyui_diffsr.sr_common.latents import vae_decode
 
 
 def plain(x, conv):
@@ -70,6 +71,23 @@ def test_decoder_and_unet_same_function(tiny_unet_vae):
         t = torch.tensor([999])
         torch.testing.assert_close(fast_unet(zu, t, encoder_hidden_states=emb).sample,
                                    unet(zu, t, encoder_hidden_states=emb).sample, rtol=1e-4, atol=1e-4)
+
+
+def test_decoder_weights_take_the_layout_of_their_device(tiny_unet_vae):
+    """The decoder's 3×3 weights are channels-last on the CPU and contiguous on a GPU (each layout measured faster
+    there); ``vae_decode`` puts a decoder that comes back from a GPU in the CPU's layout again, same output."""
+    vae = copy.deepcopy(tiny_unet_vae[1])
+    fast_vae_decoder(vae.decoder)
+    convs = [p for p in vae.decoder.parameters() if p.dim() == 4 and p.shape[-1] == 3]
+    z = torch.randn(1, vae.config.latent_channels, 9, 13, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = vae_decode(vae, z)
+        assert all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs)
+        decoder_weights_for(vae.decoder, torch.device("cuda"))  # the layout it gets on a GPU (no GPU needed)
+        assert all(p.is_contiguous() for p in convs)
+        after = vae_decode(vae, z)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs)
+    assert torch.equal(after, before)
 
 
 def test_other_output_size_falls_back():
