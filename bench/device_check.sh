@@ -2,8 +2,10 @@
 # The GPU checks of issue #7 on a CUDA machine (the `device` tool), after tools/device_prepare.sh here:
 #   run(command="bash bench/device_check.sh", carry=[".device"], timeout_s=590)
 #   bash bench/device_check.sh [STEP ...]
-#   steps: osediff official_osediff dossr official_dossr precision tests decoder compile
-#   (default: all, in that order: the issue's figures first, so a run stopped at its time limit has them)
+#   steps: stages decoder osediff official_osediff dossr official_dossr compile memory precision tests
+#   (default: all, in that order, the most wanted first, so a run stopped at its time limit has them; stop 29's H200
+#   run took 3.5 / 1.3 / 2.6 / 1.8 / 0.9 / 0.8 / 0.5 min for osediff / official_osediff / dossr / official_dossr /
+#   precision / tests / decoder, after about 30 s of start and 15 s of install each call: give it two calls)
 # Writes env.txt, log.txt, tests.log and one JSON per measurement to $RESULTS (default /tmp/device_check), and after
 # each step packs them into $OUT/device_check.tgz (the device tool brings back at most 8 files), beside log.txt.
 # A failing step does not stop the next. DEVICE=cpu QUICK=1 runs the same steps on the CPU at the smallest sizes (a
@@ -15,7 +17,7 @@ RESULTS=${RESULTS:-/tmp/device_check}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
 PY=${PYTHON:-python3}
-steps=${*:-osediff official_osediff dossr official_dossr precision tests decoder compile}
+steps=${*:-stages decoder osediff official_osediff dossr official_dossr compile memory precision tests}
 mkdir -p "$OUT" "$RESULTS"
 exec > >(tee -a "$RESULTS/log.txt") 2>&1
 step() {  # the results so far into $OUT, then the next step
@@ -91,6 +93,14 @@ for s in $steps; do
       osediff fp16 "$small" "$(quick 2 20)" 1 fp16_128_compile --compile
       osediff bf16 "$small" "$(quick 2 20)" 1 bf16_128_compile --compile
       dossr fp16 "$small" "$(quick 1 5)" fp16_128_compile --compile;;
+    stages)  # where the time goes, network by network, and the device's kernel time against the wall time
+      "$PY" bench/bench_stages.py --device "$DEVICE" --dtype fp16 --size "$small" --repeats "$(quick 1 10)" --profile \
+        --out "$RESULTS/stages_${DEVICE}_fp16.json" > /dev/null
+      "$PY" bench/bench_stages.py --device "$DEVICE" --dtype bf16 --method osediff --size "$small" \
+        --repeats "$(quick 1 10)" --out "$RESULTS/stages_${DEVICE}_bf16.json" > /dev/null;;
+    memory)  # 512→2048 with smaller decoder tiles than the default 224 latent px: which fits in 4 GB, how fast
+      osediff fp16 "$(quick 48 512)" 2 0 fp16_512_decode128 --vae-tile-decode 128
+      osediff fp16 "$(quick 48 512)" 2 0 fp16_512_decode96 --vae-tile-decode 96;;
     decoder)  # do fast_modules (four 2×2 convolutions per ×2 upsampler, channels-last) pay on this device?
       "$PY" bench/bench_decoder_modules.py --device "$DEVICE" --dtype fp16 --latents $(quick 8 "64 128") \
         --repeats "$(quick 1 20)" --warmup "$(quick 0 3)" --out "$RESULTS/decoder_modules_${DEVICE}_fp16.json" > /dev/null;;
