@@ -3,9 +3,9 @@
     python bench/bench_stages.py --method osediff --device cuda --dtype fp16 --out bench/results/stages_cuda.json
 
 Forward hooks on each network the pipeline runs (OSEDiff: the LQ encoder, the UNet, the VAE decoder; DoSSR: the
-RRDB, the VAE encoder, the ControlNet, the UNet, the VAE decoder) synchronise the device and take the time before and after each call; ``other_s`` is
-the rest of the run (resizing, colour fix, copies between host and device, Python). At 128→512 no network is tiled,
-so each runs as one call. ``--profile`` also runs one upscale under ``torch.profiler`` and reports the operators
+RRDB, the VAE encoder, the ControlNet, the UNet, the VAE decoder) synchronise the device and take the time before
+and after each call; ``other_s`` is the rest of the run (resizing, colour fix, copies between host and device,
+Python). At 128→512 no network is tiled, so each runs as one call. ``--profile`` also runs one upscale under ``torch.profiler`` and reports the operators
 that took the most time and, on a GPU, the time it spent in kernels against the run's wall time (far below it, the
 run waits on kernel launches rather than on arithmetic).
 """

@@ -103,7 +103,8 @@ for s in $steps; do
       osediff fp16 "$(quick 48 512)" 2 0 fp16_512_decode96 --vae-tile-decode 96;;
     decoder)  # do fast_modules (four 2×2 convolutions per ×2 upsampler, channels-last) pay on this device?
       "$PY" bench/bench_decoder_modules.py --device "$DEVICE" --dtype fp16 --latents $(quick 8 "64 128") \
-        --repeats "$(quick 1 20)" --warmup "$(quick 0 3)" --out "$RESULTS/decoder_modules_${DEVICE}_fp16.json" > /dev/null;;
+        --repeats "$(quick 1 20)" --warmup "$(quick 0 3)" --out "$RESULTS/decoder_modules_${DEVICE}_fp16.json" \
+        > /dev/null;;
     *) echo "unknown step $s";;
   esac
 done

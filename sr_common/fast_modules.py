@@ -412,14 +412,14 @@ def decoder_weights_for(decoder, device):
 
 
 def fast_vae_decoder(decoder, in_place=False):
-    """``fast_modules(decoder)`` with channels-last weights (its large-image convolutions run about 15–25 %
-    faster channels-last on CPU; same function; ``decoder_weights_for`` puts them back in the order of the device
-    the decoder runs on). ``in_place``: each weight is reordered inside its own memory instead of copied to new
-    memory (0.6 s less at full size on this VM, and the old copy is not left behind in a loader's buffer), for
-    weights this process owns and nothing else reads (``SD21.vae_owned``)."""
+    """``fast_modules(decoder)`` with its weights in the layout of their device (``decoder_weights_for``:
+    channels-last on the CPU; same function). ``in_place``: on the CPU each weight is reordered inside its own memory
+    instead of copied to new memory (0.6 s less at full size on this VM, and the old copy is not left behind in a
+    loader's buffer), for weights this process owns and nothing else reads (``SD21.vae_owned``)."""
     fast_modules(decoder)
-    if not in_place:
-        return decoder.to(memory_format=torch.channels_last)
+    device = next(decoder.parameters()).device
+    if not in_place or decoder_memory_format(device) != torch.channels_last:
+        return decoder_weights_for(decoder, device)
     with torch.no_grad():
         for param in decoder.parameters():
             if param.dim() == 4 and param.is_contiguous() and not param.is_contiguous(
