@@ -14,7 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..sr_common.errors import WeightFileError
+from ..sr_common.tiled_vae import output_like, paste_tile, split_tiles
 from ..sr_common.weights import load_module_weights
+
+
+TAIL_TILE, TAIL_MARGIN = 128, 2  # px of the ×4 tail's input (see RRDBNet.tiled_tail)
 
 
 class ResidualDenseBlock(nn.Module):
@@ -63,9 +67,30 @@ class RRDBNet(nn.Module):
     def forward(self, x):
         feat = self.conv_first(x.contiguous(memory_format=torch.channels_last))
         feat = feat + self.conv_body(self.body(feat))
-        feat = F.leaky_relu(self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2)
-        feat = F.leaky_relu(self.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2)
-        return self.conv_last(F.leaky_relu(self.conv_hr(feat), 0.2)).contiguous()
+        return self.tiled_tail(feat)
+
+    def tail(self, feat):
+        """The ×4 part: conv_last(lrelu(conv_hr(lrelu(conv_up2(↑2 lrelu(conv_up1(↑2 feat))))))), ↑2 nearest."""
+        inplace = not torch.is_grad_enabled()  # each LeakyReLU's input is a convolution's output nothing else holds
+        feat = F.leaky_relu(self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2, inplace)
+        feat = F.leaky_relu(self.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2, inplace)
+        return self.conv_last(F.leaky_relu(self.conv_hr(feat), 0.2, inplace))
+
+    def tiled_tail(self, feat):
+        """``tail(feat)`` in tiles of ``TAIL_TILE`` input px with a ``TAIL_MARGIN`` px margin, contiguous: the same
+        output with tensors of one tile's size, where the whole tail holds several 64-channel images at 4× (each
+        0.5 GB in fp16 for a 512² input). A tile's border reaches 1 px into its ×4 output through conv_up1 (at 2×:
+        2 px at 4×) and 1 px each through conv_up2, conv_hr and conv_last: 5 px, within the margin's 8."""
+        height, width = feat.shape[-2:]
+        if max(height, width) <= TAIL_TILE + 2 * TAIL_MARGIN:
+            return self.tail(feat).contiguous()
+        result = None
+        for in_box, out_box in zip(*split_tiles(height, width, TAIL_TILE, TAIL_MARGIN, 4)):
+            out = self.tail(feat[:, :, in_box[2]:in_box[3], in_box[0]:in_box[1]])
+            if result is None:
+                result = output_like(out, feat, 4)
+            paste_tile(result, out, in_box, out_box, 4)
+        return result
 
 
 RRDB_KEYS = ("conv_first.weight", "body.0.rdb1.conv1.weight", "conv_body.weight", "conv_up1.weight",

@@ -123,23 +123,22 @@ def upsample2x_conv3x3(x, kernels, bias=None):
     ``phase_kernels(weight)``.
 
     y = conv2×2(pad₁(x), phase kernels) has (H+1)×(W+1) positions; phase (a, b) of the output is
-    y_ab[a:a+H, b:b+W], so out[2i+a, 2j+b] = y_ab[i+a, j+b].
+    y_ab[a:a+H, b:b+W], so out[2i+a, 2j+b] = y_ab[i+a, j+b]. The two phases of a row are computed together.
     """
     n, _, h, w = x.shape
     c_out = kernels.shape[0] // 4
     padded = F.pad(x, (1, 1, 1, 1))
-    if few_pixels_many_channels(x, n * (h + 1) * (w + 1)):
-        y = conv_as_matmul(padded, kernels, 2)
-    else:
-        y = F.conv2d(padded, kernels)
-    y = y.unflatten(1, (2, 2, c_out))
+    as_matmul = few_pixels_many_channels(x, n * (h + 1) * (w + 1))
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    out = torch.empty((n, c_out, 2 * h, 2 * w), dtype=y.dtype, device=y.device,
+    out = torch.empty((n, c_out, 2 * h, 2 * w), dtype=x.dtype, device=x.device,
                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     phases = out.unflatten(3, (w, 2)).unflatten(2, (h, 2))  # (n, c, h, a, w, b)
-    for a in (0, 1):
+    for a in (0, 1):  # one row of phases at a time: y holds half the output's size, not all of it
+        rows = kernels[2 * a * c_out:2 * (a + 1) * c_out]
+        y = (conv_as_matmul(padded, rows, 2) if as_matmul else F.conv2d(padded, rows)).unflatten(1, (2, c_out))
         for b in (0, 1):
-            phases[:, :, :, a, :, b] = y[:, a, b, :, a:a + h, b:b + w]
+            phases[:, :, :, a, :, b] = y[:, b, :, a:a + h, b:b + w]
+        del y
     if bias is not None:
         out += bias.view(1, -1, 1, 1)
     return out

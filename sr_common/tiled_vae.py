@@ -218,19 +218,19 @@ def _tiled_forward(net, x, tile, is_decoder, callback, mode):
                 tiles = [_attention(module, t) for t in tiles]
         if callback is not None:
             callback(index + 1, len(ops))
-    result = _output_like(tiles[0], x, factor)
+    result = output_like(tiles[0], x, factor)
     for t, ib, ob in zip(tiles, in_boxes, out_boxes):
-        _paste(result, t, ib, ob, factor)
+        paste_tile(result, t, ib, ob, factor)
     return result
 
 
-def _output_like(tile_out, x, factor):
+def output_like(tile_out, x, factor):
     """The zero output tensor: channels and dtype of a tile's output, size of ``x`` scaled by ``factor``."""
     shape = (x.shape[0], tile_out.shape[1], int(x.shape[-2] * factor), int(x.shape[-1] * factor))
     return torch.zeros(shape, dtype=tile_out.dtype, device=x.device)
 
 
-def _paste(result, tile_out, in_box, out_box, factor):
+def paste_tile(result, tile_out, in_box, out_box, factor):
     """Write the part of a tile's output that lies in its output box ``out_box`` into ``result``."""
     scaled = [int(v * factor) for v in in_box]
     ys, xs = out_box[2] - scaled[2], out_box[0] - scaled[0]
@@ -342,8 +342,8 @@ def _bounded_forward(ops, x, extent, in_boxes, out_boxes, cores, factor, callbac
             return mean + whole[k][0] - own[i, k][0], denom * whole[k][1] / own[i, k][1]
         out = _run_ops(ops, tile_of(ib), pass2)
         if result is None:
-            result = _output_like(out, x, factor)
-        _paste(result, out, ib, ob, factor)
+            result = output_like(out, x, factor)
+        paste_tile(result, out, ib, ob, factor)
         report()
     return result
 
@@ -354,35 +354,57 @@ def _own_stats(k, norm, t):
 
 
 def _run_ops(ops, t, norm_stats):
-    """One tensor through ``ops``; GroupNorm number k normalises with ``norm_stats(k, norm, t)`` = (μ, σ² + ε)."""
-    residual, k = None, 0
+    """One tensor through ``ops``; GroupNorm number k normalises with ``norm_stats(k, module, t)`` = (μ, σ² + ε).
+    A norm or a residual sum writes in place into a tensor of its own (``owned``): never the input, nor a tensor
+    stored as the residual, so that no more than one full-size copy is alive at a time."""
+    residual, k, owned = None, 0, False
     for kind, module in ops:
         if kind == "norm":
             mean, denom = norm_stats(k, module, t)
-            t = _normalise(t, module, mean, denom)
-            k += 1
+            t = _normalise(t, module, mean, denom, in_place=owned)
+            k, owned = k + 1, True
         elif kind == "silu":
             t = F.silu(t, inplace=True)  # always right after a norm, whose output nothing else holds
         elif kind == "call":
-            t = module(t)
+            t, owned = module(t), True
         elif kind == "store_res":
-            residual = t if module is None else module(t)
+            if module is None:
+                residual, owned = t, False
+            else:
+                residual = module(t)
         elif kind == "add_res":
-            t, residual = t + residual, None
+            t, residual, owned = t.add_(residual) if owned else t + residual, None, True
         elif kind == "attn":
-            t = _attention(module, t)
+            t, owned = _attention(module, t), True
     return t
 
 
-def _normalise(x, norm, mean, denom):
-    """GroupNorm with given per-(batch, group) μ and σ² + ε, as one per-channel affine map a·x + b."""
+def _normalise(x, norm, mean, denom, in_place=False):
+    """GroupNorm with given per-(batch, group) μ and σ² + ε, as one per-channel affine map a·x + b (written over
+    ``x`` when ``in_place``)."""
     b, c = x.shape[:2]
     per_group = c // norm.num_groups
     scale = denom.rsqrt().repeat_interleave(per_group, dim=1)
     shift = -mean.repeat_interleave(per_group, dim=1) * scale
     if norm.weight is not None:
         scale, shift = scale * norm.weight.double(), shift * norm.weight.double() + norm.bias.double()
-    return torch.addcmul(shift.to(x.dtype).view(b, c, 1, 1), x, scale.to(x.dtype).view(b, c, 1, 1))
+    return torch.addcmul(shift.to(x.dtype).view(b, c, 1, 1), x, scale.to(x.dtype).view(b, c, 1, 1),
+                         out=x if in_place else None)
+
+
+FLOAT_COPY_BYTES = 64 * 2**20
+
+
+def _channel_var_mean(t):
+    """Biased per-channel (var, mean) over (H, W), float32 (float64 of a float64 ``t``). A half-precision ``t`` is
+    widened to float32 a few channels at a time (pieces of at most ``FLOAT_COPY_BYTES``): a float32 copy of a whole
+    tile would hold twice its memory, the decoder's peak in fp16. Each channel's statistics are the same either
+    way."""
+    if t.dtype in (torch.float32, torch.float64):
+        return torch.var_mean(t, dim=(2, 3), unbiased=False)
+    step = max(1, FLOAT_COPY_BYTES // (4 * t[:, :1].numel()))
+    pieces = [torch.var_mean(part.float(), dim=(2, 3), unbiased=False) for part in t.split(step, dim=1)]
+    return torch.cat([var for var, _ in pieces], dim=1), torch.cat([mean for _, mean in pieces], dim=1)
 
 
 def _core(t, in_box, core, s=None):
@@ -407,8 +429,7 @@ class _GroupMoments:
     @classmethod
     def of(cls, t, groups):
         """The moments of a (B, C, H, W) tensor, from per-channel var/mean (no float64 copy of ``t``)."""
-        var, mean = torch.var_mean(t if t.dtype in (torch.float32, torch.float64) else t.float(), dim=(2, 3),
-                                   unbiased=False)
+        var, mean = _channel_var_mean(t)
         mean, pixels = mean.double(), t.shape[2] * t.shape[3]
         per_group = lambda v: (v * pixels).reshape(t.shape[0], groups, -1).sum(-1)
         return cls(pixels * (t.shape[1] // groups), per_group(mean), per_group(var.double() + mean * mean))

@@ -1,0 +1,112 @@
+"""What the full-size networks hold on a device at once, counted on the meta device (bench/meta_memory.py): the
+tiled VAE decoder and the RRDB's ×4 tail in fp16, the largest tensors of a 512→2048 upscale."""
+
+import contextlib
+import importlib.util
+import os
+
+import torch
+import torch.nn.functional as F
+
+from comfyui_diffsr.dossr_core import rrdb as rrdb_module
+from comfyui_diffsr.dossr_core.rrdb import RRDBNet
+from comfyui_diffsr.sr_common import tiled_vae
+from comfyui_diffsr.sr_common.fast_modules import fast_vae_decoder
+from comfyui_diffsr.sr_common.latents import vae_decode
+from comfyui_diffsr.sr_common.sd21 import models_from_config, move_module, shipped_config_dir
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+MiB = 2 ** 20
+
+
+def meta_memory():
+    spec = importlib.util.spec_from_file_location("meta_memory", os.path.join(BENCH, "meta_memory.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def activations(run, *modules, fused_attention=True):
+    """Peak bytes ``run()`` holds beyond the weights of ``modules``, all on the meta device (attention counted as
+    the fused kernels run it, ``FusedAttention``)."""
+    mm = meta_memory()
+    allocator = mm.MetaAllocator()
+    for module in modules:
+        for tensor in (*module.parameters(), *module.buffers()):
+            allocator.hold(tensor)
+    weights = allocator.live
+    with torch.no_grad(), allocator, mm.FusedAttention() if fused_attention else contextlib.nullcontext():
+        run()
+    return allocator.peak - weights
+
+
+def test_meta_allocator_counts_storages_while_they_live():
+    mm = meta_memory()
+    allocator = mm.MetaAllocator()
+    with allocator:
+        a = torch.empty(1000, device="meta")  # 4000 bytes, rounded up to 4096
+        b = a + 1
+        view = b[10:]
+        assert allocator.live == 2 * 4096
+        del a
+        assert allocator.live == 4096  # the view holds no storage of its own
+        c = view.to(torch.float16)
+        assert allocator.live == 4096 + 2048 and allocator.peak == 2 * 4096
+        del b, view
+        assert allocator.live == 2048
+        assert bool(torch.isfinite(c).all()) and c.sum().item() == 1  # made-up data
+        assert torch.equal(c.cpu(), torch.zeros(990, dtype=torch.float16))
+        del c
+    assert allocator.live == 0
+
+
+def test_fused_attention_holds_no_score_matrix():
+    q = torch.empty(1, 1, 4096, 64, device="meta")
+    attention = lambda: F.scaled_dot_product_attention(q, q, q)
+    assert activations(attention, fused_attention=False) >= 4096 * 4096 * 4  # the meta device's math path
+    assert activations(attention) == q.numel() * 4  # the output alone
+
+
+def full_size_decoder(dtype):
+    """SD 2.1's VAE (the shipped config) on the meta device, in ``dtype``, its decoder as the pipelines run it."""
+    _, vae, _ = models_from_config(shipped_config_dir(), random_init=False)
+    fast_vae_decoder(vae.decoder)
+    return move_module(vae, dtype=dtype)
+
+
+def test_tiled_decoder_holds_two_tile_sized_copies_in_fp16():
+    """512→2048 (a 256² latent) at the default decoder tile, 224: four tiles of 150² latent px (with margins),
+    1200² px each. The largest tensors are 256-channel ones at a tile's full resolution, A = 703 MiB in fp16: at
+    most two of them are alive at once, besides the 512-channel latent stage (64 MiB): 1491 MiB. Before, 2544 MiB:
+    a float32 copy of the tile for the GroupNorm statistics (2A on its own), the ×2 upsampler's four phases at
+    once, and each norm and residual sum written to a new tensor."""
+    vae = full_size_decoder(torch.float16)
+    z = torch.empty(1, 4, 256, 256, device="meta", dtype=torch.float32)
+    full = 256 * (8 * (128 + 2 * tiled_vae.DECODER_PAD)) ** 2 * 2
+    held = activations(lambda: vae_decode(vae, z, 224), vae)
+    assert 2 * full <= held <= 2 * full + 160 * MiB, held / MiB
+
+
+def test_rrdb_tail_in_tiles_is_the_whole_tail(monkeypatch):
+    torch.manual_seed(0)
+    net = RRDBNet(num_feat=16, num_block=1, num_grow_ch=8).eval()
+    feat = torch.rand(1, 16, 40, 57).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        whole = net.tail(feat)
+        monkeypatch.setattr(rrdb_module, "TAIL_TILE", 8)  # 5 × 7 tiles
+        tiled = net.tiled_tail(feat)
+        assert tiled.shape == whole.shape and tiled.is_contiguous()
+        torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-6)
+        monkeypatch.setattr(rrdb_module, "TAIL_MARGIN", 1)  # too narrow: the tile borders show
+        assert (net.tiled_tail(feat) - whole).abs().max() > 1e-5
+
+
+def test_rrdb_holds_tile_sized_tensors_at_4x():
+    """A 512² LR through the full-size RRDB (23 blocks, 64 features) in fp16: its ×4 tail in tiles holds 64-channel
+    tensors of one tile (528² px, 34 MiB), not of the whole 2048² output (512 MiB each): 288 MiB, against 1536 MiB untiled."""
+    with torch.device("meta"):
+        net = RRDBNet().to(torch.float16)
+    lr = torch.empty(1, 3, 512, 512, device="meta", dtype=torch.float16)
+    held = activations(lambda: net(lr), net)
+    output = 3 * 2048 * 2048 * 2
+    assert held <= output + 400 * MiB, held / MiB
