@@ -2,7 +2,7 @@
 # The GPU checks of issue #7 on a CUDA machine (the `device` tool), after tools/device_prepare.sh here:
 #   run(command="bash bench/device_check.sh", carry=[".device"], timeout_s=590)
 #   bash bench/device_check.sh [STEP ...]
-#   steps: stages decoder osediff official_osediff dossr official_dossr compile memory precision tests
+#   steps: stages memory decoder osediff official_osediff dossr official_dossr compile precision tests
 #   (default: all, in that order, the most wanted first, so a run stopped at its time limit has them; stop 29's H200
 #   run took 3.5 / 1.3 / 2.6 / 1.8 / 0.9 / 0.8 / 0.5 min for osediff / official_osediff / dossr / official_dossr /
 #   precision / tests / decoder, after about 30 s of start and 15 s of install each call: give it two calls)
@@ -17,7 +17,7 @@ RESULTS=${RESULTS:-/tmp/device_check}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
 PY=${PYTHON:-python3}
-steps=${*:-stages decoder osediff official_osediff dossr official_dossr compile memory precision tests}
+steps=${*:-stages memory decoder osediff official_osediff dossr official_dossr compile precision tests}
 mkdir -p "$OUT" "$RESULTS"
 exec > >(tee -a "$RESULTS/log.txt") 2>&1
 step() {  # the results so far into $OUT, then the next step
@@ -98,8 +98,11 @@ for s in $steps; do
         --out "$RESULTS/stages_${DEVICE}_fp16.json" > /dev/null
       "$PY" bench/bench_stages.py --device "$DEVICE" --dtype bf16 --method osediff --size "$small" \
         --repeats "$(quick 1 10)" --out "$RESULTS/stages_${DEVICE}_bf16.json" > /dev/null;;
-    memory)  # 512→2048 with smaller decoder tiles than the default 224 latent px: which fits in 4 GB, how fast
-      osediff fp16 "$(quick 48 512)" 2 0 fp16_512_decode128 --vae-tile-decode 128
+    memory)  # the peak network by network (against bench_memory.py's meta count, which has no workspace), at
+      # 512→2048 with the default decoder tile (224 latent px) and smaller ones: which fits in 4 GB, how fast
+      "$PY" bench/bench_memory.py --device "$([ "$DEVICE" = cpu ] && echo meta || echo "$DEVICE")" --dtype fp16 \
+        --sizes $(quick 48 "128 512") --vae-tile-decode 224 96 64 --out "$RESULTS/memory_${DEVICE}_fp16.json" \
+        > /dev/null
       osediff fp16 "$(quick 48 512)" 2 0 fp16_512_decode96 --vae-tile-decode 96;;
     decoder)  # do fast_modules (four 2×2 convolutions per ×2 upsampler, channels-last) pay on this device?
       "$PY" bench/bench_decoder_modules.py --device "$DEVICE" --dtype fp16 --latents $(quick 8 "64 128") \

@@ -103,7 +103,8 @@ def test_rrdb_tail_in_tiles_is_the_whole_tail(monkeypatch):
 
 def test_rrdb_holds_tile_sized_tensors_at_4x():
     """A 512² LR through the full-size RRDB (23 blocks, 64 features) in fp16: its ×4 tail in tiles holds 64-channel
-    tensors of one tile (528² px, 34 MiB), not of the whole 2048² output (512 MiB each): 288 MiB, against 1536 MiB untiled."""
+    tensors of one tile (528² px, 34 MiB), not of the whole 2048² output (512 MiB each): 288 MiB, against 1536 MiB
+    untiled."""
     with torch.device("meta"):
         net = RRDBNet().to(torch.float16)
     lr = torch.empty(1, 3, 512, 512, device="meta", dtype=torch.float16)
