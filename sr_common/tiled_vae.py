@@ -392,7 +392,7 @@ def _normalise(x, norm, mean, denom, in_place=False):
                          out=x if in_place else None)
 
 
-FLOAT_COPY_BYTES = 64 * 2**20
+FLOAT_COPY_BYTES = 256 * 2**20
 
 
 def _channel_var_mean(t):
