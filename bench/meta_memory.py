@@ -13,6 +13,13 @@ from torch.utils._pytree import tree_flatten
 BLOCK = 512  # bytes: the CUDA caching allocator's rounding of every allocation
 
 
+def storages_keep_their_object():
+    """Whether this PyTorch keeps one Python object per storage while the storage lives (2.13 does, 2.1.2 does not:
+    it makes a new one at every ``untyped_storage()``), which ``MetaAllocator``'s weak references need."""
+    t = torch.empty(2, device="meta")
+    return t.untyped_storage() is t[1:].untyped_storage()
+
+
 class MetaAllocator(TorchDispatchMode):
     """Bytes held by meta-device storages while active: ``live`` now, ``peak`` overall and ``peaks`` per stage
     (``stage``, set by the caller). A storage counts from the op that made it until its last tensor is released.
@@ -21,6 +28,10 @@ class MetaAllocator(TorchDispatchMode):
     overflow check passes), and a copy to another device is zeros."""
 
     def __init__(self):
+        if not storages_keep_their_object():
+            raise RuntimeError(f"PyTorch {torch.__version__} makes a new Python object at every access to a storage, "
+                               "so storages cannot be followed to their release: count with a newer PyTorch (2.13 "
+                               "does it).")
         super().__init__()
         self.live = self.peak = 0
         self.peaks = {}
