@@ -4,7 +4,7 @@ import torch
 
 from .fast_modules import decoder_weights_for
 from .sd21 import SCALING_FACTOR
-from .tiled_vae import DEFAULT_MODE, tiled_forward
+from .tiled_vae import DEFAULT_MODE, fit_decoder_tile, tiled_forward
 
 
 def encode_moments(encoder, image01, tile=None, callback=None, mode=DEFAULT_MODE):
@@ -28,10 +28,25 @@ def posterior_sample(moments, noise):
     return (mean + std * noise.to(mean.device)) * SCALING_FACTOR
 
 
+def device_free_bytes(device):
+    """What a computation can still take on a CUDA ``device``: its free memory plus what PyTorch's allocator holds
+    unused (as ComfyUI's ``get_free_memory``); None on other devices."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 def vae_decode(vae, z, tile=None, callback=None, mode=DEFAULT_MODE):
     """VAE_dec(z / 0.18215), nominally in [−1, 1] (not clamped), the decoder tiled above ``tile`` latent px;
-    float32. The decoder's weights are in the layout that is faster on their device (``decoder_weights_for``)."""
+    float32. The decoder's weights are in the layout that is faster on their device (``decoder_weights_for``).
+    On a CUDA device in the ``bounded`` mode, ``tile`` is lowered until the decode's estimated activations fit in
+    the free memory (``fit_decoder_tile``): a latent up to tile + 22 px is otherwise decoded whole, 5.3 GiB in fp16
+    at 1920² px, where 2048² px in four tiles takes 1.5 GiB."""
     weight = vae.post_quant_conv.weight
     h = vae.post_quant_conv((z / SCALING_FACTOR).to(weight.dtype))
+    free = device_free_bytes(weight.device)
+    if free is not None and mode == "bounded":
+        tile = fit_decoder_tile(vae.decoder, *h.shape[-2:], tile, weight.dtype, free)
     decoder = decoder_weights_for(vae.decoder, weight.device)
     return tiled_forward(decoder, h, tile, is_decoder=True, callback=callback, mode=mode).float()

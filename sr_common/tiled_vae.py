@@ -145,6 +145,42 @@ def split_tiles(height, width, tile, pad, factor):
     return inputs, outputs
 
 
+DECODER_PEAK_COPIES = 4  # see decoder_activation_bytes
+DECODER_TILE_FLOOR = 16  # latent px
+
+
+def decoder_piece(height, width, tile):
+    """(h, w) in latent px of the largest piece the decoder runs at once on an (height, width) latent: the whole
+    latent when it fits one tile (as ``tiled_forward`` runs it, untiled), else the largest tile with its margins."""
+    if tile is None or tile <= 0 or max(height, width) <= tile + 2 * DECODER_PAD:
+        return height, width
+    boxes, _ = split_tiles(height, width, tile, DECODER_PAD, 8)
+    return max(b[3] - b[2] for b in boxes), max(b[1] - b[0] for b in boxes)
+
+
+def decoder_activation_bytes(decoder, height, width, tile, dtype):
+    """Estimated peak activations of the ``bounded`` decode of an (height, width) latent at ``tile``:
+    ``DECODER_PEAK_COPIES`` tensors of C channels at the full resolution of the largest piece (8h × 8w px), C the
+    channels entering the last up block (256 in SD's VAE). Counted on the meta device, the decoder holds about 3 of
+    them untiled and 2 tiled (tests/test_device_memory.py); the H200 held about one more at 512→2048, most likely the
+    convolutions' workspace."""
+    h, w = decoder_piece(height, width, tile)
+    channels = decoder.up_blocks[-1].resnets[0].in_channels
+    return DECODER_PEAK_COPIES * channels * 64 * h * w * torch.empty((), dtype=dtype).element_size()
+
+
+def fit_decoder_tile(decoder, height, width, tile, dtype, free_bytes):
+    """The largest decoder tile from ``tile`` down (latent px, in steps of 8 to ``DECODER_TILE_FLOOR``) whose
+    ``decoder_activation_bytes`` fit in ``free_bytes``; the floor when none does. A tile of 0 or None (never tile)
+    is kept."""
+    if not tile or tile <= DECODER_TILE_FLOOR:
+        return tile
+    for candidate in range(tile, DECODER_TILE_FLOOR - 1, -8):
+        if decoder_activation_bytes(decoder, height, width, candidate, dtype) <= free_bytes:
+            return candidate
+    return DECODER_TILE_FLOOR
+
+
 def tiled_forward(net, x, tile, is_decoder, callback=None, mode=DEFAULT_MODE):
     """Run a VAE ``Encoder`` (image → moments, /8) or ``Decoder`` (latent → image, ×8) in tiles.
 

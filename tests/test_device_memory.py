@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from comfyui_diffsr.dossr_core import rrdb as rrdb_module
 from comfyui_diffsr.dossr_core.rrdb import RRDBNet
-from comfyui_diffsr.sr_common import tiled_vae
+from comfyui_diffsr.sr_common import latents, tiled_vae
 from comfyui_diffsr.sr_common.fast_modules import fast_vae_decoder
 from comfyui_diffsr.sr_common.latents import vae_decode
 from comfyui_diffsr.sr_common.sd21 import models_from_config, move_module, shipped_config_dir
@@ -120,3 +120,40 @@ def test_rrdb_holds_tile_sized_tensors_at_4x():
     held = activations(lambda: net(lr), net)
     output = 3 * 2048 * 2048 * 2
     assert held <= output + 400 * MiB, held / MiB
+
+
+@counted
+@pytest.mark.parametrize("latent, tile", [(240, 224), (256, 224), (256, 96), (200, 64), (96, 224)])
+def test_decoder_estimate_covers_the_count(latent, tile):
+    """``decoder_activation_bytes`` (4 copies) against the meta count (3 untiled: 240 and 96 at tile 224; 2 tiled)."""
+    vae = full_size_decoder(torch.float16)
+    z = torch.empty(1, 4, latent, latent, device="meta")
+    held = activations(lambda: vae_decode(vae, z, tile), vae)
+    estimate = tiled_vae.decoder_activation_bytes(vae.decoder, latent, latent, tile, torch.float16)
+    assert held <= estimate <= 2.5 * held, (held / MiB, estimate / MiB)
+
+
+def test_decoder_tile_is_the_largest_that_fits():
+    decoder = full_size_decoder(torch.float16).decoder  # meta weights: only the shapes matter
+    need = lambda tile: tiled_vae.decoder_activation_bytes(decoder, 240, 240, tile, torch.float16)
+    fit = lambda tile, free: tiled_vae.fit_decoder_tile(decoder, 240, 240, tile, torch.float16, free)
+    assert need(224) > 7 * 2 ** 30  # 480→1920 at the default tile: the 240² latent whole
+    assert fit(224, need(224)) == 224
+    free = 2 * 2 ** 30
+    fitted = fit(224, free)
+    assert need(fitted) <= free and all(need(t) > free for t in range(fitted + 8, 225, 8)) and fitted % 8 == 0
+    assert fit(224, 1) == tiled_vae.DECODER_TILE_FLOOR and fit(0, 1) == 0  # 0: never tile, as asked
+
+
+@pytest.mark.parametrize("mode, fitted", [("bounded", True), ("official", False), ("exact", False)])
+def test_decode_on_a_gpu_takes_the_tile_that_fits(monkeypatch, mode, fitted):
+    """``vae_decode`` where ``device_free_bytes`` reports 2 GiB (as on a CUDA device): the bounded mode gets the
+    fitted tile; the official and exact modes hold every tile at once anyway and keep theirs (the official one is
+    part of its algorithm)."""
+    vae = full_size_decoder(torch.float16)
+    seen = []
+    monkeypatch.setattr(latents, "device_free_bytes", lambda device: 2 * 2 ** 30)
+    monkeypatch.setattr(latents, "tiled_forward", lambda net, h, tile, **kw: seen.append(tile) or h)
+    vae_decode(vae, torch.empty(1, 4, 240, 240, device="meta"), 224, mode=mode)
+    expected = tiled_vae.fit_decoder_tile(vae.decoder, 240, 240, 224, torch.float16, 2 * 2 ** 30)
+    assert seen == [expected if fitted else 224] and expected < 224
