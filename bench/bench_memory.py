@@ -20,7 +20,7 @@ import os
 import torch
 
 from comfyui_diffsr.sr_common.sd21 import PRECISIONS, ieee_float32, move_module
-from common import environment, write_json
+from common import environment, random_osediff, write_json
 from meta_memory import FusedAttention, MetaAllocator
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -48,9 +48,7 @@ class MetaMeter:
 
     def __init__(self, modules):
         self.allocator = MetaAllocator()
-        for module in modules:
-            for tensor in (*module.parameters(), *module.buffers()):
-                self.allocator.hold(tensor)
+        self.allocator.hold_weights(*modules)
 
     def enter(self, stage):
         self.allocator.stage = stage
@@ -102,12 +100,9 @@ def runner(method):
 
     embeds = torch.randn(1, 77, 1024, generator=torch.Generator().manual_seed(1))
     if method == "osediff":
-        from comfyui_diffsr.osediff_core.pipeline import Options, build_osediff, osediff_upscale
-        from comfyui_diffsr.osediff_core.weights import random_osediff_checkpoint
-        from common import random_sd21
+        from comfyui_diffsr.osediff_core.pipeline import Options, osediff_upscale
 
-        sd = random_sd21()
-        model = build_osediff(sd, random_osediff_checkpoint(sd.unet, sd.vae), consume=True)
+        model = random_osediff()
         upscale = lambda m, size, tile: osediff_upscale(m, lr_image(size), prompt_embeds=embeds.to(m.device, m.dtype),
                                                         options=Options(vae_tile_decode=tile))
     else:

@@ -23,18 +23,17 @@ import torch
 import interleave
 from comfyui_diffsr.osediff_core.pipeline import Options
 from comfyui_diffsr.sr_common.sd21 import ieee_float32
-from common import compiled_first_run, environment, official_env, random_sd21, rss_peak_mb, summary, timed, write_json
+from common import (compiled_first_run, environment, official_env, random_osediff, random_sd21, rss_peak_mb, summary,
+                    timed, write_json)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def run_case(size, repeats, device, dtype, tile_batch, warmup=1, serve=False, vae_tiles=None, compile=False):
-    from comfyui_diffsr.osediff_core.pipeline import Options, build_osediff, osediff_upscale
-    from comfyui_diffsr.osediff_core.weights import random_osediff_checkpoint
+    from comfyui_diffsr.osediff_core.pipeline import Options, osediff_upscale
     from comfyui_diffsr.sr_common.sd21 import move_module
 
-    sd = random_sd21()
-    model = build_osediff(sd, random_osediff_checkpoint(sd.unet, sd.vae), consume=True).to(device, dtype)
+    model = random_osediff().to(device, dtype)
     embeds = model.prompt_embedding("")  # as the osediff command: the one prompt encoded once, then the text
     move_module(model.text_encoder, "cpu")  # encoder leaves the device
     image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))

@@ -56,6 +56,16 @@ def random_sd21(seed=0):
                 unet_owned=True, vae_owned=True)
 
 
+def random_osediff(seed=0):
+    """OSEDiff on ``random_sd21`` with a random official-layout checkpoint (LoRA A and B random), the SD 2.1 parts
+    handed over (the LoRA merged in place)."""
+    from comfyui_diffsr.osediff_core.pipeline import build_osediff
+    from comfyui_diffsr.osediff_core.weights import random_osediff_checkpoint
+
+    sd = random_sd21(seed)
+    return build_osediff(sd, random_osediff_checkpoint(sd.unet, sd.vae), consume=True)
+
+
 def timed(fn, repeats, sync=None, warmup=1):
     """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times; seconds per run."""
     for _ in range(warmup):

@@ -50,6 +50,12 @@ class MetaAllocator(TorchDispatchMode):
         self.peak = max(self.peak, self.live)
         self.peaks[self.stage] = max(self.peaks.get(self.stage, 0), self.live)
 
+    def hold_weights(self, *modules):
+        """Count the parameters and buffers of ``modules`` (each storage once)."""
+        for module in modules:
+            for tensor in (*module.parameters(), *module.buffers()):
+                self.hold(tensor)
+
     def _release(self, key, size):
         self.live -= size
         self._held.pop(key, None)

@@ -21,17 +21,15 @@ import torch
 
 from bench_dossr import lr_image, random_dossr
 from comfyui_diffsr.sr_common.sd21 import PRECISIONS, ieee_float32
-from common import environment, psnr_db, random_sd21, write_json
+from common import environment, psnr_db, random_osediff, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def osediff_runner(size):
-    from comfyui_diffsr.osediff_core.pipeline import build_osediff, osediff_upscale
-    from comfyui_diffsr.osediff_core.weights import random_osediff_checkpoint
+    from comfyui_diffsr.osediff_core.pipeline import osediff_upscale
 
-    sd = random_sd21()
-    model = build_osediff(sd, random_osediff_checkpoint(sd.unet, sd.vae), consume=True)
+    model = random_osediff()
     image = lr_image(size)
     return model, lambda m: osediff_upscale(m, image, prompt="")
 

@@ -36,9 +36,7 @@ def activations(run, *modules, fused_attention=True):
     the fused kernels run it, ``FusedAttention``)."""
     mm = meta_memory()
     allocator = mm.MetaAllocator()
-    for module in modules:
-        for tensor in (*module.parameters(), *module.buffers()):
-            allocator.hold(tensor)
+    allocator.hold_weights(*modules)
     weights = allocator.live
     with torch.no_grad(), allocator, mm.FusedAttention() if fused_attention else contextlib.nullcontext():
         run()
