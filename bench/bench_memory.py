@@ -10,7 +10,9 @@ that allocator rounds it, and attention is counted as the fused kernels run it (
 count leaves out: the workspace of the convolutions and of attention, and the CUDA context.
 
 The weights are on the device, the text encoder's not (the prompt embedding is given): as the nodes and the commands
-run. Per network, the peak while its layers were the last to run (``lq_encoder``, ``unet``, ``vae_decoder`` …; the
+run. With ``--budget-mib N`` the run sees a device of N MiB instead: the commands' ``OffloadWhenShort`` moves the
+networks of other stages to the CPU when a stage does not fit in what is left of N, and the decoder's tile fit sees
+the same (on any device, the meta one included; on a GPU the budget counts what PyTorch allocated). Per network, the peak while its layers were the last to run (``lq_encoder``, ``unet``, ``vae_decoder`` …; the
 colour fix and the resizing count toward the network before them).
 """
 
@@ -19,6 +21,8 @@ import os
 
 import torch
 
+from comfyui_diffsr.sr_common import latents
+from comfyui_diffsr.sr_common.offload import OffloadWhenShort
 from comfyui_diffsr.sr_common.sd21 import PRECISIONS, ieee_float32, move_module
 from common import environment, random_osediff, write_json
 from meta_memory import FusedAttention, MetaAllocator
@@ -66,8 +70,26 @@ def staged(networks, meter):
     return handles
 
 
-def measure(model, upscale, networks, device):
-    """{"peak_mib", "weights_mib", "by_network_mib"} of one ``upscale(model)`` on ``device`` (cuda or meta)."""
+def on_budget(model, device, meter, budget):
+    """Make ``model``'s run see a device of ``budget`` bytes (see the module's docstring); returns the undo."""
+    free = ((lambda: budget - meter.allocator.live) if isinstance(meter, MetaMeter)
+            else (lambda: budget - torch.cuda.memory_allocated(device)))
+    model.stage_loader = OffloadWhenShort(device, "cpu", free_bytes=free)
+    real_free = latents.device_free_bytes
+    latents.device_free_bytes = lambda _: free()  # the decoder's tile fit (vae_decode)
+
+    def undo():
+        latents.device_free_bytes = real_free
+        model.stage_loader = None
+        for module in model.modules():
+            if module is not getattr(model, "text_encoder", None):
+                move_module(module, device)
+    return undo
+
+
+def measure(model, upscale, networks, device, budget=None):
+    """{"peak_mib", "weights_mib", "by_network_mib"} of one ``upscale(model)`` on ``device`` (cuda or meta), on a
+    device of ``budget`` bytes if given (``on_budget``)."""
     modules = [m for m in model.modules() if m is not getattr(model, "text_encoder", None)]
     weights = sum(t.untyped_storage().nbytes() for t in
                   {id(t): t for m in modules for t in (*m.parameters(), *m.buffers())}.values())
@@ -76,6 +98,7 @@ def measure(model, upscale, networks, device):
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     handles = staged(networks, meter)
+    undo = on_budget(model, device, meter, budget) if budget else (lambda: None)
     try:
         with torch.inference_mode():
             if device.type == "cuda":
@@ -88,6 +111,7 @@ def measure(model, upscale, networks, device):
     finally:
         for h in handles:
             h.remove()
+        undo()
     peaks = {name: round(v / MiB, 1) for name, v in meter.finish().items() if name is not None and v}
     return {"peak_mib": max(peaks.values()), "weights_mib": round(weights / MiB, 1), "by_network_mib": peaks}
 
@@ -121,6 +145,8 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "meta", choices=["cuda", "meta"])
     p.add_argument("--dtype", choices=list(PRECISIONS), default="fp16")
     p.add_argument("--vae-tile-decode", type=int, nargs="+", default=[224], help="latent px, one run each")
+    p.add_argument("--budget-mib", type=float, default=None,
+                   help="run as on a device of this size: networks offloaded between stages, decoder tile fitted")
     p.add_argument("--out", default=os.path.join(HERE, "results", "memory.json"))
     args = p.parse_args()
     device, dtype = torch.device(args.device), PRECISIONS[args.dtype]
@@ -132,8 +158,10 @@ def main():
                 move_module(module, device, dtype)
         for size in args.sizes:
             for tile in args.vae_tile_decode:
+                budget = args.budget_mib and int(args.budget_mib * MiB)
                 case = {"method": method, "case": f"{size}->{size * 4}", "vae_tile_decode": tile,
-                        **measure(model, lambda m: upscale(m, size, tile), networks, device)}
+                        **({"budget_mib": args.budget_mib} if budget else {}),
+                        **measure(model, lambda m: upscale(m, size, tile), networks, device, budget)}
                 print(case, flush=True)
                 result["cases"].append(case)
                 if device.type == "cuda":

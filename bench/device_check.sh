@@ -103,6 +103,9 @@ for s in $steps; do
       "$PY" bench/bench_memory.py --device "$([ "$DEVICE" = cpu ] && echo meta || echo "$DEVICE")" --dtype fp16 \
         --sizes $(quick 48 "128 512") --vae-tile-decode 224 96 64 --out "$RESULTS/memory_${DEVICE}_fp16.json" \
         > /dev/null
+      # as on a 4 GB card (3815 MiB allocated at most): the networks of other stages moved off when short
+      "$PY" bench/bench_memory.py --device "$([ "$DEVICE" = cpu ] && echo meta || echo "$DEVICE")" --dtype fp16 \
+        --sizes $(quick 48 "128 512") --budget-mib 3815 --out "$RESULTS/memory_${DEVICE}_fp16_4gb.json" > /dev/null
       osediff fp16 "$(quick 48 512)" 2 0 fp16_512_decode96 --vae-tile-decode 96;;
     decoder)  # do fast_modules (four 2×2 convolutions per ×2 upsampler, channels-last) pay on this device?
       "$PY" bench/bench_decoder_modules.py --device "$DEVICE" --dtype fp16 --latents $(quick 8 "64 128") \

@@ -8,6 +8,7 @@ import torch
 
 from ..sr_common.color_fix import COLOR_FIXES
 from ..sr_common.errors import DiffSRError
+from ..sr_common.offload import OffloadWhenShort
 from ..sr_common.sd21 import move_module, network_dtype
 from .common import (add_compile_arg, add_device_args, add_input_args, add_output_args, check_tile_args, find_images,
                      pick_device, plan_outputs, run_main, upscale_all, with_smaller_tiles_on_oom)
@@ -90,7 +91,8 @@ def main_impl(argv=None):
     dtype = network_dtype(args.dtype, device)
     noise = load_noise(args.noise_file) if args.noise_file else None
     embeds = read_prompt_embeds(args.prompt_embeds) if args.prompt_embeds else None
-    model = load_dossr(args.weights, args.base, config=args.config, base_config=args.base_config).to(device, dtype)
+    model = load_dossr(args.weights, args.base, config=args.config, base_config=args.base_config).to(dtype=dtype)
+    model.stage_loader = OffloadWhenShort(device)  # each network goes to the device for its stage
     if embeds is None and model.text_encoder is not None:
         embeds = model.prompt_embedding(args.prompt)  # once for every image
     if model.text_encoder is not None:

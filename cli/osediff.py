@@ -10,6 +10,7 @@ from ..osediff_core.weights import read_osediff
 from ..sr_common.color_fix import COLOR_FIXES
 from ..sr_common.errors import DiffSRError
 from ..sr_common.image import scaled_size
+from ..sr_common.offload import OffloadWhenShort
 from ..sr_common.sd21 import load_sd21, move_module, network_dtype
 from .common import (add_compile_arg, add_device_args, add_input_args, add_output_args, check_sizing_args,
                      check_tile_args, find_images, pick_device, plan_outputs, run_main, upscale_all,
@@ -87,7 +88,8 @@ def main_impl(argv=None):
     device = pick_device(args.device)
     dtype = network_dtype(args.dtype, device)
     ckpt = read_osediff(args.weights)
-    model = build_osediff(load_sd21(args.base, args.base_config, in_memory=True), ckpt, consume=True).to(device, dtype)
+    model = build_osediff(load_sd21(args.base, args.base_config, in_memory=True), ckpt, consume=True).to(dtype=dtype)
+    model.stage_loader = OffloadWhenShort(device)  # each network goes to the device for its stage
     if args.compile:
         model.compile()
     prompt_fn = make_prompt_fn(args, device, dtype)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from ..sr_common import image as img
 from ..sr_common.color_fix import apply_color_fix, check_color_fix
-from ..sr_common.latents import encode_moments, posterior_mean, posterior_sample, vae_decode
+from ..sr_common.latents import (encode_moments, encode_moments_bytes, posterior_mean, posterior_sample, vae_decode,
+                                 vae_decode_bytes)
 from ..sr_common.sd21 import SCALING_FACTOR, checked_context
 from ..sr_common.tiled_vae import DEFAULT_MODE
 from ..sr_common.tiling import blend_tiles, needs_tiling
@@ -102,6 +103,11 @@ def shares_vae_encoder(model):
             and model.cond_encoder["quant_conv"] is model.vae.quant_conv)
 
 
+def condition_encoder_network(model):
+    """The network that holds the condition encoder: the VAE when it is the VAE's own encoder."""
+    return model.vae if shares_vae_encoder(model) else model.cond_encoder
+
+
 def start_latents(model, padded, noise, tile=None, stage=lambda name: None, mode=DEFAULT_MODE):
     """(c, x̂₀) of the padded ×4 image: c = 0.18215 · mode(E_cond), x̂₀ a posterior sample of E_vae (the first
     random draw); one encoder pass for both when the condition encoder is the VAE encoder."""
@@ -134,6 +140,7 @@ def make_eps_model(model, c_latent, context, o, callback=None):
 
 def decode(model, x, tile=None, callback=None, mode=DEFAULT_MODE):
     """(VAE_dec(x / 0.18215) + 1) / 2 in float32 (not clamped)."""
+    model.load_stage([model.vae], vae_decode_bytes(model.vae, x, tile))
     return vae_decode(model.vae, x, tile, callback, mode).add_(1).div_(2)
 
 
@@ -188,11 +195,14 @@ def dossr_sample(model, context, *, image=None, latent=None, options=None, noise
     noise_source = NoiseSource(o.seed, noise)
     if latent is None:
         # 1. pre-process: RRDB ×4 on the LR in [0, 1], clamped ("start": condition and colour reference)
+        model.load_stage([model.rrdb])
         start = model.rrdb(image.to(device=device, dtype=dtype)).float().clamp(0, 1)
         if callback:
             callback("rrdb", 1, 1)
         # 2. pad start to a multiple of 64 px (latent multiple of 8); cropped back after decoding
         padded, _ = img.pad_to_multiple(start, PIXEL_MULTIPLE)
+        model.load_stage([model.vae, condition_encoder_network(model)],
+                         encode_moments_bytes(model.cond_encoder, padded, o.vae_tile_encode))
         # 3. condition latent c (mode) and LR latent x̂₀ (posterior sample: the first random draw)
         c_latent, x_hat0 = start_latents(model, padded, noise_source, o.vae_tile_encode,
                                          lambda name: _stage(callback, name), o.vae_tile_mode)
@@ -203,6 +213,8 @@ def dossr_sample(model, context, *, image=None, latent=None, options=None, noise
                        (0, -width % LATENT_MULTIPLE, 0, -height % LATENT_MULTIPLE), mode="replicate")
         padded = decode(model, x_hat0, o.vae_tile_decode, _stage(callback, "decode"), o.vae_tile_mode).clamp(0, 1)
         start = padded[..., :8 * height, :8 * width]
+        model.load_stage([condition_encoder_network(model)],
+                         encode_moments_bytes(model.cond_encoder, padded, o.vae_tile_encode))
         c_latent = condition_latent(model, padded, o.vae_tile_encode, _stage(callback, "cond_encoder"),
                                     o.vae_tile_mode)
     # 5. DoS-SDE sampling from τ = 499 to 0; the final state is decoded
@@ -214,6 +226,7 @@ def dossr_sample(model, context, *, image=None, latent=None, options=None, noise
         if callback:
             callback("sample", info["i"] + 1, grid.num_steps)
 
+    model.load_stage([model.unet, model.controlnet])
     eps_model = make_eps_model(model, c_latent, context.to(device), o, _stage(callback, "tile"))
     x = sample_dossr(eps_model, x_hat0, grid, lambda name, shape: noise_source(name, shape).to(device),
                      order=o.order, gamma=o.gamma, callback=on_step)

@@ -38,7 +38,7 @@ class DoSSRLoader(io.ComfyNode):
     def execute(cls, weights, config, sd21=None):
         path = host.weight_path("dossr", weights)
         yaml = None if config == DEFAULT_CONFIG else host.weight_path("configs", config)
-        model = host.cached(("dossr", path, yaml), lambda: _load_dossr(path, sd21, yaml), owner=sd21)
+        model = host.cached(("dossr", path, yaml), lambda: host.managed(_load_dossr(path, sd21, yaml)), owner=sd21)
         return io.NodeOutput(model)
 
 
@@ -80,7 +80,6 @@ class DoSSRUpscale(io.ComfyNode):
                 conditioning=None):
         images, alpha = host.image_to_bchw(image)
         embeds = _prompt_context(model, dtype, prompt, conditioning)
-        host.load_on_device(model)
         progress = host.Progress(len(images) * steps)
         outs = []
         for one in images:
@@ -101,8 +100,7 @@ def _prompt_context(model, dtype, prompt, conditioning):
     host.cast_for_run(model, dtype)
     if conditioning is not None:
         return checked_context(conditioning[0][0][:1], model.unet)
-    (embeds,) = host.prompt_embeddings(model, [prompt], model.prompt_embedding)
-    return embeds
+    return model.prompt_embedding(prompt)  # the text encoder goes to the device only for a new prompt
 
 
 class DoSSRSampler(io.ComfyNode):
@@ -150,7 +148,6 @@ class DoSSRSampler(io.ComfyNode):
         else:
             inputs = [(None, one) for one in host.latent_samples(latent, "DoSSR Sampler").split(1)]
         embeds = _prompt_context(model, dtype, prompt, conditioning)
-        host.load_on_device(model)
         progress = host.Progress(len(inputs) * steps)
 
         def on_stage(stage, *_):  # a step done: the progress bar (which also cancels); else a cancel check
@@ -193,7 +190,7 @@ class DoSSRDecode(io.ComfyNode):
     @host.computes_ieee_float32
     def execute(cls, model, latent, reference, upscale, color_fix, vae_tile):
         starts, alpha = host.image_to_bchw(reference)
-        dev = host.load_on_device(model, model.vae)
+        dev = model.device  # ``decode`` loads the VAE (``model.load_stage``)
         progress = host.Progress(len(starts))
         outs = []
         for start, x in host.latent_with_references(latent, starts, "DoSSR VAE Decode"):

@@ -313,8 +313,6 @@ def set_precision(model, dtype):
     return cast_any
 
 
-
-
 def auto_dtype(model):
     """ComfyUI's own precision for a diffusion model of this size on its device (``comfy.model_management.unet_dtype``):
     it honours --force-fp32, --force-fp16, --fp32-unet, --bf16-unet…, and runs fp16 only where the GPU computes it
@@ -378,36 +376,48 @@ def _patcher(model, module):
     return patcher
 
 
-def load_on_device(model, *modules):
-    """Put ``modules`` of ``model`` (default: ``networks(model)``; as they are) on ComfyUI's torch device through
-    its memory manager and return that device.
+def load_on_device(model, *modules, memory_required=0):
+    """Put ``modules`` of ``model`` (default: all of it; as they are) on ComfyUI's torch device through its memory
+    manager, with ``memory_required`` bytes free beside them (a stage's estimated activations, as ComfyUI's own VAE
+    decode asks), and return that device.
 
     All go in one ``comfy.model_management.load_models_gpu`` call, fully (plain torch layers cannot be partially
-    loaded), each through its ModelPatcher (``_patcher``): ComfyUI unloads other models to make room, never one
-    loaded in the same call, and unloads ours when it needs the memory; a module stays on the device between runs
-    until then.
+    loaded), each through its ModelPatcher (``_patcher``): ComfyUI unloads other models to make room (ours of other
+    stages too), and unloads ours when it needs the memory; a module stays on the device between runs until then.
     """
-    modules = modules or networks(model)
-    patchers = [_patcher(model, m) for m in modules]
+    patchers = [_patcher(model, m) for m in (modules or _parts(model))]
     for patcher in patchers:  # sizes as they are now (a cast since changes them)
         patcher.size = 0
         patcher.model_size()
-    mm.load_models_gpu(patchers, force_full_load=True)
+    mm.load_models_gpu(patchers, memory_required=memory_required, force_full_load=True)
     return device()
+
+
+class ComfyStageLoader:
+    """The stage loader (``NetworksOnSD21.load_stage``) of a model in ComfyUI: before each stage of a run, its
+    networks go to the device through ComfyUI's memory manager (``load_on_device``) with the stage's estimated
+    activations as ``memory_required``. So a text encoder goes there only for a prompt not encoded yet, and on a
+    device short of memory ComfyUI unloads the networks of other stages for the VAE decode, as it unloads a
+    diffusion model for its own VAE Decode; where there is room, each stays loaded between runs."""
+
+    @property
+    def device(self):
+        return device()
+
+    def __call__(self, model, networks, activation_bytes):
+        load_on_device(model, *networks, memory_required=activation_bytes)
 
 
 def networks(model):
     """The modules of a pack model that run for every image: all but its text encoder, which runs only for a prompt
-    not encoded yet (``prompt_embeddings``), so it need not take device memory from the tiles."""
+    not encoded yet."""
     return [m for m in _parts(model) if m is not getattr(model, "text_encoder", None)]
 
 
-def prompt_embeddings(model, prompts, encode):
-    """``encode(prompt)`` (the model's cached text encoding) of each prompt; the text encoder goes to the device,
-    on its own, only when one of them is not in ``model.prompt_cache`` yet."""
-    if model.text_encoder is not None and any(p not in model.prompt_cache for p in prompts):
-        load_on_device(model, model.text_encoder)
-    return [encode(p) for p in prompts]
+def managed(model):
+    """``model`` (OSEDiff, DoSSR) with its networks loaded stage by stage by ComfyUI (``ComfyStageLoader``)."""
+    model.stage_loader = ComfyStageLoader()
+    return model
 
 
 def computes_ieee_float32(execute):

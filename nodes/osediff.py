@@ -8,6 +8,7 @@ from ..osediff_core.pipeline import (Options, build_osediff, decode_latent, enco
 from ..osediff_core.weights import lq_encoder_pairs, merged_value, osediff_unet_changes, read_osediff
 from ..sr_common import image as img
 from ..sr_common.color_fix import COLOR_FIXES, color_reference
+from ..sr_common.latents import vae_decode_bytes
 from ..sr_common.sd21 import PRECISIONS, SCALING_FACTOR, checked_context
 from ..sr_common.tiling import overlap_within
 from . import host
@@ -98,7 +99,7 @@ class OSEDiffLoader(io.ComfyNode):
     @classmethod
     def execute(cls, sd21, weights):
         path = host.weight_path("osediff", weights)
-        model = host.cached(("osediff", path), lambda: load_osediff(sd21, path), owner=sd21)
+        model = host.cached(("osediff", path), lambda: host.managed(load_osediff(sd21, path)), owner=sd21)
         return io.NodeOutput(model)
 
 
@@ -119,7 +120,8 @@ def load_osediff(sd21, path):
 
 
 def _embeddings(model, prompts):
-    return host.prompt_embeddings(model, prompts, model.prompt_embedding)
+    """The cached text embedding of each prompt (the text encoder goes to the device only for a new one)."""
+    return [model.prompt_embedding(p) for p in prompts]
 
 
 def _dape_tags(dape, images, upscale, process_size, **select):
@@ -166,7 +168,6 @@ class OSEDiffUpscale(io.ComfyNode):
             prompts = [dape_prompt(tags, prompt) for tags in _dape_tags(dape, images, upscale, process_size)]
         host.cast_for_run(model, dtype)
         embeds = _embeddings(model, prompts)
-        host.load_on_device(model)
         progress = host.Progress(len(images))
         outs = []
         for one, prompt_embeds in zip(images, embeds):
@@ -274,10 +275,11 @@ class OSEDiffDecode(io.ComfyNode):
     @host.computes_ieee_float32
     def execute(cls, model, latent, reference, upscale, process_size, color_fix, vae_tile):
         images, alpha = host.image_to_bchw(reference)
-        dev = host.load_on_device(model, model.vae)
+        pairs = host.latent_with_references(latent, images, "OSEDiff VAE Decode")
+        dev = host.load_on_device(model, model.vae, memory_required=vae_decode_bytes(model.vae, pairs[0][1], vae_tile))
         progress = host.Progress(len(images))
         outs = []
-        for one, x0 in host.latent_with_references(latent, images, "OSEDiff VAE Decode"):
+        for one, x0 in pairs:
             lq, plan = preprocess(one, upscale=upscale, process_size=process_size)
             _check_latent_size(x0, lq, upscale, process_size)
             decoded = host.with_oom_retry(lambda vae_tile_decode: decode_latent(

@@ -10,7 +10,8 @@ import torch
 
 from ..sr_common import image as img
 from ..sr_common.color_fix import color_reference, fix_colors
-from ..sr_common.latents import encode_moments, posterior_mean, posterior_sample, vae_decode
+from ..sr_common.latents import (encode_moments, encode_moments_bytes, posterior_mean, posterior_sample, vae_decode,
+                                 vae_decode_bytes)
 from ..sr_common.sd21 import NetworksOnSD21, PromptCache, scaled_linear_betas
 from ..sr_common.tiled_vae import DEFAULT_MODE
 from ..sr_common.tiling import blend_tiles, needs_tiling
@@ -194,15 +195,18 @@ def osediff_upscale(model, image, *, prompt="", prompt_embeds=None, prompt_fn=No
     # 2. encode with the LoRA VAE encoder
     # the official tiled VAE with --official-sizing; otherwise bounded or exact tiles (see tiled_vae)
     tile_mode = "official" if o.official_sizing else o.vae_tile_mode
+    model.load_stage([model.lq_encoder], encode_moments_bytes(model.lq_encoder, padded, o.vae_tile_encode))
     z = encode_lq(model.lq_encoder, padded, sample_mode=o.sample_mode, seed=o.seed,
                   tile=o.vae_tile_encode, tile_mode=tile_mode, callback=stage("encode"))
     del padded
     # 3. ε at t = 999 with the prompt embedding
+    model.load_stage([model.unet])
     eps = predict_eps(model.unet, z, prompt_embeds, tile=o.tile_latent, overlap=o.tile_overlap, tile_batch=o.tile_batch,
                       callback=stage("unet"))
     # 4. x0 in closed form
     x0 = one_step_x0(z, eps)
     # 5. decode
+    model.load_stage([model.vae], vae_decode_bytes(model.vae, x0, o.vae_tile_decode))
     decoded = decode_latent(model.vae, x0, tile=o.vae_tile_decode, tile_mode=tile_mode, callback=stage("decode"))
     out = decoded.mul_(0.5).add_(0.5)[..., :plan.crop[0], :plan.crop[1]]
     # 6. colour fix against the upscaled LQ, then back to the host and the requested size

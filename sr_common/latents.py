@@ -4,7 +4,7 @@ import torch
 
 from .fast_modules import decoder_weights_for
 from .sd21 import SCALING_FACTOR
-from .tiled_vae import DEFAULT_MODE, fit_decoder_tile, tiled_forward
+from .tiled_vae import DEFAULT_MODE, decoder_activation_bytes, encoder_activation_bytes, fit_decoder_tile, tiled_forward
 
 
 def encode_moments(encoder, image01, tile=None, callback=None, mode=DEFAULT_MODE):
@@ -14,6 +14,12 @@ def encode_moments(encoder, image01, tile=None, callback=None, mode=DEFAULT_MODE
     h = tiled_forward(encoder["encoder"], (image01 * 2 - 1).to(weight), tile, is_decoder=False, callback=callback,
                       mode=mode)
     return encoder["quant_conv"](h.to(weight.dtype)).float()
+
+
+def encode_moments_bytes(encoder, image, tile=None):
+    """The estimated activations of ``encode_moments(encoder, image, tile)`` (``encoder_activation_bytes``): what a
+    device needs free beside the encoder's weights."""
+    return encoder_activation_bytes(encoder["encoder"], *image.shape[-2:], tile, encoder["quant_conv"].weight.dtype)
 
 
 def posterior_mean(moments):
@@ -35,6 +41,12 @@ def device_free_bytes(device):
         return None
     free, _ = torch.cuda.mem_get_info(device)
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def vae_decode_bytes(vae, z, tile=None):
+    """The estimated activations of ``vae_decode(vae, z, tile)`` (``decoder_activation_bytes``): what a device
+    needs free beside the VAE's weights."""
+    return decoder_activation_bytes(vae.decoder, *z.shape[-2:], tile, vae.post_quant_conv.weight.dtype)
 
 
 def vae_decode(vae, z, tile=None, callback=None, mode=DEFAULT_MODE):

@@ -433,27 +433,41 @@ NETWORK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the networks'
 class NetworksOnSD21:
     """What OSEDiff's and DoSSR's models (dataclasses of networks on SD 2.1-base, listed by ``modules()``, with a
     ``text_encoder``, ``tokenizer``, ``prompt_cache`` and a ``decoder_owned`` init flag) share: the fast modules,
-    built once; the device and dtype of the UNet; moving and casting every network; the cached prompt embeddings."""
+    built once; the device they compute on and the dtype of the UNet; moving and casting every network; loading
+    the networks of a stage (``load_stage``); the cached prompt embeddings."""
 
     def __post_init__(self, decoder_owned):
         for module in self.modules():
             fast_modules(module)
         fast_vae_decoder(self.vae.decoder, in_place=decoder_owned)
+        self.stage_loader = None
 
     @property
     def device(self):
-        return self.unet.conv_in.weight.device
+        """The device the networks compute on: the stage loader's, else the UNet's (every network is there)."""
+        return self.stage_loader.device if self.stage_loader is not None else self.unet.conv_in.weight.device
+
+    def load_stage(self, networks, activation_bytes=0):
+        """Before a stage of a run: ``networks``, the ones it runs, on ``device`` with room for the stage's
+        estimated ``activation_bytes`` (0: not estimated), by ``stage_loader(self, networks, activation_bytes)``
+        (``sr_common.offload.OffloadWhenShort``; ComfyUI's memory manager in the nodes). Without a stage loader
+        nothing moves: every network is on ``device``."""
+        if self.stage_loader is not None:
+            self.stage_loader(self, list({id(m): m for m in networks}.values()), activation_bytes)
 
     @property
     def dtype(self):
         return self.unet.conv_in.weight.dtype
 
     def to(self, device=None, dtype=None):
-        """Every network moved / cast (``move_module``); the cached prompt embeddings are of the old ones."""
+        """Every network moved / cast (``move_module``), and computing where moved (the stage loader, if any, is
+        dropped); the cached prompt embeddings are of the old ones."""
         if dtype is not None and dtype not in NETWORK_DTYPES:
             raise ValueError(f"`dtype` must be torch.float32, float16 or bfloat16, got {dtype}")
         for module in self.modules():
             move_module(module, device, dtype)
+        if device is not None:
+            self.stage_loader = None
         self.prompt_cache.clear()
         return self
 
@@ -465,6 +479,7 @@ class NetworksOnSD21:
                 raise ValueError(f"This {type(self).__name__} has no text encoder, so it cannot encode a prompt: pass "
                                  "the prompt's embedding instead (--prompt-embeds on the command line, a CONDITIONING "
                                  "in ComfyUI), or load the model with an SD 2.1-base (--base).")
+            self.load_stage([self.text_encoder])
             with torch.no_grad():
                 self.prompt_cache[prompt] = encode_prompt(self.text_encoder, self.tokenizer, [prompt])
         return self.prompt_cache[prompt]

@@ -146,16 +146,30 @@ def split_tiles(height, width, tile, pad, factor):
 
 
 DECODER_PEAK_COPIES = 4  # see decoder_activation_bytes
+ENCODER_PEAK_COPIES = 6  # see encoder_activation_bytes
 DECODER_TILE_FLOOR = 16  # latent px
 
 
-def decoder_piece(height, width, tile):
-    """(h, w) in latent px of the largest piece the decoder runs at once on an (height, width) latent: the whole
-    latent when it fits one tile (as ``tiled_forward`` runs it, untiled), else the largest tile with its margins."""
-    if tile is None or tile <= 0 or max(height, width) <= tile + 2 * DECODER_PAD:
+def largest_piece(height, width, tile, is_decoder):
+    """(h, w), in input px, of the largest piece ``tiled_forward`` runs at once on an (height, width) input: the
+    whole input when it fits one tile (run untiled), else the largest tile with its margins."""
+    pad = DECODER_PAD if is_decoder else ENCODER_PAD
+    if not is_decoder and tile:
+        tile = max(8, tile // 8 * 8)
+    if tile is None or tile <= 0 or max(height, width) <= tile + 2 * pad:
         return height, width
-    boxes, _ = split_tiles(height, width, tile, DECODER_PAD, 8)
+    boxes, _ = split_tiles(height, width, tile, pad, 8 if is_decoder else 1 / 8)
     return max(b[3] - b[2] for b in boxes), max(b[1] - b[0] for b in boxes)
+
+
+def encoder_activation_bytes(encoder, height, width, tile, dtype):
+    """Estimated peak activations of the ``bounded`` encode of an (height, width) px image at ``tile``:
+    ``ENCODER_PEAK_COPIES`` tensors of C channels (those of its first block, 128 in SD's VAE) at the largest
+    piece's resolution. Counted on the meta device, the encoder holds 5 of them untiled and 3.4–4.7 tiled
+    (tests/test_device_memory.py)."""
+    h, w = largest_piece(height, width, tile, is_decoder=False)
+    channels = encoder.conv_in.out_channels
+    return ENCODER_PEAK_COPIES * channels * h * w * torch.empty((), dtype=dtype).element_size()
 
 
 def decoder_activation_bytes(decoder, height, width, tile, dtype):
@@ -164,7 +178,7 @@ def decoder_activation_bytes(decoder, height, width, tile, dtype):
     channels entering the last up block (256 in SD's VAE). Counted on the meta device, the decoder holds about 3 of
     them untiled and 2 tiled (tests/test_device_memory.py); the H200 held about one more at 512→2048, most likely the
     convolutions' workspace."""
-    h, w = decoder_piece(height, width, tile)
+    h, w = largest_piece(height, width, tile, is_decoder=True)
     channels = decoder.up_blocks[-1].resnets[0].in_channels
     return DECODER_PEAK_COPIES * channels * 64 * h * w * torch.empty((), dtype=dtype).element_size()
 

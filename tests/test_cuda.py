@@ -89,6 +89,22 @@ def test_dossr_float32_on_cuda_matches_official(case):
     assert psnr(torch.floor(out.clamp(0, 1) * 255) / 255, official) >= 50
 
 
+def test_networks_offloaded_between_stages_give_the_same_image():
+    """With no free memory reported, ``OffloadWhenShort`` moves every network of another stage to the CPU before
+    each stage, and each comes back for its own: the same image, and only the VAE is left on the device."""
+    from comfyui_diffsr.sr_common.offload import OffloadWhenShort
+
+    lr = lr_image("lr_w32h32.png")
+    model = load_dossr(CKPT, config=YAML, text_heads=TEXT_HEADS).to(CUDA)
+    roomy = dossr_upscale(model, lr, options=DoSSROptions(steps=2, seed=1))
+    model.stage_loader = OffloadWhenShort(CUDA, free_bytes=lambda: 0)
+    for _ in range(2):  # the second run brings back what the first one moved off
+        short = dossr_upscale(model, lr, options=DoSSROptions(steps=2, seed=1))
+        assert torch.equal(short, roomy)
+        on_device = [m for m in model.modules() if model.stage_loader.on_device(m)]
+        assert on_device == [model.vae] or CUDA.type == "cpu"
+
+
 @pytest.mark.parametrize("dtype, min_db", [(torch.bfloat16, 38), (torch.float16, 54)])
 def test_dossr_reduced_precision_on_cuda(dtype, min_db):
     lr = lr_image("lr_w32h32.png")
@@ -192,9 +208,10 @@ def test_commands_take_the_text_encoder_off_the_device_after_the_one_prompt(monk
     owner, name = (osediff_cli, "osediff_upscale") if method == "osediff" else (dossr_pipeline, "dossr_upscale")
     upscale = getattr(owner, name)
 
-    def spy(model, *args, **kwargs):
+    def spy(model, *args, **kwargs):  # where the networks are after a run (each goes to the device for its stage)
+        out = upscale(model, *args, **kwargs)
         seen.append((model.unet.conv_in.weight.device.type, next(model.text_encoder.parameters()).device.type))
-        return upscale(model, *args, **kwargs)
+        return out
 
     monkeypatch.setattr(owner, name, spy)  # the dossr command imports it from there when it runs
     out = ["-o", str(tmp_path / "out"), "--device", CUDA.type]

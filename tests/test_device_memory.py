@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from comfyui_diffsr.dossr_core import rrdb as rrdb_module
 from comfyui_diffsr.dossr_core.rrdb import RRDBNet
-from comfyui_diffsr.sr_common import latents, tiled_vae
-from comfyui_diffsr.sr_common.fast_modules import fast_vae_decoder
+from comfyui_diffsr.sr_common import latents, offload, tiled_vae
+from comfyui_diffsr.sr_common.fast_modules import fast_modules, fast_vae_decoder
 from comfyui_diffsr.sr_common.latents import vae_decode
 from comfyui_diffsr.sr_common.sd21 import models_from_config, move_module, shipped_config_dir
 
@@ -129,6 +129,62 @@ def test_decoder_estimate_covers_the_count(latent, tile):
     held = activations(lambda: vae_decode(vae, z, tile), vae)
     estimate = tiled_vae.decoder_activation_bytes(vae.decoder, latent, latent, tile, torch.float16)
     assert held <= estimate <= 2.5 * held, (held / MiB, estimate / MiB)
+
+
+@counted
+@pytest.mark.parametrize("size, tile", [(2048, 1024), (1024, 1024), (1536, 512)])
+def test_encoder_estimate_covers_the_count(size, tile):
+    """``encoder_activation_bytes`` (6 copies) against the meta count (5 untiled: 1024 px at tile 1024; 3.4 and 4.7
+    tiled)."""
+    vae = full_size_decoder(torch.float16)
+    fast_modules(vae.encoder)
+    pair = {"encoder": vae.encoder, "quant_conv": vae.quant_conv}
+    image = torch.empty(1, 3, size, size, device="meta")
+    held = activations(lambda: latents.encode_moments(pair, image, tile), vae.encoder, vae.quant_conv)
+    estimate = latents.encode_moments_bytes(pair, image, tile)
+    assert held <= estimate <= 2.5 * held, (held / MiB, estimate / MiB)
+
+
+class Networks:
+    """A model's ``modules()``, all the ``OffloadWhenShort`` reads of it."""
+
+    def __init__(self, *networks):
+        self.networks = networks
+
+    def modules(self):
+        return list(self.networks)
+
+
+@counted
+def test_networks_of_other_stages_leave_a_device_short_of_memory(monkeypatch):
+    """Before a stage, where the free memory is short of the stage's activations (and its networks not on the
+    device yet), the other networks go to the CPU, largest first and no more than needed; one sharing weights with
+    the stage's stays. A network moved off comes back for its own stage. Without a free-memory reading (not a CUDA
+    device) nothing moves off."""
+    monkeypatch.setattr(offload, "MIN_FREE_BYTES", 0)
+    allocator = meta_memory().MetaAllocator()
+    with torch.device("meta"):
+        big, mid, small = torch.nn.Linear(1024, 1024), torch.nn.Linear(512, 512), torch.nn.Linear(256, 256)
+    sharing = torch.nn.Sequential(small)  # shares small's weights
+    model = Networks(big, mid, small, sharing)
+    allocator.hold_weights(big, mid, small)
+    cap = allocator.live + 3 * MiB
+    loader = offload.OffloadWhenShort("meta", free_bytes=lambda: cap - allocator.live)
+    where = lambda: [next(m.parameters()).device.type for m in (big, mid, small, sharing)]
+    with allocator:
+        loader(model, [small], 2 * MiB)  # 3 MiB free: room
+        assert where() == ["meta"] * 4
+        loader(model, [small], 5 * MiB)  # short by 2 MiB: the 4 MiB network goes
+        assert where() == ["cpu", "meta", "meta", "meta"] and cap - allocator.live >= 5 * MiB
+        loader(model, [big], 0)  # it comes back: its 4 MiB fit in the 7 MiB now free
+        assert where() == ["meta"] * 4
+        loader(model, [small], 4 * MiB)  # short by 1 MiB: the largest goes, though the 1 MiB one would do
+        assert where() == ["cpu", "meta", "meta", "meta"]
+        never = offload.OffloadWhenShort("meta", free_bytes=lambda: None)
+        never(model, [mid], 100 * MiB)
+        assert where() == ["cpu", "meta", "meta", "meta"]
+        never(model, [big], 0)
+        assert where() == ["meta"] * 4
 
 
 def test_decoder_tile_is_the_largest_that_fits():

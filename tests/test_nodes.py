@@ -486,36 +486,75 @@ def test_osediff_latent_is_a_standard_sd_latent(pack, osediff_model):
 
 
 def test_models_are_loaded_and_unloaded_by_comfy_model_management(pack, osediff_model):
-    """Each network goes to the device through load_models_gpu, fully, with a patcher of its own, and leaves it when
-    ComfyUI frees memory; the networks of a run go in one call, the text encoder only for a prompt not encoded yet."""
+    """Each network goes to the device through load_models_gpu, fully, with a patcher of its own, stage by stage
+    (the decode with its estimated activations as memory_required), and leaves it when ComfyUI frees memory; the
+    text encoder goes there only for a prompt not encoded yet."""
     _, nodes = pack
     _, model = osediff_model
     mm = sys.modules["comfy.model_management"]
+    latents = sys.modules["custom_nodes_x_diffsr_pack.sr_common.latents"]
     image = torch.rand(1, 20, 24, 3, generator=torch.Generator().manual_seed(8))
     args = dict(model=model, image=image, prompt="a prompt of this test", upscale=2.0, process_size=32,
                 color_fix="adain", tile_latent=96, tile_overlap=32, dtype="fp32")
     mm.LOADED.clear()
+    mm.REQUIRED.clear()
     (first,) = run(nodes["OSEDiff_Upscale"], **args)
-    networks = [model.unet, model.lq_encoder, model.vae]
+    networks = [model.lq_encoder, model.unet, model.vae]  # in the order of the stages
     patchers = [patcher_of(model, m) for m in networks]
     text = patcher_of(model, model.text_encoder)
-    assert mm.LOADED == [([text], False, True), (patchers, False, True)]  # force_full_load
+    assert mm.LOADED == [([text], False, True)] + [([p], False, True) for p in patchers]  # force_full_load
+    encode_bytes = latents.encode_moments_bytes(model.lq_encoder, torch.empty(1, 3, 40, 48), 1024)  # the ×2 LQ
+    decode_bytes = latents.vae_decode_bytes(model.vae, torch.empty(1, 4, 5, 6), 224)  # its latent
+    assert mm.REQUIRED == [0, encode_bytes, 0, decode_bytes] and encode_bytes > 0 and decode_bytes > 0
     assert [p.model.parts[0] for p in patchers + [text]] == networks + [model.text_encoder]
     assert set(mm.loaded_models()) >= {text, *patchers}
     mm.unload_all_models()  # ComfyUI needs the memory: detach() moves the weights to the offload device
     assert not mm.loaded_models() and all(p.model.device == mm.unet_offload_device() for p in patchers)
     mm.LOADED.clear()
     (again,) = run(nodes["OSEDiff_Upscale"], **args)
-    assert mm.LOADED == [(patchers, False, True)]  # the same patchers again, and no text encoder: prompt cached
+    assert mm.LOADED == [([p], False, True) for p in patchers]  # the same patchers again; the prompt was cached
     assert torch.equal(first, again)
     mm.LOADED.clear()  # the modular nodes: each loads its own network only
     (latent,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=image, upscale=2.0, process_size=32, vae_tile=0,
                     dtype="fp32")
     (x0,) = run(nodes["OSEDiff_OneStepUNet"], model=model, latent=latent, prompt="", tile_latent=0, tile_overlap=0,
                 dtype="fp32", conditioning=[[torch.randn(1, 77, model.unet.config.cross_attention_dim), {}]])
+    mm.REQUIRED.clear()
     run(nodes["OSEDiff_VAEDecode"], model=model, latent=x0, reference=image, upscale=2.0, process_size=32,
         color_fix="none", vae_tile=0)
-    assert mm.LOADED == [([patchers[1]], False, True), ([patchers[0]], False, True), ([patchers[2]], False, True)]
+    assert mm.LOADED == [([p], False, True) for p in patchers] and mm.REQUIRED == [decode_bytes]
+
+
+def test_a_device_short_of_memory_unloads_the_unet_for_the_decode(pack, osediff_model, monkeypatch):
+    """Where the device holds the UNet and the VAE but not also the decode's activations, ComfyUI unloads the UNet
+    (and the LQ encoder) for the VAE decode, as it unloads a diffusion model for its own VAE Decode, and loads them
+    again for the next image; where it has room, all stay loaded. The images are the same."""
+    _, nodes = pack
+    _, model = osediff_model
+    mm = sys.modules["comfy.model_management"]
+    args = dict(model=model, image=torch.rand(2, 20, 24, 3, generator=torch.Generator().manual_seed(4)), prompt="",
+                upscale=2.0, process_size=32, color_fix="adain", tile_latent=96, tile_overlap=32, dtype="fp32")
+    during_decode = []
+    hook = model.vae.decoder.register_forward_pre_hook(lambda *_: during_decode.append(set(mm.loaded_models())))
+    try:
+        mm.REQUIRED.clear()
+        (roomy,) = run(nodes["OSEDiff_Upscale"], **args)
+        encoder, unet, vae = (patcher_of(model, m) for m in (model.lq_encoder, model.unet, model.vae))
+        assert all(loaded >= {encoder, unet, vae} for loaded in during_decode)
+        decode_bytes = mm.REQUIRED[-1]  # the last stage: the decode, with its estimate
+        assert decode_bytes > 0 and mm.REQUIRED[-2] == 0  # the UNet's stage asks for ComfyUI's default
+        # room for the UNet and the VAE, but not also the decode's activations
+        monkeypatch.setattr(mm, "TOTAL_MEMORY", unet.model_size() + vae.model_size() + decode_bytes - 1)
+        mm.unload_all_models()
+        during_decode.clear()
+        mm.LOADED.clear()
+        (tight,) = run(nodes["OSEDiff_Upscale"], **args)
+    finally:
+        hook.remove()
+    assert during_decode == [{vae}, {vae}]
+    assert [call[0] for call in mm.LOADED] == [[encoder], [unet], [vae]] * 2
+    assert model.unet.conv_in.weight.device == mm.unet_offload_device()
+    assert torch.equal(tight, roomy)
 
 
 def test_partial_unload_drops_the_folded_upsampler_kernels(pack, osediff_model):
@@ -555,8 +594,8 @@ def test_prompt_embeddings_kept_for_recent_prompts_only(pack, osediff_model):
 
 def test_dape_and_text_encoder_leave_the_device_to_the_networks(pack, osediff_model, monkeypatch):
     """With DAPE connected, the tagger tags every image first, the text encoder then encodes the new prompts, and
-    the networks run last, each step in a load_models_gpu call of its own: where the device has room for the
-    networks only, ComfyUI unloads the tagger and the text encoder for them, and nothing is loaded twice in a run."""
+    the networks run last, each stage in a load_models_gpu call of its own: where the device has room for the
+    networks and the decode only, ComfyUI unloads the tagger and the text encoder for them."""
     _, nodes = pack
     _, model = osediff_model
     mm = sys.modules["comfy.model_management"]
@@ -570,27 +609,31 @@ def test_dape_and_text_encoder_leave_the_device_to_the_networks(pack, osediff_mo
                                          prompt_fn=lambda lq: dape_core.dape_prompt(dape.tags(lq)[0], ""))
                 for one in args["image"].movedim(-1, 1).split(1)]
     assert torch.equal(roomy, torch.cat(core).clamp(0, 1).movedim(1, -1))
+    mm.REQUIRED.clear()
     (alone,) = run(nodes["OSEDiff_Upscale"], **args)
-    patchers = [patcher_of(model, m) for m in (model.unet, model.lq_encoder, model.vae)]
+    patchers = [patcher_of(model, m) for m in (model.lq_encoder, model.unet, model.vae)]
     tagger, text = patcher_of(dape, dape), patcher_of(model, model.text_encoder)
-    monkeypatch.setattr(mm, "TOTAL_MEMORY", sum(p.model_size() for p in patchers) + 1)  # the networks fit, no more
+    room = sum(p.model_size() for p in patchers) + max(mm.REQUIRED) + 1  # the networks and the decode, no more
+    monkeypatch.setattr(mm, "TOTAL_MEMORY", room)
     model.prompt_cache.clear()
     mm.unload_all_models()
     mm.LOADED.clear()
-    during_unet = []
-    hook = model.unet.register_forward_pre_hook(lambda *_: during_unet.append(set(mm.loaded_models())))
+    during_decode = []
+    hook = model.vae.decoder.register_forward_pre_hook(lambda *_: during_decode.append(set(mm.loaded_models())))
     try:
         (tight,) = run(nodes["OSEDiff_Upscale"], **args, dape=dape)
     finally:
         hook.remove()
-    assert [call[0] for call in mm.LOADED] == [[tagger], [text], patchers]
-    assert during_unet and all(loaded == set(patchers) for loaded in during_unet)
+    calls = [call[0] for call in mm.LOADED]  # the tagger, the text encoder for each new prompt, then the stages
+    assert calls[0] == [tagger] and calls[1:-6] and all(c == [text] for c in calls[1:-6])
+    assert calls[-6:] == [[p] for p in patchers] * 2
+    assert during_decode == [set(patchers)] * 2
     assert torch.equal(tight, roomy) and tight.shape == alone.shape and not torch.equal(tight, alone)  # tags used
 
 
 def test_dossr_loads_its_text_encoder_only_for_a_new_prompt(pack):
-    """DoSSR's networks go to the device in one call; its text encoder only to encode a prompt not encoded yet,
-    never for a CONDITIONING input."""
+    """DoSSR's networks go to the device stage by stage (RRDB, encoders, ControlNet and UNet, VAE decoder); its
+    text encoder only to encode a prompt not encoded yet, never for a CONDITIONING input."""
     _, nodes = pack
     mm = sys.modules["comfy.model_management"]
     (model,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
@@ -602,8 +645,10 @@ def test_dossr_loads_its_text_encoder_only_for_a_new_prompt(pack):
         mm.LOADED.clear()
         run(nodes["DoSSR_Upscale"], **args, prompt=prompt, conditioning=conditioning)
         calls.append([[p.model.parts[0] for p in call[0]] for call in mm.LOADED])
-    networks = [m for m in model.modules() if m is not model.text_encoder]
-    assert calls == [[[model.text_encoder], networks], [networks], [networks]]
+    pipeline = sys.modules["custom_nodes_x_diffsr_pack.dossr_core.pipeline"]
+    encoders = list({id(m): m for m in (model.vae, pipeline.condition_encoder_network(model))}.values())
+    stages = [[model.rrdb], encoders, [model.unet, model.controlnet], [model.vae]]
+    assert calls == [[[model.text_encoder]] + stages, stages, stages]
     assert "another prompt" not in model.prompt_cache
 
 
@@ -829,8 +874,8 @@ def test_models_sharing_a_network_share_its_patcher(pack):
             run(nodes["DoSSR_Upscale"], model=model, **args)
         for module in (base.unet, base.vae, base.text_encoder):
             assert patcher_of(first, module) is patcher_of(second, module)
-        assert [call[0] for call in mm.LOADED[2:]] == [[patcher_of(first, base.text_encoder)],
-                                                        [patcher_of(second, m) for m in host.networks(second)]]
+        stages = [[second.text_encoder], [second.rrdb], [second.vae], [second.unet, second.controlnet], [second.vae]]
+        assert [call[0] for call in mm.LOADED[5:]] == [[patcher_of(second, m) for m in s] for s in stages]
         loaded = mm.loaded_models()
         held = [{id(t): t for t in p.model.state_dict().values()} for p in loaded]
         assert all(a.keys().isdisjoint(b.keys()) for i, a in enumerate(held) for b in held[i + 1:])

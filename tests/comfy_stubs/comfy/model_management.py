@@ -78,6 +78,7 @@ def throw_exception_if_processing_interrupted():  # L1423
 
 
 LOADED = []  # (models, force_patch_weights, force_full_load) of every load_models_gpu call, for the tests
+REQUIRED = []  # the memory_required of every load_models_gpu call, for the tests
 TOTAL_MEMORY = 1e20  # bytes on the load device, for the tests (the real one asks the driver)
 current_loaded_models = []  # L438: LoadedModel entries, most recent first
 
@@ -127,10 +128,14 @@ def _drop_dead():  # what LoadedModel's finalizer (cleanup_models, L724) does wh
     current_loaded_models[:] = [m for m in current_loaded_models if not m.is_dead()]
 
 
-def free_memory(memory_required, device, keep_loaded=[]):  # L569: least recently used first, until enough is free
+def free_memory(memory_required, device, keep_loaded=[], _called=()):
+    """L569: unloads until enough is free, in the order of (−offloaded memory, sys.getrefcount(patcher), size). Here:
+    least recently used first, but the ones a load_models_gpu call asks for (``_called``: their refcount is higher,
+    as the call itself holds them) last."""
     _drop_dead()
     unloaded = []
-    for m in reversed(list(current_loaded_models)):
+    order = list(reversed(current_loaded_models))
+    for m in [m for m in order if m not in _called] + [m for m in order if m in _called]:
         if get_free_memory(device) > memory_required:
             break
         if m not in keep_loaded:
@@ -142,9 +147,11 @@ def free_memory(memory_required, device, keep_loaded=[]):  # L569: least recentl
 
 def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
                     force_full_load=False):
-    """L606: frees the memory all of ``models`` need (keeping none of the loaded ones, those of this call included),
-    then loads every one of them fully, most recent first."""
+    """L606: frees the memory all of ``models`` need and ``memory_required`` more (keeping none of the loaded ones,
+    those of this call included, which go last; the real one adds 10 % to the models and reserves at least 0.8 GiB
+    + its reserve for the computation), then loads every one of them fully, most recent first."""
     LOADED.append((list(models), force_patch_weights, force_full_load))
+    REQUIRED.append(memory_required)
     _drop_dead()
     to_load = []
     for x in models:
@@ -152,7 +159,7 @@ def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimu
         to_load.append(current_loaded_models[current_loaded_models.index(loaded)] if loaded in current_loaded_models
                        else loaded)
     required = sum(m.model_memory() for m in to_load if m not in current_loaded_models)
-    free_memory(required, get_torch_device())
+    free_memory(required + memory_required, get_torch_device(), _called=to_load)
     for m in to_load:
         if m in current_loaded_models:
             current_loaded_models.remove(m)
