@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from comfyui_diffsr.dossr_core import rrdb as rrdb_module
 from comfyui_diffsr.dossr_core.rrdb import RRDBNet
 from comfyui_diffsr.sr_common import latents, offload, tiled_vae
-from comfyui_diffsr.sr_common.fast_modules import fast_modules, fast_vae_decoder
+from comfyui_diffsr.sr_common.fast_modules import fast_modules, fast_vae_decoder, phase_kernels
 from comfyui_diffsr.sr_common.latents import vae_decode
 from comfyui_diffsr.sr_common.sd21 import models_from_config, move_module, shipped_config_dir
 
@@ -91,6 +91,17 @@ def test_tiled_decoder_holds_two_tile_sized_copies_in_fp16():
     full = 256 * (8 * (128 + 2 * tiled_vae.DECODER_PAD)) ** 2 * 2
     held = activations(lambda: vae_decode(vae, z, 224), vae)
     assert 2 * full <= held <= 2 * full + 160 * MiB, held / MiB
+
+
+@counted
+def test_folding_an_upsampler_holds_little_beside_its_kernels():
+    """The phase kernels of the UNet's largest ×2 upsampler (1280 channels, fp16): 50 MiB, folded in float64 a few
+    output channels at a time, so the fold holds at most 32 MiB more (25 MiB; at once: 500 MiB)."""
+    with torch.device("meta"):
+        conv = torch.nn.Conv2d(1280, 1280, 3, padding=1).to(torch.float16)
+    kernels = 4 * 1280 * 1280 * 2 * 2 * 2
+    held = activations(lambda: phase_kernels(conv.weight), conv)
+    assert kernels <= held <= kernels + 32 * MiB, held / MiB
 
 
 def test_rrdb_tail_in_tiles_is_the_whole_tail(monkeypatch):
