@@ -377,15 +377,15 @@ def _patcher(model, module):
 
 
 def load_on_device(model, *modules, memory_required=0):
-    """Put ``modules`` of ``model`` (default: all of it; as they are) on ComfyUI's torch device through its memory
-    manager, with ``memory_required`` bytes free beside them (a stage's estimated activations, as ComfyUI's own VAE
-    decode asks), and return that device.
+    """Put ``modules`` of ``model`` (default: ``networks(model)``; as they are) on ComfyUI's torch device through
+    its memory manager, with ``memory_required`` bytes free beside them (a stage's estimated activations, as
+    ComfyUI's own VAE decode asks), and return that device.
 
     All go in one ``comfy.model_management.load_models_gpu`` call, fully (plain torch layers cannot be partially
     loaded), each through its ModelPatcher (``_patcher``): ComfyUI unloads other models to make room (ours of other
     stages too), and unloads ours when it needs the memory; a module stays on the device between runs until then.
     """
-    patchers = [_patcher(model, m) for m in (modules or _parts(model))]
+    patchers = [_patcher(model, m) for m in (modules or networks(model))]
     for patcher in patchers:  # sizes as they are now (a cast since changes them)
         patcher.size = 0
         patcher.model_size()

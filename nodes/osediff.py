@@ -8,7 +8,7 @@ from ..osediff_core.pipeline import (Options, build_osediff, decode_latent, enco
 from ..osediff_core.weights import lq_encoder_pairs, merged_value, osediff_unet_changes, read_osediff
 from ..sr_common import image as img
 from ..sr_common.color_fix import COLOR_FIXES, color_reference
-from ..sr_common.latents import vae_decode_bytes
+from ..sr_common.latents import encode_moments_bytes, vae_decode_bytes
 from ..sr_common.sd21 import PRECISIONS, SCALING_FACTOR, checked_context
 from ..sr_common.tiling import overlap_within
 from . import host
@@ -202,12 +202,13 @@ class OSEDiffLQEncoder(io.ComfyNode):
     def execute(cls, model, image, upscale, process_size, vae_tile, dtype):
         images, _ = host.image_to_bchw(image)
         host.cast_for_run(model, dtype)
-        dev = host.load_on_device(model, model.lq_encoder)
         progress = host.Progress(len(images))
         latents = []
         for one in images:
             lq, _ = preprocess(one, upscale=upscale, process_size=process_size)
             padded, _ = img.pad_to_multiple(lq, 8)
+            dev = host.load_on_device(model, model.lq_encoder,
+                                      memory_required=encode_moments_bytes(model.lq_encoder, padded, vae_tile))
             z = host.with_oom_retry(lambda vae_tile_encode: encode_lq(model.lq_encoder, padded.to(dev),
                                                                       tile=vae_tile_encode), vae_tile_encode=vae_tile)
             latents.append(z.cpu() / SCALING_FACTOR)
@@ -275,11 +276,10 @@ class OSEDiffDecode(io.ComfyNode):
     @host.computes_ieee_float32
     def execute(cls, model, latent, reference, upscale, process_size, color_fix, vae_tile):
         images, alpha = host.image_to_bchw(reference)
-        pairs = host.latent_with_references(latent, images, "OSEDiff VAE Decode")
-        dev = host.load_on_device(model, model.vae, memory_required=vae_decode_bytes(model.vae, pairs[0][1], vae_tile))
         progress = host.Progress(len(images))
         outs = []
-        for one, x0 in pairs:
+        for one, x0 in host.latent_with_references(latent, images, "OSEDiff VAE Decode"):
+            dev = host.load_on_device(model, model.vae, memory_required=vae_decode_bytes(model.vae, x0, vae_tile))
             lq, plan = preprocess(one, upscale=upscale, process_size=process_size)
             _check_latent_size(x0, lq, upscale, process_size)
             decoded = host.with_oom_retry(lambda vae_tile_decode: decode_latent(

@@ -514,15 +514,15 @@ def test_models_are_loaded_and_unloaded_by_comfy_model_management(pack, osediff_
     (again,) = run(nodes["OSEDiff_Upscale"], **args)
     assert mm.LOADED == [([p], False, True) for p in patchers]  # the same patchers again; the prompt was cached
     assert torch.equal(first, again)
-    mm.LOADED.clear()  # the modular nodes: each loads its own network only
+    mm.LOADED.clear()  # the modular nodes: each loads its own network only, the VAE's with their estimates
+    mm.REQUIRED.clear()
     (latent,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=image, upscale=2.0, process_size=32, vae_tile=0,
                     dtype="fp32")
     (x0,) = run(nodes["OSEDiff_OneStepUNet"], model=model, latent=latent, prompt="", tile_latent=0, tile_overlap=0,
                 dtype="fp32", conditioning=[[torch.randn(1, 77, model.unet.config.cross_attention_dim), {}]])
-    mm.REQUIRED.clear()
     run(nodes["OSEDiff_VAEDecode"], model=model, latent=x0, reference=image, upscale=2.0, process_size=32,
-        color_fix="none", vae_tile=0)
-    assert mm.LOADED == [([p], False, True) for p in patchers] and mm.REQUIRED == [decode_bytes]
+        color_fix="none", vae_tile=0)  # untiled: the same estimates here
+    assert mm.LOADED == [([p], False, True) for p in patchers] and mm.REQUIRED == [encode_bytes, 0, decode_bytes]
 
 
 def test_a_device_short_of_memory_unloads_the_unet_for_the_decode(pack, osediff_model, monkeypatch):
