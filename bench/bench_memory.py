@@ -22,7 +22,7 @@ import os
 import torch
 
 from comfyui_diffsr.sr_common import latents
-from comfyui_diffsr.sr_common.offload import OffloadWhenShort
+from comfyui_diffsr.sr_common.offload import OffloadWhenShort, weight_bytes
 from comfyui_diffsr.sr_common.sd21 import PRECISIONS, ieee_float32, move_module
 from common import environment, random_osediff, write_json
 from meta_memory import FusedAttention, MetaAllocator
@@ -91,8 +91,7 @@ def measure(model, upscale, networks, device, budget=None):
     """{"peak_mib", "weights_mib", "by_network_mib"} of one ``upscale(model)`` on ``device`` (cuda or meta), on a
     device of ``budget`` bytes if given (``on_budget``)."""
     modules = [m for m in model.modules() if m is not getattr(model, "text_encoder", None)]
-    weights = sum(t.untyped_storage().nbytes() for t in
-                  {id(t): t for m in modules for t in (*m.parameters(), *m.buffers())}.values())
+    weights = weight_bytes(*modules)
     meter = CudaMeter(device) if device.type == "cuda" else MetaMeter(modules)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

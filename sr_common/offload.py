@@ -11,8 +11,14 @@ def _tensors(module):
     return [*module.parameters(), *module.buffers()]
 
 
-def _nbytes(tensors):
+def tensor_bytes(tensors):
+    """Bytes of the storages of ``tensors``, each tensor once."""
     return sum(t.untyped_storage().nbytes() for t in {id(t): t for t in tensors}.values())
+
+
+def weight_bytes(*modules):
+    """Bytes of the parameters and buffers of ``modules``, each once."""
+    return tensor_bytes(t for m in modules for t in _tensors(m))
 
 
 MIN_FREE_BYTES = 2 ** 30  # what a stage needs at least (ComfyUI keeps 0.8 GiB + its 0.4 GiB reserve free)
@@ -37,11 +43,11 @@ class OffloadWhenShort:
 
     def __call__(self, model, networks, activation_bytes):
         stage = [t for m in networks for t in _tensors(m)]
-        needed = max(activation_bytes, MIN_FREE_BYTES) + _nbytes(t for t in stage if t.device != self.device)
+        needed = max(activation_bytes, MIN_FREE_BYTES) + tensor_bytes(t for t in stage if t.device != self.device)
         shared = {id(t) for t in stage}
         others = [m for m in model.modules() if m is not None and m not in networks and self.on_device(m)
                   and shared.isdisjoint(id(t) for t in _tensors(m))]
-        for module in sorted(others, key=lambda m: _nbytes(_tensors(m)), reverse=True):
+        for module in sorted(others, key=weight_bytes, reverse=True):
             free = self.free_bytes()
             if free is None or free >= needed:
                 break
