@@ -65,17 +65,24 @@ def check_args(args):
         raise DiffSRError("--ram needs --dape (the DAPE LoRA); or pass a converted DAPE file as --dape alone.")
 
 
-def make_prompt_fn(args, device, dtype):
-    """DAPE tags on the upscaled LQ → '{tags}, {user prompt},' when DAPE files are given and no --prompt."""
+def make_prompt_fn(args, model, dtype):
+    """DAPE tags on the upscaled LQ → '{tags}, {user prompt},' when DAPE files are given and no --prompt. The
+    tagger is a stage of its own: it goes to the device through the model's stage loader, and leaves it when another
+    stage needs the room."""
     if args.prompt is not None or not args.dape:
         return None
     from ..osediff_core.dape import dape_prompt, load_dape_tagger
 
     if args.ram:
-        tagger = load_dape_tagger(ram_path=args.ram, dape_path=args.dape, device=device, dtype=dtype)
+        tagger = load_dape_tagger(ram_path=args.ram, dape_path=args.dape, dtype=dtype)
     else:
-        tagger = load_dape_tagger(converted_path=args.dape, device=device, dtype=dtype)
-    return lambda lq: dape_prompt(tagger.tags(lq.to(device))[0], args.user_prompt)
+        tagger = load_dape_tagger(converted_path=args.dape, dtype=dtype)
+
+    def prompt_of(lq):
+        model.load_stage([tagger])
+        return dape_prompt(tagger.tags(lq)[0], args.user_prompt)
+
+    return prompt_of
 
 
 def main_impl(argv=None):
@@ -92,7 +99,7 @@ def main_impl(argv=None):
     model.stage_loader = OffloadWhenShort(device)  # each network goes to the device for its stage
     if args.compile:
         model.compile()
-    prompt_fn = make_prompt_fn(args, device, dtype)
+    prompt_fn = make_prompt_fn(args, model, dtype)
     prompt_embeds = None
     if prompt_fn is None:  # one prompt for every image: encoded once, then the text encoder leaves the device
         prompt_embeds = model.prompt_embedding(args.prompt or "")

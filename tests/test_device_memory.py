@@ -198,6 +198,27 @@ def test_networks_of_other_stages_leave_a_device_short_of_memory(monkeypatch):
         assert where() == ["meta"] * 4
 
 
+@counted
+def test_a_network_the_loader_placed_leaves_like_the_models(monkeypatch):
+    """A network not of the model (the commands' DAPE tagger) that the loader put on the device for its stage leaves
+    it like the model's networks when a later stage is short of memory."""
+    monkeypatch.setattr(offload, "MIN_FREE_BYTES", 0)
+    allocator = meta_memory().MetaAllocator()
+    with torch.device("meta"):
+        unet = torch.nn.Linear(512, 512)  # 1 MiB
+    tagger = torch.nn.Linear(1024, 1024)  # 4 MiB, on the CPU
+    model = Networks(unet)
+    allocator.hold_weights(unet)
+    cap = allocator.live + 5 * MiB
+    loader = offload.OffloadWhenShort("meta", free_bytes=lambda: cap - allocator.live)
+    device = lambda m: next(m.parameters()).device.type
+    with allocator:
+        loader(model, [tagger], 0)  # 5 MiB free: room for it
+        assert (device(tagger), device(unet)) == ("meta", "meta")
+        loader(model, [unet], 2 * MiB)  # 1 MiB free: the tagger goes
+        assert (device(tagger), device(unet)) == ("cpu", "meta") and cap - allocator.live >= 2 * MiB
+
+
 def test_decoder_tile_is_the_largest_that_fits():
     decoder = full_size_decoder(torch.float16).decoder  # meta weights: only the shapes matter
     need = lambda tile: tiled_vae.decoder_activation_bytes(decoder, 240, 240, tile, torch.float16)

@@ -14,6 +14,7 @@ from PIL import Image
 from comfyui_diffsr.cli.osediff import main
 from comfyui_diffsr.osediff_core.weights import convert_osediff
 from comfyui_diffsr.sr_common.errors import WeightFileError
+from comfyui_diffsr.sr_common.offload import OffloadWhenShort
 from comfyui_diffsr.sr_common.sd21 import load_sd21
 from comfyui_diffsr.sr_common.weights import write_safetensors
 
@@ -520,7 +521,7 @@ def test_cli_reports_clear_errors(base, tmp_path, capsys):
     assert "Cannot write the output folder" in capsys.readouterr().err
 
 
-def test_osediff_with_dape_prompts(base, tmp_path):
+def test_osediff_with_dape_prompts(base, tmp_path, monkeypatch):
     """`osediff --ram --dape` tags the upscaled LQ and uses '{tags}, {user prompt},' as the prompt; a converted DAPE
     file as --dape alone gives the same."""
     from comfyui_diffsr.osediff_core.dape import convert_dape, dape_prompt, load_dape_tagger
@@ -530,8 +531,14 @@ def test_osediff_with_dape_prompts(base, tmp_path):
 
     ram, dape = os.path.join(DATA, "dape", "ram_tiny.pth"), os.path.join(DATA, "dape", "dape_tiny.pth")
     inp = os.path.join(FIX, "in_32x32.png")
+    stages = []  # the networks of each stage, in order: the tagger is one, loaded like the model's networks
+    monkeypatch.setattr(OffloadWhenShort, "__call__", lambda self, model, networks, activation_bytes:
+                        stages.append([type(m).__name__ for m in networks]))
     assert run([inp, "-o", tmp_path, "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
                 "--process-size", "64", "--ram", ram, "--dape", dape, "--user-prompt", "sharp"]) == 0
+    assert stages == [["DAPETagger"], ["CLIPTextModel"], ["ModuleDict"], ["UNet2DConditionModel"],
+                      ["AutoencoderKL"]], stages
+    monkeypatch.undo()
     image = pil_to_tensor(Image.open(inp))
     lq, _ = preprocess(image, upscale=4, process_size=64)
     prompt = dape_prompt(load_dape_tagger(ram_path=ram, dape_path=dape).tags(lq)[0], "sharp")
