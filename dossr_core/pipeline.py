@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from ..sr_common import image as img
 from ..sr_common.color_fix import apply_color_fix, check_color_fix
-from ..sr_common.latents import (encode_moments, encode_moments_bytes, posterior_mean, posterior_sample, vae_decode,
-                                 vae_decode_bytes)
+from ..sr_common.latents import (CONTROLLED_UNET_COPIES, denoiser_bytes, encode_moments, encode_moments_bytes,
+                                 posterior_mean, posterior_sample, vae_decode, vae_decode_bytes)
 from ..sr_common.sd21 import SCALING_FACTOR, checked_context
 from ..sr_common.tiled_vae import DEFAULT_MODE
 from ..sr_common.tiling import blend_tiles, needs_tiling
@@ -226,7 +226,8 @@ def dossr_sample(model, context, *, image=None, latent=None, options=None, noise
         if callback:
             callback("sample", info["i"] + 1, grid.num_steps)
 
-    model.load_stage([model.unet, model.controlnet])
+    model.load_stage([model.unet, model.controlnet], denoiser_bytes(model.unet, x_hat0, o.tile_latent, o.tile_overlap,
+                                                                    o.tile_batch, CONTROLLED_UNET_COPIES))
     eps_model = make_eps_model(model, c_latent, context.to(device), o, _stage(callback, "tile"))
     x = sample_dossr(eps_model, x_hat0, grid, lambda name, shape: noise_source(name, shape).to(device),
                      order=o.order, gamma=o.gamma, callback=on_step)

@@ -8,7 +8,7 @@ from ..osediff_core.pipeline import (Options, build_osediff, decode_latent, enco
 from ..osediff_core.weights import lq_encoder_pairs, merged_value, osediff_unet_changes, read_osediff
 from ..sr_common import image as img
 from ..sr_common.color_fix import COLOR_FIXES, color_reference
-from ..sr_common.latents import encode_moments_bytes, vae_decode_bytes
+from ..sr_common.latents import denoiser_bytes, encode_moments_bytes, vae_decode_bytes
 from ..sr_common.sd21 import PRECISIONS, SCALING_FACTOR, checked_context
 from ..sr_common.tiling import overlap_within
 from . import host
@@ -242,7 +242,9 @@ class OSEDiffOneStep(io.ComfyNode):
             embeds = checked_context(conditioning[0][0][:1], model.unet)
         else:
             (embeds,) = _embeddings(model, [prompt])
-        dev = host.load_on_device(model, model.unet)
+        overlap = overlap_within(tile_latent, tile_overlap)
+        dev = host.load_on_device(model, model.unet,
+                                  memory_required=denoiser_bytes(model.unet, z_all[:1], tile_latent, overlap))
         progress = host.Progress(z_all.shape[0])
         outs = []
         for z in z_all.split(1):

@@ -10,8 +10,8 @@ import torch
 
 from ..sr_common import image as img
 from ..sr_common.color_fix import color_reference, fix_colors
-from ..sr_common.latents import (encode_moments, encode_moments_bytes, posterior_mean, posterior_sample, vae_decode,
-                                 vae_decode_bytes)
+from ..sr_common.latents import (denoiser_bytes, encode_moments, encode_moments_bytes, posterior_mean,
+                                 posterior_sample, vae_decode, vae_decode_bytes)
 from ..sr_common.sd21 import NetworksOnSD21, PromptCache, scaled_linear_betas
 from ..sr_common.tiled_vae import DEFAULT_MODE
 from ..sr_common.tiling import blend_tiles, needs_tiling
@@ -200,7 +200,7 @@ def osediff_upscale(model, image, *, prompt="", prompt_embeds=None, prompt_fn=No
                   tile=o.vae_tile_encode, tile_mode=tile_mode, callback=stage("encode"))
     del padded
     # 3. ε at t = 999 with the prompt embedding
-    model.load_stage([model.unet])
+    model.load_stage([model.unet], denoiser_bytes(model.unet, z, o.tile_latent, o.tile_overlap, o.tile_batch))
     eps = predict_eps(model.unet, z, prompt_embeds, tile=o.tile_latent, overlap=o.tile_overlap, tile_batch=o.tile_batch,
                       callback=stage("unet"))
     # 4. x0 in closed form

@@ -241,6 +241,11 @@ class FusedUpsample2D(nn.Module):
         ComfyUI's partial unload does layer by layer, so that they do not stay in memory it counts as freed."""
         self._kernels = (None, None)
 
+    def unfolded_kernel_bytes(self):
+        """The bytes the phase kernels (4·C_out, C_in, 2, 2) will take when folded; 0 while they are kept."""
+        weight = self.conv.weight
+        return 0 if self._kernels[1] is not None else 16 * weight.shape[0] * weight.shape[1] * weight.element_size()
+
     def phase_kernels(self):
         weight = self.conv.weight
         if is_compiling():  # inside torch.compile: folded in the graph, no Python-side cache

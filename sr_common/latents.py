@@ -2,8 +2,9 @@
 
 import torch
 
-from .fast_modules import decoder_weights_for
+from .fast_modules import FusedUpsample2D, decoder_weights_for
 from .sd21 import SCALING_FACTOR
+from .tiling import call_pixels
 from .tiled_vae import DEFAULT_MODE, decoder_activation_bytes, encoder_activation_bytes, fit_decoder_tile, tiled_forward
 
 
@@ -47,6 +48,20 @@ def vae_decode_bytes(vae, z, tile=None):
     """The estimated activations of ``vae_decode(vae, z, tile)`` (``decoder_activation_bytes``): what a device
     needs free beside the VAE's weights."""
     return decoder_activation_bytes(vae.decoder, *z.shape[-2:], tile, vae.post_quant_conv.weight.dtype)
+
+
+UNET_COPIES = 19  # OSEDiff's UNet: 18.5 at most in the meta count (tests/test_device_memory.py)
+CONTROLLED_UNET_COPIES = 26  # DoSSR's ControlNet + UNet: 25.9 at most
+
+
+def denoiser_bytes(unet, latent, tile, overlap, batch=1, copies=UNET_COPIES):
+    """The estimated activations of ``unet``'s calls over ``latent`` (B, C, H, W) in ``blend_tiles``'s tiles:
+    ``copies`` × its first block's activation (conv_in's channels over the latent px of one call, in its dtype),
+    + the phase kernels its upsamplers have yet to fold (``FusedUpsample2D``)."""
+    weight = unet.conv_in.weight
+    pixels = latent.shape[0] * call_pixels(*latent.shape[-2:], tile, overlap, batch)
+    kernels = sum(m.unfolded_kernel_bytes() for m in unet.modules() if isinstance(m, FusedUpsample2D))
+    return copies * weight.shape[0] * pixels * weight.element_size() + kernels
 
 
 def vae_decode(vae, z, tile=None, callback=None, mode=DEFAULT_MODE):

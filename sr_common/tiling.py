@@ -50,6 +50,14 @@ def needs_tiling(height, width, tile):
     return tile is not None and tile > 0 and height * width > tile * tile
 
 
+def call_pixels(height, width, tile, overlap, batch=1):
+    """Latent px that one call of ``fn`` in ``blend_tiles`` runs (untiled: the whole latent)."""
+    if not needs_tiling(height, width, tile):
+        return height * width
+    tiles = latent_tiles(height, width, tile, overlap)
+    return min(batch, len(tiles)) * tiles[0][2] ** 2
+
+
 def blend_tiles(fn, latent, tile, overlap, *, batch=1, callback=None):
     """Apply ``fn`` (B, C, T, T) → (B, C', T, T) tile by tile and blend with Gaussian weights.
 

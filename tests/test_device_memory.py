@@ -4,6 +4,7 @@ tiled VAE decoder and the RRDB's ×4 tail in fp16, the largest tensors of a 512�
 import contextlib
 import importlib.util
 import os
+import types
 
 import pytest
 import torch
@@ -154,6 +155,53 @@ def test_encoder_estimate_covers_the_count(size, tile):
     held = activations(lambda: latents.encode_moments(pair, image, tile), vae.encoder, vae.quant_conv)
     estimate = latents.encode_moments_bytes(pair, image, tile)
     assert held <= estimate <= 2.5 * held, (held / MiB, estimate / MiB)
+
+
+def full_size_denoisers(dtype):
+    """SD 2.1's UNet (the shipped config) with its fast modules, and DoSSR's ControlNet (the shipped yaml), on the
+    meta device in ``dtype``."""
+    from diffusers import ControlNetModel
+
+    from comfyui_diffsr.dossr_core.weights import diffusers_configs, load_ldm_params
+
+    unet, _, _ = models_from_config(shipped_config_dir(), random_init=False)
+    fast_modules(unet)
+    _, config, _ = diffusers_configs(load_ldm_params())
+    with torch.device("meta"):
+        controlnet = ControlNetModel(**config, conditioning_embedding_out_channels=(16,))
+        width = config["block_out_channels"][0]
+        controlnet.conv_in = torch.nn.Conv2d(config["in_channels"], width, 3, padding=1)
+        controlnet.controlnet_cond_embedding = torch.nn.Conv2d(4, width, 3, padding=1, bias=False)
+    return move_module(unet, dtype=dtype), move_module(controlnet, dtype=dtype)
+
+
+@counted
+@pytest.mark.parametrize("latent, tile, batch", [(64, 96, 1), (256, 96, 1), (256, 96, 4), (192, 0, 1)])
+def test_denoiser_estimate_covers_the_count(latent, tile, batch):
+    """``denoiser_bytes`` against the meta count of OSEDiff's UNet (19 copies) and DoSSR's ControlNet + UNet (26),
+    the phase kernels folded in the run (113 MiB) included: within 4 %, 64² latent untiled (OSEDiff 158 MiB, DoSSR
+    176), 512→2048 at the default tile (217 / 258) and with 4 tiles at once (521 / 685), 192² untiled (518 / 680)."""
+    from comfyui_diffsr.dossr_core.pipeline import Options, make_eps_model
+    from comfyui_diffsr.osediff_core.pipeline import predict_eps
+
+    unet, controlnet = full_size_denoisers(torch.float16)
+    z = torch.empty(1, 4, latent, latent, device="meta")
+    context = torch.empty(1, 77, 1024, device="meta", dtype=torch.float16)
+    for module in unet.modules():
+        if hasattr(module, "forget_kernels"):
+            module.forget_kernels()
+    estimate = latents.denoiser_bytes(unet, z, tile, 32, batch)
+    held = activations(lambda: predict_eps(unet, z, context, tile=tile, overlap=32, tile_batch=batch), unet)
+    assert held <= estimate <= 1.1 * held, (held / MiB, estimate / MiB)
+    assert latents.denoiser_bytes(unet, z, tile, 32, batch) < estimate  # the kernels are kept now
+    for module in unet.modules():
+        if hasattr(module, "forget_kernels"):
+            module.forget_kernels()
+    dossr = types.SimpleNamespace(unet=unet, controlnet=controlnet, dtype=torch.float16)
+    eps = make_eps_model(dossr, z, context, Options(tile_latent=tile, tile_batch=batch))
+    estimate = latents.denoiser_bytes(unet, z, tile, 32, batch, latents.CONTROLLED_UNET_COPIES)
+    held = activations(lambda: eps(z, 499), unet, controlnet)
+    assert held <= estimate <= 1.1 * held, (held / MiB, estimate / MiB)
 
 
 class Networks:

@@ -498,6 +498,10 @@ def test_models_are_loaded_and_unloaded_by_comfy_model_management(pack, osediff_
                 color_fix="adain", tile_latent=96, tile_overlap=32, dtype="fp32")
     mm.LOADED.clear()
     mm.REQUIRED.clear()
+    for module in model.unet.modules():
+        if hasattr(module, "forget_kernels"):
+            module.forget_kernels()
+    unet_bytes = latents.denoiser_bytes(model.unet, torch.empty(1, 4, 5, 6), 96, 32)  # the kernels to fold too
     (first,) = run(nodes["OSEDiff_Upscale"], **args)
     networks = [model.lq_encoder, model.unet, model.vae]  # in the order of the stages
     patchers = [patcher_of(model, m) for m in networks]
@@ -505,7 +509,7 @@ def test_models_are_loaded_and_unloaded_by_comfy_model_management(pack, osediff_
     assert mm.LOADED == [([text], False, True)] + [([p], False, True) for p in patchers]  # force_full_load
     encode_bytes = latents.encode_moments_bytes(model.lq_encoder, torch.empty(1, 3, 40, 48), 1024)  # the ×2 LQ
     decode_bytes = latents.vae_decode_bytes(model.vae, torch.empty(1, 4, 5, 6), 224)  # its latent
-    assert mm.REQUIRED == [0, encode_bytes, 0, decode_bytes] and encode_bytes > 0 and decode_bytes > 0
+    assert mm.REQUIRED == [0, encode_bytes, unet_bytes, decode_bytes] and min(mm.REQUIRED[1:]) > 0
     assert [p.model.parts[0] for p in patchers + [text]] == networks + [model.text_encoder]
     assert set(mm.loaded_models()) >= {text, *patchers}
     mm.unload_all_models()  # ComfyUI needs the memory: detach() moves the weights to the offload device
@@ -518,11 +522,13 @@ def test_models_are_loaded_and_unloaded_by_comfy_model_management(pack, osediff_
     mm.REQUIRED.clear()
     (latent,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=image, upscale=2.0, process_size=32, vae_tile=0,
                     dtype="fp32")
+    unet_bytes = latents.denoiser_bytes(model.unet, latent["samples"], 0, 0)  # untiled, the kernels folded
     (x0,) = run(nodes["OSEDiff_OneStepUNet"], model=model, latent=latent, prompt="", tile_latent=0, tile_overlap=0,
                 dtype="fp32", conditioning=[[torch.randn(1, 77, model.unet.config.cross_attention_dim), {}]])
     run(nodes["OSEDiff_VAEDecode"], model=model, latent=x0, reference=image, upscale=2.0, process_size=32,
         color_fix="none", vae_tile=0)  # untiled: the same estimates here
-    assert mm.LOADED == [([p], False, True) for p in patchers] and mm.REQUIRED == [encode_bytes, 0, decode_bytes]
+    assert mm.LOADED == [([p], False, True) for p in patchers]
+    assert mm.REQUIRED == [encode_bytes, unet_bytes, decode_bytes]
 
 
 def test_a_device_short_of_memory_unloads_the_unet_for_the_decode(pack, osediff_model, monkeypatch):
@@ -542,7 +548,7 @@ def test_a_device_short_of_memory_unloads_the_unet_for_the_decode(pack, osediff_
         encoder, unet, vae = (patcher_of(model, m) for m in (model.lq_encoder, model.unet, model.vae))
         assert all(loaded >= {encoder, unet, vae} for loaded in during_decode)
         decode_bytes = mm.REQUIRED[-1]  # the last stage: the decode, with its estimate
-        assert decode_bytes > 0 and mm.REQUIRED[-2] == 0  # the UNet's stage asks for ComfyUI's default
+        assert decode_bytes > 0 and mm.REQUIRED[-2] > 0  # the UNet's stage asks for its estimate too
         # room for the UNet and the VAE, but not also the decode's activations
         monkeypatch.setattr(mm, "TOTAL_MEMORY", unet.model_size() + vae.model_size() + decode_bytes - 1)
         mm.unload_all_models()
@@ -643,12 +649,16 @@ def test_dossr_loads_its_text_encoder_only_for_a_new_prompt(pack):
     for prompt, conditioning in (("a new prompt", None), ("a new prompt", None), ("another prompt", [[
             torch.randn(1, 77, model.unet.config.cross_attention_dim), {}]])):
         mm.LOADED.clear()
+        mm.REQUIRED.clear()
         run(nodes["DoSSR_Upscale"], **args, prompt=prompt, conditioning=conditioning)
         calls.append([[p.model.parts[0] for p in call[0]] for call in mm.LOADED])
     pipeline = sys.modules["custom_nodes_x_diffsr_pack.dossr_core.pipeline"]
     encoders = list({id(m): m for m in (model.vae, pipeline.condition_encoder_network(model))}.values())
     stages = [[model.rrdb], encoders, [model.unet, model.controlnet], [model.vae]]
     assert calls == [[[model.text_encoder]] + stages, stages, stages]
+    latents = sys.modules["custom_nodes_x_diffsr_pack.sr_common.latents"]  # the 128² px image's 16² latent:
+    sampling = latents.denoiser_bytes(model.unet, torch.empty(1, 4, 16, 16), 96, 32, 1, latents.CONTROLLED_UNET_COPIES)
+    assert mm.REQUIRED[2] == sampling > 0  # the ControlNet and UNet's stage asks for their estimate
     assert "another prompt" not in model.prompt_cache
 
 
