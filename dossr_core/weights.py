@@ -280,17 +280,23 @@ def _stored_architecture_error(what, error):
                            "file is damaged. Convert the official .ckpt again with `diffsr convert dossr`.")
 
 
-def build_controlnet(config, state):
-    """diffusers ``ControlNetModel`` whose ``conv_in`` sees the noisy latent and whose
+def empty_controlnet(config):
+    """diffusers ``ControlNetModel`` on the meta device whose ``conv_in`` sees the noisy latent and whose
     ``controlnet_cond_embedding`` is a bias-free 3×3 conv on the 4-channel condition latent."""
     from diffusers import ControlNetModel
 
+    with torch.device("meta"):
+        net = ControlNetModel(**config, conditioning_embedding_out_channels=(16,))
+        width = config["block_out_channels"][0]
+        net.conv_in = nn.Conv2d(config["in_channels"], width, 3, padding=1)
+        net.controlnet_cond_embedding = nn.Conv2d(config["conditioning_channels"], width, 3, padding=1, bias=False)
+    return net
+
+
+def build_controlnet(config, state):
+    """``empty_controlnet(config)`` with the weights of ``state``."""
     try:
-        with torch.device("meta"):
-            net = ControlNetModel(**config, conditioning_embedding_out_channels=(16,))
-            width = config["block_out_channels"][0]
-            net.conv_in = nn.Conv2d(config["in_channels"], width, 3, padding=1)
-            net.controlnet_cond_embedding = nn.Conv2d(config["conditioning_channels"], width, 3, padding=1, bias=False)
+        net = empty_controlnet(config)
     except (TypeError, KeyError, IndexError, ValueError, ZeroDivisionError) as e:
         raise _stored_architecture_error("ControlNet", e) from e
     return _load(net, state, "ControlNet")

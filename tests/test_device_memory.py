@@ -160,19 +160,12 @@ def test_encoder_estimate_covers_the_count(size, tile):
 def full_size_denoisers(dtype):
     """SD 2.1's UNet (the shipped config) with its fast modules, and DoSSR's ControlNet (the shipped yaml), on the
     meta device in ``dtype``."""
-    from diffusers import ControlNetModel
-
-    from comfyui_diffsr.dossr_core.weights import diffusers_configs, load_ldm_params
+    from comfyui_diffsr.dossr_core.weights import diffusers_configs, empty_controlnet, load_ldm_params
 
     unet, _, _ = models_from_config(shipped_config_dir(), random_init=False)
     fast_modules(unet)
     _, config, _ = diffusers_configs(load_ldm_params())
-    with torch.device("meta"):
-        controlnet = ControlNetModel(**config, conditioning_embedding_out_channels=(16,))
-        width = config["block_out_channels"][0]
-        controlnet.conv_in = torch.nn.Conv2d(config["in_channels"], width, 3, padding=1)
-        controlnet.controlnet_cond_embedding = torch.nn.Conv2d(4, width, 3, padding=1, bias=False)
-    return move_module(unet, dtype=dtype), move_module(controlnet, dtype=dtype)
+    return move_module(unet, dtype=dtype), move_module(empty_controlnet(config), dtype=dtype)
 
 
 @counted
