@@ -137,6 +137,19 @@ def _quality(text):
     return value
 
 
+def add_tile_args(parser, mode_note=""):
+    """The latent and VAE tiles, as both methods take them (``check_tile_args`` checks them)."""
+    parser.add_argument("--tile-latent", type=int, default=96, help="latent tile size (latent px; 0 = never tile)")
+    parser.add_argument("--tile-overlap", type=int, default=32, help="latent tile overlap (latent px)")
+    parser.add_argument("--vae-tile-encode", type=int, default=1024,
+                        help="VAE encoder tile size (image px; 0 = off)")
+    parser.add_argument("--vae-tile-decode", type=int, default=224,
+                        help="VAE decoder tile size (latent px; 0 = off)")
+    parser.add_argument("--vae-tile-mode", choices=["bounded", "exact"], default="bounded",
+                        help="bounded: one tile at a time, memory stays flat as images grow (default); exact: the "
+                             f"untiled result, memory grows with the image{mode_note}")
+
+
 def add_output_args(parser):
     parser.add_argument("--format", choices=list(OUTPUT_FORMATS), default="png",
                         help="output file format (default png, lossless)")

@@ -10,8 +10,8 @@ from ..sr_common.color_fix import COLOR_FIXES
 from ..sr_common.errors import DiffSRError
 from ..sr_common.offload import OffloadWhenShort
 from ..sr_common.sd21 import move_module, network_dtype
-from .common import (add_compile_arg, add_device_args, add_input_args, add_output_args, check_tile_args, find_images,
-                     pick_device, plan_outputs, run_main, upscale_all, with_smaller_tiles_on_oom)
+from .common import (add_compile_arg, add_device_args, add_input_args, add_output_args, add_tile_args, check_tile_args,
+                     find_images, pick_device, plan_outputs, run_main, upscale_all, with_smaller_tiles_on_oom)
 
 
 def build_parser():
@@ -35,13 +35,7 @@ def build_parser():
                    "'prompt_embeds' tensor (skips the text encoder)")
     p.add_argument("--color-fix", choices=COLOR_FIXES, default="wavelet")
     p.add_argument("--upscale", type=float, default=4, help="output scale (model works at x4; others resize)")
-    p.add_argument("--tile-latent", type=int, default=96, help="latent tile size (latent px; 0 = never tile)")
-    p.add_argument("--tile-overlap", type=int, default=32, help="latent tile overlap (latent px)")
-    p.add_argument("--vae-tile-encode", type=int, default=1024, help="VAE encoder tile size (image px; 0 = off)")
-    p.add_argument("--vae-tile-decode", type=int, default=224, help="VAE decoder tile size (latent px; 0 = off)")
-    p.add_argument("--vae-tile-mode", choices=["bounded", "exact"], default="bounded",
-                   help="bounded: one tile at a time, memory stays flat as images grow (default); exact: the "
-                        "untiled result, memory grows with the image")
+    add_tile_args(p)
     p.add_argument("--noise-file", default=None, help="safetensors with 'posterior', 'init', 'step_0'... "
                    "replacing every random draw (one input image only)")
     p.add_argument("--save-noise", action="store_true",

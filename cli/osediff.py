@@ -12,8 +12,8 @@ from ..sr_common.errors import DiffSRError
 from ..sr_common.image import scaled_size
 from ..sr_common.offload import OffloadWhenShort
 from ..sr_common.sd21 import load_sd21, move_module, network_dtype
-from .common import (add_compile_arg, add_device_args, add_input_args, add_output_args, check_sizing_args,
-                     check_tile_args, find_images, pick_device, plan_outputs, run_main, upscale_all,
+from .common import (add_compile_arg, add_device_args, add_input_args, add_output_args, add_tile_args,
+                     check_sizing_args, check_tile_args, find_images, pick_device, plan_outputs, run_main, upscale_all,
                      with_smaller_tiles_on_oom)
 
 
@@ -42,13 +42,7 @@ def build_parser():
     p.add_argument("--sample-mode", choices=["mean", "sample"], default="mean",
                    help="VAE posterior mean (deterministic) or a seeded sample (the official samples)")
     p.add_argument("--seed", type=int, default=0, help="seed for --sample-mode sample")
-    p.add_argument("--tile-latent", type=int, default=96, help="latent tile size (latent px; 0 = never tile)")
-    p.add_argument("--tile-overlap", type=int, default=32, help="latent tile overlap (latent px)")
-    p.add_argument("--vae-tile-encode", type=int, default=1024, help="VAE encoder tile size (image px; 0 = off)")
-    p.add_argument("--vae-tile-decode", type=int, default=224, help="VAE decoder tile size (latent px; 0 = off)")
-    p.add_argument("--vae-tile-mode", choices=["bounded", "exact"], default="bounded",
-                   help="bounded: one tile at a time, memory stays flat as images grow (default); exact: the "
-                        "untiled result, memory grows with the image (--official-sizing uses the official tiled VAE)")
+    add_tile_args(p, " (--official-sizing uses the official tiled VAE)")
     add_output_args(p)
     add_device_args(p)
     add_compile_arg(p)
