@@ -1,9 +1,11 @@
 """DoSSR end to end on the tiny official-layout fixture (tests/data/dossr, made by running the upstream code).
 
-Parity against the official fp32 CPU run, held close to what it measures (float32 rounding, not bit-exact):
-start ≥ 134.8 dB, x̂₀ ≥ 123.4, c ≥ 124.4, context 145.7, states ≥ 113.7 (the 1-step case; else ≥ 118.7),
-decoded ≥ 120.8, float output ≥ 121.3; the 8-bit PNGs ≥ 83.0 dB, differing by at most 1 LSB (1–6 values) where
-truncation hits a boundary. At 50 dB a condition latent scaled by 0.18 for 0.18215 passed 5 of 7 cases.
+Parity against the official fp32 CPU run, held close to what it measures (float32 rounding, not bit-exact; the
+tiny model's weights are float16 values): start and context bit-exact, x̂₀ ≥ 134.8 dB, c ≥ 134.5, states ≥ 108.9
+(the 2-step case; else ≥ 127.3), decoded ≥ 113.7 (else ≥ 127.6), float output ≥ 114.4 (else ≥ 128.1); the 8-bit
+PNGs ≥ 83.0 dB, differing by at most 1 LSB (0–8 values) where truncation hits a boundary. With every fast path
+(Winograd, oneDNN) x̂₀ ≥ 120.4 and c ≥ 122.2, the rest as high. At 50 dB a condition latent scaled by 0.18 for
+0.18215 passed 5 of 7 cases.
 """
 
 import copy
@@ -68,10 +70,10 @@ def check_parity(model, case):
     assert psnr(trace["context"], d["context"], peak=4) >= 135
     assert len(trace["states"]) == len(d["x_steps"]) == case["steps"]
     for ours, ref in zip(trace["states"], d["x_steps"]):
-        assert psnr(ours, ref, peak=4) >= 103
-    assert psnr(trace["decoded"], d["decoded"]) >= 110
+        assert psnr(ours, ref, peak=4) >= 99
+    assert psnr(trace["decoded"], d["decoded"]) >= 104
     if case["sr_scale"] == 4:
-        assert psnr(out, d["out_float"].clamp(0, 1)) >= 110
+        assert psnr(out, d["out_float"].clamp(0, 1)) >= 104
     official = lr_image(case["output_png"])
     assert tuple(out.shape[-2:]) == tuple(official.shape[-2:]) == tuple(case["output_size_wh"][::-1])
     ours_u8 = torch.floor(out.clamp(0, 1) * 255) / 255  # the official truncates to uint8
@@ -184,10 +186,10 @@ def test_tiled_close_to_untiled(model):
                                                          vae_tile_decode=0, vae_tile_mode="exact"))
     net_tiled = dossr_upscale(model, lr, options=Options(steps=2, seed=1, tile_latent=16, tile_overlap=8,
                                                          vae_tile_encode=0, vae_tile_decode=0))
-    # measured 41.1 / 30.6 / 32.0 dB: random tiny weights have a receptive field as large as the image
-    # (the encoder error also reaches the sampler through x̂0 and c)
-    assert psnr(full, dec_tiled) >= 35
-    assert psnr(full, enc_tiled) >= 28
+    # measured 132.7 / 131.9 / 32.0 dB: the exact tiled VAE is the one pass to float32 rounding; latent tiles are
+    # not (random tiny weights have a receptive field as large as the image)
+    assert psnr(full, dec_tiled) >= 120
+    assert psnr(full, enc_tiled) >= 120
     assert psnr(full, net_tiled) >= 28
 
 
@@ -220,7 +222,7 @@ def test_reduced_precision_networks_stay_close(dtype, min_db):
     model.to(dtype=dtype)
     b = dossr_upscale(model, lr, options=Options(steps=5, seed=1))
     assert b.dtype == torch.float32 and torch.isfinite(b).all()
-    assert min_db <= psnr(a, b) < 80  # measured: bf16 41.2 dB, fp16 59.1 dB
+    assert min_db <= psnr(a, b) < 80  # measured: bf16 41.9 dB, fp16 60.1 dB
     with pytest.raises(ValueError, match="dtype"):
         model.to(dtype=torch.float64)
 

@@ -31,6 +31,20 @@ def test_official_recognised_with_wrappers(official_sd, tmp_path):
     assert kind == "official"
 
 
+def test_float32_file_as_the_official_loads_the_same_model(official_sd, tmp_path):
+    """The official ``dossr_default.ckpt`` is float32; the fixture stores float16 values. The same values in float32
+    load to the same float32 networks."""
+    from comfyui_diffsr.dossr_core.model import load_dossr
+
+    float32 = save(tmp_path, "fp32.ckpt", {"state_dict": {k: v.float() if v.is_floating_point() else v
+                                                          for k, v in official_sd.items()}})
+    yaml = os.path.join(FIX, "tiny_cldm.yaml")
+    stored, official = (load_dossr(path, config=yaml, text_heads=2) for path in (CKPT, float32))
+    for a, b in zip(stored.modules(), official.modules()):
+        for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert x.dtype == y.dtype == torch.float32 and torch.equal(x, y), name
+
+
 @pytest.mark.parametrize("drop, message", [
     ("control_model.", "without the ControlNet"),
     ("cond_encoder.", "without DoSSR's condition encoder"),

@@ -443,7 +443,15 @@ def main():
     torch.manual_seed(0)
     model = instantiate_from_config(OmegaConf.load(cfg_path))
     randomise(model, WEIGHT_SEED)
-    sd = {k: v.detach().clone().contiguous().float() if v.is_floating_point() else v.detach().clone()
+    # the networks' weights stored in float16 (half the file), rounded in the model first so that the upstream
+    # runs on the very values stored; the DDPM buffers (top-level keys: betas, alphas_cumprod, ...) stay float32
+    halved = lambda k, v: v.is_floating_point() and "." in k
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if halved(k, v):
+                v.copy_(v.half())
+    sd = {k: v.detach().clone().contiguous().half() if halved(k, v) else
+          v.detach().clone().contiguous().float() if v.is_floating_point() else v.detach().clone()
           for k, v in model.state_dict().items()}
     ckpt_path = os.path.join(out, "dossr_tiny.ckpt")
     torch.save({"state_dict": sd}, ckpt_path)
