@@ -19,7 +19,7 @@ from ..osediff_core.pipeline import Options as DEFAULT_TILES  # the same tile de
 from ..sr_common import tiling
 from ..sr_common.download import OFFICIAL, downloaded
 from ..sr_common.errors import WeightFileError
-from ..sr_common.fast_modules import FusedUpsample2D
+from ..sr_common.fast_modules import forget_folded_kernels
 from ..sr_common.image import with_upscaled_alpha
 from ..sr_common.sd21 import (NETWORK_DTYPES, PRECISIONS, check_precision, ieee_float32, load_sd21, move_module,
                                sd21_from_ldm_state_dict)
@@ -349,9 +349,7 @@ class HeldModulesPatcher(comfy.model_patcher.ModelPatcher):
         try:
             return super().partially_unload(*args, **kwargs)
         finally:
-            for module in self.model.modules():
-                if isinstance(module, FusedUpsample2D):
-                    module.forget_kernels()
+            forget_folded_kernels(self.model)
 
 
 _patchers = weakref.WeakValueDictionary()  # id(torch module) → its ModelPatcher, while a model keeps that patcher

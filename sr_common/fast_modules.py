@@ -268,6 +268,13 @@ class FusedUpsample2D(nn.Module):
         return upsample2x_conv3x3(hidden_states, self.phase_kernels(), self.conv.bias)
 
 
+def forget_folded_kernels(model):
+    """Drop the folded kernels of every ``FusedUpsample2D`` in ``model`` (folded again at their next call)."""
+    for module in model.modules():
+        if isinstance(module, FusedUpsample2D):
+            module.forget_kernels()
+
+
 class LeanResnetBlock2D(nn.Module):
     """Drop-in for a diffusers ``ResnetBlock2D`` without up/down-sampling or scale-shift time embedding, with
     SiLU; keeps its submodules (same state-dict keys):

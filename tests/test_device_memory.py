@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from comfyui_diffsr.dossr_core import rrdb as rrdb_module
 from comfyui_diffsr.dossr_core.rrdb import RRDBNet
 from comfyui_diffsr.sr_common import latents, offload, tiled_vae
-from comfyui_diffsr.sr_common.fast_modules import fast_modules, fast_vae_decoder, phase_kernels
+from comfyui_diffsr.sr_common.fast_modules import fast_modules, fast_vae_decoder, forget_folded_kernels, phase_kernels
 from comfyui_diffsr.sr_common.latents import vae_decode
 from comfyui_diffsr.sr_common.sd21 import models_from_config, move_module, shipped_config_dir
 
@@ -180,16 +180,12 @@ def test_denoiser_estimate_covers_the_count(latent, tile, batch):
     unet, controlnet = full_size_denoisers(torch.float16)
     z = torch.empty(1, 4, latent, latent, device="meta")
     context = torch.empty(1, 77, 1024, device="meta", dtype=torch.float16)
-    for module in unet.modules():
-        if hasattr(module, "forget_kernels"):
-            module.forget_kernels()
+    forget_folded_kernels(unet)
     estimate = latents.denoiser_bytes(unet, z, tile, 32, batch)
     held = activations(lambda: predict_eps(unet, z, context, tile=tile, overlap=32, tile_batch=batch), unet)
     assert held <= estimate <= 1.1 * held, (held / MiB, estimate / MiB)
     assert latents.denoiser_bytes(unet, z, tile, 32, batch) < estimate  # the kernels are kept now
-    for module in unet.modules():
-        if hasattr(module, "forget_kernels"):
-            module.forget_kernels()
+    forget_folded_kernels(unet)
     dossr = types.SimpleNamespace(unet=unet, controlnet=controlnet, dtype=torch.float16)
     eps = make_eps_model(dossr, z, context, Options(tile_latent=tile, tile_batch=batch))
     estimate = latents.denoiser_bytes(unet, z, tile, 32, batch, latents.CONTROLLED_UNET_COPIES)

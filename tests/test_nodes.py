@@ -498,9 +498,7 @@ def test_models_are_loaded_and_unloaded_by_comfy_model_management(pack, osediff_
                 color_fix="adain", tile_latent=96, tile_overlap=32, dtype="fp32")
     mm.LOADED.clear()
     mm.REQUIRED.clear()
-    for module in model.unet.modules():
-        if hasattr(module, "forget_kernels"):
-            module.forget_kernels()
+    sys.modules["custom_nodes_x_diffsr_pack.sr_common.fast_modules"].forget_folded_kernels(model.unet)
     unet_bytes = latents.denoiser_bytes(model.unet, torch.empty(1, 4, 5, 6), 96, 32)  # the kernels to fold too
     (first,) = run(nodes["OSEDiff_Upscale"], **args)
     networks = [model.lq_encoder, model.unet, model.vae]  # in the order of the stages
