@@ -2,10 +2,12 @@ import contextlib
 import dataclasses
 import functools
 import http.server
+import json
 import os
 import shutil
 import sys
 import threading
+import warnings
 
 import pytest
 import torch
@@ -38,17 +40,56 @@ def same_bytes(a, b):
 
 def pytest_sessionstart(session):
     """Stop when the installed ``comfyui_diffsr`` is an older copy of this checkout (``tools/run_tests.sh`` installs
-    it, not editable, so that packaging is tested too): the tests would pass or fail on code that is not here."""
+    it, not editable, so that packaging is tested too): the tests would pass or fail on code that is not here. Then
+    make the tiny SD 2.1 folder's weight files (``make_tiny_sd21_weights``)."""
     import comfyui_diffsr
 
     installed = os.path.dirname(os.path.abspath(comfyui_diffsr.__file__))
-    if os.path.realpath(installed) == os.path.realpath(ROOT):
+    if os.path.realpath(installed) != os.path.realpath(ROOT):
+        differing = [rel for rel in packaged_sources()
+                     if not same_bytes(os.path.join(installed, rel), os.path.join(ROOT, rel))]
+        if differing:
+            pytest.exit(f"The installed comfyui_diffsr ({installed}) is not this checkout: {len(differing)} file(s) "
+                        f"differ (e.g. {differing[0]}). Run `bash tools/run_tests.sh`, which reinstalls it.",
+                        returncode=2)
+    try:
+        make_tiny_sd21_weights()
+    except RuntimeError as e:
+        pytest.exit(str(e), returncode=2)
+
+
+TINY_SD21 = os.path.join(DATA, "osediff", "tiny_sd21")
+
+
+def make_tiny_sd21_weights():
+    """The weight files of the tiny SD 2.1 diffusers folder (tests/data/osediff/tiny_sd21), where missing. They are
+    not stored: the fixture script wrote them with the same tensors as ``tiny_sd21_single.safetensors`` (checked
+    there with diffusers' LDM converters), so they are made again from that file by ``load_sd21`` and must be,
+    byte for byte, the files it wrote (their SHA-256: ``tiny_sd21/weights_sha256.json``)."""
+    from safetensors.torch import save_file
+
+    from comfyui_diffsr.sr_common.sd21 import load_sd21
+
+    with open(os.path.join(TINY_SD21, "weights_sha256.json"), encoding="utf-8") as f:
+        expected = {os.path.join(TINY_SD21, name): digest for name, digest in json.load(f).items()}
+    if all(os.path.exists(path) and file_digests(path)[0] == digest for path, digest in expected.items()):
         return
-    differing = [rel for rel in packaged_sources()
-                 if not same_bytes(os.path.join(installed, rel), os.path.join(ROOT, rel))]
-    if differing:
-        pytest.exit(f"The installed comfyui_diffsr ({installed}) is not this checkout: {len(differing)} file(s) differ "
-                    f"(e.g. {differing[0]}). Run `bash tools/run_tests.sh`, which reinstalls it.", returncode=2)
+    with warnings.catch_warnings():  # no tokenizer stored in the folder: the pack's, which is the same
+        warnings.simplefilter("ignore")
+        sd = load_sd21(os.path.join(DATA, "osediff", "tiny_sd21_single.safetensors"), config_dir=TINY_SD21)
+    for path, digest in expected.items():
+        part = os.path.basename(os.path.dirname(path))
+        state = {k: v.detach().to(torch.float16).contiguous() for k, v in getattr(sd, part).state_dict().items()}
+        if part == "text_encoder":  # the names and the position_ids of the transformers that wrote it (4.28)
+            state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
+            positions = state["text_model.embeddings.position_embedding.weight"].shape[0]
+            state["text_model.embeddings.position_ids"] = torch.arange(positions)[None]
+        save_file(state, path + ".partial", metadata={"format": "pt"})
+        os.replace(path + ".partial", path)
+        if file_digests(path)[0] != digest:
+            raise RuntimeError(f"{os.path.relpath(path, DATA)}, made from tiny_sd21_single.safetensors by load_sd21, "
+                               "is not the file the fixture script wrote (weights_sha256.json): the single-file "
+                               "loader's result has changed.")
 
 
 @contextlib.contextmanager
@@ -120,7 +161,7 @@ def official_files_served(files, official, served, *, with_length=True):
 def copy_tiny_sd21(dest):
     """The stored tiny SD 2.1 diffusers folder copied to ``dest`` with the tokenizer the pack ships (identical
     files, stored once). Returns ``dest`` as a string."""
-    shutil.copytree(os.path.join(DATA, "osediff", "tiny_sd21"), dest)
+    shutil.copytree(TINY_SD21, dest)
     if not os.path.isdir(os.path.join(dest, "tokenizer")):
         shutil.copytree(TOKENIZER, os.path.join(dest, "tokenizer"))
     return str(dest)

@@ -6,7 +6,8 @@ tests/data/osediff/README.md) and a checkout of cswry/OSEDiff (commit fcc4f09):
     PYTHONPATH=/path/to/OSEDiff python tools/make_osediff_fixtures.py --upstream /path/to/OSEDiff --out tests/data/osediff
 
 It writes a tiny SD 2.1-base-architecture diffusers folder (``tiny_sd21/``, fp16 weights; the tokenizer is
-the one the pack ships, sr_common/configs/sd21_base/tokenizer, and is not stored again), the same weights as
+the one the pack ships, sr_common/configs/sd21_base/tokenizer, and is not stored again; nor are the weight files,
+which the tests make from the single file and check against ``weights_sha256.json``), the same weights as
 one LDM-layout single file (``tiny_sd21_single.safetensors``, checked against diffusers' own LDM converters),
 an ``osediff_tiny.pkl`` in the official layout (adapter lists by the official ``initialize_unet`` /
 ``initialize_vae``, every LoRA A/B and ``conv_in`` randomised), input images, and for each case the official
@@ -15,6 +16,7 @@ code is copied: it is imported from --upstream and driven the way test_osediff.p
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -383,7 +385,7 @@ CPU. Regenerate (1.5-3 min on 2 CPU cores):
 
 | file | what |
 |---|---|
-| `tiny_sd21/` | diffusers folder laid out like `stabilityai/stable-diffusion-2-1-base` (model_index.json, unet/, vae/, text_encoder/, scheduler/ = the SD 2.1-base PNDMScheduler config), weights **fp16** safetensors (upcast to fp32 to run). **`tokenizer/` is not stored**: it is byte-identical to `sr_common/configs/sd21_base/tokenizer` (made by `tools/make_clip_tokenizer.py`); copy it in before loading. |
+| `tiny_sd21/` | diffusers folder laid out like `stabilityai/stable-diffusion-2-1-base` (model_index.json, unet/, vae/, text_encoder/, scheduler/ = the SD 2.1-base PNDMScheduler config), weights **fp16** safetensors (upcast to fp32 to run). **The weight files are not stored**: they hold the same tensors as `tiny_sd21_single.safetensors`, so `tests/conftest.py` makes them from it at the start of a test session, and checks them byte for byte against the SHA-256 the script wrote (`weights_sha256.json`). **Nor is `tokenizer/`**: it is byte-identical to `sr_common/configs/sd21_base/tokenizer` (made by `tools/make_clip_tokenizer.py`); copy it in before loading. |
 | `tiny_sd21_single.safetensors` | the same weights as one original SD 2.1 checkpoint (fp16): `model.diffusion_model.*`, `first_stage_model.*` (mid attention q/k/v/proj_out as 1x1 convs), `cond_stage_model.model.*` (OpenCLIP layout, `attn.in_proj_*`, `text_projection`, `logit_scale`) with **3** resblocks where the HF encoder has 2: `resblocks.2` is random and must be ignored (SD 2 uses the penultimate layer). Checked in the script with diffusers 0.25's `convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`, `convert_open_clip_checkpoint` (exact equality). |
 | `osediff_tiny.pkl` | `torch.save` dict exactly as `OSEDiff_gen.save_model` writes it (fp32): module lists from the official `initialize_unet`/`initialize_vae` on the tiny model (UNet 49/100/16 modules, VAE list 63 entries with duplicates, 31 unique), `rank_unet = rank_vae = 4`, PEFT default alpha 8 (scale 2). Every `lora_A` ~ N(0, 1/r), every `lora_B` random and scaled so that `|2 B@A| / |W|` is 0.10..0.30 per layer; `conv_in.base_layer.{{weight,bias}}` differs from the base `conv_in` (must replace it, then add its LoRA). Loads with `weights_only=True`. |
 | `in_WxH.png` | inputs (smooth gradients + shapes + noise, RGB) |
@@ -446,6 +448,20 @@ def write_readme(out, listing, lora_psnr):
 
 
 TOKEN_IDS = []
+WEIGHT_FILES = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                "text_encoder/model.safetensors")
+
+
+def write_weight_hashes(folder):
+    """``weights_sha256.json`` in the folder: the SHA-256 of its weight files, which are not stored (the same tensors
+    as the single file): the tests make them from the single file and check them against these (tests/conftest.py)."""
+    hashes = {}
+    for name in WEIGHT_FILES:
+        with open(os.path.join(folder, name), "rb") as f:
+            hashes[name] = hashlib.sha256(f.read()).hexdigest()
+    with open(os.path.join(folder, "weights_sha256.json"), "w") as f:
+        json.dump(hashes, f, indent=1)
+        f.write("\n")
 
 
 def main():
@@ -464,6 +480,7 @@ def main():
     unet, vae, text = build_tiny(folder)
     n_single = write_single_file(unet, vae, text, folder, os.path.join(a.out, "tiny_sd21_single.safetensors"), gen)
     print(f"single file: {n_single} tensors, LDM layout verified with diffusers' converters", flush=True)
+    write_weight_hashes(folder)
     pkl = os.path.join(a.out, "osediff_tiny.pkl")
     ckpt, ratios = make_osediff_pkl(folder, pkl, gen)
     print(f"osediff_tiny.pkl: unet {len(ckpt['state_dict_unet'])} tensors, vae {len(ckpt['state_dict_vae'])}, "
