@@ -159,8 +159,8 @@ def official_files_served(files, official, served, *, with_length=True):
 
 
 def copy_tiny_sd21(dest):
-    """The stored tiny SD 2.1 diffusers folder copied to ``dest`` with the tokenizer the pack ships (identical
-    files, stored once). Returns ``dest`` as a string."""
+    """The tiny SD 2.1 diffusers folder (its weight files made at session start: ``make_tiny_sd21_weights``) copied
+    to ``dest`` with the tokenizer the pack ships (identical files, stored once). Returns ``dest`` as a string."""
     shutil.copytree(TINY_SD21, dest)
     if not os.path.isdir(os.path.join(dest, "tokenizer")):
         shutil.copytree(TOKENIZER, os.path.join(dest, "tokenizer"))
