@@ -12,8 +12,9 @@ count leaves out: the workspace of the convolutions and of attention, and the CU
 The weights are on the device, the text encoder's not (the prompt embedding is given): as the nodes and the commands
 run. With ``--budget-mib N`` the run sees a device of N MiB instead: the commands' ``OffloadWhenShort`` moves the
 networks of other stages to the CPU when a stage does not fit in what is left of N, and the decoder's tile fit sees
-the same (on any device, the meta one included; on a GPU the budget counts what PyTorch allocated). Per network, the peak while its layers were the last to run (``lq_encoder``, ``unet``, ``vae_decoder`` …; the
-colour fix and the resizing count toward the network before them).
+the same (on any device, the meta one included; on a GPU the budget counts what PyTorch allocated). Per network,
+the peak while its layers were the last to run (``lq_encoder``, ``unet``, ``vae_decoder`` …; the colour fix and the
+resizing count toward the network before them).
 """
 
 import argparse

@@ -207,8 +207,8 @@ class OSEDiffLQEncoder(io.ComfyNode):
         for one in images:
             lq, _ = preprocess(one, upscale=upscale, process_size=process_size)
             padded, _ = img.pad_to_multiple(lq, 8)
-            dev = host.load_on_device(model, model.lq_encoder,
-                                      memory_required=encode_moments_bytes(model.lq_encoder, padded, vae_tile))
+            model.load_stage([model.lq_encoder], encode_moments_bytes(model.lq_encoder, padded, vae_tile))
+            dev = model.device
             z = host.with_oom_retry(lambda vae_tile_encode: encode_lq(model.lq_encoder, padded.to(dev),
                                                                       tile=vae_tile_encode), vae_tile_encode=vae_tile)
             latents.append(z.cpu() / SCALING_FACTOR)
@@ -242,9 +242,9 @@ class OSEDiffOneStep(io.ComfyNode):
             embeds = checked_context(conditioning[0][0][:1], model.unet)
         else:
             (embeds,) = _embeddings(model, [prompt])
-        overlap = overlap_within(tile_latent, tile_overlap)
-        dev = host.load_on_device(model, model.unet,
-                                  memory_required=denoiser_bytes(model.unet, z_all[:1], tile_latent, overlap))
+        model.load_stage([model.unet], denoiser_bytes(model.unet, z_all[:1], tile_latent,
+                                                      overlap_within(tile_latent, tile_overlap)))
+        dev = model.device
         progress = host.Progress(z_all.shape[0])
         outs = []
         for z in z_all.split(1):
@@ -281,7 +281,8 @@ class OSEDiffDecode(io.ComfyNode):
         progress = host.Progress(len(images))
         outs = []
         for one, x0 in host.latent_with_references(latent, images, "OSEDiff VAE Decode"):
-            dev = host.load_on_device(model, model.vae, memory_required=vae_decode_bytes(model.vae, x0, vae_tile))
+            model.load_stage([model.vae], vae_decode_bytes(model.vae, x0, vae_tile))
+            dev = model.device
             lq, plan = preprocess(one, upscale=upscale, process_size=process_size)
             _check_latent_size(x0, lq, upscale, process_size)
             decoded = host.with_oom_retry(lambda vae_tile_decode: decode_latent(
