@@ -11,7 +11,10 @@ from .common import run_main
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="diffsr download", description="Download official weights (resumable, verified).")
+    p = argparse.ArgumentParser(
+        prog="diffsr download",
+        description="Download official weights (resumable, verified). A file already there is checked against its "
+                    "pinned or recorded hash; a damaged one is moved aside as <file>.bad and fetched again.")
     p.add_argument("which", nargs="+", choices=list(OFFICIAL) + ["all"], help="files to fetch")
     p.add_argument("--models-dir", default="models", help="models folder; files go to <models-dir>/<kind>/ (default ./models)")
     return p
@@ -21,7 +24,7 @@ def fetch(key, models_dir):
     """Download one official file (a progress bar on stderr) and return its path."""
     source = OFFICIAL[key]
     dest = os.path.join(models_dir, source.folder, source.filename)
-    if downloaded(dest):  # anything else there: download() says what is wrong
+    if downloaded(dest, source):  # a damaged file there is set aside by fetch; a folder is refused by download
         return dest
     bar = tqdm(desc=source.filename, unit="B", unit_scale=True, file=sys.stderr)
 

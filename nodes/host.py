@@ -120,7 +120,7 @@ def weight_path(folder, name):
     if source is None:
         raise FileNotFoundError(f"No official download for {filename!r} in models/{folder}.")
     for root in folder_paths.get_folder_paths(folder):
-        if downloaded(os.path.join(root, filename)):
+        if downloaded(os.path.join(root, filename), source):
             return os.path.join(root, filename)
     dest = os.path.join(folder_paths.get_folder_paths(folder)[0], filename)
     bar = comfy.utils.ProgressBar(1)

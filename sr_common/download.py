@@ -7,11 +7,13 @@ complete and verified, so an interrupted download never leaves a file that looks
 
 import hashlib
 import os
+import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
 from .errors import DiffSRError
+from .weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, sniff
 
 CHUNK = 1 << 20
 
@@ -26,7 +28,15 @@ class Source:
     git_blob: str = ""   # the file's git blob id in its repository, where the url is a commit's file
 
     def fetch(self, dest, progress=None):
-        """``download`` of this file to ``dest``, checked against what is pinned here or declared by the server."""
+        """``download`` of this file to ``dest``, checked against what is pinned here or declared by the server. A
+        file already at ``dest`` that fails its check (``downloaded``) is set aside as ``<file>.bad``, not deleted,
+        and fetched again."""
+        if downloaded(dest, self):
+            return dest
+        if os.path.isfile(dest) and os.path.getsize(dest) > 0:
+            aside = set_aside(dest)
+            print(f"{dest} does not have the official file's hash (damaged, or another file): moved to {aside}; "
+                  "downloading it again", file=sys.stderr)
         return download(self.url, dest, sha256=self.sha256, git_blob=self.git_blob, progress=progress)
 
 
@@ -67,9 +77,50 @@ def _declared_sha256(headers):
     return etag if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag.lower()) else ""
 
 
-def downloaded(path):
-    """Whether a finished download can be at ``path``: a file that is not empty."""
-    return os.path.isfile(path) and os.path.getsize(path) > 0
+def downloaded(path, source=None):
+    """Whether a finished download is at ``path``: a file that is not empty and, for a ``source`` that pins a hash
+    (or whose earlier download recorded one in ``<file>.sha256``), has that hash. The hash is computed again only
+    when the file changed after the record was written; a file that matches gets the record."""
+    if not (os.path.isfile(path) and os.path.getsize(path) > 0):
+        return False
+    if source is None:
+        return True
+    record = path + ".sha256"
+    recorded = _recorded_sha256(record)
+    want_sha = source.sha256.lower() or recorded
+    if not (want_sha or source.git_blob):
+        return True  # nothing to check it against (a file put there by hand, of an unpinned source)
+    if recorded and recorded == want_sha and os.path.getmtime(record) >= os.path.getmtime(path):
+        return True
+    digest, blob = file_digests(path)
+    if (want_sha and digest != want_sha) or (source.git_blob and blob != source.git_blob.lower()):
+        return False
+    _write_record(path, digest)
+    return True
+
+
+def _recorded_sha256(record):
+    try:
+        with open(record, encoding="utf-8") as f:
+            digest = f.read(64).lower()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return digest if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest) else ""
+
+
+def _write_record(path, digest):
+    with open(path + ".sha256", "w", encoding="utf-8") as f:
+        f.write(f"{digest}  {os.path.basename(path)}\n")
+
+
+def set_aside(path):
+    """Rename a damaged file to the first free ``<file>.bad``, ``<file>.bad2``, … (never deleted) and return that."""
+    aside, n = path + ".bad", 1
+    while os.path.lexists(aside):
+        n += 1
+        aside = f"{path}.bad{n}"
+    os.rename(path, aside)
+    return aside
 
 
 def download(url, dest, *, sha256="", git_blob="", progress=None, timeout=60):
@@ -106,37 +157,57 @@ def download(url, dest, *, sha256="", git_blob="", progress=None, timeout=60):
     if response is not None:
         with response:
             expected = expected or _declared_sha256(response.headers)
-            resumed = response.status == 206
-            if not resumed:
-                have = 0
-            length = response.headers.get("Content-Length")
-            total = have + int(length) if length else None
-            with open(partial, "ab" if resumed else "wb") as f:
-                done = have
-                while True:
-                    try:
-                        chunk = response.read(CHUNK)
-                    except OSError as e:
-                        raise DownloadError(f"Download of {url} was interrupted ({e}); run again to resume.") from e
-                    if not chunk:
-                        break
-                    f.write(chunk)
-                    done += len(chunk)
-                    if progress:
-                        progress(done, total)
-            if total is not None and os.path.getsize(partial) != total:
-                raise DownloadError(f"Download of {url} ended early ({os.path.getsize(partial)} of {total} bytes); "
-                                    "run again to resume.")
+            try:
+                _receive(response, partial, have, url, progress)
+            except OSError as e:  # the models folder is full or not writable
+                raise DownloadError(f"Cannot write {partial!r} ({e}): free some disk space or choose another models "
+                                    "folder, then run again to resume.") from e
     digest, blob = file_digests(partial)
     for kind, got, want in (("SHA-256", digest, expected), ("git blob id", blob, git_blob)):
         if want and got != want.lower():
             os.remove(partial)
             raise DownloadError(f"{os.path.basename(dest)}: {kind} {got} does not match the expected {want}; the "
                                 "file was deleted. Try again later or fetch it by hand.")
-    os.replace(partial, dest)
-    with open(dest + ".sha256", "w", encoding="utf-8") as f:
-        f.write(f"{digest}  {os.path.basename(dest)}\n")
+    kind = sniff(partial)
+    if dest.lower().endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES) and kind not in ("zip", "pickle", "safetensors"):
+        os.remove(partial)  # an unpinned file the server replaced by a page (rate limit, login, moved)
+        raise DownloadError(f"Download of {url} gave {kind}; the file was deleted. Try again later or fetch "
+                            f"{os.path.basename(dest)} by hand.")
+    try:
+        os.replace(partial, dest)
+    except OSError as e:
+        raise DownloadError(f"Cannot move the finished download {partial!r} to {dest!r} ({e}); move it by hand, "
+                            "or run again.") from e
+    try:
+        _write_record(dest, digest)
+    except OSError:
+        pass  # only saves hashing the file again on the next check
     return dest
+
+
+def _receive(response, partial, have, url, progress):
+    """Append the response's body to ``partial`` (which holds ``have`` bytes, kept if the server resumed)."""
+    resumed = response.status == 206
+    if not resumed:
+        have = 0
+    length = response.headers.get("Content-Length")
+    total = have + int(length) if length else None
+    with open(partial, "ab" if resumed else "wb") as f:
+        done = have
+        while True:
+            try:
+                chunk = response.read(CHUNK)
+            except OSError as e:
+                raise DownloadError(f"Download of {url} was interrupted ({e}); run again to resume.") from e
+            if not chunk:
+                break
+            f.write(chunk)
+            done += len(chunk)
+            if progress:
+                progress(done, total)
+    if total is not None and os.path.getsize(partial) != total:
+        raise DownloadError(f"Download of {url} ended early ({os.path.getsize(partial)} of {total} bytes); "
+                            "run again to resume.")
 
 
 def file_digests(path):

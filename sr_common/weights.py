@@ -24,7 +24,10 @@ SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".pkl", ".pth", ".pt", ".ckpt", ".bin")
 CONVERT_HINT = ("If you trust the file, convert it once in a separate Python with `torch.load(path, "
                 "weights_only=False)` and `safetensors.torch.save_file(...)`, then load the .safetensors file.")
-DOWNLOAD_HINT = "Download it again (`diffsr download` resumes and only installs complete files)."
+DOWNLOAD_HINT = ("Download it again. The official SD 2.1-base, OSEDiff, DAPE and RAM files: `diffsr download "
+                 "sd21-base|osediff|osediff-face|dape|ram` (in ComfyUI the loader's 'download:' entry) checks the file "
+                 "there, moves a damaged one aside as <file>.bad and fetches it afresh; DoSSR's: from the links in its "
+                 "official README.")
 
 
 def _check_file(path):
@@ -139,7 +142,8 @@ def read_state_dict(path, *, mmap=True, float32=False):
     except MemoryError:
         raise
     except Exception as e:  # a damaged zip or pickle can fail in many ways inside torch.load
-        first = str(e).splitlines()[0][:160] if str(e) else ""
+        first = str(e).splitlines()[0] if str(e) else ""
+        first = first.split(". ")[0].rstrip(".") if len(first) > 160 else first  # torch's first sentence, whole
         raise WeightFileError(f"Cannot read {name!r} ({type(e).__name__}: {first}). The file is truncated, damaged "
                               f"or not a PyTorch weight file. {DOWNLOAD_HINT}") from e
 

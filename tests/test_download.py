@@ -8,9 +8,10 @@ import threading
 
 import pytest
 
-from comfyui_diffsr.sr_common.download import DownloadError, download
+from comfyui_diffsr.sr_common.download import DownloadError, Source, download, downloaded
 
-PAYLOAD = os.urandom(300_000)
+PAYLOAD = b"PK\x03\x04" + os.urandom(300_000)  # a zip's first bytes, as torch's .pth/.pkl files have
+PAGE = b"<!DOCTYPE html><html>rate limited</html>"
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
 
 
@@ -25,6 +26,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         Handler.requests.append(self.headers.get("Range"))
         if self.path == "/missing":
             self.send_error(404)
+            return
+        if self.path == "/page":
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(PAGE)))
+            self.end_headers()
+            self.wfile.write(PAGE)
             return
         data, start = PAYLOAD, 0
         rng = self.headers.get("Range")
@@ -122,3 +130,51 @@ def test_a_pinned_git_blob_id_is_what_git_prints_and_is_checked(server, tmp_path
     with pytest.raises(DownloadError, match="git blob id [0-9a-f]{40} does not match the expected 0{40}"):
         download(f"{server}/plain", str(tmp_path / "other.pkl"), git_blob="0" * 40)
     assert not os.path.exists(tmp_path / "other.pkl") and not os.path.exists(tmp_path / "other.pkl.partial")
+
+
+def test_a_page_instead_of_an_unpinned_weight_file_is_not_installed(server, tmp_path):
+    """DAPE.pth has no pinned hash: a rate-limit or login page served with HTTP 200 is deleted, not put in place."""
+    dest = tmp_path / "dape" / "DAPE.pth"
+    with pytest.raises(DownloadError, match="gave an HTML page.*deleted"):
+        download(f"{server}/page", str(dest))
+    assert os.listdir(dest.parent) == []
+
+
+def test_a_models_folder_that_cannot_be_written_is_a_download_error(server, tmp_path):
+    """Disk full or not writable: one clear error, no traceback (here the partial file's name is a folder)."""
+    dest = tmp_path / "osediff.pkl"
+    (tmp_path / "osediff.pkl.partial").mkdir()
+    with pytest.raises(DownloadError, match="Cannot write .*free some disk space or choose another models folder"):
+        download(f"{server}/plain", str(dest))
+
+
+def test_a_damaged_official_file_is_set_aside_and_fetched_again(server, tmp_path):
+    """What the loaders' messages advise: a truncated file at the destination fails its pinned hash, is moved aside
+    as <file>.bad (never deleted) and downloaded afresh; a good file is kept and only hashed again once it changed."""
+    source = Source("test", f"{server}/plain", "osediff.pkl", "osediff", sha256=SHA)
+    dest = tmp_path / "osediff.pkl"
+    dest.write_bytes(PAYLOAD[:1000])
+    assert not downloaded(str(dest), source) and downloaded(str(dest))  # size alone would pass it
+    assert source.fetch(str(dest)) == str(dest)
+    assert dest.read_bytes() == PAYLOAD and (tmp_path / "osediff.pkl.bad").read_bytes() == PAYLOAD[:1000]
+    requests = len(Handler.requests)
+    assert source.fetch(str(dest)) == str(dest) and len(Handler.requests) == requests  # kept, no request
+    dest.write_bytes(PAYLOAD[:2000])  # changed after its record was written: hashed again, set aside again
+    os.utime(dest, (os.path.getmtime(dest) + 10,) * 2)
+    source.fetch(str(dest))
+    assert dest.read_bytes() == PAYLOAD and (tmp_path / "osediff.pkl.bad2").read_bytes() == PAYLOAD[:2000]
+
+
+def test_an_unpinned_file_is_checked_against_the_hash_its_download_recorded(server, tmp_path):
+    """DAPE.pth (no pin): its download records its SHA-256; a later truncation fails that record. A file put there
+    by hand has no record and nothing to check against: it is kept."""
+    source = Source("test", f"{server}/plain", "DAPE.pth", "dape")
+    dest = tmp_path / "DAPE.pth"
+    source.fetch(str(dest))
+    assert downloaded(str(dest), source)
+    with open(dest, "r+b") as f:
+        f.truncate(5000)
+    os.utime(dest, (os.path.getmtime(dest) + 10,) * 2)
+    assert not downloaded(str(dest), source)
+    os.remove(str(dest) + ".sha256")
+    assert downloaded(str(dest), source)
