@@ -22,15 +22,16 @@ def add_input_args(parser):
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     parser.add_argument("-r", "--recursive", action="store_true",
                         help="also the images in the sub-folders of a folder INPUT; the outputs mirror the sub-folders "
-                             "(hidden folders, links to folders and the output folder are left out)")
+                             "(hidden folders, links to folders and the output folder are left out; a folder's hidden "
+                             "files, such as macOS's ._IMG.jpg, are never taken)")
 
 
 def find_images(inputs, recursive=False, output=None):
     """(image path, output name) pairs. Files as given; folders contribute their image files (sorted), and with
     ``recursive`` those of their sub-folders too, whose output name keeps the path below the folder given
-    (``2019/beach/img``), so the outputs mirror the sub-folders; hidden folders, links to folders and ``output``
-    (the output folder, which may lie inside an input folder) are not searched. The output name is the path without
-    its suffix. A file given twice (also as a folder's file, or through a link) counts once. An input folder that is
+    (``2019/beach/img``), so the outputs mirror the sub-folders; hidden files and folders (macOS's ``._IMG.jpg``
+    beside each photo on a USB stick), links to folders and ``output`` (the output folder, which may lie inside an
+    input folder) are not searched. The output name is the path without its suffix. A file given twice (also as a folder's file, or through a link) counts once. An input folder that is
     the output folder is refused: the outputs would be inputs of the next run (``--skip-existing`` could not resume)."""
     found, seen = [], set()
     skip = os.path.realpath(output) if output else None
@@ -46,7 +47,7 @@ def find_images(inputs, recursive=False, output=None):
                 subfolders[:] = sorted(d for d in subfolders if recursive and not d.startswith(".")
                                        and os.path.realpath(os.path.join(folder, d)) != skip)
                 paths += [os.path.join(folder, n) for n in sorted(names) if n.lower().endswith(IMAGE_SUFFIXES)
-                          and os.path.isfile(os.path.join(folder, n))]
+                          and not n.startswith(".") and os.path.isfile(os.path.join(folder, n))]
             named = [(path, os.path.relpath(path, item)) for path in paths]
         elif os.path.isfile(item):
             named = [(item, os.path.basename(item))]
@@ -73,19 +74,27 @@ def _unreadable_folder(error):
 
 
 def plan_outputs(images, outdir, overwrite=False, skip_existing=False, suffix=".png"):
-    """(input, OUTDIR/<output name><suffix>) pairs for ``find_images``' (input, output name) pairs; refuses name
-    clashes and, unless ``overwrite``, existing files. ``skip_existing`` leaves out the inputs whose output exists
-    (to resume a folder run)."""
+    """(input, OUTDIR/<output name><suffix>) pairs for ``find_images``' (input, output name) pairs. Inputs that
+    differ only in their suffix keep it (``a.png``, ``a.jpg`` → ``a.png.png``, ``a.jpg.png``); a clash that remains
+    (``IMG.png`` and ``img.png`` where names ignore case) is refused, as are, unless ``overwrite``, existing files.
+    ``skip_existing`` leaves out the inputs whose output exists (to resume a folder run)."""
     if not outdir:
         raise DiffSRError("--output is empty; give the folder to write to.")
+    clashes = {}
+    for path, name in images:  # IMG.png and img.png: one file where names ignore case (Windows, macOS)
+        clashes.setdefault(os.path.normcase(name).casefold(), []).append(os.path.splitext(path)[1].casefold())
     pairs, seen = [], {}
     for path, name in images:
+        kept = clashes[os.path.normcase(name).casefold()]
+        if len(kept) == len(set(kept)) > 1:
+            name += os.path.splitext(path)[1]
         out = os.path.join(outdir, name + suffix)
-        key = os.path.normcase(out).casefold()  # IMG.png and img.png: one file where names ignore case (Windows, macOS)
+        key = os.path.normcase(out).casefold()
         if key in seen:
             first, written = seen[key]
             where = repr(out) if written == out else f"{written!r} and {out!r}, one file where names ignore case"
-            raise DiffSRError(f"{first!r} and {path!r} would both be written to {where}; rename one of them.")
+            raise DiffSRError(f"{first!r} and {path!r} would both be written to {where}; rename one of them (nothing "
+                              "was upscaled).")
         seen[key] = path, out
         pairs.append((path, out))
     inputs = {_file_id(path) for path, _ in images}

@@ -14,10 +14,14 @@ COMMANDS = {
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: diffsr COMMAND [args]\n\ncommands:")
+        asked = bool(argv) and argv[0] in ("-h", "--help")
+        out = sys.stdout if asked else sys.stderr
+        print("usage: diffsr COMMAND [args]\n\ncommands:", file=out)
         for name, text in COMMANDS.items():
-            print(f"  {name:10s} {text}")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+            print(f"  {name:10s} {text}", file=out)
+        if argv and not asked:
+            print(f"error: unknown command {argv[0]!r}", file=out)
+        return 0 if asked else 2
     name, rest = argv[0], argv[1:]
     if name == "osediff":
         from .osediff import main as run

@@ -34,9 +34,11 @@ def _what_is(obj):
     if any(".lora_A" in k and k.startswith(("visual_encoder.", "tagging_head.", "tag_encoder.")) for k in keys):
         return "a DAPE LoRA file; pass it as the DAPE weights"
     if any(k.startswith("control_model.") for k in keys):
-        return "a DoSSR checkpoint; use it with the DoSSR loader"
+        return "a DoSSR checkpoint; use it with Load DoSSR in ComfyUI, or the `dossr` command"
     if any(k.startswith("model.diffusion_model.") for k in keys):
         return "a Stable Diffusion checkpoint; pass it as the base model"
+    if any(part in k for k in keys for part in (".lora_up.", ".lora_down.", ".lora_A.", ".lora_B.", ".lora.up.")):
+        return "a LoRA for Stable Diffusion (for ComfyUI's Load LoRA), not OSEDiff's weights"
     return f"an unknown file (top-level keys: {sorted(map(str, obj))[:6]})"
 
 

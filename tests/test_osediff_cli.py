@@ -315,20 +315,30 @@ def test_recursive_folder_run_mirrors_the_sub_folders(base, tmp_path, capsys):
     assert "sub-folders are searched with --recursive" in capsys.readouterr().err
 
 
-def test_two_inputs_for_one_output_are_refused_before_loading(base, tmp_path, capsys):
-    """photo.jpg and photo.png of one folder would both become photo.png: said with both names, before the
-    (here missing) weights are read, and nothing is written."""
+def test_inputs_that_differ_only_in_their_suffix_keep_it_and_other_clashes_are_refused(base, tmp_path, capsys):
+    """photo.jpg and photo.png of one folder would both become photo.png: each keeps its suffix (photo.jpg.png,
+    photo.png.png), also where only the case of the name differs too (PHOTO.jpg). IMG.png and img.png would be one
+    file where names ignore case: refused with both names, before the (here missing) weights are read; nothing is
+    written. macOS's hidden ._photo.png beside them is not an input."""
     folder = tmp_path / "photos"
     folder.mkdir()
-    Image.open(os.path.join(FIX, "in_32x32.png")).save(folder / "photo.png")
-    Image.open(os.path.join(FIX, "in_32x32.png")).save(folder / "photo.jpg")
-    assert run([folder, "-o", tmp_path / "out", "--base", base, "--weights", tmp_path / "missing.pkl"]) == 2
+    for name in ("photo.png", "photo.jpg", "b.png"):
+        Image.open(os.path.join(FIX, "in_32x32.png")).save(folder / name)
+    (folder / "._photo.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    weights = os.path.join(FIX, "osediff_tiny.pkl")
+    assert run([folder, "-o", tmp_path / "out", "--base", base, "--weights", weights, "--process-size", "64"]) == 0
+    assert sorted(os.listdir(tmp_path / "out")) == ["b.png", "photo.jpg.png", "photo.png.png"]
+    (folder / "photo.jpg").rename(folder / "PHOTO.jpg")
+    assert run([folder, "-o", tmp_path / "out2", "--base", base, "--weights", weights, "--process-size", "64"]) == 0
+    assert sorted(os.listdir(tmp_path / "out2")) == ["PHOTO.jpg.png", "b.png", "photo.png.png"]
+    capsys.readouterr()
+    (folder / "PHOTO.jpg").unlink()
+    Image.open(os.path.join(FIX, "in_32x32.png")).save(folder / "PHOTO.png")
+    assert run([folder, "-o", tmp_path / "out3", "--base", base, "--weights", tmp_path / "missing.pkl"]) == 2
     err = capsys.readouterr().err
-    assert "would both be written to" in err and "photo.jpg" in err and "rename one of them" in err
-    assert not (tmp_path / "out").exists()
-    (folder / "photo.jpg").rename(folder / "PHOTO.jpg")  # PHOTO.png and photo.png: one file on Windows and macOS
-    assert run([folder, "-o", tmp_path / "out", "--base", base, "--weights", tmp_path / "missing.pkl"]) == 2
-    assert "one file where names ignore case" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert "would both be written to" in err and "one file where names ignore case" in err, err
+    assert "PHOTO.png" in err and "rename one of them (nothing was upscaled)" in err
+    assert not (tmp_path / "out3").exists()
 
 
 def test_an_output_that_is_an_input_under_another_name_is_refused(base, tmp_path, capsys):

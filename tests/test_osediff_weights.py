@@ -118,7 +118,12 @@ def test_wrong_files_are_refused_by_name(tmp_path, ckpt):
         "ram.pth": ({"model": {"visual_encoder.patch_embed.proj.weight": torch.zeros(1)}}, "RAM"),
         "dape.pth": ({"visual_encoder.layers.0.blocks.0.attn.qkv.lora_A": torch.zeros(1)}, "DAPE"),
         "sd.ckpt": ({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}}, "base model"),
-        "dossr.ckpt": ({"state_dict": {"control_model.zero_convs.0.0.weight": torch.zeros(1)}}, "DoSSR"),
+        "dossr.ckpt": ({"state_dict": {"control_model.zero_convs.0.0.weight": torch.zeros(1)}},
+                       "DoSSR checkpoint; use it with Load DoSSR in ComfyUI, or the `dossr` command"),
+        "kohya_lora.pth": ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(1)},
+                           "LoRA for Stable Diffusion.*Load LoRA"),
+        "peft_lora.pth": ({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(1)},
+                          "LoRA for Stable Diffusion.*Load LoRA"),
         "junk.pth": ({"foo": torch.zeros(1)}, "unknown"),
     }
     for name, (obj, word) in cases.items():

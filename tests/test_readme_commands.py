@@ -69,8 +69,13 @@ def test_a_download_that_does_not_verify_puts_nothing_in_place(official_server, 
     assert not os.listdir(models / "osediff") and not os.listdir(models / "checkpoints")
 
 
-def test_the_diffsr_entry_lists_its_commands():
-    assert main(["--help"]) == 0 and main([]) == 2 and main(["upscale"]) == 2
+def test_the_diffsr_entry_lists_its_commands(capsys):
+    """--help lists the commands on stdout; an unknown command is named on stderr with the list, exit 2."""
+    assert main(["--help"]) == 0 and main([]) == 2
+    assert main(["upscale"]) == 2
+    printed = capsys.readouterr()
+    assert printed.out.startswith("usage:") and "error: unknown command 'upscale'" in printed.err
+    assert "download" in printed.err.split("error:")[0]
     shown = subprocess.run([sys.executable, "-m", "comfyui_diffsr", "--help"], capture_output=True, text=True,
                            check=True).stdout
     assert all(name in shown for name in ("osediff", "dape", "dossr", "convert", "download"))
