@@ -190,7 +190,25 @@ def sd21_from_comfy(model, clip, vae):
         raise WeightFileError("The checkpoint from Load Checkpoint is a v-prediction model; OSEDiff and DoSSR "
                               "need stable-diffusion-2-1-base (epsilon).")
     sd = {k: v for k, v in sd.items() if torch.is_tensor(v)}
+    rounded = reduced_precision_parts(sd)
+    if rounded:
+        print(f"[DiffSR] Load Checkpoint holds {rounded}: OSEDiff and DoSSR run on those rounded weights, not the "
+              "official float32 ones. For those, use Load SD 2.1-base (DiffSR), or start ComfyUI with --fp32-unet "
+              "--fp32-vae --fp32-text-enc.")
     return sd21_from_ldm_state_dict(sd, name="the Load Checkpoint model")
+
+
+LDM_PARTS = {"model.diffusion_model.": "the UNet", "first_stage_model.": "the VAE", "cond_stage_model.": "the text encoder"}
+
+
+def reduced_precision_parts(sd):
+    """'the UNet in float16, the VAE in bfloat16' for the parts of an LDM state dict not stored in float32."""
+    found = {}
+    for key, tensor in sd.items():
+        part = next((name for prefix, name in LDM_PARTS.items() if key.startswith(prefix)), None)
+        if part and tensor.is_floating_point() and tensor.dtype != torch.float32:
+            found.setdefault(part, set()).add(str(tensor.dtype).removeprefix("torch."))
+    return ", ".join(f"{part} in {'/'.join(sorted(kinds))}" for part, kinds in found.items())
 
 
 def device():
@@ -317,12 +335,13 @@ def auto_dtype(model):
     """ComfyUI's own precision for a diffusion model of this size on its device (``comfy.model_management.unet_dtype``):
     it honours --force-fp32, --force-fp16, --fp32-unet, --bf16-unet…, and runs fp16 only where the GPU computes it
     well (not on the CPU, not on GTX 16xx cards, whose fp16 gives NaN, nor on 10xx cards under Linux, where float32 is
-    faster). A store-only precision (--fp8_e4m3fn-unet, --fp64-unet) computes as ComfyUI's manual cast would."""
+    faster). The networks compute in the dtype they are stored in, so where ComfyUI would store a precision and compute
+    in another (``unet_manual_cast``: fp16 weights computed in fp32 on those cards; --fp8_e4m3fn-unet, --fp64-unet),
+    this is the one it computes in."""
     params = sum(p.numel() for m in networks(model) for p in m.parameters())
-    dtype = mm.unet_dtype(device(), model_params=params, supported_dtypes=list(NETWORK_DTYPES))
-    if dtype not in NETWORK_DTYPES:
-        dtype = mm.unet_manual_cast(dtype, device(), supported_dtypes=list(NETWORK_DTYPES)) or torch.float32
-    return dtype
+    stored = mm.unet_dtype(device(), model_params=params, supported_dtypes=list(NETWORK_DTYPES))
+    computed = mm.unet_manual_cast(stored, device(), supported_dtypes=list(NETWORK_DTYPES)) or stored
+    return computed if computed in NETWORK_DTYPES else torch.float32
 
 
 def widget_dtype(model, dtype_widget):
@@ -370,8 +389,17 @@ def _patcher(model, module):
     if patcher is None:
         patcher = _patchers[id(module)] = HeldModulesPatcher(
             HeldModules([module]), load_device=device(), offload_device=offload_device())
+        weakref.finalize(patcher, _leave_device, weakref.ref(module), offload_device()).atexit = False
     patchers[id(module)] = patcher
     return patcher
+
+
+def _leave_device(module_ref, offload):
+    """For a patcher that goes while its module stays (the SD21_BASE outlives the OSEDiff model that used it):
+    ComfyUI stops counting the module, so it leaves the device, as ComfyUI's unload would move it (``detach``)."""
+    module = module_ref()
+    if module is not None:
+        module.to(offload)
 
 
 def load_on_device(model, *modules, memory_required=0):
@@ -382,12 +410,18 @@ def load_on_device(model, *modules, memory_required=0):
     All go in one ``comfy.model_management.load_models_gpu`` call, fully (plain torch layers cannot be partially
     loaded), each through its ModelPatcher (``_patcher``): ComfyUI unloads other models to make room (ours of other
     stages too), and unloads ours when it needs the memory; a module stays on the device between runs until then.
+    Under ``--novram`` ComfyUI loads only the layers it can stream from the CPU (``comfy.ops``) whatever the call
+    asks; the rest of a patcher is then loaded as ComfyUI loads a model that fits (``ModelPatcher.partially_load``
+    with room for all of it), so no layer computes on the CPU's copy of its weights.
     """
     patchers = [_patcher(model, m) for m in (modules or networks(model))]
     for patcher in patchers:  # sizes as they are now (a cast since changes them)
         patcher.size = 0
         patcher.model_size()
     mm.load_models_gpu(patchers, memory_required=memory_required, force_full_load=True)
+    for patcher in patchers:
+        if patcher.loaded_size() < patcher.model_size():
+            patcher.partially_load(patcher.load_device, extra_memory=1e32)
     return device()
 
 

@@ -70,7 +70,9 @@ class SD21FromCheckpoint(io.ComfyNode):
             node_id="DiffSR_SD21FromCheckpoint", display_name="SD 2.1-base from Load Checkpoint (DiffSR)",
             category=CATEGORY,
             description="Share the standard Load Checkpoint's SD 2.1-base (MODEL, CLIP, VAE) with OSEDiff and DoSSR. "
-                        "Refuses 768-v (v-prediction) and non-SD2 models.",
+                        "Refuses 768-v (v-prediction) and non-SD2 models. On a GPU ComfyUI holds these weights in "
+                        "fp16/bf16 (the console says which): for the official float32 weights use Load SD 2.1-base "
+                        "(DiffSR).",
             inputs=[io.Model.Input("model", tooltip="MODEL of Load Checkpoint with v2-1_512-ema-pruned "
                                                    "(LoRAs applied to it are kept)."),
                     io.Clip.Input("clip", tooltip="CLIP of the same Load Checkpoint (SD 2.1 OpenCLIP-H)."),

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import types
 import sys
 
 import pytest
@@ -308,8 +309,8 @@ class FakePatcher:  # comfy/model_patcher.py ModelPatcher: .model, get_model_obj
     def model_size(self):
         return 0
 
-    def patch_model(self, device_to=None, lowvram_model_memory=0, load_weights=True, force_patch_weights=False):
-        return self.model
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        return 0
 
     def detach(self, unpatch_all=True):
         return self.model
@@ -341,8 +342,10 @@ class FakeVae:  # comfy/sd.py VAE.get_sd (L833)
         return dict(self.sd)
 
 
-def test_sd21_from_load_checkpoint(pack, osediff_model, monkeypatch):
-    """MODEL/CLIP/VAE of the standard Load Checkpoint → the same SD 2.1-base as our own loader; 768-v, SD1 refused."""
+def test_sd21_from_load_checkpoint(pack, osediff_model, monkeypatch, capsys):
+    """MODEL/CLIP/VAE of the standard Load Checkpoint → the same SD 2.1-base as our own loader; 768-v, SD1 refused.
+    Weights that ComfyUI holds in less than float32 (on a GPU: the UNet and text encoder in fp16, the VAE in bf16)
+    are named in a note: the networks are built from those rounded values."""
     from safetensors.torch import load_file
 
     _, nodes = pack
@@ -351,6 +354,14 @@ def test_sd21_from_load_checkpoint(pack, osediff_model, monkeypatch):
     monkeypatch.setattr(sys.modules["custom_nodes_x_diffsr_pack.sr_common.sd21"], "shipped_config_dir", lambda: tiny)
     sd = load_file(os.path.join(DATA, "osediff", "tiny_sd21_single.safetensors"))
     node = nodes["DiffSR_SD21FromCheckpoint"]
+    exact = {k: v.float() for k, v in sd.items()}
+    run(node, model=FakePatcher(FakeBaseModel(exact, SD20())), clip=FakeClip(exact), vae=FakeVae(exact))
+    assert "[DiffSR]" not in capsys.readouterr().out
+    vae_bf16 = {k: v.bfloat16() if k.startswith("first_stage_model.") else v.float() for k, v in sd.items()}
+    run(node, model=FakePatcher(FakeBaseModel(vae_bf16, SD20())), clip=FakeClip(vae_bf16), vae=FakeVae(vae_bf16))
+    note = capsys.readouterr().out
+    assert "Load Checkpoint holds the VAE in bfloat16: OSEDiff and DoSSR run on those rounded weights" in note, note
+    assert "Load SD 2.1-base (DiffSR)" in note and "--fp32-vae" in note
     (base,) = run(node, model=FakePatcher(FakeBaseModel(sd, SD20())), clip=FakeClip(sd), vae=FakeVae(sd))
     mm = sys.modules["comfy.model_management"]
     assert mm.LOADED[-1][1] is True  # loaded with patches applied, as comfy.sd.save_checkpoint
@@ -682,9 +693,10 @@ def test_float16_on_a_cpu_that_cannot_compute_it_is_refused_by_name(pack, osedif
 
 @cpu_float16
 def test_auto_dtype_is_comfyuis_choice_for_the_device(pack, osediff_model, monkeypatch):
-    """dtype "auto" runs the networks in the precision ComfyUI picks for its own diffusion models on the device
+    """dtype "auto" runs the networks in the precision ComfyUI computes its own diffusion models in on the device
     (comfy.model_management.unet_dtype: fp16 where the GPU computes it well, else bf16 or fp32; its precision flags
-    first), and a store-only precision flag (fp8, fp64) computes as ComfyUI's manual cast would."""
+    first), and where ComfyUI stores one precision and computes in another (a GTX 16xx's fp16 weights, fp8, fp64)
+    in the one its manual cast computes in: never fp16 on a GTX 16xx, whose fp16 gives NaN."""
     _, nodes = pack
     _, model = osediff_model
     host, mm = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"], sys.modules["comfy.model_management"]
@@ -693,12 +705,20 @@ def test_auto_dtype_is_comfyuis_choice_for_the_device(pack, osediff_model, monke
     monkeypatch.setattr(mm, "unet_dtype", lambda *a, **k: asked.append(k["model_params"]) or unet_dtype(*a, **k))
     cases = [(False, False, None, torch.float32), (True, True, None, torch.float16), (False, True, None, torch.bfloat16),
              (True, True, torch.float32, torch.float32), (False, True, torch.float8_e4m3fn, torch.bfloat16),
-             (True, False, torch.float64, torch.float32)]
-    for fp16, bf16, flag, expected in cases:
-        monkeypatch.setattr(mm, "FP16_WORKS", fp16)
-        monkeypatch.setattr(mm, "BF16_WORKS", bf16)
-        monkeypatch.setattr(mm, "UNET_FLAG", flag)
-        assert host.auto_dtype(model) == expected, (fp16, bf16, flag)
+             (True, False, torch.float64, torch.float32), (True, False, torch.float16, torch.float16)]
+    for store_only in (False, True):  # a GTX 16xx or 10xx: fp16 stored, fp32 computed; the rest as on other GPUs
+        monkeypatch.setattr(mm, "FP16_STORE_ONLY", store_only)
+        for fp16, bf16, flag, expected in cases + [(False, False, torch.float16, torch.float32)]:
+            monkeypatch.setattr(mm, "FP16_WORKS", fp16)
+            monkeypatch.setattr(mm, "BF16_WORKS", bf16)
+            monkeypatch.setattr(mm, "UNET_FLAG", flag)
+            assert host.auto_dtype(model) == expected, (store_only, fp16, bf16, flag)
+    monkeypatch.setattr(mm, "FP16_WORKS", False)
+    monkeypatch.setattr(mm, "BF16_WORKS", False)
+    monkeypatch.setattr(mm, "UNET_FLAG", None)
+    assert unet_dtype(host.device()) == torch.float16  # what ComfyUI stores there; the pack computes in float32
+    assert host.auto_dtype(model) == torch.float32
+    monkeypatch.setattr(mm, "FP16_STORE_ONLY", False)
     assert set(asked) == {sum(p.numel() for m in (model.unet, model.lq_encoder, model.vae) for p in m.parameters())}
     monkeypatch.setattr(mm, "UNET_FLAG", None)
     image = torch.rand(1, 20, 24, 3, generator=torch.Generator().manual_seed(8))
@@ -1056,3 +1076,40 @@ def test_cancel_mid_run_stops_within_one_unit_and_rerun_is_identical(pack, osedi
     monkeypatch.undo()
     (again,) = run(node, **args)
     assert torch.equal(again, uninterrupted)
+
+
+def test_under_novram_the_networks_are_still_loaded_whole(pack, monkeypatch):
+    """ComfyUI started with --novram gives every load a budget of 0.1 bytes, whatever ``force_full_load`` asks
+    (model_management.py L683), and then moves only the layers it can stream (comfy.ops); plain torch layers stayed on
+    the CPU while the run computed on the GPU ("Expected all tensors to be on the same device"). They are loaded
+    whole, and ComfyUI counts them (the meta device stands in for the GPU)."""
+    host, mm = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"], sys.modules["comfy.model_management"]
+    monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("meta"))
+    monkeypatch.setattr(mm, "unet_offload_device", lambda: torch.device("meta"))  # where it goes when done here
+    monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NO_VRAM)
+    holder, net = types.SimpleNamespace(), torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Conv2d(2, 2, 3))
+    assert host.load_on_device(holder, net) == torch.device("meta")
+    assert {p.device.type for p in net.parameters()} == {"meta"}
+    (patcher,) = holder._comfy_patchers.values()
+    assert patcher.loaded_size() == patcher.model_size() > 0
+
+
+def test_a_module_leaves_the_device_with_the_last_patcher_that_counted_it(pack, monkeypatch):
+    """A model freed while the SD21_BASE it was built on stays (the user picked other OSEDiff weights): its patchers
+    go, ComfyUI no longer counts the shared VAE and text encoder, so they leave the device as ComfyUI's unload would
+    move them (the meta device stands in for the offload device, the CPU for the GPU)."""
+    import gc
+
+    host, mm = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"], sys.modules["comfy.model_management"]
+    monkeypatch.setattr(mm, "unet_offload_device", lambda: torch.device("meta"))
+    first, second, shared = types.SimpleNamespace(), types.SimpleNamespace(), torch.nn.Linear(4, 4)
+    host.load_on_device(first, shared)
+    host.load_on_device(second, shared)
+    assert first._comfy_patchers == second._comfy_patchers  # one patcher for the module
+    del first
+    gc.collect()
+    assert shared.weight.device.type == "cpu"  # the other model still counts it there
+    del second
+    mm.LOADED.clear()  # the stand-in's record of the calls, which holds their patchers
+    gc.collect()
+    assert shared.weight.device.type == "meta"

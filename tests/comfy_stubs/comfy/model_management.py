@@ -1,12 +1,25 @@
 """Stand-in for comfy/model_management.py (a125cd8): devices, interrupts, OOM."""
 
 import weakref
+from enum import Enum
 
 import torch
 
 OOM_EXCEPTION = torch.cuda.OutOfMemoryError  # L250 (L252: Exception where torch has no cuda.OutOfMemoryError)
 interrupt_processing = False
 EMPTIED = []
+
+
+class VRAMState(Enum):  # L30
+    DISABLED = 0
+    NO_VRAM = 1
+    LOW_VRAM = 2
+    NORMAL_VRAM = 3
+    HIGH_VRAM = 4
+    SHARED = 5
+
+
+vram_state = VRAMState.NORMAL_VRAM  # L44 (--novram: NO_VRAM)
 
 
 def get_torch_device():  # L169
@@ -23,10 +36,12 @@ def soft_empty_cache(force=False):  # L1384
 
 UNET_FLAG = None  # for the tests: the dtype of a --fp32-unet / --bf16-unet / --fp8_e4m3fn-unet … flag
 FP16_WORKS = BF16_WORKS = False  # for the tests: what should_use_fp16 / should_use_bf16 say of the device
+FP16_STORE_ONLY = False  # for the tests: a GPU that ComfyUI gives fp16 weights computed in fp32 (GTX 10xx under
+# Linux; a GTX 16xx whose fp16 gives NaN, when fp32 weights do not fit): should_use_fp16(manual_cast=True) only
 
 
 def should_use_fp16(device=None, model_params=0, prioritize_performance=True, manual_cast=False):  # L1227
-    return FP16_WORKS  # (the real one: False on the CPU, per GPU model, --force-fp16 / --force-fp32)
+    return FP16_WORKS or (manual_cast and FP16_STORE_ONLY)  # (the real one: per GPU model, flags, free memory)
 
 
 def should_use_bf16(device=None, model_params=0, prioritize_performance=True, manual_cast=False):  # L1297
@@ -34,25 +49,33 @@ def should_use_bf16(device=None, model_params=0, prioritize_performance=True, ma
 
 
 def unet_dtype(device=None, model_params=0, supported_dtypes=[torch.float16, torch.bfloat16, torch.float32],
-               weight_dtype=None):  # L774: a precision flag first, else the first supported dtype the device runs well
-    if UNET_FLAG is not None:
+               weight_dtype=None):  # L774: a precision flag first, else the first supported dtype the device runs
+    if UNET_FLAG is not None:  # well (L813), else the first it can store for a manual cast (L822)
         return UNET_FLAG
-    for dt in supported_dtypes:
-        if dt == torch.float16 and should_use_fp16(device, model_params=model_params):
-            return torch.float16
-        if dt == torch.bfloat16 and should_use_bf16(device, model_params=model_params):
-            return torch.bfloat16
+    for manual_cast in (False, True):
+        for dt in supported_dtypes:
+            if dt == torch.float16 and should_use_fp16(device, model_params=model_params, manual_cast=manual_cast):
+                return torch.float16
+            if dt == torch.bfloat16 and should_use_bf16(device, model_params=model_params, manual_cast=manual_cast):
+                return torch.bfloat16
     return torch.float32
 
 
 def unet_manual_cast(weight_dtype, inference_device, supported_dtypes=[torch.float16, torch.bfloat16,
-                                                                       torch.float32]):  # L827
+                                                                       torch.float32]):  # L828: None = no cast
     if weight_dtype in (torch.float32, torch.float64):
         return None
+    fp16_supported = should_use_fp16(inference_device, prioritize_performance=False)
+    if fp16_supported and weight_dtype == torch.float16:
+        return None
+    bf16_supported = should_use_bf16(inference_device)
+    if bf16_supported and weight_dtype == torch.bfloat16:
+        return None
+    fp16_supported = should_use_fp16(inference_device, prioritize_performance=True)
     for dt in supported_dtypes:
-        if dt == torch.float16 and should_use_fp16(inference_device):
+        if dt == torch.float16 and fp16_supported:
             return torch.float16
-        if dt == torch.bfloat16 and should_use_bf16(inference_device):
+        if dt == torch.bfloat16 and bf16_supported:
             return torch.bfloat16
     return torch.float32
 
@@ -99,8 +122,8 @@ class LoadedModel:  # L448: holds its ModelPatcher by weak reference only
     def model_memory(self):  # L472
         return self.model.model_size()
 
-    def model_load(self, lowvram_model_memory=0, force_patch_weights=False):  # L487: full loads only here
-        self.model.patch_model(self.device, force_patch_weights=force_patch_weights)
+    def model_load(self, lowvram_model_memory=0, force_patch_weights=False):  # L487
+        self.model.partially_load(self.device, lowvram_model_memory or 1e32, force_patch_weights)  # L492-495, L523
         if hasattr(self.model.model, "__weakref__"):  # L505: the entry goes when the loaded module is freed
             self.model_finalizer = weakref.finalize(self.model.model, _drop_dead)
         return self.model.model
@@ -149,7 +172,9 @@ def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimu
                     force_full_load=False):
     """L606: frees the memory all of ``models`` need and ``memory_required`` more (keeping none of the loaded ones,
     those of this call included, which go last; the real one adds 10 % to the models and reserves at least 0.8 GiB
-    + its reserve for the computation), then loads every one of them fully, most recent first."""
+    + its reserve for the computation), then loads every one of them, most recent first: fully, but under
+    ``--novram`` with a budget of 0.1 bytes (L683) whatever ``force_full_load`` says (the partial loads of
+    LOW_VRAM/NORMAL_VRAM without ``force_full_load``, L676-681, are left out)."""
     LOADED.append((list(models), force_patch_weights, force_full_load))
     REQUIRED.append(memory_required)
     _drop_dead()
@@ -163,7 +188,8 @@ def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimu
     for m in to_load:
         if m in current_loaded_models:
             current_loaded_models.remove(m)
-        m.model_load(force_patch_weights=force_patch_weights)
+        lowvram_model_memory = 0.1 if vram_state == VRAMState.NO_VRAM and m.device != torch.device("cpu") else 0
+        m.model_load(lowvram_model_memory, force_patch_weights=force_patch_weights)
         current_loaded_models.insert(0, m)
 
 

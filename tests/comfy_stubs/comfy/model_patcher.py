@@ -13,6 +13,10 @@ class ModelPatcher:
         self.load_device = load_device
         self.offload_device = offload_device
         self.parent = None
+        if not hasattr(self.model, "model_loaded_weight_memory"):  # L260-267
+            self.model.model_loaded_weight_memory = 0
+        if not hasattr(self.model, "model_lowvram"):
+            self.model.model_lowvram = False
         self.model_size()
 
     def model_size(self):  # L272
@@ -21,21 +25,53 @@ class ModelPatcher:
         self.size = comfy.model_management.module_size(self.model)
         return self.size
 
+    def loaded_size(self):  # L278
+        return self.model.model_loaded_weight_memory
+
     def is_clone(self, other):  # L342
         return hasattr(other, "model") and self.model is other.model
 
     def model_patches_models(self):  # L509
         return []
 
-    def patch_model(self, device_to=None, lowvram_model_memory=0, load_weights=True, force_patch_weights=False):
-        # L744 → load(full_load=True) (L636): full loads end in self.model.to(device_to)
-        self.model.to(device_to)
+    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+        """L636 for layers without ``comfy_cast_weights`` (plain torch, which ComfyUI cannot stream): the largest
+        first, each moved if it fits in ``lowvram_model_memory`` with those before it; ``full_load``: all of them."""
+        mem_counter = 0
+        for module_mem, _, m, _ in sorted(self._load_list(), key=lambda entry: entry[:2], reverse=True):
+            if full_load or mem_counter + module_mem < lowvram_model_memory:
+                mem_counter += module_mem
+                m.to(device_to)
+        self.model.model_lowvram = False  # L729: no layer it could stream
+        if full_load:
+            self.model.to(device_to)
+            mem_counter = self.model_size()
         self.model.device = device_to
+        self.model.model_loaded_weight_memory = mem_counter
+
+    def patch_model(self, device_to=None, lowvram_model_memory=0, load_weights=True, force_patch_weights=False):
+        if load_weights:  # L744
+            self.load(device_to, lowvram_model_memory, force_patch_weights, full_load=lowvram_model_memory == 0)
         return self.model
 
+    def unpatch_model(self, device_to=None, unpatch_weights=True):  # L761
+        if unpatch_weights:
+            self.model.model_lowvram = False
+            if device_to is not None:
+                self.model.to(device_to)
+                self.model.device = device_to
+            self.model.model_loaded_weight_memory = 0
+
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):  # L865 (no weight patches)
+        if not self.model.model_lowvram and self.model.model_loaded_weight_memory > 0:
+            return 0
+        full_load = self.model.model_loaded_weight_memory + extra_memory > self.model_size()
+        current_used = self.model.model_loaded_weight_memory
+        self.load(device_to, current_used + extra_memory, force_patch_weights, full_load)
+        return self.model.model_loaded_weight_memory - current_used
+
     def detach(self, unpatch_all=True):  # L890 → unpatch_model(offload_device) moves the weights back
-        self.model.to(self.offload_device)
-        self.model.device = self.offload_device
+        self.unpatch_model(self.offload_device, unpatch_weights=unpatch_all)
         return self.model
 
     def _load_list(self):  # L621: (size, name, module, its own parameter names) of every module holding weights
@@ -53,4 +89,7 @@ class ModelPatcher:
                 break
             m.to(device_to)
             memory_freed += module_mem
+        if memory_freed > 0:  # L859-862
+            self.model.model_lowvram = True
+            self.model.model_loaded_weight_memory -= memory_freed
         return memory_freed
