@@ -302,8 +302,10 @@ def official_lora_targets(unet, vae):
             "vae_lora_encoder_modules": vae_targets}
 
 
-def random_osediff_checkpoint(unet, vae, rank=4, std=0.02, seed=0):
-    """An OSEDiff checkpoint in the official layout with random LoRA A and B (for tests and benchmarks)."""
+def random_osediff_checkpoint(unet, vae, rank=4, std=0.02, seed=0, rank_vae=None):
+    """An OSEDiff checkpoint in the official layout with random LoRA A and B (for tests and benchmarks); the VAE's
+    LoRA has ``rank_vae`` (default: ``rank``, as the official file)."""
+    rank_vae = rank if rank_vae is None else rank_vae
     g = torch.Generator().manual_seed(seed)
     targets = official_lora_targets(unet, vae)
     modules = dict(unet.named_modules())
@@ -316,8 +318,8 @@ def random_osediff_checkpoint(unet, vae, rank=4, std=0.02, seed=0):
     vae_modules = dict(vae.named_modules())
     state_vae = {}
     for name in dict.fromkeys(targets["vae_lora_encoder_modules"]):
-        state_vae.update(_random_pair(vae_modules[name], name, "default_encoder", rank, std, g))
-    return dict(targets, rank_unet=rank, rank_vae=rank, state_dict_unet=state_unet, state_dict_vae=state_vae)
+        state_vae.update(_random_pair(vae_modules[name], name, "default_encoder", rank_vae, std, g))
+    return dict(targets, rank_unet=rank, rank_vae=rank_vae, state_dict_unet=state_unet, state_dict_vae=state_vae)
 
 
 def _random_pair(module, name, adapter, rank, std, g):

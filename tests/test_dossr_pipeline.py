@@ -193,6 +193,26 @@ def test_tiled_close_to_untiled(model):
     assert psnr(full, net_tiled) >= 28
 
 
+def test_latent_tiles_cut_the_condition_with_the_state_and_blend_with_the_overlap(monkeypatch):
+    """``make_eps_model`` with a stand-in network: one that is pointwise in (x, c) gives the untiled ε exactly, so
+    each tile met the condition latent of its own pixels; one whose output depends on the tile's position gives what
+    ``blend_tiles`` (checked against the formula in test_common) gives with the options' tile and overlap."""
+    import comfyui_diffsr.dossr_core.pipeline as P
+    from comfyui_diffsr.sr_common.tiling import blend_tiles
+
+    x, c = torch.randn(2, 1, 4, 24, 40, generator=torch.Generator().manual_seed(3)).unbind(0)
+    o = Options(tile_latent=16, tile_overlap=8)
+    monkeypatch.setattr(P, "predict_eps", lambda model, x, tau, c, context: x * 0.3 + c * 0.7 + tau)
+    untiled = Options(tile_latent=0)
+    torch.testing.assert_close(P.make_eps_model(None, c, None, o)(x, 5), P.make_eps_model(None, c, None, untiled)(x, 5),
+                               atol=1e-5, rtol=1e-6)  # float32 rounding of the blend
+    corner = lambda x, c: (x[:, :, :1, :1] + 2 * c[:, :, :1, :1]).expand_as(x)  # each tile: its top-left values
+    monkeypatch.setattr(P, "predict_eps", lambda model, x, tau, c, context: corner(x, c))
+    expected = blend_tiles(lambda t: corner(t[:, :4], t[:, 4:]), torch.cat([x, c], 1), 16, 8)
+    assert torch.equal(P.make_eps_model(None, c, None, o)(x, 5), expected)
+    assert not torch.allclose(expected, blend_tiles(lambda t: corner(t[:, :4], t[:, 4:]), torch.cat([x, c], 1), 16, 0))
+
+
 def test_progress_callback_and_options(model):
     seen = []
     dossr_upscale(model, lr_image("lr_w32h16.png"), options=Options(steps=2),

@@ -262,6 +262,16 @@ def test_dossr_nodes(pack, osediff_model):
     (a,) = run(nodes["DoSSR_Upscale"], **args)
     (b,) = run(nodes["DoSSR_Upscale"], **args)
     assert a.shape == (1, 128, 128, 3) and torch.equal(a, b)
+    from comfyui_diffsr.dossr_core.pipeline import Options, dossr_upscale
+
+    outs = {}
+    for color_fix in ("wavelet", "adain", "none"):  # the node is the core function with the node's inputs
+        (outs[color_fix],) = run(nodes["DoSSR_Upscale"], **dict(args, color_fix=color_fix))
+        with torch.no_grad():
+            core = dossr_upscale(model, image.movedim(-1, 1), prompt_embeds=embeds,
+                                 options=Options(steps=2, seed=3, upscale=4.0, color_fix=color_fix))
+        assert torch.equal(outs[color_fix], core.clamp(0, 1).movedim(1, -1)), color_fix
+    assert not torch.equal(outs["adain"], outs["none"]) and not torch.equal(outs["adain"], outs["wavelet"])
 
 
 class _EPS:  # comfy/model_sampling.py: the prediction type is a mixin class of the model_sampling object

@@ -86,6 +86,22 @@ def test_merge_of_bf16_weights_matches_float32_merge(tiny_unet_vae, ckpt):
         torch.testing.assert_close(p16.float(), p32.to(torch.bfloat16).float(), atol=0.02, rtol=0.02)
 
 
+def test_each_part_is_scaled_by_its_own_rank(tiny_unet_vae):
+    """The official file stores rank_unet and rank_vae apart (both 4 in osediff.pkl): each part's LoRA is scaled by
+    8 / its own rank (a file with UNet rank 4 and VAE rank 2 here)."""
+    unet, vae = tiny_unet_vae
+    ckpt = W.random_osediff_checkpoint(unet, vae, rank=4, std=0.1, seed=2, rank_vae=2)
+    sd_vae, sd_unet = ckpt["state_dict_vae"], ckpt["state_dict_unet"]
+    assert sd_vae["quant_conv.lora_A.default_encoder.weight"].shape[0] == 2
+    enc = W.lq_encoder(vae, ckpt)
+    a, b = sd_vae["quant_conv.lora_A.default_encoder.weight"], sd_vae["quant_conv.lora_B.default_encoder.weight"]
+    torch.testing.assert_close(enc["quant_conv"].weight, vae.quant_conv.weight + W.lora_delta(a, b, 8 / 2))
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    a, b = sd_unet[f"{name}.lora_A.default_encoder.weight"], sd_unet[f"{name}.lora_B.default_encoder.weight"]
+    merged = dict(W.apply_osediff_unet(unet, ckpt).named_modules())[name]
+    torch.testing.assert_close(merged.weight, dict(unet.named_modules())[name].weight + W.lora_delta(a, b, 8 / 4))
+
+
 def test_vae_lora_only_on_a_copy_of_the_encoder(tiny_unet_vae, ckpt):
     _, vae = tiny_unet_vae
     before = copy.deepcopy(vae.state_dict())
