@@ -34,7 +34,11 @@ class Source:
         if downloaded(dest, self):
             return dest
         if os.path.isfile(dest) and os.path.getsize(dest) > 0:
-            aside = set_aside(dest)
+            try:
+                aside = set_aside(dest)
+            except OSError as e:
+                raise DownloadError(f"{dest!r} does not have the official file's hash and cannot be moved aside "
+                                    f"({e}): move or delete it, then run again.") from e
             print(f"{dest} does not have the official file's hash (damaged, or another file): moved to {aside}; "
                   "downloading it again", file=sys.stderr)
         return download(self.url, dest, sha256=self.sha256, git_blob=self.git_blob, progress=progress)
@@ -109,8 +113,12 @@ def _recorded_sha256(record):
 
 
 def _write_record(path, digest):
-    with open(path + ".sha256", "w", encoding="utf-8") as f:
-        f.write(f"{digest}  {os.path.basename(path)}\n")
+    """``<file>.sha256`` in ``sha256sum``'s format; best effort (a read-only folder: the file is hashed next time)."""
+    try:
+        with open(path + ".sha256", "w", encoding="utf-8") as f:
+            f.write(f"{digest}  {os.path.basename(path)}\n")
+    except OSError:
+        pass
 
 
 def set_aside(path):
@@ -178,10 +186,7 @@ def download(url, dest, *, sha256="", git_blob="", progress=None, timeout=60):
     except OSError as e:
         raise DownloadError(f"Cannot move the finished download {partial!r} to {dest!r} ({e}); move it by hand, "
                             "or run again.") from e
-    try:
-        _write_record(dest, digest)
-    except OSError:
-        pass  # only saves hashing the file again on the next check
+    _write_record(dest, digest)
     return dest
 
 

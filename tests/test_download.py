@@ -2,6 +2,7 @@
 
 import hashlib
 import http.server
+import io
 import os
 import subprocess
 import threading
@@ -178,3 +179,24 @@ def test_an_unpinned_file_is_checked_against_the_hash_its_download_recorded(serv
     assert not downloaded(str(dest), source)
     os.remove(str(dest) + ".sha256")
     assert downloaded(str(dest), source)
+
+
+def test_a_read_only_models_folder_is_said_not_crashed_on(server, tmp_path, monkeypatch):
+    """A file that cannot be moved aside is one clear error; a good file whose hash record cannot be written is
+    still taken (hashed again next time)."""
+    from comfyui_diffsr.sr_common import download as D
+
+    source = Source("test", f"{server}/plain", "osediff.pkl", "osediff", sha256=SHA)
+    dest = tmp_path / "osediff.pkl"
+    dest.write_bytes(PAYLOAD[:10])
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(D.os, "rename", refused)
+    with pytest.raises(DownloadError, match="cannot be moved aside.*move or delete it"):
+        source.fetch(str(dest))
+    dest.write_bytes(PAYLOAD)
+    monkeypatch.setattr("builtins.open", lambda path, mode="r", *a, **k: refused() if str(path).endswith(".sha256")
+                        and "w" in mode else io.open(path, mode, *a, **k))
+    assert downloaded(str(dest), source) and not os.path.exists(str(dest) + ".sha256")
