@@ -9,6 +9,7 @@ import hashlib
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
@@ -146,6 +147,9 @@ def download(url, dest, *, sha256="", git_blob="", progress=None, timeout=60):
         os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     except OSError as e:
         raise DownloadError(f"Cannot make the folder of {dest!r} ({e}); choose another models folder.") from e
+    if hf_offline() and urllib.parse.urlsplit(url).hostname in ("huggingface.co", "hf.co"):
+        raise DownloadError(f"HF_HUB_OFFLINE is set, so {os.path.basename(dest)} is not fetched from Hugging Face: "
+                            f"unset it to download, or put the file at {dest!r} by hand.")
     partial = dest + ".partial"
     have = os.path.getsize(partial) if os.path.exists(partial) else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
@@ -188,6 +192,12 @@ def download(url, dest, *, sha256="", git_blob="", progress=None, timeout=60):
                             "or run again.") from e
     _write_record(dest, digest)
     return dest
+
+
+def hf_offline():
+    """Whether the user asked the Hugging Face libraries to stay offline (``HF_HUB_OFFLINE``, as huggingface_hub reads
+    it)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
 def _receive(response, partial, have, url, progress):

@@ -200,3 +200,13 @@ def test_a_read_only_models_folder_is_said_not_crashed_on(server, tmp_path, monk
     monkeypatch.setattr("builtins.open", lambda path, mode="r", *a, **k: refused() if str(path).endswith(".sha256")
                         and "w" in mode else io.open(path, mode, *a, **k))
     assert downloaded(str(dest), source) and not os.path.exists(str(dest) + ".sha256")
+
+
+def test_hf_hub_offline_keeps_hugging_face_downloads_off(monkeypatch, tmp_path):
+    """HF_HUB_OFFLINE=1 (set for these tests too) refuses a Hugging Face URL before any connection, saying how to get
+    the file; other hosts (the local server of the other tests) are not concerned."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for url in ("https://huggingface.co/sd2-community/x/resolve/main/v.safetensors", "https://hf.co/a/b"):
+        with pytest.raises(DownloadError, match="HF_HUB_OFFLINE is set.*unset it to download, or put the file at"):
+            download(url, str(tmp_path / "v.safetensors"))
+    assert os.listdir(tmp_path) == []
