@@ -165,9 +165,14 @@ def download(url, dest, *, sha256="", git_blob="", progress=None, timeout=60):
                 f"Download of {url} failed: HTTP {e.code}. Nothing was written to {dest!r}.{moved}") from e
     except (urllib.error.URLError, OSError) as e:
         raise DownloadError(f"Download of {url} failed: {e}. Run the command again to resume.") from e
+    weights = dest.lower().endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)
     expected = sha256
     if response is not None:
         with response:
+            if weights and response.headers.get_content_type() == "text/html":  # before a partial file is touched
+                raise DownloadError(f"Download of {url} gave an HTML page (a rate limit, a login or a moved file), "
+                                    f"not {os.path.basename(dest)}; nothing was written. Try again later or fetch "
+                                    "it by hand.")
             expected = expected or _declared_sha256(response.headers)
             try:
                 _receive(response, partial, have, url, progress)
@@ -181,7 +186,7 @@ def download(url, dest, *, sha256="", git_blob="", progress=None, timeout=60):
             raise DownloadError(f"{os.path.basename(dest)}: {kind} {got} does not match the expected {want}; the "
                                 "file was deleted. Try again later or fetch it by hand.")
     kind = sniff(partial)
-    if dest.lower().endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES) and kind not in ("zip", "pickle", "safetensors"):
+    if weights and kind not in ("zip", "pickle", "safetensors"):
         os.remove(partial)  # an unpinned file the server replaced by a page (rate limit, login, moved)
         raise DownloadError(f"Download of {url} gave {kind}; the file was deleted. Try again later or fetch "
                             f"{os.path.basename(dest)} by hand.")

@@ -18,6 +18,7 @@ SHA = hashlib.sha256(PAYLOAD).hexdigest()
 
 class Handler(http.server.BaseHTTPRequestHandler):
     cut_after = None  # bytes to send before dropping the connection (simulated interruption)
+    page_type = "text/html"  # the Content-Type of /page
     requests = []
 
     def log_message(self, *args):
@@ -30,7 +31,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         if self.path == "/page":
             self.send_response(200)
-            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Type", Handler.page_type)
             self.send_header("Content-Length", str(len(PAGE)))
             self.end_headers()
             self.wfile.write(PAGE)
@@ -63,7 +64,7 @@ def server():
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    Handler.cut_after, Handler.requests = None, []
+    Handler.cut_after, Handler.requests, Handler.page_type = None, [], "text/html"
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
 
@@ -134,8 +135,17 @@ def test_a_pinned_git_blob_id_is_what_git_prints_and_is_checked(server, tmp_path
 
 
 def test_a_page_instead_of_an_unpinned_weight_file_is_not_installed(server, tmp_path):
-    """DAPE.pth has no pinned hash: a rate-limit or login page served with HTTP 200 is deleted, not put in place."""
+    """DAPE.pth has no pinned hash: a rate-limit or login page served with HTTP 200 is refused before anything is
+    written (a partial download of the real file is kept); one not declared as HTML is deleted after it arrived."""
     dest = tmp_path / "dape" / "DAPE.pth"
+    dest.parent.mkdir()
+    (tmp_path / "dape" / "DAPE.pth.partial").write_bytes(PAYLOAD[:1000])
+    with pytest.raises(DownloadError, match="gave an HTML page.*nothing was written"):
+        download(f"{server}/page", str(dest))
+    assert os.listdir(dest.parent) == ["DAPE.pth.partial"]
+    assert (tmp_path / "dape" / "DAPE.pth.partial").read_bytes() == PAYLOAD[:1000]
+    os.remove(str(dest) + ".partial")
+    Handler.page_type = "application/octet-stream"
     with pytest.raises(DownloadError, match="gave an HTML page.*deleted"):
         download(f"{server}/page", str(dest))
     assert os.listdir(dest.parent) == []
