@@ -31,8 +31,9 @@ def find_images(inputs, recursive=False, output=None):
     ``recursive`` those of their sub-folders too, whose output name keeps the path below the folder given
     (``2019/beach/img``), so the outputs mirror the sub-folders; hidden files and folders (macOS's ``._IMG.jpg``
     beside each photo on a USB stick), links to folders and ``output`` (the output folder, which may lie inside an
-    input folder) are not searched. The output name is the path without its suffix. A file given twice (also as a folder's file, or through a link) counts once. An input folder that is
-    the output folder is refused: the outputs would be inputs of the next run (``--skip-existing`` could not resume)."""
+    input folder) are not searched. The output name is the path without its suffix. A file given twice (also as a
+    folder's file, or through a link) counts once. An input folder that is the output folder is refused: the outputs
+    would be inputs of the next run (``--skip-existing`` could not resume)."""
     found, seen = [], set()
     skip = os.path.realpath(output) if output else None
     for item in inputs:

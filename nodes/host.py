@@ -198,7 +198,8 @@ def sd21_from_comfy(model, clip, vae):
     return sd21_from_ldm_state_dict(sd, name="the Load Checkpoint model")
 
 
-LDM_PARTS = {"model.diffusion_model.": "the UNet", "first_stage_model.": "the VAE", "cond_stage_model.": "the text encoder"}
+LDM_PARTS = {"model.diffusion_model.": "the UNet", "first_stage_model.": "the VAE",
+             "cond_stage_model.": "the text encoder"}
 
 
 def reduced_precision_parts(sd):
