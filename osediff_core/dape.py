@@ -170,6 +170,8 @@ class DAPETagger(nn.Module):
         if self.tag_names is None or self.thresholds is None:
             raise RuntimeError("This DAPETagger has no tag list/thresholds; load it with load_dape_tagger().")
         probs = torch.sigmoid(logits.float().cpu())
+        if self.label_embed.dtype == torch.float16:  # the official fp16 run takes the sigmoid of fp16 logits, whose
+            probs = probs.half().float()             # result is fp16 (ram_lora.py L219): compared once rounded
         chosen = probs > self.thresholds
         drop = {str(t).strip().lower() for t in exclude if str(t).strip()}
         if drop:

@@ -96,6 +96,23 @@ def test_exclude_and_max_tags(tagger, fixture):
     assert tagger.tags(ups[1], max_tags=1000) == [tags[1]]
 
 
+def test_an_fp16_tagger_compares_the_fp16_probability_as_the_official(tagger):
+    """The official fp16 run (test_osediff.py --mixed_precision fp16) computes sigmoid(fp16 logits) in fp16 and
+    compares that rounded value with the float32 thresholds: at logit 0.619140625, sigmoid = 0.650023 in float32 but
+    0.649902 in fp16, so a tag of threshold 0.65 is chosen by the float32 rule and not by the official fp16 run; at
+    0.5751953125 (0.639960 / 0.640137) a tag of threshold 0.64 the other way round."""
+    import copy
+
+    full, half = copy.deepcopy(tagger), copy.deepcopy(tagger).half()
+    n = len(tagger.tag_names)
+    logits = torch.tensor([0.619140625, 0.5751953125]).repeat(n // 2 + 1)[:n][None]
+    for model in (full, half):
+        model.thresholds = torch.tensor([0.65, 0.64]).repeat(n // 2 + 1)[:n]
+    names = tagger.tag_names
+    assert full.select(logits) == [", ".join(names[0::2])]  # sigmoid 0.650023 > 0.65; 0.639960 < 0.64
+    assert half.select(logits) == [", ".join(names[1::2])]  # 0.649902 < 0.65; 0.640137 > 0.64
+
+
 def test_converted_fp32_identical_and_fp16_close(tagger, fixture, tmp_path):
     ups, _, logits, tags = fixture
     out32, out16 = str(tmp_path / "dape.safetensors"), str(tmp_path / "dape16.safetensors")
