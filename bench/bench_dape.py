@@ -12,14 +12,13 @@ OSEDiff's ×4 of 128×128, resized to 384 inside). The real ``ram_swin_large_14m
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
 import torch
 
-from common import environment, rss_peak_mb, summary, timed, write_json
+from common import child_result, environment, rss_peak_mb, summary, timed, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = {"swin": {"image_size": 384, "patch_size": 4, "embed_dim": 192, "depths": [2, 2, 18, 2],
@@ -89,11 +88,9 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         ram, dape = write_files(folder)
         sizes = {"ram_file_mb": os.path.getsize(ram) / 2**20, "dape_file_mb": os.path.getsize(dape) / 2**20}
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", ram, dape, "--repeats",
-                              str(args.repeats), "--threads", str(args.threads)], check=True, capture_output=True,
-                             text=True, cwd=HERE).stdout
-    result = {"benchmark": "dape_tagger_cpu_fp32", "input": "1x3x512x512 LQ -> 384x384", **sizes,
-              **json.loads(out.strip().splitlines()[-1])}
+        out = child_result([sys.executable, os.path.abspath(__file__), "--child", ram, dape, "--repeats",
+                            str(args.repeats), "--threads", str(args.threads)], cwd=HERE)
+    result = {"benchmark": "dape_tagger_cpu_fp32", "input": "1x3x512x512 LQ -> 384x384", **sizes, **out}
     write_json(result, args.out)
     print(json.dumps(result, indent=1))
 

@@ -19,7 +19,8 @@ import torch
 
 import interleave
 from comfyui_diffsr.sr_common.sd21 import ieee_float32
-from common import compiled_first_run, environment, official_env, random_sd21, rss_peak_mb, summary, timed, write_json
+from common import (child_result, compiled_first_run, environment, official_env, random_sd21, rss_peak_mb, summary,
+                    timed, write_json)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -76,14 +77,14 @@ def run_case(size, repeats, steps, device, dtype, weights=None, serve=False, com
         torch.cuda.reset_peak_memory_stats()
     if serve:
         with torch.inference_mode():
-            interleave.serve(lambda: dossr_upscale(model, image, prompt_embeds=embeds, options=options))
+            interleave.serve(lambda: dossr_upscale(model, image, prompt_embeds=embeds, options=options), sync)
         return None
     with torch.inference_mode():
         times = timed(lambda: dossr_upscale(model, image, prompt_embeds=embeds, options=options), repeats, sync)
     result = {"case": f"{size}->{size * 4}", "steps": steps, "params_without_text_encoder": params,
               **summary(times), "peak_rss_mb": rss_peak_mb(), "compile": compile, "first_run_s": first_run_s}
     if device.type == "cuda":
-        result["peak_cuda_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result.update(interleave.cuda_peaks())
     return result
 
 
@@ -125,8 +126,7 @@ def main():
     for size in args.sizes:
         cmd = [sys.executable, __file__, "--_case", str(size), "--repeats", str(args.repeats), "--steps",
                str(args.steps), "--device", args.device, "--dtype", args.dtype, *(["--compile"] if args.compile else [])]
-        cases.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
-                                .splitlines()[-1]))
+        cases.append(child_result(cmd))
     write_json({"method": "dossr", **environment(device, dtype), "cases": cases}, args.out)
 
 
@@ -152,12 +152,10 @@ def compare_official(args, device, dtype):
                     "--steps", str(args.steps), "--device", args.device, "--dtype", args.dtype,
                     *(["--compile"] if args.compile else [])]
         if args.sequential:
-            official = json.loads(subprocess.run(official_cmd, check=True, capture_output=True, text=True, env=env)
-                                  .stdout.strip().splitlines()[-1])
-            ours = json.loads(subprocess.run(ours_cmd, check=True, capture_output=True, text=True).stdout.strip()
-                              .splitlines()[-1])
+            official = child_result(official_cmd, env=env)
+            ours = child_result(ours_cmd)
         else:
-            subprocess.run(official_cmd + ["--only-save"], check=True, capture_output=True, text=True, env=env)
+            subprocess.run(official_cmd + ["--only-save"], check=True, stdout=subprocess.DEVNULL, env=env)
             workers = [interleave.Worker("ours", ours_cmd + ["--_serve"]),
                        interleave.Worker("official", official_cmd + ["--reuse-ckpt", "--serve"], env=env)]
             timed_runs = interleave.interleaved(workers, args.repeats)

@@ -24,11 +24,10 @@ then waits for the kernel to reclaim them: on this 24 GB VM with 5 GB of another
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
-from common import environment, rss_peak_mb, write_json
+from common import child_result, environment, rss_peak_mb, write_json
 
 
 def drop_page_cache(paths, everything=True):
@@ -124,9 +123,7 @@ def main():
     files = [args.weights] + ([args.base] if os.path.isfile(args.base) else
                               [os.path.join(r, f) for r, _, fs in os.walk(args.base) for f in fs])
     def case(*flags):
-        out = subprocess.run([sys.executable, __file__, "--base", args.base, "--weights", args.weights, *flags],
-                             check=True, capture_output=True, text=True).stdout
-        return json.loads(out.strip().splitlines()[-1])
+        return child_result([sys.executable, __file__, "--base", args.base, "--weights", args.weights, *flags])
 
     reads, loads, touches, dropped = [], [], [], set()
     for _ in range(args.repeats):

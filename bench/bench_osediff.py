@@ -23,8 +23,8 @@ import torch
 import interleave
 from comfyui_diffsr.osediff_core.pipeline import Options
 from comfyui_diffsr.sr_common.sd21 import ieee_float32
-from common import (compiled_first_run, environment, official_env, random_osediff, random_sd21, rss_peak_mb, summary,
-                    timed, write_json)
+from common import (child_result, compiled_first_run, environment, official_env, random_osediff, random_sd21,
+                    rss_peak_mb, summary, timed, write_json)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -45,14 +45,14 @@ def run_case(size, repeats, device, dtype, tile_batch, warmup=1, serve=False, va
         torch.cuda.reset_peak_memory_stats()
     if serve:
         with torch.inference_mode():
-            interleave.serve(upscale)
+            interleave.serve(upscale, sync)
         return None
     with torch.inference_mode():
         times = timed(upscale, repeats, sync, warmup)
     result = {"case": f"{size}->{size * 4}", **(vae_tiles or {}), **summary(times), "peak_rss_mb": rss_peak_mb(),
               "compile": compile, "first_run_s": first_run_s}
     if device.type == "cuda":
-        result["peak_cuda_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result.update(interleave.cuda_peaks())
     return result
 
 
@@ -134,8 +134,7 @@ def main():
     if args.compare_official and not args.sequential:
         result["cases"], result["official"] = compare_interleaved(args, ours_cmd)
     else:
-        result["cases"] = [json.loads(subprocess.run(ours_cmd(size), check=True, capture_output=True, text=True)
-                                      .stdout.strip().splitlines()[-1]) for size in args.sizes]
+        result["cases"] = [child_result(ours_cmd(size)) for size in args.sizes]
         write_json(result, args.out)  # ours is kept even if the official side fails
         if args.compare_official:
             result["official"] = compare_sequential(args)

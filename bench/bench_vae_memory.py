@@ -13,12 +13,12 @@ with the image whatever the tiling), and the time.
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 import torch
 
-from common import environment, rss_peak_mb, summary, timed, write_json
+from interleave import cuda_peaks
+from common import child_result, environment, rss_peak_mb, summary, timed, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DIRECTIONS = ("decode", "encode")
@@ -65,7 +65,7 @@ def run_case(direction, size, mode, tile, repeats, warmup, device, dtype):
     result = {"direction": direction, "size": size, "mode": mode, "tile": tile, **summary(times),
               "peak_rss_mb": rss_peak_mb(), "rss_after_build_mb": built_mb, "input_output_mb": io_mb}
     if device.type == "cuda":
-        result["peak_cuda_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result.update(cuda_peaks())
     return result
 
 
@@ -100,8 +100,7 @@ def main():
                 cmd = [sys.executable, __file__, "--_case", direction, str(size), mode, "--decode-tile",
                        str(args.decode_tile), "--encode-tile", str(args.encode_tile), "--repeats", str(args.repeats),
                        "--warmup", str(args.warmup), "--device", args.device, "--dtype", args.dtype]
-                done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-                cases.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                cases.append(child_result(cmd))
                 print(json.dumps(cases[-1]), file=sys.stderr)
     write_json({"method": "tiled_vae", **environment(device, dtype), "cases": cases}, args.out)
 

@@ -7,11 +7,15 @@ import math
 import os
 import platform
 import resource
-import statistics
+import subprocess
 import sys
 import time
 
 import torch
+
+from interleave import percentiles
+
+summary = percentiles  # one home: the interleaved results have the same fields
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the CLI does (cli/common.py run_main)
 
@@ -95,17 +99,17 @@ def psnr_db(a, b, peak=1.0):
     return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
 
 
-def summary(times):
-    ordered = sorted(times)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-    return {"median_s": statistics.median(times), "p10_s": pick(0.1), "p90_s": pick(0.9), "min_s": ordered[0],
-            "runs": len(times)}
-
-
 def environment(device, dtype):
     return {"device": str(device), "device_name": torch.cuda.get_device_name() if device.type == "cuda" else
             platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "dtype": str(dtype).replace("torch.", ""),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def child_result(cmd, **kwargs):
+    """The JSON a benchmark's child process prints last (``subprocess.run`` keyword arguments pass through); its
+    stderr is this process's, so a child that fails shows its own traceback."""
+    done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, **kwargs)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def write_json(result, path):

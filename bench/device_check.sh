@@ -2,14 +2,17 @@
 # The GPU checks of issue #7 on a CUDA machine (the `device` tool), after tools/device_prepare.sh here:
 #   run(command="bash bench/device_check.sh", carry=[".device"], timeout_s=590)
 #   bash bench/device_check.sh [STEP ...]
-#   steps: stages memory decoder osediff official_osediff dossr official_dossr compile precision tests
-#   (default: all, in that order, the most wanted first, so a run stopped at its time limit has them; stop 29's H200
-#   run took 3.5 / 1.3 / 2.6 / 1.8 / 0.9 / 0.8 / 0.5 min for osediff / official_osediff / dossr / official_dossr /
-#   precision / tests / decoder, after about 30 s of start and 15 s of install each call: give it two calls)
+#   steps: official_osediff official_dossr osediff dossr precision memory tests stages decoder compile
+#   (default: all, in that order: the issue's figures first, so a run stopped at its time limit has them; stop 29's
+#   H200 run took 1.3 / 1.8 / 3.5 / 2.6 / 0.9 / 0.8 / 0.5 min for official_osediff / official_dossr / osediff / dossr /
+#   precision / tests / decoder, with twice the repeats of osediff's 128 px cases, after about 30 s of start and 15 s
+#   of install each call; stages, memory and compile have not run on a GPU yet: give it two calls, the second
+#   naming the steps the first did not reach)
 # Writes env.txt, log.txt, tests.log and one JSON per measurement to $RESULTS (default /tmp/device_check), and after
-# each step packs them into $OUT/device_check.tgz (the device tool brings back at most 8 files), beside log.txt.
-# A failing step does not stop the next. DEVICE=cpu QUICK=1 runs the same steps on the CPU at the smallest sizes (a
-# dry run).
+# each measurement packs them into $OUT/device_check.tgz (the device tool brings back at most 8 files), beside
+# log.txt, so a call stopped at its time limit keeps every measurement it finished. A failing step does not stop
+# the next; a failing case's traceback is in log.txt. DEVICE=cpu QUICK=1 runs the same steps on the CPU at the
+# smallest sizes, in float32 (a dry run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_check}
@@ -17,14 +20,17 @@ RESULTS=${RESULTS:-/tmp/device_check}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
 PY=${PYTHON:-python3}
-steps=${*:-stages memory decoder osediff official_osediff dossr official_dossr compile precision tests}
+steps=${*:-official_osediff official_dossr osediff dossr precision memory tests stages decoder compile}
 mkdir -p "$OUT" "$RESULTS"
 exec > >(tee -a "$RESULTS/log.txt") 2>&1
-step() {  # the results so far into $OUT, then the next step
+keep() {  # the results so far into $OUT
   [ "$RESULTS" -ef "$OUT" ] || { tar -czf "$OUT/device_check.tgz" -C "$RESULTS" . && cp "$RESULTS/log.txt" "$OUT/"; }
-  echo "== $(date +%T) $*"
 }
+step() { keep; echo "== $(date +%T) $*"; }
+py() { "$PY" "$@"; local rc=$?; keep; return $rc; }  # one measurement, kept as soon as it ends
 quick() { [ "$QUICK" = 1 ] && echo "$1" || echo "$2"; }
+on_gpu() { [ "$DEVICE" = cpu ] && echo fp32 || echo "$1"; }  # the CPU dry run computes in float32 (fast there)
+fp16=$(on_gpu fp16) bf16=$(on_gpu bf16)
 
 step install
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/diffsr-site .device/ours/*.whl
@@ -47,11 +53,11 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffu
 cat "$RESULTS/env.txt"
 
 osediff() {  # dtype sizes repeats warmup name [flags]
-  "$PY" bench/bench_osediff.py --device "$DEVICE" --dtype "$1" --sizes $2 --repeats "$3" --warmup "$4" \
+  py bench/bench_osediff.py --device "$DEVICE" --dtype "$1" --sizes $2 --repeats "$3" --warmup "$4" \
     --out "$RESULTS/osediff_${DEVICE}_$5.json" "${@:6}" > /dev/null
 }
 dossr() {  # dtype sizes repeats name [flags]
-  "$PY" bench/bench_dossr.py --device "$DEVICE" --dtype "$1" --sizes $2 --repeats "$3" \
+  py bench/bench_dossr.py --device "$DEVICE" --dtype "$1" --sizes $2 --repeats "$3" \
     --out "$RESULTS/dossr_${DEVICE}_$4.json" "${@:5}" > /dev/null
 }
 small=$(quick 32 128)
@@ -59,56 +65,57 @@ for s in $steps; do
   step "$s"
   case $s in
     tests)
-      DIFFSR_TEST_DEVICE=$DEVICE "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "not compiled" \
+      DIFFSR_TEST_DEVICE=$DEVICE py -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "not compiled" \
         > "$RESULTS/tests.log" 2>&1
       tail -n 5 "$RESULTS/tests.log";;
     precision)
-      "$PY" bench/precision.py --device "$DEVICE" --size "$small" --dtypes $(quick bf16 "fp16 bf16") \
+      py bench/precision.py --device "$DEVICE" --size "$small" --dtypes $(quick bf16 "fp16 bf16") \
         --out "$RESULTS/precision_$DEVICE.json" > /dev/null;;
-    osediff)
-      osediff fp16 "$small" "$(quick 2 20)" 1 fp16_128
-      osediff bf16 "$small" "$(quick 2 20)" 1 bf16_128
-      osediff fp32 "$small" "$(quick 2 10)" 1 fp32_128
-      osediff fp16 "$(quick 48 "512 1024")" 2 0 fp16_large
-      osediff bf16 "$(quick 48 512)" 2 0 bf16_512;;
+    osediff)  # 128 px: 3 runs of warm-up (the first timed run after one was still 1.7x slower at stop 29)
+      osediff "$fp16" "$small" "$(quick 2 10)" "$(quick 1 3)" fp16_128
+      osediff "$bf16" "$small" "$(quick 2 10)" "$(quick 1 3)" bf16_128
+      osediff fp32 "$small" "$(quick 2 5)" "$(quick 1 2)" fp32_128
+      osediff "$fp16" "$(quick 48 "512 1024")" 2 "$(quick 0 1)" fp16_large
+      osediff "$bf16" "$(quick 48 512)" 2 "$(quick 0 1)" bf16_512;;
     official_osediff)  # the official code at its fp16 (mixed_precision fp16), ours at its CUDA default, fp16
-      "$PY" bench/bench_osediff.py --device "$DEVICE" --dtype fp16 --sizes "$small" --repeats "$(quick 2 10)" \
-        --compare-official "$PWD/.device/OSEDiff" --official-python /tmp/diffsr-official-python \
-        --out "$RESULTS/osediff_${DEVICE}_fp16_vs_official.json" > /dev/null;;
+      py bench/bench_osediff.py --device "$DEVICE" --dtype "$fp16" --sizes "$small" --repeats "$(quick 2 10)" \
+        --warmup "$(quick 1 3)" --compare-official "$PWD/.device/OSEDiff" \
+        --official-python /tmp/diffsr-official-python --out "$RESULTS/osediff_${DEVICE}_fp16_vs_official.json" \
+        > /dev/null;;
     official_dossr)  # the official code in float32 (its only precision), ours at its CUDA default, fp16; 128 px
-      "$PY" bench/bench_dossr.py --device "$DEVICE" --dtype fp16 --repeats "$(quick 1 5)" \
+      py bench/bench_dossr.py --device "$DEVICE" --dtype "$fp16" --repeats "$(quick 1 5)" \
         --compare-official "$PWD/.device/DoSSR" --official-python /tmp/diffsr-official-dossr-python \
         --out "$RESULTS/dossr_${DEVICE}_fp16_vs_official.json" > /dev/null;;
     dossr)
-      dossr fp16 "$small" "$(quick 1 5)" fp16_128
-      dossr bf16 "$small" "$(quick 1 5)" bf16_128
+      dossr "$fp16" "$small" "$(quick 1 5)" fp16_128
+      dossr "$bf16" "$small" "$(quick 1 5)" bf16_128
       dossr fp32 "$small" "$(quick 1 5)" fp32_128
-      dossr fp16 "$(quick 48 512)" 1 fp16_512;;
+      dossr "$fp16" "$(quick 48 512)" 1 fp16_512;;
     compile)  # torch.compile of the diffusion networks (--compile): first_run_s includes the compilation
-      DIFFSR_TEST_DEVICE=$DEVICE "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py -k compiled \
+      DIFFSR_TEST_DEVICE=$DEVICE py -m pytest -q -p no:cacheprovider tests/test_cuda.py -k compiled \
         > "$RESULTS/tests_compile.log" 2>&1
       tail -n 3 "$RESULTS/tests_compile.log"
-      "$PY" bench/precision.py --device "$DEVICE" --size "$small" --dtypes $(quick fp32+compile fp16+compile) \
+      py bench/precision.py --device "$DEVICE" --size "$small" --dtypes $(quick fp32+compile fp16+compile) \
         --methods osediff --out "$RESULTS/precision_${DEVICE}_compile.json" > /dev/null
-      osediff fp16 "$small" "$(quick 2 20)" 1 fp16_128_compile --compile
-      osediff bf16 "$small" "$(quick 2 20)" 1 bf16_128_compile --compile
-      dossr fp16 "$small" "$(quick 1 5)" fp16_128_compile --compile;;
+      osediff "$fp16" "$small" "$(quick 2 10)" "$(quick 1 3)" fp16_128_compile --compile
+      osediff "$bf16" "$small" "$(quick 2 10)" "$(quick 1 3)" bf16_128_compile --compile
+      dossr "$fp16" "$small" "$(quick 1 5)" fp16_128_compile --compile;;
     stages)  # where the time goes, network by network, and the device's kernel time against the wall time
-      "$PY" bench/bench_stages.py --device "$DEVICE" --dtype fp16 --size "$small" --repeats "$(quick 1 10)" --profile \
+      py bench/bench_stages.py --device "$DEVICE" --dtype "$fp16" --size "$small" --repeats "$(quick 1 10)" --profile \
         --out "$RESULTS/stages_${DEVICE}_fp16.json" > /dev/null
-      "$PY" bench/bench_stages.py --device "$DEVICE" --dtype bf16 --method osediff --size "$small" \
+      py bench/bench_stages.py --device "$DEVICE" --dtype "$bf16" --method osediff --size "$small" \
         --repeats "$(quick 1 10)" --out "$RESULTS/stages_${DEVICE}_bf16.json" > /dev/null;;
     memory)  # the peak network by network (against bench_memory.py's meta count, which has no workspace), at
       # 512→2048 with the default decoder tile (224 latent px) and smaller ones: which fits in 4 GB, how fast
-      "$PY" bench/bench_memory.py --device "$([ "$DEVICE" = cpu ] && echo meta || echo "$DEVICE")" --dtype fp16 \
+      py bench/bench_memory.py --device "$([ "$DEVICE" = cpu ] && echo meta || echo "$DEVICE")" --dtype fp16 \
         --sizes $(quick 48 "128 512") --vae-tile-decode 224 96 64 --out "$RESULTS/memory_${DEVICE}_fp16.json" \
         > /dev/null
       # as on a 4 GB card (3815 MiB allocated at most): the networks of other stages moved off when short
-      "$PY" bench/bench_memory.py --device "$([ "$DEVICE" = cpu ] && echo meta || echo "$DEVICE")" --dtype fp16 \
+      py bench/bench_memory.py --device "$([ "$DEVICE" = cpu ] && echo meta || echo "$DEVICE")" --dtype fp16 \
         --sizes $(quick 48 "128 512") --budget-mib 3815 --out "$RESULTS/memory_${DEVICE}_fp16_4gb.json" > /dev/null
-      osediff fp16 "$(quick 48 512)" 2 0 fp16_512_decode96 --vae-tile-decode 96;;
+      osediff "$fp16" "$(quick 48 512)" 2 "$(quick 0 1)" fp16_512_decode96 --vae-tile-decode 96;;
     decoder)  # do fast_modules (four 2×2 convolutions per ×2 upsampler, channels-last) pay on this device?
-      "$PY" bench/bench_decoder_modules.py --device "$DEVICE" --dtype fp16 --latents $(quick 8 "64 128") \
+      py bench/bench_decoder_modules.py --device "$DEVICE" --dtype "$fp16" --latents $(quick 8 "64 128") \
         --repeats "$(quick 1 20)" --warmup "$(quick 0 3)" --out "$RESULTS/decoder_modules_${DEVICE}_fp16.json" \
         > /dev/null;;
     *) echo "unknown step $s";;

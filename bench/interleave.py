@@ -4,10 +4,12 @@ On a shared machine the speed drifts by ±20 % over minutes, so timing one imple
 other compares two different machines. Here both stay loaded in their own process and take turns
 (A B B A A B …): each run of one is next to a run of the other, and the ratio of medians is fair.
 
-Worker side (a benchmark script with ``--serve``): ``serve(run_once)`` prints ``BENCH ready``, waits for
-a ``run`` line on stdin, runs once and prints ``BENCH {"s": seconds}``; ``end`` prints the peak RSS and
-returns. Driver side: ``Worker(cmd)`` starts a worker and waits until it has loaded; ``interleaved``
-takes the turns. Only lines starting with ``BENCH`` are read: the code under test may print anything.
+Worker side (a benchmark script with ``--serve``): ``serve(run_once, sync)`` prints ``BENCH ready``, waits
+for a ``run`` line on stdin, runs once (and waits for the device with ``sync``, so work still queued on a GPU
+counts in its own run) and prints ``BENCH {"s": seconds}``; ``end`` prints the peak RSS and, where CUDA was
+used, the peak GPU memory, and returns. Driver side: ``Worker(cmd)`` starts a worker and waits until it
+has loaded; ``interleaved`` takes the turns. Only lines starting with ``BENCH`` are read: the code under test
+may print anything.
 """
 
 import json
@@ -25,16 +27,32 @@ def _say(message):
     sys.stdout.flush()
 
 
-def serve(run_once):
-    """Run ``run_once()`` each time the driver asks; report seconds per run, then the peak RSS (MiB)."""
+def serve(run_once, sync=None):
+    """Run ``run_once()`` (then ``sync()``) each time the driver asks; report seconds per run, then the peaks (MiB):
+    RSS, and the CUDA allocator's allocated and reserved where this process used CUDA."""
     while True:
         _say("ready")
         if sys.stdin.readline().strip() != "run":
             break
         start = time.perf_counter()
         run_once()
+        if sync is not None:
+            sync()
         _say(json.dumps({"s": time.perf_counter() - start}))
-    _say(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    _say(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **cuda_peaks()}))
+
+
+def cuda_peaks():
+    """Where this process used CUDA (MiB): the allocator's peak allocated and reserved since the last reset, and what
+    else the process holds on the device (CUDA context, cuBLAS/cuDNN workspaces), so that peak reserved + context is
+    the process's peak device memory."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    free, total = torch.cuda.mem_get_info()
+    return {"peak_cuda_allocated_mb": torch.cuda.max_memory_allocated() / 2**20,
+            "peak_cuda_reserved_mb": torch.cuda.max_memory_reserved() / 2**20,
+            "cuda_context_mb": (total - free - torch.cuda.memory_reserved()) / 2**20}
 
 
 class Worker:
@@ -64,16 +82,17 @@ class Worker:
         return seconds
 
     def close(self):
-        """End the worker; its peak RSS in MiB."""
+        """End the worker; its peaks in MiB (``peak_rss_mb``, and the CUDA ones where it used CUDA)."""
         self.process.stdin.write("end\n")
         self.process.stdin.flush()
-        peak = json.loads(self._read())["peak_rss_mb"]
+        peaks = json.loads(self._read())
         self.process.wait()
-        return peak
+        return peaks
 
 
 def interleaved(workers, repeats, warmup=1):
-    """Warm every worker up, then ``repeats`` turns in A B B A order; per worker: runs, median, peak RSS."""
+    """Warm every worker up, then ``repeats`` turns in A B B A order; per worker: runs, median, p10, p90, min and
+    its peaks."""
     for worker in workers:
         for _ in range(warmup):
             worker.run()
@@ -81,5 +100,12 @@ def interleaved(workers, repeats, warmup=1):
     for turn in range(repeats):
         for worker in (workers if turn % 2 == 0 else workers[::-1]):
             times[worker.name].append(worker.run())
-    return {w.name: {"runs_s": times[w.name], "median_s": statistics.median(times[w.name]),
-                     "min_s": min(times[w.name]), "peak_rss_mb": w.close()} for w in workers}
+    return {w.name: {"runs_s": times[w.name], **percentiles(times[w.name]), **w.close()} for w in workers}
+
+
+def percentiles(times):
+    """Median, p10, p90 (nearest rank), min of run times in seconds, and their count."""
+    ordered = sorted(times)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return {"median_s": statistics.median(times), "p10_s": pick(0.1), "p90_s": pick(0.9), "min_s": ordered[0],
+            "runs": len(times)}

@@ -56,17 +56,21 @@ def main():
     lr = (torch.rand(a.size, a.size, 3, generator=g) * 255).byte().numpy()
     img = Image.fromarray(lr).resize((a.size * 4, a.size * 4))
     lq = (torch.from_numpy(__import__("numpy").asarray(img).copy()).permute(2, 0, 1)[None].float() / 255).to(a.device)
+    # its forward returns the output on the GPU with the VAE decode still queued: wait for it, as ours (which returns
+    # a CPU tensor) always does
+    sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     if a.serve:
         from interleave import serve  # bench/, beside this script
 
         with torch.no_grad():
-            serve(lambda: model(lq * 2 - 1, prompt=", ,"))
+            serve(lambda: model(lq * 2 - 1, prompt=", ,"), sync)
         return
     times = []
     with torch.no_grad():
         for i in range(a.warmup + a.repeats):
             t = time.perf_counter()
             model(lq * 2 - 1, prompt=", ,")
+            sync()
             if i >= a.warmup:
                 times.append(time.perf_counter() - t)
     print(json.dumps({"case": f"{a.size}->{a.size * 4}", "median_s": statistics.median(times), "runs": len(times),

@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import subprocess
 import sys
 
 import pytest
@@ -11,7 +12,7 @@ WORKER = """
 import sys, time
 from interleave import serve
 print("noise the code under test prints")
-serve(lambda: time.sleep(float(sys.argv[1])))
+serve(lambda: time.sleep(float(sys.argv[1])), (lambda: time.sleep(float(sys.argv[2]))) if len(sys.argv) > 2 else None)
 """
 
 
@@ -31,7 +32,30 @@ def test_turns_alternate_and_time_each_side():
     assert len(result["fast"]["runs_s"]) == len(result["slow"]["runs_s"]) == 3
     assert result["slow"]["median_s"] > 0.19 and result["fast"]["median_s"] < result["slow"]["median_s"]
     assert result["fast"]["peak_rss_mb"] > 0
+    assert result["slow"]["p10_s"] <= result["slow"]["median_s"] <= result["slow"]["p90_s"]
     assert fast.process.returncode == 0 and slow.process.returncode == 0
+
+
+def test_the_wait_for_the_device_counts_in_the_run():
+    """A run that returns while its work is still queued (the official OSEDiff returns a GPU tensor before its VAE
+    decode has run) is timed to the end of ``sync``."""
+    interleave = load_interleave()
+    env = dict(os.environ, PYTHONPATH=BENCH)
+    queued = interleave.Worker("queued", [sys.executable, "-c", WORKER, "0", "0.2"], env=env)
+    result = interleave.interleaved([queued], repeats=2, warmup=0)
+    assert min(result["queued"]["runs_s"]) > 0.19
+
+
+def test_a_failing_child_shows_its_traceback(capfd, monkeypatch):
+    """Benchmark cases run in child processes: one that fails leaves its own traceback on stderr, not only an exit
+    status (a device run is too short to run it again to see why)."""
+    monkeypatch.syspath_prepend(BENCH)
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", os.environ.get("THP_MEM_ALLOC_ENABLE", ""))  # common sets a default
+    from common import child_result
+    with pytest.raises(subprocess.CalledProcessError):
+        child_result([sys.executable, "-c", "raise ValueError('the real cause')"])
+    assert "ValueError: the real cause" in capfd.readouterr().err
+    assert child_result([sys.executable, "-c", "print('noise'); print('{\"s\": 1}')"]) == {"s": 1}
 
 
 def test_a_worker_that_dies_is_reported():
