@@ -1,8 +1,8 @@
 """DiffSR: OSEDiff and DoSSR super-resolution for ComfyUI.
 
 ComfyUI imports this folder under a module name of its own choosing, so every import in the
-pack is relative. Nothing is loaded here: the nodes import their cores when ComfyUI asks for
-the node list.
+pack is relative. Importing it reads and loads nothing: ``comfy_entrypoint`` checks the requirements
+and imports the nodes when ComfyUI calls it, and weights load only when a node runs.
 """
 
 import os

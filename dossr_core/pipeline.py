@@ -159,16 +159,16 @@ def dossr_upscale(model, image, *, prompt=DEFAULT_PROMPT, prompt_embeds=None, op
     img.check_image(image)
     if image.shape[0] != 1:
         raise ValueError(f"`image` must be a single image (batch 1), got batch {image.shape[0]}")
-    # 4. text context: given, or the SD 2.1 text encoder on the prompt (cached)
+    # 1. text context: given, or the SD 2.1 text encoder on the prompt (cached)
     context = text_context(model, prompt, prompt_embeds)
-    # 1.-5. (see dossr_sample)
+    # 2. the sampler's final state from the image (dossr_sample: RRDB, latents, DoS-SDE)
     x, start = dossr_sample(model, context, image=image, options=o, noise=noise, callback=callback, trace=trace)
-    # 6. decode and crop the padding away
+    # 3. decode and crop the padding away
     decoded = decode(model, x, o.vae_tile_decode, _stage(callback, "decode"), o.vae_tile_mode)
     decoded = decoded[..., :start.shape[-2], :start.shape[-1]]
     if trace is not None:
         trace["decoded"] = decoded.cpu()
-    # 7.-8. colour fix, other scales
+    # 4. colour fix, other scales
     return fixed_and_resized(decoded, start, o.upscale, o.color_fix)
 
 
@@ -178,7 +178,7 @@ def _stage(callback, name):
 
 
 def dossr_sample(model, context, *, image=None, latent=None, options=None, noise=None, callback=None, trace=None):
-    """Steps 1–5 for one input and its text ``context``: (x, start), x the final state of the sampler (a scaled
+    """Step 2 of ``dossr_upscale`` for one input and its text ``context``: (x, start), x the final state of the sampler (a scaled
     latent), start the colour reference (and its size the output's, before other scales).
 
     From an LR ``image`` (1, 3, h, w), as the official: start = clamp(RRDB ×4); padded to a multiple of 64 px,
@@ -217,7 +217,7 @@ def dossr_sample(model, context, *, image=None, latent=None, options=None, noise
                          encode_moments_bytes(model.cond_encoder, padded, o.vae_tile_encode))
         c_latent = condition_latent(model, padded, o.vae_tile_encode, _stage(callback, "cond_encoder"),
                                     o.vae_tile_mode)
-    # 5. DoS-SDE sampling from τ = 499 to 0; the final state is decoded
+    # 4. DoS-SDE sampling from τ = 499 to 0; the final state is decoded
     states = []
 
     def on_step(info):
@@ -240,7 +240,7 @@ def dossr_sample(model, context, *, image=None, latent=None, options=None, noise
 
 
 def fixed_and_resized(decoded, start, upscale, color_fix):
-    """Steps 7-8 of ``dossr_upscale``: the decoded ×4 image colour-fixed against ``start`` on the device (wavelet:
+    """Step 4 of ``dossr_upscale``: the decoded ×4 image colour-fixed against ``start`` on the device (wavelet:
     high frequencies of the result + low frequencies of start), then on the host for scales other than 4 quantised
     to 8 bits (truncating) and LANCZOS-resized to ceil(upscale/4 · size), as the official; clamped to [0, 1]."""
     out = apply_color_fix(decoded, start, color_fix).cpu()

@@ -211,8 +211,9 @@ class OSEDiffLQEncoder(io.ComfyNode):
             padded, _ = img.pad_to_multiple(lq, 8)
             model.load_stage([model.lq_encoder], encode_moments_bytes(model.lq_encoder, padded, vae_tile))
             dev = model.device
-            z = host.with_oom_retry(lambda vae_tile_encode: encode_lq(model.lq_encoder, padded.to(dev),
-                                                                      tile=vae_tile_encode), vae_tile_encode=vae_tile)
+            z = host.with_oom_retry(lambda vae_tile_encode: encode_lq(
+                model.lq_encoder, padded.to(dev), tile=vae_tile_encode, callback=host.check_interrupted),
+                vae_tile_encode=vae_tile)
             latents.append(z.cpu() / SCALING_FACTOR)
             progress()
         return io.NodeOutput({"samples": torch.cat(latents)})
@@ -288,7 +289,8 @@ class OSEDiffDecode(io.ComfyNode):
             lq, plan = preprocess(one, upscale=upscale, process_size=process_size)
             _check_latent_size(x0, lq, upscale, process_size)
             decoded = host.with_oom_retry(lambda vae_tile_decode: decode_latent(
-                model.vae, x0.to(dev) * SCALING_FACTOR, tile=vae_tile_decode), vae_tile_decode=vae_tile)
+                model.vae, x0.to(dev) * SCALING_FACTOR, tile=vae_tile_decode, callback=host.check_interrupted),
+                vae_tile_decode=vae_tile)
             out = decoded.mul_(0.5).add_(0.5)[..., :plan.crop[0], :plan.crop[1]]
             outs.append(fixed_and_resized(out, color_reference(lq.to(dev), color_fix), plan, color_fix))
             progress()

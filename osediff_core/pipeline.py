@@ -65,7 +65,7 @@ def build_osediff(sd21, ckpt, *, consume=False):
 
 @dataclass
 class Plan:
-    """Sizes of one run: the LQ fed to the networks and how to get the output back from it."""
+    """How to get a run's output back from what the networks gave: the crop, then the final size."""
 
     crop: tuple          # (H, W) to crop the decoded output to
     output_size: tuple   # (W, H) of the final output

@@ -81,7 +81,8 @@ def _fix_colors(target, reference, method, eps):
 
 
 def apply_color_fix(target, source, method):
-    """Dispatch on ``method`` in ``COLOR_FIXES`` ("nofix" is accepted as the official name of "none")."""
+    """``target`` with ``source``'s colours by ``method`` (``color_reference`` then ``fix_colors``; "nofix" is
+    accepted as the official name of "none")."""
     return fix_colors(target, color_reference(source, method), method)
 
 

@@ -1,7 +1,7 @@
 """Opt-in downloads of the official weight files: resumable, verified, moved into place atomically.
 
-Nothing here runs unless a user asks for a download (the ``download`` command, ``--download``,
-or a loader option). A file is written as ``<name>.partial`` and renamed only once it is
+Nothing here runs unless a user asks for a download (the ``download`` command, or a loader's
+``download:`` entry). A file is written as ``<name>.partial`` and renamed only once it is
 complete and verified, so an interrupted download never leaves a file that looks complete.
 """
 

@@ -1123,3 +1123,22 @@ def test_a_module_leaves_the_device_with_the_last_patcher_that_counted_it(pack, 
     mm.LOADED.clear()  # the stand-in's record of the calls, which holds their patchers
     gc.collect()
     assert shared.weight.device.type == "meta"
+
+
+def test_the_modular_vae_nodes_can_be_cancelled_between_tiles(pack, osediff_model, monkeypatch):
+    """OSEDiff LQ Encoder and VAE Decode check for Cancel after every VAE tile, not only after each image."""
+    _, nodes = pack
+    mm = sys.modules["comfy.model_management"]
+    model = osediff_model[1]
+    image = torch.rand(1, 64, 56, 3, generator=torch.Generator().manual_seed(4))
+    checks = []
+    real_check = mm.throw_exception_if_processing_interrupted
+    monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", lambda: checks.append(1) or real_check())
+    with torch.inference_mode():  # as ComfyUI runs nodes
+        (latent,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=image, upscale=4.0, process_size=64,
+                        vae_tile=64, dtype="fp32")
+        assert len(checks) > 2, checks  # 224 x 256 px in 64 px tiles, then the image's progress
+        checks.clear()
+        run(nodes["OSEDiff_VAEDecode"], model=model, latent=latent, reference=image, upscale=4.0, process_size=64,
+            color_fix="adain", vae_tile=8)
+        assert len(checks) > 2, checks  # a 28 x 32 latent in 8 px tiles (with 11 px margins)
