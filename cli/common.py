@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from ..sr_common.errors import DiffSRError, ImageInputError
 from ..sr_common.sd21 import PRECISIONS, ieee_float32
-from ..sr_common.tiling import TILE_FLOORS, OutOfMemory, overlap_within, with_oom_retry
+from ..sr_common.tiling import DEFAULT_TILES, TILE_FLOORS, OutOfMemory, overlap_within, with_oom_retry
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 HIGH_DEPTH_PEAK = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "F": 1.0}  # PIL mode → white
@@ -149,11 +149,13 @@ def _quality(text):
 
 def add_tile_args(parser, mode_note=""):
     """The latent and VAE tiles, as both methods take them (``check_tile_args`` checks them)."""
-    parser.add_argument("--tile-latent", type=int, default=96, help="latent tile size (latent px; 0 = never tile)")
-    parser.add_argument("--tile-overlap", type=int, default=32, help="latent tile overlap (latent px)")
-    parser.add_argument("--vae-tile-encode", type=int, default=1024,
+    parser.add_argument("--tile-latent", type=int, default=DEFAULT_TILES.tile_latent,
+                        help="latent tile size (latent px; 0 = never tile)")
+    parser.add_argument("--tile-overlap", type=int, default=DEFAULT_TILES.tile_overlap,
+                        help="latent tile overlap (latent px)")
+    parser.add_argument("--vae-tile-encode", type=int, default=DEFAULT_TILES.vae_tile_encode,
                         help="VAE encoder tile size (image px; 0 = off)")
-    parser.add_argument("--vae-tile-decode", type=int, default=224,
+    parser.add_argument("--vae-tile-decode", type=int, default=DEFAULT_TILES.vae_tile_decode,
                         help="VAE decoder tile size (latent px; 0 = off)")
     parser.add_argument("--vae-tile-mode", choices=["bounded", "exact"], default="bounded",
                         help="bounded: one tile at a time, memory stays flat as images grow (default); exact: the "

@@ -6,6 +6,7 @@ import sys
 
 import torch
 
+from ..dossr_core.model import DEFAULT_PROMPT
 from ..sr_common.color_fix import COLOR_FIXES
 from ..sr_common.errors import DiffSRError
 from ..sr_common.offload import OffloadWhenShort
@@ -30,7 +31,7 @@ def build_parser():
                    "cldm_v21.yaml shipped in the pack)")
     p.add_argument("--steps", type=int, default=5, help="sampling steps (5 for dossr_default, 1 for dossr_onestep)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--prompt", default="clean, high-resolution, 8k", help="prompt (default: the official one)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt (default: the official one)")
     p.add_argument("--prompt-embeds", default=None, help="safetensors with a precomputed (1, 77, 1024) "
                    "'prompt_embeds' tensor (skips the text encoder)")
     p.add_argument("--color-fix", choices=COLOR_FIXES, default="wavelet")

@@ -22,7 +22,7 @@ from ..sr_common.latents import (CONTROLLED_UNET_COPIES, denoiser_bytes, encode_
                                  posterior_mean, posterior_sample, vae_decode, vae_decode_bytes)
 from ..sr_common.sd21 import SCALING_FACTOR, checked_context
 from ..sr_common.tiled_vae import DEFAULT_MODE
-from ..sr_common.tiling import blend_tiles, needs_tiling
+from ..sr_common.tiling import DEFAULT_TILES, blend_tiles, needs_tiling
 from .model import DEFAULT_PROMPT, predict_eps
 from .sampling import sample_dossr
 from .schedule import make_grid
@@ -68,11 +68,11 @@ class Options:
     seed: int = 42
     order: int = 3
     gamma: float = 1.0          # experimental: < 1 moves towards the deterministic ODE (1 = official)
-    tile_latent: int = 96       # latent tile for the network (0 = never tile; tiles only above tile²)
-    tile_overlap: int = 32
+    tile_latent: int = DEFAULT_TILES.tile_latent  # tiles only above tile² (0 = never tile)
+    tile_overlap: int = DEFAULT_TILES.tile_overlap
     tile_batch: int = 1
-    vae_tile_encode: int = 1024  # image px (0 = off)
-    vae_tile_decode: int = 224   # latent px (0 = off)
+    vae_tile_encode: int = DEFAULT_TILES.vae_tile_encode  # image px (0 = off)
+    vae_tile_decode: int = DEFAULT_TILES.vae_tile_decode  # latent px (0 = off)
     vae_tile_mode: str = DEFAULT_MODE  # see sr_common.tiled_vae: bounded (memory) | exact (= untiled, memory grows)
 
 
@@ -256,11 +256,11 @@ def output_size(height, width, upscale):
     return math.ceil(upscale * height / 4), math.ceil(upscale * width / 4)
 
 
-def save_noise(noise, path, metadata=None):
+def save_noise(noise, path):
     """Write the draws of a run (``trace['noise']``) as a safetensors noise file for ``--noise-file``."""
     from ..sr_common.weights import write_safetensors
 
-    write_safetensors({k: v.float().cpu() for k, v in noise.items()}, path, metadata)
+    write_safetensors({k: v.float().cpu() for k, v in noise.items()}, path)
 
 
 def load_noise(path):

@@ -34,26 +34,26 @@ def alpha_bar_schedule():
     return np.cumprod(1.0 - beta_schedule(), axis=0)
 
 
-def eta_schedule(t1=T1):
-    """Shifting sequence: η_i = (1 − cos(π·u_i))/2 with u = linspace(0.001, 0.999, t1) for i < t1, else 1."""
+def eta_schedule():
+    """Shifting sequence: η_i = (1 − cos(π·u_i))/2 with u = linspace(0.001, 0.999, t₁) for i < t₁, else 1."""
     eta = torch.ones(NUM_TRAIN_TIMESTEPS, dtype=torch.float64)
-    u = torch.linspace(0.001, 0.999, t1, dtype=torch.float64)
-    eta[:t1] = (1 - torch.cos(u * math.pi)) / 2
+    u = torch.linspace(0.001, 0.999, T1, dtype=torch.float64)
+    eta[:T1] = (1 - torch.cos(u * math.pi)) / 2
     return eta.numpy()
 
 
-def grid_timesteps(num_steps, t1=T1):
-    """τ_0 < … < τ_N: N + 1 points spread over [0, t1 − 1], ascending.
+def grid_timesteps(num_steps):
+    """τ_0 < … < τ_N: N + 1 points spread over [0, t₁ − 1], ascending.
 
-    As guided-diffusion's ``space_timesteps(t1, str(N + 1))``: the position accumulates the float
-    stride (t1 − 1)/N and each point is Python's ``round`` of it (half to even). This is *not*
-    round(k·(t1 − 1)/N): for N = 20 the accumulation gives 249 at k = 10, not 250.
+    As guided-diffusion's ``space_timesteps(t₁, str(N + 1))``: the position accumulates the float
+    stride (t₁ − 1)/N and each point is Python's ``round`` of it (half to even). This is *not*
+    round(k·(t₁ − 1)/N): for N = 20 the accumulation gives 249 at k = 10, not 250.
     """
     if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool):
         raise TypeError(f"`num_steps` must be an int, got {type(num_steps).__name__}")
-    if not 1 <= num_steps <= t1 - 1:
-        raise ValueError(f"`num_steps` must be between 1 and {t1 - 1}, got {num_steps}")
-    stride = (t1 - 1) / num_steps
+    if not 1 <= num_steps <= T1 - 1:
+        raise ValueError(f"`num_steps` must be between 1 and {T1 - 1}, got {num_steps}")
+    stride = (T1 - 1) / num_steps
     position, taken = 0.0, []
     for _ in range(num_steps + 1):
         taken.append(round(position))
@@ -84,11 +84,11 @@ class DoSSRGrid:
         return len(self.tau) - 1
 
 
-def make_grid(num_steps, t1=T1):
+def make_grid(num_steps):
     """The float64 tables of an N-step DoSSR run."""
-    tau = grid_timesteps(num_steps, t1)
+    tau = grid_timesteps(num_steps)
     alpha_bar_full = alpha_bar_schedule()
-    eta_full = eta_schedule(t1)
+    eta_full = eta_schedule()
     betas, last = [], 1.0
     for t in tau:
         betas.append(1 - alpha_bar_full[t] / last)

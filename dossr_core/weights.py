@@ -320,11 +320,12 @@ def build_cond_encoder(vae_config, state):
     return _load(net, state, "condition encoder")
 
 
-def text_encoder_from_open_clip(sd, num_heads=None, prefix=OPEN_CLIP_PREFIX):
+def text_encoder_from_open_clip(sd, num_heads=None):
     """transformers ``CLIPTextModel`` (penultimate layer + ln_final) from an OpenCLIP text tower, sized from
     its tensors. ``num_heads`` cannot be read from the tensors: OpenCLIP uses width // 64 (16 for ViT-H)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    prefix = OPEN_CLIP_PREFIX
     width = sd[prefix + "token_embedding.weight"].shape[1]
     blocks = 1 + max(int(k[len(prefix + "transformer.resblocks."):].split(".")[0]) for k in sd
                      if k.startswith(prefix + "transformer.resblocks."))

@@ -15,12 +15,12 @@ import comfy.model_patcher
 import comfy.utils
 import folder_paths
 
-from ..osediff_core.pipeline import Options as DEFAULT_TILES  # the same tile defaults as DoSSR's Options
 from ..sr_common import tiling
 from ..sr_common.download import OFFICIAL, downloaded
 from ..sr_common.errors import WeightFileError
 from ..sr_common.fast_modules import forget_folded_kernels
 from ..sr_common.image import with_upscaled_alpha
+from ..sr_common.tiling import DEFAULT_TILES
 from ..sr_common.sd21 import (NETWORK_DTYPES, PRECISIONS, check_precision, ieee_float32, load_sd21, move_module,
                                sd21_from_ldm_state_dict)
 from ..sr_common.weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES

@@ -19,8 +19,8 @@ OSEDIFF = io.Custom("OSEDIFF_MODEL")
 DAPE = io.Custom("DAPE_MODEL")
 
 
-def upscale_input(default=4.0):
-    return io.Float.Input("upscale", default=default, min=1.0, max=8.0, step=0.5,
+def upscale_input():
+    return io.Float.Input("upscale", default=4.0, min=1.0, max=8.0, step=0.5,
                           tooltip="Scale factor; the output is exactly round(upscale × input) pixels.")
 
 

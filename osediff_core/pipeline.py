@@ -14,7 +14,7 @@ from ..sr_common.latents import (denoiser_bytes, encode_moments, encode_moments_
                                  posterior_sample, vae_decode, vae_decode_bytes)
 from ..sr_common.sd21 import NetworksOnSD21, PromptCache, scaled_linear_betas
 from ..sr_common.tiled_vae import DEFAULT_MODE
-from ..sr_common.tiling import blend_tiles, needs_tiling
+from ..sr_common.tiling import DEFAULT_TILES, blend_tiles, needs_tiling
 from .weights import apply_osediff_unet, lq_encoder
 
 TIMESTEP = 999
@@ -164,10 +164,10 @@ class Options:
     color_fix: str = "adain"
     sample_mode: str = "mean"
     seed: int = 0
-    tile_latent: int = 96
-    tile_overlap: int = 32
-    vae_tile_encode: int = 1024
-    vae_tile_decode: int = 224
+    tile_latent: int = DEFAULT_TILES.tile_latent
+    tile_overlap: int = DEFAULT_TILES.tile_overlap
+    vae_tile_encode: int = DEFAULT_TILES.vae_tile_encode
+    vae_tile_decode: int = DEFAULT_TILES.vae_tile_decode
     vae_tile_mode: str = DEFAULT_MODE  # see sr_common.tiled_vae; "official" is used with official_sizing
     tile_batch: int = 1
 

@@ -103,8 +103,9 @@ def _check_part(ckpt, part, name):
                                   f"{tuple(b.shape)} (rank {b.shape[1] if b.dim() > 1 else '?'}). {damaged}")
 
 
-def lora_pairs(state, rank, alpha=PEFT_DEFAULT_ALPHA):
-    """{module name: (A, B, scale)} from PEFT keys ``<module>.lora_A.<adapter>.weight``."""
+def lora_pairs(state, rank):
+    """{module name: (A, B, scale)} from PEFT keys ``<module>.lora_A.<adapter>.weight``; scale = lora_alpha / rank
+    with PEFT's default lora_alpha (``PEFT_DEFAULT_ALPHA``)."""
     pairs = {}
     for key, a in state.items():
         if ".lora_A." not in key:
@@ -113,7 +114,7 @@ def lora_pairs(state, rank, alpha=PEFT_DEFAULT_ALPHA):
         b_key = key.replace(".lora_A.", ".lora_B.")
         if b_key not in state:
             raise WeightFileError(f"LoRA pair incomplete: {b_key} is missing.")
-        pairs[module] = (a, state[b_key], alpha / rank)
+        pairs[module] = (a, state[b_key], PEFT_DEFAULT_ALPHA / rank)
     return pairs
 
 

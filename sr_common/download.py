@@ -17,6 +17,7 @@ from .errors import DiffSRError
 from .weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, sniff
 
 CHUNK = 1 << 20
+TIMEOUT_S = 60  # a server silent this long (connecting or between two reads) fails the download; run again to resume
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def set_aside(path):
     return aside
 
 
-def download(url, dest, *, sha256="", git_blob="", progress=None, timeout=60):
+def download(url, dest, *, sha256="", git_blob="", progress=None):
     """Fetch ``url`` to ``dest``; resume a ``dest.partial``; verify size, SHA-256 and git blob id; rename into place.
 
     ``progress(done_bytes, total_bytes)`` is called as data arrives. Returns ``dest``. An existing
@@ -154,7 +155,7 @@ def download(url, dest, *, sha256="", git_blob="", progress=None, timeout=60):
     have = os.path.getsize(partial) if os.path.exists(partial) else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
+        response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:  # the partial file is already complete
             response = None

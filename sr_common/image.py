@@ -15,7 +15,7 @@ from PIL import Image
 
 from .errors import ImageInputError
 
-RESAMPLE = {"bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS, "bilinear": Image.BILINEAR}
+RESAMPLE = {"bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
 
 
 def pil_to_tensor(image):

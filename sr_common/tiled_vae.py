@@ -36,6 +36,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from .tiling import TILE_FLOORS
+
 DEFAULT_MODE = "bounded"
 ENCODER_PAD = 32
 DECODER_PAD = 11
@@ -147,7 +149,7 @@ def split_tiles(height, width, tile, pad, factor):
 
 DECODER_PEAK_COPIES = 4  # see decoder_activation_bytes
 ENCODER_PEAK_COPIES = 6  # see encoder_activation_bytes
-DECODER_TILE_FLOOR = 16  # latent px
+DECODER_TILE_FLOOR = TILE_FLOORS["vae_tile_decode"]  # latent px
 
 
 def largest_piece(height, width, tile, is_decoder):

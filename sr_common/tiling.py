@@ -1,19 +1,38 @@
 """Latent tiling with Gaussian blending (mixture-of-diffusers style), shared by both methods."""
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 
-def gaussian_tile_weights(tile_h, tile_w, var=0.01):
-    """w(y, x) = g_h(y)·g_w(x), g_n(i) = exp(−(i − m)² / (n² · 2·var)) / sqrt(2π·var).
+@dataclass(frozen=True)
+class Tiles:
+    """Tile sizes (0 = never tile): the networks' latent tile and overlap (latent px), the VAE encoder's (image px)
+    and decoder's (latent px). The defaults are the official OSEDiff ones, which both methods use."""
+
+    tile_latent: int = 96
+    tile_overlap: int = 32
+    vae_tile_encode: int = 1024
+    vae_tile_decode: int = 224
+
+
+DEFAULT_TILES = Tiles()
+
+
+TILE_WEIGHT_VAR = 0.01  # the official Gaussian's variance, relative to the tile size squared
+
+
+def gaussian_tile_weights(tile_h, tile_w):
+    """w(y, x) = g_h(y)·g_w(x), g_n(i) = exp(−(i − m)² / (n² · 2·var)) / sqrt(2π·var), var = ``TILE_WEIGHT_VAR``.
 
     As the official code: m = (n − 1)/2 along the width but m = n/2 along the height. float64.
     """
     def gauss(n, mid):
         i = np.arange(n, dtype=np.float64)
-        return np.exp(-(i - mid) ** 2 / (n * n) / (2 * var)) / math.sqrt(2 * math.pi * var)
+        return (np.exp(-(i - mid) ** 2 / (n * n) / (2 * TILE_WEIGHT_VAR))
+                / math.sqrt(2 * math.pi * TILE_WEIGHT_VAR))
 
     return torch.from_numpy(np.outer(gauss(tile_h, tile_h / 2), gauss(tile_w, (tile_w - 1) / 2)))
 
