@@ -559,3 +559,31 @@ def test_ieee_float32_sets_and_puts_back_the_tf32_flags():
     with pytest.raises(KeyError), ieee_float32():  # put back on an error too
         raise KeyError
     assert tf32_flags() == before
+
+
+def test_alpha_is_upscaled_by_keys_bicubic_and_clamped():
+    """The alpha of an RGBA input: cubic convolution (Keys, a = −0.75, half-pixel centres, edge pixels repeated),
+    written out here as one matrix per axis, then clamped to [0, 1]; the RGB is kept as given."""
+    from comfyui_diffsr.sr_common.image import with_upscaled_alpha
+
+    def keys(x, a=-0.75):
+        x = abs(x)
+        return (a + 2) * x**3 - (a + 3) * x**2 + 1 if x <= 1 else a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a
+
+    def axis(n_in, n_out):
+        m = torch.zeros(n_out, n_in, dtype=torch.float64)
+        for i in range(n_out):
+            src = (i + 0.5) * n_in / n_out - 0.5
+            base = math.floor(src)
+            for k in range(-1, 3):
+                m[i, min(max(base + k, 0), n_in - 1)] += keys(src - (base + k))
+        return m
+
+    alpha = torch.rand(1, 1, 4, 5, generator=torch.Generator().manual_seed(2))
+    rgb = torch.rand(1, 3, 12, 20, generator=torch.Generator().manual_seed(3))
+    out = with_upscaled_alpha(rgb, alpha)
+    expected = (axis(4, 12) @ alpha[0, 0].double() @ axis(5, 20).T).clamp(0, 1)
+    assert torch.equal(out[:, :3], rgb)
+    assert (out[0, 3].double() - expected).abs().max().item() < 1e-6
+    spiky = torch.tensor([[[[0.0, 1.0, 0.0, 1.0]]]]).expand(1, 1, 4, 4)
+    assert with_upscaled_alpha(torch.zeros(1, 3, 16, 16), spiky)[:, 3].max() == 1  # overshoot clamped

@@ -296,3 +296,30 @@ def test_cli_gamma_and_noise_errors_reach_the_run(tmp_path, capsys):
     (tmp_path / "bad.safetensors").write_bytes(b"not a noise file")
     assert main(common + ["-o", str(tmp_path / "bad"), "--noise-file", str(tmp_path / "bad.safetensors")]) == 2
     assert "Cannot read the noise file" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_every_dossr_option_reaches_the_run(tmp_path, monkeypatch):
+    """Each option of the command reaches the core's Options, or the writer, at a value none has by default (the
+    run itself is a stand-in here: the parity of the run is tested above)."""
+    import comfyui_diffsr.dossr_core.pipeline as P
+    from comfyui_diffsr.cli import common
+    from comfyui_diffsr.cli.dossr import main
+
+    seen = {}
+
+    def run(model, image, *, options, **kwargs):
+        seen["options"] = options
+        height, width = P.output_size(4 * image.shape[-2], 4 * image.shape[-1], options.upscale)
+        return torch.zeros(1, 3, height, width)
+
+    monkeypatch.setattr(P, "dossr_upscale", run)
+    monkeypatch.setattr(common, "save_image", lambda image, path, metadata, quality, alpha: seen.update(quality=quality))
+    assert main([os.path.join(FIX, "lr_w32h16.png"), "-o", str(tmp_path / "out"), "--weights", CKPT, "--config",
+                 os.path.join(FIX, "tiny_cldm.yaml"), "--device", "cpu", "--steps", "2", "--seed", "9", "--gamma",
+                 "0.7", "--upscale", "2", "--color-fix", "adain", "--tile-latent", "48", "--tile-overlap", "24",
+                 "--vae-tile-encode", "512", "--vae-tile-decode", "64", "--vae-tile-mode", "exact", "--format", "jpg",
+                 "--quality", "20"]) == 0
+    assert seen["options"] == P.Options(steps=2, seed=9, gamma=0.7, upscale=2.0, color_fix="adain", tile_latent=48,
+                                        tile_overlap=24, vae_tile_encode=512, vae_tile_decode=64,
+                                        vae_tile_mode="exact")
+    assert seen["quality"] == 20

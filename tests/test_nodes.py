@@ -770,6 +770,14 @@ def test_dape_loader_precision(pack, monkeypatch):
     prompts = [run(nodes["DAPE_PromptExtractor"], dape=tagger, image=image, upscale=4.0, process_size=0,
                    user_prompt="", tags_only=True, exclude="", max_tags=0)[0] for tagger in (exact, auto)]
     assert all(isinstance(p, str) and p for p in prompts)
+    # the widgets reach the tagger: exclude drops the tags named (any case), max_tags keeps the most probable ones
+    tags = prompts[0].split(", ")
+    assert len(tags) >= 3, tags
+    extract = lambda **widgets: run(nodes["DAPE_PromptExtractor"], dape=exact, image=image, upscale=4.0,
+                                    process_size=0, user_prompt="", tags_only=True, **widgets)[0].split(", ")
+    assert extract(exclude=f"{tags[1].upper()}, not a tag", max_tags=0) == tags[:1] + tags[2:]
+    top = extract(exclude="", max_tags=2)
+    assert len(top) == 2 and top == [t for t in tags if t in top]
 
 
 @cpu_float16

@@ -578,3 +578,50 @@ def test_float16_on_a_cpu_that_cannot_compute_it_is_refused_by_name(base, tmp_pa
     assert "no float16 kernels on the CPU: run fp32 or bf16" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     assert run(args + ["--dtype", "bf16", "--process-size", "64"]) == 0
+
+
+def test_every_osediff_option_reaches_the_run(base, tmp_path, monkeypatch):
+    """Each option of the command reaches the core's Options, the prompt, or the writer, at a value none has by
+    default (the run itself is a stand-in here: its parity is tested above)."""
+    import comfyui_diffsr.cli.osediff as command
+    from comfyui_diffsr.cli import common
+    from comfyui_diffsr.osediff_core.pipeline import Options
+    from comfyui_diffsr.sr_common.image import scaled_size
+
+    seen = {}
+
+    def upscale(model, image, *, prompt_embeds, prompt_fn, options):
+        seen.update(options=options, embeds=prompt_embeds)
+        width, height = scaled_size(image.shape[-1], image.shape[-2], options.upscale)
+        return torch.zeros(1, 3, height, width)
+
+    monkeypatch.setattr(command, "osediff_upscale", upscale)
+    monkeypatch.setattr(common, "save_image", lambda image, path, metadata, quality, alpha: seen.update(quality=quality))
+    assert run([os.path.join(FIX, "in_32x32.png"), "-o", tmp_path / "out", "--base", base, "--weights",
+                os.path.join(FIX, "osediff_tiny.pkl"), "--device", "cpu", "--prompt", "a dog", "--upscale", "2",
+                "--process-size", "64", "--official-sizing", "--color-fix", "wavelet", "--sample-mode", "sample",
+                "--seed", "9", "--tile-latent", "48", "--tile-overlap", "24", "--vae-tile-encode", "512",
+                "--vae-tile-decode", "64", "--vae-tile-mode", "exact", "--format", "webp", "--quality", "20"]) == 0
+    assert seen["options"] == Options(upscale=2.0, process_size=64, official_sizing=True, color_fix="wavelet",
+                                      sample_mode="sample", seed=9, tile_latent=48, tile_overlap=24,
+                                      vae_tile_encode=512, vae_tile_decode=64, vae_tile_mode="exact")
+    assert seen["quality"] == 20
+    model = load_sd21(base)
+    from comfyui_diffsr.sr_common.sd21 import encode_prompt
+
+    with torch.no_grad():
+        expected = encode_prompt(model.text_encoder, model.tokenizer, ["a dog"])
+    torch.testing.assert_close(seen["embeds"], expected, atol=1e-5, rtol=1e-5)  # the command's own attention path
+    assert not torch.allclose(expected, encode_prompt(model.text_encoder, model.tokenizer, [""]), atol=1e-3)
+
+
+def test_a_prompt_longer_than_clips_77_tokens_is_cut(base):
+    """CLIP takes 77 tokens: a longer prompt (DAPE's tags and a user prompt can pass it) is truncated as the
+    official pipeline's tokenizer call does, not an error: 200 words give the encoding of their first 75."""
+    from comfyui_diffsr.sr_common.sd21 import encode_prompt
+
+    sd = load_sd21(base)
+    with torch.no_grad():
+        long = encode_prompt(sd.text_encoder, sd.tokenizer, ["cat " * 200])
+        cut = encode_prompt(sd.text_encoder, sd.tokenizer, ["cat " * 75])
+    assert long.shape[1] == 77 and torch.equal(long, cut)
