@@ -4,7 +4,8 @@
     python bench/bench_memory.py --device meta --dtype fp16 --sizes 128 512 --out bench/results/memory_meta_fp16.json
 
 On a GPU the figure is what PyTorch's caching allocator counts (``torch.cuda.max_memory_allocated``), the
-convolutions' workspace included. On the ``meta`` device, on any machine, the same run goes through tensors without
+convolutions' workspace included; ``peak_device_mib`` adds what the allocator holds beyond that (its peak reserved
+memory) and what the process holds outside it (CUDA context, cuBLAS/cuDNN): the memory a card must have. On the ``meta`` device, on any machine, the same run goes through tensors without
 data (``MetaAllocator``): every storage is counted from its creation to its release, rounded up to 512 bytes as
 that allocator rounds it, and attention is counted as the fused kernels run it (its output only). What the meta
 count leaves out: the workspace of the convolutions and of attention, and the CUDA context.
@@ -25,6 +26,7 @@ import torch
 from comfyui_diffsr.sr_common import latents
 from comfyui_diffsr.sr_common.offload import OffloadWhenShort, weight_bytes
 from comfyui_diffsr.sr_common.sd21 import PRECISIONS, ieee_float32, move_module
+import interleave
 from common import environment, random_osediff, write_json
 from meta_memory import FusedAttention, MetaAllocator
 
@@ -33,13 +35,15 @@ MiB = 2 ** 20
 
 
 class CudaMeter:
-    """Per-stage peaks of the CUDA allocator (``max_memory_allocated``, reset when the stage changes)."""
+    """Per-stage peaks of the CUDA allocator (``max_memory_allocated``, reset when the stage changes), and the peak of
+    what it reserved over the whole run (``reserved``)."""
 
     def __init__(self, device):
-        self.device, self.peaks, self._stage = device, {}, None
+        self.device, self.peaks, self._stage, self.reserved = device, {}, None, 0
 
     def enter(self, stage):
         self.peaks[self._stage] = max(self.peaks.get(self._stage, 0), torch.cuda.max_memory_allocated(self.device))
+        self.reserved = max(self.reserved, torch.cuda.max_memory_reserved(self.device))
         torch.cuda.reset_peak_memory_stats(self.device)
         self._stage = stage
 
@@ -113,7 +117,10 @@ def measure(model, upscale, networks, device, budget=None):
             h.remove()
         undo()
     peaks = {name: round(v / MiB, 1) for name, v in meter.finish().items() if name is not None and v}
-    return {"peak_mib": max(peaks.values()), "weights_mib": round(weights / MiB, 1), "by_network_mib": peaks}
+    result = {"peak_mib": max(peaks.values()), "weights_mib": round(weights / MiB, 1), "by_network_mib": peaks}
+    if device.type == "cuda":  # what the device holds for the process at most: the 4 GB target is about this
+        result["peak_device_mib"] = round(meter.reserved / MiB + interleave.cuda_peaks()["cuda_context_mb"], 1)
+    return result
 
 
 def runner(method):
