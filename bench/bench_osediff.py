@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 
@@ -173,10 +172,7 @@ def compare_sequential(args):
         base, pkl = save_for_official(tmp)
         env = official_env(args.compare_official, args.official_thp)
         for size in args.sizes:
-            done = subprocess.run(official_cmd(args, base, pkl, size), capture_output=True, text=True, env=env)
-            if done.returncode:
-                raise SystemExit(f"the official code failed at size {size}:\n{done.stderr[-3000:]}")
-            official.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            official.append(child_result(official_cmd(args, base, pkl, size), env=env))
     return official
 
 

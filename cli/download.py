@@ -6,7 +6,7 @@ import sys
 
 from tqdm import tqdm
 
-from ..sr_common.download import OFFICIAL, downloaded
+from ..sr_common.download import OFFICIAL
 from .common import run_main
 
 
@@ -24,18 +24,19 @@ def fetch(key, models_dir):
     """Download one official file (a progress bar on stderr) and return its path."""
     source = OFFICIAL[key]
     dest = os.path.join(models_dir, source.folder, source.filename)
-    if downloaded(dest, source):  # a damaged file there is set aside by fetch; a folder is refused by download
-        return dest
-    bar = tqdm(desc=source.filename, unit="B", unit_scale=True, file=sys.stderr)
+    bars = []  # one, made when data arrives: a file already there (checked by fetch) shows none
 
     def progress(done, total):
-        bar.total = total
-        bar.update(done - bar.n)
+        if not bars:
+            bars.append(tqdm(desc=source.filename, unit="B", unit_scale=True, file=sys.stderr))
+        bars[0].total = total
+        bars[0].update(done - bars[0].n)
 
     try:
         return source.fetch(dest, progress)
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
 
 
 def main_impl(argv=None):

@@ -178,8 +178,8 @@ def _stage(callback, name):
 
 
 def dossr_sample(model, context, *, image=None, latent=None, options=None, noise=None, callback=None, trace=None):
-    """Step 2 of ``dossr_upscale`` for one input and its text ``context``: (x, start), x the final state of the sampler (a scaled
-    latent), start the colour reference (and its size the output's, before other scales).
+    """Step 2 of ``dossr_upscale`` for one input and its text ``context``: (x, start), x the final state of the
+    sampler (a scaled latent), start the colour reference (and its size the output's, before other scales).
 
     From an LR ``image`` (1, 3, h, w), as the official: start = clamp(RRDB ×4); padded to a multiple of 64 px,
     c = 0.18215 · mode(E_cond) and x̂₀ a posterior sample of E_vae; x covers the padded image.

@@ -21,8 +21,8 @@ from ..sr_common.errors import WeightFileError
 from ..sr_common.fast_modules import forget_folded_kernels
 from ..sr_common.image import with_upscaled_alpha
 from ..sr_common.tiling import DEFAULT_TILES
-from ..sr_common.sd21 import (NETWORK_DTYPES, PRECISIONS, check_precision, ieee_float32, load_sd21, move_module,
-                               sd21_from_ldm_state_dict)
+from ..sr_common.sd21 import (NETWORK_DTYPES, OPEN_CLIP_PREFIX, PRECISIONS, UNET_PREFIX, VAE_PREFIX, check_precision,
+                               ieee_float32, load_sd21, move_module, sd21_from_ldm_state_dict)
 from ..sr_common.weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 
 WEIGHT_EXTENSIONS = set(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)
@@ -198,8 +198,7 @@ def sd21_from_comfy(model, clip, vae):
     return sd21_from_ldm_state_dict(sd, name="the Load Checkpoint model")
 
 
-LDM_PARTS = {"model.diffusion_model.": "the UNet", "first_stage_model.": "the VAE",
-             "cond_stage_model.": "the text encoder"}
+LDM_PARTS = {UNET_PREFIX: "the UNet", VAE_PREFIX: "the VAE", OPEN_CLIP_PREFIX: "the text encoder"}
 
 
 def reduced_precision_parts(sd):
