@@ -22,16 +22,15 @@ import torch
 from torch import nn
 
 from ..sr_common.errors import WeightFileError
-from ..sr_common.sd21 import (OPEN_CLIP_PREFIX, SCALING_FACTOR, UNET_PREFIX, VAE_PREFIX, describe_checkpoint,
-                              load_ldm_unet_vae, open_clip_to_hf)
+from ..sr_common.known_files import (DOSSR_CONVERTED_MARKERS, DOSSR_OFFICIAL_MARKERS, OPEN_CLIP_PREFIX, UNET_PREFIX,
+                                     VAE_PREFIX, canonical, describe)
+from ..sr_common.sd21 import SCALING_FACTOR, load_ldm_unet_vae, open_clip_to_hf
 from ..sr_common.weights import (DOSSR_FORMAT, load_module_weights, read_state_dict, safetensors_metadata,
                                  write_safetensors)
 
 CONTROL_PREFIX = "control_model."
 COND_ENCODER_PREFIX = "cond_encoder."
 RRDB_PREFIX = "preprocess_model."
-OFFICIAL_MARKERS = ("control_model.zero_convs.", "cond_encoder.encoder.")
-CONVERTED_MARKERS = ("controlnet.controlnet_down_blocks.", "cond_encoder.encoder.", "rrdb.conv_first.")
 
 
 def shipped_config_path():
@@ -100,47 +99,28 @@ def diffusers_configs(params):
 
 # ---------------------------------------------------------------- recognising files
 
-def unwrap(sd):
-    """The plain state dict: unwrap a ``state_dict`` container, strip a ``module.`` prefix."""
-    if isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
-
-
-def detect(sd):
-    """'official' (full ControlLDM ckpt) or 'converted' (``convert_dossr`` output); else raise naming what it is."""
+def detect(sd, path=None):
+    """'official' (full ControlLDM ckpt) or 'converted' (``convert_dossr`` output); else raise naming what it is
+    (``path``: the file, for ``describe``)."""
     keys = list(sd.keys())
 
     def has(prefix):
         return any(k.startswith(prefix) for k in keys)
 
-    if all(has(p) for p in OFFICIAL_MARKERS):
+    if all(has(p) for p in DOSSR_OFFICIAL_MARKERS):
         return "official"
-    if all(has(p) for p in CONVERTED_MARKERS):
+    if all(has(p) for p in DOSSR_CONVERTED_MARKERS):
         return "converted"
-    looked_for = (f"looked for {' + '.join(p + '*' for p in OFFICIAL_MARKERS)} (official .ckpt) or "
-                  f"{' + '.join(p + '*' for p in CONVERTED_MARKERS)} (converted .safetensors)")
-    if has(CONTROL_PREFIX + "input_hint_block."):
-        what = "a standard image-hint ControlNet checkpoint (it has `input_hint_block`), not DoSSR's latent-concat ControlNet"
-    elif has(COND_ENCODER_PREFIX + "encoder.") and not has(CONTROL_PREFIX):
+    if has(COND_ENCODER_PREFIX + "encoder.") and not has(CONTROL_PREFIX):
         what = "a DoSSR-like checkpoint without the ControlNet (`control_model.*` missing), so it cannot restore images"
-    elif has(CONTROL_PREFIX) and not has(COND_ENCODER_PREFIX):
-        what = "a ControlLDM checkpoint without DoSSR's condition encoder (`cond_encoder.*` missing)"
-    elif has(CONTROL_PREFIX):
+    elif has(COND_ENCODER_PREFIX) and has(CONTROL_PREFIX):
         what = "an incomplete DoSSR checkpoint (no zero convolutions `control_model.zero_convs.*`)"
     else:
-        kind = describe_checkpoint(sd)
-        what = {"osediff": "an OSEDiff weight file (use the osediff command)",
-                "sd2": "a Stable Diffusion 2.x checkpoint, not DoSSR weights (pass it as --base)",
-                "sd2-v": "a Stable Diffusion 2.x checkpoint, not DoSSR weights",
-                "sd1": "a Stable Diffusion 1.x checkpoint, not DoSSR weights",
-                "sdxl": "an SDXL checkpoint, not DoSSR weights",
-                "no-text-encoder": "a Stable Diffusion UNet/VAE checkpoint, not DoSSR weights"}.get(
-                    kind, "not a DoSSR weight file")
-    raise WeightFileError(f"{what}; {looked_for}. Use dossr_default.ckpt / dossr_onestep.ckpt from the DoSSR release "
-                          "or a file made by `diffsr convert dossr`.")
+        what = describe(sd, path)
+    raise WeightFileError(f"{what}. DoSSR's weights are dossr_default.ckpt / dossr_onestep.ckpt from the DoSSR release "
+                          "or a file made by `diffsr convert dossr` (looked for "
+                          f"{' + '.join(p + '*' for p in DOSSR_OFFICIAL_MARKERS)}, or "
+                          f"{' + '.join(p + '*' for p in DOSSR_CONVERTED_MARKERS)} when converted).")
 
 
 def read_weights(path):
@@ -148,11 +128,11 @@ def read_weights(path):
     sd = read_state_dict(path)
     if not isinstance(sd, dict):
         raise WeightFileError(f"{os.path.basename(os.fspath(path))!r} holds a {type(sd).__name__}, not a state dict.")
-    sd = unwrap(sd)
+    sd = canonical(sd)
     try:
-        kind = detect(sd)
+        kind = detect(sd, path)
     except WeightFileError as e:
-        raise WeightFileError(f"{os.path.basename(os.fspath(path))!r} is {e}") from None
+        raise WeightFileError(f"{os.path.basename(os.fspath(path))!r} is not a DoSSR weight file: it is {e}") from None
     return sd, kind, safetensors_metadata(path) or {}
 
 

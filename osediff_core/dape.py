@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..sr_common.errors import WeightFileError
-from ..sr_common.weights import (CONVERTED, DAPE_FORMAT, converted_kind, read_state_dict, require_float,
-                                 safetensors_metadata, write_safetensors)
+from ..sr_common.known_files import KNOWN, describe, identify, unwrap_ram
+from ..sr_common.weights import (DAPE_FORMAT, read_state_dict, require_float, safetensors_metadata,
+                                 write_safetensors)
 from .swin import SwinEncoder, swin_config
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -209,36 +210,6 @@ def read_tag_data():
 
 
 # ------------------------------------------------------------------------------- weight files
-def _lora_keys(d):
-    return [k for k in d if k.endswith((".lora_A", ".lora_B"))]
-
-
-def _unwrap_ram(obj):
-    """The RAM state dict inside ``obj`` or None."""
-    if not isinstance(obj, dict):
-        return None
-    inner = obj.get("model") if isinstance(obj.get("model"), dict) else obj
-    if any(isinstance(k, str) and k.startswith("visual_encoder.") for k in inner) and "label_embed" in inner:
-        return inner
-    return None
-
-
-def _describe(obj):
-    """What a loaded file looks like, for error messages."""
-    if not isinstance(obj, dict):
-        return f"a {type(obj).__name__}, not a dict of tensors"
-    if _unwrap_ram(obj) is not None:
-        return "the RAM checkpoint (ram_swin_large_14m.pth)"
-    keys = [k for k in obj if isinstance(k, str)]
-    if keys and len(_lora_keys(obj)) == len(keys):
-        return f"a DAPE LoRA file ({len(keys)} lora_A/lora_B tensors)"
-    if any(k in obj for k in ("state_dict_unet", "state_dict_vae")):
-        return "an OSEDiff checkpoint (osediff.pkl)"
-    if any(k.startswith(("model.diffusion_model.", "control_model.")) for k in keys):
-        return "a Stable Diffusion / ControlNet checkpoint"
-    return f"an unknown file (keys: {sorted(map(str, obj))[:5]}{' …' if len(obj) > 5 else ''})"
-
-
 def _tagging_subset(ram):
     """Official load-time renames, then only the tagging tensors (still lazy/mmap'd)."""
     out = {}
@@ -333,34 +304,26 @@ def merge_dape(state, dape, n_layers):
     return used, ignored
 
 
-def _refuse_converted(path, given_as):
-    """A converted file given as one of the official ones (a converted tagger as the RAM file would have its LoRA
-    merged a second time)."""
-    kind = converted_kind(path)
-    if kind:
-        raise WeightFileError(f"{os.path.basename(os.fspath(path))!r} was given as {given_as} but it is "
-                              f"{CONVERTED[kind]}.")
+def _wrong_file(path, obj, given_as, expected):
+    return WeightFileError(f"{os.path.basename(os.fspath(path))!r} was given as {given_as} but it is "
+                           f"{describe(obj, path)}. Expected {expected}.")
 
 
 def _read_ram(path):
-    _refuse_converted(path, "the RAM weights")
+    """The RAM state dict of ``ram_swin_large_14m.pth``. A converted tagger is refused though it has the same keys:
+    its DAPE LoRA would be merged a second time."""
     obj = read_state_dict(path, mmap=True)
-    ram = _unwrap_ram(obj)
-    if ram is None:
-        raise WeightFileError(f"{os.path.basename(os.fspath(path))!r} was given as the RAM weights but it is "
-                              f"{_describe(obj)}. Expected ram_swin_large_14m.pth (a dict with 'model': "
-                              "visual_encoder.*, tagging_head/vision_multi.*, label_embed, …).")
-    return ram
+    if identify(obj, path) is not KNOWN["ram"]:
+        raise _wrong_file(path, obj, "the RAM weights", "ram_swin_large_14m.pth (a dict with 'model': "
+                          "visual_encoder.*, tagging_head/vision_multi.*, label_embed, …)")
+    return unwrap_ram(obj)
 
 
 def _read_dape(path):
-    _refuse_converted(path, "the DAPE LoRA (with --ram)")
     obj = read_state_dict(path, mmap=True)
-    name = os.path.basename(os.fspath(path))
-    keys = [k for k in obj if isinstance(k, str)] if isinstance(obj, dict) else []
-    if not keys or len(_lora_keys(obj)) != len(keys):
-        raise WeightFileError(f"{name!r} was given as the DAPE weights but it is {_describe(obj)}. Expected "
-                              "DAPE.pth: a flat dict of loralib tensors (…attn.qkv.lora_A, …lora_B).")
+    if identify(obj, path) is not KNOWN["dape"]:
+        raise _wrong_file(path, obj, "the DAPE weights", "DAPE.pth: a flat dict of loralib tensors (…attn.qkv.lora_A, "
+                          "…lora_B)")
     return obj
 
 
@@ -400,11 +363,8 @@ def _state_from_converted(path):
     obj = read_state_dict(path)
     meta = safetensors_metadata(path)
     if not meta or meta.get("format") != DAPE_FORMAT:
-        what = CONVERTED.get(meta.get("format")) if meta else None
-        raise WeightFileError(f"{name!r} was given as a converted DAPE file but it is {what or _describe(obj)}. "
-                              "Expected "
-                              "a .safetensors written by convert_dape / `diffsr convert dape` (pass the official "
-                              "files as the RAM and DAPE weights instead).")
+        raise _wrong_file(path, obj, "a converted DAPE file", "a .safetensors written by convert_dape / `diffsr "
+                          "convert dape` (pass the official files as the RAM and DAPE weights instead)")
     try:
         config = json.loads(meta["config"])
     except (KeyError, ValueError) as e:

@@ -11,8 +11,9 @@ import os
 import torch
 
 from ..sr_common.errors import WeightFileError
-from ..sr_common.weights import (CONVERTED, OSEDIFF_FORMAT, converted_kind, fresh_float32_cpu, prefaulting,
-                                 read_state_dict, require_float, safetensors_metadata, write_safetensors)
+from ..sr_common.known_files import describe
+from ..sr_common.weights import (OSEDIFF_FORMAT, fresh_float32_cpu, prefaulting, read_state_dict, require_float,
+                                 safetensors_metadata, write_safetensors)
 
 REQUIRED_KEYS = ("state_dict_unet", "state_dict_vae", "rank_unet", "rank_vae")
 MODULE_LIST_KEYS = ("unet_lora_encoder_modules", "unet_lora_decoder_modules", "unet_lora_others_modules",
@@ -20,26 +21,6 @@ MODULE_LIST_KEYS = ("unet_lora_encoder_modules", "unet_lora_decoder_modules", "u
 # Cannot be deduced from the file: the official LoraConfig passes no lora_alpha, so PEFT's
 # default lora_alpha = 8 applies and every LoRA is scaled by 8 / rank.
 PEFT_DEFAULT_ALPHA = 8
-
-
-def _what_is(obj):
-    if not isinstance(obj, dict):
-        return f"a {type(obj).__name__}, not a dict of tensors"
-    if isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    keys = {k for k in obj if isinstance(k, str)}
-    if "model" in keys and isinstance(obj["model"], dict) and any(
-            isinstance(k, str) and k.startswith("visual_encoder.") for k in obj["model"]):
-        return "a RAM (recognize-anything) checkpoint; pass it as the RAM weights for DAPE"
-    if any(".lora_A" in k and k.startswith(("visual_encoder.", "tagging_head.", "tag_encoder.")) for k in keys):
-        return "a DAPE LoRA file; pass it as the DAPE weights"
-    if any(k.startswith("control_model.") for k in keys):
-        return "a DoSSR checkpoint; use it with Load DoSSR in ComfyUI, or the `dossr` command"
-    if any(k.startswith("model.diffusion_model.") for k in keys):
-        return "a Stable Diffusion checkpoint; pass it as the base model"
-    if any(part in k for k in keys for part in (".lora_up.", ".lora_down.", ".lora_A.", ".lora_B.", ".lora.up.")):
-        return "a LoRA for Stable Diffusion (for ComfyUI's Load LoRA), not OSEDiff's weights"
-    return f"an unknown file (top-level keys: {sorted(map(str, obj))[:6]})"
 
 
 def osediff_from_safetensors(flat, metadata):
@@ -68,8 +49,7 @@ def read_osediff(path):
             raise WeightFileError(f"{name!r} has damaged OSEDiff metadata ({type(e).__name__}: {e}); convert "
                                   "osediff.pkl again with `diffsr convert osediff`.") from e
     if not isinstance(obj, dict) or any(k not in obj for k in REQUIRED_KEYS):
-        what = CONVERTED.get(converted_kind(path)) or _what_is(obj)
-        raise WeightFileError(f"{name!r} is not an OSEDiff checkpoint: it is {what}. "
+        raise WeightFileError(f"{name!r} is not an OSEDiff checkpoint: it is {describe(obj, path)}. "
                               f"Expected osediff.pkl with keys {list(REQUIRED_KEYS)}.")
     for part in ("unet", "vae"):
         _check_part(obj, part, name)

@@ -19,6 +19,7 @@ import torch
 
 from .errors import DiffSRError, WeightFileError
 from .fast_modules import fast_modules, fast_vae_decoder
+from .known_files import KNOWN, NEEDS_SD21, OPEN_CLIP_PREFIX, describe, identify, sd_family
 from .weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_weight_file, load_module_weights, read_state_dict,
                       stored_as_float32)
 
@@ -31,11 +32,6 @@ def scaled_linear_betas(dtype):
     """β_i = linspace(√BETA_START, √BETA_END, 1000)_i², i = 0..999, computed in ``dtype`` (ᾱ = ∏(1 − β) depends
     on it: float32 as diffusers' schedulers, float64 as the DoSSR code)."""
     return torch.linspace(BETA_START ** 0.5, BETA_END ** 0.5, NUM_TRAIN_TIMESTEPS, dtype=dtype) ** 2
-
-
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-OPEN_CLIP_PREFIX = "cond_stage_model.model."
 
 
 def shipped_config_dir():
@@ -60,48 +56,21 @@ def _read_json(path):
         return json.load(f)
 
 
-def describe_checkpoint(sd):
-    """Name the model family of an LDM-layout state dict: 'sd2', 'sd2-v', 'sd1', 'sdxl', or a reason it is not SD."""
-    keys = sd.keys()
-    if any(k.startswith("conditioner.embedders.") for k in keys) or f"{UNET_PREFIX}label_emb.0.0.weight" in sd:
-        return "sdxl"
-    if any(k.startswith("state_dict_unet") or k == "rank_unet" for k in keys):
-        return "osediff"
-    if not any(k.startswith(UNET_PREFIX) for k in keys):
-        return "not-sd"
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return "sd1"
-    if not any(k.startswith(OPEN_CLIP_PREFIX) for k in keys):
-        return "no-text-encoder"
-    norm_biases = sorted(
-        (k for k in keys if k.startswith(UNET_PREFIX + "output_blocks.") and k.endswith(".1.transformer_blocks.0.norm1.bias")),
-        key=lambda k: int(k[len(UNET_PREFIX + "output_blocks."):].split(".")[0]))
-    # ComfyUI's rule (comfy/supported_models.py SD20): a v-prediction SD2 model has a large spread
-    # in the last output block's first transformer norm bias.
-    if norm_biases and sd[norm_biases[-1]].float().std() > 0.09:
-        return "sd2-v"
-    return "sd2"
-
-
 # where the user gets the file (Stability AI's own repository is gone; the download is a verified copy)
 FETCH_SD21 = "`diffsr download sd21-base` fetches it; in ComfyUI the loader's 'download: ...' choice"
-REFUSALS = {
-    "sdxl": "an SDXL checkpoint. OSEDiff and DoSSR are built on Stable Diffusion 2.1-base (512 px, epsilon)",
-    "sd1": "a Stable Diffusion 1.x checkpoint (CLIP-L text encoder). OSEDiff and DoSSR need Stable Diffusion 2.1-base",
-    "sd2-v": "a Stable Diffusion 2.x 768 v-prediction checkpoint. OSEDiff and DoSSR need the 512 px epsilon model "
-             "'stable-diffusion-2-1-base' (v2-1_512-ema-pruned)",
-    "osediff": "an OSEDiff weight file, not a base model. Pass it as the OSEDiff weights and give "
-               "Stable Diffusion 2.1-base as the base",
-    "not-sd": "not a Stable Diffusion checkpoint (no 'model.diffusion_model.*' UNet keys)",
-    "no-text-encoder": "a Stable Diffusion UNet/VAE without the OpenCLIP text encoder ('cond_stage_model.model.*'); "
-                       "use the full v2-1_512-ema-pruned checkpoint or the diffusers folder",
-}
 
 
-def _refuse(path, kind):
-    raise WeightFileError(f"{os.path.basename(os.fspath(path))!r} is {REFUSALS[kind]}. "
-                          f"Use SD 2.1-base: v2-1_512-ema-pruned.safetensors ({FETCH_SD21}) or the "
+def _refuse(name, what):
+    raise WeightFileError(f"{os.path.basename(os.path.normpath(os.fspath(name)))!r} is not Stable Diffusion 2.1-base: "
+                          f"it is {what}. Use SD 2.1-base: v2-1_512-ema-pruned.safetensors ({FETCH_SD21}) or the "
                           "stable-diffusion-2-1-base diffusers folder.")
+
+
+def _what_instead(sd, path):
+    """What a state dict that is not SD 2.1-base is: only what it is for another SD model (the fix is always SD
+    2.1-base), also where it goes for any other file."""
+    known = identify(sd, path)
+    return known.what if known is not None and known.use.startswith(NEEDS_SD21) else describe(sd, path)
 
 
 def open_clip_to_hf(sd, num_layers, prefix=OPEN_CLIP_PREFIX):
@@ -184,16 +153,16 @@ def load_tokenizer(folder):
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
 
-def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint", owned=False):
+def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint", owned=False, path=None):
     """SD 2.1-base from an LDM-layout state dict (a single-file checkpoint, or what ComfyUI's
     ``state_dict_for_saving`` returns for the MODEL/CLIP/VAE of its checkpoint loader). ``owned``: the tensors
-    were read into this process's memory for this call alone (see ``SD21.unet_owned``)."""
+    were read into this process's memory for this call alone (see ``SD21.unet_owned``); ``path``: the file they were
+    read from, if any (its metadata may name a file the pack converted)."""
     config_dir = config_dir or shipped_config_dir()
     if "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
-    kind = describe_checkpoint(sd)
-    if kind != "sd2":
-        _refuse(name, kind)
+    if sd_family(sd) != "sd2":
+        _refuse(name, _what_instead(sd, path))
     unet, vae, text_encoder = models_from_config(config_dir, random_init=False)
     unet_owned, vae_owned = load_ldm_unet_vae(sd, unet, vae, name)
     load_module_weights(text_encoder, open_clip_to_hf(sd, text_encoder.config.num_hidden_layers), "text encoder", name,
@@ -209,7 +178,7 @@ def load_single_file(path, config_dir=None, in_memory=False):
     replaced ones stay mapped. An fp16 safetensors file is always read and converted to float32 in one pass: its
     float32 copy is new memory anyway, and a mapping would hold the fp16 file beside it."""
     sd, read_in = _read_base_file(path, in_memory)
-    return sd21_from_ldm_state_dict(sd, config_dir, name=path, owned=read_in)
+    return sd21_from_ldm_state_dict(sd, config_dir, name=path, owned=read_in, path=path)
 
 
 def _read_base_file(path, in_memory):
@@ -232,11 +201,11 @@ def check_diffusers_folder(folder):
     sched_path = os.path.join(folder, "scheduler", "scheduler_config.json")
     sched = _read_json(sched_path) if os.path.exists(sched_path) else {}
     if unet_cfg.get("addition_embed_type") == "text_time" or os.path.isdir(os.path.join(folder, "text_encoder_2")):
-        _refuse(folder, "sdxl")
+        _refuse(folder, KNOWN["sdxl"].what)
     if unet_cfg.get("cross_attention_dim") == 768 and not unet_cfg.get("use_linear_projection", False):
-        _refuse(folder, "sd1")
+        _refuse(folder, KNOWN["sd1"].what)
     if sched.get("prediction_type") == "v_prediction":
-        _refuse(folder, "sd2-v")
+        _refuse(folder, KNOWN["sd2-v"].what)
 
 
 def check_weight_files(folder):

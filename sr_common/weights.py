@@ -401,14 +401,8 @@ def _materialise_position_ids(module):
                                   persistent=False)
 
 
-# the ``format`` metadata of the pack's converted files, and what to do with each
+# the ``format`` metadata of the pack's converted files (what each is: ``known_files.CONVERTED``)
 OSEDIFF_FORMAT, DAPE_FORMAT, DOSSR_FORMAT = "osediff", "diffsr-dape-tagger", "dossr-diffusers-v1"
-CONVERTED = {
-    OSEDIFF_FORMAT: "a converted OSEDiff file (`diffsr convert osediff`); pass it as the OSEDiff weights",
-    DAPE_FORMAT: "a converted DAPE tagger (RAM with the DAPE LoRA already merged, `diffsr convert dape`); pass it "
-                 "alone as the DAPE weights (--dape or --weights, no --ram)",
-    DOSSR_FORMAT: "a converted DoSSR file (`diffsr convert dossr`); use it with the DoSSR command or loader",
-}
 
 
 def safetensors_metadata(path):
@@ -421,12 +415,13 @@ def safetensors_metadata(path):
 
 
 def converted_kind(path):
-    """The ``format`` metadata of a safetensors file the pack converted (a key of ``CONVERTED``), else None."""
+    """The ``format`` metadata of a safetensors file the pack converted (``OSEDIFF_FORMAT``, ``DAPE_FORMAT`` or
+    ``DOSSR_FORMAT``), else None."""
     try:
         kind = (safetensors_metadata(path) or {}).get("format")
     except (OSError, SafetensorError):  # not readable as safetensors: the readers say why
         return None
-    return kind if kind in CONVERTED else None
+    return kind if kind in (OSEDIFF_FORMAT, DAPE_FORMAT, DOSSR_FORMAT) else None
 
 
 def write_safetensors(tensors, path, metadata=None):

@@ -162,7 +162,7 @@ def test_converted_files_in_the_wrong_option_are_named(tmp_path):
     convert_osediff(os.path.join(os.path.dirname(D), "osediff", "osediff_tiny.pkl"), osediff_file)
     with pytest.raises(WeightFileError, match="given as the RAM weights but it is a converted DAPE tagger"):
         load_dape_tagger(tagger_file, DAPE)
-    with pytest.raises(WeightFileError, match="given as the DAPE LoRA .* but it is a converted DAPE tagger"):
+    with pytest.raises(WeightFileError, match="given as the DAPE weights but it is a converted DAPE tagger"):
         load_dape_tagger(RAM, tagger_file)
     with pytest.raises(WeightFileError, match="given as a converted DAPE file but it is a converted OSEDiff file"):
         load_dape_tagger(converted_path=osediff_file)
@@ -198,9 +198,9 @@ def test_wrong_kind_files_are_refused(tmp_path):
     osediff = tmp_path / "osediff.pkl"
     torch.save({"state_dict_unet": {"a": torch.zeros(1)}, "state_dict_vae": {}, "rank_unet": 4, "rank_vae": 4},
                osediff)
-    with pytest.raises(WeightFileError, match="OSEDiff checkpoint"):
+    with pytest.raises(WeightFileError, match="given as the RAM weights but it is an OSEDiff weight file"):
         load_dape_tagger(str(osediff), DAPE)
-    with pytest.raises(WeightFileError, match="OSEDiff checkpoint"):
+    with pytest.raises(WeightFileError, match="given as the DAPE weights but it is an OSEDiff weight file"):
         load_dape_tagger(RAM, str(osediff))
     junk = tmp_path / "junk.pth"
     junk.write_bytes(os.urandom(4096))

@@ -6,8 +6,9 @@ import os
 import pytest
 import torch
 
-from comfyui_diffsr.dossr_core.weights import detect, read_weights, split_controlnet_conv_in, unwrap
+from comfyui_diffsr.dossr_core.weights import detect, read_weights, split_controlnet_conv_in
 from comfyui_diffsr.sr_common.errors import WeightFileError
+from comfyui_diffsr.sr_common.known_files import canonical
 
 FIX = os.path.join(os.path.dirname(__file__), "data", "dossr")
 CKPT = os.path.join(FIX, "dossr_tiny.ckpt")
@@ -15,7 +16,7 @@ CKPT = os.path.join(FIX, "dossr_tiny.ckpt")
 
 @pytest.fixture(scope="module")
 def official_sd():
-    return unwrap(torch.load(CKPT, map_location="cpu", weights_only=True))
+    return canonical(torch.load(CKPT, map_location="cpu", weights_only=True))
 
 
 def save(tmp_path, name, sd):
@@ -58,7 +59,8 @@ def test_incomplete_dossr_refused(official_sd, tmp_path, drop, message):
 def test_sd_checkpoint_refused(official_sd, tmp_path):
     sd = {k: v for k, v in official_sd.items()
           if k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))}
-    with pytest.raises(WeightFileError, match="not DoSSR weights"):
+    with pytest.raises(WeightFileError, match="not a DoSSR weight file: it is a Stable Diffusion 2.x checkpoint; it is a "
+                                              "base model"):
         read_weights(save(tmp_path, "sd.ckpt", sd))
 
 

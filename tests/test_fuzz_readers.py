@@ -15,7 +15,8 @@ from comfyui_diffsr.dossr_core.weights import read_weights
 from comfyui_diffsr.osediff_core import dape
 from comfyui_diffsr.osediff_core.weights import read_osediff
 from comfyui_diffsr.sr_common.errors import DiffSRError
-from comfyui_diffsr.sr_common.sd21 import describe_checkpoint, load_sd21
+from comfyui_diffsr.sr_common.known_files import identify
+from comfyui_diffsr.sr_common.sd21 import load_sd21
 from comfyui_diffsr.sr_common.weights import DAPE_FORMAT, DOSSR_FORMAT, read_state_dict
 
 from conftest import DATA, copy_tiny_sd21
@@ -109,8 +110,8 @@ SEEDS = {
     "osediff-legacy": ("osediff.pkl", _save_torch(_osediff(), legacy=True), [read_osediff]),
     "osediff-safetensors": ("osediff.safetensors", _osediff_safetensors(), [read_osediff]),
     "sd-safetensors": ("sd.safetensors", _save_safetensors(_sd(), None),
-                       [lambda p: describe_checkpoint(read_state_dict(p)),
-                        lambda p: describe_checkpoint(read_state_dict(p, mmap=False)), "load_sd21",
+                       [lambda p: identify(read_state_dict(p)),
+                        lambda p: identify(read_state_dict(p, mmap=False)), "load_sd21",
                         "load_sd21_in_memory"]),
     "sd-legacy": ("sd.ckpt", _save_torch({"state_dict": _sd()}, legacy=True), ["load_sd21", "load_sd21_in_memory"]),
     "dossr-zip": ("dossr.ckpt", _save_torch(_dossr()), [read_weights, lambda p: load_dossr(p, config=DOSSR_CONFIG)]),

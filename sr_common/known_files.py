@@ -1,0 +1,175 @@
+"""What a weight file is, from its keys alone (spandrel's way), so that a loader given the wrong file names the file
+it got and where that file goes.
+
+``KNOWN_FILES`` is an ordered list: the files this pack reads and the ones users have beside them in the same
+folders (other SD models, LoRAs, ControlNets, upscale models). Each entry is recognised by keys only it has; the
+first match wins, so a more specific entry comes before a more general one. Containers are unwrapped first
+(``canonical``). A loader still checks the whole layout of the file it expects; this only names the others.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .weights import DAPE_FORMAT, DOSSR_FORMAT, OSEDIFF_FORMAT, converted_kind
+
+# the LDM layout of single-file SD checkpoints
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
+# DoSSR: the official ControlLDM checkpoint, and the converted one (diffusers names) without its metadata
+DOSSR_OFFICIAL_MARKERS = ("control_model.zero_convs.", "cond_encoder.encoder.")
+DOSSR_CONVERTED_MARKERS = ("controlnet.controlnet_down_blocks.", "cond_encoder.encoder.", "rrdb.conv_first.")
+RAM_PREFIXES = ("visual_encoder.", "tagging_head.", "vision_multi.", "tag_encoder.", "text_decoder.")
+LORA_PARTS = (".lora_up.", ".lora_down.", ".lora_A.", ".lora_B.", ".lora.up.", ".lora.down.")
+
+
+@dataclass(frozen=True)
+class KnownFile:
+    kind: str
+    what: str  # a noun phrase: "the RAM checkpoint (ram_swin_large_14m.pth)"
+    use: str  # where the file goes instead
+    detect: Callable[[dict], bool] = lambda sd: False
+
+    def describe(self):
+        return f"{self.what}; {self.use}" if self.use else self.what
+
+
+def _has_all(*prefixes):
+    return lambda sd: all(any(k.startswith(p) for k in sd) for p in prefixes)
+
+
+def _has_any(*prefixes):
+    return lambda sd: any(k.startswith(prefixes) for k in sd)
+
+
+def _contains_any(*parts):
+    return lambda sd: any(p in k for k in sd for p in parts)
+
+
+def unwrap_ram(obj):
+    """The RAM state dict inside ``obj`` (``ram_swin_large_14m.pth`` is ``{'model': state_dict, ...}``) or None."""
+    if not isinstance(obj, dict):
+        return None
+    inner = obj.get("model") if isinstance(obj.get("model"), dict) else obj
+    if any(isinstance(k, str) and k.startswith("visual_encoder.") for k in inner) and "label_embed" in inner:
+        return inner
+    return None
+
+
+def is_loralib_file(obj):
+    """A flat dict of loralib tensors (``<module>.lora_A`` / ``<module>.lora_B``, no ``.weight``), as DAPE.pth."""
+    keys = [k for k in obj if isinstance(k, str)] if isinstance(obj, dict) else []
+    return bool(keys) and len(keys) == len(obj) and all(k.endswith((".lora_A", ".lora_B")) for k in keys)
+
+
+def sd_family(sd):
+    """The Stable Diffusion family of an LDM-layout state dict: 'sd2', 'sd2-v', 'sd1', 'sdxl', 'no-text-encoder' (a
+    UNet without OpenCLIP), or None when it has no LDM UNet."""
+    keys = sd.keys()
+    if any(k.startswith("conditioner.embedders.") for k in keys) or f"{UNET_PREFIX}label_emb.0.0.weight" in sd:
+        return "sdxl"
+    if not any(k.startswith(UNET_PREFIX) for k in keys):
+        return None
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1"
+    if not any(k.startswith(OPEN_CLIP_PREFIX) for k in keys):
+        return "no-text-encoder"
+    norm_biases = sorted(
+        (k for k in keys if k.startswith(UNET_PREFIX + "output_blocks.") and k.endswith(".1.transformer_blocks.0.norm1.bias")),
+        key=lambda k: int(k[len(UNET_PREFIX + "output_blocks."):].split(".")[0]))
+    # ComfyUI's rule (comfy/supported_models.py SD20): a v-prediction SD2 model has a large spread
+    # in the last output block's first transformer norm bias.
+    if norm_biases and sd[norm_biases[-1]].float().std() > 0.09:
+        return "sd2-v"
+    return "sd2"
+
+
+def canonical(obj):
+    """The flat state dict inside a container: Lightning's ``state_dict``, BasicSR's ``params_ema``/``params``, a
+    ``module.`` prefix (DataParallel). RAM's ``model`` container is unwrapped by ``unwrap_ram``."""
+    for container in ("state_dict", "params_ema", "params"):
+        if isinstance(obj.get(container), dict):
+            obj = obj[container]
+            break
+    keys = [k for k in obj if isinstance(k, str)]
+    if keys and all(k.startswith("module.") for k in keys):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+NEEDS_SD21 = "OSEDiff and DoSSR need Stable Diffusion 2.1-base (512 px, epsilon)"
+SD21_BASE = "it is a base model: Load SD 2.1-base (DiffSR) in ComfyUI, or --base"
+CONVERTED = {
+    OSEDIFF_FORMAT: KnownFile("osediff-converted", "a converted OSEDiff file (`diffsr convert osediff`)",
+                              "pass it as the OSEDiff weights (Load OSEDiff, or --weights)"),
+    DAPE_FORMAT: KnownFile("dape-converted", "a converted DAPE tagger (RAM with the DAPE LoRA already merged, "
+                           "`diffsr convert dape`)", "pass it alone as the DAPE weights (--dape or --weights, no --ram)"),
+    DOSSR_FORMAT: KnownFile("dossr-converted", "a converted DoSSR file (`diffsr convert dossr`)",
+                            "use it with Load DoSSR in ComfyUI, or `diffsr dossr --weights`"),
+}
+# in order: the first whose keys match names the file
+KNOWN_FILES = (
+    KnownFile("osediff", "an OSEDiff weight file (osediff.pkl)",
+              "pass it as the OSEDiff weights (Load OSEDiff in ComfyUI, or `diffsr osediff --weights`)",
+              lambda sd: any(k in sd for k in ("state_dict_unet", "state_dict_vae", "rank_unet"))),
+    KnownFile("ram", "the RAM checkpoint (ram_swin_large_14m.pth)",
+              "pass it as the RAM weights of DAPE (Load DAPE in ComfyUI, or --ram)", lambda sd: unwrap_ram(sd) is not None),
+    KnownFile("dape", "a DAPE LoRA file (DAPE.pth)",
+              "pass it as the DAPE weights, with the RAM checkpoint (Load DAPE in ComfyUI, or --dape with --ram)",
+              lambda sd: is_loralib_file(sd) and _has_any(*RAM_PREFIXES)(sd)),
+    KnownFile("dossr", "a DoSSR checkpoint (dossr_default.ckpt / dossr_onestep.ckpt)",
+              "use it with Load DoSSR in ComfyUI, or `diffsr dossr --weights`", _has_all(*DOSSR_OFFICIAL_MARKERS)),
+    KnownFile("dossr-converted", CONVERTED[DOSSR_FORMAT].what, CONVERTED[DOSSR_FORMAT].use,
+              _has_all(*DOSSR_CONVERTED_MARKERS)),
+    KnownFile("hint-controlnet", "an image-hint ControlNet (it has `input_hint_block`), not DoSSR's latent ControlNet",
+              "it goes to ComfyUI's Load ControlNet Model", _contains_any("input_hint_block.")),
+    KnownFile("controlldm", "a ControlLDM checkpoint without DoSSR's condition encoder (`cond_encoder.*` missing)", "",
+              _has_any("control_model.")),
+    KnownFile("diffusers-controlnet", "a diffusers ControlNet (`controlnet_cond_embedding`), not DoSSR's checkpoint",
+              "it goes to ComfyUI's Load ControlNet Model", _has_any("controlnet_cond_embedding.")),
+    KnownFile("sdxl", "an SDXL checkpoint", NEEDS_SD21, lambda sd: sd_family(sd) == "sdxl"),
+    KnownFile("sd1", "a Stable Diffusion 1.x checkpoint (CLIP-L text encoder)", NEEDS_SD21,
+              lambda sd: sd_family(sd) == "sd1"),
+    KnownFile("sd2-v", "a Stable Diffusion 2.x 768 v-prediction checkpoint",
+              NEEDS_SD21 + ": 'stable-diffusion-2-1-base' (v2-1_512-ema-pruned)", lambda sd: sd_family(sd) == "sd2-v"),
+    KnownFile("no-text-encoder", "a Stable Diffusion UNet/VAE without the OpenCLIP text encoder "
+              "('cond_stage_model.model.*')", "use the full v2-1_512-ema-pruned checkpoint or the diffusers folder",
+              lambda sd: sd_family(sd) == "no-text-encoder"),
+    KnownFile("sd2", "a Stable Diffusion 2.x checkpoint", SD21_BASE, lambda sd: sd_family(sd) == "sd2"),
+    KnownFile("no-unet", "Stable Diffusion parts without the UNet ('model.diffusion_model.*')",
+              "use the full v2-1_512-ema-pruned checkpoint or the diffusers folder",
+              _has_any(VAE_PREFIX, "cond_stage_model.", "conditioner.")),
+    # a VAE alone (ComfyUI's models/vae: vae-ft-mse-840000-ema-pruned, or diffusers' vae/ folder's file)
+    KnownFile("sd-vae", "a Stable Diffusion VAE alone", "it goes to ComfyUI's Load VAE; the base model must be the whole "
+              "SD 2.1-base", _has_all("encoder.conv_in.", "decoder.conv_in.", "post_quant_conv.")),
+    KnownFile("sd-lora", "a LoRA for Stable Diffusion", "it goes to ComfyUI's Load LoRA", _contains_any(*LORA_PARTS)),
+    KnownFile("loralib", "a loralib LoRA file (lora_A/lora_B tensors) for an unknown model",
+              "DAPE.pth is one, for RAM's visual_encoder/tagging_head", is_loralib_file),
+    # Real-ESRGAN/BasicSR ("new arch") and the original ESRGAN layout, as spandrel's ESRGAN detect
+    KnownFile("esrgan", "an ESRGAN-style upscale model", "it goes to ComfyUI's Load Upscale Model",
+              lambda sd: _has_all("conv_first.", "body.", "conv_last.")(sd) or _has_all("model.0.", "model.1.sub.")(sd)),
+)
+KNOWN = {known.kind: known for known in KNOWN_FILES}
+
+
+def identify(obj, path=None):
+    """The ``KnownFile`` that ``obj`` (a loaded weight file; ``path``: the file, whose metadata may say it is one the
+    pack converted) is, or None."""
+    kind = converted_kind(path) if path is not None else None
+    if kind:
+        return CONVERTED[kind]
+    if not isinstance(obj, dict):
+        return None
+    sd = canonical(obj)
+    return next((known for known in KNOWN_FILES if known.detect(sd)), None)
+
+
+def describe(obj, path=None):
+    """What a loaded weight file is and where it goes, for error messages: "the RAM checkpoint (…); pass it as …"."""
+    known = identify(obj, path)
+    if known is not None:
+        return known.describe()
+    if not isinstance(obj, dict):
+        return f"a {type(obj).__name__}, not a dict of tensors"
+    keys = sorted(map(str, canonical(obj)))
+    return f"an unknown file (top-level keys: {keys[:6]}{' …' if len(keys) > 6 else ''})"

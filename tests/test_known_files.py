@@ -1,0 +1,169 @@
+"""Every weight file a user may have, given to every loader that does not take it: the loader names the file it got
+(``known_files``) and refuses it. The pack's own files are the tiny fixtures of tests/data and their conversions;
+the neighbours (other SD models, LoRAs, ControlNets, upscale models) are small dicts in their real key layouts."""
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from comfyui_diffsr.dossr_core.weights import convert_dossr, read_weights
+from comfyui_diffsr.osediff_core import dape
+from comfyui_diffsr.osediff_core.weights import convert_osediff, read_osediff
+from comfyui_diffsr.sr_common.errors import WeightFileError
+from comfyui_diffsr.sr_common.known_files import CONVERTED, KNOWN, KNOWN_FILES, canonical, identify
+from comfyui_diffsr.sr_common.sd21 import load_sd21
+
+from conftest import DATA
+
+SINGLE = os.path.join(DATA, "osediff", "tiny_sd21_single.safetensors")
+OSEDIFF = os.path.join(DATA, "osediff", "osediff_tiny.pkl")
+RAM = os.path.join(DATA, "dape", "ram_tiny.pth")
+DAPE = os.path.join(DATA, "dape", "dape_tiny.pth")
+DOSSR = os.path.join(DATA, "dossr", "dossr_tiny.ckpt")
+DOSSR_CONFIG = os.path.join(DATA, "dossr", "tiny_cldm.yaml")
+
+
+def t():
+    return torch.zeros(2, 2)  # a fresh tensor per key: safetensors refuses shared ones
+
+
+def _sd(change):
+    def make(path):
+        save_file(change(load_file(SINGLE)), path)
+    return make
+
+
+def _save(obj, suffix):
+    def make(path):
+        (save_file if suffix == ".safetensors" else torch.save)(obj, path)
+    return make
+
+
+def _copy(src):
+    def make(path):
+        with open(src, "rb") as f, open(path, "wb") as out:
+            out.write(f.read())
+    return make
+
+
+# kind: (file name, how it is made)
+FILES = {
+    "sd2": ("v2-1_512-ema-pruned.safetensors", _copy(SINGLE)),
+    "sd1": ("v1-5-pruned-emaonly.safetensors", _sd(lambda sd: {
+        k.replace("cond_stage_model.model.", "cond_stage_model.transformer.text_model."): v for k, v in sd.items()})),
+    "sdxl": ("sd_xl_base_1.0.safetensors", _sd(lambda sd: dict(sd, **{"conditioner.embedders.0.model.ln_final.bias": t()}))),
+    "sd2-v": ("v2-1_768-ema-pruned.safetensors", _sd(lambda sd: dict(sd, **{
+        key: torch.linspace(-1, 1, sd[key].numel()).reshape(sd[key].shape).to(sd[key].dtype)
+        for key in sd if key.endswith(".1.transformer_blocks.0.norm1.bias") and "output_blocks" in key}))),
+    "no-text-encoder": ("unet_vae.safetensors", _sd(lambda sd: {
+        k: v for k, v in sd.items() if not k.startswith("cond_stage_model.")})),
+    "no-unet": ("v2-1_vae_text.safetensors", _sd(lambda sd: {
+        k: v for k, v in sd.items() if not k.startswith("model.diffusion_model.")})),
+    "sd-vae": ("vae-ft-mse-840000-ema-pruned.safetensors", _save({f"{part}.weight": t() for part in (
+        "encoder.conv_in", "decoder.conv_in", "quant_conv", "post_quant_conv")}, ".safetensors")),
+    "osediff": ("osediff.pkl", _copy(OSEDIFF)),
+    "osediff-converted": ("osediff.safetensors", lambda path: convert_osediff(OSEDIFF, path)),
+    "ram": ("ram_swin_large_14m.pth", _copy(RAM)),
+    "dape": ("DAPE.pth", _copy(DAPE)),
+    "dape-converted": ("dape.safetensors", lambda path: dape.convert_dape(RAM, DAPE, path)),
+    "dossr": ("dossr_default.ckpt", _copy(DOSSR)),
+    "dossr-converted": ("dossr.safetensors", lambda path: convert_dossr(DOSSR, path, config=DOSSR_CONFIG)),
+    # ControlNet v1.1 (lllyasviel) .pth: an image-hint ControlNet in the LDM layout
+    "controlldm": ("controlldm.ckpt", lambda path: torch.save({k: v for k, v in _load(DOSSR)["state_dict"].items()
+                                                             if not k.startswith("cond_encoder.")}, path)),
+    "hint-controlnet": ("control_v11p_sd15_canny.pth", _save({"control_model.input_hint_block.0.weight": t(),
+                                                              "control_model.zero_convs.0.0.weight": t()}, ".pth")),
+    "diffusers-controlnet": ("diffusion_pytorch_model.safetensors", _save(
+        {"controlnet_cond_embedding.conv_in.weight": t(), "controlnet_down_blocks.0.weight": t()}, ".safetensors")),
+    # kohya's SD LoRA layout
+    "sd-lora": ("detail_lora.safetensors", _save({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": t(),
+                                                  "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": t(),
+                                                  "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(1.0)},
+                                                 ".safetensors")),
+    "loralib": ("lora.pt", _save({"encoder.layer.0.attention.query.lora_A": t(),
+                                  "encoder.layer.0.attention.query.lora_B": t()}, ".pt")),
+    # RealESRGAN_x4plus.pth (BasicSR) and the original ESRGAN layout
+    "esrgan": ("RealESRGAN_x4plus.pth", _save({"params_ema": {"conv_first.weight": t(), "body.0.rdb1.conv1.weight": t(),
+                                                              "conv_last.weight": t()}}, ".pth")),
+    "esrgan-old": ("4x_ESRGAN.pth", _save({"model.0.weight": t(), "model.1.sub.0.RDB1.conv1.0.weight": t()}, ".pth")),
+}
+KIND_OF = {"esrgan-old": "esrgan"}
+
+# loader: (what it is, how it is called, the kinds it takes)
+LOADERS = {
+    # a ControlLDM .ckpt holds its SD model whole: DoSSR's is SD 2.1-base
+    "sd21": ("the SD 2.1-base loader", load_sd21, {"sd2", "dossr", "controlldm"}),
+    "osediff": ("the OSEDiff reader", read_osediff, {"osediff", "osediff-converted"}),
+    "ram": ("DAPE's RAM reader", dape._read_ram, {"ram"}),
+    "dape": ("DAPE's LoRA reader", dape._read_dape, {"dape"}),
+    "dape-converted": ("the converted DAPE loader", lambda p: dape.load_dape_tagger(converted_path=p),
+                       {"dape-converted"}),
+    "dossr": ("the DoSSR reader", read_weights, {"dossr", "dossr-converted"}),
+}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("known")
+    paths = {}
+    for kind, (name, make) in FILES.items():
+        folder = root / kind
+        folder.mkdir()
+        paths[kind] = str(folder / name)
+        make(paths[kind])
+    return paths
+
+
+def _load(path):
+    if path.endswith(".safetensors"):
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("kind", FILES)
+def test_each_file_is_named_by_its_keys(files, kind):
+    path = files[kind]
+    known = identify(_load(path), path)
+    assert known is not None and known.kind == KIND_OF.get(kind, kind), known
+
+
+def test_a_converted_dossr_file_is_named_without_its_metadata(files):
+    assert identify(_load(files["dossr-converted"])).kind == "dossr-converted"
+
+
+@pytest.mark.parametrize("kind, loader", [(kind, loader) for kind in FILES for loader, (_, _, takes) in LOADERS.items()
+                                          if KIND_OF.get(kind, kind) not in takes])
+def test_every_loader_names_the_wrong_file_it_was_given(files, loader, kind):
+    _, load, _ = LOADERS[loader]
+    known = identify(_load(files[kind]), files[kind])
+    with pytest.raises(WeightFileError) as info:
+        load(files[kind])
+    message = str(info.value)
+    assert os.path.basename(files[kind]) in message, message
+    assert known.what in message, message
+
+
+def test_every_known_file_is_tested_and_matches_no_earlier_entry(files):
+    """Each registry entry has a file here, and that file is not claimed by an entry before its own (the first
+    match wins)."""
+    kinds = {KIND_OF.get(kind, kind) for kind in FILES}
+    assert {known.kind for known in KNOWN_FILES + tuple(CONVERTED.values())} == kinds
+    for kind, path in files.items():
+        own = KIND_OF.get(kind, kind)
+        if own not in KNOWN:  # named by its metadata
+            continue
+        sd = canonical(_load(path))
+        for known in KNOWN_FILES:
+            if known.kind == own:
+                break
+            assert not known.detect(sd), f"{kind} is claimed by the earlier {known.kind}"
+
+
+def test_an_unknown_file_lists_its_keys(tmp_path):
+    path = str(tmp_path / "mystery.safetensors")
+    save_file({f"layer{i}.weight": t() for i in range(9)}, path)
+    with pytest.raises(WeightFileError, match=r"mystery\.safetensors.*an unknown file \(top-level keys: "
+                                              r"\['layer0.weight', .*…\)"):
+        read_osediff(path)
