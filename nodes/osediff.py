@@ -3,12 +3,10 @@
 import torch
 from comfy_api.latest import io
 
-from ..osediff_core.pipeline import (Options, build_osediff, decode_latent, encode_lq, fixed_and_resized, one_step_x0,
-                                     osediff_upscale, predict_eps, preprocess)
+from ..osediff_core.pipeline import (Options, build_osediff, decoded_image, fixed_and_resized, lq_latent, one_step,
+                                     osediff_upscale, preprocess)
 from ..osediff_core.weights import lq_encoder_pairs, merged_value, osediff_unet_changes, read_osediff
-from ..sr_common import image as img
 from ..sr_common.color_fix import COLOR_FIXES, color_reference
-from ..sr_common.latents import denoiser_bytes, encode_moments_bytes, vae_decode_bytes
 from ..sr_common.sd21 import PRECISIONS, SCALING_FACTOR, checked_context
 from ..sr_common.tiling import overlap_within
 from . import host
@@ -208,12 +206,8 @@ class OSEDiffLQEncoder(io.ComfyNode):
         latents = []
         for one in images:
             lq, _ = preprocess(one, upscale=upscale, process_size=process_size)
-            padded, _ = img.pad_to_multiple(lq, 8)
-            model.load_stage([model.lq_encoder], encode_moments_bytes(model.lq_encoder, padded, vae_tile))
-            dev = model.device
-            z = host.with_oom_retry(lambda vae_tile_encode: encode_lq(
-                model.lq_encoder, padded.to(dev), tile=vae_tile_encode, callback=host.check_interrupted),
-                vae_tile_encode=vae_tile)
+            z = host.with_oom_retry(lambda vae_tile_encode: lq_latent(
+                model, lq, tile=vae_tile_encode, callback=host.check_interrupted), vae_tile_encode=vae_tile)
             latents.append(z.cpu() / SCALING_FACTOR)
             progress()
         return io.NodeOutput({"samples": torch.cat(latents)})
@@ -245,17 +239,12 @@ class OSEDiffOneStep(io.ComfyNode):
             embeds = checked_context(conditioning[0][0][:1], model.unet)
         else:
             (embeds,) = _embeddings(model, [prompt])
-        model.load_stage([model.unet], denoiser_bytes(model.unet, z_all[:1], tile_latent,
-                                                      overlap_within(tile_latent, tile_overlap)))
-        dev = model.device
         progress = host.Progress(z_all.shape[0])
         outs = []
         for z in z_all.split(1):
             def run(tile_latent):
-                eps = predict_eps(model.unet, z.to(dev), embeds, tile=tile_latent,
-                                  overlap=overlap_within(tile_latent, tile_overlap),
-                                  callback=host.check_interrupted)
-                return one_step_x0(z.to(dev), eps)
+                return one_step(model, z, embeds, tile=tile_latent, overlap=overlap_within(tile_latent, tile_overlap),
+                                callback=host.check_interrupted)
             outs.append(host.with_oom_retry(run, tile_latent=tile_latent).cpu() / SCALING_FACTOR)
             progress()
         return io.NodeOutput(dict(latent, samples=torch.cat(outs)))
@@ -284,15 +273,12 @@ class OSEDiffDecode(io.ComfyNode):
         progress = host.Progress(len(images))
         outs = []
         for one, x0 in host.latent_with_references(latent, images, "OSEDiff VAE Decode"):
-            model.load_stage([model.vae], vae_decode_bytes(model.vae, x0, vae_tile))
-            dev = model.device
             lq, plan = preprocess(one, upscale=upscale, process_size=process_size)
             _check_latent_size(x0, lq, upscale, process_size)
-            decoded = host.with_oom_retry(lambda vae_tile_decode: decode_latent(
-                model.vae, x0.to(dev) * SCALING_FACTOR, tile=vae_tile_decode, callback=host.check_interrupted),
+            out = host.with_oom_retry(lambda vae_tile_decode: decoded_image(
+                model, x0 * SCALING_FACTOR, plan.crop, tile=vae_tile_decode, callback=host.check_interrupted),
                 vae_tile_decode=vae_tile)
-            out = decoded.mul_(0.5).add_(0.5)[..., :plan.crop[0], :plan.crop[1]]
-            outs.append(fixed_and_resized(out, color_reference(lq.to(dev), color_fix), plan, color_fix))
+            outs.append(fixed_and_resized(out, color_reference(lq.to(out.device), color_fix), plan, color_fix))
             progress()
         return io.NodeOutput(host.bchw_to_image(outs, alpha))
 

@@ -131,6 +131,14 @@ def encode_lq(encoder, lq, *, sample_mode="mean", seed=0, tile=None, tile_mode=D
     return posterior_latent(encode_moments(encoder, lq, tile, callback, tile_mode), sample_mode, seed)
 
 
+def lq_latent(model, lq, *, sample_mode="mean", seed=0, tile=None, tile_mode=DEFAULT_MODE, callback=None):
+    """Step 2 on ``model``'s device: the upscaled LQ padded to a multiple of 8 (reflect), then ``encode_lq``."""
+    padded, _ = img.pad_to_multiple(lq, 8)
+    model.load_stage([model.lq_encoder], encode_moments_bytes(model.lq_encoder, padded, tile))
+    return encode_lq(model.lq_encoder, padded.to(model.device), sample_mode=sample_mode, seed=seed, tile=tile,
+                     tile_mode=tile_mode, callback=callback)
+
+
 def predict_eps(unet, z, prompt_embeds, *, tile=96, overlap=32, tile_batch=1, callback=None):
     """ε̂ = UNet(z, t=999, prompt); tiled with Gaussian blending when the latent area exceeds tile²."""
     dtype = unet.conv_in.weight.dtype
@@ -151,9 +159,26 @@ def one_step_x0(z, eps):
     return (z.float() - (1 - a) ** 0.5 * eps.float()) / a ** 0.5
 
 
+def one_step(model, z, prompt_embeds, *, tile=96, overlap=32, tile_batch=1, callback=None):
+    """Steps 3 and 4 on ``model``'s device: ε̂ = UNet(z, t=999, prompt), then ``one_step_x0``."""
+    model.load_stage([model.unet], denoiser_bytes(model.unet, z, tile, overlap, tile_batch))
+    z = z.to(model.device)
+    eps = predict_eps(model.unet, z, prompt_embeds, tile=tile, overlap=overlap, tile_batch=tile_batch,
+                      callback=callback)
+    return one_step_x0(z, eps)
+
+
 def decode_latent(vae, x0, *, tile=None, tile_mode=DEFAULT_MODE, callback=None):
     """VAE decode of x0 / 0.18215 (decoder tiled above ``tile`` latent px), clamped to [−1, 1]."""
     return vae_decode(vae, x0, tile, callback, tile_mode).clamp_(-1, 1)
+
+
+def decoded_image(model, x0, crop, *, tile=None, tile_mode=DEFAULT_MODE, callback=None):
+    """Step 5 on ``model``'s device: ``decode_latent`` mapped to [0, 1] and cropped to ``crop`` (H, W): the
+    padding of step 2 off."""
+    model.load_stage([model.vae], vae_decode_bytes(model.vae, x0, tile))
+    decoded = decode_latent(model.vae, x0.to(model.device), tile=tile, tile_mode=tile_mode, callback=callback)
+    return decoded.mul_(0.5).add_(0.5)[..., :crop[0], :crop[1]]
 
 
 @dataclass
@@ -186,29 +211,21 @@ def osediff_upscale(model, image, *, prompt="", prompt_embeds=None, prompt_fn=No
     lq, plan = preprocess(image.float().cpu(), upscale=o.upscale, process_size=o.process_size,
                           official_sizing=o.official_sizing)
     lq = lq.to(device)  # from here to the colour fix on the device, no round trip to the host
-    # what the colour fix needs of the upscaled LQ, and the prompt; then the LQ image is no longer kept
+    # what the colour fix needs of the upscaled LQ, and the prompt; then the LQ image is needed only to encode
     reference = color_reference(lq, o.color_fix)
     if prompt_embeds is None:
         prompt_embeds = model.prompt_embedding(prompt_fn(lq) if prompt_fn is not None else prompt)
-    padded, _ = img.pad_to_multiple(lq, 8)
-    del lq
     # 2. encode with the LoRA VAE encoder
     # the official tiled VAE with --official-sizing; otherwise bounded or exact tiles (see tiled_vae)
     tile_mode = "official" if o.official_sizing else o.vae_tile_mode
-    model.load_stage([model.lq_encoder], encode_moments_bytes(model.lq_encoder, padded, o.vae_tile_encode))
-    z = encode_lq(model.lq_encoder, padded, sample_mode=o.sample_mode, seed=o.seed,
-                  tile=o.vae_tile_encode, tile_mode=tile_mode, callback=stage("encode"))
-    del padded
-    # 3. ε at t = 999 with the prompt embedding
-    model.load_stage([model.unet], denoiser_bytes(model.unet, z, o.tile_latent, o.tile_overlap, o.tile_batch))
-    eps = predict_eps(model.unet, z, prompt_embeds, tile=o.tile_latent, overlap=o.tile_overlap, tile_batch=o.tile_batch,
-                      callback=stage("unet"))
-    # 4. x0 in closed form
-    x0 = one_step_x0(z, eps)
-    # 5. decode
-    model.load_stage([model.vae], vae_decode_bytes(model.vae, x0, o.vae_tile_decode))
-    decoded = decode_latent(model.vae, x0, tile=o.vae_tile_decode, tile_mode=tile_mode, callback=stage("decode"))
-    out = decoded.mul_(0.5).add_(0.5)[..., :plan.crop[0], :plan.crop[1]]
+    z = lq_latent(model, lq, sample_mode=o.sample_mode, seed=o.seed, tile=o.vae_tile_encode, tile_mode=tile_mode,
+                  callback=stage("encode"))
+    del lq
+    # 3., 4. ε at t = 999 with the prompt embedding, x0 in closed form
+    x0 = one_step(model, z, prompt_embeds, tile=o.tile_latent, overlap=o.tile_overlap, tile_batch=o.tile_batch,
+                  callback=stage("unet"))
+    # 5. decode, crop the padding off
+    out = decoded_image(model, x0, plan.crop, tile=o.vae_tile_decode, tile_mode=tile_mode, callback=stage("decode"))
     # 6. colour fix against the upscaled LQ, then back to the host and the requested size
     if o.official_sizing:
         # the official code quantises (truncating) before and after the colour fix
