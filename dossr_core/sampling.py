@@ -98,7 +98,7 @@ def sample_dossr(model, x_hat0, grid, noise_sampler, *, order=3, gamma=1.0, call
 
     ``model(x, tau)`` returns ε̂ for the float32 latent ``x`` at the integer timestep ``tau``.
     ``noise_sampler(name, shape)`` returns N(0, I) draws: "init", then "step_0", "step_1", … (one per
-    step, fresh each step). ``callback(info)`` gets k-diffusion-style keys ``x``, ``i``, ``tau``,
+    step, fresh each step; none at ``gamma`` = 0). ``callback(info)`` gets k-diffusion-style keys ``x``, ``i``, ``tau``,
     ``lam``, ``denoised`` after every step; raising from it cancels the run.
     ``gamma`` = 1 is the official sampler; other values are the experimental γ family.
     """
@@ -113,7 +113,7 @@ def sample_dossr(model, x_hat0, grid, noise_sampler, *, order=3, gamma=1.0, call
     for i, t in enumerate(range(n, 0, -1)):
         eps = model(x, int(grid.tau[t]))
         x0 = predict_x0(x, eps, grid, t)
-        noise = noise_sampler(f"step_{i}", x.shape).to(x)
+        noise = noise_sampler(f"step_{i}", x.shape).to(x) if gamma > 0 else None  # γ = 0 adds none
         d1 = d2 = None
         if order >= 2 and x0_prev is not None:
             d1 = (x0 - x0_prev) / (grid.lam[t] - grid.lam[t + 1])

@@ -91,7 +91,7 @@ def test_toy_oracle_follows_the_exact_normalised_recursion(gamma):
         eps = (-0.4 - 0.7) / grid.lam[5] + sign * drawn["init"]
         for i, t in enumerate(range(5, 0, -1)):
             r = grid.lam[t - 1] / grid.lam[t]
-            eps = r ** gamma * eps + math.sqrt(1 - r ** (2 * gamma)) * sign * drawn[f"step_{i}"]
+            eps = r ** gamma * eps + (math.sqrt(1 - r ** (2 * gamma)) * sign * drawn[f"step_{i}"] if gamma else 0)
         ref = grid.a[0] * (0.7 + grid.lam[0] * eps + grid.eta[0] / (1 - grid.eta[0]) * -0.4)
         assert (half.double() - ref).abs().max().item() < 2e-6
 
@@ -135,12 +135,17 @@ def test_gamma_zero_is_deterministic():
     x0 = torch.randn(1, 4, 8, 8)
     x_hat0 = torch.randn(1, 4, 8, 8)
     init = torch.randn(1, 4, 8, 8)
-    outs = []
+    outs, asked = [], []
+
+    def noise(name, shape):
+        asked.append(name)
+        return init if name == "init" else torch.randn(shape, generator=gen)
+
     for seed in (0, 1):
         gen = torch.Generator().manual_seed(seed)
-        outs.append(sample_dossr(oracle(x0, grid), x_hat0, grid,
-                                 lambda n, s: init if n == "init" else torch.randn(s, generator=gen), gamma=0.0))
+        outs.append(sample_dossr(oracle(x0, grid), x_hat0, grid, noise, gamma=0.0))
     assert torch.equal(outs[0], outs[1])
+    assert asked == ["init", "init"]  # no step noise is drawn where none is added
 
 
 def test_callback_can_cancel():
