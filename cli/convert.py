@@ -12,9 +12,11 @@ def build_parser():
     o = sub.add_parser("osediff", help="osediff.pkl → .safetensors")
     o.add_argument("src")
     o.add_argument("dst")
-    from .dape import build_convert_parser
-
-    build_convert_parser(sub.add_parser("dape", help="RAM + DAPE .pth → one compact tagging .safetensors"))
+    a = sub.add_parser("dape", help="RAM + DAPE .pth → one compact .safetensors (the tagging path, DAPE merged)")
+    a.add_argument("--ram", required=True, help="ram_swin_large_14m.pth")
+    a.add_argument("--dape", required=True, help="DAPE.pth")
+    a.add_argument("-o", "--output", required=True, help="output .safetensors")
+    a.add_argument("--fp16", action="store_true", help="store fp16 (about 0.43 GB instead of 0.85 GB)")
     d = sub.add_parser("dossr", help="DoSSR .ckpt → .safetensors of its own parts (ControlNet, cond encoder, RRDB)")
     d.add_argument("src")
     d.add_argument("dst")
@@ -31,9 +33,10 @@ def main_impl(argv=None):
         convert_osediff(args.src, args.dst)
         print(f"wrote {args.dst}")
     elif args.kind == "dape":
-        from .dape import convert_impl
+        from ..osediff_core.dape import convert_dape
 
-        return convert_impl(args)
+        convert_dape(args.ram, args.dape, args.output, half=args.fp16)
+        print(f"wrote {args.output}")
     else:
         from .dossr import main_convert
 

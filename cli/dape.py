@@ -3,7 +3,6 @@
     diffsr dape INPUT... (--ram RAM.pth --dape DAPE.pth | --weights DAPE.safetensors | --dape DAPE.safetensors)
                 [--upscale 4] [--process-size 512] [--official-sizing] [--prompt TEXT] [--tags-only]
                 [--exclude a,b] [--max-tags N] [--no-names] [--device cpu|cuda] [--dtype fp32|fp16|bf16]
-    diffsr dape convert --ram RAM.pth --dape DAPE.pth -o OUT.safetensors [--fp16]
 
 Output: ``<file>\\t<prompt>`` per image (``--no-names``: just the prompt); a file name holding a backslash, tab or
 line break is written escaped (``\\\\``, ``\\t``, ``\\n``, ``\\r``) on a line that starts with a backslash, as
@@ -40,24 +39,6 @@ def build_parser():
     return p
 
 
-def build_convert_parser(p=None):
-    p = p or argparse.ArgumentParser(prog="diffsr dape convert",
-                                     description="RAM + DAPE → one compact .safetensors (tagging path, DAPE merged).")
-    p.add_argument("--ram", required=True, help="ram_swin_large_14m.pth")
-    p.add_argument("--dape", required=True, help="DAPE.pth")
-    p.add_argument("-o", "--output", required=True, help="output .safetensors")
-    p.add_argument("--fp16", action="store_true", help="store fp16 (about 0.43 GB instead of 0.85 GB)")
-    return p
-
-
-def convert_impl(args):
-    from ..osediff_core.dape import convert_dape
-
-    convert_dape(args.ram, args.dape, args.output, half=args.fp16)
-    print(f"wrote {args.output}")
-    return 0
-
-
 def load_tagger(args, device, dtype):
     from ..osediff_core.dape import load_dape_tagger
 
@@ -81,9 +62,6 @@ def escaped_name(path):
 
 
 def main_impl(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "convert":
-        return convert_impl(build_convert_parser().parse_args(argv[1:]))
     args = build_parser().parse_args(argv)
     check_sizing_args(args)
     if args.max_tags is not None and args.max_tags < 0:

@@ -237,7 +237,8 @@ def test_code_running_pickle_is_never_executed(tmp_path):
     assert not marker.exists()
 
 
-def test_cli_prints_prompts_and_converts(fixture, tmp_path, capsys):
+def test_cli_prints_prompts_and_converts(fixture, tmp_path, capsys, monkeypatch):
+    from comfyui_diffsr.cli.convert import main as convert_main
     from comfyui_diffsr.cli.dape import main
 
     _, smalls, _, tags = fixture
@@ -251,8 +252,14 @@ def test_cli_prints_prompts_and_converts(fixture, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines == [f"{paths[0]}\t{tags[0]}, ,", f"{paths[1]}\t{tags[1]}, ,"]
     out = str(tmp_path / "dape.safetensors")
-    assert main(["convert", "--ram", RAM, "--dape", DAPE, "-o", out]) == 0
+    assert convert_main(["dape", "--ram", RAM, "--dape", DAPE, "-o", out]) == 0
     capsys.readouterr()
+    folder = tmp_path / "convert"  # a folder named as a command is an input like any other
+    folder.mkdir()
+    Image.fromarray(smalls[0]).save(folder / "img0.png")
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", "--dape", out, "--process-size", "0", "--no-names", "--tags-only", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip() == tags[0]
     first = tags[1].split(", ")[0]
     assert main([paths[1], "--weights", out, "--process-size", "0", "--no-names", "--tags-only",
                  "--exclude", first, "--device", "cpu"]) == 0
