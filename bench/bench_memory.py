@@ -5,15 +5,17 @@
 
 On a GPU the figure is what PyTorch's caching allocator counts (``torch.cuda.max_memory_allocated``), the
 convolutions' workspace included; ``peak_device_mib`` adds what the allocator holds beyond that (its peak reserved
-memory) and what the process holds outside it (CUDA context, cuBLAS/cuDNN): the memory a card must have. On the ``meta`` device, on any machine, the same run goes through tensors without
-data (``MetaAllocator``): every storage is counted from its creation to its release, rounded up to 512 bytes as
-that allocator rounds it, and attention is counted as the fused kernels run it (its output only). What the meta
-count leaves out: the workspace of the convolutions and of attention, and the CUDA context.
+memory) and what the process holds outside it (CUDA context, cuBLAS/cuDNN): the memory a card must have. On the
+``meta`` device, on any machine, the same run goes through tensors without data (``MetaAllocator``): every storage
+is counted from its creation to its release, rounded up to 512 bytes as that allocator rounds it, and attention is
+counted as the fused kernels run it (its output only). What the meta count leaves out: the workspace of the
+convolutions and of attention, and the CUDA context.
 
 The weights are on the device, the text encoder's not (the prompt embedding is given): as the nodes and the commands
 run. With ``--budget-mib N`` the run sees a device of N MiB instead: the commands' ``OffloadWhenShort`` moves the
 networks of other stages to the CPU when a stage does not fit in what is left of N, and the decoder's tile fit sees
-the same (on any device, the meta one included; on a GPU the budget counts what PyTorch allocated). Per network,
+the same (on any device, the meta one included; on a GPU the budget counts what PyTorch allocated and what the
+process holds outside its allocator, as a card of N MiB would). Per network,
 the peak while its layers were the last to run (``lq_encoder``, ``unet``, ``vae_decoder`` …; the colour fix and the
 resizing count toward the network before them).
 """
@@ -76,9 +78,12 @@ def staged(networks, meter):
 
 
 def on_budget(model, device, meter, budget):
-    """Make ``model``'s run see a device of ``budget`` bytes (see the module's docstring); returns the undo."""
+    """Make ``model``'s run see a device of ``budget`` bytes (see the module's docstring); returns the undo. On a
+    GPU that is what ``latents.device_free_bytes`` would find on a card of that size: ``budget`` less what the
+    allocator has allocated and less what the process holds outside it (context, workspaces)."""
     free = ((lambda: budget - meter.allocator.live) if isinstance(meter, MetaMeter)
-            else (lambda: budget - torch.cuda.memory_allocated(device)))
+            else (lambda: budget - torch.cuda.memory_allocated(device)
+                  - interleave.cuda_peaks()["cuda_context_mb"] * MiB))
     model.stage_loader = OffloadWhenShort(device, "cpu", free_bytes=free)
     real_free = latents.device_free_bytes
     latents.device_free_bytes = lambda _: free()  # the decoder's tile fit (vae_decode)

@@ -1,4 +1,5 @@
-"""SD latents both methods share: image → VAE moments, the posterior sample, latent → image (tiled VAE)."""
+"""SD latents both methods share: image → VAE moments, the posterior sample, latent → image (tiled VAE); beside
+each, the estimate of its activations (what a device needs free for it), and the UNet's (``denoiser_bytes``)."""
 
 import torch
 
