@@ -110,7 +110,8 @@ def missing_file_message(folder, name):
 
 def weight_path(folder, name):
     """Full path of a loader choice; a ``download: <file>`` choice fetches the official file first (resumable,
-    verified, moved into place only when complete) into the first ``models/<folder>`` path, once."""
+    verified, moved into place only when complete) into the first ``models/<folder>`` path, once; a damaged file
+    there is set aside."""
     if not name.startswith(DOWNLOAD):
         path = folder_paths.get_full_path(folder, name)
         if path is None:
@@ -131,7 +132,7 @@ def weight_path(folder, name):
         mm.throw_exception_if_processing_interrupted()
         bar.update_absolute(done, total or max(done, 1))  # a server that does not say the size: done of done
 
-    return source.fetch(dest, progress)
+    return source.fetch_afresh(dest, progress)  # a file at dest failed its check above
 
 
 def cached(key, load, owner=None):

@@ -31,10 +31,15 @@ class Source:
 
     def fetch(self, dest, progress=None):
         """``download`` of this file to ``dest``, checked against what is pinned here or declared by the server. A
-        file already at ``dest`` that fails its check (``downloaded``) is set aside as ``<file>.bad``, not deleted,
-        and fetched again."""
+        file already at ``dest`` that fails its check (``downloaded``) is set aside and fetched again
+        (``fetch_afresh``)."""
         if downloaded(dest, self):
             return dest
+        return self.fetch_afresh(dest, progress)
+
+    def fetch_afresh(self, dest, progress=None):
+        """``download`` to ``dest``, where a file that is there failed its check: it is set aside as ``<file>.bad``,
+        not deleted."""
         if os.path.isfile(dest) and os.path.getsize(dest) > 0:
             try:
                 aside = set_aside(dest)

@@ -1037,6 +1037,28 @@ def test_loader_download_option(pack, monkeypatch, tmp_path, with_length):
         assert model.unet is not None
 
 
+def test_loader_download_sets_a_damaged_file_aside_and_hashes_it_once(pack, monkeypatch, tmp_path):
+    """A damaged official file in the loader's models folder is moved aside as ``.bad`` and fetched again; it is
+    hashed once (a 5 GB file takes seconds), not once by the folder search and again by the fetch."""
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    download = sys.modules["custom_nodes_x_diffsr_pack.sr_common.download"]
+    folder_paths = sys.modules["folder_paths"]
+    target = tmp_path / "models_osediff"
+    target.mkdir()
+    damaged = b"\x80" + b"0" * 1000
+    (target / "osediff.pkl").write_bytes(damaged)
+    hashed = []
+    digests = download.file_digests
+    monkeypatch.setattr(download, "file_digests", lambda path: hashed.append(path) or digests(path))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "osediff", ([str(target)], {".pkl"}))
+    with official_files_served({"osediff": os.path.join(DATA, "osediff", "osediff_tiny.pkl")}, host.OFFICIAL,
+                               tmp_path / "served"):
+        assert host.weight_path("osediff", "download: osediff.pkl") == str(target / "osediff.pkl")
+    assert (target / "osediff.pkl.bad").read_bytes() == damaged
+    assert (target / "osediff.pkl").read_bytes() == (tmp_path / "served" / "osediff.pkl").read_bytes()
+    assert hashed.count(str(target / "osediff.pkl")) == 1, hashed
+
+
 def test_loader_file_missing_names_where_to_get_it(pack):
     """A shared workflow names files by their official names; one not on disk is refused (when the loader runs:
     ComfyUI does not check a V3 combo's value before) with where to put it and, for an official file, the download
