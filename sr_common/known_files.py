@@ -65,7 +65,7 @@ def is_loralib_file(obj):
 def sd_family(sd):
     """The Stable Diffusion family of an LDM-layout state dict: 'sd2', 'sd2-v', 'sd1', 'sdxl', 'no-text-encoder' (a
     UNet without OpenCLIP), or None when it has no LDM UNet."""
-    keys = sd.keys()
+    keys = [k for k in sd if isinstance(k, str)]
     if any(k.startswith("conditioner.embedders.") for k in keys) or f"{UNET_PREFIX}label_emb.0.0.weight" in sd:
         return "sdxl"
     if not any(k.startswith(UNET_PREFIX) for k in keys):
@@ -86,13 +86,14 @@ def sd_family(sd):
 
 def canonical(obj):
     """The flat state dict inside a container: Lightning's ``state_dict``, BasicSR's ``params_ema``/``params``, a
-    ``module.`` prefix (DataParallel). RAM's ``model`` container is unwrapped by ``unwrap_ram``."""
+    ``module.`` prefix (DataParallel); its string keys only (a weight file has no others). RAM's ``model``
+    container is unwrapped by ``unwrap_ram``."""
     for container in ("state_dict", "params_ema", "params"):
         if isinstance(obj.get(container), dict):
             obj = obj[container]
             break
-    keys = [k for k in obj if isinstance(k, str)]
-    if keys and all(k.startswith("module.") for k in keys):
+    obj = {k: v for k, v in obj.items() if isinstance(k, str)}
+    if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
 
@@ -171,5 +172,7 @@ def describe(obj, path=None):
         return known.describe()
     if not isinstance(obj, dict):
         return f"a {type(obj).__name__}, not a dict of tensors"
-    keys = sorted(map(str, canonical(obj)))
+    keys = sorted(canonical(obj))
+    if not keys:
+        return "a dict without named tensors"
     return f"an unknown file (top-level keys: {keys[:6]}{' …' if len(keys) > 6 else ''})"

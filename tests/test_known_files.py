@@ -167,3 +167,12 @@ def test_an_unknown_file_lists_its_keys(tmp_path):
     with pytest.raises(WeightFileError, match=r"mystery\.safetensors.*an unknown file \(top-level keys: "
                                               r"\['layer0.weight', .*…\)"):
         read_osediff(path)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_file_keyed_by_numbers_is_refused_by_every_loader(tmp_path, loader):
+    """Keys that are not names (a pickle may have any): a clear refusal, not an AttributeError from the search."""
+    path = str(tmp_path / "numbers.pth")
+    torch.save({"state_dict": {1: t(), 2: t()}}, path)
+    with pytest.raises(WeightFileError, match=r"numbers\.pth.*a dict without named tensors"):
+        LOADERS[loader][1](path)
