@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ..sr_common.errors import WeightFileError
-from ..sr_common.known_files import (DOSSR_CONVERTED_MARKERS, DOSSR_OFFICIAL_MARKERS, OPEN_CLIP_PREFIX, UNET_PREFIX,
-                                     VAE_PREFIX, canonical, describe)
+from ..sr_common.known_files import (CONVERTED, DOSSR_CONVERTED_MARKERS, DOSSR_OFFICIAL_MARKERS, KNOWN,
+                                     OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, canonical, describe, identify)
 from ..sr_common.sd21 import SCALING_FACTOR, load_ldm_unet_vae, open_clip_to_hf
 from ..sr_common.weights import (DOSSR_FORMAT, load_module_weights, read_state_dict, safetensors_metadata,
                                  write_safetensors)
@@ -100,20 +100,18 @@ def diffusers_configs(params):
 # ---------------------------------------------------------------- recognising files
 
 def detect(sd, path=None):
-    """'official' (full ControlLDM ckpt) or 'converted' (``convert_dossr`` output); else raise naming what it is
-    (``path``: the file, for ``describe``)."""
-    keys = list(sd.keys())
-
-    def has(prefix):
-        return any(k.startswith(prefix) for k in keys)
-
-    if all(has(p) for p in DOSSR_OFFICIAL_MARKERS):
+    """'official' (full ControlLDM ckpt) or 'converted' (``convert_dossr`` output), by ``known_files``' keys; else
+    raise naming what it is (``path``: the file, for ``describe``)."""
+    if KNOWN["dossr"].detect(sd):
         return "official"
-    if all(has(p) for p in DOSSR_CONVERTED_MARKERS):
+    if KNOWN["dossr-converted"].detect(sd):
         return "converted"
-    if has(COND_ENCODER_PREFIX + "encoder.") and not has(CONTROL_PREFIX):
+    has_control, has_cond_encoder = (any(k.startswith(p) for k in sd) for p in (CONTROL_PREFIX, COND_ENCODER_PREFIX))
+    if identify(sd, path) is CONVERTED[DOSSR_FORMAT]:  # by its metadata
+        what = "an incomplete converted DoSSR file (its ControlNet, condition encoder or RRDB is missing)"
+    elif has_cond_encoder and not has_control:
         what = "a DoSSR-like checkpoint without the ControlNet (`control_model.*` missing), so it cannot restore images"
-    elif has(COND_ENCODER_PREFIX) and has(CONTROL_PREFIX):
+    elif has_cond_encoder:
         what = "an incomplete DoSSR checkpoint (no zero convolutions `control_model.zero_convs.*`)"
     else:
         what = describe(sd, path)

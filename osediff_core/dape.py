@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..sr_common.errors import WeightFileError
-from ..sr_common.known_files import KNOWN, describe, identify, unwrap_ram
+from ..sr_common.known_files import KNOWN, canonical, describe, identify, unwrap_ram
 from ..sr_common.weights import (DAPE_FORMAT, read_state_dict, require_float, safetensors_metadata,
                                  write_safetensors)
 from .swin import SwinEncoder, swin_config
@@ -305,6 +305,7 @@ def merge_dape(state, dape, n_layers):
 
 
 def _wrong_file(path, obj, given_as, expected):
+    """The error for ``obj``, read from ``path`` and given as ``given_as``: what it is, and the file expected."""
     return WeightFileError(f"{os.path.basename(os.fspath(path))!r} was given as {given_as} but it is "
                            f"{describe(obj, path)}. Expected {expected}.")
 
@@ -316,15 +317,16 @@ def _read_ram(path):
     if identify(obj, path) is not KNOWN["ram"]:
         raise _wrong_file(path, obj, "the RAM weights", "ram_swin_large_14m.pth (a dict with 'model': "
                           "visual_encoder.*, tagging_head/vision_multi.*, label_embed, …)")
-    return unwrap_ram(obj)
+    return unwrap_ram(canonical(obj))
 
 
 def _read_dape(path):
+    """The loralib tensors of ``DAPE.pth`` (``<module>.lora_A`` / ``.lora_B``)."""
     obj = read_state_dict(path, mmap=True)
     if identify(obj, path) is not KNOWN["dape"]:
         raise _wrong_file(path, obj, "the DAPE weights", "DAPE.pth: a flat dict of loralib tensors (…attn.qkv.lora_A, "
                           "…lora_B)")
-    return obj
+    return canonical(obj)
 
 
 def _state_from_official(ram_path, dape_path):

@@ -211,16 +211,19 @@ def osediff_upscale(model, image, *, prompt="", prompt_embeds=None, prompt_fn=No
     lq, plan = preprocess(image.float().cpu(), upscale=o.upscale, process_size=o.process_size,
                           official_sizing=o.official_sizing)
     lq = lq.to(device)  # from here to the colour fix on the device, no round trip to the host
-    # what the colour fix needs of the upscaled LQ, and the prompt; then the LQ image is needed only to encode
+    # what the colour fix needs of the upscaled LQ, and the prompt; then only its padded copy is kept (lq_latent pads
+    # no further)
     reference = color_reference(lq, o.color_fix)
     if prompt_embeds is None:
         prompt_embeds = model.prompt_embedding(prompt_fn(lq) if prompt_fn is not None else prompt)
+    padded, _ = img.pad_to_multiple(lq, 8)
+    del lq
     # 2. encode with the LoRA VAE encoder
     # the official tiled VAE with --official-sizing; otherwise bounded or exact tiles (see tiled_vae)
     tile_mode = "official" if o.official_sizing else o.vae_tile_mode
-    z = lq_latent(model, lq, sample_mode=o.sample_mode, seed=o.seed, tile=o.vae_tile_encode, tile_mode=tile_mode,
+    z = lq_latent(model, padded, sample_mode=o.sample_mode, seed=o.seed, tile=o.vae_tile_encode, tile_mode=tile_mode,
                   callback=stage("encode"))
-    del lq
+    del padded
     # 3., 4. ε at t = 999 with the prompt embedding, x0 in closed form
     x0 = one_step(model, z, prompt_embeds, tile=o.tile_latent, overlap=o.tile_overlap, tile_batch=o.tile_batch,
                   callback=stage("unet"))

@@ -11,7 +11,7 @@ import os
 import torch
 
 from ..sr_common.errors import WeightFileError
-from ..sr_common.known_files import describe
+from ..sr_common.known_files import CONVERTED, KNOWN, canonical, describe, identify
 from ..sr_common.weights import (OSEDIFF_FORMAT, fresh_float32_cpu, prefaulting, read_state_dict, require_float,
                                  safetensors_metadata, write_safetensors)
 
@@ -41,6 +41,7 @@ def read_osediff(path):
     path = os.fspath(path)
     name = os.path.basename(path)
     obj = read_state_dict(path)
+    obj = canonical(obj) if isinstance(obj, dict) else obj
     metadata = safetensors_metadata(path)
     if metadata is not None:
         try:
@@ -49,6 +50,10 @@ def read_osediff(path):
             raise WeightFileError(f"{name!r} has damaged OSEDiff metadata ({type(e).__name__}: {e}); convert "
                                   "osediff.pkl again with `diffsr convert osediff`.") from e
     if not isinstance(obj, dict) or any(k not in obj for k in REQUIRED_KEYS):
+        if identify(obj, path) in (KNOWN["osediff"], CONVERTED[OSEDIFF_FORMAT]):
+            missing = [k for k in REQUIRED_KEYS if k not in obj]
+            raise WeightFileError(f"{name!r} is an incomplete OSEDiff checkpoint: it lacks {missing}. The file is "
+                                  "damaged; download osediff.pkl again.")
         raise WeightFileError(f"{name!r} is not an OSEDiff checkpoint: it is {describe(obj, path)}. "
                               f"Expected osediff.pkl with keys {list(REQUIRED_KEYS)}.")
     for part in ("unet", "vae"):

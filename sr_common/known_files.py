@@ -7,8 +7,11 @@ first match wins, so a more specific entry comes before a more general one. Cont
 (``canonical``). A loader still checks the whole layout of the file it expects; this only names the others.
 """
 
+import re
 from dataclasses import dataclass
 from typing import Callable
+
+import torch
 
 from .weights import DAPE_FORMAT, DOSSR_FORMAT, OSEDIFF_FORMAT, converted_kind
 
@@ -29,6 +32,7 @@ class KnownFile:
     what: str  # a noun phrase: "the RAM checkpoint (ram_swin_large_14m.pth)"
     use: str  # where the file goes instead
     detect: Callable[[dict], bool] = lambda sd: False
+    sd_model: bool = False  # a Stable Diffusion model or a part of one: the SD 2.1-base loader's own advice fits
 
     def describe(self):
         return f"{self.what}; {self.use}" if self.use else self.what
@@ -62,6 +66,9 @@ def is_loralib_file(obj):
     return bool(keys) and len(keys) == len(obj) and all(k.endswith((".lora_A", ".lora_B")) for k in keys)
 
 
+LAST_NORM_BIAS = re.compile(re.escape(UNET_PREFIX) + r"output_blocks\.(\d+)\.1\.transformer_blocks\.0\.norm1\.bias$")
+
+
 def sd_family(sd):
     """The Stable Diffusion family of an LDM-layout state dict: 'sd2', 'sd2-v', 'sd1', 'sdxl', 'no-text-encoder' (a
     UNet without OpenCLIP), or None when it has no LDM UNet."""
@@ -74,12 +81,11 @@ def sd_family(sd):
         return "sd1"
     if not any(k.startswith(OPEN_CLIP_PREFIX) for k in keys):
         return "no-text-encoder"
-    norm_biases = sorted(
-        (k for k in keys if k.startswith(UNET_PREFIX + "output_blocks.") and k.endswith(".1.transformer_blocks.0.norm1.bias")),
-        key=lambda k: int(k[len(UNET_PREFIX + "output_blocks."):].split(".")[0]))
+    norm_biases = sorted((int(m.group(1)), k) for k in keys for m in [LAST_NORM_BIAS.match(k)] if m)
     # ComfyUI's rule (comfy/supported_models.py SD20): a v-prediction SD2 model has a large spread
     # in the last output block's first transformer norm bias.
-    if norm_biases and sd[norm_biases[-1]].float().std() > 0.09:
+    last = sd[norm_biases[-1][1]] if norm_biases else None
+    if torch.is_tensor(last) and last.numel() > 1 and last.float().std() > 0.09:
         return "sd2-v"
     return "sd2"
 
@@ -98,26 +104,28 @@ def canonical(obj):
     return obj
 
 
-NEEDS_SD21 = "OSEDiff and DoSSR need Stable Diffusion 2.1-base (512 px, epsilon)"
-SD21_BASE = "it is a base model: Load SD 2.1-base (DiffSR) in ComfyUI, or --base"
+NOT_SD21 = "it is a base model, and not the one OSEDiff and DoSSR are built on (SD 2.1-base: 512 px, epsilon)"
+PART_OF_SD = "it is a part of a base model (the base is the whole v2-1_512-ema-pruned checkpoint or diffusers folder)"
+DAPE_NODE = "Load DAPE (RAM + LoRA)"
+OSEDIFF_USE = "pass it as the OSEDiff weights (Load OSEDiff in ComfyUI, or `diffsr osediff --weights`)"
 CONVERTED = {
-    OSEDIFF_FORMAT: KnownFile("osediff-converted", "a converted OSEDiff file (`diffsr convert osediff`)",
-                              "pass it as the OSEDiff weights (Load OSEDiff, or --weights)"),
+    OSEDIFF_FORMAT: KnownFile("osediff-converted", "a converted OSEDiff file (`diffsr convert osediff`)", OSEDIFF_USE),
     DAPE_FORMAT: KnownFile("dape-converted", "a converted DAPE tagger (RAM with the DAPE LoRA already merged, "
-                           "`diffsr convert dape`)", "pass it alone as the DAPE weights (--dape or --weights, no --ram)"),
+                           "`diffsr convert dape`)", f"pass it alone: in {DAPE_NODE} as ram_or_converted with dape "
+                           "'none', in the commands as --dape (or --weights of `diffsr dape`) without --ram"),
     DOSSR_FORMAT: KnownFile("dossr-converted", "a converted DoSSR file (`diffsr convert dossr`)",
                             "use it with Load DoSSR in ComfyUI, or `diffsr dossr --weights`"),
 }
 # in order: the first whose keys match names the file
 KNOWN_FILES = (
-    KnownFile("osediff", "an OSEDiff weight file (osediff.pkl)",
-              "pass it as the OSEDiff weights (Load OSEDiff in ComfyUI, or `diffsr osediff --weights`)",
+    KnownFile("osediff", "an OSEDiff weight file (osediff.pkl)", OSEDIFF_USE,
               lambda sd: any(k in sd for k in ("state_dict_unet", "state_dict_vae", "rank_unet"))),
     KnownFile("ram", "the RAM checkpoint (ram_swin_large_14m.pth)",
-              "pass it as the RAM weights of DAPE (Load DAPE in ComfyUI, or --ram)", lambda sd: unwrap_ram(sd) is not None),
+              f"pass it as the RAM weights of DAPE, with DAPE.pth: in {DAPE_NODE} as ram_or_converted with DAPE.pth "
+              "as dape, in the commands as --ram with --dape", lambda sd: unwrap_ram(sd) is not None),
     KnownFile("dape", "a DAPE LoRA file (DAPE.pth)",
-              "pass it as the DAPE weights, with the RAM checkpoint (Load DAPE in ComfyUI, or --dape with --ram)",
-              lambda sd: is_loralib_file(sd) and _has_any(*RAM_PREFIXES)(sd)),
+              f"pass it as the DAPE LoRA, with the RAM checkpoint: in {DAPE_NODE} as dape, in the commands as --dape "
+              "with --ram", lambda sd: is_loralib_file(sd) and _has_any(*RAM_PREFIXES)(sd)),
     KnownFile("dossr", "a DoSSR checkpoint (dossr_default.ckpt / dossr_onestep.ckpt)",
               "use it with Load DoSSR in ComfyUI, or `diffsr dossr --weights`", _has_all(*DOSSR_OFFICIAL_MARKERS)),
     KnownFile("dossr-converted", CONVERTED[DOSSR_FORMAT].what, CONVERTED[DOSSR_FORMAT].use,
@@ -128,27 +136,28 @@ KNOWN_FILES = (
               _has_any("control_model.")),
     KnownFile("diffusers-controlnet", "a diffusers ControlNet (`controlnet_cond_embedding`), not DoSSR's checkpoint",
               "it goes to ComfyUI's Load ControlNet Model", _has_any("controlnet_cond_embedding.")),
-    KnownFile("sdxl", "an SDXL checkpoint", NEEDS_SD21, lambda sd: sd_family(sd) == "sdxl"),
-    KnownFile("sd1", "a Stable Diffusion 1.x checkpoint (CLIP-L text encoder)", NEEDS_SD21,
-              lambda sd: sd_family(sd) == "sd1"),
-    KnownFile("sd2-v", "a Stable Diffusion 2.x 768 v-prediction checkpoint",
-              NEEDS_SD21 + ": 'stable-diffusion-2-1-base' (v2-1_512-ema-pruned)", lambda sd: sd_family(sd) == "sd2-v"),
+    KnownFile("sdxl", "an SDXL checkpoint", NOT_SD21, lambda sd: sd_family(sd) == "sdxl", sd_model=True),
+    KnownFile("sd1", "a Stable Diffusion 1.x checkpoint (CLIP-L text encoder)", NOT_SD21,
+              lambda sd: sd_family(sd) == "sd1", sd_model=True),
+    KnownFile("sd2-v", "a Stable Diffusion 2.x 768 v-prediction checkpoint", NOT_SD21,
+              lambda sd: sd_family(sd) == "sd2-v", sd_model=True),
     KnownFile("no-text-encoder", "a Stable Diffusion UNet/VAE without the OpenCLIP text encoder "
-              "('cond_stage_model.model.*')", "use the full v2-1_512-ema-pruned checkpoint or the diffusers folder",
-              lambda sd: sd_family(sd) == "no-text-encoder"),
-    KnownFile("sd2", "a Stable Diffusion 2.x checkpoint", SD21_BASE, lambda sd: sd_family(sd) == "sd2"),
-    KnownFile("no-unet", "Stable Diffusion parts without the UNet ('model.diffusion_model.*')",
-              "use the full v2-1_512-ema-pruned checkpoint or the diffusers folder",
-              _has_any(VAE_PREFIX, "cond_stage_model.", "conditioner.")),
+              "('cond_stage_model.model.*')", PART_OF_SD, lambda sd: sd_family(sd) == "no-text-encoder", sd_model=True),
+    KnownFile("sd2", "a Stable Diffusion 2.x checkpoint",
+              "it is a base model: Load SD 2.1-base (DiffSR) in ComfyUI, or --base in the commands",
+              lambda sd: sd_family(sd) == "sd2", sd_model=True),
+    KnownFile("no-unet", "Stable Diffusion parts without the UNet ('model.diffusion_model.*')", PART_OF_SD,
+              _has_any(VAE_PREFIX, "cond_stage_model.", "conditioner."), sd_model=True),
     # a VAE alone (ComfyUI's models/vae: vae-ft-mse-840000-ema-pruned, or diffusers' vae/ folder's file)
-    KnownFile("sd-vae", "a Stable Diffusion VAE alone", "it goes to ComfyUI's Load VAE; the base model must be the whole "
-              "SD 2.1-base", _has_all("encoder.conv_in.", "decoder.conv_in.", "post_quant_conv.")),
+    KnownFile("sd-vae", "a Stable Diffusion VAE alone", "it goes to ComfyUI's Load VAE",
+              _has_all("encoder.conv_in.", "decoder.conv_in.", "post_quant_conv."), sd_model=True),
     KnownFile("sd-lora", "a LoRA for Stable Diffusion", "it goes to ComfyUI's Load LoRA", _contains_any(*LORA_PARTS)),
     KnownFile("loralib", "a loralib LoRA file (lora_A/lora_B tensors) for an unknown model",
               "DAPE.pth is one, for RAM's visual_encoder/tagging_head", is_loralib_file),
     # Real-ESRGAN/BasicSR ("new arch") and the original ESRGAN layout, as spandrel's ESRGAN detect
     KnownFile("esrgan", "an ESRGAN-style upscale model", "it goes to ComfyUI's Load Upscale Model",
-              lambda sd: _has_all("conv_first.", "body.", "conv_last.")(sd) or _has_all("model.0.", "model.1.sub.")(sd)),
+              lambda sd: _has_all("conv_first.", "body.", "conv_last.")(sd)
+              or _has_all("model.0.", "model.1.sub.")(sd)),
 )
 KNOWN = {known.kind: known for known in KNOWN_FILES}
 
@@ -175,4 +184,4 @@ def describe(obj, path=None):
     keys = sorted(canonical(obj))
     if not keys:
         return "a dict without named tensors"
-    return f"an unknown file (top-level keys: {keys[:6]}{' …' if len(keys) > 6 else ''})"
+    return f"an unknown file (keys: {keys[:6]}{' …' if len(keys) > 6 else ''})"

@@ -19,7 +19,7 @@ import torch
 
 from .errors import DiffSRError, WeightFileError
 from .fast_modules import fast_modules, fast_vae_decoder
-from .known_files import KNOWN, NEEDS_SD21, OPEN_CLIP_PREFIX, describe, identify, sd_family
+from .known_files import KNOWN, OPEN_CLIP_PREFIX, canonical, describe, identify, sd_family
 from .weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_weight_file, load_module_weights, read_state_dict,
                       stored_as_float32)
 
@@ -62,15 +62,15 @@ FETCH_SD21 = "`diffsr download sd21-base` fetches it; in ComfyUI the loader's 'd
 
 def _refuse(name, what):
     raise WeightFileError(f"{os.path.basename(os.path.normpath(os.fspath(name)))!r} is not Stable Diffusion 2.1-base: "
-                          f"it is {what}. Use SD 2.1-base: v2-1_512-ema-pruned.safetensors ({FETCH_SD21}) or the "
-                          "stable-diffusion-2-1-base diffusers folder.")
+                          f"it is {what}. Use the whole SD 2.1-base: v2-1_512-ema-pruned.safetensors ({FETCH_SD21}) "
+                          "or the stable-diffusion-2-1-base diffusers folder.")
 
 
 def _what_instead(sd, path):
-    """What a state dict that is not SD 2.1-base is: only what it is for another SD model (the fix is always SD
-    2.1-base), also where it goes for any other file."""
+    """What a state dict that is not SD 2.1-base is: for another SD model or a part of one only what it is (the fix
+    is SD 2.1-base whole), for any other file also where it goes."""
     known = identify(sd, path)
-    return known.what if known is not None and known.use.startswith(NEEDS_SD21) else describe(sd, path)
+    return known.what if known is not None and known.sd_model else describe(sd, path)
 
 
 def open_clip_to_hf(sd, num_layers, prefix=OPEN_CLIP_PREFIX):
@@ -159,8 +159,7 @@ def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint", owned=False
     were read into this process's memory for this call alone (see ``SD21.unet_owned``); ``path``: the file they were
     read from, if any (its metadata may name a file the pack converted)."""
     config_dir = config_dir or shipped_config_dir()
-    if "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
+    sd = canonical(sd)
     if sd_family(sd) != "sd2":
         _refuse(name, _what_instead(sd, path))
     unet, vae, text_encoder = models_from_config(config_dir, random_init=False)

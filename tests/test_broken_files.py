@@ -258,7 +258,7 @@ CASES = {
     "sd-1.5": ("sd15.safetensors", _sd(_sd15), sd21, r"Stable Diffusion 1\.x.*stable-diffusion-2-1-base"),
     "sdxl": ("sdxl.safetensors", _sd(_sdxl), sd21, "SDXL.*stable-diffusion-2-1-base"),
     "sd2-768-v": ("v2-1_768.safetensors", _sd(_v_prediction), sd21, "768 v-prediction.*v2-1_512-ema-pruned"),
-    "sd-no-text-encoder": ("unet_vae.safetensors", _sd(_no_text_encoder), sd21, "OpenCLIP text encoder.*full"),
+    "sd-no-text-encoder": ("unet_vae.safetensors", _sd(_no_text_encoder), sd21, "OpenCLIP text encoder.*Use the whole SD 2.1-base"),
     "sd-int64-unet": ("int.safetensors", _sd(_to_dtype(UNET, torch.int64)), sd21, "int64.*" + NOT_FLOAT),
     "sd-bool-vae": ("bool.safetensors", _sd(_to_dtype("first_stage_model.", torch.bool)), sd21, "bool.*" + NOT_FLOAT),
     "sd-wrong-shape": ("other_size.safetensors", _sd(_wrong_shape), sd21, "shapes differ.*config folder"),

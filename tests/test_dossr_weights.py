@@ -59,8 +59,8 @@ def test_incomplete_dossr_refused(official_sd, tmp_path, drop, message):
 def test_sd_checkpoint_refused(official_sd, tmp_path):
     sd = {k: v for k, v in official_sd.items()
           if k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))}
-    with pytest.raises(WeightFileError, match="not a DoSSR weight file: it is a Stable Diffusion 2.x checkpoint; it is a "
-                                              "base model"):
+    with pytest.raises(WeightFileError, match="not a DoSSR weight file: it is a Stable Diffusion 2.x checkpoint; it "
+                                              "is a base model"):
         read_weights(save(tmp_path, "sd.ckpt", sd))
 
 

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from comfyui_diffsr.dossr_core.weights import convert_dossr, read_weights
@@ -53,7 +54,8 @@ FILES = {
     "sd2": ("v2-1_512-ema-pruned.safetensors", _copy(SINGLE)),
     "sd1": ("v1-5-pruned-emaonly.safetensors", _sd(lambda sd: {
         k.replace("cond_stage_model.model.", "cond_stage_model.transformer.text_model."): v for k, v in sd.items()})),
-    "sdxl": ("sd_xl_base_1.0.safetensors", _sd(lambda sd: dict(sd, **{"conditioner.embedders.0.model.ln_final.bias": t()}))),
+    "sdxl": ("sd_xl_base_1.0.safetensors", _sd(lambda sd: dict(sd, **{"conditioner.embedders.0.model.ln_final.bias":
+                                                                          t()}))),
     "sd2-v": ("v2-1_768-ema-pruned.safetensors", _sd(lambda sd: dict(sd, **{
         key: torch.linspace(-1, 1, sd[key].numel()).reshape(sd[key].shape).to(sd[key].dtype)
         for key in sd if key.endswith(".1.transformer_blocks.0.norm1.bias") and "output_blocks" in key}))),
@@ -70,9 +72,9 @@ FILES = {
     "dape-converted": ("dape.safetensors", lambda path: dape.convert_dape(RAM, DAPE, path)),
     "dossr": ("dossr_default.ckpt", _copy(DOSSR)),
     "dossr-converted": ("dossr.safetensors", lambda path: convert_dossr(DOSSR, path, config=DOSSR_CONFIG)),
-    # ControlNet v1.1 (lllyasviel) .pth: an image-hint ControlNet in the LDM layout
     "controlldm": ("controlldm.ckpt", lambda path: torch.save({k: v for k, v in _load(DOSSR)["state_dict"].items()
                                                              if not k.startswith("cond_encoder.")}, path)),
+    # ControlNet v1.1 (lllyasviel) .pth: an image-hint ControlNet in the LDM layout
     "hint-controlnet": ("control_v11p_sd15_canny.pth", _save({"control_model.input_hint_block.0.weight": t(),
                                                               "control_model.zero_convs.0.0.weight": t()}, ".pth")),
     "diffusers-controlnet": ("diffusion_pytorch_model.safetensors", _save(
@@ -80,7 +82,8 @@ FILES = {
     # kohya's SD LoRA layout
     "sd-lora": ("detail_lora.safetensors", _save({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": t(),
                                                   "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": t(),
-                                                  "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(1.0)},
+                                                  "lora_unet_down_blocks_0_attentions_0_proj_in.alpha":
+                                                      torch.tensor(1.0)},
                                                  ".safetensors")),
     "loralib": ("lora.pt", _save({"encoder.layer.0.attention.query.lora_A": t(),
                                   "encoder.layer.0.attention.query.lora_B": t()}, ".pt")),
@@ -164,7 +167,7 @@ def test_every_known_file_is_tested_and_matches_no_earlier_entry(files):
 def test_an_unknown_file_lists_its_keys(tmp_path):
     path = str(tmp_path / "mystery.safetensors")
     save_file({f"layer{i}.weight": t() for i in range(9)}, path)
-    with pytest.raises(WeightFileError, match=r"mystery\.safetensors.*an unknown file \(top-level keys: "
+    with pytest.raises(WeightFileError, match=r"mystery\.safetensors.*an unknown file \(keys: "
                                               r"\['layer0.weight', .*…\)"):
         read_osediff(path)
 
@@ -175,4 +178,53 @@ def test_a_file_keyed_by_numbers_is_refused_by_every_loader(tmp_path, loader):
     path = str(tmp_path / "numbers.pth")
     torch.save({"state_dict": {1: t(), 2: t()}}, path)
     with pytest.raises(WeightFileError, match=r"numbers\.pth.*a dict without named tensors"):
+        LOADERS[loader][1](path)
+
+
+READERS = {"osediff": read_osediff, "ram": dape._read_ram, "dape": dape._read_dape, "dossr": read_weights}
+
+
+def _keys(read):
+    if isinstance(read, tuple):  # read_weights: (state dict, kind, metadata)
+        read = read[0]
+    return sorted(k for k in read if isinstance(k, str))
+
+
+@pytest.mark.parametrize("wrap", ["state_dict", "module."])
+@pytest.mark.parametrize("kind", READERS)
+def test_each_reader_takes_its_own_file_in_a_container(files, tmp_path, kind, wrap):
+    """A checkpoint saved from a Lightning module (``state_dict``) or a DataParallel one (``module.``): read as
+    the file itself, as the recogniser names it."""
+    obj = _load(files[kind])
+    obj = obj.get("state_dict", obj) if kind == "dossr" else obj
+    wrapped = {"state_dict": obj} if wrap == "state_dict" else {"module." + k: v for k, v in obj.items()}
+    path = str(tmp_path / ("wrapped" + os.path.splitext(files[kind])[1]))
+    torch.save(wrapped, path)
+    assert _keys(READERS[kind](path)) == _keys(READERS[kind](files[kind]))
+
+
+def test_an_incomplete_file_of_the_kind_a_reader_wants_is_called_incomplete(files, tmp_path):
+    """Not "it is not an OSEDiff checkpoint: it is an OSEDiff weight file"."""
+    osediff = _load(files["osediff"])
+    del osediff["rank_vae"]
+    torch.save(osediff, tmp_path / "osediff.pkl")
+    with pytest.raises(WeightFileError, match=r"'osediff.pkl' is an incomplete OSEDiff checkpoint: it lacks "
+                                              r"\['rank_vae'\]\. The file is damaged; download osediff.pkl again"):
+        read_osediff(str(tmp_path / "osediff.pkl"))
+    converted = str(tmp_path / "dossr.safetensors")
+    with safe_open(files["dossr-converted"], framework="pt") as f:
+        save_file({k: f.get_tensor(k) for k in f.keys() if not k.startswith("rrdb.")}, converted, f.metadata())
+    with pytest.raises(WeightFileError, match="dossr.safetensors' is not a DoSSR weight file: it is an incomplete "
+                                              "converted DoSSR file"):
+        read_weights(converted)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_values_that_are_not_tensors_where_sd_keeps_one_are_refused(tmp_path, loader):
+    """The v-prediction rule reads one tensor's spread: a pickle may hold anything under that key."""
+    path = str(tmp_path / "odd.pth")
+    torch.save({"model.diffusion_model.output_blocks.2.1.transformer_blocks.0.norm1.bias": 5,
+                "model.diffusion_model.output_blocks.x.1.transformer_blocks.0.norm1.bias": t(),
+                "cond_stage_model.model.ln_final.bias": t()}, path)
+    with pytest.raises(WeightFileError, match=r"odd\.pth"):
         LOADERS[loader][1](path)

@@ -508,7 +508,8 @@ def test_wrong_base_models_are_refused(base, tmp_path):
 
     for name, mutate, words in (("sd15.safetensors", sd1, "1.x"), ("sdxl.safetensors", sdxl, "SDXL"),
                                 ("v2-1_768.safetensors", v_pred, "768 v-prediction"),
-                                ("parts.safetensors", not_sd, "not Stable Diffusion 2.1-base: it is Stable Diffusion parts without the UNet")):
+                                ("parts.safetensors", not_sd,
+                                 "not Stable Diffusion 2.1-base: it is Stable Diffusion parts without the UNet")):
         with pytest.raises(WeightFileError, match=words):
             load_sd21(make_ldm_variant(tmp_path, name, mutate), config_dir=base)
     with pytest.raises(WeightFileError, match="OSEDiff weight file"):
