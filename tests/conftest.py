@@ -59,6 +59,13 @@ def pytest_sessionstart(session):
 
 
 TINY_SD21 = os.path.join(DATA, "osediff", "tiny_sd21")
+# the tiny official-layout files the fixtures were made with
+SINGLE = os.path.join(DATA, "osediff", "tiny_sd21_single.safetensors")
+OSEDIFF = os.path.join(DATA, "osediff", "osediff_tiny.pkl")
+RAM = os.path.join(DATA, "dape", "ram_tiny.pth")
+DAPE = os.path.join(DATA, "dape", "dape_tiny.pth")
+DOSSR = os.path.join(DATA, "dossr", "dossr_tiny.ckpt")
+DOSSR_CONFIG = os.path.join(DATA, "dossr", "tiny_cldm.yaml")
 
 
 def make_tiny_sd21_weights():

@@ -23,13 +23,10 @@ from comfyui_diffsr.sr_common import image as img
 from comfyui_diffsr.sr_common.errors import ImageInputError
 from comfyui_diffsr.sr_common.sd21 import load_sd21
 
-from conftest import DATA, copy_tiny_sd21, host_stand_ins
+from conftest import DATA, DOSSR, DOSSR_CONFIG, OSEDIFF, copy_tiny_sd21, host_stand_ins
 from workflow_schema import import_pack
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OSEDIFF = os.path.join(DATA, "osediff", "osediff_tiny.pkl")
-DOSSR = os.path.join(DATA, "dossr", "dossr_tiny.ckpt")
-DOSSR_CONFIG = os.path.join(DATA, "dossr", "tiny_cldm.yaml")
 
 
 @pytest.fixture(scope="module")

@@ -23,15 +23,9 @@ from comfyui_diffsr.osediff_core.weights import convert_osediff, read_osediff
 from comfyui_diffsr.sr_common.errors import WeightFileError
 from comfyui_diffsr.sr_common.sd21 import SD21, load_sd21
 
-from conftest import DATA, copy_tiny_sd21
+from conftest import DAPE, DATA, DOSSR, DOSSR_CONFIG, OSEDIFF, RAM, SINGLE, copy_tiny_sd21
 
-SINGLE = os.path.join(DATA, "osediff", "tiny_sd21_single.safetensors")
 TINY_SD21 = os.path.join(DATA, "osediff", "tiny_sd21")
-OSEDIFF = os.path.join(DATA, "osediff", "osediff_tiny.pkl")
-RAM = os.path.join(DATA, "dape", "ram_tiny.pth")
-DAPE = os.path.join(DATA, "dape", "dape_tiny.pth")
-DOSSR = os.path.join(DATA, "dossr", "dossr_tiny.ckpt")
-DOSSR_CONFIG = os.path.join(DATA, "dossr", "tiny_cldm.yaml")
 PNG = os.path.join(DATA, "osediff", "in_13x19.png")
 UNET = "model.diffusion_model."
 

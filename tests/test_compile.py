@@ -17,11 +17,8 @@ from comfyui_diffsr.osediff_core.pipeline import Options, OSEDiffModel, build_os
 from comfyui_diffsr.osediff_core.weights import read_osediff
 from comfyui_diffsr.sr_common.sd21 import load_sd21
 
-from conftest import DATA, copy_tiny_sd21, psnr
+from conftest import DATA, DOSSR, DOSSR_CONFIG, OSEDIFF, copy_tiny_sd21, psnr
 
-OSEDIFF = os.path.join(DATA, "osediff", "osediff_tiny.pkl")
-DOSSR = os.path.join(DATA, "dossr", "dossr_tiny.ckpt")
-DOSSR_CONFIG = os.path.join(DATA, "dossr", "tiny_cldm.yaml")
 
 
 @pytest.fixture(autouse=True)

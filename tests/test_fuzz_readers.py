@@ -2,7 +2,6 @@
 truncations, insertions and overwrites. Every reader and recogniser may only raise our own errors."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -19,11 +18,8 @@ from comfyui_diffsr.sr_common.known_files import identify
 from comfyui_diffsr.sr_common.sd21 import load_sd21
 from comfyui_diffsr.sr_common.weights import DAPE_FORMAT, DOSSR_FORMAT, read_state_dict
 
-from conftest import DATA, copy_tiny_sd21
+from conftest import DAPE, DOSSR_CONFIG, RAM, copy_tiny_sd21
 
-RAM = os.path.join(DATA, "dape", "ram_tiny.pth")
-DAPE = os.path.join(DATA, "dape", "dape_tiny.pth")
-DOSSR_CONFIG = os.path.join(DATA, "dossr", "tiny_cldm.yaml")
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 

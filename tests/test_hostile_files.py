@@ -17,12 +17,9 @@ from comfyui_diffsr.osediff_core.weights import read_osediff
 from comfyui_diffsr.sr_common.errors import WeightFileError
 from comfyui_diffsr.sr_common.sd21 import load_sd21
 
-from conftest import DATA, copy_tiny_sd21
+from conftest import DAPE, DATA, DOSSR_CONFIG, RAM, copy_tiny_sd21
 
 TINY_SD21 = os.path.join(DATA, "osediff", "tiny_sd21")
-RAM = os.path.join(DATA, "dape", "ram_tiny.pth")
-DAPE = os.path.join(DATA, "dape", "dape_tiny.pth")
-DOSSR_CONFIG = os.path.join(DATA, "dossr", "tiny_cldm.yaml")
 IMAGE = os.path.join(DATA, "dossr", "lr_w32h16.png")
 
 

@@ -16,14 +16,8 @@ from comfyui_diffsr.sr_common.errors import WeightFileError
 from comfyui_diffsr.sr_common.known_files import CONVERTED, KNOWN, KNOWN_FILES, canonical, identify
 from comfyui_diffsr.sr_common.sd21 import load_sd21
 
-from conftest import DATA
+from conftest import DAPE, DOSSR, DOSSR_CONFIG, OSEDIFF, RAM, SINGLE
 
-SINGLE = os.path.join(DATA, "osediff", "tiny_sd21_single.safetensors")
-OSEDIFF = os.path.join(DATA, "osediff", "osediff_tiny.pkl")
-RAM = os.path.join(DATA, "dape", "ram_tiny.pth")
-DAPE = os.path.join(DATA, "dape", "dape_tiny.pth")
-DOSSR = os.path.join(DATA, "dossr", "dossr_tiny.ckpt")
-DOSSR_CONFIG = os.path.join(DATA, "dossr", "tiny_cldm.yaml")
 
 
 def t():
