@@ -110,7 +110,8 @@ for s in $steps; do
       py bench/bench_memory.py --device "$([ "$DEVICE" = cpu ] && echo meta || echo "$DEVICE")" --dtype fp16 \
         --sizes $(quick 48 "128 512") --vae-tile-decode 224 96 64 --out "$RESULTS/memory_${DEVICE}_fp16.json" \
         > /dev/null
-      # as on a 4 GB card (3815 MiB allocated at most): the networks of other stages moved off when short
+      # as on a 4 GB card (3815 MiB in all, less what the process holds outside PyTorch's allocator): the networks
+      # of other stages moved off when short
       py bench/bench_memory.py --device "$([ "$DEVICE" = cpu ] && echo meta || echo "$DEVICE")" --dtype fp16 \
         --sizes $(quick 48 "128 512") --budget-mib 3815 --out "$RESULTS/memory_${DEVICE}_fp16_4gb.json" > /dev/null
       osediff "$fp16" "$(quick 48 512)" 2 "$(quick 0 1)" fp16_512_decode96 --vae-tile-decode 96;;
