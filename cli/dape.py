@@ -22,7 +22,8 @@ from .common import (add_device_args, add_input_args, check_sizing_args, find_im
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="diffsr dape", description="DAPE (RAM + LoRA) prompts for OSEDiff.")
+    p = argparse.ArgumentParser(prog="diffsr dape", description="DAPE (RAM + LoRA) prompts for OSEDiff.",
+                                epilog="To write RAM + DAPE as one converted tagger: diffsr convert dape.")
     add_input_args(p)
     p.add_argument("--ram", default=None, help="ram_swin_large_14m.pth (with --dape)")
     p.add_argument("--dape", default=None, help="DAPE.pth (with --ram), or a converted DAPE .safetensors alone")
