@@ -140,6 +140,8 @@ def test_every_loader_names_the_wrong_file_it_was_given(files, loader, kind):
     message = str(info.value)
     assert os.path.basename(files[kind]) in message, message
     assert known.what in message, message
+    if loader == "sd21":  # another SD model: only what it is, as the fix is SD 2.1-base whole; else where it goes
+        assert f"it is {known.what if known.sd_model else known.describe()}. Use the whole SD 2.1-base" in message
 
 
 def test_every_known_file_is_tested_and_matches_no_earlier_entry(files):
