@@ -146,6 +146,17 @@ def test_all_in_one_equals_the_core_and_modular_graph(pack, osediff_model):
     (x0c,) = run(nodes["OSEDiff_OneStepUNet"], model=model, latent=latent, prompt="ignored", tile_latent=96,
                  tile_overlap=32, dtype="fp32", conditioning=[[embeds, {"pooled_output": None}]])
     assert torch.allclose(x0c["samples"], x0["samples"], atol=1e-5)
+    # a latent of 32×36 in 16 px tiles with 8 px overlap: the modular chain still gives the all-in-one node's output
+    big = torch.rand(1, 64, 72, 3, generator=torch.Generator().manual_seed(1))
+    sizing = dict(upscale=4.0, process_size=64)
+    (tiled,) = run(nodes["OSEDiff_Upscale"], model=model, image=big, prompt="a cat", color_fix="wavelet",
+                   tile_latent=16, tile_overlap=8, dtype="fp32", **sizing)
+    (latent,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=big, vae_tile=1024, dtype="fp32", **sizing)
+    (x0,) = run(nodes["OSEDiff_OneStepUNet"], model=model, latent=latent, prompt="a cat", tile_latent=16,
+                tile_overlap=8, dtype="fp32")
+    (decoded,) = run(nodes["OSEDiff_VAEDecode"], model=model, latent=x0, reference=big, color_fix="wavelet",
+                     vae_tile=224, **sizing)
+    assert latent["samples"].shape == (1, 4, 32, 36) and psnr(decoded, tiled) > 60
 
 
 def test_rgba_grayscale_and_cancel(pack, osediff_model):
