@@ -422,6 +422,15 @@ def test_dossr_modular_equals_all_in_one(pack):
         assert parts.shape == whole.shape == (2, int(20 * scale), int(24 * scale), 3)
         assert psnr(parts, whole) > 50, scale
     assert torch.equal(image, original)
+    # a latent of 40×48 in 16 px tiles with 8 px overlap: still the all-in-one output
+    tiles = dict(common, image=torch.rand(1, 80, 88, 3, generator=torch.Generator().manual_seed(5)), steps=1,
+                 tile_latent=16, tile_overlap=8)
+    (tiled_whole,) = run(nodes["DoSSR_Upscale"], upscale=4.0, color_fix="wavelet", **tiles)
+    tiled_latent, tiled_rrdb = run(nodes["DoSSR_Sampler"], **tiles)
+    (tiled_parts,) = run(nodes["DoSSR_VAEDecode"], model=model, latent=tiled_latent, reference=tiled_rrdb,
+                         upscale=4.0, color_fix="wavelet", vae_tile=224)
+    assert tiled_latent["samples"].shape == (1, 4, 40, 48)  # padded to 64 px
+    assert psnr(tiled_parts, tiled_whole) > 50
     # ComfyUI's VAE Decode on an SD latent: (first_stage_model.decode(samples) + 1) / 2, clamped (comfy/sd.py VAE.decode)
     with torch.no_grad():
         standard = ((model.vae.decode(latent["samples"][:1]).sample + 1) / 2).clamp(0, 1)[..., :80, :96]
