@@ -82,8 +82,7 @@ def on_budget(model, device, meter, budget):
     GPU that is what ``latents.device_free_bytes`` would find on a card of that size: ``budget`` less what the
     allocator has allocated and less what the process holds outside it (context, workspaces)."""
     free = ((lambda: budget - meter.allocator.live) if isinstance(meter, MetaMeter)
-            else (lambda: budget - torch.cuda.memory_allocated(device)
-                  - interleave.cuda_peaks()["cuda_context_mb"] * MiB))
+            else (lambda: budget - torch.cuda.memory_allocated(device) - interleave.outside_allocator_bytes()))
     model.stage_loader = OffloadWhenShort(device, "cpu", free_bytes=free)
     real_free = latents.device_free_bytes
     latents.device_free_bytes = lambda _: free()  # the decoder's tile fit (vae_decode)
@@ -124,7 +123,7 @@ def measure(model, upscale, networks, device, budget=None):
     peaks = {name: round(v / MiB, 1) for name, v in meter.finish().items() if name is not None and v}
     result = {"peak_mib": max(peaks.values()), "weights_mib": round(weights / MiB, 1), "by_network_mib": peaks}
     if device.type == "cuda":  # what the device holds for the process at most: the 4 GB target is about this
-        result["peak_device_mib"] = round(meter.reserved / MiB + interleave.cuda_peaks()["cuda_context_mb"], 1)
+        result["peak_device_mib"] = round((meter.reserved + interleave.outside_allocator_bytes()) / MiB, 1)
     return result
 
 

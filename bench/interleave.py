@@ -49,10 +49,17 @@ def cuda_peaks():
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return {}
-    free, total = torch.cuda.mem_get_info()
     return {"peak_cuda_allocated_mb": torch.cuda.max_memory_allocated() / 2**20,
             "peak_cuda_reserved_mb": torch.cuda.max_memory_reserved() / 2**20,
-            "cuda_context_mb": (total - free - torch.cuda.memory_reserved()) / 2**20}
+            "cuda_context_mb": outside_allocator_bytes() / 2**20}
+
+
+def outside_allocator_bytes():
+    """What the device holds beyond PyTorch's allocator (CUDA context, cuBLAS/cuDNN workspaces): used − reserved."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    return total - free - torch.cuda.memory_reserved()
 
 
 class Worker:

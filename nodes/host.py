@@ -20,10 +20,10 @@ from ..sr_common.download import OFFICIAL, downloaded
 from ..sr_common.errors import WeightFileError
 from ..sr_common.fast_modules import forget_folded_kernels
 from ..sr_common.image import with_upscaled_alpha
-from ..sr_common.tiling import DEFAULT_TILES
 from ..sr_common.known_files import OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
 from ..sr_common.sd21 import (NETWORK_DTYPES, PRECISIONS, check_precision, ieee_float32, load_sd21, move_module,
                                sd21_from_ldm_state_dict)
+from ..sr_common.tiling import DEFAULT_TILES
 from ..sr_common.weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 
 WEIGHT_EXTENSIONS = set(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)

@@ -81,11 +81,16 @@ class DownloadError(DiffSRError):
     """A download failed or did not verify; nothing was put in place."""
 
 
+def _sha256_or_empty(text):
+    """``text`` lower-cased if it is a SHA-256 in hex, else ""."""
+    text = text.lower()
+    return text if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else ""
+
+
 def _declared_sha256(headers):
     """Hugging Face declares the SHA-256 of large files in ``X-Linked-Etag``."""
     etag = headers.get("X-Linked-Etag") or ""
-    etag = etag.strip('"').removeprefix("W/").strip('"')
-    return etag if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag.lower()) else ""
+    return _sha256_or_empty(etag.strip('"').removeprefix("W/").strip('"'))
 
 
 def downloaded(path, source=None):
@@ -113,10 +118,9 @@ def downloaded(path, source=None):
 def _recorded_sha256(record):
     try:
         with open(record, encoding="utf-8") as f:
-            digest = f.read(64).lower()
+            return _sha256_or_empty(f.read(64))
     except (OSError, UnicodeDecodeError):
         return ""
-    return digest if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest) else ""
 
 
 def _write_record(path, digest):
