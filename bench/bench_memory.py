@@ -26,7 +26,8 @@ import os
 import torch
 
 from comfyui_diffsr.sr_common import latents
-from comfyui_diffsr.sr_common.offload import OffloadWhenShort, weight_bytes
+from comfyui_diffsr.sr_common.offload import OffloadWhenShort
+from comfyui_diffsr.sr_common.sd21 import weight_bytes
 from comfyui_diffsr.sr_common.sd21 import PRECISIONS, ieee_float32, move_module
 import interleave
 from common import environment, random_osediff, write_json

@@ -4,21 +4,7 @@ models: the stage loader of the commands (``NetworksOnSD21.load_stage``)."""
 import torch
 
 from .latents import device_free_bytes
-from .sd21 import move_module
-
-
-def _tensors(module):
-    return [*module.parameters(), *module.buffers()]
-
-
-def tensor_bytes(tensors):
-    """Bytes of the storages of ``tensors``, each tensor once."""
-    return sum(t.untyped_storage().nbytes() for t in {id(t): t for t in tensors}.values())
-
-
-def weight_bytes(*modules):
-    """Bytes of the parameters and buffers of ``modules``, each once."""
-    return tensor_bytes(t for m in modules for t in _tensors(m))
+from .sd21 import module_tensors, move_module, tensor_bytes, weight_bytes
 
 
 MIN_FREE_BYTES = 2 ** 30  # what a stage needs at least (ComfyUI keeps 0.8 GiB + its 0.4 GiB reserve free)
@@ -42,15 +28,15 @@ class OffloadWhenShort:
         self.placed = {}  # id → module: the networks this loader moved to the device
 
     def on_device(self, module):
-        return all(t.device == self.device for t in _tensors(module))
+        return all(t.device == self.device for t in module_tensors(module))
 
     def __call__(self, model, networks, activation_bytes):
-        stage = [t for m in networks for t in _tensors(m)]
+        stage = [t for m in networks for t in module_tensors(m)]
         needed = max(activation_bytes, MIN_FREE_BYTES) + tensor_bytes(t for t in stage if t.device != self.device)
         shared = {id(t) for t in stage}
         candidates = {id(m): m for m in [*model.modules(), *self.placed.values()] if m is not None}
         others = [m for m in candidates.values() if m not in networks and self.on_device(m)
-                  and shared.isdisjoint(id(t) for t in _tensors(m))]
+                  and shared.isdisjoint(id(t) for t in module_tensors(m))]
         for module in sorted(others, key=weight_bytes, reverse=True):
             free = self.free_bytes()
             if free is None or free >= needed:

@@ -395,6 +395,22 @@ def move_module(module, device=None, dtype=None):
     return torch.nn.Module.to(module, device=device, dtype=dtype)
 
 
+def module_tensors(module):
+    """The parameters and buffers of ``module``."""
+    return [*module.parameters(), *module.buffers()]
+
+
+def tensor_bytes(tensors):
+    """Bytes of ``tensors``, each tensor once: what moving them copies (not their storages', which for weights read
+    into one buffer, a checkpoint loaded in memory, are the whole file's)."""
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+
+
+def weight_bytes(*modules):
+    """Bytes of the parameters and buffers of ``modules``, each once."""
+    return tensor_bytes(t for m in modules for t in module_tensors(m))
+
+
 NETWORK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the networks' precisions, most preferred first
 
 

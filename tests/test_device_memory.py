@@ -256,6 +256,27 @@ def test_a_network_the_loader_placed_leaves_like_the_models(monkeypatch):
         assert (device(tagger), device(unet)) == ("cpu", "meta") and cap - allocator.live >= 2 * MiB
 
 
+@counted
+def test_weights_in_one_file_buffer_count_their_own_bytes(monkeypatch):
+    """Weights read into one buffer (a checkpoint loaded in memory: every tensor a view of the file's bytes) count
+    the bytes a move copies, not the buffer's once per tensor: a stage that fits moves nothing else off."""
+    monkeypatch.setattr(offload, "MIN_FREE_BYTES", 0)
+    allocator = meta_memory().MetaAllocator()
+    with torch.device("meta"):
+        other = torch.nn.Linear(1024, 1024)  # 4 MiB
+    buffer = torch.zeros(4 * 2 ** 20)  # 16 MiB: the file
+    stage = torch.nn.Linear(256, 256)  # 0.25 MiB of it
+    stage.weight = torch.nn.Parameter(buffer[:256 * 256].view(256, 256))
+    stage.bias = torch.nn.Parameter(buffer[256 * 256:256 * 257])
+    assert offload.weight_bytes(stage) == (256 * 257) * 4
+    allocator.hold_weights(other)
+    cap = allocator.live + 2 * MiB
+    loader = offload.OffloadWhenShort("meta", free_bytes=lambda: cap - allocator.live)
+    with allocator:
+        loader(Networks(other, stage), [stage], MiB)  # 1.25 MiB needed, 2 MiB free
+    assert next(other.parameters()).device.type == "meta" and stage.weight.device.type == "meta"
+
+
 def test_decoder_tile_is_the_largest_that_fits():
     decoder = full_size_decoder(torch.float16).decoder  # meta weights: only the shapes matter
     need = lambda tile: tiled_vae.decoder_activation_bytes(decoder, 240, 240, tile, torch.float16)
