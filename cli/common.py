@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 from ..sr_common.errors import DiffSRError, ImageInputError
 from ..sr_common.sd21 import PRECISIONS, ieee_float32
-from ..sr_common.tiling import DEFAULT_TILES, TILE_FLOORS, OutOfMemory, overlap_within, with_oom_retry
+from ..sr_common.tiling import (DEFAULT_TILES, TILE_FLOORS, OutOfMemory, WeightsOutOfMemory, overlap_within,
+                                with_oom_retry)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 HIGH_DEPTH_PEAK = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "F": 1.0}  # PIL mode → white
@@ -178,7 +179,8 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
 
     An image that fails on its own (unreadable or unusable: ``DiffSRError``/``ValueError``; an output, of
     ``output_size(height, width)``, that the format cannot store; out of memory even at the smallest tiles) is
-    reported and skipped, and the others go on; an output that cannot be written stops the run. Returns the exit status: 0, or
+    reported and skipped, and the others go on; an output that cannot be written, or weights that do not fit on the
+    device, stop the run. Returns the exit status: 0, or
     2 when any failed (listed again at the end).
 
     While an image is upscaled, the next one is read and the previous output written on two helper threads (PIL
@@ -197,6 +199,8 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
                 check_output_size(out, *output_size(*image.shape[-2:]))
                 with torch.inference_mode():
                     result = upscale_one(image, out)
+            except WeightsOutOfMemory:
+                raise  # the weights do not fit: no image can run
             except (DiffSRError, ValueError, OutOfMemory) as e:
                 reason = (f"out of memory even at the smallest tiles ({e})" if isinstance(e, OutOfMemory)
                           else e)
@@ -413,7 +417,7 @@ def run_main(main_fn, argv):
     try:
         with ieee_float32():  # --dtype fp32 is float32 on every GPU, not TF32
             return main_fn(argv)
-    except DiffSRError as e:
+    except (DiffSRError, WeightsOutOfMemory) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:

@@ -12,7 +12,7 @@ import json
 import os
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib import resources
 
 import torch
@@ -20,6 +20,7 @@ import torch
 from .errors import DiffSRError, WeightFileError
 from .fast_modules import fast_modules, fast_vae_decoder
 from .known_files import KNOWN, OPEN_CLIP_PREFIX, canonical, describe, identify, sd_family
+from .tiling import WeightsOutOfMemory, is_out_of_memory
 from .weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_weight_file, load_module_weights, read_state_dict,
                       stored_as_float32)
 
@@ -435,9 +436,22 @@ class NetworksOnSD21:
         """Before a stage of a run: ``networks``, the ones it runs, on ``device`` with room for the stage's
         estimated ``activation_bytes`` (0: not estimated), by ``stage_loader(self, networks, activation_bytes)``
         (``sr_common.offload.OffloadWhenShort``; ComfyUI's memory manager in the nodes). Without a stage loader
-        nothing moves: every network is on ``device``."""
-        if self.stage_loader is not None:
-            self.stage_loader(self, list({id(m): m for m in networks}.values()), activation_bytes)
+        nothing moves: every network is on ``device``. Out of memory there is ``WeightsOutOfMemory``, which names
+        the networks and the fixes: smaller tiles cannot help."""
+        if self.stage_loader is None:
+            return
+        networks = list({id(m): m for m in networks}.values())
+        try:
+            self.stage_loader(self, networks, activation_bytes)
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            names = {id(getattr(self, f.name)): f.name for f in fields(self)}
+            raise WeightsOutOfMemory(
+                f"Out of memory while moving the weights of {', '.join(names.get(id(m), type(m).__name__) for m in networks)}"
+                f" ({weight_bytes(*networks) / 2 ** 30:.2f} GiB) to {self.stage_loader.device}: they do not fit beside "
+                "what else holds its memory, and smaller tiles cannot help. Close other programs that use the device, "
+                "choose dtype fp16 or bf16 (half the weights' memory), or run on the CPU.") from error
 
     @property
     def dtype(self):

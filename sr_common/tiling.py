@@ -124,6 +124,12 @@ OutOfMemory = torch.cuda.OutOfMemoryError
 CPU_ALLOCATION_FAILED = "DefaultCPUAllocator: can't allocate memory"  # a RuntimeError, not an OutOfMemoryError
 
 
+class WeightsOutOfMemory(OutOfMemory):
+    """Out of memory while a stage's weights moved to the device (``NetworksOnSD21.load_stage``): smaller tiles
+    cannot help, so ``with_oom_retry`` raises it at once. An ``OutOfMemory`` still, so a host that frees its models
+    on out-of-memory (ComfyUI) does so."""
+
+
 def is_out_of_memory(error, oom=OutOfMemory):
     """Whether ``error`` is ``oom``, or an allocation the CPU allocator refused (the kernel refuses one that could
     never fit, e.g. an untiled stage of a large image: PyTorch raises a plain RuntimeError naming the allocator)."""
@@ -138,12 +144,13 @@ def overlap_within(tile, overlap):
 
 def with_oom_retry(run, tiles, defaults, *, oom=OutOfMemory, free=torch.cuda.empty_cache, notify=None):
     """``run(**tiles)``; on out-of-memory (``is_out_of_memory``) run again with ``smaller_tiles`` (after ``free()``
-    and ``notify(smaller)``) until none can shrink, then raise it (the CPU allocator's as ``OutOfMemory``)."""
+    and ``notify(smaller)``) until none can shrink, then raise it (the CPU allocator's as ``OutOfMemory``). Out of
+    memory for the weights (``WeightsOutOfMemory``) is raised at once."""
     while True:
         try:
             return run(**tiles)
         except Exception as error:
-            if not is_out_of_memory(error, oom):
+            if not is_out_of_memory(error, oom) or isinstance(error, WeightsOutOfMemory):
                 raise
             smaller = smaller_tiles(tiles, defaults)
             if smaller is None:

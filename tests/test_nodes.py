@@ -247,6 +247,40 @@ def test_oom_in_the_upscale_node_retries_with_smaller_vae_tiles(pack, osediff_mo
     assert seen == [(96, 1024, 224), (48, 512, 112)] and out.shape == (1, 40, 48, 3)
 
 
+@pytest.mark.parametrize("method", ["osediff", "dossr"])
+def test_oom_while_the_weights_load_is_named_and_not_retried(pack, osediff_model, monkeypatch, method):
+    """Out of memory while ComfyUI moves a stage's weights to the device is raised at once, as ComfyUI's
+    out-of-memory exception (so ComfyUI unloads its models), naming the networks and the fixes: smaller tiles
+    cannot make weights fit."""
+    _, nodes = pack
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    tiling = sys.modules["custom_nodes_x_diffsr_pack.sr_common.tiling"]
+    image = torch.rand(1, 20, 24, 3)
+    if method == "osediff":
+        model = osediff_model[1]
+        node, args, stage = nodes["OSEDiff_Upscale"], dict(model=model, prompt="", process_size=32), "unet"
+    else:
+        (model,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+        embeds = torch.randn(1, 77, model.unet.config.cross_attention_dim)
+        node, args = nodes["DoSSR_Upscale"], dict(model=model, prompt="", steps=2, seed=3, conditioning=[[embeds, {}]])
+        stage = "unet, controlnet"
+    tries, real = [], host.mm.load_models_gpu
+
+    def full(models, *a, **kw):  # the UNet's stage does not fit
+        if any(patcher.model.parts[0] is model.unet for patcher in models):
+            tries.append(len(models))
+            raise host.mm.OOM_EXCEPTION("CUDA out of memory. Tried to allocate 20.00 MiB")
+        return real(models, *a, **kw)
+
+    monkeypatch.setattr(host.mm, "load_models_gpu", full)
+    with pytest.raises(host.mm.OOM_EXCEPTION) as error:
+        run(node, image=image, **args, upscale=2.0, color_fix="none", tile_latent=96, tile_overlap=32, dtype="fp32")
+    assert tries == [len(stage.split(", "))] and isinstance(error.value, tiling.WeightsOutOfMemory)
+    message = str(error.value)
+    assert f"weights of {stage} (" in message and "smaller tiles cannot help" in message and "fp16 or bf16" in message
+    assert "Tried to allocate 20.00 MiB" in str(error.value.__cause__)
+
+
 def test_nodes_compute_float32_as_ieee_float32(pack, osediff_model, monkeypatch):
     """On Ampere and later GPUs PyTorch computes float32 convolutions in TF32 unless told not to: every node that
     computes runs with it off (dtype fp32 is float32), and ComfyUI's flags are as they were after."""

@@ -394,6 +394,30 @@ def test_out_of_memory_retries_with_smaller_tiles(base, tmp_path, monkeypatch, c
     assert (direct / "small.png").read_bytes() == (tmp_path / "out" / "small.png").read_bytes()
 
 
+def test_weights_that_do_not_fit_stop_the_run_at_once(base, tmp_path, monkeypatch, capsys):
+    """Out of memory while a stage's weights go to the device is not retried with smaller tiles, which cannot help,
+    and stops the run (no image could run): one line names the networks and the fixes."""
+    real, tries = OffloadWhenShort.__call__, []
+
+    def full(self, model, networks, activation_bytes):
+        if any(m is model.unet for m in networks):
+            tries.append(activation_bytes)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, model, networks, activation_bytes)
+
+    monkeypatch.setattr(OffloadWhenShort, "__call__", full)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        shutil.copy(os.path.join(FIX, "in_32x32.png"), folder / name)
+    assert run([folder, "-o", tmp_path / "out", "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
+                "--process-size", "64", "--prompt", ""]) == 2
+    err = capsys.readouterr().err
+    assert len(tries) == 1 and "retrying" not in err, err
+    assert "error: Out of memory while moving the weights of unet (" in err and "fp16 or bf16" in err, err
+    assert not os.path.exists(tmp_path / "out") or not os.listdir(tmp_path / "out")
+
+
 def test_command_output_matches_the_official_code(base, tmp_path):
     """The ``osediff`` command end to end (its loading, the folder run with reading and writing on helper threads,
     the PNG it writes) on two official fixtures in one folder: untiled, and latent-tiled with the official tiling."""
