@@ -7,7 +7,7 @@ other compares two different machines. Here both stay loaded in their own proces
 Worker side (a benchmark script with ``--serve``): ``serve(run_once, sync)`` prints ``BENCH ready``, waits
 for a ``run`` line on stdin, runs once (and waits for the device with ``sync``, so work still queued on a GPU
 counts in its own run) and prints ``BENCH {"s": seconds}``; ``end`` prints the peak RSS and, where CUDA was
-used, the peak GPU memory, and returns. Driver side: ``Worker(cmd)`` starts a worker and waits until it
+used, the peak GPU memory and the device's memory in use now, and returns. Driver side: ``Worker(cmd)`` starts a worker and waits until it
 has loaded; ``interleaved`` takes the turns. Only lines starting with ``BENCH`` are read: the code under test
 may print anything.
 """
@@ -39,13 +39,16 @@ def serve(run_once, sync=None):
         if sync is not None:
             sync()
         _say(json.dumps({"s": time.perf_counter() - start}))
-    _say(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **cuda_peaks()}))
+    _say(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **cuda_peaks(),
+                     **device_in_use()}))
 
 
 def cuda_peaks():
     """Where this process used CUDA (MiB): the allocator's peak allocated and reserved since the last reset, and what
     else the process holds on the device (CUDA context, cuBLAS/cuDNN workspaces), so that peak reserved + context is
-    the process's peak device memory."""
+    the process's peak device memory. The context is read as the device's use beyond this process's allocator, so
+    it is this process's where it is alone on the device; for workers side by side, ``interleaved`` replaces it
+    with each one's own (``separate_contexts``)."""
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return {}
@@ -54,12 +57,42 @@ def cuda_peaks():
             "cuda_context_mb": outside_allocator_bytes() / 2**20}
 
 
-def outside_allocator_bytes():
-    """What the device holds beyond PyTorch's allocator (CUDA context, cuBLAS/cuDNN workspaces): used − reserved."""
+def device_used_bytes():
+    """The device's memory in use, by every process on it: total − free."""
     import torch
 
     free, total = torch.cuda.mem_get_info()
-    return total - free - torch.cuda.memory_reserved()
+    return total - free
+
+
+def outside_allocator_bytes():
+    """What the device holds beyond PyTorch's allocator (CUDA context, cuBLAS/cuDNN workspaces): used − reserved,
+    where this process is alone on the device."""
+    import torch
+
+    return device_used_bytes() - torch.cuda.memory_reserved()
+
+
+def device_in_use():
+    """Where this process used CUDA (MiB): the device's memory in use (every process's) and this process's reserved,
+    now; ``separate_contexts`` turns them into each worker's own context."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {"device_used_mb": device_used_bytes() / 2**20, "reserved_now_mb": torch.cuda.memory_reserved() / 2**20}
+
+
+def separate_contexts(ends):
+    """Each worker's ``cuda_context_mb`` from the ``end`` reports of workers that ended in turn, each after the one
+    before had exited, so the later ones still held the device: what the device held beyond this worker's reserved
+    memory, less what the next one found in use (the later workers'). The last one's is all the rest of the
+    device's use. Both readings leave the reports."""
+    used = [end.pop("device_used_mb", None) for end in ends]
+    for i, end in enumerate(ends):
+        if used[i] is not None:
+            later = next((u for u in used[i + 1:] if u is not None), 0.0)
+            end["cuda_context_mb"] = used[i] - end.pop("reserved_now_mb") - later
+    return ends
 
 
 class Worker:
@@ -107,7 +140,8 @@ def interleaved(workers, repeats, warmup=1):
     for turn in range(repeats):
         for worker in (workers if turn % 2 == 0 else workers[::-1]):
             times[worker.name].append(worker.run())
-    return {w.name: {"runs_s": times[w.name], **percentiles(times[w.name]), **w.close()} for w in workers}
+    ends = separate_contexts([w.close() for w in workers])  # in turn: each after the one before has exited
+    return {w.name: {"runs_s": times[w.name], **percentiles(times[w.name]), **end} for w, end in zip(workers, ends)}
 
 
 def percentiles(times):

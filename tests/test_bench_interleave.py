@@ -62,3 +62,14 @@ def test_a_worker_that_dies_is_reported():
     interleave = load_interleave()
     with pytest.raises(RuntimeError, match="broken stopped"):
         interleave.Worker("broken", [sys.executable, "-c", "import sys; sys.exit(3)"])
+
+
+def test_each_workers_cuda_context_is_its_own():
+    """Workers side by side share the device: each reads the device's use, in turn as they end, so a worker's
+    context is its reading less its reserved memory less what the later workers held (the next one's reading)."""
+    separate = load_interleave().separate_contexts
+    ends = [{"peak_rss_mb": 1.0, "device_used_mb": 10000.0, "reserved_now_mb": 3000.0},  # both on the device
+            {"peak_rss_mb": 2.0},  # a worker that did not use CUDA
+            {"peak_rss_mb": 3.0, "device_used_mb": 6000.0, "reserved_now_mb": 5500.0}]  # the last, alone
+    assert separate(ends) == [{"peak_rss_mb": 1.0, "cuda_context_mb": 1000.0}, {"peak_rss_mb": 2.0},
+                              {"peak_rss_mb": 3.0, "cuda_context_mb": 500.0}]
