@@ -11,7 +11,7 @@ from ..sr_common.color_fix import COLOR_FIXES
 from ..sr_common.sd21 import SCALING_FACTOR, checked_context
 from ..sr_common.tiling import overlap_within
 from . import host
-from .osediff import CATEGORY, SD21, dtype_input, tile_inputs
+from .osediff import CATEGORY, DECODER_PRECISION, SD21, dtype_input, tile_inputs
 
 DOSSR = io.Custom("DOSSR_MODEL")
 DEFAULT_CONFIG = "SD 2.1 (built in)"
@@ -183,12 +183,14 @@ class DoSSRDecode(io.ComfyNode):
                     io.Combo.Input("color_fix", options=list(COLOR_FIXES), default="wavelet",
                                    tooltip="Colour correction against the RRDB image (official default: wavelet)."),
                     io.Int.Input("vae_tile", default=host.DEFAULT_TILES.vae_tile_decode, min=0, max=1024, step=8,
-                                 tooltip="Decoder tile size in latent pixels (0 = never tile).")],
+                                 tooltip="Decoder tile size in latent pixels (0 = never tile)."),
+                    dtype_input(DECODER_PRECISION, optional=True)],
             outputs=[io.Image.Output()])
 
     @classmethod
     @host.computes_ieee_float32
-    def execute(cls, model, latent, reference, upscale, color_fix, vae_tile):
+    def execute(cls, model, latent, reference, upscale, color_fix, vae_tile, dtype="auto"):
+        host.cast_for_run(model, dtype, [model.vae])
         starts, alpha = host.image_to_bchw(reference)
         dev = model.device  # ``decode`` loads the VAE (``model.load_stage``)
         progress = host.Progress(len(starts))

@@ -21,8 +21,8 @@ from ..sr_common.errors import WeightFileError
 from ..sr_common.fast_modules import forget_folded_kernels
 from ..sr_common.image import with_upscaled_alpha
 from ..sr_common.known_files import OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
-from ..sr_common.sd21 import (NETWORK_DTYPES, PRECISIONS, check_precision, ieee_float32, load_sd21, move_module,
-                               sd21_from_ldm_state_dict)
+from ..sr_common.sd21 import (NETWORK_DTYPES, PRECISIONS, check_precision, ieee_float32, load_sd21, module_tensors,
+                               move_module, sd21_from_ldm_state_dict)
 from ..sr_common.tiling import DEFAULT_TILES
 from ..sr_common.weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 
@@ -356,9 +356,27 @@ def in_precision(module, dtype_widget):
     return move_module(module, dtype=widget_dtype(module, dtype_widget))
 
 
-def cast_for_run(model, dtype_widget):
-    """``model`` in ``widget_dtype``, where it is now: the loading that follows moves only what the run needs."""
-    set_precision(model, widget_dtype(model, dtype_widget))
+def cast_for_run(model, dtype_widget, networks=None):
+    """``networks`` of ``model`` (default: all) in ``widget_dtype``. Those that need a cast and that ComfyUI holds on
+    its device are unloaded by it first (``unload``): the cast then allocates in CPU memory, where the loaders keep
+    the weights, not in device memory ComfyUI does not count, and ComfyUI counts their new size when the run loads
+    them again."""
+    dtype = widget_dtype(model, dtype_widget)
+    parts = networks or _parts(model)
+    unload([m for m in parts if any(t.is_floating_point() and t.dtype != dtype for t in module_tensors(m))])
+    set_precision(model if networks is None else HeldModules(networks), dtype)
+
+
+def unload(modules):
+    """The ComfyUI patchers of ``modules`` that ComfyUI holds loaded, unloaded by it as its ``free_memory`` unloads a
+    model (``LoadedModel.model_unload``, the entry dropped from ``current_loaded_models``)."""
+    patchers = {id(p) for p in (_patchers.get(id(m)) for m in modules) if p is not None}
+    loaded = [entry for entry in mm.current_loaded_models if id(entry.model) in patchers]
+    for entry in loaded:
+        entry.model_unload()
+        mm.current_loaded_models.remove(entry)
+    if loaded:
+        mm.soft_empty_cache()
 
 
 class HeldModulesPatcher(comfy.model_patcher.ModelPatcher):

@@ -36,6 +36,10 @@ def tile_inputs():
                          tooltip="Latent tile overlap.")]
 
 
+DECODER_PRECISION = ("The VAE decoder's precision, set here: the model is shared with other nodes, so without it the "
+                     "decode would run in whatever precision the node before it left.")
+
+
 def dtype_input(what="Network precision.", optional=False):
     return io.Combo.Input("dtype", options=["auto", *PRECISIONS], default="auto", optional=optional,
                           tooltip=f"{what} auto: ComfyUI's choice for the device (as for its own models: fp16 on "
@@ -263,12 +267,14 @@ class OSEDiffDecode(io.ComfyNode):
                     process_size_input(),
                     io.Combo.Input("color_fix", options=list(COLOR_FIXES), default="adain", tooltip="Colour correction."),
                     io.Int.Input("vae_tile", default=host.DEFAULT_TILES.vae_tile_decode, min=0, max=1024, step=8,
-                                 tooltip="Decoder tile size in latent pixels (0 = never tile).")],
+                                 tooltip="Decoder tile size in latent pixels (0 = never tile)."),
+                    dtype_input(DECODER_PRECISION, optional=True)],
             outputs=[io.Image.Output()])
 
     @classmethod
     @host.computes_ieee_float32
-    def execute(cls, model, latent, reference, upscale, process_size, color_fix, vae_tile):
+    def execute(cls, model, latent, reference, upscale, process_size, color_fix, vae_tile, dtype="auto"):
+        host.cast_for_run(model, dtype, [model.vae])
         images, alpha = host.image_to_bchw(reference)
         progress = host.Progress(len(images))
         outs = []

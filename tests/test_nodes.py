@@ -853,6 +853,70 @@ def test_precision_switch_casts_from_the_exact_weights(pack, osediff_model):
     assert all(torch.equal(v, exact[k]) for k, v in model.vae.state_dict().items())
 
 
+def test_a_precision_change_reloads_the_networks_through_comfyui(pack, osediff_model):
+    """A run in another precision than the networks are loaded in: ComfyUI unloads them first, so the cast allocates
+    in CPU memory (not in device memory it does not count), and it counts their new size when the run loads them
+    again (a cast in place left its count at the old size: ``partially_load`` does nothing for a loaded model)."""
+    _, nodes = pack
+    mm = sys.modules["comfy.model_management"]
+    _, model = osediff_model
+    args = dict(model=model, image=torch.rand(1, 20, 24, 3), prompt="", upscale=2.0, process_size=32,
+                color_fix="adain", tile_latent=96, tile_overlap=32)
+    try:
+        with torch.inference_mode():
+            run(nodes["OSEDiff_Upscale"], **args, dtype="fp32")
+            unet = patcher_of(model, model.unet)
+            full = unet.loaded_size()
+            unloaded, real = [], mm.LoadedModel.model_unload
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(mm.LoadedModel, "model_unload", lambda self, *a, **kw: unloaded.append(self.model)
+                              or real(self, *a, **kw))
+                run(nodes["OSEDiff_Upscale"], **args, dtype="bf16")
+        assert unet in unloaded and unet.loaded_size() == unet.model_size() == full // 2
+        for entry in mm.current_loaded_models:
+            assert entry.model.loaded_size() == entry.model.model_size()
+    finally:
+        with torch.inference_mode():
+            run(nodes["OSEDiff_Upscale"], **args, dtype="fp32")
+
+
+@pytest.mark.parametrize("method", ["osediff", "dossr"])
+def test_the_decode_nodes_compute_in_their_own_precision(pack, osediff_model, method):
+    """A VAE Decode node sets its VAE's precision itself (dtype; auto is fp32 on the CPU): the same inputs decode to
+    the same image whatever precision another node on the model ran in before, and its dtype casts the VAE only."""
+    with torch.inference_mode():  # as ComfyUI runs nodes (execution.py)
+        _, nodes = pack
+        image = torch.rand(1, 20, 24, 3, generator=torch.Generator().manual_seed(5))
+        if method == "osediff":
+            _, model = osediff_model
+            sizing = dict(upscale=2.0, process_size=32)
+            (latent,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=image, vae_tile=1024, dtype="fp32", **sizing)
+            (latent,) = run(nodes["OSEDiff_OneStepUNet"], model=model, latent=latent, prompt="", tile_latent=96,
+                            tile_overlap=32, dtype="fp32")
+            decode = lambda **kw: run(nodes["OSEDiff_VAEDecode"], model=model, latent=latent, reference=image,
+                                      color_fix="adain", vae_tile=224, **sizing, **kw)[0]
+            other = lambda dtype: run(nodes["OSEDiff_Upscale"], model=model, image=image, prompt="", color_fix="adain",
+                                      tile_latent=96, tile_overlap=32, dtype=dtype, **sizing)
+        else:
+            (model,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+            embeds = torch.randn(1, 77, model.unet.config.cross_attention_dim,
+                                 generator=torch.Generator().manual_seed(2))
+            common = dict(model=model, image=image, steps=2, seed=3, prompt="", tile_latent=96, tile_overlap=32,
+                          conditioning=[[embeds, {}]])
+            latent, reference = run(nodes["DoSSR_Sampler"], **common, dtype="fp32")
+            decode = lambda **kw: run(nodes["DoSSR_VAEDecode"], model=model, latent=latent, reference=reference,
+                                      upscale=2.0, color_fix="wavelet", vae_tile=224, **kw)[0]
+            other = lambda dtype: run(nodes["DoSSR_Upscale"], **common, upscale=2.0, color_fix="wavelet", dtype=dtype)
+        first = decode()
+        other("bf16")
+        assert torch.equal(decode(), first)
+        other("fp32")
+        decode(dtype="bf16")
+        assert model.vae.decoder.conv_in.weight.dtype == torch.bfloat16
+        assert model.unet.conv_in.weight.dtype == torch.float32
+        assert torch.equal(decode(dtype="fp32"), first)
+
+
 @cpu_float16
 def test_16bit_runs_keep_no_float32_copy_of_the_merged_osediff_weights(pack):
     """Once OSEDiff runs in fp16, nothing keeps the float32 values of its merged UNet and LQ encoder (3.5 GB at full
