@@ -128,7 +128,13 @@ class LoadedModel:  # L448: holds its ModelPatcher by weak reference only
             self.model_finalizer = weakref.finalize(self.model.model, _drop_dead)
         return self.model.model
 
-    def model_unload(self, memory_to_free=None, unpatch_weights=True):  # L511 (no partial unloads here)
+    def model_loaded_memory(self):  # L475
+        return self.model.loaded_size()
+
+    def model_unload(self, memory_to_free=None, unpatch_weights=True):  # L511: part of it where that frees enough
+        if memory_to_free is not None and memory_to_free < self.model.loaded_size():
+            if self.model.partially_unload(self.model.offload_device, memory_to_free) >= memory_to_free:
+                return False
         self.model.detach(unpatch_weights)
         return True
 
@@ -143,26 +149,25 @@ def loaded_models(only_currently_used=False):  # L693: the loaded ModelPatchers
     return [m.model for m in current_loaded_models]
 
 
-def get_free_memory(dev=None, torch_free_too=False):  # L1148
-    return TOTAL_MEMORY - sum(m.model_memory() for m in current_loaded_models if not m.is_dead())
+def get_free_memory(dev=None, torch_free_too=False):  # L1148: here the listed weights are all the device holds
+    return TOTAL_MEMORY - sum(m.model_loaded_memory() for m in current_loaded_models if not m.is_dead())
 
 
 def _drop_dead():  # what LoadedModel's finalizer (cleanup_models, L724) does when a loaded model is freed
     current_loaded_models[:] = [m for m in current_loaded_models if not m.is_dead()]
 
 
-def free_memory(memory_required, device, keep_loaded=[], _called=()):
-    """L569: unloads until enough is free, in the order of (−offloaded memory, sys.getrefcount(patcher), size). Here:
-    least recently used first, but the ones a load_models_gpu call asks for (``_called``: their refcount is higher,
-    as the call itself holds them) last."""
+def free_memory(memory_required, device, keep_loaded=[]):
+    """L569: unloads until enough is free, each model only as much as is still missing (``model_unload`` with
+    ``memory_to_free``: a partial unload where that frees enough), in the order of (−offloaded memory,
+    sys.getrefcount(patcher), size). Here: least recently used first."""
     _drop_dead()
     unloaded = []
-    order = list(reversed(current_loaded_models))
-    for m in [m for m in order if m not in _called] + [m for m in order if m in _called]:
-        if get_free_memory(device) > memory_required:
+    for m in [m for m in reversed(current_loaded_models) if m not in keep_loaded]:
+        free = get_free_memory(device)
+        if free > memory_required:
             break
-        if m not in keep_loaded:
-            m.model_unload()
+        if m.model_unload(memory_required - free):
             current_loaded_models.remove(m)
             unloaded.append(m)
     return unloaded
@@ -170,11 +175,12 @@ def free_memory(memory_required, device, keep_loaded=[], _called=()):
 
 def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
                     force_full_load=False):
-    """L606: frees the memory all of ``models`` need and ``memory_required`` more (keeping none of the loaded ones,
-    those of this call included, which go last; the real one adds 10 % to the models and reserves at least 0.8 GiB
-    + its reserve for the computation), then loads every one of them, most recent first: fully, but under
-    ``--novram`` with a budget of 0.1 bytes (L683) whatever ``force_full_load`` says (the partial loads of
-    LOW_VRAM/NORMAL_VRAM without ``force_full_load``, L676-681, are left out)."""
+    """L606: the models of this call leave the loaded list (L643-652: each is a clone of itself; their weights stay
+    where they are), so they are never unloaded to make room for themselves; then it frees the memory they still
+    need (L654-656: what of them is not on the device) and ``memory_required`` more (the real one adds 10 % to the
+    models and reserves at least 0.8 GiB + its reserve for the computation), and loads every one of them, most
+    recent first: fully, but under ``--novram`` with a budget of 0.1 bytes (L683) whatever ``force_full_load``
+    says (the partial loads of LOW_VRAM/NORMAL_VRAM without ``force_full_load``, L676-681, are left out)."""
     LOADED.append((list(models), force_patch_weights, force_full_load))
     REQUIRED.append(memory_required)
     _drop_dead()
@@ -183,11 +189,13 @@ def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimu
         loaded = LoadedModel(x)
         to_load.append(current_loaded_models[current_loaded_models.index(loaded)] if loaded in current_loaded_models
                        else loaded)
-    required = sum(m.model_memory() for m in to_load if m not in current_loaded_models)
-    free_memory(required + memory_required, get_torch_device(), _called=to_load)
     for m in to_load:
         if m in current_loaded_models:
             current_loaded_models.remove(m)
+    required = sum(m.model_memory() - m.model_loaded_memory() for m in to_load)  # L488 model_memory_required
+    held = sum(m.model_loaded_memory() for m in to_load)  # on the device, though no longer in the list counted here
+    free_memory(required + memory_required + held, get_torch_device())
+    for m in to_load:
         lowvram_model_memory = 0.1 if vram_state == VRAMState.NO_VRAM and m.device != torch.device("cpu") else 0
         m.model_load(lowvram_model_memory, force_patch_weights=force_patch_weights)
         current_loaded_models.insert(0, m)
