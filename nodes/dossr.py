@@ -79,7 +79,7 @@ class DoSSRUpscale(io.ComfyNode):
     def execute(cls, model, image, steps, seed, prompt, upscale, color_fix, tile_latent, tile_overlap, dtype,
                 conditioning=None):
         images, alpha = host.image_to_bchw(image)
-        embeds = _prompt_context(model, dtype, prompt, conditioning)
+        embeds = _prompt_context(model, dtype, prompt, conditioning, "DoSSR Upscale")
         progress = host.Progress(len(images) * steps)
         outs = []
         for one in images:
@@ -94,12 +94,12 @@ class DoSSRUpscale(io.ComfyNode):
         return io.NodeOutput(host.bchw_to_image(outs, alpha))
 
 
-def _prompt_context(model, dtype, prompt, conditioning):
+def _prompt_context(model, dtype, prompt, conditioning, node):
     """``model`` cast for the run, and the text context: the CONDITIONING's, or the prompt's (the text encoder on the
     device only for a prompt not encoded yet)."""
     host.cast_for_run(model, dtype)
     if conditioning is not None:
-        return checked_context(conditioning[0][0][:1], model.unet)
+        return checked_context(host.conditioning_embedding(conditioning, node), model.unet)
     return model.prompt_embedding(prompt)  # the text encoder goes to the device only for a new prompt
 
 
@@ -147,7 +147,7 @@ class DoSSRSampler(io.ComfyNode):
             inputs = [(lr, None) for lr in images]
         else:
             inputs = [(None, one) for one in host.latent_samples(latent, "DoSSR Sampler").split(1)]
-        embeds = _prompt_context(model, dtype, prompt, conditioning)
+        embeds = _prompt_context(model, dtype, prompt, conditioning, "DoSSR Sampler")
         progress = host.Progress(len(inputs) * steps)
 
         def on_stage(stage, *_):  # a step done: the progress bar (which also cancels); else a cancel check

@@ -527,6 +527,16 @@ def image_to_bchw(image):
     return [x[i:i + 1].cpu() for i in range(x.shape[0])], alpha
 
 
+def conditioning_embedding(conditioning, node):
+    """The prompt embedding of a CONDITIONING of one entry, as CLIP Text Encode gives it; several entries
+    (Conditioning Combine, areas) are refused by name: a sampler combines them step by step, these nodes take one."""
+    if len(conditioning) != 1:
+        raise ValueError(f"{node}: the CONDITIONING has {len(conditioning)} entries (from Conditioning Combine or "
+                         "area nodes); it takes one prompt embedding. Connect one CLIP Text Encode, or merge prompts "
+                         "with Conditioning (Concat) or Conditioning (Average).")
+    return conditioning[0][0][:1]
+
+
 def latent_samples(latent, node):
     """The (B, 4, h, w) samples of a LATENT in float32; another family's latent refused by name."""
     samples = latent["samples"]

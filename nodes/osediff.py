@@ -240,7 +240,7 @@ class OSEDiffOneStep(io.ComfyNode):
         z_all = host.latent_samples(latent, "OSEDiff One-Step UNet") * SCALING_FACTOR
         host.cast_for_run(model, dtype)
         if conditioning is not None:
-            embeds = checked_context(conditioning[0][0][:1], model.unet)
+            embeds = checked_context(host.conditioning_embedding(conditioning, "OSEDiff One-Step UNet"), model.unet)
         else:
             (embeds,) = _embeddings(model, [prompt])
         progress = host.Progress(z_all.shape[0])

@@ -544,6 +544,24 @@ def test_inputs_that_do_not_fit_are_refused_by_name(pack, osediff_model):
                 color_fix="none", vae_tile=0)
 
 
+def test_a_combined_conditioning_is_refused_by_name(pack, osediff_model):
+    """A CONDITIONING of several entries (Conditioning Combine) is refused, naming the nodes that make one: the
+    first entry alone was used before, silently."""
+    _, nodes = pack
+    _, model = osediff_model
+    embeds = torch.randn(1, 77, model.unet.config.cross_attention_dim)
+    combined = [[embeds, {}], [embeds.flip(1), {}]]
+    (latent,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=torch.rand(1, 16, 16, 3), upscale=2.0,
+                    process_size=32, vae_tile=1024, dtype="fp32")
+    with pytest.raises(ValueError, match=r"One-Step UNet: the CONDITIONING has 2 entries .* Conditioning \(Concat\)"):
+        run(nodes["OSEDiff_OneStepUNet"], model=model, latent=latent, prompt="", tile_latent=96, tile_overlap=32,
+            dtype="fp32", conditioning=combined)
+    (dossr,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+    with pytest.raises(ValueError, match="DoSSR Sampler: the CONDITIONING has 2 entries"):
+        run(nodes["DoSSR_Sampler"], model=dossr, image=torch.rand(1, 16, 16, 3), steps=1, seed=0, prompt="",
+            tile_latent=96, tile_overlap=32, dtype="fp32", conditioning=combined)
+
+
 def test_osediff_latent_is_a_standard_sd_latent(pack, osediff_model):
     """OSEDiff LATENT through ComfyUI's VAE Decode ((decode(samples) + 1) / 2, clamped) = OSEDiff VAE Decode
     without colour fix; the LQ encoder's latent round-trips through the standard decode too."""
