@@ -4,6 +4,7 @@ that goes on past a bad image."""
 import argparse
 import dataclasses
 import os
+import secrets
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -45,7 +46,7 @@ def find_images(inputs, recursive=False, output=None):
                               "left out of the search).")
         if os.path.isdir(item):
             paths = []
-            for folder, subfolders, names in os.walk(item, onerror=_unreadable_folder):
+            for folder, subfolders, names in os.walk(item, onerror=lambda error: _unreadable_folder(error, item)):
                 subfolders[:] = sorted(d for d in subfolders if recursive and not d.startswith(".")
                                        and os.path.realpath(os.path.join(folder, d)) != skip)
                 paths += [os.path.join(folder, n) for n in sorted(names) if n.lower().endswith(IMAGE_SUFFIXES)
@@ -71,7 +72,12 @@ def _has_sub_folder(folder):
         return any(entry.is_dir() for entry in entries)
 
 
-def _unreadable_folder(error):
+def _unreadable_folder(error, input_folder):
+    """``os.walk``'s report of a folder it cannot list: ``input_folder`` itself is refused; a sub-folder is left out,
+    with a warning."""
+    if error.filename == os.fspath(input_folder):
+        raise DiffSRError(f"Cannot read the input folder {input_folder!r}: {error.strerror}. Check that you may list "
+                          "it, or give its images by name.")
     print(f"warning: cannot search {error.filename!r}: {error.strerror}; its images are left out", file=sys.stderr)
 
 
@@ -146,6 +152,21 @@ def _quality(text):
     if not 1 <= value <= 100:
         raise argparse.ArgumentTypeError(f"must be 1 to 100, got {value}")
     return value
+
+
+SEEDS = range(-2**63, 2**64)  # what torch.Generator.manual_seed takes (a negative s draws as the seed 2⁶⁴ + s)
+
+
+def _seed(text):
+    value = int(text)
+    if value not in SEEDS:
+        raise argparse.ArgumentTypeError(f"must be from -2^63 to 2^64 - 1, got {value}")
+    return value
+
+
+def add_seed_arg(parser, default, help):
+    """--seed, refused when the arguments are read where a ``torch.Generator`` cannot take it."""
+    parser.add_argument("--seed", type=_seed, default=default, help=f"{help} (-2^63 to 2^64 - 1)")
 
 
 def add_tile_args(parser, mode_note=""):
@@ -265,6 +286,12 @@ def with_smaller_tiles_on_oom(run, options):
 
 EXIF_IFD, MAKER_NOTE, PIXEL_WIDTH, PIXEL_HEIGHT = 0x8769, 0x927C, 0xA002, 0xA003
 JPEG_EXIF_LIMIT = 65533 - 8  # bytes in a JPEG APP1 segment, less its length field and "Exif\0\0"
+ORIENTATION, GPS_IFD = 0x0112, 0x8825
+# the first IFD's tags that EXIF has (Exif 2.32, 4.6.4), less those that lay out the stored pixels: description, make,
+# model, x and y resolution and their unit, transfer function, software, date, artist, white point, primaries,
+# copyright, and the Exif and GPS blocks
+EXIF_IFD0 = frozenset({0x010E, 0x010F, 0x0110, 0x011A, 0x011B, 0x0128, 0x012D, 0x0131, 0x0132, 0x013B, 0x013E,
+                       0x013F, 0x8298, EXIF_IFD, GPS_IFD})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,7 +302,7 @@ class PhotoMetadata:
     the EXIF is written again)."""
 
     icc_profile: bytes | None = None
-    exif: bytes | None = None  # as read, orientation already taken out by ``ImageOps.exif_transpose``
+    exif: bytes | None = None  # as read, less the orientation (``_exif_of``)
 
     def save_options(self, width, height, kind):
         """Keyword arguments for PIL's ``Image.save`` of a ``width`` × ``height`` output in format ``kind``."""
@@ -309,14 +336,17 @@ def save_image(image01, path, metadata=PhotoMetadata(), quality=95, alpha=None):
     """(1, 3, H, W) in [0, 1] → an 8-bit PNG, JPEG or WebP by the name's suffix (``quality`` for the last two), with
     the input's ``metadata`` (``PhotoMetadata``: its colour profile, so its colours mean what the input's did, and its
     EXIF) and ``alpha`` (1, 1, h, w) upscaled (``with_upscaled_alpha``) when given, written atomically (temporary
-    file, then rename): a failed write leaves an earlier file at ``path`` as it was."""
+    file, then rename): a failed write leaves an earlier file at ``path`` as it was. The temporary file is hidden and
+    has a short name of its own (``path`` may use all the bytes a name may have)."""
     from PIL import Image
 
     from ..sr_common.image import tensor_to_uint8, with_upscaled_alpha
 
-    tmp = path + ".partial"
+    folder = os.path.dirname(os.path.abspath(path))
+    # made by PIL's save, with the mode of any new file of the user's (tempfile makes owner-only files)
+    tmp = os.path.join(folder, f".diffsr-{secrets.token_hex(8)}.partial")
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
         if alpha is not None:
             image01 = with_upscaled_alpha(image01.clamp(0, 1), alpha)
         image = Image.fromarray(tensor_to_uint8(image01))
@@ -343,9 +373,25 @@ def read_image(path):
     Load Image) shows it; 16-bit and float grayscale keep their values (PIL's RGB conversion would clip them at 255).
     """
     import numpy as np
-    from PIL import Image, ImageOps, UnidentifiedImageError
 
     from ..sr_common.image import pil_to_tensor
+
+    im, metadata = _decoded_upright(path)
+    if im.mode in HIGH_DEPTH_PEAK:
+        plane = np.asarray(im, dtype=np.float32) / HIGH_DEPTH_PEAK[im.mode]
+        return torch.from_numpy(plane).clamp(0, 1)[None, None].repeat(1, 3, 1, 1), metadata, None
+    alpha = None
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        plane = np.asarray(im.convert("RGBA").getchannel("A"))
+        alpha = None if plane.min() == 255 else torch.from_numpy(plane / np.float32(255))[None, None]
+    return pil_to_tensor(im), metadata, alpha
+
+
+def _decoded_upright(path):
+    """The first frame of an image file, decoded and turned upright by its EXIF orientation, and its
+    ``PhotoMetadata``. Whatever PIL raises on a damaged file (a cut multi-page TIFF: TypeError; a cut GIF:
+    IndexError, struct.error; an unknown compression: KeyError) is an ``ImageInputError``; out of memory is not."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as opened:
@@ -356,27 +402,31 @@ def read_image(path):
             if frames > 1:
                 tqdm.write(f"note: {path}: {frames} frames (an animation or a multi-page file); the first is upscaled",
                            file=sys.stderr)
-            im = ImageOps.exif_transpose(opened)
-            metadata = PhotoMetadata(icc_profile, _exif_of(im))
-            if im.mode in HIGH_DEPTH_PEAK:
-                plane = np.asarray(im, dtype=np.float32) / HIGH_DEPTH_PEAK[im.mode]
-                return torch.from_numpy(plane).clamp(0, 1)[None, None].repeat(1, 3, 1, 1), metadata, None
-            alpha = None
-            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-                plane = np.asarray(im.convert("RGBA").getchannel("A"))
-                alpha = None if plane.min() == 255 else torch.from_numpy(plane / np.float32(255))[None, None]
-            return pil_to_tensor(im), metadata, alpha
+            return ImageOps.exif_transpose(opened), PhotoMetadata(icc_profile, _exif_of(opened))  # a decoded copy
     except Image.DecompressionBombError as e:
         raise ImageInputError(f"Image {path!r} is too large to open safely ({e}). Downscale it or cut it into "
                               "parts first.") from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:  # SyntaxError: PIL's broken PNG chunk
         raise ImageInputError(f"Cannot read image {path!r}: {e}") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 (PIL meets the damage where it expects none)
+        raise ImageInputError(f"Cannot read image {path!r}: the file is damaged ({type(e).__name__}: {e}). "
+                              "Export or copy it again.") from e
 
 
-def _exif_of(image):
-    """The EXIF of an opened image as bytes, or None where it has none or PIL cannot read it (the pixels still can)."""
+def _exif_of(opened):
+    """The EXIF of an opened image as bytes, less the orientation (the pixels are turned upright); of a TIFF, whose
+    first page holds the EXIF tags beside those that lay out its pixels, only the tags EXIF has there. None where
+    it has none or PIL cannot read it (the pixels still can)."""
+    from PIL import Image, TiffImagePlugin
+
     try:
-        exif = image.getexif()
+        exif = Image.Exif()
+        exif.load(opened.getexif().tobytes())  # a copy, of its own bytes: the file's is left as read
+        tiff = isinstance(opened, TiffImagePlugin.TiffImageFile)
+        for tag in [tag for tag in exif if tag == ORIENTATION or (tiff and tag not in EXIF_IFD0)]:
+            del exif[tag]
         return exif.tobytes() if len(exif) else None
     except Exception:  # noqa: BLE001 (a damaged EXIF costs the tags, not the image)
         return None

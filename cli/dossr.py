@@ -11,8 +11,9 @@ from ..sr_common.color_fix import COLOR_FIXES
 from ..sr_common.errors import DiffSRError
 from ..sr_common.offload import OffloadWhenShort
 from ..sr_common.sd21 import move_module, network_dtype
-from .common import (add_compile_arg, add_device_args, add_input_args, add_output_args, add_tile_args, check_tile_args,
-                     find_images, pick_device, plan_outputs, run_main, upscale_all, with_smaller_tiles_on_oom)
+from .common import (add_compile_arg, add_device_args, add_input_args, add_output_args, add_seed_arg, add_tile_args,
+                     check_tile_args, find_images, pick_device, plan_outputs, run_main, upscale_all,
+                     with_smaller_tiles_on_oom)
 
 
 def build_parser():
@@ -30,10 +31,11 @@ def build_parser():
     p.add_argument("--config", default=None, help="official-style ControlLDM yaml for the .ckpt (default: SD 2.1 "
                    "cldm_v21.yaml shipped in the pack)")
     p.add_argument("--steps", type=int, default=5, help="sampling steps (5 for dossr_default, 1 for dossr_onestep)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt (default: the official one)")
-    p.add_argument("--prompt-embeds", default=None, help="safetensors with a precomputed (1, 77, 1024) "
-                   "'prompt_embeds' tensor (skips the text encoder)")
+    add_seed_arg(p, 42, "seed of every random draw")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt (default: the official one)")
+    prompt.add_argument("--prompt-embeds", default=None, help="safetensors with a precomputed (1, 77, 1024) "
+                        "'prompt_embeds' tensor, in place of --prompt (skips the text encoder)")
     p.add_argument("--color-fix", choices=COLOR_FIXES, default="wavelet")
     p.add_argument("--upscale", type=float, default=4, help="output scale (model works at x4; others resize)")
     add_tile_args(p)

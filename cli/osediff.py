@@ -12,7 +12,7 @@ from ..sr_common.errors import DiffSRError
 from ..sr_common.image import scaled_size
 from ..sr_common.offload import OffloadWhenShort
 from ..sr_common.sd21 import load_sd21, move_module, network_dtype
-from .common import (add_compile_arg, add_device_args, add_input_args, add_output_args, add_tile_args,
+from .common import (add_compile_arg, add_device_args, add_input_args, add_output_args, add_seed_arg, add_tile_args,
                      check_sizing_args, check_tile_args, find_images, pick_device, plan_outputs, run_main, upscale_all,
                      with_smaller_tiles_on_oom)
 
@@ -41,7 +41,7 @@ def build_parser():
     p.add_argument("--color-fix", choices=COLOR_FIXES, default="adain")
     p.add_argument("--sample-mode", choices=["mean", "sample"], default="mean",
                    help="VAE posterior mean (deterministic) or a seeded sample (the official samples)")
-    p.add_argument("--seed", type=int, default=0, help="seed for --sample-mode sample")
+    add_seed_arg(p, 0, "seed for --sample-mode sample")
     add_tile_args(p, " (--official-sizing uses the official tiled VAE)")
     add_output_args(p)
     add_device_args(p)

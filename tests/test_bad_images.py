@@ -2,6 +2,7 @@
 output (right size, finite, in [0, 1]) or a clear ``ImageInputError``; nothing crashes."""
 
 import copy
+import io
 import os
 import shutil
 import struct
@@ -212,6 +213,75 @@ def test_unreadable_image_files(tmp_path, content, message):
         path.write_bytes(content())
     with pytest.raises(ImageInputError, match=f"{message}.*bad.png|bad.png.*{message}"):
         load_image(str(path))
+
+
+def _frames_file(kind, count):
+    """``count`` frames of random pixels saved as one ``kind`` file (a multi-page TIFF, an animated GIF): its bytes.
+    Each frame is shown for 0.1 s (a GIF: a control block before each frame)."""
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)) for _ in range(count)]
+    data = io.BytesIO()
+    frames[0].save(data, format=kind, save_all=True, append_images=frames[1:], duration=100)
+    return data.getvalue()
+
+
+def _cut(kind, count, fraction):
+    data = _frames_file(kind, count)
+    return data[:int(len(data) * fraction)]
+
+
+def _gif_cut_in_its_last_frames_header():
+    data = _frames_file("GIF", 3)
+    return data[:data.rindex(b"\x21\xf9\x04") + 8 + 5]  # the frame's 8-byte control block, 5 of its descriptor's 10
+
+
+def _tiff_whose_second_page_has_an_unknown_compression():
+    data = bytearray(_frames_file("TIFF", 2))
+    first = struct.unpack_from("<I", data, 4)[0]
+    second = struct.unpack_from("<I", data, first + 2 + 12 * struct.unpack_from("<H", data, first)[0])[0]
+    for entry in range(second + 2, second + 2 + 12 * struct.unpack_from("<H", data, second)[0], 12):
+        if struct.unpack_from("<H", data, entry)[0] == 259:  # Compression
+            struct.pack_into("<H", data, entry + 8, 11265)
+    return bytes(data)
+
+
+# file suffix, content: PIL raises TypeError, IndexError, KeyError and struct.error on them as it counts the frames
+DAMAGED_FRAMES = {
+    "2-page TIFF cut in half": ("tif", lambda: _cut("TIFF", 2, 0.5)),
+    "3-frame GIF cut at 35 %": ("gif", lambda: _cut("GIF", 3, 0.35)),
+    "TIFF page of an unknown compression": ("tif", _tiff_whose_second_page_has_an_unknown_compression),
+    "GIF cut in a frame's header": ("gif", _gif_cut_in_its_last_frames_header),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED_FRAMES)
+def test_damaged_multi_frame_files_are_unreadable_images(tmp_path, case):
+    """Whatever PIL raises on a damaged file becomes the pack's image error, which a folder run reports and passes."""
+    suffix, content = DAMAGED_FRAMES[case]
+    path = tmp_path / f"bad.{suffix}"
+    path.write_bytes(content())
+    with pytest.raises(ImageInputError, match=f"Cannot read image .*bad.{suffix}"):
+        load_image(str(path))
+
+
+def test_damaged_multi_frame_files_fail_alone_in_a_folder_run(tiny_folder, tmp_path, capsys):
+    """A cut multi-page TIFF in a folder and a cut animated GIF given by name fail on their own: each is named on
+    one line, the images after them are written, and the command exits with status 2."""
+    from comfyui_diffsr.cli.osediff import main
+
+    images = tmp_path / "in"
+    images.mkdir()
+    for name in ("a.png", "c.png"):
+        shutil.copy(os.path.join(DATA, "osediff", "in_32x32.png"), images / name)
+    (images / "b_pages.tif").write_bytes(DAMAGED_FRAMES["2-page TIFF cut in half"][1]())
+    gif = tmp_path / "frames.gif"
+    gif.write_bytes(DAMAGED_FRAMES["3-frame GIF cut at 35 %"][1]())
+    assert main([str(images), str(gif), "-o", str(tmp_path / "out"), "--base", tiny_folder, "--weights", OSEDIFF,
+                 "--process-size", "64", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "b_pages.tif: Cannot read image" in err and "frames.gif: Cannot read image" in err, err
+    assert "2 of 4 image(s) failed" in err and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path / "out")) == ["a.png", "c.png"]
 
 
 def test_osediff_command_on_odd_files(tiny_folder, tmp_path, capsys):

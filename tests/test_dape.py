@@ -1,5 +1,6 @@
 """DAPE tagger: parity with the official OSEDiff/RAM code (tiny random model, tests/data/dape)."""
 
+import io
 import json
 import os
 import pickle
@@ -283,6 +284,25 @@ def test_cli_prints_prompts_and_converts(fixture, tmp_path, capsys, monkeypatch)
     assert main([str(tmp_path / "album"), "-r", "--dape", out, "--process-size", "0", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.splitlines() == [f"{tmp_path / 'album' / 'img0.png'}\t{tags[0]}, ,",
                                                     f"{nested}\t{tags[1]}, ,"]
+
+
+def test_cli_a_damaged_multi_page_file_fails_alone(fixture, tmp_path, capsys):
+    """A 2-page TIFF cut at a third (PIL raises TypeError as it counts the pages) is named on one line; the images
+    after it are still tagged, and the command exits with status 2."""
+    from comfyui_diffsr.cli.dape import main
+
+    _, smalls, _, tags = fixture
+    pages = io.BytesIO()
+    Image.fromarray(smalls[0]).save(pages, format="TIFF", save_all=True, append_images=[Image.fromarray(smalls[1])])
+    cut = tmp_path / "a_pages.tif"
+    cut.write_bytes(pages.getvalue()[:len(pages.getvalue()) // 3])
+    Image.fromarray(smalls[1]).save(tmp_path / "b.png")
+    assert main([str(tmp_path), "--ram", RAM, "--dape", DAPE, "--process-size", "0", "--no-names",
+                 "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [f"{tags[1]}, ,"]
+    assert f"error: {cut}: Cannot read image" in captured.err and "1 of 2 image(s) failed" in captured.err
+    assert "Traceback" not in captured.err
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="Windows file names cannot hold tabs or line breaks")

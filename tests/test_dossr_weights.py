@@ -269,6 +269,42 @@ def test_cli_steps_out_of_range_are_refused_before_loading(tmp_path, capsys, ste
     assert "--steps must be 1 to 499" in capsys.readouterr().err
 
 
+def test_cli_prompt_and_prompt_embeds_are_exclusive(tmp_path, capsys):
+    """--prompt-embeds replaces the prompt: both together are refused, not one of them dropped."""
+    from comfyui_diffsr.cli.dossr import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main([os.path.join(FIX, "lr_w32h16.png"), "-o", str(tmp_path / "o"), "--weights", CKPT, "--prompt", "a cat",
+              "--prompt-embeds", str(tmp_path / "embeds.safetensors")])
+    assert stopped.value.code == 2
+    assert "argument --prompt-embeds: not allowed with argument --prompt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999", str(-2**63 - 1)])
+def test_cli_seed_out_of_range_is_refused_before_loading(tmp_path, capsys, seed):
+    """Outside −2⁶³ to 2⁶⁴ − 1 a generator cannot take it: said once, before any model is read."""
+    from comfyui_diffsr.cli.dossr import main
+
+    with pytest.raises(SystemExit):
+        main([os.path.join(FIX, "lr_w32h16.png"), "-o", str(tmp_path / "o"), "--weights",
+              str(tmp_path / "missing.ckpt"), "--seed", seed])
+    assert f"argument --seed: must be from -2^63 to 2^64 - 1, got {seed}" in capsys.readouterr().err
+
+
+def test_cli_the_largest_seed_draws(tmp_path):
+    """The ends of the range, 2⁶⁴ − 1 and −2⁶³, seed every draw."""
+    from safetensors.torch import load_file, save_file
+
+    from comfyui_diffsr.cli.dossr import main
+
+    embeds = tmp_path / "embeds.safetensors"
+    save_file({"prompt_embeds": load_file(os.path.join(FIX, "n1_w32h16_wavelet.safetensors"))["context"]}, embeds)
+    for seed in (2**64 - 1, -2**63):
+        assert main([os.path.join(FIX, "lr_w32h16.png"), "-o", str(tmp_path / str(seed)), "--weights", CKPT,
+                     "--config", os.path.join(FIX, "tiny_cldm.yaml"), "--prompt-embeds", str(embeds), "--steps", "1",
+                     "--device", "cpu", "--seed", str(seed)]) == 0
+
+
 def test_cli_gamma_and_noise_errors_reach_the_run(tmp_path, capsys):
     """``--gamma`` reaches the sampler (the command's PNG is the core's output at that γ, rounded to 8 bits, and
     differs from γ = 1); a noise file that cannot be read is refused in its own words."""

@@ -285,6 +285,69 @@ def test_folder_run_goes_on_past_a_bad_image_and_resumes(base, tmp_path, capsys)
         run(args + ["--skip-existing", "--overwrite"])
 
 
+def test_an_input_with_a_long_name_is_written(base, tmp_path):
+    """A name of 249 bytes (83 Japanese characters) and its suffix is a valid output name: it is written, though
+    ``<name>.partial`` would pass the 255 bytes a name may have. The file written first and renamed leaves nothing
+    behind, and the output has the permissions any new file of the user's has."""
+    name = "長" * 83 + ".png"
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(os.path.join(FIX, "in_32x32.png"), folder / name)
+    umask = os.umask(0o027)
+    try:
+        assert run([folder, "-o", tmp_path / "out", "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
+                    "--process-size", "64"]) == 0
+    finally:
+        os.umask(umask)
+    assert os.listdir(tmp_path / "out") == [name] and Image.open(tmp_path / "out" / name).size == (128, 128)
+    assert os.stat(tmp_path / "out" / name).st_mode & 0o777 == 0o640
+
+
+def test_an_input_folder_that_cannot_be_read_is_named(base, tmp_path, monkeypatch, capsys):
+    """A folder the user may not list is refused on one line with the reason, before the (missing) weights are
+    read; a sub-folder that cannot be searched is still only left out, with a warning."""
+    folder = tmp_path / "photos"
+    (folder / "locked").mkdir(parents=True)
+    shutil.copy(os.path.join(FIX, "in_32x32.png"), folder / "a.png")
+    locked, scandir = {str(folder)}, os.scandir
+
+    def listing(path="."):
+        if os.fspath(path) in locked:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", listing)  # as chmod 0 does, also for root
+    assert run([folder, "-o", tmp_path / "out", "--base", base, "--weights", tmp_path / "missing.pkl"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"error: Cannot read the input folder {str(folder)!r}: Permission denied. Check "
+                                "that you may list it, or give its images by name."], err
+    locked = {str(folder / "locked")}
+    assert run([folder, "-r", "-o", tmp_path / "out", "--base", base, "--weights",
+                os.path.join(FIX, "osediff_tiny.pkl"), "--process-size", "64"]) == 0
+    assert f"warning: cannot search {str(folder / 'locked')!r}: Permission denied" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "out") == ["a.png"]
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999", str(2**64), str(-2**63 - 1)])
+def test_a_seed_a_generator_cannot_take_is_refused_before_loading(base, tmp_path, capsys, seed):
+    """--seed is −2⁶³ to 2⁶⁴ − 1, every seed ``torch.Generator.manual_seed`` takes (a negative s draws as
+    2⁶⁴ + s): said when the arguments are read, not once per image after the models are loaded."""
+    with pytest.raises(SystemExit) as stopped:
+        run([os.path.join(FIX, "in_32x32.png"), "-o", tmp_path / "out", "--base", base, "--weights",
+             tmp_path / "missing.pkl", "--seed", seed])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --seed: must be from -2^63 to 2^64 - 1, got {seed}" in err, err
+
+
+def test_the_largest_seed_samples(base, tmp_path):
+    """The ends of the range, 2⁶⁴ − 1 and −2⁶³, seed the posterior sample."""
+    for seed in (2**64 - 1, -2**63):
+        assert run([os.path.join(FIX, "in_32x32.png"), "-o", tmp_path / str(seed), "--base", base, "--weights",
+                    os.path.join(FIX, "osediff_tiny.pkl"), "--process-size", "64", "--sample-mode", "sample",
+                    "--seed", str(seed)]) == 0
+
+
 def test_recursive_folder_run_mirrors_the_sub_folders(base, tmp_path, capsys):
     """``--recursive`` upscales the images of the sub-folders too, into the same sub-folders of the output; hidden
     folders, links to folders and an output folder inside the input folder are not searched, so a second run finds
@@ -500,6 +563,41 @@ def test_photo_orientation_and_colour_profile_are_kept(base, tmp_path):
         assert psnr(read(tmp_path / "out" / f"photo.{fmt}"), read(tmp_path / "out" / "photo.png")) > min_db
     with pytest.raises(SystemExit):
         run([folder, "-o", tmp_path / "q", "--base", base, "--weights", "x", "--format", "jpg", "--quality", "0"])
+
+
+def test_a_tiffs_exif_is_kept_as_a_jpegs(base, tmp_path):
+    """A TIFF keeps its EXIF in its first page's tags, beside the tags that lay out its pixels: its output keeps the
+    tags a JPEG with the same EXIF keeps (camera, dates, exposure, GPS; less the orientation and the maker note,
+    with the output's pixel size), and none of that layout. (Upright: Pillow 10.0 turns a TIFF by its orientation
+    as it loads it, and exif_transpose turns it again.)"""
+    from PIL import ExifTags
+
+    exif = Image.Exif()
+    exif[0x0112] = 1  # upright
+    exif[0x010F], exif[0x0110], exif[0x0132] = "Camera maker", "Model 1", "2019:07:01 10:00:00"
+    exif[ExifTags.IFD.Exif] = {0x9003: "2019:07:01 10:00:00", 0x829A: (1, 250), 0xA002: 20, 0xA003: 32,
+                               0x927C: b"vendor" * 50}
+    exif[ExifTags.IFD.GPSInfo] = {1: "N", 2: (52.0, 31.0, 12.0)}
+    folder = tmp_path / "in"
+    folder.mkdir()
+    photo = Image.open(os.path.join(FIX, "in_32x32.png")).convert("RGB").crop((0, 0, 32, 20))
+    for name in ("photo.jpg", "photo.tif"):
+        photo.save(folder / name, exif=exif.tobytes())
+    assert run([folder, "-o", tmp_path / "out", "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
+                "--process-size", "64"]) == 0
+
+    def tags(path):
+        image = Image.open(path)
+        kept = image.getexif()
+        return image.size, dict(kept), kept.get_ifd(ExifTags.IFD.Exif), kept.get_ifd(ExifTags.IFD.GPSInfo)
+
+    size, ifd0, sub, gps = tags(tmp_path / "out" / "photo.tif.png")
+    assert (size, ifd0, sub, gps) == tags(tmp_path / "out" / "photo.jpg.png")
+    assert size == (128, 80) and (sub[0xA002], sub[0xA003]) == size and 0x927C not in sub
+    assert {tag: ifd0[tag] for tag in (0x010F, 0x0110, 0x0132)} == {0x010F: "Camera maker", 0x0110: "Model 1",
+                                                                     0x0132: "2019:07:01 10:00:00"}
+    assert set(ifd0) == {0x010F, 0x0110, 0x0132, ExifTags.IFD.Exif, ExifTags.IFD.GPSInfo}  # no orientation, no layout
+    assert sub[0x829A] == (1, 250) and gps[1] == "N"
 
 
 def make_ldm_variant(tmp_path, name, mutate):
