@@ -4,7 +4,6 @@ that goes on past a bad image."""
 import argparse
 import dataclasses
 import os
-import secrets
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,6 +14,7 @@ from ..sr_common.errors import DiffSRError, ImageInputError
 from ..sr_common.sd21 import PRECISIONS, ieee_float32
 from ..sr_common.tiling import (DEFAULT_TILES, TILE_FLOORS, OutOfMemory, WeightsOutOfMemory, overlap_within,
                                 with_oom_retry)
+from ..sr_common.weights import partial_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 HIGH_DEPTH_PEAK = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "F": 1.0}  # PIL mode → white
@@ -342,11 +342,9 @@ def save_image(image01, path, metadata=PhotoMetadata(), quality=95, alpha=None):
 
     from ..sr_common.image import tensor_to_uint8, with_upscaled_alpha
 
-    folder = os.path.dirname(os.path.abspath(path))
-    # made by PIL's save, with the mode of any new file of the user's (tempfile makes owner-only files)
-    tmp = os.path.join(folder, f".diffsr-{secrets.token_hex(8)}.partial")
+    tmp = partial_path(path)  # made by PIL's save, with the mode of the user's new files
     try:
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
         if alpha is not None:
             image01 = with_upscaled_alpha(image01.clamp(0, 1), alpha)
         image = Image.fromarray(tensor_to_uint8(image01))

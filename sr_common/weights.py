@@ -11,6 +11,7 @@ import mmap
 import os
 import pickle
 import queue
+import secrets
 import struct
 import threading
 
@@ -424,6 +425,12 @@ def converted_kind(path):
     return kind if kind in (OSEDIFF_FORMAT, DAPE_FORMAT, DOSSR_FORMAT) else None
 
 
+def partial_path(path):
+    """A temporary name beside ``path`` to write it under and then rename: hidden and short, as ``path`` may use all
+    the bytes a file name may have (``path + ".partial"`` would then be too long)."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)), f".diffsr-{secrets.token_hex(8)}.partial")
+
+
 def write_safetensors(tensors, path, metadata=None):
     """Write ``tensors`` (contiguous copies) to ``path`` (a ``.safetensors`` name; its folder made if missing)
     atomically: never replacing an existing file, nothing left behind on failure, and readable by whoever may read
@@ -434,9 +441,9 @@ def write_safetensors(tensors, path, metadata=None):
         raise WeightFileError(f"The output {path!r} must end in .safetensors (the loaders read files by their kind).")
     if os.path.exists(path):
         raise WeightFileError(f"{path!r} exists; choose another output name or delete it first.")
-    tmp = path + ".partial"
+    tmp = partial_path(path)
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
         with open(tmp, "wb"):
             mode = os.stat(tmp).st_mode & 0o777  # what the user's umask gives a new file
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)

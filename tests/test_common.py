@@ -207,6 +207,13 @@ def test_written_weight_file_has_the_users_default_permissions(tmp_path, umask):
     assert os.listdir(tmp_path) == ["w.safetensors"]
 
 
+def test_a_weight_file_with_a_name_of_the_longest_length_is_written(tmp_path):
+    """A name of 255 bytes, the most a file name may have, is written: the temporary name beside it is short."""
+    name = "w" * (255 - len(".safetensors")) + ".safetensors"
+    write_safetensors({"a": torch.ones(3)}, tmp_path / name)
+    assert os.listdir(tmp_path) == [name]
+
+
 def test_as_float32_cpu_converts_into_one_buffer_and_keeps_float32():
     keep = torch.randn(3, 4)
     tensors = {"a": torch.randn(5, 2).half(), "keep": keep, "b": torch.randn(7).bfloat16(), "s": torch.tensor(2.5).half()}
