@@ -42,6 +42,7 @@ class ModelPatcher:
             if full_load or mem_counter + module_mem < lowvram_model_memory:
                 mem_counter += module_mem
                 m.to(device_to)
+                m.comfy_patched_weights = True  # L719
         self.model.model_lowvram = False  # L729: no layer it could stream
         if full_load:
             self.model.to(device_to)
@@ -57,6 +58,8 @@ class ModelPatcher:
     def unpatch_model(self, device_to=None, unpatch_weights=True):  # L761
         if unpatch_weights:
             self.model.model_lowvram = False
+            for m in self.model.modules():  # L790-792 (deletes the mark)
+                m.comfy_patched_weights = False
             if device_to is not None:
                 self.model.to(device_to)
                 self.model.device = device_to
@@ -82,13 +85,15 @@ class ModelPatcher:
                 loading.append((comfy.model_management.module_size(m), n, m, params))
         return loading
 
-    def partially_unload(self, device_to, memory_to_free=0):  # L800: smallest layers first, each moved alone
+    def partially_unload(self, device_to, memory_to_free=0):  # L800: smallest layers on the device first, each alone
         memory_freed = 0
         for module_mem, _, m, _ in sorted(self._load_list(), key=lambda entry: entry[:2]):
             if memory_to_free < memory_freed:
                 break
-            m.to(device_to)
-            memory_freed += module_mem
+            if getattr(m, "comfy_patched_weights", False):  # L816
+                m.to(device_to)
+                m.comfy_patched_weights = False  # L848
+                memory_freed += module_mem
         if memory_freed > 0:  # L859-862
             self.model.model_lowvram = True
             self.model.model_loaded_weight_memory -= memory_freed
