@@ -147,26 +147,26 @@ def check_output_size(out, height, width):
                               f"most {limit} px a side: use --format png, a smaller --upscale, or cut the image.")
 
 
-def _quality(text):
-    value = int(text)
-    if not 1 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"must be 1 to 100, got {value}")
-    return value
+def _integer_in(allowed, what):
+    """An argparse type: an integer in the range ``allowed`` (named ``what`` in the message)."""
+    def integer(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value not in allowed:  # (None in a range would walk the whole range)
+            raise argparse.ArgumentTypeError(f"must be an integer from {what}, got {text!r}")
+        return value
+    return integer
 
 
 SEEDS = range(-2**63, 2**64)  # what torch.Generator.manual_seed takes (a negative s draws as the seed 2⁶⁴ + s)
 
 
-def _seed(text):
-    value = int(text)
-    if value not in SEEDS:
-        raise argparse.ArgumentTypeError(f"must be from -2^63 to 2^64 - 1, got {value}")
-    return value
-
-
 def add_seed_arg(parser, default, help):
     """--seed, refused when the arguments are read where a ``torch.Generator`` cannot take it."""
-    parser.add_argument("--seed", type=_seed, default=default, help=f"{help} (-2^63 to 2^64 - 1)")
+    parser.add_argument("--seed", type=_integer_in(SEEDS, "-2^63 to 2^64 - 1"), default=default,
+                        help=f"{help} (-2^63 to 2^64 - 1)")
 
 
 def add_tile_args(parser, mode_note=""):
@@ -187,7 +187,8 @@ def add_tile_args(parser, mode_note=""):
 def add_output_args(parser):
     parser.add_argument("--format", choices=list(OUTPUT_FORMATS), default="png",
                         help="output file format (default png, lossless)")
-    parser.add_argument("--quality", type=_quality, default=95, help="jpg/webp quality, 1 to 100 (default 95)")
+    parser.add_argument("--quality", type=_integer_in(range(1, 101), "1 to 100"), default=95,
+                        help="jpg/webp quality, 1 to 100 (default 95)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--overwrite", action="store_true", help="replace existing output files")
     group.add_argument("--skip-existing", action="store_true",
@@ -200,15 +201,15 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
 
     An image that fails on its own (unreadable or unusable: ``DiffSRError``/``ValueError``; an output, of
     ``output_size(height, width)``, that the format cannot store; out of memory even at the smallest tiles) is
-    reported and skipped, and the others go on; an output that cannot be written, or weights that do not fit on the
-    device, stop the run. Returns the exit status: 0, or
-    2 when any failed (listed again at the end).
+    reported and skipped, and the others go on; an output that cannot be written stops the run, and so do weights
+    that do not fit on the device (``WeightsOutOfMemory``, raised after the summary). Returns the exit status: 0,
+    or 2 when any failed (listed again at the end).
 
     While an image is upscaled, the next one is read and the previous output written on two helper threads (PIL
     releases the interpreter lock while it decodes and encodes; a 2048² PNG takes about a second to write, as long
     as a GPU upscale). At most one output waits to be written.
     """
-    failed = []
+    failed, written, stopped = [], 0, None
     with ThreadPoolExecutor(1, "diffsr-read") as reader, ThreadPoolExecutor(1, "diffsr-write") as writer:
         reading = [reader.submit(read_image, path) for path, _ in pairs[:1]]
         writing = None
@@ -220,8 +221,9 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
                 check_output_size(out, *output_size(*image.shape[-2:]))
                 with torch.inference_mode():
                     result = upscale_one(image, out)
-            except WeightsOutOfMemory:
-                raise  # the weights do not fit: no image can run
+            except WeightsOutOfMemory as e:  # the weights do not fit: no image can run
+                stopped, left = e, len(pairs) - i
+                break
             except (DiffSRError, ValueError, OutOfMemory) as e:
                 reason = (f"out of memory even at the smallest tiles ({e})" if isinstance(e, OutOfMemory)
                           else e)
@@ -235,15 +237,18 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
                            "keeps it)", file=sys.stderr)
                 alpha = None
             writing = writer.submit(save_image, result, out, metadata, quality, alpha)
+            written += 1
         if writing is not None:
             writing.result()
-    if len(failed) < len(pairs):
+    if written:
         folder = os.path.commonpath([os.path.dirname(os.path.abspath(out)) for _, out in pairs])
-        print(f"wrote {len(pairs) - len(failed)} image(s) to {folder}", file=sys.stderr)
+        print(f"wrote {written} image(s) to {folder}", file=sys.stderr)
     if failed:
         print(f"error: {len(failed)} of {len(pairs)} image(s) failed: {', '.join(failed)}", file=sys.stderr)
-        return 2
-    return 0
+    if stopped is not None:
+        print(f"error: stopped with {left} image(s) left (--skip-existing resumes the run):", file=sys.stderr)
+        raise stopped
+    return 2 if failed else 0
 
 
 def check_sizing_args(args):

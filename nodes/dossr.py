@@ -97,9 +97,10 @@ class DoSSRUpscale(io.ComfyNode):
 def _prompt_context(model, dtype, prompt, conditioning, node):
     """``model`` cast for the run, and the text context: the CONDITIONING's, or the prompt's (the text encoder on the
     device only for a prompt not encoded yet)."""
+    given = None if conditioning is None else host.conditioning_embedding(conditioning, node)  # refused before a cast
     host.cast_for_run(model, dtype)
-    if conditioning is not None:
-        return checked_context(host.conditioning_embedding(conditioning, node), model.unet)
+    if given is not None:
+        return checked_context(given, model.unet)
     return model.prompt_embedding(prompt)  # the text encoder goes to the device only for a new prompt
 
 

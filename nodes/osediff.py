@@ -7,8 +7,8 @@ from ..osediff_core.pipeline import (Options, build_osediff, decoded_image, fixe
                                      osediff_upscale, preprocess)
 from ..osediff_core.weights import lq_encoder_pairs, merged_value, osediff_unet_changes, read_osediff
 from ..sr_common.color_fix import COLOR_FIXES, color_reference
-from ..sr_common.sd21 import PRECISIONS, SCALING_FACTOR, checked_context
-from ..sr_common.tiling import overlap_within
+from ..sr_common.sd21 import PRECISIONS, SCALING_FACTOR, checked_context, weights_out_of_memory
+from ..sr_common.tiling import is_out_of_memory, overlap_within
 from . import host
 
 CATEGORY = "image/upscaling/DiffSR"
@@ -131,7 +131,12 @@ def _embeddings(model, prompts):
 def _dape_tags(dape, images, upscale, process_size, **select):
     """The DAPE tags of each image, from its bicubic ×upscale LQ as the official; the tagger on the device on its
     own, before the OSEDiff networks, so neither pushes the other out mid-run."""
-    dev = host.load_on_device(dape)
+    try:
+        dev = host.load_on_device(dape)
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        raise weights_out_of_memory(["the DAPE tagger"], [dape], host.device()) from error
     tags = []
     for one in images:
         host.check_interrupted()
@@ -238,9 +243,10 @@ class OSEDiffOneStep(io.ComfyNode):
     @host.computes_ieee_float32
     def execute(cls, model, latent, prompt, tile_latent, tile_overlap, dtype, conditioning=None):
         z_all = host.latent_samples(latent, "OSEDiff One-Step UNet") * SCALING_FACTOR
+        given = None if conditioning is None else host.conditioning_embedding(conditioning, "OSEDiff One-Step UNet")
         host.cast_for_run(model, dtype)
-        if conditioning is not None:
-            embeds = checked_context(host.conditioning_embedding(conditioning, "OSEDiff One-Step UNet"), model.unet)
+        if given is not None:
+            embeds = checked_context(given, model.unet)
         else:
             (embeds,) = _embeddings(model, [prompt])
         progress = host.Progress(z_all.shape[0])

@@ -412,6 +412,21 @@ def weight_bytes(*modules):
     return tensor_bytes(t for m in modules for t in module_tensors(m))
 
 
+def weights_out_of_memory(names, modules, device):
+    """The ``WeightsOutOfMemory`` of ``modules`` (called ``names``) that did not fit on ``device``, with the fixes
+    that apply: a 16-bit dtype where they are in float32, the CPU where they went to a GPU."""
+    dtype = next((t.dtype for m in modules for t in module_tensors(m) if t.is_floating_point()), torch.float32)
+    fixes = ["close other programs that use the device"]
+    if dtype == torch.float32:
+        fixes.append("choose dtype fp16 or bf16 (half the weights' memory)")
+    if torch.device(device).type != "cpu":
+        fixes.append("run on the CPU")
+    return WeightsOutOfMemory(
+        f"Out of memory while moving the weights of {', '.join(names)} ({weight_bytes(*modules) / 2 ** 30:.2f} GiB in "
+        f"{str(dtype).removeprefix('torch.')}) to {device}: they do not fit beside what else holds its memory, and "
+        f"smaller tiles cannot help. To fix: {', '.join(fixes[:-1])}{' or ' if len(fixes) > 1 else ''}{fixes[-1]}.")
+
+
 NETWORK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the networks' precisions, most preferred first
 
 
@@ -447,11 +462,8 @@ class NetworksOnSD21:
             if not is_out_of_memory(error):
                 raise
             names = {id(getattr(self, f.name)): f.name for f in fields(self)}
-            raise WeightsOutOfMemory(
-                f"Out of memory while moving the weights of {', '.join(names.get(id(m), type(m).__name__) for m in networks)}"
-                f" ({weight_bytes(*networks) / 2 ** 30:.2f} GiB) to {self.stage_loader.device}: they do not fit beside "
-                "what else holds its memory, and smaller tiles cannot help. Close other programs that use the device, "
-                "choose dtype fp16 or bf16 (half the weights' memory), or run on the CPU.") from error
+            raise weights_out_of_memory([names.get(id(m), type(m).__name__) for m in networks], networks,
+                                        self.stage_loader.device) from error
 
     @property
     def dtype(self):

@@ -280,7 +280,7 @@ def test_cli_prompt_and_prompt_embeds_are_exclusive(tmp_path, capsys):
     assert "argument --prompt-embeds: not allowed with argument --prompt" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("seed", ["99999999999999999999", str(-2**63 - 1)])
+@pytest.mark.parametrize("seed", ["99999999999999999999", str(-2**63 - 1), "1.5"])
 def test_cli_seed_out_of_range_is_refused_before_loading(tmp_path, capsys, seed):
     """Outside −2⁶³ to 2⁶⁴ − 1 a generator cannot take it: said once, before any model is read."""
     from comfyui_diffsr.cli.dossr import main
@@ -288,7 +288,7 @@ def test_cli_seed_out_of_range_is_refused_before_loading(tmp_path, capsys, seed)
     with pytest.raises(SystemExit):
         main([os.path.join(FIX, "lr_w32h16.png"), "-o", str(tmp_path / "o"), "--weights",
               str(tmp_path / "missing.ckpt"), "--seed", seed])
-    assert f"argument --seed: must be from -2^63 to 2^64 - 1, got {seed}" in capsys.readouterr().err
+    assert f"argument --seed: must be an integer from -2^63 to 2^64 - 1, got {seed!r}" in capsys.readouterr().err
 
 
 def test_cli_the_largest_seed_draws(tmp_path):

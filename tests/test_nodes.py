@@ -277,8 +277,27 @@ def test_oom_while_the_weights_load_is_named_and_not_retried(pack, osediff_model
         run(node, image=image, **args, upscale=2.0, color_fix="none", tile_latent=96, tile_overlap=32, dtype="fp32")
     assert tries == [len(stage.split(", "))] and isinstance(error.value, tiling.WeightsOutOfMemory)
     message = str(error.value)
-    assert f"weights of {stage} (" in message and "smaller tiles cannot help" in message and "fp16 or bf16" in message
+    assert f"weights of {stage} (" in message and "GiB in float32) to cpu" in message
+    assert "smaller tiles cannot help. To fix: close other programs that use the device or choose dtype fp16 or bf16" \
+        in message and "run on the CPU" not in message  # the device is the CPU here
     assert "Tried to allocate 20.00 MiB" in str(error.value.__cause__)
+
+
+def test_oom_while_the_dape_tagger_loads_is_named(pack, monkeypatch):
+    """The DAPE tagger, which a node loads on its own, is named like the networks when its weights do not fit."""
+    _, nodes = pack
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    tiling = sys.modules["custom_nodes_x_diffsr_pack.sr_common.tiling"]
+    (dape,) = run(nodes["DAPE_Loader"], ram_or_converted="ram_tiny.pth", dape="dape_tiny.pth", dtype="bf16")
+
+    def full(models, *a, **kw):
+        raise host.mm.OOM_EXCEPTION("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(host.mm, "load_models_gpu", full)
+    with pytest.raises(tiling.WeightsOutOfMemory, match=r"weights of the DAPE tagger \(.* GiB in bfloat16\) to cpu: "
+                       r".* To fix: close other programs that use the device\.$"):
+        run(nodes["DAPE_PromptExtractor"], dape=dape, image=torch.rand(1, 24, 24, 3), upscale=4.0, process_size=0,
+            user_prompt="", tags_only=True, exclude="", max_tags=0)
 
 
 def test_nodes_compute_float32_as_ieee_float32(pack, osediff_model, monkeypatch):
@@ -945,6 +964,8 @@ def test_the_decode_nodes_compute_in_their_own_precision(pack, osediff_model, me
         assert torch.equal(decode(), first)
         other("fp32")
         decode(dtype="bf16")
+        unet = patcher_of(model, model.unet)
+        assert unet in sys.modules["comfy.model_management"].loaded_models() and unet.loaded_size() > 0  # stays
         assert model.vae.decoder.conv_in.weight.dtype == torch.bfloat16
         assert model.unet.conv_in.weight.dtype == torch.float32
         assert torch.equal(decode(dtype="fp32"), first)

@@ -328,7 +328,7 @@ def test_an_input_folder_that_cannot_be_read_is_named(base, tmp_path, monkeypatc
     assert os.listdir(tmp_path / "out") == ["a.png"]
 
 
-@pytest.mark.parametrize("seed", ["99999999999999999999", str(2**64), str(-2**63 - 1)])
+@pytest.mark.parametrize("seed", ["99999999999999999999", str(2**64), str(-2**63 - 1), "1.5"])
 def test_a_seed_a_generator_cannot_take_is_refused_before_loading(base, tmp_path, capsys, seed):
     """--seed is −2⁶³ to 2⁶⁴ − 1, every seed ``torch.Generator.manual_seed`` takes (a negative s draws as
     2⁶⁴ + s): said when the arguments are read, not once per image after the models are loaded."""
@@ -337,7 +337,15 @@ def test_a_seed_a_generator_cannot_take_is_refused_before_loading(base, tmp_path
              tmp_path / "missing.pkl", "--seed", seed])
     assert stopped.value.code == 2
     err = capsys.readouterr().err
-    assert f"argument --seed: must be from -2^63 to 2^64 - 1, got {seed}" in err, err
+    assert f"argument --seed: must be an integer from -2^63 to 2^64 - 1, got {seed!r}" in err, err
+
+
+@pytest.mark.parametrize("quality", ["0", "101", "high"])
+def test_a_quality_out_of_range_is_named(base, tmp_path, capsys, quality):
+    with pytest.raises(SystemExit):
+        run([os.path.join(FIX, "in_32x32.png"), "-o", tmp_path / "out", "--base", base, "--weights",
+             tmp_path / "missing.pkl", "--format", "jpg", "--quality", quality])
+    assert f"argument --quality: must be an integer from 1 to 100, got {quality!r}" in capsys.readouterr().err
 
 
 def test_the_largest_seed_samples(base, tmp_path):
@@ -477,8 +485,41 @@ def test_weights_that_do_not_fit_stop_the_run_at_once(base, tmp_path, monkeypatc
                 "--process-size", "64", "--prompt", ""]) == 2
     err = capsys.readouterr().err
     assert len(tries) == 1 and "retrying" not in err, err
-    assert "error: Out of memory while moving the weights of unet (" in err and "fp16 or bf16" in err, err
+    assert "error: Out of memory while moving the weights of unet (" in err and "in float32) to cpu" in err, err
+    assert "To fix: close other programs that use the device or choose dtype fp16 or bf16" in err, err
     assert not os.path.exists(tmp_path / "out") or not os.listdir(tmp_path / "out")
+    # in 16 bits already, a 16-bit dtype is no fix
+    assert run([folder, "-o", tmp_path / "out", "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
+                "--process-size", "64", "--prompt", "", "--dtype", "bf16"]) == 2
+    err = capsys.readouterr().err
+    assert "in bfloat16) to cpu" in err and "To fix: close other programs that use the device." in err, err
+
+
+def test_a_run_stopped_by_weights_that_do_not_fit_still_sums_up(base, tmp_path, monkeypatch, capsys):
+    """Weights that stop the run mid-folder: what was written and what failed are listed first, then how many images
+    are left, then the error."""
+    real, tries = OffloadWhenShort.__call__, []
+
+    def full_later(self, model, networks, activation_bytes):
+        if any(m is model.unet for m in networks):
+            tries.append(activation_bytes)
+            if len(tries) == 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, model, networks, activation_bytes)
+
+    monkeypatch.setattr(OffloadWhenShort, "__call__", full_later)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.png", "c.png", "d.png"):
+        shutil.copy(os.path.join(FIX, "in_32x32.png"), folder / name)
+    (folder / "b.png").write_bytes(b"not an image")
+    assert run([folder, "-o", tmp_path / "out", "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
+                "--process-size", "64", "--prompt", ""]) == 2
+    err = capsys.readouterr().err
+    assert os.listdir(tmp_path / "out") == ["a.png"]
+    summary = ["wrote 1 image(s) to", "error: 1 of 4 image(s) failed:", "error: stopped with 2 image(s) left",
+               "error: Out of memory while moving the weights of unet"]
+    assert all(line in err for line in summary) and sorted(summary, key=err.index) == summary, err
 
 
 def test_command_output_matches_the_official_code(base, tmp_path):
