@@ -16,6 +16,9 @@ from .common import (add_compile_arg, add_device_args, add_input_args, add_outpu
                      with_smaller_tiles_on_oom)
 
 
+NAME_MAX = 255  # bytes in a file name on Linux, macOS and Windows file systems
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="dossr", description="DoSSR diffusion super-resolution (x4; other scales by "
                                 "resizing the x4 result).")
@@ -103,6 +106,10 @@ def main_impl(argv=None):
 
     def upscale_one(image, out):
         noise_path = os.path.splitext(out)[0] + ".noise.safetensors"
+        if args.save_noise and len(os.fsencode(os.path.basename(noise_path))) > NAME_MAX:
+            raise DiffSRError(f"The noise file of {os.path.basename(out)!r} would be named with more than "
+                              f"{NAME_MAX} bytes, the most a file name may have: give the input a shorter name, or "
+                              "run without --save-noise.")
         # --skip-existing resumes: a noise file whose image was never written is replaced
         if args.save_noise and os.path.exists(noise_path) and not (args.overwrite or args.skip_existing):
             raise DiffSRError(f"{noise_path!r} exists; pass --overwrite to replace it (--skip-existing: only where "

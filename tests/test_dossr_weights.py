@@ -2,6 +2,7 @@
 
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -303,6 +304,25 @@ def test_cli_the_largest_seed_draws(tmp_path):
         assert main([os.path.join(FIX, "lr_w32h16.png"), "-o", str(tmp_path / str(seed)), "--weights", CKPT,
                      "--config", os.path.join(FIX, "tiny_cldm.yaml"), "--prompt-embeds", str(embeds), "--steps", "1",
                      "--device", "cpu", "--seed", str(seed)]) == 0
+
+
+def test_cli_a_noise_file_name_too_long_is_refused_before_the_run(tmp_path, capsys):
+    """An input whose output name fits but whose noise file name (14 bytes longer) would not: the image fails alone,
+    named, before it is upscaled; without --save-noise it is written."""
+    from safetensors.torch import load_file, save_file
+
+    from comfyui_diffsr.cli.dossr import main
+
+    embeds = tmp_path / "embeds.safetensors"
+    save_file({"prompt_embeds": load_file(os.path.join(FIX, "n1_w32h16_wavelet.safetensors"))["context"]}, embeds)
+    name = "x" * 245 + ".png"
+    shutil.copy(os.path.join(FIX, "lr_w32h16.png"), tmp_path / name)
+    args = [str(tmp_path / name), "--weights", CKPT, "--config", os.path.join(FIX, "tiny_cldm.yaml"),
+            "--prompt-embeds", str(embeds), "--steps", "1", "--device", "cpu"]
+    assert main(args + ["-o", str(tmp_path / "noise"), "--save-noise"]) == 2
+    assert "would be named with more than 255 bytes" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "noise") or not os.listdir(tmp_path / "noise")
+    assert main(args + ["-o", str(tmp_path / "plain")]) == 0 and os.listdir(tmp_path / "plain") == [name]
 
 
 def test_cli_gamma_and_noise_errors_reach_the_run(tmp_path, capsys):
