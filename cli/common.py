@@ -393,11 +393,16 @@ def read_image(path):
 def _decoded_upright(path):
     """The first frame of an image file, decoded and turned upright by its EXIF orientation, and its
     ``PhotoMetadata``. Whatever PIL raises on a damaged file (a cut multi-page TIFF: TypeError; a cut GIF:
-    IndexError, struct.error; an unknown compression: KeyError) is an ``ImageInputError``; out of memory is not."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    IndexError, struct.error; an unknown compression: KeyError) is an ``ImageInputError``; out of memory is not.
+
+    A TIFF is turned by Pillow itself as it loads (10.0 to 13.0), and Pillow 10.0 keeps the orientation in its
+    EXIF after that, so ``exif_transpose`` would turn it twice: a TIFF is only loaded. It is read through a file
+    object: from a path, Pillow 11 to 13 map an uncompressed L, RGBA or 16-bit TIFF with orientation 5 to 8 at the
+    turned size and scramble it."""
+    from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
     try:
-        with Image.open(path) as opened:
+        with open(path, "rb") as file, Image.open(file) as opened:
             icc_profile = opened.info.get("icc_profile")
             if icc_profile and icc_profile[16:20] != b"RGB ":  # a CMYK, gray or Lab profile does not describe the
                 icc_profile = None                             # RGB output (its colour space: header bytes 16-19)
@@ -405,7 +410,12 @@ def _decoded_upright(path):
             if frames > 1:
                 tqdm.write(f"note: {path}: {frames} frames (an animation or a multi-page file); the first is upscaled",
                            file=sys.stderr)
-            return ImageOps.exif_transpose(opened), PhotoMetadata(icc_profile, _exif_of(opened))  # a decoded copy
+            if isinstance(opened, TiffImagePlugin.TiffImageFile):
+                opened.load()
+                upright = opened.copy()
+            else:
+                upright = ImageOps.exif_transpose(opened)  # a decoded copy
+            return upright, PhotoMetadata(icc_profile, _exif_of(opened))
     except Image.DecompressionBombError as e:
         raise ImageInputError(f"Image {path!r} is too large to open safely ({e}). Downscale it or cut it into "
                               "parts first.") from e

@@ -606,6 +606,36 @@ def test_photo_orientation_and_colour_profile_are_kept(base, tmp_path):
         run([folder, "-o", tmp_path / "q", "--base", base, "--weights", "x", "--format", "jpg", "--quality", "0"])
 
 
+@pytest.mark.parametrize("compression", [None, "tiff_lzw"])
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "I;16"])
+def test_tiffs_are_turned_upright_once_in_every_mode(tmp_path, mode, compression):
+    """A TIFF with each EXIF orientation reads as the same pixels, turned, saved as a PNG without one. Pillow turns a
+    TIFF as it loads it: on 10.0 ``exif_transpose`` turned it again; on 13.0 an uncompressed L, RGBA or 16-bit one
+    with orientation 5-8 opened by path came out scrambled."""
+    import numpy as np
+
+    from comfyui_diffsr.cli.common import read_image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 28, 4), dtype=np.uint8)
+    stored = {"RGB": lambda: Image.fromarray(pixels[..., :3]), "L": lambda: Image.fromarray(pixels[..., 0]),
+              "RGBA": lambda: Image.fromarray(pixels),
+              "I;16": lambda: Image.fromarray(pixels[..., 0].astype("<u2") * 257 + 3)}[mode]
+    turns = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+             5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+             8: Image.Transpose.ROTATE_90}
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        stored().save(tmp_path / "photo.tif", exif=exif.tobytes(), **({"compression": compression} if compression
+                                                                       else {}))
+        upright = stored() if orientation == 1 else stored().transpose(turns[orientation])
+        upright.save(tmp_path / "upright.png")
+        (image, _, alpha), (expected, _, expected_alpha) = (read_image(tmp_path / name)
+                                                             for name in ("photo.tif", "upright.png"))
+        assert image.shape == expected.shape and torch.equal(image, expected), (mode, compression, orientation)
+        assert (alpha is None) == (mode != "RGBA") and (alpha is None or torch.equal(alpha, expected_alpha))
+
+
 def test_a_tiffs_exif_is_kept_as_a_jpegs(base, tmp_path):
     """A TIFF keeps its EXIF in its first page's tags, beside the tags that lay out its pixels: its output keeps the
     tags a JPEG with the same EXIF keeps (camera, dates, exposure, GPS; less the orientation and the maker note,
