@@ -136,7 +136,7 @@ def _dape_tags(dape, images, upscale, process_size, **select):
     except Exception as error:
         if not is_out_of_memory(error):
             raise
-        raise weights_out_of_memory(["the DAPE tagger"], [dape], host.device()) from error
+        raise weights_out_of_memory(["the DAPE tagger"], [dape], host.device(), error) from error
     tags = []
     for one in images:
         host.check_interrupted()

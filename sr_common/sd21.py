@@ -20,7 +20,7 @@ import torch
 from .errors import DiffSRError, WeightFileError
 from .fast_modules import fast_modules, fast_vae_decoder
 from .known_files import KNOWN, OPEN_CLIP_PREFIX, canonical, describe, identify, sd_family
-from .tiling import WeightsOutOfMemory, is_out_of_memory
+from .tiling import CPU_ALLOCATION_FAILED, WeightsOutOfMemory, is_out_of_memory
 from .weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_weight_file, load_module_weights, read_state_dict,
                       stored_as_float32)
 
@@ -412,19 +412,25 @@ def weight_bytes(*modules):
     return tensor_bytes(t for m in modules for t in module_tensors(m))
 
 
-def weights_out_of_memory(names, modules, device):
-    """The ``WeightsOutOfMemory`` of ``modules`` (called ``names``) that did not fit on ``device``, with the fixes
-    that apply: a 16-bit dtype where they are in float32, the CPU where they went to a GPU."""
+def weights_out_of_memory(names, modules, device, error):
+    """The ``WeightsOutOfMemory`` of ``modules`` (called ``names``) that did not fit on ``device`` (``error``: what
+    the move raised), with the fixes that apply: a 16-bit dtype where they are in float32, the CPU where they went
+    to a GPU. Where the CPU allocator refused (``CPU_ALLOCATION_FAILED``) while they went to a GPU, it was the
+    computer's memory, filling with the networks moved off the GPU to make room: that is said instead."""
     dtype = next((t.dtype for m in modules for t in module_tensors(m) if t.is_floating_point()), torch.float32)
-    fixes = ["close other programs that use the device"]
-    if dtype == torch.float32:
-        fixes.append("choose dtype fp16 or bf16 (half the weights' memory)")
-    if torch.device(device).type != "cpu":
-        fixes.append("run on the CPU")
-    return WeightsOutOfMemory(
-        f"Out of memory while moving the weights of {', '.join(names)} ({weight_bytes(*modules) / 2 ** 30:.2f} GiB in "
-        f"{str(dtype).removeprefix('torch.')}) to {device}: they do not fit beside what else holds its memory, and "
-        f"smaller tiles cannot help. To fix: {', '.join(fixes[:-1])}{' or ' if len(fixes) > 1 else ''}{fixes[-1]}.")
+    size = f"{weight_bytes(*modules) / 2 ** 30:.2f} GiB in {str(dtype).removeprefix('torch.')}"
+    half = ["choose dtype fp16 or bf16 (half the weights' memory)"] if dtype == torch.float32 else []
+    if torch.device(device).type != "cpu" and CPU_ALLOCATION_FAILED in str(error):
+        fixes = ["close other programs", *half, "give the computer more memory (or swap)"]
+        where = (f"Out of the computer's memory (RAM, not {device}'s) while networks moved off {device} to make room "
+                 f"for the weights of {', '.join(names)} ({size}): the networks moved off did not fit in it")
+    else:
+        fixes = ["close other programs that use the device", *half, *(["run on the CPU"] if torch.device(
+            device).type != "cpu" else [])]
+        where = (f"Out of memory while moving the weights of {', '.join(names)} ({size}) to {device}: they do not "
+                 "fit beside what else holds its memory")
+    return WeightsOutOfMemory(f"{where}, and smaller tiles cannot help. To fix: {', '.join(fixes[:-1])}"
+                              f"{' or ' if len(fixes) > 1 else ''}{fixes[-1]}.")
 
 
 NETWORK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the networks' precisions, most preferred first
@@ -463,7 +469,7 @@ class NetworksOnSD21:
                 raise
             names = {id(getattr(self, f.name)): f.name for f in fields(self)}
             raise weights_out_of_memory([names.get(id(m), type(m).__name__) for m in networks], networks,
-                                        self.stage_loader.device) from error
+                                        self.stage_loader.device, error) from error
 
     @property
     def dtype(self):

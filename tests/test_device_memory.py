@@ -2,6 +2,7 @@
 tiled VAE decoder and the RRDB's ×4 tail in fp16, the largest tensors of a 512→2048 upscale."""
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import types
@@ -15,7 +16,7 @@ from comfyui_diffsr.dossr_core.rrdb import RRDBNet
 from comfyui_diffsr.sr_common import latents, offload, tiled_vae
 from comfyui_diffsr.sr_common.fast_modules import fast_modules, fast_vae_decoder, forget_folded_kernels, phase_kernels
 from comfyui_diffsr.sr_common.latents import vae_decode
-from comfyui_diffsr.sr_common.sd21 import models_from_config, move_module, shipped_config_dir
+from comfyui_diffsr.sr_common.sd21 import NetworksOnSD21, models_from_config, move_module, shipped_config_dir
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 MiB = 2 ** 20
@@ -275,6 +276,56 @@ def test_weights_in_one_file_buffer_count_their_own_bytes(monkeypatch):
     with allocator:
         loader(Networks(other, stage), [stage], MiB)  # 1.25 MiB needed, 2 MiB free
     assert next(other.parameters()).device.type == "meta" and stage.weight.device.type == "meta"
+
+
+@dataclasses.dataclass
+class TwoNetworks:
+    """The fields and ``modules()`` ``NetworksOnSD21.load_stage`` reads."""
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    stage_loader: object = None
+    load_stage = NetworksOnSD21.load_stage
+
+    def modules(self):
+        return [self.unet, self.vae]
+
+
+@pytest.mark.parametrize("refused_by", ["ram", "device"])
+def test_what_ran_out_while_a_stage_loads_is_named(monkeypatch, refused_by):
+    """Out of memory while a stage loads names the memory that ran out: the device's, where its weights did not
+    fit, or the computer's, where the networks moved off the device to make room did not (the CPU allocator's
+    RuntimeError). Either way smaller tiles cannot help, so it is a ``WeightsOutOfMemory``."""
+    from comfyui_diffsr.sr_common.tiling import WeightsOutOfMemory
+
+    with torch.device("meta"):
+        model = TwoNetworks(torch.nn.Linear(256, 256), torch.nn.Linear(1024, 1024))
+    free = 0 if refused_by == "ram" else 2 ** 40  # none: the VAE goes first; plenty: only the UNet moves
+    model.stage_loader = offload.OffloadWhenShort("meta", free_bytes=lambda: free)
+    cpu_refused = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                               "you tried to allocate 4194304 bytes. Error code 12 (Cannot allocate memory)")
+    real_move = offload.move_module
+
+    def move(module, device, dtype=None):
+        if torch.device(device).type == "cpu" and refused_by == "ram":
+            raise cpu_refused
+        if torch.device(device).type == "meta" and refused_by == "device":
+            raise torch.cuda.OutOfMemoryError("out of memory (simulated)")
+        real_move(module, device, dtype)
+
+    monkeypatch.setattr(offload, "move_module", move)
+    model.unet.to_empty(device="cpu")  # the stage's network, to load; the VAE on the device, to move off first
+    with pytest.raises(WeightsOutOfMemory) as error:
+        model.load_stage([model.unet])
+    message = str(error.value)
+    assert "weights of unet (0.00 GiB in float32)" in message and "smaller tiles cannot help" in message, message
+    if refused_by == "ram":
+        assert message.startswith("Out of the computer's memory (RAM, not meta's) while networks moved off meta")
+        assert message.endswith("To fix: close other programs, choose dtype fp16 or bf16 (half the weights' memory) "
+                                "or give the computer more memory (or swap).")
+        assert error.value.__cause__ is cpu_refused
+    else:
+        assert message.startswith("Out of memory while moving the weights of unet (0.00 GiB in float32) to meta")
+        assert message.endswith("choose dtype fp16 or bf16 (half the weights' memory) or run on the CPU.")
 
 
 def test_decoder_tile_is_the_largest_that_fits():
