@@ -61,7 +61,7 @@ class DoSSRUpscale(io.ComfyNode):
                     io.Image.Input("image", tooltip="Low-resolution image(s)."),
                     io.Int.Input("steps", default=5, min=1, max=10,
                                  tooltip="Solver steps (5 for dossr_default, 1 for dossr_onestep)."),
-                    io.Int.Input("seed", default=42, min=0, max=2**63 - 1, control_after_generate=True,
+                    io.Int.Input("seed", default=42, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                                  tooltip="Seed of every random draw (posterior sample, start noise, step noises)."),
                     io.String.Input("prompt", default=DEFAULT_PROMPT, tooltip="Ignored when conditioning is connected."),
                     io.Float.Input("upscale", default=4.0, min=1.0, max=8.0, step=0.5,
@@ -121,7 +121,7 @@ class DoSSRSampler(io.ComfyNode):
                                             "the condition comes from its decode."),
                     io.Int.Input("steps", default=5, min=1, max=10,
                                  tooltip="Solver steps (5 for dossr_default, 1 for dossr_onestep)."),
-                    io.Int.Input("seed", default=42, min=0, max=2**63 - 1, control_after_generate=True,
+                    io.Int.Input("seed", default=42, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                                  tooltip="Seed of every random draw (posterior sample, start noise, step noises)."),
                     io.String.Input("prompt", default=DEFAULT_PROMPT, tooltip="Ignored when conditioning is connected."),
                     *tile_inputs(),
@@ -180,7 +180,9 @@ class DoSSRDecode(io.ComfyNode):
                     io.Latent.Input("latent", tooltip="From 'DoSSR Sampler'."),
                     io.Image.Input("reference", tooltip="REFERENCE of 'DoSSR Sampler' (size and colour reference)."),
                     io.Float.Input("upscale", default=4.0, min=1.0, max=8.0, step=0.5,
-                                   tooltip="Output scale of the original LR image (the model works at ×4)."),
+                                   tooltip="Output scale of the original LR image: the REFERENCE is its ×4 image, so the "
+                                           "output is the REFERENCE's size × upscale/4. From a Sampler fed a "
+                                           "'latent', the REFERENCE is at that latent's size: 4 keeps it."),
                     io.Combo.Input("color_fix", options=list(COLOR_FIXES), default="wavelet",
                                    tooltip="Colour correction against the RRDB image (official default: wavelet)."),
                     io.Int.Input("vae_tile", default=host.DEFAULT_TILES.vae_tile_decode, min=0, max=1024, step=8,

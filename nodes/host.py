@@ -527,13 +527,33 @@ def image_to_bchw(image):
     return [x[i:i + 1].cpu() for i in range(x.shape[0])], alpha
 
 
+# what a node adds to a CONDITIONING entry for a sampler to apply (ComfyUI nodes.py: ConditioningSetArea L155,
+# ...SetAreaStrength L197, ...SetMask L213, ...SetTimestepRange L261, InpaintModelConditioning L404, ControlNetApply
+# L822, unCLIPConditioning L1098, GLIGENTextBoxApply L1133; comfy/hooks.py: hooks) → the node that adds it
+SAMPLER_SETTINGS = {"area": "Conditioning (Set Area)", "strength": "Conditioning (Set Area / Set Area Strength)",
+                    "mask": "Conditioning (Set Mask)", "mask_strength": "Conditioning (Set Mask)",
+                    "set_area_to_bounds": "Conditioning (Set Mask)", "start_percent": "ConditioningSetTimestepRange",
+                    "end_percent": "ConditioningSetTimestepRange", "control": "Apply ControlNet",
+                    "concat_latent_image": "InpaintModelConditioning", "concat_mask": "InpaintModelConditioning",
+                    "unclip_conditioning": "unCLIPConditioning", "gligen": "GLIGENTextBoxApply",
+                    "hooks": "the hook nodes"}
+
+
 def conditioning_embedding(conditioning, node):
-    """The prompt embedding of a CONDITIONING of one entry, as CLIP Text Encode gives it; several entries
-    (Conditioning Combine, areas) are refused by name: a sampler combines them step by step, these nodes take one."""
+    """The prompt embedding of a CONDITIONING of one entry, as CLIP Text Encode gives it. Several entries
+    (Conditioning Combine, areas) are refused by name: a sampler combines them step by step, these nodes take one.
+    So is an entry that carries ``SAMPLER_SETTINGS`` (an area, a mask, a timestep range, a ControlNet…), which
+    these nodes cannot apply: they were dropped silently."""
     if len(conditioning) != 1:
         raise ValueError(f"{node}: the CONDITIONING has {len(conditioning)} entries (from Conditioning Combine or "
                          "area nodes); it takes one prompt embedding. Connect one CLIP Text Encode, or merge prompts "
                          "with Conditioning (Concat) or Conditioning (Average).")
+    settings = [key for key in SAMPLER_SETTINGS if key in conditioning[0][1]]
+    if settings:
+        makers = ", ".join(dict.fromkeys(SAMPLER_SETTINGS[key] for key in settings))
+        raise ValueError(f"{node}: the CONDITIONING carries {', '.join(settings)} (from {makers}), which a sampler "
+                         "applies and this node cannot: it takes the prompt embedding alone. Connect the CLIP Text "
+                         "Encode without that node.")
     return conditioning[0][0][:1]
 
 

@@ -3,8 +3,8 @@
 import torch
 from comfy_api.latest import io
 
-from ..osediff_core.pipeline import (Options, build_osediff, decoded_image, fixed_and_resized, lq_latent, one_step,
-                                     osediff_upscale, preprocess)
+from ..osediff_core.pipeline import (Options, Plan, build_osediff, decoded_image, fixed_and_resized, lq_latent,
+                                     one_step, osediff_upscale, preprocess)
 from ..osediff_core.weights import lq_encoder_pairs, merged_value, osediff_unet_changes, read_osediff
 from ..sr_common.color_fix import COLOR_FIXES, color_reference
 from ..sr_common.sd21 import PRECISIONS, SCALING_FACTOR, checked_context, weights_out_of_memory
@@ -72,9 +72,9 @@ class SD21FromCheckpoint(io.ComfyNode):
             node_id="DiffSR_SD21FromCheckpoint", display_name="SD 2.1-base from Load Checkpoint (DiffSR)",
             category=CATEGORY,
             description="Share the standard Load Checkpoint's SD 2.1-base (MODEL, CLIP, VAE) with OSEDiff and DoSSR. "
-                        "Refuses 768-v (v-prediction) and non-SD2 models. On a GPU ComfyUI holds these weights in "
-                        "fp16/bf16 (the console says which): for the official float32 weights use Load SD 2.1-base "
-                        "(DiffSR).",
+                        "Refuses 768-v (v-prediction) and non-SD2 models. ComfyUI holds some of these weights in fp16/bf16 "
+                        "(on a GPU; the text encoder on the CPU too; the console says which): for the official "
+                        "float32 weights use Load SD 2.1-base (DiffSR).",
             inputs=[io.Model.Input("model", tooltip="MODEL of Load Checkpoint with v2-1_512-ema-pruned "
                                                    "(LoRAs applied to it are kept)."),
                     io.Clip.Input("clip", tooltip="CLIP of the same Load Checkpoint (SD 2.1 OpenCLIP-H)."),
@@ -152,7 +152,8 @@ class OSEDiffUpscale(io.ComfyNode):
             node_id="OSEDiff_Upscale", display_name="OSEDiff Upscale (all-in-one)", category=CATEGORY,
             description="One-step diffusion super-resolution (OSEDiff, NeurIPS 2024).",
             inputs=[OSEDIFF.Input("model", tooltip="From 'Load OSEDiff'."),
-                    io.Image.Input("image", tooltip="Low-quality image(s); RGBA keeps its alpha, grayscale works."),
+                    io.Image.Input("image", tooltip="Low-quality image(s); an RGBA image keeps its alpha (Load Image gives it as a "
+                                           "MASK: join it with 'Join Image with Alpha' first)."),
                     io.String.Input("prompt", default="", multiline=True,
                                     tooltip="Prompt, encoded verbatim; with DAPE connected, added after the tags."),
                     upscale_input(),
@@ -196,7 +197,9 @@ class OSEDiffLQEncoder(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="OSEDiff_LQEncoder", display_name="OSEDiff LQ Encoder", category=CATEGORY,
-            description="Bicubic ×upscale, then the OSEDiff LoRA VAE encoder: a standard (unscaled) SD latent.",
+            description="Bicubic ×upscale, then the OSEDiff LoRA VAE encoder: a standard (unscaled) SD latent of "
+                        "the upscaled image padded right and bottom to a multiple of 8 px (OSEDiff VAE Decode crops "
+                        "the padding off; a standard VAE Decode keeps it).",
             inputs=[OSEDIFF.Input("model", tooltip="From 'Load OSEDiff'."),
                     io.Image.Input("image", tooltip="Low-quality image(s)."),
                     upscale_input(),
@@ -267,7 +270,9 @@ class OSEDiffDecode(io.ComfyNode):
             node_id="OSEDiff_VAEDecode", display_name="OSEDiff VAE Decode", category=CATEGORY,
             description="Tiled VAE decode, colour fix against the upscaled reference, crop to exactly round(upscale × input).",
             inputs=[OSEDIFF.Input("model", tooltip="From 'Load OSEDiff' (its VAE decoder is the frozen SD one)."),
-                    io.Latent.Input("latent", tooltip="From 'OSEDiff One-Step UNet'."),
+                    io.Latent.Input("latent", tooltip="From 'OSEDiff One-Step UNet'. Of a standard VAE Encode of the "
+                                                      "upscaled reference, which crops it to a multiple of 8 px: "
+                                                      "the output is that centre part."),
                     io.Image.Input("reference", tooltip="The low-quality input image (for colour fix and size)."),
                     upscale_input(),
                     process_size_input(),
@@ -286,7 +291,7 @@ class OSEDiffDecode(io.ComfyNode):
         outs = []
         for one, x0 in host.latent_with_references(latent, images, "OSEDiff VAE Decode"):
             lq, plan = preprocess(one, upscale=upscale, process_size=process_size)
-            _check_latent_size(x0, lq, upscale, process_size)
+            lq, plan = _encoded_part(x0, lq, plan, upscale, process_size)
             out = host.with_oom_retry(lambda vae_tile_decode: decoded_image(
                 model, x0 * SCALING_FACTOR, plan.crop, tile=vae_tile_decode, callback=host.check_interrupted),
                 vae_tile_decode=vae_tile)
@@ -295,16 +300,27 @@ class OSEDiffDecode(io.ComfyNode):
         return io.NodeOutput(host.bchw_to_image(outs, alpha))
 
 
-def _check_latent_size(latent, lq, upscale, process_size):
-    """Refuse a latent that was not made from ``lq`` (the reference at this upscale and process_size, padded to a
-    multiple of 8, as the LQ Encoder makes it), which would otherwise be cropped or stretched to the wrong image."""
+def _encoded_part(latent, lq, plan, upscale, process_size):
+    """The part of ``lq`` (the reference at this upscale and process_size) that ``latent`` was encoded from, and the
+    plan of its output: all of it, padded to a multiple of 8 (the LQ Encoder's latent), or its centre cropped to a
+    multiple of 8, as ComfyUI's VAE Encode crops (``comfy/sd.py`` ``VAE.vae_encode_crop_pixels``), whose output is
+    that part at the output's scale. Any other latent was not made from ``lq`` and is refused: it would be decoded
+    to a corner of the image, or a stretched one."""
     height, width = lq.shape[-2:]
-    expected = (-(-height // 8), -(-width // 8))
-    if tuple(latent.shape[-2:]) != expected:
-        raise ValueError(f"OSEDiff VAE Decode: the LATENT is {latent.shape[-1]}×{latent.shape[-2]} (latent px), but "
-                         f"the reference at upscale {upscale:g} and process_size {process_size} needs "
-                         f"{expected[1]}×{expected[0]} ({width}×{height} px). Connect the image the OSEDiff LQ "
-                         "Encoder encoded, and give both nodes the same upscale and process_size.")
+    padded, cropped = (-(-height // 8), -(-width // 8)), (height // 8, width // 8)
+    if tuple(latent.shape[-2:]) == padded:
+        return lq, plan
+    if tuple(latent.shape[-2:]) == cropped and min(cropped) > 0:
+        h, w = 8 * cropped[0], 8 * cropped[1]
+        top, left = height % 8 // 2, width % 8 // 2
+        out_width, out_height = plan.output_size
+        size = (max(1, int(w * out_width / width + 0.5)), max(1, int(h * out_height / height + 0.5)))
+        return lq[..., top:top + h, left:left + w], Plan((h, w), size)
+    raise ValueError(f"OSEDiff VAE Decode: the LATENT is {latent.shape[-1]}×{latent.shape[-2]} (latent px), but the "
+                     f"reference at upscale {upscale:g} and process_size {process_size} is {width}×{height} px, whose "
+                     f"latent is {padded[1]}×{padded[0]} from the OSEDiff LQ Encoder (or {cropped[1]}×{cropped[0]} "
+                     "from a standard VAE Encode, which crops to a multiple of 8). Connect the image that was "
+                     "encoded, and give the encoder and this node the same upscale and process_size.")
 
 
 class DAPELoader(io.ComfyNode):

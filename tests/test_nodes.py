@@ -38,7 +38,9 @@ def pack(tmp_path_factory):
 
 
 def run(node, **inputs):
-    return node.execute(**inputs).args
+    """``node`` executed as ComfyUI executes it: in inference mode (execution.py L662)."""
+    with torch.inference_mode():
+        return node.execute(**inputs).args
 
 
 def patcher_of(model, module):
@@ -47,9 +49,11 @@ def patcher_of(model, module):
 
 
 def own_tiny_sd21():
-    """The tiny SD 2.1-base as the pack loads it, a copy of its own (not the one the loader node shares)."""
+    """The tiny SD 2.1-base as the pack loads it, a copy of its own (not the one the loader node shares), loaded in
+    inference mode as the loader node is (``run``)."""
     sd21 = sys.modules["custom_nodes_x_diffsr_pack.sr_common.sd21"]
-    return sd21.load_sd21(os.path.join(os.environ["DIFFSR_TEST_MODELS"], "diffusers", "tiny_sd21"))
+    with torch.inference_mode():
+        return sd21.load_sd21(os.path.join(os.environ["DIFFSR_TEST_MODELS"], "diffusers", "tiny_sd21"))
 
 
 def test_schemas(pack):
@@ -60,6 +64,9 @@ def test_schemas(pack):
         schema = node.define_schema()
         assert schema.category == "image/upscaling/DiffSR" and schema.display_name
         assert all(i.tooltip for i in schema.inputs), node_id
+    for node_id in ("DoSSR_Upscale", "DoSSR_Sampler"):  # a seed copied from a KSampler fits (nodes.py L1505)
+        (seed,) = [i for i in nodes[node_id].define_schema().inputs if i.id == "seed"]
+        assert (seed.options["min"], seed.options["max"]) == (0, 0xFFFFFFFFFFFFFFFF), node_id
     loader = nodes["DiffSR_SD21Loader"].define_schema().inputs[0]
     assert loader.choices == ["checkpoints/download: v2-1_512-ema-pruned.safetensors", "diffusers/tiny_sd21"]
     config = nodes["DoSSR_Loader"].define_schema().inputs[1]  # not ComfyUI's stock SD yamls of models/configs
@@ -557,6 +564,9 @@ def test_inputs_that_do_not_fit_are_refused_by_name(pack, osediff_model):
     embeds = torch.randn(1, 77, dossr.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
     sampled, reference = run(nodes["DoSSR_Sampler"], model=dossr, image=image, steps=1, seed=0, prompt="",
                              tile_latent=0, tile_overlap=0, dtype="fp32", conditioning=[[embeds, {}]])
+    largest, _ = run(nodes["DoSSR_Sampler"], model=dossr, image=image, steps=1, seed=2**64 - 1, prompt="",
+                     tile_latent=0, tile_overlap=0, dtype="fp32", conditioning=[[embeds, {}]])  # KSampler's largest
+    assert torch.isfinite(largest["samples"]).all() and not torch.equal(largest["samples"], sampled["samples"])
     for wrong in (image, reference[:, :40, :40]):  # the LR input as the reference; a reference smaller than it
         with pytest.raises(ValueError, match="Connect the REFERENCE output of the DoSSR Sampler"):
             run(nodes["DoSSR_VAEDecode"], model=dossr, latent=sampled, reference=wrong, upscale=4.0,
@@ -579,6 +589,71 @@ def test_a_combined_conditioning_is_refused_by_name(pack, osediff_model):
     with pytest.raises(ValueError, match="DoSSR Sampler: the CONDITIONING has 2 entries"):
         run(nodes["DoSSR_Sampler"], model=dossr, image=torch.rand(1, 16, 16, 3), steps=1, seed=0, prompt="",
             tile_latent=96, tile_overlap=32, dtype="fp32", conditioning=combined)
+
+
+def test_a_conditioning_with_sampler_settings_is_refused_by_name(pack, osediff_model):
+    """An entry that carries what a sampler applies (an area and strength from Conditioning (Set Area), a mask, a
+    timestep range, a ControlNet) is refused, naming it and the node that adds it: it was dropped silently. The
+    pooled output CLIP Text Encode adds is no such setting."""
+    _, nodes = pack
+    _, model = osediff_model
+    embeds = torch.randn(1, 77, model.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(3))
+    (latent,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=torch.rand(1, 32, 32, 3), upscale=2.0,
+                    process_size=32, vae_tile=1024, dtype="fp32")
+    one_step = dict(model=model, latent=latent, prompt="", tile_latent=96, tile_overlap=32, dtype="fp32")
+    plain = run(nodes["OSEDiff_OneStepUNet"], **one_step, conditioning=[[embeds, {"pooled_output": embeds[:, 0]}]])
+    area = {"pooled_output": None, "area": (8, 8, 0, 0), "strength": 0.0, "set_area_to_bounds": False}
+    with pytest.raises(ValueError, match=r"One-Step UNet: the CONDITIONING carries area, strength, set_area_to_bounds "
+                                         r"\(from Conditioning \(Set Area\), Conditioning \(Set Area / Set Area "
+                                         r"Strength\), Conditioning \(Set Mask\)\), which a sampler applies"):
+        run(nodes["OSEDiff_OneStepUNet"], **one_step, conditioning=[[embeds, area]])
+    (dossr,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+    dossr_embeds = torch.randn(1, 77, dossr.unet.config.cross_attention_dim)
+    for settings, named in (({"start_percent": 0.0, "end_percent": 0.5}, "start_percent, end_percent \\(from "
+                                                                         "ConditioningSetTimestepRange\\)"),
+                            ({"control": object()}, "control \\(from Apply ControlNet\\)")):
+        with pytest.raises(ValueError, match=f"DoSSR Sampler: the CONDITIONING carries {named}"):
+            run(nodes["DoSSR_Sampler"], model=dossr, image=torch.rand(1, 16, 16, 3), steps=1, seed=0, prompt="",
+                tile_latent=96, tile_overlap=32, dtype="fp32", conditioning=[[dossr_embeds, settings]])
+    assert torch.isfinite(plain[0]["samples"]).all()
+
+
+def test_a_standard_vae_encodes_latent_decodes_to_the_part_it_kept(pack, osediff_model):
+    """ComfyUI's VAE Encode crops an image to a multiple of 8 px about its centre (comfy/sd.py
+    ``vae_encode_crop_pixels``). OSEDiff VAE Decode of such a latent against the whole reference gives that part,
+    colour-fixed against that part of the reference (it refused the latent, with no way to make the graph run);
+    where process_size enlarged the reference, at the output's scale."""
+    _, nodes = pack
+    _, model = osediff_model
+    image = torch.rand(1, 21, 27, 3, generator=torch.Generator().manual_seed(8))
+    kept = image[:, 2:18, 1:25]  # (21 % 8) // 2 = 2 rows and (27 % 8) // 2 = 1 column off first: 16×24
+    (latent,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=kept, upscale=1.0, process_size=8, vae_tile=0,
+                    dtype="fp32")
+    assert latent["samples"].shape == (1, 4, 2, 3)
+    decode = dict(model=model, latent=latent, upscale=1.0, process_size=8, color_fix="adain", vae_tile=0)
+    (whole,), (part,) = (run(nodes["OSEDiff_VAEDecode"], **decode, reference=ref) for ref in (image, kept))
+    assert whole.shape == (1, 16, 24, 3)
+    torch.testing.assert_close(whole, part, rtol=0, atol=1e-6)  # the colour statistics of a view: float rounding
+    pipeline = sys.modules["custom_nodes_x_diffsr_pack.osediff_core.pipeline"]
+    lq, plan = pipeline.preprocess(image.movedim(-1, 1), upscale=2.0, process_size=64)  # raised to 32 px, then ×2
+    height, width = lq.shape[-2:]
+    top, left, h, w = height % 8 // 2, width % 8 // 2, height // 8 * 8, width // 8 * 8
+    assert (top, left) != (0, 0)
+    lq_kept = lq[..., top:top + h, left:left + w].movedim(1, -1)
+    (latent,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=lq_kept, upscale=1.0, process_size=8, vae_tile=0,
+                    dtype="fp32")
+    enlarged = dict(decode, latent=latent, upscale=2.0, process_size=64)
+    (whole,), (part,) = (run(nodes["OSEDiff_VAEDecode"], **args) for args in (
+        dict(enlarged, reference=image), dict(decode, latent=latent, reference=lq_kept)))
+    size = (int(w * plan.output_size[0] / width + 0.5), int(h * plan.output_size[1] / height + 0.5))
+    assert whole.shape == (1, size[1], size[0], 3) and size != plan.output_size
+    expected = pipeline.img.resize(part.movedim(-1, 1), size, "bicubic").clamp(0, 1).movedim(1, -1)
+    torch.testing.assert_close(whole, expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=f"the reference at upscale 2 and process_size 64 is {width}×{height} px, "
+                                         f"whose latent is {-(-width // 8)}×{-(-height // 8)} from the OSEDiff LQ "
+                                         f"Encoder \\(or {width // 8}×{height // 8} from a standard VAE Encode"):
+        run(nodes["OSEDiff_VAEDecode"], **dict(enlarged, latent={"samples": latent["samples"][..., 1:]}),
+            reference=image)
 
 
 def test_osediff_latent_is_a_standard_sd_latent(pack, osediff_model):
