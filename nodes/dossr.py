@@ -180,9 +180,10 @@ class DoSSRDecode(io.ComfyNode):
                     io.Latent.Input("latent", tooltip="From 'DoSSR Sampler'."),
                     io.Image.Input("reference", tooltip="REFERENCE of 'DoSSR Sampler' (size and colour reference)."),
                     io.Float.Input("upscale", default=4.0, min=1.0, max=8.0, step=0.5,
-                                   tooltip="Output scale of the original LR image: the REFERENCE is its ×4 image, so the "
-                                           "output is the REFERENCE's size × upscale/4. From a Sampler fed a "
-                                           "'latent', the REFERENCE is at that latent's size: 4 keeps it."),
+                                   tooltip="Output scale of the original LR image: the REFERENCE is its ×4 "
+                                           "image, so the output is the REFERENCE's size × upscale/4. From a "
+                                           "Sampler fed a 'latent', the REFERENCE is at that latent's size: 4 "
+                                           "keeps it."),
                     io.Combo.Input("color_fix", options=list(COLOR_FIXES), default="wavelet",
                                    tooltip="Colour correction against the RRDB image (official default: wavelet)."),
                     io.Int.Input("vae_tile", default=host.DEFAULT_TILES.vae_tile_decode, min=0, max=1024, step=8,

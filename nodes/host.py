@@ -527,16 +527,17 @@ def image_to_bchw(image):
     return [x[i:i + 1].cpu() for i in range(x.shape[0])], alpha
 
 
-# what a node adds to a CONDITIONING entry for a sampler to apply (ComfyUI nodes.py: ConditioningSetArea L155,
-# ...SetAreaStrength L197, ...SetMask L213, ...SetTimestepRange L261, InpaintModelConditioning L404, ControlNetApply
-# L822, unCLIPConditioning L1098, GLIGENTextBoxApply L1133; comfy/hooks.py: hooks) → the node that adds it
-SAMPLER_SETTINGS = {"area": "Conditioning (Set Area)", "strength": "Conditioning (Set Area / Set Area Strength)",
-                    "mask": "Conditioning (Set Mask)", "mask_strength": "Conditioning (Set Mask)",
-                    "set_area_to_bounds": "Conditioning (Set Mask)", "start_percent": "ConditioningSetTimestepRange",
-                    "end_percent": "ConditioningSetTimestepRange", "control": "Apply ControlNet",
-                    "concat_latent_image": "InpaintModelConditioning", "concat_mask": "InpaintModelConditioning",
-                    "unclip_conditioning": "unCLIPConditioning", "gligen": "GLIGENTextBoxApply",
-                    "hooks": "the hook nodes"}
+# what a node adds to a CONDITIONING entry for a sampler to apply → the node (ComfyUI nodes.py: ConditioningSetArea
+# L155, ...SetAreaStrength L197, ...SetMask L213, ...SetTimestepRange L261, InpaintModelConditioning L404,
+# ControlNetApply L822, unCLIPConditioning L1098, GLIGENTextBoxApply L1133; comfy/hooks.py): the keys a node adds
+# alone first, those it adds beside another after
+SAMPLER_SETTINGS = {"area": "Conditioning (Set Area)", "mask": "Conditioning (Set Mask)",
+                    "start_percent": "ConditioningSetTimestepRange", "control": "Apply ControlNet",
+                    "concat_latent_image": "InpaintModelConditioning", "unclip_conditioning": "unCLIPConditioning",
+                    "gligen": "GLIGENTextBoxApply", "hooks": "a hook node",
+                    "strength": "Conditioning (Set Area Strength)", "set_area_to_bounds": "Conditioning (Set Mask)",
+                    "mask_strength": "Conditioning (Set Mask)", "end_percent": "ConditioningSetTimestepRange",
+                    "concat_mask": "InpaintModelConditioning"}
 
 
 def conditioning_embedding(conditioning, node):
@@ -550,10 +551,10 @@ def conditioning_embedding(conditioning, node):
                          "with Conditioning (Concat) or Conditioning (Average).")
     settings = [key for key in SAMPLER_SETTINGS if key in conditioning[0][1]]
     if settings:
-        makers = ", ".join(dict.fromkeys(SAMPLER_SETTINGS[key] for key in settings))
-        raise ValueError(f"{node}: the CONDITIONING carries {', '.join(settings)} (from {makers}), which a sampler "
-                         "applies and this node cannot: it takes the prompt embedding alone. Connect the CLIP Text "
-                         "Encode without that node.")
+        maker = SAMPLER_SETTINGS[settings[0]]
+        raise ValueError(f"{node}: the CONDITIONING carries {', '.join(settings)} (from {maker} or a node like it), "
+                         "which a sampler applies and this node cannot: it takes the prompt embedding alone. Connect "
+                         "the CLIP Text Encode without that node.")
     return conditioning[0][0][:1]
 
 

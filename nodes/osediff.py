@@ -72,9 +72,9 @@ class SD21FromCheckpoint(io.ComfyNode):
             node_id="DiffSR_SD21FromCheckpoint", display_name="SD 2.1-base from Load Checkpoint (DiffSR)",
             category=CATEGORY,
             description="Share the standard Load Checkpoint's SD 2.1-base (MODEL, CLIP, VAE) with OSEDiff and DoSSR. "
-                        "Refuses 768-v (v-prediction) and non-SD2 models. ComfyUI holds some of these weights in fp16/bf16 "
-                        "(on a GPU; the text encoder on the CPU too; the console says which): for the official "
-                        "float32 weights use Load SD 2.1-base (DiffSR).",
+                        "Refuses 768-v (v-prediction) and non-SD2 models. ComfyUI holds some of these weights in "
+                        "fp16/bf16 (on a GPU; the text encoder on the CPU too; the console says which): for the "
+                        "official float32 weights use Load SD 2.1-base (DiffSR).",
             inputs=[io.Model.Input("model", tooltip="MODEL of Load Checkpoint with v2-1_512-ema-pruned "
                                                    "(LoRAs applied to it are kept)."),
                     io.Clip.Input("clip", tooltip="CLIP of the same Load Checkpoint (SD 2.1 OpenCLIP-H)."),
@@ -152,8 +152,9 @@ class OSEDiffUpscale(io.ComfyNode):
             node_id="OSEDiff_Upscale", display_name="OSEDiff Upscale (all-in-one)", category=CATEGORY,
             description="One-step diffusion super-resolution (OSEDiff, NeurIPS 2024).",
             inputs=[OSEDIFF.Input("model", tooltip="From 'Load OSEDiff'."),
-                    io.Image.Input("image", tooltip="Low-quality image(s); an RGBA image keeps its alpha (Load Image gives it as a "
-                                           "MASK: join it with 'Join Image with Alpha' first)."),
+                    io.Image.Input("image", tooltip="Low-quality image(s); an RGBA image keeps its alpha (Load "
+                                                    "Image gives the alpha as a MASK: join it with 'Join Image with "
+                                                    "Alpha' first)."),
                     io.String.Input("prompt", default="", multiline=True,
                                     tooltip="Prompt, encoded verbatim; with DAPE connected, added after the tags."),
                     upscale_input(),

@@ -604,14 +604,15 @@ def test_a_conditioning_with_sampler_settings_is_refused_by_name(pack, osediff_m
     plain = run(nodes["OSEDiff_OneStepUNet"], **one_step, conditioning=[[embeds, {"pooled_output": embeds[:, 0]}]])
     area = {"pooled_output": None, "area": (8, 8, 0, 0), "strength": 0.0, "set_area_to_bounds": False}
     with pytest.raises(ValueError, match=r"One-Step UNet: the CONDITIONING carries area, strength, set_area_to_bounds "
-                                         r"\(from Conditioning \(Set Area\), Conditioning \(Set Area / Set Area "
-                                         r"Strength\), Conditioning \(Set Mask\)\), which a sampler applies"):
+                                         r"\(from Conditioning \(Set Area\) or a node like it\), which a sampler "
+                                         r"applies"):
         run(nodes["OSEDiff_OneStepUNet"], **one_step, conditioning=[[embeds, area]])
     (dossr,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
     dossr_embeds = torch.randn(1, 77, dossr.unet.config.cross_attention_dim)
     for settings, named in (({"start_percent": 0.0, "end_percent": 0.5}, "start_percent, end_percent \\(from "
-                                                                         "ConditioningSetTimestepRange\\)"),
-                            ({"control": object()}, "control \\(from Apply ControlNet\\)")):
+                                                                         "ConditioningSetTimestepRange or"),
+                            ({"control": object()}, "control \\(from Apply ControlNet or"),
+                            ({"strength": 0.5}, "strength \\(from Conditioning \\(Set Area Strength\\) or")):
         with pytest.raises(ValueError, match=f"DoSSR Sampler: the CONDITIONING carries {named}"):
             run(nodes["DoSSR_Sampler"], model=dossr, image=torch.rand(1, 16, 16, 3), steps=1, seed=0, prompt="",
                 tile_latent=96, tile_overlap=32, dtype="fp32", conditioning=[[dossr_embeds, settings]])
