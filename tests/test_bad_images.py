@@ -142,6 +142,33 @@ def test_thin_image_with_default_process_size_is_bounded(osediff_model, monkeypa
         osediff_upscale(osediff_model, thin, options=Options(process_size=512, official_sizing=True))
 
 
+def test_thin_image_enlargement_is_capped_at_four_times_the_short_side_target():
+    """2×100 at the default process size 512, ×4: raising the short side to 512/4 = 128 px would make it 6400 px
+    long; the enlargement stops where the long side reaches 4 · 128 = 512 px (×5.12: 512×10, truncated as PIL
+    sizes), so the networks see 2048×40 px, and the output is still 400×8."""
+    from comfyui_diffsr.osediff_core.pipeline import preprocess
+
+    thin = torch.rand(1, 3, 2, 100, generator=torch.Generator().manual_seed(3))
+    lq, plan = preprocess(thin, upscale=4, process_size=512)
+    assert tuple(lq.shape) == (1, 3, 40, 2048)
+    assert plan.crop == (40, 2048) and plan.output_size == (400, 8)
+    lq, _ = preprocess(thin.transpose(-1, -2), upscale=2, process_size=128)  # 64 px short side: 256 px long at most
+    assert tuple(lq.shape) == (1, 3, 2 * 256, 2 * 5)
+
+
+@pytest.mark.parametrize("size", [(1, 100), (100, 1)], ids=["1 px high", "1 px wide"])
+def test_official_sizing_refuses_an_image_with_one_side_under_8_px(size):
+    """--official-sizing crops the ×upscale LQ to a multiple of 8: a 1 px side at ×4 (4 px) leaves nothing of it,
+    which is refused by name whichever side it is, even where the other side is long."""
+    from comfyui_diffsr.osediff_core.pipeline import preprocess
+
+    image = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ImageInputError, match="too small for --official-sizing"):
+        preprocess(image, upscale=4, process_size=0, official_sizing=True)
+    lq, plan = preprocess(torch.rand(1, 3, 2, 100), upscale=4, process_size=0, official_sizing=True)
+    assert tuple(lq.shape) == (1, 3, 8, 400) and plan.output_size == (400, 8)  # 2 px at ×4: one row of 8
+
+
 def test_large_image_is_tiled(osediff_model):
     """A large image (simulated with small tile sizes): latent, VAE encoder and decoder tiles are used."""
     calls = {}

@@ -594,3 +594,14 @@ def test_alpha_is_upscaled_by_keys_bicubic_and_clamped():
     assert (out[0, 3].double() - expected).abs().max().item() < 1e-6
     spiky = torch.tensor([[[[0.0, 1.0, 0.0, 1.0]]]]).expand(1, 1, 4, 4)
     assert with_upscaled_alpha(torch.zeros(1, 3, 16, 16), spiky)[:, 3].max() == 1  # overshoot clamped
+
+
+def test_overlap_is_kept_8_below_a_halved_tile():
+    """After out-of-memory halves a latent tile, the overlap the user chose is cut to at most the tile less 8 (a
+    tile of 16 with overlap 32 would have no stride); without tiling (0) it is 0, and a tile large enough keeps it."""
+    assert tiling.overlap_within(16, 32) == 8
+    assert tiling.overlap_within(24, 32) == 16
+    assert tiling.overlap_within(8, 32) == 0
+    assert tiling.overlap_within(0, 32) == 0
+    assert tiling.overlap_within(96, 32) == 32
+    assert tiling.overlap_within(40, 32) == 32

@@ -362,3 +362,70 @@ def test_cli_refuses_sizes_osediff_refuses(tmp_path, capsys, flags):
     assert main([str(image), "--ram", RAM, "--dape", DAPE, "--device", "cpu", *flags]) == 2
     err = capsys.readouterr().err
     assert "must be" in err or "integer --upscale" in err, err
+
+
+def test_preprocess_downscales_as_the_official_without_antialias(tagger):
+    """The official RAM transform (torchvision 0.15 Resize on a tensor) resizes bilinearly without antialiasing: a
+    768×768 LQ halved to 384 is exactly the mean of each 2×2 block, normalised with ImageNet's mean and std. An
+    antialiased resize blurs over more pixels and the tags drift from the official ones."""
+    image = torch.rand(1, 3, 768, 768, generator=torch.Generator().manual_seed(5))
+    box = image.reshape(1, 3, 384, 2, 384, 2).mean(dim=(3, 5))
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    out = tagger.preprocess(image)
+    assert out.shape == (1, 3, 384, 384) and out.dtype == torch.float32
+    torch.testing.assert_close(out, (box - mean) / std, atol=1e-5, rtol=0)
+
+
+def forced_logits(tagger, chosen):
+    """Logits (1, num_tags) that choose exactly the tags named in ``chosen`` (far above / below every threshold)."""
+    logits = torch.full((1, len(tagger.tag_names)), -20.0)
+    for name in chosen:
+        logits[0, tagger.tag_names.index(name)] = 20.0
+    return logits
+
+
+def test_exclude_removes_capitalised_tags_in_any_case(tagger):
+    """RAM's tag list has capitalised tags ("American shorthair", "French fries"): excluding one, written as in the
+    list or in lower case, removes it (a case-sensitive match left it in the prompt)."""
+    logits = forced_logits(tagger, ["American shorthair", "cat", "dog"])
+    assert tagger.select(logits) == ["American shorthair, cat, dog"]
+    for written in ("American shorthair", "american shorthair", "AMERICAN SHORTHAIR"):
+        assert tagger.select(logits, exclude=[written]) == ["cat, dog"], written
+
+
+def test_exclude_ignores_spaces_around_a_tag(tagger):
+    """An exclude list typed as "cat , dog" gives " cat " and " dog": spaces around a tag do not stop it being
+    excluded."""
+    logits = forced_logits(tagger, ["American shorthair", "cat", "dog"])
+    assert tagger.select(logits, exclude=[" cat "]) == tagger.select(logits, exclude=["cat"]) == [
+        "American shorthair, dog"]
+    assert tagger.select(logits, exclude=["\tdog\n", " American shorthair"]) == ["cat"]
+
+
+def test_converted_file_with_a_tensor_of_the_wrong_shape_names_it(tmp_path):
+    """A converted DAPE file whose tensor has another shape than the stored architecture (edited, or written by
+    another tool) is refused as a weight file naming the tensor, not with PyTorch's load_state_dict error."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    good, bad = str(tmp_path / "dape.safetensors"), str(tmp_path / "bad.safetensors")
+    convert_dape(RAM, DAPE, good)
+    with safe_open(good, "pt") as f:
+        meta = f.metadata()
+    state = load_file(good)
+    key = "image_proj.weight"
+    rows, cols = state[key].shape
+    state[key] = torch.zeros(rows, cols + 1)
+    save_file(state, bad, metadata=meta)
+    with pytest.raises(WeightFileError, match=rf"image_proj\.weight has shape \({rows}, {cols + 1}\) in the file, "
+                                              rf"\({rows}, {cols}\) expected"):
+        load_dape_tagger(converted_path=bad)
+
+
+def test_convert_refuses_a_wrong_output_name_before_reading_the_weights(tmp_path):
+    """``convert dape`` to a name not ending in .safetensors is refused at once, before the RAM file (5.6 GB for the
+    real one) is read: here the inputs do not even exist and the output name is what is named."""
+    with pytest.raises(WeightFileError, match=r"^Output .*dape\.pth.* must end in \.safetensors"):
+        convert_dape(str(tmp_path / "absent_ram.pth"), str(tmp_path / "absent_dape.pth"), str(tmp_path / "dape.pth"))
+    assert os.listdir(tmp_path) == []

@@ -266,3 +266,94 @@ def test_condition_encoder_with_the_vae_weights_is_shared(model):
     a = dossr_upscale(separate, lr, options=Options(steps=2, seed=3))
     b = dossr_upscale(shared, lr, options=Options(steps=2, seed=3))
     assert torch.equal(a, b)
+
+
+def overshooting_decode(calls):
+    """A stand-in for ``pipeline.decode``: a ramp from −0.5 to 1.5 over the pixels of the image of latent ``x`` (a
+    VAE decode overshoots [0, 1] at sharp edges); records each latent it decodes in ``calls``."""
+    def decode(model, x, tile=None, callback=None, mode=None):
+        calls.append(x.clone())
+        height, width = 8 * x.shape[-2], 8 * x.shape[-1]
+        ramp = torch.linspace(-0.5, 1.5, height * width).view(1, 1, height, width)
+        return ramp.expand(x.shape[0], 3, height, width).clone()
+    return decode
+
+
+def random_context(model, seed=2):
+    return torch.randn(1, 77, model.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(seed))
+
+
+def test_latent_input_is_replicate_padded_to_a_multiple_of_8(model):
+    """DoSSR from a LATENT whose sides are not multiples of 8 (here 13×10): x̂₀ = 0.18215 · latent, its last row and
+    column repeated out to 16×16, not zeros (a zero border is a grey frame the sampler starts from and the condition
+    encoder sees); the output latent is cropped back to 13×10."""
+    from comfyui_diffsr.dossr_core.pipeline import dossr_sample
+
+    latent = torch.randn(1, 4, 13, 10, generator=torch.Generator().manual_seed(6))
+    trace = {}
+    x, start = dossr_sample(model, random_context(model), latent=latent, options=Options(steps=1, seed=1),
+                            trace=trace)
+    rows = torch.tensor(list(range(13)) + [12] * 3)
+    cols = torch.tensor(list(range(10)) + [9] * 6)
+    expected = (latent * 0.18215)[:, :, rows][:, :, :, cols]
+    assert trace["x_hat0"].shape == (1, 4, 16, 16)
+    torch.testing.assert_close(trace["x_hat0"], expected, atol=1e-7, rtol=0)
+    assert x.shape == (1, 4, 13, 10) and start.shape == (1, 3, 104, 80)
+
+
+def test_latent_input_decode_is_clamped_before_it_is_the_reference(model, monkeypatch):
+    """From a LATENT, the decode of x̂₀ is the colour reference (the REFERENCE output of DoSSR Sampler) and the
+    condition encoder's input: a decode that overshoots [0, 1] is clamped for both, as the RRDB image is."""
+    import comfyui_diffsr.dossr_core.pipeline as P
+
+    decoded, encoded = [], []
+    monkeypatch.setattr(P, "decode", overshooting_decode(decoded))
+    condition_latent = P.condition_latent
+    monkeypatch.setattr(P, "condition_latent", lambda model, image, *a: encoded.append(image.clone())
+                        or condition_latent(model, image, *a))
+    latent = torch.randn(1, 4, 13, 10, generator=torch.Generator().manual_seed(6))
+    _, start = P.dossr_sample(model, random_context(model), latent=latent, options=Options(steps=1, seed=1))
+    ramp = overshooting_decode([])(None, torch.zeros(1, 4, 16, 16))
+    assert len(decoded) == 1 and ramp.min() < 0 and ramp.max() > 1
+    assert torch.equal(start, ramp.clamp(0, 1)[..., :104, :80])
+    assert len(encoded) == 1 and torch.equal(encoded[0], ramp.clamp(0, 1))
+
+
+def test_noise_of_the_wrong_shape_is_refused_by_name():
+    """A noise file made for another image size does not fit this run: refused naming the draw and both shapes
+    (broadcast or reshaped, it would silently give another image)."""
+    src = NoiseSource(noise={"init": torch.zeros(1, 4, 2, 2), "posterior": torch.zeros(1, 4, 3, 3)})
+    with pytest.raises(ValueError, match=r"Noise `init` has shape \(1, 4, 2, 2\) but this run needs \(1, 4, 3, 3\)"):
+        src("init", (1, 4, 3, 3))
+    assert torch.equal(src("posterior", (1, 4, 3, 3)), torch.zeros(1, 4, 3, 3))
+
+
+@pytest.mark.parametrize("upscale", [0, -1, 16.5])
+def test_upscale_outside_0_to_16_is_refused(model, upscale):
+    """``upscale`` 0 (an output of no pixels), negative or above 16 is refused by name before anything runs."""
+    from comfyui_diffsr.dossr_core.pipeline import check_options
+
+    with pytest.raises(ValueError, match="`upscale` must be in"):
+        check_options(Options(upscale=upscale))
+    with pytest.raises(ValueError, match="`upscale` must be in"):
+        dossr_upscale(model, torch.rand(1, 3, 8, 8), prompt_embeds=random_context(model),
+                      options=Options(steps=1, upscale=upscale))
+    check_options(Options(upscale=16))
+    check_options(Options(upscale=0.5))
+
+
+def test_noise_file_without_the_posterior_draw_is_refused(tmp_path):
+    """A safetensors file with 'init' and the step draws but no 'posterior' is not a DoSSR noise file: refused as a
+    bad input naming what it needs, not a KeyError mid-run."""
+    from safetensors.torch import save_file
+
+    from comfyui_diffsr.sr_common.errors import ImageInputError
+
+    path = str(tmp_path / "noise.safetensors")
+    save_file({"init": torch.zeros(1, 4, 2, 2), "step_0": torch.zeros(1, 4, 2, 2)}, path)
+    with pytest.raises(ImageInputError, match="not a DoSSR noise file.*'posterior'"):
+        load_noise(path)
+    other = str(tmp_path / "other.safetensors")
+    save_file({"posterior": torch.zeros(1, 4, 2, 2), "step_0": torch.zeros(1, 4, 2, 2)}, other)
+    with pytest.raises(ImageInputError, match="not a DoSSR noise file"):
+        load_noise(other)

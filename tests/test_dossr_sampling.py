@@ -164,3 +164,32 @@ def test_bad_arguments():
         sample_dossr(None, torch.zeros(1, 4, 8, 8), make_grid(2), None, order=4)
     with pytest.raises(ValueError, match="gamma"):
         sample_dossr(None, torch.zeros(1, 4, 8, 8), make_grid(2), None, gamma=2.0)
+
+
+def test_callback_reports_the_step_grid_point_and_its_x0_prediction():
+    """The callback's k-diffusion-style keys (a preview or a progress display reads them): after step i, ``tau`` is
+    the timestep the network was called at and ``lam`` its λ = σ/(α(1−η)) on the grid (N → 1), ``denoised`` the x_θ
+    of that step: with a network that knows x₀, x₀ itself; ``x`` the new state."""
+    steps = 3
+    grid = make_grid(steps)
+    x0 = torch.full((1, 4, 8, 8), 0.7)
+    x_hat0 = torch.full_like(x0, -0.4)
+    gen = torch.Generator().manual_seed(4)
+    called, infos = [], []
+    known = oracle(x0, grid)
+
+    def model(x, tau):
+        called.append(tau)
+        return known(x, tau)
+
+    out = sample_dossr(model, x_hat0, grid, lambda name, shape: torch.randn(shape, generator=gen),
+                       callback=infos.append)
+    assert [info["i"] for info in infos] == [0, 1, 2]
+    assert [info["tau"] for info in infos] == called == [499, 333, 166]
+    for info, t in zip(infos, (3, 2, 1)):
+        sigma, alpha = math.sqrt(1 - grid.alpha_bar[t]), math.sqrt(grid.alpha_bar[t])
+        assert isinstance(info["lam"], float)
+        assert info["lam"] == pytest.approx(sigma / (alpha * (1 - grid.eta[t])), rel=1e-12)
+        torch.testing.assert_close(info["denoised"], x0, atol=1e-4, rtol=0)
+    assert infos[0]["lam"] > infos[1]["lam"] > infos[2]["lam"] > grid.lam[0]
+    assert infos[-1]["x"] is out

@@ -68,3 +68,10 @@ def test_bad_step_counts_refused(bad):
         make_grid(bad)
     with pytest.raises(TypeError):
         make_grid(2.0)
+
+
+def test_a_bool_step_count_is_refused():
+    """``True`` is an int to Python: a flag passed where the step count goes would silently run 1 step."""
+    for flag in (True, False, np.bool_(True)):
+        with pytest.raises(TypeError, match="num_steps"):
+            grid_timesteps(flag)

@@ -254,6 +254,30 @@ def test_oom_in_the_upscale_node_retries_with_smaller_vae_tiles(pack, osediff_mo
     assert seen == [(96, 1024, 224), (48, 512, 112)] and out.shape == (1, 40, 48, 3)
 
 
+def test_oom_in_the_dossr_sampler_halves_the_tile_below_its_overlap(pack, monkeypatch):
+    """DoSSR Sampler with latent tiles of 32 and an overlap of 16 runs out of memory: the tile is halved to 16, and
+    the overlap with it to 8 (an overlap as large as the tile is refused by the core), so the run goes on instead of
+    stopping with an error about an overlap the user did not set."""
+    _, nodes = pack
+    sampler = sys.modules["custom_nodes_x_diffsr_pack.nodes.dossr"]
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    (model,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+    seen, real = [], sampler.dossr_sample
+
+    def flaky(model, context, *, options, **kw):
+        seen.append((options.tile_latent, options.tile_overlap))
+        if len(seen) == 1:
+            raise host.mm.OOM_EXCEPTION("out of memory")
+        return real(model, context, options=options, **kw)
+
+    monkeypatch.setattr(sampler, "dossr_sample", flaky)
+    embeds = torch.randn(1, 77, model.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+    latent, reference = run(nodes["DoSSR_Sampler"], model=model, image=torch.rand(1, 20, 24, 3), steps=1, seed=7,
+                            prompt="", tile_latent=32, tile_overlap=16, dtype="fp32", conditioning=[[embeds, {}]])
+    assert seen == [(32, 16), (16, 8)]
+    assert latent["samples"].shape == (1, 4, 16, 16) and reference.shape == (1, 80, 96, 3)
+
+
 @pytest.mark.parametrize("method", ["osediff", "dossr"])
 def test_oom_while_the_weights_load_is_named_and_not_retried(pack, osediff_model, monkeypatch, method):
     """Out of memory while ComfyUI moves a stage's weights to the device is raised at once, as ComfyUI's
@@ -836,6 +860,25 @@ def test_dape_and_text_encoder_leave_the_device_to_the_networks(pack, osediff_mo
         assert all(loaded.get(p) == p.model_size() for p in patchers)
         assert loaded.get(tagger, 0) + loaded.get(text, 0) <= room - sum(loaded[p] for p in patchers) - mm.REQUIRED[-1]
     assert torch.equal(tight, roomy) and tight.shape == alone.shape and not torch.equal(tight, alone)  # tags used
+
+
+def test_with_dape_the_users_prompt_follows_the_tags(pack, osediff_model, monkeypatch):
+    """OSEDiff Upscale with DAPE connected encodes '{tags}, {prompt},' as the official: the tags of the image's LQ,
+    then the prompt the user typed (it was not dropped)."""
+    _, nodes = pack
+    _, model = osediff_model
+    (dape,) = run(nodes["DAPE_Loader"], ram_or_converted="ram_tiny.pth", dape="dape_tiny.pth")
+    pipeline = sys.modules["custom_nodes_x_diffsr_pack.osediff_core.pipeline"]
+    image = torch.rand(1, 20, 24, 3, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        lq, _ = pipeline.preprocess(image.movedim(-1, 1), upscale=2.0, process_size=32)
+        (tags,) = dape.tags(lq)
+    assert tags
+    encoded, encode = [], model.prompt_embedding
+    monkeypatch.setattr(model, "prompt_embedding", lambda prompt: encoded.append(prompt) or encode(prompt))
+    (out,) = run(nodes["OSEDiff_Upscale"], model=model, image=image, prompt="a sharp photo", upscale=2.0,
+                 process_size=32, color_fix="adain", tile_latent=96, tile_overlap=32, dtype="fp32", dape=dape)
+    assert encoded == [tags + ", a sharp photo,"] and out.shape == (1, 40, 48, 3)
 
 
 def test_dossr_loads_its_text_encoder_only_for_a_new_prompt(pack):
