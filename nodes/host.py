@@ -527,15 +527,15 @@ def image_to_bchw(image):
     return [x[i:i + 1].cpu() for i in range(x.shape[0])], alpha
 
 
-# what a node adds to a CONDITIONING entry for a sampler to apply → the node (ComfyUI nodes.py: ConditioningSetArea
-# L155, ...SetAreaStrength L197, ...SetMask L213, ...SetTimestepRange L261, InpaintModelConditioning L404,
-# ControlNetApply L822, unCLIPConditioning L1098, GLIGENTextBoxApply L1133; comfy/hooks.py): the keys a node adds
-# alone first, those it adds beside another after
+# what a node adds to a CONDITIONING entry for a sampler to apply → the node that adds it (ComfyUI nodes.py:
+# ConditioningSetArea, ConditioningSetAreaStrength, ConditioningSetMask, ConditioningSetTimestepRange,
+# ControlNetApplyAdvanced, InpaintModelConditioning, unCLIPConditioning, GLIGENTextBoxApply; comfy_extras/
+# nodes_hooks.py: SetClipHooks): the keys a node adds alone first, those it adds beside another after
 SAMPLER_SETTINGS = {"area": "Conditioning (Set Area)", "mask": "Conditioning (Set Mask)",
                     "start_percent": "ConditioningSetTimestepRange", "control": "Apply ControlNet",
                     "concat_latent_image": "InpaintModelConditioning", "unclip_conditioning": "unCLIPConditioning",
-                    "gligen": "GLIGENTextBoxApply", "hooks": "a hook node",
-                    "strength": "Conditioning (Set Area Strength)", "set_area_to_bounds": "Conditioning (Set Mask)",
+                    "gligen": "GLIGENTextBoxApply", "hooks": "Set CLIP Hooks",
+                    "strength": "ConditioningSetAreaStrength", "set_area_to_bounds": "Conditioning (Set Mask)",
                     "mask_strength": "Conditioning (Set Mask)", "end_percent": "ConditioningSetTimestepRange",
                     "concat_mask": "InpaintModelConditioning"}
 
@@ -544,7 +544,7 @@ def conditioning_embedding(conditioning, node):
     """The prompt embedding of a CONDITIONING of one entry, as CLIP Text Encode gives it. Several entries
     (Conditioning Combine, areas) are refused by name: a sampler combines them step by step, these nodes take one.
     So is an entry that carries ``SAMPLER_SETTINGS`` (an area, a mask, a timestep range, a ControlNet…), which
-    these nodes cannot apply: they were dropped silently."""
+    these nodes cannot apply (they were dropped silently), even where they change nothing (a range of 0 to 1)."""
     if len(conditioning) != 1:
         raise ValueError(f"{node}: the CONDITIONING has {len(conditioning)} entries (from Conditioning Combine or "
                          "area nodes); it takes one prompt embedding. Connect one CLIP Text Encode, or merge prompts "

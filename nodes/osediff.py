@@ -223,7 +223,7 @@ class OSEDiffLQEncoder(io.ComfyNode):
                 model, lq, tile=vae_tile_encode, callback=host.check_interrupted), vae_tile_encode=vae_tile)
             latents.append(z.cpu() / SCALING_FACTOR)
             progress()
-        return io.NodeOutput({"samples": torch.cat(latents)})
+        return io.NodeOutput({"samples": torch.cat(latents), ENCODED_SIZE: list(lq.shape[-2:])})
 
 
 class OSEDiffOneStep(io.ComfyNode):
@@ -269,7 +269,8 @@ class OSEDiffDecode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="OSEDiff_VAEDecode", display_name="OSEDiff VAE Decode", category=CATEGORY,
-            description="Tiled VAE decode, colour fix against the upscaled reference, crop to exactly round(upscale × input).",
+            description="Tiled VAE decode, colour fix against the upscaled reference, crop to exactly round(upscale × "
+                        "input) (of a standard VAE Encode's latent: its centre part).",
             inputs=[OSEDIFF.Input("model", tooltip="From 'Load OSEDiff' (its VAE decoder is the frozen SD one)."),
                     io.Latent.Input("latent", tooltip="From 'OSEDiff One-Step UNet'. Of a standard VAE Encode of the "
                                                       "upscaled reference, which crops it to a multiple of 8 px: "
@@ -289,39 +290,60 @@ class OSEDiffDecode(io.ComfyNode):
         host.cast_for_run(model, dtype, [model.vae])
         images, alpha = host.image_to_bchw(reference)
         progress = host.Progress(len(images))
-        outs = []
-        for one, x0 in host.latent_with_references(latent, images, "OSEDiff VAE Decode"):
+        outs, alphas = [], []
+        pairs = host.latent_with_references(latent, images, "OSEDiff VAE Decode")
+        for index, (one, x0) in enumerate(pairs):
             lq, plan = preprocess(one, upscale=upscale, process_size=process_size)
-            lq, plan = _encoded_part(x0, lq, plan, upscale, process_size)
+            lq_size = tuple(lq.shape[-2:])
+            lq, plan, box = _encoded_part(x0, latent.get(ENCODED_SIZE), lq, plan, upscale, process_size)
             out = host.with_oom_retry(lambda vae_tile_decode: decoded_image(
                 model, x0 * SCALING_FACTOR, plan.crop, tile=vae_tile_decode, callback=host.check_interrupted),
                 vae_tile_decode=vae_tile)
             outs.append(fixed_and_resized(out, color_reference(lq.to(out.device), color_fix), plan, color_fix))
+            if alpha is not None:
+                alphas.append(_alpha_part(alpha[index:index + 1], box, lq_size))
             progress()
-        return io.NodeOutput(host.bchw_to_image(outs, alpha))
+        return io.NodeOutput(host.bchw_to_image(outs, torch.cat(alphas) if alphas else None))
 
 
-def _encoded_part(latent, lq, plan, upscale, process_size):
-    """The part of ``lq`` (the reference at this upscale and process_size) that ``latent`` was encoded from, and the
-    plan of its output: all of it, padded to a multiple of 8 (the LQ Encoder's latent), or its centre cropped to a
-    multiple of 8, as ComfyUI's VAE Encode crops (``comfy/sd.py`` ``VAE.vae_encode_crop_pixels``), whose output is
-    that part at the output's scale. Any other latent was not made from ``lq`` and is refused: it would be decoded
-    to a corner of the image, or a stretched one."""
+ENCODED_SIZE = "diffsr_encoded_size"  # LATENT key: (H, W) of the upscaled image the OSEDiff LQ Encoder encoded
+
+
+def _encoded_part(latent, encoded_size, lq, plan, upscale, process_size):
+    """The part of ``lq`` (the reference at this upscale and process_size) that ``latent`` was encoded from, the
+    plan of its output, and that part as a box (top, left, H, W) of ``lq``'s size (None: all of it). A latent of the
+    LQ Encoder (``encoded_size`` its LQ's size) is all of it, padded to a multiple of 8; one of ComfyUI's VAE Encode
+    (no ``encoded_size``) may be its centre cropped to a multiple of 8 (``comfy/sd.py``
+    ``VAE.vae_encode_crop_pixels``), whose output is that part at the output's scale. Any other latent was not made
+    from ``lq`` and is refused: it would be decoded to a corner of the image, or a stretched one."""
     height, width = lq.shape[-2:]
     padded, cropped = (-(-height // 8), -(-width // 8)), (height // 8, width // 8)
-    if tuple(latent.shape[-2:]) == padded:
-        return lq, plan
-    if tuple(latent.shape[-2:]) == cropped and min(cropped) > 0:
-        h, w = 8 * cropped[0], 8 * cropped[1]
-        top, left = height % 8 // 2, width % 8 // 2
-        out_width, out_height = plan.output_size
-        size = (max(1, int(w * out_width / width + 0.5)), max(1, int(h * out_height / height + 0.5)))
-        return lq[..., top:top + h, left:left + w], Plan((h, w), size)
-    raise ValueError(f"OSEDiff VAE Decode: the LATENT is {latent.shape[-1]}×{latent.shape[-2]} (latent px), but the "
-                     f"reference at upscale {upscale:g} and process_size {process_size} is {width}×{height} px, whose "
-                     f"latent is {padded[1]}×{padded[0]} from the OSEDiff LQ Encoder (or {cropped[1]}×{cropped[0]} "
-                     "from a standard VAE Encode, which crops to a multiple of 8). Connect the image that was "
-                     "encoded, and give the encoder and this node the same upscale and process_size.")
+    if encoded_size is None or tuple(encoded_size) == (height, width):
+        if tuple(latent.shape[-2:]) == padded:
+            return lq, plan, None
+        if encoded_size is None and tuple(latent.shape[-2:]) == cropped and min(cropped) > 0:
+            h, w = 8 * cropped[0], 8 * cropped[1]
+            top, left = height % 8 // 2, width % 8 // 2
+            out_width, out_height = plan.output_size
+            size = (max(1, int(w * out_width / width + 0.5)), max(1, int(h * out_height / height + 0.5)))
+            return lq[..., top:top + h, left:left + w], Plan((h, w), size), (top, left, h, w)
+    made = "" if encoded_size is None else f" (the LQ Encoder encoded {encoded_size[1]}×{encoded_size[0]} px)"
+    raise ValueError(f"OSEDiff VAE Decode: the LATENT is {latent.shape[-1]}×{latent.shape[-2]} (latent px){made}, but "
+                     f"the reference at upscale {upscale:g} and process_size {process_size} is {width}×{height} px, "
+                     f"whose latent is {padded[1]}×{padded[0]} from the OSEDiff LQ Encoder (or "
+                     f"{cropped[1]}×{cropped[0]} from a standard VAE Encode, which crops to a multiple of 8). Connect "
+                     "the image that was encoded, and give the encoder and this node the same upscale and "
+                     "process_size.")
+
+
+def _alpha_part(alpha, box, lq_size):
+    """``alpha`` (1, 1, h, w) of the reference, cut to ``box`` of ``_encoded_part`` (resized to the LQ's size
+    ``lq_size`` first, bicubic as ``with_upscaled_alpha``); all of it where ``box`` is None."""
+    if box is None:
+        return alpha
+    top, left, h, w = box
+    scaled = torch.nn.functional.interpolate(alpha.float(), size=lq_size, mode="bicubic", align_corners=False)
+    return scaled[..., top:top + h, left:left + w]
 
 
 class DAPELoader(io.ComfyNode):

@@ -20,7 +20,7 @@ import torch
 from .errors import DiffSRError, WeightFileError
 from .fast_modules import fast_modules, fast_vae_decoder
 from .known_files import KNOWN, OPEN_CLIP_PREFIX, canonical, describe, identify, sd_family
-from .tiling import CPU_ALLOCATION_FAILED, WeightsOutOfMemory, is_out_of_memory
+from .tiling import WeightsOutOfMemory, cpu_allocation_failed, is_out_of_memory
 from .weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_weight_file, load_module_weights, read_state_dict,
                       stored_as_float32)
 
@@ -415,18 +415,18 @@ def weight_bytes(*modules):
 def weights_out_of_memory(names, modules, device, error):
     """The ``WeightsOutOfMemory`` of ``modules`` (called ``names``) that did not fit on ``device`` (``error``: what
     the move raised), with the fixes that apply: a 16-bit dtype where they are in float32, the CPU where they went
-    to a GPU. Where the CPU allocator refused (``CPU_ALLOCATION_FAILED``) while they went to a GPU, it was the
+    to a GPU. Where the CPU allocator refused (``cpu_allocation_failed``) while they went to a GPU, it was the
     computer's memory, filling with the networks moved off the GPU to make room: that is said instead."""
     dtype = next((t.dtype for m in modules for t in module_tensors(m) if t.is_floating_point()), torch.float32)
     size = f"{weight_bytes(*modules) / 2 ** 30:.2f} GiB in {str(dtype).removeprefix('torch.')}"
     half = ["choose dtype fp16 or bf16 (half the weights' memory)"] if dtype == torch.float32 else []
-    if torch.device(device).type != "cpu" and CPU_ALLOCATION_FAILED in str(error):
+    to_gpu = torch.device(device).type != "cpu"
+    if to_gpu and cpu_allocation_failed(error):
         fixes = ["close other programs", *half, "give the computer more memory (or swap)"]
         where = (f"Out of the computer's memory (RAM, not {device}'s) while networks moved off {device} to make room "
                  f"for the weights of {', '.join(names)} ({size}): the networks moved off did not fit in it")
     else:
-        fixes = ["close other programs that use the device", *half, *(["run on the CPU"] if torch.device(
-            device).type != "cpu" else [])]
+        fixes = ["close other programs that use the device", *half, *(["run on the CPU"] if to_gpu else [])]
         where = (f"Out of memory while moving the weights of {', '.join(names)} ({size}) to {device}: they do not "
                  "fit beside what else holds its memory")
     return WeightsOutOfMemory(f"{where}, and smaller tiles cannot help. To fix: {', '.join(fixes[:-1])}"

@@ -121,7 +121,8 @@ def smaller_tiles(tiles, defaults):
 # what running out of device memory raises: torch.OutOfMemoryError from PyTorch 2.5 on (any device), which
 # torch.cuda.OutOfMemoryError names there too; before 2.5 only the CUDA allocator raised it (since 1.13)
 OutOfMemory = torch.cuda.OutOfMemoryError
-CPU_ALLOCATION_FAILED = "DefaultCPUAllocator: can't allocate memory"  # a RuntimeError, not an OutOfMemoryError
+# what the CPU allocator's refusal says (a RuntimeError, not an OutOfMemoryError): on Linux and macOS, on Windows
+CPU_ALLOCATION_FAILED = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
 
 
 class WeightsOutOfMemory(OutOfMemory):
@@ -133,7 +134,12 @@ class WeightsOutOfMemory(OutOfMemory):
 def is_out_of_memory(error, oom=OutOfMemory):
     """Whether ``error`` is ``oom``, or an allocation the CPU allocator refused (the kernel refuses one that could
     never fit, e.g. an untiled stage of a large image: PyTorch raises a plain RuntimeError naming the allocator)."""
-    return isinstance(error, oom) or (isinstance(error, RuntimeError) and CPU_ALLOCATION_FAILED in str(error))
+    return isinstance(error, oom) or cpu_allocation_failed(error)
+
+
+def cpu_allocation_failed(error):
+    """Whether ``error`` is the CPU allocator refusing an allocation (``CPU_ALLOCATION_FAILED``)."""
+    return isinstance(error, RuntimeError) and any(words in str(error) for words in CPU_ALLOCATION_FAILED)
 
 
 def overlap_within(tile, overlap):

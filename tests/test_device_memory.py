@@ -290,7 +290,7 @@ class TwoNetworks:
         return [self.unet, self.vae]
 
 
-@pytest.mark.parametrize("refused_by", ["ram", "device"])
+@pytest.mark.parametrize("refused_by", ["ram", "ram on Windows", "device"])
 def test_what_ran_out_while_a_stage_loads_is_named(monkeypatch, refused_by):
     """Out of memory while a stage loads names the memory that ran out: the device's, where its weights did not
     fit, or the computer's, where the networks moved off the device to make room did not (the CPU allocator's
@@ -299,14 +299,17 @@ def test_what_ran_out_while_a_stage_loads_is_named(monkeypatch, refused_by):
 
     with torch.device("meta"):
         model = TwoNetworks(torch.nn.Linear(256, 256), torch.nn.Linear(1024, 1024))
-    free = 0 if refused_by == "ram" else 2 ** 40  # none: the VAE goes first; plenty: only the UNet moves
+    free = 0 if refused_by.startswith("ram") else 2 ** 40  # none: the VAE goes first; plenty: only the UNet moves
     model.stage_loader = offload.OffloadWhenShort("meta", free_bytes=lambda: free)
     cpu_refused = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
                                "you tried to allocate 4194304 bytes. Error code 12 (Cannot allocate memory)")
+    if refused_by == "ram on Windows":
+        cpu_refused = RuntimeError(r"[enforce fail at ..\c10\core\impl\alloc_cpu.cpp:72] data. DefaultCPUAllocator: "
+                                   "not enough memory: you tried to allocate 4194304 bytes.")
     real_move = offload.move_module
 
     def move(module, device, dtype=None):
-        if torch.device(device).type == "cpu" and refused_by == "ram":
+        if torch.device(device).type == "cpu" and refused_by.startswith("ram"):
             raise cpu_refused
         if torch.device(device).type == "meta" and refused_by == "device":
             raise torch.cuda.OutOfMemoryError("out of memory (simulated)")
@@ -318,7 +321,7 @@ def test_what_ran_out_while_a_stage_loads_is_named(monkeypatch, refused_by):
         model.load_stage([model.unet])
     message = str(error.value)
     assert "weights of unet (0.00 GiB in float32)" in message and "smaller tiles cannot help" in message, message
-    if refused_by == "ram":
+    if refused_by.startswith("ram"):
         assert message.startswith("Out of the computer's memory (RAM, not meta's) while networks moved off meta")
         assert message.endswith("To fix: close other programs, choose dtype fp16 or bf16 (half the weights' memory) "
                                 "or give the computer more memory (or swap).")

@@ -222,13 +222,16 @@ def test_oom_halves_every_tile(pack, osediff_model, monkeypatch):
             host.mm.OOM_EXCEPTION("oom")), tile_latent=32)
     assert calls == [32, 16]
     # an allocation the CPU allocator refuses (ComfyUI --cpu) is out-of-memory too, as PyTorch reports it
-    refused = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
-                           "you tried to allocate 70368744177664 bytes. Error code 12 (Cannot allocate memory)")
-    calls.clear()
-    with pytest.raises(host.mm.OOM_EXCEPTION, match="DefaultCPUAllocator"):
-        host.with_oom_retry(lambda tile_latent: calls.append(tile_latent) or (_ for _ in ()).throw(refused),
-                            tile_latent=32)
-    assert calls == [32, 16]
+    for refused in (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+                                 "memory: you tried to allocate 70368744177664 bytes. Error code 12 (Cannot allocate "
+                                 "memory)"),
+                    RuntimeError(r"[enforce fail at ..\c10\core\impl\alloc_cpu.cpp:72] data. DefaultCPUAllocator: "
+                                 "not enough memory: you tried to allocate 70368744177664 bytes.")):  # Windows
+        calls.clear()
+        with pytest.raises(host.mm.OOM_EXCEPTION, match="DefaultCPUAllocator"):
+            host.with_oom_retry(lambda tile_latent: calls.append(tile_latent) or (_ for _ in ()).throw(refused),
+                                tile_latent=32)
+        assert calls == [32, 16]
     calls.clear()
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # any other error: no retry
         host.with_oom_retry(lambda tile_latent: calls.append(tile_latent) or (_ for _ in ()).throw(
@@ -636,7 +639,7 @@ def test_a_conditioning_with_sampler_settings_is_refused_by_name(pack, osediff_m
     for settings, named in (({"start_percent": 0.0, "end_percent": 0.5}, "start_percent, end_percent \\(from "
                                                                          "ConditioningSetTimestepRange or"),
                             ({"control": object()}, "control \\(from Apply ControlNet or"),
-                            ({"strength": 0.5}, "strength \\(from Conditioning \\(Set Area Strength\\) or")):
+                            ({"strength": 0.5}, "strength \\(from ConditioningSetAreaStrength or")):
         with pytest.raises(ValueError, match=f"DoSSR Sampler: the CONDITIONING carries {named}"):
             run(nodes["DoSSR_Sampler"], model=dossr, image=torch.rand(1, 16, 16, 3), steps=1, seed=0, prompt="",
                 tile_latent=96, tile_overlap=32, dtype="fp32", conditioning=[[dossr_embeds, settings]])
@@ -645,31 +648,43 @@ def test_a_conditioning_with_sampler_settings_is_refused_by_name(pack, osediff_m
 
 def test_a_standard_vae_encodes_latent_decodes_to_the_part_it_kept(pack, osediff_model):
     """ComfyUI's VAE Encode crops an image to a multiple of 8 px about its centre (comfy/sd.py
-    ``vae_encode_crop_pixels``). OSEDiff VAE Decode of such a latent against the whole reference gives that part,
-    colour-fixed against that part of the reference (it refused the latent, with no way to make the graph run);
-    where process_size enlarged the reference, at the output's scale."""
+    ``vae_encode_crop_pixels``: 2 rows and 1 column off first here) and gives the samples alone. OSEDiff VAE Decode
+    of such a latent against the whole reference gives that part, colour-fixed against that part of the reference,
+    its alpha too (it refused the latent, with no way to make the graph run); where process_size enlarged the
+    reference, at the output's scale. The LQ Encoder's own latent, which says what it encoded, is not taken for
+    such a crop: against another reference it is refused."""
     _, nodes = pack
     _, model = osediff_model
-    image = torch.rand(1, 21, 27, 3, generator=torch.Generator().manual_seed(8))
-    kept = image[:, 2:18, 1:25]  # (21 % 8) // 2 = 2 rows and (27 % 8) // 2 = 1 column off first: 16×24
-    (latent,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=kept, upscale=1.0, process_size=8, vae_tile=0,
-                    dtype="fp32")
+    image = torch.rand(1, 21, 27, 4, generator=torch.Generator().manual_seed(8))
+    image[..., 3] = (torch.arange(27) >= 13).float()  # a sharp alpha edge: a shifted or squeezed alpha shows
+    kept = image[:, 2:18, 1:25]  # 16×24
+
+    def vae_encoded(image):  # the samples of that image, alone, as VAE Encode gives them
+        (latent,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=image[..., :3], upscale=1.0, process_size=8,
+                        vae_tile=0, dtype="fp32")
+        return {"samples": latent["samples"]}
+
+    latent = vae_encoded(kept)
     assert latent["samples"].shape == (1, 4, 2, 3)
     decode = dict(model=model, latent=latent, upscale=1.0, process_size=8, color_fix="adain", vae_tile=0)
     (whole,), (part,) = (run(nodes["OSEDiff_VAEDecode"], **decode, reference=ref) for ref in (image, kept))
-    assert whole.shape == (1, 16, 24, 3)
+    assert whole.shape == (1, 16, 24, 4)
     torch.testing.assert_close(whole, part, rtol=0, atol=1e-6)  # the colour statistics of a view: float rounding
+    (tagged,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=kept, upscale=1.0, process_size=8, vae_tile=0,
+                    dtype="fp32")
+    with pytest.raises(ValueError, match=r"the LATENT is 3×2 \(latent px\) \(the LQ Encoder encoded 24×16 px\), "
+                                         r"but the reference at upscale 1 and process_size 8 is 27×21 px"):
+        run(nodes["OSEDiff_VAEDecode"], **dict(decode, latent=tagged), reference=image)
     pipeline = sys.modules["custom_nodes_x_diffsr_pack.osediff_core.pipeline"]
-    lq, plan = pipeline.preprocess(image.movedim(-1, 1), upscale=2.0, process_size=64)  # raised to 32 px, then ×2
+    lq, plan = pipeline.preprocess(image[..., :3].movedim(-1, 1), upscale=2.0, process_size=64)  # 32 px, then ×2
     height, width = lq.shape[-2:]
     top, left, h, w = height % 8 // 2, width % 8 // 2, height // 8 * 8, width // 8 * 8
     assert (top, left) != (0, 0)
     lq_kept = lq[..., top:top + h, left:left + w].movedim(1, -1)
-    (latent,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=lq_kept, upscale=1.0, process_size=8, vae_tile=0,
-                    dtype="fp32")
+    latent = vae_encoded(lq_kept)
     enlarged = dict(decode, latent=latent, upscale=2.0, process_size=64)
     (whole,), (part,) = (run(nodes["OSEDiff_VAEDecode"], **args) for args in (
-        dict(enlarged, reference=image), dict(decode, latent=latent, reference=lq_kept)))
+        dict(enlarged, reference=image[..., :3]), dict(decode, latent=latent, reference=lq_kept)))
     size = (int(w * plan.output_size[0] / width + 0.5), int(h * plan.output_size[1] / height + 0.5))
     assert whole.shape == (1, size[1], size[0], 3) and size != plan.output_size
     expected = pipeline.img.resize(part.movedim(-1, 1), size, "bicubic").clamp(0, 1).movedim(1, -1)
