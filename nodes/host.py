@@ -542,11 +542,11 @@ SAMPLER_SETTINGS = {"area": "Conditioning (Set Area)", "mask": "Conditioning (Se
 
 def conditioning_embedding(conditioning, node):
     """The prompt embedding of a CONDITIONING of one entry, as CLIP Text Encode gives it. Several entries
-    (Conditioning Combine, areas) are refused by name: a sampler combines them step by step, these nodes take one.
+    (Conditioning (Combine), areas) are refused by name: a sampler combines them step by step, these nodes take one.
     So is an entry that carries ``SAMPLER_SETTINGS`` (an area, a mask, a timestep range, a ControlNet…), which
     these nodes cannot apply (they were dropped silently), even where they change nothing (a range of 0 to 1)."""
     if len(conditioning) != 1:
-        raise ValueError(f"{node}: the CONDITIONING has {len(conditioning)} entries (from Conditioning Combine or "
+        raise ValueError(f"{node}: the CONDITIONING has {len(conditioning)} entries (from Conditioning (Combine) or "
                          "area nodes); it takes one prompt embedding. Connect one CLIP Text Encode, or merge prompts "
                          "with Conditioning (Concat) or Conditioning (Average).")
     settings = [key for key in SAMPLER_SETTINGS if key in conditioning[0][1]]
