@@ -214,6 +214,61 @@ def test_a_weight_file_with_a_name_of_the_longest_length_is_written(tmp_path):
     assert os.listdir(tmp_path) == [name]
 
 
+def test_a_pickle_named_safetensors_is_refused_as_a_pickle(tmp_path):
+    """A user who renamed a .pth to .safetensors (believing that makes it safe) is told it is a pickle that could
+    run code, even when this one holds plain tensors: it is not loaded as if it were safetensors."""
+    path = tmp_path / "renamed.safetensors"
+    torch.save({"a": torch.ones(2)}, path)
+    with pytest.raises(WeightFileError, match="named .safetensors but is a PyTorch pickle"):
+        read_state_dict(path)
+
+
+def test_a_safetensors_file_with_a_pickle_name_is_refused(tmp_path):
+    """A safetensors file named .pth is not passed to torch.load: the user is told to rename it."""
+    path = tmp_path / "weights.pth"
+    write_safetensors({"a": torch.ones(2)}, tmp_path / "w.safetensors")
+    os.rename(tmp_path / "w.safetensors", path)
+    with pytest.raises(WeightFileError, match="safetensors file with a '.pth' name; rename it"):
+        read_state_dict(path)
+
+
+def test_an_empty_or_html_weight_file_is_named_for_what_it_is(tmp_path):
+    """A 0-byte file (an unfinished copy) says it is empty, and a login page saved as .pth says it is an HTML
+    page, not that it "contains Python objects that could run code"."""
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(WeightFileError, match="is empty .0 bytes."):
+        read_state_dict(empty)
+    page = tmp_path / "page.pth"
+    page.write_bytes(b"<!DOCTYPE html><html>login</html>")
+    with pytest.raises(WeightFileError, match="it is an HTML page") as refused:
+        read_state_dict(page)
+    assert "could run code" not in str(refused.value)
+
+
+def test_a_failed_weight_write_leaves_nothing_at_the_output(tmp_path, monkeypatch):
+    """A disk that fills up while a converted file is written leaves no half file under the output name (it would
+    look like a finished conversion and be refused as damaged later) and no temporary file."""
+    from comfyui_diffsr.sr_common import weights
+
+    def disk_full(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(weights, "save_file", disk_full)
+    with pytest.raises(WeightFileError, match="Cannot write .*No space left"):
+        write_safetensors({"a": torch.ones(3)}, tmp_path / "w.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_weight_file_is_written_only_under_a_safetensors_name(tmp_path):
+    """An output named .pth would be a safetensors file the loaders refuse by its name: refused before writing."""
+    with pytest.raises(WeightFileError, match="must end in .safetensors"):
+        write_safetensors({"a": torch.ones(3)}, tmp_path / "w.pth")
+    assert os.listdir(tmp_path) == []
+
+
 def test_as_float32_cpu_converts_into_one_buffer_and_keeps_float32():
     keep = torch.randn(3, 4)
     tensors = {"a": torch.randn(5, 2).half(), "keep": keep, "b": torch.randn(7).bfloat16(), "s": torch.tensor(2.5).half()}

@@ -429,3 +429,15 @@ def test_convert_refuses_a_wrong_output_name_before_reading_the_weights(tmp_path
     with pytest.raises(WeightFileError, match=r"^Output .*dape\.pth.* must end in \.safetensors"):
         convert_dape(str(tmp_path / "absent_ram.pth"), str(tmp_path / "absent_dape.pth"), str(tmp_path / "dape.pth"))
     assert os.listdir(tmp_path) == []
+
+
+def test_cli_refuses_converted_weights_given_with_ram_or_dape(tmp_path, capsys):
+    """--weights (a converted tagger) with --ram or --dape too: which file tags the images would be a guess, so
+    the command refuses, before any weights are read."""
+    from comfyui_diffsr.cli.dape import main
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (16, 16), "gray").save(image)
+    for extra in (["--ram", RAM], ["--dape", DAPE]):
+        assert main([str(image), "--weights", str(tmp_path / "missing.safetensors"), *extra, "--device", "cpu"]) == 2
+        assert "Give --weights (converted) alone" in capsys.readouterr().err

@@ -381,3 +381,21 @@ def test_every_dossr_option_reaches_the_run(tmp_path, monkeypatch):
                                         tile_overlap=24, vae_tile_encode=512, vae_tile_decode=64,
                                         vae_tile_mode="exact")
     assert seen["quality"] == 20
+
+
+def test_cli_refuses_a_noise_file_for_several_images_and_a_gamma_out_of_range(tmp_path, capsys):
+    """--noise-file holds the draws of one image: with two inputs it is refused, and so is a --gamma outside [0, 1],
+    both before the (here missing) weights are read and with nothing written."""
+    from comfyui_diffsr.cli.dossr import main
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        shutil.copy(os.path.join(FIX, "lr_w32h16.png"), folder / name)
+    common = ["-o", str(tmp_path / "out"), "--weights", str(tmp_path / "missing.ckpt"), "--device", "cpu"]
+    assert main([str(folder), *common, "--noise-file", str(tmp_path / "noise.safetensors")]) == 2
+    assert "give exactly one input image" in capsys.readouterr().err
+    for gamma in ("1.5", "-0.1"):
+        assert main([str(folder / "a.png"), *common, "--gamma", gamma]) == 2
+        assert "--gamma must be in [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

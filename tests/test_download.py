@@ -19,6 +19,7 @@ SHA = hashlib.sha256(PAYLOAD).hexdigest()
 class Handler(http.server.BaseHTTPRequestHandler):
     cut_after = None  # bytes to send before dropping the connection (simulated interruption)
     page_type = "text/html"  # the Content-Type of /page
+    honour_range = True  # False: a server that ignores Range and sends the whole file with 200
     requests = []
 
     def log_message(self, *args):
@@ -37,7 +38,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(PAGE)
             return
         data, start = PAYLOAD, 0
-        rng = self.headers.get("Range")
+        rng = self.headers.get("Range") if Handler.honour_range else None
         if rng:
             start = int(rng.split("=")[1].split("-")[0])
             self.send_response(206)
@@ -65,6 +66,7 @@ def server():
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     Handler.cut_after, Handler.requests, Handler.page_type = None, [], "text/html"
+    Handler.honour_range = True
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
 
@@ -219,4 +221,52 @@ def test_hf_hub_offline_keeps_hugging_face_downloads_off(monkeypatch, tmp_path):
     for url in ("https://huggingface.co/sd2-community/x/resolve/main/v.safetensors", "https://hf.co/a/b"):
         with pytest.raises(DownloadError, match="HF_HUB_OFFLINE is set.*unset it to download, or put the file at"):
             download(url, str(tmp_path / "v.safetensors"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_server_that_ignores_the_range_gives_the_whole_file_afresh(server, tmp_path):
+    """A resume from a server (or proxy) that ignores Range and sends the whole file with 200: the partial file is
+    started again, not appended to (which would make a file of the wrong size that no rerun could ever fix)."""
+    dest = tmp_path / "w.pkl"
+    (tmp_path / "w.pkl.partial").write_bytes(PAYLOAD[:1000])
+    Handler.honour_range = False
+    assert download(f"{server}/hashed", str(dest)) == str(dest)
+    assert Handler.requests[-1] == "bytes=1000-"
+    assert dest.read_bytes() == PAYLOAD and sorted(os.listdir(tmp_path)) == ["w.pkl", "w.pkl.sha256"]
+
+
+def test_a_file_pinned_by_its_git_blob_id_alone_is_checked_when_already_there(server, tmp_path):
+    """osediff.pkl is pinned by its git blob id only: a damaged copy already in the models folder fails that check
+    and is set aside and fetched again, instead of being taken as the finished download."""
+    blob = subprocess.run(["git", "hash-object", "--stdin"], input=PAYLOAD, capture_output=True,
+                          check=True).stdout.decode().strip()
+    source = Source("test", f"{server}/plain", "osediff.pkl", "osediff", git_blob=blob)
+    dest = tmp_path / "osediff.pkl"
+    dest.write_bytes(PAYLOAD[:1000])
+    assert not downloaded(str(dest), source)
+    assert source.fetch(str(dest)) == str(dest)
+    assert dest.read_bytes() == PAYLOAD and (tmp_path / "osediff.pkl.bad").read_bytes() == PAYLOAD[:1000]
+    assert downloaded(str(dest), source)
+
+
+def test_a_damaged_file_set_aside_never_replaces_an_earlier_one(server, tmp_path):
+    """Files set aside earlier (<file>.bad, <file>.bad2) are the user's: a third damaged copy goes to <file>.bad3
+    and both earlier ones are kept as they were."""
+    source = Source("test", f"{server}/plain", "osediff.pkl", "osediff", sha256=SHA)
+    dest = tmp_path / "osediff.pkl"
+    (tmp_path / "osediff.pkl.bad").write_bytes(b"first")
+    (tmp_path / "osediff.pkl.bad2").write_bytes(b"second")
+    dest.write_bytes(b"third")
+    assert source.fetch(str(dest)) == str(dest) and dest.read_bytes() == PAYLOAD
+    assert [(tmp_path / f"osediff.pkl.{n}").read_bytes() for n in ("bad", "bad2", "bad3")] == [
+        b"first", b"second", b"third"]
+
+
+@pytest.mark.parametrize("value", ["true", "ON", " yes "])
+def test_hf_hub_offline_is_read_as_huggingface_hub_reads_it(monkeypatch, tmp_path, value):
+    """A user who set HF_HUB_OFFLINE=true (or ON, yes: all offline for huggingface_hub) gets no download from
+    Hugging Face either."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    with pytest.raises(DownloadError, match="HF_HUB_OFFLINE is set"):
+        download("https://huggingface.co/a/b/resolve/main/v.safetensors", str(tmp_path / "v.safetensors"))
     assert os.listdir(tmp_path) == []

@@ -819,3 +819,27 @@ def test_a_prompt_longer_than_clips_77_tokens_is_cut(base):
         long = encode_prompt(sd.text_encoder, sd.tokenizer, ["cat " * 200])
         cut = encode_prompt(sd.text_encoder, sd.tokenizer, ["cat " * 75])
     assert long.shape[1] == 77 and torch.equal(long, cut)
+
+
+def test_ram_without_dape_is_refused_before_loading(base, tmp_path, capsys):
+    """--ram alone would be ignored silently (no DAPE tags, a plain empty prompt): refused, naming --dape, before the
+    (here missing) weights are read."""
+    assert run([os.path.join(FIX, "in_32x32.png"), "-o", tmp_path / "out", "--base", base, "--weights",
+                tmp_path / "missing.pkl", "--ram", tmp_path / "ram.pth"]) == 2
+    assert "--ram needs --dape" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_image_given_twice_is_one_input(tmp_path):
+    """The same photo given by name, again, and through its folder (and a link to it) is upscaled once, not refused
+    as two inputs that would write one output."""
+    from comfyui_diffsr.cli.common import find_images, plan_outputs
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(os.path.join(FIX, "in_32x32.png"), folder / "photo.png")
+    os.symlink(folder / "photo.png", tmp_path / "link.png")
+    photo = str(folder / "photo.png")
+    images = find_images([photo, photo, str(folder), str(tmp_path / "link.png")])
+    assert images == [(photo, "photo")]
+    assert plan_outputs(images, str(tmp_path / "out")) == [(photo, str(tmp_path / "out" / "photo.png"))]
