@@ -8,7 +8,7 @@ from ..dossr_core.model import DEFAULT_PROMPT, load_dossr
 from ..dossr_core.pipeline import (PIXEL_MULTIPLE, Options, decode, dossr_sample, dossr_upscale, fixed_and_resized,
                                    text_context)
 from ..sr_common.color_fix import COLOR_FIXES
-from ..sr_common.sd21 import SCALING_FACTOR, checked_context
+from ..sr_common.sd21 import SCALING_FACTOR
 from ..sr_common.tiling import overlap_within
 from . import host
 from .osediff import CATEGORY, DECODER_PRECISION, SD21, dtype_input, tile_inputs
@@ -97,11 +97,9 @@ class DoSSRUpscale(io.ComfyNode):
 def _prompt_context(model, dtype, prompt, conditioning, node):
     """``model`` cast for the run, and the text context: the CONDITIONING's, or the prompt's (the text encoder on the
     device only for a prompt not encoded yet)."""
-    given = None if conditioning is None else host.conditioning_embedding(conditioning, node)  # refused before a cast
-    host.cast_for_run(model, dtype)
-    if given is not None:
-        return checked_context(given, model.unet)
-    return model.prompt_embedding(prompt)  # the text encoder goes to the device only for a new prompt
+    embeds = None if conditioning is None else host.conditioning_embedding(conditioning, model.unet, node)
+    host.cast_for_run(model, dtype)  # after the CONDITIONING's checks: a refused one casts nothing
+    return model.prompt_embedding(prompt) if embeds is None else embeds
 
 
 class DoSSRSampler(io.ComfyNode):

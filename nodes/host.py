@@ -21,8 +21,8 @@ from ..sr_common.errors import WeightFileError
 from ..sr_common.fast_modules import forget_folded_kernels
 from ..sr_common.image import with_upscaled_alpha
 from ..sr_common.known_files import OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
-from ..sr_common.sd21 import (NETWORK_DTYPES, PRECISIONS, check_precision, ieee_float32, load_sd21, module_tensors,
-                               move_module, sd21_from_ldm_state_dict)
+from ..sr_common.sd21 import (NETWORK_DTYPES, PRECISIONS, check_precision, checked_context, ieee_float32, load_sd21,
+                               module_tensors, move_module, sd21_from_ldm_state_dict)
 from ..sr_common.tiling import DEFAULT_TILES
 from ..sr_common.weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 
@@ -540,8 +540,9 @@ SAMPLER_SETTINGS = {"area": "Conditioning (Set Area)", "mask": "Conditioning (Se
                     "concat_mask": "InpaintModelConditioning"}
 
 
-def conditioning_embedding(conditioning, node):
-    """The prompt embedding of a CONDITIONING of one entry, as CLIP Text Encode gives it. Several entries
+def conditioning_embedding(conditioning, unet, node):
+    """The prompt embedding of a CONDITIONING of one entry, as CLIP Text Encode gives it, of the width ``unet``
+    cross-attends to (``checked_context``: another model's CLIP is refused by name). Several entries
     (Conditioning (Combine), areas) are refused by name: a sampler combines them step by step, these nodes take one.
     So is an entry that carries ``SAMPLER_SETTINGS`` (an area, a mask, a timestep range, a ControlNet…), which
     these nodes cannot apply (they were dropped silently), even where they change nothing (a range of 0 to 1)."""
@@ -555,7 +556,7 @@ def conditioning_embedding(conditioning, node):
         raise ValueError(f"{node}: the CONDITIONING carries {', '.join(settings)} (from {maker} or a node like it), "
                          "which a sampler applies and this node cannot: it takes the prompt embedding alone. Connect "
                          "the CLIP Text Encode without that node.")
-    return conditioning[0][0][:1]
+    return checked_context(conditioning[0][0][:1], unet)
 
 
 def latent_samples(latent, node):

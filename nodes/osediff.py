@@ -7,7 +7,8 @@ from ..osediff_core.pipeline import (Options, Plan, build_osediff, decoded_image
                                      one_step, osediff_upscale, preprocess)
 from ..osediff_core.weights import lq_encoder_pairs, merged_value, osediff_unet_changes, read_osediff
 from ..sr_common.color_fix import COLOR_FIXES, color_reference
-from ..sr_common.sd21 import PRECISIONS, SCALING_FACTOR, checked_context, weights_out_of_memory
+from ..sr_common.image import resized_alpha
+from ..sr_common.sd21 import PRECISIONS, SCALING_FACTOR, weights_out_of_memory
 from ..sr_common.tiling import is_out_of_memory, overlap_within
 from . import host
 
@@ -247,11 +248,10 @@ class OSEDiffOneStep(io.ComfyNode):
     @host.computes_ieee_float32
     def execute(cls, model, latent, prompt, tile_latent, tile_overlap, dtype, conditioning=None):
         z_all = host.latent_samples(latent, "OSEDiff One-Step UNet") * SCALING_FACTOR
-        given = None if conditioning is None else host.conditioning_embedding(conditioning, "OSEDiff One-Step UNet")
-        host.cast_for_run(model, dtype)
-        if given is not None:
-            embeds = checked_context(given, model.unet)
-        else:
+        embeds = None if conditioning is None else host.conditioning_embedding(conditioning, model.unet,
+                                                                                "OSEDiff One-Step UNet")
+        host.cast_for_run(model, dtype)  # after the CONDITIONING's checks: a refused one casts nothing
+        if embeds is None:
             (embeds,) = _embeddings(model, [prompt])
         progress = host.Progress(z_all.shape[0])
         outs = []
@@ -337,13 +337,12 @@ def _encoded_part(latent, encoded_size, lq, plan, upscale, process_size):
 
 
 def _alpha_part(alpha, box, lq_size):
-    """``alpha`` (1, 1, h, w) of the reference, cut to ``box`` of ``_encoded_part`` (resized to the LQ's size
-    ``lq_size`` first, bicubic as ``with_upscaled_alpha``); all of it where ``box`` is None."""
+    """``alpha`` (1, 1, h, w) of the reference, cut to ``box`` of ``_encoded_part`` (``resized_alpha`` to the LQ's
+    size ``lq_size`` first); all of it where ``box`` is None."""
     if box is None:
         return alpha
     top, left, h, w = box
-    scaled = torch.nn.functional.interpolate(alpha.float(), size=lq_size, mode="bicubic", align_corners=False)
-    return scaled[..., top:top + h, left:left + w]
+    return resized_alpha(alpha, lq_size)[..., top:top + h, left:left + w]
 
 
 class DAPELoader(io.ComfyNode):

@@ -24,12 +24,15 @@ def pil_to_tensor(image):
     return torch.from_numpy(array.copy()).permute(2, 0, 1)[None].float() / 255.0
 
 
+def resized_alpha(alpha, size):
+    """An alpha (B, 1, h, w) in [0, 1] resized bicubically to ``size`` (H, W), in float32, and clamped."""
+    return F.interpolate(alpha.float(), size=tuple(size), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
 def with_upscaled_alpha(image, alpha):
-    """(B, 3, H, W) and an alpha (B, 1, h, w) in [0, 1] → (B, 4, H, W): the alpha resized bicubically to the image's
-    size and clamped (the networks see only the RGB)."""
-    scaled = F.interpolate(alpha.to(image.device, torch.float32), size=image.shape[-2:], mode="bicubic",
-                           align_corners=False)
-    return torch.cat([image, scaled.clamp(0, 1).to(image.dtype)], dim=1)
+    """(B, 3, H, W) and an alpha (B, 1, h, w) in [0, 1] → (B, 4, H, W): the alpha ``resized_alpha`` to the image's
+    size (the networks see only the RGB)."""
+    return torch.cat([image, resized_alpha(alpha.to(image.device), image.shape[-2:]).to(image.dtype)], dim=1)
 
 
 def tensor_to_uint8(image):
