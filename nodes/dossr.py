@@ -79,7 +79,7 @@ class DoSSRUpscale(io.ComfyNode):
     def execute(cls, model, image, steps, seed, prompt, upscale, color_fix, tile_latent, tile_overlap, dtype,
                 conditioning=None):
         images, alpha = host.image_to_bchw(image)
-        embeds = _prompt_context(model, dtype, prompt, conditioning, "DoSSR Upscale")
+        embeds = _prompt_context(model, dtype, prompt, conditioning, "DoSSR Upscale", model.modules())
         progress = host.Progress(len(images) * steps)
         outs = []
         for one in images:
@@ -94,12 +94,21 @@ class DoSSRUpscale(io.ComfyNode):
         return io.NodeOutput(host.bchw_to_image(outs, alpha))
 
 
-def _prompt_context(model, dtype, prompt, conditioning, node):
-    """``model`` cast for the run, and the text context: the CONDITIONING's, or the prompt's (the text encoder on the
-    device only for a prompt not encoded yet)."""
+def _prompt_context(model, dtype, prompt, conditioning, node, networks):
+    """``networks`` of ``model``, those the node runs, cast for the run (and the text encoder for a prompt), and the
+    text context: the CONDITIONING's, or the prompt's (the text encoder on the device only for a prompt not encoded
+    yet)."""
     embeds = None if conditioning is None else host.conditioning_embedding(conditioning, model.unet, node)
-    host.cast_for_run(model, dtype)  # after the CONDITIONING's checks: a refused one casts nothing
+    # after the CONDITIONING's checks: a refused one casts nothing
+    host.cast_for_run(model, dtype, [m for m in networks if m is not model.text_encoder or embeds is None])
     return model.prompt_embedding(prompt) if embeds is None else embeds
+
+
+def _sampler_networks(model, from_latent):
+    """The networks DoSSR Sampler runs: all of ``model``'s but the VAE decoder, which decodes only a LATENT input."""
+    if from_latent:
+        return model.modules()
+    return [m for m in model.modules() if m is not model.vae] + [model.vae.encoder, model.vae.quant_conv]
 
 
 class DoSSRSampler(io.ComfyNode):
@@ -146,7 +155,8 @@ class DoSSRSampler(io.ComfyNode):
             inputs = [(lr, None) for lr in images]
         else:
             inputs = [(None, one) for one in host.latent_samples(latent, "DoSSR Sampler").split(1)]
-        embeds = _prompt_context(model, dtype, prompt, conditioning, "DoSSR Sampler")
+        embeds = _prompt_context(model, dtype, prompt, conditioning, "DoSSR Sampler",
+                                 _sampler_networks(model, latent is not None))
         progress = host.Progress(len(inputs) * steps)
 
         def on_stage(stage, *_):  # a step done: the progress bar (which also cancels); else a cancel check
@@ -192,7 +202,7 @@ class DoSSRDecode(io.ComfyNode):
     @classmethod
     @host.computes_ieee_float32
     def execute(cls, model, latent, reference, upscale, color_fix, vae_tile, dtype="auto"):
-        host.cast_for_run(model, dtype, [model.vae])
+        host.cast_for_run(model, dtype, host.vae_decoder(model.vae))
         starts, alpha = host.image_to_bchw(reference)
         dev = model.device  # ``decode`` loads the VAE (``model.load_stage``)
         progress = host.Progress(len(starts))

@@ -308,7 +308,8 @@ def set_precision(model, dtype):
     ComfyUI's offload device is the GPU), so a later float32 run, or another model sharing the module (the SD 2.1
     VAE and text encoder), never computes with rounded weights; that copy stays there from then on. A
     ``recompute_exact`` tensor keeps no copy: its value is computed again when a cast needs it. Returns whether
-    anything was cast."""
+    anything was cast (the model's cached prompt embeddings follow its text encoder's precision by themselves:
+    ``NetworksOnSD21.prompt_embedding``)."""
     modules = {id(m): m for part in _parts(model) for m in part.modules()}.values()  # shared modules once
     cast_any = False
     for module in modules:
@@ -328,8 +329,6 @@ def set_precision(model, dtype):
                     cast = entry.to(device=tensor.device, dtype=dtype)
                 _put(store, name, cast)
                 cast_any = True
-    if cast_any and hasattr(model, "prompt_cache"):
-        model.prompt_cache.clear()  # embeddings of the earlier precision
     return cast_any
 
 
@@ -357,20 +356,29 @@ def in_precision(module, dtype_widget):
 
 
 def cast_for_run(model, dtype_widget, networks=None):
-    """``networks`` of ``model`` (default: all) in ``widget_dtype``. Those that need a cast and that ComfyUI holds on
-    its device are unloaded by it first (``unload``): the cast then allocates in CPU memory, where the loaders keep
-    the weights, not in device memory ComfyUI does not count, and ComfyUI counts their new size when the run loads
-    them again."""
+    """``networks`` of ``model`` (default: all), the ones a node runs, in ``widget_dtype``; the others keep theirs,
+    so nodes on one model in different precisions (an fp32 LQ Encoder before an auto decode) do not cast each
+    other's networks back at every run. Those that need a cast and that ComfyUI holds on its device, alone or in a
+    network loaded whole (a VAE decoder in its VAE), are unloaded by it first (``unload``): the cast then allocates
+    in CPU memory, where the loaders keep the weights, not in device memory ComfyUI does not count, and ComfyUI
+    counts their new size when the run loads them again."""
     dtype = widget_dtype(model, dtype_widget)
-    parts = networks or _parts(model)
+    parts = [m for m in networks or _parts(model) if m is not None]
     unload([m for m in parts if any(t.is_floating_point() and t.dtype != dtype for t in module_tensors(m))])
-    set_precision(model if networks is None else HeldModules(networks), dtype)
+    set_precision(model if networks is None else HeldModules(parts), dtype)
+
+
+def vae_decoder(vae):
+    """The parts of an SD VAE that decode (``sr_common.latents.vae_decode``): its post_quant_conv and decoder."""
+    return [vae.post_quant_conv, vae.decoder]
 
 
 def unload(modules):
-    """The ComfyUI patchers of ``modules`` that ComfyUI holds loaded, unloaded by it as its ``free_memory`` unloads a
-    model (``LoadedModel.model_unload``, the entry dropped from ``current_loaded_models``)."""
-    patchers = {id(p) for p in (_patchers.get(id(m)) for m in modules) if p is not None}
+    """The ComfyUI patchers that hold any of ``modules`` (their own, or a network's they are part of) and that ComfyUI
+    holds loaded, unloaded by it as its ``free_memory`` unloads a model (``LoadedModel.model_unload``, the entry
+    dropped from ``current_loaded_models``)."""
+    wanted = {id(m) for root in modules for m in root.modules()}
+    patchers = {id(p) for p in list(_patchers.values()) if any(id(m) in wanted for m in p.model.modules())}
     loaded = [entry for entry in mm.current_loaded_models if id(entry.model) in patchers]
     for entry in loaded:
         entry.model_unload()

@@ -41,7 +41,7 @@ DECODER_PRECISION = ("The VAE decoder's precision, set here: the model is shared
                      "decode would run in whatever precision the node before it left.")
 
 
-def dtype_input(what="Network precision.", optional=False):
+def dtype_input(what="Precision of the networks this node runs.", optional=False):
     return io.Combo.Input("dtype", options=["auto", *PRECISIONS], default="auto", optional=optional,
                           tooltip=f"{what} auto: ComfyUI's choice for the device (as for its own models: fp16 on "
                                   "most GPUs, fp32 on the CPU and where fp16 is broken or slow; --force-fp32 and "
@@ -215,7 +215,7 @@ class OSEDiffLQEncoder(io.ComfyNode):
     @host.computes_ieee_float32
     def execute(cls, model, image, upscale, process_size, vae_tile, dtype):
         images, _ = host.image_to_bchw(image)
-        host.cast_for_run(model, dtype)
+        host.cast_for_run(model, dtype, [model.lq_encoder])
         progress = host.Progress(len(images))
         latents = []
         for one in images:
@@ -250,7 +250,8 @@ class OSEDiffOneStep(io.ComfyNode):
         z_all = host.latent_samples(latent, "OSEDiff One-Step UNet") * SCALING_FACTOR
         embeds = None if conditioning is None else host.conditioning_embedding(conditioning, model.unet,
                                                                                 "OSEDiff One-Step UNet")
-        host.cast_for_run(model, dtype)  # after the CONDITIONING's checks: a refused one casts nothing
+        # after the CONDITIONING's checks: a refused one casts nothing
+        host.cast_for_run(model, dtype, [model.unet] if embeds is not None else [model.unet, model.text_encoder])
         if embeds is None:
             (embeds,) = _embeddings(model, [prompt])
         progress = host.Progress(z_all.shape[0])
@@ -287,7 +288,7 @@ class OSEDiffDecode(io.ComfyNode):
     @classmethod
     @host.computes_ieee_float32
     def execute(cls, model, latent, reference, upscale, process_size, color_fix, vae_tile, dtype="auto"):
-        host.cast_for_run(model, dtype, [model.vae])
+        host.cast_for_run(model, dtype, host.vae_decoder(model.vae))
         images, alpha = host.image_to_bchw(reference)
         progress = host.Progress(len(images))
         outs, alphas = [], []

@@ -1105,6 +1105,77 @@ def test_the_decode_nodes_compute_in_their_own_precision(pack, osediff_model, me
         assert torch.equal(decode(dtype="fp32"), first)
 
 
+@pytest.mark.parametrize("method", ["osediff", "dossr"])
+def test_modular_nodes_in_different_precisions_cast_only_the_networks_they_run(pack, osediff_model, method):
+    """A modular graph whose nodes ask different precisions of one model (an fp32 encoder or sampler beside a bf16
+    UNet or decode) casts nothing at its second run: each node casts the networks it runs only, so they do not cast
+    each other's back and forth (on a GPU: an unload, a cast and a reload of the VAE or the UNet at every run); the
+    images of both runs are the same. A network that must be cast is unloaded by ComfyUI first, also when it is part
+    of one ComfyUI loaded whole (the VAE decoder of the VAE)."""
+    _, nodes = pack
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    mm = sys.modules["comfy.model_management"]
+    image = torch.rand(1, 20, 24, 3, generator=torch.Generator().manual_seed(6))
+    if method == "osediff":
+        _, model = osediff_model
+        sizing = dict(upscale=2.0, process_size=32)
+
+        def graph(decode_dtype="bf16"):
+            (latent,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=image, vae_tile=1024, dtype="fp32", **sizing)
+            (latent,) = run(nodes["OSEDiff_OneStepUNet"], model=model, latent=latent, prompt="a modular prompt",
+                            tile_latent=96, tile_overlap=32, dtype="bf16")
+            return run(nodes["OSEDiff_VAEDecode"], model=model, latent=latent, reference=image, color_fix="adain",
+                       vae_tile=224, dtype=decode_dtype, **sizing)[0]
+        kept = {model.lq_encoder: torch.float32, model.unet: torch.bfloat16, model.text_encoder: torch.bfloat16,
+                model.vae.decoder: torch.bfloat16}
+    else:
+        (model,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+
+        def graph(decode_dtype="bf16"):
+            latent, reference = run(nodes["DoSSR_Sampler"], model=model, image=image, steps=2, seed=3,
+                                    prompt="a modular prompt", tile_latent=96, tile_overlap=32, dtype="fp32")
+            return run(nodes["DoSSR_VAEDecode"], model=model, latent=latent, reference=reference, upscale=4.0,
+                       color_fix="wavelet", vae_tile=224, dtype=decode_dtype)[0]
+        kept = {model.unet: torch.float32, model.controlnet: torch.float32, model.vae.encoder: torch.float32,
+                model.rrdb: torch.float32, model.text_encoder: torch.float32, model.vae.decoder: torch.bfloat16}
+    graph()  # the first run casts what earlier runs on the model left in other precisions
+    casts, cast, unloaded, real = [], host.set_precision, [], mm.LoadedModel.model_unload
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(host, "set_precision", lambda *a: casts.append(cast(*a)) or casts[-1])
+        patch.setattr(mm.LoadedModel, "model_unload", lambda self, *a, **kw: unloaded.append(self.model)
+                      or real(self, *a, **kw))
+        first, second = graph(), graph()
+        assert len(casts) == (6 if method == "osediff" else 4) and not any(casts) and not unloaded
+        for module, dtype in kept.items():
+            assert {p.dtype for p in module.parameters()} == {dtype}, module
+        assert torch.equal(first, second)
+        vae = patcher_of(model, model.vae)
+        assert vae in mm.loaded_models()
+        graph("fp32")
+    assert casts[-1] and vae in unloaded  # the decoder cast after ComfyUI unloaded the VAE it loaded whole
+    assert model.vae.decoder.conv_in.weight.dtype == torch.float32
+    for entry in mm.current_loaded_models:  # ComfyUI counts the new size
+        assert entry.model.loaded_size() == entry.model.model_size()
+
+
+def test_a_cached_prompt_embedding_follows_the_text_encoders_precision(pack, osediff_model):
+    """A prompt's embedding is encoded again once the text encoder computes in another precision, whoever cast it (a
+    node casting the networks it runs, another model on the same SD 2.1-base); the earlier precision's embedding is
+    not used in its place, and is again when the text encoder is back in that precision."""
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    _, model = osediff_model
+    text_encoder = host.HeldModules([model.text_encoder])  # the text encoder alone, as another model casts it
+    with torch.inference_mode():
+        host.set_precision(text_encoder, torch.float32)
+        fp32 = model.prompt_embedding("a cached prompt")
+        assert fp32.dtype == torch.float32 and model.prompt_embedding("a cached prompt") is fp32
+        assert host.set_precision(text_encoder, torch.bfloat16)
+        bf16 = model.prompt_embedding("a cached prompt")
+        assert bf16.dtype == torch.bfloat16 and 0 < (bf16.float() - fp32).abs().max() < 0.1
+        assert host.set_precision(text_encoder, torch.float32)
+        assert torch.equal(model.prompt_embedding("a cached prompt"), fp32)
+
+
 @cpu_float16
 def test_16bit_runs_keep_no_float32_copy_of_the_merged_osediff_weights(pack):
     """Once OSEDiff runs in fp16, nothing keeps the float32 values of its merged UNet and LQ encoder (3.5 GB at full
