@@ -1549,3 +1549,495 @@ def test_the_modular_vae_nodes_can_be_cancelled_between_tiles(pack, osediff_mode
         run(nodes["OSEDiff_VAEDecode"], model=model, latent=latent, reference=image, upscale=4.0, process_size=64,
             color_fix="adain", vae_tile=8)
         assert len(checks) > 2, checks  # a 28 x 32 latent in 8 px tiles (with 11 px margins)
+
+
+def test_other_sd2_models_and_a_checkpoint_without_clip_are_refused_by_name(pack):
+    """What Load Checkpoint gives for a model with SD 2's text width that is not SD 2.1-base is refused, naming what
+    it is, before anything is loaded: an SD 2.x inpainting UNet (9 input channels), SD 2.1 unCLIP (an ADM input;
+    its ComfyUI family SD21UnclipH starts with SD2), a model of another family, and a checkpoint with no text
+    encoder (Load Checkpoint's CLIP is None)."""
+    _, nodes = pack
+    mm = sys.modules["comfy.model_management"]
+    node = nodes["DiffSR_SD21FromCheckpoint"]
+    inpaint, unclip = SD20(), type("SD21UnclipH", (SD20,), {})()
+    inpaint.unet_config["in_channels"] = 9
+    unclip.unet_config["adm_in_channels"] = 1024
+    other = type("SD_X4Upscaler", (SD20,), {})()  # ComfyUI's name of a family with SD 2's text width
+    loads = len(mm.LOADED)
+    for config, named in ((inpaint, r"is SD20 \(UNet context_dim 1024, in_channels 9\), not Stable Diffusion "
+                                    r"2\.1-base"),
+                          (unclip, r"is SD21UnclipH \(UNet context_dim 1024, in_channels 4\), not"),
+                          (other, r"is SD_X4Upscaler \(UNet context_dim 1024, in_channels 4\), not")):
+        with pytest.raises(Exception, match=named):
+            run(node, model=FakePatcher(FakeBaseModel({}, config)), clip=FakeClip({}), vae=FakeVae({}))
+    with pytest.raises(Exception, match=r"Load Checkpoint gave no CLIP \(the checkpoint has no text encoder\)"):
+        run(node, model=FakePatcher(FakeBaseModel({}, SD20())), clip=None, vae=FakeVae({}))
+    assert len(mm.LOADED) == loads  # refused before ComfyUI loads anything
+
+
+def test_only_diffusers_pipelines_are_offered_as_a_base(pack, monkeypatch, tmp_path):
+    """Load SD 2.1-base lists the folders of models/diffusers that hold a diffusers pipeline (a ``unet`` folder),
+    not other folders kept there (a ControlNet or VAE alone, notes)."""
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    folder_paths = sys.modules["folder_paths"]
+    root = tmp_path / "diffusers"
+    (root / "sd21_base" / "unet").mkdir(parents=True)
+    (root / "a_controlnet" / "diffusion_pytorch_model").mkdir(parents=True)
+    (root / "notes.txt").write_text("not a model")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusers", ([str(root)], ["folder"]))
+    assert host.diffusers_folders() == ["sd21_base"]
+    assert [c for c in host.base_choices() if c.startswith("diffusers/")] == ["diffusers/sd21_base"]
+
+
+def test_loader_download_finds_the_file_in_any_models_folder(pack, monkeypatch, tmp_path):
+    """A 'download:' choice whose verified file is already in another models/osediff path (extra_model_paths.yaml's
+    first, ComfyUI's own after it) uses that file: nothing is fetched, no second copy is written."""
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    folder_paths = sys.modules["folder_paths"]
+    first, second = tmp_path / "shared_osediff", tmp_path / "models_osediff"
+    first.mkdir()
+    second.mkdir()
+    shutil.copy(os.path.join(DATA, "osediff", "osediff_tiny.pkl"), second / "osediff.pkl")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "osediff", ([str(first), str(second)], {".pkl"}))
+    with official_files_served({"osediff": os.path.join(DATA, "osediff", "osediff_tiny.pkl")}, host.OFFICIAL,
+                               tmp_path / "served") as requests:
+        assert host.weight_path("osediff", "download: osediff.pkl") == str(second / "osediff.pkl")
+    assert requests == [] and os.listdir(first) == []
+
+
+def test_a_download_can_be_cancelled(pack, monkeypatch, tmp_path):
+    """Cancel pressed while a loader fetches an official file stops the download (it checks as data arrives): the
+    file is not put in place, and the next run fetches it."""
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    mm = sys.modules["comfy.model_management"]
+    folder_paths = sys.modules["folder_paths"]
+    target = tmp_path / "models_osediff"
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "osediff", ([str(target)], {".pkl"}))
+    with official_files_served({"osediff": os.path.join(DATA, "osediff", "osediff_tiny.pkl")}, host.OFFICIAL,
+                               tmp_path / "served"):
+        mm.interrupt_current_processing(True)
+        try:
+            with pytest.raises(mm.InterruptProcessingException):
+                host.weight_path("osediff", "download: osediff.pkl")
+        finally:
+            mm.interrupt_current_processing(False)
+        assert not (target / "osediff.pkl").exists()
+        assert host.weight_path("osediff", "download: osediff.pkl") == str(target / "osediff.pkl")
+    assert (target / "osediff.pkl").read_bytes() == (tmp_path / "served" / "osediff.pkl").read_bytes()
+
+
+def bar_updates(monkeypatch):
+    """(current, total) of every ComfyUI progress bar after each of its updates, in order."""
+    utils = sys.modules["comfy.utils"]
+    updates, update = [], utils.ProgressBar.update_absolute
+
+    def recorded(self, value, total=None, preview=None):
+        update(self, value, total, preview)
+        updates.append((self.current, self.total))
+
+    monkeypatch.setattr(utils.ProgressBar, "update_absolute", recorded)
+    return updates
+
+
+def test_progress_bars_count_images_and_steps(pack, osediff_model, monkeypatch):
+    """The progress bar of each node goes up by one per image (OSEDiff, the VAE nodes) or per image and step
+    (DoSSR), over the whole batch."""
+    _, nodes = pack
+    _, model = osediff_model
+    updates = bar_updates(monkeypatch)
+    images = torch.rand(2, 20, 24, 3, generator=torch.Generator().manual_seed(11))
+    run(nodes["OSEDiff_Upscale"], model=model, image=images, prompt="", upscale=2.0, process_size=32,
+        color_fix="none", tile_latent=96, tile_overlap=32, dtype="fp32")
+    assert updates == [(1, 2), (2, 2)]
+    (dossr,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+    embeds = torch.randn(1, 77, dossr.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+    common = dict(model=dossr, seed=1, prompt="", tile_latent=96, tile_overlap=32, dtype="fp32",
+                  conditioning=[[embeds, {}]])
+    updates.clear()
+    run(nodes["DoSSR_Upscale"], **common, image=images, steps=1, upscale=4.0, color_fix="none")
+    assert updates == [(1, 2), (2, 2)]
+    updates.clear()
+    latent, reference = run(nodes["DoSSR_Sampler"], **common, image=images[:1], steps=2)
+    assert updates == [(1, 2), (2, 2)]
+    updates.clear()
+    run(nodes["DoSSR_VAEDecode"], model=dossr, latent=latent, reference=reference, upscale=4.0, color_fix="none",
+        vae_tile=0)
+    assert updates == [(1, 1)]
+
+
+def test_oom_retry_frees_comfyuis_cache_before_each_retry(pack):
+    """After out-of-memory, ComfyUI's cache is emptied (soft_empty_cache) before the run is tried again with smaller
+    tiles: the failed attempt's blocks are given back first."""
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    mm = sys.modules["comfy.model_management"]
+    tried, emptied = [], len(mm.EMPTIED)
+
+    def run(tile_latent):
+        tried.append((tile_latent, len(mm.EMPTIED) - emptied))
+        if len(tried) < 3:
+            raise mm.OOM_EXCEPTION("out of memory")
+        return tile_latent
+
+    assert host.with_oom_retry(run, tile_latent=64) == 16
+    assert tried == [(64, 0), (32, 1), (16, 2)]
+
+
+def test_the_dape_prompt_extractor_can_be_cancelled(pack):
+    """Cancel pressed before the DAPE Prompt Extractor tags its image stops it."""
+    _, nodes = pack
+    mm = sys.modules["comfy.model_management"]
+    (dape,) = run(nodes["DAPE_Loader"], ram_or_converted="ram_tiny.pth", dape="dape_tiny.pth")
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            run(nodes["DAPE_PromptExtractor"], dape=dape, image=torch.rand(1, 24, 24, 3), upscale=4.0,
+                process_size=0, user_prompt="", tags_only=True, exclude="", max_tags=0)
+    finally:
+        mm.interrupt_current_processing(False)
+
+
+def test_dape_prompt_extractor_tags_the_first_image_and_trims_exclusions(pack):
+    """The DAPE Prompt Extractor tags the first image of a batch (its one STRING output); tags to exclude are
+    matched without the spaces around the commas, wherever they are in the list."""
+    _, nodes = pack
+    (dape,) = run(nodes["DAPE_Loader"], ram_or_converted="ram_tiny.pth", dape="dape_tiny.pth")
+    image = torch.rand(1, 24, 24, 3, generator=torch.Generator().manual_seed(4))
+    extract = lambda image, exclude="": run(nodes["DAPE_PromptExtractor"], dape=dape, image=image, upscale=4.0,
+                                            process_size=0, user_prompt="", tags_only=True, exclude=exclude,
+                                            max_tags=0)[0]
+    tags = extract(image).split(", ")
+    assert len(tags) >= 2, tags
+    batch = torch.cat([image, torch.rand(1, 24, 24, 3, generator=torch.Generator().manual_seed(5))])
+    assert extract(batch) == ", ".join(tags)
+    assert extract(image, exclude=f"not a tag,  {tags[1]} ").split(", ") == tags[:1] + tags[2:]
+
+
+def test_the_lq_encoder_retries_out_of_memory_with_a_smaller_tile(pack, osediff_model, monkeypatch):
+    """OSEDiff LQ Encoder out of memory: the encode is tried again with its VAE tile halved, not with the same."""
+    _, nodes = pack
+    _, model = osediff_model
+    osediff = sys.modules["custom_nodes_x_diffsr_pack.nodes.osediff"]
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    tiles, real = [], osediff.lq_latent
+
+    def flaky(model, lq, tile, **kw):
+        tiles.append(tile)
+        if len(tiles) == 1:
+            raise host.mm.OOM_EXCEPTION("out of memory")
+        return real(model, lq, tile=tile, **kw)
+
+    monkeypatch.setattr(osediff, "lq_latent", flaky)
+    (latent,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=torch.rand(1, 16, 16, 3), upscale=2.0,
+                    process_size=32, vae_tile=256, dtype="fp32")
+    assert tiles == [256, 128] and latent["samples"].shape == (1, 4, 4, 4)
+
+
+def test_the_one_step_unet_keeps_what_the_lq_encoder_encoded(pack, osediff_model):
+    """The LQ Encoder's note of the size it encoded goes through OSEDiff One-Step UNet with the latent, so OSEDiff VAE
+    Decode still refuses a reference the latent was not made from (it would take the latent for a VAE Encode crop of
+    it)."""
+    _, nodes = pack
+    _, model = osediff_model
+    image = torch.rand(1, 45, 51, 3, generator=torch.Generator().manual_seed(8))
+    (latent,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=image[:, 2:42, 1:49], upscale=1.0, process_size=8,
+                    vae_tile=0, dtype="fp32")  # the part of it VAE Encode would keep
+    (x0,) = run(nodes["OSEDiff_OneStepUNet"], model=model, latent=latent, prompt="", tile_latent=0, tile_overlap=0,
+                dtype="fp32")
+    with pytest.raises(ValueError, match=r"the LATENT is 6×5 \(latent px\) \(the LQ Encoder encoded 48×40 px\)"):
+        run(nodes["OSEDiff_VAEDecode"], model=model, latent=x0, reference=image, upscale=1.0, process_size=8,
+            color_fix="none", vae_tile=0)
+
+
+def test_the_modular_osediff_graph_keeps_each_images_alpha(pack, osediff_model):
+    """An RGBA batch through LQ Encoder → One-Step UNet → VAE Decode keeps each image's own alpha, as the all-in-one
+    node does."""
+    _, nodes = pack
+    _, model = osediff_model
+    image = torch.rand(2, 20, 24, 4, generator=torch.Generator().manual_seed(12))
+    image[1, ..., 3] = 1 - image[0, ..., 3]
+    sizing = dict(upscale=2.0, process_size=32)
+    (whole,) = run(nodes["OSEDiff_Upscale"], model=model, image=image, prompt="", color_fix="none", tile_latent=96,
+                   tile_overlap=32, dtype="fp32", **sizing)
+    (latent,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=image, vae_tile=0, dtype="fp32", **sizing)
+    (x0,) = run(nodes["OSEDiff_OneStepUNet"], model=model, latent=latent, prompt="", tile_latent=96, tile_overlap=32,
+                dtype="fp32")
+    (parts,) = run(nodes["OSEDiff_VAEDecode"], model=model, latent=x0, reference=image, color_fix="none", vae_tile=0,
+                   **sizing)
+    assert parts.shape == whole.shape == (2, 40, 48, 4)
+    assert torch.equal(parts[..., 3], whole[..., 3]) and not torch.equal(parts[0, ..., 3], parts[1, ..., 3])
+
+
+def test_a_vae_encode_crop_of_an_enlarged_reference_keeps_its_alpha_in_place(pack, osediff_model):
+    """OSEDiff VAE Decode of ComfyUI's VAE Encode crop of a reference that process_size enlarged: the alpha is cut
+    from the enlarged reference's alpha where the image was, so an alpha edge stays where the image's edge is."""
+    _, nodes = pack
+    _, model = osediff_model
+    pipeline = sys.modules["custom_nodes_x_diffsr_pack.osediff_core.pipeline"]
+    image = torch.rand(1, 17, 21, 4, generator=torch.Generator().manual_seed(8))
+    image[..., 3] = (torch.arange(21) >= 10).float()  # the edge at x = 10 of 21
+    lq, _ = pipeline.preprocess(image[..., :3].movedim(-1, 1), upscale=2.0, process_size=64)
+    height, width = lq.shape[-2:]
+    top, left, h, w = height % 8 // 2, width % 8 // 2, height // 8 * 8, width // 8 * 8
+    (latent,) = run(nodes["OSEDiff_LQEncoder"], model=model, vae_tile=0, dtype="fp32", upscale=1.0, process_size=8,
+                    image=lq[..., top:top + h, left:left + w].movedim(1, -1))
+    (out,) = run(nodes["OSEDiff_VAEDecode"], model=model, latent={"samples": latent["samples"]}, reference=image,
+                 upscale=2.0, process_size=64, color_fix="none", vae_tile=0)
+    scale = out.shape[2] / w  # output px per px of the crop
+    assert left == 3  # 78 px enlarged: VAE Encode keeps 72 of them
+    edge = (10 / 21 * width - left) * scale  # the image's edge in the output
+    row = out[0, out.shape[1] // 2, :, 3]
+    crossing = int((row < 0.5).sum())  # the alpha edge: columns left of it are transparent
+    assert abs(crossing - edge) <= 1.5, (crossing, edge)
+
+
+def test_dossr_decode_refuses_a_latent_that_does_not_fit_its_reference(pack):
+    """DoSSR VAE Decode refuses a LATENT padded by 64 px or more beyond its reference (the sampler pads by less)
+    and a LATENT of fewer images than the reference (it decoded only those, silently)."""
+    _, nodes = pack
+    (model,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+    decode = dict(model=model, upscale=4.0, color_fix="none", vae_tile=0)
+    with pytest.raises(ValueError, match=r"the LATENT decodes to 96×144 px, which does not match the 96×80 reference"):
+        run(nodes["DoSSR_VAEDecode"], latent={"samples": torch.zeros(1, 4, 18, 12)}, reference=torch.rand(1, 80, 96, 3),
+            **decode)
+    with pytest.raises(ValueError, match=r"the LATENT holds 1 image\(s\) but the reference 2"):
+        run(nodes["DoSSR_VAEDecode"], latent={"samples": torch.zeros(1, 4, 10, 12)}, reference=torch.rand(2, 80, 96, 3),
+            **decode)
+
+
+def test_a_precision_change_encodes_the_prompt_again(pack, osediff_model):
+    """Prompt embeddings are kept in the precision the text encoder ran in: a run in another precision encodes its
+    prompt again, so an fp32 run after a bf16 one gives the output of an fp32 run alone (not one computed from the
+    bf16 rounding of its prompt's embedding)."""
+    _, nodes = pack
+    _, model = osediff_model
+    args = dict(model=model, image=torch.rand(1, 20, 24, 3, generator=torch.Generator().manual_seed(13)),
+                prompt="a prompt encoded in bf16", upscale=2.0, process_size=32, color_fix="adain", tile_latent=96,
+                tile_overlap=32)
+    with torch.inference_mode():  # as ComfyUI runs nodes
+        model.prompt_cache.clear()
+        (alone,) = run(nodes["OSEDiff_Upscale"], **args, dtype="fp32")
+        model.prompt_cache.clear()
+        run(nodes["OSEDiff_Upscale"], **args, dtype="bf16")
+        (after,) = run(nodes["OSEDiff_Upscale"], **args, dtype="fp32")
+    assert torch.equal(after, alone)
+
+
+def test_the_rounded_weights_note_names_floating_point_parts_only(pack):
+    """The note on weights Load Checkpoint holds in less than float32 names the parts by their floating-point
+    tensors; an integer tensor (an index or a counter kept with the weights) is no rounded weight."""
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    sd = {"model.diffusion_model.out.2.weight": torch.zeros(2), "first_stage_model.decoder.conv_in.weight":
+          torch.zeros(2), "cond_stage_model.model.token_embedding.weight": torch.zeros(2),
+          "cond_stage_model.model.position_ids": torch.arange(2)}
+    assert host.reduced_precision_parts(sd) == ""
+    sd["model.diffusion_model.out.2.weight"] = torch.zeros(2, dtype=torch.float16)
+    sd["first_stage_model.decoder.conv_in.weight"] = torch.zeros(2, dtype=torch.bfloat16)
+    assert host.reduced_precision_parts(sd) == "the UNet in float16, the VAE in bfloat16"
+
+
+def test_a_refused_conditioning_casts_nothing(pack, osediff_model):
+    """A CONDITIONING the node refuses is refused before the model is cast to the node's dtype: the networks stay in
+    the precision they were in (no cast, no reload of weights for a run that does not happen)."""
+    _, nodes = pack
+    _, model = osediff_model
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    (dossr,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+    host.cast_for_run(model, "fp32")
+    host.cast_for_run(dossr, "fp32")
+    combined = lambda m: [[torch.randn(1, 77, m.unet.config.cross_attention_dim), {}]] * 2
+    with pytest.raises(ValueError, match="the CONDITIONING has 2 entries"):
+        run(nodes["OSEDiff_OneStepUNet"], model=model, latent={"samples": torch.zeros(1, 4, 5, 6)}, prompt="",
+            tile_latent=0, tile_overlap=0, dtype="bf16", conditioning=combined(model))
+    with pytest.raises(ValueError, match="the CONDITIONING has 2 entries"):
+        run(nodes["DoSSR_Sampler"], model=dossr, image=torch.rand(1, 20, 24, 3), steps=1, seed=0, prompt="",
+            tile_latent=0, tile_overlap=0, dtype="bf16", conditioning=combined(dossr))
+    assert {p.dtype for m in (model, dossr) for p in m.unet.parameters()} == {torch.float32}
+
+
+def test_unload_drops_comfyuis_entry_and_frees_its_cache(pack):
+    """``host.unload`` (before a cast) unloads a network as ComfyUI's free_memory does: the entry leaves ComfyUI's
+    list of loaded models (a stale entry would be counted, and unloaded again), and its cache is emptied after."""
+    host, mm = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"], sys.modules["comfy.model_management"]
+    holder, net, other = types.SimpleNamespace(), torch.nn.Linear(4, 4), torch.nn.Linear(2, 2)
+    host.load_on_device(holder, net, other)
+    patchers = [patcher_of(holder, m) for m in (net, other)]
+    assert set(patchers) <= set(mm.loaded_models())
+    emptied = len(mm.EMPTIED)
+    host.unload([net])
+    assert patchers[0] not in mm.loaded_models() and patchers[1] in mm.loaded_models()
+    assert len(mm.EMPTIED) == emptied + 1
+
+
+def test_a_16bit_image_is_upscaled_as_its_float32_values(pack, osediff_model):
+    """An IMAGE in float16 or bfloat16 (as some nodes give it) is upscaled as the same values in float32."""
+    _, nodes = pack
+    _, model = osediff_model
+    args = dict(model=model, prompt="", upscale=2.0, process_size=32, color_fix="adain", tile_latent=96,
+                tile_overlap=32, dtype="fp32")
+    image = torch.rand(1, 20, 24, 3, generator=torch.Generator().manual_seed(14))
+    for dtype in (torch.float16, torch.bfloat16):
+        (expected,) = run(nodes["OSEDiff_Upscale"], image=image.to(dtype).float(), **args)
+        (out,) = run(nodes["OSEDiff_Upscale"], image=image.to(dtype), **args)
+        assert out.dtype == torch.float32 and torch.equal(out, expected), dtype
+    (dossr,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+    decode = dict(model=dossr, latent={"samples": torch.randn(1, 4, 10, 12, generator=torch.Generator().manual_seed(2))},
+                  upscale=4.0, color_fix="wavelet", vae_tile=0)
+    reference = torch.rand(1, 80, 96, 4, generator=torch.Generator().manual_seed(3))  # an RRDB image with alpha
+    (expected,) = run(nodes["DoSSR_VAEDecode"], reference=reference.half().float(), **decode)
+    (out,) = run(nodes["DoSSR_VAEDecode"], reference=reference.half(), **decode)
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+
+
+def test_a_conditioning_is_its_first_prompt_embedding(pack, osediff_model):
+    """A CONDITIONING whose entry holds a batch of embeddings gives the first one (these nodes encode one prompt for
+    every image); an empty CONDITIONING is refused by name."""
+    _, nodes = pack
+    _, model = osediff_model
+    embeds = torch.randn(2, 77, model.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(15))
+    one_step = dict(model=model, latent={"samples": torch.rand(1, 4, 5, 6, generator=torch.Generator().manual_seed(1))},
+                    prompt="", tile_latent=0, tile_overlap=0, dtype="fp32")
+    (first,) = run(nodes["OSEDiff_OneStepUNet"], **one_step, conditioning=[[embeds[:1], {}]])
+    (batch,) = run(nodes["OSEDiff_OneStepUNet"], **one_step, conditioning=[[embeds, {}]])
+    assert batch["samples"].shape == (1, 4, 5, 6) and torch.equal(batch["samples"], first["samples"])
+    with pytest.raises(ValueError, match=r"One-Step UNet: the CONDITIONING has 0 entries"):
+        run(nodes["OSEDiff_OneStepUNet"], **one_step, conditioning=[])
+
+
+def test_a_16bit_latent_is_taken_as_its_float32_values(pack, osediff_model):
+    """A LATENT in float16 (as some nodes give it) gives the output of the same values in float32."""
+    _, nodes = pack
+    _, model = osediff_model
+    samples = torch.randn(1, 4, 5, 6, generator=torch.Generator().manual_seed(16)).half()
+    one_step = dict(model=model, prompt="", tile_latent=0, tile_overlap=0, dtype="fp32")
+    (expected,) = run(nodes["OSEDiff_OneStepUNet"], latent={"samples": samples.float()}, **one_step)
+    (out,) = run(nodes["OSEDiff_OneStepUNet"], latent={"samples": samples}, **one_step)
+    assert out["samples"].dtype == torch.float32 and torch.equal(out["samples"], expected["samples"])
+
+
+def test_a_mask_or_hooks_alone_is_refused_by_name(pack, osediff_model):
+    """A CONDITIONING entry carrying only a mask (a regional-prompt node) or CLIP hooks (Set CLIP Hooks adds them
+    alone) is refused naming it, as the other sampler settings are."""
+    _, nodes = pack
+    _, model = osediff_model
+    embeds = torch.randn(1, 77, model.unet.config.cross_attention_dim)
+    one_step = dict(model=model, latent={"samples": torch.zeros(1, 4, 5, 6)}, prompt="", tile_latent=0, tile_overlap=0,
+                    dtype="fp32")
+    for settings, named in (({"mask": torch.ones(1, 8, 8)}, r"mask \(from Conditioning \(Set Mask\) or"),
+                            ({"hooks": object()}, r"hooks \(from Set CLIP Hooks or")):
+        with pytest.raises(ValueError, match=f"One-Step UNet: the CONDITIONING carries {named}"):
+            run(nodes["OSEDiff_OneStepUNet"], **one_step, conditioning=[[embeds, settings]])
+
+
+def test_oom_in_the_osediff_nodes_halves_the_tile_below_its_overlap(pack, osediff_model, monkeypatch):
+    """OSEDiff Upscale and One-Step UNet with latent tiles of 32 and an overlap of 24 run out of memory: the tile is
+    halved to 16 and the overlap kept below it (8), so the run goes on instead of stopping with an error about an
+    overlap the user did not set."""
+    _, nodes = pack
+    _, model = osediff_model
+    osediff = sys.modules["custom_nodes_x_diffsr_pack.nodes.osediff"]
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    seen = []
+
+    def flaky(real, tiles):
+        def run(*args, **kw):
+            seen.append(tiles(kw))
+            if len(seen) == 1:
+                raise host.mm.OOM_EXCEPTION("out of memory")
+            return real(*args, **kw)
+        return run
+
+    monkeypatch.setattr(osediff, "osediff_upscale", flaky(osediff.osediff_upscale, lambda kw: (
+        kw["options"].tile_latent, kw["options"].tile_overlap)))
+    (out,) = run(nodes["OSEDiff_Upscale"], model=model, image=torch.rand(1, 20, 24, 3), prompt="", upscale=2.0,
+                 process_size=32, color_fix="none", tile_latent=32, tile_overlap=24, dtype="fp32")
+    assert seen == [(32, 24), (16, 8)] and out.shape == (1, 40, 48, 3)
+    seen.clear()
+    monkeypatch.setattr(osediff, "one_step", flaky(osediff.one_step, lambda kw: (kw["tile"], kw["overlap"])))
+    (x0,) = run(nodes["OSEDiff_OneStepUNet"], model=model, latent={"samples": torch.zeros(1, 4, 5, 6)}, prompt="",
+                tile_latent=32, tile_overlap=24, dtype="fp32")
+    assert seen == [(32, 24), (16, 8)] and x0["samples"].shape == (1, 4, 5, 6)
+
+
+def test_dossr_loader_builds_a_model_per_config(pack):
+    """Load DoSSR gives one model per weights file and config: another config for the same file builds another model
+    (from that yaml), not the one of the config chosen before."""
+    _, nodes = pack
+    configs = os.path.join(os.environ["DIFFSR_TEST_MODELS"], "configs")
+    shutil.copyfile(os.path.join(configs, "tiny_cldm.yaml"), os.path.join(configs, "tiny_cldm_copy.yaml"))
+    try:
+        (first,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+        (other,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm_copy.yaml")
+        (again,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+    finally:
+        os.remove(os.path.join(configs, "tiny_cldm_copy.yaml"))
+    assert again is first and other is not first
+
+
+def test_the_modular_nodes_run_in_their_dtype(pack, osediff_model, monkeypatch):
+    """OSEDiff One-Step UNet and DoSSR Sampler cast the networks they run to their dtype widget (the model is shared:
+    another node may have left it in any precision), with a prompt as with a CONDITIONING."""
+    _, nodes = pack
+    _, model = osediff_model
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    (dossr,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kw):  # the core is called: the precision its networks hold now
+        seen.append({p.dtype for p in args[0].unet.parameters()})
+        raise Stop
+
+    for module in ("osediff", "dossr"):
+        monkeypatch.setattr(sys.modules[f"custom_nodes_x_diffsr_pack.nodes.{module}"],
+                            "one_step" if module == "osediff" else "dossr_sample", stop)
+    embeds = lambda m: [[torch.randn(1, 77, m.unet.config.cross_attention_dim), {}]]
+    one_step = dict(model=model, latent={"samples": torch.rand(1, 4, 5, 6)}, prompt="", tile_latent=0, tile_overlap=0)
+    sampler = dict(model=dossr, image=torch.rand(1, 20, 24, 3), steps=1, seed=0, prompt="", tile_latent=0,
+                   tile_overlap=0)
+    try:
+        for node, inputs, m in (("OSEDiff_OneStepUNet", one_step, model), ("DoSSR_Sampler", sampler, dossr)):
+            for conditioning in (None, embeds(m)):
+                for dtype, expected in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+                    with pytest.raises(Stop):
+                        run(nodes[node], **inputs, dtype=dtype, conditioning=conditioning)
+                    assert seen.pop() == {expected}, (node, dtype)
+    finally:
+        host.cast_for_run(model, "fp32")
+        host.cast_for_run(dossr, "fp32")
+
+
+def test_dossr_loader_builds_a_model_per_base(pack):
+    """Load DoSSR with an SD21_BASE connected builds its model on that base, not the one it built for the same file
+    without a base (or on another base) before."""
+    _, nodes = pack
+    sd21_module, dossr_model = (sys.modules[f"custom_nodes_x_diffsr_pack.{m}"] for m in ("sr_common.sd21",
+                                                                                         "dossr_core.model"))
+    models = os.environ["DIFFSR_TEST_MODELS"]
+    own = dossr_model.load_dossr(os.path.join(models, "dossr", "dossr_tiny.ckpt"),
+                                 config=os.path.join(models, "configs", "tiny_cldm.yaml"))
+    base = sd21_module.SD21(own.unet, own.vae, own.text_encoder, own.tokenizer)
+    (alone,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+    (shared,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml", sd21=base)
+    assert shared is not alone and shared.unet is base.unet and alone.unet is not base.unet
+
+
+def test_a_cached_model_is_forgotten_with_the_base_it_was_built_on(pack):
+    """A model built on a base (``host.cached`` with an owner) is no longer served once that base is freed, even
+    while ComfyUI still holds the model: a new base (which may get the freed one's id) gets a model of its own."""
+    import gc
+
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+
+    class Base:
+        pass
+
+    base = Base()
+    model = host.cached(("a model of this test",), lambda: torch.nn.Linear(1, 1), owner=base)
+    assert host.cached(("a model of this test",), lambda: torch.nn.Linear(1, 1), owner=base) is model
+    key = (id(base), "a model of this test")
+    assert key in host._cache
+    del base
+    gc.collect()
+    assert key not in host._cache and isinstance(model, torch.nn.Linear)  # the model itself is still held here
