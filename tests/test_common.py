@@ -5,6 +5,7 @@ import os
 import pickle
 
 import diffusers
+import numpy as np
 import pytest
 import torch
 from packaging import version
@@ -131,6 +132,29 @@ def test_color_fix_from_an_early_reference_equals_the_formula_and_keeps_the_targ
     assert torch.equal(out, expected)
 
 
+def test_nofix_is_the_official_name_of_none():
+    """The official scripts' "nofix" is accepted and only clamps, as "none"."""
+    target = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(9)) * 1.4 - 0.2
+    source = torch.rand(1, 3, 8, 8)
+    assert torch.equal(color_fix.apply_color_fix(target, source, "nofix"), target.clamp(0, 1))
+
+
+def test_posterior_sample_and_mean_are_diffusers_gaussian_scaled():
+    """z = 0.18215 · (μ + σ·n) and 0.18215 · μ as diffusers' DiagonalGaussianDistribution gives μ and σ, its log σ²
+    clamp included (values from −45 to 35 here, past both ends of it)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from comfyui_diffsr.sr_common.latents import posterior_mean, posterior_sample
+
+    g = torch.Generator().manual_seed(10)
+    moments = torch.cat([torch.zeros(2, 4, 3, 5), torch.linspace(-45, 35, 120).reshape(2, 4, 3, 5)], dim=1)
+    noise = torch.randn(2, 4, 3, 5, generator=g)
+    dist = DiagonalGaussianDistribution(moments)
+    torch.testing.assert_close(posterior_sample(moments, noise), 0.18215 * dist.std * noise, rtol=1e-5, atol=0)
+    moments[:, :4] = torch.randn(2, 4, 3, 5, generator=g)
+    torch.testing.assert_close(posterior_mean(moments), 0.18215 * DiagonalGaussianDistribution(moments).mode())
+
+
 def test_resize_matches_pil_for_8bit_and_float():
     rgb = (torch.rand(1, 3, 13, 17) * 255).round() / 255
     ref = Image.fromarray(image.tensor_to_uint8(rgb)).resize((52, 68), Image.BICUBIC)
@@ -150,6 +174,48 @@ def test_pad_and_scaled_size():
     tiny, _ = image.pad_to_multiple(torch.rand(1, 3, 1, 1), 8)
     assert tiny.shape[-2:] == (8, 8)
     assert image.scaled_size(7, 13, 2.5) == (18, 33)
+
+
+def test_pad_reflects_without_the_edge_and_replicates_where_a_side_is_too_short():
+    """Reflect padding mirrors about the last row/column (which is not repeated), as numpy's "reflect"; a side of
+    size 4 padded by 4 (to 8) cannot be reflected and both sides are replicated instead, as numpy's "edge"."""
+    x = torch.rand(1, 3, 13, 21, generator=torch.Generator().manual_seed(6))
+    padded, _ = image.pad_to_multiple(x, 8)
+    expected = np.pad(x.numpy(), ((0, 0), (0, 0), (0, 3), (0, 3)), mode="reflect")
+    assert torch.equal(padded, torch.from_numpy(expected))
+    square = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(7))
+    padded, size = image.pad_to_multiple(square, 8)
+    assert size == (4, 4)
+    assert torch.equal(padded, torch.from_numpy(np.pad(square.numpy(), ((0, 0), (0, 0), (0, 4), (0, 4)), mode="edge")))
+
+
+def test_scaled_size_rounds_halves_up_on_both_sides():
+    """round half up (not Python's round half to even): 2.5·5 = 12.5 → 13, 2.5·7 = 17.5 → 18, 0.5·1 → 1 (at least 1)."""
+    assert image.scaled_size(5, 7, 2.5) == (13, 18)
+    assert image.scaled_size(7, 5, 2.5) == (18, 13)
+    assert image.scaled_size(1, 3, 0.5) == (1, 2)
+    assert image.scaled_size(1, 1, 0.1) == (1, 1)
+
+
+def test_tensor_to_uint8_rounds_to_the_nearest_level():
+    """Levels k/255 nudged by ±0.4/255 give k (rounding, not truncation, which would give k − 1 below)."""
+    levels = torch.arange(1, 255, dtype=torch.float64)
+    values = torch.cat([levels - 0.4, levels + 0.4]) / 255
+    out = image.tensor_to_uint8(values.float().reshape(1, 1, 1, -1).expand(1, 3, 1, -1))
+    assert out.shape == (1, 2 * 254, 3)
+    assert np.array_equal(out[0, :, 0], np.concatenate([levels.numpy(), levels.numpy()]).astype(np.uint8))
+
+
+def test_an_8bit_image_a_float_rounding_off_resizes_as_its_8bit_values():
+    """Values within 1e-4 levels of k/255 (an 8-bit image after float arithmetic) are 8-bit: resized from the nearest
+    8-bit levels (PIL's 8-bit path), also where they lie just below a level. Values 0.005 levels off are not 8-bit."""
+    rgb = (torch.rand(1, 3, 13, 17, generator=torch.Generator().manual_seed(8)) * 254).round().add(1) / 255
+    expected = image.pil_to_tensor(Image.fromarray(
+        (rgb[0].permute(1, 2, 0).double() * 255).round().byte().numpy()).resize((52, 68), Image.BICUBIC))
+    nudged = rgb - 0.5e-4 / 255  # half a 1e-4 level below each level: within is_8bit's tolerance
+    assert image.is_8bit(nudged)
+    assert torch.equal(image.resize(nudged, (52, 68)), expected)
+    assert not image.is_8bit(rgb + 0.005 / 255)
 
 
 class _Boom:

@@ -237,6 +237,23 @@ def test_networks_of_other_stages_leave_a_device_short_of_memory(monkeypatch):
 
 
 @counted
+def test_a_stage_needs_at_least_the_minimum_free_and_moves_nothing_when_that_is_free():
+    """A stage whose networks are on the device and whose activations are estimated at nothing still needs
+    ``MIN_FREE_BYTES`` free: one byte less and the other network leaves the device; exactly that much, nothing moves."""
+    allocator = meta_memory().MetaAllocator()
+    with torch.device("meta"):
+        stage, other = torch.nn.Linear(256, 256), torch.nn.Linear(512, 512)
+    allocator.hold_weights(stage, other)
+    model = Networks(stage, other)
+    device = lambda m: next(m.parameters()).device.type
+    with allocator:
+        offload.OffloadWhenShort("meta", free_bytes=lambda: offload.MIN_FREE_BYTES)(model, [stage], 0)
+        assert (device(stage), device(other)) == ("meta", "meta")
+        offload.OffloadWhenShort("meta", free_bytes=lambda: offload.MIN_FREE_BYTES - 1)(model, [stage], 0)
+        assert (device(stage), device(other)) == ("meta", "cpu")
+
+
+@counted
 def test_a_network_the_loader_placed_leaves_like_the_models(monkeypatch):
     """A network not of the model (the commands' DAPE tagger) that the loader put on the device for its stage leaves
     it like the model's networks when a later stage is short of memory."""
@@ -329,6 +346,32 @@ def test_what_ran_out_while_a_stage_loads_is_named(monkeypatch, refused_by):
     else:
         assert message.startswith("Out of memory while moving the weights of unet (0.00 GiB in float32) to meta")
         assert message.endswith("choose dtype fp16 or bf16 (half the weights' memory) or run on the CPU.")
+
+
+def test_free_bytes_of_a_gpu_count_what_the_allocator_holds_unused(monkeypatch):
+    """As ComfyUI's get_free_memory: the device's free memory + PyTorch's reserved − allocated (the cache it would
+    reuse); no reading (None) on the CPU."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (5 * MiB, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 7 * MiB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3 * MiB)
+    assert latents.device_free_bytes(torch.device("cuda", 0)) == 9 * MiB
+    assert latents.device_free_bytes(torch.device("cpu")) is None
+
+
+def test_vae_estimates_take_the_precision_of_its_weights():
+    """The decode and encode estimates count activations in the VAE's own dtype: a float16 or bfloat16 VAE needs half
+    what the float32 one does, at the same latent, image and tiles."""
+    z = torch.empty(1, 4, 96, 80, device="meta")
+    image = torch.empty(1, 3, 768, 640, device="meta")
+    decode, encode = {}, {}
+    vae = full_size_decoder(torch.float32)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        vae = move_module(vae, dtype=dtype)
+        decode[dtype] = latents.vae_decode_bytes(vae, z, 64)
+        encode[dtype] = latents.encode_moments_bytes({"encoder": vae.encoder, "quant_conv": vae.quant_conv}, image, 512)
+    for estimate in (decode, encode):
+        assert estimate[torch.float32] > 0
+        assert estimate[torch.float16] == estimate[torch.bfloat16] == estimate[torch.float32] // 2
 
 
 def test_decoder_tile_is_the_largest_that_fits():

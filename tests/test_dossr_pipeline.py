@@ -357,3 +357,38 @@ def test_noise_file_without_the_posterior_draw_is_refused(tmp_path):
     save_file({"posterior": torch.zeros(1, 4, 2, 2), "step_0": torch.zeros(1, 4, 2, 2)}, other)
     with pytest.raises(ImageInputError, match="not a DoSSR noise file"):
         load_noise(other)
+
+
+@pytest.mark.parametrize("tile", [4, 12, 20, 100])
+def test_a_latent_tile_not_a_multiple_of_8_is_refused(tile):
+    """The UNet halves the latent three times, so a latent tile must be a multiple of 8 (0 turns tiling off)."""
+    from comfyui_diffsr.dossr_core.pipeline import check_options
+
+    with pytest.raises(ValueError, match="`tile_latent` must be 0"):
+        check_options(Options(tile_latent=tile, tile_overlap=0))
+    check_options(Options(tile_latent=tile // 8 * 8 + 8, tile_overlap=0))
+    check_options(Options(tile_latent=0))
+
+
+def test_other_scales_are_the_lanczos_of_the_truncated_8bit_image_at_the_ceiled_size():
+    """Upscale 1.1 of a 13 × 7 LR (its ×4 image 52 × 28): as the official, the ×4 image quantised to 8 bits by
+    truncation, then PIL's LANCZOS to ceil(1.1 · 13) × ceil(1.1 · 7) = 15 × 8 (rounding would give 14 × 8)."""
+    import numpy as np
+
+    from comfyui_diffsr.dossr_core.pipeline import fixed_and_resized
+
+    x4 = torch.rand(1, 3, 52, 28, generator=torch.Generator().manual_seed(11))
+    out = fixed_and_resized(x4, x4, 1.1, "none")
+    truncated = Image.fromarray((x4[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+    assert out.shape == (1, 3, 15, 8)
+    assert torch.equal(out, pil_to_tensor(truncated.resize((8, 15), Image.LANCZOS)))
+
+
+def test_the_x4_image_is_padded_to_a_multiple_of_64_px(model):
+    """An LR of 21 × 35 (×4: 84 × 140) runs the VAE and the sampler on 128 × 192 px, latents of 16 × 24 (the UNet
+    halves them three times); the decoded image is cropped back to 84 × 140."""
+    trace = {}
+    dossr_upscale(model, torch.rand(1, 3, 21, 35, generator=torch.Generator().manual_seed(12)),
+                  prompt_embeds=random_context(model), options=Options(steps=1), trace=trace)
+    assert trace["x_hat0"].shape[-2:] == trace["c_latent"].shape[-2:] == (16, 24)
+    assert trace["decoded"].shape[-2:] == trace["start"].shape[-2:] == (84, 140)

@@ -347,3 +347,48 @@ def test_gemm_conv_takes_winograd_for_wide_channels(monkeypatch):
         gemm.to(torch.bfloat16)(x.bfloat16())
     gemm.float()(x)  # autograd on
     assert len(calls) == 2
+
+
+def test_convolutions_that_are_not_plain_3x3_stay_as_they_are():
+    """Only zero-padded, ungrouped, undilated 3×3 convolutions become ``GemmConv2d`` (which pads with zeros over all
+    input channels): a reflect-padded, a grouped and a dilated one are kept, and the network computes the same."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"),
+                              torch.nn.Conv2d(8, 8, 3, padding=1, groups=4),
+                              torch.nn.Conv2d(8, 8, 3, padding=1, dilation=1),
+                              torch.nn.Conv2d(8, 8, 3, padding=2, dilation=2))
+    x = torch.randn(1, 8, 9, 7)
+    with torch.no_grad():
+        ref = net(x)
+        fast_modules(net)
+        assert [type(m) for m in net] == [torch.nn.Conv2d, torch.nn.Conv2d, GemmConv2d, torch.nn.Conv2d]
+        torch.testing.assert_close(net(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_strided_conv_over_many_pixels_is_the_convolution():
+    """Stride 2 with wide channels over too many pixels for one product: the Winograd rule would pay on this input,
+    but F(2×2, 3×3) computes stride 1, so the strided convolution (the UNet's 320-channel downsampler) stays direct."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(320, 320, 3, stride=2, padding=1)
+    x = torch.randn(1, 320, 40, 40)
+    assert fm.winograd_pays(x, 320)
+    with torch.no_grad():
+        torch.testing.assert_close(GemmConv2d.of(conv)(x), conv(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_move_or_cast_drops_the_folded_kernels_and_counts_them_again():
+    """Kept, the phase kernels count 0 in ``unfolded_kernel_bytes``; after a cast (as after any move) they are dropped
+    at once and count as the (4·C_out, C_in, 2, 2) kernels of the new weight, until the next call folds them."""
+    torch.manual_seed(0)
+    fused = FusedUpsample2D(Upsample2D(4, use_conv=True, out_channels=6))
+    x = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        fused(x)
+        assert fused.unfolded_kernel_bytes() == 0
+        fused.double()
+        assert fused._kernels == (None, None)
+        folded = phase_kernels(fused.conv.weight)
+        assert folded.shape == (24, 4, 2, 2)
+        assert fused.unfolded_kernel_bytes() == folded.numel() * folded.element_size()
+        fused(x.double())
+        assert fused.unfolded_kernel_bytes() == 0

@@ -227,3 +227,87 @@ def test_encoder_tile_not_a_multiple_of_8(vaes, mode):
         out = tiled_forward(encoder, x, 150, is_decoder=False, mode=mode)
         assert out.shape[-2:] == (2, 64)
         assert torch.equal(out, tiled_forward(encoder, x, 144, is_decoder=False, mode=mode))
+
+
+@torch.no_grad()
+def test_exact_mode_equals_the_untiled_network(tiny_unet_vae):
+    """``exact``: margins exchanged before every GroupNorm and residual, statistics and attention over the whole
+    image, so several tiles give the untiled output up to float rounding (measured 4.5e-6 off for the decoder, 2.1e-6
+    for the encoder)."""
+    vae = tiny_unet_vae[1]
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(1, 4, 16, 36, generator=g)
+    assert len(split_tiles(16, 36, DECODE_TILE, DECODER_PAD, 8)[0]) > 1
+    out = tiled_forward(vae.decoder, z, DECODE_TILE, is_decoder=True, mode="exact")
+    assert (out - vae.decoder(z)).abs().max().item() < 1e-4
+    x = torch.rand(1, 3, 96, 224, generator=g) * 2 - 1
+    assert len(split_tiles(96, 224, ENCODE_TILE, ENCODER_PAD, 1 / 8)[0]) > 1
+    out = tiled_forward(vae.encoder, x, ENCODE_TILE, is_decoder=False, mode="exact")
+    assert (out - vae.encoder(x)).abs().max().item() < 1e-4
+
+
+@torch.no_grad()
+def test_group_norm_with_given_statistics_equals_torchs_also_on_a_flat_group():
+    """A GroupNorm of the tiled ops, normalised with the tensor's own statistics (as ``bounded``'s latent stage does),
+    is ``torch.nn.GroupNorm``: biased variance over each group of 2 channels, ε inside the root, so a flat group gives
+    its bias (not NaN)."""
+    norm = torch.nn.GroupNorm(4, 8, eps=1e-6)
+    norm.weight.normal_(generator=torch.Generator().manual_seed(6))
+    norm.bias.normal_(generator=torch.Generator().manual_seed(7))
+    x = torch.randn(2, 8, 3, 5, generator=torch.Generator().manual_seed(8))
+    x[:, 2:4] = 0.7  # group 1 flat
+    out = tiled_vae._run_ops([("norm", norm)], x.clone(), tiled_vae._own_stats)
+    torch.testing.assert_close(out, norm(x), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_largest_piece_is_the_largest_input_the_encoder_runs(tiny_unet_vae):
+    """The memory estimate's piece is what ``tiled_forward`` runs: with an encoder tile that is not a multiple of 8
+    (150 px, run as 144), the largest input its first convolution sees."""
+    encoder = tiny_unet_vae[1].encoder
+    x = torch.rand(1, 3, 16, 360, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    seen = []
+    hook = encoder.conv_in.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])))
+    try:
+        tiled_forward(encoder, x, 150, is_decoder=False, mode="bounded")
+    finally:
+        hook.remove()
+    assert len(seen) > 2
+    assert tiled_vae.largest_piece(16, 360, 150, is_decoder=False) == max(seen, key=lambda hw: hw[0] * hw[1])
+
+
+class _Scale(torch.nn.Module):
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(scale))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def test_fp16_output_of_inf_without_nan_runs_again_in_float32():
+    """An fp16 network whose output overflows to ±inf only (no NaN) is run again in float32 too."""
+    net = _Scale(1e4).half()
+    x = torch.tensor([[[[10.0, -10.0], [0.5, 1.0]]]]).half()
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="overflowed"):
+        out = tiled_forward(net, x, None, is_decoder=True)
+    assert out.dtype == torch.float32 and torch.equal(out, x.float() * 1e4)
+    assert net.scale.dtype == torch.float16
+
+
+@torch.no_grad()
+def test_the_encoder_limit_is_on_its_latent_area(tiny_unet_vae, monkeypatch):
+    """The limit of a whole latent stage is on the latent's area (1/64 of the image's): with a limit of 64 latent px,
+    a 16 × 256 image (a 2 × 32 latent) still runs its mid-block attention once, over all 64 latent pixels."""
+    monkeypatch.setattr(tiled_vae, "LATENT_STAGE_MIN_AREA", 0)
+    monkeypatch.setattr(tiled_vae, "LATENT_STAGE_TILES", 1)  # the limit: one 64 px tile's latent, 8² = 64
+    encoder = tiny_unet_vae[1].encoder
+    x = torch.rand(1, 3, 16, 256, generator=torch.Generator().manual_seed(13)) * 2 - 1
+    assert len(split_tiles(16, 256, ENCODE_TILE, ENCODER_PAD, 1 / 8)[0]) > 1
+    tokens = []
+    hook = encoder.mid_block.attentions[0].to_q.register_forward_pre_hook(lambda m, args: tokens.append(args[0].shape[1]))
+    try:
+        tiled_forward(encoder, x, ENCODE_TILE, is_decoder=False, mode="bounded")
+    finally:
+        hook.remove()
+    assert tokens == [2 * 32]
