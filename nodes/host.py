@@ -378,6 +378,8 @@ def unload(modules):
     holds loaded, unloaded by it as its ``free_memory`` unloads a model (``LoadedModel.model_unload``, the entry
     dropped from ``current_loaded_models``)."""
     wanted = {id(m) for root in modules for m in root.modules()}
+    if not wanted:
+        return
     patchers = {id(p) for p in list(_patchers.values()) if any(id(m) in wanted for m in p.model.modules())}
     loaded = [entry for entry in mm.current_loaded_models if id(entry.model) in patchers]
     for entry in loaded:
