@@ -95,19 +95,20 @@ class DoSSRUpscale(io.ComfyNode):
 
 
 def _prompt_context(model, dtype, prompt, conditioning, node, networks):
-    """``networks`` of ``model``, those the node runs, cast for the run (and the text encoder for a prompt), and the
-    text context: the CONDITIONING's, or the prompt's (the text encoder on the device only for a prompt not encoded
-    yet)."""
+    """``networks`` of ``model``, those the node runs, cast for the run (and the text encoder for a prompt not
+    encoded yet in that precision: ``host.cast_and_encode``), and the text context: the CONDITIONING's, or the
+    prompt's."""
     embeds = None if conditioning is None else host.conditioning_embedding(conditioning, model.unet, node)
     # after the CONDITIONING's checks: a refused one casts nothing
-    host.cast_for_run(model, dtype, [m for m in networks if m is not model.text_encoder or embeds is None])
-    return model.prompt_embedding(prompt) if embeds is None else embeds
+    encoded = host.cast_and_encode(model, dtype, networks, [prompt] if embeds is None else [])
+    return encoded[0] if embeds is None else embeds
 
 
 def _sampler_networks(model, from_latent):
-    """The networks DoSSR Sampler runs: all of ``model``'s but the VAE decoder, which decodes only a LATENT input."""
+    """The networks DoSSR Sampler runs besides the text encoder: from an image, all but the VAE decoder; from a
+    LATENT, the VAE decoder (the LATENT's decode), the condition encoder, the ControlNet and the UNet."""
     if from_latent:
-        return model.modules()
+        return [*host.vae_decoder(model.vae), model.cond_encoder, model.controlnet, model.unet]
     return [m for m in model.modules() if m is not model.vae] + [model.vae.encoder, model.vae.quant_conv]
 
 

@@ -368,19 +368,31 @@ def cast_for_run(model, dtype_widget, networks=None):
     set_precision(model if networks is None else HeldModules(parts), dtype)
 
 
+def cast_and_encode(model, dtype_widget, networks, prompts):
+    """``networks`` of ``model`` cast for the run (``cast_for_run``), the text encoder only where a prompt of
+    ``prompts`` has no embedding of the run's precision cached (only then does it run), and the prompts'
+    embeddings."""
+    dtype = widget_dtype(model, dtype_widget)
+    encodes = any(not model.has_prompt_embedding(prompt, dtype) for prompt in prompts)
+    networks = [m for m in networks if m is not model.text_encoder]
+    cast_for_run(model, dtype_widget, networks + [model.text_encoder] if encodes else networks)
+    return [model.prompt_embedding(prompt, dtype) for prompt in prompts]
+
+
 def vae_decoder(vae):
     """The parts of an SD VAE that decode (``sr_common.latents.vae_decode``): its post_quant_conv and decoder."""
     return [vae.post_quant_conv, vae.decoder]
 
 
 def unload(modules):
-    """The ComfyUI patchers that hold any of ``modules`` (their own, or a network's they are part of) and that ComfyUI
+    """The ComfyUI patchers that hold weights of ``modules`` (as their network, or a part of it) and that ComfyUI
     holds loaded, unloaded by it as its ``free_memory`` unloads a model (``LoadedModel.model_unload``, the entry
-    dropped from ``current_loaded_models``)."""
-    wanted = {id(m) for root in modules for m in root.modules()}
+    dropped from ``current_loaded_models``). Matched by tensor: a module without weights may be in several networks
+    (diffusers < 0.33 gives every UNet and ControlNet one shared SiLU)."""
+    wanted = {id(t) for module in modules for t in module_tensors(module)}
     if not wanted:
         return
-    patchers = {id(p) for p in list(_patchers.values()) if any(id(m) in wanted for m in p.model.modules())}
+    patchers = {id(p) for p in list(_patchers.values()) if any(id(t) in wanted for t in module_tensors(p.model))}
     loaded = [entry for entry in mm.current_loaded_models if id(entry.model) in patchers]
     for entry in loaded:
         entry.model_unload()

@@ -124,11 +124,6 @@ def load_osediff(sd21, path):
     return model
 
 
-def _embeddings(model, prompts):
-    """The cached text embedding of each prompt (the text encoder goes to the device only for a new one)."""
-    return [model.prompt_embedding(p) for p in prompts]
-
-
 def _dape_tags(dape, images, upscale, process_size, **select):
     """The DAPE tags of each image, from its bicubic ×upscale LQ as the official; the tagger on the device on its
     own, before the OSEDiff networks, so neither pushes the other out mid-run."""
@@ -178,8 +173,7 @@ class OSEDiffUpscale(io.ComfyNode):
         prompts = [prompt] * len(images)
         if dape is not None:
             prompts = [dape_prompt(tags, prompt) for tags in _dape_tags(dape, images, upscale, process_size)]
-        host.cast_for_run(model, dtype)
-        embeds = _embeddings(model, prompts)
+        embeds = host.cast_and_encode(model, dtype, model.modules(), prompts)
         progress = host.Progress(len(images))
         outs = []
         for one, prompt_embeds in zip(images, embeds):
@@ -251,9 +245,8 @@ class OSEDiffOneStep(io.ComfyNode):
         embeds = None if conditioning is None else host.conditioning_embedding(conditioning, model.unet,
                                                                                 "OSEDiff One-Step UNet")
         # after the CONDITIONING's checks: a refused one casts nothing
-        host.cast_for_run(model, dtype, [model.unet] if embeds is not None else [model.unet, model.text_encoder])
-        if embeds is None:
-            (embeds,) = _embeddings(model, [prompt])
+        encoded = host.cast_and_encode(model, dtype, [model.unet], [prompt] if embeds is None else [])
+        embeds = encoded[0] if embeds is None else embeds
         progress = host.Progress(z_all.shape[0])
         outs = []
         for z in z_all.split(1):

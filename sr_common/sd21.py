@@ -487,20 +487,25 @@ class NetworksOnSD21:
         self.prompt_cache.clear()
         return self
 
-    def prompt_embedding(self, prompt):
-        """Text embedding (1, 77, D) of ``prompt`` by the SD 2.1 text encoder (``encode_prompt``), cached per
-        prompt; encoded again once the text encoder computes in another precision (a node, or another model on the
-        same base, has cast it since)."""
-        cached = self.prompt_cache[prompt] if prompt in self.prompt_cache else None
-        if cached is None or (self.text_encoder is not None and cached.dtype != self.text_encoder.dtype):
+    def has_prompt_embedding(self, prompt, dtype):
+        """Whether the embedding of ``prompt`` in ``dtype`` (the precision the text encoder ran in) is cached."""
+        return prompt in self.prompt_cache and self.prompt_cache[prompt].dtype == dtype
+
+    def prompt_embedding(self, prompt, dtype=None):
+        """Text embedding (1, 77, D) of ``prompt`` by the SD 2.1 text encoder (``encode_prompt``), cached per prompt
+        in the precision it was encoded in: ``dtype`` (default: the text encoder's now). A cached embedding of
+        another precision is encoded again (a node, or another model on the same base, has cast the text encoder)."""
+        if dtype is None and self.text_encoder is not None:
+            dtype = self.text_encoder.dtype
+        if prompt not in self.prompt_cache or (dtype is not None and not self.has_prompt_embedding(prompt, dtype)):
             if self.text_encoder is None or self.tokenizer is None:
                 raise ValueError(f"This {type(self).__name__} has no text encoder, so it cannot encode a prompt: pass "
                                  "the prompt's embedding instead (--prompt-embeds on the command line, a CONDITIONING "
                                  "in ComfyUI), or load the model with an SD 2.1-base (--base).")
             self.load_stage([self.text_encoder])
             with torch.no_grad():
-                cached = self.prompt_cache[prompt] = encode_prompt(self.text_encoder, self.tokenizer, [prompt])
-        return cached
+                self.prompt_cache[prompt] = encode_prompt(self.text_encoder, self.tokenizer, [prompt])
+        return self.prompt_cache[prompt]
 
 
 class PromptCache(OrderedDict):

@@ -890,7 +890,8 @@ def test_with_dape_the_users_prompt_follows_the_tags(pack, osediff_model, monkey
         (tags,) = dape.tags(lq)
     assert tags
     encoded, encode = [], model.prompt_embedding
-    monkeypatch.setattr(model, "prompt_embedding", lambda prompt: encoded.append(prompt) or encode(prompt))
+    monkeypatch.setattr(model, "prompt_embedding", lambda prompt, dtype=None: encoded.append(prompt)
+                        or encode(prompt, dtype))
     (out,) = run(nodes["OSEDiff_Upscale"], model=model, image=image, prompt="a sharp photo", upscale=2.0,
                  process_size=32, color_fix="adain", tile_latent=96, tile_overlap=32, dtype="fp32", dape=dape)
     assert encoded == [tags + ", a sharp photo,"] and out.shape == (1, 40, 48, 3)
@@ -1174,6 +1175,45 @@ def test_a_cached_prompt_embedding_follows_the_text_encoders_precision(pack, ose
         assert bf16.dtype == torch.bfloat16 and 0 < (bf16.float() - fp32).abs().max() < 0.1
         assert host.set_precision(text_encoder, torch.float32)
         assert torch.equal(model.prompt_embedding("a cached prompt"), fp32)
+
+
+def test_a_prompt_encoded_in_the_runs_precision_leaves_the_text_encoder_as_it_is(pack, osediff_model, monkeypatch):
+    """A node whose prompt is cached in the run's precision does not run the text encoder, so it does not cast it
+    either (another model on the same base may hold it in another precision: it would be cast back and forth at
+    every run); a prompt not cached in that precision casts it and is encoded."""
+    _, nodes = pack
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    sd21 = sys.modules["custom_nodes_x_diffsr_pack.sr_common.sd21"]
+    _, model = osediff_model
+    encoded, encode = [], sd21.encode_prompt
+    monkeypatch.setattr(sd21, "encode_prompt", lambda te, tok, prompts: encoded.append(prompts) or encode(te, tok, prompts))
+    latent = {"samples": torch.randn(1, 4, 5, 6, generator=torch.Generator().manual_seed(17))}
+    one_step = lambda prompt: run(nodes["OSEDiff_OneStepUNet"], model=model, latent=latent, prompt=prompt,
+                                  tile_latent=0, tile_overlap=0, dtype="bf16")[0]["samples"]
+    first = one_step("a prompt cached in bf16")
+    assert model.text_encoder.dtype == torch.bfloat16 and encoded == [["a prompt cached in bf16"]]
+    host.set_precision(host.HeldModules([model.text_encoder]), torch.float32)  # as another model's run casts it
+    assert torch.equal(one_step("a prompt cached in bf16"), first)
+    assert model.text_encoder.dtype == torch.float32 and len(encoded) == 1
+    one_step("a new prompt")
+    assert model.text_encoder.dtype == torch.bfloat16 and encoded[-1] == ["a new prompt"]
+    host.set_precision(host.HeldModules([model.text_encoder]), torch.float32)
+
+
+def test_dossr_sampler_from_a_latent_casts_only_what_it_runs(pack):
+    """From a LATENT, DoSSR Sampler runs the VAE decoder, the condition encoder, the ControlNet and the UNet (and the
+    text encoder for a prompt): the RRDB keeps the precision another node left."""
+    _, nodes = pack
+    (model,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    host.set_precision(model.rrdb, torch.float32)
+    latent = {"samples": torch.randn(1, 4, 12, 10, generator=torch.Generator().manual_seed(18))}
+    run(nodes["DoSSR_Sampler"], model=model, latent=latent, steps=1, seed=0, prompt="", tile_latent=0, tile_overlap=0,
+        dtype="bf16")
+    assert model.rrdb.conv_first.weight.dtype == torch.float32
+    for network in (model.unet, model.controlnet, model.vae.decoder, model.cond_encoder):
+        assert {p.dtype for p in network.parameters()} == {torch.bfloat16}
+    host.cast_for_run(model, "fp32")
 
 
 @cpu_float16
@@ -1866,6 +1906,19 @@ def test_unload_drops_comfyuis_entry_and_frees_its_cache(pack):
     host.unload([net])
     assert patchers[0] not in mm.loaded_models() and patchers[1] in mm.loaded_models()
     assert len(mm.EMPTIED) == emptied + 1
+
+
+def test_unload_leaves_networks_that_share_only_a_module_without_weights(pack):
+    """Two networks holding one module without weights (diffusers < 0.33 gives every UNet and ControlNet one shared
+    SiLU): unloading one for a cast of it, or of a part of it, leaves the other loaded."""
+    host, mm = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"], sys.modules["comfy.model_management"]
+    silu = torch.nn.SiLU()
+    holder = types.SimpleNamespace()
+    net, other = torch.nn.Sequential(torch.nn.Linear(4, 4), silu), torch.nn.Sequential(torch.nn.Linear(2, 2), silu)
+    for cast in (net, net[0]):
+        host.load_on_device(holder, net, other)
+        host.unload([cast])
+        assert patcher_of(holder, net) not in mm.loaded_models() and patcher_of(holder, other) in mm.loaded_models()
 
 
 def test_a_16bit_image_is_upscaled_as_its_float32_values(pack, osediff_model):
