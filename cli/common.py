@@ -395,8 +395,8 @@ def _decoded_upright(path):
     ``PhotoMetadata``. Whatever PIL raises on a damaged file (a cut multi-page TIFF: TypeError; a cut GIF:
     IndexError, struct.error; an unknown compression: KeyError) is an ``ImageInputError``; out of memory is not.
 
-    A TIFF is turned by Pillow itself as it loads (tested on 10.0 to 13.0), and Pillow 10.0 keeps the orientation in its
-    EXIF after that, so ``exif_transpose`` would turn it twice: a TIFF is only loaded. It is read through a file
+    A TIFF is turned by Pillow itself as it loads (tested on 10.0 to 13.0), and Pillow 10.0 keeps the orientation in
+    its EXIF after that, so ``exif_transpose`` would turn it twice: a TIFF is only loaded. It is read through a file
     object: from a path, Pillow 11 to 13 map an uncompressed L, RGBA or 16-bit TIFF with orientation 5 to 8 at the
     turned size and scramble it."""
     from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError

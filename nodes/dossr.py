@@ -79,7 +79,7 @@ class DoSSRUpscale(io.ComfyNode):
     def execute(cls, model, image, steps, seed, prompt, upscale, color_fix, tile_latent, tile_overlap, dtype,
                 conditioning=None):
         images, alpha = host.image_to_bchw(image)
-        embeds = _prompt_context(model, dtype, prompt, conditioning, "DoSSR Upscale", model.modules())
+        embeds = host.prompt_context(model, dtype, model.modules(), prompt, conditioning, "DoSSR Upscale")
         progress = host.Progress(len(images) * steps)
         outs = []
         for one in images:
@@ -92,16 +92,6 @@ class DoSSRUpscale(io.ComfyNode):
                                      else host.check_interrupted())
             outs.append(host.with_oom_retry(run, tile_latent=tile_latent, **host.DEFAULT_VAE_TILES))
         return io.NodeOutput(host.bchw_to_image(outs, alpha))
-
-
-def _prompt_context(model, dtype, prompt, conditioning, node, networks):
-    """``networks`` of ``model``, those the node runs, cast for the run (and the text encoder for a prompt not
-    encoded yet in that precision: ``host.cast_and_encode``), and the text context: the CONDITIONING's, or the
-    prompt's."""
-    embeds = None if conditioning is None else host.conditioning_embedding(conditioning, model.unet, node)
-    # after the CONDITIONING's checks: a refused one casts nothing
-    encoded = host.cast_and_encode(model, dtype, networks, [prompt] if embeds is None else [])
-    return encoded[0] if embeds is None else embeds
 
 
 def _sampler_networks(model, from_latent):
@@ -156,8 +146,8 @@ class DoSSRSampler(io.ComfyNode):
             inputs = [(lr, None) for lr in images]
         else:
             inputs = [(None, one) for one in host.latent_samples(latent, "DoSSR Sampler").split(1)]
-        embeds = _prompt_context(model, dtype, prompt, conditioning, "DoSSR Sampler",
-                                 _sampler_networks(model, latent is not None))
+        embeds = host.prompt_context(model, dtype, _sampler_networks(model, latent is not None), prompt, conditioning,
+                                     "DoSSR Sampler")
         progress = host.Progress(len(inputs) * steps)
 
         def on_stage(stage, *_):  # a step done: the progress bar (which also cancels); else a cancel check

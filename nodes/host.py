@@ -378,6 +378,14 @@ def cast_and_encode(model, dtype_widget, networks, prompts):
     return [model.prompt_embedding(prompt, dtype) for prompt in prompts]
 
 
+def prompt_context(model, dtype_widget, networks, prompt, conditioning, node):
+    """The text context of a run, the CONDITIONING's (``conditioning_embedding``, checked before anything is cast: a
+    refused one casts nothing) or else the prompt's, with ``networks`` cast for the run (``cast_and_encode``)."""
+    embeds = None if conditioning is None else conditioning_embedding(conditioning, model.unet, node)
+    encoded = cast_and_encode(model, dtype_widget, networks, [prompt] if embeds is None else [])
+    return encoded[0] if embeds is None else embeds
+
+
 def vae_decoder(vae):
     """The parts of an SD VAE that decode (``sr_common.latents.vae_decode``): its post_quant_conv and decoder."""
     return [vae.post_quant_conv, vae.decoder]

@@ -242,11 +242,7 @@ class OSEDiffOneStep(io.ComfyNode):
     @host.computes_ieee_float32
     def execute(cls, model, latent, prompt, tile_latent, tile_overlap, dtype, conditioning=None):
         z_all = host.latent_samples(latent, "OSEDiff One-Step UNet") * SCALING_FACTOR
-        embeds = None if conditioning is None else host.conditioning_embedding(conditioning, model.unet,
-                                                                                "OSEDiff One-Step UNet")
-        # after the CONDITIONING's checks: a refused one casts nothing
-        encoded = host.cast_and_encode(model, dtype, [model.unet], [prompt] if embeds is None else [])
-        embeds = encoded[0] if embeds is None else embeds
+        embeds = host.prompt_context(model, dtype, [model.unet], prompt, conditioning, "OSEDiff One-Step UNet")
         progress = host.Progress(z_all.shape[0])
         outs = []
         for z in z_all.split(1):

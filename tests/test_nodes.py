@@ -1186,7 +1186,8 @@ def test_a_prompt_encoded_in_the_runs_precision_leaves_the_text_encoder_as_it_is
     sd21 = sys.modules["custom_nodes_x_diffsr_pack.sr_common.sd21"]
     _, model = osediff_model
     encoded, encode = [], sd21.encode_prompt
-    monkeypatch.setattr(sd21, "encode_prompt", lambda te, tok, prompts: encoded.append(prompts) or encode(te, tok, prompts))
+    monkeypatch.setattr(sd21, "encode_prompt",
+                        lambda te, tok, prompts: encoded.append(prompts) or encode(te, tok, prompts))
     latent = {"samples": torch.randn(1, 4, 5, 6, generator=torch.Generator().manual_seed(17))}
     one_step = lambda prompt: run(nodes["OSEDiff_OneStepUNet"], model=model, latent=latent, prompt=prompt,
                                   tile_latent=0, tile_overlap=0, dtype="bf16")[0]["samples"]
@@ -1933,8 +1934,8 @@ def test_a_16bit_image_is_upscaled_as_its_float32_values(pack, osediff_model):
         (out,) = run(nodes["OSEDiff_Upscale"], image=image.to(dtype), **args)
         assert out.dtype == torch.float32 and torch.equal(out, expected), dtype
     (dossr,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
-    decode = dict(model=dossr, latent={"samples": torch.randn(1, 4, 10, 12, generator=torch.Generator().manual_seed(2))},
-                  upscale=4.0, color_fix="wavelet", vae_tile=0)
+    samples = torch.randn(1, 4, 10, 12, generator=torch.Generator().manual_seed(2))
+    decode = dict(model=dossr, latent={"samples": samples}, upscale=4.0, color_fix="wavelet", vae_tile=0)
     reference = torch.rand(1, 80, 96, 4, generator=torch.Generator().manual_seed(3))  # an RRDB image with alpha
     (expected,) = run(nodes["DoSSR_VAEDecode"], reference=reference.half().float(), **decode)
     (out,) = run(nodes["DoSSR_VAEDecode"], reference=reference.half(), **decode)

@@ -305,7 +305,8 @@ def test_the_encoder_limit_is_on_its_latent_area(tiny_unet_vae, monkeypatch):
     x = torch.rand(1, 3, 16, 256, generator=torch.Generator().manual_seed(13)) * 2 - 1
     assert len(split_tiles(16, 256, ENCODE_TILE, ENCODER_PAD, 1 / 8)[0]) > 1
     tokens = []
-    hook = encoder.mid_block.attentions[0].to_q.register_forward_pre_hook(lambda m, args: tokens.append(args[0].shape[1]))
+    to_q = encoder.mid_block.attentions[0].to_q
+    hook = to_q.register_forward_pre_hook(lambda m, args: tokens.append(args[0].shape[1]))
     try:
         tiled_forward(encoder, x, ENCODE_TILE, is_decoder=False, mode="bounded")
     finally:
