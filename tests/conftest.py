@@ -1,6 +1,7 @@
 import contextlib
 import dataclasses
 import functools
+import glob
 import http.server
 import json
 import os
@@ -14,6 +15,7 @@ import torch
 
 from comfyui_diffsr.sr_common.download import file_digests
 from comfyui_diffsr.sr_common.sd21 import cpu_computes_float16
+from fixture_weights import make_checkpoint, same_bytes
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,17 +33,11 @@ def packaged_sources():
             yield from (os.path.relpath(os.path.join(folder, n), ROOT) for n in sorted(names) if n.endswith(".py"))
 
 
-def same_bytes(a, b):
-    if not os.path.exists(a):
-        return False
-    with open(a, "rb") as f, open(b, "rb") as g:
-        return f.read() == g.read()
-
-
 def pytest_sessionstart(session):
     """Stop when the installed ``comfyui_diffsr`` is an older copy of this checkout (``tools/run_tests.sh`` installs
     it, not editable, so that packaging is tested too): the tests would pass or fail on code that is not here. Then
-    make the tiny SD 2.1 folder's weight files (``make_tiny_sd21_weights``)."""
+    make the tiny checkpoints from their recipes (tests/fixture_weights.py) and the tiny SD 2.1 folder's weight files
+    (``make_tiny_sd21_weights``)."""
     import comfyui_diffsr
 
     installed = os.path.dirname(os.path.abspath(comfyui_diffsr.__file__))
@@ -53,6 +49,8 @@ def pytest_sessionstart(session):
                         f"differ (e.g. {differing[0]}). Run `bash tools/run_tests.sh`, which reinstalls it.",
                         returncode=2)
     try:
+        for recipe in sorted(glob.glob(os.path.join(DATA, "*", "*.recipe.json"))):
+            make_checkpoint(recipe)
         make_tiny_sd21_weights()
     except RuntimeError as e:
         pytest.exit(str(e), returncode=2)

@@ -1,0 +1,139 @@
+"""The tiny random-weight checkpoints of the parity fixtures, made from recipes instead of being stored.
+
+A fixture script writes ``<file>.recipe.json`` beside the expected outputs it made with ``<file>``; the tests make
+``<file>`` again from it at the start of a session (``make_checkpoint``). A recipe holds the file's container
+(``"torch"``: ``torch.save`` of the tree; ``"safetensors"``: a flat dict of tensors) and its content as a tree:
+dicts, lists and plain values as they are, and in place of each tensor
+
+- ``{"__normal__": [dtype, shape, mean, std]}``: mean + std·z, z drawn by numpy's ``RandomState`` seeded with
+  crc32(f"{seed}/{path}"), ``path`` the tensor's keys joined by "/", in float64 and rounded once to ``dtype``;
+- ``{"__fixed__": name}``: the tensor ``name`` of ``<file>.fixed.safetensors`` (buffers such as schedules and
+  index tables).
+
+RandomState's stream is frozen by numpy and the rounding is IEEE's, so every numpy and torch version makes the same
+tensors; the recipe's ``digest`` (``tree_digest``: names, dtypes, shapes and bytes) checks that they did.
+"""
+
+import hashlib
+import json
+import math
+import os
+import zlib
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
+
+
+def standard_normal(seed, path, shape):
+    """z of the tensor at ``path``: a stream of its own, so no tensor's values depend on the others'."""
+    state = np.random.RandomState(zlib.crc32(f"{seed}/{path}".encode()))
+    return state.standard_normal(math.prod(shape)).reshape(shape)
+
+
+def normal(dtype, shape, mean, std):
+    """The recipe entry of a drawn tensor."""
+    return {"__normal__": [dtype, list(shape), float(mean), float(std)]}
+
+
+def fixed(name):
+    """The recipe entry of a tensor taken from the ``.fixed.safetensors`` file."""
+    return {"__fixed__": name}
+
+
+def build_tree(content, seed, fixed_tensors):
+    """The checkpoint's object from a recipe's ``content``."""
+    def build(node, path):
+        if isinstance(node, dict) and set(node) == {"__normal__"}:
+            dtype, shape, mean, std = node["__normal__"]
+            values = mean + std * standard_normal(seed, path, tuple(shape))
+            return torch.from_numpy(np.ascontiguousarray(values.astype(DTYPES[dtype])))
+        if isinstance(node, dict) and set(node) == {"__fixed__"}:
+            return fixed_tensors[node["__fixed__"]].clone()
+        if isinstance(node, dict):
+            return {k: build(v, f"{path}/{k}" if path else k) for k, v in node.items()}
+        return node
+
+    return build(content, "")
+
+
+def tree_digest(tree):
+    """SHA-256 over every tensor's path, dtype, shape and bytes and every other value's path and repr, in order."""
+    h = hashlib.sha256()
+
+    def walk(node, path):
+        if isinstance(node, torch.Tensor):
+            h.update(f"{path}:{node.dtype}:{tuple(node.shape)}:".encode())
+            h.update(node.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{path}/{k}")
+        else:
+            h.update(f"{path}={node!r};".encode())
+
+    walk(tree, "")
+    return h.hexdigest()
+
+
+def write_checkpoint(tree, container, path, metadata=None):
+    """``tree`` written as ``container`` at ``path``, through a ``.partial`` file."""
+    if container == "safetensors":
+        save_file(tree, path + ".partial", metadata=metadata)
+    else:
+        with open(path + ".partial", "wb") as f:  # through a file object: the archive's folder is "archive"
+            torch.save(tree, f)
+    os.replace(path + ".partial", path)
+
+
+def same_bytes(a, b):
+    if not os.path.exists(a):
+        return False
+    with open(a, "rb") as f, open(b, "rb") as g:
+        return f.read() == g.read()
+
+
+def read_recipe(recipe_path):
+    with open(recipe_path, encoding="utf-8") as f:
+        recipe = json.load(f)
+    fixed_path = recipe_path[: -len(".recipe.json")] + ".fixed.safetensors"
+    fixed_tensors = load_file(fixed_path) if os.path.exists(fixed_path) else {}
+    return recipe, build_tree(recipe["content"], recipe["seed"], fixed_tensors)
+
+
+def recipe_json(node, depth=0):
+    """JSON with one line per tensor or plain value."""
+    if isinstance(node, dict) and node and not set(node) & {"__normal__", "__fixed__"}:
+        pad = " " * (depth + 1)
+        items = ",\n".join(f"{pad}{json.dumps(k)}: {recipe_json(v, depth + 1)}" for k, v in node.items())
+        return "{\n" + items + "\n" + " " * depth + "}"
+    return json.dumps(node)
+
+
+def save_recipe(path, container, seed, content, fixed_tensors=None, metadata=None):
+    """For fixture scripts: write ``path``'s recipe (and its ``.fixed.safetensors`` where ``fixed_tensors``), then
+    ``path`` made from the recipe as read back. Returns the checkpoint's object."""
+    recipe = {"container": container, "seed": seed, "metadata": metadata, "content": content}
+    if fixed_tensors:
+        save_file({k: v.contiguous() for k, v in fixed_tensors.items()}, path + ".fixed.safetensors")
+    recipe["digest"] = tree_digest(build_tree(content, seed, fixed_tensors or {}))
+    with open(path + ".recipe.json", "w", encoding="utf-8") as f:
+        f.write(recipe_json(recipe) + "\n")
+    return make_checkpoint(path + ".recipe.json")
+
+
+def make_checkpoint(recipe_path):
+    """The checkpoint of ``recipe_path`` made and checked against the recipe's digest, then written where its file
+    is missing or differs. Returns the checkpoint's object."""
+    recipe, tree = read_recipe(recipe_path)
+    path = recipe_path[: -len(".recipe.json")]
+    if tree_digest(tree) != recipe["digest"]:
+        raise RuntimeError(f"{os.path.basename(path)} made from its recipe is not the file the fixture script wrote "
+                           "(the digest differs): numpy's RandomState stream or its float rounding has changed.")
+    write_checkpoint(tree, recipe["container"], path + ".new", recipe["metadata"])
+    if same_bytes(path, path + ".new"):
+        os.remove(path + ".new")
+    else:
+        os.replace(path + ".new", path)
+    return tree

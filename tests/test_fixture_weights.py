@@ -1,0 +1,56 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fixture_weights import fixed, make_checkpoint, normal, save_recipe, standard_normal
+
+
+def toy_content():
+    return {"state_dict": {"a.weight": normal("float16", (64, 3), 0.5, 2.0), "b.bias": normal("float32", (7,), 0, 0.1),
+                           "steps": fixed("steps")},
+            "names": ["a", "b"], "rank": 4}
+
+
+@pytest.mark.parametrize("container", ["torch", "safetensors"])
+def test_recipe_makes_the_written_checkpoint_again(tmp_path, container):
+    path = str(tmp_path / "toy.ckpt")
+    content = toy_content() if container == "torch" else toy_content()["state_dict"]
+    written = save_recipe(path, container, 1234, content, {"steps": torch.arange(5)})
+    first = open(path, "rb").read()
+    (tmp_path / "toy.ckpt").unlink()
+    again = make_checkpoint(path + ".recipe.json")
+    assert open(path, "rb").read() == first
+    loaded = torch.load(path, weights_only=True) if container == "torch" else load_file(path)
+    tensors, made, remade = ((t["state_dict"] for t in (loaded, written, again)) if container == "torch"
+                             else (loaded, written, again))
+    assert set(tensors) == set(made) == set(remade) == {"a.weight", "b.bias", "steps"}
+    assert all(torch.equal(tensors[name], made[name]) and torch.equal(remade[name], made[name]) for name in made)
+    assert tensors["a.weight"].dtype == torch.float16 and tensors["b.bias"].dtype == torch.float32
+    assert torch.equal(tensors["steps"], torch.arange(5))
+    if container == "torch":
+        assert loaded["names"] == ["a", "b"] and loaded["rank"] == 4
+
+
+def test_drawn_tensor_is_mean_plus_std_z_rounded_once(tmp_path):
+    """Each tensor's z comes from its own path; float16 values are the float64 ones rounded to nearest, as torch
+    rounds them."""
+    tree = save_recipe(str(tmp_path / "toy.ckpt"), "torch", 7, toy_content(), {"steps": torch.arange(5)})
+    z = standard_normal(7, "state_dict/a.weight", (64, 3))
+    assert torch.equal(tree["state_dict"]["a.weight"], torch.from_numpy(0.5 + 2.0 * z).to(torch.float16))
+    assert not np.array_equal(z[:, :1], standard_normal(7, "state_dict/b.bias", (7,))[:1, None])
+    assert abs(tree["state_dict"]["b.bias"].std().item() - 0.1) < 0.1
+
+
+def test_recipe_whose_tensors_differ_is_refused(tmp_path):
+    path = str(tmp_path / "toy.ckpt")
+    save_recipe(path, "torch", 1, toy_content(), {"steps": torch.arange(5)})
+    with open(path + ".recipe.json", encoding="utf-8") as f:
+        recipe = json.load(f)
+    recipe["content"]["state_dict"]["b.bias"]["__normal__"][3] = 0.2
+    with open(path + ".recipe.json", "w", encoding="utf-8") as f:
+        json.dump(recipe, f)
+    with pytest.raises(RuntimeError, match="digest differs"):
+        make_checkpoint(path + ".recipe.json")
