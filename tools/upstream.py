@@ -1,7 +1,19 @@
-"""What the fixture makers share: the upstream checkout they run must be importable by its own top-level names."""
+"""What the fixture makers share: the upstream checkout they run must be importable by its own top-level names, and
+the tiny checkpoints are written as recipes the tests make them from again (tests/fixture_weights.py)."""
 
+import importlib.util
 import os
 import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fixture_weights():
+    """The module tests/fixture_weights.py, loaded from its file (tests/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("fixture_weights", os.path.join(ROOT, "tests", "fixture_weights.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def require_on_pythonpath(checkout):
