@@ -295,6 +295,12 @@ def test_fp16_output_of_inf_without_nan_runs_again_in_float32():
     assert net.scale.dtype == torch.float16
 
 
+def test_whole_latent_stage_includes_its_limits():
+    """Whole up to and including 16 tiles' latent area, and up to and including a 256² latent."""
+    assert tiled_vae.whole_latent_stage(256 * 256, 8) and not tiled_vae.whole_latent_stage(256 * 256 + 1, 8)
+    assert tiled_vae.whole_latent_stage(16 * 80**2, 80) and not tiled_vae.whole_latent_stage(16 * 80**2 + 1, 80)
+
+
 @torch.no_grad()
 def test_the_encoder_limit_is_on_its_latent_area(tiny_unet_vae, monkeypatch):
     """The limit of a whole latent stage is on the latent's area (1/64 of the image's): with a limit of 64 latent px,
