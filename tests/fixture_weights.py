@@ -8,7 +8,9 @@ dicts, lists and plain values as they are, and in place of each tensor
 - ``{"__normal__": [dtype, shape, mean, std]}``: mean + std·z, z drawn by numpy's ``RandomState`` seeded with
   crc32(f"{seed}/{path}"), ``path`` the tensor's keys joined by "/", in float64 and rounded once to ``dtype``;
 - ``{"__fixed__": name}``: the tensor ``name`` of ``<file>.fixed.safetensors`` (buffers such as schedules and
-  index tables).
+  index tables);
+- ``{"__same__": path}``: the very tensor at ``path``, an earlier drawn or fixed one (tied weights, one tensor under
+  two names as in the state dict of a model that shares them; ``torch.save`` stores it once).
 
 RandomState's stream is frozen by numpy and the rounding is IEEE's, so every numpy and torch version makes the same
 tensors; the recipe's ``digest`` (``tree_digest``: names, dtypes, shapes and bytes) checks that they did.
@@ -43,15 +45,26 @@ def fixed(name):
     return {"__fixed__": name}
 
 
+def same(path):
+    """The recipe entry of a tensor that is the one at ``path`` (keys joined by "/")."""
+    return {"__same__": path}
+
+
 def build_tree(content, seed, fixed_tensors):
     """The checkpoint's object from a recipe's ``content``."""
+    built = {}
+
     def build(node, path):
         if isinstance(node, dict) and set(node) == {"__normal__"}:
             dtype, shape, mean, std = node["__normal__"]
             values = mean + std * standard_normal(seed, path, tuple(shape))
-            return torch.from_numpy(np.ascontiguousarray(values.astype(DTYPES[dtype])))
+            built[path] = torch.from_numpy(np.ascontiguousarray(values.astype(DTYPES[dtype])))
+            return built[path]
         if isinstance(node, dict) and set(node) == {"__fixed__"}:
-            return fixed_tensors[node["__fixed__"]].clone()
+            built[path] = fixed_tensors[node["__fixed__"]].clone()
+            return built[path]
+        if isinstance(node, dict) and set(node) == {"__same__"}:
+            return built[node["__same__"]]
         if isinstance(node, dict):
             return {k: build(v, f"{path}/{k}" if path else k) for k, v in node.items()}
         return node
@@ -104,7 +117,7 @@ def read_recipe(recipe_path):
 
 def recipe_json(node, depth=0):
     """JSON with one line per tensor or plain value."""
-    if isinstance(node, dict) and node and not set(node) & {"__normal__", "__fixed__"}:
+    if isinstance(node, dict) and node and not set(node) & {"__normal__", "__fixed__", "__same__"}:
         pad = " " * (depth + 1)
         items = ",\n".join(f"{pad}{json.dumps(k)}: {recipe_json(v, depth + 1)}" for k, v in node.items())
         return "{\n" + items + "\n" + " " * depth + "}"

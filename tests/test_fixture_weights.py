@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fixture_weights import fixed, make_checkpoint, normal, save_recipe, standard_normal
+from fixture_weights import fixed, make_checkpoint, normal, same, save_recipe, standard_normal
 
 
 def toy_content():
@@ -54,3 +54,16 @@ def test_recipe_whose_tensors_differ_is_refused(tmp_path):
         json.dump(recipe, f)
     with pytest.raises(RuntimeError, match="digest differs"):
         make_checkpoint(path + ".recipe.json")
+
+
+def test_tied_tensor_is_the_one_it_names(tmp_path):
+    """``same``: one tensor under two names, as a model with tied weights saves it (stored once)."""
+    path = str(tmp_path / "tied.pth")
+    content = {"model": {"head.weight": normal("float32", (3, 4), 0, 1), "encoder.weight": same("model/head.weight"),
+                         "steps": fixed("steps"), "other.steps": same("model/steps")}}
+    tree = save_recipe(path, "torch", 3, content, {"steps": torch.arange(5)})
+    model = tree["model"]
+    assert model["encoder.weight"] is model["head.weight"] and model["other.steps"] is model["steps"]
+    loaded = torch.load(path, weights_only=True)["model"]
+    assert loaded["encoder.weight"].untyped_storage().data_ptr() == loaded["head.weight"].untyped_storage().data_ptr()
+    assert torch.equal(make_checkpoint(path + ".recipe.json")["model"]["encoder.weight"], model["head.weight"])
