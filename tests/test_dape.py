@@ -83,18 +83,18 @@ def test_prompt_format():
 
 def test_exclude_and_max_tags(tagger, fixture):
     ups, _, logits, tags = fixture
-    full = tags[1].split(", ")
+    full = tags[0].split(", ")
     assert len(full) > 5
-    out = tagger.tags(ups[1], exclude=[full[0], full[2].upper()])[0].split(", ")
+    out = tagger.tags(ups[0], exclude=[full[0], full[2].upper()])[0].split(", ")
     assert out == [t for t in full if t not in (full[0], full[2])]
-    top = tagger.tags(ups[1], max_tags=3)[0].split(", ")
+    top = tagger.tags(ups[0], max_tags=3)[0].split(", ")
     assert len(top) == 3 and top == [t for t in full if t in top]  # tag-list order kept
-    probs = torch.sigmoid(logits[1])
+    probs = torch.sigmoid(logits[0])
     index = {name: i for i, name in enumerate(tagger.tag_names)}
     chosen = sorted(probs[[index[t] for t in full]].tolist(), reverse=True)
     assert sorted((probs[index[t]].item() for t in top), reverse=True) == chosen[:3]
-    assert tagger.tags(ups[1], max_tags=0) == [""]
-    assert tagger.tags(ups[1], max_tags=1000) == [tags[1]]
+    assert tagger.tags(ups[0], max_tags=0) == [""]
+    assert tagger.tags(ups[0], max_tags=1000) == [tags[0]]
 
 
 def test_an_fp16_tagger_compares_the_fp16_probability_as_the_official(tagger):

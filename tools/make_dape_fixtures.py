@@ -14,19 +14,28 @@ What it does:
   64 entries (the official one is a private local path). The hard-coded label width 512 is made
   24 (``encoder_width``, ``label_embed``, ``image_proj``, ``wordvec_proj``) to keep the files small.
   The real 4585 tags and thresholds are used.
-- Randomises every parameter (all LoRA A and B non-zero, including the tag_encoder/text_decoder
-  LoRAs that the tagging path must ignore or, for the tag_encoder layers tied to the head, merge),
-  saves ``ram_tiny.pth`` ({'model': state_dict} without LoRA tensors, as the real RAM file) and
-  ``dape_tiny.pth`` (flat dict of every ``lora_A``/``lora_B``, as the real DAPE.pth).
-- Loads both with the official ``ram()`` loader, calls ``.eval()`` (loralib merge), and runs the
+- Writes both checkpoints as recipes (tests/fixture_weights.py; the tests make the files from them at the start of
+  a session): ``ram_tiny.pth`` ({'model': state_dict} without LoRA tensors, as the real RAM file) and
+  ``dape_tiny.pth`` (flat dict of every ``lora_A``/``lora_B``, as the real DAPE.pth), in the model's state-dict
+  order. Every parameter is drawn ``normal(dtype, shape, mean, std)`` (``draw``): LoRA A std 1/sqrt(fan-in), LoRA
+  B std 1 (all non-zero, including the tag_encoder/text_decoder LoRAs that the tagging path must ignore or, for the
+  tag_encoder layers tied to the head, merge), relative position bias tables 0.5, ``label_embed`` 1, norm weights
+  1 ± 0.2, other biases 0.1, other weights 1/sqrt(fan-in). A tied weight (the head's, shared with the tag_encoder;
+  the text decoder's output layer) is drawn once, under its first name, and is ``same`` under the others; the
+  buffers the RAM file keeps (``relative_position_index``, ``attn_mask``, ``position_ids``) are ``fixed``, each
+  distinct one stored once in ``ram_tiny.pth.fixed.safetensors``.
+- ``fc.bias`` is shifted once, by the mean of its recipe, so that a handful of tags pass the shipped thresholds,
+  picked on a probe: the official model with the tensors made from the recipes loaded strictly (its own values
+  for the buffers the RAM file leaves out), ``.eval()``.
+- Loads both files with the official ``ram()`` loader, calls ``.eval()`` (loralib merge), and runs the
   official ``inference_ram`` per image on the OSEDiff DAPE transform
   (``Resize((384, 384), antialias=False)`` as torchvision 0.15 did, ``Normalize``), recording the
   ``fc`` output (logits) with a forward hook and the tag strings.
-- ``fc.bias`` is shifted once so that a handful of tags pass the shipped thresholds.
 """
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import types
@@ -34,7 +43,7 @@ import types
 import numpy as np
 import torch
 
-from upstream import require_on_pythonpath
+from upstream import fixture_weights, require_on_pythonpath
 
 LABEL_DIM = 24
 SWIN = {"vision_width": 64, "image_res": 384, "window_size": 12, "embed_dim": 8, "depths": [2, 2, 2, 2],
@@ -43,6 +52,7 @@ BERT = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4, "in
         "vocab_size": 64, "max_position_embeddings": 16}
 IMAGE_SIZES = [(24, 32), (32, 32), (28, 40), (48, 16)]  # (H, W) before ×4
 UPSCALE = 4
+fw = fixture_weights()
 
 
 def patch_upstream(upstream):
@@ -81,42 +91,51 @@ def patch_upstream(upstream):
     return ram_lora
 
 
-def build(ram_lora, **files):
-    model = ram_lora.ram(image_size=384, vit="swin_l", **files) if files else ram_lora.RAMLora(image_size=384,
-                                                                                                vit="swin_l")
-    return model
-
-
 def shrink_label_width(model):
     width = model.image_proj.in_features
     model.image_proj = torch.nn.Linear(width, LABEL_DIM)
     model.wordvec_proj = torch.nn.Linear(LABEL_DIM, model.wordvec_proj.out_features)
 
 
-def randomise(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    seen = set()
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        with torch.no_grad():
-            n = torch.randn(p.shape, generator=g)
-            if name.endswith("lora_A"):
-                p.copy_(n / p.shape[1] ** 0.5)
-            elif name.endswith("lora_B"):
-                p.copy_(n * 1.0)
-            elif "relative_position_bias_table" in name:
-                p.copy_(n * 0.5)
-            elif name == "label_embed":
-                p.copy_(n)
-            elif p.dim() == 1 and ("norm" in name.lower()) and name.endswith("weight"):
-                p.copy_(1 + 0.2 * n)
-            elif p.dim() == 1:
-                p.copy_(0.1 * n)
-            else:
-                fan_in = p[0].numel()
-                p.copy_(n / fan_in ** 0.5)
+def draw(name, p):
+    """The recipe entry of parameter ``name``."""
+    dtype, shape = str(p.dtype).removeprefix("torch."), p.shape
+    if name.endswith("lora_A"):
+        return fw.normal(dtype, shape, 0, 1 / math.sqrt(shape[1]))
+    if name.endswith("lora_B"):
+        return fw.normal(dtype, shape, 0, 1)
+    if "relative_position_bias_table" in name:
+        return fw.normal(dtype, shape, 0, 0.5)
+    if name == "label_embed":
+        return fw.normal(dtype, shape, 0, 1)
+    if p.dim() == 1 and "norm" in name.lower() and name.endswith("weight"):
+        return fw.normal(dtype, shape, 1, 0.2)
+    if p.dim() == 1:
+        return fw.normal(dtype, shape, 0, 0.1)
+    return fw.normal(dtype, shape, 0, 1 / math.sqrt(p[0].numel()))
+
+
+def recipes(model):
+    """The contents of ``ram_tiny.pth`` and ``dape_tiny.pth`` for ``model``'s state dict, and the fixed tensors of
+    the first. A tied parameter is drawn under its first name, the later ones are ``same``; equal buffers are one
+    fixed tensor, named by the first of them."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    first_name, fixed, ram, lora = {}, {}, {}, {}
+    for key, value in model.state_dict().items():
+        if "lora_" in key:
+            lora[key] = draw(key, params[key])
+        elif key in params:
+            first = first_name.setdefault(id(params[key]), key)
+            ram[key] = draw(key, params[key]) if first == key else fw.same(f"model/{first}")
+        # The real file also holds the Swin buffers the official loader drops (relative_position_index,
+        # attn_mask); keep only some of them here, for size (stage 0 masks alone are 5 MB).
+        elif not (("attn_mask" in key and ".layers.2." not in key)
+                  or ("relative_position_index" in key and ".layers.3." not in key)):
+            name = next((n for n, t in fixed.items() if t.dtype == value.dtype and t.shape == value.shape
+                         and torch.equal(t, value)), key)
+            fixed.setdefault(name, value)
+            ram[key] = fw.fixed(name)
+    return {"model": ram}, lora, fixed
 
 
 def make_inputs(seed):
@@ -167,33 +186,27 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     ram_lora = patch_upstream(args.upstream)
 
-    torch.manual_seed(args.seed)
-    model = build(ram_lora)
-    shrink_label_width(model)
-    randomise(model, args.seed)
+    probe = ram_lora.RAMLora(image_size=384, vit="swin_l")
+    shrink_label_width(probe)
+    ram_content, lora_content, fixed = recipes(probe)
     smalls, ups = make_inputs(args.seed)
 
-    # pick fc.bias so that about --tags-per-image tags pass per image (probe on a merged copy)
-    thr = model.class_threshold
-    probe = build(ram_lora)
-    shrink_label_width(probe)
-    probe.load_state_dict(model.state_dict())
+    # pick fc.bias so that about --tags-per-image tags pass per image (on the probe, merged by eval())
+    ram_sd = fw.build_tree(ram_content, args.seed, fixed)["model"]
+    lora_sd = fw.build_tree(lora_content, args.seed, {})
+    left_out = {k: v for k, v in probe.state_dict().items() if k not in ram_sd and k not in lora_sd}
+    assert all("attn_mask" in k or "relative_position_index" in k for k in left_out), list(left_out)
+    probe.load_state_dict({**ram_sd, **lora_sd, **left_out}, strict=True)
     probe.eval()
     logits, _ = run_official(probe, ups)
-    margin = logits - torch.logit(thr)
+    margin = logits - torch.logit(probe.class_threshold)
     kth = margin.topk(args.tags_per_image, dim=1).values[:, -1]
-    with torch.no_grad():
-        model.fc.bias -= kth.median() - 1e-3
+    dtype, shape, mean, std = ram_content["model"]["fc.bias"]["__normal__"]
+    ram_content["model"]["fc.bias"] = fw.normal(dtype, shape, mean - (kth.median().item() - 1e-3), std)
 
-    sd = {k: v.clone() for k, v in model.state_dict().items()}
-    # The real file also holds the Swin buffers the official loader drops (relative_position_index,
-    # attn_mask); keep only some of them here, for size (stage 0 masks alone are 5 MB).
-    ram_sd = {k: v for k, v in sd.items() if "lora_" not in k and not (
-        ("attn_mask" in k and ".layers.2." not in k) or ("relative_position_index" in k and ".layers.3." not in k))}
-    dape_sd = {k: v for k, v in sd.items() if "lora_" in k}
     ram_file, dape_file = os.path.join(args.out, "ram_tiny.pth"), os.path.join(args.out, "dape_tiny.pth")
-    torch.save({"model": ram_sd}, ram_file)
-    torch.save(dape_sd, dape_file)
+    fw.save_recipe(ram_file, "torch", args.seed, ram_content, fixed)
+    fw.save_recipe(dape_file, "torch", args.seed, lora_content)
 
     # the official path: construct, load both files, eval() (merge), generate_tag
     official = ram_lora.RAMLora(image_size=384, vit="swin_l")
@@ -202,6 +215,7 @@ def main():
     official.load_state_dict(torch.load(dape_file, weights_only=True), strict=False)
     official.eval()
     logits, tags = run_official(official, ups)
+    thr = official.class_threshold
     probs = torch.sigmoid(logits)
     closest = (probs - thr).abs().min().item()
     counts = [len(t.split(", ")) if t else 0 for t in tags]
