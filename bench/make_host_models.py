@@ -9,12 +9,14 @@ Given a full SD 2.1-base single file (the harness's ``make_tiny_sd2.py --vae kl 
 - ``dossr/dossr_default.safetensors``: the random DoSSR parts of ``bench_dossr.random_dossr`` (full-size ControlNet,
   condition encoder, 23-block RRDB) in the ``diffsr convert dossr`` layout;
   the DoSSR workflows name ``dossr_default.ckpt``: point them at this file for the run;
-- ``dape/ram_swin_large_14m.pth`` and ``dape/DAPE.pth``: the tiny DAPE test files.
+- ``dape/ram_swin_large_14m.pth`` and ``dape/DAPE.pth``: the tiny DAPE test files (made from their recipes first
+  where missing, as a test session makes them: ``copy_tiny_dape``).
 
     python bench/make_host_models.py --base MODELS/checkpoints/v2-1_512-ema-pruned.safetensors --models MODELS
 """
 
 import argparse
+import importlib.util
 import os
 import shutil
 
@@ -34,6 +36,20 @@ def dossr_parts(model):
                       controlnet_config, vae_config)
 
 
+def copy_tiny_dape(models):
+    """tests/data/dape's ram_tiny.pth and dape_tiny.pth into ``models``/dape under the official names, each made
+    first from its recipe by tests/fixture_weights.py where missing (or differing), as at the start of a test
+    session."""
+    spec = importlib.util.spec_from_file_location("fixture_weights",
+                                                  os.path.join(os.path.dirname(DATA), "fixture_weights.py"))
+    fixture_weights = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fixture_weights)
+    for source, name in (("ram_tiny.pth", "ram_swin_large_14m.pth"), ("dape_tiny.pth", "DAPE.pth")):
+        source = os.path.join(DATA, "dape", source)
+        fixture_weights.make_checkpoint(source + ".recipe.json")
+        shutil.copy(source, os.path.join(models, "dape", name))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="full SD 2.1-base single file")
@@ -50,8 +66,7 @@ def main():
     del sd21
     write_converted(dossr_parts(random_dossr()[0]), os.path.join(args.models, "dossr", "dossr_default.safetensors"),
                     source="random")
-    for source, name in (("ram_tiny.pth", "ram_swin_large_14m.pth"), ("dape_tiny.pth", "DAPE.pth")):
-        shutil.copy(os.path.join(DATA, "dape", source), os.path.join(args.models, "dape", name))
+    copy_tiny_dape(args.models)
     print(f"wrote {args.models}/osediff/osediff.pkl, dossr/dossr_default.safetensors, dape/")
 
 
