@@ -6,7 +6,8 @@ A fixture script writes ``<file>.recipe.json`` beside the expected outputs it ma
 dicts, lists and plain values as they are, and in place of each tensor
 
 - ``{"__normal__": [dtype, shape, mean, std]}``: mean + std·z, z drawn by numpy's ``RandomState`` seeded with
-  crc32(f"{seed}/{path}"), ``path`` the tensor's keys joined by "/", in float64 and rounded once to ``dtype``;
+  crc32(f"{seed}/{path}"), ``path`` the tensor's keys joined by "/", in float64 and rounded once to ``dtype``; mean
+  and std are numbers, or lists of one per index of the first axis (rows drawn with their own scale);
 - ``{"__fixed__": name}``: the tensor ``name`` of ``<file>.fixed.safetensors`` (buffers such as schedules and
   index tables);
 - ``{"__same__": path}``: the very tensor at ``path``, an earlier drawn or fixed one (tied weights, one tensor under
@@ -36,8 +37,9 @@ def standard_normal(seed, path, shape):
 
 
 def normal(dtype, shape, mean, std):
-    """The recipe entry of a drawn tensor."""
-    return {"__normal__": [dtype, list(shape), float(mean), float(std)]}
+    """The recipe entry of a drawn tensor; ``mean`` and ``std`` a number or a sequence of one per first-axis index."""
+    number = lambda x: [float(v) for v in x] if isinstance(x, (list, tuple)) else float(x)
+    return {"__normal__": [dtype, list(shape), number(mean), number(std)]}
 
 
 def fixed(name):
@@ -57,6 +59,8 @@ def build_tree(content, seed, fixed_tensors):
     def build(node, path):
         if isinstance(node, dict) and set(node) == {"__normal__"}:
             dtype, shape, mean, std = node["__normal__"]
+            mean, std = (np.reshape(x, (-1,) + (1,) * (len(shape) - 1)) if isinstance(x, list) else x
+                         for x in (mean, std))
             values = mean + std * standard_normal(seed, path, tuple(shape))
             built[path] = torch.from_numpy(np.ascontiguousarray(values.astype(DTYPES[dtype])))
             return built[path]

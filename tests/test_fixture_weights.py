@@ -44,6 +44,18 @@ def test_drawn_tensor_is_mean_plus_std_z_rounded_once(tmp_path):
     assert abs(tree["state_dict"]["b.bias"].std().item() - 0.1) < 0.1
 
 
+def test_rows_drawn_with_a_mean_and_std_each(tmp_path):
+    """A list of means or stds gives each index of the first axis its own; the z are the tensor's as with numbers."""
+    content = {"w": normal("float32", (3, 2, 2), [0, -2, 1], (1.0, 0.5, 4.0)),
+               "b": normal("float64", (3,), 1, [0, 1, 2])}
+    tree = save_recipe(str(tmp_path / "toy.safetensors"), "safetensors", 5, content)
+    z = standard_normal(5, "w", (3, 2, 2))
+    expected = np.array([0, -2, 1])[:, None, None] + np.array([1.0, 0.5, 4.0])[:, None, None] * z
+    assert torch.equal(tree["w"], torch.from_numpy(expected.astype(np.float32)))
+    assert torch.equal(tree["b"], torch.from_numpy(1 + np.array([0, 1, 2]) * standard_normal(5, "b", (3,))))
+    assert content["w"]["__normal__"][2:] == [[0.0, -2.0, 1.0], [1.0, 0.5, 4.0]]
+
+
 def test_recipe_whose_tensors_differ_is_refused(tmp_path):
     path = str(tmp_path / "toy.ckpt")
     save_recipe(path, "torch", 1, toy_content(), {"steps": torch.arange(5)})
