@@ -8,10 +8,14 @@ Run with the upstream venv (see tests/data/dossr/README.md):
         --upstream /work/upstream/DoSSR --out tests/data/dossr
 
 This script contains no upstream code: it builds the upstream ``ControlLDM``
-from a tiny yaml written here, randomises its weights, then calls the upstream
-``main()`` of ``scripts/inference.py`` (via a patched ``sys.argv``) once per case
-while recording intermediate tensors through thin wrappers around upstream
-methods and every ``torch.randn`` / ``torch.randn_like`` draw.
+from a tiny yaml written here, writes the recipe of its random weights
+(``dossr_tiny.ckpt.recipe.json`` and ``.fixed.safetensors``, tests/fixture_weights.py:
+every weight drawn from numpy's frozen RandomState, the DDPM buffers stored) and
+the checkpoint made from it, which the model must take strictly, then calls the
+upstream ``main()`` of ``scripts/inference.py`` (via a patched ``sys.argv``) on
+that checkpoint once per case while recording intermediate tensors through thin
+wrappers around upstream methods and every ``torch.randn`` / ``torch.randn_like``
+draw. The tests make the checkpoint again from the recipe at session start.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from upstream import require_on_pythonpath
+from upstream import fixture_weights, require_on_pythonpath
 
 SEED = 42          # upstream default --seed
 WEIGHT_SEED = 1234
@@ -211,16 +215,16 @@ def install_patches():
 
 
 # ----------------------------------------------------------------------------
-# weight randomisation
+# random weights, as a recipe (tests/fixture_weights.py)
 # ----------------------------------------------------------------------------
-def randomise(model: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
+def weight_recipe(model: torch.nn.Module, fw):
+    """The recipe content of the checkpoint, ``{"state_dict": ...}`` in the model's key order: every parameter drawn
+    in float16 (``fw.normal``) with the mean and std of the rules below, so that every zero conv, ControlNet input
+    conv, UNet ``out``, ``proj_out``, norm, embedding and ``text_projection`` is random and non-zero; OpenCLIP's unused
+    ``logit_scale`` (float16) and the DDPM buffers (float32) as they are built, as ``fw.fixed`` tensors, each distinct
+    one stored once. Returns (content, fixed tensors)."""
+    drawn = {}  # parameter name -> (mean, std), either a number or one per output row
 
-    def normal_(t, std, mean=0.0):
-        with torch.no_grad():
-            t.copy_(torch.randn(t.shape, generator=g, dtype=torch.float64).float() * std + mean)
-
-    handled = set()
     for mname, mod in model.named_modules():
         if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
             w = mod.weight
@@ -234,44 +238,47 @@ def randomise(model: torch.nn.Module, seed: int) -> None:
                 gain = 0.25   # decoder sees z / 0.18215
             if mname.endswith("decoder.conv_out"):
                 gain = 0.6
-            normal_(w, gain / math.sqrt(fan_in))
-            if mname.endswith("quant_conv") and "post_quant" not in mname:
-                with torch.no_grad():   # SD-like latent scale: mean channels x5, small logvar
-                    w[:4] *= 5.0
-                    w[4:] *= 0.5
+            std = gain / math.sqrt(fan_in)
+            moments = mname.endswith("quant_conv") and "post_quant" not in mname
+            # SD-like latent scale: mean channels x5, small logvar
+            drawn[f"{mname}.weight"] = (0.0, [5.0 * std] * 4 + [0.5 * std] * (w.shape[0] - 4) if moments else std)
             if mod.bias is not None:
                 if mname == "preprocess_model.conv_last":
-                    normal_(mod.bias, 0.05, 0.5)
-                elif mname.endswith("quant_conv") and "post_quant" not in mname:
-                    normal_(mod.bias, 0.02)
-                    with torch.no_grad():
-                        mod.bias[4:] -= 2.0
+                    drawn[f"{mname}.bias"] = (0.5, 0.05)
+                elif moments:
+                    drawn[f"{mname}.bias"] = ([0.0] * 4 + [-2.0] * (w.shape[0] - 4), 0.02)
                 else:
-                    normal_(mod.bias, 0.02)
-            handled.update({f"{mname}.weight", f"{mname}.bias"})
+                    drawn[f"{mname}.bias"] = (0.0, 0.02)
         elif isinstance(mod, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
             if mod.weight is not None:
-                normal_(mod.weight, 0.1, 1.0)
-                normal_(mod.bias, 0.05)
-            handled.update({f"{mname}.weight", f"{mname}.bias"})
+                drawn[f"{mname}.weight"] = (1.0, 0.1)
+                drawn[f"{mname}.bias"] = (0.0, 0.05)
         elif isinstance(mod, torch.nn.MultiheadAttention):
-            normal_(mod.in_proj_weight, 1.0 / math.sqrt(mod.embed_dim))
-            normal_(mod.in_proj_bias, 0.02)
-            handled.update({f"{mname}.in_proj_weight", f"{mname}.in_proj_bias"})
+            drawn[f"{mname}.in_proj_weight"] = (0.0, 1.0 / math.sqrt(mod.embed_dim))
+            drawn[f"{mname}.in_proj_bias"] = (0.0, 0.02)
         elif isinstance(mod, torch.nn.Embedding):
-            normal_(mod.weight, 0.5)
-            handled.add(f"{mname}.weight")
-    for pname, p in model.named_parameters():
-        if pname in handled:
+            drawn[f"{mname}.weight"] = (0.0, 0.5)
+    for pname, _ in model.named_parameters():
+        if pname in drawn:
             continue
         if pname.endswith("positional_embedding"):
-            normal_(p, 0.2)
+            drawn[pname] = (0.0, 0.2)
         elif pname.endswith("text_projection"):
-            normal_(p, 0.25)
-        elif pname.endswith("logit_scale"):
-            pass
-        else:
+            drawn[pname] = (0.0, 0.25)
+        elif not pname.endswith("logit_scale"):
             raise RuntimeError(f"parameter not randomised: {pname}")
+
+    parameters = dict(model.named_parameters())
+    state, fixed = {}, {}
+    for k, v in model.state_dict().items():
+        if k in drawn:
+            state[k] = fw.normal("float16", v.shape, *drawn[k])
+            continue
+        v = v.detach().to(torch.float16 if k in parameters else torch.float32).contiguous()
+        name = next((n for n, t in fixed.items() if t.dtype == v.dtype and t.shape == v.shape and torch.equal(t, v)), k)
+        fixed.setdefault(name, v)
+        state[k] = fw.fixed(name)
+    return {"state_dict": state}, fixed
 
 
 # ----------------------------------------------------------------------------
@@ -439,22 +446,14 @@ def main():
     with open(cfg_path, "w") as f:
         f.write(TINY_YAML)
 
-    # 2. model + random weights
-    torch.manual_seed(0)
+    # 2. model + random weights: the recipe written (dossr_tiny.ckpt.recipe.json + .fixed.safetensors), the
+    # checkpoint made from it, which the upstream then loads, and the model checked to take it strictly
     model = instantiate_from_config(OmegaConf.load(cfg_path))
-    randomise(model, WEIGHT_SEED)
-    # the networks' weights stored in float16 (half the file), rounded in the model first so that the upstream
-    # runs on the very values stored; the DDPM buffers (top-level keys: betas, alphas_cumprod, ...) stay float32
-    halved = lambda k, v: v.is_floating_point() and "." in k
-    with torch.no_grad():
-        for k, v in model.state_dict().items():
-            if halved(k, v):
-                v.copy_(v.half())
-    sd = {k: v.detach().clone().contiguous().half() if halved(k, v) else
-          v.detach().clone().contiguous().float() if v.is_floating_point() else v.detach().clone()
-          for k, v in model.state_dict().items()}
+    fw = fixture_weights()
+    content, fixed = weight_recipe(model, fw)
     ckpt_path = os.path.join(out, "dossr_tiny.ckpt")
-    torch.save({"state_dict": sd}, ckpt_path)
+    sd = fw.save_recipe(ckpt_path, "torch", WEIGHT_SEED, content, fixed)["state_dict"]
+    model.load_state_dict(sd, strict=True)
     nparams = {p: sum(v.numel() for k, v in sd.items() if k.startswith(p)) for p in
                ["model.diffusion_model.", "control_model.", "first_stage_model.", "cond_encoder.",
                 "cond_stage_model.model.", "preprocess_model."]}
