@@ -5,13 +5,15 @@ tests/data/osediff/README.md) and a checkout of cswry/OSEDiff (commit fcc4f09):
 
     PYTHONPATH=/path/to/OSEDiff python tools/make_osediff_fixtures.py --upstream /path/to/OSEDiff --out tests/data/osediff
 
-It writes a tiny SD 2.1-base-architecture diffusers folder (``tiny_sd21/``, fp16 weights; the tokenizer is
-the one the pack ships, sr_common/configs/sd21_base/tokenizer, and is not stored again; nor are the weight files,
-which the tests make from the single file and check against ``weights_sha256.json``), the same weights as
-one LDM-layout single file (``tiny_sd21_single.safetensors``, checked against diffusers' own LDM converters),
-an ``osediff_tiny.pkl`` in the official layout (adapter lists by the official ``initialize_unet`` /
-``initialize_vae``, every LoRA A/B and ``conv_in`` randomised), input images, and for each case the official
-output (``.png``) and float tensors (``.safetensors``), listed in ``cases.json``. Nothing of the official
+It writes a tiny SD 2.1-base-architecture model as one LDM-layout single file drawn from a recipe
+(``tiny_sd21_single.safetensors.recipe.json``, ``logit_scale`` in its ``.fixed.safetensors``; tests/fixture_weights.py:
+the tests make the file from it at the start of a session), the diffusers folder the official code loads converted
+from that file by diffusers' own LDM converters (``tiny_sd21/``, fp16; our LDM layout must map it back to the file
+exactly; its weight files are not stored either: the tests make them from the single file and check them against
+``weights_sha256.json``; the tokenizer is the one the pack ships, sr_common/configs/sd21_base/tokenizer, and is not
+stored again), an ``osediff_tiny.pkl`` in the official layout, also from a recipe (adapter lists by the official
+``initialize_unet`` / ``initialize_vae``, every LoRA A/B and ``conv_in`` drawn), input images, and for each case the
+official output (``.png``) and float tensors (``.safetensors``), listed in ``cases.json``. Nothing of the official
 code is copied: it is imported from --upstream and driven the way test_osediff.py's ``__main__`` drives it.
 """
 
@@ -29,12 +31,13 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 from safetensors.torch import save_file
 
-from upstream import require_on_pythonpath
+from upstream import fixture_weights, require_on_pythonpath
 
 PROMPT = "a cat, grass, ,"  # what f"{tags}, {args.prompt}," gives for DAPE tags "a cat, grass" and prompt ""
 SEED = 7
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER = os.path.join(HERE, "..", "sr_common", "configs", "sd21_base", "tokenizer")
+fw = fixture_weights()
 
 SCHEDULER = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
              "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
@@ -83,28 +86,18 @@ def natural_image(width, height, seed):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# tiny SD 2.1-base
+# tiny SD 2.1-base: the LDM single file is drawn from its recipe, the diffusers folder is converted from it
+
+SINGLE, PKL = "tiny_sd21_single.safetensors", "osediff_tiny.pkl"  # made from their recipes
+SEED_SD21, SEED_LORA, RANK = 1234, 4321, 4  # the recipes' seeds; the LoRA rank
 
 
-def perturb(module, gen):
-    """Seeded random weights around diffusers/transformers' default init (norms and biases not trivial)."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.dim() == 1 and ("norm" in name or "layer_norm" in name or "ln_" in name) and name.endswith("weight"):
-                p.copy_(1 + 0.1 * noise)
-            elif p.dim() == 1 and name.endswith("bias"):
-                p.copy_(p + 0.05 * noise)
-            else:
-                p.add_(0.2 * p.float().std() * noise)
-
-
-def build_tiny(folder):
+def tiny_networks():
+    """The tiny SD 2.1-base networks, for their configs, names and shapes: their own init is never used (the weights
+    come from the single file's recipe)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    gen = torch.Generator().manual_seed(1234)
-    torch.manual_seed(1234)
     unet = UNet2DConditionModel(
         sample_size=64, in_channels=4, out_channels=4, block_out_channels=(32, 32, 64, 64), layers_per_block=1,
         norm_num_groups=32, cross_attention_dim=8, attention_head_dim=[1, 1, 1, 1], use_linear_projection=True,
@@ -119,23 +112,22 @@ def build_tiny(folder):
         vocab_size=49408, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
         max_position_embeddings=77, hidden_act="gelu", projection_dim=8, bos_token_id=49406, eos_token_id=49407,
         pad_token_id=0))
-    for m in (unet, vae, text):
-        perturb(m, gen)
-        m.half()  # stored in fp16; everything below uses exactly these values upcast to fp32
-    unet.save_pretrained(os.path.join(folder, "unet"), safe_serialization=True)
-    vae.save_pretrained(os.path.join(folder, "vae"), safe_serialization=True)
-    text.save_pretrained(os.path.join(folder, "text_encoder"), safe_serialization=True)
-    shutil.copytree(TOKENIZER, os.path.join(folder, "tokenizer"), dirs_exist_ok=True)
-    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
-    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(SCHEDULER, f, indent=2)
-    with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump(MODEL_INDEX, f, indent=2)
-    return unet.float(), vae.float(), text.float()
+    return unet, vae, text
 
 
-# ----------------------------------------------------------------------------------------------------------
-# the same weights as an original SD 2.1 single file (LDM key layout)
+def drawn(key, shape, shapes, dtype):
+    """The recipe entry of a random weight: PyTorch's default init in variance (std 1/sqrt(3 fan_in)) for weights and
+    the biases beside them, norm scales N(1, 0.1) and their biases N(0, 0.05), CLIP's embeddings N(0, 0.02).
+    ``shapes``: every tensor's shape by name (a bias is drawn by its weight's)."""
+    if "embedding" in key:
+        return fw.normal(dtype, shape, 0, 0.02)
+    if key.endswith("bias"):
+        weight = shapes[key[:-len("bias")] + "weight"]
+        return fw.normal(dtype, shape, 0, 0.05 if len(weight) == 1 else (3 * math.prod(weight[1:])) ** -0.5)
+    if len(shape) == 1:  # every 1-D weight here scales a GroupNorm or LayerNorm
+        return fw.normal(dtype, shape, 1, 0.1)
+    return fw.normal(dtype, shape, 0, (3 * math.prod(shape[1:])) ** -0.5)
+
 
 RES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
        "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -220,96 +212,126 @@ def ldm_vae(vae):
     return out
 
 
-def open_clip_text(text, gen):
-    """CLIPTextModel -> OpenCLIP ``cond_stage_model.model.*``, plus one more (random, unused) resblock: SD 2
-    takes the penultimate layer, which is why the HF encoder has one layer less."""
-    sd, cfg = text.state_dict(), text.config
+CLIP = "cond_stage_model.model."
+
+
+def open_clip_text(text):
+    """CLIPTextModel keys -> OpenCLIP ``cond_stage_model.model.*`` (q/k/v joined as ``attn.in_proj_*``)."""
+    sd = {k: v for k, v in text.state_dict().items() if not k.endswith("position_ids")}
     sd = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in sd.items()}  # transformers >= 5
-    p, out = "cond_stage_model.model.", {}
-    out[p + "token_embedding.weight"] = sd["text_model.embeddings.token_embedding.weight"]
-    out[p + "positional_embedding"] = sd["text_model.embeddings.position_embedding.weight"]
-    out[p + "ln_final.weight"] = sd["text_model.final_layer_norm.weight"]
-    out[p + "ln_final.bias"] = sd["text_model.final_layer_norm.bias"]
-    out[p + "text_projection"] = torch.randn(cfg.hidden_size, cfg.hidden_size, generator=gen) * cfg.hidden_size ** -0.5
-    out[p + "logit_scale"] = torch.tensor(4.6052)
+    out = {CLIP + "token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
+           CLIP + "positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
+           CLIP + "ln_final.weight": sd["text_model.final_layer_norm.weight"],
+           CLIP + "ln_final.bias": sd["text_model.final_layer_norm.bias"]}
     names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
              "self_attn.out_proj": "attn.out_proj"}
-    for i in range(cfg.num_hidden_layers + 1):
-        extra = i == cfg.num_hidden_layers
-        src, dst = f"text_model.encoder.layers.{min(i, cfg.num_hidden_layers - 1)}.", f"{p}transformer.resblocks.{i}."
+    for i in range(text.config.num_hidden_layers):
+        src, dst = f"text_model.encoder.layers.{i}.", f"{CLIP}transformer.resblocks.{i}."
         for part in ("weight", "bias"):
-            qkv = torch.cat([sd[src + f"self_attn.{n}_proj.{part}"] for n in "qkv"])
-            out[dst + f"attn.in_proj_{part}"] = torch.randn(qkv.shape, generator=gen) * 0.1 if extra else qkv
+            out[dst + f"attn.in_proj_{part}"] = torch.cat([sd[src + f"self_attn.{n}_proj.{part}"] for n in "qkv"])
             for a, b in names.items():
-                v = sd[src + f"{a}.{part}"]
-                out[dst + f"{b}.{part}"] = torch.randn(v.shape, generator=gen) * 0.1 if extra else v
+                out[dst + f"{b}.{part}"] = sd[src + f"{a}.{part}"]
     return out
 
 
-def write_single_file(unet, vae, text, folder, path, gen):
+def single_file_recipe(unet, vae, text):
+    """The recipe's content of the single file: every tensor drawn (``drawn``) in the layout of an original SD 2.1
+    checkpoint, fp16, by name as the file orders them; OpenCLIP has one resblock more than the HF encoder (SD 2
+    takes the penultimate layer), ``text_projection`` and ``logit_scale`` (ln 100, fixed)."""
+    shapes = {k: tuple(v.shape) for k, v in {**ldm_unet(unet), **ldm_vae(vae), **open_clip_text(text)}.items()}
+    last, extra = text.config.num_hidden_layers - 1, text.config.num_hidden_layers
+    shapes.update({k.replace(f".resblocks.{last}.", f".resblocks.{extra}."): v for k, v in shapes.items()
+                   if k.startswith(f"{CLIP}transformer.resblocks.{last}.")})
+    shapes[CLIP + "text_projection"] = (text.config.hidden_size, text.config.projection_dim)
+    content = {k: drawn(k, shape, shapes, "float16") for k, shape in shapes.items()}
+    content[CLIP + "logit_scale"] = fw.fixed("logit_scale")
+    return dict(sorted(content.items())), {"logit_scale": torch.tensor(math.log(100), dtype=torch.float16)}
+
+
+def write_folder(single, unet, vae, text, folder):
+    """The diffusers folder the official code loads: the single file's tensors converted by diffusers 0.25's own LDM
+    converters, fp16 (upcast to fp32 to run). Our LDM layout must give the single file back from them."""
     from diffusers.pipelines.stable_diffusion.convert_from_ckpt import (convert_ldm_unet_checkpoint,
                                                                          convert_ldm_vae_checkpoint,
                                                                          convert_open_clip_checkpoint)
 
-    sd = {k: v.half().contiguous() for k, v in {**ldm_unet(unet), **ldm_vae(vae), **open_clip_text(text, gen)}.items()}
-    # independent check of the layout with diffusers 0.25's own converters (they pop keys: give them copies)
-    same = lambda a, b: a.keys() == b.keys() and all(torch.equal(a[k].float().reshape(b[k].shape), b[k]) for k in b)
-    assert same(convert_ldm_unet_checkpoint(dict(sd), dict(unet.config)), unet.state_dict()), "UNet LDM layout"
-    assert same(convert_ldm_vae_checkpoint(dict(sd), dict(vae.config)), vae.state_dict()), "VAE LDM layout"
-    # diffusers drops the last resblock and text_projection only for the real SD 2 (23 layers); do the same
-    last = f"cond_stage_model.model.transformer.resblocks.{text.config.num_hidden_layers}."
-    kept = {k: v.float() for k, v in sd.items() if not k.startswith(last)}
-    # with a projection so that text_projection (which gives d_model) has somewhere to go
-    back = convert_open_clip_checkpoint(kept, os.path.join(folder, "text_encoder"), has_projection=True,
+    text.config.save_pretrained(os.path.join(folder, "text_encoder"))  # convert_open_clip_checkpoint reads it
+    # the converters pop keys: give them copies
+    unet.load_state_dict(convert_ldm_unet_checkpoint(dict(single), dict(unet.config)))
+    vae.load_state_dict(convert_ldm_vae_checkpoint(dict(single), dict(vae.config)))
+    # diffusers drops the last resblock and text_projection only for the real SD 2 (23 layers); do the same, with a
+    # projection so that text_projection (which gives d_model) has somewhere to go
+    extra = f"{CLIP}transformer.resblocks.{text.config.num_hidden_layers}."
+    clip = convert_open_clip_checkpoint({k: v for k, v in single.items() if not k.startswith(extra)},
+                                        os.path.join(folder, "text_encoder"), has_projection=True,
                                         local_files_only=True).state_dict()
-    ref = text.state_dict()
-    assert same({k: back[k] for k in ref}, ref), "OpenCLIP text layout"
-    counts = {p: sum(k.startswith(p) for k in sd) for p in ("model.", "first_stage_model.", "cond_stage_model.")}
-    assert counts["model."] == len(unet.state_dict()) and counts["first_stage_model."] == len(vae.state_dict()), counts
-    save_file(sd, path)
-    return counts
+    text.load_state_dict({k: clip[k] for k in text.state_dict()})
+    back = {**ldm_unet(unet), **ldm_vae(vae), **open_clip_text(text)}
+    unused = {k for k in single if k.startswith(extra)} | {CLIP + "text_projection", CLIP + "logit_scale"}
+    assert back.keys() == single.keys() - unused, "LDM layout"
+    assert all(torch.equal(v.half(), single[k]) for k, v in back.items()), "LDM layout"
+    for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text)):
+        m.half().save_pretrained(os.path.join(folder, name), safe_serialization=True)
+    shutil.copytree(TOKENIZER, os.path.join(folder, "tokenizer"), dirs_exist_ok=True)
+    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(SCHEDULER, f, indent=2)
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(MODEL_INDEX, f, indent=2)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # osediff.pkl in the official layout
 
 
-def lora_layers(model):
-    for name, m in model.named_modules():
-        if hasattr(m, "lora_A") and hasattr(m, "base_layer"):
-            for adapter in m.lora_A:
-                yield name, m, adapter
+def lora_recipe(model, part, keep, rng, content):
+    """``content[part]``: the recipe of the tensors of ``model`` that ``OSEDiff_gen.save_model`` keeps (``keep``), in
+    its order: every ``lora_A`` ~ N(0, 1/r) (PEFT's "gaussian"), every ``lora_B`` ~ N(0, std) with std chosen so that
+    |scaling B@A| is 10..30 % (drawn by ``rng``) of |W| of its layer, anything else (``conv_in.base_layer``, which
+    replaces the base conv_in) as ``drawn``."""
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if keep(k)}
+    made = lambda k: fw.build_tree({part: {k: content[part][k]}}, SEED_LORA, {})[part][k].double()
+    content[part] = {}
+    for k, shape in shapes.items():
+        if ".lora_A." in k:
+            content[part][k] = fw.normal("float32", shape, 0, 1 / RANK)
+        elif ".lora_B." in k:
+            name, adapter = k[:-len(".weight")].split(".lora_B.")
+            layer = model.get_submodule(name)
+            a = made(f"{name}.lora_A.{adapter}.weight")  # lora_A comes first in the state dict
+            w = made(name + ".base_layer.weight") if name + ".base_layer.weight" in shapes else layer.base_layer.weight
+            z = torch.from_numpy(fw.standard_normal(SEED_LORA, f"{part}/{k}", shape))
+            delta = layer.scaling[adapter] * (z.reshape(shape[0], RANK) @ a.reshape(RANK, -1))
+            content[part][k] = fw.normal("float32", shape, 0, rng.uniform(0.1, 0.3) * w.double().norm() / delta.norm())
+        else:
+            content[part][k] = drawn(k, shape, shapes, "float32")
 
 
-def make_osediff_pkl(folder, path, gen):
+def make_osediff_pkl(folder, path):
+    """osediff_tiny.pkl from its recipe: the dict ``OSEDiff_gen.save_model`` writes, for the module lists of the
+    official ``initialize_unet`` / ``initialize_vae`` on the tiny model. Returns it, and |scaling B@A| / |W| of
+    each LoRA layer as made."""
     from osediff import initialize_unet, initialize_vae
 
-    torch.manual_seed(4321)  # PEFT's "gaussian" init of lora_A draws from the global RNG
-    args = argparse.Namespace(pretrained_model_name_or_path=folder, lora_rank=4)
+    args = argparse.Namespace(pretrained_model_name_or_path=folder, lora_rank=RANK)
     unet, enc, dec, others = initialize_unet(args)
     vae, vae_list = initialize_vae(args)
+    content = {"vae_lora_encoder_modules": vae_list, "unet_lora_encoder_modules": enc, "unet_lora_decoder_modules": dec,
+               "unet_lora_others_modules": others, "rank_unet": RANK, "rank_vae": RANK}
+    rng = np.random.RandomState(SEED_LORA)
+    lora_recipe(unet, "state_dict_unet", lambda k: "lora" in k or "conv_in" in k, rng, content)
+    lora_recipe(vae, "state_dict_vae", lambda k: "lora" in k, rng, content)
+    ckpt = fw.save_recipe(path, "torch", SEED_LORA, content)
     ratios = []
-    with torch.no_grad():
-        for model in (unet, vae):
-            for name, m, adapter in lora_layers(model):
-                A, B, W = m.lora_A[adapter].weight, m.lora_B[adapter].weight, m.base_layer.weight
-                r, s = A.shape[0], m.scaling[adapter]
-                A.copy_(torch.randn(A.shape, generator=gen) / r)  # PEFT gaussian std 1/r, reseeded
-                B.copy_(torch.randn(B.shape, generator=gen))
-                delta = s * (B.reshape(B.shape[0], r) @ A.reshape(r, -1))
-                target = 0.1 + 0.2 * torch.rand((), generator=gen).item()  # |dW| = 10..30 % of |W|
-                B.mul_(target * W.norm() / delta.norm())
-                delta = s * (B.reshape(B.shape[0], r) @ A.reshape(r, -1))
-                ratios.append((delta.norm() / W.norm()).item())
-        conv_in = unet.conv_in.base_layer
-        conv_in.weight.add_(0.5 * conv_in.weight.std() * torch.randn(conv_in.weight.shape, generator=gen))
-        conv_in.bias.add_(0.05 * torch.randn(conv_in.bias.shape, generator=gen))
-    # exactly OSEDiff_gen.save_model
-    ckpt = {"vae_lora_encoder_modules": vae_list, "unet_lora_encoder_modules": enc, "unet_lora_decoder_modules": dec,
-            "unet_lora_others_modules": others, "rank_unet": 4, "rank_vae": 4,
-            "state_dict_unet": {k: v for k, v in unet.state_dict().items() if "lora" in k or "conv_in" in k},
-            "state_dict_vae": {k: v for k, v in vae.state_dict().items() if "lora" in k}}
-    torch.save(ckpt, path)
+    for part, model in (("state_dict_unet", unet), ("state_dict_vae", vae)):
+        state = ckpt[part]
+        for k in (k for k in state if ".lora_B." in k):
+            name, adapter = k[:-len(".weight")].split(".lora_B.")
+            layer = model.get_submodule(name)
+            b, a = state[k], state[f"{name}.lora_A.{adapter}.weight"]
+            w = state.get(name + ".base_layer.weight", layer.base_layer.weight)
+            ratios.append((layer.scaling[adapter] * (b.reshape(b.shape[0], RANK) @ a.reshape(RANK, -1))).norm().item()
+                          / w.norm().item())
     return ckpt, ratios
 
 
@@ -370,7 +392,7 @@ README = """# OSEDiff parity fixtures
 
 Made by `tools/make_osediff_fixtures.py` with the **official** OSEDiff inference code (cswry/OSEDiff, commit
 `fcc4f09`, imported from a checkout, never copied) on a tiny random-weight SD 2.1-base-architecture model, fp32 on
-CPU. Regenerate (1.5-3 min on 2 CPU cores):
+CPU. Regenerate (1-3 min on 2 CPU cores):
 
     python3 -m venv /work/venvs/osediff-up
     /work/venvs/osediff-up/bin/pip install torch==2.14.1 torchvision==0.29.1 diffusers==0.25.0 transformers==4.28.1 \\
@@ -379,15 +401,15 @@ CPU. Regenerate (1.5-3 min on 2 CPU cores):
     PYTHONPATH=/work/upstream/OSEDiff /work/venvs/osediff-up/bin/python tools/make_osediff_fixtures.py \\
         --upstream /work/upstream/OSEDiff --out tests/data/osediff
 
-(versions used: {versions}.) The output is deterministic within a session (seeded weights, seeded posterior noise). Made again on 2026-12-02 in a fresh venv, the weights were byte-identical and the official outputs differed by up to 9e-3 (a few flipped 8-bit roundings in the PNG chains): hence the 60 dB bound for PNG-against-PNG cases in `tests/test_osediff_parity.py`. Made again on 2026-12-03 on the Intel Xeon machine kind (with `PYTHONPATH`): tiny SD 2.1 byte-identical, `osediff_tiny.pkl` within 7.5e-9, outputs within 9.3e-3 (PNGs within 3 levels); the parity tests pass against that set too. The two x1 cases (`i40x48_x1_nofix`, `j37x29_exact_x1_nofix`: how the official README runs `osediff_face.pkl`) were added on 2026-12-03 from such a run; the files of the other cases were kept.
+(versions used: {versions}.) The weights are drawn from recipes (tests/fixture_weights.py: numpy's frozen RandomState per tensor, checked by a digest), so any run with any numpy and torch makes them byte for byte; the official outputs repeat within a session (seeded posterior noise; of several runs here, one moved 4 fp16 values of one case by an ulp) and move across sessions and machines by kernel noise: earlier sets made again in a fresh venv (2026-12-02) and on the Intel Xeon machine kind (2026-12-03) had the same weights (the LoRA within 7.5e-9) and official outputs within 9.3e-3 (a few flipped 8-bit roundings in the PNG chains, PNGs within 3 levels): hence the 60 dB bound for PNG-against-PNG cases in `tests/test_osediff_parity.py`. Made again on 2026-12-05 with the weights from recipes (they were torch's init of the diffusers networks, perturbed by a seeded torch generator, and stored: 6.1 MB): every weight, output and figure here is new, and the files stored in this folder went from 8.6 to 2.7 MB.
 
 ## Files
 
 | file | what |
 |---|---|
-| `tiny_sd21/` | diffusers folder laid out like `stabilityai/stable-diffusion-2-1-base` (model_index.json, unet/, vae/, text_encoder/, scheduler/ = the SD 2.1-base PNDMScheduler config), weights **fp16** safetensors (upcast to fp32 to run). **The weight files are not stored**: they hold the same tensors as `tiny_sd21_single.safetensors`, so `tests/conftest.py` makes them from it at the start of a test session, and checks them byte for byte against the SHA-256 the script wrote (`weights_sha256.json`). **Nor is `tokenizer/`**: it is byte-identical to `sr_common/configs/sd21_base/tokenizer` (made by `tools/make_clip_tokenizer.py`); copy it in before loading. |
-| `tiny_sd21_single.safetensors` | the same weights as one original SD 2.1 checkpoint (fp16): `model.diffusion_model.*`, `first_stage_model.*` (mid attention q/k/v/proj_out as 1x1 convs), `cond_stage_model.model.*` (OpenCLIP layout, `attn.in_proj_*`, `text_projection`, `logit_scale`) with **3** resblocks where the HF encoder has 2: `resblocks.2` is random and must be ignored (SD 2 uses the penultimate layer). Checked in the script with diffusers 0.25's `convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`, `convert_open_clip_checkpoint` (exact equality). |
-| `osediff_tiny.pkl` | `torch.save` dict exactly as `OSEDiff_gen.save_model` writes it (fp32): module lists from the official `initialize_unet`/`initialize_vae` on the tiny model (UNet 49/100/16 modules, VAE list 63 entries with duplicates, 31 unique), `rank_unet = rank_vae = 4`, PEFT default alpha 8 (scale 2). Every `lora_A` ~ N(0, 1/r), every `lora_B` random and scaled so that `|2 B@A| / |W|` is 0.10..0.30 per layer; `conv_in.base_layer.{{weight,bias}}` differs from the base `conv_in` (must replace it, then add its LoRA). Loads with `weights_only=True`. |
+| `tiny_sd21/` | diffusers folder laid out like `stabilityai/stable-diffusion-2-1-base` (model_index.json, unet/, vae/, text_encoder/, scheduler/ = the SD 2.1-base PNDMScheduler config), weights **fp16** safetensors (upcast to fp32 to run), converted by the script from `tiny_sd21_single.safetensors` with diffusers 0.25's `convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`, `convert_open_clip_checkpoint` (the script's own LDM layout maps them back to the file exactly). **The weight files are not stored**: `tests/conftest.py` makes them from the single file at the start of a test session (after the file itself), and checks them byte for byte against the SHA-256 the script wrote (`weights_sha256.json`). **Nor is `tokenizer/`**: it is byte-identical to `sr_common/configs/sd21_base/tokenizer` (made by `tools/make_clip_tokenizer.py`); copy it in before loading. |
+| `tiny_sd21_single.safetensors` | the weights as one original SD 2.1 checkpoint (fp16, {single_mb:.1f} MB): `model.diffusion_model.*`, `first_stage_model.*` (mid attention q/k/v/proj_out as 1x1 convs), `cond_stage_model.model.*` (OpenCLIP layout, `attn.in_proj_*`, `text_projection`, `logit_scale`) with **3** resblocks where the HF encoder has 2: `resblocks.2` is random and must be ignored (SD 2 uses the penultimate layer). Every tensor is drawn: weights N(0, 1/sqrt(3 fan_in)) (PyTorch's default init in variance) and the biases beside them likewise, GroupNorm/LayerNorm scales N(1, 0.1) and biases N(0, 0.05), CLIP's token and position embeddings N(0, 0.02); `logit_scale` is ln 100. **Not stored**: `tests/conftest.py` makes it at the start of a test session from `tiny_sd21_single.safetensors.recipe.json` ({single_recipe_kb:.0f} kB: per tensor its dtype, shape, mean and std, and the file's digest) and `tiny_sd21_single.safetensors.fixed.safetensors` (`logit_scale`). |
+| `osediff_tiny.pkl` | `torch.save` dict exactly as `OSEDiff_gen.save_model` writes it (fp32, {pkl_mb:.1f} MB): module lists from the official `initialize_unet`/`initialize_vae` on the tiny model (UNet {modules} modules, VAE list {vae_list} entries with duplicates, {vae_unique} unique), `rank_unet = rank_vae = 4`, PEFT default alpha 8 (scale 2). Every `lora_A` ~ N(0, 1/r) (std), every `lora_B` ~ N(0, std) with std chosen so that `|2 B@A| / |W|` is 0.10..0.30 per layer (drawn per layer); `conv_in.base_layer.{{weight,bias}}` is drawn as the base weights, so differs from the base `conv_in` (must replace it, then add its LoRA). Loads with `weights_only=True`. **Not stored**: made like the single file, from `osediff_tiny.pkl.recipe.json` ({pkl_recipe_kb:.0f} kB; module lists and ranks as plain values). |
 | `in_WxH.png` | inputs (smooth gradients + shapes + noise, RGB) |
 | `<case>.png` | the official output PNG (official cases: `ToPILImage` truncation after the official PIL colour fix; exact cases: `round(out_float*255)`) |
 | `<case>.safetensors` | `out_float` = float image in [0,1] right before the final quantisation (after colour fix and, for exact sizing with a min-size raise, after the bicubic resize back to exactly upscale x input; fp16). `a32_adain` also keeps `eps` (UNet output) and `x0` (fp16). |
@@ -418,7 +440,7 @@ CPU. Regenerate (1.5-3 min on 2 CPU cores):
 * Sanity: `a32_adain` with every `lora_B` zeroed is {lora_psnr:.2f} dB from the real output: the LoRA is not blind.
 * Exact sizing uses our own tiled VAE (margins exchanged, exact statistics), which is not the official algorithm,
   so no exact case tiles the VAE; `g37x29_exact_latent_tiled` tiles the latent (official Gaussian blend).
-* Tiled vs untiled differ a lot with random weights (e40x32 13 dB, f64x48 15 dB; global attention in a random net
+* Tiled vs untiled differ a lot with random weights (e40x32 {tiled_db[0]:.0f} dB, f64x48 {tiled_db[1]:.0f} dB; global attention in a random net
   and 8-latent tiles): compare each tiled case with its own official output, not with the untiled one.
 
 ## Cases
@@ -429,7 +451,7 @@ CPU. Regenerate (1.5-3 min on 2 CPU cores):
 """
 
 
-def write_readme(out, listing, lora_psnr):
+def write_readme(out, listing, lora_psnr, tiled_db, ckpt):
     import diffusers
     import peft
     import transformers
@@ -442,9 +464,15 @@ def write_readme(out, listing, lora_psnr):
         f"{'/'.join('y' if c[k] else '-' for k in ('latent_tiled', 'vae_encoder_tiled', 'vae_decoder_tiled'))} | "
         f"{c['model_input_size'][0]}x{c['model_input_size'][1]} | {c['output_size'][0]}x{c['output_size'][1]} |"
         for c in listing)
+    size = lambda name: os.path.getsize(os.path.join(out, name))
+    modules = "/".join(str(len(ckpt[f"unet_lora_{k}_modules"])) for k in ("encoder", "decoder", "others"))
     with open(os.path.join(out, "README.md"), "w") as f:
-        f.write(README.format(versions=versions, prompt=PROMPT, ids=TOKEN_IDS[:8],
-                              seed=SEED, lora_psnr=lora_psnr, rows=rows))
+        f.write(README.format(versions=versions, prompt=PROMPT, ids=TOKEN_IDS[:8], seed=SEED, lora_psnr=lora_psnr,
+                              tiled_db=tiled_db, rows=rows, single_mb=size(SINGLE) / 1e6,
+                              single_recipe_kb=size(SINGLE + ".recipe.json") / 1e3, pkl_mb=size(PKL) / 1e6,
+                              pkl_recipe_kb=size(PKL + ".recipe.json") / 1e3, modules=modules,
+                              vae_list=len(ckpt["vae_lora_encoder_modules"]),
+                              vae_unique=len(set(ckpt["vae_lora_encoder_modules"]))))
 
 
 TOKEN_IDS = []
@@ -476,13 +504,16 @@ def main():
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     os.makedirs(a.out, exist_ok=True)
     folder = os.path.join(a.out, "tiny_sd21")
-    gen = torch.Generator().manual_seed(99)
-    unet, vae, text = build_tiny(folder)
-    n_single = write_single_file(unet, vae, text, folder, os.path.join(a.out, "tiny_sd21_single.safetensors"), gen)
-    print(f"single file: {n_single} tensors, LDM layout verified with diffusers' converters", flush=True)
+    unet, vae, text = tiny_networks()
+    content, fixed = single_file_recipe(unet, vae, text)
+    single = fw.save_recipe(os.path.join(a.out, SINGLE), "safetensors", SEED_SD21, content, fixed)
+    write_folder(single, unet, vae, text, folder)
+    counts = {p: sum(k.startswith(p) for k in single) for p in ("model.", "first_stage_model.", "cond_stage_model.")}
+    print(f"single file: {counts} tensors, converted to the diffusers folder by diffusers' LDM converters and back "
+          "by ours", flush=True)
     write_weight_hashes(folder)
-    pkl = os.path.join(a.out, "osediff_tiny.pkl")
-    ckpt, ratios = make_osediff_pkl(folder, pkl, gen)
+    pkl = os.path.join(a.out, PKL)
+    ckpt, ratios = make_osediff_pkl(folder, pkl)
     print(f"osediff_tiny.pkl: unet {len(ckpt['state_dict_unet'])} tensors, vae {len(ckpt['state_dict_vae'])}, "
           f"modules {len(ckpt['unet_lora_encoder_modules'])}/{len(ckpt['unet_lora_decoder_modules'])}/"
           f"{len(ckpt['unet_lora_others_modules'])}, vae list {len(ckpt['vae_lora_encoder_modules'])} "
@@ -631,13 +662,17 @@ def main():
     ref = transforms.ToTensor()(Image.open(os.path.join(a.out, case["output"])))
     lora_psnr = psnr(transforms.ToTensor()(out_plain), ref)
     print(f"sanity: {case['name']} with every lora_B zeroed vs with LoRA: PSNR {lora_psnr:.2f} dB", flush=True)
+    png = lambda name: transforms.ToTensor()(Image.open(os.path.join(a.out, f"{name}.png")))
+    tiled_db = [psnr(png(f"{size}_{tiled}"), png(f"{size}_untiled"))
+                for size, tiled in (("e40x32", "latent_tiled"), ("f64x48", "vae_tiled"))]
+    print(f"tiled vs untiled: e40x32 {tiled_db[0]:.2f} dB, f64x48 {tiled_db[1]:.2f} dB", flush=True)
 
     if not a.keep_tokenizer:  # identical to sr_common/configs/sd21_base/tokenizer; the tests copy it in
         shutil.rmtree(os.path.join(folder, "tokenizer"))
     with open(os.path.join(a.out, "cases.json"), "w") as f:
         json.dump({"upstream_commit": "fcc4f09", "prompt": PROMPT, "input_ids": tok, "seed": SEED,
                    "lora_zeroed_psnr_db": round(lora_psnr, 2), "cases": listing}, f, indent=1)
-    write_readme(a.out, listing, lora_psnr)
+    write_readme(a.out, listing, lora_psnr, tiled_db, ckpt)
     print(f"done in {time.time() - t_start:.0f}s", flush=True)
 
 
