@@ -45,6 +45,23 @@ def test_parity_with_official(model, case):
     check_parity(model, case)
 
 
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_networks_get_the_official_timesteps(model, case):
+    """The UNet and the ControlNet get the τ the official code gave its networks, call by call. The parity cannot
+    see it: the tiny networks ignore their timestep (32 channels in 32 GroupNorm groups, so the time embedding, a
+    constant per channel, is normalised away; ε̂ at τ 499 and 0 differ by float32 rounding alone)."""
+    calls = {"unet": [], "controlnet": []}
+    hooks = [getattr(model, name).register_forward_pre_hook(
+        lambda module, args, kwargs, name=name: calls[name].append(args[1].tolist()), with_kwargs=True)
+        for name in calls]
+    try:
+        dossr_upscale(model, lr_image(case["input"]), options=Options(steps=case["steps"], seed=1))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls["unet"] == calls["controlnet"] == [[tau] for tau in case["timesteps_called"]]
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 def test_parity_with_winograd_and_onednn_everywhere(model, every_fast_path):
     """The tiny networks are too narrow for the Winograd rule; with it lifted, every stride-1 3×3 convolution not
