@@ -47,6 +47,15 @@ def fixed(name):
     return {"__fixed__": name}
 
 
+def fixed_once(fixed_tensors, name, value):
+    """The recipe entry of ``value`` as a fixed tensor, put in ``fixed_tensors`` under ``name`` unless an equal one is
+    there already (then it is that one's entry: each distinct tensor is stored once)."""
+    name = next((n for n, t in fixed_tensors.items()
+                 if t.dtype == value.dtype and t.shape == value.shape and torch.equal(t, value)), name)
+    fixed_tensors.setdefault(name, value)
+    return fixed(name)
+
+
 def same(path):
     """The recipe entry of a tensor that is the one at ``path`` (keys joined by "/")."""
     return {"__same__": path}

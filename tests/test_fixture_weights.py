@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fixture_weights import fixed, make_checkpoint, normal, same, save_recipe, standard_normal
+from fixture_weights import fixed, fixed_once, make_checkpoint, normal, same, save_recipe, standard_normal
 
 
 def toy_content():
@@ -79,3 +79,10 @@ def test_tied_tensor_is_the_one_it_names(tmp_path):
     loaded = torch.load(path, weights_only=True)["model"]
     assert loaded["encoder.weight"].untyped_storage().data_ptr() == loaded["head.weight"].untyped_storage().data_ptr()
     assert torch.equal(make_checkpoint(path + ".recipe.json")["model"]["encoder.weight"], model["head.weight"])
+
+
+def test_fixed_once_stores_each_distinct_tensor_once():
+    stored = {}
+    entries = [fixed_once(stored, name, value) for name, value in
+               (("a", torch.arange(3)), ("b", torch.arange(3)), ("c", torch.arange(3).float()), ("d", torch.ones(3)))]
+    assert entries == [fixed("a"), fixed("a"), fixed("c"), fixed("d")] and list(stored) == ["a", "c", "d"]

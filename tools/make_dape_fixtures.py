@@ -131,10 +131,7 @@ def recipes(model):
         # attn_mask); keep only some of them here, for size (stage 0 masks alone are 5 MB).
         elif not (("attn_mask" in key and ".layers.2." not in key)
                   or ("relative_position_index" in key and ".layers.3." not in key)):
-            name = next((n for n, t in fixed.items() if t.dtype == value.dtype and t.shape == value.shape
-                         and torch.equal(t, value)), key)
-            fixed.setdefault(name, value)
-            ram[key] = fw.fixed(name)
+            ram[key] = fw.fixed_once(fixed, key, value)
     return {"model": ram}, lora, fixed
 
 

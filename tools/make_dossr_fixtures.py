@@ -274,10 +274,8 @@ def weight_recipe(model: torch.nn.Module, fw):
         if k in drawn:
             state[k] = fw.normal("float16", v.shape, *drawn[k])
             continue
-        v = v.detach().to(torch.float16 if k in parameters else torch.float32).contiguous()
-        name = next((n for n, t in fixed.items() if t.dtype == v.dtype and t.shape == v.shape and torch.equal(t, v)), k)
-        fixed.setdefault(name, v)
-        state[k] = fw.fixed(name)
+        state[k] = fw.fixed_once(fixed, k, v.detach().to(torch.float16 if k in parameters else torch.float32)
+                                 .contiguous())
     return {"state_dict": state}, fixed
 
 
