@@ -308,7 +308,8 @@ def set_precision(model, dtype):
     ComfyUI's offload device is the GPU), so a later float32 run, or another model sharing the module (the SD 2.1
     VAE and text encoder), never computes with rounded weights; that copy stays there from then on. A
     ``recompute_exact`` tensor keeps no copy: its value is computed again when a cast needs it. Returns whether
-    anything was cast (cached prompt embeddings are kept per precision: ``NetworksOnSD21.prompt_embedding``)."""
+    anything was cast (a cached prompt embedding keeps the precision it was encoded in and is encoded again for
+    another: ``NetworksOnSD21.prompt_embedding``)."""
     modules = {id(m): m for part in _parts(model) for m in part.modules()}.values()  # shared modules once
     cast_any = False
     for module in modules:
