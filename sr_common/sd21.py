@@ -74,8 +74,9 @@ def _what_instead(sd, path):
     return known.what if known is not None and known.sd_model else describe(sd, path)
 
 
-def open_clip_to_hf(sd, num_layers, prefix=OPEN_CLIP_PREFIX):
-    """OpenCLIP text tower keys → transformers ``CLIPTextModel`` keys, keeping the first ``num_layers`` blocks.
+def open_clip_to_hf(sd, num_layers, prefix=OPEN_CLIP_PREFIX, name=None):
+    """OpenCLIP text tower keys → transformers ``CLIPTextModel`` keys, keeping the first ``num_layers`` blocks
+    (``name``: the file, for the error where a block is missing).
 
     SD 2.x uses the penultimate layer, so the HF encoder has one block fewer than the checkpoint;
     its ``final_layer_norm`` is OpenCLIP's ``ln_final``.
@@ -92,8 +93,9 @@ def open_clip_to_hf(sd, num_layers, prefix=OPEN_CLIP_PREFIX):
         src = f"{prefix}transformer.resblocks.{i}."
         dst = f"text_model.encoder.layers.{i}."
         if src + "attn.in_proj_weight" not in sd:
-            raise WeightFileError(f"The text encoder in the checkpoint has fewer than {num_layers + 1} blocks; "
-                                  "it is not an SD 2.1 OpenCLIP-H text encoder.")
+            what = repr(os.path.basename(os.fspath(name))) if name else "The checkpoint"
+            raise WeightFileError(f"{what}: the text encoder has fewer than {num_layers + 1} blocks; it is not an "
+                                  "SD 2.1 OpenCLIP-H text encoder. The file is damaged or not SD 2.1-base.")
         for part in ("weight", "bias"):
             q, k, v = sd[src + f"attn.in_proj_{part}"].chunk(3, dim=0)
             out[dst + f"self_attn.q_proj.{part}"] = q
@@ -165,8 +167,8 @@ def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint", owned=False
         _refuse(name, _what_instead(sd, path))
     unet, vae, text_encoder = models_from_config(config_dir, random_init=False)
     unet_owned, vae_owned = load_ldm_unet_vae(sd, unet, vae, name)
-    load_module_weights(text_encoder, open_clip_to_hf(sd, text_encoder.config.num_hidden_layers), "text encoder", name,
-                        SD21_SIZE_FIX)
+    text_sd = open_clip_to_hf(sd, text_encoder.config.num_hidden_layers, name=name)
+    load_module_weights(text_encoder, text_sd, "text encoder", name, SD21_SIZE_FIX)
     return SD21(unet.eval(), vae.eval(), text_encoder.eval(), load_tokenizer(os.path.join(config_dir, "tokenizer")),
                 unet_owned=unet_owned or owned, vae_owned=vae_owned or owned)
 

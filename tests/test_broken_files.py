@@ -256,6 +256,9 @@ CASES = {
     "sd-int64-unet": ("int.safetensors", _sd(_to_dtype(UNET, torch.int64)), sd21, "int64.*" + NOT_FLOAT),
     "sd-bool-vae": ("bool.safetensors", _sd(_to_dtype("first_stage_model.", torch.bool)), sd21, "bool.*" + NOT_FLOAT),
     "sd-wrong-shape": ("other_size.safetensors", _sd(_wrong_shape), sd21, "shapes differ.*config folder"),
+    # a text encoder missing a block SD 2.1-base's encoder uses (it keeps all but the last of the file's blocks)
+    "sd-text-encoder-short": ("short_clip.safetensors", _sd(_drop("cond_stage_model.model.transformer.resblocks.1.")),
+                              sd21, "fewer than 3 blocks.*not an SD 2.1 OpenCLIP-H.*damaged or not SD 2.1-base"),
     "osediff-as-base": ("osediff.pkl", _copy(OSEDIFF), sd21, "not Stable Diffusion 2.1-base: it is an OSEDiff weight file.*as the OSEDiff weights"),
     "diffusers-missing-vae": ("sd21_folder", _folder(lambda f: shutil.rmtree(os.path.join(f, "vae"))),
                               lambda p, e: load_sd21(p), r"missing \['vae'\].*stable-diffusion-2-1-base"),
