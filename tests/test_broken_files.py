@@ -103,12 +103,14 @@ def _folder(mutate):
     return make
 
 
-def _edit_json(relative, **changes):
+def _edit_json(relative, drop=(), **changes):
     def mutate(folder):
         name = os.path.join(folder, relative)
         with open(name, encoding="utf-8") as f:
             config = json.load(f)
         config.update(changes)
+        for key in drop:
+            config.pop(key, None)
         with open(name, "w", encoding="utf-8") as f:
             json.dump(config, f)
     return mutate
@@ -267,6 +269,13 @@ CASES = {
                          lambda p, e: load_sd21(p), r"Stable Diffusion 1\.x.*stable-diffusion-2-1-base"),
     "diffusers-sdxl": ("sdxl_folder", _folder(lambda f: os.mkdir(os.path.join(f, "text_encoder_2"))),
                        lambda p, e: load_sd21(p), "SDXL.*stable-diffusion-2-1-base"),
+    # SD 1.5's unet/config.json (written by diffusers 0.6) has no use_linear_projection: diffusers' default, False
+    "diffusers-sd-1.5-old-config": ("sd15_folder", _folder(_edit_json("unet/config.json", cross_attention_dim=768,
+                                                                      drop=("use_linear_projection",))),
+                                    lambda p, e: load_sd21(p), r"Stable Diffusion 1\.x.*stable-diffusion-2-1-base"),
+    # an SDXL UNet (its text_time embedding) in a folder without text_encoder_2
+    "diffusers-sdxl-unet": ("sdxl_folder", _folder(_edit_json("unet/config.json", addition_embed_type="text_time")),
+                            lambda p, e: load_sd21(p), "SDXL.*stable-diffusion-2-1-base"),
     "diffusers-768-v": ("sd21_768_folder", _folder(_edit_json("scheduler/scheduler_config.json",
                                                               prediction_type="v_prediction")),
                         lambda p, e: load_sd21(p), "768 v-prediction.*v2-1_512-ema-pruned"),

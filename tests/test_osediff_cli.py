@@ -57,6 +57,16 @@ def test_single_file_weights_equal_folder_weights(base):
         assert all(torch.equal(sa[k], sb[k]) for k in sa), part
 
 
+def test_an_ldm_ckpt_in_its_lightning_container_loads(base, tmp_path):
+    """A .ckpt as Stability AI released SD 2.1-base (v2-1_512-ema-pruned.ckpt): the LDM state dict under
+    ``state_dict``, beside ``global_step``. It loads to the weights of the diffusers folder."""
+    from safetensors.torch import load_file
+
+    path = tmp_path / "v2-1_512-ema-pruned.ckpt"
+    torch.save({"global_step": 220000, "state_dict": load_file(os.path.join(FIX, "tiny_sd21_single.safetensors"))}, path)
+    _same_weights(load_sd21(str(path), config_dir=base), load_sd21(base))
+
+
 def test_which_single_file_loads_give_an_owned_unet(base, tmp_path, monkeypatch):
     from safetensors.torch import load_file, save_file
 
@@ -141,6 +151,31 @@ def test_folder_read_like_a_single_file_equals_diffusers_loading(base, tmp_path)
     os.remove(os.path.join(sharded, "unet", "diffusion_pytorch_model-00002-of-00002.safetensors"))
     with pytest.raises(WeightFileError, match="00002-of-00002.*incomplete or damaged"):
         load_sd21(sharded)
+
+
+def test_a_pickle_beside_a_parts_safetensors_file_is_not_opened(base, tmp_path):
+    """A folder part with its safetensors file and a pickle beside it (the Hugging Face repository of SD 2.1-base
+    has both): only the safetensors file is read, so a damaged pickle beside it does not stop the load."""
+    folder = copy_tiny_sd21(tmp_path / "both")
+    for sub, name in (("unet", "diffusion_pytorch_model.bin"), ("text_encoder", "pytorch_model.bin")):
+        with open(os.path.join(folder, sub, name), "wb") as f:
+            f.write(b"PK\x03\x04 the download stopped here")
+    _same_weights(load_sd21(folder), load_sd21(base))
+
+
+def test_each_folder_part_says_whether_it_was_read_into_memory(base, tmp_path):
+    """``unet_owned`` and ``vae_owned`` are each their own part's: of an fp16 part converted as it is read (owned)
+    and a float32 part beside it memory-mapped (not owned), either way round."""
+    from safetensors.torch import load_file, save_file
+
+    for float32_part in ("vae", "unet"):
+        folder = copy_tiny_sd21(tmp_path / float32_part)
+        path = os.path.join(folder, float32_part, "diffusion_pytorch_model.safetensors")
+        tensors = {k: v.float() for k, v in load_file(path).items()}
+        os.remove(path)
+        save_file(tensors, path)
+        loaded = load_sd21(folder)
+        assert (loaded.unet_owned, loaded.vae_owned) == (float32_part == "vae", float32_part == "unet")
 
 
 def test_converted_weights_and_python_m(base, tmp_path):

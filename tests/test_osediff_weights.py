@@ -180,10 +180,11 @@ def test_build_merges_into_a_vae_encoder_it_owns(tiny_unet_vae, ckpt):
                                    copied.lq_encoder["quant_conv"](copied.lq_encoder["encoder"](image)))
 
 
-@pytest.mark.parametrize("tokenizer", ["missing", "empty"])
+@pytest.mark.parametrize("tokenizer", ["missing", "empty", "zero-byte files"])
 def test_base_folder_without_a_tokenizer_uses_the_shipped_one(tmp_path, tokenizer):
     """A diffusers folder whose tokenizer is missing or empty (transformers then builds one without a vocabulary,
-    which failed only when the prompt was encoded) gets the SD 2.1 tokenizer the pack ships, with a warning."""
+    which failed only when the prompt was encoded), or whose vocab.json and merges.txt are 0 bytes (a download
+    that did not finish), gets the SD 2.1 tokenizer the pack ships, with a warning."""
     import shutil
 
     from comfyui_diffsr.sr_common.sd21 import encode_prompt, load_sd21
@@ -193,8 +194,11 @@ def test_base_folder_without_a_tokenizer_uses_the_shipped_one(tmp_path, tokenize
     folder = copy_tiny_sd21(str(tmp_path / "tiny"))
     reference = load_sd21(folder)
     shutil.rmtree(os.path.join(folder, "tokenizer"))
-    if tokenizer == "empty":
+    if tokenizer != "missing":
         os.mkdir(os.path.join(folder, "tokenizer"))
+    if tokenizer == "zero-byte files":
+        for name in ("vocab.json", "merges.txt"):
+            open(os.path.join(folder, "tokenizer", name), "wb").close()
     with pytest.warns(UserWarning, match="no CLIP vocabulary"):
         sd = load_sd21(folder)
     with torch.no_grad():
