@@ -16,7 +16,8 @@ from comfyui_diffsr.dossr_core.rrdb import RRDBNet
 from comfyui_diffsr.sr_common import latents, offload, tiled_vae
 from comfyui_diffsr.sr_common.fast_modules import fast_modules, fast_vae_decoder, forget_folded_kernels, phase_kernels
 from comfyui_diffsr.sr_common.latents import vae_decode
-from comfyui_diffsr.sr_common.sd21 import NetworksOnSD21, models_from_config, move_module, shipped_config_dir
+from comfyui_diffsr.sr_common.sd21 import (NetworksOnSD21, models_from_config, move_module, shipped_config_dir,
+                                           weight_bytes)
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 MiB = 2 ** 20
@@ -293,6 +294,16 @@ def test_weights_in_one_file_buffer_count_their_own_bytes(monkeypatch):
     with allocator:
         loader(Networks(other, stage), [stage], MiB)  # 1.25 MiB needed, 2 MiB free
     assert next(other.parameters()).device.type == "meta" and stage.weight.device.type == "meta"
+
+
+def test_a_tensor_two_networks_share_counts_once():
+    """A tensor in two of the networks given (OSEDiff's LQ encoder merged into the VAE's own encoder, tied weights)
+    counts once, as moving them copies it once: numel × 4 bytes of each distinct float32 tensor."""
+    vae = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 16))
+    assert weight_bytes(vae, vae[0]) == weight_bytes(vae) == (16 * 32 + 32 + 32 * 16 + 16) * 4
+    a, b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    b.weight = a.weight
+    assert weight_bytes(a, b) == (8 * 8 + 8 + 8) * 4
 
 
 @dataclasses.dataclass
