@@ -651,6 +651,22 @@ def test_prompt_cache_keeps_the_most_recently_used_prompts():
         cache["a"]
 
 
+@pytest.mark.parametrize("shape", [(77, 1024), (1, 1, 77, 1024), (1, 77, 768)])
+def test_a_prompt_embedding_not_of_shape_b_77_1024_is_refused_by_name(shape):
+    """The UNet cross-attends to (B, 77, 1024): an embedding without its batch axis or with one too many is refused
+    as one of another width is, naming its shape and the SD 2.1 text encoder."""
+    from types import SimpleNamespace
+
+    from comfyui_diffsr.sr_common.sd21 import checked_context
+
+    unet = SimpleNamespace(config=SimpleNamespace(cross_attention_dim=1024))
+    ok = torch.zeros(2, 77, 1024)
+    assert checked_context(ok, unet) is ok
+    with pytest.raises(ValueError, match=rf"has shape \({', '.join(map(str, shape))}\); the UNet needs "
+                                         r"\(1, 77, 1024\).*CLIP of an SD 2.1 checkpoint"):
+        checked_context(torch.zeros(shape), unet)
+
+
 def test_auto_precision_skips_fp16_where_the_gpu_runs_it_badly(monkeypatch):
     """The commands' default precision on CUDA is fp16 (as the official code) on GPUs from compute capability 7 on,
     but float32 on older ones (fp16 no faster) and on the Turing cards without tensor cores, whose fp16 gives NaN;
