@@ -13,7 +13,8 @@ from comfyui_diffsr.dossr_core.weights import convert_dossr, read_weights
 from comfyui_diffsr.osediff_core import dape
 from comfyui_diffsr.osediff_core.weights import convert_osediff, read_osediff
 from comfyui_diffsr.sr_common.errors import WeightFileError
-from comfyui_diffsr.sr_common.known_files import CONVERTED, KNOWN, KNOWN_FILES, canonical, identify
+from comfyui_diffsr.sr_common.known_files import (CONVERTED, KNOWN, KNOWN_FILES, OPEN_CLIP_PREFIX, UNET_PREFIX,
+                                                  canonical, identify, sd_family)
 from comfyui_diffsr.sr_common.sd21 import load_sd21
 
 from conftest import DAPE, DOSSR, DOSSR_CONFIG, OSEDIFF, RAM, SINGLE
@@ -57,6 +58,12 @@ FILES = {
         k: v for k, v in sd.items() if not k.startswith("cond_stage_model.")})),
     "no-unet": ("v2-1_vae_text.safetensors", _sd(lambda sd: {
         k: v for k, v in sd.items() if not k.startswith("model.diffusion_model.")})),
+    "text-encoder-alone": ("v2-1_open_clip.safetensors", _sd(lambda sd: {
+        k: v for k, v in sd.items() if k.startswith("cond_stage_model.")})),
+    # an SDXL UNet in the LDM layout without its text encoders: told by its class embedding (label_emb)
+    "sdxl-unet": ("sd_xl_base_1.0_unet.safetensors", _save({"model.diffusion_model.label_emb.0.0.weight": t(),
+                                                             "model.diffusion_model.input_blocks.0.0.weight": t()},
+                                                            ".safetensors")),
     "sd-vae": ("vae-ft-mse-840000-ema-pruned.safetensors", _save({f"{part}.weight": t() for part in (
         "encoder.conv_in", "decoder.conv_in", "quant_conv", "post_quant_conv")}, ".safetensors")),
     "osediff": ("osediff.pkl", _copy(OSEDIFF)),
@@ -86,7 +93,7 @@ FILES = {
                                                               "conv_last.weight": t()}}, ".pth")),
     "esrgan-old": ("4x_ESRGAN.pth", _save({"model.0.weight": t(), "model.1.sub.0.RDB1.conv1.0.weight": t()}, ".pth")),
 }
-KIND_OF = {"esrgan-old": "esrgan"}
+KIND_OF = {"esrgan-old": "esrgan", "text-encoder-alone": "no-unet", "sdxl-unet": "sdxl"}
 
 # loader: (what it is, how it is called, the kinds it takes)
 LOADERS = {
@@ -158,6 +165,25 @@ def test_every_known_file_is_tested_and_matches_no_earlier_entry(files):
             if known.kind == own:
                 break
             assert not known.detect(sd), f"{kind} is claimed by the earlier {known.kind}"
+
+
+def _sd2_with_norm_bias_spreads(stds):
+    """An SD 2.x state dict (UNet and OpenCLIP keys) whose output blocks ``{block: std}`` have a first transformer
+    norm bias of 320 values with that spread (torch's std, as ComfyUI reads it)."""
+    sd = {f"{OPEN_CLIP_PREFIX}ln_final.bias": t()}
+    for block, std in stds.items():
+        x = torch.randn(320, generator=torch.Generator().manual_seed(block))
+        sd[f"{UNET_PREFIX}output_blocks.{block}.1.transformer_blocks.0.norm1.bias"] = (x - x.mean()) / x.std() * std
+    return sd
+
+
+@pytest.mark.parametrize("std, family", [(0.085, "sd2"), (0.095, "sd2-v")])
+def test_v_prediction_is_told_by_the_spread_of_output_block_11s_norm_bias(std, family):
+    """ComfyUI's rule (comfy/supported_models.py, SD20.model_type): v-prediction where the std of
+    ``output_blocks.11.1.transformer_blocks.0.norm1.bias`` exceeds 0.09. Block 11 is the last by number (after 9
+    and 10, which sort after it as text); the other blocks' spreads do not count."""
+    assert sd_family(_sd2_with_norm_bias_spreads({**{b: 0.01 for b in range(3, 11)}, 11: std})) == family
+    assert sd_family(_sd2_with_norm_bias_spreads({**{b: 0.5 for b in range(3, 11)}, 11: std})) == family
 
 
 def test_an_unknown_file_lists_its_keys(tmp_path):
