@@ -257,6 +257,9 @@ CASES = {
     "sd-no-text-encoder": ("unet_vae.safetensors", _sd(_no_text_encoder), sd21, "OpenCLIP text encoder.*Use the whole SD 2.1-base"),
     "sd-int64-unet": ("int.safetensors", _sd(_to_dtype(UNET, torch.int64)), sd21, "int64.*" + NOT_FLOAT),
     "sd-bool-vae": ("bool.safetensors", _sd(_to_dtype("first_stage_model.", torch.bool)), sd21, "bool.*" + NOT_FLOAT),
+    # one tensor far from the first (the UNet's last convolution's bias): every tensor is checked
+    "sd-one-int64-tensor": ("int_out.safetensors", _sd(_to_dtype(UNET + "out.2.bias", torch.int64)), sd21,
+                            "conv_out.bias.*int64.*" + NOT_FLOAT),
     "sd-wrong-shape": ("other_size.safetensors", _sd(_wrong_shape), sd21, "shapes differ.*config folder"),
     # a text encoder missing a block SD 2.1-base's encoder uses (it keeps all but the last of the file's blocks)
     "sd-text-encoder-short": ("short_clip.safetensors", _sd(_drop("cond_stage_model.model.transformer.resblocks.1.")),

@@ -395,6 +395,62 @@ def test_stored_as_float32_reads_the_header(tmp_path):
     assert stored_as_float32(tmp_path / "bad.safetensors")  # damaged: left to read_state_dict's error
 
 
+def test_a_safetensors_file_with_a_header_of_hundreds_of_kb_is_read(tmp_path):
+    """A model of thousands of tensors has a JSON header of hundreds of KB: it is safetensors (safetensors itself
+    takes headers up to 100 MB), read mapped or into memory and checked."""
+    from safetensors.torch import save_file
+
+    from comfyui_diffsr.sr_common.weights import check_weight_file, sniff
+
+    tensors = {f"model.diffusion_model.output_blocks.{i}.1.transformer_blocks.0.norm1.bias": torch.full((2,), float(i))
+               for i in range(4000)}
+    path = tmp_path / "many.safetensors"
+    save_file(tensors, path)
+    assert int.from_bytes(path.read_bytes()[:8], "little") > 300_000
+    assert sniff(path) == "safetensors"
+    check_weight_file(path)
+    for read in (read_state_dict(path), read_state_dict(path, mmap=False)):
+        assert read.keys() == tensors.keys() and all(torch.equal(read[k], v) for k, v in tensors.items())
+
+
+def test_a_pickle_in_torchs_legacy_format_is_read(tmp_path):
+    """A checkpoint saved in PyTorch's format before 1.6 (``_use_new_zipfile_serialization=False``: a plain pickle,
+    not a zip) is read, without the memory-mapping torch.load allows only for zip files."""
+    tensors = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3).half()}
+    path = tmp_path / "old.pth"
+    torch.save(tensors, path, _use_new_zipfile_serialization=False)
+    assert path.read_bytes()[:1] == b"\x80"
+    read = read_state_dict(path)
+    assert read.keys() == tensors.keys() and all(torch.equal(read[k], v) and read[k].dtype == v.dtype
+                                                 for k, v in tensors.items())
+
+
+def test_module_weights_are_new_only_when_every_tensor_is_new():
+    """``load_module_weights`` returns True only when every tensor is a new one (converted from another dtype):
+    float32 CPU tensors are the caller's own, taken as they are, in a module filled with both."""
+    from comfyui_diffsr.sr_common.weights import load_module_weights
+
+    weight, bias = torch.randn(3, 2), torch.randn(3)
+    for state, new in (({"weight": weight.half(), "bias": bias.half()}, True),
+                       ({"weight": weight, "bias": bias.half()}, False), ({"weight": weight, "bias": bias}, False)):
+        module = torch.nn.Linear(2, 3)
+        assert load_module_weights(module, state, "net") is new
+        assert (module.weight.data_ptr() == weight.data_ptr()) is (state["weight"] is weight)
+        torch.testing.assert_close(module.bias, bias, atol=1e-3, rtol=1e-3)
+
+
+def test_a_buffer_left_on_the_meta_device_is_named():
+    """A module built on the meta device whose state dict lacks a buffer other than CLIP's ``position_ids`` (the
+    one no state dict carries, made again) is refused by the buffer's name, not left on the meta device."""
+    from comfyui_diffsr.sr_common.weights import load_module_weights
+
+    with torch.device("meta"):
+        module = torch.nn.Linear(2, 3)
+        module.register_buffer("scale", torch.ones(3), persistent=False)
+    with pytest.raises(RuntimeError, match="Linear.scale is not in the state dict and was built on the meta device"):
+        load_module_weights(module, {"weight": torch.zeros(3, 2), "bias": torch.zeros(3)}, "net")
+
+
 def test_fresh_float32_cpu_outlives_its_maker_and_is_writable():
     import gc
 

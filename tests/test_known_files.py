@@ -186,6 +186,18 @@ def test_v_prediction_is_told_by_the_spread_of_output_block_11s_norm_bias(std, f
     assert sd_family(_sd2_with_norm_bias_spreads({**{b: 0.5 for b in range(3, 11)}, 11: std})) == family
 
 
+def test_format_metadata_of_other_writers_is_not_taken_for_the_packs(tmp_path):
+    """safetensors files converted by others carry ``format`` metadata too ("pt", from transformers and the Hugging
+    Face converter): only the pack's own formats name a converted file, the others are named by their keys."""
+    path = str(tmp_path / "v1-5-pruned-emaonly.safetensors")
+    save_file({k.replace("cond_stage_model.model.", "cond_stage_model.transformer.text_model."): v
+               for k, v in load_file(SINGLE).items()}, path, metadata={"format": "pt"})
+    assert identify(_load(path), path).kind == "sd1"
+    with pytest.raises(WeightFileError, match=r"'v1-5-pruned-emaonly.safetensors' is not Stable Diffusion 2.1-base: "
+                                              r"it is a Stable Diffusion 1\.x checkpoint"):
+        load_sd21(path)
+
+
 def test_an_unknown_file_lists_its_keys(tmp_path):
     path = str(tmp_path / "mystery.safetensors")
     save_file({f"layer{i}.weight": t() for i in range(9)}, path)
@@ -223,6 +235,22 @@ def test_each_reader_takes_its_own_file_in_a_container(files, tmp_path, kind, wr
     path = str(tmp_path / ("wrapped" + os.path.splitext(files[kind])[1]))
     torch.save(wrapped, path)
     assert _keys(READERS[kind](path)) == _keys(READERS[kind](files[kind]))
+
+
+def test_an_unknown_files_keys_are_cut_after_six():
+    """Up to six keys are listed whole; "…" marks the ones left out."""
+    from comfyui_diffsr.sr_common.known_files import describe
+
+    six = {f"layer{i}.weight": t() for i in range(6)}
+    assert describe(six) == f"an unknown file (keys: {sorted(six)})"
+    assert describe(dict(six, **{"layer6.weight": t()})) == f"an unknown file (keys: {sorted(six)} …)"
+
+
+def test_only_a_prefix_on_every_key_is_dataparallels():
+    """DataParallel prefixes every key with ``module.``: that prefix is dropped; a dict where only some keys start
+    with it (a network with a submodule named ``module``) keeps its keys whole."""
+    assert list(canonical({"module.conv.weight": t(), "module.conv.bias": t()})) == ["conv.weight", "conv.bias"]
+    assert list(canonical({"module.conv.weight": t(), "head.weight": t()})) == ["module.conv.weight", "head.weight"]
 
 
 def test_an_incomplete_file_of_the_kind_a_reader_wants_is_called_incomplete(files, tmp_path):
