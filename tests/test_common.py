@@ -3,6 +3,7 @@
 import math
 import os
 import pickle
+import re
 
 import diffusers
 import numpy as np
@@ -310,6 +311,10 @@ def test_an_empty_or_html_weight_file_is_named_for_what_it_is(tmp_path):
     with pytest.raises(WeightFileError, match="it is an HTML page") as refused:
         read_state_dict(page)
     assert "could run code" not in str(refused.value)
+    binary = tmp_path / "binary.pth"  # valid UTF-8, but with control bytes no text has (0x0e-0x1f)
+    binary.write_bytes(b"\x1f\x1e\x0e\x10 header" + b"\x11data" * 10)
+    with pytest.raises(WeightFileError, match=r"it is not a weight file \(unknown binary format\)"):
+        read_state_dict(binary)
 
 
 def test_a_failed_weight_write_leaves_nothing_at_the_output(tmp_path, monkeypatch):
@@ -419,10 +424,26 @@ def test_a_pickle_in_torchs_legacy_format_is_read(tmp_path):
     tensors = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3).half()}
     path = tmp_path / "old.pth"
     torch.save(tensors, path, _use_new_zipfile_serialization=False)
-    assert path.read_bytes()[:1] == b"\x80"
+    assert path.read_bytes()[:2] == b"\x80\x02"
     read = read_state_dict(path)
     assert read.keys() == tensors.keys() and all(torch.equal(read[k], v) and read[k].dtype == v.dtype
                                                  for k, v in tensors.items())
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_pickle_of_a_later_protocol_is_read_as_a_pickle(tmp_path):
+    """A plain pickle of protocol 4 (torch.save's legacy format with pickle_protocol=4) is a pickle: read by torch's
+    weights-only reader, or where that cannot open it refused with the way to convert it, never called "not a
+    weight file"."""
+    path = tmp_path / "p4.pth"
+    torch.save({"w": torch.zeros(2)}, path, _use_new_zipfile_serialization=False, pickle_protocol=4)
+    assert path.read_bytes()[:2] == b"\x80\x04"
+    try:
+        read = read_state_dict(path)
+    except WeightFileError as e:  # torch 2.13's weights-only reader: "Unsupported operand 149"
+        assert re.search(r"Refusing to open 'p4.pth'.*If you trust the file, convert it", str(e)), str(e)
+    else:  # a torch whose weights-only reader takes protocol 4
+        assert torch.equal(read["w"], torch.zeros(2))
 
 
 def test_module_weights_are_new_only_when_every_tensor_is_new():

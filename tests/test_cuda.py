@@ -179,6 +179,17 @@ def test_osediff_loaded_on_a_base_a_run_left_on_the_device_is_built_in_cpu_memor
     assert sd21.unet.conv_in.weight.device.type == CUDA.type
 
 
+def test_float32_weights_on_the_device_are_built_into_cpu_networks():
+    """Float32 tensors on the device (a Load Checkpoint model ComfyUI keeps on the GPU) are copied to CPU memory,
+    as tensors of another dtype are converted: the networks are built on the CPU and own their tensors."""
+    from comfyui_diffsr.sr_common.weights import load_module_weights
+
+    state = {"weight": torch.randn(3, 2, device=CUDA), "bias": torch.randn(3, device=CUDA)}
+    module = torch.nn.Linear(2, 3)
+    assert load_module_weights(module, state, "net") is (CUDA.type != "cpu")
+    assert module.weight.device.type == "cpu" and torch.equal(module.weight, state["weight"].cpu())
+
+
 def test_colour_fix_takes_a_reference_that_fell_back_to_the_cpu(monkeypatch):
     """Out of device memory, the colour reference is taken on the CPU; the fix on the device then takes it."""
     from comfyui_diffsr.sr_common import color_fix
