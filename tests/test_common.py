@@ -460,6 +460,20 @@ def test_module_weights_are_new_only_when_every_tensor_is_new():
         torch.testing.assert_close(module.bias, bias, atol=1e-3, rtol=1e-3)
 
 
+def test_module_weights_with_a_key_the_module_lacks_are_refused():
+    """A state dict with every key the module expects and one more (another architecture's) is refused, naming
+    the key and the fix, and the module is left as it was."""
+    from comfyui_diffsr.sr_common.weights import load_module_weights
+
+    module = torch.nn.Linear(2, 3)
+    before = module.weight.clone()
+    state = {"weight": torch.zeros(3, 2), "bias": torch.zeros(3), "norm.weight": torch.ones(3)}
+    with pytest.raises(WeightFileError, match=r"The net in 'w.safetensors' does not match the architecture: 1 "
+                                              r"unexpected keys \(e.g. \['norm.weight'\]\)\. pass a config"):
+        load_module_weights(module, state, "net", "/models/w.safetensors")
+    assert torch.equal(module.weight, before)
+
+
 def test_a_buffer_left_on_the_meta_device_is_named():
     """A module built on the meta device whose state dict lacks a buffer other than CLIP's ``position_ids`` (the
     one no state dict carries, made again) is refused by the buffer's name, not left on the meta device."""
