@@ -446,6 +446,28 @@ def test_a_pickle_of_a_later_protocol_is_read_as_a_pickle(tmp_path):
         assert torch.equal(read["w"], torch.zeros(2))
 
 
+@pytest.mark.parametrize("mmap", [True, False])
+def test_a_safetensors_dtype_the_pack_does_not_read_is_named(tmp_path, mmap):
+    """A valid safetensors file holding a dtype the pack does not read (float8, as some quantised checkpoints) is
+    refused naming the tensor, the dtype and the fix, not called truncated or damaged."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "fp8.safetensors"
+    save_file({"w": torch.zeros(2), "q": torch.zeros(2).to(torch.float8_e4m3fn)}, path)
+    with pytest.raises(WeightFileError, match=r"'fp8.safetensors': tensor 'q' has dtype F8_E4M3, which this pack "
+                                              "does not read: use a float32 or float16 copy") as refused:
+        read_state_dict(path, mmap=mmap)
+    assert "damaged" not in str(refused.value)
+
+
+def test_a_weight_file_is_written_from_non_contiguous_tensors(tmp_path):
+    """Tensors that are views in another layout (a transpose) are written as their values."""
+    x = torch.arange(6.0).reshape(2, 3)
+    write_safetensors({"t": x.t(), "s": x[:, ::2]}, tmp_path / "views.safetensors")
+    read = read_state_dict(tmp_path / "views.safetensors")
+    assert torch.equal(read["t"], x.t()) and torch.equal(read["s"], x[:, ::2])
+
+
 def test_module_weights_are_new_only_when_every_tensor_is_new():
     """``load_module_weights`` returns True only when every tensor is a new one (converted from another dtype):
     float32 CPU tensors are the caller's own, taken as they are, in a module filled with both."""
