@@ -73,7 +73,7 @@ params:
       model_channels: 32
       attention_resolutions: [ 4, 2, 1 ]
       num_res_blocks: 1
-      channel_mult: [ 1, 1, 1, 1 ]
+      channel_mult: [ 1, 1, 2, 2 ]
       num_head_channels: 16
       use_spatial_transformer: True
       use_linear_in_transformer: True
@@ -91,7 +91,7 @@ params:
       model_channels: 32
       attention_resolutions: [ 4, 2, 1 ]
       num_res_blocks: 1
-      channel_mult: [ 1, 1, 1, 1 ]
+      channel_mult: [ 1, 1, 2, 2 ]
       num_head_channels: 16
       use_spatial_transformer: True
       use_linear_in_transformer: True
