@@ -24,7 +24,7 @@ from torch import nn
 from ..sr_common.errors import WeightFileError
 from ..sr_common.known_files import (CONVERTED, DOSSR_CONVERTED_MARKERS, DOSSR_OFFICIAL_MARKERS, KNOWN,
                                      OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, canonical, describe, identify)
-from ..sr_common.sd21 import SCALING_FACTOR, load_ldm_unet_vae, open_clip_to_hf
+from ..sr_common.sd21 import NOT_OPEN_CLIP_H, SCALING_FACTOR, load_ldm_unet_vae, open_clip_to_hf
 from ..sr_common.weights import (DOSSR_FORMAT, load_module_weights, read_state_dict, safetensors_metadata,
                                  write_safetensors)
 
@@ -304,6 +304,9 @@ def text_encoder_from_open_clip(sd, num_heads=None):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     prefix = OPEN_CLIP_PREFIX
+    for key in ("token_embedding.weight", "positional_embedding", "transformer.resblocks.0.mlp.c_fc.weight"):
+        if prefix + key not in sd:  # read before open_clip_to_hf checks the rest
+            raise WeightFileError(f"The text encoder lacks {prefix + key!r}; {NOT_OPEN_CLIP_H}")
     width = sd[prefix + "token_embedding.weight"].shape[1]
     blocks = 1 + max(int(k[len(prefix + "transformer.resblocks."):].split(".")[0]) for k in sd
                      if k.startswith(prefix + "transformer.resblocks."))

@@ -74,35 +74,43 @@ def _what_instead(sd, path):
     return known.what if known is not None and known.sd_model else describe(sd, path)
 
 
+NOT_OPEN_CLIP_H = "it is not an SD 2.1 OpenCLIP-H text encoder. The file is damaged or not SD 2.1-base."
+
+
 def open_clip_to_hf(sd, num_layers, prefix=OPEN_CLIP_PREFIX, name=None):
     """OpenCLIP text tower keys → transformers ``CLIPTextModel`` keys, keeping the first ``num_layers`` blocks
-    (``name``: the file, for the error where a block is missing).
+    (``name``: the file, for the error where a tensor or a block is missing).
 
     SD 2.x uses the penultimate layer, so the HF encoder has one block fewer than the checkpoint;
     its ``final_layer_norm`` is OpenCLIP's ``ln_final``.
     """
+    what = f"{os.path.basename(os.fspath(name))!r}: the" if name else "The"  # unnamed: the caller names the file
+
+    def tensor(key):
+        if key not in sd:
+            raise WeightFileError(f"{what} text encoder lacks {key!r}; {NOT_OPEN_CLIP_H}")
+        return sd[key]
+
     out = {
-        "text_model.embeddings.token_embedding.weight": sd[prefix + "token_embedding.weight"],
-        "text_model.embeddings.position_embedding.weight": sd[prefix + "positional_embedding"],
-        "text_model.final_layer_norm.weight": sd[prefix + "ln_final.weight"],
-        "text_model.final_layer_norm.bias": sd[prefix + "ln_final.bias"],
+        "text_model.embeddings.token_embedding.weight": tensor(prefix + "token_embedding.weight"),
+        "text_model.embeddings.position_embedding.weight": tensor(prefix + "positional_embedding"),
+        "text_model.final_layer_norm.weight": tensor(prefix + "ln_final.weight"),
+        "text_model.final_layer_norm.bias": tensor(prefix + "ln_final.bias"),
     }
     names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
              "attn.out_proj": "self_attn.out_proj"}
     for i in range(num_layers):
         src = f"{prefix}transformer.resblocks.{i}."
         dst = f"text_model.encoder.layers.{i}."
-        if src + "attn.in_proj_weight" not in sd:
-            what = repr(os.path.basename(os.fspath(name))) if name else "The checkpoint"
-            raise WeightFileError(f"{what}: the text encoder has fewer than {num_layers + 1} blocks; it is not an "
-                                  "SD 2.1 OpenCLIP-H text encoder. The file is damaged or not SD 2.1-base.")
+        if not any(k.startswith(src) for k in sd):
+            raise WeightFileError(f"{what} text encoder has fewer than {num_layers + 1} blocks; {NOT_OPEN_CLIP_H}")
         for part in ("weight", "bias"):
-            q, k, v = sd[src + f"attn.in_proj_{part}"].chunk(3, dim=0)
+            q, k, v = tensor(src + f"attn.in_proj_{part}").chunk(3, dim=0)
             out[dst + f"self_attn.q_proj.{part}"] = q
             out[dst + f"self_attn.k_proj.{part}"] = k
             out[dst + f"self_attn.v_proj.{part}"] = v
             for old, new in names.items():
-                out[dst + f"{new}.{part}"] = sd[src + f"{old}.{part}"]
+                out[dst + f"{new}.{part}"] = tensor(src + f"{old}.{part}")
     return out
 
 
