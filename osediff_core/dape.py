@@ -272,11 +272,12 @@ def merge_dape(state, dape, n_layers):
     ``tag_encoder`` layers, so their LoRAs merge into the same weights: those are added too.
     Everything else (tag_encoder above the head, text_decoder) is not on the tagging path.
     """
-    modules = sorted({k[: -len(".lora_A")] for k in dape if k.endswith(".lora_A")})
+    modules = sorted({k.rsplit(".", 1)[0] for k in dape if k.endswith((".lora_A", ".lora_B"))})
     used, ignored = 0, 0
     for mod in modules:
-        if mod + ".lora_B" not in dape:
-            raise WeightFileError(f"DAPE file has {mod}.lora_A but no {mod}.lora_B; the file is damaged.")
+        for half, other in (("lora_A", "lora_B"), ("lora_B", "lora_A")):
+            if f"{mod}.{other}" not in dape:
+                raise WeightFileError(f"DAPE file has {mod}.{half} but no {mod}.{other}; the file is damaged.")
         target = mod.replace("vision_multi", "tagging_head")
         m = re.match(r"tag_encoder\.encoder\.layer\.(\d+)\.crossattention\.self\.(query|key)$", target)
         if m and int(m.group(1)) < n_layers:
@@ -340,6 +341,9 @@ def _state_from_official(ram_path, dape_path):
         config = model_config(lazy)
     except WeightFileError as e:
         raise WeightFileError(f"{ram_name!r}: {e}") from e
+    except KeyError as e:  # a tensor the architecture is read from
+        raise WeightFileError(f"The RAM checkpoint {ram_name!r} lacks {e}; the file is incomplete or a different RAM "
+                              "variant.") from e
     wanted = _expected_keys(config)
     missing = [k for k in wanted if k not in lazy]
     if missing:

@@ -52,7 +52,7 @@ def swin_config(state, prefix="visual_encoder.", image_size=384):
         "num_heads": heads,
         "window_size": _window_of(state[prefix + "layers.0.blocks.0.attn.relative_position_bias_table"].shape[0]),
         "mlp_ratio": fc1.shape[0] / embed,
-        "patch_norm": (prefix + "patch_embed.norm.weight") in state,
+        "patch_norm": True,  # RAM's Swin always has it: a file without patch_embed.norm is incomplete
     }
 
 

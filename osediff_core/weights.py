@@ -62,7 +62,7 @@ def read_osediff(path):
 
 
 def _check_part(ckpt, part, name):
-    """Refuse a damaged ``state_dict_<part>``: non-tensors, non-float weights, LoRA pairs that miss a half
+    """Refuse a damaged ``state_dict_<part>``: non-tensors, non-float weights, LoRA pairs that miss a half (either)
     or do not have the stored rank."""
     damaged = "The file is damaged; download osediff.pkl again."
     state = ckpt[f"state_dict_{part}"]
@@ -73,6 +73,10 @@ def _check_part(ckpt, part, name):
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise WeightFileError(f"{name!r}: state_dict_{part} is not a dict of named tensors. {damaged}")
     require_float(state, f"OSEDiff {part}", name)
+    for key in state:
+        if ".lora_B." in key and key.replace(".lora_B.", ".lora_A.") not in state:
+            raise WeightFileError(f"{name!r} is incomplete: {key.replace('.lora_B.', '.lora_A.')} is missing (its "
+                                  f"lora_B is there). {damaged}")
     for key, a in state.items():
         if ".lora_A." not in key:
             continue

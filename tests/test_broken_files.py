@@ -147,6 +147,24 @@ def _missing_b(ckpt):
     return ckpt
 
 
+def _missing_a(ckpt):
+    del ckpt["state_dict_vae"]["encoder.conv_in.lora_A.default_encoder.weight"]
+    return ckpt
+
+
+def _ram(drop):
+    def make(path, env):
+        ram = torch.load(RAM, weights_only=True)
+        torch.save({"model": {k: v for k, v in ram["model"].items() if not k.startswith(drop)}}, path)
+    return make
+
+
+def _dape_without(key):
+    def make(path, env):
+        torch.save({k: v for k, v in torch.load(DAPE, weights_only=True).items() if k != key}, path)
+    return make
+
+
 def _osediff_converted(change_tensors=None, change_meta=None):
     def make(path, env):
         tmp = path.with_name("tmp_" + path.name)
@@ -294,6 +312,8 @@ CASES = {
                                   "conv_in.lora_B.*rank 3.*download osediff.pkl again"),
     "osediff-missing-lora-b": ("osediff.pkl", _osediff(_missing_b), osediff,
                                "conv_in.lora_B.default_encoder.weight.*missing.*download osediff.pkl again"),
+    "osediff-missing-lora-a": ("osediff.pkl", _osediff(_missing_a), osediff,
+                               "incomplete: encoder.conv_in.lora_A.default_encoder.weight is missing.*download osediff"),
     "osediff-converted-int64": ("osediff.safetensors", _osediff_converted(_first("unet.", torch.int64)), osediff,
                                 "int64.*" + NOT_FLOAT),
     "osediff-converted-bool": ("osediff.safetensors", _osediff_converted(_first("vae.", torch.bool)), osediff,
@@ -306,6 +326,18 @@ CASES = {
     "ram-as-dape": ("ram_copy.pth", _copy(RAM), dape, "given as the DAPE weights but it is the RAM.*Expected DAPE.pth"),
     "dape-as-ram": ("dape_copy.pth", _copy(DAPE), ram,
                     "given as the RAM weights but it is a DAPE LoRA.*Expected ram_swin_large_14m.pth"),
+    "ram-no-head-intermediate": ("ram.pth", _ram("tagging_head.encoder.layer.0.intermediate."), ram,
+                                 "RAM checkpoint 'ram.pth' lacks 'tagging_head.encoder.layer.0.intermediate.dense.weight'"
+                                 "; the file is incomplete"),
+    "ram-no-swin-mlp": ("ram.pth", _ram("visual_encoder.layers.0.blocks.0.mlp.fc1."), ram,
+                        "RAM checkpoint 'ram.pth' lacks 'visual_encoder.layers.0.blocks.0.mlp.fc1.weight'; the file is"),
+    "ram-no-patch-norm": ("ram.pth", _ram("visual_encoder.patch_embed.norm."), ram,
+                          r"RAM checkpoint 'ram.pth' lacks 2 tagging tensors \(e.g. \['visual_encoder.patch_embed.norm"),
+    "dape-missing-lora-a": ("dape.pth", _dape_without("visual_encoder.layers.1.blocks.0.attn.qkv.lora_A"), dape,
+                            "'dape.pth': DAPE file has visual_encoder.layers.1.blocks.0.attn.qkv.lora_B but no "
+                            "visual_encoder.layers.1.blocks.0.attn.qkv.lora_A; the file is damaged"),
+    "dape-missing-lora-b": ("dape.pth", _dape_without("visual_encoder.layers.1.blocks.0.attn.qkv.lora_B"), dape,
+                            "DAPE file has visual_encoder.layers.1.blocks.0.attn.qkv.lora_A but no .*lora_B; the file"),
     "ram-truncated": ("ram.pth", _truncated(RAM), ram, "truncated.*" + DOWNLOAD),
     "dape-converted-bool": ("dape.safetensors", _converted_copy("dape", _first("fc.", torch.bool)), dape_converted,
                             "bool.*" + NOT_FLOAT),
