@@ -204,3 +204,133 @@ def test_base_folder_without_a_tokenizer_uses_the_shipped_one(tmp_path, tokenize
     with torch.no_grad():
         assert torch.equal(encode_prompt(sd.text_encoder, sd.tokenizer, ["a cat"]),
                            encode_prompt(reference.text_encoder, reference.tokenizer, ["a cat"]))
+
+
+def test_converted_file_keeps_each_parts_rank(tmp_path, tiny_unet_vae):
+    """A file with UNet rank 4 and VAE rank 2 converts and reads back with both ranks as stored, and the converted
+    file's VAE encoder merges as the .pkl's does."""
+    unet, vae = tiny_unet_vae
+    ckpt = W.random_osediff_checkpoint(unet, vae, rank=4, std=0.1, seed=3, rank_vae=2)
+    torch.save(ckpt, tmp_path / "osediff.pkl")
+    converted = W.read_osediff(W.convert_osediff(tmp_path / "osediff.pkl", tmp_path / "osediff.safetensors"))
+    assert (converted["rank_unet"], converted["rank_vae"]) == (4, 2)
+    torch.testing.assert_close(W.lq_encoder(vae, converted)["quant_conv"].weight,
+                               W.lq_encoder(vae, ckpt)["quant_conv"].weight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.update(rank_unet=torch.tensor([4, 4])), r"'osediff.pkl' has no usable rank_unet .*download osediff"),
+    (lambda c: c.update(rank_vae=torch.empty((), device="meta")), r"'osediff.pkl' has no usable rank_vae \(Tensor.item"
+                                                                  r"\(\) cannot be called on meta tensors\)\. The file"),
+    (lambda c: c.update(state_dict_vae="encoder.conv_in"), r"'osediff.pkl': state_dict_vae is not a dict of named "
+                                                          r"tensors\. The file is damaged; download osediff\.pkl again"),
+    (lambda c: c["state_dict_unet"].update({"conv_in.lora_A.default_encoder.weight": torch.zeros(3, 4, 3, 3)}),
+     r"rank_unet = 4 but conv_in\.lora_A\.default_encoder\.weight has shape \(3, 4, 3, 3\) \(rank 3\)"),
+    (lambda c: c["state_dict_unet"].update({"conv_in.lora_B.default_encoder.weight": torch.zeros(32, 4, 3, 3)}),
+     r"rank_unet = 4 but conv_in\.lora_B\.default_encoder\.weight has shape \(32, 4, 3, 3\)"),
+], ids=["rank-of-two-values", "rank-on-the-meta-device", "state-not-a-dict", "lora-a-of-lower-rank", "lora-b-with-a-3x3-kernel"])
+def test_damaged_parts_are_named(tmp_path, ckpt, change, message):
+    """A rank that is no number (two values; a tensor with no data), a part that is no dict, a lora_A of a lower rank than stored (its lora_B has the
+    stored one) and a lora_B that is not 1×1: each refused naming the file, the entry and the fix."""
+    bad = copy.deepcopy(ckpt)
+    change(bad)
+    torch.save(bad, tmp_path / "osediff.pkl")
+    with pytest.raises(WeightFileError, match=message):
+        W.read_osediff(tmp_path / "osediff.pkl")
+
+
+def test_lora_pairs_refuses_a_missing_half():
+    """``lora_pairs`` called on a state dict not checked by ``read_osediff`` names the missing lora_B."""
+    with pytest.raises(WeightFileError, match=r"LoRA pair incomplete: x\.lora_B\.default\.weight is missing"):
+        W.lora_pairs({"x.lora_A.default.weight": torch.zeros(4, 3)}, 4)
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["copy", "in-place"])
+@pytest.mark.parametrize("target, a_shape, b_shape, message", [
+    ("nonexistent.block", (4, 3), (3, 4), r"targets 'nonexistent\.block', which the base model does not have"),
+    ("down_blocks.0", (4, 3), (3, 4), r"targets 'down_blocks\.0', which the base model does not have"),
+    ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", (4, 33), (32, 4),
+     r"LoRA for 'down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1\.to_q' has shape \(32, 33\), the base "
+     r"weight \(32, 32\)"),
+], ids=["no-module", "module-without-weight", "wrong-shape"])
+def test_lora_targets_are_checked_in_both_merges(tiny_unet_vae, ckpt, in_place, target, a_shape, b_shape, message):
+    """A LoRA for a module the UNet lacks, for a module with no weight, or of another shape is refused as a base that
+    is not SD 2.1-base, by the copy and by the in-place merge, before anything is written."""
+    unet, _ = tiny_unet_vae
+    bad = copy.deepcopy(ckpt)
+    bad["state_dict_unet"].update({f"{target}.lora_A.default_encoder.weight": torch.zeros(a_shape),
+                                   f"{target}.lora_B.default_encoder.weight": torch.zeros(b_shape)})
+    own = copy.deepcopy(unet)
+    with pytest.raises(WeightFileError, match=message + ".*not SD 2.1-base"):
+        W.apply_osediff_unet(own, bad, in_place=in_place)
+    for (name, a), b in zip(own.state_dict().items(), unet.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_in_place_merge_into_channels_last_weights(tiny_unet_vae, ckpt):
+    """Weights in channels_last memory format (not contiguous) merge in place to the merged copy's values."""
+    unet, _ = tiny_unet_vae
+    merged = W.apply_osediff_unet(unet, ckpt)
+    own = copy.deepcopy(unet).to(memory_format=torch.channels_last)
+    assert not own.conv_in.weight.is_contiguous()
+    W.apply_osediff_unet(own, ckpt, in_place=True)
+    for (name, a), b in zip(merged.state_dict().items(), own.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_merged_value_is_the_lora_formula(tiny_unet_vae, ckpt):
+    """``merged_value`` (the nodes' exact recompute): W + 8/rank · B @ A in float64 for a LoRA target, the weight
+    itself for a parameter no LoRA targets."""
+    unet, _ = tiny_unet_vae
+    _, pairs = W.osediff_unet_changes(unet, ckpt)
+    name = "up_blocks.1.resnets.0.conv1"
+    a, b = (ckpt["state_dict_unet"][f"{name}.lora_{x}.default_decoder.weight"].double() for x in "AB")
+    weight = dict(unet.named_parameters())[f"{name}.weight"].detach()
+    expected = weight.double() + 8 / 4 * (b.flatten(1) @ a.flatten(1)).reshape(weight.shape)
+    torch.testing.assert_close(W.merged_value(f"{name}.weight", weight, pairs).double(), expected,
+                               rtol=1e-6, atol=1e-6)
+    bias = dict(unet.named_parameters())[f"{name}.bias"].detach()
+    assert W.merged_value(f"{name}.bias", bias, pairs) is bias
+
+
+def test_conv_in_of_another_shape_is_refused(tiny_unet_vae, ckpt):
+    """A trained conv_in that does not fit the base UNet's names both shapes and the base."""
+    unet, _ = tiny_unet_vae
+    bad = copy.deepcopy(ckpt)
+    bad["state_dict_unet"]["conv_in.base_layer.weight"] = torch.zeros(32, 5, 3, 3)
+    with pytest.raises(WeightFileError, match=r"conv_in\.weight has shape \(32, 5, 3, 3\), the base UNet "
+                                              r"\(32, 4, 3, 3\): the base is not SD 2\.1-base"):
+        W.apply_osediff_unet(unet, bad)
+
+
+def test_official_vae_targets_are_the_encoder_and_quant_conv(tiny_unet_vae):
+    """The official ``initialize_vae`` targets only ``encoder.*`` modules and ``quant_conv``: nothing of the decoder."""
+    unet, vae = tiny_unet_vae
+    targets = W.official_lora_targets(unet, vae)["vae_lora_encoder_modules"]
+    assert targets and all(t.startswith("encoder.") or t == "quant_conv" for t in targets), sorted(set(targets))
+
+
+def test_lora_delta_of_half_factors_is_float32():
+    """ΔW is computed in float32 whatever the LoRA's dtype (a float16 file): equal to the float64 product."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 6, 3, 3, generator=g).half(), torch.randn(5, 4, 1, 1, generator=g).half()
+    delta = W.lora_delta(a, b, 2.0)
+    assert delta.dtype == torch.float32 and delta.shape == (5, 6, 3, 3)
+    expected = 2.0 * (b.double().flatten(1) @ a.double().flatten(1)).reshape(5, 6, 3, 3)
+    torch.testing.assert_close(delta.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_converted_file_missing_a_rank_in_its_metadata_is_named(tmp_path, ckpt):
+    """A converted file whose metadata lost ``rank_vae`` is refused as damaged OSEDiff metadata, naming the key and
+    the fix (a KeyError, not only the ValueError of a rank that is no number)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    torch.save(ckpt, tmp_path / "osediff.pkl")
+    out = W.convert_osediff(tmp_path / "osediff.pkl", tmp_path / "osediff.safetensors")
+    with safe_open(str(out), "pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "rank_vae"}
+    save_file(load_file(out), tmp_path / "damaged.safetensors", metadata=meta)
+    with pytest.raises(WeightFileError, match=r"'damaged.safetensors' has damaged OSEDiff metadata \(KeyError: "
+                                              r"'rank_vae'\); convert osediff.pkl again with `diffsr convert osediff`"):
+        W.read_osediff(tmp_path / "damaged.safetensors")
