@@ -399,3 +399,101 @@ def test_cli_refuses_a_noise_file_for_several_images_and_a_gamma_out_of_range(tm
         assert main([str(folder / "a.png"), *common, "--gamma", gamma]) == 2
         assert "--gamma must be in [0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _tiny_yaml(tmp_path, change, wrap=False):
+    """The tiny fixture's yaml with ``change(params)`` applied (``wrap``: under ``model:`` as the official files)."""
+    import yaml
+
+    with open(os.path.join(FIX, "tiny_cldm.yaml"), encoding="utf-8") as f:
+        config = yaml.safe_load(f)
+    change(config["params"])
+    path = tmp_path / "changed.yaml"
+    path.write_text(yaml.safe_dump({"model": config} if wrap else config), encoding="utf-8")
+    return str(path)
+
+
+def test_config_fields_come_from_the_yaml(tmp_path):
+    """The UNet's out_channels, the ControlNet's hint_channels and transformer_depth and the VAE scale_factor are read from the yaml (not
+    taken from in_channels or the SD default); a yaml under ``model:`` gives the same params."""
+    from comfyui_diffsr.dossr_core.weights import diffusers_configs, load_ldm_params
+
+    def change(p):
+        p["unet_config"]["params"]["out_channels"] = 8
+        p["control_stage_config"]["params"]["hint_channels"] = 3
+        p["scale_factor"] = 0.5
+        p["control_stage_config"]["params"]["transformer_depth"] = 2
+    unet, controlnet, vae = diffusers_configs(load_ldm_params(_tiny_yaml(tmp_path, change)))
+    assert (unet["out_channels"], unet["in_channels"]) == (8, 4)
+    assert (controlnet["conditioning_channels"], controlnet["in_channels"]) == (3, 4)
+    assert vae["scaling_factor"] == 0.5
+    assert (controlnet["transformer_layers_per_block"], unet["transformer_layers_per_block"]) == (2, 1)
+    assert load_ldm_params(_tiny_yaml(tmp_path, change, wrap=True)) == load_ldm_params(_tiny_yaml(tmp_path, change))
+
+
+def test_a_yaml_without_the_model_parts_is_named(tmp_path):
+    from comfyui_diffsr.dossr_core.weights import load_ldm_params
+
+    path = _tiny_yaml(tmp_path, lambda p: p.pop("unet_config"))
+    with pytest.raises(WeightFileError, match=r"is not a DoSSR/ControlLDM config: expected `params` with "
+                                              r"\['control_stage_config', 'unet_config', 'first_stage_config'\]"):
+        load_ldm_params(path)
+
+
+def test_convert_with_a_yaml_of_another_vae_writes_nothing(tmp_path):
+    """A yaml whose ControlNet fits the checkpoint but whose VAE does not: refused naming the condition encoder and
+    --config, and nothing is written."""
+    from comfyui_diffsr.dossr_core.weights import convert_dossr
+
+    yaml = _tiny_yaml(tmp_path, lambda p: p["first_stage_config"]["params"]["ddconfig"].update(ch=64))
+    with pytest.raises(WeightFileError, match="condition encoder.*--config"):
+        convert_dossr(CKPT, tmp_path / "x.safetensors", config=yaml)
+    assert sorted(os.listdir(tmp_path)) == ["changed.yaml"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda sd: dict(sd, **{"control_model.input_blocks.0.0.weight": sd["control_model.input_blocks.0.0.weight"][:, :4]}),
+     r"The ControlNet input conv has shape \(32, 4, 3, 3\); DoSSR's takes 8 channels"),
+], ids=["controlnet-without-the-condition-input"])
+def test_incomplete_official_parts_are_named_and_nothing_is_written(official_sd, tmp_path, change, message):
+    """A ControlNet input conv without the condition latent's channels is named with its shape; nothing is written."""
+    from comfyui_diffsr.dossr_core.weights import convert_dossr
+
+    src = save(tmp_path, "broken.ckpt", {"state_dict": change(dict(official_sd))})
+    with pytest.raises(WeightFileError, match=message):
+        convert_dossr(src, tmp_path / "x.safetensors", config=os.path.join(FIX, "tiny_cldm.yaml"))
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_converted_file_stores_info_source_and_fp16(official_sd, tmp_path):
+    """``info`` says whether the condition encoder equals the VAE encoder, as a direct comparison of the official
+    ldm keys does; the converted file keeps it and the source name in its metadata, and fp16 conversion of a float32
+    file stores every tensor as float16."""
+    from comfyui_diffsr.dossr_core.weights import convert_dossr, parts_from_converted
+
+    cond = {k[len("cond_encoder."):]: v for k, v in official_sd.items() if k.startswith("cond_encoder.")}
+    equal = all(torch.equal(v, official_sd["first_stage_model." + k]) for k, v in cond.items())
+    float32 = save(tmp_path, "fp32.ckpt", {k: v.float() if v.is_floating_point() else v for k, v in official_sd.items()})
+    info = convert_dossr(float32, tmp_path / "a.safetensors", config=os.path.join(FIX, "tiny_cldm.yaml"),
+                         dtype=torch.float16)
+    assert info == {"cond_encoder_equals_vae_encoder": equal}
+    sd, _, meta = read_weights(tmp_path / "a.safetensors")
+    assert meta["source"] == "fp32.ckpt"
+    assert parts_from_converted(sd, meta).info == info
+    assert {v.dtype for v in sd.values()} == {torch.float16}  # the fixture's float16 values: exact
+    assert all(torch.equal(v, official_sd["preprocess_model." + k[len("rrdb."):]]) for k, v in sd.items()
+               if k.startswith("rrdb."))
+    # the same check on a file whose condition encoder is the VAE encoder
+    same = dict(official_sd, **{"cond_encoder." + k: official_sd["first_stage_model." + k] for k in cond})
+    info = convert_dossr(save(tmp_path, "same.ckpt", same), tmp_path / "b.safetensors",
+                         config=os.path.join(FIX, "tiny_cldm.yaml"))
+    assert info == {"cond_encoder_equals_vae_encoder": True}
+
+
+def test_base_parts_missing_from_the_official_file_name_base(official_sd):
+    """An official file without the SD 2.1 UNet asks for --base."""
+    from comfyui_diffsr.dossr_core.weights import base_from_official, load_ldm_params
+
+    sd = {k: v for k, v in official_sd.items() if not k.startswith("model.diffusion_model.")}
+    with pytest.raises(WeightFileError, match=r"lacks the SD 2.1 parts \['model.diffusion_model.'\]; pass --base"):
+        base_from_official(sd, load_ldm_params(os.path.join(FIX, "tiny_cldm.yaml")))
