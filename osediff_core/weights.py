@@ -68,7 +68,7 @@ def _check_part(ckpt, part, name):
     state = ckpt[f"state_dict_{part}"]
     try:
         rank = int(ckpt[f"rank_{part}"])
-    except (TypeError, ValueError, RuntimeError) as e:
+    except (TypeError, ValueError, OverflowError, RuntimeError) as e:
         raise WeightFileError(f"{name!r} has no usable rank_{part} ({e}). {damaged}") from e
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise WeightFileError(f"{name!r}: state_dict_{part} is not a dict of named tensors. {damaged}")

@@ -228,9 +228,12 @@ def test_converted_file_keeps_each_parts_rank(tmp_path, tiny_unet_vae):
      r"rank_unet = 4 but conv_in\.lora_A\.default_encoder\.weight has shape \(3, 4, 3, 3\) \(rank 3\)"),
     (lambda c: c["state_dict_unet"].update({"conv_in.lora_B.default_encoder.weight": torch.zeros(32, 4, 3, 3)}),
      r"rank_unet = 4 but conv_in\.lora_B\.default_encoder\.weight has shape \(32, 4, 3, 3\)"),
-], ids=["rank-of-two-values", "rank-on-the-meta-device", "state-not-a-dict", "lora-a-of-lower-rank", "lora-b-with-a-3x3-kernel"])
+    (lambda c: c.update(rank_unet=float("inf")), r"'osediff.pkl' has no usable rank_unet \(cannot convert float "
+                                                  r"infinity to integer\)\. The file is damaged; download osediff"),
+], ids=["rank-of-two-values", "rank-on-the-meta-device", "state-not-a-dict", "lora-a-of-lower-rank",
+        "lora-b-with-a-3x3-kernel", "rank-infinite"])
 def test_damaged_parts_are_named(tmp_path, ckpt, change, message):
-    """A rank that is no number (two values; a tensor with no data), a part that is no dict, a lora_A of a lower rank than stored (its lora_B has the
+    """A rank that is no number (two values; a tensor with no data; infinity), a part that is no dict, a lora_A of a lower rank than stored (its lora_B has the
     stored one) and a lora_B that is not 1×1: each refused naming the file, the entry and the fix."""
     bad = copy.deepcopy(ckpt)
     change(bad)
