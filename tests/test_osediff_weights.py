@@ -337,3 +337,13 @@ def test_converted_file_missing_a_rank_in_its_metadata_is_named(tmp_path, ckpt):
     with pytest.raises(WeightFileError, match=r"'damaged.safetensors' has damaged OSEDiff metadata \(KeyError: "
                                               r"'rank_vae'\); convert osediff.pkl again with `diffsr convert osediff`"):
         W.read_osediff(tmp_path / "damaged.safetensors")
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_merged_copy_keeps_requires_grad(tiny_unet_vae, ckpt, grad):
+    """The merged copy's parameters keep the original's ``requires_grad`` (the copy stands in for the module), LoRA
+    targets and untouched ones alike; the trained conv_in (a tensor from the file) is left out."""
+    unet, _ = tiny_unet_vae
+    source = copy.deepcopy(unet).requires_grad_(grad)
+    merged = W.apply_osediff_unet(source, ckpt).named_parameters()
+    assert {p.requires_grad for name, p in merged if not name.startswith("conv_in.")} == {grad}
