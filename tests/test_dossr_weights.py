@@ -497,3 +497,25 @@ def test_base_parts_missing_from_the_official_file_name_base(official_sd):
     sd = {k: v for k, v in official_sd.items() if not k.startswith("model.diffusion_model.")}
     with pytest.raises(WeightFileError, match=r"lacks the SD 2.1 parts \['model.diffusion_model.'\]; pass --base"):
         base_from_official(sd, load_ldm_params(os.path.join(FIX, "tiny_cldm.yaml")))
+
+
+def test_text_encoder_heads_follow_open_clip(monkeypatch):
+    """OpenCLIP's text tower has width // 64 heads (16 for SD 2.1's 1024-wide ViT-H), unless given; sized from the
+    tensors (meta tensors here: only the shapes are read, the weights are not loaded)."""
+    from comfyui_diffsr.dossr_core import weights
+    from comfyui_diffsr.sr_common.known_files import OPEN_CLIP_PREFIX
+
+    class Shapes(dict):
+        def __missing__(self, key):
+            return torch.empty(3 * 1024, 1024, device="meta")
+
+    p = OPEN_CLIP_PREFIX
+    sd = Shapes({p + "token_embedding.weight": torch.empty(100, 1024, device="meta"),
+                 p + "positional_embedding": torch.empty(77, 1024, device="meta"),
+                 **{f"{p}transformer.resblocks.{i}.mlp.c_fc.weight": torch.empty(4096, 1024, device="meta")
+                    for i in range(2)},
+                 p + "transformer.resblocks.0.attn.in_proj_weight": torch.empty(3 * 1024, 1024, device="meta")})
+    monkeypatch.setattr(weights, "_load", lambda module, state, what: module)
+    config = weights.text_encoder_from_open_clip(sd).config
+    assert (config.num_attention_heads, config.hidden_size, config.num_hidden_layers) == (16, 1024, 1)
+    assert weights.text_encoder_from_open_clip(sd, num_heads=8).config.num_attention_heads == 8
