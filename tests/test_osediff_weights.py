@@ -306,13 +306,6 @@ def test_conv_in_of_another_shape_is_refused(tiny_unet_vae, ckpt):
         W.apply_osediff_unet(unet, bad)
 
 
-def test_official_vae_targets_are_the_encoder_and_quant_conv(tiny_unet_vae):
-    """The official ``initialize_vae`` targets only ``encoder.*`` modules and ``quant_conv``: nothing of the decoder."""
-    unet, vae = tiny_unet_vae
-    targets = W.official_lora_targets(unet, vae)["vae_lora_encoder_modules"]
-    assert targets and all(t.startswith("encoder.") or t == "quant_conv" for t in targets), sorted(set(targets))
-
-
 def test_lora_delta_of_half_factors_is_float32():
     """ΔW is computed in float32 whatever the LoRA's dtype (a float16 file): equal to the float64 product."""
     g = torch.Generator().manual_seed(0)
