@@ -441,3 +441,83 @@ def test_cli_refuses_converted_weights_given_with_ram_or_dape(tmp_path, capsys):
     for extra in (["--ram", RAM], ["--dape", DAPE]):
         assert main([str(image), "--weights", str(tmp_path / "missing.safetensors"), *extra, "--device", "cpu"]) == 2
         assert "Give --weights (converted) alone" in capsys.readouterr().err
+
+
+QKV = "visual_encoder.layers.0.blocks.0.attn.qkv"
+QUERY = "tagging_head.encoder.layer.{}.crossattention.self.query"
+
+
+def _small_state():
+    """A tagging state of two head layers and one Swin qkv (hidden 6), zeros: enough for ``merge_dape``."""
+    state = {f"{QKV}.weight": torch.zeros(18, 6)}
+    state.update({QUERY.format(i) + ".weight": torch.zeros(6, 6) for i in range(2)})
+    return state
+
+
+@pytest.mark.parametrize("lora, message", [
+    ({f"{QKV}.lora_A": torch.ones(15, 6), f"{QKV}.lora_B": torch.ones(12, 7)}, r"shapes \(15, 6\) / \(12, 7\) do "
+                                                                                r"not fit 2 groups"),
+    ({f"{QKV}.lora_A": torch.ones(16, 6), f"{QKV}.lora_B": torch.ones(12, 4)}, r"lora_B has rank 4, lora_A rank 8"),
+    ({"visual_encoder.layers.1.blocks.0.attn.qkv.lora_A": torch.ones(16, 6),
+      "visual_encoder.layers.1.blocks.0.attn.qkv.lora_B": torch.ones(12, 8)},
+     r"no matching weight visual_encoder\.layers\.1\.blocks\.0\.attn\.qkv\.weight in the RAM checkpoint: the DAPE "
+     r"and RAM files do not belong together"),
+    ({f"{QKV}.lora_A": torch.ones(16, 5), f"{QKV}.lora_B": torch.ones(12, 8)},
+     r"gives \(18, 5\) but visual_encoder\.layers\.0\.blocks\.0\.attn\.qkv\.weight is \(18, 6\): the DAPE and RAM "
+     r"files do not belong together"),
+    ({"text_decoder.x.lora_A": torch.ones(8, 6), "text_decoder.x.lora_B": torch.ones(6, 8)},
+     r"The DAPE file has no LoRA on the tagging path"),
+], ids=["groups", "rank", "no-weight", "shape", "nothing-on-the-path"])
+def test_merge_dape_refusals_name_the_problem(lora, message):
+    """LoRA shapes that do not split into the q/v groups, a lora_B of another rank, a LoRA for a weight RAM lacks or
+    of another shape, and a file with nothing on the tagging path: each refused with what is wrong."""
+    with pytest.raises(WeightFileError, match=message):
+        dape.merge_dape(_small_state(), lora, 2)
+
+
+def test_a_head_with_a_layer_gap_is_not_a_tagging_head():
+    """Head layers must be 0..n-1: layers 0 and 2 alone are refused (a layer is missing)."""
+    state = {f"tagging_head.encoder.layer.{i}.crossattention.self.query.weight": torch.zeros(1) for i in (0, 2)}
+    with pytest.raises(WeightFileError, match=r"no tagging head"):
+        dape.model_config(state)
+
+
+@pytest.mark.parametrize("which, change, message", [
+    ("dape", lambda sd: {**sd, next(iter(sd)): sd[next(iter(sd))].long()},
+     r"'dape\.pth': the DAPE LoRA tensor '.*lora_[AB]' is int64, but weights must be floating-point"),
+    ("ram", lambda sd: {"model": {**sd["model"], "fc.weight": sd["model"]["fc.weight"].long()}},
+     r"'ram\.pth': the RAM tensor 'fc\.weight' is int64, but weights must be floating-point"),
+    ("ram", lambda sd: {"model": {k: v for k, v in sd["model"].items() if k != "fc.bias"}},
+     r"The RAM checkpoint 'ram\.pth' lacks 1 tagging tensors \(e\.g\. \['fc\.bias'\]\); the file is incomplete"),
+    ("ram", lambda sd: {"model": {**sd["model"], "label_embed": sd["model"]["label_embed"][:10]}},
+     r"'ram\.pth' \+ 'dape\.pth': the weights have 10 tags but the shipped RAM tag list has 4585: not the RAM "
+     r"4585-tag model"),
+], ids=["dape-int64", "ram-int64", "ram-missing-a-tagging-tensor", "ram-of-10-tags"])
+def test_damaged_official_files_are_named(tmp_path, which, change, message):
+    """Integer LoRA or RAM tensors, a RAM file missing a tagging tensor, and a RAM model of another tag count: each
+    refused naming the file and the tensor or count."""
+    files = {"ram": RAM, "dape": DAPE}
+    paths = {name: str(tmp_path / f"{name}.pth") for name in files}
+    for name, src in files.items():
+        sd = torch.load(src, weights_only=True)
+        torch.save(change(sd) if name == which else sd, paths[name])
+    with pytest.raises(WeightFileError, match=message):
+        load_dape_tagger(paths["ram"], paths["dape"])
+
+
+def test_converted_file_with_an_extra_tensor_and_its_dtype_metadata(tmp_path):
+    """A converted tagger with a tensor the tagger lacks is refused naming it; fp16 conversion says fp16 in its
+    metadata (fp32 otherwise)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    for half, dtype in ((True, "fp16"), (False, "fp32")):
+        out = tmp_path / f"{dtype}.safetensors"
+        convert_dape(RAM, DAPE, str(out), half=half)
+        with safe_open(str(out), "pt") as f:
+            meta = f.metadata()
+        assert meta["dtype"] == dtype
+    save_file(dict(load_file(out), extra=torch.zeros(1)), tmp_path / "extra.safetensors", metadata=meta)
+    with pytest.raises(WeightFileError, match=r"'extra\.safetensors': the weights do not fit the tagger: missing \[\], "
+                                              r"unexpected \['extra'\]"):
+        load_dape_tagger(converted_path=str(tmp_path / "extra.safetensors"))
