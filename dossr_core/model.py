@@ -15,7 +15,7 @@ from ..sr_common.errors import WeightFileError
 from ..sr_common.sd21 import SD21, NetworksOnSD21, PromptCache, load_sd21, load_tokenizer, shipped_config_dir
 from .rrdb import rrdb_from_state_dict
 from .weights import (base_from_official, build_cond_encoder, build_controlnet, load_ldm_params, parts_from_converted,
-                      parts_from_official, read_weights)
+                      parts_from_official, read_weights, shipped_config_path)
 
 DEFAULT_PROMPT = "clean, high-resolution, 8k"
 
@@ -110,8 +110,9 @@ def load_dossr(weights, base=None, *, config=None, base_config=None, text_heads=
     params = load_ldm_params(config) if kind == "official" else None
     try:
         parts = parts_from_official(sd, params) if kind == "official" else parts_from_converted(sd, metadata)
-        controlnet = build_controlnet(parts.controlnet_config, parts.controlnet)
-        cond_encoder = build_cond_encoder(parts.vae_config, parts.cond_encoder)
+        yaml = (config or shipped_config_path()) if kind == "official" else None
+        controlnet = build_controlnet(parts.controlnet_config, parts.controlnet, yaml)
+        cond_encoder = build_cond_encoder(parts.vae_config, parts.cond_encoder, yaml)
         rrdb = rrdb_from_state_dict(parts.rrdb)
         own_base = base_from_official(sd, params, text_heads) if base is None else None
     except WeightFileError as e:

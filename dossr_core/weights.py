@@ -223,8 +223,9 @@ def convert_dossr(src, dst, config=None, dtype=None):
     if kind != "official":
         raise WeightFileError(f"{os.path.basename(os.fspath(src))!r} is already a converted DoSSR file.")
     parts = parts_from_official(sd, load_ldm_params(config))
-    build_controlnet(parts.controlnet_config, parts.controlnet)  # written only if it loads: a yaml of another size
-    build_cond_encoder(parts.vae_config, parts.cond_encoder)     # must be passed now (the file stores its configs)
+    yaml = config or shipped_config_path()  # written only if it loads: a yaml of another size must be passed now
+    build_controlnet(parts.controlnet_config, parts.controlnet, yaml)  # (the file stores its configs)
+    build_cond_encoder(parts.vae_config, parts.cond_encoder, yaml)
     write_converted(parts, dst, source=os.path.basename(os.fspath(src)), dtype=dtype)
     return parts.info
 
@@ -253,7 +254,13 @@ def _load(module, state, what):
     return module.eval()
 
 
-def _stored_architecture_error(what, error):
+def _architecture_error(what, error, yaml=None):
+    """The refusal of a ``what`` that cannot be built from a converted file's stored config or, given ``yaml``, from
+    the yaml an official ckpt is read with."""
+    if yaml is not None:
+        return WeightFileError(f"The {what} of the DoSSR config {os.path.basename(os.fspath(yaml))!r} cannot be built "
+                               f"({type(error).__name__}: {error}). Pass the official-style yaml the checkpoint was "
+                               "trained with as --config (in ComfyUI: the loader's config), or none for SD 2.1's.")
     return WeightFileError(f"The stored {what} architecture cannot be built ({type(error).__name__}: {error}): the "
                            "file is damaged. Convert the official .ckpt again with `diffsr convert dossr`.")
 
@@ -271,17 +278,19 @@ def empty_controlnet(config):
     return net
 
 
-def build_controlnet(config, state):
-    """``empty_controlnet(config)`` with the weights of ``state``."""
+def build_controlnet(config, state, yaml=None):
+    """``empty_controlnet(config)`` with the weights of ``state`` (``yaml``: where ``config`` came from, for errors;
+    None: a converted file's metadata)."""
     try:
         net = empty_controlnet(config)
     except (TypeError, KeyError, IndexError, ValueError, ZeroDivisionError) as e:
-        raise _stored_architecture_error("ControlNet", e) from e
+        raise _architecture_error("ControlNet", e, yaml) from e
     return _load(net, state, "ControlNet")
 
 
-def build_cond_encoder(vae_config, state):
-    """Condition encoder: diffusers VAE ``Encoder`` + 1×1 ``quant_conv`` (2z → 2z), as a ModuleDict."""
+def build_cond_encoder(vae_config, state, yaml=None):
+    """Condition encoder: diffusers VAE ``Encoder`` + 1×1 ``quant_conv`` (2z → 2z), as a ModuleDict (``yaml`` as in
+    ``build_controlnet``)."""
     from diffusers.models.autoencoders.vae import Encoder
 
     try:
@@ -294,7 +303,7 @@ def build_cond_encoder(vae_config, state):
                                    layers_per_block=vae_config["layers_per_block"], double_z=True),
                 "quant_conv": nn.Conv2d(z2, z2, 1)})
     except (TypeError, KeyError, IndexError, ValueError, ZeroDivisionError) as e:
-        raise _stored_architecture_error("condition encoder", e) from e
+        raise _architecture_error("condition encoder", e, yaml) from e
     return _load(net, state, "condition encoder")
 
 

@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import shutil
 
 import pytest
@@ -451,6 +452,25 @@ def test_convert_with_a_yaml_of_another_vae_writes_nothing(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["changed.yaml"]
 
 
+@pytest.mark.parametrize("use", ["convert", "load"])
+def test_a_yaml_whose_networks_cannot_be_built_is_named_not_the_file(tmp_path, use):
+    """A yaml whose VAE cannot be built (16 channels in GroupNorm's 32 groups) is named as the config to change, not
+    as a damaged file, when converting and when loading an official ckpt; nothing is written."""
+    from comfyui_diffsr.dossr_core.model import load_dossr
+    from comfyui_diffsr.dossr_core.weights import convert_dossr
+
+    yaml = _tiny_yaml(tmp_path, lambda p: p["first_stage_config"]["params"]["ddconfig"].update(ch=16))
+    with pytest.raises(WeightFileError) as refused:
+        if use == "convert":
+            convert_dossr(CKPT, tmp_path / "x.safetensors", config=yaml)
+        else:
+            load_dossr(CKPT, config=yaml)
+    assert re.search(r"The condition encoder of the DoSSR config 'changed.yaml' cannot be built \(ValueError: .*\)\. "
+                     r"Pass the official-style yaml the checkpoint was trained with as --config", str(refused.value))
+    assert "damaged" not in str(refused.value)
+    assert sorted(os.listdir(tmp_path)) == ["changed.yaml"]
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda sd: dict(sd, **{"control_model.input_blocks.0.0.weight": sd["control_model.input_blocks.0.0.weight"][:, :4]}),
      r"The ControlNet input conv has shape \(32, 4, 3, 3\); DoSSR's takes 8 channels"),
@@ -505,7 +525,10 @@ def test_text_encoder_heads_follow_open_clip(monkeypatch):
     from comfyui_diffsr.dossr_core import weights
     from comfyui_diffsr.sr_common.known_files import OPEN_CLIP_PREFIX
 
-    class Shapes(dict):
+    class Shapes(dict):  # every key there: the shapes the sizing reads are given below, the rest any
+        def __contains__(self, key):
+            return True
+
         def __missing__(self, key):
             return torch.empty(3 * 1024, 1024, device="meta")
 
