@@ -73,6 +73,9 @@ def _check_part(ckpt, part, name):
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise WeightFileError(f"{name!r}: state_dict_{part} is not a dict of named tensors. {damaged}")
     require_float(state, f"OSEDiff {part}", name)
+    for key in ("conv_in.base_layer.weight", "conv_in.base_layer.bias") if part == "unet" else ():
+        if key not in state:  # OSEDiff trains the UNet's conv_in whole
+            raise WeightFileError(f"{name!r} is incomplete: {key} is missing. {damaged}")
     for key in state:
         if ".lora_B." in key and key.replace(".lora_B.", ".lora_A.") not in state:
             raise WeightFileError(f"{name!r} is incomplete: {key.replace('.lora_B.', '.lora_A.')} is missing (its "
@@ -212,7 +215,8 @@ def osediff_unet_changes(unet, ckpt):
     for part in ("weight", "bias"):
         new = state.get(f"conv_in.base_layer.{part}")
         if new is None:
-            raise WeightFileError("The OSEDiff checkpoint has no conv_in.base_layer weights.")
+            raise WeightFileError("The OSEDiff checkpoint has no conv_in.base_layer weights; download osediff.pkl "
+                                  "again.")
         old = getattr(unet.conv_in, part)
         if new.shape != old.shape:
             raise WeightFileError(f"OSEDiff conv_in.{part} has shape {tuple(new.shape)}, the base UNet "
