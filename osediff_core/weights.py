@@ -68,8 +68,8 @@ def _check_part(ckpt, part, name):
     state = ckpt[f"state_dict_{part}"]
     try:
         rank = int(ckpt[f"rank_{part}"])
-    except (TypeError, ValueError, OverflowError, RuntimeError) as e:
-        raise WeightFileError(f"{name!r} has no usable rank_{part} ({e}). {damaged}") from e
+    except (TypeError, ValueError, OverflowError, RuntimeError) as e:  # torch's words: their first line, cut short
+        raise WeightFileError(f"{name!r} has no usable rank_{part} ({str(e).splitlines()[0][:120]}). {damaged}") from e
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise WeightFileError(f"{name!r}: state_dict_{part} is not a dict of named tensors. {damaged}")
     require_float(state, f"OSEDiff {part}", name)
