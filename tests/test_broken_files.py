@@ -415,9 +415,10 @@ def _modules_of(kind, env):
     if kind == "osediff":
         return [f"{part}:{m}" for part in ("state_dict_unet", "state_dict_vae")
                 for m in sorted({k.rsplit(".", 1)[0] for k in env["osediff"][part]})]
-    state = {"sd21": lambda: env["single"], "dossr": lambda: env["dossr"],
-             "ram": lambda: torch.load(RAM, weights_only=True)["model"]}[kind]() if kind != "dape" else None
-    return sorted(torch.load(DAPE, weights_only=True)) if kind == "dape" else sorted({k.rsplit(".", 1)[0] for k in state})
+    if kind == "dape":  # one tensor each, half of a LoRA pair
+        return sorted(torch.load(DAPE, weights_only=True))
+    state = {"sd21": env["single"], "dossr": env["dossr"]}.get(kind) or torch.load(RAM, weights_only=True)["model"]
+    return sorted({k.rsplit(".", 1)[0] for k in state})
 
 
 # What the loaders do not read, so that a file without it loads: SD 2.1's last text block (the penultimate layer's
