@@ -137,6 +137,23 @@ def _file_id(path):
 
 OUTPUT_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 MAX_SIDE = {".jpg": 65500, ".webp": 16383}  # pixels per side the format can store
+NAME_MAX = 255  # the longest file name (in ``name_length``'s units) on Linux, macOS and Windows file systems
+
+
+def name_length(name):
+    """A file name's length as file systems limit it, and its unit: UTF-16 code units on Windows, bytes elsewhere."""
+    if os.name == "nt":
+        return len(name.encode("utf-16-le")) // 2, "UTF-16 code units"
+    return len(os.fsencode(name)), "bytes"
+
+
+def check_output_name(out):
+    """Refuse an output whose file name is too long to be written (an input name of the longest length with a
+    longer suffix, or with its own suffix kept), before any work is done on it."""
+    length, unit = name_length(os.path.basename(out))
+    if length > NAME_MAX:
+        raise ImageInputError(f"The output {os.path.basename(out)!r} would be named with more than {NAME_MAX} {unit}, "
+                              "the most a file name may have: give the input a shorter name.")
 
 
 def check_output_size(out, height, width):
@@ -200,10 +217,10 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
     (path, out) pair, in order (a transparent image's alpha upscaled bicubically; dropped, with a note, for jpg).
 
     An image that fails on its own (unreadable or unusable: ``DiffSRError``/``ValueError``; an output, of
-    ``output_size(height, width)``, that the format cannot store; out of memory even at the smallest tiles) is
-    reported and skipped, and the others go on; an output that cannot be written stops the run, and so do weights
-    that do not fit on the device (``WeightsOutOfMemory``, raised after the summary). Returns the exit status: 0,
-    or 2 when any failed (listed again at the end).
+    ``output_size(height, width)``, that the format cannot store, or whose name is too long; out of memory even at
+    the smallest tiles) is reported and skipped, and the others go on; an output that cannot be written stops the
+    run, and so do weights that do not fit on the device (``WeightsOutOfMemory``, raised after the summary). Returns
+    the exit status: 0, or 2 when any failed (listed again at the end).
 
     While an image is upscaled, the next one is read and the previous output written on two helper threads (PIL
     releases the interpreter lock while it decodes and encodes; a 2048² PNG takes about a second to write, as long
@@ -217,6 +234,7 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
             read = reading.pop()
             reading += [reader.submit(read_image, later) for later, _ in pairs[i + 1:i + 2]]
             try:
+                check_output_name(out)
                 image, metadata, alpha = read.result()
                 check_output_size(out, *output_size(*image.shape[-2:]))
                 with torch.inference_mode():

@@ -11,12 +11,9 @@ from ..sr_common.color_fix import COLOR_FIXES
 from ..sr_common.errors import DiffSRError
 from ..sr_common.offload import OffloadWhenShort
 from ..sr_common.sd21 import move_module, network_dtype
-from .common import (add_compile_arg, add_device_args, add_input_args, add_output_args, add_seed_arg, add_tile_args,
-                     check_tile_args, find_images, pick_device, plan_outputs, run_main, upscale_all,
+from .common import (NAME_MAX, add_compile_arg, add_device_args, add_input_args, add_output_args, add_seed_arg,
+                     add_tile_args, check_tile_args, find_images, pick_device, plan_outputs, run_main, upscale_all,
                      with_smaller_tiles_on_oom)
-
-
-NAME_MAX = 255  # bytes in a file name on Linux, macOS and Windows file systems
 
 
 def build_parser():

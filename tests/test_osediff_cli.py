@@ -338,6 +338,37 @@ def test_an_input_with_a_long_name_is_written(base, tmp_path):
     assert os.stat(tmp_path / "out" / name).st_mode & 0o777 == 0o640
 
 
+def test_an_output_name_too_long_to_write_fails_alone_before_its_upscale(base, tmp_path, capsys, monkeypatch):
+    """A 255-byte input name whose output name is longer (``.webp`` for ``.png``): that image fails alone, named,
+    before it is upscaled, and the folder run goes on (it stopped the run after the upscale, and so every
+    --skip-existing resume, at the same image)."""
+    import comfyui_diffsr.cli.osediff as command
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    long = "x" * 251 + ".png"
+    for name in ("a.png", long, "z.png"):
+        shutil.copy(os.path.join(FIX, "in_32x32.png"), folder / name)
+    upscaled, real = [], command.osediff_upscale
+    monkeypatch.setattr(command, "osediff_upscale", lambda *args, **kwargs: upscaled.append(1) or real(*args, **kwargs))
+    assert run([folder, "-o", tmp_path / "out", "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
+                "--process-size", "64", "--format", "webp"]) == 2
+    err = capsys.readouterr().err
+    assert f"{folder / long}: The output {'x' * 251 + '.webp'!r} would be named with more than 255 bytes" in err, err
+    assert "1 of 3 image(s) failed" in err and len(upscaled) == 2
+    assert sorted(os.listdir(tmp_path / "out")) == ["a.webp", "z.webp"]
+
+
+def test_a_file_names_length_is_counted_as_its_file_system_counts_it(monkeypatch):
+    """Bytes on Linux and macOS; UTF-16 code units on Windows, where 100 Japanese characters (300 bytes in UTF-8)
+    make a name that fits."""
+    from comfyui_diffsr.cli.common import name_length
+
+    assert name_length("長" * 100 + ".png") == (304, "bytes")
+    monkeypatch.setattr(os, "name", "nt")
+    assert name_length("長" * 100 + ".png") == (104, "UTF-16 code units") and name_length("😀") == (2, "UTF-16 code units")
+
+
 def test_an_input_folder_that_cannot_be_read_is_named(base, tmp_path, monkeypatch, capsys):
     """A folder the user may not list is refused on one line with the reason, before the (missing) weights are
     read; a sub-folder that cannot be searched is still only left out, with a warning."""
