@@ -219,14 +219,14 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
     An image that fails on its own (unreadable or unusable: ``DiffSRError``/``ValueError``; an output, of
     ``output_size(height, width)``, that the format cannot store, or whose name is too long; out of memory even at
     the smallest tiles) is reported and skipped, and the others go on; an output that cannot be written stops the
-    run, and so do weights that do not fit on the device (``WeightsOutOfMemory``, raised after the summary). Returns
-    the exit status: 0, or 2 when any failed (listed again at the end).
+    run, and so do weights that do not fit on the device (``WeightsOutOfMemory``): either is raised after the summary
+    and the number of images left. Returns the exit status: 0, or 2 when any failed (listed again at the end).
 
     While an image is upscaled, the next one is read and the previous output written on two helper threads (PIL
     releases the interpreter lock while it decodes and encodes; a 2048² PNG takes about a second to write, as long
     as a GPU upscale). At most one output waits to be written.
     """
-    failed, written, stopped = [], 0, None
+    failed, written, stopped, left = [], 0, None, 0
     with ThreadPoolExecutor(1, "diffsr-read") as reader, ThreadPoolExecutor(1, "diffsr-write") as writer:
         reading = [reader.submit(read_image, path) for path, _ in pairs[:1]]
         writing = None
@@ -248,8 +248,11 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
                 tqdm.write(f"error: {path}: {reason}", file=sys.stderr)
                 failed.append(path)
                 continue
-            if writing is not None:
-                writing.result()  # a file that cannot be written stops the run: the next ones could not be either
+            if writing is not None:  # a file that cannot be written stops the run: the next ones could not be either
+                error, writing = _failed_write(writing), None
+                if error is not None:
+                    stopped, left, written = error, len(pairs) - i + 1, written - 1  # left: its image, this one on
+                    break
             if alpha is not None and out.lower().endswith(".jpg"):
                 tqdm.write(f"note: {path}: jpg has no transparency, the alpha is dropped (--format png or webp "
                            "keeps it)", file=sys.stderr)
@@ -257,7 +260,11 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
             writing = writer.submit(save_image, result, out, metadata, quality, alpha)
             written += 1
         if writing is not None:
-            writing.result()
+            error = _failed_write(writing)
+            if error is not None:
+                if stopped is not None:  # the weights stopped the run as well
+                    tqdm.write(f"error: {error}", file=sys.stderr)
+                stopped, left, written = stopped or error, left + 1, written - 1
     if written:
         folder = os.path.commonpath([os.path.dirname(os.path.abspath(out)) for _, out in pairs])
         print(f"wrote {written} image(s) to {folder}", file=sys.stderr)
@@ -267,6 +274,15 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
         print(f"error: stopped with {left} image(s) left (--skip-existing resumes the run):", file=sys.stderr)
         raise stopped
     return 2 if failed else 0
+
+
+def _failed_write(writing):
+    """Wait for a pending ``save_image`` (a ``Future``): the ``DiffSRError`` it failed with, or None."""
+    try:
+        writing.result()
+    except DiffSRError as e:
+        return e
+    return None
 
 
 def check_sizing_args(args):

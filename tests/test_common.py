@@ -753,6 +753,34 @@ def test_folder_run_stops_when_an_output_cannot_be_written(tmp_path, monkeypatch
     assert os.listdir(tmp_path / "out") == ["in0.png"]
 
 
+@pytest.mark.parametrize("full_at", ["in2.png", "in3.png"])
+def test_a_run_stopped_by_an_output_that_cannot_be_written_still_sums_up(tmp_path, monkeypatch, capsys, full_at):
+    """An image failed earlier (unreadable) and then an output cannot be written (in the run, or the last): the
+    images written, the failures and the number left are listed before the run stops, as when the weights do not
+    fit; they were not, so the earlier failure was named only far up in the output."""
+    from comfyui_diffsr.cli import common
+
+    pairs = _folder(tmp_path, 4)
+    (tmp_path / "in1.png").write_bytes(b"not an image")
+    real_save = common.save_image
+
+    def full_from(image01, path, *profile):
+        if path >= str(tmp_path / "out" / full_at):
+            raise DiffSRError(f"Cannot write {path!r}: No space left on device.")
+        real_save(image01, path, *profile)
+
+    monkeypatch.setattr(common, "save_image", full_from)
+    with pytest.raises(DiffSRError, match=f"{full_at}.*No space"):
+        common.upscale_all(pairs, lambda image, out: image, "test")
+    err = capsys.readouterr().err.splitlines()
+    written = sorted(os.listdir(tmp_path / "out"))
+    assert written == {"in2.png": ["in0.png"], "in3.png": ["in0.png", "in2.png"]}[full_at]
+    left = {"in2.png": 2, "in3.png": 1}[full_at]  # in2's write fails once in3 is upscaled: both are left
+    assert err[-3:] == [f"wrote {len(written)} image(s) to {tmp_path / 'out'}",
+                        f"error: 1 of 4 image(s) failed: {pairs[1][0]}",
+                        f"error: stopped with {left} image(s) left (--skip-existing resumes the run):"], err
+
+
 def test_prompt_cache_keeps_the_most_recently_used_prompts():
     from comfyui_diffsr.sr_common.sd21 import PromptCache
 
