@@ -14,7 +14,7 @@ from ..sr_common.errors import DiffSRError, ImageInputError
 from ..sr_common.sd21 import PRECISIONS, ieee_float32
 from ..sr_common.tiling import (DEFAULT_TILES, TILE_FLOORS, OutOfMemory, WeightsOutOfMemory, overlap_within,
                                 with_oom_retry)
-from ..sr_common.weights import partial_path
+from ..sr_common.weights import partial_path, publish
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 HIGH_DEPTH_PEAK = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "F": 1.0}  # PIL mode → white
@@ -110,7 +110,7 @@ def plan_outputs(images, outdir, overwrite=False, skip_existing=False, suffix=".
         if os.path.exists(out) and _file_id(out) in inputs:
             raise DiffSRError(f"The output {out!r} (for {path!r}) is one of the input images; choose another "
                               "--output folder (inputs are never overwritten, not even with --overwrite).")
-    existing = [out for _, out in pairs if os.path.exists(out)]
+    existing = [out for _, out in pairs if os.path.lexists(out)]  # a link to nothing is not written over either
     if skip_existing:
         if existing:
             print(f"skipping {len(existing)} of {len(pairs)} image(s): their output exists (--skip-existing)",
@@ -212,9 +212,11 @@ def add_output_args(parser):
                        help="leave out inputs whose output exists (resume an interrupted folder run)")
 
 
-def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height, width: (height, width)):
-    """``save_image(upscale_one(image, out), out, metadata, quality, alpha)`` with ``read_image(path)`` for each
-    (path, out) pair, in order (a transparent image's alpha upscaled bicubically; dropped, with a note, for jpg).
+def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height, width: (height, width),
+                overwrite=False):
+    """``save_image(upscale_one(image, out), out, metadata, quality, alpha, overwrite)`` with ``read_image(path)``
+    for each (path, out) pair, in order (a transparent image's alpha upscaled bicubically; dropped, with a note, for
+    jpg).
 
     An image that fails on its own (unreadable or unusable: ``DiffSRError``/``ValueError``; an output, of
     ``output_size(height, width)``, that the format cannot store, or whose name is too long; out of memory even at
@@ -257,7 +259,7 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
                 tqdm.write(f"note: {path}: jpg has no transparency, the alpha is dropped (--format png or webp "
                            "keeps it)", file=sys.stderr)
                 alpha = None
-            writing = writer.submit(save_image, result, out, metadata, quality, alpha)
+            writing = writer.submit(save_image, result, out, metadata, quality, alpha, overwrite)
             written += 1
         if writing is not None:
             error = _failed_write(writing)
@@ -371,12 +373,13 @@ class PhotoMetadata:
         return options
 
 
-def save_image(image01, path, metadata=PhotoMetadata(), quality=95, alpha=None):
+def save_image(image01, path, metadata=PhotoMetadata(), quality=95, alpha=None, overwrite=False):
     """(1, 3, H, W) in [0, 1] → an 8-bit PNG, JPEG or WebP by the name's suffix (``quality`` for the last two), with
     the input's ``metadata`` (``PhotoMetadata``: its colour profile, so its colours mean what the input's did, and its
     EXIF) and ``alpha`` (1, 1, h, w) upscaled (``with_upscaled_alpha``) when given, written atomically (temporary
-    file, then rename): a failed write leaves an earlier file at ``path`` as it was. The temporary file is hidden and
-    has a short name of its own (``path`` may use all the bytes a name may have)."""
+    file, then ``publish``): a failed write leaves an earlier file at ``path`` as it was, and a file there is replaced
+    only with ``overwrite``, even one made since the outputs were planned. The temporary file is hidden and has a
+    short name of its own (``path`` may use all the bytes a name may have)."""
     from PIL import Image
 
     from ..sr_common.image import tensor_to_uint8, with_upscaled_alpha
@@ -391,7 +394,11 @@ def save_image(image01, path, metadata=PhotoMetadata(), quality=95, alpha=None):
         lossy = {"JPEG": {"quality": quality, "subsampling": 0}, "WEBP": {"quality": quality}}  # JPEG: full colour
         image.save(tmp, format=kind, **metadata.save_options(*image.size, kind),  # resolution, not 4:2:0
                    **lossy.get(kind, {}))
-        os.replace(tmp, path)
+        try:
+            publish(tmp, path, replace=overwrite)
+        except FileExistsError as e:
+            raise DiffSRError(f"Cannot write {path!r}: a file of that name exists, made since the run started (or "
+                              "another output of the run, through a link); only --overwrite replaces it.") from e
     except OSError as e:
         raise DiffSRError(f"Cannot write {path!r}: {e}. Check that its folder is writable and has "
                           "space, or choose another --output folder.") from e

@@ -123,7 +123,7 @@ def main_impl(argv=None):
         return result
 
     return upscale_all(pairs, upscale_one, "dossr", args.quality,
-                       lambda height, width: output_size(4 * height, 4 * width, args.upscale))
+                       lambda height, width: output_size(4 * height, 4 * width, args.upscale), args.overwrite)
 
 
 def main_convert(src, dst, config=None, fp16=False):

@@ -6,6 +6,7 @@ message that says how to convert it, never loaded with ``weights_only=False``.
 
 import contextlib
 import ctypes
+import errno
 import json
 import mmap
 import os
@@ -429,6 +430,27 @@ def partial_path(path):
     """A temporary name beside ``path`` to write it under and then rename: hidden and short, as ``path`` may use all
     the bytes a file name may have (``path + ".partial"`` would then be too long)."""
     return os.path.join(os.path.dirname(os.path.abspath(path)), f".diffsr-{secrets.token_hex(8)}.partial")
+
+
+def publish(tmp, path, replace=False):
+    """Give the finished file ``tmp`` (``partial_path(path)``) the name ``path`` in one step. A file of that name is
+    replaced only when ``replace``; otherwise ``FileExistsError``, also for one made since the name was checked (or
+    the same file reached through a link): ``tmp`` is hard-linked to ``path``, which fails where the name is taken.
+    Where the file system has no hard links (FAT, some network shares), the name is checked just before the
+    rename."""
+    if replace:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here: any other failure comes again from the rename
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path) from None
+        os.replace(tmp, path)
+        return
+    os.remove(tmp)
 
 
 def write_safetensors(tensors, path, metadata=None):

@@ -673,8 +673,40 @@ def test_save_image_failing_keeps_the_old_file_and_leaves_no_partial(tmp_path, m
         save_image(torch.rand(1, 3, 4, 4), str(out))
     assert os.listdir(tmp_path) == ["x.png"] and out.read_bytes() == b"earlier output"
     monkeypatch.undo()
-    save_image(torch.ones(1, 3, 4, 5), str(out))
+    save_image(torch.ones(1, 3, 4, 5), str(out), overwrite=True)
     assert Image.open(out).size == (5, 4) and os.listdir(tmp_path) == ["x.png"]
+
+
+def test_save_image_replaces_a_file_only_with_overwrite(tmp_path, monkeypatch):
+    """A file at the output name, made after the outputs were planned, or a link to nothing there, is not written
+    over without --overwrite (it was, by the rename): refused, with nothing left behind; also where the file system
+    has no hard links."""
+    from comfyui_diffsr.cli.common import save_image
+
+    out = tmp_path / "x.png"
+    out.write_bytes(b"made by another run")
+    os.symlink(tmp_path / "gone.png", tmp_path / "link.png")
+    for kept in (out, tmp_path / "link.png"):
+        with pytest.raises(DiffSRError, match="a file of that name exists.*only --overwrite replaces it"):
+            save_image(torch.rand(1, 3, 4, 4), str(kept))
+    assert out.read_bytes() == b"made by another run"
+    assert os.readlink(tmp_path / "link.png") == str(tmp_path / "gone.png")
+    assert sorted(os.listdir(tmp_path)) == ["link.png", "x.png"]
+
+    def no_hard_links(src, dst, **kwargs):
+        raise PermissionError(1, "Operation not permitted")  # as vfat says
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    with pytest.raises(DiffSRError, match="a file of that name exists"):
+        save_image(torch.rand(1, 3, 4, 4), str(out))
+    save_image(torch.ones(1, 3, 4, 5), str(tmp_path / "new.png"))
+    monkeypatch.undo()
+    save_image(torch.ones(1, 3, 4, 5), str(out), overwrite=True)
+    save_image(torch.ones(1, 3, 4, 5), str(tmp_path / "new2.png"))
+    assert Image.open(out).size == Image.open(tmp_path / "new.png").size == Image.open(tmp_path / "new2.png").size
+    assert sorted(os.listdir(tmp_path)) == ["link.png", "new.png", "new2.png", "x.png"]
+    with pytest.raises(DiffSRError, match="File exists.*Check that its folder is writable"):  # a file, not a folder
+        save_image(torch.ones(1, 3, 4, 5), str(out / "y.png"))
 
 
 def test_exif_that_cannot_be_kept_costs_the_tags_not_the_image(tmp_path, capsys, monkeypatch):

@@ -372,16 +372,17 @@ def test_every_dossr_option_reaches_the_run(tmp_path, monkeypatch):
         return torch.zeros(1, 3, height, width)
 
     monkeypatch.setattr(P, "dossr_upscale", run)
-    monkeypatch.setattr(common, "save_image", lambda image, path, metadata, quality, alpha: seen.update(quality=quality))
+    monkeypatch.setattr(common, "save_image", lambda image, path, metadata, quality, alpha, overwrite: seen.update(
+        quality=quality, overwrite=overwrite))
     assert main([os.path.join(FIX, "lr_w32h16.png"), "-o", str(tmp_path / "out"), "--weights", CKPT, "--config",
                  os.path.join(FIX, "tiny_cldm.yaml"), "--device", "cpu", "--steps", "2", "--seed", "9", "--gamma",
                  "0.7", "--upscale", "2", "--color-fix", "adain", "--tile-latent", "48", "--tile-overlap", "24",
                  "--vae-tile-encode", "512", "--vae-tile-decode", "64", "--vae-tile-mode", "exact", "--format", "jpg",
-                 "--quality", "20"]) == 0
+                 "--quality", "20", "--overwrite"]) == 0
     assert seen["options"] == P.Options(steps=2, seed=9, gamma=0.7, upscale=2.0, color_fix="adain", tile_latent=48,
                                         tile_overlap=24, vae_tile_encode=512, vae_tile_decode=64,
                                         vae_tile_mode="exact")
-    assert seen["quality"] == 20
+    assert seen["quality"] == 20 and seen["overwrite"] is True
 
 
 def test_cli_refuses_a_noise_file_for_several_images_and_a_gamma_out_of_range(tmp_path, capsys):

@@ -204,6 +204,31 @@ def test_never_overwrites_without_flag(base, tmp_path, capsys):
     assert Image.open(out / "in_32x32.png").size == (128, 128)
 
 
+def test_an_output_is_not_written_over_by_another_through_a_link(base, tmp_path, capsys):
+    """OUTDIR/2019 a link to OUTDIR/2020: the outputs of photos/2019/a.png and photos/2020/a.png are one file. The
+    second is refused when it would replace the first (it replaced it, and the run said it wrote 2 images); a link
+    to nothing at an output name is an existing name too, refused before the run."""
+    folder, out = tmp_path / "photos", tmp_path / "out"
+    for year in ("2019", "2020"):
+        (folder / year).mkdir(parents=True)
+        Image.open(os.path.join(FIX, "in_32x32.png")).rotate(int(year) - 2019).save(folder / year / "a.png")
+    (out / "2020").mkdir(parents=True)
+    os.symlink("2020", out / "2019")
+    args = [folder, "-r", "-o", out, "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
+            "--process-size", "64"]
+    assert run(args) == 2
+    err = capsys.readouterr().err
+    assert f"Cannot write {str(out / '2020' / 'a.png')!r}: a file of that name exists" in err, err
+    assert "wrote 1 image(s)" in err and "stopped with 1 image(s) left" in err
+    assert run([folder / "2019" / "a.png", "-o", tmp_path / "first", *args[4:]]) == 0
+    assert (out / "2020" / "a.png").read_bytes() == (tmp_path / "first" / "a.png").read_bytes()
+    os.symlink(tmp_path / "elsewhere.png", tmp_path / "first" / "b.png")
+    shutil.copy(folder / "2020" / "a.png", tmp_path / "b.png")
+    assert run([tmp_path / "b.png", "-o", tmp_path / "first", *args[4:]]) == 2
+    assert "1 output file(s) exist already" in capsys.readouterr().err
+    assert os.readlink(tmp_path / "first" / "b.png") == str(tmp_path / "elsewhere.png")
+
+
 def test_inputs_are_never_outputs(base, tmp_path, capsys):
     """An output folder that is the input folder would replace the photos by their upscales, or put the upscales
     of its JPEGs among the inputs of the next run (a resume with --skip-existing would find two inputs for one
@@ -856,16 +881,18 @@ def test_every_osediff_option_reaches_the_run(base, tmp_path, monkeypatch):
         return torch.zeros(1, 3, height, width)
 
     monkeypatch.setattr(command, "osediff_upscale", upscale)
-    monkeypatch.setattr(common, "save_image", lambda image, path, metadata, quality, alpha: seen.update(quality=quality))
+    monkeypatch.setattr(common, "save_image", lambda image, path, metadata, quality, alpha, overwrite: seen.update(
+        quality=quality, overwrite=overwrite))
     assert run([os.path.join(FIX, "in_32x32.png"), "-o", tmp_path / "out", "--base", base, "--weights",
                 os.path.join(FIX, "osediff_tiny.pkl"), "--device", "cpu", "--prompt", "a dog", "--upscale", "2",
                 "--process-size", "64", "--official-sizing", "--color-fix", "wavelet", "--sample-mode", "sample",
                 "--seed", "9", "--tile-latent", "48", "--tile-overlap", "24", "--vae-tile-encode", "512",
-                "--vae-tile-decode", "64", "--vae-tile-mode", "exact", "--format", "webp", "--quality", "20"]) == 0
+                "--vae-tile-decode", "64", "--vae-tile-mode", "exact", "--format", "webp", "--quality", "20",
+                "--overwrite"]) == 0
     assert seen["options"] == Options(upscale=2.0, process_size=64, official_sizing=True, color_fix="wavelet",
                                       sample_mode="sample", seed=9, tile_latent=48, tile_overlap=24,
                                       vae_tile_encode=512, vae_tile_decode=64, vae_tile_mode="exact")
-    assert seen["quality"] == 20
+    assert seen["quality"] == 20 and seen["overwrite"] is True
     model = load_sd21(base)
     from comfyui_diffsr.sr_common.sd21 import encode_prompt
 
