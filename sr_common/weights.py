@@ -433,11 +433,18 @@ def partial_path(path):
 
 
 def publish(tmp, path, replace=False):
-    """Give the finished file ``tmp`` (``partial_path(path)``) the name ``path`` in one step. A file of that name is
-    replaced only when ``replace``; otherwise ``FileExistsError``, also for one made since the name was checked (or
-    the same file reached through a link): ``tmp`` is hard-linked to ``path``, which fails where the name is taken.
-    Where the file system has no hard links (FAT, some network shares), the name is checked just before the
-    rename."""
+    """Give the finished file ``tmp`` (``partial_path(path)``) the name ``path`` in one step, once its bytes are on
+    the disk (``os.fsync``): after a power cut or a system crash the name holds the earlier file or the whole new
+    one, never an empty or cut file (which a resumed run would take as done). A file of that name is replaced only
+    when ``replace``; otherwise ``FileExistsError``, also for one made since the name was checked (or the same file
+    reached through a link): ``tmp`` is hard-linked to ``path``, which fails where the name is taken. Where the file
+    system has no hard links (FAT, some network shares), the name is checked just before the rename."""
+    # Windows flushes only a writable handle; elsewhere the user's umask may have made the file read-only
+    fd = os.open(tmp, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     if replace:
         os.replace(tmp, path)
         return

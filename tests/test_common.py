@@ -709,6 +709,32 @@ def test_save_image_replaces_a_file_only_with_overwrite(tmp_path, monkeypatch):
         save_image(torch.ones(1, 3, 4, 5), str(out / "y.png"))
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_output_is_on_the_disk_before_it_has_its_name(tmp_path, monkeypatch, overwrite):
+    """The written file is flushed to the disk (fsync) before it is given the output name: otherwise a power cut
+    can leave an empty file under the name (ext4 and XFS commit a new name before delayed data), which
+    --skip-existing then takes as done."""
+    from comfyui_diffsr.cli.common import save_image
+
+    synced, named, real_fsync, real_link, real_replace = set(), [], os.fsync, os.link, os.replace
+
+    def fsync(fd):
+        synced.add(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    def naming(real):
+        def name(src, dst, *args, **kwargs):
+            named.append(os.stat(src).st_ino in synced)
+            return real(src, dst, *args, **kwargs)
+        return name
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", naming(real_link))
+    monkeypatch.setattr(os, "replace", naming(real_replace))
+    save_image(torch.rand(1, 3, 4, 4), str(tmp_path / "x.png"), overwrite=overwrite)
+    assert named == [True] and Image.open(tmp_path / "x.png").size == (4, 4)
+
+
 def test_exif_that_cannot_be_kept_costs_the_tags_not_the_image(tmp_path, capsys, monkeypatch):
     """An EXIF too long for a JPEG segment, or one PIL cannot write again, is left out with a note; the image is
     written all the same (and a PNG keeps the long EXIF)."""
