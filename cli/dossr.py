@@ -115,11 +115,8 @@ def main_impl(argv=None):
         result = with_smaller_tiles_on_oom(lambda o: dossr_upscale(model, image, prompt=args.prompt,
                                                                    prompt_embeds=embeds, options=o, noise=noise,
                                                                    trace=trace), options)
-        if args.save_noise:
-            if os.path.exists(noise_path):
-                os.remove(noise_path)
-            os.makedirs(os.path.dirname(os.path.abspath(noise_path)), exist_ok=True)
-            save_noise(trace["noise"], noise_path)
+        if args.save_noise:  # an earlier noise file is replaced only once the new one is written
+            save_noise(trace["noise"], noise_path, replace=args.overwrite or args.skip_existing)
         return result
 
     return upscale_all(pairs, upscale_one, "dossr", args.quality,

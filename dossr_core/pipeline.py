@@ -256,11 +256,12 @@ def output_size(height, width, upscale):
     return math.ceil(upscale * height / 4), math.ceil(upscale * width / 4)
 
 
-def save_noise(noise, path):
-    """Write the draws of a run (``trace['noise']``) as a safetensors noise file for ``--noise-file``."""
+def save_noise(noise, path, replace=False):
+    """Write the draws of a run (``trace['noise']``) as a safetensors noise file for ``--noise-file`` (a file there
+    replaced only when ``replace``, once the new one is written)."""
     from ..sr_common.weights import write_safetensors
 
-    write_safetensors({k: v.float().cpu() for k, v in noise.items()}, path)
+    write_safetensors({k: v.float().cpu() for k, v in noise.items()}, path, replace=replace)
 
 
 def load_noise(path):

@@ -460,15 +460,15 @@ def publish(tmp, path, replace=False):
     os.remove(tmp)
 
 
-def write_safetensors(tensors, path, metadata=None):
+def write_safetensors(tensors, path, metadata=None, replace=False):
     """Write ``tensors`` (contiguous copies) to ``path`` (a ``.safetensors`` name; its folder made if missing)
-    atomically: never replacing an existing file, nothing left behind on failure, and readable by whoever may read
-    the user's new files (safetensors 0.8 writes owner-only files: a ComfyUI server run as another user could not
-    load them)."""
+    atomically (``publish``): replacing an existing file only when ``replace`` (and then only once the new one is
+    written), nothing left behind on failure, and readable by whoever may read the user's new files (safetensors 0.8
+    writes owner-only files: a ComfyUI server run as another user could not load them)."""
     path = os.fspath(path)
     if not path.lower().endswith(".safetensors"):
         raise WeightFileError(f"The output {path!r} must end in .safetensors (the loaders read files by their kind).")
-    if os.path.exists(path):
+    if os.path.exists(path) and not replace:
         raise WeightFileError(f"{path!r} exists; choose another output name or delete it first.")
     tmp = partial_path(path)
     try:
@@ -477,7 +477,7 @@ def write_safetensors(tensors, path, metadata=None):
             mode = os.stat(tmp).st_mode & 0o777  # what the user's umask gives a new file
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        publish(tmp, path, replace)
     except (OSError, SafetensorError) as e:
         raise WeightFileError(f"Cannot write {path!r} ({type(e).__name__}: {e}); check that its folder is "
                               "writable and has space.") from e

@@ -168,6 +168,37 @@ def test_cli_runs_and_refuses_overwrite(tmp_path):
     assert all(torch.equal(drawn[k], load_file(noise)[k]) for k in drawn)
 
 
+def test_cli_a_noise_file_that_cannot_be_written_again_is_left_as_it_was(tmp_path, monkeypatch, capsys):
+    """--overwrite --save-noise on a full disk: the earlier noise file stays, whole, beside its earlier image (it
+    was deleted before the new one was written)."""
+    from safetensors.torch import load_file, save_file
+
+    import comfyui_diffsr.sr_common.weights as weights
+    from comfyui_diffsr.cli.dossr import main
+
+    embeds = tmp_path / "embeds.safetensors"
+    save_file({"prompt_embeds": load_file(os.path.join(FIX, "n1_w32h16_wavelet.safetensors"))["context"]}, embeds)
+    args = [os.path.join(FIX, "lr_w32h16.png"), "-o", str(tmp_path / "out"), "--weights", CKPT, "--config",
+            os.path.join(FIX, "tiny_cldm.yaml"), "--prompt-embeds", str(embeds), "--steps", "1", "--device", "cpu",
+            "--save-noise"]
+    assert main(args) == 0
+    noise = tmp_path / "out" / "lr_w32h16.noise.safetensors"
+    earlier = noise.read_bytes()
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(weights, "save_file", disk_full)
+    assert main(args + ["--overwrite", "--seed", "7"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert noise.read_bytes() == earlier and sorted(os.listdir(tmp_path / "out")) == [
+        "lr_w32h16.noise.safetensors", "lr_w32h16.png"]
+    monkeypatch.undo()
+    assert main(args + ["--overwrite", "--seed", "7"]) == 0 and noise.read_bytes() != earlier
+
+
 def test_cli_checks_the_format_limit_at_dossrs_output_size(tmp_path, capsys):
     """DoSSR's output is ceil(upscale/4 · 4·size) (the official resize): a WebP past 16383 px at that size is
     refused for its image alone, before any work, and the folder run goes on."""
