@@ -414,7 +414,8 @@ def read_image(path):
     transparency, else None).
 
     RGB as the official code converts it, turned upright by the file's EXIF orientation as a viewer (and ComfyUI's
-    Load Image) shows it; 16-bit and float grayscale keep their values (PIL's RGB conversion would clip them at 255).
+    Load Image) shows it; 16-bit and float grayscale keep their values (PIL's RGB conversion would clip them at 255),
+    and their transparent value (a PNG's tRNS) gives their alpha.
     """
     import numpy as np
 
@@ -422,8 +423,10 @@ def read_image(path):
 
     im, metadata = _decoded_upright(path)
     if im.mode in HIGH_DEPTH_PEAK:
-        plane = np.asarray(im, dtype=np.float32) / HIGH_DEPTH_PEAK[im.mode]
-        return torch.from_numpy(plane).clamp(0, 1)[None, None].repeat(1, 3, 1, 1), metadata, None
+        values = np.asarray(im, dtype=np.float32)
+        plane = torch.from_numpy(values / HIGH_DEPTH_PEAK[im.mode]).clamp(0, 1)[None, None].repeat(1, 3, 1, 1)
+        opaque = values != im.info.get("transparency", np.nan)  # a PNG's tRNS: one value is transparent
+        return plane, metadata, None if opaque.all() else torch.from_numpy(opaque.astype(np.float32))[None, None]
     alpha = None
     if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
         plane = np.asarray(im.convert("RGBA").getchannel("A"))

@@ -200,6 +200,20 @@ def test_16bit_grayscale_keeps_its_values(tmp_path):
     torch.testing.assert_close(loaded[0, 1], torch.from_numpy(values / 65535.0).float())
 
 
+def test_16bit_grayscale_with_a_transparent_value_keeps_its_alpha(tmp_path):
+    """A 16-bit grayscale PNG whose tRNS chunk makes one value transparent: that value's pixels have alpha 0, the
+    others 1, as for an 8-bit one (the alpha was dropped); without that value in the image there is no alpha."""
+    from comfyui_diffsr.cli.common import read_image
+
+    values = _gradient16(13, 7)
+    Image.fromarray(values).save(tmp_path / "g16.png", transparency=int(values[2, 3]))
+    image, _, alpha = read_image(str(tmp_path / "g16.png"))
+    torch.testing.assert_close(image[0, 1], torch.from_numpy(values / 65535.0).float())
+    assert torch.equal(alpha[0, 0], torch.from_numpy(values != values[2, 3]).float())
+    Image.fromarray(values).save(tmp_path / "g16_none.png", transparency=65535)
+    assert read_image(str(tmp_path / "g16_none.png"))[2] is None
+
+
 def test_16bit_rgb_png_is_read(tmp_path):
     values = np.stack([_gradient16(13, 7), _gradient16(13, 7)[::-1], np.full((13, 7), 40000, np.uint16)], -1)
     _png(tmp_path / "rgb16.png", 7, 13, 16, 2, [row.astype(">u2").tobytes() for row in values])
