@@ -37,9 +37,9 @@ def find_images(inputs, recursive=False, output=None):
     folder's file, or through a link) counts once. An input folder that is the output folder is refused: the outputs
     would be inputs of the next run (``--skip-existing`` could not resume)."""
     found, seen = [], set()
-    skip = os.path.realpath(output) if output else None
+    skip = _file_id(output) if output and os.path.isdir(output) else None
     for item in inputs:
-        if os.path.isdir(item) and os.path.realpath(item) == skip:
+        if os.path.isdir(item) and _is_folder(item, skip):
             raise DiffSRError(f"--output {output!r} is the input folder {item!r}: its outputs would be read as inputs "
                               "by the next run. Write them to another folder, e.g. "
                               f"{os.path.join(item, 'upscaled')!r} (an output folder inside an input folder is "
@@ -48,7 +48,7 @@ def find_images(inputs, recursive=False, output=None):
             paths = []
             for folder, subfolders, names in os.walk(item, onerror=lambda error: _unreadable_folder(error, item)):
                 subfolders[:] = sorted(d for d in subfolders if recursive and not d.startswith(".")
-                                       and os.path.realpath(os.path.join(folder, d)) != skip)
+                                       and not _is_folder(os.path.join(folder, d), skip))
                 paths += [os.path.join(folder, n) for n in sorted(names) if n.lower().endswith(IMAGE_SUFFIXES)
                           and not n.startswith(".") and os.path.isfile(os.path.join(folder, n))]
             named = [(path, os.path.relpath(path, item)) for path in paths]
@@ -65,6 +65,16 @@ def find_images(inputs, recursive=False, output=None):
         raise DiffSRError(f"No images found in {list(inputs)} (looked for {', '.join(IMAGE_SUFFIXES)})"
                           + ("; their sub-folders are searched with --recursive." if nested else "."))
     return found
+
+
+def _is_folder(path, folder_id):
+    """Whether ``path`` is the folder whose ``_file_id`` is ``folder_id`` (None: no folder), under any of its paths:
+    through links, in another case where names ignore it (macOS keeps the case given in a real path), through a
+    bind mount."""
+    try:
+        return folder_id is not None and _file_id(path) == folder_id
+    except OSError:  # not to be looked up: the search cannot list it either (and says so)
+        return False
 
 
 def _has_sub_folder(folder):

@@ -936,3 +936,25 @@ def test_an_image_given_twice_is_one_input(tmp_path):
     images = find_images([photo, photo, str(folder), str(tmp_path / "link.png")])
     assert images == [(photo, "photo")]
     assert plan_outputs(images, str(tmp_path / "out")) == [(photo, str(tmp_path / "out" / "photo.png"))]
+
+
+def test_an_output_folder_named_by_another_path_is_still_left_out(tmp_path):
+    """The output folder inside the input folder, named by another path to the same folder (on macOS: spelled in
+    another case, which its real path keeps; here: a bind mount), is left out of the search, and as the input folder
+    it is refused (by path alone, its earlier outputs were searched as inputs)."""
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("needs a mount namespace (unshare -rm) for a bind mount")
+    folder, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    (folder / "upscaled").mkdir(parents=True)
+    elsewhere.mkdir()
+    for name in ("a.png", "upscaled/a.png"):
+        shutil.copy(os.path.join(FIX, "in_32x32.png"), folder / name)
+    search = ("import sys; from comfyui_diffsr.cli.common import find_images; from comfyui_diffsr.sr_common.errors "
+              "import DiffSRError\ntry: print(find_images([sys.argv[1]], True, sys.argv[2]))\n"
+              "except DiffSRError as e: print(e)")
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", 'mount --bind "$1" "$2" && "$3" -c "$4" "$5" "$2" && "$3" '
+                           '-c "$4" "$1" "$2"', "sh", folder / "upscaled", elsewhere, sys.executable, search, folder],
+                          capture_output=True, text=True, check=True)
+    searched, refused = done.stdout.splitlines()
+    assert searched == str([(str(folder / "a.png"), "a")])
+    assert refused.startswith(f"--output {str(elsewhere)!r} is the input folder {str(folder / 'upscaled')!r}:")
