@@ -336,6 +336,7 @@ def with_smaller_tiles_on_oom(run, options):
 
 
 EXIF_IFD, MAKER_NOTE, PIXEL_WIDTH, PIXEL_HEIGHT = 0x8769, 0x927C, 0xA002, 0xA003
+IMAGE_WIDTH, IMAGE_LENGTH = 0x0100, 0x0101  # a pixel size in the first IFD (some phones write it in a JPEG's too)
 JPEG_EXIF_LIMIT = 65533 - 8  # bytes in a JPEG APP1 segment, less its length field and "Exif\0\0"
 ORIENTATION, GPS_IFD = 0x0112, 0x8825
 # the first IFD's tags that EXIF has (Exif 2.32, 4.6.4), less those that lay out the stored pixels: description, make,
@@ -367,9 +368,10 @@ class PhotoMetadata:
             exif.load(self.exif)
             sub = exif.get_ifd(EXIF_IFD)
             sub.pop(MAKER_NOTE, None)
-            for tag, value in ((PIXEL_WIDTH, width), (PIXEL_HEIGHT, height)):
-                if tag in sub:
-                    sub[tag] = value
+            for ifd, tag, value in ((sub, PIXEL_WIDTH, width), (sub, PIXEL_HEIGHT, height), (exif, IMAGE_WIDTH, width),
+                                    (exif, IMAGE_LENGTH, height)):
+                if tag in ifd:
+                    ifd[tag] = value
             data = exif.tobytes()  # IFD0 and its sub-IFDs: no thumbnail (IFD1)
         except Exception as e:  # noqa: BLE001 (whatever PIL raises, the image matters more than its tags)
             print(f"note: the EXIF cannot be written again ({type(e).__name__}: {e}) and is left out",

@@ -655,7 +655,8 @@ def test_command_sampling_options_reach_the_pipeline(base, tmp_path):
 def test_photo_orientation_and_colour_profile_are_kept(base, tmp_path):
     """A photo stored sideways with an EXIF orientation is upscaled upright, as viewers and ComfyUI's Load Image show
     it, and the output carries the input's ICC profile (its colours keep their meaning) and its EXIF tags (camera,
-    date taken), less the orientation, the maker note and the old pixel size, which is set to the output's."""
+    date taken), less the orientation, the maker note and the old pixel size, which is set to the output's (in the
+    Exif block and, where a phone wrote it there too, in the first IFD)."""
     from PIL import ExifTags, ImageCms
 
     from comfyui_diffsr.cli.common import load_image
@@ -665,13 +666,14 @@ def test_photo_orientation_and_colour_profile_are_kept(base, tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # stored rotated: shown after a 90° clockwise turn
     exif[0x010F], exif[0x0110] = "Camera maker", "Model 1"
+    exif[0x0100], exif[0x0101] = 20, 32  # the pixel size in the first IFD too, as some phones write it
     exif[ExifTags.IFD.Exif] = {0x9003: "2019:07:01 10:00:00", 0xA002: 20, 0xA003: 32, 0x927C: b"vendor" * 50}
 
     def kept_exif(image):
         exif = image.getexif()
         sub = exif.get_ifd(ExifTags.IFD.Exif)
         assert 0x0112 not in exif and 0x927C not in sub
-        assert (sub[0xA002], sub[0xA003]) == image.size
+        assert (sub[0xA002], sub[0xA003]) == (exif[0x0100], exif[0x0101]) == image.size
         return exif[0x010F], exif[0x0110], sub[0x9003]
     folder = tmp_path / "in"
     folder.mkdir()
