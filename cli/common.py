@@ -356,8 +356,9 @@ class PhotoMetadata:
     icc_profile: bytes | None = None
     exif: bytes | None = None  # as read, less the orientation (``_exif_of``)
 
-    def save_options(self, width, height, kind):
-        """Keyword arguments for PIL's ``Image.save`` of a ``width`` × ``height`` output in format ``kind``."""
+    def save_options(self, width, height, kind, name):
+        """Keyword arguments for PIL's ``Image.save`` of a ``width`` × ``height`` output in format ``kind``; ``name``
+        (the output's) heads a note on EXIF left out."""
         from PIL import Image
 
         options = {"icc_profile": self.icc_profile}
@@ -374,12 +375,12 @@ class PhotoMetadata:
                     ifd[tag] = value
             data = exif.tobytes()  # IFD0 and its sub-IFDs: no thumbnail (IFD1)
         except Exception as e:  # noqa: BLE001 (whatever PIL raises, the image matters more than its tags)
-            print(f"note: the EXIF cannot be written again ({type(e).__name__}: {e}) and is left out",
+            print(f"note: {name}: the EXIF cannot be written again ({type(e).__name__}: {e}) and is left out",
                   file=sys.stderr)
             return options
         if kind == "JPEG" and len(data) > JPEG_EXIF_LIMIT:
-            print(f"note: the EXIF ({len(data)} bytes) does not fit a JPEG and is left out (--format png or webp "
-                  "keeps it)", file=sys.stderr)
+            print(f"note: {name}: the EXIF ({len(data)} bytes) does not fit a JPEG and is left out (--format png or "
+                  "webp keeps it)", file=sys.stderr)
         else:
             options["exif"] = data
         return options
@@ -404,7 +405,7 @@ def save_image(image01, path, metadata=PhotoMetadata(), quality=95, alpha=None, 
         image = Image.fromarray(tensor_to_uint8(image01))
         kind = OUTPUT_FORMATS[os.path.splitext(path)[1].lower().lstrip(".")]
         lossy = {"JPEG": {"quality": quality, "subsampling": 0}, "WEBP": {"quality": quality}}  # JPEG: full colour
-        image.save(tmp, format=kind, **metadata.save_options(*image.size, kind),  # resolution, not 4:2:0
+        image.save(tmp, format=kind, **metadata.save_options(*image.size, kind, path),  # resolution, not 4:2:0
                    **lossy.get(kind, {}))
         try:
             publish(tmp, path, replace=overwrite)

@@ -744,7 +744,8 @@ def test_exif_that_cannot_be_kept_costs_the_tags_not_the_image(tmp_path, capsys,
     exif[0x010E] = "x" * 70000  # ImageDescription
     long = PhotoMetadata(exif=exif.tobytes())
     save_image(torch.rand(1, 3, 4, 4), str(tmp_path / "a.jpg"), long)
-    assert "does not fit a JPEG" in capsys.readouterr().err and not Image.open(tmp_path / "a.jpg").getexif()
+    assert f"note: {tmp_path / 'a.jpg'}: the EXIF (70" in capsys.readouterr().err  # named: which photo of a folder
+    assert not Image.open(tmp_path / "a.jpg").getexif()
     save_image(torch.rand(1, 3, 4, 4), str(tmp_path / "a.png"), long)
     assert Image.open(tmp_path / "a.png").getexif()[0x010E] == "x" * 70000
     def unwritable(self):
@@ -752,7 +753,8 @@ def test_exif_that_cannot_be_kept_costs_the_tags_not_the_image(tmp_path, capsys,
 
     monkeypatch.setattr(Image.Exif, "tobytes", unwritable)
     save_image(torch.rand(1, 3, 4, 4), str(tmp_path / "b.png"), long)
-    assert "EXIF cannot be written again (ValueError: a tag type" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"note: {tmp_path / 'b.png'}: the EXIF cannot be written again (ValueError: a tag type" in err
     monkeypatch.undo()
     assert Image.open(tmp_path / "b.png").size == (4, 4) and not Image.open(tmp_path / "b.png").getexif()
 
