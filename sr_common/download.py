@@ -7,6 +7,7 @@ complete and verified, so an interrupted download never leaves a file that looks
 
 import hashlib
 import os
+import re
 import sys
 import urllib.error
 import urllib.parse
@@ -218,6 +219,12 @@ def hf_offline():
 def _receive(response, partial, have, url, progress):
     """Append the response's body to ``partial`` (which holds ``have`` bytes, kept if the server resumed)."""
     resumed = response.status == 206
+    if resumed and _range_start(response.headers) != have:
+        if have:
+            os.remove(partial)
+        raise DownloadError(f"Download of {url} did not resume: the server sent "
+                            f"{response.headers.get('Content-Range') or 'no Content-Range'}, not from byte {have}; "
+                            "the partial file was deleted: run again to download the whole file.")
     if not resumed:
         have = 0
     length = response.headers.get("Content-Length")
@@ -238,6 +245,12 @@ def _receive(response, partial, have, url, progress):
     if total is not None and os.path.getsize(partial) != total:
         raise DownloadError(f"Download of {url} ended early ({os.path.getsize(partial)} of {total} bytes); "
                             "run again to resume.")
+
+
+def _range_start(headers):
+    """The first byte of the file that a 206 response holds (``Content-Range: bytes START-END/TOTAL``), or None."""
+    match = re.match(r"\s*bytes\s+(\d+)-", headers.get("Content-Range") or "")
+    return int(match.group(1)) if match else None
 
 
 def file_digests(path):

@@ -20,6 +20,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     cut_after = None  # bytes to send before dropping the connection (simulated interruption)
     page_type = "text/html"  # the Content-Type of /page
     honour_range = True  # False: a server that ignores Range and sends the whole file with 200
+    range_from_zero = False  # True: a server that answers a Range with 206 but sends the file from its first byte
     requests = []
 
     def log_message(self, *args):
@@ -40,7 +41,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         data, start = PAYLOAD, 0
         rng = self.headers.get("Range") if Handler.honour_range else None
         if rng:
-            start = int(rng.split("=")[1].split("-")[0])
+            start = 0 if Handler.range_from_zero else int(rng.split("=")[1].split("-")[0])
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         else:
@@ -66,7 +67,7 @@ def server():
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     Handler.cut_after, Handler.requests, Handler.page_type = None, [], "text/html"
-    Handler.honour_range = True
+    Handler.honour_range, Handler.range_from_zero = True, False
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
 
@@ -270,3 +271,16 @@ def test_hf_hub_offline_is_read_as_huggingface_hub_reads_it(monkeypatch, tmp_pat
     with pytest.raises(DownloadError, match="HF_HUB_OFFLINE is set"):
         download("https://huggingface.co/a/b/resolve/main/v.safetensors", str(tmp_path / "v.safetensors"))
     assert os.listdir(tmp_path) == []
+
+
+def test_a_resume_answered_from_another_byte_is_not_appended(server, tmp_path):
+    """A 206 whose Content-Range does not start where the partial file ends (here: from byte 0) would make a file
+    with a repeated head; DAPE.pth, with no hash to catch it, was installed so. It is refused and the partial file
+    deleted, so that running again fetches the whole file."""
+    dest = tmp_path / "DAPE.pth"
+    (tmp_path / "DAPE.pth.partial").write_bytes(PAYLOAD[:1000])
+    Handler.range_from_zero = True
+    with pytest.raises(DownloadError, match="sent bytes 0-.* not from byte 1000.*partial file was deleted.*run again"):
+        download(f"{server}/plain", str(dest))
+    assert os.listdir(tmp_path) == []
+    assert download(f"{server}/plain", str(dest)) == str(dest) and dest.read_bytes() == PAYLOAD
