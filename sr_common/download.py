@@ -6,6 +6,7 @@ complete and verified, so an interrupted download never leaves a file that looks
 """
 
 import hashlib
+import http.client
 import os
 import re
 import sys
@@ -176,6 +177,8 @@ def download(url, dest, *, sha256="", git_blob="", progress=None):
                 f"Download of {url} failed: HTTP {e.code}. Nothing was written to {dest!r}.{moved}") from e
     except (urllib.error.URLError, OSError) as e:
         raise DownloadError(f"Download of {url} failed: {e}. Run the command again to resume.") from e
+    except http.client.HTTPException as e:  # an answer that is not HTTP (a captive portal, a broken proxy)
+        raise DownloadError(f"Download of {url} failed: {e!r}. Run the command again to resume.") from e
     weights = dest.lower().endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)
     expected = sha256
     if response is not None:
@@ -234,7 +237,7 @@ def _receive(response, partial, have, url, progress):
         while True:
             try:
                 chunk = response.read(CHUNK)
-            except OSError as e:
+            except (OSError, http.client.HTTPException) as e:  # the last: a chunked body cut short
                 raise DownloadError(f"Download of {url} was interrupted ({e}); run again to resume.") from e
             if not chunk:
                 break

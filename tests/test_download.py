@@ -31,6 +31,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.path == "/missing":
             self.send_error(404)
             return
+        if self.path == "/chunked":  # a chunked body whose connection drops inside its first chunk
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"%x\r\n" % len(PAYLOAD) + PAYLOAD[:1000])
+            self.wfile.flush()
+            self.connection.shutdown(2)
+            return
+        if self.path == "/garbage":  # not HTTP (a captive portal, a proxy that speaks something else)
+            self.wfile.write(b"garbage\r\n\r\n")
+            return
         if self.path == "/page":
             self.send_response(200)
             self.send_header("Content-Type", Handler.page_type)
@@ -284,3 +295,14 @@ def test_a_resume_answered_from_another_byte_is_not_appended(server, tmp_path):
         download(f"{server}/plain", str(dest))
     assert os.listdir(tmp_path) == []
     assert download(f"{server}/plain", str(dest)) == str(dest) and dest.read_bytes() == PAYLOAD
+
+
+def test_a_broken_http_answer_is_a_download_error(server, tmp_path):
+    """http.client's own errors are not OSErrors: a chunked body cut short (IncompleteRead) or an answer that is not
+    HTTP (BadStatusLine) was a traceback that named neither the file nor the fix."""
+    dest = tmp_path / "osediff.pkl"
+    with pytest.raises(DownloadError, match="chunked was interrupted.*run again to resume"):
+        download(f"{server}/chunked", str(dest))
+    assert os.listdir(tmp_path) == ["osediff.pkl.partial"]
+    with pytest.raises(DownloadError, match="garbage failed.*Run the command again"):
+        download(f"{server}/garbage", str(dest))
