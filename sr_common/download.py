@@ -5,6 +5,7 @@ Nothing here runs unless a user asks for a download (the ``download`` command, o
 complete and verified, so an interrupted download never leaves a file that looks complete.
 """
 
+import contextlib
 import hashlib
 import http.client
 import os
@@ -17,6 +18,11 @@ from dataclasses import dataclass
 
 from .errors import DiffSRError
 from .weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, sniff
+
+if os.name == "nt":
+    import msvcrt
+else:
+    import fcntl
 
 CHUNK = 1 << 20
 TIMEOUT_S = 60  # a server silent this long (connecting or between two reads) fails the download; run again to resume
@@ -162,6 +168,46 @@ def download(url, dest, *, sha256="", git_blob="", progress=None):
     if hf_offline() and urllib.parse.urlsplit(url).hostname in ("huggingface.co", "hf.co"):
         raise DownloadError(f"HF_HUB_OFFLINE is set, so {os.path.basename(dest)} is not fetched from Hugging Face: "
                             f"unset it to download, or put the file at {dest!r} by hand.")
+    with _sole_download(dest):
+        if downloaded(dest):  # finished by another download just before this one took the lock
+            return dest
+        return _transfer_and_install(url, dest, sha256, git_blob, progress)
+
+
+@contextlib.contextmanager
+def _sole_download(dest):
+    """Hold a lock on ``<file>.lock`` while ``dest`` is downloaded: a second download of the same file at once
+    (another ComfyUI sharing the models folder, or ``diffsr download`` beside one) is refused instead of writing into
+    the same partial file. The lock file is removed when done; a filesystem without locks downloads unguarded."""
+    lock_path = dest + ".lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT)
+    except OSError as e:
+        raise DownloadError(f"Cannot write {lock_path!r} ({e}): choose another models folder.") from e
+    try:
+        if os.name == "nt":
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # held by another process (Windows: EACCES)
+        os.close(fd)
+        raise DownloadError(f"{os.path.basename(dest)} is already being downloaded to {dest!r} (by another ComfyUI or "
+                            "`diffsr download`): wait for it to finish, then run again.") from None
+    except OSError:  # locks not supported here (some network shares)
+        pass
+    try:
+        yield
+    finally:  # POSIX: removed while still held, so that a download starting now locks a new file, not this one;
+        if os.name == "nt":  # Windows removes no open file: closed first (then kept if another download opened it)
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.remove(lock_path)
+        if os.name != "nt":
+            os.close(fd)
+
+
+def _transfer_and_install(url, dest, sha256, git_blob, progress):
+    """``download``'s transfer into ``<file>.partial``, its checks and its move into place (under the file's lock)."""
     partial = dest + ".partial"
     have = os.path.getsize(partial) if os.path.exists(partial) else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})

@@ -22,6 +22,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     honour_range = True  # False: a server that ignores Range and sends the whole file with 200
     range_from_zero = False  # True: a server that answers a Range with 206 but sends the file from its first byte
     requests = []
+    release = threading.Event()  # lets /slow send the rest of its body
 
     def log_message(self, *args):
         pass
@@ -41,6 +42,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         if self.path == "/garbage":  # not HTTP (a captive portal, a proxy that speaks something else)
             self.wfile.write(b"garbage\r\n\r\n")
+            return
+        if self.path == "/slow" and not self.headers.get("Range"):  # the first part, then the rest once released
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(PAYLOAD)))
+            self.end_headers()
+            self.wfile.write(PAYLOAD[:100_000])
+            self.wfile.flush()
+            Handler.release.wait(10)
+            self.wfile.write(PAYLOAD[100_000:])
             return
         if self.path == "/page":
             self.send_response(200)
@@ -78,7 +88,7 @@ def server():
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     Handler.cut_after, Handler.requests, Handler.page_type = None, [], "text/html"
-    Handler.honour_range, Handler.range_from_zero = True, False
+    Handler.honour_range, Handler.range_from_zero, Handler.release = True, False, threading.Event()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
 
@@ -306,3 +316,46 @@ def test_a_broken_http_answer_is_a_download_error(server, tmp_path):
     assert os.listdir(tmp_path) == ["osediff.pkl.partial"]
     with pytest.raises(DownloadError, match="garbage failed.*Run the command again"):
         download(f"{server}/garbage", str(dest))
+
+
+def test_a_second_download_of_the_same_file_at_once_is_refused(server, tmp_path, monkeypatch):
+    """Two downloads of one file at once (two ComfyUIs sharing a models folder, or `diffsr download` beside one) wrote
+    into the same partial file, one resuming from what the other had written so far, then the first kept appending to
+    the file the second had already moved into place. The second is refused, saying why, and touches nothing."""
+    from comfyui_diffsr.sr_common import download as D
+
+    monkeypatch.setattr(D, "CHUNK", 10_000)  # reads of a 1 MiB chunk would wait for the rest
+    dest = tmp_path / "DAPE.pth"
+    first = {}
+    thread = threading.Thread(target=lambda: first.update(path=download(f"{server}/slow", str(dest))))
+    thread.start()
+    partial = tmp_path / "DAPE.pth.partial"
+    for _ in range(500):
+        if partial.exists() and partial.stat().st_size == 100_000:
+            break
+        threading.Event().wait(0.01)
+    try:
+        with pytest.raises(DownloadError, match="DAPE.pth is already being downloaded.*wait for it to finish"):
+            download(f"{server}/slow", str(dest))
+        assert partial.stat().st_size == 100_000 and not dest.exists()
+    finally:
+        Handler.release.set()
+        thread.join(10)
+    assert first["path"] == str(dest) and dest.read_bytes() == PAYLOAD
+    assert sorted(os.listdir(tmp_path)) == ["DAPE.pth", "DAPE.pth.sha256"]  # no lock file left behind
+
+
+@pytest.mark.skipif(os.name == "nt", reason="flock: POSIX")
+def test_a_filesystem_without_locks_still_downloads(server, tmp_path, monkeypatch):
+    """Some network shares refuse file locks (ENOLCK): the download goes on unguarded, as before there were locks."""
+    import errno
+
+    from comfyui_diffsr.sr_common import download as D
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(D.fcntl, "flock", no_locks)
+    dest = tmp_path / "osediff.pkl"
+    assert download(f"{server}/plain", str(dest)) == str(dest) and dest.read_bytes() == PAYLOAD
+    assert sorted(os.listdir(tmp_path)) == ["osediff.pkl", "osediff.pkl.sha256"]
