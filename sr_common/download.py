@@ -48,6 +48,7 @@ class Source:
     def fetch_afresh(self, dest, progress=None):
         """``download`` to ``dest``, where a file that is there failed its check: it is set aside as ``<file>.bad``,
         not deleted."""
+        _refuse_if_offline(self.url, dest)  # before a file there is moved aside for a download that cannot happen
         if os.path.isfile(dest) and os.path.getsize(dest) > 0:
             try:
                 aside = set_aside(dest)
@@ -165,9 +166,7 @@ def download(url, dest, *, sha256="", git_blob="", progress=None):
         os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     except OSError as e:
         raise DownloadError(f"Cannot make the folder of {dest!r} ({e}); choose another models folder.") from e
-    if hf_offline() and urllib.parse.urlsplit(url).hostname in ("huggingface.co", "hf.co"):
-        raise DownloadError(f"HF_HUB_OFFLINE is set, so {os.path.basename(dest)} is not fetched from Hugging Face: "
-                            f"unset it to download, or put the file at {dest!r} by hand.")
+    _refuse_if_offline(url, dest)
     with _sole_download(dest):
         if downloaded(dest):  # finished by another download just before this one took the lock
             return dest
@@ -257,6 +256,13 @@ def _transfer_and_install(url, dest, sha256, git_blob, progress):
                             "or run again.") from e
     _write_record(dest, digest)
     return dest
+
+
+def _refuse_if_offline(url, dest):
+    """A DownloadError, where ``url`` is on Hugging Face and the user asked it to stay offline."""
+    if hf_offline() and urllib.parse.urlsplit(url).hostname in ("huggingface.co", "hf.co"):
+        raise DownloadError(f"HF_HUB_OFFLINE is set, so {os.path.basename(dest)} is not fetched from Hugging Face: "
+                            f"unset it to download, or put the file at {dest!r} by hand.")
 
 
 def hf_offline():

@@ -359,3 +359,18 @@ def test_a_filesystem_without_locks_still_downloads(server, tmp_path, monkeypatc
     dest = tmp_path / "osediff.pkl"
     assert download(f"{server}/plain", str(dest)) == str(dest) and dest.read_bytes() == PAYLOAD
     assert sorted(os.listdir(tmp_path)) == ["osediff.pkl", "osediff.pkl.sha256"]
+
+
+def test_hf_hub_offline_leaves_a_file_there_in_place(monkeypatch, tmp_path, capsys):
+    """With HF_HUB_OFFLINE set, a file at the destination that fails its hash (a user's own copy under the official
+    name) was moved aside as <file>.bad before the download was refused: the loader lost its file for no replacement.
+    The refusal now comes first and the file stays where it was."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = Source("test", "https://huggingface.co/a/b/resolve/main/v.safetensors", "v.safetensors", "checkpoints",
+                    sha256=SHA)
+    dest = tmp_path / "v.safetensors"
+    dest.write_bytes(b"the user's own file")
+    with pytest.raises(DownloadError, match="HF_HUB_OFFLINE is set"):
+        source.fetch(str(dest))
+    assert os.listdir(tmp_path) == ["v.safetensors"] and dest.read_bytes() == b"the user's own file"
+    assert "moved to" not in capsys.readouterr().err
