@@ -260,15 +260,20 @@ def _transfer_and_install(url, dest, sha256, git_blob, progress):
 
 def _refuse_if_offline(url, dest):
     """A DownloadError, where ``url`` is on Hugging Face and the user asked it to stay offline."""
-    if hf_offline() and urllib.parse.urlsplit(url).hostname in ("huggingface.co", "hf.co"):
-        raise DownloadError(f"HF_HUB_OFFLINE is set, so {os.path.basename(dest)} is not fetched from Hugging Face: "
+    variable = hf_offline()
+    if variable and urllib.parse.urlsplit(url).hostname in ("huggingface.co", "hf.co"):
+        raise DownloadError(f"{variable} is set, so {os.path.basename(dest)} is not fetched from Hugging Face: "
                             f"unset it to download, or put the file at {dest!r} by hand.")
 
 
 def hf_offline():
-    """Whether the user asked the Hugging Face libraries to stay offline (``HF_HUB_OFFLINE``, as huggingface_hub reads
-    it)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    """The variable by which the user asked the Hugging Face libraries to stay offline, or "": ``HF_HUB_OFFLINE``, or
+    where that is not set ``TRANSFORMERS_OFFLINE``, as huggingface_hub reads them."""
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        value = os.environ.get(variable, "").strip()
+        if value:
+            return variable if value.upper() in ("1", "ON", "YES", "TRUE") else ""
+    return ""
 
 
 def _receive(response, partial, have, url, progress):

@@ -374,3 +374,18 @@ def test_hf_hub_offline_leaves_a_file_there_in_place(monkeypatch, tmp_path, caps
         source.fetch(str(dest))
     assert os.listdir(tmp_path) == ["v.safetensors"] and dest.read_bytes() == b"the user's own file"
     assert "moved to" not in capsys.readouterr().err
+
+
+def test_transformers_offline_keeps_hugging_face_downloads_off_as_for_huggingface_hub(monkeypatch, tmp_path):
+    """huggingface_hub reads TRANSFORMERS_OFFLINE where HF_HUB_OFFLINE is not set (the tests' own script sets both):
+    a user offline by that variable got a download from Hugging Face. An HF_HUB_OFFLINE that says online wins, as
+    there."""
+    from comfyui_diffsr.sr_common.download import hf_offline
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    with pytest.raises(DownloadError, match="TRANSFORMERS_OFFLINE is set, so v.safetensors is not fetched"):
+        download("https://huggingface.co/a/b/resolve/main/v.safetensors", str(tmp_path / "v.safetensors"))
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert not hf_offline()
