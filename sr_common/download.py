@@ -16,8 +16,8 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
-from .errors import DiffSRError
-from .weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, sniff
+from .errors import DiffSRError, WeightFileError
+from .weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_weight_file, sniff
 
 if os.name == "nt":
     import msvcrt
@@ -53,9 +53,9 @@ class Source:
             try:
                 aside = set_aside(dest)
             except OSError as e:
-                raise DownloadError(f"{dest!r} does not have the official file's hash and cannot be moved aside "
-                                    f"({e}): move or delete it, then run again.") from e
-            print(f"{dest} does not have the official file's hash (damaged, or another file): moved to {aside}; "
+                raise DownloadError(f"{dest!r} is not the official file and cannot be moved aside ({e}): move or "
+                                    "delete it, then run again.") from e
+            print(f"{dest} is not the official file (damaged, or another file): moved to {aside}; "
                   "downloading it again", file=sys.stderr)
         return download(self.url, dest, sha256=self.sha256, git_blob=self.git_blob, progress=progress)
 
@@ -104,8 +104,9 @@ def _declared_sha256(headers):
 
 def downloaded(path, source=None):
     """Whether a finished download is at ``path``: a file that is not empty and, for a ``source`` that pins a hash
-    (or whose earlier download recorded one in ``<file>.sha256``), has that hash. The hash is computed again only
-    when the file changed after the record was written; a file that matches gets the record."""
+    (or whose earlier download recorded one in ``<file>.sha256``), has that hash, else is a weight file its loader
+    can read (not a saved page, nor a download cut short). The hash is computed again only when the file changed
+    after the record was written; a file that matches gets the record."""
     if not (os.path.isfile(path) and os.path.getsize(path) > 0):
         return False
     if source is None:
@@ -113,14 +114,23 @@ def downloaded(path, source=None):
     record = path + ".sha256"
     recorded = _recorded_sha256(record)
     want_sha = source.sha256.lower() or recorded
-    if not (want_sha or source.git_blob):
-        return True  # nothing to check it against (a file put there by hand, of an unpinned source)
+    if not (want_sha or source.git_blob):  # a file put there by hand, of an unpinned source
+        return _readable_weight_file(path)
     if recorded and recorded == want_sha and os.path.getmtime(record) >= os.path.getmtime(path):
         return True
     digest, blob = file_digests(path)
     if (want_sha and digest != want_sha) or (source.git_blob and blob != source.git_blob.lower()):
         return False
     _write_record(path, digest)
+    return True
+
+
+def _readable_weight_file(path):
+    """Whether the loaders can read ``path`` as a weight file (``check_weight_file``)."""
+    try:
+        check_weight_file(path)
+    except WeightFileError:
+        return False
     return True
 
 
