@@ -49,29 +49,20 @@ def write_files(folder):
     return ram, dape
 
 
-def hwm_mb():
-    """Peak RSS of this process image (VmHWM; unlike ru_maxrss it does not inherit the parent's peak)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return rss_peak_mb()
-
-
 def child(ram, dape, repeats, threads):
     if threads:
         torch.set_num_threads(threads)
     from comfyui_diffsr.osediff_core.dape import load_dape_tagger
 
-    base = hwm_mb()
+    base = rss_peak_mb()
     start = time.perf_counter()
     tagger = load_dape_tagger(ram, dape)
     load_s = time.perf_counter() - start
-    load_peak = hwm_mb()
+    load_peak = rss_peak_mb()
     image = torch.rand(1, 3, 512, 512)
     times = timed(lambda: tagger.tags(image), repeats)
     print(json.dumps({"load_s": load_s, "rss_before_load_mb": base, "rss_peak_after_load_mb": load_peak,
-                      "rss_peak_after_inference_mb": hwm_mb(), "latency": summary(times),
+                      "rss_peak_after_inference_mb": rss_peak_mb(), "latency": summary(times),
                       "params_m": sum(p.numel() for p in tagger.parameters()) / 1e6,
                       "env": environment(torch.device("cpu"), torch.float32)}))
 

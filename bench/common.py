@@ -6,16 +6,16 @@ import json
 import math
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 
 import torch
 
-from interleave import percentiles
+from interleave import peak_rss_mb, percentiles
 
 summary = percentiles  # one home: the interleaved results have the same fields
+rss_peak_mb = peak_rss_mb  # peak RSS of this process (MiB), as the interleaved workers report it
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the CLI does (cli/common.py run_main)
 
@@ -41,11 +41,6 @@ def import_pack_as_comfyui():
     spec.loader.exec_module(module)
     asyncio.run(module.comfy_entrypoint())
     return module
-
-
-def rss_peak_mb():
-    """Peak resident set size of this process so far (MiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def random_sd21(seed=0):

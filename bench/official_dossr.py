@@ -11,7 +11,6 @@ import argparse
 import importlib.util
 import json
 import os
-import resource
 import shutil
 import statistics
 import sys
@@ -20,6 +19,8 @@ import threading
 import time
 
 import torch
+
+from interleave import peak_rss_mb  # bench/, beside this script
 
 
 def main():
@@ -101,7 +102,7 @@ def main():
         return
     runs = times[a.warmup:] or times
     print(json.dumps({"case": "128->512", "steps": a.steps, "median_s": statistics.median(runs), "runs": len(runs),
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_rss_mb": peak_rss_mb()}))
 
 
 if __name__ == "__main__":

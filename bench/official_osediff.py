@@ -8,11 +8,12 @@ Same protocol as bench_osediff.py: an LQ of --size px upscaled ×4 with PIL bicu
 import argparse
 import json
 import os
-import resource
 import statistics
 import time
 
 import torch
+
+from interleave import peak_rss_mb  # bench/, beside this script
 
 
 def main():
@@ -74,7 +75,7 @@ def main():
             if i >= a.warmup:
                 times.append(time.perf_counter() - t)
     print(json.dumps({"case": f"{a.size}->{a.size * 4}", "median_s": statistics.median(times), "runs": len(times),
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_rss_mb": peak_rss_mb()}))
 
 
 if __name__ == "__main__":
