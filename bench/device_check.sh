@@ -12,7 +12,10 @@
 # each measurement packs them into $OUT/device_check.tgz (the device tool brings back at most 8 files), beside
 # log.txt, so a call stopped at its time limit keeps every measurement it finished. A failing step does not stop
 # the next; a failing case's traceback is in log.txt. DEVICE=cpu QUICK=1 runs the same steps on the CPU at the
-# smallest sizes, in float32 (a dry run).
+# smallest sizes, in float32 (a dry run); its PYTHON needs what the GPU machine's image has besides torch and
+# transformers: torchvision, accelerate, pytest, tensorboard (pytorch_lightning 1.4 imports it) and cv2 (the
+# official DoSSR imports it). At QUICK sizes OSEDiff still runs at 512 px (smaller inputs are enlarged to its
+# process size): its cases take the dry run longest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_check}
