@@ -81,9 +81,10 @@ def _onednn_linear_op():
 def linear(x, weight, bias=None):
     """x · Wᵀ + b: oneDNN's matmul for float32 on a CPU other than Intel's, without autograd (faster than the default
     BLAS there, see the module docstring), else ``F.linear``. Same function; the sums may be rounded in another
-    order."""
+    order. Under ``torch.compile`` always ``F.linear``: Inductor picks the CPU's kernel itself, and lowers the oneDNN
+    op only for frozen weights (else "weight must be a graph constant")."""
     if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.is_grad_enabled()):
+            and not torch.is_grad_enabled() and not is_compiling()):
         op = _onednn_linear_op()
         if op is not None:
             return op(x, weight.contiguous(), bias, "none", [], "")
@@ -311,7 +312,8 @@ class LeanResnetBlock2D(nn.Module):
 class GemmConv2d(nn.Conv2d):
     """Drop-in for a 3×3, padding-1, stride-1 or -2 ``nn.Conv2d`` (same parameters, same state-dict keys). On CPU:
     ``conv_as_matmul`` of the padded input when the output has N·H·W ≤ C_in / 2 positions; else, in float32 without
-    autograd, at stride 1 and where ``winograd_pays``, ``winograd_conv3x3``; else the convolution."""
+    autograd, at stride 1 and where ``winograd_pays``, ``winograd_conv3x3`` (not under ``torch.compile``: its in-place
+    steps would break the graph at every such convolution); else the convolution."""
 
     @classmethod
     def of(cls, conv):
@@ -326,7 +328,7 @@ class GemmConv2d(nn.Conv2d):
                 x, x.shape[0] * ((x.shape[2] - 1) // stride + 1) * ((x.shape[3] - 1) // stride + 1)):
             return conv_as_matmul(F.pad(x, (1, 1, 1, 1)), self.weight, 3, stride, self.bias)
         if (stride == 1 and x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
-                and self.weight.dtype == torch.float32 and not torch.is_grad_enabled()
+                and self.weight.dtype == torch.float32 and not torch.is_grad_enabled() and not is_compiling()
                 and winograd_pays(x, self.out_channels)):
             return winograd_conv3x3(x, winograd_kernels(self.weight), self.bias)
         return super().forward(x)
