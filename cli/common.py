@@ -231,8 +231,9 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
     An image that fails on its own (unreadable or unusable: ``DiffSRError``/``ValueError``; an output, of
     ``output_size(height, width)``, that the format cannot store, or whose name is too long; out of memory even at
     the smallest tiles) is reported and skipped, and the others go on; an output that cannot be written stops the
-    run, and so do weights that do not fit on the device (``WeightsOutOfMemory``): either is raised after the summary
-    and the number of images left. Returns the exit status: 0, or 2 when any failed (listed again at the end).
+    run, and so do weights that do not fit on the device (``WeightsOutOfMemory``) and Ctrl-C: each is raised after
+    the summary and the number of images left (an output being written is finished first). Returns the exit status:
+    0, or 2 when any failed (listed again at the end).
 
     While an image is upscaled, the next one is read and the previous output written on two helper threads (PIL
     releases the interpreter lock while it decodes and encodes; a 2048² PNG takes about a second to write, as long
@@ -242,39 +243,42 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
     with ThreadPoolExecutor(1, "diffsr-read") as reader, ThreadPoolExecutor(1, "diffsr-write") as writer:
         reading = [reader.submit(read_image, path) for path, _ in pairs[:1]]
         writing = None
-        for i, (path, out) in enumerate(tqdm(pairs, desc=desc, unit="image", file=sys.stderr)):
-            read = reading.pop()
-            reading += [reader.submit(read_image, later) for later, _ in pairs[i + 1:i + 2]]
-            try:
-                check_output_name(out)
-                image, metadata, alpha = read.result()
-                check_output_size(out, *output_size(*image.shape[-2:]))
-                with torch.inference_mode():
-                    result = upscale_one(image, out)
-            except WeightsOutOfMemory as e:  # the weights do not fit: no image can run
-                stopped, left = e, len(pairs) - i
-                break
-            except (DiffSRError, ValueError, OutOfMemory) as e:
-                reason = (f"out of memory even at the smallest tiles ({e})" if isinstance(e, OutOfMemory)
-                          else e)
-                tqdm.write(f"error: {path}: {reason}", file=sys.stderr)
-                failed.append(path)
-                continue
-            if writing is not None:  # a file that cannot be written stops the run: the next ones could not be either
-                error, writing = _failed_write(writing), None
-                if error is not None:
-                    stopped, left, written = error, len(pairs) - i + 1, written - 1  # left: its image, this one on
+        try:
+            for i, (path, out) in enumerate(tqdm(pairs, desc=desc, unit="image", file=sys.stderr)):
+                read = reading.pop()
+                reading += [reader.submit(read_image, later) for later, _ in pairs[i + 1:i + 2]]
+                try:
+                    check_output_name(out)
+                    image, metadata, alpha = read.result()
+                    check_output_size(out, *output_size(*image.shape[-2:]))
+                    with torch.inference_mode():
+                        result = upscale_one(image, out)
+                except WeightsOutOfMemory as e:  # the weights do not fit: no image can run
+                    stopped, left = e, len(pairs) - i
                     break
-            if alpha is not None and out.lower().endswith(".jpg"):
-                tqdm.write(f"note: {path}: jpg has no transparency, the alpha is dropped (--format png or webp "
-                           "keeps it)", file=sys.stderr)
-                alpha = None
-            writing = writer.submit(save_image, result, out, metadata, quality, alpha, overwrite)
-            written += 1
+                except (DiffSRError, ValueError, OutOfMemory) as e:
+                    reason = (f"out of memory even at the smallest tiles ({e})" if isinstance(e, OutOfMemory)
+                              else e)
+                    tqdm.write(f"error: {path}: {reason}", file=sys.stderr)
+                    failed.append(path)
+                    continue
+                if writing is not None:  # an output that cannot be written stops the run: the next could not be
+                    error, writing = _failed_write(writing), None
+                    if error is not None:  # left: its image, this one and the rest
+                        stopped, left, written = error, len(pairs) - i + 1, written - 1
+                        break
+                if alpha is not None and out.lower().endswith(".jpg"):
+                    tqdm.write(f"note: {path}: jpg has no transparency, the alpha is dropped (--format png or webp "
+                               "keeps it)", file=sys.stderr)
+                    alpha = None
+                writing = writer.submit(save_image, result, out, metadata, quality, alpha, overwrite)
+                written += 1
+        except KeyboardInterrupt as e:  # Ctrl-C: the output being written is finished, then the summary
+            stopped, left = e, len(pairs) - written - len(failed)
         if writing is not None:
             error = _failed_write(writing)
             if error is not None:
-                if stopped is not None:  # the weights stopped the run as well
+                if stopped is not None:  # the weights or Ctrl-C stopped the run as well
                     tqdm.write(f"error: {error}", file=sys.stderr)
                 stopped, left, written = stopped or error, left + 1, written - 1
     if written:

@@ -841,6 +841,27 @@ def test_a_run_stopped_by_an_output_that_cannot_be_written_still_sums_up(tmp_pat
                         f"error: stopped with {left} image(s) left (--skip-existing resumes the run):"], err
 
 
+def test_a_run_stopped_by_ctrl_c_finishes_the_output_being_written_and_sums_up(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the third upscale: the second output, being written, is finished; the images written, the
+    failures and the number left are listed, and the interrupt goes on to the command (exit status 130)."""
+    from comfyui_diffsr.cli import common
+
+    pairs = _folder(tmp_path, 5)
+    (tmp_path / "in1.png").write_bytes(b"not an image")
+
+    def upscale_one(image, out):
+        if out.endswith("in3.png"):
+            raise KeyboardInterrupt
+        return image
+
+    with pytest.raises(KeyboardInterrupt):
+        common.upscale_all(pairs, upscale_one, "test")
+    assert sorted(os.listdir(tmp_path / "out")) == ["in0.png", "in2.png"]
+    assert capsys.readouterr().err.splitlines()[-3:] == [
+        f"wrote 2 image(s) to {tmp_path / 'out'}", f"error: 1 of 5 image(s) failed: {pairs[1][0]}",
+        "error: stopped with 2 image(s) left (--skip-existing resumes the run):"]
+
+
 def test_prompt_cache_keeps_the_most_recently_used_prompts():
     from comfyui_diffsr.sr_common.sd21 import PromptCache
 
