@@ -19,32 +19,40 @@ import torch
 
 import interleave
 from comfyui_diffsr.sr_common.sd21 import ieee_float32
-from common import (child_result, compiled_first_run, environment, official_env, random_sd21, rss_peak_mb, summary,
-                    timed, write_json)
+from common import (cached_random_weights, child_result, compiled_first_run, environment, official_env, random_sd21,
+                    rss_peak_mb, summary, timed, write_json)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def random_dossr(seed=0):
+    """DoSSR on ``random_sd21(seed)`` with a random ControlNet and RRDB (built once per DIFFSR_BENCH_CACHE), the
+    condition encoder the VAE's own encoder; and the parameter count without the text encoder."""
     from comfyui_diffsr.dossr_core.model import DoSSRModel
     from comfyui_diffsr.dossr_core.rrdb import RRDBNet
     from comfyui_diffsr.dossr_core.weights import diffusers_configs, load_ldm_params
+    from diffusers import ControlNetModel
 
     sd = random_sd21(seed)
     _, controlnet_config, _ = diffusers_configs(load_ldm_params())
-    from diffusers import ControlNetModel
 
-    controlnet = ControlNetModel(**controlnet_config, conditioning_embedding_out_channels=(16,))
-    width = controlnet_config["block_out_channels"][0]
-    controlnet.conv_in = torch.nn.Conv2d(controlnet_config["in_channels"], width, 3, padding=1)
-    controlnet.controlnet_cond_embedding = torch.nn.Conv2d(4, width, 3, padding=1, bias=False)
+    def build(device="cpu"):  # torch's generator as random_sd21 left it: the values of every earlier version
+        with torch.device(device):
+            controlnet = ControlNetModel(**controlnet_config, conditioning_embedding_out_channels=(16,))
+            width = controlnet_config["block_out_channels"][0]
+            controlnet.conv_in = torch.nn.Conv2d(controlnet_config["in_channels"], width, 3, padding=1)
+            controlnet.controlnet_cond_embedding = torch.nn.Conv2d(4, width, 3, padding=1, bias=False)
+            rrdb = RRDBNet(num_block=23)
+        if device == "cpu":  # random RRDB weights blow up over 23 blocks; scale them so the image stays in range
+            with torch.no_grad():
+                for p in rrdb.parameters():
+                    p.mul_(0.1)
+        return torch.nn.ModuleDict({"controlnet": controlnet, "rrdb": rrdb})
+
+    parts = cached_random_weights(f"dossr_random_parts_seed{seed}", build, lambda: build("meta"))
+    controlnet, rrdb = parts["controlnet"], parts["rrdb"]
     # the official condition encoder is a frozen copy of the VAE encoder; load_dossr shares the VAE's own
     cond_encoder = torch.nn.ModuleDict({"encoder": sd.vae.encoder, "quant_conv": sd.vae.quant_conv})
-    rrdb = RRDBNet(num_block=23)
-    # random RRDB weights blow up over 23 blocks; scale them so the image stays in range
-    with torch.no_grad():
-        for p in rrdb.parameters():
-            p.mul_(0.1)
     params = sum(p.numel() for m in (sd.unet, controlnet, sd.vae, rrdb) for p in m.parameters())
     model = DoSSRModel(sd.unet, controlnet.eval(), sd.vae, cond_encoder.eval(), rrdb.eval())
     return model, params

@@ -43,14 +43,43 @@ def import_pack_as_comfyui():
     return module
 
 
+def cached_random_weights(name, build, build_empty):
+    """``build()``'s module (random weights), kept as ``$DIFFSR_BENCH_CACHE/<name>.safetensors`` with torch's global
+    generator state after the build: a later call builds ``build_empty()`` (meta device, no initialisation) and fills
+    it from that file, read into this process's own memory as ``load_single_file(in_memory=True)`` reads, with the
+    same values bit for bit and the generator left where the build left it. DIFFSR_BENCH_CACHE unset: ``build()``."""
+    from comfyui_diffsr.sr_common.weights import load_module_weights, read_state_dict, write_safetensors
+
+    folder = os.environ.get("DIFFSR_BENCH_CACHE")
+    if not folder:
+        return build()
+    path = os.path.join(folder, f"{name}.safetensors")
+    if os.path.isfile(path):
+        state = read_state_dict(path, mmap=False)
+        rng_state = state.pop("torch_rng_state").clone()  # a tensor of its own (a view of the buffer crashes it)
+        module = build_empty()
+        load_module_weights(module, state, name, path)
+        torch.set_rng_state(rng_state)
+        return module
+    module = build()
+    write_safetensors({**module.state_dict(), "torch_rng_state": torch.get_rng_state()}, path, replace=True)
+    return module
+
+
 def random_sd21(seed=0):
     """SD 2.1-base architecture from the pack's configs, random weights (no download), owned by this process as a
-    file the ``osediff`` command reads is (the LoRA merged in place, the decoder reordered in place)."""
+    file the ``osediff`` command reads is (the LoRA merged in place, the decoder reordered in place); built once
+    per DIFFSR_BENCH_CACHE (``cached_random_weights``)."""
     from comfyui_diffsr.sr_common.sd21 import SD21, models_from_config, load_tokenizer, shipped_config_dir
 
-    torch.manual_seed(seed)
-    unet, vae, text_encoder = models_from_config(shipped_config_dir())
-    return SD21(unet.eval(), vae.eval(), text_encoder.eval(),
+    def build(random_init=True):
+        if random_init:
+            torch.manual_seed(seed)
+        return torch.nn.ModuleDict(zip(("unet", "vae", "text_encoder"),
+                                       models_from_config(shipped_config_dir(), random_init=random_init)))
+
+    parts = cached_random_weights(f"sd21_random_seed{seed}", build, lambda: build(random_init=False))
+    return SD21(parts["unet"].eval(), parts["vae"].eval(), parts["text_encoder"].eval(),
                 load_tokenizer(os.path.join(shipped_config_dir(), "tokenizer")),
                 unet_owned=True, vae_owned=True)
 
