@@ -1,13 +1,26 @@
 #!/usr/bin/env bash
-# The GPU checks of issue #7 on a CUDA machine (the `device` tool), after tools/device_prepare.sh here:
-#   run(command="bash bench/device_check.sh", carry=[".device"], timeout_s=590)
+# The GPU checks of issue #7 on a CUDA machine (the `device` tool), after tools/device_prepare.sh here. The device
+# budget (15 min with each machine start, 1–3 min, at most 590 s a call) takes two calls, the second made at once
+# (the machine goes back after 30 s idle):
+#   1. run(command="bash bench/device_check.sh", carry=[".device"], timeout_s=590)
+#      the default steps: official_osediff official_dossr osediff dossr precision memory, the issue's figures in
+#      that order (the side-by-side ratios with the official code, ours at fp16/bf16 128→512, 512→2048 latency and
+#      GPU peaks, precision, then the memory network by network). Estimated 7–8 min on an H100/H200: stop 29's
+#      H200 minutes 1.3 / 1.8 / 3.5 / 2.6 / 0.9 for the first five (memory never ran: 1.5–2 estimated), less the
+#      random-weight builds a case now reads from DIFFSR_BENCH_CACHE (11–18 s each before: 17 of them, 3–5 min)
+#      and less the cases moved to osediff_more / dossr_more: about 15 s install, 1.1 / 1.8 / 1.3 / 1.2 / 0.5 / 1–1.5
+#   2. at once, with what status says is left:
+#      run(command="bash bench/device_check.sh tests stages osediff_more decoder dossr_more", carry=[".device"],
+#          timeout_s=<budget_left_s − 30>)
+#      tests 0.8, stages 1–1.5, osediff_more (fp32 128 px, fp16 1024→4096, bf16 512→2048) 1–1.5, decoder 0.5,
+#      dossr_more (fp32 128 px) 0.3 min: about 4–5 min, in order of worth, so one cut short keeps the first ones
+#   compile (torch.compile, 7–9 min estimated: first runs include the compilation) is last and optional: only in a
+#   call of its own with a fresh budget. `all` runs every step in this order, compile last.
 #   bash bench/device_check.sh [STEP ...]
-#   steps: official_osediff official_dossr osediff dossr precision memory tests stages decoder compile
-#   (default: all, in that order: the issue's figures first, so a run stopped at its time limit has them; stop 29's
-#   H200 run took 1.3 / 1.8 / 3.5 / 2.6 / 0.9 / 0.8 / 0.5 min for official_osediff / official_dossr / osediff / dossr /
-#   precision / tests / decoder, with twice the repeats of osediff's 128 px cases, after about 30 s of start and 15 s
-#   of install each call; stages, memory and compile have not run on a GPU yet: give it two calls, the second
-#   naming the steps the first did not reach)
+#   steps: official_osediff official_dossr osediff dossr precision memory tests stages osediff_more decoder dossr_more
+#          compile, or all
+# The random-weight models are built once per machine into DIFFSR_BENCH_CACHE (default /tmp/diffsr-bench-cache; a
+# second call on the same warm machine reuses them; bench/common.py cached_random_weights).
 # Writes env.txt, log.txt, tests.log and one JSON per measurement to $RESULTS (default /tmp/device_check), and after
 # each measurement packs them into $OUT/device_check.tgz (the device tool brings back at most 8 files), beside
 # log.txt, so a call stopped at its time limit keeps every measurement it finished. A failing step does not stop
@@ -23,7 +36,9 @@ RESULTS=${RESULTS:-/tmp/device_check}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
 PY=${PYTHON:-python3}
-steps=${*:-official_osediff official_dossr osediff dossr precision memory tests stages decoder compile}
+first="official_osediff official_dossr osediff dossr precision memory"
+steps=${*:-$first}
+[ "$steps" = all ] && steps="$first tests stages osediff_more decoder dossr_more compile"
 mkdir -p "$OUT" "$RESULTS"
 exec > >(tee -a "$RESULTS/log.txt") 2>&1
 keep() {  # the results so far into $OUT
@@ -80,8 +95,10 @@ for s in $steps; do
     osediff)  # 128 px: 3 runs of warm-up (the first timed run after one was still 1.7x slower at stop 29)
       osediff "$fp16" "$small" "$(quick 2 10)" "$(quick 1 3)" fp16_128
       osediff "$bf16" "$small" "$(quick 2 10)" "$(quick 1 3)" bf16_128
+      osediff "$fp16" "$(quick 48 512)" 2 "$(quick 0 1)" fp16_512;;
+    osediff_more)
       osediff fp32 "$small" "$(quick 2 5)" "$(quick 1 2)" fp32_128
-      osediff "$fp16" "$(quick 48 "512 1024")" 2 "$(quick 0 1)" fp16_large
+      osediff "$fp16" "$(quick 48 1024)" 2 "$(quick 0 1)" fp16_1024
       osediff "$bf16" "$(quick 48 512)" 2 "$(quick 0 1)" bf16_512;;
     official_osediff)  # the official code at its fp16 (mixed_precision fp16), ours at its CUDA default, fp16
       py bench/bench_osediff.py --device "$DEVICE" --dtype "$fp16" --sizes "$small" --repeats "$(quick 2 10)" \
@@ -95,8 +112,9 @@ for s in $steps; do
     dossr)
       dossr "$fp16" "$small" "$(quick 1 5)" fp16_128
       dossr "$bf16" "$small" "$(quick 1 5)" bf16_128
-      dossr fp32 "$small" "$(quick 1 5)" fp32_128
       dossr "$fp16" "$(quick 48 512)" 1 fp16_512;;
+    dossr_more)
+      dossr fp32 "$small" "$(quick 1 5)" fp32_128;;
     compile)  # torch.compile of the diffusion networks (--compile): first_run_s includes the compilation
       DIFFSR_TEST_DEVICE=$DEVICE py -m pytest -q -p no:cacheprovider tests/test_cuda.py -k compiled \
         > "$RESULTS/tests_compile.log" 2>&1
