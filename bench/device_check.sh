@@ -5,10 +5,11 @@
 #   1. run(command="bash bench/device_check.sh", carry=[".device"], timeout_s=590)
 #      the default steps: official_osediff official_dossr osediff dossr precision memory, the issue's figures in
 #      that order (the side-by-side ratios with the official code, ours at fp16/bf16 128→512, 512→2048 latency and
-#      GPU peaks, precision, then the memory network by network). Estimated 7–8 min on an H100/H200: stop 29's
+#      GPU peaks, precision, then the memory network by network). Estimated 6.5–8 min on an H100/H200: stop 29's
 #      H200 minutes 1.3 / 1.8 / 3.5 / 2.6 / 0.9 for the first five (memory never ran: 1.5–2 estimated), less the
-#      random-weight builds a case now reads from DIFFSR_BENCH_CACHE (11–18 s each before: 17 of them, 3–5 min)
-#      and less the cases moved to osediff_more / dossr_more: about 15 s install, 1.1 / 1.8 / 1.3 / 1.2 / 0.5 / 1–1.5
+#      cases moved to osediff_more / dossr_more (3 of osediff's 6 processes, 1 of dossr's 4) and less the
+#      random-weight builds read from DIFFSR_BENCH_CACHE instead (11–18 s of one core each before, a few s now:
+#      14 of the call's 15 builds, 2–3.5 min): about 15 s install, then 1.2 / 1.8 / 1–1.5 / 1.2–1.5 / 0.5 / 0.6–1.2
 #   2. at once, with what status says is left:
 #      run(command="bash bench/device_check.sh tests stages osediff_more decoder dossr_more", carry=[".device"],
 #          timeout_s=<budget_left_s − 30>)
