@@ -177,14 +177,16 @@ def test_large_image_is_tiled(osediff_model):
 
 
 # ------------------------------------------------------------------------------------------ files
-def _png(path, width, height, depth, colour, rows):
-    """A PNG written byte by byte (PIL cannot write 16-bit RGB)."""
+def _png(path, width, height, depth, colour, rows, transparent=None):
+    """A PNG written byte by byte (PIL cannot write 16-bit RGB, nor, in Pillow 10, a 16-bit gray one with a
+    transparent value); ``transparent``: the gray value its tRNS chunk makes transparent."""
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     raw = b"".join(b"\x00" + row for row in rows)
     header = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+    trns = chunk(b"tRNS", struct.pack(">H", transparent)) if transparent is not None else b""
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + trns + chunk(b"IDAT", zlib.compress(raw))
                      + chunk(b"IEND", b""))
 
 
@@ -206,11 +208,12 @@ def test_16bit_grayscale_with_a_transparent_value_keeps_its_alpha(tmp_path):
     from comfyui_diffsr.cli.common import read_image
 
     values = _gradient16(13, 7)
-    Image.fromarray(values).save(tmp_path / "g16.png", transparency=int(values[2, 3]))
+    rows = [row.astype(">u2").tobytes() for row in values]
+    _png(tmp_path / "g16.png", 7, 13, 16, 0, rows, transparent=int(values[2, 3]))
     image, _, alpha = read_image(str(tmp_path / "g16.png"))
     torch.testing.assert_close(image[0, 1], torch.from_numpy(values / 65535.0).float())
     assert torch.equal(alpha[0, 0], torch.from_numpy(values != values[2, 3]).float())
-    Image.fromarray(values).save(tmp_path / "g16_none.png", transparency=65535)
+    _png(tmp_path / "g16_none.png", 7, 13, 16, 0, rows, transparent=65535)
     assert read_image(str(tmp_path / "g16_none.png"))[2] is None
 
 
