@@ -16,7 +16,7 @@ import comfy.utils
 import folder_paths
 
 from ..sr_common import tiling
-from ..sr_common.download import OFFICIAL, downloaded
+from ..sr_common.download import OFFICIAL, downloaded, hf_endpoint_url
 from ..sr_common.errors import WeightFileError
 from ..sr_common.fast_modules import forget_folded_kernels
 from ..sr_common.image import with_upscaled_alpha
@@ -126,7 +126,7 @@ def weight_path(folder, name):
             return os.path.join(root, filename)
     dest = os.path.join(folder_paths.get_folder_paths(folder)[0], filename)
     bar = comfy.utils.ProgressBar(1)
-    print(f"[DiffSR] downloading {source.name} from {source.url} to {dest}")
+    print(f"[DiffSR] downloading {source.name} from {hf_endpoint_url(source.url)} to {dest}")
 
     def progress(done, total):
         mm.throw_exception_if_processing_interrupted()

@@ -25,6 +25,7 @@ else:
     import fcntl
 
 CHUNK = 1 << 20
+HF_HOSTS = ("huggingface.co", "hf.co")
 TIMEOUT_S = 60  # a server silent this long (connecting or between two reads) fails the download; run again to resume
 
 
@@ -177,6 +178,7 @@ def download(url, dest, *, sha256="", git_blob="", progress=None):
     except OSError as e:
         raise DownloadError(f"Cannot make the folder of {dest!r} ({e}); choose another models folder.") from e
     _refuse_if_offline(url, dest)
+    url = hf_endpoint_url(url)
     with _sole_download(dest):
         if downloaded(dest):  # finished by another download just before this one took the lock
             return dest
@@ -271,9 +273,24 @@ def _transfer_and_install(url, dest, sha256, git_blob, progress):
 def _refuse_if_offline(url, dest):
     """A DownloadError, where ``url`` is on Hugging Face and the user asked it to stay offline."""
     variable = hf_offline()
-    if variable and urllib.parse.urlsplit(url).hostname in ("huggingface.co", "hf.co"):
+    if variable and urllib.parse.urlsplit(url).hostname in HF_HOSTS:
         raise DownloadError(f"{variable} is set, so {os.path.basename(dest)} is not fetched from Hugging Face: "
                             f"unset it to download, or put the file at {dest!r} by hand.")
+
+
+def hf_endpoint_url(url):
+    """``url`` where the user asked to reach Hugging Face: a Hugging Face ``url`` with its scheme and host replaced
+    by ``HF_ENDPOINT`` (a mirror such as ``https://hf-mirror.com``, as huggingface_hub reads it) where that is set;
+    else ``url`` itself."""
+    endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/")
+    parts = urllib.parse.urlsplit(url)
+    if not endpoint or parts.hostname not in HF_HOSTS:
+        return url
+    mirror = urllib.parse.urlsplit(endpoint)
+    if mirror.scheme not in ("http", "https") or not mirror.hostname:
+        raise DownloadError(f"HF_ENDPOINT is {endpoint!r}, not a web address: set it to one with its scheme (e.g. "
+                            "https://hf-mirror.com), or unset it to download from huggingface.co.")
+    return endpoint + urllib.parse.urlunsplit(("", "", parts.path, parts.query, parts.fragment))
 
 
 def hf_offline():

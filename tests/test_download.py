@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from comfyui_diffsr.sr_common.download import DownloadError, Source, download, downloaded
+from comfyui_diffsr.sr_common.download import OFFICIAL, DownloadError, Source, download, downloaded, hf_endpoint_url
 
 PAYLOAD = b"PK\x03\x04" + os.urandom(300_000)  # a zip's first bytes, as torch's .pth/.pkl files have
 PAGE = b"<!DOCTYPE html><html>rate limited</html>"
@@ -22,6 +22,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     honour_range = True  # False: a server that ignores Range and sends the whole file with 200
     range_from_zero = False  # True: a server that answers a Range with 206 but sends the file from its first byte
     requests = []
+    paths = []  # the path of each request
     release = threading.Event()  # lets /slow send the rest of its body
 
     def log_message(self, *args):
@@ -29,6 +30,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         Handler.requests.append(self.headers.get("Range"))
+        Handler.paths.append(self.path)
         if self.path == "/missing":
             self.send_error(404)
             return
@@ -87,7 +89,7 @@ def server():
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    Handler.cut_after, Handler.requests, Handler.page_type = None, [], "text/html"
+    Handler.cut_after, Handler.requests, Handler.paths, Handler.page_type = None, [], [], "text/html"
     Handler.honour_range, Handler.range_from_zero, Handler.release = True, False, threading.Event()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
@@ -407,3 +409,33 @@ def test_an_unpinned_file_there_that_its_loader_cannot_read_is_fetched_again(ser
             assert dest.read_bytes() == content and os.listdir(dest.parent) == ["DAPE.pth"]
         else:
             assert dest.read_bytes() == PAYLOAD and (dest.parent / "DAPE.pth.bad").read_bytes() == content
+
+
+def test_hf_endpoint_fetches_hugging_face_files_from_the_mirror_it_names(server, tmp_path, monkeypatch):
+    """HF_ENDPOINT (https://hf-mirror.com where huggingface.co cannot be reached, as huggingface_hub reads it; a
+    trailing slash too) replaces the scheme and host of the Hugging Face files, which are checked against the same
+    pinned hash; messages name the mirror's URL; GitHub's files, HF_HUB_OFFLINE and an endpoint that is not a web
+    address are as before. The files came from huggingface.co whatever HF_ENDPOINT said."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", server + "/")
+    source = Source("test", "https://huggingface.co/spaces/a/b/resolve/main/ram.pth", "ram.pth", "dape", sha256=SHA)
+    dest = tmp_path / "ram.pth"
+    assert source.fetch(str(dest)) == str(dest) and dest.read_bytes() == PAYLOAD
+    assert Handler.paths == ["/spaces/a/b/resolve/main/ram.pth"]
+    with pytest.raises(DownloadError, match=f"Download of {server}/missing failed: HTTP 404"):
+        download("https://huggingface.co/missing", str(tmp_path / "m.pth"))
+    bad = Source("test", "https://huggingface.co/a/bad.pth", "bad.pth", "dape", sha256="0" * 64)
+    with pytest.raises(DownloadError, match="SHA-256 .* does not match the expected 0000"):
+        bad.fetch(str(tmp_path / "bad.pth"))
+    sd21, osediff = OFFICIAL["sd21-base"].url, OFFICIAL["osediff"].url
+    assert hf_endpoint_url(sd21) == server + sd21.removeprefix("https://huggingface.co")
+    assert hf_endpoint_url(osediff) == osediff
+    monkeypatch.setenv("HF_ENDPOINT", "hf-mirror.com")
+    with pytest.raises(DownloadError, match="HF_ENDPOINT is 'hf-mirror.com', not a web address.*https://hf-mirror"):
+        download("https://huggingface.co/a/b.pth", str(tmp_path / "b.pth"))
+    monkeypatch.setenv("HF_ENDPOINT", server)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DownloadError, match="HF_HUB_OFFLINE is set"):
+        download("https://huggingface.co/a/b.pth", str(tmp_path / "b.pth"))
+    assert len(Handler.paths) == 3 and not os.path.exists(tmp_path / "b.pth")
