@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -65,6 +66,14 @@ def find_images(inputs, recursive=False, output=None):
         raise DiffSRError(f"No images found in {list(inputs)} (looked for {', '.join(IMAGE_SUFFIXES)})"
                           + ("; their sub-folders are searched with --recursive." if nested else "."))
     return found
+
+
+def shown_name(name):
+    """A file or folder ``name`` as the messages print it: its control characters (line breaks, ESC, which starts a
+    terminal's escape sequence, the other C0 and C1 codes and DEL; the Unicode line and paragraph separators) written
+    as Python escapes (``\\n``, ``\\x1b``, ``\\u2028``), so that it stays on its line and cannot rewrite the
+    terminal; every other character as it is."""
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in name)
 
 
 def _is_folder(path, folder_id):
@@ -259,7 +268,7 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
                 except (DiffSRError, ValueError, OutOfMemory) as e:
                     reason = (f"out of memory even at the smallest tiles ({e})" if isinstance(e, OutOfMemory)
                               else e)
-                    tqdm.write(f"error: {path}: {reason}", file=sys.stderr)
+                    tqdm.write(f"error: {shown_name(path)}: {reason}", file=sys.stderr)
                     failed.append(path)
                     continue
                 if writing is not None:  # an output that cannot be written stops the run: the next could not be
@@ -268,8 +277,8 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
                         stopped, left, written = error, len(pairs) - i + 1, written - 1
                         break
                 if alpha is not None and out.lower().endswith(".jpg"):
-                    tqdm.write(f"note: {path}: jpg has no transparency, the alpha is dropped (--format png or webp "
-                               "keeps it)", file=sys.stderr)
+                    tqdm.write(f"note: {shown_name(path)}: jpg has no transparency, the alpha is dropped (--format png "
+                               "or webp keeps it)", file=sys.stderr)
                     alpha = None
                 writing = writer.submit(save_image, result, out, metadata, quality, alpha, overwrite)
                 written += 1
@@ -283,9 +292,10 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
                 stopped, left, written = stopped or error, left + 1, written - 1
     if written:
         folder = os.path.commonpath([os.path.dirname(os.path.abspath(out)) for _, out in pairs])
-        print(f"wrote {written} image(s) to {folder}", file=sys.stderr)
+        print(f"wrote {written} image(s) to {shown_name(folder)}", file=sys.stderr)
     if failed:
-        print(f"error: {len(failed)} of {len(pairs)} image(s) failed: {', '.join(failed)}", file=sys.stderr)
+        print(f"error: {len(failed)} of {len(pairs)} image(s) failed: {', '.join(map(shown_name, failed))}",
+              file=sys.stderr)
     if stopped is not None:
         print(f"error: stopped with {left} image(s) left (--skip-existing resumes the run):", file=sys.stderr)
         raise stopped
@@ -379,12 +389,12 @@ class PhotoMetadata:
                     ifd[tag] = value
             data = exif.tobytes()  # IFD0 and its sub-IFDs: no thumbnail (IFD1)
         except Exception as e:  # noqa: BLE001 (whatever PIL raises, the image matters more than its tags)
-            print(f"note: {name}: the EXIF cannot be written again ({type(e).__name__}: {e}) and is left out",
-                  file=sys.stderr)
+            print(f"note: {shown_name(name)}: the EXIF cannot be written again ({type(e).__name__}: {e}) and is left "
+                  "out", file=sys.stderr)
             return options
         if kind == "JPEG" and len(data) > JPEG_EXIF_LIMIT:
-            print(f"note: {name}: the EXIF ({len(data)} bytes) does not fit a JPEG and is left out (--format png or "
-                  "webp keeps it)", file=sys.stderr)
+            print(f"note: {shown_name(name)}: the EXIF ({len(data)} bytes) does not fit a JPEG and is left out "
+                  "(--format png or webp keeps it)", file=sys.stderr)
         else:
             options["exif"] = data
         return options
@@ -469,8 +479,8 @@ def _decoded_upright(path):
                 icc_profile = None                             # RGB output (its colour space: header bytes 16-19)
             frames = getattr(opened, "n_frames", 1)
             if frames > 1:
-                tqdm.write(f"note: {path}: {frames} frames (an animation or a multi-page file); the first is upscaled",
-                           file=sys.stderr)
+                tqdm.write(f"note: {shown_name(path)}: {frames} frames (an animation or a multi-page file); the first "
+                           "is upscaled", file=sys.stderr)
             if isinstance(opened, TiffImagePlugin.TiffImageFile):
                 opened.load()
                 upright = opened.copy()

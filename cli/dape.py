@@ -18,7 +18,7 @@ import sys
 from ..sr_common.errors import DiffSRError
 from ..sr_common.sd21 import network_dtype
 from .common import (add_device_args, add_input_args, check_sizing_args, find_images, load_image, pick_device,
-                     run_main)
+                     run_main, shown_name)
 
 
 def build_parser():
@@ -82,14 +82,15 @@ def main_impl(argv=None):
             lq, _ = preprocess(load_image(path), upscale=args.upscale, process_size=args.process_size,
                                official_sizing=args.official_sizing)
         except (DiffSRError, ValueError) as e:  # this image only: the others go on
-            print(f"error: {path}: {e}", file=sys.stderr)
+            print(f"error: {shown_name(path)}: {e}", file=sys.stderr)
             failed.append(path)
             continue
         tags = tagger.tags(lq, exclude=exclude, max_tags=args.max_tags)[0]
         prompt = dape_prompt(tags, args.prompt, tags_only=args.tags_only)
         print(prompt if args.no_names else f"{escaped_name(path)}\t{prompt}", flush=True)
     if failed:
-        print(f"error: {len(failed)} of {len(images)} image(s) failed: {', '.join(failed)}", file=sys.stderr)
+        print(f"error: {len(failed)} of {len(images)} image(s) failed: {', '.join(map(shown_name, failed))}",
+              file=sys.stderr)
         return 2
     return 0
 

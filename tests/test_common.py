@@ -862,6 +862,25 @@ def test_a_run_stopped_by_ctrl_c_finishes_the_output_being_written_and_sums_up(t
         "error: stopped with 2 image(s) left (--skip-existing resumes the run):"]
 
 
+def test_a_folder_run_prints_control_characters_in_names_escaped(tmp_path, capsys):
+    """A file name holding a line break, a carriage return or ESC (a terminal's escape sequence) split or rewrote the
+    error lines of a folder run: such names are printed with those characters escaped; other names as they are."""
+    from comfyui_diffsr.cli import common
+
+    pairs = _folder(tmp_path, 1)
+    for name in ("line\nbreak.png", "back\rover.png", "esc\x1b[2Jape.png", "Café 写真.png"):
+        (tmp_path / name).write_bytes(b"not an image")
+        pairs.append((str(tmp_path / name), str(tmp_path / "out" / name)))
+    assert common.upscale_all(pairs, lambda image, out: image, "test") == 2
+    err = capsys.readouterr().err
+    shown = [os.path.join(tmp_path, name) for name in ("line\\nbreak.png", "back\\rover.png", "esc\\x1b[2Jape.png",
+                                                           "Café 写真.png")]
+    assert [line.split(": ")[1] for line in err.splitlines() if line.startswith("error: /")] == shown
+    assert err.splitlines()[-1] == f"error: 4 of 5 image(s) failed: {', '.join(shown)}"
+    assert "\x1b" not in err  # (the progress bar's own carriage returns are in it)
+    assert common.shown_name("a\x9b\x7f\u2028\tb") == "a\\x9b\\x7f\\u2028\\tb"
+
+
 def test_prompt_cache_keeps_the_most_recently_used_prompts():
     from comfyui_diffsr.sr_common.sd21 import PromptCache
 
