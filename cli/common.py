@@ -109,14 +109,14 @@ def plan_outputs(images, outdir, overwrite=False, skip_existing=False, suffix=".
         raise DiffSRError("--output is empty; give the folder to write to.")
     clashes = {}
     for path, name in images:  # IMG.png and img.png: one file where names ignore case (Windows, macOS)
-        clashes.setdefault(os.path.normcase(name).casefold(), []).append(os.path.splitext(path)[1].casefold())
+        clashes.setdefault(_name_key(name), []).append(_name_key(os.path.splitext(path)[1]))
     pairs, seen = [], {}
     for path, name in images:
-        kept = clashes[os.path.normcase(name).casefold()]
+        kept = clashes[_name_key(name)]
         if len(kept) == len(set(kept)) > 1:
             name += os.path.splitext(path)[1]
         out = os.path.join(outdir, name + suffix)
-        key = os.path.normcase(out).casefold()
+        key = _name_key(out)
         if key in seen:
             first, written = seen[key]
             where = repr(out) if written == out else f"{written!r} and {out!r}, one file where names ignore case"
@@ -146,6 +146,21 @@ def plan_outputs(images, outdir, overwrite=False, skip_existing=False, suffix=".
         raise DiffSRError(f"Cannot write the output folder {outdir!r}: {nearest!r} is not a writable folder. "
                           "Choose another --output folder.")
     return pairs
+
+
+def _name_key(name):
+    """``name`` as a file system that ignores case compares it: one key for names that are one file there. NTFS and
+    exFAT map each character to its upper case, APFS and HFS+ fold each one, so ``Ä`` and ``ä`` are one name but
+    ``Straße`` and ``Strasse`` two (``str.casefold`` makes ß "ss"); macOS also takes a name in any Unicode
+    normalization (``é`` as one character, or as ``e`` and an accent) as the same, so the key is decomposed (NFD)."""
+    return "".join(map(_folded_char, unicodedata.normalize("NFD", os.path.normcase(name))))
+
+
+def _folded_char(char):
+    """One character folded on its own: its upper case, then that one's lower case, each where it is one character
+    (``ẞ`` → ``ß``, ``ς`` → ``σ``, ``ß`` stays)."""
+    upper = char.upper() if len(char.upper()) == 1 else char
+    return upper.lower() if len(upper.lower()) == 1 else upper
 
 
 def _file_id(path):

@@ -940,6 +940,28 @@ def test_an_image_given_twice_is_one_input(tmp_path):
     assert plan_outputs(images, str(tmp_path / "out")) == [(photo, str(tmp_path / "out" / "photo.png"))]
 
 
+def test_names_are_one_file_where_a_case_insensitive_file_system_makes_them_one(tmp_path):
+    """Straße.png and Strasse.png are two files on every file system (NTFS, exFAT, APFS fold one character at a
+    time), but str.casefold made them one and the run was refused; A/a, Ä/ä, ẞ/ß, ς/σ and é written as one
+    character or as e and an accent (one name on macOS) are still refused."""
+    from comfyui_diffsr.cli.common import find_images, plan_outputs
+    from comfyui_diffsr.sr_common.errors import DiffSRError
+
+    def planned(*names):
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        for name in names:
+            shutil.copy(os.path.join(FIX, "in_32x32.png"), folder / name)
+        return [os.path.basename(out) for _, out in plan_outputs(find_images([str(folder)]), str(tmp_path / "out"))]
+
+    assert planned("Straße.png", "Strasse.png") == ["Strasse.png", "Straße.png"]
+    assert planned("Straße.png", "STRASSE.jpg") == ["STRASSE.png", "Straße.png"]
+    for pair in (("A.png", "a.png"), ("Ä.png", "ä.png"), ("ẞ.png", "ß.png"), ("ς.png", "σ.png"),
+                 ("caf\u00e9.png", "cafe\u0301.png")):
+        with pytest.raises(DiffSRError, match="one file where names ignore case"):
+            planned(*pair)
+
+
 def test_an_output_folder_named_by_another_path_is_still_left_out(tmp_path):
     """The output folder inside the input folder, named by another path to the same folder (on macOS: spelled in
     another case, which its real path keeps; here: a bind mount), is left out of the search, and as the input folder
