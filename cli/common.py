@@ -13,8 +13,8 @@ from tqdm import tqdm
 
 from ..sr_common.errors import DiffSRError, ImageInputError
 from ..sr_common.sd21 import PRECISIONS, ieee_float32
-from ..sr_common.tiling import (DEFAULT_TILES, TILE_FLOORS, OutOfMemory, WeightsOutOfMemory, overlap_within,
-                                with_oom_retry)
+from ..sr_common.tiling import (DEFAULT_TILES, TILE_FLOORS, OutOfMemory, WeightsOutOfMemory, is_out_of_memory,
+                                overlap_within, with_oom_retry)
 from ..sr_common.weights import partial_path, publish
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -254,19 +254,25 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
 
     An image that fails on its own (unreadable or unusable: ``DiffSRError``/``ValueError``; an output, of
     ``output_size(height, width)``, that the format cannot store, or whose name is too long; out of memory even at
-    the smallest tiles) is reported and skipped, and the others go on; an output that cannot be written stops the
-    run, and so do weights that do not fit on the device (``WeightsOutOfMemory``) and Ctrl-C: each is raised after
-    the summary and the number of images left (an output being written is finished first). Returns the exit status:
-    0, or 2 when any failed (listed again at the end).
+    the smallest tiles; an output ``save_image`` could not make, an ``ImageInputError``) is reported and skipped, and
+    the others go on; an output that cannot be written (another ``DiffSRError``: a full disk, a folder not writable)
+    stops the run, and so do weights that do not fit on the device (``WeightsOutOfMemory``) and Ctrl-C: each is
+    raised after the summary and the number of images left (an output being written is finished first). Returns the
+    exit status: 0, or 2 when any failed (listed again at the end).
 
     While an image is upscaled, the next one is read and the previous output written on two helper threads (PIL
     releases the interpreter lock while it decodes and encodes; a 2048² PNG takes about a second to write, as long
     as a GPU upscale). At most one output waits to be written.
     """
     failed, written, stopped, left = [], 0, None, 0
+
+    def fail(path, reason):  # this image alone: the others go on
+        tqdm.write(f"error: {shown_name(path)}: {reason}", file=sys.stderr)
+        failed.append(path)
+
     with ThreadPoolExecutor(1, "diffsr-read") as reader, ThreadPoolExecutor(1, "diffsr-write") as writer:
         reading = [reader.submit(read_image, path) for path, _ in pairs[:1]]
-        writing = None
+        writing = writing_path = None  # the pending save_image and its input
         try:
             for i, (path, out) in enumerate(tqdm(pairs, desc=desc, unit="image", file=sys.stderr)):
                 read = reading.pop()
@@ -281,14 +287,14 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
                     stopped, left = e, len(pairs) - i
                     break
                 except (DiffSRError, ValueError, OutOfMemory) as e:
-                    reason = (f"out of memory even at the smallest tiles ({e})" if isinstance(e, OutOfMemory)
-                              else e)
-                    tqdm.write(f"error: {shown_name(path)}: {reason}", file=sys.stderr)
-                    failed.append(path)
+                    fail(path, f"out of memory even at the smallest tiles ({e})" if isinstance(e, OutOfMemory) else e)
                     continue
                 if writing is not None:  # an output that cannot be written stops the run: the next could not be
                     error, writing = _failed_write(writing), None
-                    if error is not None:  # left: its image, this one and the rest
+                    if isinstance(error, ImageInputError):  # that output alone (its encoder refused it, memory)
+                        fail(writing_path, error)
+                        written -= 1
+                    elif error is not None:  # left: its image, this one and the rest
                         stopped, left, written = error, len(pairs) - i + 1, written - 1
                         break
                 if alpha is not None and out.lower().endswith(".jpg"):
@@ -296,12 +302,15 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
                                "or webp keeps it)", file=sys.stderr)
                     alpha = None
                 writing = writer.submit(save_image, result, out, metadata, quality, alpha, overwrite)
-                written += 1
+                writing_path, written = path, written + 1
         except KeyboardInterrupt as e:  # Ctrl-C: the output being written is finished, then the summary
             stopped, left = e, len(pairs) - written - len(failed)
         if writing is not None:
             error = _failed_write(writing)
-            if error is not None:
+            if isinstance(error, ImageInputError):
+                fail(writing_path, error)
+                written -= 1
+            elif error is not None:
                 if stopped is not None:  # the weights or Ctrl-C stopped the run as well
                     tqdm.write(f"error: {error}", file=sys.stderr)
                 stopped, left, written = stopped or error, left + 1, written - 1
@@ -318,7 +327,8 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
 
 
 def _failed_write(writing):
-    """Wait for a pending ``save_image`` (a ``Future``): the ``DiffSRError`` it failed with, or None."""
+    """Wait for a pending ``save_image`` (a ``Future``): the ``DiffSRError`` it failed with, or None. Anything else
+    it raises is a defect, raised here."""
     try:
         writing.result()
     except DiffSRError as e:
@@ -421,7 +431,11 @@ def save_image(image01, path, metadata=PhotoMetadata(), quality=95, alpha=None, 
     EXIF) and ``alpha`` (1, 1, h, w) upscaled (``with_upscaled_alpha``) when given, written atomically (temporary
     file, then ``publish``): a failed write leaves an earlier file at ``path`` as it was, and a file there is replaced
     only with ``overwrite``, even one made since the outputs were planned. The temporary file is hidden and has a
-    short name of its own (``path`` may use all the bytes a name may have)."""
+    short name of its own (``path`` may use all the bytes a name may have).
+
+    An output its encoder refuses (Pillow's ``ValueError``, or its ``OSError`` with no errno) or that runs out of
+    memory is an ``ImageInputError``: that image fails, the next may be written. A file-system error is a
+    ``DiffSRError``: no output can be written. Anything else is a defect and is raised as it is."""
     from PIL import Image
 
     from ..sr_common.image import tensor_to_uint8, with_upscaled_alpha
@@ -442,10 +456,17 @@ def save_image(image01, path, metadata=PhotoMetadata(), quality=95, alpha=None, 
             raise DiffSRError(f"Cannot write {path!r}: a file of that name exists, made since the run started (or "
                               "another output of the run, through a link); only --overwrite replaces it.") from e
     except OSError as e:
+        if e.errno is None:  # Pillow's encoder failed on this image (what the file system raises has an errno)
+            raise ImageInputError(f"Cannot write {path!r}: {e}. Try --format png.") from e
         raise DiffSRError(f"Cannot write {path!r}: {e}. Check that its folder is writable and has "
                           "space, or choose another --output folder.") from e
-    except ValueError as e:  # the encoder refused the image
-        raise DiffSRError(f"Cannot write {path!r}: {e}. Try --format png.") from e
+    except ValueError as e:  # the encoder refused the image (Pillow's way to refuse what a format cannot store)
+        raise ImageInputError(f"Cannot write {path!r}: {e}. Try --format png.") from e
+    except (MemoryError, RuntimeError) as e:  # out of memory for this output, beside the next upscale
+        if not (isinstance(e, MemoryError) or is_out_of_memory(e)):
+            raise
+        raise ImageInputError(f"Cannot write {path!r}: out of memory ({type(e).__name__}: {e}). Close other "
+                              "programs, or use a smaller --upscale.") from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

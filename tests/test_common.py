@@ -862,6 +862,49 @@ def test_a_run_stopped_by_ctrl_c_finishes_the_output_being_written_and_sums_up(t
         "error: stopped with 2 image(s) left (--skip-existing resumes the run):"]
 
 
+def test_an_output_its_encoder_refuses_fails_alone_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """Pillow refusing one output (its EXIF too long for a JPEG, were it not left out first: ValueError; an encoder
+    error: OSError with no errno) or running out of memory while it is written stopped the folder run (a traceback
+    for the last): that image fails, named with the reason, and the others are written. A defect stays loud."""
+    from comfyui_diffsr.cli import common
+    from comfyui_diffsr.sr_common import image as image_module
+
+    pairs = [(path, out.replace(".png", ".jpg")) for path, out in _folder(tmp_path, 5)]
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 70000
+    Image.open(pairs[1][0]).save(pairs[1][0], exif=exif)
+    monkeypatch.setattr(common, "JPEG_EXIF_LIMIT", 10**6)  # as if it were not left out: Pillow refuses it
+    real_save, real_to_uint8 = Image.Image.save, image_module.tensor_to_uint8
+
+    def encoder_error(self, *args, **kwargs):
+        if self.getpixel((0, 0)) == (90, 90, 90):  # in2
+            raise OSError("encoder error -2 when writing image file")
+        real_save(self, *args, **kwargs)
+
+    def out_of_memory(image01):
+        if round(float(image01[0, 0, 0, 0]) * 255) == 170:  # in4, the last: its write fails after the loop
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 96.00 MiB")
+        return real_to_uint8(image01)
+
+    monkeypatch.setattr(Image.Image, "save", encoder_error)
+    monkeypatch.setattr(image_module, "tensor_to_uint8", out_of_memory)
+    assert common.upscale_all(pairs, lambda image, out: image, "test") == 2
+    assert sorted(os.listdir(tmp_path / "out")) == ["in0.jpg", "in3.jpg"]
+    err = capsys.readouterr().err
+    assert f"error: {pairs[1][0]}: Cannot write {pairs[1][1]!r}: EXIF data is too long. Try --format png." in err
+    assert f"error: {pairs[2][0]}: Cannot write {pairs[2][1]!r}: encoder error -2 when writing image file" in err
+    assert f"error: {pairs[4][0]}: Cannot write {pairs[4][1]!r}: out of memory (OutOfMemoryError: CUDA" in err
+    assert err.splitlines()[-2:] == [f"wrote 2 image(s) to {tmp_path / 'out'}",
+                                     f"error: 3 of 5 image(s) failed: {pairs[1][0]}, {pairs[2][0]}, {pairs[4][0]}"]
+
+    def defect(image01):
+        raise TypeError("a defect of the pack")
+
+    monkeypatch.setattr(image_module, "tensor_to_uint8", defect)
+    with pytest.raises(TypeError, match="a defect of the pack"):
+        common.upscale_all([(pairs[0][0], str(tmp_path / "out2" / "in0.jpg"))], lambda image, out: image, "test")
+
+
 def test_a_folder_run_prints_control_characters_in_names_escaped(tmp_path, capsys):
     """A file name holding a line break, a carriage return or ESC (a terminal's escape sequence) split or rewrote the
     error lines of a folder run: such names are printed with those characters escaped; other names as they are."""
