@@ -40,20 +40,34 @@ def shipped_config_path():
 
 # ---------------------------------------------------------------- architecture from the official-style yaml
 
+CONFIG_ADVICE = ("Pass the official-style yaml the checkpoint was trained with as --config (in ComfyUI: the loader's "
+                 "config), or none for SD 2.1's.")
+
+
 def load_ldm_params(path=None):
-    """The ``params`` of an official-style ControlLDM yaml (``model.params`` also accepted)."""
+    """The ``params`` of an official-style ControlLDM yaml (``model.params`` also accepted), checked to give the
+    networks' configs (``diffusers_configs``): a file that is not such a yaml is refused naming what it lacks."""
     import yaml
 
     path = path or shipped_config_path()
     try:
         with open(path, encoding="utf-8") as f:
             config = yaml.safe_load(f)
+    except UnicodeDecodeError as e:
+        raise WeightFileError(f"{path!r} is not a DoSSR/ControlLDM config: it is not a text file. "
+                              f"{CONFIG_ADVICE}") from e
     except (OSError, yaml.YAMLError) as e:
         raise WeightFileError(f"Cannot read the DoSSR config {path!r}: {e}") from e
-    params = (config.get("model", config) or {}).get("params") if isinstance(config, dict) else None
+    model = config.get("model", config) if isinstance(config, dict) else None
+    params = model.get("params") if isinstance(model, dict) else None
     needed = ("control_stage_config", "unet_config", "first_stage_config")
     if not isinstance(params, dict) or any(k not in params for k in needed):
         raise WeightFileError(f"{path!r} is not a DoSSR/ControlLDM config: expected `params` with {list(needed)}.")
+    try:
+        diffusers_configs(params)
+    except (KeyError, TypeError, AttributeError) as e:  # a part's `params` missing, or a field missing or not a number
+        what = f"lacks {e}" if isinstance(e, KeyError) else f"has a field of the wrong kind ({e})"
+        raise WeightFileError(f"The DoSSR config {path!r} {what}. {CONFIG_ADVICE}") from e
     return params
 
 
@@ -259,8 +273,7 @@ def _architecture_error(what, error, yaml=None):
     the yaml an official ckpt is read with."""
     if yaml is not None:
         return WeightFileError(f"The {what} of the DoSSR config {os.path.basename(os.fspath(yaml))!r} cannot be built "
-                               f"({type(error).__name__}: {error}). Pass the official-style yaml the checkpoint was "
-                               "trained with as --config (in ComfyUI: the loader's config), or none for SD 2.1's.")
+                               f"({type(error).__name__}: {error}). {CONFIG_ADVICE}")
     return WeightFileError(f"The stored {what} architecture cannot be built ({type(error).__name__}: {error}): the "
                            "file is damaged. Convert the official .ckpt again with `diffsr convert dossr`.")
 

@@ -473,6 +473,28 @@ def test_a_yaml_without_the_model_parts_is_named(tmp_path):
         load_ldm_params(path)
 
 
+@pytest.mark.parametrize("write, message", [
+    (lambda path: path.write_bytes(open(os.path.join(FIX, "lr_w32h32.png"), "rb").read()),
+     r"'.*config.png' is not a DoSSR/ControlLDM config: it is not a text file\. Pass the official-style yaml"),
+    (lambda path: path.write_text("model: 5\n"), r"is not a DoSSR/ControlLDM config: expected `params`"),
+    (lambda path: path.write_text("params: {control_stage_config: 1, unet_config: 2, first_stage_config: 3}\n"),
+     r"The DoSSR config '.*config.png' has a field of the wrong kind \('int' object is not subscriptable\)\. Pass"),
+    (lambda path: path.write_text(open(_tiny_yaml(path.parent, lambda p: p["control_stage_config"]["params"].pop(
+        "model_channels"))).read()), r"The DoSSR config '.*config.png' lacks 'model_channels'\. Pass the official"),
+], ids=["an-image", "model-not-a-mapping", "parts-not-mappings", "a-field-missing"])
+def test_a_config_that_is_not_a_controlldm_yaml_is_named_on_convert(tmp_path, capsys, write, message):
+    """``diffsr convert dossr --config`` given an image, or a yaml whose parts are not mappings or lack a field, is
+    refused in one line naming the config (not a UnicodeDecodeError / AttributeError / KeyError traceback), and
+    nothing is written."""
+    from comfyui_diffsr.cli.convert import main
+
+    config = tmp_path / "config.png"
+    write(config)
+    assert main(["dossr", CKPT, str(tmp_path / "x.safetensors"), "--config", str(config)]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_convert_with_a_yaml_of_another_vae_writes_nothing(tmp_path):
     """A yaml whose ControlNet fits the checkpoint but whose VAE does not: refused naming the condition encoder and
     --config, and nothing is written."""
