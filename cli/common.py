@@ -15,7 +15,7 @@ from ..sr_common.errors import DiffSRError, ImageInputError
 from ..sr_common.sd21 import PRECISIONS, ieee_float32
 from ..sr_common.tiling import (DEFAULT_TILES, TILE_FLOORS, OutOfMemory, WeightsOutOfMemory, is_out_of_memory,
                                 overlap_within, with_oom_retry)
-from ..sr_common.weights import partial_path, publish
+from ..sr_common.weights import nearest_existing, partial_path, publish
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 HIGH_DEPTH_PEAK = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "F": 1.0}  # PIL mode → white
@@ -139,9 +139,7 @@ def plan_outputs(images, outdir, overwrite=False, skip_existing=False, suffix=".
         raise DiffSRError(f"{len(existing)} output file(s) exist already (e.g. {existing[0]!r}). Choose another "
                           "--output folder, pass --skip-existing to upscale only the others, or --overwrite.")
     # an output folder that cannot be made is found before the models are loaded (and nothing is made yet)
-    nearest = os.path.abspath(outdir)
-    while not os.path.exists(nearest):
-        nearest = os.path.dirname(nearest)
+    nearest = nearest_existing(outdir)
     if not (os.path.isdir(nearest) and os.access(nearest, os.W_OK | os.X_OK)):
         raise DiffSRError(f"Cannot write the output folder {outdir!r}: {nearest!r} is not a writable folder. "
                           "Choose another --output folder.")

@@ -25,8 +25,8 @@ from ..sr_common.errors import WeightFileError
 from ..sr_common.known_files import (CONVERTED, DOSSR_CONVERTED_MARKERS, DOSSR_OFFICIAL_MARKERS, KNOWN,
                                      OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, canonical, describe, identify)
 from ..sr_common.sd21 import NOT_OPEN_CLIP_H, SCALING_FACTOR, load_ldm_unet_vae, open_clip_to_hf
-from ..sr_common.weights import (DOSSR_FORMAT, load_module_weights, read_state_dict, safetensors_metadata,
-                                 write_safetensors)
+from ..sr_common.weights import (DOSSR_FORMAT, check_safetensors_output, load_module_weights, read_state_dict,
+                                 safetensors_metadata, write_safetensors)
 
 CONTROL_PREFIX = "control_model."
 COND_ENCODER_PREFIX = "cond_encoder."
@@ -233,6 +233,7 @@ def convert_dossr(src, dst, config=None, dtype=None):
     The SD 2.1-base parts are left out (the user's own SD 2.1-base is used with the converted file).
     Returns the ``info`` dict (e.g. whether the condition encoder equals the VAE encoder).
     """
+    check_safetensors_output(dst)  # before the ckpt (5 GB) is read
     sd, kind, _ = read_weights(src)
     if kind != "official":
         raise WeightFileError(f"{os.path.basename(os.fspath(src))!r} is already a converted DoSSR file.")

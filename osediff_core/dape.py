@@ -27,8 +27,8 @@ from torch import nn
 
 from ..sr_common.errors import WeightFileError
 from ..sr_common.known_files import KNOWN, canonical, describe, identify, unwrap_ram
-from ..sr_common.weights import (DAPE_FORMAT, read_state_dict, require_float, safetensors_metadata,
-                                 write_safetensors)
+from ..sr_common.weights import (DAPE_FORMAT, check_safetensors_output, read_state_dict, require_float,
+                                 safetensors_metadata, write_safetensors)
 from .swin import SwinEncoder, swin_config
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -429,8 +429,7 @@ def load_dape_tagger(ram_path=None, dape_path=None, converted_path=None, device=
 
 def convert_dape(ram_path, dape_path, out_path, half=False):
     """Write the tagging tensors with DAPE merged to ``out_path`` (.safetensors; fp16 if ``half``)."""
-    if not os.fspath(out_path).lower().endswith(".safetensors"):
-        raise WeightFileError(f"Output {out_path!r} must end in .safetensors.")
+    check_safetensors_output(out_path)  # before the RAM file (5.6 GB) is read
     state, config = _state_from_official(ram_path, dape_path)
     dtype = torch.float16 if half else torch.float32
     tensors = {k: v.to(dtype).contiguous() for k, v in state.items()}

@@ -460,16 +460,35 @@ def publish(tmp, path, replace=False):
     os.remove(tmp)
 
 
+def nearest_existing(path):
+    """``path``, or the nearest of its parent folders that exists: where making it would start."""
+    nearest = os.path.abspath(path)
+    while not os.path.exists(nearest):
+        nearest = os.path.dirname(nearest)
+    return nearest
+
+
+def check_safetensors_output(path, replace=False):
+    """Refuse ``path`` as a ``.safetensors`` to write, before any work is done for it (a conversion reads gigabytes
+    first): a name of another kind, a file there (unless ``replace``), a folder that cannot be made or written."""
+    path = os.fspath(path)
+    if not path.lower().endswith(".safetensors"):
+        raise WeightFileError(f"The output {path!r} must end in .safetensors (the loaders read files by their kind).")
+    if os.path.exists(path) and not replace:
+        raise WeightFileError(f"{path!r} exists; choose another output name or delete it first.")
+    nearest = nearest_existing(os.path.dirname(os.path.abspath(path)))
+    if not (os.path.isdir(nearest) and os.access(nearest, os.W_OK | os.X_OK)):
+        raise WeightFileError(f"Cannot write {path!r}: {nearest!r} is not a writable folder; choose another output "
+                              "name.")
+
+
 def write_safetensors(tensors, path, metadata=None, replace=False):
     """Write ``tensors`` (contiguous copies) to ``path`` (a ``.safetensors`` name; its folder made if missing)
     atomically (``publish``): replacing an existing file only when ``replace`` (and then only once the new one is
     written), nothing left behind on failure, and readable by whoever may read the user's new files (safetensors 0.8
     writes owner-only files: a ComfyUI server run as another user could not load them)."""
     path = os.fspath(path)
-    if not path.lower().endswith(".safetensors"):
-        raise WeightFileError(f"The output {path!r} must end in .safetensors (the loaders read files by their kind).")
-    if os.path.exists(path) and not replace:
-        raise WeightFileError(f"{path!r} exists; choose another output name or delete it first.")
+    check_safetensors_output(path, replace)
     tmp = partial_path(path)
     try:
         os.makedirs(os.path.dirname(tmp), exist_ok=True)

@@ -4,6 +4,7 @@ import io
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -426,9 +427,28 @@ def test_converted_file_with_a_tensor_of_the_wrong_shape_names_it(tmp_path):
 def test_convert_refuses_a_wrong_output_name_before_reading_the_weights(tmp_path):
     """``convert dape`` to a name not ending in .safetensors is refused at once, before the RAM file (5.6 GB for the
     real one) is read: here the inputs do not even exist and the output name is what is named."""
-    with pytest.raises(WeightFileError, match=r"^Output .*dape\.pth.* must end in \.safetensors"):
+    with pytest.raises(WeightFileError, match=r"^The output .*dape\.pth.* must end in \.safetensors"):
         convert_dape(str(tmp_path / "absent_ram.pth"), str(tmp_path / "absent_dape.pth"), str(tmp_path / "dape.pth"))
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["osediff", "dape", "dossr"])
+def test_convert_names_an_output_problem_before_reading_the_input(tmp_path, capsys, kind):
+    """``diffsr convert`` to an output that exists, or whose folder is a file, is refused before the input is read
+    (the official DoSSR ckpt and RAM file are 5 GB or more): here the input does not even exist, and the output is
+    what is named; nothing is written."""
+    from comfyui_diffsr.cli.convert import main
+
+    absent = str(tmp_path / "absent.pth")
+    taken, blocker = tmp_path / "taken.safetensors", tmp_path / "a_file"
+    taken.write_bytes(b"earlier")
+    blocker.write_bytes(b"")
+    for out, message in ((taken, "taken.safetensors' exists; choose another output name"),
+                         (blocker / "out.safetensors", r"a_file.out\.safetensors': .*a_file' is not a writable folder")):
+        args = {"dape": ["dape", "--ram", absent, "--dape", absent, "-o", str(out)]}.get(kind, [kind, absent, str(out)])
+        assert main(args) == 2
+        assert re.search(message, capsys.readouterr().err)
+    assert taken.read_bytes() == b"earlier" and sorted(os.listdir(tmp_path)) == ["a_file", "taken.safetensors"]
 
 
 def test_cli_refuses_converted_weights_given_with_ram_or_dape(tmp_path, capsys):
