@@ -7,6 +7,7 @@ import sys
 from tqdm import tqdm
 
 from ..sr_common.download import OFFICIAL
+from ..sr_common.errors import DiffSRError
 from .common import run_main
 
 
@@ -40,10 +41,20 @@ def fetch(key, models_dir):
 
 
 def main_impl(argv=None):
+    """Each file asked for once, in order; one that fails (not verified, refused offline, the server down) is named
+    and the others are still fetched: exit status 2 when any failed, listed again at the end."""
     args = build_parser().parse_args(argv)
-    keys = list(OFFICIAL) if "all" in args.which else args.which
+    keys = list(OFFICIAL) if "all" in args.which else list(dict.fromkeys(args.which))
+    failed = []
     for key in keys:
-        print(fetch(key, args.models_dir))
+        try:
+            print(fetch(key, args.models_dir), flush=True)
+        except DiffSRError as e:
+            print(f"error: {key}: {e}", file=sys.stderr)
+            failed.append(key)
+    if failed:
+        print(f"error: {len(failed)} of {len(keys)} download(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 2
     return 0
 
 

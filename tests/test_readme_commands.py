@@ -69,6 +69,21 @@ def test_a_download_that_does_not_verify_puts_nothing_in_place(official_server, 
     assert not os.listdir(models / "osediff") and not os.listdir(models / "checkpoints")
 
 
+def test_a_download_that_fails_leaves_the_others_to_be_fetched(official_server, tmp_path, capsys):
+    """``diffsr download sd21-base osediff osediff`` where the SD 2.1 file does not verify: it is named, osediff.pkl
+    is still fetched (once, though named twice), and the command exits with status 2 listing the failure."""
+    served, requests = official_server
+    (served / SD21_FILE).write_bytes(b"not the official file")
+    models = tmp_path / "models"
+    assert main(["download", "sd21-base", "osediff", "osediff", "--models-dir", str(models)]) == 2
+    printed = capsys.readouterr()
+    assert printed.out.split() == [str(models / "osediff" / "osediff.pkl")]
+    assert (models / "osediff" / "osediff.pkl").read_bytes() == (served / "osediff.pkl").read_bytes()
+    assert "error: sd21-base: " in printed.err and "SHA-256" in printed.err
+    assert printed.err.rstrip().endswith("error: 1 of 2 download(s) failed: sd21-base")
+    assert not os.listdir(models / "checkpoints") and len(requests) == 2
+
+
 def test_the_diffsr_entry_lists_its_commands(capsys):
     """--help lists the commands on stdout; an unknown command is named on stderr with the list, exit 2."""
     assert main(["--help"]) == 0 and main([]) == 2
