@@ -17,6 +17,7 @@ import sys
 
 from ..sr_common.errors import DiffSRError
 from ..sr_common.sd21 import network_dtype
+from ..sr_common.tiling import is_out_of_memory
 from .common import (add_device_args, add_input_args, check_sizing_args, find_images, load_image, pick_device,
                      run_main, shown_name)
 
@@ -78,14 +79,21 @@ def main_impl(argv=None):
         sys.stdout.reconfigure(errors="surrogateescape")
     failed = []
     for path, _ in images:
-        try:
+        try:  # an image that fails fails alone: the others go on
             lq, _ = preprocess(load_image(path), upscale=args.upscale, process_size=args.process_size,
                                official_sizing=args.official_sizing)
-        except (DiffSRError, ValueError) as e:  # this image only: the others go on
+            tags = tagger.tags(lq, exclude=exclude, max_tags=args.max_tags)[0]
+        except (DiffSRError, ValueError) as e:
             print(f"error: {shown_name(path)}: {e}", file=sys.stderr)
             failed.append(path)
             continue
-        tags = tagger.tags(lq, exclude=exclude, max_tags=args.max_tags)[0]
+        except (MemoryError, RuntimeError) as e:  # a large photo enlarged as OSEDiff does: gigabytes
+            if not (isinstance(e, MemoryError) or is_out_of_memory(e)):
+                raise
+            print(f"error: {shown_name(path)}: out of memory: DAPE tags the image enlarged ×{args.upscale:g}, as "
+                  "OSEDiff does. Give a smaller --upscale, or downscale the image.", file=sys.stderr)
+            failed.append(path)
+            continue
         prompt = dape_prompt(tags, args.prompt, tags_only=args.tags_only)
         print(prompt if args.no_names else f"{escaped_name(path)}\t{prompt}", flush=True)
     if failed:

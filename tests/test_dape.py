@@ -306,6 +306,35 @@ def test_cli_a_damaged_multi_page_file_fails_alone(fixture, tmp_path, capsys):
     assert "Traceback" not in captured.err
 
 
+@pytest.mark.parametrize("error", [RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                                                 "can't allocate memory: you tried to allocate 2304000000 bytes."),
+                                    MemoryError()], ids=["cpu-allocator", "memory-error"])
+def test_cli_an_image_too_large_for_memory_fails_alone(fixture, tmp_path, capsys, monkeypatch, error):
+    """A photo whose ×upscale LQ does not fit in memory (PyTorch's CPU allocator refuses it, or Python's
+    MemoryError) is named on one line with the fix; the images after it are still tagged, exit status 2."""
+    from comfyui_diffsr.cli.dape import main
+    from comfyui_diffsr.osediff_core import pipeline
+
+    _, smalls, _, tags = fixture
+    Image.fromarray(smalls[0]).resize((64, 48)).save(tmp_path / "a_large.png")
+    Image.fromarray(smalls[1]).save(tmp_path / "b.png")
+    preprocess = pipeline.preprocess
+
+    def preprocess_without_memory_for_the_large(image, **sizing):
+        if image.shape[-1] == 64:
+            raise error
+        return preprocess(image, **sizing)
+
+    monkeypatch.setattr(pipeline, "preprocess", preprocess_without_memory_for_the_large)
+    assert main([str(tmp_path), "--ram", RAM, "--dape", DAPE, "--process-size", "0", "--upscale", "8", "--no-names",
+                 "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 1
+    assert (f"error: {tmp_path / 'a_large.png'}: out of memory: DAPE tags the image enlarged ×8, as OSEDiff does. "
+            "Give a smaller --upscale, or downscale the image.") in captured.err
+    assert "1 of 2 image(s) failed" in captured.err and "Traceback" not in captured.err
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="Windows file names cannot hold tabs or line breaks")
 def test_cli_names_with_tabs_and_line_breaks_stay_one_line(fixture, tmp_path, capsys):
     from comfyui_diffsr.cli.dape import escaped_name, main
