@@ -1,13 +1,14 @@
 """``diffsr dape``: the OSEDiff prompt (DAPE tags) of each image, one line per image.
 
     diffsr dape INPUT... (--ram RAM.pth --dape DAPE.pth | --weights DAPE.safetensors | --dape DAPE.safetensors)
-                [--upscale 4] [--process-size 512] [--official-sizing] [--prompt TEXT] [--tags-only]
+                [--upscale 4] [--process-size 512] [--official-sizing] [--user-prompt TEXT] [--tags-only]
                 [--exclude a,b] [--max-tags N] [--no-names] [--device cpu|cuda] [--dtype fp32|fp16|bf16]
 
 Output: ``<file>\\t<prompt>`` per image (``--no-names``: just the prompt); a file name holding a backslash, tab or
 line break is written escaped (``\\\\``, ``\\t``, ``\\n``, ``\\r``) on a line that starts with a backslash, as
 ``sha256sum`` does, so every image stays one line with one tab. The prompt is what
-``diffsr osediff`` would encode: ``"{tags}, {prompt},"`` (``--tags-only``: the tags alone). DAPE
+``diffsr osediff`` would encode with the same ``--user-prompt``: ``"{tags}, {user prompt},"`` (``--tags-only``:
+the tags alone; ``--prompt`` is the same option, kept for older scripts, not ``osediff``'s). DAPE
 sees the image after OSEDiff's pre-processing (PIL bicubic ×upscale of the 8-bit image, and the
 short-side enlargement of very small images), so the tags are those of the OSEDiff run.
 """
@@ -32,7 +33,9 @@ def build_parser():
     p.add_argument("--upscale", type=float, default=4, help="OSEDiff scale factor (default 4)")
     p.add_argument("--process-size", type=int, default=512, help="as diffsr osediff (default 512)")
     p.add_argument("--official-sizing", action="store_true", help="as diffsr osediff")
-    p.add_argument("--prompt", default="", help="user text: prompt = '{tags}, {prompt},'")
+    p.add_argument("--user-prompt", "--prompt", dest="user_prompt", default="",
+                   help="text after the tags, as osediff's --user-prompt: prompt = '{tags}, {user prompt},' "
+                        "(--prompt: the same, kept for older scripts; osediff's --prompt skips DAPE)")
     p.add_argument("--tags-only", action="store_true", help="print only the tags")
     p.add_argument("--exclude", default="", help="comma-separated tags never to output")
     p.add_argument("--max-tags", type=int, default=None, help="keep the N most probable tags (in tag-list order)")
@@ -94,7 +97,7 @@ def main_impl(argv=None):
                   "OSEDiff does. Give a smaller --upscale, or downscale the image.", file=sys.stderr)
             failed.append(path)
             continue
-        prompt = dape_prompt(tags, args.prompt, tags_only=args.tags_only)
+        prompt = dape_prompt(tags, args.user_prompt, tags_only=args.tags_only)
         print(prompt if args.no_names else f"{escaped_name(path)}\t{prompt}", flush=True)
     if failed:
         print(f"error: {len(failed)} of {len(images)} image(s) failed: {', '.join(map(shown_name, failed))}",

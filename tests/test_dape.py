@@ -287,6 +287,21 @@ def test_cli_prints_prompts_and_converts(fixture, tmp_path, capsys, monkeypatch)
                                                     f"{nested}\t{tags[1]}, ,"]
 
 
+def test_cli_takes_osediffs_user_prompt_option(fixture, tmp_path, capsys):
+    """The text after the tags is --user-prompt, as in ``diffsr osediff`` (whose --prompt skips DAPE), so a prompt
+    checked here is given to osediff the same way; --prompt stays the same option for older scripts."""
+    from comfyui_diffsr.cli.dape import main
+
+    _, smalls, _, tags = fixture
+    image = tmp_path / "img0.png"
+    Image.fromarray(smalls[0]).save(image)
+    common = [str(image), "--ram", RAM, "--dape", DAPE, "--process-size", "0", "--no-names", "--device", "cpu"]
+    assert main(common + ["--user-prompt", "high quality"]) == 0
+    assert capsys.readouterr().out == f"{tags[0]}, high quality,\n"
+    assert main(common + ["--prompt", "high quality"]) == 0
+    assert capsys.readouterr().out == f"{tags[0]}, high quality,\n"
+
+
 def test_cli_a_damaged_multi_page_file_fails_alone(fixture, tmp_path, capsys):
     """A 2-page TIFF cut at a third (PIL raises TypeError as it counts the pages) is named on one line; the images
     after it are still tagged, and the command exits with status 2."""
