@@ -21,12 +21,14 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 HIGH_DEPTH_PEAK = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "F": 1.0}  # PIL mode → white
 
 
-def add_input_args(parser):
+def add_input_args(parser, writes_images=True):
+    """INPUT... and -r; ``writes_images``: the command writes an output image per input (not ``dape``, which prints)."""
+    outputs, left_out = (("; the outputs mirror the sub-folders", "hidden folders, links to folders and the output "
+                          "folder") if writes_images else ("", "hidden folders and links to folders"))
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     parser.add_argument("-r", "--recursive", action="store_true",
-                        help="also the images in the sub-folders of a folder INPUT; the outputs mirror the sub-folders "
-                             "(hidden folders, links to folders and the output folder are left out; a folder's hidden "
-                             "files, such as macOS's ._IMG.jpg, are never taken)")
+                        help=f"also the images in the sub-folders of a folder INPUT{outputs} ({left_out} are left out; "
+                             "a folder's hidden files, such as macOS's ._IMG.jpg, are never taken)")
 
 
 def find_images(inputs, recursive=False, output=None):

@@ -26,7 +26,7 @@ from .common import (add_device_args, add_input_args, check_sizing_args, find_im
 def build_parser():
     p = argparse.ArgumentParser(prog="diffsr dape", description="DAPE (RAM + LoRA) prompts for OSEDiff.",
                                 epilog="To write RAM + DAPE as one converted tagger: diffsr convert dape.")
-    add_input_args(p)
+    add_input_args(p, writes_images=False)
     p.add_argument("--ram", default=None, help="ram_swin_large_14m.pth (with --dape)")
     p.add_argument("--dape", default=None, help="DAPE.pth (with --ram), or a converted DAPE .safetensors alone")
     p.add_argument("--weights", default=None, help="converted DAPE .safetensors (diffsr convert dape)")

@@ -302,6 +302,22 @@ def test_cli_takes_osediffs_user_prompt_option(fixture, tmp_path, capsys):
     assert capsys.readouterr().out == f"{tags[0]}, high quality,\n"
 
 
+def test_cli_recursive_help_speaks_of_no_outputs():
+    """dape prints prompts and writes no files: its -r help does not promise outputs that mirror the sub-folders or
+    an output folder left out, as osediff's does."""
+    from comfyui_diffsr.cli.dape import build_parser
+    from comfyui_diffsr.cli.osediff import build_parser as osediff_parser
+
+    def recursive_help(parser):
+        return next(a.help for a in parser._actions if "--recursive" in a.option_strings)
+
+    assert recursive_help(build_parser()) == (
+        "also the images in the sub-folders of a folder INPUT (hidden folders and links to folders are left out; a "
+        "folder's hidden files, such as macOS's ._IMG.jpg, are never taken)")
+    assert "the outputs mirror the sub-folders" in recursive_help(osediff_parser())
+    assert "and the output folder are left out" in recursive_help(osediff_parser())
+
+
 def test_cli_a_damaged_multi_page_file_fails_alone(fixture, tmp_path, capsys):
     """A 2-page TIFF cut at a third (PIL raises TypeError as it counts the pages) is named on one line; the images
     after it are still tagged, and the command exits with status 2."""
