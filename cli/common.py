@@ -526,7 +526,10 @@ def _decoded_upright(path):
     except Image.DecompressionBombError as e:
         raise ImageInputError(f"Image {path!r} is too large to open safely ({e}). Downscale it or cut it into "
                               "parts first.") from e
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:  # SyntaxError: PIL's broken PNG chunk
+    except UnidentifiedImageError as e:  # PIL's message names the file object it read, not the file
+        raise ImageInputError(f"Cannot read image {path!r}: it is not an image, or in a format Pillow cannot "
+                              "read. Export it as PNG or JPEG.") from e
+    except (OSError, ValueError, SyntaxError) as e:  # SyntaxError: PIL's broken PNG chunk
         raise ImageInputError(f"Cannot read image {path!r}: {e}") from e
     except MemoryError:
         raise

@@ -318,6 +318,23 @@ def test_cli_recursive_help_speaks_of_no_outputs():
     assert "and the output folder are left out" in recursive_help(osediff_parser())
 
 
+def test_cli_a_file_that_is_not_an_image_is_named_by_its_path(fixture, tmp_path, capsys):
+    """A text file named .png is refused naming the file and what it is not, not with PIL's message about the
+    file object it read (``<_io.BufferedReader name=...>``); the other images are still tagged."""
+    from comfyui_diffsr.cli.dape import main
+
+    _, smalls, _, tags = fixture
+    (tmp_path / "a_notes.png").write_text("not an image")
+    Image.fromarray(smalls[1]).save(tmp_path / "b.png")
+    assert main([str(tmp_path), "--ram", RAM, "--dape", DAPE, "--process-size", "0", "--no-names",
+                 "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [f"{tags[1]}, ,"]
+    notes = str(tmp_path / "a_notes.png")
+    assert captured.err.splitlines()[0] == (f"error: {notes}: Cannot read image {notes!r}: it is not an image, or in "
+                                            "a format Pillow cannot read. Export it as PNG or JPEG.")
+
+
 def test_cli_a_damaged_multi_page_file_fails_alone(fixture, tmp_path, capsys):
     """A 2-page TIFF cut at a third (PIL raises TypeError as it counts the pages) is named on one line; the images
     after it are still tagged, and the command exits with status 2."""
