@@ -515,8 +515,8 @@ def _decoded_upright(path):
                 icc_profile = None                             # RGB output (its colour space: header bytes 16-19)
             frames = getattr(opened, "n_frames", 1)
             if frames > 1:
-                tqdm.write(f"note: {shown_name(path)}: {frames} frames (an animation or a multi-page file); the first "
-                           "is upscaled", file=sys.stderr)
+                tqdm.write(f"note: {shown_name(path)}: {frames} frames (an animation or a multi-page file); only the "
+                           "first is read", file=sys.stderr)
             if isinstance(opened, TiffImagePlugin.TiffImageFile):
                 opened.load()
                 upright = opened.copy()

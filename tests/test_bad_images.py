@@ -230,7 +230,7 @@ def test_an_animation_gives_its_first_frame_with_a_note(tmp_path, capsys):
     frames[0].save(tmp_path / "anim.webp", save_all=True, append_images=frames[1:], lossless=True)
     loaded = load_image(str(tmp_path / "anim.webp"))
     assert loaded.shape == (1, 3, 5, 9) and torch.equal(loaded[0, :, 0, 0], torch.tensor([1.0, 0.0, 0.0]))
-    assert "3 frames (an animation or a multi-page file); the first is upscaled" in capsys.readouterr().err
+    assert "3 frames (an animation or a multi-page file); only the first is read" in capsys.readouterr().err
     frames[0].save(tmp_path / "still.png")
     load_image(str(tmp_path / "still.png"))
     assert capsys.readouterr().err == ""

@@ -335,6 +335,24 @@ def test_cli_a_file_that_is_not_an_image_is_named_by_its_path(fixture, tmp_path,
                                             "a format Pillow cannot read. Export it as PNG or JPEG.")
 
 
+def test_cli_an_animation_is_tagged_by_its_first_frame(fixture, tmp_path, capsys):
+    """An animated GIF gives the tags of its first frame, with a note that does not speak of upscaling (dape
+    upscales nothing)."""
+    from comfyui_diffsr.cli.dape import main
+
+    _, smalls, _, tags = fixture
+    first, second = (Image.fromarray(smalls[i]).quantize(256).convert("RGB") for i in (0, 1))
+    first.save(tmp_path / "anim.gif", save_all=True, append_images=[second])
+    Image.open(tmp_path / "anim.gif").convert("RGB").save(tmp_path / "first.png")  # the first frame as decoded
+    common = ["--ram", RAM, "--dape", DAPE, "--process-size", "0", "--no-names", "--device", "cpu"]
+    assert main([str(tmp_path / "anim.gif"), *common]) == 0
+    assert main([str(tmp_path / "first.png"), *common]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0] == captured.out.splitlines()[1]
+    assert captured.err == f"note: {tmp_path / 'anim.gif'}: 2 frames (an animation or a multi-page file); only the " \
+                           "first is read\n"
+
+
 def test_cli_a_damaged_multi_page_file_fails_alone(fixture, tmp_path, capsys):
     """A 2-page TIFF cut at a third (PIL raises TypeError as it counts the pages) is named on one line; the images
     after it are still tagged, and the command exits with status 2."""
