@@ -78,6 +78,11 @@ def main_impl(argv=None):
     device = pick_device(args.device)
     tagger = load_tagger(args, device, network_dtype(args.dtype, device))
     exclude = [t.strip() for t in args.exclude.split(",") if t.strip()]
+    known = {name.lower() for name in tagger.tag_names}
+    unknown = [tag for tag in exclude if tag.lower() not in known]
+    if unknown:  # a misspelt tag would leave the one meant in every prompt
+        print(f"note: --exclude: {', '.join(map(repr, unknown))}: not among DAPE's tags (check the spelling)",
+              file=sys.stderr)
     if hasattr(sys.stdout, "reconfigure"):  # a name that is not UTF-8 is printed as its bytes, as sha256sum does
         sys.stdout.reconfigure(errors="surrogateescape")
     failed = []

@@ -353,6 +353,22 @@ def test_cli_an_animation_is_tagged_by_its_first_frame(fixture, tmp_path, capsys
                            "first is read\n"
 
 
+def test_cli_names_an_excluded_tag_that_is_not_a_tag(fixture, tmp_path, capsys):
+    """--exclude with a misspelt tag (which would leave the tag meant in every prompt) says so on stderr; the tags
+    it does name, in any case, are still left out."""
+    from comfyui_diffsr.cli.dape import main
+
+    _, smalls, _, tags = fixture
+    image = tmp_path / "img1.png"
+    Image.fromarray(smalls[1]).save(image)
+    first = tags[1].split(", ")[0]
+    assert main([str(image), "--ram", RAM, "--dape", DAPE, "--process-size", "0", "--no-names", "--tags-only",
+                 "--exclude", f"{first.upper()}, dalmation ,no such tag", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == ", ".join(tags[1].split(", ")[1:])
+    assert captured.err == "note: --exclude: 'dalmation', 'no such tag': not among DAPE's tags (check the spelling)\n"
+
+
 def test_cli_a_damaged_multi_page_file_fails_alone(fixture, tmp_path, capsys):
     """A 2-page TIFF cut at a third (PIL raises TypeError as it counts the pages) is named on one line; the images
     after it are still tagged, and the command exits with status 2."""
