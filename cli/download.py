@@ -44,6 +44,8 @@ def main_impl(argv=None):
     """Each file asked for once, in order; one that fails (not verified, refused offline, the server down) is named
     and the others are still fetched: exit status 2 when any failed, listed again at the end."""
     args = build_parser().parse_args(argv)
+    if not args.models_dir:  # os.path.join would put the files in sub-folders of the current folder
+        raise DiffSRError("--models-dir is empty; give the models folder, e.g. ComfyUI/models (default ./models).")
     keys = list(OFFICIAL) if "all" in args.which else list(dict.fromkeys(args.which))
     failed = []
     for key in keys:

@@ -84,6 +84,19 @@ def test_a_download_that_fails_leaves_the_others_to_be_fetched(official_server, 
     assert not os.listdir(models / "checkpoints") and len(requests) == 2
 
 
+def test_an_empty_models_dir_is_refused(official_server, tmp_path, capsys, monkeypatch):
+    """``--models-dir ""`` (an unset shell variable) is refused, not taken as the current folder, where the files
+    would land in ./osediff/ and ./checkpoints/."""
+    _, requests = official_server
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["download", "osediff", "--models-dir", ""]) == 2
+    assert capsys.readouterr().err == ("error: --models-dir is empty; give the models folder, e.g. ComfyUI/models "
+                                       "(default ./models).\n")
+    assert os.listdir(work) == [] and not requests
+
+
 def test_the_diffsr_entry_lists_its_commands(capsys):
     """--help lists the commands on stdout; an unknown command is named on stderr with the list, exit 2."""
     assert main(["--help"]) == 0 and main([]) == 2
