@@ -38,7 +38,9 @@ def build_parser():
                         "(--prompt: the same, kept for older scripts; osediff's --prompt skips DAPE)")
     p.add_argument("--tags-only", action="store_true", help="print only the tags")
     p.add_argument("--exclude", default="", help="comma-separated tags never to output")
-    p.add_argument("--max-tags", type=int, default=None, help="keep the N most probable tags (in tag-list order)")
+    p.add_argument("--max-tags", type=int, default=0,
+                   help="keep the N most probable tags (in tag-list order); 0 = all (default), as the DAPE Prompt "
+                        "Extractor node")
     p.add_argument("--no-names", action="store_true", help="print only the prompt, not '<file>\\t'")
     add_device_args(p)
     return p
@@ -69,8 +71,8 @@ def escaped_name(path):
 def main_impl(argv=None):
     args = build_parser().parse_args(argv)
     check_sizing_args(args)
-    if args.max_tags is not None and args.max_tags < 0:
-        raise DiffSRError("--max-tags must be 0 or more.")
+    if args.max_tags < 0:
+        raise DiffSRError("--max-tags must be 0 (all tags) or more.")
     from ..osediff_core.dape import dape_prompt
     from ..osediff_core.pipeline import preprocess
 
@@ -90,7 +92,7 @@ def main_impl(argv=None):
         try:  # an image that fails fails alone: the others go on
             lq, _ = preprocess(load_image(path), upscale=args.upscale, process_size=args.process_size,
                                official_sizing=args.official_sizing)
-            tags = tagger.tags(lq, exclude=exclude, max_tags=args.max_tags)[0]
+            tags = tagger.tags(lq, exclude=exclude, max_tags=args.max_tags or None)[0]
         except (DiffSRError, ValueError) as e:
             print(f"error: {shown_name(path)}: {e}", file=sys.stderr)
             failed.append(path)

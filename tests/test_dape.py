@@ -369,6 +369,24 @@ def test_cli_names_an_excluded_tag_that_is_not_a_tag(fixture, tmp_path, capsys):
     assert captured.err == "note: --exclude: 'dalmation', 'no such tag': not among DAPE's tags (check the spelling)\n"
 
 
+def test_cli_max_tags_0_keeps_every_tag_as_the_node(fixture, tmp_path, capsys):
+    """--max-tags 0 means all tags, as max_tags 0 on the DAPE Prompt Extractor node (a setting copied from a
+    workflow gave an empty prompt); N keeps the N most probable."""
+    from comfyui_diffsr.cli.dape import main
+
+    _, smalls, _, tags = fixture
+    image = tmp_path / "img1.png"
+    Image.fromarray(smalls[1]).save(image)
+    common = [str(image), "--ram", RAM, "--dape", DAPE, "--process-size", "0", "--no-names", "--tags-only",
+              "--device", "cpu"]
+    assert main(common + ["--max-tags", "0"]) == 0
+    assert capsys.readouterr().out == f"{tags[1]}\n"
+    assert main(common + ["--max-tags", "1"]) == 0
+    assert capsys.readouterr().out.strip() in tags[1].split(", ")
+    assert main(common + ["--max-tags", "-1"]) == 2
+    assert "--max-tags must be 0 (all tags) or more" in capsys.readouterr().err
+
+
 def test_cli_a_damaged_multi_page_file_fails_alone(fixture, tmp_path, capsys):
     """A 2-page TIFF cut at a third (PIL raises TypeError as it counts the pages) is named on one line; the images
     after it are still tagged, and the command exits with status 2."""
@@ -554,8 +572,9 @@ def test_convert_names_an_output_problem_before_reading_the_input(tmp_path, caps
     taken, blocker = tmp_path / "taken.safetensors", tmp_path / "a_file"
     taken.write_bytes(b"earlier")
     blocker.write_bytes(b"")
+    not_a_folder = r"a_file.out\.safetensors': .*a_file' is not a writable folder"
     for out, message in ((taken, "taken.safetensors' exists; choose another output name"),
-                         (blocker / "out.safetensors", r"a_file.out\.safetensors': .*a_file' is not a writable folder")):
+                         (blocker / "out.safetensors", not_a_folder)):
         args = {"dape": ["dape", "--ram", absent, "--dape", absent, "-o", str(out)]}.get(kind, [kind, absent, str(out)])
         assert main(args) == 2
         assert re.search(message, capsys.readouterr().err)
