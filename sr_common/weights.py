@@ -474,7 +474,7 @@ def check_safetensors_output(path, replace=False):
     path = os.fspath(path)
     if not path.lower().endswith(".safetensors"):
         raise WeightFileError(f"The output {path!r} must end in .safetensors (the loaders read files by their kind).")
-    if os.path.exists(path) and not replace:
+    if os.path.lexists(path) and not replace:  # a link to nothing too: the file would be written through it
         raise WeightFileError(f"{path!r} exists; choose another output name or delete it first.")
     nearest = nearest_existing(os.path.dirname(os.path.abspath(path)))
     if not (os.path.isdir(nearest) and os.access(nearest, os.W_OK | os.X_OK)):

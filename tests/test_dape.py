@@ -581,6 +581,18 @@ def test_convert_names_an_output_problem_before_reading_the_input(tmp_path, caps
     assert taken.read_bytes() == b"earlier" and sorted(os.listdir(tmp_path)) == ["a_file", "taken.safetensors"]
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="symbolic links need a privilege on Windows")
+def test_convert_refuses_an_output_that_is_a_link_to_nothing(tmp_path, capsys):
+    """An output name held by a link to nothing is taken, as by a file, and named before the input is read (it was
+    found only when the finished file was moved into place, as 'check that its folder is writable')."""
+    from comfyui_diffsr.cli.convert import main
+
+    os.symlink(tmp_path / "nowhere", tmp_path / "link.safetensors")
+    assert main(["osediff", str(tmp_path / "absent.pkl"), str(tmp_path / "link.safetensors")]) == 2
+    assert "link.safetensors' exists; choose another output name" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["link.safetensors"]
+
+
 def test_cli_refuses_converted_weights_given_with_ram_or_dape(tmp_path, capsys):
     """--weights (a converted tagger) with --ram or --dape too: which file tags the images would be a guess, so
     the command refuses, before any weights are read."""
