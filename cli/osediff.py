@@ -52,6 +52,9 @@ def build_parser():
 def check_args(args):
     check_sizing_args(args)
     check_tile_args(args)
+    if args.prompt is not None and args.dape:
+        print("note: DAPE is not used: --prompt replaces its prompt (the tags are not made); to add text after DAPE's "
+              "tags, give it as --user-prompt instead of --prompt", file=sys.stderr)
     if args.user_prompt and (args.prompt is not None or not args.dape):
         print("note: --user-prompt goes with the DAPE tags only; it is not used with --prompt or without --dape",
               file=sys.stderr)

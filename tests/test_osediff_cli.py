@@ -853,6 +853,19 @@ def test_osediff_with_dape_prompts(base, tmp_path, monkeypatch):
     assert (tmp_path / "converted" / "in_32x32.png").read_bytes() == (tmp_path / "in_32x32.png").read_bytes()
 
 
+def test_a_prompt_given_with_dape_says_dape_is_not_used(base, tmp_path, capsys):
+    """--prompt replaces DAPE's prompt: given with --dape, a note says DAPE is not used and names --user-prompt (the
+    text after the tags), rather than the DAPE files being quietly left unread."""
+    ram, dape = os.path.join(DATA, "dape", "ram_tiny.pth"), os.path.join(DATA, "dape", "dape_tiny.pth")
+    assert run([os.path.join(FIX, "in_32x32.png"), "-o", tmp_path, "--base", base, "--weights",
+                os.path.join(FIX, "osediff_tiny.pkl"), "--process-size", "64", "--ram", ram, "--dape", dape,
+                "--prompt", "a photo"]) == 0
+    err = capsys.readouterr().err
+    assert ("note: DAPE is not used: --prompt replaces its prompt (the tags are not made); to add text after DAPE's "
+            "tags, give it as --user-prompt instead of --prompt\n") in err
+    assert "--user-prompt goes with" not in err and (tmp_path / "in_32x32.png").exists()
+
+
 def test_float16_on_a_cpu_that_cannot_compute_it_is_refused_by_name(base, tmp_path, monkeypatch, capsys):
     """PyTorch 2.1 has no float16 convolution or layer norm on the CPU: ``--dtype fp16 --device cpu`` says so and
     what to pick instead, before loading anything, rather than failing inside a network."""
