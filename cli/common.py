@@ -6,6 +6,7 @@ import dataclasses
 import os
 import sys
 import unicodedata
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -500,7 +501,8 @@ def read_image(path):
 def _decoded_upright(path):
     """The first frame of an image file, decoded and turned upright by its EXIF orientation, and its
     ``PhotoMetadata``. Whatever PIL raises on a damaged file (a cut multi-page TIFF: TypeError; a cut GIF:
-    IndexError, struct.error; an unknown compression: KeyError) is an ``ImageInputError``; out of memory is not.
+    IndexError, struct.error; an unknown compression: KeyError) is an ``ImageInputError``; out of memory is not. An
+    image past Pillow's decompression-bomb warning (89 megapixels) is read, with a one-line note.
 
     A TIFF is turned by Pillow itself as it loads (tested on 10.0 to 13.0), and Pillow 10.0 keeps the orientation in
     its EXIF after that, so ``exif_transpose`` would turn it twice: a TIFF is only loaded. It is read through a file
@@ -508,8 +510,16 @@ def _decoded_upright(path):
     turned size and scramble it."""
     from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
+    # Pillow's warning, with its source line, is said as a note below: a filter for the process, as catch_warnings is
+    # not thread-safe (the images are read on a helper thread)
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     try:
         with open(path, "rb") as file, Image.open(file) as opened:
+            width, height = opened.size
+            if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+                tqdm.write(f"note: {shown_name(path)}: {width}×{height} px, more than the {Image.MAX_IMAGE_PIXELS:,} "
+                           "pixels Pillow opens without a decompression-bomb warning; it is read as given",
+                           file=sys.stderr)
             icc_profile = opened.info.get("icc_profile")
             if icc_profile and icc_profile[16:20] != b"RGB ":  # a CMYK, gray or Lab profile does not describe the
                 icc_profile = None                             # RGB output (its colour space: header bytes 16-19)

@@ -236,6 +236,20 @@ def test_an_animation_gives_its_first_frame_with_a_note(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_an_image_past_pillows_decompression_bomb_warning_is_read_with_a_one_line_note(tmp_path, capsys,
+                                                                                         monkeypatch, recwarn):
+    """Pillow warns from 89 megapixels (and refuses from twice that): its warning, with its ``warnings.warn(``
+    source line, is one note naming the file instead, and the image is read."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600)  # 32×32: past the warning, below the refusal (1200)
+    path = tmp_path / "big\x1bphoto.png"
+    shutil.copy(os.path.join(DATA, "osediff", "in_32x32.png"), path)
+    loaded = load_image(str(path))
+    assert torch.equal(loaded, img.pil_to_tensor(Image.open(os.path.join(DATA, "osediff", "in_32x32.png"))))
+    assert capsys.readouterr().err == (f"note: {tmp_path}/big\\x1bphoto.png: 32×32 px, more than the 600 pixels "
+                                       "Pillow opens without a decompression-bomb warning; it is read as given\n")
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
 @pytest.mark.parametrize("content, message", [
     (lambda: b"not an image", "Cannot read image"),
     (lambda: open(os.path.join(DATA, "osediff", "in_32x32.png"), "rb").read()[:300], "Cannot read image"),
