@@ -129,8 +129,8 @@ def main_convert(src, dst, config=None, fp16=False):
 
     info = convert_dossr(src, dst, config=config, dtype=torch.float16 if fp16 else None)
     if "cond_encoder_equals_vae_encoder" in info:
-        print("condition encoder " + ("equals" if info["cond_encoder_equals_vae_encoder"] else "differs from")
-              + " the SD VAE encoder (always loaded from the DoSSR file)", file=sys.stderr)
+        print("note: the condition encoder " + ("equals" if info["cond_encoder_equals_vae_encoder"] else "differs from")
+              + " the SD VAE encoder (it is always loaded from the DoSSR file)", file=sys.stderr)
     return 0
 
 

@@ -119,6 +119,18 @@ def test_converted_file_refuses_reconversion_and_is_recognised(tmp_path):
         convert_dossr(CKPT, out, config=os.path.join(FIX, "tiny_cldm.yaml"))
 
 
+def test_cli_convert_says_what_it_found_of_the_condition_encoder_as_a_note(tmp_path, capsys):
+    """``diffsr convert dossr`` reports on the condition encoder as a note (it read as an error without one)."""
+    from comfyui_diffsr.cli.convert import main
+
+    out = tmp_path / "parts.safetensors"
+    assert main(["dossr", CKPT, str(out), "--config", os.path.join(FIX, "tiny_cldm.yaml")]) == 0
+    printed = capsys.readouterr()
+    assert printed.err == ("note: the condition encoder differs from the SD VAE encoder (it is always loaded from the "
+                           "DoSSR file)\n")
+    assert printed.out == f"wrote {out}\n" and read_weights(out)[1] == "converted"
+
+
 def test_converted_file_without_its_metadata_names_the_reconversion(tmp_path):
     """A converted file whose metadata was lost (re-saved by another tool) is refused by name, with the fix."""
     from safetensors.torch import load_file, save_file
