@@ -12,8 +12,8 @@ import torch
 
 from ..sr_common.errors import WeightFileError
 from ..sr_common.known_files import CONVERTED, KNOWN, canonical, describe, identify
-from ..sr_common.weights import (OSEDIFF_FORMAT, check_safetensors_output, fresh_float32_cpu, prefaulting,
-                                 read_state_dict, require_float, safetensors_metadata, write_safetensors)
+from ..sr_common.weights import (OSEDIFF_FORMAT, check_safetensors_output, converted_kind, fresh_float32_cpu,
+                                 prefaulting, read_state_dict, require_float, safetensors_metadata, write_safetensors)
 
 REQUIRED_KEYS = ("state_dict_unet", "state_dict_vae", "rank_unet", "rank_vae")
 MODULE_LIST_KEYS = ("unet_lora_encoder_modules", "unet_lora_decoder_modules", "unet_lora_others_modules",
@@ -247,8 +247,12 @@ def lq_encoder(vae, ckpt, in_place=False):
 
 
 def convert_osediff(src, dst):
-    """Write the official ``osediff.pkl`` as a safetensors file that loads to the same weights."""
+    """Write the official ``osediff.pkl`` as a safetensors file that loads to the same weights (a converted file is
+    refused: a copy of it would be all the conversion gave)."""
     check_safetensors_output(dst)
+    if converted_kind(src) == OSEDIFF_FORMAT:
+        raise WeightFileError(f"{os.path.basename(os.fspath(src))!r} is already a converted OSEDiff file: use it as "
+                              "it is (--weights, or the Load OSEDiff node); only osediff.pkl is converted.")
     ckpt = read_osediff(src)
     tensors = {f"unet.{k}": v for k, v in ckpt["state_dict_unet"].items()}
     tensors.update({f"vae.{k}": v for k, v in ckpt["state_dict_vae"].items()})

@@ -191,6 +191,20 @@ def test_converted_weights_and_python_m(base, tmp_path):
     assert torch.equal(a, b)
 
 
+def test_convert_refuses_a_converted_file_by_name(tmp_path, capsys):
+    """``diffsr convert osediff`` given its own output quietly wrote a copy of it; it is refused by name, as ``convert
+    dossr`` refuses a converted file, and nothing is written."""
+    from comfyui_diffsr.cli.convert import main as convert
+
+    converted = str(tmp_path / "osediff.safetensors")
+    assert convert(["osediff", os.path.join(FIX, "osediff_tiny.pkl"), converted]) == 0
+    capsys.readouterr()
+    assert convert(["osediff", converted, str(tmp_path / "again.safetensors")]) == 2
+    assert capsys.readouterr().err == ("error: 'osediff.safetensors' is already a converted OSEDiff file: use it as it "
+                                       "is (--weights, or the Load OSEDiff node); only osediff.pkl is converted.\n")
+    assert sorted(os.listdir(tmp_path)) == ["osediff.safetensors"]
+
+
 def test_never_overwrites_without_flag(base, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
