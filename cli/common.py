@@ -589,8 +589,9 @@ def add_compile_arg(parser):
                              "first, minutes on a CPU; needs a C++ compiler (CPU) or Triton (GPU)")
 
 
-def run_main(main_fn, argv):
-    """Run a command: our own errors print one clear line and exit with status 2.
+def run_main(main_fn, argv, interrupted="interrupted"):
+    """Run a command: our own errors print one clear line and exit with status 2; Ctrl-C prints ``interrupted`` (the
+    command's own line, such as how to resume) and exits with status 130.
 
     Large CPU tensors are allowed transparent huge pages (PyTorch's ``THP_MEM_ALLOC_ENABLE``):
     the forward passes fault in gigabytes of fresh pages, and 2 MiB pages cut that cost (about
@@ -613,7 +614,7 @@ def run_main(main_fn, argv):
               "Run again without --compile.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader of stdout stopped (``dape … | head -1``): quietly, as a Unix tool's SIGPIPE
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more for Python's flush at exit

@@ -61,7 +61,8 @@ def main_impl(argv=None):
 
 
 def main(argv=None):
-    return run_main(main_impl, argv)
+    return run_main(main_impl, argv, interrupted="interrupted: run the same command again to resume the download (the "
+                                                 "part fetched is kept as <file>.partial)")
 
 
 if __name__ == "__main__":

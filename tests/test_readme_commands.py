@@ -84,6 +84,37 @@ def test_a_download_that_fails_leaves_the_others_to_be_fetched(official_server, 
     assert not os.listdir(models / "checkpoints") and len(requests) == 2
 
 
+def test_a_download_stopped_with_ctrl_c_says_how_to_resume(official_server, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during ``diffsr download`` printed only 'interrupted': it says that the same command resumes (the part
+    fetched is kept), and the same command then finishes the file."""
+    from comfyui_diffsr.cli import download as download_command
+
+    served, _ = official_server
+
+    class InterruptedBar:  # Ctrl-C as the first data arrives (written to the partial file first)
+        n = 0
+
+        def __init__(self, **_):
+            pass
+
+        def update(self, _):
+            raise KeyboardInterrupt
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(download_command, "tqdm", InterruptedBar)
+    fetch = ["download", "osediff", "--models-dir", str(tmp_path / "models")]
+    assert main(fetch) == 130
+    assert capsys.readouterr().err == ("interrupted: run the same command again to resume the download (the part "
+                                       "fetched is kept as <file>.partial)\n")
+    weights = tmp_path / "models" / "osediff" / "osediff.pkl"
+    assert not weights.exists() and os.path.getsize(f"{weights}.partial") > 0
+    monkeypatch.undo()
+    assert main(fetch) == 0
+    assert weights.read_bytes() == (served / "osediff.pkl").read_bytes() and not os.path.exists(f"{weights}.partial")
+
+
 def test_an_empty_models_dir_is_refused(official_server, tmp_path, capsys, monkeypatch):
     """``--models-dir ""`` (an unset shell variable) is refused, not taken as the current folder, where the files
     would land in ./osediff/ and ./checkpoints/."""
