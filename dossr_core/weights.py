@@ -56,8 +56,11 @@ def load_ldm_params(path=None):
     except UnicodeDecodeError as e:
         raise WeightFileError(f"{path!r} is not a DoSSR/ControlLDM config: it is not a text file. "
                               f"{CONFIG_ADVICE}") from e
-    except (OSError, yaml.YAMLError) as e:
+    except OSError as e:
         raise WeightFileError(f"Cannot read the DoSSR config {path!r}: {e}") from e
+    except yaml.YAMLError as e:
+        raise WeightFileError(f"The DoSSR config {path!r} is not valid YAML: {_yaml_error_line(e)}. Correct the file "
+                              f"there. {CONFIG_ADVICE}") from e
     model = config.get("model", config) if isinstance(config, dict) else None
     params = model.get("params") if isinstance(model, dict) else None
     needed = ("control_stage_config", "unet_config", "first_stage_config")
@@ -69,6 +72,19 @@ def load_ldm_params(path=None):
         what = f"lacks {e}" if isinstance(e, KeyError) else f"has a field of the wrong kind ({e})"
         raise WeightFileError(f"The DoSSR config {path!r} {what}. {CONFIG_ADVICE}") from e
     return params
+
+
+def _yaml_error_line(error):
+    """A PyYAML error on one line (its own text takes several): what is wrong and where, lines and columns counted
+    from 1 as editors count them."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    if mark is None or problem is None:  # a character YAML does not allow: its position is in the text
+        return " ".join(str(error).split())
+    line = f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    start, context = getattr(error, "context_mark", None), getattr(error, "context", None)
+    if start is not None and context:
+        line += f" ({context} from line {start.line + 1}, column {start.column + 1})"
+    return line
 
 
 def _unet_like_config(p):

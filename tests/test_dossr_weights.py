@@ -507,6 +507,25 @@ def test_a_config_that_is_not_a_controlldm_yaml_is_named_on_convert(tmp_path, ca
     assert not (tmp_path / "x.safetensors").exists()
 
 
+@pytest.mark.parametrize("text, detail", [
+    ("model:\n  params:\n    channels: [1, 2\n    depth: 3\n",
+     "expected ',' or ']', but got ':' at line 4, column 10 (while parsing a flow sequence from line 3, column 15)"),
+    ("model: \x07\n", 'unacceptable character #x0007: special characters are not allowed in "{config}", position 7'),
+], ids=["unclosed-bracket", "control-character"])
+def test_a_config_that_is_not_valid_yaml_is_named_on_one_line(tmp_path, capsys, text, detail):
+    """A YAML syntax error in ``--config`` came out as PyYAML's text, over several lines; it is one line naming the
+    file, the line and column (from 1, as editors count) and the fix, and nothing is written."""
+    from comfyui_diffsr.cli.convert import main
+    from comfyui_diffsr.dossr_core.weights import CONFIG_ADVICE
+
+    config = tmp_path / "cldm.yaml"
+    config.write_text(text, encoding="utf-8")
+    assert main(["dossr", CKPT, str(tmp_path / "x.safetensors"), "--config", str(config)]) == 2
+    assert capsys.readouterr().err == (f"error: The DoSSR config {str(config)!r} is not valid YAML: "
+                                       f"{detail.format(config=config)}. Correct the file there. {CONFIG_ADVICE}\n")
+    assert os.listdir(tmp_path) == ["cldm.yaml"]
+
+
 def test_convert_with_a_yaml_of_another_vae_writes_nothing(tmp_path):
     """A yaml whose ControlNet fits the checkpoint but whose VAE does not: refused naming the condition encoder and
     --config, and nothing is written."""
