@@ -229,6 +229,18 @@ class HeldModules(torch.nn.Module):
         self.parts = torch.nn.ModuleList(parts)
 
 
+class HeldContents(torch.nn.Module):
+    """The submodules, parameters and buffers of ``module``, in its own registries (what moves or is cast here moves
+    or is cast there), without ``module`` itself: the ``model`` of the ModelPatcher of a model that is one module (the
+    DAPE tagger), which keeps that patcher (``_patcher``). A patcher holding the module would be in a reference cycle
+    with it, and a tagger ComfyUI had let go of would stay in memory, counted as loaded, until a garbage collection."""
+
+    def __init__(self, module):
+        super().__init__()
+        self._modules, self._parameters, self._buffers = module._modules, module._parameters, module._buffers
+        self._non_persistent_buffers_set = module._non_persistent_buffers_set
+
+
 def _parts(model):
     return [model] if isinstance(model, torch.nn.Module) else list(model.modules())
 
@@ -431,14 +443,16 @@ def _patcher(model, module):
 
     ComfyUI holds patchers by weak reference only: each model keeps its own in ``model._comfy_patchers``, and a
     patcher goes with the last model that keeps it. Kept on the modules instead, they would put each in a reference
-    cycle of its own, and a shared module would outlive its models by a garbage collection."""
+    cycle of its own, and a shared module would outlive its models by a garbage collection; so the patcher of a
+    model that is one module holds that module's contents, not the module (``HeldContents``)."""
     patchers = getattr(model, "_comfy_patchers", None)
     if patchers is None:
         patchers = model._comfy_patchers = {}
-    patcher = _patchers.get(id(module))  # a live patcher holds its module, so the id is this module's
+    patcher = _patchers.get(id(module))  # a live patcher holds its module (or only that module keeps it): its id
     if patcher is None:
+        held = HeldContents(module) if module is model else HeldModules([module])
         patcher = _patchers[id(module)] = HeldModulesPatcher(
-            HeldModules([module]), load_device=device(), offload_device=offload_device())
+            held, load_device=device(), offload_device=offload_device())
         weakref.finalize(patcher, _leave_device, weakref.ref(module), offload_device()).atexit = False
     patchers[id(module)] = patcher
     return patcher

@@ -1573,6 +1573,42 @@ def test_a_module_leaves_the_device_with_the_last_patcher_that_counted_it(pack, 
     assert shared.weight.device.type == "meta"
 
 
+def test_a_model_that_is_one_module_goes_when_comfyui_lets_go(pack, monkeypatch):
+    """A model that is one module (the DAPE tagger) keeps the ModelPatcher that ComfyUI loads it through. That
+    patcher held the module: a reference cycle, so a tagger ComfyUI had let go of (the DAPE loader's file or dtype
+    changed) stayed in memory, and in ComfyUI's list of loaded models, until a garbage collection (seen in ComfyUI
+    0.3.64: two taggers alive after a change of dtype). It is freed at once now, and its patcher still moves all of
+    it, the parameter and buffer of its own too (the meta device stands in for the GPU)."""
+    import gc
+    import weakref
+
+    host, mm = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"], sys.modules["comfy.model_management"]
+
+    class Tagger(torch.nn.Module):  # a parameter of its own, as DAPETagger's label_embed, beside a submodule
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Parameter(torch.ones(3, 4))
+            self.proj = torch.nn.Linear(4, 4)
+            self.register_buffer("scale", torch.ones(4))
+
+    monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("meta"))
+    tagger = Tagger()
+    assert host.load_on_device(tagger) == torch.device("meta")
+    assert {name: t.device.type for name, t in tagger.state_dict().items()} == dict.fromkeys(
+        ["embed", "scale", "proj.weight", "proj.bias"], "meta")
+    (patcher,) = tagger._comfy_patchers.values()
+    assert patcher in mm.loaded_models() and patcher.model_size() == (12 + 4 + 16 + 4) * 4
+    gone = [weakref.ref(tagger), weakref.ref(patcher)]
+    mm.LOADED.clear()  # the stand-in's record of the calls, which holds their patchers
+    gc.disable()
+    try:
+        del tagger, patcher
+        assert [ref() for ref in gone] == [None, None]
+    finally:
+        gc.enable()
+    assert None not in mm.loaded_models()
+
+
 def test_the_modular_vae_nodes_can_be_cancelled_between_tiles(pack, osediff_model, monkeypatch):
     """OSEDiff LQ Encoder and VAE Decode check for Cancel after every VAE tile, not only after each image."""
     _, nodes = pack
