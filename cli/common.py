@@ -589,9 +589,16 @@ def add_compile_arg(parser):
                              "first, minutes on a CPU; needs a C++ compiler (CPU) or Triton (GPU)")
 
 
+def show_warning_as_note(message, category, filename, lineno, file=None, line=None):
+    """A warning (ours, such as the fp16 VAE's overflow, or a library's) as the commands' other notes: one line,
+    ``note: <message>``, beside the progress bar, without Python's ``file:line: Category:`` header and source line."""
+    tqdm.write(f"note: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+
 def run_main(main_fn, argv, interrupted="interrupted"):
     """Run a command: our own errors print one clear line and exit with status 2; Ctrl-C prints ``interrupted`` (the
-    command's own line, such as how to resume) and exits with status 130.
+    command's own line, such as how to resume) and exits with status 130; warnings print as notes
+    (``show_warning_as_note``).
 
     Large CPU tensors are allowed transparent huge pages (PyTorch's ``THP_MEM_ALLOC_ENABLE``):
     the forward passes fault in gigabytes of fresh pages, and 2 MiB pages cut that cost (about
@@ -599,7 +606,8 @@ def run_main(main_fn, argv, interrupted="interrupted"):
     """
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     try:
-        with ieee_float32():  # --dtype fp32 is float32 on every GPU, not TF32
+        with ieee_float32(), warnings.catch_warnings():  # --dtype fp32 is float32 on every GPU, not TF32
+            warnings.showwarning = show_warning_as_note
             return main_fn(argv)
     except (DiffSRError, WeightsOutOfMemory) as e:
         print(f"error: {e}", file=sys.stderr)

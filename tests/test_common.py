@@ -1029,3 +1029,23 @@ def test_overlap_is_kept_8_below_a_halved_tile():
     assert tiling.overlap_within(0, 32) == 0
     assert tiling.overlap_within(96, 32) == 32
     assert tiling.overlap_within(40, 32) == 32
+
+
+def test_a_warning_in_a_command_prints_as_one_note_line(capsys):
+    """A warning raised while a command runs (the fp16 VAE's overflow, a library's) is a ``note:`` line as the
+    commands' others, without Python's ``file:line: UserWarning:`` header and source line; the way warnings are shown
+    is the caller's again once the command returns."""
+    import warnings
+
+    from comfyui_diffsr.cli.common import run_main
+
+    shown_before = warnings.showwarning
+
+    def command(argv):
+        warnings.warn("The fp16 VAE decoder overflowed on this input;\n  running it again in float32", RuntimeWarning)
+        return 0
+
+    assert run_main(command, []) == 0
+    assert capsys.readouterr().err == ("note: The fp16 VAE decoder overflowed on this input; running it again in "
+                                       "float32\n")
+    assert warnings.showwarning is shown_before
