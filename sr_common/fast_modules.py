@@ -7,7 +7,7 @@ and x[i+1] with w[2] (zero padding of u is zero padding of x). The same holds fo
 of the four output phases (a, b) is a 2×2 convolution of x: 16 multiply-adds per input pixel and
 channel pair instead of 36 (2.25× fewer in the VAE decoder's three upsamplers, about a third of its
 work), and the 4× larger upsampled input is never written. Equal to the plain modules up to float
-rounding (the folded kernel sums are formed in float64, once per weight).
+rounding (the folded kernel sums are formed in float64, once per weight; in float32 on a device without float64).
 
 ``LeanResnetBlock2D``: a diffusers ``ResnetBlock2D`` whose SiLUs run in place on the fresh GroupNorm
 output, whose time embedding and skip are added in place to the fresh convolution outputs, and that
@@ -41,6 +41,8 @@ import platform
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .devices import widest_float
 
 
 _ONEDNN_LINEAR = []  # [True/False] once decided: do the CPU float32 products go through oneDNN's linear op?
@@ -118,12 +120,14 @@ FOLD_CHANNELS = 64  # output channels folded at once in float64 (phase_kernels)
 
 def phase_kernels(weight):
     """(C_out, C_in, 3, 3) → (4·C_out, C_in, 2, 2): the 2×2 kernel of each output phase (a, b), a-major. Folded in
-    float64, ``FOLD_CHANNELS`` output channels at a time: 25 MiB beside the kernels for a 1280-channel UNet weight,
-    where folding it at once held 500 MiB (at every fold: the first run, and after each move between devices)."""
+    float64 (float32 on a device without it: ``widest_float``), ``FOLD_CHANNELS`` output channels at a time: 25 MiB
+    beside the kernels for a 1280-channel UNet weight, where folding it at once held 500 MiB (at every fold: the first
+    run, and after each move between devices)."""
     c_out, c_in = weight.shape[:2]
     kernels = weight.new_empty((4, c_out, c_in, 2, 2))
+    wide = widest_float(weight.device)
     for start in range(0, c_out, FOLD_CHANNELS):
-        rows = _fold(weight[start:start + FOLD_CHANNELS].double(), 2)
+        rows = _fold(weight[start:start + FOLD_CHANNELS].to(wide), 2)
         for phase, kernel in enumerate(k for r in rows for k in _fold(r, 3)):
             kernels[phase, start:start + FOLD_CHANNELS] = kernel
     return kernels.flatten(0, 1)

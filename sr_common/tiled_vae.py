@@ -36,6 +36,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from .devices import widest_float
 from .tiling import TILE_FLOORS
 
 DEFAULT_MODE = "bounded"
@@ -330,7 +331,7 @@ class _Grid:
         return self.cut(self.assemble(tiles))
 
     def exact_stats(self, tiles, norm):
-        """(μ, σ² + ε) per (batch, group) over the whole image (the cores), from float64 moments."""
+        """(μ, σ² + ε) per (batch, group) over the whole image (the cores), from their ``_GroupMoments``."""
         s = self._scale(tiles[0], self.in_boxes[0])
         moments = _GroupMoments.zero()
         for t, ib, core in zip(tiles, self.in_boxes, self.cores):
@@ -433,13 +434,14 @@ def _run_ops(ops, t, norm_stats):
 
 def _normalise(x, norm, mean, denom, in_place=False):
     """GroupNorm with given per-(batch, group) μ and σ² + ε, as one per-channel affine map a·x + b (written over
-    ``x`` when ``in_place``)."""
+    ``x`` when ``in_place``), a and b formed in float64 (``widest_float`` of the device)."""
     b, c = x.shape[:2]
     per_group = c // norm.num_groups
     scale = denom.rsqrt().repeat_interleave(per_group, dim=1)
     shift = -mean.repeat_interleave(per_group, dim=1) * scale
     if norm.weight is not None:
-        scale, shift = scale * norm.weight.double(), shift * norm.weight.double() + norm.bias.double()
+        weight, bias = (p.to(widest_float(x.device)) for p in (norm.weight, norm.bias))
+        scale, shift = scale * weight, shift * weight + bias
     return torch.addcmul(shift.to(x.dtype).view(b, c, 1, 1), x, scale.to(x.dtype).view(b, c, 1, 1),
                          out=x if in_place else None)
 
@@ -469,7 +471,8 @@ def _core(t, in_box, core, s=None):
 
 
 class _GroupMoments:
-    """Pixel count n, Σx and Σx² per (batch, group), in float64; moments of disjoint regions add up."""
+    """Pixel count n, Σx and Σx² per (batch, group), in float64 (``widest_float`` of the device: float32 on one
+    without float64); moments of disjoint regions add up."""
 
     def __init__(self, count, total, total_sq):
         self.count, self.total, self.total_sq = count, total, total_sq
@@ -481,10 +484,10 @@ class _GroupMoments:
     @classmethod
     def of(cls, t, groups):
         """The moments of a (B, C, H, W) tensor, from per-channel var/mean (no float64 copy of ``t``)."""
-        var, mean = _channel_var_mean(t)
-        mean, pixels = mean.double(), t.shape[2] * t.shape[3]
+        var, mean = (v.to(widest_float(t.device)) for v in _channel_var_mean(t))
+        pixels = t.shape[2] * t.shape[3]
         per_group = lambda v: (v * pixels).reshape(t.shape[0], groups, -1).sum(-1)
-        return cls(pixels * (t.shape[1] // groups), per_group(mean), per_group(var.double() + mean * mean))
+        return cls(pixels * (t.shape[1] // groups), per_group(mean), per_group(var + mean * mean))
 
     def __add__(self, other):
         return _GroupMoments(self.count + other.count, self.total + other.total, self.total_sq + other.total_sq)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .devices import widest_float
+
 
 @dataclass(frozen=True)
 class Tiles:
@@ -24,17 +26,19 @@ DEFAULT_TILES = Tiles()
 TILE_WEIGHT_VAR = 0.01  # the official Gaussian's variance, relative to the tile size squared
 
 
-def gaussian_tile_weights(tile_h, tile_w):
+def gaussian_tile_weights(tile_h, tile_w, dtype=torch.float64):
     """w(y, x) = g_h(y)·g_w(x), g_n(i) = exp(−(i − m)² / (n² · 2·var)) / sqrt(2π·var), var = ``TILE_WEIGHT_VAR``.
 
-    As the official code: m = (n − 1)/2 along the width but m = n/2 along the height. float64.
+    As the official code: m = (n − 1)/2 along the width but m = n/2 along the height. Computed in float64; a
+    ``dtype`` of float32 rounds the result (no float64 tensor is made).
     """
     def gauss(n, mid):
         i = np.arange(n, dtype=np.float64)
         return (np.exp(-(i - mid) ** 2 / (n * n) / (2 * TILE_WEIGHT_VAR))
                 / math.sqrt(2 * math.pi * TILE_WEIGHT_VAR))
 
-    return torch.from_numpy(np.outer(gauss(tile_h, tile_h / 2), gauss(tile_w, (tile_w - 1) / 2)))
+    weights = np.outer(gauss(tile_h, tile_h / 2), gauss(tile_w, (tile_w - 1) / 2))
+    return torch.from_numpy(weights if dtype == torch.float64 else weights.astype(np.float32))
 
 
 def tile_offsets(size, tile, overlap):
@@ -82,12 +86,14 @@ def blend_tiles(fn, latent, tile, overlap, *, batch=1, callback=None):
 
     Tiles are cut from ``latent`` (B, C, H, W); ``batch`` tiles go through ``fn`` in one call.
     ``callback(done, total)`` runs after every call (progress and cancellation). The weighted sums
-    are accumulated in float32 from float64 weights, as the official code does.
+    are accumulated in float32 from float64 weights, as the official code does (float32 weights on a device
+    without float64: ``widest_float``).
     """
     _, _, height, width = latent.shape
     tiles = latent_tiles(height, width, tile, overlap)
     side = tiles[0][2]
-    weights = gaussian_tile_weights(side, side).to(latent.device)
+    wide = widest_float(latent.device)
+    weights = gaussian_tile_weights(side, side, wide).to(latent.device)
     out = None
     contributors = torch.zeros((1, 1, height, width), dtype=torch.float32, device=latent.device)
     for start in range(0, len(tiles), batch):
@@ -99,9 +105,9 @@ def blend_tiles(fn, latent, tile, overlap, *, batch=1, callback=None):
                               device=latent.device)
         for (y, x, s), result in zip(group, outputs):
             region = out[:, :, y:y + s, x:x + s]
-            region.copy_((region.double() + result.double() * weights).float())
+            region.copy_((region.to(wide) + result.to(wide) * weights).float())
             weights_region = contributors[:, :, y:y + s, x:x + s]
-            weights_region.copy_((weights_region.double() + weights).float())
+            weights_region.copy_((weights_region.to(wide) + weights).float())
         if callback is not None:
             callback(min(start + batch, len(tiles)), len(tiles))
     return out / contributors

@@ -3,6 +3,7 @@ import dataclasses
 import functools
 import glob
 import http.server
+import importlib
 import json
 import os
 import shutil
@@ -12,6 +13,8 @@ import warnings
 
 import pytest
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from comfyui_diffsr.sr_common.download import file_digests
 from comfyui_diffsr.sr_common.sd21 import cpu_computes_float16
@@ -218,3 +221,51 @@ def tiny_unet_vae():
     vae = AutoencoderKL(block_out_channels=(32, 32, 64, 64), layers_per_block=1,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4).eval()
     return unet, vae
+
+
+# the float64 tensors a run may form where the device has none: the DoSSR schedule's 1-D tables over the training
+# timesteps (β, ᾱ, η; 1000 and 500 long), formed on the CPU and read as Python numbers
+CPU_SIDE_FLOAT64_LENGTHS = (1000, 500)
+
+
+class FailOnFloat64(TorchDispatchMode):
+    """Fails on every op that takes or gives a float64 tensor other than a number (0-dim) or a 1-D table of
+    ``CPU_SIDE_FLOAT64_LENGTHS``: on Apple's MPS each would raise. ``found`` keeps them all (in case a caller
+    swallows the failure)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        for t in pytree.tree_flatten((args, kwargs, out))[0]:
+            if (isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.dim() > 0
+                    and not (t.dim() == 1 and len(t) in CPU_SIDE_FLOAT64_LENGTHS)):
+                self.found.append(f"{func} on a float64 tensor of shape {tuple(t.shape)}")
+                raise AssertionError(self.found[-1])
+        return out
+
+
+@contextlib.contextmanager
+def cpu_without_float64(*models, package="comfyui_diffsr"):
+    """Within the block the CPU is taken for a device without float64 (Apple's MPS): ``widest_float`` of ``package``
+    (the pack as imported under that name) is float32 there, and an op on a float64 tensor fails (``FailOnFloat64``).
+    The upsamplers of the ``models``' networks fold their kernels again in the block and after it, as after a move to a
+    device and back."""
+    devices, fast_modules = (importlib.import_module(f"{package}.sr_common.{name}") for name in ("devices",
+                                                                                                "fast_modules"))
+    networks = [network for model in models for network in model.modules()]
+    guard = FailOnFloat64()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(devices, "FLOAT64_DEVICE_TYPES", tuple(t for t in devices.FLOAT64_DEVICE_TYPES if t != "cpu"))
+        for network in networks:
+            fast_modules.forget_folded_kernels(network)
+        try:
+            with guard:
+                yield
+        finally:
+            for network in networks:
+                fast_modules.forget_folded_kernels(network)
+    assert not guard.found, guard.found[0]
