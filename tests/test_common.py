@@ -883,7 +883,7 @@ def test_an_output_its_encoder_refuses_fails_alone_and_the_run_goes_on(tmp_path,
 
     def out_of_memory(image01):
         if round(float(image01[0, 0, 0, 0]) * 255) == 170:  # in4, the last: its write fails after the loop
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 96.00 MiB")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 96.00 MiB")
         return real_to_uint8(image01)
 
     monkeypatch.setattr(Image.Image, "save", encoder_error)
