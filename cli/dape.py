@@ -73,17 +73,16 @@ def main_impl(argv=None):
     check_sizing_args(args)
     if args.max_tags < 0:
         raise DiffSRError("--max-tags must be 0 (all tags) or more.")
-    from ..osediff_core.dape import dape_prompt
+    from ..osediff_core.dape import dape_prompt, misspelt_tags
     from ..osediff_core.pipeline import preprocess
 
     images = find_images(args.inputs, args.recursive)
     device = pick_device(args.device)
     tagger = load_tagger(args, device, network_dtype(args.dtype, device))
     exclude = [t.strip() for t in args.exclude.split(",") if t.strip()]
-    known = {name.lower() for name in tagger.tag_names}
-    unknown = [tag for tag in exclude if tag.lower() not in known]
+    unknown = tagger.unknown_tags(exclude)
     if unknown:  # a misspelt tag would leave the one meant in every prompt
-        print(f"note: --exclude: {', '.join(map(repr, unknown))}: not among DAPE's tags (check the spelling)",
+        print(f"note: --exclude: {misspelt_tags(unknown)}: not among DAPE's tags (check the spelling)",
               file=sys.stderr)
     if hasattr(sys.stdout, "reconfigure"):  # a name that is not UTF-8 is printed as its bytes, as sha256sum does
         sys.stdout.reconfigure(errors="surrogateescape")

@@ -374,7 +374,9 @@ class DAPEPrompt(io.ComfyNode):
                     process_size_input(),
                     io.String.Input("user_prompt", default="", tooltip="Appended after the tags."),
                     io.Boolean.Input("tags_only", default=False, tooltip="Output only the tags."),
-                    io.String.Input("exclude", default="", tooltip="Comma-separated tags never to output."),
+                    io.String.Input("exclude", default="",
+                                    tooltip="Comma-separated RAM tags never to output (a name that is no tag is "
+                                            "refused)."),
                     io.Int.Input("max_tags", default=0, min=0, max=4585,
                                  tooltip="Keep at most this many (most probable) tags; 0 = all.")],
             outputs=[io.String.Output()])
@@ -382,11 +384,15 @@ class DAPEPrompt(io.ComfyNode):
     @classmethod
     @host.computes_ieee_float32
     def execute(cls, dape, image, upscale, process_size, user_prompt, tags_only, exclude, max_tags):
-        from ..osediff_core.dape import dape_prompt
+        from ..osediff_core.dape import dape_prompt, misspelt_tags
 
+        exclude = [t.strip() for t in exclude.split(",") if t.strip()]
+        unknown = dape.unknown_tags(exclude)
+        if unknown:  # a misspelt tag would leave the one meant in the prompt, unsaid
+            raise ValueError(f"DAPE Prompt Extractor: exclude names {misspelt_tags(unknown)}, not among DAPE's tags; "
+                             "correct the spelling or remove it from exclude.")
         images, _ = host.image_to_bchw(image)
-        (tags,) = _dape_tags(dape, images[:1], upscale, process_size, max_tags=max_tags or None,
-                             exclude=[t.strip() for t in exclude.split(",") if t.strip()])
+        (tags,) = _dape_tags(dape, images[:1], upscale, process_size, max_tags=max_tags or None, exclude=exclude)
         return io.NodeOutput(dape_prompt(tags, user_prompt, tags_only))
 
 

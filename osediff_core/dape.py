@@ -16,6 +16,7 @@ is chosen when ``sigmoid(logit) > threshold`` (per-tag thresholds, strict), tags
 tag-list order and joined with ``", "``.
 """
 
+import difflib
 import json
 import math
 import os
@@ -190,6 +191,17 @@ class DAPETagger(nn.Module):
     def tags(self, image01, *, exclude=(), max_tags=None):
         return self.select(self.logits(image01), exclude=exclude, max_tags=max_tags)
 
+    def unknown_tags(self, names):
+        """The ``names`` that are none of the tagger's tags, case and surrounding spaces aside (``select`` compares
+        them so): an exclude list's misspellings, each with the tag it most likely meant (or None)."""
+        known = {name.lower(): name for name in self.tag_names}
+        unknown = []
+        for name in names:
+            if name.strip().lower() not in known:
+                close = difflib.get_close_matches(name.strip().lower(), known, n=1, cutoff=0.85)
+                unknown.append((name, known[close[0]] if close else None))
+        return unknown
+
     def forward(self, image01):
         return self.logits(image01)
 
@@ -197,6 +209,11 @@ class DAPETagger(nn.Module):
 def dape_prompt(tags, user_prompt="", tags_only=False):
     """The OSEDiff prompt: ``f"{tags}, {user_prompt},"`` (``", ,"`` when both are empty)."""
     return tags if tags_only else f"{tags}, {user_prompt},"
+
+
+def misspelt_tags(unknown):
+    """``unknown_tags``' result as a message names them: ``'dalmation' (did you mean 'dalmatian'?), 'xyz'``."""
+    return ", ".join(f"{name!r}" + (f" (did you mean {close!r}?)" if close else "") for name, close in unknown)
 
 
 def read_tag_data():

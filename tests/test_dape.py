@@ -366,7 +366,8 @@ def test_cli_names_an_excluded_tag_that_is_not_a_tag(fixture, tmp_path, capsys):
                  "--exclude", f"{first.upper()}, dalmation ,no such tag", "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     assert captured.out.strip() == ", ".join(tags[1].split(", ")[1:])
-    assert captured.err == "note: --exclude: 'dalmation', 'no such tag': not among DAPE's tags (check the spelling)\n"
+    assert captured.err == ("note: --exclude: 'dalmation' (did you mean 'dalmatian'?), 'no such tag': not among DAPE's "
+                            "tags (check the spelling)\n")
 
 
 def test_cli_max_tags_0_keeps_every_tag_as_the_node(fixture, tmp_path, capsys):

@@ -1016,7 +1016,7 @@ def test_dape_loader_precision(pack, monkeypatch):
     assert len(tags) >= 3, tags
     extract = lambda **widgets: run(nodes["DAPE_PromptExtractor"], dape=exact, image=image, upscale=4.0,
                                     process_size=0, user_prompt="", tags_only=True, **widgets)[0].split(", ")
-    assert extract(exclude=f"{tags[1].upper()}, not a tag", max_tags=0) == tags[:1] + tags[2:]
+    assert extract(exclude=f"{tags[1].upper()}", max_tags=0) == tags[:1] + tags[2:]
     top = extract(exclude="", max_tags=2)
     assert len(top) == 2 and top == [t for t in tags if t in top]
 
@@ -1786,7 +1786,21 @@ def test_dape_prompt_extractor_tags_the_first_image_and_trims_exclusions(pack):
     assert len(tags) >= 2, tags
     batch = torch.cat([image, torch.rand(1, 24, 24, 3, generator=torch.Generator().manual_seed(5))])
     assert extract(batch) == ", ".join(tags)
-    assert extract(image, exclude=f"not a tag,  {tags[1]} ").split(", ") == tags[:1] + tags[2:]
+    assert extract(image, exclude=f" ,  {tags[1]} ,").split(", ") == tags[:1] + tags[2:]
+
+
+def test_dape_prompt_extractor_refuses_an_exclude_tag_that_is_not_a_tag(pack):
+    """A misspelt tag in exclude would leave the tag meant in every prompt, and the node has no other way to say so:
+    it is refused by name, with the tag most likely meant."""
+    _, nodes = pack
+    (dape,) = run(nodes["DAPE_Loader"], ram_or_converted="ram_tiny.pth", dape="dape_tiny.pth")
+    image = torch.rand(1, 24, 24, 3, generator=torch.Generator().manual_seed(4))
+    with pytest.raises(ValueError) as refused:
+        run(nodes["DAPE_PromptExtractor"], dape=dape, image=image, upscale=4.0, process_size=0, user_prompt="",
+            tags_only=True, exclude="Dog, dalmation, no such tag", max_tags=0)
+    assert str(refused.value) == ("DAPE Prompt Extractor: exclude names 'dalmation' (did you mean 'dalmatian'?), "
+                                  "'no such tag', not among DAPE's tags; correct the spelling or remove it from "
+                                  "exclude.")
 
 
 def test_the_lq_encoder_retries_out_of_memory_with_a_smaller_tile(pack, osediff_model, monkeypatch):
