@@ -252,7 +252,8 @@ def convert_dossr(src, dst, config=None, dtype=None):
     check_safetensors_output(dst)  # before the ckpt (5 GB) is read
     sd, kind, _ = read_weights(src)
     if kind != "official":
-        raise WeightFileError(f"{os.path.basename(os.fspath(src))!r} is already a converted DoSSR file.")
+        raise WeightFileError(f"{os.path.basename(os.fspath(src))!r} is already a converted DoSSR file: use it as it "
+                              "is (--weights, or the Load DoSSR node); only the official .ckpt is converted.")
     parts = parts_from_official(sd, load_ldm_params(config))
     yaml = config or shipped_config_path()  # written only if it loads: a yaml of another size must be passed now
     build_controlnet(parts.controlnet_config, parts.controlnet, yaml)  # (the file stores its configs)

@@ -113,8 +113,11 @@ def test_converted_file_refuses_reconversion_and_is_recognised(tmp_path):
     sd, kind, meta = read_weights(out)
     assert kind == "converted" and meta["format"] == "dossr-diffusers-v1"
     assert not any(k.startswith(("unet.", "model.diffusion_model.")) for k in sd)
-    with pytest.raises(WeightFileError, match="already"):
+    with pytest.raises(WeightFileError) as refused:
         convert_dossr(out, tmp_path / "again.safetensors")
+    assert str(refused.value) == ("'parts.safetensors' is already a converted DoSSR file: use it as it is (--weights, "
+                                  "or the Load DoSSR node); only the official .ckpt is converted.")
+    assert not os.path.exists(tmp_path / "again.safetensors")
     with pytest.raises(WeightFileError, match="exists"):
         convert_dossr(CKPT, out, config=os.path.join(FIX, "tiny_cldm.yaml"))
 
