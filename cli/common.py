@@ -16,7 +16,7 @@ from ..sr_common.errors import DiffSRError, ImageInputError
 from ..sr_common.sd21 import PRECISIONS, ieee_float32
 from ..sr_common.tiling import (DEFAULT_TILES, TILE_FLOORS, OutOfMemory, WeightsOutOfMemory, is_out_of_memory,
                                 overlap_within, with_oom_retry)
-from ..sr_common.weights import nearest_existing, partial_path, publish
+from ..sr_common.weights import partial_path, publish, unwritable_part
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 HIGH_DEPTH_PEAK = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "F": 1.0}  # PIL mode → white
@@ -142,9 +142,9 @@ def plan_outputs(images, outdir, overwrite=False, skip_existing=False, suffix=".
         raise DiffSRError(f"{len(existing)} output file(s) exist already (e.g. {existing[0]!r}). Choose another "
                           "--output folder, pass --skip-existing to upscale only the others, or --overwrite.")
     # an output folder that cannot be made is found before the models are loaded (and nothing is made yet)
-    nearest = nearest_existing(outdir)
-    if not (os.path.isdir(nearest) and os.access(nearest, os.W_OK | os.X_OK)):
-        raise DiffSRError(f"Cannot write the output folder {outdir!r}: {nearest!r} is not a writable folder. "
+    unwritable = unwritable_part(outdir)
+    if unwritable:
+        raise DiffSRError(f"Cannot write the output folder {outdir!r}: {unwritable!r} is not a writable folder. "
                           "Choose another --output folder.")
     return pairs
 
@@ -271,6 +271,20 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
         tqdm.write(f"error: {shown_name(path)}: {reason}", file=sys.stderr)
         failed.append(path)
 
+    def finish(writing, path):
+        """Wait for the pending ``save_image`` of ``path``'s output: None, or the ``DiffSRError`` that stops the run
+        (no output can be written); an output ``save_image`` could not make (``ImageInputError``) fails alone."""
+        nonlocal written
+        try:
+            writing.result()
+        except ImageInputError as e:  # its encoder refused it, or memory ran out
+            fail(path, e)
+            written -= 1
+        except DiffSRError as e:
+            written -= 1
+            return e
+        return None
+
     with ThreadPoolExecutor(1, "diffsr-read") as reader, ThreadPoolExecutor(1, "diffsr-write") as writer:
         reading = [reader.submit(read_image, path) for path, _ in pairs[:1]]
         writing = writing_path = None  # the pending save_image and its input
@@ -291,12 +305,9 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
                     fail(path, f"out of memory even at the smallest tiles ({e})" if isinstance(e, OutOfMemory) else e)
                     continue
                 if writing is not None:  # an output that cannot be written stops the run: the next could not be
-                    error, writing = _failed_write(writing), None
-                    if isinstance(error, ImageInputError):  # that output alone (its encoder refused it, memory)
-                        fail(writing_path, error)
-                        written -= 1
-                    elif error is not None:  # left: its image, this one and the rest
-                        stopped, left, written = error, len(pairs) - i + 1, written - 1
+                    error, writing = finish(writing, writing_path), None
+                    if error is not None:  # left: its image, this one and the rest
+                        stopped, left = error, len(pairs) - i + 1
                         break
                 if alpha is not None and out.lower().endswith(".jpg"):
                     tqdm.write(f"note: {shown_name(path)}: jpg has no transparency, the alpha is dropped (--format png "
@@ -306,15 +317,11 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
                 writing_path, written = path, written + 1
         except KeyboardInterrupt as e:  # Ctrl-C: the output being written is finished, then the summary
             stopped, left = e, len(pairs) - written - len(failed)
-        if writing is not None:
-            error = _failed_write(writing)
-            if isinstance(error, ImageInputError):
-                fail(writing_path, error)
-                written -= 1
-            elif error is not None:
-                if stopped is not None:  # the weights or Ctrl-C stopped the run as well
-                    tqdm.write(f"error: {error}", file=sys.stderr)
-                stopped, left, written = stopped or error, left + 1, written - 1
+        error = finish(writing, writing_path) if writing is not None else None
+        if error is not None:
+            if stopped is not None:  # the weights or Ctrl-C stopped the run as well
+                tqdm.write(f"error: {error}", file=sys.stderr)
+            stopped, left = stopped or error, left + 1
     if written:
         folder = os.path.commonpath([os.path.dirname(os.path.abspath(out)) for _, out in pairs])
         print(f"wrote {written} image(s) to {shown_name(folder)}", file=sys.stderr)
@@ -325,16 +332,6 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
         print(f"error: stopped with {left} image(s) left (--skip-existing resumes the run):", file=sys.stderr)
         raise stopped
     return 2 if failed else 0
-
-
-def _failed_write(writing):
-    """Wait for a pending ``save_image`` (a ``Future``): the ``DiffSRError`` it failed with, or None. Anything else
-    it raises is a defect, raised here."""
-    try:
-        writing.result()
-    except DiffSRError as e:
-        return e
-    return None
 
 
 def check_sizing_args(args):
@@ -464,7 +461,7 @@ def save_image(image01, path, metadata=PhotoMetadata(), quality=95, alpha=None, 
     except ValueError as e:  # the encoder refused the image (Pillow's way to refuse what a format cannot store)
         raise ImageInputError(f"Cannot write {path!r}: {e}. Try --format png.") from e
     except (MemoryError, RuntimeError) as e:  # out of memory for this output, beside the next upscale
-        if not (isinstance(e, MemoryError) or is_out_of_memory(e)):
+        if not is_out_of_memory(e, (OutOfMemory, MemoryError)):
             raise
         raise ImageInputError(f"Cannot write {path!r}: out of memory ({type(e).__name__}: {e}). Close other "
                               "programs, or use a smaller --upscale.") from e

@@ -18,7 +18,7 @@ import sys
 
 from ..sr_common.errors import DiffSRError
 from ..sr_common.sd21 import network_dtype
-from ..sr_common.tiling import is_out_of_memory
+from ..sr_common.tiling import OutOfMemory, is_out_of_memory
 from .common import (add_device_args, add_input_args, check_sizing_args, find_images, load_image, pick_device,
                      run_main, shown_name)
 
@@ -97,7 +97,7 @@ def main_impl(argv=None):
             failed.append(path)
             continue
         except (MemoryError, RuntimeError) as e:  # a large photo enlarged as OSEDiff does: gigabytes
-            if not (isinstance(e, MemoryError) or is_out_of_memory(e)):
+            if not is_out_of_memory(e, (OutOfMemory, MemoryError)):
                 raise
             print(f"error: {shown_name(path)}: out of memory: DAPE tags the image enlarged ×{args.upscale:g}, as "
                   "OSEDiff does. Give a smaller --upscale, or downscale the image.", file=sys.stderr)

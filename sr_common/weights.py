@@ -460,12 +460,13 @@ def publish(tmp, path, replace=False):
     os.remove(tmp)
 
 
-def nearest_existing(path):
-    """``path``, or the nearest of its parent folders that exists: where making it would start."""
-    nearest = os.path.abspath(path)
+def unwritable_part(folder):
+    """Where ``folder`` cannot be made or written in: the nearest existing part of it (``folder`` itself, or the
+    nearest of its parent folders that exists) where that is not a writable folder; else None."""
+    nearest = os.path.abspath(folder)
     while not os.path.exists(nearest):
         nearest = os.path.dirname(nearest)
-    return nearest
+    return None if os.path.isdir(nearest) and os.access(nearest, os.W_OK | os.X_OK) else nearest
 
 
 def check_safetensors_output(path, replace=False):
@@ -476,9 +477,9 @@ def check_safetensors_output(path, replace=False):
         raise WeightFileError(f"The output {path!r} must end in .safetensors (the loaders read files by their kind).")
     if os.path.lexists(path) and not replace:  # a link to nothing too: the file would be written through it
         raise WeightFileError(f"{path!r} exists; choose another output name or delete it first.")
-    nearest = nearest_existing(os.path.dirname(os.path.abspath(path)))
-    if not (os.path.isdir(nearest) and os.access(nearest, os.W_OK | os.X_OK)):
-        raise WeightFileError(f"Cannot write {path!r}: {nearest!r} is not a writable folder; choose another output "
+    unwritable = unwritable_part(os.path.dirname(os.path.abspath(path)))
+    if unwritable:
+        raise WeightFileError(f"Cannot write {path!r}: {unwritable!r} is not a writable folder; choose another output "
                               "name.")
 
 
