@@ -22,8 +22,8 @@ import torch
 import interleave
 from comfyui_diffsr.osediff_core.pipeline import Options
 from comfyui_diffsr.sr_common.sd21 import ieee_float32
-from common import (child_result, compiled_first_run, environment, official_env, random_osediff, random_sd21,
-                    rss_peak_mb, summary, timed, write_json)
+from common import (child_result, compiled_first_run, environment, fixture_weights, official_env, random_osediff,
+                    random_sd21, rss_peak_mb, summary, timed, write_json)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -69,7 +69,6 @@ def save_text_encoder(text_encoder, folder):
 
 def save_for_official(folder):
     """The random weights the official code will load: diffusers folder + osediff.pkl."""
-    from comfyui_diffsr.osediff_core.weights import random_osediff_checkpoint
     from comfyui_diffsr.sr_common.sd21 import shipped_config_dir
 
     sd = random_sd21()
@@ -83,7 +82,7 @@ def save_for_official(folder):
         sched = f.read()
     with open(os.path.join(base, "scheduler", "scheduler_config.json"), "w") as f:
         f.write(sched)
-    torch.save(random_osediff_checkpoint(sd.unet, sd.vae), os.path.join(folder, "osediff.pkl"))
+    torch.save(fixture_weights().random_osediff_checkpoint(sd.unet, sd.vae), os.path.join(folder, "osediff.pkl"))
     return base, os.path.join(folder, "osediff.pkl")
 
 

@@ -17,6 +17,8 @@ from interleave import peak_rss_mb, percentiles
 summary = percentiles  # one home: the interleaved results have the same fields
 rss_peak_mb = peak_rss_mb  # peak RSS of this process (MiB), as the interleaved workers report it
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the CLI does (cli/common.py run_main)
 
 
@@ -33,13 +35,21 @@ def official_env(checkout, thp=False):
 def import_pack_as_comfyui():
     """The pack as ComfyUI imports it (a checkout of ComfyUI on PYTHONPATH): from its folder, under a name of the
     host's choosing, its entry point awaited."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("diffsr_pack_under_test", os.path.join(root, "__init__.py"),
-                                                  submodule_search_locations=[root])
+    spec = importlib.util.spec_from_file_location("diffsr_pack_under_test", os.path.join(ROOT, "__init__.py"),
+                                                  submodule_search_locations=[ROOT])
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     asyncio.run(module.comfy_entrypoint())
+    return module
+
+
+def fixture_weights():
+    """The module tests/fixture_weights.py (random-weight checkpoints), loaded from its file: tests/ is not a
+    package."""
+    spec = importlib.util.spec_from_file_location("fixture_weights", os.path.join(ROOT, "tests", "fixture_weights.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module
 
 
@@ -88,10 +98,9 @@ def random_osediff(seed=0):
     """OSEDiff on ``random_sd21`` with a random official-layout checkpoint (LoRA A and B random), the SD 2.1 parts
     handed over (the LoRA merged in place)."""
     from comfyui_diffsr.osediff_core.pipeline import build_osediff
-    from comfyui_diffsr.osediff_core.weights import random_osediff_checkpoint
 
     sd = random_sd21(seed)
-    return build_osediff(sd, random_osediff_checkpoint(sd.unet, sd.vae), consume=True)
+    return build_osediff(sd, fixture_weights().random_osediff_checkpoint(sd.unet, sd.vae), consume=True)
 
 
 def timed(fn, repeats, sync=None, warmup=1):

@@ -5,7 +5,7 @@ Given a full SD 2.1-base single file (the harness's ``make_tiny_sd2.py --vae kl 
 ``models`` folder, under the official names the workflows use:
 
 - ``osediff/osediff.pkl``: a random OSEDiff LoRA checkpoint in the official layout for that base
-  (``random_osediff_checkpoint``: every LoRA B non-zero);
+  (tests/fixture_weights.py's ``random_osediff_checkpoint``: every LoRA B non-zero);
 - ``dossr/dossr_default.safetensors``: the random DoSSR parts of ``bench_dossr.random_dossr`` (full-size ControlNet,
   condition encoder, 23-block RRDB) in the ``diffsr convert dossr`` layout;
   the DoSSR workflows name ``dossr_default.ckpt``: point them at this file for the run;
@@ -16,15 +16,15 @@ Given a full SD 2.1-base single file (the harness's ``make_tiny_sd2.py --vae kl 
 """
 
 import argparse
-import importlib.util
 import os
 import shutil
 
 import torch
 
 from bench_dossr import random_dossr
+from common import ROOT, fixture_weights
 
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data")
+DATA = os.path.join(ROOT, "tests", "data")
 
 
 def dossr_parts(model):
@@ -40,13 +40,10 @@ def copy_tiny_dape(models):
     """tests/data/dape's ram_tiny.pth and dape_tiny.pth into ``models``/dape under the official names, each made
     first from its recipe by tests/fixture_weights.py where missing (or differing), as at the start of a test
     session."""
-    spec = importlib.util.spec_from_file_location("fixture_weights",
-                                                  os.path.join(os.path.dirname(DATA), "fixture_weights.py"))
-    fixture_weights = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fixture_weights)
+    make_checkpoint = fixture_weights().make_checkpoint
     for source, name in (("ram_tiny.pth", "ram_swin_large_14m.pth"), ("dape_tiny.pth", "DAPE.pth")):
         source = os.path.join(DATA, "dape", source)
-        fixture_weights.make_checkpoint(source + ".recipe.json")
+        make_checkpoint(source + ".recipe.json")
         shutil.copy(source, os.path.join(models, "dape", name))
 
 
@@ -56,13 +53,13 @@ def main():
     parser.add_argument("--models", required=True, help="ComfyUI models folder to fill")
     args = parser.parse_args()
     from comfyui_diffsr.dossr_core.weights import write_converted
-    from comfyui_diffsr.osediff_core.weights import random_osediff_checkpoint
     from comfyui_diffsr.sr_common.sd21 import load_sd21
 
     sd21 = load_sd21(args.base)
     for folder in ("osediff", "dossr", "dape"):
         os.makedirs(os.path.join(args.models, folder), exist_ok=True)
-    torch.save(random_osediff_checkpoint(sd21.unet, sd21.vae), os.path.join(args.models, "osediff", "osediff.pkl"))
+    torch.save(fixture_weights().random_osediff_checkpoint(sd21.unet, sd21.vae),
+               os.path.join(args.models, "osediff", "osediff.pkl"))
     del sd21
     write_converted(dossr_parts(random_dossr()[0]), os.path.join(args.models, "dossr", "dossr_default.safetensors"),
                     source="random")

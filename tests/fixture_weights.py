@@ -1,4 +1,6 @@
-"""The tiny random-weight checkpoints of the parity fixtures, made from recipes instead of being stored.
+"""Random-weight checkpoints for the tests and the benchmarks (which load this file: tests/ is not a package).
+
+The tiny checkpoints of the parity fixtures are made from recipes instead of being stored.
 
 A fixture script writes ``<file>.recipe.json`` beside the expected outputs it made with ``<file>``; the tests make
 ``<file>`` again from it at the start of a session (``make_checkpoint``). A recipe holds the file's container
@@ -15,6 +17,9 @@ dicts, lists and plain values as they are, and in place of each tensor
 
 RandomState's stream is frozen by numpy and the rounding is IEEE's, so every numpy and torch version makes the same
 tensors; the recipe's ``digest`` (``tree_digest``: names, dtypes, shapes and bytes) checks that they did.
+
+``random_osediff_checkpoint`` makes an OSEDiff checkpoint in the official layout for a given UNet and VAE (the tiny
+ones of the tests, full size in the benchmarks), its LoRA drawn by a seeded torch generator.
 """
 
 import hashlib
@@ -163,3 +168,71 @@ def make_checkpoint(recipe_path):
     else:
         os.replace(path + ".new", path)
     return tree
+
+
+# ------------------------------------------------------------ OSEDiff checkpoints for any SD 2.1 UNet and VAE
+
+UNET_TARGET_PATTERNS = ("to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut",
+                        "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj")
+VAE_TARGET_PATTERNS = ("conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out", "to_k", "to_q", "to_v",
+                       "to_out.0")
+
+
+def official_lora_targets(unet, vae):
+    """The module lists the official training code builds (``initialize_unet`` / ``initialize_vae``).
+
+    UNet: every weight (not bias/norm) whose name contains a pattern, routed to the encoder adapter
+    (``down_blocks``/``conv_in``), the decoder adapter (``up_blocks``/``conv_out``) or the others (mid
+    block). VAE: encoder modules and ``quant_conv``, with the official duplicates.
+    """
+    enc, dec, others = [], [], []
+    for name, _ in unet.named_parameters():
+        if "bias" in name or "norm" in name:
+            continue
+        for pattern in UNET_TARGET_PATTERNS:
+            if pattern in name:
+                module = name.replace(".weight", "")
+                (enc if ("down_blocks" in name or "conv_in" in name) else
+                 dec if ("up_blocks" in name or "conv_out" in name) else others).append(module)
+                break
+    vae_targets = []
+    for name, _ in vae.named_parameters():
+        if "bias" in name or "norm" in name:
+            continue
+        for pattern in VAE_TARGET_PATTERNS:
+            if pattern in name and "encoder" in name:
+                vae_targets.append(name.replace(".weight", ""))
+            elif "quant_conv" in name and "post_quant_conv" not in name:
+                vae_targets.append(name.replace(".weight", ""))
+    return {"unet_lora_encoder_modules": enc, "unet_lora_decoder_modules": dec, "unet_lora_others_modules": others,
+            "vae_lora_encoder_modules": vae_targets}
+
+
+def random_osediff_checkpoint(unet, vae, rank=4, std=0.02, seed=0, rank_vae=None):
+    """An OSEDiff checkpoint in the official layout with random LoRA A and B (for tests and benchmarks); the VAE's
+    LoRA has ``rank_vae`` (default: ``rank``, as the official file)."""
+    rank_vae = rank if rank_vae is None else rank_vae
+    g = torch.Generator().manual_seed(seed)
+    targets = official_lora_targets(unet, vae)
+    modules = dict(unet.named_modules())
+    state_unet = {"conv_in.base_layer.weight": unet.conv_in.weight.detach().clone() * 1.1,
+                  "conv_in.base_layer.bias": unet.conv_in.bias.detach().clone()}
+    for adapter, key in (("default_encoder", "unet_lora_encoder_modules"), ("default_decoder", "unet_lora_decoder_modules"),
+                         ("default_others", "unet_lora_others_modules")):
+        for name in targets[key]:
+            state_unet.update(_random_pair(modules[name], name, adapter, rank, std, g))
+    vae_modules = dict(vae.named_modules())
+    state_vae = {}
+    for name in dict.fromkeys(targets["vae_lora_encoder_modules"]):
+        state_vae.update(_random_pair(vae_modules[name], name, "default_encoder", rank_vae, std, g))
+    return dict(targets, rank_unet=rank, rank_vae=rank_vae, state_dict_unet=state_unet, state_dict_vae=state_vae)
+
+
+def _random_pair(module, name, adapter, rank, std, g):
+    w = module.weight
+    if w.dim() == 4:
+        a_shape, b_shape = (rank, w.shape[1], w.shape[2], w.shape[3]), (w.shape[0], rank, 1, 1)
+    else:
+        a_shape, b_shape = (rank, w.shape[1]), (w.shape[0], rank)
+    return {f"{name}.lora_A.{adapter}.weight": torch.randn(a_shape, generator=g) * std,
+            f"{name}.lora_B.{adapter}.weight": torch.randn(b_shape, generator=g) * std}

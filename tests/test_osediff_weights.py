@@ -8,17 +8,18 @@ import torch
 
 from comfyui_diffsr.osediff_core import weights as W
 from comfyui_diffsr.sr_common.errors import WeightFileError
+from fixture_weights import official_lora_targets, random_osediff_checkpoint
 
 
 @pytest.fixture()
 def ckpt(tiny_unet_vae):
     unet, vae = tiny_unet_vae
-    return W.random_osediff_checkpoint(unet, vae, rank=4, std=0.1, seed=1)
+    return random_osediff_checkpoint(unet, vae, rank=4, std=0.1, seed=1)
 
 
 def test_official_module_lists(tiny_unet_vae, ckpt):
     unet, vae = tiny_unet_vae
-    t = W.official_lora_targets(unet, vae)
+    t = official_lora_targets(unet, vae)
     assert "conv_in" in t["unet_lora_encoder_modules"] and "conv_out" in t["unet_lora_decoder_modules"]
     assert all(m.startswith("mid_block") for m in t["unet_lora_others_modules"])
     assert not any("time_emb" in m for m in sum((t[k] for k in t if k.startswith("unet")), []))
@@ -90,7 +91,7 @@ def test_each_part_is_scaled_by_its_own_rank(tiny_unet_vae):
     """The official file stores rank_unet and rank_vae apart (both 4 in osediff.pkl): each part's LoRA is scaled by
     8 / its own rank (a file with UNet rank 4 and VAE rank 2 here)."""
     unet, vae = tiny_unet_vae
-    ckpt = W.random_osediff_checkpoint(unet, vae, rank=4, std=0.1, seed=2, rank_vae=2)
+    ckpt = random_osediff_checkpoint(unet, vae, rank=4, std=0.1, seed=2, rank_vae=2)
     sd_vae, sd_unet = ckpt["state_dict_vae"], ckpt["state_dict_unet"]
     assert sd_vae["quant_conv.lora_A.default_encoder.weight"].shape[0] == 2
     enc = W.lq_encoder(vae, ckpt)
@@ -210,7 +211,7 @@ def test_converted_file_keeps_each_parts_rank(tmp_path, tiny_unet_vae):
     """A file with UNet rank 4 and VAE rank 2 converts and reads back with both ranks as stored, and the converted
     file's VAE encoder merges as the .pkl's does."""
     unet, vae = tiny_unet_vae
-    ckpt = W.random_osediff_checkpoint(unet, vae, rank=4, std=0.1, seed=3, rank_vae=2)
+    ckpt = random_osediff_checkpoint(unet, vae, rank=4, std=0.1, seed=3, rank_vae=2)
     torch.save(ckpt, tmp_path / "osediff.pkl")
     converted = W.read_osediff(W.convert_osediff(tmp_path / "osediff.pkl", tmp_path / "osediff.safetensors"))
     assert (converted["rank_unet"], converted["rank_vae"]) == (4, 2)
