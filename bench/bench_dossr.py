@@ -30,11 +30,11 @@ def random_dossr(seed=0):
     condition encoder the VAE's own encoder; and the parameter count without the text encoder."""
     from comfyui_diffsr.dossr_core.model import DoSSRModel
     from comfyui_diffsr.dossr_core.rrdb import RRDBNet
-    from comfyui_diffsr.dossr_core.weights import diffusers_configs, load_ldm_params
+    from comfyui_diffsr.dossr_core.weights import load_ldm_configs
     from diffusers import ControlNetModel
 
     sd = random_sd21(seed)
-    _, controlnet_config, _ = diffusers_configs(load_ldm_params())
+    _, controlnet_config, _ = load_ldm_configs()
 
     def build(device="cpu"):  # torch's generator as random_sd21 left it: the values of every earlier version
         with torch.device(device):

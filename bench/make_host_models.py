@@ -29,9 +29,9 @@ DATA = os.path.join(ROOT, "tests", "data")
 
 def dossr_parts(model):
     """``model``'s DoSSR parts (ControlNet, condition encoder, RRDB) with the shipped SD 2.1 configs."""
-    from comfyui_diffsr.dossr_core.weights import DoSSRParts, diffusers_configs, load_ldm_params
+    from comfyui_diffsr.dossr_core.weights import DoSSRParts, load_ldm_configs
 
-    _, controlnet_config, vae_config = diffusers_configs(load_ldm_params())
+    _, controlnet_config, vae_config = load_ldm_configs()
     return DoSSRParts(model.controlnet.state_dict(), model.cond_encoder.state_dict(), model.rrdb.state_dict(),
                       controlnet_config, vae_config)
 

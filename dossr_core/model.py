@@ -14,7 +14,7 @@ from torch import nn
 from ..sr_common.errors import WeightFileError
 from ..sr_common.sd21 import SD21, NetworksOnSD21, PromptCache, load_sd21, load_tokenizer, shipped_config_dir
 from .rrdb import rrdb_from_state_dict
-from .weights import (base_from_official, build_cond_encoder, build_controlnet, load_ldm_params, parts_from_converted,
+from .weights import (base_from_official, build_cond_encoder, build_controlnet, load_ldm_configs, parts_from_converted,
                       parts_from_official, read_weights, shipped_config_path)
 
 DEFAULT_PROMPT = "clean, high-resolution, 8k"
@@ -107,14 +107,14 @@ def load_dossr(weights, base=None, *, config=None, base_config=None, text_heads=
         raise WeightFileError(f"{name!r} is a converted DoSSR file (ControlNet, condition encoder, RRDB only); "
                               "pass the SD 2.1-base with --base (stable-diffusion-2-1-base folder or "
                               "v2-1_512-ema-pruned.safetensors), or use the official .ckpt.")
-    params = load_ldm_params(config) if kind == "official" else None
+    configs = load_ldm_configs(config) if kind == "official" else None
     try:
-        parts = parts_from_official(sd, params) if kind == "official" else parts_from_converted(sd, metadata)
+        parts = parts_from_official(sd, configs) if kind == "official" else parts_from_converted(sd, metadata)
         yaml = (config or shipped_config_path()) if kind == "official" else None
         controlnet = build_controlnet(parts.controlnet_config, parts.controlnet, yaml)
         cond_encoder = build_cond_encoder(parts.vae_config, parts.cond_encoder, yaml)
         rrdb = rrdb_from_state_dict(parts.rrdb)
-        own_base = base_from_official(sd, params, text_heads) if base is None else None
+        own_base = base_from_official(sd, configs, text_heads) if base is None else None
     except WeightFileError as e:
         raise WeightFileError(f"{name!r}: {e}") from e
     if base is not None:

@@ -44,9 +44,9 @@ CONFIG_ADVICE = ("Pass the official-style yaml the checkpoint was trained with a
                  "config), or none for SD 2.1's.")
 
 
-def load_ldm_params(path=None):
-    """The ``params`` of an official-style ControlLDM yaml (``model.params`` also accepted), checked to give the
-    networks' configs (``diffusers_configs``): a file that is not such a yaml is refused naming what it lacks."""
+def load_ldm_configs(path=None):
+    """The (unet, controlnet, vae) diffusers configs (``diffusers_configs``) of an official-style ControlLDM yaml
+    (its ``params``, or ``model.params``): a file that is not such a yaml is refused naming what it lacks."""
     import yaml
 
     path = path or shipped_config_path()
@@ -67,11 +67,10 @@ def load_ldm_params(path=None):
     if not isinstance(params, dict) or any(k not in params for k in needed):
         raise WeightFileError(f"{path!r} is not a DoSSR/ControlLDM config: expected `params` with {list(needed)}.")
     try:
-        diffusers_configs(params)
+        return diffusers_configs(params)
     except (KeyError, TypeError, AttributeError) as e:  # a part's `params` missing, or a field missing or not a number
         what = f"lacks {e}" if isinstance(e, KeyError) else f"has a field of the wrong kind ({e})"
         raise WeightFileError(f"The DoSSR config {path!r} {what}. {CONFIG_ADVICE}") from e
-    return params
 
 
 def _yaml_error_line(error):
@@ -192,11 +191,12 @@ def split_controlnet_conv_in(state, in_channels):
     return state
 
 
-def parts_from_official(sd, params):
-    """Split the official ckpt's DoSSR parts into diffusers layout (ldm → diffusers via diffusers' converters)."""
+def parts_from_official(sd, configs):
+    """Split the official ckpt's DoSSR parts into diffusers layout (ldm → diffusers via diffusers' converters);
+    ``configs``: its yaml's (``load_ldm_configs``)."""
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint, convert_ldm_vae_checkpoint
 
-    _, controlnet_config, vae_config = diffusers_configs(params)
+    _, controlnet_config, vae_config = configs
     control = _with_prefix(sd, CONTROL_PREFIX)
     width = control.get("input_blocks.0.0.weight")
     expected_in = controlnet_config["in_channels"] + controlnet_config["conditioning_channels"]
@@ -254,7 +254,7 @@ def convert_dossr(src, dst, config=None, dtype=None):
     if kind != "official":
         raise WeightFileError(f"{os.path.basename(os.fspath(src))!r} is already a converted DoSSR file: use it as it "
                               "is (--weights, or the Load DoSSR node); only the official .ckpt is converted.")
-    parts = parts_from_official(sd, load_ldm_params(config))
+    parts = parts_from_official(sd, load_ldm_configs(config))
     yaml = config or shipped_config_path()  # written only if it loads: a yaml of another size must be passed now
     build_controlnet(parts.controlnet_config, parts.controlnet, yaml)  # (the file stores its configs)
     build_cond_encoder(parts.vae_config, parts.cond_encoder, yaml)
@@ -361,15 +361,16 @@ def text_encoder_from_open_clip(sd, num_heads=None):
     return _load(model, open_clip_to_hf(sd, blocks - 1, prefix), "text encoder")
 
 
-def base_from_official(sd, params, text_heads=None):
-    """SD 2.1-base UNet, VAE and text encoder from the base parts inside an official DoSSR ckpt."""
+def base_from_official(sd, configs, text_heads=None):
+    """SD 2.1-base UNet, VAE and text encoder from the base parts inside an official DoSSR ckpt (``configs``: its
+    yaml's, ``load_ldm_configs``)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     missing = [p for p in (UNET_PREFIX, VAE_PREFIX) if not any(k.startswith(p) for k in sd)]
     if missing:
         raise WeightFileError(f"The DoSSR checkpoint lacks the SD 2.1 parts {missing}; pass --base "
                               "(stable-diffusion-2-1-base folder or v2-1_512-ema-pruned.safetensors).")
-    unet_config, _, vae_config = diffusers_configs(params)
+    unet_config, _, vae_config = configs
     with torch.device("meta"):
         unet, vae = UNet2DConditionModel(**unet_config), AutoencoderKL(**vae_config)
     load_ldm_unet_vae(sd, unet, vae, fix=CONFIG_FIX)

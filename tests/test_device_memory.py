@@ -162,11 +162,11 @@ def test_encoder_estimate_covers_the_count(size, tile):
 def full_size_denoisers(dtype):
     """SD 2.1's UNet (the shipped config) with its fast modules, and DoSSR's ControlNet (the shipped yaml), on the
     meta device in ``dtype``."""
-    from comfyui_diffsr.dossr_core.weights import diffusers_configs, empty_controlnet, load_ldm_params
+    from comfyui_diffsr.dossr_core.weights import empty_controlnet, load_ldm_configs
 
     unet, _, _ = models_from_config(shipped_config_dir(), random_init=False)
     fast_modules(unet)
-    _, config, _ = diffusers_configs(load_ldm_params())
+    _, config, _ = load_ldm_configs()
     return move_module(unet, dtype=dtype), move_module(empty_controlnet(config), dtype=dtype)
 
 

@@ -463,29 +463,29 @@ def _tiny_yaml(tmp_path, change, wrap=False):
 
 def test_config_fields_come_from_the_yaml(tmp_path):
     """The UNet's out_channels, the ControlNet's hint_channels and transformer_depth and the VAE scale_factor are read from the yaml (not
-    taken from in_channels or the SD default); a yaml under ``model:`` gives the same params."""
-    from comfyui_diffsr.dossr_core.weights import diffusers_configs, load_ldm_params
+    taken from in_channels or the SD default); a yaml under ``model:`` gives the same configs."""
+    from comfyui_diffsr.dossr_core.weights import load_ldm_configs
 
     def change(p):
         p["unet_config"]["params"]["out_channels"] = 8
         p["control_stage_config"]["params"]["hint_channels"] = 3
         p["scale_factor"] = 0.5
         p["control_stage_config"]["params"]["transformer_depth"] = 2
-    unet, controlnet, vae = diffusers_configs(load_ldm_params(_tiny_yaml(tmp_path, change)))
+    unet, controlnet, vae = load_ldm_configs(_tiny_yaml(tmp_path, change))
     assert (unet["out_channels"], unet["in_channels"]) == (8, 4)
     assert (controlnet["conditioning_channels"], controlnet["in_channels"]) == (3, 4)
     assert vae["scaling_factor"] == 0.5
     assert (controlnet["transformer_layers_per_block"], unet["transformer_layers_per_block"]) == (2, 1)
-    assert load_ldm_params(_tiny_yaml(tmp_path, change, wrap=True)) == load_ldm_params(_tiny_yaml(tmp_path, change))
+    assert load_ldm_configs(_tiny_yaml(tmp_path, change, wrap=True)) == load_ldm_configs(_tiny_yaml(tmp_path, change))
 
 
 def test_a_yaml_without_the_model_parts_is_named(tmp_path):
-    from comfyui_diffsr.dossr_core.weights import load_ldm_params
+    from comfyui_diffsr.dossr_core.weights import load_ldm_configs
 
     path = _tiny_yaml(tmp_path, lambda p: p.pop("unet_config"))
     with pytest.raises(WeightFileError, match=r"is not a DoSSR/ControlLDM config: expected `params` with "
                                               r"\['control_stage_config', 'unet_config', 'first_stage_config'\]"):
-        load_ldm_params(path)
+        load_ldm_configs(path)
 
 
 @pytest.mark.parametrize("write, message", [
@@ -600,11 +600,11 @@ def test_converted_file_stores_info_source_and_fp16(official_sd, tmp_path):
 
 def test_base_parts_missing_from_the_official_file_name_base(official_sd):
     """An official file without the SD 2.1 UNet asks for --base."""
-    from comfyui_diffsr.dossr_core.weights import base_from_official, load_ldm_params
+    from comfyui_diffsr.dossr_core.weights import base_from_official, load_ldm_configs
 
     sd = {k: v for k, v in official_sd.items() if not k.startswith("model.diffusion_model.")}
     with pytest.raises(WeightFileError, match=r"lacks the SD 2.1 parts \['model.diffusion_model.'\]; pass --base"):
-        base_from_official(sd, load_ldm_params(os.path.join(FIX, "tiny_cldm.yaml")))
+        base_from_official(sd, load_ldm_configs(os.path.join(FIX, "tiny_cldm.yaml")))
 
 
 def test_text_encoder_heads_follow_open_clip(monkeypatch):
