@@ -281,13 +281,28 @@ def _lora_delta(a, b, parts, enabled, name):
     return delta, LORA_ALPHA / r
 
 
+SWIN_LORA = re.compile(r"visual_encoder\..*\.attn\.qkv$")
+HEAD_LORA = re.compile(r"tagging_head\.encoder\.layer\.\d+\.crossattention\.self\.(query|key)$")
+
+
+def _lora_layout(module):
+    """(parts, enable_lora) of the loralib layer DAPE puts on ``module`` of the tagging path, or None: Swin
+    ``attn.qkv`` a MergedLinear with LoRA on the q and v rows, the head's cross-attention query and key a Linear."""
+    if SWIN_LORA.match(module):
+        return 3, (True, False, True)
+    if HEAD_LORA.match(module):
+        return 1, (True,)
+    return None
+
+
 def merge_dape(state, dape, n_layers):
     """Add the DAPE LoRAs of the tagging path to ``state`` (fp32, in place), as loralib's eval() merge.
 
-    Swin ``attn.qkv``: MergedLinear, LoRA on the q and v rows. Tagging-head cross-attention
-    ``query``/``key``: Linear LoRA. The official model ties the head's weights to the lowest
-    ``tag_encoder`` layers, so their LoRAs merge into the same weights: those are added too.
-    Everything else (tag_encoder above the head, text_decoder) is not on the tagging path.
+    DAPE.pth (every LoRA of SeeSR's model) holds one for each module of ``_lora_layout`` (Swin ``attn.qkv``,
+    tagging-head cross-attention ``query``/``key``): a file that lacks any is refused. The official model ties the
+    head's weights to the lowest ``tag_encoder`` layers, so their LoRAs merge into the same weights: those are
+    added too, where present (DAPE never trained them: zero in DAPE.pth). Everything else (tag_encoder above the
+    head, text_decoder) is not on the tagging path.
     """
     modules = sorted({k.rsplit(".", 1)[0] for k in dape if k.endswith((".lora_A", ".lora_B"))})
     used, ignored = 0, 0
@@ -299,26 +314,28 @@ def merge_dape(state, dape, n_layers):
         m = re.match(r"tag_encoder\.encoder\.layer\.(\d+)\.crossattention\.self\.(query|key)$", target)
         if m and int(m.group(1)) < n_layers:
             target = "tagging_head." + target[len("tag_encoder."):]
-        if target.startswith("visual_encoder.") and target.endswith(".attn.qkv"):
-            parts, enabled = 3, (True, False, True)
-        elif re.match(r"tagging_head\.encoder\.layer\.\d+\.crossattention\.self\.(query|key)$", target):
-            parts, enabled = 1, (True,)
-        else:
+        layout = _lora_layout(target)
+        if layout is None:
             ignored += 1
             continue
         wkey = target + ".weight"
         if wkey not in state:
             raise WeightFileError(f"DAPE LoRA {mod} has no matching weight {wkey} in the RAM checkpoint: "
                                   "the DAPE and RAM files do not belong together.")
-        delta, scale = _lora_delta(dape[mod + ".lora_A"], dape[mod + ".lora_B"], parts, enabled, mod)
+        delta, scale = _lora_delta(dape[mod + ".lora_A"], dape[mod + ".lora_B"], *layout, mod)
         if delta.shape != state[wkey].shape:
             raise WeightFileError(f"DAPE LoRA {mod} gives {tuple(delta.shape)} but {wkey} is "
                                   f"{tuple(state[wkey].shape)}: the DAPE and RAM files do not belong together.")
         state[wkey] = state[wkey].float() + delta * scale
         used += 1
-    if used == 0:
-        raise WeightFileError("The DAPE file has no LoRA on the tagging path (visual_encoder …attn.qkv, "
-                              "tagging_head …crossattention.self.query/key).")
+    adapted = [name for name in (k.removesuffix(".weight") for k in state if k.endswith(".weight"))
+               if _lora_layout(name)]
+    given = {mod.replace("vision_multi", "tagging_head") for mod in modules}
+    missing = [name for name in adapted if name not in given]
+    if missing:
+        raise WeightFileError(f"the DAPE file lacks the LoRA of {len(missing)} of the {len(adapted)} tagging modules "
+                              f"DAPE adapts ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): it is "
+                              "damaged or partly saved; download DAPE.pth again.")
     return used, ignored
 
 

@@ -629,7 +629,9 @@ def _small_state():
      r"gives \(18, 5\) but visual_encoder\.layers\.0\.blocks\.0\.attn\.qkv\.weight is \(18, 6\): the DAPE and RAM "
      r"files do not belong together"),
     ({"text_decoder.x.lora_A": torch.ones(8, 6), "text_decoder.x.lora_B": torch.ones(6, 8)},
-     r"The DAPE file has no LoRA on the tagging path"),
+     r"the DAPE file lacks the LoRA of 3 of the 3 tagging modules DAPE adapts \(visual_encoder\.layers\.0\.blocks\.0"
+     r"\.attn\.qkv, tagging_head\.encoder\.layer\.0\.crossattention\.self\.query, tagging_head\.encoder\.layer\.1"
+     r"\.crossattention\.self\.query\): it is damaged or partly saved; download DAPE\.pth again"),
 ], ids=["groups", "rank", "no-weight", "shape", "nothing-on-the-path"])
 def test_merge_dape_refusals_name_the_problem(lora, message):
     """LoRA shapes that do not split into the q/v groups, a lora_B of another rank, a LoRA for a weight RAM lacks or
@@ -666,6 +668,44 @@ def test_damaged_official_files_are_named(tmp_path, which, change, message):
         torch.save(change(sd) if name == which else sd, paths[name])
     with pytest.raises(WeightFileError, match=message):
         load_dape_tagger(paths["ram"], paths["dape"])
+
+
+def _without(*prefixes):
+    return lambda sd: {k: v for k, v in sd.items() if not k.startswith(prefixes)}
+
+
+@pytest.mark.parametrize("drop, message", [
+    (_without("visual_encoder.layers.2.", "visual_encoder.layers.3."),
+     r"^'ram_tiny\.pth' \+ 'dape\.pth': the DAPE file lacks the LoRA of 4 of the 12 tagging modules DAPE adapts "
+     r"\(visual_encoder\.layers\.2\.blocks\.0\.attn\.qkv, visual_encoder\.layers\.2\.blocks\.1\.attn\.qkv, "
+     r"visual_encoder\.layers\.3\.blocks\.0\.attn\.qkv, \.\.\.\): it is damaged or partly saved; download "
+     r"DAPE\.pth again\.$"),
+    (_without("tagging_head.encoder.layer.1.crossattention.self.query."),
+     r"lacks the LoRA of 1 of the 12 tagging modules DAPE adapts \(tagging_head\.encoder\.layer\.1\.crossattention"
+     r"\.self\.query\): it is damaged"),
+], ids=["half-the-swin-layers", "a-head-query"])
+def test_a_dape_file_missing_part_of_the_tagging_lora_is_refused(tmp_path, drop, message):
+    """DAPE.pth holds the LoRA of every Swin ``attn.qkv`` and every tagging-head cross-attention query and key: a file
+    that lacks some (the Swin layers of its second half, one head query) would tag with a partly adapted model; it
+    is refused naming how many are missing and the first few."""
+    path = tmp_path / "dape.pth"
+    torch.save(drop(torch.load(DAPE, weights_only=True)), path)
+    with pytest.raises(WeightFileError, match=message):
+        load_dape_tagger(RAM, str(path))
+
+
+def test_a_dape_file_without_the_loras_off_the_tagging_path_loads(tmp_path):
+    """The text decoder's and the tag encoder's LoRAs are not needed: the tag encoder's, merged where its lowest
+    layers share the head's weights, never trained in SeeSR's DAPE (its B is zero in DAPE.pth), so a file without
+    them loads, and tags as the full file less their (here non-zero) share."""
+    path = tmp_path / "dape.pth"
+    torch.save(_without("text_decoder.", "tag_encoder.")(torch.load(DAPE, weights_only=True)), path)
+    tagger = load_dape_tagger(RAM, str(path))
+    full = load_dape_tagger(RAM, DAPE)
+    head = "tagging_head.encoder.layer.0.crossattention.self.query.weight"
+    qkv = "visual_encoder.layers.3.blocks.1.attn.qkv.weight"
+    assert torch.equal(tagger.state_dict()[qkv], full.state_dict()[qkv])
+    assert not torch.equal(tagger.state_dict()[head], full.state_dict()[head])
 
 
 def test_converted_file_with_an_extra_tensor_and_its_dtype_metadata(tmp_path):
