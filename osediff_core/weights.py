@@ -15,9 +15,13 @@ from ..sr_common.known_files import CONVERTED, KNOWN, canonical, describe, ident
 from ..sr_common.weights import (OSEDIFF_FORMAT, check_safetensors_output, converted_kind, fresh_float32_cpu,
                                  prefaulting, read_state_dict, require_float, safetensors_metadata, write_safetensors)
 
-REQUIRED_KEYS = ("state_dict_unet", "state_dict_vae", "rank_unet", "rank_vae")
-MODULE_LIST_KEYS = ("unet_lora_encoder_modules", "unet_lora_decoder_modules", "unet_lora_others_modules",
-                    "vae_lora_encoder_modules")
+# (module list, the part whose modules it names, the PEFT adapter it gets in the official load_ckpt)
+MODULE_LISTS = (("unet_lora_encoder_modules", "unet", "default_encoder"),
+                ("unet_lora_decoder_modules", "unet", "default_decoder"),
+                ("unet_lora_others_modules", "unet", "default_others"),
+                ("vae_lora_encoder_modules", "vae", "default_encoder"))
+MODULE_LIST_KEYS = tuple(key for key, _, _ in MODULE_LISTS)
+REQUIRED_KEYS = ("state_dict_unet", "state_dict_vae", "rank_unet", "rank_vae") + MODULE_LIST_KEYS
 # Cannot be deduced from the file: the official LoraConfig passes no lora_alpha, so PEFT's
 # default lora_alpha = 8 applies and every LoRA is scaled by 8 / rank.
 PEFT_DEFAULT_ALPHA = 8
@@ -58,6 +62,7 @@ def read_osediff(path):
                               f"Expected osediff.pkl with keys {list(REQUIRED_KEYS)}.")
     for part in ("unet", "vae"):
         _check_part(obj, part, name)
+    _check_module_lists(obj, name)
     return obj
 
 
@@ -93,6 +98,24 @@ def _check_part(ckpt, part, name):
         if b.dim() != a.dim() or b.shape[1] != rank or b.shape[2:] not in ((), (1, 1)):
             raise WeightFileError(f"{name!r} is inconsistent: rank_{part} = {rank} but {b_key} has shape "
                                   f"{tuple(b.shape)} (rank {b.shape[1] if b.dim() > 1 else '?'}). {damaged}")
+
+
+def _check_module_lists(ckpt, name):
+    """Refuse module lists the official ``load_ckpt`` could not load: it gives each listed module a LoRA of the
+    list's adapter and copies it from the state dict, so each needs its pair there (the lists name modules in
+    full; pairs the lists do not name are merged here too, where the official code leaves them out)."""
+    damaged = "The file is damaged; download osediff.pkl again."
+    for key, part, adapter in MODULE_LISTS:
+        modules = ckpt[key]
+        if not isinstance(modules, (list, tuple)) or not all(isinstance(m, str) for m in modules):
+            raise WeightFileError(f"{name!r}: {key} is not a list of module names. {damaged}")
+        modules = list(dict.fromkeys(modules))  # the official VAE list names modules twice
+        state = ckpt[f"state_dict_{part}"]
+        missing = [m for m in modules if f"{m}.lora_A.{adapter}.weight" not in state]  # _check_part: A means a pair
+        if missing:
+            raise WeightFileError(f"{name!r} is incomplete: {len(missing)} of the {len(modules)} modules of {key} have "
+                                  f"no LoRA in state_dict_{part} ({', '.join(missing[:3])}"
+                                  f"{', ...' if len(missing) > 3 else ''}). {damaged}")
 
 
 def lora_pairs(state, rank):
@@ -258,8 +281,6 @@ def convert_osediff(src, dst):
     tensors.update({f"vae.{k}": v for k, v in ckpt["state_dict_vae"].items()})
     metadata = {"format": OSEDIFF_FORMAT, "rank_unet": str(int(ckpt["rank_unet"])), "rank_vae": str(int(ckpt["rank_vae"])),
                 "lora_alpha": str(PEFT_DEFAULT_ALPHA)}
-    for key in MODULE_LIST_KEYS:
-        if key in ckpt:
-            metadata[key] = json.dumps(list(ckpt[key]))
+    metadata.update({key: json.dumps(list(ckpt[key])) for key in MODULE_LIST_KEYS})
     write_safetensors(tensors, dst, metadata)
     return dst

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from comfyui_diffsr.dossr_core.model import load_dossr
 from comfyui_diffsr.dossr_core.weights import read_weights
 from comfyui_diffsr.osediff_core import dape
-from comfyui_diffsr.osediff_core.weights import read_osediff
+from comfyui_diffsr.osediff_core.weights import MODULE_LIST_KEYS, read_osediff
 from comfyui_diffsr.sr_common.errors import DiffSRError
 from comfyui_diffsr.sr_common.known_files import identify
 from comfyui_diffsr.sr_common.sd21 import load_sd21
@@ -32,7 +32,9 @@ def _osediff():
     lora = {"conv_in.base_layer.weight": _t(4, 4, 3, 3), "conv_in.base_layer.bias": _t(4),
             "conv_in.lora_A.default_encoder.weight": _t(2, 4, 3, 3), "conv_in.lora_B.default_encoder.weight": _t(4, 2, 1, 1),
             "a.to_q.lora_A.default_others.weight": _t(2, 8), "a.to_q.lora_B.default_others.weight": _t(8, 2)}
-    return {"unet_lora_encoder_modules": ["conv_in"], "rank_unet": 2, "rank_vae": 2, "state_dict_unet": lora,
+    return {"unet_lora_encoder_modules": ["conv_in"], "unet_lora_decoder_modules": [],
+            "unet_lora_others_modules": ["a.to_q"], "vae_lora_encoder_modules": ["quant_conv"], "rank_unet": 2,
+            "rank_vae": 2, "state_dict_unet": lora,
             "state_dict_vae": {"quant_conv.lora_A.default_encoder.weight": _t(2, 8, 1, 1),
                                "quant_conv.lora_B.default_encoder.weight": _t(8, 2, 1, 1)}}
 
@@ -77,7 +79,7 @@ def _osediff_safetensors():
     tensors = {f"unet.{k}": v for k, v in ckpt["state_dict_unet"].items()}
     tensors.update({f"vae.{k}": v for k, v in ckpt["state_dict_vae"].items()})
     return _save_safetensors(tensors, {"format": "osediff", "rank_unet": "2", "rank_vae": "2",
-                                       "unet_lora_encoder_modules": json.dumps(["conv_in"])})
+                                       **{key: json.dumps(ckpt[key]) for key in MODULE_LIST_KEYS}})
 
 
 def _dape_converted():

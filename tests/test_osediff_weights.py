@@ -219,6 +219,12 @@ def test_converted_file_keeps_each_parts_rank(tmp_path, tiny_unet_vae):
                                W.lq_encoder(vae, ckpt)["quant_conv"].weight, rtol=0, atol=0)
 
 
+def _drop(state, prefix):
+    """``state`` without the tensors whose names begin with ``prefix``."""
+    for key in [k for k in state if k.startswith(prefix)]:
+        del state[key]
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda c: c.update(rank_unet=torch.tensor([4, 4])), r"'osediff.pkl' has no usable rank_unet .*download osediff"),
     (lambda c: c.update(rank_vae=torch.empty((), device="meta")),  # torch's own words differ between versions
@@ -232,11 +238,29 @@ def test_converted_file_keeps_each_parts_rank(tmp_path, tiny_unet_vae):
      r"rank_unet = 4 but conv_in\.lora_B\.default_encoder\.weight has shape \(32, 4, 3, 3\)"),
     (lambda c: c.update(rank_unet=float("inf")), r"'osediff.pkl' has no usable rank_unet \(cannot convert float "
                                                   r"infinity to integer\)\. The file is damaged; download osediff"),
+    (lambda c: [c.pop(key) for key in W.MODULE_LIST_KEYS],
+     r"'osediff.pkl' is an incomplete OSEDiff checkpoint: it lacks \['unet_lora_encoder_modules', "
+     r"'unet_lora_decoder_modules', 'unet_lora_others_modules', 'vae_lora_encoder_modules'\]\. The file is damaged; "
+     r"download osediff\.pkl again"),
+    (lambda c: _drop(c["state_dict_unet"], "up_blocks.1."),
+     r"^'osediff.pkl' is incomplete: 31 of the 100 modules of unet_lora_decoder_modules have no LoRA in state_dict_unet "
+     r"\(up_blocks\.1\.attentions\.0\.proj_in, up_blocks\.1\.attentions\.0\.transformer_blocks\.0\.attn1\.to_q, "
+     r"up_blocks\.1\.attentions\.0\.transformer_blocks\.0\.attn1\.to_k, \.\.\.\)\. The file is damaged; download "
+     r"osediff\.pkl again\.$"),
+    (lambda c: _drop(c["state_dict_vae"], "quant_conv."),
+     r"'osediff.pkl' is incomplete: 1 of the 23 modules of vae_lora_encoder_modules have no LoRA in state_dict_vae "
+     r"\(quant_conv\)\. The file is damaged"),
+    (lambda c: c.update(unet_lora_others_modules="mid_block"),
+     r"'osediff.pkl': unet_lora_others_modules is not a list of module names\. The file is damaged"),
 ], ids=["rank-of-two-values", "rank-on-the-meta-device", "state-not-a-dict", "lora-a-of-lower-rank",
-        "lora-b-with-a-3x3-kernel", "rank-infinite"])
+        "lora-b-with-a-3x3-kernel", "rank-infinite", "no-module-lists", "listed-unet-modules-without-lora",
+        "listed-vae-module-without-lora", "module-list-not-a-list"])
 def test_damaged_parts_are_named(tmp_path, ckpt, change, message):
-    """A rank that is no number (two values; a tensor with no data; infinity), a part that is no dict, a lora_A of a lower rank than stored (its lora_B has the
-    stored one) and a lora_B that is not 1×1: each refused naming the file, the entry and the fix."""
+    """A rank that is no number (two values; a tensor with no data; infinity), a part that is no dict, a lora_A of a
+    lower rank than stored (its lora_B has the stored one), a lora_B that is not 1×1, and what the official loader
+    (``load_ckpt``: one PEFT adapter per module list, each adapter's LoRA copied from the state dict) cannot load: no
+    module lists, listed modules whose LoRA pair is missing (half an up block, the VAE's quant_conv), a list that is
+    not one: each refused naming the file, the entry and the fix."""
     bad = copy.deepcopy(ckpt)
     change(bad)
     torch.save(bad, tmp_path / "osediff.pkl")
@@ -331,6 +355,22 @@ def test_converted_file_missing_a_rank_in_its_metadata_is_named(tmp_path, ckpt):
     save_file(load_file(out), tmp_path / "damaged.safetensors", metadata=meta)
     with pytest.raises(WeightFileError, match=r"'damaged.safetensors' has damaged OSEDiff metadata \(KeyError: "
                                               r"'rank_vae'\); convert osediff.pkl again with `diffsr convert osediff`"):
+        W.read_osediff(tmp_path / "damaged.safetensors")
+
+
+def test_converted_file_missing_a_module_list_in_its_metadata_is_named(tmp_path, ckpt):
+    """A converted file whose metadata lost a module list is refused as the .pkl without it is: the official code
+    could not load the file it came from."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    torch.save(ckpt, tmp_path / "osediff.pkl")
+    out = W.convert_osediff(tmp_path / "osediff.pkl", tmp_path / "osediff.safetensors")
+    with safe_open(str(out), "pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "unet_lora_others_modules"}
+    save_file(load_file(out), tmp_path / "damaged.safetensors", metadata=meta)
+    with pytest.raises(WeightFileError, match=r"'damaged.safetensors' is an incomplete OSEDiff checkpoint: it lacks "
+                                              r"\['unet_lora_others_modules'\]\. The file is damaged"):
         W.read_osediff(tmp_path / "damaged.safetensors")
 
 
