@@ -16,7 +16,7 @@ from ..sr_common.errors import DiffSRError, ImageInputError
 from ..sr_common.sd21 import PRECISIONS, ieee_float32
 from ..sr_common.tiling import (DEFAULT_TILES, TILE_FLOORS, OutOfMemory, WeightsOutOfMemory, is_out_of_memory,
                                 overlap_within, with_oom_retry)
-from ..sr_common.weights import partial_path, publish, unwritable_part
+from ..sr_common.weights import partial_path, publish, remove_abandoned_partials, unwritable_part
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 HIGH_DEPTH_PEAK = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "F": 1.0}  # PIL mode → white
@@ -107,7 +107,8 @@ def plan_outputs(images, outdir, overwrite=False, skip_existing=False, suffix=".
     """(input, OUTDIR/<output name><suffix>) pairs for ``find_images``' (input, output name) pairs. Inputs that
     differ only in their suffix keep it (``a.png``, ``a.jpg`` → ``a.png.png``, ``a.jpg.png``); a clash that remains
     (``IMG.png`` and ``img.png`` where names ignore case) is refused, as are, unless ``overwrite``, existing files.
-    ``skip_existing`` leaves out the inputs whose output exists (to resume a folder run)."""
+    ``skip_existing`` leaves out the inputs whose output exists (to resume a folder run). The unfinished files that a
+    killed run left in the output folders are removed (``clear_abandoned_partials``)."""
     if not outdir:
         raise DiffSRError("--output is empty; give the folder to write to.")
     clashes = {}
@@ -133,6 +134,7 @@ def plan_outputs(images, outdir, overwrite=False, skip_existing=False, suffix=".
             raise DiffSRError(f"The output {out!r} (for {path!r}) is one of the input images; choose another "
                               "--output folder (inputs are never overwritten, not even with --overwrite).")
     existing = [out for _, out in pairs if os.path.lexists(out)]  # a link to nothing is not written over either
+    folders = [os.path.dirname(out) for _, out in pairs]
     if skip_existing:
         if existing:
             print(f"skipping {len(existing)} of {len(pairs)} image(s): their output exists (--skip-existing)",
@@ -146,7 +148,18 @@ def plan_outputs(images, outdir, overwrite=False, skip_existing=False, suffix=".
     if unwritable:
         raise DiffSRError(f"Cannot write the output folder {outdir!r}: {unwritable!r} is not a writable folder. "
                           "Choose another --output folder.")
+    clear_abandoned_partials(folders)
     return pairs
+
+
+def clear_abandoned_partials(folders):
+    """Remove from ``folders`` the unfinished files (``.diffsr-….partial``) of runs on this machine that were killed
+    while they wrote (``remove_abandoned_partials``), with one note naming them."""
+    removed = [os.path.join(folder, name) for folder in dict.fromkeys(folders)
+               for name in remove_abandoned_partials(folder or ".")]
+    if removed:
+        print(f"note: removed {len(removed)} unfinished file(s) of a run stopped while writing (killed, or a power "
+              f"cut): {', '.join(map(shown_name, removed))}", file=sys.stderr)
 
 
 def _name_key(name):

@@ -1,9 +1,10 @@
 """``diffsr convert KIND ...``: official weight files → safetensors that load to the same result."""
 
 import argparse
+import os
 import sys
 
-from .common import run_main
+from .common import clear_abandoned_partials, run_main
 
 
 def build_parser():
@@ -27,6 +28,7 @@ def build_parser():
 
 def main_impl(argv=None):
     args = build_parser().parse_args(argv)
+    clear_abandoned_partials([os.path.dirname(args.output if args.kind == "dape" else args.dst)])
     if args.kind == "osediff":
         from ..osediff_core.weights import convert_osediff
 

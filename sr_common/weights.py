@@ -7,12 +7,15 @@ message that says how to convert it, never loaded with ``weights_only=False``.
 import contextlib
 import ctypes
 import errno
+import hashlib
 import json
 import mmap
 import os
 import pickle
 import queue
+import re
 import secrets
+import socket
 import struct
 import threading
 
@@ -426,10 +429,60 @@ def converted_kind(path):
     return kind if kind in (OSEDIFF_FORMAT, DAPE_FORMAT, DOSSR_FORMAT) else None
 
 
+# ``partial_path``'s names: the writer's process id, ``_machine_tag`` and 8 random hex digits
+PARTIAL_NAME = re.compile(r"\.diffsr-([1-9][0-9]*)-([0-9a-f]{8})-[0-9a-f]{8}\.partial")
+
+
 def partial_path(path):
     """A temporary name beside ``path`` to write it under and then rename: hidden and short, as ``path`` may use all
-    the bytes a file name may have (``path + ".partial"`` would then be too long)."""
-    return os.path.join(os.path.dirname(os.path.abspath(path)), f".diffsr-{secrets.token_hex(8)}.partial")
+    the bytes a file name may have (``path + ".partial"`` would then be too long). It names its writer (this process
+    and ``_machine_tag``), so that a later run can tell one whose writer was killed (``remove_abandoned_partials``)."""
+    name = f".diffsr-{os.getpid()}-{_machine_tag()}-{secrets.token_hex(4)}.partial"
+    return os.path.join(os.path.dirname(os.path.abspath(path)), name)
+
+
+def _machine_tag():
+    """8 hex digits for this machine and its process ids: the host name and, on Linux, the PID namespace (containers
+    sharing a host name and a folder may not share their process ids)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:  # not Linux
+        namespace = ""
+    return hashlib.sha256(f"{socket.gethostname()}\0{namespace}".encode()).hexdigest()[:8]
+
+
+def _process_runs(pid):
+    """Whether a process ``pid`` runs here (POSIX); true also where that cannot be told."""
+    try:
+        os.kill(pid, 0)  # signal 0: only whether it could be sent
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process (PermissionError), or an id too large to ask
+        return True
+    return True
+
+
+def remove_abandoned_partials(folder):
+    """Remove from ``folder`` the ``partial_path`` files whose writer was killed (SIGKILL, a power cut) before it
+    could remove them: named by a process of this machine (``_machine_tag``) that no longer runs. Never another file,
+    nor one whose writer may still run (on another machine or in another container, or whose process id is in use
+    again). Returns the names removed; none on Windows, where ``os.kill`` does not ask whether a process runs."""
+    if os.name == "nt":
+        return []
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:  # not made yet, or not to be listed: nothing was written there
+        return []
+    removed, machine = [], _machine_tag()
+    for name in names:
+        match = PARTIAL_NAME.fullmatch(name)
+        path = os.path.join(folder, name)
+        if match and match[2] == machine and not _process_runs(int(match[1])) and os.path.isfile(path) \
+                and not os.path.islink(path):
+            with contextlib.suppress(OSError):  # removed meanwhile by another run, or a folder not writable
+                os.remove(path)
+                removed.append(name)
+    return removed
 
 
 def publish(tmp, path, replace=False):

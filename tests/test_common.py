@@ -735,6 +735,71 @@ def test_an_output_is_on_the_disk_before_it_has_its_name(tmp_path, monkeypatch, 
     assert named == [True] and Image.open(tmp_path / "x.png").size == (4, 4)
 
 
+KILLED_WRITER = """
+import sys, time
+import torch
+from PIL import Image
+from comfyui_diffsr.cli.common import save_image
+
+def stuck(self, fp, *args, **kwargs):  # half written when the writer is killed
+    with open(fp, "wb") as f:
+        f.write(b"half a PNG")
+    print(fp, flush=True)
+    time.sleep(300)
+
+Image.Image.save = stuck
+save_image(torch.rand(1, 3, 4, 4), sys.argv[1])
+"""
+
+
+def test_a_partial_file_left_by_a_killed_writer_is_removed_by_the_next_run(tmp_path, capsys):
+    """A writer killed (SIGKILL, a power cut) while it wrote an output left its hidden partial file in the user's
+    output folder for good: the next run into that folder removes it, with a note, even where every output is
+    there. It keeps whatever it cannot prove a killed writer's: a live writer's partial file (this process's, or
+    another process's here), one from another machine or container, a user's file of another name, a folder."""
+    import subprocess
+    import sys
+
+    from comfyui_diffsr.cli.common import plan_outputs
+    from comfyui_diffsr.sr_common.weights import partial_path
+
+    folder = tmp_path / "out" / "2019"
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(folder / "a.png")], stdout=subprocess.PIPE,
+                              text=True)
+    killed = writer.stdout.readline().strip()
+    writer.kill()
+    writer.wait()
+    writer.stdout.close()
+    assert os.listdir(folder) == [os.path.basename(killed)] and open(killed, "rb").read() == b"half a PNG"
+    (tmp_path / "a.png").write_bytes(b"an input")
+    (folder / "a.png").write_bytes(b"written by a later run")
+    plan = [(str(tmp_path / "a.png"), "2019/a")]
+    assert plan_outputs(plan, str(tmp_path / "out"), skip_existing=True) == []
+    assert os.listdir(folder) == ["a.png"]
+    assert capsys.readouterr().err.splitlines() == [
+        "skipping 1 of 1 image(s): their output exists (--skip-existing)",
+        f"note: removed 1 unfinished file(s) of a run stopped while writing (killed, or a power cut): {killed}"]
+
+    live = partial_path(folder / "b.png")
+    open(live, "wb").close()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        _, _, machine, rest = os.path.basename(live).split("-")
+        kept = {"a.png", os.path.basename(live), f".diffsr-{running.pid}-{machine}-{rest}",
+                f".diffsr-{writer.pid}-{int(machine, 16) ^ 1:08x}-{rest}",  # another machine's or container's
+                f".diffsr-{writer.pid}-{machine}-{rest}.txt", ".diffsr-partial-notes.partial"}
+        for name in kept - set(os.listdir(folder)):
+            (folder / name).write_bytes(b"kept")
+        os.mkdir(folder / f".diffsr-{writer.pid}-{machine}-00000000.partial")
+        kept.add(f".diffsr-{writer.pid}-{machine}-00000000.partial")
+        assert plan_outputs(plan, str(tmp_path / "out"), skip_existing=True) == []
+    finally:
+        running.kill()
+        running.wait()
+    assert set(os.listdir(folder)) == kept
+    assert "note: removed" not in capsys.readouterr().err
+
+
 def test_exif_that_cannot_be_kept_costs_the_tags_not_the_image(tmp_path, capsys, monkeypatch):
     """An EXIF too long for a JPEG segment, or one PIL cannot write again, is left out with a note; the image is
     written all the same (and a PNG keeps the long EXIF)."""

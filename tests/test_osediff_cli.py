@@ -205,6 +205,26 @@ def test_convert_refuses_a_converted_file_by_name(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["osediff.safetensors"]
 
 
+def test_convert_removes_the_partial_file_a_killed_conversion_left(tmp_path, capsys):
+    """A conversion killed while it wrote left its hidden partial file (gigabytes) in the models folder for good: the
+    next conversion into that folder removes it, with a note; a live writer's is kept."""
+    from comfyui_diffsr.cli.convert import main as convert
+    from comfyui_diffsr.sr_common.weights import partial_path
+
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait()
+    live = partial_path(tmp_path / "other.safetensors")
+    _, _, machine, rest = os.path.basename(live).split("-")
+    killed = tmp_path / f".diffsr-{ended.pid}-{machine}-{rest}"  # as a killed writer on this machine leaves it
+    for path in (live, killed):
+        with open(path, "wb") as f:
+            f.write(b"half a safetensors file")
+    assert convert(["osediff", os.path.join(FIX, "osediff_tiny.pkl"), str(tmp_path / "osediff.safetensors")]) == 0
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(live), "osediff.safetensors"])
+    assert capsys.readouterr().err == f"note: removed 1 unfinished file(s) of a run stopped while writing " \
+                                      f"(killed, or a power cut): {killed}\n"
+
+
 def test_never_overwrites_without_flag(base, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
