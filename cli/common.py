@@ -106,9 +106,10 @@ def _unreadable_folder(error, input_folder):
 def plan_outputs(images, outdir, overwrite=False, skip_existing=False, suffix=".png"):
     """(input, OUTDIR/<output name><suffix>) pairs for ``find_images``' (input, output name) pairs. Inputs that
     differ only in their suffix keep it (``a.png``, ``a.jpg`` → ``a.png.png``, ``a.jpg.png``); a clash that remains
-    (``IMG.png`` and ``img.png`` where names ignore case) is refused, as are, unless ``overwrite``, existing files.
-    ``skip_existing`` leaves out the inputs whose output exists (to resume a folder run). The unfinished files that a
-    killed run left in the output folders are removed (``clear_abandoned_partials``)."""
+    (``IMG.png`` and ``img.png`` where names ignore case; two names of one file through a link to a folder) is
+    refused, as are, unless ``overwrite``, existing files. ``skip_existing`` leaves out the inputs whose output
+    exists (to resume a folder run). The unfinished files that a killed run left in the output folders are removed
+    (``clear_abandoned_partials``)."""
     if not outdir:
         raise DiffSRError("--output is empty; give the folder to write to.")
     clashes = {}
@@ -120,10 +121,13 @@ def plan_outputs(images, outdir, overwrite=False, skip_existing=False, suffix=".
         if len(kept) == len(set(kept)) > 1:
             name += os.path.splitext(path)[1]
         out = os.path.join(outdir, name + suffix)
-        key = _name_key(out)
+        folder = os.path.dirname(out)  # OUTDIR/2019 may be a link to OUTDIR/2020
+        key = _name_key(os.path.join(os.path.realpath(folder), os.path.basename(out)))
         if key in seen:
             first, written = seen[key]
-            where = repr(out) if written == out else f"{written!r} and {out!r}, one file where names ignore case"
+            how = ("where names ignore case" if _name_key(os.path.dirname(written)) == _name_key(folder)
+                   else "through a link")
+            where = repr(out) if written == out else f"{written!r} and {out!r}, one file {how}"
             raise DiffSRError(f"{first!r} and {path!r} would both be written to {where}; rename one of them (nothing "
                               "was upscaled).")
         seen[key] = path, out
@@ -260,15 +264,26 @@ def add_output_args(parser):
                        help="leave out inputs whose output exists (resume an interrupted folder run)")
 
 
+class OutputMadeMeanwhile(DiffSRError):
+    """An output that appeared after the outputs were planned: made by another run writing to the same folder."""
+
+    def __init__(self, out):
+        self.what = f"its output {out!r} was made since this run started (by another run writing to the same folder?)"
+        super().__init__(f"{self.what} and is left as it is; run again with --skip-existing to upscale only the images "
+                         "whose output is missing, or with --overwrite to replace it")
+
+
 def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height, width: (height, width),
-                overwrite=False):
+                overwrite=False, skip_existing=False):
     """``save_image(upscale_one(image, out), out, metadata, quality, alpha, overwrite)`` with ``read_image(path)``
     for each (path, out) pair, in order (a transparent image's alpha upscaled bicubically; dropped, with a note, for
     jpg).
 
     An image that fails on its own (unreadable or unusable: ``DiffSRError``/``ValueError``; an output, of
     ``output_size(height, width)``, that the format cannot store, or whose name is too long; out of memory even at
-    the smallest tiles; an output ``save_image`` could not make, an ``ImageInputError``) is reported and skipped, and
+    the smallest tiles; an output ``save_image`` could not make, an ``ImageInputError``; unless ``overwrite``, an
+    output that another run made meanwhile, found before the upscale or when it is written: ``OutputMadeMeanwhile``,
+    which with ``skip_existing`` skips the image with a note instead) is reported and skipped, and
     the others go on; an output that cannot be written (another ``DiffSRError``: a full disk, a folder not writable)
     stops the run, and so do weights that do not fit on the device (``WeightsOutOfMemory``) and Ctrl-C: each is
     raised after the summary and the number of images left (an output being written is finished first). Returns the
@@ -284,12 +299,22 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
         tqdm.write(f"error: {shown_name(path)}: {reason}", file=sys.stderr)
         failed.append(path)
 
+    def made_meanwhile(path, error):  # by another run: as an existing output with --skip-existing, else a failure
+        if skip_existing:
+            tqdm.write(f"note: {shown_name(path)}: skipped: {error.what} (--skip-existing)", file=sys.stderr)
+        else:
+            fail(path, error)
+
     def finish(writing, path):
         """Wait for the pending ``save_image`` of ``path``'s output: None, or the ``DiffSRError`` that stops the run
-        (no output can be written); an output ``save_image`` could not make (``ImageInputError``) fails alone."""
+        (no output can be written); an output ``save_image`` could not make (``ImageInputError``) or that another run
+        made meanwhile (``OutputMadeMeanwhile``) fails alone."""
         nonlocal written
         try:
             writing.result()
+        except OutputMadeMeanwhile as e:
+            made_meanwhile(path, e)
+            written -= 1
         except ImageInputError as e:  # its encoder refused it, or memory ran out
             fail(path, e)
             written -= 1
@@ -306,6 +331,8 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
                 read = reading.pop()
                 reading += [reader.submit(read_image, later) for later, _ in pairs[i + 1:i + 2]]
                 try:
+                    if not overwrite and os.path.lexists(out):  # planned as missing: another run made it since
+                        raise OutputMadeMeanwhile(out)
                     check_output_name(out)
                     image, metadata, alpha = read.result()
                     check_output_size(out, *output_size(*image.shape[-2:]))
@@ -314,6 +341,9 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
                 except WeightsOutOfMemory as e:  # the weights do not fit: no image can run
                     stopped, left = e, len(pairs) - i
                     break
+                except OutputMadeMeanwhile as e:
+                    made_meanwhile(path, e)
+                    continue
                 except (DiffSRError, ValueError, OutOfMemory) as e:
                     fail(path, f"out of memory even at the smallest tiles ({e})" if isinstance(e, OutOfMemory) else e)
                     continue
@@ -441,8 +471,8 @@ def save_image(image01, path, metadata=PhotoMetadata(), quality=95, alpha=None, 
     the input's ``metadata`` (``PhotoMetadata``: its colour profile, so its colours mean what the input's did, and its
     EXIF) and ``alpha`` (1, 1, h, w) upscaled (``with_upscaled_alpha``) when given, written atomically (temporary
     file, then ``publish``): a failed write leaves an earlier file at ``path`` as it was, and a file there is replaced
-    only with ``overwrite``, even one made since the outputs were planned. The temporary file is hidden and has a
-    short name of its own (``path`` may use all the bytes a name may have).
+    only with ``overwrite``, even one made since the outputs were planned (``OutputMadeMeanwhile``). The temporary
+    file is hidden and has a short name of its own (``partial_path``: ``path`` may use all the bytes a name may have).
 
     An output its encoder refuses (Pillow's ``ValueError``, or its ``OSError`` with no errno) or that runs out of
     memory is an ``ImageInputError``: that image fails, the next may be written. A file-system error is a
@@ -464,8 +494,7 @@ def save_image(image01, path, metadata=PhotoMetadata(), quality=95, alpha=None, 
         try:
             publish(tmp, path, replace=overwrite)
         except FileExistsError as e:
-            raise DiffSRError(f"Cannot write {path!r}: a file of that name exists, made since the run started (or "
-                              "another output of the run, through a link); only --overwrite replaces it.") from e
+            raise OutputMadeMeanwhile(path) from e
     except OSError as e:
         if e.errno is None:  # Pillow's encoder failed on this image (what the file system raises has an errno)
             raise ImageInputError(f"Cannot write {path!r}: {e}. Try --format png.") from e

@@ -120,7 +120,8 @@ def main_impl(argv=None):
         return result
 
     return upscale_all(pairs, upscale_one, "dossr", args.quality,
-                       lambda height, width: output_size(4 * height, 4 * width, args.upscale), args.overwrite)
+                       lambda height, width: output_size(4 * height, 4 * width, args.upscale), args.overwrite,
+                       args.skip_existing)
 
 
 def main_convert(src, dst, config=None, fp16=False):

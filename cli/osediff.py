@@ -112,7 +112,8 @@ def main_impl(argv=None):
                                                                    prompt_fn=prompt_fn, options=o), options)
 
     return upscale_all(pairs, upscale_one, "osediff", args.quality,
-                       lambda height, width: scaled_size(width, height, args.upscale)[::-1], args.overwrite)
+                       lambda height, width: scaled_size(width, height, args.upscale)[::-1], args.overwrite,
+                       args.skip_existing)
 
 
 def main(argv=None):

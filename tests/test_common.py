@@ -681,13 +681,13 @@ def test_save_image_replaces_a_file_only_with_overwrite(tmp_path, monkeypatch):
     """A file at the output name, made after the outputs were planned, or a link to nothing there, is not written
     over without --overwrite (it was, by the rename): refused, with nothing left behind; also where the file system
     has no hard links."""
-    from comfyui_diffsr.cli.common import save_image
+    from comfyui_diffsr.cli.common import OutputMadeMeanwhile, save_image
 
     out = tmp_path / "x.png"
     out.write_bytes(b"made by another run")
     os.symlink(tmp_path / "gone.png", tmp_path / "link.png")
     for kept in (out, tmp_path / "link.png"):
-        with pytest.raises(DiffSRError, match="a file of that name exists.*only --overwrite replaces it"):
+        with pytest.raises(OutputMadeMeanwhile, match="was made since this run started.*--overwrite to replace it"):
             save_image(torch.rand(1, 3, 4, 4), str(kept))
     assert out.read_bytes() == b"made by another run"
     assert os.readlink(tmp_path / "link.png") == str(tmp_path / "gone.png")
@@ -697,7 +697,7 @@ def test_save_image_replaces_a_file_only_with_overwrite(tmp_path, monkeypatch):
         raise PermissionError(1, "Operation not permitted")  # as vfat says
 
     monkeypatch.setattr(os, "link", no_hard_links)
-    with pytest.raises(DiffSRError, match="a file of that name exists"):
+    with pytest.raises(OutputMadeMeanwhile):
         save_image(torch.rand(1, 3, 4, 4), str(out))
     save_image(torch.ones(1, 3, 4, 5), str(tmp_path / "new.png"))
     monkeypatch.undo()
@@ -968,6 +968,50 @@ def test_an_output_its_encoder_refuses_fails_alone_and_the_run_goes_on(tmp_path,
     monkeypatch.setattr(image_module, "tensor_to_uint8", defect)
     with pytest.raises(TypeError, match="a defect of the pack"):
         common.upscale_all([(pairs[0][0], str(tmp_path / "out2" / "in0.jpg"))], lambda image, out: image, "test")
+
+
+@pytest.mark.parametrize("flag", ["", "skip_existing", "overwrite"])
+def test_an_output_another_run_made_meanwhile_fails_alone_or_is_skipped(tmp_path, capsys, flag):
+    """Two runs into one folder: an output the other run made after this one planned its outputs (found before the
+    upscale, or when the output is given its name) stopped this run at the first, with all the rest left. It fails
+    that image alone, named, with the fix; with --skip-existing it is skipped with a note, as an output there at
+    the start is, and the run ends with status 0; --overwrite replaces it. The other run's file is never written
+    over otherwise."""
+    from comfyui_diffsr.cli import common
+
+    pairs = _folder(tmp_path, 4)
+    os.mkdir(tmp_path / "out")
+
+    def upscale_one(image, out):  # the other run writes in1's output during in0's upscale, in2's during in2's
+        other = {"in0.png": pairs[1][1], "in2.png": pairs[2][1]}.get(os.path.basename(out))
+        if other:
+            with open(other, "wb") as f:
+                f.write(b"the other run's")
+        return 1 - image
+
+    status = common.upscale_all(pairs, upscale_one, "test", **({flag: True} if flag else {}))
+    err = capsys.readouterr().err.splitlines()
+    ours = [0, 1, 2, 3] if flag == "overwrite" else [0, 3]
+    for i, (path, out) in enumerate(pairs):
+        if i in ours:
+            assert torch.allclose(common.load_image(out), 1 - common.load_image(path), atol=1e-6)
+        else:
+            assert open(out, "rb").read() == b"the other run's"
+    assert sorted(os.listdir(tmp_path / "out")) == ["in0.png", "in1.png", "in2.png", "in3.png"]
+    assert err[-1] == f"wrote {len(ours)} image(s) to {tmp_path / 'out'}" if flag else err[-2:] == [
+        f"wrote 2 image(s) to {tmp_path / 'out'}", f"error: 2 of 4 image(s) failed: {pairs[1][0]}, {pairs[2][0]}"]
+    assert status == (0 if flag else 2)
+    made = [f"its output {out!r} was made since this run started (by another run writing to the same folder?)"
+            for _, out in pairs[1:3]]
+    reported = [line for line in err if line.startswith(("error: /", "note: "))]
+    if flag == "skip_existing":
+        assert reported == [f"note: {pairs[i][0]}: skipped: {made[i - 1]} (--skip-existing)" for i in (1, 2)]
+    elif not flag:
+        assert reported == [f"error: {pairs[i][0]}: {made[i - 1]} and is left as it is; run again with "
+                            "--skip-existing to upscale only the images whose output is missing, or with --overwrite "
+                            "to replace it" for i in (1, 2)]
+    else:
+        assert reported == []
 
 
 def test_a_folder_run_prints_control_characters_in_names_escaped(tmp_path, capsys):
