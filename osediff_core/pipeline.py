@@ -74,14 +74,40 @@ class Plan:
 MAX_ASPECT_ENLARGED = 4  # small inputs are enlarged to a long side of at most 4 · process_size / upscale
 
 
+def enlarge_small(image, *, upscale=4, process_size=512, official_sizing=False):
+    """Step 1 of ``preprocess``: ``image``, or, where a side is below process_size // upscale, the image enlarged
+    (PIL bicubic) so that its short side reaches it, the size truncated by ``int()`` as the official code, but never
+    so far that the long side passes 4 · process_size // upscale (very thin images would otherwise ask for gigapixels;
+    with ``official_sizing`` such an image is refused instead)."""
+    height, width = image.shape[-2:]
+    minimum = process_size // upscale
+    if width >= minimum and height >= minimum:
+        return image
+    factor = minimum / min(width, height)
+    longest = MAX_ASPECT_ENLARGED * minimum
+    if factor * max(width, height) > longest:
+        if official_sizing:
+            raise img.ImageInputError(
+                f"A {width}x{height} image is too thin for --official-sizing at process size {process_size}: "
+                f"raising its short side to {minimum} px would make it {int(factor * max(width, height))} px "
+                "long. Drop --official-sizing (the exact sizing enlarges it less), or lower --process-size.")
+        factor = max(1.0, longest / max(width, height))
+    return img.resize(image, (int(factor * width), int(factor * height))) if factor > 1 else image
+
+
+def upscaled_size(lq, upscale, official_sizing=False):
+    """Step 2's size (W, H) for ``enlarge_small``'s ``lq``: ``scaled_size``, or with ``official_sizing`` each side
+    times int(upscale), as the official code."""
+    if official_sizing:
+        return lq.shape[-1] * int(upscale), lq.shape[-2] * int(upscale)
+    return img.scaled_size(lq.shape[-1], lq.shape[-2], upscale)
+
+
 def preprocess(image, *, upscale=4, process_size=512, official_sizing=False):
     """The upscaled LQ (1, 3, H, W) in [0, 1] and the size plan.
 
-    1. If a side is below process_size // upscale, enlarge so the short side reaches it
-       (``int()`` truncation, PIL bicubic), as the official code, but never so far that the long side
-       passes 4 · process_size // upscale (very thin images would otherwise ask for gigapixels; with
-       ``official_sizing`` such an image is refused instead).
-    2. PIL bicubic ×upscale.
+    1. ``enlarge_small``: an image with a side below process_size // upscale is enlarged.
+    2. PIL bicubic ×upscale (``upscaled_size``).
     3. official_sizing: shrink to a multiple of 8 with LANCZOS and keep that size.
        Otherwise the networks see the image padded to a multiple of 8 and the output is cropped
        back and, if step 1 enlarged it, resized to exactly round(upscale × input).
@@ -89,22 +115,8 @@ def preprocess(image, *, upscale=4, process_size=512, official_sizing=False):
     img.check_image(image)
     height, width = image.shape[-2:]
     target = img.scaled_size(width, height, upscale)
-    lq = image
-    minimum = process_size // upscale
-    if width < minimum or height < minimum:
-        factor = minimum / min(width, height)
-        longest = MAX_ASPECT_ENLARGED * minimum
-        if factor * max(width, height) > longest:
-            if official_sizing:
-                raise img.ImageInputError(
-                    f"A {width}x{height} image is too thin for --official-sizing at process size {process_size}: "
-                    f"raising its short side to {minimum} px would make it {int(factor * max(width, height))} px "
-                    "long. Drop --official-sizing (the exact sizing enlarges it less), or lower --process-size.")
-            factor = max(1.0, longest / max(width, height))
-        if factor > 1:
-            lq = img.resize(lq, (int(factor * width), int(factor * height)))
-    lq = img.resize(lq, img.scaled_size(lq.shape[-1], lq.shape[-2], upscale) if not official_sizing
-                    else (lq.shape[-1] * int(upscale), lq.shape[-2] * int(upscale)))
+    lq = enlarge_small(image, upscale=upscale, process_size=process_size, official_sizing=official_sizing)
+    lq = img.resize(lq, upscaled_size(lq, upscale, official_sizing))
     if official_sizing:
         h8, w8 = lq.shape[-2] - lq.shape[-2] % 8, lq.shape[-1] - lq.shape[-1] % 8
         if h8 < 8 or w8 < 8:

@@ -58,6 +58,22 @@ def check_image(image):
         raise ImageInputError("Image contains NaN or Inf values; fix the node or file that produced it.")
 
 
+def _pil_images(image, eight_bit):
+    """One image (3, H, W) in [0, 1] as ``resize`` hands it to PIL: one RGB image on the 8-bit path (rounded to 8
+    bits), else one mode-F image per channel."""
+    if eight_bit:
+        array = (image.permute(1, 2, 0).cpu().float() * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+        return [Image.fromarray(array)]
+    return [Image.fromarray(plane.cpu().float().numpy()) for plane in image]
+
+
+def _from_pil(arrays, eight_bit):
+    """``_pil_images``' results, as arrays, back to (3, H, W) float32 in [0, 1]."""
+    if eight_bit:
+        return torch.from_numpy(arrays[0].copy()).permute(2, 0, 1).float() / 255.0
+    return torch.stack([torch.from_numpy(array.copy()) for array in arrays])
+
+
 def resize(image, size, method="bicubic"):
     """Resize (B, 3, H, W) in [0, 1] to ``size`` = (W, H) exactly as ``PIL.Image.resize`` would.
 
@@ -67,20 +83,9 @@ def resize(image, size, method="bicubic"):
     width, height = size
     if (image.shape[-1], image.shape[-2]) == (width, height):
         return image.clone()
-    resample = RESAMPLE[method]
-    out = []
     eight_bit = is_8bit(image)
-    for b in range(image.shape[0]):
-        if eight_bit:
-            array = (image[b].permute(1, 2, 0).cpu().float() * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
-            resized = Image.fromarray(array).resize((width, height), resample)
-            out.append(torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).float() / 255.0)
-        else:
-            channels = []
-            for c in range(image.shape[1]):
-                plane = Image.fromarray(image[b, c].cpu().float().numpy())  # mode F
-                channels.append(torch.from_numpy(np.asarray(plane.resize((width, height), resample)).copy()))
-            out.append(torch.stack(channels))
+    out = [_from_pil([np.asarray(im.resize((width, height), RESAMPLE[method])) for im in _pil_images(one, eight_bit)],
+                     eight_bit) for one in image]
     return torch.stack(out).to(image.device)
 
 
