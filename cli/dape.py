@@ -10,7 +10,8 @@ line break is written escaped (``\\\\``, ``\\t``, ``\\n``, ``\\r``) on a line th
 ``diffsr osediff`` would encode with the same ``--user-prompt``: ``"{tags}, {user prompt},"`` (``--tags-only``:
 the tags alone; ``--prompt`` is the same option, kept for older scripts, not ``osediff``'s). DAPE
 sees the image after OSEDiff's pre-processing (PIL bicubic ×upscale of the 8-bit image, and the
-short-side enlargement of very small images), so the tags are those of the OSEDiff run.
+short-side enlargement of very small images), so the tags are those of the OSEDiff run; the ×upscale image is made
+only where the tagger's resize to 384×384 reads it (``lq_as_read``), but with ``--official-sizing``.
 """
 
 import argparse
@@ -73,8 +74,7 @@ def main_impl(argv=None):
     check_sizing_args(args)
     if args.max_tags < 0:
         raise DiffSRError("--max-tags must be 0 (all tags) or more.")
-    from ..osediff_core.dape import dape_prompt, misspelt_tags
-    from ..osediff_core.pipeline import preprocess
+    from ..osediff_core.dape import dape_prompt, lq_as_read, misspelt_tags
 
     images = find_images(args.inputs, args.recursive)
     device = pick_device(args.device)
@@ -89,8 +89,8 @@ def main_impl(argv=None):
     failed = []
     for path, _ in images:
         try:  # an image that fails fails alone: the others go on
-            lq, _ = preprocess(load_image(path), upscale=args.upscale, process_size=args.process_size,
-                               official_sizing=args.official_sizing)
+            lq = lq_as_read(load_image(path), upscale=args.upscale, process_size=args.process_size,
+                            official_sizing=args.official_sizing)
             tags = tagger.tags(lq, exclude=exclude, max_tags=args.max_tags or None)[0]
         except (DiffSRError, ValueError) as e:
             print(f"error: {shown_name(path)}: {e}", file=sys.stderr)

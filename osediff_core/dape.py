@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..sr_common.errors import WeightFileError
+from ..sr_common.image import check_image, enlarged_lines, zeros_taken_when_written
 from ..sr_common.known_files import KNOWN, canonical, describe, identify, unwrap_ram
 from ..sr_common.weights import (DAPE_FORMAT, check_safetensors_output, read_state_dict, require_float,
                                  safetensors_metadata, write_safetensors)
@@ -204,6 +205,38 @@ class DAPETagger(nn.Module):
 
     def forward(self, image01):
         return self.logits(image01)
+
+
+def read_indices(length, size=IMAGE_SIZE):
+    """The pixels along an axis of ``length`` that ``DAPETagger.preprocess``'s bilinear resize to ``size`` reads,
+    sorted: for each output pixel the two either side of its source position ((i + 0.5)·length/size − 0.5, at least
+    0: align_corners=False), and the next one out where that position is within PyTorch's float32 rounding of a pixel
+    (which may carry it across). Every pixel where the axis is not shrunk."""
+    source = ((torch.arange(size, dtype=torch.float64) + 0.5) * (length / size) - 0.5).clamp(min=0)
+    slack = 1e-6 * (source + 1)  # float32 rounds it by a few 1e-8 of its size; below 0.5 up to 500k px
+    first = (source - slack).floor().long().clamp(min=0)
+    last = ((source + slack).floor().long() + 1).clamp(max=length - 1)
+    candidates = first[:, None] + torch.arange(3)
+    return torch.unique(candidates[candidates <= last[:, None]])
+
+
+def lq_as_read(image, *, upscale=4, process_size=512, official_sizing=False):
+    """OSEDiff's LQ of ``image`` (``pipeline.preprocess``'s) as the tagger reads it, without forming the ×upscale
+    image: the same numbers at every row and column ``DAPETagger.preprocess`` reads (``read_indices``: 2-3 per output
+    pixel of 384), zeros elsewhere, in memory taken only where written, so the tags are those of the whole LQ, bit
+    for bit. With ``official_sizing`` the LQ is formed whole: its LANCZOS shrink to a multiple of 8 is a second
+    two-pass resize, and which pass Pillow 13 runs first depends on the sizes."""
+    from .pipeline import enlarge_small, preprocess, upscaled_size
+
+    if official_sizing:
+        return preprocess(image, upscale=upscale, process_size=process_size, official_sizing=True)[0]
+    check_image(image)
+    lq = enlarge_small(image, upscale=upscale, process_size=process_size)
+    width, height = upscaled_size(lq, upscale)
+    rows, columns = read_indices(height), read_indices(width)
+    out = zeros_taken_when_written((lq.shape[0], 3, height, width))
+    out[:, :, rows[:, None], columns] = enlarged_lines(lq, (width, height), rows, columns)
+    return out
 
 
 def dape_prompt(tags, user_prompt="", tags_only=False):

@@ -7,6 +7,7 @@ float ("F") mode, the same filter without the 8-bit rounding.
 """
 
 import math
+import mmap
 
 import numpy as np
 import torch
@@ -87,6 +88,57 @@ def resize(image, size, method="bicubic"):
     out = [_from_pil([np.asarray(im.resize((width, height), RESAMPLE[method])) for im in _pil_images(one, eight_bit)],
                      eight_bit) for one in image]
     return torch.stack(out).to(image.device)
+
+
+ENLARGE_STRIP = 64  # rows of the horizontal pass at a time in enlarged_lines
+
+
+def _widened_columns(im, width, columns):
+    """PIL's horizontal bicubic pass of ``im`` to ``width`` at ``columns`` only, ``ENLARGE_STRIP`` rows at a time."""
+    parts = []
+    for top in range(0, im.height, ENLARGE_STRIP):
+        strip = im.crop((0, top, im.width, min(top + ENLARGE_STRIP, im.height)))
+        parts.append(np.asarray(strip.resize((width, strip.height), Image.BICUBIC))[:, columns])
+    return np.concatenate(parts)
+
+
+def enlarged_lines(image, size, rows, columns):
+    """``resize(image, size)`` (bicubic) at ``rows`` × ``columns`` only, (B, 3, len(rows), len(columns)): the same
+    numbers without forming the enlarged image; for an enlargement (no side of ``size`` below the image's).
+
+    PIL enlarges in two passes, each stored rounded (to 8 bits on the 8-bit path): first the horizontal one, which
+    makes each row from that row alone, then the vertical one, each column from that column alone (Pillow 13 runs the
+    vertical pass first where the height shrinks, which an enlargement never does). So the horizontal pass runs on a
+    few rows at a time and keeps only ``columns``; the vertical one on those columns, at the full height as in the
+    whole.
+    """
+    width, height = size
+    if width < image.shape[-1] or height < image.shape[-2]:
+        raise ValueError(f"enlarged_lines enlarges; {image.shape[-1]}x{image.shape[-2]} to {width}x{height} is not")
+    rows, columns = np.asarray(rows), np.asarray(columns)
+    eight_bit = is_8bit(image)  # the whole image's path, for every strip
+    out = []
+    for one in image:
+        narrow = [Image.fromarray(_widened_columns(im, width, columns)) for im in _pil_images(one, eight_bit)]
+        out.append(_from_pil([np.asarray(im.resize((len(columns), height), Image.BICUBIC))[rows] for im in narrow],
+                             eight_bit))
+    return torch.stack(out)
+
+
+def zeros_taken_when_written(shape):
+    """float32 zeros of ``shape`` that take memory only where they are written: an anonymous private memory map,
+    whose pages the system gives (zeroed) when first written; reading an unwritten page takes none. On Linux the
+    map declines transparent huge pages, so a write takes 4 KiB, not 2 MiB. MemoryError where the system refuses
+    the map."""
+    count = math.prod(shape)
+    private = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}  # Windows: the paging file's
+    try:
+        memory = mmap.mmap(-1, count * 4, **private)
+    except OSError as error:  # an anonymous map fails for want of memory or address space
+        raise MemoryError(f"Cannot map {count * 4} bytes: {error}") from error
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        memory.madvise(mmap.MADV_NOHUGEPAGE)
+    return torch.frombuffer(memory, dtype=torch.float32).view(shape)
 
 
 def pad_to_multiple(image, multiple):

@@ -414,19 +414,18 @@ def test_cli_an_image_too_large_for_memory_fails_alone(fixture, tmp_path, capsys
     """A photo whose ×upscale LQ does not fit in memory (PyTorch's CPU allocator refuses it, or Python's
     MemoryError) is named on one line with the fix; the images after it are still tagged, exit status 2."""
     from comfyui_diffsr.cli.dape import main
-    from comfyui_diffsr.osediff_core import pipeline
 
     _, smalls, _, tags = fixture
     Image.fromarray(smalls[0]).resize((64, 48)).save(tmp_path / "a_large.png")
     Image.fromarray(smalls[1]).save(tmp_path / "b.png")
-    preprocess = pipeline.preprocess
+    lq_as_read = dape.lq_as_read
 
-    def preprocess_without_memory_for_the_large(image, **sizing):
+    def lq_without_memory_for_the_large(image, **sizing):
         if image.shape[-1] == 64:
             raise error
-        return preprocess(image, **sizing)
+        return lq_as_read(image, **sizing)
 
-    monkeypatch.setattr(pipeline, "preprocess", preprocess_without_memory_for_the_large)
+    monkeypatch.setattr(dape, "lq_as_read", lq_without_memory_for_the_large)
     assert main([str(tmp_path), "--ram", RAM, "--dape", DAPE, "--process-size", "0", "--upscale", "8", "--no-names",
                  "--device", "cpu"]) == 2
     captured = capsys.readouterr()
@@ -506,6 +505,47 @@ def test_preprocess_downscales_as_the_official_without_antialias(tagger):
     out = tagger.preprocess(image)
     assert out.shape == (1, 3, 384, 384) and out.dtype == torch.float32
     torch.testing.assert_close(out, (box - mean) / std, atol=1e-5, rtol=0)
+
+
+# (height, width, upscale, process size, official sizing): the ×upscale LQ shrunk to 384 (by 1.01 to 5.4), kept at
+# 384 on one side or both, enlarged to it; fractional scales; small images enlarged first (a thin one capped);
+# heights of several horizontal strips (ENLARGE_STRIP 64) with a part strip; 896 and 3200 px, lengths where PyTorch's
+# float32 source position of a 384 px output lands just below a pixel that the exact position reaches
+LQ_SIZES = [(30, 40, 4, 0, False), (97, 131, 4, 0, False), (100, 100, 3.84, 0, False), (96, 200, 4, 0, False),
+            (50, 200, 2.5, 0, False), (77, 33, 7.3, 0, False), (200, 150, 1, 0, False), (200, 150, 1.3, 0, False),
+            (13, 400, 8, 0, False), (150, 97, 4, 0, False), (130, 70, 1.5, 0, False), (97, 224, 4, 0, False),
+            (40, 800, 4, 0, False), (20, 30, 4, 512, False), (5, 90, 4, 512, False), (300, 170, 2.7, 512, False),
+            (61, 83, 3, 512, True), (64, 48, 4, 512, True), (129, 97, 2, 0, True)]
+
+
+@pytest.mark.parametrize("eight_bit", [True, False], ids=["8-bit", "16-bit"])
+def test_the_tagger_reads_the_same_numbers_from_lq_as_read_as_from_the_whole_lq(tagger, eight_bit):
+    """diffsr dape forms OSEDiff's ×upscale LQ only at the rows and columns the tagger's resize to 384 reads
+    (lq_as_read): there, and so in what the tagger reads and in its tags, the numbers must be the whole LQ's, bit for
+    bit, on PIL's 8-bit path and on its float path (a 16-bit image)."""
+    from comfyui_diffsr.osediff_core.pipeline import preprocess
+
+    generator = torch.Generator().manual_seed(3)
+    for height, width, upscale, process_size, official in LQ_SIZES:
+        image = torch.randint(0, 256, (1, 3, height, width), generator=generator) / 255
+        if not eight_bit:
+            image = torch.randint(0, 65536, (1, 3, height, width), generator=generator) / 65535
+        sizing = dict(upscale=upscale, process_size=process_size, official_sizing=official)
+        whole, ours = preprocess(image, **sizing)[0], dape.lq_as_read(image, **sizing)
+        case = (height, width, upscale, process_size, official)
+        assert ours.shape == whole.shape, case
+        rows, columns = dape.read_indices(whole.shape[-2])[:, None], dape.read_indices(whole.shape[-1])
+        assert torch.equal(ours[..., rows, columns], whole[..., rows, columns]), case
+        assert torch.equal(tagger.preprocess(ours), tagger.preprocess(whole)), case
+
+
+def test_an_lq_too_large_to_map_is_out_of_memory():
+    """lq_as_read's LQ is an anonymous memory map (zeros_taken_when_written): where the system refuses it, that is a
+    MemoryError, which diffsr dape names as out of memory, not mmap's OSError (a traceback)."""
+    from comfyui_diffsr.sr_common.image import zeros_taken_when_written
+
+    with pytest.raises(MemoryError, match="Cannot map 4611686014132420608 bytes"):
+        zeros_taken_when_written((1, 3, 2 ** 30, 2 ** 30 // 3))
 
 
 def forced_logits(tagger, chosen):
