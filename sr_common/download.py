@@ -43,6 +43,7 @@ class Source:
         file already at ``dest`` that fails its check (``downloaded``) is set aside and fetched again
         (``fetch_afresh``)."""
         if downloaded(dest, self):
+            remove_leftover_partial(dest)
             return dest
         return self.fetch_afresh(dest, progress)
 
@@ -169,6 +170,7 @@ def download(url, dest, *, sha256="", git_blob="", progress=None):
     ``dest`` file is left alone and returned; a folder or an empty file there is refused.
     """
     if downloaded(dest):
+        remove_leftover_partial(dest)
         return dest
     if os.path.exists(dest):
         raise DownloadError(f"{dest!r} exists but is not a downloaded file (a folder, or empty): delete it, then run "
@@ -185,6 +187,16 @@ def download(url, dest, *, sha256="", git_blob="", progress=None):
         return _transfer_and_install(url, dest, sha256, git_blob, progress)
 
 
+def remove_leftover_partial(dest):
+    """Remove ``<file>.partial`` beside a finished ``dest``: what a download cut short left, of no more use once the
+    file is there by other means (put there by hand, or fetched by another tool); kept while another download of it
+    holds the lock."""
+    if not os.path.isfile(dest + ".partial"):
+        return
+    with contextlib.suppress(DownloadError, OSError), _sole_download(dest):
+        os.remove(dest + ".partial")
+
+
 @contextlib.contextmanager
 def _sole_download(dest):
     """Hold a lock on ``<file>.lock`` while ``dest`` is downloaded: a second download of the same file at once
@@ -192,7 +204,7 @@ def _sole_download(dest):
     the same partial file. The lock file is removed when done; a filesystem without locks downloads unguarded."""
     lock_path = dest + ".lock"
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)  # not executable
     except OSError as e:
         raise DownloadError(f"Cannot write {lock_path!r} ({e}): choose another models folder.") from e
     try:

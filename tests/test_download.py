@@ -439,3 +439,43 @@ def test_hf_endpoint_fetches_hugging_face_files_from_the_mirror_it_names(server,
     with pytest.raises(DownloadError, match="HF_HUB_OFFLINE is set"):
         download("https://huggingface.co/a/b.pth", str(tmp_path / "b.pth"))
     assert len(Handler.paths) == 3 and not os.path.exists(tmp_path / "b.pth")
+
+
+def test_a_partial_file_beside_a_finished_one_is_removed(server, tmp_path):
+    """A download cut short leaves <file>.partial (gigabytes for SD 2.1-base) to resume; once the file was put there
+    by other means (by hand, another tool), nothing removed the partial file: it stayed beside the finished one for
+    good. It goes when the finished file is found, by ``download`` and by ``Source.fetch``."""
+    dest = tmp_path / "DAPE.pth"
+    dest.write_bytes(PAYLOAD)
+    (tmp_path / "DAPE.pth.partial").write_bytes(PAYLOAD[:1000])
+    assert download(f"{server}/plain", str(dest)) == str(dest)
+    assert os.listdir(tmp_path) == ["DAPE.pth"] and dest.read_bytes() == PAYLOAD
+    (tmp_path / "DAPE.pth.partial").write_bytes(PAYLOAD[:1000])
+    assert Source("test", f"{server}/plain", "DAPE.pth", "dape", sha256=SHA).fetch(str(dest)) == str(dest)
+    assert sorted(os.listdir(tmp_path)) == ["DAPE.pth", "DAPE.pth.sha256"] and dest.read_bytes() == PAYLOAD
+
+
+@pytest.mark.skipif(os.name == "nt", reason="flock: POSIX")
+def test_a_partial_file_another_download_holds_is_kept(server, tmp_path):
+    """The partial file of a download that still runs (it holds ``<file>.lock``) is not removed, even beside a
+    finished file; the lock file is made without the executable bit (it was 0o777 less the umask)."""
+    import fcntl
+
+    from comfyui_diffsr.sr_common.download import remove_leftover_partial
+
+    dest = tmp_path / "osediff.pkl"
+    dest.write_bytes(PAYLOAD)
+    (tmp_path / "osediff.pkl.partial").write_bytes(PAYLOAD[:1000])
+    with open(tmp_path / "osediff.pkl.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        remove_leftover_partial(str(dest))
+        assert sorted(os.listdir(tmp_path)) == ["osediff.pkl", "osediff.pkl.lock", "osediff.pkl.partial"]
+    os.remove(tmp_path / "osediff.pkl.lock")
+    old_umask = os.umask(0o022)
+    try:
+        from comfyui_diffsr.sr_common.download import _sole_download
+
+        with _sole_download(str(dest)):
+            assert os.stat(tmp_path / "osediff.pkl.lock").st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old_umask)
