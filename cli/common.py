@@ -71,12 +71,19 @@ def find_images(inputs, recursive=False, output=None):
     return found
 
 
+# the marks and embeddings that reorder text as it is shown: U+202E prints the rest of a name reversed
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def shown_name(name):
     """A file or folder ``name`` as the messages print it: its control characters (line breaks, ESC, which starts a
-    terminal's escape sequence, the other C0 and C1 codes and DEL; the Unicode line and paragraph separators) written
-    as Python escapes (``\\n``, ``\\x1b``, ``\\u2028``), so that it stays on its line and cannot rewrite the
-    terminal; every other character as it is."""
-    return "".join(repr(c)[1:-1] if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in name)
+    terminal's escape sequence, the other C0 and C1 codes and DEL; the Unicode line and paragraph separators) and its
+    bidirectional controls (``BIDI_CONTROLS``: with U+202E, ``invoice\\u202egnp.exe`` would print as
+    ``invoiceexe.png``) written as Python escapes (``\\n``, ``\\x1b``, ``\\u2028``, ``\\u202e``), so that it
+    stays on its line, reads as the file it is, and cannot rewrite the terminal; every other character as it is (the
+    joiners of emoji sequences and Persian names, U+200D and U+200C, too)."""
+    return "".join(repr(c)[1:-1] if c in BIDI_CONTROLS or unicodedata.category(c) in ("Cc", "Zl", "Zp") else c
+                   for c in name)
 
 
 def _is_folder(path, folder_id):

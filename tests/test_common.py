@@ -1033,6 +1033,19 @@ def test_a_folder_run_prints_control_characters_in_names_escaped(tmp_path, capsy
     assert common.shown_name("a\x9b\x7f\u2028\tb") == "a\\x9b\\x7f\\u2028\\tb"
 
 
+def test_shown_names_escape_bidirectional_controls_and_keep_joiners():
+    """A name holding U+202E (right-to-left override) printed reversed: ``invoice\u202egnp.exe`` showed as
+    ``invoiceexe.png``, not the file it names ("Trojan Source"). The bidirectional controls are escaped; the joiners
+    that emoji sequences and Persian names need are kept."""
+    from comfyui_diffsr.cli import common
+
+    assert common.shown_name("invoice\u202egnp.exe") == "invoice\\u202egnp.exe"
+    bidi = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c"
+    assert common.shown_name(f"a{bidi}b") == "a" + "".join(f"\\u{ord(c):04x}" for c in bidi) + "b"
+    for kept in ("👩\u200d💻.png", "می\u200cخواهم.png", "Café 写真.png", "\u05e9\u05dc\u05d5\u05dd.png"):
+        assert common.shown_name(kept) == kept
+
+
 def test_prompt_cache_keeps_the_most_recently_used_prompts():
     from comfyui_diffsr.sr_common.sd21 import PromptCache
 
