@@ -4,9 +4,10 @@
                 [--upscale 4] [--process-size 512] [--official-sizing] [--user-prompt TEXT] [--tags-only]
                 [--exclude a,b] [--max-tags N] [--no-names] [--device cpu|cuda] [--dtype fp32|fp16|bf16]
 
-Output: ``<file>\\t<prompt>`` per image (``--no-names``: just the prompt); a file name holding a backslash, tab or
-line break is written escaped (``\\\\``, ``\\t``, ``\\n``, ``\\r``) on a line that starts with a backslash, as
-``sha256sum`` does, so every image stays one line with one tab. The prompt is what
+Output: ``<file>\\t<prompt>`` per image (``--no-names``: just the prompt); a file name holding a backslash, a tab,
+line break or other control character (ESC) or a bidirectional control (U+202E) is written escaped (``\\\\``,
+``\\t``, ``\\n``, ``\\r``, ``\\x1b``, ``\\u202e``) on a line that starts with a backslash, after ``sha256sum``, so
+every image stays one line with one tab and no name can send the terminal an escape sequence. The prompt is what
 ``diffsr osediff`` would encode with the same ``--user-prompt``: ``"{tags}, {user prompt},"`` (``--tags-only``:
 the tags alone; ``--prompt`` is the same option, kept for older scripts, not ``osediff``'s). DAPE
 sees the image after OSEDiff's pre-processing (PIL bicubic ×upscale of the 8-bit image, and the
@@ -62,11 +63,12 @@ def load_tagger(args, device, dtype):
 
 
 def escaped_name(path):
-    """``path`` as the first field of an output line: unchanged, or, where it holds a backslash, tab or line break,
-    "\\" + the name with those written as \\\\, \\t, \\n, \\r (the ``sha256sum`` convention)."""
-    if not any(c in path for c in "\\\t\n\r"):
-        return path
-    return "\\" + path.translate({ord("\\"): "\\\\", ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"})
+    """``path`` as the first field of an output line: unchanged, or, where it holds a backslash or a character the
+    messages escape (``shown_name``: a tab, line break, ESC or other control character, a bidirectional control),
+    "\\" + the name with its backslashes doubled and those characters written as the messages write them (\\t,
+    \\n, \\r, \\x1b, \\u202e), after the ``sha256sum`` convention."""
+    escaped = shown_name(path.replace("\\", "\\\\"))
+    return path if escaped == path else "\\" + escaped
 
 
 def main_impl(argv=None):

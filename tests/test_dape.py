@@ -453,6 +453,34 @@ def test_cli_names_with_tabs_and_line_breaks_stay_one_line(fixture, tmp_path, ca
     assert escaped_name("back\\slash.png") == "\\back\\\\slash.png"
 
 
+def unescaped_name(field):
+    """The name a ``<file>`` field of ``diffsr dape`` stands for, by the rule the README gives."""
+    if not field.startswith("\\"):
+        return field
+    return re.sub(r"\\(x[0-9a-f]{2}|u[0-9a-f]{4}|.)",
+                  lambda m: {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}.get(m[1]) or chr(int(m[1][1:], 16)),
+                  field[1:])
+
+
+def test_cli_names_with_terminal_controls_are_escaped_on_stdout(fixture, tmp_path, capsys):
+    """A file name holding ESC (a terminal's escape sequence: here one that sets the window title and one that
+    clears the screen), another control character or a bidirectional control (U+202E prints the name reversed) went
+    to stdout as it was; it is escaped as the messages show it, on a line starting with a backslash, and every
+    ``<file>`` field gives its name back by the README's rule."""
+    from comfyui_diffsr.cli.common import shown_name
+    from comfyui_diffsr.cli.dape import escaped_name, main
+
+    _, smalls, _, tags = fixture
+    odd = tmp_path / "a\x1b]0;owned\x07b\x1b[2J\u202egnp.exe\x7f.png"
+    Image.fromarray(smalls[0]).save(odd)
+    assert main([str(odd), "--ram", RAM, "--dape", DAPE, "--process-size", "0", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out == f"\\{tmp_path}/a\\x1b]0;owned\\x07b\\x1b[2J\\u202egnp.exe\\x7f.png\t{tags[0]}, ,\n"
+    for name in (str(odd), "a\tb\nc\\d\re.png", "\\x1b.png", "\\\\u202e\u2028.png", "👩\u200d💻 Café.png", "x\\"):
+        field = escaped_name(name)
+        assert unescaped_name(field) == name and shown_name(field) == field and "\\u200d" not in field, field
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="a file name of bytes that are not UTF-8: Linux file systems")
 def test_cli_names_not_utf8_and_a_closed_pipe(fixture, tmp_path):
     """A name whose bytes are not UTF-8 is printed as those bytes (as sha256sum does), even where stdout is strict
