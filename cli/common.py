@@ -547,7 +547,8 @@ def read_image(path):
 def _decoded_upright(path):
     """The first frame of an image file, decoded and turned upright by its EXIF orientation, and its
     ``PhotoMetadata``. Whatever PIL raises on a damaged file (a cut multi-page TIFF: TypeError; a cut GIF:
-    IndexError, struct.error; an unknown compression: KeyError) is an ``ImageInputError``; out of memory is not. An
+    IndexError, struct.error; an unknown compression: KeyError) is an ``ImageInputError``, whose message does not
+    name the file (its callers' lines do: ``error: <path>: Cannot read image: ...``); out of memory is not. An
     image past Pillow's decompression-bomb warning (89 megapixels) is read, with a one-line note.
 
     A TIFF is turned by Pillow itself as it loads (tested on 10.0 to 13.0), and Pillow 10.0 keeps the orientation in
@@ -580,18 +581,19 @@ def _decoded_upright(path):
                 upright = ImageOps.exif_transpose(opened)  # a decoded copy
             return upright, PhotoMetadata(icc_profile, _exif_of(opened))
     except Image.DecompressionBombError as e:
-        raise ImageInputError(f"Image {path!r} is too large to open safely ({e}). Downscale it or cut it into "
-                              "parts first.") from e
+        raise ImageInputError(f"Image too large to open safely ({e}). Downscale it or cut it into parts "
+                              "first.") from e
     except UnidentifiedImageError as e:  # PIL's message names the file object it read, not the file
-        raise ImageInputError(f"Cannot read image {path!r}: it is not an image, or in a format Pillow cannot "
-                              "read. Export it as PNG or JPEG.") from e
+        raise ImageInputError("Cannot read image: it is not an image, or in a format Pillow cannot read. Export it "
+                              "as PNG or JPEG.") from e
     except (OSError, ValueError, SyntaxError) as e:  # SyntaxError: PIL's broken PNG chunk
-        raise ImageInputError(f"Cannot read image {path!r}: {e}") from e
+        reason = e.strerror if isinstance(e, OSError) and e.filename is not None else e  # less the file's name
+        raise ImageInputError(f"Cannot read image: {reason}") from e
     except MemoryError:
         raise
     except Exception as e:  # noqa: BLE001 (PIL meets the damage where it expects none)
-        raise ImageInputError(f"Cannot read image {path!r}: the file is damaged ({type(e).__name__}: {e}). "
-                              "Export or copy it again.") from e
+        raise ImageInputError(f"Cannot read image: the file is damaged ({type(e).__name__}: {e}). Export or copy it "
+                              "again.") from e
 
 
 def _exif_of(opened):

@@ -261,8 +261,9 @@ def test_unreadable_image_files(tmp_path, content, message):
         _png(path, 30000, 30000, 8, 2, [b"\x00" * 3])
     else:
         path.write_bytes(content())
-    with pytest.raises(ImageInputError, match=f"{message}.*bad.png|bad.png.*{message}"):
+    with pytest.raises(ImageInputError, match=message) as raised:
         load_image(str(path))
+    assert "bad.png" not in str(raised.value)  # the caller's line names it: error: <path>: <message>
 
 
 def _frames_file(kind, count):
@@ -310,7 +311,7 @@ def test_damaged_multi_frame_files_are_unreadable_images(tmp_path, case):
     suffix, content = DAMAGED_FRAMES[case]
     path = tmp_path / f"bad.{suffix}"
     path.write_bytes(content())
-    with pytest.raises(ImageInputError, match=f"Cannot read image .*bad.{suffix}"):
+    with pytest.raises(ImageInputError, match="Cannot read image: "):
         load_image(str(path))
 
 

@@ -1046,6 +1046,22 @@ def test_shown_names_escape_bidirectional_controls_and_keep_joiners():
         assert common.shown_name(kept) == kept
 
 
+def test_a_folder_runs_read_errors_name_the_image_once(tmp_path, capsys):
+    """Each failed image's line is ``error: <path>: <reason>``: the reason of an unreadable one named the path again
+    (``error: a.png: Cannot read image 'a.png': ...``), and a file gone since the search a third time
+    (Python's ``[Errno 2] No such file or directory: 'a.png'``)."""
+    from comfyui_diffsr.cli import common
+
+    pairs = _folder(tmp_path, 3)
+    (tmp_path / "in0.png").write_bytes(b"not an image")
+    os.remove(pairs[1][0])
+    assert common.upscale_all(pairs, lambda image, out: image, "test") == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: /")]
+    assert errors == [f"error: {pairs[0][0]}: Cannot read image: it is not an image, or in a format Pillow cannot "
+                      "read. Export it as PNG or JPEG.",
+                      f"error: {pairs[1][0]}: Cannot read image: No such file or directory"]
+
+
 def test_prompt_cache_keeps_the_most_recently_used_prompts():
     from comfyui_diffsr.sr_common.sd21 import PromptCache
 

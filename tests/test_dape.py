@@ -331,8 +331,8 @@ def test_cli_a_file_that_is_not_an_image_is_named_by_its_path(fixture, tmp_path,
     captured = capsys.readouterr()
     assert captured.out.splitlines() == [f"{tags[1]}, ,"]
     notes = str(tmp_path / "a_notes.png")
-    assert captured.err.splitlines()[0] == (f"error: {notes}: Cannot read image {notes!r}: it is not an image, or in "
-                                            "a format Pillow cannot read. Export it as PNG or JPEG.")
+    assert captured.err.splitlines()[0] == (f"error: {notes}: Cannot read image: it is not an image, or in a format "
+                                            "Pillow cannot read. Export it as PNG or JPEG.")
 
 
 def test_cli_an_animation_is_tagged_by_its_first_frame(fixture, tmp_path, capsys):
