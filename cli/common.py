@@ -386,9 +386,12 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
 
 def check_sizing_args(args):
     """--upscale, --process-size and --official-sizing as OSEDiff (and DAPE, which tags what OSEDiff sees) take
-    them."""
-    if args.process_size < 0:
-        raise DiffSRError(f"--process-size must be 0 or more, got {args.process_size}")
+    them: a --process-size past the node's largest enlarged a small image to gigapixels (minutes, then out of
+    memory)."""
+    from ..osediff_core.pipeline import MAX_PROCESS_SIZE
+
+    if not 0 <= args.process_size <= MAX_PROCESS_SIZE:
+        raise DiffSRError(f"--process-size must be between 0 and {MAX_PROCESS_SIZE}, got {args.process_size}")
     if not 1 <= args.upscale <= 8:
         raise DiffSRError(f"--upscale must be between 1 and 8, got {args.upscale}")
     if args.official_sizing and args.upscale != int(args.upscale):

@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from ..osediff_core.pipeline import Options, build_osediff, osediff_upscale
+from ..osediff_core.pipeline import MAX_PROCESS_SIZE, Options, build_osediff, osediff_upscale
 from ..osediff_core.weights import read_osediff
 from ..sr_common.color_fix import COLOR_FIXES
 from ..sr_common.errors import DiffSRError
@@ -35,7 +35,8 @@ def build_parser():
     p.add_argument("--user-prompt", default="", help="with DAPE: text appended as '{tags}, {user prompt},'")
     p.add_argument("--upscale", type=float, default=4, help="scale factor, 1 to 8 (default 4)")
     p.add_argument("--process-size", type=int, default=512,
-                   help="inputs with a side below process_size/upscale are enlarged first (default 512)")
+                   help="inputs with a side below process_size/upscale are enlarged first; 0 to "
+                        f"{MAX_PROCESS_SIZE} (default 512)")
     p.add_argument("--official-sizing", action="store_true",
                    help="the official size rules (raise small inputs, shrink to a multiple of 8, no crop back)")
     p.add_argument("--color-fix", choices=COLOR_FIXES, default="adain")

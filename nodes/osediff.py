@@ -3,8 +3,8 @@
 import torch
 from comfy_api.latest import io
 
-from ..osediff_core.pipeline import (Options, Plan, build_osediff, decoded_image, fixed_and_resized, lq_latent,
-                                     one_step, osediff_upscale, preprocess)
+from ..osediff_core.pipeline import (MAX_PROCESS_SIZE, Options, Plan, build_osediff, decoded_image,
+                                     fixed_and_resized, lq_latent, one_step, osediff_upscale, preprocess)
 from ..osediff_core.weights import lq_encoder_pairs, merged_value, osediff_unet_changes, read_osediff
 from ..sr_common.color_fix import COLOR_FIXES, color_reference
 from ..sr_common.image import resized_alpha
@@ -24,7 +24,7 @@ def upscale_input():
 
 
 def process_size_input():
-    return io.Int.Input("process_size", default=512, min=8, max=4096, step=8,
+    return io.Int.Input("process_size", default=512, min=8, max=MAX_PROCESS_SIZE, step=8,
                         tooltip="Inputs with a side below process_size / upscale are enlarged first and the result "
                                 "is resized back (the official default 512).")
 

@@ -72,6 +72,7 @@ class Plan:
 
 
 MAX_ASPECT_ENLARGED = 4  # small inputs are enlarged to a long side of at most 4 · process_size / upscale
+MAX_PROCESS_SIZE = 4096  # the largest process_size taken (a node's input, a command's option)
 
 
 def enlarge_small(image, *, upscale=4, process_size=512, official_sizing=False):

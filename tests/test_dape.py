@@ -510,7 +510,8 @@ def test_low_precision_runs(fixture):
 
 
 @pytest.mark.parametrize("flags", [["--upscale", "0"], ["--upscale", "9"], ["--upscale", "1.5", "--official-sizing"],
-                                   ["--process-size", "-1"]])
+                                   ["--process-size", "-1"], ["--process-size", "4097"],
+                                   ["--process-size", "1000000000"]])
 def test_cli_refuses_sizes_osediff_refuses(tmp_path, capsys, flags):
     """DAPE tags the LQ that OSEDiff sees, so it takes the sizes OSEDiff takes (--upscale 0 divided by zero)."""
     from comfyui_diffsr.cli.dape import main

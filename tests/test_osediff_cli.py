@@ -298,6 +298,17 @@ def test_negative_tile_arguments_are_refused(base, tmp_path, capsys, bad):
     assert "must be 0 or more" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("size", ["4097", "1000000000"])
+def test_a_process_size_past_the_nodes_largest_is_refused(base, tmp_path, capsys, size):
+    """--process-size had no upper bound, where the node's stops at 4096: 100000 enlarged a 32-px image to 25000 px
+    a side and retried it at smaller tiles for minutes before running out of memory; 10⁹ ended in a MemoryError
+    traceback. It is refused, naming the range, before anything is loaded."""
+    assert run([os.path.join(FIX, "in_32x32.png"), "-o", tmp_path / "o", "--base", base, "--weights",
+                os.path.join(FIX, "osediff_tiny.pkl"), "--process-size", size]) == 2
+    assert capsys.readouterr().err == f"error: --process-size must be between 0 and 4096, got {size}\n"
+    assert not (tmp_path / "o").exists()
+
+
 def test_broken_png_and_unstorable_output_fail_alone(base, tmp_path, capsys):
     """A PNG with a damaged chunk (PIL raises SyntaxError) and an image whose output is wider than WebP can store
     fail on their own; the folder run goes on; an input's non-RGB (CMYK) colour profile is not given to the RGB
