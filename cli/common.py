@@ -294,7 +294,8 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
     the others go on; an output that cannot be written (another ``DiffSRError``: a full disk, a folder not writable)
     stops the run, and so do weights that do not fit on the device (``WeightsOutOfMemory``) and Ctrl-C: each is
     raised after the summary and the number of images left (an output being written is finished first). Returns the
-    exit status: 0, or 2 when any failed (listed again at the end).
+    exit status: 0, or 2 when any failed (listed again at the end, in the order of the run: an output that cannot be
+    made is known only once the next image has been read, and that one may have failed first).
 
     While an image is upscaled, the next one is read and the previous output written on two helper threads (PIL
     releases the interpreter lock while it decodes and encodes; a 2048² PNG takes about a second to write, as long
@@ -302,28 +303,28 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
     """
     failed, written, stopped, left = [], 0, None, 0
 
-    def fail(path, reason):  # this image alone: the others go on
-        tqdm.write(f"error: {shown_name(path)}: {reason}", file=sys.stderr)
-        failed.append(path)
+    def fail(i, reason):  # the i-th image alone: the others go on
+        tqdm.write(f"error: {shown_name(pairs[i][0])}: {reason}", file=sys.stderr)
+        failed.append(i)
 
-    def made_meanwhile(path, error):  # by another run: as an existing output with --skip-existing, else a failure
+    def made_meanwhile(i, error):  # by another run: as an existing output with --skip-existing, else a failure
         if skip_existing:
-            tqdm.write(f"note: {shown_name(path)}: skipped: {error.what} (--skip-existing)", file=sys.stderr)
+            tqdm.write(f"note: {shown_name(pairs[i][0])}: skipped: {error.what} (--skip-existing)", file=sys.stderr)
         else:
-            fail(path, error)
+            fail(i, error)
 
-    def finish(writing, path):
-        """Wait for the pending ``save_image`` of ``path``'s output: None, or the ``DiffSRError`` that stops the run
+    def finish(writing, i):
+        """Wait for the pending ``save_image`` of the i-th output: None, or the ``DiffSRError`` that stops the run
         (no output can be written); an output ``save_image`` could not make (``ImageInputError``) or that another run
         made meanwhile (``OutputMadeMeanwhile``) fails alone."""
         nonlocal written
         try:
             writing.result()
         except OutputMadeMeanwhile as e:
-            made_meanwhile(path, e)
+            made_meanwhile(i, e)
             written -= 1
         except ImageInputError as e:  # its encoder refused it, or memory ran out
-            fail(path, e)
+            fail(i, e)
             written -= 1
         except DiffSRError as e:
             written -= 1
@@ -332,7 +333,7 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
 
     with ThreadPoolExecutor(1, "diffsr-read") as reader, ThreadPoolExecutor(1, "diffsr-write") as writer:
         reading = [reader.submit(read_image, path) for path, _ in pairs[:1]]
-        writing = writing_path = None  # the pending save_image and its input
+        writing = writing_index = None  # the pending save_image and its image's index
         try:
             for i, (path, out) in enumerate(tqdm(pairs, desc=desc, unit="image", file=sys.stderr)):
                 read = reading.pop()
@@ -349,13 +350,13 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
                     stopped, left = e, len(pairs) - i
                     break
                 except OutputMadeMeanwhile as e:
-                    made_meanwhile(path, e)
+                    made_meanwhile(i, e)
                     continue
                 except (DiffSRError, ValueError, OutOfMemory) as e:
-                    fail(path, f"out of memory even at the smallest tiles ({e})" if isinstance(e, OutOfMemory) else e)
+                    fail(i, f"out of memory even at the smallest tiles ({e})" if isinstance(e, OutOfMemory) else e)
                     continue
                 if writing is not None:  # an output that cannot be written stops the run: the next could not be
-                    error, writing = finish(writing, writing_path), None
+                    error, writing = finish(writing, writing_index), None
                     if error is not None:  # left: its image, this one and the rest
                         stopped, left = error, len(pairs) - i + 1
                         break
@@ -364,10 +365,10 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
                                "or webp keeps it)", file=sys.stderr)
                     alpha = None
                 writing = writer.submit(save_image, result, out, metadata, quality, alpha, overwrite)
-                writing_path, written = path, written + 1
+                writing_index, written = i, written + 1
         except KeyboardInterrupt as e:  # Ctrl-C: the output being written is finished, then the summary
             stopped, left = e, len(pairs) - written - len(failed)
-        error = finish(writing, writing_path) if writing is not None else None
+        error = finish(writing, writing_index) if writing is not None else None
         if error is not None:
             if stopped is not None:  # the weights or Ctrl-C stopped the run as well
                 tqdm.write(f"error: {error}", file=sys.stderr)
@@ -376,8 +377,8 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
         folder = os.path.commonpath([os.path.dirname(os.path.abspath(out)) for _, out in pairs])
         print(f"wrote {written} image(s) to {shown_name(folder)}", file=sys.stderr)
     if failed:
-        print(f"error: {len(failed)} of {len(pairs)} image(s) failed: {', '.join(map(shown_name, failed))}",
-              file=sys.stderr)
+        names = ", ".join(shown_name(pairs[i][0]) for i in sorted(failed))
+        print(f"error: {len(failed)} of {len(pairs)} image(s) failed: {names}", file=sys.stderr)
     if stopped is not None:
         print(f"error: stopped with {left} image(s) left (--skip-existing resumes the run):", file=sys.stderr)
         raise stopped

@@ -14,7 +14,7 @@ from packaging import version
 from PIL import Image
 
 from comfyui_diffsr.sr_common import color_fix, image, tiling
-from comfyui_diffsr.sr_common.errors import DiffSRError, WeightFileError
+from comfyui_diffsr.sr_common.errors import DiffSRError, ImageInputError, WeightFileError
 from comfyui_diffsr.sr_common.weights import (as_float32_cpu, fresh_float32_cpu, read_state_dict, stored_as_float32,
                                              write_safetensors)
 
@@ -1060,6 +1060,25 @@ def test_a_folder_runs_read_errors_name_the_image_once(tmp_path, capsys):
     assert errors == [f"error: {pairs[0][0]}: Cannot read image: it is not an image, or in a format Pillow cannot "
                       "read. Export it as PNG or JPEG.",
                       f"error: {pairs[1][0]}: Cannot read image: No such file or directory"]
+
+
+def test_a_folder_runs_summary_lists_failures_in_the_runs_order(tmp_path, monkeypatch, capsys):
+    """An output its encoder refuses is known only once the next image is read: with that next image unreadable,
+    the summary listed the later image first. It lists them in the order of the run."""
+    from comfyui_diffsr.cli import common
+
+    pairs = _folder(tmp_path, 4)
+    (tmp_path / "in2.png").write_bytes(b"not an image")
+    real_save = common.save_image
+
+    def refuse_in1(image01, path, *profile):
+        if path.endswith("in1.png"):
+            raise ImageInputError(f"Cannot write {path!r}: encoder error. Try --format png.")
+        real_save(image01, path, *profile)
+
+    monkeypatch.setattr(common, "save_image", refuse_in1)
+    assert common.upscale_all(pairs, lambda image, out: image, "test") == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: 2 of 4 image(s) failed: {pairs[1][0]}, {pairs[2][0]}"
 
 
 def test_prompt_cache_keeps_the_most_recently_used_prompts():
