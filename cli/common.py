@@ -2,6 +2,7 @@
 that goes on past a bad image."""
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -523,6 +524,20 @@ def save_image(image01, path, metadata=PhotoMetadata(), quality=95, alpha=None, 
             os.remove(tmp)
 
 
+@contextlib.contextmanager
+def warnings_ignored(category):
+    """``category``'s warnings ignored, in every thread, while the block runs; the filters are as they were after it.
+    One entry is put first in the list of filters and taken out of that same list: ``catch_warnings`` puts back the
+    whole list it found, so on the helper thread that reads the images, one of the main thread's (PyTorch enters some)
+    ending in the meantime would revive or drop the other's filters for the rest of the process."""
+    filters, entry = warnings.filters, ("ignore", None, category, None, 0)  # as ``simplefilter`` makes it
+    filters.insert(0, entry)
+    try:
+        yield
+    finally:
+        filters.remove(entry)
+
+
 def read_image(path):
     """An image file → ((1, 3, H, W) float in [0, 1], its ``PhotoMetadata``, its alpha (1, 1, H, W) if it has
     transparency, else None).
@@ -561,11 +576,8 @@ def _decoded_upright(path):
     turned size and scramble it."""
     from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
-    # Pillow's warning, with its source line, is said as a note below: a filter for the process, as catch_warnings is
-    # not thread-safe (the images are read on a helper thread)
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-    try:
-        with open(path, "rb") as file, Image.open(file) as opened:
+    try:  # Pillow's warning, with its source line, is said as a note below
+        with warnings_ignored(Image.DecompressionBombWarning), open(path, "rb") as file, Image.open(file) as opened:
             width, height = opened.size
             if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
                 tqdm.write(f"note: {shown_name(path)}: {width}×{height} px, more than the {Image.MAX_IMAGE_PIXELS:,} "

@@ -240,11 +240,12 @@ def test_an_image_past_pillows_decompression_bomb_warning_is_read_with_a_one_lin
                                                                                          monkeypatch, recwarn):
     """Pillow warns from 89 megapixels (and refuses from twice that): its warning, with its ``warnings.warn(``
     source line, is one note naming the file instead, and the image is read."""
+    with Image.open(os.path.join(DATA, "osediff", "in_32x32.png")) as original:
+        expected = img.pil_to_tensor(original)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600)  # 32×32: past the warning, below the refusal (1200)
     path = tmp_path / "big\x1bphoto.png"
     shutil.copy(os.path.join(DATA, "osediff", "in_32x32.png"), path)
-    loaded = load_image(str(path))
-    assert torch.equal(loaded, img.pil_to_tensor(Image.open(os.path.join(DATA, "osediff", "in_32x32.png"))))
+    assert torch.equal(load_image(str(path)), expected)
     assert capsys.readouterr().err == (f"note: {tmp_path}/big\\x1bphoto.png: 32×32 px, more than the 600 pixels "
                                        "Pillow opens without a decompression-bomb warning; it is read as given\n")
     assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]

@@ -1081,6 +1081,27 @@ def test_a_folder_runs_summary_lists_failures_in_the_runs_order(tmp_path, monkey
     assert capsys.readouterr().err.splitlines()[-1] == f"error: 2 of 4 image(s) failed: {pairs[1][0]}, {pairs[2][0]}"
 
 
+def test_reading_a_large_image_leaves_the_warning_filters_as_they_were(tmp_path, monkeypatch, capsys):
+    """The note on an image past Pillow's decompression-bomb warning hid Pillow's own warning with a filter that
+    stayed set for the whole process: a program that imports the reader lost that warning for its own images. The
+    filter holds for the read alone; the read still gives one note and no warning."""
+    import warnings
+
+    from comfyui_diffsr.cli import common
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20)  # 4×6: past the warning, below the refusal (40)
+    pairs = _folder(tmp_path, 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        filters = list(warnings.filters)
+        common.load_image(pairs[0][0])
+        assert warnings.filters == filters and not caught
+        assert capsys.readouterr().err.count("note: ") == 1
+        with Image.open(pairs[0][0]):  # another program's read: Pillow's warning
+            pass
+        assert [w.category for w in caught] == [Image.DecompressionBombWarning]
+
+
 def test_prompt_cache_keeps_the_most_recently_used_prompts():
     from comfyui_diffsr.sr_common.sd21 import PromptCache
 
