@@ -302,14 +302,16 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
     releases the interpreter lock while it decodes and encodes; a 2048² PNG takes about a second to write, as long
     as a GPU upscale). At most one output waits to be written.
     """
-    failed, written, stopped, left = [], 0, None, 0
+    failed, written, skipped, stopped, left = [], 0, 0, None, 0
 
     def fail(i, reason):  # the i-th image alone: the others go on
         tqdm.write(f"error: {shown_name(pairs[i][0])}: {reason}", file=sys.stderr)
         failed.append(i)
 
     def made_meanwhile(i, error):  # by another run: as an existing output with --skip-existing, else a failure
+        nonlocal skipped
         if skip_existing:
+            skipped += 1
             tqdm.write(f"note: {shown_name(pairs[i][0])}: skipped: {error.what} (--skip-existing)", file=sys.stderr)
         else:
             fail(i, error)
@@ -368,7 +370,7 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
                 writing = writer.submit(save_image, result, out, metadata, quality, alpha, overwrite)
                 writing_index, written = i, written + 1
         except KeyboardInterrupt as e:  # Ctrl-C: the output being written is finished, then the summary
-            stopped, left = e, len(pairs) - written - len(failed)
+            stopped, left = e, len(pairs) - written - len(failed) - skipped
         error = finish(writing, writing_index) if writing is not None else None
         if error is not None:
             if stopped is not None:  # the weights or Ctrl-C stopped the run as well

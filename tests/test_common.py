@@ -927,6 +927,28 @@ def test_a_run_stopped_by_ctrl_c_finishes_the_output_being_written_and_sums_up(t
         "error: stopped with 2 image(s) left (--skip-existing resumes the run):"]
 
 
+def test_ctrl_c_counts_an_output_another_run_made_meanwhile_as_done(tmp_path, capsys):
+    """With --skip-existing, an image skipped because another run made its output meanwhile is not left: Ctrl-C after
+    it counted it among the images left (3 for the 2 not yet begun)."""
+    from comfyui_diffsr.cli import common
+
+    pairs = _folder(tmp_path, 4)
+    os.mkdir(tmp_path / "out")
+
+    def upscale_one(image, out):
+        if out.endswith("in0.png"):  # the other run writes in1's output meanwhile
+            with open(pairs[1][1], "wb") as f:
+                f.write(b"the other run's")
+        if out.endswith("in2.png"):
+            raise KeyboardInterrupt
+        return image
+
+    with pytest.raises(KeyboardInterrupt):
+        common.upscale_all(pairs, upscale_one, "test", skip_existing=True)
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        f"wrote 1 image(s) to {tmp_path / 'out'}", "error: stopped with 2 image(s) left (--skip-existing resumes the run):"]
+
+
 def test_an_output_its_encoder_refuses_fails_alone_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
     """Pillow refusing one output (its EXIF too long for a JPEG, were it not left out first: ValueError; an encoder
     error: OSError with no errno) or running out of memory while it is written stopped the folder run (a traceback
