@@ -441,14 +441,30 @@ def partial_path(path):
     return os.path.join(os.path.dirname(os.path.abspath(path)), name)
 
 
+# where Linux keeps the machine's id (systemd's; D-Bus's on older systems): made once, at install
+MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
+
+
 def _machine_tag():
-    """8 hex digits for this machine and its process ids: the host name and, on Linux, the PID namespace (containers
-    sharing a host name and a folder may not share their process ids)."""
+    """8 hex digits for this machine and its process ids: the host name, the machine id and, on Linux, the PID
+    namespace (containers sharing a host name and a folder may not share their process ids). The machine id tells
+    apart machines of one host name (a default one) writing into one network folder: the first PID namespace has
+    one id on every Linux machine."""
     try:
         namespace = os.readlink("/proc/self/ns/pid")
     except OSError:  # not Linux
         namespace = ""
-    return hashlib.sha256(f"{socket.gethostname()}\0{namespace}".encode()).hexdigest()[:8]
+    return hashlib.sha256("\0".join((socket.gethostname(), _machine_id(), namespace)).encode(
+        errors="surrogateescape")).hexdigest()[:8]  # a host name may hold bytes that are not UTF-8
+
+
+def _machine_id():
+    """The machine id of ``MACHINE_ID_FILES`` (the first that can be read), or "" (not Linux, or a container without
+    one)."""
+    for path in MACHINE_ID_FILES:
+        with contextlib.suppress(OSError, UnicodeDecodeError), open(path, encoding="ascii") as f:
+            return f.read().strip()
+    return ""
 
 
 def _process_runs(pid):

@@ -800,6 +800,37 @@ def test_a_partial_file_left_by_a_killed_writer_is_removed_by_the_next_run(tmp_p
     assert "note: removed" not in capsys.readouterr().err
 
 
+@pytest.mark.skipif(os.name == "nt", reason="partial files are never removed on Windows")
+def test_a_live_writer_on_another_machine_of_the_same_host_name_keeps_its_partial_file(tmp_path, monkeypatch):
+    """Two machines of one host name (a default one: ubuntu, raspberrypi) writing into one network folder, each in
+    its first PID namespace (whose id is one constant on every Linux machine), tagged their partial files alike: a
+    run on one removed the partial file of a live writer on the other, whose process id does not run here. Their
+    machine ids tell them apart. A host name that is not UTF-8 (Python's surrogate escapes) names partial files
+    too (it stopped every output with UnicodeEncodeError)."""
+    import socket
+    import subprocess
+    import sys
+
+    from comfyui_diffsr.sr_common import weights
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "ubuntu")
+    monkeypatch.setattr(os, "readlink", lambda path: "pid:[4026531836]")
+    machine_id = tmp_path / "machine-id"
+    monkeypatch.setattr(weights, "MACHINE_ID_FILES", (str(tmp_path / "missing"), str(machine_id)), raising=False)
+    machine_id.write_text("0123456789abcdef0123456789abcdef\n")
+    other = weights._machine_tag()
+    machine_id.write_text("fedcba9876543210fedcba9876543210\n")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / f".diffsr-{int(gone.stdout)}-{other}-0badcafe.partial").write_bytes(b"written on the other machine")
+    assert weights.remove_abandoned_partials(str(folder)) == []
+    assert len(os.listdir(folder)) == 1
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "caf\udce9")  # the bytes caf\xe9 (Latin-1)
+    assert weights.PARTIAL_NAME.fullmatch(os.path.basename(weights.partial_path(folder / "a.png")))
+
+
 def test_exif_that_cannot_be_kept_costs_the_tags_not_the_image(tmp_path, capsys, monkeypatch):
     """An EXIF too long for a JPEG segment, or one PIL cannot write again, is left out with a note; the image is
     written all the same (and a PNG keeps the long EXIF)."""
