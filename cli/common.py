@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import re
 import sys
 import unicodedata
 import warnings
@@ -531,13 +532,17 @@ def warnings_ignored(category):
     """``category``'s warnings ignored, in every thread, while the block runs; the filters are as they were after it.
     One entry is put first in the list of filters and taken out of that same list: ``catch_warnings`` puts back the
     whole list it found, so on the helper thread that reads the images, one of the main thread's (PyTorch enters some)
-    ending in the meantime would revive or drop the other's filters for the rest of the process."""
-    filters, entry = warnings.filters, ("ignore", None, category, None, 0)  # as ``simplefilter`` makes it
+    ending in the meantime would revive or drop the other's filters for the rest of the process. The entry's message
+    pattern, compiled without ``re.I``, is one ``filterwarnings`` never makes (it adds ``re.I``; ``simplefilter``
+    gives none), so the same filter set meanwhile by another thread is not the one taken out, nor left unset as a
+    duplicate; one that reset the filters meanwhile took it out already."""
+    filters, entry = warnings.filters, ("ignore", re.compile(""), category, None, 0)
     filters.insert(0, entry)
     try:
         yield
     finally:
-        filters.remove(entry)
+        with contextlib.suppress(ValueError):  # resetwarnings() emptied the list meanwhile
+            filters.remove(entry)
 
 
 def read_image(path):

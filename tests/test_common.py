@@ -1155,6 +1155,40 @@ def test_reading_a_large_image_leaves_the_warning_filters_as_they_were(tmp_path,
         assert [w.category for w in caught] == [Image.DecompressionBombWarning]
 
 
+@pytest.mark.parametrize("meanwhile", ["simplefilter", "append", "reset"])
+def test_warning_filters_another_thread_sets_during_a_read_stay_set(tmp_path, monkeypatch, meanwhile):
+    """The read took its filter out by equality: where another thread set the same filter while an image was read
+    (``simplefilter("ignore", DecompressionBombWarning)``, a common idiom; appended, it was not added at all), the
+    read took that thread's out for good; where that thread reset the filters, the image failed ("Cannot read image:
+    list.remove(x): x not in list"). The read takes out its own filter alone."""
+    import threading
+    import warnings
+
+    from comfyui_diffsr.cli import common
+
+    pairs = _folder(tmp_path, 1)
+    program_filter = ("ignore", None, Image.DecompressionBombWarning, None, 0)
+    set_filters = {"simplefilter": lambda: warnings.simplefilter("ignore", Image.DecompressionBombWarning),
+                   "append": lambda: warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning,
+                                                             append=True),
+                   "reset": warnings.resetwarnings}[meanwhile]
+    real_open = Image.open
+
+    def open_while_another_thread_sets_filters(*args, **kwargs):
+        other = threading.Thread(target=set_filters)
+        other.start()
+        other.join()
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", open_while_another_thread_sets_filters)
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        image = common.load_image(pairs[0][0])
+        expected = [] if meanwhile == "reset" else [program_filter]
+        assert [f for f in warnings.filters if f[2] is Image.DecompressionBombWarning] == expected
+    assert image.shape == (1, 3, 4, 6)
+
+
 def test_prompt_cache_keeps_the_most_recently_used_prompts():
     from comfyui_diffsr.sr_common.sd21 import PromptCache
 
