@@ -372,7 +372,12 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
                 writing_index, written = i, written + 1
         except KeyboardInterrupt as e:  # Ctrl-C: the output being written is finished, then the summary
             stopped, left = e, len(pairs) - written - len(failed) - skipped
-        error = finish(writing, writing_index) if writing is not None else None
+        try:
+            error = finish(writing, writing_index) if writing is not None else None
+        except KeyboardInterrupt as e:  # Ctrl-C as the last output is written: the same (a second one stops at once)
+            if isinstance(stopped, KeyboardInterrupt):
+                raise
+            stopped, error = stopped or e, finish(writing, writing_index)
         if error is not None:
             if stopped is not None:  # the weights or Ctrl-C stopped the run as well
                 tqdm.write(f"error: {error}", file=sys.stderr)

@@ -979,6 +979,50 @@ def test_ctrl_c_counts_an_output_another_run_made_meanwhile_as_done(tmp_path, ca
     assert capsys.readouterr().err.splitlines()[-2:] == [
         f"wrote 1 image(s) to {tmp_path / 'out'}", "error: stopped with 2 image(s) left (--skip-existing resumes the run):"]
 
+@pytest.mark.parametrize("last_write", ["written", "refused"])
+def test_ctrl_c_while_the_last_output_is_written_finishes_it_and_sums_up(tmp_path, monkeypatch, capsys, last_write):
+    """Ctrl-C while the run waited for its last output (after the last upscale: a 2048² PNG takes about a second)
+    went past the summary: no images written, failures or count, and an output its encoder then refused was not
+    named. That output is finished and the run sums up, as for Ctrl-C earlier."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from comfyui_diffsr.cli import common
+
+    pairs = _folder(tmp_path, 3)
+    (tmp_path / "in0.png").write_bytes(b"not an image")
+    real_save = common.save_image
+
+    def save(image01, path, *profile):
+        if last_write == "refused" and path == pairs[-1][1]:
+            raise ImageInputError(f"Cannot write {path!r}: encoder error. Try --format png.")
+        real_save(image01, path, *profile)
+
+    class CtrlCInLastWait(ThreadPoolExecutor):  # Ctrl-C as the run first waits for the last output
+        def submit(self, fn, *args, **kwargs):
+            future = super().submit(fn, *args, **kwargs)
+            if fn is save and args[1] == pairs[-1][1]:
+                wait, waited = future.result, []
+
+                def result(timeout=None):
+                    if not waited:
+                        waited.append(True)
+                        raise KeyboardInterrupt
+                    return wait(timeout)
+
+                future.result = result
+            return future
+
+    monkeypatch.setattr(common, "save_image", save)
+    monkeypatch.setattr(common, "ThreadPoolExecutor", CtrlCInLastWait)
+    with pytest.raises(KeyboardInterrupt):
+        common.upscale_all(pairs, lambda image, out: image, "test")
+    written, failed = (2, [pairs[0][0]]) if last_write == "written" else (1, [pairs[0][0], pairs[2][0]])
+    assert sorted(os.listdir(tmp_path / "out")) == ["in1.png", "in2.png"][:written]
+    assert capsys.readouterr().err.splitlines()[-3:] == [
+        f"wrote {written} image(s) to {tmp_path / 'out'}", f"error: {len(failed)} of 3 image(s) failed: "
+        f"{', '.join(failed)}", "error: stopped with 0 image(s) left (--skip-existing resumes the run):"]
+
+
 
 def test_an_output_its_encoder_refuses_fails_alone_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
     """Pillow refusing one output (its EXIF too long for a JPEG, were it not left out first: ValueError; an encoder
