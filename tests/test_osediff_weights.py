@@ -342,35 +342,24 @@ def test_lora_delta_of_half_factors_is_float32():
     torch.testing.assert_close(delta.double(), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_converted_file_missing_a_rank_in_its_metadata_is_named(tmp_path, ckpt):
+@pytest.mark.parametrize("key, error", [
+    ("rank_vae", r"'damaged.safetensors' has damaged OSEDiff metadata \(KeyError: 'rank_vae'\); convert osediff.pkl "
+                 r"again with `diffsr convert osediff`"),
+    ("unet_lora_others_modules", r"'damaged.safetensors' is an incomplete OSEDiff checkpoint: it lacks "
+                                 r"\['unet_lora_others_modules'\]\. The file is damaged")])
+def test_converted_file_missing_a_key_of_its_metadata_is_named(tmp_path, ckpt, key, error):
     """A converted file whose metadata lost ``rank_vae`` is refused as damaged OSEDiff metadata, naming the key and
-    the fix (a KeyError, not only the ValueError of a rank that is no number)."""
+    the fix (a KeyError, not only the ValueError of a rank that is no number); one that lost a module list as the
+    .pkl without it is (the official code could not load the file it came from)."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     torch.save(ckpt, tmp_path / "osediff.pkl")
     out = W.convert_osediff(tmp_path / "osediff.pkl", tmp_path / "osediff.safetensors")
     with safe_open(str(out), "pt") as f:
-        meta = {k: v for k, v in f.metadata().items() if k != "rank_vae"}
+        meta = {k: v for k, v in f.metadata().items() if k != key}
     save_file(load_file(out), tmp_path / "damaged.safetensors", metadata=meta)
-    with pytest.raises(WeightFileError, match=r"'damaged.safetensors' has damaged OSEDiff metadata \(KeyError: "
-                                              r"'rank_vae'\); convert osediff.pkl again with `diffsr convert osediff`"):
-        W.read_osediff(tmp_path / "damaged.safetensors")
-
-
-def test_converted_file_missing_a_module_list_in_its_metadata_is_named(tmp_path, ckpt):
-    """A converted file whose metadata lost a module list is refused as the .pkl without it is: the official code
-    could not load the file it came from."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    torch.save(ckpt, tmp_path / "osediff.pkl")
-    out = W.convert_osediff(tmp_path / "osediff.pkl", tmp_path / "osediff.safetensors")
-    with safe_open(str(out), "pt") as f:
-        meta = {k: v for k, v in f.metadata().items() if k != "unet_lora_others_modules"}
-    save_file(load_file(out), tmp_path / "damaged.safetensors", metadata=meta)
-    with pytest.raises(WeightFileError, match=r"'damaged.safetensors' is an incomplete OSEDiff checkpoint: it lacks "
-                                              r"\['unet_lora_others_modules'\]\. The file is damaged"):
+    with pytest.raises(WeightFileError, match=error):
         W.read_osediff(tmp_path / "damaged.safetensors")
 
 
