@@ -125,8 +125,11 @@ def load_osediff(sd21, path):
 
 
 def _dape_tags(dape, images, upscale, process_size, **select):
-    """The DAPE tags of each image, from its bicubic ×upscale LQ as the official; the tagger on the device on its
-    own, before the OSEDiff networks, so neither pushes the other out mid-run."""
+    """The DAPE tags of each image, from its bicubic ×upscale LQ as the official (made only where the tagger reads
+    it: ``lq_as_read``); the tagger on the device on its own, before the OSEDiff networks, so neither pushes the other
+    out mid-run."""
+    from ..osediff_core.dape import lq_as_read
+
     try:
         dev = host.load_on_device(dape)
     except Exception as error:
@@ -136,8 +139,7 @@ def _dape_tags(dape, images, upscale, process_size, **select):
     tags = []
     for one in images:
         host.check_interrupted()
-        lq, _ = preprocess(one, upscale=upscale, process_size=process_size)
-        tags += dape.tags(lq.to(dev), **select)
+        tags += dape.tags(lq_as_read(one, upscale=upscale, process_size=process_size).to(dev), **select)
     return tags
 
 

@@ -897,6 +897,27 @@ def test_with_dape_the_users_prompt_follows_the_tags(pack, osediff_model, monkey
     assert encoded == [tags + ", a sharp photo,"] and out.shape == (1, 40, 48, 3)
 
 
+def test_the_dape_prompt_extractor_makes_the_lq_only_where_the_tagger_reads_it(pack, monkeypatch):
+    """The DAPE Prompt Extractor (and OSEDiff Upscale's DAPE step) formed the whole ×upscale LQ to hand the tagger a
+    384×384 resize of it (about 6 GB for a 12 MP photo at ×4); it is made only at the rows and columns the resize
+    reads, with the same numbers there, so the tags are those of the whole LQ."""
+    _, nodes = pack
+    (dape,) = run(nodes["DAPE_Loader"], ram_or_converted="ram_tiny.pth", dape="dape_tiny.pth")
+    pipeline, dape_core = (sys.modules[f"custom_nodes_x_diffsr_pack.osediff_core.{m}"] for m in ("pipeline", "dape"))
+    image = torch.rand(1, 300, 400, 3, generator=torch.Generator().manual_seed(6))
+    seen, tags = [], dape.tags
+    monkeypatch.setattr(dape, "tags", lambda lq, **select: seen.append(lq) or tags(lq, **select))
+    (prompt,) = run(nodes["DAPE_PromptExtractor"], dape=dape, image=image, upscale=4.0, process_size=512,
+                    user_prompt="", tags_only=True, exclude="", max_tags=0)
+    whole, _ = pipeline.preprocess(image.movedim(-1, 1), upscale=4.0, process_size=512)
+    (given,) = seen
+    rows, columns = dape_core.read_indices(whole.shape[-2]), dape_core.read_indices(whole.shape[-1])
+    assert given.shape == whole.shape == (1, 3, 1200, 1600) and len(rows) < 1200 and len(columns) < 1600
+    assert torch.equal(given[:, :, rows[:, None], columns], whole[:, :, rows[:, None], columns])
+    assert (given == 0).float().mean() > 0.5  # the rest is not made
+    assert torch.equal(dape.preprocess(given), dape.preprocess(whole)) and prompt == tags(whole)[0]
+
+
 def test_dossr_loads_its_text_encoder_only_for_a_new_prompt(pack):
     """DoSSR's networks go to the device stage by stage (RRDB, encoders, ControlNet and UNet, VAE decoder); its
     text encoder only to encode a prompt not encoded yet, never for a CONDITIONING input."""
