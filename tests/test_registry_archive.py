@@ -1,15 +1,18 @@
-"""What the Comfy Registry archive holds: the git-tracked files that no `.comfyignore` pattern matches, matched with
-pathspec's gitwildmatch as comfy-cli's `file_utils.zip_files` does (`comfy node pack` / `comfy node publish`)."""
+"""What ships. The Comfy Registry archive: the git-tracked files that no `.comfyignore` pattern matches, matched with
+pathspec's gitwildmatch as comfy-cli's `file_utils.zip_files` does (`comfy node pack` / `comfy node publish`). The wheel
+that `pip install .` builds: the pack's files but the development ones, built without setuptools warnings."""
 import os
 import shutil
 import subprocess
+import sys
 import warnings
+import zipfile
 
 import pytest
 
-pathspec = pytest.importorskip("pathspec")
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# tracked files outside the development folders that the wheel leaves out
+NOT_IN_WHEEL = {"README.md", "pyproject.toml", "requirements.txt", "workflows/README.md", "sample/astronaut_128.png"}
 
 
 def tracked_files():
@@ -21,6 +24,7 @@ def tracked_files():
 
 def archive_files():
     """comfy-cli: patterns are the stripped non-empty lines not starting with '#'."""
+    pathspec = pytest.importorskip("pathspec")
     with open(os.path.join(ROOT, ".comfyignore"), encoding="utf-8") as f:
         patterns = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
     with warnings.catch_warnings():  # pathspec >= 1.0 deprecates the name comfy-cli uses
@@ -56,3 +60,27 @@ def test_archive_leaves_out_tests_benchmarks_and_tools():
     assert dev == []
     size = sum(os.path.getsize(os.path.join(ROOT, p)) for p in kept)
     assert size < 3_000_000, f"registry archive holds {size / 1e6:.1f} MB of files"
+
+
+def test_wheel_ships_the_pack_without_setuptools_warnings(tmp_path):
+    """pip shows the build's warnings on `pip install .`: a data folder that is not listed in pyproject.toml's
+    packages gets a 'Package would be ignored' block from setuptools."""
+    setuptools = pytest.importorskip("setuptools")
+    if int(setuptools.__version__.split(".")[0]) < 69:
+        pytest.skip("pyproject.toml's build-system needs setuptools >= 69 (the test extra installs it)")
+    source = tmp_path / "source"
+    tracked = tracked_files()
+    for rel in tracked:
+        (source / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, rel), source / rel)
+    build = subprocess.run([sys.executable, "-W", "default", "-c",
+                            "import sys; from setuptools import build_meta; print(build_meta.build_wheel(sys.argv[1]))",
+                            str(tmp_path)], cwd=source, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-3000:]
+    log = build.stdout + build.stderr
+    assert "would be ignored" not in log, "list the data folder in pyproject.toml's packages"
+    with zipfile.ZipFile(tmp_path / build.stdout.split()[-1]) as wheel:
+        shipped = {n.removeprefix("comfyui_diffsr/") for n in wheel.namelist() if n.startswith("comfyui_diffsr/")}
+    dev = ("tests/", "bench/", "tools/", ".")  # "." for .ci/, .comfyignore, .gitignore
+    expected = {p for p in tracked if not p.startswith(dev)} - NOT_IN_WHEEL
+    assert shipped == expected, "ship these (pyproject.toml's packages, package-data) or list them in NOT_IN_WHEEL"
