@@ -76,12 +76,12 @@ def main_impl(argv=None):
     check_sizing_args(args)
     if args.max_tags < 0:
         raise DiffSRError("--max-tags must be 0 (all tags) or more.")
-    from ..osediff_core.dape import dape_prompt, lq_as_read, misspelt_tags
+    from ..osediff_core.dape import dape_prompt, lq_as_read, misspelt_tags, tag_list
 
     images = find_images(args.inputs, args.recursive)
     device = pick_device(args.device)
     tagger = load_tagger(args, device, network_dtype(args.dtype, device))
-    exclude = [t.strip() for t in args.exclude.split(",") if t.strip()]
+    exclude = tag_list(args.exclude)
     unknown = tagger.unknown_tags(exclude)
     if unknown:  # a misspelt tag would leave the one meant in every prompt
         print(f"note: --exclude: {misspelt_tags(unknown)}: not among DAPE's tags (check the spelling)",

@@ -386,9 +386,9 @@ class DAPEPrompt(io.ComfyNode):
     @classmethod
     @host.computes_ieee_float32
     def execute(cls, dape, image, upscale, process_size, user_prompt, tags_only, exclude, max_tags):
-        from ..osediff_core.dape import dape_prompt, misspelt_tags
+        from ..osediff_core.dape import dape_prompt, misspelt_tags, tag_list
 
-        exclude = [t.strip() for t in exclude.split(",") if t.strip()]
+        exclude = tag_list(exclude)
         unknown = dape.unknown_tags(exclude)
         if unknown:  # a misspelt tag would leave the one meant in the prompt, unsaid
             raise ValueError(f"DAPE Prompt Extractor: exclude names {misspelt_tags(unknown)}, not among DAPE's tags; "

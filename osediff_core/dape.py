@@ -244,6 +244,12 @@ def dape_prompt(tags, user_prompt="", tags_only=False):
     return tags if tags_only else f"{tags}, {user_prompt},"
 
 
+def tag_list(text):
+    """Comma-separated tags (an exclude list, as typed) → their names, without the spaces around them; empty
+    entries dropped."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def misspelt_tags(unknown):
     """``unknown_tags``' result as a message names them: ``'dalmation' (did you mean 'dalmatian'?), 'xyz'``."""
     return ", ".join(f"{name!r}" + (f" (did you mean {close!r}?)" if close else "") for name, close in unknown)
