@@ -101,35 +101,72 @@ def _check_part(ckpt, part, name):
 
 
 def _check_module_lists(ckpt, name):
-    """Refuse module lists the official ``load_ckpt`` could not load: it gives each listed module a LoRA of the
-    list's adapter and copies it from the state dict, so each needs its pair there (the lists name modules in
-    full; pairs the lists do not name are merged here too, where the official code leaves them out)."""
+    """Refuse module lists the official ``load_ckpt`` could not load: it gives each module a list targets
+    (``_entries_targeting``) a LoRA of the list's adapter and copies it from the state dict, so each entry needs a
+    pair of that adapter there (real lists name modules in full). Pairs no list targets are left out, as there
+    (``lora_pairs``). Not checked, as the base is not known here: that the base has no module an entry targets
+    besides those with a pair (the official code fails on such a file; it loads here, with the pairs it has)."""
     damaged = "The file is damaged; download osediff.pkl again."
     for key, part, adapter in MODULE_LISTS:
         modules = ckpt[key]
         if not isinstance(modules, (list, tuple)) or not all(isinstance(m, str) for m in modules):
             raise WeightFileError(f"{name!r}: {key} is not a list of module names. {damaged}")
         modules = list(dict.fromkeys(modules))  # the official VAE list names modules twice
-        state = ckpt[f"state_dict_{part}"]
-        missing = [m for m in modules if f"{m}.lora_A.{adapter}.weight" not in state]  # _check_part: A means a pair
+        covered = set().union(*map(_entries_targeting, _adapter_pairs(ckpt[f"state_dict_{part}"], adapter)))
+        missing = [m for m in modules if m not in covered]
         if missing:
             raise WeightFileError(f"{name!r} is incomplete: {len(missing)} of the {len(modules)} modules of {key} have "
                                   f"no LoRA in state_dict_{part} ({', '.join(missing[:3])}"
                                   f"{', ...' if len(missing) > 3 else ''}). {damaged}")
 
 
-def lora_pairs(state, rank):
-    """{module name: (A, B, scale)} from PEFT keys ``<module>.lora_A.<adapter>.weight``; scale = lora_alpha / rank
-    with PEFT's default lora_alpha (``PEFT_DEFAULT_ALPHA``)."""
+def _entries_targeting(module):
+    """The list entries that make PEFT (0.9, ``check_target_module_exists``) target ``module``: its name, and each
+    tail of it after a dot (PEFT: ``module == entry or module.endswith("." + entry)``)."""
+    parts = module.split(".")
+    return {".".join(parts[i:]) for i in range(len(parts))}
+
+
+def _adapter_pairs(state, adapter):
+    """{module name: (A, B)} of the PEFT keys ``<module>.lora_A.<adapter>.weight`` / ``lora_B`` in ``state``."""
+    tail = f".lora_A.{adapter}.weight"
     pairs = {}
     for key, a in state.items():
-        if ".lora_A." not in key:
+        if key.endswith(tail):
+            module = key[:-len(tail)]
+            b_key = f"{module}.lora_B.{adapter}.weight"
+            if b_key not in state:
+                raise WeightFileError(f"LoRA pair incomplete: {b_key} is missing.")
+            pairs[module] = (a, state[b_key])
+    return pairs
+
+
+def lora_pairs(ckpt, part):
+    """{module name: (A, B, scale)}: the LoRAs the official ``load_ckpt`` gives ``part`` ("unet" or "vae"); scale =
+    lora_alpha / rank with PEFT's default lora_alpha (``PEFT_DEFAULT_ALPHA``).
+
+    Each adapter takes its pairs whose module its list targets (``_entries_targeting``); a pair no list targets is
+    left out, as PEFT never makes that LoRA. A module two lists target gets both LoRAs, which PEFT adds (forward
+    and merge): s·B1@A1 + s·B2@A2 = s·[B1 B2]@[A1; A2], one pair of the ranks summed (a part's adapters share its
+    rank, so one s)."""
+    state, scale = ckpt[f"state_dict_{part}"], PEFT_DEFAULT_ALPHA / int(ckpt[f"rank_{part}"])
+    pairs = {}
+    for key, list_part, adapter in MODULE_LISTS:
+        if list_part != part:
             continue
-        module = key.split(".lora_A.")[0]
-        b_key = key.replace(".lora_A.", ".lora_B.")
-        if b_key not in state:
-            raise WeightFileError(f"LoRA pair incomplete: {b_key} is missing.")
-        pairs[module] = (a, state[b_key], PEFT_DEFAULT_ALPHA / rank)
+        entries = set(ckpt[key])
+        for module, (a, b) in _adapter_pairs(state, adapter).items():
+            if entries.isdisjoint(_entries_targeting(module)):
+                continue
+            if module in pairs:
+                a0, b0, _ = pairs[module]
+                shapes = [(b0.shape[0],) + tuple(a0.shape[1:]), (b.shape[0],) + tuple(a.shape[1:])]
+                if shapes[0] != shapes[1]:
+                    raise WeightFileError(f"The OSEDiff LoRAs of {module!r} (two module lists name it) change weights "
+                                          f"of shapes {shapes[0]} and {shapes[1]}: the file is damaged; download "
+                                          "osediff.pkl again.")
+                a, b = torch.cat([a0, a]), torch.cat([b0, b], dim=1)
+            pairs[module] = (a, b, scale)
     return pairs
 
 
@@ -245,12 +282,12 @@ def osediff_unet_changes(unet, ckpt):
             raise WeightFileError(f"OSEDiff conv_in.{part} has shape {tuple(new.shape)}, the base UNet "
                                   f"{tuple(old.shape)}: the base is not SD 2.1-base.")
         replace[f"conv_in.{part}"] = new.to(old)
-    return replace, lora_pairs(state, int(ckpt["rank_unet"]))
+    return replace, lora_pairs(ckpt, "unet")
 
 
 def lq_encoder_pairs(ckpt):
     """The LoRA pairs of OSEDiff's VAE encoder + ``quant_conv`` (names as in the VAE)."""
-    return lora_pairs(ckpt["state_dict_vae"], int(ckpt["rank_vae"]))
+    return lora_pairs(ckpt, "vae")
 
 
 def apply_osediff_unet(unet, ckpt, in_place=False):

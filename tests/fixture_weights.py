@@ -220,15 +220,17 @@ def random_osediff_checkpoint(unet, vae, rank=4, std=0.02, seed=0, rank_vae=None
     for adapter, key in (("default_encoder", "unet_lora_encoder_modules"), ("default_decoder", "unet_lora_decoder_modules"),
                          ("default_others", "unet_lora_others_modules")):
         for name in targets[key]:
-            state_unet.update(_random_pair(modules[name], name, adapter, rank, std, g))
+            state_unet.update(random_lora_pair(modules[name], name, adapter, rank, std, g))
     vae_modules = dict(vae.named_modules())
     state_vae = {}
     for name in dict.fromkeys(targets["vae_lora_encoder_modules"]):
-        state_vae.update(_random_pair(vae_modules[name], name, "default_encoder", rank_vae, std, g))
+        state_vae.update(random_lora_pair(vae_modules[name], name, "default_encoder", rank_vae, std, g))
     return dict(targets, rank_unet=rank, rank_vae=rank_vae, state_dict_unet=state_unet, state_dict_vae=state_vae)
 
 
-def _random_pair(module, name, adapter, rank, std, g):
+def random_lora_pair(module, name, adapter, rank, std, g):
+    """PEFT's tensors ``<name>.lora_A.<adapter>.weight`` / ``lora_B`` of a random LoRA of ``rank`` for ``module``
+    (a Linear or Conv2d), entries N(0, std²) drawn by ``g``."""
     w = module.weight
     if w.dim() == 4:
         a_shape, b_shape = (rank, w.shape[1], w.shape[2], w.shape[3]), (w.shape[0], rank, 1, 1)

@@ -8,7 +8,7 @@ import torch
 
 from comfyui_diffsr.osediff_core import weights as W
 from comfyui_diffsr.sr_common.errors import WeightFileError
-from fixture_weights import official_lora_targets, random_osediff_checkpoint
+from fixture_weights import official_lora_targets, random_lora_pair, random_osediff_checkpoint
 
 
 @pytest.fixture()
@@ -141,6 +141,7 @@ def test_a_peft_lora_for_sd_is_named(tmp_path):
 def test_lora_for_another_architecture_is_refused(tiny_unet_vae, ckpt):
     unet, _ = tiny_unet_vae
     bad = copy.deepcopy(ckpt)
+    bad["unet_lora_encoder_modules"].append("nonexistent.block")
     bad["state_dict_unet"]["nonexistent.block.lora_A.default_encoder.weight"] = torch.zeros(4, 3)
     bad["state_dict_unet"]["nonexistent.block.lora_B.default_encoder.weight"] = torch.zeros(3, 4)
     with pytest.raises(WeightFileError, match="not SD 2.1-base"):
@@ -269,9 +270,11 @@ def test_damaged_parts_are_named(tmp_path, ckpt, change, message):
 
 
 def test_lora_pairs_refuses_a_missing_half():
-    """``lora_pairs`` called on a state dict not checked by ``read_osediff`` names the missing lora_B."""
-    with pytest.raises(WeightFileError, match=r"LoRA pair incomplete: x\.lora_B\.default\.weight is missing"):
-        W.lora_pairs({"x.lora_A.default.weight": torch.zeros(4, 3)}, 4)
+    """``lora_pairs`` called on a checkpoint not checked by ``read_osediff`` names the missing lora_B."""
+    ckpt = {"state_dict_vae": {"x.lora_A.default_encoder.weight": torch.zeros(4, 3)}, "rank_vae": 4,
+            "vae_lora_encoder_modules": ["x"]}
+    with pytest.raises(WeightFileError, match=r"LoRA pair incomplete: x\.lora_B\.default_encoder\.weight is missing"):
+        W.lora_pairs(ckpt, "vae")
 
 
 @pytest.mark.parametrize("in_place", [False, True], ids=["copy", "in-place"])
@@ -284,9 +287,12 @@ def test_lora_pairs_refuses_a_missing_half():
 ], ids=["no-module", "module-without-weight", "wrong-shape"])
 def test_lora_targets_are_checked_in_both_merges(tiny_unet_vae, ckpt, in_place, target, a_shape, b_shape, message):
     """A LoRA for a module the UNet lacks, for a module with no weight, or of another shape is refused as a base that
-    is not SD 2.1-base, by the copy and by the in-place merge, before anything is written."""
+    is not SD 2.1-base, by the copy and by the in-place merge, before anything is written. (The lists name the
+    module: the official code reads no other LoRA. PEFT passes over an entry that matches no module of the base;
+    here such an entry means another base.)"""
     unet, _ = tiny_unet_vae
     bad = copy.deepcopy(ckpt)
+    bad["unet_lora_encoder_modules"].append(target)
     bad["state_dict_unet"].update({f"{target}.lora_A.default_encoder.weight": torch.zeros(a_shape),
                                    f"{target}.lora_B.default_encoder.weight": torch.zeros(b_shape)})
     own = copy.deepcopy(unet)
@@ -320,6 +326,108 @@ def test_merged_value_is_the_lora_formula(tiny_unet_vae, ckpt):
                                rtol=1e-6, atol=1e-6)
     bias = dict(unet.named_parameters())[f"{name}.bias"].detach()
     assert W.merged_value(f"{name}.bias", bias, pairs) is bias
+
+
+def _add_pair(ckpt, part, model, name, adapter, seed):
+    """Put a random LoRA of ``adapter`` for module ``name`` of ``model`` (the ``part``'s) into ``ckpt``: its (A, B)."""
+    pair = random_lora_pair(model.get_submodule(name), name, adapter, ckpt[f"rank_{part}"], 0.1,
+                            torch.Generator().manual_seed(seed))
+    ckpt[f"state_dict_{part}"].update(pair)
+    return tuple(pair.values())
+
+
+def _saved(tmp_path, ckpt, form):
+    """``ckpt`` as read back from an osediff.pkl, or from its conversion with ``form`` "safetensors"."""
+    path = tmp_path / "osediff.pkl"
+    torch.save(ckpt, path)
+    return W.read_osediff(W.convert_osediff(path, tmp_path / "osediff.safetensors") if form == "safetensors" else path)
+
+
+def _merged_tensors(unet, vae, ckpt):
+    """Every tensor of the OSEDiff UNet and LQ encoder made from ``ckpt``."""
+    return W.apply_osediff_unet(unet, ckpt).state_dict() | {
+        f"vae.{k}": v for k, v in W.lq_encoder(vae, ckpt).state_dict().items()}
+
+
+@pytest.mark.parametrize("form", ["pkl", "safetensors"])
+def test_a_lora_pair_no_list_names_changes_nothing(tmp_path, tiny_unet_vae, ckpt, form):
+    """The official ``load_ckpt`` makes a LoRA only for the modules of each adapter's list, so a pair in the state
+    dict that its adapter's list does not name is never read: a UNet module no list has (time_embedding.linear_1),
+    a listed module under another adapter (conv_out is the decoder's; a default_encoder pair here) and a VAE decoder
+    module give the same merged networks as the file without them, read from the .pkl and from its conversion."""
+    unet, vae = tiny_unet_vae
+    doctored = copy.deepcopy(ckpt)
+    _add_pair(doctored, "unet", unet, "time_embedding.linear_1", "default_encoder", 5)
+    _add_pair(doctored, "unet", unet, "conv_out", "default_encoder", 6)
+    _add_pair(doctored, "vae", vae, "decoder.conv_in", "default_encoder", 7)
+    merged, plain = _merged_tensors(unet, vae, _saved(tmp_path, doctored, form)), _merged_tensors(unet, vae, ckpt)
+    for name, value in plain.items():
+        assert torch.equal(merged[name], value), name
+
+
+@pytest.mark.parametrize("form", ["pkl", "safetensors"])
+def test_a_module_in_two_lists_gets_both_loras(tmp_path, tiny_unet_vae, ckpt, form):
+    """A module in the lists of two adapters gets a LoRA of each, and PEFT (0.9, the official pin) adds the LoRAs of
+    all active adapters, in forward and in merge: W' = W + s·B1@A1 + s·B2@A2. A Linear and conv_in (on its trained
+    base), of default_encoder's list, also in default_others', by each merge: the copy, in place, and the nodes'
+    ``merged_value``; from the .pkl and from its conversion."""
+    unet, vae = tiny_unet_vae
+    doctored = copy.deepcopy(ckpt)
+    state, scale = doctored["state_dict_unet"], 8 / 4
+    expected = {}
+    for name, seed in (("down_blocks.0.attentions.0.proj_in", 8), ("conv_in", 9)):
+        doctored["unet_lora_others_modules"].append(name)
+        a2, b2 = _add_pair(doctored, "unet", unet, name, "default_others", seed)
+        a1, b1 = (state[f"{name}.lora_{x}.default_encoder.weight"] for x in "AB")
+        base = state.get(f"{name}.base_layer.weight", unet.get_parameter(f"{name}.weight"))
+        expected[f"{name}.weight"] = base + W.lora_delta(a1, b1, scale) + W.lora_delta(a2, b2, scale)
+    read = _saved(tmp_path, doctored, form)
+    copied = W.apply_osediff_unet(unet, read).state_dict()
+    in_place = W.apply_osediff_unet(copy.deepcopy(unet), read, in_place=True).state_dict()
+    replace, pairs = W.osediff_unet_changes(unet, read)
+    for name, value in expected.items():
+        torch.testing.assert_close(copied[name], value, msg=name)
+        torch.testing.assert_close(in_place[name], value, msg=name)
+        torch.testing.assert_close(W.merged_value(name, replace.get(name, unet.get_parameter(name).detach()), pairs), value,
+                                   msg=name)
+
+
+def test_a_list_entry_names_every_module_ending_in_it(tmp_path, tiny_unet_vae, ckpt):
+    """PEFT's target rule: a module is targeted by a list entry it equals or ends with after a dot. An encoder list
+    naming "attn2.to_k" where it named the down blocks' attn2.to_k in full gives the encoder's LoRA (from the state
+    dict) to every attn2.to_k of the UNet: the up and mid blocks' get it added to their own adapter's."""
+    unet, vae = tiny_unet_vae
+    doctored = copy.deepcopy(ckpt)
+    entries = doctored["unet_lora_encoder_modules"]
+    doctored["unet_lora_encoder_modules"] = [m for m in entries if not m.endswith(".attn2.to_k")] + ["attn2.to_k"]
+    state, scale = doctored["state_dict_unet"], 8 / 4
+    others = [n for n, _ in unet.named_modules() if n.endswith(".attn2.to_k") and not n.startswith("down_blocks.")]
+    assert {n.split(".")[0] for n in others} == {"up_blocks", "mid_block"}
+    expected = {}
+    for seed, name in enumerate(others):
+        a2, b2 = _add_pair(doctored, "unet", unet, name, "default_encoder", 10 + seed)
+        adapter = "default_decoder" if name.startswith("up_blocks.") else "default_others"
+        a1, b1 = (state[f"{name}.lora_{x}.{adapter}.weight"] for x in "AB")
+        base = unet.get_parameter(f"{name}.weight")
+        expected[f"{name}.weight"] = base + W.lora_delta(a1, b1, scale) + W.lora_delta(a2, b2, scale)
+    merged = W.apply_osediff_unet(unet, _saved(tmp_path, doctored, "pkl")).state_dict()
+    for name, value in expected.items():
+        torch.testing.assert_close(merged[name], value, msg=name)
+    down = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    assert torch.equal(merged[down], W.apply_osediff_unet(unet, ckpt).state_dict()[down])
+
+
+def test_two_loras_of_one_module_that_do_not_fit_each_other_are_refused(tiny_unet_vae, ckpt):
+    """A module in two adapters' lists whose two LoRAs change weights of different shapes: the file is damaged."""
+    unet, _ = tiny_unet_vae
+    bad = copy.deepcopy(ckpt)
+    bad["unet_lora_others_modules"].append("conv_in")
+    bad["state_dict_unet"].update({"conv_in.lora_A.default_others.weight": torch.zeros(4, 5, 3, 3),
+                                   "conv_in.lora_B.default_others.weight": torch.zeros(32, 4, 1, 1)})
+    with pytest.raises(WeightFileError, match=r"The OSEDiff LoRAs of 'conv_in' \(two module lists name it\) "
+                                              r"change weights of shapes \(32, 4, 3, 3\) and \(32, 5, 3, 3\): the "
+                                              r"file is damaged; download osediff\.pkl again"):
+        W.apply_osediff_unet(unet, bad)
 
 
 def test_conv_in_of_another_shape_is_refused(tiny_unet_vae, ckpt):
