@@ -4,7 +4,8 @@
                 [--upscale 4] [--process-size 512] [--official-sizing] [--user-prompt TEXT] [--tags-only]
                 [--exclude a,b] [--max-tags N] [--no-names] [--device cpu|cuda] [--dtype fp32|fp16|bf16]
 
-Output: ``<file>\\t<prompt>`` per image (``--no-names``: just the prompt); a file name holding a backslash, a tab,
+Output: ``<file>\\t<prompt>`` per image (``--no-names``: just the prompt, and an empty line for an image that fails,
+so the Nth line is the Nth image's; the failure is named on stderr); a file name holding a backslash, a tab,
 line break or other control character (ESC) or a bidirectional control (U+202E) is written escaped (``\\\\``,
 ``\\t``, ``\\n``, ``\\r``, ``\\x1b``, ``\\u202e``) on a line that starts with a backslash, after ``sha256sum``, so
 every image stays one line with one tab and no name can send the terminal an escape sequence. The prompt is what
@@ -43,7 +44,9 @@ def build_parser():
     p.add_argument("--max-tags", type=int, default=0,
                    help="keep the N most probable tags (in tag-list order); 0 = all (default), as the DAPE Prompt "
                         "Extractor node")
-    p.add_argument("--no-names", action="store_true", help="print only the prompt, not '<file>\\t'")
+    p.add_argument("--no-names", action="store_true",
+                   help="print only the prompt, not '<file>\\t'; an image that fails prints an empty line, so the "
+                        "Nth line is the Nth image's")
     add_device_args(p)
     return p
 
@@ -89,21 +92,26 @@ def main_impl(argv=None):
     if hasattr(sys.stdout, "reconfigure"):  # a name that is not UTF-8 is printed as its bytes, as sha256sum does
         sys.stdout.reconfigure(errors="surrogateescape")
     failed = []
+
+    def fail(path, reason):  # named on stderr; with --no-names an empty line, so the Nth line stays the Nth image's
+        print(f"error: {shown_name(path)}: {reason}", file=sys.stderr)
+        if args.no_names:
+            print(flush=True)
+        failed.append(path)
+
     for path, _ in images:
         try:  # an image that fails fails alone: the others go on
             lq = lq_as_read(load_image(path), upscale=args.upscale, process_size=args.process_size,
                             official_sizing=args.official_sizing)
             tags = tagger.tags(lq, exclude=exclude, max_tags=args.max_tags or None)[0]
         except (DiffSRError, ValueError) as e:
-            print(f"error: {shown_name(path)}: {e}", file=sys.stderr)
-            failed.append(path)
+            fail(path, e)
             continue
         except (MemoryError, RuntimeError) as e:  # a large photo enlarged as OSEDiff does: gigabytes
             if not is_out_of_memory(e, (OutOfMemory, MemoryError)):
                 raise
-            print(f"error: {shown_name(path)}: out of memory: DAPE tags the image enlarged ×{args.upscale:g}, as "
-                  "OSEDiff does. Give a smaller --upscale, or downscale the image.", file=sys.stderr)
-            failed.append(path)
+            fail(path, f"out of memory: DAPE tags the image enlarged ×{args.upscale:g}, as OSEDiff does. Give a "
+                       "smaller --upscale, or downscale the image.")
             continue
         prompt = dape_prompt(tags, args.user_prompt, tags_only=args.tags_only)
         print(prompt if args.no_names else f"{escaped_name(path)}\t{prompt}", flush=True)

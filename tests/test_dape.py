@@ -276,7 +276,7 @@ def test_cli_prints_prompts_and_converts(fixture, tmp_path, capsys, monkeypatch)
     assert main([paths[0], str(bad), paths[1], "--dape", out, "--process-size", "0", "--no-names", "--device",
                  "cpu"]) == 2
     captured = capsys.readouterr()
-    assert len(captured.out.splitlines()) == 2
+    assert captured.out.splitlines() == [f"{tags[0]}, ,", "", f"{tags[1]}, ,"]
     assert "img0b.png: Cannot read image" in captured.err and "1 of 3 image(s) failed" in captured.err
     nested = tmp_path / "album" / "2019" / "img1.png"  # --recursive: the sub-folders' images too
     nested.parent.mkdir(parents=True)
@@ -329,7 +329,7 @@ def test_cli_a_file_that_is_not_an_image_is_named_by_its_path(fixture, tmp_path,
     assert main([str(tmp_path), "--ram", RAM, "--dape", DAPE, "--process-size", "0", "--no-names",
                  "--device", "cpu"]) == 2
     captured = capsys.readouterr()
-    assert captured.out.splitlines() == [f"{tags[1]}, ,"]
+    assert captured.out.splitlines() == ["", f"{tags[1]}, ,"]
     notes = str(tmp_path / "a_notes.png")
     assert captured.err.splitlines()[0] == (f"error: {notes}: Cannot read image: it is not an image, or in a format "
                                             "Pillow cannot read. Export it as PNG or JPEG.")
@@ -402,7 +402,7 @@ def test_cli_a_damaged_multi_page_file_fails_alone(fixture, tmp_path, capsys):
     assert main([str(tmp_path), "--ram", RAM, "--dape", DAPE, "--process-size", "0", "--no-names",
                  "--device", "cpu"]) == 2
     captured = capsys.readouterr()
-    assert captured.out.splitlines() == [f"{tags[1]}, ,"]
+    assert captured.out.splitlines() == ["", f"{tags[1]}, ,"]
     assert f"error: {cut}: Cannot read image" in captured.err and "1 of 2 image(s) failed" in captured.err
     assert "Traceback" not in captured.err
 
@@ -429,10 +429,39 @@ def test_cli_an_image_too_large_for_memory_fails_alone(fixture, tmp_path, capsys
     assert main([str(tmp_path), "--ram", RAM, "--dape", DAPE, "--process-size", "0", "--upscale", "8", "--no-names",
                  "--device", "cpu"]) == 2
     captured = capsys.readouterr()
-    assert len(captured.out.splitlines()) == 1
+    assert captured.out.splitlines() == ["", f"{tags[1]}, ,"]
     assert (f"error: {tmp_path / 'a_large.png'}: out of memory: DAPE tags the image enlarged ×8, as OSEDiff does. "
             "Give a smaller --upscale, or downscale the image.") in captured.err
     assert "1 of 2 image(s) failed" in captured.err and "Traceback" not in captured.err
+
+
+def test_cli_no_names_keeps_one_line_per_input(fixture, tmp_path, capsys, monkeypatch):
+    """With --no-names the Nth line is the Nth image's prompt, as a script pairs them (``paste names.txt -``): an
+    image that failed (unreadable; out of memory) printed no line, and every later prompt came a line early, beside
+    the name before its own. It prints an empty line, and is named on stderr as before (exit status 2)."""
+    from comfyui_diffsr.cli.dape import main
+
+    _, smalls, _, tags = fixture
+    paths = [tmp_path / name for name in ("img0.png", "notes.png", "img1.png", "large.png")]
+    Image.fromarray(smalls[0]).save(paths[0])
+    paths[1].write_text("not an image")
+    Image.fromarray(smalls[1]).save(paths[2])
+    Image.fromarray(smalls[1]).resize((64, 48)).save(paths[3])
+    lq_as_read = dape.lq_as_read
+
+    def lq_without_memory_for_the_large(image, **sizing):
+        if image.shape[-1] == 64:
+            raise MemoryError()
+        return lq_as_read(image, **sizing)
+
+    monkeypatch.setattr(dape, "lq_as_read", lq_without_memory_for_the_large)
+    common = ["--ram", RAM, "--dape", DAPE, "--process-size", "0", "--device", "cpu"]
+    assert main([*map(str, paths), *common, "--no-names"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == f"{tags[0]}, ,\n\n{tags[1]}, ,\n\n"
+    assert f"error: {paths[1]}: Cannot read image" in captured.err and f"error: {paths[3]}: out of memory" in captured.err
+    assert main([*map(str, paths), *common]) == 2  # named lines say whose they are: a failed image has none
+    assert capsys.readouterr().out == f"{paths[0]}\t{tags[0]}, ,\n{paths[2]}\t{tags[1]}, ,\n"
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="Windows file names cannot hold tabs or line breaks")
