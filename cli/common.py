@@ -73,19 +73,27 @@ def find_images(inputs, recursive=False, output=None):
     return found
 
 
-# the marks and embeddings that reorder text as it is shown: U+202E prints the rest of a name reversed
-BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+ESCAPED_CATEGORIES = ("Cc", "Cf", "Zl", "Zp")  # control and format characters, line and paragraph separators
+JOINERS = frozenset("\u200c\u200d")  # zero width non-joiner and joiner (Cf): emoji sequences, Persian, Indic words
 
 
 def shown_name(name):
     """A file or folder ``name`` as the messages print it: its control characters (line breaks, ESC, which starts a
     terminal's escape sequence, the other C0 and C1 codes and DEL; the Unicode line and paragraph separators) and its
-    bidirectional controls (``BIDI_CONTROLS``: with U+202E, ``invoice\\u202egnp.exe`` would print as
-    ``invoiceexe.png``) written as Python escapes (``\\n``, ``\\x1b``, ``\\u2028``, ``\\u202e``), so that it
-    stays on its line, reads as the file it is, and cannot rewrite the terminal; every other character as it is (the
-    joiners of emoji sequences and Persian names, U+200D and U+200C, too)."""
-    return "".join(repr(c)[1:-1] if c in BIDI_CONTROLS or unicodedata.category(c) in ("Cc", "Zl", "Zp") else c
-                   for c in name)
+    format characters (Unicode's Cf: the bidirectional controls, with U+202E ``invoice\\u202egnp.exe`` would print as
+    ``invoiceexe.png``; the invisible ones, U+200B zero width space, U+2060, U+FEFF, U+00AD soft hyphen, with which
+    two names print alike) written as Python escapes (``\\n``, ``\\x1b``, ``\\xad``, ``\\u202e``), so that it
+    stays on its line, reads as the file it is, and cannot rewrite the terminal. The joiners (``JOINERS``) are kept
+    between two characters that are not ASCII and are printed as they are (``👩\\u200d💻``); elsewhere they join
+    nothing and are escaped. Every other character as it is."""
+    def printed(c):
+        return unicodedata.category(c) not in ESCAPED_CATEGORIES
+
+    def joins(i):
+        return (name[i] in JOINERS and 0 < i < len(name) - 1
+                and all(not c.isascii() and printed(c) for c in (name[i - 1], name[i + 1])))
+
+    return "".join(c if printed(c) or joins(i) else repr(c)[1:-1] for i, c in enumerate(name))
 
 
 def _is_folder(path, folder_id):

@@ -1143,6 +1143,23 @@ def test_shown_names_escape_bidirectional_controls_and_keep_joiners():
         assert common.shown_name(kept) == kept
 
 
+def test_shown_names_escape_invisible_format_characters():
+    """Two files whose names differ by an invisible character (U+200B zero width space, U+2060 word joiner, U+FEFF,
+    U+00AD soft hyphen, or any other Unicode format character, Cf) printed alike in the messages: those are escaped
+    too. The joiners are kept where they join two characters that are not ASCII (emoji sequences, a skin tone or an
+    emoji's variation selector before the joiner; Persian and Indic words), and escaped where they join nothing."""
+    from comfyui_diffsr.cli import common
+
+    for invisible in ("\u200b", "\u2060", "\ufeff", "\xad", "\u180e", "\U000e0041", "\U0001d173"):
+        assert common.shown_name(f"photo{invisible}.png") == f"photo{invisible.encode('unicode_escape').decode()}.png"
+    for joiner in ("\u200d", "\u200c"):
+        escaped = joiner.encode("unicode_escape").decode()
+        for name in ("a{}b.png", "{}💻.png", "👩{}.png", "👩{} 💻", "👩{}\u200b💻", "a{}"):
+            assert common.shown_name(name.format(joiner)) == name.format(escaped).replace("\u200b", "\\u200b"), name
+    for kept in ("👩\U0001f3fd\u200d💻.png", "❤\ufe0f\u200d🔥.png", "क्\u200dष.png", "می\u200cخواهم.png"):
+        assert common.shown_name(kept) == kept
+
+
 def test_a_folder_runs_read_errors_name_the_image_once(tmp_path, capsys):
     """Each failed image's line is ``error: <path>: <reason>``: the reason of an unreadable one named the path again
     (``error: a.png: Cannot read image 'a.png': ...``), and a file gone since the search a third time

@@ -486,7 +486,7 @@ def unescaped_name(field):
     """The name a ``<file>`` field of ``diffsr dape`` stands for, by the rule the README gives."""
     if not field.startswith("\\"):
         return field
-    return re.sub(r"\\(x[0-9a-f]{2}|u[0-9a-f]{4}|.)",
+    return re.sub(r"\\(x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8}|.)",
                   lambda m: {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}.get(m[1]) or chr(int(m[1][1:], 16)),
                   field[1:])
 
@@ -508,6 +508,9 @@ def test_cli_names_with_terminal_controls_are_escaped_on_stdout(fixture, tmp_pat
     for name in (str(odd), "a\tb\nc\\d\re.png", "\\x1b.png", "\\\\u202e\u2028.png", "👩\u200d💻 Café.png", "x\\"):
         field = escaped_name(name)
         assert unescaped_name(field) == name and shown_name(field) == field and "\\u200d" not in field, field
+    invisible = "a\u200bb\u200dc\xad\ufeff\U000e0041.png"  # names that print as another's: "abc.png"
+    assert escaped_name(invisible) == "\\a\\u200bb\\u200dc\\xad\\ufeff\\U000e0041.png"
+    assert unescaped_name(escaped_name(invisible)) == invisible
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="a file name of bytes that are not UTF-8: Linux file systems")
