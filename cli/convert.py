@@ -4,7 +4,7 @@ import argparse
 import os
 import sys
 
-from .common import clear_abandoned_partials, run_main
+from .common import clear_abandoned_partials, run_main, shown_name
 
 
 def build_parser():
@@ -33,17 +33,17 @@ def main_impl(argv=None):
         from ..osediff_core.weights import convert_osediff
 
         convert_osediff(args.src, args.dst)
-        print(f"wrote {args.dst}")
+        print(f"wrote {shown_name(args.dst)}")
     elif args.kind == "dape":
         from ..osediff_core.dape import convert_dape
 
         convert_dape(args.ram, args.dape, args.output, half=args.fp16)
-        print(f"wrote {args.output}")
+        print(f"wrote {shown_name(args.output)}")
     else:
         from .dossr import main_convert
 
         main_convert(args.src, args.dst, args.config, args.fp16)
-        print(f"wrote {args.dst}")
+        print(f"wrote {shown_name(args.dst)}")
     return 0
 
 

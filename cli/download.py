@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from ..sr_common.download import OFFICIAL
 from ..sr_common.errors import DiffSRError
-from .common import run_main
+from .common import run_main, shown_name
 
 
 def build_parser():
@@ -50,7 +50,7 @@ def main_impl(argv=None):
     failed = []
     for key in keys:
         try:
-            print(fetch(key, args.models_dir), flush=True)
+            print(shown_name(fetch(key, args.models_dir)), flush=True)
         except DiffSRError as e:
             print(f"error: {key}: {e}", file=sys.stderr)
             failed.append(key)

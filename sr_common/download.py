@@ -57,7 +57,7 @@ class Source:
             except OSError as e:
                 raise DownloadError(f"{dest!r} is not the official file and cannot be moved aside ({e}): move or "
                                     "delete it, then run again.") from e
-            print(f"{dest} is not the official file (damaged, or another file): moved to {aside}; "
+            print(f"{dest!r} is not the official file (damaged, or another file): moved to {aside!r}; "
                   "downloading it again", file=sys.stderr)
         return download(self.url, dest, sha256=self.sha256, git_blob=self.git_blob, progress=progress)
 

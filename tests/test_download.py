@@ -360,6 +360,25 @@ def test_a_filesystem_without_locks_still_downloads(server, tmp_path, monkeypatc
     assert sorted(os.listdir(tmp_path)) == ["osediff.pkl", "osediff.pkl.sha256"]
 
 
+@pytest.mark.skipif(os.name == "nt", reason="Windows file names cannot hold ESC")
+def test_the_command_prints_the_path_as_the_messages_show_names(server, monkeypatch, tmp_path, capsys):
+    """``diffsr download`` printed each file's path, and the note on a damaged file moved aside, with the name as it
+    was: ESC in the models folder's name could rewrite the terminal, an invisible U+200B made it look like another
+    folder; they are escaped as every message's names are."""
+    from comfyui_diffsr.cli.download import main
+
+    models = tmp_path / "models\u200b\x1b[2J"
+    (models / "osediff").mkdir(parents=True)
+    (models / "osediff" / "osediff.pkl").write_bytes(PAYLOAD[:1000])  # damaged: moved aside, fetched again
+    monkeypatch.setitem(OFFICIAL, "test", Source("test", f"{server}/plain", "osediff.pkl", "osediff", sha256=SHA))
+    assert main(["test", "--models-dir", str(models)]) == 0
+    captured = capsys.readouterr()
+    shown = f"{tmp_path}/models\\u200b\\x1b[2J/osediff/osediff.pkl"
+    assert captured.out == f"{shown}\n"
+    assert f"'{shown}' is not the official file (damaged, or another file): moved to '{shown}.bad'" in captured.err
+    assert "\x1b" not in captured.err and "\u200b" not in captured.err
+
+
 def test_hf_hub_offline_leaves_a_file_there_in_place(monkeypatch, tmp_path, capsys):
     """With HF_HUB_OFFLINE set, a file at the destination that fails its hash (a user's own copy under the official
     name) was moved aside as <file>.bad before the download was refused: the loader lost its file for no replacement.

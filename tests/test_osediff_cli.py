@@ -205,6 +205,18 @@ def test_convert_refuses_a_converted_file_by_name(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["osediff.safetensors"]
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows file names cannot hold ESC")
+def test_convert_prints_the_name_it_wrote_as_the_messages_show_names(tmp_path, capsys):
+    """``wrote <file>`` printed the output's name as it was: ESC in it could rewrite the terminal, an invisible
+    U+200B made it look like another file's name; it is escaped as every message's names are (``shown_name``)."""
+    from comfyui_diffsr.cli.convert import main as convert
+
+    out = tmp_path / "osediff\u200b\x1b[2J.safetensors"
+    assert convert(["osediff", os.path.join(FIX, "osediff_tiny.pkl"), str(out)]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path}/osediff\\u200b\\x1b[2J.safetensors\n"
+    assert out.exists()
+
+
 def test_convert_removes_the_partial_file_a_killed_conversion_left(tmp_path, capsys):
     """A conversion killed while it wrote left its hidden partial file (gigabytes) in the models folder for good: the
     next conversion into that folder removes it, with a note; a live writer's is kept."""
