@@ -406,10 +406,9 @@ def check_sizing_args(args):
     """--upscale, --process-size and --official-sizing as OSEDiff (and DAPE, which tags what OSEDiff sees) take
     them: a --process-size past the node's largest enlarged a small image to gigapixels (minutes, then out of
     memory)."""
-    from ..osediff_core.pipeline import MAX_PROCESS_SIZE
+    from ..osediff_core.pipeline import check_process_size
 
-    if not 0 <= args.process_size <= MAX_PROCESS_SIZE:
-        raise DiffSRError(f"--process-size must be between 0 and {MAX_PROCESS_SIZE}, got {args.process_size}")
+    check_process_size(args.process_size, "--process-size")
     if not 1 <= args.upscale <= 8:
         raise DiffSRError(f"--upscale must be between 1 and 8, got {args.upscale}")
     if args.official_sizing and args.upscale != int(args.upscale):

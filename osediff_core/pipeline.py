@@ -10,6 +10,7 @@ import torch
 
 from ..sr_common import image as img
 from ..sr_common.color_fix import color_reference, fix_colors
+from ..sr_common.errors import OptionError
 from ..sr_common.latents import (denoiser_bytes, encode_moments, encode_moments_bytes, posterior_mean,
                                  posterior_sample, vae_decode, vae_decode_bytes)
 from ..sr_common.sd21 import NetworksOnSD21, PromptCache, scaled_linear_betas
@@ -72,14 +73,23 @@ class Plan:
 
 
 MAX_ASPECT_ENLARGED = 4  # small inputs are enlarged to a long side of at most 4 · process_size / upscale
-MAX_PROCESS_SIZE = 4096  # the largest process_size taken (a node's input, a command's option)
+MAX_PROCESS_SIZE = 4096  # the largest process_size taken (a node's input, a command's option, Options)
+
+
+def check_process_size(process_size, name="`process_size`"):
+    """Refuse a process size outside 0 … MAX_PROCESS_SIZE, naming it as ``name`` (a command's option): past that,
+    ``enlarge_small`` takes a small image to gigapixels (minutes, then out of memory)."""
+    if not 0 <= process_size <= MAX_PROCESS_SIZE:
+        raise OptionError(f"{name} must be between 0 and {MAX_PROCESS_SIZE}, got {process_size}")
 
 
 def enlarge_small(image, *, upscale=4, process_size=512, official_sizing=False):
     """Step 1 of ``preprocess``: ``image``, or, where a side is below process_size // upscale, the image enlarged
     (PIL bicubic) so that its short side reaches it, the size truncated by ``int()`` as the official code, but never
     so far that the long side passes 4 · process_size // upscale (very thin images would otherwise ask for gigapixels;
-    with ``official_sizing`` such an image is refused instead)."""
+    with ``official_sizing`` such an image is refused instead). A ``process_size`` past ``MAX_PROCESS_SIZE`` is
+    refused (``check_process_size``)."""
+    check_process_size(process_size)
     height, width = image.shape[-2:]
     minimum = process_size // upscale
     if width >= minimum and height >= minimum:
@@ -197,7 +207,7 @@ def decoded_image(model, x0, crop, *, tile=None, tile_mode=DEFAULT_MODE, callbac
 @dataclass
 class Options:
     upscale: float = 4
-    process_size: int = 512
+    process_size: int = 512  # 0 to MAX_PROCESS_SIZE (check_process_size)
     official_sizing: bool = False
     color_fix: str = "adain"
     sample_mode: str = "mean"

@@ -11,3 +11,7 @@ class WeightFileError(DiffSRError, ValueError):
 
 class ImageInputError(DiffSRError, ValueError):
     """An input image, or the noise file replayed for it, cannot be processed as given."""
+
+
+class OptionError(DiffSRError, ValueError):
+    """An option outside what it takes: a command's argument, or an ``Options`` field of the Python API."""

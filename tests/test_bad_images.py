@@ -134,6 +134,20 @@ def test_thin_image_with_default_process_size_is_bounded(osediff_model, monkeypa
         osediff_upscale(osediff_model, thin, options=Options(process_size=512, official_sizing=True))
 
 
+@pytest.mark.parametrize("size", [4097, 10 ** 9, -1])
+def test_the_api_refuses_a_process_size_past_the_nodes_largest(osediff_model, size):
+    """``Options.process_size`` had no bound, where the nodes and commands stop at 4096 (``MAX_PROCESS_SIZE``):
+    10⁵ enlarged a 32-px image to 25000 px a side, 10⁹ ended in a MemoryError without a message. The API refuses it
+    as the commands do, a ValueError that names the range, before any work; 4096 is taken."""
+    from comfyui_diffsr.osediff_core.pipeline import MAX_PROCESS_SIZE, enlarge_small
+
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match=rf"^`process_size` must be between 0 and 4096, got {size}$"):
+        osediff_upscale(osediff_model, image, options=Options(process_size=size))
+    large = torch.zeros(1, 3, 1024, 1024)  # a short side of 4096 / 4: as it is
+    assert enlarge_small(large, process_size=MAX_PROCESS_SIZE) is large
+
+
 def test_thin_image_enlargement_is_capped_at_four_times_the_short_side_target():
     """2×100 at the default process size 512, ×4: raising the short side to 512/4 = 128 px would make it 6400 px
     long; the enlargement stops where the long side reaches 4 · 128 = 512 px (×5.12: 512×10, truncated as PIL
