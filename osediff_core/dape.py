@@ -224,15 +224,18 @@ def lq_as_read(image, *, upscale=4, process_size=512, official_sizing=False):
     """OSEDiff's LQ of ``image`` (``pipeline.preprocess``'s) as the tagger reads it, without forming the ×upscale
     image: the same numbers at every row and column ``DAPETagger.preprocess`` reads (``read_indices``: 2-3 per output
     pixel of 384), zeros elsewhere, in memory taken only where written, so the tags are those of the whole LQ, bit
-    for bit. With ``official_sizing`` the LQ is formed whole: its LANCZOS shrink to a multiple of 8 is a second
-    two-pass resize, and which pass Pillow 13 runs first depends on the sizes."""
+    for bit. With ``official_sizing`` the same where the ×upscale image's sides are multiples of 8 (an even-sized
+    photo at ×4, any at ×8), which its LANCZOS shrink to them leaves as they are; otherwise the LQ is formed whole:
+    that shrink is a second two-pass resize, whose passes Pillow runs in an order that depends on its version and
+    on the sizes (13 picks it by how much each side shrinks; 12.2 and 12.3 run the vertical pass first on an image
+    100 times as tall as wide)."""
     from .pipeline import enlarge_small, preprocess, upscaled_size
 
-    if official_sizing:
-        return preprocess(image, upscale=upscale, process_size=process_size, official_sizing=True)[0]
     check_image(image)
-    lq = enlarge_small(image, upscale=upscale, process_size=process_size)
-    width, height = upscaled_size(lq, upscale)
+    lq = enlarge_small(image, upscale=upscale, process_size=process_size, official_sizing=official_sizing)
+    width, height = upscaled_size(lq, upscale, official_sizing)
+    if official_sizing and (width % 8 or height % 8):
+        return preprocess(image, upscale=upscale, process_size=process_size, official_sizing=True)[0]
     rows, columns = read_indices(height), read_indices(width)
     out = zeros_taken_when_written((lq.shape[0], 3, height, width))
     out[:, :, rows[:, None], columns] = enlarged_lines(lq, (width, height), rows, columns)

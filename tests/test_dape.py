@@ -459,7 +459,8 @@ def test_cli_no_names_keeps_one_line_per_input(fixture, tmp_path, capsys, monkey
     assert main([*map(str, paths), *common, "--no-names"]) == 2
     captured = capsys.readouterr()
     assert captured.out == f"{tags[0]}, ,\n\n{tags[1]}, ,\n\n"
-    assert f"error: {paths[1]}: Cannot read image" in captured.err and f"error: {paths[3]}: out of memory" in captured.err
+    assert f"error: {paths[1]}: Cannot read image" in captured.err
+    assert f"error: {paths[3]}: out of memory" in captured.err
     assert main([*map(str, paths), *common]) == 2  # named lines say whose they are: a failed image has none
     assert capsys.readouterr().out == f"{paths[0]}\t{tags[0]}, ,\n{paths[2]}\t{tags[1]}, ,\n"
 
@@ -571,12 +572,16 @@ def test_preprocess_downscales_as_the_official_without_antialias(tagger):
 # (height, width, upscale, process size, official sizing): the ×upscale LQ shrunk to 384 (by 1.01 to 5.4), kept at
 # 384 on one side or both, enlarged to it; fractional scales; small images enlarged first (a thin one capped);
 # heights of several horizontal strips (ENLARGE_STRIP 64) with a part strip; 896 and 3200 px, lengths where PyTorch's
-# float32 source position of a 384 px output lands just below a pixel that the exact position reaches
+# float32 source position of a 384 px output lands just below a pixel that the exact position reaches. With official
+# sizing: the ×upscale LQ shrunk to a multiple of 8 (formed whole) on both sides, on one; sides of multiples of 8,
+# left as they are (made where read): small images enlarged, ×8, ×2, ×1, 5000 px across and down
 LQ_SIZES = [(30, 40, 4, 0, False), (97, 131, 4, 0, False), (100, 100, 3.84, 0, False), (96, 200, 4, 0, False),
             (50, 200, 2.5, 0, False), (77, 33, 7.3, 0, False), (200, 150, 1, 0, False), (200, 150, 1.3, 0, False),
             (13, 400, 8, 0, False), (150, 97, 4, 0, False), (130, 70, 1.5, 0, False), (97, 224, 4, 0, False),
             (40, 800, 4, 0, False), (20, 30, 4, 512, False), (5, 90, 4, 512, False), (300, 170, 2.7, 512, False),
-            (61, 83, 3, 512, True), (64, 48, 4, 512, True), (129, 97, 2, 0, True)]
+            (61, 83, 3, 512, True), (129, 97, 2, 0, True), (100, 1251, 4, 0, True), (64, 48, 4, 512, True),
+            (30, 40, 4, 512, True), (75, 41, 8, 0, True), (52, 300, 2, 0, True), (16, 5000, 1, 0, True),
+            (1250, 10, 4, 0, True)]
 
 
 @pytest.mark.parametrize("eight_bit", [True, False], ids=["8-bit", "16-bit"])
@@ -598,6 +603,30 @@ def test_the_tagger_reads_the_same_numbers_from_lq_as_read_as_from_the_whole_lq(
         rows, columns = dape.read_indices(whole.shape[-2])[:, None], dape.read_indices(whole.shape[-1])
         assert torch.equal(ours[..., rows, columns], whole[..., rows, columns]), case
         assert torch.equal(tagger.preprocess(ours), tagger.preprocess(whole)), case
+
+
+def peak_memory_kb():
+    """This process's peak resident memory (VmHWM) since it was last reset (``/proc/self/clear_refs``: 5)."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status.read())[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the peak memory is read from /proc (Linux)")
+def test_official_sizing_makes_the_lq_only_where_read_where_it_keeps_its_size():
+    """diffsr dape --official-sizing formed OSEDiff's whole ×upscale LQ (5.98 GB at the peak for a 4000×3000 photo
+    at ×4, not 0.89 GB) though its shrink to a multiple of 8 leaves an even-sized photo at ×4 as it is: there the LQ
+    is made only where the tagger reads it, as without. A 2000×1500 photo at ×4: the whole LQ is 576 MB (float32),
+    the peak grows by less than half of that."""
+    image = torch.randint(0, 256, (1, 3, 1500, 2000), generator=torch.Generator().manual_seed(4)) / 255
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+            refs.write("5")  # the peak from here
+    except OSError as e:
+        pytest.skip(f"the peak memory cannot be reset here ({e})")
+    before = peak_memory_kb()
+    lq = dape.lq_as_read(image, upscale=4, process_size=512, official_sizing=True)
+    grown = (peak_memory_kb() - before) * 1024
+    assert lq.shape == (1, 3, 6000, 8000) and grown < lq.numel() * 4 / 2, grown
 
 
 @pytest.mark.parametrize("length", [1, 2, 383, 385, 1000, 499_999, 1_500_007, 2_000_003, 4_000_037])
