@@ -67,13 +67,38 @@ def is_loralib_file(obj):
 
 
 LAST_NORM_BIAS = re.compile(re.escape(UNET_PREFIX) + r"output_blocks\.(\d+)\.1\.transformer_blocks\.0\.norm1\.bias$")
+# the same norm in diffusers' names: output block 3k + j + 2 is up block k, attention j (11: up_blocks.3.attentions.2)
+LAST_UP_NORM_BIAS = re.compile(r"up_blocks\.(\d+)\.attentions\.(\d+)\.transformer_blocks\.0\.norm1\.bias$")
+# the families a UNet's number of input channels tells (SD 2.1-base's takes the 4 latent channels)
+UNET_INPUT_FAMILIES = {9: "inpainting", 5: "depth", 7: "x4-upscaler"}
+
+
+def spread_says_v_prediction(norm_bias):
+    """ComfyUI's rule (comfy/supported_models.py SD20): a v-prediction SD2 model has a large spread (std > 0.09) in
+    the first transformer norm bias of the UNet's last output block."""
+    return torch.is_tensor(norm_bias) and norm_bias.numel() > 1 and norm_bias.float().std().item() > 0.09
+
+
+def diffusers_unet_is_v_prediction(state):
+    """``spread_says_v_prediction`` for a UNet state dict in diffusers' names (the last up block's last attention)."""
+    found = sorted((int(m[1]), int(m[2]), k) for k in state for m in [LAST_UP_NORM_BIAS.search(k)] if m)
+    return bool(found) and spread_says_v_prediction(state[found[-1][2]])
 
 
 def sd_family(sd):
-    """The Stable Diffusion family of an LDM-layout state dict: 'sd2', 'sd2-v', 'sd1', 'sdxl', 'no-text-encoder' (a
-    UNet without OpenCLIP), or None when it has no LDM UNet."""
+    """The Stable Diffusion family of an LDM-layout state dict: 'sd2', 'sd2-v', 'sd1', 'sdxl', 'sd2-unclip', one of
+    ``UNET_INPUT_FAMILIES`` (a UNet taking other inputs than the latent alone), 'no-text-encoder' (a UNet without
+    OpenCLIP), 'no-vae', or None when it has no LDM UNet."""
     keys = [k for k in sd if isinstance(k, str)]
-    if any(k.startswith("conditioner.embedders.") for k in keys) or f"{UNET_PREFIX}label_emb.0.0.weight" in sd:
+    first_conv = sd.get(f"{UNET_PREFIX}input_blocks.0.0.weight")
+    if torch.is_tensor(first_conv) and first_conv.dim() == 4 and first_conv.shape[1] in UNET_INPUT_FAMILIES:
+        return UNET_INPUT_FAMILIES[first_conv.shape[1]]
+    class_embedding = any(k.startswith(f"{UNET_PREFIX}label_emb.") for k in keys)
+    # SD 2.1 unCLIP: the CLIP image embedding enters as a class embedding, beside the OpenCLIP text encoder
+    if any(k.startswith("embedder.model.visual.") for k in keys) or (
+            class_embedding and any(k.startswith(OPEN_CLIP_PREFIX) for k in keys)):
+        return "sd2-unclip"
+    if any(k.startswith("conditioner.embedders.") for k in keys) or class_embedding:
         return "sdxl"
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         return None
@@ -82,12 +107,9 @@ def sd_family(sd):
     if not any(k.startswith(OPEN_CLIP_PREFIX) for k in keys):
         return "no-text-encoder"
     norm_biases = sorted((int(m.group(1)), k) for k in keys for m in [LAST_NORM_BIAS.match(k)] if m)
-    # ComfyUI's rule (comfy/supported_models.py SD20): a v-prediction SD2 model has a large spread
-    # in the last output block's first transformer norm bias.
-    last = sd[norm_biases[-1][1]] if norm_biases else None
-    if torch.is_tensor(last) and last.numel() > 1 and last.float().std() > 0.09:
+    if norm_biases and spread_says_v_prediction(sd[norm_biases[-1][1]]):
         return "sd2-v"
-    return "sd2"
+    return "sd2" if any(k.startswith(VAE_PREFIX) for k in keys) else "no-vae"
 
 
 def canonical(obj):
@@ -141,8 +163,18 @@ KNOWN_FILES = (
               lambda sd: sd_family(sd) == "sd1", sd_model=True),
     KnownFile("sd2-v", "a Stable Diffusion 2.x 768 v-prediction checkpoint", NOT_SD21,
               lambda sd: sd_family(sd) == "sd2-v", sd_model=True),
+    KnownFile("inpainting", "an inpainting model (its UNet takes 9 input channels: the latent, a mask and the masked "
+              "image)", NOT_SD21, lambda sd: sd_family(sd) == "inpainting", sd_model=True),
+    KnownFile("depth", "a depth-to-image model (its UNet takes 5 input channels: the latent and a depth map)", NOT_SD21,
+              lambda sd: sd_family(sd) == "depth", sd_model=True),
+    KnownFile("x4-upscaler", "the Stable Diffusion x4 upscaler (its UNet takes 7 input channels: the latent and the "
+              "low-resolution image)", NOT_SD21, lambda sd: sd_family(sd) == "x4-upscaler", sd_model=True),
+    KnownFile("sd2-unclip", "a Stable Diffusion 2.1 unCLIP model (conditioned on a CLIP image embedding)", NOT_SD21,
+              lambda sd: sd_family(sd) == "sd2-unclip", sd_model=True),
     KnownFile("no-text-encoder", "a Stable Diffusion UNet/VAE without the OpenCLIP text encoder "
               "('cond_stage_model.model.*')", PART_OF_SD, lambda sd: sd_family(sd) == "no-text-encoder", sd_model=True),
+    KnownFile("no-vae", "a Stable Diffusion UNet and text encoder without the VAE ('first_stage_model.*')", PART_OF_SD,
+              lambda sd: sd_family(sd) == "no-vae", sd_model=True),
     KnownFile("sd2", "a Stable Diffusion 2.x checkpoint",
               "it is a base model: Load SD 2.1-base (DiffSR) in ComfyUI, or --base in the commands",
               lambda sd: sd_family(sd) == "sd2", sd_model=True),

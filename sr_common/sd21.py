@@ -19,7 +19,8 @@ import torch
 
 from .errors import DiffSRError, WeightFileError
 from .fast_modules import fast_modules, fast_vae_decoder
-from .known_files import KNOWN, OPEN_CLIP_PREFIX, canonical, describe, identify, sd_family
+from .known_files import (KNOWN, OPEN_CLIP_PREFIX, UNET_INPUT_FAMILIES, canonical, describe, diffusers_unet_is_v_prediction,
+                          identify, sd_family)
 from .tiling import WeightsOutOfMemory, cpu_allocation_failed, is_out_of_memory
 from .weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_weight_file, load_module_weights, read_state_dict,
                       stored_as_float32)
@@ -200,7 +201,8 @@ def _read_base_file(path, in_memory):
 
 
 def check_diffusers_folder(folder):
-    """Refuse diffusers folders that are not SD 2.x-base (SD 1.x, SDXL, 768 v-prediction)."""
+    """Refuse diffusers folders that are not SD 2.x-base by their configs (SD 1.x, SDXL, a UNet of other inputs or
+    with a class embedding, a 768 v-prediction scheduler)."""
     name = os.path.basename(os.path.normpath(folder))
     needed = [os.path.join(folder, sub) for sub in ("unet", "vae", "text_encoder")]  # a tokenizer: load_tokenizer
     absent = [os.path.basename(p) for p in needed if not os.path.isdir(p)]
@@ -212,9 +214,21 @@ def check_diffusers_folder(folder):
     sched = _read_json(sched_path) if os.path.exists(sched_path) else {}
     if unet_cfg.get("addition_embed_type") == "text_time" or os.path.isdir(os.path.join(folder, "text_encoder_2")):
         _refuse(folder, KNOWN["sdxl"].what)
+    inputs = unet_cfg.get("in_channels", 4)
+    if inputs in UNET_INPUT_FAMILIES:  # inpainting, depth-to-image, the x4 upscaler
+        _refuse(folder, KNOWN[UNET_INPUT_FAMILIES[inputs]].what)
+    if unet_cfg.get("class_embed_type") == "projection":  # StableUnCLIP: the CLIP image embedding
+        _refuse(folder, KNOWN["sd2-unclip"].what)
     if unet_cfg.get("cross_attention_dim") == 768 and not unet_cfg.get("use_linear_projection", False):
         _refuse(folder, KNOWN["sd1"].what)
     if sched.get("prediction_type") == "v_prediction":
+        _refuse(folder, KNOWN["sd2-v"].what)
+
+
+def _check_epsilon_weights(folder, unet):
+    """Refuse a v-prediction UNet by its weights (``diffusers_unet_is_v_prediction``), for a folder whose scheduler
+    config does not say it (missing: the parts copied without scheduler/)."""
+    if diffusers_unet_is_v_prediction(unet.state_dict()):
         _refuse(folder, KNOWN["sd2-v"].what)
 
 
@@ -305,6 +319,7 @@ def load_diffusers_folder(folder, in_memory=False):
     loaded = _load_folder_parts(folder, in_memory)
     if loaded is not None:
         (unet, vae, text_encoder), (unet_owned, vae_owned, _) = loaded
+        _check_epsilon_weights(folder, unet)
         return SD21(unet.eval(), vae.eval(), text_encoder.eval(), load_tokenizer(os.path.join(folder, "tokenizer")),
                     unet_owned=unet_owned, vae_owned=vae_owned)
     try:
@@ -317,6 +332,7 @@ def load_diffusers_folder(folder, in_memory=False):
         raise WeightFileError(f"Cannot load the diffusers folder {folder!r}: {e} Its files are incomplete or "
                               f"damaged: download the stable-diffusion-2-1-base folder again, or use "
                               f"v2-1_512-ema-pruned.safetensors ({FETCH_SD21}).") from e
+    _check_epsilon_weights(folder, unet)
     return SD21(unet.eval(), vae.eval(), text_encoder.eval(), load_tokenizer(os.path.join(folder, "tokenizer")))
 
 

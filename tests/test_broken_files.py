@@ -96,6 +96,57 @@ def _no_text_encoder(sd):
     return {k: v for k, v in sd.items() if not k.startswith("cond_stage_model.")}
 
 
+def _unet_input(channels, extra=None):
+    """The UNet's first convolution widened to ``channels`` inputs (an inpainting 9, a depth-to-image 5, the x4
+    upscaler 7), with the other keys such a file has (``extra``)."""
+    def mutate(sd):
+        key = UNET + "input_blocks.0.0.weight"
+        w = sd[key]
+        wide = torch.cat([w, torch.zeros(w.shape[0], channels - w.shape[1], *w.shape[2:], dtype=w.dtype)], 1)
+        return dict(sd, **{key: wide}, **(extra or {}))
+    return mutate
+
+
+def _unclip(sd):
+    """SD 2.1 unCLIP (sd21-unclip-h.ckpt): the CLIP image embedding as a class embedding (label_emb), the image
+    encoder (embedder.*) and its noise augmentor beside the SD 2.1 parts."""
+    return dict(sd, **{UNET + "label_emb.0.0.weight": torch.zeros(128, 2048).half(),
+                       "embedder.model.visual.conv1.weight": torch.zeros(16, 3, 14, 14).half(),
+                       "noise_augmentor.betas": torch.zeros(1000)})
+
+
+def _folder_unet_input(channels, pipeline):
+    """A diffusers folder of another pipeline whose UNet takes ``channels`` inputs: its config and its weights."""
+    def mutate(folder):
+        _edit_json("model_index.json", _class_name=pipeline)(folder)
+        _edit_json("unet/config.json", in_channels=channels)(folder)
+        path = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
+        state = load_file(path)
+        w = state["conv_in.weight"]
+        state["conv_in.weight"] = torch.cat([w, torch.zeros(w.shape[0], channels - w.shape[1], *w.shape[2:],
+                                                            dtype=w.dtype)], 1)
+        save_file(state, path)
+    return mutate
+
+
+def _folder_v_weights_without_scheduler(folder):
+    """A 768 v-prediction folder copied without its scheduler/ (the one config that says v-prediction): the spread
+    of the last up block's first transformer norm bias still tells it, as ComfyUI's rule for single files."""
+    shutil.rmtree(os.path.join(folder, "scheduler"))
+    path = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
+    state = load_file(path)
+    key = "up_blocks.3.attentions.1.transformer_blocks.0.norm1.bias"
+    state[key] = (torch.randn(state[key].shape, generator=torch.Generator().manual_seed(0)) * 0.5).half()
+    save_file(state, path)
+
+
+def _folder_all(*mutations):
+    def mutate(folder):
+        for change in mutations:
+            change(folder)
+    return mutate
+
+
 def _folder(mutate):
     def make(path, env):
         shutil.copytree(env["folder"], path)
@@ -273,6 +324,19 @@ CASES = {
     "sdxl": ("sdxl.safetensors", _sd(_sdxl), sd21, "SDXL.*stable-diffusion-2-1-base"),
     "sd2-768-v": ("v2-1_768.safetensors", _sd(_v_prediction), sd21, "768 v-prediction.*v2-1_512-ema-pruned"),
     "sd-no-text-encoder": ("unet_vae.safetensors", _sd(_no_text_encoder), sd21, "OpenCLIP text encoder.*Use the whole SD 2.1-base"),
+    "sd-no-vae": ("unet_text.safetensors", _sd(_drop("first_stage_model.")), sd21,
+                  r"without the VAE \('first_stage_model\.\*'\).*Use the whole SD 2.1-base"),
+    # models on SD 2 with another UNet input or a class embedding, each named (not "pass a matching config folder")
+    "sd2-inpainting": ("512-inpainting-ema.safetensors", _sd(_unet_input(9)), sd21,
+                       "it is an inpainting model.*9 input channels.*Use the whole SD 2.1-base: v2-1_512-ema-pruned"),
+    "sd2-depth": ("512-depth-ema.safetensors", _sd(_unet_input(5, {
+        "depth_model.model.pretrained.act_postprocess1.0.project.0.weight": torch.zeros(8, 16)})), sd21,
+                  "it is a depth-to-image model.*5 input channels.*Use the whole SD 2.1-base: v2-1_512-ema-pruned"),
+    "sd-x4-upscaler": ("x4-upscaler-ema.safetensors", _sd(_unet_input(7, {UNET + "label_emb.weight": torch.zeros(
+        1000, 128), "low_scale_model.betas": torch.zeros(350)})), sd21,
+                       "it is the Stable Diffusion x4 upscaler.*Use the whole SD 2.1-base: v2-1_512-ema-pruned"),
+    "sd21-unclip": ("sd21-unclip-h.safetensors", _sd(_unclip), sd21,
+                    "it is a Stable Diffusion 2.1 unCLIP model.*Use the whole SD 2.1-base: v2-1_512-ema-pruned"),
     "sd-int64-unet": ("int.safetensors", _sd(_to_dtype(UNET, torch.int64)), sd21, "int64.*" + NOT_FLOAT),
     "sd-bool-vae": ("bool.safetensors", _sd(_to_dtype("first_stage_model.", torch.bool)), sd21, "bool.*" + NOT_FLOAT),
     # one tensor far from the first (the UNet's last convolution's bias): every tensor is checked
@@ -300,6 +364,25 @@ CASES = {
     "diffusers-768-v": ("sd21_768_folder", _folder(_edit_json("scheduler/scheduler_config.json",
                                                               prediction_type="v_prediction")),
                         lambda p, e: load_sd21(p), "768 v-prediction.*v2-1_512-ema-pruned"),
+    # other SD 2 pipelines: named by their UNet (before, the depth and inpainting folders loaded as SD 2.1-base and
+    # the x4 upscaler and unCLIP were called 768 v-prediction models)
+    "diffusers-sd2-depth": ("sd2_depth_folder", _folder(_folder_unet_input(5, "StableDiffusionDepth2ImgPipeline")),
+                            lambda p, e: load_sd21(p), "it is a depth-to-image model.*stable-diffusion-2-1-base"),
+    "diffusers-sd2-inpainting": ("sd2_inpainting_folder", _folder(_folder_unet_input(
+        9, "StableDiffusionInpaintPipeline")), lambda p, e: load_sd21(p),
+                                 "it is an inpainting model.*stable-diffusion-2-1-base"),
+    "diffusers-x4-upscaler": ("x4_upscaler_folder", _folder(_folder_all(
+        _edit_json("model_index.json", _class_name="StableDiffusionUpscalePipeline"),
+        _edit_json("unet/config.json", in_channels=7, num_class_embeds=1000),
+        _edit_json("scheduler/scheduler_config.json", prediction_type="v_prediction"))),
+                              lambda p, e: load_sd21(p), "it is the Stable Diffusion x4 upscaler.*stable-diffusion-2-1-base"),
+    "diffusers-sd21-unclip": ("sd21_unclip_folder", _folder(_folder_all(
+        _edit_json("model_index.json", _class_name="StableUnCLIPImg2ImgPipeline"),
+        _edit_json("unet/config.json", class_embed_type="projection", projection_class_embeddings_input_dim=2048),
+        _edit_json("scheduler/scheduler_config.json", prediction_type="v_prediction"))),
+                              lambda p, e: load_sd21(p), "it is a Stable Diffusion 2.1 unCLIP model.*stable-diffusion-2-1-base"),
+    "diffusers-768-v-without-scheduler": ("sd21_768_folder", _folder(_folder_v_weights_without_scheduler),
+                                          lambda p, e: load_sd21(p), "768 v-prediction.*v2-1_512-ema-pruned"),
     "diffusers-truncated-unet": ("sd21_folder", _folder(_truncate_in_folder(
         "unet/diffusion_pytorch_model.safetensors")), lambda p, e: load_sd21(p), "truncated.*" + DOWNLOAD),
     "osediff-missing": ("osediff.pkl", lambda path, env: None, osediff, "not found.*Check the path"),

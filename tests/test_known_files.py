@@ -56,6 +56,19 @@ FILES = {
         for key in sd if key.endswith(".1.transformer_blocks.0.norm1.bias") and "output_blocks" in key}))),
     "no-text-encoder": ("unet_vae.safetensors", _sd(lambda sd: {
         k: v for k, v in sd.items() if not k.startswith("cond_stage_model.")})),
+    "no-vae": ("unet_text.safetensors", _sd(lambda sd: {
+        k: v for k, v in sd.items() if not k.startswith("first_stage_model.")})),
+    # SD 2 models whose UNet takes more than the latent, and SD 2.1 unCLIP (its image embedding a class embedding)
+    "inpainting": ("512-inpainting-ema.safetensors", _sd(lambda sd: dict(sd, **{
+        f"{UNET_PREFIX}input_blocks.0.0.weight": torch.zeros(32, 9, 3, 3)}))),
+    "depth": ("512-depth-ema.safetensors", _sd(lambda sd: dict(sd, **{
+        f"{UNET_PREFIX}input_blocks.0.0.weight": torch.zeros(32, 5, 3, 3),
+        "depth_model.model.pretrained.act_postprocess1.0.project.0.weight": t()}))),
+    "x4-upscaler": ("x4-upscaler-ema.safetensors", _sd(lambda sd: dict(sd, **{
+        f"{UNET_PREFIX}input_blocks.0.0.weight": torch.zeros(32, 7, 3, 3), f"{UNET_PREFIX}label_emb.weight": t(),
+        "low_scale_model.betas": torch.zeros(350)}))),
+    "sd2-unclip": ("sd21-unclip-h.safetensors", _sd(lambda sd: dict(sd, **{
+        f"{UNET_PREFIX}label_emb.0.0.weight": t(), "embedder.model.visual.conv1.weight": t()}))),
     "no-unet": ("v2-1_vae_text.safetensors", _sd(lambda sd: {
         k: v for k, v in sd.items() if not k.startswith("model.diffusion_model.")})),
     "text-encoder-alone": ("v2-1_open_clip.safetensors", _sd(lambda sd: {
@@ -168,9 +181,9 @@ def test_every_known_file_is_tested_and_matches_no_earlier_entry(files):
 
 
 def _sd2_with_norm_bias_spreads(stds):
-    """An SD 2.x state dict (UNet and OpenCLIP keys) whose output blocks ``{block: std}`` have a first transformer
+    """An SD 2.x state dict (UNet, VAE and OpenCLIP keys) whose output blocks ``{block: std}`` have a first transformer
     norm bias of 320 values with that spread (torch's std, as ComfyUI reads it)."""
-    sd = {f"{OPEN_CLIP_PREFIX}ln_final.bias": t()}
+    sd = {f"{OPEN_CLIP_PREFIX}ln_final.bias": t(), "first_stage_model.decoder.conv_in.bias": t()}
     for block, std in stds.items():
         x = torch.randn(320, generator=torch.Generator().manual_seed(block))
         sd[f"{UNET_PREFIX}output_blocks.{block}.1.transformer_blocks.0.norm1.bias"] = (x - x.mean()) / x.std() * std
