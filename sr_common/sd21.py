@@ -246,8 +246,10 @@ def check_weight_files(folder):
                 raise WeightFileError(f"{sub}/{n} in the diffusers folder {folder!r}: {e}") from e
 
 
-FOLDER_WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
-                       "text_encoder": "model.safetensors"}
+# the weight files' names (safetensors, pickle) in each part of a diffusers folder, before a variant and the suffix
+FOLDER_WEIGHT_FILES = {"unet": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
+                       "vae": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
+                       "text_encoder": ("model", "pytorch_model")}
 DEPRECATED_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
@@ -267,29 +269,42 @@ def _folder_part_state(module, state):
     return fixed
 
 
-def _folder_part_files(folder, sub, name):
-    """The safetensors files of one folder part: ``name``, or the shards that ``name.index.json`` maps its keys to
-    (as diffusers and transformers write a large part); None when neither is complete."""
-    single = os.path.join(folder, sub, name)
-    if os.path.isfile(single):
-        return [single]
-    index = single + ".index.json"
-    if not os.path.isfile(index):
-        return None
-    try:
-        shards = sorted(set(_read_json(index)["weight_map"].values()))
-    except (ValueError, KeyError, AttributeError, TypeError):  # not the JSON of an index: diffusers says what
-        return None
-    paths = [os.path.join(folder, sub, shard) for shard in shards]
-    return paths if paths and all(os.path.isfile(p) for p in paths) else None
+def _folder_part_names(sub):
+    """(weight file, index of its shards) of one folder part, in the order they are looked for: float32 before
+    diffusers' fp16 variant (``save_pretrained(variant="fp16")``: ``model.fp16.safetensors``,
+    ``model.safetensors.index.fp16.json``), safetensors before pickles (``.bin``)."""
+    stems = FOLDER_WEIGHT_FILES[sub]
+    for variant in ("", ".fp16"):
+        for stem, suffix in zip(stems, ("safetensors", "bin")):
+            yield f"{stem}{variant}.{suffix}", f"{stem}.{suffix}.index{variant}.json"
+
+
+def _folder_part_files(folder, sub):
+    """The weight files of one folder part: the first of ``_folder_part_names`` there whole, as one file or as the
+    shards its index maps the keys to (as diffusers and transformers write a large part); None when none is."""
+    for name, index_name in _folder_part_names(sub):
+        single = os.path.join(folder, sub, name)
+        if os.path.isfile(single):
+            return [single]
+        index = os.path.join(folder, sub, index_name)
+        if not os.path.isfile(index):
+            continue
+        try:
+            shards = sorted(set(_read_json(index)["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError, TypeError):  # not the JSON of an index: diffusers says what
+            continue
+        paths = [os.path.join(folder, sub, shard) for shard in shards]
+        if paths and all(os.path.isfile(p) for p in paths):
+            return paths
+    return None
 
 
 def _load_folder_parts(folder, in_memory):
     """UNet, VAE, text encoder and whether each was read into memory, built on the meta device and filled from the
-    folder's safetensors file per part (``FOLDER_WEIGHT_FILES``, or its shards) with this pack's readers, as a single
-    file is (see ``load_single_file``); None when a part is stored otherwise (pickled, under another name) or its
-    keys are not the module's, which ``load_diffusers_folder`` leaves to diffusers and transformers."""
-    files = {sub: _folder_part_files(folder, sub, name) for sub, name in FOLDER_WEIGHT_FILES.items()}
+    folder's weight file per part (``_folder_part_files``: safetensors, or pickles opened with ``weights_only``) with
+    this pack's readers, as a single file is (see ``load_single_file``); None when a part is stored under another
+    name or its keys are not the module's, which ``load_diffusers_folder`` leaves to diffusers and transformers."""
+    files = {sub: _folder_part_files(folder, sub) for sub in FOLDER_WEIGHT_FILES}
     if None in files.values():
         return None
     parts, owned = models_from_config(folder, random_init=False), []

@@ -1,0 +1,70 @@
+"""SD 2.1-base as users have it, tiny and in the real layouts: each variant loads the weights it holds, the same as the
+standard diffusers folder and single file, or is refused naming what it is and what to pass instead."""
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from comfyui_diffsr.sr_common.sd21 import load_sd21
+
+from conftest import copy_tiny_sd21
+
+PARTS = ("unet", "vae", "text_encoder")
+STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The standard tiny diffusers folder and what it loads to."""
+    folder = copy_tiny_sd21(tmp_path_factory.mktemp("reference") / "tiny_sd21")
+    return folder, load_sd21(folder)
+
+
+def same_weights(a, b):
+    for part in PARTS:
+        sa, sb = getattr(a, part).state_dict(), getattr(b, part).state_dict()
+        assert sa.keys() == sb.keys(), part
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), part
+
+
+def as_variant(folder, variant=None, pickled=False):
+    """The weight file of each part renamed as diffusers' ``variant="fp16"`` writes it (``model.fp16.safetensors``),
+    or pickled as the ``.bin`` files of the same repositories (``pytorch_model.bin`` for the text encoder)."""
+    for part in PARTS:
+        stem = STEMS[part]
+        standard = os.path.join(folder, part, f"{stem}.safetensors")
+        infix = f".{variant}" if variant else ""
+        if pickled:
+            stem = "pytorch_model" if part == "text_encoder" else stem
+            torch.save(load_file(standard), os.path.join(folder, part, f"{stem}{infix}.bin"))
+            os.remove(standard)
+        else:
+            os.rename(standard, os.path.join(folder, part, f"{stem}{infix}.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("variant, pickled", [("fp16", False), ("fp16", True), (None, True)],
+                         ids=["fp16-safetensors", "fp16-bin", "bin"])
+def test_a_folder_of_variant_or_pickled_parts_loads_its_weights(tmp_path, reference, variant, pickled):
+    """``save_pretrained(variant="fp16")`` / ``from_pretrained(variant="fp16")`` folders hold only
+    ``*.fp16.safetensors`` (or ``*.fp16.bin``): they were refused as incomplete, to be downloaded again."""
+    folder, expected = reference
+    folder = as_variant(copy_tiny_sd21(tmp_path / "variant"), variant, pickled)
+    same_weights(load_sd21(folder), expected)
+
+
+def test_pickled_parts_are_read_by_the_packs_weights_only_reader(tmp_path, reference, monkeypatch):
+    """A folder of ``.bin`` parts does not depend on transformers' rules for pickles: from 4.50 it refuses every
+    ``torch.load`` below torch 2.6 (CVE-2025-32434), which the pack reads with ``weights_only=True`` from torch 2.1
+    on, as every other pickle (before, that refusal read "files incomplete or damaged: download again")."""
+    import transformers.modeling_utils
+
+    def refuse():
+        raise ValueError("Due to a serious vulnerability issue in `torch.load`, even with `weights_only=True`, we now "
+                         "require users to upgrade torch to at least v2.6 in order to use the function.")
+
+    monkeypatch.setattr(transformers.modeling_utils, "check_torch_load_is_safe", refuse, raising=False)
+    folder, expected = reference
+    same_weights(load_sd21(as_variant(copy_tiny_sd21(tmp_path / "bin"), pickled=True)), expected)
