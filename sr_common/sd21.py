@@ -60,6 +60,24 @@ def _read_json(path):
 
 # where the user gets the file (Stability AI's own repository is gone; the download is a verified copy)
 FETCH_SD21 = "`diffsr download sd21-base` fetches it; in ComfyUI the loader's 'download: ...' choice"
+FOLDER_FIX = ("Download the stable-diffusion-2-1-base folder again, or use v2-1_512-ema-pruned.safetensors "
+              f"({FETCH_SD21}).")
+CONFIG_FOLDER_FIX = ("A config folder (--base-config) holds unet/, vae/ and text_encoder/config.json, as the "
+                     "stable-diffusion-2-1-base folder does; leave it out for SD 2.1-base itself.")
+
+
+def read_config(folder, relative, fix):
+    """The JSON object of the config file ``relative`` in ``folder``; one that is missing, unreadable or not a JSON
+    object is refused by name, with ``fix``."""
+    try:
+        config = _read_json(os.path.join(folder, relative))
+    except OSError as e:
+        raise WeightFileError(f"{folder!r} has no readable {relative} ({e.strerror or e}). {fix}") from e
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise WeightFileError(f"{relative} in {folder!r} is not JSON ({e}). {fix}") from e
+    if not isinstance(config, dict):
+        raise WeightFileError(f"{relative} in {folder!r} is not a JSON object. {fix}")
+    return config
 
 
 def _refuse(name, what):
@@ -134,18 +152,19 @@ def load_ldm_unet_vae(sd, unet, vae, name=None, fix=SD21_SIZE_FIX):
     return load_module_weights(unet, unet_sd, "UNet", name, fix), load_module_weights(vae, vae_sd, "VAE", name, fix)
 
 
-def models_from_config(config_dir, *, random_init=True):
-    """UNet, VAE and CLIP text encoder from a diffusers config folder. ``random_init=False`` builds them on the
-    meta device (no memory, no initialisation: 17 s less at full size on 2 cores) for ``load_module_weights`` to
-    fill."""
+def models_from_config(config_dir, *, random_init=True, fix=CONFIG_FOLDER_FIX):
+    """UNet, VAE and CLIP text encoder from a diffusers config folder (``fix`` ends the refusal of a config that is
+    missing or not JSON). ``random_init=False`` builds them on the meta device (no memory, no initialisation: 17 s
+    less at full size on 2 cores) for ``load_module_weights`` to fill."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    text_cfg = CLIPTextConfig(**{k: v for k, v in _read_json(os.path.join(config_dir, "text_encoder", "config.json")).items()
+    configs = {part: read_config(config_dir, f"{part}/config.json", fix) for part in ("text_encoder", "unet", "vae")}
+    text_cfg = CLIPTextConfig(**{k: v for k, v in configs["text_encoder"].items()
                                  if not k.startswith("_") and k not in ("architectures", "model_type", "torch_dtype")})
     with torch.device("cpu" if random_init else "meta"):
-        unet = UNet2DConditionModel.from_config(_read_json(os.path.join(config_dir, "unet", "config.json")))
-        vae = AutoencoderKL.from_config(_read_json(os.path.join(config_dir, "vae", "config.json")))
+        unet = UNet2DConditionModel.from_config(configs["unet"])
+        vae = AutoencoderKL.from_config(configs["vae"])
         text_encoder = CLIPTextModel(text_cfg)
     return unet, vae, text_encoder
 
@@ -209,9 +228,9 @@ def check_diffusers_folder(folder):
     if absent:
         raise WeightFileError(f"{name!r} is not a diffusers Stable Diffusion folder: missing {absent}. "
                               "Expected the layout of stabilityai/stable-diffusion-2-1-base.")
-    unet_cfg = _read_json(os.path.join(folder, "unet", "config.json"))
-    sched_path = os.path.join(folder, "scheduler", "scheduler_config.json")
-    sched = _read_json(sched_path) if os.path.exists(sched_path) else {}
+    unet_cfg = read_config(folder, "unet/config.json", FOLDER_FIX)
+    has_scheduler = os.path.exists(os.path.join(folder, "scheduler", "scheduler_config.json"))
+    sched = read_config(folder, "scheduler/scheduler_config.json", FOLDER_FIX) if has_scheduler else {}
     if unet_cfg.get("addition_embed_type") == "text_time" or os.path.isdir(os.path.join(folder, "text_encoder_2")):
         _refuse(folder, KNOWN["sdxl"].what)
     inputs = unet_cfg.get("in_channels", 4)
@@ -307,7 +326,7 @@ def _load_folder_parts(folder, in_memory):
     files = {sub: _folder_part_files(folder, sub) for sub in FOLDER_WEIGHT_FILES}
     if None in files.values():
         return None
-    parts, owned = models_from_config(folder, random_init=False), []
+    parts, owned = models_from_config(folder, random_init=False, fix=FOLDER_FIX), []
     for (sub, paths), module in zip(files.items(), parts):
         state, read_in = {}, True
         for path in paths:
@@ -345,8 +364,7 @@ def load_diffusers_folder(folder, in_memory=False):
                                                      torch_dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as e:
         raise WeightFileError(f"Cannot load the diffusers folder {folder!r}: {e} Its files are incomplete or "
-                              f"damaged: download the stable-diffusion-2-1-base folder again, or use "
-                              f"v2-1_512-ema-pruned.safetensors ({FETCH_SD21}).") from e
+                              f"damaged. {FOLDER_FIX}") from e
     _check_epsilon_weights(folder, unet)
     return SD21(unet.eval(), vae.eval(), text_encoder.eval(), load_tokenizer(os.path.join(folder, "tokenizer")))
 

@@ -140,6 +140,26 @@ def _folder_v_weights_without_scheduler(folder):
     save_file(state, path)
 
 
+def _write(relative, text):
+    def mutate(folder):
+        with open(os.path.join(folder, relative), "w", encoding="utf-8") as f:
+            f.write(text)
+    return mutate
+
+
+def _remove(relative):
+    return lambda folder: os.remove(os.path.join(folder, relative))
+
+
+def _config_folder(make):
+    """A config folder for a single file (``--base-config``), made by ``make(path)``."""
+    return lambda path, env: make(path)
+
+
+def _single_with_config(path, env):
+    return load_sd21(SINGLE, config_dir=str(path))
+
+
 def _folder_all(*mutations):
     def mutate(folder):
         for change in mutations:
@@ -383,6 +403,27 @@ CASES = {
                               lambda p, e: load_sd21(p), "it is a Stable Diffusion 2.1 unCLIP model.*stable-diffusion-2-1-base"),
     "diffusers-768-v-without-scheduler": ("sd21_768_folder", _folder(_folder_v_weights_without_scheduler),
                                           lambda p, e: load_sd21(p), "768 v-prediction.*v2-1_512-ema-pruned"),
+    # a config that is missing or not JSON: named, never a FileNotFoundError or JSONDecodeError traceback
+    "diffusers-no-unet-config": ("sd21_folder", _folder(_remove("unet/config.json")), lambda p, e: load_sd21(p),
+                                 "has no readable unet/config.json.*" + DOWNLOAD),
+    "diffusers-no-text-encoder-config": ("sd21_folder", _folder(_remove("text_encoder/config.json")),
+                                         lambda p, e: load_sd21(p),
+                                         "has no readable text_encoder/config.json.*" + DOWNLOAD),
+    "diffusers-unet-config-not-json": ("sd21_folder", _folder(_write("unet/config.json", "{oops")),
+                                       lambda p, e: load_sd21(p),
+                                       "unet/config.json in .* is not JSON.*" + DOWNLOAD),
+    "diffusers-scheduler-config-a-page": ("sd21_folder", _folder(_write("scheduler/scheduler_config.json", "<html>")),
+                                          lambda p, e: load_sd21(p), "scheduler/scheduler_config.json in .* is not "
+                                          "JSON.*" + DOWNLOAD),
+    "diffusers-unet-config-a-list": ("sd21_folder", _folder(_write("unet/config.json", "[1, 2]")),
+                                     lambda p, e: load_sd21(p), "unet/config.json in .* is not a JSON object"),
+    "base-config-empty-folder": ("configs", _config_folder(lambda path: path.mkdir()), _single_with_config,
+                                 "has no readable .*config.json.*--base-config.*leave it out for SD 2.1-base itself"),
+    "base-config-missing": ("configs", _config_folder(lambda path: None), _single_with_config,
+                            "has no readable .*config.json.*--base-config"),
+    "base-config-a-file": ("config.json", _config_folder(lambda path: shutil.copy(
+        os.path.join(TINY_SD21, "unet", "config.json"), path)), _single_with_config,
+                           "has no readable .*config.json.*--base-config"),
     "diffusers-truncated-unet": ("sd21_folder", _folder(_truncate_in_folder(
         "unet/diffusion_pytorch_model.safetensors")), lambda p, e: load_sd21(p), "truncated.*" + DOWNLOAD),
     "osediff-missing": ("osediff.pkl", lambda path, env: None, osediff, "not found.*Check the path"),
