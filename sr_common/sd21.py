@@ -19,8 +19,8 @@ import torch
 
 from .errors import DiffSRError, WeightFileError
 from .fast_modules import fast_modules, fast_vae_decoder
-from .known_files import (KNOWN, OPEN_CLIP_PREFIX, UNET_INPUT_FAMILIES, canonical, describe, diffusers_unet_is_v_prediction,
-                          identify, sd_family)
+from .known_files import (KNOWN, OPEN_CLIP_PREFIX, UNET_INPUT_FAMILIES, UNET_PREFIX, VAE_PREFIX, canonical, describe,
+                          diffusers_unet_is_v_prediction, identify, sd_family)
 from .tiling import WeightsOutOfMemory, cpu_allocation_failed, is_out_of_memory
 from .weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_weight_file, load_module_weights, read_state_dict,
                       stored_as_float32)
@@ -142,6 +142,7 @@ def load_ldm_unet_vae(sd, unet, vae, name=None, fix=SD21_SIZE_FIX):
     message); returns whether each got tensors of its own (see ``SD21.unet_owned``)."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
+    sd = {k: v for k, v in sd.items() if k.startswith((UNET_PREFIX, VAE_PREFIX))}  # not model_ema.*: see _note_ema
     try:
         unet_sd = convert_ldm_unet_checkpoint(sd, unet.config)
         vae_sd = convert_ldm_vae_checkpoint(sd, vae.config)
@@ -184,6 +185,20 @@ def load_tokenizer(folder):
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
 
+EMA_PREFIX = "model_ema.diffusion_model"  # LDM's EMA of the UNet: model_ema. + the key's dots removed
+
+
+def _note_ema(sd, name):
+    """Where a checkpoint holds the UNet's EMA (``model_ema.*``) beside its trained weights, as a training checkpoint
+    does, say which are used: the trained ones (``model.diffusion_model.*``), as ComfyUI (comfy/sd.py: the UNet from
+    that prefix) and ldm with the SD 2 inference configs (``use_ema: False``) take them."""
+    if any(k.startswith(EMA_PREFIX) for k in sd):
+        warnings.warn(f"{os.path.basename(os.fspath(name))!r} holds the UNet twice: its trained weights "
+                      "(model.diffusion_model.*) and their EMA (model_ema.*). The trained ones are used, as ComfyUI "
+                      "and the SD 2 inference configs do; OSEDiff and DoSSR start from SD 2.1-base's EMA weights, "
+                      f"which v2-1_512-ema-pruned.safetensors holds ({FETCH_SD21}).", UserWarning, stacklevel=3)
+
+
 def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint", owned=False, path=None):
     """SD 2.1-base from an LDM-layout state dict (a single-file checkpoint, or what ComfyUI's
     ``state_dict_for_saving`` returns for the MODEL/CLIP/VAE of its checkpoint loader). ``owned``: the tensors
@@ -193,6 +208,7 @@ def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint", owned=False
     sd = canonical(sd)
     if sd_family(sd) != "sd2":
         _refuse(name, _what_instead(sd, path))
+    _note_ema(sd, name)
     unet, vae, text_encoder = models_from_config(config_dir, random_init=False)
     unet_owned, vae_owned = load_ldm_unet_vae(sd, unet, vae, name)
     text_sd = open_clip_to_hf(sd, text_encoder.config.num_hidden_layers, name=name)

@@ -9,7 +9,9 @@ from safetensors.torch import load_file
 
 from comfyui_diffsr.sr_common.sd21 import load_sd21
 
-from conftest import copy_tiny_sd21
+from conftest import DATA, SINGLE, copy_tiny_sd21
+
+TINY_SD21 = os.path.join(DATA, "osediff", "tiny_sd21")
 
 PARTS = ("unet", "vae", "text_encoder")
 STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
@@ -68,3 +70,31 @@ def test_pickled_parts_are_read_by_the_packs_weights_only_reader(tmp_path, refer
     monkeypatch.setattr(transformers.modeling_utils, "check_torch_load_is_safe", refuse, raising=False)
     folder, expected = reference
     same_weights(load_sd21(as_variant(copy_tiny_sd21(tmp_path / "bin"), pickled=True)), expected)
+
+
+def with_ema(sd, shift=1.0):
+    """A checkpoint as training saves it (v2-1_512-nonema's full form): the trained UNet under
+    ``model.diffusion_model.*`` and its EMA under ``model_ema.*``, the key's dots after the prefix removed."""
+    ema = {"model_ema." + "".join(k.split(".")[1:]): (v.float() + shift).to(v.dtype)
+           for k, v in sd.items() if k.startswith("model.diffusion_model.")}
+    return dict(sd, **ema, **{"model_ema.decay": torch.tensor(0.9999),
+                              "model_ema.num_updates": torch.tensor(220000, dtype=torch.int32)})
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_a_checkpoint_with_ema_beside_the_trained_weights_loads_the_trained_ones_as_comfyui(tmp_path, capfd, suffix):
+    """ComfyUI (comfy/sd.py load_state_dict_guess_config: the UNet from the ``model.diffusion_model.`` prefix) and the
+    SD 2 inference configs (``use_ema: False``) use the trained weights and ignore ``model_ema.*``: so does the pack,
+    and says so, as OSEDiff and DoSSR start from the EMA weights of v2-1_512-ema-pruned. diffusers' converter said
+    instead to add an ``--extract_ema`` flag, which no command here has."""
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / f"v2-1_512-nonema-full{suffix}")
+    sd = with_ema(load_file(SINGLE))
+    save_file(sd, path) if suffix == ".safetensors" else torch.save({"global_step": 1, "state_dict": sd}, path)
+    with pytest.warns(UserWarning, match=r"'v2-1_512-nonema-full\.\w+' holds the UNet twice: its trained weights "
+                                         r"\(model\.diffusion_model\.\*\) and their EMA \(model_ema\.\*\)\. The trained "
+                                         r"ones are used, as ComfyUI.*v2-1_512-ema-pruned"):
+        loaded = load_sd21(path, config_dir=TINY_SD21)
+    same_weights(loaded, load_sd21(SINGLE, config_dir=TINY_SD21))
+    assert "extract_ema" not in capfd.readouterr().err
