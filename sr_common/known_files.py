@@ -19,6 +19,11 @@ from .weights import DAPE_FORMAT, DOSSR_FORMAT, OSEDIFF_FORMAT, converted_kind
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+# the text encoder in the other layouts SD 2 files have: OpenCLIP's as Stability AI's generative-models (sgm) saves
+# it, and transformers' own as converters from a diffusers folder wrote it (SD 1.x's files have that layout too)
+SGM_OPEN_CLIP_PREFIX = "conditioner.embedders.0.model."
+TRANSFORMERS_CLIP_PREFIX = "cond_stage_model.transformer."
+TEXT_ENCODER_PREFIXES = (OPEN_CLIP_PREFIX, SGM_OPEN_CLIP_PREFIX, TRANSFORMERS_CLIP_PREFIX)
 # DoSSR: the official ControlLDM checkpoint, and the converted one (diffusers names) without its metadata
 DOSSR_OFFICIAL_MARKERS = ("control_model.zero_convs.", "cond_encoder.encoder.")
 DOSSR_CONVERTED_MARKERS = ("controlnet.controlnet_down_blocks.", "cond_encoder.encoder.", "rrdb.conv_first.")
@@ -85,10 +90,22 @@ def diffusers_unet_is_v_prediction(state):
     return bool(found) and spread_says_v_prediction(state[found[-1][2]])
 
 
+def _unet_is_sd1(sd):
+    """SD 1.x's UNet, as ComfyUI's detection tells it (comfy/model_detection.py): its transformers project with 1×1
+    convolutions (SD 2.x's with linear layers), and its cross-attention reads CLIP-L's 768 wide context."""
+    for key, value in sd.items():
+        if isinstance(key, str) and key.startswith(UNET_PREFIX) and torch.is_tensor(value):
+            if (key.endswith(".proj_in.weight") and value.dim() == 4) or (
+                    key.endswith(".attn2.to_k.weight") and value.shape[-1] == 768):
+                return True
+    return False
+
+
 def sd_family(sd):
-    """The Stable Diffusion family of an LDM-layout state dict: 'sd2', 'sd2-v', 'sd1', 'sdxl', 'sd2-unclip', one of
-    ``UNET_INPUT_FAMILIES`` (a UNet taking other inputs than the latent alone), 'no-text-encoder' (a UNet without
-    OpenCLIP), 'no-vae', or None when it has no LDM UNet."""
+    """The Stable Diffusion family of an LDM-layout state dict, told by its UNet as ComfyUI and diffusers tell it:
+    'sd2', 'sd2-v', 'sd1', 'sdxl', 'sd2-unclip', one of ``UNET_INPUT_FAMILIES`` (a UNet taking other inputs than the
+    latent alone), 'no-text-encoder' (a UNet without a text encoder in any of ``TEXT_ENCODER_PREFIXES``), 'no-vae',
+    or None when it has no LDM UNet."""
     keys = [k for k in sd if isinstance(k, str)]
     first_conv = sd.get(f"{UNET_PREFIX}input_blocks.0.0.weight")
     if torch.is_tensor(first_conv) and first_conv.dim() == 4 and first_conv.shape[1] in UNET_INPUT_FAMILIES:
@@ -98,13 +115,15 @@ def sd_family(sd):
     if any(k.startswith("embedder.model.visual.") for k in keys) or (
             class_embedding and any(k.startswith(OPEN_CLIP_PREFIX) for k in keys)):
         return "sd2-unclip"
-    if any(k.startswith("conditioner.embedders.") for k in keys) or class_embedding:
+    # SDXL's sgm embedders are two (CLIP-L or OpenCLIP-bigG, with a class embedding); SD 2's one, OpenCLIP-H
+    if class_embedding or any(k.startswith("conditioner.embedders.") and not k.startswith(SGM_OPEN_CLIP_PREFIX)
+                              for k in keys):
         return "sdxl"
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         return None
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+    if _unet_is_sd1(sd):
         return "sd1"
-    if not any(k.startswith(OPEN_CLIP_PREFIX) for k in keys):
+    if not any(k.startswith(TEXT_ENCODER_PREFIXES) for k in keys):
         return "no-text-encoder"
     norm_biases = sorted((int(m.group(1)), k) for k in keys for m in [LAST_NORM_BIAS.match(k)] if m)
     if norm_biases and spread_says_v_prediction(sd[norm_biases[-1][1]]):
@@ -159,7 +178,7 @@ KNOWN_FILES = (
     KnownFile("diffusers-controlnet", "a diffusers ControlNet (`controlnet_cond_embedding`), not DoSSR's checkpoint",
               "it goes to ComfyUI's Load ControlNet Model", _has_any("controlnet_cond_embedding.")),
     KnownFile("sdxl", "an SDXL checkpoint", NOT_SD21, lambda sd: sd_family(sd) == "sdxl", sd_model=True),
-    KnownFile("sd1", "a Stable Diffusion 1.x checkpoint (CLIP-L text encoder)", NOT_SD21,
+    KnownFile("sd1", "a Stable Diffusion 1.x checkpoint", NOT_SD21,
               lambda sd: sd_family(sd) == "sd1", sd_model=True),
     KnownFile("sd2-v", "a Stable Diffusion 2.x 768 v-prediction checkpoint", NOT_SD21,
               lambda sd: sd_family(sd) == "sd2-v", sd_model=True),

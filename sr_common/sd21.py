@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, fields
@@ -19,8 +20,9 @@ import torch
 
 from .errors import DiffSRError, WeightFileError
 from .fast_modules import fast_modules, fast_vae_decoder
-from .known_files import (KNOWN, OPEN_CLIP_PREFIX, UNET_INPUT_FAMILIES, UNET_PREFIX, VAE_PREFIX, canonical, describe,
-                          diffusers_unet_is_v_prediction, identify, sd_family)
+from .known_files import (KNOWN, OPEN_CLIP_PREFIX, SGM_OPEN_CLIP_PREFIX, TRANSFORMERS_CLIP_PREFIX, UNET_INPUT_FAMILIES,
+                          UNET_PREFIX, VAE_PREFIX, canonical, describe, diffusers_unet_is_v_prediction, identify,
+                          sd_family)
 from .tiling import WeightsOutOfMemory, cpu_allocation_failed, is_out_of_memory
 from .weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_weight_file, load_module_weights, read_state_dict,
                       stored_as_float32)
@@ -133,6 +135,27 @@ def open_clip_to_hf(sd, num_layers, prefix=OPEN_CLIP_PREFIX, name=None):
     return out
 
 
+TRANSFORMERS_BLOCK = re.compile(r"text_model\.encoder\.layers\.(\d+)\.")
+
+
+def text_encoder_state(sd, num_layers, name=None):
+    """The text encoder of an LDM-layout state dict in transformers' ``CLIPTextModel`` keys, ``num_layers`` blocks:
+    from OpenCLIP's layout (ldm's ``cond_stage_model.model.``, sgm's ``conditioner.embedders.0.model.``) by
+    ``open_clip_to_hf``, else from transformers' own (``cond_stage_model.transformer.``), whose blocks from
+    ``num_layers`` on are dropped likewise (SD 2.x uses the penultimate block)."""
+    for prefix in (OPEN_CLIP_PREFIX, SGM_OPEN_CLIP_PREFIX):
+        if any(k.startswith(prefix) for k in sd):
+            return open_clip_to_hf(sd, num_layers, prefix, name)
+    state = {}
+    for key, value in sd.items():
+        if key.startswith(TRANSFORMERS_CLIP_PREFIX):
+            key = key.removeprefix(TRANSFORMERS_CLIP_PREFIX)
+            block = TRANSFORMERS_BLOCK.match(key)
+            if block is None or int(block[1]) < num_layers:
+                state[key] = value
+    return state
+
+
 SD21_SIZE_FIX = "It is not SD 2.1-base; if it is a non-standard size, pass a matching config folder"
 
 
@@ -211,8 +234,8 @@ def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint", owned=False
     _note_ema(sd, name)
     unet, vae, text_encoder = models_from_config(config_dir, random_init=False)
     unet_owned, vae_owned = load_ldm_unet_vae(sd, unet, vae, name)
-    text_sd = open_clip_to_hf(sd, text_encoder.config.num_hidden_layers, name=name)
-    load_module_weights(text_encoder, text_sd, "text encoder", name, SD21_SIZE_FIX)
+    text_sd = text_encoder_state(sd, text_encoder.config.num_hidden_layers, name)
+    load_module_weights(text_encoder, _in_module_names(text_encoder, text_sd), "text encoder", name, SD21_SIZE_FIX)
     return SD21(unet.eval(), vae.eval(), text_encoder.eval(), load_tokenizer(os.path.join(config_dir, "tokenizer")),
                 unet_owned=unet_owned or owned, vae_owned=vae_owned or owned)
 
@@ -288,9 +311,10 @@ FOLDER_WEIGHT_FILES = {"unet": ("diffusion_pytorch_model", "diffusion_pytorch_mo
 DEPRECATED_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
-def _folder_part_state(module, state):
-    """A diffusers-folder part's state dict in the module's names: the VAE attention of diffusers before 0.14
-    (``query``/``key``/``value``/``proj_attn``), and CLIP's ``position_ids``, which transformers before 4.31 saved."""
+def _in_module_names(module, state):
+    """A state dict of diffusers' or transformers' layout in the module's names: the VAE attention of diffusers
+    before 0.14 (``query``/``key``/``value``/``proj_attn``), and CLIP's ``position_ids``, which transformers before
+    4.31 saved."""
     expected = module.state_dict()
     fixed = {}
     for key, value in state.items():
@@ -349,7 +373,7 @@ def _load_folder_parts(folder, in_memory):
             shard, shard_read_in = _read_base_file(path, in_memory)
             state.update(shard)
             read_in = read_in and shard_read_in
-        state = _folder_part_state(module, state)
+        state = _in_module_names(module, state)
         try:
             owned.append(load_module_weights(module, state, sub, paths[0], SD21_SIZE_FIX) or read_in)
         except WeightFileError:

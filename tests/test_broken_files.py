@@ -69,7 +69,11 @@ def _sd(mutate):
 
 
 def _sd15(sd):
-    return {k.replace("cond_stage_model.model.", "cond_stage_model.transformer.text_model."): v for k, v in sd.items()}
+    """SD 1.x's layout: its text encoder in transformers' keys, its UNet's transformers projecting with 1×1
+    convolutions (what tells SD 1.x; SD 2.x projects with linear layers)."""
+    return {k.replace("cond_stage_model.model.", "cond_stage_model.transformer.text_model."):
+            v[:, :, None, None] if k.startswith(UNET) and k.endswith((".proj_in.weight", ".proj_out.weight")) else v
+            for k, v in sd.items()}
 
 
 def _sdxl(sd):

@@ -834,9 +834,11 @@ def make_ldm_variant(tmp_path, name, mutate):
 
 
 def test_wrong_base_models_are_refused(base, tmp_path):
-    def sd1(sd):
+    def sd1(sd):  # CLIP-L in transformers' keys; the UNet's transformers project with 1×1 convolutions
         for k in [k for k in sd if k.startswith("cond_stage_model.model.")]:
             sd[k.replace("cond_stage_model.model.", "cond_stage_model.transformer.text_model.")] = sd.pop(k)
+        for k in [k for k in sd if k.endswith((".proj_in.weight", ".proj_out.weight"))]:
+            sd[k] = sd[k][:, :, None, None]
 
     def sdxl(sd):
         sd["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"] = torch.zeros(1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from comfyui_diffsr.sr_common.sd21 import load_sd21
+from comfyui_diffsr.sr_common.sd21 import load_sd21, open_clip_to_hf
 
 from conftest import DATA, SINGLE, copy_tiny_sd21
 
@@ -98,3 +98,32 @@ def test_a_checkpoint_with_ema_beside_the_trained_weights_loads_the_trained_ones
         loaded = load_sd21(path, config_dir=TINY_SD21)
     same_weights(loaded, load_sd21(SINGLE, config_dir=TINY_SD21))
     assert "extract_ema" not in capfd.readouterr().err
+
+
+def transformers_layout(sd, blocks):
+    """The text encoder in transformers' layout (``cond_stage_model.transformer.text_model.*``, with the
+    ``position_ids`` transformers before 4.31 saved), as the diffusers-to-original converter wrote SD 2 before it knew
+    it: ``blocks`` of OpenCLIP's (the diffusers folder's text encoder has all but the last)."""
+    text = open_clip_to_hf(sd, blocks)
+    text["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    return dict({k: v for k, v in sd.items() if not k.startswith("cond_stage_model.")},
+                **{f"cond_stage_model.transformer.{k}": v for k, v in text.items()})
+
+
+LAYOUTS = {
+    "transformers": lambda sd: transformers_layout(sd, 2),
+    "transformers-every-block": lambda sd: transformers_layout(sd, 3),
+    # SD 2.1 as Stability AI's generative-models (sgm) saves it, which ComfyUI reads (comfy/supported_models.py SD20)
+    "sgm": lambda sd: {k.replace("cond_stage_model.model.", "conditioner.embedders.0.model."): v for k, v in sd.items()},
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_text_encoder_in_another_layout_loads_the_same_weights(tmp_path, layout):
+    """SD 2.1-base is told by its UNet, as ComfyUI and diffusers tell it, not by its text encoder's layout: these
+    were called a Stable Diffusion 1.x checkpoint (transformers' layout) and an SDXL checkpoint (sgm's)."""
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / f"v2-1_512_{layout}.safetensors")
+    save_file(LAYOUTS[layout](load_file(SINGLE)), path)
+    same_weights(load_sd21(path, config_dir=TINY_SD21), load_sd21(SINGLE, config_dir=TINY_SD21))
