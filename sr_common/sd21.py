@@ -258,12 +258,55 @@ def _read_base_file(path, in_memory):
     return read_state_dict(path, mmap=not read_in, float32=read_in), read_in
 
 
+DIFFUSERS_PARTS = ("unet", "vae", "text_encoder")  # the parts read (a tokenizer: load_tokenizer)
+
+
+def _is_diffusers_folder(folder):
+    return all(os.path.isdir(os.path.join(folder, part)) for part in DIFFUSERS_PARTS)
+
+
+def _diffusers_folder_above(path):
+    """The diffusers folder that ``path`` is a part of (a part folder such as unet/, a file in one, or the folder's
+    model_index.json), where ``path`` is not a diffusers folder itself; else None. Only a folder with its
+    model_index.json counts: a model tree with unet/, vae/ and text_encoder/ folders of single files is none."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        above = None if _is_diffusers_folder(path) else os.path.dirname(path)
+    elif os.path.basename(path) == "model_index.json":
+        above = os.path.dirname(path)
+    else:
+        above = os.path.dirname(os.path.dirname(path))
+    if above is None or not os.path.isfile(os.path.join(above, "model_index.json")):
+        return None
+    return above if _is_diffusers_folder(above) else None
+
+
+def _hugging_face_snapshot(folder):
+    """Where ``folder`` is a Hugging Face cache folder (``models--org--name``: ``snapshots/<revision>`` the
+    diffusers folders, ``refs/main`` the revision downloaded last): its snapshot to pass, else None."""
+    snapshots = os.path.join(folder, "snapshots")
+    if not os.path.isdir(snapshots):
+        return None
+    revisions = sorted(os.listdir(snapshots))
+    try:
+        with open(os.path.join(folder, "refs", "main"), encoding="utf-8") as f:
+            main = f.read().strip()
+    except OSError:
+        main = None
+    if main in revisions or len(revisions) == 1:
+        return repr(os.path.join(snapshots, main if main in revisions else revisions[0]))
+    return f"{snapshots!r}/<revision>"
+
+
 def check_diffusers_folder(folder):
     """Refuse diffusers folders that are not SD 2.x-base by their configs (SD 1.x, SDXL, a UNet of other inputs or
     with a class embedding, a 768 v-prediction scheduler)."""
     name = os.path.basename(os.path.normpath(folder))
-    needed = [os.path.join(folder, sub) for sub in ("unet", "vae", "text_encoder")]  # a tokenizer: load_tokenizer
-    absent = [os.path.basename(p) for p in needed if not os.path.isdir(p)]
+    absent = [part for part in DIFFUSERS_PARTS if not os.path.isdir(os.path.join(folder, part))]
+    snapshot = _hugging_face_snapshot(folder) if absent else None
+    if snapshot:
+        raise WeightFileError(f"{name!r} is a Hugging Face cache folder: pass its snapshot {snapshot}, the diffusers "
+                              "folder.")
     if absent:
         raise WeightFileError(f"{name!r} is not a diffusers Stable Diffusion folder: missing {absent}. "
                               "Expected the layout of stabilityai/stable-diffusion-2-1-base.")
@@ -415,6 +458,10 @@ def load_sd21(path, config_dir=None, *, in_memory=False):
     if not os.path.exists(path):
         raise WeightFileError(f"Base model not found: {path!r}. Pass the stable-diffusion-2-1-base folder or "
                               "v2-1_512-ema-pruned.safetensors.")
+    folder = _diffusers_folder_above(path)
+    if folder is not None:
+        raise WeightFileError(f"{os.path.basename(os.path.normpath(path))!r} is a part of the diffusers folder "
+                              f"{folder!r}: pass that folder itself.")
     if os.path.isdir(path):
         return load_diffusers_folder(path, in_memory)
     return load_single_file(path, config_dir, in_memory)

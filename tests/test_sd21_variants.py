@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from comfyui_diffsr.sr_common.errors import WeightFileError
 from comfyui_diffsr.sr_common.sd21 import load_sd21, open_clip_to_hf
 
 from conftest import DATA, SINGLE, copy_tiny_sd21
@@ -127,3 +128,56 @@ def test_a_text_encoder_in_another_layout_loads_the_same_weights(tmp_path, layou
     path = str(tmp_path / f"v2-1_512_{layout}.safetensors")
     save_file(LAYOUTS[layout](load_file(SINGLE)), path)
     same_weights(load_sd21(path, config_dir=TINY_SD21), load_sd21(SINGLE, config_dir=TINY_SD21))
+
+
+@pytest.mark.parametrize("inside", ["unet", "text_encoder", "unet/diffusion_pytorch_model.safetensors",
+                                    "text_encoder/model.safetensors", "model_index.json"])
+def test_a_part_of_a_diffusers_folder_names_the_folder_to_pass(tmp_path, inside):
+    """The path of a part (a part folder, a weight file in one, model_index.json) instead of the folder was refused
+    as a folder missing unet/, vae/ and text_encoder/, as an unknown file, or as a text file to download again."""
+    folder = copy_tiny_sd21(tmp_path / "stable-diffusion-2-1-base")
+    name = os.path.basename(inside)
+    with pytest.raises(WeightFileError, match=rf"^'{name}' is a part of the diffusers folder '{folder}': pass that "
+                                              r"folder itself\.$"):
+        load_sd21(os.path.join(folder, inside))
+
+
+def hugging_face_cache(root, folder, revision="5ede9e4bf3e3fd1cb0ef2f7a3fff13ee514fdf06"):
+    """``folder`` as huggingface_hub caches it: ``models--org--name/blobs/<hash>`` holding the files,
+    ``snapshots/<revision>/<path>`` relative links to them, ``refs/main`` naming the revision."""
+    cache = os.path.join(root, "models--sd2-community--stable-diffusion-2-1-base")
+    os.makedirs(os.path.join(cache, "blobs"))
+    os.makedirs(os.path.join(cache, "refs"))
+    with open(os.path.join(cache, "refs", "main"), "w") as f:
+        f.write(revision)
+    snapshot = os.path.join(cache, "snapshots", revision)
+    for number, (parent, _, names) in enumerate(os.walk(folder)):
+        for index, name in enumerate(names):
+            blob = os.path.join(cache, "blobs", f"{number:04d}{index:04d}")
+            os.rename(os.path.join(parent, name), blob)
+            link = os.path.join(snapshot, os.path.relpath(parent, folder), name)
+            os.makedirs(os.path.dirname(link), exist_ok=True)
+            os.symlink(os.path.relpath(blob, os.path.dirname(link)), link)
+    return cache, snapshot
+
+
+def test_a_hugging_face_cache_loads_from_its_snapshot_and_its_root_names_it(tmp_path, reference):
+    """The snapshot folder (files linked to blobs) is the diffusers folder and loads; the cache folder above it was
+    refused as a folder missing unet/, vae/ and text_encoder/."""
+    cache, snapshot = hugging_face_cache(tmp_path, copy_tiny_sd21(tmp_path / "download"))
+    same_weights(load_sd21(snapshot), reference[1])
+    with pytest.raises(WeightFileError, match=r"'models--sd2-community--stable-diffusion-2-1-base' is a Hugging Face "
+                                              rf"cache folder: pass its snapshot '{snapshot}', the diffusers folder"):
+        load_sd21(cache)
+
+
+def test_a_single_file_in_a_model_tree_with_part_named_folders_loads(tmp_path):
+    """A model tree (ComfyUI's models/ has unet/ and vae/; other tools text_encoder/) with a single file in one of
+    those folders is not a diffusers folder: without a model_index.json, the file loads as itself."""
+    models = tmp_path / "models"
+    for part in ("unet", "vae", "text_encoder", "checkpoints"):
+        (models / part).mkdir(parents=True)
+    for part in ("unet", "checkpoints"):
+        path = models / part / "v2-1_512-ema-pruned.safetensors"
+        path.write_bytes(open(SINGLE, "rb").read())
+        same_weights(load_sd21(str(path), config_dir=TINY_SD21), load_sd21(SINGLE, config_dir=TINY_SD21))
