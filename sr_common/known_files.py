@@ -202,6 +202,11 @@ KNOWN_FILES = (
     # a VAE alone (ComfyUI's models/vae: vae-ft-mse-840000-ema-pruned, or diffusers' vae/ folder's file)
     KnownFile("sd-vae", "a Stable Diffusion VAE alone", "it goes to ComfyUI's Load VAE",
               _has_all("encoder.conv_in.", "decoder.conv_in.", "post_quant_conv."), sd_model=True),
+    # the unet/ and text_encoder/ weights of a diffusers folder, given without the folder
+    KnownFile("diffusers-unet", "the UNet of a diffusers folder alone", PART_OF_SD,
+              _has_all("conv_in.", "down_blocks.", "mid_block.", "up_blocks."), sd_model=True),
+    KnownFile("clip-text-encoder", "a CLIP text encoder alone (transformers' layout, 'text_model.*')", PART_OF_SD,
+              _has_any("text_model.embeddings.", "text_model.encoder."), sd_model=True),
     KnownFile("sd-lora", "a LoRA for Stable Diffusion", "it goes to ComfyUI's Load LoRA", _contains_any(*LORA_PARTS)),
     KnownFile("loralib", "a loralib LoRA file (lora_A/lora_B tensors) for an unknown model",
               "DAPE.pth is one, for RAM's visual_encoder/tagging_head", is_loralib_file),

@@ -87,6 +87,13 @@ FILES = {
                                                             ".safetensors")),
     "sd-vae": ("vae-ft-mse-840000-ema-pruned.safetensors", _save({f"{part}.weight": t() for part in (
         "encoder.conv_in", "decoder.conv_in", "quant_conv", "post_quant_conv")}, ".safetensors")),
+    # the parts of a diffusers folder given alone: its unet/ weights, its text_encoder/ weights (transformers' CLIP)
+    "diffusers-unet": ("diffusion_pytorch_model.safetensors", _save({f"{part}.weight": t() for part in (
+        "conv_in", "down_blocks.0.resnets.0.conv1", "mid_block.resnets.0.conv1", "up_blocks.0.resnets.0.conv1")},
+        ".safetensors")),
+    "clip-text-encoder": ("model.safetensors", _save({"text_model.embeddings.token_embedding.weight": t(),
+                                                      "text_model.encoder.layers.0.mlp.fc1.weight": t()},
+                                                     ".safetensors")),
     "osediff": ("osediff.pkl", _copy(OSEDIFF)),
     "osediff-converted": ("osediff.safetensors", lambda path: convert_osediff(OSEDIFF, path)),
     "ram": ("ram_swin_large_14m.pth", _copy(RAM)),
