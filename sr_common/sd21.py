@@ -24,8 +24,8 @@ from .known_files import (KNOWN, OPEN_CLIP_PREFIX, SGM_OPEN_CLIP_PREFIX, TRANSFO
                           UNET_PREFIX, VAE_PREFIX, canonical, describe, diffusers_unet_is_v_prediction, identify,
                           sd_family)
 from .tiling import WeightsOutOfMemory, cpu_allocation_failed, is_out_of_memory
-from .weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_weight_file, load_module_weights, read_state_dict,
-                      stored_as_float32)
+from .weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_weight_file, dangling_link, load_module_weights,
+                      read_state_dict, stored_as_float32)
 
 SCALING_FACTOR = 0.18215
 # SD's training noise schedule: β = linspace(√BETA_START, √BETA_END, NUM_TRAIN_TIMESTEPS)² ("scaled linear")
@@ -307,6 +307,10 @@ def check_diffusers_folder(folder):
     if snapshot:
         raise WeightFileError(f"{name!r} is a Hugging Face cache folder: pass its snapshot {snapshot}, the diffusers "
                               "folder.")
+    singles = sorted(n for n in os.listdir(folder) if n.lower().endswith((*SAFETENSORS_SUFFIXES, ".ckpt")))
+    if absent and singles:
+        raise WeightFileError(f"{name!r} is a folder of single-file checkpoints, not a diffusers folder: pass the file "
+                              f"itself, e.g. {os.path.join(folder, singles[0])!r}.")
     if absent:
         raise WeightFileError(f"{name!r} is not a diffusers Stable Diffusion folder: missing {absent}. "
                               "Expected the layout of stabilityai/stable-diffusion-2-1-base.")
@@ -456,8 +460,8 @@ def load_sd21(path, config_dir=None, *, in_memory=False):
     """SD 2.1-base from a diffusers folder or a single-file checkpoint (``in_memory``: see ``load_single_file``)."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise WeightFileError(f"Base model not found: {path!r}. Pass the stable-diffusion-2-1-base folder or "
-                              "v2-1_512-ema-pruned.safetensors.")
+        raise WeightFileError(f"Base model not found: {path!r}.{dangling_link(path)} Pass the "
+                              "stable-diffusion-2-1-base folder or v2-1_512-ema-pruned.safetensors.")
     folder = _diffusers_folder_above(path)
     if folder is not None:
         raise WeightFileError(f"{os.path.basename(os.path.normpath(path))!r} is a part of the diffusers folder "

@@ -35,10 +35,20 @@ DOWNLOAD_HINT = ("Download it again. The official SD 2.1-base, OSEDiff, DAPE and
                  "official README.")
 
 
+def dangling_link(path):
+    """For a path that does not exist: where it is a link, the sentence naming its target, which was moved or deleted;
+    else ''."""
+    if not os.path.islink(path):
+        return ""
+    return (f" It is a link to {os.readlink(path)!r}, which does not exist (moved or deleted): link the file again, "
+            "or give its path.")
+
+
 def _check_file(path):
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise WeightFileError(f"Weight file not found: {path!r}. Check the path or the model folder.")
+        fix = dangling_link(path) or " Check the path or the model folder."
+        raise WeightFileError(f"Weight file not found: {path!r}.{fix}")
     if os.path.isdir(path):
         raise WeightFileError(f"Expected a weight file but {path!r} is a folder; give the file itself.")
     if os.path.getsize(path) == 0:

@@ -399,12 +399,14 @@ CASES = {
         _edit_json("model_index.json", _class_name="StableDiffusionUpscalePipeline"),
         _edit_json("unet/config.json", in_channels=7, num_class_embeds=1000),
         _edit_json("scheduler/scheduler_config.json", prediction_type="v_prediction"))),
-                              lambda p, e: load_sd21(p), "it is the Stable Diffusion x4 upscaler.*stable-diffusion-2-1-base"),
+                              lambda p, e: load_sd21(p),
+                              "it is the Stable Diffusion x4 upscaler.*stable-diffusion-2-1-base"),
     "diffusers-sd21-unclip": ("sd21_unclip_folder", _folder(_folder_all(
         _edit_json("model_index.json", _class_name="StableUnCLIPImg2ImgPipeline"),
         _edit_json("unet/config.json", class_embed_type="projection", projection_class_embeddings_input_dim=2048),
         _edit_json("scheduler/scheduler_config.json", prediction_type="v_prediction"))),
-                              lambda p, e: load_sd21(p), "it is a Stable Diffusion 2.1 unCLIP model.*stable-diffusion-2-1-base"),
+                              lambda p, e: load_sd21(p),
+                              "it is a Stable Diffusion 2.1 unCLIP model.*stable-diffusion-2-1-base"),
     "diffusers-768-v-without-scheduler": ("sd21_768_folder", _folder(_folder_v_weights_without_scheduler),
                                           lambda p, e: load_sd21(p), "768 v-prediction.*v2-1_512-ema-pruned"),
     # a config that is missing or not JSON: named, never a FileNotFoundError or JSONDecodeError traceback

@@ -94,8 +94,8 @@ def test_a_checkpoint_with_ema_beside_the_trained_weights_loads_the_trained_ones
     sd = with_ema(load_file(SINGLE))
     save_file(sd, path) if suffix == ".safetensors" else torch.save({"global_step": 1, "state_dict": sd}, path)
     with pytest.warns(UserWarning, match=r"'v2-1_512-nonema-full\.\w+' holds the UNet twice: its trained weights "
-                                         r"\(model\.diffusion_model\.\*\) and their EMA \(model_ema\.\*\)\. The trained "
-                                         r"ones are used, as ComfyUI.*v2-1_512-ema-pruned"):
+                                         r"\(model\.diffusion_model\.\*\) and their EMA \(model_ema\.\*\)\. The "
+                                         r"trained ones are used, as ComfyUI.*v2-1_512-ema-pruned"):
         loaded = load_sd21(path, config_dir=TINY_SD21)
     same_weights(loaded, load_sd21(SINGLE, config_dir=TINY_SD21))
     assert "extract_ema" not in capfd.readouterr().err
@@ -115,7 +115,8 @@ LAYOUTS = {
     "transformers": lambda sd: transformers_layout(sd, 2),
     "transformers-every-block": lambda sd: transformers_layout(sd, 3),
     # SD 2.1 as Stability AI's generative-models (sgm) saves it, which ComfyUI reads (comfy/supported_models.py SD20)
-    "sgm": lambda sd: {k.replace("cond_stage_model.model.", "conditioner.embedders.0.model."): v for k, v in sd.items()},
+    "sgm": lambda sd: {k.replace("cond_stage_model.model.", "conditioner.embedders.0.model."): v
+                       for k, v in sd.items()},
 }
 
 
@@ -181,3 +182,27 @@ def test_a_single_file_in_a_model_tree_with_part_named_folders_loads(tmp_path):
         path = models / part / "v2-1_512-ema-pruned.safetensors"
         path.write_bytes(open(SINGLE, "rb").read())
         same_weights(load_sd21(str(path), config_dir=TINY_SD21), load_sd21(SINGLE, config_dir=TINY_SD21))
+
+
+def test_a_folder_of_single_files_names_the_file_to_pass(tmp_path):
+    """``--base models/checkpoints`` (the folder holding v2-1_512-ema-pruned.safetensors) was refused as a diffusers
+    folder missing its parts, without saying that a single file in it is what to pass."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "v2-1_512-ema-pruned.safetensors").write_bytes(open(SINGLE, "rb").read())
+    with pytest.raises(WeightFileError, match=r"'checkpoints' is a folder of single-file checkpoints, not a diffusers "
+                                              rf"folder: pass the file itself, e\.g\. '{folder}/v2-1_512-ema-pruned"):
+        load_sd21(str(folder))
+
+
+@pytest.mark.parametrize("loader", ["base", "osediff"])
+def test_a_link_to_nothing_names_its_target(tmp_path, loader):
+    """A link whose file was moved or deleted (a model folder linked from another disk, a cleaned Hugging Face
+    cache) was called not found, as if the link were not there."""
+    from comfyui_diffsr.osediff_core.weights import read_osediff
+
+    link = tmp_path / "v2-1_512-ema-pruned.safetensors"
+    link.symlink_to(tmp_path / "moved" / "v2-1_512-ema-pruned.safetensors")
+    with pytest.raises(WeightFileError, match=rf"is a link to '{tmp_path}/moved/v2-1_512-ema-pruned\.safetensors', "
+                                              r"which does not exist"):
+        load_sd21(str(link)) if loader == "base" else read_osediff(str(link))
