@@ -103,13 +103,13 @@ def _unet_is_sd1(sd):
 
 def sd_family(sd):
     """The Stable Diffusion family of an LDM-layout state dict, told by its UNet as ComfyUI and diffusers tell it:
-    'sd2', 'sd2-v', 'sd1', 'sdxl', 'sd2-unclip', one of ``UNET_INPUT_FAMILIES`` (a UNet taking other inputs than the
-    latent alone), 'no-text-encoder' (a UNet without a text encoder in any of ``TEXT_ENCODER_PREFIXES``), 'no-vae',
+    'sd2', 'sd2-v', 'sd1', 'sdxl', 'sd2-unclip', one of ``UNET_INPUT_FAMILIES`` or 'other-input' (a UNet taking other
+    inputs than the 4 latent channels), 'no-text-encoder' (a UNet without a text encoder in any of ``TEXT_ENCODER_PREFIXES``), 'no-vae',
     or None when it has no LDM UNet."""
     keys = [k for k in sd if isinstance(k, str)]
     first_conv = sd.get(f"{UNET_PREFIX}input_blocks.0.0.weight")
-    if torch.is_tensor(first_conv) and first_conv.dim() == 4 and first_conv.shape[1] in UNET_INPUT_FAMILIES:
-        return UNET_INPUT_FAMILIES[first_conv.shape[1]]
+    if torch.is_tensor(first_conv) and first_conv.dim() == 4 and first_conv.shape[1] != 4:
+        return UNET_INPUT_FAMILIES.get(first_conv.shape[1], "other-input")
     class_embedding = any(k.startswith(f"{UNET_PREFIX}label_emb.") for k in keys)
     # SD 2.1 unCLIP: the CLIP image embedding enters as a class embedding, beside the OpenCLIP text encoder
     if any(k.startswith("embedder.model.visual.") for k in keys) or (
@@ -188,6 +188,8 @@ KNOWN_FILES = (
               lambda sd: sd_family(sd) == "depth", sd_model=True),
     KnownFile("x4-upscaler", "the Stable Diffusion x4 upscaler (its UNet takes 7 input channels: the latent and the "
               "low-resolution image)", NOT_SD21, lambda sd: sd_family(sd) == "x4-upscaler", sd_model=True),
+    KnownFile("other-input", "a Stable Diffusion model whose UNet takes other inputs than the 4 latent channels",
+              NOT_SD21, lambda sd: sd_family(sd) == "other-input", sd_model=True),
     KnownFile("sd2-unclip", "a Stable Diffusion 2.1 unCLIP model (conditioned on a CLIP image embedding)", NOT_SD21,
               lambda sd: sd_family(sd) == "sd2-unclip", sd_model=True),
     KnownFile("no-text-encoder", "a Stable Diffusion UNet/VAE without the OpenCLIP text encoder "

@@ -322,6 +322,8 @@ def check_diffusers_folder(folder):
     inputs = unet_cfg.get("in_channels", 4)
     if inputs in UNET_INPUT_FAMILIES:  # inpainting, depth-to-image, the x4 upscaler
         _refuse(folder, KNOWN[UNET_INPUT_FAMILIES[inputs]].what)
+    if inputs != 4:
+        _refuse(folder, f"a Stable Diffusion model whose UNet takes {inputs} input channels, not the 4 latent channels")
     if unet_cfg.get("class_embed_type") == "projection":  # StableUnCLIP: the CLIP image embedding
         _refuse(folder, KNOWN["sd2-unclip"].what)
     if unet_cfg.get("cross_attention_dim") == 768 and not unet_cfg.get("use_linear_projection", False):

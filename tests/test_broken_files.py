@@ -407,6 +407,10 @@ CASES = {
         _edit_json("scheduler/scheduler_config.json", prediction_type="v_prediction"))),
                               lambda p, e: load_sd21(p),
                               "it is a Stable Diffusion 2.1 unCLIP model.*stable-diffusion-2-1-base"),
+    # a UNet of any other input width (here 8: the latent and 4 more channels), its weights matching its config
+    "diffusers-other-unet-input": ("sd_8_channel_folder", _folder(_folder_unet_input(8, "StableDiffusionPipeline")),
+                                   lambda p, e: load_sd21(p), "whose UNet takes 8 input channels, not the 4 latent "
+                                   "channels.*stable-diffusion-2-1-base"),
     "diffusers-768-v-without-scheduler": ("sd21_768_folder", _folder(_folder_v_weights_without_scheduler),
                                           lambda p, e: load_sd21(p), "768 v-prediction.*v2-1_512-ema-pruned"),
     # a config that is missing or not JSON: named, never a FileNotFoundError or JSONDecodeError traceback

@@ -75,6 +75,8 @@ FILES = {
     "x4-upscaler": ("x4-upscaler-ema.safetensors", _sd(lambda sd: dict(sd, **{
         f"{UNET_PREFIX}input_blocks.0.0.weight": torch.zeros(32, 7, 3, 3), f"{UNET_PREFIX}label_emb.weight": t(),
         "low_scale_model.betas": torch.zeros(350)}))),
+    "other-input": ("6-channel.safetensors", _sd(lambda sd: dict(sd, **{
+        f"{UNET_PREFIX}input_blocks.0.0.weight": torch.zeros(32, 6, 3, 3)}))),
     "sd2-unclip": ("sd21-unclip-h.safetensors", _sd(lambda sd: dict(sd, **{
         f"{UNET_PREFIX}label_emb.0.0.weight": t(), "embedder.model.visual.conv1.weight": t()}))),
     "no-unet": ("v2-1_vae_text.safetensors", _sd(lambda sd: {
