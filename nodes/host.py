@@ -108,6 +108,17 @@ def missing_file_message(folder, name):
     return f"{name!r} is not in models/{folder}: {fix}."
 
 
+def _dangling_link_message(folder, name):
+    """Where a loader choice is a link whose file was moved or deleted (ComfyUI lists it, and finds no file there):
+    what it links to; else None."""
+    for root in folder_paths.get_folder_paths(folder):
+        path = os.path.join(root, name)
+        if os.path.islink(path) and not os.path.exists(path):
+            return (f"{name!r} in models/{folder} is a link to {os.readlink(path)!r}, which does not exist (moved "
+                    "or deleted): link the file again, or put the file itself there and refresh the node lists (R).")
+    return None
+
+
 def weight_path(folder, name):
     """Full path of a loader choice; a ``download: <file>`` choice fetches the official file first (resumable,
     verified, moved into place only when complete) into the first ``models/<folder>`` path, once; a damaged file
@@ -115,7 +126,7 @@ def weight_path(folder, name):
     if not name.startswith(DOWNLOAD):
         path = folder_paths.get_full_path(folder, name)
         if path is None:
-            raise FileNotFoundError(missing_file_message(folder, name))
+            raise FileNotFoundError(_dangling_link_message(folder, name) or missing_file_message(folder, name))
         return path
     filename = name[len(DOWNLOAD):]
     source = next((s for s in OFFICIAL.values() if s.folder == folder and s.filename == filename), None)

@@ -307,6 +307,10 @@ def check_diffusers_folder(folder):
     if snapshot:
         raise WeightFileError(f"{name!r} is a Hugging Face cache folder: pass its snapshot {snapshot}, the diffusers "
                               "folder.")
+    if absent and os.path.isfile(os.path.join(folder, "config.json")):  # unet/, vae/ or text_encoder/ alone
+        raise WeightFileError(f"{name!r} holds one part of a diffusers folder (its config.json and weights), not the "
+                              "whole folder: pass the folder holding unet/, vae/ and text_encoder/ (the "
+                              "stable-diffusion-2-1-base folder).")
     singles = sorted(n for n in os.listdir(folder) if n.lower().endswith((*SAFETENSORS_SUFFIXES, ".ckpt")))
     if absent and singles:
         raise WeightFileError(f"{name!r} is a folder of single-file checkpoints, not a diffusers folder: pass the file "

@@ -1520,6 +1520,22 @@ def test_loader_file_missing_names_where_to_get_it(pack):
         run(nodes["DiffSR_SD21Loader"], base="checkpoints/v2-1_512-ema-pruned.safetensors")
 
 
+def test_a_link_to_nothing_in_a_model_folder_names_its_target(pack):
+    """ComfyUI lists a link whose file was moved or deleted (os.walk) but finds no file there (folder_paths
+    get_full_path: isfile): the loader said the file was not in models/checkpoints, to be put there."""
+    _, nodes = pack
+    link = os.path.join(os.environ["DIFFSR_TEST_MODELS"], "checkpoints", "v2-1_512-ema-pruned.safetensors")
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    os.symlink("/moved/away/v2-1_512-ema-pruned.safetensors", link)
+    try:
+        with pytest.raises(FileNotFoundError, match=r"'v2-1_512-ema-pruned\.safetensors' in models/checkpoints is a "
+                                                    r"link to '/moved/away/v2-1_512-ema-pruned\.safetensors', which "
+                                                    r"does not exist"):
+            run(nodes["DiffSR_SD21Loader"], base="checkpoints/v2-1_512-ema-pruned.safetensors")
+    finally:
+        os.remove(link)
+
+
 @pytest.mark.parametrize("method", ["osediff_tiles", "dossr_steps"])
 def test_cancel_mid_run_stops_within_one_unit_and_rerun_is_identical(pack, osediff_model, monkeypatch, method):
     """The user presses Cancel after the 2nd tile / step: the node raises at the very next check, and the next

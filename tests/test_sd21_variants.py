@@ -206,3 +206,16 @@ def test_a_link_to_nothing_names_its_target(tmp_path, loader):
     with pytest.raises(WeightFileError, match=rf"is a link to '{tmp_path}/moved/v2-1_512-ema-pruned\.safetensors', "
                                               r"which does not exist"):
         load_sd21(str(link)) if loader == "base" else read_osediff(str(link))
+
+
+def test_a_part_folder_taken_out_of_its_diffusers_folder_is_named(tmp_path):
+    """A unet/ folder copied on its own (config.json and its weights) is one part of a diffusers folder, not a folder
+    of single-file checkpoints to pick a file from."""
+    import shutil
+
+    folder = copy_tiny_sd21(tmp_path / "stable-diffusion-2-1-base")
+    part = shutil.copytree(os.path.join(folder, "unet"), tmp_path / "unet")
+    with pytest.raises(WeightFileError, match=r"'unet' holds one part of a diffusers folder \(its config\.json and "
+                                              r"weights\), not the whole folder: pass the folder holding unet/, vae/ "
+                                              r"and text_encoder/"):
+        load_sd21(str(part))
