@@ -58,6 +58,26 @@ def test_a_folder_of_variant_or_pickled_parts_loads_its_weights(tmp_path, refere
     same_weights(load_sd21(folder), expected)
 
 
+def test_a_sharded_fp16_variant_part_loads_its_weights(tmp_path, reference):
+    """A part that ``save_pretrained(variant="fp16", max_shard_size=...)`` split: its shards and the index diffusers
+    names for the variant, ``diffusion_pytorch_model.safetensors.index.fp16.json``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = as_variant(copy_tiny_sd21(tmp_path / "sharded"), "fp16")
+    unet_file = os.path.join(folder, "unet", "diffusion_pytorch_model.fp16.safetensors")
+    tensors = load_file(unet_file)
+    keys = sorted(tensors)
+    shards = {f"diffusion_pytorch_model-0000{i + 1}-of-00002.fp16.safetensors": keys[i::2] for i in range(2)}
+    for shard, names in shards.items():
+        save_file({k: tensors[k] for k in names}, os.path.join(folder, "unet", shard))
+    with open(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors.index.fp16.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": {k: shard for shard, names in shards.items() for k in names}}, f)
+    os.remove(unet_file)
+    same_weights(load_sd21(folder), reference[1])
+
+
 def test_pickled_parts_are_read_by_the_packs_weights_only_reader(tmp_path, reference, monkeypatch):
     """A folder of ``.bin`` parts does not depend on transformers' rules for pickles: from 4.50 it refuses every
     ``torch.load`` below torch 2.6 (CVE-2025-32434), which the pack reads with ``weights_only=True`` from torch 2.1
