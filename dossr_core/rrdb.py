@@ -65,7 +65,10 @@ class RRDBNet(nn.Module):
         self.to(memory_format=torch.channels_last)
 
     def forward(self, x):
-        feat = self.conv_first(x.contiguous(memory_format=torch.channels_last))
+        # a channels-last copy with its own strides: ``contiguous`` keeps a single image whose batch stride is not
+        # C·H·W (a file read by ``pil_to_tensor``), which PyTorch then convolves in the contiguous layout, and so
+        # rounds otherwise than a ComfyUI IMAGE
+        feat = self.conv_first(x.clone(memory_format=torch.channels_last))
         feat = feat + self.conv_body(self.body(feat))
         return self.tiled_tail(feat)
 

@@ -79,11 +79,13 @@ def resize(image, size, method="bicubic"):
     """Resize (B, 3, H, W) in [0, 1] to ``size`` = (W, H) exactly as ``PIL.Image.resize`` would.
 
     8-bit images go through PIL's RGB path (rounded to 8 bits, as the official code); other
-    float images through PIL's float path per channel.
+    float images through PIL's float path per channel. The result is a contiguous tensor, also at the same size:
+    convolutions pick their memory layout, and so their rounding, by their input's strides, which differ between a
+    file read (``pil_to_tensor``) and a ComfyUI IMAGE (channels last).
     """
     width, height = size
     if (image.shape[-1], image.shape[-2]) == (width, height):
-        return image.clone()
+        return image.clone(memory_format=torch.contiguous_format)
     eight_bit = is_8bit(image)
     out = [_from_pil([np.asarray(im.resize((width, height), RESAMPLE[method])) for im in _pil_images(one, eight_bit)],
                      eight_bit) for one in image]

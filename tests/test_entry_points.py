@@ -1,0 +1,348 @@
+"""The three ways to run each method give the same output for the same settings: the commands (``osediff``,
+``dossr``), the Python API (``osediff_upscale``, ``dossr_upscale``) and the ComfyUI nodes, all-in-one and modular
+(run against the host stand-ins, tests/comfy_stubs), on the tiny models. They run the same computation, so the
+outputs are equal bit for bit: the API's and the nodes' float images, and the commands' 8-bit files with the API's
+output rounded to 8 bits.
+
+Cases already covered elsewhere: the all-in-one OSEDiff node is the core function image by image
+(test_nodes.py::test_all_in_one_equals_the_core_and_modular_graph); ``dossr`` encodes its prompt once and writes the
+API's output rounded (test_dossr_pipeline.py::test_command_encodes_its_prompt_once_for_every_image); a converted
+DAPE file gives the command the same prompts as the two official files (test_osediff_cli.py::
+test_osediff_with_dape_prompts)."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from comfyui_diffsr.cli import dossr as dossr_command
+from comfyui_diffsr.cli import osediff as osediff_command
+from comfyui_diffsr.cli.common import read_image
+from comfyui_diffsr.dossr_core import pipeline as dossr_pipeline
+from comfyui_diffsr.dossr_core.model import load_dossr
+from comfyui_diffsr.osediff_core import pipeline as osediff_pipeline
+from comfyui_diffsr.osediff_core.weights import read_osediff
+from comfyui_diffsr.sr_common.image import pil_to_tensor, tensor_to_uint8
+from comfyui_diffsr.sr_common.sd21 import encode_prompt, load_sd21
+
+from conftest import DAPE, DOSSR, DOSSR_CONFIG, OSEDIFF, RAM, copy_tiny_sd21, host_stand_ins
+from workflow_schema import import_pack
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A ComfyUI models folder with the tiny models; its diffusers/tiny_sd21 is the commands' --base too."""
+    folder = tmp_path_factory.mktemp("models")
+    copy_tiny_sd21(folder / "diffusers" / "tiny_sd21")
+    for kind, paths in (("osediff", [OSEDIFF]), ("dossr", [DOSSR]), ("dape", [RAM, DAPE]), ("configs", [DOSSR_CONFIG])):
+        (folder / kind).mkdir()
+        for path in paths:
+            shutil.copy(path, folder / kind)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def base(models):
+    """The tiny SD 2.1-base folder, as the commands' --base."""
+    return str(models / "diffusers" / "tiny_sd21")
+
+
+@pytest.fixture(scope="module")
+def nodes(models):
+    name = "custom_nodes_x_diffsr_entry_points"
+    with host_stand_ins(name, models):
+        yield {n.define_schema().node_id: n for n in import_pack(ROOT, name)}
+
+
+def run(node, **inputs):
+    """``node`` executed as ComfyUI executes it: in inference mode (execution.py L662)."""
+    with torch.inference_mode():
+        return node.execute(**inputs).args
+
+
+def written(main, image, folder, args):
+    """The image file ``main`` (a command) writes on the CPU for the 8-bit ``image`` (H, W, C) saved as a PNG, as an
+    array."""
+    folder.mkdir()
+    path = folder / "input.png"
+    Image.fromarray(image).save(path)
+    assert main([str(path), "-o", str(folder / "out"), "--device", "cpu", *map(str, args)]) == 0
+    return np.asarray(Image.open(folder / "out" / "input.png"))
+
+
+def as_node_image(image):
+    """An 8-bit array (H, W[, C]) as ComfyUI's Load Image gives it: IMAGE (1, H, W, C) in [0, 1]."""
+    values = torch.from_numpy(np.ascontiguousarray(image)).float() / 255
+    return (values[..., None] if values.dim() == 2 else values)[None]
+
+
+def random_image(height, width, channels=3, seed=0):
+    shape = (height, width, channels) if channels > 1 else (height, width)
+    return torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed)).to(torch.uint8).numpy()
+
+
+def rounded(api_output):
+    """The API's (1, C, H, W) output as the commands write it: 8 bits, rounded."""
+    return tensor_to_uint8(api_output)
+
+
+def as_api_image(node_image):
+    """A node's IMAGE (1, H, W, C) as the API's (1, C, H, W)."""
+    return node_image.movedim(-1, 1)
+
+
+# ------------------------------------------------------------------------------------------ OSEDiff
+@pytest.fixture(scope="module")
+def osediff_models(nodes, base):
+    """(the nodes' OSEDIFF_MODEL, its SD21_BASE, the model as ``osediff`` builds it)."""
+    (sd21,) = run(nodes["DiffSR_SD21Loader"], base="diffusers/tiny_sd21")
+    (model,) = run(nodes["OSEDiff_Loader"], sd21=sd21, weights="osediff_tiny.pkl")
+    with torch.no_grad():
+        command_model = osediff_pipeline.build_osediff(load_sd21(base, in_memory=True), read_osediff(OSEDIFF),
+                                                       consume=True)
+    return model, sd21, command_model
+
+
+def osediff_modular(nodes, model, image, prompt, *, upscale, process_size, color_fix, tile_latent, tile_overlap,
+                    dtype="fp32", conditioning=None, vae_tiles=(1024, 224)):
+    """OSEDiff LQ Encoder → One-Step UNet (the prompt text, or a CONDITIONING) → VAE Decode."""
+    sizing = dict(upscale=upscale, process_size=process_size)
+    (latent,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=image, vae_tile=vae_tiles[0], dtype=dtype, **sizing)
+    (x0,) = run(nodes["OSEDiff_OneStepUNet"], model=model, latent=latent, prompt=prompt, tile_latent=tile_latent,
+                tile_overlap=tile_overlap, dtype=dtype,
+                **({} if conditioning is None else {"conditioning": conditioning}))
+    (out,) = run(nodes["OSEDiff_VAEDecode"], model=model, latent=x0, reference=image, color_fix=color_fix,
+                 vae_tile=vae_tiles[1], dtype=dtype, **sizing)
+    return out
+
+
+def clip_text_encode(sd21, text):
+    """A stand-in of ComfyUI's CLIP Text Encode (nodes.py CLIPTextEncode.encode): the SD 2.1 text encoder's
+    embedding of ``text`` with its pooled output, as one CONDITIONING entry."""
+    with torch.no_grad():
+        embeds = encode_prompt(sd21.text_encoder, sd21.tokenizer, [text])
+    return [[embeds, {"pooled_output": embeds[:, -1]}]]
+
+
+# (height, width), prompt, upscale, process_size, colour fix, latent tile and overlap
+OSEDIFF_CASES = {
+    "53x37 x4, a prompt, adain": ((53, 37), "a cat", 4.0, 64, "adain", (96, 32)),
+    "19x13 x4, no prompt, wavelet, enlarged (process size 128)": ((19, 13), "", 4.0, 128, "wavelet", (96, 32)),
+    "48x40 x1, not resized, no colour fix": ((48, 40), "x", 1.0, 8, "none", (96, 32)),
+    "53x37 x8": ((53, 37), "x", 8.0, 64, "adain", (96, 32)),
+    "53x37 x2, latent tiles 16/8": ((53, 37), "x", 2.0, 64, "wavelet", (16, 8)),
+}
+
+
+@pytest.mark.parametrize("case", OSEDIFF_CASES)
+def test_osediff_command_api_and_nodes_agree(nodes, base, osediff_models, tmp_path, case):
+    """The same image and settings through ``osediff``, ``osediff_upscale`` (on the command's model), OSEDiff
+    Upscale, and LQ Encoder → One-Step UNet → VAE Decode with the prompt text and with a CONDITIONING of it: one
+    output, bit for bit (an 8-bit file of it from the command)."""
+    model, sd21, command_model = osediff_models
+    size, prompt, upscale, process_size, color_fix, (tile, overlap) = OSEDIFF_CASES[case]
+    image = random_image(*size)
+    command = written(osediff_command.main, image, tmp_path / "command", [
+        "--base", base, "--weights", OSEDIFF,
+        "--prompt", prompt, "--upscale", upscale, "--process-size", process_size, "--color-fix", color_fix,
+        "--tile-latent", tile, "--tile-overlap", overlap])
+    options = osediff_pipeline.Options(upscale=upscale, process_size=process_size, color_fix=color_fix,
+                                       tile_latent=tile, tile_overlap=overlap)
+    with torch.no_grad():
+        api = osediff_pipeline.osediff_upscale(command_model, pil_to_tensor(Image.fromarray(image)), prompt=prompt,
+                                               options=options)
+    settings = dict(upscale=upscale, process_size=process_size, color_fix=color_fix, tile_latent=tile,
+                    tile_overlap=overlap)
+    (all_in_one,) = run(nodes["OSEDiff_Upscale"], model=model, image=as_node_image(image), prompt=prompt, dtype="fp32",
+                        **settings)
+    modular = osediff_modular(nodes, model, as_node_image(image), prompt, **settings)
+    conditioned = osediff_modular(nodes, model, as_node_image(image), "ignored", conditioning=clip_text_encode(
+        sd21, prompt), **settings)
+    assert np.array_equal(command, rounded(api))
+    assert torch.equal(as_api_image(all_in_one), api)
+    assert torch.equal(modular, all_in_one) and torch.equal(conditioned, all_in_one)
+
+
+# ------------------------------------------------------------------------------------------ DoSSR
+@pytest.fixture(scope="module")
+def dossr_models(nodes, tmp_path_factory):
+    """(the nodes' DOSSR_MODEL, the model as ``dossr`` loads it, a prompt embedding, its --prompt-embeds file)."""
+    (model,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+    embeds = torch.randn(1, 77, model.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+    path = tmp_path_factory.mktemp("embeds") / "prompt.safetensors"
+    save_file({"prompt_embeds": embeds}, path)
+    return model, load_dossr(DOSSR, config=DOSSR_CONFIG), embeds, path
+
+
+def dossr_nodes(nodes, model, image, *, steps, seed, upscale, color_fix, tile_latent, tile_overlap, embeds):
+    """(DoSSR Upscale's output, DoSSR Sampler → DoSSR VAE Decode's) for the same inputs; ``embeds`` None: the
+    default prompt's text."""
+    common = dict(model=model, image=image, steps=steps, seed=seed, prompt=dossr_pipeline.DEFAULT_PROMPT,
+                  tile_latent=tile_latent, tile_overlap=tile_overlap, dtype="fp32",
+                  **({} if embeds is None else {"conditioning": [[embeds, {}]]}))
+    (all_in_one,) = run(nodes["DoSSR_Upscale"], upscale=upscale, color_fix=color_fix, **common)
+    latent, reference = run(nodes["DoSSR_Sampler"], **common)
+    (modular,) = run(nodes["DoSSR_VAEDecode"], model=model, latent=latent, reference=reference, upscale=upscale,
+                     color_fix=color_fix, vae_tile=224)
+    return all_in_one, modular
+
+
+# (height, width), steps, upscale, colour fix, latent tile and overlap, whether the prompt is the default text
+DOSSR_CASES = {
+    "19x13, 1 step, x4, wavelet": ((19, 13), 1, 4.0, "wavelet", (96, 32), False),
+    "19x13, 2 steps, x2.5, adain": ((19, 13), 2, 2.5, "adain", (96, 32), False),
+    "19x13, 3 steps, x3, no colour fix": ((19, 13), 3, 3.0, "none", (96, 32), False),
+    "19x13, 4 steps, x8": ((19, 13), 4, 8.0, "wavelet", (96, 32), False),
+    "19x13, 5 steps, x4, the default prompt's text": ((19, 13), 5, 4.0, "wavelet", (96, 32), True),
+    "16x20, 2 steps, x1": ((16, 20), 2, 1.0, "wavelet", (96, 32), False),
+    "44x40, 1 step, latent tiles 16/8": ((44, 40), 1, 4.0, "wavelet", (16, 8), False),
+}
+
+
+@pytest.mark.parametrize("case", DOSSR_CASES)
+def test_dossr_command_api_and_nodes_agree(nodes, dossr_models, tmp_path, case):
+    """The same image, seed and settings through ``dossr``, ``dossr_upscale`` (on the command's model), DoSSR
+    Upscale, and DoSSR Sampler → DoSSR VAE Decode: one output, bit for bit (an 8-bit file of it from the command):
+    the noise is drawn the same way in each (a CPU generator seeded per image, in the order posterior, init,
+    step_0, …)."""
+    model, command_model, embeds, embeds_file = dossr_models
+    size, steps, upscale, color_fix, (tile, overlap), prompt_text = DOSSR_CASES[case]
+    image = random_image(*size, seed=3)
+    command = written(dossr_command.main, image, tmp_path / "command", [
+        "--weights", DOSSR, "--config", DOSSR_CONFIG, "--steps", steps, "--seed", 42, "--upscale", upscale,
+        "--color-fix", color_fix, "--tile-latent", tile, "--tile-overlap", overlap,
+        *([] if prompt_text else ["--prompt-embeds", embeds_file])])
+    options = dossr_pipeline.Options(steps=steps, seed=42, upscale=upscale, color_fix=color_fix, tile_latent=tile,
+                                     tile_overlap=overlap)
+    prompt = {} if prompt_text else {"prompt_embeds": embeds}
+    with torch.no_grad():
+        api = dossr_pipeline.dossr_upscale(command_model, pil_to_tensor(Image.fromarray(image)), options=options,
+                                           **prompt)
+    all_in_one, modular = dossr_nodes(nodes, model, as_node_image(image), steps=steps, seed=42, upscale=upscale,
+                                      color_fix=color_fix, tile_latent=tile, tile_overlap=overlap,
+                                      embeds=None if prompt_text else embeds)
+    assert np.array_equal(command, rounded(api))
+    assert torch.equal(as_api_image(all_in_one), api)
+    assert torch.equal(modular, all_in_one)
+
+
+def test_a_dossr_seed_gives_an_image_the_same_output_at_any_place_in_a_batch(nodes, dossr_models, tmp_path):
+    """``dossr FOLDER --seed 5`` draws each image's noise from the seed afresh: the third image of a folder comes
+    out as when it is given alone, and as the third image of a batch in DoSSR Upscale (and alone there)."""
+    model, _, embeds, embeds_file = dossr_models
+    images = [random_image(16, 20, seed=seed) for seed in (4, 5, 6)]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for index, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{index}.png")
+    args = ["--weights", DOSSR, "--config", DOSSR_CONFIG, "--steps", "1", "--seed", "5", "--prompt-embeds",
+            str(embeds_file), "--device", "cpu"]
+    assert dossr_command.main([str(folder), "-o", str(tmp_path / "all"), *args]) == 0
+    assert dossr_command.main([str(folder / "2.png"), "-o", str(tmp_path / "alone"), *args]) == 0
+    third = np.asarray(Image.open(tmp_path / "all" / "2.png"))
+    assert np.array_equal(third, np.asarray(Image.open(tmp_path / "alone" / "2.png")))
+    settings = dict(model=model, steps=1, seed=5, prompt="", upscale=4.0, color_fix="wavelet", tile_latent=96,
+                    tile_overlap=32, dtype="fp32", conditioning=[[embeds, {}]])
+    (batch,) = run(nodes["DoSSR_Upscale"], image=torch.cat([as_node_image(image) for image in images]), **settings)
+    (alone,) = run(nodes["DoSSR_Upscale"], image=as_node_image(images[2]), **settings)
+    assert torch.equal(batch[2:], alone)
+    assert np.array_equal(third, rounded(as_api_image(alone)))
+
+
+# ------------------------------------------------------------------------------------------ both
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_osediff_dape_prompts_and_precision_agree(nodes, base, osediff_models, tmp_path, dtype):
+    """``osediff --ram --dape --user-prompt sharp --dtype D``, OSEDiff Upscale with Load DAPE (dtype D) and the
+    prompt 'sharp', and the modular chain with DAPE Prompt Extractor's text as the One-Step UNet's prompt (every
+    node in dtype D): the same prompt '{tags}, sharp,' and the same output."""
+    model, _, _ = osediff_models
+    image = random_image(53, 37, seed=7)
+    command = written(osediff_command.main, image, tmp_path / "command", [
+        "--base", base, "--weights", OSEDIFF, "--ram", RAM, "--dape", DAPE, "--user-prompt", "sharp",
+        "--process-size", 64, "--dtype", dtype])
+    (dape,) = run(nodes["DAPE_Loader"], ram_or_converted="ram_tiny.pth", dape="dape_tiny.pth", dtype=dtype)
+    settings = dict(upscale=4.0, process_size=64, color_fix="adain", tile_latent=96, tile_overlap=32)
+    (all_in_one,) = run(nodes["OSEDiff_Upscale"], model=model, image=as_node_image(image), prompt="sharp",
+                        dtype=dtype, dape=dape, **settings)
+    (prompt,) = run(nodes["DAPE_PromptExtractor"], dape=dape, image=as_node_image(image), upscale=4.0,
+                    process_size=64, user_prompt="sharp", tags_only=False, exclude="", max_tags=0)
+    modular = osediff_modular(nodes, model, as_node_image(image), prompt, dtype=dtype, **settings)
+    assert prompt.endswith(", sharp,") and len(prompt) > len(", sharp,")
+    assert np.array_equal(command, rounded(as_api_image(all_in_one)))
+    assert torch.equal(modular, all_in_one)
+
+
+def read_as_node_image(path):
+    """The values the commands read from ``path`` (``read_image``: RGB, 16-bit gray as its own values, its alpha)
+    as an IMAGE: gray as one channel, the alpha as a fourth."""
+    rgb, _, alpha = read_image(path)
+    values = rgb[:, :1] if Image.open(path).mode in ("L", "I;16") else rgb
+    return (values if alpha is None else torch.cat([values, alpha], dim=1)).movedim(1, -1)
+
+
+FILE_KINDS = {
+    "gray": lambda: Image.fromarray(random_image(20, 16, 1, seed=8)),
+    "RGBA": lambda: Image.fromarray(np.dstack([random_image(20, 16, seed=9), random_image(20, 16, 1, seed=10)])),
+    "16-bit gray": lambda: Image.fromarray(torch.randint(0, 65536, (20, 16), generator=torch.Generator().manual_seed(
+        11)).numpy().astype(np.uint16)),
+}
+
+
+@pytest.mark.parametrize("kind", FILE_KINDS)
+@pytest.mark.parametrize("method", ["osediff", "dossr"])
+def test_gray_transparent_and_16bit_files_agree_with_the_nodes(nodes, base, osediff_models, dossr_models, tmp_path,
+                                                               method, kind):
+    """A gray, an RGBA and a 16-bit gray file through the command, and the same values as an IMAGE (gray as one
+    channel, the alpha as a fourth) through the all-in-one node and the modular chain: the same output, its alpha
+    (upscaled bicubically beside the RGB) included. (ComfyUI's Load Image reads a 16-bit PNG as 8 bits; an IMAGE in
+    float16 is test_nodes.py::test_a_16bit_image_is_upscaled_as_its_float32_values.)"""
+    path = tmp_path / f"{kind}.png"
+    FILE_KINDS[kind]().save(path)
+    image = read_as_node_image(str(path))
+    if method == "osediff":
+        model = osediff_models[0]
+        settings = dict(upscale=4.0, process_size=64, color_fix="adain", tile_latent=96, tile_overlap=32)
+        assert osediff_command.main([str(path), "-o", str(tmp_path / "out"), "--base", base, "--weights", OSEDIFF,
+                                     "--process-size", "64", "--device", "cpu"]) == 0
+        (all_in_one,) = run(nodes["OSEDiff_Upscale"], model=model, image=image, prompt="", dtype="fp32", **settings)
+        modular = osediff_modular(nodes, model, image, "", **settings)
+    else:
+        model, _, embeds, embeds_file = dossr_models
+        assert dossr_command.main([str(path), "-o", str(tmp_path / "out"), "--weights", DOSSR, "--config",
+                                   DOSSR_CONFIG, "--steps", "1", "--prompt-embeds", str(embeds_file), "--device",
+                                   "cpu"]) == 0
+        all_in_one, modular = dossr_nodes(nodes, model, image, steps=1, seed=42, upscale=4.0, color_fix="wavelet",
+                                          tile_latent=96, tile_overlap=32, embeds=embeds)
+    command = np.asarray(Image.open(tmp_path / "out" / f"{kind}.png"))
+    assert command.shape == (80, 64, 4 if kind == "RGBA" else 3)
+    assert np.array_equal(command, rounded(as_api_image(all_in_one)))
+    assert torch.equal(modular, all_in_one)
+
+
+def test_the_output_does_not_depend_on_the_strides_of_the_input(osediff_models, dossr_models):
+    """One image in the layouts the entry points hand over, a file read (``pil_to_tensor``: its batch stride is 3, not
+    C·H·W), a ComfyUI IMAGE (channels last) and contiguous: one output from each pipeline. Convolutions take their
+    memory layout from their input's strides; an image not resized went into OSEDiff's encoder (×1), and every one
+    into DoSSR's RRDB, as it came, and a node's output was 1 level in 255 off the command's."""
+    _, _, command_model = osediff_models
+    _, dossr_model, embeds, _ = dossr_models
+
+    def layouts(image):
+        return {"file": pil_to_tensor(Image.fromarray(image)), "IMAGE": as_api_image(as_node_image(image)),
+                "contiguous": pil_to_tensor(Image.fromarray(image)).contiguous()}
+
+    image, lr = layouts(random_image(48, 40, seed=14)), layouts(random_image(16, 12, seed=15))
+    assert image["file"].stride()[0] == 3 and image["IMAGE"].is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        osediff = {name: osediff_pipeline.osediff_upscale(command_model, one, prompt="", options=osediff_pipeline.Options(
+            upscale=1, process_size=8, color_fix="none")) for name, one in image.items()}
+        dossr = {name: dossr_pipeline.dossr_upscale(dossr_model, one, prompt_embeds=embeds,
+                                                    options=dossr_pipeline.Options(steps=1)) for name, one in lr.items()}
+    for outputs in (osediff, dossr):
+        assert torch.equal(outputs["file"], outputs["IMAGE"]) and torch.equal(outputs["file"], outputs["contiguous"])
