@@ -252,19 +252,19 @@ SEEDS = range(-2**63, 2**64)  # what torch.Generator.manual_seed takes (a negati
 def add_seed_arg(parser, default, help):
     """--seed, refused when the arguments are read where a ``torch.Generator`` cannot take it."""
     parser.add_argument("--seed", type=_integer_in(SEEDS, "-2^63 to 2^64 - 1"), default=default,
-                        help=f"{help} (-2^63 to 2^64 - 1)")
+                        help=f"{help} (-2^63 to 2^64 - 1; default {default})")
 
 
 def add_tile_args(parser, mode_note=""):
     """The latent and VAE tiles, as both methods take them (``check_tile_args`` checks them)."""
     parser.add_argument("--tile-latent", type=int, default=DEFAULT_TILES.tile_latent,
-                        help="latent tile size (latent px; 0 = never tile)")
+                        help="latent tile size (latent px; 0 = never tile; default %(default)s)")
     parser.add_argument("--tile-overlap", type=int, default=DEFAULT_TILES.tile_overlap,
-                        help="latent tile overlap (latent px)")
+                        help="latent tile overlap (latent px; default %(default)s)")
     parser.add_argument("--vae-tile-encode", type=int, default=DEFAULT_TILES.vae_tile_encode,
-                        help="VAE encoder tile size (image px; 0 = off)")
+                        help="VAE encoder tile size (image px; 0 = off; default %(default)s)")
     parser.add_argument("--vae-tile-decode", type=int, default=DEFAULT_TILES.vae_tile_decode,
-                        help="VAE decoder tile size (latent px; 0 = off)")
+                        help="VAE decoder tile size (latent px; 0 = off; default %(default)s)")
     parser.add_argument("--vae-tile-mode", choices=["bounded", "exact"], default="bounded",
                         help="bounded: one tile at a time, memory stays flat as images grow (default); exact: the "
                              f"untiled result, memory grows with the image{mode_note}")

@@ -30,14 +30,17 @@ def build_parser():
                    "non-standard size")
     p.add_argument("--config", default=None, help="official-style ControlLDM yaml for the .ckpt (default: SD 2.1 "
                    "cldm_v21.yaml shipped in the pack)")
-    p.add_argument("--steps", type=int, default=5, help="sampling steps (5 for dossr_default, 1 for dossr_onestep)")
+    p.add_argument("--steps", type=int, default=5,
+                   help="sampling steps (default 5, for dossr_default; 1 for dossr_onestep)")
     add_seed_arg(p, 42, "seed of every random draw")
     prompt = p.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt (default: the official one)")
+    prompt.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt (default %(default)r, the official one)")
     prompt.add_argument("--prompt-embeds", default=None, help="safetensors with a precomputed (1, 77, 1024) "
                         "'prompt_embeds' tensor, in place of --prompt (skips the text encoder)")
-    p.add_argument("--color-fix", choices=COLOR_FIXES, default="wavelet")
-    p.add_argument("--upscale", type=float, default=4, help="output scale (model works at x4; others resize)")
+    p.add_argument("--color-fix", choices=COLOR_FIXES, default="wavelet",
+                   help="colour correction against the RRDB x4 image (default wavelet, the official)")
+    p.add_argument("--upscale", type=float, default=4,
+                   help="output scale (model works at x4; others resize; default 4)")
     add_tile_args(p)
     p.add_argument("--noise-file", default=None, help="safetensors with 'posterior', 'init', 'step_0'... "
                    "replacing every random draw (one input image only)")
@@ -45,7 +48,7 @@ def build_parser():
                    help="also write <name>.noise.safetensors per output (made again with --skip-existing where its "
                         "image is missing)")
     p.add_argument("--gamma", type=float, default=1.0, help="EXPERIMENTAL, not the paper: < 1 moves the sampler "
-                   "towards the deterministic ODE (0 = no fresh noise); 1 = official")
+                   "towards the deterministic ODE (0 = no fresh noise); 1 = official (default 1)")
     add_output_args(p)
     add_device_args(p)
     add_compile_arg(p)

@@ -39,9 +39,10 @@ def build_parser():
                         f"{MAX_PROCESS_SIZE} (default 512)")
     p.add_argument("--official-sizing", action="store_true",
                    help="the official size rules (raise small inputs, shrink to a multiple of 8, no crop back)")
-    p.add_argument("--color-fix", choices=COLOR_FIXES, default="adain")
+    p.add_argument("--color-fix", choices=COLOR_FIXES, default="adain",
+                   help="colour correction against the upscaled input (default adain, the official)")
     p.add_argument("--sample-mode", choices=["mean", "sample"], default="mean",
-                   help="VAE posterior mean (deterministic) or a seeded sample (the official samples)")
+                   help="VAE posterior mean (deterministic; the default) or a seeded sample (the official samples)")
     add_seed_arg(p, 0, "seed for --sample-mode sample")
     add_tile_args(p, " (--official-sizing uses the official tiled VAE)")
     add_output_args(p)

@@ -24,9 +24,9 @@ def upscale_input():
 
 
 def process_size_input():
-    return io.Int.Input("process_size", default=512, min=8, max=MAX_PROCESS_SIZE, step=8,
+    return io.Int.Input("process_size", default=512, min=0, max=MAX_PROCESS_SIZE, step=8,
                         tooltip="Inputs with a side below process_size / upscale are enlarged first and the result "
-                                "is resized back (the official default 512).")
+                                "is resized back (the official default 512; 0 = never enlarged).")
 
 
 def tile_inputs():
@@ -34,7 +34,8 @@ def tile_inputs():
                          tooltip="Latent tile size for the UNet (96 = 768 px, the official default; 0 = never tile). "
                                  "Halved automatically on out-of-memory, with the VAE tiles."),
             io.Int.Input("tile_overlap", default=host.DEFAULT_TILES.tile_overlap, min=0, max=256, step=8,
-                         tooltip="Latent tile overlap.")]
+                         tooltip="Latent tile overlap (32, the official default); one of tile_latent − 8 or more "
+                                 "is lowered to tile_latent − 8.")]
 
 
 DECODER_PRECISION = ("The VAE decoder's precision, set here: the model is shared with other nodes, so without it the "

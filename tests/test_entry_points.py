@@ -2,7 +2,8 @@
 ``dossr``), the Python API (``osediff_upscale``, ``dossr_upscale``) and the ComfyUI nodes, all-in-one and modular
 (run against the host stand-ins, tests/comfy_stubs), on the tiny models. They run the same computation, so the
 outputs are equal bit for bit: the API's and the nodes' float images, and the commands' 8-bit files with the API's
-output rounded to 8 bits.
+output rounded to 8 bits. What the settings are called in each (the commands' options, the ``Options`` fields, the
+node widgets, the README's command lines) has the same defaults, and ``--help`` names them.
 
 Cases already covered elsewhere: the all-in-one OSEDiff node is the core function image by image
 (test_nodes.py::test_all_in_one_equals_the_core_and_modular_graph); ``dossr`` encodes its prompt once and writes the
@@ -10,7 +11,10 @@ API's output rounded (test_dossr_pipeline.py::test_command_encodes_its_prompt_on
 DAPE file gives the command the same prompts as the two official files (test_osediff_cli.py::
 test_osediff_with_dape_prompts)."""
 
+import argparse
+import dataclasses
 import os
+import re
 import shutil
 
 import numpy as np
@@ -19,6 +23,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from comfyui_diffsr.cli import dape as dape_command
 from comfyui_diffsr.cli import dossr as dossr_command
 from comfyui_diffsr.cli import osediff as osediff_command
 from comfyui_diffsr.cli.common import read_image
@@ -135,6 +140,7 @@ OSEDIFF_CASES = {
     "53x37 x4, a prompt, adain": ((53, 37), "a cat", 4.0, 64, "adain", (96, 32)),
     "19x13 x4, no prompt, wavelet, enlarged (process size 128)": ((19, 13), "", 4.0, 128, "wavelet", (96, 32)),
     "48x40 x1, not resized, no colour fix": ((48, 40), "x", 1.0, 8, "none", (96, 32)),
+    "19x13 x4, process size 0 (never enlarged)": ((19, 13), "x", 4.0, 0, "adain", (96, 32)),
     "53x37 x8": ((53, 37), "x", 8.0, 64, "adain", (96, 32)),
     "53x37 x2, latent tiles 16/8": ((53, 37), "x", 2.0, 64, "wavelet", (16, 8)),
 }
@@ -346,3 +352,119 @@ def test_the_output_does_not_depend_on_the_strides_of_the_input(osediff_models, 
                                                     options=dossr_pipeline.Options(steps=1)) for name, one in lr.items()}
     for outputs in (osediff, dossr):
         assert torch.equal(outputs["file"], outputs["IMAGE"]) and torch.equal(outputs["file"], outputs["contiguous"])
+
+
+# ------------------------------------------------------------------------------------------ defaults
+PARSERS = {"osediff": osediff_command.build_parser(), "dossr": dossr_command.build_parser(),
+           "dape": dape_command.build_parser()}
+
+
+def option_default(command, dest):
+    (action,) = [a for a in PARSERS[command]._actions if a.dest == dest]
+    return action.default
+
+
+def shown_default(value):
+    """A default as a help text or the README writes it: 4 for 4.0."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@pytest.mark.parametrize("command", PARSERS)
+def test_help_names_every_default(command):
+    """Every option of ``osediff``, ``dossr`` and ``diffsr dape`` that has a default (not an empty text, off, or
+    chosen at run time: --device, --dtype) says it in --help, as its value."""
+    parser = PARSERS[command]
+    for action in parser._actions:
+        if action.default in (None, False, "", argparse.SUPPRESS) or not action.option_strings:
+            continue
+        shown = (action.help or "") % dict(vars(action), prog=parser.prog)  # as argparse expands it
+        assert "default" in shown and shown_default(action.default) in shown, (action.option_strings, shown)
+
+
+@pytest.mark.parametrize("command, options", [("osediff", osediff_pipeline.Options),
+                                              ("dossr", dossr_pipeline.Options)])
+def test_the_commands_defaults_are_the_apis(command, options):
+    """Each option of the command that is a field of the API's ``Options`` has that field's default."""
+    fields = {f.name: f.default for f in dataclasses.fields(options)}
+    shared = [a.dest for a in PARSERS[command]._actions if a.dest in fields]
+    assert len(shared) >= 9, shared
+    assert {dest: option_default(command, dest) for dest in shared} == {dest: fields[dest] for dest in shared}
+
+
+# node: {widget: (command, option)} where they differ in name or the widget's default is not its own command's
+NODE_WIDGETS = {
+    "OSEDiff_Upscale": {"upscale": ("osediff", "upscale"), "process_size": ("osediff", "process_size"),
+                        "color_fix": ("osediff", "color_fix"), "tile_latent": ("osediff", "tile_latent"),
+                        "tile_overlap": ("osediff", "tile_overlap"), "prompt": ("osediff", "user_prompt")},
+    "OSEDiff_LQEncoder": {"upscale": ("osediff", "upscale"), "process_size": ("osediff", "process_size"),
+                          "vae_tile": ("osediff", "vae_tile_encode")},
+    "OSEDiff_OneStepUNet": {"tile_latent": ("osediff", "tile_latent"), "tile_overlap": ("osediff", "tile_overlap"),
+                            "prompt": ("osediff", "user_prompt")},
+    "OSEDiff_VAEDecode": {"upscale": ("osediff", "upscale"), "process_size": ("osediff", "process_size"),
+                          "color_fix": ("osediff", "color_fix"), "vae_tile": ("osediff", "vae_tile_decode")},
+    "DAPE_PromptExtractor": {"upscale": ("dape", "upscale"), "process_size": ("dape", "process_size"),
+                             "user_prompt": ("dape", "user_prompt"), "tags_only": ("dape", "tags_only"),
+                             "exclude": ("dape", "exclude"), "max_tags": ("dape", "max_tags")},
+    "DoSSR_Upscale": {name: ("dossr", name) for name in ("steps", "seed", "prompt", "upscale", "color_fix",
+                                                         "tile_latent", "tile_overlap")},
+    "DoSSR_Sampler": {name: ("dossr", name) for name in ("steps", "seed", "prompt", "tile_latent", "tile_overlap")},
+    "DoSSR_VAEDecode": {"upscale": ("dossr", "upscale"), "color_fix": ("dossr", "color_fix"),
+                        "vae_tile": ("dossr", "vae_tile_decode")},
+}
+
+
+@pytest.mark.parametrize("node", NODE_WIDGETS)
+def test_the_nodes_widget_defaults_are_the_commands(nodes, node):
+    """Each widget of the nodes that a command has as an option has its default (OSEDiff's prompt widgets: the text
+    after DAPE's tags, or alone, as --user-prompt, empty), and every widget with a default is listed (dtype aside:
+    'auto', which the commands say as no --dtype)."""
+    widgets = {i.id: i.default for i in nodes[node].define_schema().inputs if i.default is not None}
+    assert set(widgets) - {"dtype"} == set(NODE_WIDGETS[node])
+    assert {name: widgets[name] for name in NODE_WIDGETS[node]} == {
+        name: option_default(*option) for name, option in NODE_WIDGETS[node].items()}
+
+
+def readme_command_lines():
+    """{command: its line(s) in the README's ``## Command line`` block}."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    block = text.split("## Command line", 1)[1].split("```", 2)[1]
+    commands, name = {}, None
+    for line in block.splitlines():
+        if line and not line[0].isspace():
+            name = line.split()[0]
+        if name and not line.lstrip().startswith("#"):
+            commands[name] = commands.get(name, "") + " " + line.split("#")[0]
+    return commands
+
+
+@pytest.mark.parametrize("command", PARSERS)
+def test_the_readmes_command_lines_show_the_defaults(command):
+    """In the README's command lines, an option written with a value (``[--upscale 4]``) has that default, and one
+    written with its choices (``[--color-fix adain|wavelet|none]``) has those choices, its default first (but
+    --device and --dtype, chosen at run time)."""
+    line = readme_command_lines()[command]
+    shown = re.findall(r"\[(--[a-z-]+) ([a-z0-9.|]+)\]", line)
+    assert len(shown) >= 2, line
+    for option, value in shown:
+        if option in ("--device", "--dtype"):
+            continue
+        (action,) = [a for a in PARSERS[command]._actions if option in a.option_strings]
+        if "|" in value:
+            assert value.split("|")[0] == action.default and set(value.split("|")) == set(action.choices), option
+        else:
+            assert value == shown_default(action.default), option
+
+
+def test_the_osediff_nodes_take_the_sizes_the_commands_take(nodes):
+    """upscale and process_size in the OSEDiff nodes and DAPE Prompt Extractor range as ``osediff`` and ``diffsr
+    dape`` take them: 1 to 8, and 0 (no input enlarged) to 4096."""
+    from comfyui_diffsr.cli.common import check_sizing_args
+
+    for upscale, process_size in ((1, 0), (8, osediff_pipeline.MAX_PROCESS_SIZE)):
+        check_sizing_args(argparse.Namespace(upscale=upscale, process_size=process_size, official_sizing=False))
+    for node in ("OSEDiff_Upscale", "OSEDiff_LQEncoder", "OSEDiff_VAEDecode", "DAPE_PromptExtractor"):
+        widgets = {i.id: i.options for i in nodes[node].define_schema().inputs}
+        assert (widgets["upscale"]["min"], widgets["upscale"]["max"]) == (1, 8), node
+        assert (widgets["process_size"]["min"], widgets["process_size"]["max"]) == (
+            0, osediff_pipeline.MAX_PROCESS_SIZE), node
