@@ -174,7 +174,9 @@ class DoSSRDecode(io.ComfyNode):
         return io.Schema(
             node_id="DoSSR_VAEDecode", display_name="DoSSR VAE Decode", category=CATEGORY,
             description="Tiled VAE decode, crop to the RRDB image, colour fix against it, resize for scales other "
-                        "than ×4 (8-bit quantised LANCZOS, as the official).",
+                        "than ×4 (8-bit quantised LANCZOS, as the official). An alpha of the REFERENCE (the LR "
+                        "alpha at ×4) is resized from there: at other scales it differs slightly from DoSSR "
+                        "Upscale's, which resizes the LR alpha.",
             inputs=[DOSSR.Input("model", tooltip="From 'Load DoSSR' (its VAE is the SD 2.1 one)."),
                     io.Latent.Input("latent", tooltip="From 'DoSSR Sampler'."),
                     io.Image.Input("reference", tooltip="REFERENCE of 'DoSSR Sampler' (size and colour reference)."),

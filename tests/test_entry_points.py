@@ -331,6 +331,27 @@ def test_gray_transparent_and_16bit_files_agree_with_the_nodes(nodes, base, osed
     assert torch.equal(modular, all_in_one)
 
 
+def test_dossr_decode_resizes_the_references_alpha_at_other_scales(nodes, dossr_models):
+    """At scales other than ×4, DoSSR VAE Decode has only the REFERENCE's alpha, the LR alpha upscaled ×4, and
+    resizes that one to the output (bicubically, as every alpha), where DoSSR Upscale resizes the LR alpha: their
+    colours are equal, their alphas a bicubic resize apart (README, DoSSR VAE Decode)."""
+    from comfyui_diffsr.sr_common.image import resized_alpha
+
+    model, _, embeds, _ = dossr_models
+    image = as_node_image(np.dstack([random_image(20, 16, seed=12), random_image(20, 16, 1, seed=13)]))
+    common = dict(model=model, image=image, steps=1, seed=42, prompt="", tile_latent=96, tile_overlap=32,
+                  dtype="fp32", conditioning=[[embeds, {}]])
+    latent, reference = run(nodes["DoSSR_Sampler"], **common)
+    (all_in_one,) = run(nodes["DoSSR_Upscale"], upscale=2.0, color_fix="wavelet", **common)
+    (modular,) = run(nodes["DoSSR_VAEDecode"], model=model, latent=latent, reference=reference, upscale=2.0,
+                     color_fix="wavelet", vae_tile=224)
+    assert modular.shape == all_in_one.shape == (1, 40, 32, 4)
+    assert torch.equal(modular[..., :3], all_in_one[..., :3])
+    x4_alpha = reference[..., 3:].movedim(-1, 1)
+    assert torch.equal(modular[..., 3:].movedim(-1, 1), resized_alpha(x4_alpha, (40, 32)))
+    assert not torch.equal(modular[..., 3], all_in_one[..., 3])
+
+
 def test_the_output_does_not_depend_on_the_strides_of_the_input(osediff_models, dossr_models):
     """One image in the layouts the entry points hand over, a file read (``pil_to_tensor``: its batch stride is 3, not
     C·H·W), a ComfyUI IMAGE (channels last) and contiguous: one output from each pipeline. Convolutions take their
