@@ -265,20 +265,35 @@ def _is_diffusers_folder(folder):
     return all(os.path.isdir(os.path.join(folder, part)) for part in DIFFUSERS_PARTS)
 
 
+def _pipeline_parts(folder):
+    """The part folders a diffusers folder's model_index.json names (``"unet": ["diffusers", "UNet2DConditionModel"]``),
+    and the parts read (``DIFFUSERS_PARTS``) whatever it says."""
+    try:
+        index = _read_json(os.path.join(folder, "model_index.json"))
+    except (OSError, ValueError):  # unreadable, or not JSON: the parts read
+        index = {}
+    named = {key for key, value in index.items() if isinstance(value, list)} if isinstance(index, dict) else set()
+    return named | set(DIFFUSERS_PARTS)
+
+
 def _diffusers_folder_above(path):
-    """The diffusers folder that ``path`` is a part of (a part folder such as unet/, a file in one, or the folder's
-    model_index.json), where ``path`` is not a diffusers folder itself; else None. Only a folder with its
-    model_index.json counts: a model tree with unet/, vae/ and text_encoder/ folders of single files is none."""
+    """The diffusers folder that ``path`` is a part of (one of its part folders, ``_pipeline_parts``, such as unet/;
+    a file in one; its model_index.json), where ``path`` is not a diffusers folder itself; else None. Only a folder
+    with its model_index.json counts: a model tree with unet/, vae/ and text_encoder/ folders of single files is none;
+    and only its parts: a model in another sub-folder (a snapshot copied into it, a checkpoints/ sub-folder) is not."""
     path = os.path.abspath(path)
     if os.path.isdir(path):
-        above = None if _is_diffusers_folder(path) else os.path.dirname(path)
+        if _is_diffusers_folder(path):
+            return None
+        above, part = os.path.dirname(path), os.path.basename(path)
     elif os.path.basename(path) == "model_index.json":
-        above = os.path.dirname(path)
+        above, part = os.path.dirname(path), None
     else:
-        above = os.path.dirname(os.path.dirname(path))
-    if above is None or not os.path.isfile(os.path.join(above, "model_index.json")):
+        folder = os.path.dirname(path)
+        above, part = os.path.dirname(folder), os.path.basename(folder)
+    if not (os.path.isfile(os.path.join(above, "model_index.json")) and _is_diffusers_folder(above)):
         return None
-    return above if _is_diffusers_folder(above) else None
+    return above if part is None or part in _pipeline_parts(above) else None
 
 
 def _hugging_face_snapshot(folder):

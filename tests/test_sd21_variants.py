@@ -163,6 +163,24 @@ def test_a_part_of_a_diffusers_folder_names_the_folder_to_pass(tmp_path, inside)
         load_sd21(os.path.join(folder, inside))
 
 
+def test_a_model_inside_a_diffusers_folder_but_not_in_its_parts_loads(tmp_path, reference):
+    """Only the diffusers folder's parts (unet/, a file in text_encoder/) are parts: a stable-diffusion-2-1-base
+    snapshot (with its v2-1_512-ema-pruned file) copied into another diffusers folder, or a single file in a sub-folder
+    of a models/checkpoints holding a diffusers folder's files, were refused as 'a part of the diffusers folder'."""
+    outer = copy_tiny_sd21(tmp_path / "checkpoints")
+    inner = copy_tiny_sd21(os.path.join(outer, "stable-diffusion-2-1-base"))
+    inner_single = os.path.join(inner, "v2-1_512-ema-pruned.safetensors")
+    sub_single = os.path.join(outer, "SD2", "v2-1_512-ema-pruned.safetensors")
+    os.makedirs(os.path.dirname(sub_single))
+    for path in (inner_single, sub_single):
+        with open(SINGLE, "rb") as src, open(path, "wb") as dst:
+            dst.write(src.read())
+        same_weights(load_sd21(path, config_dir=TINY_SD21), load_sd21(SINGLE, config_dir=TINY_SD21))
+    same_weights(load_sd21(inner), reference[1])
+    with pytest.raises(WeightFileError, match=r"^'SD2' is a folder of single-file checkpoints"):
+        load_sd21(os.path.dirname(sub_single))
+
+
 def hugging_face_cache(root, folder, revision="5ede9e4bf3e3fd1cb0ef2f7a3fff13ee514fdf06"):
     """``folder`` as huggingface_hub caches it: ``models--org--name/blobs/<hash>`` holding the files,
     ``snapshots/<revision>/<path>`` relative links to them, ``refs/main`` naming the revision."""
