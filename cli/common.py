@@ -74,7 +74,24 @@ def find_images(inputs, recursive=False, output=None):
 
 
 ESCAPED_CATEGORIES = ("Cc", "Cf", "Zl", "Zp")  # control and format characters, line and paragraph separators
-JOINERS = frozenset("\u200c\u200d")  # zero width non-joiner and joiner (Cf): emoji sequences, Persian, Indic words
+JOINERS = frozenset("\u200c\u200d")  # zero width non-joiner and joiner (Cf): emoji sequences, Arabic, Indic words
+VIRAMA = 9  # the canonical combining class of viramas (Devanagari ्, Malayalam ്, Sinhala ්, Khmer coeng)
+EMOJI_MODIFIERS = ("\U0001f3fb", "\U0001f3ff")  # the skin tones, first and last
+EMOJI_PRESENTATION = "\ufe0f"
+
+
+def _joins(before, joiner, after):
+    """Whether ``joiner`` between ``before`` and ``after`` shapes what is printed: next to a virama (a Brahmic
+    conjunct, क्\\u200dष, ന്\\u200d), between two Arabic-script letters (bidirectional class AL, می\\u200cخواهم), or
+    U+200D in an emoji sequence (after a symbol, a skin tone or U+FE0F, before a symbol: 👩\\u200d💻,
+    🏳\\ufe0f\\u200d🌈). Elsewhere it joins nothing, and two names differing by it print alike."""
+    if VIRAMA in (unicodedata.combining(before), unicodedata.combining(after)):
+        return True
+    if unicodedata.bidirectional(before) == unicodedata.bidirectional(after) == "AL":
+        return True
+    emoji_before = (unicodedata.category(before) == "So" or EMOJI_MODIFIERS[0] <= before <= EMOJI_MODIFIERS[1]
+                    or before == EMOJI_PRESENTATION)
+    return joiner == "\u200d" and emoji_before and unicodedata.category(after) == "So"
 
 
 def shown_name(name):
@@ -84,16 +101,16 @@ def shown_name(name):
     ``invoiceexe.png``; the invisible ones, U+200B zero width space, U+2060, U+FEFF, U+00AD soft hyphen, with which
     two names print alike) written as Python escapes (``\\n``, ``\\x1b``, ``\\xad``, ``\\u202e``), so that it
     stays on its line, reads as the file it is, and cannot rewrite the terminal. The joiners (``JOINERS``) are kept
-    between two characters that are not ASCII and are printed as they are (``👩\\u200d💻``); elsewhere they join
-    nothing and are escaped. Every other character as it is."""
-    def printed(c):
-        return unicodedata.category(c) not in ESCAPED_CATEGORIES
+    where they shape what is printed (``_joins``: ``👩\\u200d💻``), and escaped elsewhere. Every other character as
+    it is."""
+    padded = f"\0{name}\0"  # NUL at each end, which nothing joins
 
-    def joins(i):
-        return (name[i] in JOINERS and 0 < i < len(name) - 1
-                and all(not c.isascii() and printed(c) for c in (name[i - 1], name[i + 1])))
+    def shown(i, c):
+        if unicodedata.category(c) not in ESCAPED_CATEGORIES:
+            return c
+        return c if c in JOINERS and _joins(padded[i], c, padded[i + 2]) else repr(c)[1:-1]
 
-    return "".join(c if printed(c) or joins(i) else repr(c)[1:-1] for i, c in enumerate(name))
+    return "".join(shown(i, c) for i, c in enumerate(name))
 
 
 def _is_folder(path, folder_id):

@@ -1146,8 +1146,8 @@ def test_shown_names_escape_bidirectional_controls_and_keep_joiners():
 def test_shown_names_escape_invisible_format_characters():
     """Two files whose names differ by an invisible character (U+200B zero width space, U+2060 word joiner, U+FEFF,
     U+00AD soft hyphen, or any other Unicode format character, Cf) printed alike in the messages: those are escaped
-    too. The joiners are kept where they join two characters that are not ASCII (emoji sequences, a skin tone or an
-    emoji's variation selector before the joiner; Persian and Indic words), and escaped where they join nothing."""
+    too. The joiners are kept where they join (emoji sequences, a skin tone or an emoji's variation selector before
+    the joiner; Persian and Indic words), and escaped where they join nothing."""
     from comfyui_diffsr.cli import common
 
     for invisible in ("\u200b", "\u2060", "\ufeff", "\xad", "\u180e", "\U000e0041", "\U0001d173"):
@@ -1158,6 +1158,22 @@ def test_shown_names_escape_invisible_format_characters():
             assert common.shown_name(name.format(joiner)) == name.format(escaped).replace("\u200b", "\\u200b"), name
     for kept in ("👩\U0001f3fd\u200d💻.png", "❤\ufe0f\u200d🔥.png", "क्\u200dष.png", "می\u200cخواهم.png"):
         assert common.shown_name(kept) == kept
+
+
+def test_shown_names_escape_joiners_between_letters_of_scripts_that_do_not_join():
+    """A joiner between two characters that are not ASCII was kept, wherever they were: 'от\u200dчёт.png' printed as
+    'отчёт.png', so in Cyrillic, Greek, Hebrew, Thai or CJK names two files looked like one. Joiners are kept only
+    where they shape what is printed: an emoji sequence, a Brahmic conjunct (next to a virama), an Arabic-script
+    word."""
+    from comfyui_diffsr.cli import common
+
+    for joiner in ("\u200d", "\u200c"):
+        escaped = joiner.encode("unicode_escape").decode()
+        for name in ("от{}чёт.png", "日本{}語.png", "αβ{}γ.png", "שָׁ{}לום.png", "สวั{}สดี.png", "ü{}é.png", "é{}\u3164.png"):
+            assert common.shown_name(name.format(joiner)) == name.format(escaped), name
+    for kept in ("👩\u200d👩\u200d👧.png", "🏳\ufe0f\u200d🌈.png", "🧑🏿\u200d🦰.png", "ന്\u200d.png", "ශ්\u200dය.png",
+                 "র\u200d্য.png", "क्\u200cष.png", "نامه\u200cها.png", "ܐ\u200dܒ.png"):
+        assert common.shown_name(kept) == kept, kept
 
 
 def test_a_folder_runs_read_errors_name_the_image_once(tmp_path, capsys):
