@@ -296,9 +296,16 @@ def _diffusers_folder_above(path):
     return above if part is None or part in _pipeline_parts(above) else None
 
 
+def _single_files(folder):
+    """The single-file checkpoints (safetensors, .ckpt) in ``folder``, by name."""
+    return sorted(n for n in os.listdir(folder) if n.lower().endswith((*SAFETENSORS_SUFFIXES, ".ckpt")))
+
+
 def _hugging_face_snapshot(folder):
     """Where ``folder`` is a Hugging Face cache folder (``models--org--name``: ``snapshots/<revision>`` the
-    diffusers folders, ``refs/main`` the revision downloaded last): its snapshot to pass, else None."""
+    downloads, ``refs/main`` the revision downloaded last): what in it to pass, its snapshot (refs/main's, or the only
+    one), the diffusers folder, or the single file a snapshot without one holds (``huggingface-cli download <repo>
+    <file>``); else None."""
     snapshots = os.path.join(folder, "snapshots")
     if not os.path.isdir(snapshots):
         return None
@@ -308,9 +315,13 @@ def _hugging_face_snapshot(folder):
             main = f.read().strip()
     except OSError:
         main = None
-    if main in revisions or len(revisions) == 1:
-        return repr(os.path.join(snapshots, main if main in revisions else revisions[0]))
-    return f"{snapshots!r}/<revision>"
+    if not (main in revisions or len(revisions) == 1):
+        return f"its snapshot {snapshots!r}/<revision>, the diffusers folder"
+    snapshot = os.path.join(snapshots, main if main in revisions else revisions[0])
+    singles = [] if _is_diffusers_folder(snapshot) else _single_files(snapshot)
+    if singles:
+        return f"the file in its snapshot, {os.path.join(snapshot, singles[0])!r}"
+    return f"its snapshot {snapshot!r}, the diffusers folder"
 
 
 def check_diffusers_folder(folder):
@@ -320,13 +331,12 @@ def check_diffusers_folder(folder):
     absent = [part for part in DIFFUSERS_PARTS if not os.path.isdir(os.path.join(folder, part))]
     snapshot = _hugging_face_snapshot(folder) if absent else None
     if snapshot:
-        raise WeightFileError(f"{name!r} is a Hugging Face cache folder: pass its snapshot {snapshot}, the diffusers "
-                              "folder.")
+        raise WeightFileError(f"{name!r} is a Hugging Face cache folder: pass {snapshot}.")
     if absent and os.path.isfile(os.path.join(folder, "config.json")):  # unet/, vae/ or text_encoder/ alone
         raise WeightFileError(f"{name!r} holds one part of a diffusers folder (its config.json and weights), not the "
                               "whole folder: pass the folder holding unet/, vae/ and text_encoder/ (the "
                               "stable-diffusion-2-1-base folder).")
-    singles = sorted(n for n in os.listdir(folder) if n.lower().endswith((*SAFETENSORS_SUFFIXES, ".ckpt")))
+    singles = _single_files(folder)
     if absent and singles:
         raise WeightFileError(f"{name!r} is a folder of single-file checkpoints, not a diffusers folder: pass the file "
                               f"itself, e.g. {os.path.join(folder, singles[0])!r}.")

