@@ -7,7 +7,7 @@ from ..osediff_core.pipeline import (MAX_PROCESS_SIZE, Options, Plan, build_osed
                                      fixed_and_resized, lq_latent, one_step, osediff_upscale, preprocess)
 from ..osediff_core.weights import lq_encoder_pairs, merged_value, osediff_unet_changes, read_osediff
 from ..sr_common.color_fix import COLOR_FIXES, color_reference
-from ..sr_common.image import resized_alpha
+from ..sr_common.image import resized_alpha, scaled_size
 from ..sr_common.sd21 import PRECISIONS, SCALING_FACTOR, weights_out_of_memory
 from ..sr_common.tiling import is_out_of_memory, overlap_within
 from . import host
@@ -268,7 +268,9 @@ class OSEDiffDecode(io.ComfyNode):
             inputs=[OSEDIFF.Input("model", tooltip="From 'Load OSEDiff' (its VAE decoder is the frozen SD one)."),
                     io.Latent.Input("latent", tooltip="From 'OSEDiff One-Step UNet'. Of a standard VAE Encode of the "
                                                       "upscaled reference, which crops it to a multiple of 8 px: "
-                                                      "the output is that centre part."),
+                                                      "the output is that centre part (a reference with a side "
+                                                      "under process_size / upscale is enlarged first: set "
+                                                      "process_size to at most that side × upscale)."),
                     io.Image.Input("reference", tooltip="The low-quality input image (for colour fix and size)."),
                     upscale_input(),
                     process_size_input(),
@@ -289,7 +291,8 @@ class OSEDiffDecode(io.ComfyNode):
         for index, (one, x0) in enumerate(pairs):
             lq, plan = preprocess(one, upscale=upscale, process_size=process_size)
             lq_size = tuple(lq.shape[-2:])
-            lq, plan, box = _encoded_part(x0, latent.get(ENCODED_SIZE), lq, plan, upscale, process_size)
+            lq, plan, box = _encoded_part(x0, latent.get(ENCODED_SIZE), lq, plan, upscale, process_size,
+                                          one.shape[-2:])
             out = host.with_oom_retry(lambda vae_tile_decode: decoded_image(
                 model, x0 * SCALING_FACTOR, plan.crop, tile=vae_tile_decode, callback=host.check_interrupted),
                 vae_tile_decode=vae_tile)
@@ -303,31 +306,66 @@ class OSEDiffDecode(io.ComfyNode):
 ENCODED_SIZE = "diffsr_encoded_size"  # LATENT key: (H, W) of the upscaled image the OSEDiff LQ Encoder encoded
 
 
-def _encoded_part(latent, encoded_size, lq, plan, upscale, process_size):
+def _encoded_part(latent, encoded_size, lq, plan, upscale, process_size, reference_size):
     """The part of ``lq`` (the reference at this upscale and process_size) that ``latent`` was encoded from, the
     plan of its output, and that part as a box (top, left, H, W) of ``lq``'s size (None: all of it). A latent of the
     LQ Encoder (``encoded_size`` its LQ's size) is all of it, padded to a multiple of 8; one of ComfyUI's VAE Encode
     (no ``encoded_size``) may be its centre cropped to a multiple of 8 (``comfy/sd.py``
     ``VAE.vae_encode_crop_pixels``), whose output is that part at the output's scale. Any other latent was not made
-    from ``lq`` and is refused: it would be decoded to a corner of the image, or a stretched one."""
+    from ``lq`` and is refused (``_not_encoded_from``): it would be decoded to a corner of the image, or a stretched
+    one."""
     height, width = lq.shape[-2:]
-    padded, cropped = (-(-height // 8), -(-width // 8)), (height // 8, width // 8)
     if encoded_size is None or tuple(encoded_size) == (height, width):
-        if tuple(latent.shape[-2:]) == padded:
+        if tuple(latent.shape[-2:]) == _padded((height, width)):
             return lq, plan, None
+        cropped = _cropped((height, width))
         if encoded_size is None and tuple(latent.shape[-2:]) == cropped and min(cropped) > 0:
             h, w = 8 * cropped[0], 8 * cropped[1]
             top, left = height % 8 // 2, width % 8 // 2
             out_width, out_height = plan.output_size
             size = (max(1, int(w * out_width / width + 0.5)), max(1, int(h * out_height / height + 0.5)))
             return lq[..., top:top + h, left:left + w], Plan((h, w), size), (top, left, h, w)
+    raise ValueError(_not_encoded_from(latent, encoded_size, (height, width), reference_size, upscale, process_size))
+
+
+def _padded(size):
+    """The latent size (h, w) of an image of ``size`` (H, W) padded to a multiple of 8 (the LQ Encoder's)."""
+    return -(-size[0] // 8), -(-size[1] // 8)
+
+
+def _cropped(size):
+    """The latent size (h, w) of an image of ``size`` (H, W) cropped to a multiple of 8 (ComfyUI's VAE Encode)."""
+    return size[0] // 8, size[1] // 8
+
+
+def _not_encoded_from(latent, encoded_size, lq_size, reference_size, upscale, process_size):
+    """Why OSEDiff VAE Decode refuses ``latent`` against a reference of ``reference_size`` (H, W), whose LQ at this
+    upscale and process_size is ``lq_size``, with the fix: a latent the LQ Encoder made from that LQ and that was
+    resized since (Upscale Latent); one of the reference ×upscale not enlarged (VAE Encode of a small image upscaled
+    by Upscale Image By), which the largest process_size p with p // upscale <= its short side takes, as
+    ``enlarge_small`` enlarges no side then; else one of another image, upscale or process_size."""
+    h, w = latent.shape[-2:]
+    if encoded_size is not None and tuple(encoded_size) == tuple(lq_size):
+        made_h, made_w = _padded(lq_size)
+        return (f"OSEDiff VAE Decode: the LATENT is {w}×{h} (latent px), but the LQ Encoder made it {made_w}×{made_h} "
+                f"from this reference at upscale {upscale:g} and process_size {process_size}: it was resized or "
+                "cropped since (by Upscale Latent or a node like it), and this node decodes a latent at the size it "
+                "was encoded. Connect the One-Step UNet's LATENT as it is, or decode the resized one with the "
+                "standard VAE Decode.")
+    as_is_w, as_is_h = scaled_size(reference_size[1], reference_size[0], upscale)
+    as_is_size = max((p for p in range(8, process_size, 8) if p // upscale <= min(reference_size)), default=None)
+    if encoded_size is None and as_is_size and (h, w) in (_padded((as_is_h, as_is_w)), _cropped((as_is_h, as_is_w))):
+        return (f"OSEDiff VAE Decode: the LATENT is {w}×{h} (latent px), of the reference ×{upscale:g} as it is "
+                f"({as_is_w}×{as_is_h} px); at process_size {process_size} this node (as the LQ Encoder) takes a "
+                f"reference with a side under {process_size // upscale:g} px enlarged to {lq_size[1]}×{lq_size[0]} px "
+                f"first. Set process_size to {as_is_size} (or less) to decode this latent.")
     made = "" if encoded_size is None else f" (the LQ Encoder encoded {encoded_size[1]}×{encoded_size[0]} px)"
-    raise ValueError(f"OSEDiff VAE Decode: the LATENT is {latent.shape[-1]}×{latent.shape[-2]} (latent px){made}, but "
-                     f"the reference at upscale {upscale:g} and process_size {process_size} is {width}×{height} px, "
-                     f"whose latent is {padded[1]}×{padded[0]} from the OSEDiff LQ Encoder (or "
-                     f"{cropped[1]}×{cropped[0]} from a standard VAE Encode, which crops to a multiple of 8). Connect "
-                     "the image that was encoded, and give the encoder and this node the same upscale and "
-                     "process_size.")
+    padded, cropped = _padded(lq_size), _cropped(lq_size)
+    return (f"OSEDiff VAE Decode: the LATENT is {w}×{h} (latent px){made}, but the reference at upscale {upscale:g} and "
+            f"process_size {process_size} is {lq_size[1]}×{lq_size[0]} px, whose latent is {padded[1]}×{padded[0]} "
+            f"from the OSEDiff LQ Encoder (or {cropped[1]}×{cropped[0]} from a standard VAE Encode, which crops to a "
+            "multiple of 8). Connect the image that was encoded, and give the encoder and this node the same upscale "
+            "and process_size.")
 
 
 def _alpha_part(alpha, box, lq_size):

@@ -696,6 +696,37 @@ def test_a_standard_vae_encodes_latent_decodes_to_the_part_it_kept(pack, osediff
             reference=image)
 
 
+def test_a_latent_of_the_reference_upscaled_as_it_is_names_the_process_size_that_takes_it(pack, osediff_model):
+    """VAE Encode of a small reference upscaled bicubically ×upscale (ImageScaleBy) gives a latent of that size,
+    which OSEDiff VAE Decode takes only at a process_size that does not enlarge the reference first: the refusal
+    names that process_size (it said to give "the encoder" the same process_size, which VAE Encode has not), and
+    at that process_size the latent decodes. A LQ Encoder latent resized since (Upscale Latent) is refused as
+    resized, with the standard VAE Decode as the way to decode it."""
+    _, nodes = pack
+    _, model = osediff_model
+    image = torch.rand(1, 10, 9, 3, generator=torch.Generator().manual_seed(9))  # ×4: 36×40 px, latent 4×5 cropped
+
+    def vae_encoded(image):  # the samples alone, as VAE Encode gives them
+        (latent,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=image, upscale=1.0, process_size=8,
+                        vae_tile=0, dtype="fp32")
+        return {"samples": latent["samples"]}
+
+    latent = vae_encoded(torch.rand(1, 40, 32, 3))  # the centre 40×32 px of the 40×36 px ×4 image
+    decode = dict(model=model, latent=latent, reference=image, upscale=4.0, color_fix="none", vae_tile=0)
+    with pytest.raises(ValueError, match=r"the LATENT is 4×5 \(latent px\), of the reference ×4 as it is \(36×40 "
+                                         r"px\); at process_size 64 .* enlarged to 64×68 px first.* Set "
+                                         r"process_size to 32 "):
+        run(nodes["OSEDiff_VAEDecode"], **decode, process_size=64)
+    (out,) = run(nodes["OSEDiff_VAEDecode"], **decode, process_size=32)
+    assert out.shape == (1, 40, 32, 3)
+    (encoded,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=image, upscale=4.0, process_size=64, vae_tile=0,
+                     dtype="fp32")
+    resized = dict(encoded, samples=encoded["samples"][..., ::2, ::2])  # Upscale Latent keeps the other keys
+    with pytest.raises(ValueError, match=r"the LATENT is 4×5 \(latent px\), but the LQ Encoder made it 8×9 from this "
+                                         r"reference .* resized or cropped since .* standard VAE Decode"):
+        run(nodes["OSEDiff_VAEDecode"], **dict(decode, latent=resized), process_size=64)
+
+
 def test_osediff_latent_is_a_standard_sd_latent(pack, osediff_model):
     """OSEDiff LATENT through ComfyUI's VAE Decode ((decode(samples) + 1) / 2, clamped) = OSEDiff VAE Decode
     without colour fix; the LQ encoder's latent round-trips through the standard decode too."""
