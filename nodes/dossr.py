@@ -213,14 +213,17 @@ class DoSSRDecode(io.ComfyNode):
 
 
 def _check_latent_covers(latent, height, width):
-    """Refuse a latent that does not cover the reference as the sampler makes it: the reference's size in latent
-    pixels, padded by less than 64 px (the sampler pads its ×4 image to a multiple of 64). Otherwise the decode would
-    be cropped to a corner (the LR image given as the reference) or be smaller than the reference."""
+    """Refuse a latent of another size than the sampler makes for the reference: from an image, the reference (the ×4
+    image) padded right and bottom to a multiple of 64 px; from a LATENT, the reference's own size. Otherwise the
+    decode would be cropped to a corner (the LR image given as the reference, a latent resized by Upscale Latent) or
+    be smaller than the reference."""
     h, w = latent.shape[-2:]
-    if not (height <= 8 * h < height + PIXEL_MULTIPLE and width <= 8 * w < width + PIXEL_MULTIPLE):
+    padded = (-(-height // PIXEL_MULTIPLE) * PIXEL_MULTIPLE, -(-width // PIXEL_MULTIPLE) * PIXEL_MULTIPLE)
+    if (8 * h, 8 * w) not in ((height, width), padded):
         raise ValueError(f"DoSSR VAE Decode: the LATENT decodes to {8 * w}×{8 * h} px, which does not match the "
-                         f"{width}×{height} reference. Connect the REFERENCE output of the DoSSR Sampler that made "
-                         "the latent (the ×4 image, not the LR input).")
+                         f"{width}×{height} reference. Connect the REFERENCE output of the DoSSR Sampler that made the "
+                         "latent (the ×4 image, not the LR input), and its LATENT as it is (decode a latent resized "
+                         "since, by Upscale Latent or a node like it, with the standard VAE Decode).")
 
 
 NODES = [DoSSRLoader, DoSSRUpscale, DoSSRSampler, DoSSRDecode]

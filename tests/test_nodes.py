@@ -1963,6 +1963,29 @@ def test_dossr_decode_refuses_a_latent_that_does_not_fit_its_reference(pack):
             **decode)
 
 
+def test_dossr_decode_refuses_a_latent_resized_since_the_sampler(pack):
+    """The sampler's LATENT is the REFERENCE padded to a multiple of 64 px (from an image) or the REFERENCE's size
+    (from a latent); resized a little since (Upscale Latent By 1.2: 10 → 12 latent px, 96 px for an 80 px
+    reference), it was decoded and cropped to its top-left corner, a zoomed part of the image, silently. Now it is
+    refused, naming the standard VAE Decode for a resized latent; the sampler's own latents still decode."""
+    _, nodes = pack
+    (model,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+    embeds = torch.randn(1, 77, model.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+    common = dict(model=model, steps=1, seed=7, prompt="", tile_latent=0, tile_overlap=0, dtype="fp32",
+                  conditioning=[[embeds, {}]])
+    decode = dict(model=model, upscale=4.0, color_fix="none", vae_tile=0)
+    from_image = run(nodes["DoSSR_Sampler"], image=torch.rand(1, 16, 16, 3), **common)  # ×4: 64×64, latent 8×8
+    from_latent = run(nodes["DoSSR_Sampler"], latent={"samples": torch.randn(1, 4, 10, 9)}, **common)
+    for latent, reference in (from_image, from_latent):
+        (image,) = run(nodes["DoSSR_VAEDecode"], latent=latent, reference=reference, **decode)
+        assert image.shape == reference.shape
+        grown = torch.nn.functional.interpolate(latent["samples"], scale_factor=1.2, mode="nearest")
+        assert 8 * grown.shape[-2] < reference.shape[1] + 64  # within the padding the check allowed
+        with pytest.raises(ValueError, match=r"does not match the \d+×\d+ reference\. .* its LATENT as it is .* "
+                                             r"standard VAE Decode"):
+            run(nodes["DoSSR_VAEDecode"], latent={"samples": grown}, reference=reference, **decode)
+
+
 def test_a_precision_change_encodes_the_prompt_again(pack, osediff_model):
     """Prompt embeddings are kept in the precision the text encoder ran in: a run in another precision encodes its
     prompt again, so an fp32 run after a bf16 one gives the output of an fp32 run alone (not one computed from the
