@@ -104,8 +104,8 @@ def _unet_is_sd1(sd):
 def sd_family(sd):
     """The Stable Diffusion family of an LDM-layout state dict, told by its UNet as ComfyUI and diffusers tell it:
     'sd2', 'sd2-v', 'sd1', 'sdxl', 'sd2-unclip', one of ``UNET_INPUT_FAMILIES`` or 'other-input' (a UNet taking other
-    inputs than the 4 latent channels), 'no-text-encoder' (a UNet without a text encoder in any of ``TEXT_ENCODER_PREFIXES``), 'no-vae',
-    or None when it has no LDM UNet."""
+    inputs than the 4 latent channels), 'no-text-encoder' (a UNet without a text encoder in any of
+    ``TEXT_ENCODER_PREFIXES``), 'no-vae', or None when it has no LDM UNet."""
     keys = [k for k in sd if isinstance(k, str)]
     first_conv = sd.get(f"{UNET_PREFIX}input_blocks.0.0.weight")
     if torch.is_tensor(first_conv) and first_conv.dim() == 4 and first_conv.shape[1] != 4:
