@@ -496,7 +496,8 @@ def load_sd21(path, config_dir=None, *, in_memory=False):
     folder = _diffusers_folder_above(path)
     if folder is not None:
         raise WeightFileError(f"{os.path.basename(os.path.normpath(path))!r} is a part of the diffusers folder "
-                              f"{folder!r}: pass that folder itself.")
+                              f"{folder!r}: pass that folder itself (in ComfyUI: the whole folder in "
+                              "models/diffusers, chosen in Load SD 2.1-base (DiffSR)).")
     if os.path.isdir(path):
         return load_diffusers_folder(path, in_memory)
     return load_single_file(path, config_dir, in_memory)

@@ -155,11 +155,13 @@ def test_a_text_encoder_in_another_layout_loads_the_same_weights(tmp_path, layou
                                     "text_encoder/model.safetensors", "model_index.json"])
 def test_a_part_of_a_diffusers_folder_names_the_folder_to_pass(tmp_path, inside):
     """The path of a part (a part folder, a weight file in one, model_index.json) instead of the folder was refused
-    as a folder missing unet/, vae/ and text_encoder/, as an unknown file, or as a text file to download again."""
+    as a folder missing unet/, vae/ and text_encoder/, as an unknown file, or as a text file to download again. In
+    ComfyUI such a file sits in models/checkpoints, where a folder cannot be chosen: the message says where it can."""
     folder = copy_tiny_sd21(tmp_path / "stable-diffusion-2-1-base")
     name = os.path.basename(inside)
     with pytest.raises(WeightFileError, match=rf"^'{name}' is a part of the diffusers folder '{folder}': pass that "
-                                              r"folder itself\.$"):
+                                              r"folder itself \(in ComfyUI: the whole folder in models/diffusers, "
+                                              r"chosen in Load SD 2\.1-base \(DiffSR\)\)\.$"):
         load_sd21(os.path.join(folder, inside))
 
 
