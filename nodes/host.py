@@ -24,7 +24,7 @@ from ..sr_common.known_files import OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
 from ..sr_common.sd21 import (NETWORK_DTYPES, PRECISIONS, check_precision, checked_context, ieee_float32, load_sd21,
                                module_tensors, move_module, sd21_from_ldm_state_dict)
 from ..sr_common.tiling import DEFAULT_TILES
-from ..sr_common.weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
+from ..sr_common.weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, gone_link_target
 
 WEIGHT_EXTENSIONS = set(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)
 MODEL_FOLDERS = ("osediff", "dossr", "dape")
@@ -112,10 +112,10 @@ def _dangling_link_message(folder, name):
     """Where a loader choice is a link whose file was moved or deleted (ComfyUI lists it, and finds no file there):
     what it links to; else None."""
     for root in folder_paths.get_folder_paths(folder):
-        path = os.path.join(root, name)
-        if os.path.islink(path) and not os.path.exists(path):
-            return (f"{name!r} in models/{folder} is a link to {os.readlink(path)!r}, which does not exist (moved "
-                    "or deleted): link the file again, or put the file itself there and refresh the node lists (R).")
+        target = gone_link_target(os.path.join(root, name))
+        if target:
+            return (f"{name!r} in models/{folder} is {target}: link the file again, or put the file itself there and "
+                    "refresh the node lists (R).")
     return None
 
 

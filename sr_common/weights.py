@@ -35,13 +35,19 @@ DOWNLOAD_HINT = ("Download it again. The official SD 2.1-base, OSEDiff, DAPE and
                  "official README.")
 
 
-def dangling_link(path):
-    """For a path that does not exist: where it is a link, the sentence naming its target, which was moved or deleted;
-    else ''."""
-    if not os.path.islink(path):
+def gone_link_target(path):
+    """Where ``path`` is a link whose file was moved or deleted: "a link to '<target>', which does not exist (moved
+    or deleted)"; else ''."""
+    if not os.path.islink(path) or os.path.exists(path):
         return ""
-    return (f" It is a link to {os.readlink(path)!r}, which does not exist (moved or deleted): link the file again, "
-            "or give its path.")
+    return f"a link to {os.readlink(path)!r}, which does not exist (moved or deleted)"
+
+
+def dangling_link(path):
+    """For a path that does not exist: where it is a link, the sentence naming its target (``gone_link_target``) and
+    the fix; else ''."""
+    target = gone_link_target(path)
+    return f" It is {target}: link the file again, or give its path." if target else ""
 
 
 def _check_file(path):
