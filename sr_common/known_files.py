@@ -132,13 +132,17 @@ def sd_family(sd):
 
 
 def canonical(obj):
-    """The flat state dict inside a container: Lightning's ``state_dict``, BasicSR's ``params_ema``/``params``, a
-    ``module.`` prefix (DataParallel); its string keys only (a weight file has no others). RAM's ``model``
-    container is unwrapped by ``unwrap_ram``."""
+    """The flat state dict inside a container: Lightning's ``state_dict``, BasicSR's ``params_ema``/``params``, the
+    dict value of a dict's only key (any key: ``{"model": state_dict}``, as RAM's file), a ``module.`` prefix
+    (DataParallel); its string keys only (a weight file has no others). A value is taken as it is: the tensors are
+    not copied."""
     for container in ("state_dict", "params_ema", "params"):
         if isinstance(obj.get(container), dict):
             obj = obj[container]
             break
+    else:  # ComfyUI's rule (comfy/utils.py load_torch_file): one key whose value is a dict; any other value is kept
+        if len(obj) == 1 and isinstance(next(iter(obj.values())), dict):
+            obj = next(iter(obj.values()))
     obj = {k: v for k, v in obj.items() if isinstance(k, str)}
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}

@@ -253,14 +253,16 @@ def _keys(read):
     return sorted(k for k in read if isinstance(k, str))
 
 
-@pytest.mark.parametrize("wrap", ["state_dict", "module."])
+@pytest.mark.parametrize("wrap", ["state_dict", "one-key", "module."])
 @pytest.mark.parametrize("kind", READERS)
 def test_each_reader_takes_its_own_file_in_a_container(files, tmp_path, kind, wrap):
-    """A checkpoint saved from a Lightning module (``state_dict``) or a DataParallel one (``module.``): read as
-    the file itself, as the recogniser names it."""
+    """A checkpoint saved from a Lightning module (``state_dict``), under any one key (ComfyUI's rule,
+    comfy/utils.py load_torch_file) or from a DataParallel module (``module.``): read as the file itself, as the
+    recogniser names it."""
     obj = _load(files[kind])
     obj = obj.get("state_dict", obj) if kind == "dossr" else obj
-    wrapped = {"state_dict": obj} if wrap == "state_dict" else {"module." + k: v for k, v in obj.items()}
+    wrapped = ({"state_dict": obj} if wrap == "state_dict" else {"checkpoint": obj} if wrap == "one-key"
+               else {"module." + k: v for k, v in obj.items()})
     path = str(tmp_path / ("wrapped" + os.path.splitext(files[kind])[1]))
     torch.save(wrapped, path)
     assert _keys(READERS[kind](path)) == _keys(READERS[kind](files[kind]))

@@ -121,6 +121,28 @@ def test_a_checkpoint_with_ema_beside_the_trained_weights_loads_the_trained_ones
     assert "extract_ema" not in capfd.readouterr().err
 
 
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt"])
+def test_a_pickle_wrapping_the_state_dict_under_one_other_key_loads_as_in_comfyui(tmp_path, suffix):
+    """ComfyUI's ``load_torch_file`` (comfy/utils.py) takes the dict under a pickle's only key, whatever its name: a
+    checkpoint saved as ``{"model": state_dict}`` loads there. It was refused here as 'an unknown file (keys:
+    ['model'])'. Still read memory-mapped: a float32 file's tensors are the UNet's, uncopied (not ``unet_owned``)."""
+    sd = {k: v.float() for k, v in load_file(SINGLE).items()}
+    path = str(tmp_path / f"v2-1_512-ema-pruned{suffix}")
+    torch.save({"model": sd}, path)
+    loaded = load_sd21(path, config_dir=TINY_SD21)
+    same_weights(loaded, load_sd21(SINGLE, config_dir=TINY_SD21))
+    assert not loaded.unet_owned
+
+
+def test_a_pickle_whose_only_value_is_not_a_dict_is_not_unwrapped(tmp_path):
+    """ComfyUI keeps the outer dict where the only value is not a dict: a file of one tensor is that tensor's."""
+    path = str(tmp_path / "one.ckpt")
+    torch.save({"model": torch.zeros(2)}, path)
+    with pytest.raises(WeightFileError, match=r"'one\.ckpt' is not Stable Diffusion 2\.1-base: it is an unknown file "
+                                              r"\(keys: \['model'\]\)"):
+        load_sd21(path, config_dir=TINY_SD21)
+
+
 def transformers_layout(sd, blocks):
     """The text encoder in transformers' layout (``cond_stage_model.transformer.text_model.*``, with the
     ``position_ids`` transformers before 4.31 saved), as the diffusers-to-original converter wrote SD 2 before it knew
