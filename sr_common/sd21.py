@@ -368,18 +368,26 @@ def _check_epsilon_weights(folder, unet):
         _refuse(folder, KNOWN["sd2-v"].what)
 
 
-def check_weight_files(folder):
+def check_weight_files(folder, loaded=(), in_memory=False):
     """Check the weight files each part will be loaded from (its safetensors, else its pickles) before
-    diffusers or transformers open them: a damaged file or a pickle holding code is refused by name."""
+    diffusers or transformers open them: a damaged file or a pickle holding code is refused by name. A pickle that
+    the pack's readers load (in ``loaded``, the paths of ``_folder_part_files``) is checked by the read that loads
+    it (``_read_base_file``), so that it is unpickled once: returns those reads, {path: (state dict, read in)}."""
+    reads = {}
     for sub in ("unet", "vae", "text_encoder"):
         part = os.path.join(folder, sub)
         names = sorted(os.listdir(part))
         safetensors = [n for n in names if n.endswith(SAFETENSORS_SUFFIXES)]
         for n in safetensors or [n for n in names if n.endswith(PICKLE_SUFFIXES)]:
+            path = os.path.join(part, n)
             try:
-                check_weight_file(os.path.join(part, n))
+                if path in loaded and n.endswith(PICKLE_SUFFIXES):
+                    reads[path] = _read_base_file(path, in_memory)
+                else:
+                    check_weight_file(path)
             except WeightFileError as e:
                 raise WeightFileError(f"{sub}/{n} in the diffusers folder {folder!r}: {e}") from e
+    return reads
 
 
 # the weight files' names (safetensors, pickle) in each part of a diffusers folder, before a variant and the suffix
@@ -436,19 +444,19 @@ def _folder_part_files(folder, sub):
     return None
 
 
-def _load_folder_parts(folder, in_memory):
+def _load_folder_parts(folder, files, in_memory, reads):
     """UNet, VAE, text encoder and whether each was read into memory, built on the meta device and filled from the
-    folder's weight file per part (``_folder_part_files``: safetensors, or pickles opened with ``weights_only``) with
-    this pack's readers, as a single file is (see ``load_single_file``); None when a part is stored under another
-    name or its keys are not the module's, which ``load_diffusers_folder`` leaves to diffusers and transformers."""
-    files = {sub: _folder_part_files(folder, sub) for sub in FOLDER_WEIGHT_FILES}
+    folder's weight files per part (``files``, of ``_folder_part_files``: safetensors, or pickles opened with
+    ``weights_only``; ``reads``: those already read, by ``check_weight_files``) with this pack's readers, as a single
+    file is (see ``load_single_file``); None when a part is stored under another name or its keys are not the
+    module's, which ``load_diffusers_folder`` leaves to diffusers and transformers."""
     if None in files.values():
         return None
     parts, owned = models_from_config(folder, random_init=False, fix=FOLDER_FIX), []
     for (sub, paths), module in zip(files.items(), parts):
         state, read_in = {}, True
         for path in paths:
-            shard, shard_read_in = _read_base_file(path, in_memory)
+            shard, shard_read_in = reads.pop(path) if path in reads else _read_base_file(path, in_memory)
             state.update(shard)
             read_in = read_in and shard_read_in
         state = _in_module_names(module, state)
@@ -467,8 +475,10 @@ def load_diffusers_folder(folder, in_memory=False):
     from transformers import CLIPTextModel
 
     check_diffusers_folder(folder)
-    check_weight_files(folder)
-    loaded = _load_folder_parts(folder, in_memory)
+    files = {sub: _folder_part_files(folder, sub) for sub in FOLDER_WEIGHT_FILES}
+    read_here = [] if None in files.values() else [path for paths in files.values() for path in paths]
+    # the reads of the check are held by _load_folder_parts alone: none is left while diffusers loads the folder
+    loaded = _load_folder_parts(folder, files, in_memory, check_weight_files(folder, read_here, in_memory))
     if loaded is not None:
         (unet, vae, text_encoder), (unet_owned, vae_owned, _) = loaded
         _check_epsilon_weights(folder, unet)

@@ -93,6 +93,19 @@ def test_pickled_parts_are_read_by_the_packs_weights_only_reader(tmp_path, refer
     same_weights(load_sd21(as_variant(copy_tiny_sd21(tmp_path / "bin"), pickled=True)), expected)
 
 
+@pytest.mark.parametrize("in_memory", [False, True], ids=["mapped", "in-memory"])
+def test_each_pickled_part_is_unpickled_once(tmp_path, reference, monkeypatch, in_memory):
+    """A ``.bin`` part was unpickled twice, to check it and to load it: it is checked by the read that loads it
+    (memory-mapped, or with ``in_memory`` as the osediff command reads it)."""
+    folder = as_variant(copy_tiny_sd21(tmp_path / "bin"), pickled=True)
+    loads, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda path, *a, **k: loads.append(os.fspath(path)) or real_load(path, *a, **k))
+    same_weights(load_sd21(folder, in_memory=in_memory), reference[1])
+    assert sorted(loads) == sorted(os.path.join(folder, *part) for part in (
+        ("unet", "diffusion_pytorch_model.bin"), ("vae", "diffusion_pytorch_model.bin"),
+        ("text_encoder", "pytorch_model.bin")))
+
+
 def with_ema(sd, shift=1.0):
     """A checkpoint as training saves it (v2-1_512-nonema's full form): the trained UNet under
     ``model.diffusion_model.*`` and its EMA under ``model_ema.*``, the key's dots after the prefix removed."""
