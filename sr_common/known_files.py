@@ -222,6 +222,15 @@ KNOWN_FILES = (
               or _has_all("model.0.", "model.1.sub.")(sd)),
 )
 KNOWN = {known.kind: known for known in KNOWN_FILES}
+# a folder of one model, by the class its config.json names: what it is, and where it goes where that is not the
+# SD 2.1-base loader
+FOLDER_MODELS = {
+    "UNet2DConditionModel": "a Stable Diffusion UNet alone",
+    "AutoencoderKL": KNOWN["sd-vae"].what,
+    "CLIPTextModel": "a CLIP text encoder alone",
+    "CLIPTextModelWithProjection": "a CLIP text encoder alone",
+    "ControlNetModel": f"a ControlNet; {KNOWN['diffusers-controlnet'].use} (the weight file in it, in models/controlnet)",
+}
 
 
 def identify(obj, path=None):
@@ -247,3 +256,20 @@ def describe(obj, path=None):
     if not keys:
         return "a dict without named tensors"
     return f"an unknown file (keys: {keys[:6]}{' …' if len(keys) > 6 else ''})"
+
+
+def describe_model_folder(config):
+    """What a folder of one model is (a config.json, no pipeline's model_index.json), for error messages: the class
+    its ``config`` names (diffusers' ``_class_name``, transformers' ``architectures``) and, for ``FOLDER_MODELS``,
+    what that is."""
+    config = config if isinstance(config, dict) else {}
+    architectures = config.get("architectures")
+    if isinstance(config.get("_class_name"), str):
+        library, names = "diffusers", [config["_class_name"]]
+    else:
+        library = "transformers"
+        names = [n for n in architectures if isinstance(n, str)] if isinstance(architectures, list) else []
+    if not names:
+        return "a folder with a config.json naming no diffusers or transformers class (one model, not a pipeline)"
+    what = f"a {library} {', '.join(names)} folder (one model, by its config.json)"
+    return f"{what}: {FOLDER_MODELS[names[0]]}" if names[0] in FOLDER_MODELS else what

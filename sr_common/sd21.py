@@ -21,8 +21,8 @@ import torch
 from .errors import DiffSRError, WeightFileError
 from .fast_modules import fast_modules, fast_vae_decoder
 from .known_files import (KNOWN, OPEN_CLIP_PREFIX, SGM_OPEN_CLIP_PREFIX, TRANSFORMERS_CLIP_PREFIX, UNET_INPUT_FAMILIES,
-                          UNET_PREFIX, VAE_PREFIX, canonical, describe, diffusers_unet_is_v_prediction, identify,
-                          sd_family)
+                          UNET_PREFIX, VAE_PREFIX, canonical, describe, describe_model_folder,
+                          diffusers_unet_is_v_prediction, identify, sd_family)
 from .tiling import WeightsOutOfMemory, cpu_allocation_failed, is_out_of_memory
 from .weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_weight_file, dangling_link, load_module_weights,
                       read_state_dict, stored_as_float32)
@@ -265,15 +265,28 @@ def _is_diffusers_folder(folder):
     return all(os.path.isdir(os.path.join(folder, part)) for part in DIFFUSERS_PARTS)
 
 
-def _pipeline_parts(folder):
-    """The part folders a diffusers folder's model_index.json names (``"unet": ["diffusers", "UNet2DConditionModel"]``),
-    and the parts read (``DIFFUSERS_PARTS``) whatever it says."""
+def _indexed_parts(folder):
+    """The part folders a diffusers folder's model_index.json names (``"unet": ["diffusers", "UNet2DConditionModel"]``);
+    none where it has no readable one."""
     try:
         index = _read_json(os.path.join(folder, "model_index.json"))
-    except (OSError, ValueError):  # unreadable, or not JSON: the parts read
-        index = {}
-    named = {key for key, value in index.items() if isinstance(value, list)} if isinstance(index, dict) else set()
-    return named | set(DIFFUSERS_PARTS)
+    except (OSError, ValueError):  # missing or unreadable, or not JSON
+        return set()
+    return {key for key, value in index.items() if isinstance(value, list)} if isinstance(index, dict) else set()
+
+
+def _pipeline_parts(folder):
+    """The part folders a diffusers folder's model_index.json names (``_indexed_parts``), and the parts read
+    (``DIFFUSERS_PARTS``) whatever it says."""
+    return _indexed_parts(folder) | set(DIFFUSERS_PARTS)
+
+
+def _model_config(folder):
+    """The config.json of a folder of one model; {} where it is not readable JSON (named then as of no class)."""
+    try:
+        return _read_json(os.path.join(folder, "config.json"))
+    except (OSError, ValueError):
+        return {}
 
 
 def _diffusers_folder_above(path):
@@ -332,10 +345,13 @@ def check_diffusers_folder(folder):
     snapshot = _hugging_face_snapshot(folder) if absent else None
     if snapshot:
         raise WeightFileError(f"{name!r} is a Hugging Face cache folder: pass {snapshot}.")
-    if absent and os.path.isfile(os.path.join(folder, "config.json")):  # unet/, vae/ or text_encoder/ alone
-        raise WeightFileError(f"{name!r} holds one part of a diffusers folder (its config.json and weights), not the "
-                              "whole folder: pass the folder holding unet/, vae/ and text_encoder/ (the "
-                              "stable-diffusion-2-1-base folder).")
+    if absent and os.path.isfile(os.path.join(folder, "config.json")):  # a folder of one model
+        path = os.path.abspath(folder)
+        if os.path.basename(path) in _indexed_parts(os.path.dirname(path)):  # a part of a pipeline folder
+            raise WeightFileError(f"{name!r} holds one part of a diffusers folder (its config.json and weights), not "
+                                  "the whole folder: pass the folder holding unet/, vae/ and text_encoder/ (the "
+                                  "stable-diffusion-2-1-base folder).")
+        _refuse(folder, describe_model_folder(_model_config(folder)))
     singles = _single_files(folder)
     if absent and singles:
         raise WeightFileError(f"{name!r} is a folder of single-file checkpoints, not a diffusers folder: pass the file "

@@ -298,14 +298,65 @@ def test_a_link_to_nothing_names_its_target(tmp_path, loader):
         load_sd21(str(link)) if loader == "base" else read_osediff(str(link))
 
 
-def test_a_part_folder_taken_out_of_its_diffusers_folder_is_named(tmp_path):
-    """A unet/ folder copied on its own (config.json and its weights) is one part of a diffusers folder, not a folder
-    of single-file checkpoints to pick a file from."""
+def test_a_part_of_an_incomplete_diffusers_folder_names_the_folder_to_pass(tmp_path):
+    """A unet/ folder (config.json and its weights) of a pipeline folder whose model_index.json names it, the folder
+    lacking a part: one part of a diffusers folder, not a folder of single-file checkpoints to pick a file from."""
     import shutil
 
     folder = copy_tiny_sd21(tmp_path / "stable-diffusion-2-1-base")
-    part = shutil.copytree(os.path.join(folder, "unet"), tmp_path / "unet")
-    with pytest.raises(WeightFileError, match=r"'unet' holds one part of a diffusers folder \(its config\.json and "
+    shutil.rmtree(os.path.join(folder, "text_encoder"))
+    with pytest.raises(WeightFileError, match=r"^'unet' holds one part of a diffusers folder \(its config\.json and "
                                               r"weights\), not the whole folder: pass the folder holding unet/, vae/ "
-                                              r"and text_encoder/"):
+                                              r"and text_encoder/ \(the stable-diffusion-2-1-base folder\)\.$"):
+        load_sd21(os.path.join(folder, "unet"))
+
+
+USE_SD21 = (r"\. Use the whole SD 2\.1-base: v2-1_512-ema-pruned\.safetensors \(.*\) or the stable-diffusion-2-1-base "
+            r"diffusers folder\.$")
+# a folder of one model: its config.json, and what the message calls it
+MODEL_FOLDERS = {
+    "controlnet": ({"_class_name": "ControlNetModel", "_diffusers_version": "0.30.0"},
+                   r"it is a diffusers ControlNetModel folder \(one model, by its config\.json\): a ControlNet; it goes "
+                   r"to ComfyUI's Load ControlNet Model \(the weight file in it, in models/controlnet\)"),
+    "vae": ({"_class_name": "AutoencoderKL", "_diffusers_version": "0.30.0"},
+            r"it is a diffusers AutoencoderKL folder \(one model, by its config\.json\): a Stable Diffusion VAE alone"),
+    "unet": ({"_class_name": "UNet2DConditionModel"},
+             r"it is a diffusers UNet2DConditionModel folder \(one model, by its config\.json\): a Stable Diffusion "
+             r"UNet alone"),
+    "clip": ({"architectures": ["CLIPTextModel"], "model_type": "clip_text_model"},
+             r"it is a transformers CLIPTextModel folder \(one model, by its config\.json\): a CLIP text encoder "
+             r"alone"),
+    "bert": ({"architectures": ["BertModel"], "model_type": "bert"},
+             r"it is a transformers BertModel folder \(one model, by its config\.json\)"),
+    "no-class": ({"hidden_size": 8},
+                 r"it is a folder with a config\.json naming no diffusers or transformers class \(one model, not a "
+                 r"pipeline\)"),
+}
+
+
+@pytest.mark.parametrize("model", MODEL_FOLDERS)
+def test_a_folder_of_one_model_is_named_by_its_config(tmp_path, model):
+    """A folder with a config.json (a diffusers ControlNet or VAE, a transformers model, a part copied out of its
+    pipeline folder) was called 'one part of a diffusers folder': it is named by the class its config.json names
+    (diffusers' ``_class_name``, transformers' ``architectures``), with where it goes and what to pass instead."""
+    import json
+
+    config, what = MODEL_FOLDERS[model]
+    folder = tmp_path / "models" / f"my-{model}"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(open(SINGLE, "rb").read())
+    with pytest.raises(WeightFileError, match=rf"^'my-{model}' is not Stable Diffusion 2\.1-base: {what}{USE_SD21}"):
+        load_sd21(str(folder))
+
+
+def test_a_part_folder_taken_out_of_its_diffusers_folder_is_named_by_its_config(tmp_path):
+    """A unet/ folder copied on its own, no pipeline folder around it naming it: named as a UNet alone."""
+    import shutil
+
+    folder = copy_tiny_sd21(tmp_path / "stable-diffusion-2-1-base")
+    part = shutil.copytree(os.path.join(folder, "unet"), tmp_path / "copied" / "unet")
+    with pytest.raises(WeightFileError, match=r"^'unet' is not Stable Diffusion 2\.1-base: it is a diffusers "
+                                              r"UNet2DConditionModel folder \(one model, by its config\.json\): a "
+                                              rf"Stable Diffusion UNet alone{USE_SD21}"):
         load_sd21(str(part))
