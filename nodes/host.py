@@ -71,12 +71,24 @@ def controlldm_configs():
     return found
 
 
+def is_unet_pipeline(folder, names):
+    """Whether ``folder`` (holding the files ``names``) is a diffusers pipeline with a UNet, a candidate for SD
+    2.1-base (SD 1.x, SDXL and other UNet pipelines are refused by name when loaded): its unet/ and its
+    model_index.json, or where that is missing the unet/, vae/ and text_encoder/ that ``load_sd21`` reads."""
+    parts = [os.path.isdir(os.path.join(folder, part)) for part in ("unet", "vae", "text_encoder")]
+    return parts[0] and ("model_index.json" in names or all(parts))
+
+
 def diffusers_folders():
-    """Sub-folders of models/diffusers that look like a diffusers SD pipeline."""
+    """The diffusers pipelines with a UNet (``is_unet_pipeline``) anywhere below models/diffusers, by their path
+    there: every folder ComfyUI's DiffusersLoader lists (nodes.py L584-589: each folder holding a model_index.json,
+    links followed) that has a UNet, such as a Hugging Face cache's snapshot (models--org--name/snapshots/<revision>),
+    and the pipeline folders the loader takes without a model_index.json."""
     found = []
     for root in folder_paths.get_folder_paths("diffusers"):
         if os.path.isdir(root):
-            found += sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d, "unet")))
+            found += sorted(os.path.relpath(folder, root) for folder, _, names in os.walk(root, followlinks=True)
+                            if is_unet_pipeline(folder, names))
     return found
 
 

@@ -57,7 +57,8 @@ class SD21Loader(io.ComfyNode):
             description="Stable Diffusion 2.1-base for OSEDiff and DoSSR, from models/checkpoints or models/diffusers.",
             inputs=[io.Combo.Input("base", options=host.base_choices(),
                                    tooltip="v2-1_512-ema-pruned (single file) or a stable-diffusion-2-1-base "
-                                           "diffusers folder. SD 1.x, SDXL, 768-v, inpainting, depth, x4 upscaler and "
+                                           "diffusers folder (any below models/diffusers, a Hugging Face cache's "
+                                           "snapshot too). SD 1.x, SDXL, 768-v, inpainting, depth, x4 upscaler and "
                                            "unCLIP models are refused. "
                                            "'download: ...' fetches Stability AI's file (5.2 GB, from a copy "
                                            "checked against its SHA-256) into models/checkpoints first.")],

@@ -175,6 +175,25 @@ def copy_tiny_sd21(dest):
     return str(dest)
 
 
+def hugging_face_cache(root, folder, revision="5ede9e4bf3e3fd1cb0ef2f7a3fff13ee514fdf06"):
+    """``folder`` as huggingface_hub caches it: ``models--org--name/blobs/<hash>`` holding the files,
+    ``snapshots/<revision>/<path>`` relative links to them, ``refs/main`` naming the revision."""
+    cache = os.path.join(root, "models--sd2-community--stable-diffusion-2-1-base")
+    os.makedirs(os.path.join(cache, "blobs"))
+    os.makedirs(os.path.join(cache, "refs"))
+    with open(os.path.join(cache, "refs", "main"), "w") as f:
+        f.write(revision)
+    snapshot = os.path.join(cache, "snapshots", revision)
+    for number, (parent, _, names) in enumerate(os.walk(folder)):
+        for index, name in enumerate(names):
+            blob = os.path.join(cache, "blobs", f"{number:04d}{index:04d}")
+            os.rename(os.path.join(parent, name), blob)
+            link = os.path.join(snapshot, os.path.relpath(parent, folder), name)
+            os.makedirs(os.path.dirname(link), exist_ok=True)
+            os.symlink(os.path.relpath(blob, os.path.dirname(link)), link)
+    return cache, snapshot
+
+
 # for the tests that run float16 on the CPU (they stand in for a GPU's float16 there)
 cpu_float16 = pytest.mark.skipif(not cpu_computes_float16(),
                                  reason="this PyTorch computes no float16 convolution or layer norm on the CPU")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import (DATA, IEEE_FLOAT32, copy_tiny_sd21, cpu_float16, cpu_without_float64, host_stand_ins,
-                      official_files_served, psnr, tf32_flags)
+                      hugging_face_cache, official_files_served, psnr, tf32_flags)
 from workflow_schema import import_pack
 from comfyui_diffsr.sr_common.tiling import smaller_tiles
 
@@ -1720,18 +1720,45 @@ def test_other_sd2_models_and_a_checkpoint_without_clip_are_refused_by_name(pack
     assert len(mm.LOADED) == loads  # refused before ComfyUI loads anything
 
 
-def test_only_diffusers_pipelines_are_offered_as_a_base(pack, monkeypatch, tmp_path):
-    """Load SD 2.1-base lists the folders of models/diffusers that hold a diffusers pipeline (a ``unet`` folder),
-    not other folders kept there (a ControlNet or VAE alone, notes)."""
+def comfyui_diffusers_loader_paths(root):
+    """What ComfyUI's own DiffusersLoader offers for a models/diffusers ``root`` (nodes.py L584-589 at a125cd8: every
+    folder below it holding a model_index.json, links followed, by its path there)."""
+    return [os.path.relpath(folder, root) for folder, _, names in os.walk(root, followlinks=True)
+            if "model_index.json" in names]
+
+
+def test_the_base_loader_offers_the_diffusers_pipelines_below_models_diffusers(pack, monkeypatch, tmp_path):
+    """Load SD 2.1-base offered only the folders right inside models/diffusers holding a unet/ folder: not a Hugging
+    Face cache kept there (models--org--name/snapshots/<revision>, its files links into ../../blobs) nor a pipeline
+    in a sub-folder, which ComfyUI's DiffusersLoader lists. It offers every pipeline with a UNet that one lists, and
+    a pipeline folder without its model_index.json; not a ControlNet or VAE alone, a pipeline without a UNet, notes.
+    Each one offered loads."""
+    _, nodes = pack
     host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
     folder_paths = sys.modules["folder_paths"]
     root = tmp_path / "diffusers"
-    (root / "sd21_base" / "unet").mkdir(parents=True)
-    (root / "a_controlnet" / "diffusion_pytorch_model").mkdir(parents=True)
+    _, snapshot = hugging_face_cache(root, copy_tiny_sd21(tmp_path / "download"))
+    copy_tiny_sd21(root / "SD2" / "stable-diffusion-2-1-base")
+    os.symlink(copy_tiny_sd21(tmp_path / "elsewhere" / "sd21"), root / "linked")
+    os.remove(copy_tiny_sd21(root / "without_index") + "/model_index.json")
+    (root / "a_controlnet").mkdir()
+    (root / "a_controlnet" / "config.json").write_text('{"_class_name": "ControlNetModel"}')
+    (root / "no_unet" / "transformer").mkdir(parents=True)
+    (root / "no_unet" / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
     (root / "notes.txt").write_text("not a model")
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusers", ([str(root)], ["folder"]))
-    assert host.diffusers_folders() == ["sd21_base"]
-    assert [c for c in host.base_choices() if c.startswith("diffusers/")] == ["diffusers/sd21_base"]
+    cache_snapshot = os.path.relpath(snapshot, root)
+    assert host.diffusers_folders() == sorted([os.path.join("SD2", "stable-diffusion-2-1-base"), "linked",
+                                               cache_snapshot, "without_index"])
+    assert set(comfyui_diffusers_loader_paths(root)) - set(host.diffusers_folders()) == {"no_unet"}
+    choices = [c for c in nodes["DiffSR_SD21Loader"].define_schema().inputs[0].choices if c.startswith("diffusers/")]
+    assert choices == [f"diffusers/{name}" for name in host.diffusers_folders()]
+    expected = own_tiny_sd21()
+    for choice in choices:
+        (sd21,) = run(nodes["DiffSR_SD21Loader"], base=choice)
+        for part in ("unet", "vae", "text_encoder"):
+            assert all(torch.equal(a, b) for a, b in zip(getattr(sd21, part).state_dict().values(),
+                                                         getattr(expected, part).state_dict().values())), choice
 
 
 def test_loader_download_finds_the_file_in_any_models_folder(pack, monkeypatch, tmp_path):

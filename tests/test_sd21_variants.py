@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from comfyui_diffsr.sr_common.errors import WeightFileError
 from comfyui_diffsr.sr_common.sd21 import load_sd21, open_clip_to_hf
 
-from conftest import DATA, SINGLE, copy_tiny_sd21
+from conftest import DATA, SINGLE, copy_tiny_sd21, hugging_face_cache
 
 TINY_SD21 = os.path.join(DATA, "osediff", "tiny_sd21")
 
@@ -216,25 +216,6 @@ def test_a_model_inside_a_diffusers_folder_but_not_in_its_parts_loads(tmp_path, 
     same_weights(load_sd21(inner), reference[1])
     with pytest.raises(WeightFileError, match=r"^'SD2' is a folder of single-file checkpoints"):
         load_sd21(os.path.dirname(sub_single))
-
-
-def hugging_face_cache(root, folder, revision="5ede9e4bf3e3fd1cb0ef2f7a3fff13ee514fdf06"):
-    """``folder`` as huggingface_hub caches it: ``models--org--name/blobs/<hash>`` holding the files,
-    ``snapshots/<revision>/<path>`` relative links to them, ``refs/main`` naming the revision."""
-    cache = os.path.join(root, "models--sd2-community--stable-diffusion-2-1-base")
-    os.makedirs(os.path.join(cache, "blobs"))
-    os.makedirs(os.path.join(cache, "refs"))
-    with open(os.path.join(cache, "refs", "main"), "w") as f:
-        f.write(revision)
-    snapshot = os.path.join(cache, "snapshots", revision)
-    for number, (parent, _, names) in enumerate(os.walk(folder)):
-        for index, name in enumerate(names):
-            blob = os.path.join(cache, "blobs", f"{number:04d}{index:04d}")
-            os.rename(os.path.join(parent, name), blob)
-            link = os.path.join(snapshot, os.path.relpath(parent, folder), name)
-            os.makedirs(os.path.dirname(link), exist_ok=True)
-            os.symlink(os.path.relpath(blob, os.path.dirname(link)), link)
-    return cache, snapshot
 
 
 def test_a_hugging_face_cache_loads_from_its_snapshot_and_its_root_names_it(tmp_path, reference):
