@@ -228,6 +228,8 @@ def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint", owned=False
     were read into this process's memory for this call alone (see ``SD21.unet_owned``); ``path``: the file they were
     read from, if any (its metadata may name a file the pack converted)."""
     config_dir = config_dir or shipped_config_dir()
+    if not isinstance(sd, dict):  # a pickle of another object
+        _refuse(name, describe(sd, path))
     sd = canonical(sd)
     if sd_family(sd) != "sd2":
         _refuse(name, _what_instead(sd, path))

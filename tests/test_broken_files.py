@@ -342,6 +342,9 @@ CASES = {
                                                           b"0123\nsize 5214865159\n"), sd21, "Git LFS pointer.*lfs pull"),
     "sd-png": ("v2-1_512.ckpt", _copy(PNG), sd21, "an image.*" + DOWNLOAD),
     "sd-missing": ("v2-1_512.safetensors", lambda path, env: None, sd21, "not found.*v2-1_512-ema-pruned"),
+    # a pickle of something other than a dict (ComfyUI's load_torch_file fails on it with an AttributeError)
+    "sd-a-list": ("v2-1_512.ckpt", lambda path, env: torch.save([torch.zeros(1)], path), sd21,
+                  "it is a list, not a dict of tensors.*Use the whole SD 2.1-base"),
     "sd-safetensors-named-ckpt": ("v2-1_512.ckpt", _copy(SINGLE), sd21,
                                   "safetensors file with a '.ckpt' name.*rename it to .safetensors"),
     "sd-1.5": ("sd15.safetensors", _sd(_sd15), sd21, r"Stable Diffusion 1\.x.*stable-diffusion-2-1-base"),
