@@ -229,7 +229,8 @@ FOLDER_MODELS = {
     "AutoencoderKL": KNOWN["sd-vae"].what,
     "CLIPTextModel": "a CLIP text encoder alone",
     "CLIPTextModelWithProjection": "a CLIP text encoder alone",
-    "ControlNetModel": f"a ControlNet; {KNOWN['diffusers-controlnet'].use} (the weight file in it, in models/controlnet)",
+    "ControlNetModel": f"a ControlNet; {KNOWN['diffusers-controlnet'].use} (the weight file in it, in "
+                       "models/controlnet)",
 }
 
 

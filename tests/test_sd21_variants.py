@@ -297,8 +297,8 @@ USE_SD21 = (r"\. Use the whole SD 2\.1-base: v2-1_512-ema-pruned\.safetensors \(
 # a folder of one model: its config.json, and what the message calls it
 MODEL_FOLDERS = {
     "controlnet": ({"_class_name": "ControlNetModel", "_diffusers_version": "0.30.0"},
-                   r"it is a diffusers ControlNetModel folder \(one model, by its config\.json\): a ControlNet; it goes "
-                   r"to ComfyUI's Load ControlNet Model \(the weight file in it, in models/controlnet\)"),
+                   r"it is a diffusers ControlNetModel folder \(one model, by its config\.json\): a ControlNet; it "
+                   r"goes to ComfyUI's Load ControlNet Model \(the weight file in it, in models/controlnet\)"),
     "vae": ({"_class_name": "AutoencoderKL", "_diffusers_version": "0.30.0"},
             r"it is a diffusers AutoencoderKL folder \(one model, by its config\.json\): a Stable Diffusion VAE alone"),
     "unet": ({"_class_name": "UNet2DConditionModel"},
