@@ -626,6 +626,13 @@ def conditioning_embedding(conditioning, unet, node):
     return checked_context(conditioning[0][0][:1], unet)
 
 
+# LATENT key: (H, W) of the image a latent holds top-left, padded right and bottom (the OSEDiff LQ Encoder's upscaled
+# image, to a multiple of 8 px; the DoSSR Sampler's REFERENCE, to 64 px). ComfyUI's latent nodes copy the dict
+# (``s = samples.copy()``: nodes.py LatentCrop, LatentUpscaleBy…), so it stays through them: check it against the
+# latent's shape.
+ENCODED_SIZE = "diffsr_encoded_size"
+
+
 def latent_samples(latent, node):
     """The (B, 4, h, w) samples of a LATENT in float32; another family's latent refused by name."""
     samples = latent["samples"]

@@ -223,7 +223,7 @@ class OSEDiffLQEncoder(io.ComfyNode):
                 model, lq, tile=vae_tile_encode, callback=host.check_interrupted), vae_tile_encode=vae_tile)
             latents.append(z.cpu() / SCALING_FACTOR)
             progress()
-        return io.NodeOutput({"samples": torch.cat(latents), ENCODED_SIZE: list(lq.shape[-2:])})
+        return io.NodeOutput({"samples": torch.cat(latents), host.ENCODED_SIZE: list(lq.shape[-2:])})
 
 
 class OSEDiffOneStep(io.ComfyNode):
@@ -292,7 +292,7 @@ class OSEDiffDecode(io.ComfyNode):
         for index, (one, x0) in enumerate(pairs):
             lq, plan = preprocess(one, upscale=upscale, process_size=process_size)
             lq_size = tuple(lq.shape[-2:])
-            lq, plan, box = _encoded_part(x0, latent.get(ENCODED_SIZE), lq, plan, upscale, process_size,
+            lq, plan, box = _encoded_part(x0, latent.get(host.ENCODED_SIZE), lq, plan, upscale, process_size,
                                           one.shape[-2:])
             out = host.with_oom_retry(lambda vae_tile_decode: decoded_image(
                 model, x0 * SCALING_FACTOR, plan.crop, tile=vae_tile_decode, callback=host.check_interrupted),
@@ -302,9 +302,6 @@ class OSEDiffDecode(io.ComfyNode):
                 alphas.append(_alpha_part(alpha[index:index + 1], box, lq_size))
             progress()
         return io.NodeOutput(host.bchw_to_image(outs, torch.cat(alphas) if alphas else None))
-
-
-ENCODED_SIZE = "diffsr_encoded_size"  # LATENT key: (H, W) of the upscaled image the OSEDiff LQ Encoder encoded
 
 
 def _encoded_part(latent, encoded_size, lq, plan, upscale, process_size, reference_size):
