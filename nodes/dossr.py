@@ -15,6 +15,7 @@ from .osediff import CATEGORY, DECODER_PRECISION, SD21, dtype_input, tile_inputs
 
 DOSSR = io.Custom("DOSSR_MODEL")
 DEFAULT_CONFIG = "SD 2.1 (built in)"
+SAMPLED = "diffsr_dossr_sampled"  # LATENT key: the DoSSR Sampler's latent as it made it (beside host.ENCODED_SIZE)
 
 
 class DoSSRLoader(io.ComfyNode):
@@ -129,7 +130,8 @@ class DoSSRSampler(io.ComfyNode):
             outputs=[io.Latent.Output(display_name="LATENT",
                                       tooltip="From an image: the whole latent the model ran on, the ×4 image padded "
                                               "right and bottom to a multiple of 64 px (DoSSR VAE Decode crops it to "
-                                              "the REFERENCE; after a standard VAE Decode, crop to that size)."),
+                                              "the REFERENCE, whose size it records; after a standard VAE Decode, "
+                                              "crop to that size)."),
                      io.Image.Output(display_name="REFERENCE", tooltip="The RRDB ×4 image (or the decoded input "
                                                                        "latent): size and colour reference.")])
 
@@ -165,8 +167,9 @@ class DoSSRSampler(io.ComfyNode):
             x, start = host.with_oom_retry(run, tile_latent=tile_latent, **host.DEFAULT_VAE_TILES)
             latents.append(x.float().cpu() / SCALING_FACTOR)
             starts.append(start.cpu())
-        return io.NodeOutput({"samples": torch.cat(latents)}, host.bchw_to_image(starts, alpha))  # alpha: to decode
-
+        samples, reference = torch.cat(latents), host.bchw_to_image(starts, alpha)  # alpha: to decode
+        return io.NodeOutput({"samples": samples, host.ENCODED_SIZE: list(reference.shape[1:3]), SAMPLED: samples},
+                             reference)
 
 class DoSSRDecode(io.ComfyNode):
     @classmethod
@@ -178,8 +181,10 @@ class DoSSRDecode(io.ComfyNode):
                         "alpha at ×4) is resized from there: at other scales it differs slightly from DoSSR "
                         "Upscale's, which resizes the LR alpha.",
             inputs=[DOSSR.Input("model", tooltip="From 'Load DoSSR' (its VAE is the SD 2.1 one)."),
-                    io.Latent.Input("latent", tooltip="From 'DoSSR Sampler'."),
-                    io.Image.Input("reference", tooltip="REFERENCE of 'DoSSR Sampler' (size and colour reference)."),
+                    io.Latent.Input("latent", tooltip="From 'DoSSR Sampler' (also through Crop Latent at x 0, y 0 "
+                                                      "cutting off only padding)."),
+                    io.Image.Input("reference", tooltip="REFERENCE of 'DoSSR Sampler' as it is (size and colour "
+                                                        "reference: the sampler records its size in the LATENT)."),
                     io.Float.Input("upscale", default=4.0, min=1.0, max=8.0, step=0.5,
                                    tooltip="Output scale of the original LR image: the REFERENCE is its ×4 "
                                            "image, so the output is the REFERENCE's size × upscale/4. From a "
@@ -202,7 +207,7 @@ class DoSSRDecode(io.ComfyNode):
         outs = []
         for start, x in host.latent_with_references(latent, starts, "DoSSR VAE Decode"):
             h, w = start.shape[-2:]
-            _check_latent_covers(x, h, w)
+            _check_latent_fits(latent, x, h, w)
             with torch.no_grad():
                 decoded = host.with_oom_retry(
                     lambda vae_tile_decode: decode(model, x.to(dev) * SCALING_FACTOR, vae_tile_decode,
@@ -212,11 +217,60 @@ class DoSSRDecode(io.ComfyNode):
         return io.NodeOutput(host.bchw_to_image(outs, alpha))
 
 
+def _check_latent_fits(latent, x, height, width):
+    """Refuse ``x`` (1, 4, h, w) of ``latent`` where it cannot be decoded and cropped to the height × width reference.
+    The DoSSR Sampler records its REFERENCE's size (``host.ENCODED_SIZE``) and its latent as made (``SAMPLED``) in the
+    LATENT, which ComfyUI's latent nodes pass on: the size must be the reference's, and the latent that size as made
+    (its values may have changed since, by a KSampler say) or a crop of it that cut off only padding. A LATENT without
+    the record (VAE Encode, Load Latent) must be of a size the sampler makes (``_check_latent_covers``)."""
+    encoded_size, sampled = latent.get(host.ENCODED_SIZE), latent.get(SAMPLED)
+    if encoded_size is not None and tuple(encoded_size) != (height, width):
+        raise ValueError(_made_for_another_size(encoded_size, height, width))
+    if sampled is None:
+        _check_latent_covers(x, height, width)
+    elif x.shape[-2:] != sampled.shape[-2:] and not _crops_only_padding(x, sampled, height, width):
+        raise ValueError(_changed_since_the_sampler(x, height, width))
+
+
+def _made_for_another_size(encoded_size, height, width):
+    """Why a LATENT recorded for an image of ``encoded_size`` (H, W) is refused against a reference of another size: it
+    would be decoded and cropped to the wrong part (a REFERENCE cropped within the padding) or size."""
+    made_h, made_w = encoded_size
+    return (f"DoSSR VAE Decode: the LATENT was made for a {made_w}×{made_h} px image (the DoSSR Sampler records the "
+            f"size of its REFERENCE in it), which does not match the {width}×{height} reference. Connect the "
+            "REFERENCE output of the DoSSR Sampler that made the latent as it is (the ×4 image, not the LR input, "
+            "nor a crop or resize of it: crop or resize the decoded image instead).")
+
+
+def _crops_only_padding(latent, sampled, height, width):
+    """Whether ``latent`` (1, 4, h, w) is a crop of one of the ``sampled`` latents (the sampler's, of a height × width
+    reference) that cut off only padding: it covers the reference, ⌈H/8⌉ × ⌈W/8⌉ latent px, and holds those as
+    sampled (Crop Latent at x 0 and y 0; Latent From Batch and Repeat Latent Batch keep them)."""
+    over_image = -(-height // 8), -(-width // 8)
+    part = latent[..., :over_image[0], :over_image[1]]
+    return part.shape[-2:] == over_image and any(torch.equal(part, one[..., :over_image[0], :over_image[1]])
+                                                 for one in sampled.split(1))
+
+
+def _changed_since_the_sampler(latent, height, width):
+    """Why a LATENT the DoSSR Sampler made for a height × width reference is refused at another size than it made,
+    with another part over the image: it was resized (Upscale Latent), cropped into the image (Crop Latent), or
+    cropped after a node changed its values (then nothing shows that only padding was cut)."""
+    h, w = latent.shape[-2:]
+    return (f"DoSSR VAE Decode: the LATENT decodes to {8 * w}×{8 * h} px; the DoSSR Sampler made it for this "
+            f"{width}×{height} reference, but it is neither the latent it made (that size) nor a crop of it that cut "
+            "off only padding (the part over the image as sampled): it was resized or cropped into the image since "
+            "(by Upscale Latent, Crop Latent or a node like it), or cropped after a node changed it. Connect the "
+            "sampler's LATENT as it is, or crop off only its padding before any node that changes it (Crop Latent "
+            f"at x 0 and y 0, width at least {-(-width // 8) * 8} and height at least {-(-height // 8) * 8}); "
+            "decode a resized latent with the standard VAE Decode.")
+
+
 def _check_latent_covers(latent, height, width):
-    """Refuse a latent of another size than the sampler makes for the reference: from an image, the reference (the ×4
-    image) padded right and bottom to a multiple of 64 px; from a LATENT, the reference's own size. Otherwise the
-    decode would be cropped to a corner (the LR image given as the reference, a latent resized by Upscale Latent) or
-    be smaller than the reference."""
+    """Refuse a latent without the sampler's record of another size than the sampler makes for the reference: from an
+    image, the reference (the ×4 image) padded right and bottom to a multiple of 64 px; from a LATENT, the reference's
+    own size. Otherwise the decode would be cropped to a corner (the LR image given as the reference, a latent
+    resized by Upscale Latent) or be smaller than the reference."""
     h, w = latent.shape[-2:]
     padded = (-(-height // PIXEL_MULTIPLE) * PIXEL_MULTIPLE, -(-width // PIXEL_MULTIPLE) * PIXEL_MULTIPLE)
     if (8 * h, 8 * w) not in ((height, width), padded):

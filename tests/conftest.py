@@ -102,9 +102,9 @@ def make_tiny_sd21_weights():
 
 @contextlib.contextmanager
 def host_stand_ins(pack_module, models=None):
-    """Within the block, ``comfy``, ``comfy_api`` and ``folder_paths`` import the stand-ins of tests/comfy_stubs, as
-    ComfyUI's root on its ``sys.path`` gives the real ones, and models/ is ``models``; after it, the stand-ins and
-    the pack imported under the module name ``pack_module`` are forgotten."""
+    """Within the block, ``comfy``, ``comfy_api``, ``folder_paths`` and ``nodes`` import the stand-ins of
+    tests/comfy_stubs, as ComfyUI's root on its ``sys.path`` gives the real ones, and models/ is ``models``; after it,
+    the stand-ins and the pack imported under the module name ``pack_module`` are forgotten."""
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(STUBS)
         if models is not None:
@@ -112,7 +112,7 @@ def host_stand_ins(pack_module, models=None):
         try:
             yield
         finally:
-            for name in [n for n in sys.modules if n.startswith((pack_module, "comfy", "folder_paths"))
+            for name in [n for n in sys.modules if n.startswith((pack_module, "comfy", "folder_paths", "nodes"))
                          and not n.startswith("comfyui_diffsr")]:
                 del sys.modules[name]
 

@@ -2013,6 +2013,85 @@ def test_dossr_decode_refuses_a_latent_resized_since_the_sampler(pack):
             run(nodes["DoSSR_VAEDecode"], latent={"samples": grown}, reference=reference, **decode)
 
 
+def dossr_sampled(nodes, lr_image):
+    """(DOSSR_MODEL, the DoSSR Sampler's LATENT and REFERENCE for ``lr_image``, a DoSSR VAE Decode of a LATENT
+    against a reference, the REFERENCE unless given, at ×4 without colour fix)."""
+    (model,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+    embeds = torch.randn(1, 77, model.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+    latent, reference = run(nodes["DoSSR_Sampler"], model=model, image=lr_image, steps=1, seed=7, prompt="",
+                            tile_latent=0, tile_overlap=0, dtype="fp32", conditioning=[[embeds, {}]])
+
+    def decode(latent, against=reference):
+        return run(nodes["DoSSR_VAEDecode"], model=model, latent=latent, reference=against, upscale=4.0,
+                   color_fix="none", vae_tile=0)[0]
+    return model, latent, reference, decode
+
+
+def standard_decode(model, latent, height, width):
+    """ComfyUI's VAE Decode of an SD latent (comfy/sd.py VAE.decode: (decode(samples) + 1) / 2, clamped) cropped to
+    height × width, as IMAGE."""
+    with torch.no_grad():
+        return ((model.vae.decode(latent).sample + 1) / 2).clamp(0, 1)[..., :height, :width].movedim(1, -1)
+
+
+def test_dossr_decode_checks_the_reference_size_the_sampler_recorded(pack):
+    """The DoSSR Sampler records its REFERENCE's size in the LATENT, which ComfyUI's latent nodes pass on. A REFERENCE
+    cropped within the padding (90×90 of a 100×96 one, both 128 px padded) was decoded and cropped to it silently:
+    now refused. Crop Latent cutting off only padding (x 0, y 0, to ⌈the reference / 8⌉ or more) was refused: now
+    decoded, also through Latent From Batch and Repeat Latent Batch. A crop into the image, or a latent resized by
+    Upscale Latent By, is refused naming the fix; one the sampler's size with other values (a KSampler) decodes."""
+    _, nodes = pack
+    import nodes as comfy_nodes  # tests/comfy_stubs/nodes.py: ComfyUI's latent nodes
+
+    crop = comfy_nodes.LatentCrop().crop
+    image = torch.rand(2, 24, 25, 3, generator=torch.Generator().manual_seed(3))
+    model, latent, reference, decode = dossr_sampled(nodes, image)
+    assert latent["samples"].shape == (2, 4, 16, 16) and reference.shape == (2, 96, 100, 3)  # 128×128 px padded
+    whole = decode(latent)
+    assert torch.allclose(whole, standard_decode(model, latent["samples"], 96, 100), atol=1e-4)
+    with pytest.raises(ValueError, match=r"the LATENT was made for a 100×96 px image .* does not match the 90×90 "
+                                         r"reference\. Connect the REFERENCE output of the DoSSR Sampler"):
+        decode(latent, reference[:, :90, :90])
+    for width, height in ((104, 96), (104, 128), (128, 96), (112, 104)):  # at least 13×12 latent px
+        (cropped,) = crop(latent, width, height, 0, 0)
+        out = decode(cropped)
+        assert out.shape == whole.shape, (width, height)
+        assert torch.allclose(out, standard_decode(model, cropped["samples"], 96, 100), atol=1e-4), (width, height)
+    (one,) = comfy_nodes.LatentFromBatch().frombatch(cropped, 1, 1)
+    assert torch.equal(decode(one, reference[1:]), out[1:])
+    (repeated,) = comfy_nodes.RepeatLatentBatch().repeat(one, 2)
+    assert torch.equal(decode(repeated, reference[1:].repeat(2, 1, 1, 1)), out[1:].repeat(2, 1, 1, 1))
+    changed = dict(latent, samples=latent["samples"] * 0.5)  # another node's values at the sampler's size: decoded
+    assert decode(changed).shape == whole.shape
+    upscale_by = comfy_nodes.LatentUpscaleBy().upscale
+    for name, wrong in (("cuts 4 px of the width", crop(latent, 96, 96, 0, 0)),
+                        ("from y 8: 8 px of the top cut", crop(latent, 104, 96, 0, 8)),
+                        ("resized within the padding", upscale_by(latent, "nearest-exact", 0.875)),
+                        ("resized beyond it", upscale_by(latent, "bilinear", 1.2)),
+                        ("of another node's values", crop(changed, 104, 96, 0, 0))):
+        with pytest.raises(ValueError, match=r"it was resized or cropped into the image since .*\(Crop Latent at x 0 "
+                                             r"and y 0, width at least 104 and height at least 96\); decode a "
+                                             r"resized latent with the standard VAE Decode"):
+            decode(wrong[0])
+            pytest.fail(name)
+
+
+def test_dossr_decode_refuses_a_crop_into_the_image_of_the_reference_size(pack):
+    """Crop Latent from x 8 of the sampler's 128×64 px latent for a 96×64 reference gives a latent of the reference's
+    own size (which the sampler makes from a LATENT): it was decoded shifted by 8 px, silently. Now it is refused; the
+    crop from x 0 decodes."""
+    _, nodes = pack
+    import nodes as comfy_nodes  # tests/comfy_stubs/nodes.py: ComfyUI's latent nodes
+
+    model, latent, reference, decode = dossr_sampled(nodes, torch.rand(1, 16, 24, 3))
+    assert latent["samples"].shape == (1, 4, 8, 16) and reference.shape == (1, 64, 96, 3)
+    (shifted,) = comfy_nodes.LatentCrop().crop(latent, 96, 64, 8, 0)
+    with pytest.raises(ValueError, match="the DoSSR Sampler made it for this 96×64 reference"):
+        decode(shifted)
+    (cropped,) = comfy_nodes.LatentCrop().crop(latent, 96, 64, 0, 0)
+    assert torch.allclose(decode(cropped), standard_decode(model, cropped["samples"], 64, 96), atol=1e-4)
+
+
 def test_a_precision_change_encodes_the_prompt_again(pack, osediff_model):
     """Prompt embeddings are kept in the precision the text encoder ran in: a run in another precision encodes its
     prompt again, so an fp32 run after a bf16 one gives the output of an fp32 run alone (not one computed from the
