@@ -338,18 +338,20 @@ def _cropped(size):
 
 def _not_encoded_from(latent, encoded_size, lq_size, reference_size, upscale, process_size):
     """Why OSEDiff VAE Decode refuses ``latent`` against a reference of ``reference_size`` (H, W), whose LQ at this
-    upscale and process_size is ``lq_size``, with the fix: a latent the LQ Encoder made from that LQ and that was
-    resized since (Upscale Latent); one of the reference ×upscale not enlarged (VAE Encode of a small image upscaled
-    by Upscale Image By), which the largest process_size p with p // upscale <= its short side takes, as
-    ``enlarge_small`` enlarges no side then; else one of another image, upscale or process_size."""
+    upscale and process_size is ``lq_size``, with the fix: a latent recorded as made from that LQ (``encoded_size``:
+    by the LQ Encoder, or the DoSSR Sampler from its REFERENCE) and resized since (Upscale Latent); one of the
+    reference ×upscale not enlarged (VAE Encode of a small image upscaled by Upscale Image By), which the largest
+    process_size p with p // upscale <= its short side takes, as ``enlarge_small`` enlarges no side then; else one of
+    another image, upscale or process_size."""
     h, w = latent.shape[-2:]
     if encoded_size is not None and tuple(encoded_size) == tuple(lq_size):
         made_h, made_w = _padded(lq_size)
-        return (f"OSEDiff VAE Decode: the LATENT is {w}×{h} (latent px), but the LQ Encoder made it {made_w}×{made_h} "
-                f"from this reference at upscale {upscale:g} and process_size {process_size}: it was resized or "
-                "cropped since (by Upscale Latent or a node like it), and this node decodes a latent at the size it "
-                "was encoded. Connect the One-Step UNet's LATENT as it is, or decode the resized one with the "
-                "standard VAE Decode.")
+        return (f"OSEDiff VAE Decode: the LATENT is {w}×{h} (latent px), but the LQ Encoder makes it "
+                f"{made_w}×{made_h} from this reference at upscale {upscale:g} and process_size {process_size}: it "
+                "was resized or cropped since (by Upscale Latent or a node like it), or made by the DoSSR Sampler "
+                "(padded to 64 px: decode that with DoSSR VAE Decode), and this node decodes a latent at the size it "
+                "was encoded. Connect the One-Step UNet's LATENT as it is, or decode the resized one with the standard "
+                "VAE Decode.")
     as_is_w, as_is_h = scaled_size(reference_size[1], reference_size[0], upscale)
     as_is_size = max((p for p in range(8, process_size, 8) if p // upscale <= min(reference_size)), default=None)
     if encoded_size is None and as_is_size and (h, w) in (_padded((as_is_h, as_is_w)), _cropped((as_is_h, as_is_w))):
@@ -357,7 +359,7 @@ def _not_encoded_from(latent, encoded_size, lq_size, reference_size, upscale, pr
                 f"({as_is_w}×{as_is_h} px); at process_size {process_size} this node (as the LQ Encoder) takes a "
                 f"reference with a side under {process_size // upscale:g} px enlarged to {lq_size[1]}×{lq_size[0]} px "
                 f"first. Set process_size to {as_is_size} (or less) to decode this latent.")
-    made = "" if encoded_size is None else f" (the LQ Encoder encoded {encoded_size[1]}×{encoded_size[0]} px)"
+    made = "" if encoded_size is None else f" (made from a {encoded_size[1]}×{encoded_size[0]} px image)"
     padded, cropped = _padded(lq_size), _cropped(lq_size)
     return (f"OSEDiff VAE Decode: the LATENT is {w}×{h} (latent px){made}, but the reference at upscale {upscale:g} and "
             f"process_size {process_size} is {lq_size[1]}×{lq_size[0]} px, whose latent is {padded[1]}×{padded[0]} "

@@ -672,7 +672,7 @@ def test_a_standard_vae_encodes_latent_decodes_to_the_part_it_kept(pack, osediff
     torch.testing.assert_close(whole, part, rtol=0, atol=1e-6)  # the colour statistics of a view: float rounding
     (tagged,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=kept, upscale=1.0, process_size=8, vae_tile=0,
                     dtype="fp32")
-    with pytest.raises(ValueError, match=r"the LATENT is 3×2 \(latent px\) \(the LQ Encoder encoded 24×16 px\), "
+    with pytest.raises(ValueError, match=r"the LATENT is 3×2 \(latent px\) \(made from a 24×16 px image\), "
                                          r"but the reference at upscale 1 and process_size 8 is 27×21 px"):
         run(nodes["OSEDiff_VAEDecode"], **dict(decode, latent=tagged), reference=image)
     pipeline = sys.modules["custom_nodes_x_diffsr_pack.osediff_core.pipeline"]
@@ -722,8 +722,8 @@ def test_a_latent_of_the_reference_upscaled_as_it_is_names_the_process_size_that
     (encoded,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=image, upscale=4.0, process_size=64, vae_tile=0,
                      dtype="fp32")
     resized = dict(encoded, samples=encoded["samples"][..., ::2, ::2])  # Upscale Latent keeps the other keys
-    with pytest.raises(ValueError, match=r"the LATENT is 4×5 \(latent px\), but the LQ Encoder made it 8×9 from this "
-                                         r"reference .* resized or cropped since .* standard VAE Decode"):
+    with pytest.raises(ValueError, match=r"the LATENT is 4×5 \(latent px\), but the LQ Encoder makes it 8×9 from "
+                                         r"this reference .* resized or cropped since .* standard VAE Decode"):
         run(nodes["OSEDiff_VAEDecode"], **dict(decode, latent=resized), process_size=64)
 
 
@@ -1929,7 +1929,7 @@ def test_the_one_step_unet_keeps_what_the_lq_encoder_encoded(pack, osediff_model
                     vae_tile=0, dtype="fp32")  # the part of it VAE Encode would keep
     (x0,) = run(nodes["OSEDiff_OneStepUNet"], model=model, latent=latent, prompt="", tile_latent=0, tile_overlap=0,
                 dtype="fp32")
-    with pytest.raises(ValueError, match=r"the LATENT is 6×5 \(latent px\) \(the LQ Encoder encoded 48×40 px\)"):
+    with pytest.raises(ValueError, match=r"the LATENT is 6×5 \(latent px\) \(made from a 48×40 px image\)"):
         run(nodes["OSEDiff_VAEDecode"], model=model, latent=x0, reference=image, upscale=1.0, process_size=8,
             color_fix="none", vae_tile=0)
 
@@ -2090,6 +2090,24 @@ def test_dossr_decode_refuses_a_crop_into_the_image_of_the_reference_size(pack):
         decode(shifted)
     (cropped,) = comfy_nodes.LatentCrop().crop(latent, 96, 64, 0, 0)
     assert torch.allclose(decode(cropped), standard_decode(model, cropped["samples"], 64, 96), atol=1e-4)
+
+
+def test_osediff_decode_does_not_take_a_dossr_latent_for_the_lq_encoders(pack, osediff_model):
+    """The DoSSR Sampler records its REFERENCE's size under the key the OSEDiff LQ Encoder records its LQ's size: a
+    DoSSR latent at OSEDiff VAE Decode was said to be one 'the LQ Encoder made' (resized since, or of its 'encoded'
+    size). Now the message says what the LQ Encoder makes and names DoSSR VAE Decode for the DoSSR Sampler's."""
+    _, nodes = pack
+    _, model = osediff_model
+    image = torch.rand(1, 24, 25, 3, generator=torch.Generator().manual_seed(3))
+    _, latent, _, _ = dossr_sampled(nodes, image)  # 100×96 px, 128×128 px padded
+    decode = dict(model=model, latent=latent, reference=image, upscale=4.0, color_fix="none", vae_tile=0)
+    with pytest.raises(ValueError, match=r"the LATENT is 16×16 \(latent px\), but the LQ Encoder makes it 13×12 "
+                                         r"from this reference .* or made by the DoSSR Sampler \(padded to 64 px: "
+                                         r"decode that with DoSSR VAE Decode\)"):
+        run(nodes["OSEDiff_VAEDecode"], **decode, process_size=0)
+    with pytest.raises(ValueError, match=r"the LATENT is 16×16 \(latent px\) \(made from a 100×96 px image\), but "
+                                         r"the reference at upscale 4 and process_size 512 is 532×512 px"):
+        run(nodes["OSEDiff_VAEDecode"], **decode, process_size=512)
 
 
 def test_a_precision_change_encodes_the_prompt_again(pack, osediff_model):
