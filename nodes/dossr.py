@@ -182,7 +182,8 @@ class DoSSRDecode(io.ComfyNode):
                         "Upscale's, which resizes the LR alpha.",
             inputs=[DOSSR.Input("model", tooltip="From 'Load DoSSR' (its VAE is the SD 2.1 one)."),
                     io.Latent.Input("latent", tooltip="From 'DoSSR Sampler' (also through Crop Latent at x 0, y 0 "
-                                                      "cutting off only padding)."),
+                                                      "cutting off only padding: decoded with the padding, which "
+                                                      "the sampler records)."),
                     io.Image.Input("reference", tooltip="REFERENCE of 'DoSSR Sampler' as it is (size and colour "
                                                         "reference: the sampler records its size in the LATENT)."),
                     io.Float.Input("upscale", default=4.0, min=1.0, max=8.0, step=0.5,
@@ -205,9 +206,9 @@ class DoSSRDecode(io.ComfyNode):
         dev = model.device  # ``decode`` loads the VAE (``model.load_stage``)
         progress = host.Progress(len(starts))
         outs = []
-        for start, x in host.latent_with_references(latent, starts, "DoSSR VAE Decode"):
+        for start, one in host.latent_with_references(latent, starts, "DoSSR VAE Decode"):
             h, w = start.shape[-2:]
-            _check_latent_fits(latent, x, h, w)
+            x = _latent_to_decode(latent, one, h, w)
             with torch.no_grad():
                 decoded = host.with_oom_retry(
                     lambda vae_tile_decode: decode(model, x.to(dev) * SCALING_FACTOR, vae_tile_decode,
@@ -217,19 +218,26 @@ class DoSSRDecode(io.ComfyNode):
         return io.NodeOutput(host.bchw_to_image(outs, alpha))
 
 
-def _check_latent_fits(latent, x, height, width):
-    """Refuse ``x`` (1, 4, h, w) of ``latent`` where it cannot be decoded and cropped to the height × width reference.
-    The DoSSR Sampler records its REFERENCE's size (``host.ENCODED_SIZE``) and its latent as made (``SAMPLED``) in the
-    LATENT, which ComfyUI's latent nodes pass on: the size must be the reference's, and the latent that size as made
-    (its values may have changed since, by a KSampler say) or a crop of it that cut off only padding. A LATENT without
-    the record (VAE Encode, Load Latent) must be of a size the sampler makes (``_check_latent_covers``)."""
+def _latent_to_decode(latent, x, height, width):
+    """What to decode for ``x`` (1, 4, h, w) of ``latent`` and crop to the height × width reference; refused where it
+    cannot be cropped to it. The DoSSR Sampler records its REFERENCE's size (``host.ENCODED_SIZE``) and its latent as
+    made (``SAMPLED``) in the LATENT, which ComfyUI's latent nodes pass on: the size must be the reference's, and
+    ``x`` the size the sampler made (its values may have changed since, by a KSampler say) or a crop of its latent
+    that cut off only padding, for which that latent is decoded, padding and all (as the official decodes and crops:
+    the decoder sees the padding at the image's edge). A LATENT without the record (VAE Encode, Load Latent) must be
+    of a size the sampler makes (``_check_latent_covers``)."""
     encoded_size, sampled = latent.get(host.ENCODED_SIZE), latent.get(SAMPLED)
     if encoded_size is not None and tuple(encoded_size) != (height, width):
         raise ValueError(_made_for_another_size(encoded_size, height, width))
     if sampled is None:
         _check_latent_covers(x, height, width)
-    elif x.shape[-2:] != sampled.shape[-2:] and not _crops_only_padding(x, sampled, height, width):
+        return x
+    if x.shape[-2:] == sampled.shape[-2:]:
+        return x
+    uncropped = _uncropped(x, sampled, height, width)
+    if uncropped is None:
         raise ValueError(_changed_since_the_sampler(x, height, width))
+    return uncropped
 
 
 def _made_for_another_size(encoded_size, height, width):
@@ -242,14 +250,15 @@ def _made_for_another_size(encoded_size, height, width):
             "nor a crop or resize of it: crop or resize the decoded image instead).")
 
 
-def _crops_only_padding(latent, sampled, height, width):
-    """Whether ``latent`` (1, 4, h, w) is a crop of one of the ``sampled`` latents (the sampler's, of a height × width
-    reference) that cut off only padding: it covers the reference, ⌈H/8⌉ × ⌈W/8⌉ latent px, and holds those as
-    sampled (Crop Latent at x 0 and y 0; Latent From Batch and Repeat Latent Batch keep them)."""
-    over_image = -(-height // 8), -(-width // 8)
-    part = latent[..., :over_image[0], :over_image[1]]
-    return part.shape[-2:] == over_image and any(torch.equal(part, one[..., :over_image[0], :over_image[1]])
-                                                 for one in sampled.split(1))
+def _uncropped(latent, sampled, height, width):
+    """The one of the ``sampled`` latents (the sampler's, of a height × width reference) that ``latent`` (1, 4, h, w)
+    is a crop of that cut off only padding, or None: it covers the reference, ⌈H/8⌉ × ⌈W/8⌉ latent px, and holds
+    those as sampled (Crop Latent at x 0 and y 0; Latent From Batch and Repeat Latent Batch keep them)."""
+    over_h, over_w = -(-height // 8), -(-width // 8)
+    part = latent[..., :over_h, :over_w]
+    if part.shape[-2:] != (over_h, over_w):
+        return None
+    return next((one for one in sampled.split(1) if torch.equal(part, one[..., :over_h, :over_w])), None)
 
 
 def _changed_since_the_sampler(latent, height, width):

@@ -2027,18 +2027,12 @@ def dossr_sampled(nodes, lr_image):
     return model, latent, reference, decode
 
 
-def standard_decode(model, latent, height, width):
-    """ComfyUI's VAE Decode of an SD latent (comfy/sd.py VAE.decode: (decode(samples) + 1) / 2, clamped) cropped to
-    height × width, as IMAGE."""
-    with torch.no_grad():
-        return ((model.vae.decode(latent).sample + 1) / 2).clamp(0, 1)[..., :height, :width].movedim(1, -1)
-
-
 def test_dossr_decode_checks_the_reference_size_the_sampler_recorded(pack):
     """The DoSSR Sampler records its REFERENCE's size in the LATENT, which ComfyUI's latent nodes pass on. A REFERENCE
     cropped within the padding (90×90 of a 100×96 one, both 128 px padded) was decoded and cropped to it silently:
     now refused. Crop Latent cutting off only padding (x 0, y 0, to ⌈the reference / 8⌉ or more) was refused: now
-    decoded, also through Latent From Batch and Repeat Latent Batch. A crop into the image, or a latent resized by
+    decoded as the sampler's LATENT, padding and all (the crop alone decodes otherwise at the cut edges), also through
+    Latent From Batch and Repeat Latent Batch. A crop into the image, or a latent resized by
     Upscale Latent By, is refused naming the fix; one the sampler's size with other values (a KSampler) decodes."""
     _, nodes = pack
     import nodes as comfy_nodes  # tests/comfy_stubs/nodes.py: ComfyUI's latent nodes
@@ -2048,19 +2042,19 @@ def test_dossr_decode_checks_the_reference_size_the_sampler_recorded(pack):
     model, latent, reference, decode = dossr_sampled(nodes, image)
     assert latent["samples"].shape == (2, 4, 16, 16) and reference.shape == (2, 96, 100, 3)  # 128×128 px padded
     whole = decode(latent)
-    assert torch.allclose(whole, standard_decode(model, latent["samples"], 96, 100), atol=1e-4)
+    with torch.no_grad():  # ComfyUI's VAE Decode, (decode(samples) + 1) / 2 clamped (comfy/sd.py VAE.decode), cropped
+        standard = ((model.vae.decode(latent["samples"]).sample + 1) / 2).clamp(0, 1)[..., :96, :100]
+    assert torch.allclose(whole, standard.movedim(1, -1), atol=1e-4)
     with pytest.raises(ValueError, match=r"the LATENT was made for a 100×96 px image .* does not match the 90×90 "
                                          r"reference\. Connect the REFERENCE output of the DoSSR Sampler"):
         decode(latent, reference[:, :90, :90])
     for width, height in ((104, 96), (104, 128), (128, 96), (112, 104)):  # at least 13×12 latent px
         (cropped,) = crop(latent, width, height, 0, 0)
-        out = decode(cropped)
-        assert out.shape == whole.shape, (width, height)
-        assert torch.allclose(out, standard_decode(model, cropped["samples"], 96, 100), atol=1e-4), (width, height)
+        assert torch.equal(decode(cropped), whole), (width, height)  # with the padding, as the sampler's LATENT
     (one,) = comfy_nodes.LatentFromBatch().frombatch(cropped, 1, 1)
-    assert torch.equal(decode(one, reference[1:]), out[1:])
+    assert torch.equal(decode(one, reference[1:]), whole[1:])
     (repeated,) = comfy_nodes.RepeatLatentBatch().repeat(one, 2)
-    assert torch.equal(decode(repeated, reference[1:].repeat(2, 1, 1, 1)), out[1:].repeat(2, 1, 1, 1))
+    assert torch.equal(decode(repeated, reference[1:].repeat(2, 1, 1, 1)), whole[1:].repeat(2, 1, 1, 1))
     changed = dict(latent, samples=latent["samples"] * 0.5)  # another node's values at the sampler's size: decoded
     assert decode(changed).shape == whole.shape
     upscale_by = comfy_nodes.LatentUpscaleBy().upscale
@@ -2083,13 +2077,13 @@ def test_dossr_decode_refuses_a_crop_into_the_image_of_the_reference_size(pack):
     _, nodes = pack
     import nodes as comfy_nodes  # tests/comfy_stubs/nodes.py: ComfyUI's latent nodes
 
-    model, latent, reference, decode = dossr_sampled(nodes, torch.rand(1, 16, 24, 3))
+    _, latent, reference, decode = dossr_sampled(nodes, torch.rand(1, 16, 24, 3))
     assert latent["samples"].shape == (1, 4, 8, 16) and reference.shape == (1, 64, 96, 3)
     (shifted,) = comfy_nodes.LatentCrop().crop(latent, 96, 64, 8, 0)
     with pytest.raises(ValueError, match="the DoSSR Sampler made it for this 96×64 reference"):
         decode(shifted)
     (cropped,) = comfy_nodes.LatentCrop().crop(latent, 96, 64, 0, 0)
-    assert torch.allclose(decode(cropped), standard_decode(model, cropped["samples"], 64, 96), atol=1e-4)
+    assert torch.equal(decode(cropped), decode(latent))
 
 
 def test_osediff_decode_does_not_take_a_dossr_latent_for_the_lq_encoders(pack, osediff_model):
