@@ -182,8 +182,8 @@ class DoSSRDecode(io.ComfyNode):
                         "Upscale's, which resizes the LR alpha.",
             inputs=[DOSSR.Input("model", tooltip="From 'Load DoSSR' (its VAE is the SD 2.1 one)."),
                     io.Latent.Input("latent", tooltip="From 'DoSSR Sampler' (also through Crop Latent at x 0, y 0 "
-                                                      "cutting off only padding: decoded with the padding, which "
-                                                      "the sampler records)."),
+                                                      "cutting off only padding, with no node changing it: decoded "
+                                                      "with the padding, which the sampler records)."),
                     io.Image.Input("reference", tooltip="REFERENCE of 'DoSSR Sampler' as it is (size and colour "
                                                         "reference: the sampler records its size in the LATENT)."),
                     io.Float.Input("upscale", default=4.0, min=1.0, max=8.0, step=0.5,
@@ -252,27 +252,32 @@ def _made_for_another_size(encoded_size, height, width):
 
 def _uncropped(latent, sampled, height, width):
     """The one of the ``sampled`` latents (the sampler's, of a height × width reference) that ``latent`` (1, 4, h, w)
-    is a crop of that cut off only padding, or None: it covers the reference, ⌈H/8⌉ × ⌈W/8⌉ latent px, and holds
-    those as sampled (Crop Latent at x 0 and y 0; Latent From Batch and Repeat Latent Batch keep them)."""
+    is a crop of that cut off only padding, or None: it covers the reference, ⌈H/8⌉ × ⌈W/8⌉ latent px, holds those
+    as sampled (Crop Latent at x 0 and y 0; Latent From Batch and Repeat Latent Batch keep them), and is no larger
+    than the sampler's (LatentConcat holds it top-left too, and more)."""
     over_h, over_w = -(-height // 8), -(-width // 8)
     part = latent[..., :over_h, :over_w]
-    if part.shape[-2:] != (over_h, over_w):
+    (h, w), (sampled_h, sampled_w) = latent.shape[-2:], sampled.shape[-2:]
+    if part.shape[-2:] != (over_h, over_w) or h > sampled_h or w > sampled_w:
         return None
     return next((one for one in sampled.split(1) if torch.equal(part, one[..., :over_h, :over_w])), None)
 
 
 def _changed_since_the_sampler(latent, height, width):
     """Why a LATENT the DoSSR Sampler made for a height × width reference is refused at another size than it made,
-    with another part over the image: it was resized (Upscale Latent), cropped into the image (Crop Latent), or
-    cropped after a node changed its values (then nothing shows that only padding was cut)."""
+    with another part over the image or larger: it was resized (Upscale Latent), cropped into the image (Crop Latent),
+    grown (LatentConcat), or cropped and changed by another node, in either order (then nothing shows that only
+    padding was cut)."""
     h, w = latent.shape[-2:]
     return (f"DoSSR VAE Decode: the LATENT decodes to {8 * w}×{8 * h} px; the DoSSR Sampler made it for this "
             f"{width}×{height} reference, but it is neither the latent it made (that size) nor a crop of it that cut "
-            "off only padding (the part over the image as sampled): it was resized or cropped into the image since "
-            "(by Upscale Latent, Crop Latent or a node like it), or cropped after a node changed it. Connect the "
-            "sampler's LATENT as it is, or crop off only its padding before any node that changes it (Crop Latent "
-            f"at x 0 and y 0, width at least {-(-width // 8) * 8} and height at least {-(-height // 8) * 8}); "
-            "decode a resized latent with the standard VAE Decode.")
+            "off only padding (the part over the image as sampled): it was resized, cropped into the image or grown "
+            "since (by Upscale Latent, Crop Latent, LatentConcat or a node like it), or cropped and changed by "
+            "another node (a KSampler), which leaves nothing to show that only padding was cut. Connect the "
+            "sampler's LATENT at its own size (through a KSampler or any node that keeps it), or Crop Latent of it "
+            f"at x 0 and y 0, width at least {-(-width // 8) * 8} and height at least {-(-height // 8) * 8}, with "
+            "no node changing it since the sampler (this node crops to the REFERENCE itself); decode a resized "
+            "latent with the standard VAE Decode.")
 
 
 def _check_latent_covers(latent, height, width):

@@ -2063,9 +2063,9 @@ def test_dossr_decode_checks_the_reference_size_the_sampler_recorded(pack):
                         ("resized within the padding", upscale_by(latent, "nearest-exact", 0.875)),
                         ("resized beyond it", upscale_by(latent, "bilinear", 1.2)),
                         ("of another node's values", crop(changed, 104, 96, 0, 0))):
-        with pytest.raises(ValueError, match=r"it was resized or cropped into the image since .*\(Crop Latent at x 0 "
-                                             r"and y 0, width at least 104 and height at least 96\); decode a "
-                                             r"resized latent with the standard VAE Decode"):
+        with pytest.raises(ValueError, match=r"it was resized, cropped into the image or grown since .*Crop Latent of "
+                                             r"it at x 0 and y 0, width at least 104 and height at least 96, .*; "
+                                             r"decode a resized latent with the standard VAE Decode"):
             decode(wrong[0])
             pytest.fail(name)
 
@@ -2084,6 +2084,47 @@ def test_dossr_decode_refuses_a_crop_into_the_image_of_the_reference_size(pack):
         decode(shifted)
     (cropped,) = comfy_nodes.LatentCrop().crop(latent, 96, 64, 0, 0)
     assert torch.equal(decode(cropped), decode(latent))
+
+
+def test_dossr_decode_refuses_a_latent_grown_past_the_sampler_s(pack):
+    """LatentConcat (comfy_extras/nodes_latent.py L147-168: the first latent's keys, the second beside it) of the
+    sampler's LATENT and another holds the sampler's latent top-left: it was decoded as the sampler's alone, the other
+    latent dropped silently. A crop is no larger than what it was cut from: now refused, as before the record."""
+    _, nodes = pack
+    _, latent, _, decode = dossr_sampled(nodes, torch.rand(1, 16, 24, 3))
+    assert latent["samples"].shape == (1, 4, 8, 16)
+    other = torch.randn(1, 4, 8, 16)
+    for dim in (-1, -2):  # LatentConcat at x, at y
+        concatenated = dict(latent, samples=torch.cat((latent["samples"], other), dim=dim))
+        with pytest.raises(ValueError, match=r"it was resized, cropped into the image or grown since \(by "
+                                             r"Upscale Latent, Crop Latent, LatentConcat"):
+            decode(concatenated)
+            pytest.fail(f"concatenated at {dim}")
+
+
+def test_dossr_decode_names_the_routes_that_decode_a_latent_a_node_changed(pack):
+    """A LATENT cropped to its padding and changed by another node (a KSampler: ``latent.copy()``, new samples), in
+    either order, is refused (nothing shows that only padding was cut); the message told to 'crop off only its
+    padding before any node that changes it', a route it refuses. Now it names the ones that decode: the LATENT at
+    the sampler's size through nodes that change its values, or Crop Latent with no node changing it."""
+    _, nodes = pack
+    import nodes as comfy_nodes  # tests/comfy_stubs/nodes.py: ComfyUI's latent nodes
+
+    crop = comfy_nodes.LatentCrop().crop
+    _, latent, _, decode = dossr_sampled(nodes, torch.rand(1, 24, 25, 3))
+    changed = dict(latent, samples=latent["samples"] * 0.5)
+    (cropped,) = crop(latent, 104, 96, 0, 0)
+    routes = {"cropped, then changed": dict(cropped, samples=cropped["samples"] * 0.5),
+              "changed, then cropped": crop(changed, 104, 96, 0, 0)[0]}
+    for route, wrong in routes.items():
+        with pytest.raises(ValueError, match=r"Connect the sampler's LATENT at its own size \(through a KSampler or "
+                                             r"any node that keeps it\), or Crop Latent of it at x 0 and y 0, width at "
+                                             r"least 104 and height at least 96, with no node changing it since the "
+                                             r"sampler"):
+            decode(wrong)
+            pytest.fail(route)
+    decode(changed)  # the routes it names
+    decode(cropped)
 
 
 def test_osediff_decode_does_not_take_a_dossr_latent_for_the_lq_encoders(pack, osediff_model):
