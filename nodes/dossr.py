@@ -228,7 +228,7 @@ def _latent_to_decode(latent, x, height, width):
     of a size the sampler makes (``_check_latent_covers``)."""
     encoded_size, sampled = latent.get(host.ENCODED_SIZE), latent.get(SAMPLED)
     if encoded_size is not None and tuple(encoded_size) != (height, width):
-        raise ValueError(_made_for_another_size(encoded_size, height, width))
+        raise ValueError(_made_for_another_size(encoded_size, height, width, by_the_sampler=sampled is not None))
     if sampled is None:
         _check_latent_covers(x, height, width)
         return x
@@ -240,10 +240,15 @@ def _latent_to_decode(latent, x, height, width):
     return uncropped
 
 
-def _made_for_another_size(encoded_size, height, width):
+def _made_for_another_size(encoded_size, height, width, by_the_sampler):
     """Why a LATENT recorded for an image of ``encoded_size`` (H, W) is refused against a reference of another size: it
-    would be decoded and cropped to the wrong part (a REFERENCE cropped within the padding) or size."""
+    would be decoded and cropped to the wrong part (a REFERENCE cropped within the padding) or size. The record is the
+    DoSSR Sampler's where it holds its latent (``SAMPLED``), else the OSEDiff LQ Encoder's (its LQ's size)."""
     made_h, made_w = encoded_size
+    if not by_the_sampler:
+        return (f"DoSSR VAE Decode: the LATENT was made by the OSEDiff LQ Encoder from a {made_w}×{made_h} px image "
+                f"(it records that size), which does not match the {width}×{height} reference. Decode it with OSEDiff "
+                "VAE Decode, against the image the LQ Encoder took, at its upscale and process_size.")
     return (f"DoSSR VAE Decode: the LATENT was made for a {made_w}×{made_h} px image (the DoSSR Sampler records the "
             f"size of its REFERENCE in it), which does not match the {width}×{height} reference. Connect the "
             "REFERENCE output of the DoSSR Sampler that made the latent as it is (the ×4 image, not the LR input, "

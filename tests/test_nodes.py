@@ -2145,6 +2145,23 @@ def test_osediff_decode_does_not_take_a_dossr_latent_for_the_lq_encoders(pack, o
         run(nodes["OSEDiff_VAEDecode"], **decode, process_size=512)
 
 
+def test_dossr_decode_names_the_lq_encoder_for_an_osediff_latent(pack, osediff_model):
+    """The OSEDiff LQ Encoder records the size of its LQ under the key the DoSSR Sampler records its REFERENCE's: its
+    LATENT (or the One-Step UNet's, which keeps it) at DoSSR VAE Decode against the LR image was said to be made by
+    'the DoSSR Sampler', whose REFERENCE to connect. Now the message names the LQ Encoder and OSEDiff VAE Decode."""
+    _, nodes = pack
+    _, model = osediff_model
+    image = torch.rand(1, 24, 25, 3, generator=torch.Generator().manual_seed(3))
+    (encoded,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=image, upscale=4.0, process_size=0, vae_tile=0,
+                     dtype="fp32")
+    (dossr,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+    with pytest.raises(ValueError, match=r"DoSSR VAE Decode: the LATENT was made by the OSEDiff LQ Encoder from a "
+                                         r"100×96 px image \(it records that size\), which does not match the 25×24 "
+                                         r"reference\. Decode it with OSEDiff VAE Decode"):
+        run(nodes["DoSSR_VAEDecode"], model=dossr, latent=encoded, reference=image, upscale=4.0, color_fix="none",
+            vae_tile=0)
+
+
 def test_a_precision_change_encodes_the_prompt_again(pack, osediff_model):
     """Prompt embeddings are kept in the precision the text encoder ran in: a run in another precision encodes its
     prompt again, so an fp32 run after a bf16 one gives the output of an fp32 run alone (not one computed from the
