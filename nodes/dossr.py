@@ -171,6 +171,7 @@ class DoSSRSampler(io.ComfyNode):
         return io.NodeOutput({"samples": samples, host.ENCODED_SIZE: list(reference.shape[1:3]), SAMPLED: samples},
                              reference)
 
+
 class DoSSRDecode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
