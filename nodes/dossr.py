@@ -260,9 +260,10 @@ def _uncropped(latent, sampled, height, width):
     """The one of the ``sampled`` latents (the sampler's, of a height × width reference) that ``latent`` (1, 4, h, w)
     is a crop of that cut off only padding, or None: it covers the reference, ⌈H/8⌉ × ⌈W/8⌉ latent px, holds those
     as sampled (Crop Latent at x 0 and y 0; Latent From Batch and Repeat Latent Batch keep them), and is no larger
-    than the sampler's (LatentConcat holds it top-left too, and more)."""
+    than the sampler's (LatentConcat holds it top-left too, and more). Compared where the sampler's latent is (the
+    CPU): under --gpu-only a KSampler leaves its LATENT on the GPU (comfy/sample.py, intermediate_device)."""
     over_h, over_w = -(-height // 8), -(-width // 8)
-    part = latent[..., :over_h, :over_w]
+    part = latent[..., :over_h, :over_w].to(sampled.device)
     (h, w), (sampled_h, sampled_w) = latent.shape[-2:], sampled.shape[-2:]
     if part.shape[-2:] != (over_h, over_w) or h > sampled_h or w > sampled_w:
         return None

@@ -17,7 +17,7 @@ from comfyui_diffsr.sr_common.sd21 import ieee_float32, load_sd21
 from comfyui_diffsr.sr_common.tiled_vae import tiled_forward
 
 from conftest import psnr
-from test_nodes import own_tiny_sd21, pack, run  # noqa: F401 (the pack fixture: the nodes against the host stand-ins)
+from test_nodes import dossr_sampled, own_tiny_sd21, pack, run  # noqa: F401 (pack: the nodes on the host stand-ins)
 from test_dossr_pipeline import CASES as DOSSR_CASES, CKPT, TEXT_HEADS, YAML, fixture_noise, lr_image
 from test_osediff_parity import (CASES as OSEDIFF_CASES, FIX as OSEDIFF_FIX, expected, precision_cases, run_case,
                                  tiny_folder)
@@ -242,3 +242,20 @@ def test_commands_take_the_text_encoder_off_the_device_after_the_one_prompt(monk
         assert dossr_main([os.path.join(DOSSR_FIX, "lr_w32h16.png"), *out, "--weights", CKPT, "--config", YAML,
                            "--steps", "1"]) == 0
         assert seen == [(CUDA.type, "cpu")]
+
+
+def test_dossr_decode_compares_a_crop_on_the_gpu_with_the_sampler_s_latent(pack):
+    """Under --gpu-only ComfyUI's KSampler leaves its LATENT on the GPU (comfy/sample.py: intermediate_device). Cropped
+    to its padding, DoSSR VAE Decode compared it with the sampler's latent on the CPU: RuntimeError ('Expected all
+    tensors to be on the same device') for a crop it refuses. Now refused by name; a crop of the unchanged latent
+    moved there decodes as the sampler's."""
+    _, nodes = pack
+    import nodes as comfy_nodes  # tests/comfy_stubs/nodes.py: ComfyUI's latent nodes
+
+    crop = comfy_nodes.LatentCrop().crop
+    _, latent, _, decode = dossr_sampled(nodes, torch.rand(1, 24, 25, 3))
+    changed = dict(latent, samples=(latent["samples"] * 0.5).to(CUDA))
+    with pytest.raises(ValueError, match="cropped and changed by another node"):
+        decode(crop(changed, 104, 96, 0, 0)[0])
+    moved = dict(latent, samples=latent["samples"].to(CUDA))
+    assert torch.equal(decode(crop(moved, 104, 96, 0, 0)[0]), decode(latent))
