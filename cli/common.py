@@ -420,16 +420,12 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
 
 
 def check_sizing_args(args):
-    """--upscale, --process-size and --official-sizing as OSEDiff (and DAPE, which tags what OSEDiff sees) take
-    them: a --process-size past the node's largest enlarged a small image to gigapixels (minutes, then out of
-    memory)."""
-    from ..osediff_core.pipeline import check_process_size
+    """--upscale, --process-size and --official-sizing as OSEDiff (and DAPE, which tags what OSEDiff sees) takes
+    them (``check_sizing``, as the Python API checks them), before anything is loaded."""
+    from ..osediff_core.pipeline import check_sizing
 
-    check_process_size(args.process_size, "--process-size")
-    if not 1 <= args.upscale <= 8:
-        raise DiffSRError(f"--upscale must be between 1 and 8, got {args.upscale}")
-    if args.official_sizing and args.upscale != int(args.upscale):
-        raise DiffSRError("--official-sizing takes an integer --upscale (the official code does).")
+    check_sizing(args.upscale, args.process_size, args.official_sizing,
+                 ("--upscale", "--process-size", "--official-sizing"))
 
 
 def check_tile_args(args):

@@ -22,6 +22,7 @@ import argparse
 import sys
 
 from ..sr_common.errors import DiffSRError
+from ..sr_common.image import MAX_UPSCALE, MIN_UPSCALE
 from ..sr_common.sd21 import network_dtype
 from ..sr_common.tiling import OutOfMemory, is_out_of_memory
 from .common import (add_device_args, add_input_args, check_sizing_args, find_images, load_image, pick_device,
@@ -35,7 +36,8 @@ def build_parser():
     p.add_argument("--ram", default=None, help="ram_swin_large_14m.pth (with --dape)")
     p.add_argument("--dape", default=None, help="DAPE.pth (with --ram), or a converted DAPE .safetensors alone")
     p.add_argument("--weights", default=None, help="converted DAPE .safetensors (diffsr convert dape)")
-    p.add_argument("--upscale", type=float, default=4, help="OSEDiff scale factor (default 4)")
+    p.add_argument("--upscale", type=float, default=4,
+                   help=f"OSEDiff scale factor, {MIN_UPSCALE} to {MAX_UPSCALE} (default 4)")
     p.add_argument("--process-size", type=int, default=512, help="as diffsr osediff (default 512)")
     p.add_argument("--official-sizing", action="store_true", help="as diffsr osediff")
     p.add_argument("--user-prompt", "--prompt", dest="user_prompt", default="",

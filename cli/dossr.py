@@ -9,6 +9,7 @@ import torch
 from ..dossr_core.model import DEFAULT_PROMPT
 from ..sr_common.color_fix import COLOR_FIXES
 from ..sr_common.errors import DiffSRError
+from ..sr_common.image import MAX_UPSCALE, MIN_UPSCALE, check_upscale
 from ..sr_common.offload import OffloadWhenShort
 from ..sr_common.sd21 import move_module, network_dtype
 from .common import (NAME_MAX, add_compile_arg, add_device_args, add_input_args, add_output_args, add_seed_arg,
@@ -40,7 +41,7 @@ def build_parser():
     p.add_argument("--color-fix", choices=COLOR_FIXES, default="wavelet",
                    help="colour correction against the RRDB x4 image (default wavelet, the official)")
     p.add_argument("--upscale", type=float, default=4,
-                   help="output scale (model works at x4; others resize; default 4)")
+                   help=f"output scale, {MIN_UPSCALE} to {MAX_UPSCALE} (model works at x4; others resize; default 4)")
     add_tile_args(p)
     p.add_argument("--noise-file", default=None, help="safetensors with 'posterior', 'init', 'step_0'... "
                    "replacing every random draw (one input image only)")
@@ -58,8 +59,7 @@ def build_parser():
 def check_args(args):
     if not 1 <= args.steps <= 499:
         raise DiffSRError(f"--steps must be 1 to 499, got {args.steps} (the paper uses 1 to 5)")
-    if not 0 < args.upscale <= 16:
-        raise DiffSRError(f"--upscale must be in (0, 16], got {args.upscale}")
+    check_upscale(args.upscale, "--upscale")
     check_tile_args(args)
     if not 0 <= args.gamma <= 1:
         raise DiffSRError(f"--gamma must be in [0, 1], got {args.gamma}")

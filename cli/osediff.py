@@ -9,7 +9,7 @@ from ..osediff_core.pipeline import MAX_PROCESS_SIZE, Options, build_osediff, os
 from ..osediff_core.weights import read_osediff
 from ..sr_common.color_fix import COLOR_FIXES
 from ..sr_common.errors import DiffSRError
-from ..sr_common.image import scaled_size
+from ..sr_common.image import MAX_UPSCALE, MIN_UPSCALE, scaled_size
 from ..sr_common.offload import OffloadWhenShort
 from ..sr_common.sd21 import load_sd21, move_module, network_dtype
 from .common import (add_compile_arg, add_device_args, add_input_args, add_output_args, add_seed_arg, add_tile_args,
@@ -33,7 +33,7 @@ def build_parser():
     p.add_argument("--dape", default=None, help="DAPE.pth LoRA (with --ram), or the converted DAPE .safetensors")
     p.add_argument("--ram", default=None, help="ram_swin_large_14m.pth (with --dape)")
     p.add_argument("--user-prompt", default="", help="with DAPE: text appended as '{tags}, {user prompt},'")
-    p.add_argument("--upscale", type=float, default=4, help="scale factor, 1 to 8 (default 4)")
+    p.add_argument("--upscale", type=float, default=4, help=f"scale factor, {MIN_UPSCALE} to {MAX_UPSCALE} (default 4)")
     p.add_argument("--process-size", type=int, default=512,
                    help="inputs with a side below process_size/upscale are enlarged first; 0 to "
                         f"{MAX_PROCESS_SIZE} (default 512)")

@@ -64,7 +64,7 @@ class NoiseSource:
 class Options:
     steps: int = 5
     color_fix: str = "wavelet"
-    upscale: float = 4
+    upscale: float = 4          # 1 to 8 (image.check_upscale)
     seed: int = 42
     order: int = 3
     gamma: float = 1.0          # experimental: < 1 moves towards the deterministic ODE (1 = official)
@@ -78,8 +78,7 @@ class Options:
 
 def check_options(o):
     check_color_fix(o.color_fix)
-    if not 0 < o.upscale <= 16:
-        raise ValueError(f"`upscale` must be in (0, 16], got {o.upscale}")
+    img.check_upscale(o.upscale)
     if o.tile_latent and (o.tile_latent < LATENT_MULTIPLE or o.tile_latent % LATENT_MULTIPLE):
         raise ValueError(f"`tile_latent` must be 0 (off) or a multiple of {LATENT_MULTIPLE}, got {o.tile_latent}")
     if o.tile_latent and o.tile_overlap >= o.tile_latent:

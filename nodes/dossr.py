@@ -8,6 +8,7 @@ from ..dossr_core.model import DEFAULT_PROMPT, load_dossr
 from ..dossr_core.pipeline import (PIXEL_MULTIPLE, Options, decode, dossr_sample, dossr_upscale, fixed_and_resized,
                                    text_context)
 from ..sr_common.color_fix import COLOR_FIXES
+from ..sr_common.image import MAX_UPSCALE, MIN_UPSCALE
 from ..sr_common.sd21 import SCALING_FACTOR
 from ..sr_common.tiling import overlap_within
 from . import host
@@ -65,7 +66,7 @@ class DoSSRUpscale(io.ComfyNode):
                     io.Int.Input("seed", default=42, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                                  tooltip="Seed of every random draw (posterior sample, start noise, step noises)."),
                     io.String.Input("prompt", default=DEFAULT_PROMPT, tooltip="Ignored when conditioning is connected."),
-                    io.Float.Input("upscale", default=4.0, min=1.0, max=8.0, step=0.5,
+                    io.Float.Input("upscale", default=4.0, min=MIN_UPSCALE, max=MAX_UPSCALE, step=0.5,
                                    tooltip="Output scale; the model works at ×4 and other scales are resized."),
                     io.Combo.Input("color_fix", options=list(COLOR_FIXES), default="wavelet",
                                    tooltip="Colour correction against the RRDB image (official default: wavelet)."),
@@ -187,7 +188,7 @@ class DoSSRDecode(io.ComfyNode):
                                                       "with the padding, which the sampler records)."),
                     io.Image.Input("reference", tooltip="REFERENCE of 'DoSSR Sampler' as it is (size and colour "
                                                         "reference: the sampler records its size in the LATENT)."),
-                    io.Float.Input("upscale", default=4.0, min=1.0, max=8.0, step=0.5,
+                    io.Float.Input("upscale", default=4.0, min=MIN_UPSCALE, max=MAX_UPSCALE, step=0.5,
                                    tooltip="Output scale of the original LR image: the REFERENCE is its ×4 "
                                            "image, so the output is the REFERENCE's size × upscale/4. From a "
                                            "Sampler fed a 'latent', the REFERENCE is at that latent's size: 4 "

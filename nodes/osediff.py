@@ -7,7 +7,7 @@ from ..osediff_core.pipeline import (MAX_PROCESS_SIZE, Options, Plan, build_osed
                                      fixed_and_resized, lq_latent, one_step, osediff_upscale, preprocess)
 from ..osediff_core.weights import lq_encoder_pairs, merged_value, osediff_unet_changes, read_osediff
 from ..sr_common.color_fix import COLOR_FIXES, color_reference
-from ..sr_common.image import resized_alpha, scaled_size
+from ..sr_common.image import MAX_UPSCALE, MIN_UPSCALE, resized_alpha, scaled_size
 from ..sr_common.sd21 import PRECISIONS, SCALING_FACTOR, weights_out_of_memory
 from ..sr_common.tiling import is_out_of_memory, overlap_within
 from . import host
@@ -19,7 +19,7 @@ DAPE = io.Custom("DAPE_MODEL")
 
 
 def upscale_input():
-    return io.Float.Input("upscale", default=4.0, min=1.0, max=8.0, step=0.5,
+    return io.Float.Input("upscale", default=4.0, min=MIN_UPSCALE, max=MAX_UPSCALE, step=0.5,
                           tooltip="Scale factor; the output is exactly round(upscale × input) pixels.")
 
 

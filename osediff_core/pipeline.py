@@ -76,20 +76,26 @@ MAX_ASPECT_ENLARGED = 4  # small inputs are enlarged to a long side of at most 4
 MAX_PROCESS_SIZE = 4096  # the largest process_size taken (a node's input, a command's option, Options)
 
 
-def check_process_size(process_size, name="`process_size`"):
-    """Refuse a process size outside 0 … MAX_PROCESS_SIZE, naming it as ``name`` (a command's option): past that,
-    ``enlarge_small`` takes a small image to gigapixels (minutes, then out of memory)."""
+def check_sizing(upscale, process_size, official_sizing=False,
+                 names=("`upscale`", "`process_size`", "`official_sizing`")):
+    """Refuse sizing options the nodes and commands do not take, naming them as ``names`` (a command's options):
+    an ``upscale`` outside 1 … 8 (``image.check_upscale``), a process size outside 0 … MAX_PROCESS_SIZE (past that,
+    ``enlarge_small`` takes a small image to gigapixels: minutes, then out of memory), a fractional ``upscale`` with
+    ``official_sizing`` (whose sizes are ×int(upscale), as the official code's)."""
+    img.check_upscale(upscale, names[0])
     if not 0 <= process_size <= MAX_PROCESS_SIZE:
-        raise OptionError(f"{name} must be between 0 and {MAX_PROCESS_SIZE}, got {process_size}")
+        raise OptionError(f"{names[1]} must be between 0 and {MAX_PROCESS_SIZE}, got {process_size}")
+    if official_sizing and upscale != int(upscale):
+        raise OptionError(f"{names[2]} takes an integer {names[0]} (the official code does), got {upscale:g}")
 
 
 def enlarge_small(image, *, upscale=4, process_size=512, official_sizing=False):
     """Step 1 of ``preprocess``: ``image``, or, where a side is below process_size // upscale, the image enlarged
     (PIL bicubic) so that its short side reaches it, the size truncated by ``int()`` as the official code, but never
     so far that the long side passes 4 · process_size // upscale (very thin images would otherwise ask for gigapixels;
-    with ``official_sizing`` such an image is refused instead). A ``process_size`` past ``MAX_PROCESS_SIZE`` is
-    refused (``check_process_size``)."""
-    check_process_size(process_size)
+    with ``official_sizing`` such an image is refused instead). Sizing options the nodes and commands do not take are
+    refused (``check_sizing``)."""
+    check_sizing(upscale, process_size, official_sizing)
     height, width = image.shape[-2:]
     minimum = process_size // upscale
     if width >= minimum and height >= minimum:
@@ -124,9 +130,9 @@ def preprocess(image, *, upscale=4, process_size=512, official_sizing=False):
        back and, if step 1 enlarged it, resized to exactly round(upscale × input).
     """
     img.check_image(image)
+    lq = enlarge_small(image, upscale=upscale, process_size=process_size, official_sizing=official_sizing)
     height, width = image.shape[-2:]
     target = img.scaled_size(width, height, upscale)
-    lq = enlarge_small(image, upscale=upscale, process_size=process_size, official_sizing=official_sizing)
     lq = img.resize(lq, upscaled_size(lq, upscale, official_sizing))
     if official_sizing:
         h8, w8 = lq.shape[-2] - lq.shape[-2] % 8, lq.shape[-1] - lq.shape[-1] % 8
@@ -206,8 +212,8 @@ def decoded_image(model, x0, crop, *, tile=None, tile_mode=DEFAULT_MODE, callbac
 
 @dataclass
 class Options:
-    upscale: float = 4
-    process_size: int = 512  # 0 to MAX_PROCESS_SIZE (check_process_size)
+    upscale: float = 4  # 1 to 8 (check_sizing)
+    process_size: int = 512  # 0 to MAX_PROCESS_SIZE (check_sizing)
     official_sizing: bool = False
     color_fix: str = "adain"
     sample_mode: str = "mean"

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import ImageInputError
+from .errors import ImageInputError, OptionError
 
 RESAMPLE = {"bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
 
@@ -155,6 +155,17 @@ def pad_to_multiple(image, multiple):
         return image, (height, width)
     mode = "reflect" if pad_h < height and pad_w < width else "replicate"
     return F.pad(image, (0, pad_w, 0, pad_h), mode=mode), (height, width)
+
+
+MIN_UPSCALE, MAX_UPSCALE = 1, 8  # the scales taken: both methods' ``Options``, the commands' --upscale, the nodes
+
+
+def check_upscale(upscale, name="`upscale`"):
+    """Refuse a scale outside MIN_UPSCALE … MAX_UPSCALE (NaN too), naming it as ``name`` (a command's option): past
+    8 a photo grows to gigapixels (OSEDiff runs its networks at that size), below 1 the output shrinks (0: a
+    division by zero deep inside)."""
+    if not MIN_UPSCALE <= upscale <= MAX_UPSCALE:
+        raise OptionError(f"{name} must be between {MIN_UPSCALE} and {MAX_UPSCALE}, got {upscale:g}")
 
 
 def scaled_size(width, height, scale):

@@ -148,6 +148,29 @@ def test_the_api_refuses_a_process_size_past_the_nodes_largest(osediff_model, si
     assert enlarge_small(large, process_size=MAX_PROCESS_SIZE) is large
 
 
+@pytest.mark.parametrize("upscale", [0, 0.5, 9, 100, float("nan")])
+def test_the_api_refuses_an_upscale_the_nodes_and_commands_do_not_take(osediff_model, dossr_model, upscale):
+    """``Options.upscale`` had no bound in OSEDiff's API, where the nodes and commands take 1 to 8: 100 ran the
+    networks at 100× the input's sides, 0 ended in a ZeroDivisionError and NaN in PIL's ValueError; DoSSR's API
+    took (0, 16], its nodes 1 to 8. Both refuse it as the commands do (one check, ``check_upscale``), a ValueError
+    naming the range, before any work; 1 and 8 are taken. A fractional upscale with official sizing, whose sizes are
+    ×int(upscale), ran at ×2 for 2.5 without a word; it is refused as the commands refuse it."""
+    from comfyui_diffsr.osediff_core.pipeline import preprocess
+
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    refusal = rf"^`upscale` must be between 1 and 8, got {upscale:g}$"
+    with pytest.raises(ValueError, match=refusal):
+        osediff_upscale(osediff_model, image, options=Options(upscale=upscale, process_size=0))
+    embeds = torch.zeros(1, 77, dossr_model.unet.config.cross_attention_dim)
+    with pytest.raises(ValueError, match=refusal):
+        dossr_upscale(dossr_model, image, prompt_embeds=embeds, options=DoSSROptions(steps=1, upscale=upscale))
+    for taken in (1, 8):
+        assert tuple(preprocess(image, upscale=taken, process_size=0)[0].shape) == (1, 3, 16 * taken, 16 * taken)
+    with pytest.raises(ValueError, match=r"^`official_sizing` takes an integer `upscale` \(the official code does\), "
+                                         r"got 2.5$"):
+        preprocess(image, upscale=2.5, process_size=0, official_sizing=True)
+
+
 def test_thin_image_enlargement_is_capped_at_four_times_the_short_side_target():
     """2×100 at the default process size 512, ×4: raising the short side to 512/4 = 128 px would make it 6400 px
     long; the enlargement stops where the long side reaches 4 · 128 = 512 px (×5.12: 512×10, truncated as PIL

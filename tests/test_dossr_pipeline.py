@@ -349,18 +349,19 @@ def test_noise_of_the_wrong_shape_is_refused_by_name():
     assert torch.equal(src("posterior", (1, 4, 3, 3)), torch.zeros(1, 4, 3, 3))
 
 
-@pytest.mark.parametrize("upscale", [0, -1, 16.5])
-def test_upscale_outside_0_to_16_is_refused(model, upscale):
-    """``upscale`` 0 (an output of no pixels), negative or above 16 is refused by name before anything runs."""
+@pytest.mark.parametrize("upscale", [0, -1, 0.5, 8.5, 16])
+def test_upscale_outside_1_to_8_is_refused(model, upscale):
+    """``upscale`` outside the nodes' 1 to 8 (0: an output of no pixels; below 1 an output smaller than the input;
+    past 8 a LANCZOS enlargement of the ×4 result) is refused by name before anything runs."""
     from comfyui_diffsr.dossr_core.pipeline import check_options
 
-    with pytest.raises(ValueError, match="`upscale` must be in"):
+    with pytest.raises(ValueError, match="`upscale` must be between 1 and 8"):
         check_options(Options(upscale=upscale))
-    with pytest.raises(ValueError, match="`upscale` must be in"):
+    with pytest.raises(ValueError, match="`upscale` must be between 1 and 8"):
         dossr_upscale(model, torch.rand(1, 3, 8, 8), prompt_embeds=random_context(model),
                       options=Options(steps=1, upscale=upscale))
-    check_options(Options(upscale=16))
-    check_options(Options(upscale=0.5))
+    check_options(Options(upscale=1))
+    check_options(Options(upscale=8))
 
 
 def test_noise_file_without_the_posterior_draw_is_refused(tmp_path):

@@ -223,20 +223,20 @@ def test_cli_checks_the_format_limit_at_dossrs_output_size(tmp_path, capsys):
     from comfyui_diffsr.cli.dossr import main
     from comfyui_diffsr.dossr_core.pipeline import output_size
 
-    assert output_size(4 * 1100, 8, 14.8937) == (16383 + 1, 30)  # round(14.8937 · 1100) would be 16383
+    assert output_size(4 * 2200, 8, 7.4469) == (16383 + 1, 15)  # round(7.4469 · 2200) would be 16383
     folder = tmp_path / "in"
     folder.mkdir()
-    Image.new("RGB", (1100, 2), "gray").save(folder / "a_wide.png")
+    Image.new("RGB", (2200, 2), "gray").save(folder / "a_wide.png")
     Image.open(os.path.join(FIX, "lr_w32h16.png")).save(folder / "b_ok.png")
     embeds = tmp_path / "embeds.safetensors"
     save_file({"prompt_embeds": load_file(os.path.join(FIX, "n1_w32h16_wavelet.safetensors"))["context"]}, embeds)
     assert main([str(folder), "-o", str(tmp_path / "out"), "--weights", CKPT, "--config",
                  os.path.join(FIX, "tiny_cldm.yaml"), "--steps", "1", "--device", "cpu", "--prompt-embeds", str(embeds),
-                 "--upscale", "14.8937", "--format", "webp", "--tile-latent", "0"]) == 2
+                 "--upscale", "7.4469", "--format", "webp", "--tile-latent", "0"]) == 2
     err = capsys.readouterr().err
-    assert "a_wide.png: The output would be 16384×30 px" in err and "1 of 2 image(s) failed" in err
+    assert "a_wide.png: The output would be 16384×15 px" in err and "1 of 2 image(s) failed" in err
     assert os.listdir(tmp_path / "out") == ["b_ok.webp"]
-    assert Image.open(tmp_path / "out" / "b_ok.webp").size == (math.ceil(14.8937 * 32), math.ceil(14.8937 * 16))
+    assert Image.open(tmp_path / "out" / "b_ok.webp").size == (math.ceil(7.4469 * 32), math.ceil(7.4469 * 16))
 
 
 def test_cli_output_matches_the_official_code(tmp_path):

@@ -477,15 +477,23 @@ def test_the_readmes_command_lines_show_the_defaults(command):
             assert value == shown_default(action.default), option
 
 
-def test_the_osediff_nodes_take_the_sizes_the_commands_take(nodes):
+def test_the_nodes_take_the_sizes_the_commands_take(nodes, capsys):
     """upscale and process_size in the OSEDiff nodes and DAPE Prompt Extractor range as ``osediff`` and ``diffsr
-    dape`` take them: 1 to 8, and 0 (no input enlarged) to 4096."""
+    dape`` take them: 1 to 8, and 0 (no input enlarged) to 4096. ``dossr`` took an --upscale in (0, 16], where its
+    nodes take 1 to 8: ``dossr --upscale 12`` made a 48× LANCZOS enlargement of the ×4 result, 0.5 an output smaller
+    than the input; it takes the nodes' 1 to 8, as every command and API does."""
     from comfyui_diffsr.cli.common import check_sizing_args
 
     for upscale, process_size in ((1, 0), (8, osediff_pipeline.MAX_PROCESS_SIZE)):
         check_sizing_args(argparse.Namespace(upscale=upscale, process_size=process_size, official_sizing=False))
-    for node in ("OSEDiff_Upscale", "OSEDiff_LQEncoder", "OSEDiff_VAEDecode", "DAPE_PromptExtractor"):
+    for node in ("OSEDiff_Upscale", "OSEDiff_LQEncoder", "OSEDiff_VAEDecode", "DAPE_PromptExtractor",
+                 "DoSSR_Upscale", "DoSSR_VAEDecode"):
         widgets = {i.id: i.options for i in nodes[node].define_schema().inputs}
         assert (widgets["upscale"]["min"], widgets["upscale"]["max"]) == (1, 8), node
+        if node.startswith("DoSSR"):
+            continue
         assert (widgets["process_size"]["min"], widgets["process_size"]["max"]) == (
             0, osediff_pipeline.MAX_PROCESS_SIZE), node
+    for upscale in ("12", "0.5"):  # refused before anything is read
+        assert dossr_command.main(["missing.png", "-o", "out", "--weights", "missing.ckpt", "--upscale", upscale]) == 2
+        assert capsys.readouterr().err == f"error: --upscale must be between 1 and 8, got {upscale}\n"
