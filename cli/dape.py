@@ -4,8 +4,9 @@
                 [--upscale 4] [--process-size 512] [--official-sizing] [--user-prompt TEXT] [--tags-only]
                 [--exclude a,b] [--max-tags N] [--no-names] [--device cpu|cuda] [--dtype fp32|fp16|bf16]
 
-Output: ``<file>\\t<prompt>`` per image (``--no-names``: just the prompt, and an empty line for an image that fails,
-so the Nth line is the Nth image's; the failure is named on stderr); a file name holding a backslash, a tab,
+Output: ``<file>\\t<prompt>`` per image (``--no-names``: just the prompt, and ``<failed>`` (``FAILED_LINE``) for an
+image that fails, so the Nth line is the Nth image's and an image that failed is told from one with no tags, whose
+``--tags-only`` line is empty; the failure is named on stderr); a file name holding a backslash, a tab,
 line break or other control character (ESC) or a format character (a bidirectional control such as U+202E, an
 invisible one such as U+200B) is written escaped (``\\\\``, ``\\t``, ``\\n``, ``\\r``, ``\\x1b``, ``\\u202e``) on a
 line that starts with a backslash, after ``sha256sum``, so every image stays one line with one tab, no name can send
@@ -29,6 +30,9 @@ from .common import (add_device_args, add_input_args, check_sizing_args, find_im
                      run_main, shown_name)
 
 
+FAILED_LINE = "<failed>"  # no prompt starts with "<": it starts with a tag (a letter or digit) or ", " (no tags)
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="diffsr dape", description="DAPE (RAM + LoRA) prompts for OSEDiff.",
                                 epilog="To write RAM + DAPE as one converted tagger: diffsr convert dape.")
@@ -49,8 +53,9 @@ def build_parser():
                    help="keep the N most probable tags (in tag-list order); 0 = all (default), as the DAPE Prompt "
                         "Extractor node")
     p.add_argument("--no-names", action="store_true",
-                   help="print only the prompt, not '<file>\\t'; an image that fails prints an empty line, so the "
-                        "Nth line is the Nth image's")
+                   help=f"print only the prompt, not '<file>\\t'; an image that fails prints the line {FAILED_LINE} "
+                        "(which no prompt or tag list can be: an image without tags prints an empty line with "
+                        "--tags-only), so the Nth line is the Nth image's")
     add_device_args(p)
     return p
 
@@ -83,6 +88,9 @@ def main_impl(argv=None):
     check_sizing_args(args)
     if args.max_tags < 0:
         raise DiffSRError("--max-tags must be 0 (all tags) or more.")
+    if args.user_prompt.splitlines() not in ([], [args.user_prompt]):
+        raise DiffSRError("--user-prompt holds a line break, which would split each image's line in two; the "
+                          "tokenizer reads it as a space: give the text on one line.")
     from ..osediff_core.dape import dape_prompt, lq_as_read, misspelt_tags, tag_list
 
     images = find_images(args.inputs, args.recursive)
@@ -97,10 +105,10 @@ def main_impl(argv=None):
         sys.stdout.reconfigure(errors="surrogateescape")
     failed = []
 
-    def fail(path, reason):  # named on stderr; with --no-names an empty line, so the Nth line stays the Nth image's
+    def fail(path, reason):  # named on stderr; with --no-names FAILED_LINE, so the Nth line stays the Nth image's
         print(f"error: {shown_name(path)}: {reason}", file=sys.stderr)
         if args.no_names:
-            print(flush=True)
+            print(FAILED_LINE, flush=True)
         failed.append(path)
 
     for path, _ in images:

@@ -276,7 +276,7 @@ def test_cli_prints_prompts_and_converts(fixture, tmp_path, capsys, monkeypatch)
     assert main([paths[0], str(bad), paths[1], "--dape", out, "--process-size", "0", "--no-names", "--device",
                  "cpu"]) == 2
     captured = capsys.readouterr()
-    assert captured.out.splitlines() == [f"{tags[0]}, ,", "", f"{tags[1]}, ,"]
+    assert captured.out.splitlines() == [f"{tags[0]}, ,", "<failed>", f"{tags[1]}, ,"]
     assert "img0b.png: Cannot read image" in captured.err and "1 of 3 image(s) failed" in captured.err
     nested = tmp_path / "album" / "2019" / "img1.png"  # --recursive: the sub-folders' images too
     nested.parent.mkdir(parents=True)
@@ -329,7 +329,7 @@ def test_cli_a_file_that_is_not_an_image_is_named_by_its_path(fixture, tmp_path,
     assert main([str(tmp_path), "--ram", RAM, "--dape", DAPE, "--process-size", "0", "--no-names",
                  "--device", "cpu"]) == 2
     captured = capsys.readouterr()
-    assert captured.out.splitlines() == ["", f"{tags[1]}, ,"]
+    assert captured.out.splitlines() == ["<failed>", f"{tags[1]}, ,"]
     notes = str(tmp_path / "a_notes.png")
     assert captured.err.splitlines()[0] == (f"error: {notes}: Cannot read image: it is not an image, or in a format "
                                             "Pillow cannot read. Export it as PNG or JPEG.")
@@ -402,7 +402,7 @@ def test_cli_a_damaged_multi_page_file_fails_alone(fixture, tmp_path, capsys):
     assert main([str(tmp_path), "--ram", RAM, "--dape", DAPE, "--process-size", "0", "--no-names",
                  "--device", "cpu"]) == 2
     captured = capsys.readouterr()
-    assert captured.out.splitlines() == ["", f"{tags[1]}, ,"]
+    assert captured.out.splitlines() == ["<failed>", f"{tags[1]}, ,"]
     assert f"error: {cut}: Cannot read image" in captured.err and "1 of 2 image(s) failed" in captured.err
     assert "Traceback" not in captured.err
 
@@ -429,7 +429,7 @@ def test_cli_an_image_too_large_for_memory_fails_alone(fixture, tmp_path, capsys
     assert main([str(tmp_path), "--ram", RAM, "--dape", DAPE, "--process-size", "0", "--upscale", "8", "--no-names",
                  "--device", "cpu"]) == 2
     captured = capsys.readouterr()
-    assert captured.out.splitlines() == ["", f"{tags[1]}, ,"]
+    assert captured.out.splitlines() == ["<failed>", f"{tags[1]}, ,"]
     assert (f"error: {tmp_path / 'a_large.png'}: out of memory: DAPE tags the image enlarged ×8, as OSEDiff does. "
             "Give a smaller --upscale, or downscale the image.") in captured.err
     assert "1 of 2 image(s) failed" in captured.err and "Traceback" not in captured.err
@@ -438,7 +438,8 @@ def test_cli_an_image_too_large_for_memory_fails_alone(fixture, tmp_path, capsys
 def test_cli_no_names_keeps_one_line_per_input(fixture, tmp_path, capsys, monkeypatch):
     """With --no-names the Nth line is the Nth image's prompt, as a script pairs them (``paste names.txt -``): an
     image that failed (unreadable; out of memory) printed no line, and every later prompt came a line early, beside
-    the name before its own. It prints an empty line, and is named on stderr as before (exit status 2)."""
+    the name before its own. It prints a line of its own (``<failed>``), and is named on stderr as before (exit
+    status 2)."""
     from comfyui_diffsr.cli.dape import main
 
     _, smalls, _, tags = fixture
@@ -458,11 +459,36 @@ def test_cli_no_names_keeps_one_line_per_input(fixture, tmp_path, capsys, monkey
     common = ["--ram", RAM, "--dape", DAPE, "--process-size", "0", "--device", "cpu"]
     assert main([*map(str, paths), *common, "--no-names"]) == 2
     captured = capsys.readouterr()
-    assert captured.out == f"{tags[0]}, ,\n\n{tags[1]}, ,\n\n"
+    assert captured.out == f"{tags[0]}, ,\n<failed>\n{tags[1]}, ,\n<failed>\n"
     assert f"error: {paths[1]}: Cannot read image" in captured.err
     assert f"error: {paths[3]}: out of memory" in captured.err
     assert main([*map(str, paths), *common]) == 2  # named lines say whose they are: a failed image has none
     assert capsys.readouterr().out == f"{paths[0]}\t{tags[0]}, ,\n{paths[2]}\t{tags[1]}, ,\n"
+
+
+def test_cli_no_names_tells_a_failed_image_from_one_without_tags(fixture, tmp_path, capsys):
+    """``--no-names --tags-only`` printed an empty line both for an image that got no tags and for one that failed
+    (named on stderr alone), so a script reading stdout took an unreadable file for an image without tags. A failed
+    image prints ``<failed>``, which no tag list or prompt can be (each starts with a tag's letter or digit, or ", "
+    without tags); an image without tags keeps its empty line. A --user-prompt holding a line break split each
+    image's line in two; it is refused (the tokenizer reads it as a space)."""
+    from comfyui_diffsr.cli.dape import FAILED_LINE, main
+
+    assert all(name[0].isalnum() and name[0] != FAILED_LINE[0] for name in dape.read_tag_data()[0])
+    _, smalls, _, tags = fixture
+    black, broken, photo = tmp_path / "black.png", tmp_path / "broken.png", tmp_path / "photo.png"
+    Image.new("RGB", (32, 32)).save(black)  # the tiny tagger finds no tag in it
+    broken.write_text("not an image")
+    Image.fromarray(smalls[1]).save(photo)
+    common = ["--ram", RAM, "--dape", DAPE, "--process-size", "0", "--no-names", "--device", "cpu"]
+    assert main([str(black), str(broken), str(photo), *common, "--tags-only"]) == 2
+    assert capsys.readouterr().out.split("\n") == ["", "<failed>", tags[1], ""]
+    assert main([str(black), str(broken), *common]) == 2
+    assert capsys.readouterr().out.split("\n") == [", ,", "<failed>", ""]
+    assert main([str(photo), *common, "--user-prompt", "high\nquality"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "--user-prompt holds a line break" in captured.err
+    assert main([str(photo), *common, "--user-prompt", "high quality"]) == 0
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="Windows file names cannot hold tabs or line breaks")
