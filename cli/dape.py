@@ -7,10 +7,11 @@
 Output: ``<file>\\t<prompt>`` per image (``--no-names``: just the prompt, and ``<failed>`` (``FAILED_LINE``) for an
 image that fails, so the Nth line is the Nth image's and an image that failed is told from one with no tags, whose
 ``--tags-only`` line is empty; the failure is named on stderr); a file name holding a backslash, a tab,
-line break or other control character (ESC) or a format character (a bidirectional control such as U+202E, an
-invisible one such as U+200B) is written escaped (``\\\\``, ``\\t``, ``\\n``, ``\\r``, ``\\x1b``, ``\\u202e``) on a
-line that starts with a backslash, after ``sha256sum``, so every image stays one line with one tab, no name can send
-the terminal an escape sequence, and none hides an invisible character. The prompt is what
+line break or other control character (ESC), a format character (a bidirectional control such as U+202E, an
+invisible one such as U+200B) or another invisible character (U+3164 Hangul filler; ``shown_name``) is written
+escaped (``\\\\``, ``\\t``, ``\\n``, ``\\r``, ``\\x1b``, ``\\u202e``) on a line that starts with a backslash,
+after ``sha256sum``, so every image stays one line with one tab, no name can send the terminal an escape sequence,
+and none hides an invisible character. The prompt is what
 ``diffsr osediff`` would encode with the same ``--user-prompt``: ``"{tags}, {user prompt},"`` (``--tags-only``:
 the tags alone; ``--prompt`` is the same option, kept for older scripts, not ``osediff``'s). DAPE
 sees the image after OSEDiff's pre-processing (PIL bicubic ×upscale of the 8-bit image, and the
@@ -77,8 +78,9 @@ def load_tagger(args, device, dtype):
 def escaped_name(path):
     """``path`` as the first field of an output line: unchanged, or, where it holds a backslash or a character the
     messages escape (``shown_name``: a tab, line break, ESC or other control character, a format character such as
-    U+202E or U+200B), "\\" + the name with its backslashes doubled and those characters written as the messages
-    write them (\\t, \\n, \\r, \\x1b, \\u202e, \\U000e0041), after the ``sha256sum`` convention."""
+    U+202E or U+200B, another invisible one such as U+3164), "\\" + the name with its backslashes doubled and those
+    characters written as the messages write them (\\t, \\n, \\r, \\x1b, \\u202e, \\u3164, \\U000e0041), after the
+    ``sha256sum`` convention."""
     escaped = shown_name(path.replace("\\", "\\\\"))
     return path if escaped == path else "\\" + escaped
 

@@ -5,6 +5,7 @@ import math
 import os
 import pickle
 import re
+import sys
 
 import diffusers
 import numpy as np
@@ -1169,11 +1170,46 @@ def test_shown_names_escape_joiners_between_letters_of_scripts_that_do_not_join(
 
     for joiner in ("\u200d", "\u200c"):
         escaped = joiner.encode("unicode_escape").decode()
-        for name in ("от{}чёт.png", "日本{}語.png", "αβ{}γ.png", "שָׁ{}לום.png", "สวั{}สดี.png", "ü{}é.png", "é{}\u3164.png"):
+        for name in ("от{}чёт.png", "日本{}語.png", "αβ{}γ.png", "שָׁ{}לום.png", "สวั{}สดี.png", "ü{}é.png"):
             assert common.shown_name(name.format(joiner)) == name.format(escaped), name
+        assert common.shown_name(f"é{joiner}\u3164.png") == f"é{escaped}\\u3164.png"
     for kept in ("👩\u200d👩\u200d👧.png", "🏳\ufe0f\u200d🌈.png", "🧑🏿\u200d🦰.png", "ന്\u200d.png", "ශ්\u200dය.png",
                  "র\u200d্য.png", "क्\u200cष.png", "نامه\u200cها.png", "ܐ\u200dܒ.png"):
         assert common.shown_name(kept) == kept, kept
+
+
+def test_shown_names_escape_the_other_invisible_characters():
+    """Names printed by the messages escaped Unicode's format characters (Cf), but the other characters a renderer
+    shows as nothing or as a blank printed as they were: U+3164 HANGUL FILLER (``\u3164.png`` printed as ``.png``
+    with a blank before it), U+FFA0, U+115F, U+1160, U+034F COMBINING GRAPHEME JOINER, the variation selectors
+    (``photo\ufe0f.png`` as ``photo.png``), U+2800 BRAILLE PATTERN BLANK. Every Default_Ignorable_Code_Point is
+    escaped, and U+2800, except where it shapes a word or an emoji: a variation selector after a symbol or a CJK
+    ideograph, or in a keycap; a conjoining Hangul filler inside its syllable; U+2800 between braille cells."""
+    from comfyui_diffsr.cli import common
+
+    for invisible in ("\u3164", "\uffa0", "\u115f", "\u1160", "\u034f", "\u2800", "\ufe0f", "\ufe00", "\u180b",
+                      "\u17b4", "\u2065", "\ufff0", "\U000e0100", "\U000e01f0"):
+        escaped = invisible.encode("unicode_escape").decode()
+        for name in ("{}.png", "photo{}.png", "a{}b", "{}"):
+            assert common.shown_name(name.format(invisible)) == name.format(escaped), name.format(escaped)
+    for name, shown in (("1\ufe0f.png", "1\\ufe0f.png"), ("x\u2800⠃", "x\\u2800⠃"),  # no keycap, no braille before
+                        ("\u115f\u1160", "\\u115f\\u1160"),  # the two fillers: a syllable of nothing
+                        ("❤\ufe0f\ufe0f", "❤\ufe0f\\ufe0f"), ("ᄀ\u3164ᅡ", "ᄀ\\u3164ᅡ")):
+        assert common.shown_name(name) == shown, shown
+    for kept in ("❤\ufe0f.png", "1\ufe0f\u20e3.png", "#\ufe0f\u20e3", "🏳\ufe0f\u200d🌈.png", "葛\U000e0100城.png",
+                 "∩\ufe00", "\u1820\u180b\u1821", "\u115f\u1161.png", "\u1100\u1160\u11a8.png", "⠓⠊\u2800⠞⠓⠑⠗⠑"):
+        assert common.shown_name(kept) == kept, kept
+
+
+def test_default_ignorable_table_is_unicodes():
+    """``DEFAULT_IGNORABLE`` holds exactly the Default_Ignorable_Code_Point property (which Python's unicodedata
+    lacks), as the ``regex`` module (a dependency of transformers) reads it from its own Unicode data."""
+    from comfyui_diffsr.cli import common
+
+    regex = pytest.importorskip("regex")
+    property_ = regex.compile(r"\p{Default_Ignorable_Code_Point}")
+    table = {cp for first, last in common.DEFAULT_IGNORABLE for cp in range(first, last + 1)}
+    assert table == {cp for cp in range(sys.maxunicode + 1) if property_.match(chr(cp))}
 
 
 def test_a_folder_runs_read_errors_name_the_image_once(tmp_path, capsys):

@@ -532,7 +532,8 @@ def test_cli_names_with_terminal_controls_are_escaped_on_stdout(fixture, tmp_pat
     assert main([str(odd), "--ram", RAM, "--dape", DAPE, "--process-size", "0", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert out == f"\\{tmp_path}/a\\x1b]0;owned\\x07b\\x1b[2J\\u202egnp.exe\\x7f.png\t{tags[0]}, ,\n"
-    for name in (str(odd), "a\tb\nc\\d\re.png", "\\x1b.png", "\\\\u202e\u2028.png", "👩\u200d💻 Café.png", "x\\"):
+    for name in (str(odd), "a\tb\nc\\d\re.png", "\\x1b.png", "\\\\u202e\u2028.png", "👩\u200d💻 Café.png", "x\\",
+                 "\u3164.png", "photo\ufe0f\u2800.png"):
         field = escaped_name(name)
         assert unescaped_name(field) == name and shown_name(field) == field and "\\u200d" not in field, field
     invisible = "a\u200bb\u200dc\xad\ufeff\U000e0041.png"  # names that print as another's: "abc.png"
