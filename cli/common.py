@@ -168,6 +168,17 @@ def shown_name(name):
     return "".join(shown(i, c) for i, c in enumerate(name))
 
 
+def escaped_name(path):
+    """``path`` as a command prints it for scripts (``diffsr dape``'s ``<file>`` field, ``diffsr download``'s lines):
+    unchanged, or, where it holds a backslash or a character the messages escape (``shown_name``: a tab, line break,
+    ESC or other control character, a format character such as U+202E or U+200B, another invisible one such as
+    U+3164), "\\" + the name with its backslashes doubled and those characters written as the messages write them
+    (\\t, \\n, \\r, \\x1b, \\u202e, \\u3164, \\U000e0041), after the ``sha256sum`` convention: a line that starts
+    with a backslash is escaped, and no escaped name reads as another, real one."""
+    escaped = shown_name(path.replace("\\", "\\\\"))
+    return path if escaped == path else "\\" + escaped
+
+
 def _is_folder(path, folder_id):
     """Whether ``path`` is the folder whose ``_file_id`` is ``folder_id`` (None: no folder), under any of its paths:
     through links, in another case where names ignore it (macOS keeps the case given in a real path), through a

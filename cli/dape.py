@@ -27,8 +27,8 @@ from ..sr_common.errors import DiffSRError
 from ..sr_common.image import MAX_UPSCALE, MIN_UPSCALE
 from ..sr_common.sd21 import network_dtype
 from ..sr_common.tiling import OutOfMemory, is_out_of_memory
-from .common import (add_device_args, add_input_args, check_sizing_args, find_images, load_image, pick_device,
-                     run_main, shown_name)
+from .common import (add_device_args, add_input_args, check_sizing_args, escaped_name, find_images, load_image,
+                     pick_device, run_main, shown_name)
 
 
 FAILED_LINE = "<failed>"  # no prompt starts with "<": it starts with a tag (a letter or digit) or ", " (no tags)
@@ -73,16 +73,6 @@ def load_tagger(args, device, dtype):
     if args.dape:
         return load_dape_tagger(converted_path=args.dape, device=device, dtype=dtype)
     raise DiffSRError("DAPE weights missing: pass --ram RAM.pth --dape DAPE.pth, or --weights CONVERTED.safetensors.")
-
-
-def escaped_name(path):
-    """``path`` as the first field of an output line: unchanged, or, where it holds a backslash or a character the
-    messages escape (``shown_name``: a tab, line break, ESC or other control character, a format character such as
-    U+202E or U+200B, another invisible one such as U+3164), "\\" + the name with its backslashes doubled and those
-    characters written as the messages write them (\\t, \\n, \\r, \\x1b, \\u202e, \\u3164, \\U000e0041), after the
-    ``sha256sum`` convention."""
-    escaped = shown_name(path.replace("\\", "\\\\"))
-    return path if escaped == path else "\\" + escaped
 
 
 def main_impl(argv=None):

@@ -8,14 +8,17 @@ from tqdm import tqdm
 
 from ..sr_common.download import OFFICIAL
 from ..sr_common.errors import DiffSRError
-from .common import run_main, shown_name
+from .common import escaped_name, run_main
 
 
 def build_parser():
     p = argparse.ArgumentParser(
         prog="diffsr download",
         description="Download official weights (resumable, verified). A file already there is checked against its "
-                    "pinned or recorded hash; a damaged one is moved aside as <file>.bad and fetched again.")
+                    "pinned or recorded hash; a damaged one is moved aside as <file>.bad and fetched again. Prints "
+                    "each file's path on a line (one holding a backslash, a line break, ESC or an invisible "
+                    "character escaped as \\n, \\x1b, \\u200b, backslashes doubled, on a line starting with a "
+                    "backslash, as sha256sum does).")
     p.add_argument("which", nargs="+", choices=list(OFFICIAL) + ["all"], help="files to fetch")
     p.add_argument("--models-dir", default="models", help="models folder; files go to <models-dir>/<kind>/ (default ./models)")
     return p
@@ -41,8 +44,10 @@ def fetch(key, models_dir):
 
 
 def main_impl(argv=None):
-    """Each file asked for once, in order; one that fails (not verified, refused offline, the server down) is named
-    and the others are still fetched: exit status 2 when any failed, listed again at the end."""
+    """Each file asked for once, in order, its path printed on a line of its own (``escaped_name``: one holding a
+    line break, ESC or an invisible character is escaped, on a line starting with a backslash); one that fails (not
+    verified, refused offline, the server down) is named and the others are still fetched: exit status 2 when any
+    failed, listed again at the end."""
     args = build_parser().parse_args(argv)
     if not args.models_dir:  # os.path.join would put the files in sub-folders of the current folder
         raise DiffSRError("--models-dir is empty; give the models folder, e.g. ComfyUI/models (default ./models).")
@@ -50,7 +55,7 @@ def main_impl(argv=None):
     failed = []
     for key in keys:
         try:
-            print(shown_name(fetch(key, args.models_dir)), flush=True)
+            print(escaped_name(fetch(key, args.models_dir)), flush=True)
         except DiffSRError as e:
             print(f"error: {key}: {e}", file=sys.stderr)
             failed.append(key)

@@ -493,7 +493,8 @@ def test_cli_no_names_tells_a_failed_image_from_one_without_tags(fixture, tmp_pa
 
 @pytest.mark.skipif(sys.platform == "win32", reason="Windows file names cannot hold tabs or line breaks")
 def test_cli_names_with_tabs_and_line_breaks_stay_one_line(fixture, tmp_path, capsys):
-    from comfyui_diffsr.cli.dape import escaped_name, main
+    from comfyui_diffsr.cli.common import escaped_name
+    from comfyui_diffsr.cli.dape import main
 
     _, smalls, _, tags = fixture
     odd = tmp_path / "a\tb\nc\\d\re.png"
@@ -523,8 +524,8 @@ def test_cli_names_with_terminal_controls_are_escaped_on_stdout(fixture, tmp_pat
     clears the screen), another control character or a bidirectional control (U+202E prints the name reversed) went
     to stdout as it was; it is escaped as the messages show it, on a line starting with a backslash, and every
     ``<file>`` field gives its name back by the README's rule."""
-    from comfyui_diffsr.cli.common import shown_name
-    from comfyui_diffsr.cli.dape import escaped_name, main
+    from comfyui_diffsr.cli.common import escaped_name, shown_name
+    from comfyui_diffsr.cli.dape import main
 
     _, smalls, _, tags = fixture
     odd = tmp_path / "a\x1b]0;owned\x07b\x1b[2J\u202egnp.exe\x7f.png"

@@ -374,9 +374,26 @@ def test_the_command_prints_the_path_as_the_messages_show_names(server, monkeypa
     assert main(["test", "--models-dir", str(models)]) == 0
     captured = capsys.readouterr()
     shown = f"{tmp_path}/models\\u200b\\x1b[2J/osediff/osediff.pkl"
-    assert captured.out == f"{shown}\n"
+    assert captured.out == f"\\{shown}\n"  # escaped: on a line starting with a backslash
     assert f"'{shown}' is not the official file (damaged, or another file): moved to '{shown}.bad'" in captured.err
     assert "\x1b" not in captured.err and "\u200b" not in captured.err
+
+
+@pytest.mark.skipif(os.name == "nt", reason="Windows file names cannot hold line breaks")
+def test_the_command_prints_an_escaped_path_apart_from_a_real_one(server, monkeypatch, tmp_path, capsys):
+    """``diffsr download`` printed a path holding a line break escaped (``a\\nb``) exactly as the path of a folder
+    named with a backslash and an n: a script reading the path took one for the other. The path is printed as
+    ``diffsr dape`` prints names, after sha256sum: as it is, or escaped with its backslashes doubled on a line
+    starting with a backslash."""
+    from comfyui_diffsr.cli.download import main
+
+    monkeypatch.setitem(OFFICIAL, "test", Source("test", f"{server}/plain", "osediff.pkl", "osediff", sha256=SHA))
+    lines = []
+    for folder in ("a\nb", "a\\nb", "plain"):
+        assert main(["test", "--models-dir", str(tmp_path / folder)]) == 0
+        lines.append(capsys.readouterr().out)
+    assert lines == [f"\\{tmp_path}/a\\nb/osediff/osediff.pkl\n", f"\\{tmp_path}/a\\\\nb/osediff/osediff.pkl\n",
+                     f"{tmp_path}/plain/osediff/osediff.pkl\n"]
 
 
 def test_hf_hub_offline_leaves_a_file_there_in_place(monkeypatch, tmp_path, capsys):
