@@ -16,8 +16,8 @@ and none hides an invisible character. The prompt is what
 the tags alone; ``--prompt`` is the same option, kept for older scripts, not ``osediff``'s). DAPE
 sees the image after OSEDiff's pre-processing (PIL bicubic ×upscale of the 8-bit image, and the
 short-side enlargement of very small images), so the tags are those of the OSEDiff run; the ×upscale image is made
-only where the tagger's resize to 384×384 reads it (``lq_as_read``), with ``--official-sizing`` too where its sides are
-multiples of 8 (that sizing's shrink to them leaves it as it is).
+only where the tagger's resize to 384×384 reads it (``lq_as_read``), with ``--official-sizing`` too where one of its
+sides or both are multiples of 8 (that sizing's shrink to them is one LANCZOS pass or none).
 """
 
 import argparse

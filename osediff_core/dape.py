@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..sr_common.errors import WeightFileError
-from ..sr_common.image import check_image, enlarged_lines, zeros_taken_when_written
+from ..sr_common.image import (check_image, enlarged_lines, is_8bit, resize, shrink_reads,
+                               zeros_taken_when_written)
 from ..sr_common.known_files import KNOWN, canonical, describe, identify, unwrap_ram
 from ..sr_common.weights import (DAPE_FORMAT, check_safetensors_output, read_state_dict, require_float,
                                  safetensors_metadata, write_safetensors)
@@ -224,22 +225,52 @@ def lq_as_read(image, *, upscale=4, process_size=512, official_sizing=False):
     """OSEDiff's LQ of ``image`` (``pipeline.preprocess``'s) as the tagger reads it, without forming the ×upscale
     image: the same numbers at every row and column ``DAPETagger.preprocess`` reads (``read_indices``: 2-3 per output
     pixel of 384), zeros elsewhere, in memory taken only where written, so the tags are those of the whole LQ, bit
-    for bit. With ``official_sizing`` the same where the ×upscale image's sides are multiples of 8 (an even-sized
-    photo at ×4, any at ×8), which its LANCZOS shrink to them leaves as they are; otherwise the LQ is formed whole:
-    that shrink is a second two-pass resize, whose passes Pillow runs in an order that depends on its version and
-    on the sizes (13 picks it by how much each side shrinks; 12.2 and 12.3 run the vertical pass first on an image
-    100 times as tall as wide)."""
+    for bit. With ``official_sizing`` the same where its LANCZOS shrink to a multiple of 8 shrinks one side or none
+    (``lines_read``); where it shrinks both, the LQ is formed whole: Pillow runs those two passes, each rounded, in an
+    order that depends on its version and on the sizes (up to 12.1 the horizontal first; 12.2 and 12.3 the vertical
+    first on an image 100 times as tall as wide; 13.0 the vertical first for one size in seven, by no rule of the
+    sizes' shrink or cost), which only the whole resize tells. Also where a 16-bit image's lines read are all of 8
+    bits: whether PIL takes its 8-bit path is decided by the whole ×upscale image."""
     from .pipeline import enlarge_small, preprocess, upscaled_size
 
     check_image(image)
     lq = enlarge_small(image, upscale=upscale, process_size=process_size, official_sizing=official_sizing)
     width, height = upscaled_size(lq, upscale, official_sizing)
-    if official_sizing and (width % 8 or height % 8):
+    kept = (width - width % 8, height - height % 8) if official_sizing else (width, height)
+    rows, columns = read_indices(kept[1]), read_indices(kept[0])
+    too_small = official_sizing and min(kept) < 8  # refused by preprocess
+    lines = None if too_small else lines_read(lq, (width, height), kept, rows, columns)
+    if lines is None:  # formed whole (or refused there: too small)
         return preprocess(image, upscale=upscale, process_size=process_size, official_sizing=True)[0]
-    rows, columns = read_indices(height), read_indices(width)
-    out = zeros_taken_when_written((lq.shape[0], 3, height, width))
-    out[:, :, rows[:, None], columns] = enlarged_lines(lq, (width, height), rows, columns)
+    out = zeros_taken_when_written((lq.shape[0], 3, kept[1], kept[0]))
+    out[:, :, rows[:, None], columns] = lines
     return out
+
+
+def lines_read(lq, size, kept, rows, columns):
+    """``resize(resize(lq, size), kept, "lanczos")`` (``kept`` = ``size`` but on one side at most: one LANCZOS pass)
+    at ``rows`` × ``columns`` without forming it: the bicubic ×upscale image (``enlarged_lines``) at the lines that
+    pass reads (``shrink_reads``), zeros elsewhere, then the pass, which makes each line from that line alone. None
+    where it shrinks both sides, or where the lines read are of 8 bits and ``lq`` is not (the whole may not be)."""
+    (width, height), (kept_width, kept_height) = size, kept
+    if kept == size:
+        return enlarged_lines(lq, size, rows, columns)
+    if kept_width < width and kept_height < height:
+        return None
+    vertical = kept_height < height
+    if vertical:
+        source = shrink_reads(height, kept_height, rows)
+        lines = torch.zeros(lq.shape[0], 3, height, len(columns))
+        lines[:, :, source] = enlarged_lines(lq, size, source, columns)
+    else:
+        source = shrink_reads(width, kept_width, columns)
+        lines = torch.zeros(lq.shape[0], 3, len(rows), width)
+        lines[..., source] = enlarged_lines(lq, size, rows, source)
+    if is_8bit(lines) != is_8bit(lq):
+        return None
+    if vertical:
+        return resize(lines, (len(columns), kept_height), "lanczos")[:, :, rows]
+    return resize(lines, (kept_width, len(rows)), "lanczos")[..., columns]
 
 
 def dape_prompt(tags, user_prompt="", tags_only=False):

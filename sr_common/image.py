@@ -127,6 +127,20 @@ def enlarged_lines(image, size, rows, columns):
     return torch.stack(out)
 
 
+LANCZOS_SUPPORT = 3  # Pillow's LANCZOS filter reaches 3 pixels, times the shrink, each side of a source position
+
+
+def shrink_reads(length, size, indices):
+    """The pixels of a line of ``length`` that PIL's LANCZOS shrink to ``size`` reads for its pixels ``indices``,
+    sorted: those within 3 · length / size of each one's source position (i + 0.5) · length / size, as Pillow's
+    ``precompute_coeffs`` bounds them, and one more each side (its float rounding)."""
+    scale = length / size
+    centers = (np.asarray(indices, dtype=np.float64) + 0.5) * scale
+    first = np.clip(np.floor(centers - LANCZOS_SUPPORT * scale) - 1, 0, length - 1).astype(np.int64)
+    last = np.clip(np.ceil(centers + LANCZOS_SUPPORT * scale) + 1, 0, length - 1).astype(np.int64)
+    return np.unique(np.concatenate([np.arange(a, b + 1) for a, b in zip(first, last)]))
+
+
 def zeros_taken_when_written(shape):
     """float32 zeros of ``shape`` that take memory only where they are written: an anonymous private memory map,
     whose pages the system gives (zeroed) when first written; reading an unwritten page takes none. On Linux the

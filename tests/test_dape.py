@@ -601,15 +601,17 @@ def test_preprocess_downscales_as_the_official_without_antialias(tagger):
 # 384 on one side or both, enlarged to it; fractional scales; small images enlarged first (a thin one capped);
 # heights of several horizontal strips (ENLARGE_STRIP 64) with a part strip; 896 and 3200 px, lengths where PyTorch's
 # float32 source position of a 384 px output lands just below a pixel that the exact position reaches. With official
-# sizing: the ×upscale LQ shrunk to a multiple of 8 (formed whole) on both sides, on one; sides of multiples of 8,
-# left as they are (made where read): small images enlarged, ×8, ×2, ×1, 5000 px across and down
+# sizing: the ×upscale LQ shrunk to a multiple of 8 on both sides (formed whole); on one (made where read), down or
+# across, at ×2, ×3, ×4, odd sides; sides of multiples of 8, left as they are (made where read): small images
+# enlarged, ×8, ×2, ×1, 5000 px across and down
 LQ_SIZES = [(30, 40, 4, 0, False), (97, 131, 4, 0, False), (100, 100, 3.84, 0, False), (96, 200, 4, 0, False),
             (50, 200, 2.5, 0, False), (77, 33, 7.3, 0, False), (200, 150, 1, 0, False), (200, 150, 1.3, 0, False),
             (13, 400, 8, 0, False), (150, 97, 4, 0, False), (130, 70, 1.5, 0, False), (97, 224, 4, 0, False),
             (40, 800, 4, 0, False), (20, 30, 4, 512, False), (5, 90, 4, 512, False), (300, 170, 2.7, 512, False),
             (61, 83, 3, 512, True), (129, 97, 2, 0, True), (100, 1251, 4, 0, True), (64, 48, 4, 512, True),
             (30, 40, 4, 512, True), (75, 41, 8, 0, True), (52, 300, 2, 0, True), (16, 5000, 1, 0, True),
-            (1250, 10, 4, 0, True)]
+            (1250, 10, 4, 0, True), (101, 200, 4, 0, True), (200, 101, 4, 0, True), (257, 160, 3, 0, True),
+            (160, 257, 3, 0, True), (251, 300, 2, 0, True), (300, 251, 2, 0, True), (5, 999, 3, 0, True)]
 
 
 @pytest.mark.parametrize("eight_bit", [True, False], ids=["8-bit", "16-bit"])
@@ -640,12 +642,15 @@ def peak_memory_kb():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the peak memory is read from /proc (Linux)")
-def test_official_sizing_makes_the_lq_only_where_read_where_it_keeps_its_size():
+@pytest.mark.parametrize("height, width, share", [(1500, 2000, 0.5), (1500, 2001, 1), (1501, 2000, 1)])
+def test_official_sizing_makes_the_lq_only_where_read_where_it_shrinks_one_side_or_none(height, width, share):
     """diffsr dape --official-sizing formed OSEDiff's whole ×upscale LQ (5.98 GB at the peak for a 4000×3000 photo
     at ×4, not 0.89 GB) though its shrink to a multiple of 8 leaves an even-sized photo at ×4 as it is: there the LQ
     is made only where the tagger reads it, as without. A 2000×1500 photo at ×4: the whole LQ is 576 MB (float32),
-    the peak grows by less than half of that."""
-    image = torch.randint(0, 256, (1, 3, 1500, 2000), generator=torch.Generator().manual_seed(4)) / 255
+    the peak grows by less than half of that. With one odd side the shrink is one LANCZOS pass across or down, made
+    at the lines the tagger's reads need: 2001×1500 grew the peak by 2.2 GB, now by 0.34 GB, less than the whole
+    LQ (both odd: two passes in an order Pillow picks by its version, the LQ formed whole)."""
+    image = torch.randint(0, 256, (1, 3, height, width), generator=torch.Generator().manual_seed(4)) / 255
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
             refs.write("5")  # the peak from here
@@ -654,7 +659,24 @@ def test_official_sizing_makes_the_lq_only_where_read_where_it_keeps_its_size():
     before = peak_memory_kb()
     lq = dape.lq_as_read(image, upscale=4, process_size=512, official_sizing=True)
     grown = (peak_memory_kb() - before) * 1024
-    assert lq.shape == (1, 3, 6000, 8000) and grown < lq.numel() * 4 / 2, grown
+    assert lq.shape == (1, 3, 6000, 8000) and grown < lq.numel() * 4 * share, grown
+
+
+def test_a_16_bit_image_whose_lines_read_are_of_8_bits_is_formed_whole():
+    """PIL resizes an image on its 8-bit path where every value is of 8 bits (``is_8bit``), the whole ×upscale LQ's
+    choice: a 16-bit image of 8 bits (within 1e-4) but at a pixel the tagger's lines do not reach takes the float
+    path, which a shrink of those lines alone would not, and gives other numbers there. Its LQ is formed whole."""
+    from comfyui_diffsr.osediff_core.pipeline import preprocess
+
+    columns = dape.read_indices(8000)  # of the 4000 px wide image at ×2
+    far = next(c for c in range(100, 3900) if not any(2 * c - 8 <= int(read) <= 2 * c + 9 for read in columns))
+    image = torch.full((1, 3, 5, 4000), 100 / 255 + 1e-7)
+    image[..., 2, far] = 0.12345  # not of 8 bits
+    sizing = dict(upscale=2, process_size=0, official_sizing=True)  # 10 rows shrunk to 8: one pass, down
+    whole, ours = preprocess(image, **sizing)[0], dape.lq_as_read(image, **sizing)
+    rows = dape.read_indices(8)[:, None]
+    assert torch.equal(ours[..., rows, columns], whole[..., rows, columns])
+    assert not torch.equal(whole[..., rows, columns], torch.full_like(whole[..., rows, columns], 100 / 255))
 
 
 @pytest.mark.parametrize("length", [1, 2, 383, 385, 1000, 499_999, 1_500_007, 2_000_003, 4_000_037])
