@@ -27,6 +27,7 @@ TEXT_ENCODER_PREFIXES = (OPEN_CLIP_PREFIX, SGM_OPEN_CLIP_PREFIX, TRANSFORMERS_CL
 # DoSSR: the official ControlLDM checkpoint, and the converted one (diffusers names) without its metadata
 DOSSR_OFFICIAL_MARKERS = ("control_model.zero_convs.", "cond_encoder.encoder.")
 DOSSR_CONVERTED_MARKERS = ("controlnet.controlnet_down_blocks.", "cond_encoder.encoder.", "rrdb.conv_first.")
+OSEDIFF_KEYS = ("state_dict_unet", "state_dict_vae", "rank_unet")  # what tells an osediff.pkl
 RAM_PREFIXES = ("visual_encoder.", "tagging_head.", "vision_multi.", "tag_encoder.", "text_decoder.")
 LORA_PARTS = (".lora_up.", ".lora_down.", ".lora_A.", ".lora_B.", ".lora.up.", ".lora.down.")
 
@@ -131,22 +132,29 @@ def sd_family(sd):
     return "sd2" if any(k.startswith(VAE_PREFIX) for k in keys) else "no-vae"
 
 
+class FlatStateDict(dict):
+    """A state dict as ``canonical`` returns it, its containers unwrapped: ``canonical`` takes it as it is, so that a
+    file is unwrapped once however often it is looked at (by a reader, then by ``describe`` naming it)."""
+
+
 def canonical(obj):
-    """The flat state dict inside a container: Lightning's ``state_dict``, BasicSR's ``params_ema``/``params``, the
-    dict value of a dict's only key (any key: ``{"model": state_dict}``, as RAM's file), a ``module.`` prefix
-    (DataParallel); its string keys only (a weight file has no others). A value is taken as it is: the tensors are
-    not copied."""
+    """The flat state dict inside a container (a ``FlatStateDict``): Lightning's ``state_dict``, BasicSR's
+    ``params_ema``/``params``, the dict value of a dict's only key (any key: ``{"model": state_dict}``, as RAM's file;
+    not an OSEDiff file's own, ``OSEDIFF_KEYS``: such a file holds one part), a ``module.`` prefix (DataParallel);
+    its string keys only (a weight file has no others). A value is taken as it is: the tensors are not copied."""
+    if isinstance(obj, FlatStateDict):
+        return obj
     for container in ("state_dict", "params_ema", "params"):
         if isinstance(obj.get(container), dict):
             obj = obj[container]
             break
     else:  # ComfyUI's rule (comfy/utils.py load_torch_file): one key whose value is a dict; any other value is kept
-        if len(obj) == 1 and isinstance(next(iter(obj.values())), dict):
+        if len(obj) == 1 and isinstance(next(iter(obj.values())), dict) and next(iter(obj)) not in OSEDIFF_KEYS:
             obj = next(iter(obj.values()))
     obj = {k: v for k, v in obj.items() if isinstance(k, str)}
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj
+    return FlatStateDict(obj)
 
 
 NOT_SD21 = "it is a base model, and not the one OSEDiff and DoSSR are built on (SD 2.1-base: 512 px, epsilon)"
@@ -164,7 +172,7 @@ CONVERTED = {
 # in order: the first whose keys match names the file
 KNOWN_FILES = (
     KnownFile("osediff", "an OSEDiff weight file (osediff.pkl)", OSEDIFF_USE,
-              lambda sd: any(k in sd for k in ("state_dict_unet", "state_dict_vae", "rank_unet"))),
+              lambda sd: any(k in sd for k in OSEDIFF_KEYS)),
     KnownFile("ram", "the RAM checkpoint (ram_swin_large_14m.pth)",
               f"pass it as the RAM weights of DAPE, with DAPE.pth: in {DAPE_NODE} as ram_or_converted with DAPE.pth "
               "as dape, in the commands as --ram with --dape", lambda sd: unwrap_ram(sd) is not None),

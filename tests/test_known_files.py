@@ -3,6 +3,7 @@
 the neighbours (other SD models, LoRAs, ControlNets, upscale models) are small dicts in their real key layouts."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -266,6 +267,30 @@ def test_each_reader_takes_its_own_file_in_a_container(files, tmp_path, kind, wr
     path = str(tmp_path / ("wrapped" + os.path.splitext(files[kind])[1]))
     torch.save(wrapped, path)
     assert _keys(READERS[kind](path)) == _keys(READERS[kind](files[kind]))
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_file_wrapped_twice_is_unwrapped_once_by_every_loader(tmp_path, loader):
+    """An SD 2.1-base checkpoint under two single keys: each loader unwraps one (ComfyUI's rule), as it reads it, and
+    names the file by that: the SD loader called it 'a Stable Diffusion 2.x checkpoint' as it refused it, and the
+    OSEDiff and DoSSR readers sent it to --base, as they unwrapped it a second time to name it."""
+    path = str(tmp_path / "wrapped_twice.ckpt")
+    torch.save({"checkpoint": {"model": load_file(SINGLE)}}, path)
+    with pytest.raises(WeightFileError, match=r"'wrapped_twice\.ckpt'.* it is an unknown file \(keys: \['model'\]\)"):
+        LOADERS[loader][1](path)
+
+
+@pytest.mark.parametrize("part", ["state_dict_unet", "state_dict_vae"])
+@pytest.mark.parametrize("loader", LOADERS)
+def test_an_osediff_file_holding_one_part_is_named_an_osediff_file(files, tmp_path, loader, part):
+    """An osediff.pkl of one of its parts alone is OSEDiff's (incomplete, to the OSEDiff reader), not the LoRA or
+    diffusers UNet that the single-key unwrap would take the part for."""
+    path = str(tmp_path / "osediff.pkl")
+    torch.save({part: _load(files["osediff"])[part]}, path)
+    what = (r"an incomplete OSEDiff checkpoint: it lacks" if loader == "osediff"
+            else re.escape(KNOWN["osediff"].what))
+    with pytest.raises(WeightFileError, match=rf"'osediff\.pkl'.* {what}"):
+        LOADERS[loader][1](path)
 
 
 def test_an_unknown_files_keys_are_cut_after_six():
