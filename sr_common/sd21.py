@@ -386,11 +386,21 @@ def _check_epsilon_weights(folder, unet):
         _refuse(folder, KNOWN["sd2-v"].what)
 
 
+def _not_named_tensors(state):
+    """Why a pickle's ``state`` is not a dict of named tensors (what it holds, or a key that is not a name), or
+    None."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}"
+    key = next((k for k in state if not isinstance(k, str)), None)
+    return None if key is None else f"it has the key {key!r}"
+
+
 def check_weight_files(folder, loaded=(), in_memory=False):
     """Check the weight files each part will be loaded from (its safetensors, else its pickles) before
     diffusers or transformers open them: a damaged file or a pickle holding code is refused by name. A pickle that
     the pack's readers load (in ``loaded``, the paths of ``_folder_part_files``) is checked by the read that loads
-    it (``_read_base_file``), so that it is unpickled once: returns those reads, {path: (state dict, read in)}."""
+    it (``_read_base_file``), so that it is unpickled once, and refused unless it holds named tensors: returns those
+    reads, {path: (state dict, read in)}."""
     reads = {}
     for sub in ("unet", "vae", "text_encoder"):
         part = os.path.join(folder, sub)
@@ -401,6 +411,9 @@ def check_weight_files(folder, loaded=(), in_memory=False):
             try:
                 if path in loaded and n.endswith(PICKLE_SUFFIXES):
                     reads[path] = _read_base_file(path, in_memory)
+                    why = _not_named_tensors(reads[path][0])
+                    if why:
+                        raise WeightFileError(f"{n!r} is not a dict of named tensors ({why}). {FOLDER_FIX}")
                 else:
                     check_weight_file(path)
             except WeightFileError as e:

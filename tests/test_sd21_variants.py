@@ -106,6 +106,19 @@ def test_each_pickled_part_is_unpickled_once(tmp_path, reference, monkeypatch, i
         ("text_encoder", "pytorch_model.bin")))
 
 
+@pytest.mark.parametrize("held, why", [([torch.zeros(1)], r"it holds a list"),
+                                       ({1: torch.zeros(1)}, r"it has the key 1")], ids=["a-list", "keyed-by-numbers"])
+def test_a_pickled_part_of_other_than_named_tensors_is_refused_by_name(tmp_path, held, why):
+    """A ``.bin`` part holding a list, or keys that are not names, failed with a ValueError or an AttributeError (a
+    traceback) as it was merged into the part's weights."""
+    folder = as_variant(copy_tiny_sd21(tmp_path / "bin"), pickled=True)
+    torch.save(held, os.path.join(folder, "unet", "diffusion_pytorch_model.bin"))
+    with pytest.raises(WeightFileError, match=rf"^unet/diffusion_pytorch_model\.bin in the diffusers folder '.*': "
+                                              rf"'diffusion_pytorch_model\.bin' is not a dict of named tensors "
+                                              rf"\({why}\)\. Download the stable-diffusion-2-1-base folder again"):
+        load_sd21(folder)
+
+
 def with_ema(sd, shift=1.0):
     """A checkpoint as training saves it (v2-1_512-nonema's full form): the trained UNet under
     ``model.diffusion_model.*`` and its EMA under ``model_ema.*``, the key's dots after the prefix removed."""
