@@ -400,7 +400,7 @@ def check_weight_files(folder, loaded=(), in_memory=False):
     diffusers or transformers open them: a damaged file or a pickle holding code is refused by name. A pickle that
     the pack's readers load (in ``loaded``, the paths of ``_folder_part_files``) is checked by the read that loads
     it (``_read_base_file``), so that it is unpickled once, and refused unless it holds named tensors: returns those
-    reads, {path: (state dict, read in)}."""
+    reads, {path: (state dict, read in)}; none is held by the error of a file refused after them."""
     reads = {}
     for sub in ("unet", "vae", "text_encoder"):
         part = os.path.join(folder, sub)
@@ -417,6 +417,7 @@ def check_weight_files(folder, loaded=(), in_memory=False):
                 else:
                     check_weight_file(path)
             except WeightFileError as e:
+                reads.clear()  # the error's traceback holds this frame
                 raise WeightFileError(f"{sub}/{n} in the diffusers folder {folder!r}: {e}") from e
     return reads
 

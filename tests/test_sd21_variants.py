@@ -106,6 +106,24 @@ def test_each_pickled_part_is_unpickled_once(tmp_path, reference, monkeypatch, i
         ("text_encoder", "pytorch_model.bin")))
 
 
+@pytest.mark.parametrize("in_memory", [False, True], ids=["mapped", "in-memory"])
+def test_a_failed_load_holds_none_of_the_parts_read(tmp_path, monkeypatch, in_memory):
+    """The ``.bin`` parts read before a damaged one were held by the error's traceback (the check's frame keeps its
+    reads), mapped or in memory, for as long as the error was kept (ComfyUI keeps it to report it; its frames are in
+    a cycle that only the garbage collector frees)."""
+    import weakref
+
+    folder = as_variant(copy_tiny_sd21(tmp_path / "bin"), pickled=True)
+    with open(os.path.join(folder, "text_encoder", "pytorch_model.bin"), "w") as f:
+        f.write("<!DOCTYPE html><html>Sign in</html>")
+    tensors, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: tensors.extend(map(weakref.ref, (state := real_load(
+        *a, **k)).values())) or state)
+    with pytest.raises(WeightFileError, match=r"text_encoder/pytorch_model\.bin .*an HTML page") as error:
+        load_sd21(folder, in_memory=in_memory)
+    assert tensors and all(tensor() is None for tensor in tensors), error  # the error kept, as ComfyUI keeps it
+
+
 @pytest.mark.parametrize("held, why", [([torch.zeros(1)], r"it holds a list"),
                                        ({1: torch.zeros(1)}, r"it has the key 1")], ids=["a-list", "keyed-by-numbers"])
 def test_a_pickled_part_of_other_than_named_tensors_is_refused_by_name(tmp_path, held, why):
