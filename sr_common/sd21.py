@@ -517,14 +517,22 @@ def load_diffusers_folder(folder, in_memory=False):
         return SD21(unet.eval(), vae.eval(), text_encoder.eval(), load_tokenizer(os.path.join(folder, "tokenizer")),
                     unet_owned=unet_owned, vae_owned=vae_owned)
     try:
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True,
-                                                    torch_dtype=torch.float32)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, torch_dtype=torch.float32)
-        text_encoder = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"), local_files_only=True,
-                                                     torch_dtype=torch.float32)
+        unet, unet_info = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True,
+                                                               torch_dtype=torch.float32, output_loading_info=True)
+        vae, vae_info = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True,
+                                                      torch_dtype=torch.float32, output_loading_info=True)
+        text_encoder, text_info = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"),
+                                                                local_files_only=True, torch_dtype=torch.float32,
+                                                                output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise WeightFileError(f"Cannot load the diffusers folder {folder!r}: {e} Its files are incomplete or "
                               f"damaged. {FOLDER_FIX}") from e
+    for part, info in (("unet", unet_info), ("vae", vae_info), ("text_encoder", text_info)):
+        missing = sorted(info["missing_keys"])  # started at random, with a logged warning only
+        if missing:
+            raise WeightFileError(f"The {part}/ weights in the diffusers folder {folder!r} lack {len(missing)} of the "
+                                  f"model's tensors (e.g. {missing[:2]}), which diffusers and transformers would start "
+                                  f"at random. {FOLDER_FIX}")
     _check_epsilon_weights(folder, unet)
     return SD21(unet.eval(), vae.eval(), text_encoder.eval(), load_tokenizer(os.path.join(folder, "tokenizer")))
 

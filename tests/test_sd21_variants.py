@@ -137,6 +137,31 @@ def test_a_pickled_part_of_other_than_named_tensors_is_refused_by_name(tmp_path,
         load_sd21(folder)
 
 
+@pytest.mark.parametrize("part", PARTS)
+@pytest.mark.parametrize("damage", ["a-tensor-missing", "under-one-key"])
+def test_a_part_that_diffusers_would_start_at_random_is_refused(tmp_path, part, damage):
+    """A part whose tensors are not all its module's (one missing; all under one key, ``{"model": state_dict}``)
+    is left by the pack's reader to diffusers' and transformers' loaders, which start each missing tensor at random
+    with a logged warning: the folder loaded, and upscaled with noise for weights."""
+    from safetensors.torch import save_file
+
+    folder = copy_tiny_sd21(tmp_path / "damaged")
+    path = os.path.join(folder, part, f"{STEMS[part]}.safetensors")
+    state = load_file(path)
+    if damage == "a-tensor-missing":
+        del state[sorted(state)[3]]
+        save_file(state, path, metadata={"format": "pt"})
+    else:
+        os.remove(path)
+        bin_name = "pytorch_model.bin" if part == "text_encoder" else f"{STEMS[part]}.bin"
+        torch.save({"model": state}, os.path.join(folder, part, bin_name))
+    with pytest.raises(WeightFileError, match=rf"^The {part}/ weights in the diffusers folder '.*' lack \d+ of the "
+                                              r"model's tensors \(e\.g\. .*\), which diffusers and transformers "
+                                              r"would start at random\. Download the stable-diffusion-2-1-base folder "
+                                              r"again"):
+        load_sd21(folder)
+
+
 def with_ema(sd, shift=1.0):
     """A checkpoint as training saves it (v2-1_512-nonema's full form): the trained UNet under
     ``model.diffusion_model.*`` and its EMA under ``model_ema.*``, the key's dots after the prefix removed."""
