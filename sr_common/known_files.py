@@ -267,17 +267,21 @@ def describe(obj, path=None):
     return f"an unknown file (keys: {keys[:6]}{' …' if len(keys) > 6 else ''})"
 
 
+def _is_class_name(name):
+    return isinstance(name, str) and name.isidentifier()
+
+
 def describe_model_folder(config):
     """What a folder of one model is (a config.json, no pipeline's model_index.json), for error messages: the class
-    its ``config`` names (diffusers' ``_class_name``, transformers' ``architectures``) and, for ``FOLDER_MODELS``,
-    what that is."""
+    its ``config`` names (diffusers' ``_class_name``, transformers' ``architectures``; a name that is no identifier
+    names none) and, for ``FOLDER_MODELS``, what that is."""
     config = config if isinstance(config, dict) else {}
     architectures = config.get("architectures")
-    if isinstance(config.get("_class_name"), str):
+    if _is_class_name(config.get("_class_name")):
         library, names = "diffusers", [config["_class_name"]]
     else:
         library = "transformers"
-        names = [n for n in architectures if isinstance(n, str)] if isinstance(architectures, list) else []
+        names = [n for n in architectures if _is_class_name(n)] if isinstance(architectures, list) else []
     if not names:
         return "a folder with a config.json naming no diffusers or transformers class (one model, not a pipeline)"
     what = f"a {library} {', '.join(names)} folder (one model, by its config.json)"

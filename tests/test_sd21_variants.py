@@ -368,6 +368,12 @@ MODEL_FOLDERS = {
     "no-class": ({"hidden_size": 8},
                  r"it is a folder with a config\.json naming no diffusers or transformers class \(one model, not a "
                  r"pipeline\)"),
+    # names that are no class's: empty, or not an identifier
+    "empty-class": ({"_class_name": "", "architectures": [" "]},
+                    r"it is a folder with a config\.json naming no diffusers or transformers class \(one model, not a "
+                    r"pipeline\)"),
+    "odd-class": ({"_class_name": "Control Net\n", "architectures": ["BertModel"]},
+                  r"it is a transformers BertModel folder \(one model, by its config\.json\)"),
 }
 
 
