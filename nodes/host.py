@@ -79,15 +79,35 @@ def is_unet_pipeline(folder, names):
     return parts[0] and ("model_index.json" in names or all(parts))
 
 
+def walk_once(root):
+    """``os.walk(root, followlinks=True)``, each folder once: a link to a folder walked already (one above it: a loop)
+    is not followed. ComfyUI's DiffusersLoader follows every link, so a loop lists what is below it again under ever
+    longer names, as deep as the system resolves links, and two loops make its walk endless."""
+    walked = set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        walked.add(_folder_id(folder))
+        subfolders[:] = [name for name in subfolders if _folder_id(os.path.join(folder, name)) not in walked]
+        yield folder, subfolders, names
+
+
+def _folder_id(folder):
+    """(device, inode) of the folder a path leads to, links followed; the path itself where it cannot be read."""
+    try:
+        stat = os.stat(folder)
+    except OSError:
+        return folder
+    return stat.st_dev, stat.st_ino
+
+
 def diffusers_folders():
     """The diffusers pipelines with a UNet (``is_unet_pipeline``) anywhere below models/diffusers, by their path
     there: every folder ComfyUI's DiffusersLoader lists (nodes.py L584-589: each folder holding a model_index.json,
     links followed) that has a UNet, such as a Hugging Face cache's snapshot (models--org--name/snapshots/<revision>),
-    and the pipeline folders the loader takes without a model_index.json."""
+    and the pipeline folders the loader takes without a model_index.json; each folder once (``walk_once``)."""
     found = []
     for root in folder_paths.get_folder_paths("diffusers"):
         if os.path.isdir(root):
-            found += sorted(os.path.relpath(folder, root) for folder, _, names in os.walk(root, followlinks=True)
+            found += sorted(os.path.relpath(folder, root) for folder, _, names in walk_once(root)
                             if is_unet_pipeline(folder, names))
     return found
 

@@ -1761,6 +1761,29 @@ def test_the_base_loader_offers_the_diffusers_pipelines_below_models_diffusers(p
                                                          getattr(expected, part).state_dict().values())), choice
 
 
+def test_the_base_loader_lists_a_pipeline_once_through_links_that_loop(pack, monkeypatch, tmp_path):
+    """Links back to a folder above (a loop) in models/diffusers: the walk of the list, which ComfyUI runs at start to
+    register the nodes and at each /object_info and prompt, followed them as ComfyUI's DiffusersLoader does, and
+    listed a pipeline under ever longer names (sd21/up/sd21/..., 40 deep, as far as the system resolves links); two
+    links to '.' made it endless. Each folder is walked once: a link to one walked already is not followed."""
+    import threading
+
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    folder_paths = sys.modules["folder_paths"]
+    root = tmp_path / "diffusers"
+    copy_tiny_sd21(root / "sd21")
+    os.symlink("..", root / "sd21" / "up")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusers", ([str(root)], ["folder"]))
+    assert host.diffusers_folders() == ["sd21"]
+    for name in ("a", "b"):
+        os.symlink(".", root / name)
+    listed = []
+    walk = threading.Thread(target=lambda: listed.append(host.diffusers_folders()), daemon=True)
+    walk.start()
+    walk.join(60)
+    assert listed == [["sd21"]]
+
+
 def test_loader_download_finds_the_file_in_any_models_folder(pack, monkeypatch, tmp_path):
     """A 'download:' choice whose verified file is already in another models/osediff path (extra_model_paths.yaml's
     first, ComfyUI's own after it) uses that file: nothing is fetched, no second copy is written."""
