@@ -118,11 +118,14 @@ def base_choices():
 
 
 def base_path(choice):
+    """The file or folder of a Load SD 2.1-base choice; a diffusers folder's name is taken below models/diffusers, as
+    ComfyUI's get_full_path takes a file's (folder_paths.py L282: '..' and a whole path stay inside)."""
     kind, _, name = choice.partition("/")
     if kind == "diffusers":
+        below = os.path.relpath(os.path.join("/", name), "/")
         for root in folder_paths.get_folder_paths("diffusers"):
-            if os.path.isdir(os.path.join(root, name)):
-                return os.path.join(root, name)
+            if os.path.isdir(os.path.join(root, below)):
+                return os.path.join(root, below)
         raise FileNotFoundError(f"Diffusers folder {name!r} not found in models/diffusers.")
     return weight_path("checkpoints", name)
 

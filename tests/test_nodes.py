@@ -1784,6 +1784,20 @@ def test_the_base_loader_lists_a_pipeline_once_through_links_that_loop(pack, mon
     assert listed == [["sd21"]]
 
 
+@pytest.mark.parametrize("name", ["../outside/sd21", "{outside}"], ids=["dot-dot", "absolute"])
+def test_the_base_loader_takes_no_folder_outside_models_diffusers(pack, monkeypatch, tmp_path, name):
+    """ComfyUI checks a V3 combo's value only when the node runs, so a prompt sent to its API may name any base: a
+    'diffusers/' name going out of models/diffusers ('..', or a whole path) loaded that folder. The name is taken
+    below models/diffusers, as ComfyUI's get_full_path takes a file's (folder_paths.py L282)."""
+    _, nodes = pack
+    folder_paths = sys.modules["folder_paths"]
+    outside = copy_tiny_sd21(tmp_path / "outside" / "sd21")
+    (tmp_path / "diffusers").mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusers", ([str(tmp_path / "diffusers")], ["folder"]))
+    with pytest.raises(FileNotFoundError, match=r"^Diffusers folder '.*' not found in models/diffusers\.$"):
+        run(nodes["DiffSR_SD21Loader"], base="diffusers/" + name.format(outside=outside))
+
+
 def test_loader_download_finds_the_file_in_any_models_folder(pack, monkeypatch, tmp_path):
     """A 'download:' choice whose verified file is already in another models/osediff path (extra_model_paths.yaml's
     first, ComfyUI's own after it) uses that file: nothing is fetched, no second copy is written."""
