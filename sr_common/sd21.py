@@ -347,7 +347,8 @@ def check_diffusers_folder(folder):
     snapshot = _hugging_face_snapshot(folder) if absent else None
     if snapshot:
         raise WeightFileError(f"{name!r} is a Hugging Face cache folder: pass {snapshot}.")
-    if absent and os.path.isfile(os.path.join(folder, "config.json")):  # a folder of one model
+    if (absent and os.path.isfile(os.path.join(folder, "config.json"))
+            and not os.path.isfile(os.path.join(folder, "model_index.json"))):  # a folder of one model, no pipeline
         path = os.path.abspath(folder)
         if os.path.basename(path) in _indexed_parts(os.path.dirname(path)):  # a part of a pipeline folder
             raise WeightFileError(f"{name!r} holds one part of a diffusers folder (its config.json and weights), not "

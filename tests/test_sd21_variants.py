@@ -393,6 +393,21 @@ def test_a_folder_of_one_model_is_named_by_its_config(tmp_path, model):
         load_sd21(str(folder))
 
 
+def test_an_incomplete_pipeline_folder_with_a_config_beside_its_index_is_called_incomplete(tmp_path):
+    """A pipeline folder (its model_index.json) lacking a part, with a config.json beside the index (some repositories
+    ship one): not 'a folder of one model' by that config.json, but the folder missing the part, to download whole."""
+    import json
+    import shutil
+
+    folder = copy_tiny_sd21(tmp_path / "stable-diffusion-2-1-base")
+    shutil.rmtree(os.path.join(folder, "text_encoder"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.8.0"}, f)
+    with pytest.raises(WeightFileError, match=r"^'stable-diffusion-2-1-base' is not a diffusers Stable Diffusion "
+                                              r"folder: missing \['text_encoder'\]"):
+        load_sd21(folder)
+
+
 def test_a_part_folder_taken_out_of_its_diffusers_folder_is_named_by_its_config(tmp_path):
     """A unet/ folder copied on its own, no pipeline folder around it naming it: named as a UNet alone."""
     import shutil
