@@ -407,7 +407,10 @@ def check_weight_files(folder, loaded=(), in_memory=False):
         part = os.path.join(folder, sub)
         names = sorted(os.listdir(part))
         safetensors = [n for n in names if n.endswith(SAFETENSORS_SUFFIXES)]
-        for n in safetensors or [n for n in names if n.endswith(PICKLE_SUFFIXES)]:
+        checked = safetensors or [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+        # and the pickles loaded where safetensors of another variant lie beside them (fp16 beside a float32 .bin)
+        checked += [n for n in names if os.path.join(part, n) in loaded and n not in checked]
+        for n in checked:
             path = os.path.join(part, n)
             try:
                 if path in loaded and n.endswith(PICKLE_SUFFIXES):

@@ -124,12 +124,18 @@ def test_a_failed_load_holds_none_of_the_parts_read(tmp_path, monkeypatch, in_me
     assert tensors and all(tensor() is None for tensor in tensors), error  # the error kept, as ComfyUI keeps it
 
 
+@pytest.mark.parametrize("beside", [None, "fp16"], ids=["bin", "bin-beside-fp16-safetensors"])
 @pytest.mark.parametrize("held, why", [([torch.zeros(1)], r"it holds a list"),
                                        ({1: torch.zeros(1)}, r"it has the key 1")], ids=["a-list", "keyed-by-numbers"])
-def test_a_pickled_part_of_other_than_named_tensors_is_refused_by_name(tmp_path, held, why):
+def test_a_pickled_part_of_other_than_named_tensors_is_refused_by_name(tmp_path, held, why, beside):
     """A ``.bin`` part holding a list, or keys that are not names, failed with a ValueError or an AttributeError (a
-    traceback) as it was merged into the part's weights."""
-    folder = as_variant(copy_tiny_sd21(tmp_path / "bin"), pickled=True)
+    traceback) as it was merged into the part's weights; also where the part's float32 ``.bin``, which is read
+    first, lies beside its fp16 safetensors (which the check looked at alone)."""
+    folder = copy_tiny_sd21(tmp_path / "bin")
+    if beside:
+        as_variant(folder, beside)
+    else:
+        as_variant(folder, pickled=True)
     torch.save(held, os.path.join(folder, "unet", "diffusion_pytorch_model.bin"))
     with pytest.raises(WeightFileError, match=rf"^unet/diffusion_pytorch_model\.bin in the diffusers folder '.*': "
                                               rf"'diffusion_pytorch_model\.bin' is not a dict of named tensors "
