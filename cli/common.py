@@ -87,6 +87,7 @@ JOINERS = frozenset("\u200c\u200d")  # zero width non-joiner and joiner (Cf): em
 # Mongolian free variation selectors, variation selectors 1-16 and 17-256: pick a glyph of the character before
 VARIATION_SELECTORS = ((0x180B, 0x180D), (0x180F, 0x180F), (0xFE00, 0xFE0F), (0xE0100, 0xE01EF))
 KEYCAP = "\u20e3"  # combining enclosing keycap: 1\ufe0f\u20e3 is the keycap emoji of 1
+EMOJI_LETTER = "\u2139"  # INFORMATION SOURCE: the one cased letter (Ll) that is an emoji, \u2139\ufe0f
 CHOSEONG_FILLER, JUNGSEONG_FILLER = "\u115f", "\u1160"  # stand for the missing consonant or vowel of a syllable
 CHOSEONG = ((0x1100, 0x115E), (0xA960, 0xA97C))  # the leading consonants of conjoining Hangul, less the filler
 JUNGSEONG = ((0x1161, 0x11A7), (0xD7B0, 0xD7C6))  # the vowels of conjoining Hangul, less the filler
@@ -123,7 +124,8 @@ def _joins(before, joiner, after):
 def _shapes(before, char, after):
     """Whether the invisible ``char`` between ``before`` and ``after`` shapes what is printed:
     a joiner where it joins (``_joins``); a variation selector after a character it may vary, a symbol, digit,
-    punctuation or uncased letter that is printed (❤\\ufe0f, 葛\\U000e0100, Mongolian ᠠ\\u180b), after an ASCII one
+    punctuation or uncased letter that is printed (❤\\ufe0f, 葛\\U000e0100, Mongolian ᠠ\\u180b) or the emoji ℹ (a
+    lowercase letter), after an ASCII one
     only in a keycap (1\\ufe0f\\u20e3; a\\ufe0f and 1\\ufe0f print as a and 1);
     a conjoining Hangul filler inside its syllable (U+115F before a vowel, U+1160 after a leading consonant: the
     block drawn without that consonant or vowel); the blank braille cell between two braille cells (a braille text's
@@ -136,7 +138,7 @@ def _shapes(before, char, after):
         if before.isascii():
             return after == KEYCAP and before in "0123456789#*"
         return not _invisible(before) and (unicodedata.category(before)[0] in "NPS"
-                                           or unicodedata.category(before) == "Lo")
+                                           or unicodedata.category(before) == "Lo" or before == EMOJI_LETTER)
     if char == CHOSEONG_FILLER:
         return _within(after, JUNGSEONG)
     if char == JUNGSEONG_FILLER:

@@ -6,6 +6,7 @@ import os
 import pickle
 import re
 import sys
+import unicodedata
 
 import diffusers
 import numpy as np
@@ -1199,6 +1200,21 @@ def test_shown_names_escape_the_other_invisible_characters():
     for kept in ("❤\ufe0f.png", "1\ufe0f\u20e3.png", "#\ufe0f\u20e3", "🏳\ufe0f\u200d🌈.png", "葛\U000e0100城.png",
                  "∩\ufe00", "\u1820\u180b\u1821", "\u115f\u1161.png", "\u1100\u1160\u11a8.png", "⠓⠊\u2800⠞⠓⠑⠗⠑"):
         assert common.shown_name(kept) == kept, kept
+
+
+def test_shown_names_keep_every_emoji_presentation_sequence():
+    """A variation selector was kept after a symbol, digit, punctuation or uncased letter, and escaped after a cased
+    one (``é\\ufe0f``, which prints as é), but U+2139 INFORMATION SOURCE is a lowercase letter (Ll) and an emoji:
+    ``ℹ\ufe0f.png`` printed as ``ℹ\\ufe0f.png``. Every emoji (the ``regex`` module's Emoji property) but the
+    ASCII ones, which take U+FE0F only in a keycap, and those newer than Python's Unicode data keeps its U+FE0F."""
+    from comfyui_diffsr.cli import common
+
+    regex = pytest.importorskip("regex")
+    emoji = regex.compile(r"\p{Emoji}")
+    escaped = [hex(cp) for cp in range(0x80, sys.maxunicode + 1) if emoji.match(chr(cp))
+               and unicodedata.category(chr(cp)) != "Cn" and common.shown_name(f"{chr(cp)}\ufe0f.png") != f"{chr(cp)}\ufe0f.png"]
+    assert escaped == []
+    assert common.shown_name("é\ufe0f.png") == "é\\ufe0f.png"
 
 
 def test_default_ignorable_table_is_unicodes():
