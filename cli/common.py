@@ -176,9 +176,13 @@ def escaped_name(path):
     ESC or other control character, a format character such as U+202E or U+200B, another invisible one such as
     U+3164), "\\" + the name with its backslashes doubled and those characters written as the messages write them
     (\\t, \\n, \\r, \\x1b, \\u202e, \\u3164, \\U000e0041), after the ``sha256sum`` convention: a line that starts
-    with a backslash is escaped, and no escaped name reads as another, real one."""
+    with a backslash is escaped, and no escaped name reads as another, real one. On Windows, where the backslash is
+    the separator and no name holds one, a path without another character to escape is printed as it is, unless it
+    starts with a backslash (\\\\server\\share, \\models: it would read as escaped)."""
     escaped = shown_name(path.replace("\\", "\\\\"))
-    return path if escaped == path else "\\" + escaped
+    if escaped == path or os.sep == "\\" and shown_name(path) == path and not path.startswith("\\"):
+        return path
+    return "\\" + escaped
 
 
 def _is_folder(path, folder_id):

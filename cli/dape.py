@@ -6,8 +6,9 @@
 
 Output: ``<file>\\t<prompt>`` per image (``--no-names``: just the prompt, and ``<failed>`` (``FAILED_LINE``) for an
 image that fails, so the Nth line is the Nth image's and an image that failed is told from one with no tags, whose
-``--tags-only`` line is empty; the failure is named on stderr); a file name holding a backslash, a tab,
-line break or other control character (ESC), a format character (a bidirectional control such as U+202E, an
+``--tags-only`` line is empty; the failure is named on stderr); a file name holding a backslash (on Windows, the
+separator, only at its start), a tab, line break or other control character (ESC), a format character (a
+bidirectional control such as U+202E, an
 invisible one such as U+200B) or another invisible character (U+3164 Hangul filler; ``shown_name``) is written
 escaped (``\\\\``, ``\\t``, ``\\n``, ``\\r``, ``\\x1b``, ``\\u202e``) on a line that starts with a backslash,
 after ``sha256sum``, so every image stays one line with one tab, no name can send the terminal an escape sequence,

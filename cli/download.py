@@ -16,9 +16,9 @@ def build_parser():
         prog="diffsr download",
         description="Download official weights (resumable, verified). A file already there is checked against its "
                     "pinned or recorded hash; a damaged one is moved aside as <file>.bad and fetched again. Prints "
-                    "each file's path on a line (one holding a backslash, a line break, ESC or an invisible "
-                    "character escaped as \\n, \\x1b, \\u200b, backslashes doubled, on a line starting with a "
-                    "backslash, as sha256sum does).")
+                    "each file's path on a line (one holding a backslash (on Windows: at its start), a line "
+                    "break, ESC or an invisible character escaped as \\n, \\x1b, \\u200b, backslashes doubled, on "
+                    "a line starting with a backslash, as sha256sum does).")
     p.add_argument("which", nargs="+", choices=list(OFFICIAL) + ["all"], help="files to fetch")
     p.add_argument("--models-dir", default="models", help="models folder; files go to <models-dir>/<kind>/ (default ./models)")
     return p

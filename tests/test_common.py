@@ -1217,6 +1217,25 @@ def test_shown_names_keep_every_emoji_presentation_sequence():
     assert common.shown_name("é\ufe0f.png") == "é\\ufe0f.png"
 
 
+def test_windows_paths_print_with_their_separators(monkeypatch):
+    r"""``escaped_name`` (``diffsr download``'s lines, ``diffsr dape``'s ``<file>`` field) escaped every path holding
+    a backslash, which on Windows is every path of a folder: ``diffsr download --models-dir C:\ComfyUI\models``
+    printed ``\C:\\ComfyUI\\models\\osediff\\osediff.pkl``, not the path (and dape's tests, which expect the path,
+    failed there). No Windows name holds a backslash: there the path is printed as it is unless it holds another
+    character to escape or starts with a backslash (``\\server\share``), which the reader would take for an escape;
+    elsewhere a backslash is a character of a name and is escaped as before."""
+    from comfyui_diffsr.cli.common import escaped_name
+
+    monkeypatch.setattr(os, "sep", "\\")
+    for plain in (r"C:\ComfyUI\models\osediff\osediff.pkl", r"models\x1b.png", "ComfyUI/models\\ram\\é.pth"):
+        assert escaped_name(plain) == plain
+    for path, line in ((r"\\server\share\a.png", r"\\\\\server\\share\\a.png"), (r"\models\a.png", r"\\\models\\a.png"),
+                       ("C:\\m\u202e\\a.png", r"\C:\\m\u202e\\a.png")):
+        assert escaped_name(path) == line, line
+    monkeypatch.setattr(os, "sep", "/")
+    assert escaped_name(r"models\x1b.png") == r"\models\\x1b.png"
+
+
 def test_default_ignorable_table_is_unicodes():
     """``DEFAULT_IGNORABLE`` holds exactly the Default_Ignorable_Code_Point property (which Python's unicodedata
     lacks), as the ``regex`` module (a dependency of transformers) reads it from its own Unicode data."""
