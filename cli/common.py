@@ -88,6 +88,9 @@ JOINERS = frozenset("\u200c\u200d")  # zero width non-joiner and joiner (Cf): em
 VARIATION_SELECTORS = ((0x180B, 0x180D), (0x180F, 0x180F), (0xFE00, 0xFE0F), (0xE0100, 0xE01EF))
 KEYCAP = "\u20e3"  # combining enclosing keycap: 1\ufe0f\u20e3 is the keycap emoji of 1
 EMOJI_LETTER = "\u2139"  # INFORMATION SOURCE: the one cased letter (Ll) that is an emoji, \u2139\ufe0f
+# the emoji tag sequences (flags of England, Scotland, Wales): black flag, the region's tag letters (Cf), cancel tag
+TAG_FLAGS = re.compile("\U0001f3f4(?:{})\U000e007f".format("|".join(
+    "".join(chr(0xE0000 + ord(letter)) for letter in region) for region in ("gbeng", "gbsct", "gbwls"))))
 CHOSEONG_FILLER, JUNGSEONG_FILLER = "\u115f", "\u1160"  # stand for the missing consonant or vowel of a syllable
 CHOSEONG = ((0x1100, 0x115E), (0xA960, 0xA97C))  # the leading consonants of conjoining Hangul, less the filler
 JUNGSEONG = ((0x1161, 0x11A7), (0xD7B0, 0xD7C6))  # the vowels of conjoining Hangul, less the filler
@@ -158,12 +161,13 @@ def shown_name(name):
     braille cell), with which two names print alike, written as Python escapes (``\\n``, ``\\x1b``, ``\\xad``,
     ``\\u202e``, ``\\u3164``), so that it stays on its line, reads as the file it is, and cannot rewrite the terminal.
     Such a character is kept where it shapes what is printed, as part of a word or emoji (``_shapes``: ``👩\\u200d💻``,
-    ``❤\\ufe0f``, a Hangul syllable drawn without its consonant), and escaped elsewhere. Every other character as it
-    is."""
+    ``❤\\ufe0f``, a Hangul syllable drawn without its consonant; the tags of a flag, ``TAG_FLAGS``), and escaped
+    elsewhere. Every other character as it is."""
     padded = f"\0{name}\0"  # NUL at each end, which nothing joins
+    flag_tags = {i for flag in TAG_FLAGS.finditer(name) for i in range(flag.start() + 1, flag.end())}
 
     def shown(i, c):
-        if not _invisible(c) or _shapes(padded[i], c, padded[i + 2]):
+        if not _invisible(c) or i in flag_tags or _shapes(padded[i], c, padded[i + 2]):
             return c
         return c.encode("unicode_escape").decode("ascii")
 

@@ -1217,6 +1217,28 @@ def test_shown_names_keep_every_emoji_presentation_sequence():
     assert common.shown_name("é\ufe0f.png") == "é\\ufe0f.png"
 
 
+def test_shown_names_keep_the_flags_of_england_scotland_and_wales():
+    """The flags of England, Scotland and Wales are emoji tag sequences: U+1F3F4 black flag, the region's tag
+    letters (U+E0067 tag g, …, Cf, invisible) and U+E007F cancel tag. Their tags were escaped as every format
+    character (``🏴\\U000e0067\\U000e0062…``), though they shape an emoji as the kept joiners do. The three
+    flags are kept whole; tags anywhere else (after another character, another region, no cancel tag) escaped."""
+    from comfyui_diffsr.cli import common
+
+    def tags(letters):
+        return "".join(chr(0xE0000 + ord(letter)) for letter in letters)
+
+    def escaped(text):
+        return text.encode("unicode_escape").decode()
+
+    for region in ("gbeng", "gbsct", "gbwls"):
+        flag = f"\U0001f3f4{tags(region)}\U000e007f"
+        for kept in (f"{flag}.png", f"x{flag}{flag}", f"\U0001f3f4{flag}"):
+            assert common.shown_name(kept) == kept, escaped(kept)
+    for name in (f"\U0001f3f4{tags('gbxyz')}\U000e007f", f"a{tags('gbeng')}\U000e007f", f"\U0001f3f4{tags('gbeng')}",
+                 f"\U0001f3f4{tags('gbengx')}\U000e007f", "\U0001f3f4\U000e007f"):
+        assert common.shown_name(name) == name[0] + escaped(name[1:]), escaped(name)
+
+
 def test_windows_paths_print_with_their_separators(monkeypatch):
     r"""``escaped_name`` (``diffsr download``'s lines, ``diffsr dape``'s ``<file>`` field) escaped every path holding
     a backslash, which on Windows is every path of a folder: ``diffsr download --models-dir C:\ComfyUI\models``
