@@ -497,3 +497,14 @@ def test_the_nodes_take_the_sizes_the_commands_take(nodes, capsys):
     for upscale in ("12", "0.5"):  # refused before anything is read
         assert dossr_command.main(["missing.png", "-o", "out", "--weights", "missing.ckpt", "--upscale", upscale]) == 2
         assert capsys.readouterr().err == f"error: --upscale must be between 1 and 8, got {upscale}\n"
+
+
+def test_the_readme_gives_the_scales_taken():
+    """The README's Output paragraph still said ``dossr`` takes "any scale above 0 up to 16" once it took the nodes'
+    1 to 8 (``check_upscale``), which refuses 12 and 0.5. Every scale range the README states is MIN_UPSCALE to
+    MAX_UPSCALE."""
+    from comfyui_diffsr.sr_common.image import MAX_UPSCALE, MIN_UPSCALE
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        ranges = re.findall(r"scales? (?:from|above|between) ([0-9.]+) (?:to|up to|and) ([0-9.]+)", f.read())
+    assert ranges and {(float(low), float(high)) for low, high in ranges} == {(MIN_UPSCALE, MAX_UPSCALE)}, ranges
