@@ -8,7 +8,7 @@ from ..dossr_core.model import DEFAULT_PROMPT, load_dossr
 from ..dossr_core.pipeline import (PIXEL_MULTIPLE, Options, decode, dossr_sample, dossr_upscale, fixed_and_resized,
                                    text_context)
 from ..sr_common.color_fix import COLOR_FIXES
-from ..sr_common.image import MAX_UPSCALE, MIN_UPSCALE
+from ..sr_common.image import MAX_UPSCALE, MIN_UPSCALE, check_upscale
 from ..sr_common.sd21 import SCALING_FACTOR
 from ..sr_common.tiling import overlap_within
 from . import host
@@ -203,6 +203,7 @@ class DoSSRDecode(io.ComfyNode):
     @classmethod
     @host.computes_ieee_float32
     def execute(cls, model, latent, reference, upscale, color_fix, vae_tile, dtype="auto"):
+        check_upscale(upscale)  # NaN passes ComfyUI's min and max (the other nodes: Options, preprocess)
         host.cast_for_run(model, dtype, host.vae_decoder(model.vae))
         starts, alpha = host.image_to_bchw(reference)
         dev = model.device  # ``decode`` loads the VAE (``model.load_stage``)

@@ -529,6 +529,23 @@ def test_dossr_modular_equals_all_in_one(pack):
     assert psnr(nofix.movedim(-1, 1), standard) > 60
 
 
+def test_dossr_vae_decode_refuses_an_upscale_comfyui_lets_through(pack):
+    """ComfyUI checks a FLOAT input only against its min and max, which NaN passes (an API prompt's ``"upscale":
+    "nan"`` is ``float("nan")``). The other nodes refuse it by name (``check_upscale``, in ``preprocess`` and
+    DoSSR's ``Options``); DoSSR VAE Decode decoded the whole LATENT, then failed in its resize ("cannot convert float
+    NaN to integer"). It refuses it as they do, before decoding."""
+    _, nodes = pack
+    (model,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+    latent, reference = {"samples": torch.zeros(1, 4, 8, 8)}, torch.rand(1, 64, 64, 3)
+    for upscale in (float("nan"), 0.5):
+        with pytest.raises(ValueError, match=rf"^`upscale` must be between 1 and 8, got {upscale:g}$"):
+            run(nodes["DoSSR_VAEDecode"], model=model, latent=latent, reference=reference, upscale=upscale,
+                color_fix="wavelet", vae_tile=0)
+    (out,) = run(nodes["DoSSR_VAEDecode"], model=model, latent=latent, reference=reference, upscale=4.0,
+                 color_fix="wavelet", vae_tile=0)
+    assert out.shape == (1, 64, 64, 3)
+
+
 def test_dossr_modular_keeps_alpha_and_pairs_batches(pack):
     """An RGBA image through DoSSR Sampler → DoSSR VAE Decode keeps its alpha as the all-in-one does (the REFERENCE
     carries it); a LATENT and a reference of different batch sizes are refused, not silently truncated."""
