@@ -75,12 +75,12 @@ def test_toy_oracle_keeps_the_domain_shift_marginal(gamma):
     assert out.std().item() == pytest.approx(grid.sigma[0], rel=3e-3)
 
 
-@pytest.mark.parametrize("gamma", [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 0.5, 0.99, 1.0])
 def test_toy_oracle_follows_the_exact_normalised_recursion(gamma):
     """Pathwise: in y = x/a − η/(1−η)·x̂₀ = x₀ + λ·ε, with x_θ = x₀, the normalised error ε = (y − x₀)/λ follows
     ε_s = r^γ·ε_t + √(1 − r^(2γ))·z (r = λ_s/λ_t; unit variance kept) from ε_N = z_init + (x̂₀ − x₀)/λ_N.
     The sampler's output must equal a_0(x₀ + λ_0ε_0 + η_0/(1−η_0)·x̂₀) for the same draws (float64 reference;
-    measured ≤ 5.3e-7 off for all γ)."""
+    measured ≤ 5.3e-7 off for all γ). γ = 0.99 is a γ-family run, not the official step (which is 2.4e-4 off)."""
     grid = make_grid(5)
     x0 = torch.full((2, 4, 64, 64), 0.7)
     x_hat0 = torch.full_like(x0, -0.4)
@@ -106,6 +106,30 @@ def test_orders_agree_when_x_theta_is_constant():
         outs.append(sample_dossr(oracle(x0, grid), x_hat0, grid, lambda n, s: torch.randn(s, generator=gen),
                                  order=order))
     assert torch.allclose(outs[0], outs[2], atol=1e-4) and torch.allclose(outs[1], outs[2], atol=1e-4)
+
+
+def test_each_order_adds_its_difference_from_the_step_that_has_it():
+    """Order k takes the Taylor terms up to D_(k−1), each from the first step with enough history (D1 from step 1,
+    D2 from step 2): with an x_θ that moves from step to step, the orders' states are equal after step 0, orders 2
+    and 3 after step 1 (order 1 apart), and all three apart after step 2. The parity cases run order 3 only, and
+    the constant-x_θ test above has D1 = D2 = 0, so an order 2 that took D2 (or an order 3 that did not) passed
+    both."""
+    grid = make_grid(4)
+    x_hat0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+
+    def model(x, tau):  # a smooth ε̂ whose x_θ is not constant along the path
+        return torch.tanh(x) * (tau / 500) + 0.1
+
+    states = {}
+    for order in (1, 2, 3):
+        gen = torch.Generator().manual_seed(6)
+        states[order] = []
+        sample_dossr(model, x_hat0, grid, lambda name, shape: torch.randn(shape, generator=gen), order=order,
+                     callback=lambda info: states[order].append(info["x"]))
+    first, second, third = (tuple(states[order][i] for order in (1, 2, 3)) for i in range(3))
+    assert torch.equal(first[0], first[1]) and torch.equal(first[1], first[2])
+    assert not torch.equal(second[0], second[1]) and torch.equal(second[1], second[2])
+    assert not torch.equal(third[0], third[1]) and not torch.equal(third[1], third[2])
 
 
 def test_first_step_is_the_x_hat0_x_theta_mix():
