@@ -2,6 +2,7 @@
 
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -102,17 +103,24 @@ def test_an_fp16_tagger_compares_the_fp16_probability_as_the_official(tagger):
     """The official fp16 run (test_osediff.py --mixed_precision fp16) computes sigmoid(fp16 logits) in fp16 and
     compares that rounded value with the float32 thresholds: at logit 0.619140625, sigmoid = 0.650023 in float32 but
     0.649902 in fp16, so a tag of threshold 0.65 is chosen by the float32 rule and not by the official fp16 run; at
-    0.5751953125 (0.639960 / 0.640137) a tag of threshold 0.64 the other way round."""
+    0.5751953125 (0.639960 / 0.640137) a tag of threshold 0.64 the other way round, and at 0.84716796875 (0.699973 /
+    0.700195) one of threshold 0.7, which bf16 rounding (0.699219) would leave out. A probability equal to its
+    threshold is not above it (the official ``>``): sigmoid(0) = 0.5 in float32, and ln 3's sigmoid is 0.75 in fp16,
+    the threshold of 20 RAM tags."""
     import copy
 
     full, half = copy.deepcopy(tagger), copy.deepcopy(tagger).half()
     n = len(tagger.tag_names)
-    logits = torch.tensor([0.619140625, 0.5751953125]).repeat(n // 2 + 1)[:n][None]
+    pairs = [(0.619140625, 0.65), (0.5751953125, 0.64), (0.84716796875, 0.7)]  # (logit, threshold)
+    logits = torch.tensor([logit for logit, _ in pairs]).repeat(n // 3 + 1)[:n][None]
     for model in (full, half):
-        model.thresholds = torch.tensor([0.65, 0.64]).repeat(n // 2 + 1)[:n]
+        model.thresholds = torch.tensor([threshold for _, threshold in pairs]).repeat(n // 3 + 1)[:n]
     names = tagger.tag_names
-    assert full.select(logits) == [", ".join(names[0::2])]  # sigmoid 0.650023 > 0.65; 0.639960 < 0.64
-    assert half.select(logits) == [", ".join(names[1::2])]  # 0.649902 < 0.65; 0.640137 > 0.64
+    assert full.select(logits) == [", ".join(names[0::3])]  # 0.650023 > 0.65; 0.639960 < 0.64; 0.699973 < 0.7
+    assert half.select(logits) == [", ".join(name for i, name in enumerate(names) if i % 3)]  # the other way round
+    for model, logit, threshold in ((full, 0.0, 0.5), (half, math.log(3), 0.75)):
+        model.thresholds = torch.full((n,), threshold)
+        assert model.select(torch.full((1, n), logit)) == [""]
 
 
 def test_converted_fp32_identical_and_fp16_close(tagger, fixture, tmp_path):
