@@ -133,6 +133,15 @@ def test_modes_agree_where_sizes_allow(model):
     assert psnr(official, exact) >= 50
 
 
+def test_latent_is_tiled_only_past_the_area_of_a_tile(model):
+    """The official rule tiles the latent where its area passes tile², not where a side passes tile: e40x32's
+    20 × 16 latent at 18-latent tiles (a side past 18, but 320 ≤ 18²) runs whole and gives the official untiled
+    output (tiled in 16-latent tiles, it is 18.9 dB from it)."""
+    case = next(c for c in CASES if c["name"] == "e40x32_untiled")
+    out = run_case(model, dict(case, tile_latent=18, tile_overlap=8))
+    assert psnr(out, expected(case)) >= min_psnr(case), f"{psnr(out, expected(case)):.2f} dB"
+
+
 def test_tiled_vae_close_to_untiled(model):
     """Our tiled VAE (margins exchanged, whole-image GroupNorm statistics) against the untiled VAE.
 
