@@ -155,6 +155,23 @@ def test_tile_larger_than_input_is_untiled(vaes):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("mode", ["bounded", "exact", "official"])
+def test_untiled_up_to_the_tile_and_its_margins(vaes, mode):
+    """The official hook's rule: untiled while max(H, W) ≤ tile + 2·pad (the encoder's pad 32 px, the decoder's 11
+    latent px), tiled one pixel past it."""
+    encoder, vae, image = vaes["dossr"]
+    side = ENCODE_TILE + 2 * ENCODER_PAD
+    assert torch.equal(tiled_forward(encoder, image[..., :side, :side], ENCODE_TILE, is_decoder=False, mode=mode),
+                       encoder(image[..., :side, :side]))
+    past = image[..., :side, :side + 8]  # the fixture image is 128 × 256 px
+    assert not torch.equal(tiled_forward(encoder, past, ENCODE_TILE, is_decoder=False, mode=mode), encoder(past))
+    z = torch.randn(1, 4, DECODE_TILE + 2 * DECODER_PAD + 1, 20, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(tiled_forward(vae.decoder, z[:, :, :-1], DECODE_TILE, is_decoder=True, mode=mode),
+                       vae.decoder(z[:, :, :-1]))
+    assert not torch.equal(tiled_forward(vae.decoder, z, DECODE_TILE, is_decoder=True, mode=mode), vae.decoder(z))
+
+
+@torch.no_grad()
 def test_odd_sizes(vaes):
     encoder, vae, _ = vaes["osediff"]
     z = torch.randn(1, 4, 37, 23, generator=torch.Generator().manual_seed(2))
