@@ -142,6 +142,24 @@ def test_latent_is_tiled_only_past_the_area_of_a_tile(model):
     assert psnr(out, expected(case)) >= min_psnr(case), f"{psnr(out, expected(case)):.2f} dB"
 
 
+@pytest.mark.parametrize("name", ["c21x27_exact_sample", "c21x27_x2"])
+def test_the_prompt_function_reads_the_upscaled_lq(model, name):
+    """``prompt_fn`` (DAPE, in the command) gets the LQ the networks get, before its padding: as the official
+    ``get_validation_prompt`` tags the image it has upscaled (and, with official sizing, shrunk). The tiny tagger
+    gives the LR input and its ×4 the same tags, so no output shows which one it read."""
+    from comfyui_diffsr.osediff_core.pipeline import preprocess
+
+    case = next(c for c in CASES if c["name"] == name)
+    image = pil_to_tensor(Image.open(os.path.join(FIX, case["input"])))
+    read = []
+    options = Options(upscale=case["upscale"], process_size=case["process_size"],
+                      official_sizing=case["sizing"] == "official", color_fix=case["color_fix"])
+    osediff_upscale(model, image, prompt_fn=lambda lq: read.append(lq.clone()) or case["prompt"], options=options)
+    lq, _ = preprocess(image, upscale=case["upscale"], process_size=case["process_size"],
+                       official_sizing=case["sizing"] == "official")
+    assert len(read) == 1 and torch.equal(read[0], lq)
+
+
 def test_tiled_vae_close_to_untiled(model):
     """Our tiled VAE (margins exchanged, whole-image GroupNorm statistics) against the untiled VAE.
 
