@@ -143,8 +143,7 @@ def test_all_in_one_equals_the_core_and_modular_graph(pack, osediff_model):
                 tile_overlap=32, dtype="fp32")
     (decoded,) = run(nodes["OSEDiff_VAEDecode"], model=model, latent=x0, reference=image, upscale=4.0,
                      process_size=64, color_fix="wavelet", vae_tile=224)
-    assert decoded.shape == out.shape
-    assert psnr(decoded, out) > 60
+    assert torch.equal(decoded, out)  # a batch of two float (not 8-bit) images: the modular chain's output
     # CONDITIONING (as CLIP Text Encode gives it) instead of the text: the same output
     from comfyui_diffsr.sr_common.sd21 import encode_prompt
 
@@ -152,18 +151,7 @@ def test_all_in_one_equals_the_core_and_modular_graph(pack, osediff_model):
         embeds = encode_prompt(sd21.text_encoder, sd21.tokenizer, ["a cat"])
     (x0c,) = run(nodes["OSEDiff_OneStepUNet"], model=model, latent=latent, prompt="ignored", tile_latent=96,
                  tile_overlap=32, dtype="fp32", conditioning=[[embeds, {"pooled_output": None}]])
-    assert torch.allclose(x0c["samples"], x0["samples"], atol=1e-5)
-    # a latent of 32×36 in 16 px tiles with 8 px overlap: the modular chain still gives the all-in-one node's output
-    big = torch.rand(1, 64, 72, 3, generator=torch.Generator().manual_seed(1))
-    sizing = dict(upscale=4.0, process_size=64)
-    (tiled,) = run(nodes["OSEDiff_Upscale"], model=model, image=big, prompt="a cat", color_fix="wavelet",
-                   tile_latent=16, tile_overlap=8, dtype="fp32", **sizing)
-    (latent,) = run(nodes["OSEDiff_LQEncoder"], model=model, image=big, vae_tile=1024, dtype="fp32", **sizing)
-    (x0,) = run(nodes["OSEDiff_OneStepUNet"], model=model, latent=latent, prompt="a cat", tile_latent=16,
-                tile_overlap=8, dtype="fp32")
-    (decoded,) = run(nodes["OSEDiff_VAEDecode"], model=model, latent=x0, reference=big, color_fix="wavelet",
-                     vae_tile=224, **sizing)
-    assert latent["samples"].shape == (1, 4, 32, 36) and psnr(decoded, tiled) > 60
+    assert torch.equal(x0c["samples"], x0["samples"])
 
 
 def test_rgba_grayscale_and_cancel(pack, osediff_model):
@@ -510,23 +498,14 @@ def test_dossr_modular_equals_all_in_one(pack):
         (parts,) = run(nodes["DoSSR_VAEDecode"], model=model, latent=latent, reference=rrdb, upscale=scale,
                        color_fix="wavelet", vae_tile=224)
         assert parts.shape == whole.shape == (2, int(20 * scale), int(24 * scale), 3)
-        assert psnr(parts, whole) > 50, scale
+        assert torch.equal(parts, whole), scale  # a batch of two float images
     assert torch.equal(image, original)
-    # a latent of 40×48 in 16 px tiles with 8 px overlap: still the all-in-one output
-    tiles = dict(common, image=torch.rand(1, 80, 88, 3, generator=torch.Generator().manual_seed(5)), steps=1,
-                 tile_latent=16, tile_overlap=8)
-    (tiled_whole,) = run(nodes["DoSSR_Upscale"], upscale=4.0, color_fix="wavelet", **tiles)
-    tiled_latent, tiled_rrdb = run(nodes["DoSSR_Sampler"], **tiles)
-    (tiled_parts,) = run(nodes["DoSSR_VAEDecode"], model=model, latent=tiled_latent, reference=tiled_rrdb,
-                         upscale=4.0, color_fix="wavelet", vae_tile=224)
-    assert tiled_latent["samples"].shape == (1, 4, 40, 48)  # padded to 64 px
-    assert psnr(tiled_parts, tiled_whole) > 50
     # ComfyUI's VAE Decode on an SD latent: (first_stage_model.decode(samples) + 1) / 2, clamped (comfy/sd.py VAE.decode)
     with torch.no_grad():
         standard = ((model.vae.decode(latent["samples"][:1]).sample + 1) / 2).clamp(0, 1)[..., :80, :96]
     (nofix,) = run(nodes["DoSSR_VAEDecode"], model=model, latent={"samples": latent["samples"][:1]},
                    reference=rrdb[:1], upscale=4.0, color_fix="none", vae_tile=0)
-    assert psnr(nofix.movedim(-1, 1), standard) > 60
+    assert torch.equal(nofix.movedim(-1, 1), standard)
 
 
 def test_dossr_vae_decode_refuses_an_upscale_comfyui_lets_through(pack):
@@ -746,7 +725,7 @@ def test_a_latent_of_the_reference_upscaled_as_it_is_names_the_process_size_that
 
 def test_osediff_latent_is_a_standard_sd_latent(pack, osediff_model):
     """OSEDiff LATENT through ComfyUI's VAE Decode ((decode(samples) + 1) / 2, clamped) = OSEDiff VAE Decode
-    without colour fix; the LQ encoder's latent round-trips through the standard decode too."""
+    without colour fix, bit for bit (the same decoder; the LATENT's 1/0.18215 scaling undone exactly)."""
     _, nodes = pack
     _, model = osediff_model
     image = torch.rand(1, 20, 24, 3, generator=torch.Generator().manual_seed(6))
@@ -758,9 +737,7 @@ def test_osediff_latent_is_a_standard_sd_latent(pack, osediff_model):
         standard = ((model.vae.decode(x0["samples"]).sample + 1) / 2).clamp(0, 1)
     (ours,) = run(nodes["OSEDiff_VAEDecode"], model=model, latent=x0, reference=image, upscale=4.0, process_size=32,
                   color_fix="none", vae_tile=0)
-    value = psnr(ours.movedim(-1, 1), standard)
-    print(f"interop: OSEDiff LATENT, standard VAE decode vs OSEDiff VAE Decode: PSNR {value:.1f} dB")
-    assert value > 60
+    assert torch.equal(ours.movedim(-1, 1), standard)
 
 
 def test_models_are_loaded_and_unloaded_by_comfy_model_management(pack, osediff_model):
