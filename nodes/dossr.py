@@ -264,7 +264,7 @@ def _uncropped(latent, sampled, height, width):
     as sampled (Crop Latent at x 0 and y 0; Latent From Batch and Repeat Latent Batch keep them), and is no larger
     than the sampler's (LatentConcat holds it top-left too, and more). Compared where the sampler's latent is (the
     CPU): under --gpu-only a KSampler leaves its LATENT on the GPU (comfy/sample.py, intermediate_device)."""
-    over_h, over_w = -(-height // 8), -(-width // 8)
+    over_h, over_w = host.padded_latent_size((height, width))
     part = latent[..., :over_h, :over_w].to(sampled.device)
     (h, w), (sampled_h, sampled_w) = latent.shape[-2:], sampled.shape[-2:]
     if part.shape[-2:] != (over_h, over_w) or h > sampled_h or w > sampled_w:
@@ -277,14 +277,14 @@ def _changed_since_the_sampler(latent, height, width):
     with another part over the image or larger: it was resized (Upscale Latent), cropped into the image (Crop Latent),
     grown (LatentConcat), or cropped and changed by another node, in either order (then nothing shows that only
     padding was cut)."""
-    h, w = latent.shape[-2:]
+    (h, w), (over_h, over_w) = latent.shape[-2:], host.padded_latent_size((height, width))
     return (f"DoSSR VAE Decode: the LATENT decodes to {8 * w}×{8 * h} px; the DoSSR Sampler made it for this "
             f"{width}×{height} reference, but it is neither the latent it made (that size) nor a crop of it that cut "
             "off only padding (the part over the image as sampled): it was resized, cropped into the image or grown "
             "since (by Upscale Latent, Crop Latent, LatentConcat or a node like it), or cropped and changed by "
             "another node (a KSampler), which leaves nothing to show that only padding was cut. Connect the "
             "sampler's LATENT at its own size (through a KSampler or any node that keeps it), or Crop Latent of it "
-            f"at x 0 and y 0, width at least {-(-width // 8) * 8} and height at least {-(-height // 8) * 8}, with "
+            f"at x 0 and y 0, width at least {8 * over_w} and height at least {8 * over_h}, with "
             "no node changing it since the sampler (this node crops to the REFERENCE itself); decode a resized "
             "latent with the standard VAE Decode.")
 

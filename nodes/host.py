@@ -656,6 +656,12 @@ def conditioning_embedding(conditioning, unet, node):
 ENCODED_SIZE = "diffsr_encoded_size"
 
 
+def padded_latent_size(size):
+    """The latent size (h, w) of an image of ``size`` (H, W) padded to a multiple of 8: ⌈H/8⌉ × ⌈W/8⌉ (the OSEDiff LQ
+    Encoder's; the latent px over the DoSSR Sampler's REFERENCE)."""
+    return -(-size[0] // 8), -(-size[1] // 8)
+
+
 def latent_samples(latent, node):
     """The (B, 4, h, w) samples of a LATENT in float32; another family's latent refused by name."""
     samples = latent["samples"]

@@ -314,7 +314,7 @@ def _encoded_part(latent, encoded_size, lq, plan, upscale, process_size, referen
     one."""
     height, width = lq.shape[-2:]
     if encoded_size is None or tuple(encoded_size) == (height, width):
-        if tuple(latent.shape[-2:]) == _padded((height, width)):
+        if tuple(latent.shape[-2:]) == host.padded_latent_size((height, width)):
             return lq, plan, None
         cropped = _cropped((height, width))
         if encoded_size is None and tuple(latent.shape[-2:]) == cropped and min(cropped) > 0:
@@ -324,11 +324,6 @@ def _encoded_part(latent, encoded_size, lq, plan, upscale, process_size, referen
             size = (max(1, int(w * out_width / width + 0.5)), max(1, int(h * out_height / height + 0.5)))
             return lq[..., top:top + h, left:left + w], Plan((h, w), size), (top, left, h, w)
     raise ValueError(_not_encoded_from(latent, encoded_size, (height, width), reference_size, upscale, process_size))
-
-
-def _padded(size):
-    """The latent size (h, w) of an image of ``size`` (H, W) padded to a multiple of 8 (the LQ Encoder's)."""
-    return -(-size[0] // 8), -(-size[1] // 8)
 
 
 def _cropped(size):
@@ -345,7 +340,7 @@ def _not_encoded_from(latent, encoded_size, lq_size, reference_size, upscale, pr
     another image, upscale or process_size."""
     h, w = latent.shape[-2:]
     if encoded_size is not None and tuple(encoded_size) == tuple(lq_size):
-        made_h, made_w = _padded(lq_size)
+        made_h, made_w = host.padded_latent_size(lq_size)
         return (f"OSEDiff VAE Decode: the LATENT is {w}×{h} (latent px), but the LQ Encoder makes it "
                 f"{made_w}×{made_h} from this reference at upscale {upscale:g} and process_size {process_size}: it "
                 "was resized or cropped since (by Upscale Latent or a node like it), or made by the DoSSR Sampler "
@@ -354,13 +349,13 @@ def _not_encoded_from(latent, encoded_size, lq_size, reference_size, upscale, pr
                 "VAE Decode.")
     as_is_w, as_is_h = scaled_size(reference_size[1], reference_size[0], upscale)
     as_is_size = max((p for p in range(8, process_size, 8) if p // upscale <= min(reference_size)), default=None)
-    if encoded_size is None and as_is_size and (h, w) in (_padded((as_is_h, as_is_w)), _cropped((as_is_h, as_is_w))):
+    if encoded_size is None and as_is_size and (h, w) in (host.padded_latent_size((as_is_h, as_is_w)), _cropped((as_is_h, as_is_w))):
         return (f"OSEDiff VAE Decode: the LATENT is {w}×{h} (latent px), of the reference ×{upscale:g} as it is "
                 f"({as_is_w}×{as_is_h} px); at process_size {process_size} this node (as the LQ Encoder) takes a "
                 f"reference with a side under {process_size // upscale:g} px enlarged to {lq_size[1]}×{lq_size[0]} px "
                 f"first. Set process_size to {as_is_size} (or less) to decode this latent.")
     made = "" if encoded_size is None else f" (made from a {encoded_size[1]}×{encoded_size[0]} px image)"
-    padded, cropped = _padded(lq_size), _cropped(lq_size)
+    padded, cropped = host.padded_latent_size(lq_size), _cropped(lq_size)
     return (f"OSEDiff VAE Decode: the LATENT is {w}×{h} (latent px){made}, but the reference at upscale {upscale:g} and "
             f"process_size {process_size} is {lq_size[1]}×{lq_size[0]} px, whose latent is {padded[1]}×{padded[0]} "
             f"from the OSEDiff LQ Encoder (or {cropped[1]}×{cropped[0]} from a standard VAE Encode, which crops to a "
