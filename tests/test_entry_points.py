@@ -23,8 +23,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from comfyui_diffsr.cli import convert as convert_command
 from comfyui_diffsr.cli import dape as dape_command
 from comfyui_diffsr.cli import dossr as dossr_command
+from comfyui_diffsr.cli import download as download_command
 from comfyui_diffsr.cli import osediff as osediff_command
 from comfyui_diffsr.cli.common import read_image
 from comfyui_diffsr.dossr_core import pipeline as dossr_pipeline
@@ -380,6 +382,17 @@ PARSERS = {"osediff": osediff_command.build_parser(), "dossr": dossr_command.bui
            "dape": dape_command.build_parser()}
 
 
+def subcommand_parsers():
+    """{'diffsr convert osediff' etc.: its parser} for the subcommands of ``diffsr convert``, and ``diffsr
+    download``'s."""
+    (kinds,) = [a for a in convert_command.build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return {f"diffsr convert {kind}": parser for kind, parser in kinds.choices.items()} | {
+        "diffsr download": download_command.build_parser()}
+
+
+EVERY_PARSER = PARSERS | subcommand_parsers()
+
+
 def option_default(command, dest):
     (action,) = [a for a in PARSERS[command]._actions if a.dest == dest]
     return action.default
@@ -445,18 +458,35 @@ def test_the_nodes_widget_defaults_are_the_commands(nodes, node):
         name: option_default(*option) for name, option in NODE_WIDGETS[node].items()}
 
 
-def readme_command_lines():
-    """{command: its line(s) in the README's ``## Command line`` block}."""
+def readme_command_lines(comments=False):
+    """{command: its line(s) in the README's ``## Command line`` block} for the commands of ``EVERY_PARSER`` (a
+    ``diffsr convert`` line under 'diffsr convert KIND'); their comments too where ``comments``."""
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         text = f.read()
     block = text.split("## Command line", 1)[1].split("```", 2)[1]
     commands, name = {}, None
     for line in block.splitlines():
         if line and not line[0].isspace():
-            name = line.split()[0]
-        if name and not line.lstrip().startswith("#"):
-            commands[name] = commands.get(name, "") + " " + line.split("#")[0]
+            name = max((c for c in EVERY_PARSER if line.startswith(c + " ")), key=len, default=None)
+        if name and (comments or not line.lstrip().startswith("#")):
+            commands[name] = commands.get(name, "") + " " + (line if comments else line.split("#")[0])
     return commands
+
+
+@pytest.mark.parametrize("command", EVERY_PARSER)
+def test_the_readmes_command_lines_name_every_option_and_no_other(command):
+    """The README's command lines name each option the command has (by one of its names; --help aside), and no
+    option it lacks; ``diffsr download``'s line (with its comment) names each file it fetches."""
+    parser = EVERY_PARSER[command]
+    line = readme_command_lines()[command]
+    named = set(re.findall(r"(?<![\w-])(--?[a-z][a-z0-9-]*)", line))
+    options = [a.option_strings for a in parser._actions if a.option_strings and "--help" not in a.option_strings]
+    assert named - {o for names in options for o in names} == set(), f"the README names options {command} lacks"
+    assert [names for names in options if not named & set(names)] == [], f"the README leaves out {command}'s"
+    for action in parser._actions:
+        if not action.option_strings and action.choices:
+            words = set(re.findall(r"[\w-]+", readme_command_lines(comments=True)[command]))
+            assert set(action.choices) - words == set(), command
 
 
 @pytest.mark.parametrize("command", PARSERS)
@@ -475,6 +505,16 @@ def test_the_readmes_command_lines_show_the_defaults(command):
             assert value.split("|")[0] == action.default and set(value.split("|")) == set(action.choices), option
         else:
             assert value == shown_default(action.default), option
+
+
+def test_the_readmes_node_table_lists_every_node_and_no_other(nodes):
+    """The README's table of nodes (its first column: display names, two to a row joined by ' / ') names each node
+    of the pack by its display name, and no other."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        table = f.read().split("| node | in → out |", 1)[1].split("\n\n", 1)[0]
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in table.strip().splitlines()[1:]]
+    listed = [name for row in rows for name in row.split(" / ")]
+    assert sorted(listed) == sorted(node.define_schema().display_name for node in nodes.values())
 
 
 def test_the_nodes_take_the_sizes_the_commands_take(nodes, capsys):

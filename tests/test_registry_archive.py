@@ -2,6 +2,7 @@
 pathspec's gitwildmatch as comfy-cli's `file_utils.zip_files` does (`comfy node pack` / `comfy node publish`). The wheel
 that `pip install .` builds: the pack's files but the development ones, built without setuptools warnings."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -86,3 +87,31 @@ def test_wheel_ships_the_pack_without_setuptools_warnings(tmp_path):
     dev = ("tests/", "bench/", "tools/", ".")  # "." for .ci/, .comfyignore, .gitignore
     expected = {p for p in tracked if not p.startswith(dev)} - NOT_IN_WHEEL
     assert shipped == expected, "ship these (pyproject.toml's packages, package-data) or list them in NOT_IN_WHEEL"
+
+
+def requirement_lines(path):
+    """The requirement lines of a requirements-style file, comments and blank lines left out."""
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        return [line.split("#")[0].strip() for line in f if line.split("#")[0].strip()]
+
+
+def release(text):
+    """'1.24.4' → (1, 24, 4)."""
+    return tuple(int(n) for n in text.split("."))
+
+
+def test_requirements_and_the_oldest_versions_tested_match_pyproject():
+    """requirements.txt (what ComfyUI-Manager installs, and what the pack checks at start) asks what pyproject.toml
+    asks, less torch (ComfyUI's own); tools/oldest-supported.txt (CI's second run, the README's list) pins each of
+    pyproject.toml's packages to a version it allows, of the release its lower bound names (torch 2.1 → 2.1.2)."""
+    with open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8") as f:
+        block = re.search(r"^dependencies = \[(.*?)\]", f.read(), re.M | re.S).group(1)
+    wanted = dict(re.fullmatch(r"([a-z]+)(>=.*)", spec).groups() for spec in re.findall(r'"([^"]+)"', block))
+    assert {spec for spec in requirement_lines("requirements.txt")} == {
+        name + spec for name, spec in wanted.items() if name != "torch"}
+    pins = dict(line.split("==") for line in requirement_lines("tools/oldest-supported.txt"))
+    assert set(pins) == set(wanted)
+    for name, spec in wanted.items():
+        low, high = re.fullmatch(r">=([\d.]+)(?:,<([\d.]+))?", spec).groups()
+        pin = release(pins[name])
+        assert pin[:len(release(low))] == release(low) and (high is None or pin < release(high)), (name, pins[name])
