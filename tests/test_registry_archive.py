@@ -13,7 +13,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tracked files outside the development folders that the wheel leaves out
-NOT_IN_WHEEL = {"README.md", "pyproject.toml", "requirements.txt", "workflows/README.md", "sample/astronaut_128.png"}
+NOT_IN_WHEEL = {"README.md", "pyproject.toml", "requirements.txt", "workflows/README.md", "sample/astronaut_128.png",
+                "LICENSE"}  # the wheel's dist-info holds LICENSE (test_wheel_ships_the_pack_without_setuptools_warnings)
 
 
 def tracked_files():
@@ -47,7 +48,7 @@ def installed_files():
 
 def test_archive_keeps_what_comfyui_and_the_command_line_run_from():
     kept = set(archive_files())
-    needed = installed_files() | {"README.md", "pyproject.toml", "requirements.txt", "__init__.py",
+    needed = installed_files() | {"README.md", "pyproject.toml", "requirements.txt", "__init__.py", "LICENSE",
                                   "tools/upscale_sample.sh", "sample/astronaut_128.png"}
     assert {"nodes/__init__.py", "workflows/osediff_upscale.json",
             "workflows/api/osediff_upscale.json"} <= needed, "setuptools installed too little to compare"
@@ -84,6 +85,10 @@ def test_wheel_ships_the_pack_without_setuptools_warnings(tmp_path):
     assert "SetuptoolsDeprecationWarning" not in log, log[-3000:]
     with zipfile.ZipFile(tmp_path / build.stdout.split()[-1]) as wheel:
         shipped = {n.removeprefix("comfyui_diffsr/") for n in wheel.namelist() if n.startswith("comfyui_diffsr/")}
+        licences = [n for n in wheel.namelist() if ".dist-info/licenses/" in n]
+        metadata = wheel.read(next(n for n in wheel.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    assert [n.split("/licenses/")[1] for n in licences] == ["LICENSE"], "pyproject.toml's licence text is not shipped"
+    assert "License-Expression: Apache-2.0" in metadata and "License-File: LICENSE" in metadata
     dev = ("tests/", "bench/", "tools/", ".")  # "." for .ci/, .comfyignore, .gitignore
     expected = {p for p in tracked if not p.startswith(dev)} - NOT_IN_WHEEL
     assert shipped == expected, "ship these (pyproject.toml's packages, package-data) or list them in NOT_IN_WHEEL"
