@@ -9,6 +9,10 @@ class WeightFileError(DiffSRError, ValueError):
     """A weight file is missing, unreadable, unsafe, or not the kind that was asked for."""
 
 
+class ArchitectureMismatch(WeightFileError):
+    """A state dict's keys or shapes are not the ones of the module it was to fill."""
+
+
 class ImageInputError(DiffSRError, ValueError):
     """An input image, or the noise file replayed for it, cannot be processed as given."""
 

@@ -18,7 +18,7 @@ from importlib import resources
 
 import torch
 
-from .errors import DiffSRError, WeightFileError
+from .errors import ArchitectureMismatch, DiffSRError, WeightFileError
 from .fast_modules import fast_modules, fast_vae_decoder
 from .known_files import (KNOWN, OPEN_CLIP_PREFIX, SGM_OPEN_CLIP_PREFIX, TRANSFORMERS_CLIP_PREFIX, UNET_INPUT_FAMILIES,
                           UNET_PREFIX, VAE_PREFIX, canonical, describe, describe_model_folder,
@@ -485,7 +485,9 @@ def _load_folder_parts(folder, files, in_memory, reads):
     folder's weight files per part (``files``, of ``_folder_part_files``: safetensors, or pickles opened with
     ``weights_only``; ``reads``: those already read, by ``check_weight_files``) with this pack's readers, as a single
     file is (see ``load_single_file``); None when a part is stored under another name or its keys are not the
-    module's, which ``load_diffusers_folder`` leaves to diffusers and transformers."""
+    module's, which ``load_diffusers_folder`` leaves to diffusers and transformers. A part whose tensors are not
+    floating point (an int8-quantised file) is refused by name: diffusers and transformers would cast them to float
+    silently."""
     if None in files.values():
         return None
     parts, owned = models_from_config(folder, random_init=False, fix=FOLDER_FIX), []
@@ -497,10 +499,19 @@ def _load_folder_parts(folder, files, in_memory, reads):
             read_in = read_in and shard_read_in
         state = _in_module_names(module, state)
         try:
-            owned.append(load_module_weights(module, state, sub, paths[0], SD21_SIZE_FIX) or read_in)
-        except WeightFileError:
+            owned.append(load_module_weights(module, state, sub, fix=SD21_SIZE_FIX) or read_in)
+        except ArchitectureMismatch:
             return None
-    return parts, owned
+        except WeightFileError as e:
+            refused = str(e)
+            break
+    else:
+        return parts, owned
+    # the error holds no tensor read (ComfyUI keeps it to report it): none of this frame's, nor load_module_weights'
+    parts = module = state = shard = None
+    reads.clear()
+    where = f"{sub}/{os.path.basename(paths[0])}" if len(paths) == 1 else f"{sub}/ (its {len(paths)} shards)"
+    raise WeightFileError(f"{where} in the diffusers folder {folder!r}: {refused}")
 
 
 def load_diffusers_folder(folder, in_memory=False):

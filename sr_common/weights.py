@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import WeightFileError
+from .errors import ArchitectureMismatch, WeightFileError
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".pkl", ".pth", ".pt", ".ckpt", ".bin")
@@ -123,7 +123,8 @@ def require_float(tensors, what, name=None):
             kind = str(value.dtype).removeprefix("torch.") if torch.is_tensor(value) else type(value).__name__
             where = f"{name!r}: the" if name else "The"
             raise WeightFileError(f"{where} {what} tensor {key!r} is {kind}, but weights must be floating-point "
-                                  "tensors. The file is damaged or was written wrongly: download or convert it again.")
+                                  "tensors: the file is quantised, damaged or was written wrongly. Use a float32 or "
+                                  "float16 copy of it: download or convert it again.")
 
 
 def read_state_dict(path, *, mmap=True, float32=False):
@@ -384,10 +385,11 @@ def as_float32_cpu(tensors):
 
 
 def load_module_weights(module, state, what, name=None, fix="pass a config matching the file"):
-    """Fill ``module`` with ``state``: every key it expects, floating point, of its shape, no others (else a
-    ``WeightFileError`` saying what differs and ``fix``). float32 CPU tensors are taken as they are (no copy), others
-    converted once (``as_float32_cpu``: an fp16 file, or tensors on a GPU); the module's own tensors are replaced,
-    so a module built on the meta device costs nothing to build. Returns True when every tensor is a new one."""
+    """Fill ``module`` with ``state``: every key it expects, of its shape, no others (else an ``ArchitectureMismatch``
+    saying what differs and ``fix``), floating point (else ``require_float``'s ``WeightFileError``). float32 CPU
+    tensors are taken as they are (no copy), others converted once (``as_float32_cpu``: an fp16 file, or tensors on a
+    GPU); the module's own tensors are replaced, so a module built on the meta device costs nothing to build. Returns
+    True when every tensor is a new one."""
     expected = module.state_dict()
     if not any(k.startswith("text_model.") for k in expected):  # transformers >= 5 drops CLIP's prefix
         state = {k.removeprefix("text_model."): v for k, v in state.items()}
@@ -402,7 +404,7 @@ def load_module_weights(module, state, what, name=None, fix="pass a config match
             f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]})" if unexpected else "",
             f"{len(wrong)} shapes differ (e.g. {wrong[0]}: file {tuple(state[wrong[0]].shape)} vs model "
             f"{tuple(expected[wrong[0]].shape)})" if wrong else ""]))
-        raise WeightFileError(f"The {what}{where} does not match the architecture: {detail}. {fix}.")
+        raise ArchitectureMismatch(f"The {what}{where} does not match the architecture: {detail}. {fix}.")
     tensors = as_float32_cpu({k: state[k] for k in expected})
     module.load_state_dict(tensors, strict=True, assign=True)
     _materialise_position_ids(module)

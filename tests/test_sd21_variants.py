@@ -2,6 +2,7 @@
 standard diffusers folder and single file, or is refused naming what it is and what to pass instead."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -106,20 +107,27 @@ def test_each_pickled_part_is_unpickled_once(tmp_path, reference, monkeypatch, i
         ("text_encoder", "pytorch_model.bin")))
 
 
+@pytest.mark.parametrize("damage", ["html", "int8"])
 @pytest.mark.parametrize("in_memory", [False, True], ids=["mapped", "in-memory"])
-def test_a_failed_load_holds_none_of_the_parts_read(tmp_path, monkeypatch, in_memory):
+def test_a_failed_load_holds_none_of_the_parts_read(tmp_path, monkeypatch, in_memory, damage):
     """The ``.bin`` parts read before a damaged one were held by the error's traceback (the check's frame keeps its
     reads), mapped or in memory, for as long as the error was kept (ComfyUI keeps it to report it; its frames are in
-    a cycle that only the garbage collector frees)."""
+    a cycle that only the garbage collector frees); also where the last part is refused as it fills its module (of
+    integer tensors) and those before it are loaded."""
     import weakref
 
     folder = as_variant(copy_tiny_sd21(tmp_path / "bin"), pickled=True)
-    with open(os.path.join(folder, "text_encoder", "pytorch_model.bin"), "w") as f:
-        f.write("<!DOCTYPE html><html>Sign in</html>")
+    text_encoder = os.path.join(folder, "text_encoder", "pytorch_model.bin")
+    if damage == "int8":
+        torch.save(quantised(torch.load(text_encoder, weights_only=True)), text_encoder)
+    else:
+        with open(text_encoder, "w") as f:
+            f.write("<!DOCTYPE html><html>Sign in</html>")
     tensors, real_load = [], torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: tensors.extend(map(weakref.ref, (state := real_load(
         *a, **k)).values())) or state)
-    with pytest.raises(WeightFileError, match=r"text_encoder/pytorch_model\.bin .*an HTML page") as error:
+    refusal = "is int8, but weights must be floating-point" if damage == "int8" else "an HTML page"
+    with pytest.raises(WeightFileError, match=rf"text_encoder/pytorch_model\.bin .*{refusal}") as error:
         load_sd21(folder, in_memory=in_memory)
     assert tensors and all(tensor() is None for tensor in tensors), error  # the error kept, as ComfyUI keeps it
 
@@ -166,6 +174,62 @@ def test_a_part_that_diffusers_would_start_at_random_is_refused(tmp_path, part, 
                                               r"would start at random\. Download the stable-diffusion-2-1-base folder "
                                               r"again"):
         load_sd21(folder)
+
+
+def quantised(state):
+    """``state`` as an int8 quantisation stores it: each floating-point tensor as integers (a scale of 100)."""
+    return {k: (v.float() * 100).round().clamp(-127, 127).to(torch.int8) if v.is_floating_point() else v
+            for k, v in state.items()}
+
+
+@pytest.mark.parametrize("part", PARTS)
+@pytest.mark.parametrize("layout", ["safetensors", "bin", "with-an-extra-tensor", "sharded"])
+def test_a_part_of_integer_tensors_is_refused_by_name(tmp_path, part, layout):
+    """A part whose weight file holds integers for the module's floating-point tensors (an int8-quantised file)
+    was left by the pack's reader to diffusers' and transformers' loaders, which cast the integers to float
+    silently: the VAE and text encoder loaded as garbage, the UNet was called a 768 v-prediction model. Refused,
+    naming the part's file, as a single file of integers is; also where the pack's reader would otherwise leave the
+    part to diffusers (a tensor the module lacks), and in a sharded part."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = copy_tiny_sd21(tmp_path / "quantised")
+    name = f"{STEMS[part]}.safetensors"
+    path = os.path.join(folder, part, name)
+    original = load_file(path)
+    state = quantised(original)
+    os.remove(path)
+    if layout == "bin":
+        name = "pytorch_model.bin" if part == "text_encoder" else f"{STEMS[part]}.bin"
+        torch.save(state, os.path.join(folder, part, name))
+    elif layout == "sharded":  # the integers in the second shard alone
+        keys = sorted(state)
+        shards = {f"{STEMS[part]}-0000{i}-of-00002.safetensors": keys[i - 1::2] for i in (1, 2)}
+        for i, (shard, names) in enumerate(shards.items()):
+            save_file({k: (state if i else original)[k] for k in names}, os.path.join(folder, part, shard))
+        with open(os.path.join(folder, part, f"{STEMS[part]}.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": {k: s for s, names in shards.items() for k in names}}, f)
+    else:
+        save_file({**state, "extra.weight": torch.zeros(2)} if layout == "with-an-extra-tensor" else state, path)
+    where = rf"{part}/ \(its 2 shards\)" if layout == "sharded" else f"{part}/{re.escape(name)}"
+    with pytest.raises(WeightFileError, match=rf"^{where} in the diffusers folder '.*': The {part} tensor '.*' is "
+                                              r"int8, but weights must be floating-point tensors: the file is "
+                                              r"quantised, damaged or was written wrongly\. Use a float32 or float16 "
+                                              r"copy of it: download or convert it again\.$"):
+        load_sd21(folder)
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_a_part_with_an_integer_tensor_its_module_lacks_loads_its_weights(tmp_path, reference, part):
+    """The refusal of integer tensors is of the module's own: an extra one (a step counter a training script saved)
+    leaves the part to diffusers' and transformers' loaders, which load the module's tensors and drop it."""
+    from safetensors.torch import save_file
+
+    folder = copy_tiny_sd21(tmp_path / "extra")
+    path = os.path.join(folder, part, f"{STEMS[part]}.safetensors")
+    save_file({**load_file(path), "global_step": torch.tensor([1000])}, path)
+    same_weights(load_sd21(folder), reference[1])
 
 
 def with_ema(sd, shift=1.0):
