@@ -81,8 +81,10 @@ UNET_INPUT_FAMILIES = {9: "inpainting", 5: "depth", 7: "x4-upscaler"}
 
 def spread_says_v_prediction(norm_bias):
     """ComfyUI's rule (comfy/supported_models.py SD20): a v-prediction SD2 model has a large spread (std > 0.09) in
-    the first transformer norm bias of the UNet's last output block."""
-    return torch.is_tensor(norm_bias) and norm_bias.numel() > 1 and norm_bias.float().std().item() > 0.09
+    the first transformer norm bias of the UNet's last output block. Only of floating-point weights: integers (an
+    int8-quantised file) are no weights, and their spread is the quantisation's (the loaders refuse them by name)."""
+    return (torch.is_tensor(norm_bias) and norm_bias.is_floating_point() and norm_bias.numel() > 1
+            and norm_bias.float().std().item() > 0.09)
 
 
 def diffusers_unet_is_v_prediction(state):

@@ -91,6 +91,14 @@ def _to_dtype(prefix, dtype):
     return mutate
 
 
+def _quantised(prefix):
+    """The tensors under ``prefix`` as an int8 quantisation stores them: integers (a scale of 100)."""
+    def mutate(sd):
+        return {k: ((v.float() * 100).round().clamp(-127, 127).to(torch.int8) if k.startswith(prefix) else v)
+                for k, v in sd.items()}
+    return mutate
+
+
 def _wrong_shape(sd):
     key = UNET + "input_blocks.1.0.in_layers.2.weight"
     return dict(sd, **{key: torch.zeros(sd[key].shape[0], sd[key].shape[1], 1, 1, dtype=sd[key].dtype)})
@@ -365,6 +373,8 @@ CASES = {
     "sd21-unclip": ("sd21-unclip-h.safetensors", _sd(_unclip), sd21,
                     "it is a Stable Diffusion 2.1 unCLIP model.*Use the whole SD 2.1-base: v2-1_512-ema-pruned"),
     "sd-int64-unet": ("int.safetensors", _sd(_to_dtype(UNET, torch.int64)), sd21, "int64.*" + NOT_FLOAT),
+    # int8-quantised: its norm biases' spread (integers) was read as a 768 v-prediction model's
+    "sd-int8-unet": ("int8.safetensors", _sd(_quantised(UNET)), sd21, "UNet tensor.*int8.*" + NOT_FLOAT),
     "sd-bool-vae": ("bool.safetensors", _sd(_to_dtype("first_stage_model.", torch.bool)), sd21, "bool.*" + NOT_FLOAT),
     # one tensor far from the first (the UNet's last convolution's bias): every tensor is checked
     "sd-one-int64-tensor": ("int_out.safetensors", _sd(_to_dtype(UNET + "out.2.bias", torch.int64)), sd21,
