@@ -117,15 +117,23 @@ def base_choices():
             + [f"diffusers/{n}" for n in diffusers_folders()])
 
 
+def other_separator(name):
+    """``name`` with the other system's path separator: a nested folder is listed as SD2\\plain on Windows and
+    SD2/plain elsewhere, so a workflow saved on one names it so on the other."""
+    return name.replace("\\", "/") if os.sep == "/" else name.replace("/", os.sep)
+
+
 def base_path(choice):
     """The file or folder of a Load SD 2.1-base choice; a diffusers folder's name is taken below models/diffusers, as
-    ComfyUI's get_full_path takes a file's (folder_paths.py L282: '..' and a whole path stay inside)."""
+    ComfyUI's get_full_path takes a file's (folder_paths.py L282: '..' and a whole path stay inside), and where no
+    folder has that exact name, with the other system's separator (``other_separator``)."""
     kind, _, name = choice.partition("/")
     if kind == "diffusers":
-        below = os.path.relpath(os.path.join("/", name), "/")
-        for root in folder_paths.get_folder_paths("diffusers"):
-            if os.path.isdir(os.path.join(root, below)):
-                return os.path.join(root, below)
+        for spelling in dict.fromkeys((name, other_separator(name))):
+            below = os.path.relpath(os.path.join("/", spelling), "/")
+            for root in folder_paths.get_folder_paths("diffusers"):
+                if os.path.isdir(os.path.join(root, below)):
+                    return os.path.join(root, below)
         raise FileNotFoundError(f"Diffusers folder {name!r} not found in models/diffusers.")
     return weight_path("checkpoints", name)
 

@@ -1778,18 +1778,64 @@ def test_the_base_loader_lists_a_pipeline_once_through_links_that_loop(pack, mon
     assert listed == [["sd21"]]
 
 
-@pytest.mark.parametrize("name", ["../outside/sd21", "{outside}"], ids=["dot-dot", "absolute"])
-def test_the_base_loader_takes_no_folder_outside_models_diffusers(pack, monkeypatch, tmp_path, name):
+def windows_paths(monkeypatch, host):
+    """Within the test, ``host`` sees paths as on Windows: ``os.sep`` ``\\``, ``os.path`` ntpath's, whose names
+    reach this computer's files with either separator (as Windows' own do)."""
+    import ntpath
+
+    def on_disk(call):
+        return lambda path, *args, **kwargs: call(os.fspath(path).replace("\\", "/"), *args, **kwargs)
+
+    path = types.SimpleNamespace(**{name: getattr(ntpath, name) for name in ntpath.__all__})
+    path.isdir, path.isfile, path.exists = on_disk(os.path.isdir), on_disk(os.path.isfile), on_disk(os.path.exists)
+    windows = types.SimpleNamespace(**{**vars(os), "path": path, "sep": "\\", "altsep": "/",
+                                       "stat": on_disk(os.stat), "walk": on_disk(os.walk)})
+    monkeypatch.setattr(host, "os", windows)
+
+
+@pytest.mark.parametrize("saved_on", ["windows", "linux"])
+def test_a_nested_diffusers_pipeline_is_found_by_its_name_on_the_other_system(pack, monkeypatch, tmp_path, saved_on):
+    """The list names a pipeline in a sub-folder of models/diffusers by its path there, SD2\\plain on Windows and
+    SD2/plain on Linux: a workflow saved on Windows did not find the folder on Linux (a name with a backslash, a
+    character Linux allows in a folder's name). The name with the other separator is tried where the exact one is
+    not found; a folder named so exactly comes first."""
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    folder_paths = sys.modules["folder_paths"]
+    root = tmp_path / "diffusers"
+    nested = copy_tiny_sd21(root / "SD2" / "plain")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusers", ([str(root)], ["folder"]))
+    linux_name = host.diffusers_folders()
+    windows_paths(monkeypatch, host)
+    windows_name = host.diffusers_folders()
+    assert (linux_name, windows_name) == (["SD2/plain"], ["SD2\\plain"])
+    name = windows_name[0] if saved_on == "windows" else linux_name[0]
+    if saved_on == "windows":
+        monkeypatch.undo()  # run on Linux
+        monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusers", ([str(root)], ["folder"]))
+    assert os.path.samefile(host.base_path(f"diffusers/{name}").replace("\\", "/"), nested)
+    if saved_on == "windows":  # a folder Linux names so is taken first
+        literal = copy_tiny_sd21(root / "SD2\\plain")
+        assert host.base_path(f"diffusers/{name}") == literal
+
+
+@pytest.mark.parametrize("system", ["linux", "windows"])
+@pytest.mark.parametrize("name", ["../outside/sd21", "..\\outside\\sd21", "{outside}", "{outside_backslashed}"],
+                         ids=["dot-dot", "dot-dot-backslashed", "absolute", "absolute-backslashed"])
+def test_the_base_loader_takes_no_folder_outside_models_diffusers(pack, monkeypatch, tmp_path, name, system):
     """ComfyUI checks a V3 combo's value only when the node runs, so a prompt sent to its API may name any base: a
     'diffusers/' name going out of models/diffusers ('..', or a whole path) loaded that folder. The name is taken
-    below models/diffusers, as ComfyUI's get_full_path takes a file's (folder_paths.py L282)."""
+    below models/diffusers, as ComfyUI's get_full_path takes a file's (folder_paths.py L282); so is the name with the
+    other system's separator, tried where the exact one is not found."""
     _, nodes = pack
     folder_paths = sys.modules["folder_paths"]
     outside = copy_tiny_sd21(tmp_path / "outside" / "sd21")
     (tmp_path / "diffusers").mkdir()
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusers", ([str(tmp_path / "diffusers")], ["folder"]))
+    if system == "windows":
+        windows_paths(monkeypatch, sys.modules["custom_nodes_x_diffsr_pack.nodes.host"])
     with pytest.raises(FileNotFoundError, match=r"^Diffusers folder '.*' not found in models/diffusers\.$"):
-        run(nodes["DiffSR_SD21Loader"], base="diffusers/" + name.format(outside=outside))
+        run(nodes["DiffSR_SD21Loader"], base="diffusers/" + name.format(
+            outside=outside, outside_backslashed=outside.replace("/", "\\")))
 
 
 def test_loader_download_finds_the_file_in_any_models_folder(pack, monkeypatch, tmp_path):
