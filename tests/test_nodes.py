@@ -1793,6 +1793,7 @@ def windows_paths(monkeypatch, host):
     monkeypatch.setattr(host, "os", windows)
 
 
+@pytest.mark.skipif(os.name == "nt", reason="Windows is simulated on a POSIX system")
 @pytest.mark.parametrize("saved_on", ["windows", "linux"])
 def test_a_nested_diffusers_pipeline_is_found_by_its_name_on_the_other_system(pack, monkeypatch, tmp_path, saved_on):
     """The list names a pipeline in a sub-folder of models/diffusers by its path there, SD2\\plain on Windows and
