@@ -9,6 +9,11 @@ class WeightFileError(DiffSRError, ValueError):
     """A weight file is missing, unreadable, unsafe, or not the kind that was asked for."""
 
 
+class NotAConfigFile(WeightFileError):
+    """A file read as a model folder's JSON (config.json, model_index.json) that cannot be one: not a regular file (a
+    FIFO, whose read would wait for a writer for ever) or larger than any config (it would be read whole)."""
+
+
 class ArchitectureMismatch(WeightFileError):
     """A state dict's keys or shapes are not the ones of the module it was to fill."""
 

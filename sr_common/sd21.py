@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import re
+import stat
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, fields
@@ -18,7 +19,7 @@ from importlib import resources
 
 import torch
 
-from .errors import ArchitectureMismatch, DiffSRError, WeightFileError
+from .errors import ArchitectureMismatch, DiffSRError, NotAConfigFile, WeightFileError
 from .fast_modules import fast_modules, fast_vae_decoder
 from .known_files import (KNOWN, OPEN_CLIP_PREFIX, SGM_OPEN_CLIP_PREFIX, TRANSFORMERS_CLIP_PREFIX, UNET_INPUT_FAMILIES,
                           UNET_PREFIX, VAE_PREFIX, canonical, describe, describe_model_folder,
@@ -55,9 +56,28 @@ class SD21:
     vae_owned: bool = False  # the same for the VAE's
 
 
+MAX_CONFIG_BYTES = 1 << 20  # SD's configs are under 10 KB
+
+
+def _read_config_bytes(path):
+    """The bytes of the JSON file ``path`` of a model folder: a regular file of at most ``MAX_CONFIG_BYTES``, else
+    ``NotAConfigFile``. Opened without waiting (``O_NONBLOCK``), so that a FIFO is told by its type: its read would
+    wait for a writer for ever (ComfyUI loading the folder with it). A huge file would be read whole into memory."""
+    with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)), "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            what = "a FIFO (a named pipe)" if stat.S_ISFIFO(info.st_mode) else "not a regular file"
+            raise NotAConfigFile(f"{path!r} is not a config file: it is {what}.")
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise NotAConfigFile(f"{path!r} is not a config file: it is {max(info.st_size, len(data)) / 2**20:,.1f} MB, "
+                             f"and the pack reads config files of at most {MAX_CONFIG_BYTES >> 20} MB.")
+    return data
+
+
 def _read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """The JSON in ``path`` (``_read_config_bytes``), UTF-8."""
+    return json.loads(_read_config_bytes(path).decode("utf-8"))
 
 
 # where the user gets the file (Stability AI's own repository is gone; the download is a verified copy)
@@ -70,9 +90,11 @@ CONFIG_FOLDER_FIX = ("A config folder (--base-config) holds unet/, vae/ and text
 
 def read_config(folder, relative, fix):
     """The JSON object of the config file ``relative`` in ``folder``; one that is missing, unreadable or not a JSON
-    object is refused by name, with ``fix``."""
+    object is refused by name, with ``fix`` (``NotAConfigFile`` for one that is no config file at all)."""
     try:
         config = _read_json(os.path.join(folder, relative))
+    except NotAConfigFile as e:
+        raise NotAConfigFile(f"{e} {fix}") from e
     except OSError as e:
         raise WeightFileError(f"{folder!r} has no readable {relative} ({e.strerror or e}). {fix}") from e
     except ValueError as e:  # not JSON, or not UTF-8
@@ -284,10 +306,13 @@ def _pipeline_parts(folder):
 
 
 def _model_config(folder):
-    """The config.json of a folder of one model; {} where it is not readable JSON (named then as of no class)."""
+    """The config.json of a folder of one model; {} where it is not readable JSON (named then as of no class); a file
+    that is no config file (``NotAConfigFile``) is refused."""
     try:
-        return _read_json(os.path.join(folder, "config.json"))
-    except (OSError, ValueError):
+        return read_config(folder, "config.json", FOLDER_FIX)
+    except NotAConfigFile:
+        raise
+    except WeightFileError:
         return {}
 
 
@@ -326,9 +351,8 @@ def _hugging_face_snapshot(folder):
         return None
     revisions = sorted(os.listdir(snapshots))
     try:
-        with open(os.path.join(folder, "refs", "main"), encoding="utf-8") as f:
-            main = f.read().strip()
-    except OSError:
+        main = _read_config_bytes(os.path.join(folder, "refs", "main")).decode("utf-8").strip()
+    except (OSError, ValueError):  # none (or no file, not UTF-8): the snapshot is not named
         main = None
     if not (main in revisions or len(revisions) == 1):
         return f"its snapshot {snapshots!r}/<revision>, the diffusers folder"
@@ -471,8 +495,10 @@ def _folder_part_files(folder, sub):
         if not os.path.isfile(index):
             continue
         try:
-            shards = sorted(set(_read_json(index)["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError, TypeError):  # not the JSON of an index: diffusers says what
+            shards = sorted(set(read_config(os.path.join(folder, sub), index_name, FOLDER_FIX)["weight_map"].values()))
+        except NotAConfigFile:
+            raise
+        except (WeightFileError, KeyError, AttributeError, TypeError):  # not the JSON of an index: diffusers says what
             continue
         paths = [os.path.join(folder, sub, shard) for shard in shards]
         if paths and all(os.path.isfile(p) for p in paths):
@@ -531,6 +557,8 @@ def load_diffusers_folder(folder, in_memory=False):
         _check_epsilon_weights(folder, unet)
         return SD21(unet.eval(), vae.eval(), text_encoder.eval(), load_tokenizer(os.path.join(folder, "tokenizer")),
                     unet_owned=unet_owned, vae_owned=vae_owned)
+    for part in DIFFUSERS_PARTS:  # a FIFO or a huge file there refused (diffusers and transformers read it whole)
+        read_config(folder, f"{part}/config.json", FOLDER_FIX)
     try:
         unet, unet_info = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True,
                                                                torch_dtype=torch.float32, output_loading_info=True)

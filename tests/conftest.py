@@ -117,6 +117,50 @@ def host_stand_ins(pack_module, models=None):
                 del sys.modules[name]
 
 
+@contextlib.contextmanager
+def fifo(path):
+    """A FIFO (named pipe) at ``path`` within the block. A reader opening it waits for a writer; at the end, one still
+    waiting is let go (a writer opens it and closes at once: the reader reads nothing), so that a test that found a
+    read waiting leaves no thread behind it. Skips the test on Windows, whose files are never FIFOs."""
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs among Windows' files")
+    os.mkfifo(path)
+    try:
+        yield str(path)
+    finally:
+        with contextlib.suppress(OSError):  # ENXIO: no reader waits
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def sparse_file(path, size=2 << 30, head=b""):
+    """A file of ``size`` bytes (2 GiB), ``head`` then zeros, taking no disk: all but ``head`` is a hole. Skips the
+    test on Windows, where the file would take its size (NTFS makes no holes unless asked)."""
+    if os.name == "nt":
+        pytest.skip("NTFS files are not sparse by default")
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(size)
+    return str(path)
+
+
+def outcome_within(call, seconds=30):
+    """What ``call()`` gave, ("returned", value) or ("raised", exception), run in a thread; the test fails where it is
+    still running after ``seconds`` (waiting on a FIFO, say), as a test of the code before would hang for ever."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(("returned", call()))
+        except BaseException as e:  # the test looks at it
+            outcome.append(("raised", e))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"still running after {seconds} s"
+    return outcome[0]
+
+
 def tf32_flags():
     """PyTorch's TF32 flags for cuDNN convolutions and CUDA matrix products, through the API it has."""
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul

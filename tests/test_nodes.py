@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from conftest import (DATA, IEEE_FLOAT32, copy_tiny_sd21, cpu_float16, cpu_without_float64, host_stand_ins,
-                      hugging_face_cache, official_files_served, psnr, tf32_flags)
+from conftest import (DATA, IEEE_FLOAT32, copy_tiny_sd21, cpu_float16, cpu_without_float64, fifo, host_stand_ins,
+                      hugging_face_cache, official_files_served, outcome_within, psnr, sparse_file, tf32_flags)
 from workflow_schema import import_pack
 from comfyui_diffsr.sr_common.tiling import smaller_tiles
 
@@ -1753,6 +1753,23 @@ def test_the_base_loader_offers_the_diffusers_pipelines_below_models_diffusers(p
         for part in ("unet", "vae", "text_encoder"):
             assert all(torch.equal(a, b) for a, b in zip(getattr(sd21, part).state_dict().values(),
                                                          getattr(expected, part).state_dict().values())), choice
+
+
+def test_the_base_loader_lists_pipelines_by_names_alone(pack, monkeypatch, tmp_path):
+    """The list of diffusers pipelines, which ComfyUI makes at start-up and at each /object_info, reads no file in
+    them (``is_unet_pipeline`` looks at names): a FIFO named model_index.json (a read would wait for a writer for
+    ever, and ComfyUI's start-up with it) or a huge unet/config.json does not hold it up."""
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    folder_paths = sys.modules["folder_paths"]
+    root = tmp_path / "diffusers"
+    for name in ("piped", "huge"):
+        copy_tiny_sd21(root / name)
+    os.remove(root / "piped" / "model_index.json")
+    os.remove(root / "huge" / "unet" / "config.json")
+    sparse_file(root / "huge" / "unet" / "config.json")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusers", ([str(root)], ["folder"]))
+    with fifo(root / "piped" / "model_index.json"):
+        assert outcome_within(host.diffusers_folders) == ("returned", ["huge", "piped"])
 
 
 def test_the_base_loader_lists_a_pipeline_once_through_links_that_loop(pack, monkeypatch, tmp_path):

@@ -1,6 +1,7 @@
 """SD 2.1-base as users have it, tiny and in the real layouts: each variant loads the weights it holds, the same as the
 standard diffusers folder and single file, or is refused naming what it is and what to pass instead."""
 
+import contextlib
 import os
 import re
 
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 from comfyui_diffsr.sr_common.errors import WeightFileError
 from comfyui_diffsr.sr_common.sd21 import load_sd21, open_clip_to_hf
 
-from conftest import DATA, SINGLE, copy_tiny_sd21, hugging_face_cache
+from conftest import DATA, SINGLE, copy_tiny_sd21, fifo, hugging_face_cache, outcome_within, sparse_file
 
 TINY_SD21 = os.path.join(DATA, "osediff", "tiny_sd21")
 
@@ -488,3 +489,77 @@ def test_a_part_folder_taken_out_of_its_diffusers_folder_is_named_by_its_config(
                                               r"UNet2DConditionModel folder \(one model, by its config\.json\): a "
                                               rf"Stable Diffusion UNet alone{USE_SD21}"):
         load_sd21(str(part))
+
+
+def _chosen_with_special_file(tmp_path, place):
+    """The folder a user chooses and, in it or around it, the path of the file ``place`` names (left out: for the
+    caller to make a FIFO or a huge file there)."""
+    import shutil
+
+    if place == "pipeline-config":  # the unet/config.json of a pipeline folder
+        folder = copy_tiny_sd21(tmp_path / "sd21")
+        return folder, os.path.join(folder, "unet", "config.json")
+    if place == "shard-index":  # the index of a part's shards, where the part has no single file
+        folder = copy_tiny_sd21(tmp_path / "sd21")
+        os.remove(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+        return folder, os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors.index.json")
+    if place == "fallback-config":  # a part's config where diffusers loads the part (its weights of another name)
+        folder = copy_tiny_sd21(tmp_path / "sd21")
+        os.rename(os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors"),
+                  os.path.join(folder, "vae", "weights.safetensors"))
+        return folder, os.path.join(folder, "vae", "config.json")
+    if place == "one-model-config":  # the config.json of a folder of one model (a ControlNet)
+        folder = tmp_path / "my-controlnet"
+        folder.mkdir()
+        shutil.copy(SINGLE, folder / "diffusion_pytorch_model.safetensors")
+        return str(folder), str(folder / "config.json")
+    if place == "index-above":  # the model_index.json of the pipeline folder above a folder of one model
+        folder = copy_tiny_sd21(tmp_path / "sd21")
+        return os.path.join(folder, "unet"), os.path.join(folder, "model_index.json")
+    cache, _ = hugging_face_cache(tmp_path, copy_tiny_sd21(tmp_path / "download"))  # refs/main of a cache
+    return cache, os.path.join(cache, "refs", "main")
+
+
+NOT_A_CONFIG = {"fifo": r"it is a FIFO \(a named pipe\)", "huge": r"it is 2,048\.0 MB, and the pack reads config files "
+                                                                  r"of at most 1 MB"}
+# where the file is read to tell what a folder is, not to load it: as if it were not there (a huge index above:
+# the folder is a pipeline, of unet/, vae/ and text_encoder/; where a FIFO is no file, it was never read: a FIFO
+# model_index.json makes no pipeline folder, a FIFO config.json no folder of one model, a FIFO index no shards)
+AS_IF_ABSENT = {"refs-main": r"^'models--sd2-community--stable-diffusion-2-1-base' is a Hugging Face cache folder: "
+                             r"pass its snapshot '.*', the diffusers folder\.$",
+                "index-above-huge": r"^'unet' is a part of the diffusers folder '.*': pass that folder itself",
+                "index-above-fifo": r"^'unet' is not Stable Diffusion 2\.1-base: it is a diffusers "
+                                    r"UNet2DConditionModel folder",
+                "one-model-config-fifo": r"^'my-controlnet' is a folder of single-file checkpoints",
+                "shard-index-fifo": r"^Cannot load the diffusers folder '.*': Error no file named"}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "huge"])
+@pytest.mark.parametrize("place", ["pipeline-config", "shard-index", "fallback-config", "one-model-config",
+                                   "index-above", "refs-main"])
+def test_a_fifo_or_a_huge_file_for_a_config_is_not_read(tmp_path, place, kind):
+    """A FIFO named config.json (model_index.json, refs/main) was opened as a file: the read waited for a writer for
+    ever (ComfyUI, loading the folder, hung); a huge one was read whole into memory (2 GB of a sparse file: 4 GB
+    with its text). Only a regular file of at most 1 MB is read (SD's configs are under 10 KB): where the file says
+    what the chosen folder is, the others are refused by name; where it is read to tell what the folder is (the
+    pipeline above it, a cache's revision), as if it were not there."""
+    import tracemalloc
+
+    folder, special = _chosen_with_special_file(tmp_path, place)
+    if os.path.exists(special):
+        os.remove(special)
+    expected = AS_IF_ABSENT.get(place, AS_IF_ABSENT.get(f"{place}-{kind}", (
+        rf"^'{re.escape(special)}' is not a config file: {NOT_A_CONFIG[kind]}\. Download the stable-diffusion-2-1-base "
+        r"folder again")))
+    with contextlib.ExitStack() as stack:
+        if kind == "fifo":
+            stack.enter_context(fifo(special))
+        else:
+            sparse_file(special, head=b'{"_class_name": "UNet2DConditionModel", "x": "')
+            tracemalloc.start()
+            stack.callback(tracemalloc.stop)
+        how, error = outcome_within(lambda: load_sd21(folder))
+        assert how == "raised" and isinstance(error, WeightFileError), error
+        assert re.search(expected, str(error)), error
+        if kind == "huge":
+            assert tracemalloc.get_traced_memory()[1] < 64 << 20  # peak bytes
