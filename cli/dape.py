@@ -36,7 +36,7 @@ FAILED_LINE = "<failed>"  # no prompt starts with "<": it starts with a tag (a l
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="diffsr dape", description="DAPE (RAM + LoRA) prompts for OSEDiff.",
+    p = argparse.ArgumentParser(prog="dape", description="DAPE (RAM + LoRA) prompts for OSEDiff.",
                                 epilog="To write RAM + DAPE as one converted tagger: diffsr convert dape.")
     add_input_args(p, writes_images=False)
     p.add_argument("--ram", default=None, help="ram_swin_large_14m.pth (with --dape)")
