@@ -512,11 +512,11 @@ def _load_folder_parts(folder, files, in_memory, reads):
     ``weights_only``; ``reads``: those already read, by ``check_weight_files``) with this pack's readers, as a single
     file is (see ``load_single_file``); None when a part is stored under another name or its keys are not the
     module's, which ``load_diffusers_folder`` leaves to diffusers and transformers. A part whose tensors are not
-    floating point (an int8-quantised file) is refused by name: diffusers and transformers would cast them to float
-    silently."""
+    floating point (an int8-quantised file) is refused by name, also after a part left to diffusers: diffusers and
+    transformers would cast them to float silently."""
     if None in files.values():
         return None
-    parts, owned = models_from_config(folder, random_init=False, fix=FOLDER_FIX), []
+    parts, owned, mismatched = models_from_config(folder, random_init=False, fix=FOLDER_FIX), [], False
     for (sub, paths), module in zip(files.items(), parts):
         state, read_in = {}, True
         for path in paths:
@@ -526,13 +526,13 @@ def _load_folder_parts(folder, files, in_memory, reads):
         state = _in_module_names(module, state)
         try:
             owned.append(load_module_weights(module, state, sub, fix=SD21_SIZE_FIX) or read_in)
-        except ArchitectureMismatch:
-            return None
+        except ArchitectureMismatch:  # left to diffusers once the other parts' tensors are seen to be floating point
+            mismatched = True
         except WeightFileError as e:
             refused = str(e)
             break
     else:
-        return parts, owned
+        return None if mismatched else (parts, owned)
     # the error holds no tensor read (ComfyUI keeps it to report it): none of this frame's, nor load_module_weights'
     parts = module = state = shard = None
     reads.clear()

@@ -233,6 +233,25 @@ def test_a_part_with_an_integer_tensor_its_module_lacks_loads_its_weights(tmp_pa
     same_weights(load_sd21(folder), reference[1])
 
 
+@pytest.mark.parametrize("extra, part", [("unet", "vae"), ("unet", "text_encoder"), ("vae", "text_encoder")])
+def test_a_part_of_integer_tensors_after_one_left_to_diffusers_is_refused_by_name(tmp_path, extra, part):
+    """A part left to diffusers' and transformers' loaders (``extra``: a tensor its module lacks) sent the whole
+    folder there before the parts after it were looked at: an int8-quantised ``part`` after it was cast to float
+    silently (its weights the integers), as before the refusal of integer parts. Every part's tensors are looked at
+    first."""
+    from safetensors.torch import save_file
+
+    folder = copy_tiny_sd21(tmp_path / "quantised")
+    path = os.path.join(folder, extra, f"{STEMS[extra]}.safetensors")
+    save_file({**load_file(path), "global_step": torch.tensor([1000])}, path)
+    path = os.path.join(folder, part, f"{STEMS[part]}.safetensors")
+    save_file(quantised(load_file(path)), path)
+    with pytest.raises(WeightFileError, match=rf"^{part}/{STEMS[part]}\.safetensors in the diffusers folder '.*': "
+                                              rf"The {part} tensor '.*' is int8, but weights must be floating-point "
+                                              r"tensors"):
+        load_sd21(folder)
+
+
 def with_ema(sd, shift=1.0):
     """A checkpoint as training saves it (v2-1_512-nonema's full form): the trained UNet under
     ``model.diffusion_model.*`` and its EMA under ``model_ema.*``, the key's dots after the prefix removed."""
