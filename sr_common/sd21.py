@@ -62,8 +62,9 @@ MAX_CONFIG_BYTES = 1 << 20  # SD's configs are under 10 KB
 def _read_config_bytes(path):
     """The bytes of the JSON file ``path`` of a model folder: a regular file of at most ``MAX_CONFIG_BYTES``, else
     ``NotAConfigFile``. Opened without waiting (``O_NONBLOCK``), so that a FIFO is told by its type: its read would
-    wait for a writer for ever (ComfyUI loading the folder with it). A huge file would be read whole into memory."""
-    with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)), "rb") as f:
+    wait for a writer for ever (ComfyUI loading the folder with it). A huge file would be read whole into memory.
+    Opened by ``open`` itself, which closes what it refuses (a folder): a descriptor handed to it is left open."""
+    with open(path, "rb", opener=lambda name, flags: os.open(name, flags | getattr(os, "O_NONBLOCK", 0))) as f:
         info = os.fstat(f.fileno())
         if not stat.S_ISREG(info.st_mode):
             what = "a FIFO (a named pipe)" if stat.S_ISFIFO(info.st_mode) else "not a regular file"

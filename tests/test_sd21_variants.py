@@ -582,3 +582,20 @@ def test_a_fifo_or_a_huge_file_for_a_config_is_not_read(tmp_path, place, kind):
         assert re.search(expected, str(error)), error
         if kind == "huge":
             assert tracemalloc.get_traced_memory()[1] < 64 << 20  # peak bytes
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="the open files are counted in /proc/self/fd")
+@pytest.mark.parametrize("place", ["pipeline-config", "refs-main"])
+def test_a_folder_in_the_place_of_a_config_leaves_no_file_open(tmp_path, place):
+    """A folder named unet/config.json (refs/main) was opened, then refused by Python's file object, which leaves
+    open a descriptor it was given: each load of the folder kept one more open, until ComfyUI could open no file.
+    Refused (or taken as absent) as before, with nothing left open."""
+    folder, special = _chosen_with_special_file(tmp_path, place)
+    os.remove(special)
+    os.mkdir(special)
+    expected = AS_IF_ABSENT.get(place, r"^'.*' has no readable unet/config\.json \(Is a directory\)\. Download the ")
+    open_before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        with pytest.raises(WeightFileError, match=expected):
+            load_sd21(folder)
+    assert len(os.listdir("/proc/self/fd")) == open_before
