@@ -130,7 +130,10 @@ def base_path(choice):
     kind, _, name = choice.partition("/")
     if kind == "diffusers":
         for spelling in dict.fromkeys((name, other_separator(name))):
-            below = os.path.relpath(os.path.join("/", spelling), "/")
+            try:
+                below = os.path.relpath(os.path.join("/", spelling), "/")
+            except ValueError:  # Windows: a whole path on another drive or a network share, none below the root
+                continue
             for root in folder_paths.get_folder_paths("diffusers"):
                 if os.path.isdir(os.path.join(root, below)):
                     return os.path.join(root, below)

@@ -1837,13 +1837,17 @@ def test_a_nested_diffusers_pipeline_is_found_by_its_name_on_the_other_system(pa
 
 
 @pytest.mark.parametrize("system", ["linux", "windows"])
-@pytest.mark.parametrize("name", ["../outside/sd21", "..\\outside\\sd21", "{outside}", "{outside_backslashed}"],
-                         ids=["dot-dot", "dot-dot-backslashed", "absolute", "absolute-backslashed"])
+@pytest.mark.parametrize("name", ["../outside/sd21", "..\\outside\\sd21", "{outside}", "{outside_backslashed}",
+                                  "D:\\outside\\sd21", "\\\\server\\share\\sd21"],
+                         ids=["dot-dot", "dot-dot-backslashed", "absolute", "absolute-backslashed", "other-drive",
+                              "network-share"])
 def test_the_base_loader_takes_no_folder_outside_models_diffusers(pack, monkeypatch, tmp_path, name, system):
     """ComfyUI checks a V3 combo's value only when the node runs, so a prompt sent to its API may name any base: a
     'diffusers/' name going out of models/diffusers ('..', or a whole path) loaded that folder. The name is taken
     below models/diffusers, as ComfyUI's get_full_path takes a file's (folder_paths.py L282); so is the name with the
-    other system's separator, tried where the exact one is not found."""
+    other system's separator, tried where the exact one is not found. On Windows a whole path on another drive (or a
+    network share) has no path relative to models/diffusers: it raised os.path.relpath's ValueError ("path is on
+    mount 'D:', start on mount 'C:'") rather than saying the folder is not there."""
     _, nodes = pack
     folder_paths = sys.modules["folder_paths"]
     outside = copy_tiny_sd21(tmp_path / "outside" / "sd21")
