@@ -1136,13 +1136,13 @@ def test_shown_names_escape_bidirectional_controls_and_keep_joiners():
     """A name holding U+202E (right-to-left override) printed reversed: ``invoice\u202egnp.exe`` showed as
     ``invoiceexe.png``, not the file it names ("Trojan Source"). The bidirectional controls are escaped; the joiners
     that emoji sequences and Persian names need are kept."""
-    from comfyui_diffsr.cli import common
+    from comfyui_diffsr.sr_common import names
 
-    assert common.shown_name("invoice\u202egnp.exe") == "invoice\\u202egnp.exe"
+    assert names.shown_name("invoice\u202egnp.exe") == "invoice\\u202egnp.exe"
     bidi = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c"
-    assert common.shown_name(f"a{bidi}b") == "a" + "".join(f"\\u{ord(c):04x}" for c in bidi) + "b"
+    assert names.shown_name(f"a{bidi}b") == "a" + "".join(f"\\u{ord(c):04x}" for c in bidi) + "b"
     for kept in ("👩\u200d💻.png", "می\u200cخواهم.png", "Café 写真.png", "\u05e9\u05dc\u05d5\u05dd.png"):
-        assert common.shown_name(kept) == kept
+        assert names.shown_name(kept) == kept
 
 
 def test_shown_names_escape_invisible_format_characters():
@@ -1150,16 +1150,16 @@ def test_shown_names_escape_invisible_format_characters():
     U+00AD soft hyphen, or any other Unicode format character, Cf) printed alike in the messages: those are escaped
     too. The joiners are kept where they join (emoji sequences, a skin tone or an emoji's variation selector before
     the joiner; Persian and Indic words), and escaped where they join nothing."""
-    from comfyui_diffsr.cli import common
+    from comfyui_diffsr.sr_common import names
 
     for invisible in ("\u200b", "\u2060", "\ufeff", "\xad", "\u180e", "\U000e0041", "\U0001d173"):
-        assert common.shown_name(f"photo{invisible}.png") == f"photo{invisible.encode('unicode_escape').decode()}.png"
+        assert names.shown_name(f"photo{invisible}.png") == f"photo{invisible.encode('unicode_escape').decode()}.png"
     for joiner in ("\u200d", "\u200c"):
         escaped = joiner.encode("unicode_escape").decode()
         for name in ("a{}b.png", "{}💻.png", "👩{}.png", "👩{} 💻", "👩{}\u200b💻", "a{}"):
-            assert common.shown_name(name.format(joiner)) == name.format(escaped).replace("\u200b", "\\u200b"), name
+            assert names.shown_name(name.format(joiner)) == name.format(escaped).replace("\u200b", "\\u200b"), name
     for kept in ("👩\U0001f3fd\u200d💻.png", "❤\ufe0f\u200d🔥.png", "क्\u200dष.png", "می\u200cخواهم.png"):
-        assert common.shown_name(kept) == kept
+        assert names.shown_name(kept) == kept
 
 
 def test_shown_names_escape_joiners_between_letters_of_scripts_that_do_not_join():
@@ -1167,16 +1167,16 @@ def test_shown_names_escape_joiners_between_letters_of_scripts_that_do_not_join(
     'отчёт.png', so in Cyrillic, Greek, Hebrew, Thai or CJK names two files looked like one. Joiners are kept only
     where they shape what is printed: an emoji sequence, a Brahmic conjunct (next to a virama), an Arabic-script
     word."""
-    from comfyui_diffsr.cli import common
+    from comfyui_diffsr.sr_common import names
 
     for joiner in ("\u200d", "\u200c"):
         escaped = joiner.encode("unicode_escape").decode()
         for name in ("от{}чёт.png", "日本{}語.png", "αβ{}γ.png", "שָׁ{}לום.png", "สวั{}สดี.png", "ü{}é.png"):
-            assert common.shown_name(name.format(joiner)) == name.format(escaped), name
-        assert common.shown_name(f"é{joiner}\u3164.png") == f"é{escaped}\\u3164.png"
+            assert names.shown_name(name.format(joiner)) == name.format(escaped), name
+        assert names.shown_name(f"é{joiner}\u3164.png") == f"é{escaped}\\u3164.png"
     for kept in ("👩\u200d👩\u200d👧.png", "🏳\ufe0f\u200d🌈.png", "🧑🏿\u200d🦰.png", "ന്\u200d.png", "ශ්\u200dය.png",
                  "র\u200d্য.png", "क्\u200cष.png", "نامه\u200cها.png", "ܐ\u200dܒ.png"):
-        assert common.shown_name(kept) == kept, kept
+        assert names.shown_name(kept) == kept, kept
 
 
 def test_shown_names_escape_the_other_invisible_characters():
@@ -1186,20 +1186,20 @@ def test_shown_names_escape_the_other_invisible_characters():
     (``photo\ufe0f.png`` as ``photo.png``), U+2800 BRAILLE PATTERN BLANK. Every Default_Ignorable_Code_Point is
     escaped, and U+2800, except where it shapes a word or an emoji: a variation selector after a symbol or a CJK
     ideograph, or in a keycap; a conjoining Hangul filler inside its syllable; U+2800 between braille cells."""
-    from comfyui_diffsr.cli import common
+    from comfyui_diffsr.sr_common import names
 
     for invisible in ("\u3164", "\uffa0", "\u115f", "\u1160", "\u034f", "\u2800", "\ufe0f", "\ufe00", "\u180b",
                       "\u17b4", "\u2065", "\ufff0", "\U000e0100", "\U000e01f0"):
         escaped = invisible.encode("unicode_escape").decode()
         for name in ("{}.png", "photo{}.png", "a{}b", "{}"):
-            assert common.shown_name(name.format(invisible)) == name.format(escaped), name.format(escaped)
+            assert names.shown_name(name.format(invisible)) == name.format(escaped), name.format(escaped)
     for name, shown in (("1\ufe0f.png", "1\\ufe0f.png"), ("x\u2800⠃", "x\\u2800⠃"),  # no keycap, no braille before
                         ("\u115f\u1160", "\\u115f\\u1160"),  # the two fillers: a syllable of nothing
                         ("❤\ufe0f\ufe0f", "❤\ufe0f\\ufe0f"), ("ᄀ\u3164ᅡ", "ᄀ\\u3164ᅡ")):
-        assert common.shown_name(name) == shown, shown
+        assert names.shown_name(name) == shown, shown
     for kept in ("❤\ufe0f.png", "1\ufe0f\u20e3.png", "#\ufe0f\u20e3", "🏳\ufe0f\u200d🌈.png", "葛\U000e0100城.png",
                  "∩\ufe00", "\u1820\u180b\u1821", "\u115f\u1161.png", "\u1100\u1160\u11a8.png", "⠓⠊\u2800⠞⠓⠑⠗⠑"):
-        assert common.shown_name(kept) == kept, kept
+        assert names.shown_name(kept) == kept, kept
 
 
 def test_shown_names_keep_every_emoji_presentation_sequence():
@@ -1207,14 +1207,14 @@ def test_shown_names_keep_every_emoji_presentation_sequence():
     one (``é\\ufe0f``, which prints as é), but U+2139 INFORMATION SOURCE is a lowercase letter (Ll) and an emoji:
     ``ℹ\ufe0f.png`` printed as ``ℹ\\ufe0f.png``. Every emoji (the ``regex`` module's Emoji property) but the
     ASCII ones, which take U+FE0F only in a keycap, and those newer than Python's Unicode data keeps its U+FE0F."""
-    from comfyui_diffsr.cli import common
+    from comfyui_diffsr.sr_common import names
 
     regex = pytest.importorskip("regex")
     emoji = regex.compile(r"\p{Emoji}")
     escaped = [hex(cp) for cp in range(0x80, sys.maxunicode + 1) if emoji.match(chr(cp))
-               and unicodedata.category(chr(cp)) != "Cn" and common.shown_name(f"{chr(cp)}\ufe0f.png") != f"{chr(cp)}\ufe0f.png"]
+               and unicodedata.category(chr(cp)) != "Cn" and names.shown_name(f"{chr(cp)}\ufe0f.png") != f"{chr(cp)}\ufe0f.png"]
     assert escaped == []
-    assert common.shown_name("é\ufe0f.png") == "é\\ufe0f.png"
+    assert names.shown_name("é\ufe0f.png") == "é\\ufe0f.png"
 
 
 def test_shown_names_keep_the_flags_of_england_scotland_and_wales():
@@ -1222,7 +1222,7 @@ def test_shown_names_keep_the_flags_of_england_scotland_and_wales():
     letters (U+E0067 tag g, …, Cf, invisible) and U+E007F cancel tag. Their tags were escaped as every format
     character (``🏴\\U000e0067\\U000e0062…``), though they shape an emoji as the kept joiners do. The three
     flags are kept whole; tags anywhere else (after another character, another region, no cancel tag) escaped."""
-    from comfyui_diffsr.cli import common
+    from comfyui_diffsr.sr_common import names
 
     def tags(letters):
         return "".join(chr(0xE0000 + ord(letter)) for letter in letters)
@@ -1233,10 +1233,10 @@ def test_shown_names_keep_the_flags_of_england_scotland_and_wales():
     for region in ("gbeng", "gbsct", "gbwls"):
         flag = f"\U0001f3f4{tags(region)}\U000e007f"
         for kept in (f"{flag}.png", f"x{flag}{flag}", f"\U0001f3f4{flag}"):
-            assert common.shown_name(kept) == kept, escaped(kept)
+            assert names.shown_name(kept) == kept, escaped(kept)
     for name in (f"\U0001f3f4{tags('gbxyz')}\U000e007f", f"a{tags('gbeng')}\U000e007f", f"\U0001f3f4{tags('gbeng')}",
                  f"\U0001f3f4{tags('gbengx')}\U000e007f", "\U0001f3f4\U000e007f"):
-        assert common.shown_name(name) == name[0] + escaped(name[1:]), escaped(name)
+        assert names.shown_name(name) == name[0] + escaped(name[1:]), escaped(name)
 
 
 def test_windows_paths_print_with_their_separators(monkeypatch):
@@ -1261,11 +1261,11 @@ def test_windows_paths_print_with_their_separators(monkeypatch):
 def test_default_ignorable_table_is_unicodes():
     """``DEFAULT_IGNORABLE`` holds exactly the Default_Ignorable_Code_Point property (which Python's unicodedata
     lacks), as the ``regex`` module (a dependency of transformers) reads it from its own Unicode data."""
-    from comfyui_diffsr.cli import common
+    from comfyui_diffsr.sr_common import names
 
     regex = pytest.importorskip("regex")
     property_ = regex.compile(r"\p{Default_Ignorable_Code_Point}")
-    table = {cp for first, last in common.DEFAULT_IGNORABLE for cp in range(first, last + 1)}
+    table = {cp for first, last in names.DEFAULT_IGNORABLE for cp in range(first, last + 1)}
     assert table == {cp for cp in range(sys.maxunicode + 1) if property_.match(chr(cp))}
 
 
