@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from ..sr_common.errors import DiffSRError, ImageInputError
-from ..sr_common.names import shown_name
+from ..sr_common.names import error_text, quoted_name, shown_name
 from ..sr_common.sd21 import PRECISIONS, ieee_float32
 from ..sr_common.tiling import (DEFAULT_TILES, TILE_FLOORS, OutOfMemory, WeightsOutOfMemory, is_out_of_memory,
                                 overlap_within, with_oom_retry)
@@ -47,10 +47,10 @@ def find_images(inputs, recursive=False, output=None):
     skip = _file_id(output) if output and os.path.isdir(output) else None
     for item in inputs:
         if os.path.isdir(item) and _is_folder(item, skip):
-            raise DiffSRError(f"--output {output!r} is the input folder {item!r}: its outputs would be read as inputs "
-                              "by the next run. Write them to another folder, e.g. "
-                              f"{os.path.join(item, 'upscaled')!r} (an output folder inside an input folder is "
-                              "left out of the search).")
+            raise DiffSRError(f"--output {quoted_name(output)} is the input folder {quoted_name(item)}: its outputs "
+                              "would be read as inputs by the next run. Write them to another folder, e.g. "
+                              f"{quoted_name(os.path.join(item, 'upscaled'))} (an output folder inside an input folder "
+                              "is left out of the search).")
         if os.path.isdir(item):
             paths = []
             for folder, subfolders, names in os.walk(item, onerror=lambda error: _unreadable_folder(error, item)):
@@ -62,14 +62,15 @@ def find_images(inputs, recursive=False, output=None):
         elif os.path.isfile(item):
             named = [(item, os.path.basename(item))]
         else:
-            raise DiffSRError(f"Input not found: {item!r}")
+            raise DiffSRError(f"Input not found: {quoted_name(item)}")
         for path, name in named:
             if os.path.realpath(path) not in seen:
                 seen.add(os.path.realpath(path))
                 found.append((path, os.path.splitext(name)[0]))
     if not found:
         nested = not recursive and any(os.path.isdir(item) and _has_sub_folder(item) for item in inputs)
-        raise DiffSRError(f"No images found in {list(inputs)} (looked for {', '.join(IMAGE_SUFFIXES)})"
+        raise DiffSRError(f"No images found in {', '.join(map(quoted_name, inputs))} (looked for "
+                          f"{', '.join(IMAGE_SUFFIXES)})"
                           + ("; their sub-folders are searched with --recursive." if nested else "."))
     return found
 
@@ -108,9 +109,10 @@ def _unreadable_folder(error, input_folder):
     """``os.walk``'s report of a folder it cannot list: ``input_folder`` itself is refused; a sub-folder is left out,
     with a warning."""
     if error.filename == os.fspath(input_folder):
-        raise DiffSRError(f"Cannot read the input folder {input_folder!r}: {error.strerror}. Check that you may list "
-                          "it, or give its images by name.")
-    print(f"warning: cannot search {error.filename!r}: {error.strerror}; its images are left out", file=sys.stderr)
+        raise DiffSRError(f"Cannot read the input folder {quoted_name(input_folder)}: {error.strerror}. Check that you "
+                          "may list it, or give its images by name.")
+    print(f"warning: cannot search {quoted_name(error.filename)}: {error.strerror}; its images are left out",
+          file=sys.stderr)
 
 
 def plan_outputs(images, outdir, overwrite=False, skip_existing=False, suffix=".png"):
@@ -137,16 +139,18 @@ def plan_outputs(images, outdir, overwrite=False, skip_existing=False, suffix=".
             first, written = seen[key]
             how = ("where names ignore case" if _name_key(os.path.dirname(written)) == _name_key(folder)
                    else "through a link")
-            where = repr(out) if written == out else f"{written!r} and {out!r}, one file {how}"
-            raise DiffSRError(f"{first!r} and {path!r} would both be written to {where}; rename one of them (nothing "
-                              "was upscaled).")
+            where = (quoted_name(out) if written == out
+                     else f"{quoted_name(written)} and {quoted_name(out)}, one file {how}")
+            raise DiffSRError(f"{quoted_name(first)} and {quoted_name(path)} would both be written to {where}; rename "
+                              "one of them (nothing was upscaled).")
         seen[key] = path, out
         pairs.append((path, out))
     inputs = {_file_id(path) for path, _ in images}
     for path, out in pairs:  # the same file under another name too (a link; another case where names ignore it)
         if os.path.exists(out) and _file_id(out) in inputs:
-            raise DiffSRError(f"The output {out!r} (for {path!r}) is one of the input images; choose another "
-                              "--output folder (inputs are never overwritten, not even with --overwrite).")
+            raise DiffSRError(f"The output {quoted_name(out)} (for {quoted_name(path)}) is one of the input images; "
+                              "choose another --output folder (inputs are never overwritten, not even with "
+                              "--overwrite).")
     existing = [out for _, out in pairs if os.path.lexists(out)]  # a link to nothing is not written over either
     folders = [os.path.dirname(out) for _, out in pairs]
     if skip_existing:
@@ -155,13 +159,13 @@ def plan_outputs(images, outdir, overwrite=False, skip_existing=False, suffix=".
                   file=sys.stderr)
         pairs = [(path, out) for path, out in pairs if out not in existing]
     elif existing and not overwrite:
-        raise DiffSRError(f"{len(existing)} output file(s) exist already (e.g. {existing[0]!r}). Choose another "
-                          "--output folder, pass --skip-existing to upscale only the others, or --overwrite.")
+        raise DiffSRError(f"{len(existing)} output file(s) exist already (e.g. {quoted_name(existing[0])}). Choose "
+                          "another --output folder, pass --skip-existing to upscale only the others, or --overwrite.")
     # an output folder that cannot be made is found before the models are loaded (and nothing is made yet)
     unwritable = unwritable_part(outdir)
     if unwritable:
-        raise DiffSRError(f"Cannot write the output folder {outdir!r}: {unwritable!r} is not a writable folder. "
-                          "Choose another --output folder.")
+        raise DiffSRError(f"Cannot write the output folder {quoted_name(outdir)}: {quoted_name(unwritable)} is not a "
+                          "writable folder. Choose another --output folder.")
     clear_abandoned_partials(folders)
     return pairs
 
@@ -214,8 +218,8 @@ def check_output_name(out):
     longer suffix, or with its own suffix kept), before any work is done on it."""
     length, unit = name_length(os.path.basename(out))
     if length > NAME_MAX:
-        raise ImageInputError(f"The output {os.path.basename(out)!r} would be named with more than {NAME_MAX} {unit}, "
-                              "the most a file name may have: give the input a shorter name.")
+        raise ImageInputError(f"The output {quoted_name(os.path.basename(out))} would be named with more than "
+                              f"{NAME_MAX} {unit}, the most a file name may have: give the input a shorter name.")
 
 
 def check_output_size(out, height, width):
@@ -278,7 +282,8 @@ class OutputMadeMeanwhile(DiffSRError):
     """An output that appeared after the outputs were planned: made by another run writing to the same folder."""
 
     def __init__(self, out):
-        self.what = f"its output {out!r} was made since this run started (by another run writing to the same folder?)"
+        self.what = (f"its output {quoted_name(out)} was made since this run started (by another run writing to the "
+                     "same folder?)")
         super().__init__(f"{self.what} and is left as it is; run again with --skip-existing to upscale only the images "
                          "whose output is missing, or with --overwrite to replace it")
 
@@ -513,15 +518,15 @@ def save_image(image01, path, metadata=PhotoMetadata(), quality=95, alpha=None, 
             raise OutputMadeMeanwhile(path) from e
     except OSError as e:
         if e.errno is None:  # Pillow's encoder failed on this image (what the file system raises has an errno)
-            raise ImageInputError(f"Cannot write {path!r}: {e}. Try --format png.") from e
-        raise DiffSRError(f"Cannot write {path!r}: {e}. Check that its folder is writable and has "
-                          "space, or choose another --output folder.") from e
+            raise ImageInputError(f"Cannot write {quoted_name(path)}: {e}. Try --format png.") from e
+        raise DiffSRError(f"Cannot write {quoted_name(path)}: {error_text(e)}. Check that its folder is writable and "
+                          "has space, or choose another --output folder.") from e
     except ValueError as e:  # the encoder refused the image (Pillow's way to refuse what a format cannot store)
-        raise ImageInputError(f"Cannot write {path!r}: {e}. Try --format png.") from e
+        raise ImageInputError(f"Cannot write {quoted_name(path)}: {e}. Try --format png.") from e
     except (MemoryError, RuntimeError) as e:  # out of memory for this output, beside the next upscale
         if not is_out_of_memory(e, (OutOfMemory, MemoryError)):
             raise
-        raise ImageInputError(f"Cannot write {path!r}: out of memory ({type(e).__name__}: {e}). Close other "
+        raise ImageInputError(f"Cannot write {quoted_name(path)}: out of memory ({type(e).__name__}: {e}). Close other "
                               "programs, or use a smaller --upscale.") from e
     finally:
         if os.path.exists(tmp):

@@ -10,6 +10,7 @@ from ..dossr_core.model import DEFAULT_PROMPT
 from ..sr_common.color_fix import COLOR_FIXES
 from ..sr_common.errors import DiffSRError
 from ..sr_common.image import MAX_UPSCALE, MIN_UPSCALE, check_upscale
+from ..sr_common.names import quoted_name
 from ..sr_common.offload import OffloadWhenShort
 from ..sr_common.sd21 import move_module, network_dtype
 from .common import (NAME_MAX, add_compile_arg, add_device_args, add_input_args, add_output_args, add_seed_arg,
@@ -70,7 +71,7 @@ def read_prompt_embeds(path):
 
     tensors = read_state_dict(path)
     if "prompt_embeds" not in tensors:
-        raise DiffSRError(f"{path!r} has no 'prompt_embeds' tensor (found {sorted(tensors)[:5]}).")
+        raise DiffSRError(f"{quoted_name(path)} has no 'prompt_embeds' tensor (found {sorted(tensors)[:5]}).")
     embeds = tensors["prompt_embeds"].float()
     return embeds[None] if embeds.dim() == 2 else embeds
 
@@ -107,13 +108,13 @@ def main_impl(argv=None):
     def upscale_one(image, out):
         noise_path = os.path.splitext(out)[0] + ".noise.safetensors"
         if args.save_noise and len(os.fsencode(os.path.basename(noise_path))) > NAME_MAX:
-            raise DiffSRError(f"The noise file of {os.path.basename(out)!r} would be named with more than "
-                              f"{NAME_MAX} bytes, the most a file name may have: give the input a shorter name, or "
-                              "run without --save-noise.")
+            raise DiffSRError(f"The noise file of {quoted_name(os.path.basename(out))} would be named with more than "
+                              f"{NAME_MAX} bytes, the most a file name may have: give the input a shorter name, or run "
+                              "without --save-noise.")
         # --skip-existing resumes: a noise file whose image was never written is replaced
         if args.save_noise and os.path.exists(noise_path) and not (args.overwrite or args.skip_existing):
-            raise DiffSRError(f"{noise_path!r} exists; pass --overwrite to replace it (--skip-existing: only where "
-                              "its image is missing), or delete it.")
+            raise DiffSRError(f"{quoted_name(noise_path)} exists; pass --overwrite to replace it (--skip-existing: "
+                              "only where its image is missing), or delete it.")
         trace = {} if args.save_noise else None  # each attempt fills it anew: its draws restart from the seed
         result = with_smaller_tiles_on_oom(lambda o: dossr_upscale(model, image, prompt=args.prompt,
                                                                    prompt_embeds=embeds, options=o, noise=noise,

@@ -2,6 +2,8 @@
 
 import sys
 
+from ..sr_common.names import quoted_name
+
 COMMANDS = {
     "osediff": "OSEDiff one-step super-resolution",
     "dape": "DAPE prompts (tags) for images",
@@ -20,7 +22,7 @@ def main(argv=None):
         for name, text in COMMANDS.items():
             print(f"  {name:10s} {text}", file=out)
         if argv and not asked:
-            print(f"error: unknown command {argv[0]!r}", file=out)
+            print(f"error: unknown command {quoted_name(argv[0])}", file=out)
         return 0 if asked else 2
     name, rest = argv[0], argv[1:]
     if name == "osediff":

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..sr_common.errors import WeightFileError
+from ..sr_common.names import quoted_name
 from ..sr_common.sd21 import SD21, NetworksOnSD21, PromptCache, load_sd21, load_tokenizer, shipped_config_dir
 from .rrdb import rrdb_from_state_dict
 from .weights import (base_from_official, build_cond_encoder, build_controlnet, load_ldm_configs, parts_from_converted,
@@ -104,8 +105,8 @@ def load_dossr(weights, base=None, *, config=None, base_config=None, text_heads=
     sd, kind, metadata = read_weights(weights)
     name = os.path.basename(os.fspath(weights))
     if kind != "official" and base is None:
-        raise WeightFileError(f"{name!r} is a converted DoSSR file (ControlNet, condition encoder, RRDB only); "
-                              "pass the SD 2.1-base with --base (stable-diffusion-2-1-base folder or "
+        raise WeightFileError(f"{quoted_name(name)} is a converted DoSSR file (ControlNet, condition encoder, RRDB "
+                              "only); pass the SD 2.1-base with --base (stable-diffusion-2-1-base folder or "
                               "v2-1_512-ema-pruned.safetensors), or use the official .ckpt.")
     configs = load_ldm_configs(config) if kind == "official" else None
     try:
@@ -116,7 +117,7 @@ def load_dossr(weights, base=None, *, config=None, base_config=None, text_heads=
         rrdb = rrdb_from_state_dict(parts.rrdb)
         own_base = base_from_official(sd, configs, text_heads) if base is None else None
     except WeightFileError as e:
-        raise WeightFileError(f"{name!r}: {e}") from e
+        raise WeightFileError(f"{quoted_name(name)}: {e}") from e
     if base is not None:
         sd21 = base if isinstance(base, SD21) else load_sd21(base, base_config)
         unet, vae, text_encoder, tokenizer = sd21.unet, sd21.vae, sd21.text_encoder, sd21.tokenizer
@@ -128,7 +129,7 @@ def load_dossr(weights, base=None, *, config=None, base_config=None, text_heads=
     del sd
     if unet.config.cross_attention_dim != controlnet.config.cross_attention_dim:
         raise WeightFileError(f"The base UNet (context {unet.config.cross_attention_dim}) does not match the DoSSR "
-                              f"ControlNet of {name!r} (context {controlnet.config.cross_attention_dim}); DoSSR needs "
-                              "SD 2.1-base.")
+                              f"ControlNet of {quoted_name(name)} (context {controlnet.config.cross_attention_dim}); "
+                              "DoSSR needs SD 2.1-base.")
     return DoSSRModel(unet.eval(), controlnet, vae.eval(), share_vae_encoder(cond_encoder, vae), rrdb, text_encoder,
                       tokenizer, decoder_owned=vae_owned)

@@ -266,14 +266,15 @@ def save_noise(noise, path, replace=False):
 def load_noise(path):
     """A noise file ({'posterior', 'init', 'step_0', …} → tensor); refuses files without those names."""
     from ..sr_common.errors import ImageInputError, WeightFileError
+    from ..sr_common.names import quoted_name
     from ..sr_common.weights import read_state_dict
 
     try:
         noise = read_state_dict(path)
     except WeightFileError as e:  # its advice is about weights
-        raise ImageInputError(f"Cannot read the noise file {path!r} ({str(e).split('. ')[0]}); give a file that "
-                              "--save-noise wrote.") from e
+        raise ImageInputError(f"Cannot read the noise file {quoted_name(path)} ({str(e).split('. ')[0]}); give a file "
+                              "that --save-noise wrote.") from e
     if not isinstance(noise, dict) or "init" not in noise or "posterior" not in noise:
-        raise ImageInputError(f"{path!r} is not a DoSSR noise file: it needs tensors 'posterior', 'init', "
+        raise ImageInputError(f"{quoted_name(path)} is not a DoSSR noise file: it needs tensors 'posterior', 'init', "
                               "'step_0', …; give a file that --save-noise wrote.")
     return noise

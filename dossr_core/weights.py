@@ -24,6 +24,7 @@ from torch import nn
 from ..sr_common.errors import WeightFileError
 from ..sr_common.known_files import (CONVERTED, DOSSR_CONVERTED_MARKERS, DOSSR_OFFICIAL_MARKERS, KNOWN,
                                      OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, canonical, describe, identify)
+from ..sr_common.names import error_text, quoted_name
 from ..sr_common.sd21 import NOT_OPEN_CLIP_H, SCALING_FACTOR, load_ldm_unet_vae, open_clip_to_hf
 from ..sr_common.weights import (DOSSR_FORMAT, check_safetensors_output, load_module_weights, read_state_dict,
                                  safetensors_metadata, write_safetensors)
@@ -54,23 +55,24 @@ def load_ldm_configs(path=None):
         with open(path, encoding="utf-8") as f:
             config = yaml.safe_load(f)
     except UnicodeDecodeError as e:
-        raise WeightFileError(f"{path!r} is not a DoSSR/ControlLDM config: it is not a text file. "
+        raise WeightFileError(f"{quoted_name(path)} is not a DoSSR/ControlLDM config: it is not a text file. "
                               f"{CONFIG_ADVICE}") from e
     except OSError as e:
-        raise WeightFileError(f"Cannot read the DoSSR config {path!r}: {e}") from e
+        raise WeightFileError(f"Cannot read the DoSSR config {quoted_name(path)}: {error_text(e)}") from e
     except yaml.YAMLError as e:
-        raise WeightFileError(f"The DoSSR config {path!r} is not valid YAML: {_yaml_error_line(e)}. Correct the file "
-                              f"there. {CONFIG_ADVICE}") from e
+        raise WeightFileError(f"The DoSSR config {quoted_name(path)} is not valid YAML: {_yaml_error_line(e)}. Correct "
+                              f"the file there. {CONFIG_ADVICE}") from e
     model = config.get("model", config) if isinstance(config, dict) else None
     params = model.get("params") if isinstance(model, dict) else None
     needed = ("control_stage_config", "unet_config", "first_stage_config")
     if not isinstance(params, dict) or any(k not in params for k in needed):
-        raise WeightFileError(f"{path!r} is not a DoSSR/ControlLDM config: expected `params` with {list(needed)}.")
+        raise WeightFileError(f"{quoted_name(path)} is not a DoSSR/ControlLDM config: expected `params` with "
+                              f"{list(needed)}.")
     try:
         return diffusers_configs(params)
     except (KeyError, TypeError, AttributeError) as e:  # a part's `params` missing, or a field missing or not a number
         what = f"lacks {e}" if isinstance(e, KeyError) else f"has a field of the wrong kind ({e})"
-        raise WeightFileError(f"The DoSSR config {path!r} {what}. {CONFIG_ADVICE}") from e
+        raise WeightFileError(f"The DoSSR config {quoted_name(path)} {what}. {CONFIG_ADVICE}") from e
 
 
 def _yaml_error_line(error):
@@ -154,12 +156,14 @@ def read_weights(path):
     """(state dict, kind, safetensors metadata) of a DoSSR weight file, refusing other files clearly."""
     sd = read_state_dict(path)
     if not isinstance(sd, dict):
-        raise WeightFileError(f"{os.path.basename(os.fspath(path))!r} holds a {type(sd).__name__}, not a state dict.")
+        raise WeightFileError(f"{quoted_name(os.path.basename(os.fspath(path)))} holds a {type(sd).__name__}, not a "
+                              "state dict.")
     sd = canonical(sd)
     try:
         kind = detect(sd, path)
     except WeightFileError as e:
-        raise WeightFileError(f"{os.path.basename(os.fspath(path))!r} is not a DoSSR weight file: it is {e}") from None
+        raise WeightFileError(f"{quoted_name(os.path.basename(os.fspath(path)))} is not a DoSSR weight file: it is "
+                              f"{e}") from None
     return sd, kind, safetensors_metadata(path) or {}
 
 
@@ -252,8 +256,8 @@ def convert_dossr(src, dst, config=None, dtype=None):
     check_safetensors_output(dst)  # before the ckpt (5 GB) is read
     sd, kind, _ = read_weights(src)
     if kind != "official":
-        raise WeightFileError(f"{os.path.basename(os.fspath(src))!r} is already a converted DoSSR file: use it as it "
-                              "is (--weights, or the Load DoSSR node); only the official .ckpt is converted.")
+        raise WeightFileError(f"{quoted_name(os.path.basename(os.fspath(src)))} is already a converted DoSSR file: use "
+                              "it as it is (--weights, or the Load DoSSR node); only the official .ckpt is converted.")
     parts = parts_from_official(sd, load_ldm_configs(config))
     yaml = config or shipped_config_path()  # written only if it loads: a yaml of another size must be passed now
     build_controlnet(parts.controlnet_config, parts.controlnet, yaml)  # (the file stores its configs)
@@ -290,8 +294,8 @@ def _architecture_error(what, error, yaml=None):
     """The refusal of a ``what`` that cannot be built from a converted file's stored config or, given ``yaml``, from
     the yaml an official ckpt is read with."""
     if yaml is not None:
-        return WeightFileError(f"The {what} of the DoSSR config {os.path.basename(os.fspath(yaml))!r} cannot be built "
-                               f"({type(error).__name__}: {error}). {CONFIG_ADVICE}")
+        return WeightFileError(f"The {what} of the DoSSR config {quoted_name(os.path.basename(os.fspath(yaml)))} "
+                               f"cannot be built ({type(error).__name__}: {error}). {CONFIG_ADVICE}")
     return WeightFileError(f"The stored {what} architecture cannot be built ({type(error).__name__}: {error}): the "
                            "file is damaged. Convert the official .ckpt again with `diffsr convert dossr`.")
 

@@ -21,6 +21,7 @@ from ..sr_common.errors import WeightFileError
 from ..sr_common.fast_modules import forget_folded_kernels
 from ..sr_common.image import with_upscaled_alpha
 from ..sr_common.known_files import OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
+from ..sr_common.names import quoted_name, shown_name
 from ..sr_common.sd21 import (NETWORK_DTYPES, PRECISIONS, check_precision, checked_context, ieee_float32, load_sd21,
                                module_tensors, move_module, sd21_from_ldm_state_dict)
 from ..sr_common.tiling import DEFAULT_TILES
@@ -137,7 +138,7 @@ def base_path(choice):
             for root in folder_paths.get_folder_paths("diffusers"):
                 if os.path.isdir(os.path.join(root, below)):
                     return os.path.join(root, below)
-        raise FileNotFoundError(f"Diffusers folder {name!r} not found in models/diffusers.")
+        raise FileNotFoundError(f"Diffusers folder {quoted_name(name)} not found in models/diffusers.")
     return weight_path("checkpoints", name)
 
 
@@ -151,7 +152,7 @@ def missing_file_message(folder, name):
     elif folder == "dossr":
         fix += (" (dossr_default.ckpt and dossr_onestep.ckpt are linked from the README of "
                 "https://github.com/AMD-AIG-AIMA/DoSSR)")
-    return f"{name!r} is not in models/{folder}: {fix}."
+    return f"{quoted_name(name)} is not in models/{folder}: {fix}."
 
 
 def _dangling_link_message(folder, name):
@@ -160,8 +161,8 @@ def _dangling_link_message(folder, name):
     for root in folder_paths.get_folder_paths(folder):
         target = gone_link_target(os.path.join(root, name))
         if target:
-            return (f"{name!r} in models/{folder} is {target}: link the file again, or put the file itself there and "
-                    "refresh the node lists (R).")
+            return (f"{quoted_name(name)} in models/{folder} is {target}: link the file again, or put the file itself "
+                    "there and refresh the node lists (R).")
     return None
 
 
@@ -177,13 +178,13 @@ def weight_path(folder, name):
     filename = name[len(DOWNLOAD):]
     source = next((s for s in OFFICIAL.values() if s.folder == folder and s.filename == filename), None)
     if source is None:
-        raise FileNotFoundError(f"No official download for {filename!r} in models/{folder}.")
+        raise FileNotFoundError(f"No official download for {quoted_name(filename)} in models/{folder}.")
     for root in folder_paths.get_folder_paths(folder):
         if downloaded(os.path.join(root, filename), source):
             return os.path.join(root, filename)
     dest = os.path.join(folder_paths.get_folder_paths(folder)[0], filename)
     bar = comfy.utils.ProgressBar(1)
-    print(f"[DiffSR] downloading {source.name} from {hf_endpoint_url(source.url)} to {dest}")
+    print(f"[DiffSR] downloading {source.name} from {hf_endpoint_url(source.url)} to {shown_name(dest)}")
 
     def progress(done, total):
         mm.throw_exception_if_processing_interrupted()

@@ -30,6 +30,7 @@ from ..sr_common.errors import WeightFileError
 from ..sr_common.image import (check_image, enlarged_lines, is_8bit, resize, shrink_reads,
                                zeros_taken_when_written)
 from ..sr_common.known_files import KNOWN, canonical, describe, identify, unwrap_ram
+from ..sr_common.names import quoted_name
 from ..sr_common.weights import (DAPE_FORMAT, check_safetensors_output, read_state_dict, require_float,
                                  safetensors_metadata, write_safetensors)
 from .swin import SwinEncoder, swin_config
@@ -414,7 +415,7 @@ def merge_dape(state, dape, n_layers):
 
 def _wrong_file(path, obj, given_as, expected):
     """The error for ``obj``, read from ``path`` and given as ``given_as``: what it is, and the file expected."""
-    return WeightFileError(f"{os.path.basename(os.fspath(path))!r} was given as {given_as} but it is "
+    return WeightFileError(f"{quoted_name(os.path.basename(os.fspath(path)))} was given as {given_as} but it is "
                            f"{describe(obj, path)}. Expected {expected}.")
 
 
@@ -447,14 +448,14 @@ def _state_from_official(ram_path, dape_path):
     try:
         config = model_config(lazy)
     except WeightFileError as e:
-        raise WeightFileError(f"{ram_name!r}: {e}") from e
+        raise WeightFileError(f"{quoted_name(ram_name)}: {e}") from e
     except KeyError as e:  # a tensor the architecture is read from
-        raise WeightFileError(f"The RAM checkpoint {ram_name!r} lacks {e}; the file is incomplete or a different RAM "
-                              "variant.") from e
+        raise WeightFileError(f"The RAM checkpoint {quoted_name(ram_name)} lacks {e}; the file is incomplete or a "
+                              "different RAM variant.") from e
     wanted = _expected_keys(config)
     missing = [k for k in wanted if k not in lazy]
     if missing:
-        raise WeightFileError(f"The RAM checkpoint {ram_name!r} lacks {len(missing)} tagging tensors (e.g. "
+        raise WeightFileError(f"The RAM checkpoint {quoted_name(ram_name)} lacks {len(missing)} tagging tensors (e.g. "
                               f"{missing[:3]}); the file is incomplete or a different RAM variant.")
     require_float({k: lazy[k] for k in wanted}, "RAM", ram_name)
     state = {k: lazy[k].to(torch.float32, copy=True) for k in wanted}  # copy only what tagging needs
@@ -462,7 +463,7 @@ def _state_from_official(ram_path, dape_path):
     try:
         merge_dape(state, dape, config["layers"])
     except WeightFileError as e:
-        raise WeightFileError(f"{ram_name!r} + {dape_name!r}: {e}") from e
+        raise WeightFileError(f"{quoted_name(ram_name)} + {quoted_name(dape_name)}: {e}") from e
     return state, config
 
 
@@ -481,8 +482,8 @@ def _state_from_converted(path):
     try:
         config = json.loads(meta["config"])
     except (KeyError, ValueError) as e:
-        raise WeightFileError(f"{name!r} has damaged DAPE metadata (config: {type(e).__name__}: {e}); convert the "
-                              "RAM and DAPE files again with `diffsr convert dape`.") from e
+        raise WeightFileError(f"{quoted_name(name)} has damaged DAPE metadata (config: {type(e).__name__}: {e}); "
+                              "convert the RAM and DAPE files again with `diffsr convert dape`.") from e
     require_float(obj, "DAPE", name)
     return {k: v.float() for k, v in obj.items()}, config
 
@@ -524,13 +525,13 @@ def load_dape_tagger(ram_path=None, dape_path=None, converted_path=None, device=
         if ram_path is not None or dape_path is not None:
             raise WeightFileError("Give either the converted DAPE file or the RAM + DAPE files, not both.")
         state, config = _state_from_converted(converted_path)
-        source = repr(os.path.basename(os.fspath(converted_path)))
+        source = quoted_name(os.path.basename(os.fspath(converted_path)))
     else:
         if ram_path is None or dape_path is None:
             raise WeightFileError("DAPE needs both ram_swin_large_14m.pth (RAM) and DAPE.pth (LoRA), "
                                   "or one converted file.")
         state, config = _state_from_official(ram_path, dape_path)
-        source = f"{os.path.basename(os.fspath(ram_path))!r} + {os.path.basename(os.fspath(dape_path))!r}"
+        source = " + ".join(quoted_name(os.path.basename(os.fspath(path))) for path in (ram_path, dape_path))
     return _build(state, config, device, dtype, source)
 
 

@@ -12,6 +12,7 @@ import torch
 
 from ..sr_common.errors import WeightFileError
 from ..sr_common.known_files import CONVERTED, KNOWN, canonical, describe, identify
+from ..sr_common.names import quoted_name
 from ..sr_common.weights import (OSEDIFF_FORMAT, check_safetensors_output, converted_kind, fresh_float32_cpu,
                                  prefaulting, read_state_dict, require_float, safetensors_metadata, write_safetensors)
 
@@ -51,14 +52,14 @@ def read_osediff(path):
         try:
             obj = osediff_from_safetensors(obj, metadata)
         except (KeyError, TypeError, ValueError) as e:
-            raise WeightFileError(f"{name!r} has damaged OSEDiff metadata ({type(e).__name__}: {e}); convert "
-                                  "osediff.pkl again with `diffsr convert osediff`.") from e
+            raise WeightFileError(f"{quoted_name(name)} has damaged OSEDiff metadata ({type(e).__name__}: {e}); "
+                                  "convert osediff.pkl again with `diffsr convert osediff`.") from e
     if not isinstance(obj, dict) or any(k not in obj for k in REQUIRED_KEYS):
         if identify(obj, path) in (KNOWN["osediff"], CONVERTED[OSEDIFF_FORMAT]):
             missing = [k for k in REQUIRED_KEYS if k not in obj]
-            raise WeightFileError(f"{name!r} is an incomplete OSEDiff checkpoint: it lacks {missing}. The file is "
-                                  "damaged; download osediff.pkl again.")
-        raise WeightFileError(f"{name!r} is not an OSEDiff checkpoint: it is {describe(obj, path)}. "
+            raise WeightFileError(f"{quoted_name(name)} is an incomplete OSEDiff checkpoint: it lacks {missing}. The "
+                                  "file is damaged; download osediff.pkl again.")
+        raise WeightFileError(f"{quoted_name(name)} is not an OSEDiff checkpoint: it is {describe(obj, path)}. "
                               f"Expected osediff.pkl with keys {list(REQUIRED_KEYS)}.")
     for part in ("unet", "vae"):
         _check_part(obj, part, name)
@@ -74,29 +75,31 @@ def _check_part(ckpt, part, name):
     try:
         rank = int(ckpt[f"rank_{part}"])
     except (TypeError, ValueError, OverflowError, RuntimeError) as e:  # torch's words: their first line, cut short
-        raise WeightFileError(f"{name!r} has no usable rank_{part} ({str(e).splitlines()[0][:120]}). {damaged}") from e
+        raise WeightFileError(f"{quoted_name(name)} has no usable rank_{part} ({str(e).splitlines()[0][:120]}). "
+                              f"{damaged}") from e
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-        raise WeightFileError(f"{name!r}: state_dict_{part} is not a dict of named tensors. {damaged}")
+        raise WeightFileError(f"{quoted_name(name)}: state_dict_{part} is not a dict of named tensors. {damaged}")
     require_float(state, f"OSEDiff {part}", name)
     for key in ("conv_in.base_layer.weight", "conv_in.base_layer.bias") if part == "unet" else ():
         if key not in state:  # OSEDiff trains the UNet's conv_in whole
-            raise WeightFileError(f"{name!r} is incomplete: {key} is missing. {damaged}")
+            raise WeightFileError(f"{quoted_name(name)} is incomplete: {key} is missing. {damaged}")
     for key in state:
         if ".lora_B." in key and key.replace(".lora_B.", ".lora_A.") not in state:
-            raise WeightFileError(f"{name!r} is incomplete: {key.replace('.lora_B.', '.lora_A.')} is missing (its "
-                                  f"lora_B is there). {damaged}")
+            raise WeightFileError(f"{quoted_name(name)} is incomplete: {key.replace('.lora_B.', '.lora_A.')} is "
+                                  f"missing (its lora_B is there). {damaged}")
     for key, a in state.items():
         if ".lora_A." not in key:
             continue
         b_key = key.replace(".lora_A.", ".lora_B.")
         b = state.get(b_key)
         if b is None:
-            raise WeightFileError(f"{name!r} is incomplete: {b_key} is missing (its lora_A is there). {damaged}")
+            raise WeightFileError(f"{quoted_name(name)} is incomplete: {b_key} is missing (its lora_A is there). "
+                                  f"{damaged}")
         if a.dim() not in (2, 4) or a.shape[0] != rank:
-            raise WeightFileError(f"{name!r} is inconsistent: rank_{part} = {rank} but {key} has shape "
+            raise WeightFileError(f"{quoted_name(name)} is inconsistent: rank_{part} = {rank} but {key} has shape "
                                   f"{tuple(a.shape)} (rank {a.shape[0] if a.dim() else '?'}). {damaged}")
         if b.dim() != a.dim() or b.shape[1] != rank or b.shape[2:] not in ((), (1, 1)):
-            raise WeightFileError(f"{name!r} is inconsistent: rank_{part} = {rank} but {b_key} has shape "
+            raise WeightFileError(f"{quoted_name(name)} is inconsistent: rank_{part} = {rank} but {b_key} has shape "
                                   f"{tuple(b.shape)} (rank {b.shape[1] if b.dim() > 1 else '?'}). {damaged}")
 
 
@@ -110,13 +113,13 @@ def _check_module_lists(ckpt, name):
     for key, part, adapter in MODULE_LISTS:
         modules = ckpt[key]
         if not isinstance(modules, (list, tuple)) or not all(isinstance(m, str) for m in modules):
-            raise WeightFileError(f"{name!r}: {key} is not a list of module names. {damaged}")
+            raise WeightFileError(f"{quoted_name(name)}: {key} is not a list of module names. {damaged}")
         modules = list(dict.fromkeys(modules))  # the official VAE list names modules twice
         covered = set().union(*map(_entries_targeting, _adapter_pairs(ckpt[f"state_dict_{part}"], adapter)))
         missing = [m for m in modules if m not in covered]
         if missing:
-            raise WeightFileError(f"{name!r} is incomplete: {len(missing)} of the {len(modules)} modules of {key} have "
-                                  f"no LoRA in state_dict_{part} ({', '.join(missing[:3])}"
+            raise WeightFileError(f"{quoted_name(name)} is incomplete: {len(missing)} of the {len(modules)} modules of "
+                                  f"{key} have no LoRA in state_dict_{part} ({', '.join(missing[:3])}"
                                   f"{', ...' if len(missing) > 3 else ''}). {damaged}")
 
 
@@ -311,8 +314,8 @@ def convert_osediff(src, dst):
     refused: a copy of it would be all the conversion gave)."""
     check_safetensors_output(dst)
     if converted_kind(src) == OSEDIFF_FORMAT:
-        raise WeightFileError(f"{os.path.basename(os.fspath(src))!r} is already a converted OSEDiff file: use it as "
-                              "it is (--weights, or the Load OSEDiff node); only osediff.pkl is converted.")
+        raise WeightFileError(f"{quoted_name(os.path.basename(os.fspath(src)))} is already a converted OSEDiff file: "
+                              "use it as it is (--weights, or the Load OSEDiff node); only osediff.pkl is converted.")
     ckpt = read_osediff(src)
     tensors = {f"unet.{k}": v for k, v in ckpt["state_dict_unet"].items()}
     tensors.update({f"vae.{k}": v for k, v in ckpt["state_dict_vae"].items()})

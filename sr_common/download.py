@@ -17,6 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 
 from .errors import DiffSRError, WeightFileError
+from .names import error_text, quoted_name
 from .weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_weight_file, sniff
 
 if os.name == "nt":
@@ -55,10 +56,10 @@ class Source:
             try:
                 aside = set_aside(dest)
             except OSError as e:
-                raise DownloadError(f"{dest!r} is not the official file and cannot be moved aside ({e}): move or "
-                                    "delete it, then run again.") from e
-            print(f"{dest!r} is not the official file (damaged, or another file): moved to {aside!r}; "
-                  "downloading it again", file=sys.stderr)
+                raise DownloadError(f"{quoted_name(dest)} is not the official file and cannot be moved aside "
+                                    f"({error_text(e)}): move or delete it, then run again.") from e
+            print(f"{quoted_name(dest)} is not the official file (damaged, or another file): moved to "
+                  f"{quoted_name(aside)}; downloading it again", file=sys.stderr)
         return download(self.url, dest, sha256=self.sha256, git_blob=self.git_blob, progress=progress)
 
 
@@ -173,12 +174,13 @@ def download(url, dest, *, sha256="", git_blob="", progress=None):
         remove_leftover_partial(dest)
         return dest
     if os.path.exists(dest):
-        raise DownloadError(f"{dest!r} exists but is not a downloaded file (a folder, or empty): delete it, then run "
-                            "again.")
+        raise DownloadError(f"{quoted_name(dest)} exists but is not a downloaded file (a folder, or empty): delete it, "
+                            "then run again.")
     try:
         os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     except OSError as e:
-        raise DownloadError(f"Cannot make the folder of {dest!r} ({e}); choose another models folder.") from e
+        raise DownloadError(f"Cannot make the folder of {quoted_name(dest)} ({error_text(e)}); choose another models "
+                            "folder.") from e
     _refuse_if_offline(url, dest)
     url = hf_endpoint_url(url)
     with _sole_download(dest):
@@ -206,7 +208,8 @@ def _sole_download(dest):
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)  # not executable
     except OSError as e:
-        raise DownloadError(f"Cannot write {lock_path!r} ({e}): choose another models folder.") from e
+        raise DownloadError(f"Cannot write {quoted_name(lock_path)} ({error_text(e)}): choose another models "
+                            "folder.") from e
     try:
         if os.name == "nt":
             msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
@@ -214,8 +217,8 @@ def _sole_download(dest):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except (BlockingIOError, PermissionError):  # held by another process (Windows: EACCES)
         os.close(fd)
-        raise DownloadError(f"{os.path.basename(dest)} is already being downloaded to {dest!r} (by another ComfyUI or "
-                            "`diffsr download`): wait for it to finish, then run again.") from None
+        raise DownloadError(f"{os.path.basename(dest)} is already being downloaded to {quoted_name(dest)} (by another "
+                            "ComfyUI or `diffsr download`): wait for it to finish, then run again.") from None
     except OSError:  # locks not supported here (some network shares)
         pass
     try:
@@ -240,10 +243,10 @@ def _transfer_and_install(url, dest, sha256, git_blob, progress):
         if e.code == 416 and have:  # the partial file is already complete
             response = None
         else:
-            moved = (f" The file may have moved (as SD 2.1-base did in 2025): get {os.path.basename(dest)} by hand "
-                     f"and put it at {dest!r}.") if e.code in (401, 403, 404, 410) else ""
+            moved = (f" The file may have moved (as SD 2.1-base did in 2025): get {os.path.basename(dest)} by hand and "
+                     f"put it at {quoted_name(dest)}.") if e.code in (401, 403, 404, 410) else ""
             raise DownloadError(
-                f"Download of {url} failed: HTTP {e.code}. Nothing was written to {dest!r}.{moved}") from e
+                f"Download of {url} failed: HTTP {e.code}. Nothing was written to {quoted_name(dest)}.{moved}") from e
     except (urllib.error.URLError, OSError) as e:
         raise DownloadError(f"Download of {url} failed: {e}. Run the command again to resume.") from e
     except http.client.HTTPException as e:  # an answer that is not HTTP (a captive portal, a broken proxy)
@@ -260,8 +263,8 @@ def _transfer_and_install(url, dest, sha256, git_blob, progress):
             try:
                 _receive(response, partial, have, url, progress)
             except OSError as e:  # the models folder is full or not writable
-                raise DownloadError(f"Cannot write {partial!r} ({e}): free some disk space or choose another models "
-                                    "folder, then run again to resume.") from e
+                raise DownloadError(f"Cannot write {quoted_name(partial)} ({error_text(e)}): free some disk space or "
+                                    "choose another models folder, then run again to resume.") from e
     digest, blob = file_digests(partial)
     for kind, got, want in (("SHA-256", digest, expected), ("git blob id", blob, git_blob)):
         if want and got != want.lower():
@@ -276,8 +279,8 @@ def _transfer_and_install(url, dest, sha256, git_blob, progress):
     try:
         os.replace(partial, dest)
     except OSError as e:
-        raise DownloadError(f"Cannot move the finished download {partial!r} to {dest!r} ({e}); move it by hand, "
-                            "or run again.") from e
+        raise DownloadError(f"Cannot move the finished download {quoted_name(partial)} to {quoted_name(dest)} "
+                            f"({error_text(e)}); move it by hand, or run again.") from e
     _write_record(dest, digest)
     return dest
 
@@ -286,8 +289,8 @@ def _refuse_if_offline(url, dest):
     """A DownloadError, where ``url`` is on Hugging Face and the user asked it to stay offline."""
     variable = hf_offline()
     if variable and urllib.parse.urlsplit(url).hostname in HF_HOSTS:
-        raise DownloadError(f"{variable} is set, so {os.path.basename(dest)} is not fetched from Hugging Face: "
-                            f"unset it to download, or put the file at {dest!r} by hand.")
+        raise DownloadError(f"{variable} is set, so {os.path.basename(dest)} is not fetched from Hugging Face: unset "
+                            f"it to download, or put the file at {quoted_name(dest)} by hand.")
 
 
 def hf_endpoint_url(url):

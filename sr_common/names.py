@@ -2,10 +2,13 @@
 that it stays on its line, reads as the file it is and cannot rewrite a terminal; the commands, the cores' errors and
 the nodes' messages all show names this way."""
 
+import os
 import re
 import unicodedata
 
-ESCAPED_CATEGORIES = ("Cc", "Cf", "Zl", "Zp")  # control and format characters, line and paragraph separators
+# control and format characters, lone surrogates (the bytes of a Linux name that is not UTF-8, as Python decodes
+# them), line and paragraph separators
+ESCAPED_CATEGORIES = ("Cc", "Cf", "Cs", "Zl", "Zp")
 # Default_Ignorable_Code_Point, from Unicode's DerivedCoreProperties.txt 14.0.0 (the unicodedata of Python 3.11; the
 # same ranges up to 17.0.0), first and last code point: characters a renderer shows as nothing. Beside the Cf ones,
 # letters (the Hangul fillers), marks (the variation selectors, U+034F combining grapheme joiner, Khmer's inherent
@@ -87,7 +90,8 @@ def shown_name(name):
     """A file or folder ``name`` as the messages print it: its control characters (line breaks, ESC, which starts a
     terminal's escape sequence, the other C0 and C1 codes and DEL; the Unicode line and paragraph separators), its
     format characters (Unicode's Cf: the bidirectional controls, with U+202E ``invoice\\u202egnp.exe`` would print as
-    ``invoiceexe.png``; the invisible ones, U+200B zero width space, U+2060, U+FEFF, U+00AD soft hyphen) and the
+    ``invoiceexe.png``; the invisible ones, U+200B zero width space, U+2060, U+FEFF, U+00AD soft hyphen), its lone
+    surrogates (a Linux name that is not UTF-8: \\udce9 for the byte 0xE9, which a UTF-8 stdout cannot write) and the
     other characters Unicode says to show as nothing (``DEFAULT_IGNORABLE``: the Hangul fillers U+3164, U+FFA0,
     U+115F, U+1160, the variation selectors, U+034F) or that print as a blank without being a space (U+2800 blank
     braille cell), with which two names print alike, written as Python escapes (``\\n``, ``\\x1b``, ``\\xad``,
@@ -104,3 +108,18 @@ def shown_name(name):
         return c.encode("unicode_escape").decode("ascii")
 
     return "".join(shown(i, c) for i, c in enumerate(name))
+
+
+def quoted_name(path):
+    """A file or folder ``path`` (str, bytes or path-like) as a message names it within a sentence: in quotes, as
+    ``shown_name`` shows it (not its repr(), which prints U+3164 or a variation selector as it is, escapes the joiner
+    of an emoji sequence and doubles a Windows path's backslashes)."""
+    return f"'{shown_name(os.fsdecode(path))}'"
+
+
+def error_text(error):
+    """``str(error)``, but for an OSError naming its files as ``quoted_name`` does (its own text gives their repr())."""
+    if not isinstance(error, OSError) or not isinstance(error.filename, (str, bytes, os.PathLike)):
+        return str(error)
+    names = [error.filename] + ([error.filename2] if error.filename2 is not None else [])
+    return f"{OSError(error.errno, error.strerror)}: {' -> '.join(map(quoted_name, names))}"

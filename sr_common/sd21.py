@@ -24,6 +24,7 @@ from .fast_modules import fast_modules, fast_vae_decoder
 from .known_files import (KNOWN, OPEN_CLIP_PREFIX, SGM_OPEN_CLIP_PREFIX, TRANSFORMERS_CLIP_PREFIX, UNET_INPUT_FAMILIES,
                           UNET_PREFIX, VAE_PREFIX, canonical, describe, describe_model_folder,
                           diffusers_unet_is_v_prediction, identify, sd_family)
+from .names import quoted_name, shown_name
 from .tiling import WeightsOutOfMemory, cpu_allocation_failed, is_out_of_memory
 from .weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_weight_file, dangling_link, load_module_weights,
                       read_state_dict, stored_as_float32)
@@ -97,18 +98,18 @@ def read_config(folder, relative, fix):
     except NotAConfigFile as e:
         raise NotAConfigFile(f"{e} {fix}") from e
     except OSError as e:
-        raise WeightFileError(f"{folder!r} has no readable {relative} ({e.strerror or e}). {fix}") from e
+        raise WeightFileError(f"{quoted_name(folder)} has no readable {relative} ({e.strerror or e}). {fix}") from e
     except ValueError as e:  # not JSON, or not UTF-8
-        raise WeightFileError(f"{relative} in {folder!r} is not JSON ({e}). {fix}") from e
+        raise WeightFileError(f"{relative} in {quoted_name(folder)} is not JSON ({e}). {fix}") from e
     if not isinstance(config, dict):
-        raise WeightFileError(f"{relative} in {folder!r} is not a JSON object. {fix}")
+        raise WeightFileError(f"{relative} in {quoted_name(folder)} is not a JSON object. {fix}")
     return config
 
 
 def _refuse(name, what):
-    raise WeightFileError(f"{os.path.basename(os.path.normpath(os.fspath(name)))!r} is not Stable Diffusion 2.1-base: "
-                          f"it is {what}. Use the whole SD 2.1-base: v2-1_512-ema-pruned.safetensors ({FETCH_SD21}) "
-                          "or the stable-diffusion-2-1-base diffusers folder.")
+    raise WeightFileError(f"{quoted_name(os.path.basename(os.path.normpath(os.fspath(name))))} is not Stable Diffusion "
+                          f"2.1-base: it is {what}. Use the whole SD 2.1-base: v2-1_512-ema-pruned.safetensors "
+                          f"({FETCH_SD21}) or the stable-diffusion-2-1-base diffusers folder.")
 
 
 def _what_instead(sd, path):
@@ -128,7 +129,8 @@ def open_clip_to_hf(sd, num_layers, prefix=OPEN_CLIP_PREFIX, name=None):
     SD 2.x uses the penultimate layer, so the HF encoder has one block fewer than the checkpoint;
     its ``final_layer_norm`` is OpenCLIP's ``ln_final``.
     """
-    what = f"{os.path.basename(os.fspath(name))!r}: the" if name else "The"  # unnamed: the caller names the file
+    # unnamed: the caller names the file
+    what = f"{quoted_name(os.path.basename(os.fspath(name)))}: the" if name else "The"
 
     def tensor(key):
         if key not in sd:
@@ -193,7 +195,7 @@ def load_ldm_unet_vae(sd, unet, vae, name=None, fix=SD21_SIZE_FIX):
         unet_sd = convert_ldm_unet_checkpoint(sd, unet.config)
         vae_sd = convert_ldm_vae_checkpoint(sd, vae.config)
     except (KeyError, IndexError, RuntimeError) as e:
-        what = repr(os.path.basename(os.fspath(name))) if name else "The checkpoint"
+        what = quoted_name(os.path.basename(os.fspath(name))) if name else "The checkpoint"
         raise WeightFileError(f"{what}: cannot convert the SD 2.1 UNet/VAE keys ({e}). The file is damaged or not "
                               "SD 2.1-base.") from e
     return load_module_weights(unet, unet_sd, "UNet", name, fix), load_module_weights(vae, vae_sd, "VAE", name, fix)
@@ -225,8 +227,9 @@ def load_tokenizer(folder):
     shipped = os.path.join(shipped_config_dir(), "tokenizer")
     if not all(os.path.isfile(p) and os.path.getsize(p) for p in
                (os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))):
-        warnings.warn(f"{folder!r} has no CLIP vocabulary (vocab.json, merges.txt); using the SD 2.1 tokenizer this "
-                      "pack ships, which is the one of stable-diffusion-2-1-base.", UserWarning, stacklevel=2)
+        warnings.warn(f"{quoted_name(folder)} has no CLIP vocabulary (vocab.json, merges.txt); using the SD 2.1 "
+                      "tokenizer this pack ships, which is the one of stable-diffusion-2-1-base.", UserWarning,
+                      stacklevel=2)
         folder = shipped
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
@@ -239,7 +242,7 @@ def _note_ema(sd, name):
     does, say which are used: the trained ones (``model.diffusion_model.*``), as ComfyUI (comfy/sd.py: the UNet from
     that prefix) and ldm with the SD 2 inference configs (``use_ema: False``) take them."""
     if any(k.startswith(EMA_PREFIX) for k in sd):
-        warnings.warn(f"{os.path.basename(os.fspath(name))!r} holds the UNet twice: its trained weights "
+        warnings.warn(f"{quoted_name(os.path.basename(os.fspath(name)))} holds the UNet twice: its trained weights "
                       "(model.diffusion_model.*) and their EMA (model_ema.*). The trained ones are used, as ComfyUI "
                       "and the SD 2 inference configs do; OSEDiff and DoSSR start from SD 2.1-base's EMA weights, "
                       f"which v2-1_512-ema-pruned.safetensors holds ({FETCH_SD21}).", UserWarning, stacklevel=3)
@@ -356,12 +359,12 @@ def _hugging_face_snapshot(folder):
     except (OSError, ValueError):  # none (or no file, not UTF-8): the snapshot is not named
         main = None
     if not (main in revisions or len(revisions) == 1):
-        return f"its snapshot {snapshots!r}/<revision>, the diffusers folder"
+        return f"its snapshot {quoted_name(snapshots)}/<revision>, the diffusers folder"
     snapshot = os.path.join(snapshots, main if main in revisions else revisions[0])
     singles = [] if _is_diffusers_folder(snapshot) else _single_files(snapshot)
     if singles:
-        return f"the file in its snapshot, {os.path.join(snapshot, singles[0])!r}"
-    return f"its snapshot {snapshot!r}, the diffusers folder"
+        return f"the file in its snapshot, {quoted_name(os.path.join(snapshot, singles[0]))}"
+    return f"its snapshot {quoted_name(snapshot)}, the diffusers folder"
 
 
 def check_diffusers_folder(folder):
@@ -371,21 +374,21 @@ def check_diffusers_folder(folder):
     absent = [part for part in DIFFUSERS_PARTS if not os.path.isdir(os.path.join(folder, part))]
     snapshot = _hugging_face_snapshot(folder) if absent else None
     if snapshot:
-        raise WeightFileError(f"{name!r} is a Hugging Face cache folder: pass {snapshot}.")
+        raise WeightFileError(f"{quoted_name(name)} is a Hugging Face cache folder: pass {snapshot}.")
     if (absent and os.path.isfile(os.path.join(folder, "config.json"))
             and not os.path.isfile(os.path.join(folder, "model_index.json"))):  # a folder of one model, no pipeline
         path = os.path.abspath(folder)
         if os.path.basename(path) in _indexed_parts(os.path.dirname(path)):  # a part of a pipeline folder
-            raise WeightFileError(f"{name!r} holds one part of a diffusers folder (its config.json and weights), not "
-                                  "the whole folder: pass the folder holding unet/, vae/ and text_encoder/ (the "
-                                  "stable-diffusion-2-1-base folder).")
+            raise WeightFileError(f"{quoted_name(name)} holds one part of a diffusers folder (its config.json and "
+                                  "weights), not the whole folder: pass the folder holding unet/, vae/ and "
+                                  "text_encoder/ (the stable-diffusion-2-1-base folder).")
         _refuse(folder, describe_model_folder(_model_config(folder)))
     singles = _single_files(folder)
     if absent and singles:
-        raise WeightFileError(f"{name!r} is a folder of single-file checkpoints, not a diffusers folder: pass the file "
-                              f"itself, e.g. {os.path.join(folder, singles[0])!r}.")
+        raise WeightFileError(f"{quoted_name(name)} is a folder of single-file checkpoints, not a diffusers folder: "
+                              f"pass the file itself, e.g. {quoted_name(os.path.join(folder, singles[0]))}.")
     if absent:
-        raise WeightFileError(f"{name!r} is not a diffusers Stable Diffusion folder: missing {absent}. "
+        raise WeightFileError(f"{quoted_name(name)} is not a diffusers Stable Diffusion folder: missing {absent}. "
                               "Expected the layout of stabilityai/stable-diffusion-2-1-base.")
     unet_cfg = read_config(folder, "unet/config.json", FOLDER_FIX)
     has_scheduler = os.path.exists(os.path.join(folder, "scheduler", "scheduler_config.json"))
@@ -442,12 +445,13 @@ def check_weight_files(folder, loaded=(), in_memory=False):
                     reads[path] = _read_base_file(path, in_memory)
                     why = _not_named_tensors(reads[path][0])
                     if why:
-                        raise WeightFileError(f"{n!r} is not a dict of named tensors ({why}). {FOLDER_FIX}")
+                        raise WeightFileError(f"{quoted_name(n)} is not a dict of named tensors ({why}). {FOLDER_FIX}")
                 else:
                     check_weight_file(path)
             except WeightFileError as e:
                 reads.clear()  # the error's traceback holds this frame
-                raise WeightFileError(f"{sub}/{n} in the diffusers folder {folder!r}: {e}") from e
+                raise WeightFileError(f"{sub}/{shown_name(n)} in the diffusers folder {quoted_name(folder)}: "
+                                      f"{e}") from e
     return reads
 
 
@@ -569,14 +573,14 @@ def load_diffusers_folder(folder, in_memory=False):
                                                                 local_files_only=True, torch_dtype=torch.float32,
                                                                 output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as e:
-        raise WeightFileError(f"Cannot load the diffusers folder {folder!r}: {e} Its files are incomplete or "
-                              f"damaged. {FOLDER_FIX}") from e
+        raise WeightFileError(f"Cannot load the diffusers folder {quoted_name(folder)}: {e} Its files are incomplete "
+                              f"or damaged. {FOLDER_FIX}") from e
     for part, info in (("unet", unet_info), ("vae", vae_info), ("text_encoder", text_info)):
         missing = sorted(info["missing_keys"])  # started at random, with a logged warning only
         if missing:
-            raise WeightFileError(f"The {part}/ weights in the diffusers folder {folder!r} lack {len(missing)} of the "
-                                  f"model's tensors (e.g. {missing[:2]}), which diffusers and transformers would start "
-                                  f"at random. {FOLDER_FIX}")
+            raise WeightFileError(f"The {part}/ weights in the diffusers folder {quoted_name(folder)} lack "
+                                  f"{len(missing)} of the model's tensors (e.g. {missing[:2]}), which diffusers and "
+                                  f"transformers would start at random. {FOLDER_FIX}")
     _check_epsilon_weights(folder, unet)
     return SD21(unet.eval(), vae.eval(), text_encoder.eval(), load_tokenizer(os.path.join(folder, "tokenizer")))
 
@@ -585,12 +589,12 @@ def load_sd21(path, config_dir=None, *, in_memory=False):
     """SD 2.1-base from a diffusers folder or a single-file checkpoint (``in_memory``: see ``load_single_file``)."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise WeightFileError(f"Base model not found: {path!r}.{dangling_link(path)} Pass the "
+        raise WeightFileError(f"Base model not found: {quoted_name(path)}.{dangling_link(path)} Pass the "
                               "stable-diffusion-2-1-base folder or v2-1_512-ema-pruned.safetensors.")
     folder = _diffusers_folder_above(path)
     if folder is not None:
-        raise WeightFileError(f"{os.path.basename(os.path.normpath(path))!r} is a part of the diffusers folder "
-                              f"{folder!r}: pass that folder itself (in ComfyUI: the whole folder in "
+        raise WeightFileError(f"{quoted_name(os.path.basename(os.path.normpath(path)))} is a part of the diffusers "
+                              f"folder {quoted_name(folder)}: pass that folder itself (in ComfyUI: the whole folder in "
                               "models/diffusers, chosen in Load SD 2.1-base (DiffSR)).")
     if os.path.isdir(path):
         return load_diffusers_folder(path, in_memory)

@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import ArchitectureMismatch, WeightFileError
+from .names import error_text, quoted_name
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".pkl", ".pth", ".pt", ".ckpt", ".bin")
@@ -40,7 +41,7 @@ def gone_link_target(path):
     or deleted)"; else ''."""
     if not os.path.islink(path) or os.path.exists(path):
         return ""
-    return f"a link to {os.readlink(path)!r}, which does not exist (moved or deleted)"
+    return f"a link to {quoted_name(os.readlink(path))}, which does not exist (moved or deleted)"
 
 
 def dangling_link(path):
@@ -54,12 +55,12 @@ def _check_file(path):
     path = os.fspath(path)
     if not os.path.exists(path):
         fix = dangling_link(path) or " Check the path or the model folder."
-        raise WeightFileError(f"Weight file not found: {path!r}.{fix}")
+        raise WeightFileError(f"Weight file not found: {quoted_name(path)}.{fix}")
     if os.path.isdir(path):
-        raise WeightFileError(f"Expected a weight file but {path!r} is a folder; give the file itself.")
+        raise WeightFileError(f"Expected a weight file but {quoted_name(path)} is a folder; give the file itself.")
     if os.path.getsize(path) == 0:
-        raise WeightFileError(f"Weight file {path!r} is empty (0 bytes): the download or copy did not finish. "
-                              "Download it again.")
+        raise WeightFileError(f"Weight file {quoted_name(path)} is empty (0 bytes): the download or copy did not "
+                              "finish. Download it again.")
     return path
 
 
@@ -99,8 +100,8 @@ def _unpickling_detail(error):
 
 
 def _damaged_safetensors(name, error):
-    return WeightFileError(f"Cannot read {name!r} as safetensors ({error}). The file is truncated or damaged. "
-                           f"{DOWNLOAD_HINT}")
+    return WeightFileError(f"Cannot read {quoted_name(name)} as safetensors ({error}). The file is truncated or "
+                           f"damaged. {DOWNLOAD_HINT}")
 
 
 def check_weight_file(path):
@@ -121,7 +122,7 @@ def require_float(tensors, what, name=None):
     for key, value in tensors.items():
         if not (torch.is_tensor(value) and value.is_floating_point()):
             kind = str(value.dtype).removeprefix("torch.") if torch.is_tensor(value) else type(value).__name__
-            where = f"{name!r}: the" if name else "The"
+            where = f"{quoted_name(name)}: the" if name else "The"
             raise WeightFileError(f"{where} {what} tensor {key!r} is {kind}, but weights must be floating-point "
                                   "tensors: the file is quantised, damaged or was written wrongly. Use a float32 or "
                                   "float16 copy of it: download or convert it again.")
@@ -139,15 +140,15 @@ def read_state_dict(path, *, mmap=True, float32=False):
     name = os.path.basename(path)
     kind = sniff(path)
     if kind not in ("zip", "pickle", "safetensors"):
-        raise WeightFileError(f"Cannot read {name!r}: it is {kind}. {DOWNLOAD_HINT}")
+        raise WeightFileError(f"Cannot read {quoted_name(name)}: it is {kind}. {DOWNLOAD_HINT}")
     named_safetensors = path.lower().endswith(SAFETENSORS_SUFFIXES)
     if named_safetensors and kind != "safetensors":
-        raise WeightFileError(f"{name!r} is named .safetensors but is a PyTorch pickle, which could run code "
-                              f"when loaded. {CONVERT_HINT}")
+        raise WeightFileError(f"{quoted_name(name)} is named .safetensors but is a PyTorch pickle, which could run "
+                              f"code when loaded. {CONVERT_HINT}")
     if kind == "safetensors":
         if not named_safetensors:
-            raise WeightFileError(f"{name!r} is a safetensors file with a {os.path.splitext(name)[1]!r} name; "
-                                  "rename it to .safetensors.")
+            raise WeightFileError(f"{quoted_name(name)} is a safetensors file with a "
+                                  f"{quoted_name(os.path.splitext(name)[1])} name; rename it to .safetensors.")
         try:
             return _map_safetensors(path) if mmap else _read_safetensors_into_memory(path, float32)
         except (MemoryError, WeightFileError):
@@ -158,16 +159,16 @@ def read_state_dict(path, *, mmap=True, float32=False):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and kind == "zip")
     except pickle.UnpicklingError as e:
         raise WeightFileError(
-            f"Refusing to open {name!r}: it contains Python objects that could run code when loaded, or it is "
-            f"damaged ({_unpickling_detail(e)}). This pack only loads plain tensors. {CONVERT_HINT} If the file "
+            f"Refusing to open {quoted_name(name)}: it contains Python objects that could run code when loaded, or it "
+            f"is damaged ({_unpickling_detail(e)}). This pack only loads plain tensors. {CONVERT_HINT} If the file "
             "came from the official release, it may be damaged: download it again.") from e
     except MemoryError:
         raise
     except Exception as e:  # a damaged zip or pickle can fail in many ways inside torch.load
         first = str(e).splitlines()[0] if str(e) else ""
         first = first.split(". ")[0].rstrip(".") if len(first) > 160 else first  # torch's first sentence, whole
-        raise WeightFileError(f"Cannot read {name!r} ({type(e).__name__}: {first}). The file is truncated, damaged "
-                              f"or not a PyTorch weight file. {DOWNLOAD_HINT}") from e
+        raise WeightFileError(f"Cannot read {quoted_name(name)} ({type(e).__name__}: {first}). The file is truncated, "
+                              f"damaged or not a PyTorch weight file. {DOWNLOAD_HINT}") from e
 
 
 def stored_as_float32(path):
@@ -261,8 +262,8 @@ def _safetensors_layout(path):
     for name, info in header.items():
         dtype = SAFETENSORS_DTYPES.get(info["dtype"])
         if dtype is None:
-            raise WeightFileError(f"{os.path.basename(path)!r}: tensor {name!r} has dtype {info['dtype']}, which "
-                                  "this pack does not read: use a float32 or float16 copy of the file.")
+            raise WeightFileError(f"{quoted_name(os.path.basename(path))}: tensor {name!r} has dtype {info['dtype']}, "
+                                  "which this pack does not read: use a float32 or float16 copy of the file.")
         layout[name] = (dtype, info["shape"], *info["data_offsets"])
     return layout, 8 + length
 
@@ -393,7 +394,7 @@ def load_module_weights(module, state, what, name=None, fix="pass a config match
     expected = module.state_dict()
     if not any(k.startswith("text_model.") for k in expected):  # transformers >= 5 drops CLIP's prefix
         state = {k.removeprefix("text_model."): v for k, v in state.items()}
-    where = f" in {os.path.basename(os.fspath(name))!r}" if name else ""
+    where = f" in {quoted_name(os.path.basename(os.fspath(name)))}" if name else ""
     require_float({k: state[k] for k in expected if k in state}, what, name and os.path.basename(os.fspath(name)))
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -561,13 +562,14 @@ def check_safetensors_output(path, replace=False):
     first): a name of another kind, a file there (unless ``replace``), a folder that cannot be made or written."""
     path = os.fspath(path)
     if not path.lower().endswith(".safetensors"):
-        raise WeightFileError(f"The output {path!r} must end in .safetensors (the loaders read files by their kind).")
+        raise WeightFileError(f"The output {quoted_name(path)} must end in .safetensors (the loaders read files by "
+                              "their kind).")
     if os.path.lexists(path) and not replace:  # a link to nothing too: the file would be written through it
-        raise WeightFileError(f"{path!r} exists; choose another output name or delete it first.")
+        raise WeightFileError(f"{quoted_name(path)} exists; choose another output name or delete it first.")
     unwritable = unwritable_part(os.path.dirname(os.path.abspath(path)))
     if unwritable:
-        raise WeightFileError(f"Cannot write {path!r}: {unwritable!r} is not a writable folder; choose another output "
-                              "name.")
+        raise WeightFileError(f"Cannot write {quoted_name(path)}: {quoted_name(unwritable)} is not a writable folder; "
+                              "choose another output name.")
 
 
 def write_safetensors(tensors, path, metadata=None, replace=False):
@@ -586,8 +588,8 @@ def write_safetensors(tensors, path, metadata=None, replace=False):
         os.chmod(tmp, mode)
         publish(tmp, path, replace)
     except (OSError, SafetensorError) as e:
-        raise WeightFileError(f"Cannot write {path!r} ({type(e).__name__}: {e}); check that its folder is "
-                              "writable and has space.") from e
+        raise WeightFileError(f"Cannot write {quoted_name(path)} ({type(e).__name__}: {error_text(e)}); check that its "
+                              "folder is writable and has space.") from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

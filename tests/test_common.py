@@ -1239,6 +1239,31 @@ def test_shown_names_keep_the_flags_of_england_scotland_and_wales():
         assert names.shown_name(name) == name[0] + escaped(name[1:]), escaped(name)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows file names cannot hold a line break")
+def test_the_cores_errors_show_names_as_the_commands_do(tmp_path):
+    """The errors of sr_common and the cores, which the commands and the nodes show, named a path with repr(): it
+    printed U+3164 HANGUL FILLER (a letter, Default_Ignorable) and the other invisible characters that are not format
+    characters as they are, and escaped the joiner of an emoji sequence, where the commands' own lines (``shown_name``)
+    do the opposite; an OSError's text names its file with repr() too. A path is shown in quotes as ``shown_name``
+    shows it (``quoted_name``), in an OSError's text as well (``error_text``)."""
+    from comfyui_diffsr.sr_common.download import DownloadError, download
+    from comfyui_diffsr.sr_common.names import shown_name
+
+    for name, shown in (("a\u3164b", "a\\u3164b"), ("x\u202egnp", "x\\u202egnp"), ("a\u200bb", "a\\u200bb"),
+                        ("line\nbreak", "line\\nbreak"), ("👩\u200d💻", "👩\u200d💻"), ("Café", "Café")):
+        assert shown_name(name) == shown
+        with pytest.raises(WeightFileError) as refused:
+            read_state_dict(tmp_path / f"{name}.safetensors")
+        assert str(refused.value) == (f"Weight file not found: '{tmp_path}/{shown}.safetensors'. Check the path or "
+                                      "the model folder.")
+        (tmp_path / name).write_bytes(b"a file, not a folder")
+        with pytest.raises(DownloadError) as refused:  # (no connection: the folder is refused first)
+            download("https://example.com/f.bin", str(tmp_path / name / "sub" / "f.bin"))
+        assert str(refused.value) == (f"Cannot make the folder of '{tmp_path}/{shown}/sub/f.bin' ([Errno 20] Not a "
+                                      f"directory: '{tmp_path}/{shown}/sub'); choose another models folder.")
+    assert shown_name("caf\udce9.png") == "caf\\udce9.png"  # a Linux name that is not UTF-8, as Python decodes it
+
+
 def test_windows_paths_print_with_their_separators(monkeypatch):
     r"""``escaped_name`` (``diffsr download``'s lines, ``diffsr dape``'s ``<file>`` field) escaped every path holding
     a backslash, which on Windows is every path of a folder: ``diffsr download --models-dir C:\ComfyUI\models``

@@ -217,6 +217,63 @@ def test_convert_prints_the_name_it_wrote_as_the_messages_show_names(tmp_path, c
     assert out.exists()
 
 
+@pytest.mark.skipif(sys.platform in ("win32", "darwin"), reason="file names are Unicode there")
+def test_a_name_that_is_not_utf8_prints_escaped(tmp_path):
+    """A Linux file name is bytes; one that is not UTF-8 (an old Latin-1 name: 0xE9 for é) reaches Python with a
+    lone surrogate for each byte that is not (U+DCE9), which a UTF-8 terminal's stdout cannot write: ``diffsr
+    convert`` converted, then ended in a UnicodeEncodeError (exit status 1) on its ``wrote`` line. The messages
+    escape it as ``\\udce9``, as repr() did in the errors; Python writes the name back to the same bytes."""
+    out = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9.safetensors"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8:strict")  # en_US.UTF-8's stdout
+    done = subprocess.run([sys.executable, "-m", "comfyui_diffsr", "convert", "osediff",
+                           os.path.join(FIX, "osediff_tiny.pkl"), out], capture_output=True, text=True, env=env)
+    assert (done.returncode, done.stdout) == (0, f"wrote {tmp_path}/caf\\udce9.safetensors\n"), done.stderr
+    assert os.listdir(os.fsencode(tmp_path)) == [b"caf\xe9.safetensors"]
+
+
+# a name whose characters printed raw would reverse it (U+202E), hide in it (U+200B, U+3164 Hangul filler: a
+# letter, Default_Ignorable, which repr() printed as it is) or break the line; and two that print unchanged (repr()
+# escaped the emoji sequence's joiner)
+ODD_NAMES = [("x\u202egnp.exe", "x\\u202egnp.exe"), ("a\u200bb", "a\\u200bb"), ("line\nbreak", "line\\nbreak"),
+             ("a\u3164b", "a\\u3164b"), ("Café", "Café"), ("👩\u200d💻", "👩\u200d💻")]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows file names cannot hold a line break")
+@pytest.mark.parametrize("name, shown", ODD_NAMES,
+                         ids=["U+202E", "U+200B", "line break", "U+3164", "accented", "emoji"])
+def test_the_commands_errors_show_names_as_their_other_lines_do(base, tmp_path, capsys, monkeypatch, name, shown):
+    """The commands' errors named a path with repr(), their other lines (``error: <path>: ...``, ``wrote <file>``)
+    with ``shown_name``: repr() printed U+3164 and the other invisible characters that are not format characters as
+    they are, and escaped the joiner of an emoji sequence, so one name printed two ways. Every message names a path
+    in quotes as ``shown_name`` shows it, the commands' own and those of the cores (which the nodes show too)."""
+    from comfyui_diffsr.cli.main import main as diffsr
+
+    odd, pkl = tmp_path / name, os.path.join(FIX, "osediff_tiny.pkl")
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "in" / f"{name}.png")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / f"{name}.png").write_bytes(b"made before")
+    odd.with_name(f"{name}.safetensors").write_bytes(b"made before")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    weights = ["--base", base, "--weights", pkl]
+    cases = [(["osediff", f"{odd}.png", "-o", tmp_path / "o", *weights], f"Input not found: '{tmp_path}/{shown}.png'"),
+             (["osediff", tmp_path / "in", "-o", tmp_path / "out", *weights],
+              f"1 output file(s) exist already (e.g. '{tmp_path}/out/{shown}.png'). Choose another --output folder, "
+              "pass --skip-existing to upscale only the others, or --overwrite."),
+             (["convert", "osediff", f"{odd}.pkl", tmp_path / "o.safetensors"],
+              f"Weight file not found: '{tmp_path}/{shown}.pkl'. Check the path or the model folder."),
+             (["convert", "osediff", pkl, f"{odd}.safetensors"],
+              f"'{tmp_path}/{shown}.safetensors' exists; choose another output name or delete it first."),
+             (["download", "ram", "--models-dir", odd],  # (a Hugging Face file: refused offline, before any try)
+              "ram: HF_HUB_OFFLINE is set, so ram_swin_large_14m.pth is not fetched from Hugging Face: unset it to "
+              f"download, or put the file at '{tmp_path}/{shown}/dape/ram_swin_large_14m.pth' by hand.")]
+    for args, error in cases:
+        assert diffsr([str(a) for a in args]) == 2
+        assert capsys.readouterr().err.splitlines()[0] == f"error: {error}", args
+    assert diffsr([name]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: unknown command '{shown}'"
+
+
 def test_convert_removes_the_partial_file_a_killed_conversion_left(tmp_path, capsys):
     """A conversion killed while it wrote left its hidden partial file (gigabytes) in the models folder for good: the
     next conversion into that folder removes it, with a note; a live writer's is kept."""
