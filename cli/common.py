@@ -75,6 +75,9 @@ def find_images(inputs, recursive=False, output=None):
     return found
 
 
+NOT_UTF8 = re.compile("([\\udc80-\\udcff]+)")  # the bytes of a name that are not UTF-8, as Python decodes them
+
+
 def escaped_name(path):
     """``path`` as a command prints it for scripts (``diffsr dape``'s ``<file>`` field, ``diffsr download``'s lines):
     unchanged, or, where it holds a backslash or a character the messages escape (``shown_name``: a tab, line break,
@@ -83,8 +86,11 @@ def escaped_name(path):
     (\\t, \\n, \\r, \\x1b, \\u202e, \\u3164, \\U000e0041), after the ``sha256sum`` convention: a line that starts
     with a backslash is escaped, and no escaped name reads as another, real one. On Windows, where the backslash is
     the separator and no name holds one, a path without another character to escape is printed as it is, unless it
-    starts with a backslash (\\\\server\\share, \\models: it would read as escaped)."""
-    escaped = shown_name(path.replace("\\", "\\\\"))
+    starts with a backslash (\\\\server\\share, \\models: it would read as escaped). The bytes of a name that are
+    not UTF-8 (which Python decodes to U+DC80-U+DCFF, and the messages escape) are kept: printed as those bytes,
+    as ``sha256sum`` prints them (``run_main`` lets stdout write them)."""
+    escaped = "".join(part if NOT_UTF8.fullmatch(part) else shown_name(part)
+                      for part in NOT_UTF8.split(path.replace("\\", "\\\\")))
     if escaped == path or os.sep == "\\" and shown_name(path) == path and not path.startswith("\\"):
         return path
     return "\\" + escaped
@@ -675,13 +681,16 @@ def show_warning_as_note(message, category, filename, lineno, file=None, line=No
 def run_main(main_fn, argv, interrupted="interrupted"):
     """Run a command: our own errors print one clear line and exit with status 2; Ctrl-C prints ``interrupted`` (the
     command's own line, such as how to resume) and exits with status 130; warnings print as notes
-    (``show_warning_as_note``).
+    (``show_warning_as_note``). A name that is not UTF-8 goes to stdout as its bytes (``escaped_name``), as
+    ``sha256sum`` prints it, even where stdout is strict UTF-8.
 
     Large CPU tensors are allowed transparent huge pages (PyTorch's ``THP_MEM_ALLOC_ENABLE``):
     the forward passes fault in gigabytes of fresh pages, and 2 MiB pages cut that cost (about
     15 % of an OSEDiff 128→512 run on 2 cores, same output).
     """
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="surrogateescape")
     try:
         with ieee_float32(), warnings.catch_warnings():  # --dtype fp32 is float32 on every GPU, not TF32
             warnings.showwarning = show_warning_as_note

@@ -94,8 +94,6 @@ def main_impl(argv=None):
     if unknown:  # a misspelt tag would leave the one meant in every prompt
         print(f"note: --exclude: {misspelt_tags(unknown)}: not among DAPE's tags (check the spelling)",
               file=sys.stderr)
-    if hasattr(sys.stdout, "reconfigure"):  # a name that is not UTF-8 is printed as its bytes, as sha256sum does
-        sys.stdout.reconfigure(errors="surrogateescape")
     failed = []
 
     def fail(path, reason):  # named on stderr; with --no-names FAILED_LINE, so the Nth line stays the Nth image's

@@ -5,6 +5,7 @@ import http.server
 import io
 import os
 import subprocess
+import sys
 import threading
 
 import pytest
@@ -394,6 +395,22 @@ def test_the_command_prints_an_escaped_path_apart_from_a_real_one(server, monkey
         lines.append(capsys.readouterr().out)
     assert lines == [f"\\{tmp_path}/a\\nb/osediff/osediff.pkl\n", f"\\{tmp_path}/a\\\\nb/osediff/osediff.pkl\n",
                      f"{tmp_path}/plain/osediff/osediff.pkl\n"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a file name of bytes that are not UTF-8: Linux file systems")
+def test_the_command_prints_a_path_that_is_not_utf8_as_its_bytes(server, monkeypatch, tmp_path):
+    """A models folder whose name is not UTF-8 (Latin-1 \\xe9) reaches Python as U+DCE9, which a strict UTF-8 stdout
+    (en_US.UTF-8's) cannot write: ``diffsr download`` fetched the file, then ended in a UnicodeEncodeError on the line
+    naming it. The path is printed as its bytes, as ``diffsr dape`` prints such a name (after sha256sum)."""
+    from comfyui_diffsr.cli.download import main
+
+    models = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"mod\xe8les"))
+    monkeypatch.setitem(OFFICIAL, "test", Source("test", f"{server}/plain", "osediff.pkl", "osediff", sha256=SHA))
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert main(["test", "--models-dir", models]) == 0
+    stdout.flush()
+    assert stdout.buffer.getvalue() == os.path.join(os.fsencode(tmp_path), b"mod\xe8les/osediff/osediff.pkl\n")
 
 
 def test_hf_hub_offline_leaves_a_file_there_in_place(monkeypatch, tmp_path, capsys):
