@@ -32,6 +32,9 @@ JUNGSEONG = ((0x1161, 0x11A7), (0xD7B0, 0xD7C6))  # the vowels of conjoining Han
 VIRAMA = 9  # the canonical combining class of viramas (Devanagari ्, Malayalam ്, Sinhala ්, Khmer coeng)
 EMOJI_MODIFIERS = ("\U0001f3fb", "\U0001f3ff")  # the skin tones, first and last
 EMOJI_PRESENTATION = "\ufe0f"
+MONGOLIAN_VOWEL_SEPARATOR = "\u180e"  # Cf: between a word's last consonant and its final a or e, picks both shapes
+MONGOLIAN_LETTERS = ("\u1820", "\u18aa")  # the letters (Lo) of Hudum, Todo, Sibe, Manchu and Ali Gali
+MONGOLIAN_A_E = "\u1820\u1821"  # MONGOLIAN LETTER A, E
 
 
 def _within(char, ranges):
@@ -67,7 +70,8 @@ def _shapes(before, char, after):
     only in a keycap (1\\ufe0f\\u20e3; a\\ufe0f and 1\\ufe0f print as a and 1);
     a conjoining Hangul filler inside its syllable (U+115F before a vowel, U+1160 after a leading consonant: the
     block drawn without that consonant or vowel); the blank braille cell between two braille cells (a braille text's
-    space). Nothing else: the compatibility Hangul fillers U+3164 and U+FFA0 build no syllable in Unicode text (the
+    space); the Mongolian vowel separator between a Mongolian letter and a or e (ᠬᠠᠷ\\u180eᠠ, qar-a "black", is drawn
+    apart from ᠬᠠᠷᠠ, qara "to look"). Nothing else: the compatibility Hangul fillers U+3164 and U+FFA0 build no syllable in Unicode text (the
     KS X 1001 sequences they began are not drawn as one) and print as a blank anywhere, U+034F and Khmer's inherent
     vowels print as nothing."""
     if char in JOINERS:
@@ -83,6 +87,9 @@ def _shapes(before, char, after):
         return _within(before, CHOSEONG)
     if char == BRAILLE_BLANK:
         return BRAILLE_BLANK < before <= "\u28ff" and BRAILLE_BLANK < after <= "\u28ff"
+    if char == MONGOLIAN_VOWEL_SEPARATOR:
+        return (MONGOLIAN_LETTERS[0] <= before <= MONGOLIAN_LETTERS[1] and unicodedata.category(before) == "Lo"
+                and after in MONGOLIAN_A_E)
     return False
 
 
@@ -97,8 +104,8 @@ def shown_name(name):
     braille cell), with which two names print alike, written as Python escapes (``\\n``, ``\\x1b``, ``\\xad``,
     ``\\u202e``, ``\\u3164``), so that it stays on its line, reads as the file it is, and cannot rewrite the terminal.
     Such a character is kept where it shapes what is printed, as part of a word or emoji (``_shapes``: ``👩\\u200d💻``,
-    ``❤\\ufe0f``, a Hangul syllable drawn without its consonant; the tags of a flag, ``TAG_FLAGS``), and escaped
-    elsewhere. Every other character as it is."""
+    ``❤\\ufe0f``, a Hangul syllable drawn without its consonant, a Mongolian word's vowel separator; the tags of a
+    flag, ``TAG_FLAGS``), and escaped elsewhere. Every other character as it is."""
     padded = f"\0{name}\0"  # NUL at each end, which nothing joins
     flag_tags = {i for flag in TAG_FLAGS.finditer(name) for i in range(flag.start() + 1, flag.end())}
 

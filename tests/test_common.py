@@ -1217,6 +1217,19 @@ def test_shown_names_keep_every_emoji_presentation_sequence():
     assert names.shown_name("é\ufe0f.png") == "é\\ufe0f.png"
 
 
+def test_shown_names_keep_the_mongolian_vowel_separator_in_its_word():
+    """U+180E MONGOLIAN VOWEL SEPARATOR (a format character since Unicode 6.3, Default_Ignorable) was escaped
+    wherever it stood, though inside a Mongolian word, between a letter and the word's final a or e, it picks their
+    shapes as the Mongolian variation selectors kept after a letter do: ᠬᠠᠷ\u180eᠠ (qar-a, "black") is drawn
+    apart from ᠬᠠᠷᠠ (qara, "to look"). It is kept there, and escaped anywhere else."""
+    from comfyui_diffsr.sr_common import names
+
+    for kept in ("ᠬᠠᠷ\u180eᠠ.png", "ᠨᠢᠭᠡ ᠬᠠᠷ\u180eᠠ", "ᠲᠡᠷᠭ\u180eᠡ"):
+        assert names.shown_name(kept) == kept
+    for name in ("photo\u180e.png", "ᠬᠠᠷ\u180e.png", "\u180eᠠ", "a\u180eᠠ", "ᠬᠠᠷ\u180eᠢ", "ᠬᠠᠷ\u180e\u180eᠠ", "᠐\u180eᠠ"):
+        assert names.shown_name(name) == name.replace("\u180e", "\\u180e"), name.encode("unicode_escape")
+
+
 def test_shown_names_keep_the_flags_of_england_scotland_and_wales():
     """The flags of England, Scotland and Wales are emoji tag sequences: U+1F3F4 black flag, the region's tag
     letters (U+E0067 tag g, …, Cf, invisible) and U+E007F cancel tag. Their tags were escaped as every format
