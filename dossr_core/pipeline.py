@@ -20,6 +20,7 @@ from ..sr_common import image as img
 from ..sr_common.color_fix import apply_color_fix, check_color_fix
 from ..sr_common.latents import (CONTROLLED_UNET_COPIES, denoiser_bytes, encode_moments, encode_moments_bytes,
                                  posterior_mean, posterior_sample, vae_decode, vae_decode_bytes)
+from ..sr_common.options import check_number
 from ..sr_common.sd21 import SCALING_FACTOR, checked_context
 from ..sr_common.tiled_vae import DEFAULT_MODE
 from ..sr_common.tiling import DEFAULT_TILES, blend_tiles, needs_tiling
@@ -77,8 +78,14 @@ class Options:
 
 
 def check_options(o):
+    """Refuse ``Options`` the nodes and commands do not give, before any work: a colour fix, scale or tiles they do
+    not take, a number of the wrong type (``order``'s value is refused where it is read)."""
     check_color_fix(o.color_fix)
     img.check_upscale(o.upscale)
+    for name in ("steps", "seed", "order", "tile_latent", "tile_overlap", "tile_batch", "vae_tile_encode",
+                 "vae_tile_decode"):
+        check_number(getattr(o, name), f"`{name}`", integer=True)
+    check_number(o.gamma, "`gamma`")
     if o.tile_latent and (o.tile_latent < LATENT_MULTIPLE or o.tile_latent % LATENT_MULTIPLE):
         raise ValueError(f"`tile_latent` must be 0 (off) or a multiple of {LATENT_MULTIPLE}, got {o.tile_latent}")
     if o.tile_latent and o.tile_overlap >= o.tile_latent:

@@ -13,6 +13,7 @@ from ..sr_common.color_fix import color_reference, fix_colors
 from ..sr_common.errors import OptionError
 from ..sr_common.latents import (denoiser_bytes, encode_moments, encode_moments_bytes, posterior_mean,
                                  posterior_sample, vae_decode, vae_decode_bytes)
+from ..sr_common.options import check_flag, check_number
 from ..sr_common.sd21 import NetworksOnSD21, PromptCache, scaled_linear_betas
 from ..sr_common.tiled_vae import DEFAULT_MODE
 from ..sr_common.tiling import DEFAULT_TILES, blend_tiles, needs_tiling
@@ -81,8 +82,10 @@ def check_sizing(upscale, process_size, official_sizing=False,
     """Refuse sizing options the nodes and commands do not take, naming them as ``names`` (a command's options):
     an ``upscale`` outside 1 … 8 (``image.check_upscale``), a process size outside 0 … MAX_PROCESS_SIZE (past that,
     ``enlarge_small`` takes a small image to gigapixels: minutes, then out of memory), a fractional ``upscale`` with
-    ``official_sizing`` (whose sizes are ×int(upscale), as the official code's)."""
+    ``official_sizing`` (whose sizes are ×int(upscale), as the official code's); any of the wrong type."""
     img.check_upscale(upscale, names[0])
+    check_number(process_size, names[1], integer=True, takes=f"an integer from 0 to {MAX_PROCESS_SIZE}")
+    check_flag(official_sizing, names[2])
     if not 0 <= process_size <= MAX_PROCESS_SIZE:
         raise OptionError(f"{names[1]} must be between 0 and {MAX_PROCESS_SIZE}, got {process_size}")
     if official_sizing and upscale != int(upscale):
@@ -226,6 +229,14 @@ class Options:
     tile_batch: int = 1
 
 
+def check_options(o):
+    """Refuse ``Options`` the nodes and commands do not give, before any work: the sizing (``check_sizing``), an
+    integer field of another type (the others are refused where they are read, by name)."""
+    check_sizing(o.upscale, o.process_size, o.official_sizing)
+    for name in ("seed", "tile_latent", "tile_overlap", "vae_tile_encode", "vae_tile_decode", "tile_batch"):
+        check_number(getattr(o, name), f"`{name}`", integer=True)
+
+
 @torch.no_grad()
 def osediff_upscale(model, image, *, prompt="", prompt_embeds=None, prompt_fn=None, options=None, callback=None):
     """Super-resolve one image (1, 3, H, W) in [0, 1] → (1, 3, H', W') float in [0, 1].
@@ -234,6 +245,7 @@ def osediff_upscale(model, image, *, prompt="", prompt_embeds=None, prompt_fn=No
     upscaled LQ) if given, else ``prompt``. ``callback(stage, done, total)`` reports progress.
     """
     o = options or Options()
+    check_options(o)
     stage = (lambda name: (lambda done, total: callback(name, done, total))) if callback else (lambda name: None)
     device = model.device
     # 1. pre-process: raise small inputs, bicubic ×scale, /8 (pad, or shrink with --official-sizing)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import ImageInputError, OptionError
+from .options import check_number
 
 RESAMPLE = {"bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
 
@@ -175,9 +176,10 @@ MIN_UPSCALE, MAX_UPSCALE = 1, 8  # the scales taken: both methods' ``Options``, 
 
 
 def check_upscale(upscale, name="`upscale`"):
-    """Refuse a scale outside MIN_UPSCALE … MAX_UPSCALE (NaN too), naming it as ``name`` (a command's option): past
-    8 a photo grows to gigapixels (OSEDiff runs its networks at that size), below 1 the output shrinks (0: a
-    division by zero deep inside)."""
+    """Refuse a scale outside MIN_UPSCALE … MAX_UPSCALE (NaN too) or not a number, naming it as ``name`` (a command's
+    option): past 8 a photo grows to gigapixels (OSEDiff runs its networks at that size), below 1 the output shrinks
+    (0: a division by zero deep inside)."""
+    check_number(upscale, name, takes=f"a number from {MIN_UPSCALE} to {MAX_UPSCALE}")
     if not MIN_UPSCALE <= upscale <= MAX_UPSCALE:
         raise OptionError(f"{name} must be between {MIN_UPSCALE} and {MAX_UPSCALE}, got {upscale:g}")
 

@@ -21,7 +21,7 @@ from comfyui_diffsr.dossr_core.pipeline import dossr_upscale
 from comfyui_diffsr.osediff_core.pipeline import Options, build_osediff, osediff_upscale
 from comfyui_diffsr.osediff_core.weights import read_osediff
 from comfyui_diffsr.sr_common import image as img
-from comfyui_diffsr.sr_common.errors import ImageInputError
+from comfyui_diffsr.sr_common.errors import ImageInputError, OptionError
 from comfyui_diffsr.sr_common.sd21 import load_sd21
 
 from conftest import DATA, DOSSR, DOSSR_CONFIG, OSEDIFF, copy_tiny_sd21, host_stand_ins
@@ -169,6 +169,48 @@ def test_the_api_refuses_an_upscale_the_nodes_and_commands_do_not_take(osediff_m
     with pytest.raises(ValueError, match=r"^`official_sizing` takes an integer `upscale` \(the official code does\), "
                                          r"got 2.5$"):
         preprocess(image, upscale=2.5, process_size=0, official_sizing=True)
+
+
+WRONG_TYPES = [  # (method, Options field, value, the refusal)
+    ("osediff", "upscale", "4", "`upscale` takes a number from 1 to 8, got str '4'"),
+    ("osediff", "upscale", True, "`upscale` takes a number from 1 to 8, got bool True"),
+    ("osediff", "process_size", 512.0, "`process_size` takes an integer from 0 to 4096, got float 512.0"),
+    ("osediff", "official_sizing", "no", "`official_sizing` takes True or False, got str 'no'"),
+    ("osediff", "seed", "1", "`seed` takes an integer, got str '1'"),
+    ("osediff", "seed", 1.5, "`seed` takes an integer, got float 1.5"),
+    ("osediff", "tile_latent", "96", "`tile_latent` takes an integer, got str '96'"),
+    ("osediff", "vae_tile_decode", None, "`vae_tile_decode` takes an integer, got NoneType None"),
+    ("osediff", "tile_batch", 1.0, "`tile_batch` takes an integer, got float 1.0"),
+    ("dossr", "steps", 1.0, "`steps` takes an integer, got float 1.0"),
+    ("dossr", "upscale", "4", "`upscale` takes a number from 1 to 8, got str '4'"),
+    ("dossr", "seed", "1", "`seed` takes an integer, got str '1'"),
+    ("dossr", "order", "3", "`order` takes an integer, got str '3'"),
+    ("dossr", "gamma", True, "`gamma` takes a number, got bool True"),
+    ("dossr", "tile_overlap", "32", "`tile_overlap` takes an integer, got str '32'"),
+    ("dossr", "vae_tile_encode", "1024", "`vae_tile_encode` takes an integer, got str '1024'")]
+
+
+@pytest.mark.parametrize("method, field, value, refusal", WRONG_TYPES,
+                         ids=[f"{method} {field}={value!r}" for method, field, value, _ in WRONG_TYPES])
+def test_the_api_refuses_an_option_of_the_wrong_type_by_name(osediff_model, dossr_model, method, field, value,
+                                                              refusal):
+    """``Options(upscale="4")`` ended in a bare TypeError from a comparison deep inside ('<=' not supported between
+    'int' and 'str'), ``order="3"`` in "`order` must be 1, 2 or 3, got 3", ``steps=1.0`` in a TypeError naming
+    `num_steps`; ``upscale=True`` ran at ×1, ``seed=1.5`` as seed 1, ``official_sizing="no"`` with the official
+    sizing, ``process_size=512.0`` and ``seed="1"`` as if right. Each number of either method's ``Options`` is
+    checked for its type before any work: an ``OptionError`` (a ValueError) naming the field, the type given and
+    what it takes; a bool is no number."""
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    stages = []
+    with pytest.raises(OptionError) as refused:
+        if method == "osediff":
+            osediff_upscale(osediff_model, image, options=Options(**{"process_size": 0, field: value}),
+                            callback=lambda *stage: stages.append(stage))
+        else:
+            embeds = torch.zeros(1, 77, dossr_model.unet.config.cross_attention_dim)
+            dossr_upscale(dossr_model, image, prompt_embeds=embeds, options=DoSSROptions(**{"steps": 1, field: value}),
+                          callback=lambda *stage: stages.append(stage))
+    assert str(refused.value) == refusal and stages == []
 
 
 def test_thin_image_enlargement_is_capped_at_four_times_the_short_side_target():
