@@ -17,6 +17,7 @@ from PIL import Image
 
 from comfyui_diffsr.sr_common import color_fix, image, tiling
 from comfyui_diffsr.sr_common.errors import DiffSRError, ImageInputError, WeightFileError
+from comfyui_diffsr.sr_common.names import quoted_name
 from comfyui_diffsr.sr_common.weights import (as_float32_cpu, fresh_float32_cpu, read_state_dict, stored_as_float32,
                                              write_safetensors)
 
@@ -1055,9 +1056,10 @@ def test_an_output_its_encoder_refuses_fails_alone_and_the_run_goes_on(tmp_path,
     assert common.upscale_all(pairs, lambda image, out: image, "test") == 2
     assert sorted(os.listdir(tmp_path / "out")) == ["in0.jpg", "in3.jpg"]
     err = capsys.readouterr().err
-    assert f"error: {pairs[1][0]}: Cannot write {pairs[1][1]!r}: EXIF data is too long. Try --format png." in err
-    assert f"error: {pairs[2][0]}: Cannot write {pairs[2][1]!r}: encoder error -2 when writing image file" in err
-    assert f"error: {pairs[4][0]}: Cannot write {pairs[4][1]!r}: out of memory (OutOfMemoryError: CUDA" in err
+    written = [f"error: {pairs[i][0]}: Cannot write {quoted_name(pairs[i][1])}: " for i in range(len(pairs))]
+    assert written[1] + "EXIF data is too long. Try --format png." in err
+    assert written[2] + "encoder error -2 when writing image file" in err
+    assert written[4] + "out of memory (OutOfMemoryError: CUDA" in err
     assert err.splitlines()[-2:] == [f"wrote 2 image(s) to {tmp_path / 'out'}",
                                      f"error: 3 of 5 image(s) failed: {pairs[1][0]}, {pairs[2][0]}, {pairs[4][0]}"]
 
@@ -1100,8 +1102,8 @@ def test_an_output_another_run_made_meanwhile_fails_alone_or_is_skipped(tmp_path
     assert err[-1] == f"wrote {len(ours)} image(s) to {tmp_path / 'out'}" if flag else err[-2:] == [
         f"wrote 2 image(s) to {tmp_path / 'out'}", f"error: 2 of 4 image(s) failed: {pairs[1][0]}, {pairs[2][0]}"]
     assert status == (0 if flag else 2)
-    made = [f"its output {out!r} was made since this run started (by another run writing to the same folder?)"
-            for _, out in pairs[1:3]]
+    made = [f"its output {quoted_name(out)} was made since this run started (by another run writing to the same "
+            "folder?)" for _, out in pairs[1:3]]
     reported = [line for line in err if line.startswith(("error: /", "note: "))]
     if flag == "skip_existing":
         assert reported == [f"note: {pairs[i][0]}: skipped: {made[i - 1]} (--skip-existing)" for i in (1, 2)]

@@ -11,6 +11,7 @@ import torch
 from comfyui_diffsr.dossr_core.weights import detect, read_weights, split_controlnet_conv_in
 from comfyui_diffsr.sr_common.errors import WeightFileError
 from comfyui_diffsr.sr_common.known_files import canonical
+from comfyui_diffsr.sr_common.names import quoted_name
 
 FIX = os.path.join(os.path.dirname(__file__), "data", "dossr")
 CKPT = os.path.join(FIX, "dossr_tiny.ckpt")
@@ -524,7 +525,7 @@ def test_a_config_that_is_not_valid_yaml_is_named_on_one_line(tmp_path, capsys, 
     config = tmp_path / "cldm.yaml"
     config.write_text(text, encoding="utf-8")
     assert main(["dossr", CKPT, str(tmp_path / "x.safetensors"), "--config", str(config)]) == 2
-    assert capsys.readouterr().err == (f"error: The DoSSR config {str(config)!r} is not valid YAML: "
+    assert capsys.readouterr().err == (f"error: The DoSSR config {quoted_name(config)} is not valid YAML: "
                                        f"{detail.format(config=config)}. Correct the file there. {CONFIG_ADVICE}\n")
     assert os.listdir(tmp_path) == ["cldm.yaml"]
 

@@ -14,6 +14,7 @@ from PIL import Image
 from comfyui_diffsr.cli.osediff import main
 from comfyui_diffsr.osediff_core.weights import convert_osediff
 from comfyui_diffsr.sr_common.errors import WeightFileError
+from comfyui_diffsr.sr_common.names import quoted_name
 from comfyui_diffsr.sr_common.offload import OffloadWhenShort
 from comfyui_diffsr.sr_common.sd21 import load_sd21
 from comfyui_diffsr.sr_common.weights import write_safetensors
@@ -322,9 +323,9 @@ def test_an_output_is_not_written_over_by_another_through_a_link(base, tmp_path,
             "--process-size", "64"]
     assert run(args) == 2
     assert capsys.readouterr().err == (
-        f"error: {str(folder / '2019' / 'a.png')!r} and {str(folder / '2020' / 'a.png')!r} would both be written to "
-        f"{str(out / '2019' / 'a.png')!r} and {str(out / '2020' / 'a.png')!r}, one file through a link; rename one "
-        "of them (nothing was upscaled).\n")
+        f"error: {quoted_name(folder / '2019' / 'a.png')} and {quoted_name(folder / '2020' / 'a.png')} would both be "
+        f"written to {quoted_name(out / '2019' / 'a.png')} and {quoted_name(out / '2020' / 'a.png')}, one file through "
+        "a link; rename one of them (nothing was upscaled).\n")
     assert os.listdir(out / "2020") == []
     assert run([folder / "2019" / "a.png", "-o", tmp_path / "first", *args[4:]]) == 0
     os.symlink(tmp_path / "elsewhere.png", tmp_path / "first" / "b.png")
@@ -495,7 +496,7 @@ def test_an_output_name_too_long_to_write_fails_alone_before_its_upscale(base, t
     assert run([folder, "-o", tmp_path / "out", "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
                 "--process-size", "64", "--format", "webp"]) == 2
     err = capsys.readouterr().err
-    assert f"{folder / long}: The output {'x' * 251 + '.webp'!r} would be named with more than 255 bytes" in err, err
+    assert f"{folder / long}: The output '{'x' * 251}.webp' would be named with more than 255 bytes" in err, err
     assert "1 of 3 image(s) failed" in err and len(upscaled) == 2
     assert sorted(os.listdir(tmp_path / "out")) == ["a.webp", "z.webp"]
 
@@ -526,12 +527,12 @@ def test_an_input_folder_that_cannot_be_read_is_named(base, tmp_path, monkeypatc
     monkeypatch.setattr(os, "scandir", listing)  # as chmod 0 does, also for root
     assert run([folder, "-o", tmp_path / "out", "--base", base, "--weights", tmp_path / "missing.pkl"]) == 2
     err = capsys.readouterr().err
-    assert err.splitlines() == [f"error: Cannot read the input folder {str(folder)!r}: Permission denied. Check "
-                                "that you may list it, or give its images by name."], err
+    assert err.splitlines() == [f"error: Cannot read the input folder {quoted_name(folder)}: Permission denied. "
+                                "Check that you may list it, or give its images by name."], err
     locked = {str(folder / "locked")}
     assert run([folder, "-r", "-o", tmp_path / "out", "--base", base, "--weights",
                 os.path.join(FIX, "osediff_tiny.pkl"), "--process-size", "64"]) == 0
-    assert f"warning: cannot search {str(folder / 'locked')!r}: Permission denied" in capsys.readouterr().err
+    assert f"warning: cannot search {quoted_name(folder / 'locked')}: Permission denied" in capsys.readouterr().err
     assert os.listdir(tmp_path / "out") == ["a.png"]
 
 
@@ -1112,4 +1113,5 @@ def test_an_output_folder_named_by_another_path_is_still_left_out(tmp_path):
                           capture_output=True, text=True, check=True)
     searched, refused = done.stdout.splitlines()
     assert searched == str([(str(folder / "a.png"), "a")])
-    assert refused.startswith(f"--output {str(elsewhere)!r} is the input folder {str(folder / 'upscaled')!r}:")
+    assert refused.startswith(f"--output {quoted_name(elsewhere)} is the input folder "
+                              f"{quoted_name(folder / 'upscaled')}:")
