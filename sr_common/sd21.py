@@ -69,10 +69,10 @@ def _read_config_bytes(path):
         info = os.fstat(f.fileno())
         if not stat.S_ISREG(info.st_mode):
             what = "a FIFO (a named pipe)" if stat.S_ISFIFO(info.st_mode) else "not a regular file"
-            raise NotAConfigFile(f"{path!r} is not a config file: it is {what}.")
+            raise NotAConfigFile(f"{quoted_name(path)} is not a config file: it is {what}.")
         data = f.read(MAX_CONFIG_BYTES + 1)
     if len(data) > MAX_CONFIG_BYTES:
-        raise NotAConfigFile(f"{path!r} is not a config file: it is {max(info.st_size, len(data)) / 2**20:,.1f} MB, "
+        raise NotAConfigFile(f"{quoted_name(path)} is not a config file: it is {max(info.st_size, len(data)) / 2**20:,.1f} MB, "
                              f"and the pack reads config files of at most {MAX_CONFIG_BYTES >> 20} MB.")
     return data
 
@@ -542,7 +542,7 @@ def _load_folder_parts(folder, files, in_memory, reads):
     parts = module = state = shard = None
     reads.clear()
     where = f"{sub}/{os.path.basename(paths[0])}" if len(paths) == 1 else f"{sub}/ (its {len(paths)} shards)"
-    raise WeightFileError(f"{where} in the diffusers folder {folder!r}: {refused}")
+    raise WeightFileError(f"{shown_name(where)} in the diffusers folder {quoted_name(folder)}: {refused}")
 
 
 def load_diffusers_folder(folder, in_memory=False):
