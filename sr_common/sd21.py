@@ -72,8 +72,9 @@ def _read_config_bytes(path):
             raise NotAConfigFile(f"{quoted_name(path)} is not a config file: it is {what}.")
         data = f.read(MAX_CONFIG_BYTES + 1)
     if len(data) > MAX_CONFIG_BYTES:
-        raise NotAConfigFile(f"{quoted_name(path)} is not a config file: it is {max(info.st_size, len(data)) / 2**20:,.1f} MB, "
-                             f"and the pack reads config files of at most {MAX_CONFIG_BYTES >> 20} MB.")
+        size_mb = max(info.st_size, len(data)) / 2**20
+        raise NotAConfigFile(f"{quoted_name(path)} is not a config file: it is {size_mb:,.1f} MB, and the pack reads "
+                             f"config files of at most {MAX_CONFIG_BYTES >> 20} MB.")
     return data
 
 
