@@ -125,8 +125,15 @@ def quoted_name(path):
 
 
 def error_text(error):
-    """``str(error)``, but for an OSError naming its files as ``quoted_name`` does (its own text gives their repr())."""
-    if not isinstance(error, OSError) or not isinstance(error.filename, (str, bytes, os.PathLike)):
-        return str(error)
+    """``str(error)``, but for an OSError naming its files as ``quoted_name`` does (its own text gives their repr()):
+    only the names at the end of that text are rewritten, so a text of its own (urllib's URLError, Windows'
+    [WinError N]) is kept, and a name that is not a path stays as its repr()."""
+    text = str(error)
+    if not isinstance(error, OSError) or error.filename is None:
+        return text
     names = [error.filename] + ([error.filename2] if error.filename2 is not None else [])
-    return f"{OSError(error.errno, error.strerror)}: {' -> '.join(map(quoted_name, names))}"
+    given = ": " + " -> ".join(map(repr, names))
+    if not text.endswith(given):
+        return text
+    shown = (quoted_name(name) if isinstance(name, (str, bytes, os.PathLike)) else repr(name) for name in names)
+    return text[:-len(given)] + ": " + " -> ".join(shown)

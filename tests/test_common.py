@@ -1279,6 +1279,23 @@ def test_the_cores_errors_show_names_as_the_commands_do(tmp_path):
     assert shown_name("caf\udce9.png") == "caf\\udce9.png"  # a Linux name that is not UTF-8, as Python decodes it
 
 
+def test_error_text_keeps_what_an_os_errors_text_says_and_never_raises():
+    """``error_text`` rebuilt an OSError's text from its errno and strerror alone: an OSError whose own text says more
+    (urllib's URLError naming a file: its reason; Windows' [WinError N]) lost it for "[Errno None] None", and one
+    whose second file name is not a path (OSError takes any object there) raised a TypeError inside the message
+    meant to report it. Only the file names of its text are shown as ``quoted_name`` shows them."""
+    import urllib.error
+
+    from comfyui_diffsr.sr_common.names import error_text
+
+    assert error_text(urllib.error.URLError("No such file", "/m/a\u3164b")) == "<urlopen error No such file>"
+    assert error_text(OSError(2, "No such file", "a\u3164b", None, 5)) == "[Errno 2] No such file: 'a\\u3164b' -> 5"
+    assert error_text(OSError(18, "Cross-device", "a\u3164", None, b"b\xff")) == (
+        "[Errno 18] Cross-device: 'a\\u3164' -> 'b\\udcff'")
+    assert error_text(OSError(9, "Bad file descriptor", 3)) == "[Errno 9] Bad file descriptor: 3"
+    assert error_text(OSError(28, "No space left on device")) == "[Errno 28] No space left on device"
+
+
 def test_windows_paths_print_with_their_separators(monkeypatch):
     r"""``escaped_name`` (``diffsr download``'s lines, ``diffsr dape``'s ``<file>`` field) escaped every path holding
     a backslash, which on Windows is every path of a folder: ``diffsr download --models-dir C:\ComfyUI\models``
