@@ -682,14 +682,15 @@ def run_main(main_fn, argv, interrupted="interrupted"):
     """Run a command: our own errors print one clear line and exit with status 2; Ctrl-C prints ``interrupted`` (the
     command's own line, such as how to resume) and exits with status 130; warnings print as notes
     (``show_warning_as_note``). A name that is not UTF-8 goes to stdout as its bytes (``escaped_name``), as
-    ``sha256sum`` prints it, even where stdout is strict UTF-8.
+    ``sha256sum`` prints it, even where stdout is strict UTF-8; errors the user asked for (PYTHONIOENCODING's
+    ``:replace``, ``:backslashreplace``) are kept.
 
     Large CPU tensors are allowed transparent huge pages (PyTorch's ``THP_MEM_ALLOC_ENABLE``):
     the forward passes fault in gigabytes of fresh pages, and 2 MiB pages cut that cost (about
     15 % of an OSEDiff 128→512 run on 2 cores, same output).
     """
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    if hasattr(sys.stdout, "reconfigure"):
+    if hasattr(sys.stdout, "reconfigure") and sys.stdout.errors == "strict":
         sys.stdout.reconfigure(errors="surrogateescape")
     try:
         with ieee_float32(), warnings.catch_warnings():  # --dtype fp32 is float32 on every GPU, not TF32

@@ -1541,3 +1541,28 @@ def test_a_warning_in_a_command_prints_as_one_note_line(capsys):
     assert capsys.readouterr().err == ("note: The fp16 VAE decoder overflowed on this input; running it again in "
                                        "float32\n")
     assert warnings.showwarning is shown_before
+
+
+def test_a_command_keeps_the_stdout_errors_asked_for(monkeypatch):
+    """The commands let a strict stdout write a name that is not UTF-8 as its bytes (surrogateescape), but they also
+    replaced an errors handler the user had asked for (PYTHONIOENCODING=cp1252:replace, ascii:backslashreplace, for
+    a Windows pipe): ``diffsr convert``'s 'wrote' line, ``diffsr download``'s paths then ended in a
+    UnicodeEncodeError on a name such as café or 日本, after the work was done. Only a strict stdout is changed."""
+    import io
+
+    from comfyui_diffsr.cli.common import run_main
+
+    def command(argv):
+        print("caf\u00e9 \u65e5\u672c x\udce9")
+        return 0
+
+    asked = io.TextIOWrapper(io.BytesIO(), encoding="ascii", errors="backslashreplace")
+    monkeypatch.setattr(sys, "stdout", asked)
+    assert run_main(command, []) == 0
+    asked.flush()
+    assert asked.buffer.getvalue() == b"caf\\xe9 \\u65e5\\u672c x\\udce9\n"
+    strict = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", strict)
+    assert run_main(command, []) == 0
+    strict.flush()
+    assert strict.buffer.getvalue() == "caf\u00e9 \u65e5\u672c x".encode() + b"\xe9\n"
