@@ -1,9 +1,11 @@
 """The type checks of the Python API's ``Options`` (either method's): a field of the wrong type is refused by name,
 with the type given and what the field takes, before any work. A bool is no number here (``upscale=True`` is a
-slip, not ×1); numpy's numbers are numbers."""
+slip, not ×1); numpy's numbers are numbers, and its bools flags."""
 
 import numbers
 import reprlib
+
+import numpy as np
 
 from .errors import OptionError
 
@@ -16,8 +18,8 @@ def check_number(value, name, *, integer=False, takes=None):
 
 
 def check_flag(value, name):
-    """Refuse the option ``name`` where ``value`` is not True or False."""
-    if not isinstance(value, bool):
+    """Refuse the option ``name`` where ``value`` is not True or False (numpy's too: ``scales.max() > 1``)."""
+    if not isinstance(value, (bool, np.bool_)):
         _refuse(name, "True or False", value)
 
 

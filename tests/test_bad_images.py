@@ -213,6 +213,17 @@ def test_the_api_refuses_an_option_of_the_wrong_type_by_name(osediff_model, doss
     assert str(refused.value) == refusal and stages == []
 
 
+def test_the_api_takes_numpy_values_for_its_options():
+    """numpy's numbers are taken for the number fields, but numpy's bools (``official_sizing=scales.max() > 1``) were
+    refused for ``official_sizing`` with "takes True or False, got bool np.True_"."""
+    from comfyui_diffsr.osediff_core.pipeline import check_options
+
+    for official in (np.True_, np.False_, np.array(2) > 1):
+        check_options(Options(upscale=np.float32(2), process_size=np.int64(512), official_sizing=official))
+    with pytest.raises(OptionError, match=r"^`official_sizing` takes True or False, got int64 "):
+        check_options(Options(official_sizing=np.int64(1)))
+
+
 def test_thin_image_enlargement_is_capped_at_four_times_the_short_side_target():
     """2×100 at the default process size 512, ×4: raising the short side to 512/4 = 128 px would make it 6400 px
     long; the enlargement stops where the long side reaches 4 · 128 = 512 px (×5.12: 512×10, truncated as PIL
