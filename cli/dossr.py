@@ -7,6 +7,7 @@ import sys
 import torch
 
 from ..dossr_core.model import DEFAULT_PROMPT
+from ..dossr_core.schedule import T1
 from ..sr_common.color_fix import COLOR_FIXES
 from ..sr_common.errors import DiffSRError
 from ..sr_common.image import MAX_UPSCALE, MIN_UPSCALE, check_upscale
@@ -58,8 +59,8 @@ def build_parser():
 
 
 def check_args(args):
-    if not 1 <= args.steps <= 499:
-        raise DiffSRError(f"--steps must be 1 to 499, got {args.steps} (the paper uses 1 to 5)")
+    if not 1 <= args.steps <= T1 - 1:
+        raise DiffSRError(f"--steps must be 1 to {T1 - 1}, got {args.steps} (the paper uses 1 to 5)")
     check_upscale(args.upscale, "--upscale")
     check_tile_args(args)
     if not 0 <= args.gamma <= 1:

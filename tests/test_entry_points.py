@@ -557,3 +557,20 @@ def test_the_readme_gives_the_scales_taken():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         ranges = re.findall(r"scales? (?:from|above|between) ([0-9.]+) (?:to|up to|and) ([0-9.]+)", f.read())
     assert ranges and {(float(low), float(high)) for low, high in ranges} == {(MIN_UPSCALE, MAX_UPSCALE)}, ranges
+
+
+def test_the_readme_gives_the_steps_taken(nodes, capsys):
+    """The README says ``dossr --steps`` takes 1 to T1 − 1 and the DoSSR nodes 1 to 10: the command refuses T1 and 0,
+    and both nodes' ``steps`` widget ranges as the README says."""
+    from comfyui_diffsr.dossr_core.schedule import T1
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        said = re.search(r"the command takes (\d+) to (\d+),\s+spaced over the t₁ = (\d+) steps, the nodes (\d+) to "
+                         r"(\d+)", f.read())
+    assert said and tuple(map(int, said.groups())) == (1, T1 - 1, T1, 1, 10)
+    for node in ("DoSSR_Upscale", "DoSSR_Sampler"):
+        steps = {i.id: i.options for i in nodes[node].define_schema().inputs}["steps"]
+        assert (steps["min"], steps["max"]) == (1, 10), node
+    for steps in (0, T1):
+        assert dossr_command.main(["missing.png", "-o", "out", "--weights", "missing.ckpt", "--steps", str(steps)]) == 2
+        assert capsys.readouterr().err == f"error: --steps must be 1 to {T1 - 1}, got {steps} (the paper uses 1 to 5)\n"
