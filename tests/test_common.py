@@ -1027,6 +1027,42 @@ def test_ctrl_c_while_the_last_output_is_written_finishes_it_and_sums_up(tmp_pat
 
 
 
+def test_a_second_ctrl_c_while_the_output_being_written_is_finished_stops_at_once(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during an upscale finishes the output being written before the summary; a second Ctrl-C during that
+    wait stops the run at once, without waiting for the write again or summing up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from comfyui_diffsr.cli import common
+
+    pairs = _folder(tmp_path, 3)
+
+    class SecondCtrlCInWait(ThreadPoolExecutor):  # Ctrl-C again as the run waits for the first output
+        def submit(self, fn, *args, **kwargs):
+            future = super().submit(fn, *args, **kwargs)
+            if fn is common.save_image and args[1] == pairs[0][1]:
+                wait, waited = future.result, []
+
+                def result(timeout=None):
+                    if not waited:
+                        waited.append(True)
+                        raise KeyboardInterrupt
+                    return wait(timeout)
+
+                future.result = result
+            return future
+
+    def upscale_one(image, out):
+        if out == pairs[1][1]:
+            raise KeyboardInterrupt
+        return image
+
+    monkeypatch.setattr(common, "ThreadPoolExecutor", SecondCtrlCInWait)
+    with pytest.raises(KeyboardInterrupt):
+        common.upscale_all(pairs, upscale_one, "test")
+    err = capsys.readouterr().err
+    assert "wrote" not in err and "stopped with" not in err, err
+
+
 def test_an_output_its_encoder_refuses_fails_alone_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
     """Pillow refusing one output (its EXIF too long for a JPEG, were it not left out first: ValueError; an encoder
     error: OSError with no errno) or running out of memory while it is written stopped the folder run (a traceback

@@ -184,6 +184,34 @@ def test_cli_runs_and_refuses_overwrite(tmp_path):
     assert all(torch.equal(drawn[k], load_file(noise)[k]) for k in drawn)
 
 
+def test_cli_skip_existing_skips_an_output_another_run_made_meanwhile(tmp_path, monkeypatch, capsys):
+    """--skip-existing in a folder run that another run shares: an output that run made after this one planned its
+    outputs is skipped with a note, as an existing one is, and left as it is (the run does not fail)."""
+    from safetensors.torch import load_file, save_file
+
+    import comfyui_diffsr.dossr_core.pipeline as pipeline
+    from comfyui_diffsr.cli.dossr import main
+
+    embeds = tmp_path / "embeds.safetensors"
+    save_file({"prompt_embeds": load_file(os.path.join(FIX, "n1_w32h16_wavelet.safetensors"))["context"]}, embeds)
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    out.mkdir()
+    for name in ("a.png", "b.png"):
+        shutil.copy(os.path.join(FIX, "lr_w32h16.png"), folder / name)
+    real = pipeline.dossr_upscale
+
+    def other_run_writes_b(*args, **kwargs):
+        (out / "b.png").write_bytes(b"the other run's")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "dossr_upscale", other_run_writes_b)
+    assert main([str(folder), "-o", str(out), "--weights", CKPT, "--config", os.path.join(FIX, "tiny_cldm.yaml"),
+                 "--prompt-embeds", str(embeds), "--steps", "1", "--device", "cpu", "--skip-existing"]) == 0
+    assert f"note: {folder / 'b.png'}: skipped: its output" in capsys.readouterr().err
+    assert (out / "b.png").read_bytes() == b"the other run's" and (out / "a.png").stat().st_size > 100
+
+
 def test_cli_a_noise_file_that_cannot_be_written_again_is_left_as_it_was(tmp_path, monkeypatch, capsys):
     """--overwrite --save-noise on a full disk: the earlier noise file stays, whole, beside its earlier image (it
     was deleted before the new one was written)."""

@@ -511,6 +511,17 @@ def test_a_file_names_length_is_counted_as_its_file_system_counts_it(monkeypatch
     assert name_length("長" * 100 + ".png") == (104, "UTF-16 code units") and name_length("😀") == (2, "UTF-16 code units")
 
 
+def test_an_output_name_of_the_longest_length_is_taken_and_one_byte_more_is_not():
+    """255 bytes is the most a file name may have, and such a name is written (a 251-byte stem and .png): the check
+    refuses only a longer one."""
+    from comfyui_diffsr.cli.common import check_output_name
+    from comfyui_diffsr.sr_common.errors import ImageInputError
+
+    check_output_name(os.path.join("out", "x" * 251 + ".png"))
+    with pytest.raises(ImageInputError, match="more than 255 bytes"):
+        check_output_name(os.path.join("out", "x" * 252 + ".png"))
+
+
 def test_an_input_folder_that_cannot_be_read_is_named(base, tmp_path, monkeypatch, capsys):
     """A folder the user may not list is refused on one line with the reason, before the (missing) weights are
     read; a sub-folder that cannot be searched is still only left out, with a warning."""
