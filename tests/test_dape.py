@@ -479,7 +479,7 @@ def test_cli_no_names_tells_a_failed_image_from_one_without_tags(fixture, tmp_pa
     (named on stderr alone), so a script reading stdout took an unreadable file for an image without tags. A failed
     image prints ``<failed>``, which no tag list or prompt can be (each starts with a tag's letter or digit, or ", "
     without tags); an image without tags keeps its empty line. A --user-prompt holding a line break split each
-    image's line in two; it is refused (the tokenizer reads it as a space)."""
+    image's line in two; it is refused (the tokenizer reads it as a space), a carriage return or U+2028 too."""
     from comfyui_diffsr.cli.dape import FAILED_LINE, main
 
     assert all(name[0].isalnum() and name[0] != FAILED_LINE[0] for name in dape.read_tag_data()[0])
@@ -493,9 +493,10 @@ def test_cli_no_names_tells_a_failed_image_from_one_without_tags(fixture, tmp_pa
     assert capsys.readouterr().out.split("\n") == ["", "<failed>", tags[1], ""]
     assert main([str(black), str(broken), *common]) == 2
     assert capsys.readouterr().out.split("\n") == [", ,", "<failed>", ""]
-    assert main([str(photo), *common, "--user-prompt", "high\nquality"]) == 2
-    captured = capsys.readouterr()
-    assert captured.out == "" and "--user-prompt holds a line break" in captured.err
+    for broken_line in ("high\nquality", "high\rquality", "high\u2028quality"):  # each a line break to splitlines
+        assert main([str(photo), *common, "--user-prompt", broken_line]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and "--user-prompt holds a line break" in captured.err
     assert main([str(photo), *common, "--user-prompt", "high quality"]) == 0
 
 
