@@ -150,6 +150,12 @@ def test_vision_multi_name_and_bare_state_dict(fixture, tmp_path):
     for name in ("vm.pth", "bare.pth"):
         t = load_dape_tagger(str(tmp_path / name), DAPE)
         assert (t.logits(ups[2])[0] - logits[2]).abs().max().item() < 1e-4
+    # the head's LoRAs under the same name in the DAPE file: they count as the head's (none is taken for missing)
+    lora = torch.load(DAPE, weights_only=True)
+    torch.save({k.replace("tagging_head", "vision_multi"): v for k, v in lora.items()}, tmp_path / "vm_dape.pth")
+    assert any(k.startswith("vision_multi.") for k in torch.load(tmp_path / "vm_dape.pth", weights_only=True))
+    t = load_dape_tagger(str(tmp_path / "vm.pth"), str(tmp_path / "vm_dape.pth"))
+    assert (t.logits(ups[2])[0] - logits[2]).abs().max().item() < 1e-4
 
 
 def test_only_tagging_tensors_are_copied():
@@ -722,11 +728,13 @@ def forced_logits(tagger, chosen):
 
 def test_exclude_removes_capitalised_tags_in_any_case(tagger):
     """RAM's tag list has capitalised tags ("American shorthair", "French fries"): excluding one, written as in the
-    list or in lower case, removes it (a case-sensitive match left it in the prompt)."""
+    list or in lower case, removes it (a case-sensitive match left it in the prompt), and is a known tag."""
     logits = forced_logits(tagger, ["American shorthair", "cat", "dog"])
     assert tagger.select(logits) == ["American shorthair, cat, dog"]
     for written in ("American shorthair", "american shorthair", "AMERICAN SHORTHAIR"):
         assert tagger.select(logits, exclude=[written]) == ["cat, dog"], written
+    # and none of them is taken for a misspelling (the CLI's note, the node's refusal)
+    assert tagger.unknown_tags(["American shorthair", "american shorthair", "AMERICAN SHORTHAIR", " Cat "]) == []
 
 
 def test_exclude_ignores_spaces_around_a_tag(tagger):

@@ -334,3 +334,25 @@ def test_values_that_are_not_tensors_where_sd_keeps_one_are_refused(tmp_path, lo
                 "cond_stage_model.model.ln_final.bias": t()}, path)
     with pytest.raises(WeightFileError, match=r"odd\.pth"):
         LOADERS[loader][1](path)
+
+
+def test_a_unet_taking_fewer_channels_than_the_latent_is_told_by_its_inputs():
+    """A UNet whose first convolution takes other than the 4 latent channels is named by them, fewer as well as
+    more (a pixel-space or one-channel UNet is no SD 2.1-base either)."""
+    from comfyui_diffsr.sr_common.known_files import sd_family
+
+    for channels, family in ((1, "other-input"), (3, "other-input"), (6, "other-input"), (9, "inpainting")):
+        assert sd_family({f"{UNET_PREFIX}input_blocks.0.0.weight": torch.zeros(32, channels, 3, 3)}) == family
+
+
+def test_sd1_is_told_by_its_768_wide_context_also_with_linear_projections():
+    """SD 1.x's cross-attention reads CLIP-L's 768-wide context, SD 2.x's OpenCLIP-H's 1024-wide one: a UNet whose
+    transformers project with linear layers (as SD 2.x's) is still SD 1.x by that width."""
+    from comfyui_diffsr.sr_common.known_files import sd_family
+
+    def unet(context):
+        return {f"{UNET_PREFIX}input_blocks.1.1.proj_in.weight": torch.zeros(320, 320),
+                f"{UNET_PREFIX}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, context)}
+
+    assert sd_family(unet(768)) == "sd1"
+    assert sd_family(unet(1024)) != "sd1"
