@@ -804,6 +804,29 @@ def test_a_partial_file_left_by_a_killed_writer_is_removed_by_the_next_run(tmp_p
 
 
 @pytest.mark.skipif(os.name == "nt", reason="partial files are never removed on Windows")
+def test_a_partial_file_whose_writer_cannot_be_asked_about_is_kept(tmp_path, monkeypatch):
+    """A partial file of this machine whose writer cannot be asked whether it runs may still be being written: a
+    process id too large to ask about (``os.kill``: OverflowError), another user's process (PermissionError). It is
+    kept."""
+    import errno
+
+    from comfyui_diffsr.sr_common import weights
+
+    machine = weights._machine_tag()
+    huge, another_users = (f".diffsr-{pid}-{machine}-0badcafe.partial" for pid in (2 ** 70, 4242))
+    (tmp_path / huge).write_bytes(b"kept")
+    assert weights.remove_abandoned_partials(str(tmp_path)) == []
+
+    def not_permitted(pid, signal):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", not_permitted)
+    (tmp_path / another_users).write_bytes(b"kept")
+    assert weights.remove_abandoned_partials(str(tmp_path)) == []
+    assert sorted(os.listdir(tmp_path)) == sorted([huge, another_users])
+
+
+@pytest.mark.skipif(os.name == "nt", reason="partial files are never removed on Windows")
 def test_a_live_writer_on_another_machine_of_the_same_host_name_keeps_its_partial_file(tmp_path, monkeypatch):
     """Two machines of one host name (a default one: ubuntu, raspberrypi) writing into one network folder, each in
     its first PID namespace (whose id is one constant on every Linux machine), tagged their partial files alike: a
