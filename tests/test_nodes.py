@@ -1247,6 +1247,24 @@ def test_a_prompt_encoded_in_the_runs_precision_leaves_the_text_encoder_as_it_is
     host.set_precision(host.HeldModules([model.text_encoder]), torch.float32)
 
 
+def test_a_node_given_a_conditioning_neither_encodes_its_prompt_nor_casts_the_text_encoder(pack, osediff_model,
+                                                                                         monkeypatch):
+    """With a CONDITIONING the node's prompt is not used: the text encoder is not run for it, nor cast to the run's
+    precision (another model on the same base may hold it in another: it would be cast back and forth)."""
+    _, nodes = pack
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    sd21 = sys.modules["custom_nodes_x_diffsr_pack.sr_common.sd21"]
+    _, model = osediff_model
+    encoded, encode = [], sd21.encode_prompt
+    monkeypatch.setattr(sd21, "encode_prompt",
+                        lambda te, tok, prompts: encoded.append(prompts) or encode(te, tok, prompts))
+    host.set_precision(host.HeldModules([model.text_encoder]), torch.float32)
+    embeds = torch.randn(1, 77, model.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(18))
+    run(nodes["OSEDiff_OneStepUNet"], model=model, latent={"samples": torch.zeros(1, 4, 5, 6)},
+        prompt="a prompt never encoded", tile_latent=0, tile_overlap=0, dtype="bf16", conditioning=[[embeds, {}]])
+    assert encoded == [] and model.text_encoder.dtype == torch.float32
+
+
 def test_dossr_sampler_from_a_latent_casts_only_what_it_runs(pack):
     """From a LATENT, DoSSR Sampler runs the VAE decoder, the condition encoder, the ControlNet and the UNet (and the
     text encoder for a prompt): the RRDB keeps the precision another node left."""
@@ -1547,7 +1565,8 @@ def test_loader_file_missing_names_where_to_get_it(pack):
 
 def test_a_link_to_nothing_in_a_model_folder_names_its_target(pack):
     """ComfyUI lists a link whose file was moved or deleted (os.walk) but finds no file there (folder_paths
-    get_full_path: isfile): the loader said the file was not in models/checkpoints, to be put there."""
+    get_full_path: isfile): the loader said the file was not in models/checkpoints, to be put there. A link to a
+    folder that exists is not called one to nothing."""
     _, nodes = pack
     link = os.path.join(os.environ["DIFFSR_TEST_MODELS"], "checkpoints", "v2-1_512-ema-pruned.safetensors")
     os.makedirs(os.path.dirname(link), exist_ok=True)
@@ -1556,6 +1575,11 @@ def test_a_link_to_nothing_in_a_model_folder_names_its_target(pack):
         with pytest.raises(FileNotFoundError, match=r"'v2-1_512-ema-pruned\.safetensors' in models/checkpoints is a "
                                                     r"link to '/moved/away/v2-1_512-ema-pruned\.safetensors', which "
                                                     r"does not exist"):
+            run(nodes["DiffSR_SD21Loader"], base="checkpoints/v2-1_512-ema-pruned.safetensors")
+        os.remove(link)
+        os.symlink(os.path.dirname(link), link)  # a link to a folder that exists: no file, but nothing moved
+        with pytest.raises(FileNotFoundError, match=r"^'v2-1_512-ema-pruned\.safetensors' is not in models/"
+                                                    r"checkpoints: "):
             run(nodes["DiffSR_SD21Loader"], base="checkpoints/v2-1_512-ema-pruned.safetensors")
     finally:
         os.remove(link)
