@@ -367,11 +367,18 @@ def test_a_model_inside_a_diffusers_folder_but_not_in_its_parts_loads(tmp_path, 
 
 def test_a_hugging_face_cache_loads_from_its_snapshot_and_its_root_names_it(tmp_path, reference):
     """The snapshot folder (files linked to blobs) is the diffusers folder and loads; the cache folder above it was
-    refused as a folder missing unet/, vae/ and text_encoder/."""
+    refused as a folder missing unet/, vae/ and text_encoder/. Its only snapshot is named also without refs/main."""
     cache, snapshot = hugging_face_cache(tmp_path, copy_tiny_sd21(tmp_path / "download"))
     same_weights(load_sd21(snapshot), reference[1])
-    with pytest.raises(WeightFileError, match=r"'models--sd2-community--stable-diffusion-2-1-base' is a Hugging Face "
-                                              rf"cache folder: pass its snapshot '{snapshot}', the diffusers folder"):
+    named = (r"'models--sd2-community--stable-diffusion-2-1-base' is a Hugging Face "
+             rf"cache folder: pass its snapshot '{snapshot}', the diffusers folder")
+    with pytest.raises(WeightFileError, match=named):
+        load_sd21(cache)
+    os.remove(os.path.join(cache, "refs", "main"))  # copied without refs/: its only snapshot is still the one
+    with pytest.raises(WeightFileError, match=named):
+        load_sd21(cache)
+    os.mkdir(os.path.join(cache, "snapshots", "0" * 40))  # two, and none named by refs/main: neither is chosen
+    with pytest.raises(WeightFileError, match=r"cache folder: pass its snapshot '.*/snapshots'/<revision>, the "):
         load_sd21(cache)
 
 
@@ -600,3 +607,19 @@ def test_a_folder_in_the_place_of_a_config_leaves_no_file_open(tmp_path, place):
         with pytest.raises(WeightFileError, match=expected):
             load_sd21(folder)
     assert len(os.listdir("/proc/self/fd")) == open_before
+
+
+def test_a_diffusers_folder_whose_unet_takes_fewer_than_the_4_latent_channels_is_refused_by_its_config(tmp_path):
+    """A UNet config of other input channels than the latent's 4 is refused by name before anything is loaded,
+    fewer channels as well as more (they were left to diffusers, whose load fails on the weights' shape)."""
+    import json
+
+    folder = copy_tiny_sd21(tmp_path / "stable-diffusion-2-1-base")
+    config_path = os.path.join(folder, "unet", "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    with open(config_path, "w") as f:
+        json.dump(dict(config, in_channels=3), f)
+    with pytest.raises(WeightFileError, match=r"it is a Stable Diffusion model whose UNet takes 3 input channels, not "
+                                              r"the 4 latent channels"):
+        load_sd21(folder)
