@@ -67,17 +67,17 @@ def test_close_to_untiled(vaes, name, enc_db, dec_db):
     assert psnr(tiled, untiled, peak=2) >= dec_db
 
 
-# measured at the default encoder tile (1024 px, both pipelines) on a 1152×1216 input: osediff 41.3 (53.7 with the
+# measured at the default encoder tile (1024 px, both pipelines) on a 1152×1216 input: osediff 57.4 (53.7 with the
 # 32-channel VAE of earlier fixtures), dossr 51.6; the decoder at its default tile (224 latent) on a 248×256 latent:
 # 43.3 / 52.7 with the 32-channel osediff VAE (not run here: a minute each)
-@pytest.mark.parametrize("name, min_db", [("osediff", 40.5), ("dossr", 45)])
+@pytest.mark.parametrize("name", ["osediff", "dossr"])
 @torch.no_grad()
-def test_default_encoder_tile_close_to_untiled(vaes, name, min_db):
+def test_default_encoder_tile_close_to_untiled(vaes, name):
     encoder, _, image = vaes[name]
     image = F.interpolate(image, size=(1152, 1216), mode="bicubic", align_corners=False).clamp(-1, 1)
     untiled = encoder(image)
     tiled = tiled_forward(encoder, image, 1024, is_decoder=False, mode="bounded")
-    assert psnr(tiled, untiled, peak=(untiled.max() - untiled.min()).item()) >= min_db
+    assert psnr(tiled, untiled, peak=(untiled.max() - untiled.min()).item()) >= 45
 
 
 @torch.no_grad()
