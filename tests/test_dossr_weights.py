@@ -563,7 +563,7 @@ def test_convert_with_a_yaml_of_another_vae_writes_nothing(tmp_path):
     --config, and nothing is written."""
     from comfyui_diffsr.dossr_core.weights import convert_dossr
 
-    yaml = _tiny_yaml(tmp_path, lambda p: p["first_stage_config"]["params"]["ddconfig"].update(ch=64))
+    yaml = _tiny_yaml(tmp_path, lambda p: p["first_stage_config"]["params"]["ddconfig"].update(ch=32))
     with pytest.raises(WeightFileError, match="condition encoder.*--config"):
         convert_dossr(CKPT, tmp_path / "x.safetensors", config=yaml)
     assert sorted(os.listdir(tmp_path)) == ["changed.yaml"]
@@ -590,7 +590,7 @@ def test_a_yaml_whose_networks_cannot_be_built_is_named_not_the_file(tmp_path, u
 
 @pytest.mark.parametrize("change, message", [
     (lambda sd: dict(sd, **{"control_model.input_blocks.0.0.weight": sd["control_model.input_blocks.0.0.weight"][:, :4]}),
-     r"The ControlNet input conv has shape \(32, 4, 3, 3\); DoSSR's takes 8 channels"),
+     r"The ControlNet input conv has shape \(64, 4, 3, 3\); DoSSR's takes 8 channels"),
 ], ids=["controlnet-without-the-condition-input"])
 def test_incomplete_official_parts_are_named_and_nothing_is_written(official_sd, tmp_path, change, message):
     """A ControlNet input conv without the condition latent's channels is named with its shape; nothing is written."""

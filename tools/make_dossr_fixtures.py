@@ -70,7 +70,7 @@ params:
       image_size: 32 # unused
       in_channels: 4
       hint_channels: 4
-      model_channels: 32
+      model_channels: 64
       attention_resolutions: [ 4, 2, 1 ]
       num_res_blocks: 1
       channel_mult: [ 1, 1, 2, 2 ]
@@ -88,7 +88,7 @@ params:
       image_size: 32 # unused
       in_channels: 4
       out_channels: 4
-      model_channels: 32
+      model_channels: 64
       attention_resolutions: [ 4, 2, 1 ]
       num_res_blocks: 1
       channel_mult: [ 1, 1, 2, 2 ]
@@ -110,12 +110,12 @@ params:
         resolution: 256
         in_channels: 3
         out_ch: 3
-        ch: 32
+        ch: 64
         ch_mult:
         - 1
         - 1
-        - 1
-        - 1
+        - 2
+        - 2
         num_res_blocks: 1
         attn_resolutions: []
         dropout: 0.0
