@@ -43,8 +43,9 @@ def osediff_model(tiny_folder):
 @pytest.fixture(scope="module")
 def dossr_model():
     """The tiny DoSSR model. The smallest input (padded to one 64 px block) gives a 1×1 map at the networks' deepest
-    level, which has 64 channels in 32 GroupNorm groups (channel_mult [1,1,2,2]), so it can be normalised (SD 2.1 has
-    10 channels per group); with the former [1,1,1,1], one channel per group, this fixture had to halve the groups."""
+    level, which has 128 channels in 32 GroupNorm groups (model_channels 64, channel_mult [1,1,2,2]), so it can be
+    normalised (SD 2.1 has 10 channels per group); with the former channel_mult [1,1,1,1] at 32 channels, one channel
+    per group, this fixture had to halve the groups."""
     return load_dossr(DOSSR, config=DOSSR_CONFIG)
 
 

@@ -63,4 +63,4 @@ def test_dossr_with_latent_and_vae_tiles_forms_no_float64(dossr, mode):
     wide = dossr_upscale(dossr, lr, options=options)
     with cpu_without_float64(dossr):
         narrow = dossr_upscale(dossr, lr, options=options)
-    assert psnr(narrow, wide) >= 110, mode  # measured 133 dB
+    assert psnr(narrow, wide) >= 110, mode  # measured 131 dB
