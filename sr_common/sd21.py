@@ -403,7 +403,7 @@ def check_diffusers_folder(folder):
         _refuse(folder, f"a Stable Diffusion model whose UNet takes {inputs} input channels, not the 4 latent channels")
     if unet_cfg.get("class_embed_type") == "projection":  # StableUnCLIP: the CLIP image embedding
         _refuse(folder, KNOWN["sd2-unclip"].what)
-    if unet_cfg.get("cross_attention_dim") == 768 and not unet_cfg.get("use_linear_projection", False):
+    if unet_cfg.get("cross_attention_dim") == 768 or not unet_cfg.get("use_linear_projection", False):  # _unet_is_sd1
         _refuse(folder, KNOWN["sd1"].what)
     if sched.get("prediction_type") == "v_prediction":
         _refuse(folder, KNOWN["sd2-v"].what)

@@ -389,6 +389,10 @@ CASES = {
     "diffusers-sd-1.5": ("sd15_folder", _folder(_edit_json("unet/config.json", cross_attention_dim=768,
                                                            use_linear_projection=False)),
                          lambda p, e: load_sd21(p), r"Stable Diffusion 1\.x.*stable-diffusion-2-1-base"),
+    # told from SD 2.x as a single file's UNet is (``known_files._unet_is_sd1``): by its 768 wide context alone
+    "diffusers-sd1-linear": ("sd1_linear_folder", _folder(_edit_json("unet/config.json", cross_attention_dim=768,
+                                                                     use_linear_projection=True)),
+                             lambda p, e: load_sd21(p), r"Stable Diffusion 1\.x.*stable-diffusion-2-1-base"),
     "diffusers-sdxl": ("sdxl_folder", _folder(lambda f: os.mkdir(os.path.join(f, "text_encoder_2"))),
                        lambda p, e: load_sd21(p), "SDXL.*stable-diffusion-2-1-base"),
     # SD 1.5's unet/config.json (written by diffusers 0.6) has no use_linear_projection: diffusers' default, False
