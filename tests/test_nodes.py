@@ -1563,7 +1563,7 @@ def test_loader_file_missing_names_where_to_get_it(pack):
         run(nodes["DiffSR_SD21Loader"], base="checkpoints/v2-1_512-ema-pruned.safetensors")
 
 
-def test_a_link_to_nothing_in_a_model_folder_names_its_target(pack):
+def test_a_link_to_nothing_in_a_model_folder_names_its_target(pack, tmp_path):
     """ComfyUI lists a link whose file was moved or deleted (os.walk) but finds no file there (folder_paths
     get_full_path: isfile): the loader said the file was not in models/checkpoints, to be put there. A link to a
     folder that exists is not called one to nothing."""
@@ -1577,7 +1577,7 @@ def test_a_link_to_nothing_in_a_model_folder_names_its_target(pack):
                                                     r"does not exist"):
             run(nodes["DiffSR_SD21Loader"], base="checkpoints/v2-1_512-ema-pruned.safetensors")
         os.remove(link)
-        os.symlink(os.path.dirname(link), link)  # a link to a folder that exists: no file, but nothing moved
+        os.symlink(tmp_path, link)  # a link to a folder that exists (not one above it: a cycle): no file, nothing moved
         with pytest.raises(FileNotFoundError, match=r"^'v2-1_512-ema-pruned\.safetensors' is not in models/"
                                                     r"checkpoints: "):
             run(nodes["DiffSR_SD21Loader"], base="checkpoints/v2-1_512-ema-pruned.safetensors")
