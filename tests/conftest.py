@@ -273,15 +273,16 @@ def every_fast_path(monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_unet_vae():
-    """A small SD 2.1-shaped UNet and VAE with random weights, built in the test (no files)."""
+    """A small SD 2.1-shaped UNet and VAE with random weights, built in the test (no files); every GroupNorm has 2 or
+    more channels per group (one channel per group is an instance norm, blind to a per-channel shift or scale)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(block_out_channels=(32, 32, 64, 64), layers_per_block=1, cross_attention_dim=16,
+    unet = UNet2DConditionModel(block_out_channels=(64, 64, 128, 128), layers_per_block=1, cross_attention_dim=16,
                                 attention_head_dim=[1, 1, 1, 1], use_linear_projection=True,
                                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3).eval()
-    vae = AutoencoderKL(block_out_channels=(32, 32, 64, 64), layers_per_block=1,
+    vae = AutoencoderKL(block_out_channels=(64, 64, 128, 128), layers_per_block=1,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4).eval()
     return unet, vae
 

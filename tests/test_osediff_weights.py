@@ -281,9 +281,9 @@ def test_lora_pairs_refuses_a_missing_half():
 @pytest.mark.parametrize("target, a_shape, b_shape, message", [
     ("nonexistent.block", (4, 3), (3, 4), r"targets 'nonexistent\.block', which the base model does not have"),
     ("down_blocks.0", (4, 3), (3, 4), r"targets 'down_blocks\.0', which the base model does not have"),
-    ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", (4, 33), (32, 4),
-     r"LoRA for 'down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1\.to_q' has shape \(32, 33\), the base "
-     r"weight \(32, 32\)"),
+    ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", (4, 65), (64, 4),
+     r"LoRA for 'down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1\.to_q' has shape \(64, 65\), the base "
+     r"weight \(64, 64\)"),
 ], ids=["no-module", "module-without-weight", "wrong-shape"])
 def test_lora_targets_are_checked_in_both_merges(tiny_unet_vae, ckpt, in_place, target, a_shape, b_shape, message):
     """A LoRA for a module the UNet lacks, for a module with no weight, or of another shape is refused as a base that
@@ -423,9 +423,9 @@ def test_two_loras_of_one_module_that_do_not_fit_each_other_are_refused(tiny_une
     bad = copy.deepcopy(ckpt)
     bad["unet_lora_others_modules"].append("conv_in")
     bad["state_dict_unet"].update({"conv_in.lora_A.default_others.weight": torch.zeros(4, 5, 3, 3),
-                                   "conv_in.lora_B.default_others.weight": torch.zeros(32, 4, 1, 1)})
+                                   "conv_in.lora_B.default_others.weight": torch.zeros(64, 4, 1, 1)})
     with pytest.raises(WeightFileError, match=r"The OSEDiff LoRAs of 'conv_in' \(two module lists name it\) "
-                                              r"change weights of shapes \(32, 4, 3, 3\) and \(32, 5, 3, 3\): the "
+                                              r"change weights of shapes \(64, 4, 3, 3\) and \(64, 5, 3, 3\): the "
                                               r"file is damaged; download osediff\.pkl again"):
         W.apply_osediff_unet(unet, bad)
 
@@ -434,9 +434,9 @@ def test_conv_in_of_another_shape_is_refused(tiny_unet_vae, ckpt):
     """A trained conv_in that does not fit the base UNet's names both shapes and the base."""
     unet, _ = tiny_unet_vae
     bad = copy.deepcopy(ckpt)
-    bad["state_dict_unet"]["conv_in.base_layer.weight"] = torch.zeros(32, 5, 3, 3)
-    with pytest.raises(WeightFileError, match=r"conv_in\.weight has shape \(32, 5, 3, 3\), the base UNet "
-                                              r"\(32, 4, 3, 3\): the base is not SD 2\.1-base"):
+    bad["state_dict_unet"]["conv_in.base_layer.weight"] = torch.zeros(64, 5, 3, 3)
+    with pytest.raises(WeightFileError, match=r"conv_in\.weight has shape \(64, 5, 3, 3\), the base UNet "
+                                              r"\(64, 4, 3, 3\): the base is not SD 2\.1-base"):
         W.apply_osediff_unet(unet, bad)
 
 
