@@ -462,6 +462,29 @@ def test_folder_run_goes_on_past_a_bad_image_and_resumes(base, tmp_path, capsys)
         run(args + ["--skip-existing", "--overwrite"])
 
 
+def test_skip_existing_skips_an_output_another_run_made_meanwhile(base, tmp_path, monkeypatch, capsys):
+    """--skip-existing in a folder run that another run shares: an output that run made after this one planned its
+    outputs is skipped with a note, as an existing one is, and left as it is (the run does not fail)."""
+    import comfyui_diffsr.cli.osediff as osediff_cli
+
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    out.mkdir()
+    for name in ("a.png", "b.png"):
+        shutil.copy(os.path.join(FIX, "in_21x27.png"), folder / name)
+    real = osediff_cli.osediff_upscale
+
+    def other_run_writes_b(*args, **kwargs):
+        (out / "b.png").write_bytes(b"the other run's")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(osediff_cli, "osediff_upscale", other_run_writes_b)
+    assert run([folder, "-o", out, "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
+                "--process-size", "64", "--skip-existing"]) == 0
+    assert f"note: {folder / 'b.png'}: skipped: its output" in capsys.readouterr().err
+    assert (out / "b.png").read_bytes() == b"the other run's" and (out / "a.png").stat().st_size > 100
+
+
 def test_an_input_with_a_long_name_is_written(base, tmp_path):
     """A name of 249 bytes (83 Japanese characters) and its suffix is a valid output name: it is written, though
     ``<name>.partial`` would pass the 255 bytes a name may have. The file written first and renamed leaves nothing
