@@ -2563,4 +2563,4 @@ def test_the_nodes_form_no_float64_on_a_device_without_it(pack, osediff_model):
     wide = images()
     with cpu_without_float64(model, dossr, package=module.__name__):
         narrow = images()
-    assert [psnr(a, b) >= 100 for a, b in zip(narrow, wide)] == [True] * 3  # measured 139, 120 and 137 dB
+    assert [psnr(a, b) >= 100 for a, b in zip(narrow, wide)] == [True] * 3  # measured 132, 124 and 133 dB
