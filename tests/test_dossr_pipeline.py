@@ -107,7 +107,7 @@ def check_parity(model, case):
     official = lr_image(case["output_png"])
     assert tuple(out.shape[-2:]) == tuple(official.shape[-2:]) == tuple(case["output_size_wh"][::-1])
     ours_u8 = torch.floor(out.clamp(0, 1) * 255) / 255  # the official truncates to uint8
-    assert psnr(ours_u8, official) >= 70  # measured ≥ 88.0 dB; 70 dB allows dozens of values 1 LSB off
+    assert psnr(ours_u8, official) >= 70  # measured ≥ 89.0 dB; 70 dB allows dozens of values 1 LSB off
     assert (ours_u8 - official).abs().max() <= 1.5 / 255
 
 
@@ -263,7 +263,7 @@ def test_noise_source_order():
     assert torch.equal(b, torch.randn((1, 4, 2, 2), generator=gen))
 
 
-@pytest.mark.parametrize("dtype, min_db", [(torch.bfloat16, 38), pytest.param(torch.float16, 54, marks=cpu_float16)])
+@pytest.mark.parametrize("dtype, min_db", [(torch.bfloat16, 42), pytest.param(torch.float16, 58, marks=cpu_float16)])
 def test_reduced_precision_networks_stay_close(dtype, min_db):
     """Networks in bf16 or fp16 (the CUDA default), sampler arithmetic in float32/float64."""
     lr = lr_image("lr_w32h32.png")
@@ -272,7 +272,8 @@ def test_reduced_precision_networks_stay_close(dtype, min_db):
     model.to(dtype=dtype)
     b = dossr_upscale(model, lr, options=Options(steps=5, seed=1))
     assert b.dtype == torch.float32 and torch.isfinite(b).all()
-    assert min_db <= psnr(a, b) < 80  # measured: bf16 46.0 dB, fp16 66.2 dB
+    assert min_db <= psnr(a, b) < 80  # measured: bf16 46.0 dB, fp16 66.2 dB (42.2 / 62.2 with the 32-channel
+    # networks of earlier fixtures, held to 38 / 54 then: the bounds keep those margins)
     with pytest.raises(ValueError, match="dtype"):
         model.to(dtype=torch.float64)
 

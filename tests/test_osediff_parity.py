@@ -55,19 +55,19 @@ def min_psnr(case):
 
 def levels_off(out, case):
     """Against the official 8-bit PNG: the share of values that land on another level than the official one, and
-    the largest distance in levels. Measured: 0–0.04 % and ≤ 3 levels (3 in b24x40_raise), 0.03 % for
-    e40x32_latent_tiled (with the 32-channel networks of earlier fixtures 0–0.16 %, ≤ 2 levels, and 0.35 % for
-    e40x32_latent_tiled, whose 8×8-latent tiles fed GroupNorms of a few values that magnify float32 rounding; 0.99 %
-    against the fixtures of the earlier weights). A 10× error in adain's ε (1e-5 → 1e-4) moved 1.6–2.8 % of the
-    values there, which the 60 dB PSNR bound lets through."""
+    the largest distance in levels. Measured: 0–0.03 % and ≤ 3 levels (3 in b24x40_raise), 0.40 % for e40x32_untiled
+    in one run (71.7 dB: this case moves with the thread count); with the 32-channel networks of earlier fixtures
+    0–0.16 %, ≤ 2 levels, and 0.35 % for e40x32_latent_tiled; 0.99 % against the fixtures of the earlier weights.
+    A 10× error in adain's ε (1e-5 → 1e-4) moves 3.3–5.9 % of the values of the adain cases (at 60.4–62.9 dB, which
+    the 60 dB PSNR bound lets through). The official PNGs themselves moved by up to 3 levels when made again in
+    another session (tests/data/osediff/README.md), so the largest distance is held to 4, one over the measured."""
     ours = (out.clamp(0, 1) * 255).round()
     official = (pil_to_tensor(Image.open(os.path.join(FIX, case["output"]))) * 255).round()
     distance = (ours - official).abs()
     return (distance >= 1).float().mean().item(), int(distance.max())
 
 
-LEVELS_OFF_CAP = {"e40x32_latent_tiled": 0.02}  # the share of values off by a level each official case may have;
-LEVELS_OFF_DEFAULT = 0.01                        # about 6× the measured ones (see levels_off)
+LEVELS_OFF_CAP = 0.01  # the share of values off by a level an official case may have: 2.5× the largest measured
 
 
 def expected(case):
@@ -96,7 +96,7 @@ def test_matches_official(model, case):
     assert psnr(out, ref) >= min_psnr(case), f"{case['name']}: {psnr(out, ref):.2f} dB"
     if case["sizing"] == "official":
         share, largest = levels_off(out, case)
-        assert share <= LEVELS_OFF_CAP.get(case["name"], LEVELS_OFF_DEFAULT) and largest <= 3, (share, largest)
+        assert share <= LEVELS_OFF_CAP and largest <= 4, (share, largest)
 
 
 def test_official_sizing_shrinks_with_lanczos_under_any_pillow():
@@ -225,12 +225,13 @@ def precision_cases():
             dict(named["g37x29_exact_latent_tiled"], tile_latent=12, tile_overlap=6)]
 
 
-@pytest.mark.parametrize("dtype, min_db", [pytest.param(torch.float16, 42, marks=cpu_float16), (torch.bfloat16, 28)])
+@pytest.mark.parametrize("dtype, min_db", [pytest.param(torch.float16, 46, marks=cpu_float16), (torch.bfloat16, 34.5)])
 def test_reduced_precision_close_to_float32(model, tmp_path, dtype, min_db):
     """The networks in fp16 (the CUDA default) or bf16 against float32 (``precision_cases``); the output stays float32.
     Measured on these random tiny weights: fp16 50.3 / 52.8 / 66.1 dB, bf16 36.5 / 36.7 / 47.9 dB (48.9 / 46.4 / 62.0
-    and 31.1 / 29.7 / 44.4 with the narrower networks of earlier fixtures; random weights amplify rounding:
-    bench/precision.py measures the full-size networks)."""
+    and 31.1 / 29.7 / 44.4 with the narrower networks of earlier fixtures, held to 42 and 28 then; the bounds keep
+    those margins below the lowest; random weights amplify rounding: bench/precision.py measures the full-size
+    networks)."""
     low = build_osediff(load_sd21(tiny_folder(str(tmp_path))), read_osediff(os.path.join(FIX, "osediff_tiny.pkl")))
     low.to(dtype=dtype)
     assert {p.dtype for m in low.modules() for p in m.parameters()} == {dtype}
