@@ -1005,13 +1005,34 @@ def test_ctrl_c_counts_an_output_another_run_made_meanwhile_as_done(tmp_path, ca
     assert capsys.readouterr().err.splitlines()[-2:] == [
         f"wrote 1 image(s) to {tmp_path / 'out'}", "error: stopped with 2 image(s) left (--skip-existing resumes the run):"]
 
+def ctrl_c_in_first_wait_for(save, out):
+    """A ThreadPoolExecutor whose future of ``save`` writing ``out`` raises KeyboardInterrupt when first waited for
+    (Ctrl-C as the run waits for that output), and then waits as usual."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    class CtrlCInFirstWait(ThreadPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            future = super().submit(fn, *args, **kwargs)
+            if fn is save and args[1] == out:
+                wait, waited = future.result, []
+
+                def result(timeout=None):
+                    if not waited:
+                        waited.append(True)
+                        raise KeyboardInterrupt
+                    return wait(timeout)
+
+                future.result = result
+            return future
+
+    return CtrlCInFirstWait
+
+
 @pytest.mark.parametrize("last_write", ["written", "refused"])
 def test_ctrl_c_while_the_last_output_is_written_finishes_it_and_sums_up(tmp_path, monkeypatch, capsys, last_write):
     """Ctrl-C while the run waited for its last output (after the last upscale: a 2048² PNG takes about a second)
     went past the summary: no images written, failures or count, and an output its encoder then refused was not
     named. That output is finished and the run sums up, as for Ctrl-C earlier."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from comfyui_diffsr.cli import common
 
     pairs = _folder(tmp_path, 3)
@@ -1023,23 +1044,8 @@ def test_ctrl_c_while_the_last_output_is_written_finishes_it_and_sums_up(tmp_pat
             raise ImageInputError(f"Cannot write {path!r}: encoder error. Try --format png.")
         real_save(image01, path, *profile)
 
-    class CtrlCInLastWait(ThreadPoolExecutor):  # Ctrl-C as the run first waits for the last output
-        def submit(self, fn, *args, **kwargs):
-            future = super().submit(fn, *args, **kwargs)
-            if fn is save and args[1] == pairs[-1][1]:
-                wait, waited = future.result, []
-
-                def result(timeout=None):
-                    if not waited:
-                        waited.append(True)
-                        raise KeyboardInterrupt
-                    return wait(timeout)
-
-                future.result = result
-            return future
-
     monkeypatch.setattr(common, "save_image", save)
-    monkeypatch.setattr(common, "ThreadPoolExecutor", CtrlCInLastWait)
+    monkeypatch.setattr(common, "ThreadPoolExecutor", ctrl_c_in_first_wait_for(save, pairs[-1][1]))
     with pytest.raises(KeyboardInterrupt):
         common.upscale_all(pairs, lambda image, out: image, "test")
     written, failed = (2, [pairs[0][0]]) if last_write == "written" else (1, [pairs[0][0], pairs[2][0]])
@@ -1049,37 +1055,20 @@ def test_ctrl_c_while_the_last_output_is_written_finishes_it_and_sums_up(tmp_pat
         f"{', '.join(failed)}", "error: stopped with 0 image(s) left (--skip-existing resumes the run):"]
 
 
-
 def test_a_second_ctrl_c_while_the_output_being_written_is_finished_stops_at_once(tmp_path, monkeypatch, capsys):
     """Ctrl-C during an upscale finishes the output being written before the summary; a second Ctrl-C during that
     wait stops the run at once, without waiting for the write again or summing up."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from comfyui_diffsr.cli import common
 
     pairs = _folder(tmp_path, 3)
-
-    class SecondCtrlCInWait(ThreadPoolExecutor):  # Ctrl-C again as the run waits for the first output
-        def submit(self, fn, *args, **kwargs):
-            future = super().submit(fn, *args, **kwargs)
-            if fn is common.save_image and args[1] == pairs[0][1]:
-                wait, waited = future.result, []
-
-                def result(timeout=None):
-                    if not waited:
-                        waited.append(True)
-                        raise KeyboardInterrupt
-                    return wait(timeout)
-
-                future.result = result
-            return future
 
     def upscale_one(image, out):
         if out == pairs[1][1]:
             raise KeyboardInterrupt
         return image
 
-    monkeypatch.setattr(common, "ThreadPoolExecutor", SecondCtrlCInWait)
+    # Ctrl-C again as the run waits for the first output
+    monkeypatch.setattr(common, "ThreadPoolExecutor", ctrl_c_in_first_wait_for(common.save_image, pairs[0][1]))
     with pytest.raises(KeyboardInterrupt):
         common.upscale_all(pairs, upscale_one, "test")
     err = capsys.readouterr().err

@@ -1223,17 +1223,23 @@ def test_a_cached_prompt_embedding_follows_the_text_encoders_precision(pack, ose
         assert torch.equal(model.prompt_embedding("a cached prompt"), fp32)
 
 
+def recorded_prompts(monkeypatch):
+    """The prompts the pack's ``encode_prompt`` is called with, recorded as it runs them."""
+    sd21 = sys.modules["custom_nodes_x_diffsr_pack.sr_common.sd21"]
+    encoded, encode = [], sd21.encode_prompt
+    monkeypatch.setattr(sd21, "encode_prompt",
+                        lambda te, tok, prompts: encoded.append(prompts) or encode(te, tok, prompts))
+    return encoded
+
+
 def test_a_prompt_encoded_in_the_runs_precision_leaves_the_text_encoder_as_it_is(pack, osediff_model, monkeypatch):
     """A node whose prompt is cached in the run's precision does not run the text encoder, so it does not cast it
     either (another model on the same base may hold it in another precision: it would be cast back and forth at
     every run); a prompt not cached in that precision casts it and is encoded."""
     _, nodes = pack
     host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
-    sd21 = sys.modules["custom_nodes_x_diffsr_pack.sr_common.sd21"]
     _, model = osediff_model
-    encoded, encode = [], sd21.encode_prompt
-    monkeypatch.setattr(sd21, "encode_prompt",
-                        lambda te, tok, prompts: encoded.append(prompts) or encode(te, tok, prompts))
+    encoded = recorded_prompts(monkeypatch)
     latent = {"samples": torch.randn(1, 4, 5, 6, generator=torch.Generator().manual_seed(17))}
     one_step = lambda prompt: run(nodes["OSEDiff_OneStepUNet"], model=model, latent=latent, prompt=prompt,
                                   tile_latent=0, tile_overlap=0, dtype="bf16")[0]["samples"]
@@ -1253,11 +1259,8 @@ def test_a_node_given_a_conditioning_neither_encodes_its_prompt_nor_casts_the_te
     precision (another model on the same base may hold it in another: it would be cast back and forth)."""
     _, nodes = pack
     host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
-    sd21 = sys.modules["custom_nodes_x_diffsr_pack.sr_common.sd21"]
     _, model = osediff_model
-    encoded, encode = [], sd21.encode_prompt
-    monkeypatch.setattr(sd21, "encode_prompt",
-                        lambda te, tok, prompts: encoded.append(prompts) or encode(te, tok, prompts))
+    encoded = recorded_prompts(monkeypatch)
     host.set_precision(host.HeldModules([model.text_encoder]), torch.float32)
     embeds = torch.randn(1, 77, model.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(18))
     run(nodes["OSEDiff_OneStepUNet"], model=model, latent={"samples": torch.zeros(1, 4, 5, 6)},
