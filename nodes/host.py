@@ -167,14 +167,16 @@ def _dangling_link_message(folder, name):
 
 
 def weight_path(folder, name):
-    """Full path of a loader choice; a ``download: <file>`` choice fetches the official file first (resumable,
-    verified, moved into place only when complete) into the first ``models/<folder>`` path, once; a damaged file
-    there is set aside."""
+    """Full path of a loader choice, where no file has that exact name the name with the other system's separator
+    (``other_separator``: a workflow saved on Windows names a file in a sub-folder SD2\\v2-1.safetensors); a
+    ``download: <file>`` choice fetches the official file first (resumable, verified, moved into place only when
+    complete) into the first ``models/<folder>`` path, once; a damaged file there is set aside."""
     if not name.startswith(DOWNLOAD):
-        path = folder_paths.get_full_path(folder, name)
-        if path is None:
-            raise FileNotFoundError(_dangling_link_message(folder, name) or missing_file_message(folder, name))
-        return path
+        for spelling in dict.fromkeys((name, other_separator(name))):
+            path = folder_paths.get_full_path(folder, spelling)
+            if path is not None:
+                return path
+        raise FileNotFoundError(_dangling_link_message(folder, name) or missing_file_message(folder, name))
     filename = name[len(DOWNLOAD):]
     source = next((s for s in OFFICIAL.values() if s.folder == folder and s.filename == filename), None)
     if source is None:

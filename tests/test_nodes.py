@@ -1863,6 +1863,25 @@ def test_a_nested_diffusers_pipeline_is_found_by_its_name_on_the_other_system(pa
         assert host.base_path(f"diffusers/{name}") == literal
 
 
+@pytest.mark.skipif(os.name == "nt", reason="a backslash is a separator on Windows")
+def test_a_file_in_a_sub_folder_is_found_by_its_windows_name_on_linux(pack, monkeypatch, tmp_path):
+    """ComfyUI on Windows lists a weight file in a sub-folder of models/<folder> as SD2\\v2-1.safetensors, and a
+    workflow saved there names it so: on Linux no file had that name (a backslash is a character of a Linux name), and
+    the loader said the file was not in models/osediff. The name with the other separator is tried where the exact one
+    is not found; a file Linux names so exactly comes first."""
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    folder_paths = sys.modules["folder_paths"]
+    root = tmp_path / "osediff"
+    (root / "SD2").mkdir(parents=True)
+    shutil.copy(os.path.join(DATA, "osediff", "osediff_tiny.pkl"), root / "SD2" / "osediff.pkl")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "osediff", ([str(root)], {".pkl"}))
+    assert host.weight_path("osediff", "SD2\\osediff.pkl") == str(root / "SD2" / "osediff.pkl")
+    shutil.copy(os.path.join(DATA, "osediff", "osediff_tiny.pkl"), root / "SD2\\osediff.pkl")
+    assert host.weight_path("osediff", "SD2\\osediff.pkl") == str(root / "SD2\\osediff.pkl")
+    with pytest.raises(FileNotFoundError, match=r"^'SD2\\other\.pkl' is not in models/osediff: "):
+        host.weight_path("osediff", "SD2\\other.pkl")
+
+
 @pytest.mark.parametrize("system", ["linux", "windows"])
 @pytest.mark.parametrize("name", ["../outside/sd21", "..\\outside\\sd21", "{outside}", "{outside_backslashed}",
                                   "D:\\outside\\sd21", "\\\\server\\share\\sd21"],
