@@ -2,6 +2,7 @@
 that goes on past a bad image."""
 
 import argparse
+import codecs
 import contextlib
 import dataclasses
 import os
@@ -78,7 +79,7 @@ def find_images(inputs, recursive=False, output=None):
 NOT_UTF8 = re.compile("([\\udc80-\\udcff]+)")  # the bytes of a name that are not UTF-8, as Python decodes them
 
 
-def escaped_name(path):
+def escaped_name(path, encoding=None):
     """``path`` as a command prints it for scripts (``diffsr dape``'s ``<file>`` field, ``diffsr download``'s lines):
     unchanged, or, where it holds a backslash or a character the messages escape (``shown_name``: a tab, line break,
     ESC or other control character, a format character such as U+202E or U+200B, another invisible one such as
@@ -88,10 +89,18 @@ def escaped_name(path):
     the separator and no name holds one, a path without another character to escape is printed as it is, unless it
     starts with a backslash (\\\\server\\share, \\models: it would read as escaped). The bytes of a name that are
     not UTF-8 (which Python decodes to U+DC80-U+DCFF, and the messages escape) are kept: printed as those bytes,
-    as ``sha256sum`` prints them (``run_main`` lets stdout write them)."""
-    escaped = "".join(part if NOT_UTF8.fullmatch(part) else shown_name(part)
-                      for part in NOT_UTF8.split(path.replace("\\", "\\\\")))
-    if escaped == path or os.sep == "\\" and shown_name(path) == path and not path.startswith("\\"):
+    as ``sha256sum`` prints them (``run_main`` lets stdout write them). A character that ``encoding`` (default:
+    stdout's) cannot write is escaped too (\\u5199 for 写 in cp1252, the code page of a Windows stdout that is a
+    file or pipe), so the line still gives the name back."""
+    encoding = encoding or getattr(sys.stdout, "encoding", None) or "utf-8"  # None: io.StringIO, pythonw
+
+    def shown(text):
+        return "".join(part if NOT_UTF8.fullmatch(part)
+                       else shown_name(part).encode(encoding, "backslashreplace").decode(encoding)
+                       for part in NOT_UTF8.split(text))
+
+    escaped = shown(path.replace("\\", "\\\\"))
+    if escaped == path or os.sep == "\\" and shown(path) == path and not path.startswith("\\"):
         return path
     return "\\" + escaped
 
@@ -678,12 +687,28 @@ def show_warning_as_note(message, category, filename, lineno, file=None, line=No
     tqdm.write(f"note: {' '.join(str(message).split())}", file=file or sys.stderr)
 
 
+BYTES_OR_ESCAPE = "comfyui_diffsr.bytes_or_escape"  # the codecs error handler name of ``bytes_or_escape``
+
+
+def bytes_or_escape(error):
+    """The stdout error handler of the commands: the character at ``error.start`` that the encoding cannot write is,
+    where it is U+DC80-U+DCFF (the byte 0x80-0xFF of a name that is not UTF-8, as Python decodes it) and the
+    encoding is ASCII-compatible, that byte (``surrogateescape``); else its Python escape (``backslashreplace``:
+    \\xe9, \\u5199, \\U0001f469)."""
+    char = error.object[error.start]
+    if "\udc80" <= char <= "\udcff" and "a".encode(error.encoding) == b"a":
+        return bytes([ord(char) - 0xDC00]), error.start + 1
+    return char.encode("ascii", "backslashreplace").decode("ascii"), error.start + 1
+
+
 def run_main(main_fn, argv, interrupted="interrupted"):
     """Run a command: our own errors print one clear line and exit with status 2; Ctrl-C prints ``interrupted`` (the
     command's own line, such as how to resume) and exits with status 130; warnings print as notes
-    (``show_warning_as_note``). A name that is not UTF-8 goes to stdout as its bytes (``escaped_name``), as
-    ``sha256sum`` prints it, even where stdout is strict UTF-8; errors the user asked for (PYTHONIOENCODING's
-    ``:replace``, ``:backslashreplace``) are kept.
+    (``show_warning_as_note``). A strict stdout writes every name (``bytes_or_escape``): one that is not UTF-8 as
+    its bytes (``escaped_name``), as ``sha256sum`` prints it, and a character its encoding lacks (Windows' file or
+    pipe in the code page: 写真.png in cp1252) as a Python escape, not a UnicodeEncodeError after the work is done
+    or half way through a folder; errors the user asked for (PYTHONIOENCODING's ``:replace``,
+    ``:backslashreplace``) are kept.
 
     Large CPU tensors are allowed transparent huge pages (PyTorch's ``THP_MEM_ALLOC_ENABLE``):
     the forward passes fault in gigabytes of fresh pages, and 2 MiB pages cut that cost (about
@@ -691,7 +716,8 @@ def run_main(main_fn, argv, interrupted="interrupted"):
     """
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     if hasattr(sys.stdout, "reconfigure") and sys.stdout.errors == "strict":
-        sys.stdout.reconfigure(errors="surrogateescape")
+        codecs.register_error(BYTES_OR_ESCAPE, bytes_or_escape)
+        sys.stdout.reconfigure(errors=BYTES_OR_ESCAPE)
     try:
         with ieee_float32(), warnings.catch_warnings():  # --dtype fp32 is float32 on every GPU, not TF32
             warnings.showwarning = show_warning_as_note

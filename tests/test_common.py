@@ -1595,7 +1595,9 @@ def test_a_command_keeps_the_stdout_errors_asked_for(monkeypatch):
     """The commands let a strict stdout write a name that is not UTF-8 as its bytes (surrogateescape), but they also
     replaced an errors handler the user had asked for (PYTHONIOENCODING=cp1252:replace, ascii:backslashreplace, for
     a Windows pipe): ``diffsr convert``'s 'wrote' line, ``diffsr download``'s paths then ended in a
-    UnicodeEncodeError on a name such as café or 日本, after the work was done. Only a strict stdout is changed."""
+    UnicodeEncodeError on a name such as café or 日本, after the work was done. Only a strict stdout is changed: it
+    writes the bytes of a name that is not UTF-8 as they are, and escapes what its encoding lacks (日本 in Windows'
+    cp1252, which ended the commands as that error did)."""
     import io
 
     from comfyui_diffsr.cli.common import run_main
@@ -1614,3 +1616,13 @@ def test_a_command_keeps_the_stdout_errors_asked_for(monkeypatch):
     assert run_main(command, []) == 0
     strict.flush()
     assert strict.buffer.getvalue() == "caf\u00e9 \u65e5\u672c x".encode() + b"\xe9\n"
+    code_page = io.TextIOWrapper(io.BytesIO(), encoding="cp1252", errors="strict")  # a Windows file or pipe
+    monkeypatch.setattr(sys, "stdout", code_page)
+    assert run_main(command, []) == 0
+    code_page.flush()
+    assert code_page.buffer.getvalue() == b"caf\xe9 \\u65e5\\u672c x\xe9\n"
+    wide = io.TextIOWrapper(io.BytesIO(), encoding="utf-16-le", errors="strict")  # no byte of its own: escaped
+    monkeypatch.setattr(sys, "stdout", wide)
+    assert run_main(command, []) == 0
+    wide.flush()
+    assert wide.buffer.getvalue() == "caf\u00e9 \u65e5\u672c x\\udce9\n".encode("utf-16-le")

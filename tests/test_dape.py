@@ -577,6 +577,29 @@ def test_cli_names_not_utf8_and_a_closed_pipe(fixture, tmp_path):
     assert stopped.returncode == 141 and b"Traceback" not in stopped.stderr and b"Broken" not in stopped.stderr
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="a file name of bytes that are not UTF-8: Linux file systems")
+@pytest.mark.parametrize("encoding", ["cp1252", "cp1252:strict"])
+def test_cli_names_its_stdout_encoding_lacks(fixture, tmp_path, encoding):
+    """On Windows a stdout that is a file or pipe writes the code page, strictly (cp1252): a name it lacks (写真,
+    an emoji, Łódź) ended ``dape`` with a UnicodeEncodeError half way through a folder, its other images untagged.
+    Each such character is escaped, on a line starting with a backslash that gives the name back; a name that is
+    not UTF-8 still prints as its bytes, and the others as they are."""
+    _, smalls, _, tags = fixture
+    names = ["a.png", "caf\u00e9.png", "x\udce9.png", "\u0141\u00f3d\u017a.png", "\u5199\u771f.png", "\U0001f469.png"]
+    for name in names:
+        Image.fromarray(smalls[0]).save(tmp_path / name)
+    command = [sys.executable, "-m", "comfyui_diffsr", "dape", str(tmp_path), "--ram", RAM, "--dape", DAPE,
+               "--process-size", "0", "--device", "cpu"]
+    done = subprocess.run(command, capture_output=True, env=dict(os.environ, PYTHONIOENCODING=encoding), timeout=300)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    folder, prompt = str(tmp_path).encode() + b"/", f"\t{tags[0]}, ,".encode()
+    fields = [folder + b"a.png", folder + b"caf\xe9.png", folder + b"x\xe9.png",
+              b"\\" + folder + b"\\u0141\xf3d\\u017a.png", b"\\" + folder + b"\\u5199\\u771f.png",
+              b"\\" + folder + b"\\U0001f469.png"]
+    assert done.stdout == b"".join(field + prompt + b"\n" for field in fields)
+    assert [unescaped_name(field.decode("cp1252")) for field in fields[3:]] == [str(tmp_path / n) for n in names[3:]]
+
+
 def test_low_precision_runs(fixture):
     ups, _, logits, _ = fixture
     t = load_dape_tagger(RAM, DAPE, dtype=torch.bfloat16)
