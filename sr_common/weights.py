@@ -16,6 +16,7 @@ import queue
 import re
 import secrets
 import socket
+import stat
 import struct
 import threading
 
@@ -51,13 +52,30 @@ def dangling_link(path):
     return f" It is {target}: link the file again, or give its path." if target else ""
 
 
+def special_file(mode):
+    """What a file of ``mode`` (``os.stat``'s) that is not a regular file is, for a message: "a FIFO (a named pipe)",
+    "a device", or "not a regular file"."""
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (a named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
 def _check_file(path):
+    """``path`` as a string, where it is a regular file (links followed) of at least one byte; refused by name
+    otherwise, before it is opened: a FIFO's read would wait for a writer for ever, a device's (/dev/zero) would not
+    end, and safetensors waits in ``safe_open`` holding the interpreter lock (every thread of the process stops)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         fix = dangling_link(path) or " Check the path or the model folder."
         raise WeightFileError(f"Weight file not found: {quoted_name(path)}.{fix}")
     if os.path.isdir(path):
         raise WeightFileError(f"Expected a weight file but {quoted_name(path)} is a folder; give the file itself.")
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise WeightFileError(f"{quoted_name(path)} is not a weight file: it is {special_file(mode)}. Give the weight "
+                              "file itself.")
     if os.path.getsize(path) == 0:
         raise WeightFileError(f"Weight file {quoted_name(path)} is empty (0 bytes): the download or copy did not "
                               "finish. Download it again.")
@@ -175,7 +193,7 @@ def stored_as_float32(path):
     """Whether a weight file holds its floating-point tensors as float32, from the safetensors header (the official
     SD 2.1 files do, fp16 copies do not); assumed for pickles, whose dtypes are only known once loaded."""
     try:
-        if sniff(path) != "safetensors":
+        if sniff(_check_file(path)) != "safetensors":
             return True
         layout, _ = _safetensors_layout(path)
     except Exception:  # unreadable or damaged: read_state_dict says what is wrong
@@ -430,11 +448,12 @@ OSEDIFF_FORMAT, DAPE_FORMAT, DOSSR_FORMAT = "osediff", "diffsr-dape-tagger", "do
 
 
 def safetensors_metadata(path):
-    """The metadata of a safetensors file (``SAFETENSORS_SUFFIXES``; {} when it has none), None for another kind."""
+    """The metadata of a safetensors file (``SAFETENSORS_SUFFIXES``; {} when it has none), None for another kind;
+    a path that is no weight file is refused (``_check_file``)."""
     path = os.fspath(path)
     if not path.lower().endswith(SAFETENSORS_SUFFIXES):
         return None
-    with safe_open(path, framework="pt") as f:
+    with safe_open(_check_file(path), framework="pt") as f:
         return f.metadata() or {}
 
 
@@ -443,7 +462,7 @@ def converted_kind(path):
     ``DOSSR_FORMAT``), else None."""
     try:
         kind = (safetensors_metadata(path) or {}).get("format")
-    except (OSError, SafetensorError):  # not readable as safetensors: the readers say why
+    except (OSError, SafetensorError, WeightFileError):  # not readable as safetensors: the readers say why
         return None
     return kind if kind in (OSEDIFF_FORMAT, DAPE_FORMAT, DOSSR_FORMAT) else None
 

@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import warnings
@@ -118,16 +119,26 @@ def host_stand_ins(pack_module, models=None):
 
 
 @contextlib.contextmanager
-def fifo(path):
+def fifo(path, let_go_after=None):
     """A FIFO (named pipe) at ``path`` within the block. A reader opening it waits for a writer; at the end, one still
     waiting is let go (a writer opens it and closes at once: the reader reads nothing), so that a test that found a
-    read waiting leaves no thread behind it. Skips the test on Windows, whose files are never FIFOs."""
+    read waiting leaves no thread behind it. ``let_go_after``: seconds after which another process lets a waiting
+    reader go, for a reader that waits holding the interpreter lock (safetensors' ``safe_open``), which no thread of
+    this process could let go. Skips the test on Windows, whose files are never FIFOs."""
     if not hasattr(os, "mkfifo"):
         pytest.skip("no FIFOs among Windows' files")
     os.mkfifo(path)
+    writer = None
+    if let_go_after is not None:
+        writer = subprocess.Popen([sys.executable, "-c", "import os, sys, time; time.sleep(float(sys.argv[2])); "
+                                   "os.close(os.open(sys.argv[1], os.O_WRONLY | os.O_NONBLOCK))",
+                                   str(path), str(let_go_after)], stderr=subprocess.DEVNULL)
     try:
         yield str(path)
     finally:
+        if writer is not None:
+            writer.kill()
+            writer.wait()
         with contextlib.suppress(OSError):  # ENXIO: no reader waits
             os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
 

@@ -4,6 +4,7 @@ file and the fix, and no model built on the way is left alive.
 The wrong files are made in ``tmp_path`` by mutating the tiny fixtures of tests/data.
 """
 
+import contextlib
 import gc
 import json
 import os
@@ -23,7 +24,7 @@ from comfyui_diffsr.osediff_core.weights import convert_osediff, read_osediff
 from comfyui_diffsr.sr_common.errors import WeightFileError
 from comfyui_diffsr.sr_common.sd21 import SD21, load_sd21
 
-from conftest import DAPE, DATA, DOSSR, DOSSR_CONFIG, OSEDIFF, RAM, SINGLE, copy_tiny_sd21
+from conftest import DAPE, DATA, DOSSR, DOSSR_CONFIG, OSEDIFF, RAM, SINGLE, copy_tiny_sd21, fifo, outcome_within
 
 TINY_SD21 = os.path.join(DATA, "osediff", "tiny_sd21")
 PNG = os.path.join(DATA, "osediff", "in_13x19.png")
@@ -613,3 +614,54 @@ def test_a_file_missing_any_one_module_is_refused_or_it_was_not_read(tmp_path, e
         loaded.append(module)
     assert [m for m in loaded if not re.match(NOT_READ[kind], m)] == []
     assert len(sample) >= 25, len(sample)
+
+
+# ------------------------------------------------------------------------------------------ no file at all
+def _in_folder(env, tmp_path, relative):
+    folder = copy_tiny_sd21(tmp_path / "sd21")
+    os.remove(os.path.join(folder, relative))
+    return folder, os.path.join(folder, relative)
+
+
+# id: (the name of the special file, the loader given the folder it is in, or the file: (path, env, tmp_path))
+SPECIAL_FILE_LOADERS = {
+    "sd21-safetensors": ("v2-1_512.safetensors", sd21), "sd21-ckpt": ("v2-1_512.ckpt", sd21),
+    "sd21-folder-part": ("unet/diffusion_pytorch_model.safetensors", None),
+    "osediff": ("osediff.pkl", osediff), "osediff-converted": ("osediff.safetensors", osediff),
+    "convert-osediff": ("osediff.safetensors", lambda path, env: convert_osediff(path, path + ".out.safetensors")),
+    "ram": ("ram_swin_large_14m.pth", ram), "dape": ("DAPE.pth", dape),
+    "dape-converted": ("dape.safetensors", dape_converted), "dossr": ("dossr_default.ckpt", dossr),
+    "dossr-converted": ("dossr.safetensors", dossr_converted),
+    "convert-dossr": ("dossr_default.ckpt", lambda path, env: convert_dossr(path, path + ".out.safetensors")),
+}
+
+
+@pytest.mark.parametrize("special", ["fifo", "device"])
+@pytest.mark.parametrize("case", SPECIAL_FILE_LOADERS)
+def test_a_fifo_or_a_device_given_as_a_weight_file_is_refused_by_its_type(tmp_path, env, case, special):
+    """A FIFO (named pipe) given as a weight file was opened before its type was looked at: loading an SD 2.1 single
+    file waited for a writer for ever (its dtype was read first), and converting an OSEDiff file froze the whole
+    process (safetensors waits in ``safe_open`` holding the interpreter lock: ComfyUI's server stopped answering);
+    the other loaders, and every loader given a device (a link to /dev/zero), called it an unfinished download
+    ("empty (0 bytes)"). Each is refused at once by what it is, before it is opened."""
+    import time
+
+    relative, load = SPECIAL_FILE_LOADERS[case]
+    if load is None:  # a part of a diffusers folder
+        chosen, path = _in_folder(env, tmp_path, relative)
+        load = sd21
+    else:
+        chosen = path = str(tmp_path / relative)
+    what = "a FIFO \\(a named pipe\\)" if special == "fifo" else "a device"
+    with contextlib.ExitStack() as stack:
+        if special == "fifo":
+            stack.enter_context(fifo(path, let_go_after=20))
+        else:
+            os.symlink("/dev/zero", path)
+        start = time.monotonic()
+        how, error = outcome_within(lambda: load(chosen, env), seconds=30)
+        took = time.monotonic() - start
+    assert took < 10, f"{took:.1f} s: the file was opened and read waiting for a writer"
+    assert how == "raised" and isinstance(error, WeightFileError), error
+    assert re.search(rf"'.*{re.escape(os.path.basename(path))}' is not a weight file: it is {what}\. Give the weight "
+                     "file itself", str(error)), error
