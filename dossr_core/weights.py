@@ -13,6 +13,7 @@ plus DDPM buffers (``betas`` … and ``lambdas``, which holds η), all dropped h
 users pair it with their own SD 2.1-base.
 """
 
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -21,13 +22,13 @@ from importlib import resources
 import torch
 from torch import nn
 
-from ..sr_common.errors import WeightFileError
+from ..sr_common.errors import NotAConfigFile, WeightFileError
 from ..sr_common.known_files import (CONVERTED, DOSSR_CONVERTED_MARKERS, DOSSR_OFFICIAL_MARKERS, KNOWN,
                                      OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, canonical, describe, identify)
 from ..sr_common.names import error_text, quoted_name
 from ..sr_common.sd21 import NOT_OPEN_CLIP_H, SCALING_FACTOR, load_ldm_unet_vae, open_clip_to_hf
-from ..sr_common.weights import (DOSSR_FORMAT, check_safetensors_output, load_module_weights, read_state_dict,
-                                 safetensors_metadata, write_safetensors)
+from ..sr_common.weights import (DOSSR_FORMAT, check_safetensors_output, load_module_weights, read_config_bytes,
+                                 read_state_dict, safetensors_metadata, write_safetensors)
 
 CONTROL_PREFIX = "control_model."
 COND_ENCODER_PREFIX = "cond_encoder."
@@ -47,13 +48,17 @@ CONFIG_ADVICE = ("Pass the official-style yaml the checkpoint was trained with a
 
 def load_ldm_configs(path=None):
     """The (unet, controlnet, vae) diffusers configs (``diffusers_configs``) of an official-style ControlLDM yaml
-    (its ``params``, or ``model.params``): a file that is not such a yaml is refused naming what it lacks."""
+    (its ``params``, or ``model.params``), read as any config (``read_config_bytes``: no FIFO, at most 1 MB): a file
+    that is not such a yaml is refused naming what it lacks."""
     import yaml
 
     path = path or shipped_config_path()
     try:
-        with open(path, encoding="utf-8") as f:
-            config = yaml.safe_load(f)
+        text = io.StringIO(read_config_bytes(path).decode("utf-8"))
+        text.name = path  # PyYAML names the file in its errors
+        config = yaml.safe_load(text)
+    except NotAConfigFile as e:
+        raise NotAConfigFile(f"{e} {CONFIG_ADVICE}") from e
     except UnicodeDecodeError as e:
         raise WeightFileError(f"{quoted_name(path)} is not a DoSSR/ControlLDM config: it is not a text file. "
                               f"{CONFIG_ADVICE}") from e

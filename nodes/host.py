@@ -17,7 +17,7 @@ import folder_paths
 
 from ..sr_common import tiling
 from ..sr_common.download import OFFICIAL, downloaded, hf_endpoint_url
-from ..sr_common.errors import WeightFileError
+from ..sr_common.errors import NotAConfigFile, WeightFileError
 from ..sr_common.fast_modules import forget_folded_kernels
 from ..sr_common.image import with_upscaled_alpha
 from ..sr_common.known_files import OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
@@ -25,7 +25,7 @@ from ..sr_common.names import quoted_name, shown_name
 from ..sr_common.sd21 import (NETWORK_DTYPES, PRECISIONS, check_precision, checked_context, ieee_float32, load_sd21,
                                module_tensors, move_module, sd21_from_ldm_state_dict)
 from ..sr_common.tiling import DEFAULT_TILES
-from ..sr_common.weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, gone_link_target
+from ..sr_common.weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, gone_link_target, read_config_bytes
 
 WEIGHT_EXTENSIONS = set(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)
 MODEL_FOLDERS = ("osediff", "dossr", "dape")
@@ -60,14 +60,14 @@ def files(folder, *, downloadable=False):
 
 def controlldm_configs():
     """The yamls of models/configs that describe a ControlLDM (DoSSR's config has a ``control_stage_config``),
-    not ComfyUI's stock SD configs that share the folder."""
+    not ComfyUI's stock SD configs that share the folder; read as configs are (``read_config_bytes``): no FIFO,
+    whose read would hold up ComfyUI's start-up for ever, nor a file of more than 1 MB."""
     found = []
     for name in folder_paths.get_filename_list("configs"):
         try:
-            with open(folder_paths.get_full_path_or_raise("configs", name), encoding="utf-8", errors="replace") as f:
-                if "control_stage_config" in f.read(1 << 20):
-                    found.append(name)
-        except OSError:
+            if b"control_stage_config" in read_config_bytes(folder_paths.get_full_path_or_raise("configs", name)):
+                found.append(name)
+        except (OSError, NotAConfigFile):
             pass
     return found
 

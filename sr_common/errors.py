@@ -10,8 +10,9 @@ class WeightFileError(DiffSRError, ValueError):
 
 
 class NotAConfigFile(WeightFileError):
-    """A file read as a model folder's JSON (config.json, model_index.json) that cannot be one: not a regular file (a
-    FIFO, whose read would wait for a writer for ever) or larger than any config (it would be read whole)."""
+    """A file read as a config (a model folder's config.json or model_index.json, a ControlLDM yaml) that cannot be
+    one: not a regular file (a FIFO, whose read would wait for a writer for ever) or larger than any config (it would
+    be read whole)."""
 
 
 class ArchitectureMismatch(WeightFileError):

@@ -11,7 +11,6 @@ import functools
 import json
 import os
 import re
-import stat
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, fields
@@ -27,7 +26,7 @@ from .known_files import (KNOWN, OPEN_CLIP_PREFIX, SGM_OPEN_CLIP_PREFIX, TRANSFO
 from .names import quoted_name, shown_name
 from .tiling import WeightsOutOfMemory, cpu_allocation_failed, is_out_of_memory
 from .weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_weight_file, dangling_link, load_module_weights,
-                      read_state_dict, stored_as_float32)
+                      read_config_bytes, read_state_dict, stored_as_float32)
 
 SCALING_FACTOR = 0.18215
 # SD's training noise schedule: β = linspace(√BETA_START, √BETA_END, NUM_TRAIN_TIMESTEPS)² ("scaled linear")
@@ -57,30 +56,9 @@ class SD21:
     vae_owned: bool = False  # the same for the VAE's
 
 
-MAX_CONFIG_BYTES = 1 << 20  # SD's configs are under 10 KB
-
-
-def _read_config_bytes(path):
-    """The bytes of the JSON file ``path`` of a model folder: a regular file of at most ``MAX_CONFIG_BYTES``, else
-    ``NotAConfigFile``. Opened without waiting (``O_NONBLOCK``), so that a FIFO is told by its type: its read would
-    wait for a writer for ever (ComfyUI loading the folder with it). A huge file would be read whole into memory.
-    Opened by ``open`` itself, which closes what it refuses (a folder): a descriptor handed to it is left open."""
-    with open(path, "rb", opener=lambda name, flags: os.open(name, flags | getattr(os, "O_NONBLOCK", 0))) as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            what = "a FIFO (a named pipe)" if stat.S_ISFIFO(info.st_mode) else "not a regular file"
-            raise NotAConfigFile(f"{quoted_name(path)} is not a config file: it is {what}.")
-        data = f.read(MAX_CONFIG_BYTES + 1)
-    if len(data) > MAX_CONFIG_BYTES:
-        size_mb = max(info.st_size, len(data)) / 2**20
-        raise NotAConfigFile(f"{quoted_name(path)} is not a config file: it is {size_mb:,.1f} MB, and the pack reads "
-                             f"config files of at most {MAX_CONFIG_BYTES >> 20} MB.")
-    return data
-
-
 def _read_json(path):
-    """The JSON in ``path`` (``_read_config_bytes``), UTF-8."""
-    return json.loads(_read_config_bytes(path).decode("utf-8"))
+    """The JSON in ``path`` (``read_config_bytes``), UTF-8."""
+    return json.loads(read_config_bytes(path).decode("utf-8"))
 
 
 # where the user gets the file (Stability AI's own repository is gone; the download is a verified copy)
@@ -356,7 +334,7 @@ def _hugging_face_snapshot(folder):
         return None
     revisions = sorted(os.listdir(snapshots))
     try:
-        main = _read_config_bytes(os.path.join(folder, "refs", "main")).decode("utf-8").strip()
+        main = read_config_bytes(os.path.join(folder, "refs", "main")).decode("utf-8").strip()
     except (OSError, ValueError):  # none (or no file, not UTF-8): the snapshot is not named
         main = None
     if not (main in revisions or len(revisions) == 1):

@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import ArchitectureMismatch, WeightFileError
+from .errors import ArchitectureMismatch, NotAConfigFile, WeightFileError
 from .names import error_text, quoted_name
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
@@ -60,6 +60,27 @@ def special_file(mode):
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         return "a device"
     return "not a regular file"
+
+
+MAX_CONFIG_BYTES = 1 << 20  # SD's JSON configs are under 10 KB, the ControlLDM yamls under 3 KB
+
+
+def read_config_bytes(path):
+    """The bytes of the config file ``path`` (a model folder's JSON, a ControlLDM yaml): a regular file of at most
+    ``MAX_CONFIG_BYTES``, else ``NotAConfigFile``. Opened without waiting (``O_NONBLOCK``), so that a FIFO is told by
+    its type: its read would wait for a writer for ever (ComfyUI loading the model with it). A huge file would be
+    read whole into memory. Opened by ``open`` itself, which closes what it refuses (a folder): a descriptor handed to
+    it is left open."""
+    with open(path, "rb", opener=lambda name, flags: os.open(name, flags | getattr(os, "O_NONBLOCK", 0))) as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise NotAConfigFile(f"{quoted_name(path)} is not a config file: it is {special_file(info.st_mode)}.")
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        size_mb = max(info.st_size, len(data)) / 2**20
+        raise NotAConfigFile(f"{quoted_name(path)} is not a config file: it is {size_mb:,.1f} MB, and the pack reads "
+                             f"config files of at most {MAX_CONFIG_BYTES >> 20} MB.")
+    return data
 
 
 def _check_file(path):

@@ -1,5 +1,6 @@
 """DoSSR weight files: recognition, clear refusals, conversion, and the CLI."""
 
+import contextlib
 import math
 import os
 import re
@@ -659,3 +660,26 @@ def test_text_encoder_heads_follow_open_clip(monkeypatch):
     config = weights.text_encoder_from_open_clip(sd).config
     assert (config.num_attention_heads, config.hidden_size, config.num_hidden_layers) == (16, 1024, 1)
     assert weights.text_encoder_from_open_clip(sd, num_heads=8).config.num_attention_heads == 8
+
+
+@pytest.mark.parametrize("kind", ["fifo", "huge"])
+def test_a_fifo_or_a_huge_file_for_the_yaml_is_not_read(tmp_path, kind):
+    """A FIFO named *.yaml given as the DoSSR config (--config, the loader's config) was opened as a file: the read
+    waited for a writer for ever (ComfyUI's worker hung); a huge text file was parsed whole (PyYAML stops only at a
+    character YAML does not allow). Each is refused by name as no config file, as a model folder's JSON configs are
+    (at most 1 MB: the ControlLDM yamls are under 3 KB), with the fix."""
+    from conftest import fifo, outcome_within
+
+    from comfyui_diffsr.dossr_core.weights import CONFIG_ADVICE, load_ldm_configs
+
+    path = str(tmp_path / "cldm_v21.yaml")
+    expected = "a FIFO (a named pipe)" if kind == "fifo" else "2.0 MB, and the pack reads config files of at most 1 MB"
+    with contextlib.ExitStack() as stack:
+        if kind == "fifo":
+            stack.enter_context(fifo(path))
+        else:
+            with open(_tiny_yaml(tmp_path, lambda p: None)) as f, open(path, "w") as out:
+                out.write(f.read() + "# a long comment\n" * ((2 << 20) // 17))
+        how, error = outcome_within(lambda: load_ldm_configs(path))
+    assert how == "raised" and isinstance(error, WeightFileError), error
+    assert str(error) == f"{quoted_name(path)} is not a config file: it is {expected}. {CONFIG_ADVICE}"

@@ -2586,3 +2586,19 @@ def test_the_nodes_form_no_float64_on_a_device_without_it(pack, osediff_model):
     with cpu_without_float64(model, dossr, package=module.__name__):
         narrow = images()
     assert [psnr(a, b) >= 100 for a, b in zip(narrow, wide)] == [True] * 3  # measured 132, 124 and 133 dB
+
+
+def test_the_config_list_reads_no_fifo_nor_huge_yaml(pack, monkeypatch, tmp_path):
+    """The DoSSR loader's config list, which ComfyUI makes at start-up and at each /object_info, reads the yamls of
+    models/configs to tell the ControlLDM ones: a FIFO named *.yaml there was opened and read, which waited for a
+    writer for ever (ComfyUI's start-up with it). It is left out of the list, as a huge file is; the ControlLDM
+    yaml beside them is listed."""
+    host = sys.modules["custom_nodes_x_diffsr_pack.nodes.host"]
+    folder_paths = sys.modules["folder_paths"]
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    shutil.copy(os.path.join(DATA, "dossr", "tiny_cldm.yaml"), configs)
+    sparse_file(configs / "huge.yaml", head=b"control_stage_config:\n")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "configs", ([str(configs)], {".yaml"}))
+    with fifo(configs / "piped.yaml"):
+        assert outcome_within(host.controlldm_configs) == ("returned", ["tiny_cldm.yaml"])
