@@ -1,5 +1,7 @@
 """Error types the pack raises for user mistakes: each message names the problem and the fix."""
 
+import traceback
+
 
 class DiffSRError(Exception):
     """Base class of every error this pack raises on purpose."""
@@ -25,3 +27,18 @@ class ImageInputError(DiffSRError, ValueError):
 
 class OptionError(DiffSRError, ValueError):
     """An option outside what it takes: a command's argument, or an ``Options`` field of the Python API."""
+
+
+def clear_finished_frames(error):
+    """Drop the local variables of the finished frames in the tracebacks of ``error`` and of the exceptions it was
+    raised from or during (``__cause__``, ``__context__``), so that a refusal kept to be reported holds none of
+    the tensors those frames had read: ComfyUI keeps the error, in a cycle of frames that only the garbage collector
+    frees (every ~10 s after a prompt). Frames still running (the caller's) are left as they are."""
+    pending, seen = [error], set()
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        pending += [error.__cause__, error.__context__]

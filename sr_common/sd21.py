@@ -18,7 +18,7 @@ from importlib import resources
 
 import torch
 
-from .errors import ArchitectureMismatch, DiffSRError, NotAConfigFile, WeightFileError
+from .errors import ArchitectureMismatch, DiffSRError, NotAConfigFile, WeightFileError, clear_finished_frames
 from .fast_modules import fast_modules, fast_vae_decoder
 from .known_files import (KNOWN, OPEN_CLIP_PREFIX, SGM_OPEN_CLIP_PREFIX, TRANSFORMERS_CLIP_PREFIX, UNET_INPUT_FAMILIES,
                           UNET_PREFIX, VAE_PREFIX, canonical, describe, describe_model_folder,
@@ -254,7 +254,12 @@ def load_single_file(path, config_dir=None, in_memory=False):
     replaced ones stay mapped. An fp16 safetensors file is always read and converted to float32 in one pass: its
     float32 copy is new memory anyway, and a mapping would hold the fp16 file beside it."""
     sd, read_in = _read_base_file(path, in_memory)
-    return sd21_from_ldm_state_dict(sd, config_dir, name=path, owned=read_in, path=path)
+    try:
+        return sd21_from_ldm_state_dict(sd, config_dir, name=path, owned=read_in, path=path)
+    except WeightFileError as error:  # refused: the error, kept to be reported, holds none of the file's tensors
+        sd = None
+        clear_finished_frames(error)
+        raise
 
 
 def _read_base_file(path, in_memory):

@@ -623,3 +623,51 @@ def test_a_diffusers_folder_whose_unet_takes_fewer_than_the_4_latent_channels_is
     with pytest.raises(WeightFileError, match=r"it is a Stable Diffusion model whose UNet takes 3 input channels, not "
                                               r"the 4 latent channels"):
         load_sd21(folder)
+
+
+UNET_KEY = "model.diffusion_model."
+
+
+def _as_sd1(state):
+    """SD 1.x's layout: the UNet's transformers projecting with 1×1 convolutions (SD 2.x projects with linear
+    layers)."""
+    return {k: v[:, :, None, None] if k.startswith(UNET_KEY) and k.endswith((".proj_in.weight", ".proj_out.weight"))
+            else v for k, v in state.items()}
+
+
+def _a_shape_off(state):
+    key = next(k for k in state if k.startswith(UNET_KEY) and k.endswith("conv.weight"))
+    return dict(state, **{key: torch.zeros(1, *state[key].shape[1:])})
+
+
+@pytest.mark.parametrize("kind, make, refusal", [
+    ("sd1", _as_sd1, r"is not Stable Diffusion 2\.1-base: it is a Stable Diffusion 1\.x"),
+    ("shape", _a_shape_off, r"The UNet in 'v2-1_512\.safetensors' does not match the architecture"),
+    ("pickle-sd1", _as_sd1, r"is not Stable Diffusion 2\.1-base: it is a Stable Diffusion 1\.x"),
+], ids=["sd1", "a-shape-off", "pickled-sd1"])
+@pytest.mark.parametrize("in_memory", [False, True], ids=["mapped", "in-memory"])
+def test_a_refused_single_file_holds_none_of_its_tensors(tmp_path, monkeypatch, in_memory, kind, make, refusal):
+    """A single-file checkpoint refused by the checks (another base model, a tensor of another shape) was held, mapped
+    or read into memory (5.2 GB for SD 2.1 in float32), by the error's traceback (its frames hold the state dict) for
+    as long as the error was kept: ComfyUI keeps it to report it, and its frames are in a cycle that only the garbage
+    collector frees. None of its tensors outlives the refusal."""
+    import weakref
+
+    from safetensors.torch import save_file
+
+    from comfyui_diffsr.sr_common import sd21
+
+    state = make(load_file(SINGLE))
+    path = str(tmp_path / ("v2-1_512.ckpt" if kind.startswith("pickle") else "v2-1_512.safetensors"))
+    if kind.startswith("pickle"):
+        torch.save(state, path)
+    else:
+        save_file(state, path)
+    del state
+    tensors, real_read = [], sd21.read_state_dict
+    monkeypatch.setattr(sd21, "read_state_dict", lambda *a, **k: tensors.extend(map(weakref.ref, (read := real_read(
+        *a, **k)).values())) or read)
+    with pytest.raises(WeightFileError, match=refusal) as error:
+        load_sd21(path, config_dir=TINY_SD21, in_memory=in_memory)
+    assert tensors
+    assert all(tensor() is None for tensor in tensors), error  # the error kept, as ComfyUI keeps it
