@@ -6,6 +6,7 @@ single-file path needs the SD 2.1-base configs and tokenizer, which ship in ``co
 Other model families are recognised and refused with a message naming what was found.
 """
 
+import codecs
 import contextlib
 import functools
 import json
@@ -69,15 +70,25 @@ CONFIG_FOLDER_FIX = ("A config folder (--base-config) holds unet/, vae/ and text
                      "stable-diffusion-2-1-base folder does; leave it out for SD 2.1-base itself.")
 
 
+BOM_FIX = "save it again as UTF-8 without BOM (Notepad: Save as, Encoding 'UTF-8')"
+
+
 def read_config(folder, relative, fix):
     """The JSON object of the config file ``relative`` in ``folder``; one that is missing, unreadable or not a JSON
-    object is refused by name, with ``fix`` (``NotAConfigFile`` for one that is no config file at all)."""
+    object is refused by name, with ``fix`` (``NotAConfigFile`` for one that is no config file at all). One that
+    starts with a UTF-8 byte order mark is refused saying so: diffusers and transformers read configs as UTF-8
+    without one (``json.loads`` of the text), so the folder would not load."""
     try:
-        config = _read_json(os.path.join(folder, relative))
+        data = read_config_bytes(os.path.join(folder, relative))
     except NotAConfigFile as e:
         raise NotAConfigFile(f"{e} {fix}") from e
     except OSError as e:
         raise WeightFileError(f"{quoted_name(folder)} has no readable {relative} ({e.strerror or e}). {fix}") from e
+    if data.startswith(codecs.BOM_UTF8):
+        raise WeightFileError(f"{relative} in {quoted_name(folder)} starts with a UTF-8 byte order mark (BOM), which "
+                              f"diffusers and transformers do not read: {BOM_FIX}.")
+    try:
+        config = json.loads(data.decode("utf-8"))
     except ValueError as e:  # not JSON, or not UTF-8
         raise WeightFileError(f"{relative} in {quoted_name(folder)} is not JSON ({e}). {fix}") from e
     if not isinstance(config, dict):

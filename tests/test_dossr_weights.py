@@ -683,3 +683,16 @@ def test_a_fifo_or_a_huge_file_for_the_yaml_is_not_read(tmp_path, kind):
         how, error = outcome_within(lambda: load_ldm_configs(path))
     assert how == "raised" and isinstance(error, WeightFileError), error
     assert str(error) == f"{quoted_name(path)} is not a config file: it is {expected}. {CONFIG_ADVICE}"
+
+
+def test_a_yaml_saved_with_a_byte_order_mark_reads_as_without(tmp_path):
+    """A yaml saved with a UTF-8 byte order mark (Notepad's 'UTF-8 with BOM') is read as the same yaml without it, as
+    the official code reads it (OmegaConf: PyYAML skips the mark)."""
+    import codecs
+
+    from comfyui_diffsr.dossr_core.weights import load_ldm_configs
+
+    path = tmp_path / "cldm_bom.yaml"
+    with open(os.path.join(FIX, "tiny_cldm.yaml"), "rb") as f:
+        path.write_bytes(codecs.BOM_UTF8 + f.read())
+    assert load_ldm_configs(str(path)) == load_ldm_configs(os.path.join(FIX, "tiny_cldm.yaml"))

@@ -671,3 +671,24 @@ def test_a_refused_single_file_holds_none_of_its_tensors(tmp_path, monkeypatch, 
         load_sd21(path, config_dir=TINY_SD21, in_memory=in_memory)
     assert tensors
     assert all(tensor() is None for tensor in tensors), error  # the error kept, as ComfyUI keeps it
+
+
+@pytest.mark.parametrize("relative", ["unet/config.json", "text_encoder/config.json",
+                                      "scheduler/scheduler_config.json"])
+def test_a_config_saved_with_a_byte_order_mark_is_refused_saying_so(tmp_path, relative):
+    """A config saved by an editor that starts UTF-8 files with a byte order mark (Notepad's 'UTF-8 with BOM') was
+    refused as "not JSON" with the fix "download again": diffusers and transformers refuse such a file too ("not a
+    valid JSON file": they read configs as UTF-8 without one), so the folder cannot load; the message says what the
+    mark is and how to save the file without it."""
+    import codecs
+
+    folder = copy_tiny_sd21(tmp_path / "stable-diffusion-2-1-base")
+    path = os.path.join(folder, relative)
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(codecs.BOM_UTF8 + data)
+    with pytest.raises(WeightFileError, match=rf"^{re.escape(relative)} in '.*' starts with a UTF-8 byte order mark "
+                                              r"\(BOM\), which diffusers and transformers do not read: save it again "
+                                              r"as UTF-8 without BOM \(Notepad: Save as, Encoding 'UTF-8'\)\.$"):
+        load_sd21(folder)
