@@ -27,7 +27,7 @@ from .known_files import (KNOWN, OPEN_CLIP_PREFIX, SGM_OPEN_CLIP_PREFIX, TRANSFO
 from .names import quoted_name, shown_name
 from .tiling import WeightsOutOfMemory, cpu_allocation_failed, is_out_of_memory
 from .weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_weight_file, dangling_link, load_module_weights,
-                      read_config_bytes, read_state_dict, stored_as_float32)
+                      read_config_bytes, read_state_dict, safetensors_metadata, stored_as_float32)
 
 SCALING_FACTOR = 0.18215
 # SD's training noise schedule: β = linspace(√BETA_START, √BETA_END, NUM_TRAIN_TIMESTEPS)² ("scaled linear")
@@ -540,6 +540,35 @@ def _load_folder_parts(folder, files, in_memory, reads):
     raise WeightFileError(f"{shown_name(where)} in the diffusers folder {quoted_name(folder)}: {refused}")
 
 
+TRANSFORMERS_READS_NO_FORMAT = (4, 48)  # the first transformers that loads a safetensors file without metadata
+
+
+def _check_text_encoder_format(folder):
+    """Where the installed transformers is older than ``TRANSFORMERS_READS_NO_FORMAT``, refuse by name the text
+    encoder's safetensors files (model.safetensors, or the shards its index names) whose metadata has no ``format``:
+    its ``from_pretrained`` reads the format from there (4.40-4.47: ``metadata.get("format")``), failing with an
+    AttributeError where a file has no metadata at all (``safetensors.torch.save_file`` writes none unless asked)."""
+    import transformers
+
+    from .. import _version
+
+    if _version(transformers.__version__) >= TRANSFORMERS_READS_NO_FORMAT:
+        return
+    part = os.path.join(folder, "text_encoder")
+    names = ["model.safetensors"] if os.path.isfile(os.path.join(part, "model.safetensors")) else []
+    if not names and os.path.isfile(os.path.join(part, "model.safetensors.index.json")):
+        try:
+            names = sorted(set(read_config(part, "model.safetensors.index.json", FOLDER_FIX)["weight_map"].values()))
+        except (KeyError, AttributeError, TypeError):  # not the JSON of an index: transformers says what
+            names = []
+    for name in names:
+        if "format" not in (safetensors_metadata(os.path.join(part, name)) or {}):
+            raise WeightFileError(f"text_encoder/{shown_name(name)} in the diffusers folder {quoted_name(folder)} has no "
+                                  f"'format' in its metadata, which transformers {transformers.__version__} (installed "
+                                  "here) needs to load it: update transformers to 4.48 or later, or save the file "
+                                  "again with metadata={'format': 'pt'} (safetensors.torch.save_file).")
+
+
 def load_diffusers_folder(folder, in_memory=False):
     """SD 2.1-base from a diffusers folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``). Its standard
     layout is read like a single file (``in_memory``: see ``load_single_file``); other layouts through diffusers'
@@ -559,6 +588,7 @@ def load_diffusers_folder(folder, in_memory=False):
                     unet_owned=unet_owned, vae_owned=vae_owned)
     for part in DIFFUSERS_PARTS:  # a FIFO or a huge file there refused (diffusers and transformers read it whole)
         read_config(folder, f"{part}/config.json", FOLDER_FIX)
+    _check_text_encoder_format(folder)
     try:
         unet, unet_info = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True,
                                                                torch_dtype=torch.float32, output_loading_info=True)

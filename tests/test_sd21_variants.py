@@ -692,3 +692,38 @@ def test_a_config_saved_with_a_byte_order_mark_is_refused_saying_so(tmp_path, re
                                               r"\(BOM\), which diffusers and transformers do not read: save it again "
                                               r"as UTF-8 without BOM \(Notepad: Save as, Encoding 'UTF-8'\)\.$"):
         load_sd21(folder)
+
+
+@pytest.mark.parametrize("transformers_version", ["4.40.0", "4.47.1", "4.48.0"])
+@pytest.mark.parametrize("metadata", [None, {}], ids=["no-metadata", "no-format"])
+def test_a_text_encoder_without_format_metadata_left_to_old_transformers_is_refused_by_name(
+        tmp_path, monkeypatch, reference, transformers_version, metadata):
+    """A folder left to diffusers' and transformers' loaders (a UNet with a tensor its module lacks) whose
+    text_encoder/model.safetensors has no ``format`` in its metadata (written by ``safetensors.torch.save_file``, not
+    ``save_pretrained``): transformers before 4.48 fails on it, with an AttributeError traceback where the file has no
+    metadata at all (4.40-4.47 ``modeling_utils``: ``metadata.get("format")`` of None) and "does not contain the
+    valid metadata" where it has some without the format. It is refused by name before, saying what to do; from
+    4.48 on it is left to transformers, which reads a file without metadata (one with metadata but no format: 4.49
+    and 4.51 refuse it, in a message the pack shows in one line; 5.25 reads it)."""
+    import transformers
+    from safetensors.torch import save_file
+
+    from comfyui_diffsr import _version
+
+    if transformers_version == "4.48.0" and _version(transformers.__version__) < (4, 48):
+        pytest.skip(f"the transformers installed, {transformers.__version__}, does not load the folder")
+    folder = copy_tiny_sd21(tmp_path / "sd21")
+    unet = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
+    save_file({**load_file(unet), "global_step": torch.tensor([1000])}, unet, metadata={"format": "pt"})
+    text_encoder = os.path.join(folder, "text_encoder", "model.safetensors")
+    save_file(load_file(text_encoder), text_encoder, metadata=metadata)
+    monkeypatch.setattr(transformers, "__version__", transformers_version)
+    if transformers_version == "4.48.0":  # left to transformers (the one installed here)
+        same_weights(load_sd21(folder), reference[1])
+        return
+    with pytest.raises(WeightFileError, match=(
+            rf"^text_encoder/model\.safetensors in the diffusers folder '.*' has no 'format' in its metadata, which "
+            rf"transformers {re.escape(transformers_version)} \(installed here\) needs to load it: update transformers "
+            r"to 4\.48 or later, or save the file again with metadata=\{'format': 'pt'\} "
+            r"\(safetensors\.torch\.save_file\)\.$")):
+        load_sd21(folder)
