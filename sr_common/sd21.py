@@ -208,10 +208,38 @@ def models_from_config(config_dir, *, random_init=True, fix=CONFIG_FOLDER_FIX):
     return unet, vae, text_encoder
 
 
+# the files of a tokenizer folder that transformers' CLIPTokenizer reads (each whole), where they are regular files
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.json", "chat_template.json", "chat_template.jinja")
+MAX_TOKENIZER_BYTES = 64 << 20  # CLIP's vocab.json is under 1 MB, its merges.txt 0.5 MB
+TOKENIZER_FIX = ("Download the stable-diffusion-2-1-base folder again, or delete its tokenizer/ folder (the pack then "
+                 "uses the SD 2.1 tokenizer it ships).")
+
+
+def _check_tokenizer_files(folder):
+    """Refuse by name a file of ``TOKENIZER_FILES`` in ``folder`` that transformers would read whole and fail on, or
+    fail on only after minutes: one of more than ``MAX_TOKENIZER_BYTES`` (a weight file under its name), a JSON file
+    starting with a UTF-8 byte order mark (transformers and tokenizers read them as UTF-8 without one)."""
+    for name in TOKENIZER_FILES:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):  # absent, or no regular file (a FIFO), which transformers takes as absent
+            continue
+        size = os.path.getsize(path)
+        if size > MAX_TOKENIZER_BYTES:
+            raise WeightFileError(f"{shown_name(name)} in {quoted_name(folder)} is {size / 2**20:,.1f} MB, and the pack "
+                                  f"reads tokenizer files of at most {MAX_TOKENIZER_BYTES >> 20} MB: it is no tokenizer "
+                                  f"file. {TOKENIZER_FIX}")
+        if name.endswith(".json"):
+            with open(path, "rb") as f:
+                if f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8:
+                    raise WeightFileError(f"{shown_name(name)} in {quoted_name(folder)} starts with a UTF-8 byte order "
+                                          f"mark (BOM), which transformers does not read: {BOM_FIX}.")
+
+
 def load_tokenizer(folder):
     """The CLIP tokenizer of ``folder``, or the SD 2.1 one the pack ships where ``folder`` lacks the vocabulary
     (``vocab.json``, ``merges.txt``): a missing or empty tokenizer folder gives transformers' tokenizer without a
-    vocabulary, which fails only when the prompt is encoded."""
+    vocabulary, which fails only when the prompt is encoded. Its files are checked first (``_check_tokenizer_files``)."""
     from transformers import CLIPTokenizer
 
     shipped = os.path.join(shipped_config_dir(), "tokenizer")
@@ -221,6 +249,7 @@ def load_tokenizer(folder):
                       "tokenizer this pack ships, which is the one of stable-diffusion-2-1-base.", UserWarning,
                       stacklevel=2)
         folder = shipped
+    _check_tokenizer_files(folder)
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
 

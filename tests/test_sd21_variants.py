@@ -727,3 +727,49 @@ def test_a_text_encoder_without_format_metadata_left_to_old_transformers_is_refu
             r"to 4\.48 or later, or save the file again with metadata=\{'format': 'pt'\} "
             r"\(safetensors\.torch\.save_file\)\.$")):
         load_sd21(folder)
+
+
+@pytest.mark.parametrize("name", ["vocab.json", "merges.txt", "tokenizer_config.json", "added_tokens.json"])
+def test_a_huge_tokenizer_file_is_refused_before_transformers_reads_it(tmp_path, reference, name):
+    """A tokenizer file of 2 GB (a weight file under its name) was read whole by transformers: 2 GB of memory and a
+    JSONDecodeError or tokenizers' "Error while initializing BPE" traceback, or minutes parsing (added_tokens.json).
+    It is refused by name first (CLIP's vocab.json is under 1 MB; the pack reads tokenizer files of at most 64 MB),
+    saying what to do (``reference``: the folder loaded once, so that what loading imports is not counted)."""
+    import tracemalloc
+
+    folder = copy_tiny_sd21(tmp_path / "sd21")
+    path = os.path.join(folder, "tokenizer", name)
+    if os.path.exists(path):
+        os.remove(path)
+    sparse_file(path)
+    tracemalloc.start()
+    try:
+        how, error = outcome_within(lambda: load_sd21(folder))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert how == "raised" and isinstance(error, WeightFileError), error
+    assert re.search(rf"^{re.escape(name)} in '.*tokenizer' is 2,048\.0 MB, and the pack reads tokenizer files of at "
+                     r"most 64 MB: it is no tokenizer file\. Download the stable-diffusion-2-1-base folder again, or "
+                     r"delete its tokenizer/ folder \(the pack then uses the SD 2\.1 tokenizer it ships\)\.$",
+                     str(error)), error
+    assert peak < 64 << 20
+
+
+@pytest.mark.parametrize("name", ["vocab.json", "tokenizer_config.json"])
+def test_a_tokenizer_file_saved_with_a_byte_order_mark_is_refused_saying_so(tmp_path, name):
+    """A tokenizer JSON file saved with a UTF-8 byte order mark failed inside transformers, with a JSONDecodeError or
+    tokenizers' "Error while initializing BPE" traceback (both read it as UTF-8 without one); it is refused by name,
+    saying how to save it."""
+    import codecs
+
+    folder = copy_tiny_sd21(tmp_path / "sd21")
+    path = os.path.join(folder, "tokenizer", name)
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(codecs.BOM_UTF8 + data)
+    with pytest.raises(WeightFileError, match=rf"^{re.escape(name)} in '.*tokenizer' starts with a UTF-8 byte order "
+                                              r"mark \(BOM\), which transformers does not read: save it again as "
+                                              r"UTF-8 without BOM \(Notepad: Save as, Encoding 'UTF-8'\)\.$"):
+        load_sd21(folder)
