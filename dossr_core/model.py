@@ -11,7 +11,7 @@ from dataclasses import InitVar, dataclass, field
 import torch
 from torch import nn
 
-from ..sr_common.errors import WeightFileError
+from ..sr_common.errors import WeightFileError, releasing_tensors
 from ..sr_common.names import quoted_name
 from ..sr_common.sd21 import SD21, NetworksOnSD21, PromptCache, load_sd21, load_tokenizer, shipped_config_dir
 from .rrdb import rrdb_from_state_dict
@@ -92,6 +92,7 @@ def predict_eps(model, x, tau, c_latent, context):
     return eps.float()
 
 
+@releasing_tensors
 def load_dossr(weights, base=None, *, config=None, base_config=None, text_heads=None):
     """A ``DoSSRModel`` (float32, CPU, eval) from DoSSR weights and, where needed, an SD 2.1-base.
 

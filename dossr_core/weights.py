@@ -22,7 +22,7 @@ from importlib import resources
 import torch
 from torch import nn
 
-from ..sr_common.errors import NotAConfigFile, WeightFileError
+from ..sr_common.errors import NotAConfigFile, WeightFileError, releasing_tensors
 from ..sr_common.known_files import (CONVERTED, DOSSR_CONVERTED_MARKERS, DOSSR_OFFICIAL_MARKERS, KNOWN,
                                      OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, canonical, describe, identify)
 from ..sr_common.names import error_text, quoted_name
@@ -252,6 +252,7 @@ def parts_from_converted(sd, metadata):
                       *configs, info)
 
 
+@releasing_tensors
 def convert_dossr(src, dst, config=None, dtype=None):
     """Write the DoSSR-specific parts of an official ckpt (ControlNet, condition encoder, RRDB) as safetensors.
 

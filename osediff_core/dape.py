@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..sr_common.errors import WeightFileError
+from ..sr_common.errors import WeightFileError, releasing_tensors
 from ..sr_common.image import (check_image, enlarged_lines, is_8bit, resize, shrink_reads,
                                zeros_taken_when_written)
 from ..sr_common.known_files import KNOWN, canonical, describe, identify, unwrap_ram
@@ -515,6 +515,7 @@ def _build(state, config, device, dtype, source):
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
+@releasing_tensors
 def load_dape_tagger(ram_path=None, dape_path=None, converted_path=None, device="cpu", dtype=torch.float32):
     """The DAPE tagger from (``ram_path`` + ``dape_path``) or from ``converted_path``.
 
@@ -535,6 +536,7 @@ def load_dape_tagger(ram_path=None, dape_path=None, converted_path=None, device=
     return _build(state, config, device, dtype, source)
 
 
+@releasing_tensors
 def convert_dape(ram_path, dape_path, out_path, half=False):
     """Write the tagging tensors with DAPE merged to ``out_path`` (.safetensors; fp16 if ``half``)."""
     check_safetensors_output(out_path)  # before the RAM file (5.6 GB) is read

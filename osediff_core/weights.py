@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from ..sr_common.errors import WeightFileError
+from ..sr_common.errors import WeightFileError, releasing_tensors
 from ..sr_common.known_files import CONVERTED, KNOWN, canonical, describe, identify
 from ..sr_common.names import quoted_name
 from ..sr_common.weights import (OSEDIFF_FORMAT, check_safetensors_output, converted_kind, fresh_float32_cpu,
@@ -41,6 +41,7 @@ def osediff_from_safetensors(flat, metadata):
     return out
 
 
+@releasing_tensors
 def read_osediff(path):
     """Read and validate an OSEDiff weight file (official ``.pkl`` or our ``.safetensors``)."""
     path = os.fspath(path)
@@ -309,6 +310,7 @@ def lq_encoder(vae, ckpt, in_place=False):
     return merge(parts, lq_encoder_pairs(ckpt), "VAE encoder")
 
 
+@releasing_tensors
 def convert_osediff(src, dst):
     """Write the official ``osediff.pkl`` as a safetensors file that loads to the same weights (a converted file is
     refused: a copy of it would be all the conversion gave)."""

@@ -1,5 +1,6 @@
 """Error types the pack raises for user mistakes: each message names the problem and the fix."""
 
+import functools
 import traceback
 
 
@@ -42,3 +43,18 @@ def clear_finished_frames(error):
         seen.add(id(error))
         traceback.clear_frames(error.__traceback__)
         pending += [error.__cause__, error.__context__]
+
+
+def releasing_tensors(load):
+    """``load``, whose refusals (``DiffSRError``) hold none of what its finished frames had read
+    (``clear_finished_frames``): for the loaders, whose frames hold the state dict of the file they refuse."""
+
+    @functools.wraps(load)
+    def releasing(*args, **kwargs):
+        try:
+            return load(*args, **kwargs)
+        except DiffSRError as error:
+            clear_finished_frames(error)
+            raise
+
+    return releasing

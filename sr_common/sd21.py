@@ -19,7 +19,7 @@ from importlib import resources
 
 import torch
 
-from .errors import ArchitectureMismatch, DiffSRError, NotAConfigFile, WeightFileError, clear_finished_frames
+from .errors import ArchitectureMismatch, DiffSRError, NotAConfigFile, WeightFileError, releasing_tensors
 from .fast_modules import fast_modules, fast_vae_decoder
 from .known_files import (KNOWN, OPEN_CLIP_PREFIX, SGM_OPEN_CLIP_PREFIX, TRANSFORMERS_CLIP_PREFIX, UNET_INPUT_FAMILIES,
                           UNET_PREFIX, VAE_PREFIX, canonical, describe, describe_model_folder,
@@ -287,6 +287,7 @@ def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint", owned=False
                 unet_owned=unet_owned or owned, vae_owned=vae_owned or owned)
 
 
+@releasing_tensors
 def load_single_file(path, config_dir=None, in_memory=False):
     """SD 2.1-base from one LDM-layout checkpoint (``.safetensors`` or ``.ckpt``). A float32 file is memory-mapped
     (the kernel can drop pages nothing writes), or with ``in_memory`` read into this process's own memory, for a
@@ -294,12 +295,7 @@ def load_single_file(path, config_dir=None, in_memory=False):
     replaced ones stay mapped. An fp16 safetensors file is always read and converted to float32 in one pass: its
     float32 copy is new memory anyway, and a mapping would hold the fp16 file beside it."""
     sd, read_in = _read_base_file(path, in_memory)
-    try:
-        return sd21_from_ldm_state_dict(sd, config_dir, name=path, owned=read_in, path=path)
-    except WeightFileError as error:  # refused: the error, kept to be reported, holds none of the file's tensors
-        sd = None
-        clear_finished_frames(error)
-        raise
+    return sd21_from_ldm_state_dict(sd, config_dir, name=path, owned=read_in, path=path)
 
 
 def _read_base_file(path, in_memory):

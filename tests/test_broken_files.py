@@ -665,3 +665,48 @@ def test_a_fifo_or_a_device_given_as_a_weight_file_is_refused_by_its_type(tmp_pa
     assert how == "raised" and isinstance(error, WeightFileError), error
     assert re.search(rf"'.*{re.escape(os.path.basename(path))}' is not a weight file: it is {what}\. Give the weight "
                      "file itself", str(error)), error
+
+
+# id: (the module whose read_state_dict reads the file, the file, the loader given it, what the refusal says)
+WRONG_FILE_LOADERS = {
+    "dossr-given-sd": ("dossr_core.weights", SINGLE, lambda p: load_dossr(p, config=DOSSR_CONFIG),
+                       "is not a DoSSR weight file"),
+    "dossr-given-osediff": ("dossr_core.weights", OSEDIFF, lambda p: load_dossr(p, config=DOSSR_CONFIG),
+                            "is not a DoSSR weight file"),
+    "osediff-given-sd": ("osediff_core.weights", SINGLE, read_osediff, "is not an OSEDiff checkpoint"),
+    "convert-osediff-given-sd": ("osediff_core.weights", SINGLE, lambda p: convert_osediff(p, p + ".safetensors"),
+                                 "is not an OSEDiff checkpoint"),
+    "ram-given-sd": ("osediff_core.dape", SINGLE, lambda p: load_dape_tagger(p, DAPE), "was given as the RAM weights"),
+    "dossr-wrong-shape": ("dossr_core.weights", "wrong-shape", lambda p: load_dossr(p, config=DOSSR_CONFIG),
+                          "ControlNet.*shapes differ"),
+}
+
+
+@pytest.mark.parametrize("case", WRONG_FILE_LOADERS)
+def test_a_refused_file_holds_none_of_its_tensors(tmp_path, env, monkeypatch, case):
+    """A file refused by the DoSSR, OSEDiff or RAM loader (another model's file, a tensor of another shape) was held,
+    every tensor of it (the official DoSSR .ckpt: 5 GB mapped), by the error's traceback for as long as the error was
+    kept: ComfyUI keeps it to report it, in a cycle of frames that only the garbage collector frees. None of its
+    tensors outlives the refusal."""
+    import importlib
+    import weakref
+
+    module, path, load, refusal = WRONG_FILE_LOADERS[case]
+    if path == "wrong-shape":
+        path = str(tmp_path / "dossr.ckpt")
+        torch.save({"state_dict": _dossr_wrong_shape(env["dossr"])}, path)
+    module = importlib.import_module(f"comfyui_diffsr.{module}")
+    tensors, real_read = [], module.read_state_dict
+
+    def read(*args, **kwargs):
+        state = real_read(*args, **kwargs)
+        for value in state.values():
+            tensors.extend(weakref.ref(t) for t in (value.values() if isinstance(value, dict) else [value])
+                           if torch.is_tensor(t))
+        return state
+
+    monkeypatch.setattr(module, "read_state_dict", read)
+    with pytest.raises(WeightFileError, match=refusal) as error:
+        load(path)
+    assert tensors
+    assert all(tensor() is None for tensor in tensors), error  # the error kept, as ComfyUI keeps it
