@@ -189,7 +189,10 @@ class LocalServer(http.server.ThreadingHTTPServer):
     from that thread at a moment load decided, into the stderr a test then compared (1 run in 10 with two busy
     processes on 2 cores), and, printed while pytest formatted that failure, made two threads parse source with
     ``ast`` at once, which CPython before 3.11.8 (gh-106905) can report as ``SystemError: AST constructor recursion
-    depth mismatch``. Any other error of an answer is kept in ``errors`` (``serving`` raises it)."""
+    depth mismatch``. Any other error of an answer is kept in ``errors`` (``serving`` raises it). Its answering
+    threads are waited for on ``server_close`` (not daemons, as ``ThreadingHTTPServer``'s are)."""
+
+    daemon_threads = False
 
     def __init__(self, handler):
         super().__init__(("127.0.0.1", 0), handler)

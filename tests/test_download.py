@@ -138,6 +138,31 @@ def test_a_download_its_client_stopped_prints_nothing_on_the_server(tmp_path, ca
     assert capsys.readouterr().err == ""
 
 
+def test_serving_raises_an_error_met_by_an_answer_still_running_when_it_is_left():
+    """Leaving ``serving`` waits for the answers still running and raises an error one of them meets: its threads
+    were daemons (``ThreadingHTTPServer.daemon_threads``), which ``server_close`` does not wait for, so an answer that
+    failed after its client had read it was neither waited for nor reported."""
+    import time
+    import urllib.request
+
+    class Late(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1")
+            self.end_headers()
+            self.wfile.write(b"x")
+            self.wfile.flush()
+            time.sleep(1.5)  # past the half second ``shutdown`` takes
+            raise ValueError("the answer's own error")
+
+        def log_message(self, *args):
+            pass
+
+    with pytest.raises(ValueError, match="the answer's own error"):
+        with serving(Late) as httpd, urllib.request.urlopen(f"{httpd.url}/late") as answer:
+            assert answer.read() == b"x"
+
+
 def test_hash_mismatch_is_deleted_and_reported(server, tmp_path):
     dest = str(tmp_path / "w.pkl")
     with pytest.raises(DownloadError, match="does not match"):
