@@ -695,7 +695,7 @@ def test_a_config_saved_with_a_byte_order_mark_is_refused_saying_so(tmp_path, re
 
 
 @pytest.mark.parametrize("transformers_version", ["4.40.0", "4.47.1", "4.48.0"])
-@pytest.mark.parametrize("metadata", [None, {}], ids=["no-metadata", "no-format"])
+@pytest.mark.parametrize("metadata", [None, {}, {"step": "1000"}], ids=["no-metadata", "empty", "no-format"])
 def test_a_text_encoder_without_format_metadata_left_to_old_transformers_is_refused_by_name(
         tmp_path, monkeypatch, reference, transformers_version, metadata):
     """A folder left to diffusers' and transformers' loaders (a UNet with a tensor its module lacks) whose
