@@ -79,7 +79,7 @@ def find_images(inputs, recursive=False, output=None):
 NOT_UTF8 = re.compile("([\\udc80-\\udcff]+)")  # the bytes of a name that are not UTF-8, as Python decodes them
 
 
-def escaped_name(path, encoding=None):
+def escaped_name(path):
     """``path`` as a command prints it for scripts (``diffsr dape``'s ``<file>`` field, ``diffsr download``'s lines):
     unchanged, or, where it holds a backslash or a character the messages escape (``shown_name``: a tab, line break,
     ESC or other control character, a format character such as U+202E or U+200B, another invisible one such as
@@ -89,10 +89,10 @@ def escaped_name(path, encoding=None):
     the separator and no name holds one, a path without another character to escape is printed as it is, unless it
     starts with a backslash (\\\\server\\share, \\models: it would read as escaped). The bytes of a name that are
     not UTF-8 (which Python decodes to U+DC80-U+DCFF, and the messages escape) are kept: printed as those bytes,
-    as ``sha256sum`` prints them (``run_main`` lets stdout write them). A character that ``encoding`` (default:
-    stdout's) cannot write is escaped too (\\u5199 for 写 in cp1252, the code page of a Windows stdout that is a
-    file or pipe), so the line still gives the name back."""
-    encoding = encoding or getattr(sys.stdout, "encoding", None) or "utf-8"  # None: io.StringIO, pythonw
+    as ``sha256sum`` prints them (``run_main`` lets stdout write them). A character that stdout's encoding cannot
+    write is escaped too (\\u5199 for 写 in cp1252, the code page of a Windows stdout that is a file or pipe), so the
+    line still gives the name back."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"  # None: io.StringIO, pythonw
 
     def shown(text):
         return "".join(part if NOT_UTF8.fullmatch(part)
