@@ -673,6 +673,16 @@ def test_a_refused_single_file_holds_none_of_its_tensors(tmp_path, monkeypatch, 
     assert all(tensor() is None for tensor in tensors), error  # the error kept, as ComfyUI keeps it
 
 
+def prepend_byte_order_mark(path):
+    """Save ``path`` again as an editor writing UTF-8 with a byte order mark would (Notepad's 'UTF-8 with BOM')."""
+    import codecs
+
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(codecs.BOM_UTF8 + data)
+
+
 @pytest.mark.parametrize("relative", ["unet/config.json", "text_encoder/config.json",
                                       "scheduler/scheduler_config.json"])
 def test_a_config_saved_with_a_byte_order_mark_is_refused_saying_so(tmp_path, relative):
@@ -680,14 +690,8 @@ def test_a_config_saved_with_a_byte_order_mark_is_refused_saying_so(tmp_path, re
     refused as "not JSON" with the fix "download again": diffusers and transformers refuse such a file too ("not a
     valid JSON file": they read configs as UTF-8 without one), so the folder cannot load; the message says what the
     mark is and how to save the file without it."""
-    import codecs
-
     folder = copy_tiny_sd21(tmp_path / "stable-diffusion-2-1-base")
-    path = os.path.join(folder, relative)
-    with open(path, "rb") as f:
-        data = f.read()
-    with open(path, "wb") as f:
-        f.write(codecs.BOM_UTF8 + data)
+    prepend_byte_order_mark(os.path.join(folder, relative))
     with pytest.raises(WeightFileError, match=rf"^{re.escape(relative)} in '.*' starts with a UTF-8 byte order mark "
                                               r"\(BOM\), which diffusers and transformers do not read: save it again "
                                               r"as UTF-8 without BOM \(Notepad: Save as, Encoding 'UTF-8'\)\.$"):
@@ -761,14 +765,8 @@ def test_a_tokenizer_file_saved_with_a_byte_order_mark_is_refused_saying_so(tmp_
     """A tokenizer JSON file saved with a UTF-8 byte order mark failed inside transformers, with a JSONDecodeError or
     tokenizers' "Error while initializing BPE" traceback (both read it as UTF-8 without one); it is refused by name,
     saying how to save it."""
-    import codecs
-
     folder = copy_tiny_sd21(tmp_path / "sd21")
-    path = os.path.join(folder, "tokenizer", name)
-    with open(path, "rb") as f:
-        data = f.read()
-    with open(path, "wb") as f:
-        f.write(codecs.BOM_UTF8 + data)
+    prepend_byte_order_mark(os.path.join(folder, "tokenizer", name))
     with pytest.raises(WeightFileError, match=rf"^{re.escape(name)} in '.*tokenizer' starts with a UTF-8 byte order "
                                               r"mark \(BOM\), which transformers does not read: save it again as "
                                               r"UTF-8 without BOM \(Notepad: Save as, Encoding 'UTF-8'\)\.$"):
