@@ -20,7 +20,7 @@ from ..sr_common.names import error_text, quoted_name, shown_name
 from ..sr_common.sd21 import PRECISIONS, ieee_float32
 from ..sr_common.tiling import (DEFAULT_TILES, TILE_FLOORS, OutOfMemory, WeightsOutOfMemory, is_out_of_memory,
                                 overlap_within, with_oom_retry)
-from ..sr_common.weights import partial_path, publish, remove_abandoned_partials, unwritable_part
+from ..sr_common.weights import partial_path, publish, remove_abandoned_partials, special_file, unwritable_part
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 HIGH_DEPTH_PEAK = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "F": 1.0}  # PIL mode → white
@@ -62,6 +62,9 @@ def find_images(inputs, recursive=False, output=None):
             named = [(path, os.path.relpath(path, item)) for path in paths]
         elif os.path.isfile(item):
             named = [(item, os.path.basename(item))]
+        elif os.path.exists(item):
+            raise DiffSRError(f"{quoted_name(item)} is not an image file: it is {special_file(os.stat(item).st_mode)}. "
+                              "Give the image file itself.")
         else:
             raise DiffSRError(f"Input not found: {quoted_name(item)}")
         for path, name in named:

@@ -19,7 +19,7 @@ from comfyui_diffsr.sr_common.offload import OffloadWhenShort
 from comfyui_diffsr.sr_common.sd21 import load_sd21
 from comfyui_diffsr.sr_common.weights import write_safetensors
 
-from conftest import DATA, IEEE_FLOAT32, copy_tiny_sd21, psnr, tf32_flags
+from conftest import DATA, IEEE_FLOAT32, copy_tiny_sd21, fifo, psnr, tf32_flags
 
 FIX = os.path.join(DATA, "osediff")
 
@@ -955,6 +955,21 @@ def test_wrong_base_models_are_refused(base, tmp_path):
     with pytest.raises(WeightFileError, match="OSEDiff weight file"):
         torch.save(torch.load(os.path.join(FIX, "osediff_tiny.pkl"), weights_only=True), tmp_path / "o.ckpt")
         load_sd21(str(tmp_path / "o.ckpt"))
+
+
+def test_an_input_that_is_a_fifo_is_named_so(tmp_path):
+    """A FIFO (or a device) given as an input image was "Input not found" (it exists, but is no regular file, so it is
+    never opened: its read would wait for a writer); it is named as what it is."""
+    from comfyui_diffsr.cli.common import find_images
+    from comfyui_diffsr.sr_common.errors import DiffSRError
+
+    with fifo(tmp_path / "photo.png") as path:
+        with pytest.raises(DiffSRError, match=r"^'.*/photo\.png' is not an image file: it is a FIFO \(a named pipe\)\. "
+                                              r"Give the image file itself\.$"):
+            find_images([path])
+    if os.path.exists("/dev/null"):
+        with pytest.raises(DiffSRError, match=r"^'/dev/null' is not an image file: it is a device\."):
+            find_images(["/dev/null"])
 
 
 def test_cli_reports_clear_errors(base, tmp_path, capsys):
