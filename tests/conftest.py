@@ -256,6 +256,28 @@ def official_files_served(files, official, served, *, with_length=True):
         yield requests
 
 
+RIVAL_OUTPUT = b"the other run's"  # what ``folder_run_with_a_rival`` writes as the other run's out/b.png
+
+
+def folder_run_with_a_rival(tmp_path, monkeypatch, image, module, name):
+    """(input folder, output folder) of a folder run that another run shares: in/ holds a.png and b.png (copies of
+    ``image``), out/ is empty, and ``module.name`` (the command's upscaling function) is wrapped so that, as each image
+    starts, the other run writes out/b.png (``RIVAL_OUTPUT``), after this run planned its outputs."""
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    out.mkdir()
+    for file_name in ("a.png", "b.png"):
+        shutil.copy(image, folder / file_name)
+    real = getattr(module, name)
+
+    def other_run_writes_b(*args, **kwargs):
+        (out / "b.png").write_bytes(RIVAL_OUTPUT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, other_run_writes_b)
+    return folder, out
+
+
 def copy_tiny_sd21(dest):
     """The tiny SD 2.1 diffusers folder (its weight files made at session start: ``make_tiny_sd21_weights``) copied
     to ``dest`` with the tokenizer the pack ships (identical files, stored once). Returns ``dest`` as a string."""

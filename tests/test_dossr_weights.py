@@ -192,25 +192,16 @@ def test_cli_skip_existing_skips_an_output_another_run_made_meanwhile(tmp_path, 
 
     import comfyui_diffsr.dossr_core.pipeline as pipeline
     from comfyui_diffsr.cli.dossr import main
+    from conftest import RIVAL_OUTPUT, folder_run_with_a_rival
 
     embeds = tmp_path / "embeds.safetensors"
     save_file({"prompt_embeds": load_file(os.path.join(FIX, "n1_w32h16_wavelet.safetensors"))["context"]}, embeds)
-    folder, out = tmp_path / "in", tmp_path / "out"
-    folder.mkdir()
-    out.mkdir()
-    for name in ("a.png", "b.png"):
-        shutil.copy(os.path.join(FIX, "lr_w32h16.png"), folder / name)
-    real = pipeline.dossr_upscale
-
-    def other_run_writes_b(*args, **kwargs):
-        (out / "b.png").write_bytes(b"the other run's")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "dossr_upscale", other_run_writes_b)
+    folder, out = folder_run_with_a_rival(tmp_path, monkeypatch, os.path.join(FIX, "lr_w32h16.png"), pipeline,
+                                          "dossr_upscale")
     assert main([str(folder), "-o", str(out), "--weights", CKPT, "--config", os.path.join(FIX, "tiny_cldm.yaml"),
                  "--prompt-embeds", str(embeds), "--steps", "1", "--device", "cpu", "--skip-existing"]) == 0
     assert f"note: {folder / 'b.png'}: skipped: its output" in capsys.readouterr().err
-    assert (out / "b.png").read_bytes() == b"the other run's" and (out / "a.png").stat().st_size > 100
+    assert (out / "b.png").read_bytes() == RIVAL_OUTPUT and (out / "a.png").stat().st_size > 100
 
 
 def test_cli_a_noise_file_that_cannot_be_written_again_is_left_as_it_was(tmp_path, monkeypatch, capsys):

@@ -19,7 +19,8 @@ from comfyui_diffsr.sr_common.offload import OffloadWhenShort
 from comfyui_diffsr.sr_common.sd21 import load_sd21
 from comfyui_diffsr.sr_common.weights import write_safetensors
 
-from conftest import DATA, IEEE_FLOAT32, copy_tiny_sd21, fifo, psnr, tf32_flags
+from conftest import (DATA, IEEE_FLOAT32, RIVAL_OUTPUT, copy_tiny_sd21, fifo, folder_run_with_a_rival, psnr,
+                      tf32_flags)
 
 FIX = os.path.join(DATA, "osediff")
 
@@ -467,22 +468,12 @@ def test_skip_existing_skips_an_output_another_run_made_meanwhile(base, tmp_path
     outputs is skipped with a note, as an existing one is, and left as it is (the run does not fail)."""
     import comfyui_diffsr.cli.osediff as osediff_cli
 
-    folder, out = tmp_path / "in", tmp_path / "out"
-    folder.mkdir()
-    out.mkdir()
-    for name in ("a.png", "b.png"):
-        shutil.copy(os.path.join(FIX, "in_21x27.png"), folder / name)
-    real = osediff_cli.osediff_upscale
-
-    def other_run_writes_b(*args, **kwargs):
-        (out / "b.png").write_bytes(b"the other run's")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(osediff_cli, "osediff_upscale", other_run_writes_b)
+    folder, out = folder_run_with_a_rival(tmp_path, monkeypatch, os.path.join(FIX, "in_21x27.png"), osediff_cli,
+                                          "osediff_upscale")
     assert run([folder, "-o", out, "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
                 "--process-size", "64", "--skip-existing"]) == 0
     assert f"note: {folder / 'b.png'}: skipped: its output" in capsys.readouterr().err
-    assert (out / "b.png").read_bytes() == b"the other run's" and (out / "a.png").stat().st_size > 100
+    assert (out / "b.png").read_bytes() == RIVAL_OUTPUT and (out / "a.png").stat().st_size > 100
 
 
 def test_an_input_with_a_long_name_is_written(base, tmp_path):
