@@ -17,7 +17,7 @@ import folder_paths
 
 from ..sr_common import tiling
 from ..sr_common.download import OFFICIAL, downloaded, hf_endpoint_url
-from ..sr_common.errors import NotAConfigFile, WeightFileError
+from ..sr_common.errors import NotAConfigFile, WeightFileError, releasing_tensors
 from ..sr_common.fast_modules import forget_folded_kernels
 from ..sr_common.image import with_upscaled_alpha
 from ..sr_common.known_files import OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
@@ -239,6 +239,7 @@ def check_comfy_sd2(model, clip):
                               "OpenCLIP-H text encoder is needed.")
 
 
+@releasing_tensors
 def sd21_from_comfy(model, clip, vae):
     """Our SD 2.1-base (diffusers modules) from the MODEL/CLIP/VAE of ComfyUI's Load Checkpoint.
 

@@ -7,6 +7,7 @@ from ..osediff_core.pipeline import (MAX_PROCESS_SIZE, Options, Plan, build_osed
                                      fixed_and_resized, lq_latent, one_step, osediff_upscale, preprocess)
 from ..osediff_core.weights import lq_encoder_pairs, merged_value, osediff_unet_changes, read_osediff
 from ..sr_common.color_fix import COLOR_FIXES, color_reference
+from ..sr_common.errors import releasing_tensors
 from ..sr_common.image import MAX_UPSCALE, MIN_UPSCALE, resized_alpha, scaled_size
 from ..sr_common.sd21 import PRECISIONS, SCALING_FACTOR, weights_out_of_memory
 from ..sr_common.tiling import is_out_of_memory, overlap_within
@@ -111,6 +112,7 @@ class OSEDiffLoader(io.ComfyNode):
         return io.NodeOutput(model)
 
 
+@releasing_tensors
 def load_osediff(sd21, path):
     """OSEDiff on the shared ``sd21``, merged from its loaded weights even where another model has cast them, with
     the merged UNet and LQ encoder recomputed from ``sd21`` and the LoRA when a run needs them again in float32
@@ -390,13 +392,18 @@ class DAPELoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, ram_or_converted, dape, dtype="auto"):
-        from ..osediff_core.dape import load_dape_tagger
-
         first = host.weight_path("dape", ram_or_converted)
         second = None if dape == "none" else host.weight_path("dape", dape)
         files = dict(converted_path=first) if second is None else dict(ram_path=first, dape_path=second)
-        return io.NodeOutput(host.cached(("dape", first, second, dtype),
-                                         lambda: host.in_precision(load_dape_tagger(**files), dtype)))
+        return io.NodeOutput(host.cached(("dape", first, second, dtype), lambda: _load_dape(files, dtype)))
+
+
+@releasing_tensors
+def _load_dape(files, dtype):
+    """``load_dape_tagger(**files)`` in the precision of the ``dtype`` widget (``host.in_precision``)."""
+    from ..osediff_core.dape import load_dape_tagger
+
+    return host.in_precision(load_dape_tagger(**files), dtype)
 
 
 class DAPEPrompt(io.ComfyNode):

@@ -10,7 +10,7 @@ import torch
 
 from ..sr_common import image as img
 from ..sr_common.color_fix import color_reference, fix_colors
-from ..sr_common.errors import OptionError
+from ..sr_common.errors import OptionError, releasing_tensors
 from ..sr_common.latents import (denoiser_bytes, encode_moments, encode_moments_bytes, posterior_mean,
                                  posterior_sample, vae_decode, vae_decode_bytes)
 from ..sr_common.options import check_flag, check_number
@@ -51,6 +51,7 @@ class OSEDiffModel(NetworksOnSD21):
         return self
 
 
+@releasing_tensors
 def build_osediff(sd21, ckpt, *, consume=False):
     """OSEDiff from loaded SD 2.1-base parts and an OSEDiff checkpoint dict (see ``weights.read_osediff``).
 

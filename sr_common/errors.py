@@ -46,14 +46,20 @@ def clear_finished_frames(error):
 
 
 def releasing_tensors(load):
-    """``load``, whose refusals (``DiffSRError``) hold none of what its finished frames had read
-    (``clear_finished_frames``): for the loaders, whose frames hold the state dict of the file they refuse."""
+    """``load``, whose failures hold none of what its finished frames had read (``clear_finished_frames``): for the
+    loaders, whose frames hold the state dict of the file they read and the networks built from it.
+
+    Every failure, not only the pack's refusals (``DiffSRError``): out of memory in the middle of a load (a CPU
+    ``MemoryError``, the CPU allocator's RuntimeError, ``torch.OutOfMemoryError``) kept everything loaded so far in
+    the kept error, so the user's retry with a smaller model ran out of memory again; an unexpected error holds the
+    same gigabytes, and an interrupt (Ctrl-C in a notebook keeps ``sys.last_exc``) too. A failed load's tensors serve
+    nothing: the traceback printed keeps its file names, line numbers and messages, only a debugger loses the locals."""
 
     @functools.wraps(load)
     def releasing(*args, **kwargs):
         try:
             return load(*args, **kwargs)
-        except DiffSRError as error:
+        except BaseException as error:
             clear_finished_frames(error)
             raise
 

@@ -267,6 +267,7 @@ def _note_ema(sd, name):
                       f"which v2-1_512-ema-pruned.safetensors holds ({FETCH_SD21}).", UserWarning, stacklevel=3)
 
 
+@releasing_tensors
 def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint", owned=False, path=None):
     """SD 2.1-base from an LDM-layout state dict (a single-file checkpoint, or what ComfyUI's
     ``state_dict_for_saving`` returns for the MODEL/CLIP/VAE of its checkpoint loader). ``owned``: the tensors
@@ -594,6 +595,7 @@ def _check_text_encoder_format(folder):
                                   "again with metadata={'format': 'pt'} (safetensors.torch.save_file).")
 
 
+@releasing_tensors
 def load_diffusers_folder(folder, in_memory=False):
     """SD 2.1-base from a diffusers folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``). Its standard
     layout is read like a single file (``in_memory``: see ``load_single_file``); other layouts through diffusers'
@@ -635,6 +637,7 @@ def load_diffusers_folder(folder, in_memory=False):
     return SD21(unet.eval(), vae.eval(), text_encoder.eval(), load_tokenizer(os.path.join(folder, "tokenizer")))
 
 
+@releasing_tensors
 def load_sd21(path, config_dir=None, *, in_memory=False):
     """SD 2.1-base from a diffusers folder or a single-file checkpoint (``in_memory``: see ``load_single_file``)."""
     path = os.fspath(path)

@@ -2602,3 +2602,36 @@ def test_the_config_list_reads_no_fifo_nor_huge_yaml(pack, monkeypatch, tmp_path
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "configs", ([str(configs)], {".yaml"}))
     with fifo(configs / "piped.yaml"):
         assert outcome_within(host.controlldm_configs) == ("returned", ["tiny_cldm.yaml"])
+
+
+def test_a_loader_node_running_out_of_memory_holds_none_of_what_it_loaded(pack, monkeypatch):
+    """Out of memory in the OSEDiff loader as it merged the LoRA into its copy of the UNet, or in the DAPE loader as it
+    cast the tagger it had loaded: the error ComfyUI keeps (in a cycle of frames that only the garbage collector
+    frees) held the OSEDiff checkpoint read, or the whole tagger, so the user's retry ran out of memory again."""
+    import importlib
+    import weakref
+
+    _, nodes = pack
+    osediff, dape, host = (importlib.import_module(f"custom_nodes_x_diffsr_pack.{name}")
+                           for name in ("nodes.osediff", "osediff_core.dape", "nodes.host"))
+    kept, real_read, real_load = [], osediff.read_osediff, dape.load_dape_tagger
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    def read(path):
+        ckpt = real_read(path)
+        kept.extend(weakref.ref(t) for part in ("state_dict_unet", "state_dict_vae") for t in ckpt[part].values())
+        return ckpt
+
+    monkeypatch.setattr(osediff, "read_osediff", read)
+    monkeypatch.setattr(osediff, "build_osediff", out_of_memory)
+    with pytest.raises(MemoryError) as error:
+        run(nodes["OSEDiff_Loader"], sd21=own_tiny_sd21(), weights="osediff_tiny.pkl")
+    monkeypatch.setattr(dape, "load_dape_tagger", lambda **files: kept.append(weakref.ref(
+        tagger := real_load(**files))) or tagger)
+    monkeypatch.setattr(host, "move_module", out_of_memory)
+    with pytest.raises(MemoryError) as error_too:
+        run(nodes["DAPE_Loader"], ram_or_converted="ram_tiny.pth", dape="dape_tiny.pth", dtype="fp32")
+    assert len(kept) > 2
+    assert [ref for ref in kept if ref() is not None] == [], (error, error_too)  # the errors kept, as ComfyUI does

@@ -673,6 +673,67 @@ def test_a_refused_single_file_holds_none_of_its_tensors(tmp_path, monkeypatch, 
     assert all(tensor() is None for tensor in tensors), error  # the error kept, as ComfyUI keeps it
 
 
+# failures in the middle of a load that are no refusal of the pack's: out of memory (the CPU's MemoryError, the CPU
+# allocator's RuntimeError, a device's), and an unexpected error
+LOAD_FAILURES = {
+    "MemoryError": MemoryError,
+    "cpu-allocator": lambda: RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 bytes"),
+    "device-out-of-memory": lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB"),
+    "a-bug": lambda: KeyError("text_model.embeddings"),
+}
+
+
+def read_and_built(monkeypatch, sd21):
+    """Weak references to every tensor ``sd21.read_state_dict`` reads and every network ``sd21.models_from_config``
+    builds from here on (the networks hold the tensors they were filled with, of the same storage)."""
+    import weakref
+
+    kept, real_read, real_build = [], sd21.read_state_dict, sd21.models_from_config
+    monkeypatch.setattr(sd21, "read_state_dict", lambda *a, **k: kept.extend(map(weakref.ref, (read := real_read(
+        *a, **k)).values())) or read)
+    monkeypatch.setattr(sd21, "models_from_config", lambda *a, **k: kept.extend(map(weakref.ref, (built := real_build(
+        *a, **k)))) or built)
+    return kept
+
+
+@pytest.mark.parametrize("failure", LOAD_FAILURES)
+@pytest.mark.parametrize("layout", ["single-file", "diffusers-folder"])
+def test_a_load_failing_midway_holds_none_of_what_it_read(tmp_path, monkeypatch, layout, failure):
+    """Out of memory while filling the text encoder, after the UNet and the VAE were read and built: the error kept
+    them all (5.2 GB at full size), in the frames of its traceback, for as long as ComfyUI keeps it (in a cycle only
+    the garbage collector frees), so the user's retry with a smaller model ran out of memory again. Only the pack's
+    refusals released them. An unexpected error holds them just the same."""
+    from comfyui_diffsr.sr_common import sd21
+
+    path = SINGLE if layout == "single-file" else copy_tiny_sd21(tmp_path / "tiny_sd21")
+    kept, real_fill = read_and_built(monkeypatch, sd21), sd21.load_module_weights
+
+    def fill(module, state, what, *args, **kwargs):
+        if what.replace("_", " ") == "text encoder":
+            raise LOAD_FAILURES[failure]()
+        return real_fill(module, state, what, *args, **kwargs)
+
+    monkeypatch.setattr(sd21, "load_module_weights", fill)
+    expected = type(LOAD_FAILURES[failure]())
+    with pytest.raises(expected) as error:
+        load_sd21(path, config_dir=TINY_SD21 if layout == "single-file" else None)
+    assert len(kept) > 3
+    assert [ref for ref in kept if ref() is not None] == [], error  # the error kept, as ComfyUI keeps it
+
+
+def test_a_diffusers_folder_refused_after_its_load_holds_none_of_it(tmp_path, monkeypatch):
+    """A folder refused once its networks are loaded (a v-prediction UNet told by its weights) held them all in the
+    error: the folder's loader released nothing (only the single file's did)."""
+    from comfyui_diffsr.sr_common import sd21
+
+    kept = read_and_built(monkeypatch, sd21)
+    monkeypatch.setattr(sd21, "diffusers_unet_is_v_prediction", lambda state: True)
+    with pytest.raises(WeightFileError, match="v-prediction") as error:
+        load_sd21(copy_tiny_sd21(tmp_path / "tiny_sd21"))
+    assert len(kept) > 3
+    assert [ref for ref in kept if ref() is not None] == [], error  # the error kept, as ComfyUI keeps it
+
+
 def prepend_byte_order_mark(path):
     """Save ``path`` again as an editor writing UTF-8 with a byte order mark would (Notepad's 'UTF-8 with BOM')."""
     import codecs
