@@ -27,7 +27,7 @@ from .known_files import (KNOWN, OPEN_CLIP_PREFIX, SGM_OPEN_CLIP_PREFIX, TRANSFO
 from .names import quoted_name, shown_name
 from .tiling import WeightsOutOfMemory, cpu_allocation_failed, is_out_of_memory
 from .weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_weight_file, dangling_link, load_module_weights,
-                      read_config_bytes, read_state_dict, safetensors_metadata, stored_as_float32)
+                      read_config_bytes, read_state_dict, stored_as_float32)
 
 SCALING_FACTOR = 0.18215
 # SD's training noise schedule: β = linspace(√BETA_START, √BETA_END, NUM_TRAIN_TIMESTEPS)² ("scaled linear")
@@ -566,19 +566,26 @@ def _load_folder_parts(folder, files, in_memory, reads):
     raise WeightFileError(f"{shown_name(where)} in the diffusers folder {quoted_name(folder)}: {refused}")
 
 
-TRANSFORMERS_READS_NO_FORMAT = (4, 48)  # the first transformers that loads a safetensors file without metadata
+# the first transformers that loads a safetensors file without metadata, and the first that loads one whose metadata
+# has no format
+TRANSFORMERS_READS_NO_METADATA, TRANSFORMERS_READS_NO_FORMAT = "4.48", "5.0"
 
 
 def _check_text_encoder_format(folder):
-    """Where the installed transformers is older than ``TRANSFORMERS_READS_NO_FORMAT``, refuse by name the text
-    encoder's safetensors files (model.safetensors, or the shards its index names) whose metadata has no ``format``:
-    its ``from_pretrained`` reads the format from there (4.40-4.47: ``metadata.get("format")``), failing with an
-    AttributeError where a file has no metadata at all (``safetensors.torch.save_file`` writes none unless asked)."""
+    """Refuse by name the text encoder's safetensors files (model.safetensors, or the shards its index names) whose
+    metadata has no ``format``, where the installed transformers reads the format from there: before
+    ``TRANSFORMERS_READS_NO_METADATA`` it fails on a file without metadata (4.40-4.47: an AttributeError traceback
+    from ``metadata.get("format")``; ``safetensors.torch.save_file`` writes none unless asked), and before
+    ``TRANSFORMERS_READS_NO_FORMAT`` on one whose metadata lacks the format (4.48-4.57: "Incompatible safetensors
+    file. File metadata is not ['pt', 'tf', 'flax', 'mlx'] but None", naming no file; a shard "does not contain the
+    valid metadata"), empty metadata ({}) too."""
     import transformers
+    from safetensors import safe_open
 
     from .. import _version
 
-    if _version(transformers.__version__) >= TRANSFORMERS_READS_NO_FORMAT:
+    installed = _version(transformers.__version__)
+    if installed >= _version(TRANSFORMERS_READS_NO_FORMAT):
         return
     part = os.path.join(folder, "text_encoder")
     names = ["model.safetensors"] if os.path.isfile(os.path.join(part, "model.safetensors")) else []
@@ -588,11 +595,16 @@ def _check_text_encoder_format(folder):
         except (KeyError, AttributeError, TypeError):  # not the JSON of an index: transformers says what
             names = []
     for name in names:
-        if "format" not in (safetensors_metadata(os.path.join(part, name)) or {}):
-            raise WeightFileError(f"text_encoder/{shown_name(name)} in the diffusers folder {quoted_name(folder)} has no "
-                                  f"'format' in its metadata, which transformers {transformers.__version__} (installed "
-                                  "here) needs to load it: update transformers to 4.48 or later, or save the file "
-                                  "again with metadata={'format': 'pt'} (safetensors.torch.save_file).")
+        check_weight_file(os.path.join(part, name))  # a damaged or missing file refused by name
+        with safe_open(os.path.join(part, name), framework="pt") as f:
+            metadata = f.metadata()  # None where the file has none, {} where it has an empty one
+        if metadata is None and installed >= _version(TRANSFORMERS_READS_NO_METADATA) or "format" in (metadata or {}):
+            continue
+        first = TRANSFORMERS_READS_NO_METADATA if metadata is None else TRANSFORMERS_READS_NO_FORMAT
+        raise WeightFileError(f"text_encoder/{shown_name(name)} in the diffusers folder {quoted_name(folder)} has no "
+                              f"'format' in its metadata, which transformers {transformers.__version__} (installed "
+                              f"here) needs to load it: update transformers to {first} or later, "
+                              "or save the file again with metadata={'format': 'pt'} (safetensors.torch.save_file).")
 
 
 @releasing_tensors

@@ -759,23 +759,25 @@ def test_a_config_saved_with_a_byte_order_mark_is_refused_saying_so(tmp_path, re
         load_sd21(folder)
 
 
-@pytest.mark.parametrize("transformers_version", ["4.40.0", "4.47.1", "4.48.0"])
+@pytest.mark.parametrize("transformers_version", ["4.40.0", "4.47.1", "4.48.0", "4.57.0", "5.0.0"])
 @pytest.mark.parametrize("metadata", [None, {}, {"step": "1000"}], ids=["no-metadata", "empty", "no-format"])
 def test_a_text_encoder_without_format_metadata_left_to_old_transformers_is_refused_by_name(
         tmp_path, monkeypatch, reference, transformers_version, metadata):
     """A folder left to diffusers' and transformers' loaders (a UNet with a tensor its module lacks) whose
     text_encoder/model.safetensors has no ``format`` in its metadata (written by ``safetensors.torch.save_file``, not
-    ``save_pretrained``): transformers before 4.48 fails on it, with an AttributeError traceback where the file has no
-    metadata at all (4.40-4.47 ``modeling_utils``: ``metadata.get("format")`` of None) and "does not contain the
-    valid metadata" where it has some without the format. It is refused by name before, saying what to do; from
-    4.48 on it is left to transformers, which reads a file without metadata (one with metadata but no format: 4.49
-    and 4.51 refuse it, in a message the pack shows in one line; 5.25 reads it)."""
+    ``save_pretrained``): transformers before 4.48 fails on a file without metadata (4.40-4.47 ``modeling_utils``: an
+    AttributeError traceback from ``metadata.get("format")`` of None), and before 5.0 on one whose metadata, empty
+    too, has no format (4.48-4.57: "Incompatible safetensors file. File metadata is not ['pt', 'tf', 'flax', 'mlx']
+    but None", naming no file, shown as "incomplete or damaged: download again"; the pack's bound was 4.48 for both).
+    It is refused by name before, saying what to do; the transformers that read it are left to load it."""
     import transformers
     from safetensors.torch import save_file
 
     from comfyui_diffsr import _version
 
-    if transformers_version == "4.48.0" and _version(transformers.__version__) < (4, 48):
+    reads_it = "4.48" if metadata is None else "5.0"
+    loads = _version(transformers_version) >= _version(reads_it)
+    if loads and _version(transformers.__version__) < _version(reads_it):
         pytest.skip(f"the transformers installed, {transformers.__version__}, does not load the folder")
     folder = copy_tiny_sd21(tmp_path / "sd21")
     unet = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
@@ -783,15 +785,31 @@ def test_a_text_encoder_without_format_metadata_left_to_old_transformers_is_refu
     text_encoder = os.path.join(folder, "text_encoder", "model.safetensors")
     save_file(load_file(text_encoder), text_encoder, metadata=metadata)
     monkeypatch.setattr(transformers, "__version__", transformers_version)
-    if transformers_version == "4.48.0":  # left to transformers (the one installed here)
+    if loads:  # left to transformers (the one installed here)
         same_weights(load_sd21(folder), reference[1])
         return
     with pytest.raises(WeightFileError, match=(
             rf"^text_encoder/model\.safetensors in the diffusers folder '.*' has no 'format' in its metadata, which "
             rf"transformers {re.escape(transformers_version)} \(installed here\) needs to load it: update transformers "
-            r"to 4\.48 or later, or save the file again with metadata=\{'format': 'pt'\} "
-            r"\(safetensors\.torch\.save_file\)\.$")):
+            rf"to {re.escape(reads_it)} or later, or save the file again with "
+            r"metadata=\{'format': 'pt'\} \(safetensors\.torch\.save_file\)\.$")):
         load_sd21(folder)
+
+
+def test_a_damaged_text_encoder_file_is_refused_by_name_by_the_format_check(tmp_path, monkeypatch):
+    """The format check opened the text encoder's files with safetensors itself: a damaged one gave a raw
+    SafetensorError traceback there. It is the pack's refusal naming the file and the fix."""
+    import transformers
+
+    from comfyui_diffsr.sr_common.sd21 import _check_text_encoder_format
+
+    folder = copy_tiny_sd21(tmp_path / "sd21")
+    with open(os.path.join(folder, "text_encoder", "model.safetensors"), "r+b") as f:
+        f.truncate(f.seek(0, os.SEEK_END) // 2)
+    monkeypatch.setattr(transformers, "__version__", "4.47.1")
+    damaged = r"Cannot read 'model\.safetensors' as safetensors .* truncated or damaged"
+    with pytest.raises(WeightFileError, match=damaged):
+        _check_text_encoder_format(folder)
 
 
 @pytest.mark.parametrize("name", ["vocab.json", "merges.txt", "tokenizer_config.json", "added_tokens.json"])
