@@ -280,12 +280,13 @@ def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint", owned=False
     if sd_family(sd) != "sd2":
         _refuse(name, _what_instead(sd, path))
     _note_ema(sd, name)
+    tokenizer = load_tokenizer(os.path.join(config_dir, "tokenizer"))
     unet, vae, text_encoder = models_from_config(config_dir, random_init=False)
     unet_owned, vae_owned = load_ldm_unet_vae(sd, unet, vae, name)
     text_sd = text_encoder_state(sd, text_encoder.config.num_hidden_layers, name)
     load_module_weights(text_encoder, _in_module_names(text_encoder, text_sd), "text encoder", name, SD21_SIZE_FIX)
-    return SD21(unet.eval(), vae.eval(), text_encoder.eval(), load_tokenizer(os.path.join(config_dir, "tokenizer")),
-                unet_owned=unet_owned or owned, vae_owned=vae_owned or owned)
+    return SD21(unet.eval(), vae.eval(), text_encoder.eval(), tokenizer, unet_owned=unet_owned or owned,
+                vae_owned=vae_owned or owned)
 
 
 @releasing_tensors
@@ -616,6 +617,11 @@ def load_diffusers_folder(folder, in_memory=False):
     from transformers import CLIPTextModel
 
     check_diffusers_folder(folder)
+    # the cheap checks before any weight is read: the tokenizer, the configs (a FIFO or a huge file refused: diffusers
+    # and transformers read it whole)
+    tokenizer = load_tokenizer(os.path.join(folder, "tokenizer"))
+    for part in DIFFUSERS_PARTS:
+        read_config(folder, f"{part}/config.json", FOLDER_FIX)
     files = {sub: _folder_part_files(folder, sub) for sub in FOLDER_WEIGHT_FILES}
     read_here = [] if None in files.values() else [path for paths in files.values() for path in paths]
     # the reads of the check are held by _load_folder_parts alone: none is left while diffusers loads the folder
@@ -623,11 +629,8 @@ def load_diffusers_folder(folder, in_memory=False):
     if loaded is not None:
         (unet, vae, text_encoder), (unet_owned, vae_owned, _) = loaded
         _check_epsilon_weights(folder, unet)
-        return SD21(unet.eval(), vae.eval(), text_encoder.eval(), load_tokenizer(os.path.join(folder, "tokenizer")),
-                    unet_owned=unet_owned, vae_owned=vae_owned)
-    for part in DIFFUSERS_PARTS:  # a FIFO or a huge file there refused (diffusers and transformers read it whole)
-        read_config(folder, f"{part}/config.json", FOLDER_FIX)
-    _check_text_encoder_format(folder)
+        return SD21(unet.eval(), vae.eval(), text_encoder.eval(), tokenizer, unet_owned=unet_owned, vae_owned=vae_owned)
+    _check_text_encoder_format(folder)  # for transformers' loader alone: the pack's reader needs no format
     try:
         unet, unet_info = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True,
                                                                torch_dtype=torch.float32, output_loading_info=True)
@@ -646,7 +649,7 @@ def load_diffusers_folder(folder, in_memory=False):
                                   f"{len(missing)} of the model's tensors (e.g. {missing[:2]}), which diffusers and "
                                   f"transformers would start at random. {FOLDER_FIX}")
     _check_epsilon_weights(folder, unet)
-    return SD21(unet.eval(), vae.eval(), text_encoder.eval(), load_tokenizer(os.path.join(folder, "tokenizer")))
+    return SD21(unet.eval(), vae.eval(), text_encoder.eval(), tokenizer)
 
 
 @releasing_tensors

@@ -839,6 +839,28 @@ def test_a_huge_tokenizer_file_is_refused_before_transformers_reads_it(tmp_path,
     assert peak < 64 << 20
 
 
+@pytest.mark.parametrize("layout", ["standard", "left-to-diffusers"])
+def test_a_bad_tokenizer_in_a_diffusers_folder_is_refused_before_any_weight_is_read(tmp_path, monkeypatch, layout):
+    """The tokenizer was loaded, and its files checked, after the weights: a bad one was refused only after seconds
+    of loading (a minute at full size on 2 cores), with the weights in memory. No weight file is opened now."""
+    from comfyui_diffsr.sr_common import sd21
+
+    folder = copy_tiny_sd21(tmp_path / "sd21")
+    if layout == "left-to-diffusers":  # a UNet with a tensor its module lacks
+        unet = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
+        from safetensors.torch import save_file
+        save_file({**load_file(unet), "global_step": torch.tensor([1000])}, unet, metadata={"format": "pt"})
+    prepend_byte_order_mark(os.path.join(folder, "tokenizer", "vocab.json"))
+
+    def opened(path, *args, **kwargs):
+        raise AssertionError(f"{path} opened before the tokenizer was checked")
+
+    for reader in ("read_state_dict", "check_weight_file", "stored_as_float32"):
+        monkeypatch.setattr(sd21, reader, opened)
+    with pytest.raises(WeightFileError, match=r"^vocab\.json in '.*tokenizer' starts with a UTF-8 byte order mark"):
+        load_sd21(folder)
+
+
 @pytest.mark.parametrize("name", ["vocab.json", "tokenizer_config.json"])
 def test_a_tokenizer_file_saved_with_a_byte_order_mark_is_refused_saying_so(tmp_path, name):
     """A tokenizer JSON file saved with a UTF-8 byte order mark failed inside transformers, with a JSONDecodeError or
