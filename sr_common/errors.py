@@ -18,6 +18,11 @@ class NotAConfigFile(WeightFileError):
     be read whole)."""
 
 
+class ConfigWithByteOrderMark(WeightFileError):
+    """A JSON config (a model folder's config.json, a shard index) that starts with a UTF-8 byte order mark, which
+    diffusers and transformers do not read (they decode it as UTF-8 without one): saved again without it, it loads."""
+
+
 class ArchitectureMismatch(WeightFileError):
     """A state dict's keys or shapes are not the ones of the module it was to fill."""
 

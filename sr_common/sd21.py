@@ -19,7 +19,8 @@ from importlib import resources
 
 import torch
 
-from .errors import ArchitectureMismatch, DiffSRError, NotAConfigFile, WeightFileError, releasing_tensors
+from .errors import (ArchitectureMismatch, ConfigWithByteOrderMark, DiffSRError, NotAConfigFile, WeightFileError,
+                     releasing_tensors)
 from .fast_modules import fast_modules, fast_vae_decoder
 from .known_files import (KNOWN, OPEN_CLIP_PREFIX, SGM_OPEN_CLIP_PREFIX, TRANSFORMERS_CLIP_PREFIX, UNET_INPUT_FAMILIES,
                           UNET_PREFIX, VAE_PREFIX, canonical, describe, describe_model_folder,
@@ -76,8 +77,8 @@ BOM_FIX = "save it again as UTF-8 without BOM (Notepad: Save as, Encoding 'UTF-8
 def read_config(folder, relative, fix):
     """The JSON object of the config file ``relative`` in ``folder``; one that is missing, unreadable or not a JSON
     object is refused by name, with ``fix`` (``NotAConfigFile`` for one that is no config file at all). One that
-    starts with a UTF-8 byte order mark is refused saying so: diffusers and transformers read configs as UTF-8
-    without one (``json.loads`` of the text), so the folder would not load."""
+    starts with a UTF-8 byte order mark is refused saying so (``ConfigWithByteOrderMark``): diffusers and transformers
+    read configs as UTF-8 without one (``json.loads`` of the text), so the folder would not load."""
     try:
         data = read_config_bytes(os.path.join(folder, relative))
     except NotAConfigFile as e:
@@ -85,8 +86,8 @@ def read_config(folder, relative, fix):
     except OSError as e:
         raise WeightFileError(f"{quoted_name(folder)} has no readable {relative} ({e.strerror or e}). {fix}") from e
     if data.startswith(codecs.BOM_UTF8):
-        raise WeightFileError(f"{relative} in {quoted_name(folder)} starts with a UTF-8 byte order mark (BOM), which "
-                              f"diffusers and transformers do not read: {BOM_FIX}.")
+        raise ConfigWithByteOrderMark(f"{relative} in {quoted_name(folder)} starts with a UTF-8 byte order mark (BOM), "
+                                      f"which diffusers and transformers do not read: {BOM_FIX}.")
     try:
         config = json.loads(data.decode("utf-8"))
     except ValueError as e:  # not JSON, or not UTF-8
@@ -523,7 +524,7 @@ def _folder_part_files(folder, sub):
             continue
         try:
             shards = sorted(set(read_config(os.path.join(folder, sub), index_name, FOLDER_FIX)["weight_map"].values()))
-        except NotAConfigFile:
+        except (NotAConfigFile, ConfigWithByteOrderMark):  # diffusers and transformers would fail on it too
             raise
         except (WeightFileError, KeyError, AttributeError, TypeError):  # not the JSON of an index: diffusers says what
             continue

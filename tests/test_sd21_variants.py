@@ -759,6 +759,34 @@ def test_a_config_saved_with_a_byte_order_mark_is_refused_saying_so(tmp_path, re
         load_sd21(folder)
 
 
+@pytest.mark.parametrize("part", PARTS)
+def test_a_shard_index_saved_with_a_byte_order_mark_is_refused_saying_so(tmp_path, part):
+    """The index of a sharded part (``*.safetensors.index.json``) saved with a UTF-8 byte order mark was passed over
+    by the pack's reader and left to diffusers and transformers, which failed on it: "Cannot load the diffusers
+    folder: Unexpected UTF-8 BOM (decode using utf-8-sig) ... incomplete or damaged. Download ... again", naming
+    neither the file nor the fix (after loading the parts before it). It is refused as the configs are."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = copy_tiny_sd21(tmp_path / "sd21")
+    single = os.path.join(folder, part, f"{STEMS[part]}.safetensors")
+    tensors = load_file(single)
+    os.remove(single)
+    keys = sorted(tensors)
+    shards = {f"{STEMS[part]}-0000{i + 1}-of-00002.safetensors": keys[i::2] for i in range(2)}
+    for shard, names in shards.items():
+        save_file({k: tensors[k] for k in names}, os.path.join(folder, part, shard), metadata={"format": "pt"})
+    index = os.path.join(folder, part, f"{STEMS[part]}.safetensors.index.json")
+    with open(index, "w") as f:
+        json.dump({"metadata": {}, "weight_map": {k: s for s, names in shards.items() for k in names}}, f)
+    prepend_byte_order_mark(index)
+    with pytest.raises(WeightFileError, match=rf"^{re.escape(os.path.basename(index))} in '.*{part}' starts with a UTF-8 "
+                                              r"byte order mark \(BOM\), which diffusers and transformers do not "
+                                              r"read: save it again as UTF-8 without BOM"):
+        load_sd21(folder)
+
+
 @pytest.mark.parametrize("transformers_version", ["4.40.0", "4.47.1", "4.48.0", "4.57.0", "5.0.0"])
 @pytest.mark.parametrize("metadata", [None, {}, {"step": "1000"}], ids=["no-metadata", "empty", "no-format"])
 def test_a_text_encoder_without_format_metadata_left_to_old_transformers_is_refused_by_name(
