@@ -269,11 +269,12 @@ def _note_ema(sd, name):
 
 
 @releasing_tensors
-def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint", owned=False, path=None):
+def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint", owned=False, path=None, tokenizer=None):
     """SD 2.1-base from an LDM-layout state dict (a single-file checkpoint, or what ComfyUI's
     ``state_dict_for_saving`` returns for the MODEL/CLIP/VAE of its checkpoint loader). ``owned``: the tensors
     were read into this process's memory for this call alone (see ``SD21.unet_owned``); ``path``: the file they were
-    read from, if any (its metadata may name a file the pack converted)."""
+    read from, if any (its metadata may name a file the pack converted); ``tokenizer``: the one of ``config_dir``, if
+    loaded already (``load_single_file``)."""
     config_dir = config_dir or shipped_config_dir()
     if not isinstance(sd, dict):  # a pickle of another object
         _refuse(name, describe(sd, path))
@@ -281,7 +282,8 @@ def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint", owned=False
     if sd_family(sd) != "sd2":
         _refuse(name, _what_instead(sd, path))
     _note_ema(sd, name)
-    tokenizer = load_tokenizer(os.path.join(config_dir, "tokenizer"))
+    if tokenizer is None:
+        tokenizer = load_tokenizer(os.path.join(config_dir, "tokenizer"))
     unet, vae, text_encoder = models_from_config(config_dir, random_init=False)
     unet_owned, vae_owned = load_ldm_unet_vae(sd, unet, vae, name)
     text_sd = text_encoder_state(sd, text_encoder.config.num_hidden_layers, name)
@@ -296,9 +298,13 @@ def load_single_file(path, config_dir=None, in_memory=False):
     (the kernel can drop pages nothing writes), or with ``in_memory`` read into this process's own memory, for a
     caller that merges into the UNet in place (``unet_owned``): written pages of a mapping are copied one by one, and
     replaced ones stay mapped. An fp16 safetensors file is always read and converted to float32 in one pass: its
-    float32 copy is new memory anyway, and a mapping would hold the fp16 file beside it."""
+    float32 copy is new memory anyway, and a mapping would hold the fp16 file beside it. The config folder's configs
+    and tokenizer are checked before the file is read."""
+    config_dir = config_dir or shipped_config_dir()
+    check_part_configs(config_dir, CONFIG_FOLDER_FIX)
+    tokenizer = load_tokenizer(os.path.join(config_dir, "tokenizer"))
     sd, read_in = _read_base_file(path, in_memory)
-    return sd21_from_ldm_state_dict(sd, config_dir, name=path, owned=read_in, path=path)
+    return sd21_from_ldm_state_dict(sd, config_dir, name=path, owned=read_in, path=path, tokenizer=tokenizer)
 
 
 def _read_base_file(path, in_memory):
@@ -310,6 +316,14 @@ def _read_base_file(path, in_memory):
 
 
 DIFFUSERS_PARTS = ("unet", "vae", "text_encoder")  # the parts read (a tokenizer: load_tokenizer)
+
+
+def check_part_configs(folder, fix):
+    """Refuse a ``config.json`` of the ``DIFFUSERS_PARTS`` of ``folder`` that ``read_config`` refuses (missing, not a
+    JSON object, a FIFO or a huge file, which diffusers and transformers would read whole; a byte order mark), with
+    ``fix``: before the weights are read."""
+    for part in DIFFUSERS_PARTS:
+        read_config(folder, f"{part}/config.json", fix)
 
 
 def _is_diffusers_folder(folder):
@@ -621,8 +635,7 @@ def load_diffusers_folder(folder, in_memory=False):
     # the cheap checks before any weight is read: the tokenizer, the configs (a FIFO or a huge file refused: diffusers
     # and transformers read it whole)
     tokenizer = load_tokenizer(os.path.join(folder, "tokenizer"))
-    for part in DIFFUSERS_PARTS:
-        read_config(folder, f"{part}/config.json", FOLDER_FIX)
+    check_part_configs(folder, FOLDER_FIX)
     files = {sub: _folder_part_files(folder, sub) for sub in FOLDER_WEIGHT_FILES}
     read_here = [] if None in files.values() else [path for paths in files.values() for path in paths]
     # the reads of the check are held by _load_folder_parts alone: none is left while diffusers loads the folder

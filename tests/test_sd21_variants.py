@@ -867,6 +867,33 @@ def test_a_huge_tokenizer_file_is_refused_before_transformers_reads_it(tmp_path,
     assert peak < 64 << 20
 
 
+@pytest.mark.parametrize("damage", ["tokenizer-with-bom", "no-vae-config"])
+def test_a_bad_config_folder_of_a_single_file_is_refused_before_the_file_is_read(tmp_path, monkeypatch, damage):
+    """A config folder (``--base-config``) with a bad tokenizer or without a part's config was refused only after the
+    single file was read (5.2 GB). It is refused before."""
+    import shutil
+
+    from comfyui_diffsr.sr_common import sd21
+
+    config_dir = tmp_path / "config"
+    shutil.copytree(TINY_SD21, config_dir, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    shutil.copytree(os.path.join(sd21.shipped_config_dir(), "tokenizer"), config_dir / "tokenizer")
+    if damage == "no-vae-config":
+        os.remove(config_dir / "vae" / "config.json")
+        refusal = r"^'.*config' has no readable vae/config\.json"
+    else:
+        prepend_byte_order_mark(config_dir / "tokenizer" / "vocab.json")
+        refusal = r"^vocab\.json in '.*tokenizer' starts with a UTF-8 byte order mark"
+
+    def opened(path, *args, **kwargs):
+        raise AssertionError(f"{path} opened before the config folder was checked")
+
+    for reader in ("read_state_dict", "stored_as_float32"):
+        monkeypatch.setattr(sd21, reader, opened)
+    with pytest.raises(WeightFileError, match=refusal):
+        load_sd21(SINGLE, config_dir=str(config_dir))
+
+
 @pytest.mark.parametrize("layout", ["standard", "left-to-diffusers"])
 def test_a_bad_tokenizer_in_a_diffusers_folder_is_refused_before_any_weight_is_read(tmp_path, monkeypatch, layout):
     """The tokenizer was loaded, and its files checked, after the weights: a bad one was refused only after seconds
