@@ -3,13 +3,24 @@
 # Usage: bash tools/run_tests.sh [pytest args...]
 # DIFFSR_CONSTRAINTS=FILE: install the versions pinned there (torch included), e.g. tools/oldest-supported.txt
 # (with DIFFSR_VENV=.venv-oldest, so that .venv is left as it is).
+# DIFFSR_PYTHON=PATH: the interpreter the venv is made with (default python3), e.g. ~/.pyenv/versions/3.13.0/bin/python3
+# (with a DIFFSR_VENV of its own: a venv of another Python version is refused).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${DIFFSR_VENV:-.venv}"
+PYTHON="${DIFFSR_PYTHON:-python3}"
 PINNED_TORCH="$(grep -s '^torch==' "${DIFFSR_CONSTRAINTS:-/dev/null}" || true)"
 TORCH_SPEC="${DIFFSR_TORCH:-${PINNED_TORCH:-torch==2.13.0}}"
 if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+if [ -n "${DIFFSR_PYTHON:-}" ]; then
+  python_version() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])'; }
+  if [ "$(python_version "$VENV/bin/python")" != "$(python_version "$PYTHON")" ]; then
+    echo "ERROR: $VENV has Python $(python_version "$VENV/bin/python"), DIFFSR_PYTHON ($PYTHON) is" \
+         "$(python_version "$PYTHON"): give it a DIFFSR_VENV of its own." >&2
+    exit 1
+  fi
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 # torch first, pinned, so the pack's own requirements keep it.
