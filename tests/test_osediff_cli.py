@@ -958,9 +958,23 @@ def test_an_input_that_is_a_fifo_is_named_so(tmp_path):
         with pytest.raises(DiffSRError, match=r"^'.*/photo\.png' is not an image file: it is a FIFO \(a named pipe\)\. "
                                               r"Give the image file itself\.$"):
             find_images([path])
+        os.symlink(path, tmp_path / "linked.png")  # a link is named as what it leads to
+        with pytest.raises(DiffSRError, match=r"^'.*/linked\.png' is not an image file: it is a FIFO \(a named pipe\)"):
+            find_images([str(tmp_path / "linked.png")])
     if os.path.exists("/dev/null"):
         with pytest.raises(DiffSRError, match=r"^'/dev/null' is not an image file: it is a device\."):
             find_images(["/dev/null"])
+
+
+def test_an_input_that_is_a_dangling_link_is_not_found(tmp_path):
+    """A link whose file is gone exists as a link only: it is "Input not found" naming it, not a FileNotFoundError
+    traceback from looking up what it is."""
+    from comfyui_diffsr.cli.common import find_images
+    from comfyui_diffsr.sr_common.errors import DiffSRError
+
+    os.symlink(tmp_path / "deleted.png", tmp_path / "photo.png")
+    with pytest.raises(DiffSRError, match=r"^Input not found: '.*/photo\.png'$"):
+        find_images([str(tmp_path / "photo.png")])
 
 
 def test_cli_reports_clear_errors(base, tmp_path, capsys):
