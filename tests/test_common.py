@@ -1363,6 +1363,43 @@ def test_windows_paths_print_with_their_separators(monkeypatch):
     assert escaped_name(r"models\x1b.png") == r"\models\\x1b.png"
 
 
+def test_a_name_stdout_cannot_write_is_escaped_on_windows_too(monkeypatch):
+    r"""On Windows (a backslash the separator) a path is printed as it is only where stdout writes every character of
+    it: a name its code page lacks (写 in cp1252, a file or pipe) is escaped on a line starting with a backslash, or
+    stdout's handler would write \u5199 in a line that reads as a name of those six characters. A stdout without an
+    encoding (io.StringIO; pythonw has none) writes every character, as UTF-8 does."""
+    import io
+
+    from comfyui_diffsr.cli.common import escaped_name
+
+    monkeypatch.setattr(os, "sep", "\\")
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO(), encoding="cp1252"))
+    assert escaped_name("C:\\m\\caf\u00e9.png") == "C:\\m\\caf\u00e9.png"
+    assert escaped_name("C:\\m\\\u5199.png") == r"\C:\\m\\\u5199.png"
+    for stdout in (io.StringIO(), None):
+        monkeypatch.setattr(sys, "stdout", stdout)
+        assert escaped_name("C:\\m\\\u5199.png") == "C:\\m\\\u5199.png"
+
+
+def test_a_strict_stdout_writes_each_byte_of_a_name_that_is_not_utf8(monkeypatch):
+    """A name that is not UTF-8 holds bytes 0x80-0xFF, which Python decodes to U+DC80-U+DCFF: a strict stdout of a
+    command writes each as its byte, the first and the last included; a lone surrogate below them (U+DC7F) is no
+    byte of a name and is escaped. Bytes side by side (ÿé in Latin-1) are each written."""
+    import io
+
+    from comfyui_diffsr.cli.common import run_main
+
+    def command(argv):
+        print("a\udc80b\udcff\udce9 \udc7f")
+        return 0
+
+    strict = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", strict)
+    assert run_main(command, []) == 0
+    strict.flush()
+    assert strict.buffer.getvalue() == b"a\x80b\xff\xe9 \\udc7f\n"
+
+
 def test_default_ignorable_table_is_unicodes():
     """``DEFAULT_IGNORABLE`` holds exactly the Default_Ignorable_Code_Point property (which Python's unicodedata
     lacks), as the ``regex`` module (a dependency of transformers) reads it from its own Unicode data."""
