@@ -667,6 +667,18 @@ def test_a_fifo_or_a_device_given_as_a_weight_file_is_refused_by_its_type(tmp_pa
                      "file itself", str(error)), error
 
 
+def test_a_special_file_is_named_by_its_type():
+    """The refusals name a file by its type: a block device (a disk, /dev/sda) is "a device" as a character device
+    (/dev/zero) is; a socket, neither a FIFO nor a device, is "not a regular file"."""
+    import stat
+
+    from comfyui_diffsr.sr_common.weights import special_file
+
+    assert special_file(stat.S_IFIFO | 0o644) == "a FIFO (a named pipe)"
+    assert [special_file(kind | 0o660) for kind in (stat.S_IFCHR, stat.S_IFBLK)] == ["a device", "a device"]
+    assert special_file(stat.S_IFSOCK | 0o755) == "not a regular file"
+
+
 # id: (the module whose read_state_dict reads the file, the file, the loader given it, what the refusal says)
 WRONG_FILE_LOADERS = {
     "dossr-given-sd": ("dossr_core.weights", SINGLE, lambda p: load_dossr(p, config=DOSSR_CONFIG),
