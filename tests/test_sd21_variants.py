@@ -592,6 +592,34 @@ def test_a_fifo_or_a_huge_file_for_a_config_is_not_read(tmp_path, place, kind):
             assert tracemalloc.get_traced_memory()[1] < 64 << 20  # peak bytes
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="a device: /dev/zero")
+def test_a_device_for_a_config_is_refused_by_its_type(tmp_path):
+    """A config.json that is a link to a device (/dev/zero) is no config file by its type, as a FIFO is: not read, its
+    1 MB taken for a file of that size."""
+    folder = copy_tiny_sd21(tmp_path / "sd21")
+    special = os.path.join(folder, "unet", "config.json")
+    os.remove(special)
+    os.symlink("/dev/zero", special)
+    with pytest.raises(WeightFileError, match=rf"^'{re.escape(special)}' is not a config file: it is a device\. "
+                                              r"Download the stable-diffusion-2-1-base folder again"):
+        load_sd21(folder)
+
+
+def test_a_config_of_1_mb_is_read_and_one_byte_more_is_not(tmp_path):
+    """The configs read are "at most 1 MB": a file of 1 MB exactly (a JSON object and spaces) is read whole, one of a
+    byte more is refused."""
+    from comfyui_diffsr.sr_common.errors import NotAConfigFile
+    from comfyui_diffsr.sr_common.weights import read_config_bytes
+
+    path = tmp_path / "config.json"
+    path.write_bytes(b"{}" + b" " * ((1 << 20) - 2))
+    assert len(read_config_bytes(str(path))) == 1 << 20
+    path.write_bytes(b"{}" + b" " * ((1 << 20) - 1))
+    with pytest.raises(NotAConfigFile, match=r"is not a config file: it is 1\.0 MB, and the pack reads config files "
+                                             r"of at most 1 MB\.$"):
+        read_config_bytes(str(path))
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="the open files are counted in /proc/self/fd")
 @pytest.mark.parametrize("place", ["pipeline-config", "refs-main"])
 def test_a_folder_in_the_place_of_a_config_leaves_no_file_open(tmp_path, place):
