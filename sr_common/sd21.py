@@ -220,7 +220,8 @@ TOKENIZER_FIX = ("Download the stable-diffusion-2-1-base folder again, or delete
 def _check_tokenizer_files(folder):
     """Refuse by name a file of ``TOKENIZER_FILES`` in ``folder`` that transformers would read whole and fail on, or
     fail on only after minutes: one of more than ``MAX_TOKENIZER_BYTES`` (a weight file under its name), a JSON file
-    starting with a UTF-8 byte order mark (transformers and tokenizers read them as UTF-8 without one)."""
+    or merges.txt starting with a UTF-8 byte order mark (transformers and tokenizers read them as UTF-8 without one:
+    the mark of merges.txt is taken for a character of its first token, "Error while initializing BPE")."""
     for name in TOKENIZER_FILES:
         path = os.path.join(folder, name)
         if not os.path.isfile(path):  # absent, or no regular file (a FIFO), which transformers takes as absent
@@ -230,7 +231,7 @@ def _check_tokenizer_files(folder):
             raise WeightFileError(f"{shown_name(name)} in {quoted_name(folder)} is {size / 2**20:,.1f} MB, and the pack "
                                   f"reads tokenizer files of at most {MAX_TOKENIZER_BYTES >> 20} MB: it is no tokenizer "
                                   f"file. {TOKENIZER_FIX}")
-        if name.endswith(".json"):
+        if name.endswith(".json") or name == "merges.txt":
             with open(path, "rb") as f:
                 if f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8:
                     raise WeightFileError(f"{shown_name(name)} in {quoted_name(folder)} starts with a UTF-8 byte order "

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from comfyui_diffsr.sr_common.errors import WeightFileError
-from comfyui_diffsr.sr_common.sd21 import load_sd21, open_clip_to_hf
+from comfyui_diffsr.sr_common.sd21 import SD21, load_sd21, open_clip_to_hf
 
 from conftest import DATA, SINGLE, copy_tiny_sd21, fifo, hugging_face_cache, outcome_within, sparse_file
 
@@ -868,7 +868,9 @@ def test_a_damaged_text_encoder_file_is_refused_by_name_by_the_format_check(tmp_
         _check_text_encoder_format(folder)
 
 
-@pytest.mark.parametrize("name", ["vocab.json", "merges.txt", "tokenizer_config.json", "added_tokens.json"])
+@pytest.mark.parametrize("name", ["vocab.json", "merges.txt", "tokenizer_config.json", "added_tokens.json",
+                                  "special_tokens_map.json", "tokenizer.json", "chat_template.json",
+                                  "chat_template.jinja"])
 def test_a_huge_tokenizer_file_is_refused_before_transformers_reads_it(tmp_path, reference, name):
     """A tokenizer file of 2 GB (a weight file under its name) was read whole by transformers: 2 GB of memory and a
     JSONDecodeError or tokenizers' "Error while initializing BPE" traceback, or minutes parsing (added_tokens.json).
@@ -944,14 +946,50 @@ def test_a_bad_tokenizer_in_a_diffusers_folder_is_refused_before_any_weight_is_r
         load_sd21(folder)
 
 
-@pytest.mark.parametrize("name", ["vocab.json", "tokenizer_config.json"])
+@pytest.mark.parametrize("name", ["vocab.json", "tokenizer_config.json", "merges.txt"])
 def test_a_tokenizer_file_saved_with_a_byte_order_mark_is_refused_saying_so(tmp_path, name):
-    """A tokenizer JSON file saved with a UTF-8 byte order mark failed inside transformers, with a JSONDecodeError or
-    tokenizers' "Error while initializing BPE" traceback (both read it as UTF-8 without one); it is refused by name,
-    saying how to save it."""
+    """A tokenizer JSON file or merges.txt saved with a UTF-8 byte order mark failed inside transformers, with a
+    JSONDecodeError or tokenizers' "Error while initializing BPE" traceback (both read it as UTF-8 without one: the
+    mark is taken for a character of merges.txt's first token); it is refused by name, saying how to save it."""
     folder = copy_tiny_sd21(tmp_path / "sd21")
     prepend_byte_order_mark(os.path.join(folder, "tokenizer", name))
     with pytest.raises(WeightFileError, match=rf"^{re.escape(name)} in '.*tokenizer' starts with a UTF-8 byte order "
                                               r"mark \(BOM\), which transformers does not read: save it again as "
                                               r"UTF-8 without BOM \(Notepad: Save as, Encoding 'UTF-8'\)\.$"):
         load_sd21(folder)
+
+
+def test_a_tokenizer_file_of_64_mb_is_let_through_and_one_byte_more_is_not(tmp_path):
+    """The tokenizer files read are "at most 64 MB": one of 64 MB exactly is left to transformers, one of a byte more
+    is refused."""
+    from comfyui_diffsr.sr_common.sd21 import _check_tokenizer_files
+
+    sparse_file(tmp_path / "added_tokens.json", size=64 << 20)
+    _check_tokenizer_files(str(tmp_path))
+    sparse_file(tmp_path / "added_tokens.json", size=(64 << 20) + 1)
+    with pytest.raises(WeightFileError, match=r"^added_tokens\.json in '.*' is 64\.0 MB, and the pack reads tokenizer "
+                                              r"files of at most 64 MB"):
+        _check_tokenizer_files(str(tmp_path))
+
+
+def test_a_fifo_in_the_tokenizer_folder_is_not_opened(tmp_path):
+    """A tokenizer file that is a FIFO (tokenizer_config.json) is no regular file, which transformers takes as absent:
+    the check of the tokenizer files does not open it either (its read would wait for a writer for ever), and the
+    folder loads."""
+    folder = copy_tiny_sd21(tmp_path / "sd21")
+    path = os.path.join(folder, "tokenizer", "tokenizer_config.json")
+    if os.path.exists(path):
+        os.remove(path)
+    with fifo(path):
+        how, loaded = outcome_within(lambda: load_sd21(folder))
+    assert how == "returned" and isinstance(loaded, SD21), loaded
+
+
+def test_a_tokenizer_folder_without_vocabulary_is_not_checked(tmp_path):
+    """A tokenizer folder without vocab.json is not used (the SD 2.1 tokenizer the pack ships is, with a warning): a
+    huge tokenizer_config.json left in it is not refused, as it is never read."""
+    folder = copy_tiny_sd21(tmp_path / "sd21")
+    os.remove(os.path.join(folder, "tokenizer", "vocab.json"))
+    sparse_file(os.path.join(folder, "tokenizer", "tokenizer_config.json"))
+    with pytest.warns(UserWarning, match="has no CLIP vocabulary"):
+        assert isinstance(load_sd21(folder), SD21)
