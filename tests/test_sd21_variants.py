@@ -815,6 +815,17 @@ def test_a_shard_index_saved_with_a_byte_order_mark_is_refused_saying_so(tmp_pat
         load_sd21(folder)
 
 
+def _left_to_transformers(tmp_path):
+    """The tiny SD 2.1 folder whose UNet holds a tensor its module lacks, so that diffusers' and transformers' loaders
+    load it, not this pack's."""
+    from safetensors.torch import save_file
+
+    folder = copy_tiny_sd21(tmp_path / "sd21")
+    unet = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
+    save_file({**load_file(unet), "global_step": torch.tensor([1000])}, unet, metadata={"format": "pt"})
+    return folder
+
+
 @pytest.mark.parametrize("transformers_version", ["4.40.0", "4.47.1", "4.48.0", "4.57.0", "5.0.0"])
 @pytest.mark.parametrize("metadata", [None, {}, {"step": "1000"}], ids=["no-metadata", "empty", "no-format"])
 def test_a_text_encoder_without_format_metadata_left_to_old_transformers_is_refused_by_name(
@@ -835,9 +846,7 @@ def test_a_text_encoder_without_format_metadata_left_to_old_transformers_is_refu
     loads = _version(transformers_version) >= _version(reads_it)
     if loads and _version(transformers.__version__) < _version(reads_it):
         pytest.skip(f"the transformers installed, {transformers.__version__}, does not load the folder")
-    folder = copy_tiny_sd21(tmp_path / "sd21")
-    unet = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
-    save_file({**load_file(unet), "global_step": torch.tensor([1000])}, unet, metadata={"format": "pt"})
+    folder = _left_to_transformers(tmp_path)
     text_encoder = os.path.join(folder, "text_encoder", "model.safetensors")
     save_file(load_file(text_encoder), text_encoder, metadata=metadata)
     monkeypatch.setattr(transformers, "__version__", transformers_version)
@@ -930,11 +939,7 @@ def test_a_bad_tokenizer_in_a_diffusers_folder_is_refused_before_any_weight_is_r
     of loading (a minute at full size on 2 cores), with the weights in memory. No weight file is opened now."""
     from comfyui_diffsr.sr_common import sd21
 
-    folder = copy_tiny_sd21(tmp_path / "sd21")
-    if layout == "left-to-diffusers":  # a UNet with a tensor its module lacks
-        unet = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
-        from safetensors.torch import save_file
-        save_file({**load_file(unet), "global_step": torch.tensor([1000])}, unet, metadata={"format": "pt"})
+    folder = _left_to_transformers(tmp_path) if layout == "left-to-diffusers" else copy_tiny_sd21(tmp_path / "sd21")
     prepend_byte_order_mark(os.path.join(folder, "tokenizer", "vocab.json"))
 
     def opened(path, *args, **kwargs):
@@ -993,3 +998,30 @@ def test_a_tokenizer_folder_without_vocabulary_is_not_checked(tmp_path):
     sparse_file(os.path.join(folder, "tokenizer", "tokenizer_config.json"))
     with pytest.warns(UserWarning, match="has no CLIP vocabulary"):
         assert isinstance(load_sd21(folder), SD21)
+
+
+def test_a_sharded_text_encoder_without_format_metadata_left_to_old_transformers_is_refused_by_name(
+        tmp_path, monkeypatch, reference):
+    """The same for a text encoder saved in shards (model.safetensors.index.json naming them): each shard its index
+    names is looked at, and the one without the format is named (``reference``: the folder loaded once, so that the
+    transformers whose version is set is the one loading imports)."""
+    import json
+
+    import transformers
+    from safetensors.torch import save_file
+
+    folder = _left_to_transformers(tmp_path)
+    part = os.path.join(folder, "text_encoder")
+    state = load_file(os.path.join(part, "model.safetensors"))
+    os.remove(os.path.join(part, "model.safetensors"))
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": (keys[:len(keys) // 2], {"format": "pt"}),
+              "model-00002-of-00002.safetensors": (keys[len(keys) // 2:], None)}
+    for name, (names, metadata) in shards.items():
+        save_file({key: state[key] for key in names}, os.path.join(part, name), metadata=metadata)
+    with open(os.path.join(part, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": {key: name for name, (names, _) in shards.items() for key in names}}, f)
+    monkeypatch.setattr(transformers, "__version__", "4.47.1")
+    with pytest.raises(WeightFileError, match=r"^text_encoder/model-00002-of-00002\.safetensors in the diffusers folder "
+                                              r"'.*' has no 'format' in its metadata, which transformers 4\.47\.1"):
+        load_sd21(folder)
