@@ -689,17 +689,22 @@ WRONG_FILE_LOADERS = {
     "convert-osediff-given-sd": ("osediff_core.weights", SINGLE, lambda p: convert_osediff(p, p + ".safetensors"),
                                  "is not an OSEDiff checkpoint"),
     "ram-given-sd": ("osediff_core.dape", SINGLE, lambda p: load_dape_tagger(p, DAPE), "was given as the RAM weights"),
+    "convert-ram-given-sd": ("osediff_core.dape", SINGLE, lambda p: convert_dape(p, DAPE, p + ".safetensors"),
+                             "was given as the RAM weights"),
     "dossr-wrong-shape": ("dossr_core.weights", "wrong-shape", lambda p: load_dossr(p, config=DOSSR_CONFIG),
                           "ControlNet.*shapes differ"),
+    "convert-dossr-wrong-shape": ("dossr_core.weights", "wrong-shape",
+                                  lambda p: convert_dossr(p, p + ".safetensors", config=DOSSR_CONFIG),
+                                  "ControlNet.*shapes differ"),
 }
 
 
 @pytest.mark.parametrize("case", WRONG_FILE_LOADERS)
 def test_a_refused_file_holds_none_of_its_tensors(tmp_path, env, monkeypatch, case):
-    """A file refused by the DoSSR, OSEDiff or RAM loader (another model's file, a tensor of another shape) was held,
-    every tensor of it (the official DoSSR .ckpt: 5 GB mapped), by the error's traceback for as long as the error was
-    kept: ComfyUI keeps it to report it, in a cycle of frames that only the garbage collector frees. None of its
-    tensors outlives the refusal."""
+    """A file refused by the DoSSR, OSEDiff or RAM loader or converter (another model's file, a tensor of another
+    shape) was held, every tensor of it (the official DoSSR .ckpt: 5 GB mapped), by the error's traceback for as long
+    as the error was kept: ComfyUI keeps it to report it, in a cycle of frames that only the garbage collector frees.
+    None of its tensors outlives the refusal."""
     import importlib
     import weakref
 

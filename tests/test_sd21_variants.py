@@ -1019,9 +1019,11 @@ def test_a_sharded_text_encoder_without_format_metadata_left_to_old_transformers
               "model-00002-of-00002.safetensors": (keys[len(keys) // 2:], None)}
     for name, (names, metadata) in shards.items():
         save_file({key: state[key] for key in names}, os.path.join(part, name), metadata=metadata)
+    weight_map = {key: name for name, (names, _) in shards.items() for key in names}
     with open(os.path.join(part, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {}, "weight_map": {key: name for name, (names, _) in shards.items() for key in names}}, f)
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
     monkeypatch.setattr(transformers, "__version__", "4.47.1")
-    with pytest.raises(WeightFileError, match=r"^text_encoder/model-00002-of-00002\.safetensors in the diffusers folder "
-                                              r"'.*' has no 'format' in its metadata, which transformers 4\.47\.1"):
+    with pytest.raises(WeightFileError, match=r"^text_encoder/model-00002-of-00002\.safetensors in the diffusers "
+                                              r"folder '.*' has no 'format' in its metadata, which transformers "
+                                              r"4\.47\.1"):
         load_sd21(folder)
