@@ -727,3 +727,31 @@ def test_a_refused_file_holds_none_of_its_tensors(tmp_path, env, monkeypatch, ca
         load(path)
     assert tensors
     assert all(tensor() is None for tensor in tensors), error  # the error kept, as ComfyUI keeps it
+
+
+def test_a_refusal_raised_from_an_error_kept_holds_none_of_its_tensors():
+    """A loader's refusal raised from an error kept from an earlier ``except`` (its cause, with no context then) holds
+    none of what that error's frames had read: the cause is cleared as the context is."""
+    import weakref
+
+    from comfyui_diffsr.sr_common.errors import releasing_tensors
+
+    tensors = []
+
+    def read():
+        tensor = torch.zeros(4)
+        tensors.append(weakref.ref(tensor))
+        raise ValueError("damaged")
+
+    @releasing_tensors
+    def load():
+        try:
+            read()
+        except ValueError as e:
+            damaged = e
+        raise WeightFileError("refused") from damaged
+
+    with pytest.raises(WeightFileError) as error:
+        load()
+    assert error.value.__context__ is None and tensors
+    assert tensors[0]() is None, error  # the error kept
