@@ -1,0 +1,73 @@
+"""CI's entry point (``.ci/run``): which Python its last run (the suite on Python 3.13) is given."""
+
+import os
+import shutil
+import stat
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fake_python(path, version):
+    """An executable at ``path`` that answers any ``-c`` as a Python ``version`` ("3.13") prints its version."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"#!/bin/sh\necho {version}\n")
+    os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR)
+    return path
+
+
+def python_given_to_the_last_run(tmp_path, pyenv_versions, **env):
+    """``.ci/run`` in a copy of the checkout whose ``tools/run_tests.sh`` records what each run is given, with a pyenv
+    of ``pyenv_versions`` ({name: version printed}) and the venvs there already (no disk check): the DIFFSR_PYTHON of
+    the Python 3.13 run, None where that run was left out, and what the script wrote to stderr."""
+    root = tmp_path / "checkout"
+    (root / ".ci").mkdir(parents=True)
+    shutil.copy(os.path.join(ROOT, ".ci", "run"), root / ".ci" / "run")
+    (root / "tools").mkdir()
+    (root / "tools" / "run_tests.sh").write_text('echo "${DIFFSR_VENV:-.venv}|${DIFFSR_PYTHON:-}" >> runs.log\n')
+    for venv in (".venv-oldest", ".venv-py313"):
+        (root / venv).mkdir()
+    pyenv = tmp_path / "pyenv"
+    for name, version in pyenv_versions.items():
+        fake_python(str(pyenv / "versions" / name / "bin" / "python3"), version)
+    done = subprocess.run(["bash", str(root / ".ci" / "run")], capture_output=True, text=True,
+                          env={**os.environ, "PYENV_ROOT": str(pyenv), **env})
+    assert done.returncode == 0, done.stderr
+    runs = dict(line.split("|") for line in (root / "runs.log").read_text().splitlines())
+    return runs.get(".venv-py313"), done.stderr
+
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="CI's scripts are bash scripts")
+
+
+def test_ci_runs_the_suite_on_pyenvs_newest_python_3_13(tmp_path):
+    python, _ = python_given_to_the_last_run(tmp_path, {"3.13.0": "3.13", "3.13.2": "3.13", "3.12.8": "3.12"})
+    assert python == str(tmp_path / "pyenv" / "versions" / "3.13.2" / "bin" / "python3")
+
+
+def test_ci_leaves_out_pyenvs_free_threaded_python_3_13(tmp_path):
+    """pyenv names a free-threaded build 3.13.Nt, which ``ls | sort -V`` put after 3.13.N: the suite ran on it,
+    whose wheels the pack's dependencies may lack (pip then builds them from source, or fails)."""
+    python, _ = python_given_to_the_last_run(tmp_path, {"3.13.0": "3.13", "3.13.1t": "3.13"})
+    assert python == str(tmp_path / "pyenv" / "versions" / "3.13.0" / "bin" / "python3")
+
+
+def test_ci_takes_a_python_3_13_named_by_command(tmp_path):
+    """DIFFSR_CI_PYTHON=python3.13 (a command on PATH, as tools/run_tests.sh's DIFFSR_PYTHON takes it) was called
+    'not executable' (``[ -x python3.13 ]`` looks in the current folder) and the Python 3.13 run left out."""
+    bin_folder = tmp_path / "bin"
+    fake_python(str(bin_folder / "python3.13"), "3.13")
+    python, stderr = python_given_to_the_last_run(tmp_path, {}, DIFFSR_CI_PYTHON="python3.13",
+                                                  PATH=f"{bin_folder}{os.pathsep}{os.environ['PATH']}")
+    assert python == "python3.13", stderr
+
+
+def test_ci_says_so_where_the_python_given_is_no_python_3_13(tmp_path):
+    """DIFFSR_CI_PYTHON of another version ran 'the suite on Python 3.13' on it."""
+    other = fake_python(str(tmp_path / "bin" / "python3.12"), "3.12")
+    python, stderr = python_given_to_the_last_run(tmp_path, {"3.13.0": "3.13"}, DIFFSR_CI_PYTHON=other)
+    assert python is None
+    assert f"WARNING: DIFFSR_CI_PYTHON={other} is Python 3.12, not Python 3.13: the suite is NOT checked" in stderr
