@@ -266,7 +266,8 @@ def _note_ema(sd, name):
         warnings.warn(f"{quoted_name(os.path.basename(os.fspath(name)))} holds the UNet twice: its trained weights "
                       "(model.diffusion_model.*) and their EMA (model_ema.*). The trained ones are used, as ComfyUI "
                       "and the SD 2 inference configs do; OSEDiff and DoSSR start from SD 2.1-base's EMA weights, "
-                      f"which v2-1_512-ema-pruned.safetensors holds ({FETCH_SD21}).", UserWarning, stacklevel=3)
+                      f"which v2-1_512-ema-pruned.safetensors holds ({FETCH_SD21}).", UserWarning,
+                      stacklevel=4)  # the caller of sd21_from_ldm_state_dict, above its releasing_tensors wrapper
 
 
 @releasing_tensors

@@ -275,8 +275,10 @@ def test_a_checkpoint_with_ema_beside_the_trained_weights_loads_the_trained_ones
     save_file(sd, path) if suffix == ".safetensors" else torch.save({"global_step": 1, "state_dict": sd}, path)
     with pytest.warns(UserWarning, match=r"'v2-1_512-nonema-full\.\w+' holds the UNet twice: its trained weights "
                                          r"\(model\.diffusion_model\.\*\) and their EMA \(model_ema\.\*\)\. The "
-                                         r"trained ones are used, as ComfyUI.*v2-1_512-ema-pruned"):
+                                         r"trained ones are used, as ComfyUI.*v2-1_512-ema-pruned") as warned:
         loaded = load_sd21(path, config_dir=TINY_SD21)
+    # shown at the line that loads the file (the wrapper ``releasing_tensors`` put around the loaders is skipped)
+    assert {os.path.basename(w.filename) for w in warned if "holds the UNet twice" in str(w.message)} == {"sd21.py"}
     same_weights(loaded, load_sd21(SINGLE, config_dir=TINY_SD21))
     assert "extract_ema" not in capfd.readouterr().err
 
