@@ -1,4 +1,5 @@
-"""CI's entry point (``.ci/run``): which Python its last run (the suite on Python 3.13) is given."""
+"""CI's scripts: which Python the last run of ``.ci/run`` (the suite on Python 3.13) is given, and
+``tools/run_tests.sh``'s DIFFSR_PYTHON."""
 
 import os
 import shutil
@@ -71,3 +72,24 @@ def test_ci_says_so_where_the_python_given_is_no_python_3_13(tmp_path):
     python, stderr = python_given_to_the_last_run(tmp_path, {"3.13.0": "3.13"}, DIFFSR_CI_PYTHON=other)
     assert python is None
     assert f"WARNING: DIFFSR_CI_PYTHON={other} is Python 3.12, not Python 3.13: the suite is NOT checked" in stderr
+
+
+def test_run_tests_says_where_the_python_given_does_not_run(tmp_path):
+    """tools/run_tests.sh takes relative paths from the checkout (DIFFSR_VENV=.venv-py313): a DIFFSR_PYTHON relative to
+    the folder it was run from, not found there, ended in "ERROR: .venv-py313 has Python 3.13, DIFFSR_PYTHON
+    (py/bin/python3) is : give it a DIFFSR_VENV of its own", for the venv of that very Python."""
+    root = tmp_path / "checkout"
+    (root / "tools").mkdir(parents=True)
+    shutil.copy(os.path.join(ROOT, "tools", "run_tests.sh"), root / "tools" / "run_tests.sh")
+    fake_python(str(root / ".venv-py313" / "bin" / "python"), "3.13")  # pip and pytest through it do nothing
+    fake_python(str(tmp_path / "py" / "bin" / "python3"), "3.13")
+    env = {**os.environ, "DIFFSR_VENV": ".venv-py313"}
+    run = ["bash", os.path.join("checkout", "tools", "run_tests.sh")]
+    done = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True,
+                          env={**env, "DIFFSR_PYTHON": os.path.join("py", "bin", "python3")})
+    assert done.returncode == 1
+    assert done.stderr == (f"ERROR: DIFFSR_PYTHON (py/bin/python3) does not run (a relative path is taken from the "
+                           f"checkout, {root}).\n")
+    done = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True,
+                          env={**env, "DIFFSR_PYTHON": str(tmp_path / "py" / "bin" / "python3")})
+    assert done.returncode == 0, done.stderr

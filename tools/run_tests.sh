@@ -4,11 +4,16 @@
 # DIFFSR_CONSTRAINTS=FILE: install the versions pinned there (torch included), e.g. tools/oldest-supported.txt
 # (with DIFFSR_VENV=.venv-oldest, so that .venv is left as it is).
 # DIFFSR_PYTHON=PATH: the interpreter the venv is made with (default python3), e.g. ~/.pyenv/versions/3.13.0/bin/python3
-# (with a DIFFSR_VENV of its own: a venv of another Python version is refused).
+# (with a DIFFSR_VENV of its own: a venv of another Python version is refused). Relative paths are taken from the
+# checkout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${DIFFSR_VENV:-.venv}"
 PYTHON="${DIFFSR_PYTHON:-python3}"
+if [ -n "${DIFFSR_PYTHON:-}" ] && ! "$PYTHON" -c '' 2>/dev/null; then
+  echo "ERROR: DIFFSR_PYTHON ($PYTHON) does not run (a relative path is taken from the checkout, $PWD)." >&2
+  exit 1
+fi
 PINNED_TORCH="$(grep -s '^torch==' "${DIFFSR_CONSTRAINTS:-/dev/null}" || true)"
 TORCH_SPEC="${DIFFSR_TORCH:-${PINNED_TORCH:-torch==2.13.0}}"
 if [ ! -x "$VENV/bin/python" ]; then
