@@ -887,8 +887,8 @@ class PromptCache(OrderedDict):
     def __setitem__(self, prompt, embedding):
         super().__setitem__(prompt, embedding)
         self.move_to_end(prompt)
-        while len(self) > self.size:
-            self.popitem(last=False)
+        while len(self) > self.size:  # not popitem: Python 3.10's calls __getitem__ on the key it has unlinked
+            del self[next(iter(self))]
 
 
 def checked_context(context, unet):
