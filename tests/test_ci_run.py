@@ -1,4 +1,4 @@
-"""CI's scripts: which Python the last run of ``.ci/run`` (the suite on Python 3.13) is given, and
+"""CI's scripts: which Python the last runs of ``.ci/run`` (the suite on Python 3.13, then on 3.10) are given, and
 ``tools/run_tests.sh``'s DIFFSR_PYTHON."""
 
 import os
@@ -20,16 +20,16 @@ def fake_python(path, version):
     return path
 
 
-def python_given_to_the_last_run(tmp_path, pyenv_versions, **env):
+def pythons_given_to_the_last_runs(tmp_path, pyenv_versions, **env):
     """``.ci/run`` in a copy of the checkout whose ``tools/run_tests.sh`` records what each run is given, with a pyenv
-    of ``pyenv_versions`` ({name: version printed}) and the venvs there already (no disk check): the DIFFSR_PYTHON of
-    the Python 3.13 run, None where that run was left out, and what the script wrote to stderr."""
+    of ``pyenv_versions`` ({name: version printed}) and the venvs there already (no disk check): {venv: DIFFSR_PYTHON}
+    of the runs on other Pythons (a run left out is absent), and what the script wrote to stderr."""
     root = tmp_path / "checkout"
     (root / ".ci").mkdir(parents=True)
     shutil.copy(os.path.join(ROOT, ".ci", "run"), root / ".ci" / "run")
     (root / "tools").mkdir()
     (root / "tools" / "run_tests.sh").write_text('echo "${DIFFSR_VENV:-.venv}|${DIFFSR_PYTHON:-}" >> runs.log\n')
-    for venv in (".venv-oldest", ".venv-py313"):
+    for venv in (".venv-oldest", ".venv-py313", ".venv-py310"):
         (root / venv).mkdir()
     pyenv = tmp_path / "pyenv"
     for name, version in pyenv_versions.items():
@@ -38,7 +38,14 @@ def python_given_to_the_last_run(tmp_path, pyenv_versions, **env):
                           env={**os.environ, "PYENV_ROOT": str(pyenv), **env})
     assert done.returncode == 0, done.stderr
     runs = dict(line.split("|") for line in (root / "runs.log").read_text().splitlines())
-    return runs.get(".venv-py313"), done.stderr
+    return {venv: python for venv, python in runs.items() if venv.startswith(".venv-py")}, done.stderr
+
+
+def python_given_to_the_last_run(tmp_path, pyenv_versions, **env):
+    """The DIFFSR_PYTHON of ``.ci/run``'s Python 3.13 run (``pythons_given_to_the_last_runs``), None where it was left
+    out, and the script's stderr."""
+    pythons, stderr = pythons_given_to_the_last_runs(tmp_path, pyenv_versions, **env)
+    return pythons.get(".venv-py313"), stderr
 
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="CI's scripts are bash scripts")
@@ -49,6 +56,19 @@ def test_ci_runs_the_suite_on_pyenvs_newest_python_3_13(tmp_path):
     assert python == str(tmp_path / "pyenv" / "versions" / "3.13.2" / "bin" / "python3")
 
 
+def test_ci_runs_the_suite_on_python_3_10_too(tmp_path):
+    """Python 3.10, the oldest the pack allows, after 3.13: its OrderedDict.popitem of a subclass calls __getitem__,
+    which made the prompt cache fail at its 33rd prompt there alone. Where pyenv has no 3.10, CI's log says so."""
+    pyenv = tmp_path / "pyenv" / "versions"
+    pythons, _ = pythons_given_to_the_last_runs(tmp_path, {"3.13.0": "3.13", "3.10.12": "3.10", "3.10.13": "3.10",
+                                                           "3.10.13t": "3.10", "3.11.7": "3.11"})
+    assert pythons == {".venv-py313": str(pyenv / "3.13.0" / "bin" / "python3"),
+                       ".venv-py310": str(pyenv / "3.10.13" / "bin" / "python3")}
+    pythons, stderr = pythons_given_to_the_last_runs(tmp_path / "without", {"3.13.0": "3.13"})
+    assert list(pythons) == [".venv-py313"]
+    assert "WARNING: no Python 3.10 (none in " in stderr and "the suite is NOT checked on Python 3.10" in stderr
+
+
 def test_ci_leaves_out_pyenvs_free_threaded_python_3_13(tmp_path):
     """pyenv names a free-threaded build 3.13.Nt, which ``ls | sort -V`` put after 3.13.N: the suite ran on it,
     whose wheels the pack's dependencies may lack (pip then builds them from source, or fails)."""
@@ -57,21 +77,21 @@ def test_ci_leaves_out_pyenvs_free_threaded_python_3_13(tmp_path):
 
 
 def test_ci_takes_a_python_3_13_named_by_command(tmp_path):
-    """DIFFSR_CI_PYTHON=python3.13 (a command on PATH, as tools/run_tests.sh's DIFFSR_PYTHON takes it) was called
+    """DIFFSR_CI_PYTHON313=python3.13 (a command on PATH, as tools/run_tests.sh's DIFFSR_PYTHON takes it) was called
     'not executable' (``[ -x python3.13 ]`` looks in the current folder) and the Python 3.13 run left out."""
     bin_folder = tmp_path / "bin"
     fake_python(str(bin_folder / "python3.13"), "3.13")
-    python, stderr = python_given_to_the_last_run(tmp_path, {}, DIFFSR_CI_PYTHON="python3.13",
+    python, stderr = python_given_to_the_last_run(tmp_path, {}, DIFFSR_CI_PYTHON313="python3.13",
                                                   PATH=f"{bin_folder}{os.pathsep}{os.environ['PATH']}")
     assert python == "python3.13", stderr
 
 
 def test_ci_says_so_where_the_python_given_is_no_python_3_13(tmp_path):
-    """DIFFSR_CI_PYTHON of another version ran 'the suite on Python 3.13' on it."""
+    """DIFFSR_CI_PYTHON313 of another version ran 'the suite on Python 3.13' on it."""
     other = fake_python(str(tmp_path / "bin" / "python3.12"), "3.12")
-    python, stderr = python_given_to_the_last_run(tmp_path, {"3.13.0": "3.13"}, DIFFSR_CI_PYTHON=other)
+    python, stderr = python_given_to_the_last_run(tmp_path, {"3.13.0": "3.13"}, DIFFSR_CI_PYTHON313=other)
     assert python is None
-    assert f"WARNING: DIFFSR_CI_PYTHON={other} is Python 3.12, not Python 3.13: the suite is NOT checked" in stderr
+    assert f"WARNING: DIFFSR_CI_PYTHON313={other} is Python 3.12, not Python 3.13: the suite is NOT checked" in stderr
 
 
 def test_run_tests_says_where_the_python_given_does_not_run(tmp_path):
