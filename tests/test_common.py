@@ -1385,19 +1385,8 @@ def test_a_strict_stdout_writes_each_byte_of_a_name_that_is_not_utf8(monkeypatch
     """A name that is not UTF-8 holds bytes 0x80-0xFF, which Python decodes to U+DC80-U+DCFF: a strict stdout of a
     command writes each as its byte, the first and the last included; a lone surrogate below them (U+DC7F) is no
     byte of a name and is escaped. Bytes side by side (ÿé in Latin-1) are each written."""
-    import io
-
-    from comfyui_diffsr.cli.common import run_main
-
-    def command(argv):
-        print("a\udc80b\udcff\udce9 \udc7f")
-        return 0
-
-    strict = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
-    monkeypatch.setattr(sys, "stdout", strict)
-    assert run_main(command, []) == 0
-    strict.flush()
-    assert strict.buffer.getvalue() == b"a\x80b\xff\xe9 \\udc7f\n"
+    printed = printed_by_a_command(monkeypatch, "a\udc80b\udcff\udce9 \udc7f", "utf-8", "strict")
+    assert printed == b"a\x80b\xff\xe9 \\udc7f\n"
 
 
 def test_default_ignorable_table_is_unicodes():
@@ -1635,31 +1624,29 @@ def test_a_command_keeps_the_stdout_errors_asked_for(monkeypatch):
     UnicodeEncodeError on a name such as café or 日本, after the work was done. Only a strict stdout is changed: it
     writes the bytes of a name that is not UTF-8 as they are, and escapes what its encoding lacks (日本 in Windows'
     cp1252, which ended the commands as that error did)."""
+    line = "caf\u00e9 \u65e5\u672c x\udce9"
+    assert printed_by_a_command(monkeypatch, line, "ascii", "backslashreplace") == b"caf\\xe9 \\u65e5\\u672c x\\udce9\n"
+    assert printed_by_a_command(monkeypatch, line, "utf-8", "strict") == "caf\u00e9 \u65e5\u672c x".encode() + b"\xe9\n"
+    # a Windows file or pipe
+    assert printed_by_a_command(monkeypatch, line, "cp1252", "strict") == b"caf\xe9 \\u65e5\\u672c x\xe9\n"
+    # no byte of its own: escaped
+    assert (printed_by_a_command(monkeypatch, line, "utf-16-le", "strict")
+            == "caf\u00e9 \u65e5\u672c x\\udce9\n".encode("utf-16-le"))
+
+
+def printed_by_a_command(monkeypatch, line, encoding, errors):
+    """The bytes a command run by ``run_main`` that prints ``line`` writes to a stdout of ``encoding`` and
+    ``errors``."""
     import io
 
     from comfyui_diffsr.cli.common import run_main
 
     def command(argv):
-        print("caf\u00e9 \u65e5\u672c x\udce9")
+        print(line)
         return 0
 
-    asked = io.TextIOWrapper(io.BytesIO(), encoding="ascii", errors="backslashreplace")
-    monkeypatch.setattr(sys, "stdout", asked)
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding=encoding, errors=errors)
+    monkeypatch.setattr(sys, "stdout", stdout)
     assert run_main(command, []) == 0
-    asked.flush()
-    assert asked.buffer.getvalue() == b"caf\\xe9 \\u65e5\\u672c x\\udce9\n"
-    strict = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
-    monkeypatch.setattr(sys, "stdout", strict)
-    assert run_main(command, []) == 0
-    strict.flush()
-    assert strict.buffer.getvalue() == "caf\u00e9 \u65e5\u672c x".encode() + b"\xe9\n"
-    code_page = io.TextIOWrapper(io.BytesIO(), encoding="cp1252", errors="strict")  # a Windows file or pipe
-    monkeypatch.setattr(sys, "stdout", code_page)
-    assert run_main(command, []) == 0
-    code_page.flush()
-    assert code_page.buffer.getvalue() == b"caf\xe9 \\u65e5\\u672c x\xe9\n"
-    wide = io.TextIOWrapper(io.BytesIO(), encoding="utf-16-le", errors="strict")  # no byte of its own: escaped
-    monkeypatch.setattr(sys, "stdout", wide)
-    assert run_main(command, []) == 0
-    wide.flush()
-    assert wide.buffer.getvalue() == "caf\u00e9 \u65e5\u672c x\\udce9\n".encode("utf-16-le")
+    stdout.flush()
+    return stdout.buffer.getvalue()
