@@ -35,7 +35,7 @@ def pythons_given_to_the_last_runs(tmp_path, pyenv_versions, **env):
     for name, version in pyenv_versions.items():
         fake_python(str(pyenv / "versions" / name / "bin" / "python3"), version)
     done = subprocess.run(["bash", str(root / ".ci" / "run")], capture_output=True, text=True,
-                          env={**os.environ, "PYENV_ROOT": str(pyenv), **env})
+                          env={**outside_environment(), "PYENV_ROOT": str(pyenv), **env})
     assert done.returncode == 0, done.stderr
     runs = dict(line.split("|") for line in (root / "runs.log").read_text().splitlines())
     return {venv: python for venv, python in runs.items() if venv.startswith(".venv-py")}, done.stderr
@@ -46,6 +46,12 @@ def python_given_to_the_last_run(tmp_path, pyenv_versions, **env):
     out, and the script's stderr."""
     pythons, stderr = pythons_given_to_the_last_runs(tmp_path, pyenv_versions, **env)
     return pythons.get(".venv-py313"), stderr
+
+
+def outside_environment():
+    """This process's environment without the variables the scripts read (DIFFSR_*: CI's oldest-versions run sets
+    DIFFSR_CONSTRAINTS for the whole suite)."""
+    return {name: value for name, value in os.environ.items() if not name.startswith("DIFFSR_")}
 
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="CI's scripts are bash scripts")
@@ -103,7 +109,7 @@ def test_run_tests_says_where_the_python_given_does_not_run(tmp_path):
     shutil.copy(os.path.join(ROOT, "tools", "run_tests.sh"), root / "tools" / "run_tests.sh")
     fake_python(str(root / ".venv-py313" / "bin" / "python"), "3.13")  # pip and pytest through it do nothing
     fake_python(str(tmp_path / "py" / "bin" / "python3"), "3.13")
-    env = {**os.environ, "DIFFSR_VENV": ".venv-py313"}
+    env = {**outside_environment(), "DIFFSR_VENV": ".venv-py313"}
     run = ["bash", os.path.join("checkout", "tools", "run_tests.sh")]
     done = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True,
                           env={**env, "DIFFSR_PYTHON": os.path.join("py", "bin", "python3")})

@@ -708,7 +708,8 @@ def test_a_refused_single_file_holds_none_of_its_tensors(tmp_path, monkeypatch, 
 LOAD_FAILURES = {
     "MemoryError": MemoryError,
     "cpu-allocator": lambda: RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 bytes"),
-    "device-out-of-memory": lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB"),
+    # torch.cuda's name for it: torch.OutOfMemoryError is from PyTorch 2.5 on
+    "device-out-of-memory": lambda: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB"),
     "a-bug": lambda: KeyError("text_model.embeddings"),
 }
 
