@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import os
+import pathlib
 import re
 import warnings
 from collections import OrderedDict
@@ -535,19 +536,51 @@ def _folder_part_files(folder, sub):
         single = os.path.join(folder, sub, name)
         if os.path.isfile(single):
             return [single]
-        index = os.path.join(folder, sub, index_name)
-        if not os.path.isfile(index):
-            continue
-        try:
-            shards = sorted(set(read_config(os.path.join(folder, sub), index_name, FOLDER_FIX)["weight_map"].values()))
-        except (NotAConfigFile, ConfigWithByteOrderMark):  # diffusers and transformers would fail on it too
-            raise
-        except (WeightFileError, KeyError, AttributeError, TypeError):  # not the JSON of an index: diffusers says what
-            continue
-        paths = [os.path.join(folder, sub, shard) for shard in shards]
-        if paths and all(os.path.isfile(p) for p in paths):
-            return paths
+        if os.path.isfile(os.path.join(folder, sub, index_name)):
+            return shard_files(folder, sub, index_name)
     return None
+
+
+JSON_KINDS = {dict: "a JSON object", list: "a list", str: "a string", int: "a number", float: "a number",
+              bool: "true or false", type(None): "null"}
+
+
+def shard_files(folder, sub, index_name):
+    """The shard files of the part ``sub`` of a diffusers folder that its index ``index_name`` names, each once, as
+    diffusers and transformers read them: ``sorted(set(index["weight_map"].values()))``, joined to the part's folder,
+    and ``index["metadata"]`` filled in. An index they would fail on is refused by name with the fix (they fail with a
+    KeyError, AttributeError or TypeError traceback naming neither): not a JSON object, or without a ``weight_map``
+    object of tensor names to shard file names, or without a ``metadata`` object; one mapping no tensor (every tensor
+    missing); a shard name outside the part's folder, which diffusers 0.42 refuses unless it is a plain file name and
+    transformers 5.25 where it has a root or ``..`` (older ones read whatever the name reaches); a shard missing."""
+    part = os.path.join(folder, sub)
+    index = read_config(part, index_name, FOLDER_FIX)
+    for field, what in (("weight_map", "a JSON object of tensor names to shard files"), ("metadata", "a JSON object")):
+        if field not in index:
+            _refuse_index(part, index_name, f"has no {field}")
+        if not isinstance(index[field], dict):
+            _refuse_index(part, index_name, f"has a {field} that is {JSON_KINDS[type(index[field])]}, not {what}")
+    if not index["weight_map"]:
+        _refuse_index(part, index_name, "maps no tensor to a shard file")
+    for tensor, shard in index["weight_map"].items():
+        if not isinstance(shard, str):
+            _refuse_index(part, index_name, f"maps {tensor!r} to {json.dumps(shard)}, not to the name of a shard file")
+    shards = sorted(set(index["weight_map"].values()))
+    for shard in shards:
+        relative = pathlib.PurePath(shard)
+        if relative.anchor or ".." in relative.parts:
+            _refuse_index(part, index_name, f"names the shard {quoted_name(shard)}, which is outside its folder")
+        if sub != "text_encoder" and os.path.basename(shard) != shard:
+            _refuse_index(part, index_name, f"names the shard {quoted_name(shard)}, which diffusers does not read: a "
+                                            "shard is a file in the part's folder")
+        if not os.path.isfile(os.path.join(part, shard)):
+            _refuse_index(part, index_name, f"names the shard {quoted_name(shard)}, which is missing")
+    return [os.path.join(part, shard) for shard in shards]
+
+
+def _refuse_index(part, index_name, problem):
+    raise WeightFileError(f"{index_name} in {quoted_name(part)} {problem}: diffusers and transformers cannot load the "
+                          f"part from it. {FOLDER_FIX}")
 
 
 def _load_folder_parts(folder, files, in_memory, reads):
@@ -606,15 +639,13 @@ def _check_text_encoder_format(folder):
     if installed >= _version(TRANSFORMERS_READS_NO_FORMAT):
         return
     part = os.path.join(folder, "text_encoder")
-    names = ["model.safetensors"] if os.path.isfile(os.path.join(part, "model.safetensors")) else []
-    if not names and os.path.isfile(os.path.join(part, "model.safetensors.index.json")):
-        try:
-            names = sorted(set(read_config(part, "model.safetensors.index.json", FOLDER_FIX)["weight_map"].values()))
-        except (KeyError, AttributeError, TypeError):  # not the JSON of an index: transformers says what
-            names = []
-    for name in names:
-        check_weight_file(os.path.join(part, name))  # a damaged or missing file refused by name
-        with safe_open(os.path.join(part, name), framework="pt") as f:
+    paths = [os.path.join(part, "model.safetensors")] if os.path.isfile(os.path.join(part, "model.safetensors")) else []
+    if not paths and os.path.isfile(os.path.join(part, "model.safetensors.index.json")):
+        paths = shard_files(folder, "text_encoder", "model.safetensors.index.json")
+    for path in paths:
+        name = os.path.relpath(path, part)
+        check_weight_file(path)  # a damaged or missing file refused by name
+        with safe_open(path, framework="pt") as f:
             metadata = f.metadata()  # None where the file has none, {} where it has an empty one
         if metadata is None and installed >= _version(TRANSFORMERS_READS_NO_METADATA) or "format" in (metadata or {}):
             continue

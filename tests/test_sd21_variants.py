@@ -790,17 +790,11 @@ def test_a_config_saved_with_a_byte_order_mark_is_refused_saying_so(tmp_path, re
         load_sd21(folder)
 
 
-@pytest.mark.parametrize("part", PARTS)
-def test_a_shard_index_saved_with_a_byte_order_mark_is_refused_saying_so(tmp_path, part):
-    """The index of a sharded part (``*.safetensors.index.json``) saved with a UTF-8 byte order mark was passed over
-    by the pack's reader and left to diffusers and transformers, which failed on it: "Cannot load the diffusers
-    folder: Unexpected UTF-8 BOM (decode using utf-8-sig) ... incomplete or damaged. Download ... again", naming
-    neither the file nor the fix (after loading the parts before it). It is refused as the configs are."""
-    import json
-
+def in_shards(folder, part):
+    """The weight file of ``part`` split into two shards as ``save_pretrained`` writes them (``format`` metadata), the
+    file removed; returns the weight map, tensor name → shard."""
     from safetensors.torch import save_file
 
-    folder = copy_tiny_sd21(tmp_path / "sd21")
     single = os.path.join(folder, part, f"{STEMS[part]}.safetensors")
     tensors = load_file(single)
     os.remove(single)
@@ -808,13 +802,94 @@ def test_a_shard_index_saved_with_a_byte_order_mark_is_refused_saying_so(tmp_pat
     shards = {f"{STEMS[part]}-0000{i + 1}-of-00002.safetensors": keys[i::2] for i in range(2)}
     for shard, names in shards.items():
         save_file({k: tensors[k] for k in names}, os.path.join(folder, part, shard), metadata={"format": "pt"})
+    return {k: shard for shard, names in shards.items() for k in names}
+
+
+def write_index(path, weight_map, index=None):
+    """A shard index as ``save_pretrained`` writes it (its ``metadata`` and ``weight_map``), or the JSON ``index``."""
+    import json
+
+    with open(path, "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map} if index is None else index, f)
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_a_shard_index_saved_with_a_byte_order_mark_is_refused_saying_so(tmp_path, part):
+    """The index of a sharded part (``*.safetensors.index.json``) saved with a UTF-8 byte order mark was passed over
+    by the pack's reader and left to diffusers and transformers, which failed on it: "Cannot load the diffusers
+    folder: Unexpected UTF-8 BOM (decode using utf-8-sig) ... incomplete or damaged. Download ... again", naming
+    neither the file nor the fix (after loading the parts before it). It is refused as the configs are."""
+    folder = copy_tiny_sd21(tmp_path / "sd21")
     index = os.path.join(folder, part, f"{STEMS[part]}.safetensors.index.json")
-    with open(index, "w") as f:
-        json.dump({"metadata": {}, "weight_map": {k: s for s, names in shards.items() for k in names}}, f)
+    write_index(index, in_shards(folder, part))
     prepend_byte_order_mark(index)
     with pytest.raises(WeightFileError, match=rf"^{re.escape(os.path.basename(index))} in '.*{part}' starts with a UTF-8 "
                                               r"byte order mark \(BOM\), which diffusers and transformers do not "
                                               r"read: save it again as UTF-8 without BOM"):
+        load_sd21(folder)
+
+
+def _moved_into(folder, part, weight_map, where):
+    """The shards of ``weight_map`` moved to ``where`` (relative to the part's folder); the map naming them there."""
+    os.makedirs(os.path.join(folder, part, where), exist_ok=True)
+    for shard in set(weight_map.values()):
+        os.rename(os.path.join(folder, part, shard), os.path.join(folder, part, where, shard))
+    return {k: f"{where}/{shard}" for k, shard in weight_map.items()}
+
+
+SHARD = r"'[a-z_]+-00001-of-00002\.safetensors'"
+BAD_INDEXES = {  # how the index is damaged (from the folder and part, the weight map), what is said of it
+    "not-an-object": (lambda folder, part, wm: [wm], "is not a JSON object"),
+    "no-weight-map": (lambda folder, part, wm: {"metadata": {}}, "has no weight_map"),
+    "weight-map-list": (lambda folder, part, wm: {"metadata": {}, "weight_map": list(wm.items())},
+                        "has a weight_map that is a list, not a JSON object of tensor names to shard files"),
+    "weight-map-null": (lambda folder, part, wm: {"metadata": {}, "weight_map": None},
+                        "has a weight_map that is null, not a JSON object of tensor names to shard files"),
+    "weight-map-empty": (lambda folder, part, wm: {"metadata": {}, "weight_map": {}}, "maps no tensor to a shard"),
+    "shard-numbers": (lambda folder, part, wm: {"metadata": {}, "weight_map": {k: 1 for k in wm}},
+                      r"maps '[^']+' to 1, not to the name of a shard file"),
+    "no-metadata": (lambda folder, part, wm: {"weight_map": wm}, "has no metadata"),
+    "metadata-list": (lambda folder, part, wm: {"metadata": [], "weight_map": wm},
+                      "has a metadata that is a list, not a JSON object"),
+    "shard-outside": (lambda folder, part, wm: {"metadata": {}, "weight_map": _moved_into(folder, part, wm, "..")},
+                      r"names the shard '\.\./[a-z_]+-0000[12]-of-00002\.safetensors', which is outside its folder"),
+    "shard-missing": (lambda folder, part, wm: os.remove(os.path.join(folder, part, min(wm.values()))) or {
+        "metadata": {}, "weight_map": wm}, rf"names the shard {SHARD}, which is missing"),
+}
+
+
+@pytest.mark.parametrize("damage", BAD_INDEXES)
+@pytest.mark.parametrize("part", PARTS)
+def test_a_shard_index_diffusers_and_transformers_cannot_read_is_refused_by_name(tmp_path, part, damage):
+    """A part's shard index (``*.safetensors.index.json``) without a ``weight_map`` object of tensor names to shard
+    file names, or without its ``metadata`` object, was passed over by the pack's reader and left to diffusers and
+    transformers, which failed on it with a KeyError, AttributeError or TypeError traceback (``index["weight_map"]
+    .values()``, ``index["metadata"]["all_checkpoint_keys"] = ...``); a shard outside the part's folder (which
+    diffusers 0.42 and transformers 5.25 refuse) or missing, with a message naming neither the index nor the fix.
+    Each is refused by name, before any weight is read."""
+    folder = copy_tiny_sd21(tmp_path / "sd21")
+    index_name = f"{STEMS[part]}.safetensors.index.json"
+    damaged, problem = BAD_INDEXES[damage]
+    write_index(os.path.join(folder, part, index_name), None, damaged(folder, part, in_shards(folder, part)))
+    with pytest.raises(WeightFileError, match=rf"^{re.escape(index_name)} in '.*{part}' {problem}.*Download the "
+                                              r"stable-diffusion-2-1-base folder again"):
+        load_sd21(folder)
+
+
+@pytest.mark.parametrize("part, loads", [("unet", False), ("vae", False), ("text_encoder", True)])
+def test_a_shard_in_a_folder_of_the_part_is_read_where_its_loader_reads_it(tmp_path, reference, part, loads):
+    """A shard named with a folder inside the part's own (``shards/model-00001-of-00002.safetensors``): transformers
+    5.25 reads it (it refuses only names with a root or ``..``), so the text encoder's loads; diffusers 0.42 reads
+    plain file names only, so the UNet's and the VAE's are refused by name."""
+    folder = copy_tiny_sd21(tmp_path / "sd21")
+    index_name = f"{STEMS[part]}.safetensors.index.json"
+    write_index(os.path.join(folder, part, index_name), _moved_into(folder, part, in_shards(folder, part), "shards"))
+    if loads:
+        same_weights(load_sd21(folder), reference[1])
+        return
+    with pytest.raises(WeightFileError, match=rf"^{re.escape(index_name)} in '.*{part}' names the shard "
+                                              r"'shards/[a-z_]+-0000[12]-of-00002\.safetensors', which diffusers does "
+                                              "not read: a shard is a file in the part's folder"):
         load_sd21(folder)
 
 
