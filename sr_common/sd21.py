@@ -29,7 +29,7 @@ from .known_files import (KNOWN, OPEN_CLIP_PREFIX, SGM_OPEN_CLIP_PREFIX, TRANSFO
 from .names import quoted_name, shown_name
 from .tiling import WeightsOutOfMemory, cpu_allocation_failed, is_out_of_memory
 from .weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_weight_file, dangling_link, load_module_weights,
-                      read_config_bytes, read_state_dict, stored_as_float32)
+                      read_config_bytes, read_state_dict, stored_as_float32, stored_metadata)
 
 SCALING_FACTOR = 0.18215
 # SD's training noise schedule: β = linspace(√BETA_START, √BETA_END, NUM_TRAIN_TIMESTEPS)² ("scaled linear")
@@ -617,43 +617,48 @@ def _load_folder_parts(folder, files, in_memory, reads):
     raise WeightFileError(f"{shown_name(where)} in the diffusers folder {quoted_name(folder)}: {refused}")
 
 
-# the first transformers that loads a safetensors file without metadata, and the first that loads one whose metadata
-# has no format
-TRANSFORMERS_READS_NO_METADATA, TRANSFORMERS_READS_NO_FORMAT = "4.48", "5.0"
+# the first transformers that loads a safetensors file without metadata, and the first that loads one of any format (or
+# none); the formats those before it load
+TRANSFORMERS_READS_NO_METADATA, TRANSFORMERS_READS_ANY_FORMAT = "4.48", "5.0"
+TRANSFORMERS_4_FORMATS = ("pt", "tf", "flax", "mlx")
 
 
 def _check_text_encoder_format(folder):
-    """Refuse by name the text encoder's safetensors files (model.safetensors, or the shards its index names) whose
-    metadata has no ``format``, where the installed transformers reads the format from there: before
-    ``TRANSFORMERS_READS_NO_METADATA`` it fails on a file without metadata (4.40-4.47: an AttributeError traceback
-    from ``metadata.get("format")``; ``safetensors.torch.save_file`` writes none unless asked), and before
-    ``TRANSFORMERS_READS_NO_FORMAT`` on one whose metadata lacks the format (4.48-4.57: "Incompatible safetensors
-    file. File metadata is not ['pt', 'tf', 'flax', 'mlx'] but None", naming no file; a shard "does not contain the
-    valid metadata"), empty metadata ({}) too."""
+    """Refuse by name the text encoder's safetensors files (model.safetensors, or the shards its index names,
+    ``shard_files``) whose ``format`` metadata the installed transformers does not load: before
+    ``TRANSFORMERS_READS_NO_METADATA`` a file without metadata (4.40-4.47: an AttributeError traceback from
+    ``metadata.get("format")``; ``safetensors.torch.save_file`` writes none unless asked), and before
+    ``TRANSFORMERS_READS_ANY_FORMAT`` one whose metadata (empty too) has no format or one outside
+    ``TRANSFORMERS_4_FORMATS`` (4.40-4.57: "Incompatible safetensors file. File metadata is not ['pt', 'tf', 'flax',
+    'mlx'] but None", naming no file; a shard "does not contain the valid metadata")."""
     import transformers
-    from safetensors import safe_open
 
     from .. import _version
 
     installed = _version(transformers.__version__)
-    if installed >= _version(TRANSFORMERS_READS_NO_FORMAT):
+    if installed >= _version(TRANSFORMERS_READS_ANY_FORMAT):
         return
     part = os.path.join(folder, "text_encoder")
     paths = [os.path.join(part, "model.safetensors")] if os.path.isfile(os.path.join(part, "model.safetensors")) else []
     if not paths and os.path.isfile(os.path.join(part, "model.safetensors.index.json")):
         paths = shard_files(folder, "text_encoder", "model.safetensors.index.json")
     for path in paths:
-        name = os.path.relpath(path, part)
-        check_weight_file(path)  # a damaged or missing file refused by name
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata()  # None where the file has none, {} where it has an empty one
-        if metadata is None and installed >= _version(TRANSFORMERS_READS_NO_METADATA) or "format" in (metadata or {}):
+        metadata = stored_metadata(path)  # a damaged or missing file refused by name
+        if metadata is None and installed >= _version(TRANSFORMERS_READS_NO_METADATA):
             continue
-        first = TRANSFORMERS_READS_NO_METADATA if metadata is None else TRANSFORMERS_READS_NO_FORMAT
-        raise WeightFileError(f"text_encoder/{shown_name(name)} in the diffusers folder {quoted_name(folder)} has no "
-                              f"'format' in its metadata, which transformers {transformers.__version__} (installed "
-                              f"here) needs to load it: update transformers to {first} or later, "
-                              "or save the file again with metadata={'format': 'pt'} (safetensors.torch.save_file).")
+        file_format = (metadata or {}).get("format")
+        if file_format in TRANSFORMERS_4_FORMATS:
+            continue
+        where = f"text_encoder/{shown_name(os.path.relpath(path, part))} in the diffusers folder {quoted_name(folder)}"
+        fix = "or save the file again with metadata={'format': 'pt'} (safetensors.torch.save_file)."
+        if file_format is None:
+            first = TRANSFORMERS_READS_NO_METADATA if metadata is None else TRANSFORMERS_READS_ANY_FORMAT
+            raise WeightFileError(f"{where} has no 'format' in its metadata, which transformers "
+                                  f"{transformers.__version__} (installed here) needs to load it: update transformers "
+                                  f"to {first} or later, {fix}")
+        raise WeightFileError(f"{where} has the format {quoted_name(file_format)} in its metadata, which transformers "
+                              f"{transformers.__version__} (installed here) does not load (it loads 'pt', 'tf', 'flax' "
+                              f"and 'mlx'): update transformers to {TRANSFORMERS_READS_ANY_FORMAT} or later, {fix}")
 
 
 @releasing_tensors

@@ -468,14 +468,25 @@ def _materialise_position_ids(module):
 OSEDIFF_FORMAT, DAPE_FORMAT, DOSSR_FORMAT = "osediff", "diffsr-dape-tagger", "dossr-diffusers-v1"
 
 
+def stored_metadata(path):
+    """The metadata of the safetensors file ``path`` as stored: None where it has none (``save_file`` without
+    ``metadata``), {} where it has an empty one. A path that is no weight file is refused (``_check_file``), a file
+    safetensors cannot open by name (``_damaged_safetensors``)."""
+    path = _check_file(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.metadata()
+    except Exception as e:  # safetensors raises several types on damaged headers
+        raise _damaged_safetensors(os.path.basename(path), e) from e
+
+
 def safetensors_metadata(path):
-    """The metadata of a safetensors file (``SAFETENSORS_SUFFIXES``; {} when it has none), None for another kind;
-    a path that is no weight file is refused (``_check_file``)."""
+    """The metadata of a safetensors file (``SAFETENSORS_SUFFIXES``; {} when it has none, ``stored_metadata``), None
+    for another kind."""
     path = os.fspath(path)
     if not path.lower().endswith(SAFETENSORS_SUFFIXES):
         return None
-    with safe_open(_check_file(path), framework="pt") as f:
-        return f.metadata() or {}
+    return stored_metadata(path) or {}
 
 
 def converted_kind(path):

@@ -377,6 +377,25 @@ def test_safetensors_mapped_and_in_memory_reads_give_the_tensors(tmp_path):
     owned["f32"] += 1  # and it is ours to write
 
 
+@pytest.mark.parametrize("metadata", [None, {}, {"format": "pt"}], ids=["none", "empty", "format"])
+def test_the_metadata_reader_tells_no_metadata_from_empty_metadata(tmp_path, metadata):
+    """``stored_metadata`` gives the metadata as stored (None where the file has none, as transformers 4.40-4.47 read
+    it), ``safetensors_metadata`` {} for both; a damaged file is refused by name by both."""
+    from safetensors.torch import save_file
+
+    from comfyui_diffsr.sr_common.weights import safetensors_metadata, stored_metadata
+
+    path = tmp_path / "part.safetensors"
+    save_file({"w": torch.zeros(2)}, path, metadata=metadata)
+    assert stored_metadata(path) == metadata and (stored_metadata(path) is None) == (metadata is None)
+    assert safetensors_metadata(path) == (metadata or {})
+    path.write_bytes(path.read_bytes()[:-4])
+    for read in (stored_metadata, safetensors_metadata):
+        with pytest.raises(WeightFileError, match=r"^Cannot read 'part\.safetensors' as safetensors .* truncated or "
+                                                  "damaged"):
+            read(path)
+
+
 def test_safetensors_read_into_memory_as_float32_converts_only_floats(tmp_path):
     from safetensors.torch import save_file
 

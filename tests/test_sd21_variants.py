@@ -939,6 +939,33 @@ def test_a_text_encoder_without_format_metadata_left_to_old_transformers_is_refu
         load_sd21(folder)
 
 
+@pytest.mark.parametrize("transformers_version", ["4.40.0", "4.47.1", "4.48.0", "4.57.0", "5.0.0"])
+@pytest.mark.parametrize("file_format", ["np", "torch", "mlx"])
+def test_a_text_encoder_of_a_format_old_transformers_does_not_load_is_refused_by_name(
+        tmp_path, monkeypatch, reference, transformers_version, file_format):
+    """The same folder whose text encoder's ``format`` metadata is one transformers 4.x does not load: 4.40-4.57 load
+    'pt', 'tf', 'flax' and 'mlx' only (``from_pretrained``: "Incompatible safetensors file. File metadata is not ['pt',
+    'tf', 'flax', 'mlx'] but np", naming no file; a shard "does not contain the valid metadata"), 5.0 on read any.
+    It passed the pack's check, which asked only whether there was a format; it is refused by name before, saying what
+    to do. 'mlx' (read as 'pt') and the transformers that read any format are left to load it."""
+    import transformers
+    from safetensors.torch import save_file
+
+    folder = _left_to_transformers(tmp_path)
+    text_encoder = os.path.join(folder, "text_encoder", "model.safetensors")
+    save_file(load_file(text_encoder), text_encoder, metadata={"format": file_format})
+    monkeypatch.setattr(transformers, "__version__", transformers_version)
+    if file_format == "mlx" or transformers_version == "5.0.0":  # left to transformers (the one installed here)
+        same_weights(load_sd21(folder), reference[1])
+        return
+    with pytest.raises(WeightFileError, match=(
+            rf"^text_encoder/model\.safetensors in the diffusers folder '.*' has the format '{file_format}' in its "
+            rf"metadata, which transformers {re.escape(transformers_version)} \(installed here\) does not load \(it "
+            r"loads 'pt', 'tf', 'flax' and 'mlx'\): update transformers to 5\.0 or later, or save the file again with "
+            r"metadata=\{'format': 'pt'\} \(safetensors\.torch\.save_file\)\.$")):
+        load_sd21(folder)
+
+
 def test_a_damaged_text_encoder_file_is_refused_by_name_by_the_format_check(tmp_path, monkeypatch):
     """The format check opened the text encoder's files with safetensors itself: a damaged one gave a raw
     SafetensorError traceback there. It is the pack's refusal naming the file and the fix."""
