@@ -13,7 +13,8 @@ from torch import nn
 
 from ..sr_common.errors import WeightFileError, releasing_tensors
 from ..sr_common.names import quoted_name
-from ..sr_common.sd21 import SD21, NetworksOnSD21, PromptCache, load_sd21, load_tokenizer, shipped_config_dir
+from ..sr_common.sd21 import (SD21, NetworksOnSD21, PromptCache, check_sd21, load_sd21, load_tokenizer,
+                              shipped_config_dir)
 from .rrdb import rrdb_from_state_dict
 from .weights import (base_from_official, build_cond_encoder, build_controlnet, load_ldm_configs, parts_from_converted,
                       parts_from_official, read_weights, shipped_config_path)
@@ -103,6 +104,8 @@ def load_dossr(weights, base=None, *, config=None, base_config=None, text_heads=
     (default: the shipped SD 2.1 ``cldm_v21.yaml``). ``text_heads``: attention heads of the ckpt's
     OpenCLIP text tower when it is not width/64.
     """
+    if base is not None and not isinstance(base, SD21):
+        check_sd21(base, base_config)  # a wrong base refused before the DoSSR weights (GBs) are read
     sd, kind, metadata = read_weights(weights)
     name = os.path.basename(os.fspath(weights))
     if kind != "official" and base is None:

@@ -704,9 +704,8 @@ def load_diffusers_folder(folder, in_memory=False):
     return SD21(unet.eval(), vae.eval(), text_encoder.eval(), tokenizer)
 
 
-@releasing_tensors
-def load_sd21(path, config_dir=None, *, in_memory=False):
-    """SD 2.1-base from a diffusers folder or a single-file checkpoint (``in_memory``: see ``load_single_file``)."""
+def _sd21_path(path):
+    """``path`` as a string, where it exists and is not a part of a diffusers folder; refused by name otherwise."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise WeightFileError(f"Base model not found: {quoted_name(path)}.{dangling_link(path)} Pass the "
@@ -716,6 +715,26 @@ def load_sd21(path, config_dir=None, *, in_memory=False):
         raise WeightFileError(f"{quoted_name(os.path.basename(os.path.normpath(path)))} is a part of the diffusers "
                               f"folder {quoted_name(folder)}: pass that folder itself (in ComfyUI: the whole folder in "
                               "models/diffusers, chosen in Load SD 2.1-base (DiffSR)).")
+    return path
+
+
+def check_sd21(path, config_dir=None):
+    """The checks ``load_sd21`` makes of ``path`` before it reads a weight, for a loader that reads large weights of
+    its own (``load_dossr``), so that a wrong base is refused before them: ``path`` exists and is no part of a
+    diffusers folder; a folder is SD 2.x-base by its configs (``check_diffusers_folder``) and has its parts' configs,
+    a single file's config folder (``config_dir``, default the shipped one) has them (``check_part_configs``)."""
+    path = _sd21_path(path)
+    if os.path.isdir(path):
+        check_diffusers_folder(path)
+        check_part_configs(path, FOLDER_FIX)
+    else:
+        check_part_configs(config_dir or shipped_config_dir(), CONFIG_FOLDER_FIX)
+
+
+@releasing_tensors
+def load_sd21(path, config_dir=None, *, in_memory=False):
+    """SD 2.1-base from a diffusers folder or a single-file checkpoint (``in_memory``: see ``load_single_file``)."""
+    path = _sd21_path(path)
     if os.path.isdir(path):
         return load_diffusers_folder(path, in_memory)
     return load_single_file(path, config_dir, in_memory)

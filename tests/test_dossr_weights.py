@@ -687,3 +687,37 @@ def test_a_yaml_saved_with_a_byte_order_mark_reads_as_without(tmp_path):
     with open(os.path.join(FIX, "tiny_cldm.yaml"), "rb") as f:
         path.write_bytes(codecs.BOM_UTF8 + f.read())
     assert load_ldm_configs(str(path)) == load_ldm_configs(os.path.join(FIX, "tiny_cldm.yaml"))
+
+
+@pytest.mark.parametrize("base, refusal", [
+    ("missing", r"^Base model not found: '.*missing'"),
+    ("without-unet", r"^'without-unet' is not a diffusers Stable Diffusion folder: missing \['unet'\]"),
+    ("bad-config", r"^unet/config\.json in '.*bad-config' is not JSON"),
+    ("bad-config-folder", r"^'.*bad-config-folder' has no readable unet/config\.json")])
+def test_a_wrong_base_is_refused_before_the_dossr_weights_are_read(tmp_path, monkeypatch, base, refusal):
+    """``load_dossr`` read the DoSSR weights (GBs) before it looked at ``base``: a base path that was missing, or a
+    folder that is not SD 2.1-base by its configs, was refused only after that read, and where both were wrong the
+    DoSSR file's error came first. The base's cheap checks come first now: nothing is read (the reader spied on), and
+    of two wrong files the base is named."""
+    from comfyui_diffsr.dossr_core import model as dossr_model
+    from comfyui_diffsr.dossr_core import weights as dossr_weights
+
+    from conftest import copy_tiny_sd21
+
+    folder, config_folder = str(tmp_path / base), None
+    if base == "without-unet":
+        shutil.rmtree(os.path.join(copy_tiny_sd21(folder), "unet"))
+    elif base == "bad-config":
+        with open(os.path.join(copy_tiny_sd21(folder), "unet", "config.json"), "w") as f:
+            f.write("{")
+    elif base == "bad-config-folder":  # a single file's config folder (--base-config) without its configs
+        folder, config_folder = os.path.join(os.path.dirname(FIX), "osediff", "tiny_sd21_single.safetensors"), folder
+        os.makedirs(config_folder)
+    read = []
+    monkeypatch.setattr(dossr_weights, "read_state_dict", lambda *a, **k: read.append(a) or {})
+    with pytest.raises(WeightFileError, match=refusal):
+        dossr_model.load_dossr(CKPT, folder, base_config=config_folder)
+    assert read == []
+    monkeypatch.undo()
+    with pytest.raises(WeightFileError, match=refusal):  # the DoSSR file missing too: the base named
+        dossr_model.load_dossr(tmp_path / "dossr_missing.ckpt", folder, base_config=config_folder)
