@@ -193,14 +193,15 @@ def load_ldm_unet_vae(sd, unet, vae, name=None, fix=SD21_SIZE_FIX):
     return load_module_weights(unet, unet_sd, "UNet", name, fix), load_module_weights(vae, vae_sd, "VAE", name, fix)
 
 
-def models_from_config(config_dir, *, random_init=True, fix=CONFIG_FOLDER_FIX):
-    """UNet, VAE and CLIP text encoder from a diffusers config folder (``fix`` ends the refusal of a config that is
-    missing or not JSON). ``random_init=False`` builds them on the meta device (no memory, no initialisation: 17 s
-    less at full size on 2 cores) for ``load_module_weights`` to fill."""
+def models_from_config(config_dir, *, random_init=True, fix=CONFIG_FOLDER_FIX, configs=None):
+    """UNet, VAE and CLIP text encoder from a diffusers config folder: its parts' configs (``check_part_configs``;
+    ``fix`` ends the refusal of one that is missing or not JSON), or ``configs``, those read already.
+    ``random_init=False`` builds them on the meta device (no memory, no initialisation: 17 s less at full size on 2
+    cores) for ``load_module_weights`` to fill."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    configs = {part: read_config(config_dir, f"{part}/config.json", fix) for part in ("text_encoder", "unet", "vae")}
+    configs = check_part_configs(config_dir, fix) if configs is None else configs
     text_cfg = CLIPTextConfig(**{k: v for k, v in configs["text_encoder"].items()
                                  if not k.startswith("_") and k not in ("architectures", "model_type", "torch_dtype")})
     with torch.device("cpu" if random_init else "meta"):
@@ -272,12 +273,13 @@ def _note_ema(sd, name):
 
 
 @releasing_tensors
-def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint", owned=False, path=None, tokenizer=None):
+def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint", owned=False, path=None, tokenizer=None,
+                             configs=None):
     """SD 2.1-base from an LDM-layout state dict (a single-file checkpoint, or what ComfyUI's
     ``state_dict_for_saving`` returns for the MODEL/CLIP/VAE of its checkpoint loader). ``owned``: the tensors
     were read into this process's memory for this call alone (see ``SD21.unet_owned``); ``path``: the file they were
-    read from, if any (its metadata may name a file the pack converted); ``tokenizer``: the one of ``config_dir``, if
-    loaded already (``load_single_file``)."""
+    read from, if any (its metadata may name a file the pack converted); ``tokenizer`` and ``configs``: the one of
+    ``config_dir`` and its parts' configs, if read already (``load_single_file``)."""
     config_dir = config_dir or shipped_config_dir()
     if not isinstance(sd, dict):  # a pickle of another object
         _refuse(name, describe(sd, path))
@@ -287,7 +289,7 @@ def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint", owned=False
     _note_ema(sd, name)
     if tokenizer is None:
         tokenizer = load_tokenizer(os.path.join(config_dir, "tokenizer"))
-    unet, vae, text_encoder = models_from_config(config_dir, random_init=False)
+    unet, vae, text_encoder = models_from_config(config_dir, random_init=False, configs=configs)
     unet_owned, vae_owned = load_ldm_unet_vae(sd, unet, vae, name)
     text_sd = text_encoder_state(sd, text_encoder.config.num_hidden_layers, name)
     load_module_weights(text_encoder, _in_module_names(text_encoder, text_sd), "text encoder", name, SD21_SIZE_FIX)
@@ -304,10 +306,11 @@ def load_single_file(path, config_dir=None, in_memory=False):
     float32 copy is new memory anyway, and a mapping would hold the fp16 file beside it. The config folder's configs
     and tokenizer are checked before the file is read."""
     config_dir = config_dir or shipped_config_dir()
-    check_part_configs(config_dir, CONFIG_FOLDER_FIX)
+    configs = check_part_configs(config_dir, CONFIG_FOLDER_FIX)
     tokenizer = load_tokenizer(os.path.join(config_dir, "tokenizer"))
     sd, read_in = _read_base_file(path, in_memory)
-    return sd21_from_ldm_state_dict(sd, config_dir, name=path, owned=read_in, path=path, tokenizer=tokenizer)
+    return sd21_from_ldm_state_dict(sd, config_dir, name=path, owned=read_in, path=path, tokenizer=tokenizer,
+                                    configs=configs)
 
 
 def _read_base_file(path, in_memory):
@@ -322,11 +325,10 @@ DIFFUSERS_PARTS = ("unet", "vae", "text_encoder")  # the parts read (a tokenizer
 
 
 def check_part_configs(folder, fix):
-    """Refuse a ``config.json`` of the ``DIFFUSERS_PARTS`` of ``folder`` that ``read_config`` refuses (missing, not a
-    JSON object, a FIFO or a huge file, which diffusers and transformers would read whole; a byte order mark), with
-    ``fix``: before the weights are read."""
-    for part in DIFFUSERS_PARTS:
-        read_config(folder, f"{part}/config.json", fix)
+    """The ``config.json`` of each of the ``DIFFUSERS_PARTS`` of ``folder``, {part: config}, read before the weights
+    are: one that ``read_config`` refuses (missing, not a JSON object, a FIFO or a huge file, which diffusers and
+    transformers would read whole; a byte order mark) is refused with ``fix``."""
+    return {part: read_config(folder, f"{part}/config.json", fix) for part in DIFFUSERS_PARTS}
 
 
 def _is_diffusers_folder(folder):
@@ -583,17 +585,18 @@ def _refuse_index(part, index_name, problem):
                           f"part from it. {FOLDER_FIX}")
 
 
-def _load_folder_parts(folder, files, in_memory, reads):
+def _load_folder_parts(folder, files, in_memory, reads, configs):
     """UNet, VAE, text encoder and whether each was read into memory, built on the meta device and filled from the
     folder's weight files per part (``files``, of ``_folder_part_files``: safetensors, or pickles opened with
-    ``weights_only``; ``reads``: those already read, by ``check_weight_files``) with this pack's readers, as a single
-    file is (see ``load_single_file``); None when a part is stored under another name or its keys are not the
-    module's, which ``load_diffusers_folder`` leaves to diffusers and transformers. A part whose tensors are not
+    ``weights_only``; ``reads``: those already read, by ``check_weight_files``; ``configs``: its parts' configs, by
+    ``check_part_configs``) with this pack's readers, as a single file is (see ``load_single_file``); None when a part
+    is stored under another name or its keys are not the module's, which ``load_diffusers_folder`` leaves to
+    diffusers and transformers. A part whose tensors are not
     floating point (an int8-quantised file) is refused by name, also after a part left to diffusers: diffusers and
     transformers would cast them to float silently."""
     if None in files.values():
         return None
-    parts, owned, mismatched = models_from_config(folder, random_init=False, fix=FOLDER_FIX), [], False
+    parts, owned, mismatched = models_from_config(folder, random_init=False, configs=configs), [], False
     for (sub, paths), module in zip(files.items(), parts):
         state, read_in = {}, True
         for path in paths:
@@ -673,11 +676,11 @@ def load_diffusers_folder(folder, in_memory=False):
     # the cheap checks before any weight is read: the tokenizer, the configs (a FIFO or a huge file refused: diffusers
     # and transformers read it whole)
     tokenizer = load_tokenizer(os.path.join(folder, "tokenizer"))
-    check_part_configs(folder, FOLDER_FIX)
+    configs = check_part_configs(folder, FOLDER_FIX)
     files = {sub: _folder_part_files(folder, sub) for sub in FOLDER_WEIGHT_FILES}
     read_here = [] if None in files.values() else [path for paths in files.values() for path in paths]
     # the reads of the check are held by _load_folder_parts alone: none is left while diffusers loads the folder
-    loaded = _load_folder_parts(folder, files, in_memory, check_weight_files(folder, read_here, in_memory))
+    loaded = _load_folder_parts(folder, files, in_memory, check_weight_files(folder, read_here, in_memory), configs)
     if loaded is not None:
         (unet, vae, text_encoder), (unet_owned, vae_owned, _) = loaded
         _check_epsilon_weights(folder, unet)
