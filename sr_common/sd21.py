@@ -549,8 +549,8 @@ JSON_KINDS = {dict: "a JSON object", list: "a list", str: "a string", int: "a nu
 
 def shard_files(folder, sub, index_name):
     """The shard files of the part ``sub`` of a diffusers folder that its index ``index_name`` names, each once, as
-    diffusers and transformers read them: ``sorted(set(index["weight_map"].values()))``, joined to the part's folder,
-    and ``index["metadata"]`` filled in. An index they would fail on is refused by name with the fix (they fail with a
+    diffusers and transformers read them (``sorted(set(index["weight_map"].values()))`` in the part's folder; they
+    add keys to ``index["metadata"]``). An index they would fail on is refused by name with the fix (they fail with a
     KeyError, AttributeError or TypeError traceback naming neither): not a JSON object, or without a ``weight_map``
     object of tensor names to shard file names, or without a ``metadata`` object; one mapping no tensor (every tensor
     missing); a shard name outside the part's folder, which diffusers 0.42 refuses unless it is a plain file name and
@@ -591,9 +591,8 @@ def _load_folder_parts(folder, files, in_memory, reads, configs):
     ``weights_only``; ``reads``: those already read, by ``check_weight_files``; ``configs``: its parts' configs, by
     ``check_part_configs``) with this pack's readers, as a single file is (see ``load_single_file``); None when a part
     is stored under another name or its keys are not the module's, which ``load_diffusers_folder`` leaves to
-    diffusers and transformers. A part whose tensors are not
-    floating point (an int8-quantised file) is refused by name, also after a part left to diffusers: diffusers and
-    transformers would cast them to float silently."""
+    diffusers and transformers. A part whose tensors are not floating point (an int8-quantised file) is refused by
+    name, also after a part left to diffusers: diffusers and transformers would cast them to float silently."""
     if None in files.values():
         return None
     parts, owned, mismatched = models_from_config(folder, random_init=False, configs=configs), [], False
