@@ -104,15 +104,18 @@ def load_dossr(weights, base=None, *, config=None, base_config=None, text_heads=
     (default: the shipped SD 2.1 ``cldm_v21.yaml``). ``text_heads``: attention heads of the ckpt's
     OpenCLIP text tower when it is not width/64.
     """
+    # the small files first, so that a wrong one is refused before the DoSSR weights (GBs) are read: the base, the yaml
     if base is not None and not isinstance(base, SD21):
-        check_sd21(base, base_config)  # a wrong base refused before the DoSSR weights (GBs) are read
+        check_sd21(base, base_config)
+    configs = load_ldm_configs(config) if config is not None else None
     sd, kind, metadata = read_weights(weights)
     name = os.path.basename(os.fspath(weights))
     if kind != "official" and base is None:
         raise WeightFileError(f"{quoted_name(name)} is a converted DoSSR file (ControlNet, condition encoder, RRDB "
                               "only); pass the SD 2.1-base with --base (stable-diffusion-2-1-base folder or "
                               "v2-1_512-ema-pruned.safetensors), or use the official .ckpt.")
-    configs = load_ldm_configs(config) if kind == "official" else None
+    if kind == "official" and configs is None:
+        configs = load_ldm_configs()
     try:
         parts = parts_from_official(sd, configs) if kind == "official" else parts_from_converted(sd, metadata)
         yaml = (config or shipped_config_path()) if kind == "official" else None

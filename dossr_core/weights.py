@@ -259,12 +259,13 @@ def convert_dossr(src, dst, config=None, dtype=None):
     The SD 2.1-base parts are left out (the user's own SD 2.1-base is used with the converted file).
     Returns the ``info`` dict (e.g. whether the condition encoder equals the VAE encoder).
     """
-    check_safetensors_output(dst)  # before the ckpt (5 GB) is read
+    check_safetensors_output(dst)  # before the ckpt (5 GB) is read, as the yaml (a few KB)
+    configs = load_ldm_configs(config)
     sd, kind, _ = read_weights(src)
     if kind != "official":
         raise WeightFileError(f"{quoted_name(os.path.basename(os.fspath(src)))} is already a converted DoSSR file: use "
                               "it as it is (--weights, or the Load DoSSR node); only the official .ckpt is converted.")
-    parts = parts_from_official(sd, load_ldm_configs(config))
+    parts = parts_from_official(sd, configs)
     yaml = config or shipped_config_path()  # written only if it loads: a yaml of another size must be passed now
     build_controlnet(parts.controlnet_config, parts.controlnet, yaml)  # (the file stores its configs)
     build_cond_encoder(parts.vae_config, parts.cond_encoder, yaml)

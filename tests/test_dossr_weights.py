@@ -721,3 +721,30 @@ def test_a_wrong_base_is_refused_before_the_dossr_weights_are_read(tmp_path, mon
     monkeypatch.undo()
     with pytest.raises(WeightFileError, match=refusal):  # the DoSSR file missing too: the base named
         dossr_model.load_dossr(tmp_path / "dossr_missing.ckpt", folder, base_config=config_folder)
+
+
+@pytest.mark.parametrize("use", ["convert", "load"])
+def test_a_wrong_yaml_is_refused_before_the_dossr_weights_are_read(tmp_path, monkeypatch, use):
+    """``convert_dossr`` and ``load_dossr`` read the ckpt (GBs) before the yaml given with ``--config`` (a few KB):
+    one missing, or not a ControlLDM yaml, was refused only after that read. The yaml comes first now: nothing is
+    read (the reader spied on), and of two wrong files the yaml is named."""
+    from comfyui_diffsr.dossr_core import model as dossr_model
+    from comfyui_diffsr.dossr_core import weights as dossr_weights
+
+    def run(weights, config):
+        if use == "convert":
+            return dossr_weights.convert_dossr(weights, tmp_path / "x.safetensors", config=config)
+        return dossr_model.load_dossr(weights, config=config)
+
+    yaml = tmp_path / "cldm.yaml"
+    yaml.write_text("model: 5\n")
+    read = []
+    monkeypatch.setattr(dossr_weights, "read_state_dict", lambda *a, **k: read.append(a) or {})
+    for config, refusal in ((yaml, r"'.*cldm\.yaml' is not a DoSSR/ControlLDM config: expected `params`"),
+                            (tmp_path / "missing.yaml", r"^Cannot read the DoSSR config '.*missing\.yaml'")):
+        with pytest.raises(WeightFileError, match=refusal):
+            run(CKPT, config)
+        assert read == []
+        with pytest.raises(WeightFileError, match=refusal):  # the DoSSR file missing too: the yaml named
+            run(tmp_path / "dossr_missing.ckpt", config)
+    assert sorted(os.listdir(tmp_path)) == ["cldm.yaml"]
