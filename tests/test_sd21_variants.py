@@ -951,11 +951,16 @@ def test_a_text_encoder_of_a_format_old_transformers_does_not_load_is_refused_by
     import transformers
     from safetensors.torch import save_file
 
+    from comfyui_diffsr import _version
+
+    loads = file_format == "mlx" or transformers_version == "5.0.0"
+    if loads and file_format != "mlx" and _version(transformers.__version__) < _version("5.0"):
+        pytest.skip(f"the transformers installed, {transformers.__version__}, does not load the folder")
     folder = _left_to_transformers(tmp_path)
     text_encoder = os.path.join(folder, "text_encoder", "model.safetensors")
     save_file(load_file(text_encoder), text_encoder, metadata={"format": file_format})
     monkeypatch.setattr(transformers, "__version__", transformers_version)
-    if file_format == "mlx" or transformers_version == "5.0.0":  # left to transformers (the one installed here)
+    if loads:  # left to transformers (the one installed here)
         same_weights(load_sd21(folder), reference[1])
         return
     with pytest.raises(WeightFileError, match=(
