@@ -10,6 +10,7 @@ multiples of 16, where no padding happens), tiled network evaluation and tiled V
 images, fp16/bf16 networks (sampler arithmetic stays float32/float64).
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -132,16 +133,24 @@ def text_context(model, prompt=DEFAULT_PROMPT, prompt_embeds=None):
 
 def make_eps_model(model, c_latent, context, o, callback=None):
     """``eps(x, tau)`` for the sampler: one ControlNet + UNet call, or Gaussian-blended latent tiles
-    (the condition latent is cut with the same tiles; the update itself stays global and exact)."""
+    (the condition latent is cut with the same tiles; the update itself stays global and exact). Partials, not
+    closures: a failed run's frames are cleared, but a frame keeps its function, and a closure what it captured."""
     height, width = c_latent.shape[-2:]
     if not needs_tiling(height, width, o.tile_latent):
-        return lambda x, tau: predict_eps(model, x, tau, c_latent, context)
+        return functools.partial(predict_eps, model, c_latent=c_latent, context=context)
+    return functools.partial(tiled_eps, model, c_latent, context, o, callback)
 
-    def eps(x, tau):
-        both = torch.cat([x, c_latent], dim=1)
-        return blend_tiles(lambda t: predict_eps(model, t[:, :4], tau, t[:, 4:], context), both, o.tile_latent,
-                           o.tile_overlap, batch=o.tile_batch, callback=callback)
-    return eps
+
+def tiled_eps(model, c_latent, context, o, callback, x, tau):
+    """``predict_eps`` over Gaussian-blended tiles of ``x`` and ``c_latent`` (``blend_tiles``)."""
+    both = torch.cat([x, c_latent], dim=1)
+    return blend_tiles(functools.partial(tile_eps, model, tau, context), both, o.tile_latent, o.tile_overlap,
+                       batch=o.tile_batch, callback=callback)
+
+
+def tile_eps(model, tau, context, tiles):
+    """``predict_eps`` of ``tiles``, the latent tiles (4 channels) and the condition's below them (4 more)."""
+    return predict_eps(model, tiles[:, :4], tau, tiles[:, 4:], context)
 
 
 def decode(model, x, tile=None, callback=None, mode=DEFAULT_MODE):

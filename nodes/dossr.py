@@ -77,22 +77,24 @@ class DoSSRUpscale(io.ComfyNode):
             outputs=[io.Image.Output()])
 
     @classmethod
-    @host.computes_ieee_float32
+    @host.node_run
     def execute(cls, model, image, steps, seed, prompt, upscale, color_fix, tile_latent, tile_overlap, dtype,
                 conditioning=None):
         images, alpha = host.image_to_bchw(image)
         embeds = host.prompt_context(model, dtype, model.modules(), prompt, conditioning, "DoSSR Upscale")
         progress = host.Progress(len(images) * steps)
+
+        def run(one, embeds, tile_latent, vae_tile_encode, vae_tile_decode):
+            options = Options(steps=steps, seed=seed, upscale=upscale, color_fix=color_fix, tile_latent=tile_latent,
+                              tile_overlap=overlap_within(tile_latent, tile_overlap),
+                              vae_tile_encode=vae_tile_encode, vae_tile_decode=vae_tile_decode)
+            return dossr_upscale(model, one, prompt=prompt, prompt_embeds=embeds, options=options,
+                                 callback=lambda stage, done, total: progress() if stage == "sample"
+                                 else host.check_interrupted())
+
         outs = []
-        for one in images:
-            def run(tile_latent, vae_tile_encode, vae_tile_decode):
-                options = Options(steps=steps, seed=seed, upscale=upscale, color_fix=color_fix, tile_latent=tile_latent,
-                                  tile_overlap=overlap_within(tile_latent, tile_overlap),
-                                  vae_tile_encode=vae_tile_encode, vae_tile_decode=vae_tile_decode)
-                return dossr_upscale(model, one, prompt=prompt, prompt_embeds=embeds, options=options,
-                                     callback=lambda stage, done, total: progress() if stage == "sample"
-                                     else host.check_interrupted())
-            outs.append(host.with_oom_retry(run, tile_latent=tile_latent, **host.DEFAULT_VAE_TILES))
+        for one in images:  # not a list comprehension: its frame would keep a closure over ``embeds``
+            outs.append(host.with_oom_retry(run, one, embeds, tile_latent=tile_latent, **host.DEFAULT_VAE_TILES))
         return io.NodeOutput(host.bchw_to_image(outs, alpha))
 
 
@@ -137,7 +139,7 @@ class DoSSRSampler(io.ComfyNode):
                                                                        "latent): size and colour reference.")])
 
     @classmethod
-    @host.computes_ieee_float32
+    @host.node_run
     def execute(cls, model, steps, seed, prompt, tile_latent, tile_overlap, dtype, image=None, latent=None,
                 conditioning=None):
         if (image is None) == (latent is None):
@@ -156,16 +158,18 @@ class DoSSRSampler(io.ComfyNode):
         def on_stage(stage, *_):  # a step done: the progress bar (which also cancels); else a cancel check
             return progress() if stage == "sample" else host.check_interrupted()
 
+        def run(lr, start_latent, embeds, tile_latent, vae_tile_encode, vae_tile_decode):
+            o = Options(steps=steps, seed=seed, tile_latent=tile_latent,
+                        tile_overlap=overlap_within(tile_latent, tile_overlap),
+                        vae_tile_encode=vae_tile_encode, vae_tile_decode=vae_tile_decode)
+            with torch.no_grad():
+                return dossr_sample(model, text_context(model, prompt, embeds), image=lr, latent=start_latent,
+                                    options=o, callback=on_stage)
+
         latents, starts = [], []
         for lr, start_latent in inputs:
-            def run(tile_latent, vae_tile_encode, vae_tile_decode):
-                o = Options(steps=steps, seed=seed, tile_latent=tile_latent,
-                            tile_overlap=overlap_within(tile_latent, tile_overlap),
-                            vae_tile_encode=vae_tile_encode, vae_tile_decode=vae_tile_decode)
-                with torch.no_grad():
-                    return dossr_sample(model, text_context(model, prompt, embeds), image=lr, latent=start_latent,
-                                        options=o, callback=on_stage)
-            x, start = host.with_oom_retry(run, tile_latent=tile_latent, **host.DEFAULT_VAE_TILES)
+            x, start = host.with_oom_retry(run, lr, start_latent, embeds, tile_latent=tile_latent,
+                                           **host.DEFAULT_VAE_TILES)
             latents.append(x.float().cpu() / SCALING_FACTOR)
             starts.append(start.cpu())
         samples, reference = torch.cat(latents), host.bchw_to_image(starts, alpha)  # alpha: to decode
@@ -201,7 +205,7 @@ class DoSSRDecode(io.ComfyNode):
             outputs=[io.Image.Output()])
 
     @classmethod
-    @host.computes_ieee_float32
+    @host.node_run
     def execute(cls, model, latent, reference, upscale, color_fix, vae_tile, dtype="auto"):
         check_upscale(upscale)  # NaN passes ComfyUI's min and max (the other nodes: Options, preprocess)
         host.cast_for_run(model, dtype, host.vae_decoder(model.vae))
@@ -214,8 +218,8 @@ class DoSSRDecode(io.ComfyNode):
             x = _latent_to_decode(latent, one, h, w)
             with torch.no_grad():
                 decoded = host.with_oom_retry(
-                    lambda vae_tile_decode: decode(model, x.to(dev) * SCALING_FACTOR, vae_tile_decode,
-                                                   host.check_interrupted), vae_tile_decode=vae_tile)
+                    lambda x, vae_tile_decode: decode(model, x.to(dev) * SCALING_FACTOR, vae_tile_decode,
+                                                      host.check_interrupted), x, vae_tile_decode=vae_tile)
             outs.append(fixed_and_resized(decoded[..., :h, :w], start.to(dev), upscale, color_fix))
             progress()
         return io.NodeOutput(host.bchw_to_image(outs, alpha))

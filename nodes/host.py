@@ -577,9 +577,15 @@ def managed(model):
     return model
 
 
-def computes_ieee_float32(execute):
-    """A node's ``execute`` with its float32 computed as IEEE float32 on the GPU, not TF32 (``sd21.ieee_float32``):
-    dtype fp32 means float32 there too; ComfyUI's flags are put back after."""
+def node_run(execute):
+    """A run node's ``execute`` (an upscale, a stage, the DAPE tags): its float32 computed as IEEE float32 on the GPU,
+    not TF32 (``sd21.ieee_float32``: dtype fp32 means float32 there too; ComfyUI's flags are put back after), and
+    its failures holding none of the tensors its finished frames had made (``releasing_tensors``): ComfyUI keeps
+    the error of a failed run, out of memory, Cancel (``InterruptProcessingException``) or any other, and its frames
+    held the image, the latents, the tiles and the outputs of the batch's images done before until a garbage
+    collection, so the user's retry ran out of memory again. An out-of-memory that ``with_oom_retry`` handles never
+    reaches here: the retry with smaller tiles runs as before."""
+    @releasing_tensors
     @functools.wraps(execute)
     def run(*args, **kwargs):
         with ieee_float32():
@@ -609,11 +615,13 @@ DEFAULT_VAE_TILES = {"vae_tile_encode": DEFAULT_TILES.vae_tile_encode,
 TILE_DEFAULTS = {"tile_latent": DEFAULT_TILES.tile_latent, **DEFAULT_VAE_TILES}
 
 
-def with_oom_retry(run, **tiles):
-    """``run(**tiles)``; on ComfyUI's out-of-memory exception, or a CPU allocation refused, again with every tile
-    halved (``tiling.with_oom_retry``) after ComfyUI frees its cache."""
+def with_oom_retry(run, *tensors, **tiles):
+    """``run(*tensors, **tiles)``; on ComfyUI's out-of-memory exception, or a CPU allocation refused, again with every
+    tile halved (``tiling.with_oom_retry``) after ComfyUI frees its cache. The tensors a run works on are given as
+    ``tensors``, not captured by ``run``: a failed run's frames are cleared (``node_run``), but a frame keeps its
+    function, and a closure what it captured."""
     return tiling.with_oom_retry(
-        run, tiles, TILE_DEFAULTS, oom=mm.OOM_EXCEPTION, free=mm.soft_empty_cache,
+        functools.partial(run, *tensors), tiles, TILE_DEFAULTS, oom=mm.OOM_EXCEPTION, free=mm.soft_empty_cache,
         notify=lambda smaller: print(f"[DiffSR] out of memory: retrying with smaller tiles {smaller}"))
 
 

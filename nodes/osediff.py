@@ -171,7 +171,7 @@ class OSEDiffUpscale(io.ComfyNode):
             outputs=[io.Image.Output()])
 
     @classmethod
-    @host.computes_ieee_float32
+    @host.node_run
     def execute(cls, model, image, prompt, upscale, process_size, color_fix, tile_latent, tile_overlap, dtype,
                 dape=None):
         from ..osediff_core.dape import dape_prompt
@@ -183,14 +183,17 @@ class OSEDiffUpscale(io.ComfyNode):
         embeds = host.cast_and_encode(model, dtype, model.modules(), prompts)
         progress = host.Progress(len(images))
         outs = []
+
+        def run(one, prompt_embeds, tile_latent, vae_tile_encode, vae_tile_decode):
+            options = Options(upscale=upscale, process_size=process_size, color_fix=color_fix,
+                              tile_latent=tile_latent, tile_overlap=overlap_within(tile_latent, tile_overlap),
+                              vae_tile_encode=vae_tile_encode, vae_tile_decode=vae_tile_decode)
+            return osediff_upscale(model, one, prompt_embeds=prompt_embeds, options=options,
+                                   callback=host.check_interrupted)
+
         for one, prompt_embeds in zip(images, embeds):
-            def run(tile_latent, vae_tile_encode, vae_tile_decode):
-                options = Options(upscale=upscale, process_size=process_size, color_fix=color_fix,
-                                  tile_latent=tile_latent, tile_overlap=overlap_within(tile_latent, tile_overlap),
-                                  vae_tile_encode=vae_tile_encode, vae_tile_decode=vae_tile_decode)
-                return osediff_upscale(model, one, prompt_embeds=prompt_embeds, options=options,
-                                       callback=host.check_interrupted)
-            outs.append(host.with_oom_retry(run, tile_latent=tile_latent, **host.DEFAULT_VAE_TILES))
+            outs.append(host.with_oom_retry(run, one, prompt_embeds, tile_latent=tile_latent,
+                                            **host.DEFAULT_VAE_TILES))
             progress()
         return io.NodeOutput(host.bchw_to_image(outs, alpha))
 
@@ -213,7 +216,7 @@ class OSEDiffLQEncoder(io.ComfyNode):
             outputs=[io.Latent.Output()])
 
     @classmethod
-    @host.computes_ieee_float32
+    @host.node_run
     def execute(cls, model, image, upscale, process_size, vae_tile, dtype):
         images, _ = host.image_to_bchw(image)
         host.cast_for_run(model, dtype, [model.lq_encoder])
@@ -221,8 +224,8 @@ class OSEDiffLQEncoder(io.ComfyNode):
         latents = []
         for one in images:
             lq, _ = preprocess(one, upscale=upscale, process_size=process_size)
-            z = host.with_oom_retry(lambda vae_tile_encode: lq_latent(
-                model, lq, tile=vae_tile_encode, callback=host.check_interrupted), vae_tile_encode=vae_tile)
+            z = host.with_oom_retry(lambda lq, vae_tile_encode: lq_latent(
+                model, lq, tile=vae_tile_encode, callback=host.check_interrupted), lq, vae_tile_encode=vae_tile)
             latents.append(z.cpu() / SCALING_FACTOR)
             progress()
         return io.NodeOutput({"samples": torch.cat(latents), host.ENCODED_SIZE: list(lq.shape[-2:])})
@@ -246,17 +249,19 @@ class OSEDiffOneStep(io.ComfyNode):
             outputs=[io.Latent.Output()])
 
     @classmethod
-    @host.computes_ieee_float32
+    @host.node_run
     def execute(cls, model, latent, prompt, tile_latent, tile_overlap, dtype, conditioning=None):
         z_all = host.latent_samples(latent, "OSEDiff One-Step UNet") * SCALING_FACTOR
         embeds = host.prompt_context(model, dtype, [model.unet], prompt, conditioning, "OSEDiff One-Step UNet")
         progress = host.Progress(z_all.shape[0])
         outs = []
+
+        def run(z, embeds, tile_latent):
+            return one_step(model, z, embeds, tile=tile_latent, overlap=overlap_within(tile_latent, tile_overlap),
+                            callback=host.check_interrupted)
+
         for z in z_all.split(1):
-            def run(tile_latent):
-                return one_step(model, z, embeds, tile=tile_latent, overlap=overlap_within(tile_latent, tile_overlap),
-                                callback=host.check_interrupted)
-            outs.append(host.with_oom_retry(run, tile_latent=tile_latent).cpu() / SCALING_FACTOR)
+            outs.append(host.with_oom_retry(run, z, embeds, tile_latent=tile_latent).cpu() / SCALING_FACTOR)
             progress()
         return io.NodeOutput(dict(latent, samples=torch.cat(outs)))
 
@@ -284,7 +289,7 @@ class OSEDiffDecode(io.ComfyNode):
             outputs=[io.Image.Output()])
 
     @classmethod
-    @host.computes_ieee_float32
+    @host.node_run
     def execute(cls, model, latent, reference, upscale, process_size, color_fix, vae_tile, dtype="auto"):
         host.cast_for_run(model, dtype, host.vae_decoder(model.vae))
         images, alpha = host.image_to_bchw(reference)
@@ -296,9 +301,9 @@ class OSEDiffDecode(io.ComfyNode):
             lq_size = tuple(lq.shape[-2:])
             lq, plan, box = _encoded_part(x0, latent.get(host.ENCODED_SIZE), lq, plan, upscale, process_size,
                                           one.shape[-2:])
-            out = host.with_oom_retry(lambda vae_tile_decode: decoded_image(
+            out = host.with_oom_retry(lambda x0, vae_tile_decode: decoded_image(
                 model, x0 * SCALING_FACTOR, plan.crop, tile=vae_tile_decode, callback=host.check_interrupted),
-                vae_tile_decode=vae_tile)
+                x0, vae_tile_decode=vae_tile)
             outs.append(fixed_and_resized(out, color_reference(lq.to(out.device), color_fix), plan, color_fix))
             if alpha is not None:
                 alphas.append(_alpha_part(alpha[index:index + 1], box, lq_size))
@@ -426,7 +431,7 @@ class DAPEPrompt(io.ComfyNode):
             outputs=[io.String.Output()])
 
     @classmethod
-    @host.computes_ieee_float32
+    @host.node_run
     def execute(cls, dape, image, upscale, process_size, user_prompt, tags_only, exclude, max_tags):
         from ..osediff_core.dape import dape_prompt, misspelt_tags, tag_list
 

@@ -4,6 +4,7 @@ LQ image → bicubic ×scale → VAE encoder with LoRA → one UNet step at t = 
 x0 = (z − √(1−ᾱ)·ε)/√ᾱ → VAE decoder → colour fix.
 """
 
+import functools
 from dataclasses import InitVar, dataclass, field
 
 import torch
@@ -174,16 +175,19 @@ def lq_latent(model, lq, *, sample_mode="mean", seed=0, tile=None, tile_mode=DEF
 
 def predict_eps(unet, z, prompt_embeds, *, tile=96, overlap=32, tile_batch=1, callback=None):
     """ε̂ = UNet(z, t=999, prompt); tiled with Gaussian blending when the latent area exceeds tile²."""
-    dtype = unet.conv_in.weight.dtype
     timestep = torch.tensor([TIMESTEP], device=z.device, dtype=torch.long)
-    embeds = prompt_embeds.to(device=z.device, dtype=dtype)
-
-    def eps_fn(tiles):
-        return unet(tiles.to(dtype), timestep, encoder_hidden_states=embeds.expand(tiles.shape[0], -1, -1)).sample
-
+    embeds = prompt_embeds.to(device=z.device, dtype=unet.conv_in.weight.dtype)
     if not needs_tiling(z.shape[-2], z.shape[-1], tile):
-        return eps_fn(z).float()
-    return blend_tiles(eps_fn, z, tile, overlap, batch=tile_batch, callback=callback)
+        return unet_eps(unet, timestep, embeds, z).float()
+    # a partial, not a closure: a failed run's frames are cleared, but a frame keeps its function (and a closure
+    # what it captured)
+    return blend_tiles(functools.partial(unet_eps, unet, timestep, embeds), z, tile, overlap, batch=tile_batch,
+                       callback=callback)
+
+
+def unet_eps(unet, timestep, embeds, tiles):
+    """The UNet's ε̂ of ``tiles`` (B, 4, h, w) at ``timestep`` with ``embeds`` (1, 77, D), in the UNet's dtype."""
+    return unet(tiles.to(embeds.dtype), timestep, encoder_hidden_states=embeds.expand(tiles.shape[0], -1, -1)).sample
 
 
 def one_step_x0(z, eps):

@@ -39,7 +39,9 @@ def clear_finished_frames(error):
     """Drop the local variables of the finished frames in the tracebacks of ``error`` and of the exceptions it was
     raised from or during (``__cause__``, ``__context__``), so that a refusal kept to be reported holds none of
     the tensors those frames had read: ComfyUI keeps the error, in a cycle of frames that only the garbage collector
-    frees (every ~10 s after a prompt). Frames still running (the caller's) are left as they are."""
+    frees (every ~10 s after a prompt). Frames still running (the caller's) are left as they are. A frame keeps its
+    function, so what a closure on the failed stack captured stays: give it tensors as arguments (a
+    ``functools.partial``) instead."""
     pending, seen = [error], set()
     while pending:
         error = pending.pop()
@@ -52,7 +54,8 @@ def clear_finished_frames(error):
 
 def releasing_tensors(load):
     """``load``, whose failures hold none of what its finished frames had read (``clear_finished_frames``): for the
-    loaders, whose frames hold the state dict of the file they read and the networks built from it.
+    loaders, whose frames hold the state dict of the file they read and the networks built from it, and the nodes'
+    runs (``nodes.host.node_run``), whose frames hold the image, its latents, tiles and outputs.
 
     Every failure, not only the pack's refusals (``DiffSRError``): out of memory in the middle of a load (a CPU
     ``MemoryError``, the CPU allocator's RuntimeError, ``torch.OutOfMemoryError``) kept everything loaded so far in

@@ -4,6 +4,7 @@ import os
 import shutil
 import types
 import sys
+import weakref
 
 import pytest
 import torch
@@ -2635,3 +2636,93 @@ def test_a_loader_node_running_out_of_memory_holds_none_of_what_it_loaded(pack, 
         run(nodes["DAPE_Loader"], ram_or_converted="ram_tiny.pth", dape="dape_tiny.pth", dtype="fp32")
     assert len(kept) > 2
     assert [ref for ref in kept if ref() is not None] == [], (error, error_too)  # the errors kept, as ComfyUI does
+
+
+class MadeTensors(torch.overrides.TorchFunctionMode):
+    """Weak references to every tensor a torch function returns while the mode is on; from the ``fail_at``-th call
+    on, ``failure()`` is called first (it raises, or sets ComfyUI's interrupt for the node's next cancel check)."""
+
+    def __init__(self, failure=None, fail_at=None):
+        super().__init__()
+        self.made, self.calls, self.failure, self.fail_at = [], 0, failure, fail_at
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        if self.failure is not None and self.calls >= self.fail_at:
+            self.failure()
+        out = func(*args, **(kwargs or {}))
+        self.made += [weakref.ref(t) for t in (out if isinstance(out, (tuple, list)) else [out]) if torch.is_tensor(t)]
+        return out
+
+    def alive(self):
+        return [t for t in (ref() for ref in self.made) if t is not None]
+
+
+def run_node_inputs(nodes, name, model, dape):
+    """``name``'s inputs for a run over a batch of two images (the modular nodes' from the nodes before them)."""
+    image = torch.rand(2, 20, 24, 3, generator=torch.Generator().manual_seed(5))
+    osediff = dict(model=model, upscale=2.0, process_size=32, dtype="fp32")
+    if name == "DAPE_PromptExtractor":
+        return dict(dape=dape, image=image[:1], upscale=4.0, process_size=0, user_prompt="", tags_only=False,
+                    exclude="", max_tags=0)
+    if name == "OSEDiff_Upscale":
+        return dict(osediff, image=image, prompt="", color_fix="adain", tile_latent=8, tile_overlap=4)
+    encoder = dict(osediff, image=image, vae_tile=1024)
+    if name == "OSEDiff_LQEncoder":
+        return encoder
+    (latent,) = run(nodes["OSEDiff_LQEncoder"], **encoder)
+    one_step = dict(model=model, latent=latent, prompt="", tile_latent=8, tile_overlap=4, dtype="fp32")
+    if name == "OSEDiff_OneStepUNet":
+        return one_step
+    if name == "OSEDiff_VAEDecode":
+        (x0,) = run(nodes["OSEDiff_OneStepUNet"], **one_step)
+        return dict(osediff, latent=x0, reference=image, color_fix="adain", vae_tile=16)
+    (dossr,) = run(nodes["DoSSR_Loader"], weights="dossr_tiny.ckpt", config="tiny_cldm.yaml")
+    sampling = dict(model=dossr, steps=2, seed=3, prompt="", tile_latent=8, tile_overlap=4, dtype="fp32",
+                    conditioning=[[torch.randn(1, 77, dossr.unet.config.cross_attention_dim), {}]])
+    if name == "DoSSR_Upscale":
+        return dict(sampling, image=image, upscale=4.0, color_fix="wavelet")
+    if name == "DoSSR_Sampler":
+        return dict(sampling, image=image)
+    latent, reference = run(nodes["DoSSR_Sampler"], **sampling, image=image)
+    return dict(model=dossr, latent=latent, reference=reference, upscale=4.0, color_fix="wavelet", vae_tile=16,
+                dtype="fp32")
+
+
+RUN_NODES = ["OSEDiff_Upscale", "OSEDiff_LQEncoder", "OSEDiff_OneStepUNet", "OSEDiff_VAEDecode", "DAPE_PromptExtractor",
+             "DoSSR_Upscale", "DoSSR_Sampler", "DoSSR_VAEDecode"]
+
+
+@pytest.mark.parametrize("failure", ["out-of-memory", "cancel", "a-bug"])
+@pytest.mark.parametrize("name", RUN_NODES)
+def test_a_run_node_failing_midway_holds_none_of_the_tensors_it_made(pack, osediff_model, name, failure):
+    """A run that fails half way (out of memory at every tile size, Cancel pressed, an unexpected error): the error
+    ComfyUI keeps (execution.py L557-592, in a cycle of frames only the garbage collector frees) held every tensor
+    the run had made, the image, its latents, tiles and decoded outputs and the outputs of the batch's images done
+    before (gigabytes on a GPU), so the user's retry ran out of memory again. None of them outlives the failure;
+    what the models keep (their weights, cached prompts) was there before the run."""
+    _, nodes = pack
+    mm = sys.modules["comfy.model_management"]
+    if failure == "cancel" and name == "DAPE_PromptExtractor":
+        pytest.skip("the DAPE Prompt Extractor checks for Cancel only before it tags its one image")
+    (dape,) = run(nodes["DAPE_Loader"], ram_or_converted="ram_tiny.pth", dape="dape_tiny.pth", dtype="fp32")
+    inputs = run_node_inputs(nodes, name, osediff_model[1], dape)
+    run(nodes[name], **inputs)  # the models' casts, folded kernels and prompt cache made
+    with MadeTensors() as whole:
+        out = run(nodes[name], **inputs)
+    del out
+    kept = {id(t): t for t in whole.alive()}  # the models' own tensors that a run returns (a cast to their dtype)
+
+    def fail():
+        if failure == "out-of-memory":
+            raise mm.OOM_EXCEPTION("CUDA out of memory (simulated)")
+        if failure == "a-bug":
+            raise KeyError("a bug")
+        mm.interrupt_current_processing(True)
+
+    raised = {"out-of-memory": mm.OOM_EXCEPTION, "cancel": mm.InterruptProcessingException, "a-bug": KeyError}
+    with MadeTensors(fail, fail_at=whole.calls // 2) as failing, pytest.raises(raised[failure]) as error:
+        run(nodes[name], **inputs)
+    mm.interrupt_current_processing(False)
+    assert len(failing.made) > 10
+    assert [tuple(t.shape) for t in failing.alive() if id(t) not in kept] == [], error  # the error kept, as ComfyUI
