@@ -137,8 +137,13 @@ def make_eps_model(model, c_latent, context, o, callback=None):
     closures: a failed run's frames are cleared, but a frame keeps its function, and a closure what it captured."""
     height, width = c_latent.shape[-2:]
     if not needs_tiling(height, width, o.tile_latent):
-        return functools.partial(predict_eps, model, c_latent=c_latent, context=context)
+        return functools.partial(untiled_eps, model, c_latent, context)
     return functools.partial(tiled_eps, model, c_latent, context, o, callback)
+
+
+def untiled_eps(model, c_latent, context, x, tau):
+    """``predict_eps`` of the whole latent ``x``."""
+    return predict_eps(model, x, tau, c_latent, context)
 
 
 def tiled_eps(model, c_latent, context, o, callback, x, tau):
