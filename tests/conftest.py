@@ -19,12 +19,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from comfyui_diffsr.sr_common.download import file_digests
 from comfyui_diffsr.sr_common.sd21 import cpu_computes_float16
-from fixture_weights import make_checkpoint, same_bytes
+from fixture_weights import checkpoint_bytes, exclusive_lock, make_checkpoint, replace_file, same_bytes
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(ROOT, "sr_common", "configs", "sd21_base", "tokenizer")
 STUBS = os.path.join(os.path.dirname(__file__), "comfy_stubs")
+MAKING_LOCK = os.path.join(DATA, "making.lock")  # held while a session makes the files the tests read
 PACKAGED = ("__init__.py", "__main__.py", "cli", "dossr_core", "nodes", "osediff_core", "sr_common")
 
 
@@ -41,7 +42,8 @@ def pytest_sessionstart(session):
     """Stop when the installed ``comfyui_diffsr`` is an older copy of this checkout (``tools/run_tests.sh`` installs
     it, not editable, so that packaging is tested too): the tests would pass or fail on code that is not here. Then
     make the tiny checkpoints from their recipes (tests/fixture_weights.py) and the tiny SD 2.1 folder's weight files
-    (``make_tiny_sd21_weights``)."""
+    (``make_tiny_sd21_weights``), one session at a time (``MAKING_LOCK``): a session started with another in this
+    checkout finds them made (on Windows, a rename over a file that the other session has open fails)."""
     import comfyui_diffsr
 
     installed = os.path.dirname(os.path.abspath(comfyui_diffsr.__file__))
@@ -53,9 +55,10 @@ def pytest_sessionstart(session):
                         f"differ (e.g. {differing[0]}). Run `bash tools/run_tests.sh`, which reinstalls it.",
                         returncode=2)
     try:
-        for recipe in sorted(glob.glob(os.path.join(DATA, "*", "*.recipe.json"))):
-            make_checkpoint(recipe)
-        make_tiny_sd21_weights()
+        with exclusive_lock(MAKING_LOCK):
+            for recipe in sorted(glob.glob(os.path.join(DATA, "*", "*.recipe.json"))):
+                make_checkpoint(recipe)
+            make_tiny_sd21_weights()
     except RuntimeError as e:
         pytest.exit(str(e), returncode=2)
 
@@ -75,8 +78,6 @@ def make_tiny_sd21_weights():
     not stored: the fixture script wrote them with the same tensors as ``tiny_sd21_single.safetensors`` (checked
     there with diffusers' LDM converters), so they are made again from that file by ``load_sd21`` and must be,
     byte for byte, the files it wrote (their SHA-256: ``tiny_sd21/weights_sha256.json``)."""
-    from safetensors.torch import save_file
-
     from comfyui_diffsr.sr_common.sd21 import load_sd21
 
     with open(os.path.join(TINY_SD21, "weights_sha256.json"), encoding="utf-8") as f:
@@ -93,8 +94,7 @@ def make_tiny_sd21_weights():
             state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
             positions = state["text_model.embeddings.position_embedding.weight"].shape[0]
             state["text_model.embeddings.position_ids"] = torch.arange(positions)[None]
-        save_file(state, path + ".partial", metadata={"format": "pt"})
-        os.replace(path + ".partial", path)
+        replace_file(path, checkpoint_bytes(state, "safetensors", {"format": "pt"}))
         if file_digests(path)[0] != digest:
             raise RuntimeError(f"{os.path.relpath(path, DATA)}, made from tiny_sd21_single.safetensors by load_sd21, "
                                "is not the file the fixture script wrote (weights_sha256.json): the single-file "

@@ -22,15 +22,24 @@ tensors; the recipe's ``digest`` (``tree_digest``: names, dtypes, shapes and byt
 ones of the tests, full size in the benchmarks), its LoRA drawn by a seeded torch generator.
 """
 
+import contextlib
 import hashlib
+import io
 import json
 import math
 import os
+import threading
 import zlib
 
 import numpy as np
+import safetensors.torch
 import torch
 from safetensors.torch import load_file, save_file
+
+if os.name == "nt":
+    import msvcrt
+else:
+    import fcntl
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
 
@@ -108,14 +117,27 @@ def tree_digest(tree):
     return h.hexdigest()
 
 
-def write_checkpoint(tree, container, path, metadata=None):
-    """``tree`` written as ``container`` at ``path``, through a ``.partial`` file."""
+def checkpoint_bytes(tree, container, metadata=None):
+    """The file of ``tree`` written as ``container``."""
     if container == "safetensors":
-        save_file(tree, path + ".partial", metadata=metadata)
-    else:
-        with open(path + ".partial", "wb") as f:  # through a file object: the archive's folder is "archive"
-            torch.save(tree, f)
-    os.replace(path + ".partial", path)
+        return safetensors.torch.save(tree, metadata=metadata)
+    buffer = io.BytesIO()
+    torch.save(tree, buffer)  # through a file object: the archive's folder is "archive"
+    return buffer.getvalue()
+
+
+def replace_file(path, data):
+    """``path`` replaced by a file holding ``data`` in one rename, from a ``.partial`` file of this process and
+    thread alone: a reader, or a test session making the same file at the same time, finds the old file or the new
+    one, never a part of it."""
+    partial = f"{path}.{os.getpid()}-{threading.get_ident()}.partial"
+    try:
+        with open(partial, "wb") as f:
+            f.write(data)
+        os.replace(partial, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial)
 
 
 def same_bytes(a, b):
@@ -123,6 +145,38 @@ def same_bytes(a, b):
         return False
     with open(a, "rb") as f, open(b, "rb") as g:
         return f.read() == g.read()
+
+
+def holds(path, data):
+    """Whether the file ``path`` exists and holds ``data``."""
+    if not os.path.exists(path):
+        return False
+    with open(path, "rb") as f:
+        return f.read() == data
+
+
+@contextlib.contextmanager
+def exclusive_lock(path):
+    """Within the block, this open file of ``path`` (made if missing) holds its lock: another's block, in this
+    process or another, waits for it. The system lets it go when the file is closed or the process ends, killed or
+    not (``flock`` on Linux and macOS, ``msvcrt.locking`` of its first byte on Windows)."""
+    with open(path, "a+b") as f:
+        if os.name == "nt":
+            f.seek(0)
+            while True:
+                try:
+                    msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)  # raises after 10 tries, 1 s apart
+                    break
+                except OSError:
+                    pass
+            try:
+                yield
+            finally:
+                f.seek(0)
+                msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
+        else:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
 
 
 def read_recipe(recipe_path):
@@ -162,11 +216,9 @@ def make_checkpoint(recipe_path):
     if tree_digest(tree) != recipe["digest"]:
         raise RuntimeError(f"{os.path.basename(path)} made from its recipe is not the file the fixture script wrote "
                            "(the digest differs): numpy's RandomState stream or its float rounding has changed.")
-    write_checkpoint(tree, recipe["container"], path + ".new", recipe["metadata"])
-    if same_bytes(path, path + ".new"):
-        os.remove(path + ".new")
-    else:
-        os.replace(path + ".new", path)
+    data = checkpoint_bytes(tree, recipe["container"], recipe["metadata"])
+    if not holds(path, data):
+        replace_file(path, data)
     return tree
 
 

@@ -1,11 +1,14 @@
 import json
+import os
+import threading
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from fixture_weights import fixed, fixed_once, make_checkpoint, normal, same, save_recipe, standard_normal
+from fixture_weights import (exclusive_lock, fixed, fixed_once, make_checkpoint, normal, same, save_recipe,
+                             standard_normal)
 
 
 def toy_content():
@@ -86,3 +89,61 @@ def test_fixed_once_stores_each_distinct_tensor_once():
     entries = [fixed_once(stored, name, value) for name, value in
                (("a", torch.arange(3)), ("b", torch.arange(3)), ("c", torch.arange(3).float()), ("d", torch.ones(3)))]
     assert entries == [fixed("a"), fixed("a"), fixed("c"), fixed("d")] and list(stored) == ["a", "c", "d"]
+
+
+def test_two_sessions_making_one_checkpoint_at_once_both_make_it(tmp_path, monkeypatch):
+    """Two pytest sessions started together in one checkout make the same checkpoints at once. Here one maker is held
+    at its first rename until the other has made the file: each must write through a name of its own (they shared
+    ``<file>.new.partial``, and the held one's rename found it gone: FileNotFoundError), and the file is the recipe's,
+    with nothing left beside it."""
+    path = str(tmp_path / "toy.ckpt")
+    save_recipe(path, "torch", 1234, toy_content(), {"steps": torch.arange(5)})
+    made = open(path, "rb").read()
+    os.remove(path)
+    other_done, held = threading.Event(), []
+    real_replace = os.replace
+
+    def first_rename_waits_for_the_other(*args, **kwargs):
+        if not held:
+            held.append(threading.get_ident())
+            other_done.wait(30)
+        return real_replace(*args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", first_rename_waits_for_the_other)
+    outcomes = {}
+
+    def maker(name):
+        try:
+            make_checkpoint(path + ".recipe.json")
+            outcomes[name] = "made"
+        except Exception as e:  # the test looks at it
+            outcomes[name] = repr(e)
+        finally:
+            if held and held[0] != threading.get_ident():
+                other_done.set()
+
+    threads = [threading.Thread(target=maker, args=(name,)) for name in ("first", "second")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert outcomes == {"first": "made", "second": "made"}
+    assert open(path, "rb").read() == made
+    assert sorted(os.listdir(tmp_path)) == ["toy.ckpt", "toy.ckpt.fixed.safetensors", "toy.ckpt.recipe.json"]
+
+
+def test_exclusive_lock_makes_another_holder_wait(tmp_path):
+    """While one block holds the lock, another's (here a thread's, through its own open file, as another session's)
+    does not start; it starts once the first has let go."""
+    lock, entered = str(tmp_path / "making.lock"), threading.Event()
+
+    def other():
+        with exclusive_lock(lock):
+            entered.set()
+
+    with exclusive_lock(lock):
+        thread = threading.Thread(target=other)
+        thread.start()
+        assert not entered.wait(1)
+    assert entered.wait(30)
+    thread.join(30)
