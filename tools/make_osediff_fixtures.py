@@ -378,6 +378,15 @@ def official_resize(image, ps, up):
     return image.resize((image.width - image.width % 8, image.height - image.height % 8), Image.LANCZOS)
 
 
+def squashed_by_lanczos(ow, oh, ps, up):
+    """Whether ``official_resize``'s LANCZOS step changes the size: the ×up size (after the raise) is not a multiple
+    of 8."""
+    if ow < ps // up or oh < ps // up:
+        scale = (ps // up) / min(ow, oh)
+        ow, oh = int(scale * ow), int(scale * oh)
+    return (ow * up) % 8 != 0 or (oh * up) % 8 != 0
+
+
 def exact_pad(lq):
     """Our sizing: pad right/bottom to a multiple of 8; reflect, or replicate where a side is too short."""
     h, w = lq.shape[-2:]
@@ -415,6 +424,7 @@ CPU. Regenerate (1-3 min on 2 CPU cores):
 | `osediff_tiny.pkl` | `torch.save` dict exactly as `OSEDiff_gen.save_model` writes it (fp32, {pkl_mb:.1f} MB): module lists from the official `initialize_unet`/`initialize_vae` on the tiny model (UNet {modules} modules, VAE list {vae_list} entries with duplicates, {vae_unique} unique), `rank_unet = rank_vae = 4`, PEFT default alpha 8 (scale 2). Every `lora_A` ~ N(0, 1/r) (std), every `lora_B` ~ N(0, std) with std chosen so that `|2 B@A| / |W|` is 0.10..0.30 per layer (drawn per layer); `conv_in.base_layer.{{weight,bias}}` is drawn as the base weights, so differs from the base `conv_in` (must replace it, then add its LoRA). Loads with `weights_only=True`. **Not stored**: made like the single file, from `osediff_tiny.pkl.recipe.json` ({pkl_recipe_kb:.0f} kB; module lists and ranks as plain values). |
 | `in_WxH.png` | inputs (smooth gradients + shapes + noise, RGB) |
 | `<case>.png` | the official output PNG (official cases: `ToPILImage` truncation after the official PIL colour fix; exact cases: `round(out_float*255)`) |
+| `<case>_lq.png` | the LQ the official code fed the networks (`official_resize`'s result) in the official cases whose ×upscale size LANCZOS squashes to a multiple of 8 (`b24x40_raise`, `c21x27_wavelet_sample`, `c21x27_x2`), as this Pillow's LANCZOS made it: older Pillow's differs by up to 2 levels (Pillow 13 needs Python 3.11), and `tests/test_osediff_parity.py` runs these cases from this LQ at ×1 there |
 | `<case>.safetensors` | `out_float` = float image in [0,1] right before the final quantisation (after colour fix and, for exact sizing with a min-size raise, after the bicubic resize back to exactly upscale x input; fp16). `a32_adain` also keeps `eps` (UNet output) and `x0` (fp16). |
 | `prompt.safetensors` | `input_ids` (1,77) and `prompt_embeds` (1,77,8) of the prompt |
 | `cases.json` | all parameters per case, expected files, sizes, which tilings are active, `input_ids` |
@@ -595,6 +605,8 @@ def main():
         extra = {}
         if sizing == "official":
             image = official_resize(image, ps, up)
+            if squashed_by_lanczos(ow, oh, ps, up):
+                image.save(os.path.join(a.out, f"{name}_lq.png"))
             lq = transforms.ToTensor()(image).unsqueeze(0)
             with torch.no_grad():
                 decoded = model(lq * 2 - 1, prompt=PROMPT)
