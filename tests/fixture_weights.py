@@ -23,6 +23,7 @@ ones of the tests, full size in the benchmarks), its LoRA drawn by a seeded torc
 """
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -165,10 +166,11 @@ def exclusive_lock(path):
             f.seek(0)
             while True:
                 try:
-                    msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)  # raises after 10 tries, 1 s apart
+                    msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)  # EDEADLOCK after 10 tries, 1 s apart
                     break
-                except OSError:
-                    pass
+                except OSError as e:
+                    if e.errno != errno.EDEADLOCK:  # no lock on this file system, a bad handle: not a wait
+                        raise
             try:
                 yield
             finally:

@@ -1,6 +1,8 @@
+import errno
 import json
 import os
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -147,3 +149,29 @@ def test_exclusive_lock_makes_another_holder_wait(tmp_path):
         assert not entered.wait(1)
     assert entered.wait(30)
     thread.join(30)
+
+
+@pytest.mark.parametrize("error, outcome", [(errno.EDEADLOCK, "locked"), (errno.EACCES, "refused")])
+def test_exclusive_lock_on_windows_waits_only_while_the_lock_is_taken(tmp_path, monkeypatch, error, outcome):
+    """``msvcrt.locking(LK_LOCK)`` raises EDEADLOCK after 10 tries 1 s apart while another holds the lock: tried
+    again. Any other error (a file system without locks, a bad handle) fails at every try: raised, not a wait for
+    ever (it was swallowed, whatever it was)."""
+    import fixture_weights
+
+    calls = []
+
+    def locking(fd, mode, size):
+        calls.append(mode)
+        if len(calls) == 1:
+            raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(fixture_weights, "msvcrt", types.SimpleNamespace(locking=locking, LK_LOCK=2, LK_UNLCK=0),
+                        raising=False)
+    monkeypatch.setattr(os, "name", "nt")
+    try:
+        with exclusive_lock(str(tmp_path / "making.lock")):
+            result = "locked"
+    except OSError as e:
+        result = "refused" if e.errno == error else repr(e)
+    monkeypatch.undo()
+    assert result == outcome and calls == ([2, 2, 0] if outcome == "locked" else [2])
