@@ -240,6 +240,19 @@ def _check_tokenizer_files(folder):
                                           f"mark (BOM), which transformers does not read: {BOM_FIX}.")
 
 
+def has_vocabulary(folder):
+    """Whether the tokenizer folder ``folder`` has a CLIP vocabulary (``vocab.json`` and ``merges.txt``, not empty)."""
+    return all(os.path.isfile(p) and os.path.getsize(p) for p in
+               (os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")))
+
+
+def check_tokenizer_files(folder):
+    """The checks of ``load_tokenizer`` that build no tokenizer: ``_check_tokenizer_files`` of ``folder`` where it has
+    a vocabulary (else the shipped one is used)."""
+    if has_vocabulary(folder):
+        _check_tokenizer_files(folder)
+
+
 def load_tokenizer(folder):
     """The CLIP tokenizer of ``folder``, or the SD 2.1 one the pack ships where ``folder`` lacks the vocabulary
     (``vocab.json``, ``merges.txt``): a missing or empty tokenizer folder gives transformers' tokenizer without a
@@ -247,8 +260,7 @@ def load_tokenizer(folder):
     from transformers import CLIPTokenizer
 
     shipped = os.path.join(shipped_config_dir(), "tokenizer")
-    if not all(os.path.isfile(p) and os.path.getsize(p) for p in
-               (os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))):
+    if not has_vocabulary(folder):
         warnings.warn(f"{quoted_name(folder)} has no CLIP vocabulary (vocab.json, merges.txt); using the SD 2.1 "
                       "tokenizer this pack ships, which is the one of stable-diffusion-2-1-base.", UserWarning,
                       stacklevel=2)
@@ -724,13 +736,17 @@ def check_sd21(path, config_dir=None):
     """The checks ``load_sd21`` makes of ``path`` before it reads a weight, for a loader that reads large weights of
     its own (``load_dossr``), so that a wrong base is refused before them: ``path`` exists and is no part of a
     diffusers folder; a folder is SD 2.x-base by its configs (``check_diffusers_folder``) and has its parts' configs,
-    a single file's config folder (``config_dir``, default the shipped one) has them (``check_part_configs``)."""
+    a single file's config folder (``config_dir``, default the shipped one) has them (``check_part_configs``); the
+    tokenizer files there are ones ``load_tokenizer`` reads (``check_tokenizer_files``)."""
     path = _sd21_path(path)
-    if os.path.isdir(path):
+    if os.path.isdir(path):  # in the orders of load_diffusers_folder and load_single_file
         check_diffusers_folder(path)
+        check_tokenizer_files(os.path.join(path, "tokenizer"))
         check_part_configs(path, FOLDER_FIX)
     else:
-        check_part_configs(config_dir or shipped_config_dir(), CONFIG_FOLDER_FIX)
+        config_dir = config_dir or shipped_config_dir()
+        check_part_configs(config_dir, CONFIG_FOLDER_FIX)
+        check_tokenizer_files(os.path.join(config_dir, "tokenizer"))
 
 
 @releasing_tensors

@@ -693,7 +693,8 @@ def test_a_yaml_saved_with_a_byte_order_mark_reads_as_without(tmp_path):
     ("missing", r"^Base model not found: '.*missing'"),
     ("without-unet", r"^'without-unet' is not a diffusers Stable Diffusion folder: missing \['unet'\]"),
     ("bad-config", r"^unet/config\.json in '.*bad-config' is not JSON"),
-    ("bad-config-folder", r"^'.*bad-config-folder' has no readable unet/config\.json")])
+    ("bad-config-folder", r"^'.*bad-config-folder' has no readable unet/config\.json"),
+    ("bom-tokenizer", r"^merges\.txt in '.*bom-tokenizer.tokenizer' starts with a UTF-8 byte order mark")])
 def test_a_wrong_base_is_refused_before_the_dossr_weights_are_read(tmp_path, monkeypatch, base, refusal):
     """``load_dossr`` read the DoSSR weights (GBs) before it looked at ``base``: a base path that was missing, or a
     folder that is not SD 2.1-base by its configs, was refused only after that read, and where both were wrong the
@@ -710,6 +711,13 @@ def test_a_wrong_base_is_refused_before_the_dossr_weights_are_read(tmp_path, mon
     elif base == "bad-config":
         with open(os.path.join(copy_tiny_sd21(folder), "unet", "config.json"), "w") as f:
             f.write("{")
+    elif base == "bom-tokenizer":  # a tokenizer file load_sd21 refuses (_check_tokenizer_files)
+        import codecs
+        tokenizer = os.path.join(copy_tiny_sd21(folder), "tokenizer")
+        with open(os.path.join(tokenizer, "merges.txt"), "rb") as f:
+            merges = f.read()
+        with open(os.path.join(tokenizer, "merges.txt"), "wb") as f:
+            f.write(codecs.BOM_UTF8 + merges)
     elif base == "bad-config-folder":  # a single file's config folder (--base-config) without its configs
         folder, config_folder = os.path.join(os.path.dirname(FIX), "osediff", "tiny_sd21_single.safetensors"), folder
         os.makedirs(config_folder)
