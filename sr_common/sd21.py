@@ -543,15 +543,16 @@ def _folder_part_names(sub):
             yield f"{stem}{variant}.{suffix}", f"{stem}.{suffix}.index{variant}.json"
 
 
-def _folder_part_files(folder, sub):
+def _folder_part_files(folder, sub, their_loaders=False):
     """The weight files of one folder part: the first of ``_folder_part_names`` there whole, as one file or as the
-    shards its index maps the keys to (as diffusers and transformers write a large part); None when none is."""
+    shards its index maps the keys to (as diffusers and transformers write a large part); None when none is.
+    ``their_loaders``: the index is checked for diffusers' and transformers' loaders too (``shard_files``)."""
     for name, index_name in _folder_part_names(sub):
         single = os.path.join(folder, sub, name)
         if os.path.isfile(single):
             return [single]
         if os.path.isfile(os.path.join(folder, sub, index_name)):
-            return shard_files(folder, sub, index_name)
+            return shard_files(folder, sub, index_name, their_loaders)
     return None
 
 
@@ -559,17 +560,18 @@ JSON_KINDS = {dict: "a JSON object", list: "a list", str: "a string", int: "a nu
               bool: "true or false", type(None): "null"}
 
 
-def shard_files(folder, sub, index_name):
+def shard_files(folder, sub, index_name, their_loaders=False):
     """The shard files of the part ``sub`` of a diffusers folder that its index ``index_name`` names, each once, as
     diffusers and transformers read them (``sorted(set(index["weight_map"].values()))`` in the part's folder; they
     add keys to ``index["metadata"]``). An index they would fail on is refused by name with the fix (they fail with a
     KeyError, AttributeError or TypeError traceback naming neither): not a JSON object, or without a ``weight_map``
-    object of tensor names to shard file names, or without a ``metadata`` object; one mapping no tensor (every tensor
-    missing); a shard name outside the part's folder, which diffusers 0.42 refuses unless it is a plain file name and
+    object of tensor names to shard file names, or, for their loaders (``their_loaders``; the pack's reader needs
+    none), without a ``metadata`` object; one mapping no tensor (every tensor missing); a shard name outside the part's folder, which diffusers 0.42 refuses unless it is a plain file name and
     transformers 5.25 where it has a root or ``..`` (older ones read whatever the name reaches); a shard missing."""
     part = os.path.join(folder, sub)
     index = read_config(part, index_name, FOLDER_FIX)
-    for field, what in (("weight_map", "a JSON object of tensor names to shard files"), ("metadata", "a JSON object")):
+    fields = [("weight_map", "a JSON object of tensor names to shard files")]
+    for field, what in fields + [("metadata", "a JSON object")] * their_loaders:
         if field not in index:
             _refuse_index(part, index_name, f"has no {field}")
         if not isinstance(index[field], dict):
@@ -655,7 +657,7 @@ def _check_text_encoder_format(folder):
     part = os.path.join(folder, "text_encoder")
     paths = [os.path.join(part, "model.safetensors")] if os.path.isfile(os.path.join(part, "model.safetensors")) else []
     if not paths and os.path.isfile(os.path.join(part, "model.safetensors.index.json")):
-        paths = shard_files(folder, "text_encoder", "model.safetensors.index.json")
+        paths = shard_files(folder, "text_encoder", "model.safetensors.index.json", their_loaders=True)
     for path in paths:
         metadata = stored_metadata(path)  # a damaged or missing file refused by name
         if metadata is None and installed >= _version(TRANSFORMERS_READS_NO_METADATA):
@@ -696,7 +698,9 @@ def load_diffusers_folder(folder, in_memory=False):
         (unet, vae, text_encoder), (unet_owned, vae_owned, _) = loaded
         _check_epsilon_weights(folder, unet)
         return SD21(unet.eval(), vae.eval(), text_encoder.eval(), tokenizer, unet_owned=unet_owned, vae_owned=vae_owned)
-    _check_text_encoder_format(folder)  # for transformers' loader alone: the pack's reader needs no format
+    for sub in FOLDER_WEIGHT_FILES:  # an index's metadata and the text encoder's format, for their loaders alone
+        _folder_part_files(folder, sub, their_loaders=True)
+    _check_text_encoder_format(folder)
     try:
         unet, unet_info = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True,
                                                                torch_dtype=torch.float32, output_loading_info=True)

@@ -848,9 +848,6 @@ BAD_INDEXES = {  # how the index is damaged (from the folder and part, the weigh
     "weight-map-empty": (lambda folder, part, wm: {"metadata": {}, "weight_map": {}}, "maps no tensor to a shard"),
     "shard-numbers": (lambda folder, part, wm: {"metadata": {}, "weight_map": {k: 1 for k in wm}},
                       r"maps '[^']+' to 1, not to the name of a shard file"),
-    "no-metadata": (lambda folder, part, wm: {"weight_map": wm}, "has no metadata"),
-    "metadata-list": (lambda folder, part, wm: {"metadata": [], "weight_map": wm},
-                      "has a metadata that is a list, not a JSON object"),
     "shard-outside": (lambda folder, part, wm: {"metadata": {}, "weight_map": _moved_into(folder, part, wm, "..")},
                       r"names the shard '\.\./[a-z_]+-0000[12]-of-00002\.safetensors', which is outside its folder"),
     "shard-missing": (lambda folder, part, wm: os.remove(os.path.join(folder, part, min(wm.values()))) or {
@@ -862,9 +859,8 @@ BAD_INDEXES = {  # how the index is damaged (from the folder and part, the weigh
 @pytest.mark.parametrize("part", PARTS)
 def test_a_shard_index_diffusers_and_transformers_cannot_read_is_refused_by_name(tmp_path, part, damage):
     """A part's shard index (``*.safetensors.index.json``) without a ``weight_map`` object of tensor names to shard
-    file names, or without its ``metadata`` object, was passed over by the pack's reader and left to diffusers and
-    transformers, which failed on it with a KeyError, AttributeError or TypeError traceback (``index["weight_map"]
-    .values()``, ``index["metadata"]["all_checkpoint_keys"] = ...``); a shard outside the part's folder (which
+    file names was passed over by the pack's reader and left to diffusers and transformers, which failed on it with a
+    KeyError, AttributeError or TypeError traceback (``index["weight_map"].values()``); a shard outside the part's folder (which
     diffusers 0.42 and transformers 5.25 refuse) or missing, with a message naming neither the index nor the fix.
     Each is refused by name, before any weight is read."""
     folder = copy_tiny_sd21(tmp_path / "sd21")
@@ -873,6 +869,26 @@ def test_a_shard_index_diffusers_and_transformers_cannot_read_is_refused_by_name
     write_index(os.path.join(folder, part, index_name), None, damaged(folder, part, in_shards(folder, part)))
     with pytest.raises(WeightFileError, match=rf"^{re.escape(index_name)} in '.*{part}' {problem}.*Download the "
                                               r"stable-diffusion-2-1-base folder again"):
+        load_sd21(folder)
+
+
+@pytest.mark.parametrize("metadata", ["absent", "list"])
+@pytest.mark.parametrize("part", PARTS)
+def test_a_shard_index_without_metadata_loads_unless_left_to_diffusers_and_transformers(tmp_path, reference, part,
+                                                                                        metadata):
+    """A shard index without a ``metadata`` object: the pack's reader reads its weight_map alone, so the folder loads
+    (it did before 4520aad, which refused it). Where the folder is left to diffusers' and transformers' loaders (a
+    part with a tensor its module lacks), which fail on it (``index["metadata"]["all_checkpoint_keys"] = ...``: a
+    KeyError or TypeError traceback), it is refused by name."""
+    index_name = f"{STEMS[part]}.safetensors.index.json"
+    for folder in (copy_tiny_sd21(tmp_path / "sd21"), _left_to_transformers(tmp_path / "left")):
+        weight_map = in_shards(folder, part)
+        write_index(os.path.join(folder, part, index_name), None,
+                    {"weight_map": weight_map} if metadata == "absent" else {"metadata": [], "weight_map": weight_map})
+    same_weights(load_sd21(os.path.join(tmp_path, "sd21")), reference[1])
+    problem = "has no metadata" if metadata == "absent" else "has a metadata that is a list, not a JSON object"
+    with pytest.raises(WeightFileError, match=rf"^{re.escape(index_name)} in '.*{part}' {problem}: diffusers and "
+                                              "transformers cannot load the part from it"):
         load_sd21(folder)
 
 
