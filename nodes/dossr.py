@@ -93,7 +93,7 @@ class DoSSRUpscale(io.ComfyNode):
                                  else host.check_interrupted())
 
         outs = []
-        for one in images:  # not a list comprehension: its frame would keep a closure over ``embeds``
+        for one in images:  # not a list comprehension: before Python 3.12 its frame kept a closure over ``embeds``
             outs.append(host.with_oom_retry(run, one, embeds, tile_latent=tile_latent, **host.DEFAULT_VAE_TILES))
         return io.NodeOutput(host.bchw_to_image(outs, alpha))
 

@@ -562,16 +562,19 @@ JSON_KINDS = {dict: "a JSON object", list: "a list", str: "a string", int: "a nu
 
 def shard_files(folder, sub, index_name, their_loaders=False):
     """The shard files of the part ``sub`` of a diffusers folder that its index ``index_name`` names, each once, as
-    diffusers and transformers read them (``sorted(set(index["weight_map"].values()))`` in the part's folder; they
-    add keys to ``index["metadata"]``). An index they would fail on is refused by name with the fix (they fail with a
-    KeyError, AttributeError or TypeError traceback naming neither): not a JSON object, or without a ``weight_map``
-    object of tensor names to shard file names, or, for their loaders (``their_loaders``; the pack's reader needs
-    none), without a ``metadata`` object; one mapping no tensor (every tensor missing); a shard name outside the part's folder, which diffusers 0.42 refuses unless it is a plain file name and
-    transformers 5.25 where it has a root or ``..`` (older ones read whatever the name reaches); a shard missing."""
+    diffusers and transformers read them (``sorted(set(index["weight_map"].values()))`` in the part's folder). Refused
+    by name with the fix: an index that is not a JSON object, or without a ``weight_map`` object of tensor names to
+    shard file names, or mapping no tensor; a shard name outside the part's folder (a root or ``..``) or missing.
+    ``their_loaders``, for a folder left to diffusers' and transformers' loaders (the pack's reader needs neither):
+    also an index without a ``metadata`` object (they add keys to it: a KeyError or TypeError traceback naming no
+    file), and a UNet or VAE shard in a folder of the part's own (diffusers 0.42 reads plain file names only;
+    transformers 5.25 reads a text encoder's there)."""
     part = os.path.join(folder, sub)
     index = read_config(part, index_name, FOLDER_FIX)
-    fields = [("weight_map", "a JSON object of tensor names to shard files")]
-    for field, what in fields + [("metadata", "a JSON object")] * their_loaders:
+    objects = {"weight_map": "a JSON object of tensor names to shard files"}
+    if their_loaders:
+        objects["metadata"] = "a JSON object"
+    for field, what in objects.items():
         if field not in index:
             _refuse_index(part, index_name, f"has no {field}")
         if not isinstance(index[field], dict):
@@ -586,7 +589,7 @@ def shard_files(folder, sub, index_name, their_loaders=False):
         relative = pathlib.PurePath(shard)
         if relative.anchor or ".." in relative.parts:
             _refuse_index(part, index_name, f"names the shard {quoted_name(shard)}, which is outside its folder")
-        if sub != "text_encoder" and os.path.basename(shard) != shard:
+        if their_loaders and sub != "text_encoder" and os.path.basename(shard) != shard:
             _refuse_index(part, index_name, f"names the shard {quoted_name(shard)}, which diffusers does not read: a "
                                             "shard is a file in the part's folder")
         if not os.path.isfile(os.path.join(part, shard)):

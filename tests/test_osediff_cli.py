@@ -151,7 +151,7 @@ def test_folder_read_like_a_single_file_equals_diffusers_loading(base, tmp_path)
     _same_weights(loaded, reference)
     assert loaded.unet_owned  # read by the pack's readers (fp16 shards converted as read), not by diffusers
     os.remove(os.path.join(sharded, "unet", "diffusion_pytorch_model-00002-of-00002.safetensors"))
-    with pytest.raises(WeightFileError, match="00002-of-00002.*incomplete or damaged"):
+    with pytest.raises(WeightFileError, match="names the shard .*00002-of-00002.safetensors., which is missing"):
         load_sd21(sharded)
 
 

@@ -892,16 +892,19 @@ def test_a_shard_index_without_metadata_loads_unless_left_to_diffusers_and_trans
         load_sd21(folder)
 
 
-@pytest.mark.parametrize("part, loads", [("unet", False), ("vae", False), ("text_encoder", True)])
-def test_a_shard_in_a_folder_of_the_part_is_read_where_its_loader_reads_it(tmp_path, reference, part, loads):
-    """A shard named with a folder inside the part's own (``shards/model-00001-of-00002.safetensors``): transformers
-    5.25 reads it (it refuses only names with a root or ``..``), so the text encoder's loads; diffusers 0.42 reads
-    plain file names only, so the UNet's and the VAE's are refused by name."""
-    folder = copy_tiny_sd21(tmp_path / "sd21")
+@pytest.mark.parametrize("part", PARTS)
+def test_a_shard_in_a_folder_of_the_part_is_read_where_its_loader_reads_it(tmp_path, reference, part):
+    """A shard named with a folder inside the part's own (``shards/model-00001-of-00002.safetensors``): the pack's
+    reader reads it, so the folder loads (as before the index checks). Where the folder is left to diffusers' and
+    transformers' loaders (a part with a tensor its module lacks): transformers 5.25 reads it (it refuses only names
+    with a root or ``..``), so a text encoder's passes the check; diffusers 0.42 reads plain file names only, so a
+    UNet's or a VAE's is refused by name."""
     index_name = f"{STEMS[part]}.safetensors.index.json"
-    write_index(os.path.join(folder, part, index_name), _moved_into(folder, part, in_shards(folder, part), "shards"))
-    if loads:
-        same_weights(load_sd21(folder), reference[1])
+    for folder in (copy_tiny_sd21(tmp_path / "sd21"), _left_to_transformers(tmp_path / "left")):
+        write_index(os.path.join(folder, part, index_name), _moved_into(folder, part, in_shards(folder, part), "shards"))
+    same_weights(load_sd21(os.path.join(tmp_path, "sd21")), reference[1])
+    if part == "text_encoder":
+        assert not load_sd21(folder).unet_owned  # loaded by diffusers and transformers
         return
     with pytest.raises(WeightFileError, match=rf"^{re.escape(index_name)} in '.*{part}' names the shard "
                                               r"'shards/[a-z_]+-0000[12]-of-00002\.safetensors', which diffusers does "
