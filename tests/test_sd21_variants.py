@@ -923,6 +923,18 @@ def _left_to_transformers(tmp_path):
     return folder
 
 
+def _with_text_encoder_metadata(folder, metadata, monkeypatch, transformers_version):
+    """``folder`` with its text encoder's model.safetensors saved again with ``metadata``, and transformers' version
+    shown as ``transformers_version`` (the version checks read ``transformers.__version__``)."""
+    import transformers
+    from safetensors.torch import save_file
+
+    text_encoder = os.path.join(folder, "text_encoder", "model.safetensors")
+    save_file(load_file(text_encoder), text_encoder, metadata=metadata)
+    monkeypatch.setattr(transformers, "__version__", transformers_version)
+    return folder
+
+
 @pytest.mark.parametrize("transformers_version", ["4.40.0", "4.47.1", "4.48.0", "4.57.0", "5.0.0"])
 @pytest.mark.parametrize("metadata", [None, {}, {"step": "1000"}], ids=["no-metadata", "empty", "no-format"])
 def test_a_text_encoder_without_format_metadata_left_to_old_transformers_is_refused_by_name(
@@ -935,7 +947,6 @@ def test_a_text_encoder_without_format_metadata_left_to_old_transformers_is_refu
     but None", naming no file, shown as "incomplete or damaged: download again"; the pack's bound was 4.48 for both).
     It is refused by name before, saying what to do; the transformers that read it are left to load it."""
     import transformers
-    from safetensors.torch import save_file
 
     from comfyui_diffsr import _version
 
@@ -943,10 +954,7 @@ def test_a_text_encoder_without_format_metadata_left_to_old_transformers_is_refu
     loads = _version(transformers_version) >= _version(reads_it)
     if loads and _version(transformers.__version__) < _version(reads_it):
         pytest.skip(f"the transformers installed, {transformers.__version__}, does not load the folder")
-    folder = _left_to_transformers(tmp_path)
-    text_encoder = os.path.join(folder, "text_encoder", "model.safetensors")
-    save_file(load_file(text_encoder), text_encoder, metadata=metadata)
-    monkeypatch.setattr(transformers, "__version__", transformers_version)
+    folder = _with_text_encoder_metadata(_left_to_transformers(tmp_path), metadata, monkeypatch, transformers_version)
     if loads:  # left to transformers (the one installed here)
         same_weights(load_sd21(folder), reference[1])
         return
@@ -968,17 +976,14 @@ def test_a_text_encoder_of_a_format_old_transformers_does_not_load_is_refused_by
     It passed the pack's check, which asked only whether there was a format; it is refused by name before, saying what
     to do. 'mlx' (read as 'pt') and the transformers that read any format are left to load it."""
     import transformers
-    from safetensors.torch import save_file
 
     from comfyui_diffsr import _version
 
     loads = file_format == "mlx" or transformers_version == "5.0.0"
     if loads and file_format != "mlx" and _version(transformers.__version__) < _version("5.0"):
         pytest.skip(f"the transformers installed, {transformers.__version__}, does not load the folder")
-    folder = _left_to_transformers(tmp_path)
-    text_encoder = os.path.join(folder, "text_encoder", "model.safetensors")
-    save_file(load_file(text_encoder), text_encoder, metadata={"format": file_format})
-    monkeypatch.setattr(transformers, "__version__", transformers_version)
+    folder = _with_text_encoder_metadata(_left_to_transformers(tmp_path), {"format": file_format}, monkeypatch,
+                                         transformers_version)
     if loads:  # left to transformers (the one installed here)
         same_weights(load_sd21(folder), reference[1])
         return
