@@ -640,6 +640,9 @@ def _load_folder_parts(folder, files, in_memory, reads, configs):
 # none); the formats those before it load
 TRANSFORMERS_READS_NO_METADATA, TRANSFORMERS_READS_ANY_FORMAT = "4.48", "5.0"
 TRANSFORMERS_4_FORMATS = ("pt", "tf", "flax", "mlx")
+# the formats whose model.safetensors (not its shards, read as PyTorch's) transformers 4.x takes for another
+# framework's weights: the framework's name, and the modules its conversion imports, in order
+TRANSFORMERS_4_CONVERTED = {"tf": ("TensorFlow", ("tensorflow",)), "flax": ("Flax", ("jax", "flax"))}
 
 
 def _check_text_encoder_format(folder):
@@ -649,7 +652,11 @@ def _check_text_encoder_format(folder):
     ``metadata.get("format")``; ``safetensors.torch.save_file`` writes none unless asked), and before
     ``TRANSFORMERS_READS_ANY_FORMAT`` one whose metadata (empty too) has no format or one outside
     ``TRANSFORMERS_4_FORMATS`` (4.40-4.57: "Incompatible safetensors file. File metadata is not ['pt', 'tf', 'flax',
-    'mlx'] but None", naming no file; a shard "does not contain the valid metadata")."""
+    'mlx'] but None", naming no file; a shard "does not contain the valid metadata"); and before it a model.safetensors
+    of a format in ``TRANSFORMERS_4_CONVERTED`` whose framework is not installed (4.40-4.57 convert it from
+    TensorFlow's or Flax's weights: a bare "No module named 'tensorflow'" traceback)."""
+    import importlib.util
+
     import transformers
 
     from .. import _version
@@ -666,9 +673,19 @@ def _check_text_encoder_format(folder):
         if metadata is None and installed >= _version(TRANSFORMERS_READS_NO_METADATA):
             continue
         file_format = (metadata or {}).get("format")
+        where = f"text_encoder/{shown_name(os.path.relpath(path, part))} in the diffusers folder {quoted_name(folder)}"
+        if file_format in TRANSFORMERS_4_CONVERTED and os.path.basename(path) == "model.safetensors":
+            framework, modules = TRANSFORMERS_4_CONVERTED[file_format]
+            absent = next((module for module in modules if importlib.util.find_spec(module) is None), None)
+            if absent:
+                raise WeightFileError(f"{where} has the format {quoted_name(file_format)} in its metadata, which "
+                                      f"transformers {transformers.__version__} (installed here) takes for {framework} "
+                                      f"weights, to convert with {absent}, which is not installed: save the file again "
+                                      "with metadata={'format': 'pt'} (safetensors.torch.save_file) if its tensors are "
+                                      f"PyTorch's, or update transformers to {TRANSFORMERS_READS_ANY_FORMAT} or later, "
+                                      "which reads them as PyTorch's.")
         if file_format in TRANSFORMERS_4_FORMATS:
             continue
-        where = f"text_encoder/{shown_name(os.path.relpath(path, part))} in the diffusers folder {quoted_name(folder)}"
         fix = "or save the file again with metadata={'format': 'pt'} (safetensors.torch.save_file)."
         if file_format is None:
             first = TRANSFORMERS_READS_NO_METADATA if metadata is None else TRANSFORMERS_READS_ANY_FORMAT

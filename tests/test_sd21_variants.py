@@ -995,6 +995,69 @@ def test_a_text_encoder_of_a_format_old_transformers_does_not_load_is_refused_by
         load_sd21(folder)
 
 
+FRAMEWORKS = {"tf": "TensorFlow", "flax": "Flax"}
+
+
+@pytest.mark.parametrize("transformers_version", ["4.40.0", "4.57.6", "5.0.0"])
+@pytest.mark.parametrize("layout", ["single", "shards"])
+@pytest.mark.parametrize("file_format", ["tf", "flax"])
+def test_a_text_encoder_of_another_framework_left_to_old_transformers_is_refused_by_name(
+        tmp_path, monkeypatch, reference, transformers_version, layout, file_format):
+    """The same folder whose text encoder's file (PyTorch's tensors) says ``format`` 'tf' or 'flax': transformers
+    4.40-4.57 take a model.safetensors of those for TensorFlow or Flax weights and convert them, importing TensorFlow
+    or JAX (run with 4.40.0, 4.47.1 and 4.57.6 without them: a bare "ModuleNotFoundError: No module named
+    'tensorflow'" or "'jax'" traceback, naming no file); they read shards of those formats as PyTorch's, and 5.0 on
+    reads any format as PyTorch's. The single file is refused by name before, saying what to do, where the framework
+    is not installed; the shards and the transformers that read it are left to load it."""
+    import importlib.util
+
+    import transformers
+    from safetensors.torch import save_file
+
+    from comfyui_diffsr import _version
+
+    framework = {"tf": "tensorflow", "flax": "jax"}[file_format]
+    if importlib.util.find_spec(framework) is not None:
+        pytest.skip(f"{framework} is installed here")
+    loads = layout == "shards" or transformers_version == "5.0.0"
+    if loads and layout == "single" and _version(transformers.__version__) < _version("5.0"):
+        pytest.skip(f"the transformers installed, {transformers.__version__}, does not load the folder")
+    folder = _left_to_transformers(tmp_path)
+    if layout == "single":
+        folder = _with_text_encoder_metadata(folder, {"format": file_format}, monkeypatch, transformers_version)
+    else:
+        weight_map = in_shards(folder, "text_encoder")
+        for shard in set(weight_map.values()):
+            path = os.path.join(folder, "text_encoder", shard)
+            save_file(load_file(path), path, metadata={"format": file_format})
+        write_index(os.path.join(folder, "text_encoder", "model.safetensors.index.json"), weight_map)
+        monkeypatch.setattr(transformers, "__version__", transformers_version)
+    if loads:  # left to transformers (the one installed here)
+        same_weights(load_sd21(folder), reference[1])
+        return
+    with pytest.raises(WeightFileError, match=(
+            rf"^text_encoder/model\.safetensors in the diffusers folder '.*' has the format '{file_format}' in its "
+            rf"metadata, which transformers {re.escape(transformers_version)} \(installed here\) takes for "
+            rf"{FRAMEWORKS[file_format]} weights, to convert with {framework}, which is not installed: save the file "
+            r"again with metadata=\{'format': 'pt'\} \(safetensors\.torch\.save_file\) if its tensors are PyTorch's, "
+            r"or update transformers to 5\.0 or later, which reads them as PyTorch's\.$")):
+        load_sd21(folder)
+
+
+def test_a_text_encoder_of_another_framework_is_left_to_transformers_where_it_is_installed(tmp_path, monkeypatch):
+    """Where the framework transformers 4.x converts a 'tf' (or 'flax') model.safetensors with is installed (here a
+    package of that name on the path, which the check finds and does not import), the check leaves the file to it."""
+    from comfyui_diffsr.sr_common.sd21 import _check_text_encoder_format
+
+    folder = _with_text_encoder_metadata(copy_tiny_sd21(tmp_path / "sd21"), {"format": "tf"}, monkeypatch, "4.47.1")
+    (tmp_path / "site" / "tensorflow").mkdir(parents=True)
+    (tmp_path / "site" / "tensorflow" / "__init__.py").write_text("raise ImportError('imported by the check')\n")
+    with pytest.raises(WeightFileError, match="takes for TensorFlow weights, to convert with tensorflow, which is not"):
+        _check_text_encoder_format(folder)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert _check_text_encoder_format(folder) is None
+
+
 def test_a_damaged_text_encoder_file_is_refused_by_name_by_the_format_check(tmp_path, monkeypatch):
     """The format check opened the text encoder's files with safetensors itself: a damaged one gave a raw
     SafetensorError traceback there. It is the pack's refusal naming the file and the fix."""
