@@ -29,7 +29,7 @@ from .known_files import (KNOWN, OPEN_CLIP_PREFIX, SGM_OPEN_CLIP_PREFIX, TRANSFO
 from .names import quoted_name, shown_name
 from .tiling import WeightsOutOfMemory, cpu_allocation_failed, is_out_of_memory
 from .weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_weight_file, dangling_link, load_module_weights,
-                      read_config_bytes, read_state_dict, stored_as_float32, stored_metadata)
+                      maps_when_read, read_config_bytes, read_state_dict, stored_as_float32, stored_metadata)
 
 SCALING_FACTOR = 0.18215
 # SD's training noise schedule: β = linspace(√BETA_START, √BETA_END, NUM_TRAIN_TIMESTEPS)² ("scaled linear")
@@ -284,6 +284,17 @@ def _note_ema(sd, name):
                       stacklevel=4)  # the caller of sd21_from_ldm_state_dict, above its releasing_tensors wrapper
 
 
+def _sd2_state_dict(sd, name, path=None):
+    """The flat state dict (``canonical``) of ``sd``, read from ``name`` (``path``: its file, if any), where it is
+    an SD 2.x-base checkpoint (``sd_family``); refused by name, saying what it is, otherwise."""
+    if not isinstance(sd, dict):  # a pickle of another object
+        _refuse(name, describe(sd, path))
+    sd = canonical(sd)
+    if sd_family(sd) != "sd2":
+        _refuse(name, _what_instead(sd, path))
+    return sd
+
+
 @releasing_tensors
 def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint", owned=False, path=None, tokenizer=None,
                              configs=None):
@@ -293,11 +304,7 @@ def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint", owned=False
     read from, if any (its metadata may name a file the pack converted); ``tokenizer`` and ``configs``: the one of
     ``config_dir`` and its parts' configs, if read already (``load_single_file``)."""
     config_dir = config_dir or shipped_config_dir()
-    if not isinstance(sd, dict):  # a pickle of another object
-        _refuse(name, describe(sd, path))
-    sd = canonical(sd)
-    if sd_family(sd) != "sd2":
-        _refuse(name, _what_instead(sd, path))
+    sd = _sd2_state_dict(sd, name, path)
     _note_ema(sd, name)
     if tokenizer is None:
         tokenizer = load_tokenizer(os.path.join(config_dir, "tokenizer"))
@@ -761,7 +768,10 @@ def check_sd21(path, config_dir=None):
     its own (``load_dossr``), so that a wrong base is refused before them: ``path`` exists and is no part of a
     diffusers folder; a folder is SD 2.x-base by its configs (``check_diffusers_folder``) and has its parts' configs,
     a single file's config folder (``config_dir``, default the shipped one) has them (``check_part_configs``); the
-    tokenizer files there are ones ``load_tokenizer`` reads (``check_tokenizer_files``)."""
+    tokenizer files there are ones ``load_tokenizer`` reads (``check_tokenizer_files``); and a single file is SD
+    2.x-base (``_sd2_state_dict``), told from its tensors memory-mapped where ``read_state_dict`` maps them (a
+    safetensors file, a zip pickle: its header, or its pickle without the tensors, and the one norm bias that tells
+    v-prediction are read); a legacy pickle, which is read whole, is told once ``load_sd21`` reads it."""
     path = _sd21_path(path)
     if os.path.isdir(path):  # in the orders of load_diffusers_folder and load_single_file
         check_diffusers_folder(path)
@@ -771,6 +781,8 @@ def check_sd21(path, config_dir=None):
         config_dir = config_dir or shipped_config_dir()
         check_part_configs(config_dir, CONFIG_FOLDER_FIX)
         check_tokenizer_files(os.path.join(config_dir, "tokenizer"))
+        if maps_when_read(path):
+            _sd2_state_dict(read_state_dict(path, mmap=True), path, path)
 
 
 @releasing_tensors

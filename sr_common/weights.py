@@ -210,6 +210,12 @@ def read_state_dict(path, *, mmap=True, float32=False):
                               f"damaged or not a PyTorch weight file. {DOWNLOAD_HINT}") from e
 
 
+def maps_when_read(path):
+    """Whether ``read_state_dict`` memory-maps the file's tensors rather than reading them: a safetensors file or a
+    zip pickle (not a legacy pickle). A path that is no weight file is refused by name (``_check_file``)."""
+    return sniff(_check_file(path)) in ("safetensors", "zip")
+
+
 def stored_as_float32(path):
     """Whether a weight file holds its floating-point tensors as float32, from the safetensors header (the official
     SD 2.1 files do, fp16 copies do not); assumed for pickles, whose dtypes are only known once loaded."""

@@ -731,6 +731,52 @@ def test_a_wrong_base_is_refused_before_the_dossr_weights_are_read(tmp_path, mon
         dossr_model.load_dossr(tmp_path / "dossr_missing.ckpt", folder, base_config=config_folder)
 
 
+def _base_of_family(sd, family):
+    """The tiny SD 2.1-base single file's state dict ``sd`` as one of another family tells it (``sd_family``): SD 1.x
+    (its UNet projecting with 1×1 convolutions), SDXL (an sgm embedder), SD 2.x 768 v-prediction (the spread of the
+    last output block's first norm bias)."""
+    unet = "model.diffusion_model."
+    if family == "sd1":
+        return {k: v[:, :, None, None] if k.startswith(unet) and k.endswith((".proj_in.weight", ".proj_out.weight"))
+                else v for k, v in sd.items()}
+    if family == "sdxl":
+        return dict(sd, **{"conditioner.embedders.0.transformer.text_model.final_layer_norm.bias": torch.zeros(4)})
+    bias = max((k for k in sd if k.startswith(f"{unet}output_blocks.") and k.endswith(".transformer_blocks.0.norm1.bias")),
+               key=lambda k: int(k.split(".")[3]))
+    return dict(sd, **{bias: torch.randn(sd[bias].shape, generator=torch.Generator().manual_seed(0)) * 0.5})
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd2-v"])
+def test_a_single_file_base_of_another_family_is_refused_before_the_dossr_weights_are_read(
+        tmp_path, monkeypatch, family, suffix):
+    """A single-file base of another family (SD 1.5, SDXL, SD 2.1-v 768) passed ``check_sd21``, which looked at its
+    config folder and tokenizer only: it was refused once read, after the DoSSR weights (GBs). Its family is told
+    first now, from its tensors memory-mapped (a safetensors file, a zip pickle): neither the DoSSR weights nor the
+    base are read (their readers spied on), and the base is named."""
+    from safetensors.torch import load_file, save_file
+
+    from comfyui_diffsr.dossr_core import model as dossr_model
+    from comfyui_diffsr.dossr_core import weights as dossr_weights
+    from comfyui_diffsr.sr_common import sd21
+    from comfyui_diffsr.sr_common.known_files import KNOWN
+
+    sd = _base_of_family(load_file(os.path.join(os.path.dirname(FIX), "osediff", "tiny_sd21_single.safetensors")),
+                         family)
+    path = str(tmp_path / f"{family}{suffix}")
+    if suffix == ".safetensors":
+        save_file(sd, path)
+    else:
+        torch.save({"state_dict": sd}, path)
+    read = []
+    monkeypatch.setattr(dossr_weights, "read_state_dict", lambda *a, **k: read.append(a) or {})
+    monkeypatch.setattr(sd21, "_read_base_file", lambda *a, **k: read.append(a) or ({}, False))
+    with pytest.raises(WeightFileError, match=rf"^'{re.escape(family + suffix)}' is not Stable Diffusion 2\.1-base: "
+                                              rf"it is {re.escape(KNOWN[family].what)}\. Use the whole SD 2\.1-base"):
+        dossr_model.load_dossr(CKPT, path)
+    assert read == []
+
+
 @pytest.mark.parametrize("use", ["convert", "load"])
 def test_a_wrong_yaml_is_refused_before_the_dossr_weights_are_read(tmp_path, monkeypatch, use):
     """``convert_dossr`` and ``load_dossr`` read the ckpt (GBs) before the yaml given with ``--config`` (a few KB):
