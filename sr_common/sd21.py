@@ -343,11 +343,14 @@ def _read_base_file(path, in_memory):
 DIFFUSERS_PARTS = ("unet", "vae", "text_encoder")  # the parts read (a tokenizer: load_tokenizer)
 
 
-def check_part_configs(folder, fix):
+def check_part_configs(folder, fix, configs_read=None):
     """The ``config.json`` of each of the ``DIFFUSERS_PARTS`` of ``folder``, {part: config}, read before the weights
     are: one that ``read_config`` refuses (missing, not a JSON object, a FIFO or a huge file, which diffusers and
-    transformers would read whole; a byte order mark) is refused with ``fix``."""
-    return {part: read_config(folder, f"{part}/config.json", fix) for part in DIFFUSERS_PARTS}
+    transformers would read whole; a byte order mark) is refused with ``fix``. ``configs_read``: those read already,
+    {part: config} (the UNet's, by ``check_diffusers_folder``), taken as they are."""
+    configs_read = configs_read or {}
+    return {part: configs_read[part] if part in configs_read else read_config(folder, f"{part}/config.json", fix)
+            for part in DIFFUSERS_PARTS}
 
 
 def _is_diffusers_folder(folder):
@@ -430,7 +433,8 @@ def _hugging_face_snapshot(folder):
 
 def check_diffusers_folder(folder):
     """Refuse diffusers folders that are not SD 2.x-base by their configs (SD 1.x, SDXL, a UNet of other inputs or
-    with a class embedding, a 768 v-prediction scheduler)."""
+    with a class embedding, a 768 v-prediction scheduler). Returns the part configs read, {"unet": config}, for
+    ``check_part_configs``."""
     name = os.path.basename(os.path.normpath(folder))
     absent = [part for part in DIFFUSERS_PARTS if not os.path.isdir(os.path.join(folder, part))]
     snapshot = _hugging_face_snapshot(folder) if absent else None
@@ -467,6 +471,7 @@ def check_diffusers_folder(folder):
         _refuse(folder, KNOWN["sd1"].what)
     if sched.get("prediction_type") == "v_prediction":
         _refuse(folder, KNOWN["sd2-v"].what)
+    return {"unet": unet_cfg}
 
 
 def _check_epsilon_weights(folder, unet):
@@ -712,11 +717,11 @@ def load_diffusers_folder(folder, in_memory=False):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    check_diffusers_folder(folder)
+    configs_read = check_diffusers_folder(folder)
     # the cheap checks before any weight is read: the tokenizer, the configs (a FIFO or a huge file refused: diffusers
     # and transformers read it whole)
     tokenizer = load_tokenizer(os.path.join(folder, "tokenizer"))
-    configs = check_part_configs(folder, FOLDER_FIX)
+    configs = check_part_configs(folder, FOLDER_FIX, configs_read)
     files = {sub: _folder_part_files(folder, sub) for sub in FOLDER_WEIGHT_FILES}
     read_here = [] if None in files.values() else [path for paths in files.values() for path in paths]
     # the reads of the check are held by _load_folder_parts alone: none is left while diffusers loads the folder
@@ -774,9 +779,9 @@ def check_sd21(path, config_dir=None):
     v-prediction are read); a legacy pickle, which is read whole, is told once ``load_sd21`` reads it."""
     path = _sd21_path(path)
     if os.path.isdir(path):  # in the orders of load_diffusers_folder and load_single_file
-        check_diffusers_folder(path)
+        configs_read = check_diffusers_folder(path)
         check_tokenizer_files(os.path.join(path, "tokenizer"))
-        check_part_configs(path, FOLDER_FIX)
+        check_part_configs(path, FOLDER_FIX, configs_read)
     else:
         config_dir = config_dir or shipped_config_dir()
         check_part_configs(config_dir, CONFIG_FOLDER_FIX)

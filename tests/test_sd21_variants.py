@@ -1226,19 +1226,22 @@ def test_a_sharded_text_encoder_without_format_metadata_left_to_old_transformers
         load_sd21(folder)
 
 
-@pytest.mark.parametrize("layout", ["folder", "single-file"])
+@pytest.mark.parametrize("layout", ["folder", "folder-checked", "single-file"])
 def test_the_part_configs_are_read_once(tmp_path, monkeypatch, layout):
     """The configs of the parts were read twice, by the check before the weights (``check_part_configs``) and again
-    to build the networks (``models_from_config``): they are read once and passed on (the UNet's of a folder is read
-    before, by ``check_diffusers_folder``, too)."""
+    to build the networks (``models_from_config``): they are read once and passed on; the UNet's of a folder, read
+    before by ``check_diffusers_folder`` and again by ``check_part_configs``, too, in ``load_sd21`` and in
+    ``check_sd21`` (``folder-checked``: ``load_dossr``'s check of its base)."""
     from comfyui_diffsr.sr_common import sd21
 
     read, real_read = [], sd21.read_config_bytes
     monkeypatch.setattr(sd21, "read_config_bytes", lambda path: read.append(os.path.relpath(path)) or real_read(path))
     if layout == "folder":
         load_sd21(copy_tiny_sd21(tmp_path / "sd21"))
+    elif layout == "folder-checked":
+        sd21.check_sd21(copy_tiny_sd21(tmp_path / "sd21"))
     else:
         load_sd21(SINGLE, config_dir=TINY_SD21)
     for part in PARTS:
         reads = [path for path in read if path.endswith(os.path.join(part, "config.json"))]
-        assert len(reads) == (2 if layout == "folder" and part == "unet" else 1), reads
+        assert len(reads) == 1, reads
