@@ -525,6 +525,9 @@ def check_weight_files(folder, loaded=(), in_memory=False):
 FOLDER_WEIGHT_FILES = {"unet": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
                        "vae": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
                        "text_encoder": ("model", "pytorch_model")}
+# the parts diffusers loads, which reads a safetensors index before the file beside it (0.30-0.42 ModelMixin
+# .from_pretrained: _fetch_index_file first); transformers reads the text encoder's file first
+INDEX_BEFORE_FILE = ("unet", "vae")
 DEPRECATED_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
@@ -557,13 +560,15 @@ def _folder_part_names(sub):
 
 def _folder_part_files(folder, sub, their_loaders=False):
     """The weight files of one folder part: the first of ``_folder_part_names`` there whole, as one file or as the
-    shards its index maps the keys to (as diffusers and transformers write a large part); None when none is.
-    ``their_loaders``: the index is checked for diffusers' and transformers' loaders too (``shard_files``)."""
+    shards its index maps the keys to (as diffusers and transformers write a large part); None when none is. Where
+    both are there, the one the part's loader reads: a safetensors index in ``INDEX_BEFORE_FILE``'s parts, else the
+    file. ``their_loaders``: the index is checked for diffusers' and transformers' loaders too (``shard_files``)."""
     for name, index_name in _folder_part_names(sub):
-        single = os.path.join(folder, sub, name)
-        if os.path.isfile(single):
+        single, indexed = os.path.join(folder, sub, name), os.path.isfile(os.path.join(folder, sub, index_name))
+        index_first = sub in INDEX_BEFORE_FILE and name.endswith(SAFETENSORS_SUFFIXES)
+        if os.path.isfile(single) and not (index_first and indexed):
             return [single]
-        if os.path.isfile(os.path.join(folder, sub, index_name)):
+        if indexed:
             return shard_files(folder, sub, index_name, their_loaders)
     return None
 

@@ -912,6 +912,42 @@ def test_a_shard_in_a_folder_of_the_part_is_read_where_its_loader_reads_it(tmp_p
         load_sd21(folder)
 
 
+@pytest.mark.parametrize("part", PARTS)
+def test_a_part_with_a_file_and_a_shard_index_is_read_from_the_one_its_loader_reads(tmp_path, reference, part):
+    """A part holding both its weight file and a shard index (``diffusion_pytorch_model.safetensors`` beside
+    ``diffusion_pytorch_model.safetensors.index.json`` and its shards), of different weights (the file's negated): the
+    pack read the file. diffusers (0.30.0 and 0.42 ``ModelMixin.from_pretrained``: ``_fetch_index_file`` first) reads
+    the UNet's and the VAE's from the index, transformers (4.40-5.25) the text encoder's from the file. The pack reads
+    the one its loader reads; where diffusers loads the shards here (0.42; 0.30.0 only with accelerate installed,
+    else a TypeError from ``load_state_dict(None)``), its weights are the pack's."""
+    import importlib.util
+
+    import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    from comfyui_diffsr import _version
+
+    folder = copy_tiny_sd21(tmp_path / "sd21")
+    single = os.path.join(folder, part, f"{STEMS[part]}.safetensors")
+    tensors = load_file(single)
+    write_index(f"{single}.index.json", in_shards(folder, part))
+    save_file({k: -v if v.is_floating_point() else v for k, v in tensors.items()}, single, metadata={"format": "pt"})
+    ours = getattr(load_sd21(folder), part).state_dict()
+    sign = -1 if part == "text_encoder" else 1  # the file's weights, or the shards' (those saved)
+    saved = getattr(reference[1], part).state_dict()
+    assert ours.keys() == saved.keys()
+    assert all(torch.equal(ours[k], sign * saved[k] if saved[k].is_floating_point() else saved[k]) for k in saved)
+    if (part != "text_encoder" and _version(diffusers.__version__) < _version("0.42")
+            and importlib.util.find_spec("accelerate") is None):
+        return
+    loader = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}[part]
+    theirs = loader.from_pretrained(os.path.join(folder, part), local_files_only=True,
+                                    torch_dtype=torch.float32).state_dict()
+    assert all(torch.equal(theirs[k], ours[k]) for k in ours)
+
+
 def _left_to_transformers(tmp_path):
     """The tiny SD 2.1 folder whose UNet holds a tensor its module lacks, so that diffusers' and transformers' loaders
     load it, not this pack's."""
