@@ -373,14 +373,18 @@ def test_a_second_download_of_the_same_file_at_once_is_refused(server, tmp_path,
     monkeypatch.setattr(D, "CHUNK", 10_000)  # reads of a 1 MiB chunk would wait for the rest
     dest = tmp_path / "DAPE.pth"
     first = {}
-    thread = threading.Thread(target=lambda: first.update(path=download(f"{server}/slow", str(dest))))
+    first_part_written = threading.Event()  # the first download holds the partial file and has the 100 kB /slow sends
+
+    def progress(done, total):
+        if done == 100_000:
+            first_part_written.set()
+
+    thread = threading.Thread(target=lambda: first.update(path=download(f"{server}/slow", str(dest),
+                                                                        progress=progress)))
     thread.start()
     partial = tmp_path / "DAPE.pth.partial"
-    for _ in range(500):
-        if partial.exists() and partial.stat().st_size == 100_000:
-            break
-        threading.Event().wait(0.01)
     try:
+        assert first_part_written.wait(10), "the first download did not receive the first 100 kB"
         with pytest.raises(DownloadError, match="DAPE.pth is already being downloaded.*wait for it to finish"):
             download(f"{server}/slow", str(dest))
         assert partial.stat().st_size == 100_000 and not dest.exists()
