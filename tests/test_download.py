@@ -12,7 +12,7 @@ import pytest
 
 from comfyui_diffsr.sr_common.download import OFFICIAL, DownloadError, Source, download, downloaded, hf_endpoint_url
 
-from conftest import serving
+from conftest import LocalServer, serving
 
 PAYLOAD = b"PK\x03\x04" + os.urandom(300_000)  # a zip's first bytes, as torch's .pth/.pkl files have
 PAGE = b"<!DOCTYPE html><html>rate limited</html>"
@@ -138,12 +138,21 @@ def test_a_download_its_client_stopped_prints_nothing_on_the_server(tmp_path, ca
     assert capsys.readouterr().err == ""
 
 
-def test_serving_raises_an_error_met_by_an_answer_still_running_when_it_is_left():
+def test_serving_raises_an_error_met_by_an_answer_still_running_when_it_is_left(monkeypatch):
     """Leaving ``serving`` waits for the answers still running and raises an error one of them meets: its threads
     were daemons (``ThreadingHTTPServer.daemon_threads``), which ``server_close`` does not wait for, so an answer that
-    failed after its client had read it was neither waited for nor reported."""
-    import time
+    failed after its client had read it was neither waited for nor reported. The answer here fails once
+    ``server_close`` has begun."""
     import urllib.request
+
+    closing = threading.Event()
+    server_close = LocalServer.server_close
+
+    def announced_server_close(server):
+        closing.set()
+        server_close(server)
+
+    monkeypatch.setattr(LocalServer, "server_close", announced_server_close)
 
     class Late(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -152,7 +161,7 @@ def test_serving_raises_an_error_met_by_an_answer_still_running_when_it_is_left(
             self.end_headers()
             self.wfile.write(b"x")
             self.wfile.flush()
-            time.sleep(1.5)  # past the half second ``shutdown`` takes
+            closing.wait(10)
             raise ValueError("the answer's own error")
 
         def log_message(self, *args):
