@@ -16,6 +16,7 @@ from comfyui_diffsr.sr_common.image import pil_to_tensor
 from comfyui_diffsr.sr_common.sd21 import load_sd21
 
 from conftest import DATA, copy_tiny_sd21, cpu_float16, psnr
+from osediff_sizing import squashed_by_lanczos
 
 FIX = os.path.join(DATA, "osediff")
 CASES = json.load(open(os.path.join(FIX, "cases.json")))["cases"]
@@ -76,13 +77,17 @@ def expected(case):
     return pil_to_tensor(Image.open(os.path.join(FIX, case["output"])))
 
 
-def squashed_by_lanczos(case):
+def squashed(case):
     """Whether official sizing shrinks this case's LQ to a multiple of 8 (PIL LANCZOS) after the bicubic x upscale."""
-    (w, h), up, ps = case["input_size"], case["upscale"], case["process_size"]
-    if w < ps // up or h < ps // up:  # the official min-size raise
-        scale = (ps // up) / min(w, h)
-        w, h = int(scale * w), int(scale * h)
-    return case["sizing"] == "official" and [w * up, h * up] != case["model_input_size"]
+    (width, height), up, ps = case["input_size"], case["upscale"], case["process_size"]
+    return case["sizing"] == "official" and squashed_by_lanczos(width, height, ps, up)
+
+
+def test_the_cases_squashed_by_lanczos_are_those_whose_lq_the_fixtures_store():
+    """tools/make_osediff_fixtures.py stores the official LQ (``<case>_lq.png``) of the cases the same function
+    (tests/osediff_sizing.py) calls squashed, from which they run before Pillow 13."""
+    stored = {c["name"] for c in CASES if os.path.exists(os.path.join(FIX, f"{c['name']}_lq.png"))}
+    assert {c["name"] for c in CASES if squashed(c)} == stored == {"b24x40_raise", "c21x27_wavelet_sample", "c21x27_x2"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
@@ -91,7 +96,7 @@ def test_matches_official(model, case):
     (stored as ``<case>_lq.png``), at ×1: the fixtures have Pillow 13's LANCZOS, from which older Pillow's differs by
     up to 2 levels (c21x27_x2: 29 dB after the random model), as the official code's output does. From Pillow 13
     on, the stored LQ is checked to be the one the pack makes."""
-    if squashed_by_lanczos(case):
+    if squashed(case):
         stored = f"{case['name']}_lq.png"
         if int(PIL.__version__.split(".")[0]) < 13:
             case = dict(case, input=stored, upscale=1)
@@ -113,7 +118,7 @@ def test_official_sizing_shrinks_with_lanczos_under_any_pillow():
     LANCZOS down to a multiple of 8, here against the installed Pillow itself (before Pillow 13, whose LANCZOS the
     fixtures have, the parity cases that cover it run from the LQ that Pillow 13 made)."""
     case = next(c for c in CASES if c["name"] == "c21x27_x2")
-    assert squashed_by_lanczos(case)
+    assert squashed(case)
     pil = Image.open(os.path.join(FIX, case["input"])).convert("RGB")
     up = case["upscale"]
     pil = pil.resize((pil.width * up, pil.height * up), Image.BICUBIC)

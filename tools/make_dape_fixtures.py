@@ -43,7 +43,7 @@ import types
 import numpy as np
 import torch
 
-from upstream import fixture_weights, require_on_pythonpath
+from upstream import require_on_pythonpath, tests_module
 
 LABEL_DIM = 24
 SWIN = {"vision_width": 64, "image_res": 384, "window_size": 12, "embed_dim": 8, "depths": [2, 2, 2, 2],
@@ -52,7 +52,7 @@ BERT = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4, "in
         "vocab_size": 64, "max_position_embeddings": 16}
 IMAGE_SIZES = [(24, 32), (32, 32), (28, 40), (48, 16)]  # (H, W) before ×4
 UPSCALE = 4
-fw = fixture_weights()
+fw = tests_module("fixture_weights")
 
 
 def patch_upstream(upstream):

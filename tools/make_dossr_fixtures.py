@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from upstream import fixture_weights, require_on_pythonpath
+from upstream import require_on_pythonpath, tests_module
 
 SEED = 42          # upstream default --seed
 WEIGHT_SEED = 1234
@@ -447,7 +447,7 @@ def main():
     # 2. model + random weights: the recipe written (dossr_tiny.ckpt.recipe.json + .fixed.safetensors), the
     # checkpoint made from it, which the upstream then loads, and the model checked to take it strictly
     model = instantiate_from_config(OmegaConf.load(cfg_path))
-    fw = fixture_weights()
+    fw = tests_module("fixture_weights")
     content, fixed = weight_recipe(model, fw)
     ckpt_path = os.path.join(out, "dossr_tiny.ckpt")
     sd = fw.save_recipe(ckpt_path, "torch", WEIGHT_SEED, content, fixed)["state_dict"]

@@ -31,13 +31,14 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 from safetensors.torch import save_file
 
-from upstream import fixture_weights, require_on_pythonpath
+from upstream import require_on_pythonpath, tests_module
 
 PROMPT = "a cat, grass, ,"  # what f"{tags}, {args.prompt}," gives for DAPE tags "a cat, grass" and prompt ""
 SEED = 7
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER = os.path.join(HERE, "..", "sr_common", "configs", "sd21_base", "tokenizer")
-fw = fixture_weights()
+fw = tests_module("fixture_weights")
+squashed_by_lanczos = tests_module("osediff_sizing").squashed_by_lanczos
 
 SCHEDULER = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
              "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
@@ -376,15 +377,6 @@ def official_resize(image, ps, up):
         image = image.resize((int(scale * ow), int(scale * oh)))
     image = image.resize((image.size[0] * up, image.size[1] * up))
     return image.resize((image.width - image.width % 8, image.height - image.height % 8), Image.LANCZOS)
-
-
-def squashed_by_lanczos(ow, oh, ps, up):
-    """Whether ``official_resize``'s LANCZOS step changes the size: the ×up size (after the raise) is not a multiple
-    of 8."""
-    if ow < ps // up or oh < ps // up:
-        scale = (ps // up) / min(ow, oh)
-        ow, oh = int(scale * ow), int(scale * oh)
-    return (ow * up) % 8 != 0 or (oh * up) % 8 != 0
 
 
 def exact_pad(lq):

@@ -8,9 +8,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def fixture_weights():
-    """The module tests/fixture_weights.py, loaded from its file (tests/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("fixture_weights", os.path.join(ROOT, "tests", "fixture_weights.py"))
+def tests_module(name):
+    """The module tests/<name>.py (fixture_weights, osediff_sizing), loaded from its file (tests/ is not a
+    package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tests", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
