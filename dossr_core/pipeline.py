@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..sr_common import image as img
 from ..sr_common.color_fix import apply_color_fix, check_color_fix
+from ..sr_common.errors import releasing_tensors
 from ..sr_common.latents import (CONTROLLED_UNET_COPIES, denoiser_bytes, encode_moments, encode_moments_bytes,
                                  posterior_mean, posterior_sample, vae_decode, vae_decode_bytes)
 from ..sr_common.options import check_number
@@ -164,6 +165,7 @@ def decode(model, x, tile=None, callback=None, mode=DEFAULT_MODE):
     return vae_decode(model.vae, x, tile, callback, mode).add_(1).div_(2)
 
 
+@releasing_tensors
 @torch.no_grad()
 def dossr_upscale(model, image, *, prompt=DEFAULT_PROMPT, prompt_embeds=None, options=None, noise=None,
                   callback=None, trace=None):
@@ -173,7 +175,9 @@ def dossr_upscale(model, image, *, prompt=DEFAULT_PROMPT, prompt_embeds=None, op
     result (quantised to 8 bits first, as the official). ``noise``: dict with "posterior", "init",
     "step_0", … overriding every random draw (else drawn from ``options.seed``).
     ``callback(stage, done, total)`` reports progress; raising from it cancels. ``trace``, a dict,
-    receives the intermediates (start, c_latent, x_hat0, context, states, decoded, noise).
+    receives the intermediates (start, c_latent, x_hat0, context, states, decoded, noise). A failed
+    call (out of memory, an interrupt, any error) holds none of the tensors it made
+    (``releasing_tensors``): a notebook keeps its error.
     """
     o = options or Options()
     img.check_image(image)
@@ -237,26 +241,35 @@ def dossr_sample(model, context, *, image=None, latent=None, options=None, noise
                          encode_moments_bytes(model.cond_encoder, padded, o.vae_tile_encode))
         c_latent = condition_latent(model, padded, o.vae_tile_encode, _stage(callback, "cond_encoder"),
                                     o.vae_tile_mode)
-    # 4. DoS-SDE sampling from τ = 499 to 0; the final state is decoded
+    # 4. DoS-SDE sampling from τ = 499 to 0; the final state is decoded. Partials, not closures: a failed run's
+    # frames are cleared, but a frame keeps its function, and a closure what it captured (the states, the draws)
     states = []
-
-    def on_step(info):
-        if trace is not None:
-            states.append(info["x"])
-        if callback:
-            callback("sample", info["i"] + 1, grid.num_steps)
-
     model.load_stage([model.unet, model.controlnet], denoiser_bytes(model.unet, x_hat0, o.tile_latent, o.tile_overlap,
                                                                     o.tile_batch, CONTROLLED_UNET_COPIES))
     eps_model = make_eps_model(model, c_latent, context.to(device), o, _stage(callback, "tile"))
-    x = sample_dossr(eps_model, x_hat0, grid, lambda name, shape: noise_source(name, shape).to(device),
-                     order=o.order, gamma=o.gamma, callback=on_step)
+    x = sample_dossr(eps_model, x_hat0, grid, functools.partial(noise_on, noise_source, device), order=o.order,
+                     gamma=o.gamma, callback=functools.partial(
+                         step_done, states if trace is not None else None, callback, grid.num_steps))
     if latent is not None:
         x = x[..., :latent.shape[-2], :latent.shape[-1]]
     if trace is not None:
         trace.update(start=start.cpu(), c_latent=c_latent.cpu(), x_hat0=x_hat0.cpu(), context=context.cpu(),
                      states=[s.cpu() for s in states], noise=dict(noise_source.drawn))
     return x, start
+
+
+def noise_on(noise_source, device, name, shape):
+    """``noise_source``'s draw ``name`` of ``shape`` on ``device``."""
+    return noise_source(name, shape).to(device)
+
+
+def step_done(states, callback, num_steps, info):
+    """After each sampler step: its state appended to ``states`` (None: not kept), then ``callback("sample", done,
+    num_steps)``."""
+    if states is not None:
+        states.append(info["x"])
+    if callback:
+        callback("sample", info["i"] + 1, num_steps)
 
 
 def fixed_and_resized(decoded, start, upscale, color_fix):

@@ -242,12 +242,15 @@ def check_options(o):
         check_number(getattr(o, name), f"`{name}`", integer=True)
 
 
+@releasing_tensors
 @torch.no_grad()
 def osediff_upscale(model, image, *, prompt="", prompt_embeds=None, prompt_fn=None, options=None, callback=None):
     """Super-resolve one image (1, 3, H, W) in [0, 1] → (1, 3, H', W') float in [0, 1].
 
     The prompt is ``prompt_embeds`` (1, 77, D) if given, else ``prompt_fn(lq)`` (e.g. DAPE on the
     upscaled LQ) if given, else ``prompt``. ``callback(stage, done, total)`` reports progress.
+    A failed call (out of memory, an interrupt, any error) holds none of the tensors it made
+    (``releasing_tensors``): a notebook keeps its error.
     """
     o = options or Options()
     check_options(o)

@@ -72,7 +72,8 @@ def _fix_colors(target, reference, method, eps):
     check_color_fix(method)
     if method == "adain":  # (t − μ_t)/σ_t · σ_s + μ_s per channel, σ = sqrt(var_unbiased + eps)
         mean_t, std_t = _mean_std(target, eps)
-        mean_s, std_s = (r.to(target.device) for r in reference)
+        device = target.device  # a generator of its own keeps what it captures after a failure: not the image
+        mean_s, std_s = (r.to(device) for r in reference)
         return (target - mean_t).div_(std_t).mul_(std_s).add_(mean_s).clamp_(0.0, 1.0)
     if method == "wavelet":  # high(target) + low(source); a low(source) taken on the CPU (out of memory) joins it
         high, _ = wavelet_decomposition(target)

@@ -30,6 +30,7 @@ Works on diffusers ``Encoder``/``Decoder`` modules of any depth.
 """
 
 import copy
+import functools
 import math
 import warnings
 
@@ -352,6 +353,9 @@ def _bounded_forward(ops, x, extent, in_boxes, out_boxes, cores, factor, callbac
 
     The correction keeps each tile's normalisation tied to its own activations: normalising pass 2
     with the fixed estimate (μ̄ₖ, σ̄ₖ²) alone drifts from layer to layer and can diverge at depth.
+
+    Each pass's statistics are a partial, not a closure: a failed run's frames are cleared, but a frame keeps its
+    function, and a closure what it captured (the statistics, the input).
     """
     norms = [module for kind, module in ops if kind == "norm"]
     total = 1 + 2 * len(in_boxes)
@@ -363,42 +367,53 @@ def _bounded_forward(ops, x, extent, in_boxes, out_boxes, cores, factor, callbac
         if callback is not None:
             callback(done, total)
 
-    def tile_of(box):
-        return x[:, :, box[2]:box[3], box[0]:box[1]]
-
     step_h, step_w = (math.ceil(side / extent) for side in x.shape[-2:])  # per side: thin inputs stay whole
     shrunk = []
-
-    def pass0(k, norm, t):
-        shrunk.append(_own_stats(k, norm, t))
-        return shrunk[k]
-    _run_ops(ops, x[:, :, step_h // 2::step_h, step_w // 2::step_w], pass0)
+    _run_ops(ops, x[:, :, step_h // 2::step_h, step_w // 2::step_w], functools.partial(_pass0_stats, shrunk))
     report()
 
     whole = [_GroupMoments.zero() for _ in norms]
     own = {}
     for i, (ib, core) in enumerate(zip(in_boxes, cores)):
-        def pass1(k, norm, t, i=i, ib=ib, core=core):
-            own[i, k] = _own_stats(k, norm, t)
-            part = _core(t, ib, core)
-            if part.numel():  # a core can round to nothing deep in the encoder when the tile is tiny
-                whole[k] = whole[k] + _GroupMoments.of(part, norm.num_groups)
-            return shrunk[k]
-        _run_ops(ops, tile_of(ib), pass1)
+        _run_ops(ops, _tile_of(x, ib), functools.partial(_pass1_stats, shrunk, whole, own, i, ib, core))
         report()
     whole = [moments.stats(norm.eps) for moments, norm in zip(whole, norms)]
 
     result = None
     for i, (ib, ob) in enumerate(zip(in_boxes, out_boxes)):
-        def pass2(k, norm, t, i=i):
-            mean, denom = _own_stats(k, norm, t)
-            return mean + whole[k][0] - own[i, k][0], denom * whole[k][1] / own[i, k][1]
-        out = _run_ops(ops, tile_of(ib), pass2)
+        out = _run_ops(ops, _tile_of(x, ib), functools.partial(_pass2_stats, whole, own, i))
         if result is None:
             result = output_like(out, x, factor)
         paste_tile(result, out, ib, ob, factor)
         report()
     return result
+
+
+def _tile_of(x, box):
+    """The part of ``x`` inside ``box`` (x0, x1, y0, y1)."""
+    return x[:, :, box[2]:box[3], box[0]:box[1]]
+
+
+def _pass0_stats(shrunk, k, norm, t):
+    """Pass 0 of ``_bounded_forward``: GroupNorm k's own (μ̃ₖ, σ̃ₖ² + ε), appended to ``shrunk``."""
+    shrunk.append(_own_stats(k, norm, t))
+    return shrunk[k]
+
+
+def _pass1_stats(shrunk, whole, own, i, in_box, core, k, norm, t):
+    """Pass 1 of ``_bounded_forward`` on tile i: its own statistics kept in ``own[i, k]``, its core's moments added
+    to ``whole[k]``; it normalises with pass 0's ``shrunk[k]``."""
+    own[i, k] = _own_stats(k, norm, t)
+    part = _core(t, in_box, core)
+    if part.numel():  # a core can round to nothing deep in the encoder when the tile is tiny
+        whole[k] = whole[k] + _GroupMoments.of(part, norm.num_groups)
+    return shrunk[k]
+
+
+def _pass2_stats(whole, own, i, k, norm, t):
+    """Pass 2 of ``_bounded_forward`` on tile i: μ = m′ᵢₖ + μ̄ₖ − mᵢₖ, σ² + ε = (v′ᵢₖ + ε)·(σ̄ₖ² + ε) / (vᵢₖ + ε)."""
+    mean, denom = _own_stats(k, norm, t)
+    return mean + whole[k][0] - own[i, k][0], denom * whole[k][1] / own[i, k][1]
 
 
 def _own_stats(k, norm, t):
@@ -486,8 +501,8 @@ class _GroupMoments:
         """The moments of a (B, C, H, W) tensor, from per-channel var/mean (no float64 copy of ``t``)."""
         var, mean = (v.to(widest_float(t.device)) for v in _channel_var_mean(t))
         pixels = t.shape[2] * t.shape[3]
-        per_group = lambda v: (v * pixels).reshape(t.shape[0], groups, -1).sum(-1)
-        return cls(pixels * (t.shape[1] // groups), per_group(mean), per_group(var + mean * mean))
+        return cls(pixels * (t.shape[1] // groups), _group_sums(mean, pixels, groups),
+                   _group_sums(var + mean * mean, pixels, groups))
 
     def __add__(self, other):
         return _GroupMoments(self.count + other.count, self.total + other.total, self.total_sq + other.total_sq)
@@ -496,3 +511,8 @@ class _GroupMoments:
         """μ = Σx / n and σ² + ε = Σx² / n − μ² + ε."""
         mean = self.total / self.count
         return mean, (self.total_sq / self.count - mean * mean).clamp_min(0) + eps
+
+
+def _group_sums(per_channel, pixels, groups):
+    """Σ over each group's channels of ``per_channel`` (B, C) · ``pixels``: (B, groups)."""
+    return (per_channel * pixels).reshape(per_channel.shape[0], groups, -1).sum(-1)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -402,3 +403,82 @@ def cpu_without_float64(*models, package="comfyui_diffsr"):
             for network in networks:
                 fast_modules.forget_folded_kernels(network)
     assert not guard.found, guard.found[0]
+
+
+class MadeTensors(torch.overrides.TorchFunctionMode):
+    """Weak references to every tensor a torch function returns while the mode is on; from the ``fail_at``-th call
+    on, ``failure()`` is called first (it raises, or sets an interrupt that the run's next cancel check raises), at
+    a call made while the code ``within`` runs only when given."""
+
+    def __init__(self, failure=None, fail_at=None, within=None):
+        super().__init__()
+        self.made, self.calls, self.failure, self.fail_at, self.within = [], 0, failure, fail_at, within
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        if (self.failure is not None and self.calls >= self.fail_at
+                and (self.within is None or running(self.within, sys._getframe(1)))):
+            self.failure()
+        out = func(*args, **(kwargs or {}))
+        self.made += [weakref.ref(t) for t in (out if isinstance(out, (tuple, list)) else [out]) if torch.is_tensor(t)]
+        return out
+
+    def alive(self):
+        return [t for t in (ref() for ref in self.made) if t is not None]
+
+
+def running(code, frame):
+    """Whether ``code`` runs in ``frame`` or in a frame that called it."""
+    while frame is not None and frame.f_code is not code:
+        frame = frame.f_back
+    return frame is not None
+
+
+class RunningClosures(torch.overrides.TorchFunctionMode):
+    """``found``: the code of every closure (a function with free variables) of the files in ``folder`` that is
+    running when a torch function is called while the mode is on, in the order found."""
+
+    def __init__(self, folder):
+        super().__init__()
+        self.folder, self.found = os.path.join(folder, ""), {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        frame = sys._getframe(1)
+        while frame is not None:
+            code, frame = frame.f_code, frame.f_back
+            if code.co_freevars and code not in self.found and code.co_filename.startswith(self.folder):
+                self.found[code] = None
+        return func(*args, **(kwargs or {}))
+
+
+def tensors_a_failure_keeps(run, failure, raised, within=None):
+    """(shapes, error): ``run()`` once whole, then again with ``failure()`` called from its middle torch call on, or
+    from its first one made while the code ``within`` runs (``MadeTensors``), which must raise ``raised``; the
+    shapes of the tensors that failed run made which are alive after it, without a garbage collection, less those
+    the whole run left alive (the models' own: a cast to their dtype, a cached prompt), and the error, kept as a
+    host (ComfyUI, Jupyter) keeps it."""
+    with MadeTensors() as whole:
+        out = run()
+    del out
+    kept = {id(t): t for t in whole.alive()}
+    with (MadeTensors(failure, fail_at=whole.calls // 2 if within is None else 1, within=within) as failing,
+          pytest.raises(raised) as error):
+        run()
+    assert within is not None or len(failing.made) > 10  # half way
+    return [tuple(t.shape) for t in failing.alive() if id(t) not in kept], error
+
+
+def tensors_failures_in_closures_keep(run, failure, raised, folder):
+    """{closure: shapes}: ``run()`` once whole, then again for each closure of ``folder`` it ran
+    (``RunningClosures``), with ``failure()`` called from the first torch call made while that closure runs, which
+    must raise ``raised``; the shapes of the tensors alive after each failure, as ``tensors_a_failure_keeps``."""
+    with MadeTensors() as whole, RunningClosures(folder) as closures:
+        out = run()
+    del out
+    kept, found = {id(t): t for t in whole.alive()}, {}
+    for code in closures.found:
+        with MadeTensors(failure, fail_at=1, within=code) as failing, pytest.raises(raised):
+            run()
+        name = f"{code.co_name} ({os.path.basename(code.co_filename)}, line {code.co_firstlineno})"
+        found[name] = [tuple(t.shape) for t in failing.alive() if id(t) not in kept]
+    return found

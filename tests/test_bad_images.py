@@ -1,5 +1,6 @@
 """Bad images through the library, the commands and the OSEDiff node (tiny models): each gives a correct
-output (right size, finite, in [0, 1]) or a clear ``ImageInputError``; nothing crashes."""
+output (right size, finite, in [0, 1]) or a clear ``ImageInputError``; nothing crashes. A run that fails half
+way holds none of its tensors."""
 
 import copy
 import io
@@ -14,17 +15,20 @@ import pytest
 import torch
 from PIL import Image
 
+import comfyui_diffsr
 from comfyui_diffsr.cli.common import load_image
 from comfyui_diffsr.dossr_core.model import load_dossr
 from comfyui_diffsr.dossr_core.pipeline import Options as DoSSROptions
 from comfyui_diffsr.dossr_core.pipeline import dossr_upscale
+from comfyui_diffsr.dossr_core.sampling import sample_dossr
 from comfyui_diffsr.osediff_core.pipeline import Options, build_osediff, osediff_upscale
 from comfyui_diffsr.osediff_core.weights import read_osediff
 from comfyui_diffsr.sr_common import image as img
 from comfyui_diffsr.sr_common.errors import ImageInputError, OptionError
 from comfyui_diffsr.sr_common.sd21 import load_sd21
 
-from conftest import DATA, DOSSR, DOSSR_CONFIG, OSEDIFF, copy_tiny_sd21, host_stand_ins
+from conftest import (DATA, DOSSR, DOSSR_CONFIG, OSEDIFF, copy_tiny_sd21, host_stand_ins, tensors_a_failure_keeps,
+                      tensors_failures_in_closures_keep)
 from workflow_schema import import_pack
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -265,6 +269,73 @@ def test_large_image_is_tiled(osediff_model):
     assert_good(out, (192, 256))
     assert calls["unet"] == 6, calls  # latent 24×32 in 16-tiles with overlap 8: 2 × 3
     assert "encode" in calls and "decode" in calls, calls  # reported only when the VAE runs tiled
+
+
+def api_run(pipeline, model, tiled, callback, steps=2):
+    """A call of the Python API on a 24×32 image at ×4, with latent tiles and VAE encoder tiles (bounded mode) when
+    ``tiled``; DoSSR (``steps``) keeps its trace (every step's state), as ``--save-noise`` does."""
+    image = torch.rand(1, 3, 24, 32, generator=torch.Generator().manual_seed(4))
+    tiles = dict(tile_latent=8, tile_overlap=4, vae_tile_encode=32) if tiled else {}
+    if pipeline == "osediff":
+        options = Options(process_size=0, **tiles)
+        return lambda: osediff_upscale(model, image, options=options, callback=callback)
+    options = DoSSROptions(steps=steps, **tiles)
+    embeds = torch.zeros(1, 77, model.unet.config.cross_attention_dim)
+    return lambda: dossr_upscale(model, image, prompt_embeds=embeds, options=options, callback=callback, trace={})
+
+
+def tensors_a_failed_call_keeps(model, pipeline, tiled, failure, within=None):
+    """``tensors_a_failure_keeps`` of ``api_run``: out of memory, Ctrl-C through the callback (the next call of it
+    once half way), an unexpected error."""
+    interrupted = []
+
+    def fail():
+        if failure == "out-of-memory":
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        if failure == "a-bug":
+            raise KeyError("a bug")
+        interrupted.append(True)
+
+    def callback(*_):
+        if interrupted:
+            raise KeyboardInterrupt
+
+    raised = {"out-of-memory": torch.OutOfMemoryError, "interrupt": KeyboardInterrupt, "a-bug": KeyError}
+    return tensors_a_failure_keeps(api_run(pipeline, model, tiled, callback), fail, raised[failure], within)
+
+
+# untiled, OSEDiff calls no callback: no Ctrl-C through it
+@pytest.mark.parametrize("pipeline, tiled, failure", [
+    (pipeline, tiled, failure) for pipeline in ("osediff", "dossr") for tiled in ("untiled", "tiled")
+    for failure in ("out-of-memory", "interrupt", "a-bug") if (pipeline, tiled, failure) != ("osediff", "untiled",
+                                                                                             "interrupt")])
+def test_an_api_call_failing_midway_holds_none_of_the_tensors_it_made(osediff_model, dossr_model, pipeline, tiled,
+                                                                      failure):
+    """A call of ``osediff_upscale`` or ``dossr_upscale`` that fails half way (out of memory, Ctrl-C through its
+    callback, an unexpected error): the error, which a notebook keeps (``sys.last_exc``), held in its frames every
+    tensor the run had made, so the user's retry ran out of memory again. None of them outlives the failure."""
+    model = osediff_model if pipeline == "osediff" else dossr_model
+    alive, error = tensors_a_failed_call_keeps(model, pipeline, tiled == "tiled", failure)
+    assert alive == [], error
+
+
+@pytest.mark.parametrize("pipeline", ["osediff", "dossr"])
+def test_a_failure_inside_a_closure_of_the_run_holds_none_of_its_tensors(osediff_model, dossr_model, pipeline):
+    """Out of memory inside each closure of the pack that a tiled call runs (``RunningClosures``: the tiled VAE's
+    passes and statistics, DoSSR's noise draw, a generator), or Ctrl-C through the callback once DoSSR samples (its
+    step callback kept every state for ``trace``): a failed run's frames are cleared, but a frame keeps its
+    function, and a closure what it captured (the VAE's input and statistics, the draws, the states, the image)."""
+    model = osediff_model if pipeline == "osediff" else dossr_model
+
+    def out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    kept = tensors_failures_in_closures_keep(api_run(pipeline, model, True, None, steps=1), out_of_memory,
+                                             torch.OutOfMemoryError, os.path.dirname(comfyui_diffsr.__file__))
+    if pipeline == "dossr":
+        kept["the step callback"] = tensors_a_failed_call_keeps(model, pipeline, False, "interrupt",
+                                                                sample_dossr.__code__)[0]
+    assert kept == dict.fromkeys(kept, [])
 
 
 # ------------------------------------------------------------------------------------------ files

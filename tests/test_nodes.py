@@ -4,13 +4,12 @@ import os
 import shutil
 import types
 import sys
-import weakref
-
 import pytest
 import torch
 
 from conftest import (DATA, IEEE_FLOAT32, copy_tiny_sd21, cpu_float16, cpu_without_float64, fifo, host_stand_ins,
-                      hugging_face_cache, official_files_served, outcome_within, psnr, sparse_file, tf32_flags)
+                      hugging_face_cache, official_files_served, outcome_within, psnr, sparse_file,
+                      tensors_a_failure_keeps, tf32_flags)
 from workflow_schema import import_pack
 from comfyui_diffsr.sr_common.tiling import smaller_tiles
 
@@ -2638,26 +2637,6 @@ def test_a_loader_node_running_out_of_memory_holds_none_of_what_it_loaded(pack, 
     assert [ref for ref in kept if ref() is not None] == [], (error, error_too)  # the errors kept, as ComfyUI does
 
 
-class MadeTensors(torch.overrides.TorchFunctionMode):
-    """Weak references to every tensor a torch function returns while the mode is on; from the ``fail_at``-th call
-    on, ``failure()`` is called first (it raises, or sets ComfyUI's interrupt for the node's next cancel check)."""
-
-    def __init__(self, failure=None, fail_at=None):
-        super().__init__()
-        self.made, self.calls, self.failure, self.fail_at = [], 0, failure, fail_at
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.calls += 1
-        if self.failure is not None and self.calls >= self.fail_at:
-            self.failure()
-        out = func(*args, **(kwargs or {}))
-        self.made += [weakref.ref(t) for t in (out if isinstance(out, (tuple, list)) else [out]) if torch.is_tensor(t)]
-        return out
-
-    def alive(self):
-        return [t for t in (ref() for ref in self.made) if t is not None]
-
-
 def run_node_inputs(nodes, name, model, dape):
     """``name``'s inputs for a run over a batch of two images (the modular nodes' from the nodes before them)."""
     image = torch.rand(2, 20, 24, 3, generator=torch.Generator().manual_seed(5))
@@ -2708,10 +2687,6 @@ def test_a_run_node_failing_midway_holds_none_of_the_tensors_it_made(pack, osedi
     (dape,) = run(nodes["DAPE_Loader"], ram_or_converted="ram_tiny.pth", dape="dape_tiny.pth", dtype="fp32")
     inputs = run_node_inputs(nodes, name, osediff_model[1], dape)
     run(nodes[name], **inputs)  # the models' casts, folded kernels and prompt cache made
-    with MadeTensors() as whole:
-        out = run(nodes[name], **inputs)
-    del out
-    kept = {id(t): t for t in whole.alive()}  # the models' own tensors that a run returns (a cast to their dtype)
 
     def fail():
         if failure == "out-of-memory":
@@ -2721,8 +2696,6 @@ def test_a_run_node_failing_midway_holds_none_of_the_tensors_it_made(pack, osedi
         mm.interrupt_current_processing(True)
 
     raised = {"out-of-memory": mm.OOM_EXCEPTION, "cancel": mm.InterruptProcessingException, "a-bug": KeyError}
-    with MadeTensors(fail, fail_at=whole.calls // 2) as failing, pytest.raises(raised[failure]) as error:
-        run(nodes[name], **inputs)
+    alive, error = tensors_a_failure_keeps(lambda: run(nodes[name], **inputs), fail, raised[failure])
     mm.interrupt_current_processing(False)
-    assert len(failing.made) > 10
-    assert [tuple(t.shape) for t in failing.alive() if id(t) not in kept] == [], error  # the error kept, as ComfyUI
+    assert alive == [], error  # the error kept, as ComfyUI keeps it
