@@ -1,6 +1,7 @@
 """DoSSR weight files: recognition, clear refusals, conversion, and the CLI."""
 
 import contextlib
+import functools
 import math
 import os
 import re
@@ -802,3 +803,62 @@ def test_a_wrong_yaml_is_refused_before_the_dossr_weights_are_read(tmp_path, mon
         with pytest.raises(WeightFileError, match=refusal):  # the DoSSR file missing too: the yaml named
             run(tmp_path / "dossr_missing.ckpt", config)
     assert sorted(os.listdir(tmp_path)) == ["cldm.yaml"]
+
+
+@pytest.mark.parametrize("stop", ["weights-out-of-memory", "ctrl-c"])
+def test_a_folder_run_holds_none_of_the_tensors_of_a_failed_image(tmp_path, monkeypatch, stop):
+    """A folder run with ``--save-noise`` (a trace of every step): the second image runs out of memory at every tile
+    size (it fails alone, the run goes on) and the third stops the run (weights out of memory, Ctrl-C). None of the
+    second image's tensors is alive as the third runs, nor any of the third's once the stopping error, kept to be
+    raised again after the summary, is raised (the pipeline's failures hold none: ``releasing_tensors``)."""
+    from safetensors.torch import load_file, save_file
+
+    import comfyui_diffsr.cli.dossr as command
+    from comfyui_diffsr.cli import common
+    from comfyui_diffsr.sr_common.errors import DiffSRError
+    from comfyui_diffsr.sr_common.tiling import WeightsOutOfMemory
+    from conftest import MadeTensors
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        shutil.copy(os.path.join(FIX, "lr_w32h16.png"), folder / f"{name}.png")
+    embeds = tmp_path / "embeds.safetensors"
+    save_file({"prompt_embeds": load_file(os.path.join(FIX, "n1_w32h16_wavelet.safetensors"))["context"]}, embeds)
+    failures = {"b.png": torch.OutOfMemoryError("CUDA out of memory (simulated)"),
+                "c.png": {"weights-out-of-memory": WeightsOutOfMemory("CUDA out of memory (simulated)"),
+                          "ctrl-c": KeyboardInterrupt()}.get(stop)}
+    made, alive_then, real_upscale_all, real_save = {}, {}, command.upscale_all, common.save_image
+
+    def fail(name):
+        raise failures[name]
+
+    def shapes_alive(name):  # less the tensors the first image's run made or returned that are alive (embeds)
+        first = {id(t) for t in made["a.png"].alive()}
+        return [tuple(t.shape) for t in made[name].alive() if id(t) not in first]
+
+    def upscale_all(pairs, upscale_one, *args):
+        def observed(image, out):
+            name = os.path.basename(out)
+            alive_then[name] = {earlier: shapes_alive(earlier) for earlier in made if earlier == "b.png"}
+            made[name] = MadeTensors(functools.partial(fail, name), fail_at=100 if failures.get(name) else math.inf)
+            with made[name]:
+                return upscale_one(image, out)
+        return real_upscale_all(pairs, observed, *args)
+
+    def save(image01, path, *rest):
+        if stop == "output-not-written" and path.endswith("c.png"):
+            raise DiffSRError(f"Cannot write {path!r}: No space left on device.")
+        return real_save(image01, path, *rest)
+
+    monkeypatch.setattr(command, "upscale_all", upscale_all)
+    monkeypatch.setattr(common, "save_image", save)
+    status = command.main([str(folder), "-o", str(tmp_path / "out"), "--weights", CKPT, "--config",
+                           os.path.join(FIX, "tiny_cldm.yaml"), "--prompt-embeds", str(embeds), "--steps", "2",
+                           "--device", "cpu", "--save-noise", "--tile-latent", "8", "--tile-overlap", "4"])
+    assert status == (130 if stop == "ctrl-c" else 2)
+    assert sorted(os.listdir(tmp_path / "out")) == ["a.noise.safetensors", "a.png"] + (
+        ["c.noise.safetensors"] if stop == "output-not-written" else [])
+    assert len(made["b.png"].made) > 10 and len(made["c.png"].made) > 10
+    assert alive_then["c.png"] == {"b.png": []}
+    assert shapes_alive("c.png") == []
