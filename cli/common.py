@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from tqdm import tqdm
 
-from ..sr_common.errors import DiffSRError, ImageInputError
+from ..sr_common.errors import DiffSRError, ImageInputError, clear_finished_frames
 from ..sr_common.names import error_text, quoted_name, shown_name
 from ..sr_common.sd21 import PRECISIONS, ieee_float32
 from ..sr_common.tiling import (DEFAULT_TILES, TILE_FLOORS, OutOfMemory, WeightsOutOfMemory, is_out_of_memory,
@@ -326,7 +326,23 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
     While an image is upscaled, the next one is read and the previous output written on two helper threads (PIL
     releases the interpreter lock while it decodes and encodes; a 2048² PNG takes about a second to write, as long
     as a GPU upscale). At most one output waits to be written.
+
+    The error that stops the run holds none of its tensors (``clear_finished_frames``): neither the frames of the
+    run (its image, the output being written) nor this loop's (``_upscale_each``), which kept the error in a cycle
+    that only the garbage collector frees.
     """
+    status, stopped = _upscale_each(pairs, upscale_one, desc, quality, output_size, overwrite, skip_existing)
+    if stopped is None:
+        return status
+    clear_finished_frames(stopped)
+    try:
+        raise stopped
+    finally:  # no cycle (this frame, the error): freed with the error, not by the garbage collector
+        del stopped
+
+
+def _upscale_each(pairs, upscale_one, desc, quality, output_size, overwrite, skip_existing):
+    """``upscale_all``'s loop and summary: (its exit status, the error that stopped the run or None)."""
     failed, written, skipped, stopped, left = [], 0, 0, None, 0
 
     def fail(i, reason):  # the i-th image alone: the others go on
@@ -356,7 +372,8 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
             written -= 1
         except DiffSRError as e:
             written -= 1
-            return e
+            clear_finished_frames(e)  # the writer's frames held the output
+            return e.with_traceback(None)  # it led back through this frame to the loop's, which keeps the error
         return None
 
     with ThreadPoolExecutor(1, "diffsr-read") as reader, ThreadPoolExecutor(1, "diffsr-write") as writer:
@@ -414,8 +431,7 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
         print(f"error: {len(failed)} of {len(pairs)} image(s) failed: {names}", file=sys.stderr)
     if stopped is not None:
         print(f"error: stopped with {left} image(s) left (--skip-existing resumes the run):", file=sys.stderr)
-        raise stopped
-    return 2 if failed else 0
+    return 2 if failed else 0, stopped
 
 
 def check_sizing_args(args):

@@ -805,12 +805,13 @@ def test_a_wrong_yaml_is_refused_before_the_dossr_weights_are_read(tmp_path, mon
     assert sorted(os.listdir(tmp_path)) == ["cldm.yaml"]
 
 
-@pytest.mark.parametrize("stop", ["weights-out-of-memory", "ctrl-c"])
+@pytest.mark.parametrize("stop", ["weights-out-of-memory", "ctrl-c", "output-not-written"])
 def test_a_folder_run_holds_none_of_the_tensors_of_a_failed_image(tmp_path, monkeypatch, stop):
     """A folder run with ``--save-noise`` (a trace of every step): the second image runs out of memory at every tile
-    size (it fails alone, the run goes on) and the third stops the run (weights out of memory, Ctrl-C). None of the
-    second image's tensors is alive as the third runs, nor any of the third's once the stopping error, kept to be
-    raised again after the summary, is raised (the pipeline's failures hold none: ``releasing_tensors``)."""
+    size (it fails alone, the run goes on) and the third stops the run (weights out of memory, Ctrl-C, its output
+    cannot be written). None of the second image's tensors is alive as the third runs, nor any of the third's once
+    the stopping error, kept to be raised again after the summary, is raised: that of the writer held the output
+    and the loop's frame (its image), in a cycle that only the garbage collector frees."""
     from safetensors.torch import load_file, save_file
 
     import comfyui_diffsr.cli.dossr as command
@@ -825,13 +826,12 @@ def test_a_folder_run_holds_none_of_the_tensors_of_a_failed_image(tmp_path, monk
         shutil.copy(os.path.join(FIX, "lr_w32h16.png"), folder / f"{name}.png")
     embeds = tmp_path / "embeds.safetensors"
     save_file({"prompt_embeds": load_file(os.path.join(FIX, "n1_w32h16_wavelet.safetensors"))["context"]}, embeds)
-    failures = {"b.png": torch.OutOfMemoryError("CUDA out of memory (simulated)"),
-                "c.png": {"weights-out-of-memory": WeightsOutOfMemory("CUDA out of memory (simulated)"),
-                          "ctrl-c": KeyboardInterrupt()}.get(stop)}
+    failures = {"b.png": torch.OutOfMemoryError,  # raised anew each time: an error the test kept would hold its frames
+                "c.png": {"weights-out-of-memory": WeightsOutOfMemory, "ctrl-c": KeyboardInterrupt}.get(stop)}
     made, alive_then, real_upscale_all, real_save = {}, {}, command.upscale_all, common.save_image
 
     def fail(name):
-        raise failures[name]
+        raise failures[name]("CUDA out of memory (simulated)")
 
     def shapes_alive(name):  # less the tensors the first image's run made or returned that are alive (embeds)
         first = {id(t) for t in made["a.png"].alive()}
