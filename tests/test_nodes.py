@@ -4,6 +4,7 @@ import os
 import shutil
 import types
 import sys
+
 import pytest
 import torch
 
