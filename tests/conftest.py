@@ -408,7 +408,9 @@ def cpu_without_float64(*models, package="comfyui_diffsr"):
 class MadeTensors(torch.overrides.TorchFunctionMode):
     """Weak references to every tensor a torch function returns while the mode is on; from the ``fail_at``-th call
     on, ``failure()`` is called first (it raises, or sets an interrupt that the run's next cancel check raises), at
-    a call made while the code ``within`` runs only when given."""
+    a call made while the code ``within`` runs only when given. Never in the switch of grad mode, which allocates
+    nothing: a ``no_grad`` block's exit restores the mode with it, and failing there left grad off for the tests
+    after."""
 
     def __init__(self, failure=None, fail_at=None, within=None):
         super().__init__()
@@ -416,7 +418,7 @@ class MadeTensors(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         self.calls += 1
-        if (self.failure is not None and self.calls >= self.fail_at
+        if (self.failure is not None and self.calls >= self.fail_at and func is not torch._C._set_grad_enabled
                 and (self.within is None or running(self.within, sys._getframe(1)))):
             self.failure()
         out = func(*args, **(kwargs or {}))
@@ -461,9 +463,11 @@ def tensors_a_failure_keeps(run, failure, raised, within=None):
         out = run()
     del out
     kept = {id(t): t for t in whole.alive()}
+    grad_enabled = torch.is_grad_enabled()
     with (MadeTensors(failure, fail_at=whole.calls // 2 if within is None else 1, within=within) as failing,
           pytest.raises(raised) as error):
         run()
+    assert torch.is_grad_enabled() == grad_enabled  # the failed run's blocks put the mode back
     assert within is not None or len(failing.made) > 10  # half way
     return [tuple(t.shape) for t in failing.alive() if id(t) not in kept], error
 
@@ -479,6 +483,7 @@ def tensors_failures_in_closures_keep(run, failure, raised, folder):
     for code in closures.found:
         with MadeTensors(failure, fail_at=1, within=code) as failing, pytest.raises(raised):
             run()
+        assert torch.is_grad_enabled(), code  # the failed run's blocks put the mode back
         name = f"{code.co_name} ({os.path.basename(code.co_filename)}, line {code.co_firstlineno})"
         found[name] = [tuple(t.shape) for t in failing.alive() if id(t) not in kept]
     return found
