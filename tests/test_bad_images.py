@@ -291,7 +291,7 @@ def tensors_a_failed_call_keeps(model, pipeline, tiled, failure, within=None):
 
     def fail():
         if failure == "out-of-memory":
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         if failure == "a-bug":
             raise KeyError("a bug")
         interrupted.append(True)
@@ -300,7 +300,7 @@ def tensors_a_failed_call_keeps(model, pipeline, tiled, failure, within=None):
         if interrupted:
             raise KeyboardInterrupt
 
-    raised = {"out-of-memory": torch.OutOfMemoryError, "interrupt": KeyboardInterrupt, "a-bug": KeyError}
+    raised = {"out-of-memory": torch.cuda.OutOfMemoryError, "interrupt": KeyboardInterrupt, "a-bug": KeyError}
     return tensors_a_failure_keeps(api_run(pipeline, model, tiled, callback), fail, raised[failure], within)
 
 
@@ -328,10 +328,10 @@ def test_a_failure_inside_a_closure_of_the_run_holds_none_of_its_tensors(osediff
     model = osediff_model if pipeline == "osediff" else dossr_model
 
     def out_of_memory():
-        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
     kept = tensors_failures_in_closures_keep(api_run(pipeline, model, True, None, steps=1), out_of_memory,
-                                             torch.OutOfMemoryError, os.path.dirname(comfyui_diffsr.__file__))
+                                             torch.cuda.OutOfMemoryError, os.path.dirname(comfyui_diffsr.__file__))
     if pipeline == "dossr":
         kept["the step callback"] = tensors_a_failed_call_keeps(model, pipeline, False, "interrupt",
                                                                 sample_dossr.__code__)[0]

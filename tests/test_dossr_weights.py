@@ -826,7 +826,8 @@ def test_a_folder_run_holds_none_of_the_tensors_of_a_failed_image(tmp_path, monk
         shutil.copy(os.path.join(FIX, "lr_w32h16.png"), folder / f"{name}.png")
     embeds = tmp_path / "embeds.safetensors"
     save_file({"prompt_embeds": load_file(os.path.join(FIX, "n1_w32h16_wavelet.safetensors"))["context"]}, embeds)
-    failures = {"b.png": torch.OutOfMemoryError,  # raised anew each time: an error the test kept would hold its frames
+    # raised anew each time: an error the test kept would hold its frames
+    failures = {"b.png": torch.cuda.OutOfMemoryError,
                 "c.png": {"weights-out-of-memory": WeightsOutOfMemory, "ctrl-c": KeyboardInterrupt}.get(stop)}
     made, alive_then, real_upscale_all, real_save = {}, {}, command.upscale_all, common.save_image
 
