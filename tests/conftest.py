@@ -144,6 +144,42 @@ def fifo(path, let_go_after=None):
             os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
 
 
+def warning_options(interpreter_options, pytest_filters):
+    """PYTHONWARNINGS for a child process that filters warnings as the test does: the interpreter's own options
+    (``sys.warnoptions``), then the filters pytest adds (its ``filterwarnings`` ini option, its ``-W`` options and the
+    test's ``filterwarnings`` marks), in the order they are applied: the last one applied takes precedence in both.
+    Python reads a message or module of PYTHONWARNINGS as text, pytest as a regular expression, and splits the
+    variable at commas: a filter whose meaning would change in the child is refused (ValueError), not given
+    changed."""
+    for option in pytest_filters:
+        _, message, _, module, _ = (part.strip() for part in (option.split(":") + [""] * 4)[:5])
+        if any(c in message for c in ".^$*+?{}[]\\|()") or module:
+            raise ValueError(f"the warning filter {option!r} would mean another in a child process (Python reads its "
+                             "message and module as text, pytest as a regular expression)")
+    options = [*interpreter_options, *pytest_filters]
+    if any("," in option for option in options):
+        raise ValueError(f"PYTHONWARNINGS cannot give a child a warning filter holding a comma: {options}")
+    return ",".join(options)
+
+
+@pytest.fixture
+def child_env(request):
+    """``child_env(**variables)``: this process's environment with ``variables`` set and PYTHONWARNINGS the warning
+    filters this test runs with (``warning_options``), for a Python child process, so that a deprecated call on the
+    command line's path fails under ``pytest -W error::DeprecationWarning`` as it would in the test's own process.
+    pytest's default of showing every DeprecationWarning is not passed on: a child has no summary to collect them."""
+    config, pytest_filters = request.config, []
+    if config.pluginmanager.has_plugin("warnings"):  # ``-p no:warnings`` applies none of them
+        pytest_filters = [*config.getini("filterwarnings"), *(config.known_args_namespace.pythonwarnings or []),
+                          *(arg for mark in request.node.iter_markers("filterwarnings") for arg in mark.args)]
+    options = warning_options(sys.warnoptions, pytest_filters)
+
+    def environment(**variables):
+        env = {name: value for name, value in os.environ.items() if name != "PYTHONWARNINGS"}
+        return {**env, **variables, **({"PYTHONWARNINGS": options} if options else {})}
+    return environment
+
+
 def sparse_file(path, size=2 << 30, head=b""):
     """A file of ``size`` bytes (2 GiB), ``head`` then zeros, taking no disk: all but ``head`` is a hole. Skips the
     test on Windows, where the file would take its size (NTFS makes no holes unless asked)."""

@@ -23,9 +23,9 @@ def load_interleave():
     return module
 
 
-def test_turns_alternate_and_time_each_side():
+def test_turns_alternate_and_time_each_side(child_env):
     interleave = load_interleave()
-    env = dict(os.environ, PYTHONPATH=BENCH)
+    env = child_env(PYTHONPATH=BENCH)
     fast = interleave.Worker("fast", [sys.executable, "-c", WORKER, "0.01"], env=env)
     slow = interleave.Worker("slow", [sys.executable, "-c", WORKER, "0.2"], env=env)
     result = interleave.interleaved([fast, slow], repeats=3, warmup=1)
@@ -36,11 +36,11 @@ def test_turns_alternate_and_time_each_side():
     assert fast.process.returncode == 0 and slow.process.returncode == 0
 
 
-def test_the_wait_for_the_device_counts_in_the_run():
+def test_the_wait_for_the_device_counts_in_the_run(child_env):
     """A run that returns while its work is still queued (the official OSEDiff returns a GPU tensor before its VAE
     decode has run) is timed to the end of ``sync``."""
     interleave = load_interleave()
-    env = dict(os.environ, PYTHONPATH=BENCH)
+    env = child_env(PYTHONPATH=BENCH)
     queued = interleave.Worker("queued", [sys.executable, "-c", WORKER, "0", "0.2"], env=env)
     result = interleave.interleaved([queued], repeats=2, warmup=0)
     assert min(result["queued"]["runs_s"]) > 0.19

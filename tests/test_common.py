@@ -774,7 +774,7 @@ save_image(torch.rand(1, 3, 4, 4), sys.argv[1])
 """
 
 
-def test_a_partial_file_left_by_a_killed_writer_is_removed_by_the_next_run(tmp_path, capsys):
+def test_a_partial_file_left_by_a_killed_writer_is_removed_by_the_next_run(tmp_path, capsys, child_env):
     """A writer killed (SIGKILL, a power cut) while it wrote an output left its hidden partial file in the user's
     output folder for good: the next run into that folder removes it, with a note, even where every output is
     there. It keeps whatever it cannot prove a killed writer's: a live writer's partial file (this process's, or
@@ -787,7 +787,7 @@ def test_a_partial_file_left_by_a_killed_writer_is_removed_by_the_next_run(tmp_p
 
     folder = tmp_path / "out" / "2019"
     writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(folder / "a.png")], stdout=subprocess.PIPE,
-                              text=True)
+                              text=True, env=child_env())
     killed = writer.stdout.readline().strip()
     writer.kill()
     writer.wait()

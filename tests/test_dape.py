@@ -558,7 +558,7 @@ def test_cli_names_with_terminal_controls_are_escaped_on_stdout(fixture, tmp_pat
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="a file name of bytes that are not UTF-8: Linux file systems")
-def test_cli_names_not_utf8_and_a_closed_pipe(fixture, tmp_path):
+def test_cli_names_not_utf8_and_a_closed_pipe(fixture, tmp_path, child_env):
     """A name whose bytes are not UTF-8 is printed as those bytes (as sha256sum does), even where stdout is strict
     UTF-8; a reader that stops (``dape … | head -1``) ends the command quietly with SIGPIPE's status."""
     _, smalls, _, tags = fixture
@@ -566,7 +566,7 @@ def test_cli_names_not_utf8_and_a_closed_pipe(fixture, tmp_path):
     Image.fromarray(smalls[0]).save(os.fsdecode(odd))  # a str path: Pillow < 10.1 takes no bytes one
     command = [sys.executable, "-m", "comfyui_diffsr", "dape", str(tmp_path), "--ram", RAM, "--dape", DAPE,
                "--process-size", "0", "--device", "cpu"]
-    env = dict(os.environ, PYTHONIOENCODING="utf-8:strict")
+    env = child_env(PYTHONIOENCODING="utf-8:strict")
     done = subprocess.run(command, capture_output=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     assert done.stdout == odd + b"\t" + f"{tags[0]}, ,".encode() + b"\n"
@@ -579,7 +579,7 @@ def test_cli_names_not_utf8_and_a_closed_pipe(fixture, tmp_path):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="a file name of bytes that are not UTF-8: Linux file systems")
 @pytest.mark.parametrize("encoding", ["cp1252", "cp1252:strict"])
-def test_cli_names_its_stdout_encoding_lacks(fixture, tmp_path, encoding):
+def test_cli_names_its_stdout_encoding_lacks(fixture, tmp_path, encoding, child_env):
     """On Windows a stdout that is a file or pipe writes the code page, strictly (cp1252): a name it lacks (写真,
     an emoji, Łódź) ended ``dape`` with a UnicodeEncodeError half way through a folder, its other images untagged.
     Each such character is escaped, on a line starting with a backslash that gives the name back; a name that is
@@ -590,7 +590,7 @@ def test_cli_names_its_stdout_encoding_lacks(fixture, tmp_path, encoding):
         Image.fromarray(smalls[0]).save(tmp_path / name)
     command = [sys.executable, "-m", "comfyui_diffsr", "dape", str(tmp_path), "--ram", RAM, "--dape", DAPE,
                "--process-size", "0", "--device", "cpu"]
-    done = subprocess.run(command, capture_output=True, env=dict(os.environ, PYTHONIOENCODING=encoding), timeout=300)
+    done = subprocess.run(command, capture_output=True, env=child_env(PYTHONIOENCODING=encoding), timeout=300)
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     folder, prompt = str(tmp_path).encode() + b"/", f"\t{tags[0]}, ,".encode()
     fields = [folder + b"a.png", folder + b"caf\xe9.png", folder + b"x\xe9.png",

@@ -180,12 +180,12 @@ def test_each_folder_part_says_whether_it_was_read_into_memory(base, tmp_path):
         assert (loaded.unet_owned, loaded.vae_owned) == (float32_part == "vae", float32_part == "unet")
 
 
-def test_converted_weights_and_python_m(base, tmp_path):
+def test_converted_weights_and_python_m(base, tmp_path, child_env):
     converted = convert_osediff(os.path.join(FIX, "osediff_tiny.pkl"), str(tmp_path / "osediff.safetensors"))
     inp = os.path.join(FIX, "in_32x32.png")
     assert run([inp, "-o", tmp_path / "a", "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
                 "--process-size", "64", "--upscale", "2.5"]) == 0
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env = child_env(HF_HUB_OFFLINE="1")
     subprocess.run([sys.executable, "-m", "comfyui_diffsr", "osediff", inp, "-o", str(tmp_path / "b"), "--base", base,
                     "--weights", converted, "--process-size", "64", "--upscale", "2.5"], check=True, env=env)
     a, b = read(tmp_path / "a" / "in_32x32.png"), read(tmp_path / "b" / "in_32x32.png")
@@ -220,13 +220,13 @@ def test_convert_prints_the_name_it_wrote_as_the_messages_show_names(tmp_path, c
 
 
 @pytest.mark.skipif(sys.platform in ("win32", "darwin"), reason="file names are Unicode there")
-def test_a_name_that_is_not_utf8_prints_escaped(tmp_path):
+def test_a_name_that_is_not_utf8_prints_escaped(tmp_path, child_env):
     """A Linux file name is bytes; one that is not UTF-8 (an old Latin-1 name: 0xE9 for é) reaches Python with a
     lone surrogate for each byte that is not (U+DCE9), which a UTF-8 terminal's stdout cannot write: ``diffsr
     convert`` converted, then ended in a UnicodeEncodeError (exit status 1) on its ``wrote`` line. The messages
     escape it as ``\\udce9``, as repr() did in the errors; Python writes the name back to the same bytes."""
     out = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9.safetensors"))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8:strict")  # en_US.UTF-8's stdout
+    env = child_env(HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8:strict")  # en_US.UTF-8's stdout
     done = subprocess.run([sys.executable, "-m", "comfyui_diffsr", "convert", "osediff",
                            os.path.join(FIX, "osediff_tiny.pkl"), out], capture_output=True, text=True, env=env)
     assert (done.returncode, done.stdout) == (0, f"wrote {tmp_path}/caf\\udce9.safetensors\n"), done.stderr
@@ -1149,7 +1149,7 @@ def test_names_are_one_file_where_a_case_insensitive_file_system_makes_them_one(
             planned(*pair)
 
 
-def test_an_output_folder_named_by_another_path_is_still_left_out(tmp_path):
+def test_an_output_folder_named_by_another_path_is_still_left_out(tmp_path, child_env):
     """The output folder inside the input folder, named by another path to the same folder (on macOS: spelled in
     another case, which its real path keeps; here: a bind mount), is left out of the search, and as the input folder
     it is refused (by path alone, its earlier outputs were searched as inputs)."""
@@ -1165,7 +1165,7 @@ def test_an_output_folder_named_by_another_path_is_still_left_out(tmp_path):
               "except DiffSRError as e: print(e)")
     done = subprocess.run(["unshare", "-rm", "sh", "-c", 'mount --bind "$1" "$2" && "$3" -c "$4" "$5" "$2" && "$3" '
                            '-c "$4" "$1" "$2"', "sh", folder / "upscaled", elsewhere, sys.executable, search, folder],
-                          capture_output=True, text=True, check=True)
+                          capture_output=True, text=True, check=True, env=child_env())
     searched, refused = done.stdout.splitlines()
     assert searched == str([(str(folder / "a.png"), "a")])
     assert refused.startswith(f"--output {quoted_name(elsewhere)} is the input folder "

@@ -128,7 +128,7 @@ def test_an_empty_models_dir_is_refused(official_server, tmp_path, capsys, monke
     assert os.listdir(work) == [] and not requests
 
 
-def test_the_diffsr_entry_lists_its_commands(capsys):
+def test_the_diffsr_entry_lists_its_commands(capsys, child_env):
     """--help lists the commands on stdout; an unknown command is named on stderr with the list, exit 2."""
     assert main(["--help"]) == 0 and main([]) == 2
     assert main(["upscale"]) == 2
@@ -136,7 +136,7 @@ def test_the_diffsr_entry_lists_its_commands(capsys):
     assert printed.out.startswith("usage:") and "error: unknown command 'upscale'" in printed.err
     assert "download" in printed.err.split("error:")[0]
     shown = subprocess.run([sys.executable, "-m", "comfyui_diffsr", "--help"], capture_output=True, text=True,
-                           check=True).stdout
+                           check=True, env=child_env()).stdout
     assert all(name in shown for name in ("osediff", "dape", "dossr", "convert", "download"))
 
 

@@ -1,0 +1,38 @@
+"""The environment a test gives its Python child processes (conftest's ``child_env``): the warning filters it runs
+with, so that ``pytest -W error::DeprecationWarning`` fails on a deprecated call made on the command line's path."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import warning_options
+
+WARNS = "import warnings; warnings.warn('an old API', FutureWarning); print('went on')"
+
+
+@pytest.mark.filterwarnings("error::FutureWarning")
+def test_a_child_fails_on_a_warning_its_test_makes_an_error(child_env):
+    done = subprocess.run([sys.executable, "-c", WARNS], capture_output=True, text=True, env=child_env())
+    assert (done.returncode, done.stdout) == (1, ""), done.stderr
+    assert "FutureWarning: an old API" in done.stderr.splitlines()[-1]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_a_child_ignores_a_warning_its_test_ignores(child_env):
+    done = subprocess.run([sys.executable, "-c", WARNS], capture_output=True, text=True,
+                          env=child_env(PYTHONWARNINGS="error"))  # the parent's own options replace it
+    assert (done.returncode, done.stdout, done.stderr) == (0, "went on\n", "")
+
+
+def test_warning_options_in_the_order_they_are_applied():
+    assert warning_options([], []) == ""
+    assert warning_options(["default", "error::UserWarning"], ["error::DeprecationWarning", "ignore:plain text"]) == \
+        "default,error::UserWarning,error::DeprecationWarning,ignore:plain text"
+
+
+@pytest.mark.parametrize("option", ["ignore:.*has no CLIP vocabulary", "ignore::DeprecationWarning:torch",
+                                    "ignore:one, two"])
+def test_a_filter_that_would_change_meaning_in_a_child_is_refused(option):
+    with pytest.raises(ValueError):
+        warning_options([], ["error::FutureWarning", option])
