@@ -971,6 +971,16 @@ def _with_text_encoder_metadata(folder, metadata, monkeypatch, transformers_vers
     return folder
 
 
+def _loaded_or_refused(folder, reference, loads, refusal):
+    """``folder`` left to transformers (the one installed here) loads the reference's weights where ``loads``, and
+    is refused by name before, with an error matching ``refusal``, where not."""
+    if loads:
+        same_weights(load_sd21(folder), reference[1])
+        return
+    with pytest.raises(WeightFileError, match=refusal):
+        load_sd21(folder)
+
+
 @pytest.mark.parametrize("transformers_version", ["4.40.0", "4.47.1", "4.48.0", "4.57.0", "5.0.0"])
 @pytest.mark.parametrize("metadata", [None, {}, {"step": "1000"}], ids=["no-metadata", "empty", "no-format"])
 def test_a_text_encoder_without_format_metadata_left_to_old_transformers_is_refused_by_name(
@@ -991,15 +1001,11 @@ def test_a_text_encoder_without_format_metadata_left_to_old_transformers_is_refu
     if loads and _version(transformers.__version__) < _version(reads_it):
         pytest.skip(f"the transformers installed, {transformers.__version__}, does not load the folder")
     folder = _with_text_encoder_metadata(_left_to_transformers(tmp_path), metadata, monkeypatch, transformers_version)
-    if loads:  # left to transformers (the one installed here)
-        same_weights(load_sd21(folder), reference[1])
-        return
-    with pytest.raises(WeightFileError, match=(
-            rf"^text_encoder/model\.safetensors in the diffusers folder '.*' has no 'format' in its metadata, which "
-            rf"transformers {re.escape(transformers_version)} \(installed here\) needs to load it: update transformers "
-            rf"to {re.escape(reads_it)} or later, or save the file again with "
-            r"metadata=\{'format': 'pt'\} \(safetensors\.torch\.save_file\)\.$")):
-        load_sd21(folder)
+    _loaded_or_refused(folder, reference, loads, (
+        rf"^text_encoder/model\.safetensors in the diffusers folder '.*' has no 'format' in its metadata, which "
+        rf"transformers {re.escape(transformers_version)} \(installed here\) needs to load it: update transformers to "
+        rf"{re.escape(reads_it)} or later, or save the file again with "
+        r"metadata=\{'format': 'pt'\} \(safetensors\.torch\.save_file\)\.$"))
 
 
 @pytest.mark.parametrize("transformers_version", ["4.40.0", "4.47.1", "4.48.0", "4.57.0", "5.0.0"])
@@ -1020,15 +1026,11 @@ def test_a_text_encoder_of_a_format_old_transformers_does_not_load_is_refused_by
         pytest.skip(f"the transformers installed, {transformers.__version__}, does not load the folder")
     folder = _with_text_encoder_metadata(_left_to_transformers(tmp_path), {"format": file_format}, monkeypatch,
                                          transformers_version)
-    if loads:  # left to transformers (the one installed here)
-        same_weights(load_sd21(folder), reference[1])
-        return
-    with pytest.raises(WeightFileError, match=(
-            rf"^text_encoder/model\.safetensors in the diffusers folder '.*' has the format '{file_format}' in its "
-            rf"metadata, which transformers {re.escape(transformers_version)} \(installed here\) does not load \(it "
-            r"loads 'pt', 'tf', 'flax' and 'mlx'\): update transformers to 5\.0 or later, or save the file again with "
-            r"metadata=\{'format': 'pt'\} \(safetensors\.torch\.save_file\)\.$")):
-        load_sd21(folder)
+    _loaded_or_refused(folder, reference, loads, (
+        rf"^text_encoder/model\.safetensors in the diffusers folder '.*' has the format '{file_format}' in its "
+        rf"metadata, which transformers {re.escape(transformers_version)} \(installed here\) does not load \(it "
+        r"loads 'pt', 'tf', 'flax' and 'mlx'\): update transformers to 5\.0 or later, or save the file again with "
+        r"metadata=\{'format': 'pt'\} \(safetensors\.torch\.save_file\)\.$"))
 
 
 FRAMEWORKS = {"tf": "TensorFlow", "flax": "Flax"}
@@ -1068,16 +1070,12 @@ def test_a_text_encoder_of_another_framework_left_to_old_transformers_is_refused
             save_file(load_file(path), path, metadata={"format": file_format})
         write_index(os.path.join(folder, "text_encoder", "model.safetensors.index.json"), weight_map)
         monkeypatch.setattr(transformers, "__version__", transformers_version)
-    if loads:  # left to transformers (the one installed here)
-        same_weights(load_sd21(folder), reference[1])
-        return
-    with pytest.raises(WeightFileError, match=(
-            rf"^text_encoder/model\.safetensors in the diffusers folder '.*' has the format '{file_format}' in its "
-            rf"metadata, which transformers {re.escape(transformers_version)} \(installed here\) takes for "
-            rf"{FRAMEWORKS[file_format]} weights, to convert with {framework}, which is not installed: save the file "
-            r"again with metadata=\{'format': 'pt'\} \(safetensors\.torch\.save_file\) if its tensors are PyTorch's, "
-            r"or update transformers to 5\.0 or later, which reads them as PyTorch's\.$")):
-        load_sd21(folder)
+    _loaded_or_refused(folder, reference, loads, (
+        rf"^text_encoder/model\.safetensors in the diffusers folder '.*' has the format '{file_format}' in its "
+        rf"metadata, which transformers {re.escape(transformers_version)} \(installed here\) takes for "
+        rf"{FRAMEWORKS[file_format]} weights, to convert with {framework}, which is not installed: save the file "
+        r"again with metadata=\{'format': 'pt'\} \(safetensors\.torch\.save_file\) if its tensors are PyTorch's, "
+        r"or update transformers to 5\.0 or later, which reads them as PyTorch's\.$"))
 
 
 def test_a_text_encoder_of_another_framework_is_left_to_transformers_where_it_is_installed(tmp_path, monkeypatch):
