@@ -56,6 +56,10 @@ def _contains_any(*parts):
     return lambda sd: any(p in k for k in sd for p in parts)
 
 
+def _of_family(family):
+    return lambda sd: sd_family(sd) == family
+
+
 def unwrap_ram(obj):
     """The RAM state dict inside ``obj`` (``ram_swin_large_14m.pth`` is ``{'model': state_dict, ...}``) or None."""
     if not isinstance(obj, dict):
@@ -191,28 +195,27 @@ KNOWN_FILES = (
               _has_any("control_model.")),
     KnownFile("diffusers-controlnet", "a diffusers ControlNet (`controlnet_cond_embedding`), not DoSSR's checkpoint",
               "it goes to ComfyUI's Load ControlNet Model", _has_any("controlnet_cond_embedding.")),
-    KnownFile("sdxl", "an SDXL checkpoint", NOT_SD21, lambda sd: sd_family(sd) == "sdxl", sd_model=True),
-    KnownFile("sd1", "a Stable Diffusion 1.x checkpoint", NOT_SD21,
-              lambda sd: sd_family(sd) == "sd1", sd_model=True),
+    KnownFile("sdxl", "an SDXL checkpoint", NOT_SD21, _of_family("sdxl"), sd_model=True),
+    KnownFile("sd1", "a Stable Diffusion 1.x checkpoint", NOT_SD21, _of_family("sd1"), sd_model=True),
     KnownFile("sd2-v", "a Stable Diffusion 2.x 768 v-prediction checkpoint", NOT_SD21,
-              lambda sd: sd_family(sd) == "sd2-v", sd_model=True),
+              _of_family("sd2-v"), sd_model=True),
     KnownFile("inpainting", "an inpainting model (its UNet takes 9 input channels: the latent, a mask and the masked "
-              "image)", NOT_SD21, lambda sd: sd_family(sd) == "inpainting", sd_model=True),
+              "image)", NOT_SD21, _of_family("inpainting"), sd_model=True),
     KnownFile("depth", "a depth-to-image model (its UNet takes 5 input channels: the latent and a depth map)", NOT_SD21,
-              lambda sd: sd_family(sd) == "depth", sd_model=True),
+              _of_family("depth"), sd_model=True),
     KnownFile("x4-upscaler", "the Stable Diffusion x4 upscaler (its UNet takes 7 input channels: the latent and the "
-              "low-resolution image)", NOT_SD21, lambda sd: sd_family(sd) == "x4-upscaler", sd_model=True),
+              "low-resolution image)", NOT_SD21, _of_family("x4-upscaler"), sd_model=True),
     KnownFile("other-input", "a Stable Diffusion model whose UNet takes other inputs than the 4 latent channels",
-              NOT_SD21, lambda sd: sd_family(sd) == "other-input", sd_model=True),
+              NOT_SD21, _of_family("other-input"), sd_model=True),
     KnownFile("sd2-unclip", "a Stable Diffusion 2.1 unCLIP model (conditioned on a CLIP image embedding)", NOT_SD21,
-              lambda sd: sd_family(sd) == "sd2-unclip", sd_model=True),
+              _of_family("sd2-unclip"), sd_model=True),
     KnownFile("no-text-encoder", "a Stable Diffusion UNet/VAE without the OpenCLIP text encoder "
-              "('cond_stage_model.model.*')", PART_OF_SD, lambda sd: sd_family(sd) == "no-text-encoder", sd_model=True),
+              "('cond_stage_model.model.*')", PART_OF_SD, _of_family("no-text-encoder"), sd_model=True),
     KnownFile("no-vae", "a Stable Diffusion UNet and text encoder without the VAE ('first_stage_model.*')", PART_OF_SD,
-              lambda sd: sd_family(sd) == "no-vae", sd_model=True),
+              _of_family("no-vae"), sd_model=True),
     KnownFile("sd2", "a Stable Diffusion 2.x checkpoint",
               "it is a base model: Load SD 2.1-base (DiffSR) in ComfyUI, or --base in the commands",
-              lambda sd: sd_family(sd) == "sd2", sd_model=True),
+              _of_family("sd2"), sd_model=True),
     KnownFile("no-unet", "Stable Diffusion parts without the UNet ('model.diffusion_model.*')", PART_OF_SD,
               _has_any(VAE_PREFIX, "cond_stage_model.", "conditioner."), sd_model=True),
     # a VAE alone (ComfyUI's models/vae: vae-ft-mse-840000-ema-pruned, or diffusers' vae/ folder's file)
