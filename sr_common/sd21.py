@@ -662,6 +662,41 @@ TRANSFORMERS_4_FORMATS = ("pt", "tf", "flax", "mlx")
 TRANSFORMERS_4_CONVERTED = {"tf": ("TensorFlow", ("tensorflow",)), "flax": ("Flax", ("jax", "flax"))}
 
 
+# the first diffusers whose ModelMixin.from_pretrained loads a sharded part without accelerate: 0.30-0.32 load one only
+# with it (their default low_cpu_mem_usage falls back to False without it, and that path calls load_state_dict(None)
+# for a sharded part: a bare TypeError traceback)
+DIFFUSERS_LOADS_SHARDS_ALONE = "0.33"
+
+
+def diffusers_needs_accelerate_for_shards():
+    """Whether the installed diffusers loads a sharded UNet or VAE only with accelerate, and accelerate is not
+    installed: diffusers before ``DIFFUSERS_LOADS_SHARDS_ALONE`` and not diffusers' ``is_accelerate_available()``."""
+    import diffusers
+    from diffusers.utils import is_accelerate_available
+
+    from .. import _version
+
+    return _version(diffusers.__version__) < _version(DIFFUSERS_LOADS_SHARDS_ALONE) and not is_accelerate_available()
+
+
+def _check_shards_loadable(folder):
+    """Refuse by name a UNet or VAE saved in shards, whose index diffusers reads (``INDEX_BEFORE_FILE``), where the
+    installed diffusers loads one only with accelerate, which is not installed
+    (``diffusers_needs_accelerate_for_shards``)."""
+    if not diffusers_needs_accelerate_for_shards():
+        return
+    import diffusers
+
+    for sub in INDEX_BEFORE_FILE:
+        index_name = f"{FOLDER_WEIGHT_FILES[sub][0]}.safetensors.index.json"
+        if os.path.isfile(os.path.join(folder, sub, index_name)):
+            raise WeightFileError(f"{sub}/{index_name} in the diffusers folder {quoted_name(folder)}: the {sub} is "
+                                  f"saved in shards, which diffusers {diffusers.__version__} (installed here) loads "
+                                  "only with accelerate, which is not installed: install it into the Python that runs "
+                                  "ComfyUI (pip install accelerate), or update diffusers to "
+                                  f"{DIFFUSERS_LOADS_SHARDS_ALONE} or later.")
+
+
 def _check_text_encoder_format(folder):
     """Refuse by name the text encoder's safetensors files (model.safetensors, or the shards its index names,
     ``shard_files``) whose ``format`` metadata the installed transformers does not load: before
@@ -737,6 +772,7 @@ def load_diffusers_folder(folder, in_memory=False):
         return SD21(unet.eval(), vae.eval(), text_encoder.eval(), tokenizer, unet_owned=unet_owned, vae_owned=vae_owned)
     for sub in FOLDER_WEIGHT_FILES:  # an index's metadata and the text encoder's format, for their loaders alone
         _folder_part_files(folder, sub, their_loaders=True)
+    _check_shards_loadable(folder)
     _check_text_encoder_format(folder)
     try:
         unet, unet_info = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True,

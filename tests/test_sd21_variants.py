@@ -918,16 +918,13 @@ def test_a_part_with_a_file_and_a_shard_index_is_read_from_the_one_its_loader_re
     ``diffusion_pytorch_model.safetensors.index.json`` and its shards), of different weights (the file's negated): the
     pack read the file. diffusers (0.30.0 and 0.42 ``ModelMixin.from_pretrained``: ``_fetch_index_file`` first) reads
     the UNet's and the VAE's from the index, transformers (4.40-5.25) the text encoder's from the file. The pack reads
-    the one its loader reads; where diffusers loads the shards here (0.42; 0.30.0 only with accelerate installed,
-    else a TypeError from ``load_state_dict(None)``), its weights are the pack's."""
-    import importlib.util
-
-    import diffusers
+    the one its loader reads; where diffusers loads the shards here (0.33 on; 0.30-0.32 only with accelerate
+    installed, else a TypeError from ``load_state_dict(None)``), its weights are the pack's."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
     from transformers import CLIPTextModel
 
-    from comfyui_diffsr import _version
+    from comfyui_diffsr.sr_common.sd21 import diffusers_needs_accelerate_for_shards
 
     folder = copy_tiny_sd21(tmp_path / "sd21")
     single = os.path.join(folder, part, f"{STEMS[part]}.safetensors")
@@ -939,8 +936,7 @@ def test_a_part_with_a_file_and_a_shard_index_is_read_from_the_one_its_loader_re
     saved = getattr(reference[1], part).state_dict()
     assert ours.keys() == saved.keys()
     assert all(torch.equal(ours[k], sign * saved[k] if saved[k].is_floating_point() else saved[k]) for k in saved)
-    if (part != "text_encoder" and _version(diffusers.__version__) < _version("0.42")
-            and importlib.util.find_spec("accelerate") is None):
+    if part != "text_encoder" and diffusers_needs_accelerate_for_shards():
         return
     loader = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}[part]
     theirs = loader.from_pretrained(os.path.join(folder, part), local_files_only=True,
@@ -957,6 +953,55 @@ def _left_to_transformers(tmp_path):
     unet = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
     save_file({**load_file(unet), "global_step": torch.tensor([1000])}, unet, metadata={"format": "pt"})
     return folder
+
+
+def _as_diffusers(monkeypatch, version, accelerate):
+    """diffusers shown as of ``version``, with accelerate installed or not (``diffusers.__version__`` and diffusers'
+    ``is_accelerate_available``, which ``diffusers_needs_accelerate_for_shards`` reads)."""
+    import diffusers
+    import diffusers.utils
+
+    monkeypatch.setattr(diffusers, "__version__", version)
+    monkeypatch.setattr(diffusers.utils, "is_accelerate_available", lambda: accelerate)
+
+
+@pytest.mark.parametrize("version, accelerate, needs", [("0.30.0", False, True), ("0.32.2", False, True),
+                                                        ("0.30.0", True, False), ("0.32.2", True, False),
+                                                        ("0.33.0", False, False), ("0.42.1", False, False)])
+def test_diffusers_before_0_33_needs_accelerate_for_shards(monkeypatch, version, accelerate, needs):
+    """diffusers 0.30-0.32 load a sharded part with accelerate alone; 0.33 on without it too."""
+    from comfyui_diffsr.sr_common.sd21 import diffusers_needs_accelerate_for_shards
+
+    _as_diffusers(monkeypatch, version, accelerate)
+    assert diffusers_needs_accelerate_for_shards() is needs
+
+
+@pytest.mark.parametrize("diffusers_shown", ["installed", "0.32.2-without-accelerate"])
+@pytest.mark.parametrize("part", ["unet", "vae"])
+def test_a_sharded_part_left_to_a_diffusers_that_needs_accelerate_is_refused_by_name(tmp_path, monkeypatch,
+                                                                                     reference, part, diffusers_shown):
+    """A folder left to diffusers' loaders (a UNet with a tensor its module lacks) whose UNet or VAE is saved in
+    shards (``diffusion_pytorch_model.safetensors.index.json``, which diffusers reads before a file): diffusers
+    0.30-0.32 without accelerate failed on it with a bare TypeError traceback (``low_cpu_mem_usage`` falls back to
+    False, and that path calls ``load_state_dict(None)``). It is refused by name before diffusers is called, saying to
+    install accelerate or update diffusers; a diffusers that loads it (0.33 on, or with accelerate) loads it. Run with
+    the installed diffusers (CI's oldest job: 0.30.0 without accelerate), and shown as 0.32.2 without accelerate."""
+    from comfyui_diffsr.sr_common import sd21
+
+    folder = _left_to_transformers(tmp_path)
+    index_name = f"{STEMS[part]}.safetensors.index.json"
+    write_index(os.path.join(folder, part, index_name), in_shards(folder, part))
+    if diffusers_shown != "installed":
+        _as_diffusers(monkeypatch, "0.32.2", False)
+    if not sd21.diffusers_needs_accelerate_for_shards():
+        same_weights(load_sd21(folder), reference[1])
+        return
+    with pytest.raises(WeightFileError, match=rf"^{part}/{re.escape(index_name)} in the diffusers folder '.*': the "
+                                              rf"{part} is saved in shards, which diffusers \d[\d.]* \(installed "
+                                              r"here\) loads only with accelerate, which is not installed: install "
+                                              r"it into the Python that runs ComfyUI \(pip install accelerate\), or "
+                                              r"update diffusers to 0\.33 or later\.$"):
+        load_sd21(folder)
 
 
 def _with_text_encoder_metadata(folder, metadata, monkeypatch, transformers_version):
