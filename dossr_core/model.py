@@ -105,8 +105,7 @@ def load_dossr(weights, base=None, *, config=None, base_config=None, text_heads=
     OpenCLIP text tower when it is not width/64.
     """
     # the small files first, so that a wrong one is refused before the DoSSR weights (GBs) are read: the base, the yaml
-    if base is not None and not isinstance(base, SD21):
-        check_sd21(base, base_config)
+    checked = check_sd21(base, base_config) if base is not None and not isinstance(base, SD21) else None
     configs = load_ldm_configs(config) if config is not None else None
     sd, kind, metadata = read_weights(weights)
     name = os.path.basename(os.fspath(weights))
@@ -126,7 +125,7 @@ def load_dossr(weights, base=None, *, config=None, base_config=None, text_heads=
     except WeightFileError as e:
         raise WeightFileError(f"{quoted_name(name)}: {e}") from e
     if base is not None:
-        sd21 = base if isinstance(base, SD21) else load_sd21(base, base_config)
+        sd21 = base if isinstance(base, SD21) else load_sd21(base, base_config, checked=checked)
         unet, vae, text_encoder, tokenizer = sd21.unet, sd21.vae, sd21.text_encoder, sd21.tokenizer
         vae_owned = sd21.vae_owned
     else:

@@ -317,15 +317,15 @@ def sd21_from_ldm_state_dict(sd, config_dir=None, name="checkpoint", owned=False
 
 
 @releasing_tensors
-def load_single_file(path, config_dir=None, in_memory=False):
+def load_single_file(path, config_dir=None, in_memory=False, configs=None):
     """SD 2.1-base from one LDM-layout checkpoint (``.safetensors`` or ``.ckpt``). A float32 file is memory-mapped
     (the kernel can drop pages nothing writes), or with ``in_memory`` read into this process's own memory, for a
     caller that merges into the UNet in place (``unet_owned``): written pages of a mapping are copied one by one, and
     replaced ones stay mapped. An fp16 safetensors file is always read and converted to float32 in one pass: its
     float32 copy is new memory anyway, and a mapping would hold the fp16 file beside it. The config folder's configs
-    and tokenizer are checked before the file is read."""
+    and tokenizer are checked before the file is read; ``configs``: its part configs read already, {part: config}."""
     config_dir = config_dir or shipped_config_dir()
-    configs = check_part_configs(config_dir, CONFIG_FOLDER_FIX)
+    configs = check_part_configs(config_dir, CONFIG_FOLDER_FIX, configs)
     tokenizer = load_tokenizer(os.path.join(config_dir, "tokenizer"))
     sd, read_in = _read_base_file(path, in_memory)
     return sd21_from_ldm_state_dict(sd, config_dir, name=path, owned=read_in, path=path, tokenizer=tokenizer,
@@ -750,14 +750,15 @@ def _check_text_encoder_format(folder):
 
 
 @releasing_tensors
-def load_diffusers_folder(folder, in_memory=False):
+def load_diffusers_folder(folder, in_memory=False, checked=None):
     """SD 2.1-base from a diffusers folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``). Its standard
     layout is read like a single file (``in_memory``: see ``load_single_file``); other layouts through diffusers'
-    and transformers' own loaders, memory-mapped."""
+    and transformers' own loaders, memory-mapped. ``checked``: the part configs ``check_sd21`` read of the folder,
+    whose checks it made (``check_diffusers_folder``), {part: config}; both are not made again."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    configs_read = check_diffusers_folder(folder)
+    configs_read = check_diffusers_folder(folder) if checked is None else checked
     # the cheap checks before any weight is read: the tokenizer, the configs (a FIFO or a huge file refused: diffusers
     # and transformers read it whole)
     tokenizer = load_tokenizer(os.path.join(folder, "tokenizer"))
@@ -817,27 +818,30 @@ def check_sd21(path, config_dir=None):
     tokenizer files there are ones ``load_tokenizer`` reads (``check_tokenizer_files``); and a single file is SD
     2.x-base (``_sd2_state_dict``), told from its tensors memory-mapped where ``read_state_dict`` maps them (a
     safetensors file, a zip pickle: its header, or its pickle without the tensors, and the one norm bias that tells
-    v-prediction are read); a legacy pickle, which is read whole, is told once ``load_sd21`` reads it."""
+    v-prediction are read); a legacy pickle, which is read whole, is told once ``load_sd21`` reads it. Returns the
+    part configs read, {part: config}, for ``load_sd21(path, config_dir, checked=...)``, which reads them no more."""
     path = _sd21_path(path)
     if os.path.isdir(path):  # in the orders of load_diffusers_folder and load_single_file
         configs_read = check_diffusers_folder(path)
         check_tokenizer_files(os.path.join(path, "tokenizer"))
-        check_part_configs(path, FOLDER_FIX, configs_read)
-    else:
-        config_dir = config_dir or shipped_config_dir()
-        check_part_configs(config_dir, CONFIG_FOLDER_FIX)
-        check_tokenizer_files(os.path.join(config_dir, "tokenizer"))
-        if maps_when_read(path):
-            _sd2_state_dict(read_state_dict(path, mmap=True), path, path)
+        return check_part_configs(path, FOLDER_FIX, configs_read)
+    config_dir = config_dir or shipped_config_dir()
+    configs = check_part_configs(config_dir, CONFIG_FOLDER_FIX)
+    check_tokenizer_files(os.path.join(config_dir, "tokenizer"))
+    if maps_when_read(path):
+        _sd2_state_dict(read_state_dict(path, mmap=True), path, path)
+    return configs
 
 
 @releasing_tensors
-def load_sd21(path, config_dir=None, *, in_memory=False):
-    """SD 2.1-base from a diffusers folder or a single-file checkpoint (``in_memory``: see ``load_single_file``)."""
+def load_sd21(path, config_dir=None, *, in_memory=False, checked=None):
+    """SD 2.1-base from a diffusers folder or a single-file checkpoint (``in_memory``: see ``load_single_file``).
+    ``checked``: what ``check_sd21(path, config_dir)`` returned, for a loader that checked ``path`` first: the part
+    configs it read, not read again (nor the folder's checks made again)."""
     path = _sd21_path(path)
     if os.path.isdir(path):
-        return load_diffusers_folder(path, in_memory)
-    return load_single_file(path, config_dir, in_memory)
+        return load_diffusers_folder(path, in_memory, checked)
+    return load_single_file(path, config_dir, in_memory, checked)
 
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -732,6 +732,58 @@ def test_a_wrong_base_is_refused_before_the_dossr_weights_are_read(tmp_path, mon
         dossr_model.load_dossr(tmp_path / "dossr_missing.ckpt", folder, base_config=config_folder)
 
 
+@pytest.fixture(scope="module")
+def dossr_bases(tmp_path_factory):
+    """The tiny DoSSR fixture converted, and bases of its size: a diffusers folder of the official file's own SD 2.1
+    parts (their configs and weights as ``save_pretrained`` names them, the shipped tokenizer), and a single file of
+    them (its configs: that folder). The weights are saved contiguous: diffusers 0.30's ``save_pretrained`` refuses
+    the views the official file's VAE is read as."""
+    from safetensors.torch import save_file
+
+    from comfyui_diffsr.dossr_core.model import load_dossr
+    from comfyui_diffsr.dossr_core.weights import convert_dossr
+    from comfyui_diffsr.sr_common.sd21 import shipped_config_dir
+
+    root = tmp_path_factory.mktemp("dossr_bases")
+    weights, folder, single = str(root / "parts.safetensors"), str(root / "sd21"), str(root / "sd21.safetensors")
+    convert_dossr(CKPT, weights, config=os.path.join(FIX, "tiny_cldm.yaml"))
+    own = load_dossr(CKPT, config=os.path.join(FIX, "tiny_cldm.yaml"))
+    for part, name in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                       ("text_encoder", "model")):
+        module = getattr(own, part)
+        os.makedirs(os.path.join(folder, part))
+        if part == "text_encoder":  # a transformers config
+            module.config.save_pretrained(os.path.join(folder, part))
+        else:
+            module.save_config(os.path.join(folder, part))
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()},
+                  os.path.join(folder, part, f"{name}.safetensors"), metadata={"format": "pt"})
+    shutil.copytree(os.path.join(shipped_config_dir(), "tokenizer"), os.path.join(folder, "tokenizer"))
+    sd = torch.load(CKPT, weights_only=True)["state_dict"]
+    save_file({k: v.contiguous() for k, v in sd.items()
+               if k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))}, single)
+    return weights, folder, single
+
+
+@pytest.mark.parametrize("layout", ["folder", "single-file"])
+def test_the_base_part_configs_are_read_once_across_the_check_and_the_load(dossr_bases, monkeypatch, layout):
+    """``load_dossr`` checks its base (``check_sd21``) before it reads the DoSSR weights, and loads it
+    (``load_sd21``) after: the unet/, vae/ and text_encoder/ config.json of a base folder (of a single file's config
+    folder) were read by both, twice each. The check's are passed on to the load: each is read once."""
+    from comfyui_diffsr.dossr_core import model as dossr_model
+    from comfyui_diffsr.sr_common import sd21
+
+    weights, folder, single = dossr_bases
+    base, base_config = (folder, None) if layout == "folder" else (single, folder)
+    read, real_read = [], sd21.read_config_bytes
+    monkeypatch.setattr(sd21, "read_config_bytes", lambda path: read.append(os.path.relpath(path)) or real_read(path))
+    model = dossr_model.load_dossr(weights, base, base_config=base_config)
+    assert model.unet.config.cross_attention_dim == model.controlnet.config.cross_attention_dim
+    for part in ("unet", "vae", "text_encoder"):
+        reads = [path for path in read if path.endswith(os.path.join(part, "config.json"))]
+        assert len(reads) == 1, reads
+
+
 def _base_of_family(sd, family):
     """The tiny SD 2.1-base single file's state dict ``sd`` as one of another family tells it (``sd_family``): SD 1.x
     (its UNet projecting with 1×1 convolutions), SDXL (an sgm embedder), SD 2.x 768 v-prediction (the spread of the
