@@ -9,6 +9,7 @@ Other model families are recognised and refused with a message naming what was f
 import codecs
 import contextlib
 import functools
+import importlib.util
 import json
 import os
 import pathlib
@@ -20,6 +21,7 @@ from importlib import resources
 
 import torch
 
+from .. import _version
 from .errors import (ArchitectureMismatch, ConfigWithByteOrderMark, DiffSRError, NotAConfigFile, WeightFileError,
                      releasing_tensors)
 from .fast_modules import fast_modules, fast_vae_decoder
@@ -674,8 +676,6 @@ def diffusers_needs_accelerate_for_shards():
     import diffusers
     from diffusers.utils import is_accelerate_available
 
-    from .. import _version
-
     return _version(diffusers.__version__) < _version(DIFFUSERS_LOADS_SHARDS_ALONE) and not is_accelerate_available()
 
 
@@ -707,11 +707,7 @@ def _check_text_encoder_format(folder):
     'mlx'] but None", naming no file; a shard "does not contain the valid metadata"); and before it a model.safetensors
     of a format in ``TRANSFORMERS_4_CONVERTED`` whose framework is not installed (4.40-4.57 convert it from
     TensorFlow's or Flax's weights: a bare "No module named 'tensorflow'" traceback)."""
-    import importlib.util
-
     import transformers
-
-    from .. import _version
 
     installed = _version(transformers.__version__)
     if installed >= _version(TRANSFORMERS_READS_ANY_FORMAT):
