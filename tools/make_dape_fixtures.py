@@ -26,7 +26,8 @@ What it does:
   distinct one stored once in ``ram_tiny.pth.fixed.safetensors``.
 - ``fc.bias`` is shifted once, by the mean of its recipe, so that a handful of tags pass the shipped thresholds,
   picked on a probe: the official model with the tensors made from the recipes loaded strictly (its own values
-  for the buffers the RAM file leaves out), ``.eval()``.
+  for the buffers the RAM file leaves out), ``.eval()``. The shift is rounded to a 1e-3 grid (``fc_bias_shift``),
+  so that the probe's machine-dependent last bits do not reach the recipe.
 - Loads both files with the official ``ram()`` loader, calls ``.eval()`` (loralib merge), and runs the
   official ``inference_ram`` per image on the OSEDiff DAPE transform
   (``Resize((384, 384), antialias=False)`` as torchvision 0.15 did, ``Normalize``), recording the
@@ -52,6 +53,8 @@ BERT = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4, "in
         "vocab_size": 64, "max_position_embeddings": 16}
 IMAGE_SIZES = [(24, 32), (32, 32), (28, 40), (48, 16)]  # (H, W) before ×4
 UPSCALE = 4
+SHIFT_GRID = 1e-3  # fc.bias's shift is rounded to this grid (fc_bias_shift)
+BOUNDARY_GUARD = 1e-5  # how close to a rounding boundary of that grid the unrounded shift may lie
 fw = tests_module("fixture_weights")
 
 
@@ -135,6 +138,19 @@ def recipes(model):
     return {"model": ram}, lora, fixed
 
 
+def fc_bias_shift(kth):
+    """``SHIFT_GRID · round((kth - 1e-3) / SHIFT_GRID)``: the median image's k-th tag (logit margin ``kth`` on the
+    probe) then sits 0.5e-3 to 1.5e-3 above its threshold. Rounded so that the recipe does not depend on the machine:
+    the probe's logits move by up to ~1e-6 with the kernels (1.3e-6 seen), far less than the grid; ``kth - 1e-3``
+    within BOUNDARY_GUARD of a rounding boundary (where that noise could pick the other grid value) is refused."""
+    shift = round((kth - 1e-3) / SHIFT_GRID) * SHIFT_GRID
+    to_boundary = SHIFT_GRID / 2 - abs(kth - 1e-3 - shift)
+    if to_boundary < BOUNDARY_GUARD:
+        raise SystemExit(f"fc.bias shift {kth - 1e-3!r} lies {to_boundary:.1e} from a rounding boundary of the "
+                         f"{SHIFT_GRID} grid: the recipe could differ between machines (try another --seed)")
+    return round(shift, 6)
+
+
 def make_inputs(seed):
     from PIL import Image
 
@@ -197,9 +213,11 @@ def main():
     probe.eval()
     logits, _ = run_official(probe, ups)
     margin = logits - torch.logit(probe.class_threshold)
-    kth = margin.topk(args.tags_per_image, dim=1).values[:, -1]
+    kth = margin.topk(args.tags_per_image, dim=1).values[:, -1].median().item()
+    shift = fc_bias_shift(kth)
+    print(f"k-th margin (median image): {kth!r}, fc.bias shift: {shift!r}")
     dtype, shape, mean, std = ram_content["model"]["fc.bias"]["__normal__"]
-    ram_content["model"]["fc.bias"] = fw.normal(dtype, shape, mean - (kth.median().item() - 1e-3), std)
+    ram_content["model"]["fc.bias"] = fw.normal(dtype, shape, mean - shift, std)
 
     ram_file, dape_file = os.path.join(args.out, "ram_tiny.pth"), os.path.join(args.out, "dape_tiny.pth")
     fw.save_recipe(ram_file, "torch", args.seed, ram_content, fixed)
