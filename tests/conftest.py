@@ -144,19 +144,19 @@ def fifo(path, let_go_after=None):
             os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
 
 
-def warning_options(interpreter_options, pytest_filters):
+def warning_options(interpreter_options, ini_filters, command_line_filters, mark_filters):
     """PYTHONWARNINGS for a child process that filters warnings as the test does: the interpreter's own options
     (``sys.warnoptions``), then the filters pytest adds (its ``filterwarnings`` ini option, its ``-W`` options and the
     test's ``filterwarnings`` marks), in the order they are applied: the last one applied takes precedence in both.
-    Python reads a message or module of PYTHONWARNINGS as text, pytest as a regular expression, and splits the
-    variable at commas: a filter whose meaning would change in the child is refused (ValueError), not given
-    changed."""
-    for option in pytest_filters:
+    Python reads a message or module of PYTHONWARNINGS as text (a module whole), as pytest reads its ``-W`` options;
+    pytest reads those of its ini option and marks as regular expressions. Python splits the variable at commas: a
+    filter whose meaning would change in the child is refused (ValueError), not given changed."""
+    for option in (*ini_filters, *mark_filters):
         _, message, _, module, _ = (part.strip() for part in (option.split(":") + [""] * 4)[:5])
         if any(c in message for c in ".^$*+?{}[]\\|()") or module:
             raise ValueError(f"the warning filter {option!r} would mean another in a child process (Python reads its "
                              "message and module as text, pytest as a regular expression)")
-    options = [*interpreter_options, *pytest_filters]
+    options = [*interpreter_options, *ini_filters, *command_line_filters, *mark_filters]
     if any("," in option for option in options):
         raise ValueError(f"PYTHONWARNINGS cannot give a child a warning filter holding a comma: {options}")
     return ",".join(options)
@@ -168,11 +168,11 @@ def child_env(request):
     filters this test runs with (``warning_options``), for a Python child process, so that a deprecated call on the
     command line's path fails under ``pytest -W error::DeprecationWarning`` as it would in the test's own process.
     pytest's default of showing every DeprecationWarning is not passed on: a child has no summary to collect them."""
-    config, pytest_filters = request.config, []
+    config, pytest_filters = request.config, ([], [], [])
     if config.pluginmanager.has_plugin("warnings"):  # ``-p no:warnings`` applies none of them
-        pytest_filters = [*config.getini("filterwarnings"), *(config.known_args_namespace.pythonwarnings or []),
-                          *(arg for mark in request.node.iter_markers("filterwarnings") for arg in mark.args)]
-    options = warning_options(sys.warnoptions, pytest_filters)
+        pytest_filters = (config.getini("filterwarnings"), config.known_args_namespace.pythonwarnings or [],
+                          [arg for mark in request.node.iter_markers("filterwarnings") for arg in mark.args])
+    options = warning_options(sys.warnoptions, *pytest_filters)
 
     def environment(**variables):
         env = {name: value for name, value in os.environ.items() if name != "PYTHONWARNINGS"}

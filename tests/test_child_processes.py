@@ -25,14 +25,32 @@ def test_a_child_ignores_a_warning_its_test_ignores(child_env):
     assert (done.returncode, done.stdout, done.stderr) == (0, "went on\n", "")
 
 
+def test_a_command_line_filter_reaches_the_child_as_python_reads_it(request, monkeypatch):
+    """``pytest -W error::FutureWarning:__main__``: pytest reads a ``-W`` option's message as text and its module whole,
+    as Python does, so the child gets it as given (it was refused as a regular expression: every test with
+    ``child_env`` errored under ``pytest -W error::DeprecationWarning:comfyui_diffsr``)."""
+    monkeypatch.setattr(request.config.known_args_namespace, "pythonwarnings", ["error::FutureWarning:__main__"])
+    done = subprocess.run([sys.executable, "-c", WARNS], capture_output=True, text=True,
+                          env=request.getfixturevalue("child_env")())
+    assert (done.returncode, done.stdout) == (1, ""), done.stderr
+
+
 def test_warning_options_in_the_order_they_are_applied():
-    assert warning_options([], []) == ""
-    assert warning_options(["default", "error::UserWarning"], ["error::DeprecationWarning", "ignore:plain text"]) == \
-        "default,error::UserWarning,error::DeprecationWarning,ignore:plain text"
+    assert warning_options([], [], [], []) == ""
+    assert warning_options(["default", "error::UserWarning"], ["error::DeprecationWarning"], ["ignore:a.b::torch"],
+                           ["ignore:plain text"]) == \
+        "default,error::UserWarning,error::DeprecationWarning,ignore:a.b::torch,ignore:plain text"
 
 
 @pytest.mark.parametrize("option", ["ignore:.*has no CLIP vocabulary", "ignore::DeprecationWarning:torch",
                                     "ignore:one, two"])
-def test_a_filter_that_would_change_meaning_in_a_child_is_refused(option):
+@pytest.mark.parametrize("given_as", ["ini", "mark"])
+def test_a_filter_that_would_change_meaning_in_a_child_is_refused(option, given_as):
     with pytest.raises(ValueError):
-        warning_options([], ["error::FutureWarning", option])
+        warning_options([], ["error::FutureWarning", *([option] if given_as == "ini" else [])], [],
+                        [option] if given_as == "mark" else [])
+
+
+def test_a_command_line_filter_holding_a_comma_is_refused():
+    with pytest.raises(ValueError):
+        warning_options([], [], ["ignore:one, two"], [])
