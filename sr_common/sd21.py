@@ -693,7 +693,7 @@ def _check_shards_loadable(folder):
             raise WeightFileError(f"{sub}/{index_name} in the diffusers folder {quoted_name(folder)}: the {sub} is "
                                   f"saved in shards, which diffusers {diffusers.__version__} (installed here) loads "
                                   "only with accelerate, which is not installed: install it into the Python that runs "
-                                  "ComfyUI (pip install accelerate), or update diffusers to "
+                                  "ComfyUI or the pack's commands (pip install accelerate), or update diffusers to "
                                   f"{DIFFUSERS_LOADS_SHARDS_ALONE} or later.")
 
 

@@ -984,8 +984,9 @@ def test_a_sharded_part_left_to_a_diffusers_that_needs_accelerate_is_refused_by_
     shards (``diffusion_pytorch_model.safetensors.index.json``, which diffusers reads before a file): diffusers
     0.30-0.32 without accelerate failed on it with a bare TypeError traceback (``low_cpu_mem_usage`` falls back to
     False, and that path calls ``load_state_dict(None)``). It is refused by name before diffusers is called, saying to
-    install accelerate or update diffusers; a diffusers that loads it (0.33 on, or with accelerate) loads it. Run with
-    the installed diffusers (CI's oldest job: 0.30.0 without accelerate), and shown as 0.32.2 without accelerate."""
+    install accelerate into the Python that runs ComfyUI or the pack's commands (both load folders so), or update
+    diffusers; a diffusers that loads it (0.33 on, or with accelerate) loads it. Run with the installed diffusers (CI's
+    oldest job: 0.30.0 without accelerate), and shown as 0.32.2 without accelerate."""
     from comfyui_diffsr.sr_common import sd21
 
     folder = _left_to_transformers(tmp_path)
@@ -999,8 +1000,8 @@ def test_a_sharded_part_left_to_a_diffusers_that_needs_accelerate_is_refused_by_
     with pytest.raises(WeightFileError, match=rf"^{part}/{re.escape(index_name)} in the diffusers folder '.*': the "
                                               rf"{part} is saved in shards, which diffusers \d[\d.]* \(installed "
                                               r"here\) loads only with accelerate, which is not installed: install "
-                                              r"it into the Python that runs ComfyUI \(pip install accelerate\), or "
-                                              r"update diffusers to 0\.33 or later\.$"):
+                                              r"it into the Python that runs ComfyUI or the pack's commands \(pip "
+                                              r"install accelerate\), or update diffusers to 0\.33 or later\.$"):
         load_sd21(folder)
 
 
