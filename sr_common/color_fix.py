@@ -8,11 +8,14 @@ import torch
 import torch.nn.functional as F
 
 COLOR_FIXES = ("adain", "wavelet", "none")
+ADAIN_EPS = 1e-5  # StableSR's calc_mean_std: σ = sqrt(var_unbiased + eps)
+WAVELET_LEVELS = 5  # blur radii 1, 2, 4, 8, 16
 
 
-def _mean_std(x, eps):
+def _mean_std(x):
+    """Per-channel (μ, σ) of (B, C, H, W), σ = sqrt(var_unbiased + ADAIN_EPS), shaped (B, C, 1, 1)."""
     flat = x.reshape(x.shape[0], x.shape[1], -1)
-    return flat.mean(dim=2)[..., None, None], (flat.var(dim=2) + eps).sqrt()[..., None, None]
+    return flat.mean(dim=2)[..., None, None], (flat.var(dim=2) + ADAIN_EPS).sqrt()[..., None, None]
 
 
 def wavelet_blur(image, radius):
@@ -25,10 +28,10 @@ def wavelet_blur(image, radius):
     return F.conv2d(padded, kernel, groups=channels, dilation=radius)
 
 
-def wavelet_decomposition(image, levels=5):
+def wavelet_decomposition(image):
     """Returns (high, low): low = blur_16(…blur_1(image)), high = Σ_i (x_i − blur_{2^i}(x_i))."""
     high = torch.zeros_like(image)
-    for i in range(levels):
+    for i in range(WAVELET_LEVELS):
         low = wavelet_blur(image, 2 ** i)
         high += image - low
         image = low
@@ -45,33 +48,33 @@ def on_host_if_out_of_memory(fn, *args):
         return fn(*host(args))
 
 
-def color_reference(source, method, eps=1e-5):
+def color_reference(source, method):
     """What the colour fix ``method`` keeps of ``source``: its per-channel (μ, σ) for adain, its low
     frequencies for wavelet, nothing for none. Taken early, it lets a pipeline free the source image. On the
     device of ``source``, or the CPU if that runs out of memory."""
-    return on_host_if_out_of_memory(_color_reference, source, method, eps)
+    return on_host_if_out_of_memory(_color_reference, source, method)
 
 
-def _color_reference(source, method, eps):
+def _color_reference(source, method):
     check_color_fix(method)
     if method == "adain":
-        return _mean_std(source, eps)
+        return _mean_std(source)
     if method == "wavelet":
         return wavelet_decomposition(source)[1]
     return None
 
 
-def fix_colors(target, reference, method, eps=1e-5):
+def fix_colors(target, reference, method):
     """The colour fix ``method`` of ``target`` against ``reference = color_reference(source, method)``; in place
     on one new image (the formulas above, same operations in the same order). On the device of ``target``, or the
     CPU if that runs out of memory (``target`` is left as it is either way)."""
-    return on_host_if_out_of_memory(_fix_colors, target, reference, method, eps)
+    return on_host_if_out_of_memory(_fix_colors, target, reference, method)
 
 
-def _fix_colors(target, reference, method, eps):
+def _fix_colors(target, reference, method):
     check_color_fix(method)
-    if method == "adain":  # (t − μ_t)/σ_t · σ_s + μ_s per channel, σ = sqrt(var_unbiased + eps)
-        mean_t, std_t = _mean_std(target, eps)
+    if method == "adain":  # (t − μ_t)/σ_t · σ_s + μ_s per channel (``_mean_std``)
+        mean_t, std_t = _mean_std(target)
         device = target.device  # a generator of its own keeps what it captures after a failure: not the image
         mean_s, std_s = (r.to(device) for r in reference)
         return (target - mean_t).div_(std_t).mul_(std_s).add_(mean_s).clamp_(0.0, 1.0)
