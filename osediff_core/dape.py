@@ -209,12 +209,13 @@ class DAPETagger(nn.Module):
         return self.logits(image01)
 
 
-def read_indices(length, size=IMAGE_SIZE):
-    """The pixels along an axis of ``length`` that ``DAPETagger.preprocess``'s bilinear resize to ``size`` reads,
-    sorted: for each output pixel the two either side of its source position ((i + 0.5)·length/size − 0.5, at least
-    0: align_corners=False), and the next one out where that position is within PyTorch's float32 rounding of a pixel
-    (which may carry it across; past a million pixels by more than one). Every pixel where the axis is not shrunk."""
-    source = ((torch.arange(size, dtype=torch.float64) + 0.5) * (length / size) - 0.5).clamp(min=0)
+def read_indices(length):
+    """The pixels along an axis of ``length`` that ``DAPETagger.preprocess``'s bilinear resize to ``IMAGE_SIZE``
+    reads, sorted: for each output pixel the two either side of its source position ((i + 0.5)·length/IMAGE_SIZE −
+    0.5, at least 0: align_corners=False), and the next one out where that position is within PyTorch's float32
+    rounding of a pixel (which may carry it across; past a million pixels by more than one). Every pixel where the
+    axis is not shrunk."""
+    source = ((torch.arange(IMAGE_SIZE, dtype=torch.float64) + 0.5) * (length / IMAGE_SIZE) - 0.5).clamp(min=0)
     slack = 1e-6 * (source + 1)  # float32 rounds it by a few 1e-8 of its size; below 0.5 up to 500k px
     first = (source - slack).floor().long().clamp(min=0)
     last = ((source + slack).floor().long() + 1).clamp(max=length - 1)

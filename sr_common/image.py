@@ -42,10 +42,10 @@ def tensor_to_uint8(image):
     return image[0].clamp(0, 1).mul(255).permute(1, 2, 0).cpu().float().round().to(torch.uint8).numpy()
 
 
-def is_8bit(image, tol=1e-4):
-    """True when every value is k/255 for an integer k (the image came from an 8-bit file)."""
+def is_8bit(image):
+    """True when every value is k/255 for an integer k, to 1e-4 of a level (the image came from an 8-bit file)."""
     scaled = image.detach().float() * 255.0
-    return bool(((scaled - scaled.round()).abs() <= tol).all())
+    return bool(((scaled - scaled.round()).abs() <= 1e-4).all())
 
 
 def check_image(image):
