@@ -529,6 +529,25 @@ def test_the_readmes_node_table_lists_every_node_and_no_other(nodes):
     assert sorted(listed) == sorted(node.define_schema().display_name for node in nodes.values())
 
 
+def test_the_readmes_node_table_names_the_types_the_nodes_take_and_give(nodes):
+    """Each row of the README's table of nodes names, after its arrow (up to the first parenthesis), exactly the
+    types its nodes output, and before it (parentheses left out) only types they take. The rows 'Load DAPE (RAM +
+    LoRA) / DAPE Prompt Extractor | IMAGE → STRING' and 'Load DoSSR / DoSSR Upscale (all-in-one) | IMAGE → IMAGE'
+    left out the loaders' DAPE_MODEL and DOSSR_MODEL."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        table = f.read().split("| node | in → out |", 1)[1].split("\n\n", 1)[0]
+    schemas = {schema.display_name: schema for schema in (node.define_schema() for node in nodes.values())}
+    io_types = {port.io_type for schema in schemas.values() for port in schema.inputs + schema.outputs}
+    named = lambda text: {word for word in re.findall(r"[A-Z][A-Z0-9_]+", text) if word in io_types}
+    for line in table.strip().splitlines()[1:]:
+        names, in_out = line.removeprefix("| ").split(" | ", 1)
+        taken, given = in_out.split(" → ", 1)
+        row = [schemas[name] for name in names.split(" / ")]
+        assert named(given.split("(", 1)[0]) == {port.io_type for schema in row for port in schema.outputs}, names
+        taken_types = {port.io_type for schema in row for port in schema.inputs}
+        assert named(re.sub(r"\([^)]*\)", "", taken)) <= taken_types, names
+
+
 def test_the_nodes_take_the_sizes_the_commands_take(nodes, capsys):
     """upscale and process_size in the OSEDiff nodes and DAPE Prompt Extractor range as ``osediff`` and ``diffsr
     dape`` take them: 1 to 8, and 0 (no input enlarged) to 4096. ``dossr`` took an --upscale in (0, 16], where its
