@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from comfyui_diffsr.sr_common.download import file_digests
+from comfyui_diffsr.sr_common.known_files import UNET_PREFIX
 from comfyui_diffsr.sr_common.sd21 import cpu_computes_float16
 from fixture_weights import checkpoint_bytes, exclusive_lock, make_checkpoint, replace_file, same_bytes
 
@@ -352,6 +353,14 @@ cpu_float16 = pytest.mark.skipif(not cpu_computes_float16(),
 def psnr(a, b, peak=1.0):
     mse = torch.mean((a.double() - b.double()) ** 2).item()
     return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(peak**2 / mse)).item()
+
+
+def sd15_layout(sd):
+    """An SD 2.x LDM state dict in SD 1.x's layout: its text encoder in transformers' keys, its UNet's transformers
+    projecting with 1×1 convolutions (what tells SD 1.x; SD 2.x projects with linear layers)."""
+    return {k.replace("cond_stage_model.model.", "cond_stage_model.transformer.text_model."):
+            v[:, :, None, None] if k.startswith(UNET_PREFIX) and k.endswith((".proj_in.weight", ".proj_out.weight"))
+            else v for k, v in sd.items()}
 
 
 def fixture_noise(d, steps):

@@ -24,7 +24,8 @@ from comfyui_diffsr.osediff_core.weights import convert_osediff, read_osediff
 from comfyui_diffsr.sr_common.errors import WeightFileError
 from comfyui_diffsr.sr_common.sd21 import SD21, load_sd21
 
-from conftest import DAPE, DATA, DOSSR, DOSSR_CONFIG, OSEDIFF, RAM, SINGLE, copy_tiny_sd21, fifo, outcome_within
+from conftest import (DAPE, DATA, DOSSR, DOSSR_CONFIG, OSEDIFF, RAM, SINGLE, copy_tiny_sd21, fifo, outcome_within,
+                      sd15_layout)
 
 TINY_SD21 = os.path.join(DATA, "osediff", "tiny_sd21")
 PNG = os.path.join(DATA, "osediff", "in_13x19.png")
@@ -67,14 +68,6 @@ def _sd(mutate):
     def make(path, env):
         save_file(mutate(dict(env["single"])), str(path))
     return make
-
-
-def _sd15(sd):
-    """SD 1.x's layout: its text encoder in transformers' keys, its UNet's transformers projecting with 1×1
-    convolutions (what tells SD 1.x; SD 2.x projects with linear layers)."""
-    return {k.replace("cond_stage_model.model.", "cond_stage_model.transformer.text_model."):
-            v[:, :, None, None] if k.startswith(UNET) and k.endswith((".proj_in.weight", ".proj_out.weight")) else v
-            for k, v in sd.items()}
 
 
 def _sdxl(sd):
@@ -356,7 +349,7 @@ CASES = {
                   "it is a list, not a dict of tensors.*Use the whole SD 2.1-base"),
     "sd-safetensors-named-ckpt": ("v2-1_512.ckpt", _copy(SINGLE), sd21,
                                   "safetensors file with a '.ckpt' name.*rename it to .safetensors"),
-    "sd-1.5": ("sd15.safetensors", _sd(_sd15), sd21, r"Stable Diffusion 1\.x.*stable-diffusion-2-1-base"),
+    "sd-1.5": ("sd15.safetensors", _sd(sd15_layout), sd21, r"Stable Diffusion 1\.x.*stable-diffusion-2-1-base"),
     "sdxl": ("sdxl.safetensors", _sd(_sdxl), sd21, "SDXL.*stable-diffusion-2-1-base"),
     "sd2-768-v": ("v2-1_768.safetensors", _sd(_v_prediction), sd21, "768 v-prediction.*v2-1_512-ema-pruned"),
     "sd-no-text-encoder": ("unet_vae.safetensors", _sd(_no_text_encoder), sd21, "OpenCLIP text encoder.*Use the whole SD 2.1-base"),

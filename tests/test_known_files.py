@@ -18,7 +18,7 @@ from comfyui_diffsr.sr_common.known_files import (CONVERTED, KNOWN, KNOWN_FILES,
                                                   canonical, identify, sd_family)
 from comfyui_diffsr.sr_common.sd21 import load_sd21
 
-from conftest import DAPE, DOSSR, DOSSR_CONFIG, OSEDIFF, RAM, SINGLE
+from conftest import DAPE, DOSSR, DOSSR_CONFIG, OSEDIFF, RAM, SINGLE, sd15_layout
 
 
 
@@ -38,14 +38,6 @@ def _save(obj, suffix):
     return make
 
 
-def _sd15(sd):
-    """SD 1.x's layout: its text encoder in transformers' keys, its UNet's transformers projecting with 1×1
-    convolutions (what tells SD 1.x; SD 2.x projects with linear layers)."""
-    return {k.replace("cond_stage_model.model.", "cond_stage_model.transformer.text_model."):
-            v[:, :, None, None] if k.startswith(UNET_PREFIX) and k.endswith((".proj_in.weight", ".proj_out.weight"))
-            else v for k, v in sd.items()}
-
-
 def _copy(src):
     def make(path):
         with open(src, "rb") as f, open(path, "wb") as out:
@@ -56,7 +48,7 @@ def _copy(src):
 # kind: (file name, how it is made)
 FILES = {
     "sd2": ("v2-1_512-ema-pruned.safetensors", _copy(SINGLE)),
-    "sd1": ("v1-5-pruned-emaonly.safetensors", _sd(_sd15)),
+    "sd1": ("v1-5-pruned-emaonly.safetensors", _sd(sd15_layout)),
     # SDXL base: CLIP-L as sgm's embedder 0, OpenCLIP-bigG as its embedder 1
     "sdxl": ("sd_xl_base_1.0.safetensors", _sd(lambda sd: dict(sd, **{"conditioner.embedders.1.model.ln_final.bias":
                                                                           t()}))),
@@ -221,7 +213,7 @@ def test_format_metadata_of_other_writers_is_not_taken_for_the_packs(tmp_path):
     """safetensors files converted by others carry ``format`` metadata too ("pt", from transformers and the Hugging
     Face converter): only the pack's own formats name a converted file, the others are named by their keys."""
     path = str(tmp_path / "v1-5-pruned-emaonly.safetensors")
-    save_file(_sd15(load_file(SINGLE)), path, metadata={"format": "pt"})
+    save_file(sd15_layout(load_file(SINGLE)), path, metadata={"format": "pt"})
     assert identify(_load(path), path).kind == "sd1"
     with pytest.raises(WeightFileError, match=r"'v1-5-pruned-emaonly.safetensors' is not Stable Diffusion 2.1-base: "
                                               r"it is a Stable Diffusion 1\.x checkpoint"):
