@@ -179,13 +179,24 @@ def plan_outputs(images, outdir, overwrite=False, skip_existing=False, suffix=".
     elif existing and not overwrite:
         raise DiffSRError(f"{len(existing)} output file(s) exist already (e.g. {quoted_name(existing[0])}). Choose "
                           "another --output folder, pass --skip-existing to upscale only the others, or --overwrite.")
-    # an output folder that cannot be made is found before the models are loaded (and nothing is made yet)
-    unwritable = unwritable_part(outdir)
-    if unwritable:
-        raise DiffSRError(f"Cannot write the output folder {quoted_name(outdir)}: {quoted_name(unwritable)} is not a "
-                          "writable folder. Choose another --output folder.")
+    for folder in dict.fromkeys([outdir, *folders]):  # OUTDIR and, with -r, its sub-folders
+        check_output_folder(folder)
     clear_abandoned_partials(folders)
     return pairs
+
+
+def check_output_folder(folder):
+    """Refuse an output folder that cannot be made or written in (a file of the user's at its name or above it, a
+    folder not writable), before the models are loaded and before anything is made: found while the images before
+    it are upscaled, it would stop the run, and again each time it is resumed."""
+    unwritable = unwritable_part(folder)
+    if not unwritable:
+        return
+    if unwritable == os.path.abspath(folder) and not os.path.isdir(unwritable):
+        raise DiffSRError(f"Cannot write the output folder {quoted_name(folder)}: it is a file, not a folder. Move "
+                          "that file, or choose another --output folder.")
+    raise DiffSRError(f"Cannot write the output folder {quoted_name(folder)}: {quoted_name(unwritable)} is not a "
+                      "writable folder. Choose another --output folder.")
 
 
 def clear_abandoned_partials(folders):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -990,6 +991,23 @@ def test_cli_reports_clear_errors(base, tmp_path, capsys):
     assert run([os.path.join(FIX, "in_32x32.png"), "-o", tmp_path / "a_file" / "out", "--base", base, "--weights",
                 "x"]) == 2  # found before the (missing) weights are read
     assert "Cannot write the output folder" in capsys.readouterr().err
+
+
+def test_an_output_sub_folder_that_is_a_file_is_refused_before_anything_runs(base, tmp_path, capsys):
+    """With -r, an output sub-folder that is a file of the user's is found as the outputs are planned (as the output
+    folder itself is): before the models load, not once the images before it are upscaled, with an errno message and
+    an advice (--skip-existing) that meets the same file again. The file is left as it was."""
+    photos = tmp_path / "photos"
+    (photos / "2019").mkdir(parents=True)
+    shutil.copy(os.path.join(FIX, "in_32x32.png"), photos / "a.png")
+    shutil.copy(os.path.join(FIX, "in_32x32.png"), photos / "2019" / "b.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "2019").write_bytes(b"my notes")
+    assert run([photos, "-r", "-o", out, "--base", base, "--weights", "x"]) == 2  # before the (missing) weights
+    err = capsys.readouterr().err
+    assert re.search(r"Cannot write the output folder '.*out/2019': it is a file, not a folder", err), err
+    assert sorted(os.listdir(out)) == ["2019"] and (out / "2019").read_bytes() == b"my notes"
 
 
 def test_osediff_with_dape_prompts(base, tmp_path, monkeypatch):
