@@ -658,16 +658,32 @@ def _decoded_upright(path):
         raise ImageInputError(f"Image too large to open safely ({e}). Downscale it or cut it into parts "
                               "first.") from e
     except UnidentifiedImageError as e:  # PIL's message names the file object it read, not the file
-        raise ImageInputError("Cannot read image: it is not an image, or in a format Pillow cannot read. Export it "
-                              "as PNG or JPEG.") from e
+        raise ImageInputError(f"Cannot read image: {_not_an_image(path)}") from e
     except (OSError, ValueError, SyntaxError) as e:  # SyntaxError: PIL's broken PNG chunk
         reason = e.strerror if isinstance(e, OSError) and e.filename is not None else e  # less the file's name
+        if str(reason).startswith("image file is truncated"):  # Pillow's words for a file cut short
+            reason = f"{reason}: the file is cut short (its copy or download did not finish). Copy it again."
         raise ImageInputError(f"Cannot read image: {reason}") from e
     except MemoryError:
         raise
     except Exception as e:  # noqa: BLE001 (PIL meets the damage where it expects none)
         raise ImageInputError(f"Cannot read image: the file is damaged ({type(e).__name__}: {e}). Export or copy it "
                               "again.") from e
+
+
+def _not_an_image(path):
+    """What a file that Pillow finds no image in is, by its first bytes, and the fix: an empty file or an HTML page
+    (a failed download) is copied or downloaded again; another is exported as PNG or JPEG."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(64)
+    except OSError:  # as unreadable as it was to Pillow: the general advice
+        head = None
+    if head == b"":
+        return "the file is empty (0 bytes): its copy or download did not finish. Copy it again."
+    if head and head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        return "it is an HTML page (a failed download or a login page), not an image. Download it again."
+    return "it is not an image, or in a format Pillow cannot read. Export it as PNG or JPEG."
 
 
 def _exif_of(opened):

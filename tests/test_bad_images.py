@@ -414,11 +414,20 @@ def test_an_image_past_pillows_decompression_bomb_warning_is_read_with_a_one_lin
 
 
 @pytest.mark.parametrize("content, message", [
-    (lambda: b"not an image", "Cannot read image"),
-    (lambda: open(os.path.join(DATA, "osediff", "in_32x32.png"), "rb").read()[:300], "Cannot read image"),
+    (lambda: b"not an image", "^Cannot read image: it is not an image, or in a format Pillow cannot read. Export it "
+                              "as PNG or JPEG.$"),
+    (lambda: open(os.path.join(DATA, "osediff", "in_32x32.png"), "rb").read()[:300],
+     "^Cannot read image: image file is truncated.* Copy it again.$"),
+    (lambda: b"", r"^Cannot read image: the file is empty \(0 bytes\): its copy or download did not finish. Copy it "
+                  "again.$"),
+    (lambda: b"\n <!DOCTYPE html><html><body>Sign in</body></html>",
+     r"^Cannot read image: it is an HTML page \(a failed download or a login page\), not an image. Download it "
+     "again.$"),
     (None, "too large"),
 ])
 def test_unreadable_image_files(tmp_path, content, message):
+    """Each unreadable file is refused with what it is and the fix that applies: an empty file, a cut one or an HTML
+    page saved under an image's name is copied or downloaded again, not exported as PNG or JPEG."""
     path = tmp_path / "bad.png"
     if content is None:  # a 30000×30000 header with almost no data: PIL's decompression-bomb guard
         _png(path, 30000, 30000, 8, 2, [b"\x00" * 3])
