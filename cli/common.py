@@ -26,6 +26,22 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 HIGH_DEPTH_PEAK = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "F": 1.0}  # PIL mode → white
 
 
+class CommandParser(argparse.ArgumentParser):
+    """The commands' argument parser: its usage errors point out an argument that names an existing file but starts
+    with '-' (an image named ``-photo.png``, read as an option), and how to give it."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message):
+        dashed = [arg for arg in getattr(self, "given", []) if arg.startswith("-") and os.path.isfile(arg)]
+        if dashed:
+            message += (f" ({quoted_name(dashed[0])} is a file, read as an option: give it as "
+                        f"{quoted_name(os.path.join('.', dashed[0]))}, or after --)")
+        super().error(message)
+
+
 def add_input_args(parser, writes_images=True):
     """INPUT... and -r; ``writes_images``: the command writes an output image per input (not ``dape``, which prints)."""
     outputs, left_out = (("; the outputs mirror the sub-folders", "hidden folders, links to folders and the output "

@@ -21,23 +21,22 @@ only where the tagger's resize to 384×384 reads it (``lq_as_read``), with ``--o
 sides or both are multiples of 8 (that sizing's shrink to them is one LANCZOS pass or none).
 """
 
-import argparse
 import sys
 
 from ..sr_common.errors import DiffSRError
 from ..sr_common.image import MAX_UPSCALE, MIN_UPSCALE
 from ..sr_common.sd21 import network_dtype
 from ..sr_common.tiling import OutOfMemory, is_out_of_memory
-from .common import (add_device_args, add_input_args, check_sizing_args, escaped_name, find_images, load_image,
-                     pick_device, run_main, shown_name)
+from .common import (CommandParser, add_device_args, add_input_args, check_sizing_args, escaped_name, find_images,
+                     load_image, pick_device, run_main, shown_name)
 
 
 FAILED_LINE = "<failed>"  # no prompt starts with "<": it starts with a tag (a letter or digit) or ", " (no tags)
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="dape", description="DAPE (RAM + LoRA) prompts for OSEDiff.",
-                                epilog="To write RAM + DAPE as one converted tagger: diffsr convert dape.")
+    p = CommandParser(prog="dape", description="DAPE (RAM + LoRA) prompts for OSEDiff.",
+                      epilog="To write RAM + DAPE as one converted tagger: diffsr convert dape.")
     add_input_args(p, writes_images=False)
     p.add_argument("--ram", default=None, help="ram_swin_large_14m.pth (with --dape)")
     p.add_argument("--dape", default=None, help="DAPE.pth (with --ram), or a converted DAPE .safetensors alone")

@@ -1,6 +1,5 @@
 """``dossr``: super-resolution ×4 of image files with DoSSR (domain-shift SDE, 5 steps by default)."""
 
-import argparse
 import os
 import sys
 
@@ -14,14 +13,14 @@ from ..sr_common.image import MAX_UPSCALE, MIN_UPSCALE, check_upscale
 from ..sr_common.names import quoted_name
 from ..sr_common.offload import OffloadWhenShort
 from ..sr_common.sd21 import move_module, network_dtype
-from .common import (NAME_MAX, add_compile_arg, add_device_args, add_input_args, add_output_args, add_seed_arg,
-                     add_tile_args, check_tile_args, find_images, pick_device, plan_outputs, run_main, upscale_all,
-                     with_smaller_tiles_on_oom)
+from .common import (NAME_MAX, CommandParser, add_compile_arg, add_device_args, add_input_args, add_output_args,
+                     add_seed_arg, add_tile_args, check_tile_args, find_images, pick_device, plan_outputs, run_main,
+                     upscale_all, with_smaller_tiles_on_oom)
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="dossr", description="DoSSR diffusion super-resolution (x4; other scales by "
-                                "resizing the x4 result).")
+    p = CommandParser(prog="dossr", description="DoSSR diffusion super-resolution (x4; other scales by "
+                      "resizing the x4 result).")
     add_input_args(p)
     p.add_argument("-o", "--output", required=True,
                    help="output folder (one file named after each input, .png unless --format)")

@@ -1,6 +1,5 @@
 """``osediff``: one-step super-resolution of image files with OSEDiff."""
 
-import argparse
 import sys
 
 import torch
@@ -12,13 +11,13 @@ from ..sr_common.errors import DiffSRError
 from ..sr_common.image import MAX_UPSCALE, MIN_UPSCALE, scaled_size
 from ..sr_common.offload import OffloadWhenShort
 from ..sr_common.sd21 import load_sd21, move_module, network_dtype
-from .common import (add_compile_arg, add_device_args, add_input_args, add_output_args, add_seed_arg, add_tile_args,
-                     check_sizing_args, check_tile_args, find_images, pick_device, plan_outputs, run_main, upscale_all,
-                     with_smaller_tiles_on_oom)
+from .common import (CommandParser, add_compile_arg, add_device_args, add_input_args, add_output_args, add_seed_arg,
+                     add_tile_args, check_sizing_args, check_tile_args, find_images, pick_device, plan_outputs,
+                     run_main, upscale_all, with_smaller_tiles_on_oom)
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="osediff", description="OSEDiff one-step diffusion super-resolution.")
+    p = CommandParser(prog="osediff", description="OSEDiff one-step diffusion super-resolution.")
     add_input_args(p)
     p.add_argument("-o", "--output", required=True,
                    help="output folder (one file named after each input, .png unless --format)")

@@ -1188,3 +1188,22 @@ def test_an_output_folder_named_by_another_path_is_still_left_out(tmp_path, chil
     assert searched == str([(str(folder / "a.png"), "a")])
     assert refused.startswith(f"--output {quoted_name(elsewhere)} is the input folder "
                               f"{quoted_name(folder / 'upscaled')}:")
+
+
+@pytest.mark.parametrize("command", ["osediff", "dossr", "dape"])
+@pytest.mark.parametrize("where", ["first", "after another input"])
+def test_an_input_named_with_a_leading_dash_is_pointed_out(tmp_path, monkeypatch, capsys, command, where):
+    """An image named -photo.png reads as an option: argparse's error ('the following arguments are required:
+    INPUT', or 'unrecognized arguments') does not say so; the commands add how to give it."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(os.path.join(FIX, "in_32x32.png"), "-photo.png")
+    shutil.copy(os.path.join(FIX, "in_32x32.png"), "b.png")
+    inputs = ["-photo.png"] if where == "first" else ["b.png", "-photo.png"]
+    main_of = importlib.import_module(f"comfyui_diffsr.cli.{command}").main
+    with pytest.raises(SystemExit) as exited:
+        main_of([*inputs, "-o", "out", "--weights", "x"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "'-photo.png' is a file, read as an option: give it as './-photo.png', or after --" in err, err
