@@ -38,7 +38,7 @@ class CommandParser(argparse.ArgumentParser):
         dashed = [arg for arg in getattr(self, "given", []) if arg.startswith("-") and os.path.isfile(arg)]
         if dashed:
             message += (f" ({quoted_name(dashed[0])} is a file, read as an option: give it as "
-                        f"{quoted_name(os.path.join('.', dashed[0]))}, or after --)")
+                        f"{quoted_name(os.path.join('.', dashed[0]))}, or after the options and --)")
         super().error(message)
 
 

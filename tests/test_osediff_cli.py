@@ -1206,4 +1206,5 @@ def test_an_input_named_with_a_leading_dash_is_pointed_out(tmp_path, monkeypatch
         main_of([*inputs, "-o", "out", "--weights", "x"])
     assert exited.value.code == 2
     err = capsys.readouterr().err
-    assert "'-photo.png' is a file, read as an option: give it as './-photo.png', or after --" in err, err
+    assert ("'-photo.png' is a file, read as an option: give it as './-photo.png', or after the options and --"
+            in err), err
