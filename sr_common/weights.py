@@ -103,6 +103,10 @@ def _check_file(path):
     return path
 
 
+IMAGE_KIND = "an image, not weights"  # what ``sniff`` says of a PNG, JPEG, GIF or WebP
+IMAGE_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp")  # an image so named was given by mistake
+
+
 def sniff(path):
     """What the first bytes of a file say it is: 'zip', 'pickle', 'safetensors', or a description of another kind."""
     with open(path, "rb") as f:
@@ -118,7 +122,7 @@ def sniff(path):
     if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
         return "an HTML page (a failed download or a login page), not weights"
     if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF")):
-        return "an image, not weights"
+        return IMAGE_KIND
     try:
         head.decode("utf-8")
     except UnicodeDecodeError:
@@ -178,6 +182,9 @@ def read_state_dict(path, *, mmap=True, float32=False):
     path = _check_file(path)
     name = os.path.basename(path)
     kind = sniff(path)
+    if kind == IMAGE_KIND and name.lower().endswith(IMAGE_FILE_SUFFIXES):  # a slip: the image itself was given
+        raise WeightFileError(f"Cannot read {quoted_name(name)}: it is an image, not a weight file. Give the weight "
+                              "file there (the images to upscale are the command's inputs).")
     if kind not in ("zip", "pickle", "safetensors"):
         raise WeightFileError(f"Cannot read {quoted_name(name)}: it is {kind}. {DOWNLOAD_HINT}")
     named_safetensors = path.lower().endswith(SAFETENSORS_SUFFIXES)

@@ -343,6 +343,9 @@ CASES = {
     "sd-git-lfs-pointer": ("v2-1_512.safetensors", _bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:"
                                                           b"0123\nsize 5214865159\n"), sd21, "Git LFS pointer.*lfs pull"),
     "sd-png": ("v2-1_512.ckpt", _copy(PNG), sd21, "an image.*" + DOWNLOAD),
+    # an image given by its own name where the weights go (a slip on the command line): no download would help
+    "sd-photo-given": ("photo.png", _copy(PNG), sd21, r"is an image, not a weight file\. Give the weight file there "
+                       r"\(the images to upscale are the command's inputs\)\.$"),
     "sd-missing": ("v2-1_512.safetensors", lambda path, env: None, sd21, "not found.*v2-1_512-ema-pruned"),
     # a pickle of something other than a dict (ComfyUI's load_torch_file fails on it with an AttributeError)
     "sd-a-list": ("v2-1_512.ckpt", lambda path, env: torch.save([torch.zeros(1)], path), sd21,
