@@ -679,6 +679,18 @@ def diffusers_needs_accelerate_for_shards():
     return _version(diffusers.__version__) < _version(DIFFUSERS_LOADS_SHARDS_ALONE) and not is_accelerate_available()
 
 
+def diffusers_loads_through_accelerate():
+    """Whether the installed diffusers loads a UNet or VAE through accelerate's loaders by default: before
+    ``DIFFUSERS_LOADS_SHARDS_ALONE`` with accelerate installed (0.30-0.32 ``ModelMixin.from_pretrained``, whose
+    ``low_cpu_mem_usage`` is then True: a file with ``load_model_dict_into_meta``, which raises on a tensor the file
+    lacks, shards with ``accelerate.load_checkpoint_and_dispatch(..., strict=True)``, which fails on a tensor the
+    module lacks and leaves one the shards lack on the meta device, reporting none)."""
+    import diffusers
+    from diffusers.utils import is_accelerate_available
+
+    return _version(diffusers.__version__) < _version(DIFFUSERS_LOADS_SHARDS_ALONE) and is_accelerate_available()
+
+
 def _check_shards_loadable(folder):
     """Refuse by name a UNet or VAE saved in shards, whose index diffusers reads (``INDEX_BEFORE_FILE``), where the
     installed diffusers loads one only with accelerate, which is not installed
@@ -695,6 +707,58 @@ def _check_shards_loadable(folder):
                                   "only with accelerate, which is not installed: install it into the Python that runs "
                                   "ComfyUI or the pack's commands (pip install accelerate), or update diffusers to "
                                   f"{DIFFUSERS_LOADS_SHARDS_ALONE} or later.")
+
+
+def _shards_index(folder, sub):
+    """The path of the safetensors shard index of ``sub`` that diffusers reads, where there is one; else None."""
+    path = os.path.join(folder, sub, f"{FOLDER_WEIGHT_FILES[sub][0]}.safetensors.index.json")
+    return path if os.path.isfile(path) else None
+
+
+def _diffusers_options(folder, configs):
+    """diffusers' ``from_pretrained`` options for the UNet and VAE, {part: options}. Where diffusers loads through
+    accelerate (``diffusers_loads_through_accelerate``): a part in one file with ``low_cpu_mem_usage=False``, the
+    loader that reports a missing tensor, refused then as without accelerate (accelerate's raised a ValueError saying
+    to pass that option); a part in shards, which diffusers loads there through accelerate alone, is checked by its
+    index's tensor names first: one its module lacks is refused by name, one the shards lack as missing."""
+    if not diffusers_loads_through_accelerate():
+        return {sub: {} for sub in INDEX_BEFORE_FILE}
+    import diffusers
+
+    options, modules = {}, None
+    for sub in INDEX_BEFORE_FILE:
+        index = _shards_index(folder, sub)
+        if index is None:
+            options[sub] = {"low_cpu_mem_usage": False}
+            continue
+        options[sub] = {}
+        modules = modules or dict(zip(FOLDER_WEIGHT_FILES, models_from_config(folder, random_init=False,
+                                                                               configs=configs)))
+        weight_map = read_config(os.path.dirname(index), os.path.basename(index), FOLDER_FIX)["weight_map"]
+        stored, expected = _in_module_names(modules[sub], dict.fromkeys(weight_map)), modules[sub].state_dict()
+        _refuse_missing(folder, sub, [k for k in expected if k not in stored])
+        unexpected = sorted(k for k in stored if k not in expected)
+        if unexpected:
+            raise WeightFileError(f"{sub}/{os.path.basename(index)} in the diffusers folder {quoted_name(folder)}: the "
+                                  f"{sub}'s shards hold {len(unexpected)} tensors its model lacks (e.g. "
+                                  f"{unexpected[:2]}), on which diffusers {diffusers.__version__} (installed here) "
+                                  "fails: it loads shards through accelerate, which takes only the model's tensors. "
+                                  f"Update diffusers to {DIFFUSERS_LOADS_SHARDS_ALONE} or later, which drops them, or "
+                                  f"save the {sub} again without them.")
+    return options
+
+
+def _refuse_missing(folder, part, missing):
+    """Refuse ``part`` of the diffusers folder, which lacks the tensors ``missing`` (names), if any."""
+    if missing:
+        raise WeightFileError(f"The {part}/ weights in the diffusers folder {quoted_name(folder)} lack "
+                              f"{len(missing)} of the model's tensors (e.g. {missing[:2]}), which diffusers and "
+                              f"transformers would start at random. {FOLDER_FIX}")
+
+
+def _on_meta_device(module):
+    """The names of ``module``'s parameters and buffers on the meta device (holding no data)."""
+    return [name for name, tensor in (*module.named_parameters(), *module.named_buffers()) if tensor.is_meta]
 
 
 def _check_text_encoder_format(folder):
@@ -771,23 +835,25 @@ def load_diffusers_folder(folder, in_memory=False, checked=None):
         _folder_part_files(folder, sub, their_loaders=True)
     _check_shards_loadable(folder)
     _check_text_encoder_format(folder)
+    options = _diffusers_options(folder, configs)
     try:
         unet, unet_info = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True,
-                                                               torch_dtype=torch.float32, output_loading_info=True)
+                                                               torch_dtype=torch.float32, output_loading_info=True,
+                                                               **options["unet"])
         vae, vae_info = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True,
-                                                      torch_dtype=torch.float32, output_loading_info=True)
+                                                      torch_dtype=torch.float32, output_loading_info=True,
+                                                      **options["vae"])
         text_encoder, text_info = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"),
                                                                 local_files_only=True, torch_dtype=torch.float32,
                                                                 output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise WeightFileError(f"Cannot load the diffusers folder {quoted_name(folder)}: {e} Its files are incomplete "
                               f"or damaged. {FOLDER_FIX}") from e
-    for part, info in (("unet", unet_info), ("vae", vae_info), ("text_encoder", text_info)):
-        missing = sorted(info["missing_keys"])  # started at random, with a logged warning only
-        if missing:
-            raise WeightFileError(f"The {part}/ weights in the diffusers folder {quoted_name(folder)} lack "
-                                  f"{len(missing)} of the model's tensors (e.g. {missing[:2]}), which diffusers and "
-                                  f"transformers would start at random. {FOLDER_FIX}")
+    for part, module, info in (("unet", unet, unet_info), ("vae", vae, vae_info),
+                               ("text_encoder", text_encoder, text_info)):
+        # started at random, with a logged warning only; or left on the meta device by accelerate's loaders, which
+        # report none
+        _refuse_missing(folder, part, sorted({*info["missing_keys"], *_on_meta_device(module)}))
     _check_epsilon_weights(folder, unet)
     return SD21(unet.eval(), vae.eval(), text_encoder.eval(), tokenizer)
 

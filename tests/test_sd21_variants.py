@@ -944,14 +944,14 @@ def test_a_part_with_a_file_and_a_shard_index_is_read_from_the_one_its_loader_re
     assert all(torch.equal(theirs[k], ours[k]) for k in ours)
 
 
-def _left_to_transformers(tmp_path):
-    """The tiny SD 2.1 folder whose UNet holds a tensor its module lacks, so that diffusers' and transformers' loaders
-    load it, not this pack's."""
+def _left_to_transformers(tmp_path, part="unet"):
+    """The tiny SD 2.1 folder whose ``part`` (the UNet) holds a tensor its module lacks, so that diffusers' and
+    transformers' loaders load it, not this pack's."""
     from safetensors.torch import save_file
 
     folder = copy_tiny_sd21(tmp_path / "sd21")
-    unet = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
-    save_file({**load_file(unet), "global_step": torch.tensor([1000])}, unet, metadata={"format": "pt"})
+    path = os.path.join(folder, part, f"{STEMS[part]}.safetensors")
+    save_file({**load_file(path), "global_step": torch.tensor([1000])}, path, metadata={"format": "pt"})
     return folder
 
 
@@ -980,7 +980,7 @@ def test_diffusers_before_0_33_needs_accelerate_for_shards(monkeypatch, version,
 @pytest.mark.parametrize("part", ["unet", "vae"])
 def test_a_sharded_part_left_to_a_diffusers_that_needs_accelerate_is_refused_by_name(tmp_path, monkeypatch,
                                                                                      reference, part, diffusers_shown):
-    """A folder left to diffusers' loaders (a UNet with a tensor its module lacks) whose UNet or VAE is saved in
+    """A folder left to diffusers' loaders (a text encoder with a tensor its module lacks) whose UNet or VAE is saved in
     shards (``diffusion_pytorch_model.safetensors.index.json``, which diffusers reads before a file): diffusers
     0.30-0.32 without accelerate failed on it with a bare TypeError traceback (``low_cpu_mem_usage`` falls back to
     False, and that path calls ``load_state_dict(None)``). It is refused by name before diffusers is called, saying to
@@ -989,7 +989,7 @@ def test_a_sharded_part_left_to_a_diffusers_that_needs_accelerate_is_refused_by_
     oldest job: 0.30.0 without accelerate), and shown as 0.32.2 without accelerate."""
     from comfyui_diffsr.sr_common import sd21
 
-    folder = _left_to_transformers(tmp_path)
+    folder = _left_to_transformers(tmp_path, "text_encoder")
     index_name = f"{STEMS[part]}.safetensors.index.json"
     write_index(os.path.join(folder, part, index_name), in_shards(folder, part))
     if diffusers_shown != "installed":
@@ -1003,6 +1003,98 @@ def test_a_sharded_part_left_to_a_diffusers_that_needs_accelerate_is_refused_by_
                                               r"it into the Python that runs ComfyUI or the pack's commands \(pip "
                                               r"install accelerate\), or update diffusers to 0\.33 or later\.$"):
         load_sd21(folder)
+
+
+NEEDS_ACCELERATE = r"saved in shards, which diffusers \d[\d.]* \(installed here\) loads only with accelerate"
+
+
+def lacking(part, key):
+    """The refusal of ``part`` lacking the one tensor ``key``, as a pattern."""
+    return (rf"^The {part}/ weights in the diffusers folder '.*' lack 1 of the model's tensors \(e\.g\. "
+            rf"\[{re.escape(repr(key))}\]\), which diffusers and transformers would start at random\. Download the "
+            r"stable-diffusion-2-1-base folder again")
+
+
+@pytest.mark.parametrize("diffusers_shown", ["installed", "0.32.2-with-accelerate"])
+@pytest.mark.parametrize("part", ["unet", "vae"])
+def test_a_sharded_part_with_tensors_its_module_lacks_is_refused_by_name_where_accelerate_loads_it(
+        tmp_path, monkeypatch, reference, part, diffusers_shown):
+    """A UNet or VAE saved in shards that hold tensors its module lacks (a step counter; one under a module it lacks):
+    diffusers 0.30-0.32 with accelerate installed load shards with ``accelerate.load_checkpoint_and_dispatch(...,
+    strict=True)``, which failed on them, with the module's whole repr (20,000 characters for the tiny UNet, wrapped as
+    'Cannot load the diffusers folder') or a bare AttributeError traceback. It is refused by name before diffusers is
+    called, with the fix; diffusers 0.33 on load it (dropping them), 0.30-0.32 without accelerate refuse every shard.
+    Run with the installed diffusers and accelerate, and shown as 0.32.2 with accelerate."""
+    from safetensors.torch import save_file
+
+    from comfyui_diffsr.sr_common import sd21
+
+    folder = copy_tiny_sd21(tmp_path / "sd21")
+    path = os.path.join(folder, part, f"{STEMS[part]}.safetensors")
+    extra = {"global_step": torch.tensor([1000]), "ema.num_updates": torch.tensor([7])}
+    save_file({**load_file(path), **extra}, path, metadata={"format": "pt"})
+    index_name = f"{STEMS[part]}.safetensors.index.json"
+    write_index(os.path.join(folder, part, index_name), in_shards(folder, part))
+    if diffusers_shown != "installed":
+        _as_diffusers(monkeypatch, "0.32.2", True)
+    if sd21.diffusers_needs_accelerate_for_shards():
+        with pytest.raises(WeightFileError, match=NEEDS_ACCELERATE):
+            load_sd21(folder)
+    elif sd21.diffusers_loads_through_accelerate():
+        refusal = (rf"^{part}/{re.escape(index_name)} in the diffusers folder '.*': the {part}'s shards hold 2 tensors "
+                   r"its model lacks \(e\.g\. \['ema\.num_updates', 'global_step'\]\), on which diffusers \d[\d.]* "
+                   r"\(installed here\) fails: it loads shards through accelerate, which takes only the model's "
+                   rf"tensors\. Update diffusers to 0\.33 or later, which drops them, or save the {part} again without "
+                   r"them\.$")
+        with pytest.raises(WeightFileError, match=refusal):
+            load_sd21(folder)
+    else:
+        same_weights(load_sd21(folder), reference[1])
+
+
+@pytest.mark.parametrize("diffusers_shown", ["installed", "0.32.2-with-accelerate"])
+@pytest.mark.parametrize("part", ["unet", "vae"])
+def test_a_sharded_part_lacking_a_tensor_is_refused_saying_so(tmp_path, monkeypatch, part, diffusers_shown):
+    """A UNet or VAE saved in shards that lack one of its module's tensors: accelerate's strict loader (diffusers
+    0.30-0.32 with accelerate installed) leaves it on the meta device and reports nothing missing, and diffusers then
+    failed with 'Cannot copy out of meta tensor; no data!' (wrapped as 'Cannot load the diffusers folder'). It is
+    refused saying which tensor it lacks, as in a part of one file (``test_a_part_that_diffusers_would_start_at_random_
+    is_refused``) and with diffusers 0.33 on. Run with the installed diffusers and accelerate, and shown as 0.32.2 with
+    accelerate."""
+    from safetensors.torch import save_file
+
+    from comfyui_diffsr.sr_common import sd21
+
+    folder = copy_tiny_sd21(tmp_path / "sd21")
+    path = os.path.join(folder, part, f"{STEMS[part]}.safetensors")
+    state = load_file(path)
+    missing = sorted(state)[3]
+    save_file({k: v for k, v in state.items() if k != missing}, path, metadata={"format": "pt"})
+    write_index(os.path.join(folder, part, f"{STEMS[part]}.safetensors.index.json"), in_shards(folder, part))
+    if diffusers_shown != "installed":
+        _as_diffusers(monkeypatch, "0.32.2", True)
+    refusal = NEEDS_ACCELERATE if sd21.diffusers_needs_accelerate_for_shards() else lacking(part, missing)
+    with pytest.raises(WeightFileError, match=refusal):
+        load_sd21(folder)
+
+
+def test_a_part_left_on_the_meta_device_by_its_loader_is_refused_as_lacking_its_tensors(tmp_path, monkeypatch):
+    """accelerate's loaders report no missing tensor (diffusers 0.30-0.32 return empty loading info after
+    ``load_checkpoint_and_dispatch``) and leave one that the files lack on the meta device, where it would fail later,
+    in the first step, with an error naming no file. A part that its loader returns with a tensor on the meta device
+    (here the UNet's ``conv_out.bias``, its loading info emptied, as accelerate's) is refused as lacking it."""
+    from diffusers import UNet2DConditionModel
+
+    loaded = UNet2DConditionModel.from_pretrained.__func__
+
+    def left_on_meta(cls, *args, **kwargs):
+        unet, info = loaded(cls, *args, **kwargs)
+        unet.conv_out.bias = torch.nn.Parameter(torch.empty(unet.conv_out.bias.shape, device="meta"))
+        return unet, {**info, "missing_keys": []}
+
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", classmethod(left_on_meta))
+    with pytest.raises(WeightFileError, match=lacking("unet", "conv_out.bias")):
+        load_sd21(_left_to_transformers(tmp_path))
 
 
 def _with_text_encoder_metadata(folder, metadata, monkeypatch, transformers_version):
