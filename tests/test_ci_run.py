@@ -1,5 +1,5 @@
-"""CI's scripts: which Python the last runs of ``.ci/run`` (the suite on Python 3.13, then on 3.10) are given, and
-``tools/run_tests.sh``'s DIFFSR_PYTHON."""
+"""CI's scripts: which Python the last runs of ``.ci/run`` (the suite on Python 3.13, then on 3.10) are given, its
+run of the loaders' tests with accelerate, and ``tools/run_tests.sh``'s DIFFSR_PYTHON and DIFFSR_WITH."""
 
 import os
 import shutil
@@ -20,15 +20,20 @@ def fake_python(path, version):
     return path
 
 
-def pythons_given_to_the_last_runs(tmp_path, pyenv_versions, **env):
+RUN_FIELDS = ("DIFFSR_VENV", "DIFFSR_PYTHON", "DIFFSR_TORCH", "DIFFSR_CONSTRAINTS", "DIFFSR_WITH")
+
+
+def ci_runs(tmp_path, pyenv_versions, **env):
     """``.ci/run`` in a copy of the checkout whose ``tools/run_tests.sh`` records what each run is given, with a pyenv
-    of ``pyenv_versions`` ({name: version printed}) and the venvs there already (no disk check): {venv: DIFFSR_PYTHON}
-    of the runs on other Pythons (a run left out is absent), and what the script wrote to stderr."""
+    of ``pyenv_versions`` ({name: version printed}) and the venvs there already (no disk check): each run's
+    ``RUN_FIELDS`` ({name: value}, DIFFSR_VENV .venv where unset) and its pytest arguments (``"args"``), in order, and
+    what the script wrote to stderr."""
     root = tmp_path / "checkout"
     (root / ".ci").mkdir(parents=True)
     shutil.copy(os.path.join(ROOT, ".ci", "run"), root / ".ci" / "run")
     (root / "tools").mkdir()
-    (root / "tools" / "run_tests.sh").write_text('echo "${DIFFSR_VENV:-.venv}|${DIFFSR_PYTHON:-}" >> runs.log\n')
+    fields = "|".join("${%s:-%s}" % (name, ".venv" if name == "DIFFSR_VENV" else "") for name in RUN_FIELDS)
+    (root / "tools" / "run_tests.sh").write_text(f'echo "{fields}|$*" >> runs.log\n')
     for venv in (".venv-oldest", ".venv-py313", ".venv-py310"):
         (root / venv).mkdir()
     pyenv = tmp_path / "pyenv"
@@ -37,8 +42,16 @@ def pythons_given_to_the_last_runs(tmp_path, pyenv_versions, **env):
     done = subprocess.run(["bash", str(root / ".ci" / "run")], capture_output=True, text=True,
                           env={**outside_environment(), "PYENV_ROOT": str(pyenv), **env})
     assert done.returncode == 0, done.stderr
-    runs = dict(line.split("|") for line in (root / "runs.log").read_text().splitlines())
-    return {venv: python for venv, python in runs.items() if venv.startswith(".venv-py")}, done.stderr
+    runs = [dict(zip((*RUN_FIELDS, "args"), line.split("|"))) for line in (root / "runs.log").read_text().splitlines()]
+    return runs, done.stderr
+
+
+def pythons_given_to_the_last_runs(tmp_path, pyenv_versions, **env):
+    """{venv: DIFFSR_PYTHON} of ``.ci/run``'s runs on other Pythons (``ci_runs``; a run left out is absent), and what
+    the script wrote to stderr."""
+    runs, stderr = ci_runs(tmp_path, pyenv_versions, **env)
+    pythons = {run["DIFFSR_VENV"]: run["DIFFSR_PYTHON"] for run in runs if run["DIFFSR_VENV"].startswith(".venv-py")}
+    return pythons, stderr
 
 
 def python_given_to_the_last_run(tmp_path, pyenv_versions, **env):
@@ -98,6 +111,42 @@ def test_ci_says_so_where_the_python_given_is_no_python_3_13(tmp_path):
     python, stderr = python_given_to_the_last_run(tmp_path, {"3.13.0": "3.13"}, DIFFSR_CI_PYTHON313=other)
     assert python is None
     assert f"WARNING: DIFFSR_CI_PYTHON313={other} is Python 3.12, not Python 3.13: the suite is NOT checked" in stderr
+
+
+def test_ci_runs_the_loaders_tests_with_accelerate_beside_the_oldest_versions(tmp_path):
+    """diffusers 0.30-0.32 load a UNet or VAE through accelerate's loaders where accelerate is installed (many ComfyUI
+    installs have it), which no venv of the suite had: CI runs the loaders' tests once more in a venv of the oldest
+    versions with accelerate 0.33.0, after the oldest versions' suite, which runs without it."""
+    runs, _ = ci_runs(tmp_path, {"3.13.0": "3.13"})
+    assert [run["DIFFSR_VENV"] for run in runs][:3] == [".venv", ".venv-oldest", ".venv-oldest-accelerate"]
+    assert runs[1]["DIFFSR_WITH"] == ""
+    with_accelerate = runs[2]
+    assert with_accelerate == {"DIFFSR_VENV": ".venv-oldest-accelerate", "DIFFSR_PYTHON": "",
+                               "DIFFSR_TORCH": "torch==2.13.0", "DIFFSR_CONSTRAINTS": "tools/oldest-supported.txt",
+                               "DIFFSR_WITH": "accelerate==0.33.0",
+                               "args": "tests/test_sd21_variants.py tests/test_osediff_cli.py"}
+    assert all(os.path.isfile(os.path.join(ROOT, path)) for path in with_accelerate["args"].split())
+
+
+@pytest.mark.parametrize("with_package", ["", "accelerate==0.33.0"])
+def test_run_tests_installs_the_package_given_beside_the_packs(tmp_path, with_package):
+    """DIFFSR_WITH: a package installed with the pack's, under the venv's constraints; none (no empty argument)
+    where it is unset."""
+    root = tmp_path / "checkout"
+    (root / "tools").mkdir(parents=True)
+    shutil.copy(os.path.join(ROOT, "tools", "run_tests.sh"), root / "tools" / "run_tests.sh")
+    python = root / ".venv-x" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text('#!/bin/sh\necho "$*|$#" >> "$(dirname "$0")/calls.log"\necho 3.11\n')
+    os.chmod(python, os.stat(python).st_mode | stat.S_IXUSR)
+    env = {**outside_environment(), "DIFFSR_VENV": ".venv-x", **({"DIFFSR_WITH": with_package} if with_package else {})}
+    done = subprocess.run(["bash", str(root / "tools" / "run_tests.sh"), "tests/x.py"], capture_output=True, text=True,
+                          env=env)
+    assert done.returncode == 0, done.stderr
+    calls = (python.parent / "calls.log").read_text().splitlines()
+    packages = [".[test]", *([with_package] if with_package else [])]
+    assert f"-m pip install -q {' '.join(packages)} -c .venv-x/constraints.txt|{6 + len(packages)}" in calls
+    assert calls[-1] == "-m pytest -q tests/x.py|4"
 
 
 def test_run_tests_says_where_the_python_given_does_not_run(tmp_path):

@@ -6,6 +6,7 @@
 # DIFFSR_PYTHON=PATH: the interpreter the venv is made with (default python3), e.g. ~/.pyenv/versions/3.13.0/bin/python3
 # (with a DIFFSR_VENV of its own: a venv of another Python version is refused). Relative paths are taken from the
 # checkout.
+# DIFFSR_WITH=REQUIREMENT: a package installed beside the pack's (under the same constraints), e.g. accelerate==0.33.0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${DIFFSR_VENV:-.venv}"
@@ -34,6 +35,6 @@ echo "$TORCH_SPEC" > "$VENV/constraints.txt"
 if [ -n "${DIFFSR_CONSTRAINTS:-}" ]; then
   grep -v '^torch==' "$DIFFSR_CONSTRAINTS" >> "$VENV/constraints.txt"
 fi
-"$VENV/bin/python" -m pip install -q ".[test]" -c "$VENV/constraints.txt"
+"$VENV/bin/python" -m pip install -q ".[test]" ${DIFFSR_WITH:+"$DIFFSR_WITH"} -c "$VENV/constraints.txt"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 exec "$VENV/bin/python" -m pytest -q "$@"
