@@ -736,7 +736,7 @@ def _diffusers_options(folder, configs):
                                                                                configs=configs)))
         weight_map = read_config(os.path.dirname(index), os.path.basename(index), FOLDER_FIX)["weight_map"]
         stored, expected = _in_module_names(modules[sub], dict.fromkeys(weight_map)), modules[sub].state_dict()
-        _refuse_missing(folder, sub, [k for k in expected if k not in stored])
+        _refuse_missing(folder, sub, sorted(k for k in expected if k not in stored))
         unexpected = sorted(k for k in stored if k not in expected)
         if unexpected:
             raise WeightFileError(f"{sub}/{os.path.basename(index)} in the diffusers folder {quoted_name(folder)}: the "
