@@ -700,9 +700,9 @@ def _check_shards_loadable(folder):
     import diffusers
 
     for sub in INDEX_BEFORE_FILE:
-        index_name = f"{FOLDER_WEIGHT_FILES[sub][0]}.safetensors.index.json"
-        if os.path.isfile(os.path.join(folder, sub, index_name)):
-            raise WeightFileError(f"{sub}/{index_name} in the diffusers folder {quoted_name(folder)}: the {sub} is "
+        index = _shards_index(folder, sub)
+        if index is not None:
+            raise WeightFileError(f"{sub}/{os.path.basename(index)} in the diffusers folder {quoted_name(folder)}: the {sub} is "
                                   f"saved in shards, which diffusers {diffusers.__version__} (installed here) loads "
                                   "only with accelerate, which is not installed: install it into the Python that runs "
                                   "ComfyUI or the pack's commands (pip install accelerate), or update diffusers to "
