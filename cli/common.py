@@ -3,6 +3,7 @@ that goes on past a bad image."""
 
 import argparse
 import codecs
+import collections
 import contextlib
 import dataclasses
 import os
@@ -23,6 +24,8 @@ from ..sr_common.tiling import (DEFAULT_TILES, TILE_FLOORS, OutOfMemory, Weights
 from ..sr_common.weights import partial_path, publish, remove_abandoned_partials, special_file, unwritable_part
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# Photos no Pillow reads (HEIF needs a plugin, camera raw a raw converter): a folder's are left out with a note.
+UNREAD_PHOTO_SUFFIXES = (".heic", ".heif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2")
 HIGH_DEPTH_PEAK = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "F": 1.0}  # PIL mode → white
 
 
@@ -59,8 +62,9 @@ def find_images(inputs, recursive=False, output=None):
     beside each photo on a USB stick), links to folders and ``output`` (the output folder, which may lie inside an
     input folder) are not searched. The output name is the path without its suffix. A file given twice (also as a
     folder's file, or through a link) counts once. An input folder that is the output folder is refused: the outputs
-    would be inputs of the next run (``--skip-existing`` could not resume)."""
-    found, seen = [], set()
+    would be inputs of the next run (``--skip-existing`` could not resume). A note counts a folder's photos in
+    formats Pillow does not read (an iPhone's HEIC, camera raw), which are left out."""
+    found, seen, unread = [], set(), collections.Counter()
     skip = _file_id(output) if output and os.path.isdir(output) else None
     for item in inputs:
         if os.path.isdir(item) and _is_folder(item, skip):
@@ -75,6 +79,8 @@ def find_images(inputs, recursive=False, output=None):
                                        and not _is_folder(os.path.join(folder, d), skip))
                 paths += [os.path.join(folder, n) for n in sorted(names) if n.lower().endswith(IMAGE_SUFFIXES)
                           and not n.startswith(".") and os.path.isfile(os.path.join(folder, n))]
+                unread.update(os.path.splitext(n)[1].lower() for n in names
+                              if n.lower().endswith(UNREAD_PHOTO_SUFFIXES) and not n.startswith("."))
             named = [(path, os.path.relpath(path, item)) for path in paths]
         elif os.path.isfile(item):
             named = [(item, os.path.basename(item))]
@@ -87,6 +93,10 @@ def find_images(inputs, recursive=False, output=None):
             if os.path.realpath(path) not in seen:
                 seen.add(os.path.realpath(path))
                 found.append((path, os.path.splitext(name)[0]))
+    if unread:
+        print(f"note: left out {sum(unread.values())} photo(s) in formats Pillow does not read "
+              f"({', '.join(f'{suffix}: {n}' for suffix, n in sorted(unread.items()))}); to upscale them, export "
+              "them as PNG or JPEG first.", file=sys.stderr)
     if not found:
         nested = not recursive and any(os.path.isdir(item) and _has_sub_folder(item) for item in inputs)
         raise DiffSRError(f"No images found in {', '.join(map(quoted_name, inputs))} (looked for "

@@ -1145,6 +1145,33 @@ def test_an_image_given_twice_is_one_input(tmp_path):
     assert plan_outputs(images, str(tmp_path / "out")) == [(photo, str(tmp_path / "out" / "photo.png"))]
 
 
+def test_a_folders_photos_that_pillow_does_not_read_are_counted_in_a_note(tmp_path, capsys):
+    """An iPhone's HEIC photos and camera raw files in an input folder are left out with a note that counts them
+    by suffix (any case) and says to export them; hidden ones and other files (notes.txt) are not counted, and
+    those of a sub-folder only where it is searched (-r). A folder of HEIC photos alone is then also refused, as
+    having no images."""
+    from comfyui_diffsr.cli.common import find_images
+    from comfyui_diffsr.sr_common.errors import DiffSRError
+
+    folder = tmp_path / "photos"
+    (folder / "2019").mkdir(parents=True)
+    shutil.copy(os.path.join(FIX, "in_32x32.png"), folder / "a.png")
+    for name in ("IMG_1.HEIC", "IMG_2.heic", "RAW_3.dng", "._IMG_1.HEIC", "notes.txt", "2019/IMG_4.heic"):
+        (folder / name).write_bytes(b"\0" * 16)
+    assert find_images([str(folder)]) == [(str(folder / "a.png"), "a")]
+    err = capsys.readouterr().err
+    assert err == ("note: left out 3 photo(s) in formats Pillow does not read (.dng: 1, .heic: 2); to upscale them, "
+                   "export them as PNG or JPEG first.\n"), err
+    assert find_images([str(folder)], recursive=True) == [(str(folder / "a.png"), "a")]
+    assert "left out 4 photo(s) in formats Pillow does not read (.dng: 1, .heic: 3)" in capsys.readouterr().err
+    with pytest.raises(DiffSRError, match="No images found"):
+        find_images([str(folder / "2019")])
+    assert "left out 1 photo(s) in formats Pillow does not read (.heic: 1)" in capsys.readouterr().err
+    shutil.copy(os.path.join(FIX, "in_32x32.png"), folder / "2019" / "b.png")
+    find_images([str(folder / "2019" / "b.png")])  # a file given by name: nothing searched, nothing left out
+    assert capsys.readouterr().err == ""
+
+
 def test_names_are_one_file_where_a_case_insensitive_file_system_makes_them_one(tmp_path):
     """Straße.png and Strasse.png are two files on every file system (NTFS, exFAT, APFS fold one character at a
     time), but str.casefold made them one and the run was refused; A/a, Ä/ä, ẞ/ß, ς/σ and é written as one
