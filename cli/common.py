@@ -23,7 +23,7 @@ from ..sr_common.tiling import (DEFAULT_TILES, TILE_FLOORS, OutOfMemory, Weights
                                 overlap_within, with_oom_retry)
 from ..sr_common.weights import partial_path, publish, remove_abandoned_partials, special_file, unwritable_part
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".tif", ".tiff")  # .jfif: a browser-saved JPEG
 # Photos no Pillow reads (HEIF needs a plugin, camera raw a raw converter): a folder's are left out with a note.
 UNREAD_PHOTO_SUFFIXES = (".heic", ".heif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2")
 HIGH_DEPTH_PEAK = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "F": 1.0}  # PIL mode → white

@@ -1146,7 +1146,7 @@ def test_an_image_given_twice_is_one_input(tmp_path):
 
 
 def test_a_folders_photos_that_pillow_does_not_read_are_counted_in_a_note(tmp_path, capsys):
-    """An iPhone's HEIC photos and camera raw files in an input folder are left out with a note that counts them
+    """A .jfif (a JPEG as a browser saves it) is an input. An iPhone's HEIC photos and camera raw files in an input folder are left out with a note that counts them
     by suffix (any case) and says to export them; hidden ones and other files (notes.txt) are not counted, and
     those of a sub-folder only where it is searched (-r). A folder of HEIC photos alone is then also refused, as
     having no images."""
@@ -1155,14 +1155,16 @@ def test_a_folders_photos_that_pillow_does_not_read_are_counted_in_a_note(tmp_pa
 
     folder = tmp_path / "photos"
     (folder / "2019").mkdir(parents=True)
-    shutil.copy(os.path.join(FIX, "in_32x32.png"), folder / "a.png")
+    for name in ("a.png", "b.JFIF"):  # a browser's name for a JPEG it saves: an input
+        shutil.copy(os.path.join(FIX, "in_32x32.png"), folder / name)
     for name in ("IMG_1.HEIC", "IMG_2.heic", "RAW_3.dng", "._IMG_1.HEIC", "notes.txt", "2019/IMG_4.heic"):
         (folder / name).write_bytes(b"\0" * 16)
-    assert find_images([str(folder)]) == [(str(folder / "a.png"), "a")]
+    inputs = [(str(folder / "a.png"), "a"), (str(folder / "b.JFIF"), "b")]
+    assert find_images([str(folder)]) == inputs
     err = capsys.readouterr().err
     assert err == ("note: left out 3 photo(s) in formats Pillow does not read (.dng: 1, .heic: 2); to upscale them, "
                    "export them as PNG or JPEG first.\n"), err
-    assert find_images([str(folder)], recursive=True) == [(str(folder / "a.png"), "a")]
+    assert find_images([str(folder)], recursive=True) == inputs
     assert "left out 4 photo(s) in formats Pillow does not read (.dng: 1, .heic: 3)" in capsys.readouterr().err
     with pytest.raises(DiffSRError, match="No images found"):
         find_images([str(folder / "2019")])
