@@ -84,12 +84,19 @@ def linear(x, weight, bias=None):
     """x · Wᵀ + b: oneDNN's matmul for float32 on a CPU other than Intel's, without autograd (faster than the default
     BLAS there, see the module docstring), else ``F.linear``. Same function; the sums may be rounded in another
     order. Under ``torch.compile`` always ``F.linear``: Inductor picks the CPU's kernel itself, and lowers the oneDNN
-    op only for frozen weights (else "weight must be a graph constant")."""
+    op only for frozen weights (else "weight must be a graph constant").
+
+    ``F.linear`` is given x as a matrix (N·…, C_in): of a 3-D x that is not contiguous (``conv_as_matmul``'s) or
+    without b, it makes one product of the batch or one per item by whether W requires grad, and the two round
+    bfloat16 differently; a parameter's view does under ``no_grad`` (the commands), not under ``inference_mode``
+    (ComfyUI), so the same weights gave a node and a command outputs 1/255 apart."""
     if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and not torch.is_grad_enabled() and not is_compiling()):
         op = _onednn_linear_op()
         if op is not None:
             return op(x, weight.contiguous(), bias, "none", [], "")
+    if x.dim() > 2:
+        return F.linear(x.reshape(-1, x.shape[-1]), weight, bias).unflatten(0, x.shape[:-1])
     return F.linear(x, weight, bias)
 
 

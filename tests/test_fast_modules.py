@@ -204,6 +204,25 @@ def test_gemm_conv_takes_the_product_for_few_pixels(monkeypatch):
         assert len(calls) == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gemm_conv_rounds_alike_whether_its_weights_require_grad_or_not(dtype):
+    """The product over few pixels (``conv_as_matmul``: a transposed unfold) is bit-identical for weights that are
+    parameters run under ``no_grad`` (the commands) and weights made under ``inference_mode`` (ComfyUI's casts):
+    F.linear of the 3-D view rounded bfloat16 otherwise by whether the weight's view required grad, and the same
+    image upscaled by a node and by the command differed by 1/255 in some pixels (torch 2.1.2 on a Zen 4 CPU)."""
+    for seed in range(20):
+        torch.manual_seed(seed)
+        conv = GemmConv2d.of(torch.nn.Conv2d(128, 96, 3, padding=1)).to(dtype)
+        with torch.inference_mode():
+            frozen = copy.deepcopy(conv).requires_grad_(False)
+        x = torch.randn(1, 128, 4, 3, dtype=dtype)
+        with torch.no_grad():
+            as_command = conv(x)
+        with torch.inference_mode():
+            as_node = frozen(x)
+        assert torch.equal(as_command, as_node), seed
+
+
 @pytest.fixture
 def non_intel_cpu(monkeypatch):
     """The decision of ``linear`` made afresh as on a CPU other than Intel's (oneDNN's matmul where the build has it)."""
