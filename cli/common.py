@@ -77,10 +77,11 @@ def find_images(inputs, recursive=False, output=None):
             for folder, subfolders, names in os.walk(item, onerror=lambda error: _unreadable_folder(error, item)):
                 subfolders[:] = sorted(d for d in subfolders if recursive and not d.startswith(".")
                                        and not _is_folder(os.path.join(folder, d), skip))
-                paths += [os.path.join(folder, n) for n in sorted(names) if n.lower().endswith(IMAGE_SUFFIXES)
-                          and not n.startswith(".") and os.path.isfile(os.path.join(folder, n))]
-                unread.update(os.path.splitext(n)[1].lower() for n in names
-                              if n.lower().endswith(UNREAD_PHOTO_SUFFIXES) and not n.startswith("."))
+                visible = [n for n in sorted(names) if not n.startswith(".")]
+                paths += [os.path.join(folder, n) for n in visible if n.lower().endswith(IMAGE_SUFFIXES)
+                          and os.path.isfile(os.path.join(folder, n))]
+                unread.update(os.path.splitext(n)[1].lower() for n in visible
+                              if n.lower().endswith(UNREAD_PHOTO_SUFFIXES))
             named = [(path, os.path.relpath(path, item)) for path in paths]
         elif os.path.isfile(item):
             named = [(item, os.path.basename(item))]

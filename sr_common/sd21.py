@@ -702,11 +702,11 @@ def _check_shards_loadable(folder):
     for sub in INDEX_BEFORE_FILE:
         index = _shards_index(folder, sub)
         if index is not None:
-            raise WeightFileError(f"{sub}/{os.path.basename(index)} in the diffusers folder {quoted_name(folder)}: the {sub} is "
-                                  f"saved in shards, which diffusers {diffusers.__version__} (installed here) loads "
-                                  "only with accelerate, which is not installed: install it into the Python that runs "
-                                  "ComfyUI or the pack's commands (pip install accelerate), or update diffusers to "
-                                  f"{DIFFUSERS_LOADS_SHARDS_ALONE} or later.")
+            raise WeightFileError(f"{sub}/{os.path.basename(index)} in the diffusers folder {quoted_name(folder)}: the "
+                                  f"{sub} is saved in shards, which diffusers {diffusers.__version__} (installed "
+                                  "here) loads only with accelerate, which is not installed: install it into the "
+                                  "Python that runs ComfyUI or the pack's commands (pip install accelerate), or update "
+                                  f"diffusers to {DIFFUSERS_LOADS_SHARDS_ALONE} or later.")
 
 
 def _shards_index(folder, sub):
