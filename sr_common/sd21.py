@@ -740,7 +740,7 @@ def _diffusers_options(folder, configs):
         unexpected = sorted(k for k in stored if k not in expected)
         if unexpected:
             raise WeightFileError(f"{sub}/{os.path.basename(index)} in the diffusers folder {quoted_name(folder)}: the "
-                                  f"{sub}'s shards hold {len(unexpected)} tensors its model lacks (e.g. "
+                                  f"{sub}'s shards hold {len(unexpected)} tensor(s) its model lacks (e.g. "
                                   f"{unexpected[:2]}), on which diffusers {diffusers.__version__} (installed here) "
                                   "fails: it loads shards through accelerate, which takes only the model's tensors. "
                                   f"Update diffusers to {DIFFUSERS_LOADS_SHARDS_ALONE} or later, which drops them, or "

@@ -1041,11 +1041,11 @@ def test_a_sharded_part_with_tensors_its_module_lacks_is_refused_by_name_where_a
         with pytest.raises(WeightFileError, match=NEEDS_ACCELERATE):
             load_sd21(folder)
     elif sd21.diffusers_loads_through_accelerate():
-        refusal = (rf"^{part}/{re.escape(index_name)} in the diffusers folder '.*': the {part}'s shards hold 2 tensors "
-                   r"its model lacks \(e\.g\. \['ema\.num_updates', 'global_step'\]\), on which diffusers \d[\d.]* "
-                   r"\(installed here\) fails: it loads shards through accelerate, which takes only the model's "
-                   rf"tensors\. Update diffusers to 0\.33 or later, which drops them, or save the {part} again without "
-                   r"them\.$")
+        refusal = (rf"^{part}/{re.escape(index_name)} in the diffusers folder '.*': the {part}'s shards hold 2 "
+                   r"tensor\(s\) its model lacks \(e\.g\. \['ema\.num_updates', 'global_step'\]\), on which diffusers "
+                   r"\d[\d.]* \(installed here\) fails: it loads shards through accelerate, which takes only the "
+                   rf"model's tensors\. Update diffusers to 0\.33 or later, which drops them, or save the {part} again "
+                   r"without them\.$")
         with pytest.raises(WeightFileError, match=refusal):
             load_sd21(folder)
     else:
