@@ -26,6 +26,8 @@ from ..sr_common.weights import partial_path, publish, remove_abandoned_partials
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".tif", ".tiff")  # .jfif: a browser-saved JPEG
 # Photos no Pillow reads (HEIF needs a plugin, camera raw a raw converter): a folder's are left out with a note.
 UNREAD_PHOTO_SUFFIXES = (".heic", ".heif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2")
+# The hidden file that marks a folder a run made for its outputs: a later -r run of a folder above it leaves it out.
+OUTPUT_FOLDER_MARK = ".diffsr-output-folder"
 HIGH_DEPTH_PEAK = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "F": 1.0}  # PIL mode → white
 
 
@@ -47,8 +49,9 @@ class CommandParser(argparse.ArgumentParser):
 
 def add_input_args(parser, writes_images=True):
     """INPUT... and -r; ``writes_images``: the command writes an output image per input (not ``dape``, which prints)."""
-    outputs, left_out = (("; the outputs mirror the sub-folders", "hidden folders, links to folders and the output "
-                          "folder") if writes_images else ("", "hidden folders and links to folders"))
+    outputs, left_out = (("; the outputs mirror the sub-folders", "hidden folders, links to folders, the output "
+                          "folder and the output folders earlier runs made") if writes_images
+                         else ("", "hidden folders, links to folders and the output folders runs made"))
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     parser.add_argument("-r", "--recursive", action="store_true",
                         help=f"also the images in the sub-folders of a folder INPUT{outputs} ({left_out} are left out; "
@@ -62,9 +65,11 @@ def find_images(inputs, recursive=False, output=None):
     beside each photo on a USB stick), links to folders and ``output`` (the output folder, which may lie inside an
     input folder) are not searched. The output name is the path without its suffix. A file given twice (also as a
     folder's file, or through a link) counts once. An input folder that is the output folder is refused: the outputs
-    would be inputs of the next run (``--skip-existing`` could not resume). A note counts a folder's photos in
-    formats Pillow does not read (an iPhone's HEIC, camera raw), which are left out."""
-    found, seen, unread = [], set(), collections.Counter()
+    would be inputs of the next run (``--skip-existing`` could not resume). Sub-folders that a run made as its output
+    folder (``make_output_folder``) are not searched either, so the upscales of a run with another ``output`` are not
+    upscaled again; a note names them. A note counts a folder's photos in formats Pillow does not read (an iPhone's
+    HEIC, camera raw), which are left out, and another its GIFs (taken only by name)."""
+    found, seen, unread, earlier_outputs, gifs = [], set(), collections.Counter(), [], 0
     skip = _file_id(output) if output and os.path.isdir(output) else None
     for item in inputs:
         if os.path.isdir(item) and _is_folder(item, skip):
@@ -77,11 +82,15 @@ def find_images(inputs, recursive=False, output=None):
             for folder, subfolders, names in os.walk(item, onerror=lambda error: _unreadable_folder(error, item)):
                 subfolders[:] = sorted(d for d in subfolders if recursive and not d.startswith(".")
                                        and not _is_folder(os.path.join(folder, d), skip))
+                earlier_outputs += [os.path.join(folder, d) for d in subfolders
+                                    if os.path.isfile(os.path.join(folder, d, OUTPUT_FOLDER_MARK))]
+                subfolders[:] = [d for d in subfolders if os.path.join(folder, d) not in earlier_outputs]
                 visible = [n for n in sorted(names) if not n.startswith(".")]
                 paths += [os.path.join(folder, n) for n in visible if n.lower().endswith(IMAGE_SUFFIXES)
                           and os.path.isfile(os.path.join(folder, n))]
                 unread.update(os.path.splitext(n)[1].lower() for n in visible
                               if n.lower().endswith(UNREAD_PHOTO_SUFFIXES))
+                gifs += sum(n.lower().endswith(".gif") for n in visible)
             named = [(path, os.path.relpath(path, item)) for path in paths]
         elif os.path.isfile(item):
             named = [(item, os.path.basename(item))]
@@ -94,6 +103,13 @@ def find_images(inputs, recursive=False, output=None):
             if os.path.realpath(path) not in seen:
                 seen.add(os.path.realpath(path))
                 found.append((path, os.path.splitext(name)[0]))
+    if earlier_outputs:
+        print(f"note: left out {len(earlier_outputs)} output folder(s) of earlier runs "
+              f"({', '.join(map(shown_name, earlier_outputs))}: a run made them and marked them with "
+              f"{OUTPUT_FOLDER_MARK}); to upscale their images, give such a folder as INPUT.", file=sys.stderr)
+    if gifs:
+        print(f"note: left out {gifs} GIF(s): a folder's GIFs are not taken (mostly animations); give one by name "
+              "to upscale its first frame.", file=sys.stderr)
     if unread:
         print(f"note: left out {sum(unread.values())} photo(s) in formats Pillow does not read "
               f"({', '.join(f'{suffix}: {n}' for suffix, n in sorted(unread.items()))}); to upscale them, export "
@@ -210,6 +226,30 @@ def plan_outputs(images, outdir, overwrite=False, skip_existing=False, suffix=".
         check_output_folder(folder)
     clear_abandoned_partials(folders)
     return pairs
+
+
+def mark_output_folder(folder):
+    """Make ``folder``, a run's output folder that was missing when the run started, with a hidden file
+    (``OUTPUT_FOLDER_MARK``) saying that a run made it: a later ``-r`` run of a folder above it leaves it out
+    (``find_images``). Another run that made it meanwhile may have marked it already."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, OUTPUT_FOLDER_MARK), "x", encoding="utf-8") as mark:
+            mark.write("comfyui-diffsr made this folder for its upscaled images. A folder run with -r of a folder "
+                       "above it leaves this folder out, so they are not upscaled again; delete this file to have "
+                       "such runs search it.\n")
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise DiffSRError(f"Cannot write in the output folder {quoted_name(folder)}: {error_text(e)}. Choose another "
+                          "--output folder.") from e
+
+
+def _save_output(new_folder, *save_args):
+    """``save_image(*save_args)``, after ``mark_output_folder(new_folder)`` unless ``new_folder`` is None."""
+    if new_folder is not None:
+        mark_output_folder(new_folder)
+    save_image(*save_args)
 
 
 def check_output_folder(folder):
@@ -345,7 +385,7 @@ class OutputMadeMeanwhile(DiffSRError):
 
 
 def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height, width: (height, width),
-                overwrite=False, skip_existing=False):
+                overwrite=False, skip_existing=False, output_folder=None):
     """``save_image(upscale_one(image, out), out, metadata, quality, alpha, overwrite)`` with ``read_image(path)``
     for each (path, out) pair, in order (a transparent image's alpha upscaled bicubically; dropped, with a note, for
     jpg).
@@ -361,6 +401,9 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
     exit status: 0, or 2 when any failed (listed again at the end, in the order of the run: an output that cannot be
     made is known only once the next image has been read, and that one may have failed first).
 
+    ``output_folder`` (the run's ``--output``), where it is missing at the start, is made with the first output and
+    marked as a run's (``mark_output_folder``), so that a later ``-r`` run of a folder above it leaves it out.
+
     While an image is upscaled, the next one is read and the previous output written on two helper threads (PIL
     releases the interpreter lock while it decodes and encodes; a 2048² PNG takes about a second to write, as long
     as a GPU upscale). At most one output waits to be written.
@@ -369,7 +412,9 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
     run (its image, the output being written) nor this loop's (``_upscale_each``), which kept the error in a cycle
     that only the garbage collector frees.
     """
-    status, stopped = _upscale_each(pairs, upscale_one, desc, quality, output_size, overwrite, skip_existing)
+    new_folder = output_folder if output_folder is not None and not os.path.lexists(output_folder) else None
+    status, stopped = _upscale_each(pairs, upscale_one, desc, quality, output_size, overwrite, skip_existing,
+                                    new_folder)
     if stopped is None:
         return status
     clear_finished_frames(stopped)
@@ -379,8 +424,9 @@ def upscale_all(pairs, upscale_one, desc, quality=95, output_size=lambda height,
         del stopped
 
 
-def _upscale_each(pairs, upscale_one, desc, quality, output_size, overwrite, skip_existing):
-    """``upscale_all``'s loop and summary: (its exit status, the error that stopped the run or None)."""
+def _upscale_each(pairs, upscale_one, desc, quality, output_size, overwrite, skip_existing, new_folder):
+    """``upscale_all``'s loop and summary: (its exit status, the error that stopped the run or None); ``new_folder``
+    (missing at the start) is made and marked with the first output."""
     failed, written, skipped, stopped, left = [], 0, 0, None, 0
 
     def fail(i, reason):  # the i-th image alone: the others go on
@@ -447,7 +493,8 @@ def _upscale_each(pairs, upscale_one, desc, quality, output_size, overwrite, ski
                     tqdm.write(f"note: {shown_name(path)}: jpg has no transparency, the alpha is dropped (--format png "
                                "or webp keeps it)", file=sys.stderr)
                     alpha = None
-                writing = writer.submit(save_image, result, out, metadata, quality, alpha, overwrite)
+                writing = writer.submit(_save_output, new_folder, result, out, metadata, quality, alpha, overwrite)
+                new_folder = None
                 writing_index, written = i, written + 1
         except KeyboardInterrupt as e:  # Ctrl-C: the output being written is finished, then the summary
             stopped, left = e, len(pairs) - written - len(failed) - skipped

@@ -125,7 +125,7 @@ def main_impl(argv=None):
 
     return upscale_all(pairs, upscale_one, "dossr", args.quality,
                        lambda height, width: output_size(4 * height, 4 * width, args.upscale), args.overwrite,
-                       args.skip_existing)
+                       args.skip_existing, output_folder=args.output)
 
 
 def main_convert(src, dst, config=None, fp16=False):

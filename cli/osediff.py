@@ -114,7 +114,7 @@ def main_impl(argv=None):
 
     return upscale_all(pairs, upscale_one, "osediff", args.quality,
                        lambda height, width: scaled_size(width, height, args.upscale)[::-1], args.overwrite,
-                       args.skip_existing)
+                       args.skip_existing, output_folder=args.output)
 
 
 def main(argv=None):

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import comfyui_diffsr
-from comfyui_diffsr.cli.common import load_image
+from comfyui_diffsr.cli.common import OUTPUT_FOLDER_MARK, load_image
 from comfyui_diffsr.dossr_core.model import load_dossr
 from comfyui_diffsr.dossr_core.pipeline import Options as DoSSROptions
 from comfyui_diffsr.dossr_core.pipeline import dossr_upscale
@@ -504,7 +504,7 @@ def test_damaged_multi_frame_files_fail_alone_in_a_folder_run(tiny_folder, tmp_p
     err = capsys.readouterr().err
     assert "b_pages.tif: Cannot read image" in err and "frames.gif: Cannot read image" in err, err
     assert "2 of 4 image(s) failed" in err and "Traceback" not in err
-    assert sorted(os.listdir(tmp_path / "out")) == ["a.png", "c.png"]
+    assert sorted(os.listdir(tmp_path / "out")) == [OUTPUT_FOLDER_MARK, "a.png", "c.png"]
 
 
 def test_osediff_command_on_odd_files(tiny_folder, tmp_path, capsys):

@@ -1024,15 +1024,18 @@ def test_ctrl_c_counts_an_output_another_run_made_meanwhile_as_done(tmp_path, ca
     assert capsys.readouterr().err.splitlines()[-2:] == [
         f"wrote 1 image(s) to {tmp_path / 'out'}", "error: stopped with 2 image(s) left (--skip-existing resumes the run):"]
 
-def ctrl_c_in_first_wait_for(save, out):
-    """A ThreadPoolExecutor whose future of ``save`` writing ``out`` raises KeyboardInterrupt when first waited for
-    (Ctrl-C as the run waits for that output), and then waits as usual."""
+def ctrl_c_in_first_wait_for(out):
+    """A ThreadPoolExecutor whose future of the job writing ``out`` (``_save_output(new_folder, image01, out, …)``)
+    raises KeyboardInterrupt when first waited for (Ctrl-C as the run waits for that output), and then waits as
+    usual."""
     from concurrent.futures import ThreadPoolExecutor
+
+    from comfyui_diffsr.cli.common import _save_output
 
     class CtrlCInFirstWait(ThreadPoolExecutor):
         def submit(self, fn, *args, **kwargs):
             future = super().submit(fn, *args, **kwargs)
-            if fn is save and args[1] == out:
+            if fn is _save_output and args[2] == out:
                 wait, waited = future.result, []
 
                 def result(timeout=None):
@@ -1064,7 +1067,7 @@ def test_ctrl_c_while_the_last_output_is_written_finishes_it_and_sums_up(tmp_pat
         real_save(image01, path, *profile)
 
     monkeypatch.setattr(common, "save_image", save)
-    monkeypatch.setattr(common, "ThreadPoolExecutor", ctrl_c_in_first_wait_for(save, pairs[-1][1]))
+    monkeypatch.setattr(common, "ThreadPoolExecutor", ctrl_c_in_first_wait_for(pairs[-1][1]))
     with pytest.raises(KeyboardInterrupt):
         common.upscale_all(pairs, lambda image, out: image, "test")
     written, failed = (2, [pairs[0][0]]) if last_write == "written" else (1, [pairs[0][0], pairs[2][0]])
@@ -1087,7 +1090,7 @@ def test_a_second_ctrl_c_while_the_output_being_written_is_finished_stops_at_onc
         return image
 
     # Ctrl-C again as the run waits for the first output
-    monkeypatch.setattr(common, "ThreadPoolExecutor", ctrl_c_in_first_wait_for(common.save_image, pairs[0][1]))
+    monkeypatch.setattr(common, "ThreadPoolExecutor", ctrl_c_in_first_wait_for(pairs[0][1]))
     with pytest.raises(KeyboardInterrupt):
         common.upscale_all(pairs, upscale_one, "test")
     err = capsys.readouterr().err

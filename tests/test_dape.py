@@ -326,10 +326,10 @@ def test_cli_recursive_help_speaks_of_no_outputs():
         return next(a.help for a in parser._actions if "--recursive" in a.option_strings)
 
     assert recursive_help(build_parser()) == (
-        "also the images in the sub-folders of a folder INPUT (hidden folders and links to folders are left out; a "
-        "folder's hidden files, such as macOS's ._IMG.jpg, are never taken)")
+        "also the images in the sub-folders of a folder INPUT (hidden folders, links to folders and the output folders "
+        "runs made are left out; a folder's hidden files, such as macOS's ._IMG.jpg, are never taken)")
     assert "the outputs mirror the sub-folders" in recursive_help(osediff_parser())
-    assert "and the output folder are left out" in recursive_help(osediff_parser())
+    assert "the output folder and the output folders earlier runs made are left out" in recursive_help(osediff_parser())
 
 
 def test_cli_a_file_that_is_not_an_image_is_named_by_its_path(fixture, tmp_path, capsys):

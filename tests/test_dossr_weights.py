@@ -10,6 +10,7 @@ import shutil
 import pytest
 import torch
 
+from comfyui_diffsr.cli.common import OUTPUT_FOLDER_MARK
 from comfyui_diffsr.dossr_core.weights import detect, read_weights, split_controlnet_conv_in
 from comfyui_diffsr.sr_common.errors import WeightFileError
 from comfyui_diffsr.sr_common.known_files import canonical
@@ -231,7 +232,7 @@ def test_cli_a_noise_file_that_cannot_be_written_again_is_left_as_it_was(tmp_pat
     assert main(args + ["--overwrite", "--seed", "7"]) == 2
     assert "No space left on device" in capsys.readouterr().err
     assert noise.read_bytes() == earlier and sorted(os.listdir(tmp_path / "out")) == [
-        "lr_w32h16.noise.safetensors", "lr_w32h16.png"]
+        OUTPUT_FOLDER_MARK, "lr_w32h16.noise.safetensors", "lr_w32h16.png"]
     monkeypatch.undo()
     assert main(args + ["--overwrite", "--seed", "7"]) == 0 and noise.read_bytes() != earlier
 
@@ -257,7 +258,7 @@ def test_cli_checks_the_format_limit_at_dossrs_output_size(tmp_path, capsys):
                  "--upscale", "7.4469", "--format", "webp", "--tile-latent", "0"]) == 2
     err = capsys.readouterr().err
     assert "a_wide.png: The output would be 16384×15 px" in err and "1 of 2 image(s) failed" in err
-    assert os.listdir(tmp_path / "out") == ["b_ok.webp"]
+    assert sorted(os.listdir(tmp_path / "out")) == [OUTPUT_FOLDER_MARK, "b_ok.webp"]
     assert Image.open(tmp_path / "out" / "b_ok.webp").size == (math.ceil(7.4469 * 32), math.ceil(7.4469 * 16))
 
 
@@ -391,7 +392,8 @@ def test_cli_a_noise_file_name_too_long_is_refused_before_the_run(tmp_path, caps
     assert main(args + ["-o", str(tmp_path / "noise"), "--save-noise"]) == 2
     assert "would be named with more than 255 bytes" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "noise") or not os.listdir(tmp_path / "noise")
-    assert main(args + ["-o", str(tmp_path / "plain")]) == 0 and os.listdir(tmp_path / "plain") == [name]
+    assert main(args + ["-o", str(tmp_path / "plain")]) == 0
+    assert sorted(os.listdir(tmp_path / "plain")) == [OUTPUT_FOLDER_MARK, name]
 
 
 def test_cli_gamma_and_noise_errors_reach_the_run(tmp_path, capsys):
@@ -890,14 +892,14 @@ def test_a_folder_run_holds_none_of_the_tensors_of_a_failed_image(tmp_path, monk
         first = {id(t) for t in made["a.png"].alive()}
         return [tuple(t.shape) for t in made[name].alive() if id(t) not in first]
 
-    def upscale_all(pairs, upscale_one, *args):
+    def upscale_all(pairs, upscale_one, *args, **kwargs):
         def observed(image, out):
             name = os.path.basename(out)
             alive_then[name] = {earlier: shapes_alive(earlier) for earlier in made if earlier == "b.png"}
             made[name] = MadeTensors(functools.partial(fail, name), fail_at=100 if failures.get(name) else math.inf)
             with made[name]:
                 return upscale_one(image, out)
-        return real_upscale_all(pairs, observed, *args)
+        return real_upscale_all(pairs, observed, *args, **kwargs)
 
     def save(image01, path, *rest):
         if stop == "output-not-written" and path.endswith("c.png"):
@@ -910,7 +912,7 @@ def test_a_folder_run_holds_none_of_the_tensors_of_a_failed_image(tmp_path, monk
                            os.path.join(FIX, "tiny_cldm.yaml"), "--prompt-embeds", str(embeds), "--steps", "2",
                            "--device", "cpu", "--save-noise", "--tile-latent", "8", "--tile-overlap", "4"])
     assert status == (130 if stop == "ctrl-c" else 2)
-    assert sorted(os.listdir(tmp_path / "out")) == ["a.noise.safetensors", "a.png"] + (
+    assert sorted(os.listdir(tmp_path / "out")) == [OUTPUT_FOLDER_MARK, "a.noise.safetensors", "a.png"] + (
         ["c.noise.safetensors"] if stop == "output-not-written" else [])
     assert len(made["b.png"].made) > 10 and len(made["c.png"].made) > 10
     assert alive_then["c.png"] == {"b.png": []}

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from comfyui_diffsr.cli.common import OUTPUT_FOLDER_MARK
 from comfyui_diffsr.cli.osediff import main
 from comfyui_diffsr.osediff_core.weights import convert_osediff
 from comfyui_diffsr.sr_common.errors import WeightFileError
@@ -356,7 +357,7 @@ def test_inputs_are_never_outputs(base, tmp_path, capsys):
     upscaled = folder / "upscaled"  # the way out the message gives: a sub-folder, left out of the search
     args = [folder, "-r", "-o", upscaled, "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
             "--process-size", "64"]
-    assert run(args) == 0 and sorted(os.listdir(upscaled)) == ["photo.png", "scan.png"]
+    assert run(args) == 0 and sorted(os.listdir(upscaled)) == [OUTPUT_FOLDER_MARK, "photo.png", "scan.png"]
     assert run(args + ["--skip-existing"]) == 0 and "skipping 2 of 2" in capsys.readouterr().err
 
 
@@ -401,7 +402,7 @@ def test_broken_png_and_unstorable_output_fail_alone(base, tmp_path, capsys):
                 "--process-size", "64", "--format", "webp"]) == 2
     err = capsys.readouterr().err
     assert "a_broken.png: Cannot read image" in err and "b_wide.png: The output would be 16400×8 px" in err, err
-    assert os.listdir(tmp_path / "out") == ["c_good.webp"]
+    assert sorted(os.listdir(tmp_path / "out")) == [OUTPUT_FOLDER_MARK, "c_good.webp"]
     assert "icc_profile" not in Image.open(tmp_path / "out" / "c_good.webp").info
 
 
@@ -451,7 +452,7 @@ def test_folder_run_goes_on_past_a_bad_image_and_resumes(base, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "b.png" in err and "Cannot read image" in err and "1 of 3 image(s) failed" in err, err
     assert f"wrote 2 image(s) to {out}" in err
-    assert sorted(os.listdir(out)) == ["a.png", "c.png"]  # no .partial left behind
+    assert sorted(os.listdir(out)) == [OUTPUT_FOLDER_MARK, "a.png", "c.png"]  # no .partial left behind
     a = (out / "a.png").read_bytes()
     (out / "c.png").unlink()
     shutil.copy(os.path.join(FIX, "in_32x32.png"), folder / "b.png")
@@ -491,7 +492,8 @@ def test_an_input_with_a_long_name_is_written(base, tmp_path):
                     "--process-size", "64"]) == 0
     finally:
         os.umask(umask)
-    assert os.listdir(tmp_path / "out") == [name] and Image.open(tmp_path / "out" / name).size == (128, 128)
+    assert sorted(os.listdir(tmp_path / "out")) == [OUTPUT_FOLDER_MARK, name]
+    assert Image.open(tmp_path / "out" / name).size == (128, 128)
     assert os.stat(tmp_path / "out" / name).st_mode & 0o777 == 0o640
 
 
@@ -513,7 +515,7 @@ def test_an_output_name_too_long_to_write_fails_alone_before_its_upscale(base, t
     err = capsys.readouterr().err
     assert f"{folder / long}: The output '{'x' * 251}.webp' would be named with more than 255 bytes" in err, err
     assert "1 of 3 image(s) failed" in err and len(upscaled) == 2
-    assert sorted(os.listdir(tmp_path / "out")) == ["a.webp", "z.webp"]
+    assert sorted(os.listdir(tmp_path / "out")) == [OUTPUT_FOLDER_MARK, "a.webp", "z.webp"]
 
 
 def test_a_file_names_length_is_counted_as_its_file_system_counts_it(monkeypatch):
@@ -559,7 +561,7 @@ def test_an_input_folder_that_cannot_be_read_is_named(base, tmp_path, monkeypatc
     assert run([folder, "-r", "-o", tmp_path / "out", "--base", base, "--weights",
                 os.path.join(FIX, "osediff_tiny.pkl"), "--process-size", "64"]) == 0
     assert f"warning: cannot search {quoted_name(folder / 'locked')}: Permission denied" in capsys.readouterr().err
-    assert os.listdir(tmp_path / "out") == ["a.png"]
+    assert sorted(os.listdir(tmp_path / "out")) == [OUTPUT_FOLDER_MARK, "a.png"]
 
 
 @pytest.mark.parametrize("seed", ["99999999999999999999", str(2**64), str(-2**63 - 1), "1.5"])
@@ -605,19 +607,49 @@ def test_recursive_folder_run_mirrors_the_sub_folders(base, tmp_path, capsys):
     args = [folder, "-o", out, "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
             "--process-size", "64"]
     assert run(args) == 0
-    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == ["a.png"]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [OUTPUT_FOLDER_MARK, "a.png"]
     assert run(args + ["--recursive", "--skip-existing"]) == 0
     err = capsys.readouterr().err
     assert "skipping 1 of 3" in err and f"wrote 2 image(s) to {out}" in err, err
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert written == ["2019/beach/b.png", "2019/c.png", "a.png"]
-    assert len({(out / name).read_bytes() for name in written}) == 1  # the same input everywhere
+    assert written == [OUTPUT_FOLDER_MARK, "2019/beach/b.png", "2019/c.png", "a.png"]
+    assert len({(out / name).read_bytes() for name in written[1:]}) == 1  # the same input everywhere
     assert run(args + ["-r", "--skip-existing"]) == 0  # the outputs inside photos/ are not taken as inputs
     assert "skipping 3 of 3" in capsys.readouterr().err
     (folder / "2019" / "c.png").unlink()
     assert run([folder / "2019", "-o", tmp_path / "o", "--base", base, "--weights",
                 os.path.join(FIX, "osediff_tiny.pkl")]) == 2
     assert "sub-folders are searched with --recursive" in capsys.readouterr().err
+
+
+def test_a_recursive_run_leaves_out_the_output_folders_earlier_runs_made(base, tmp_path, capsys):
+    """``-r photos -o photos/up1``, then ``-r photos -o photos/up2``: the second run upscaled up1's upscales as well
+    (only its own output folder was left out). A folder a run makes for its outputs is marked
+    (``.diffsr-output-folder``), and a later ``-r`` search leaves it out with a note; given as INPUT it is searched. A
+    folder that exists already is not marked (it may hold the user's photos), so its images stay inputs."""
+    from comfyui_diffsr.cli.common import find_images
+
+    folder = tmp_path / "photos"
+    (folder / "2019").mkdir(parents=True)
+    for name in ("a.png", "2019/b.png"):
+        shutil.copy(os.path.join(FIX, "in_32x32.png"), folder / name)
+    weights = ["--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"), "--process-size", "64"]
+    assert run([folder, "-r", "-o", folder / "out" / "up1", *weights]) == 0
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
+        "2019/b.png", "a.png", f"out/up1/{OUTPUT_FOLDER_MARK}", "out/up1/2019/b.png", "out/up1/a.png"]
+    capsys.readouterr()
+    assert run([folder, "-r", "-o", folder / "up2", *weights]) == 0
+    err = capsys.readouterr().err
+    assert f"note: left out 1 output folder(s) of earlier runs ({folder / 'out' / 'up1'}: a run made them" in err, err
+    assert f"wrote 2 image(s) to {folder / 'up2'}" in err, err
+    assert sorted(p.relative_to(folder / "up2").as_posix() for p in (folder / "up2").rglob("*")
+                  if p.is_file()) == [OUTPUT_FOLDER_MARK, "2019/b.png", "a.png"]
+    assert [name for _, name in find_images([str(folder / "out" / "up1")], recursive=True)] == ["a", "2019/b"]
+    assert "note" not in capsys.readouterr().err  # given as INPUT: searched, without a note
+    mine = folder / "mine"  # the user's own folder, given as -o: not marked, its photos stay inputs
+    mine.mkdir()
+    assert run([folder / "a.png", "-o", mine, *weights]) == 0 and os.listdir(mine) == ["a.png"]
+    assert [name for _, name in find_images([str(folder)], recursive=True)] == ["a", "2019/b", "mine/a"]
 
 
 def test_inputs_that_differ_only_in_their_suffix_keep_it_and_other_clashes_are_refused(base, tmp_path, capsys):
@@ -632,10 +664,10 @@ def test_inputs_that_differ_only_in_their_suffix_keep_it_and_other_clashes_are_r
     (folder / "._photo.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     weights = os.path.join(FIX, "osediff_tiny.pkl")
     assert run([folder, "-o", tmp_path / "out", "--base", base, "--weights", weights, "--process-size", "64"]) == 0
-    assert sorted(os.listdir(tmp_path / "out")) == ["b.png", "photo.jpg.png", "photo.png.png"]
+    assert sorted(os.listdir(tmp_path / "out")) == [OUTPUT_FOLDER_MARK, "b.png", "photo.jpg.png", "photo.png.png"]
     (folder / "photo.jpg").rename(folder / "PHOTO.jpg")
     assert run([folder, "-o", tmp_path / "out2", "--base", base, "--weights", weights, "--process-size", "64"]) == 0
-    assert sorted(os.listdir(tmp_path / "out2")) == ["PHOTO.jpg.png", "b.png", "photo.png.png"]
+    assert sorted(os.listdir(tmp_path / "out2")) == [OUTPUT_FOLDER_MARK, "PHOTO.jpg.png", "b.png", "photo.png.png"]
     capsys.readouterr()
     (folder / "PHOTO.jpg").unlink()
     Image.open(os.path.join(FIX, "in_32x32.png")).save(folder / "PHOTO.png")
@@ -691,7 +723,7 @@ def test_out_of_memory_retries_with_smaller_tiles(base, tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert seen[:3] == [(32, 40, 36, 224), (32, 16, 8, 112), (32, 16, 8, 56)], seen
     assert "retrying with smaller tiles" in err and "wide.png: out of memory even at the smallest tiles" in err, err
-    assert os.listdir(tmp_path / "out") == ["small.png"]
+    assert sorted(os.listdir(tmp_path / "out")) == [OUTPUT_FOLDER_MARK, "small.png"]
     assert len(flags) == 1 and flags <= set(IEEE_FLOAT32) and tf32_flags() == outside
     direct = tmp_path / "direct"
     assert run([folder / "small.png", "-o", direct, "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
@@ -750,7 +782,7 @@ def test_a_run_stopped_by_weights_that_do_not_fit_still_sums_up(base, tmp_path, 
     assert run([folder, "-o", tmp_path / "out", "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
                 "--process-size", "64", "--prompt", ""]) == 2
     err = capsys.readouterr().err
-    assert os.listdir(tmp_path / "out") == ["a.png"]
+    assert sorted(os.listdir(tmp_path / "out")) == [OUTPUT_FOLDER_MARK, "a.png"]
     summary = ["wrote 1 image(s) to", "error: 1 of 4 image(s) failed:", "error: stopped with 2 image(s) left",
                "error: Out of memory while moving the weights of unet"]
     assert all(line in err for line in summary) and sorted(summary, key=err.index) == summary, err
@@ -1146,10 +1178,11 @@ def test_an_image_given_twice_is_one_input(tmp_path):
 
 
 def test_a_folders_photos_that_pillow_does_not_read_are_counted_in_a_note(tmp_path, capsys):
-    """A .jfif (a JPEG as a browser saves it) is an input. An iPhone's HEIC photos and camera raw files in an input folder are left out with a note that counts them
-    by suffix (any case) and says to export them; hidden ones and other files (notes.txt) are not counted, and
-    those of a sub-folder only where it is searched (-r). A folder of HEIC photos alone is then also refused, as
-    having no images."""
+    """A .jfif (a JPEG as a browser saves it) is an input. An iPhone's HEIC photos and camera raw files in an input
+    folder are left out with a note that counts them by suffix (any case) and says to export them, and its GIFs
+    (taken by name only) with another; hidden ones and other files (notes.txt) are not counted, and those of a
+    sub-folder only where it is searched (-r). A folder of HEIC photos alone is then also refused, as having no
+    images."""
     from comfyui_diffsr.cli.common import find_images
     from comfyui_diffsr.sr_common.errors import DiffSRError
 
@@ -1159,13 +1192,18 @@ def test_a_folders_photos_that_pillow_does_not_read_are_counted_in_a_note(tmp_pa
         shutil.copy(os.path.join(FIX, "in_32x32.png"), folder / name)
     for name in ("IMG_1.HEIC", "IMG_2.heic", "RAW_3.dng", "._IMG_1.HEIC", "notes.txt", "2019/IMG_4.heic"):
         (folder / name).write_bytes(b"\0" * 16)
+    for name in ("wave.gif", "2019/dance.GIF", "._wave.gif"):  # taken by name only (mostly animations)
+        Image.new("RGB", (8, 8)).save(folder / name, format="GIF")
     inputs = [(str(folder / "a.png"), "a"), (str(folder / "b.JFIF"), "b")]
     assert find_images([str(folder)]) == inputs
     err = capsys.readouterr().err
-    assert err == ("note: left out 3 photo(s) in formats Pillow does not read (.dng: 1, .heic: 2); to upscale them, "
-                   "export them as PNG or JPEG first.\n"), err
+    assert err == ("note: left out 1 GIF(s): a folder's GIFs are not taken (mostly animations); give one by name to "
+                   "upscale its first frame.\nnote: left out 3 photo(s) in formats Pillow does not read (.dng: 1, "
+                   ".heic: 2); to upscale them, export them as PNG or JPEG first.\n"), err
     assert find_images([str(folder)], recursive=True) == inputs
-    assert "left out 4 photo(s) in formats Pillow does not read (.dng: 1, .heic: 3)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "left out 2 GIF(s)" in err, err
+    assert "left out 4 photo(s) in formats Pillow does not read (.dng: 1, .heic: 3)" in err, err
     with pytest.raises(DiffSRError, match="No images found"):
         find_images([str(folder / "2019")])
     assert "left out 1 photo(s) in formats Pillow does not read (.heic: 1)" in capsys.readouterr().err
