@@ -24,7 +24,11 @@ class ConfigWithByteOrderMark(WeightFileError):
 
 
 class ArchitectureMismatch(WeightFileError):
-    """A state dict's keys or shapes are not the ones of the module it was to fill."""
+    """A state dict's keys or shapes are not the ones of the module it was to fill; ``keys_match``: only shapes."""
+
+    def __init__(self, message, keys_match=False):
+        super().__init__(message)
+        self.keys_match = keys_match
 
 
 class ImageInputError(DiffSRError, ValueError):

@@ -176,6 +176,8 @@ def text_encoder_state(sd, num_layers, name=None):
 
 
 SD21_SIZE_FIX = "It is not SD 2.1-base; if it is a non-standard size, pass a matching config folder"
+# a diffusers folder's part whose tensors are not the sizes its own config.json gives
+FOLDER_SHAPE_FIX = f"Its weights and its config.json do not belong together. {FOLDER_FIX.removesuffix('.')}"
 
 
 def load_ldm_unet_vae(sd, unet, vae, name=None, fix=SD21_SIZE_FIX):
@@ -628,7 +630,9 @@ def _load_folder_parts(folder, files, in_memory, reads, configs):
     ``check_part_configs``) with this pack's readers, as a single file is (see ``load_single_file``); None when a part
     is stored under another name or its keys are not the module's, which ``load_diffusers_folder`` leaves to
     diffusers and transformers. A part whose tensors are not floating point (an int8-quantised file) is refused by
-    name, also after a part left to diffusers: diffusers and transformers would cast them to float silently."""
+    name, also after a part left to diffusers: diffusers and transformers would cast them to float silently; so is a
+    part whose keys are the module's but not all its shapes (its config.json and weights do not belong together),
+    which diffusers and transformers refuse too, advising an option of theirs the user cannot pass."""
     if None in files.values():
         return None
     parts, owned, mismatched = models_from_config(folder, random_init=False, configs=configs), [], False
@@ -640,9 +644,12 @@ def _load_folder_parts(folder, files, in_memory, reads, configs):
             read_in = read_in and shard_read_in
         state = _in_module_names(module, state)
         try:
-            owned.append(load_module_weights(module, state, sub, fix=SD21_SIZE_FIX) or read_in)
-        except ArchitectureMismatch:  # left to diffusers once the other parts' tensors are seen to be floating point
-            mismatched = True
+            owned.append(load_module_weights(module, state, sub, fix=FOLDER_SHAPE_FIX) or read_in)
+        except ArchitectureMismatch as e:
+            if e.keys_match:  # only shapes differ, which no loader mends
+                refused = str(e)
+                break
+            mismatched = True  # left to diffusers once the other parts' tensors are seen to be floating point
         except WeightFileError as e:
             refused = str(e)
             break

@@ -453,11 +453,12 @@ def load_module_weights(module, state, what, name=None, fix="pass a config match
     wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or wrong:
         detail = "; ".join(filter(None, [
-            f"missing {len(missing)} keys (e.g. {missing[:2]})" if missing else "",
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]})" if unexpected else "",
-            f"{len(wrong)} shapes differ (e.g. {wrong[0]}: file {tuple(state[wrong[0]].shape)} vs model "
+            f"missing {len(missing)} key(s) (e.g. {missing[:2]})" if missing else "",
+            f"{len(unexpected)} unexpected key(s) (e.g. {unexpected[:2]})" if unexpected else "",
+            f"{len(wrong)} shape(s) differ (e.g. {wrong[0]}: file {tuple(state[wrong[0]].shape)} vs model "
             f"{tuple(expected[wrong[0]].shape)})" if wrong else ""]))
-        raise ArchitectureMismatch(f"The {what}{where} does not match the architecture: {detail}. {fix}.")
+        raise ArchitectureMismatch(f"The {what}{where} does not match the architecture: {detail}. {fix}.",
+                                   keys_match=not (missing or unexpected))
     tensors = as_float32_cpu({k: state[k] for k in expected})
     module.load_state_dict(tensors, strict=True, assign=True)
     _materialise_position_ids(module)

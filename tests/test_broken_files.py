@@ -376,7 +376,7 @@ CASES = {
     # one tensor far from the first (the UNet's last convolution's bias): every tensor is checked
     "sd-one-int64-tensor": ("int_out.safetensors", _sd(_to_dtype(UNET + "out.2.bias", torch.int64)), sd21,
                             "conv_out.bias.*int64.*" + NOT_FLOAT),
-    "sd-wrong-shape": ("other_size.safetensors", _sd(_wrong_shape), sd21, "shapes differ.*config folder"),
+    "sd-wrong-shape": ("other_size.safetensors", _sd(_wrong_shape), sd21, r"shape\(s\) differ.*config folder"),
     # a text encoder missing a block SD 2.1-base's encoder uses (it keeps all but the last of the file's blocks)
     "sd-text-encoder-short": ("short_clip.safetensors", _sd(_drop("cond_stage_model.model.transformer.resblocks.1.")),
                               sd21, "fewer than 3 blocks.*not an SD 2.1 OpenCLIP-H.*damaged or not SD 2.1-base"),
@@ -510,7 +510,7 @@ CASES = {
                                         "'dossr.ckpt': The text encoder lacks.*token_embedding.weight.*damaged or not"),
     "dossr-no-rrdb": ("dossr.ckpt", _dossr(_drop("preprocess_model.")), dossr, "RRDB.*dossr_default.ckpt"),
     "dossr-truncated": ("dossr.ckpt", _truncated(DOSSR), dossr, "truncated.*" + DOWNLOAD),
-    "dossr-wrong-shape": ("dossr.ckpt", _dossr(_dossr_wrong_shape), dossr, "ControlNet.*shapes differ.*--config"),
+    "dossr-wrong-shape": ("dossr.ckpt", _dossr(_dossr_wrong_shape), dossr, r"ControlNet.*shape\(s\) differ.*--config"),
     "osediff-as-dossr": ("osediff.pkl", _copy(OSEDIFF), dossr, "not a DoSSR weight file: it is an OSEDiff weight file.*diffsr osediff --weights"),
     "dossr-converted-no-metadata": ("dossr.safetensors", _converted_copy("dossr_converted", change_meta=lambda m: {}),
                                     dossr_converted, "metadata.*diffsr convert dossr"),
@@ -688,10 +688,10 @@ WRONG_FILE_LOADERS = {
     "convert-ram-given-sd": ("osediff_core.dape", SINGLE, lambda p: convert_dape(p, DAPE, p + ".safetensors"),
                              "was given as the RAM weights"),
     "dossr-wrong-shape": ("dossr_core.weights", "wrong-shape", lambda p: load_dossr(p, config=DOSSR_CONFIG),
-                          "ControlNet.*shapes differ"),
+                          r"ControlNet.*shape\(s\) differ"),
     "convert-dossr-wrong-shape": ("dossr_core.weights", "wrong-shape",
                                   lambda p: convert_dossr(p, p + ".safetensors", config=DOSSR_CONFIG),
-                                  "ControlNet.*shapes differ"),
+                                  r"ControlNet.*shape\(s\) differ"),
 }
 
 

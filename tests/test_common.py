@@ -516,7 +516,7 @@ def test_module_weights_with_a_key_the_module_lacks_are_refused():
     before = module.weight.clone()
     state = {"weight": torch.zeros(3, 2), "bias": torch.zeros(3), "norm.weight": torch.ones(3)}
     with pytest.raises(WeightFileError, match=r"The net in 'w.safetensors' does not match the architecture: 1 "
-                                              r"unexpected keys \(e.g. \['norm.weight'\]\)\. pass a config"):
+                                              r"unexpected key\(s\) \(e.g. \['norm.weight'\]\)\. pass a config"):
         load_module_weights(module, state, "net", "/models/w.safetensors")
     assert torch.equal(module.weight, before)
 
