@@ -66,7 +66,7 @@ def find_images(inputs, recursive=False, output=None):
     input folder) are not searched. The output name is the path without its suffix. A file given twice (also as a
     folder's file, or through a link) counts once. An input folder that is the output folder is refused: the outputs
     would be inputs of the next run (``--skip-existing`` could not resume). Sub-folders that a run made as its output
-    folder (``make_output_folder``) are not searched either, so the upscales of a run with another ``output`` are not
+    folder (``mark_output_folder``) are not searched either, so the upscales of a run with another ``output`` are not
     upscaled again; a note names them. A note counts a folder's photos in formats Pillow does not read (an iPhone's
     HEIC, camera raw), which are left out, and another its GIFs (taken only by name)."""
     found, seen, unread, earlier_outputs, gifs = [], set(), collections.Counter(), [], 0
