@@ -82,9 +82,9 @@ def find_images(inputs, recursive=False, output=None):
             for folder, subfolders, names in os.walk(item, onerror=lambda error: _unreadable_folder(error, item)):
                 subfolders[:] = sorted(d for d in subfolders if recursive and not d.startswith(".")
                                        and not _is_folder(os.path.join(folder, d), skip))
-                earlier_outputs += [os.path.join(folder, d) for d in subfolders
-                                    if os.path.isfile(os.path.join(folder, d, OUTPUT_FOLDER_MARK))]
-                subfolders[:] = [d for d in subfolders if os.path.join(folder, d) not in earlier_outputs]
+                marked = [d for d in subfolders if os.path.isfile(os.path.join(folder, d, OUTPUT_FOLDER_MARK))]
+                earlier_outputs += [os.path.join(folder, d) for d in marked]
+                subfolders[:] = [d for d in subfolders if d not in marked]
                 visible = [n for n in sorted(names) if not n.startswith(".")]
                 paths += [os.path.join(folder, n) for n in visible if n.lower().endswith(IMAGE_SUFFIXES)
                           and os.path.isfile(os.path.join(folder, n))]

@@ -607,7 +607,8 @@ def test_recursive_folder_run_mirrors_the_sub_folders(base, tmp_path, capsys):
     args = [folder, "-o", out, "--base", base, "--weights", os.path.join(FIX, "osediff_tiny.pkl"),
             "--process-size", "64"]
     assert run(args) == 0
-    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [OUTPUT_FOLDER_MARK, "a.png"]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                  if p.is_file()) == [OUTPUT_FOLDER_MARK, "a.png"]
     assert run(args + ["--recursive", "--skip-existing"]) == 0
     err = capsys.readouterr().err
     assert "skipping 1 of 3" in err and f"wrote 2 image(s) to {out}" in err, err
