@@ -727,7 +727,12 @@ def _diffusers_options(folder, configs):
     accelerate (``diffusers_loads_through_accelerate``): a part in one file with ``low_cpu_mem_usage=False``, the
     loader that reports a missing tensor, refused then as without accelerate (accelerate's raised a ValueError saying
     to pass that option); a part in shards, which diffusers loads there through accelerate alone, is checked by its
-    index's tensor names first: one its module lacks is refused by name, one the shards lack as missing."""
+    index's tensor names first: one its module lacks is refused by name, one the shards lack as missing. Without
+    accelerate: ``low_cpu_mem_usage=False``, which diffusers falls back to there after a warning to install it."""
+    from diffusers.utils import is_accelerate_available
+
+    if not is_accelerate_available():
+        return {sub: {"low_cpu_mem_usage": False} for sub in INDEX_BEFORE_FILE}
     if not diffusers_loads_through_accelerate():
         return {sub: {} for sub in INDEX_BEFORE_FILE}
     import diffusers

@@ -234,6 +234,31 @@ def test_a_part_with_an_integer_tensor_its_module_lacks_loads_its_weights(tmp_pa
     same_weights(load_sd21(folder), reference[1])
 
 
+@pytest.mark.parametrize("part", ["unet", "vae"])
+def test_a_folder_left_to_diffusers_loads_without_its_advice_to_install_accelerate(tmp_path, reference, part):
+    """A folder left to diffusers' loaders (a UNet or VAE with a tensor its module lacks) showed, without accelerate,
+    diffusers' warning 'Cannot initialize model with low cpu memory usage because `accelerate` was not found ... pip
+    install accelerate', for a load that needs none (diffusers then loads as the pack asks it to: without
+    ``low_cpu_mem_usage``). With accelerate installed (CI's accelerate job), diffusers has no cause to say it."""
+    import logging
+
+    from safetensors.torch import save_file
+
+    folder = copy_tiny_sd21(tmp_path / "extra")
+    path = os.path.join(folder, part, f"{STEMS[part]}.safetensors")
+    save_file({**load_file(path), "global_step": torch.tensor([1000])}, path, metadata={"format": "pt"})
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("diffusers").addHandler(handler)  # diffusers' loggers do not propagate to the root logger
+    try:
+        loaded = load_sd21(folder)
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert not [r.getMessage() for r in records if "accelerate" in r.getMessage()]
+    same_weights(loaded, reference[1])
+
+
 @pytest.mark.parametrize("extra, part", [("unet", "vae"), ("unet", "text_encoder"), ("vae", "text_encoder")])
 def test_a_part_of_integer_tensors_after_one_left_to_diffusers_is_refused_by_name(tmp_path, extra, part):
     """A part left to diffusers' and transformers' loaders (``extra``: a tensor its module lacks) sent the whole
