@@ -164,22 +164,28 @@ def main():
     device, dtype = torch.device(args.device), PRECISIONS[args.dtype]
     result = {"bench": "memory", **environment(device, dtype), "cases": []}
     for method in args.method:
-        model, networks, upscale = runner(method)
-        for module in model.modules():  # the text encoder stays on the CPU
-            if module is not getattr(model, "text_encoder", None):
-                move_module(module, device, dtype)
-        for size in args.sizes:
-            for tile in args.vae_tile_decode:
-                budget = args.budget_mib and int(args.budget_mib * MiB)
-                case = {"method": method, "case": f"{size}->{size * 4}", "vae_tile_decode": tile,
-                        **({"budget_mib": args.budget_mib} if budget else {}),
-                        **measure(model, lambda m: upscale(m, size, tile), networks, device, budget)}
-                print(case, flush=True)
-                result["cases"].append(case)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-        del model, networks, upscale
+        result["cases"] += method_cases(method, args, device, dtype)  # its networks freed on return
     write_json(result, args.out)
+
+
+def method_cases(method, args, device, dtype):
+    """One method's ``measure`` at each of ``args.sizes`` and ``args.vae_tile_decode``, printed as they are made."""
+    model, networks, upscale = runner(method)
+    for module in model.modules():  # the text encoder stays on the CPU
+        if module is not getattr(model, "text_encoder", None):
+            move_module(module, device, dtype)
+    cases = []
+    for size in args.sizes:
+        for tile in args.vae_tile_decode:
+            budget = args.budget_mib and int(args.budget_mib * MiB)
+            case = {"method": method, "case": f"{size}->{size * 4}", "vae_tile_decode": tile,
+                    **({"budget_mib": args.budget_mib} if budget else {}),
+                    **measure(model, lambda m: upscale(m, size, tile), networks, device, budget)}
+            print(case, flush=True)
+            cases.append(case)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return cases
 
 
 if __name__ == "__main__":

@@ -104,18 +104,23 @@ def main():
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     result = {"bench": "stages", **environment(device, dtype), "case": f"{args.size}->{args.size * 4}"}
     for method in args.method:
-        model, upscale = (osediff_runner if method == "osediff" else dossr_runner)(args.size)
-        model.to(device, dtype)
-        run = lambda: upscale(model)
-        with torch.inference_mode():
-            run()  # warm-up: kernels chosen, the prompt encoded and cached
-            result[method] = timed_stages(networks(model, method), run, args.repeats, sync)
-            if args.profile:
-                result[method]["profile"] = kernel_profile(run, device)
-        del model, upscale, run
-        if device.type == "cuda":
+        result[method] = method_stages(method, args, device, dtype, sync)
+        if device.type == "cuda":  # the method's networks were freed on return
             torch.cuda.empty_cache()
     write_json(result, args.out)
+
+
+def method_stages(method, args, device, dtype, sync):
+    """``timed_stages`` of one method's upscale at ``args.size`` (and its ``kernel_profile`` with ``--profile``)."""
+    model, upscale = (osediff_runner if method == "osediff" else dossr_runner)(args.size)
+    model.to(device, dtype)
+    run = lambda: upscale(model)
+    with torch.inference_mode():
+        run()  # warm-up: kernels chosen, the prompt encoded and cached
+        stages = timed_stages(networks(model, method), run, args.repeats, sync)
+        if args.profile:
+            stages["profile"] = kernel_profile(run, device)
+    return stages
 
 
 if __name__ == "__main__":
