@@ -10,6 +10,7 @@ import hashlib
 import http.client
 import os
 import re
+import ssl
 import sys
 import urllib.error
 import urllib.parse
@@ -247,8 +248,8 @@ def _transfer_and_install(url, dest, sha256, git_blob, progress):
                      f"put it at {quoted_name(dest)}.") if e.code in (401, 403, 404, 410) else ""
             raise DownloadError(
                 f"Download of {url} failed: HTTP {e.code}. Nothing was written to {quoted_name(dest)}.{moved}") from e
-    except (urllib.error.URLError, OSError) as e:
-        raise DownloadError(f"Download of {url} failed: {e}. Run the command again to resume.") from e
+    except OSError as e:  # urllib's URLError is one
+        raise _unanswered(url, e) from e
     except http.client.HTTPException as e:  # an answer that is not HTTP (a captive portal, a broken proxy)
         raise DownloadError(f"Download of {url} failed: {e!r}. Run the command again to resume.") from e
     weights = dest.lower().endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)
@@ -283,6 +284,23 @@ def _transfer_and_install(url, dest, sha256, git_blob, progress):
                             f"({error_text(e)}); move it by hand, or run again.") from e
     _write_record(dest, digest)
     return dest
+
+
+def _unanswered(url, error):
+    """The ``DownloadError`` for ``url``, whose request got no answer: ``error``, an OSError (urllib's URLError
+    wrapping one where the server was not reached or its certificate not trusted)."""
+    reason, host = getattr(error, "reason", None), urllib.parse.urlsplit(url).hostname
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return DownloadError(f"Download of {url} failed: the certificate of {host} could not be verified "
+                             f"({reason.verify_message or reason}). This Python lacks the certificates to check it (on "
+                             "macOS, run 'Install Certificates.command' in its folder in Applications), or a proxy "
+                             "inspects HTTPS (set SSL_CERT_FILE to its certificate); then run the command again to "
+                             "resume.")
+    if isinstance(reason, OSError):  # no network, a name not found, a connection refused or timed out
+        return DownloadError(f"Download of {url} failed: {host} could not be reached ({error_text(reason)}). Check the "
+                             "network connection (behind a proxy, set HTTPS_PROXY), then run the command again to "
+                             "resume.")
+    return DownloadError(f"Download of {url} failed: {error}. Run the command again to resume.")
 
 
 def _refuse_if_offline(url, dest):

@@ -232,9 +232,11 @@ class LocalServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = False
 
-    def __init__(self, handler):
+    def __init__(self, handler, tls=None):
         super().__init__(("127.0.0.1", 0), handler)
-        self.errors = []
+        self.errors, self.scheme = [], "http" if tls is None else "https"
+        if tls is not None:  # an ssl.SSLContext: HTTPS with its certificate
+            self.socket = tls.wrap_socket(self.socket, server_side=True)
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
@@ -243,16 +245,16 @@ class LocalServer(http.server.ThreadingHTTPServer):
 
     @property
     def url(self):
-        return f"http://127.0.0.1:{self.server_address[1]}"
+        return f"{self.scheme}://127.0.0.1:{self.server_address[1]}"
 
 
 @contextlib.contextmanager
-def serving(handler):
-    """Within the block, a ``LocalServer`` answers with ``handler`` (yielded); leaving, it stops and waits for the
-    threads still answering (``server_close``), then raises the first error of an answer that was not a client
-    going away. ``shutdown`` returns at the serving loop's next poll: every 10 ms, not socketserver's 0.5 s, which
-    every test that served paid once."""
-    server = LocalServer(handler)
+def serving(handler, tls=None):
+    """Within the block, a ``LocalServer`` answers with ``handler`` (yielded; over HTTPS with ``tls``, an
+    ``ssl.SSLContext``); leaving, it stops and waits for the threads still answering (``server_close``), then raises
+    the first error of an answer that was not a client going away. ``shutdown`` returns at the serving loop's next
+    poll: every 10 ms, not socketserver's 0.5 s, which every test that served paid once."""
+    server = LocalServer(handler, tls)
     threading.Thread(target=functools.partial(server.serve_forever, poll_interval=0.01), daemon=True).start()
     try:
         yield server

@@ -4,6 +4,9 @@ import hashlib
 import http.server
 import io
 import os
+import re
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -12,7 +15,7 @@ import pytest
 
 from comfyui_diffsr.sr_common.download import OFFICIAL, DownloadError, Source, download, downloaded, hf_endpoint_url
 
-from conftest import LocalServer, serving
+from conftest import DATA, LocalServer, serving
 
 PAYLOAD = b"PK\x03\x04" + os.urandom(300_000)  # a zip's first bytes, as torch's .pth/.pkl files have
 PAGE = b"<!DOCTYPE html><html>rate limited</html>"
@@ -371,6 +374,37 @@ def test_a_broken_http_answer_is_a_download_error(server, tmp_path):
     assert os.listdir(tmp_path) == ["osediff.pkl.partial"]
     with pytest.raises(DownloadError, match="garbage failed.*Run the command again"):
         download(f"{server}/garbage", str(dest))
+
+
+def test_a_server_not_reached_or_not_trusted_is_said_with_the_fix(tmp_path, monkeypatch):
+    """A request that got no answer was told in urllib's words alone ('<urlopen error [Errno 111] Connection
+    refused>. Run the command again to resume.'), which name neither the cause nor the fix. A server not reached (no
+    network, a name not found, refused) says to check the connection or set HTTPS_PROXY; a certificate not trusted
+    (a Python without the certificates, as macOS' until 'Install Certificates.command' is run, or a proxy that
+    inspects HTTPS) says how to give Python the certificates. Nothing is written either way."""
+    dest = tmp_path / "osediff.pkl"
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}/osediff.pkl"
+    with pytest.raises(DownloadError, match=rf"^Download of {re.escape(url)} failed: 127\.0\.0\.1 could not be "
+                                            r"reached \(.*refused.*\)\. Check the network connection \(behind a "
+                                            r"proxy, set HTTPS_PROXY\), then run the command again to resume\.$"):
+        download(url, str(dest))
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # a test key and the certificate for 127.0.0.1 it signed itself, valid to 2126: openssl req -x509 -newkey ec
+    # -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 36500 -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1
+    tls.load_cert_chain(os.path.join(DATA, "localhost_self_signed.pem"))
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    with serving(Handler, tls) as httpd:
+        url = f"{httpd.url}/plain"
+        with pytest.raises(DownloadError, match=rf"^Download of {re.escape(url)} failed: the certificate of 127\.0\.0"
+                                                r"\.1 could not be verified \(self[- ]signed certificate\)\. This "
+                                                r"Python lacks the certificates to check it \(on macOS, run 'Install "
+                                                r"Certificates\.command' in its folder in Applications\), or a proxy "
+                                                r"inspects HTTPS \(set SSL_CERT_FILE to its certificate\); then run "
+                                                r"the command again to resume\.$"):
+            download(url, str(dest))
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_second_download_of_the_same_file_at_once_is_refused(server, tmp_path, monkeypatch):
