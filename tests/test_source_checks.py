@@ -43,7 +43,8 @@ class Findings(Reporter):
 
 def pyflakes_findings(path):
     """pyflakes' findings in ``path`` but those of a line marked ``# noqa`` (a fixture imported for pytest, an import
-    made for its side effect) and the redefinitions of what such a line imported (a test's argument naming the fixture)."""
+    made for its side effect) and the redefinitions of what such a line imported (a test's argument naming the
+    fixture)."""
     with open(os.path.join(ROOT, path), encoding="utf-8") as f:
         source = f.read()
     lines = source.splitlines()
