@@ -297,9 +297,11 @@ def _unanswered(url, error):
                              "inspects HTTPS (set SSL_CERT_FILE to its certificate); then run the command again to "
                              "resume.")
     if isinstance(reason, OSError):  # no network, a name not found, a connection refused or timed out
+        mirror = (f" Where {host} cannot be reached, set HF_ENDPOINT to a mirror of it (e.g. https://hf-mirror.com): "
+                  "its files are checked against the same hashes.") if host in HF_HOSTS else ""
         return DownloadError(f"Download of {url} failed: {host} could not be reached ({error_text(reason)}). Check the "
                              "network connection (behind a proxy, set HTTPS_PROXY), then run the command again to "
-                             "resume.")
+                             f"resume.{mirror}")
     return DownloadError(f"Download of {url} failed: {error}. Run the command again to resume.")
 
 

@@ -379,7 +379,8 @@ def test_a_broken_http_answer_is_a_download_error(server, tmp_path):
 def test_a_server_not_reached_or_not_trusted_is_said_with_the_fix(tmp_path, monkeypatch):
     """A request that got no answer was told in urllib's words alone ('<urlopen error [Errno 111] Connection
     refused>. Run the command again to resume.'), which name neither the cause nor the fix. A server not reached (no
-    network, a name not found, refused) says to check the connection or set HTTPS_PROXY; a certificate not trusted
+    network, a name not found, refused) says to check the connection or set HTTPS_PROXY, and for Hugging Face, to set
+    HF_ENDPOINT to a mirror; a certificate not trusted
     (a Python without the certificates, as macOS' until 'Install Certificates.command' is run, or a proxy that
     inspects HTTPS) says how to give Python the certificates. Nothing is written either way."""
     dest = tmp_path / "osediff.pkl"
@@ -390,6 +391,24 @@ def test_a_server_not_reached_or_not_trusted_is_said_with_the_fix(tmp_path, monk
                                             r"reached \(.*refused.*\)\. Check the network connection \(behind a "
                                             r"proxy, set HTTPS_PROXY\), then run the command again to resume\.$"):
         download(url, str(dest))
+
+    def refused(address, *args, **kwargs):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    # Hugging Face not reached (no network here: connections refused): the mirror is named, as README names it
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    with monkeypatch.context() as patched:
+        patched.setattr(socket, "create_connection", refused)
+        with pytest.raises(DownloadError, match=r"^Download of https://huggingface\.co/a/b\.pth failed: "
+                                                r"huggingface\.co could not be reached \(\[Errno 111\] Connection refused\)\. Check "
+                                                r"the network connection \(behind a proxy, set HTTPS_PROXY\), then run "
+                                                r"the command again to resume\. Where huggingface\.co cannot be "
+                                                r"reached, set HF_ENDPOINT to a mirror of it \(e\.g\. "
+                                                r"https://hf-mirror\.com\): its files are checked against the same "
+                                                r"hashes\.$"):
+            download("https://huggingface.co/a/b.pth", str(dest))
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     # a test key and the certificate for 127.0.0.1 it signed itself, valid to 2126: openssl req -x509 -newkey ec
     # -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 36500 -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1
