@@ -380,9 +380,9 @@ def test_a_server_not_reached_or_not_trusted_is_said_with_the_fix(tmp_path, monk
     """A request that got no answer was told in urllib's words alone ('<urlopen error [Errno 111] Connection
     refused>. Run the command again to resume.'), which name neither the cause nor the fix. A server not reached (no
     network, a name not found, refused) says to check the connection or set HTTPS_PROXY, and for Hugging Face, to set
-    HF_ENDPOINT to a mirror; a certificate not trusted
-    (a Python without the certificates, as macOS' until 'Install Certificates.command' is run, or a proxy that
-    inspects HTTPS) says how to give Python the certificates. Nothing is written either way."""
+    HF_ENDPOINT to a mirror; a certificate not trusted (a Python without the certificates, as macOS' until 'Install
+    Certificates.command' is run, or a proxy that inspects HTTPS) says how to give Python the certificates. Nothing
+    is written either way."""
     dest = tmp_path / "osediff.pkl"
     with socket.socket() as closed:  # a port nothing listens on
         closed.bind(("127.0.0.1", 0))
@@ -395,19 +395,19 @@ def test_a_server_not_reached_or_not_trusted_is_said_with_the_fix(tmp_path, monk
     def refused(address, *args, **kwargs):
         raise ConnectionRefusedError(111, "Connection refused")
 
-    # Hugging Face not reached (no network here: connections refused): the mirror is named, as README names it
+    # Hugging Face not reached (every connection refused, as without a network): the mirror is named, as README does
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     with monkeypatch.context() as patched:
         patched.setattr(socket, "create_connection", refused)
         with pytest.raises(DownloadError, match=r"^Download of https://huggingface\.co/a/b\.pth failed: "
-                                                r"huggingface\.co could not be reached \(\[Errno 111\] Connection refused\)\. Check "
-                                                r"the network connection \(behind a proxy, set HTTPS_PROXY\), then run "
-                                                r"the command again to resume\. Where huggingface\.co cannot be "
-                                                r"reached, set HF_ENDPOINT to a mirror of it \(e\.g\. "
-                                                r"https://hf-mirror\.com\): its files are checked against the same "
-                                                r"hashes\.$"):
+                                                r"huggingface\.co could not be reached \(\[Errno 111\] Connection "
+                                                r"refused\)\. Check the network connection \(behind a proxy, set "
+                                                r"HTTPS_PROXY\), then run the command again to resume\. Where "
+                                                r"huggingface\.co cannot be reached, set HF_ENDPOINT to a mirror of "
+                                                r"it \(e\.g\. https://hf-mirror\.com\): its files are checked "
+                                                r"against the same hashes\.$"):
             download("https://huggingface.co/a/b.pth", str(dest))
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     # a test key and the certificate for 127.0.0.1 it signed itself, valid to 2126: openssl req -x509 -newkey ec
