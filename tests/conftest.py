@@ -31,9 +31,10 @@ MAKING_LOCK = os.path.join(DATA, "making.lock")  # held while a session makes th
 PACKAGED = ("__init__.py", "__main__.py", "cli", "dossr_core", "nodes", "osediff_core", "sr_common")
 
 
-def packaged_sources():
-    """The Python files of the package, relative to the checkout."""
-    for top in PACKAGED:
+def python_sources(tops=PACKAGED):
+    """The Python files of ``tops`` (files and folders of the checkout; by default the package's), relative to the
+    checkout."""
+    for top in tops:
         if top.endswith(".py"):
             yield top
         for folder, _, names in os.walk(os.path.join(ROOT, top)):
@@ -50,7 +51,7 @@ def pytest_sessionstart(session):
 
     installed = os.path.dirname(os.path.abspath(comfyui_diffsr.__file__))
     if os.path.realpath(installed) != os.path.realpath(ROOT):
-        differing = [rel for rel in packaged_sources()
+        differing = [rel for rel in python_sources()
                      if not same_bytes(os.path.join(installed, rel), os.path.join(ROOT, rel))]
         if differing:
             pytest.exit(f"The installed comfyui_diffsr ({installed}) is not this checkout: {len(differing)} file(s) "

@@ -10,18 +10,9 @@ from pyflakes.api import check
 from pyflakes.messages import RedefinedWhileUnused
 from pyflakes.reporter import Reporter
 
-from conftest import ROOT, packaged_sources
+from conftest import PACKAGED, ROOT, python_sources
 
-CHECKED_FOLDERS = ("bench", "tools", "tests")  # beside the pack's own files (PACKAGED)
-
-
-def checked_sources():
-    """The Python files of the pack, bench/, tools/ and tests/, relative to the checkout."""
-    yield from packaged_sources()
-    for top in CHECKED_FOLDERS:
-        for folder, subfolders, names in os.walk(os.path.join(ROOT, top)):
-            subfolders[:] = sorted(d for d in subfolders if d != "__pycache__")
-            yield from (os.path.relpath(os.path.join(folder, n), ROOT) for n in sorted(names) if n.endswith(".py"))
+CHECKED = (*PACKAGED, "bench", "tools", "tests")  # the pack's own files and folders, and the others with Python
 
 
 class Findings(Reporter):
@@ -65,9 +56,9 @@ def test_the_checked_files_are_the_checkouts_python_files():
     out = subprocess.run(["git", "-C", ROOT, "ls-files", "*.py"], capture_output=True, text=True, check=True).stdout
     tracked = {os.path.normpath(line) for line in out.splitlines() if line.strip()}
     assert len(tracked) > 100
-    assert tracked <= set(checked_sources())
+    assert tracked <= set(python_sources(CHECKED))
 
 
-@pytest.mark.parametrize("path", sorted(checked_sources()))
+@pytest.mark.parametrize("path", sorted(python_sources(CHECKED)))
 def test_pyflakes_finds_nothing(path):
     assert pyflakes_findings(path) == []
