@@ -290,6 +290,9 @@ def _unanswered(url, error):
     """The ``DownloadError`` for ``url``, whose request got no answer: ``error``, an OSError (urllib's URLError
     wrapping one where the server was not reached or its certificate not trusted)."""
     reason, host = getattr(error, "reason", None), urllib.parse.urlsplit(url).hostname
+    if isinstance(error, TimeoutError):  # connected and asked, then no answer (not wrapped by urllib)
+        return DownloadError(f"Download of {url} failed: {host} took the request but sent no answer in {TIMEOUT_S} s "
+                             "(the server or the network is busy). Run the command again later to resume.")
     if isinstance(reason, ssl.SSLCertVerificationError):
         return DownloadError(f"Download of {url} failed: the certificate of {host} could not be verified "
                              f"({reason.verify_message or reason}). This Python lacks the certificates to check it (on "
@@ -356,6 +359,9 @@ def _receive(response, partial, have, url, progress):
         while True:
             try:
                 chunk = response.read(CHUNK)
+            except TimeoutError as e:
+                raise DownloadError(f"Download of {url} stalled: nothing came for {TIMEOUT_S} s (the server or the "
+                                    "network is busy); run again later to resume.") from e
             except (OSError, http.client.HTTPException) as e:  # the last: a chunked body cut short
                 raise DownloadError(f"Download of {url} was interrupted ({e}); run again to resume.") from e
             if not chunk:

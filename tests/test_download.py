@@ -60,6 +60,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             Handler.release.wait(10)
             self.wfile.write(PAYLOAD[100_000:])
             return
+        if self.path == "/silent":  # takes the request, answers nothing until released
+            Handler.release.wait(10)
+            return
         if self.path == "/endless":  # sent until the client goes away (its next write fails)
             self.send_response(200)
             self.send_header("Content-Length", str(1 << 40))
@@ -424,6 +427,32 @@ def test_a_server_not_reached_or_not_trusted_is_said_with_the_fix(tmp_path, monk
                                                 r"the command again to resume\.$"):
             download(url, str(dest))
     assert os.listdir(tmp_path) == []
+
+
+def test_a_server_that_goes_silent_is_said_to_be_busy(server, tmp_path, monkeypatch):
+    """A server that took the request and then sent nothing was told as 'failed: timed out. Run the command again to
+    resume.' (urllib's words, no host), or, silent inside the body, as 'interrupted (timed out)'. Each now says which
+    host went silent, for how long, and that the part fetched is resumed by running again later."""
+    from comfyui_diffsr.sr_common import download as D
+
+    monkeypatch.setattr(D, "TIMEOUT_S", 0.5)
+    dest = tmp_path / "osediff.pkl"
+    try:
+        with pytest.raises(DownloadError, match=rf"^Download of {re.escape(server)}/silent failed: 127\.0\.0\.1 took "
+                                                r"the request but sent no answer in 0\.5 s \(the server or the "
+                                                r"network is busy\)\. Run the command again later to resume\.$"):
+            download(f"{server}/silent", str(dest))
+        assert os.listdir(tmp_path) == []
+        monkeypatch.setattr(D, "CHUNK", 10_000)  # reads of a 1 MiB chunk would wait for the rest
+        with pytest.raises(DownloadError, match=rf"^Download of {re.escape(server)}/slow stalled: nothing came for "
+                                                r"0\.5 s \(the server or the network is busy\); run again later to "
+                                                r"resume\.$"):
+            download(f"{server}/slow", str(dest))
+    finally:
+        Handler.release.set()
+    assert os.path.getsize(f"{dest}.partial") == 100_000 and not dest.exists()
+    assert download(f"{server}/slow", str(dest)) == str(dest) and dest.read_bytes() == PAYLOAD
+    assert Handler.requests[-1] == "bytes=100000-"
 
 
 def test_a_second_download_of_the_same_file_at_once_is_refused(server, tmp_path, monkeypatch):
