@@ -177,17 +177,40 @@ def download(url, dest, *, sha256="", git_blob="", progress=None):
     if os.path.exists(dest):
         raise DownloadError(f"{quoted_name(dest)} exists but is not a downloaded file (a folder, or empty): delete it, "
                             "then run again.")
+    _refuse_if_offline(url, dest)
+    url = hf_endpoint_url(url)
+    made = _missing_folders(os.path.dirname(os.path.abspath(dest)))
     try:
         os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     except OSError as e:
         raise DownloadError(f"Cannot make the folder of {quoted_name(dest)} ({error_text(e)}); choose another models "
                             "folder.") from e
-    _refuse_if_offline(url, dest)
-    url = hf_endpoint_url(url)
-    with _sole_download(dest):
-        if downloaded(dest):  # finished by another download just before this one took the lock
-            return dest
-        return _transfer_and_install(url, dest, sha256, git_blob, progress)
+    try:
+        with _sole_download(dest):
+            if downloaded(dest):  # finished by another download just before this one took the lock
+                return dest
+            return _transfer_and_install(url, dest, sha256, git_blob, progress)
+    finally:
+        _remove_empty_folders(made)
+
+
+def _missing_folders(folder):
+    """``folder`` and the folders above it that do not exist (yet), deepest first."""
+    missing = []
+    while not os.path.lexists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
+
+
+def _remove_empty_folders(folders):
+    """Remove those of ``folders`` (deepest first), made for a download, that it left empty (it failed before a byte
+    was kept): a failed ``diffsr download`` leaves no empty models folders behind. One that holds anything stays."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty (the file, a partial file kept to resume, another download's), or gone
+            return
 
 
 def remove_leftover_partial(dest):

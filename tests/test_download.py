@@ -429,6 +429,27 @@ def test_a_server_not_reached_or_not_trusted_is_said_with_the_fix(tmp_path, monk
     assert os.listdir(tmp_path) == []
 
 
+def test_a_failed_download_leaves_no_empty_folders_it_made(server, tmp_path):
+    """`diffsr download all` without a network left models/osediff, models/dape, ... empty behind it. The folders a
+    download made are removed where it failed before keeping a byte; a partial file kept to resume keeps its folder,
+    and a folder that was there before stays."""
+    models = tmp_path / "models"
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        download(f"{server}/missing", str(models / "osediff" / "osediff.pkl"))
+    assert os.listdir(tmp_path) == []
+    (models / "dape").mkdir(parents=True)
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        download(f"{server}/missing", str(models / "dape" / "new" / "DAPE.pth"))
+    assert [p.name for p in tmp_path.rglob("*")] == ["models", "dape"]
+    Handler.cut_after = 100_000
+    dest = models / "osediff" / "osediff.pkl"
+    with pytest.raises(DownloadError, match="run again to resume"):
+        download(f"{server}/hashed", str(dest))
+    assert os.listdir(models / "osediff") == ["osediff.pkl.partial"]
+    Handler.cut_after = None
+    assert download(f"{server}/hashed", str(dest)) == str(dest) and dest.read_bytes() == PAYLOAD
+
+
 def test_a_server_that_goes_silent_is_said_to_be_busy(server, tmp_path, monkeypatch):
     """A server that took the request and then sent nothing was told as 'failed: timed out. Run the command again to
     resume.' (urllib's words, no host), or, silent inside the body, as 'interrupted (timed out)'. Each now says which
