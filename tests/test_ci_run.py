@@ -1,5 +1,5 @@
 """CI's scripts: which Python the last runs of ``.ci/run`` (the suite on Python 3.13, then on 3.10) are given, its
-run of the loaders' tests with accelerate, and ``tools/run_tests.sh``'s DIFFSR_PYTHON and DIFFSR_WITH."""
+runs of the loaders' tests with accelerate, and ``tools/run_tests.sh``'s DIFFSR_PYTHON and DIFFSR_WITH."""
 
 import os
 import shutil
@@ -113,12 +113,18 @@ def test_ci_says_so_where_the_python_given_is_no_python_3_13(tmp_path):
     assert f"WARNING: DIFFSR_CI_PYTHON313={other} is Python 3.12, not Python 3.13: the suite is NOT checked" in stderr
 
 
-def test_ci_runs_the_loaders_tests_with_accelerate_beside_the_oldest_versions(tmp_path):
+def test_ci_runs_the_loaders_tests_with_accelerate_beside_the_oldest_and_the_newest_versions(tmp_path):
     """diffusers 0.30-0.32 load a UNet or VAE through accelerate's loaders where accelerate is installed (many ComfyUI
     installs have it), which no venv of the suite had: CI runs the loaders' tests once more in a venv of the oldest
-    versions with accelerate 0.33.0, after the oldest versions' suite, which runs without it."""
+    versions with accelerate 0.33.0, after the oldest versions' suite, which runs without it; then with the newest
+    accelerate beside the newest versions (as the first run installs them), with the broken files' tests too."""
     runs, _ = ci_runs(tmp_path, {"3.13.0": "3.13"})
-    assert [run["DIFFSR_VENV"] for run in runs][:3] == [".venv", ".venv-oldest", ".venv-oldest-accelerate"]
+    assert [run["DIFFSR_VENV"] for run in runs][:4] == [".venv", ".venv-oldest", ".venv-oldest-accelerate",
+                                                        ".venv-accelerate"]
+    assert runs[3] == {"DIFFSR_VENV": ".venv-accelerate", "DIFFSR_PYTHON": "", "DIFFSR_TORCH": "",
+                       "DIFFSR_CONSTRAINTS": "", "DIFFSR_WITH": "accelerate",
+                       "args": "tests/test_sd21_variants.py tests/test_osediff_cli.py tests/test_broken_files.py"}
+    assert all(os.path.isfile(os.path.join(ROOT, path)) for path in runs[3]["args"].split())
     assert runs[1]["DIFFSR_WITH"] == ""
     with_accelerate = runs[2]
     assert with_accelerate == {"DIFFSR_VENV": ".venv-oldest-accelerate", "DIFFSR_PYTHON": "",
