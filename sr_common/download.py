@@ -311,7 +311,8 @@ def _transfer_and_install(url, dest, sha256, git_blob, progress):
 
 def _unanswered(url, error):
     """The ``DownloadError`` for ``url``, whose request got no answer: ``error``, an OSError (urllib's URLError
-    wrapping one where the server was not reached or its certificate not trusted)."""
+    wrapping one where the server was not reached or its certificate not trusted; a TimeoutError where the server
+    took the request and then sent nothing)."""
     reason, host = getattr(error, "reason", None), urllib.parse.urlsplit(url).hostname
     if isinstance(error, TimeoutError):  # connected and asked, then no answer (not wrapped by urllib)
         return DownloadError(f"Download of {url} failed: {host} took the request but sent no answer in {TIMEOUT_S} s "
