@@ -230,7 +230,11 @@ def _sole_download(dest):
     the same partial file. The lock file is removed when done; a filesystem without locks downloads unguarded."""
     lock_path = dest + ".lock"
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)  # not executable
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)  # not executable
+        except FileNotFoundError:  # its folder, just made, removed by a download of another file that failed there
+            os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
         raise DownloadError(f"Cannot write {quoted_name(lock_path)} ({error_text(e)}): choose another models "
                             "folder.") from e

@@ -450,6 +450,25 @@ def test_a_failed_download_leaves_no_empty_folders_it_made(server, tmp_path):
     assert download(f"{server}/hashed", str(dest)) == str(dest) and dest.read_bytes() == PAYLOAD
 
 
+def test_a_folder_removed_by_another_failed_download_is_made_again(server, tmp_path, monkeypatch):
+    """Two downloads into one new folder at once (a loader's `download:` entry beside `diffsr download`): the one that
+    fails removes the folder it made (above), which may be just after the other made it too and before that one
+    opened its lock file there. The other makes it again instead of failing to write its lock file."""
+    make_folders = os.makedirs
+
+    def made_then_removed_by_the_other(path, *args, **kwargs):
+        make_folders(path, *args, **kwargs)
+        if path == str(dest.parent) and not made:
+            made.append(path)
+            os.rmdir(path)  # as the failed download of another file does
+
+    made = []
+    dest = tmp_path / "models" / "osediff" / "osediff.pkl"
+    monkeypatch.setattr(os, "makedirs", made_then_removed_by_the_other)
+    assert download(f"{server}/hashed", str(dest)) == str(dest) and dest.read_bytes() == PAYLOAD
+    assert made == [str(dest.parent)]
+
+
 def test_a_server_that_goes_silent_is_said_to_be_busy(server, tmp_path, monkeypatch):
     """A server that took the request and then sent nothing was told as 'failed: timed out. Run the command again to
     resume.' (urllib's words, no host), or, silent inside the body, as 'interrupted (timed out)'. Each now says which
