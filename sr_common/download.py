@@ -179,9 +179,10 @@ def download(url, dest, *, sha256="", git_blob="", progress=None):
                             "then run again.")
     _refuse_if_offline(url, dest)
     url = hf_endpoint_url(url)
-    made = _missing_folders(os.path.dirname(os.path.abspath(dest)))
+    folder = os.path.dirname(os.path.abspath(dest))
+    made = _missing_folders(folder)
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise DownloadError(f"Cannot make the folder of {quoted_name(dest)} ({error_text(e)}); choose another models "
                             "folder.") from e
