@@ -245,9 +245,26 @@ def _check_tokenizer_files(folder):
 
 
 def has_vocabulary(folder):
-    """Whether the tokenizer folder ``folder`` has a CLIP vocabulary (``vocab.json`` and ``merges.txt``, not empty)."""
-    return all(os.path.isfile(p) and os.path.getsize(p) for p in
-               (os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")))
+    """Whether the tokenizer folder ``folder`` has a CLIP vocabulary this transformers reads: ``vocab.json`` and
+    ``merges.txt``, or ``tokenizer.json`` alone (as transformers 5 saves a tokenizer) where its ``CLIPTokenizer`` is the
+    fast one (``reads_tokenizer_json``); not empty."""
+    return (_has_file(folder, "vocab.json") and _has_file(folder, "merges.txt")
+            or _has_file(folder, "tokenizer.json") and reads_tokenizer_json())
+
+
+def _has_file(folder, name):
+    """Whether ``folder`` holds a regular file ``name`` that is not empty."""
+    path = os.path.join(folder, name)
+    return os.path.isfile(path) and os.path.getsize(path) > 0
+
+
+def reads_tokenizer_json():
+    """Whether transformers' ``CLIPTokenizer`` reads a vocabulary from ``tokenizer.json``: from transformers 5 it is the
+    fast tokenizer; before, the slow one, which reads only vocab.json and merges.txt (and transformers 4's fast one
+    cannot parse the ``tokenizer.json`` of tokenizers 0.20 and later)."""
+    from transformers import CLIPTokenizer, PreTrainedTokenizerFast
+
+    return issubclass(CLIPTokenizer, PreTrainedTokenizerFast)
 
 
 def check_tokenizer_files(folder):
@@ -259,18 +276,30 @@ def check_tokenizer_files(folder):
 
 def load_tokenizer(folder):
     """The CLIP tokenizer of ``folder``, or the SD 2.1 one the pack ships where ``folder`` lacks the vocabulary
-    (``vocab.json``, ``merges.txt``): a missing or empty tokenizer folder gives transformers' tokenizer without a
-    vocabulary, which fails only when the prompt is encoded. Its files are checked first (``_check_tokenizer_files``)."""
+    (``has_vocabulary``): a missing or empty tokenizer folder gives transformers' tokenizer without a vocabulary, which
+    fails only when the prompt is encoded. Its files are checked first (``_check_tokenizer_files``); one transformers
+    cannot read (a vocab.json cut short) is a ``WeightFileError`` naming the folder and the fix."""
+    import transformers
     from transformers import CLIPTokenizer
 
     shipped = os.path.join(shipped_config_dir(), "tokenizer")
     if not has_vocabulary(folder):
-        warnings.warn(f"{quoted_name(folder)} has no CLIP vocabulary (vocab.json, merges.txt); using the SD 2.1 "
-                      "tokenizer this pack ships, which is the one of stable-diffusion-2-1-base.", UserWarning,
-                      stacklevel=2)
+        what = (f"has its CLIP vocabulary in tokenizer.json alone (as transformers 5 saves it), which transformers "
+                f"{transformers.__version__} does not read" if _has_file(folder, "tokenizer.json") else
+                "has no CLIP vocabulary (vocab.json, merges.txt)")
+        warnings.warn(f"{quoted_name(folder)} {what}; using the SD 2.1 tokenizer this pack ships, which is the one of "
+                      "stable-diffusion-2-1-base.", UserWarning, stacklevel=2)
         folder = shipped
     _check_tokenizer_files(folder)
-    return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    try:
+        return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 (tokenizers raises plain Exception on a damaged file; json ValueError)
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        detail = first if type(e) is Exception else f"{type(e).__name__}: {first}"
+        raise WeightFileError(f"Cannot read the tokenizer in {quoted_name(folder)} ({detail}): a file there is damaged "
+                              f"or cut short. {TOKENIZER_FIX}") from e
 
 
 EMA_PREFIX = "model_ema.diffusion_model"  # LDM's EMA of the UNet: model_ema. + the key's dots removed

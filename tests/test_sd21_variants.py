@@ -5,6 +5,7 @@ import contextlib
 import os
 import re
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 from comfyui_diffsr.sr_common.errors import WeightFileError
 from comfyui_diffsr.sr_common.sd21 import SD21, load_sd21, open_clip_to_hf
 
-from conftest import (DATA, SINGLE, copy_tiny_sd21, copy_tiny_sd21_configs, fifo,
+from conftest import (DATA, OSEDIFF, SINGLE, TOKENIZER, copy_tiny_sd21, copy_tiny_sd21_configs, fifo,
                       hugging_face_cache, outcome_within, sparse_file)
 
 TINY_SD21 = os.path.join(DATA, "osediff", "tiny_sd21")
@@ -1413,6 +1414,96 @@ def test_a_fifo_in_the_tokenizer_folder_is_not_opened(tmp_path):
     with fifo(path):
         how, loaded = outcome_within(lambda: load_sd21(folder))
     assert how == "returned" and isinstance(loaded, SD21), loaded
+
+
+def tokenizer_json_alone(folder, added_token=None):
+    """The tokenizer the pack ships, with ``added_token``, saved in ``folder`` as transformers 5 saves a tokenizer:
+    tokenizer.json and tokenizer_config.json, no vocab.json or merges.txt."""
+    from transformers import CLIPTokenizerFast
+
+    tokenizer = CLIPTokenizerFast.from_pretrained(TOKENIZER)
+    if added_token:
+        tokenizer.add_tokens([added_token])
+    shutil.rmtree(folder)
+    tokenizer.save_pretrained(folder, legacy_format=False)
+    assert not {"vocab.json", "merges.txt"} & set(os.listdir(folder))
+
+
+def test_a_tokenizer_saved_as_tokenizer_json_alone_is_read(tmp_path):
+    """A diffusers folder saved with transformers 5 has its tokenizer in tokenizer.json alone: transformers 5 reads it,
+    and so does the pack (its added token too), without a warning. It was taken for a folder without a vocabulary:
+    the shipped tokenizer was used, "'...' has no CLIP vocabulary"."""
+    from comfyui_diffsr.sr_common.sd21 import reads_tokenizer_json
+
+    if not reads_tokenizer_json():
+        pytest.skip("the CLIPTokenizer of transformers 4 reads vocab.json and merges.txt alone")
+    folder = copy_tiny_sd21(tmp_path / "sd21")
+    tokenizer_json_alone(os.path.join(folder, "tokenizer"), added_token="<diffsr-style>")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tokenizer = load_sd21(folder).tokenizer
+    assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert tokenizer("a <diffsr-style> cat").input_ids == [49406, 320, 49408, 2368, 49407]
+
+
+def test_a_tokenizer_json_that_transformers_does_not_read_gives_the_shipped_tokenizer_saying_why(tmp_path,
+                                                                                                monkeypatch):
+    """With transformers 4, whose CLIPTokenizer reads vocab.json and merges.txt alone, a tokenizer folder saved by
+    transformers 5 gives the shipped tokenizer, with a warning that says why."""
+    from comfyui_diffsr.sr_common import sd21
+
+    monkeypatch.setattr(sd21, "reads_tokenizer_json", lambda: False)  # as transformers 4
+    folder = copy_tiny_sd21(tmp_path / "sd21")
+    tokenizer_json_alone(os.path.join(folder, "tokenizer"), added_token="<diffsr-style>")
+    with pytest.warns(UserWarning, match=r"^'.*tokenizer' has its CLIP vocabulary in tokenizer\.json alone \(as "
+                                         r"transformers 5 saves it\), which transformers [\w.]+ does not read; using "
+                                         r"the SD 2\.1 tokenizer this pack ships, which is the one of "
+                                         r"stable-diffusion-2-1-base\.$"):
+        tokenizer = load_sd21(folder).tokenizer
+    assert tokenizer("a <diffsr-style> cat").input_ids[2] != 49408
+
+
+@pytest.mark.parametrize("name", ["vocab.json", "merges.txt", "tokenizer_config.json", "tokenizer.json alone"])
+def test_a_tokenizer_file_cut_short_is_refused_by_name(tmp_path, name):
+    """A tokenizer file cut short (a download that did not finish) is refused naming the folder and the fix; it was
+    transformers' or tokenizers' own error ("Error while initializing BPE: EOF while parsing a string", a
+    JSONDecodeError) and its traceback. transformers 4 reads a merges.txt cut short without an error."""
+    from comfyui_diffsr.sr_common.sd21 import reads_tokenizer_json
+
+    folder = copy_tiny_sd21(tmp_path / "sd21")
+    tokenizer = os.path.join(folder, "tokenizer")
+    if name == "tokenizer.json alone":
+        if not reads_tokenizer_json():
+            pytest.skip("transformers 4 does not read tokenizer.json alone (the shipped tokenizer is used)")
+        tokenizer_json_alone(tokenizer)
+        name = "tokenizer.json"
+    elif name == "merges.txt" and not reads_tokenizer_json():
+        pytest.skip("transformers 4 reads a merges.txt cut short: the merges it holds")
+    path = os.path.join(tokenizer, name)
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[:len(data) // 2])
+    with pytest.raises(WeightFileError, match=rf"^Cannot read the tokenizer in {re.escape(repr(tokenizer))} \(.+\): a "
+                                              r"file there is damaged or cut short\. Download the "
+                                              r"stable-diffusion-2-1-base folder again, or delete its tokenizer/ folder "
+                                              r"\(the pack then uses the SD 2\.1 tokenizer it ships\)\.$"):
+        load_sd21(folder)
+
+
+def test_a_tokenizer_file_cut_short_is_one_line_of_the_command(tmp_path, capsys):
+    """The command says it in one line (exit status 2, no traceback), and writes nothing."""
+    from comfyui_diffsr.cli.osediff import main
+
+    folder = copy_tiny_sd21(tmp_path / "sd21")
+    path = os.path.join(folder, "tokenizer", "vocab.json")
+    with open(path, "r+b") as f:
+        f.truncate(1000)
+    assert main([os.path.join(DATA, "osediff", "in_32x32.png"), "-o", str(tmp_path / "out"), "--base", folder,
+                 "--weights", OSEDIFF, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "error: Cannot read the tokenizer in " in err and "Traceback" not in err, err
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_a_tokenizer_folder_without_vocabulary_is_not_checked(tmp_path):
