@@ -9,6 +9,7 @@ import dataclasses
 import os
 import re
 import sys
+import threading
 import unicodedata
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -670,6 +671,10 @@ def warnings_ignored(category):
             filters.remove(entry)
 
 
+# .path: the image file this thread decodes (``read_image``), which the warnings it gives meanwhile are about
+_reading = threading.local()
+
+
 def read_image(path):
     """An image file → ((1, 3, H, W) float in [0, 1], its ``PhotoMetadata``, its alpha (1, 1, H, W) if it has
     transparency, else None).
@@ -682,7 +687,11 @@ def read_image(path):
 
     from ..sr_common.image import pil_to_tensor
 
-    im, metadata = _decoded_upright(path)
+    _reading.path = path
+    try:
+        im, metadata = _decoded_upright(path)
+    finally:
+        _reading.path = None
     if im.mode in HIGH_DEPTH_PEAK:
         values = np.asarray(im, dtype=np.float32)
         plane = torch.from_numpy(values / HIGH_DEPTH_PEAK[im.mode]).clamp(0, 1)[None, None].repeat(1, 3, 1, 1)
@@ -803,8 +812,12 @@ def add_compile_arg(parser):
 
 def show_warning_as_note(message, category, filename, lineno, file=None, line=None):
     """A warning (ours, such as the fp16 VAE's overflow, or a library's) as the commands' other notes: one line,
-    ``note: <message>``, beside the progress bar, without Python's ``file:line: Category:`` header and source line."""
-    tqdm.write(f"note: {' '.join(str(message).split())}", file=file or sys.stderr)
+    ``note: <message>``, beside the progress bar, without Python's ``file:line: Category:`` header and source line.
+    One given while an image is decoded (Pillow's on a damaged EXIF: "Truncated File Read") names the image:
+    ``note: <image>: <message>``."""
+    image = getattr(_reading, "path", None)
+    about = f"{shown_name(image)}: " if image is not None else ""
+    tqdm.write(f"note: {about}{' '.join(str(message).split())}", file=file or sys.stderr)
 
 
 BYTES_OR_ESCAPE = "comfyui_diffsr.bytes_or_escape"  # the codecs error handler name of ``bytes_or_escape``

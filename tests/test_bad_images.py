@@ -413,6 +413,32 @@ def test_an_image_past_pillows_decompression_bomb_warning_is_read_with_a_one_lin
     assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
 
 
+def _jpeg_with_a_tag_past_its_exif(path):
+    """A JPEG whose EXIF holds an ImageDescription (tag 270) whose data would lie past the EXIF's end: Pillow skips the
+    tag with a warning ("Tag data larger than file. Skipping tag 270"; Pillow 10: "Truncated File Read") and reads the
+    image."""
+    ifd = (struct.pack("<2sHIH", b"II", 42, 8, 2) + struct.pack("<HHII", 0x0112, 3, 1, 1)
+           + struct.pack("<HHII", 0x010E, 2, 100, 4000) + struct.pack("<I", 0))
+    Image.new("RGB", (32, 32), (120, 60, 30)).save(path, "JPEG", exif=b"Exif\0\0" + ifd)
+
+
+def test_a_warning_given_while_an_image_is_read_names_the_image(tiny_folder, tmp_path, capsys):
+    """Pillow's warning on a damaged EXIF was a note that did not say which image it was about ("note: Tag data
+    larger than file. Skipping tag 270"), in a folder run of hundreds. It names the image, which is upscaled."""
+    from comfyui_diffsr.cli.osediff import main
+
+    images = tmp_path / "in"
+    images.mkdir()
+    shutil.copy(os.path.join(DATA, "osediff", "in_32x32.png"), images / "a.png")
+    _jpeg_with_a_tag_past_its_exif(images / "photo.jpg")
+    assert main([str(images), "-o", str(tmp_path / "out"), "--base", tiny_folder, "--weights", OSEDIFF,
+                 "--process-size", "64", "--device", "cpu"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and notes[0].startswith(f"note: {images / 'photo.jpg'}: "), notes
+    assert "Skipping tag 270" in notes[0] or "Truncated File Read" in notes[0], notes
+    assert sorted(os.listdir(tmp_path / "out")) == sorted([OUTPUT_FOLDER_MARK, "a.png", "photo.png"])
+
+
 @pytest.mark.parametrize("content, message", [
     (lambda: b"not an image", "^Cannot read image: it is not an image, or in a format Pillow cannot read. Export it "
                               "as PNG or JPEG.$"),
