@@ -298,6 +298,10 @@ def load_tokenizer(folder):
     except Exception as e:  # noqa: BLE001 (tokenizers raises plain Exception on a damaged file; json ValueError)
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         detail = first if type(e) is Exception else f"{type(e).__name__}: {first}"
+        if folder == shipped:
+            raise WeightFileError(f"Cannot read the SD 2.1 tokenizer this pack ships, in {quoted_name(folder)} "
+                                  f"({detail}): its files are damaged, or transformers {transformers.__version__} "
+                                  "cannot read them. Install the pack again, or another transformers.") from e
         raise WeightFileError(f"Cannot read the tokenizer in {quoted_name(folder)} ({detail}): a file there is damaged "
                               f"or cut short. {TOKENIZER_FIX}") from e
 

@@ -1491,6 +1491,25 @@ def test_a_tokenizer_file_cut_short_is_refused_by_name(tmp_path, name):
         load_sd21(folder)
 
 
+def test_a_shipped_tokenizer_that_cannot_be_read_says_to_install_the_pack_again(tmp_path, monkeypatch):
+    """Where the tokenizer the pack ships is used (the folder has none) and cannot be read, the fix is not to download
+    the SD 2.1 folder again: the pack's own files, or a transformers that cannot read them."""
+    from comfyui_diffsr.sr_common import sd21
+
+    shipped = tmp_path / "configs"
+    shutil.copytree(sd21.shipped_config_dir(), shipped)
+    with open(shipped / "tokenizer" / "vocab.json", "r+b") as f:
+        f.truncate(1000)
+    monkeypatch.setattr(sd21, "shipped_config_dir", lambda: str(shipped))
+    folder = copy_tiny_sd21(tmp_path / "sd21")
+    shutil.rmtree(os.path.join(folder, "tokenizer"))
+    with pytest.warns(UserWarning, match="has no CLIP vocabulary"), \
+            pytest.raises(WeightFileError, match=r"^Cannot read the SD 2\.1 tokenizer this pack ships, in '.*tokenizer' "
+                                                 r"\(.+\): its files are damaged, or transformers [\w.]+ cannot read "
+                                                 r"them\. Install the pack again, or another transformers\.$"):
+        load_sd21(folder)
+
+
 def test_a_tokenizer_file_cut_short_is_one_line_of_the_command(tmp_path, capsys):
     """The command says it in one line (exit status 2, no traceback), and writes nothing."""
     from comfyui_diffsr.cli.osediff import main
