@@ -1503,10 +1503,9 @@ def test_a_shipped_tokenizer_that_cannot_be_read_says_to_install_the_pack_again(
     monkeypatch.setattr(sd21, "shipped_config_dir", lambda: str(shipped))
     folder = copy_tiny_sd21(tmp_path / "sd21")
     shutil.rmtree(os.path.join(folder, "tokenizer"))
-    with pytest.warns(UserWarning, match="has no CLIP vocabulary"), \
-            pytest.raises(WeightFileError, match=r"^Cannot read the SD 2\.1 tokenizer this pack ships, in '.*tokenizer' "
-                                                 r"\(.+\): its files are damaged, or transformers [\w.]+ cannot read "
-                                                 r"them\. Install the pack again, or another transformers\.$"):
+    refusal = (r"^Cannot read the SD 2\.1 tokenizer this pack ships, in '.*tokenizer' \(.+\): its files are damaged, "
+               r"or transformers [\w.]+ cannot read them\. Install the pack again, or another transformers\.$")
+    with pytest.warns(UserWarning, match="has no CLIP vocabulary"), pytest.raises(WeightFileError, match=refusal):
         load_sd21(folder)
 
 
