@@ -671,7 +671,8 @@ def warnings_ignored(category):
             filters.remove(entry)
 
 
-# .path: the image file this thread decodes (``read_image``), which the warnings it gives meanwhile are about
+# .path: the image file this thread decodes (``read_image``), which the warnings it gives meanwhile are about;
+# .noted: the notes given on it so far (each is said once per image)
 _reading = threading.local()
 
 
@@ -687,7 +688,7 @@ def read_image(path):
 
     from ..sr_common.image import pil_to_tensor
 
-    _reading.path = path
+    _reading.path, _reading.noted = path, set()
     try:
         im, metadata = _decoded_upright(path)
     finally:
@@ -813,11 +814,15 @@ def add_compile_arg(parser):
 def show_warning_as_note(message, category, filename, lineno, file=None, line=None):
     """A warning (ours, such as the fp16 VAE's overflow, or a library's) as the commands' other notes: one line,
     ``note: <message>``, beside the progress bar, without Python's ``file:line: Category:`` header and source line.
-    One given while an image is decoded (Pillow's on a damaged EXIF: "Truncated File Read") names the image:
-    ``note: <image>: <message>``."""
-    image = getattr(_reading, "path", None)
-    about = f"{shown_name(image)}: " if image is not None else ""
-    tqdm.write(f"note: {about}{' '.join(str(message).split())}", file=file or sys.stderr)
+    One given while an image is decoded (Pillow's on a damaged EXIF: "Truncated File Read") names the image,
+    once per image: ``note: <image>: <message>``."""
+    text, image = " ".join(str(message).split()), getattr(_reading, "path", None)
+    if image is not None:
+        if text in _reading.noted:
+            return
+        _reading.noted.add(text)
+        text = f"{shown_name(image)}: {text}"
+    tqdm.write(f"note: {text}", file=file or sys.stderr)
 
 
 BYTES_OR_ESCAPE = "comfyui_diffsr.bytes_or_escape"  # the codecs error handler name of ``bytes_or_escape``
@@ -837,11 +842,13 @@ def bytes_or_escape(error):
 def run_main(main_fn, argv, interrupted="interrupted"):
     """Run a command: our own errors print one clear line and exit with status 2; Ctrl-C prints ``interrupted`` (the
     command's own line, such as how to resume) and exits with status 130; warnings print as notes
-    (``show_warning_as_note``). A strict stdout writes every name (``bytes_or_escape``): one that is not UTF-8 as
-    its bytes (``escaped_name``), as ``sha256sum`` prints it, and a character its encoding lacks (Windows' file or
-    pipe in the code page: 写真.png in cp1252) as a Python escape, not a UnicodeEncodeError after the work is done
-    or half way through a folder; errors the user asked for (PYTHONIOENCODING's ``:replace``,
-    ``:backslashreplace``) are kept.
+    (``show_warning_as_note``): Pillow's on each image that gives them, not on the first alone (Python's default
+    shows a warning once per source line), and not torch 2.1's "TypedStorage is deprecated", which its own
+    weights-only loader gives (a filter the user sets with -W or PYTHONWARNINGS comes first). A strict stdout writes
+    every name (``bytes_or_escape``): one that is not UTF-8 as its bytes (``escaped_name``), as ``sha256sum`` prints
+    it, and a character its encoding lacks (Windows' file or pipe in the code page: 写真.png in cp1252) as a Python
+    escape, not a UnicodeEncodeError after the work is done or half way through a folder; errors the user asked for
+    (PYTHONIOENCODING's ``:replace``, ``:backslashreplace``) are kept.
 
     Large CPU tensors are allowed transparent huge pages (PyTorch's ``THP_MEM_ALLOC_ENABLE``):
     the forward passes fault in gigabytes of fresh pages, and 2 MiB pages cut that cost (about
@@ -854,6 +861,8 @@ def run_main(main_fn, argv, interrupted="interrupted"):
     try:
         with ieee_float32(), warnings.catch_warnings():  # --dtype fp32 is float32 on every GPU, not TF32
             warnings.showwarning = show_warning_as_note
+            warnings.filterwarnings("always", module=r"PIL\.", append=True)
+            warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning, append=True)
             return main_fn(argv)
     except (DiffSRError, WeightsOutOfMemory) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -424,19 +424,21 @@ def _jpeg_with_a_tag_past_its_exif(path):
 
 def test_a_warning_given_while_an_image_is_read_names_the_image(tiny_folder, tmp_path, capsys):
     """Pillow's warning on a damaged EXIF was a note that did not say which image it was about ("note: Tag data
-    larger than file. Skipping tag 270"), in a folder run of hundreds. It names the image, which is upscaled."""
+    larger than file. Skipping tag 270"), in a folder run of hundreds; and, Python showing a warning once per source
+    line, a second image with the same damage gave none. Each such image is named, and upscaled."""
     from comfyui_diffsr.cli.osediff import main
 
     images = tmp_path / "in"
     images.mkdir()
     shutil.copy(os.path.join(DATA, "osediff", "in_32x32.png"), images / "a.png")
     _jpeg_with_a_tag_past_its_exif(images / "photo.jpg")
+    _jpeg_with_a_tag_past_its_exif(images / "scan.jpg")
     assert main([str(images), "-o", str(tmp_path / "out"), "--base", tiny_folder, "--weights", OSEDIFF,
                  "--process-size", "64", "--device", "cpu"]) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
-    assert len(notes) == 1 and notes[0].startswith(f"note: {images / 'photo.jpg'}: "), notes
-    assert "Skipping tag 270" in notes[0] or "Truncated File Read" in notes[0], notes
-    assert sorted(os.listdir(tmp_path / "out")) == sorted([OUTPUT_FOLDER_MARK, "a.png", "photo.png"])
+    assert [note.split(": ")[1] for note in notes] == [str(images / "photo.jpg"), str(images / "scan.jpg")], notes
+    assert all("Skipping tag 270" in note or "Truncated File Read" in note for note in notes), notes
+    assert sorted(os.listdir(tmp_path / "out")) == sorted([OUTPUT_FOLDER_MARK, "a.png", "photo.png", "scan.png"])
 
 
 @pytest.mark.parametrize("content, message", [

@@ -1640,6 +1640,36 @@ def test_a_warning_in_a_command_prints_as_one_note_line(capsys):
     assert warnings.showwarning is shown_before
 
 
+def test_a_command_says_a_repeated_image_warning_once_per_image_and_not_torchs_typed_storage_note(capsys):
+    """Python shows a warning once per source line: Pillow's note on a damaged EXIF came for the first of a folder's
+    images with that damage alone; each image gives it, once. torch 2.1's weights-only loader warns that
+    "TypedStorage is deprecated" (its own use, nothing the user can change): no note. A -W filter still comes first."""
+    import warnings
+
+    from comfyui_diffsr.cli import common
+
+    pillow = {"__name__": "PIL.TiffImagePlugin", "warnings": warnings}  # a module of Pillow, as seen by warnings
+    warns_twice = compile("for _ in range(2): warnings.warn('Truncated File Read')", "TiffImagePlugin.py", "exec")
+
+    def command(argv):
+        for name in ("a.jpg", "b.jpg"):
+            common._reading.path, common._reading.noted = name, set()
+            exec(warns_twice, pillow)
+            common._reading.path = None
+        warnings.warn("TypedStorage is deprecated. It will be removed in the future and UntypedStorage will be the "
+                      "only storage class.", UserWarning)
+        return 0
+
+    with warnings.catch_warnings():
+        warnings.resetwarnings()  # Python's own filters, not pytest's (which ignore TypedStorage's)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        assert common.run_main(command, []) == 0
+        assert capsys.readouterr().err == "note: a.jpg: Truncated File Read\nnote: b.jpg: Truncated File Read\n"
+        warnings.simplefilter("error", UserWarning)  # as -W error::UserWarning
+        with pytest.raises(UserWarning, match="Truncated File Read"):
+            common.run_main(command, [])
+
+
 def test_a_command_keeps_the_stdout_errors_asked_for(monkeypatch):
     """The commands let a strict stdout write a name that is not UTF-8 as its bytes (surrogateescape), but they also
     replaced an errors handler the user had asked for (PYTHONIOENCODING=cp1252:replace, ascii:backslashreplace, for
