@@ -219,6 +219,9 @@ def models_from_config(config_dir, *, random_init=True, fix=CONFIG_FOLDER_FIX, c
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.json", "chat_template.json", "chat_template.jinja")
 MAX_TOKENIZER_BYTES = 64 << 20  # CLIP's vocab.json is under 1 MB, its merges.txt 0.5 MB
+# CLIP's vocabulary: 2 × 256 byte tokens (alone, and word-final "</w>"), one token per merge, 2 special tokens; the slow
+# CLIPTokenizer (transformers 4) reads at most this many merges of merges.txt
+CLIP_MERGES = 49408 - 2 * 256 - 2
 TOKENIZER_FIX = ("Download the stable-diffusion-2-1-base folder again, or delete its tokenizer/ folder (the pack then "
                  "uses the SD 2.1 tokenizer it ships).")
 
@@ -278,7 +281,10 @@ def load_tokenizer(folder):
     """The CLIP tokenizer of ``folder``, or the SD 2.1 one the pack ships where ``folder`` lacks the vocabulary
     (``has_vocabulary``): a missing or empty tokenizer folder gives transformers' tokenizer without a vocabulary, which
     fails only when the prompt is encoded. Its files are checked first (``_check_tokenizer_files``); one transformers
-    cannot read (a vocab.json cut short) is a ``WeightFileError`` naming the folder and the fix."""
+    cannot read (a vocab.json cut short) is a ``WeightFileError`` naming the folder and the fix, as is a merges.txt
+    cut short that transformers 4's slow tokenizer reads without an error: fewer merges than its vocabulary has
+    merge tokens (``CLIP_MERGES`` at most), which would split a prompt's words otherwise than the text encoder
+    learnt."""
     import transformers
     from transformers import CLIPTokenizer
 
@@ -291,19 +297,27 @@ def load_tokenizer(folder):
                       "stable-diffusion-2-1-base.", UserWarning, stacklevel=2)
         folder = shipped
     _check_tokenizer_files(folder)
+
+    def unreadable(detail):
+        if folder == shipped:
+            return WeightFileError(f"Cannot read the SD 2.1 tokenizer this pack ships, in {quoted_name(folder)} "
+                                   f"({detail}): its files are damaged, or transformers {transformers.__version__} "
+                                   "cannot read them. Install the pack again, or another transformers.")
+        return WeightFileError(f"Cannot read the tokenizer in {quoted_name(folder)} ({detail}): a file there is "
+                               f"damaged or cut short. {TOKENIZER_FIX}")
+
     try:
-        return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+        tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
     except MemoryError:
         raise
     except Exception as e:  # noqa: BLE001 (tokenizers raises plain Exception on a damaged file; json ValueError)
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        detail = first if type(e) is Exception else f"{type(e).__name__}: {first}"
-        if folder == shipped:
-            raise WeightFileError(f"Cannot read the SD 2.1 tokenizer this pack ships, in {quoted_name(folder)} "
-                                  f"({detail}): its files are damaged, or transformers {transformers.__version__} "
-                                  "cannot read them. Install the pack again, or another transformers.") from e
-        raise WeightFileError(f"Cannot read the tokenizer in {quoted_name(folder)} ({detail}): a file there is damaged "
-                              f"or cut short. {TOKENIZER_FIX}") from e
+        raise unreadable(first if type(e) is Exception else f"{type(e).__name__}: {first}") from e
+    if hasattr(tokenizer, "bpe_ranks"):  # the slow tokenizer: its merges (merges.txt) and vocabulary (vocab.json)
+        needed = min(len(tokenizer.encoder) - 2 * 256 - 2, CLIP_MERGES)
+        if len(tokenizer.bpe_ranks) < needed:
+            raise unreadable(f"merges.txt holds {len(tokenizer.bpe_ranks):,} merges, its vocabulary {needed:,}")
+    return tokenizer
 
 
 EMA_PREFIX = "model_ema.diffusion_model"  # LDM's EMA of the UNet: model_ema. + the key's dots removed
