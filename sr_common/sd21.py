@@ -219,9 +219,10 @@ def models_from_config(config_dir, *, random_init=True, fix=CONFIG_FOLDER_FIX, c
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.json", "chat_template.json", "chat_template.jinja")
 MAX_TOKENIZER_BYTES = 64 << 20  # CLIP's vocab.json is under 1 MB, its merges.txt 0.5 MB
-# CLIP's vocabulary: 2 × 256 byte tokens (alone, and word-final "</w>"), one token per merge, 2 special tokens; the slow
-# CLIPTokenizer (transformers 4) reads at most this many merges of merges.txt
-CLIP_MERGES = 49408 - 2 * 256 - 2
+# CLIP's vocabulary: one token per merge of merges.txt, beside 2 × 256 byte tokens (alone, and word-final "</w>") and
+# 2 special tokens; the slow CLIPTokenizer (transformers 4) reads at most CLIP_MERGES merges
+CLIP_TOKENS_BESIDE_MERGES = 2 * 256 + 2
+CLIP_MERGES = 49408 - CLIP_TOKENS_BESIDE_MERGES
 TOKENIZER_FIX = ("Download the stable-diffusion-2-1-base folder again, or delete its tokenizer/ folder (the pack then "
                  "uses the SD 2.1 tokenizer it ships).")
 
@@ -314,9 +315,9 @@ def load_tokenizer(folder):
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise unreadable(first if type(e) is Exception else f"{type(e).__name__}: {first}") from e
     if hasattr(tokenizer, "bpe_ranks"):  # the slow tokenizer: its merges (merges.txt) and vocabulary (vocab.json)
-        needed = min(len(tokenizer.encoder) - 2 * 256 - 2, CLIP_MERGES)
+        needed = min(len(tokenizer.encoder) - CLIP_TOKENS_BESIDE_MERGES, CLIP_MERGES)
         if len(tokenizer.bpe_ranks) < needed:
-            raise unreadable(f"merges.txt holds {len(tokenizer.bpe_ranks):,} merges, its vocabulary {needed:,}")
+            raise unreadable(f"merges.txt holds {len(tokenizer.bpe_ranks):,} merges, vocab.json needs {needed:,}")
     return tokenizer
 
 
